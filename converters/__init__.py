@@ -1,0 +1,1 @@
+"""Offline conversion (model vendor side): TFLite graph layer, partition, obfuscation schemes, artifacts."""

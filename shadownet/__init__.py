@@ -1,0 +1,21 @@
+"""ShadowNet: run a CNN on an untrusted accelerator while a TEE keeps its weights secret.
+
+The public API is ``convert``, ``load`` (returning a ``ProtectedModel``) and ``Interpreter`` (LiteRT's
+``Interpreter`` surface over a protected model); errors are in ``shadownet.exceptions``. Names are
+loaded on first use so that ``import shadownet`` stays cheap and never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["convert", "load", "ProtectedModel", "Interpreter"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from shadownet import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'shadownet' has no attribute {name!r}")

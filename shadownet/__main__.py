@@ -1,0 +1,3 @@
+from shadownet.cli import main
+
+raise SystemExit(main())

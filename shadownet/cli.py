@@ -1,0 +1,146 @@
+"""The ``shadownet`` command line: one entry point, one sub-command per job.
+
+Every sub-command lives in the module that owns the work; this file only parses arguments, keeps
+native log noise off the terminal and turns the errors a user can cause into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# TensorFlow's C++ logging reads this at import time; the CLI never wants it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ZOO_NAMES = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
+
+
+def silence_litert_info() -> None:
+    """Consume LiteRT's log-once "Created TensorFlow Lite XNNPACK delegate" line with stderr closed.
+
+    LiteRT prints it from C++ the first time a process creates an XNNPACK interpreter and offers no
+    Python switch; creating one tiny interpreter with file descriptor 2 pointed at /dev/null uses up
+    the "once", so real errors printed later still reach the terminal.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    from converters.graph import tiny_model_bytes
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        interpreter = Interpreter(model_content=tiny_model_bytes(), num_threads=1)
+        interpreter.allocate_tensors()
+        interpreter.invoke()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cmd_zoo(args: argparse.Namespace) -> None:
+    from models.zoo import export
+
+    export(args.name, args.output, seed=args.seed, train=args.train)
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from shadownet.api import convert_cli
+
+    convert_cli(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from shadownet.api import run_cli
+
+    run_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from shadownet.demo import main as demo
+
+    demo(args)
+
+
+def _cmd_device_export(args: argparse.Namespace) -> None:
+    from shadownet.device import export_identity
+
+    export_identity(args.file)
+    print(f"device identity written to {args.file}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shadownet", description="Protect a CNN's weights with a TEE and an untrusted accelerator."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("zoo", help="export a model of the paper's zoo to .tflite")
+    p.add_argument("name", choices=ZOO_NAMES)
+    p.add_argument("-o", "--output", required=True, help="FILE.tflite to write")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
+    p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("convert", help="protect a model: write untrusted.tflite, secrets.sealed, manifest.json")
+    p.add_argument("model", help="a float .tflite, a Keras file or a SavedModel directory")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--seed", type=int, default=None, help="INSECURE: reproducible secrets, for tests only")
+    p.add_argument("--calibration", help="FILE.npz of representative inputs for mask scales")
+    p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("run", help="protected inference on an artifact directory")
+    p.add_argument("artifacts", help="directory written by `shadownet convert`")
+    p.add_argument("--input", required=True, help="X.npy, or X.npz keyed by input tensor names")
+    p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
+    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
+    p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the README's main job: protect the zoo and compare with the original")
+    p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("device", help="this device's attestation identity")
+    dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    e = dsub.add_parser("export", help="write the attestation public key and a fresh report")
+    e.add_argument("file")
+    e.set_defaults(func=_cmd_device_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        silence_litert_info()
+        func(args)
+    except KeyboardInterrupt:
+        print("shadownet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
+        return _report(exc)
+    return 0
+
+
+def _report(exc: Exception) -> int:
+    from shadownet.exceptions import ShadowNetError
+
+    if isinstance(exc, ShadowNetError | OSError | ValueError):
+        message = str(exc) or type(exc).__name__
+        print(f"shadownet: error: {message}".splitlines()[0], file=sys.stderr)
+        return 1
+    if os.environ.get("SHADOWNET_DEBUG"):
+        raise exc
+    print(f"shadownet: internal error ({type(exc).__name__}: {exc}); set SHADOWNET_DEBUG=1 for a traceback"
+          .splitlines()[0], file=sys.stderr)
+    return 2

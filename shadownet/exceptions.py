@@ -1,0 +1,53 @@
+"""Every error ShadowNet raises on purpose, in one flat module (after ``cryptography.exceptions``).
+
+Each class is named after what failed and carries only its message. At the trust boundary the
+secure world fails opaquely: a tampered, truncated or foreign sealed file is one ``SecurityError``
+whatever byte was wrong. ``tee_sim`` keeps GlobalPlatform's single ``TEEError`` (code + origin);
+the runtime translates it into the classes below.
+
+This module imports nothing, so every package (including ``converters``) may raise these.
+"""
+
+
+class ShadowNetError(Exception):
+    """Base of every error ShadowNet raises on purpose."""
+
+
+class ModelFormatError(ShadowNetError):
+    """A model file is not a valid, supported float TFLite/Keras/SavedModel model."""
+
+
+class UnsupportedOpError(ShadowNetError):
+    """A model contains an op that ShadowNet cannot handle; the message names the op and the layer."""
+
+
+class ArtifactError(ShadowNetError):
+    """A protected-artifact directory is missing, incomplete, malformed or of an unknown format version."""
+
+
+class SecurityError(ShadowNetError):
+    """Sealed secrets, an attestation report or a paired model failed authentication."""
+
+
+class IntegrityError(ShadowNetError):
+    """The accelerator returned a result that failed the secure world's verification."""
+
+
+class InputError(ShadowNetError, ValueError):
+    """An inference input has the wrong count, name, shape or dtype."""
+
+
+class ClosedError(ShadowNetError):
+    """A protected model or TEE session was used after it was closed."""
+
+
+class TEECommunicationError(ShadowNetError):
+    """The secure world crashed, hung or could not be reached."""
+
+
+class SecureMemoryError(ShadowNetError):
+    """The secure world's memory budget is too small for what was asked."""
+
+
+class MaskPoolExhaustedError(ShadowNetError):
+    """No unused one-time mask is left and the policy forbids refilling now."""

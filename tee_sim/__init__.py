@@ -1,0 +1,1 @@
+"""A simulated Trusted Execution Environment with OP-TEE / GlobalPlatform vocabulary."""

@@ -66,6 +66,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     demo(args)
 
 
+def _cmd_audit(args: argparse.Namespace) -> None:
+    from shadownet.audit import audit_cli
+
+    audit_cli(args)
+
+
 def _cmd_device_export(args: argparse.Namespace) -> None:
     from shadownet.device import export_identity
 
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
     p.set_defaults(func=_cmd_zoo)
 
-    p = sub.add_parser("convert", help="protect a model: write untrusted.tflite, secrets.sealed, manifest.json")
+    p = sub.add_parser("convert", help="protect a model (untrusted.tflite, secrets.sealed, manifest.json)")
     p.add_argument("model", help="a float .tflite, a Keras file or a SavedModel directory")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
@@ -104,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
+    p.add_argument("artifacts", help="directory written by `shadownet convert`")
+    p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
+    p.add_argument("--inferences", type=int, default=4, help="inferences to observe at the boundary")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("demo", help="the README's main job: protect the zoo and compare with the original")
     p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory)")

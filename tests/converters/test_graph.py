@@ -1,0 +1,251 @@
+"""The TFLite graph layer against LiteRT running the original model."""
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as schema_fb
+from ai_edge_litert.tools import flatbuffer_utils
+
+from converters.graph import (
+    OFFLOADABLE,
+    Graph,
+    Signature,
+    fused_activation,
+    is_offloadable,
+    normalize,
+    read_model,
+    tiny_model_bytes,
+    write_model,
+)
+from shadownet.exceptions import ModelFormatError, UnsupportedOpError
+from tests.converters.litert import io_details, random_inputs, run
+
+
+def _kinds(graph: Graph) -> list[str]:
+    return [op.kind for op in graph.ops]
+
+
+def _versions(model: bytes) -> list[tuple[str, int]]:
+    graph = read_model(model)
+    return sorted({(op.kind, op.version) for op in graph.ops})
+
+
+# ------------------------------------------------------------------------------------- round trips
+
+
+def test_conv_model_round_trips_exactly(conv_model):
+    graph = read_model(conv_model)
+    fused = {op.kind: fused_activation(op) for op in graph.ops if fused_activation(op)}
+    assert fused == {"CONV_2D": "RELU", "DEPTHWISE_CONV_2D": "RELU6", "ADD": "RELU",
+                     "FULLY_CONNECTED": "RELU"}
+
+    normalized = normalize(graph)
+    assert not any(fused_activation(op) for op in normalized.ops)
+    assert _kinds(normalized).count("RELU") == 3 and "RELU6" in _kinds(normalized)
+    depthwise = next(op for op in normalized.ops if op.kind == "DEPTHWISE_CONV_2D")
+    assert depthwise.options.depthMultiplier == 2
+    assert {op.options.dilationWFactor for op in normalized.ops if op.kind == "CONV_2D"} == {1, 2}
+    offloadable = [i for i, op in enumerate(normalized.ops) if is_offloadable(normalized, i)]
+    assert [normalized.ops[i].kind for i in offloadable] == [
+        op.kind for op in normalized.ops if op.kind in OFFLOADABLE]
+    assert len(offloadable) == 5
+
+    x = random_inputs(conv_model)
+    expected = run(conv_model, x)
+    for model in (write_model(graph), write_model(normalized)):
+        assert io_details(model) == io_details(conv_model)
+        for got, want in zip(run(model, x), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert _versions(write_model(graph)) == _versions(conv_model)
+
+
+def test_fp16_model_folds_dequantize(fp16_model):
+    graph = read_model(fp16_model)
+    assert "DEQUANTIZE" in _kinds(graph)
+    normalized = normalize(graph)
+    kinds = set(_kinds(normalized))
+    assert "DEQUANTIZE" not in kinds
+    assert {"PAD", "PRELU", "HARD_SWISH", "CONCATENATION", "RESIZE_BILINEAR", "LOGISTIC", "MEAN",
+            "FULLY_CONNECTED"} <= kinds
+    assert all(t.dtype != np.float16 for t in normalized.tensors)
+    assert all(is_offloadable(normalized, i) for i, op in enumerate(normalized.ops) if op.kind in OFFLOADABLE)
+
+    model = write_model(normalized)
+    assert io_details(model) == io_details(fp16_model)
+    x = random_inputs(fp16_model)
+    # float16 -> float32 is exact, so only the kernels' summation order may differ: float32 rounding.
+    for got, want in zip(run(model, x), run(fp16_model, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(run(write_model(graph), x), run(fp16_model, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_buffers_after_the_flatbuffer_are_read(offset_model, sparse_model):
+    offsets = flatbuffer_utils.convert_bytearray_to_object(offset_model).buffers
+    assert any(b.offset > 1 for b in offsets)
+    graph = read_model(offset_model)
+    weights = graph.tensors[graph.ops[0].inputs[1]]
+    assert weights.data.shape == (32, 64)
+    np.testing.assert_array_equal(weights.data, normalize(read_model(sparse_model)).tensors[1].data)
+    x = random_inputs(offset_model)
+    for got, want in zip(run(write_model(graph), x), run(offset_model, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sparse_weights_are_densified(sparse_model):
+    graph = read_model(sparse_model)
+    assert _kinds(graph) == ["DENSIFY", "FULLY_CONNECTED"]
+    assert graph.ops[1].inputs[2] == -1  # the converter dropped the all-zero bias
+    normalized = normalize(graph)
+    assert _kinds(normalized) == ["FULLY_CONNECTED"]
+    weights = normalized.tensors[normalized.ops[0].inputs[1]]
+    assert weights.sparsity is None and weights.data.shape == (32, 64)
+    assert 0.7 < np.mean(weights.data == 0) < 0.9
+    assert is_offloadable(normalized, 0)
+
+    x = random_inputs(sparse_model)
+    for got, want in zip(run(write_model(normalized), x), run(sparse_model, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(run(write_model(graph), x), run(sparse_model, x), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_tiny_model():
+    model = tiny_model_bytes()
+    assert model[4:8] == b"TFL3"
+    (y,) = run(model, [np.array([[1.5, -2.0]], np.float32)])
+    np.testing.assert_array_equal(y, [[3.0, -4.0]])
+    assert _kinds(read_model(model)) == ["ADD"]
+
+
+# ------------------------------------------------------------------------------------- signatures
+
+
+def _split(graph: Graph, at: int) -> tuple[Signature, Signature]:
+    """Two signatures: ops [0, at) and [at, end), the second reading what the first leaves live."""
+    first, second = range(at), range(at, len(graph.ops))
+    written = {t for i in first for t in graph.ops[i].outputs}
+    live = sorted({t for i in second for t in graph.ops[i].inputs if t in written})
+    cut = {f"cut_{k}": t for k, t in enumerate(live)}
+    return (Signature("first", list(first), {"x": graph.inputs[0]}, cut),
+            Signature("second", list(second), cut, {f"y_{k}": t for k, t in enumerate(graph.outputs)}))
+
+
+def test_two_signatures_chain_to_the_whole_model(conv_model):
+    graph = normalize(read_model(conv_model))
+    first, second = _split(graph, 4)
+    assert len(first.outputs) == 2  # the depthwise and the dilated branch both cross the cut
+    model = write_model(graph, [first, second])
+
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_content=model)
+    assert set(interpreter.get_signature_list()) == {"first", "second"}
+    (x,) = random_inputs(conv_model)
+    middle = interpreter.get_signature_runner("first")(x=x)
+    assert set(middle) == set(first.outputs)
+    (y,) = interpreter.get_signature_runner("second")(**middle).values()
+    np.testing.assert_array_equal(y, run(conv_model, [x])[0])
+
+
+def test_constants_shared_by_signatures_are_written_once(conv_model):
+    graph = normalize(read_model(conv_model))
+    first, _ = _split(graph, 4)
+    whole = Signature("whole", list(range(len(graph.ops))), {"x": graph.inputs[0]}, {"y": graph.outputs[0]})
+    model = flatbuffer_utils.convert_bytearray_to_object(write_model(graph, [first, whole]))
+    constants = sum(t.data is not None for t in graph.tensors)
+    assert sum(b.data is not None for b in model.buffers) == constants
+    assert len(model.subgraphs) == 2
+
+
+def test_signature_must_provide_what_its_ops_read(conv_model):
+    graph = normalize(read_model(conv_model))
+    _, second = _split(graph, 4)
+    broken = Signature("second", second.ops, {}, second.outputs)
+    with pytest.raises(ValueError, match="neither an input nor written before"):
+        write_model(graph, [broken])
+
+
+# ------------------------------------------------------------------------------------- the builder
+
+
+def test_bias_less_convs_built_with_the_builder():
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(4, 3, 3, 2)).astype(np.float32)  # OHWI
+    scale = rng.normal(size=(1, 1, 1, 4)).astype(np.float32)  # 1x1 depthwise: a per-channel scale
+    graph = Graph()
+    x = graph.add_tensor("x", (1, 5, 5, 2), np.float32)
+    w = graph.add_tensor("w", weights.shape, np.float32, weights)
+    s = graph.add_tensor("s", scale.shape, np.float32, scale)
+    y = graph.add_tensor("y", (1, 3, 3, 4), np.float32)
+    z = graph.add_tensor("z", (1, 3, 3, 4), np.float32)
+    options = schema_fb.Conv2DOptionsT(padding=schema_fb.Padding.VALID, strideW=1, strideH=1)
+    conv = graph.add_op("CONV_2D", [x, w, -1], [y], options)
+    depthwise = schema_fb.DepthwiseConv2DOptionsT(strideW=1, strideH=1, depthMultiplier=1)
+    graph.add_op("DEPTHWISE_CONV_2D", [y, s, -1], [z], depthwise)
+    graph.inputs, graph.outputs = [x], [y, z]
+    assert is_offloadable(graph, conv) and is_offloadable(graph, 1)
+    assert graph.producer(y) == conv and graph.consumers(y) == [1] and graph.producer(x) is None
+    assert graph.describe_op(conv) == "op 0 CONV_2D (output 'y')"
+
+    image = rng.normal(size=(1, 5, 5, 2)).astype(np.float32)
+    model = write_model(graph)
+    got_y, got_z = run(model, [image])
+    patches = np.stack([image[0, i:i + 3, j:j + 3, :] for i in range(3) for j in range(3)])
+    want = np.einsum("phwi,ohwi->po", patches, weights).reshape(1, 3, 3, 4)
+    np.testing.assert_allclose(got_y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got_z, got_y * scale.reshape(4))
+    # LiteRT's float convs insist on a bias: the writer gave each a zero one (one buffer for both).
+    back = read_model(model)
+    biases = [back.tensors[op.inputs[2]] for op in back.ops]
+    assert [b.name for b in biases] == ["y/zero_bias", "z/zero_bias"]
+    assert not any(b.data.any() for b in biases)
+    assert sum(b.data is not None for b in flatbuffer_utils.convert_bytearray_to_object(model).buffers) == 3
+
+
+def test_builder_rejects_unknown_kinds_and_tensors():
+    graph = Graph()
+    x = graph.add_tensor("x", (1, 2), np.float32)
+    with pytest.raises(ValueError, match="unknown op kind"):
+        graph.add_op("CONV2D", [x], [x])
+    with pytest.raises(ValueError, match="out of range"):
+        graph.add_op("RELU", [x], [7])
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def test_random_bytes_are_not_a_model():
+    with pytest.raises(ModelFormatError, match="not a TFLite model"):
+        read_model(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFormatError, match="too short"):
+        read_model(b"TFL3")
+
+
+def test_truncated_model(conv_model):
+    for size in (len(conv_model) // 2, len(conv_model) - 100, 64):
+        with pytest.raises(ModelFormatError, match="corrupt|truncated"):
+            read_model(conv_model[:size])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFormatError, match="cannot read model file"):
+        read_model(tmp_path / "absent.tflite")
+
+
+def test_quantized_model_names_the_tensor(int8_model):
+    model = flatbuffer_utils.convert_bytearray_to_object(int8_model)
+    first = next(t for t in model.subgraphs[0].tensors if t.type == schema_fb.TensorType.INT8)
+    with pytest.raises(ModelFormatError, match="quantized") as error:
+        read_model(int8_model)
+    assert repr(first.name.decode()) in str(error.value) and "INT8" in str(error.value)
+
+
+def test_unknown_custom_op_names_op_and_output():
+    graph = Graph()
+    x = graph.add_tensor("x", (1, 2), np.float32)
+    h = graph.add_tensor("h", (1, 2), np.float32)
+    y = graph.add_tensor("y", (1, 2), np.float32)
+    graph.add_op("RELU", [x], [h])
+    graph.add_op("CUSTOM", [h], [y], custom_code="MySecretOp", custom_options=b"\x01")
+    graph.inputs, graph.outputs = [x], [y]
+    with pytest.raises(UnsupportedOpError, match=r"op 1 .*'MySecretOp'.*'y'"):
+        read_model(write_model(graph))

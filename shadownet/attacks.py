@@ -1,0 +1,438 @@
+"""The attacks of the literature on one obfuscated linear layer, in plain numpy.
+
+Every weight attack takes the obfuscated filters of one layer as a matrix whose rows are the output
+channels (a conv kernel flattened over kh*kw*cin, a dense layer's weight rows, one depthwise channel's
+kh*kw taps) and returns *estimates*: vectors the attacker believes point along real filters. A reference
+filter counts as recovered when some estimate has ``|cos| >= RECOVERY_COS`` with it (direction only:
+every scheme here scales freely, and a scale is cheap to learn back once the direction is known).
+
+Input-leakage figures compare what the accelerator received with the tensor it should not learn
+(the user's input, or the true activation at that point of the network) after the best affine fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+RECOVERY_COS = 0.9
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(len(a), -1)
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm; all-zero rows stay zero (they match nothing)."""
+    a = _as_rows(a)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
+
+
+def abs_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|cos|`` between every row of ``a`` and every row of ``b``: shape (len(a), len(b))."""
+    return np.abs(unit_rows(a) @ unit_rows(b).T)
+
+
+def best_cosines(estimates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each reference filter, the largest ``|cos|`` any estimate reaches with it."""
+    if len(estimates) == 0:
+        return np.zeros(len(reference))
+    return abs_cosines(estimates, reference).max(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight attacks
+# ---------------------------------------------------------------------------------------------
+
+
+def direction_matching(obfuscated: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """GroupCover's attack: per reference filter, the obfuscated filter of largest ``|cos|``.
+
+    Channel scaling and shuffling keep every filter's direction, so a public pretrained model undoes
+    them. Returns one estimate per reference filter (sign aligned with it).
+    """
+    obf = _as_rows(obfuscated)
+    ref = _as_rows(reference)
+    if len(obf) == 0:
+        return np.zeros_like(ref)
+    cos = unit_rows(obf) @ unit_rows(ref).T
+    best = np.abs(cos).argmax(axis=0)
+    signs = np.sign(cos[best, np.arange(len(ref))])
+    return obf[best] * np.where(signs == 0, 1.0, signs)[:, None]
+
+
+def min_norm_points(partners: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """Row-wise minimum-norm point of the line ``F + t W'``: ``t = -<F, W'> / |W'|^2``.
+
+    Undoes ``W' = (W - F) / s``: the line through the fake ``F`` along ``W'`` holds ``W``, and since a
+    real filter is nearly orthogonal to a large random fake, its point closest to the origin is ``W``
+    up to an error of relative size ``~1/sqrt(D)``.
+    """
+    f = _as_rows(partners)
+    w = _as_rows(filters)
+    ww = np.einsum("ij,ij->i", w, w)
+    fw = np.einsum("ij,ij->i", f, w)
+    t = np.divide(-fw, ww, out=np.zeros_like(fw), where=ww > 0)
+    return f + t[:, None] * w
+
+
+def collinearity(obfuscated: np.ndarray) -> np.ndarray:
+    """``|cos|`` between obfuscated filters, with the diagonal at -1 so no filter pairs with itself."""
+    c = abs_cosines(obfuscated, obfuscated)
+    np.fill_diagonal(c, -1.0)
+    return c
+
+
+def fake_partner_recovery(obfuscated: np.ndarray, partners_per_filter: int = 1) -> np.ndarray:
+    """Pair every filter with its most collinear other filter(s) and take the minimum-norm point.
+
+    The attacker does not need to know which of a pair is the fake: ``F + t W'`` and ``W' + t F``
+    both reduce to the component of ``W`` orthogonal to the fake. With ``partners_per_filter = k`` each
+    filter is paired with its k most collinear others (k * M estimates).
+    """
+    obf = _as_rows(obfuscated)
+    if len(obf) < 2:
+        return np.zeros((0, obf.shape[1]))
+    k = min(partners_per_filter, len(obf) - 1)
+    partners = np.argsort(-collinearity(obf), axis=1)[:, :k]
+    rows = np.repeat(np.arange(len(obf)), k)
+    return min_norm_points(obf[partners.reshape(-1)], obf[rows])
+
+
+@dataclass(frozen=True)
+class VarianceTest:
+    """Which obfuscated filters the variance test calls fake, and how clearly."""
+
+    is_fake: np.ndarray  # bool, one per obfuscated filter
+    variances: np.ndarray  # per-weight variance of every obfuscated filter
+    separation: float  # gap between the fake cluster and the nearest other filter / the cluster's spread
+
+
+def variance_test(obfuscated: np.ndarray, n_fakes: int) -> VarianceTest:
+    """TEESlice's test against additive fakes: fakes drawn i.i.d. from one distribution share one
+    per-weight variance, far from that of real filters, so the attacker can tell them apart and drop them.
+
+    The attacker knows the architecture, hence ``n_fakes = M - N``. Fakes sit at one end of the
+    variance spectrum (in the paper's scheme the low end: every transformed real filter ``(W - F) / s``
+    with ``s < 1`` has a larger variance than the fakes; a scheme with large fakes and unscaled real
+    filters puts them at the top), and they share one variance: of the ``n_fakes`` lowest and the
+    ``n_fakes`` highest log-variances, the narrower group is called fake.
+    """
+    obf = _as_rows(obfuscated)
+    variances = obf.var(axis=1)
+    m = len(obf)
+    is_fake = np.zeros(m, dtype=bool)
+    n_fakes = max(0, min(n_fakes, m))
+    if n_fakes == 0 or n_fakes == m:
+        is_fake[:] = n_fakes == m
+        return VarianceTest(is_fake, variances, 0.0)
+    logv = np.log(np.maximum(variances, 1e-300))
+    order = np.argsort(logv)
+    sorted_logv = logv[order]
+    low_width = sorted_logv[n_fakes - 1] - sorted_logv[0]
+    high_width = sorted_logv[-1] - sorted_logv[m - n_fakes]
+    start = 0 if low_width <= high_width else m - n_fakes
+    chosen = order[start : start + n_fakes]
+    is_fake[chosen] = True
+    spread = sorted_logv[start + n_fakes - 1] - sorted_logv[start]
+    gaps = []
+    if start > 0:
+        gaps.append(sorted_logv[start] - sorted_logv[start - 1])
+    if start + n_fakes < m:
+        gaps.append(sorted_logv[start + n_fakes] - sorted_logv[start + n_fakes - 1])
+    gap = min(gaps) if gaps else 0.0
+    separation = float(gap / spread) if spread > 0 else math.inf
+    return VarianceTest(is_fake, variances, separation)
+
+
+def variance_paired_recovery(obfuscated: np.ndarray, n_fakes: int) -> np.ndarray:
+    """Drop the filters the variance test calls fake, pair every remaining one with its most collinear
+    fake, and take the minimum-norm point of ``F + t W'`` (one estimate per filter called real)."""
+    obf = _as_rows(obfuscated)
+    test = variance_test(obf, n_fakes)
+    fakes = np.flatnonzero(test.is_fake)
+    reals = np.flatnonzero(~test.is_fake)
+    if len(fakes) == 0 or len(reals) == 0:
+        return np.zeros((0, obf.shape[1]))
+    cos = abs_cosines(obf[reals], obf[fakes])
+    partner = fakes[cos.argmax(axis=1)]
+    return min_norm_points(obf[partner], obf[reals])
+
+
+def collinear_clusters(obfuscated: np.ndarray) -> np.ndarray:
+    """Label filters by connected component of the graph "``|cos| >= tau``" (tau well above chance:
+    ``max(0.5, min(0.9, 4 / sqrt(D)))``, four standard deviations of a random pair's cosine)."""
+    obf = _as_rows(obfuscated)
+    m, d = obf.shape
+    tau = max(0.5, min(0.9, 4.0 / math.sqrt(max(d, 1))))
+    adjacent = collinearity(obf) >= tau
+    labels = np.full(m, -1)
+    for seed in range(m):
+        if labels[seed] >= 0:
+            continue
+        labels[seed] = seed
+        stack = [seed]
+        while stack:
+            i = stack.pop()
+            for j in np.flatnonzero(adjacent[i] & (labels < 0)):
+                labels[j] = seed
+                stack.append(int(j))
+    return labels
+
+
+def cluster_variance_recovery(obfuscated: np.ndarray) -> np.ndarray:
+    """The variance test inside each collinear cluster: a fake and the transformed filters it hides
+    (``(W - F) / s``, ``s < 1``) are mutually collinear, and the fake has the smallest per-weight
+    variance among them; pair every other member with it (one estimate per non-fake member).
+
+    Unlike the layer-wide test this needs no variance gap between all fakes and all real filters,
+    and it never pairs two filters that share a fake (which gives ``W_a - W_b``)."""
+    obf = _as_rows(obfuscated)
+    labels = collinear_clusters(obf)
+    variances = obf.var(axis=1)
+    fakes, reals = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue
+        fake = members[np.argmin(variances[members])]
+        for i in members:
+            if i != fake:
+                fakes.append(fake)
+                reals.append(i)
+    if not reals:
+        return np.zeros((0, obf.shape[1]))
+    return min_norm_points(obf[fakes], obf[reals])
+
+
+@dataclass(frozen=True)
+class SubspaceLeakage:
+    energy: np.ndarray  # per reference filter: |P w|^2 / |w|^2, P the projection on the obfuscated row space
+    chance: float  # what a random subspace of the same dimension holds: rank / D
+    rank: int
+
+
+def subspace_leakage(obfuscated: np.ndarray, reference: np.ndarray, rtol: float = 1e-5) -> SubspaceLeakage:
+    """How much of each reference filter lies in the span of the layer's obfuscated filters.
+
+    Any output-side transform ``W' = A W (+ fakes)`` keeps ``span(W)`` inside ``span(W')``, so a
+    reference filter lies wholly in it while a random direction holds ``rank / D`` of its energy.
+    Needs the answer to find the combination, so it is reported, never counted as recovery.
+    """
+    obf = _as_rows(obfuscated)
+    ref = _as_rows(reference)
+    d = obf.shape[1]
+    if len(obf) == 0:
+        return SubspaceLeakage(np.zeros(len(ref)), 0.0, 0)
+    _, sv, vt = np.linalg.svd(obf, full_matrices=False)
+    rank = int((sv > rtol * sv[0]).sum()) if sv[0] > 0 else 0
+    basis = vt[:rank]
+    refn = unit_rows(ref)
+    energy = ((refn @ basis.T) ** 2).sum(axis=1)
+    return SubspaceLeakage(np.clip(energy, 0.0, 1.0), rank / d, rank)
+
+
+def chance_abs_cos(dim: int, threshold: float = RECOVERY_COS) -> float:
+    """Probability that a uniformly random direction in R^dim has ``|cos| >= threshold`` with a fixed one.
+
+    With ``c = sin(theta)`` the density of theta on [0, pi/2] is proportional to ``cos(theta)^(dim-2)``;
+    ``F_n(a) = int_a^{pi/2} cos^n`` follows the reduction
+    ``F_n = -cos^(n-1)(a) sin(a) / n + (n-1)/n F_(n-2)``, and the answer is
+    ``F_(dim-2)(asin(threshold)) / F_(dim-2)(0)`` (exact up to rounding).
+    """
+    if dim <= 1 or threshold <= 0:
+        return 1.0
+    if threshold >= 1:
+        return 0.0
+    tail = _cos_power_tail(dim - 2, math.asin(threshold)) / _cos_power_tail(dim - 2, 0.0)
+    return float(np.clip(tail, 0.0, 1.0))
+
+
+def _cos_power_tail(n: int, a: float) -> float:
+    sin_a, cos_a = math.sin(a), math.cos(a)
+    f = 1.0 - sin_a if n % 2 else math.pi / 2 - a  # F_1 or F_0
+    for k in range(2 + n % 2, n + 1, 2):
+        f = -(cos_a ** (k - 1)) * sin_a / k + (k - 1) / k * f
+    return f
+
+
+def chance_any(p: float, candidates: int) -> float:
+    """Probability that at least one of ``candidates`` independent random estimates reaches the threshold."""
+    return float(1.0 - (1.0 - p) ** max(candidates, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer, every attack
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance")
+
+
+def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS) -> dict:
+    """Run every weight attack on one layer; JSON-ready figures.
+
+    ``reference`` holds the N real filters (the attacker's public weights, here the original model),
+    ``obfuscated`` the M >= N filters the accelerator holds for the same layer.
+    """
+    obf = _as_rows(obfuscated)
+    ref = _as_rows(reference)
+    n, d = ref.shape
+    m = len(obf)
+    estimates = {
+        "direction": direction_matching(obf, ref),
+        "fake_partner": fake_partner_recovery(obf, 1),
+        "fake_partner_top3": fake_partner_recovery(obf, 3),
+        "variance_paired": variance_paired_recovery(obf, m - n),
+        "cluster_variance": cluster_variance_recovery(obf),
+    }
+    best = {name: best_cosines(est, ref) for name, est in estimates.items()}
+    any_best = np.max(np.stack(list(best.values())), axis=0)
+    vt = variance_test(obf, m - n)
+    sub = subspace_leakage(obf, ref)
+    p = chance_abs_cos(d, threshold)
+    n_estimates = m + sum(len(e) for k, e in estimates.items() if k != "direction")
+    excess = (sub.energy.mean() - sub.chance) / (1.0 - sub.chance) if sub.chance < 1.0 else 0.0
+    return {
+        "filters": n,
+        "obfuscated_filters": m,
+        "dim": d,
+        "recovered": {name: int((b >= threshold).sum()) for name, b in best.items()}
+        | {"any": int((any_best >= threshold).sum())},
+        "median_best_cos": {name: float(np.median(b)) for name, b in best.items()}
+        | {"any": float(np.median(any_best))},
+        "variance_test": {
+            "called_fake": int(vt.is_fake.sum()),
+            "separation": vt.separation if math.isfinite(vt.separation) else None,
+            "variance_ratio": _variance_ratio(vt),
+        },
+        "subspace": {
+            "rank": sub.rank,
+            "energy_mean": float(sub.energy.mean()),
+            "chance": float(sub.chance),
+            "excess": float(excess),
+            "over_threshold": int((np.sqrt(sub.energy) >= threshold).sum()),
+        },
+        "chance": {
+            "per_comparison": p,
+            "direction": chance_any(p, m),
+            "any": chance_any(p, n_estimates),
+        },
+        "reference_self_match": _self_match_rate(ref, threshold),
+    }
+
+
+def _variance_ratio(vt: VarianceTest) -> float | None:
+    if vt.is_fake.all() or not vt.is_fake.any():
+        return None
+    fake = float(np.median(vt.variances[vt.is_fake]))
+    real = float(np.median(vt.variances[~vt.is_fake]))
+    return real / fake if fake > 0 else None
+
+
+def _self_match_rate(reference: np.ndarray, threshold: float) -> float:
+    """Fraction of reference filters that another reference filter already matches at the threshold:
+    the rate a "recovery" reaches by naming the wrong channel (high for small depthwise kernels)."""
+    if len(reference) < 2:
+        return 0.0
+    c = collinearity(reference)
+    return float((c.max(axis=1) >= threshold).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Input leakage
+# ---------------------------------------------------------------------------------------------
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = x - x.mean()
+    y = y - y.mean()
+    den = math.sqrt(float(x @ x) * float(y @ y))
+    return abs(float(x @ y)) / den if den > 0 else 0.0
+
+
+def _psnr(truth: np.ndarray, fitted: np.ndarray) -> float:
+    mse = float(np.mean((truth - fitted) ** 2))
+    peak = float(truth.max() - truth.min())
+    if peak == 0:
+        return 0.0
+    if mse == 0:
+        return math.inf
+    return 10.0 * math.log10(peak * peak / mse)
+
+
+def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64) -> dict:
+    """How well ``truth`` is recovered from ``observed`` by the best affine fit (worst case for the defender).
+
+    Both are stacks of channels-last tensors of the same sample count (``(K, ..., C)``; C may differ).
+    Three fits, the largest correlation reported as ``correlation``:
+    - ``overall``: one scalar ``a * observed + b`` (needs equal shapes);
+    - ``per_channel``: each true channel against its best-correlated observed channel (undoes a
+      channel permutation and per-channel scaling), averaged over true channels;
+    - ``regression``: each true channel regressed on all observed channels at the same position
+      (undoes any channel mixing), fitted on half the samples and scored on the other half so that
+      a wide tensor cannot overfit; only when there are >= 10 samples per observed channel.
+    PSNR is of the truth against the overall fit, its peak the truth's range.
+    """
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    out: dict = {}
+    if obs.shape == tru.shape:
+        x = obs.reshape(-1)
+        y = tru.reshape(-1)
+        r = _pearson(x, y)
+        a, b = _lstsq_affine(x, y)
+        out["overall"] = r
+        out["psnr_db"] = _psnr(y, a * x + b)
+    co = obs.shape[-1]
+    ct = tru.shape[-1]
+    xo = obs.reshape(-1, co)
+    yt = tru.reshape(-1, ct)
+    if len(xo) == len(yt):
+        out["per_channel"] = _per_channel(xo, yt)
+        if co <= max_channels_regression and len(xo) >= 10 * (co + 1):
+            out["regression"] = _holdout_regression(xo, yt)
+    figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
+    out["correlation"] = max(figures) if figures else None
+    return out
+
+
+def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    xm, ym = x.mean(), y.mean()
+    xx = float((x - xm) @ (x - xm))
+    a = float((x - xm) @ (y - ym)) / xx if xx > 0 else 0.0
+    return a, ym - a * xm
+
+
+def _per_channel(xo: np.ndarray, yt: np.ndarray) -> float:
+    xc = xo - xo.mean(axis=0)
+    yc = yt - yt.mean(axis=0)
+    xn = np.linalg.norm(xc, axis=0)
+    yn = np.linalg.norm(yc, axis=0)
+    num = np.abs(yc.T @ xc)
+    den = np.outer(yn, xn)
+    corr = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return float(corr.max(axis=1).mean())
+
+
+def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
+    # Interleaved halves: neighbouring positions land in both, like a real attacker's training data.
+    fit, test = slice(0, None, 2), slice(1, None, 2)
+    design = np.hstack([xo, np.ones((len(xo), 1))])
+    coef, *_ = np.linalg.lstsq(design[fit], yt[fit], rcond=None)
+    pred = design[test] @ coef
+    scores = [_pearson(pred[:, c], yt[test][:, c]) for c in range(yt.shape[1])]
+    return float(np.mean(scores))
+
+
+def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """The difference attack on masks reused across inferences: ``obs_i - obs_j`` against
+    ``x_i - x_j`` (a static additive mask cancels exactly). Pairs consecutive samples of the stacks."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    if len(obs) < 2:
+        return {}
+    return affine_leakage(obs[1:] - obs[:-1], tru[1:] - tru[:-1])

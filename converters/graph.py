@@ -24,12 +24,15 @@ from converters.tflite_sparsity import densify
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 OFFLOADABLE: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
-# Standalone ops a fused activation becomes when normalize() splits it off.
-ACTIVATIONS: frozenset[str] = frozenset({"RELU", "RELU6", "RELU_N1_TO_1", "TANH"})
-# Ops whose fusedActivationFunction is applied to their output (RNN/LSTM ones use it internally: not split).
+# Fused activations normalize() splits off into standalone ops of the same name. These are the ones
+# LiteRT's float kernels apply (as an output clamp); they ignore a fused TANH or SIGN_BIT (FULLY_CONNECTED
+# rejects it), so such a model means something LiteRT does not compute and normalize() refuses it.
+ACTIVATIONS: frozenset[str] = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})
+# Ops whose fused activation LiteRT applies to their output. Others keep theirs as it is (LiteRT's float
+# CONCATENATION ignores it; RNN/LSTM ops use theirs inside the cell).
 FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D", "ADD", "SUB", "MUL",
-    "DIV", "AVERAGE_POOL_2D", "MAX_POOL_2D", "L2_POOL_2D", "CONCATENATION", "L2_NORMALIZATION",
+    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "DIV", "AVERAGE_POOL_2D",
+    "MAX_POOL_2D", "L2_POOL_2D",
 })
 # Float kernels of LiteRT that reject a conv without bias (conv.cc: TF_LITE_ENSURE(context, has_bias)).
 _BIAS_REQUIRED: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D"})
@@ -332,14 +335,15 @@ def normalize(graph: Graph) -> Graph:
 
     - ``DEQUANTIZE`` of a float16 constant -> a float32 constant (op removed; float16 -> float32 is exact);
     - ``DENSIFY`` of a sparse constant -> a dense constant (op removed); other sparse constants densified;
-    - a fused activation (RELU, RELU6, RELU_N1_TO_1, TANH) of a conv / dense / add / ... op becomes its own
-      op: the op writes a new tensor ``<output name>/pre_activation`` and the activation writes the
-      original output tensor, so names seen downstream do not change;
+    - a fused activation (RELU, RELU6, RELU_N1_TO_1) of a conv / dense / add / pool / ... op becomes its
+      own op: the op writes a new tensor ``<output name>/pre_activation`` and the activation writes the
+      original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
+      TANH / SIGN_BIT, which LiteRT's kernels silently skip);
     - everything else is kept as it is; tensors no longer used are dropped.
     """
     tensors = list(graph.tensors)
     ops: list[Op] = []
-    for op in graph.ops:
+    for index, op in enumerate(graph.ops):
         src = tensors[op.inputs[0]] if op.inputs and op.inputs[0] >= 0 else None
         if op.kind in ("DEQUANTIZE", "DENSIFY") and src is not None and src.data is not None:
             value = densify(src.data, src.shape, src.sparsity) if src.sparsity is not None else src.data
@@ -354,7 +358,11 @@ def normalize(graph: Graph) -> Graph:
                 dense.flags.writeable = False
                 tensors[t] = replace(tensors[t], data=dense, sparsity=None)
         activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
-        if activation in ACTIVATIONS:
+        if activation is not None and activation not in ACTIVATIONS:
+            raise UnsupportedOpError(
+                f"{graph.describe_op(index)}: fused activation {activation}, which LiteRT's float "
+                f"kernel does not apply; ShadowNet cannot reproduce this model's LiteRT outputs")
+        if activation is not None:
             options = copy.copy(op.options)
             options.fusedActivationFunction = schema_fb.ActivationFunctionType.NONE
             out = tensors[op.outputs[0]]

@@ -249,3 +249,147 @@ def test_unknown_custom_op_names_op_and_output():
     graph.inputs, graph.outputs = [x], [y]
     with pytest.raises(UnsupportedOpError, match=r"op 1 .*'MySecretOp'.*'y'"):
         read_model(write_model(graph))
+
+
+# ------------------------------------------------------------------------------------- normalize details
+
+_FUSED_CHAIN = ["CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUB", "MUL", "DIV", "MAX_POOL_2D", "AVERAGE_POOL_2D",
+                "L2_POOL_2D", "FULLY_CONNECTED"]
+
+
+def _fused_chain(activations: list[str]) -> Graph:
+    """x -> each kind of _FUSED_CHAIN in turn, with the given fused activations (cycled)."""
+    rng = np.random.default_rng(1)
+    graph = Graph()
+    shape = (1, 4, 4, 3)
+    x = h = graph.add_tensor("x", shape, np.float32)
+    for k, kind in enumerate(_FUSED_CHAIN):
+        act = getattr(schema_fb.ActivationFunctionType, activations[k % len(activations)])
+        out_shape = shape if kind != "FULLY_CONNECTED" else (16, 3)
+        out = graph.add_tensor(f"{kind.lower()}_out", out_shape, np.float32)
+        const = graph.add_tensor(f"{kind.lower()}_c", shape, np.float32, rng.uniform(0.5, 1.5, shape))
+        pool = schema_fb.Pool2DOptionsT(strideW=1, strideH=1, filterWidth=2, filterHeight=2,
+                                        fusedActivationFunction=act)
+        if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            wshape = {"CONV_2D": (3, 3, 3, 3), "DEPTHWISE_CONV_2D": (1, 3, 3, 3),
+                      "FULLY_CONNECTED": (3, 3)}[kind]
+            w = graph.add_tensor(f"{kind.lower()}_w", wshape, np.float32, rng.normal(0, 2, wshape))
+            b = graph.add_tensor(f"{kind.lower()}_b", (3,), np.float32, rng.normal(0, 1, 3))
+            options = {"CONV_2D": schema_fb.Conv2DOptionsT(strideW=1, strideH=1, fusedActivationFunction=act),
+                       "DEPTHWISE_CONV_2D": schema_fb.DepthwiseConv2DOptionsT(
+                           strideW=1, strideH=1, depthMultiplier=1, fusedActivationFunction=act),
+                       "FULLY_CONNECTED": schema_fb.FullyConnectedOptionsT(fusedActivationFunction=act)}[kind]
+            graph.add_op(kind, [h, w, b], [out], options)
+        elif kind.endswith("POOL_2D"):
+            graph.add_op(kind, [h], [out], pool)
+        else:
+            options = getattr(schema_fb, kind.capitalize() + "OptionsT")(fusedActivationFunction=act)
+            graph.add_op(kind, [h, const], [out], options)
+        h = out
+    graph.inputs, graph.outputs = [x], [h]
+    return graph
+
+
+@pytest.mark.parametrize("activations", [["RELU", "RELU6", "RELU_N1_TO_1"], ["RELU6", "RELU_N1_TO_1", "RELU"],
+                                         ["RELU_N1_TO_1", "RELU", "RELU6"]])
+def test_fused_activations_split_exactly(activations):
+    graph = _fused_chain(activations)
+    normalized = normalize(graph)
+    assert _kinds(normalized)[:4] == ["CONV_2D", activations[0], "DEPTHWISE_CONV_2D", activations[1]]
+    assert len(normalized.ops) == 2 * len(graph.ops)
+    assert not any(fused_activation(op) for op in normalized.ops)
+    conv_out = normalized.ops[0].outputs[0]
+    assert normalized.tensors[conv_out].name == "conv_2d_out/pre_activation"
+    assert normalized.tensors[normalized.ops[1].outputs[0]].name == "conv_2d_out"
+    assert fused_activation(graph.ops[0]) == activations[0]  # the input graph is left as it was
+
+    original = write_model(graph)
+    x = [np.random.default_rng(2).normal(0, 2, (1, 4, 4, 3)).astype(np.float32)]
+    np.testing.assert_array_equal(run(write_model(normalized), x)[0], run(original, x)[0])
+
+
+def test_fused_tanh_is_refused():
+    graph = _fused_chain(["RELU"])
+    graph.ops[2].options.fusedActivationFunction = schema_fb.ActivationFunctionType.TANH
+    with pytest.raises(UnsupportedOpError, match="op 2 ADD .*'add_out'.*TANH"):
+        normalize(graph)
+
+
+_SPARSE_LAYOUTS = {
+    "csr": ([0, 1], [], [], ["dense", "csr"], "int32"),
+    "csc": ([1, 0], [], [], ["dense", "csr"], "uint8"),
+    "doubly compressed": ([0, 1], [], [], ["csr", "csr"], "uint16"),
+    "1x4 blocks": ([0, 1, 2], [1], [4], ["dense", "csr", "dense"], "uint8"),
+    "4x2 blocks": ([1, 0, 2, 3], [0, 1], [4, 2], ["csr", "dense", "dense", "dense"], "int32"),
+}
+
+
+@pytest.mark.parametrize("layout", list(_SPARSE_LAYOUTS))
+def test_densify_matches_litert(layout):
+    """densify() against LiteRT's own DENSIFY kernel, on matrices encoded in each sparse layout."""
+    from tests.converters.sparse import encode
+    rng = np.random.default_rng(len(layout))
+    dense = rng.normal(size=(8, 12)).astype(np.float32)
+    dense[rng.random(dense.shape) < 0.7] = 0
+    dense[:, 4:8] = 0  # a whole empty column block
+    values, sparsity = encode(dense, *_SPARSE_LAYOUTS[layout])
+    assert values.size < dense.size or layout == "4x2 blocks"
+
+    graph = Graph()
+    w = graph.add_tensor("w_sparse", dense.shape, np.float32, values, sparsity=sparsity)
+    d = graph.add_tensor("w", dense.shape, np.float32)
+    x = graph.add_tensor("x", dense.shape, np.float32)
+    y = graph.add_tensor("y", dense.shape, np.float32)
+    graph.add_op("DENSIFY", [w], [d])
+    graph.add_op("ADD", [d, x], [y], schema_fb.AddOptionsT())
+    graph.inputs, graph.outputs = [x], [y]
+    (litert,) = run(write_model(graph), [np.zeros_like(dense)])
+    np.testing.assert_array_equal(litert, dense)
+
+    normalized = normalize(read_model(write_model(graph)))
+    assert _kinds(normalized) == ["ADD"]
+    np.testing.assert_array_equal(normalized.tensors[normalized.ops[0].inputs[0]].data, dense)
+
+
+def test_inconsistent_sparsity_is_a_format_error():
+    from tests.converters.sparse import encode
+    dense = np.eye(4, dtype=np.float32)
+    values, sparsity = encode(dense, [0, 1], [], [], ["dense", "csr"])
+    sparsity.dimMetadata[1].arrayIndices.values = [0, 1, 2, 9]
+    graph = Graph()
+    w = graph.add_tensor("w_sparse", dense.shape, np.float32, values, sparsity=sparsity)
+    d = graph.add_tensor("w", dense.shape, np.float32)
+    graph.add_op("DENSIFY", [w], [d])
+    graph.inputs, graph.outputs = [], [d]
+    with pytest.raises(ModelFormatError, match="index outside"):
+        normalize(graph)
+
+
+def test_model_signature_is_kept(fp16_model):
+    graph = read_model(fp16_model)
+    assert graph.signature.key == "serving_default" and set(graph.signature.inputs) == {"image"}
+    model = write_model(normalize(graph))
+    from ai_edge_litert.interpreter import Interpreter
+    (x,) = random_inputs(fp16_model)
+    want = Interpreter(model_content=fp16_model).get_signature_runner()(image=x)
+    got = Interpreter(model_content=model).get_signature_runner("serving_default")(image=x)
+    assert set(got) == set(want) == {"output_0", "output_1"}
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_corrupted_models_fail_cleanly():
+    """Changed bytes anywhere: the reader either succeeds or raises one of our two errors, nothing else."""
+    model = write_model(_fused_chain(["RELU"]))  # small weights: most bytes are structure
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "ModelFormatError": 0, "UnsupportedOpError": 0}
+    for _ in range(300):
+        data = bytearray(model)
+        for position in rng.integers(0, len(data), 2):
+            data[position] = int(rng.integers(0, 256))
+        try:
+            read_model(bytes(data))
+            outcomes["read"] += 1
+        except (ModelFormatError, UnsupportedOpError) as error:
+            outcomes[type(error).__name__] += 1
+    assert outcomes["ModelFormatError"] > 100, outcomes

@@ -1,0 +1,150 @@
+"""The attack suite end to end: reading artifacts, matching layers, and what it recovers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as schema_fb
+
+from converters.graph import Graph, Signature, write_model
+from shadownet import audit
+
+# (kind, weight shape) of a small CNN: conv 3->16, depthwise 16, conv 16->32 (3x3), dense 2048->10.
+LAYERS = [("CONV_2D", (16, 3, 3, 3)), ("DEPTHWISE_CONV_2D", (1, 3, 3, 16)), ("CONV_2D", (32, 3, 3, 16)),
+          ("CONV_2D", (24, 1, 1, 32)), ("FULLY_CONNECTED", (10, 2048))]
+
+
+def he(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    fan_in = math.prod(shape[1:3]) if kind == "DEPTHWISE_CONV_2D" else math.prod(shape[1:])
+    return (rng.standard_normal(shape) * math.sqrt(2 / fan_in)).astype(np.float32)
+
+
+def _options(kind: str):
+    if kind == "FULLY_CONNECTED":
+        return schema_fb.FullyConnectedOptionsT()
+    o = schema_fb.Conv2DOptionsT() if kind == "CONV_2D" else schema_fb.DepthwiseConv2DOptionsT()
+    o.padding, o.strideW, o.strideH = schema_fb.Padding.SAME, 1, 1
+    if kind == "DEPTHWISE_CONV_2D":
+        o.depthMultiplier = 1
+    return o
+
+
+def linear_model(weights: list[tuple[str, np.ndarray]], rounds: bool) -> bytes:
+    """One graph of the given linear ops; as the untrusted model (``rounds``) each op reads its own input
+    and is its own signature ``round_k``, as the converter lays them out."""
+    g = Graph()
+    ops, sigs = [], []
+    prev = None
+    for k, (kind, w) in enumerate(weights):
+        if kind == "FULLY_CONNECTED":
+            in_shape = (1, w.shape[1])
+            out_shape = (1, w.shape[0])
+        else:
+            in_shape = (1, 8, 8, w.shape[3])
+            out_shape = (1, 8, 8, w.shape[0] if kind == "CONV_2D" else w.shape[3])
+        x = g.add_tensor(f"x{k}", in_shape, np.float32) if rounds or prev is None else prev
+        if not rounds and prev is not None and g.tensors[prev].shape != in_shape:
+            x = g.add_tensor(f"x{k}", in_shape, np.float32)
+            shape = g.add_tensor(f"shape{k}", (len(in_shape),), np.int32, np.array(in_shape))
+            g.add_op("RESHAPE", [prev, shape], [x], schema_fb.ReshapeOptionsT())
+        wt = g.add_tensor(f"w{k}", w.shape, np.float32, w)
+        y = g.add_tensor(f"layer{k}", out_shape, np.float32)
+        op = g.add_op(kind, [x, wt, -1], [y], _options(kind))
+        ops.append(op)
+        sigs.append(Signature(f"round_{k + 1}", [op], {"x0": x}, {"y0": y}))
+        if not g.inputs:
+            g.inputs = [x]
+        prev = y
+    g.outputs = [prev]
+    return write_model(g, sigs if rounds else None)
+
+
+def paper_obfuscation(rng: np.random.Generator, kind: str, w: np.ndarray, ratio: float = 1.2) -> np.ndarray:
+    """The authors' sampling on TFLite layouts (test-only stand-in for the converter)."""
+    if kind == "DEPTHWISE_CONV_2D":
+        c = w.shape[3]
+        perm = rng.permutation(c)
+        return (w[..., perm] * rng.uniform(0, 1, c)).astype(np.float32)
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    n = len(rows)
+    m = int(n * ratio)
+    fakes = rng.standard_normal((m - n, rows.shape[1]))
+    obf = np.vstack([(rows - fakes[rng.integers(0, m - n, n)]) / rng.uniform(0, 1, (n, 1)), fakes])
+    return obf[rng.permutation(m)].reshape((m, *w.shape[1:])).astype(np.float32)
+
+
+def artifact_dir(tmp: Path, untrusted: bytes, scheme: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "untrusted.tflite").write_bytes(untrusted)
+    manifest = {"format": "shadownet-artifacts", "format_version": 1,
+                "scheme": {"name": scheme, "params": {}}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A reference model and two hand-made artifact directories: the paper's sampling, and a control
+    that mixes every layer's filters with a random orthogonal matrix (and depthwise kernels too)."""
+    rng = np.random.default_rng(0)
+    base = tmp_path_factory.mktemp("simulated")
+    weights = [(kind, he(rng, kind, shape)) for kind, shape in LAYERS]
+    (base / "reference.tflite").write_bytes(linear_model(weights, rounds=False))
+    paper = [(kind, paper_obfuscation(rng, kind, w)) for kind, w in weights]
+    mixed = []
+    for kind, w in weights:
+        if kind == "DEPTHWISE_CONV_2D":
+            q = np.linalg.qr(rng.standard_normal((9, 9)))[0]
+            mixed.append((kind, (w.reshape(9, -1).T @ q).T.reshape(w.shape).astype(np.float32)))
+        else:
+            q = np.linalg.qr(rng.standard_normal((len(w), len(w))))[0]
+            mixed.append((kind, (q @ w.reshape(len(w), -1)).reshape(w.shape).astype(np.float32)))
+    return {
+        "reference": base / "reference.tflite",
+        "paper": artifact_dir(base / "paper", linear_model(paper, rounds=True), "shadownet"),
+        "mixed": artifact_dir(base / "mixed", linear_model(mixed, rounds=True), "control"),
+    }
+
+
+def test_reads_and_matches_every_linear_layer(simulated: dict[str, Path]) -> None:
+    ref = audit.reference_layers(simulated["reference"])
+    obf = audit.untrusted_layers((simulated["paper"] / "untrusted.tflite").read_bytes())
+    assert [r.kind for r in ref] == ["conv", "depthwise", "conv", "conv", "dense"]
+    assert [len(o.filters) for o in obf] == [19, 16, 38, 28, 12]
+    assert [o.where for o in obf] == [f"round_{k}" for k in range(1, 6)]
+    pairs, missing, extra = audit.match_layers(ref, obf)
+    assert [(r.name, o.name) for r, o in pairs] == [(f"layer{k}", f"layer{k}") for k in range(5)]
+    assert not missing and not extra
+
+
+def test_suite_breaks_the_simulated_paper_scheme(simulated: dict[str, Path]) -> None:
+    report = audit.audit(simulated["paper"], simulated["reference"], inferences=0)
+    s = report["summary"]
+    assert s["conv_dense"]["filters"] == 16 + 32 + 24 + 10
+    assert s["conv_dense"]["fraction"]["any"] >= 0.9
+    assert s["conv_dense"]["fraction"]["direction"] == 0.0  # the paper's scheme does hide directions...
+    assert s["depthwise"]["fraction"]["direction"] == 1.0  # ...except for depthwise kernels
+    assert s["depthwise"]["chance"]["direction"] < 0.01
+
+
+def test_suite_recovers_nothing_from_dense_mixing(simulated: dict[str, Path]) -> None:
+    report = audit.audit(simulated["mixed"], simulated["reference"], inferences=0)
+    s = report["summary"]
+    assert s["conv_dense"]["recovered"]["any"] <= 1
+    # Output-side mixing keeps the row space: the subspace leakage sees it all (where M < D).
+    assert s["conv_dense"]["subspace"]["energy_mean"] == pytest.approx(1.0)
+    assert s["depthwise"]["recovered"]["direction"] <= 2
+
+
+def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path) -> None:
+    report = audit.audit(simulated["paper"], simulated["reference"], inferences=0)
+    table = audit.format_report(report)
+    assert "conv + dense: 82 filters" in table
+    out = tmp_path / "report.json"
+    audit.write_json(report, out)
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -36,11 +36,13 @@ FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
 })
 # Float kernels of LiteRT that reject a conv without bias (conv.cc: TF_LITE_ENSURE(context, has_bias)).
 _BIAS_REQUIRED: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D"})
+# Control flow: ops whose options name other subgraphs, which a one-subgraph Graph cannot keep.
+_CALLS_SUBGRAPHS: frozenset[str] = frozenset({"WHILE", "IF", "CALL_ONCE", "CALL", "STABLEHLO_WHILE",
+                                               "STABLEHLO_CASE", "STABLEHLO_COMPOSITE"})
 # Custom ops LiteRT's builtin op resolver registers itself (tflite/kernels/register.cc).
 LITERT_CUSTOM_OPS: frozenset[str] = frozenset({
     "TFLite_Detection_PostProcess", "AudioSpectrogram", "Mfcc", "NumericVerify",
 })
-
 
 
 def _enum(cls: type) -> dict[str, int]:
@@ -245,8 +247,12 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
                 f"op {i} has builtin code {builtin}, unknown to this LiteRT (output {out_name})")
         custom_code = _text(code.customCode) if kind == "CUSTOM" else None
         if kind == "CUSTOM" and custom_code not in LITERT_CUSTOM_OPS:
+            why = ("a TensorFlow (Flex) op, which needs TensorFlow's select-ops delegate"
+                   if custom_code.startswith("Flex") else "which LiteRT does not resolve")
+            raise UnsupportedOpError(f"op {i} is custom op {custom_code!r}, {why} (output {out_name})")
+        if kind in _CALLS_SUBGRAPHS:
             raise UnsupportedOpError(
-                f"op {i} is custom op {custom_code!r}, which LiteRT does not resolve (output {out_name})")
+                f"op {i} {kind} calls other subgraphs; ShadowNet reads subgraph 0 only (output {out_name})")
         custom_options = None
         if o.largeCustomOptionsOffset > 1:
             start, size = o.largeCustomOptionsOffset, o.largeCustomOptionsSize
@@ -345,7 +351,9 @@ def normalize(graph: Graph) -> Graph:
     ops: list[Op] = []
     for index, op in enumerate(graph.ops):
         src = tensors[op.inputs[0]] if op.inputs and op.inputs[0] >= 0 else None
-        if op.kind in ("DEQUANTIZE", "DENSIFY") and src is not None and src.data is not None:
+        foldable = op.kind == "DENSIFY" or (op.kind == "DEQUANTIZE" and src is not None
+                                            and src.dtype == np.float16)
+        if foldable and src is not None and src.data is not None:
             value = densify(src.data, src.shape, src.sparsity) if src.sparsity is not None else src.data
             out = op.outputs[0]
             folded = np.array(value, dtype=tensors[out].dtype)

@@ -1,6 +1,7 @@
 """Test models for the graph layer, converted once per session with TensorFlow's own TFLite converter."""
 
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
 
@@ -110,6 +111,8 @@ def int8_model(tf) -> bytes:
         for _ in range(4):
             yield [rng.normal(size=(1, 8, 8, 3)).astype(np.float32)]
 
-    return _convert(tf, model, optimizations=[tf.lite.Optimize.DEFAULT],
-                    representative_dataset=representative,
-                    supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS_INT8])
+    with warnings.catch_warnings():  # "Statistics for quantized inputs were expected": float inputs are meant
+        warnings.simplefilter("ignore", UserWarning)
+        return _convert(tf, model, optimizations=[tf.lite.Optimize.DEFAULT],
+                        representative_dataset=representative,
+                        supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS_INT8])

@@ -239,16 +239,28 @@ def test_quantized_model_names_the_tensor(int8_model):
     assert repr(first.name.decode()) in str(error.value) and "INT8" in str(error.value)
 
 
-def test_unknown_custom_op_names_op_and_output():
+def _with_custom_op(code: str) -> bytes:
     graph = Graph()
     x = graph.add_tensor("x", (1, 2), np.float32)
     h = graph.add_tensor("h", (1, 2), np.float32)
     y = graph.add_tensor("y", (1, 2), np.float32)
     graph.add_op("RELU", [x], [h])
-    graph.add_op("CUSTOM", [h], [y], custom_code="MySecretOp", custom_options=b"\x01")
+    graph.add_op("CUSTOM", [h], [y], custom_code=code, custom_options=b"\x01")
     graph.inputs, graph.outputs = [x], [y]
-    with pytest.raises(UnsupportedOpError, match=r"op 1 .*'MySecretOp'.*'y'"):
-        read_model(write_model(graph))
+    return write_model(graph)
+
+
+def test_unknown_custom_op_names_op_and_output():
+    with pytest.raises(UnsupportedOpError, match=r"op 1 is custom op 'MySecretOp', which LiteRT .*'y'"):
+        read_model(_with_custom_op("MySecretOp"))
+    with pytest.raises(UnsupportedOpError, match=r"op 1 .*'FlexAddV2', a TensorFlow \(Flex\) op"):
+        read_model(_with_custom_op("FlexAddV2"))
+
+
+def test_custom_op_litert_resolves_is_kept():
+    graph = read_model(_with_custom_op("TFLite_Detection_PostProcess"))
+    op = graph.ops[1]
+    assert (op.kind, op.custom_code, op.custom_options) == ("CUSTOM", "TFLite_Detection_PostProcess", b"\x01")
 
 
 # ------------------------------------------------------------------------------------- normalize details

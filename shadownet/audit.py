@@ -11,6 +11,7 @@ and reports what came back: per layer and overall, as a table and as JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,6 +38,7 @@ class LinearLayer:
     kernel: tuple[int, ...]  # (kh, kw, cin) for conv/dense (dense = (1, 1, in)), (kh, kw) for depthwise
     filters: np.ndarray  # (channels, kh*kw*cin) or (channels, kh*kw)
     where: str  # "round_3" or "op 12", for the report
+    input: str | None = None  # reference: the op's input tensor; untrusted: the signature input feeding it
 
     @property
     def family(self) -> tuple:
@@ -44,18 +46,18 @@ class LinearLayer:
         return ("depthwise" if self.kind == "depthwise" else "conv", self.kernel)
 
 
-def _layer(kind: str, weights: np.ndarray, name: str, where: str) -> LinearLayer:
+def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None) -> LinearLayer:
     w = np.asarray(weights, dtype=np.float64)
     if kind == "CONV_2D":
         # TFLite conv weights are (out, kh, kw, in).
-        return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where)
+        return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where, source)
     if kind == "FULLY_CONNECTED":
         w = w.reshape(w.shape[0], -1)  # (out, in)
-        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where)
+        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source)
     if kind == "DEPTHWISE_CONV_2D":
         # (1, kh, kw, channels * multiplier): one kh*kw filter per output channel.
         _, kh, kw, c = w.shape
-        return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where)
+        return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where, source)
     raise ValueError(f"not a linear op: {kind}")
 
 
@@ -68,7 +70,8 @@ def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
     for i, op in enumerate(graph.ops):
         if is_offloadable(graph, i):
             weights = graph.tensors[op.inputs[1]].data
-            layers.append(_layer(op.kind, weights, graph.tensors[op.outputs[0]].name, f"op {i}"))
+            layers.append(_layer(op.kind, weights, graph.tensors[op.outputs[0]].name, f"op {i}",
+                                 graph.tensors[op.inputs[0]].name))
     return layers
 
 
@@ -90,8 +93,12 @@ def untrusted_layers(data: bytes) -> list[LinearLayer]:
     signatures = sorted(model.signatureDefs or [], key=lambda s: _round_number(_text(s.signatureKey)))
     order = [(s.subgraphIndex, _text(s.signatureKey)) for s in signatures] or [(0, "main")]
     layers = []
-    for index, key in order:
+    for sig_index, (index, key) in enumerate(order):
         sub = model.subgraphs[index]
+        feeds = {}
+        if signatures:
+            feeds = {int(m.tensorIndex): _text(m.name) for m in signatures[sig_index].inputs or []}
+        producer = {int(t): op for op in sub.operators or [] for t in op.outputs}
         for op in sub.operators or []:
             kind = names.get(flatbuffer_utils.get_builtin_code_from_operator_code(
                 model.operatorCodes[op.opcodeIndex]))
@@ -102,8 +109,19 @@ def untrusted_layers(data: bytes) -> list[LinearLayer]:
             if buf is None or t.type != schema_fb.TensorType.FLOAT32:
                 continue  # not a float constant: nothing to attack
             weights = np.frombuffer(np.asarray(buf, dtype=np.uint8).tobytes(), np.float32).reshape(t.shape)
-            layers.append(_layer(kind, weights, _text(sub.tensors[op.outputs[0]].name), key))
+            source = _trace_to_input(int(op.inputs[0]), producer, feeds)
+            layers.append(_layer(kind, weights, _text(sub.tensors[op.outputs[0]].name), key, source))
     return layers
+
+
+def _trace_to_input(tensor: int, producer: dict, feeds: dict[int, str]) -> str | None:
+    """The signature input a linear op reads, through any single-activation-input ops before it (a PAD,
+    a RESHAPE): the tensor the accelerator received for it."""
+    seen = set()
+    while tensor not in feeds and tensor in producer and tensor not in seen:
+        seen.add(tensor)
+        tensor = int(producer[tensor].inputs[0])
+    return feeds.get(tensor)
 
 
 def _text(value: Any) -> str:
@@ -189,6 +207,155 @@ def _progress(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Input leakage: what the accelerator receives, against what it should not learn
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingAccelerator:
+    """An accelerator wrapper that keeps a copy of every round's inputs before running the round:
+    exactly what a compromised driver sees (``shadownet.load(OUT, accelerator=RecordingAccelerator)``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.buffers: dict[str, np.ndarray] = {}
+        self.seen: dict[str, list[np.ndarray]] = {}
+
+    def bind(self, buffers: Any) -> None:
+        self.buffers = dict(buffers)
+        self.inner.bind(buffers)
+
+    def run_round(self, r: int) -> None:
+        prefix = f"round_{r}/in/"
+        for name, view in self.buffers.items():
+            if name.startswith(prefix):
+                self.seen.setdefault(name, []).append(np.array(view))
+        self.inner.run_round(r)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """``count`` inputs per manifest input spec: smooth random images in [0, 1] (neighbouring pixels
+    correlate as in natural images, which is what makes a masked image recognisable), or uniform
+    values for inputs that are not NHWC images."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        arrays = []
+        for spec in specs:
+            shape = tuple(int(d) for d in spec["shape"])
+            dtype = np.dtype(spec.get("dtype", "float32"))
+            if len(shape) == 4 and shape[1] >= 4 and shape[2] >= 4:
+                coarse = rng.uniform(0, 1, (shape[0], -(-shape[1] // 4), -(-shape[2] // 4), shape[3]))
+                x = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, : shape[1], : shape[2]]
+                x = np.clip(x + 0.03 * rng.standard_normal(shape), 0, 1)
+            else:
+                x = rng.uniform(0, 1, shape)
+            arrays.append(x.astype(dtype))
+        batches.append(arrays)
+    return batches
+
+
+def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Run protected inferences and return every round input the accelerator received, stacked per
+    buffer name: ``{"round_1/in/x0": array (K, *shape), ...}``."""
+    import shadownet
+
+    recorders: list[RecordingAccelerator] = []
+
+    def wrap(inner: Any) -> RecordingAccelerator:
+        recorders.append(RecordingAccelerator(inner))
+        return recorders[-1]
+
+    with shadownet.load(out_dir, accelerator=wrap) as model:
+        for arrays in batches:
+            model(*arrays)
+    seen = recorders[-1].seen
+    return {name: np.stack(values) for name, values in seen.items()}
+
+
+def reference_activations(reference: str | os.PathLike, batches: list[list[np.ndarray]],
+                          names: set[str]) -> dict[str, np.ndarray]:
+    """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(reference), experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
+    inputs = interpreter.get_input_details()
+    out: dict[str, list[np.ndarray]] = {}
+    for arrays in batches:
+        for detail, x in zip(inputs, arrays, strict=True):
+            interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        for name in names:
+            if name in index:
+                out.setdefault(name, []).append(np.array(interpreter.get_tensor(index[name])))
+    return {name: np.stack(values) for name, values in out.items()}
+
+
+def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]]) -> dict[str, str | None]:
+    """Round input buffer -> the reference tensor it carries (masked): the input of the reference layer
+    matched to an obfuscated layer that reads it. The attacker learns this from the layer matching."""
+    by_input = {}
+    for ref, obf in pairs:
+        if obf.input is not None:
+            by_input.setdefault((obf.where, obf.input), ref.input)
+    sources: dict[str, str | None] = {}
+    for r in manifest.get("rounds", []):
+        for t in r.get("inputs", []):
+            sources[t["buffer"]] = t.get("tensor") or by_input.get((r["signature"], t["name"]))
+    return sources
+
+
+def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, manifest: dict,
+                  pairs: list[tuple[LinearLayer, LinearLayer]], inferences: int,
+                  progress: bool = False) -> dict:
+    """Leakage of the user's input and of every round's true activation through the accelerator's inputs."""
+    batches = sample_inputs(manifest["inputs"], inferences)
+    if progress:
+        _progress(f"observing {inferences} protected inferences at the boundary")
+    seen = observe_boundary(out_dir, batches)
+    sources = _round_sources(manifest, pairs)
+    truth = reference_activations(reference, batches, {s for s in sources.values() if s})
+    user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
+    rows = []
+    first: dict[str, float] = {}
+    for buffer in sorted(seen, key=lambda b: (_round_number(b.split("/")[0]), b)):
+        observed = seen[buffer]
+        r = _round_number(buffer.split("/")[0])
+        row: dict[str, Any] = {"round": r, "buffer": buffer, "shape": list(observed.shape[1:]),
+                               "tensor": sources.get(buffer)}
+        target = truth.get(row["tensor"]) if row["tensor"] else None
+        if target is not None:
+            row["single"] = attacks.affine_leakage(observed, target)
+            row["difference"] = attacks.difference_leakage(observed, target)
+        if r == 1:
+            # Against the user's raw input itself, whatever tensor round 1 carries.
+            for k, x in enumerate(user):
+                single = attacks.affine_leakage(observed, x)
+                diff = attacks.difference_leakage(observed, x)
+                row[f"user_input_{k}"] = {"single": single, "difference": diff}
+                for key, fig in (("correlation", single), ("difference_correlation", diff)):
+                    if fig.get("correlation") is not None:
+                        first[key] = max(first.get(key, 0.0), fig["correlation"])
+                if single.get("psnr_db") is not None:
+                    first["psnr_db"] = max(first.get("psnr_db", -math.inf), single["psnr_db"])
+        rows.append(row)
+    singles = [r["single"]["correlation"] for r in rows if r.get("single", {}).get("correlation") is not None]
+    diffs = [r["difference"]["correlation"] for r in rows
+             if r.get("difference", {}).get("correlation") is not None]
+    return {
+        "inferences": inferences,
+        "first_round": first,
+        "max_round_correlation": max(singles) if singles else None,
+        "max_round_difference_correlation": max(diffs) if diffs else None,
+        "rounds": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole suite
 # ---------------------------------------------------------------------------------------------
 
@@ -229,6 +396,9 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "threshold": attacks.RECOVERY_COS,
     }
     report |= weight_attacks(ref, obf, progress=progress)
+    if inferences > 0:
+        pairs, _, _ = match_layers(ref, obf)
+        report["input_leakage"] = input_leakage(out_dir, reference, manifest, pairs, inferences, progress)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
@@ -263,7 +433,29 @@ def format_report(report: dict) -> str:
     for key in ("unmatched_reference", "unmatched_obfuscated"):
         if report.get(key):
             lines.append(f"{key.replace('_', ' ')}: {', '.join(report[key])}")
+    leak = report.get("input_leakage")
+    if leak:
+        first = leak["first_round"]
+        lines.append("")
+        lines.append(f"input leakage over {leak['inferences']} inferences "
+                     "(|correlation| after the best affine fit)")
+        lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
+                     f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
+                     f"{_fmt(first.get('difference_correlation'))}")
+        lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7}")
+        for row in leak["rounds"]:
+            tensor = row["tensor"] or "?"
+            tensor = tensor if len(tensor) <= 40 else "..." + tensor[-37:]
+            lines.append(f"  {row['buffer']:<28} {tensor:<40} "
+                         f"{_fmt(row.get('single', {}).get('correlation')):>7} "
+                         f"{_fmt(row.get('difference', {}).get('correlation')):>7}")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else format(value, spec)
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
@@ -272,12 +464,23 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, sort_keys=True, default=_json_default)
+            # Strict JSON: an infinite PSNR (exact recovery) is written as null.
+            json.dump(_finite(report), f, indent=1, sort_keys=True, default=_json_default, allow_nan=False)
             f.write("\n")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,260 @@
+"""The attestation and provisioning protocol, in one place for both ends.
+
+Device side (inside the secure world): ``sign_report`` binds a trusted app's measurement, a verifier's
+nonce and an X25519 public key whose private half only that TA can use; ``open_envelope`` decrypts
+what was sent to it. Vendor side (public: ``converters`` may import this module): ``verify_report``
+checks a report against a pinned device key, the expected measurement and the nonce;
+``encrypt_to_report`` encrypts a secret to the report's key (X25519 + HKDF-SHA256 + AES-256-GCM).
+A device identity file (``shadownet device export``) is the attestation public key plus a report on
+the TA's persistent provisioning key: ``read_device_file`` / ``device_file_json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tee_sim.errors import TEE_ERROR_SECURITY, TEEC_ORIGIN_API, TEEC_ORIGIN_TEE, TEEError
+
+REPORT_FORMAT = "tee_sim-report-1"
+DEVICE_FILE_FORMAT = "tee_sim-device-1"
+MAX_NONCE = 64
+_REPORT_DOMAIN = b"tee_sim attestation report v1\x00"
+_MEASURE_DOMAIN = b"tee_sim measurement v1\x00"
+_ENVELOPE_MAGIC = b"TSP1"
+_ENVELOPE_INFO = b"tee_sim provisioning v1\x00"
+_ENVELOPE_HEADER = struct.Struct("<4s32s32s12s")  # magic, recipient key, sender's ephemeral key, GCM nonce
+
+
+def measure(ta_uuid: uuid.UUID, signer: str, version: int, code: bytes) -> bytes:
+    """A TA's measurement: SHA-256 over its UUID, signer, security version and code (32 bytes)."""
+    signer_bytes = signer.encode()
+    return hashlib.sha256(
+        _MEASURE_DOMAIN
+        + ta_uuid.bytes
+        + struct.pack("<H", len(signer_bytes))
+        + signer_bytes
+        + struct.pack("<I", version)
+        + hashlib.sha256(code).digest()
+    ).digest()
+
+
+def measurement_of(ta: str | type) -> bytes:
+    """The measurement of a trusted app given as a class or a ``"module:Class"`` string (imports it)."""
+    if isinstance(ta, str):
+        import importlib
+
+        module, _, name = ta.partition(":")
+        ta = getattr(importlib.import_module(module), name)
+    return ta.measurement()
+
+
+@dataclass(frozen=True)
+class Report:
+    """A signed statement: "the TA with ``measurement`` holds the private key of ``public_key``"."""
+
+    measurement: bytes  # 32 bytes
+    nonce: bytes  # the verifier's challenge, 1..64 bytes
+    public_key: bytes  # raw X25519 public key, 32 bytes
+    signature: bytes  # Ed25519 over signed_message(), 64 bytes
+
+    def signed_message(self) -> bytes:
+        return (
+            _REPORT_DOMAIN
+            + self.measurement
+            + struct.pack("<H", len(self.nonce))
+            + self.nonce
+            + self.public_key
+        )
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "format": REPORT_FORMAT,
+            "measurement": self.measurement.hex(),
+            "nonce": self.nonce.hex(),
+            "public_key": self.public_key.hex(),
+            "signature": self.signature.hex(),
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, report: Report | dict[str, Any] | bytes | str) -> Report:
+        """Accept a ``Report``, its JSON dict or JSON text; ``TEE_ERROR_SECURITY`` if malformed."""
+        if isinstance(report, Report):
+            return report
+        try:
+            fields = json.loads(report) if isinstance(report, bytes | str) else report
+            if fields.get("format") != REPORT_FORMAT:
+                raise ValueError("format")
+            parsed = cls(
+                *(bytes.fromhex(fields[k]) for k in ("measurement", "nonce", "public_key", "signature"))
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "malformed attestation report") from None
+        if (len(parsed.measurement), len(parsed.public_key), len(parsed.signature)) != (
+            32,
+            32,
+            64,
+        ) or not 1 <= len(parsed.nonce) <= MAX_NONCE:
+            raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "malformed attestation report")
+        return parsed
+
+
+def sign_report(
+    signing_key: Ed25519PrivateKey, measurement: bytes, nonce: bytes, public_key: bytes
+) -> Report:
+    """Device side: sign a report (called inside the secure world only)."""
+    if not 1 <= len(nonce) <= MAX_NONCE:
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, f"nonce must be 1..{MAX_NONCE} bytes")
+    unsigned = Report(measurement, bytes(nonce), public_key, b"")
+    return Report(measurement, bytes(nonce), public_key, signing_key.sign(unsigned.signed_message()))
+
+
+def _public_key_bytes(key: Ed25519PublicKey | bytes | str) -> bytes:
+    if isinstance(key, Ed25519PublicKey):
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return bytes.fromhex(key) if isinstance(key, str) else bytes(key)
+
+
+def verify_report(
+    report: Report | dict[str, Any] | bytes | str,
+    pinned_public_key: Ed25519PublicKey | bytes | str,
+    expected_measurement: bytes | str,
+    nonce: bytes | None,
+) -> Report:
+    """Vendor side: check a report's signature against the pinned device key, its measurement and nonce.
+
+    ``nonce`` is the challenge the verifier sent; ``None`` skips the freshness check, which is only
+    right for a device identity file (its key is long-lived, there was no challenge). Returns the
+    parsed ``Report``; raises ``TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API)`` naming the failed check.
+    """
+    parsed = Report.parse(report)
+    try:
+        key = Ed25519PublicKey.from_public_bytes(_public_key_bytes(pinned_public_key))
+        key.verify(parsed.signature, parsed.signed_message())
+    except (InvalidSignature, ValueError):
+        raise TEEError(
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "attestation report: bad signature for the pinned device key"
+        ) from None
+    expected = (
+        bytes.fromhex(expected_measurement) if isinstance(expected_measurement, str) else expected_measurement
+    )
+    if parsed.measurement != expected:
+        raise TEEError(
+            TEE_ERROR_SECURITY,
+            TEEC_ORIGIN_API,
+            "attestation report: measurement is not the expected trusted app's",
+        )
+    if nonce is not None and parsed.nonce != nonce:
+        raise TEEError(
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "attestation report: nonce mismatch (stale or replayed)"
+        )
+    return parsed
+
+
+def _envelope_key(shared: bytes, sender_public: bytes, recipient_public: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=_ENVELOPE_INFO + sender_public + recipient_public,
+    ).derive(shared)
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def encrypt_to_report(
+    report: Report | dict[str, Any] | bytes | str, plaintext: bytes, aad: bytes = b""
+) -> bytes:
+    """Vendor side: encrypt ``plaintext`` so that only the attested TA can open it (verify the report first).
+
+    A fresh sender X25519 key per envelope; AES-256-GCM under HKDF-SHA256 of the shared secret; the
+    header (both public keys, the GCM nonce) and ``aad`` are authenticated.
+    """
+    recipient = Report.parse(report).public_key
+    ephemeral = X25519PrivateKey.generate()
+    sender_public = _raw(ephemeral.public_key())
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
+    gcm_nonce = os.urandom(12)
+    header = _ENVELOPE_HEADER.pack(_ENVELOPE_MAGIC, recipient, sender_public, gcm_nonce)
+    key = _envelope_key(shared, sender_public, recipient)
+    return header + AESGCM(key).encrypt(gcm_nonce, bytes(plaintext), header + bytes(aad))
+
+
+def envelope_recipient(envelope: bytes) -> bytes:
+    """The X25519 public key an envelope was encrypted to; opaque error if malformed."""
+    if len(envelope) < _ENVELOPE_HEADER.size + 16 or envelope[:4] != _ENVELOPE_MAGIC:
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, "provisioned data failed authentication")
+    return bytes(envelope[4:36])
+
+
+def open_envelope(private_key: X25519PrivateKey, envelope: bytes, aad: bytes = b"") -> bytes:
+    """Device side: decrypt an envelope; any malformed, tampered or foreign one is ``TEE_ERROR_SECURITY``."""
+    envelope = bytes(envelope)
+    recipient = envelope_recipient(envelope)
+    _, _, sender_public, gcm_nonce = _ENVELOPE_HEADER.unpack_from(envelope)
+    try:
+        if recipient != _raw(private_key.public_key()):
+            raise ValueError("not for this key")
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(sender_public))
+        key = _envelope_key(shared, sender_public, recipient)
+        header = envelope[: _ENVELOPE_HEADER.size]
+        return AESGCM(key).decrypt(gcm_nonce, envelope[_ENVELOPE_HEADER.size :], header + bytes(aad))
+    except (InvalidTag, ValueError):
+        raise TEEError(
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, "provisioned data failed authentication"
+        ) from None
+
+
+def device_file_json(attestation_public_key: bytes, ta_uuid: uuid.UUID, report: Report) -> dict[str, Any]:
+    """The content of a device identity file (``shadownet device export``)."""
+    return {
+        "format": DEVICE_FILE_FORMAT,
+        "attestation_public_key": attestation_public_key.hex(),
+        "trusted_app": str(ta_uuid),
+        "report": report.to_json(),
+    }
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    attestation_public_key: bytes  # raw Ed25519, 32 bytes: what a vendor pins
+    trusted_app: uuid.UUID
+    report: Report  # on the TA's persistent provisioning key; verify with nonce=None
+
+
+def read_device_file(path: str | os.PathLike[str]) -> DeviceIdentity:
+    """Parse a device identity file; ``TEEError(TEE_ERROR_SECURITY)`` if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            fields = json.loads(f.read())
+        if fields.get("format") != DEVICE_FILE_FORMAT:
+            raise ValueError("format")
+        key = bytes.fromhex(fields["attestation_public_key"])
+        if len(key) != 32:
+            raise ValueError("key")
+        return DeviceIdentity(key, uuid.UUID(fields["trusted_app"]), Report.parse(fields["report"]))
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        raise TEEError(
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_API, f"{os.fspath(path)} is not a device identity file"
+        ) from None

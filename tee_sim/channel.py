@@ -1,0 +1,49 @@
+"""The process transport's control block: one 4 KiB page of shared memory both worlds map.
+
+Layout (little-endian)::
+
+    0    u64 request sequence    (normal world bumps it after writing a request)
+    64   u64 response sequence   (secure world sets it to the request's after writing the response)
+    128  u64 secure world sleeping  (1: it is blocked on the request eventfd, kick it)
+    192  u64 normal world sleeping  (1: it is blocked on the response eventfd, kick it)
+    256  request:  op, session, cmd, packed param types (u32 each); 4 x (a, b, shm id, offset, size) u64
+    512  response: code, origin, session, message length (u32); TA time ns, memory used/peak/cap (u64);
+                   4 x (a, b, size) u64
+    1024 message (UTF-8, <= 1 KiB)     2048 payload (e.g. the UUID of OpenSession, <= 2 KiB)
+
+Each counter sits on its own cache line, so a spinning reader does not bounce the line the writer
+fills. Everything read from the block is copied out (``unpack_from``) before it is checked: the
+normal world may rewrite the block at any time.
+"""
+
+from __future__ import annotations
+
+import struct
+
+BLOCK_SIZE = 4096
+
+# Indices into the block viewed as u64 words.
+REQ_SEQ = 0
+RESP_SEQ = 8
+SW_SLEEPING = 16
+NW_SLEEPING = 24
+
+REQUEST_OFFSET = 256
+REQUEST = struct.Struct("<IIII" + "QQQQQ" * 4)
+RESPONSE_OFFSET = 512
+RESPONSE = struct.Struct("<IIIIQQQQ" + "QQQ" * 4)
+MESSAGE_OFFSET = 1024
+MESSAGE_MAX = 1024
+PAYLOAD_OFFSET = 2048
+PAYLOAD_MAX = 2048
+
+OP_INVOKE = 1
+OP_OPEN = 2
+OP_CLOSE = 3
+OP_REGISTER = 4
+OP_RELEASE = 5
+OP_STATS = 6
+OP_SHUTDOWN = 7
+
+# The fd-passing message that precedes OP_REGISTER on the control socket: shm id, size.
+REGISTER_MESSAGE = struct.Struct("<QQ")

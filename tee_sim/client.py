@@ -1,0 +1,439 @@
+"""The normal world's client API (GlobalPlatform TEE Client API): Context, Session, SharedMemory.
+
+The normal world never holds a trusted app, a key or a reference into secure memory: it names a TA
+by UUID and exchanges parameters; large tensors travel through shared memory it registered.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tee_sim.errors import (
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_BAD_STATE,
+    TEE_ERROR_SHORT_BUFFER,
+    TEE_ERROR_TARGET_DEAD,
+    TEE_SUCCESS,
+    TEEC_ORIGIN_API,
+    TEEC_ORIGIN_COMMS,
+    TEEError,
+)
+from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
+from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
+from tee_sim.transport import InProcessTransport, ProcessTransport
+
+TRANSPORTS = ("process", "inprocess")
+# Spin window of both worlds before they sleep on an eventfd (see tee_sim.bench for the measurement
+# behind it; override per context or with $TEE_SIM_SPIN_US).
+DEFAULT_SPIN_US = 50.0
+_BOUNCE_MIN = 64 << 10
+_NO_TEMPS: list[int] = []
+_ALIGN = 64
+
+
+def _api_error(message: str, code: int = TEE_ERROR_BAD_PARAMETERS) -> TEEError:
+    return TEEError(code, TEEC_ORIGIN_API, message)
+
+
+class SharedMemory:
+    """Memory both worlds map (a memfd for the process transport); register it with ``Context``.
+
+    ``ndarray(dtype, shape, offset)`` is a zero-copy numpy view; pass windows of it to a TA as
+    ``MemRef(shm, offset, size, direction)``. ``release()`` (or the context manager) unregisters it.
+    """
+
+    def __init__(self, context: Context, shm_id: int, size: int) -> None:
+        self.size = size
+        self._context = context
+        self._id = shm_id
+        self._mmap, self._fd = context._transport.new_buffer(size)
+        self._generation = 0
+        self.released = False
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole memory as a writable memoryview."""
+        self._check()
+        return memoryview(self._mmap)
+
+    def ndarray(self, dtype: Any, shape: Any = None, offset: int = 0) -> np.ndarray:
+        """A zero-copy numpy view of ``shape`` elements of ``dtype`` starting at byte ``offset``."""
+        self._check()
+        dtype = np.dtype(dtype)
+        if shape is None:
+            shape = ((self.size - offset) // dtype.itemsize,)
+        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset < 0 or offset + count * dtype.itemsize > self.size:
+            raise _api_error(f"{shape} {dtype} at offset {offset} does not fit in {self.size} bytes")
+        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def _check(self) -> None:
+        if self.released:
+            raise _api_error("shared memory was released", TEE_ERROR_BAD_STATE)
+
+    def release(self) -> None:
+        """Unregister from the secure world and unmap (views handed out stay valid until collected)."""
+        if self.released:
+            return
+        self.released = True
+        self._context._release_shm(self)
+        if self._fd is not None:
+            os.close(self._fd)
+        try:
+            self._mmap.close()
+        except BufferError:  # numpy views still exist: the mapping goes when they do
+            pass
+
+    def __enter__(self) -> SharedMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"SharedMemory(size={self.size}{', released' if self.released else ''})"
+
+
+class Session:
+    """An open session with one trusted app (TEEC_Session); a context manager that closes it."""
+
+    def __init__(self, context: Context, session_id: int, ta_uuid: uuid.UUID, generation: int) -> None:
+        self.ta_uuid = ta_uuid
+        self._context = context
+        self._id = session_id
+        self._generation = generation
+        self.closed = False
+        self._invocations = self._bytes_in = self._bytes_out = self._ta_time_ns = 0
+        self._time_inside = 0.0
+        self._memory = (0, 0, 0)
+
+    def invoke_command(
+        self, cmd_id: int, params: Sequence[ClientParam] = (), timeout: float | None = None
+    ) -> list:
+        """Run command ``cmd_id`` of the TA (TEEC_InvokeCommand).
+
+        Returns ``params`` (as a list) with output values, output ``TempMemRef.data`` and reported
+        sizes filled in. Raises ``TEEError``; on ``TEE_ERROR_SHORT_BUFFER`` the memref's ``size`` says
+        what the TA needs. ``timeout`` overrides the context's for this call.
+        """
+        return self._context._invoke(self, cmd_id, params, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this session: ``invocations`` (world switches), ``bytes_in``, ``bytes_out``,
+        ``time_inside_s`` (wall time in invoke_command), ``ta_time_s`` (inside the TA's code), and the
+        device's ``secure_memory_used``/``_peak``/``_cap`` as of the last call."""
+        used, peak, cap = self._memory
+        return {
+            "invocations": self._invocations,
+            "bytes_in": self._bytes_in,
+            "bytes_out": self._bytes_out,
+            "time_inside_s": self._time_inside,
+            "ta_time_s": self._ta_time_ns * 1e-9,
+            "secure_memory_used": used,
+            "secure_memory_peak": peak,
+            "secure_memory_cap": cap,
+        }
+
+    def close(self) -> None:
+        """Close the session (TEEC_CloseSession): the TA's close_session entry point runs."""
+        if not self.closed:
+            self.closed = True
+            self._context._close_session(self)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session({self.ta_uuid}{', closed' if self.closed else ''})"
+
+
+class Context:
+    """A connection to the secure world (TEEC_InitializeContext).
+
+    ``transport="process"`` runs the secure world in its own interpreter (one per context; use
+    ``default_context()`` to share one per process); ``"inprocess"`` runs it as an object here, for
+    fast tests. ``home``: the device's state (default ``$SHADOWNET_HOME`` or ``~/.shadownet``).
+    ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may take
+    before the secure world is declared hung, stopped, and a ``TEEC_ORIGIN_COMMS`` error raised.
+    ``spin_us``: how long both worlds busy-wait for the other before sleeping (process transport).
+    """
+
+    def __init__(
+        self,
+        transport: str = "process",
+        *,
+        home: str | os.PathLike[str] | None = None,
+        memory_cap: int = 64 << 20,
+        timeout: float = 5.0,
+        spin_us: float | None = None,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise _api_error(f"transport must be one of {TRANSPORTS}")
+        if spin_us is None:
+            spin_us = float(os.environ.get("TEE_SIM_SPIN_US", DEFAULT_SPIN_US))
+        self.transport_name = transport
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._sessions: dict[int, Session] = {}
+        self._shms: dict[int, SharedMemory] = {}
+        self._next_shm = 1
+        self._bounce: SharedMemory | None = None
+        self.closed = False
+        home = os.fspath(home) if home is not None else None
+        if transport == "process":
+            self._transport: Any = ProcessTransport(home, memory_cap, timeout, spin_us)
+        else:
+            self._transport = InProcessTransport(home, memory_cap)
+        _live_contexts.add(self)
+
+    # Public API.
+    def open_session(self, ta_uuid: uuid.UUID | str, params: Sequence[ClientParam] = ()) -> Session:
+        """Open a session with the TA ``ta_uuid`` (TEEC_OpenSession); restarts a dead secure world."""
+        ta_uuid = uuid.UUID(str(ta_uuid))
+        with self._lock:
+            self._check_open()
+            self._transport.ensure_running()
+            wire, temps, _ = self._marshal(params)
+            outcome = self._transport.open_session(ta_uuid, wire)
+            self._unmarshal(params, wire, temps, outcome)
+            self._raise(outcome)
+            session = Session(self, outcome.session, ta_uuid, self._transport.generation)
+            session._memory = outcome.memory
+            self._sessions[outcome.session] = session
+            return session
+
+    def register_shared_memory(self, size: int) -> SharedMemory:
+        """Allocate ``size`` bytes both worlds map (TEEC_RegisterSharedMemory / AllocateSharedMemory)."""
+        if not isinstance(size, int) or size <= 0:
+            raise _api_error(f"shared memory size must be a positive int, not {size!r}")
+        with self._lock:
+            self._check_open()
+            self._transport.ensure_running()
+            shm = SharedMemory(self, self._next_shm, size)
+            self._next_shm += 1
+            self._register(shm)
+            self._shms[shm._id] = shm
+            return shm
+
+    def memory_stats(self) -> dict[str, int]:
+        """The secure world's memory ``used``, ``peak`` and ``cap`` in bytes."""
+        with self._lock:
+            self._check_open()
+            self._transport.ensure_running()
+            used, peak, cap = self._transport.stats().memory
+            return {"used": used, "peak": peak, "cap": cap}
+
+    def close(self) -> None:
+        """Close every session, release shared memory, stop the secure world (TEEC_FinalizeContext)."""
+        with self._lock:
+            if self.closed:
+                return
+            for session in list(self._sessions.values()):
+                try:
+                    session.close()
+                except TEEError:
+                    pass
+            for shm in list(self._shms.values()):
+                try:
+                    shm.release()
+                except TEEError:
+                    pass
+            self.closed = True
+            self._transport.close()
+        _live_contexts.discard(self)
+
+    @property
+    def secure_world_pid(self) -> int | None:
+        """The secure world's process id (process transport), e.g. for fault-injection tests."""
+        proc = getattr(self._transport, "proc", None)
+        return proc.pid if proc is not None else None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Internals.
+    def _check_open(self) -> None:
+        if self.closed:
+            raise _api_error("the context is closed", TEE_ERROR_BAD_STATE)
+
+    def _register(self, shm: SharedMemory) -> None:
+        self._transport.register_shm(shm._id, shm._mmap, shm._fd)
+        shm._generation = self._transport.generation
+
+    def _release_shm(self, shm: SharedMemory) -> None:
+        with self._lock:
+            self._shms.pop(shm._id, None)
+            if not self.closed and shm._generation == self._transport.generation:
+                self._transport.release_shm(shm._id)
+
+    def _close_session(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session._id, None)
+            if self.closed or session._generation != self._transport.generation or not self._transport.alive:
+                return
+            self._raise(self._transport.close_session(session._id))
+
+    def _invoke(
+        self, session: Session, cmd_id: int, params: Sequence[ClientParam], timeout: float | None
+    ) -> list:
+        if not isinstance(cmd_id, int) or not 0 <= cmd_id < 1 << 32:
+            raise _api_error(f"command id must be a 32-bit unsigned int, not {cmd_id!r}")
+        with self._lock:
+            if session.closed:
+                raise _api_error("the session is closed", TEE_ERROR_BAD_STATE)
+            if self.closed:
+                self._check_open()
+            transport = self._transport
+            if session._generation != transport.generation or not transport.alive:
+                raise TEEError(
+                    TEE_ERROR_TARGET_DEAD,
+                    TEEC_ORIGIN_COMMS,
+                    "session lost: the secure world stopped; open a new session",
+                )
+            if params:
+                wire, temps, bytes_in = self._marshal(params)
+            else:
+                wire, temps, bytes_in = NO_PARAMS, _NO_TEMPS, 0
+            start = time.perf_counter()
+            outcome = transport.invoke(
+                session._id, int(cmd_id), wire, self.timeout if timeout is None else timeout
+            )
+            elapsed = time.perf_counter() - start
+            bytes_out = self._unmarshal(params, wire, temps, outcome) if params else 0
+            session._invocations += 1
+            session._bytes_in += bytes_in
+            session._bytes_out += bytes_out
+            session._time_inside += elapsed
+            session._ta_time_ns += outcome.ta_time_ns
+            session._memory = outcome.memory
+            if outcome.code:
+                self._raise(outcome)
+            return list(params) if params else []
+
+    @staticmethod
+    def _raise(outcome: Outcome) -> None:
+        if outcome.code != TEE_SUCCESS:
+            raise TEEError(outcome.code, outcome.origin, outcome.message) from outcome.cause
+
+    def _marshal(self, params: Sequence[ClientParam]) -> tuple[tuple[WireParam, ...], list[int], int]:
+        """Check the client's parameters and put them in wire form; temporary memrefs go to the bounce buffer.
+
+        Returns the wire parameters, the bounce offsets of the temporary memrefs and the bytes going in.
+        """
+        if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS:
+            raise _api_error(f"params must be a sequence of at most {MAX_PARAMS} parameters")
+        temps, total = [], 0
+        for p in params:
+            kind = type(p)
+            if kind is TempMemRef:
+                temps.append(total)
+                total += -(-max(p.size, 1) // _ALIGN) * _ALIGN
+            elif kind is not Value and kind is not MemRef:
+                raise _api_error(f"a parameter must be a Value, TempMemRef or MemRef, not {kind.__name__}")
+        if temps:
+            self._ensure_bounce(total)
+        wire: list[WireParam] = []
+        temp_index = bytes_in = 0
+        for p in params:
+            kind = type(p)
+            if kind is Value:
+                wire.append((p.wire_type, p.a, p.b, 0, 0, 0))
+                bytes_in += 16 if p.direction != "out" else 0
+            elif kind is TempMemRef:
+                bounce = self._bounce
+                assert bounce is not None
+                offset = temps[temp_index]
+                temp_index += 1
+                if p.data is not None and p.direction != "out":
+                    bounce._mmap[offset : offset + len(p.data)] = p.data
+                    bytes_in += p.size
+                wire.append((p.wire_type, 0, 0, bounce._id, offset, p.size))
+            else:
+                shm = p.shm
+                if shm._context is not self or shm.released:
+                    raise _api_error("MemRef of shared memory not registered with this context")
+                if shm._generation != self._transport.generation:
+                    self._register(shm)  # the secure world restarted since
+                wire.append((p.wire_type, 0, 0, shm._id, p.offset, p.size))
+                bytes_in += p.size if p.direction != "out" else 0
+        return tuple(wire) + NO_PARAMS[len(wire) :], temps, bytes_in
+
+    def _ensure_bounce(self, total: int) -> None:
+        bounce = self._bounce
+        if bounce is not None and bounce.size >= total:
+            if bounce._generation != self._transport.generation:
+                self._register(bounce)
+            return
+        if bounce is not None:
+            bounce.release()
+        size = max(_BOUNCE_MIN, 1 << (total - 1).bit_length())
+        self._bounce = SharedMemory(self, self._next_shm, size)
+        self._next_shm += 1
+        self._register(self._bounce)
+
+    def _unmarshal(
+        self, params: Sequence[ClientParam], wire: tuple[WireParam, ...], temps: list[int], outcome: Outcome
+    ) -> int:
+        """Copy outputs back into the caller's parameters; return the bytes that came out."""
+        if outcome.code not in (TEE_SUCCESS, TEE_ERROR_SHORT_BUFFER):
+            return 0
+        bytes_out = 0
+        for p, w, (a, b, size) in zip(params, wire, outcome.outputs, strict=False):
+            if isinstance(p, Value):
+                if p.direction != "in":
+                    p.a, p.b = a, b
+                    bytes_out += 16
+            elif p.direction != "in":
+                capacity = w[5]
+                p.size = size
+                if isinstance(p, TempMemRef) and size <= capacity and outcome.code == TEE_SUCCESS:
+                    assert self._bounce is not None
+                    p.data = bytes(self._bounce._mmap[w[4] : w[4] + size])
+                if outcome.code == TEE_SUCCESS:
+                    bytes_out += size
+        return bytes_out
+
+
+_live_contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+_default: Context | None = None
+_default_pid = 0
+_default_lock = threading.Lock()
+
+
+def default_context() -> Context:
+    """The process-wide context: one secure world per normal-world process, shared by every session.
+
+    Its transport is ``$SHADOWNET_TEE_TRANSPORT`` (default ``process``); it is closed at exit.
+    """
+    global _default, _default_pid
+    with _default_lock:
+        if _default is None or _default.closed or _default_pid != os.getpid():
+            _default = Context(os.environ.get("SHADOWNET_TEE_TRANSPORT", "process"))
+            _default_pid = os.getpid()
+        return _default
+
+
+@atexit.register
+def _close_all() -> None:
+    """Sessions left open are closed at interpreter exit (their TA's close_session runs)."""
+    for context in list(_live_contexts):
+        try:
+            context.close()
+        except Exception:  # noqa: BLE001, S110 - best effort at exit
+            pass

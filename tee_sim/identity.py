@@ -1,0 +1,92 @@
+"""The device's identity under ``SHADOWNET_HOME``: a root sealing key and an Ed25519 attestation key.
+
+Both are created on first use (mode 0600, created atomically so two processes starting at once agree
+on one key) and read only by the secure world.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from tee_sim.errors import TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, TEEError
+
+ROOT_KEY_FILE = "root_sealing.key"
+ATTESTATION_KEY_FILE = "attestation_ed25519.key"
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """``home``, else ``$SHADOWNET_HOME``, else ``~/.shadownet``."""
+    if home is None:
+        home = os.environ.get("SHADOWNET_HOME") or Path.home() / ".shadownet"
+    return Path(home).expanduser().absolute()
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed and return it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_new_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` (mode 0600) atomically unless it exists; False if someone else won."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # unlike rename, link never replaces an existing key
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (temp file, fsync, rename), mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_or_create(path: Path, make: bytes) -> bytes:
+    if not path.exists():
+        write_new_file(path, make)
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, f"device key {path.name} is corrupt")
+    return data
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    root_key: bytes
+    attestation_key: Ed25519PrivateKey
+
+    @property
+    def attestation_public_key(self) -> bytes:
+        return self.attestation_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @classmethod
+    def load_or_create(cls, home: Path) -> DeviceKeys:
+        device = private_dir(home / "device")
+        root = _load_or_create(device / ROOT_KEY_FILE, os.urandom(32))
+        fresh = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        seed = _load_or_create(device / ATTESTATION_KEY_FILE, fresh)
+        return cls(root, Ed25519PrivateKey.from_private_bytes(seed))

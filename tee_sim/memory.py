@@ -1,0 +1,112 @@
+"""The secure-memory budget: what trusted apps allocate is counted against one device-wide cap."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_OUT_OF_MEMORY, TEEC_ORIGIN_TEE, TEEError
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB ({n} bytes)"
+
+
+class SecureMemory:
+    """Counts bytes held by trusted apps; ``charge`` fails with ``TEE_ERROR_OUT_OF_MEMORY`` over the cap."""
+
+    def __init__(self, cap: int) -> None:
+        if cap <= 0:
+            raise ValueError("memory cap must be positive")
+        self.cap = int(cap)
+        self.used = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes: int) -> None:
+        with self._lock:
+            if self.used + nbytes > self.cap:
+                raise TEEError(
+                    TEE_ERROR_OUT_OF_MEMORY,
+                    TEEC_ORIGIN_TEE,
+                    f"secure memory exhausted: requested {_mib(nbytes)}, used {_mib(self.used)}, "
+                    f"cap {_mib(self.cap)}",
+                )
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+
+    def uncharge(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+    def stats(self) -> dict[str, int]:
+        return {"used": self.used, "peak": self.peak, "cap": self.cap}
+
+
+class Heap:
+    """One trusted app's allocations in the shared budget; everything is returned when the TA is destroyed.
+
+    ``alloc`` gives a zeroed numpy array; ``free`` (or the array being garbage-collected) returns its
+    bytes. ``reserve`` charges memory the TA holds in other forms (e.g. an interpreter's arena).
+    """
+
+    def __init__(self, memory: SecureMemory) -> None:
+        self._memory = memory
+        self._live: dict[int, tuple[int, weakref.finalize]] = {}  # id(array) -> (nbytes, finalizer)
+        self._reserved = 0
+
+    def alloc(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise TEEError(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, f"negative dimension in {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._memory.charge(nbytes)
+        try:
+            array = np.zeros(shape, dtype)
+        except MemoryError:
+            self._memory.uncharge(nbytes)
+            raise TEEError(TEE_ERROR_OUT_OF_MEMORY, TEEC_ORIGIN_TEE, "host allocation failed") from None
+        key = id(array)
+        finalizer = weakref.finalize(array, self._release, key)
+        self._live[key] = (nbytes, finalizer)
+        return array
+
+    def alloc_copy(self, source: Any, dtype: Any = None) -> np.ndarray:
+        source = np.asarray(source, dtype=dtype)
+        array = self.alloc(source.shape, source.dtype)
+        array[...] = source
+        return array
+
+    def free(self, array: np.ndarray) -> None:
+        entry = self._live.get(id(array))
+        if entry is None or entry[1].peek() is None or entry[1].peek()[0] is not array:
+            raise TEEError(
+                TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "free() of an array alloc() did not return"
+            )
+        entry[1]()  # runs _release once and detaches the finalizer
+
+    def reserve(self, nbytes: int) -> None:
+        self._memory.charge(int(nbytes))
+        self._reserved += int(nbytes)
+
+    def unreserve(self, nbytes: int) -> None:
+        nbytes = min(int(nbytes), self._reserved)
+        self._reserved -= nbytes
+        self._memory.uncharge(nbytes)
+
+    @property
+    def used(self) -> int:
+        return sum(n for n, _ in self._live.values()) + self._reserved
+
+    def release_all(self) -> None:
+        for _, finalizer in list(self._live.values()):
+            finalizer()
+        self.unreserve(self._reserved)
+
+    def _release(self, key: int) -> None:
+        nbytes, _ = self._live.pop(key)
+        self._memory.uncharge(nbytes)

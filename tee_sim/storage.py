@@ -1,0 +1,75 @@
+"""Persistent objects (GP trusted storage): one sealed file per object, written atomically.
+
+A TA's objects live in ``HOME/storage/<TA UUID>/``, each file named by the SHA-256 of the object id
+(so an id never becomes a path) and sealed with the object id as AAD (so files cannot be swapped
+between ids). Not protected: rolling a whole object back to an older file; a real TEE uses RPMB or
+a monotonic counter for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tee_sim.errors import (
+    TEE_ERROR_ACCESS_CONFLICT,
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_ITEM_NOT_FOUND,
+    TEEC_ORIGIN_TEE,
+    TEEError,
+)
+from tee_sim.identity import private_dir, replace_file, write_new_file
+from tee_sim.sealing import SealingIdentity, seal, unseal
+
+MAX_OBJECT_ID = 64  # TEE_OBJECT_ID_MAX_LEN
+_AAD = b"tee_sim object v1\x00"
+
+
+def _object_id(object_id: bytes | str) -> bytes:
+    oid = object_id.encode() if isinstance(object_id, str) else bytes(object_id)
+    if not 1 <= len(oid) <= MAX_OBJECT_ID:
+        raise TEEError(
+            TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, f"object id must be 1..{MAX_OBJECT_ID} bytes"
+        )
+    return oid
+
+
+class ObjectStore:
+    def __init__(self, home: Path, root_key: bytes, identity: SealingIdentity) -> None:
+        self._dir = home / "storage" / str(identity.ta_uuid)
+        self._root_key, self._identity = root_key, identity
+
+    def _path(self, oid: bytes) -> Path:
+        return self._dir / (hashlib.sha256(oid).hexdigest() + ".obj")
+
+    def exists(self, object_id: bytes | str) -> bool:
+        return self._path(_object_id(object_id)).exists()
+
+    def create(self, object_id: bytes | str, data: bytes, overwrite: bool = False) -> None:
+        oid = _object_id(object_id)
+        blob = seal(self._root_key, self._identity, data, _AAD + oid)
+        private_dir(self._dir)
+        if overwrite:
+            replace_file(self._path(oid), blob)
+        elif not write_new_file(self._path(oid), blob):
+            raise TEEError(TEE_ERROR_ACCESS_CONFLICT, TEEC_ORIGIN_TEE, "object already exists")
+
+    def write(self, object_id: bytes | str, data: bytes) -> None:
+        oid = _object_id(object_id)
+        if not self._path(oid).exists():
+            raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, "no such object")
+        self.create(oid, data, overwrite=True)
+
+    def read(self, object_id: bytes | str) -> bytes:
+        oid = _object_id(object_id)
+        try:
+            blob = self._path(oid).read_bytes()
+        except FileNotFoundError:
+            raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, "no such object") from None
+        return unseal(self._root_key, self._identity, blob, _AAD + oid)
+
+    def delete(self, object_id: bytes | str) -> None:
+        try:
+            self._path(_object_id(object_id)).unlink()
+        except FileNotFoundError:
+            raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, "no such object") from None

@@ -1,0 +1,359 @@
+"""The two transports behind a ``Context``: the secure OS in this process, or in its own process.
+
+Both take parameters in wire form and return the secure OS's ``Outcome``; failures of the channel
+itself (the secure world died, hung, or would not start) raise ``TEEError(..., TEEC_ORIGIN_COMMS)``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tee_sim import channel as ch
+from tee_sim.errors import TEE_ERROR_COMMUNICATION, TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, TEEError
+from tee_sim.identity import private_dir, resolve_home
+from tee_sim.secure_os import NO_PARAMS, Outcome, SecureOS, WireParam
+
+LOG_FILE = "secure_world.log"
+LOG_MAX = 4 << 20
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class InProcessTransport:
+    """The secure OS as an object in this process: same interface, no isolation; for fast unit tests."""
+
+    alive = True
+
+    def __init__(self, home: str | None, memory_cap: int, **_: Any) -> None:
+        self.generation = 1
+        self._os = SecureOS(home, memory_cap)
+
+    def _with_memory(self, outcome: Outcome) -> Outcome:
+        memory = self._os.memory
+        outcome.memory = (memory.used, memory.peak, memory.cap)
+        return outcome
+
+    def open_session(self, ta_uuid: uuid.UUID, wire: tuple[WireParam, ...]) -> Outcome:
+        return self._with_memory(self._os.open_session(ta_uuid, wire))
+
+    def invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...], timeout: float) -> Outcome:
+        return self._with_memory(self._os.invoke(session, cmd_id, wire))
+
+    def close_session(self, session: int) -> Outcome:
+        return self._with_memory(self._os.close_session(session))
+
+    def stats(self) -> Outcome:
+        return self._with_memory(Outcome())
+
+    @staticmethod
+    def new_buffer(size: int) -> tuple[mmap.mmap, int | None]:
+        return mmap.mmap(-1, size), None
+
+    def register_shm(self, shm_id: int, buffer: mmap.mmap, fd: int | None) -> None:
+        self._os.register_shm(shm_id, buffer)
+
+    def release_shm(self, shm_id: int) -> None:
+        self._os.release_shm(shm_id)
+
+    def close(self) -> None:
+        self._os.shutdown()
+
+    def ensure_running(self) -> None:
+        pass
+
+
+class ProcessTransport:
+    """The secure OS in a child interpreter (``python -m tee_sim.secure_world``), reached via shared memory.
+
+    A request is written into the control block and announced by bumping its sequence counter; the
+    caller spins on the response counter for ``spin_us``, then sleeps on an eventfd until the answer,
+    a hang-up of the control socket (the secure world died) or ``timeout`` (it hung: it is killed).
+    Either failure raises a ``TEEC_ORIGIN_COMMS`` error; the next OpenSession starts a new secure world.
+    """
+
+    def __init__(
+        self, home: str | None, memory_cap: int, timeout: float, spin_us: float, startup_timeout: float = 60.0
+    ) -> None:
+        self.home = resolve_home(home)
+        self.memory_cap, self.timeout, self.spin_us = memory_cap, timeout, spin_us
+        self.startup_timeout = startup_timeout
+        self.spin_yield = os.environ.get("TEE_SIM_SPIN_YIELD", "1") != "0"
+        self.generation = 0
+        self.proc: subprocess.Popen | None = None
+        self._seq = 0
+        self._start()
+
+    # Life cycle.
+    def _log(self) -> int:
+        try:
+            logs = private_dir(self.home / "logs")
+            path = logs / LOG_FILE
+            if path.exists() and path.stat().st_size > LOG_MAX:
+                path.replace(logs / (LOG_FILE + ".1"))
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "logs" / LOG_FILE
+
+    def _start(self) -> None:
+        sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
+        os.ftruncate(block_fd, ch.BLOCK_SIZE)
+        req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        log = self._log()
+        config = {
+            "ctrl": child_sock.fileno(),
+            "block": block_fd,
+            "req": req_efd,
+            "resp": resp_efd,
+            "home": str(self.home),
+            "memory_cap": self.memory_cap,
+            "spin_us": self.spin_us,
+            "spin_yield": self.spin_yield,
+            "parent": os.getpid(),
+            "pdeathsig": threading.current_thread() is threading.main_thread(),
+        }
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tee_sim.secure_world", json.dumps(config)],
+                pass_fds=(child_sock.fileno(), block_fd, req_efd, resp_efd),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            for fd in (block_fd, req_efd, resp_efd, log):
+                os.close(fd)
+            sock.close()
+            child_sock.close()
+            raise TEEError(
+                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
+            ) from None
+        finally:
+            child_sock.close()
+            os.close(log)
+        self.proc, self.sock = proc, sock
+        self.block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
+        os.close(block_fd)
+        self.words = memoryview(self.block).cast("Q")
+        self.req_efd, self.resp_efd = req_efd, resp_efd
+        self.poller = select.poll()
+        self.poller.register(resp_efd, select.POLLIN)
+        self.poller.register(sock.fileno(), 0)
+        self._seq = 0
+        self.generation += 1
+        # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
+        waiter = select.poll()
+        waiter.register(sock.fileno(), select.POLLIN)
+        if not waiter.poll(self.startup_timeout * 1000) or not self._hello():
+            self._dead()
+            raise TEEError(
+                TEE_ERROR_COMMUNICATION,
+                TEEC_ORIGIN_COMMS,
+                f"the secure world did not start; see {self.log_path}",
+            )
+
+    def _hello(self) -> bool:
+        try:
+            return bool(json.loads(self.sock.recv(4096)).get("ready"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None
+
+    def ensure_running(self) -> None:
+        if self.proc is None:
+            self._start()
+
+    def _dead(self) -> None:
+        """Tear down after a crash, a hang or a shutdown: kill, reap, close our ends."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+        self.words.release()
+        self.block.close()
+        self.sock.close()
+        os.close(self.req_efd)
+        os.close(self.resp_efd)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self._roundtrip(ch.OP_SHUTDOWN, 0, 0, NO_PARAMS, timeout=min(self.timeout, 5.0))
+            self.proc.wait(timeout=2)
+        except (TEEError, subprocess.TimeoutExpired):
+            pass
+        self._dead()
+
+    # Requests.
+    def _roundtrip(
+        self, op: int, session: int, cmd: int, wire: tuple[WireParam, ...], timeout: float
+    ) -> Outcome:
+        if self.proc is None:
+            raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
+        types = wire[0][0] | wire[1][0] << 4 | wire[2][0] << 8 | wire[3][0] << 12
+        ch.REQUEST.pack_into(
+            self.block,
+            ch.REQUEST_OFFSET,
+            op,
+            session,
+            cmd,
+            types,
+            *wire[0][1:],
+            *wire[1][1:],
+            *wire[2][1:],
+            *wire[3][1:],
+        )
+        words = self.words
+        self._seq += 1
+        seq = self._seq
+        words[ch.REQ_SEQ] = seq
+        if words[ch.SW_SLEEPING]:
+            os.eventfd_write(self.req_efd, 1)
+        if words[ch.RESP_SEQ] != seq:
+            end = time.perf_counter_ns() + int(self.spin_us * 1000)
+            if self.spin_yield:
+                while words[ch.RESP_SEQ] != seq and time.perf_counter_ns() < end:
+                    os.sched_yield()
+            else:
+                while words[ch.RESP_SEQ] != seq and time.perf_counter_ns() < end:
+                    pass
+            if words[ch.RESP_SEQ] != seq:
+                self._sleep_until(seq, timeout)
+        (
+            code,
+            origin,
+            sid,
+            msg_len,
+            ta_ns,
+            used,
+            peak,
+            cap,
+            a0,
+            b0,
+            s0,
+            a1,
+            b1,
+            s1,
+            a2,
+            b2,
+            s2,
+            a3,
+            b3,
+            s3,
+        ) = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
+        message = ""
+        if msg_len:
+            message = bytes(
+                self.block[ch.MESSAGE_OFFSET : ch.MESSAGE_OFFSET + min(msg_len, ch.MESSAGE_MAX)]
+            ).decode("utf-8", "replace")
+        outcome = Outcome(
+            code, origin, message, [(a0, b0, s0), (a1, b1, s1), (a2, b2, s2), (a3, b3, s3)], sid, ta_ns
+        )
+        outcome.memory = (used, peak, cap)
+        return outcome
+
+    def _sleep_until(self, seq: int, timeout: float) -> None:
+        words = self.words
+        deadline = time.monotonic() + timeout
+        words[ch.NW_SLEEPING] = 1
+        try:
+            wait_ms = 1  # see SecureWorld.wait_request: the first short wait covers a lost kick
+            while words[ch.RESP_SEQ] != seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._dead()
+                    raise TEEError(
+                        TEE_ERROR_COMMUNICATION,
+                        TEEC_ORIGIN_COMMS,
+                        f"the secure world did not answer within {timeout:g} s and was stopped",
+                    )
+                for fd, _ in self.poller.poll(min(wait_ms, remaining * 1000)):
+                    if fd == self.resp_efd:
+                        try:
+                            os.eventfd_read(self.resp_efd)
+                        except BlockingIOError:
+                            pass
+                    elif words[ch.RESP_SEQ] != seq:  # control socket hung up: the secure world is gone
+                        status = self.proc.poll() if self.proc else None
+                        self._dead()
+                        raise TEEError(
+                            TEE_ERROR_TARGET_DEAD,
+                            TEEC_ORIGIN_COMMS,
+                            f"the secure world died (exit status {status}); see {self.log_path}",
+                        )
+                wait_ms = 1000
+        finally:
+            if self.proc is not None:
+                words[ch.NW_SLEEPING] = 0
+
+    def open_session(self, ta_uuid: uuid.UUID, wire: tuple[WireParam, ...]) -> Outcome:
+        self.block[ch.PAYLOAD_OFFSET : ch.PAYLOAD_OFFSET + 16] = ta_uuid.bytes
+        return self._roundtrip(ch.OP_OPEN, 0, 0, wire, self.timeout)
+
+    def invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...], timeout: float) -> Outcome:
+        return self._roundtrip(ch.OP_INVOKE, session, cmd_id, wire, timeout)
+
+    def close_session(self, session: int) -> Outcome:
+        return self._roundtrip(ch.OP_CLOSE, session, 0, NO_PARAMS, self.timeout)
+
+    def stats(self) -> Outcome:
+        return self._roundtrip(ch.OP_STATS, 0, 0, NO_PARAMS, self.timeout)
+
+    @staticmethod
+    def new_buffer(size: int) -> tuple[mmap.mmap, int | None]:
+        fd = os.memfd_create("tee_sim-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def register_shm(self, shm_id: int, buffer: mmap.mmap, fd: int | None) -> None:
+        assert fd is not None
+        if self.proc is None:
+            raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
+        try:
+            socket.send_fds(self.sock, [ch.REGISTER_MESSAGE.pack(shm_id, len(buffer))], [fd])
+        except OSError as exc:
+            self._dead()
+            raise TEEError(
+                TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, f"the secure world is gone ({exc})"
+            ) from None
+        wire = ((0, shm_id, len(buffer), 0, 0, 0),) + NO_PARAMS[1:]
+        outcome = self._roundtrip(ch.OP_REGISTER, 0, 0, wire, self.timeout)
+        if outcome.code:
+            raise TEEError(outcome.code, outcome.origin, outcome.message)
+
+    def release_shm(self, shm_id: int) -> None:
+        if self.proc is not None:
+            self._roundtrip(ch.OP_RELEASE, 0, 0, ((0, shm_id, 0, 0, 0, 0),) + NO_PARAMS[1:], self.timeout)

@@ -1,0 +1,131 @@
+"""The public Python API (``convert``, ``load``, ``ProtectedModel``, ``Interpreter``) and the CLI's
+``convert`` and ``run`` sub-commands.
+
+The work lives elsewhere: conversion in ``converters`` (the vendor's side), protected inference in
+``shadownet.runtime``, the LiteRT facade in ``shadownet.interpreter``, artifact checks in
+``shadownet.artifacts``; this module only re-exports them and turns CLI arguments into calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shadownet.artifacts import MANIFEST
+from shadownet.exceptions import InputError, ShadowNetError
+from shadownet.interpreter import Interpreter, SignatureRunner
+from shadownet.runtime import Accelerator, AcceleratorWrapper, LiteRTAccelerator, ProtectedModel, load
+
+__all__ = ["convert", "load", "ProtectedModel", "Interpreter", "SignatureRunner", "Accelerator",
+           "AcceleratorWrapper", "LiteRTAccelerator", "convert_cli", "run_cli"]
+
+
+def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | None = None, **kw: Any) -> Any:
+    """Protect ``model`` (a float ``.tflite`` path or bytes, a Keras file or a SavedModel directory) into the
+    artifact directory ``out_dir``. ``seed`` is INSECURE (reproducible secrets, for tests only). Other
+    keywords (``calibration``, ``device``, ``force``) go to ``converters.convert``."""
+    from converters import convert as _convert
+
+    return _convert(model, out_dir, scheme=scheme, seed=seed, **kw)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+def convert_cli(args: argparse.Namespace) -> None:
+    """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device] [--force]``."""
+    import json
+
+    start = time.perf_counter()
+    convert(args.model, args.output, scheme=args.scheme, seed=args.seed, calibration=args.calibration,
+            device=args.device, force=args.force)
+    elapsed = time.perf_counter() - start
+    manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))
+    rounds = len(manifest.get("rounds", ()))
+    line = f"protected {args.model} -> {args.output}: scheme {manifest['scheme']['name']}, {rounds} rounds " \
+           f"({rounds + 1} TEE entries per inference)"
+    share = _offloaded_share(manifest)
+    if share is not None:
+        line += f", {share:.1%} of the multiply-adds offloaded"
+    print(f"{line}, {elapsed:.1f} s")
+    if manifest.get("seeded"):
+        print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)")
+
+
+def _offloaded_share(manifest: dict[str, Any]) -> float | None:
+    summary = manifest.get("summary") or {}
+    for key in ("offloaded_macs_share", "offloaded_share", "offloaded_flops_share"):
+        if isinstance(summary.get(key), int | float):
+            return float(summary[key])
+    return None
+
+
+def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
+    """Inputs from ``X.npy`` (single-input models) or ``X.npz`` keyed by input tensor names."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"input file {path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {path} as .npy/.npz: {exc}") from None
+    if isinstance(loaded, np.ndarray):
+        if len(model.inputs) != 1:
+            raise InputError(f"the model has {len(model.inputs)} inputs: give an .npz keyed by "
+                             f"{[t.name for t in model.inputs]}")
+        return model.check_inputs([loaded])
+    with loaded:
+        return model.check_inputs([{key: loaded[key] for key in loaded.files}])
+
+
+def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
+    """Write ``outputs`` as an .npz at ``path`` atomically (a temporary file, then a rename)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **outputs)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]``."""
+    if getattr(args, "verify", False):
+        raise ShadowNetError("--verify is not available yet (integrity checks of accelerator results are not "
+                             "implemented in this version)")
+    with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate) as model:
+        inputs = read_inputs(args.input, model)
+        outputs = [np.empty(t.shape, t.dtype) for t in model.outputs]
+        model.run_into(inputs, outputs)
+        stats = model.stats()
+    named = {t.name: o for t, o in zip(model.outputs, outputs, strict=True)}
+    if args.output:
+        write_outputs(args.output, named)
+        print(f"wrote {args.output}: {', '.join(named)}")
+    else:
+        for name, value in named.items():
+            print(_summary(name, value))
+    print(f"{stats['rounds']} rounds, {stats['world_switches']} TEE entries, {stats['total_s'] * 1e3:.1f} ms "
+          f"(accelerator {stats['accelerator_s'] * 1e3:.1f} ms, TEE {stats['tee_s'] * 1e3:.1f} ms)")
+
+
+def _summary(name: str, value: np.ndarray) -> str:
+    line = f"{name}: shape {list(value.shape)} {value.dtype}"
+    if value.ndim >= 1 and value.shape[-1] > 1 and np.issubdtype(value.dtype, np.number):
+        rows = value.reshape(-1, value.shape[-1])
+        if rows.shape[0] <= 4:
+            parts = []
+            for row in rows:
+                top = np.argsort(row)[::-1][:5]
+                parts.append("top-5 " + ", ".join(f"{i}:{row[i]:.4g}" for i in top))
+            line += "; argmax " + ", ".join(str(int(np.argmax(r))) for r in rows) + "; " + "; ".join(parts)
+        else:
+            line += f"; min {value.min():.4g}, max {value.max():.4g}, mean {value.mean():.4g}"
+    return line

@@ -1,0 +1,192 @@
+"""``shadownet.Interpreter``: LiteRT's ``Interpreter`` surface over a protected-artifact directory.
+
+An app written for ``ai_edge_litert.interpreter.Interpreter`` switches by changing its import and pointing
+``model_path`` at the artifact directory: input/output details are the ORIGINAL model's (names, order,
+indices, shapes, dtypes, quantization fields as LiteRT reports them for a float model), available before
+``allocate_tensors()``; ``get_tensor`` returns a copy the app may write to; the signature runner is keyed
+by the original signature's names. What a protected model cannot do (resize an input) fails clearly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from shadownet.artifacts import TensorSpec
+from shadownet.exceptions import ArtifactError, InputError
+from shadownet.runtime import ProtectedModel, load
+
+
+def _details(spec: TensorSpec) -> dict[str, Any]:
+    # A float tensor as LiteRT's _get_tensor_details reports it (no quantization, dense).
+    return {
+        "name": spec.name,
+        "index": spec.index,
+        "shape": np.array(spec.shape, dtype=np.int32),
+        "shape_signature": np.array(spec.shape_signature, dtype=np.int32),
+        "dtype": spec.dtype.type,
+        "quantization": (0.0, 0),
+        "quantization_parameters": {
+            "scales": np.array([], dtype=np.float32),
+            "zero_points": np.array([], dtype=np.int32),
+            "quantized_dimension": 0,
+            "block_size": 0,
+        },
+        "sparsity_parameters": {},
+    }
+
+
+class Interpreter:
+    """Drop-in for ``ai_edge_litert.interpreter.Interpreter`` on a protected model.
+
+    ``model_path`` is the directory written by ``shadownet convert``; ``num_threads`` and
+    ``experimental_delegates`` (``load_delegate`` objects) configure the accelerator. Each method is atomic
+    with respect to the others (one lock); as with LiteRT, an app sharing one interpreter between
+    threads must still keep its own set_tensor / invoke / get_tensor sequences together.
+    """
+
+    def __init__(self, model_path: Any = None, model_content: bytes | None = None,
+                 experimental_delegates: Sequence[Any] | None = None, num_threads: int | None = None,
+                 **_litert_options: Any) -> None:
+        if model_content is not None or model_path is None:
+            raise ArtifactError("a protected model is an artifact directory: pass model_path=OUT_DIR "
+                                "(the directory written by `shadownet convert`)")
+        self._model: ProtectedModel = load(model_path, num_threads=num_threads,
+                                           delegate=list(experimental_delegates or ()) or None)
+        self._lock = threading.Lock()
+        inputs, outputs = self._model.inputs, self._model.outputs
+        self._input_values = [np.zeros(t.shape, t.dtype) for t in inputs]
+        self._output_values = [np.zeros(t.shape, t.dtype) for t in outputs]
+        self._by_index: dict[int, tuple[TensorSpec, np.ndarray]] = {}
+        for spec, value in zip(inputs + outputs, self._input_values + self._output_values, strict=True):
+            self._by_index[spec.index] = (spec, value)
+        self._input_index = {t.index for t in inputs}
+        self._allocated = False
+
+    # --- details -----------------------------------------------------------------------------------------
+    def get_input_details(self) -> list[dict[str, Any]]:
+        return [_details(t) for t in self._model.inputs]
+
+    def get_output_details(self) -> list[dict[str, Any]]:
+        return [_details(t) for t in self._model.outputs]
+
+    def get_tensor_details(self, subgraph_index: int = 0) -> list[dict[str, Any]]:
+        """The model's inputs and outputs only: its intermediate tensors are the secret part."""
+        return self.get_input_details() + self.get_output_details()
+
+    def num_subgraphs(self) -> int:
+        return 1
+
+    # --- tensors -----------------------------------------------------------------------------------------
+    def allocate_tensors(self) -> None:
+        self._allocated = True  # buffers were allocated at load; kept for LiteRT's call sequence
+
+    def _entry(self, tensor_index: int) -> tuple[TensorSpec, np.ndarray]:
+        entry = self._by_index.get(int(tensor_index))
+        if entry is None:
+            raise InputError(f"tensor index {tensor_index} is not an input or output of this model "
+                             f"(inputs and outputs: {sorted(self._by_index)})")
+        return entry
+
+    def set_tensor(self, tensor_index: int, value: Any) -> None:
+        spec, target = self._entry(tensor_index)
+        if spec.index not in self._input_index:
+            raise InputError(f"tensor {spec.index} ({spec.name!r}) is an output; only inputs can be set")
+        value = np.asarray(value)
+        if value.dtype != spec.dtype:
+            raise InputError(f"Cannot set tensor: got value of type {value.dtype} but expected type "
+                             f"{spec.dtype} for input {spec.index}, name: {spec.name}")
+        if value.shape != spec.shape:
+            raise InputError(f"Cannot set tensor: dimension mismatch, got {list(value.shape)} but expected "
+                             f"{list(spec.shape)} for input {spec.index}, name: {spec.name}")
+        with self._lock:
+            np.copyto(target, value)
+
+    def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
+        _, value = self._entry(tensor_index)
+        with self._lock:
+            return value.copy()
+
+    def tensor(self, tensor_index: int) -> Callable[[], np.ndarray]:
+        """A function returning a writable view of an input (read at ``invoke``) or of an output."""
+        _, value = self._entry(tensor_index)
+        return lambda: value
+
+    def resize_tensor_input(self, input_index: int, tensor_size: Any, strict: bool = False) -> None:
+        spec, _ = self._entry(input_index)
+        if spec.index not in self._input_index:
+            raise InputError(f"tensor {spec.index} ({spec.name!r}) is not an input")
+        if tuple(int(d) for d in tensor_size) != spec.shape:
+            raise InputError(f"a protected model has fixed input shapes: {spec.name!r} is "
+                             f"{list(spec.shape)}, cannot resize to {list(tensor_size)} (convert a model "
+                             "exported with that shape)")
+
+    def invoke(self) -> None:
+        with self._lock:
+            self._model.run_into(self._input_values, self._output_values)
+
+    def reset_all_variables(self) -> None:
+        pass  # a protected model has no variable tensors
+
+    # --- signatures --------------------------------------------------------------------------------------
+    def get_signature_list(self) -> dict[str, dict[str, list[str]]]:
+        sig = self._model.artifacts.signature
+        return {sig.key: {"inputs": list(sig.inputs), "outputs": list(sig.outputs)}}
+
+    def get_signature_runner(self, signature_key: str | None = None) -> SignatureRunner:
+        key = self._model.artifacts.signature.key
+        if signature_key is not None and signature_key != key:
+            raise ValueError(f'Invalid signature_key provided: "{signature_key}" (this model has "{key}")')
+        return SignatureRunner(self)
+
+    # --- life cycle (not in LiteRT's surface, which relies on garbage collection) -------------------------
+    @property
+    def protected_model(self) -> ProtectedModel:
+        return self._model
+
+    def close(self) -> None:
+        self._model.close()
+
+    def __enter__(self) -> Interpreter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SignatureRunner:
+    """The original model's signature, as LiteRT's ``SignatureRunner``: ``runner(**inputs) -> {name: array}``.
+    """
+
+    def __init__(self, interpreter: Interpreter) -> None:
+        model = interpreter.protected_model
+        self._interpreter = interpreter
+        self._model = model
+        sig = model.artifacts.signature
+        by_name = {t.name: t for t in model.inputs + model.outputs}
+        self._inputs = {k: by_name[v] for k, v in sig.inputs.items()}
+        self._outputs = {k: by_name[v] for k, v in sig.outputs.items()}
+        position = {t.name: i for i, t in enumerate(model.outputs)}
+        self._output_positions = [(k, position[t.name]) for k, t in self._outputs.items()]
+
+    def __call__(self, **kwargs: Any) -> dict[str, np.ndarray]:
+        if len(kwargs) != len(self._inputs):
+            raise InputError(f"Invalid number of inputs provided for running a SignatureDef, expected "
+                             f"{len(self._inputs)} vs provided {len(kwargs)}")
+        unknown = [k for k in kwargs if k not in self._inputs]
+        if unknown:
+            raise InputError(f"Invalid Input name ({unknown[0]}) for SignatureDef; inputs are "
+                             f"{list(self._inputs)}")
+        arrays = self._model.check_inputs([{self._inputs[k].name: np.asarray(v) for k, v in kwargs.items()}])
+        outputs = [np.empty(t.shape, t.dtype) for t in self._model.outputs]
+        self._model.run_into(arrays, outputs)
+        return {k: outputs[i] for k, i in self._output_positions}
+
+    def get_input_details(self) -> dict[str, dict[str, Any]]:
+        return {k: _details(t) for k, t in self._inputs.items()}
+
+    def get_output_details(self) -> dict[str, dict[str, Any]]:
+        return {k: _details(t) for k, t in self._outputs.items()}

@@ -48,6 +48,7 @@ class Cmd(enum.IntEnum):
     OBJECT_READ = 14  # memref in id -> memref out data
     OBJECT_DELETE = 15  # memref in id
     FILL = 16  # value in (byte), memref out: fill the whole buffer
+    MARK_ON_CLOSE = 17  # when this session closes, write the persistent object "closed-marker"
 
 
 def _write(param: TEEParam, data: bytes) -> None:
@@ -71,6 +72,8 @@ class TestTA(TrustedApp):
     def close_session(self, session: Any) -> None:
         for array in session["kept"]:
             self.tee.free(array)
+        if session.get("mark"):
+            self.tee.create_object(b"closed-marker", b"closed", overwrite=True)
 
     def invoke_command(self, session: Any, cmd_id: int, params: TAParams) -> None:
         if cmd_id == Cmd.NOTHING:
@@ -134,6 +137,9 @@ class TestTA(TrustedApp):
         elif cmd_id == Cmd.FILL:
             check_param_types(params, VALUE_IN, MEMREF_OUT)
             params[1].ndarray("uint8")[:] = params[0].a
+        elif cmd_id == Cmd.MARK_ON_CLOSE:
+            check_param_types(params)
+            session["mark"] = True
         else:
             raise TEEError(TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TRUSTED_APP, f"unknown command {cmd_id}")
 

@@ -183,6 +183,9 @@ class ProcessTransport:
         return self.proc is not None
 
     def ensure_running(self) -> None:
+        """Start a secure world if there is none, or if the last one died since we last spoke."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self._dead()
         if self.proc is None:
             self._start()
 

@@ -1,0 +1,170 @@
+"""The process transport's isolation and failure modes: crash, hang, parent death, exit, noise."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tee_sim import (
+    TEE_ERROR_COMMUNICATION,
+    TEE_ERROR_TARGET_DEAD,
+    TEEC_ORIGIN_COMMS,
+    Context,
+    MemRef,
+    TEEError,
+    TempMemRef,
+    Value,
+)
+from tee_sim.registry import TEST_TA_UUID
+from tee_sim.testing_ta import Cmd
+
+# Generous bounds: these check "an error, not a hang", not speed.
+SLACK = 15.0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it is dead for our purpose.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def _wait_gone(pid: int, limit: float = SLACK) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_secure_world_is_a_separate_interpreter(process_context):
+    pid = process_context.secure_world_pid
+    assert pid and pid != os.getpid()
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[1:3] == [b"-m", b"tee_sim.secure_world"]
+
+
+def test_crash_gives_comms_error_and_context_recovers(tmp_path):
+    with Context("process", home=tmp_path, timeout=30.0) as ctx:
+        session = ctx.open_session(TEST_TA_UUID)
+        shm = ctx.register_shared_memory(4096)
+        old_pid = ctx.secure_world_pid
+        os.kill(old_pid, signal.SIGKILL)
+        assert _wait_gone(old_pid)
+        start = time.monotonic()
+        with pytest.raises(TEEError) as err:
+            session.invoke_command(Cmd.SLEEP, [Value(0)])
+        assert time.monotonic() - start < SLACK
+        assert (err.value.code, err.value.origin) == (TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS)
+        # The old session stays dead; a new one gets a new secure world, and old shared memory works.
+        with pytest.raises(TEEError) as err:
+            session.invoke_command(Cmd.NOTHING)
+        assert err.value.code == TEE_ERROR_TARGET_DEAD
+        with ctx.open_session(TEST_TA_UUID) as fresh:
+            assert ctx.secure_world_pid != old_pid
+            shm.ndarray(np.float32)[:] = 2
+            fresh.invoke_command(Cmd.SCALE, [Value(5), MemRef(shm, 0, 4096, "inout")])
+            assert shm.ndarray(np.float32)[0] == 10
+        session.close()
+
+
+def test_crash_while_waiting_inside_a_call(tmp_path):
+    with Context("process", home=tmp_path, timeout=60.0) as ctx:
+        session = ctx.open_session(TEST_TA_UUID)
+        pid = ctx.secure_world_pid
+        threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(TEEError) as err:
+            session.invoke_command(Cmd.SLEEP, [Value(0)])  # sleeps forever; the kill ends it
+        assert time.monotonic() - start < SLACK  # the hang-up is noticed, not the 60 s timeout
+        assert (err.value.code, err.value.origin) == (TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS)
+        with ctx.open_session(TEST_TA_UUID) as fresh:
+            assert fresh.invoke_command(Cmd.ADD, [Value(2, 2), Value(direction="out")])[1].a == 4
+
+
+def test_hang_gives_comms_error_within_timeout(tmp_path):
+    with Context("process", home=tmp_path, timeout=1.0) as ctx:
+        session = ctx.open_session(TEST_TA_UUID)
+        pid = ctx.secure_world_pid
+        start = time.monotonic()
+        with pytest.raises(TEEError) as err:
+            session.invoke_command(Cmd.SLEEP, [Value(0)])
+        assert time.monotonic() - start < 1.0 + SLACK
+        assert (err.value.code, err.value.origin) == (TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS)
+        assert _wait_gone(pid)  # the hung secure world was stopped, not left behind
+        with ctx.open_session(TEST_TA_UUID) as fresh:
+            out = fresh.invoke_command(Cmd.ECHO, [TempMemRef(b"alive"), TempMemRef(size=8, direction="out")])
+            assert out[1].data == b"alive"
+        # A per-call timeout longer than the context's lets a slow command finish.
+        with ctx.open_session(TEST_TA_UUID) as slow:
+            slow.invoke_command(Cmd.SLEEP, [Value(1500)], timeout=30.0)
+
+
+def _run_script(body: str, home, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SHADOWNET_HOME=str(home))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_secure_world_exits_when_its_parent_dies(tmp_path):
+    # No `if __name__ == "__main__"` guard: the secure world is a fresh interpreter, not a re-import.
+    result = _run_script(
+        """
+        import os, signal
+        from tee_sim import default_context
+        from tee_sim.registry import TEST_TA_UUID
+        ctx = default_context()
+        ctx.open_session(TEST_TA_UUID)
+        print(ctx.secure_world_pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """,
+        tmp_path,
+    )
+    pid = int(result.stdout.split()[0])
+    assert _wait_gone(pid)
+
+
+def test_sessions_closed_at_exit_and_noise_stays_off_the_terminal(tmp_path):
+    result = _run_script(
+        """
+        from tee_sim import default_context, TEEError
+        from tee_sim.registry import OTHER_TEST_TA_UUID, TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+        session = default_context().open_session(TEST_TA_UUID)
+        session.invoke_command(Cmd.MARK_ON_CLOSE)
+        try:  # another TA: a panic kills every session of the TA that panicked
+            default_context().open_session(OTHER_TEST_TA_UUID).invoke_command(Cmd.PANIC)
+        except TEEError as e:
+            print(e.code)
+        print(default_context().secure_world_pid)
+    """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the TA's traceback went to the secure world's log
+    pid = int(result.stdout.split()[-1])
+    assert _wait_gone(pid)
+    log = (tmp_path / "logs" / "secure_world.log").read_text()
+    assert "RuntimeError: test panic" in log
+    with Context("inprocess", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        out = s.invoke_command(
+            Cmd.OBJECT_READ, [TempMemRef(b"closed-marker"), TempMemRef(size=16, direction="out")]
+        )
+        assert out[1].data == b"closed"

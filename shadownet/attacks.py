@@ -80,6 +80,27 @@ def min_norm_points(partners: np.ndarray, filters: np.ndarray) -> np.ndarray:
     return f + t[:, None] * w
 
 
+def fake_orthogonal_points(partners: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """Row-wise point of the line ``F + t W'`` orthogonal to ``F``: ``t = -|F|^2 / <F, W'>``.
+
+    Also undoes ``W' = (W - F) / s``, assuming only that the real filter is orthogonal to its random
+    fake (true up to ``|W| / sqrt(D)``): its error is ``<W, F> F / |F|^2`` whatever the ratio of
+    ``|W|`` to ``|F|``, where the minimum-norm point loses W's component along ``W'`` once real
+    weights are not much smaller than the fakes.
+    """
+    f = _as_rows(partners)
+    w = _as_rows(filters)
+    ff = np.einsum("ij,ij->i", f, f)
+    fw = np.einsum("ij,ij->i", f, w)
+    t = np.divide(-ff, fw, out=np.zeros_like(fw), where=np.abs(fw) > 1e-12 * ff)
+    return f + t[:, None] * w
+
+
+def _pair_estimates(f: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # Both estimators for pairs (F, W'): the attacker keeps every candidate.
+    return np.vstack([min_norm_points(f, w), fake_orthogonal_points(f, w)])
+
+
 def collinearity(obfuscated: np.ndarray) -> np.ndarray:
     """``|cos|`` between obfuscated filters, with the diagonal at -1 so no filter pairs with itself."""
     c = abs_cosines(obfuscated, obfuscated)
@@ -87,12 +108,14 @@ def collinearity(obfuscated: np.ndarray) -> np.ndarray:
     return c
 
 
-def fake_partner_recovery(obfuscated: np.ndarray, partners_per_filter: int = 1) -> np.ndarray:
-    """Pair every filter with its most collinear other filter(s) and take the minimum-norm point.
+def fake_partner_recovery(obfuscated: np.ndarray, partners_per_filter: int = 1,
+                          estimators: str = "min_norm") -> np.ndarray:
+    """Pair every filter with its most collinear other filter(s) and take the minimum-norm point of
+    ``F + t W'`` (``estimators="both"``: also the point orthogonal to ``F``).
 
     The attacker does not need to know which of a pair is the fake: ``F + t W'`` and ``W' + t F``
     both reduce to the component of ``W`` orthogonal to the fake. With ``partners_per_filter = k`` each
-    filter is paired with its k most collinear others (k * M estimates).
+    filter is paired with its k most collinear others (k * M estimates, twice that for "both").
     """
     obf = _as_rows(obfuscated)
     if len(obf) < 2:
@@ -100,7 +123,8 @@ def fake_partner_recovery(obfuscated: np.ndarray, partners_per_filter: int = 1) 
     k = min(partners_per_filter, len(obf) - 1)
     partners = np.argsort(-collinearity(obf), axis=1)[:, :k]
     rows = np.repeat(np.arange(len(obf)), k)
-    return min_norm_points(obf[partners.reshape(-1)], obf[rows])
+    f, w = obf[partners.reshape(-1)], obf[rows]
+    return _pair_estimates(f, w) if estimators == "both" else min_norm_points(f, w)
 
 
 @dataclass(frozen=True)
@@ -151,7 +175,8 @@ def variance_test(obfuscated: np.ndarray, n_fakes: int) -> VarianceTest:
 
 def variance_paired_recovery(obfuscated: np.ndarray, n_fakes: int) -> np.ndarray:
     """Drop the filters the variance test calls fake, pair every remaining one with its most collinear
-    fake, and take the minimum-norm point of ``F + t W'`` (one estimate per filter called real)."""
+    fake, and take the minimum-norm point of ``F + t W'`` and its point orthogonal to ``F`` (two
+    estimates per filter called real)."""
     obf = _as_rows(obfuscated)
     test = variance_test(obf, n_fakes)
     fakes = np.flatnonzero(test.is_fake)
@@ -160,7 +185,7 @@ def variance_paired_recovery(obfuscated: np.ndarray, n_fakes: int) -> np.ndarray
         return np.zeros((0, obf.shape[1]))
     cos = abs_cosines(obf[reals], obf[fakes])
     partner = fakes[cos.argmax(axis=1)]
-    return min_norm_points(obf[partner], obf[reals])
+    return _pair_estimates(obf[partner], obf[reals])
 
 
 def collinear_clusters(obfuscated: np.ndarray) -> np.ndarray:
@@ -187,7 +212,8 @@ def collinear_clusters(obfuscated: np.ndarray) -> np.ndarray:
 def cluster_variance_recovery(obfuscated: np.ndarray) -> np.ndarray:
     """The variance test inside each collinear cluster: a fake and the transformed filters it hides
     (``(W - F) / s``, ``s < 1``) are mutually collinear, and the fake has the smallest per-weight
-    variance among them; pair every other member with it (one estimate per non-fake member).
+    variance among them; pair every other member with it (two estimates per non-fake member, as in
+    :func:`variance_paired_recovery`).
 
     Unlike the layer-wide test this needs no variance gap between all fakes and all real filters,
     and it never pairs two filters that share a fake (which gives ``W_a - W_b``)."""
@@ -206,7 +232,7 @@ def cluster_variance_recovery(obfuscated: np.ndarray) -> np.ndarray:
                 reals.append(i)
     if not reals:
         return np.zeros((0, obf.shape[1]))
-    return min_norm_points(obf[fakes], obf[reals])
+    return _pair_estimates(obf[fakes], obf[reals])
 
 
 @dataclass(frozen=True)
@@ -228,7 +254,9 @@ def subspace_leakage(obfuscated: np.ndarray, reference: np.ndarray, rtol: float 
     d = obf.shape[1]
     if len(obf) == 0:
         return SubspaceLeakage(np.zeros(len(ref)), 0.0, 0)
-    _, sv, vt = np.linalg.svd(obf, full_matrices=False)
+    # Row scaling keeps the span; unit rows keep a huge row (a tiny secret scale s) from burying the
+    # small singular values that carry the real filters under the rank tolerance.
+    _, sv, vt = np.linalg.svd(unit_rows(obf), full_matrices=False)
     rank = int((sv > rtol * sv[0]).sum()) if sv[0] > 0 else 0
     basis = vt[:rank]
     refn = unit_rows(ref)
@@ -285,7 +313,7 @@ def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float
     estimates = {
         "direction": direction_matching(obf, ref),
         "fake_partner": fake_partner_recovery(obf, 1),
-        "fake_partner_top3": fake_partner_recovery(obf, 3),
+        "fake_partner_top3": fake_partner_recovery(obf, 3, estimators="both"),
         "variance_paired": variance_paired_recovery(obf, m - n),
         "cluster_variance": cluster_variance_recovery(obf),
     }

@@ -212,3 +212,14 @@ def test_static_mask_cancels_in_the_difference_attack_and_fresh_masks_do_not() -
     assert attacks.difference_leakage(x + fresh, x)["correlation"] < 0.3
     # The paper's tiny masks (sigma 0.05) hide nothing even once.
     assert attacks.affine_leakage(x + 0.05 * rng.standard_normal(x.shape[1:]), x)["correlation"] > 0.95
+
+
+def test_large_real_weights_need_the_fake_orthogonal_point() -> None:
+    # Real filters about 2/3 the norm of the fakes (a random-init classifier after batch-norm folding):
+    # the minimum-norm point then keeps only ~0.85 of W's direction, the point orthogonal to F all of it.
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((200, 1024)) * 0.64
+    obf, _ = paper_scheme(rng, w)
+    assert recovered(attacks.fake_partner_recovery(obf), w).mean() < 0.5
+    assert recovered(attacks.cluster_variance_recovery(obf), w).mean() >= 0.95
+    assert attacks.attack_layer(obf, w)["recovered"]["any"] >= 190

@@ -1,1 +1,15 @@
-"""Offline conversion (model vendor side): TFLite graph layer, partition, obfuscation schemes, artifacts."""
+"""Offline conversion (model vendor side): TFLite graph layer, partition, obfuscation schemes, artifacts.
+
+``converters.convert(model, out_dir, ...)`` is the entry point (imported lazily: the trusted app imports
+``converters.program`` alone and must not pull in the rest).
+"""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "convert":
+        from converters.pipeline import convert
+
+        return convert
+    raise AttributeError(f"module 'converters' has no attribute {name!r}")

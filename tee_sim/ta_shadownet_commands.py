@@ -1,5 +1,41 @@
-"""The ShadowNet trusted app's "header": its UUID and command ids, shared with the normal-world client."""
+"""The ShadowNet trusted app's "header": its UUID and command ids, shared with the normal-world client.
 
+Parameters of each command (``in``/``out`` from the normal world's side):
+
+- ``LOAD_MODEL``: [TempMemRef(secrets.sealed, in), TempMemRef(untrusted.tflite, in)]. The TA opens the
+  secrets (sealed for this device, or provisioned to it with ``--device``), checks the untrusted model's
+  SHA-256 against the one inside, parses the program and allocates every buffer once. A session holds
+  one model. ``TEE_ERROR_SECURITY``: tampered, truncated, foreign or mismatched; ``TEE_ERROR_OUT_OF_MEMORY``.
+- ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, shared_memory_size, inout)]: the TA keeps zero-copy views of
+  the manifest's buffer layout.
+- ``RUN_STEP``: [Value(a=step)]: step 0 reads ``input/*`` and writes round 1's inputs; step r restores
+  round r's outputs, runs the TEE's ops and writes round r + 1's inputs (or ``output/*`` for the last).
+  Steps run in order, 0 to R (``TEE_ERROR_BAD_STATE`` otherwise).
+- ``GET_STATS``: [Value(out)]: a = secure bytes this TA holds, b = the device's peak secure bytes.
+- ``GET_REPORT``: [TempMemRef(nonce, in), TempMemRef(out)]: an attestation report (JSON) on a fresh
+  X25519 key of this TA (provisioning by ``convert`` on this device).
+- ``PROVISION``: [TempMemRef(envelope, in), TempMemRef(out)]: opens the vendor's envelope (encrypted to a
+  report's key) and returns the secrets sealed for this device (what ``secrets.sealed`` holds).
+"""
+
+import enum
 import uuid
 
 UUID = uuid.UUID("5a0058b2-90b6-4dbe-9365-f4136b27e8af")
+
+
+class Command(enum.IntEnum):
+    LOAD_MODEL = 1
+    BIND_SHARED_MEMORY = 2
+    RUN_STEP = 3
+    GET_STATS = 4
+    GET_REPORT = 5
+    PROVISION = 6
+
+
+# secrets.sealed starts with this tag and one byte saying how its payload is protected.
+SECRETS_MAGIC = b"SNS1"
+SEALED = b"S"  # sealed by this device's TA (tee_sim sealing)
+PROVISIONED = b"P"  # an envelope to the TA's persistent provisioning key (``--device FILE``)
+# Additional authenticated data of both forms: binds the payload to its purpose.
+SECRETS_AAD = b"shadownet secrets v1\x00"

@@ -1,0 +1,64 @@
+"""Partition a normalized graph into accelerator rounds and TEE steps.
+
+Every offloadable op (a CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with constant weights and a
+computed input) gets a level: one more than the highest level among the offloadable ops it depends on,
+directly or through TEE ops. The offloadable ops of level ``r`` form round ``r``: their inputs are all
+ready when step ``r - 1`` ends, so one accelerator call runs them together (a ResNet block's shortcut
+conv and its first conv share a round). Every other op runs in the TEE, in step ``L`` = the highest
+level it depends on, i.e. right after the last round it needs. One inference is step 0, round 1,
+step 1, ..., round R, step R: R accelerator calls and R + 1 TEE entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from converters.graph import Graph, is_offloadable
+
+
+@dataclass(frozen=True)
+class Partition:
+    """``rounds[r - 1]``: op indices of round ``r``; ``steps[k]``: TEE op indices of step ``k`` (both in
+    graph order); ``level[t]``: the step after which tensor ``t`` is available (0 = before round 1)."""
+
+    graph: Graph
+    rounds: list[list[int]]
+    steps: list[list[int]]
+    level: list[int]
+
+    @property
+    def offloaded(self) -> set[int]:
+        return {i for r in self.rounds for i in r}
+
+    def round_of(self, op_index: int) -> int:
+        """The round (1-based) of an offloaded op."""
+        return self.level[self.graph.ops[op_index].outputs[0]]
+
+
+def offloads(graph: Graph, op_index: int) -> bool:
+    """Whether the op goes to the accelerator: offloadable, and its input is computed (an op on a
+    constant input is constant folding, left to the TEE)."""
+    if not is_offloadable(graph, op_index):
+        return False
+    x = graph.ops[op_index].inputs[0]
+    return x >= 0 and graph.tensors[x].data is None
+
+
+def partition(graph: Graph) -> Partition:
+    """Levels, rounds and steps of a normalized graph (ops in execution order)."""
+    level = [0] * len(graph.tensors)
+    rounds: dict[int, list[int]] = {}
+    steps: dict[int, list[int]] = {}
+    for i, op in enumerate(graph.ops):
+        deps = max((level[t] for t in op.inputs if t >= 0), default=0)
+        if offloads(graph, i):
+            op_level = deps + 1
+            rounds.setdefault(op_level, []).append(i)
+        else:
+            op_level = deps
+            steps.setdefault(op_level, []).append(i)
+        for t in op.outputs:
+            level[t] = op_level
+    count = max(rounds, default=0)
+    return Partition(graph, [rounds.get(r, []) for r in range(1, count + 1)],
+                     [steps.get(k, []) for k in range(count + 1)], level)

@@ -1,0 +1,333 @@
+"""``convert``: a float model in, the protected artifact directory out (the vendor's side, offline).
+
+(This module is not named ``convert``: the package exposes the function ``converters.convert``, which a
+submodule of the same name would shadow.)
+
+Steps: read the model (``.tflite``; Keras files and SavedModel directories go through TensorFlow's
+converter first), normalize, partition into rounds, estimate each offloaded input's activation scale by
+running the ORIGINAL model in LiteRT on calibration inputs, obfuscate and mask with the scheme, lay out
+the TEE program, provision it to the target device's ShadowNet trusted app through attestation (so no
+secret is ever written in clear), and write ``untrusted.tflite``, ``secrets.sealed`` and
+``manifest.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.graph import Graph, normalize, read_model, write_model
+from converters.partition import partition
+from converters.plan import build
+from converters.program import write_program
+from converters.schemes import Scheme, get_scheme
+from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
+
+FORMAT = "shadownet-artifacts"
+FORMAT_VERSION = 1
+UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
+CALIBRATION_SAMPLES = 4
+
+
+def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
+            seed: int | None = None,
+            calibration: str | os.PathLike | dict[str, np.ndarray] | None = None, device: Any = None,
+            force: bool = False) -> dict[str, Any]:
+    """Protect ``model`` into ``out_dir``; return the manifest.
+
+    ``model``: a float ``.tflite`` (path or bytes), a Keras model file or a SavedModel directory.
+    ``scheme``: a registered name (default ``shadownet``), ``"name:key=value,..."`` or a ``Scheme``.
+    ``seed``: INSECURE, reproducible secrets for tests only (anyone who guesses it regenerates the fakes,
+    scales and permutations and gets the weights back); the manifest records ``"seeded": true``.
+    ``calibration``: an ``.npz`` (or dict) of representative inputs keyed by input tensor name (one sample
+    of the input's shape, or several stacked on the batch axis); default: random normal inputs.
+    ``device``: None (this machine's simulated device), a device identity file written by
+    ``shadownet device export`` on the target device, or a ``tee_sim.Context`` of the target device.
+    ``force``: replace a non-empty ``out_dir``.
+    Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
+    """
+    out = Path(out_dir)
+    _check_output(out, force)
+    chosen = get_scheme(scheme)
+    original = _model_bytes(model)
+    graph = normalize(read_model(original))
+    part = partition(graph)
+    if not part.rounds:
+        raise UnsupportedOpError("the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with "
+                                 "constant weights: nothing to protect")
+    rng = secret_rng(seed)
+    needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
+    scales = activation_scales(graph, needed, calibration)
+    plan = build(graph, part, chosen, rng, scales)
+    plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
+    program = write_program(plan.program, plan.arrays)
+    del plan.arrays
+    sealed = provision(program, device)
+    del program
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "scheme": {"name": chosen.name, "params": chosen.public_params()},
+        "seeded": seed is not None,
+        **_io_description(original),
+        "rounds": plan.rounds, "buffers": plan.buffers, "shared_memory_size": plan.shared_memory_size,
+        "ta_uuid": str(_ta_uuid()),
+        "files": {UNTRUSTED: {"sha256": hashlib.sha256(plan.untrusted).hexdigest()},
+                  SECRETS: {"sha256": hashlib.sha256(sealed).hexdigest()}},
+        "summary": plan.summary,
+        "created_by": f"shadownet {_version()}",
+    }
+    _write_artifacts(out, force, {UNTRUSTED: plan.untrusted, SECRETS: sealed,
+                                  MANIFEST: (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()})
+    return manifest
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+
+def _model_bytes(model: Any) -> bytes:
+    if isinstance(model, bytes | bytearray | memoryview):
+        return bytes(model)
+    path = Path(model)
+    if not path.exists():
+        raise ModelFormatError(f"model {path} does not exist")
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
+            raise ModelFormatError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
+        return _tf_convert(path, "saved_model")
+    data = path.read_bytes()
+    if data[4:8] == b"TFL3":
+        return data
+    if path.suffix in (".keras", ".h5", ".hdf5") or data[:4] in (b"PK\x03\x04", b"\x89HDF"):
+        return _tf_convert(path, "keras")
+    raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
+
+
+def _tf_convert(path: Path, kind: str) -> bytes:
+    """TensorFlow's own TFLite converter (float32); only for Keras / SavedModel input."""
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+    except ImportError:
+        raise ModelFormatError(f"{path}: converting a {kind.replace('_', ' ')} needs TensorFlow "
+                               "(pip install 'shadownet[tf]'), or give a .tflite") from None
+    try:
+        if kind == "saved_model":
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
+        else:
+            import keras
+
+            converter = tf.lite.TFLiteConverter.from_keras_model(keras.models.load_model(path, compile=False))
+        return bytes(converter.convert())
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
+        raise ModelFormatError(f"{path}: TensorFlow could not convert the {kind.replace('_', ' ')}: "
+                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+
+
+def secret_rng(seed: int | None) -> np.random.Generator:
+    """The generator every secret comes from: seeded with 256 bits from the OS CSPRNG, or (INSECURE,
+    tests only) from ``seed`` with a warning."""
+    if seed is None:
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(256))))
+    warnings.warn(f"converting with seed={seed}: the secrets are reproducible by anyone who guesses the seed "
+                  "(INSECURE, for tests only)", stacklevel=3)
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]:
+    """Lists of model inputs (one list per sample)."""
+    shapes = [graph.tensors[t].shape for t in graph.inputs]
+    names = [graph.tensors[t].name for t in graph.inputs]
+    if calibration is None:
+        rng = np.random.default_rng(0)  # not a secret: representative inputs only
+        return [[rng.standard_normal(s).astype(np.float32) for s in shapes]
+                for _ in range(CALIBRATION_SAMPLES)]
+    if isinstance(calibration, dict):
+        data = calibration
+    else:
+        try:
+            with np.load(calibration, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"cannot read calibration file {calibration}: {exc}") from None
+    if len(names) == 1 and names[0] not in data and len(data) == 1:
+        data = {names[0]: next(iter(data.values()))}
+    columns = []
+    for name, shape in zip(names, shapes, strict=True):
+        if name not in data:
+            raise ModelFormatError(f"calibration data has no array {name!r} (keys: {sorted(data)})")
+        a = np.asarray(data[name], np.float32)
+        if a.shape == shape:
+            a = a[None]
+        if a.shape[1:] != shape[1:] or shape[0] != 1 and a.shape[0] % shape[0]:
+            raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)}")
+        columns.append([a[i:i + shape[0]].reshape(shape) for i in range(0, a.shape[0], shape[0])])
+    return [list(sample) for sample in zip(*columns, strict=True)]
+
+
+def activation_scales(graph: Graph, tensors: set[int], calibration: Any = None) -> dict[int, float]:
+    """RMS of each tensor in ``tensors`` over the calibration inputs, from LiteRT running the original
+    (normalized) graph, so the masks match the activations they hide."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=write_model(graph), experimental_preserve_all_tensors=True,
+                              num_threads=1)
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    sums = dict.fromkeys(tensors, 0.0)
+    count = 0
+    for sample in _calibration_inputs(graph, calibration):
+        for d, x in zip(details, sample, strict=True):
+            interpreter.set_tensor(d["index"], x)
+        interpreter.invoke()
+        for t in tensors:
+            # write_model(graph) keeps a compact graph's tensor order: index t is tensor t.
+            value = interpreter.get_tensor(t)
+            if value.shape != graph.tensors[t].shape:
+                raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
+                                     f"{graph.tensors[t].shape}")
+            sums[t] += float(np.mean(np.square(value, dtype=np.float64)))
+        count += 1
+    scales = {}
+    for t, total in sums.items():
+        rms = float(np.sqrt(total / count))
+        scales[t] = rms if np.isfinite(rms) and rms > 0 else 1.0
+    return scales
+
+
+def _io_description(original: bytes) -> dict[str, Any]:
+    """The original model's inputs / outputs as LiteRT reports them, and its signature."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=original)
+
+    def spec(d: dict[str, Any]) -> dict[str, Any]:
+        return {"name": d["name"], "shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "index": int(d["index"]), "shape_signature": [int(x) for x in d["shape_signature"]]}
+
+    inputs = [spec(d) for d in interpreter.get_input_details()]
+    outputs = [spec(d) for d in interpreter.get_output_details()]
+    result: dict[str, Any] = {"inputs": inputs, "outputs": outputs}
+    signatures = interpreter._get_full_signature_list()
+    if signatures:
+        key, sig = next(iter(signatures.items()))
+        names = {d["index"]: d["name"] for d in (*inputs, *outputs)}
+        try:
+            result["signature"] = {"key": key, "inputs": {k: names[v] for k, v in sig["inputs"].items()},
+                                   "outputs": {k: names[v] for k, v in sig["outputs"].items()}}
+        except KeyError:
+            pass
+    return result
+
+
+# -- provisioning ------------------------------------------------------------------------------------------
+
+def _ta_uuid() -> Any:
+    from tee_sim.ta_shadownet_commands import UUID
+
+    return UUID
+
+
+def _expected_measurement() -> bytes:
+    from tee_sim.attestation import measurement_of
+    from tee_sim.registry import trusted_apps
+
+    return measurement_of(trusted_apps()[_ta_uuid()])
+
+
+def provision(program: bytes, device: Any = None) -> bytes:
+    """Encrypt the TEE program for the target device's ShadowNet TA; return the bytes of ``secrets.sealed``.
+
+    ``device=None`` / a ``tee_sim.Context``: attest the TA of that (local) device with a fresh nonce,
+    verify the report against the device's attestation key, encrypt to the report's one-time X25519 key
+    and let the TA re-seal the program for its device. ``device=FILE``: verify the identity file's
+    report (the vendor pins the file's key) and encrypt to the TA's persistent provisioning key; the
+    target device opens it at LOAD_MODEL.
+    """
+    from tee_sim import TEEError
+    from tee_sim.attestation import encrypt_to_report, read_device_file, verify_report
+    from tee_sim.ta_shadownet_commands import PROVISIONED, SECRETS_AAD, SECRETS_MAGIC
+
+    try:
+        if device is not None and not hasattr(device, "open_session"):
+            identity = read_device_file(device)
+            if identity.trusted_app != _ta_uuid():
+                raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
+                                    "not ShadowNet's")
+            report = verify_report(identity.report, identity.attestation_public_key, _expected_measurement(),
+                                   None)
+            return SECRETS_MAGIC + PROVISIONED + encrypt_to_report(report, program, SECRETS_AAD)
+        return _provision_local(program, device)
+    except TEEError as exc:
+        raise SecurityError(f"provisioning failed: {exc}") from None
+
+
+def _provision_local(program: bytes, context: Any) -> bytes:
+    from shadownet.device import device_identity
+    from tee_sim import TempMemRef, default_context
+    from tee_sim.attestation import encrypt_to_report, verify_report
+    from tee_sim.ta_shadownet_commands import SECRETS_AAD, Command
+
+    context = context or default_context()
+    # The local device's attestation key, as `shadownet device export` reads it (trust on first use of
+    # this machine's simulated device; a real vendor pins the key of each device it provisions).
+    pinned = device_identity(context).attestation_public_key
+    nonce = os.urandom(32)
+    with context.open_session(_ta_uuid()) as session:
+        out = session.invoke_command(Command.GET_REPORT,
+                                     [TempMemRef(nonce), TempMemRef(size=4096, direction="out")])
+        report = verify_report(out[1].data, pinned, _expected_measurement(), nonce)
+        envelope = encrypt_to_report(report, program, SECRETS_AAD)
+        sealed = TempMemRef(size=len(envelope) + 4096, direction="out")
+        session.invoke_command(Command.PROVISION, [TempMemRef(envelope), sealed])
+        return sealed.data
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"output directory {out} is not empty (use --force to replace it)")
+
+
+def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
+    """Write into a temporary sibling directory, then rename it into place (a reader never sees half)."""
+    _check_output(out, force)
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, old / "replaced")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("shadownet")
+    except Exception:  # noqa: BLE001
+        return "0.1.0"

@@ -1,0 +1,127 @@
+"""The container of the TEE program (the secret part of a protected model), written by the converter and
+parsed by the ShadowNet trusted app - never with pickle.
+
+Layout::
+
+    magic "SNTP" | format version u16 | reserved u16 | header length u64 | header (UTF-8 JSON) | zero padding
+    to a 64-byte boundary | data: raw little-endian numpy buffers, each 64-byte aligned
+
+The header is ``{"program": {...}, "arrays": {name: {"dtype", "shape", "offset", "nbytes"}}}``; an array's
+``offset`` counts from the start of the data section. ``read_program`` checks everything it relies on
+(magic, version, sizes, JSON shape, allowed dtypes, shapes, alignment, bounds, no overlap) and returns
+read-only zero-copy views; callers parse only bytes that already passed authentication (the sealed
+blob's AES-GCM tag), so a failure here means a bug or a format mismatch, not an attack to survive.
+This module imports only numpy and the standard library: the trusted app imports it too.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"SNTP"
+FORMAT_VERSION = 1
+ALIGN = 64
+_HEAD = struct.Struct("<4sHHQ")
+DTYPES = frozenset({"float32", "int32", "uint8"})
+MAX_HEADER = 64 << 20
+MAX_NAME = 256
+MAX_RANK = 8
+
+
+class ProgramFormatError(ValueError):
+    """The bytes are not a well-formed TEE program of a known version."""
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def write_program(program: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise ``program`` (JSON-able) and named ``arrays`` (float32 / int32 / uint8) into one blob."""
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    prepared = []
+    for name, array in arrays.items():
+        a = np.ascontiguousarray(array)
+        if a.dtype.name not in DTYPES:
+            raise ValueError(f"array {name!r}: dtype {a.dtype} is not one of {sorted(DTYPES)}")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset, "nbytes": a.nbytes}
+        prepared.append((offset, a))
+        offset = _align(offset + a.nbytes)
+    header = json.dumps({"program": program, "arrays": entries}, sort_keys=True,
+                        separators=(",", ":")).encode()
+    start = _align(_HEAD.size + len(header))
+    out = bytearray(start + offset)
+    _HEAD.pack_into(out, 0, MAGIC, FORMAT_VERSION, 0, len(header))
+    out[_HEAD.size:_HEAD.size + len(header)] = header
+    view = memoryview(out)
+    for off, a in prepared:
+        view[start + off:start + off + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return bytes(out)
+
+
+def read_program(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse a blob of ``write_program``: ``(program, arrays)``, the arrays read-only views of ``data``.
+    ``ProgramFormatError`` names the first thing that is wrong."""
+    if not isinstance(data, bytes):
+        raise ProgramFormatError("a TEE program must be given as bytes")
+    if len(data) < _HEAD.size:
+        raise ProgramFormatError(f"TEE program of {len(data)} bytes is truncated")
+    magic, version, _, header_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise ProgramFormatError("not a TEE program (bad magic)")
+    if version != FORMAT_VERSION:
+        raise ProgramFormatError(f"TEE program format version {version} is not supported "
+                                 f"({FORMAT_VERSION} is)")
+    if header_len > MAX_HEADER or _HEAD.size + header_len > len(data):
+        raise ProgramFormatError("TEE program header overruns the data")
+    try:
+        header = json.loads(data[_HEAD.size:_HEAD.size + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProgramFormatError(f"TEE program header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"program", "arrays"} \
+            or not isinstance(header["program"], dict) or not isinstance(header["arrays"], dict):
+        raise ProgramFormatError("TEE program header must hold exactly 'program' and 'arrays' objects")
+    start = _align(_HEAD.size + header_len)
+    if start > len(data):
+        raise ProgramFormatError("TEE program data section is missing")
+    size = len(data) - start
+    arrays: dict[str, np.ndarray] = {}
+    spans = []
+    for name, entry in header["arrays"].items():
+        if not 0 < len(name) <= MAX_NAME:
+            raise ProgramFormatError(f"array name of length {len(name)}")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "offset", "nbytes"}:
+            raise ProgramFormatError(f"array {name!r}: entry must hold dtype, shape, offset, nbytes")
+        dtype, shape, offset, nbytes = entry["dtype"], entry["shape"], entry["offset"], entry["nbytes"]
+        if dtype not in DTYPES:
+            raise ProgramFormatError(f"array {name!r}: dtype {dtype!r} not allowed")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(d) for d in shape):
+            raise ProgramFormatError(f"array {name!r}: bad shape {shape!r}")
+        if not (_is_count(offset) and _is_count(nbytes)) or offset % ALIGN:
+            raise ProgramFormatError(f"array {name!r}: bad offset or size")
+        itemsize = np.dtype(dtype).itemsize
+        count = 1
+        for d in shape:
+            count *= d
+        if nbytes != count * itemsize:
+            raise ProgramFormatError(f"array {name!r}: {nbytes} bytes for shape {shape} {dtype}")
+        if offset + nbytes > size:
+            raise ProgramFormatError(f"array {name!r} lies past the end of the data")
+        spans.append((offset, offset + nbytes, name))
+        little = np.dtype(dtype).newbyteorder("<")
+        arrays[name] = np.frombuffer(data, little, count, start + offset).reshape(shape)
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise ProgramFormatError(f"arrays {a!r} and {b!r} overlap")
+    return header["program"], arrays
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,0 +1,123 @@
+"""Obfuscation schemes: how one linear op's weights are hidden from the accelerator, and undone in the TEE.
+
+A scheme is small: given one linear layer (CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED weights in
+LiteRT's layout) and a random generator, it returns the obfuscated weights the accelerator runs, an
+optional permutation of the layer's input channels (applied by the TEE before the push), and the
+restore: ``y[..., n] = sum_j coef[j, n] * y'[..., index[j, n]]``. It also draws the push masks (its
+mask plan); the converter pushes each mask through the obfuscated layer and the restore to get the
+pop mask, so a scheme never deals with convolutions. Schemes are registered by name in ``SCHEMES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One offloadable op's weights, in LiteRT's layout: CONV_2D ``[N, kh, kw, C]``, FULLY_CONNECTED
+    ``[N, K]``, DEPTHWISE_CONV_2D ``[1, kh, kw, C * depth_multiplier]``. ``name`` is for messages."""
+
+    kind: str
+    weights: np.ndarray
+    depth_multiplier: int = 1
+    name: str = ""
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weights.shape[-1] if self.kind == "DEPTHWISE_CONV_2D" else self.weights.shape[0])
+
+
+@dataclass(frozen=True)
+class ObfuscatedLinear:
+    """What a scheme makes of one layer.
+
+    ``weights``: float32, same layout as the original, ``M`` output channels (the accelerator's).
+    ``input_permutation``: int32 ``[C]`` or None; the accelerator's input is ``x[..., input_permutation]``.
+    ``restore_index`` (int32) / ``restore_coef`` (float32), both ``[k, N]``: the original output is
+    ``y[..., n] = sum_j restore_coef[j, n] * y'[..., restore_index[j, n]]``.
+    """
+
+    weights: np.ndarray
+    input_permutation: np.ndarray | None
+    restore_index: np.ndarray
+    restore_coef: np.ndarray
+
+    def restore(self, y_obf: np.ndarray) -> np.ndarray:
+        """The restore in float64 (offline: pop masks and tests; the TEE has its own fused kernel)."""
+        y = np.asarray(y_obf, np.float64)
+        coef = self.restore_coef.astype(np.float64)
+        out = y[..., self.restore_index[0]] * coef[0]
+        for j in range(1, len(self.restore_index)):
+            out += y[..., self.restore_index[j]] * coef[j]
+        return out
+
+
+class Scheme(Protocol):
+    """The interface every scheme implements (see the module docstring)."""
+
+    name: str
+
+    def public_params(self) -> dict[str, Any]:
+        """The parameters that may be written in the (public) manifest."""
+        ...
+
+    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+        """Hide ``layer``'s weights; every secret comes from ``rng``."""
+        ...
+
+    def push_mask(self, shape: tuple[int, ...], scale: float, rng: np.random.Generator) -> np.ndarray:
+        """A float32 mask of ``shape`` added to an offloaded input whose activations have RMS ``scale``."""
+        ...
+
+
+def _shadownet(**params: Any) -> Scheme:
+    from converters.schemes.shadownet import ShadowNetScheme
+
+    return ShadowNetScheme(**params)
+
+
+SCHEMES: dict[str, Callable[..., Scheme]] = {
+    "shadownet": _shadownet,
+}
+DEFAULT_SCHEME = "shadownet"
+
+
+def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:
+    """A scheme from its name (``None``: the default), optionally ``"name:key=value,key=value"``, with
+    ``params`` overriding; a ``Scheme`` object is returned as is. ``ValueError`` for an unknown name or
+    parameter."""
+    if spec is not None and not isinstance(spec, str):
+        if params:
+            raise ValueError("parameters cannot be given with a scheme object")
+        return spec
+    name, _, text = (spec or DEFAULT_SCHEME).partition(":")
+    name = name.strip()
+    if name not in SCHEMES:
+        raise ValueError(f"unknown scheme {name!r}; known schemes: {', '.join(sorted(SCHEMES))}")
+    parsed: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"scheme parameter {item!r} is not key=value")
+        parsed[key.strip()] = _parse_value(value.strip())
+    parsed.update(params)
+    try:
+        return SCHEMES[name](**parsed)
+    except TypeError as exc:
+        raise ValueError(f"scheme {name!r}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)

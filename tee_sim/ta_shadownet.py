@@ -1,0 +1,421 @@
+"""The ShadowNet trusted app: runs the secret part of a protected model inside the secure world.
+
+LOAD_MODEL opens ``secrets.sealed`` (sealed for this device, or provisioned to it), checks that the
+paired ``untrusted.tflite`` has the SHA-256 the vendor sealed, parses the TEE program
+(``converters.program``, never pickle) and allocates every buffer once against the secure-memory cap.
+BIND_SHARED_MEMORY resolves the shared buffer layout to zero-copy views. RUN_STEP k then executes step
+k's instructions, prebuilt as closures over preallocated arrays, so an inference allocates nothing:
+
+- ``restore``: accelerator output y' -> ``y = sum_j coef_j * y'[..., index_j] + offset`` (offset = bias
+  minus the pop mask, precombined offline), then the fused activation, in place;
+- ``push``: ``dst = x[..., permutation] + mask`` into the next round's shared input buffer - the sum is
+  computed in secure memory (or written element by element by one ufunc), so nothing unmasked ever
+  lands in shared memory, not even transiently;
+- ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
+- ``litert``: one signature of the TEE-side ``.tflite`` that holds the step's other ops (LiteRT gives
+  their exact semantics: PAD, CONCATENATION, RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
+  tensors whose buffers the restores and copies write directly.
+
+Why this split (measured on MobileNet-sized tensors, one core): numpy's ``take`` gather + in-place
+multiply-add beats LiteRT's GATHER/MUL/ADD for the restore; a matmul against the dense ``[M, N]`` restore
+matrix does the same in one pass and wins while the matrix is small (few channels), the gather wins at
+large channel counts; both are exact (the matrix holds the same coefficients and zeros).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from converters.program import ProgramFormatError, read_program
+from tee_sim.errors import (
+    TEE_ERROR_BAD_FORMAT,
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_BAD_STATE,
+    TEE_ERROR_NOT_SUPPORTED,
+    TEE_ERROR_SECURITY,
+    TEE_ERROR_SHORT_BUFFER,
+    TEEC_ORIGIN_TRUSTED_APP,
+    TEEError,
+)
+from tee_sim.params import (
+    TEE_PARAM_TYPE_MEMREF_INOUT,
+    TEE_PARAM_TYPE_MEMREF_INPUT,
+    TEE_PARAM_TYPE_MEMREF_OUTPUT,
+    TEE_PARAM_TYPE_VALUE_INPUT,
+    TEE_PARAM_TYPE_VALUE_OUTPUT,
+    TAParams,
+    TEEParam,
+    check_param_types,
+)
+from tee_sim.ta import TrustedApp
+from tee_sim.ta_shadownet_commands import (
+    PROVISIONED,
+    SEALED,
+    SECRETS_AAD,
+    SECRETS_MAGIC,
+    UUID,
+    Command,
+)
+
+MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
+MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
+VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
+PROGRAM_FORMAT = "shadownet-tee-program"
+# A matmul restore reads the [M, N] matrix once per output pixel; below this many matrix entries it beats
+# the 2-3 gather passes (measured: benchmarks in the converter tests' notes; both are exact).
+MATMUL_MAX_ENTRIES = 48 * 40
+ACTIVATIONS: dict[str | None, Callable[[np.ndarray], Any] | None] = {
+    None: None,
+    "RELU": lambda x: np.maximum(x, 0, out=x),
+    "RELU6": lambda x: np.clip(x, 0, 6, out=x),
+    "RELU_N1_TO_1": lambda x: np.clip(x, -1, 1, out=x),
+}
+
+
+def _error(code: int, message: str) -> TEEError:
+    return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
+
+
+def _bad_format(message: str) -> TEEError:
+    return _error(TEE_ERROR_BAD_FORMAT, f"TEE program: {message}")
+
+
+def _write(param: TEEParam, data: bytes) -> None:
+    if len(data) > param.buffer.nbytes:
+        param.size = len(data)
+        raise _error(TEE_ERROR_SHORT_BUFFER, f"need {len(data)} bytes")
+    param.buffer[:len(data)] = data
+    param.size = len(data)
+
+
+@dataclass
+class _Model:
+    """One loaded model: the program, its secure buffers, and (once bound) the compiled steps."""
+
+    program: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # slot:/in:/out: name -> array
+    held: list[np.ndarray] = field(default_factory=list)  # secure allocations, freed on unload
+    reserved: int = 0
+    interpreter: Any = None
+    subgraphs: dict[str, int] = field(default_factory=dict)
+    scratch: np.ndarray | None = None
+    matrices: dict[str, np.ndarray] = field(default_factory=dict)  # restore (by offset array) -> [M, N]
+    steps: list[list[Callable[[], Any]]] | None = None
+    shm: dict[str, np.ndarray] = field(default_factory=dict)
+    next_step: int = 0
+
+
+class ShadowNetTA(TrustedApp):
+    """The trusted app of protected inference (commands: ``tee_sim.ta_shadownet_commands``)."""
+
+    UUID = UUID
+    VERSION = 1
+    SIGNER = "shadownet"
+
+    def open_session(self, params: TAParams) -> dict[str, Any]:
+        check_param_types(params)
+        return {"model": None}
+
+    def close_session(self, session: dict[str, Any]) -> None:
+        self._unload(session)
+
+    def invoke_command(self, session: dict[str, Any], cmd_id: int, params: TAParams) -> None:
+        if cmd_id == Command.RUN_STEP:  # the hot path first
+            check_param_types(params, VALUE_IN)
+            self._run_step(session, params[0].a)
+        elif cmd_id == Command.LOAD_MODEL:
+            check_param_types(params, MEMREF_IN, MEMREF_IN)
+            self._load(session, params[0].buffer, params[1].buffer)
+        elif cmd_id == Command.BIND_SHARED_MEMORY:
+            check_param_types(params, MEMREF_INOUT)
+            self._bind(session, params[0])
+        elif cmd_id == Command.GET_STATS:
+            check_param_types(params, VALUE_OUT)
+            stats = self.tee.memory_stats()
+            params[0].a, params[0].b = stats["ta_used"], stats["peak"]
+        elif cmd_id == Command.GET_REPORT:
+            check_param_types(params, MEMREF_IN, MEMREF_OUT)
+            _write(params[1], self.tee.attestation_report(bytes(params[0].buffer)).to_bytes())
+        elif cmd_id == Command.PROVISION:
+            check_param_types(params, MEMREF_IN, MEMREF_OUT)
+            self._provision(params[0].buffer, params[1])
+        else:
+            raise _error(TEE_ERROR_NOT_SUPPORTED, f"unknown command {cmd_id}")
+
+    # Provisioning and loading.
+    def _provision(self, envelope: memoryview, out: TEEParam) -> None:
+        # The plaintext is held in secure memory while it is checked and re-sealed.
+        self.tee.reserve(2 * envelope.nbytes)
+        try:
+            plaintext = self.tee.open_provisioned(bytes(envelope), SECRETS_AAD)
+            try:
+                read_program(plaintext)
+            except ProgramFormatError as exc:
+                raise _bad_format(str(exc)) from None
+            sealed = SECRETS_MAGIC + SEALED + self.tee.seal(plaintext, SECRETS_AAD)
+            del plaintext
+        finally:
+            self.tee.unreserve(2 * envelope.nbytes)
+        _write(out, sealed)
+
+    def _open_secrets(self, blob: memoryview) -> bytes:
+        head = bytes(blob[:len(SECRETS_MAGIC) + 1])
+        if len(head) != len(SECRETS_MAGIC) + 1 or head[:-1] != SECRETS_MAGIC:
+            raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
+        payload = bytes(blob[len(head):])
+        if head[-1:] == SEALED:
+            return self.tee.unseal(payload, SECRETS_AAD)
+        if head[-1:] == PROVISIONED:
+            return self.tee.open_provisioned(payload, SECRETS_AAD)
+        raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
+
+    def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview) -> None:
+        self._unload(session)
+        # The sealed copy and its plaintext are both in secure memory while it opens.
+        self.tee.reserve(2 * blob.nbytes)
+        try:
+            plaintext = self._open_secrets(blob)
+        finally:
+            self.tee.unreserve(2 * blob.nbytes)
+        try:
+            program, arrays = read_program(plaintext)
+        except ProgramFormatError as exc:
+            raise _bad_format(str(exc)) from None
+        if program.get("format") != PROGRAM_FORMAT:
+            raise _bad_format(f"format is not {PROGRAM_FORMAT!r}")
+        if hashlib.sha256(untrusted).hexdigest() != program.get("untrusted_sha256"):
+            raise _error(TEE_ERROR_SECURITY, "the untrusted model is not the one these secrets were made for")
+        model = _Model(program, arrays)
+        # The arrays are zero-copy views of the plaintext, which so stays (and counts) in secure memory.
+        self.tee.reserve(len(plaintext))
+        model.reserved += len(plaintext)
+        try:
+            self._build(model)
+        except TEEError:
+            self._free(model)
+            raise
+        except Exception as exc:  # noqa: BLE001 - an authenticated program that does not fit together
+            self._free(model)
+            raise _bad_format(f"{type(exc).__name__}: {exc}") from None
+        session["model"] = model
+
+    def _unload(self, session: dict[str, Any]) -> None:
+        model = session.get("model")
+        session["model"] = None
+        if model is not None:
+            self._free(model)
+
+    def _free(self, model: _Model) -> None:
+        model.steps = None
+        model.views.clear()
+        model.shm.clear()
+        model.interpreter = None
+        model.matrices.clear()
+        for array in model.held:
+            self.tee.free(array)
+        model.held.clear()
+        self.tee.unreserve(model.reserved)
+        model.reserved = 0
+
+    def _alloc(self, model: _Model, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        array = self.tee.alloc(shape, dtype)
+        model.held.append(array)
+        return array
+
+    def _build(self, model: _Model) -> None:
+        """Allocate the secure arena and LiteRT's tensors, resolve every name the program uses."""
+        p = model.program
+        try:
+            arena_size = _count(p["arena_size"])
+            arena = self._alloc(model, arena_size, np.uint8)
+            for name, spec in p["slots"].items():
+                model.views[f"slot:{name}"] = _view(arena, spec, f"slot {name!r}")
+            for name, spec in p["shared_buffers"].items():
+                _check_spec(spec, _count(p["shared_memory_size"]), f"shared buffer {name!r}")
+            if p["tee_model"] is not None:
+                self._build_litert(model, p)
+            scratch = max((_elements(p["shared_buffers"][i["dst"][4:]]["shape"]) for step in p["steps"]
+                           for i in step if i["op"] == "push" and i["permutation"] is not None), default=0)
+            restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
+            scratch = max([scratch] + [_elements(model.arrays[i["offset"]].shape) for i in restores])
+            model.scratch = self._alloc(model, scratch, np.float32)
+            for i in restores:
+                m = p["shared_buffers"][i["src"].removeprefix("shm:")]["shape"][-1]
+                n = model.arrays[i["index"]].shape[1]
+                if m * n <= MATMUL_MAX_ENTRIES:
+                    model.matrices[i["offset"]] = self._restore_matrix(model, i, m)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _bad_format(f"{type(exc).__name__}: {exc}") from None
+
+    def _build_litert(self, model: _Model, p: dict[str, Any]) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        tflite = bytes(model.arrays[p["tee_model"]])
+        # LiteRT's arenas live in secure memory too; the converter computed their size (an upper bound).
+        self.tee.reserve(_count(p["tee_model_arena_bytes"]))
+        model.reserved += _count(p["tee_model_arena_bytes"])
+        # One thread: a TEE has one core for this TA.
+        interpreter = Interpreter(model_content=tflite, num_threads=1)
+        wrapper = interpreter._interpreter
+        signatures = interpreter._get_full_signature_list()
+        for key, spec in p["signatures"].items():
+            sub = wrapper.GetSubgraphIndexFromSignature(key)
+            wrapper.AllocateTensors(sub)
+            model.subgraphs[key] = sub
+            for side in ("inputs", "outputs"):
+                for name, shape in spec[side].items():
+                    index = signatures[key][side][name]
+                    view = wrapper.tensor(wrapper, index, sub)
+                    if list(view.shape) != shape or view.dtype != np.float32:
+                        raise ValueError(f"signature {key} {side[:-1]} {name}: {view.shape} {view.dtype}")
+                    model.views[f"{'in' if side == 'inputs' else 'out'}:{key}:{name}"] = view
+        model.interpreter = interpreter
+
+    def _restore_matrix(self, model: _Model, instr: dict[str, Any], m: int) -> np.ndarray:
+        index, coef = model.arrays[instr["index"]], model.arrays[instr["coef"]]
+        if index.min(initial=0) < 0 or index.max(initial=0) >= m:
+            raise ValueError(f"restore {instr['src']}: index out of range")
+        matrix = self._alloc(model, (m, index.shape[1]), np.float32)
+        columns = np.arange(index.shape[1])
+        for j in range(index.shape[0]):
+            matrix[index[j], columns] += coef[j]
+        return matrix
+
+    # Shared memory and steps.
+    def _bind(self, session: dict[str, Any], param: TEEParam) -> None:
+        model = session.get("model")
+        if model is None:
+            raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
+        p = model.program
+        if param.buffer.nbytes < p["shared_memory_size"]:
+            raise _error(TEE_ERROR_BAD_PARAMETERS,
+                         f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
+                         f"{p['shared_memory_size']}")
+        model.steps = None
+        # Kept past this call, as the ShadowNet contract says: the runtime keeps the memory registered
+        # for the session's lifetime and the TA drops these views when the session closes.
+        model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), spec["offset"])
+                     for name, spec in p["shared_buffers"].items()}
+        try:
+            model.steps = [[self._compile(model, instr) for instr in step] for step in p["steps"]]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            model.shm = {}
+            raise _bad_format(f"{type(exc).__name__}: {exc}") from None
+        model.next_step = 0
+
+    def _ref(self, model: _Model, ref: str) -> np.ndarray:
+        if ref.startswith("shm:"):
+            return model.shm[ref[4:]]
+        return model.views[ref]
+
+    def _compile(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
+        op = instr["op"]
+        if op == "litert":
+            wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
+            return lambda: wrapper.Invoke(sub)
+        src, dst = self._ref(model, instr["src"]), self._ref(model, instr["dst"])
+        if op == "copy":
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(f"copy {instr['src']} -> {instr['dst']}: {src.shape} vs {dst.shape}")
+            return lambda: np.copyto(dst, src)
+        if op == "push":
+            return self._compile_push(model, instr, src, dst)
+        if op == "restore":
+            return self._compile_restore(model, instr, src, dst)
+        raise ValueError(f"unknown instruction {op!r}")
+
+    def _compile_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
+                      dst: np.ndarray) -> Callable[[], Any]:
+        mask = model.arrays[instr["mask"]]
+        if src.shape != dst.shape or mask.shape != dst.shape or mask.dtype != np.float32:
+            raise ValueError(f"push {instr['src']} -> {instr['dst']}: shapes {src.shape} {mask.shape} "
+                             f"{dst.shape}")
+        if instr["permutation"] is None:
+            return lambda: np.add(src, mask, out=dst)
+        perm = model.arrays[instr["permutation"]]
+        if perm.shape != (src.shape[-1],) or np.any(np.sort(perm) != np.arange(len(perm))):
+            raise ValueError(f"push {instr['src']}: permutation is not one of {src.shape[-1]} channels")
+        perm = perm.astype(np.intp)
+        tmp = model.scratch[:dst.size].reshape(dst.shape)
+
+        def push() -> None:
+            np.take(src, perm, axis=-1, out=tmp, mode="clip")  # secure scratch: still unmasked
+            np.add(tmp, mask, out=dst)
+        return push
+
+    def _compile_restore(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
+                         dst: np.ndarray) -> Callable[[], Any]:
+        index, coef, offset = (model.arrays[instr[k]] for k in ("index", "coef", "offset"))
+        m, n = src.shape[-1], dst.shape[-1]
+        if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n or offset.shape != dst.shape
+                or src.shape[:-1] != dst.shape[:-1]
+                or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
+            raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
+        activation = ACTIVATIONS[instr["activation"]]
+        src2, dst2 = src.reshape(-1, m), dst.reshape(-1, n)
+        matrix = model.matrices.get(instr["offset"])
+        if matrix is not None:
+            def restore() -> None:
+                np.matmul(src2, matrix, out=dst2)
+                np.add(dst, offset, out=dst)
+                if activation is not None:
+                    activation(dst)
+            return restore
+        rows = [(idx.astype(np.intp), None if np.all(c == 1) else c)
+                for idx, c in zip(index, coef, strict=True)]
+        tmp = model.scratch[:dst2.size].reshape(dst2.shape)
+        (first, first_coef), rest = rows[0], rows[1:]
+
+        def restore_gather() -> None:
+            np.take(src2, first, axis=1, out=dst2, mode="clip")
+            if first_coef is not None:
+                np.multiply(dst2, first_coef, out=dst2)
+            for idx, c in rest:
+                np.take(src2, idx, axis=1, out=tmp, mode="clip")
+                if c is not None:
+                    np.multiply(tmp, c, out=tmp)
+                np.add(dst2, tmp, out=dst2)
+            np.add(dst, offset, out=dst)
+            if activation is not None:
+                activation(dst)
+        return restore_gather
+
+    def _run_step(self, session: dict[str, Any], step: int) -> None:
+        model = session.get("model")
+        if model is None or model.steps is None:
+            raise _error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
+        if step >= len(model.steps) or (step != 0 and step != model.next_step):
+            raise _error(TEE_ERROR_BAD_STATE, f"step {step} out of order (expected 0 or {model.next_step})")
+        for run in model.steps[step]:
+            run()
+        model.next_step = step + 1 if step + 1 < len(model.steps) else 0
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, not {value!r}")
+    return value
+
+
+def _elements(shape: list[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _check_spec(spec: dict[str, Any], size: int, what: str) -> None:
+    offset = _count(spec["offset"])
+    dtype = np.dtype(spec["dtype"])
+    if dtype != np.float32 or offset % 64 or offset + _elements(spec["shape"]) * 4 > size:
+        raise ValueError(f"{what}: {json.dumps(spec)} does not fit {size} bytes")
+
+
+def _view(arena: np.ndarray, spec: dict[str, Any], what: str) -> np.ndarray:
+    _check_spec(spec, arena.nbytes, what)
+    count = _elements(spec["shape"])
+    return arena[spec["offset"]:spec["offset"] + 4 * count].view(np.float32).reshape(spec["shape"])

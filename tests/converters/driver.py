@@ -1,0 +1,108 @@
+"""A minimal normal-world driver for the ShadowNet TA, for the converter's and the TA's tests.
+
+It is not the runtime (``shadownet.runtime`` is): it loads the artifacts into the TA, binds one shared
+memory, and for each inference runs step 0, then per round the accelerator (LiteRT on ``untrusted.tflite``)
+and the next step, counting TEE entries and recording what crosses the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+import tee_sim
+from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError, ShadowNetError
+from tee_sim.ta_shadownet_commands import UUID, Command
+
+ERRORS: dict[int, type[ShadowNetError]] = {
+    tee_sim.TEE_ERROR_SECURITY: SecurityError,
+    tee_sim.TEE_ERROR_OUT_OF_MEMORY: SecureMemoryError,
+    tee_sim.TEE_ERROR_BAD_FORMAT: ArtifactError,
+    tee_sim.TEE_ERROR_BAD_PARAMETERS: ArtifactError,
+}
+
+
+def mapped(exc: tee_sim.TEEError) -> ShadowNetError:
+    return ERRORS.get(exc.code, ShadowNetError)(str(exc))
+
+
+class Driver:
+    def __init__(self, context: tee_sim.Context, out_dir: str | Path, *, secrets: bytes | None = None,
+                 untrusted: bytes | None = None) -> None:
+        out = Path(out_dir)
+        self.manifest = json.loads((out / "manifest.json").read_text())
+        self.untrusted = untrusted if untrusted is not None else (out / "untrusted.tflite").read_bytes()
+        self.secrets = secrets if secrets is not None else (out / "secrets.sealed").read_bytes()
+        self.session = context.open_session(UUID)
+        try:
+            self.session.invoke_command(Command.LOAD_MODEL, [tee_sim.TempMemRef(self.secrets),
+                                                              tee_sim.TempMemRef(self.untrusted)])
+        except tee_sim.TEEError as exc:
+            self.session.close()
+            raise mapped(exc) from None
+        self.shm = context.register_shared_memory(self.manifest["shared_memory_size"])
+        self.session.invoke_command(Command.BIND_SHARED_MEMORY, [
+            tee_sim.MemRef(self.shm, 0, self.manifest["shared_memory_size"], "inout")])
+        self.views = {b["name"]: self.shm.ndarray(b["dtype"], b["shape"], b["offset"])
+                      for b in self.manifest["buffers"]}
+        self.accelerator = Interpreter(model_content=self.untrusted, num_threads=1)
+        self.runners = {r["signature"]: self.accelerator.get_signature_runner(r["signature"])
+                        for r in self.manifest["rounds"]}
+        self.seen: list[dict[str, np.ndarray]] = []  # per round: what the normal world saw
+
+    def __call__(self, *inputs: np.ndarray, record: bool = False) -> list[np.ndarray]:
+        for i, x in enumerate(inputs):
+            self.views[f"input/{i}"][...] = x
+        self.step(0)
+        if record:
+            self.seen = []
+        for r, spec in enumerate(self.manifest["rounds"], start=1):
+            feeds = {t["name"]: self.views[t["buffer"]].copy() for t in spec["inputs"]}
+            results = self.runners[spec["signature"]](**feeds)
+            for t in spec["outputs"]:
+                self.views[t["buffer"]][...] = results[t["name"]]
+            if record:
+                self.seen.append({**feeds, **results})
+            self.step(r)
+        return [self.views[f"output/{i}"].copy() for i in range(len(self.manifest["outputs"]))]
+
+    def step(self, k: int) -> None:
+        try:
+            self.session.invoke_command(Command.RUN_STEP, [tee_sim.Value(a=k)])
+        except tee_sim.TEEError as exc:
+            raise mapped(exc) from None
+
+    def memory(self) -> tuple[int, int]:
+        out = tee_sim.Value(direction="out")
+        self.session.invoke_command(Command.GET_STATS, [out])
+        return out.a, out.b
+
+    def close(self) -> None:
+        self.session.close()
+        self.shm.release()
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def litert(model: bytes, *inputs: np.ndarray) -> list[np.ndarray]:
+    """The reference: LiteRT on the original model."""
+    interpreter = Interpreter(model_content=model)
+    interpreter.allocate_tensors()
+    for d, x in zip(interpreter.get_input_details(), inputs, strict=True):
+        interpreter.set_tensor(d["index"], x)
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Worst over outputs of max |diff| / max |reference|."""
+    return max(float(np.max(np.abs(g.astype(np.float64) - w)) / max(float(np.max(np.abs(w))), 1e-30))
+               for g, w in zip(got, want, strict=True))

@@ -1,0 +1,163 @@
+"""Sealing and persistent objects, through the test TA (both transports) and the sealing module."""
+
+import os
+import stat
+import uuid
+
+import pytest
+
+from tee_sim import TEE_ERROR_ITEM_NOT_FOUND, TEE_ERROR_SECURITY, Context, TEEError, TempMemRef
+from tee_sim.identity import ATTESTATION_KEY_FILE, ROOT_KEY_FILE, DeviceKeys
+from tee_sim.registry import OTHER_TEST_TA_UUID, TEST_TA_UUID
+from tee_sim.sealing import OVERHEAD, SealingIdentity, seal, unseal
+from tee_sim.testing_ta import Cmd, TestTA
+
+SECRET = b"the weights are the asset"
+
+
+def _seal(session, data: bytes) -> bytes:
+    return session.invoke_command(
+        Cmd.SEAL, [TempMemRef(data), TempMemRef(size=len(data) + 256, direction="out")]
+    )[1].data
+
+
+def _unseal(session, blob: bytes) -> bytes:
+    return session.invoke_command(
+        Cmd.UNSEAL, [TempMemRef(blob), TempMemRef(size=len(blob) + 16, direction="out")]
+    )[1].data
+
+
+def _refused(session, blob: bytes) -> bool:
+    try:
+        _unseal(session, blob)
+    except TEEError as e:
+        assert e.code == TEE_ERROR_SECURITY
+        assert str(e).endswith("sealed data failed authentication")  # one opaque error, whatever was wrong
+        return True
+    return False
+
+
+def test_seal_round_trip(context):
+    with context.open_session(TEST_TA_UUID) as s:
+        blob = _seal(s, SECRET)
+        assert SECRET not in blob and len(blob) == len(SECRET) + OVERHEAD
+        assert _unseal(s, blob) == SECRET
+        assert _seal(s, SECRET) != blob  # fresh nonce each time
+        assert _unseal(s, _seal(s, b"")) == b""
+
+
+def test_every_single_byte_flip_and_truncation_refused(tmp_path):
+    with Context("inprocess", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        blob = _seal(s, b"tiny")
+        for i in range(len(blob)):
+            for mask in (0x01, 0x80):
+                tampered = bytearray(blob)
+                tampered[i] ^= mask
+                assert _refused(s, bytes(tampered)), f"flip of byte {i} accepted"
+        for n in range(len(blob)):
+            assert _refused(s, blob[:n]), f"truncation to {n} bytes accepted"
+        assert _refused(s, blob + b"\0")
+
+
+def test_blob_from_another_device_refused(tmp_path):
+    with Context("inprocess", home=tmp_path / "a") as a, a.open_session(TEST_TA_UUID) as sa:
+        blob = _seal(sa, SECRET)
+    with Context("inprocess", home=tmp_path / "b") as b, b.open_session(TEST_TA_UUID) as sb:
+        assert _refused(sb, blob)
+
+
+def test_blob_of_another_ta_refused(context):
+    with context.open_session(TEST_TA_UUID) as s, context.open_session(OTHER_TEST_TA_UUID) as other:
+        assert _refused(other, _seal(s, SECRET))
+        assert _refused(s, _seal(other, SECRET))
+
+
+def test_version_policy_process_transport(tmp_path, monkeypatch):
+    """An older TA refuses a newer TA's blob; a newer TA opens an older one (same device, same signer)."""
+    blobs = {}
+    for version in (1, 2):
+        monkeypatch.setenv("TEE_SIM_TEST_TA_VERSION", str(version))
+        with Context("process", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+            blobs[version] = _seal(s, f"v{version}".encode())
+    monkeypatch.setenv("TEE_SIM_TEST_TA_VERSION", "1")
+    with Context("process", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        assert _refused(s, blobs[2])
+        assert _unseal(s, blobs[1]) == b"v1"
+    monkeypatch.setenv("TEE_SIM_TEST_TA_VERSION", "3")
+    with Context("process", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        assert _unseal(s, blobs[1]) == b"v1"
+        assert _unseal(s, blobs[2]) == b"v2"
+
+
+def test_version_policy_in_process(tmp_path, monkeypatch):
+    with Context("inprocess", home=tmp_path) as ctx:
+        monkeypatch.setattr(TestTA, "VERSION", 5)
+        with ctx.open_session(TEST_TA_UUID) as s:
+            newer = _seal(s, b"v5")
+        monkeypatch.setattr(TestTA, "VERSION", 4)
+        with ctx.open_session(TEST_TA_UUID) as s:
+            assert _refused(s, newer)
+            older = _seal(s, b"v4")
+        monkeypatch.setattr(TestTA, "VERSION", 6)
+        with ctx.open_session(TEST_TA_UUID) as s:
+            assert _unseal(s, older) == b"v4" and _unseal(s, newer) == b"v5"
+
+
+def test_sealing_module_known_answers():
+    root = bytes(range(32))
+    ident = SealingIdentity("vendor", uuid.UUID(int=7), 3)
+    blob = seal(root, ident, b"x", aad=b"ctx")
+    assert unseal(root, ident, blob, aad=b"ctx") == b"x"
+    for wrong in (dict(aad=b"other"),):
+        with pytest.raises(TEEError):
+            unseal(root, ident, blob, **wrong)
+    with pytest.raises(TEEError):
+        unseal(root, SealingIdentity("other vendor", uuid.UUID(int=7), 3), blob, aad=b"ctx")
+    with pytest.raises(TEEError):
+        unseal(bytes(32), ident, blob, aad=b"ctx")
+
+
+def test_device_keys_created_once_private_and_atomic(tmp_path):
+    keys = DeviceKeys.load_or_create(tmp_path)
+    again = DeviceKeys.load_or_create(tmp_path)
+    assert keys.root_key == again.root_key and keys.attestation_public_key == again.attestation_public_key
+    for name in (ROOT_KEY_FILE, ATTESTATION_KEY_FILE):
+        mode = stat.S_IMODE(os.stat(tmp_path / "device" / name).st_mode)
+        assert mode == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "device").st_mode) == 0o700
+    assert [p for p in (tmp_path / "device").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_persistent_objects(context):
+    with context.open_session(TEST_TA_UUID) as s:
+
+        def read(oid: bytes) -> bytes:
+            return s.invoke_command(Cmd.OBJECT_READ, [TempMemRef(oid), TempMemRef(size=64, direction="out")])[
+                1
+            ].data
+
+        s.invoke_command(Cmd.OBJECT_WRITE, [TempMemRef(b"model-a"), TempMemRef(b"first")])
+        assert read(b"model-a") == b"first"
+        s.invoke_command(Cmd.OBJECT_WRITE, [TempMemRef(b"model-a"), TempMemRef(b"second")])
+        assert read(b"model-a") == b"second"
+        s.invoke_command(Cmd.OBJECT_DELETE, [TempMemRef(b"model-a")])
+        with pytest.raises(TEEError) as err:
+            read(b"model-a")
+        assert err.value.code == TEE_ERROR_ITEM_NOT_FOUND
+
+
+def test_stored_objects_are_sealed_and_bound_to_their_id(tmp_path):
+    with Context("inprocess", home=tmp_path) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        s.invoke_command(Cmd.OBJECT_WRITE, [TempMemRef(b"a"), TempMemRef(SECRET)])
+        s.invoke_command(Cmd.OBJECT_WRITE, [TempMemRef(b"b"), TempMemRef(b"other")])
+        files = {p.name: p for p in (tmp_path / "storage" / str(TEST_TA_UUID)).iterdir()}
+        assert len(files) == 2 and all(SECRET not in p.read_bytes() for p in files.values())
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files.values())
+        a, b = sorted(files.values(), key=lambda p: p.read_bytes() == b"")  # any order
+        a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+        a.write_bytes(b_bytes)  # swap the files: each is now under the other's id
+        b.write_bytes(a_bytes)
+        for oid in (b"a", b"b"):
+            with pytest.raises(TEEError) as err:
+                s.invoke_command(Cmd.OBJECT_READ, [TempMemRef(oid), TempMemRef(size=64, direction="out")])
+            assert err.value.code == TEE_ERROR_SECURITY

@@ -258,3 +258,23 @@ def read_device_file(path: str | os.PathLike[str]) -> DeviceIdentity:
         raise TEEError(
             TEE_ERROR_SECURITY, TEEC_ORIGIN_API, f"{os.fspath(path)} is not a device identity file"
         ) from None
+
+
+def verify_device_file(
+    path: str | os.PathLike[str],
+    expected_measurement: bytes | str,
+    pinned_public_key: Ed25519PublicKey | bytes | str | None = None,
+) -> Report:
+    """Vendor side: read a device identity file and check its report; return it for ``encrypt_to_report``.
+
+    ``pinned_public_key``: the device key the vendor already trusts (e.g. from the device maker); the
+    file's key must match it. ``None`` trusts the key in the file itself (trust on first use).
+    """
+    identity = read_device_file(path)
+    if (
+        pinned_public_key is not None
+        and _public_key_bytes(pinned_public_key) != identity.attestation_public_key
+    ):
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "device identity file: not the pinned device key")
+    pinned = identity.attestation_public_key if pinned_public_key is None else pinned_public_key
+    return verify_report(identity.report, pinned, expected_measurement, nonce=None)

@@ -1,0 +1,235 @@
+"""Attestation and provisioning: reports, the vendor's checks, secrets that only the TA can read."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from shadownet.device import device_identity, export_identity
+from tee_sim import TEE_ERROR_SECURITY, TEEC_ORIGIN_API, Context, TEEError, TempMemRef
+from tee_sim.attestation import (
+    Report,
+    encrypt_to_report,
+    measurement_of,
+    read_device_file,
+    verify_device_file,
+    verify_report,
+)
+from tee_sim.registry import OTHER_TEST_TA_UUID, TEST_TA_UUID
+from tee_sim.testing_ta import Cmd, OtherTestTA, TestTA
+
+AAD = b"model: resnet44"
+
+
+def _report(session, nonce: bytes) -> Report:
+    out = session.invoke_command(Cmd.REPORT, [TempMemRef(nonce), TempMemRef(size=1024, direction="out")])
+    return Report.parse(out[1].data)
+
+
+def _provision(session, envelope: bytes, aad: bytes = AAD) -> bytes:
+    out = session.invoke_command(
+        Cmd.PROVISION, [TempMemRef(envelope), TempMemRef(aad), TempMemRef(size=32, direction="out")]
+    )
+    return out[2].data
+
+
+def _secret_hash(session) -> bytes:
+    return session.invoke_command(Cmd.SECRET_HASH, [TempMemRef(size=32, direction="out")])[0].data
+
+
+def _rejected(call, *args) -> str:
+    with pytest.raises(TEEError) as err:
+        call(*args)
+    assert (err.value.code, err.value.origin) == (TEE_ERROR_SECURITY, TEEC_ORIGIN_API)
+    return str(err.value)
+
+
+@pytest.fixture
+def device(context):
+    """(session with the test TA, the device's attestation public key)."""
+    identity = device_identity(context, TEST_TA_UUID)
+    with context.open_session(TEST_TA_UUID) as session:
+        yield session, identity.attestation_public_key
+
+
+def test_valid_report_verifies(device):
+    session, device_key = device
+    nonce = os.urandom(16)
+    report = _report(session, nonce)
+    assert verify_report(report, device_key, TestTA.measurement(), nonce) == report
+    assert verify_report(report.to_bytes(), device_key.hex(), TestTA.measurement().hex(), nonce) == report
+    assert measurement_of("tee_sim.testing_ta:TestTA") == TestTA.measurement()
+
+
+def test_forged_signature_rejected(device, tmp_path):
+    session, device_key = device
+    nonce = os.urandom(16)
+    report = _report(session, nonce)
+    for i in (0, 31, 63):
+        sig = bytearray(report.signature)
+        sig[i] ^= 1
+        forged = Report(report.measurement, report.nonce, report.public_key, bytes(sig))
+        assert "signature" in _rejected(verify_report, forged, device_key, TestTA.measurement(), nonce)
+    # Swapping in another key (to read the secret ourselves) breaks the signature too.
+    swapped = Report(report.measurement, report.nonce, os.urandom(32), report.signature)
+    _rejected(verify_report, swapped, device_key, TestTA.measurement(), nonce)
+    # A genuine report of another device is not one of the pinned device.
+    with Context("inprocess", home=tmp_path / "other") as other, other.open_session(TEST_TA_UUID) as s:
+        foreign = _report(s, nonce)
+    _rejected(verify_report, foreign, device_key, TestTA.measurement(), nonce)
+
+
+def test_wrong_measurement_rejected(device, context):
+    session, device_key = device
+    nonce = os.urandom(16)
+    report = _report(session, nonce)
+    assert "measurement" in _rejected(verify_report, report, device_key, OtherTestTA.measurement(), nonce)
+    with context.open_session(OTHER_TEST_TA_UUID) as other:
+        _rejected(verify_report, _report(other, nonce), device_key, TestTA.measurement(), nonce)
+
+
+def test_replayed_nonce_rejected(device):
+    session, device_key = device
+    old = _report(session, b"yesterday's challenge")
+    assert "nonce" in _rejected(verify_report, old, device_key, TestTA.measurement(), b"today's challenge")
+
+
+def test_malformed_reports_rejected(device):
+    _, device_key = device
+    for junk in (b"", b"{}", b"not json", json.dumps({"format": "tee_sim-report-1"}).encode(), 42):
+        _rejected(verify_report, junk, device_key, TestTA.measurement(), b"n")
+
+
+def test_provisioned_secret_round_trips_into_the_ta(device, context):
+    session, device_key = device
+    nonce = os.urandom(16)
+    report = verify_report(_report(session, nonce), device_key, TestTA.measurement(), nonce)
+    secret = os.urandom(64)
+    envelope = encrypt_to_report(report, secret, AAD)
+    assert secret not in envelope
+    assert _provision(session, envelope) == hashlib.sha256(secret).digest()
+    # Re-sealed for this device: a later session (same TA) still has it.
+    with context.open_session(TEST_TA_UUID) as later:
+        assert _secret_hash(later) == hashlib.sha256(secret).digest()
+
+
+def test_tampered_or_misdirected_envelopes_refused(device, context):
+    session, device_key = device
+    report = _report(session, b"n1")
+    envelope = encrypt_to_report(report, b"secret", AAD)
+    for i in (0, 5, 40, 70, len(envelope) - 1):
+        bad = bytearray(envelope)
+        bad[i] ^= 1
+        with pytest.raises(TEEError) as err:
+            _provision(session, bytes(bad))
+        assert err.value.code == TEE_ERROR_SECURITY
+    with pytest.raises(TEEError):
+        _provision(session, envelope, aad=b"model: another")
+    with pytest.raises(TEEError):
+        _provision(session, envelope[:60])
+    # Another TA cannot open what was sent to the test TA's key.
+    with context.open_session(OTHER_TEST_TA_UUID) as other, pytest.raises(TEEError) as err:
+        _provision(other, envelope)
+    assert err.value.code == TEE_ERROR_SECURITY
+
+
+def test_device_file_for_a_remote_device(tmp_path):
+    """Export on the device, convert at the vendor, open on the device after a restart of its secure world."""
+    home = tmp_path / "device"
+    path = tmp_path / "device.json"
+    with Context("process", home=home) as ctx:
+        export_identity(path, context=ctx, ta_uuid=TEST_TA_UUID)
+    assert not re.search(r"private|secret", path.read_text(), re.I)
+    identity = read_device_file(path)
+    # The vendor: check the file (pinned key = the one in the file, or one it got from the maker).
+    report = verify_device_file(path, TestTA.measurement())
+    verify_device_file(path, TestTA.measurement(), pinned_public_key=identity.attestation_public_key)
+    _rejected(verify_device_file, path, TestTA.measurement(), os.urandom(32))
+    _rejected(verify_device_file, path, OtherTestTA.measurement())
+    secret = os.urandom(48)
+    envelope = encrypt_to_report(report, secret, AAD)
+    # The provisioning key persisted (sealed): a new secure world opens it; a second export reuses the key.
+    with Context("process", home=home) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        assert _provision(s, envelope) == hashlib.sha256(secret).digest()
+        assert device_identity(ctx, TEST_TA_UUID).report.public_key == report.public_key
+    # Another device cannot open it.
+    with Context("inprocess", home=tmp_path / "other") as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        with pytest.raises(TEEError) as err:
+            _provision(s, envelope)
+        assert err.value.code == TEE_ERROR_SECURITY
+
+
+def test_export_identity_cli_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHADOWNET_HOME", str(tmp_path / "home"))
+    path = tmp_path / "id.json"
+    with Context("inprocess", home=tmp_path / "home") as ctx:
+        export_identity(path, context=ctx, ta_uuid=TEST_TA_UUID)
+    fields = json.loads(path.read_text())
+    assert fields["format"] == "tee_sim-device-1" and fields["trusted_app"] == str(TEST_TA_UUID)
+    assert set(fields["report"]) == {"format", "measurement", "nonce", "public_key", "signature"}
+
+
+_NORMAL_WORLD = """
+    import hashlib, sys
+    from tee_sim import default_context, TempMemRef
+    from tee_sim.registry import TEST_TA_UUID
+    from tee_sim.testing_ta import Cmd
+    envelope = open(sys.argv[1], "rb").read()
+    session = default_context().open_session(TEST_TA_UUID)
+    out = session.invoke_command(Cmd.PROVISION, [TempMemRef(envelope), TempMemRef(sys.argv[2].encode()),
+                                                 TempMemRef(size=32, direction="out")])[2].data
+    print(out.hex(), flush=True)
+    sys.stdin.readline()  # stay alive while the test reads our memory
+"""
+
+
+def _process_memory(pid: int) -> bytes:
+    chunks = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunks.append(mem.read(end - start))
+            except (OSError, ValueError, OverflowError):
+                continue
+    return b"".join(chunks)
+
+
+def test_provisioned_secret_never_in_normal_world_memory(tmp_path):
+    """The normal world relays the envelope and gets only a hash: its memory never holds the secret."""
+    home = tmp_path / "device"
+    # The vendor (this test) encrypts to the device's exported identity; the normal world (a child
+    # process with its own secure world) only relays the envelope.
+    path = tmp_path / "device.json"
+    with Context("process", home=home) as ctx:
+        export_identity(path, context=ctx, ta_uuid=TEST_TA_UUID)
+    report = verify_device_file(path, TestTA.measurement())
+    secret = os.urandom(32)
+    envelope_path = tmp_path / "envelope.bin"
+    envelope_path.write_bytes(encrypt_to_report(report, secret, AAD))
+    env = dict(os.environ, SHADOWNET_HOME=str(home))
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_NORMAL_WORLD), str(envelope_path), AAD.decode()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        answer = child.stdout.readline().strip()
+        assert bytes.fromhex(answer.decode()) == hashlib.sha256(secret).digest(), child.stderr.read()
+        memory = _process_memory(child.pid)
+        assert envelope_path.read_bytes()[:64] in memory  # the scan sees what the process holds...
+        assert secret not in memory  # ...and the secret is not there
+        assert secret[:16] not in memory and secret[16:] not in memory
+    finally:
+        child.communicate(b"\n", timeout=60)

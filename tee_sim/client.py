@@ -35,6 +35,7 @@ TRANSPORTS = ("process", "inprocess")
 # Spin window of both worlds before they sleep on an eventfd (see tee_sim.bench for the measurement
 # behind it; override per context or with $TEE_SIM_SPIN_US).
 DEFAULT_SPIN_US = 50.0
+DEFAULT_SPIN_YIELD = True
 _BOUNCE_MIN = 64 << 10
 _NO_TEMPS: list[int] = []
 _ALIGN = 64
@@ -168,7 +169,9 @@ class Context:
     fast tests. ``home``: the device's state (default ``$SHADOWNET_HOME`` or ``~/.shadownet``).
     ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may take
     before the secure world is declared hung, stopped, and a ``TEEC_ORIGIN_COMMS`` error raised.
-    ``spin_us``: how long both worlds busy-wait for the other before sleeping (process transport).
+    ``spin_us``: how long both worlds busy-wait for the other before sleeping, and ``spin_yield``
+    whether they offer the core to other threads while doing so (process transport; defaults:
+    ``$TEE_SIM_SPIN_US`` / ``$TEE_SIM_SPIN_YIELD`` or the measured defaults below).
     """
 
     def __init__(
@@ -179,11 +182,14 @@ class Context:
         memory_cap: int = 64 << 20,
         timeout: float = 5.0,
         spin_us: float | None = None,
+        spin_yield: bool | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise _api_error(f"transport must be one of {TRANSPORTS}")
         if spin_us is None:
             spin_us = float(os.environ.get("TEE_SIM_SPIN_US", DEFAULT_SPIN_US))
+        if spin_yield is None:
+            spin_yield = os.environ.get("TEE_SIM_SPIN_YIELD", "1" if DEFAULT_SPIN_YIELD else "0") != "0"
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
@@ -194,7 +200,7 @@ class Context:
         self.closed = False
         home = os.fspath(home) if home is not None else None
         if transport == "process":
-            self._transport: Any = ProcessTransport(home, memory_cap, timeout, spin_us)
+            self._transport: Any = ProcessTransport(home, memory_cap, timeout, spin_us, spin_yield)
         else:
             self._transport = InProcessTransport(home, memory_cap)
         _live_contexts.add(self)

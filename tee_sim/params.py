@@ -181,8 +181,11 @@ class TEEParam:
     Values: ``a``, ``b`` (write them for output). Memrefs: ``buffer`` is a zero-copy ``memoryview``
     of the bytes (read-only for input, writable for output/inout) and ``size`` its length; a TA may set
     ``size`` to the number of bytes it produced, or to the size it needs before raising
-    ``TEE_ERROR_SHORT_BUFFER``. A memref is valid only during the call: never keep a view of it. The
-    normal world can change shared memory at any time, so copy what you validate before using it.
+    ``TEE_ERROR_SHORT_BUFFER``. A view of a ``TempMemRef`` is valid only during the call (its bytes
+    live in a bounce buffer reused by the next call); a view of a ``MemRef`` stays valid until the
+    normal world releases that shared memory, so a TA may keep views of registered memory across
+    calls. The normal world can change shared memory at any time: copy what you validate before
+    relying on it.
     """
 
     __slots__ = ("type", "a", "b", "buffer", "size")

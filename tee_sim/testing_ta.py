@@ -8,7 +8,13 @@ import os
 import time
 from typing import Any
 
-from tee_sim.errors import TEE_ERROR_NOT_SUPPORTED, TEE_ERROR_SHORT_BUFFER, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.errors import (
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_NOT_SUPPORTED,
+    TEE_ERROR_SHORT_BUFFER,
+    TEEC_ORIGIN_TRUSTED_APP,
+    TEEError,
+)
 from tee_sim.params import (
     TEE_PARAM_TYPE_MEMREF_INOUT,
     TEE_PARAM_TYPE_MEMREF_INPUT,
@@ -49,6 +55,7 @@ class Cmd(enum.IntEnum):
     OBJECT_DELETE = 15  # memref in id
     FILL = 16  # value in (byte), memref out: fill the whole buffer
     MARK_ON_CLOSE = 17  # when this session closes, write the persistent object "closed-marker"
+    COPY = 18  # memref in -> memref out of the same size: one memcpy inside the TA
 
 
 def _write(param: TEEParam, data: bytes) -> None:
@@ -137,6 +144,12 @@ class TestTA(TrustedApp):
         elif cmd_id == Cmd.FILL:
             check_param_types(params, VALUE_IN, MEMREF_OUT)
             params[1].ndarray("uint8")[:] = params[0].a
+        elif cmd_id == Cmd.COPY:
+            check_param_types(params, MEMREF_IN, MEMREF_OUT)
+            source, target = params[0].buffer, params[1].buffer
+            if source.nbytes != target.nbytes:
+                raise TEEError(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP, "sizes differ")
+            target[:] = source
         elif cmd_id == Cmd.MARK_ON_CLOSE:
             check_param_types(params)
             session["mark"] = True

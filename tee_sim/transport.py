@@ -82,12 +82,20 @@ class ProcessTransport:
     """
 
     def __init__(
-        self, home: str | None, memory_cap: int, timeout: float, spin_us: float, startup_timeout: float = 60.0
+        self,
+        home: str | None,
+        memory_cap: int,
+        timeout: float,
+        spin_us: float,
+        spin_yield: bool = True,
+        startup_timeout: float = 60.0,
+        caller_spin_us: float | None = None,
     ) -> None:
         self.home = resolve_home(home)
         self.memory_cap, self.timeout, self.spin_us = memory_cap, timeout, spin_us
         self.startup_timeout = startup_timeout
-        self.spin_yield = os.environ.get("TEE_SIM_SPIN_YIELD", "1") != "0"
+        self.spin_yield = spin_yield
+        self.caller_spin_us = spin_us if caller_spin_us is None else caller_spin_us
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
@@ -242,7 +250,7 @@ class ProcessTransport:
         if words[ch.SW_SLEEPING]:
             os.eventfd_write(self.req_efd, 1)
         if words[ch.RESP_SEQ] != seq:
-            end = time.perf_counter_ns() + int(self.spin_us * 1000)
+            end = time.perf_counter_ns() + int(self.caller_spin_us * 1000)
             if self.spin_yield:
                 while words[ch.RESP_SEQ] != seq and time.perf_counter_ns() < end:
                     os.sched_yield()

@@ -6,7 +6,6 @@ by UUID and exchanges parameters; large tensors travel through shared memory it 
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
@@ -203,7 +202,9 @@ class Context:
             self._transport: Any = ProcessTransport(home, memory_cap, timeout, spin_us, spin_yield)
         else:
             self._transport = InProcessTransport(home, memory_cap)
-        _live_contexts.add(self)
+        # Closes the transport when the context is collected or at interpreter exit, whichever is
+        # first: the secure world then closes every session left open (their TA's close_session runs).
+        self._finalizer = weakref.finalize(self, self._transport.close)
 
     # Public API.
     def open_session(self, ta_uuid: uuid.UUID | str, params: Sequence[ClientParam] = ()) -> Session:
@@ -258,8 +259,7 @@ class Context:
                 except TEEError:
                     pass
             self.closed = True
-            self._transport.close()
-        _live_contexts.discard(self)
+            self._finalizer()
 
     @property
     def secure_world_pid(self) -> int | None:
@@ -416,7 +416,6 @@ class Context:
         return bytes_out
 
 
-_live_contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 _default: Context | None = None
 _default_pid = 0
 _default_lock = threading.Lock()
@@ -433,13 +432,3 @@ def default_context() -> Context:
             _default = Context(os.environ.get("SHADOWNET_TEE_TRANSPORT", "process"))
             _default_pid = os.getpid()
         return _default
-
-
-@atexit.register
-def _close_all() -> None:
-    """Sessions left open are closed at interpreter exit (their TA's close_session runs)."""
-    for context in list(_live_contexts):
-        try:
-            context.close()
-        except Exception:  # noqa: BLE001, S110 - best effort at exit
-            pass

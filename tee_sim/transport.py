@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class ProcessTransport:
         self.proc: subprocess.Popen | None = None
         self._seq = 0
         self._start()
+        _transports.add(self)
 
     # Life cycle.
     def _log(self) -> int:
@@ -213,6 +215,10 @@ class ProcessTransport:
         self.sock.close()
         os.close(self.req_efd)
         os.close(self.resp_efd)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the secure world and its channel belong to the parent; never touch them."""
+        self.proc = None
 
     def close(self) -> None:
         if self.proc is None:
@@ -368,3 +374,16 @@ class ProcessTransport:
     def release_shm(self, shm_id: int) -> None:
         if self.proc is not None:
             self._roundtrip(ch.OP_RELEASE, 0, 0, ((0, shm_id, 0, 0, 0, 0),) + NO_PARAMS[1:], self.timeout)
+
+
+# A child forked from a process with a secure world must not talk on (or shut down) its parent's channel:
+# its sessions are lost and its next OpenSession starts a secure world of its own.
+_transports: weakref.WeakSet[ProcessTransport] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for transport in list(_transports):
+        transport._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -168,3 +168,36 @@ def test_sessions_closed_at_exit_and_noise_stays_off_the_terminal(tmp_path):
             Cmd.OBJECT_READ, [TempMemRef(b"closed-marker"), TempMemRef(size=16, direction="out")]
         )
         assert out[1].data == b"closed"
+
+
+def test_forked_child_never_uses_the_parents_channel(tmp_path):
+    result = _run_script(
+        """
+        import os, sys
+        from tee_sim import Context, TEEError, TEE_ERROR_TARGET_DEAD, Value
+        from tee_sim.registry import TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+        ctx = Context("process")
+        session = ctx.open_session(TEST_TA_UUID)
+        parent_world = ctx.secure_world_pid
+        pid = os.fork()
+        if pid == 0:
+            try:
+                session.invoke_command(Cmd.NOTHING)
+                os._exit(1)
+            except TEEError as e:
+                if e.code != TEE_ERROR_TARGET_DEAD:
+                    os._exit(2)
+            with ctx.open_session(TEST_TA_UUID) as own:
+                ok = own.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])[1].a == 3
+                ok = ok and ctx.secure_world_pid != parent_world
+            ctx.close()  # shuts down the child's own secure world only
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+        print(session.invoke_command(Cmd.ADD, [Value(20, 22), Value(direction="out")])[1].a)
+        print(ctx.secure_world_pid == parent_world)
+    """,
+        tmp_path,
+    )
+    assert result.stdout.split() == ["0", "42", "True"], result.stderr

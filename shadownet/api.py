@@ -42,27 +42,20 @@ def convert_cli(args: argparse.Namespace) -> None:
     import json
 
     start = time.perf_counter()
-    convert(args.model, args.output, scheme=args.scheme, seed=args.seed, calibration=args.calibration,
-            device=args.device, force=args.force)
+    manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
+                       calibration=args.calibration, device=args.device, force=args.force)
     elapsed = time.perf_counter() - start
-    manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))
     rounds = len(manifest.get("rounds", ()))
-    line = f"protected {args.model} -> {args.output}: scheme {manifest['scheme']['name']}, {rounds} rounds " \
-           f"({rounds + 1} TEE entries per inference)"
-    share = _offloaded_share(manifest)
-    if share is not None:
-        line += f", {share:.1%} of the multiply-adds offloaded"
-    print(f"{line}, {elapsed:.1f} s")
+    summary = manifest.get("summary") or {}
+    parts = [f"scheme {manifest['scheme']['name']}",
+             f"{rounds} rounds ({rounds + 1} TEE entries per inference)"]
+    if "offloaded_ops" in summary:
+        parts.append(f"{summary['offloaded_ops']} linear ops offloaded to the accelerator")
+    print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")
     if manifest.get("seeded"):
         print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)")
-
-
-def _offloaded_share(manifest: dict[str, Any]) -> float | None:
-    summary = manifest.get("summary") or {}
-    for key in ("offloaded_macs_share", "offloaded_share", "offloaded_flops_share"):
-        if isinstance(summary.get(key), int | float):
-            return float(summary[key])
-    return None
 
 
 def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:

@@ -233,16 +233,25 @@ class ProtectedModel:
             sum(nbytes[b] for r in artifacts.rounds for _, b in r.outputs)
         self._bytes_from_tee = sum(nbytes[f"output/{i}"] for i in range(len(self.outputs))) + \
             sum(nbytes[b] for r in artifacts.rounds for _, b in r.inputs)
-        base = LiteRTAccelerator(artifacts.untrusted, artifacts.rounds, num_threads, _delegates(delegate))
-        self.accelerator: Accelerator = accelerator(base) if accelerator is not None else base
+        self._accelerator_args = (num_threads, delegate, accelerator)
+        self.accelerator: Accelerator | None = None
         self._last: dict[str, float] = {}
         self._session_before: dict[str, Any] = {}
         self._session_after: dict[str, Any] = {}
         try:
             self._open()
         except BaseException:
-            self.accelerator.close()
+            if self.accelerator is not None:
+                self.accelerator.close()
+            if self._shm is not None:
+                _quietly(self._shm.release)
             raise
+
+    def _make_accelerator(self) -> Accelerator:
+        num_threads, delegate, wrap = self._accelerator_args
+        base = LiteRTAccelerator(self.artifacts.untrusted, self.artifacts.rounds, num_threads,
+                                 _delegates(delegate))
+        return wrap(base) if wrap is not None else base
 
     # --- session life cycle -------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -256,6 +265,10 @@ class ProtectedModel:
             with _tee(where):
                 session.invoke_command(commands.Command.LOAD_MODEL, [
                     tee_sim.TempMemRef(self.artifacts.secrets), tee_sim.TempMemRef(self.artifacts.untrusted)])
+                if self.accelerator is None:
+                    # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
+                    # reported as the SecurityError it is, not as a LiteRT or layout error.
+                    self.accelerator = self._make_accelerator()
                 shm = self._shm
                 if shm is None or shm.released or self._context is not context:
                     # First load, or the process's context was closed and replaced: memory registered
@@ -273,7 +286,11 @@ class ProtectedModel:
     def _bind_views(self, shm: Any) -> None:
         old = self._shm
         views = {b.name: shm.ndarray(b.dtype, b.shape, b.offset) for b in self.artifacts.buffers.values()}
-        self.accelerator.bind(views)
+        try:
+            self.accelerator.bind(views)
+        except BaseException:
+            _quietly(shm.release)
+            raise
         self._shm, self._views = shm, views
         self._input_views = [views[f"input/{i}"] for i in range(len(self.inputs))]
         self._output_views = [views[f"output/{i}"] for i in range(len(self.outputs))]
@@ -297,7 +314,8 @@ class ProtectedModel:
             if self._shm is not None:
                 _quietly(self._shm.release)
                 self._shm = None
-            self.accelerator.close()
+            if self.accelerator is not None:
+                self.accelerator.close()
 
     @property
     def closed(self) -> bool:

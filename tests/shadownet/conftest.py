@@ -1,0 +1,99 @@
+"""Protected test models for the runtime tests: built with Keras, converted by TensorFlow's TFLite converter
+and protected by ``shadownet.convert`` once per session; LiteRT on the ORIGINAL model is the reference."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+SEED = 7  # reproducible secrets: INSECURE, tests only
+
+
+@dataclass(frozen=True)
+class Protected:
+    original: Path   # the float .tflite
+    out: Path        # its artifact directory (paper scheme)
+
+    def reference(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """LiteRT's outputs on the original model, in get_output_details() order."""
+        interpreter = LiteRTInterpreter(model_path=str(self.original), num_threads=1)
+        interpreter.allocate_tensors()
+        for detail, x in zip(interpreter.get_input_details(), inputs, strict=True):
+            interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+    def random_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        interpreter = LiteRTInterpreter(model_path=str(self.original))
+        rng = np.random.default_rng(seed)
+        return [rng.uniform(-1, 1, d["shape"]).astype(d["dtype"]) for d in interpreter.get_input_details()]
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """Worst absolute difference over the largest absolute reference value."""
+    return float(np.max(np.abs(got.astype(np.float64) - want)) / np.max(np.abs(want)))
+
+
+@pytest.fixture(scope="session")
+def keras():
+    pytest.importorskip("tensorflow")
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    return keras
+
+
+def _to_tflite(model) -> bytes:
+    import tensorflow as tf
+
+    from models.backend import quiet
+
+    with quiet():
+        return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
+def _protect(tmp: Path, name: str, data: bytes) -> Protected:
+    import shadownet
+
+    original = tmp / f"{name}.tflite"
+    original.write_bytes(data)
+    out = tmp / f"{name}.protected"
+    shadownet.convert(str(original), str(out), scheme="shadownet", seed=SEED)
+    return Protected(original, out)
+
+
+@pytest.fixture(scope="session")
+def small_cnn(keras, tmp_path_factory) -> Protected:
+    """One input, one output: conv + ReLU, depthwise + ReLU6, pointwise conv, pooling, dense, softmax."""
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    x = keras.Input((16, 16, 3), batch_size=1, name="image")
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    h = layers.DepthwiseConv2D(3, padding="same", activation="relu6")(h)
+    h = layers.Conv2D(16, 1, activation="relu")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    y = layers.Dense(10, activation="softmax")(h)
+    return _protect(tmp_path_factory.mktemp("small_cnn"), "small_cnn", _to_tflite(keras.Model(x, y)))
+
+
+@pytest.fixture(scope="session")
+def two_by_two(keras, tmp_path_factory) -> Protected:
+    """Two inputs, two outputs (a feature map and a vector), with a residual ADD between rounds."""
+    keras.utils.set_random_seed(1)
+    layers = keras.layers
+    a = keras.Input((8, 8, 3), batch_size=1, name="left")
+    b = keras.Input((8, 8, 2), batch_size=1, name="right")
+    ha = layers.Conv2D(6, 3, padding="same", activation="relu")(a)
+    hb = layers.Conv2D(6, 1, activation="relu")(b)
+    h = layers.Add()([ha, hb])
+    fmap = layers.Conv2D(4, 3, padding="same", name="fmap")(h)
+    vec = layers.Dense(5, name="vec")(layers.Flatten()(layers.MaxPooling2D()(h)))
+    data = _to_tflite(keras.Model([a, b], [fmap, vec]))
+    return _protect(tmp_path_factory.mktemp("two_by_two"), "two_by_two", data)

@@ -1,0 +1,120 @@
+"""Damaged, tampered, swapped and foreign artifact directories fail with the flat exceptions."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import shadownet
+from shadownet.artifacts import read_artifacts
+from shadownet.exceptions import ArtifactError, SecurityError
+from tests.shadownet.conftest import SEED
+
+
+@pytest.fixture
+def copy(small_cnn, tmp_path):
+    """A private copy of the small model's artifacts that a test may damage."""
+    target = tmp_path / "out"
+    shutil.copytree(small_cnn.out, target)
+    return target
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _rehash(out: Path, name: str) -> None:
+    """What an attacker does after replacing a file: fix the (unauthenticated) manifest."""
+    manifest = _manifest(out)
+    manifest["files"][name]["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    _write_manifest(out, manifest)
+
+
+def test_good_directory_reads(small_cnn):
+    artifacts = read_artifacts(small_cnn.out)
+    assert artifacts.rounds and artifacts.inputs and artifacts.outputs
+    assert artifacts.buffers["input/0"].shape == artifacts.inputs[0].shape
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_dir", "does not exist"),
+    ("file", "not an artifact directory"),
+    ("no_manifest", "manifest.json"),
+    ("bad_json", "not valid JSON"),
+    ("wrong_format", "not a ShadowNet manifest"),
+    ("future_version", "unknown format_version 99"),
+    ("no_secrets", "secrets.sealed is missing"),
+    ("no_untrusted", "untrusted.tflite is missing"),
+    ("overflow", "ends past shared_memory_size"),
+    ("missing_field", "malformed"),
+])
+def test_broken_directory_raises_artifact_error(copy, damage, message):
+    target = copy
+    if damage == "no_dir":
+        target = copy / "nowhere"
+    elif damage == "file":
+        target = copy / "untrusted.tflite"
+    elif damage == "no_manifest":
+        (copy / "manifest.json").unlink()
+    elif damage == "bad_json":
+        (copy / "manifest.json").write_text("{not json")
+    else:
+        manifest = _manifest(copy)
+        if damage == "wrong_format":
+            manifest["format"] = "something-else"
+        elif damage == "future_version":
+            manifest["format_version"] = 99
+        elif damage == "no_secrets":
+            (copy / "secrets.sealed").unlink()
+        elif damage == "no_untrusted":
+            (copy / "untrusted.tflite").unlink()
+        elif damage == "overflow":
+            manifest["shared_memory_size"] = 64
+        elif damage == "missing_field":
+            del manifest["rounds"]
+        _write_manifest(copy, manifest)
+    with pytest.raises(ArtifactError, match=message):
+        shadownet.load(target)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+@pytest.mark.parametrize("fix_manifest", [False, True], ids=["hash-check", "trusted-app-check"])
+def test_tampered_secrets_raise_security_error(copy, damage, fix_manifest):
+    path = copy / "secrets.sealed"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        data = data[: len(data) - 17]
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    if fix_manifest:  # the manifest is public: the secure world must catch it on its own
+        _rehash(copy, "secrets.sealed")
+    with pytest.raises(SecurityError):
+        shadownet.load(copy)
+
+
+@pytest.mark.parametrize("fix_manifest", [False, True], ids=["hash-check", "trusted-app-check"])
+def test_swapped_untrusted_model_raises_security_error(copy, two_by_two, fix_manifest):
+    shutil.copy(two_by_two.out / "untrusted.tflite", copy / "untrusted.tflite")
+    if fix_manifest:
+        _rehash(copy, "untrusted.tflite")
+    with pytest.raises(SecurityError):
+        shadownet.load(copy)
+
+
+def test_secrets_of_another_conversion_raise_security_error(copy, small_cnn, tmp_path):
+    """Same model, same layout, other secrets: the TA sees they were not sealed for this untrusted model."""
+    other = tmp_path / "other"
+    shadownet.convert(str(small_cnn.original), str(other), scheme="shadownet", seed=SEED + 1)
+    shutil.copy(other / "secrets.sealed", copy / "secrets.sealed")
+    _rehash(copy, "secrets.sealed")
+    with pytest.raises(SecurityError):
+        shadownet.load(copy)

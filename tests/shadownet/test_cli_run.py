@@ -1,0 +1,109 @@
+"""`shadownet run` and `shadownet convert` end to end, and the one-line errors a user can cause."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from shadownet.cli import main
+from tests.shadownet.conftest import relative_error
+
+TOLERANCE = 1e-3
+
+
+def _one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shadownet: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_run_npy_prints_a_summary(small_cnn, tmp_path, capsys):
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(small_cnn.out), "--input", str(tmp_path / "x.npy"), "--num_threads", "1"]) == 0
+    out = capsys.readouterr().out
+    (want,) = small_cnn.reference(x)
+    assert f"argmax {int(np.argmax(want))}" in out and "top-5" in out and "TEE entries" in out
+
+
+def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsys):
+    import shadownet
+
+    inputs = two_by_two.random_inputs()
+    want = two_by_two.reference(*inputs)
+    with shadownet.load(two_by_two.out) as model:
+        in_names = [t.name for t in model.inputs]
+        out_names = [t.name for t in model.outputs]
+    np.savez(tmp_path / "x.npz", **dict(zip(in_names, inputs, strict=True)))
+    target = tmp_path / "y.npz"
+    argv = ["run", str(two_by_two.out), "--input", str(tmp_path / "x.npz"), "--output", str(target)]
+    assert main(argv) == 0
+    with np.load(target) as got:
+        assert list(got.files) == out_names
+        for name, w in zip(out_names, want, strict=True):
+            assert relative_error(got[name], w) <= TOLERANCE
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_artifacts", "does not exist"),
+    ("no_input", "does not exist"),
+    ("not_numpy", "cannot read"),
+    ("wrong_shape", "must be [1, 16, 16, 3] float32"),
+    ("verify", "--verify is not available yet"),
+    ("tampered", "SHA-256"),
+])
+def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    artifacts, data = str(small_cnn.out), str(tmp_path / "x.npy")
+    extra: list[str] = []
+    if case == "no_artifacts":
+        artifacts = str(tmp_path / "nowhere")
+    elif case == "no_input":
+        data = str(tmp_path / "missing.npy")
+    elif case == "not_numpy":
+        (tmp_path / "junk.npy").write_bytes(b"\x00junk" * 10)
+        data = str(tmp_path / "junk.npy")
+    elif case == "wrong_shape":
+        np.save(tmp_path / "x.npy", x[:, :8])
+    elif case == "verify":
+        extra = ["--verify"]
+    elif case == "tampered":
+        shutil.copytree(small_cnn.out, tmp_path / "out")
+        sealed = tmp_path / "out" / "secrets.sealed"
+        sealed.write_bytes(sealed.read_bytes()[:-1])
+        artifacts = str(tmp_path / "out")
+    line = _one_line_error(capsys, main(["run", artifacts, "--input", data, *extra]))
+    assert message in line
+
+
+def test_npy_for_a_two_input_model_is_refused(two_by_two, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", two_by_two.random_inputs()[0])
+    line = _one_line_error(capsys, main(["run", str(two_by_two.out), "--input", str(tmp_path / "x.npy")]))
+    assert "2 inputs" in line
+
+
+def test_convert_prints_a_summary(small_cnn, tmp_path, capsys):
+    out = tmp_path / "converted"
+    argv = ["convert", str(small_cnn.original), "-o", str(out), "--scheme", "shadownet", "--seed", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "rounds" in printed and "INSECURE" in printed
+    assert (out / "manifest.json").is_file()
+    # A non-empty output directory is refused without --force.
+    _one_line_error(capsys, main(["convert", str(small_cnn.original), "-o", str(out), "--seed", "3"]))
+
+
+def test_real_process_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "shadownet", "run", str(tmp_path / "nowhere"), "--input",
+                             str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    expected = f"shadownet: error: artifact directory {tmp_path / 'nowhere'} does not exist"
+    assert result.stderr.strip().splitlines() == [expected]

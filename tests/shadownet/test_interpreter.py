@@ -1,0 +1,101 @@
+"""shadownet.Interpreter is a drop-in for LiteRT's Interpreter: the same app code runs on both."""
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+import shadownet
+from shadownet.exceptions import ArtifactError
+from tests.shadownet.conftest import relative_error
+
+TOLERANCE = 1e-3
+DETAIL_KEYS = ("name", "index", "shape", "shape_signature", "dtype", "quantization")
+
+
+def litert_app(interpreter_class, model_path, batches):
+    """An app written for LiteRT, as its documentation shows; only the class it is given changes."""
+    interpreter = interpreter_class(model_path=str(model_path), num_threads=2)
+    input_details = interpreter.get_input_details()
+    output_details = interpreter.get_output_details()
+    interpreter.allocate_tensors()
+    results = []
+    for inputs in batches:
+        for detail, x in zip(input_details, inputs, strict=True):
+            assert tuple(detail["shape"]) == x.shape and detail["dtype"] == x.dtype
+            interpreter.set_tensor(detail["index"], x)
+        interpreter.invoke()
+        outputs = [interpreter.get_tensor(d["index"]) for d in output_details]
+        outputs[0] *= 1.0  # apps may write to what get_tensor returns
+        results.append(outputs)
+    runner = interpreter.get_signature_runner()
+    names = interpreter.get_signature_list()
+    key = next(iter(names))
+    by_name = runner(**dict(zip(names[key]["inputs"], batches[0], strict=True)))
+    return results, by_name, names
+
+
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two"])
+def test_same_app_runs_on_litert_and_shadownet(fixture, request):
+    model = request.getfixturevalue(fixture)
+    batches = [model.random_inputs(seed) for seed in range(2)]
+    want, want_by_name, want_names = litert_app(LiteRTInterpreter, model.original, batches)
+    got, got_by_name, got_names = litert_app(shadownet.Interpreter, model.out, batches)
+    assert got_names == want_names
+    for g_outputs, w_outputs in zip(got, want, strict=True):
+        for g, w in zip(g_outputs, w_outputs, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert relative_error(g, w) <= TOLERANCE
+    assert list(got_by_name) == list(want_by_name)
+    for name, w in want_by_name.items():
+        assert relative_error(got_by_name[name], w) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two"])
+def test_details_are_the_original_models(fixture, request):
+    model = request.getfixturevalue(fixture)
+    litert = LiteRTInterpreter(model_path=str(model.original))
+    ours = shadownet.Interpreter(model_path=str(model.out))  # before allocate_tensors()
+    for got, want in ((ours.get_input_details(), litert.get_input_details()),
+                      (ours.get_output_details(), litert.get_output_details())):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            for key in DETAIL_KEYS:
+                assert np.array_equal(g[key], w[key]), key
+            assert g["quantization_parameters"].keys() == w["quantization_parameters"].keys()
+    runner_details, want_runner = ours.get_signature_runner(), litert.get_signature_runner()
+    for g, w in ((runner_details.get_input_details(), want_runner.get_input_details()),
+                 (runner_details.get_output_details(), want_runner.get_output_details())):
+        assert list(g) == list(w)
+        assert [d["index"] for d in g.values()] == [d["index"] for d in w.values()]
+    ours.close()
+
+
+def test_tensor_views_and_errors(small_cnn):
+    (x,) = small_cnn.random_inputs()
+    (want,) = small_cnn.reference(x)
+    with shadownet.Interpreter(model_path=str(small_cnn.out)) as interpreter:
+        interpreter.allocate_tensors()
+        i = interpreter.get_input_details()[0]["index"]
+        o = interpreter.get_output_details()[0]["index"]
+        interpreter.tensor(i)()[...] = x  # LiteRT's zero-copy idiom
+        interpreter.invoke()
+        assert relative_error(interpreter.tensor(o)(), want) <= TOLERANCE
+        assert np.array_equal(interpreter.get_tensor(i), x)
+        interpreter.resize_tensor_input(i, list(x.shape))  # same shape: fine
+        with pytest.raises(ValueError, match="fixed input shapes"):
+            interpreter.resize_tensor_input(i, [2, *x.shape[1:]])
+        with pytest.raises(ValueError, match="float64"):
+            interpreter.set_tensor(i, x.astype(np.float64))
+        with pytest.raises(ValueError, match="dimension mismatch"):
+            interpreter.set_tensor(i, x[:, :8])
+        with pytest.raises(ValueError, match="not an input or output"):
+            interpreter.get_tensor(12345)
+        with pytest.raises(ValueError, match="Invalid signature_key"):
+            interpreter.get_signature_runner("nope")
+
+
+def test_interpreter_needs_an_artifact_directory(small_cnn):
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        shadownet.Interpreter(model_path=str(small_cnn.original))
+    with pytest.raises(ArtifactError, match="artifact directory"):
+        shadownet.Interpreter(model_content=small_cnn.original.read_bytes())

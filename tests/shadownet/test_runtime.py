@@ -1,0 +1,177 @@
+"""shadownet.load / ProtectedModel against LiteRT on the original model."""
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+import shadownet
+from shadownet.exceptions import ClosedError, InputError, TEECommunicationError
+from shadownet.runtime import AcceleratorWrapper
+from tests.shadownet.conftest import relative_error
+
+PAPER_SCHEME_TOLERANCE = 1e-3  # N(0, 1) fakes cost precision by cancellation (SHADOWNET.md)
+
+
+def test_call_matches_litert_on_the_original(small_cnn):
+    with shadownet.load(small_cnn.out) as model:
+        for seed in range(3):
+            (x,) = small_cnn.random_inputs(seed)
+            (want,) = small_cnn.reference(x)
+            got = model(x)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert relative_error(got, want) <= PAPER_SCHEME_TOLERANCE
+            assert np.argmax(got) == np.argmax(want)
+            assert np.array_equal(model.predict(x), got)
+
+
+def test_returned_outputs_are_the_callers(small_cnn):
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out) as model:
+        first = model(x)
+        kept = first.copy()
+        first[...] = 0  # must not reach the model's buffers
+        assert np.array_equal(model(x), kept)
+
+
+def test_one_tee_entry_per_round_plus_one(small_cnn):
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out) as model:
+        model(x)
+        stats = model.stats()
+        assert stats["rounds"] == model.num_rounds >= 1
+        assert stats["world_switches"] == model.num_rounds + 1
+        assert stats["bytes_to_tee"] > x.nbytes and stats["bytes_from_tee"] > 0
+        assert 0 < stats["accelerator_s"] < stats["total_s"] and 0 < stats["tee_s"] < stats["total_s"]
+        assert stats["secure_memory_peak"] > 0
+
+
+def test_several_inputs_and_outputs(two_by_two):
+    left, right = two_by_two.random_inputs()
+    want = two_by_two.reference(left, right)
+    with shadownet.load(two_by_two.out) as model:
+        names = [t.name for t in model.outputs]
+        for got in (model(left, right),
+                    model({t.name: x for t, x in zip(model.inputs, (left, right), strict=True)}),
+                    model({"right": right, "left": left})):  # the original signature's names
+            assert isinstance(got, dict) and list(got) == names
+            for name, w in zip(names, want, strict=True):
+                assert got[name].shape == w.shape
+                assert relative_error(got[name], w) <= PAPER_SCHEME_TOLERANCE
+        assert model.stats()["world_switches"] == model.num_rounds + 1
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "count", "name", "missing", "type"])
+def test_wrong_inputs_raise_input_error_naming_the_input(two_by_two, case):
+    left, right = two_by_two.random_inputs()
+    with shadownet.load(two_by_two.out) as model:
+        name = model.inputs[0].name
+        args, expected = {
+            "shape": ((left[:, :4], right), [name, "[1, 8, 8, 3]", "[1, 4, 8, 3]"]),
+            "dtype": ((left.astype(np.float64), right), [name, "float32", "float64"]),
+            "count": ((left,), ["2 input", "1 given"]),
+            "name": (({"left": left, "right": right, "bogus": right},), ["bogus"]),
+            "missing": (({"left": left},), ["missing", model.inputs[1].name]),
+            "type": ((left.tolist(), right), [name, "numpy array"]),
+        }[case]
+        with pytest.raises(InputError) as info:
+            model(*args)
+        for text in expected:
+            assert text in str(info.value)
+        assert isinstance(info.value, ValueError)
+        model(left, right)  # still usable
+
+
+def test_closed_model_raises_closed_error(small_cnn):
+    (x,) = small_cnn.random_inputs()
+    model = shadownet.load(small_cnn.out)
+    with model:
+        model(x)
+    assert model.closed
+    model.close()  # idempotent
+    with pytest.raises(ClosedError):
+        model(x)
+    with pytest.raises(ClosedError):
+        model.stats()
+
+
+def test_two_models_open_at_once_share_the_secure_world(small_cnn, two_by_two):
+    (x,) = small_cnn.random_inputs(1)
+    pair = two_by_two.random_inputs(1)
+    want_x, want_pair = small_cnn.reference(x), two_by_two.reference(*pair)
+    with shadownet.load(small_cnn.out) as one, shadownet.load(two_by_two.out) as two:
+        for _ in range(2):
+            assert relative_error(one(x), want_x[0]) <= PAPER_SCHEME_TOLERANCE
+            got = two(*pair)
+            for value, w in zip(got.values(), want_pair, strict=True):
+                assert relative_error(value, w) <= PAPER_SCHEME_TOLERANCE
+    with shadownet.load(small_cnn.out) as again:  # closing one model left the others' world working
+        assert relative_error(again(x), want_x[0]) <= PAPER_SCHEME_TOLERANCE
+
+
+def test_threads_calling_one_model_get_their_own_results(small_cnn):
+    inputs = [small_cnn.random_inputs(seed)[0] for seed in range(4)]
+    wants = [small_cnn.reference(x)[0] for x in inputs]
+    errors: list[float] = []
+    failures: list[BaseException] = []
+    with shadownet.load(small_cnn.out, num_threads=1) as model:
+        def work(i: int) -> None:
+            try:
+                for _ in range(5):
+                    errors.append(relative_error(model(inputs[i]), wants[i]))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures
+    assert len(errors) == 20 and max(errors) <= PAPER_SCHEME_TOLERANCE
+
+
+class CountingAccelerator(AcceleratorWrapper):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.rounds: list[int] = []
+
+    def run_round(self, r: int) -> None:
+        self.rounds.append(r)
+        super().run_round(r)
+
+
+def test_accelerator_can_be_wrapped(small_cnn):
+    (x,) = small_cnn.random_inputs()
+    wrappers: list[CountingAccelerator] = []
+
+    def wrap(inner):
+        wrappers.append(CountingAccelerator(inner))
+        return wrappers[-1]
+
+    with shadownet.load(small_cnn.out, accelerator=wrap) as model:
+        got = model(x)
+        (counting,) = wrappers
+        assert counting.rounds == list(range(1, model.num_rounds + 1))
+        assert {"input/0", "output/0"} <= set(counting.buffers)
+    assert relative_error(got, small_cnn.reference(x)[0]) <= PAPER_SCHEME_TOLERANCE
+
+
+def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
+    import tee_sim
+
+    context = tee_sim.default_context()
+    if context.secure_world_pid is None:
+        pytest.skip("the secure world runs in this process (inprocess transport)")
+    (x,) = small_cnn.random_inputs()
+    (want,) = small_cnn.reference(x)
+    with shadownet.load(small_cnn.out) as model:
+        model(x)
+        os.kill(context.secure_world_pid, signal.SIGKILL)
+        with pytest.raises(TEECommunicationError):
+            model(x)
+        # The next call opens a new session in a restarted secure world and loads the model again.
+        assert relative_error(model(x), want) <= PAPER_SCHEME_TOLERANCE
+        assert model.stats()["world_switches"] == model.num_rounds + 1

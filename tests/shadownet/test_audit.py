@@ -148,3 +148,63 @@ def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path
     audit.write_json(report, out)
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(report["summary"]))
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real thing: a Keras model converted with --scheme shadownet, attacked through the runtime
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small CNN (3x3 convs, a depthwise conv, a 1x1 conv, dense layers) protected by the paper's scheme."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(3)
+    layers = keras.layers
+    x = keras.Input((16, 16, 3), batch_size=1, name="image")
+    h = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    h = layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = layers.MaxPooling2D()(h)
+    h = layers.DepthwiseConv2D(3, padding="same", activation="relu6")(h)
+    h = layers.Conv2D(48, 1, activation="relu")(h)
+    h = layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = layers.Flatten()(layers.MaxPooling2D()(h))
+    h = layers.Dense(64, activation="relu")(h)
+    y = layers.Dense(10, activation="softmax")(h)
+    base = tmp_path_factory.mktemp("paper_protected")
+    original = base / "small.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    out = base / "small.protected"
+    shadownet.convert(str(original), str(out), scheme="shadownet", seed=5)
+    return original, out
+
+
+@pytest.fixture(scope="module")
+def paper_report(paper_protected: tuple[Path, Path]) -> dict:
+    original, out = paper_protected
+    return audit.audit(out, original, inferences=4)
+
+
+def test_suite_recovers_the_paper_schemes_filters(paper_report: dict) -> None:
+    s = paper_report["summary"]
+    assert paper_report["scheme"] == "shadownet"
+    assert not paper_report["unmatched_reference"]
+    assert s["conv_dense"]["filters"] == 16 + 32 + 48 + 32 + 64 + 10
+    assert s["conv_dense"]["fraction"]["any"] >= 0.9
+    assert s["conv_dense"]["fraction"]["fake_partner"] >= 0.8
+    assert s["conv_dense"]["fraction"]["direction"] == 0.0
+    assert s["depthwise"]["fraction"]["direction"] == 1.0
+
+
+def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:
+    leak = paper_report["input_leakage"]
+    first = leak["first_round"]
+    # Two inferences under one static mask: the difference of what the accelerator saw is the
+    # difference of the user's inputs.
+    assert first["difference_correlation"] > 0.999
+    assert all(r["tensor"] for r in leak["rounds"])  # every round input mapped to its true tensor

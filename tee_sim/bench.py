@@ -6,8 +6,9 @@ Prints, for the process transport:
   gone to sleep: the ShadowNet pattern, where accelerator work separates TEE entries);
 - 1 MiB and 16 MiB tensors moved in and out (normal world copies in, the TA copies input to output in
   shared memory, normal world copies out), against a plain ``memcpy`` of the same size;
-- how much a 2-thread LiteRT convolution slows down when it runs right after each TEE call (the secure
-  world is still spinning then) and while another thread keeps calling the TEE, per spin setting.
+- rounds of the ShadowNet pattern (one TEE entry, then one 2-thread LiteRT convolution): how much the
+  convolution slows down against LiteRT alone (the secure world may still be spinning while it runs),
+  what the TEE entry costs, and the whole round, per spin setting.
 
 Figures are medians over interleaved repetitions; on a shared machine they are noisy.
 """
@@ -20,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -141,40 +141,65 @@ class LiteRT:
         return time.perf_counter_ns() - start
 
 
-def slowdown(litert: LiteRT, session: Any, rounds: int, block: int) -> dict[str, float]:
-    """LiteRT invoke time alone vs right after a TEE call vs with another thread calling the TEE."""
-    alone, after_tee, background = [], [], []
-    for _ in range(rounds):  # interleaved blocks, so drifting load from other processes hits all three
+def rounds(litert: LiteRT, session: Any, repeats: int, block: int) -> dict[str, float]:
+    """The ShadowNet pattern, one TEE entry then one accelerator call per round, against LiteRT alone.
+
+    Blocks of "alone" and "round" iterations are interleaved so that load drifting in from other
+    processes hits both. The secure world's spin after each answer overlaps the LiteRT call.
+    """
+    alone, tee, accel, total = [], [], [], []
+    for _ in range(repeats):
         for _ in range(block):
             alone.append(litert.timed())
         for _ in range(block):
+            start = time.perf_counter_ns()
             session.invoke_command(Cmd.NOTHING)
-            after_tee.append(litert.timed())
-        stop = threading.Event()
-        thread = threading.Thread(target=_tee_traffic, args=(session, stop))
-        thread.start()
-        for _ in range(block):
-            background.append(litert.timed())
-        stop.set()
-        thread.join()
+            middle = time.perf_counter_ns()
+            litert.interpreter.invoke()
+            end = time.perf_counter_ns()
+            tee.append(middle - start)
+            accel.append(end - middle)
+            total.append(end - start)
     base = statistics.median(alone)
     return {
         "litert_alone_us": base / 1000,
-        "after_tee_call_us": statistics.median(after_tee) / 1000,
-        "slowdown_after_tee_call_pct": 100 * (statistics.median(after_tee) / base - 1),
-        "with_tee_traffic_us": statistics.median(background) / 1000,
-        "slowdown_with_tee_traffic_pct": 100 * (statistics.median(background) / base - 1),
+        "litert_in_rounds_us": statistics.median(accel) / 1000,
+        "litert_slowdown_pct": 100 * (statistics.median(accel) / base - 1),
+        "tee_entry_us": statistics.median(tee) / 1000,
+        "tee_entry_p90_us": float(np.percentile(tee, 90)) / 1000,
+        "round_us": statistics.median(total) / 1000,
     }
 
 
-def _tee_traffic(session: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        session.invoke_command(Cmd.NOTHING)
-        time.sleep(0.0005)  # a TEE entry every ~0.5 ms, as a second protected model would make
+def spin_theft(models: dict[str, LiteRT], home: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Upper bound of what a spinning secure world takes from LiteRT: conv time while the secure world
+    sleeps, yield-spins or hard-spins during the *whole* LiteRT call (a window longer than any call)."""
+    modes = {"asleep": (0.0, 0.0), "yield_spin": (0.0, 1e9), "hard_spin": (1e9, 1e9)}
+    samples: dict[str, dict[str, list[int]]] = {m: {name: [] for name in models} for m in modes}
+    for _ in range(repeats):
+        for mode, (hard, window) in modes.items():
+            with Context("process", home=home, spin_us=window, hard_spin_us=hard, caller_spin_us=0) as ctx:
+                with ctx.open_session(TEST_TA_UUID) as session:
+                    session.invoke_command(Cmd.NOTHING)  # from here on the secure world spins (or sleeps)
+                    for name, litert in models.items():
+                        samples[mode][name].extend(litert.timed() for _ in range(_BLOCK[name]))
+    result: dict[str, dict[str, float]] = {}
+    for name in models:
+        base = statistics.median(samples["asleep"][name])
+        result[name] = {"asleep_us": base / 1000}
+        for mode in ("yield_spin", "hard_spin"):
+            median = statistics.median(samples[mode][name])
+            result[name][f"{mode}_us"] = median / 1000
+            result[name][f"{mode}_slowdown_pct"] = 100 * (median / base - 1)
+    return result
 
 
-def run(spins: list[float], yields: list[bool], quick: bool) -> dict[str, Any]:
+_BLOCK = {"small_conv_32x32x16_to_32": 40, "medium_conv_56x56x64_to_64": 4}
+
+
+def run(settings: list[tuple[float, float]], caller_spin: float | None, quick: bool) -> dict[str, Any]:
     n = 1000 if quick else 5000
+    repeats = 4 if quick else 12
     home = tempfile.mkdtemp(prefix="tee_sim-bench-")
     results: dict[str, Any] = {
         "machine_cpus": os.cpu_count(),
@@ -185,48 +210,65 @@ def run(spins: list[float], yields: list[bool], quick: bool) -> dict[str, Any]:
         "small_conv_32x32x16_to_32": LiteRT(conv_model(32, 32, 16, 32)),
         "medium_conv_56x56x64_to_64": LiteRT(conv_model(56, 56, 64, 64)),
     }
-    for spin_yield in yields:
-        for spin in spins:
-            with (
-                Context("process", home=home, spin_us=spin, spin_yield=spin_yield) as ctx,
-                ctx.open_session(TEST_TA_UUID) as session,
-            ):
-                entry: dict[str, Any] = {"spin_us": spin, "spin_yield": spin_yield}
-                entry["empty_round_trip"] = round_trip(session, n)
-                entry["round_trip_after_1ms_idle"] = round_trip(session, n // 10, gap_s=0.001)
-                entry["litert"] = {
-                    name: slowdown(m, session, rounds=3 if quick else 6, block=20 if quick else 40)
+    for hard, window in settings:
+        with (
+            Context(
+                "process", home=home, spin_us=window, hard_spin_us=hard, caller_spin_us=caller_spin
+            ) as ctx,
+            ctx.open_session(TEST_TA_UUID) as session,
+        ):
+            entry: dict[str, Any] = {
+                "spin_us": window,
+                "hard_spin_us": hard,
+                "caller_spin_us": ctx._transport.caller_spin_us,
+                "empty_round_trip": round_trip(session, n),
+                "round_trip_after_1ms_idle": round_trip(session, n // 10, gap_s=0.001),
+                "rounds": {
+                    name: rounds(m, session, repeats, _BLOCK[name] // (2 if quick else 1))
                     for name, m in models.items()
-                }
-                results["settings"].append(entry)
-                _print_setting(entry)
+                },
+            }
+            results["settings"].append(entry)
+            _print_setting(entry)
+    results["spin_theft"] = spin_theft(models, home, 3 if quick else 8)
+    print("LiteRT while the secure world spins through the whole call (upper bound of the theft):")
+    for name, t in results["spin_theft"].items():
+        print(
+            f"  {name}: asleep {t['asleep_us']:.0f} us, yield-spinning {t['yield_spin_slowdown_pct']:+.1f}%, "
+            f"hard-spinning {t['hard_spin_slowdown_pct']:+.1f}%"
+        )
     with Context("process", home=home) as ctx, ctx.open_session(TEST_TA_UUID) as session:
         results["throughput"] = [
             throughput(ctx, session, size, 10 if quick else 30) for size in (1 << 20, 16 << 20)
         ]
-        for t in results["throughput"]:
-            print(
-                f"  {t['size_bytes'] >> 20:>2} MiB in+out: {t['round_trip_ms']:.2f} ms  "
-                f"{t['in_out_GBps']:.2f} GB/s "
-                f"(memcpy {t['memcpy_GBps']:.2f} GB/s; 3 copies per round trip)"
-            )
+    print("Tensors in and out (normal world copies in, TA copies in shared memory, normal world copies out):")
+    for t in results["throughput"]:
+        print(
+            f"  {t['size_bytes'] >> 20:>2} MiB: {t['round_trip_ms']:.2f} ms per round trip, "
+            f"{t['in_out_GBps']:.2f} GB/s in+out (one memcpy here: {t['memcpy_GBps']:.2f} GB/s)"
+        )
     results["load_avg_at_end"] = os.getloadavg()
+    print(
+        f"load average (1, 5, 15 min) at start {results['load_avg_at_start']}, "
+        f"at end {results['load_avg_at_end']}"
+    )
     return results
 
 
 def _print_setting(entry: dict[str, Any]) -> None:
     rt, idle = entry["empty_round_trip"], entry["round_trip_after_1ms_idle"]
     print(
-        f"spin {entry['spin_us']:g} us, yield {entry['spin_yield']}: empty round trip median "
-        f"{rt['median_us']:.1f} us p90 {rt['p90_us']:.1f} us; "
-        f"after 1 ms idle median {idle['median_us']:.1f} us "
-        f"p90 {idle['p90_us']:.1f} us"
+        f"secure world polls {entry['spin_us']:g} us (first {min(entry['hard_spin_us'], entry['spin_us']):g} "
+        f"without yielding), caller {entry['caller_spin_us']:g} us: "
+        f"empty round trip median {rt['median_us']:.1f} us "
+        f"(p90 {rt['p90_us']:.1f}); after 1 ms idle {idle['median_us']:.1f} us (p90 {idle['p90_us']:.1f})"
     )
-    for name, s in entry["litert"].items():
+    for name, r in entry["rounds"].items():
         print(
-            f"  {name}: alone {s['litert_alone_us']:.0f} us, right after a TEE call "
-            f"{s['slowdown_after_tee_call_pct']:+.1f}%, "
-            f"with TEE traffic {s['slowdown_with_tee_traffic_pct']:+.1f}%"
+            f"  rounds of TEE entry + {name}: LiteRT {r['litert_in_rounds_us']:.0f} us vs alone "
+            f"{r['litert_alone_us']:.0f} us ({r['litert_slowdown_pct']:+.1f}%), "
+            f"TEE entry {r['tee_entry_us']:.1f} us "
+            f"(p90 {r['tee_entry_p90_us']:.1f}), round {r['round_us']:.0f} us"
         )
     sys.stdout.flush()
 
@@ -234,13 +276,16 @@ def _print_setting(entry: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tee_sim.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--spins", default="0,20,50,200", help="spin windows to compare, in microseconds")
-    parser.add_argument("--yield", dest="yields", default="1,0", help="spin with sched_yield: 1, 0 or both")
+    parser.add_argument(
+        "--settings",
+        default="0/0,20/20,20/1000,0/1000,1000/1000",
+        help="secure-world poll windows to compare, HARD/TOTAL microseconds each (HARD: without yielding)",
+    )
+    parser.add_argument("--caller-spin", type=float, default=None, help="normal-world spin window (us)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args(argv)
-    spins = [float(s) for s in args.spins.split(",")]
-    yields = [y.strip() == "1" for y in args.yields.split(",")]
-    results = run(spins, yields, args.quick)
+    settings = [(float(h), float(w)) for h, w in (x.split("/") for x in args.settings.split(","))]
+    results = run(settings, args.caller_spin, args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

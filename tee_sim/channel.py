@@ -18,7 +18,9 @@ normal world may rewrite the block at any time.
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 
 BLOCK_SIZE = 4096
 
@@ -47,3 +49,16 @@ OP_SHUTDOWN = 7
 
 # The fd-passing message that precedes OP_REGISTER on the control socket: shm id, size.
 REGISTER_MESSAGE = struct.Struct("<QQ")
+
+
+def spin_while(words: memoryview, index: int, value: int, hard_ns: int, window_ns: int) -> None:
+    """Busy-wait while ``words[index] == value``: ``hard_ns`` flat out, then until ``window_ns`` offering
+    the core to any other runnable thread (``sched_yield``) between looks; the caller then sleeps."""
+    if words[index] != value:
+        return
+    now = time.perf_counter_ns()
+    hard_end, end = now + hard_ns, now + window_ns
+    while words[index] == value and time.perf_counter_ns() < hard_end:
+        pass
+    while words[index] == value and time.perf_counter_ns() < end:
+        os.sched_yield()

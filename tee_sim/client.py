@@ -33,8 +33,9 @@ from tee_sim.transport import InProcessTransport, ProcessTransport
 TRANSPORTS = ("process", "inprocess")
 # Spin window of both worlds before they sleep on an eventfd (see tee_sim.bench for the measurement
 # behind it; override per context or with $TEE_SIM_SPIN_US).
-DEFAULT_SPIN_US = 50.0
-DEFAULT_SPIN_YIELD = True
+DEFAULT_SPIN_US = 200.0
+DEFAULT_CALLER_SPIN_US = 1000.0
+DEFAULT_HARD_SPIN_US = 20.0
 _BOUNCE_MIN = 64 << 10
 _NO_TEMPS: list[int] = []
 _ALIGN = 64
@@ -168,9 +169,11 @@ class Context:
     fast tests. ``home``: the device's state (default ``$SHADOWNET_HOME`` or ``~/.shadownet``).
     ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may take
     before the secure world is declared hung, stopped, and a ``TEEC_ORIGIN_COMMS`` error raised.
-    ``spin_us``: how long both worlds busy-wait for the other before sleeping, and ``spin_yield``
-    whether they offer the core to other threads while doing so (process transport; defaults:
-    ``$TEE_SIM_SPIN_US`` / ``$TEE_SIM_SPIN_YIELD`` or the measured defaults below).
+    ``spin_us``: how long the secure world polls for the next request before sleeping;
+    ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of
+    each window, polled without offering the core to other threads (process transport; defaults
+    ``$TEE_SIM_SPIN_US``, ``$TEE_SIM_CALLER_SPIN_US``, ``$TEE_SIM_HARD_SPIN_US``, else the measured ones
+    in this module).
     """
 
     def __init__(
@@ -181,14 +184,17 @@ class Context:
         memory_cap: int = 64 << 20,
         timeout: float = 5.0,
         spin_us: float | None = None,
-        spin_yield: bool | None = None,
+        caller_spin_us: float | None = None,
+        hard_spin_us: float | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise _api_error(f"transport must be one of {TRANSPORTS}")
         if spin_us is None:
             spin_us = float(os.environ.get("TEE_SIM_SPIN_US", DEFAULT_SPIN_US))
-        if spin_yield is None:
-            spin_yield = os.environ.get("TEE_SIM_SPIN_YIELD", "1" if DEFAULT_SPIN_YIELD else "0") != "0"
+        if caller_spin_us is None:
+            caller_spin_us = float(os.environ.get("TEE_SIM_CALLER_SPIN_US", DEFAULT_CALLER_SPIN_US))
+        if hard_spin_us is None:
+            hard_spin_us = float(os.environ.get("TEE_SIM_HARD_SPIN_US", DEFAULT_HARD_SPIN_US))
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
@@ -199,7 +205,9 @@ class Context:
         self.closed = False
         home = os.fspath(home) if home is not None else None
         if transport == "process":
-            self._transport: Any = ProcessTransport(home, memory_cap, timeout, spin_us, spin_yield)
+            self._transport: Any = ProcessTransport(
+                home, memory_cap, timeout, spin_us, caller_spin_us, hard_spin_us
+            )
         else:
             self._transport = InProcessTransport(home, memory_cap)
         # Closes the transport when the context is collected or at interpreter exit, whichever is

@@ -19,7 +19,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import uuid
 
 from tee_sim import channel as ch
@@ -47,7 +46,7 @@ class SecureWorld:
         self.words = memoryview(self.block).cast("Q")
         self.req_efd, self.resp_efd = config["req"], config["resp"]
         self.spin_ns = int(config["spin_us"] * 1000)
-        self.spin_yield = bool(config.get("spin_yield", True))
+        self.hard_spin_ns = int(min(config["hard_spin_us"], config["spin_us"]) * 1000)
         self.os = SecureOS(config["home"], config["memory_cap"])
         self.maps: dict[int, mmap.mmap] = {}
         self.poller = select.poll()
@@ -56,14 +55,7 @@ class SecureWorld:
 
     def wait_request(self, last: int) -> int:
         words = self.words
-        if words[ch.REQ_SEQ] == last:
-            end = time.perf_counter_ns() + self.spin_ns
-            if self.spin_yield:  # let a thread waiting for this core run while we poll
-                while words[ch.REQ_SEQ] == last and time.perf_counter_ns() < end:
-                    os.sched_yield()
-            else:
-                while words[ch.REQ_SEQ] == last and time.perf_counter_ns() < end:
-                    pass
+        ch.spin_while(words, ch.REQ_SEQ, last, self.hard_spin_ns, self.spin_ns)
         if words[ch.REQ_SEQ] == last:
             words[ch.SW_SLEEPING] = 1
             # The first short wait covers a kick lost while the flag was becoming visible; after

@@ -77,7 +77,7 @@ class ProcessTransport:
     """The secure OS in a child interpreter (``python -m tee_sim.secure_world``), reached via shared memory.
 
     A request is written into the control block and announced by bumping its sequence counter; the
-    caller spins on the response counter for ``spin_us``, then sleeps on an eventfd until the answer,
+    caller spins on the response counter for ``caller_spin_us``, then sleeps on an eventfd until the answer,
     a hang-up of the control socket (the secure world died) or ``timeout`` (it hung: it is killed).
     Either failure raises a ``TEEC_ORIGIN_COMMS`` error; the next OpenSession starts a new secure world.
     """
@@ -88,15 +88,14 @@ class ProcessTransport:
         memory_cap: int,
         timeout: float,
         spin_us: float,
-        spin_yield: bool = True,
+        caller_spin_us: float,
+        hard_spin_us: float,
         startup_timeout: float = 60.0,
-        caller_spin_us: float | None = None,
     ) -> None:
         self.home = resolve_home(home)
         self.memory_cap, self.timeout, self.spin_us = memory_cap, timeout, spin_us
         self.startup_timeout = startup_timeout
-        self.spin_yield = spin_yield
-        self.caller_spin_us = spin_us if caller_spin_us is None else caller_spin_us
+        self.caller_spin_us, self.hard_spin_us = caller_spin_us, hard_spin_us
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
@@ -133,7 +132,7 @@ class ProcessTransport:
             "home": str(self.home),
             "memory_cap": self.memory_cap,
             "spin_us": self.spin_us,
-            "spin_yield": self.spin_yield,
+            "hard_spin_us": self.hard_spin_us,
             "parent": os.getpid(),
             "pdeathsig": threading.current_thread() is threading.main_thread(),
         }
@@ -256,13 +255,9 @@ class ProcessTransport:
         if words[ch.SW_SLEEPING]:
             os.eventfd_write(self.req_efd, 1)
         if words[ch.RESP_SEQ] != seq:
-            end = time.perf_counter_ns() + int(self.caller_spin_us * 1000)
-            if self.spin_yield:
-                while words[ch.RESP_SEQ] != seq and time.perf_counter_ns() < end:
-                    os.sched_yield()
-            else:
-                while words[ch.RESP_SEQ] != seq and time.perf_counter_ns() < end:
-                    pass
+            # Responses come in order, so until ours arrives the counter still shows the previous one.
+            window = int(self.caller_spin_us * 1000)
+            ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
             if words[ch.RESP_SEQ] != seq:
                 self._sleep_until(seq, timeout)
         (

@@ -29,7 +29,7 @@ from converters.graph import Graph, normalize, read_model, write_model
 from converters.partition import partition
 from converters.plan import build
 from converters.program import write_program
-from converters.schemes import Scheme, get_scheme
+from converters.schemes import ActivationStats, Scheme, get_scheme
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 
 FORMAT = "shadownet-artifacts"
@@ -66,8 +66,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                                  "constant weights: nothing to protect")
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
-    scales = activation_scales(graph, needed, calibration)
-    plan = build(graph, part, chosen, rng, scales)
+    stats = activation_stats(graph, needed, calibration)
+    plan = build(graph, part, chosen, rng, stats)
     plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
     program = write_program(plan.program, plan.arrays)
     del plan.arrays
@@ -172,16 +172,19 @@ def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]
     return [list(sample) for sample in zip(*columns, strict=True)]
 
 
-def activation_scales(graph: Graph, tensors: set[int], calibration: Any = None) -> dict[int, float]:
-    """RMS of each tensor in ``tensors`` over the calibration inputs, from LiteRT running the original
-    (normalized) graph, so the masks match the activations they hide."""
-    from ai_edge_litert.interpreter import Interpreter
+def activation_stats(graph: Graph, tensors: set[int], calibration: Any = None) -> dict[int, ActivationStats]:
+    """Per-channel mean, standard deviation and RMS of each tensor in ``tensors`` over the calibration
+    inputs, from LiteRT running the original (normalized) graph, so the masks match what they hide."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    # Intermediate tensors are only kept readable without delegates (XNNPACK fuses and reuses them).
     interpreter = Interpreter(model_content=write_model(graph), experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                               num_threads=1)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
-    sums = dict.fromkeys(tensors, 0.0)
+    sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
+    squares = dict.fromkeys(tensors, 0.0)
     count = 0
     for sample in _calibration_inputs(graph, calibration):
         for d, x in zip(details, sample, strict=True):
@@ -193,13 +196,19 @@ def activation_scales(graph: Graph, tensors: set[int], calibration: Any = None) 
             if value.shape != graph.tensors[t].shape:
                 raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
                                      f"{graph.tensors[t].shape}")
-            sums[t] += float(np.mean(np.square(value, dtype=np.float64)))
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            sums[t] += flat.mean(axis=0)
+            squares[t] += float(np.mean(np.square(flat)))
         count += 1
-    scales = {}
-    for t, total in sums.items():
-        rms = float(np.sqrt(total / count))
-        scales[t] = rms if np.isfinite(rms) and rms > 0 else 1.0
-    return scales
+    stats = {}
+    for t in tensors:
+        mean = sums[t] / count
+        rms = float(np.sqrt(squares[t] / count))
+        std = float(np.sqrt(max(squares[t] / count - float(np.mean(np.square(mean))), 0.0)))
+        if not (np.isfinite(rms) and np.all(np.isfinite(mean))):
+            mean, rms, std = np.zeros_like(mean), 1.0, 1.0
+        stats[t] = ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
+    return stats
 
 
 def _io_description(original: bytes) -> dict[str, Any]:

@@ -27,11 +27,12 @@ import numpy as np
 from converters import linear
 from converters.graph import Graph, Signature, write_model
 from converters.partition import Partition
-from converters.schemes import LinearLayer, ObfuscatedLinear, Scheme
+from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
 
 ALIGN = 64
-NUMPY_ACTIVATIONS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})
+# Activations the TEE applies in place right after a restore (same float32 results as LiteRT's kernels).
+NUMPY_ACTIVATIONS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
 PROGRAM_FORMAT = "shadownet-tee-program"
 
 
@@ -68,8 +69,8 @@ def _check_linear(graph: Graph, i: int) -> None:
 
 class _Builder:
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-                 scales: dict[int, float]) -> None:
-        self.g, self.part, self.scheme, self.rng, self.scales = graph, part, scheme, rng, scales
+                 stats: dict[int, ActivationStats]) -> None:
+        self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.R = len(part.rounds)
         self.arrays: dict[str, np.ndarray] = {}
         self.untrusted = Graph()
@@ -108,7 +109,8 @@ class _Builder:
                     shape = g.tensors[x].shape
                     tid = u.add_tensor(f"round_{r}/x{j}", shape, np.float32)
                     sig_in[f"x{j}"] = tid
-                    mask = self.scheme.push_mask(shape, self.scales.get(x, 1.0), self.rng)
+                    stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
+                    mask = self.scheme.push_mask(shape, stats.permuted(obf.input_permutation), self.rng)
                     pushes[key] = {"tensor": x, "name": f"x{j}", "untrusted": tid, "permutation":
                                    obf.input_permutation, "mask": mask}
                 push = pushes[key]
@@ -129,13 +131,13 @@ class _Builder:
                 offset = (-pop if bias is None else bias - pop).astype(np.float32)
                 consumers = g.consumers(y)
                 if (len(consumers) == 1 and y not in g.outputs
-                        and g.ops[consumers[0]].kind in NUMPY_ACTIVATIONS
+                        and _numpy_activation(g.ops[consumers[0]])
                         and len(g.ops[consumers[0]].inputs) == 1):
                     self.fused[i] = consumers[0]
                 self.result[i] = g.ops[self.fused[i]].outputs[0] if i in self.fused else y
                 restores.append({"op": i, "name": f"y{j}", "tensor": self.result[i], "obf": obf,
                                  "offset": offset, "obf_shape": obf_shape,
-                                 "activation": g.ops[self.fused[i]].kind if i in self.fused else None})
+                                 "activation": g.ops[self.fused[i]] if i in self.fused else None})
             self.signatures.append(Signature(f"round_{r}", sig_ops, sig_in, sig_out))
             self.pushes.append(list(pushes.values()))
             self.restores.append(restores)
@@ -246,7 +248,7 @@ class _Builder:
                     self.arrays[f"{name}/offset"] = rest["offset"]
                     add(k, {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}", "dst": home[t],
                             "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
-                            "activation": rest["activation"]}, writes=writes)
+                            **_activation_fields(rest["activation"])}, writes=writes)
             if self.step_ops[k]:
                 for t in self.sig_inputs[k]:
                     src, reads = loc(t, k)
@@ -288,10 +290,7 @@ class _Builder:
             self.signature_specs[sig_key(k)] = {
                 "inputs": {n: list(g.tensors[t].shape) for n, t in inputs.items()},
                 "outputs": {n: list(g.tensors[t].shape) for n, t in outputs.items()}}
-            touched = {t for i in ops for t in (*g.ops[i].inputs, *g.ops[i].outputs)
-                       if t >= 0 and g.tensors[t].data is None}
-            arena_bytes += sum(int(np.prod(g.tensors[t].shape)) * g.tensors[t].dtype.itemsize
-                               for t in touched)
+            arena_bytes += _live_peak(g, ops, set(inputs.values()) | set(outputs.values()))
         for sig in sigs:
             for t in (*sig.inputs.values(), *sig.outputs.values()):
                 if g.tensors[t].dtype != np.float32:
@@ -347,6 +346,40 @@ class _Builder:
                        for r in range(1, self.R + 1)]
 
 
+def _numpy_activation(op: Any) -> bool:
+    if op.kind == "LEAKY_RELU":  # max(x, alpha * x) is LiteRT's x > 0 ? x : alpha * x only for alpha <= 1
+        return 0 <= float(getattr(op.options, "alpha", -1)) <= 1
+    return op.kind in NUMPY_ACTIVATIONS and len(op.inputs) == 1
+
+
+def _activation_fields(op: Any) -> dict[str, Any]:
+    if op is None:
+        return {"activation": None, "alpha": None}
+    alpha = float(np.float32(op.options.alpha)) if op.kind == "LEAKY_RELU" else None
+    return {"activation": op.kind, "alpha": alpha}
+
+
+def _live_peak(g: Graph, ops: list[int], pinned: set[int]) -> int:
+    """Peak bytes of a signature's non-constant tensors when each is freed after its last use (what
+    LiteRT's arena planner achieves, roughly); signature inputs and outputs live throughout."""
+    def size(t: int) -> int:
+        return int(np.prod(g.tensors[t].shape, dtype=np.int64)) * g.tensors[t].dtype.itemsize
+
+    last: dict[int, int] = {}
+    for k, i in enumerate(ops):
+        for t in g.ops[i].inputs:
+            if t >= 0 and g.tensors[t].data is None:
+                last[t] = k
+    live = sum(size(t) for t in pinned)
+    peak = live
+    for k, i in enumerate(ops):
+        new = [t for t in g.ops[i].outputs if t not in pinned]
+        live += sum(size(t) for t in new)
+        peak = max(peak, live)
+        live -= sum(size(t) for t in {*g.ops[i].inputs, *new} - pinned if t >= 0 and last.get(t, k) <= k)
+    return peak
+
+
 def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dict[str, dict[str, Any]], int]:
     """Offsets in one secure arena for float32 tensors live over [first, last] instruction numbers; tensors
     whose lifetimes do not overlap share bytes (greedy, biggest first, lowest free offset)."""
@@ -368,9 +401,9 @@ def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dic
 
 
 def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-          scales: dict[int, float]) -> Plan:
+          stats: dict[int, ActivationStats]) -> Plan:
     """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring)."""
-    b = _Builder(graph, part, scheme, rng, scales)
+    b = _Builder(graph, part, scheme, rng, stats)
     b.obfuscate_rounds()
     b.plan_tee()
     b.emit()

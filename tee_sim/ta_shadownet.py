@@ -69,13 +69,30 @@ VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
 PROGRAM_FORMAT = "shadownet-tee-program"
 # A matmul restore reads the [M, N] matrix once per output pixel; below this many matrix entries it beats
 # the 2-3 gather passes (measured: benchmarks in the converter tests' notes; both are exact).
-MATMUL_MAX_ENTRIES = 48 * 40
-ACTIVATIONS: dict[str | None, Callable[[np.ndarray], Any] | None] = {
-    None: None,
-    "RELU": lambda x: np.maximum(x, 0, out=x),
-    "RELU6": lambda x: np.clip(x, 0, 6, out=x),
-    "RELU_N1_TO_1": lambda x: np.clip(x, -1, 1, out=x),
-}
+MATMUL_MAX_ENTRIES = 2048
+ACTIVATIONS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
+
+
+def _activation(kind: str | None, alpha: Any, tmp: np.ndarray) -> Callable[[np.ndarray], Any] | None:
+    """The in-place activation of a restore (LiteRT's float results: clamps, and for LEAKY_RELU with
+    0 <= alpha <= 1, max(x, alpha * x) == (x > 0 ? x : alpha * x))."""
+    if kind is None:
+        return None
+    if kind == "RELU":
+        return lambda x: np.maximum(x, 0, out=x)
+    if kind == "RELU6":
+        return lambda x: np.clip(x, 0, 6, out=x)
+    if kind == "RELU_N1_TO_1":
+        return lambda x: np.clip(x, -1, 1, out=x)
+    if kind == "LEAKY_RELU" and isinstance(alpha, float) and 0 <= alpha <= 1:
+        a = np.float32(alpha)
+
+        def leaky(x: np.ndarray) -> None:
+            scaled = tmp[:x.size].reshape(x.shape)
+            np.multiply(x, a, out=scaled)
+            np.maximum(x, scaled, out=x)
+        return leaky
+    raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
 
 
 def _error(code: int, message: str) -> TEEError:
@@ -152,7 +169,7 @@ class ShadowNetTA(TrustedApp):
     # Provisioning and loading.
     def _provision(self, envelope: memoryview, out: TEEParam) -> None:
         # The plaintext is held in secure memory while it is checked and re-sealed.
-        self.tee.reserve(2 * envelope.nbytes)
+        self.tee.reserve(envelope.nbytes)
         try:
             plaintext = self.tee.open_provisioned(bytes(envelope), SECRETS_AAD)
             try:
@@ -162,7 +179,7 @@ class ShadowNetTA(TrustedApp):
             sealed = SECRETS_MAGIC + SEALED + self.tee.seal(plaintext, SECRETS_AAD)
             del plaintext
         finally:
-            self.tee.unreserve(2 * envelope.nbytes)
+            self.tee.unreserve(envelope.nbytes)
         _write(out, sealed)
 
     def _open_secrets(self, blob: memoryview) -> bytes:
@@ -178,12 +195,13 @@ class ShadowNetTA(TrustedApp):
 
     def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview) -> None:
         self._unload(session)
-        # The sealed copy and its plaintext are both in secure memory while it opens.
-        self.tee.reserve(2 * blob.nbytes)
+        # The plaintext (about the blob's size) lands in secure memory; the ciphertext is read from the
+        # normal world's buffer (tee_sim copies it, a real TEE decrypts it in place, block by block).
+        self.tee.reserve(blob.nbytes)
         try:
             plaintext = self._open_secrets(blob)
         finally:
-            self.tee.unreserve(2 * blob.nbytes)
+            self.tee.unreserve(blob.nbytes)
         try:
             program, arrays = read_program(plaintext)
         except ProgramFormatError as exc:
@@ -358,7 +376,7 @@ class ShadowNetTA(TrustedApp):
                 or src.shape[:-1] != dst.shape[:-1]
                 or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
             raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
-        activation = ACTIVATIONS[instr["activation"]]
+        activation = _activation(instr["activation"], instr["alpha"], model.scratch)
         src2, dst2 = src.reshape(-1, m), dst.reshape(-1, n)
         matrix = model.matrices.get(instr["offset"])
         if matrix is not None:

@@ -59,6 +59,23 @@ class ObfuscatedLinear:
         return out
 
 
+@dataclass(frozen=True)
+class ActivationStats:
+    """What calibration measured of one offloaded input (in the accelerator's channel order): the
+    per-channel ``mean`` (float64 ``[C]``), the ``std`` around it and the ``rms``, over all elements."""
+
+    mean: np.ndarray
+    std: float
+    rms: float
+
+    @classmethod
+    def unit(cls, channels: int) -> ActivationStats:
+        return cls(np.zeros(channels), 1.0, 1.0)
+
+    def permuted(self, permutation: np.ndarray | None) -> ActivationStats:
+        return self if permutation is None else ActivationStats(self.mean[permutation], self.std, self.rms)
+
+
 class Scheme(Protocol):
     """The interface every scheme implements (see the module docstring)."""
 
@@ -72,8 +89,9 @@ class Scheme(Protocol):
         """Hide ``layer``'s weights; every secret comes from ``rng``."""
         ...
 
-    def push_mask(self, shape: tuple[int, ...], scale: float, rng: np.random.Generator) -> np.ndarray:
-        """A float32 mask of ``shape`` added to an offloaded input whose activations have RMS ``scale``."""
+    def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
+                  rng: np.random.Generator) -> np.ndarray:
+        """A float32 mask of ``shape`` for an offloaded input with activation statistics ``stats``."""
         ...
 
 

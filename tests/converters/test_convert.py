@@ -1,0 +1,214 @@
+"""End to end: convert test-built models, run them through the ShadowNet TA (in-process secure world) with a
+minimal driver, and compare with LiteRT on the original."""
+
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+import tee_sim
+from converters import convert
+from converters.graph import normalize, read_model, tiny_model_bytes
+from converters.partition import partition
+from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
+from tests.converters.driver import Driver, litert, relative_error
+
+TOLERANCE = 1e-3  # the shadownet scheme's target (its N(0, 1) fakes cost precision by cancellation)
+
+
+@pytest.fixture(scope="session")
+def device(tmp_path_factory):
+    context = tee_sim.Context("inprocess", home=tmp_path_factory.mktemp("device"), memory_cap=256 << 20)
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def misc_model(tf) -> bytes:
+    """DEPTH_TO_SPACE, LEAKY_RELU, SPLIT, MUL, LOGISTIC, SOFTMAX, a stride-2 conv and a dilated depthwise
+    conv with depth multiplier 2."""
+    import keras
+    keras.utils.set_random_seed(4)
+    layers = keras.layers
+    x = keras.Input((16, 16, 4), batch_size=1, name="image")
+    a = layers.LeakyReLU(0.1)(layers.Conv2D(16, 3, padding="same", strides=2)(x))
+    a = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2))(a)
+    a = layers.DepthwiseConv2D(3, depth_multiplier=2, dilation_rate=2, padding="same")(a)
+    s1, s2 = layers.Lambda(lambda t: tf.split(t, 2, axis=-1))(a)
+    gate = layers.Activation("sigmoid")(layers.Conv2D(5, 1)(s1))
+    w = layers.Multiply()([layers.Conv2D(5, 1)(s2), gate])
+    y = layers.Softmax()(layers.Dense(7)(layers.Flatten()(layers.MaxPooling2D()(w))))
+    return tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()
+
+
+def protect(model, out, device, seed=7, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(model, out, seed=seed, device=device, **kw)
+
+
+def inputs_for(model: bytes, rng) -> list[np.ndarray]:
+    return [rng.standard_normal(d["shape"]).astype(np.float32)
+            for d in Interpreter(model_content=model).get_input_details()]
+
+
+@pytest.fixture(params=["conv_model", "fp16_model", "misc_model"])
+def model(request) -> bytes:
+    return request.getfixturevalue(request.param)
+
+
+def test_fidelity_and_world_switches(model, device, tmp_path):
+    manifest = protect(model, tmp_path / "out", device)
+    rounds = len(manifest["rounds"])
+    assert rounds == len(partition(normalize(read_model(model))).rounds) >= 1
+    rng = np.random.default_rng(0)
+    with Driver(device, tmp_path / "out") as run:
+        for _ in range(3):
+            xs = inputs_for(model, rng)
+            before = run.session.stats()["invocations"]
+            got, want = run(*xs), litert(model, *xs)
+            assert run.session.stats()["invocations"] - before == rounds + 1
+            assert relative_error(got, want) <= TOLERANCE
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape and g.dtype == w.dtype
+                if w.ndim == 2:
+                    assert np.array_equal(np.argmax(g, -1), np.argmax(w, -1))
+
+
+def test_untrusted_model_holds_no_original_weight_or_bias(model, device, tmp_path):
+    protect(model, tmp_path / "out", device)
+    untrusted = (tmp_path / "out" / "untrusted.tflite").read_bytes()
+    graph = normalize(read_model(model))
+    part = partition(graph)
+    public = read_model(untrusted)
+    constants = np.concatenate([t.data.reshape(-1).view(np.uint32) for t in public.tensors
+                                if t.data is not None and t.data.dtype == np.float32])
+    for i in part.offloaded:
+        op = graph.ops[i]
+        secrets = [graph.tensors[op.inputs[1]].data]
+        if len(op.inputs) > 2 and op.inputs[2] >= 0 and np.any(graph.tensors[op.inputs[2]].data):
+            secrets.append(graph.tensors[op.inputs[2]].data)  # an all-zero bias is no secret
+        for secret in secrets:
+            assert secret.tobytes() not in untrusted
+            axis = -1 if op.kind == "DEPTHWISE_CONV_2D" else 0
+            for f in np.moveaxis(secret, axis, 0):
+                if np.any(f):
+                    assert np.ascontiguousarray(f).tobytes() not in untrusted, graph.describe_op(i)
+            # No single non-zero value survives (these models are small enough for chance collisions
+            # between random float32 bit patterns to be negligible).
+            bits = secret.reshape(-1).view(np.uint32)
+            assert not np.isin(bits[secret.reshape(-1) != 0], constants).any(), graph.describe_op(i)
+    # Only the obfuscated linear ops, without bias or activation, one signature per round.
+    interpreter = Interpreter(model_content=untrusted)
+    rounds = range(1, len(part.rounds) + 1)
+    assert sorted(interpreter.get_signature_list()) == sorted(f"round_{r}" for r in rounds)
+    for op in public.ops:
+        assert op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+        assert getattr(op.options, "fusedActivationFunction", 0) == 0
+        # LiteRT's float conv kernels insist on a bias: the graph layer writes an all-zero one.
+        assert len(op.inputs) < 3 or op.inputs[2] < 0 or not np.any(public.tensors[op.inputs[2]].data)
+
+
+def test_manifest_and_files(conv_model, device, tmp_path):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="INSECURE"):
+        manifest = convert(conv_model, out, seed=3, device=device)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "secrets.sealed", "untrusted.tflite"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["format"] == "shadownet-artifacts" and manifest["format_version"] == 1
+    assert manifest["seeded"] is True and manifest["scheme"]["name"] == "shadownet"
+    assert manifest["scheme"]["params"]["obf_ratio"] == 1.2
+    for name in ("untrusted.tflite", "secrets.sealed"):
+        assert manifest["files"][name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    reference = Interpreter(model_content=conv_model)
+    details = reference.get_input_details()
+    assert [(t["name"], t["shape"], t["index"]) for t in manifest["inputs"]] == \
+        [(d["name"], list(d["shape"]), d["index"]) for d in details]
+    for b in manifest["buffers"]:
+        assert b["offset"] % 64 == 0 and b["offset"] + b["nbytes"] <= manifest["shared_memory_size"]
+        assert b["nbytes"] == 4 * int(np.prod(b["shape"]))
+    names = {b["name"] for b in manifest["buffers"]}
+    assert {"input/0", "output/0"} <= names
+    assert all(t["buffer"] in names for r in manifest["rounds"] for t in r["inputs"] + r["outputs"])
+    # The secrets are encrypted: no program header, no weight bytes in clear.
+    sealed = (out / "secrets.sealed").read_bytes()
+    assert b"SNTP" not in sealed and b"TFL3" not in sealed and b"step_" not in sealed
+
+
+def test_without_seed_secrets_differ_and_no_warning(conv_model, device, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = convert(conv_model, tmp_path / "a", device=device)
+        convert(conv_model, tmp_path / "b", device=device)
+    assert a["seeded"] is False
+    untrusted = [(tmp_path / d / "untrusted.tflite").read_bytes() for d in "ab"]
+    assert untrusted[0] != untrusted[1]
+
+
+def test_output_directory_rules(conv_model, device, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="not empty"):
+        protect(conv_model, out, device)
+    assert (out / "keep.txt").exists()
+    protect(conv_model, out, device, force=True)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError):
+        protect(conv_model, tmp_path / "file", device)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_bad_models(device, tmp_path):
+    with pytest.raises(ModelFormatError):
+        protect(b"not a model at all", tmp_path / "a", device)
+    with pytest.raises(ModelFormatError):
+        protect(tmp_path / "missing.tflite", tmp_path / "b", device)
+    with pytest.raises(UnsupportedOpError, match="nothing to protect"):
+        protect(tiny_model_bytes(), tmp_path / "c", device)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        protect(tiny_model_bytes(), tmp_path / "d", device, scheme="nope")
+
+
+def test_calibration_file_and_keras_input(tf, device, tmp_path):
+    import keras
+    keras.utils.set_random_seed(5)
+    x = keras.Input((8, 8, 3), batch_size=1, name="pixels")
+    y = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu")(x)))
+    path = tmp_path / "model.keras"
+    keras.Model(x, y).save(path)
+    original = tf.lite.TFLiteConverter.from_keras_model(keras.models.load_model(path)).convert()
+    name = Interpreter(model_content=original).get_input_details()[0]["name"]
+    np.savez(tmp_path / "cal.npz", **{name: np.random.default_rng(1).uniform(0, 1, (6, 8, 8, 3))})
+    manifest = protect(path, tmp_path / "out", device, calibration=tmp_path / "cal.npz")
+    assert manifest["inputs"][0]["name"] == name
+    xs = [np.random.default_rng(2).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)]
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(*xs), litert(original, *xs)) <= TOLERANCE
+    with pytest.raises(ModelFormatError, match="calibration"):
+        protect(path, tmp_path / "bad", device, calibration={"other": np.zeros((1, 2))})
+
+
+def test_conversion_for_another_device(conv_model, device, tmp_path):
+    from shadownet.device import export_identity
+
+    target = tee_sim.Context("inprocess", home=tmp_path / "target")
+    try:
+        export_identity(tmp_path / "target.json", context=target)
+        protect(conv_model, tmp_path / "out", tmp_path / "target.json")
+        xs = inputs_for(conv_model, np.random.default_rng(3))
+        with Driver(target, tmp_path / "out") as run:
+            assert relative_error(run(*xs), litert(conv_model, *xs)) <= TOLERANCE
+        with pytest.raises(SecurityError):  # made for the target, not for this device
+            Driver(device, tmp_path / "out")
+        bad = json.loads((tmp_path / "target.json").read_text())
+        bad["report"]["measurement"] = "00" * 32
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(SecurityError):
+            protect(conv_model, tmp_path / "out2", tmp_path / "bad.json")
+    finally:
+        target.close()

@@ -1,0 +1,79 @@
+"""Rounds and steps on small graphs built with the graph layer."""
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from converters.graph import Graph
+from converters.partition import partition
+
+
+def _conv(g, x, c_in, c_out, name):
+    o = fb.Conv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+    w = g.add_tensor(f"{name}/w", (c_out, 3, 3, c_in), np.float32, np.ones((c_out, 3, 3, c_in)))
+    b = g.add_tensor(f"{name}/b", (c_out,), np.float32, np.zeros(c_out))
+    y = g.add_tensor(name, (1, 8, 8, c_out), np.float32)
+    return g.add_op("CONV_2D", [x, w, b], [y], o), y
+
+
+def _unary(g, kind, x, name, shape=(1, 8, 8, 4)):
+    y = g.add_tensor(name, shape, np.float32)
+    return g.add_op(kind, [x], [y]), y
+
+
+def resnet_block():
+    """stem conv -> relu -> [conv1 -> relu -> conv2] + [shortcut conv] -> add -> relu -> dense."""
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    stem, a = _conv(g, x, 3, 4, "stem")
+    relu_a, a = _unary(g, "RELU", a, "a")
+    c1, h = _conv(g, a, 4, 4, "conv1")
+    relu_h, h = _unary(g, "RELU", h, "h")
+    c2, h2 = _conv(g, h, 4, 4, "conv2")
+    sc, s = _conv(g, a, 4, 4, "shortcut")
+    d = g.add_tensor("sum", (1, 8, 8, 4), np.float32)
+    add = g.add_op("ADD", [h2, s], [d], fb.AddOptionsT())
+    relu_d, d = _unary(g, "RELU", d, "d")
+    shape = g.add_tensor("shape", (2,), np.int32, np.array([1, 256]))
+    flat = g.add_tensor("flat", (1, 256), np.float32)
+    reshape = g.add_op("RESHAPE", [d, shape], [flat])
+    w = g.add_tensor("fc/w", (10, 256), np.float32, np.ones((10, 256)))
+    out = g.add_tensor("out", (1, 10), np.float32)
+    fc = g.add_op("FULLY_CONNECTED", [flat, w, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return g, dict(stem=stem, relu_a=relu_a, c1=c1, relu_h=relu_h, c2=c2, sc=sc, add=add, relu_d=relu_d,
+                   reshape=reshape, fc=fc)
+
+
+def test_shortcut_and_first_conv_share_a_round():
+    g, op = resnet_block()
+    p = partition(g)
+    assert p.rounds == [[op["stem"]], [op["c1"], op["sc"]], [op["c2"]], [op["fc"]]]
+    assert p.steps == [[], [op["relu_a"]], [op["relu_h"]], [op["add"], op["relu_d"], op["reshape"]], []]
+    assert len(p.steps) == len(p.rounds) + 1  # R rounds, R + 1 TEE entries
+    assert p.round_of(op["sc"]) == 2 and p.offloaded == {op[k] for k in ("stem", "c1", "sc", "c2", "fc")}
+
+
+def test_back_to_back_convs_take_one_round_each():
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    first, y = _conv(g, x, 3, 4, "c1")
+    second, z = _conv(g, y, 4, 4, "c2")
+    g.inputs, g.outputs = [x], [z]
+    p = partition(g)
+    assert p.rounds == [[first], [second]] and p.steps == [[], [], []]
+
+
+def test_tee_ops_before_the_first_round_run_in_step_0_and_constant_inputs_stay_in_the_tee():
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    pre, xs = _unary(g, "LOGISTIC", x, "xs", (1, 8, 8, 3))
+    c, y = _conv(g, xs, 3, 4, "c")
+    const = g.add_tensor("k", (1, 8, 8, 3), np.float32, np.ones((1, 8, 8, 3)))
+    folded, yk = _conv(g, const, 3, 4, "const_conv")
+    s = g.add_tensor("s", (1, 8, 8, 4), np.float32)
+    add = g.add_op("ADD", [y, yk], [s], fb.AddOptionsT())
+    g.inputs, g.outputs = [x], [s]
+    p = partition(g)
+    assert p.rounds == [[c]]
+    assert p.steps == [[pre, folded], [add]]

@@ -1,0 +1,165 @@
+"""The scheme registry and the paper's transformation, checked numerically with numpy convolutions."""
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+from ai_edge_litert.interpreter import Interpreter
+
+from converters import linear
+from converters.graph import Graph, write_model
+from converters.schemes import DEFAULT_SCHEME, SCHEMES, LinearLayer, get_scheme
+from converters.schemes.shadownet import ShadowNetScheme
+
+
+def conv_options(padding=fb.Padding.SAME, stride=(1, 1), dilation=(1, 1)):
+    o = fb.Conv2DOptionsT()
+    o.padding, (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor) = padding, stride, dilation
+    return o
+
+
+def depthwise_options(multiplier, padding=fb.Padding.SAME, stride=(1, 1), dilation=(1, 1)):
+    o = fb.DepthwiseConv2DOptionsT()
+    o.padding, (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor) = padding, stride, dilation
+    o.depthMultiplier = multiplier
+    return o
+
+
+def masked_restore(kind, scheme, weights, x, options, out_shape, rng, multiplier=1):
+    """restore(op(x' + r', W')) - pop, with pop = restore(op(r', W')) computed as the converter does."""
+    obf = scheme.obfuscate(LinearLayer(kind, weights, multiplier), rng)
+    r = scheme.push_mask(x.shape, 1.0, rng).astype(np.float64)
+    perm = obf.input_permutation
+    xp, rp = (x[..., perm], r[..., perm]) if perm is not None else (x, r)
+    m = obf.weights.shape[-1] if kind == "DEPTHWISE_CONV_2D" else obf.weights.shape[0]
+    obf_shape = (*out_shape[:-1], m)
+    y_obf = linear.apply(kind, xp + rp, obf.weights, options, obf_shape)
+    pop = obf.restore(linear.apply(kind, rp, obf.weights, options, obf_shape))
+    return obf, obf.restore(y_obf) - pop
+
+
+def test_registry_default_and_parsing():
+    assert DEFAULT_SCHEME == "shadownet" and "shadownet" in SCHEMES
+    assert isinstance(get_scheme(), ShadowNetScheme)
+    s = get_scheme("shadownet:obf_ratio=1.5,mask_scale=0.5")
+    assert s.public_params() == {"obf_ratio": 1.5, "fake_std": 1.0, "mask_scale": 0.5}
+    assert get_scheme(s) is s
+    with pytest.raises(ValueError, match="unknown scheme"):
+        get_scheme("nope")
+    with pytest.raises(ValueError, match="shadownet"):
+        get_scheme("shadownet:bogus=1")
+    with pytest.raises(ValueError):
+        get_scheme("shadownet:obf_ratio=1.0")
+
+
+@pytest.mark.parametrize("padding,stride,dilation", [
+    (fb.Padding.SAME, (1, 1), (1, 1)), (fb.Padding.VALID, (2, 1), (1, 1)),
+    (fb.Padding.SAME, (2, 2), (1, 1)), (fb.Padding.SAME, (1, 1), (2, 3)),
+])
+def test_conv_restore_with_masks_is_exact(padding, stride, dilation):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 11, 10, 6))
+    w = rng.standard_normal((20, 3, 3, 6)) * 0.05
+    options = conv_options(padding, stride, dilation)
+    want = linear.conv2d(x, w, options)
+    obf, got = masked_restore("CONV_2D", get_scheme(), w, x, options, want.shape, rng)
+    assert obf.weights.shape == (24, 3, 3, 6)  # M = int(20 * 1.2)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+def test_conv_transformation_is_the_papers():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((10, 3, 3, 16)) * 0.1
+    obf = get_scheme().obfuscate(LinearLayer("CONV_2D", w), rng)
+    m0, m1 = obf.restore_index
+    s, ones = obf.restore_coef
+    assert obf.weights.shape[0] == 12 and obf.input_permutation is None
+    assert np.all(ones == 1) and np.all((s > 0) & (s <= 1))
+    assert len(set(m0)) == 10 and set(m1) <= set(range(12)) - set(m0)  # partners are the 2 fakes
+    fakes = obf.weights[sorted(set(range(12)) - set(m0))]
+    assert abs(np.std(fakes) - 1) < 0.15  # N(0, 1), ~10-100x the real weights
+    # W'_i = (W_i - F_j(i)) / s_i, so s_i * W'_i + F_j(i) = W_i.
+    back = s[:, None, None, None] * obf.weights[m0] + obf.weights[m1]
+    assert np.allclose(back, w, atol=1e-6)
+    assert not np.any(np.isclose(obf.weights[m0], w, rtol=1e-3, atol=0))
+
+
+def test_dense_as_1x1_conv():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 33))
+    w = rng.standard_normal((7, 33)) * 0.1
+    want = linear.fully_connected(x, w, (1, 7))
+    obf, got = masked_restore("FULLY_CONNECTED", get_scheme(), w, x, None, (1, 7), rng)
+    assert obf.weights.shape == (8, 33)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("multiplier,stride,dilation", [(1, (1, 1), (1, 1)), (2, (2, 1), (1, 1)),
+                                                        (2, (1, 1), (2, 2)), (3, (1, 1), (1, 3))])
+def test_depthwise_permutation_and_scale(multiplier, stride, dilation):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 9, 9, 5))
+    k = rng.standard_normal((1, 3, 3, 5 * multiplier)) * 0.2
+    options = depthwise_options(multiplier, stride=stride, dilation=dilation)
+    want = linear.depthwise_conv2d(x, k, options)
+    obf, got = masked_restore("DEPTHWISE_CONV_2D", get_scheme(), k, x, options, want.shape, rng, multiplier)
+    assert obf.weights.shape == k.shape and sorted(obf.input_permutation) == list(range(5))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    # K'_c = K_pi(c) * s: every obfuscated kernel is a scaled original one, in another channel.
+    ratio = obf.weights / k[..., obf.restore_index[0].argsort()]
+    assert np.allclose(ratio, ratio[:, :1, :1, :], rtol=1e-4)
+
+
+def test_few_filters_still_get_a_fake():
+    scheme = get_scheme()
+    assert scheme.fake_count(1) == 1 and scheme.fake_count(4) == 1 and scheme.fake_count(10) == 2
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((1, 3, 3, 2))
+    obf = scheme.obfuscate(LinearLayer("CONV_2D", w), rng)
+    assert obf.weights.shape[0] == 2
+
+
+def test_same_generator_state_same_secrets():
+    w = np.random.default_rng(5).standard_normal((6, 3, 3, 2))
+    a = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
+    b = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
+    c = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(10))
+    assert np.array_equal(a.weights, b.weights) and not np.array_equal(a.weights, c.weights)
+
+
+def test_mask_scale_follows_activations():
+    mask = get_scheme("shadownet:mask_scale=2").push_mask((1, 64, 64, 8), 3.0, np.random.default_rng(6))
+    assert mask.dtype == np.float32 and abs(np.std(mask) - 6.0) < 0.1
+
+
+# numpy's linear ops must be LiteRT's: the pop masks depend on it.
+def _litert_linear(kind, x, weights, options, out_shape):
+    g = Graph()
+    xi = g.add_tensor("x", x.shape, np.float32)
+    wi = g.add_tensor("w", weights.shape, np.float32, weights)
+    yi = g.add_tensor("y", out_shape, np.float32)
+    g.add_op(kind, [xi, wi, -1], [yi], options if options is not None else fb.FullyConnectedOptionsT(),
+             version=2)
+    g.inputs, g.outputs = [xi], [yi]
+    interpreter = Interpreter(model_content=write_model(g))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+@pytest.mark.parametrize("kind,wshape,options,out_shape", [
+    ("CONV_2D", (4, 3, 3, 3), conv_options(fb.Padding.SAME, (2, 2)), (1, 5, 5, 4)),
+    ("CONV_2D", (4, 3, 2, 3), conv_options(fb.Padding.VALID, (1, 2)), (1, 7, 4, 4)),
+    ("CONV_2D", (4, 3, 3, 3), conv_options(fb.Padding.SAME, (1, 1), (2, 2)), (1, 9, 9, 4)),
+    ("DEPTHWISE_CONV_2D", (1, 3, 3, 6), depthwise_options(2, fb.Padding.SAME, (2, 1)), (1, 5, 9, 6)),
+    ("DEPTHWISE_CONV_2D", (1, 3, 3, 3), depthwise_options(1, fb.Padding.VALID, (1, 1), (2, 2)), (1, 5, 5, 3)),
+    ("FULLY_CONNECTED", (5, 243), None, (1, 5)),
+])
+def test_numpy_linear_ops_match_litert(kind, wshape, options, out_shape):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 9, 9, 3)).astype(np.float32)
+    w = rng.standard_normal(wshape).astype(np.float32)
+    want = _litert_linear(kind, x, w, options, out_shape)
+    got = linear.apply(kind, x, w, options, out_shape)
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))

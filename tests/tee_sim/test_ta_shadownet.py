@@ -1,0 +1,184 @@
+"""The ShadowNet trusted app: loading (authentication, pairing, memory), the step protocol, both transports.
+
+The model is built with the graph layer (no TensorFlow): conv + relu, a residual block whose shortcut conv
+shares a round, a depthwise conv, mean and dense."""
+
+import warnings
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+import tee_sim
+from converters import convert
+from converters.graph import Graph, write_model
+from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError
+from tee_sim.ta_shadownet_commands import UUID, Command
+from tests.converters.driver import Driver, litert, relative_error
+
+
+def _model(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    g = Graph()
+
+    def conv(x, c_in, c_out, kind="CONV_2D", act=fb.ActivationFunctionType.NONE):
+        if kind == "CONV_2D":
+            o = fb.Conv2DOptionsT()
+            w = rng.standard_normal((c_out, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in))
+        else:
+            o = fb.DepthwiseConv2DOptionsT()
+            o.depthMultiplier = c_out // c_in
+            w = rng.standard_normal((1, 3, 3, c_out)) * np.sqrt(2 / 9)
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        o.fusedActivationFunction = act
+        wt = g.add_tensor(f"w{len(g.ops)}", w.shape, np.float32, w)
+        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        y = g.add_tensor(f"y{len(g.ops)}", (1, 8, 8, c_out), np.float32)
+        g.add_op(kind, [x, wt, b], [y], o)
+        return y
+
+    x = g.add_tensor("input", (1, 8, 8, 3), np.float32)
+    a = conv(x, 3, 8, act=fb.ActivationFunctionType.RELU)
+    h = conv(conv(a, 8, 8, act=fb.ActivationFunctionType.RELU), 8, 8)
+    s = g.add_tensor("sum", (1, 8, 8, 8), np.float32)
+    add = fb.AddOptionsT()
+    add.fusedActivationFunction = fb.ActivationFunctionType.RELU6
+    g.add_op("ADD", [h, conv(a, 8, 8)], [s], add)
+    d = conv(s, 8, 16, "DEPTHWISE_CONV_2D", fb.ActivationFunctionType.RELU)
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    m = g.add_tensor("mean", (1, 16), np.float32)
+    g.add_op("MEAN", [d, axes], [m], fb.ReducerOptionsT())
+    w = g.add_tensor("fc/w", (5, 16), np.float32, rng.standard_normal((5, 16)) * 0.3)
+    out = g.add_tensor("logits", (1, 5), np.float32)
+    g.add_op("FULLY_CONNECTED", [m, w, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return write_model(g)
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    context = tee_sim.Context("inprocess", home=tmp_path_factory.mktemp("device"))
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(device, tmp_path_factory):
+    out = {}
+    for seed in (0, 1):
+        path = tmp_path_factory.mktemp("artifacts") / "out"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(_model(seed), path, seed=seed, device=device)
+        out[seed] = path
+    return out
+
+
+def _x(seed=0):
+    return np.random.default_rng(seed).standard_normal((1, 8, 8, 3)).astype(np.float32)
+
+
+def test_runs_the_model(device, artifacts):
+    with Driver(device, artifacts[0]) as run:
+        assert len(run.manifest["rounds"]) == 5  # conv | conv1 + shortcut | conv2 | depthwise | dense
+        for seed in range(3):
+            assert relative_error(run(_x(seed)), litert(_model(0), _x(seed))) <= 1e-4
+        used, peak = run.memory()
+        assert 0 < used <= peak <= 64 << 20
+
+
+def test_tampered_truncated_or_empty_secrets_are_refused(device, artifacts):
+    sealed = (artifacts[0] / "secrets.sealed").read_bytes()
+    middle = len(sealed) // 2
+    for bad in (sealed[:middle] + bytes([sealed[middle] ^ 1]) + sealed[middle + 1:], sealed[:-1],
+                sealed[:40], b"", b"SNS1P" + sealed[5:], sealed + b"\0"):
+        with pytest.raises(SecurityError):
+            Driver(device, artifacts[0], secrets=bad)
+
+
+def test_swapped_untrusted_model_is_refused(device, artifacts):
+    other = (artifacts[1] / "untrusted.tflite").read_bytes()
+    with pytest.raises(SecurityError, match="not the one"):
+        Driver(device, artifacts[0], untrusted=other)
+
+
+def test_secrets_of_another_device_are_refused(artifacts, tmp_path):
+    with tee_sim.Context("inprocess", home=tmp_path) as foreign, pytest.raises(SecurityError):
+        Driver(foreign, artifacts[0])
+
+
+def test_secure_memory_cap(device, artifacts, tmp_path):
+    # Same device (same home), a secure world with a budget below what the model needs.
+    home = device._transport._os.home
+    with tee_sim.Context("inprocess", home=home, memory_cap=4 << 10) as small, \
+            pytest.raises(SecureMemoryError):
+        Driver(small, artifacts[0])
+
+
+def test_step_protocol(device, artifacts):
+    with Driver(device, artifacts[0]) as run:
+        run(_x())
+        with pytest.raises(tee_sim.TEEError) as info:
+            run.session.invoke_command(Command.RUN_STEP, [tee_sim.Value(a=2)])  # expected 0 or 1
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_STATE
+        with pytest.raises(tee_sim.TEEError) as info:
+            run.session.invoke_command(Command.RUN_STEP, [tee_sim.Value(a=99)])
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_STATE
+        with pytest.raises(tee_sim.TEEError) as info:
+            run.session.invoke_command(Command.RUN_STEP, [tee_sim.Value(a=0), tee_sim.Value(a=0)])
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_PARAMETERS
+        run.step(0)
+        run.step(1)
+        run.step(0)  # a new inference may start any time
+        assert relative_error(run(_x()), litert(_model(0), _x())) <= 1e-4
+    with device.open_session(UUID) as session:
+        with pytest.raises(tee_sim.TEEError) as info:
+            session.invoke_command(Command.RUN_STEP, [tee_sim.Value(a=0)])
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_STATE
+        with pytest.raises(tee_sim.TEEError) as info:
+            session.invoke_command(99)
+        assert info.value.code == tee_sim.TEE_ERROR_NOT_SUPPORTED
+
+
+def test_only_masked_values_cross_the_boundary(device, artifacts):
+    """What the accelerator receives is neither the layer's true input nor close to it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    model = _model(0)
+    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], _x())
+    interpreter.invoke()
+    with Driver(device, artifacts[0]) as run:
+        run(_x(), record=True)
+        seen = run.seen[1]["x0"]  # round 2's input: relu(conv(x)) + mask
+    truth = [interpreter.get_tensor(d["index"]) for d in interpreter.get_tensor_details()
+             if d["name"] == "y0"]
+    assert len(truth) == 1 and truth[0].shape == seen.shape and truth[0].min() >= 0  # relu(conv(x))
+    assert np.abs(seen - truth[0]).mean() > 0.5 * truth[0].std()
+
+
+def test_process_transport(artifacts, device, tmp_path):
+    home = device._transport._os.home
+    with tee_sim.Context("process", home=home) as real, Driver(real, artifacts[0]) as run:
+        assert relative_error(run(_x(4)), litert(_model(0), _x(4))) <= 1e-4
+        assert run.session.stats()["invocations"] == 2 + 6
+
+
+def test_bad_parameters(device, artifacts):
+    with device.open_session(UUID) as session:
+        with pytest.raises(tee_sim.TEEError) as info:
+            session.invoke_command(Command.LOAD_MODEL, [tee_sim.Value(a=1)])
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_PARAMETERS
+        with pytest.raises(tee_sim.TEEError) as info:
+            shm = device.register_shared_memory(64)
+            session.invoke_command(Command.BIND_SHARED_MEMORY, [tee_sim.MemRef(shm)])
+        assert info.value.code == tee_sim.TEE_ERROR_BAD_STATE
+
+
+def test_error_mapping_is_the_runtimes():
+    from tests.converters.driver import ERRORS
+
+    assert ERRORS[tee_sim.TEE_ERROR_SECURITY] is SecurityError
+    assert ERRORS[tee_sim.TEE_ERROR_BAD_FORMAT] is ArtifactError

@@ -7,7 +7,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from converters import linear
 from converters.graph import Graph, write_model
-from converters.schemes import DEFAULT_SCHEME, SCHEMES, LinearLayer, get_scheme
+from converters.schemes import DEFAULT_SCHEME, SCHEMES, ActivationStats, LinearLayer, get_scheme
 from converters.schemes.shadownet import ShadowNetScheme
 
 
@@ -27,7 +27,8 @@ def depthwise_options(multiplier, padding=fb.Padding.SAME, stride=(1, 1), dilati
 def masked_restore(kind, scheme, weights, x, options, out_shape, rng, multiplier=1):
     """restore(op(x' + r', W')) - pop, with pop = restore(op(r', W')) computed as the converter does."""
     obf = scheme.obfuscate(LinearLayer(kind, weights, multiplier), rng)
-    r = scheme.push_mask(x.shape, 1.0, rng).astype(np.float64)
+    stats = ActivationStats(rng.uniform(0, 1, x.shape[-1]), 1.0, 1.2)
+    r = scheme.push_mask(x.shape, stats.permuted(None), rng).astype(np.float64)
     perm = obf.input_permutation
     xp, rp = (x[..., perm], r[..., perm]) if perm is not None else (x, r)
     m = obf.weights.shape[-1] if kind == "DEPTHWISE_CONV_2D" else obf.weights.shape[0]
@@ -41,7 +42,7 @@ def test_registry_default_and_parsing():
     assert DEFAULT_SCHEME == "shadownet" and "shadownet" in SCHEMES
     assert isinstance(get_scheme(), ShadowNetScheme)
     s = get_scheme("shadownet:obf_ratio=1.5,mask_scale=0.5")
-    assert s.public_params() == {"obf_ratio": 1.5, "fake_std": 1.0, "mask_scale": 0.5}
+    assert s.public_params() == {"obf_ratio": 1.5, "fake_std": 1.0, "mask_scale": 0.5, "center_masks": True}
     assert get_scheme(s) is s
     with pytest.raises(ValueError, match="unknown scheme"):
         get_scheme("nope")
@@ -126,9 +127,16 @@ def test_same_generator_state_same_secrets():
     assert np.array_equal(a.weights, b.weights) and not np.array_equal(a.weights, c.weights)
 
 
-def test_mask_scale_follows_activations():
-    mask = get_scheme("shadownet:mask_scale=2").push_mask((1, 64, 64, 8), 3.0, np.random.default_rng(6))
-    assert mask.dtype == np.float32 and abs(np.std(mask) - 6.0) < 0.1
+def test_masks_follow_the_activations():
+    mean = np.arange(8.0)
+    stats = ActivationStats(mean, 3.0, 5.0)
+    mask = get_scheme("shadownet:mask_scale=2").push_mask((1, 64, 64, 8), stats, np.random.default_rng(6))
+    assert mask.dtype == np.float32 and abs(np.std(mask - mask.mean(axis=(0, 1, 2))) - 6.0) < 0.1
+    assert np.allclose(mask.mean(axis=(0, 1, 2)), -mean, atol=0.2)  # centered: x + r hides the mean too
+    plain = get_scheme("shadownet:center_masks=false").push_mask((1, 64, 64, 8), stats,
+                                                                  np.random.default_rng(6))
+    assert np.allclose(plain.mean(axis=(0, 1, 2)), 0, atol=0.1)
+    assert np.array_equal(stats.permuted(np.array([1, 0, 2, 3, 4, 5, 6, 7])).mean[:2], [1.0, 0.0])
 
 
 # numpy's linear ops must be LiteRT's: the pop masks depend on it.

@@ -19,13 +19,20 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 import uuid
 
 from tee_sim import channel as ch
-from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TEE
+from tee_sim.errors import (
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_GENERIC,
+    TEE_ERROR_NOT_SUPPORTED,
+    TEEC_ORIGIN_TEE,
+)
 from tee_sim.secure_os import NO_PARAMS, Outcome, SecureOS, WireParam
 
 PR_SET_PDEATHSIG = 1
+log = logging.getLogger("tee_sim.secure_world")
 _EMPTY = (0, 0, 0)
 
 
@@ -79,42 +86,22 @@ class SecureWorld:
         self.sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
         while True:
             seq = self.wait_request(last)
-            (
-                op,
-                session,
-                cmd,
-                types,
-                a0,
-                b0,
-                m0,
-                o0,
-                s0,
-                a1,
-                b1,
-                m1,
-                o1,
-                s1,
-                a2,
-                b2,
-                m2,
-                o2,
-                s2,
-                a3,
-                b3,
-                m3,
-                o3,
-                s3,
-            ) = ch.REQUEST.unpack_from(self.block, ch.REQUEST_OFFSET)
+            fields = ch.REQUEST.unpack_from(self.block, ch.REQUEST_OFFSET)  # a copy: the block may change
+            op, session, cmd, types = fields[:4]
             if types == 0 and op == ch.OP_INVOKE:
                 wire = NO_PARAMS
             else:
                 wire = (
-                    (types & 0xF, a0, b0, m0, o0, s0),
-                    (types >> 4 & 0xF, a1, b1, m1, o1, s1),
-                    (types >> 8 & 0xF, a2, b2, m2, o2, s2),
-                    (types >> 12 & 0xF, a3, b3, m3, o3, s3),
+                    (types & 0xF, *fields[4:9]),
+                    (types >> 4 & 0xF, *fields[9:14]),
+                    (types >> 8 & 0xF, *fields[14:19]),
+                    (types >> 12 & 0xF, *fields[19:24]),
                 )
-            outcome = self.dispatch(op, session, cmd, wire)
+            try:
+                outcome = self.dispatch(op, session, cmd, wire)
+            except Exception:  # noqa: BLE001 - a bug here must cost one request, not the secure world
+                log.error("request %d failed:\n%s", op, traceback.format_exc())
+                outcome = Outcome(TEE_ERROR_GENERIC, TEEC_ORIGIN_TEE, "internal error of the secure world")
             self.respond(outcome, seq)
             last = seq
             if op == ch.OP_SHUTDOWN:
@@ -141,12 +128,14 @@ class SecureWorld:
         return Outcome(TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TEE, f"unknown operation {op}")
 
     def register(self, shm_id: int, size: int) -> Outcome:
+        refused = Outcome(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "shared memory registration refused")
         self.sock.settimeout(5.0)
         try:
             message, fds, _, _ = socket.recv_fds(self.sock, ch.REGISTER_MESSAGE.size, 1)
+        except OSError:  # nothing sent (timeout), or a malformed message
+            return refused
         finally:
             self.sock.settimeout(None)
-        refused = Outcome(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "shared memory registration refused")
         if len(fds) != 1 or len(message) != ch.REGISTER_MESSAGE.size:
             for fd in fds:
                 os.close(fd)
@@ -156,15 +145,18 @@ class SecureWorld:
             if ch.REGISTER_MESSAGE.unpack(message) != (shm_id, size) or size <= 0:
                 return refused
             # Sealing the memfd's size stops the normal world from shrinking it under our mapping
-            # (the next access would be SIGBUS: a crash it could trigger at will).
+            # (the next access would be SIGBUS: a crash it could trigger at will). Only a memfd takes
+            # seals, so no other kind of file is ever mapped as shared memory.
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
             try:
-                fcntl.fcntl(
-                    fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-                )
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             except OSError:
-                if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK == 0:
-                    return refused
-            if os.fstat(fd).st_size < size:
+                pass  # already sealed (a re-registration after a restart), or not a memfd
+            try:
+                sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            except OSError:
+                sealed = 0
+            if not sealed or os.fstat(fd).st_size < size:
                 return refused
             self.release(shm_id)
             self.maps[shm_id] = mmap.mmap(fd, size)

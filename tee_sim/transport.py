@@ -260,36 +260,15 @@ class ProcessTransport:
             ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
             if words[ch.RESP_SEQ] != seq:
                 self._sleep_until(seq, timeout)
-        (
-            code,
-            origin,
-            sid,
-            msg_len,
-            ta_ns,
-            used,
-            peak,
-            cap,
-            a0,
-            b0,
-            s0,
-            a1,
-            b1,
-            s1,
-            a2,
-            b2,
-            s2,
-            a3,
-            b3,
-            s3,
-        ) = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
+        fields = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
+        code, origin, sid, msg_len, ta_ns, used, peak, cap = fields[:8]
         message = ""
         if msg_len:
             message = bytes(
                 self.block[ch.MESSAGE_OFFSET : ch.MESSAGE_OFFSET + min(msg_len, ch.MESSAGE_MAX)]
             ).decode("utf-8", "replace")
-        outcome = Outcome(
-            code, origin, message, [(a0, b0, s0), (a1, b1, s1), (a2, b2, s2), (a3, b3, s3)], sid, ta_ns
-        )
+        outputs = [fields[8:11], fields[11:14], fields[14:17], fields[17:20]]
+        outcome = Outcome(code, origin, message, outputs, sid, ta_ns)
         outcome.memory = (used, peak, cap)
         return outcome
 

@@ -201,3 +201,24 @@ def test_forked_child_never_uses_the_parents_channel(tmp_path):
         tmp_path,
     )
     assert result.stdout.split() == ["0", "42", "True"], result.stderr
+
+
+def test_secure_world_refuses_a_regular_file_as_shared_memory(tmp_path):
+    """A hostile normal world passing another file (here: one it owns) gets it refused: only memfds."""
+    import socket
+
+    from tee_sim import TEE_ERROR_BAD_PARAMETERS
+    from tee_sim import channel as ch
+    from tee_sim.secure_os import NO_PARAMS
+
+    path = tmp_path / "not-shared-memory"
+    path.write_bytes(b"\0" * 4096)
+    with Context("process", home=tmp_path / "home") as ctx:
+        transport = ctx._transport
+        with open(path, "r+b") as f:
+            socket.send_fds(transport.sock, [ch.REGISTER_MESSAGE.pack(99, 4096)], [f.fileno()])
+        wire = ((0, 99, 4096, 0, 0, 0),) + NO_PARAMS[1:]
+        outcome = transport._roundtrip(ch.OP_REGISTER, 0, 0, wire, 10.0)
+        assert outcome.code == TEE_ERROR_BAD_PARAMETERS
+        with ctx.open_session(TEST_TA_UUID) as s:  # still serving
+            assert s.invoke_command(Cmd.ADD, [Value(1, 1), Value(direction="out")])[1].a == 2

@@ -395,15 +395,17 @@ def _psnr(truth: np.ndarray, fitted: np.ndarray) -> float:
 def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64) -> dict:
     """How well ``truth`` is recovered from ``observed`` by the best affine fit (worst case for the defender).
 
-    Both are stacks of channels-last tensors of the same sample count (``(K, ..., C)``; C may differ).
-    Three fits, the largest correlation reported as ``correlation``:
+    ``observed`` and ``truth`` are channels-last tensors with the same number of positions (C may
+    differ); every position is one sample. Three fits, the largest ``|correlation|`` reported as
+    ``correlation``:
     - ``overall``: one scalar ``a * observed + b`` (needs equal shapes);
     - ``per_channel``: each true channel against its best-correlated observed channel (undoes a
       channel permutation and per-channel scaling), averaged over true channels;
     - ``regression``: each true channel regressed on all observed channels at the same position
-      (undoes any channel mixing), fitted on half the samples and scored on the other half so that
-      a wide tensor cannot overfit; only when there are >= 10 samples per observed channel.
-    PSNR is of the truth against the overall fit, its peak the truth's range.
+      (undoes any channel mixing); only with >= 10 positions per observed channel.
+    The two fits that choose among channels are chosen on half of the positions and scored on the
+    other half (interleaved), so that picking the best of many channels cannot pass for leakage;
+    ``per_channel`` needs >= 16 positions. PSNR is of the truth against the overall fit, peak = its range.
     """
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
@@ -411,21 +413,42 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
     if obs.shape == tru.shape:
         x = obs.reshape(-1)
         y = tru.reshape(-1)
-        r = _pearson(x, y)
         a, b = _lstsq_affine(x, y)
-        out["overall"] = r
+        out["overall"] = _pearson(x, y)
         out["psnr_db"] = _psnr(y, a * x + b)
     co = obs.shape[-1]
     ct = tru.shape[-1]
     xo = obs.reshape(-1, co)
     yt = tru.reshape(-1, ct)
-    if len(xo) == len(yt):
+    if len(xo) == len(yt) and len(xo) >= 16:
         out["per_channel"] = _per_channel(xo, yt)
         if co <= max_channels_regression and len(xo) >= 10 * (co + 1):
             out["regression"] = _holdout_regression(xo, yt)
     figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
     out["correlation"] = max(figures) if figures else None
     return out
+
+
+def _mean_figures(figures: list[dict]) -> dict:
+    """Average of per-inference figures, key by key (``max_correlation``: the worst single one)."""
+    out: dict = {}
+    for key in ("overall", "psnr_db", "per_channel", "regression", "correlation"):
+        values = [f[key] for f in figures if f.get(key) is not None]
+        if values:
+            out[key] = float(np.mean(values))
+    values = [f["correlation"] for f in figures if f.get("correlation") is not None]
+    if values:
+        out["max_correlation"] = float(max(values))
+    return out
+
+
+def single_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """What one inference reveals: :func:`affine_leakage` within each inference of the stacks
+    (``(K, ...)``), averaged over the K inferences. Fitting across inferences is left to
+    :func:`difference_leakage`, which is the attack on masks reused across them."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    return _mean_figures([affine_leakage(o, t) for o, t in zip(obs, tru, strict=True)])
 
 
 def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -435,15 +458,19 @@ def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return a, ym - a * xm
 
 
-def _per_channel(xo: np.ndarray, yt: np.ndarray) -> float:
+def _corr_matrix(xo: np.ndarray, yt: np.ndarray) -> np.ndarray:
     xc = xo - xo.mean(axis=0)
     yc = yt - yt.mean(axis=0)
-    xn = np.linalg.norm(xc, axis=0)
-    yn = np.linalg.norm(yc, axis=0)
     num = np.abs(yc.T @ xc)
-    den = np.outer(yn, xn)
-    corr = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    return float(corr.max(axis=1).mean())
+    den = np.outer(np.linalg.norm(yc, axis=0), np.linalg.norm(xc, axis=0))
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _per_channel(xo: np.ndarray, yt: np.ndarray) -> float:
+    fit, test = slice(0, None, 2), slice(1, None, 2)
+    best = _corr_matrix(xo[fit], yt[fit]).argmax(axis=1)
+    scores = [_pearson(xo[test][:, best[c]], yt[test][:, c]) for c in range(yt.shape[1])]
+    return float(np.mean(scores))
 
 
 def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
@@ -457,10 +484,11 @@ def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
 
 
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
-    """The difference attack on masks reused across inferences: ``obs_i - obs_j`` against
-    ``x_i - x_j`` (a static additive mask cancels exactly). Pairs consecutive samples of the stacks."""
+    """The difference attack on masks reused across inferences: ``obs_k+1 - obs_k`` against
+    ``x_k+1 - x_k`` (a static additive mask cancels exactly), averaged over consecutive pairs."""
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
     if len(obs) < 2:
         return {}
-    return affine_leakage(obs[1:] - obs[:-1], tru[1:] - tru[:-1])
+    return _mean_figures([affine_leakage(obs[k + 1] - obs[k], tru[k + 1] - tru[k])
+                          for k in range(len(obs) - 1)])

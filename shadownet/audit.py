@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,10 @@ def reference_activations(reference: str | os.PathLike, batches: list[list[np.nd
     """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(reference), experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():
+        # LiteRT warns that keeping every tensor is for debugging: here it is the point.
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_path=str(reference), experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
     inputs = interpreter.get_input_details()
@@ -329,12 +333,12 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
                                "tensor": sources.get(buffer)}
         target = truth.get(row["tensor"]) if row["tensor"] else None
         if target is not None:
-            row["single"] = attacks.affine_leakage(observed, target)
+            row["single"] = attacks.single_leakage(observed, target)
             row["difference"] = attacks.difference_leakage(observed, target)
         if r == 1:
             # Against the user's raw input itself, whatever tensor round 1 carries.
             for k, x in enumerate(user):
-                single = attacks.affine_leakage(observed, x)
+                single = attacks.single_leakage(observed, x)
                 diff = attacks.difference_leakage(observed, x)
                 row[f"user_input_{k}"] = {"single": single, "difference": diff}
                 for key, fig in (("correlation", single), ("difference_correlation", diff)):

@@ -223,3 +223,23 @@ def test_large_real_weights_need_the_fake_orthogonal_point() -> None:
     assert recovered(attacks.fake_partner_recovery(obf), w).mean() < 0.5
     assert recovered(attacks.cluster_variance_recovery(obf), w).mean() >= 0.95
     assert attacks.attack_layer(obf, w)["recovered"]["any"] >= 190
+
+
+def test_choosing_among_many_channels_is_not_leakage() -> None:
+    # 8x8 positions, 512 unrelated channels: the best of 512 correlations on 64 samples is ~0.45 by
+    # chance; scored on held-out positions it falls back to chance.
+    rng = np.random.default_rng(14)
+    observed = rng.standard_normal((8, 8, 512))
+    truth = rng.standard_normal((8, 8, 64))
+    assert attacks.affine_leakage(observed, truth)["correlation"] < 0.25
+    assert attacks.single_leakage(observed[None], truth[None])["correlation"] < 0.25
+
+
+def test_single_leakage_does_not_fit_across_inferences() -> None:
+    # A static per-element mask on 64-element vectors: one inference shows x + m (hidden when m is
+    # large); only the difference of two inferences removes m.
+    rng = np.random.default_rng(15)
+    x = rng.uniform(0, 1, (4, 1, 64))
+    m = 10 * rng.standard_normal((1, 64))
+    assert attacks.single_leakage(x + m, x)["correlation"] < 0.3
+    assert attacks.difference_leakage(x + m, x)["correlation"] == pytest.approx(1.0)

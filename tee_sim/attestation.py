@@ -194,7 +194,10 @@ def encrypt_to_report(
     recipient = Report.parse(report).public_key
     ephemeral = X25519PrivateKey.generate()
     sender_public = _raw(ephemeral.public_key())
-    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
+    try:
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
+    except ValueError:  # a low-order point: no secret could be agreed
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "report: unusable public key") from None
     gcm_nonce = os.urandom(12)
     header = _ENVELOPE_HEADER.pack(_ENVELOPE_MAGIC, recipient, sender_public, gcm_nonce)
     key = _envelope_key(shared, sender_public, recipient)

@@ -233,3 +233,10 @@ def test_provisioned_secret_never_in_normal_world_memory(tmp_path):
         assert secret[:16] not in memory and secret[16:] not in memory
     finally:
         child.communicate(b"\n", timeout=60)
+
+
+def test_report_with_a_low_order_key_cannot_be_encrypted_to():
+    report = Report(bytes(32), b"n", bytes(32), bytes(64))  # the all-zero point: no shared secret
+    with pytest.raises(TEEError) as err:
+        encrypt_to_report(report, b"secret")
+    assert err.value.code == TEE_ERROR_SECURITY

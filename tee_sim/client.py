@@ -37,6 +37,7 @@ DEFAULT_SPIN_US = 200.0
 DEFAULT_CALLER_SPIN_US = 1000.0
 DEFAULT_HARD_SPIN_US = 20.0
 _BOUNCE_MIN = 64 << 10
+_BOUNCE_KEEP = 4 << 20  # a bounce buffer grown past this for a big setup transfer is dropped after it
 _NO_TEMPS: list[int] = []
 _ALIGN = 64
 
@@ -224,6 +225,7 @@ class Context:
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
             self._unmarshal(params, wire, temps, outcome)
+            self._trim_bounce()
             self._raise(outcome)
             session = Session(self, outcome.session, ta_uuid, self._transport.generation)
             session._memory = outcome.memory
@@ -330,6 +332,8 @@ class Context:
             )
             elapsed = time.perf_counter() - start
             bytes_out = self._unmarshal(params, wire, temps, outcome) if params else 0
+            if temps:
+                self._trim_bounce()
             session._invocations += 1
             session._bytes_in += bytes_in
             session._bytes_out += bytes_out
@@ -387,6 +391,11 @@ class Context:
                 wire.append((p.wire_type, 0, 0, shm._id, p.offset, p.size))
                 bytes_in += p.size if p.direction != "out" else 0
         return tuple(wire) + NO_PARAMS[len(wire) :], temps, bytes_in
+
+    def _trim_bounce(self) -> None:
+        if self._bounce is not None and self._bounce.size > _BOUNCE_KEEP:
+            self._bounce.release()
+            self._bounce = None
 
     def _ensure_bounce(self, total: int) -> None:
         bounce = self._bounce

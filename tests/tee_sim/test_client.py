@@ -1,5 +1,6 @@
 """The client API on both transports: parameters, shared memory, errors, counters, memory cap."""
 
+import os
 import uuid
 
 import numpy as np
@@ -202,3 +203,12 @@ def test_closed_session_and_context(tmp_path):
     assert s2.closed
     with pytest.raises(TEEError):
         ctx.open_session(TEST_TA_UUID)
+
+
+def test_large_temp_memref_then_small_ones(session, context):
+    big = os.urandom(6 << 20)
+    out = session.invoke_command(Cmd.ECHO, [TempMemRef(big), TempMemRef(size=len(big), direction="out")])
+    assert out[1].data == big
+    assert context._bounce is None  # the grown bounce buffer was not kept
+    out = session.invoke_command(Cmd.ECHO, [TempMemRef(b"small"), TempMemRef(size=8, direction="out")])
+    assert out[1].data == b"small"

@@ -7,8 +7,9 @@ Layout (little-endian)::
     128  u64 secure world sleeping  (1: it is blocked on the request eventfd, kick it)
     192  u64 normal world sleeping  (1: it is blocked on the response eventfd, kick it)
     256  request:  op, session, cmd, packed param types (u32 each); 4 x (a, b, shm id, offset, size) u64
+                   (parameters of type NONE are not written)
     512  response: code, origin, session, message length (u32); TA time ns, memory used/peak/cap (u64);
-                   4 x (a, b, size) u64
+                   4 x (a, b, size) u64 (only written when there is an output parameter)
     1024 message (UTF-8, <= 1 KiB)     2048 payload (e.g. the UUID of OpenSession, <= 2 KiB)
 
 Each counter sits on its own cache line, so a spinning reader does not bounce the line the writer
@@ -31,9 +32,11 @@ SW_SLEEPING = 16
 NW_SLEEPING = 24
 
 REQUEST_OFFSET = 256
-REQUEST = struct.Struct("<IIII" + "QQQQQ" * 4)
+REQUEST_HEADER = struct.Struct("<IIII")
+REQUEST = struct.Struct(REQUEST_HEADER.format + "QQQQQ" * 4)
 RESPONSE_OFFSET = 512
-RESPONSE = struct.Struct("<IIIIQQQQ" + "QQQ" * 4)
+RESPONSE_HEADER = struct.Struct("<IIIIQQQQ")
+RESPONSE = struct.Struct(RESPONSE_HEADER.format + "QQQ" * 4)
 MESSAGE_OFFSET = 1024
 MESSAGE_MAX = 1024
 PAYLOAD_OFFSET = 2048

@@ -62,7 +62,7 @@ MAX_EPHEMERAL_KEYS = 16
 
 
 _NO_OUTPUT = (0, 0, 0)
-_NO_OUTPUTS = [_NO_OUTPUT] * MAX_PARAMS
+NO_OUTPUTS = [_NO_OUTPUT] * MAX_PARAMS
 _ABSENT = (NO_PARAM,) * MAX_PARAMS
 
 
@@ -76,7 +76,7 @@ class Outcome:
         code: int = TEE_SUCCESS,
         origin: int = TEEC_ORIGIN_TEE,
         message: str = "",
-        outputs: list[tuple[int, int, int]] = _NO_OUTPUTS,
+        outputs: list[tuple[int, int, int]] = NO_OUTPUTS,
         session: int = 0,
         ta_time_ns: int = 0,
         cause: BaseException | None = None,
@@ -426,7 +426,7 @@ class SecureOS:
         params: TAParams, wire: tuple[WireParam, ...], outcome: Outcome
     ) -> list[tuple[int, int, int]]:
         if params.types & 0x2222 == 0:  # no output parameter
-            return _NO_OUTPUTS
+            return NO_OUTPUTS
         outputs = []
         for p, w in zip(params, wire, strict=True):
             wire_type = w[0]

@@ -29,7 +29,7 @@ from tee_sim.errors import (
     TEE_ERROR_NOT_SUPPORTED,
     TEEC_ORIGIN_TEE,
 )
-from tee_sim.secure_os import NO_PARAMS, Outcome, SecureOS, WireParam
+from tee_sim.secure_os import NO_OUTPUTS, NO_PARAMS, Outcome, SecureOS, WireParam
 
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger("tee_sim.secure_world")
@@ -86,11 +86,13 @@ class SecureWorld:
         self.sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
         while True:
             seq = self.wait_request(last)
-            fields = ch.REQUEST.unpack_from(self.block, ch.REQUEST_OFFSET)  # a copy: the block may change
-            op, session, cmd, types = fields[:4]
+            # Copied out (unpack_from) before anything is checked: the normal world may rewrite the block.
+            op, session, cmd, types = ch.REQUEST_HEADER.unpack_from(self.block, ch.REQUEST_OFFSET)
             if types == 0 and op == ch.OP_INVOKE:
                 wire = NO_PARAMS
             else:
+                fields = ch.REQUEST.unpack_from(self.block, ch.REQUEST_OFFSET)
+                op, session, cmd, types = fields[:4]
                 wire = (
                     (types & 0xF, *fields[4:9]),
                     (types >> 4 & 0xF, *fields[9:14]),
@@ -179,31 +181,15 @@ class SecureWorld:
         if message:
             self.block[ch.MESSAGE_OFFSET : ch.MESSAGE_OFFSET + len(message)] = message
         memory = self.os.memory
-        (a0, b0, s0), (a1, b1, s1), (a2, b2, s2), (a3, b3, s3) = outcome.outputs
-        ch.RESPONSE.pack_into(
-            self.block,
-            ch.RESPONSE_OFFSET,
-            outcome.code,
-            outcome.origin,
-            outcome.session,
-            len(message),
-            outcome.ta_time_ns,
-            memory.used,
-            memory.peak,
-            memory.cap,
-            a0,
-            b0,
-            s0,
-            a1,
-            b1,
-            s1,
-            a2,
-            b2,
-            s2,
-            a3,
-            b3,
-            s3,
-        )
+        header = (outcome.code, outcome.origin, outcome.session, len(message), outcome.ta_time_ns,
+                  memory.used, memory.peak, memory.cap)  # fmt: skip
+        if outcome.outputs is NO_OUTPUTS:
+            ch.RESPONSE_HEADER.pack_into(self.block, ch.RESPONSE_OFFSET, *header)
+        else:
+            (a0, b0, s0), (a1, b1, s1), (a2, b2, s2), (a3, b3, s3) = outcome.outputs
+            ch.RESPONSE.pack_into(
+                self.block, ch.RESPONSE_OFFSET, *header, a0, b0, s0, a1, b1, s1, a2, b2, s2, a3, b3, s3
+            )
         self.words[ch.RESP_SEQ] = seq
         if self.words[ch.NW_SLEEPING]:
             os.eventfd_write(self.resp_efd, 1)

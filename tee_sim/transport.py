@@ -235,19 +235,14 @@ class ProcessTransport:
     ) -> Outcome:
         if self.proc is None:
             raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
-        types = wire[0][0] | wire[1][0] << 4 | wire[2][0] << 8 | wire[3][0] << 12
-        ch.REQUEST.pack_into(
-            self.block,
-            ch.REQUEST_OFFSET,
-            op,
-            session,
-            cmd,
-            types,
-            *wire[0][1:],
-            *wire[1][1:],
-            *wire[2][1:],
-            *wire[3][1:],
-        )
+        if wire is NO_PARAMS:
+            ch.REQUEST_HEADER.pack_into(self.block, ch.REQUEST_OFFSET, op, session, cmd, 0)
+        else:
+            types = wire[0][0] | wire[1][0] << 4 | wire[2][0] << 8 | wire[3][0] << 12
+            ch.REQUEST.pack_into(
+                self.block, ch.REQUEST_OFFSET, op, session, cmd, types,
+                *wire[0][1:], *wire[1][1:], *wire[2][1:], *wire[3][1:],
+            )  # fmt: skip
         words = self.words
         self._seq += 1
         seq = self._seq

@@ -55,9 +55,15 @@ def depthwise_conv2d(x: np.ndarray, filters: np.ndarray, options: Any) -> np.nda
     c = x.shape[-1]
     if cm % c:
         raise ValueError(f"DEPTHWISE_CONV_2D: {cm} filter channels for {c} input channels")
+    m = cm // c
     win = _windows(np.asarray(x, np.float64), kh, kw, options)
-    k = filters[0].astype(np.float64).reshape(kh, kw, c, cm // c)
-    return np.einsum("nhwijc,ijcm->nhwcm", win, k, optimize=True).reshape(*win.shape[:3], cm)
+    k = filters[0].astype(np.float64).reshape(kh, kw, c, m)
+    # One multiply-add per kernel tap over the whole map (an einsum over the windows is ~5x slower).
+    out = np.zeros((*win.shape[:3], c, m))
+    for i in range(kh):
+        for j in range(kw):
+            out += win[:, :, :, i, j, :, None] * k[i, j]
+    return out.reshape(*win.shape[:3], cm)
 
 
 def fully_connected(x: np.ndarray, weights: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:

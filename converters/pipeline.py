@@ -175,14 +175,16 @@ def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]
 def activation_stats(graph: Graph, tensors: set[int], calibration: Any = None) -> dict[int, ActivationStats]:
     """Per-channel mean, standard deviation and RMS of each tensor in ``tensors`` over the calibration
     inputs, from LiteRT running the original (normalized) graph, so the masks match what they hide."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import Interpreter
 
-    # Intermediate tensors are only kept readable without delegates (XNNPACK fuses and reuses them).
-    interpreter = Interpreter(model_content=write_model(graph), experimental_preserve_all_tensors=True,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-                              num_threads=1)
+    # The tensors to measure become extra model outputs, so LiteRT runs at full speed (XNNPACK) and
+    # hands them back; model inputs are read from the samples themselves.
+    probes = sorted(t for t in tensors if t not in graph.inputs)
+    probe = Graph(graph.tensors, graph.ops, list(graph.inputs), list(graph.outputs) + probes)
+    interpreter = Interpreter(model_content=write_model(probe), num_threads=2)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
+    out_index = [d["index"] for d in interpreter.get_output_details()][len(graph.outputs):]
     sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
     squares = dict.fromkeys(tensors, 0.0)
     count = 0
@@ -190,9 +192,10 @@ def activation_stats(graph: Graph, tensors: set[int], calibration: Any = None) -
         for d, x in zip(details, sample, strict=True):
             interpreter.set_tensor(d["index"], x)
         interpreter.invoke()
+        values = {t: interpreter.get_tensor(i) for t, i in zip(probes, out_index, strict=True)}
+        values.update((t, x) for t, x in zip(graph.inputs, sample, strict=True) if t in tensors)
         for t in tensors:
-            # write_model(graph) keeps a compact graph's tensor order: index t is tensor t.
-            value = interpreter.get_tensor(t)
+            value = values[t]
             if value.shape != graph.tensors[t].shape:
                 raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
                                      f"{graph.tensors[t].shape}")

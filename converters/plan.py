@@ -81,6 +81,7 @@ class _Builder:
     def obfuscate_rounds(self) -> None:
         g, u = self.g, self.untrusted
         self.fused: dict[int, int] = {}  # offloaded op -> the activation op the restore applies
+        self.pads: dict[int, int] = {}  # padded tensor -> the PAD op a push does instead
         self.result: dict[int, int] = {}  # offloaded op -> the tensor its restore produces
         self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
         self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
@@ -111,8 +112,9 @@ class _Builder:
                     sig_in[f"x{j}"] = tid
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
                     mask = self.scheme.push_mask(shape, stats.permuted(obf.input_permutation), self.rng)
-                    pushes[key] = {"tensor": x, "name": f"x{j}", "untrusted": tid, "permutation":
-                                   obf.input_permutation, "mask": mask}
+                    source, pad = self._zero_pad(x)
+                    pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
+                                   "untrusted": tid, "permutation": obf.input_permutation, "mask": mask}
                 push = pushes[key]
                 j = len(restores)
                 out_shape = g.tensors[y].shape
@@ -142,6 +144,27 @@ class _Builder:
             self.pushes.append(list(pushes.values()))
             self.restores.append(restores)
 
+    def _zero_pad(self, x: int) -> tuple[int, list[list[int]] | None]:
+        """If ``x`` is a zero PAD feeding only offloaded ops, the push pads (the mask fills the border) and
+        the PAD never runs in LiteRT, whose arenas would hold both the tensor and its padded copy."""
+        g = self.g
+        p = g.producer(x)
+        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs:
+            return x, None
+        op = g.ops[p]
+        paddings = g.tensors[op.inputs[1]].data
+        if paddings is None or paddings.shape != (len(g.tensors[x].shape), 2) or np.any(paddings < 0):
+            return x, None
+        value = g.tensors[op.inputs[2]].data if op.kind == "PADV2" and len(op.inputs) > 2 else None
+        if op.kind == "PADV2" and (value is None or np.any(value)):
+            return x, None
+        if not all(c in self.part.offloaded and g.ops[c].inputs[0] == x for c in g.consumers(x)):
+            return x, None
+        if g.tensors[op.inputs[0]].dtype != np.float32:
+            return x, None
+        self.pads[x] = p
+        return op.inputs[0], paddings.astype(int).tolist()
+
     def _pop(self, kind: str, obf: ObfuscatedLinear, mask: np.ndarray, options: Any,
              obf_shape: tuple[int, ...]) -> np.ndarray:
         """The pop mask: the push mask through the obfuscated layer and the restore, in float64. Zero
@@ -152,7 +175,7 @@ class _Builder:
     # -- TEE side --------------------------------------------------------------------------------------
     def plan_tee(self) -> None:
         g, R = self.g, self.R
-        numpy_ops = set(self.fused.values())
+        numpy_ops = set(self.fused.values()) | set(self.pads.values())
         produced_by: dict[int, tuple[str, int]] = {}
         for t in g.inputs:
             produced_by[t] = ("input", 0)
@@ -270,7 +293,7 @@ class _Builder:
                         self.arrays[perm] = p["permutation"].astype(np.int32)
                     src, reads = loc(p["tensor"], k)
                     add(k, {"op": "push", "src": src, "dst": f"shm:round_{k + 1}/in/{p['name']}",
-                            "permutation": perm, "mask": f"{name}/mask"}, reads=reads)
+                            "permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]}, reads=reads)
             else:
                 for i, t in enumerate(g.outputs):
                     src, reads = loc(t, k)
@@ -324,8 +347,7 @@ class _Builder:
         bank_size = [0, 0]
         placed = []
         for r in range(1, self.R + 1):
-            ins = [(f"round_{r}/in/{p['name']}", self.g.tensors[p["tensor"]].shape)
-                   for p in self.pushes[r - 1]]
+            ins = [(f"round_{r}/in/{p['name']}", p["shape"]) for p in self.pushes[r - 1]]
             outs = [(f"round_{r}/out/{rest['name']}", rest["obf_shape"]) for rest in self.restores[r - 1]]
             for group in (ins, outs):
                 at = 0

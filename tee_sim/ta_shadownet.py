@@ -352,11 +352,24 @@ class ShadowNetTA(TrustedApp):
     def _compile_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                       dst: np.ndarray) -> Callable[[], Any]:
         mask = model.arrays[instr["mask"]]
-        if src.shape != dst.shape or mask.shape != dst.shape or mask.dtype != np.float32:
+        pad = instr["pad"]
+        full = dst
+        if pad is not None:  # a zero PAD done by the push: the border is 0 + mask
+            if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
+                raise ValueError(f"push {instr['src']}: bad padding {pad}")
+            inner = tuple(slice(b, n - a) for (b, a), n in zip(pad, dst.shape, strict=True))
+            dst, inner_mask = dst[inner], mask[inner]
+        else:
+            inner_mask = mask
+        if src.shape != dst.shape or mask.shape != full.shape or mask.dtype != np.float32:
             raise ValueError(f"push {instr['src']} -> {instr['dst']}: shapes {src.shape} {mask.shape} "
                              f"{dst.shape}")
+        border = (lambda: np.copyto(full, mask)) if pad is not None else (lambda: None)
         if instr["permutation"] is None:
-            return lambda: np.add(src, mask, out=dst)
+            def push_plain() -> None:
+                border()
+                np.add(src, inner_mask, out=dst)
+            return push_plain
         perm = model.arrays[instr["permutation"]]
         if perm.shape != (src.shape[-1],) or np.any(np.sort(perm) != np.arange(len(perm))):
             raise ValueError(f"push {instr['src']}: permutation is not one of {src.shape[-1]} channels")
@@ -364,8 +377,9 @@ class ShadowNetTA(TrustedApp):
         tmp = model.scratch[:dst.size].reshape(dst.shape)
 
         def push() -> None:
+            border()
             np.take(src, perm, axis=-1, out=tmp, mode="clip")  # secure scratch: still unmasked
-            np.add(tmp, mask, out=dst)
+            np.add(tmp, inner_mask, out=dst)
         return push
 
     def _compile_restore(self, model: _Model, instr: dict[str, Any], src: np.ndarray,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,10 @@ def convert_cli(args: argparse.Namespace) -> None:
     import json
 
     start = time.perf_counter()
-    manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
-                       calibration=args.calibration, device=args.device, force=args.force)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
+                           calibration=args.calibration, device=args.device, force=args.force)
     elapsed = time.perf_counter() - start
     if not isinstance(manifest, dict):
         manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))
@@ -54,8 +58,14 @@ def convert_cli(args: argparse.Namespace) -> None:
     if "offloaded_ops" in summary:
         parts.append(f"{summary['offloaded_ops']} linear ops offloaded to the accelerator")
     print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")
-    if manifest.get("seeded"):
-        print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)")
+    sys.stdout.flush()
+    for w in caught:
+        # The converter's warnings are for the user, as one line each; LiteRT's debugging notices are not.
+        if "ai_edge_litert" not in w.filename:
+            print(f"warning: {w.message}", file=sys.stderr)
+    if manifest.get("seeded") and not any("seed" in str(w.message) for w in caught):
+        print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)",
+              file=sys.stderr)
 
 
 def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:

@@ -58,6 +58,7 @@ def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsy
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
     ("verify", "--verify is not available yet"),
     ("tampered", "SHA-256"),
+    ("delegate", "cannot load the accelerator delegate"),
 ])
 def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
     (x,) = small_cnn.random_inputs()
@@ -75,6 +76,8 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         np.save(tmp_path / "x.npy", x[:, :8])
     elif case == "verify":
         extra = ["--verify"]
+    elif case == "delegate":
+        extra = ["--delegate", str(tmp_path / "no_such_delegate.so")]
     elif case == "tampered":
         shutil.copytree(small_cnn.out, tmp_path / "out")
         sealed = tmp_path / "out" / "secrets.sealed"
@@ -94,8 +97,10 @@ def test_convert_prints_a_summary(small_cnn, tmp_path, capsys):
     out = tmp_path / "converted"
     argv = ["convert", str(small_cnn.original), "-o", str(out), "--scheme", "shadownet", "--seed", "3"]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "rounds" in printed and "INSECURE" in printed
+    printed = capsys.readouterr()
+    assert "rounds" in printed.out
+    warning_lines = printed.err.strip().splitlines()
+    assert len(warning_lines) == 1 and "INSECURE" in warning_lines[0]
     assert (out / "manifest.json").is_file()
     # A non-empty output directory is refused without --force.
     _one_line_error(capsys, main(["convert", str(small_cnn.original), "-o", str(out), "--seed", "3"]))

@@ -43,12 +43,13 @@ def _litert(path: Path, num_threads: int = THREADS) -> Callable[[np.ndarray], np
     return run
 
 
-def _export(name: str, path: Path, train: str | None = None) -> None:
+def _export(name: str, path: Path, what: str, train: str | None = None) -> None:
     from models.zoo import export, testset_path
 
     if path.is_file() and (train is None or Path(testset_path(path)).is_file()):
         _progress(f"reusing {path}")
         return
+    _progress(f"{what} ...")
     export(name, str(path), seed=0, train=train)
 
 
@@ -65,8 +66,7 @@ def digits_accuracy(workdir: Path) -> dict[str, Any]:
     from shadownet.runtime import load
 
     path = workdir / "minivgg_digits.tflite"
-    _progress("training MiniVGG on the digits data set (scikit-learn) ...")
-    _export("minivgg", path, train="digits")
+    _export("minivgg", path, "training MiniVGG on scikit-learn's handwritten digits", train="digits")
     out = workdir / "minivgg_digits.protected"
     _progress("protecting it ...")
     seconds = _protect(path, out)
@@ -87,8 +87,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
     from shadownet.runtime import load
 
     path = workdir / "mobilenet.tflite"
-    _progress("exporting MobileNet (ImageNet shape, random weights that behave like trained ones) ...")
-    _export("mobilenet", path)
+    _export("mobilenet", path, "exporting MobileNet (ImageNet shape, calibrated random weights)")
     out = workdir / "mobilenet.protected"
     _progress("protecting it ...")
     seconds = _protect(path, out)
@@ -125,7 +124,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
         "tee_ms": median(p["tee_s"] for p in parts) * 1e3,
         "ta_ms": median(p["ta_s"] for p in parts) * 1e3,
         "boundary_mb": (stats["bytes_to_tee"] + stats["bytes_from_tee"]) / 1e6,
-        "secure_peak_mb": stats.get("model_secure_memory_peak", stats.get("secure_memory_peak", 0)) / 2**20,
+        "secure_mb": stats.get("model_secure_memory", stats.get("secure_memory_peak", 0)) / 2**20,
         "worst_rel_error": worst, "same_argmax": same_argmax, "inputs": AGREEMENT_INPUTS,
     }
 
@@ -161,7 +160,7 @@ def _report(workdir: Path) -> None:
     print(f"    protected split   accelerator {m['accelerator_ms']:.1f} ms   TEE calls {m['tee_ms']:.1f} ms "
           f"(inside the trusted app {m['ta_ms']:.1f} ms)")
     print(f"    per inference     {m['world_switches']} world switches, {m['boundary_mb']:.1f} MB across "
-          f"the boundary; secure memory peak {m['secure_peak_mb']:.1f} MiB")
-    print(f"    agreement         worst relative error {mobile['worst_rel_error']:.1e}, same argmax on "
+          f"the boundary; {m['secure_mb']:.1f} MiB of secure memory")
+    print(f"    agreement         worst relative error {mobile['worst_rel_error']:.2e}, same argmax on "
           f"{mobile['same_argmax']}/{mobile['inputs']} random inputs")
     print(f"  total {time.perf_counter() - start:.0f} s")

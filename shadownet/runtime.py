@@ -427,8 +427,9 @@ class ProtectedModel:
         """Costs of the last call: ``world_switches`` (TEE entries), ``rounds``, ``bytes_to_tee`` /
         ``bytes_from_tee`` (tensors that crossed the boundary through shared memory), ``total_s``,
         ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s`` (inside the
-        trusted app) and ``transport_s`` (the rest of ``tee_s``), and the secure world's memory
-        ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` in bytes."""
+        trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in bytes:
+        ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device and
+        ``model_secure_memory`` for this model (asked with one extra TEE entry, outside any inference)."""
         with self._lock:
             if self._closed:
                 raise ClosedError("this protected model was closed")
@@ -450,7 +451,7 @@ class ProtectedModel:
                     out = tee_sim.Value(direction="out")
                     with _tee("reading the trusted app's statistics"):
                         self._session.invoke_command(command, [out])
-                    result["model_secure_memory_used"], result["model_secure_memory_peak"] = out.a, out.b
+                    result["model_secure_memory"] = out.a
             return result
 
 

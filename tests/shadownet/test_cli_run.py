@@ -112,3 +112,15 @@ def test_real_process_error_has_no_traceback(tmp_path):
     assert result.returncode == 1
     expected = f"shadownet: error: artifact directory {tmp_path / 'nowhere'} does not exist"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_demo_without_tensorflow_is_one_line(monkeypatch, capsys):
+    import models.backend
+
+    def missing():
+        raise models.backend.TensorFlowMissingError("the model zoo needs TensorFlow (No module named "
+                                                    "'tensorflow'); install the tf extra")
+
+    monkeypatch.setattr(models.backend, "require_tensorflow", missing)
+    line = _one_line_error(capsys, main(["demo"]))
+    assert "install the tf extra" in line

@@ -329,7 +329,10 @@ class ProtectedModel:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            _quietly(self.close)
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at interpreter exit modules may already be torn down
+                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.num_rounds} rounds"

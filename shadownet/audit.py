@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
-from shadownet.exceptions import ArtifactError
+from shadownet.exceptions import ArtifactError, ShadowNetError
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -402,7 +402,11 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     report |= weight_attacks(ref, obf, progress=progress)
     if inferences > 0:
         pairs, _, _ = match_layers(ref, obf)
-        report["input_leakage"] = input_leakage(out_dir, reference, manifest, pairs, inferences, progress)
+        try:
+            report["input_leakage"] = input_leakage(out_dir, reference, manifest, pairs, inferences, progress)
+        except ShadowNetError as exc:
+            # The weight attacks stand on their own; say plainly what could not be measured.
+            report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
@@ -438,7 +442,10 @@ def format_report(report: dict) -> str:
         if report.get(key):
             lines.append(f"{key.replace('_', ' ')}: {', '.join(report[key])}")
     leak = report.get("input_leakage")
-    if leak:
+    if leak and leak.get("error"):
+        lines.append("")
+        lines.append(f"input leakage: not measured ({leak['error']})")
+    elif leak:
         first = leak["first_round"]
         lines.append("")
         lines.append(f"input leakage over {leak['inferences']} inferences "
@@ -504,3 +511,6 @@ def audit_cli(args: Any) -> None:
     if args.json:
         write_json(report, args.json)
         print(f"report written to {args.json}")
+    error = report.get("input_leakage", {}).get("error")
+    if error:
+        raise ShadowNetError(f"input leakage not measured: {error}")

@@ -492,3 +492,20 @@ def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
         return {}
     return _mean_figures([affine_leakage(obs[k + 1] - obs[k], tru[k + 1] - tru[k])
                           for k in range(len(obs) - 1)])
+
+
+def known_input_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """The chosen-input attack on a static mask: the normal world runs the model once on an input it
+    knows (``truth[0]``), learns the mask as ``obs_0 - x_0`` and unmasks every later inference:
+    ``x_k ~ obs_k - obs_0 + x_0``, scored without any fit (correlation and PSNR, averaged over k >= 1).
+    Only for tensors the attacker can know for its own input: the user's raw input."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    if len(obs) < 2 or obs.shape != tru.shape:
+        return {}
+    figures = []
+    for k in range(1, len(obs)):
+        estimate = obs[k] - obs[0] + tru[0]
+        figures.append({"correlation": _pearson(estimate.reshape(-1), tru[k].reshape(-1)),
+                        "psnr_db": _psnr(tru[k], estimate)})
+    return {key: float(np.mean([f[key] for f in figures])) for key in ("correlation", "psnr_db")}

@@ -340,12 +340,15 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
             for k, x in enumerate(user):
                 single = attacks.single_leakage(observed, x)
                 diff = attacks.difference_leakage(observed, x)
-                row[f"user_input_{k}"] = {"single": single, "difference": diff}
-                for key, fig in (("correlation", single), ("difference_correlation", diff)):
+                known = attacks.known_input_leakage(observed, x)
+                row[f"user_input_{k}"] = {"single": single, "difference": diff, "known_input": known}
+                for key, fig in (("correlation", single), ("difference_correlation", diff),
+                                 ("known_input_correlation", known)):
                     if fig.get("correlation") is not None:
                         first[key] = max(first.get(key, 0.0), fig["correlation"])
-                if single.get("psnr_db") is not None:
-                    first["psnr_db"] = max(first.get("psnr_db", -math.inf), single["psnr_db"])
+                for key, fig in (("psnr_db", single), ("known_input_psnr_db", known)):
+                    if fig.get("psnr_db") is not None:
+                        first[key] = max(first.get(key, -math.inf), fig["psnr_db"])
         rows.append(row)
     singles = [r["single"]["correlation"] for r in rows if r.get("single", {}).get("correlation") is not None]
     diffs = [r["difference"]["correlation"] for r in rows
@@ -452,7 +455,9 @@ def format_report(report: dict) -> str:
                      "(|correlation| after the best affine fit)")
         lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
                      f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
-                     f"{_fmt(first.get('difference_correlation'))}")
+                     f"{_fmt(first.get('difference_correlation'))}; after one chosen input: "
+                     f"{_fmt(first.get('known_input_correlation'))} "
+                     f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
         lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7}")
         for row in leak["rounds"]:
             tensor = row["tensor"] or "?"

@@ -208,8 +208,11 @@ def test_static_mask_cancels_in_the_difference_attack_and_fresh_masks_do_not() -
     single = attacks.affine_leakage(x + static, x)["correlation"]
     assert single < 0.3  # a large mask hides one inference...
     assert attacks.difference_leakage(x + static, x)["correlation"] == pytest.approx(1.0)  # ...not two
+    known = attacks.known_input_leakage(x + static, x)
+    assert known["correlation"] == pytest.approx(1.0) and known["psnr_db"] > 100
     fresh = 10 * spread * rng.standard_normal(x.shape)
     assert attacks.difference_leakage(x + fresh, x)["correlation"] < 0.3
+    assert attacks.known_input_leakage(x + fresh, x)["correlation"] < 0.3
     # The paper's tiny masks (sigma 0.05) hide nothing even once.
     assert attacks.affine_leakage(x + 0.05 * rng.standard_normal(x.shape[1:]), x)["correlation"] > 0.95
 

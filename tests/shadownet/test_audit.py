@@ -207,4 +207,9 @@ def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:
     # Two inferences under one static mask: the difference of what the accelerator saw is the
     # difference of the user's inputs.
     assert first["difference_correlation"] > 0.999
+    # ...and one input the attacker chose unmasks every later one exactly (float rounding aside).
+    assert first["known_input_correlation"] > 0.999
+    assert first["known_input_psnr_db"] > 60
+    # One inference alone, under the paper's mask at activation scale: partly hidden.
+    assert first["correlation"] < 0.6
     assert all(r["tensor"] for r in leak["rounds"])  # every round input mapped to its true tensor

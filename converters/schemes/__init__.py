@@ -101,8 +101,15 @@ def _shadownet(**params: Any) -> Scheme:
     return ShadowNetScheme(**params)
 
 
+def _groupmix(**params: Any) -> Scheme:
+    from converters.schemes.groupmix import GroupMixScheme
+
+    return GroupMixScheme(**params)
+
+
 SCHEMES: dict[str, Callable[..., Scheme]] = {
     "shadownet": _shadownet,
+    "groupmix": _groupmix,
 }
 DEFAULT_SCHEME = "shadownet"
 

@@ -1,0 +1,223 @@
+"""Group mixing: each group of output channels leaves as a random orthonormal basis of its filters' span.
+
+Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D = kh * kw * C``):
+
+- CONV_2D inputs are permuted by a secret ``pi`` (``x'_c = x_pi(c)``, the filters' input channels
+  follow), so no obfuscated filter is even written in the reference's coordinates.
+- The ``N`` output channels are cut into ``ceil(N / group_size)`` groups of consecutive channels, as
+  equal as possible (15 or 16 for the default 16). Group ``g`` with real filters ``B_g`` ``[n_g, D]``
+  gets an ``r_g``-dimensional subspace: ``span(B_g)``, plus random directions orthogonal to it when its
+  rank is below ``min_group`` (fakes, only for groups that are that small; ``r_g <= D``), with an
+  orthonormal basis ``Q0_g`` ``[r_g, D]``.
+- ``m_g = max(n_g, r_g)`` obfuscated filters: ``W'_g = S_g O_g[:, :r_g] Q0_g``, ``O_g`` a Haar-random
+  orthogonal ``[m_g, m_g]``, ``S_g`` random row norms (the group's RMS filter norm times a log-uniform
+  factor in [1/2, 2]). When ``m_g = r_g`` (the usual case) the rows are an orthonormal basis of the
+  span in a random orientation; otherwise a tight frame of it.
+- ``O_g`` is redrawn (up to ``tries`` times, the best kept) until no obfuscated filter has
+  ``|cos| > max_cos`` with ANY real filter of the layer, correlated ones of other groups included.
+- The accelerator's output holds the groups as contiguous blocks, in a secret order of the groups.
+- Restore: ``y_j = sum_i c_ji y'_i`` over the ``m_g`` outputs of ``j``'s group, with ``c_j`` the
+  least-squares solution of ``B_j = c_j W'_g`` against the float32 weights the accelerator runs (exact up
+  to their rounding, as ``B_j`` lies in their span). The restore is block diagonal: the TA runs one small
+  matmul per group (``tee_sim.ta_shadownet.restore_blocks``).
+
+Why an orthonormal basis and not GroupCover's random dense ``A_g``: the restore then costs no precision
+(``y_j`` is ``w_j . x`` computed in a rotated basis: the float32 error grows by at most ``sqrt(m_g)``,
+whatever the filters' norms and correlations), and every attack that pairs two filters of a group
+degenerates: the component of one filter orthogonal to another (the fake-partner estimate) is the filter
+itself. With random ``A_g`` those pair estimates land near real filters (measured: 15-20% of filters
+recovered at group size 4, ~1% at 8); here 0 at any group size.
+
+Depthwise (one input channel per output, so nothing to mix): the TEE permutes the input channels and
+each output channel gets a secret scale, log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny
+scales cost precision). Directions survive; the attack suite reports depthwise filters separately.
+
+Masks: static (one-time masks come later), normal noise of ``mask_scale`` (10) times the activations'
+RMS, minus their per-channel mean: the masked input's correlation with the true one is at most about
+``1 / sqrt(1 + mask_scale^2)`` = 0.1.
+
+What this does not hide (measured and reported by ``shadownet audit``): each group's span, so an
+attacker holding close public weights can project them onto it (subspace leakage); the group structure
+(obfuscated filters of one group are mutually orthogonal); depthwise kernel directions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear
+
+
+class GroupMixScheme:
+    """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
+    ``max_cos`` (0.75), ``tries`` (64), ``permute_inputs`` (True), ``mask_scale`` (10.0, times the
+    activations' RMS), ``center_masks`` (True)."""
+
+    name = "groupmix"
+
+    def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
+                 permute_inputs: bool = True, mask_scale: float = 10.0, center_masks: bool = True) -> None:
+        if not (isinstance(group_size, int) and group_size >= 2):
+            raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
+        if not (isinstance(min_group, int) and 1 <= min_group <= group_size):
+            raise ValueError(f"min_group must be an integer in [1, group_size], not {min_group!r}")
+        if not 0 < max_cos <= 1:
+            raise ValueError(f"max_cos must be in (0, 1], not {max_cos}")
+        if not (isinstance(tries, int) and tries >= 1):
+            raise ValueError(f"tries must be an integer >= 1, not {tries!r}")
+        if not mask_scale >= 0:
+            raise ValueError(f"mask_scale must be >= 0, not {mask_scale}")
+        self.group_size, self.min_group, self.tries = group_size, min_group, tries
+        self.max_cos = float(max_cos)
+        self.permute_inputs, self.mask_scale = bool(permute_inputs), float(mask_scale)
+        self.center_masks = bool(center_masks)
+
+    def public_params(self) -> dict[str, Any]:
+        # Sizes and distribution parameters; the secrets are the draws.
+        return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
+                "tries": self.tries, "permute_inputs": self.permute_inputs, "mask_scale": self.mask_scale,
+                "center_masks": self.center_masks}
+
+    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+        if layer.kind == "DEPTHWISE_CONV_2D":
+            return self._depthwise(layer, rng)
+        return self._filters(layer, rng)
+
+    # -- conv / dense ------------------------------------------------------------------------------------
+    def _filters(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+        w = np.asarray(layer.weights, np.float64)
+        permutation = None
+        if layer.kind == "CONV_2D" and self.permute_inputs:
+            permutation = rng.permutation(w.shape[-1])
+            w = w[..., permutation]
+        n = w.shape[0]
+        rows = w.reshape(n, -1)
+        d = rows.shape[1]
+        norms = np.linalg.norm(rows, axis=1)
+        units = np.divide(rows, norms[:, None], out=np.zeros_like(rows), where=norms[:, None] > 0)
+        layer_norm = float(np.sqrt(np.mean(norms ** 2))) or 1.0
+        groups = split_groups(n, self.group_size)
+        mixed = [self._mix(rows[a:b], units, layer_norm, d, rng) for a, b in groups]
+        order = rng.permutation(len(groups))  # accelerator block p holds group order[p]
+        starts = np.zeros(len(groups), np.int64)
+        starts[order] = np.cumsum([0] + [len(mixed[g]) for g in order[:-1]])
+        k = max(len(m) for m in mixed)
+        index = np.zeros((k, n), np.int32)
+        coef = np.zeros((k, n), np.float32)
+        for g, ((a, b), obf) in enumerate(zip(groups, mixed, strict=True)):
+            m = len(obf)
+            c = restore_coefficients(rows[a:b], obf)
+            index[:, a:b] = starts[g]  # unused terms: coefficient 0 on the group's first output
+            index[:m, a:b] = (starts[g] + np.arange(m))[:, None]
+            coef[:m, a:b] = c.T
+        weights = np.concatenate([mixed[g] for g in order]).reshape(-1, *w.shape[1:])
+        perm = None if permutation is None else permutation.astype(np.int32)
+        return ObfuscatedLinear(np.ascontiguousarray(weights), perm, index, coef)
+
+    def _mix(self, b: np.ndarray, units: np.ndarray, layer_norm: float, d: int,
+             rng: np.random.Generator) -> np.ndarray:
+        """One group's obfuscated filters (float32 rows): ``S O[:, :r] Q0`` as in the module docstring."""
+        n = len(b)
+        basis = span_basis(b)
+        r = min(d, max(len(basis), self.min_group))
+        if r > len(basis):
+            basis = np.vstack([basis, orthogonal_directions(basis, r - len(basis), d, rng)])
+        m = max(n, r)
+        coords = basis @ units.T  # [r, N]: every real filter of the layer in the basis
+        best, best_cos = None, math.inf
+        for _ in range(self.tries):
+            frame = haar_orthogonal(m, rng)[:, :r]
+            cos = np.abs(frame @ coords) / np.linalg.norm(frame, axis=1)[:, None]
+            worst = float(cos.max(initial=0.0))
+            if worst < best_cos:
+                best, best_cos = frame, worst
+            if worst <= self.max_cos:
+                break
+        rows = best @ basis
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        group_norm = float(np.sqrt(np.mean(np.sum(b * b, axis=1)))) or layer_norm
+        scales = group_norm * np.exp(rng.uniform(-math.log(2), math.log(2), m))
+        return (rows * scales[:, None]).astype(np.float32)
+
+    # -- depthwise ---------------------------------------------------------------------------------------
+    def _depthwise(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+        k = np.asarray(layer.weights, np.float64)
+        mult = int(layer.depth_multiplier)
+        cm = k.shape[-1]
+        if mult < 1 or cm % mult:
+            raise ValueError(f"{layer.name}: {cm} depthwise channels with depth multiplier {mult}")
+        c = cm // mult
+        perm = rng.permutation(c)  # x'_c = x_perm[c]
+        scales = np.exp(rng.uniform(-math.log(2), math.log(2), cm)).astype(np.float32)
+        # Output channel perm[c] * m + j of the original lands at c * m + j.
+        source = (perm[:, None] * mult + np.arange(mult)).reshape(-1)
+        weights = (k[..., source] * scales[source].astype(np.float64)).astype(np.float32)
+        position = np.empty(cm, np.int64)
+        position[source] = np.arange(cm)
+        index = position.astype(np.int32)[None, :]
+        coef = (1.0 / scales.astype(np.float64)).astype(np.float32)[None, :]
+        return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
+
+    # -- masks -------------------------------------------------------------------------------------------
+    def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
+                  rng: np.random.Generator) -> np.ndarray:
+        # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a
+        # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
+        # pooled features, correlation 0.36 at 10x the std).
+        spread = max(stats.std, stats.rms)
+        noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(self.mask_scale * spread)
+        if self.center_masks:
+            noise -= stats.mean.astype(np.float32)
+        return noise
+
+
+def split_groups(n: int, size: int) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges of consecutive channels: ``ceil(n / size)`` groups as equal as possible."""
+    count = max(1, -(-n // size))
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def span_basis(b: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """Orthonormal rows spanning the rows of ``b`` (directions whose singular value is below ``rtol`` of
+    the largest dropped: the filters' part outside the kept span is at most that relative size). A QR of
+    the tall ``b.T`` first, so only a small ``[n, n]`` SVD is needed."""
+    if not np.any(b):
+        return np.zeros((0, b.shape[1]))
+    q, r = np.linalg.qr(b.T)  # b.T = q r, q [D, n] orthonormal columns
+    u, sv, _ = np.linalg.svd(r)
+    keep = int((sv > rtol * sv[0]).sum())
+    return (q @ u[:, :keep]).T
+
+
+def orthogonal_directions(basis: np.ndarray, count: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random orthonormal directions orthogonal to the rows of ``basis``."""
+    g = rng.standard_normal((count, d))
+    if len(basis):
+        g -= (g @ basis.T) @ basis
+    q, _ = np.linalg.qr(g.T)
+    q = q.T[:count]
+    if len(basis):  # one more pass: the projection above is exact only up to rounding
+        q -= (q @ basis.T) @ basis
+        q, _ = np.linalg.qr(q.T)
+        q = q.T
+    return q
+
+
+def haar_orthogonal(m: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random (Haar) orthogonal ``[m, m]`` matrix."""
+    q, r = np.linalg.qr(rng.standard_normal((m, m)))
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def restore_coefficients(real: np.ndarray, obfuscated: np.ndarray) -> np.ndarray:
+    """``c`` ``[n, m]`` with ``real ~= c @ obfuscated`` (least squares, minimum norm, float64), against
+    the float32 rows the accelerator runs."""
+    obf = obfuscated.astype(np.float64)
+    # Through the [m, m] Gram matrix: well conditioned for an orthonormal basis with row norms within
+    # 4x of each other (cond <= 16); for a tight frame (more rows than span dimensions) the cutoff drops
+    # the directions that only the float32 rounding of the rows spans.
+    return (real @ obf.T) @ np.linalg.pinv(obf @ obf.T, rcond=1e-10, hermitian=True)

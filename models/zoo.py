@@ -119,6 +119,9 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
         raise ValueError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # fail before minutes of building, not after
+        raise FileNotFoundError(f"no such directory: {directory}")
     if train == "digits":
         from models.backend import require_tensorflow
         from models.digits import save_testset, tflite_accuracy, train_minivgg

@@ -1,0 +1,26 @@
+"""One export of each zoo model per test session, shared by every test that reads it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``exported(name)``: the path of zoo model ``name`` exported with seed 0 (exported on first use)."""
+    from models.zoo import export
+
+    directory = tmp_path_factory.mktemp("zoo")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            path = directory / f"{name}.tflite"
+            export(name, path, seed=0, verbose=False)
+            cache[name] = path
+        return cache[name]
+
+    return get

@@ -84,6 +84,19 @@ def test_op_structure_batch_norm_folded_into_the_convolutions(exported, name):
             assert model.buffers[tensors[op.inputs[2]].buffer].data is not None
 
 
+def test_litert_computes_what_keras_computes_with_batch_norm_folded(exported):
+    from models.zoo import build_keras
+
+    model = build_keras("minivgg", seed=0)
+    interpreter = Interpreter(model_path=str(exported("minivgg")), num_threads=2)
+    interpreter.allocate_tensors()
+    for x in random_inputs(INPUT_SHAPES["minivgg"], 3):
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        litert = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        np.testing.assert_allclose(litert, np.asarray(model(x, training=False)), rtol=1e-4, atol=1e-6)
+
+
 def test_mobilenet_fuses_relu6_into_every_linear_op_but_the_classifier(exported):
     model = read(exported("mobilenet"))
     fused = [op.builtinOptions.fusedActivationFunction

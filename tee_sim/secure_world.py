@@ -1,9 +1,9 @@
 """The secure world's process: ``python -m tee_sim.secure_world CONFIG``, started by the process transport.
 
 It serves one normal-world process: every session, one ``SecureOS``. Requests arrive in the shared
-control block (``tee_sim.channel``); the loop spins on the request counter for ``spin_us`` after each
-answer (back-to-back invocations then cost no system call), then sleeps on an eventfd. It exits
-when the normal world shuts it down, closes the control socket, or dies.
+control block (``tee_sim.channel``); after each answer the loop polls the request counter for
+``spin_us`` (yielding the core between looks, see ``tee_sim.client.DEFAULT_SPIN_US``), then sleeps
+on an eventfd. It exits when the normal world shuts it down, closes the control socket, or dies.
 """
 
 from __future__ import annotations

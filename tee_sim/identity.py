@@ -27,8 +27,11 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) if needed and return it."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` and any missing parent with mode 0700 (existing ones are left alone); return it."""
+    if not path.is_dir():
+        if not path.parent.exists():
+            private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 

@@ -118,14 +118,15 @@ def test_sealing_module_known_answers():
 
 
 def test_device_keys_created_once_private_and_atomic(tmp_path):
-    keys = DeviceKeys.load_or_create(tmp_path)
-    again = DeviceKeys.load_or_create(tmp_path)
+    home = tmp_path / "home"
+    keys = DeviceKeys.load_or_create(home)
+    again = DeviceKeys.load_or_create(home)
     assert keys.root_key == again.root_key and keys.attestation_public_key == again.attestation_public_key
     for name in (ROOT_KEY_FILE, ATTESTATION_KEY_FILE):
-        mode = stat.S_IMODE(os.stat(tmp_path / "device" / name).st_mode)
-        assert mode == 0o600
-    assert stat.S_IMODE(os.stat(tmp_path / "device").st_mode) == 0o700
-    assert [p for p in (tmp_path / "device").iterdir() if p.name.endswith(".tmp")] == []
+        assert stat.S_IMODE(os.stat(home / "device" / name).st_mode) == 0o600
+    for directory in (home, home / "device"):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert [p for p in (home / "device").iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_persistent_objects(context):
@@ -161,3 +162,22 @@ def test_stored_objects_are_sealed_and_bound_to_their_id(tmp_path):
             with pytest.raises(TEEError) as err:
                 s.invoke_command(Cmd.OBJECT_READ, [TempMemRef(oid), TempMemRef(size=64, direction="out")])
             assert err.value.code == TEE_ERROR_SECURITY
+
+
+def test_concurrent_first_use_agrees_on_one_identity(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from tee_sim.identity import DeviceKeys; "
+        "k = DeviceKeys.load_or_create(Path(sys.argv[1])); "
+        "print(k.attestation_public_key.hex(), k.root_key.hex())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "home")], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    answers = {p.communicate(timeout=60)[0] for p in procs}
+    assert len(answers) == 1 and all(p.returncode == 0 for p in procs)

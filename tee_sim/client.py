@@ -209,7 +209,7 @@ class Context:
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
-        self._sessions: dict[int, Session] = {}
+        self._sessions: set[Session] = set()  # open sessions, of any generation of the secure world
         self._shms: dict[int, SharedMemory] = {}
         self._next_shm = 1
         self._bounce: SharedMemory | None = None
@@ -239,7 +239,7 @@ class Context:
             self._raise(outcome)
             session = Session(self, outcome.session, ta_uuid, self._transport.generation)
             session._memory = outcome.memory
-            self._sessions[outcome.session] = session
+            self._sessions.add(session)
             return session
 
     def register_shared_memory(self, size: int) -> SharedMemory:
@@ -268,7 +268,7 @@ class Context:
         with self._lock:
             if self.closed:
                 return
-            for session in list(self._sessions.values()):
+            for session in list(self._sessions):
                 try:
                     session.close()
                 except TEEError:
@@ -310,7 +310,7 @@ class Context:
 
     def _close_session(self, session: Session) -> None:
         with self._lock:
-            self._sessions.pop(session._id, None)
+            self._sessions.discard(session)
             if self.closed or session._generation != self._transport.generation or not self._transport.alive:
                 return
             self._raise(self._transport.close_session(session._id))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from converters import linear
-from converters.graph import Graph, Signature, write_model
+from converters.graph import Graph, Signature, fused_activation, write_model
 from converters.partition import Partition
 from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
@@ -174,146 +174,181 @@ class _Builder:
 
     # -- TEE side --------------------------------------------------------------------------------------
     def plan_tee(self) -> None:
+        """Each step's ops as units run in order: one numpy instruction per op the TA does itself
+        (``_numpy_form``), and runs of consecutive other ops as one LiteRT signature each."""
         g, R = self.g, self.R
-        numpy_ops = set(self.fused.values()) | set(self.pads.values())
-        produced_by: dict[int, tuple[str, int]] = {}
-        for t in g.inputs:
-            produced_by[t] = ("input", 0)
+        skip = set(self.fused.values()) | set(self.pads.values())
+        produced_by: dict[int, tuple[str, int]] = {t: ("input", 0) for t in g.inputs}
         for r, restores in enumerate(self.restores, start=1):
             for rest in restores:
                 produced_by[rest["tensor"]] = ("restore", r)
-        self.step_ops: list[list[int]] = []
-        sig_inputs: list[list[int]] = []
+        self.units: list[list[dict[str, Any]]] = []
+        uses: dict[int, set[tuple[int, str]]] = {}  # tensor -> {(step, consumer)}
+
+        def use(t: int, k: int, who: str) -> None:
+            if t >= 0 and g.tensors[t].data is None:
+                uses.setdefault(t, set()).add((k, who))
+
         for k, ops in enumerate(self.part.steps):
-            ops = [i for i in ops if i not in numpy_ops]
-            self.step_ops.append(ops)
-            inside: set[int] = set()
-            needed: list[int] = []
+            units: list[dict[str, Any]] = []
+            run: list[int] = []
+
+            def flush(k: int = k, units: list[dict[str, Any]] = units, run: list[int] = run) -> None:
+                if run:
+                    count = sum(u["kind"] == "litert" for u in units)
+                    key = f"step_{k}" + (f"_{count}" if count else "")
+                    units.append({"kind": "litert", "key": key, "ops": list(run)})
+                    run.clear()
+
             for i in ops:
-                for t in g.ops[i].inputs:
-                    if t >= 0 and g.tensors[t].data is None and t not in inside and t not in needed:
-                        needed.append(t)
-                inside.update(g.ops[i].outputs)
-                for t in g.ops[i].outputs:
-                    produced_by[t] = ("litert", k)
-            sig_inputs.append(needed)
-        uses: dict[int, set[tuple[int, str]]] = {}
-        for k, needed in enumerate(sig_inputs):
-            for t in needed:
-                uses.setdefault(t, set()).add((k, "litert"))
+                if i in skip:
+                    continue
+                numpy_form = _numpy_form(g, i)
+                if numpy_form is None:
+                    run.append(i)
+                else:
+                    flush()
+                    form, data = numpy_form
+                    units.append({"kind": "numpy", "key": f"numpy:{i}", "ops": [i], "form": form,
+                                  "data": data})
+            flush()
+            for unit in units:
+                inside: set[int] = set()
+                needed: list[int] = []
+                for i in unit["ops"]:
+                    for t in g.ops[i].inputs:
+                        if t >= 0 and g.tensors[t].data is None and t not in inside and t not in needed:
+                            needed.append(t)
+                    inside.update(g.ops[i].outputs)
+                    for t in g.ops[i].outputs:
+                        produced_by[t] = ("step", k)
+                unit["inputs"], unit["produced"] = needed, inside
+                for t in needed:
+                    use(t, k, unit["key"])
+            self.units.append(units)
         for r, pushes in enumerate(self.pushes, start=1):
             for p in pushes:
-                uses.setdefault(p["tensor"], set()).add((r - 1, "push"))
+                use(p["tensor"], r - 1, "push")
         for t in g.outputs:
-            uses.setdefault(t, set()).add((R, "output"))
-        for t, _where in uses.items():
+            use(t, R, "output")
+        for t in uses:
             if t not in produced_by:
                 raise UnsupportedOpError(f"tensor {g.tensors[t].name!r} is needed in the TEE but never "
                                          "computed")
-        sig_outputs: list[list[int]] = [[] for _ in range(R + 1)]
-        for t, (kind, k) in produced_by.items():
-            if kind == "litert" and any(not (s == k and what == "litert") for s, what in uses.get(t, ())):
-                sig_outputs[k].append(t)
-        self.sig_inputs, self.sig_outputs = sig_inputs, sig_outputs
+        for units in self.units:
+            for unit in units:
+                unit["outputs"] = sorted(t for t in unit["produced"]
+                                         if any(who != unit["key"] for _, who in uses.get(t, ())))
         self.produced_by, self.uses = produced_by, uses
 
     def emit(self) -> None:
-        """The instruction lists, slots and the TEE model."""
+        """The instruction lists, the secure arena's slots (by liveness) and the TEE-side LiteRT model."""
         g, R = self.g, self.R
         steps: list[list[dict[str, Any]]] = [[] for _ in range(R + 1)]
         slot_life: dict[int, list[int]] = {}  # tensor -> [first write, last read] (instruction numbers)
         seq = 0
+        loc: dict[int, str] = {}  # where each tensor is now
 
-        def add(k: int, instr: dict[str, Any], writes: int | None = None, reads: int | None = None) -> None:
+        def add(k: int, instr: dict[str, Any], writes: tuple[int, ...] = (),
+                reads: tuple[int, ...] = ()) -> None:
             nonlocal seq
             seq += 1
             steps[k].append(instr)
-            if writes is not None:
-                slot_life.setdefault(writes, [seq, seq])
-            if reads is not None:
-                slot_life[reads][1] = max(slot_life[reads][1], seq)
-
-        def sig_key(k: int) -> str:
-            return f"step_{k}"
+            for t in reads:
+                if loc.get(t) == f"slot:t{t}":
+                    slot_life[t][1] = max(slot_life[t][1], seq)
+            for t in writes:
+                if loc[t] == f"slot:t{t}":
+                    slot_life.setdefault(t, [seq, seq])
 
         def later(t: int, k: int) -> bool:
             return any(s > k for s, _ in self.uses.get(t, ()))
 
-        home: dict[int, str] = {}  # where a tensor lives from its producer to its last use in that step
-        slot = {t: f"slot:t{t}" for t in self.uses}
+        def place(t: int, k: int) -> str:
+            """Where a tensor made in step ``k`` by a restore or a numpy op goes: straight into the input
+            of the one LiteRT signature that consumes it when all its uses are in this step (LiteRT
+            never overwrites a subgraph's inputs, so the others read it there), else a slot."""
+            consumers = self.uses.get(t, set())
+            signatures = {who for _, who in consumers if who.startswith("step_")}
+            if len(signatures) == 1 and all(s == k for s, _ in consumers):
+                return f"in:{signatures.pop()}:t{t}"
+            return f"slot:t{t}"
 
-        def loc(t: int, k: int) -> tuple[str, int | None]:
-            kind, at = self.produced_by[t]
-            if at == k and t in home:
-                return home[t], (t if home[t] == slot[t] else None)
-            return slot[t], t
+        def ref(t: int) -> str:
+            if g.tensors[t].data is not None:
+                name = f"const/t{t}"
+                self.arrays.setdefault(name, np.ascontiguousarray(g.tensors[t].data, np.float32))
+                return f"const:{name}"
+            return loc[t]
 
+        sigs: list[Signature] = []
+        self.signature_specs: dict[str, dict[str, dict[str, list[int]]]] = {}
+        arena_bytes = 0
         for k in range(R + 1):
             if k == 0:
                 for i, t in enumerate(g.inputs):
-                    home[t] = f"shm:input/{i}"
-                    if later(t, 0):
-                        add(0, {"op": "copy", "src": home[t], "dst": slot[t]}, writes=t)
-            if k >= 1:
+                    loc[t] = f"shm:input/{i}"
+                    if later(t, 0):  # shared memory is the normal world's: keep a copy in secure memory
+                        loc[t] = f"slot:t{t}"
+                        add(0, {"op": "copy", "src": f"shm:input/{i}", "dst": loc[t]}, writes=(t,))
+            else:
                 for rest in self.restores[k - 1]:
                     t = rest["tensor"]
-                    only_here = {s for s, _ in self.uses.get(t, ())} <= {k}
-                    if (k, "litert") in self.uses.get(t, ()) and only_here:
-                        home[t] = f"in:{sig_key(k)}:t{t}"
-                        writes = None
-                    else:
-                        home[t] = slot[t]
-                        writes = t
+                    loc[t] = place(t, k)
                     name = f"r{k}/{rest['name']}"
                     obf: ObfuscatedLinear = rest["obf"]
                     self.arrays[f"{name}/index"] = obf.restore_index.astype(np.int32)
                     self.arrays[f"{name}/coef"] = obf.restore_coef.astype(np.float32)
                     self.arrays[f"{name}/offset"] = rest["offset"]
-                    add(k, {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}", "dst": home[t],
+                    add(k, {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}", "dst": loc[t],
                             "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
-                            **_activation_fields(rest["activation"])}, writes=writes)
-            if self.step_ops[k]:
-                for t in self.sig_inputs[k]:
-                    src, reads = loc(t, k)
-                    dst = f"in:{sig_key(k)}:t{t}"
-                    if src != dst:
-                        add(k, {"op": "copy", "src": src, "dst": dst}, reads=reads)
-                add(k, {"op": "litert", "signature": sig_key(k)})
-                for t in self.sig_outputs[k]:
-                    home[t] = f"out:{sig_key(k)}:t{t}"
-                    if later(t, k):
-                        add(k, {"op": "copy", "src": home[t], "dst": slot[t]}, writes=t)
+                            **_activation_fields(rest["activation"])}, writes=(t,))
+            for unit in self.units[k]:
+                if unit["kind"] == "numpy":
+                    i = unit["ops"][0]
+                    op = g.ops[i]
+                    srcs = [ref(op.inputs[j]) for j in unit["data"]]
+                    reads = tuple(op.inputs[j] for j in unit["data"])
+                    for t in op.outputs:
+                        loc[t] = place(t, k)
+                    add(k, {**unit["form"], "srcs": srcs, "dsts": [loc[t] for t in op.outputs]},
+                        writes=tuple(op.outputs), reads=reads)
+                    continue
+                key = unit["key"]
+                for t in unit["inputs"]:
+                    dst = f"in:{key}:t{t}"
+                    if loc[t] != dst:
+                        add(k, {"op": "copy", "src": loc[t], "dst": dst}, reads=(t,))
+                add(k, {"op": "litert", "signature": key})
+                for t in unit["outputs"]:
+                    loc[t] = f"out:{key}:t{t}"
+                    if later(t, k):  # LiteRT's tensors are only read within their step
+                        src, loc[t] = loc[t], f"slot:t{t}"
+                        add(k, {"op": "copy", "src": src, "dst": loc[t]}, writes=(t,))
+                inputs = {f"t{t}": t for t in unit["inputs"]}
+                outputs = {f"t{t}": t for t in unit["outputs"]}
+                sigs.append(Signature(key, unit["ops"], inputs, outputs))
+                self.signature_specs[key] = {
+                    "inputs": {n: list(g.tensors[t].shape) for n, t in inputs.items()},
+                    "outputs": {n: list(g.tensors[t].shape) for n, t in outputs.items()}}
+                arena_bytes += _live_peak(g, unit["ops"], set(inputs.values()) | set(outputs.values()))
             if k < R:
-                for _j, p in enumerate(self.pushes[k]):
+                for p in self.pushes[k]:
                     name = f"r{k + 1}/{p['name']}"
                     self.arrays[f"{name}/mask"] = p["mask"]
                     perm = None
                     if p["permutation"] is not None:
                         perm = f"{name}/permutation"
                         self.arrays[perm] = p["permutation"].astype(np.int32)
-                    src, reads = loc(p["tensor"], k)
-                    add(k, {"op": "push", "src": src, "dst": f"shm:round_{k + 1}/in/{p['name']}",
-                            "permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]}, reads=reads)
+                    add(k, {"op": "push", "src": loc[p["tensor"]], "dst": f"shm:round_{k + 1}/in/{p['name']}",
+                            "permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]},
+                        reads=(p["tensor"],))
             else:
                 for i, t in enumerate(g.outputs):
-                    src, reads = loc(t, k)
-                    add(k, {"op": "copy", "src": src, "dst": f"shm:output/{i}"}, reads=reads)
+                    add(k, {"op": "copy", "src": loc[t], "dst": f"shm:output/{i}"}, reads=(t,))
         self.steps = steps
         self.slots, self.arena_size = _plan_arena(
             {f"t{t}": (g.tensors[t].shape, first, last) for t, (first, last) in slot_life.items()})
-        sigs = []
-        self.signature_specs: dict[str, dict[str, dict[str, list[int]]]] = {}
-        arena_bytes = 0
-        for k, ops in enumerate(self.step_ops):
-            if not ops:
-                continue
-            inputs = {f"t{t}": t for t in self.sig_inputs[k]}
-            outputs = {f"t{t}": t for t in self.sig_outputs[k]}
-            sigs.append(Signature(sig_key(k), ops, inputs, outputs))
-            self.signature_specs[sig_key(k)] = {
-                "inputs": {n: list(g.tensors[t].shape) for n, t in inputs.items()},
-                "outputs": {n: list(g.tensors[t].shape) for n, t in outputs.items()}}
-            arena_bytes += _live_peak(g, ops, set(inputs.values()) | set(outputs.values()))
         for sig in sigs:
             for t in (*sig.inputs.values(), *sig.outputs.values()):
                 if g.tensors[t].dtype != np.float32:
@@ -321,6 +356,9 @@ class _Builder:
                                              "between TEE steps; only float32 tensors can")
         self.tee_model = write_model(g, sigs) if sigs else None
         self.tee_arena_bytes = arena_bytes
+        self.step_ops = [[i for u in units if u["kind"] == "litert" for i in u["ops"]]
+                         for units in self.units]
+        self.numpy_ops = [i for units in self.units for u in units if u["kind"] == "numpy" for i in u["ops"]]
 
     # -- shared memory ---------------------------------------------------------------------------------
     def layout(self) -> None:
@@ -379,6 +417,95 @@ def _activation_fields(op: Any) -> dict[str, Any]:
         return {"activation": None, "alpha": None}
     alpha = float(np.float32(op.options.alpha)) if op.kind == "LEAKY_RELU" else None
     return {"activation": op.kind, "alpha": alpha}
+
+# Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a
+# copy, so the result is LiteRT's bit for bit. Through LiteRT every signature would keep an arena of its own
+# (yolov4-tiny: 41 MiB of secure memory, most of it for SPLIT / CONCATENATION / MAX_POOL_2D copies;
+# ResNet-404: 29 MiB for 201 ADD + RELU signatures), and each crossing into it costs a copy.
+NUMPY_BINARY = frozenset({"ADD", "SUB", "MUL", "MAXIMUM", "MINIMUM"})
+
+
+def _numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
+    """The TA's numpy instruction for op ``i`` (without its tensor references) and the positions of its
+    data inputs, or None when LiteRT must run it."""
+    op = g.ops[i]
+    if fused_activation(op) is not None or any(t < 0 for t in op.outputs):
+        return None
+    outs = [g.tensors[t] for t in op.outputs]
+    if any(t.dtype != np.float32 or t.data is not None for t in outs):
+        return None
+
+    def const(j: int) -> np.ndarray | None:
+        return g.tensors[op.inputs[j]].data if j < len(op.inputs) and op.inputs[j] >= 0 else None
+
+    def floats(*positions: int) -> bool:
+        return all(j < len(op.inputs) and op.inputs[j] >= 0 and g.tensors[op.inputs[j]].dtype == np.float32
+                   for j in positions)
+
+    kind, out = op.kind, outs[0].shape
+    if kind in NUMPY_BINARY and len(op.inputs) == 2 and floats(0, 1):
+        shapes = [g.tensors[t].shape for t in op.inputs]
+        if any(g.tensors[t].data is None for t in op.inputs) and _broadcast(shapes) == out:
+            return {"op": "binary", "kind": kind}, [0, 1]
+    elif _numpy_activation(op) and floats(0) and g.tensors[op.inputs[0]].data is None:
+        return {"op": "activation", **_activation_fields(op)}, [0]
+    elif kind == "MAX_POOL_2D" and floats(0) and len(out) == 4:
+        o = op.options
+        _, h, w, _ = g.tensors[op.inputs[0]].shape
+        window, stride = (o.filterHeight, o.filterWidth), (o.strideH, o.strideW)
+        pad = [_pool_padding(n, f, s, o.padding, m) for n, f, s, m in zip((h, w), window, stride, out[1:3],
+                                                                           strict=True)]
+        if None not in pad and min(*window, *stride) >= 1:
+            return {"op": "max_pool", "window": list(window), "stride": list(stride), "pad": pad}, [0]
+    elif kind == "CONCATENATION" and floats(*range(len(op.inputs))):
+        axis = op.options.axis % len(out)
+        return {"op": "concat", "axis": axis}, list(range(len(op.inputs)))
+    elif kind in ("SPLIT", "SPLIT_V"):
+        data, axis_at = (1, 0) if kind == "SPLIT" else (0, 2)
+        axis = const(axis_at)
+        if axis is not None and axis.size == 1 and floats(data):
+            rank = len(g.tensors[op.inputs[data]].shape)
+            return {"op": "split", "axis": int(axis.reshape(-1)[0]) % rank}, [data]
+    elif kind in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS") and floats(0) and g.tensors[op.inputs[0]].data is None:
+        if all(const(j) is not None for j in range(1, len(op.inputs))):
+            return {"op": "reshape"}, [0]
+    elif kind in ("PAD", "PADV2") and floats(0) and g.tensors[op.inputs[0]].data is None:
+        paddings = const(1)
+        value = const(2) if kind == "PADV2" and len(op.inputs) > 2 else np.zeros(1, np.float32)
+        shape = g.tensors[op.inputs[0]].shape
+        if (paddings is not None and value is not None and value.size == 1
+                and paddings.shape == (len(shape), 2) and np.all(paddings >= 0)):
+            return {"op": "pad", "pad": paddings.astype(int).tolist(),
+                    "value": float(np.float32(value.reshape(-1)[0]))}, [0]
+    elif kind == "RESIZE_NEAREST_NEIGHBOR" and floats(0) and len(out) == 4 and not op.options.alignCorners:
+        _, h, w, c = g.tensors[op.inputs[0]].shape
+        factor = (out[1] // h, out[2] // w)
+        # Power-of-two factors only: LiteRT maps output row y to floor(y * h / H) (or with half-pixel
+        # centers floor((y + 0.5) * h / H)), which is y // factor exactly when h / H is exact in float.
+        if (out[1] == h * factor[0] and out[2] == w * factor[1] and out[3] == c
+                and all(f in (1, 2, 4, 8) for f in factor)):
+            return {"op": "upsample", "factor": list(factor)}, [0]
+    return None
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return None
+
+
+def _pool_padding(n: int, window: int, stride: int, padding: int, out: int) -> list[int] | None:
+    """[before, after] padding of one spatial axis of a pool as LiteRT computes it (SAME: the total split
+    with the smaller half first), or None when ``out`` is not what LiteRT would produce."""
+    if padding == 0:  # SAME
+        expected = -(-n // stride)
+        total = max((expected - 1) * stride + window - n, 0)
+        pad = [total // 2, total - total // 2]
+    else:  # VALID
+        expected = (n - window) // stride + 1
+        pad = [0, 0]
+    return pad if expected == out and out >= 1 else None
 
 
 def _live_peak(g: Graph, ops: list[int], pinned: set[int]) -> int:
@@ -448,5 +575,6 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
         "steps": b.steps,
     }
     summary = {"rounds": b.R, "offloaded_ops": sum(len(r) for r in part.rounds),
-               "tee_litert_ops": sum(len(s) for s in b.step_ops), "tee_numpy_activations": len(b.fused)}
+               "tee_litert_ops": sum(len(s) for s in b.step_ops), "tee_numpy_activations": len(b.fused),
+               "tee_numpy_ops": len(b.numpy_ops)}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary)

@@ -79,6 +79,8 @@ MATMUL_MAX_ENTRIES = 2048
 BLOCK_MIN_MEAN_WIDTH = 4
 BLOCK_MAX_MACS_PER_OUTPUT = 64
 ACTIVATIONS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
+BINARY_UFUNCS = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAXIMUM": np.maximum,
+                 "MINIMUM": np.minimum}
 
 
 def _activation(kind: str | None, alpha: Any, tmp: np.ndarray) -> Callable[[np.ndarray], Any] | None:
@@ -102,6 +104,23 @@ def _activation(kind: str | None, alpha: Any, tmp: np.ndarray) -> Callable[[np.n
         return leaky
     raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
 
+
+def _activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = activation(src)`` in one pass (the same float32 results as ``_activation``)."""
+    if kind == "RELU":
+        return lambda: np.maximum(src, 0, out=dst)
+    if kind == "RELU6":
+        return lambda: np.clip(src, 0, 6, out=dst)
+    if kind == "RELU_N1_TO_1":
+        return lambda: np.clip(src, -1, 1, out=dst)
+    if kind == "LEAKY_RELU" and isinstance(alpha, float) and 0 <= alpha <= 1:
+        a = np.float32(alpha)
+
+        def leaky() -> None:
+            np.multiply(src, a, out=dst)
+            np.maximum(dst, src, out=dst)
+        return leaky
+    raise ValueError(f"activation {kind!r} (alpha {alpha!r}) is not one the TA runs")
 
 def _error(code: int, message: str) -> TEEError:
     return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
@@ -273,6 +292,11 @@ class ShadowNetTA(TrustedApp):
                            for i in step if i["op"] == "push" and i["permutation"] is not None), default=0)
             restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
             scratch = max([scratch] + [_elements(model.arrays[i["offset"]].shape) for i in restores])
+            for i in (i for step in p["steps"] for i in step if i["op"] == "max_pool"):
+                shape = self._shape(model, i["srcs"][0])
+                (top, bottom), (left, right) = i["pad"]
+                scratch = max(scratch, shape[0] * (shape[1] + top + bottom) * (shape[2] + left + right)
+                              * shape[3])
             model.scratch = self._alloc(model, scratch, np.float32)
             for i in restores:
                 m = p["shared_buffers"][i["src"].removeprefix("shm:")]["shape"][-1]
@@ -310,6 +334,11 @@ class ShadowNetTA(TrustedApp):
                         raise ValueError(f"signature {key} {side[:-1]} {name}: {view.shape} {view.dtype}")
                     model.views[f"{'in' if side == 'inputs' else 'out'}:{key}:{name}"] = view
         model.interpreter = interpreter
+
+    def _shape(self, model: _Model, ref: str) -> tuple[int, ...]:
+        if ref.startswith("shm:"):
+            return tuple(model.program["shared_buffers"][ref[4:]]["shape"])
+        return self._ref(model, ref).shape
 
     def _keep(self, model: _Model, array: np.ndarray) -> np.ndarray:
         kept = self._alloc(model, array.shape, array.dtype)
@@ -351,6 +380,8 @@ class ShadowNetTA(TrustedApp):
     def _ref(self, model: _Model, ref: str) -> np.ndarray:
         if ref.startswith("shm:"):
             return model.shm[ref[4:]]
+        if ref.startswith("const:"):
+            return model.arrays[ref[6:]]
         return model.views[ref]
 
     def _compile(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
@@ -358,6 +389,8 @@ class ShadowNetTA(TrustedApp):
         if op == "litert":
             wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
             return lambda: wrapper.Invoke(sub)
+        if "srcs" in instr:
+            return self._compile_numpy(model, instr)
         src, dst = self._ref(model, instr["src"]), self._ref(model, instr["dst"])
         if op == "copy":
             if src.shape != dst.shape or src.dtype != dst.dtype:
@@ -368,6 +401,112 @@ class ShadowNetTA(TrustedApp):
         if op == "restore":
             return self._compile_restore(model, instr, src, dst)
         raise ValueError(f"unknown instruction {op!r}")
+
+    def _compile_numpy(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
+        """One op the TA runs in numpy (``converters.plan._numpy_form``): exact as LiteRT's float kernels."""
+        op = instr["op"]
+        srcs = [self._ref(model, r) for r in instr["srcs"]]
+        dsts = [self._ref(model, r) for r in instr["dsts"]]
+        if any(a.dtype != np.float32 for a in (*srcs, *dsts)):
+            raise ValueError(f"{op}: only float32 tensors")
+        dst = dsts[0]
+        if op == "binary":
+            ufunc = BINARY_UFUNCS[instr["kind"]]
+            a, b = srcs
+            if np.broadcast_shapes(a.shape, b.shape) != dst.shape:
+                raise ValueError(f"{instr['kind']}: {a.shape} and {b.shape} do not make {dst.shape}")
+            return lambda: ufunc(a, b, out=dst)
+        if op == "activation":
+            (src,) = srcs
+            if src.shape != dst.shape:
+                raise ValueError(f"{instr['activation']}: {src.shape} -> {dst.shape}")
+            return _activation_into(instr["activation"], instr["alpha"], src, dst)
+        if op == "reshape":
+            (src,) = srcs
+            if src.size != dst.size:
+                raise ValueError(f"reshape {src.shape} -> {dst.shape}")
+            flat = src.reshape(dst.shape)
+            return lambda: np.copyto(dst, flat)
+        if op == "concat":
+            axis = instr["axis"]
+            parts = []
+            at = 0
+            for src in srcs:
+                index = [slice(None)] * dst.ndim
+                index[axis] = slice(at, at + src.shape[axis])
+                at += src.shape[axis]
+                parts.append((dst[tuple(index)], src))
+            if at != dst.shape[axis] or any(d.shape != s.shape for d, s in parts):
+                raise ValueError(f"concat of {[s.shape for s in srcs]} into {dst.shape}")
+            return lambda: [np.copyto(d, s) for d, s in parts]
+        if op == "split":
+            (src,) = srcs
+            axis = instr["axis"]
+            parts = []
+            at = 0
+            for d in dsts:
+                index = [slice(None)] * src.ndim
+                index[axis] = slice(at, at + d.shape[axis])
+                at += d.shape[axis]
+                parts.append((d, src[tuple(index)]))
+            if at != src.shape[axis] or any(d.shape != s.shape for d, s in parts):
+                raise ValueError(f"split of {src.shape} into {[d.shape for d in dsts]}")
+            return lambda: [np.copyto(d, s) for d, s in parts]
+        if op == "pad":
+            (src,) = srcs
+            pad, value = instr["pad"], np.float32(instr["value"])
+            inner = tuple(slice(b, n - a) for (b, a), n in zip(pad, dst.shape, strict=True))
+            if dst[inner].shape != src.shape:
+                raise ValueError(f"pad {src.shape} by {pad} into {dst.shape}")
+
+            def pad_() -> None:
+                dst.fill(value)  # the slot is shared with other tensors: the border is rewritten
+                np.copyto(dst[inner], src)
+            return pad_
+        if op == "upsample":
+            (src,) = srcs
+            fh, fw = instr["factor"]
+            n, h, w, c = src.shape
+            if dst.shape != (n, h * fh, w * fw, c):
+                raise ValueError(f"upsample {src.shape} by {fh}x{fw} into {dst.shape}")
+            blocks = dst.reshape(n, h, fh, w, fw, c)
+            spread = src[:, :, None, :, None, :]
+            return lambda: np.copyto(blocks, spread)
+        if op == "max_pool":
+            return self._compile_max_pool(model, instr, srcs[0], dst)
+        raise ValueError(f"unknown instruction {op!r}")
+
+    def _compile_max_pool(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
+                          dst: np.ndarray) -> Callable[[], Any]:
+        (fh, fw), (sh, sw) = instr["window"], instr["stride"]
+        (top, bottom), (left, right) = instr["pad"]
+        n, h, w, c = src.shape
+        oh, ow = dst.shape[1:3]
+        if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0:
+            raise ValueError(f"max pool {src.shape} -> {dst.shape}")
+        padded, fill = src, None
+        if top or bottom or left or right:
+            # Positions outside the input never win the max, as in LiteRT's kernel: pad with -inf.
+            size = n * (h + top + bottom) * (w + left + right) * c
+            padded = model.scratch[:size].reshape(n, h + top + bottom, w + left + right, c)
+            fill = padded[:, top:top + h, left:left + w, :]
+        windows = []
+        for i in range(fh):
+            for j in range(fw):
+                view = padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                if view.shape != dst.shape:
+                    raise ValueError(f"max pool {src.shape} -> {dst.shape}: window out of range")
+                windows.append(view)
+        first, rest = windows[0], windows[1:]
+
+        def max_pool() -> None:
+            if fill is not None:
+                padded.fill(-np.inf)
+                np.copyto(fill, src)
+            np.copyto(dst, first) if not rest else np.maximum(first, rest[0], out=dst)
+            for view in rest[1:]:
+                np.maximum(dst, view, out=dst)
+        return max_pool
 
     def _compile_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                       dst: np.ndarray) -> Callable[[], Any]:

@@ -1,0 +1,91 @@
+"""The ops the TA runs in numpy instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
+CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE) give
+LiteRT's results; what only LiteRT can run (MEAN) still goes through a TEE-side signature."""
+
+import warnings
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+import tee_sim
+from converters import convert
+from converters.graph import Graph, write_model
+from tests.converters.driver import Driver, litert, relative_error
+
+
+def _model() -> bytes:
+    rng = np.random.default_rng(3)
+    g = Graph()
+
+    def tensor(name, shape, data=None, dtype=np.float32):
+        return g.add_tensor(name, shape, dtype, data)
+
+    def conv(x, c_in, c_out, name):
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        w = tensor(f"{name}/w", (c_out, 3, 3, c_in), rng.standard_normal((c_out, 3, 3, c_in)) * 0.3)
+        b = tensor(f"{name}/b", (c_out,), rng.standard_normal(c_out) * 0.1)
+        y = tensor(name, (1, 8, 8, c_out))
+        g.add_op("CONV_2D", [x, w, b], [y], o)
+        return y
+
+    def pool(x, shape, padding, size, stride, name):
+        o = fb.Pool2DOptionsT()
+        o.padding, o.filterHeight, o.filterWidth, o.strideH, o.strideW = padding, size, size, stride, stride
+        y = tensor(name, shape)
+        g.add_op("MAX_POOL_2D", [x], [y], o)
+        return y
+
+    x = tensor("input", (1, 8, 8, 4))
+    y1 = conv(x, 4, 8, "conv1")
+    halves = [tensor("s0", (1, 8, 8, 4)), tensor("s1", (1, 8, 8, 4))]
+    split = fb.SplitOptionsT()
+    split.numSplits = 2
+    g.add_op("SPLIT", [tensor("axis", (), 3, np.int32), y1], halves, split)
+    a = tensor("a", (1, 8, 8, 4))
+    g.add_op("ADD", [halves[0], tensor("c", (4,), rng.standard_normal(4))], [a], fb.AddOptionsT())
+    b = tensor("b", (1, 8, 8, 4))
+    g.add_op("MUL", [halves[1], halves[0]], [b], fb.MulOptionsT())
+    leaky = fb.LeakyReluOptionsT()
+    leaky.alpha = 0.2
+    la = tensor("leaky", (1, 8, 8, 4))
+    g.add_op("LEAKY_RELU", [a], [la], leaky)
+    cat = tensor("cat", (1, 8, 8, 8))
+    concat = fb.ConcatenationOptionsT()
+    concat.axis = -1
+    g.add_op("CONCATENATION", [la, b], [cat], concat)
+    padded = tensor("padded", (1, 10, 9, 8))
+    g.add_op("PADV2", [cat, tensor("paddings", (4, 2), [[0, 0], [1, 1], [0, 1], [0, 0]], np.int32),
+                       tensor("value", (), 0.5)], [padded], fb.PadV2OptionsT())
+    same = pool(padded, (1, 5, 5, 8), fb.Padding.SAME, 3, 2, "same_pool")
+    valid = pool(cat, (1, 4, 4, 8), fb.Padding.VALID, 2, 2, "valid_pool")
+    resize = fb.ResizeNearestNeighborOptionsT()
+    resize.halfPixelCenters = True
+    up = tensor("up", (1, 8, 8, 8))
+    g.add_op("RESIZE_NEAREST_NEIGHBOR", [valid, tensor("size", (2,), [8, 8], np.int32)], [up], resize)
+    y2 = conv(up, 8, 6, "conv2")
+    flat = tensor("flat", (1, 200))
+    g.add_op("RESHAPE", [same, tensor("shape", (2,), [1, 200], np.int32)], [flat], fb.ReshapeOptionsT())
+    logits = tensor("logits", (1, 5))
+    g.add_op("FULLY_CONNECTED", [flat, tensor("fc/w", (5, 200), rng.standard_normal((5, 200)) * 0.1), -1],
+             [logits], fb.FullyConnectedOptionsT())
+    pooled = tensor("pooled", (1, 6))
+    g.add_op("MEAN", [y2, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
+    g.inputs, g.outputs = [x], [logits, pooled]
+    return write_model(g)
+
+
+def test_numpy_ops_match_litert(tmp_path):
+    model = _model()
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manifest = convert(model, tmp_path / "out", seed=0, device=device)
+        assert manifest["summary"]["tee_numpy_ops"] == 10
+        assert manifest["summary"]["tee_litert_ops"] == 1  # MEAN
+        rng = np.random.default_rng(0)
+        with Driver(device, tmp_path / "out") as run:
+            for _ in range(2):
+                x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+                got, want = run(x), litert(model, x)
+                assert relative_error(got, want) <= 1e-4

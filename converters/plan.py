@@ -281,6 +281,7 @@ class _Builder:
                 return f"const:{name}"
             return loc[t]
 
+        fused: set[int] = set()  # pushes done by the restore of their tensor
         sigs: list[Signature] = []
         self.signature_specs: dict[str, dict[str, dict[str, list[int]]]] = {}
         arena_bytes = 0
@@ -294,15 +295,28 @@ class _Builder:
             else:
                 for rest in self.restores[k - 1]:
                     t = rest["tensor"]
-                    loc[t] = place(t, k)
                     name = f"r{k}/{rest['name']}"
                     obf: ObfuscatedLinear = rest["obf"]
                     self.arrays[f"{name}/index"] = obf.restore_index.astype(np.int32)
                     self.arrays[f"{name}/coef"] = obf.restore_coef.astype(np.float32)
+                    instr = {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}",
+                             "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
+                             **_activation_fields(rest["activation"])}
+                    pushes = [p for p in self.pushes[k] if p["tensor"] == t] if k < R else []
+                    if len(pushes) == 1 and self.uses.get(t) == {(k, "push")}:
+                        # Its one use is the next round's push: restore, permute, mask and pad on the way
+                        # into shared memory, a chunk at a time (the tensor never fills a slot).
+                        p = pushes[0]
+                        fused.add(id(p))
+                        push = self._push_arrays(k, p)
+                        perm = p["permutation"]
+                        self.arrays[f"{name}/offset"] = rest["offset"] if perm is None else \
+                            np.ascontiguousarray(rest["offset"][..., perm])
+                        add(k, {**instr, "dst": f"shm:round_{k + 1}/in/{p['name']}", **push})
+                        continue
+                    loc[t] = place(t, k)
                     self.arrays[f"{name}/offset"] = rest["offset"]
-                    add(k, {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}", "dst": loc[t],
-                            "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
-                            **_activation_fields(rest["activation"])}, writes=(t,))
+                    add(k, {**instr, "dst": loc[t]}, writes=(t,))
             for unit in self.units[k]:
                 if unit["kind"] == "numpy":
                     i = unit["ops"][0]
@@ -334,15 +348,10 @@ class _Builder:
                 arena_bytes += _live_peak(g, unit["ops"], set(inputs.values()) | set(outputs.values()))
             if k < R:
                 for p in self.pushes[k]:
-                    name = f"r{k + 1}/{p['name']}"
-                    self.arrays[f"{name}/mask"] = p["mask"]
-                    perm = None
-                    if p["permutation"] is not None:
-                        perm = f"{name}/permutation"
-                        self.arrays[perm] = p["permutation"].astype(np.int32)
-                    add(k, {"op": "push", "src": loc[p["tensor"]], "dst": f"shm:round_{k + 1}/in/{p['name']}",
-                            "permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]},
-                        reads=(p["tensor"],))
+                    if id(p) not in fused:
+                        add(k, {"op": "push", "src": loc[p["tensor"]],
+                                "dst": f"shm:round_{k + 1}/in/{p['name']}", **self._push_arrays(k, p)},
+                            reads=(p["tensor"],))
             else:
                 for i, t in enumerate(g.outputs):
                     add(k, {"op": "copy", "src": loc[t], "dst": f"shm:output/{i}"}, reads=(t,))
@@ -359,6 +368,16 @@ class _Builder:
         self.step_ops = [[i for u in units if u["kind"] == "litert" for i in u["ops"]]
                          for units in self.units]
         self.numpy_ops = [i for units in self.units for u in units if u["kind"] == "numpy" for i in u["ops"]]
+
+    def _push_arrays(self, k: int, p: dict[str, Any]) -> dict[str, Any]:
+        """A push's mask and input permutation as program arrays; its instruction fields."""
+        name = f"r{k + 1}/{p['name']}"
+        self.arrays[f"{name}/mask"] = p["mask"]
+        perm = None
+        if p["permutation"] is not None:
+            perm = f"{name}/permutation"
+            self.arrays[perm] = p["permutation"].astype(np.int32)
+        return {"permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]}
 
     # -- shared memory ---------------------------------------------------------------------------------
     def layout(self) -> None:

@@ -150,6 +150,7 @@ class _Model:
     interpreter: Any = None
     subgraphs: dict[str, int] = field(default_factory=dict)
     scratch: np.ndarray | None = None
+    chunk: int = 0  # elements of each of the scratch's three chunk buffers
     matrices: dict[str, np.ndarray] = field(default_factory=dict)  # restore (by offset array) -> [M, N]
     blocks: dict[str, list[tuple[slice, slice, np.ndarray]]] = field(default_factory=dict)  # -> block matmuls
     steps: list[list[Callable[[], Any]]] | None = None
@@ -288,11 +289,15 @@ class ShadowNetTA(TrustedApp):
                 _check_spec(spec, _count(p["shared_memory_size"]), f"shared buffer {name!r}")
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
-            scratch = max((_elements(p["shared_buffers"][i["dst"][4:]]["shape"]) for step in p["steps"]
-                           for i in step if i["op"] == "push" and i["permutation"] is not None), default=0)
             restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
-            scratch = max([scratch] + [_elements(model.arrays[i["offset"]].shape) for i in restores])
-            for i in (i for step in p["steps"] for i in step if i["op"] == "max_pool"):
+            chunk = max([CHUNK] + [_chunk_elements(model.arrays[i["offset"]].shape) for i in restores]
+                        + [_chunk_elements(self._shape(model, i["src"])) for step in p["steps"] for i in step
+                           if i["op"] == "push" and i["permutation"] is not None])
+            model.chunk = chunk
+            scratch = 3 * chunk
+            padded_pools = [i for step in p["steps"] for i in step
+                            if i["op"] == "max_pool" and any(map(any, i["pad"]))]
+            for i in padded_pools:
                 shape = self._shape(model, i["srcs"][0])
                 (top, bottom), (left, right) = i["pad"]
                 scratch = max(scratch, shape[0] * (shape[1] + top + bottom) * (shape[2] + left + right)
@@ -302,7 +307,8 @@ class ShadowNetTA(TrustedApp):
                 m = p["shared_buffers"][i["src"].removeprefix("shm:")]["shape"][-1]
                 n = model.arrays[i["index"]].shape[1]
                 if m * n <= MATMUL_MAX_ENTRIES:
-                    model.matrices[i["offset"]] = self._restore_matrix(model, i, m)
+                    perm = self._permutation(model, i.get("permutation"), n)
+                    model.matrices[i["offset"]] = self._restore_matrix(model, i, m, perm)
                     continue
                 blocks = restore_blocks(model.arrays[i["index"]], model.arrays[i["coef"]], m)
                 if blocks is not None:
@@ -345,10 +351,14 @@ class ShadowNetTA(TrustedApp):
         kept[...] = array
         return kept
 
-    def _restore_matrix(self, model: _Model, instr: dict[str, Any], m: int) -> np.ndarray:
+    def _restore_matrix(self, model: _Model, instr: dict[str, Any], m: int,
+                        perm: np.ndarray | None) -> np.ndarray:
+        """The restore as a dense ``[M, N]`` matrix, its columns in the output's channel order."""
         index, coef = model.arrays[instr["index"]], model.arrays[instr["coef"]]
         if index.min(initial=0) < 0 or index.max(initial=0) >= m:
             raise ValueError(f"restore {instr['src']}: index out of range")
+        if perm is not None:
+            index, coef = index[:, perm], coef[:, perm]
         matrix = self._alloc(model, (m, index.shape[1]), np.float32)
         columns = np.arange(index.shape[1])
         for j in range(index.shape[0]):
@@ -511,83 +521,113 @@ class ShadowNetTA(TrustedApp):
     def _compile_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                       dst: np.ndarray) -> Callable[[], Any]:
         mask = model.arrays[instr["mask"]]
-        pad = instr["pad"]
-        full = dst
-        if pad is not None:  # a zero PAD done by the push: the border is 0 + mask
-            if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
-                raise ValueError(f"push {instr['src']}: bad padding {pad}")
-            inner = tuple(slice(b, n - a) for (b, a), n in zip(pad, dst.shape, strict=True))
-            dst, inner_mask = dst[inner], mask[inner]
-        else:
-            inner_mask = mask
-        if src.shape != dst.shape or mask.shape != full.shape or mask.dtype != np.float32:
-            raise ValueError(f"push {instr['src']} -> {instr['dst']}: shapes {src.shape} {mask.shape} "
-                             f"{dst.shape}")
-        border = (lambda: np.copyto(full, mask)) if pad is not None else (lambda: None)
-        if instr["permutation"] is None:
+        if mask.shape != dst.shape or mask.dtype != np.float32:
+            raise ValueError(f"push {instr['src']} -> {instr['dst']}: mask {mask.shape} for {dst.shape}")
+        out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
+        if src.shape != out.shape:
+            raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
+        perm = self._permutation(model, instr["permutation"], src.shape[-1])
+        if perm is None:
             def push_plain() -> None:
-                border()
-                np.add(src, inner_mask, out=dst)
+                for d, s in border:
+                    np.copyto(d, s)
+                np.add(src, inner_mask, out=out)
             return push_plain
-        perm = model.arrays[instr["permutation"]]
-        if perm.shape != (src.shape[-1],) or np.any(np.sort(perm) != np.arange(len(perm))):
-            raise ValueError(f"push {instr['src']}: permutation is not one of {src.shape[-1]} channels")
-        perm = perm.astype(np.intp)
-        tmp = model.scratch[:dst.size].reshape(dst.shape)
+        # The permuted, still unmasked values only ever sit in secure scratch, a chunk at a time.
+        work = model.scratch[:model.chunk]
+        chunks = [(src[sl], _chunk_of(work, out[sl].shape), inner_mask[sl], out[sl])
+                  for sl in _row_chunks(out.shape)]
 
         def push() -> None:
-            border()
-            np.take(src, perm, axis=-1, out=tmp, mode="clip")  # secure scratch: still unmasked
-            np.add(tmp, inner_mask, out=dst)
+            for d, s in border:
+                np.copyto(d, s)
+            for s, w, m, o in chunks:
+                np.take(s, perm, axis=-1, out=w, mode="clip")
+                np.add(w, m, out=o)
         return push
 
     def _compile_restore(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                          dst: np.ndarray) -> Callable[[], Any]:
+        """``restore``, fused with the next round's push when it carries a ``mask``: then ``dst`` is that
+        round's shared input buffer and the restored values are permuted (``permutation``), masked and
+        padded (``pad``) on their way there, a chunk at a time through secure scratch. ``offset`` is in
+        the output's channel order, ``index`` / ``coef`` in the restored one."""
         index, coef, offset = (model.arrays[instr[k]] for k in ("index", "coef", "offset"))
-        m, n = src.shape[-1], dst.shape[-1]
-        if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n or offset.shape != dst.shape
-                or src.shape[:-1] != dst.shape[:-1]
+        m, n = src.shape[-1], index.shape[1]
+        out, mask, border = dst, None, []
+        if instr.get("mask") is not None:
+            mask = model.arrays[instr["mask"]]
+            if mask.shape != dst.shape or mask.dtype != np.float32:
+                raise ValueError(f"restore {instr['src']}: mask {mask.shape} for {dst.shape}")
+            out, mask, border = _masked_destination(dst, mask, instr.get("pad"))
+        elif instr.get("pad") is not None:
+            raise ValueError(f"restore {instr['src']}: padding without a mask")
+        if (index.ndim != 2 or index.shape != coef.shape or out.shape[-1] != n or offset.shape != out.shape
+                or src.shape[:-1] != out.shape[:-1]
                 or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
             raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
-        activation = _activation(instr["activation"], instr["alpha"], model.scratch)
-        src2, dst2 = src.reshape(-1, m), dst.reshape(-1, n)
-        matrix = model.matrices.get(instr["offset"])
-        if matrix is not None:
-            def restore() -> None:
-                np.matmul(src2, matrix, out=dst2)
-                np.add(dst, offset, out=dst)
-                if activation is not None:
-                    activation(dst)
-            return restore
+        perm = self._permutation(model, instr.get("permutation"), n)
+        cap = model.chunk
+        work, term, spare = (model.scratch[i * cap:(i + 1) * cap] for i in range(3))
+        matrix = model.matrices.get(instr["offset"])  # permuted at load
         blocks = model.blocks.get(instr["offset"])
-        if blocks is not None:
-            parts = [(src2[:, rows], dst2[:, cols], matrix) for rows, cols, matrix in blocks]
+        terms = [(idx.astype(np.intp) if perm is None else idx[perm].astype(np.intp),
+                  (None if np.all(c == 1) else c) if perm is None else
+                  (None if np.all(c == 1) else np.ascontiguousarray(c[perm])))
+                 for idx, c in zip(index, coef, strict=True)]
+        kind, alpha = instr["activation"], instr["alpha"]
+        in_place = mask is None and out.flags.c_contiguous
+        chunks = []
+        for sl in _row_chunks(out.shape):
+            o = out[sl]
+            w = o.reshape(-1, n) if in_place else _chunk_of(work, (o.size // n, n))
+            t = _chunk_of(term, w.shape)
+            chunks.append((src[sl].reshape(-1, m), w, offset[sl].reshape(w.shape), t,
+                           _chunk_of(spare, w.shape), _activation(kind, alpha, t),
+                           None if mask is None else (w.reshape(o.shape), mask[sl], o)))
 
-            def restore_blocks() -> None:
-                for part_src, part_dst, matrix in parts:
-                    np.matmul(part_src, matrix, out=part_dst)
-                np.add(dst, offset, out=dst)
+        if matrix is not None:
+            def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+                np.matmul(s, matrix, out=w)
+        elif blocks is not None:
+            def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+                target = w if perm is None else v
+                for rows, cols, part in blocks:
+                    np.matmul(s[:, rows], part, out=target[:, cols])
+                if perm is not None:
+                    np.take(v, perm, axis=1, out=w, mode="clip")
+        else:
+            (first, first_coef), rest = terms[0], terms[1:]
+
+            def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+                np.take(s, first, axis=1, out=w, mode="clip")
+                if first_coef is not None:
+                    np.multiply(w, first_coef, out=w)
+                for idx, c in rest:
+                    np.take(s, idx, axis=1, out=t, mode="clip")
+                    if c is not None:
+                        np.multiply(t, c, out=t)
+                    np.add(w, t, out=w)
+
+        def restore() -> None:
+            for d, s in border:
+                np.copyto(d, s)
+            for s, w, off, t, v, activation, masked in chunks:
+                linear(s, w, t, v)
+                np.add(w, off, out=w)
                 if activation is not None:
-                    activation(dst)
-            return restore_blocks
-        rows = [(idx.astype(np.intp), None if np.all(c == 1) else c)
-                for idx, c in zip(index, coef, strict=True)]
-        tmp = model.scratch[:dst2.size].reshape(dst2.shape)
-        (first, first_coef), rest = rows[0], rows[1:]
+                    activation(w)
+                if masked is not None:
+                    np.add(masked[0], masked[1], out=masked[2])
+        return restore
 
-        def restore_gather() -> None:
-            np.take(src2, first, axis=1, out=dst2, mode="clip")
-            if first_coef is not None:
-                np.multiply(dst2, first_coef, out=dst2)
-            for idx, c in rest:
-                np.take(src2, idx, axis=1, out=tmp, mode="clip")
-                if c is not None:
-                    np.multiply(tmp, c, out=tmp)
-                np.add(dst2, tmp, out=dst2)
-            np.add(dst, offset, out=dst)
-            if activation is not None:
-                activation(dst)
-        return restore_gather
+    def _permutation(self, model: _Model, name: str | None, channels: int) -> np.ndarray | None:
+        if name is None:
+            return None
+        perm = model.arrays[name]
+        if perm.shape != (channels,) or np.any(np.sort(perm) != np.arange(channels)):
+            raise ValueError(f"{name}: not a permutation of {channels} channels")
+        return perm.astype(np.intp)
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         model = session.get("model")
@@ -638,6 +678,56 @@ def restore_blocks(index: np.ndarray, coef: np.ndarray,
         return None
     return blocks
 
+
+# Restores and pushes run a chunk of rows at a time (about this many float32 elements): whatever is still
+# unmasked or half-restored sits in three small scratch buffers of secure memory, not full-size copies.
+CHUNK = 1 << 16
+
+
+def _row_chunks(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Index tuples cutting a ``[1, H, W, C]`` tensor into runs of whole rows of about ``CHUNK``
+    elements; any other shape is one chunk."""
+    if len(shape) == 4 and shape[0] == 1:
+        rows = max(1, CHUNK // max(shape[2] * shape[3], 1))
+        return [(slice(None), slice(h, min(h + rows, shape[1]))) for h in range(0, shape[1], rows)]
+    return [()]
+
+
+def _chunk_elements(shape: tuple[int, ...]) -> int:
+    """Elements of the largest chunk of ``shape`` (see ``_row_chunks``)."""
+    if len(shape) == 4 and shape[0] == 1:
+        row = shape[2] * shape[3]
+        return min(shape[1], max(1, CHUNK // max(row, 1))) * row
+    return _elements(list(shape))
+
+
+def _chunk_of(scratch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    size = _elements(list(shape))
+    if size > scratch.size:
+        raise ValueError(f"a chunk of {shape} does not fit the scratch ({scratch.size} elements)")
+    return scratch[:size].reshape(shape)
+
+
+def _masked_destination(dst: np.ndarray, mask: np.ndarray, pad: Any) -> tuple[
+        np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """For a push into ``dst`` (shared memory) of a tensor zero-padded by ``pad`` (or None): the interior
+    that receives ``x + mask``, the mask's interior, and the border's (destination, mask) slices, where
+    the value is ``0 + mask``."""
+    if pad is None:
+        return dst, mask, []
+    if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
+        raise ValueError(f"bad padding {pad}")
+    inner = tuple(slice(b, n - a) for (b, a), n in zip(pad, dst.shape, strict=True))
+    border = []
+    for axis, (before, after) in enumerate(pad):
+        # Slabs along each padded axis, within the interior of the axes before it: disjoint, and with
+        # the interior they cover the whole buffer.
+        head = inner[:axis]
+        for part in (slice(0, before), slice(dst.shape[axis] - after, dst.shape[axis])):
+            if part.stop > part.start:
+                index = (*head, part)
+                border.append((dst[index], mask[index]))
+    return dst[inner], mask[inner], border
 
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -66,6 +66,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     demo(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from shadownet.bench import bench_cli
+
+    bench_cli(args)
+
+
 def _cmd_audit(args: argparse.Namespace) -> None:
     from shadownet.audit import audit_cli
 
@@ -110,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="protected vs unprotected vs all-in-TEE latency, memory and breakdown")
+    p.add_argument("files", nargs="*", metavar="FILE.tflite", help="models to benchmark besides --models")
+    p.add_argument("--models", help="comma-separated zoo names (default: all five when no FILE is given)")
+    p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--num_threads", type=int, default=2, help="accelerator / unprotected threads (default 2)")
+    p.add_argument("--num_runs", type=int, default=20, help="timed runs per mode (default 20)")
+    p.add_argument("--warmup_runs", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--delegate", help="external delegate PATH.so for the accelerator and unprotected LiteRT")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--markdown", help="write the report as Markdown")
+    p.add_argument("--plot", help="write a PNG of the breakdown (needs matplotlib)")
+    p.add_argument("--throughput", action="store_true", help="two frames in flight: frames/s per mode")
+    p.add_argument("--workdir", help="keep exported zoo models here and reuse them (default: temporary)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")

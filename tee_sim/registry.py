@@ -19,6 +19,7 @@ OTHER_TEST_TA_UUID = uuid.UUID("9a4c3f7e-0b1d-4e55-8f1a-2c6d7e8f9a0b")
 
 def trusted_apps() -> dict[uuid.UUID, str]:
     """Every trusted app this secure world can run."""
+    from tee_sim.ta_all_in_tee_commands import UUID as ALL_IN_TEE_UUID
     from tee_sim.ta_shadownet_commands import UUID as SHADOWNET_UUID
 
     return {
@@ -26,6 +27,7 @@ def trusted_apps() -> dict[uuid.UUID, str]:
         TEST_TA_UUID: "tee_sim.testing_ta:TestTA",
         OTHER_TEST_TA_UUID: "tee_sim.testing_ta:OtherTestTA",
         SHADOWNET_UUID: "tee_sim.ta_shadownet:ShadowNetTA",
+        ALL_IN_TEE_UUID: "tee_sim.ta_all_in_tee:AllInTEETA",
     }
 
 

@@ -1,0 +1,86 @@
+"""``shadownet bench`` on a small model built in code: the report's structure and that every figure it
+measures is there and positive (speed itself is the benchmark's business, not the tests')."""
+
+import json
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+from converters.graph import Graph, write_model
+from shadownet import bench
+from shadownet.cli import main
+from shadownet.exceptions import ShadowNetError
+
+
+def _model() -> bytes:
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_tensor("input", (1, 12, 12, 3), np.float32)
+    conv = fb.Conv2DOptionsT()
+    conv.padding, conv.strideH, conv.strideW = fb.Padding.SAME, 1, 1
+    conv.dilationHFactor, conv.dilationWFactor = 1, 1
+    conv.fusedActivationFunction = fb.ActivationFunctionType.RELU
+    w = g.add_tensor("w", (8, 3, 3, 3), np.float32, rng.standard_normal((8, 3, 3, 3)) * 0.3)
+    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
+    y = g.add_tensor("conv", (1, 12, 12, 8), np.float32)
+    g.add_op("CONV_2D", [x, w, b], [y], conv)
+    pool = fb.Pool2DOptionsT()
+    pool.padding, pool.filterHeight, pool.filterWidth = fb.Padding.VALID, 2, 2
+    pool.strideH, pool.strideW = 2, 2
+    p = g.add_tensor("pool", (1, 6, 6, 8), np.float32)
+    g.add_op("MAX_POOL_2D", [y], [p], pool)
+    flat = g.add_tensor("flat", (1, 288), np.float32)
+    g.add_op("RESHAPE", [p, g.add_tensor("shape", (2,), np.int32, [1, 288])], [flat], fb.ReshapeOptionsT())
+    out = g.add_tensor("logits", (1, 4), np.float32)
+    fc = g.add_tensor("fc", (4, 288), np.float32, rng.standard_normal((4, 288)))
+    g.add_op("FULLY_CONNECTED", [flat, fc, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return write_model(g)
+
+
+def test_count_macs():
+    from converters.graph import normalize, read_model
+
+    macs = bench.count_macs(normalize(read_model(_model())))
+    assert macs[0] == 12 * 12 * 8 * 3 * 3 * 3  # the conv
+    assert macs[-1] == 4 * 288  # the dense layer
+    assert sum(macs) == macs[0] + macs[-1]  # ReLU, max pool and reshape move data only
+
+
+def test_bench_report(tmp_path):
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
+                             progress=False)
+    assert report["machine"]["nproc"] >= 1 and report["settings"]["num_runs"] == 2
+    (entry,) = report["models"]
+    assert entry["model"] == "small" and entry["rounds"] == 2
+    for mode in bench.MODES:
+        figures = entry["modes"][mode]
+        assert figures["runs"] == 2
+        assert 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+    for mode in ("shadownet", "all-in-tee", "all-in-tee-builtin"):
+        assert entry["modes"][mode]["secure_memory_mib"] > 0
+    s = entry["shadownet"]
+    assert all(value > 0 for key, value in s["breakdown"].items() if key != "other_ms")
+    assert s["world_switches"] == 3 and s["bytes_to_tee"] > 0 and s["bytes_from_tee"] > 0
+    assert s["macs_offloaded_share"] == 1.0 and s["conversion_s"] > 0 and s["relative_error"] < 1e-3
+    assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
+    assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
+    assert entry["break_even_k"] is None or entry["break_even_k"] > 0
+    assert all(entry["projected_ms"][str(k)] > 0 for k in bench.PROJECTED_K)
+    text = bench.table(report)
+    assert "small" in text and "all-in-tee-builtin" in text
+    assert "| small | shadownet |" in bench.markdown(report, "shadownet bench small.tflite")
+    json.dumps(report, allow_nan=False)  # strict JSON
+
+
+def test_cli_refusals(tmp_path, capsys, monkeypatch):
+    assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
+    assert "neither a zoo model" in capsys.readouterr().err
+    assert main(["bench", "--throughput", "--models", "minivgg"]) == 1
+    assert "--throughput" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(ShadowNetError, match="matplotlib"):
+        bench._require_matplotlib()

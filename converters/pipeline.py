@@ -20,6 +20,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from converters.graph import Graph, normalize, read_model, write_model
 from converters.partition import partition
+from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.program import write_program
 from converters.schemes import ActivationStats, Scheme, get_scheme
@@ -41,7 +43,7 @@ CALIBRATION_SAMPLES = 4
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
             seed: int | None = None,
             calibration: str | os.PathLike | dict[str, np.ndarray] | None = None, device: Any = None,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False, mask_rounds: str | Sequence[int] | None = None) -> dict[str, Any]:
     """Protect ``model`` into ``out_dir``; return the manifest.
 
     ``model``: a float ``.tflite`` (path or bytes), a Keras model file or a SavedModel directory.
@@ -53,6 +55,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     ``device``: None (this machine's simulated device), a device identity file written by
     ``shadownet device export`` on the target device, or a ``tee_sim.Context`` of the target device.
     ``force``: replace a non-empty ``out_dir``.
+    ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"first"``,
+    ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always).
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
     """
     out = Path(out_dir)
@@ -67,7 +71,12 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     stats = activation_stats(graph, needed, calibration)
-    plan = build(graph, part, chosen, rng, stats)
+    static = getattr(chosen, "static_masks", True)
+    if static and mask_rounds is not None:
+        warnings.warn(f"scheme {chosen.name} uses static masks: mask_rounds={mask_rounds!r} is ignored",
+                      stacklevel=2)
+    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
+    plan = build(graph, part, chosen, rng, stats, one_time)
     plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
     program = write_program(plan.program, plan.arrays)
     del plan.arrays
@@ -84,6 +93,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                   SECRETS: {"sha256": hashlib.sha256(sealed).hexdigest()}},
         "summary": plan.summary,
         "created_by": f"shadownet {_version()}",
+        "masks": {"one_time_rounds": one_time, "static": static,
+                  "policy": None if static else str(mask_rounds or DEFAULT_MASK_ROUNDS)},
     }
     _write_artifacts(out, force, {UNTRUSTED: plan.untrusted, SECRETS: sealed,
                                   MANIFEST: (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()})

@@ -19,6 +19,7 @@ model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from converters import linear
 from converters.graph import Graph, Signature, fused_activation, write_model
 from converters.partition import Partition
+from converters.per_inference import describe
 from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
 
@@ -111,10 +113,12 @@ class _Builder:
                     tid = u.add_tensor(f"round_{r}/x{j}", shape, np.float32)
                     sig_in[f"x{j}"] = tid
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
-                    mask = self.scheme.push_mask(shape, stats.permuted(obf.input_permutation), self.rng)
+                    stats = stats.permuted(obf.input_permutation)
+                    mask = self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
-                                   "untrusted": tid, "permutation": obf.input_permutation, "mask": mask}
+                                   "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
+                                   "stats": stats}
                 push = pushes[key]
                 j = len(restores)
                 out_shape = g.tensors[y].shape
@@ -138,7 +142,7 @@ class _Builder:
                     self.fused[i] = consumers[0]
                 self.result[i] = g.ops[self.fused[i]].outputs[0] if i in self.fused else y
                 restores.append({"op": i, "name": f"y{j}", "tensor": self.result[i], "obf": obf,
-                                 "offset": offset, "obf_shape": obf_shape,
+                                 "offset": offset, "obf_shape": obf_shape, "push": push["name"],
                                  "activation": g.ops[self.fused[i]] if i in self.fused else None})
             self.signatures.append(Signature(f"round_{r}", sig_ops, sig_in, sig_out))
             self.pushes.append(list(pushes.values()))
@@ -569,13 +573,15 @@ def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dic
 
 
 def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-          stats: dict[int, ActivationStats]) -> Plan:
-    """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring)."""
+          stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = ()) -> Plan:
+    """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring);
+    ``one_time_rounds``: the rounds whose masks the TEE draws per inference (``converters.per_inference``)."""
     b = _Builder(graph, part, scheme, rng, stats)
     b.obfuscate_rounds()
     b.plan_tee()
     b.emit()
     b.layout()
+    per_inference = describe(b, one_time_rounds)
     untrusted = write_model(b.untrusted, b.signatures)
     arrays = dict(b.arrays)
     if b.tee_model is not None:
@@ -592,6 +598,7 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
         "tee_model_arena_bytes": b.tee_arena_bytes,
         "signatures": b.signature_specs,
         "steps": b.steps,
+        **per_inference,
     }
     summary = {"rounds": b.R, "offloaded_ops": sum(len(r) for r in part.rounds),
                "tee_litert_ops": sum(len(s) for s in b.step_ops), "tee_numpy_activations": len(b.fused),

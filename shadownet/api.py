@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shadownet.artifacts import MANIFEST
-from shadownet.exceptions import InputError, ShadowNetError
+from shadownet.exceptions import InputError
 from shadownet.interpreter import Interpreter, SignatureRunner
 from shadownet.runtime import Accelerator, AcceleratorWrapper, LiteRTAccelerator, ProtectedModel, load
 
@@ -40,14 +40,16 @@ def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | Non
 
 # --- CLI ----------------------------------------------------------------------------------------------------
 def convert_cli(args: argparse.Namespace) -> None:
-    """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device] [--force]``."""
+    """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device] [--force]
+    [--mask-rounds first|all|1,2,5]``."""
     import json
 
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
-                           calibration=args.calibration, device=args.device, force=args.force)
+                           calibration=args.calibration, device=args.device, force=args.force,
+                           mask_rounds=getattr(args, "mask_rounds", None))
     elapsed = time.perf_counter() - start
     if not isinstance(manifest, dict):
         manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))
@@ -99,11 +101,10 @@ def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]``."""
-    if getattr(args, "verify", False):
-        raise ShadowNetError("--verify is not available yet (integrity checks of accelerator results are not "
-                             "implemented in this version)")
-    with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate) as model:
+    """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]
+    [--verify]``; ``--verify``: the TEE checks every accelerator result (``IntegrityError`` if wrong)."""
+    verify = bool(getattr(args, "verify", False))
+    with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate, verify=verify) as model:
         inputs = read_inputs(args.input, model)
         outputs = [np.empty(t.shape, t.dtype) for t in model.outputs]
         model.run_into(inputs, outputs)
@@ -117,6 +118,15 @@ def run_cli(args: argparse.Namespace) -> None:
             print(_summary(name, value))
     print(f"{stats['rounds']} rounds, {stats['world_switches']} TEE entries, {stats['total_s'] * 1e3:.1f} ms "
           f"(accelerator {stats['accelerator_s'] * 1e3:.1f} ms, TEE {stats['tee_s'] * 1e3:.1f} ms)")
+    if verify:
+        checks = stats.get("verify") or {}
+        bound = checks.get("worst_bound_log2")
+        if bound is None:
+            print("verified: no accelerator result to check")
+        else:
+            print(f"verified: {checks.get('checked', 0)} accelerator results passed the TEE's checks "
+                  f"({checks.get('projections', 0)} secret projections over {checks.get('layers', 0)} "
+                  f"layers; a change of 1e-3 of a result passes them with probability <= 2^{bound:.0f})")
 
 
 def _summary(name: str, value: np.ndarray) -> str:

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="FILE.npz of representative inputs for mask scales")
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",
+                   help="rounds with one-time masks (schemes without static masks): 'first' (default), "
+                        "'all' or round numbers such as 1,2,5 or 1-4; round 1 always")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("run", help="protected inference on an artifact directory")

@@ -12,6 +12,7 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -29,6 +30,8 @@ from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
     InputError,
+    IntegrityError,
+    MaskPoolExhaustedError,
     SecureMemoryError,
     SecurityError,
     ShadowNetError,
@@ -47,6 +50,8 @@ _TEE_ERRORS: dict[int, type[ShadowNetError]] = {
     tee_sim.TEE_ERROR_BAD_FORMAT: ArtifactError,
     tee_sim.TEE_ERROR_NOT_SUPPORTED: ArtifactError,
     tee_sim.TEE_ERROR_ITEM_NOT_FOUND: ArtifactError,
+    tee_sim.TEE_ERROR_MAC_INVALID: IntegrityError,  # an accelerator result failed verification
+    tee_sim.TEE_ERROR_NO_DATA: MaskPoolExhaustedError,  # empty one-time mask pool, policy "fail"
 }
 _LOST_SESSION = frozenset({tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEE_ERROR_TARGET_DEAD})
 
@@ -73,11 +78,27 @@ def _commands() -> Any:
 
 
 class Accelerator(Protocol):
-    """What ``ProtectedModel`` needs from the untrusted accelerator.
+    """The untrusted accelerator, as ``ProtectedModel`` drives it: a public, pluggable interface.
 
-    ``bind(buffers)`` receives the zero-copy views of every shared-memory buffer by name (again after the
-    secure world restarted, if the memory had to be registered anew); ``run_round(r)`` (1 <= r <= R) reads
-    the buffers ``round_r/in/*`` and writes ``round_r/out/*``; ``close()`` frees what it holds.
+    ``shadownet.load(OUT, accelerator=f)`` calls ``f(default)`` once with the default accelerator (a
+    ``LiteRTAccelerator`` on ``OUT/untrusted.tflite``) and uses what it returns: a wrapper that observes or
+    changes the default's work (subclass ``AcceleratorWrapper``), or a replacement that runs the rounds
+    elsewhere (another runtime, a remote device, an NPU SDK). Three methods:
+
+    - ``bind(buffers)``: the zero-copy float32 views of every shared-memory buffer of the manifest, by name
+      (``input/i``, ``output/i``, ``round_r/in/<name>``, ``round_r/out/<name>``; shapes as in
+      ``manifest.json``). Called once at load, and again if the secure world restarted and the memory had
+      to be registered anew; later calls use the new views. Buffers of consecutive rounds share memory
+      (the layout reuses two banks), so read a round's inputs before writing its outputs.
+    - ``run_round(r)`` (1 <= r <= R, in order, once per inference): run signature ``round_r`` of
+      ``untrusted.tflite`` - the obfuscated linear ops, no bias, no activation - on the buffers
+      ``round_r/in/*`` and write its results into ``round_r/out/*``. Exceptions propagate to the caller
+      of the inference, which the TEE then abandons (the next call starts afresh).
+    - ``close()``: free what it holds; called once, when the model closes.
+
+    The accelerator sees only masked inputs and obfuscated weights, and is not trusted with the results:
+    with ``verify=True`` the TEE checks every result it returns (``tee_sim.freivalds``: a wrong one raises
+    ``IntegrityError``), so results must be float32-exact up to rounding (a float16 GPU path is not).
     """
 
     def bind(self, buffers: Mapping[str, np.ndarray]) -> None: ...
@@ -160,7 +181,13 @@ class AcceleratorWrapper:
     """Base for an accelerator that wraps another (to observe, tamper with or check its results).
 
     Subclass and override ``run_round``; ``self.inner`` is the wrapped accelerator and ``self.buffers``
-    the shared-memory views by name. Pass ``accelerator=MyWrapper`` to ``shadownet.load``.
+    the shared-memory views by name. Pass ``accelerator=MyWrapper`` to ``shadownet.load``. For example,
+    a driver that records what the accelerator is given::
+
+        class Recorder(AcceleratorWrapper):
+            def run_round(self, r):
+                self.seen = {n: v.copy() for n, v in self.buffers.items() if n.startswith(f"round_{r}/in/")}
+                self.inner.run_round(r)
     """
 
     def __init__(self, inner: Accelerator) -> None:
@@ -202,11 +229,29 @@ class ProtectedModel:
     the original model's shapes and dtypes (``InputError`` otherwise). ``stats()`` describes the last
     call. Calls are serialised by a per-model lock; several models may be open at once. ``close()`` (or
     leaving a ``with`` block) ends the TEE session; later calls raise ``ClosedError``.
+
+    Per-inference material (``load``'s ``verify``, ``mask_pool``, ``on_exhausted``, ``background_refill``):
+    when the model has one-time masks (``manifest.json``'s ``masks``) or is verified, each inference
+    consumes one entry of a pool the TEE makes offline; a low-priority thread asks the TEE to refill it
+    while the model is idle, a few milliseconds of work at a time (``refill_masks()`` does it at once).
     """
 
     def __init__(self, artifacts: Artifacts, num_threads: int | None = None, delegate: Any = None,
-                 accelerator: Callable[[Accelerator], Accelerator] | None = None) -> None:
+                 accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
+                 mask_pool: int | None = None, on_exhausted: str = "refill",
+                 background_refill: bool = True) -> None:
+        if on_exhausted not in ("refill", "fail"):
+            raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
+        if mask_pool is not None and (not isinstance(mask_pool, int) or mask_pool < 1):
+            raise ValueError(f"mask_pool must be a positive int, not {mask_pool!r}")
         self.artifacts = artifacts
+        self.verify = bool(verify)
+        masks = artifacts.manifest.get("masks") or {}
+        self.one_time_rounds: tuple[int, ...] = tuple(masks.get("one_time_rounds") or ())
+        self._load_options = (int(self.verify) | (2 if on_exhausted == "fail" else 0), mask_pool or 0)
+        self._refiller: _BackgroundRefill | None = None
+        self._waiting = 0  # callers waiting for the lock: the background refill yields to them
+        self._waiting_lock = threading.Lock()
         self.inputs: tuple[TensorSpec, ...] = artifacts.inputs
         self.outputs: tuple[TensorSpec, ...] = artifacts.outputs
         self.num_rounds = len(artifacts.rounds)
@@ -246,6 +291,9 @@ class ProtectedModel:
             if self._shm is not None:
                 _quietly(self._shm.release)
             raise
+        if background_refill and (self.verify or self.one_time_rounds):
+            self._refiller = _BackgroundRefill(self)
+            self._refiller.start()
 
     def _make_accelerator(self) -> Accelerator:
         num_threads, delegate, wrap = self._accelerator_args
@@ -263,8 +311,11 @@ class ProtectedModel:
             session = context.open_session(self._uuid)
         try:
             with _tee(where):
-                session.invoke_command(commands.Command.LOAD_MODEL, [
-                    tee_sim.TempMemRef(self.artifacts.secrets), tee_sim.TempMemRef(self.artifacts.untrusted)])
+                params = [tee_sim.TempMemRef(self.artifacts.secrets),
+                          tee_sim.TempMemRef(self.artifacts.untrusted)]
+                if self._load_options != (0, 0):
+                    params.append(tee_sim.Value(*self._load_options))
+                session.invoke_command(commands.Command.LOAD_MODEL, params)
                 if self.accelerator is None:
                     # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
                     # reported as the SecurityError it is, not as a LiteRT or layout error.
@@ -304,6 +355,9 @@ class ProtectedModel:
 
     def close(self) -> None:
         """End the TEE session, release the shared memory and the accelerator. Idempotent."""
+        refiller, self._refiller = self._refiller, None
+        if refiller is not None:
+            refiller.stop()
         with self._lock:
             if self._closed:
                 return
@@ -352,13 +406,36 @@ class ProtectedModel:
     def run_into(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
         """One inference from checked ``inputs`` into preallocated ``outputs`` (model order, exact shapes and
         dtypes; see ``check_inputs``): the allocation-free path under ``__call__`` and ``Interpreter``."""
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            with self._lock:
+                with self._waiting_lock:
+                    self._waiting -= 1
+                self._ensure_open()
+                for view, x in zip(self._input_views, inputs, strict=True):
+                    np.copyto(view, x)
+                self._infer()
+                for out, view in zip(outputs, self._output_views, strict=True):
+                    np.copyto(out, view)
+        finally:
+            if self._refiller is not None:
+                self._refiller.wake()
+
+    def refill_masks(self, entries: int | None = None) -> int:
+        """Fill the pool of one-time masks (and, with ``verify``, of check projections) now: until it is
+        full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
         with self._lock:
             self._ensure_open()
-            for view, x in zip(self._input_views, inputs, strict=True):
-                np.copyto(view, x)
-            self._infer()
-            for out, view in zip(outputs, self._output_views, strict=True):
-                np.copyto(out, view)
+            return self._refill(0, entries or 0)[0]
+
+    def _refill(self, budget_us: int, entries: int = 0) -> tuple[int, int]:
+        """One REFILL_POOL call (lock held): (ready entries, capacity)."""
+        out = tee_sim.Value(direction="out")
+        with _tee("refilling the one-time mask pool"):
+            self._session.invoke_command(_commands().Command.REFILL_POOL,
+                                         [tee_sim.Value(budget_us, entries), out])
+        return out.a, out.b
 
     def check_inputs(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """The inputs as arrays in the model's order; InputError on a wrong count, name, shape or dtype."""
@@ -432,7 +509,14 @@ class ProtectedModel:
         ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s`` (inside the
         trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in bytes:
         ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device and
-        ``model_secure_memory`` for this model (asked with one extra TEE entry, outside any inference)."""
+        ``model_secure_memory`` for this model (asked with one extra TEE entry, outside any inference).
+        With one-time masks or ``verify``, ``pool`` (one more TEE entry): ``capacity`` / ``ready`` entries,
+        ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in ``offline_s`` seconds
+        (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path; ``verify``:
+        ``layers``, ``projections``, ``checked`` results, ``worst_ratio`` (the largest honest rounding
+        seen, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound
+        achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
+        ``per_inference_secure_memory``: what both hold in the TEE."""
         with self._lock:
             if self._closed:
                 raise ClosedError("this protected model was closed")
@@ -455,7 +539,68 @@ class ProtectedModel:
                     with _tee("reading the trusted app's statistics"):
                         self._session.invoke_command(command, [out])
                     result["model_secure_memory"] = out.a
+                if self.verify or self.one_time_rounds:
+                    result.update(self._pool_stats())
             return result
+
+    def _pool_stats(self) -> dict[str, Any]:
+        import json
+
+        out = tee_sim.TempMemRef(size=1 << 14, direction="out")
+        with _tee("reading the mask pool's statistics"):
+            self._session.invoke_command(_commands().Command.GET_POOL_STATS, [out])
+        stats = json.loads(out.data or b"{}")
+        pool = stats.get("pool", {})
+        if pool:
+            made = pool["made"]
+            pool["offline_s_per_inference"] = pool["offline_s"] / made if made else None
+        return {"one_time_rounds": list(self.one_time_rounds), "pool": pool,
+                "verify": stats.get("verify", {}),
+                "per_inference_secure_memory": stats.get("secure_bytes", 0)}
+
+
+class _BackgroundRefill(threading.Thread):
+    """Refills a model's pool between inferences: a daemon thread at the lowest scheduling priority that
+    wakes after each inference and asks the TEE for ``CHUNK_US`` of work at a time, stepping aside as soon
+    as a caller waits for the model (so an inference waits at most one chunk) or the pool is full."""
+
+    CHUNK_US = 4000
+
+    def __init__(self, model: ProtectedModel) -> None:
+        super().__init__(name=f"shadownet-refill-{model.artifacts.directory.name}", daemon=True)
+        self._model = model
+        self._wake = threading.Event()
+        self._stopped = False
+        self._wake.set()  # fill the pool right after load
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self is not threading.current_thread():
+            self.join(timeout=5)
+
+    def run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
+        except (AttributeError, OSError):
+            pass
+        model = self._model
+        while not self._stopped:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stopped and model._waiting == 0:
+                with model._lock:
+                    if model._closed or model._session is None:
+                        break
+                    try:
+                        ready, capacity = model._refill(self.CHUNK_US)
+                    except ShadowNetError:
+                        break  # the next inference reports what is wrong (or makes its masks itself)
+                if ready >= capacity:
+                    break
 
 
 def _quietly(func: Callable[[], Any]) -> None:
@@ -466,12 +611,23 @@ def _quietly(func: Callable[[], Any]) -> None:
 
 
 def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
-         accelerator: Callable[[Accelerator], Accelerator] | None = None) -> ProtectedModel:
+         accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
+         mask_pool: int | None = None, on_exhausted: str = "refill",
+         background_refill: bool = True) -> ProtectedModel:
     """Load a protected-artifact directory: check it, load its secrets into the TEE, its untrusted part
     on the accelerator (LiteRT; ``num_threads``; ``delegate``: a delegate library path or a LiteRT
     ``Delegate``), and return a ``ProtectedModel``. ``accelerator``: optional ``f(default) -> Accelerator``
-    to wrap or replace the default (see ``AcceleratorWrapper``)."""
+    to wrap or replace the default (see ``Accelerator`` and ``AcceleratorWrapper``).
+
+    ``verify``: the TEE checks every accelerator result before using it (Freivalds' check with secret
+    projections drawn per inference, ``tee_sim.freivalds``); a wrong result raises ``IntegrityError``.
+    ``mask_pool``: entries of the pool of one-time masks / check projections (default: those that fit in
+    8 MiB of secure memory, 2 to 8). ``on_exhausted``: what an inference does when the pool is empty:
+    ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
+    (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
+    from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive int, not {num_threads!r}")
     return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
-                          accelerator=accelerator)
+                          accelerator=accelerator, verify=verify, mask_pool=mask_pool,
+                          on_exhausted=on_exhausted, background_refill=background_refill)

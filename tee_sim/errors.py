@@ -22,6 +22,7 @@ TEE_ERROR_COMMUNICATION = 0xFFFF000E
 TEE_ERROR_SECURITY = 0xFFFF000F
 TEE_ERROR_SHORT_BUFFER = 0xFFFF0010
 TEE_ERROR_TARGET_DEAD = 0xFFFF3024
+TEE_ERROR_MAC_INVALID = 0xFFFF3071  # Internal Core API: a check of data failed (ShadowNet: --verify)
 
 # Where an error was raised.
 TEEC_ORIGIN_API = 1  # the client library, in the normal world

@@ -54,8 +54,12 @@ from tee_sim.params import (
     TEEParam,
     check_param_types,
 )
+from tee_sim.per_inference import PerInference
 from tee_sim.ta import TrustedApp
 from tee_sim.ta_shadownet_commands import (
+    LOAD_FAIL_WHEN_EMPTY,
+    LOAD_VERIFY,
+    MAX_POOL_CAPACITY,
     PROVISIONED,
     SEALED,
     SECRETS_AAD,
@@ -67,6 +71,7 @@ from tee_sim.ta_shadownet_commands import (
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
 MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
 VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
+_LOAD_WITH_OPTIONS = MEMREF_IN | MEMREF_IN << 4 | VALUE_IN << 8  # LOAD_MODEL with its options value
 PROGRAM_FORMAT = "shadownet-tee-program"
 # A matmul restore reads the [M, N] matrix once per output pixel; below this many matrix entries it beats
 # the 2-3 gather passes (measured: benchmarks in the converter tests' notes; both are exact).
@@ -156,6 +161,7 @@ class _Model:
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     next_step: int = 0
+    online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
 
 
 class ShadowNetTA(TrustedApp):
@@ -177,8 +183,20 @@ class ShadowNetTA(TrustedApp):
             check_param_types(params, VALUE_IN)
             self._run_step(session, params[0].a)
         elif cmd_id == Command.LOAD_MODEL:
-            check_param_types(params, MEMREF_IN, MEMREF_IN)
-            self._load(session, params[0].buffer, params[1].buffer)
+            if params.types == _LOAD_WITH_OPTIONS:
+                flags, capacity = params[2].a, params[2].b
+            else:
+                check_param_types(params, MEMREF_IN, MEMREF_IN)
+                flags, capacity = 0, 0
+            self._load(session, params[0].buffer, params[1].buffer, flags, capacity)
+        elif cmd_id == Command.REFILL_POOL:
+            check_param_types(params, VALUE_IN, VALUE_OUT)
+            self._refill(session, params[0], params[1])
+        elif cmd_id == Command.GET_POOL_STATS:
+            check_param_types(params, MEMREF_OUT)
+            model = session.get("model")
+            stats = model.online.stats() if model is not None and model.online is not None else {}
+            _write(params[0], json.dumps(stats).encode())
         elif cmd_id == Command.BIND_SHARED_MEMORY:
             check_param_types(params, MEMREF_INOUT)
             self._bind(session, params[0])
@@ -222,7 +240,8 @@ class ShadowNetTA(TrustedApp):
             return self.tee.open_provisioned(payload, SECRETS_AAD)
         raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
 
-    def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview) -> None:
+    def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview, flags: int = 0,
+              capacity: int = 0) -> None:
         self._unload(session)
         # The plaintext (about the blob's size) lands in secure memory; the ciphertext is read from the
         # normal world's buffer (tee_sim copies it, a real TEE decrypts it in place, block by block).
@@ -244,6 +263,7 @@ class ShadowNetTA(TrustedApp):
         self.tee.reserve(len(plaintext))
         model.reserved += len(plaintext)
         try:
+            self._per_inference(model, untrusted, flags, capacity)
             self._build(model)
         except TEEError:
             self._free(model)
@@ -253,6 +273,37 @@ class ShadowNetTA(TrustedApp):
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
         session["model"] = model
 
+    def _per_inference(self, model: _Model, untrusted: memoryview, flags: int, capacity: int) -> None:
+        """One-time masks and integrity checks: their live buffers join the program's arrays under the
+        names the instructions use, so pushes and restores compile as usual (``tee_sim.per_inference``)."""
+        p = model.program
+        if not (p.get("one_time") or {}).get("masks") and not flags & LOAD_VERIFY:
+            return
+        if flags & ~(LOAD_VERIFY | LOAD_FAIL_WHEN_EMPTY) or capacity > MAX_POOL_CAPACITY:
+            raise _error(TEE_ERROR_BAD_PARAMETERS, f"load options 0x{flags:x} / pool of {capacity}")
+        try:
+            shapes = {name: tuple(spec["shape"]) for name, spec in p["shared_buffers"].items()}
+            online = PerInference(p, model.arrays, shapes, untrusted, lambda s, d: self._alloc(model, s, d),
+                                  self.tee.random_bytes, verify=bool(flags & LOAD_VERIFY), capacity=capacity,
+                                  fail_when_empty=bool(flags & LOAD_FAIL_WHEN_EMPTY))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _bad_format(f"per-inference material: {type(exc).__name__}: {exc}") from None
+        model.arrays = {**model.arrays, **online.live}
+        model.online = online
+
+    def _refill(self, session: dict[str, Any], request: TEEParam, out: TEEParam) -> None:
+        """REFILL_POOL: make pool entries for up to ``a`` microseconds (0: until full), at most ``b``
+        entries (0: no limit); out: a = ready entries, b = capacity."""
+        model = session.get("model")
+        if model is None:
+            raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
+        online = model.online
+        if online is None or not online.enabled:
+            out.a, out.b = 0, 0
+            return
+        budget = request.a / 1e6 if request.a else None
+        out.a, out.b = online.refill(budget, request.b), online.capacity
+
     def _unload(self, session: dict[str, Any]) -> None:
         model = session.get("model")
         session["model"] = None
@@ -261,6 +312,7 @@ class ShadowNetTA(TrustedApp):
 
     def _free(self, model: _Model) -> None:
         model.steps = None
+        model.online = None
         model.views.clear()
         model.shm.clear()
         model.interpreter = None
@@ -406,11 +458,12 @@ class ShadowNetTA(TrustedApp):
             if src.shape != dst.shape or src.dtype != dst.dtype:
                 raise ValueError(f"copy {instr['src']} -> {instr['dst']}: {src.shape} vs {dst.shape}")
             return lambda: np.copyto(dst, src)
-        if op == "push":
-            return self._compile_push(model, instr, src, dst)
-        if op == "restore":
-            return self._compile_restore(model, instr, src, dst)
-        raise ValueError(f"unknown instruction {op!r}")
+        compile_ = {"push": self._compile_push, "restore": self._compile_restore}.get(op)
+        if compile_ is None:
+            raise ValueError(f"unknown instruction {op!r}")
+        if model.online is not None and model.online.enabled:
+            return model.online.wrap(instr, src, dst, lambda s, d: compile_(model, instr, s, d))
+        return compile_(model, instr, src, dst)
 
     def _compile_numpy(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
         """One op the TA runs in numpy (``converters.plan._numpy_form``): exact as LiteRT's float kernels."""
@@ -635,9 +688,21 @@ class ShadowNetTA(TrustedApp):
             raise _error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
         if step >= len(model.steps) or (step != 0 and step != model.next_step):
             raise _error(TEE_ERROR_BAD_STATE, f"step {step} out of order (expected 0 or {model.next_step})")
-        for run in model.steps[step]:
-            run()
-        model.next_step = step + 1 if step + 1 < len(model.steps) else 0
+        online = model.online
+        last = step + 1 == len(model.steps)
+        try:
+            if step == 0 and online is not None:
+                online.begin()  # this inference's one-time masks and projections
+            for run in model.steps[step]:
+                run()
+        except BaseException:
+            model.next_step = 0  # a failed step (e.g. a result that failed verification) ends the inference
+            if online is not None:
+                online.end()
+            raise
+        model.next_step = 0 if last else step + 1
+        if last and online is not None:
+            online.end()
 
 
 def restore_blocks(index: np.ndarray, coef: np.ndarray,

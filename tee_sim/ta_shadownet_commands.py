@@ -2,20 +2,32 @@
 
 Parameters of each command (``in``/``out`` from the normal world's side):
 
-- ``LOAD_MODEL``: [TempMemRef(secrets.sealed, in), TempMemRef(untrusted.tflite, in)]. The TA opens the
-  secrets (sealed for this device, or provisioned to it with ``--device``), checks the untrusted model's
-  SHA-256 against the one inside, parses the program and allocates every buffer once. A session holds
-  one model. ``TEE_ERROR_SECURITY``: tampered, truncated, foreign or mismatched; ``TEE_ERROR_OUT_OF_MEMORY``.
+- ``LOAD_MODEL``: [TempMemRef(secrets.sealed, in), TempMemRef(untrusted.tflite, in)] and optionally
+  [Value(in: a = flags ``LOAD_VERIFY`` | ``LOAD_FAIL_WHEN_EMPTY``, b = mask pool capacity, 0: default)]. The
+  TA opens the secrets (sealed for this device, or provisioned to it with ``--device``), checks the
+  untrusted model's SHA-256 against the one inside, parses the program and allocates every buffer once
+  (with ``LOAD_VERIFY``, also the checks of every accelerator result and a copy of the obfuscated weights
+  they need). A session holds one model. ``TEE_ERROR_SECURITY``: tampered, truncated, foreign or
+  mismatched; ``TEE_ERROR_OUT_OF_MEMORY``.
 - ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, shared_memory_size, inout)]: the TA keeps zero-copy views of
   the manifest's buffer layout.
 - ``RUN_STEP``: [Value(a=step)]: step 0 reads ``input/*`` and writes round 1's inputs; step r restores
   round r's outputs, runs the TEE's ops and writes round r + 1's inputs (or ``output/*`` for the last).
-  Steps run in order, 0 to R (``TEE_ERROR_BAD_STATE`` otherwise).
+  Steps run in order, 0 to R (``TEE_ERROR_BAD_STATE`` otherwise). Step 0 takes the inference's one-time
+  masks and projections from the pool: ``TEE_ERROR_NO_DATA`` when it is empty and the model was loaded
+  with ``LOAD_FAIL_WHEN_EMPTY`` (else the TA makes them then). ``TEE_ERROR_MAC_INVALID``: an accelerator
+  result failed verification (the inference is over; the next step must be 0).
 - ``GET_STATS``: [Value(out)]: a = secure bytes this TA holds, b = the device's peak secure bytes.
 - ``GET_REPORT``: [TempMemRef(nonce, in), TempMemRef(out)]: an attestation report (JSON) on a fresh
   X25519 key of this TA (provisioning by ``convert`` on this device).
 - ``PROVISION``: [TempMemRef(envelope, in), TempMemRef(out)]: opens the vendor's envelope (encrypted to a
   report's key) and returns the secrets sealed for this device (what ``secrets.sealed`` holds).
+- ``REFILL_POOL``: [Value(in: a = time budget in microseconds, 0: until full; b = at most this many entries,
+  0: no limit), Value(out: a = ready entries, b = capacity)]: make one-time mask / projection pool entries
+  (between inferences; ``tee_sim.per_inference``). A model without either answers 0, 0.
+- ``GET_POOL_STATS``: [TempMemRef(out)]: JSON: the pool (capacity, ready, bytes, entries made, offline
+  seconds, entries made on the hot path) and the checks (layers, projections, worst noise ratio, achieved
+  log2 bound).
 """
 
 import enum
@@ -31,6 +43,14 @@ class Command(enum.IntEnum):
     GET_STATS = 4
     GET_REPORT = 5
     PROVISION = 6
+    REFILL_POOL = 7
+    GET_POOL_STATS = 8
+
+
+# LOAD_MODEL's option flags.
+LOAD_VERIFY = 1  # check every accelerator result (Freivalds, tee_sim.freivalds)
+LOAD_FAIL_WHEN_EMPTY = 2  # an inference that finds the mask pool empty fails instead of making masks then
+MAX_POOL_CAPACITY = 64
 
 
 # secrets.sealed starts with this tag and one byte saying how its payload is protected.

@@ -76,10 +76,25 @@ class ActivationStats:
         return self if permutation is None else ActivationStats(self.mean[permutation], self.std, self.rms)
 
 
+@dataclass(frozen=True)
+class MaskDistribution:
+    """How a push mask is drawn: ``std * N(0, 1) + mean`` element-wise, ``mean`` per channel (float64
+    ``[C]``, in the accelerator's channel order). One-time masks are drawn from it by the TEE at run time."""
+
+    std: float
+    mean: np.ndarray
+
+
 class Scheme(Protocol):
-    """The interface every scheme implements (see the module docstring)."""
+    """The interface every scheme implements (see the module docstring).
+
+    ``static_masks``: True when the push masks are drawn once at conversion and reused by every inference
+    (the paper's scheme); False when the TEE draws a fresh one-time mask per inference on the rounds the
+    mask policy selects (``converters.per_inference``), from ``mask_distribution``.
+    """
 
     name: str
+    static_masks: bool
 
     def public_params(self) -> dict[str, Any]:
         """The parameters that may be written in the (public) manifest."""
@@ -92,6 +107,10 @@ class Scheme(Protocol):
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
                   rng: np.random.Generator) -> np.ndarray:
         """A float32 mask of ``shape`` for an offloaded input with activation statistics ``stats``."""
+        ...
+
+    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
+        """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE."""
         ...
 
 

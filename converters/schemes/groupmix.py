@@ -32,8 +32,9 @@ Depthwise (one input channel per output, so nothing to mix): the TEE permutes th
 each output channel gets a secret scale, log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny
 scales cost precision). Directions survive; the attack suite reports depthwise filters separately.
 
-Masks: static (one-time masks come later), normal noise of ``mask_scale`` (10) times the activations'
-RMS, minus their per-channel mean: the masked input's correlation with the true one is at most about
+Masks: one-time (``static_masks = False``: the TEE draws a fresh one per inference on the rounds the mask
+policy selects, static ones elsewhere), normal noise of ``mask_scale`` (10) times the activations' RMS,
+minus their per-channel mean: the masked input's correlation with the true one is at most about
 ``1 / sqrt(1 + mask_scale^2)`` = 0.1.
 
 What this does not hide (measured and reported by ``shadownet audit``): each group's span, so an
@@ -48,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear
+from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
 
 
 class GroupMixScheme:
@@ -57,6 +58,7 @@ class GroupMixScheme:
     activations' RMS), ``center_masks`` (True)."""
 
     name = "groupmix"
+    static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  permute_inputs: bool = True, mask_scale: float = 10.0, center_masks: bool = True) -> None:
@@ -162,6 +164,11 @@ class GroupMixScheme:
         return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
 
     # -- masks -------------------------------------------------------------------------------------------
+    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
+        # As push_mask: the RMS (>= the std) times mask_scale, centered.
+        return MaskDistribution(self.mask_scale * max(stats.std, stats.rms),
+                                -stats.mean if self.center_masks else np.zeros_like(stats.mean))
+
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
                   rng: np.random.Generator) -> np.ndarray:
         # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear
+from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
 
 
 class ShadowNetScheme:
@@ -36,6 +36,7 @@ class ShadowNetScheme:
     (1.0, times the activations' standard deviation), ``center_masks`` (True)."""
 
     name = "shadownet"
+    static_masks = True  # drawn once at conversion, as the paper's
 
     def __init__(self, obf_ratio: float = 1.2, fake_std: float = 1.0, mask_scale: float = 1.0,
                  center_masks: bool = True) -> None:
@@ -97,6 +98,10 @@ class ShadowNetScheme:
         index = position.astype(np.int32)[None, :]
         coef = (1.0 / scales.astype(np.float64)).astype(np.float32)[None, :]
         return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
+
+    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
+        return MaskDistribution(self.mask_scale * stats.std,
+                                -stats.mean if self.center_masks else np.zeros_like(stats.mean))
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
                   rng: np.random.Generator) -> np.ndarray:

@@ -56,7 +56,6 @@ def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsy
     ("no_input", "does not exist"),
     ("not_numpy", "cannot read"),
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
-    ("verify", "--verify is not available yet"),
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
 ])
@@ -74,8 +73,6 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         data = str(tmp_path / "junk.npy")
     elif case == "wrong_shape":
         np.save(tmp_path / "x.npy", x[:, :8])
-    elif case == "verify":
-        extra = ["--verify"]
     elif case == "delegate":
         extra = ["--delegate", str(tmp_path / "no_such_delegate.so")]
     elif case == "tampered":

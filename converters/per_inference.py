@@ -1,0 +1,119 @@
+"""What the TEE needs to make per-inference material: one-time masks and the integrity checks' layers.
+
+One-time masks (schemes with ``static_masks = False``): on the rounds the mask policy selects, no two
+inferences share a mask. The converter then draws no mask and computes no pop mask for them; it records
+each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme) and each such restore's
+bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
+approach, ``tee_sim.mask_pool``). Other rounds keep the scheme's static masks.
+
+The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
+round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``: masking a
+round one-time costs, per inference, its layers' work again in the TEE (offline) and a pool entry as
+large as their outputs (MobileNet, every round: about 20 MB an entry against 1.6 MB for round 1).
+
+Layers (for ``verify`` and for pop masks): per accelerator output buffer, the offloaded layer's kind, the
+name of its obfuscated weights in ``untrusted.tflite`` (public: the TA reads them from the file it
+authenticated at load), its geometry and its input buffer. Public too, so it lives in the program only
+for convenience.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
+
+POLICIES = ("first", "all")
+DEFAULT_MASK_ROUNDS = "first"
+
+
+def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int]:
+    """The rounds (1-based, sorted) that get one-time masks: ``None`` (the default policy), ``"first"``,
+    ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. Round 1 is always in; ``ValueError`` for a round
+    outside ``1..rounds`` or a malformed spec."""
+    if spec is None:
+        spec = DEFAULT_MASK_ROUNDS
+    chosen: set[int] = {1}
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(1, rounds + 1))
+        if text != "first":
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                low, dash, high = part.partition("-")
+                try:
+                    a, b = int(low), int(high) if dash else int(low)
+                except ValueError:
+                    raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such "
+                                     "as '1,2,5' or '1-4'") from None
+                chosen.update(range(a, b + 1))
+    else:
+        chosen.update(int(r) for r in spec)
+    bad = sorted(r for r in chosen if not 1 <= r <= rounds)
+    if bad:
+        raise ValueError(f"mask rounds {bad} are outside the model's rounds 1..{rounds}")
+    return sorted(chosen)
+
+
+def layer_descriptor(kind: str, options: Any, weights: str, input_buffer: str) -> dict[str, Any]:
+    """A layer as the TA's checks and pop masks read it (``tee_sim.freivalds.geometry``)."""
+    layer: dict[str, Any] = {"kind": kind, "weights": weights, "input": input_buffer}
+    if kind != "FULLY_CONNECTED":
+        layer["padding"] = "SAME" if options.padding == schema_fb.Padding.SAME else "VALID"
+        layer["stride"] = [int(options.strideH), int(options.strideW)]
+        layer["dilation"] = [int(getattr(options, "dilationHFactor", 1) or 1),
+                             int(getattr(options, "dilationWFactor", 1) or 1)]
+    return layer
+
+
+def _writer(steps: list[list[dict[str, Any]]], field: str, ref: str, op: str | None = None) -> dict[str, Any]:
+    found = [i for step in steps for i in step if i.get(field) == ref and (op is None or i["op"] == op)]
+    if len(found) != 1:
+        raise AssertionError(f"expected one instruction with {field} {ref!r}, found {len(found)}")
+    return found[0]
+
+
+def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
+    """The program entries ``layers`` and ``one_time`` for a built plan (``converters.plan._Builder``
+    after ``emit``). The static masks and offsets of one-time rounds leave ``builder.arrays``; their
+    distributions and biases come in."""
+    g, steps, arrays = builder.g, builder.steps, builder.arrays
+    layers: dict[str, dict[str, Any]] = {}
+    for r, restores in enumerate(builder.restores, start=1):
+        for rest in restores:
+            op = g.ops[rest["op"]]
+            layers[f"round_{r}/out/{rest['name']}"] = layer_descriptor(
+                op.kind, op.options, f"round_{r}/w{rest['name'][1:]}", f"round_{r}/in/{rest['push']}")
+    one_time_rounds = sorted(set(one_time_rounds))
+    masks: dict[str, dict[str, Any]] = {}
+    offsets: dict[str, dict[str, Any]] = {}
+    for r in one_time_rounds:
+        by_push = {}
+        for p in builder.pushes[r - 1]:
+            buffer = f"round_{r}/in/{p['name']}"
+            instr = _writer(steps, "dst", f"shm:{buffer}")
+            name = instr["mask"]
+            arrays.pop(name, None)
+            dist = builder.scheme.mask_distribution(p["stats"])
+            arrays[f"{name}/mean"] = np.asarray(dist.mean, np.float32)
+            masks[name] = {"buffer": buffer, "shape": list(p["shape"]), "std": float(dist.std),
+                           "mean": f"{name}/mean"}
+            by_push[p["name"]] = name
+        for rest in builder.restores[r - 1]:
+            buffer = f"round_{r}/out/{rest['name']}"
+            instr = _writer(steps, "src", f"shm:{buffer}", "restore")
+            name = instr["offset"]
+            arrays.pop(name, None)
+            op = g.ops[rest["op"]]
+            n = g.tensors[rest["tensor"]].shape[-1]
+            bias = np.zeros(n, np.float32)
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                bias = np.asarray(g.tensors[op.inputs[2]].data, np.float32).reshape(n)
+            arrays[f"{name}/bias"] = bias
+            offsets[name] = {"layer": buffer, "mask": by_push[rest["push"]], "bias": f"{name}/bias",
+                             "index": instr["index"], "coef": instr["coef"],
+                             "permutation": instr.get("permutation")}
+    return {"layers": layers, "one_time": {"rounds": one_time_rounds, "masks": masks, "offsets": offsets}}
+

@@ -1,0 +1,321 @@
+"""Freivalds' check of the accelerator's results, run by the ShadowNet TA on a model loaded with ``verify``.
+
+For one offloaded layer the accelerator returns ``y' = L(x', W')``: ``P`` output positions by ``M``
+channels, for the input ``x'`` the TEE sent and the obfuscated weights ``W'`` of ``untrusted.tflite``
+(which the TA authenticated by hash at load). Per inference the TEE draws ``k`` secret projections
+``u_1 .. u_k ~ N(0, I_M)`` and precomputes the single-output filters ``F_j = sum_i u_ji W'_i`` (off the
+hot path, with the one-time masks). When it writes ``x'`` it computes ``z_j = L(x', F_j)`` - a layer with
+one output channel per projection, ``k / M`` of the layer's work - and the window norms ``n_p`` (the
+norm of the input window output position ``p`` reads); when the results come back it copies them into
+secure memory (the normal world could change shared memory between the check and the use) and accepts
+them only if, at every position ``p`` and for every ``j``::
+
+    |u_j . y'_p - z_jp| <= tau_p = TOLERANCE * eps32 * S * n_p
+
+``S`` is the layer's filter scale (conv / dense: ``||W'||_F``; depthwise: the largest norm of the filters
+that read one input channel), so ``tau`` bounds the float32 rounding of an honest accelerator (a dot
+product of a window with a filter of norm ``w`` is off by about ``eps32 * w * n_p``; projecting ``M`` such
+errors with a Gaussian ``u`` adds them in quadrature) and of the check itself. ``TOLERANCE`` is set from
+measurement: the largest ``|u . y' - z| / (eps32 S n_p)`` seen on clean inferences of every zoo model is
+below 1, so 16 leaves a wide margin against false alarms; it assumes a float32 accelerator (a GPU
+delegate that computes in float16 would be reported as tampering).
+
+The bound. Let the accelerator return ``y' + E``, ``E`` (``[P, M]``) chosen without knowing ``u`` (the
+projections are secret and fresh for every inference, so a rejected attempt teaches nothing about the
+next one). With ``D = E + delta`` (``delta``: the honest rounding, also independent of ``u``),
+``u_j . D_p ~ N(0, ||D_p||^2)``, so the check at one position misses with probability at most
+``2 tau_p / (sqrt(2 pi) ||D_p||)`` (the Gaussian density is at most ``1 / sqrt(2 pi)``; the TEE's own
+rounding is inside ``tau``). Some position has ``||D_p|| / tau_p >= ||D|| / ||tau||`` (else
+``||D||^2 = sum (||D_p|| / tau_p)^2 tau_p^2 < ||D||^2``), and missing every position implies missing
+that one, for each of the ``k`` independent projections::
+
+    P(miss) <= beta^k,   beta = sqrt(2 / pi) * ||tau|| / ||D||.
+
+For a change of norm ``||E|| >= RELATIVE_CHANGE * ||y'||`` (1e-3, the requirement), ``||D|| >=
+||E|| - ||delta||`` and ``beta <= sqrt(2 / pi) ||tau|| / ((1e-3 - ||delta|| / ||y'||) ||y'||)``. With
+inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERANCE eps32 S sqrt(T C) /
+||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load, with a factor
+``ANISOTROPY`` of margin, so that ``beta^k <= 2^-20`` (``MIN_PROJECTIONS`` at least). Every check also
+computes the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerCheck.check`` returns
+``log2 beta^k``); the tests assert it is at most -20 for every layer of every zoo model. A change is per
+round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some layer has ``||E_l|| >= 1e-3
+||y'_l||``, so the per-layer bound holds for the round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+EPS32 = float(np.finfo(np.float32).eps)
+TOLERANCE = 16.0
+RELATIVE_CHANGE = 1e-3
+TARGET_LOG2 = -20.0
+ANISOTROPY = 1.0
+MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
+_DENSITY = math.sqrt(2 / math.pi)
+KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an output position's input window lies: kernel, stride, dilation, padding before."""
+
+    kind: str
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    before: tuple[int, int] = (0, 0)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind != "FULLY_CONNECTED"
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 stride-1 unpadded layer (or a dense one): the window of position p is pixel p."""
+        return not self.spatial or (self.taps == 1 and self.stride == (1, 1) and self.before == (0, 0)
+                                    and self.x_shape[:3] == self.y_shape[:3])
+
+    def padded(self) -> tuple[int, int]:
+        """The zero-padded input extent that covers every window and the input itself."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        _, ho, wo, _ = self.y_shape
+        _, h, w, _ = self.x_shape
+        return (max((ho - 1) * sh + (kh - 1) * dh + 1, self.before[0] + h),
+                max((wo - 1) * sw + (kw - 1) * dw + 1, self.before[1] + w))
+
+
+def _before(size: int, out: int, kernel: int, stride: int, dilation: int, same: bool) -> int:
+    """Padding before the input (LiteRT's ComputePaddingHeightWidth; VALID pads nothing)."""
+    if not same:
+        return 0
+    effective = (kernel - 1) * dilation + 1
+    return max(0, (out - 1) * stride + effective - size) // 2
+
+
+def geometry(layer: dict[str, Any], weights_shape: tuple[int, ...], x_shape: tuple[int, ...],
+             y_shape: tuple[int, ...]) -> Geometry:
+    """The geometry of a program's layer descriptor (``converters.one_time_masks.layer_descriptor``)."""
+    kind = layer["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"not a linear layer: {kind!r}")
+    if kind == "FULLY_CONNECTED":
+        return Geometry(kind, tuple(x_shape), tuple(y_shape))
+    if len(x_shape) != 4 or len(y_shape) != 4:
+        raise ValueError(f"{kind}: input {x_shape} and output {y_shape} must be NHWC")
+    kh, kw = int(weights_shape[1]), int(weights_shape[2])
+    (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
+    same = layer["padding"] == "SAME"
+    before = (_before(x_shape[1], y_shape[1], kh, sh, dh, same),
+              _before(x_shape[2], y_shape[2], kw, sw, dw, same))
+    return Geometry(kind, tuple(x_shape), tuple(y_shape), (kh, kw), (int(sh), int(sw)), (int(dh), int(dw)),
+                    before)
+
+
+def _taps(kind: str, weights: np.ndarray, geo: Geometry) -> np.ndarray:
+    """The weights as float64 ``[M, T, C]`` (conv, dense with T = 1) or ``[T, C, m]`` (depthwise)."""
+    w = np.asarray(weights, np.float64)
+    if kind == "CONV_2D":
+        return w.reshape(w.shape[0], geo.taps, w.shape[3])
+    if kind == "FULLY_CONNECTED":
+        return w.reshape(w.shape[0], 1, w.shape[1])
+    c = geo.x_shape[3]
+    if w.shape[3] % c:
+        raise ValueError(f"depthwise: {w.shape[3]} channels for {c} inputs")
+    return w.reshape(geo.taps, c, w.shape[3] // c)
+
+
+def window_index(geo: Geometry) -> np.ndarray:
+    """``[T, P_out]``: the input pixel (``n * H * W + ih * W + iw``) that tap ``t`` of output position ``p``
+    reads, or ``P_in`` (a zero row) where the window leaves the input (zero padding)."""
+    (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
+    n, h, w, _ = geo.x_shape
+    _, ho, wo, _ = geo.y_shape
+    rows = np.arange(ho)[:, None] * sh + np.arange(kh)[None, :] * dh - top  # [Ho, kh]
+    cols = np.arange(wo)[:, None] * sw + np.arange(kw)[None, :] * dw - left  # [Wo, kw]
+    ih = rows[None, :, None, :, None]  # -> [N, Ho, Wo, kh, kw]
+    iw = cols[None, None, :, None, :]
+    batch = np.arange(n)[:, None, None, None, None]
+    pixel = (batch * h + ih) * w + iw
+    inside = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+    index = np.where(inside, pixel, n * h * w)  # [N, Ho, Wo, kh, kw]
+    return np.ascontiguousarray(index.reshape(n * ho * wo, kh * kw).T).astype(np.intp)
+
+
+class LayerCheck:
+    """The check of one layer: filters and buffers made once, ``draw`` per inference (off the hot path),
+    ``prepare`` when the TEE writes the layer's input, ``check`` when the result comes back.
+
+    ``alloc(shape, dtype)`` gives (accounted) secure memory for what lives from the push to the check;
+    the work areas come from scratch shared with the other layers (``bind_scratch``); ``index`` maps a
+    geometry to its ``window_index`` (layers of the same geometry share one).
+    """
+
+    def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
+                 y_shape: tuple[int, ...], alloc: Any, index: Any = None,
+                 projections: int | None = None) -> None:
+        self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
+        self.kind = geo.kind
+        self.filters = _taps(self.kind, weights, geo)
+        if self.kind == "DEPTHWISE_CONV_2D":
+            _, c, m = self.filters.shape
+            self.m_out, self.in_channels = c * m, c
+            per_input = np.sum(self.filters ** 2, axis=(0, 2))
+            self.scale = float(np.sqrt(per_input.max(initial=0.0)))
+        else:
+            self.m_out, _, self.in_channels = self.filters.shape
+            self.scale = float(np.linalg.norm(self.filters))
+        if y_shape[-1] != self.m_out:
+            raise ValueError(f"{self.kind}: output has {y_shape[-1]} channels, the weights {self.m_out}")
+        self.k = k = projections or self.projections_needed(float(np.linalg.norm(self.filters)))
+        self.rows_out = int(np.prod(y_shape[:-1], dtype=np.int64))
+        self.rows_in = int(np.prod(x_shape[:-1], dtype=np.int64)) if geo.spatial else self.rows_out
+        self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
+        taps, c = geo.taps, self.in_channels
+        # How z = L(x, F) is computed:
+        # - "direct": pointwise and dense layers, z = x @ F;
+        # - "taps": V = x @ F_t for every tap at every input pixel (one matmul), then each output position
+        #   gathers and sums its taps' rows (window_index): cheap when k * T is small against C;
+        # - "windows": the input windows copied out (im2col, about 1 MiB at a time) times the filters,
+        #   for few input channels (the first layer's 3 colours), where V would be the bigger array.
+        if geo.pointwise:
+            self.method = "direct"
+        elif c * self.rows_out <= k * self.rows_in:
+            self.method = "windows"
+        else:
+            self.method = "taps"
+        self.z = alloc((self.rows_out, k), np.float32)  # kept from the push to the check
+        self.tau = alloc((self.rows_out, 1), np.float32)
+        self.tau_norm = 0.0
+        self._parts: dict[str, tuple[int, ...]] = {"w": (self.rows_out, k)}
+        if self.method == "taps":
+            self.index = index(geo) if index is not None else window_index(geo)
+            self.index_v = self.index * taps + np.arange(taps)[:, None]  # rows of V viewed as [P_in T + T, k]
+            self._parts.update(v=(self.rows_in + 1, taps * k), gathered=(taps, self.rows_out, k),
+                               q=(self.rows_in + 1,), q_gathered=(taps, self.rows_out))
+        elif self.method == "windows":
+            hp, wp = geo.padded()
+            wo = geo.y_shape[2]
+            rows = max(1, (1 << 18) // (wo * taps * c)) * wo  # whole output rows, about 1 MiB at a time
+            self._parts.update(xp=(geo.x_shape[0], hp, wp, c), cols=(min(self.rows_out, rows), taps * c))
+        self.scratch_elements = sum(int(np.prod(s)) for s in self._parts.values())
+
+    def bind_scratch(self, scratch: np.ndarray) -> None:
+        """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the work areas."""
+        at = 0
+        for name, shape in self._parts.items():
+            size = int(np.prod(shape))
+            setattr(self, name, scratch[at:at + size].reshape(shape))
+            at += size
+
+    def projections_needed(self, frobenius: float) -> int:
+        """``k`` with ``beta^k <= 2^-20`` for the isotropic estimate of ``||tau|| / ||y'||`` times
+        ``ANISOTROPY`` (module docstring)."""
+        if frobenius == 0:
+            return MIN_PROJECTIONS
+        rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius
+        beta = _DENSITY * ANISOTROPY * rho / RELATIVE_CHANGE
+        if beta >= 0.5:
+            return MAX_PROJECTIONS
+        return int(min(MAX_PROJECTIONS, max(MIN_PROJECTIONS, math.ceil(TARGET_LOG2 / math.log2(beta)))))
+
+    # -- per inference -----------------------------------------------------------------------------------
+    def projection_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Shapes of the two float32 arrays ``draw`` fills: ``u`` and the projected filters."""
+        taps, c, k = self.geo.taps, self.in_channels, self.k
+        filters = (taps * c, k) if self.method == "windows" else (c, taps * k)
+        return (self.m_out, k), filters
+
+    def draw(self, rng: np.random.Generator, u: np.ndarray, filters: np.ndarray) -> None:
+        """Fresh secret projections into ``u`` ``[M, k]`` and their filters into ``filters``."""
+        u64 = rng.standard_normal((self.m_out, self.k))
+        if self.kind == "DEPTHWISE_CONV_2D":
+            _, c, m = self.filters.shape
+            f = np.einsum("tcm,cmj->ctj", self.filters, u64.reshape(c, m, self.k))  # [C, T, k]
+        else:
+            f = np.tensordot(self.filters, u64, axes=(0, 0)).transpose(1, 0, 2)  # [T, C, k] -> [C, T, k]
+        u[...] = u64
+        if self.method == "windows":
+            filters[...] = f.transpose(1, 0, 2).reshape(filters.shape)
+        else:
+            filters[...] = f.reshape(filters.shape)
+
+    def prepare(self, x: np.ndarray, filters: np.ndarray) -> None:
+        """At the push: ``z = L(x, F)`` and the tolerances, from the secure copy ``x`` of what was sent."""
+        if self.method == "direct":
+            x2 = x.reshape(self.rows_out, -1)
+            np.matmul(x2, filters, out=self.z)
+            np.einsum("pc,pc->p", x2, x2, out=self.tau[:, 0])
+        elif self.method == "taps":
+            x2 = x.reshape(self.rows_in, -1)
+            self.v[-1] = 0
+            np.matmul(x2, filters, out=self.v[:-1])
+            np.take(self.v.reshape(-1, self.k), self.index_v, axis=0, out=self.gathered)
+            np.add.reduce(self.gathered, axis=0, out=self.z)
+            self.q[-1] = 0
+            np.einsum("pc,pc->p", x2, x2, out=self.q[:-1])
+            np.take(self.q, self.index, out=self.q_gathered)
+            np.add.reduce(self.q_gathered, axis=0, out=self.tau[:, 0])
+        else:
+            self._prepare_windows(x, filters)
+        np.sqrt(self.tau, out=self.tau)
+        self.tau_norm = float(np.linalg.norm(self.tau)) * float(self.unit)
+        np.multiply(self.tau, self.unit, out=self.tau)
+
+    def _prepare_windows(self, x: np.ndarray, filters: np.ndarray) -> None:
+        geo = self.geo
+        (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
+        n, h, w, c = geo.x_shape
+        ho, wo = geo.y_shape[1:3]
+        if self.xp.shape[1:3] != (h, w):
+            self.xp.fill(0)  # the zero border (the scratch is shared, so rewritten every time)
+        np.copyto(self.xp[:, top:top + h, left:left + w], x)
+        s = self.xp.strides
+        windows = np.lib.stride_tricks.as_strided(  # [N, Ho, Wo, kh, kw, C]: the window of each position
+            self.xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]),
+            writeable=False)
+        rows = self.cols.shape[0] // wo
+        tau = self.tau[:, 0]
+        at = 0
+        for b in range(n):
+            for r in range(0, ho, rows):
+                block = windows[b, r:r + rows]
+                count = block.shape[0] * wo
+                cols = self.cols[:count]
+                np.copyto(cols.reshape(block.shape), block)
+                np.matmul(cols, filters, out=self.z[at:at + count])
+                np.einsum("pc,pc->p", cols, cols, out=tau[at:at + count])
+                at += count
+
+    def check(self, y: np.ndarray, u: np.ndarray) -> tuple[float, float]:
+        """Compare the secure copy ``y`` of the accelerator's result with ``z``: ``(worst, log2_bound)``,
+        ``worst`` the largest ``|u . y'_p - z_p| / tau_p`` (> 1: the result is wrong), ``log2_bound``
+        the bound ``log2 beta^k`` this check achieved against a change of 1e-3 of ``||y||``."""
+        y2 = y.reshape(self.rows_out, self.m_out)
+        np.matmul(y2, u, out=self.w)
+        np.subtract(self.w, self.z, out=self.w)
+        np.abs(self.w, out=self.w)
+        np.divide(self.w, self.tau, out=self.w)
+        worst = float(self.w.max(initial=0.0))
+        if not math.isfinite(worst):
+            worst = math.inf
+        norm = math.sqrt(float(np.dot(y2.reshape(-1), y2.reshape(-1))))
+        return worst, self.bound_log2(norm)
+
+    def bound_log2(self, y_norm: float) -> float:
+        """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (module docstring)."""
+        margin = RELATIVE_CHANGE * y_norm - self.tau_norm / TOLERANCE  # ||delta|| <= ||tau|| / TOLERANCE
+        if margin <= 0:
+            return 0.0
+        beta = _DENSITY * self.tau_norm / margin
+        return self.k * min(0.0, math.log2(beta)) if beta > 0 else -math.inf

@@ -1,0 +1,401 @@
+"""Per-inference material in the ShadowNet TA: one-time masks from a pool refilled offline, and the
+integrity checks of the accelerator's results (``tee_sim.freivalds``).
+
+One-time masks (the program's ``one_time`` entry, ``converters.per_inference``). Every inference takes
+one pool entry and never gives it back: an entry holds, for each one-time push, a fresh 256-bit key
+from the TEE's CSPRNG, and for each restore of a one-time round its offset ``bias - L(mask)`` (the pop
+mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the restore,
+in float64). The mask itself is never stored: at the push the TEE regenerates it from the key - AES-256
+in counter mode gives 16 bits per element, which index a table of 65536 standard normal quantiles
+(unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its per-channel
+``mean``: about 3 ns an element, against 18 for numpy's normal sampler - and the offset is copied into
+the restore's live buffer just before the restore runs. Entries are made offline, between inferences
+(``refill``, a few milliseconds of work at a time, asked by the normal world's background thread; or at
+once when an inference finds the pool empty and the policy allows it) and kept in secure memory: a
+pool stored outside would have to be sealed and streamed back in, one AES-GCM pass over the entry on
+the hot path (measured: about 2 GB/s), for nothing the background refill does not already give.
+
+Every entry is used by one inference at most: ``begin`` (step 0) takes a ready entry, and the entry is
+discarded when the inference ends, fails or is abandoned (a new step 0), never put back; with an empty
+pool ``begin`` makes one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
+
+Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every
+layer; the TEE keeps a secure copy of what it sends (the round input) and of what comes back (the
+output), prepares the check from the first and checks the second before any restore reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.freivalds import LayerCheck, window_index
+
+TABLE_BITS = 16
+DEFAULT_POOL_BYTES = 8 << 20  # default capacity: entries that fit in 8 MiB, at least 2 and at most 8
+MIN_POOL, MAX_POOL = 2, 8
+_NONCE = bytes(16)  # every key is used for one mask only
+_table: np.ndarray | None = None
+
+
+def gaussian_table() -> np.ndarray:
+    """``2**16`` float32 standard normal quantiles at the centres of equal-probability cells, rescaled
+    to unit variance: indexed by uniform 16-bit numbers, a normal sample (tails cut at 4.3 sigma)."""
+    global _table
+    if _table is None:
+        n = 1 << TABLE_BITS
+        normal = NormalDist()
+        values = np.array([normal.inv_cdf((i + 0.5) / n) for i in range(n)])
+        _table = (values / values.std()).astype(np.float32)
+    return _table
+
+
+def read_weights(untrusted: Any, names: set[str]) -> dict[str, np.ndarray]:
+    """The constant float32 tensors ``names`` of a ``.tflite`` (every subgraph), as read-only views."""
+    model = schema_fb.Model.GetRootAs(untrusted, 0)
+    found: dict[str, np.ndarray] = {}
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for i in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(i)
+            name = tensor.Name().decode()
+            if name not in names or name in found:
+                continue
+            if tensor.Type() != schema_fb.TensorType.FLOAT32:
+                raise ValueError(f"tensor {name!r} is not float32")
+            data = model.Buffers(tensor.Buffer()).DataAsNumpy()
+            shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+            if isinstance(data, int) or data.nbytes != 4 * math.prod(shape):
+                raise ValueError(f"tensor {name!r} has no data of shape {shape}")
+            found[name] = data.view(np.float32).reshape(shape)
+    missing = names - set(found)
+    if missing:
+        raise ValueError(f"untrusted model lacks the weights {sorted(missing)[:3]}")
+    return found
+
+
+class MaskStream:
+    """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
+
+    def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray]) -> None:
+        self.shape = tuple(int(d) for d in spec["shape"])
+        self.std = np.float32(spec["std"])
+        if mean.shape != self.shape[-1:] or not math.isfinite(float(self.std)):
+            raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
+        self.mean = mean
+        self.size = math.prod(self.shape)
+        self._zeros = bytes(2 * self.size)  # the plaintext encrypted into the keystream
+        self._stream = alloc(2 * self.size + 15, np.uint8)  # update_into wants a block of slack
+        self._index = self._stream[:2 * self.size].view(np.uint16)
+
+    def draw(self, key: bytes, out: np.ndarray) -> None:
+        encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
+        encryptor.update_into(self._zeros, self._stream)
+        flat = out.reshape(-1)
+        np.take(gaussian_table(), self._index, out=flat)
+        np.multiply(out, self.std, out=out)
+        np.add(out, self.mean, out=out)
+
+
+@dataclass
+class PopMask:
+    """The offset of one restore of a one-time round: ``bias - restore(L(mask))`` in float64."""
+
+    kind: str
+    weights: np.ndarray
+    options: Any
+    obf_shape: tuple[int, ...]
+    mask: str
+    bias: np.ndarray
+    index: np.ndarray
+    coef: np.ndarray
+    permutation: np.ndarray | None
+
+    def compute(self, mask: np.ndarray, out: np.ndarray) -> None:
+        from converters import linear
+
+        y = linear.apply(self.kind, mask.astype(np.float64), self.weights, self.options, self.obf_shape)
+        restored = y[..., self.index[0]] * self.coef[0].astype(np.float64)
+        for j in range(1, len(self.index)):
+            restored += y[..., self.index[j]] * self.coef[j].astype(np.float64)
+        offset = self.bias.astype(np.float64) - restored
+        out[...] = offset if self.permutation is None else offset[..., self.permutation]
+
+
+def _options(layer: dict[str, Any]) -> Any:
+    if layer["kind"] == "FULLY_CONNECTED":
+        return None
+    (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
+    padding = schema_fb.Padding.SAME if layer["padding"] == "SAME" else schema_fb.Padding.VALID
+    return SimpleNamespace(padding=padding, strideH=sh, strideW=sw, dilationHFactor=dh, dilationWFactor=dw)
+
+
+@dataclass
+class Entry:
+    """One inference's material; ``done`` counts the work items made so far."""
+
+    keys: dict[str, bytes] = field(default_factory=dict)
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    done: int = 0
+
+
+def integrity_error(message: str) -> TEEError:
+    return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
+
+
+class PerInference:
+    """The one-time masks and checks of one loaded model (see the module docstring).
+
+    ``program``/``arrays``: the TEE program; ``shm_shapes``: shared buffer name -> shape; ``untrusted``:
+    the authenticated ``untrusted.tflite``; ``alloc(shape, dtype)``: accounted secure memory;
+    ``random_bytes(n)``: the TEE's CSPRNG.
+    """
+
+    def __init__(self, program: dict[str, Any], arrays: dict[str, np.ndarray],
+                 shm_shapes: dict[str, tuple[int, ...]], untrusted: Any, alloc: Callable[..., np.ndarray],
+                 random_bytes: Callable[[int], bytes], verify: bool = False, capacity: int = 0,
+                 fail_when_empty: bool = False) -> None:
+        one_time = program.get("one_time") or {"rounds": [], "masks": {}, "offsets": {}}
+        layers: dict[str, dict[str, Any]] = program.get("layers") or {}
+        self.rounds = [int(r) for r in one_time["rounds"]]
+        self.verify, self.fail_when_empty = bool(verify), bool(fail_when_empty)
+        self._alloc, self._random = alloc, random_bytes
+        self.secure_bytes = 0
+        if verify and not layers:
+            raise ValueError("verification needs the program's layers (convert again with this version)")
+        needed = {layers[o["layer"]]["weights"] for o in one_time["offsets"].values()}
+        if verify:
+            needed |= {layer["weights"] for layer in layers.values()}
+        weights = {}
+        if needed:
+            weights = {name: self._keep(w) for name, w in read_weights(untrusted, needed).items()}
+        # One-time masks: live buffers the instructions read (their names are the program's mask / offset
+        # names, so the ordinary push and restore code runs on them unchanged).
+        self.streams: dict[str, MaskStream] = {}
+        self.live: dict[str, np.ndarray] = {}
+        for name, spec in one_time["masks"].items():
+            self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account)
+            self.live[name] = self._account(self.streams[name].shape, np.float32)
+        self.pops: dict[str, PopMask] = {}
+        for name, spec in one_time["offsets"].items():
+            layer = layers[spec["layer"]]
+            perm = spec.get("permutation")
+            bias = arrays[spec["bias"]]
+            y_shape = shm_shapes[spec["layer"]]
+            self.pops[name] = PopMask(layer["kind"], weights[layer["weights"]], _options(layer), y_shape,
+                                      spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
+                                      None if perm is None else arrays[perm].astype(np.intp))
+            self.live[name] = self._account((*y_shape[:-1], bias.shape[0]), np.float32)
+        # Checks: one per accelerator output, prepared from its input buffer.
+        self.checks: dict[str, LayerCheck] = {}
+        self.by_input: dict[str, list[str]] = {}
+        if verify:
+            indexes: dict[Any, np.ndarray] = {}
+
+            def index(geo: Any) -> np.ndarray:
+                if geo not in indexes:
+                    indexes[geo] = window_index(geo)
+                    self.secure_bytes += indexes[geo].nbytes
+                return indexes[geo]
+
+            for out, layer in layers.items():
+                check = LayerCheck(layer, weights[layer["weights"]], shm_shapes[layer["input"]],
+                                   shm_shapes[out], self._account, index)
+                self.checks[out] = check
+                self.by_input.setdefault(layer["input"], []).append(out)
+            scratch = self._account(max(c.scratch_elements for c in self.checks.values()), np.float32)
+            for check in self.checks.values():
+                check.bind_scratch(scratch)
+            self._y = self._account(max(math.prod(shm_shapes[o]) for o in self.checks), np.float32)
+            self._x = self._account(max(math.prod(shm_shapes[i]) for i in self.by_input), np.float32)
+        self.enabled = bool(self.streams or self.checks)
+        # The pool.
+        self._items: list[tuple[str, str]] = [("keys", "")] + [("pop", n) for n in self.pops]
+        self._items += [("check", o) for o in self.checks]
+        self.entry_bytes = sum(math.prod(self.live[n].shape) * 4 for n in self.pops)
+        for check in self.checks.values():
+            u, f = check.projection_shapes()
+            self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
+        if capacity <= 0:
+            capacity = int(min(MAX_POOL, max(MIN_POOL, DEFAULT_POOL_BYTES // max(self.entry_bytes, 1))))
+        self.capacity = capacity
+        before = self.secure_bytes
+        self._free = deque(self._new_entry() for _ in range(capacity if self.enabled else 0))
+        self.pool_bytes = self.secure_bytes - before
+        self._ready: deque[Entry] = deque()
+        self._filling: Entry | None = None
+        self.current: Entry | None = None
+        largest = max((stream.size for stream in self.streams.values()), default=0)
+        self._mask_scratch = self._account(largest, np.float32) if self.pops else None
+        if self.streams:
+            gaussian_table()  # made once per process, at the first load that needs it
+        self.made = 0
+        self.offline_s = 0.0
+        self.synchronous = 0
+        self.checked = 0
+        self.worst_ratio = 0.0
+        self.worst_bound_log2 = -math.inf
+
+    # -- memory --------------------------------------------------------------------------------------
+    def _account(self, shape: Any, dtype: Any) -> np.ndarray:
+        array = self._alloc(shape, dtype)
+        self.secure_bytes += array.nbytes
+        return array
+
+    def _keep(self, array: np.ndarray) -> np.ndarray:
+        kept = self._account(array.shape, array.dtype)
+        kept[...] = array
+        return kept
+
+    def _new_entry(self) -> Entry:
+        entry = Entry()
+        for name in self.pops:
+            entry.offsets[name] = self._account(self.live[name].shape, np.float32)
+        for out, check in self.checks.items():
+            u, f = check.projection_shapes()
+            entry.projections[out] = (self._account(u, np.float32), self._account(f, np.float32))
+        return entry
+
+    # -- the pool ------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def refill(self, budget_s: float | None = None, entries: int = 0) -> int:
+        """Make pool entries until the pool is full, ``entries`` were completed, or (after at least one
+        work item) ``budget_s`` seconds passed; returns the number of ready entries."""
+        start = time.perf_counter()
+        completed = 0
+        while self._free or self._filling is not None:
+            if self._filling is None:
+                self._filling = self._free.popleft()
+                self._filling.done = 0
+            entry = self._filling
+            t = time.perf_counter()
+            self._make(entry, *self._items[entry.done])
+            entry.done += 1
+            self.offline_s += time.perf_counter() - t
+            if entry.done == len(self._items):
+                self._filling = None
+                self._ready.append(entry)
+                self.made += 1
+                completed += 1
+                if entries and completed >= entries:
+                    break
+            if budget_s is not None and time.perf_counter() - start >= budget_s:
+                break
+        return len(self._ready)
+
+    def _make(self, entry: Entry, kind: str, name: str) -> None:
+        if kind == "keys":
+            entry.keys = {mask: self._random(32) for mask in self.streams}
+        elif kind == "pop":
+            pop = self.pops[name]
+            stream = self.streams[pop.mask]
+            mask = self._mask_scratch[:stream.size].reshape(stream.shape)
+            stream.draw(entry.keys[pop.mask], mask)
+            pop.compute(mask, entry.offsets[name])
+        else:
+            rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32), "little")))
+            u, f = entry.projections[name]
+            self.checks[name].draw(rng, u, f)
+
+    def begin(self) -> None:
+        """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""
+        self.end()
+        if not self.enabled:
+            return
+        if not self._ready:
+            if self.fail_when_empty:
+                raise TEEError(TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP,
+                               "the one-time mask pool is empty (refill it between inferences)")
+            self.synchronous += 1
+            self.refill(entries=1)
+        self.current = self._ready.popleft()
+
+    def end(self) -> None:
+        """The inference is over (or abandoned): its entry is spent, to be made anew."""
+        if self.current is not None:
+            self.current.done = 0
+            self._free.append(self.current)
+            self.current = None
+
+    # -- the instructions ----------------------------------------------------------------------------
+    def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
+             compile_: Callable[[np.ndarray, np.ndarray], Callable[[], Any]]) -> Callable[[], Any]:
+        """A push or restore (or both fused) with what this model adds around it: the check of the
+        accelerator's output it reads, the fresh mask / offset it uses, the preparation of the checks of
+        the round input it writes. ``compile_(src, dst)`` compiles the instruction itself."""
+        before: list[Callable[[], Any]] = []
+        after: list[Callable[[], Any]] = []
+        source = instr.get("src", "")
+        if source.removeprefix("shm:") in self.checks and instr["op"] == "restore":
+            result = source[4:]
+            shared_y = src
+            src = self._y[:src.size].reshape(src.shape)
+            secure_y = src
+            before.append(lambda: np.copyto(secure_y, shared_y))
+            before.append(lambda: self._check(result, secure_y))
+        target = instr.get("dst", "")
+        if self.checks and target.removeprefix("shm:") in self.by_input:
+            shared_x = dst
+            dst = self._x[:dst.size].reshape(dst.shape)
+            secure_x = dst
+            after.append(lambda: np.copyto(shared_x, secure_x))
+            for out in self.by_input[target[4:]]:
+                after.append(lambda out=out: self._prepare(out, secure_x))
+        mask = instr.get("mask")
+        if mask in self.streams:
+            stream, live = self.streams[mask], self.live[mask]
+            before.append(lambda: stream.draw(self.current.keys[mask], live))
+        offset = instr.get("offset")
+        if offset in self.pops:
+            live_offset = self.live[offset]
+            before.append(lambda: np.copyto(live_offset, self.current.offsets[offset]))
+        run = compile_(src, dst)
+        if not before and not after:
+            return run
+        steps = (*before, run, *after)
+
+        def wrapped() -> None:
+            for step in steps:
+                step()
+        return wrapped
+
+    def _prepare(self, out: str, x: np.ndarray) -> None:
+        self.checks[out].prepare(x, self.current.projections[out][1])
+
+    def _check(self, out: str, y: np.ndarray) -> None:
+        worst, bound = self.checks[out].check(y, self.current.projections[out][0])
+        if not worst <= 1.0:
+            raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} "
+                                  "times the float32 tolerance)")
+        self.checked += 1
+        self.worst_ratio = max(self.worst_ratio, worst)
+        self.worst_bound_log2 = max(self.worst_bound_log2, bound)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "one_time_rounds": self.rounds,
+            "pool": {"capacity": self.capacity, "ready": self.ready, "entry_bytes": self.entry_bytes,
+                     "pool_bytes": self.pool_bytes, "made": self.made, "offline_s": self.offline_s,
+                     "synchronous": self.synchronous},
+            "verify": {"enabled": self.verify, "layers": len(self.checks),
+                       "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
+                       "worst_ratio": self.worst_ratio,
+                       "worst_bound_log2": None if self.checked == 0 else self.worst_bound_log2},
+            "secure_bytes": self.secure_bytes,
+        }
+

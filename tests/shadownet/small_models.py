@@ -1,0 +1,72 @@
+"""A small CNN built with the graph layer (no TensorFlow) whose rounds cover every kind of offloaded layer
+the one-time masks and the integrity checks handle: a 3x3 SAME conv, a strided depthwise conv with a
+depth multiplier, a 1x1 conv feeding a residual ADD, a 3x3 VALID conv and a dense layer."""
+
+from __future__ import annotations
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from converters.graph import Graph, write_model
+
+INPUT_SHAPE = (1, 16, 16, 3)
+
+
+def small_cnn(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    act = fb.ActivationFunctionType
+
+    def options(kind: str, padding: int, stride: int, activation: int, multiplier: int = 1):
+        o = fb.Conv2DOptionsT() if kind == "CONV_2D" else fb.DepthwiseConv2DOptionsT()
+        if kind == "DEPTHWISE_CONV_2D":
+            o.depthMultiplier = multiplier
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = padding, stride, stride, 1, 1
+        o.fusedActivationFunction = activation
+        return o
+
+    def conv(x, c_in, c_out, out_hw, kind="CONV_2D", k=3, padding=fb.Padding.SAME, stride=1,
+             activation=act.NONE):
+        if kind == "CONV_2D":
+            w = rng.standard_normal((c_out, k, k, c_in)) * np.sqrt(2 / (k * k * c_in))
+        else:
+            w = rng.standard_normal((1, k, k, c_out)) * np.sqrt(2 / (k * k))
+        wt = g.add_tensor(f"w{len(g.ops)}", w.shape, np.float32, w)
+        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        y = g.add_tensor(f"y{len(g.ops)}", (1, out_hw, out_hw, c_out), np.float32)
+        g.add_op(kind, [x, wt, b], [y], options(kind, padding, stride, activation, c_out // c_in))
+        return y
+
+    x = g.add_tensor("image", INPUT_SHAPE, np.float32)
+    a = conv(x, 3, 8, 16, activation=act.RELU)
+    d = conv(a, 8, 16, 8, "DEPTHWISE_CONV_2D", stride=2, activation=act.RELU6)
+    p = conv(d, 16, 16, 8, k=1)
+    s = g.add_tensor("sum", (1, 8, 8, 16), np.float32)
+    add = fb.AddOptionsT()
+    add.fusedActivationFunction = act.RELU
+    g.add_op("ADD", [d, p], [s], add)
+    v = conv(s, 16, 12, 6, padding=fb.Padding.VALID, activation=act.RELU)
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    m = g.add_tensor("mean", (1, 12), np.float32)
+    g.add_op("MEAN", [v, axes], [m], fb.ReducerOptionsT())
+    w = g.add_tensor("fc/w", (5, 12), np.float32, rng.standard_normal((5, 12)) * 0.3)
+    out = g.add_tensor("logits", (1, 5), np.float32)
+    g.add_op("FULLY_CONNECTED", [m, w, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return write_model(g)
+
+
+def reference(model: bytes, x: np.ndarray) -> np.ndarray:
+    """LiteRT's output on the original model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model, num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def images(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0, 1, INPUT_SHAPE).astype(np.float32) for _ in range(count)]

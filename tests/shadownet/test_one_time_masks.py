@@ -1,0 +1,208 @@
+"""One-time masks: no two inferences share a mask on the rounds the policy masks, each mask's unblinding
+term comes from a pool the TEE refills offline, running out refills or fails by policy, the user's
+input stays hidden (input leakage <= 0.1 as ``shadownet.attacks`` measures it)."""
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import shadownet
+from shadownet import attacks
+from shadownet.exceptions import MaskPoolExhaustedError
+from shadownet.runtime import AcceleratorWrapper
+from tee_sim.per_inference import MaskStream, gaussian_table
+from tests.shadownet.small_models import images, reference, small_cnn
+
+TOLERANCE = 1e-4  # relative to the largest reference output, as the fidelity tests
+
+
+def _convert(tmp_path_factory, name: str, **kw) -> str:
+    out = tmp_path_factory.mktemp(name) / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
+        shadownet.convert(small_cnn(), str(out), seed=3, **kw)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def all_rounds(tmp_path_factory) -> str:
+    return _convert(tmp_path_factory, "all_rounds", scheme="groupmix", mask_rounds="all")
+
+
+@pytest.fixture(scope="module")
+def first_round(tmp_path_factory) -> str:
+    return _convert(tmp_path_factory, "first_round", scheme="groupmix")
+
+
+class Recorder(AcceleratorWrapper):
+    """Keeps a copy of every round input; ``fail_at``: raise in that round (an abandoned inference)."""
+
+    fail_at: int | None = None
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen: dict[str, list[np.ndarray]] = {}
+
+    def run_round(self, r):
+        for name, view in self.buffers.items():
+            if name.startswith(f"round_{r}/in/"):
+                self.seen.setdefault(name, []).append(np.array(view))
+        if r == self.fail_at:
+            raise RuntimeError("accelerator lost")
+        self.inner.run_round(r)
+
+
+def _recording(out: str, **kw):
+    recorders = []
+
+    def wrap(inner):
+        recorders.append(Recorder(inner))
+        return recorders[-1]
+
+    return shadownet.load(out, accelerator=wrap, **kw), recorders
+
+
+def test_manifest_names_the_one_time_rounds(all_rounds, first_round):
+    with shadownet.load(all_rounds) as model:
+        assert model.one_time_rounds == tuple(range(1, model.num_rounds + 1)) and model.num_rounds == 5
+    with shadownet.load(first_round) as model:
+        assert model.one_time_rounds == (1,)
+
+
+def test_no_mask_is_shared_between_inferences(all_rounds, first_round):
+    x = images(1)[0]
+    for out, fresh_rounds in ((all_rounds, {1, 2, 3, 4, 5}), (first_round, {1})):
+        model, recorders = _recording(out)
+        with model:
+            for _ in range(6):
+                model(x)  # the same input every time: only the masks can change the round inputs
+        seen = recorders[0].seen
+        for name, values in seen.items():
+            r = int(name.split("/")[0].removeprefix("round_"))
+            for i in range(len(values)):
+                for j in range(i):
+                    difference = np.abs(values[i] - values[j])
+                    if r in fresh_rounds:
+                        # Independent masks: an element repeats only when both draws hit the same one of
+                        # the 65536 normal quantiles (1 in 65536).
+                        repeats = int((difference == 0).sum())
+                        assert repeats <= max(2, difference.size // 100), f"{name}: {j} and {i} share a mask"
+                    else:  # the same static mask: equal up to the float32 rounding of the fresh earlier ones
+                        assert difference.max() <= 1e-4 * np.abs(values[i]).max(), name
+
+
+def test_fidelity_with_fresh_masks(all_rounds):
+    model_bytes = small_cnn()
+    with shadownet.load(all_rounds) as model:
+        for x in images(5, seed=1):
+            want = reference(model_bytes, x)
+            got = model(x)
+            assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+
+
+def test_user_input_leakage_is_at_most_a_tenth(first_round):
+    xs = images(6, seed=2)
+    model, recorders = _recording(first_round)
+    with model:
+        for x in xs:
+            model(x)
+    observed = np.stack(recorders[0].seen["round_1/in/x0"])
+    truth = np.stack(xs)
+    single = attacks.single_leakage(observed, truth)
+    difference = attacks.difference_leakage(observed, truth)
+    known = attacks.known_input_leakage(observed, truth)
+    assert single["correlation"] <= 0.1
+    assert difference["correlation"] <= 0.1  # a static mask would cancel here
+    assert known["correlation"] <= 0.1  # and here, after one input the attacker chose
+
+
+def test_exhausted_pool_fails_when_the_policy_says_so(all_rounds):
+    x = images(1)[0]
+    with shadownet.load(all_rounds, mask_pool=2, on_exhausted="fail", background_refill=False) as model:
+        with pytest.raises(MaskPoolExhaustedError):
+            model(x)  # nothing made yet
+        assert model.refill_masks() == 2
+        model(x)
+        model(x)
+        with pytest.raises(MaskPoolExhaustedError):
+            model(x)
+        assert model.refill_masks(entries=1) == 1
+        model(x)
+        pool = model.stats()["pool"]
+        assert pool["capacity"] == 2 and pool["synchronous"] == 0 and pool["made"] == 3
+
+
+def test_exhausted_pool_refills_on_the_inference_path_by_default(all_rounds):
+    x = images(1)[0]
+    with shadownet.load(all_rounds, mask_pool=2, background_refill=False) as model:
+        for _ in range(3):
+            model(x)
+        pool = model.stats()["pool"]
+        assert pool["synchronous"] == 3 and pool["made"] == 3 and pool["ready"] == 0
+
+
+def test_an_abandoned_inference_never_gives_its_masks_back(all_rounds):
+    x = images(1)[0]
+    model, recorders = _recording(all_rounds, mask_pool=3, background_refill=False)
+    with model:
+        model.refill_masks()
+        recorders[0].fail_at = 2
+        with pytest.raises(RuntimeError, match="accelerator lost"):
+            model(x)
+        recorders[0].fail_at = None
+        model(x)
+        first = recorders[0].seen["round_1/in/x0"]
+        assert np.abs(first[1] - first[0]).min() > 0  # the abandoned inference's mask was not reused
+        assert model.stats()["pool"]["ready"] == 1  # 3 made, one spent by each inference
+
+
+def test_background_refill_fills_the_pool_between_inferences(all_rounds):
+    x = images(1)[0]
+    with shadownet.load(all_rounds, mask_pool=4) as model:
+        deadline = time.monotonic() + 30
+        while model.stats()["pool"]["ready"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(3):
+            model(x)
+            deadline = time.monotonic() + 30
+            while model.stats()["pool"]["ready"] < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        stats = model.stats()
+    pool = stats["pool"]
+    assert pool["ready"] == 4 and pool["made"] == 7 and pool["synchronous"] == 0
+    # What the bench reports: the pool's secure memory and the offline cost per inference.
+    assert pool["pool_bytes"] >= 4 * pool["entry_bytes"] > 0
+    assert pool["offline_s_per_inference"] > 0
+    assert stats["per_inference_secure_memory"] >= pool["pool_bytes"]
+
+
+def test_static_scheme_keeps_the_papers_masks(tmp_path_factory):
+    with pytest.warns(UserWarning, match="static masks"):
+        out = tmp_path_factory.mktemp("static") / "out"
+        shadownet.convert(small_cnn(), str(out), scheme="shadownet", seed=3, mask_rounds="all")
+    model, recorders = _recording(str(out))
+    x = images(1)[0]
+    with model:
+        assert model.one_time_rounds == ()
+        model(x)
+        model(x)
+    for values in recorders[0].seen.values():
+        assert np.array_equal(values[0], values[1])
+
+
+def test_mask_stream_draws_the_schemes_distribution():
+    mean = np.array([-3.0, 0.5, 7.0], np.float32)
+    stream = MaskStream({"buffer": "b", "shape": [1, 64, 64, 3], "std": 10.0}, mean,
+                        lambda shape, dtype: np.zeros(shape, dtype))
+    a, b, c = (np.empty((1, 64, 64, 3), np.float32) for _ in range(3))
+    stream.draw(b"k" * 32, a)
+    stream.draw(b"k" * 32, b)
+    stream.draw(b"j" * 32, c)
+    assert np.array_equal(a, b) and np.abs(a - c).min() > 0  # a key makes its mask, another key another
+    flat = a.reshape(-1, 3)
+    assert np.allclose(flat.mean(axis=0), mean, atol=0.5) and np.allclose(flat.std(axis=0), 10, rtol=0.05)
+    table = gaussian_table()
+    assert table.dtype == np.float32 and abs(float(table.std()) - 1) < 1e-6
+    assert abs(float(table.mean())) < 1e-6

@@ -162,6 +162,17 @@ class _Model:
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     next_step: int = 0
     online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
+    shared: bytes | None = None  # key of the program it shares with other sessions (ShadowNetTA._programs)
+
+
+@dataclass
+class _SharedProgram:
+    """A decrypted program, held once for every session that loaded the same ``secrets.sealed``."""
+
+    program: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    nbytes: int
+    users: int = 0
 
 
 class ShadowNetTA(TrustedApp):
@@ -170,6 +181,11 @@ class ShadowNetTA(TrustedApp):
     UUID = UUID
     VERSION = 1
     SIGNER = "shadownet"
+
+    def create(self) -> None:
+        # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:
+        # a second copy of the masks and offsets would double the secure memory for nothing.
+        self._programs: dict[bytes, _SharedProgram] = {}
 
     def open_session(self, params: TAParams) -> dict[str, Any]:
         check_param_types(params)
@@ -243,6 +259,29 @@ class ShadowNetTA(TrustedApp):
     def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview, flags: int = 0,
               capacity: int = 0) -> None:
         self._unload(session)
+        key = hashlib.sha256(blob).digest()  # the very bytes another session loaded: authentic too
+        shared = self._programs.get(key)
+        if shared is None:
+            shared = self._open_program(blob)
+        if hashlib.sha256(untrusted).hexdigest() != shared.program.get("untrusted_sha256"):
+            if not shared.users:
+                self.tee.unreserve(shared.nbytes)
+            raise _error(TEE_ERROR_SECURITY, "the untrusted model is not the one these secrets were made for")
+        self._programs[key] = shared
+        shared.users += 1
+        model = _Model(shared.program, dict(shared.arrays), shared=key)
+        try:
+            self._per_inference(model, untrusted, flags, capacity)
+            self._build(model)
+        except TEEError:
+            self._free(model)
+            raise
+        except Exception as exc:  # noqa: BLE001 - an authenticated program that does not fit together
+            self._free(model)
+            raise _bad_format(f"{type(exc).__name__}: {exc}") from None
+        session["model"] = model
+
+    def _open_program(self, blob: memoryview) -> _SharedProgram:
         # The plaintext (about the blob's size) lands in secure memory; the ciphertext is read from the
         # normal world's buffer (tee_sim copies it, a real TEE decrypts it in place, block by block).
         self.tee.reserve(blob.nbytes)
@@ -256,22 +295,9 @@ class ShadowNetTA(TrustedApp):
             raise _bad_format(str(exc)) from None
         if program.get("format") != PROGRAM_FORMAT:
             raise _bad_format(f"format is not {PROGRAM_FORMAT!r}")
-        if hashlib.sha256(untrusted).hexdigest() != program.get("untrusted_sha256"):
-            raise _error(TEE_ERROR_SECURITY, "the untrusted model is not the one these secrets were made for")
-        model = _Model(program, arrays)
         # The arrays are zero-copy views of the plaintext, which so stays (and counts) in secure memory.
         self.tee.reserve(len(plaintext))
-        model.reserved += len(plaintext)
-        try:
-            self._per_inference(model, untrusted, flags, capacity)
-            self._build(model)
-        except TEEError:
-            self._free(model)
-            raise
-        except Exception as exc:  # noqa: BLE001 - an authenticated program that does not fit together
-            self._free(model)
-            raise _bad_format(f"{type(exc).__name__}: {exc}") from None
-        session["model"] = model
+        return _SharedProgram(program, arrays, len(plaintext))
 
     def _per_inference(self, model: _Model, untrusted: memoryview, flags: int, capacity: int) -> None:
         """One-time masks and integrity checks: their live buffers join the program's arrays under the
@@ -323,6 +349,13 @@ class ShadowNetTA(TrustedApp):
         model.held.clear()
         self.tee.unreserve(model.reserved)
         model.reserved = 0
+        key, model.shared = model.shared, None
+        shared = self._programs.get(key) if key is not None else None
+        if shared is not None:
+            shared.users -= 1
+            if shared.users <= 0:
+                del self._programs[key]
+                self.tee.unreserve(shared.nbytes)
 
     def _alloc(self, model: _Model, shape: Any, dtype: Any = np.float32) -> np.ndarray:
         array = self.tee.alloc(shape, dtype)
@@ -342,7 +375,7 @@ class ShadowNetTA(TrustedApp):
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
             restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
-            chunk = max([CHUNK] + [_chunk_elements(model.arrays[i["offset"]].shape) for i in restores]
+            chunk = max([1] + [_chunk_elements(model.arrays[i["offset"]].shape) for i in restores]
                         + [_chunk_elements(self._shape(model, i["src"])) for step in p["steps"] for i in step
                            if i["op"] == "push" and i["permutation"] is not None])
             model.chunk = chunk

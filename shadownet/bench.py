@@ -163,6 +163,62 @@ class _Protected:
         self.model.close()
 
 
+def _frames_per_second(run: Callable[[], None], frames: int) -> float:
+    start = time.perf_counter()
+    for _ in range(frames):
+        run()
+    return frames / (time.perf_counter() - start)
+
+
+def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs: Sequence[np.ndarray],
+                   frames: int) -> dict[str, Any]:
+    """Protected frames/s with two frames in flight: two sessions of the same model (the TA shares the
+    program), one thread each; the accelerator takes one round at a time (one device), so while one
+    frame is in the TEE the other runs on the accelerator."""
+    import threading
+
+    from shadownet.runtime import AcceleratorWrapper, load
+
+    device = threading.Lock()
+
+    class OneDevice(AcceleratorWrapper):
+        def run_round(self, r: int) -> None:
+            with device:
+                self.inner.run_round(r)
+
+    models = [load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice)
+              for _ in range(2)]
+    try:
+        results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
+        for m, r in zip(models, results, strict=True):  # warm both
+            m.run_into(inputs, r)
+        errors: list[BaseException] = []
+
+        def worker(m: Any, r: list[np.ndarray], count: int) -> None:
+            try:
+                for _ in range(count):
+                    m.run_into(inputs, r)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        half = max(frames // 2, 1)
+        threads = [threading.Thread(target=worker, args=(m, r, half)) for m, r in zip(models, results,
+                                                                                        strict=True)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        memory = models[0].stats().get("model_secure_memory", 0)
+    finally:
+        for m in models:
+            m.close()
+    return {"fps": 2 * half / elapsed, "secure_memory_mib": memory / MIB}
+
+
 # --- one model ----------------------------------------------------------------------------------------------
 def _summary(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
@@ -177,7 +233,7 @@ def _relative_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> fl
 
 def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | None, num_threads: int,
                 num_runs: int, warmup_runs: int, delegate: str | None, tee_context: Any,
-                progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+                progress: Callable[[str, int, int], None], throughput: bool = False) -> dict[str, Any]:
     """Benchmark one ``.tflite``: convert it, run the modes interleaved, return its report entry."""
     from ai_edge_litert.interpreter import Interpreter, load_delegate
 
@@ -226,11 +282,20 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                     times[mode].append(elapsed)
                     if mode == "shadownet":
                         runner.record()
-        progress(f"{name}: done", total, total)
         protected: _Protected = runners["shadownet"]
         error = _relative_error(protected.results, runners["unprotected"].results)
         memory = protected.model.stats()
         tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}
+        streaming = None
+        if throughput:
+            progress(f"{name}: throughput", total, total + 1)
+            frames = 2 * max(num_runs, 5)
+            protected.close()  # its session and shared memory: the pipelined pair opens its own
+            streaming = {mode: {"fps": _frames_per_second(lambda m=mode: runners[m](inputs), frames)}
+                         for mode in ("unprotected", "all-in-tee", "all-in-tee-builtin")}
+            streaming["shadownet"] = _pipelined_fps(out_dir, num_threads, delegate, inputs, frames)
+            streaming["S/U"] = streaming["shadownet"]["fps"] / streaming["unprotected"]["fps"]
+        progress(f"{name}: done", total, total)
     finally:
         for runner in runners.values():
             runner.close()
@@ -276,6 +341,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                    "T_builtin/S": modes["all-in-tee-builtin"]["median_ms"] / median},
         "break_even_k": break_even,
         "projected_ms": {str(k): breakdown["accelerator_ms"] / k + fixed for k in PROJECTED_K},
+        **({"throughput": streaming} if streaming is not None else {}),
     }
 
 
@@ -352,7 +418,7 @@ class _Progress:
 
 def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: int = 2, num_runs: int = 20,
               warmup_runs: int = 3, delegate: str | None = None, workdir: str | os.PathLike | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, throughput: bool = False) -> dict[str, Any]:
     """Benchmark ``models`` (zoo names or ``.tflite`` paths); return the report (see ``bench_model``)."""
     import tee_sim
 
@@ -370,14 +436,14 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
             for name, path in sources:
                 entries.append(bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
                                            num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
-                                           tee_context=tee_context, progress=bar))
+                                           tee_context=tee_context, progress=bar, throughput=throughput))
     finally:
         bar.clear()
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     return {"format": "shadownet-bench", "version": 1, "machine": machine(),
             "settings": {"scheme": scheme or "default", "num_threads": num_threads, "num_runs": num_runs,
-                         "warmup_runs": warmup_runs, "delegate": delegate},
+                         "warmup_runs": warmup_runs, "delegate": delegate, "throughput": throughput},
             "note": "accelerator and TEE are the same CPU here: the ratios compare software paths, the "
                     "break-even k and the projections say how fast an accelerator must be",
             "models": entries}
@@ -413,6 +479,16 @@ def table(report: dict[str, Any]) -> str:
             f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
             f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
             + " ".join(f"{e['projected_ms'][str(k)]:9.2f}" for k in PROJECTED_K))
+    streaming = [e for e in report["models"] if "throughput" in e]
+    if streaming:
+        head = (f"{'model':<12} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
+                f"{'S/U':>5}")
+        lines += ["", head, "-" * len(head)]
+        for e in streaming:
+            x = e["throughput"]
+            lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {x['shadownet']['fps']:20.1f} "
+                         f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
+                         f"{x['S/U']:5.2f}")
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
               "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T.",
               "Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
@@ -450,6 +526,18 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "
             f"{x['macs_offloaded_share'] * 100:.2f}% | {x['conversion_s']:.2f} | {_k(e['break_even_k'])} | "
             + " | ".join(f"{e['projected_ms'][str(k)]:.2f}" for k in PROJECTED_K) + " |")
+    streaming = [e for e in report["models"] if "throughput" in e]
+    if streaming:
+        out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "
+                "in the TEE the other runs on the accelerator):", "",
+                "| model | unprotected | shadownet | all-in-tee | all-in-tee-builtin "
+                "| shadownet / unprotected |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for e in streaming:
+            x = e["throughput"]
+            out.append(f"| {e['model']} | {x['unprotected']['fps']:.1f} | {x['shadownet']['fps']:.1f} | "
+                       f"{x['all-in-tee']['fps']:.1f} | {x['all-in-tee-builtin']['fps']:.1f} | "
+                       f"{x['S/U']:.2f} |")
     out += ["", "S = shadownet, U = unprotected, T = all-in-tee with XNNPACK (one thread, in the secure "
             "world). The accelerator and the TEE are the same CPU on this machine, so S/U and T/S compare "
             "software paths; the break-even k is how many times faster than one TEE core the accelerator "
@@ -498,9 +586,6 @@ def _require_matplotlib() -> None:
 def bench_cli(args: argparse.Namespace) -> None:
     """``shadownet bench [--models A,B | FILE.tflite ...] [--scheme] [--num_threads] [--num_runs]
     [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput]``."""
-    if getattr(args, "throughput", False):
-        raise ShadowNetError("--throughput (two frames in flight) is not available yet: the trusted app "
-                             "keeps one inference's state per session")
     if args.plot:
         _require_matplotlib()
     models = list(args.files or [])
@@ -510,7 +595,7 @@ def bench_cli(args: argparse.Namespace) -> None:
         models = list(ZOO)
     report = run_bench(models, scheme=args.scheme, num_threads=args.num_threads, num_runs=args.num_runs,
                        warmup_runs=args.warmup_runs, delegate=args.delegate, workdir=args.workdir,
-                       progress=True)
+                       progress=True, throughput=args.throughput)
     report["command"] = "shadownet bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else None
     print(table(report))
     if args.json:

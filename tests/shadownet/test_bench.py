@@ -52,7 +52,7 @@ def test_bench_report(tmp_path):
     path = tmp_path / "small.tflite"
     path.write_bytes(_model())
     report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
-                             progress=False)
+                             progress=False, throughput=True)
     assert report["machine"]["nproc"] >= 1 and report["settings"]["num_runs"] == 2
     (entry,) = report["models"]
     assert entry["model"] == "small" and entry["rounds"] == 2
@@ -70,6 +70,8 @@ def test_bench_report(tmp_path):
     assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
     assert entry["break_even_k"] is None or entry["break_even_k"] > 0
     assert all(entry["projected_ms"][str(k)] > 0 for k in bench.PROJECTED_K)
+    streaming = entry["throughput"]  # two frames in flight
+    assert all(streaming[mode]["fps"] > 0 for mode in bench.MODES) and streaming["S/U"] > 0
     text = bench.table(report)
     assert "small" in text and "all-in-tee-builtin" in text
     assert "| small | shadownet |" in bench.markdown(report, "shadownet bench small.tflite")
@@ -79,8 +81,6 @@ def test_bench_report(tmp_path):
 def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
     assert "neither a zoo model" in capsys.readouterr().err
-    assert main(["bench", "--throughput", "--models", "minivgg"]) == 1
-    assert "--throughput" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
         bench._require_matplotlib()

@@ -248,7 +248,14 @@ class ProtectedModel:
         self.verify = bool(verify)
         masks = artifacts.manifest.get("masks") or {}
         self.one_time_rounds: tuple[int, ...] = tuple(masks.get("one_time_rounds") or ())
-        self._load_options = (int(self.verify) | (2 if on_exhausted == "fail" else 0), mask_pool or 0)
+        per_inference = self.verify or bool(self.one_time_rounds)
+        commands = _commands()
+        flags = (commands.LOAD_VERIFY if self.verify else 0) | \
+            (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
+            (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # the TA reads them from _weights
+        self._load_options = (flags, mask_pool or 0)
+        self._weights: Any = None  # shared memory holding untrusted.tflite, for the TA's refills
+        self._weights_context: Any = None
         self._refiller: _BackgroundRefill | None = None
         self._waiting = 0  # callers waiting for the lock: the background refill yields to them
         self._waiting_lock = threading.Lock()
@@ -288,8 +295,9 @@ class ProtectedModel:
         except BaseException:
             if self.accelerator is not None:
                 self.accelerator.close()
-            if self._shm is not None:
-                _quietly(self._shm.release)
+            for shared in (self._shm, self._weights):
+                if shared is not None:
+                    _quietly(shared.release)
             raise
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = _BackgroundRefill(self)
@@ -329,10 +337,24 @@ class ProtectedModel:
                     self._context = context
                 session.invoke_command(commands.Command.BIND_SHARED_MEMORY, [
                     tee_sim.MemRef(shm, 0, self.artifacts.shared_memory_size, "inout")])
+                if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
+                    self._bind_weights(context, session)
         except BaseException:
             _quietly(session.close)
             raise
         self._session = session
+
+    def _bind_weights(self, context: Any, session: Any) -> None:
+        """Share ``untrusted.tflite`` with the TA, which reads back the obfuscated weights its pool
+        refills need from it instead of keeping a copy in secure memory (it checks them by hash)."""
+        weights, size = self._weights, len(self.artifacts.untrusted)
+        if weights is None or weights.released or self._weights_context is not context:
+            weights = context.register_shared_memory(size)
+            weights.ndarray(np.uint8, (size,))[...] = np.frombuffer(self.artifacts.untrusted, np.uint8)
+            if self._weights is not None:
+                _quietly(self._weights.release)
+            self._weights, self._weights_context = weights, context
+        session.invoke_command(_commands().Command.BIND_WEIGHTS, [tee_sim.MemRef(weights, 0, size, "in")])
 
     def _bind_views(self, shm: Any) -> None:
         old = self._shm
@@ -368,6 +390,9 @@ class ProtectedModel:
             if self._shm is not None:
                 _quietly(self._shm.release)
                 self._shm = None
+            if self._weights is not None:
+                _quietly(self._weights.release)
+                self._weights = None
             if self.accelerator is not None:
                 self.accelerator.close()
 

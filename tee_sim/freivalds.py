@@ -34,8 +34,9 @@ that one, for each of the ``k`` independent projections::
 For a change of norm ``||E|| >= RELATIVE_CHANGE * ||y'||`` (1e-3, the requirement), ``||D|| >=
 ||E|| - ||delta||`` and ``beta <= sqrt(2 / pi) ||tau|| / ((1e-3 - ||delta|| / ||y'||) ||y'||)``. With
 inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERANCE eps32 S sqrt(T C) /
-||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load, with a factor
-``ANISOTROPY`` of margin, so that ``beta^k <= 2^-20`` (``MIN_PROJECTIONS`` at least). Every check also
+||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load so that ``beta^k <=
+2^-26`` (``MARGIN_LOG2`` = 6 bits of margin for inputs less isotropic than the estimate assumes;
+``MIN_PROJECTIONS`` at least). Every check also
 computes the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerCheck.check`` returns
 ``log2 beta^k``); the tests assert it is at most -20 for every layer of every zoo model. A change is per
 round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some layer has ``||E_l|| >= 1e-3
@@ -54,7 +55,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 TOLERANCE = 16.0
 RELATIVE_CHANGE = 1e-3
 TARGET_LOG2 = -20.0
-ANISOTROPY = 1.0
+MARGIN_LOG2 = 6.0  # k is picked for 2^-26 on the isotropic estimate: real inputs vary around it
 MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
 _DENSITY = math.sqrt(2 / math.pi)
 KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
@@ -149,7 +150,7 @@ def window_index(geo: Geometry) -> np.ndarray:
     pixel = (batch * h + ih) * w + iw
     inside = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
     index = np.where(inside, pixel, n * h * w)  # [N, Ho, Wo, kh, kw]
-    return np.ascontiguousarray(index.reshape(n * ho * wo, kh * kw).T).astype(np.intp)
+    return np.ascontiguousarray(index.reshape(n * ho * wo, kh * kw).T).astype(np.int32)
 
 
 class LayerCheck:
@@ -166,18 +167,20 @@ class LayerCheck:
                  projections: int | None = None) -> None:
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
-        self.filters = _taps(self.kind, weights, geo)
+        taps = _taps(self.kind, weights, geo)  # not kept: draw() is given the weights again
         if self.kind == "DEPTHWISE_CONV_2D":
-            _, c, m = self.filters.shape
+            _, c, m = taps.shape
             self.m_out, self.in_channels = c * m, c
-            per_input = np.sum(self.filters ** 2, axis=(0, 2))
+            per_input = np.sum(taps ** 2, axis=(0, 2))
             self.scale = float(np.sqrt(per_input.max(initial=0.0)))
         else:
-            self.m_out, _, self.in_channels = self.filters.shape
-            self.scale = float(np.linalg.norm(self.filters))
+            self.m_out, _, self.in_channels = taps.shape
+            self.scale = float(np.linalg.norm(taps))
         if y_shape[-1] != self.m_out:
             raise ValueError(f"{self.kind}: output has {y_shape[-1]} channels, the weights {self.m_out}")
-        self.k = k = projections or self.projections_needed(float(np.linalg.norm(self.filters)))
+        self.weights_shape = tuple(weights.shape)
+        self.k = k = projections or self.projections_needed(float(np.linalg.norm(taps)))
+        del taps
         self.rows_out = int(np.prod(y_shape[:-1], dtype=np.int64))
         self.rows_in = int(np.prod(x_shape[:-1], dtype=np.int64)) if geo.spatial else self.rows_out
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
@@ -200,9 +203,12 @@ class LayerCheck:
         self._parts: dict[str, tuple[int, ...]] = {"w": (self.rows_out, k)}
         if self.method == "taps":
             self.index = index(geo) if index is not None else window_index(geo)
-            self.index_v = self.index * taps + np.arange(taps)[:, None]  # rows of V viewed as [P_in T + T, k]
-            self._parts.update(v=(self.rows_in + 1, taps * k), gathered=(taps, self.rows_out, k),
-                               q=(self.rows_in + 1,), q_gathered=(taps, self.rows_out))
+            self.index_v = alloc(self.index.shape, np.int32)  # rows of V viewed as [(P_in + 1) T, k]
+            np.add(self.index * np.int32(taps), np.arange(taps, dtype=np.int32)[:, None], out=self.index_v)
+            # Output positions are gathered a block at a time (about 256 KiB of taps).
+            self.block = max(1, min(self.rows_out, (1 << 16) // (taps * (k + 1))))
+            self._parts.update(v=(self.rows_in + 1, taps * k), gathered=(taps, self.block, k),
+                               q=(self.rows_in + 1,), q_gathered=(taps, self.block))
         elif self.method == "windows":
             hp, wp = geo.padded()
             wo = geo.y_shape[2]
@@ -219,15 +225,16 @@ class LayerCheck:
             at += size
 
     def projections_needed(self, frobenius: float) -> int:
-        """``k`` with ``beta^k <= 2^-20`` for the isotropic estimate of ``||tau|| / ||y'||`` times
-        ``ANISOTROPY`` (module docstring)."""
+        """``k`` with ``beta^k <= 2^(-20 - MARGIN_LOG2)`` for the isotropic estimate of ``||tau|| / ||y'||``
+        (module docstring)."""
         if frobenius == 0:
             return MIN_PROJECTIONS
         rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius
-        beta = _DENSITY * ANISOTROPY * rho / RELATIVE_CHANGE
+        beta = _DENSITY * rho / RELATIVE_CHANGE
         if beta >= 0.5:
             return MAX_PROJECTIONS
-        return int(min(MAX_PROJECTIONS, max(MIN_PROJECTIONS, math.ceil(TARGET_LOG2 / math.log2(beta)))))
+        k = math.ceil((TARGET_LOG2 - MARGIN_LOG2) / math.log2(beta))
+        return int(min(MAX_PROJECTIONS, max(MIN_PROJECTIONS, k)))
 
     # -- per inference -----------------------------------------------------------------------------------
     def projection_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -236,14 +243,18 @@ class LayerCheck:
         filters = (taps * c, k) if self.method == "windows" else (c, taps * k)
         return (self.m_out, k), filters
 
-    def draw(self, rng: np.random.Generator, u: np.ndarray, filters: np.ndarray) -> None:
-        """Fresh secret projections into ``u`` ``[M, k]`` and their filters into ``filters``."""
+    def draw(self, rng: np.random.Generator, u: np.ndarray, filters: np.ndarray, weights: np.ndarray) -> None:
+        """Fresh secret projections into ``u`` ``[M, k]`` and their filters into ``filters``, from the
+        layer's obfuscated ``weights`` (LiteRT's layout, as at construction)."""
+        if tuple(weights.shape) != self.weights_shape:
+            raise ValueError(f"weights {weights.shape}, expected {self.weights_shape}")
+        taps = _taps(self.kind, weights, self.geo)
         u64 = rng.standard_normal((self.m_out, self.k))
         if self.kind == "DEPTHWISE_CONV_2D":
-            _, c, m = self.filters.shape
-            f = np.einsum("tcm,cmj->ctj", self.filters, u64.reshape(c, m, self.k))  # [C, T, k]
+            _, c, m = taps.shape
+            f = np.einsum("tcm,cmj->ctj", taps, u64.reshape(c, m, self.k))  # [C, T, k]
         else:
-            f = np.tensordot(self.filters, u64, axes=(0, 0)).transpose(1, 0, 2)  # [T, C, k] -> [C, T, k]
+            f = np.tensordot(taps, u64, axes=(0, 0)).transpose(1, 0, 2)  # [T, C, k] -> [C, T, k]
         u[...] = u64
         if self.method == "windows":
             filters[...] = f.transpose(1, 0, 2).reshape(filters.shape)
@@ -258,14 +269,21 @@ class LayerCheck:
             np.einsum("pc,pc->p", x2, x2, out=self.tau[:, 0])
         elif self.method == "taps":
             x2 = x.reshape(self.rows_in, -1)
-            self.v[-1] = 0
+            self.v[-1] = 0  # the row padded taps read
             np.matmul(x2, filters, out=self.v[:-1])
-            np.take(self.v.reshape(-1, self.k), self.index_v, axis=0, out=self.gathered)
-            np.add.reduce(self.gathered, axis=0, out=self.z)
             self.q[-1] = 0
             np.einsum("pc,pc->p", x2, x2, out=self.q[:-1])
-            np.take(self.q, self.index, out=self.q_gathered)
-            np.add.reduce(self.q_gathered, axis=0, out=self.tau[:, 0])
+            rows = self.v.reshape(-1, self.k)
+            tau = self.tau[:, 0]
+            for a in range(0, self.rows_out, self.block):
+                b = min(a + self.block, self.rows_out)
+                taps, count = self.index.shape[0], b - a  # contiguous views of this block's size
+                gathered = self.gathered.reshape(-1)[:taps * count * self.k].reshape(taps, count, self.k)
+                q_gathered = self.q_gathered.reshape(-1)[:taps * count].reshape(taps, count)
+                np.take(rows, self.index_v[:, a:b], axis=0, out=gathered)
+                np.add.reduce(gathered, axis=0, out=self.z[a:b])
+                np.take(self.q, self.index[:, a:b], out=q_gathered)
+                np.add.reduce(q_gathered, axis=0, out=tau[a:b])
         else:
             self._prepare_windows(x, filters)
         np.sqrt(self.tau, out=self.tau)

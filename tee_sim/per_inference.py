@@ -26,6 +26,7 @@ output), prepares the check from the first and checks the second before any rest
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import deque
@@ -39,11 +40,19 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.errors import (
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_BAD_STATE,
+    TEE_ERROR_MAC_INVALID,
+    TEE_ERROR_NO_DATA,
+    TEE_ERROR_SECURITY,
+    TEEC_ORIGIN_TRUSTED_APP,
+    TEEError,
+)
 from tee_sim.freivalds import LayerCheck, window_index
 
 TABLE_BITS = 16
-DEFAULT_POOL_BYTES = 8 << 20  # default capacity: entries that fit in 8 MiB, at least 2 and at most 8
+DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 2 and at most 8
 MIN_POOL, MAX_POOL = 2, 8
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: np.ndarray | None = None
@@ -85,6 +94,55 @@ def read_weights(untrusted: Any, names: set[str]) -> dict[str, np.ndarray]:
     return found
 
 
+class Weights:
+    """The obfuscated weights the TA needs (pop masks of one-time rounds, check projections), by tensor
+    name: copies in secure memory, or (``outside``) the normal world's own copy of ``untrusted.tflite``
+    (``bind``) read back one layer at a time into a secure staging buffer and checked against the
+    SHA-256 taken from the authenticated file at load: secure memory then holds the largest layer, not
+    the model (MobileNet: 4 MB instead of 17)."""
+
+    def __init__(self, untrusted: Any, names: set[str], alloc: Callable[..., np.ndarray],
+                 outside: bool) -> None:
+        found = read_weights(untrusted, names) if names else {}
+        self.shapes = {name: w.shape for name, w in found.items()}
+        self.outside = outside
+        self._shared: np.ndarray | None = None
+        if outside:
+            base = np.frombuffer(untrusted, np.uint8).ctypes.data
+            self._where = {name: (w.ctypes.data - base, w.nbytes, hashlib.sha256(w).digest())
+                           for name, w in found.items()}
+            self._size = max((o + n for o, n, _ in self._where.values()), default=0)
+            self._staging = alloc(max((n for _, n, _ in self._where.values()), default=0), np.uint8)
+            self._resident: dict[str, np.ndarray] = {}
+        else:
+            self._resident = {}
+            for name, w in found.items():
+                self._resident[name] = alloc(w.shape, np.float32)
+                self._resident[name][...] = w
+
+    def bind(self, shared: np.ndarray) -> None:
+        """The normal world's copy of ``untrusted.tflite`` (uint8, read-only), for ``outside`` weights."""
+        if shared.size < self._size:
+            raise TEEError(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP,
+                           f"weights of {shared.size} bytes, the model's are {self._size}")
+        self._shared = shared
+
+    def get(self, name: str) -> np.ndarray:
+        """Layer ``name``'s weights (outside: valid until the next ``get``)."""
+        if not self.outside:
+            return self._resident[name]
+        if self._shared is None:
+            raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
+                           "the untrusted model's weights are not bound (BIND_WEIGHTS)")
+        offset, nbytes, digest = self._where[name]
+        staging = self._staging[:nbytes]
+        np.copyto(staging, self._shared[offset:offset + nbytes])  # copied first: then checked and used
+        if hashlib.sha256(staging).digest() != digest:
+            raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TRUSTED_APP,
+                           f"the untrusted model's weights {name!r} changed since it was loaded")
+        return staging.view(np.float32).reshape(self.shapes[name])
+
+
 class MaskStream:
     """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
 
@@ -113,7 +171,7 @@ class PopMask:
     """The offset of one restore of a one-time round: ``bias - restore(L(mask))`` in float64."""
 
     kind: str
-    weights: np.ndarray
+    weights: str
     options: Any
     obf_shape: tuple[int, ...]
     mask: str
@@ -122,10 +180,10 @@ class PopMask:
     coef: np.ndarray
     permutation: np.ndarray | None
 
-    def compute(self, mask: np.ndarray, out: np.ndarray) -> None:
+    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         from converters import linear
 
-        y = linear.apply(self.kind, mask.astype(np.float64), self.weights, self.options, self.obf_shape)
+        y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
         restored = y[..., self.index[0]] * self.coef[0].astype(np.float64)
         for j in range(1, len(self.index)):
             restored += y[..., self.index[j]] * self.coef[j].astype(np.float64)
@@ -166,7 +224,7 @@ class PerInference:
     def __init__(self, program: dict[str, Any], arrays: dict[str, np.ndarray],
                  shm_shapes: dict[str, tuple[int, ...]], untrusted: Any, alloc: Callable[..., np.ndarray],
                  random_bytes: Callable[[int], bytes], verify: bool = False, capacity: int = 0,
-                 fail_when_empty: bool = False) -> None:
+                 fail_when_empty: bool = False, weights_outside: bool = False) -> None:
         one_time = program.get("one_time") or {"rounds": [], "masks": {}, "offsets": {}}
         layers: dict[str, dict[str, Any]] = program.get("layers") or {}
         self.rounds = [int(r) for r in one_time["rounds"]]
@@ -178,9 +236,8 @@ class PerInference:
         needed = {layers[o["layer"]]["weights"] for o in one_time["offsets"].values()}
         if verify:
             needed |= {layer["weights"] for layer in layers.values()}
-        weights = {}
-        if needed:
-            weights = {name: self._keep(w) for name, w in read_weights(untrusted, needed).items()}
+        self.weights = Weights(untrusted, needed, self._account, weights_outside)
+        authentic = read_weights(untrusted, needed) if needed else {}  # load-time views, not kept
         # One-time masks: live buffers the instructions read (their names are the program's mask / offset
         # names, so the ordinary push and restore code runs on them unchanged).
         self.streams: dict[str, MaskStream] = {}
@@ -194,24 +251,26 @@ class PerInference:
             perm = spec.get("permutation")
             bias = arrays[spec["bias"]]
             y_shape = shm_shapes[spec["layer"]]
-            self.pops[name] = PopMask(layer["kind"], weights[layer["weights"]], _options(layer), y_shape,
+            self.pops[name] = PopMask(layer["kind"], layer["weights"], _options(layer), y_shape,
                                       spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
                                       None if perm is None else arrays[perm].astype(np.intp))
             self.live[name] = self._account((*y_shape[:-1], bias.shape[0]), np.float32)
         # Checks: one per accelerator output, prepared from its input buffer.
         self.checks: dict[str, LayerCheck] = {}
         self.by_input: dict[str, list[str]] = {}
+        self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
         if verify:
             indexes: dict[Any, np.ndarray] = {}
 
             def index(geo: Any) -> np.ndarray:
                 if geo not in indexes:
-                    indexes[geo] = window_index(geo)
-                    self.secure_bytes += indexes[geo].nbytes
+                    made = window_index(geo)
+                    indexes[geo] = self._account(made.shape, made.dtype)
+                    indexes[geo][...] = made
                 return indexes[geo]
 
             for out, layer in layers.items():
-                check = LayerCheck(layer, weights[layer["weights"]], shm_shapes[layer["input"]],
+                check = LayerCheck(layer, authentic[layer["weights"]], shm_shapes[layer["input"]],
                                    shm_shapes[out], self._account, index)
                 self.checks[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
@@ -253,11 +312,6 @@ class PerInference:
         array = self._alloc(shape, dtype)
         self.secure_bytes += array.nbytes
         return array
-
-    def _keep(self, array: np.ndarray) -> np.ndarray:
-        kept = self._account(array.shape, array.dtype)
-        kept[...] = array
-        return kept
 
     def _new_entry(self) -> Entry:
         entry = Entry()
@@ -306,11 +360,11 @@ class PerInference:
             stream = self.streams[pop.mask]
             mask = self._mask_scratch[:stream.size].reshape(stream.shape)
             stream.draw(entry.keys[pop.mask], mask)
-            pop.compute(mask, entry.offsets[name])
+            pop.compute(mask, self.weights.get(pop.weights), entry.offsets[name])
         else:
             rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32), "little")))
             u, f = entry.projections[name]
-            self.checks[name].draw(rng, u, f)
+            self.checks[name].draw(rng, u, f, self.weights.get(self._layer_weights[name]))
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""

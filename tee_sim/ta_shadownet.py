@@ -59,6 +59,7 @@ from tee_sim.ta import TrustedApp
 from tee_sim.ta_shadownet_commands import (
     LOAD_FAIL_WHEN_EMPTY,
     LOAD_VERIFY,
+    LOAD_WEIGHTS_OUTSIDE,
     MAX_POOL_CAPACITY,
     PROVISIONED,
     SEALED,
@@ -208,6 +209,12 @@ class ShadowNetTA(TrustedApp):
         elif cmd_id == Command.REFILL_POOL:
             check_param_types(params, VALUE_IN, VALUE_OUT)
             self._refill(session, params[0], params[1])
+        elif cmd_id == Command.BIND_WEIGHTS:
+            check_param_types(params, MEMREF_IN)
+            model = session.get("model")
+            if model is None or model.online is None or not model.online.weights.outside:
+                raise _error(TEE_ERROR_BAD_STATE, "no model loaded with its weights outside")
+            model.online.weights.bind(np.frombuffer(params[0].buffer, np.uint8))
         elif cmd_id == Command.GET_POOL_STATS:
             check_param_types(params, MEMREF_OUT)
             model = session.get("model")
@@ -303,15 +310,17 @@ class ShadowNetTA(TrustedApp):
         """One-time masks and integrity checks: their live buffers join the program's arrays under the
         names the instructions use, so pushes and restores compile as usual (``tee_sim.per_inference``)."""
         p = model.program
+        known = LOAD_VERIFY | LOAD_FAIL_WHEN_EMPTY | LOAD_WEIGHTS_OUTSIDE
+        if flags & ~known or capacity > MAX_POOL_CAPACITY:
+            raise _error(TEE_ERROR_BAD_PARAMETERS, f"load options 0x{flags:x} / pool of {capacity}")
         if not (p.get("one_time") or {}).get("masks") and not flags & LOAD_VERIFY:
             return
-        if flags & ~(LOAD_VERIFY | LOAD_FAIL_WHEN_EMPTY) or capacity > MAX_POOL_CAPACITY:
-            raise _error(TEE_ERROR_BAD_PARAMETERS, f"load options 0x{flags:x} / pool of {capacity}")
         try:
             shapes = {name: tuple(spec["shape"]) for name, spec in p["shared_buffers"].items()}
             online = PerInference(p, model.arrays, shapes, untrusted, lambda s, d: self._alloc(model, s, d),
                                   self.tee.random_bytes, verify=bool(flags & LOAD_VERIFY), capacity=capacity,
-                                  fail_when_empty=bool(flags & LOAD_FAIL_WHEN_EMPTY))
+                                  fail_when_empty=bool(flags & LOAD_FAIL_WHEN_EMPTY),
+                                  weights_outside=bool(flags & LOAD_WEIGHTS_OUTSIDE))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"per-inference material: {type(exc).__name__}: {exc}") from None
         model.arrays = {**model.arrays, **online.live}

@@ -3,7 +3,8 @@
 Parameters of each command (``in``/``out`` from the normal world's side):
 
 - ``LOAD_MODEL``: [TempMemRef(secrets.sealed, in), TempMemRef(untrusted.tflite, in)] and optionally
-  [Value(in: a = flags ``LOAD_VERIFY`` | ``LOAD_FAIL_WHEN_EMPTY``, b = mask pool capacity, 0: default)]. The
+  [Value(in: a = flags ``LOAD_VERIFY`` | ``LOAD_FAIL_WHEN_EMPTY`` | ``LOAD_WEIGHTS_OUTSIDE``, b = mask pool
+  capacity, 0: default)]. The
   TA opens the secrets (sealed for this device, or provisioned to it with ``--device``), checks the
   untrusted model's SHA-256 against the one inside, parses the program and allocates every buffer once
   (with ``LOAD_VERIFY``, also the checks of every accelerator result and a copy of the obfuscated weights
@@ -25,6 +26,9 @@ Parameters of each command (``in``/``out`` from the normal world's side):
 - ``REFILL_POOL``: [Value(in: a = time budget in microseconds, 0: until full; b = at most this many entries,
   0: no limit), Value(out: a = ready entries, b = capacity)]: make one-time mask / projection pool entries
   (between inferences; ``tee_sim.per_inference``). A model without either answers 0, 0.
+- ``BIND_WEIGHTS``: [MemRef(shm, 0, len(untrusted.tflite), in)] holding ``untrusted.tflite``, for a model
+  loaded with ``LOAD_WEIGHTS_OUTSIDE``: the pool's refills read the obfuscated weights they need from it, a
+  layer at a time, each checked against the SHA-256 taken at load (``TEE_ERROR_SECURITY`` if changed).
 - ``GET_POOL_STATS``: [TempMemRef(out)]: JSON: the pool (capacity, ready, bytes, entries made, offline
   seconds, entries made on the hot path) and the checks (layers, projections, worst noise ratio, achieved
   log2 bound).
@@ -45,11 +49,13 @@ class Command(enum.IntEnum):
     PROVISION = 6
     REFILL_POOL = 7
     GET_POOL_STATS = 8
+    BIND_WEIGHTS = 9
 
 
 # LOAD_MODEL's option flags.
 LOAD_VERIFY = 1  # check every accelerator result (Freivalds, tee_sim.freivalds)
 LOAD_FAIL_WHEN_EMPTY = 2  # an inference that finds the mask pool empty fails instead of making masks then
+LOAD_WEIGHTS_OUTSIDE = 4  # keep no copy of the obfuscated weights: BIND_WEIGHTS gives the normal world's
 MAX_POOL_CAPACITY = 64
 
 

@@ -1,0 +1,307 @@
+"""Integrity of the accelerator's results (``verify=True``): Freivalds' check in the TEE catches every
+tampering accelerator, raises no false alarm on honest ones, and meets its stated bound."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+import shadownet
+from converters import linear
+from shadownet.cli import main
+from shadownet.exceptions import IntegrityError, ShadowNetError
+from shadownet.runtime import AcceleratorWrapper
+from tee_sim import freivalds
+from tee_sim.freivalds import LayerCheck
+from tests.shadownet.small_models import images, reference, small_cnn
+
+TOLERANCE = 1e-4
+TRIALS = 24  # per kind of tampering
+
+
+def _convert(tmp_path_factory, name: str, **kw) -> str:
+    out = tmp_path_factory.mktemp(name) / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
+        shadownet.convert(small_cnn(), str(out), seed=5, **kw)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def groupmix(tmp_path_factory) -> str:
+    return _convert(tmp_path_factory, "groupmix", scheme="groupmix")
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory) -> str:
+    return _convert(tmp_path_factory, "paper", scheme="shadownet")
+
+
+class Tamper(AcceleratorWrapper):
+    """Runs the round, then (when armed) changes its results: ``kind`` in element / channel / swap /
+    replay (the same round's results of the previous inference)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.kind: str | None = None
+        self.round = 0
+        self.rng = np.random.default_rng(0)
+        self.previous: dict[str, np.ndarray] = {}
+
+    def run_round(self, r):
+        self.inner.run_round(r)
+        outputs = {n: v for n, v in self.buffers.items() if n.startswith(f"round_{r}/out/")}
+        honest = {n: np.array(v) for n, v in outputs.items()}
+        if self.kind is not None and r == self.round:
+            name = sorted(outputs)[self.rng.integers(len(outputs))]
+            y = outputs[name]
+            if self.kind == "element":  # exactly 1e-3 of the norm of the round's whole output
+                norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in honest.values()))
+                flat = y.reshape(-1)
+                flat[self.rng.integers(flat.size)] += np.float32(1e-3 * norm * self.rng.choice([-1, 1]))
+            elif self.kind == "channel":
+                y[..., self.rng.integers(y.shape[-1])] = 0
+            elif self.kind == "swap":
+                a, b = self.rng.choice(y.shape[-1], 2, replace=False)
+                y[..., [a, b]] = y[..., [b, a]]
+            elif self.kind == "replay":
+                for n, v in outputs.items():
+                    v[...] = self.previous[n]
+        self.previous.update(honest)
+
+
+@pytest.fixture(scope="module")
+def tampered(groupmix):
+    wrappers = []
+
+    def wrap(inner):
+        wrappers.append(Tamper(inner))
+        return wrappers[-1]
+
+    with shadownet.load(groupmix, accelerator=wrap, verify=True) as model:
+        yield model, wrappers[0]
+
+
+@pytest.mark.parametrize("kind", ["element", "channel", "swap", "replay"])
+def test_every_tampering_is_caught(tampered, kind):
+    model, tamper = tampered
+    xs = images(TRIALS + 1, seed=["element", "channel", "swap", "replay"].index(kind))
+    model(xs[0])  # honest: gives the replay something to replay
+    caught = 0
+    for trial, x in enumerate(xs[1:]):
+        tamper.kind, tamper.round = kind, 1 + trial % model.num_rounds
+        with pytest.raises(IntegrityError, match="failed verification"):
+            model(x)
+        caught += 1
+        tamper.kind = None
+        model(x)  # the next honest inference goes through
+    assert caught == TRIALS
+
+
+def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
+    model_bytes = small_cnn()
+    for out in (groupmix, paper):
+        with shadownet.load(out, verify=True) as model:
+            for x in images(40, seed=7):
+                want = reference(model_bytes, x)
+                assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+            checks = model.stats()["verify"]
+        assert checks["checked"] == 40 * 5
+        assert checks["worst_ratio"] < 0.5  # the honest rounding stays well inside the tolerance
+        assert checks["worst_bound_log2"] <= -20  # the stated bound, as achieved on these results
+
+
+ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
+BIG = {"resnet404", "yolov4-tiny"}
+
+
+@pytest.fixture(scope="session")
+def zoo_device(tmp_path_factory):
+    """A device of its own with room for verification's copy of the obfuscated weights (yolov4-tiny's
+    model alone is 24 MB) next to the model; a secure world process, single-threaded as a TEE."""
+    import tee_sim
+
+    context = tee_sim.Context("process", home=str(tmp_path_factory.mktemp("zoo_device")),
+                              memory_cap=512 << 20)
+    yield context
+    context.close()
+
+
+def _verified_inferences(context, out, count: int, seed: int) -> dict:
+    """``count`` verified inferences through the TA (LiteRT as the accelerator); the pool statistics."""
+    import json
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    import tee_sim
+    from tee_sim.ta_shadownet_commands import LOAD_VERIFY, UUID, Command
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    untrusted = (out / "untrusted.tflite").read_bytes()
+    rng = np.random.default_rng(seed)
+    with context.open_session(UUID) as session:
+        secrets = (out / "secrets.sealed").read_bytes()
+        session.invoke_command(Command.LOAD_MODEL, [tee_sim.TempMemRef(secrets), tee_sim.TempMemRef(untrusted),
+                                                    tee_sim.Value(LOAD_VERIFY)])
+        size = manifest["shared_memory_size"]
+        shm = context.register_shared_memory(size)
+        try:
+            session.invoke_command(Command.BIND_SHARED_MEMORY, [tee_sim.MemRef(shm, 0, size, "inout")])
+            views = {b["name"]: shm.ndarray(b["dtype"], b["shape"], b["offset"]) for b in manifest["buffers"]}
+            accelerator = Interpreter(model_content=untrusted, num_threads=1)
+            runners = {r["signature"]: accelerator.get_signature_runner(r["signature"])
+                       for r in manifest["rounds"]}
+            for _ in range(count):
+                for i, spec in enumerate(manifest["inputs"]):
+                    views[f"input/{i}"][...] = rng.uniform(0, 1, spec["shape"])
+                session.invoke_command(Command.RUN_STEP, [tee_sim.Value(0)])
+                for r, spec in enumerate(manifest["rounds"], start=1):
+                    inputs = {t["name"]: views[t["buffer"]] for t in spec["inputs"]}
+                    results = runners[spec["signature"]](**inputs)
+                    for t in spec["outputs"]:
+                        views[t["buffer"]][...] = results[t["name"]]
+                    session.invoke_command(Command.RUN_STEP, [tee_sim.Value(r)])  # IntegrityError if wrong
+            stats = tee_sim.TempMemRef(size=1 << 14, direction="out")
+            session.invoke_command(Command.GET_POOL_STATS, [stats])
+            return json.loads(stats.data)
+        finally:
+            session.close()
+            shm.release()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_no_false_alarm_on_the_zoo(name, zoo_device, tmp_path):
+    pytest.importorskip("tensorflow")
+    from models.zoo import export
+
+    export(name, tmp_path / f"{name}.tflite", seed=0, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(tmp_path / f"{name}.tflite"), str(tmp_path / "out"), scheme="groupmix", seed=0,
+                          device=zoo_device)
+    stats = _verified_inferences(zoo_device, tmp_path / "out", 1 if name in BIG else 3, seed=1)
+    checks = stats["verify"]
+    assert checks["checked"] == checks["layers"] * (1 if name in BIG else 3)
+    assert checks["worst_ratio"] < 0.5
+    assert checks["worst_bound_log2"] <= -20
+    print(f"{name}: {checks['layers']} layers, {checks['projections']} projections, worst honest rounding "
+          f"{checks['worst_ratio']:.3f} of the tolerance, bound 2^{checks['worst_bound_log2']:.1f}, "
+          f"per-inference secure memory {stats['secure_bytes'] / 2**20:.1f} MiB")
+
+
+def test_run_verify_prints_what_was_checked(groupmix, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", images(1)[0])
+    assert main(["run", groupmix, "--input", str(tmp_path / "x.npy"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verified: 5 accelerator results passed" in out and "2^-" in out
+
+
+def test_integrity_error_is_a_shadownet_error():
+    assert issubclass(IntegrityError, ShadowNetError)
+
+
+# -- the check itself, against numpy's float64 layers -----------------------------------------------------
+
+def _layer(kind: str, padding: str = "SAME", stride: int = 1, dilation: int = 1) -> dict:
+    layer = {"kind": kind, "weights": "w", "input": "x"}
+    if kind != "FULLY_CONNECTED":
+        layer.update(padding=padding, stride=[stride, stride], dilation=[dilation, dilation])
+    return layer
+
+
+def _options(layer: dict):
+    if layer["kind"] == "FULLY_CONNECTED":
+        return None
+    o = fb.Conv2DOptionsT()
+    o.padding = fb.Padding.SAME if layer["padding"] == "SAME" else fb.Padding.VALID
+    o.strideH = o.strideW = layer["stride"][0]
+    o.dilationHFactor = o.dilationWFactor = layer["dilation"][0]
+    return o
+
+
+GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
+    ("CONV_2D", "SAME", 1, 1, (1, 12, 12, 16), (24, 3, 3, 16)),  # taps
+    ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 3), (8, 3, 3, 3)),  # windows (few input channels)
+    ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 8), (16, 3, 3, 8)),  # dilated
+    ("CONV_2D", "VALID", 1, 1, (1, 7, 7, 32), (64, 1, 1, 32)),  # pointwise: direct
+    ("CONV_2D", "SAME", 2, 1, (1, 8, 8, 16), (32, 1, 1, 16)),  # strided 1x1
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 10, 10, 8), (1, 3, 3, 16)),  # depth multiplier 2
+    ("DEPTHWISE_CONV_2D", "VALID", 1, 1, (1, 9, 9, 12), (1, 5, 5, 12)),
+    ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
+]
+
+
+def _setup(geometry, seed: int = 0, projections: int | None = None):
+    kind, padding, stride, dilation, x_shape, w_shape = geometry
+    rng = np.random.default_rng(seed)
+    layer = _layer(kind, padding, stride, dilation)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = (10 * rng.standard_normal(x_shape)).astype(np.float32)  # masked inputs: mostly the mask
+    if kind == "FULLY_CONNECTED":
+        y64 = linear.fully_connected(x, w, (x_shape[0], w_shape[0]))
+    elif kind == "CONV_2D":
+        y64 = linear.conv2d(x, w, _options(layer))
+    else:
+        y64 = linear.depthwise_conv2d(x, w, _options(layer))
+    check = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=projections)
+    check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+    u_shape, f_shape = check.projection_shapes()
+    u, f = np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32)
+    return check, x, w, y64, u, f, rng
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}-{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+def test_check_accepts_the_layer_and_rejects_a_change(geometry):
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    y = y64.astype(np.float32)  # an honest float32 result (rounded once)
+    for _ in range(5):
+        check.draw(rng, u, f, w)
+        check.prepare(x, f)
+        worst, bound = check.check(y, u)
+        assert worst < 0.5 and bound <= freivalds.TARGET_LOG2  # the TEE's own rounding included
+        wrong = y.copy().reshape(-1)
+        wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
+        assert check.check(wrong.reshape(y.shape), u)[0] > 1
+
+
+def test_bound_is_met_by_the_worst_case_change():
+    """With one projection, the change the derivation calls the worst (rank one, matched to the
+    tolerance) is missed with probability P(|g| <= 1/c) <= beta = sqrt(2/pi) ||tau|| / ||E||, g ~ N(0, 1)."""
+    check, x, w, y64, u, f, rng = _setup(GEOMETRIES[0], seed=1, projections=1)
+    y = y64.astype(np.float32)
+    check.draw(rng, u, f, w)
+    check.prepare(x, f)
+    tau = check.tau.reshape(y.shape[:-1])
+    direction = rng.standard_normal(y.shape[-1])
+    direction /= np.linalg.norm(direction)
+    c = 3.0  # ||E|| = c ||tau||: missed when c |u . direction| <= 1, about a quarter of the time
+    change = (c * tau[..., None] * direction).astype(np.float32)
+    beta = math.sqrt(2 / math.pi) * check.tau_norm / float(np.linalg.norm(change.astype(np.float64)))
+    trials = 600
+    missed = 0
+    for _ in range(trials):
+        check.draw(rng, u, f, w)
+        check.prepare(x, f)
+        missed += check.check(y + change, u)[0] <= 1
+    expected = math.erf(1 / (c * math.sqrt(2)))
+    sigma = math.sqrt(expected * (1 - expected) / trials)
+    assert abs(missed / trials - expected) <= 4 * sigma
+    assert missed / trials <= beta + 4 * sigma
+
+
+def test_the_chosen_projections_miss_no_change_of_a_thousandth():
+    for geometry in GEOMETRIES:
+        check, x, w, y64, u, f, rng = _setup(geometry, seed=2)
+        y = y64.astype(np.float32)
+        norm = float(np.linalg.norm(y64))
+        for _ in range(40):
+            check.draw(rng, u, f, w)
+            check.prepare(x, f)
+            change = rng.standard_normal(y.shape[-1])  # rank one across every position: the hardest
+            change = np.broadcast_to(change, y.shape) * (1e-3 * norm / np.linalg.norm(
+                np.broadcast_to(change, y.shape)))
+            assert check.check(y + change.astype(np.float32), u)[0] > 1
+            assert check.bound_log2(norm) <= freivalds.TARGET_LOG2

@@ -21,6 +21,8 @@ multiply-add beats LiteRT's GATHER/MUL/ADD for the restore; a matmul against the
 matrix does the same in one pass and wins while the matrix is small (few channels), the gather wins at
 large channel counts; both are exact (the matrix holds the same coefficients and zeros). A restore that
 is block diagonal over contiguous channel ranges (group-mixing schemes) runs as one small matmul per block.
+Gathers use ``mode="wrap"``: every index is checked once at bind time, and numpy's wrap loop is ~1.4x
+faster than its clip loop (0.83 vs 1.20 ns an element, 3136 x 128 of 153 channels).
 """
 
 from __future__ import annotations
@@ -637,7 +639,7 @@ class ShadowNetTA(TrustedApp):
             for d, s in border:
                 np.copyto(d, s)
             for s, w, m, o in chunks:
-                np.take(s, perm, axis=-1, out=w, mode="clip")
+                np.take(s, perm, axis=-1, out=w, mode="wrap")
                 np.add(w, m, out=o)
         return push
 
@@ -690,16 +692,16 @@ class ShadowNetTA(TrustedApp):
                 for rows, cols, part in blocks:
                     np.matmul(s[:, rows], part, out=target[:, cols])
                 if perm is not None:
-                    np.take(v, perm, axis=1, out=w, mode="clip")
+                    np.take(v, perm, axis=1, out=w, mode="wrap")
         else:
             (first, first_coef), rest = terms[0], terms[1:]
 
             def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-                np.take(s, first, axis=1, out=w, mode="clip")
+                np.take(s, first, axis=1, out=w, mode="wrap")
                 if first_coef is not None:
                     np.multiply(w, first_coef, out=w)
                 for idx, c in rest:
-                    np.take(s, idx, axis=1, out=t, mode="clip")
+                    np.take(s, idx, axis=1, out=t, mode="wrap")
                     if c is not None:
                         np.multiply(t, c, out=t)
                     np.add(w, t, out=w)

@@ -103,22 +103,25 @@ class _Builder:
                     mult = weights.shape[-1] // g.tensors[x].shape[-1]
                 name = f"{g.describe_op(i)}"
                 try:
-                    obf = self.scheme.obfuscate(LinearLayer(op.kind, weights, mult, name), self.rng)
+                    obf = self.scheme.obfuscate(LinearLayer(op.kind, weights, mult, name,
+                                                            g.tensors[x].shape[-1]), self.rng)
                 except ValueError as exc:
                     raise UnsupportedOpError(f"{name}: {exc}") from None
-                key = (x, i) if obf.input_permutation is not None else (x, None)
+                transformed = obf.input_permutation is not None or obf.input_index is not None
+                key = (x, i) if transformed else (x, None)
                 if key not in pushes:
                     j = len(pushes)
                     shape = g.tensors[x].shape
                     tid = u.add_tensor(f"round_{r}/x{j}", shape, np.float32)
                     sig_in[f"x{j}"] = tid
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
-                    stats = stats.permuted(obf.input_permutation)
+                    stats = stats.for_input_of(obf)
                     mask = self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
                                    "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
-                                   "stats": stats}
+                                   "stats": stats, "mix": None if obf.input_index is None else
+                                   (obf.input_index, obf.input_coef)}
                 push = pushes[key]
                 j = len(restores)
                 out_shape = g.tensors[y].shape
@@ -308,8 +311,8 @@ class _Builder:
                              **_activation_fields(rest["activation"])}
                     pushes = [p for p in self.pushes[k] if p["tensor"] == t] if k < R else []
                     if len(pushes) == 1 and self.uses.get(t) == {(k, "push")}:
-                        # Its one use is the next round's push: restore, permute, mask and pad on the way
-                        # into shared memory, a chunk at a time (the tensor never fills a slot).
+                        # Its one use is the next round's push: restore, permute or mix, mask and pad on the
+                        # way into shared memory, a chunk at a time (the tensor never fills a slot).
                         p = pushes[0]
                         fused.add(id(p))
                         push = self._push_arrays(k, p)
@@ -374,14 +377,19 @@ class _Builder:
         self.numpy_ops = [i for units in self.units for u in units if u["kind"] == "numpy" for i in u["ops"]]
 
     def _push_arrays(self, k: int, p: dict[str, Any]) -> dict[str, Any]:
-        """A push's mask and input permutation as program arrays; its instruction fields."""
+        """A push's mask and input permutation or mixing as program arrays; its instruction fields."""
         name = f"r{k + 1}/{p['name']}"
         self.arrays[f"{name}/mask"] = p["mask"]
         perm = None
         if p["permutation"] is not None:
             perm = f"{name}/permutation"
             self.arrays[perm] = p["permutation"].astype(np.int32)
-        return {"permutation": perm, "mask": f"{name}/mask", "pad": p["pad"]}
+        mix: dict[str, Any] = {}
+        if p["mix"] is not None:
+            mix = {"input_index": f"{name}/input_index", "input_coef": f"{name}/input_coef"}
+            self.arrays[mix["input_index"]] = p["mix"][0].astype(np.int32)
+            self.arrays[mix["input_coef"]] = p["mix"][1].astype(np.float32)
+        return {"permutation": perm, "mask": f"{name}/mask", "pad": p["pad"], **mix}
 
     # -- shared memory ---------------------------------------------------------------------------------
     def layout(self) -> None:

@@ -8,7 +8,9 @@ k's instructions, prebuilt as closures over preallocated arrays, so an inference
 
 - ``restore``: accelerator output y' -> ``y = sum_j coef_j * y'[..., index_j] + offset`` (offset = bias
   minus the pop mask, precombined offline), then the fused activation, in place;
-- ``push``: ``dst = x[..., permutation] + mask`` into the next round's shared input buffer - the sum is
+- ``push``: ``dst = x[..., permutation] + mask`` (or the input channels mixed,
+  ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``, as block matmuls) into the next
+  round's shared input buffer - the sum is
   computed in secure memory (or written element by element by one ufunc), so nothing unmasked ever
   lands in shared memory, not even transiently;
 - ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
@@ -161,6 +163,8 @@ class _Model:
     chunk: int = 0  # elements of each of the scratch's three chunk buffers
     matrices: dict[str, np.ndarray] = field(default_factory=dict)  # restore (by offset array) -> [M, N]
     blocks: dict[str, list[tuple[slice, slice, np.ndarray]]] = field(default_factory=dict)  # -> block matmuls
+    mixings: dict[str, tuple[np.ndarray | None, list[tuple[slice, slice, np.ndarray]]]] = field(
+        default_factory=dict)  # input mixing (by index array) -> (gather order, block matmuls)
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     next_step: int = 0
@@ -355,6 +359,7 @@ class ShadowNetTA(TrustedApp):
         model.interpreter = None
         model.matrices.clear()
         model.blocks.clear()
+        model.mixings.clear()
         for array in model.held:
             self.tee.free(array)
         model.held.clear()
@@ -388,7 +393,7 @@ class ShadowNetTA(TrustedApp):
             restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
             chunk = max([1] + [_chunk_elements(model.arrays[i["offset"]].shape) for i in restores]
                         + [_chunk_elements(self._shape(model, i["src"])) for step in p["steps"] for i in step
-                           if i["op"] == "push" and i["permutation"] is not None])
+                           if i["op"] == "push" and (i["permutation"] is not None or i.get("input_index"))])
             model.chunk = chunk
             scratch = 3 * chunk
             padded_pools = [i for step in p["steps"] for i in step
@@ -399,6 +404,12 @@ class ShadowNetTA(TrustedApp):
                 scratch = max(scratch, shape[0] * (shape[1] + top + bottom) * (shape[2] + left + right)
                               * shape[3])
             model.scratch = self._alloc(model, scratch, np.float32)
+            for i in (i for step in p["steps"] for i in step if i.get("input_index")):
+                index, coef = model.arrays[i["input_index"]], model.arrays[i["input_coef"]]
+                plan = block_matmuls(index, coef, index.shape[1], gather=True)
+                if plan is not None:
+                    model.mixings[i["input_index"]] = (plan[0], [(rows, cols, self._keep(model, matrix))
+                                                                 for rows, cols, matrix in plan[1]])
             for i in restores:
                 m = p["shared_buffers"][i["src"].removeprefix("shm:")]["shape"][-1]
                 n = model.arrays[i["index"]].shape[1]
@@ -624,6 +635,8 @@ class ShadowNetTA(TrustedApp):
         if src.shape != out.shape:
             raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
         perm = self._permutation(model, instr["permutation"], src.shape[-1])
+        if instr.get("input_index"):
+            return self._compile_mixing_push(model, instr, src, out, inner_mask, border)
         if perm is None:
             def push_plain() -> None:
                 for d, s in border:
@@ -641,6 +654,61 @@ class ShadowNetTA(TrustedApp):
             for s, w, m, o in chunks:
                 np.take(s, perm, axis=-1, out=w, mode="wrap")
                 np.add(w, m, out=o)
+        return push
+
+    def _mixer(self, model: _Model, instr: dict[str, Any],
+               channels: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+        """``mix(x, out, tmp)``: ``out[:, c] = sum_j input_coef[j, c] * x[:, input_index[j, c]]`` for
+        ``[rows, channels]`` chunks; one gather into ``tmp`` when a block's channels are scattered, then
+        one small matmul per block (or, without block structure, the gather passes of a restore)."""
+        index, coef = model.arrays[instr["input_index"]], model.arrays[instr["input_coef"]]
+        if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != channels
+                or coef.dtype != np.float32 or index.min(initial=0) < 0 or index.max(initial=0) >= channels
+                or instr.get("permutation") is not None):
+            raise ValueError(f"{instr['op']} {instr['src']}: inconsistent input mixing")
+        plan = model.mixings.get(instr["input_index"])
+        if plan is not None:
+            order, blocks = plan
+            order = None if order is None else order.astype(np.intp)
+
+            def mix_blocks(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+                if order is not None:
+                    np.take(x, order, axis=1, out=tmp, mode="clip")
+                    x = tmp
+                for rows, cols, matrix in blocks:
+                    np.matmul(x[:, rows], matrix, out=out[:, cols])
+            return mix_blocks
+        (first, first_coef), *rest = [(i.astype(np.intp), c) for i, c in zip(index, coef, strict=True)]
+
+        def mix_gather(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+            np.take(x, first, axis=1, out=out, mode="clip")
+            np.multiply(out, first_coef, out=out)
+            for i, c in rest:
+                np.take(x, i, axis=1, out=tmp, mode="clip")
+                np.multiply(tmp, c, out=tmp)
+                np.add(out, tmp, out=out)
+        return mix_gather
+
+    def _compile_mixing_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray, out: np.ndarray,
+                             mask: np.ndarray, border: list[tuple[np.ndarray, np.ndarray]]
+                             ) -> Callable[[], Any]:
+        """A push whose input channels are mixed: chunk by chunk through secure scratch, then masked."""
+        c = src.shape[-1]
+        if not src.flags.c_contiguous:
+            raise ValueError(f"push {instr['src']}: the source is not contiguous")
+        mix = self._mixer(model, instr, c)
+        work, term = model.scratch[:model.chunk], model.scratch[model.chunk:2 * model.chunk]
+        chunks = []
+        for sl in _row_chunks(out.shape):
+            s = src[sl].reshape(-1, c)
+            chunks.append((s, _chunk_of(work, s.shape), _chunk_of(term, s.shape), mask[sl], out[sl]))
+
+        def push() -> None:
+            for d, m in border:
+                np.copyto(d, m)
+            for s, w, t, m, o in chunks:
+                mix(s, w, t)
+                np.add(w.reshape(o.shape), m, out=o)
         return push
 
     def _compile_restore(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
@@ -664,6 +732,8 @@ class ShadowNetTA(TrustedApp):
                 or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
             raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
         perm = self._permutation(model, instr.get("permutation"), n)
+        # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
+        mix = self._mixer(model, instr, n) if mask is not None and instr.get("input_index") else None
         cap = model.chunk
         work, term, spare = (model.scratch[i * cap:(i + 1) * cap] for i in range(3))
         matrix = model.matrices.get(instr["offset"])  # permuted at load
@@ -679,9 +749,11 @@ class ShadowNetTA(TrustedApp):
             o = out[sl]
             w = o.reshape(-1, n) if in_place else _chunk_of(work, (o.size // n, n))
             t = _chunk_of(term, w.shape)
-            chunks.append((src[sl].reshape(-1, m), w, offset[sl].reshape(w.shape), t,
-                           _chunk_of(spare, w.shape), _activation(kind, alpha, t),
-                           None if mask is None else (w.reshape(o.shape), mask[sl], o)))
+            v = _chunk_of(spare, w.shape)
+            pushed = w if mix is None else v
+            chunks.append((src[sl].reshape(-1, m), w, offset[sl].reshape(w.shape), t, v,
+                           _activation(kind, alpha, t),
+                           None if mask is None else (pushed.reshape(o.shape), mask[sl], o)))
 
         if matrix is not None:
             def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
@@ -714,6 +786,8 @@ class ShadowNetTA(TrustedApp):
                 np.add(w, off, out=w)
                 if activation is not None:
                     activation(w)
+                if mix is not None:
+                    mix(w, v, t)
                 if masked is not None:
                     np.add(masked[0], masked[1], out=masked[2])
         return restore
@@ -754,6 +828,17 @@ def restore_blocks(index: np.ndarray, coef: np.ndarray,
     """The restore ``y[:, n] = sum_j coef[j, n] * y'[:, index[j, n]]`` as block matmuls
     ``y[:, cols] = y'[:, rows] @ matrix``, one per connected set of output and source channels, when
     each set is a contiguous range on both sides and the blocks pay (see ``BLOCK_*``); else None."""
+    plan = block_matmuls(index, coef, m, gather=False)
+    return None if plan is None else plan[1]
+
+
+def block_matmuls(index: np.ndarray, coef: np.ndarray, m: int, gather: bool
+                  ) -> tuple[np.ndarray | None, list[tuple[slice, slice, np.ndarray]]] | None:
+    """``out[:, n] = sum_j coef[j, n] * src[:, index[j, n]]`` as ``(order, blocks)``: one matmul
+    ``out[:, cols] = src'[:, rows] @ matrix`` per connected set of output and source channels, where
+    ``src'`` is ``src`` itself (``order`` None: each set's source channels span a range, gaps as zero
+    rows) or, with ``gather``, ``src[:, order]`` (one gather puts each set's source channels side by
+    side). None when a set's output channels are not contiguous or the blocks do not pay (``BLOCK_*``)."""
     k, n = index.shape
     if n == 0 or index.min() < 0 or index.max() >= m:
         return None
@@ -775,17 +860,24 @@ def restore_blocks(index: np.ndarray, coef: np.ndarray,
     starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
     if len(starts) != len(np.unique(label)) or n < BLOCK_MIN_MEAN_WIDTH * len(starts):
         return None  # a set of output channels is not contiguous, or the blocks are too narrow
-    blocks, macs = [], 0
-    for a, b in zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True):
-        lo, hi = int(index[:, a:b].min()), int(index[:, a:b].max()) + 1
-        macs += (hi - lo) * (b - a)
-        matrix = np.zeros((hi - lo, b - a), np.float32)
+    spans = list(zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True))
+    sources = [np.unique(index[:, a:b]) for a, b in spans]
+    contiguous = all(len(r) == r[-1] - r[0] + 1 for r in sources)
+    if not (contiguous or gather):
+        sources = [np.arange(r[0], r[-1] + 1) for r in sources]
+    order = np.concatenate(sources).astype(np.int32) if gather and not contiguous else None
+    blocks, macs, at = [], 0, 0
+    for (a, b), rows in zip(spans, sources, strict=True):
+        macs += len(rows) * (b - a)
+        matrix = np.zeros((len(rows), b - a), np.float32)
         for j in range(k):
-            np.add.at(matrix, (index[j, a:b] - lo, np.arange(b - a)), coef[j, a:b])
-        blocks.append((slice(lo, hi), slice(a, b), matrix))
+            np.add.at(matrix, (np.searchsorted(rows, index[j, a:b]), np.arange(b - a)), coef[j, a:b])
+        start = at if order is not None else int(rows[0])
+        blocks.append((slice(start, start + len(rows)), slice(a, b), matrix))
+        at += len(rows)
     if macs > BLOCK_MAX_MACS_PER_OUTPUT * n:
         return None
-    return blocks
+    return order, blocks
 
 
 # Restores and pushes run a chunk of rows at a time (about this many float32 elements): whatever is still

@@ -2,8 +2,9 @@
 
 A scheme is small: given one linear layer (CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED weights in
 LiteRT's layout) and a random generator, it returns the obfuscated weights the accelerator runs, an
-optional permutation of the layer's input channels (applied by the TEE before the push), and the
-restore: ``y[..., n] = sum_j coef[j, n] * y'[..., index[j, n]]``. It also draws the push masks (its
+optional transform of the layer's input channels (applied by the TEE before the push: a permutation, or
+a mixing ``x'[..., c] = sum_j coef[j, c] * x[..., index[j, c]]``), and the restore:
+``y[..., n] = sum_j coef[j, n] * y'[..., index[j, n]]``. It also draws the push masks (its
 mask plan); the converter pushes each mask through the obfuscated layer and the restore to get the
 pop mask, so a scheme never deals with convolutions. Schemes are registered by name in ``SCHEMES``.
 """
@@ -22,12 +23,15 @@ LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
 @dataclass(frozen=True)
 class LinearLayer:
     """One offloadable op's weights, in LiteRT's layout: CONV_2D ``[N, kh, kw, C]``, FULLY_CONNECTED
-    ``[N, K]``, DEPTHWISE_CONV_2D ``[1, kh, kw, C * depth_multiplier]``. ``name`` is for messages."""
+    ``[N, K]``, DEPTHWISE_CONV_2D ``[1, kh, kw, C * depth_multiplier]``. ``name`` is for messages.
+    ``input_channels``: the size of the op input's last axis, the axis an input transform acts on (None:
+    unknown; a FULLY_CONNECTED flattens its input, so its ``K`` may be a multiple of it)."""
 
     kind: str
     weights: np.ndarray
     depth_multiplier: int = 1
     name: str = ""
+    input_channels: int | None = None
 
     @property
     def out_channels(self) -> int:
@@ -42,12 +46,28 @@ class ObfuscatedLinear:
     ``input_permutation``: int32 ``[C]`` or None; the accelerator's input is ``x[..., input_permutation]``.
     ``restore_index`` (int32) / ``restore_coef`` (float32), both ``[k, N]``: the original output is
     ``y[..., n] = sum_j restore_coef[j, n] * y'[..., restore_index[j, n]]``.
+    ``input_index`` (int32) / ``input_coef`` (float32), both ``[k, C]``, or None: a mixing of the input
+    channels instead of a permutation (``input_permutation`` is then None): the accelerator's input is
+    ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``.
     """
 
     weights: np.ndarray
     input_permutation: np.ndarray | None
     restore_index: np.ndarray
     restore_coef: np.ndarray
+    input_index: np.ndarray | None = None
+    input_coef: np.ndarray | None = None
+
+    def transform_input(self, x: np.ndarray) -> np.ndarray:
+        """The accelerator's input for the layer input ``x``, in float64 (offline: tests)."""
+        x = np.asarray(x, np.float64)
+        if self.input_index is not None:
+            coef = self.input_coef.astype(np.float64)
+            out = x[..., self.input_index[0]] * coef[0]
+            for j in range(1, len(self.input_index)):
+                out += x[..., self.input_index[j]] * coef[j]
+            return out
+        return x if self.input_permutation is None else x[..., self.input_permutation]
 
     def restore(self, y_obf: np.ndarray) -> np.ndarray:
         """The restore in float64 (offline: pop masks and tests; the TEE has its own fused kernel)."""
@@ -74,6 +94,15 @@ class ActivationStats:
 
     def permuted(self, permutation: np.ndarray | None) -> ActivationStats:
         return self if permutation is None else ActivationStats(self.mean[permutation], self.std, self.rms)
+
+    def for_input_of(self, obf: ObfuscatedLinear) -> ActivationStats:
+        """The statistics of ``obf``'s accelerator input: the means permuted or mixed as the input is;
+        ``std`` and ``rms`` kept (exact for a permutation, and overall for an orthonormal mixing)."""
+        if obf.input_index is None:
+            return self.permuted(obf.input_permutation)
+        mean = ObfuscatedLinear(obf.weights, None, obf.restore_index, obf.restore_coef, obf.input_index,
+                                obf.input_coef).transform_input(self.mean)
+        return ActivationStats(mean, self.std, self.rms)
 
 
 @dataclass(frozen=True)

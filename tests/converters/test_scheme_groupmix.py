@@ -13,7 +13,7 @@ from converters import convert, linear
 from converters.schemes import ActivationStats, LinearLayer, get_scheme
 from converters.schemes.groupmix import GroupMixScheme, split_groups
 from shadownet import attacks, audit
-from tee_sim.ta_shadownet import restore_blocks
+from tee_sim.ta_shadownet import block_matmuls, restore_blocks
 from tests.converters.driver import Driver, litert, relative_error
 
 FIDELITY = 1e-4
@@ -63,12 +63,17 @@ LAYERS = {  # name -> (kind, builder)
 }
 
 
+def input_matrix(obf, channels):
+    """The input transform as a matrix ``T`` ``[C, C]``: the accelerator's input is ``x' = T x``."""
+    return obf.transform_input(np.eye(channels)).T
+
+
 def rows_as_reference(obf, kind):
-    """The obfuscated filters as rows, in the reference's input-channel order (the attacker is handed
-    the secret input permutation: the strongest case for the output-side mixing alone)."""
+    """The obfuscated filters as rows, in the reference's input coordinates: ``W' x' = (W' T) x`` (the
+    attacker is handed the secret input transform: the strongest case for the output-side mixing alone)."""
     w = obf.weights.astype(np.float64)
-    if obf.input_permutation is not None:
-        w = w[..., np.argsort(obf.input_permutation)]
+    if kind != "DEPTHWISE_CONV_2D":
+        w = w @ input_matrix(obf, w.shape[-1])
     return w.reshape(len(w), -1)
 
 
@@ -77,17 +82,19 @@ def layer_case(request):
     kind, build = LAYERS[request.param]
     rng = np.random.default_rng(sorted(LAYERS).index(request.param))
     w = build(rng)
-    return request.param, kind, w, GroupMixScheme().obfuscate(LinearLayer(kind, w), rng)
+    layer = LinearLayer(kind, w, input_channels=w.shape[-1])
+    return request.param, kind, w, GroupMixScheme().obfuscate(layer, rng)
 
 
 # -- the registry ---------------------------------------------------------------------------------------
 
 def test_registry_and_parameters():
-    s = get_scheme("groupmix:group_size=8,max_cos=0.7,permute_inputs=false")
+    s = get_scheme("groupmix:group_size=8,max_cos=0.7,input_group=1")
     assert isinstance(s, GroupMixScheme) and s.name == "groupmix"
     assert s.public_params() == {"group_size": 8, "min_group": 8, "max_cos": 0.7, "tries": 64,
-                                 "permute_inputs": False, "mask_scale": 10.0, "center_masks": True}
-    for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "mask_scale=-1", "bogus=1"):
+                                 "input_group": 1, "mask_scale": 10.0, "center_masks": True}
+    for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "input_group=-1", "mask_scale=-1",
+                "bogus=1"):
         with pytest.raises(ValueError):
             get_scheme(f"groupmix:{bad}")
 
@@ -143,25 +150,52 @@ def test_restore_costs_at_most_sqrt_group_size_in_precision(layer_case):
     assert np.all(weighted.sum(axis=0) <= np.sqrt(m) * real_norms * (1 + 1e-5)), name
 
 
-@pytest.mark.parametrize("padding,stride,dilation", [
-    (fb.Padding.SAME, (1, 1), (1, 1)), (fb.Padding.VALID, (2, 1), (1, 1)), (fb.Padding.SAME, (1, 1), (2, 3))])
-def test_conv_with_input_permutation_and_masks_is_exact(padding, stride, dilation):
+@pytest.mark.parametrize("padding,stride,dilation,input_group", [
+    (fb.Padding.SAME, (1, 1), (1, 1), 16), (fb.Padding.VALID, (2, 1), (1, 1), 16),
+    (fb.Padding.SAME, (1, 1), (2, 3), 16), (fb.Padding.SAME, (1, 1), (1, 1), 1)])
+def test_conv_with_input_transform_and_masks_is_exact(padding, stride, dilation, input_group):
     rng = np.random.default_rng(10)
-    x = rng.standard_normal((1, 11, 10, 12))
-    w = he_layer(rng, 40, 3, 3, 12)
+    x = rng.standard_normal((1, 11, 10, 20))
+    w = he_layer(rng, 40, 3, 3, 20)
     options = conv_options(padding, stride, dilation)
     want = linear.conv2d(x, w, options)
-    scheme = get_scheme("groupmix")
-    obf = scheme.obfuscate(LinearLayer("CONV_2D", w), rng)
-    assert sorted(obf.input_permutation) == list(range(12))
-    stats = ActivationStats(rng.normal(0, 1, 12), 1.0, 1.5)
-    r = scheme.push_mask(x.shape, stats.permuted(obf.input_permutation), rng).astype(np.float64)
-    xp = x[..., obf.input_permutation]
-    obf_shape = want.shape
+    scheme = GroupMixScheme(input_group=input_group)
+    obf = scheme.obfuscate(LinearLayer("CONV_2D", w, input_channels=20), rng)
+    stats = ActivationStats(rng.normal(0, 1, 20), 1.0, 1.5)
+    r = scheme.push_mask(x.shape, stats.for_input_of(obf), rng).astype(np.float64)
+    xp = obf.transform_input(x)
     got = obf.restore(linear.conv2d(xp + r, obf.weights, options))
     pop = obf.restore(linear.conv2d(r, obf.weights, options))
     assert np.max(np.abs(got - pop - want)) <= 1e-5 * np.max(np.abs(want))
-    assert obf_shape == got.shape
+    # The masks are centered on the accelerator's input: its per-channel means are the mixed ones.
+    assert np.allclose(stats.for_input_of(obf).mean, obf.transform_input(stats.mean))
+
+
+def test_input_transform_is_orthogonal_blocks_of_consecutive_channels():
+    rng = np.random.default_rng(18)
+    w = he_layer(rng, 24, 3, 3, 40)
+    mixing = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", w, input_channels=40), rng)
+    assert mixing.input_permutation is None and mixing.input_index.shape == (14, 40)  # groups 13, 13, 14
+    t = input_matrix(mixing, 40)
+    assert np.allclose(t @ t.T, np.eye(40), atol=1e-6)  # orthogonal: no precision lost, no scale leaked
+    for a, b in split_groups(40, 16):
+        assert np.count_nonzero(t[a:b]) == (b - a) ** 2  # dense within a group, nothing outside
+    only = GroupMixScheme(input_group=1).obfuscate(LinearLayer("CONV_2D", w, input_channels=40), rng)
+    assert only.input_index is None and sorted(only.input_permutation) == list(range(40))
+    assert GroupMixScheme(input_group=0).obfuscate(LinearLayer("CONV_2D", w), rng).input_permutation is None
+
+
+@pytest.mark.parametrize("channels", [16, 40, None])
+def test_dense_inputs_are_mixed_per_position_when_their_channels_are_known(channels):
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((2, 5, 2, 40)) if channels == 40 else rng.standard_normal((2, 400))
+    w = he_layer(rng, 30, 400)
+    want = linear.fully_connected(x, w, (2, 30))
+    layer = LinearLayer("FULLY_CONNECTED", w, input_channels=x.shape[-1] if channels else None)
+    obf = GroupMixScheme().obfuscate(layer, rng)
+    assert (obf.input_index is None) == (channels is None)
+    got = obf.restore(linear.fully_connected(obf.transform_input(x), obf.weights, (2, len(obf.weights))))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
 
 def test_small_degenerate_and_rank_deficient_layers():
@@ -176,7 +210,7 @@ def test_small_degenerate_and_rank_deficient_layers():
     }
     for name, w in cases.items():
         obf = scheme.obfuscate(LinearLayer("FULLY_CONNECTED", w), rng)
-        assert obf.input_permutation is None  # dense inputs are not permuted (their layout may be any rank)
+        assert obf.input_index is None  # the input's channels are not known: left alone
         assert len(obf.weights) >= len(w) and np.all(np.isfinite(obf.weights)), name
         back = obf.restore(obf.weights.astype(np.float64).T).T
         assert np.max(np.abs(back - w)) <= 1e-6 * max(np.max(np.abs(w)), 1e-30), name
@@ -192,7 +226,7 @@ def test_depthwise_is_permuted_and_scaled(multiplier):
     k = rng.standard_normal((1, 3, 3, 6 * multiplier)) * 0.2
     options = depthwise_options(multiplier, dilation=(2, 1))
     want = linear.depthwise_conv2d(x, k, options)
-    obf = GroupMixScheme().obfuscate(LinearLayer("DEPTHWISE_CONV_2D", k, multiplier), rng)
+    obf = GroupMixScheme().obfuscate(LinearLayer("DEPTHWISE_CONV_2D", k, multiplier, input_channels=6), rng)
     got = obf.restore(linear.depthwise_conv2d(x[..., obf.input_permutation], obf.weights, options))
     assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want))
     scales = 1 / obf.restore_coef[0]
@@ -212,6 +246,38 @@ def test_same_generator_state_same_secrets():
     a, b, c = (GroupMixScheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(seed))
                for seed in (1, 1, 2))
     assert np.array_equal(a.weights, b.weights) and not np.array_equal(a.weights, c.weights)
+
+
+def test_block_push_matches_the_input_transform():
+    rng = np.random.default_rng(20)
+    obf = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", he_layer(rng, 8, 1, 1, 70)), rng)
+    order, blocks = block_matmuls(obf.input_index, obf.input_coef, 70, gather=True)
+    assert order is None  # consecutive channels: the push reads each group in place
+    x = rng.standard_normal((30, 70)).astype(np.float32)
+    gathered, out = x, np.empty_like(x)
+    for source, columns, matrix in blocks:
+        assert matrix.shape[0] <= 16
+        np.matmul(gathered[:, source], matrix, out=out[:, columns])
+    assert np.max(np.abs(out - obf.transform_input(x))) <= 1e-5 * np.max(np.abs(out))
+
+
+def test_block_matmuls_gather_scattered_sources():
+    """The TA's block plan for any transform whose output blocks are contiguous: sources anywhere are
+    first gathered side by side (one pass), then one matmul per block."""
+    rng = np.random.default_rng(22)
+    perm = rng.permutation(40)
+    index, coef = np.zeros((16, 40), np.int32), np.zeros((16, 40), np.float32)
+    for a, b in split_groups(40, 16):
+        index[:, a:b] = perm[a]
+        index[:b - a, a:b] = perm[a:b, None]
+        coef[:b - a, a:b] = rng.standard_normal((b - a, b - a))
+    order, blocks = block_matmuls(index, coef, 40, gather=True)
+    x = rng.standard_normal((7, 40)).astype(np.float32)
+    gathered, out = x[:, order], np.empty_like(x)
+    for source, columns, matrix in blocks:
+        np.matmul(gathered[:, source], matrix, out=out[:, columns])
+    want = sum(x[:, index[j]] * coef[j] for j in range(16))
+    assert np.max(np.abs(out - want)) <= 1e-5 * np.max(np.abs(want))
 
 
 def test_block_restore_matches_the_restore():
@@ -238,7 +304,7 @@ def test_attacks_recover_nothing(layer_case):
         assert figures["subspace"]["energy_mean"] > 0.99
 
 
-def test_attacks_recover_nothing_in_the_permuted_coordinates_either(layer_case):
+def test_attacks_recover_nothing_in_the_accelerators_coordinates_either(layer_case):
     """What ``shadownet audit`` sees: the filters as the accelerator holds them."""
     name, kind, w, obf = layer_case
     real = w.reshape(len(w), -1)
@@ -253,6 +319,42 @@ def test_the_same_attacks_recover_the_paper_schemes_filters(layer_case):
     real = w.reshape(len(w), -1)
     figures = attacks.attack_layer(obf.weights.reshape(len(obf.weights), -1), real)
     assert figures["recovered"]["any"] >= 0.9 * len(real), (name, figures["recovered"])
+
+
+def ica_estimates(obf):
+    """Blind source separation on each group of obfuscated filters (the attacker finds the groups: their
+    filters are mutually orthogonal; here they are handed over), in the accelerator's coordinates."""
+    from sklearn.decomposition import FastICA
+
+    rows = obf.weights.reshape(len(obf.weights), -1).astype(np.float64)
+    estimates = []
+    for source, _, _ in restore_blocks(obf.restore_index, obf.restore_coef, len(rows)):
+        ica = FastICA(n_components=source.stop - source.start, whiten="unit-variance", max_iter=1000,
+                      random_state=0)
+        estimates.append(ica.fit_transform(rows[source].T).T)
+    return np.vstack(estimates)
+
+
+@pytest.mark.parametrize("distribution", ["laplace", "sparse"])
+def test_ica_on_heavy_tailed_weights_is_stopped_by_the_input_mixing(distribution):
+    """Trained or pruned weights are heavy-tailed or sparse, not Gaussian like He-init ones: ICA then
+    undoes any output-side mixing by itself. Mixing the inputs in groups of 16 makes every weight the
+    accelerator holds a sum of 16, Gaussian enough that ICA finds not even the filters in the mixed input
+    coordinates (``W B^-1``, which would still need ``B``)."""
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(21)
+    shape = (64, 3, 3, 32)
+    w = rng.laplace(size=shape) if distribution == "laplace" else (
+        rng.standard_normal(shape) * (rng.random(shape) < 0.5))
+    real = w.reshape(64, -1)
+    permuted_only = GroupMixScheme(input_group=1).obfuscate(LinearLayer("CONV_2D", w), rng)
+    t = input_matrix(permuted_only, 32)
+    found = attacks.best_cosines((ica_estimates(permuted_only).reshape(-1, 9, 32) @ t).reshape(-1, 288), real)
+    assert (found >= 0.9).sum() >= 0.8 * 64  # the permutation undone, as an attacker would
+    mixed = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", w), rng)
+    t = input_matrix(mixed, 32)
+    found = attacks.best_cosines(ica_estimates(mixed), (w @ t.T).reshape(64, -1))
+    assert (found >= 0.9).sum() <= 0.01 * 64, np.sort(found)[-5:]
 
 
 def test_groupcovers_random_mixing_would_leak():

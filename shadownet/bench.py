@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.exceptions import ShadowNetError
+from shadownet.exceptions import SecureMemoryError, ShadowNetError
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
@@ -186,8 +186,14 @@ def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs
             with device:
                 self.inner.run_round(r)
 
-    models = [load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice)
-              for _ in range(2)]
+    models: list[Any] = []
+    try:
+        for _ in range(2):
+            models.append(load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice))
+    except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
+        for m in models:
+            m.close()
+        return {"fps": None, "error": str(exc)}
     try:
         results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
         for m, r in zip(models, results, strict=True):  # warm both
@@ -294,8 +300,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             streaming = {mode: {"fps": _frames_per_second(lambda m=mode: runners[m](inputs), frames)}
                          for mode in ("unprotected", "all-in-tee", "all-in-tee-builtin")}
             streaming["shadownet"] = _pipelined_fps(out_dir, num_threads, delegate, inputs, frames)
-            streaming["S/U"] = streaming["shadownet"]["fps"] / streaming["unprotected"]["fps"]
-        progress(f"{name}: done", total, total)
+            fps = streaming["shadownet"]["fps"]
+            streaming["S/U"] = fps / streaming["unprotected"]["fps"] if fps is not None else None
     finally:
         for runner in runners.values():
             runner.close()
@@ -401,15 +407,18 @@ class _Progress:
         if step not in (0, total) and now - self._last < 0.1:
             return
         self._last = now
-        fraction = (self.done + (step / total if total else 1)) / self.models
+        fraction = min((self.done + (step / total if total else 1)) / self.models, 1.0)
         width = 30
         bar = "#" * int(fraction * width)
         sys.stderr.write(f"\r[{bar:<{width}}] {fraction * 100:5.1f}%  {label[:60]:<60}")
         sys.stderr.flush()
-        if step == total and label.endswith("done"):
-            self.done += 1
-            if self.done == self.models:
-                sys.stderr.write("\n")
+
+    def finish(self, label: str) -> None:
+        """One model is done (or failed)."""
+        self.done += 1
+        self(label, 0, 1)
+        if self.enabled and self.done == self.models:
+            sys.stderr.write("\n")
 
     def clear(self) -> None:
         if self.enabled and self.done < self.models:
@@ -434,9 +443,14 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         # The all-in-TEE baseline gets a secure world of its own, without a cap.
         with tee_sim.Context(memory_cap=NO_CAP) as tee_context:
             for name, path in sources:
-                entries.append(bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
-                                           num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
-                                           tee_context=tee_context, progress=bar, throughput=throughput))
+                try:
+                    entries.append(bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
+                                               num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
+                                               tee_context=tee_context, progress=bar, throughput=throughput))
+                    bar.finish(f"{name}: done")
+                except ShadowNetError as exc:  # e.g. over the secure-memory cap: say so, bench the others
+                    entries.append({"model": name, "error": str(exc)})
+                    bar.finish(f"{name}: failed")
     finally:
         bar.clear()
         if temporary:
@@ -454,12 +468,27 @@ def _k(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
+def _fps(value: float | None, width: int = 0, digits: int = 1) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def _done(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in report["models"] if "error" not in e]
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    notes = [f"{e['model']}: not measured: {e['error']}" for e in report["models"] if "error" in e]
+    notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
+              for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
+    return notes
+
+
 def table(report: dict[str, Any]) -> str:
     """The report as plain-text tables (stdout)."""
     lines = []
     head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
     lines += [head, "-" * len(head)]
-    for e in report["models"]:
+    for e in _done(report):
         for mode in MODES:
             m = e["modes"][mode]
             lines.append(f"{e['model']:<12} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
@@ -469,7 +498,7 @@ def table(report: dict[str, Any]) -> str:
             f"{'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
             + " ".join(f"{'S(k=' + str(k) + ')':>9}" for k in PROJECTED_K))
     lines += [head, "-" * len(head)]
-    for e in report["models"]:
+    for e in _done(report):
         s, b = e["shadownet"], e["shadownet"]["breakdown"]
         traffic = (s["bytes_to_tee"] + s["bytes_from_tee"]) / 1e6
         r = e["ratios"]
@@ -479,16 +508,17 @@ def table(report: dict[str, Any]) -> str:
             f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
             f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
             + " ".join(f"{e['projected_ms'][str(k)]:9.2f}" for k in PROJECTED_K))
-    streaming = [e for e in report["models"] if "throughput" in e]
+    streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
         head = (f"{'model':<12} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
                 f"{'S/U':>5}")
         lines += ["", head, "-" * len(head)]
         for e in streaming:
             x = e["throughput"]
-            lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {x['shadownet']['fps']:20.1f} "
+            lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
                          f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
-                         f"{x['S/U']:5.2f}")
+                         f"{_fps(x['S/U'], 5, 2)}")
+    lines += [""] + _failures(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
               "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T.",
               "Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
@@ -508,7 +538,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         out.append(f"Command: `{command}`")
     out += ["", "| model | mode | min ms | median ms | max ms | secure memory MiB |",
             "|---|---|---:|---:|---:|---:|"]
-    for e in report["models"]:
+    for e in _done(report):
         for mode in MODES:
             x = e["modes"][mode]
             out.append(f"| {e['model']} | {mode} | {x['min_ms']:.2f} | {x['median_ms']:.2f} | "
@@ -517,7 +547,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             "| world switches | MB across / inference | MACs offloaded | conversion s | break-even k | "
             + " | ".join(f"S(k={k}) ms" for k in PROJECTED_K) + " |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PROJECTED_K)]
-    for e in report["models"]:
+    for e in _done(report):
         x, b = e["shadownet"], e["shadownet"]["breakdown"]
         out.append(
             f"| {e['model']} | {e['rounds']} | {e['ratios']['S/U']:.2f} | {e['ratios']['T/S']:.2f} | "
@@ -526,7 +556,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "
             f"{x['macs_offloaded_share'] * 100:.2f}% | {x['conversion_s']:.2f} | {_k(e['break_even_k'])} | "
             + " | ".join(f"{e['projected_ms'][str(k)]:.2f}" for k in PROJECTED_K) + " |")
-    streaming = [e for e in report["models"] if "throughput" in e]
+    streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
         out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "
                 "in the TEE the other runs on the accelerator):", "",
@@ -535,9 +565,12 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
                 "|---|---:|---:|---:|---:|---:|"]
         for e in streaming:
             x = e["throughput"]
-            out.append(f"| {e['model']} | {x['unprotected']['fps']:.1f} | {x['shadownet']['fps']:.1f} | "
+            out.append(f"| {e['model']} | {x['unprotected']['fps']:.1f} | {_fps(x['shadownet']['fps'])} | "
                        f"{x['all-in-tee']['fps']:.1f} | {x['all-in-tee-builtin']['fps']:.1f} | "
-                       f"{x['S/U']:.2f} |")
+                       f"{_fps(x['S/U'], 0, 2)} |")
+    failures = _failures(report)
+    if failures:
+        out += [""] + [f"- {note}" for note in failures]
     out += ["", "S = shadownet, U = unprotected, T = all-in-tee with XNNPACK (one thread, in the secure "
             "world). The accelerator and the TEE are the same CPU on this machine, so S/U and T/S compare "
             "software paths; the break-even k is how many times faster than one TEE core the accelerator "
@@ -553,7 +586,9 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = report["models"]
+    entries = _done(report)
+    if not entries:
+        raise ShadowNetError("nothing to plot: no model was measured")
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 4), squeeze=False)
     parts = (("accelerator_ms", "accelerator"), ("tee_compute_ms", "TEE compute"),
              ("crossing_ms", "crossing"), ("other_ms", "other"))

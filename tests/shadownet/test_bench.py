@@ -81,6 +81,11 @@ def test_bench_report(tmp_path):
 def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
     assert "neither a zoo model" in capsys.readouterr().err
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a model")
+    report = bench.run_bench([str(bad)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
+    assert "error" in report["models"][0]  # reported, and the other models would still run
+    assert "bad: not measured" in bench.table(report)
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
         bench._require_matplotlib()

@@ -54,6 +54,7 @@ from tee_sim.freivalds import LayerCheck, window_index
 TABLE_BITS = 16
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 2 and at most 8
 MIN_POOL, MAX_POOL = 2, 8
+BOUND_EVERY = 8  # the achieved detection bound is measured on the first 8 inferences, then 1 in 8
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: np.ndarray | None = None
 
@@ -304,6 +305,7 @@ class PerInference:
         self.offline_s = 0.0
         self.synchronous = 0
         self.checked = 0
+        self.inferences = 0
         self.worst_ratio = 0.0
         self.worst_bound_log2 = -math.inf
 
@@ -378,6 +380,7 @@ class PerInference:
             self.synchronous += 1
             self.refill(entries=1)
         self.current = self._ready.popleft()
+        self.inferences += 1
 
     def end(self) -> None:
         """The inference is over (or abandoned): its entry is spent, to be made anew."""
@@ -432,13 +435,16 @@ class PerInference:
         self.checks[out].prepare(x, self.current.projections[out][1])
 
     def _check(self, out: str, y: np.ndarray) -> None:
-        worst, bound = self.checks[out].check(y, self.current.projections[out][0])
+        # The achieved bound (a statistic, one more pass over y) on the first inferences, then 1 in 8.
+        sample = self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0
+        worst, bound = self.checks[out].check(y, self.current.projections[out][0], bound=sample)
         if not worst <= 1.0:
             raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} "
                                   "times the float32 tolerance)")
         self.checked += 1
         self.worst_ratio = max(self.worst_ratio, worst)
-        self.worst_bound_log2 = max(self.worst_bound_log2, bound)
+        if bound is not None:
+            self.worst_bound_log2 = max(self.worst_bound_log2, bound)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -143,8 +143,8 @@ def _verified_inferences(context, out, count: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     with context.open_session(UUID) as session:
         secrets = (out / "secrets.sealed").read_bytes()
-        session.invoke_command(Command.LOAD_MODEL, [tee_sim.TempMemRef(secrets), tee_sim.TempMemRef(untrusted),
-                                                    tee_sim.Value(LOAD_VERIFY)])
+        load = [tee_sim.TempMemRef(secrets), tee_sim.TempMemRef(untrusted), tee_sim.Value(LOAD_VERIFY)]
+        session.invoke_command(Command.LOAD_MODEL, load)
         size = manifest["shared_memory_size"]
         shm = context.register_shared_memory(size)
         try:

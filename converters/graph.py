@@ -10,6 +10,7 @@ never TensorFlow. Op kinds are the schema's ``BuiltinOperator`` names; groupings
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from ai_edge_litert.tools import flatbuffer_utils
 
 from converters.tflite_sparsity import densify
+from converters.tflite_verify import verify
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 OFFLOADABLE: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
@@ -36,6 +38,15 @@ FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
 })
 # Float kernels of LiteRT that reject a conv without bias (conv.cc: TF_LITE_ENSURE(context, has_bias)).
 _BIAS_REQUIRED: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D"})
+# Input positions LiteRT's kernels accept absent (-1); None: the op checks each input itself (recurrent ops'
+# optional tensors, custom ops). Elsewhere an absent input can reach a kernel that dereferences it (RESHAPE
+# without its shape tensor crashes LiteRT: found by fuzzing).
+_OPTIONAL_INPUTS: dict[str, frozenset[int] | None] = {
+    "CONV_2D": frozenset({2}), "DEPTHWISE_CONV_2D": frozenset({2}), "FULLY_CONNECTED": frozenset({2}),
+    "TRANSPOSE_CONV": frozenset({3}), "CONV_3D": frozenset({2}), "CONV_3D_TRANSPOSE": frozenset({3}),
+    "LSTM": None, "UNIDIRECTIONAL_SEQUENCE_LSTM": None, "BIDIRECTIONAL_SEQUENCE_LSTM": None, "RNN": None,
+    "UNIDIRECTIONAL_SEQUENCE_RNN": None, "BIDIRECTIONAL_SEQUENCE_RNN": None, "SVDF": None, "CUSTOM": None,
+}
 # Control flow: ops whose options name other subgraphs, which a one-subgraph Graph cannot keep.
 _CALLS_SUBGRAPHS: frozenset[str] = frozenset({"WHILE", "IF", "CALL_ONCE", "CALL", "STABLEHLO_WHILE",
                                                "STABLEHLO_CASE", "STABLEHLO_COMPOSITE"})
@@ -50,6 +61,7 @@ def _enum(cls: type) -> dict[str, int]:
 
 
 _TFL3 = b"TFL3"
+MAX_TENSOR_BYTES = 1 << 31  # one tensor of a model a device runs; a larger shape is a damaged file
 _OP_CODES: dict[str, int] = _enum(schema_fb.BuiltinOperator)
 _OP_NAMES: dict[int, str] = {v: k for k, v in _OP_CODES.items()}
 _ACTIVATION_NAMES: dict[int, str] = {v: k for k, v in _enum(schema_fb.ActivationFunctionType).items()}
@@ -211,6 +223,8 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
     if not 8 <= root <= len(data) - 4:
         raise ModelFormatError(
             f"corrupt TFLite model: root table offset {root} outside the {len(data)}-byte file")
+    # The flatbuffer reader trusts offsets and lengths; LiteRT's C++ verifier does not. Check first.
+    verify(data)
     try:
         model = flatbuffer_utils.convert_bytearray_to_object(data)
     except Exception as e:  # the flatbuffer reader fails with whatever exception the bad offset leads to
@@ -245,6 +259,11 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
         if kind is None:
             raise UnsupportedOpError(
                 f"op {i} has builtin code {builtin}, unknown to this LiteRT (output {out_name})")
+        optional = _OPTIONAL_INPUTS.get(kind, frozenset())
+        absent = [k for k, t in enumerate(inputs) if t < 0]
+        if optional is not None and not set(absent) <= optional:
+            raise ModelFormatError(f"corrupt TFLite model: op {i} {kind} has no input {absent[0]}, which it "
+                                   f"needs (output {out_name})")
         custom_code = _text(code.customCode) if kind == "CUSTOM" else None
         if kind == "CUSTOM" and custom_code not in LITERT_CUSTOM_OPS:
             why = ("a TensorFlow (Flex) op, which needs TensorFlow's select-ops delegate"
@@ -266,6 +285,7 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
 
     graph = Graph(tensors, ops, list(ids(sub.inputs, "subgraph input")),
                   list(ids(sub.outputs, "subgraph output")))
+    _check_dataflow(graph, {i for i, t in enumerate(sub.tensors or []) if t.isVariable})
     for sig in model.signatureDefs or []:
         if sig.subgraphIndex == 0:
             names_in = {_text(m.name): int(m.tensorIndex) for m in sig.inputs or []}
@@ -274,6 +294,23 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
             graph.signature = Signature(_text(sig.signatureKey), list(range(len(ops))), names_in, names_out)
             break
     return graph
+
+
+def _check_dataflow(graph: Graph, variables: set[int]) -> None:
+    """Every tensor an op reads is a model input, a constant, a variable or written by an earlier op, and
+    every model output is written: otherwise the file is damaged (LiteRT would read memory nobody wrote)."""
+    ready = set(graph.inputs) | variables | {i for i, t in enumerate(graph.tensors) if t.data is not None}
+    for i, op in enumerate(graph.ops):
+        for t in op.inputs:
+            if t >= 0 and t not in ready:
+                raise ModelFormatError(f"corrupt TFLite model: {graph.describe_op(i)} reads tensor {t} "
+                                       f"{graph.tensors[t].name!r}, which is neither a model input, a "
+                                       "constant nor written by an earlier op")
+        ready.update(op.outputs)
+    for t in graph.outputs:
+        if t not in ready:
+            raise ModelFormatError(f"corrupt TFLite model: output tensor {t} {graph.tensors[t].name!r} is "
+                                   "never written")
 
 
 def _load_bytes(src: Any) -> bytes | bytearray | memoryview:
@@ -304,6 +341,10 @@ def _read_tensor(index: int, t: Any, buffers: list, data: Any) -> Tensor:
     if dtype is None:
         raise ModelFormatError(
             f"tensor {index} {name!r} has type {_TYPE_NAMES.get(t.type, t.type)}, not supported by ShadowNet")
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > MAX_TENSOR_BYTES:
+        # Checked before LiteRT sees the file: it would try to allocate whatever a damaged shape says.
+        raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} has shape {list(shape)} "
+                               f"(over {MAX_TENSOR_BYTES >> 30} GiB or negative)")
     if not 0 <= t.buffer < max(len(buffers), 1):
         raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} refers to buffer {t.buffer} "
                                f"of {len(buffers)}")

@@ -63,7 +63,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     _check_output(out, force)
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
-    graph = normalize(read_model(original))
+    read = read_model(original)
+    _check_litert_runs(original, read)
+    graph = normalize(read)
+    _check_static(graph)
     part = partition(graph)
     if not part.rounds:
         raise UnsupportedOpError("the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with "
@@ -225,6 +228,62 @@ def activation_stats(graph: Graph, tensors: set[int], calibration: Any = None) -
     return stats
 
 
+# Inputs that decide an op's output shape. A computed one makes LiteRT allocate the output while it runs
+# (a dynamic tensor), which the TEE program, preallocated and bound to fixed buffers, cannot follow.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "RESHAPE": (1,), "PAD": (1,), "PADV2": (1,), "MIRROR_PAD": (1,), "RESIZE_BILINEAR": (1,),
+    "RESIZE_NEAREST_NEIGHBOR": (1,), "TILE": (1,), "SLICE": (1, 2), "STRIDED_SLICE": (1, 2, 3),
+    "TRANSPOSE": (1,), "BROADCAST_TO": (1,), "SPLIT": (0,), "SPLIT_V": (1, 2), "MEAN": (1,), "SUM": (1,),
+    "REDUCE_MAX": (1,), "REDUCE_MIN": (1,), "REDUCE_PROD": (1,), "REDUCE_ANY": (1,), "EXPAND_DIMS": (1,),
+    "FILL": (0,), "ARG_MAX": (1,), "ARG_MIN": (1,), "ONE_HOT": (1,), "CUMSUM": (1,),
+}
+
+
+def _check_static(graph: Graph) -> None:
+    """Refuse what the TEE program cannot hold: shapes decided at run time, outputs no op computes."""
+    for i, op in enumerate(graph.ops):
+        for position in _SHAPE_INPUTS.get(op.kind, ()):
+            if position < len(op.inputs) and op.inputs[position] >= 0 \
+                    and graph.tensors[op.inputs[position]].data is None:
+                name = graph.tensors[op.inputs[position]].name
+                raise UnsupportedOpError(f"{graph.describe_op(i)} takes its shape from the computed tensor "
+                                         f"{name!r}: shapes decided at run time are not supported")
+    written = {t for op in graph.ops for t in op.outputs}
+    for t in graph.outputs:
+        if t not in written:
+            raise UnsupportedOpError(f"model output {graph.tensors[t].name!r} is not computed by any op "
+                                     "(a constant or a model input): nothing to protect there")
+
+
+def _check_litert_runs(original: bytes, graph: Graph) -> None:
+    """LiteRT prepares and runs the model once (on zeros): its own checks of what the graph layer does not
+    model (op arity, ranks, options) refuse a damaged model here, as a ModelFormatError, before any work;
+    and every tensor's shape in the file must be the one LiteRT computes (the converter plans with the
+    file's). Without the XNNPACK delegate: its kernels take the file's shapes on trust, the builtin
+    kernels' Prepare checks them and computes every output shape."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    computed: dict[int, tuple[int, ...]] = {}
+    # Then with XNNPACK, which the converter and the runtime use and which checks some options itself.
+    for resolver in (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.AUTO):
+        try:
+            interpreter = Interpreter(model_content=original, num_threads=1,
+                                      experimental_op_resolver_type=resolver)
+            interpreter.allocate_tensors()
+            for d in interpreter.get_input_details():
+                interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+            interpreter.invoke()
+            computed = computed or {d["index"]: tuple(int(n) for n in d["shape"])
+                                    for d in interpreter.get_tensor_details()}
+        except (ValueError, RuntimeError) as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise ModelFormatError(f"LiteRT cannot run the model: {message}") from None
+    for t, tensor in enumerate(graph.tensors):
+        if t in computed and computed[t] != tensor.shape:
+            raise ModelFormatError(f"corrupt TFLite model: tensor {t} {tensor.name!r} has shape "
+                                   f"{list(tensor.shape)} in the file, LiteRT computes {list(computed[t])}")
+
+
 def _io_description(original: bytes) -> dict[str, Any]:
     """The original model's inputs / outputs as LiteRT reports them, and its signature."""
     from ai_edge_litert.interpreter import Interpreter
@@ -243,10 +302,21 @@ def _io_description(original: bytes) -> dict[str, Any]:
         key, sig = next(iter(signatures.items()))
         names = {d["index"]: d["name"] for d in (*inputs, *outputs)}
         try:
-            result["signature"] = {"key": key, "inputs": {k: names[v] for k, v in sig["inputs"].items()},
-                                   "outputs": {k: names[v] for k, v in sig["outputs"].items()}}
+            signature = {"key": key, "inputs": {k: names[v] for k, v in sig["inputs"].items()},
+                         "outputs": {k: names[v] for k, v in sig["outputs"].items()}}
         except KeyError:
-            pass
+            signature = None
+        # Kept only when it names each input and output once (what the runtime accepts), else the
+        # tensor names serve, as for a model without signature.
+        def same(named: dict[str, str], details: list[dict[str, Any]]) -> bool:
+            return sorted(named.values()) == sorted(d["name"] for d in details)
+
+        if signature and same(signature["inputs"], inputs) and same(signature["outputs"], outputs):
+            result["signature"] = signature
+    names = [d["name"] for d in (*inputs, *outputs)]
+    if not inputs or not outputs or len(set(names)) != len(names):
+        raise ModelFormatError(f"the model's inputs and outputs must be at least one each, with distinct "
+                               f"names: {names}")
     return result
 
 

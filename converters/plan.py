@@ -19,23 +19,28 @@ model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import linear
 from converters.graph import Graph, Signature, fused_activation, write_model
 from converters.partition import Partition
 from converters.per_inference import describe
 from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
-from shadownet.exceptions import UnsupportedOpError
+from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 ALIGN = 64
 # Activations the TEE applies in place right after a restore (same float32 results as LiteRT's kernels).
 NUMPY_ACTIVATIONS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU"})
 PROGRAM_FORMAT = "shadownet-tee-program"
+# Offloaded weights beyond this magnitude are no trained model's (a damaged file): added masks of the
+# activations' scale times such a weight leave float32 too few digits for the layer's other outputs.
+MAX_ABS_WEIGHT = 1e8
 
 
 def _align(n: int) -> int:
@@ -67,6 +72,46 @@ def _check_linear(graph: Graph, i: int) -> None:
     in_channels = graph.tensors[op.inputs[0]].shape[-1]
     if op.kind == "CONV_2D" and graph.tensors[op.inputs[1]].shape[-1] != in_channels:
         raise UnsupportedOpError(f"{graph.describe_op(i)}: grouped convolution is not supported")
+    _check_linear_shapes(graph, i)
+    for t in op.inputs[1:3]:
+        value = graph.tensors[t].data if t >= 0 else None
+        if value is None or not value.size:
+            continue
+        if not np.all(np.isfinite(value)):
+            raise ModelFormatError(f"{graph.describe_op(i)}: {graph.tensors[t].name!r} holds NaN or infinite "
+                                   "values")
+        largest = float(np.max(np.abs(value)))
+        if largest > MAX_ABS_WEIGHT:
+            raise ModelFormatError(f"{graph.describe_op(i)}: {graph.tensors[t].name!r} holds a value of "
+                                   f"magnitude {largest:.3g}, beyond any trained model's (limit "
+                                   f"{MAX_ABS_WEIGHT:g}): a damaged file?")
+
+
+def _check_linear_shapes(graph: Graph, i: int) -> None:
+    """The file's shapes of an offloaded op fit together (LiteRT's delegates do not always check)."""
+    op = graph.ops[i]
+    x, w, y = (graph.tensors[t].shape for t in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    bias = graph.tensors[op.inputs[2]].shape if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    o = op.options
+    channels = None
+    if op.kind == "FULLY_CONNECTED":
+        ok = len(w) == 2 and min(w) > 0 and len(x) >= 1 and len(y) >= 1 and y[-1] == w[0] \
+            and math.prod(x) % w[1] == 0 and math.prod(y) == math.prod(x) // w[1] * w[0]
+        channels = w[0] if ok else None
+    else:
+        ok = len(x) == len(w) == len(y) == 4 and min(w) > 0 and o is not None \
+            and min(o.strideH, o.strideW, o.dilationHFactor or 1, o.dilationWFactor or 1) >= 1
+        if ok:
+            same = o.padding == schema_fb.Padding.SAME
+            out_h = linear._padding(x[1], w[1], o.strideH, o.dilationHFactor or 1, same)[0]
+            out_w = linear._padding(x[2], w[2], o.strideW, o.dilationWFactor or 1, same)[0]
+            channels = w[0] if op.kind == "CONV_2D" else w[3]
+            ok = y == (x[0], out_h, out_w, channels) and out_h > 0 and out_w > 0 \
+                and (op.kind == "CONV_2D" or (w[0] == 1 and w[3] % x[3] == 0))
+    if not ok or (bias is not None and bias != (channels,)):
+        raise ModelFormatError(f"corrupt TFLite model: {graph.describe_op(i)} has input {list(x)}, weights "
+                               f"{list(w)}, bias {bias and list(bias)} and output {list(y)}, which do not "
+                               "fit together")
 
 
 class _Builder:

@@ -81,10 +81,6 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
     plan = build(graph, part, chosen, rng, stats, one_time)
     plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
-    program = write_program(plan.program, plan.arrays)
-    del plan.arrays
-    sealed = provision(program, device)
-    del program
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "scheme": {"name": chosen.name, "params": chosen.public_params()},
@@ -92,13 +88,20 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         **_io_description(original),
         "rounds": plan.rounds, "buffers": plan.buffers, "shared_memory_size": plan.shared_memory_size,
         "ta_uuid": str(_ta_uuid()),
-        "files": {UNTRUSTED: {"sha256": hashlib.sha256(plan.untrusted).hexdigest()},
-                  SECRETS: {"sha256": hashlib.sha256(sealed).hexdigest()}},
         "summary": plan.summary,
         "created_by": f"shadownet {_version()}",
         "masks": {"one_time_rounds": one_time, "static": static,
                   "policy": None if static else str(mask_rounds or DEFAULT_MASK_ROUNDS)},
     }
+    # The manifest's fields the runtime acts on are sealed with the program: the TA refuses, at LOAD_MODEL,
+    # a manifest edited or damaged after conversion instead of running with the wrong layout.
+    plan.program["manifest_sha256"] = _manifest_digest(manifest).hex()
+    program = write_program(plan.program, plan.arrays)
+    del plan.arrays
+    sealed = provision(program, device)
+    del program
+    manifest["files"] = {UNTRUSTED: {"sha256": hashlib.sha256(plan.untrusted).hexdigest()},
+                         SECRETS: {"sha256": hashlib.sha256(sealed).hexdigest()}}
     _write_artifacts(out, force, {UNTRUSTED: plan.untrusted, SECRETS: sealed,
                                   MANIFEST: (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()})
     return manifest
@@ -326,6 +329,12 @@ def _ta_uuid() -> Any:
     from tee_sim.ta_shadownet_commands import UUID
 
     return UUID
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> bytes:
+    from tee_sim.ta_shadownet_commands import manifest_digest
+
+    return manifest_digest(manifest)
 
 
 def _expected_measurement() -> bytes:

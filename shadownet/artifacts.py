@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,11 @@ UNTRUSTED = "untrusted.tflite"
 SECRETS = "secrets.sealed"
 MANIFEST = "manifest.json"
 ALIGNMENT = 64
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists tensors and buffers: megabytes at most
+MAX_SIZE = 1 << 40  # bound on any byte count or offset (a damaged number must not reach mmap or numpy)
+MAX_DIM = 1 << 31
+DTYPES = frozenset({"float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                    "uint32", "uint64", "bool", "complex64", "complex128"})
 
 
 @dataclass(frozen=True)
@@ -90,19 +97,30 @@ def read_artifacts(directory: str | os.PathLike) -> Artifacts:
     if not path.is_file():
         raise ArtifactError(f"{root} has no {MANIFEST}: not a directory written by `shadownet convert`")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a ShadowNet manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
-    if version not in KNOWN_VERSIONS:
+    if not _is_int(version) or version not in KNOWN_VERSIONS:
         known = ", ".join(map(str, sorted(KNOWN_VERSIONS)))
+        if _is_int(version) and version > max(KNOWN_VERSIONS):
+            raise ArtifactError(f"{path}: unknown format_version {version} (this runtime reads {known}): "
+                                "written by a newer shadownet; upgrade shadownet to load it")
         raise ArtifactError(f"{path}: unknown format_version {version!r} (this runtime reads {known}); "
-                            "upgrade shadownet or re-convert")
+                            "re-convert the model with this version of shadownet")
+    try:
+        _check_schema(manifest, _SCHEMA, "manifest")
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path} is malformed: {exc}") from None
     try:
         return _parse(root, manifest)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
 
 
@@ -147,13 +165,107 @@ def _read_checked(root: Path, name: str, hashes: dict[str, Any]) -> bytes:
     path = root / name
     if not path.is_file():
         raise ArtifactError(f"{root} is incomplete: {name} is missing")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
     expected = hashes[name]["sha256"]
     if hashlib.sha256(data).hexdigest() != str(expected).lower():
         # Either file may have been swapped or damaged; both are what an attacker would do.
         raise SecurityError(f"{path} does not match the SHA-256 recorded in {MANIFEST} (tampered, truncated "
                             "or swapped)")
     return data
+
+
+# --- the manifest's schema: every field the runtime reads, with its type; checked before anything is used.
+# A dict spec lists keys ("?" prefix: optional); unknown keys are ignored (the TA's digest of the manifest
+# covers them). Leaves: a type, or one of the checks below.
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_SIZE
+
+
+def _dim(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_DIM
+
+
+def _signature_dim(value: Any) -> bool:
+    return _is_int(value) and -1 <= value <= MAX_DIM
+
+
+def _dtype(value: Any) -> bool:
+    return isinstance(value, str) and value in DTYPES
+
+
+def _uuid(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def _sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+class _MapOf:
+    """A JSON object with any keys (strings) whose values all match ``spec``."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+
+_TENSOR = {"name": str, "shape": [_dim], "dtype": _dtype, "?index": _count,
+           "?shape_signature": [_signature_dim]}
+_NAMED_BUFFER = {"name": str, "buffer": str}
+_SCHEMA = {
+    "format": str, "format_version": int,
+    "scheme": {"name": str, "?params": dict},
+    "?seeded": bool,
+    "inputs": [_TENSOR], "outputs": [_TENSOR],
+    "?signature": {"key": str, "inputs": _MapOf(str), "outputs": _MapOf(str)},
+    "rounds": [{"signature": str, "inputs": [_NAMED_BUFFER], "outputs": [_NAMED_BUFFER]}],
+    "buffers": [{"name": str, "offset": _count, "nbytes": _count, "shape": [_dim], "dtype": _dtype}],
+    "shared_memory_size": _count,
+    "ta_uuid": _uuid,
+    "files": {UNTRUSTED: {"sha256": _sha256}, SECRETS: {"sha256": _sha256}},
+    "?masks": {"?one_time_rounds": [_count], "?static": bool, "?policy": _optional_str},
+    "?summary": dict, "?created_by": str,
+}
+
+
+def _check_schema(value: Any, spec: Any, where: str) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ArtifactError(f"manifest field {where} must be an object, not {type(value).__name__}")
+        for key, sub in spec.items():
+            name = key.removeprefix("?")
+            if name in value:
+                _check_schema(value[name], sub, f"{where}.{name}")
+            elif not key.startswith("?"):
+                raise ArtifactError(f"manifest field {where}.{name} is missing")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ArtifactError(f"manifest field {where} must be a list, not {type(value).__name__}")
+        for i, item in enumerate(value):
+            _check_schema(item, spec[0], f"{where}[{i}]")
+    elif isinstance(spec, _MapOf):
+        if not isinstance(value, dict):
+            raise ArtifactError(f"manifest field {where} must be an object, not {type(value).__name__}")
+        for key, item in value.items():
+            _check_schema(item, spec.spec, f"{where}.{key}")
+    elif isinstance(spec, type):
+        if not isinstance(value, spec) or (spec is int and isinstance(value, bool)):
+            raise ArtifactError(f"manifest field {where} must be {spec.__name__}, not {value!r:.60}")
+    elif not spec(value):
+        raise ArtifactError(f"manifest field {where} has an invalid value {value!r:.60}")
 
 
 def _int(value: Any, what: str) -> int:
@@ -182,7 +294,7 @@ def _tensor_specs(entries: list[dict[str, Any]], first_index: int) -> tuple[Tens
 def _check_buffer(b: BufferSpec, size: int) -> None:
     if b.offset % ALIGNMENT:
         raise ArtifactError(f"buffer {b.name!r} offset {b.offset} is not {ALIGNMENT}-byte aligned")
-    if b.nbytes != int(np.prod(b.shape, dtype=np.int64)) * b.dtype.itemsize:
+    if b.nbytes != math.prod(b.shape) * b.dtype.itemsize:
         raise ArtifactError(f"buffer {b.name!r}: {b.nbytes} bytes for shape {b.shape} {b.dtype}")
     if b.offset + b.nbytes > size:
         raise ArtifactError(f"buffer {b.name!r} ends past shared_memory_size {size}")

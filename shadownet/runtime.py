@@ -319,10 +319,11 @@ class ProtectedModel:
             session = context.open_session(self._uuid)
         try:
             with _tee(where):
+                # The options, then the manifest's digest: the TA checks that the layout, rounds and
+                # tensors this runtime acts on are the ones sealed with the secrets.
                 params = [tee_sim.TempMemRef(self.artifacts.secrets),
-                          tee_sim.TempMemRef(self.artifacts.untrusted)]
-                if self._load_options != (0, 0):
-                    params.append(tee_sim.Value(*self._load_options))
+                          tee_sim.TempMemRef(self.artifacts.untrusted), tee_sim.Value(*self._load_options),
+                          tee_sim.TempMemRef(commands.manifest_digest(self.artifacts.manifest))]
                 session.invoke_command(commands.Command.LOAD_MODEL, params)
                 if self.accelerator is None:
                     # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is

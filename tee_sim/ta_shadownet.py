@@ -77,6 +77,7 @@ MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPU
 MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
 VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
 _LOAD_WITH_OPTIONS = MEMREF_IN | MEMREF_IN << 4 | VALUE_IN << 8  # LOAD_MODEL with its options value
+_LOAD_WITH_MANIFEST = _LOAD_WITH_OPTIONS | MEMREF_IN << 12  # ... and the manifest's digest
 PROGRAM_FORMAT = "shadownet-tee-program"
 # A matmul restore reads the [M, N] matrix once per output pixel; below this many matrix entries it beats
 # the 2-3 gather passes (measured: benchmarks in the converter tests' notes; both are exact).
@@ -137,7 +138,9 @@ def _error(code: int, message: str) -> TEEError:
 
 
 def _bad_format(message: str) -> TEEError:
-    return _error(TEE_ERROR_BAD_FORMAT, f"TEE program: {message}")
+    # An authenticated program this TA cannot use was made by a converter of another version.
+    return _error(TEE_ERROR_BAD_FORMAT, f"TEE program not understood by this trusted app ({message}): "
+                                        "re-convert the model with this version of shadownet")
 
 
 def _write(param: TEEParam, data: bytes) -> None:
@@ -206,12 +209,15 @@ class ShadowNetTA(TrustedApp):
             check_param_types(params, VALUE_IN)
             self._run_step(session, params[0].a)
         elif cmd_id == Command.LOAD_MODEL:
-            if params.types == _LOAD_WITH_OPTIONS:
+            manifest = None
+            if params.types == _LOAD_WITH_MANIFEST:
+                flags, capacity, manifest = params[2].a, params[2].b, bytes(params[3].buffer)
+            elif params.types == _LOAD_WITH_OPTIONS:
                 flags, capacity = params[2].a, params[2].b
             else:
                 check_param_types(params, MEMREF_IN, MEMREF_IN)
                 flags, capacity = 0, 0
-            self._load(session, params[0].buffer, params[1].buffer, flags, capacity)
+            self._load(session, params[0].buffer, params[1].buffer, flags, capacity, manifest)
         elif cmd_id == Command.REFILL_POOL:
             check_param_types(params, VALUE_IN, VALUE_OUT)
             self._refill(session, params[0], params[1])
@@ -270,7 +276,7 @@ class ShadowNetTA(TrustedApp):
         raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
 
     def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview, flags: int = 0,
-              capacity: int = 0) -> None:
+              capacity: int = 0, manifest: bytes | None = None) -> None:
         self._unload(session)
         key = hashlib.sha256(blob).digest()  # the very bytes another session loaded: authentic too
         shared = self._programs.get(key)
@@ -280,6 +286,12 @@ class ShadowNetTA(TrustedApp):
             if not shared.users:
                 self.tee.unreserve(shared.nbytes)
             raise _error(TEE_ERROR_SECURITY, "the untrusted model is not the one these secrets were made for")
+        sealed_manifest = shared.program.get("manifest_sha256")
+        if manifest is not None and sealed_manifest is not None and manifest.hex() != sealed_manifest:
+            if not shared.users:
+                self.tee.unreserve(shared.nbytes)
+            raise _error(TEE_ERROR_SECURITY, "manifest.json is not the one converted with these secrets "
+                                             "(edited or damaged)")
         self._programs[key] = shared
         shared.users += 1
         model = _Model(shared.program, dict(shared.arrays), shared=key)
@@ -483,13 +495,19 @@ class ShadowNetTA(TrustedApp):
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
                          f"{p['shared_memory_size']}")
         model.steps = None
-        # Kept past this call, as the ShadowNet contract says: the runtime keeps the memory registered
-        # for the session's lifetime and the TA drops these views when the session closes.
-        model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), spec["offset"])
-                     for name, spec in p["shared_buffers"].items()}
         try:
+            rounds = {name.split("/")[0] for name in p["shared_buffers"] if name.startswith("round_")}
+            if len(p["steps"]) != len(rounds) + 1:
+                raise ValueError(f"{len(p['steps'])} steps for {len(rounds)} rounds")
+            # Kept past this call, as the ShadowNet contract says: the runtime keeps the memory registered
+            # for the session's lifetime and the TA drops these views when the session closes.
+            model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), spec["offset"])
+                         for name, spec in p["shared_buffers"].items()}
             model.steps = [[self._compile(model, instr) for instr in step] for step in p["steps"]]
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except TEEError:
+            model.shm = {}
+            raise
+        except Exception as exc:  # noqa: BLE001 - an authenticated program that does not fit together
             model.shm = {}
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
         model.next_step = 0

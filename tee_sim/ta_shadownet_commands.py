@@ -9,7 +9,9 @@ Parameters of each command (``in``/``out`` from the normal world's side):
   untrusted model's SHA-256 against the one inside, parses the program and allocates every buffer once
   (with ``LOAD_VERIFY``, also the checks of every accelerator result and a copy of the obfuscated weights
   they need). A session holds one model. ``TEE_ERROR_SECURITY``: tampered, truncated, foreign or
-  mismatched; ``TEE_ERROR_OUT_OF_MEMORY``.
+  mismatched; ``TEE_ERROR_OUT_OF_MEMORY``. After the options value, a fourth parameter
+  [TempMemRef(``manifest_digest(manifest.json)``, in)] makes the TA refuse a manifest other than the one
+  converted with these secrets (``TEE_ERROR_SECURITY``; programs sealed before the digest existed skip it).
 - ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, shared_memory_size, inout)]: the TA keeps zero-copy views of
   the manifest's buffer layout.
 - ``RUN_STEP``: [Value(a=step)]: step 0 reads ``input/*`` and writes round 1's inputs; step r restores
@@ -35,7 +37,10 @@ Parameters of each command (``in``/``out`` from the normal world's side):
 """
 
 import enum
+import hashlib
+import json
 import uuid
+from typing import Any
 
 UUID = uuid.UUID("5a0058b2-90b6-4dbe-9365-f4136b27e8af")
 
@@ -65,3 +70,14 @@ SEALED = b"S"  # sealed by this device's TA (tee_sim sealing)
 PROVISIONED = b"P"  # an envelope to the TA's persistent provisioning key (``--device FILE``)
 # Additional authenticated data of both forms: binds the payload to its purpose.
 SECRETS_AAD = b"shadownet secrets v1\x00"
+
+# manifest.json fields outside the digest: the hashes of the files (one of them is the sealed file that holds
+# the digest) and descriptions the runtime does not act on.
+UNBOUND_MANIFEST_FIELDS = frozenset({"files", "created_by", "summary"})
+
+
+def manifest_digest(manifest: dict[str, Any]) -> bytes:
+    """SHA-256 of the manifest's other fields as canonical JSON: the converter seals it in the program and
+    the runtime sends it with LOAD_MODEL, so the layout, rounds and tensors it uses are the sealed ones."""
+    bound = {k: v for k, v in manifest.items() if k not in UNBOUND_MANIFEST_FIELDS}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).digest()

@@ -226,9 +226,12 @@ class ProtectedModel:
 
     ``model(x)`` / ``model(x1, x2)`` / ``model({"name": x})`` / ``model.predict(...)`` returns the output
     array (a copy), or a dict keyed by output name when the model has several. Inputs must have exactly
-    the original model's shapes and dtypes (``InputError`` otherwise). ``stats()`` describes the last
-    call. Calls are serialised by a per-model lock; several models may be open at once. ``close()`` (or
-    leaving a ``with`` block) ends the TEE session; later calls raise ``ClosedError``.
+    the original model's shapes and dtypes (``InputError`` otherwise), and floating-point inputs must be
+    finite: NaN or infinity is refused with ``InputError`` (the masks would turn infinities into NaN and
+    spread NaN further than LiteRT does, and the integrity checks would take them for tampering; see
+    SECURITY.md). ``stats()`` describes the last call. Calls are serialised by a per-model lock; several
+    models may be open at once. ``close()`` (or leaving a ``with`` block) ends the TEE session; later calls
+    raise ``ClosedError``.
 
     Per-inference material (``load``'s ``verify``, ``mask_pool``, ``on_exhausted``, ``background_refill``):
     when the model has one-time masks (``manifest.json``'s ``masks``) or is verified, each inference
@@ -441,6 +444,7 @@ class ProtectedModel:
                 self._ensure_open()
                 for view, x in zip(self._input_views, inputs, strict=True):
                     np.copyto(view, x)
+                self._check_finite()
                 self._infer()
                 for out, view in zip(outputs, self._output_views, strict=True):
                     np.copyto(out, view)
@@ -492,6 +496,15 @@ class ProtectedModel:
                                  f"got {list(x.shape)} {x.dtype}")
             arrays.append(x)
         return arrays
+
+    def _check_finite(self) -> None:
+        """Refuse NaN and infinity in the inputs, checked where the TEE reads them (the shared memory):
+        whatever path wrote them (``__call__``, ``Interpreter.set_tensor`` or its ``tensor()`` views)."""
+        for spec, view in zip(self.inputs, self._input_views, strict=True):
+            if view.dtype.kind in "fc" and not np.isfinite(view).all():
+                bad = int(np.count_nonzero(~np.isfinite(view)))
+                raise InputError(f"input {spec.name!r} holds {bad} NaN or infinite value(s): a protected "
+                                 "model takes finite inputs only")
 
     def _ensure_open(self) -> None:
         if self._closed:

@@ -1,0 +1,189 @@
+"""Wrong use of the public API: bad inputs, non-finite inputs, a closed model, the same artifacts loaded twice
+at once (threads of one process, two processes), artifacts of a newer format, stale TEE programs."""
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import shadownet
+from converters.program import read_program, write_program
+from shadownet.exceptions import ArtifactError, ClosedError, InputError
+from tests.shadownet.hardening import (
+    copy_artifacts,
+    protect_small,
+    read_manifest,
+    relative_error,
+    reseal,
+    write_manifest,
+)
+
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return protect_small(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def model(small):
+    with shadownet.load(small.out) as m:
+        yield m
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "count", "name", "type", "scalar"])
+def test_wrong_inputs_are_input_errors_and_the_model_stays_usable(small, model, case):
+    x = small.input()
+    name = model.inputs[0].name
+    args = {
+        "shape": (x[:, :4],), "dtype": (x.astype(np.float64),), "count": (x, x), "name": ({"nope": x},),
+        "type": (x.tolist(),), "scalar": (np.float32(1),),
+    }[case]
+    with pytest.raises(InputError) as info:
+        model(*args)
+    assert name in str(info.value) or case in ("count", "name")
+    assert relative_error(model(x), small.reference(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused(small, model, bad):
+    """Policy (SECURITY.md): NaN and infinity are refused with InputError instead of propagated. Masks
+    turn an infinity into NaN (inf - inf in the restore) and a matrix restore spreads one NaN channel over
+    every channel (NaN * 0), so the results would not be LiteRT's; the integrity checks would report
+    them as tampering; a non-finite input is a bug upstream."""
+    x = small.input()
+    x[0, 1, 2, 0] = bad
+    with pytest.raises(InputError, match="NaN or infinite"):
+        model(x)
+    clean = small.input(1)
+    assert relative_error(model(clean), small.reference(clean)) <= TOLERANCE
+
+
+def test_non_finite_values_written_through_an_interpreter_view_are_refused(small):
+    interpreter = shadownet.Interpreter(model_path=str(small.out))
+    interpreter.allocate_tensors()
+    (detail,) = interpreter.get_input_details()
+    interpreter.tensor(detail["index"])()[...] = np.nan  # the view bypasses set_tensor's checks
+    with pytest.raises(InputError):
+        interpreter.invoke()
+    with pytest.raises(InputError):
+        interpreter.set_tensor(detail["index"], small.input().astype(np.float64))
+    interpreter.set_tensor(detail["index"], small.input())
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert relative_error(out, small.reference(small.input())) <= TOLERANCE
+
+
+def test_cli_run_with_wrong_input_is_one_line(small, tmp_path):
+    np.savez(tmp_path / "x.npz", wrong_name=small.input())
+    np.save(tmp_path / "nan.npy", np.full_like(small.input(), np.nan))
+    for path in (tmp_path / "x.npz", tmp_path / "nan.npy", tmp_path / "missing.npy"):
+        command = [sys.executable, "-m", "shadownet", "run", str(small.out), "--input", str(path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("shadownet: error:"), \
+            result.stderr
+
+
+def test_a_closed_model_raises_closed_error(small):
+    model = shadownet.load(small.out)
+    x = small.input()
+    model(x)
+    model.close()
+    model.close()  # idempotent
+    assert model.closed
+    for call in (lambda: model(x), model.stats, lambda: model.run_into([x], [np.empty((1, 5), np.float32)])):
+        with pytest.raises(ClosedError):
+            call()
+    interpreter = shadownet.Interpreter(model_path=str(small.out))
+    interpreter.allocate_tensors()
+    interpreter.close()
+    with pytest.raises(ClosedError):
+        interpreter.invoke()
+
+
+def test_one_directory_loaded_twice_in_one_process(small):
+    inputs = [small.input(seed) for seed in range(4)]
+    wants = [small.reference(x) for x in inputs]
+    errors: list[float] = []
+    failures: list[BaseException] = []
+    with shadownet.load(small.out) as first, shadownet.load(small.out) as second:
+        def work(model, offset):
+            try:
+                for k in range(12):
+                    i = (k + offset) % len(inputs)
+                    errors.append(relative_error(model(inputs[i]), wants[i]))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(m, i)) for i, m in enumerate((first, second, first))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first.close()
+        assert relative_error(second(inputs[0]), wants[0]) <= TOLERANCE  # closing one left the other
+    assert not failures
+    assert len(errors) == 36 and max(errors) <= TOLERANCE
+
+
+def test_one_directory_loaded_by_two_processes_at_once(small, tmp_path):
+    x = small.input(5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "want.npy", small.reference(x))
+    script = textwrap.dedent(f"""
+        import numpy as np, shadownet
+        x, want = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'want.npy')!r})
+        with shadownet.load({str(small.out)!r}) as model:
+            for _ in range(20):
+                got = model(x)
+                assert np.max(np.abs(got - want)) <= {TOLERANCE} * np.max(np.abs(want)), got
+        print("ok")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "ok", err
+
+
+@pytest.mark.parametrize("version, message", [(2, "upgrade shadownet"), (0, "re-convert"),
+                                              ("1", "re-convert")])
+def test_artifacts_of_another_format_version(small, tmp_path, version, message):
+    copy = copy_artifacts(small.out, tmp_path / "copy")
+    manifest = read_manifest(copy)
+    manifest["format_version"] = version
+    write_manifest(copy, manifest)
+    with pytest.raises(ArtifactError, match=message):
+        shadownet.load(copy)
+
+
+def _stale(program: bytes, change) -> bytes:
+    header, arrays = read_program(program)
+    change(header)
+    return write_program(header, arrays)
+
+
+def _drop_pad(header):
+    """What a converter from before the zero-PAD pushes wrote (the TA then failed with KeyError: 'pad')."""
+    push = next(i for step in header["steps"] for i in step if "pad" in i)
+    del push["pad"]
+
+
+def _unknown_instruction(header):
+    """What a newer converter might write: an instruction this TA does not know."""
+    header["steps"][0].insert(0, {"op": "gather_nd", "src": "shm:input/0", "dst": "shm:input/0"})
+
+
+@pytest.mark.parametrize("change", [_drop_pad, _unknown_instruction])
+def test_a_stale_program_says_re_convert(small, tmp_path, change):
+    copy = copy_artifacts(small.out, tmp_path / "copy")
+    reseal(copy, _stale(small.program, change))
+    with pytest.raises(ArtifactError, match="re-convert the model") as info:
+        shadownet.load(copy)
+    assert "TEE_ERROR_BAD_FORMAT" in str(info.value)
+

@@ -52,8 +52,10 @@ from tee_sim.errors import (
 from tee_sim.freivalds import LayerCheck, window_index
 
 TABLE_BITS = 16
-DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 2 and at most 8
-MIN_POOL, MAX_POOL = 2, 8
+DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
+MIN_POOL, MAX_POOL = 1, 8
+MASK_CHUNK = 1 << 16  # mask elements drawn per keystream block (128 KiB of AES-CTR output)
+DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 BOUND_EVERY = 8  # the achieved detection bound is measured on the first 8 inferences, then 1 in 8
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: np.ndarray | None = None
@@ -154,15 +156,19 @@ class MaskStream:
             raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
         self.mean = mean
         self.size = math.prod(self.shape)
-        self._zeros = bytes(2 * self.size)  # the plaintext encrypted into the keystream
-        self._stream = alloc(2 * self.size + 15, np.uint8)  # update_into wants a block of slack
-        self._index = self._stream[:2 * self.size].view(np.uint16)
+        self._chunk = min(self.size, MASK_CHUNK)  # keystream made a chunk at a time
+        self._zeros = bytes(2 * self._chunk)  # the plaintext encrypted into the keystream
+        self._stream = alloc(2 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
+        self._index = self._stream[:2 * self._chunk].view(np.uint16)
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-        encryptor.update_into(self._zeros, self._stream)
         flat = out.reshape(-1)
-        np.take(gaussian_table(), self._index, out=flat)
+        table = gaussian_table()
+        for a in range(0, self.size, self._chunk):
+            n = min(self._chunk, self.size - a)
+            encryptor.update_into(self._zeros[:2 * n], self._stream)
+            np.take(table, self._index[:n], out=flat[a:a + n])
         np.multiply(out, self.std, out=out)
         np.add(out, self.mean, out=out)
 
@@ -181,15 +187,35 @@ class PopMask:
     coef: np.ndarray
     permutation: np.ndarray | None
 
+    matrix: np.ndarray | None = None  # the restore as a dense float64 [M, N] (columns permuted), if small
+
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         from converters import linear
 
         y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
+        if self.matrix is not None:
+            restored = y.reshape(-1, y.shape[-1]) @ self.matrix
+            bias = self.bias if self.permutation is None else self.bias[self.permutation]
+            np.subtract(bias.astype(np.float64), restored, out=restored)
+            out[...] = restored.reshape(out.shape)
+            return
         restored = y[..., self.index[0]] * self.coef[0].astype(np.float64)
         for j in range(1, len(self.index)):
             restored += y[..., self.index[j]] * self.coef[j].astype(np.float64)
         offset = self.bias.astype(np.float64) - restored
         out[...] = offset if self.permutation is None else offset[..., self.permutation]
+
+    def dense(self, m: int, alloc: Callable[..., np.ndarray]) -> None:
+        """Use a dense restore matrix (one matmul instead of a gather per term) when it is small."""
+        k, n = self.index.shape
+        if m * n > DENSE_RESTORE:
+            return
+        self.matrix = alloc((m, n), np.float64)
+        self.matrix[...] = 0
+        for j in range(k):
+            np.add.at(self.matrix, (self.index[j], np.arange(n)), self.coef[j].astype(np.float64))
+        if self.permutation is not None:
+            self.matrix[...] = self.matrix[:, self.permutation]
 
 
 def _options(layer: dict[str, Any]) -> Any:
@@ -204,6 +230,7 @@ def _options(layer: dict[str, Any]) -> Any:
 class Entry:
     """One inference's material; ``done`` counts the work items made so far."""
 
+    slot: int = 0  # restores of one-time rounds are compiled once per slot, on its offsets
     keys: dict[str, bytes] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -239,8 +266,9 @@ class PerInference:
             needed |= {layer["weights"] for layer in layers.values()}
         self.weights = Weights(untrusted, needed, self._account, weights_outside)
         authentic = read_weights(untrusted, needed) if needed else {}  # load-time views, not kept
-        # One-time masks: live buffers the instructions read (their names are the program's mask / offset
-        # names, so the ordinary push and restore code runs on them unchanged).
+        # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
+        # ordinary push and restore code runs on them unchanged: a live mask drawn before each push, and
+        # for each restore the offsets of the pool slot in use (one compiled restore per slot).
         self.streams: dict[str, MaskStream] = {}
         self.live: dict[str, np.ndarray] = {}
         for name, spec in one_time["masks"].items():
@@ -255,7 +283,9 @@ class PerInference:
             self.pops[name] = PopMask(layer["kind"], layer["weights"], _options(layer), y_shape,
                                       spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
                                       None if perm is None else arrays[perm].astype(np.intp))
-            self.live[name] = self._account((*y_shape[:-1], bias.shape[0]), np.float32)
+            self.pops[name].dense(y_shape[-1], self._account)
+        self._offset_shapes = {name: (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
+                               for name, spec in one_time["offsets"].items()}
         # Checks: one per accelerator output, prepared from its input buffer.
         self.checks: dict[str, LayerCheck] = {}
         self.by_input: dict[str, list[str]] = {}
@@ -284,7 +314,7 @@ class PerInference:
         # The pool.
         self._items: list[tuple[str, str]] = [("keys", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
-        self.entry_bytes = sum(math.prod(self.live[n].shape) * 4 for n in self.pops)
+        self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -292,13 +322,15 @@ class PerInference:
             capacity = int(min(MAX_POOL, max(MIN_POOL, DEFAULT_POOL_BYTES // max(self.entry_bytes, 1))))
         self.capacity = capacity
         before = self.secure_bytes
-        self._free = deque(self._new_entry() for _ in range(capacity if self.enabled else 0))
+        self._entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
+        self._free = deque(self._entries)
         self.pool_bytes = self.secure_bytes - before
+        for name in self.pops:  # what the instructions' shapes are checked against when they compile
+            self.live[name] = self._entries[0].offsets[name]
+        self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
         self._filling: Entry | None = None
         self.current: Entry | None = None
-        largest = max((stream.size for stream in self.streams.values()), default=0)
-        self._mask_scratch = self._account(largest, np.float32) if self.pops else None
         if self.streams:
             gaussian_table()  # made once per process, at the first load that needs it
         self.made = 0
@@ -315,10 +347,10 @@ class PerInference:
         self.secure_bytes += array.nbytes
         return array
 
-    def _new_entry(self) -> Entry:
-        entry = Entry()
-        for name in self.pops:
-            entry.offsets[name] = self._account(self.live[name].shape, np.float32)
+    def _new_entry(self, slot: int) -> Entry:
+        entry = Entry(slot)
+        for name, shape in self._offset_shapes.items():
+            entry.offsets[name] = self._account(shape, np.float32)
         for out, check in self.checks.items():
             u, f = check.projection_shapes()
             entry.projections[out] = (self._account(u, np.float32), self._account(f, np.float32))
@@ -360,7 +392,7 @@ class PerInference:
         elif kind == "pop":
             pop = self.pops[name]
             stream = self.streams[pop.mask]
-            mask = self._mask_scratch[:stream.size].reshape(stream.shape)
+            mask = self.live[pop.mask]  # an instruction's work buffer: free between instructions
             stream.draw(entry.keys[pop.mask], mask)
             pop.compute(mask, self.weights.get(pop.weights), entry.offsets[name])
         else:
@@ -419,9 +451,15 @@ class PerInference:
             before.append(lambda: stream.draw(self.current.keys[mask], live))
         offset = instr.get("offset")
         if offset in self.pops:
-            live_offset = self.live[offset]
-            before.append(lambda: np.copyto(live_offset, self.current.offsets[offset]))
-        run = compile_(src, dst)
+            variants = []
+            for entry in self._entries:
+                self.arrays[offset] = entry.offsets[offset]
+                variants.append(compile_(src, dst))
+
+            def run() -> None:
+                variants[self.current.slot]()
+        else:
+            run = compile_(src, dst)
         if not before and not after:
             return run
         steps = (*before, run, *after)
@@ -430,6 +468,10 @@ class PerInference:
             for step in steps:
                 step()
         return wrapped
+
+    def attach(self, arrays: dict[str, np.ndarray]) -> None:
+        """The model's array table (with ``live`` merged in): per-slot restores compile against it."""
+        self.arrays = arrays
 
     def _prepare(self, out: str, x: np.ndarray) -> None:
         self.checks[out].prepare(x, self.current.projections[out][1])

@@ -342,6 +342,7 @@ class ShadowNetTA(TrustedApp):
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"per-inference material: {type(exc).__name__}: {exc}") from None
         model.arrays = {**model.arrays, **online.live}
+        online.attach(model.arrays)
         model.online = online
 
     def _refill(self, session: dict[str, Any], request: TEEParam, out: TEEParam) -> None:

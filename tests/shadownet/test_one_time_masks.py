@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import shadownet
 from shadownet import attacks
@@ -206,3 +207,12 @@ def test_mask_stream_draws_the_schemes_distribution():
     table = gaussian_table()
     assert table.dtype == np.float32 and abs(float(table.std()) - 1) < 1e-6
     assert abs(float(table.mean())) < 1e-6
+    # A mask larger than one keystream chunk is the same AES-CTR stream, indexed 16 bits at a time.
+    shape = (1, 300, 300, 3)
+    big = MaskStream({"buffer": "b", "shape": list(shape), "std": 2.0}, mean, lambda s, d: np.zeros(s, d))
+    got = np.empty(shape, np.float32)
+    big.draw(b"q" * 32, got)
+    encryptor = Cipher(algorithms.AES(b"q" * 32), modes.CTR(bytes(16))).encryptor()
+    index = np.frombuffer(encryptor.update(bytes(2 * got.size)), np.uint16)
+    want = table[index].reshape(shape) * np.float32(2.0) + mean
+    assert np.array_equal(got, want)

@@ -13,6 +13,7 @@ secret is ever written in clear), and write ``untrusted.tflite``, ``secrets.seal
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -402,28 +403,61 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
-    """Write into a temporary sibling directory, then rename it into place (a reader never sees half)."""
+    """Write into a temporary sibling directory, manifest.json last, then rename it into place: a reader
+    never sees half, and a sibling left by a killed conversion lacks its manifest (``load`` refuses it)
+    unless it is complete. Such leftovers (named after a process that no longer runs) are removed first."""
     _check_output(out, force)
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    _remove_leftovers(parent, out.name)
+    stem = f".{out.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
     try:
-        for name, data in files.items():
+        for name in sorted(files, key=lambda n: n == MANIFEST):
             with open(tmp / name, "wb") as f:
-                f.write(data)
+                f.write(files[name])
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
             os.replace(out, old / "replaced")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Delete ``.NAME.PID.*.tmp`` / ``.old`` siblings of conversions whose process is gone."""
+    for entry in parent.glob(f".{glob.escape(name)}.*"):
+        pid, _, rest = entry.name[len(name) + 2:].partition(".")
+        if pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def _version() -> str:

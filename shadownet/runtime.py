@@ -202,6 +202,7 @@ class AcceleratorWrapper:
         self.inner.run_round(r)
 
     def close(self) -> None:
+        self.buffers = {}  # views of the shared memory: the mapping goes when the last one does
         self.inner.close()
 
 
@@ -391,14 +392,16 @@ class ProtectedModel:
             self._drop_session()
             self._views = {}
             self._input_views = self._output_views = []
+            # The accelerator first: it holds views of the shared memory, which then unmaps at once
+            # (with views alive, the mapping and its descriptor stay until they are collected).
+            if self.accelerator is not None:
+                self.accelerator.close()
             if self._shm is not None:
                 _quietly(self._shm.release)
                 self._shm = None
             if self._weights is not None:
                 _quietly(self._weights.release)
                 self._weights = None
-            if self.accelerator is not None:
-                self.accelerator.close()
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,288 @@
+"""Faults: the secure world killed or hung in the middle of an inference (a TEECommunicationError within the
+bounded time, then the model reopens its session and the next inference is right), and a conversion killed at
+several points (no directory ``load`` would take half-written; leftovers are refused, then cleaned up)."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import shadownet
+import tee_sim
+from shadownet.exceptions import ArtifactError, TEECommunicationError
+from shadownet.runtime import AcceleratorWrapper
+from shadownet.soak import open_fds
+from tests.shadownet.hardening import SEED, protect_small, relative_error
+
+TOLERANCE = 1e-3
+pytestmark = pytest.mark.filterwarnings("ignore:converting with seed")
+HANG_TIMEOUT = 2.0  # the context's per-call timeout during the hang tests
+SLACK = 20.0  # generous: "an error, not a hang", on a busy machine
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return protect_small(tmp_path_factory.mktemp("small"), which=1)
+
+
+@pytest.fixture
+def context():
+    context = tee_sim.default_context()
+    if context.secure_world_pid is None:
+        pytest.skip("the secure world runs in this process (inprocess transport)")
+    return context
+
+
+class Saboteur(AcceleratorWrapper):
+    """Runs ``action`` once, just before the accelerator's round ``at`` (the TEE is between two steps)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.action = None
+        self.at = 1
+
+    def run_round(self, r: int) -> None:
+        if self.action is not None and r == self.at:
+            action, self.action = self.action, None
+            action()
+        super().run_round(r)
+
+
+def _load_with_saboteur(out):
+    saboteurs = []
+
+    def wrap(inner):
+        saboteurs.append(Saboteur(inner))
+        return saboteurs[-1]
+
+    return shadownet.load(out, accelerator=wrap), saboteurs
+
+
+def _wait_gone(pid: int) -> None:
+    end = time.monotonic() + SLACK
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still runs")
+
+
+def test_secure_world_killed_between_steps(small, context):
+    x = small.input()
+    want = small.reference(x)
+    with shadownet.load(small.out):
+        pass  # warm-up: the context's reusable buffers exist before the descriptor count
+    before = open_fds()
+    model, (saboteur,) = _load_with_saboteur(small.out)
+    with model:
+        assert relative_error(model(x), want) <= TOLERANCE
+        for r in range(1, model.num_rounds + 1):
+            pid = context.secure_world_pid
+
+            def kill(pid=pid):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid)
+
+            saboteur.action, saboteur.at = kill, r
+            start = time.monotonic()
+            with pytest.raises(TEECommunicationError):
+                model(x)
+            assert time.monotonic() - start < SLACK
+            # The next call opens a session in a new secure world, loads the model again, and is right.
+            assert relative_error(model(x), want) <= TOLERANCE
+            assert context.secure_world_pid != pid
+    assert open_fds()["memfds"] == before["memfds"]
+
+
+def test_secure_world_killed_at_random_moments(small, context):
+    """Kills that land anywhere: inside a TEE step, in the transport, while the accelerator runs."""
+    x = small.input(1)
+    want = small.reference(x)
+    rng = random.Random(0)
+    with shadownet.load(small.out) as model:
+        model(x)
+        for _ in range(4):
+            pid = context.secure_world_pid
+            timer = threading.Timer(rng.uniform(0.0, 0.05), os.kill, (pid, signal.SIGKILL))
+            timer.start()
+            failed = False
+            for _ in range(100_000):
+                try:
+                    got = model(x)
+                except TEECommunicationError:
+                    failed = True
+                    break
+                assert relative_error(got, want) <= TOLERANCE  # every answer before the kill is right
+                if not timer.is_alive() and context.secure_world_pid != pid:
+                    break  # the kill hit between calls and a call already restarted the world
+            timer.join()
+            assert failed or context.secure_world_pid != pid
+            assert relative_error(model(x), want) <= TOLERANCE
+
+
+@pytest.fixture
+def short_timeout(context):
+    saved = context.timeout
+    context.timeout = HANG_TIMEOUT
+    yield context
+    context.timeout = saved
+
+
+def test_secure_world_hung_mid_inference(small, short_timeout):
+    context = short_timeout
+    x = small.input(2)
+    want = small.reference(x)
+    model, (saboteur,) = _load_with_saboteur(small.out)
+    with model:
+        model(x)
+        pid = context.secure_world_pid
+        saboteur.action = lambda: os.kill(pid, signal.SIGSTOP)  # frozen: it never answers the next step
+        start = time.monotonic()
+        with pytest.raises(TEECommunicationError, match="did not answer"):
+            model(x)
+        assert HANG_TIMEOUT <= time.monotonic() - start < HANG_TIMEOUT + SLACK
+        _wait_gone(pid)  # the transport killed the hung world
+        assert relative_error(model(x), want) <= TOLERANCE
+
+
+def test_secure_world_hung_inside_a_step(small, short_timeout):
+    """A world stopped while it runs a step (a timer, not between steps): the same bounded error."""
+    context = short_timeout
+    x = small.input(3)
+    want = small.reference(x)
+    with shadownet.load(small.out) as model:
+        model(x)
+        pid = context.secure_world_pid
+        timer = threading.Timer(0.01, os.kill, (pid, signal.SIGSTOP))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(TEECommunicationError):
+            for _ in range(1_000_000):
+                model(x)
+        assert time.monotonic() - start < HANG_TIMEOUT + SLACK
+        timer.join()
+        _wait_gone(pid)
+        assert relative_error(model(x), want) <= TOLERANCE
+
+
+# --- conversion interrupted ---------------------------------------------------------------------------------
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys, tempfile, warnings
+    from converters import pipeline
+
+    model, out, point, force = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "force"
+    counts = {"fsync": 0, "replace": 0}
+    armed = False
+    real_fsync, real_replace, real_mkdtemp = os.fsync, os.replace, tempfile.mkdtemp
+    real_write = pipeline._write_artifacts
+
+    def die(): os.kill(os.getpid(), signal.SIGKILL)
+
+    def fsync(fd):
+        real_fsync(fd)
+        if armed:
+            counts["fsync"] += 1
+            if point == f"fsync{counts['fsync']}": die()
+
+    def replace(a, b):
+        if armed:
+            counts["replace"] += 1
+            if point == f"replace{counts['replace']}": die()
+        real_replace(a, b)
+
+    def mkdtemp(*a, **k):
+        d = real_mkdtemp(*a, **k)
+        if armed and point == "mkdtemp": die()
+        return d
+
+    def write(*a, **k):
+        global armed
+        armed = True
+        real_write(*a, **k)
+
+    os.fsync, os.replace, tempfile.mkdtemp, pipeline._write_artifacts = fsync, replace, mkdtemp, write
+    warnings.simplefilter("ignore")
+    pipeline.convert(model, out, seed=int(sys.argv[5]), force=force)
+""")
+
+
+def _check_no_half_directory(small, out: Path) -> None:
+    """``out`` is absent or a complete, right conversion; every sibling a killed run left is refused by
+    ``load`` or complete and right."""
+    x = small.input()
+    want = small.reference(x)
+    if out.exists():
+        with shadownet.load(out) as model:
+            assert relative_error(model(x), want) <= TOLERANCE
+    else:
+        with pytest.raises(ArtifactError):
+            shadownet.load(out)
+    for sibling in out.parent.glob(f".{out.name}.*"):
+        for candidate in (sibling, sibling / "replaced"):
+            if not candidate.is_dir():
+                continue
+            try:
+                with shadownet.load(candidate) as model:
+                    assert relative_error(model(x), want) <= TOLERANCE  # complete: it loads right
+            except ArtifactError:
+                pass  # incomplete: refused
+
+
+@pytest.mark.parametrize("point, force", [
+    ("mkdtemp", False), ("fsync1", False), ("fsync2", False), ("fsync3", False), ("replace1", False),
+    ("replace1", True), ("replace2", True),
+])
+def test_convert_killed_while_writing(small, tmp_path, point, force):
+    model = tmp_path / "model.tflite"
+    model.write_bytes(small.original)
+    out = tmp_path / "out"
+    if force:
+        shadownet.convert(str(model), str(out), seed=SEED)
+    command = [sys.executable, "-c", _KILLER, str(model), str(out), point, "force" if force else "new",
+               str(SEED)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    _check_no_half_directory(small, out)
+    if not force and point != "replace1":
+        assert not out.exists()
+    # The next conversion succeeds and removes what the killed one left.
+    shadownet.convert(str(model), str(out), seed=SEED, force=True)
+    assert not list(tmp_path.glob(".out.*"))
+    _check_no_half_directory(small, out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
+    model = tmp_path / "model.tflite"
+    model.write_bytes(small.original)
+    command = [sys.executable, "-m", "shadownet", "convert", str(model), "-o", str(tmp_path / "out"),
+               "--seed", str(SEED)]
+    start = time.monotonic()
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - start
+    rng = random.Random(int(sig))
+    for k in range(3):
+        out = tmp_path / f"out{k}"
+        proc = subprocess.Popen([*command[:-4], "-o", str(out), "--seed", str(SEED)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        if sig == signal.SIGINT and proc.returncode != 0:
+            assert proc.returncode == 130 and err.strip().splitlines()[-1] == "shadownet: interrupted", err
+        _check_no_half_directory(small, out)
+        if sig == signal.SIGINT:
+            assert not list(tmp_path.glob(f".{out.name}.*"))  # an interrupted run cleans up after itself
+

@@ -1,0 +1,249 @@
+"""Soak: many protected inferences on one model shared by several threads, checked and measured.
+
+``python -m shadownet.soak [--model resnet44] [--inferences 10000] [--threads 4]`` protects the model (a zoo
+name or a float ``.tflite``), loads it once and lets ``--threads`` threads call it until ``--inferences``
+calls are done. Every result is compared with LiteRT's output for the same input on the ORIGINAL model:
+inputs come from a pool whose references are computed once, and every ``--fresh-every``-th call uses a
+new random input whose reference LiteRT computes right then. It reports the wrong results, the resident
+memory of both worlds (sampled; growth after warm-up in %), and what is left after ``close()``: file
+descriptors and shared-memory segments (memfds) of this process and of the secure world, and the secure
+world's allocated bytes. Exit status 1 if any result was wrong or anything leaked. Not a test: it takes
+minutes; its figures go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
+
+
+def _page_kib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """Resident set size of a process in KiB (``/proc/PID/statm``)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * _page_kib()
+
+
+def open_fds(pid: int | str = "self") -> dict[str, int]:
+    """File descriptors of a process: ``fds`` in all, ``memfds`` among them (shared-memory segments)."""
+    fds = memfds = 0
+    root = f"/proc/{pid}/fd"
+    for name in os.listdir(root):
+        try:
+            target = os.readlink(f"{root}/{name}")
+        except OSError:  # closed while we looked (listdir's own descriptor, another thread's file)
+            continue
+        fds += 1
+        memfds += target.startswith("/memfd:")
+    return {"fds": fds, "memfds": memfds}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    scale = float(np.max(np.abs(want))) or 1.0
+    return float(np.max(np.abs(got.astype(np.float64) - want))) / scale
+
+
+class Reference:
+    """LiteRT on the original model, one interpreter per thread."""
+
+    def __init__(self, model: bytes) -> None:
+        self.model = model
+        self.local = threading.local()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        interpreter = getattr(self.local, "interpreter", None)
+        if interpreter is None:
+            from ai_edge_litert.interpreter import Interpreter
+
+            interpreter = self.local.interpreter = Interpreter(model_content=self.model, num_threads=1)
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The original .tflite and its artifact directory."""
+    import shadownet
+
+    if args.model.endswith(".tflite"):
+        original = Path(args.model)
+    else:
+        original = work / f"{args.model}.tflite"
+        if not original.exists():
+            # In a child: TensorFlow in this process would dwarf the runtime's resident memory.
+            print(f"exporting zoo model {args.model} ...", flush=True)
+            subprocess.run([sys.executable, "-m", "shadownet", "zoo", args.model, "-o", str(original)],
+                           check=True, stdout=subprocess.DEVNULL)
+    out = work / f"{original.stem}.protected"
+    print(f"converting {original} -> {out} (scheme {args.scheme or 'default'}) ...", flush=True)
+    shadownet.convert(str(original), str(out), scheme=args.scheme, force=True)
+    return original, out
+
+
+def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: int = 16,
+         fresh_every: int = 100, warmup: int = 500, samples: int = 20, tolerance: float = TOLERANCE,
+         num_threads: int | None = 1) -> dict[str, Any]:
+    """Run the soak on an artifact directory ``out`` of ``original``; return its figures."""
+    import shadownet
+    import tee_sim
+
+    context = tee_sim.default_context()
+    context.memory_stats()  # starts the secure world, so the baseline counts its fixed costs
+    world = context.secure_world_pid
+    reference = Reference(original.read_bytes())
+    before = {"normal": open_fds(), "secure": open_fds(world) if world else None,
+              "secure_bytes": context.memory_stats()["used"]}
+
+    model = shadownet.load(out, num_threads=num_threads)
+    (spec,) = model.inputs
+    rng = np.random.default_rng(1)
+    pool = [rng.uniform(-1, 1, spec.shape).astype(spec.dtype) for _ in range(pool_size)]
+    wants = [reference(x) for x in pool]
+
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0, "wrong": 0, "fresh": 0, "worst": 0.0}
+    failures: list[str] = []
+    rss: list[tuple[int, int, int]] = []  # (calls done, normal-world KiB, secure-world KiB)
+    every = max(1, inferences // samples)
+
+    def sample(done: int) -> None:
+        secure = context.secure_world_pid
+        rss.append((done, rss_kib(), rss_kib(secure) if secure else 0))
+
+    def work(thread: int) -> None:
+        try:
+            reference(pool[0])  # this thread's LiteRT interpreter exists before the memory baseline
+            while True:
+                with lock:
+                    i = state["next"]
+                    if i >= inferences:
+                        return
+                    state["next"] += 1
+                fresh = fresh_every > 0 and i % fresh_every == fresh_every - 1
+                if fresh:
+                    x = np.random.default_rng(1000 + i).uniform(-1, 1, spec.shape).astype(spec.dtype)
+                    want = reference(x)
+                else:
+                    x, want = pool[i % pool_size], wants[i % pool_size]
+                got = model(x)
+                error = relative_error(got, want) if np.all(np.isfinite(got)) else float("inf")
+                with lock:
+                    state["done"] += 1
+                    state["fresh"] += fresh
+                    state["worst"] = max(state["worst"], error)
+                    if error > tolerance:
+                        state["wrong"] += 1
+                        if len(failures) < 5:
+                            failures.append(f"call {i} (thread {thread}): relative error {error:.3g}")
+                    done = state["done"]
+                    if done == warmup or done % every == 0:
+                        sample(done)
+                    if done % max(1, inferences // 10) == 0:
+                        print(f"  {done}/{inferences} calls, {state['wrong']} wrong", flush=True)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            with lock:
+                failures.append(f"thread {thread}: {type(exc).__name__}: {exc}")
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(t,), name=f"soak-{t}") for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    model_stats = model.stats()
+    model.close()
+    after = {"normal": open_fds(), "secure": open_fds(context.secure_world_pid) if world else None,
+             "secure_bytes": context.memory_stats()["used"]}
+
+    warm = [r for r in rss if r[0] >= warmup] or rss
+    first, last = warm[0], warm[-1]
+    growth = {side: 100.0 * (last[k] - first[k]) / first[k] if first[k] else 0.0
+              for side, k in (("normal", 1), ("secure", 2))}
+    peak_growth = {side: 100.0 * (max(r[k] for r in warm) - first[k]) / first[k] if first[k] else 0.0
+                   for side, k in (("normal", 1), ("secure", 2))}
+    leaks = {
+        "normal_fds": after["normal"]["fds"] - before["normal"]["fds"],
+        "normal_memfds": after["normal"]["memfds"] - before["normal"]["memfds"],
+        "secure_fds": (after["secure"]["fds"] - before["secure"]["fds"]) if world else None,
+        "secure_memfds": (after["secure"]["memfds"] - before["secure"]["memfds"]) if world else None,
+        "secure_bytes": after["secure_bytes"] - before["secure_bytes"],
+    }
+    return {
+        "model": str(original), "scheme": model_stats.get("scheme"), "rounds": model_stats.get("rounds"),
+        "threads": threads, "calls": state["done"], "fresh_inputs_checked": state["fresh"],
+        "wrong": state["wrong"], "worst_relative_error": state["worst"], "tolerance": tolerance,
+        "failures": failures, "seconds": elapsed, "calls_per_s": state["done"] / elapsed,
+        "rss_kib": rss, "rss_growth_after_warmup_pct": growth,
+        "rss_peak_growth_after_warmup_pct": peak_growth,
+        "warmup_calls": warmup, "before": before, "after": after, "leaks": leaks,
+        "secure_memory_peak": model_stats.get("secure_memory_peak"),
+        "model_secure_memory": model_stats.get("model_secure_memory"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shadownet.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet44", help="zoo name or float .tflite (default resnet44)")
+    parser.add_argument("--artifacts", help="an artifact directory of --model (default: convert now)")
+    parser.add_argument("--scheme", default=None)
+    parser.add_argument("--inferences", type=int, default=10_000)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--pool", type=int, default=16, help="inputs whose references are computed once")
+    parser.add_argument("--fresh-every", type=int, default=100, help="every Nth call: a new input, checked")
+    parser.add_argument("--warmup", type=int, default=500, help="calls before the memory baseline")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument("--workdir", help="where models and artifacts go (default: a temporary directory)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="shadownet-soak-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.artifacts:
+            original, out = Path(args.model), Path(args.artifacts)
+        else:
+            original, out = _prepare(args, work)
+        print(f"soak: {args.inferences} protected inferences on {original.name}, {args.threads} threads",
+              flush=True)
+        figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
+                       args.warmup, tolerance=args.tolerance)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]
+    peak = figures["rss_peak_growth_after_warmup_pct"]
+    first = next((r for r in figures["rss_kib"] if r[0] >= figures["warmup_calls"]), figures["rss_kib"][0])
+    print(f"calls {figures['calls']} ({figures['fresh_inputs_checked']} on fresh inputs) in "
+          f"{figures['seconds']:.0f} s ({figures['calls_per_s']:.1f}/s), scheme {figures['scheme']}, "
+          f"{figures['rounds']} rounds")
+    print(f"wrong results: {figures['wrong']} (worst relative error {figures['worst_relative_error']:.2e}, "
+          f"tolerance {figures['tolerance']:g})")
+    print(f"resident memory after {figures['warmup_calls']} warm-up calls: normal world "
+          f"{first[1] / 1024:.1f} MiB -> {growth['normal']:+.2f}% at the end (peak {peak['normal']:+.2f}%), "
+          f"secure world {first[2] / 1024:.1f} MiB -> {growth['secure']:+.2f}% (peak {peak['secure']:+.2f}%)")
+    print(f"after close: fds {leaks['normal_fds']:+d}, memfds {leaks['normal_memfds']:+d} (this process); "
+          f"fds {leaks['secure_fds']:+d}, memfds {leaks['secure_memfds']:+d} (secure world); "
+          f"secure memory {leaks['secure_bytes']:+d} bytes")
+    for failure in figures["failures"]:
+        print(f"failure: {failure}")
+    leaked = leaks["normal_memfds"] or leaks["secure_memfds"] or leaks["secure_bytes"]
+    return 1 if figures["wrong"] or figures["failures"] or leaked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,8 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
 
 - Inputs (CONV_2D, and FULLY_CONNECTED when its input's channel count is known): the TEE mixes each
   group of ``input_group`` consecutive input channels by a random orthogonal ``B_h`` (``x' = B x``, one
-  small matmul per group in the push); the filters become ``W B^-1``. Every weight the accelerator
+  small matmul per group in the push); the filters become ``W B^-1``. Inputs of fewer than
+  ``input_group / 2`` channels (an RGB image) are left alone. Every weight the accelerator
   holds is then a sum of 16, Gaussian enough that blind source separation (ICA), which takes any
   output-side mixing apart when the real weights are heavy-tailed or sparse (trained, pruned), finds
   nothing (measured on 64 filters 3x3x32: Laplace weights 57 recovered with a permutation of the inputs
@@ -34,9 +35,10 @@ degenerates: the component of one filter orthogonal to another (the fake-partner
 itself. With random ``A_g`` those pair estimates land near real filters (measured: 15-20% of filters
 recovered at group size 4, ~1% at 8); here 0 at any group size.
 
-Depthwise (one input channel per output, so nothing to mix): the TEE permutes the input channels and
-each output channel gets a secret scale, log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny
-scales cost precision). Directions survive; the attack suite reports depthwise filters separately.
+Depthwise (one input channel per output, so nothing to mix): each output channel gets a secret scale,
+log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny scales cost precision). No permutation: it
+would cost a gather in the block restore before it and hide nothing that direction matching does not undo.
+Directions survive; the attack suite reports depthwise filters separately, against the chance rate.
 
 Masks: one-time (``static_masks = False``: the TEE draws a fresh one per inference on the rounds the mask
 policy selects, static ones elsewhere), normal noise of ``mask_scale`` (10) times the activations' RMS,
@@ -135,7 +137,12 @@ class GroupMixScheme:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
         input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing)."""
         c = w.shape[-1]
-        if self.input_group == 1 or c == 1:
+        if c < max(2, self.input_group // 2):
+            # A few channels (an RGB image): mixing them would Gaussianize little and costs a slow narrow
+            # matmul on the largest tensor, permuting them hides little and costs a gather; ICA needs far
+            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone.
+            return w, None, None, None
+        if self.input_group == 1:
             permutation = rng.permutation(c)
             return w[..., permutation], permutation.astype(np.int32), None, None
         # x'_c = sum_j B[c, j] x_j over c's group of consecutive channels (B orthogonal blocks, stored
@@ -187,17 +194,14 @@ class GroupMixScheme:
         cm = k.shape[-1]
         if mult < 1 or cm % mult:
             raise ValueError(f"{layer.name}: {cm} depthwise channels with depth multiplier {mult}")
-        c = cm // mult
-        perm = rng.permutation(c)  # x'_c = x_perm[c]
+        # Scales only: a channel permutation would hide nothing that direction matching does not undo
+        # (the suite recovers every depthwise kernel under any permutation) and would cost a gather in
+        # the restore before it, which a block restore cannot fold in.
         scales = np.exp(rng.uniform(-math.log(2), math.log(2), cm)).astype(np.float32)
-        # Output channel perm[c] * m + j of the original lands at c * m + j.
-        source = (perm[:, None] * mult + np.arange(mult)).reshape(-1)
-        weights = (k[..., source] * scales[source].astype(np.float64)).astype(np.float32)
-        position = np.empty(cm, np.int64)
-        position[source] = np.arange(cm)
-        index = position.astype(np.int32)[None, :]
+        weights = (k * scales.astype(np.float64)).astype(np.float32)
+        index = np.arange(cm, dtype=np.int32)[None, :]
         coef = (1.0 / scales.astype(np.float64)).astype(np.float32)[None, :]
-        return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
+        return ObfuscatedLinear(weights, None, index, coef)
 
     # -- masks -------------------------------------------------------------------------------------------
     def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:

@@ -180,6 +180,8 @@ def test_input_transform_is_orthogonal_blocks_of_consecutive_channels():
     assert np.allclose(t @ t.T, np.eye(40), atol=1e-6)  # orthogonal: no precision lost, no scale leaked
     for a, b in split_groups(40, 16):
         assert np.count_nonzero(t[a:b]) == (b - a) ** 2  # dense within a group, nothing outside
+    rgb = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", he_layer(rng, 8, 3, 3, 3)), rng)
+    assert rgb.input_index is None and rgb.input_permutation is None  # too few channels to mix
     only = GroupMixScheme(input_group=1).obfuscate(LinearLayer("CONV_2D", w, input_channels=40), rng)
     assert only.input_index is None and sorted(only.input_permutation) == list(range(40))
     assert GroupMixScheme(input_group=0).obfuscate(LinearLayer("CONV_2D", w), rng).input_permutation is None
@@ -220,14 +222,15 @@ def test_small_degenerate_and_rank_deficient_layers():
 
 
 @pytest.mark.parametrize("multiplier", [1, 2])
-def test_depthwise_is_permuted_and_scaled(multiplier):
+def test_depthwise_is_scaled(multiplier):
     rng = np.random.default_rng(12)
     x = rng.standard_normal((1, 9, 9, 6))
     k = rng.standard_normal((1, 3, 3, 6 * multiplier)) * 0.2
     options = depthwise_options(multiplier, dilation=(2, 1))
     want = linear.depthwise_conv2d(x, k, options)
     obf = GroupMixScheme().obfuscate(LinearLayer("DEPTHWISE_CONV_2D", k, multiplier, input_channels=6), rng)
-    got = obf.restore(linear.depthwise_conv2d(x[..., obf.input_permutation], obf.weights, options))
+    assert obf.input_permutation is None and obf.input_index is None
+    got = obf.restore(linear.depthwise_conv2d(x, obf.weights, options))
     assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want))
     scales = 1 / obf.restore_coef[0]
     assert np.all((scales >= 0.5 * 0.999) & (scales <= 2 * 1.001))  # no tiny scales to divide by

@@ -4,12 +4,25 @@ One-time masks (schemes with ``static_masks = False``): on the rounds the mask p
 inferences share a mask. The converter then draws no mask and computes no pop mask for them; it records
 each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme) and each such restore's
 bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
-approach, ``tee_sim.mask_pool``). Other rounds keep the scheme's static masks.
+approach, ``tee_sim.per_inference``). Other rounds keep the scheme's static masks.
 
 The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
-round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``: masking a
-round one-time costs, per inference, its layers' work again in the TEE (offline) and a pool entry as
-large as their outputs (MobileNet, every round: about 20 MB an entry against 1.6 MB for round 1).
+round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``, from what
+``shadownet audit`` measures and what the alternatives cost (groupmix, 4 inferences observed):
+
+- ResNet-44, ``first``: the user's input from round 1 at correlation 0.05 in one inference, 0.06 across
+  two, 0.005 after a chosen input - the target is 0.1. Deeper rounds keep static masks, which hide each
+  inference's activations (0.04 - 0.16) but cancel in the difference of two inferences: 1.0 for the
+  stage-1 rounds, 0.4 - 0.5 for stage 2 and 3 - what a normal world that runs inputs of its choosing
+  learns about the features of the user's input.
+- ResNet-44, ``all``: every round <= 0.15 both ways, but per inference the TEE redoes every layer on a
+  mask in float64 (225 ms offline against a 20 ms inference: the pool cannot keep up with more than a
+  few inferences a second) and a pool entry holds every layer's output (1.7 MB against 64 KB). On
+  MobileNet an entry would be 20 MB: two do not fit the 64 MiB TEE next to the model (round 1: 1.6 MB).
+
+So the default meets the input target everywhere at the smallest cost (offline 3 - 75 ms per inference
+across the zoo); ``all`` or a list closes the difference attack on deeper rounds where its cost is
+acceptable.
 
 Layers (for ``verify`` and for pop masks): per accelerator output buffer, the offloaded layer's kind, the
 name of its obfuscated weights in ``untrusted.tflite`` (public: the TA reads them from the file it
@@ -73,6 +86,26 @@ def _writer(steps: list[list[dict[str, Any]]], field: str, ref: str, op: str | N
     if len(found) != 1:
         raise AssertionError(f"expected one instruction with {field} {ref!r}, found {len(found)}")
     return found[0]
+
+
+def locate_weights(untrusted: bytes, layers: dict[str, dict[str, Any]]) -> None:
+    """Add where each layer's weights lie in ``untrusted.tflite`` (``weights_at``: byte offset, shape), so
+    the TA slices them out of the file it authenticated instead of parsing the flatbuffer."""
+    model = schema_fb.Model.GetRootAs(untrusted, 0)
+    base = np.frombuffer(untrusted, np.uint8).ctypes.data
+    wanted = {layer["weights"]: layer for layer in layers.values()}
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(t)
+            layer = wanted.get(tensor.Name().decode())
+            if layer is None:
+                continue
+            data = model.Buffers(tensor.Buffer()).DataAsNumpy()
+            layer["weights_at"] = [int(data.ctypes.data - base), [int(d) for d in tensor.ShapeAsNumpy()]]
+    missing = [name for name, layer in wanted.items() if "weights_at" not in layer]
+    if missing:
+        raise AssertionError(f"untrusted model lacks the weights {missing[:3]}")
 
 
 def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:

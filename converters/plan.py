@@ -30,7 +30,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters import linear
 from converters.graph import Graph, Signature, fused_activation, write_model
 from converters.partition import Partition
-from converters.per_inference import describe
+from converters.per_inference import describe, locate_weights
 from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
@@ -636,6 +636,7 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
     b.layout()
     per_inference = describe(b, one_time_rounds)
     untrusted = write_model(b.untrusted, b.signatures)
+    locate_weights(untrusted, per_inference["layers"])
     arrays = dict(b.arrays)
     if b.tee_model is not None:
         arrays["tee_model"] = np.frombuffer(b.tee_model, np.uint8)

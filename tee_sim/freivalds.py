@@ -169,22 +169,26 @@ class LayerCheck:
                  projections: int | None = None) -> None:
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
-        taps = _taps(self.kind, weights, geo)  # not kept: draw() is given the weights again
+        # Norms in float64 accumulation, without a float64 copy (draw() is given the weights again).
+        w = np.asarray(weights, np.float32)
+        frobenius = math.sqrt(float(np.einsum("i,i->", w.reshape(-1), w.reshape(-1), dtype=np.float64)))
         if self.kind == "DEPTHWISE_CONV_2D":
-            _, c, m = taps.shape
-            self.m_out, self.in_channels = c * m, c
-            per_input = np.sum(taps ** 2, axis=(0, 2))
-            self.scale = float(np.sqrt(per_input.max(initial=0.0)))
+            c = x_shape[-1]
+            if w.shape[-1] % c:
+                raise ValueError(f"depthwise: {w.shape[-1]} channels for {c} inputs")
+            self.m_out, self.in_channels = w.shape[-1], c
+            per_output = np.einsum("tc,tc->c", w.reshape(-1, w.shape[-1]), w.reshape(-1, w.shape[-1]),
+                                   dtype=np.float64)
+            self.scale = math.sqrt(float(per_output.reshape(c, -1).sum(axis=1).max(initial=0.0)))
         else:
-            self.m_out, _, self.in_channels = taps.shape
-            self.scale = float(np.linalg.norm(taps))
+            self.m_out, self.in_channels = w.shape[0], w.shape[-1]
+            self.scale = frobenius
         if y_shape[-1] != self.m_out:
             raise ValueError(f"{self.kind}: output has {y_shape[-1]} channels, the weights {self.m_out}")
         self.weights_shape = tuple(weights.shape)
-        self.rows_out = int(np.prod(y_shape[:-1], dtype=np.int64))
-        self.k = k = projections or self.projections_needed(float(np.linalg.norm(taps)))
-        del taps
-        self.rows_in = int(np.prod(x_shape[:-1], dtype=np.int64)) if geo.spatial else self.rows_out
+        self.rows_out = math.prod(y_shape[:-1])
+        self.k = k = projections or self.projections_needed(frobenius)
+        self.rows_in = math.prod(x_shape[:-1]) if geo.spatial else self.rows_out
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
         taps, c = geo.taps, self.in_channels
         # How z = L(x, F) is computed:
@@ -231,13 +235,13 @@ class LayerCheck:
             wo = geo.y_shape[2]
             rows = max(1, (1 << 18) // (wo * taps * c)) * wo  # whole output rows, about 1 MiB at a time
             self._parts.update(xp=(geo.x_shape[0], hp, wp, c), cols=(min(self.rows_out, rows), taps * c))
-        self.scratch_elements = sum(int(np.prod(s)) for s in self._parts.values())
+        self.scratch_elements = sum(math.prod(s) for s in self._parts.values())
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
         """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the work areas."""
         at = 0
         for name, shape in self._parts.items():
-            size = int(np.prod(shape))
+            size = math.prod(shape)
             setattr(self, name, scratch[at:at + size].reshape(shape))
             at += size
         if self.method == "shifts":

@@ -32,7 +32,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from types import SimpleNamespace
 from typing import Any
 
@@ -55,6 +54,7 @@ TABLE_BITS = 16
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
 MIN_POOL, MAX_POOL = 1, 8
 MASK_CHUNK = 1 << 16  # mask elements drawn per keystream block (128 KiB of AES-CTR output)
+BLOCK = 1 << 20  # secure memory for small arrays comes in blocks of 1 MiB
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 BOUND_EVERY = 8  # the achieved detection bound is measured on the first 8 inferences, then 1 in 8
 _NONCE = bytes(16)  # every key is used for one mask only
@@ -67,34 +67,79 @@ def gaussian_table() -> np.ndarray:
     global _table
     if _table is None:
         n = 1 << TABLE_BITS
-        normal = NormalDist()
-        values = np.array([normal.inv_cdf((i + 0.5) / n) for i in range(n)])
+        values = normal_quantiles((np.arange(n // 2) + 0.5) / n)  # the lower half; the upper mirrors it
+        values = np.concatenate([values, -values[::-1]])
         _table = (values / values.std()).astype(np.float32)
     return _table
 
 
+def normal_quantiles(p: np.ndarray) -> np.ndarray:
+    """The standard normal's inverse CDF for ``0 < p <= 0.5`` (Acklam's rational approximation, relative
+    error below 1.2e-9: far below float32's resolution), vectorized."""
+    a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
+         -3.066479806614716e+01, 2.506628277459239e+00)
+    b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
+         -1.328068155288572e+01)
+    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
+         4.374664141464968e+00, 2.938163982698783e+00)
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00)
+    p = np.asarray(p, np.float64)
+    tail = p < 0.02425
+    q = np.sqrt(-2 * np.log(np.where(tail, p, 0.5)))
+    low = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+    q = p - 0.5
+    r = q * q
+    central = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / \
+        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+    return np.where(tail, low, central)
+
+
 def read_weights(untrusted: Any, names: set[str]) -> dict[str, np.ndarray]:
-    """The constant float32 tensors ``names`` of a ``.tflite`` (every subgraph), as read-only views."""
+    """The constant float32 tensors ``names`` of a ``.tflite`` (every subgraph), as read-only views; only
+    the operators' inputs are looked at (the weights of ``untrusted.tflite``'s layers are their second)."""
     model = schema_fb.Model.GetRootAs(untrusted, 0)
     found: dict[str, np.ndarray] = {}
     for s in range(model.SubgraphsLength()):
         subgraph = model.Subgraphs(s)
-        for i in range(subgraph.TensorsLength()):
-            tensor = subgraph.Tensors(i)
-            name = tensor.Name().decode()
-            if name not in names or name in found:
-                continue
-            if tensor.Type() != schema_fb.TensorType.FLOAT32:
-                raise ValueError(f"tensor {name!r} is not float32")
-            data = model.Buffers(tensor.Buffer()).DataAsNumpy()
-            shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
-            if isinstance(data, int) or data.nbytes != 4 * math.prod(shape):
-                raise ValueError(f"tensor {name!r} has no data of shape {shape}")
-            found[name] = data.view(np.float32).reshape(shape)
+        for o in range(subgraph.OperatorsLength()):
+            for t in subgraph.Operators(o).InputsAsNumpy().tolist():
+                if t < 0:
+                    continue
+                tensor = subgraph.Tensors(t)
+                name = tensor.Name().decode()
+                if name not in names or name in found:
+                    continue
+                if tensor.Type() != schema_fb.TensorType.FLOAT32:
+                    raise ValueError(f"tensor {name!r} is not float32")
+                data = model.Buffers(tensor.Buffer()).DataAsNumpy()
+                shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+                if isinstance(data, int) or data.nbytes != 4 * math.prod(shape):
+                    raise ValueError(f"tensor {name!r} has no data of shape {shape}")
+                found[name] = data.view(np.float32).reshape(shape)
     missing = names - set(found)
     if missing:
         raise ValueError(f"untrusted model lacks the weights {sorted(missing)[:3]}")
     return found
+
+
+def weight_views(untrusted: Any, layers: dict[str, dict[str, Any]], names: set[str]) -> dict[str, np.ndarray]:
+    """The weights ``names`` as views of the authenticated ``untrusted.tflite``, where the program's
+    layers say they lie (``weights_at``; parsed from the flatbuffer for programs without it)."""
+    if not names:
+        return {}
+    where = {layer["weights"]: layer.get("weights_at") for layer in layers.values()}
+    if any(where.get(name) is None for name in names):
+        return read_weights(untrusted, names)
+    data = np.frombuffer(untrusted, np.uint8)
+    views = {}
+    for name in names:
+        offset, shape = where[name]
+        nbytes = 4 * math.prod(shape)
+        if not (isinstance(offset, int) and offset % 4 == 0 and 0 <= offset <= data.size - nbytes):
+            raise ValueError(f"weights {name!r} at {offset} lie outside the untrusted model")
+        views[name] = data[offset:offset + nbytes].view(np.float32).reshape(shape)
+    return views
 
 
 class Weights:
@@ -104,9 +149,8 @@ class Weights:
     SHA-256 taken from the authenticated file at load: secure memory then holds the largest layer, not
     the model (MobileNet: 4 MB instead of 17)."""
 
-    def __init__(self, untrusted: Any, names: set[str], alloc: Callable[..., np.ndarray],
+    def __init__(self, untrusted: Any, found: dict[str, np.ndarray], alloc: Callable[..., np.ndarray],
                  outside: bool) -> None:
-        found = read_weights(untrusted, names) if names else {}
         self.shapes = {name: w.shape for name, w in found.items()}
         self.outside = outside
         self._shared: np.ndarray | None = None
@@ -259,13 +303,15 @@ class PerInference:
         self.verify, self.fail_when_empty = bool(verify), bool(fail_when_empty)
         self._alloc, self._random = alloc, random_bytes
         self.secure_bytes = 0
+        self._block: np.ndarray | None = None
+        self._block_used = 0
         if verify and not layers:
             raise ValueError("verification needs the program's layers (convert again with this version)")
         needed = {layers[o["layer"]]["weights"] for o in one_time["offsets"].values()}
         if verify:
             needed |= {layer["weights"] for layer in layers.values()}
-        self.weights = Weights(untrusted, needed, self._account, weights_outside)
-        authentic = read_weights(untrusted, needed) if needed else {}  # load-time views, not kept
+        authentic = weight_views(untrusted, layers, needed)  # load-time views, not kept
+        self.weights = Weights(untrusted, authentic, self._account, weights_outside)
         # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
         # ordinary push and restore code runs on them unchanged: a live mask drawn before each push, and
         # for each restore the offsets of the pool slot in use (one compiled restore per slot).
@@ -321,10 +367,9 @@ class PerInference:
         if capacity <= 0:
             capacity = int(min(MAX_POOL, max(MIN_POOL, DEFAULT_POOL_BYTES // max(self.entry_bytes, 1))))
         self.capacity = capacity
-        before = self.secure_bytes
         self._entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
         self._free = deque(self._entries)
-        self.pool_bytes = self.secure_bytes - before
+        self.pool_bytes = len(self._entries) * self.entry_bytes
         for name in self.pops:  # what the instructions' shapes are checked against when they compile
             self.live[name] = self._entries[0].offsets[name]
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
@@ -343,9 +388,21 @@ class PerInference:
 
     # -- memory --------------------------------------------------------------------------------------
     def _account(self, shape: Any, dtype: Any) -> np.ndarray:
-        array = self._alloc(shape, dtype)
-        self.secure_bytes += array.nbytes
-        return array
+        """Zeroed secure memory; small arrays are carved out of shared blocks (a deep model has thousands
+        of them, and every allocation of the secure OS has its bookkeeping)."""
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > BLOCK // 8:
+            array = self._alloc(shape, dtype)
+            self.secure_bytes += array.nbytes
+            return array
+        if self._block is None or self._block_used + nbytes > BLOCK:
+            self._block, self._block_used = self._alloc(BLOCK, np.uint8), 0
+            self.secure_bytes += BLOCK
+        start = self._block_used
+        self._block_used = -(-(start + nbytes) // 64) * 64
+        return self._block[start:start + nbytes].view(dtype).reshape(shape)
 
     def _new_entry(self, slot: int) -> Entry:
         entry = Entry(slot)

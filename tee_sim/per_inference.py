@@ -8,12 +8,16 @@ mask of Slalom and of the paper: the mask pushed through the layer's obfuscated 
 in float64). The mask itself is never stored: at the push the TEE regenerates it from the key - AES-256
 in counter mode gives 16 bits per element, which index a table of 65536 standard normal quantiles
 (unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its per-channel
-``mean``: about 3 ns an element, against 18 for numpy's normal sampler - and the offset is copied into
-the restore's live buffer just before the restore runs. Entries are made offline, between inferences
-(``refill``, a few milliseconds of work at a time, asked by the normal world's background thread; or at
-once when an inference finds the pool empty and the policy allows it) and kept in secure memory: a
-pool stored outside would have to be sealed and streamed back in, one AES-GCM pass over the entry on
-the hot path (measured: about 2 GB/s), for nothing the background refill does not already give.
+``mean``: about 3 ns an element, against 18 for numpy's normal sampler. Each restore of a one-time round
+is compiled once per pool slot, on that slot's offsets, and runs the current slot's: nothing is copied
+on the hot path. Entries are made offline, between inferences (``refill``, a few milliseconds of work at
+a time, asked by the normal world's background thread; or at once when an inference finds the pool
+empty and the policy allows it), all free entries together one layer at a time (a layer's weights are
+read once per batch), and kept in secure memory: a pool stored outside would have to be sealed and
+streamed back in, one AES-GCM pass over the entry on the hot path (measured: about 2 GB/s, 0.8 ms for
+MobileNet's 1.6 MB entry), for nothing the background refill does not already give; its memory is the
+price (``stats``: ``pool_bytes``; 4 MiB by default). The weights the refills need are not kept either
+(``Weights``): read back from the normal world's copy and checked by hash.
 
 Every entry is used by one inference at most: ``begin`` (step 0) takes a ready entry, and the entry is
 discarded when the inference ends, fails or is abandoned (a new step 0), never put back; with an empty
@@ -272,13 +276,12 @@ def _options(layer: dict[str, Any]) -> Any:
 
 @dataclass
 class Entry:
-    """One inference's material; ``done`` counts the work items made so far."""
+    """One inference's material."""
 
     slot: int = 0  # restores of one-time rounds are compiled once per slot, on its offsets
     keys: dict[str, bytes] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    done: int = 0
 
 
 def integrity_error(message: str) -> TEEError:
@@ -374,7 +377,8 @@ class PerInference:
             self.live[name] = self._entries[0].offsets[name]
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
-        self._filling: Entry | None = None
+        self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
+        self._step = 0
         self.current: Entry | None = None
         if self.streams:
             gaussian_table()  # made once per process, at the first load that needs it
@@ -420,42 +424,49 @@ class PerInference:
 
     def refill(self, budget_s: float | None = None, entries: int = 0) -> int:
         """Make pool entries until the pool is full, ``entries`` were completed, or (after at least one
-        work item) ``budget_s`` seconds passed; returns the number of ready entries."""
+        work item) ``budget_s`` seconds passed; returns the number of ready entries. Free entries are
+        made together, a work item (a layer's pop masks or projections) at a time for all of them, so a
+        layer's weights are read back and checked once per batch, not once per entry."""
         start = time.perf_counter()
         completed = 0
-        while self._free or self._filling is not None:
-            if self._filling is None:
-                self._filling = self._free.popleft()
-                self._filling.done = 0
-            entry = self._filling
-            t = time.perf_counter()
-            self._make(entry, *self._items[entry.done])
-            entry.done += 1
-            self.offline_s += time.perf_counter() - t
-            if entry.done == len(self._items):
-                self._filling = None
-                self._ready.append(entry)
-                self.made += 1
-                completed += 1
-                if entries and completed >= entries:
+        while True:
+            if not self._batch:
+                want = len(self._free) if not entries else min(len(self._free), entries - completed)
+                if want <= 0:
                     break
-            if budget_s is not None and time.perf_counter() - start >= budget_s:
+                self._batch = [self._free.popleft() for _ in range(want)]
+                self._step = 0
+            t = time.perf_counter()
+            self._make(self._batch, *self._items[self._step])
+            self._step += 1
+            self.offline_s += time.perf_counter() - t
+            if self._step == len(self._items):
+                self._ready.extend(self._batch)
+                self.made += len(self._batch)
+                completed += len(self._batch)
+                self._batch = []
+            elif budget_s is not None and time.perf_counter() - start >= budget_s:
                 break
         return len(self._ready)
 
-    def _make(self, entry: Entry, kind: str, name: str) -> None:
+    def _make(self, batch: list[Entry], kind: str, name: str) -> None:
         if kind == "keys":
-            entry.keys = {mask: self._random(32) for mask in self.streams}
+            for entry in batch:
+                entry.keys = {mask: self._random(32) for mask in self.streams}
         elif kind == "pop":
             pop = self.pops[name]
             stream = self.streams[pop.mask]
             mask = self.live[pop.mask]  # an instruction's work buffer: free between instructions
-            stream.draw(entry.keys[pop.mask], mask)
-            pop.compute(mask, self.weights.get(pop.weights), entry.offsets[name])
+            weights = self.weights.get(pop.weights)
+            for entry in batch:
+                stream.draw(entry.keys[pop.mask], mask)
+                pop.compute(mask, weights, entry.offsets[name])
         else:
-            rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32), "little")))
-            u, f = entry.projections[name]
-            self.checks[name].draw(rng, u, f, self.weights.get(self._layer_weights[name]))
+            weights = self.weights.get(self._layer_weights[name])
+            for entry in batch:
+                rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32), "little")))
+                u, f = entry.projections[name]
+                self.checks[name].draw(rng, u, f, weights)
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""
@@ -474,7 +485,6 @@ class PerInference:
     def end(self) -> None:
         """The inference is over (or abandoned): its entry is spent, to be made anew."""
         if self.current is not None:
-            self.current.done = 0
             self._free.append(self.current)
             self.current = None
 

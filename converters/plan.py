@@ -301,17 +301,22 @@ class _Builder:
         seq = 0
         loc: dict[int, str] = {}  # where each tensor is now
 
+        alias, elided = self._views()  # tensor -> (the tensor whose slot it is a slice of, axis, start)
+
+        def base(t: int) -> int:
+            return alias[t][0] if t in alias else t
+
         def add(k: int, instr: dict[str, Any], writes: tuple[int, ...] = (),
                 reads: tuple[int, ...] = ()) -> None:
             nonlocal seq
             seq += 1
             steps[k].append(instr)
             for t in reads:
-                if loc.get(t) == f"slot:t{t}":
-                    slot_life[t][1] = max(slot_life[t][1], seq)
+                if loc.get(t, "").partition("@")[0] == f"slot:t{base(t)}":
+                    slot_life[base(t)][1] = max(slot_life[base(t)][1], seq)
             for t in writes:
-                if loc[t] == f"slot:t{t}":
-                    slot_life.setdefault(t, [seq, seq])
+                if loc[t].partition("@")[0] == f"slot:t{base(t)}":
+                    slot_life.setdefault(base(t), [seq, seq])[1] = seq
 
         def later(t: int, k: int) -> bool:
             return any(s > k for s, _ in self.uses.get(t, ()))
@@ -320,6 +325,9 @@ class _Builder:
             """Where a tensor made in step ``k`` by a restore or a numpy op goes: straight into the input
             of the one LiteRT signature that consumes it when all its uses are in this step (LiteRT
             never overwrites a subgraph's inputs, so the others read it there), else a slot."""
+            if t in alias:
+                whole, axis, start = alias[t]
+                return f"slot:t{whole}@{axis}:{start}:{start + g.tensors[t].shape[axis]}"
             consumers = self.uses.get(t, set())
             signatures = {who for _, who in consumers if who.startswith("step_")}
             if len(signatures) == 1 and all(s == k for s, _ in consumers):
@@ -373,6 +381,10 @@ class _Builder:
                 if unit["kind"] == "numpy":
                     i = unit["ops"][0]
                     op = g.ops[i]
+                    if i in elided:  # a concatenation written in place, a split read in place
+                        for t in op.outputs:
+                            loc[t] = place(t, k)
+                        continue
                     srcs = [ref(op.inputs[j]) for j in unit["data"]]
                     reads = tuple(op.inputs[j] for j in unit["data"])
                     for t in op.outputs:
@@ -420,6 +432,60 @@ class _Builder:
         self.step_ops = [[i for u in units if u["kind"] == "litert" for i in u["ops"]]
                          for units in self.units]
         self.numpy_ops = [i for units in self.units for u in units if u["kind"] == "numpy" for i in u["ops"]]
+
+    def _views(self) -> tuple[dict[int, tuple[int, int, int]], set[int]]:
+        """Tensors that live as slices of another tensor's slot, and the ops that so need not run: the
+        inputs of a concatenation are written straight into its slices, the outputs of a split are read
+        straight from its input (yolov4-tiny's arena 10.6 -> 5.5 MiB, and no copies). Only for tensors
+        made in the TEE by a restore or a numpy op that can write a strided view, and read only by
+        numpy ops and pushes that accept one. Returns {tensor: (root tensor, axis, start)} and the op
+        indices elided."""
+        g = self.g
+        forms = {i: u["form"] for units in self.units for u in units if u["kind"] == "numpy"
+                 for i in u["ops"]}
+        restored = {t for t, (kind, _) in self.produced_by.items() if kind == "restore"}
+        views: dict[int, tuple[int, int, int]] = {}
+        elided: set[int] = set()
+
+        def readers_accept_views(t: int) -> bool:
+            pushes = [p for ps in self.pushes for p in ps if p["tensor"] == t]
+            return all((who.startswith("numpy:") and forms[int(who[6:])]["op"] != "reshape")
+                       or (who == "push" and all(p.get("mix") is None for p in pushes))
+                       for _, who in self.uses.get(t, ()))
+
+        def free(t: int) -> bool:  # not yet a view, nor the root of views, nor seen outside the TEE's slots
+            return (t >= 0 and g.tensors[t].data is None and t not in views and t not in g.outputs
+                    and t not in g.inputs and all(root != t for root, _, _ in views.values()))
+
+        # Concatenations first: a split's outputs can then be slices of a concatenation's slot too.
+        for i, form in sorted(forms.items(), key=lambda item: item[1]["op"] != "concat"):
+            op = g.ops[i]
+            if form["op"] == "concat":
+                out, parts = op.outputs[0], list(op.inputs)
+                if (out in views or out in g.outputs or len(set(parts)) != len(parts)
+                        or any(who.startswith("step_") for _, who in self.uses.get(out, ()))):
+                    continue  # a LiteRT signature may want it as its own input tensor
+                if all(free(t) and readers_accept_views(t)
+                       and (t in restored or forms.get(g.producer(t), {}).get("op") not in (None, "upsample"))
+                       for t in parts):
+                    start = 0
+                    for t in parts:
+                        views[t] = (out, form["axis"], start)
+                        start += g.tensors[t].shape[form["axis"]]
+                    elided.add(i)
+            elif form["op"] == "split":
+                x = op.inputs[1] if op.kind == "SPLIT" else op.inputs[0]
+                root, axis, start = views.get(x, (x, form["axis"], 0))
+                made_here = x in restored or forms.get(g.producer(x), {}).get("op") is not None
+                if (axis != form["axis"] or not made_here or x in g.inputs or x in g.outputs
+                        or any(who.startswith("step_") for _, who in self.uses.get(x, ()))):
+                    continue
+                if all(free(t) and readers_accept_views(t) for t in op.outputs):
+                    for t in op.outputs:
+                        views[t] = (root, axis, start)
+                        start += g.tensors[t].shape[axis]
+                    elided.add(i)
+        return views, elided
 
     def _push_arrays(self, k: int, p: dict[str, Any]) -> dict[str, Any]:
         """A push's mask and input permutation or mixing as program arrays; its instruction fields."""

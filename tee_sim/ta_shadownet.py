@@ -514,11 +514,22 @@ class ShadowNetTA(TrustedApp):
         model.next_step = 0
 
     def _ref(self, model: _Model, ref: str) -> np.ndarray:
+        ref, _, part = ref.partition("@")  # "slot:tN@axis:start:stop": a slice of a slot
         if ref.startswith("shm:"):
-            return model.shm[ref[4:]]
-        if ref.startswith("const:"):
-            return model.arrays[ref[6:]]
-        return model.views[ref]
+            array = model.shm[ref[4:]]
+        elif ref.startswith("const:"):
+            array = model.arrays[ref[6:]]
+        else:
+            array = model.views[ref]
+        if part:
+            axis, start, stop = (int(x) for x in part.split(":"))
+            if not (ref.startswith("slot:") and 0 <= axis < array.ndim
+                    and 0 <= start < stop <= array.shape[axis]):
+                raise ValueError(f"bad slice {part} of {ref} {array.shape}")
+            index = [slice(None)] * array.ndim
+            index[axis] = slice(start, stop)
+            array = array[tuple(index)]
+        return array
 
     def _compile(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
         op = instr["op"]
@@ -562,6 +573,8 @@ class ShadowNetTA(TrustedApp):
             (src,) = srcs
             if src.size != dst.size:
                 raise ValueError(f"reshape {src.shape} -> {dst.shape}")
+            if not src.flags.c_contiguous:
+                raise ValueError(f"reshape of a strided {src.shape}")
             flat = src.reshape(dst.shape)
             return lambda: np.copyto(dst, flat)
         if op == "concat":
@@ -606,6 +619,8 @@ class ShadowNetTA(TrustedApp):
             n, h, w, c = src.shape
             if dst.shape != (n, h * fh, w * fw, c):
                 raise ValueError(f"upsample {src.shape} by {fh}x{fw} into {dst.shape}")
+            if not dst.flags.c_contiguous:
+                raise ValueError(f"upsample into a strided {dst.shape}")
             blocks = dst.reshape(n, h, fh, w, fw, c)
             spread = src[:, :, None, :, None, :]
             return lambda: np.copyto(blocks, spread)
@@ -772,7 +787,9 @@ class ShadowNetTA(TrustedApp):
             pushed = w if mix is None else v
             chunks.append((src[sl].reshape(-1, m), w, offset[sl].reshape(w.shape), t, v,
                            _activation(kind, alpha, t),
-                           None if mask is None else (pushed.reshape(o.shape), mask[sl], o)))
+                           # A strided destination (a slice of a concatenation) gets the chunk added to 0.
+                           None if in_place else (pushed.reshape(o.shape),
+                                                  np.float32(0) if mask is None else mask[sl], o)))
 
         if matrix is not None:
             def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:

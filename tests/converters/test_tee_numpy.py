@@ -89,3 +89,40 @@ def test_numpy_ops_match_litert(tmp_path):
                 x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
                 got, want = run(x), litert(model, x)
                 assert relative_error(got, want) <= 1e-4
+
+
+def _concat_of_restores() -> bytes:
+    """Two convolutions of one round concatenated: the restores write straight into the slices."""
+    rng = np.random.default_rng(5)
+    g = Graph()
+    x = g.add_tensor("input", (1, 6, 6, 3), np.float32)
+    parts = []
+    for j, act in enumerate((fb.ActivationFunctionType.RELU, fb.ActivationFunctionType.NONE)):
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        o.fusedActivationFunction = act
+        w = g.add_tensor(f"w{j}", (5, 3, 3, 3), np.float32, rng.standard_normal((5, 3, 3, 3)) * 0.3)
+        parts.append(g.add_tensor(f"conv{j}", (1, 6, 6, 5), np.float32))
+        g.add_op("CONV_2D", [x, w, -1], [parts[-1]], o)
+    cat = g.add_tensor("cat", (1, 6, 6, 10), np.float32)
+    concat = fb.ConcatenationOptionsT()
+    concat.axis = 3
+    g.add_op("CONCATENATION", parts, [cat], concat)
+    pool = fb.Pool2DOptionsT()
+    pool.padding, pool.filterHeight, pool.filterWidth = fb.Padding.VALID, 2, 2
+    pool.strideH, pool.strideW = 2, 2
+    pooled = g.add_tensor("pooled", (1, 3, 3, 10), np.float32)
+    g.add_op("MAX_POOL_2D", [cat], [pooled], pool)
+    g.inputs, g.outputs = [x], [pooled]
+    return write_model(g)
+
+
+def test_restores_write_into_a_concatenation(tmp_path):
+    model = _concat_of_restores()
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(model, tmp_path / "out", seed=0, device=device)
+        with Driver(device, tmp_path / "out") as run:
+            x = np.random.default_rng(1).standard_normal((1, 6, 6, 3)).astype(np.float32)
+            assert relative_error(run(x), litert(model, x)) <= 1e-4

@@ -440,12 +440,8 @@ def test_end_to_end_on_test_models(fixture, request, device, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def resnet44(tf, tmp_path_factory) -> bytes:
-    from models.zoo import export
-
-    path = tmp_path_factory.mktemp("zoo") / "resnet44.tflite"
-    export("resnet44", path, seed=0, verbose=False)
-    return path.read_bytes()
+def resnet44(exported) -> bytes:
+    return exported("resnet44").read_bytes()
 
 
 @pytest.mark.slow
@@ -464,12 +460,8 @@ def test_resnet44_end_to_end(resnet44, device, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mobilenet(tf, tmp_path_factory) -> bytes:
-    from models.zoo import export
-
-    path = tmp_path_factory.mktemp("zoo") / "mobilenet.tflite"
-    export("mobilenet", path, seed=0, verbose=False)
-    return path.read_bytes()
+def mobilenet(exported) -> bytes:
+    return exported("mobilenet").read_bytes()
 
 
 @pytest.mark.slow

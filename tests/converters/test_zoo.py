@@ -18,22 +18,6 @@ TOLERANCES = {"resnet404": 1e-2}
 
 
 @pytest.fixture(scope="session")
-def zoo(tf, tmp_path_factory):
-    from models.zoo import export
-
-    directory = tmp_path_factory.mktemp("zoo")
-    cache: dict[str, bytes] = {}
-
-    def get(name: str) -> bytes:
-        if name not in cache:
-            path = directory / f"{name}.tflite"
-            export(name, path, seed=0, verbose=False)
-            cache[name] = path.read_bytes()
-        return cache[name]
-    return get
-
-
-@pytest.fixture(scope="session")
 def big_device(tmp_path_factory):
     # yolov4-tiny's masks and LiteRT arenas need more than the default 64 MiB of secure memory.
     context = tee_sim.Context("inprocess", home=tmp_path_factory.mktemp("zoo_device"), memory_cap=256 << 20)
@@ -43,10 +27,10 @@ def big_device(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_zoo_fidelity(name, zoo, big_device, tmp_path):
+def test_zoo_fidelity(name, exported, big_device, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    model = zoo(name)
+    model = exported(name).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         manifest = convert(model, tmp_path / "out", seed=0, device=big_device)

@@ -173,14 +173,10 @@ def _verified_inferences(context, out, count: int, seed: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
-def test_no_false_alarm_on_the_zoo(name, zoo_device, tmp_path):
-    pytest.importorskip("tensorflow")
-    from models.zoo import export
-
-    export(name, tmp_path / f"{name}.tflite", seed=0, verbose=False)
+def test_no_false_alarm_on_the_zoo(name, exported, zoo_device, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shadownet.convert(str(tmp_path / f"{name}.tflite"), str(tmp_path / "out"), scheme="groupmix", seed=0,
+        shadownet.convert(str(exported(name)), str(tmp_path / "out"), scheme="groupmix", seed=0,
                           device=zoo_device)
     stats = _verified_inferences(zoo_device, tmp_path / "out", 1 if name in BIG else 3, seed=1)
     checks = stats["verify"]

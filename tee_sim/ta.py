@@ -19,6 +19,7 @@ and opening secrets provisioned to them.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,17 +43,28 @@ class TrustedApp:
     UUID: ClassVar[uuid.UUID]
     VERSION: ClassVar[int] = 1  # security version: sealing binds to (SIGNER, UUID, VERSION), see sealing.py
     SIGNER: ClassVar[str] = "tee_sim"
+    # Other modules whose code the TA runs; their source is part of the measurement too.
+    CODE_MODULES: ClassVar[tuple[str, ...]] = ()
 
     tee: TEEServices  # set by the secure OS before create()
 
     @classmethod
     def code_identity(cls) -> bytes:
-        """What the measurement hashes as "the code": the source of the module that defines the TA."""
+        """What the measurement hashes as "the code": the source of the module that defines the TA,
+        then that of each module in ``CODE_MODULES``, each behind its name and length."""
         path = inspect.getsourcefile(cls)
         if path is None:
             return f"{cls.__module__}:{cls.__qualname__}".encode()
         with open(path, "rb") as f:
-            return f.read()
+            identity = f.read()
+        for name in cls.CODE_MODULES:
+            module_path = inspect.getsourcefile(importlib.import_module(name))
+            if module_path is None:
+                raise RuntimeError(f"no source for {name}, which {cls.__qualname__} measures")
+            with open(module_path, "rb") as f:
+                source = f.read()
+            identity += f"\0{name}\0{len(source)}\0".encode() + source
+        return identity
 
     @classmethod
     def measurement(cls) -> bytes:

@@ -191,6 +191,8 @@ class ShadowNetTA(TrustedApp):
     UUID = UUID
     VERSION = 1
     SIGNER = "shadownet"
+    CODE_MODULES = ("converters.program", "tee_sim.per_inference", "tee_sim.freivalds",
+                    "tee_sim.ta_shadownet_commands")
 
     def create(self) -> None:
         # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:

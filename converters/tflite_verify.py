@@ -5,9 +5,10 @@ is read as whatever lies there (or raises whatever exception the bad position le
 Python reader accepts may still be one LiteRT's C++ ``Verifier`` rejects - or, worse, one that crashes
 native code later. ``verify`` applies the C++ verifier's rules to every field the schema's reader touches:
 each table, vtable, offset, vector, string and scalar lies inside the buffer and is aligned to its size,
-offsets point forward (strictly positive), strings end in a NUL, a vtable has an even size of at least 4
-bytes, and the number of tables read is bounded (a file of N bytes holds at most N / 4 distinct tables, so
-more visits mean offsets shared to blow up the work).
+offsets point forward (strictly positive), strings end in a NUL (and are UTF-8, as the schema says:
+LiteRT's Python API decodes tensor names), a vtable has an even size of at least 4 bytes, and the number
+of tables read is bounded (a file of N bytes holds at most N / 4 distinct tables, so more visits mean
+offsets shared to blow up the work).
 
 It reads the whole model once through a private copy of the schema's generated module whose
 ``flatbuffers.table.Table`` is the checking subclass below (so the real module and other threads are not
@@ -117,7 +118,12 @@ class VerifyingTable(table.Table):
         _in_bounds(self.Bytes, start + 4, length + 1, "string")
         if self.Bytes[start + 4 + length]:
             raise VerifyError(f"string at {start} is not NUL-terminated")
-        return super().String(off)
+        text = super().String(off)
+        try:
+            text.decode("utf-8")  # the schema's strings are UTF-8; LiteRT's Python API decodes tensor names
+        except UnicodeDecodeError:
+            raise VerifyError(f"string at {start} is not UTF-8") from None
+        return text
 
     def _vector(self, off: int) -> tuple[int, int]:
         start = _follow(self.Bytes, off + self.Pos, "vector")

@@ -70,7 +70,7 @@ def test_verifier_refuses_broken_flatbuffers(seeds, damage, message):
         read_model(bytes(data))
 
 
-def test_verifier_refuses_a_huge_vector_length_and_unterminated_string(seeds):
+def test_verifier_refuses_huge_vector_lengths_and_bad_strings(seeds):
     structure = fuzz.flatbuffer_structure(seeds[0])
     for at in structure.lengths:
         data = bytearray(seeds[0])
@@ -85,6 +85,12 @@ def test_verifier_refuses_a_huge_vector_length_and_unterminated_string(seeds):
     data[name + len("conv/w")] = ord("X")
     with pytest.raises(ModelFormatError, match="NUL"):
         verify(bytes(data))
+    # Found by the long fuzz run: a name that is not UTF-8 made LiteRT's get_output_details() raise
+    # UnicodeDecodeError during convert.
+    data = bytearray(model)
+    data[name] = 0xFF
+    with pytest.raises(ModelFormatError, match="UTF-8"):
+        read_model(bytes(data))
 
 
 def test_verifier_bounds_tables_shared_many_times(seeds):

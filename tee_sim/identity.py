@@ -35,8 +35,8 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_new_file(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` (mode 0600) atomically unless it exists; False if someone else won."""
+def _write_private_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a fresh mode-0600 sibling of ``path``, synced to disk; return its path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -44,24 +44,28 @@ def write_new_file(path: Path, data: bytes) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # unlike rename, link never replaces an existing key
-        except FileExistsError:
-            return False
-        return True
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_new_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` (mode 0600) atomically unless it exists; False if someone else won."""
+    tmp = _write_private_temp(path, data)
+    try:
+        os.link(tmp, path)  # unlike rename, link never replaces an existing key
+    except FileExistsError:
+        return False
     finally:
         os.unlink(tmp)
+    return True
 
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``path`` atomically (temp file, fsync, rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    tmp = _write_private_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

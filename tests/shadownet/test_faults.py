@@ -280,7 +280,8 @@ def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
         time.sleep(rng.uniform(0.3, 1.0) * duration)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
-        if sig == signal.SIGINT and proc.returncode != 0:
+        if sig == signal.SIGINT and proc.returncode not in (0, -signal.SIGINT):
+            # (-SIGINT: it came while the interpreter was shutting down, its handler already gone)
             assert proc.returncode == 130 and err.strip().splitlines()[-1] == "shadownet: interrupted", err
         _check_no_half_directory(small, out)
         if sig == signal.SIGINT:

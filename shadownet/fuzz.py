@@ -13,7 +13,10 @@ Targets (what is mutated, what is run on it):
 Each case must end in one of ``shadownet.exceptions``'s errors, or succeed with outputs that match LiteRT
 on the (mutated) original model. A segfault, a hang, a traceback of another exception type, a secure
 world that dies (``TEECommunicationError``), the bare base class ``ShadowNetError`` or a wrong result is a
-failure. Cases run in a worker subprocess (``--worker``) so that a crash in native code (LiteRT) is seen
+failure. Two outcomes are accepted and counted apart: ``imprecise`` (``tflite``: the mutation made one weight
+huge, below the converter's limit, and float32 masking then keeps fewer digits of that layer's small outputs)
+and ``differs`` (``program``: an authentic program that computes something else: only its vendor makes one).
+Cases run in a worker subprocess (``--worker``) so that a crash in native code (LiteRT) is seen
 and reported instead of killing the driver; the driver restarts the worker after the case that crashed.
 
 Mutations are drawn from ``numpy.random.default_rng([seed, target, index])``: a case is reproduced from

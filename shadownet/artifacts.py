@@ -1,6 +1,7 @@
 """Reading and checking an artifact directory (``untrusted.tflite``, ``secrets.sealed``, ``manifest.json``).
 
-The manifest is public metadata written by the converter (contract: /work/notes/interfaces.md, section 5).
+The manifest is public metadata written by the converter (its fields are the ones checked below; the file
+names are ARCHITECTURE.md's contract).
 Everything in it is checked here, once, before any of it is used: the normal world may have edited it, and a
 buffer layout that overflows the shared memory must fail here, not as a crash in the hot path.
 """

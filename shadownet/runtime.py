@@ -1,6 +1,6 @@
 """Protected inference in the normal world: ``load`` -> ``ProtectedModel``, and the accelerator it drives.
 
-One inference with R rounds (contract: /work/notes/interfaces.md, section 5)::
+One inference with R rounds (the layout is the manifest's, see ``shadownet.artifacts``)::
 
     inputs -> shm input/i -> TEE step 0 -> for r in 1..R: accelerator round r, TEE step r -> shm output/i
 

@@ -104,7 +104,8 @@ def test_fidelity_with_fresh_masks(all_rounds):
 
 
 def test_user_input_leakage_is_at_most_a_tenth(first_round):
-    xs = images(6, seed=2)
+    # 24 inferences: with 6, the affine-fit estimate itself scattered 0.07-0.11 around the leakage.
+    xs = images(24, seed=2)
     model, recorders = _recording(first_round)
     with model:
         for x in xs:

@@ -2,8 +2,9 @@
 ``convert`` and ``run`` sub-commands.
 
 The work lives elsewhere: conversion in ``converters`` (the vendor's side), protected inference in
-``shadownet.runtime``, the LiteRT facade in ``shadownet.interpreter``, artifact checks in
-``shadownet.artifacts``; this module only re-exports them and turns CLI arguments into calls.
+``shadownet.runtime``, the accelerator it drives in ``shadownet.accelerator``, the LiteRT facade in
+``shadownet.interpreter``, artifact checks in ``shadownet.artifacts``; this module only re-exports them
+and turns CLI arguments into calls.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from shadownet.accelerator import Accelerator, AcceleratorWrapper, LiteRTAccelerator
 from shadownet.artifacts import MANIFEST
 from shadownet.exceptions import InputError
 from shadownet.interpreter import Interpreter, SignatureRunner
-from shadownet.runtime import Accelerator, AcceleratorWrapper, LiteRTAccelerator, ProtectedModel, load
+from shadownet.runtime import ProtectedModel, load
 
 __all__ = ["convert", "load", "ProtectedModel", "Interpreter", "SignatureRunner", "Accelerator",
            "AcceleratorWrapper", "LiteRTAccelerator", "convert_cli", "run_cli"]

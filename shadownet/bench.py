@@ -177,7 +177,8 @@ def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs
     frame is in the TEE the other runs on the accelerator."""
     import threading
 
-    from shadownet.runtime import AcceleratorWrapper, load
+    from shadownet.accelerator import AcceleratorWrapper
+    from shadownet.runtime import load
 
     device = threading.Lock()
 

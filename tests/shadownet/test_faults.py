@@ -16,8 +16,8 @@ import pytest
 
 import shadownet
 import tee_sim
+from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import ArtifactError, TEECommunicationError
-from shadownet.runtime import AcceleratorWrapper
 from shadownet.soak import open_fds
 from tests.shadownet.hardening import SEED, protect_small, relative_error
 

@@ -10,9 +10,9 @@ from ai_edge_litert import schema_py_generated as fb
 
 import shadownet
 from converters import linear
+from shadownet.accelerator import AcceleratorWrapper
 from shadownet.cli import main
 from shadownet.exceptions import IntegrityError, ShadowNetError
-from shadownet.runtime import AcceleratorWrapper
 from tee_sim import freivalds
 from tee_sim.freivalds import LayerCheck
 from tests.shadownet.small_models import images, reference, small_cnn

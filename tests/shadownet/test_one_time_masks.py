@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import shadownet
 from shadownet import attacks
+from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import MaskPoolExhaustedError
-from shadownet.runtime import AcceleratorWrapper
 from tee_sim.per_inference import MaskStream, gaussian_table
 from tests.shadownet.small_models import images, reference, small_cnn
 

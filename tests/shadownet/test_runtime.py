@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import shadownet
+from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import ClosedError, InputError, TEECommunicationError
-from shadownet.runtime import AcceleratorWrapper
 from tests.shadownet.conftest import relative_error
 
 PAPER_SCHEME_TOLERANCE = 1e-3  # N(0, 1) fakes cost precision by cancellation (SHADOWNET.md)

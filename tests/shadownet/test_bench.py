@@ -8,7 +8,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
-from shadownet import bench
+from shadownet import bench, bench_measure, bench_report
 from shadownet.cli import main
 from shadownet.exceptions import ShadowNetError
 
@@ -42,7 +42,7 @@ def _model() -> bytes:
 def test_count_macs():
     from converters.graph import normalize, read_model
 
-    macs = bench.count_macs(normalize(read_model(_model())))
+    macs = bench_measure.count_macs(normalize(read_model(_model())))
     assert macs[0] == 12 * 12 * 8 * 3 * 3 * 3  # the conv
     assert macs[-1] == 4 * 288  # the dense layer
     assert sum(macs) == macs[0] + macs[-1]  # ReLU, max pool and reshape move data only
@@ -56,7 +56,7 @@ def test_bench_report(tmp_path):
     assert report["machine"]["nproc"] >= 1 and report["settings"]["num_runs"] == 2
     (entry,) = report["models"]
     assert entry["model"] == "small" and entry["rounds"] == 2
-    for mode in bench.MODES:
+    for mode in bench_measure.MODES:
         figures = entry["modes"][mode]
         assert figures["runs"] == 2
         assert 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
@@ -69,12 +69,12 @@ def test_bench_report(tmp_path):
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
     assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
     assert entry["break_even_k"] is None or entry["break_even_k"] > 0
-    assert all(entry["projected_ms"][str(k)] > 0 for k in bench.PROJECTED_K)
+    assert all(entry["projected_ms"][str(k)] > 0 for k in bench_measure.PROJECTED_K)
     streaming = entry["throughput"]  # two frames in flight
-    assert all(streaming[mode]["fps"] > 0 for mode in bench.MODES) and streaming["S/U"] > 0
-    text = bench.table(report)
+    assert all(streaming[mode]["fps"] > 0 for mode in bench_measure.MODES) and streaming["S/U"] > 0
+    text = bench_report.table(report)
     assert "small" in text and "all-in-tee-builtin" in text
-    assert "| small | shadownet |" in bench.markdown(report, "shadownet bench small.tflite")
+    assert "| small | shadownet |" in bench_report.markdown(report, "shadownet bench small.tflite")
     json.dumps(report, allow_nan=False)  # strict JSON
 
 
@@ -85,7 +85,7 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     bad.write_bytes(b"not a model")
     report = bench.run_bench([str(bad)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
     assert "error" in report["models"][0]  # reported, and the other models would still run
-    assert "bad: not measured" in bench.table(report)
+    assert "bad: not measured" in bench_report.table(report)
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
-        bench._require_matplotlib()
+        bench_report.require_matplotlib()

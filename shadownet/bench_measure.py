@@ -1,0 +1,331 @@
+"""The measuring side of ``shadownet bench`` (the method is in ``shadownet.bench``'s docstring): the modes'
+runners, multiply-adds on the original graph (``count_macs``) and ``bench_model``, one model's report entry.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shadownet.exceptions import SecureMemoryError
+
+MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
+PROJECTED_K = (5, 20)
+MIB = 1 << 20
+
+
+# --- multiply-adds ------------------------------------------------------------------------------------------
+# Ops whose every output element costs one multiply(-add); ops not listed here and not linear move, compare
+# or select data (copies, max pools, ReLU) and cost none.
+_ELEMENTWISE_MACS = frozenset({"ADD", "SUB", "MUL", "DIV", "SQUARED_DIFFERENCE", "LOGISTIC", "TANH",
+                               "SOFTMAX", "LOG_SOFTMAX", "HARD_SWISH", "PRELU", "LEAKY_RELU", "ELU", "GELU",
+                               "RESIZE_BILINEAR", "L2_NORMALIZATION"})
+
+
+def count_macs(graph: Any) -> list[int]:
+    """Multiply-adds of each op of a (normalized) graph: a convolution costs ``kh * kw * C_in`` per output
+    element (depthwise ``kh * kw``), a dense layer its input width, a mean / average pool one per input
+    element, elementwise arithmetic one per output element; data movement nothing."""
+    macs = []
+    for op in graph.ops:
+        tensors = graph.tensors
+        out = int(np.prod(tensors[op.outputs[0]].shape, dtype=np.int64)) if op.outputs else 0
+        shape_in = tensors[op.inputs[0]].shape if op.inputs and op.inputs[0] >= 0 else ()
+        weights = tensors[op.inputs[1]].shape if len(op.inputs) > 1 and op.inputs[1] >= 0 else ()
+        if op.kind == "CONV_2D" and len(weights) == 4:
+            macs.append(out * weights[1] * weights[2] * weights[3])
+        elif op.kind == "DEPTHWISE_CONV_2D" and len(weights) == 4:
+            macs.append(out * weights[1] * weights[2])
+        elif op.kind == "FULLY_CONNECTED" and len(weights) == 2:
+            macs.append(out * weights[1])
+        elif op.kind == "TRANSPOSE_CONV" and len(op.inputs) > 2:
+            w = tensors[op.inputs[1]].shape
+            x = tensors[op.inputs[2]].shape
+            macs.append(int(np.prod(x, dtype=np.int64)) * w[0] * w[1] * w[2])
+        elif op.kind == "BATCH_MATMUL" and shape_in:
+            macs.append(out * shape_in[-1])
+        elif op.kind in ("MEAN", "SUM", "AVERAGE_POOL_2D", "L2_POOL_2D"):
+            macs.append(int(np.prod(shape_in, dtype=np.int64)) if op.kind in ("MEAN", "SUM") else
+                        out * op.options.filterHeight * op.options.filterWidth)
+        elif op.kind in _ELEMENTWISE_MACS:
+            macs.append(out)
+        else:
+            macs.append(0)
+    return macs
+
+
+# --- the three modes ----------------------------------------------------------------------------------------
+class _Unprotected:
+    def __init__(self, model: bytes, num_threads: int, delegates: list[Any]) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=model, num_threads=num_threads,
+                                       experimental_delegates=delegates or None)
+        self.interpreter.allocate_tensors()
+        self.inputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_input_details()]
+        self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
+        self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        for tensor, x in zip(self.inputs, inputs, strict=True):
+            np.copyto(tensor(), x)
+        self.interpreter.invoke()
+        for out, tensor in zip(self.results, self.outputs, strict=True):
+            np.copyto(out, tensor())
+
+    def close(self) -> None:
+        self.interpreter = None
+
+
+class _AllInTEE:
+    """The whole model run by the all-in-TEE trusted app (``tee_sim.ta_all_in_tee``)."""
+
+    def __init__(self, context: Any, model: bytes, kernels: int, specs: Sequence[tuple[tuple[int, ...], Any]],
+                 n_inputs: int) -> None:
+        import tee_sim
+        from tee_sim.ta_all_in_tee_commands import UUID, Command, io_layout
+
+        self._tee, self._command = tee_sim, Command
+        offsets, size = io_layout([int(np.prod(s, dtype=np.int64)) * np.dtype(t).itemsize for s, t in specs])
+        self.session = context.open_session(UUID)
+        try:
+            self.session.invoke_command(Command.LOAD, [tee_sim.TempMemRef(model), tee_sim.Value(a=kernels)])
+            self.shm = context.register_shared_memory(size)
+            self.session.invoke_command(Command.BIND_SHARED_MEMORY,
+                                        [tee_sim.MemRef(self.shm, 0, size, "inout")])
+        except BaseException:
+            self.session.close()
+            raise
+        views = [self.shm.ndarray(t, s, o) for (s, t), o in zip(specs, offsets, strict=True)]
+        self.inputs, self.outputs = views[:n_inputs], views[n_inputs:]
+        self.results = [np.empty(v.shape, v.dtype) for v in self.outputs]
+        self._run = int(Command.RUN)
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        for view, x in zip(self.inputs, inputs, strict=True):
+            np.copyto(view, x)
+        self.session.invoke_command(self._run)
+        for out, view in zip(self.results, self.outputs, strict=True):
+            np.copyto(out, view)
+
+    def memory(self) -> tuple[int, int]:
+        out = self._tee.Value(direction="out")
+        self.session.invoke_command(self._command.GET_STATS, [out])
+        return out.a, out.b
+
+    def close(self) -> None:
+        self.session.close()
+        self.shm.release()
+
+
+class _Protected:
+    def __init__(self, out_dir: Path, num_threads: int, delegate: str | None) -> None:
+        from shadownet.runtime import load
+
+        self.model = load(out_dir, num_threads=num_threads, delegate=delegate)
+        self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
+        self.stats: list[dict[str, Any]] = []
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        self.model.run_into(inputs, self.results)
+
+    def record(self) -> None:
+        self.stats.append(self.model.stats())
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _frames_per_second(run: Callable[[], None], frames: int) -> float:
+    start = time.perf_counter()
+    for _ in range(frames):
+        run()
+    return frames / (time.perf_counter() - start)
+
+
+def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs: Sequence[np.ndarray],
+                   frames: int) -> dict[str, Any]:
+    """Protected frames/s with two frames in flight: two sessions of the same model (the TA shares the
+    program), one thread each; the accelerator takes one round at a time (one device), so while one
+    frame is in the TEE the other runs on the accelerator."""
+    import threading
+
+    from shadownet.accelerator import AcceleratorWrapper
+    from shadownet.runtime import load
+
+    device = threading.Lock()
+
+    class OneDevice(AcceleratorWrapper):
+        def run_round(self, r: int) -> None:
+            with device:
+                self.inner.run_round(r)
+
+    models: list[Any] = []
+    try:
+        for _ in range(2):
+            models.append(load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice))
+    except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
+        for m in models:
+            m.close()
+        return {"fps": None, "error": str(exc)}
+    try:
+        results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
+        for m, r in zip(models, results, strict=True):  # warm both
+            m.run_into(inputs, r)
+        errors: list[BaseException] = []
+
+        def worker(m: Any, r: list[np.ndarray], count: int) -> None:
+            try:
+                for _ in range(count):
+                    m.run_into(inputs, r)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        half = max(frames // 2, 1)
+        threads = [threading.Thread(target=worker, args=(m, r, half)) for m, r in zip(models, results,
+                                                                                        strict=True)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        memory = models[0].stats().get("model_secure_memory", 0)
+    finally:
+        for m in models:
+            m.close()
+    return {"fps": 2 * half / elapsed, "secure_memory_mib": memory / MIB}
+
+
+# --- one model ----------------------------------------------------------------------------------------------
+def _summary(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {"min_ms": float(ms.min()), "median_ms": float(np.median(ms)), "max_ms": float(ms.max()),
+            "runs": len(ms)}
+
+
+def _relative_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(g.astype(np.float64) - w)) / max(float(np.max(np.abs(w))), 1e-30))
+               for g, w in zip(got, want, strict=True))
+
+
+def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | None, num_threads: int,
+                num_runs: int, warmup_runs: int, delegate: str | None, tee_context: Any,
+                progress: Callable[[str, int, int], None], throughput: bool = False) -> dict[str, Any]:
+    """Benchmark one ``.tflite``: convert it, run the modes interleaved, return its report entry."""
+    from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+    from converters import convert
+    from converters.graph import normalize, read_model
+    from converters.partition import partition
+    from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
+
+    model = model_path.read_bytes()
+    graph = normalize(read_model(model))
+    macs = count_macs(graph)
+    offloaded = partition(graph).offloaded
+    out_dir = workdir / f"{name}.protected"
+    progress(f"{name}: converting", 0, 1)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest = convert(model, out_dir, scheme=scheme, force=True)
+    conversion_s = time.perf_counter() - start
+
+    details = Interpreter(model_content=model)
+    specs = [(tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]))
+             for d in details.get_input_details() + details.get_output_details()]
+    n_inputs = len(details.get_input_details())
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(0, 1, s).astype(t) for s, t in specs[:n_inputs]]
+    delegates = [load_delegate(delegate)] if delegate else []
+    runners: dict[str, Any] = {}
+    try:
+        runners["unprotected"] = _Unprotected(model, num_threads, delegates)
+        runners["shadownet"] = _Protected(out_dir, num_threads, delegate)
+        runners["all-in-tee"] = _AllInTEE(tee_context, model, KERNELS_XNNPACK, specs, n_inputs)
+        runners["all-in-tee-builtin"] = _AllInTEE(tee_context, model, KERNELS_BUILTIN, specs, n_inputs)
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        clock = time.perf_counter
+        total = warmup_runs + num_runs
+        for run in range(total):
+            progress(f"{name}: run {run + 1}/{total}{' (warm-up)' if run < warmup_runs else ''}", run, total)
+            order = MODES[run % len(MODES):] + MODES[:run % len(MODES)]
+            for mode in order:
+                runner = runners[mode]
+                t = clock()
+                runner(inputs)
+                elapsed = clock() - t
+                if run >= warmup_runs:
+                    times[mode].append(elapsed)
+                    if mode == "shadownet":
+                        runner.record()
+        protected: _Protected = runners["shadownet"]
+        error = _relative_error(protected.results, runners["unprotected"].results)
+        memory = protected.model.stats()
+        tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}
+        streaming = None
+        if throughput:
+            progress(f"{name}: throughput", total, total + 1)
+            frames = 2 * max(num_runs, 5)
+            protected.close()  # its session and shared memory: the pipelined pair opens its own
+            streaming = {mode: {"fps": _frames_per_second(lambda m=mode: runners[m](inputs), frames)}
+                         for mode in ("unprotected", "all-in-tee", "all-in-tee-builtin")}
+            streaming["shadownet"] = _pipelined_fps(out_dir, num_threads, delegate, inputs, frames)
+            fps = streaming["shadownet"]["fps"]
+            streaming["S/U"] = fps / streaming["unprotected"]["fps"] if fps is not None else None
+    finally:
+        for runner in runners.values():
+            runner.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    modes = {mode: _summary(times[mode]) for mode in MODES}
+    modes["unprotected"]["secure_memory_mib"] = 0.0
+    modes["shadownet"]["secure_memory_mib"] = memory.get("model_secure_memory", 0) / MIB
+    for mode, (accounted, resident) in tee_memory.items():
+        modes[mode]["secure_memory_mib"] = accounted / MIB
+        modes[mode]["resident_growth_mib"] = resident / MIB
+    stats = protected.stats
+    part = {key: float(np.median([s[key] for s in stats])) * 1e3
+            for key in ("accelerator_s", "ta_s", "transport_s")}
+    median = modes["shadownet"]["median_ms"]
+    breakdown = {"accelerator_ms": part["accelerator_s"], "tee_compute_ms": part["ta_s"],
+                 "crossing_ms": part["transport_s"]}
+    breakdown["other_ms"] = max(median - sum(breakdown.values()), 0.0)
+    unprotected, tee = modes["unprotected"]["median_ms"], modes["all-in-tee"]["median_ms"]
+    fixed = median - breakdown["accelerator_ms"]
+    # None: shadownet's fixed part alone already takes longer than all-in-tee (no accelerator is enough).
+    break_even = breakdown["accelerator_ms"] / (tee - fixed) if tee > fixed else None
+    total_macs = sum(macs)
+    return {
+        "model": name,
+        "rounds": len(manifest["rounds"]),
+        "scheme": manifest["scheme"]["name"],
+        "modes": modes,
+        "shadownet": {
+            "breakdown": breakdown,
+            "world_switches": stats[-1]["world_switches"],
+            "bytes_to_tee": stats[-1]["bytes_to_tee"],
+            "bytes_from_tee": stats[-1]["bytes_from_tee"],
+            "peak_secure_memory_mib": memory.get("model_secure_memory", 0) / MIB,
+            "secure_memory_cap_mib": memory.get("secure_memory_cap", 0) / MIB,
+            "macs_total": total_macs,
+            "macs_offloaded": sum(macs[i] for i in offloaded),
+            "macs_offloaded_share": sum(macs[i] for i in offloaded) / total_macs if total_macs else 0.0,
+            "conversion_s": conversion_s,
+            "relative_error": error,
+        },
+        "ratios": {"S/U": median / unprotected, "T/S": tee / median,
+                   "T_builtin/S": modes["all-in-tee-builtin"]["median_ms"] / median},
+        "break_even_k": break_even,
+        "projected_ms": {str(k): breakdown["accelerator_ms"] / k + fixed for k in PROJECTED_K},
+        **({"throughput": streaming} if streaming is not None else {}),
+    }

@@ -1,0 +1,172 @@
+"""The reporting side of ``shadownet bench``: a report (``shadownet.bench.run_bench``) as plain-text tables,
+Markdown, JSON and a plot."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from shadownet.bench_measure import MODES, PROJECTED_K
+from shadownet.exceptions import ShadowNetError
+
+
+def _k(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def _fps(value: float | None, width: int = 0, digits: int = 1) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def _done(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in report["models"] if "error" not in e]
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    notes = [f"{e['model']}: not measured: {e['error']}" for e in report["models"] if "error" in e]
+    notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
+              for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
+    return notes
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as plain-text tables (stdout)."""
+    lines = []
+    head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
+    lines += [head, "-" * len(head)]
+    for e in _done(report):
+        for mode in MODES:
+            m = e["modes"][mode]
+            lines.append(f"{e['model']:<12} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
+                         f"{m['max_ms']:9.2f} {m['secure_memory_mib']:11.1f}")
+    lines.append("")
+    head = (f"{'model':<12} {'S/U':>5} {'T/S':>5} {'accel':>7} {'TEE':>7} {'cross':>6} {'other':>6} "
+            f"{'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
+            + " ".join(f"{'S(k=' + str(k) + ')':>9}" for k in PROJECTED_K))
+    lines += [head, "-" * len(head)]
+    for e in _done(report):
+        s, b = e["shadownet"], e["shadownet"]["breakdown"]
+        traffic = (s["bytes_to_tee"] + s["bytes_from_tee"]) / 1e6
+        r = e["ratios"]
+        lines.append(
+            f"{e['model']:<12} {r['S/U']:5.2f} {r['T/S']:5.2f} {b['accelerator_ms']:7.2f} "
+            f"{b['tee_compute_ms']:7.2f} {b['crossing_ms']:6.2f} {b['other_ms']:6.2f} "
+            f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
+            f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
+            + " ".join(f"{e['projected_ms'][str(k)]:9.2f}" for k in PROJECTED_K))
+    streaming = [e for e in _done(report) if "throughput" in e]
+    if streaming:
+        head = (f"{'model':<12} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
+                f"{'S/U':>5}")
+        lines += ["", head, "-" * len(head)]
+        for e in streaming:
+            x = e["throughput"]
+            lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
+                         f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
+                         f"{_fps(x['S/U'], 5, 2)}")
+    lines += [""] + _failures(report)
+    lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
+              "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T.",
+              "Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
+              "machine."]
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any], command: str | None = None) -> str:
+    """The report as Markdown (``--markdown``; BENCHMARKS.md)."""
+    m = report["machine"]
+    s = report["settings"]
+    out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
+           f"load average at the end {m['load_average']}.",
+           f"Settings: scheme {s['scheme']}, {s['num_threads']} threads, {s['num_runs']} runs after "
+           f"{s['warmup_runs']} warm-up runs, delegate {s['delegate'] or 'none (XNNPACK)'}."]
+    if command:
+        out.append(f"Command: `{command}`")
+    out += ["", "| model | mode | min ms | median ms | max ms | secure memory MiB |",
+            "|---|---|---:|---:|---:|---:|"]
+    for e in _done(report):
+        for mode in MODES:
+            x = e["modes"][mode]
+            out.append(f"| {e['model']} | {mode} | {x['min_ms']:.2f} | {x['median_ms']:.2f} | "
+                       f"{x['max_ms']:.2f} | {x['secure_memory_mib']:.1f} |")
+    out += ["", "| model | rounds | S/U | T/S | accelerator ms | TEE ms | crossing ms | other ms "
+            "| world switches | MB across / inference | MACs offloaded | conversion s | break-even k | "
+            + " | ".join(f"S(k={k}) ms" for k in PROJECTED_K) + " |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PROJECTED_K)]
+    for e in _done(report):
+        x, b = e["shadownet"], e["shadownet"]["breakdown"]
+        out.append(
+            f"| {e['model']} | {e['rounds']} | {e['ratios']['S/U']:.2f} | {e['ratios']['T/S']:.2f} | "
+            f"{b['accelerator_ms']:.2f} | {b['tee_compute_ms']:.2f} | {b['crossing_ms']:.2f} | "
+            f"{b['other_ms']:.2f} | "
+            f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "
+            f"{x['macs_offloaded_share'] * 100:.2f}% | {x['conversion_s']:.2f} | {_k(e['break_even_k'])} | "
+            + " | ".join(f"{e['projected_ms'][str(k)]:.2f}" for k in PROJECTED_K) + " |")
+    streaming = [e for e in _done(report) if "throughput" in e]
+    if streaming:
+        out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "
+                "in the TEE the other runs on the accelerator):", "",
+                "| model | unprotected | shadownet | all-in-tee | all-in-tee-builtin "
+                "| shadownet / unprotected |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for e in streaming:
+            x = e["throughput"]
+            out.append(f"| {e['model']} | {x['unprotected']['fps']:.1f} | {_fps(x['shadownet']['fps'])} | "
+                       f"{x['all-in-tee']['fps']:.1f} | {x['all-in-tee-builtin']['fps']:.1f} | "
+                       f"{_fps(x['S/U'], 0, 2)} |")
+    failures = _failures(report)
+    if failures:
+        out += [""] + [f"- {note}" for note in failures]
+    out += ["", "S = shadownet, U = unprotected, T = all-in-tee with XNNPACK (one thread, in the secure "
+            "world). The accelerator and the TEE are the same CPU on this machine, so S/U and T/S compare "
+            "software paths; the break-even k is how many times faster than one TEE core the accelerator "
+            "must be for shadownet to beat all-in-tee, and S(k) projects shadownet's latency on such an "
+            "accelerator."]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Stacked bars of shadownet's breakdown next to unprotected and the two all-in-TEE baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = _done(report)
+    if not entries:
+        raise ShadowNetError("nothing to plot: no model was measured")
+    fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 4), squeeze=False)
+    parts = (("accelerator_ms", "accelerator"), ("tee_compute_ms", "TEE compute"),
+             ("crossing_ms", "crossing"), ("other_ms", "other"))
+    for ax, e in zip(axes[0], entries, strict=True):
+        bottom = 0.0
+        for key, label in parts:
+            value = e["shadownet"]["breakdown"][key]
+            ax.bar(1, value, bottom=bottom, label=label)
+            bottom += value
+        ax.bar(0, e["modes"]["unprotected"]["median_ms"], color="grey")
+        ax.bar(2, e["modes"]["all-in-tee"]["median_ms"], color="black")
+        ax.bar(3, e["modes"]["all-in-tee-builtin"]["median_ms"], color="dimgrey")
+        ax.set_xticks(range(4), ["unprot.", "shadownet", "all-in-TEE", "builtin"], rotation=30)
+        ax.set_title(e["model"])
+        ax.set_ylabel("median latency (ms)")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ShadowNetError("--plot needs matplotlib, which is not installed (pip install matplotlib)") \
+            from None
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,81 +1,45 @@
-"""The TFLite graph layer: ``.tflite`` bytes <-> a small graph IR.
+"""The TFLite graph layer: a small graph IR and writing it as ``.tflite`` bytes.
 
-``read_model`` turns subgraph 0 of any float ``.tflite`` into a :class:`Graph` (tensors with shape, dtype and
-constant data; ops in execution order), ``normalize`` rewrites what real models contain into the few forms
-the rest of ShadowNet expects, and ``write_model`` writes a graph (or subsets of its ops as signatures) back
-to a ``TFL3`` flatbuffer that LiteRT loads. Only ``ai_edge_litert``'s schema and flatbuffer tools are used,
-never TensorFlow. Op kinds are the schema's ``BuiltinOperator`` names; groupings of kinds are frozensets.
+A :class:`Graph` holds tensors (shape, dtype, constant data) and ops in execution order; ``write_model``
+writes a graph (or subsets of its ops as signatures) as a ``TFL3`` flatbuffer that LiteRT loads. Reading
+``.tflite`` bytes into a Graph is :mod:`converters.tflite_reader`; rewriting a read model into the forms
+ShadowNet handles is :mod:`converters.normalize`. Only ``ai_edge_litert``'s schema and flatbuffer tools are
+used, never TensorFlow. Op kinds are the schema's ``BuiltinOperator`` names; groupings of kinds are
+frozensets.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
-from ai_edge_litert.tools import flatbuffer_utils
-
-from converters.tflite_sparsity import densify
-from converters.tflite_verify import verify
-from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 OFFLOADABLE: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
-# Fused activations normalize() splits off into standalone ops of the same name. These are the ones
-# LiteRT's float kernels apply (as an output clamp); they ignore a fused TANH or SIGN_BIT (FULLY_CONNECTED
-# rejects it), so such a model means something LiteRT does not compute and normalize() refuses it.
-ACTIVATIONS: frozenset[str] = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})
-# Ops whose fused activation LiteRT applies to their output. Others keep theirs as it is (LiteRT's float
-# CONCATENATION ignores it; RNN/LSTM ops use theirs inside the cell).
-FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "DIV", "AVERAGE_POOL_2D",
-    "MAX_POOL_2D", "L2_POOL_2D",
-})
 # Float kernels of LiteRT that reject a conv without bias (conv.cc: TF_LITE_ENSURE(context, has_bias)).
 _BIAS_REQUIRED: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D"})
-# Input positions LiteRT's kernels accept absent (-1); None: the op checks each input itself (recurrent ops'
-# optional tensors, custom ops). Elsewhere an absent input can reach a kernel that dereferences it (RESHAPE
-# without its shape tensor crashes LiteRT: found by fuzzing).
-_OPTIONAL_INPUTS: dict[str, frozenset[int] | None] = {
-    "CONV_2D": frozenset({2}), "DEPTHWISE_CONV_2D": frozenset({2}), "FULLY_CONNECTED": frozenset({2}),
-    "TRANSPOSE_CONV": frozenset({3}), "CONV_3D": frozenset({2}), "CONV_3D_TRANSPOSE": frozenset({3}),
-    "LSTM": None, "UNIDIRECTIONAL_SEQUENCE_LSTM": None, "BIDIRECTIONAL_SEQUENCE_LSTM": None, "RNN": None,
-    "UNIDIRECTIONAL_SEQUENCE_RNN": None, "BIDIRECTIONAL_SEQUENCE_RNN": None, "SVDF": None, "CUSTOM": None,
-}
-# Control flow: ops whose options name other subgraphs, which a one-subgraph Graph cannot keep.
-_CALLS_SUBGRAPHS: frozenset[str] = frozenset({"WHILE", "IF", "CALL_ONCE", "CALL", "STABLEHLO_WHILE",
-                                               "STABLEHLO_CASE", "STABLEHLO_COMPOSITE"})
-# Custom ops LiteRT's builtin op resolver registers itself (tflite/kernels/register.cc).
-LITERT_CUSTOM_OPS: frozenset[str] = frozenset({
-    "TFLite_Detection_PostProcess", "AudioSpectrogram", "Mfcc", "NumericVerify",
-})
 
 
 def _enum(cls: type) -> dict[str, int]:
     return {k: v for k, v in vars(cls).items() if not k.startswith("_")}
 
 
-_TFL3 = b"TFL3"
-MAX_TENSOR_BYTES = 1 << 31  # one tensor of a model a device runs; a larger shape is a damaged file
-_OP_CODES: dict[str, int] = _enum(schema_fb.BuiltinOperator)
-_OP_NAMES: dict[int, str] = {v: k for k, v in _OP_CODES.items()}
+# The schema's codes for the IR's names, shared with the reader (converters.tflite_reader).
+FILE_IDENTIFIER = b"TFL3"
+OP_CODES: dict[str, int] = _enum(schema_fb.BuiltinOperator)
 _ACTIVATION_NAMES: dict[int, str] = {v: k for k, v in _enum(schema_fb.ActivationFunctionType).items()}
-_TYPE_NAMES: dict[int, str] = {v: k for k, v in _enum(schema_fb.TensorType).items()}
 _T = schema_fb.TensorType
-_NUMPY_DTYPES: dict[int, np.dtype] = {
+NUMPY_DTYPES: dict[int, np.dtype] = {
     _T.FLOAT32: np.dtype(np.float32), _T.FLOAT16: np.dtype(np.float16), _T.FLOAT64: np.dtype(np.float64),
     _T.INT8: np.dtype(np.int8), _T.INT16: np.dtype(np.int16), _T.INT32: np.dtype(np.int32),
     _T.INT64: np.dtype(np.int64), _T.UINT8: np.dtype(np.uint8), _T.UINT16: np.dtype(np.uint16),
     _T.UINT32: np.dtype(np.uint32), _T.UINT64: np.dtype(np.uint64), _T.BOOL: np.dtype(np.bool_),
     _T.COMPLEX64: np.dtype(np.complex64), _T.COMPLEX128: np.dtype(np.complex128),
 }
-_TENSOR_TYPES: dict[np.dtype, int] = {v: k for k, v in _NUMPY_DTYPES.items()}
-_QUANTIZED_TYPES = frozenset({_T.INT8, _T.UINT8, _T.INT16, _T.INT4, _T.UINT4, _T.INT2})
+_TENSOR_TYPES: dict[np.dtype, int] = {v: k for k, v in NUMPY_DTYPES.items()}
 _OPTIONS_TYPES: dict[str, int] = _enum(schema_fb.BuiltinOptions)
 _OPTIONS2_TYPES: dict[str, int] = _enum(schema_fb.BuiltinOptions2)
 
@@ -161,7 +125,7 @@ class Graph:
         schema's default strides are 0, invalid) or ``schema_fb.FullyConnectedOptionsT()``; None for kinds
         without options (RELU, LOGISTIC, ...).
         """
-        if kind != "CUSTOM" and kind not in _OP_CODES:
+        if kind != "CUSTOM" and kind not in OP_CODES:
             raise ValueError(f"unknown op kind {kind!r} (expected a TFLite BuiltinOperator name or 'CUSTOM')")
         for t in (*inputs, *outputs):
             if not -1 <= t < len(self.tensors):
@@ -201,250 +165,6 @@ def is_offloadable(graph: Graph, op_index: int) -> bool:
         return False
     weights = graph.tensors[op.inputs[1]]
     return weights.data is not None and weights.sparsity is None
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph:
-    """Read subgraph 0 of a ``.tflite`` (bytes or a path) into a :class:`Graph`.
-
-    The bytes are checked structurally before anything is trusted (LiteRT never sees them). Raises
-    ``ModelFormatError`` for anything that is not a valid float TFLite model (not a flatbuffer, truncated,
-    out-of-range indices or buffers, no subgraph, quantized tensors) and ``UnsupportedOpError`` for an op
-    LiteRT would not resolve (unknown custom op or builtin code).
-    """
-    data = _load_bytes(src)
-    if len(data) < 8:
-        raise ModelFormatError(f"not a TFLite model: {len(data)} bytes is too short for a flatbuffer")
-    if data[4:8] != _TFL3:
-        raise ModelFormatError(
-            f"not a TFLite model: file identifier is {bytes(data[4:8])!r}, expected {_TFL3!r}")
-    root = int.from_bytes(data[:4], "little")
-    if not 8 <= root <= len(data) - 4:
-        raise ModelFormatError(
-            f"corrupt TFLite model: root table offset {root} outside the {len(data)}-byte file")
-    # The flatbuffer reader trusts offsets and lengths; LiteRT's C++ verifier does not. Check first.
-    verify(data)
-    try:
-        model = flatbuffer_utils.convert_bytearray_to_object(data)
-    except Exception as e:  # the flatbuffer reader fails with whatever exception the bad offset leads to
-        raise ModelFormatError(
-            f"corrupt or truncated TFLite model ({len(data)} bytes): {type(e).__name__}: {e}") from None
-    if not model.subgraphs:
-        raise ModelFormatError("TFLite model has no subgraph")
-    sub = model.subgraphs[0]
-    buffers = model.buffers or []
-    opcodes = model.operatorCodes or []
-    tensors = [_read_tensor(i, t, buffers, data) for i, t in enumerate(sub.tensors or [])]
-    n = len(tensors)
-
-    def ids(values: Any, what: str, optional: bool = False) -> tuple[int, ...]:
-        out = tuple(int(v) for v in (values if values is not None else ()))
-        low = -1 if optional else 0
-        for v in out:
-            if not low <= v < n:
-                raise ModelFormatError(f"corrupt TFLite model: {what} refers to tensor {v} of {n}")
-        return out
-
-    ops = []
-    for i, o in enumerate(sub.operators or []):
-        if not 0 <= o.opcodeIndex < len(opcodes):
-            raise ModelFormatError(f"corrupt TFLite model: op {i} has opcode index {o.opcodeIndex}")
-        code = opcodes[o.opcodeIndex]
-        outputs = ids(o.outputs, f"op {i}'s outputs")
-        inputs = ids(o.inputs, f"op {i}'s inputs", optional=True)
-        out_name = repr(tensors[outputs[0]].name) if outputs else "none"
-        builtin = flatbuffer_utils.get_builtin_code_from_operator_code(code)
-        kind = _OP_NAMES.get(builtin)
-        if kind is None:
-            raise UnsupportedOpError(
-                f"op {i} has builtin code {builtin}, unknown to this LiteRT (output {out_name})")
-        optional = _OPTIONAL_INPUTS.get(kind, frozenset())
-        absent = [k for k, t in enumerate(inputs) if t < 0]
-        if optional is not None and not set(absent) <= optional:
-            raise ModelFormatError(f"corrupt TFLite model: op {i} {kind} has no input {absent[0]}, which it "
-                                   f"needs (output {out_name})")
-        custom_code = _text(code.customCode) if kind == "CUSTOM" else None
-        if kind == "CUSTOM" and custom_code not in LITERT_CUSTOM_OPS:
-            why = ("a TensorFlow (Flex) op, which needs TensorFlow's select-ops delegate"
-                   if custom_code.startswith("Flex") else "which LiteRT does not resolve")
-            raise UnsupportedOpError(f"op {i} is custom op {custom_code!r}, {why} (output {out_name})")
-        if kind in _CALLS_SUBGRAPHS:
-            raise UnsupportedOpError(
-                f"op {i} {kind} calls other subgraphs; ShadowNet reads subgraph 0 only (output {out_name})")
-        custom_options = None
-        if o.largeCustomOptionsOffset > 1:
-            start, size = o.largeCustomOptionsOffset, o.largeCustomOptionsSize
-            if start + size > len(data):
-                raise ModelFormatError(f"truncated TFLite model: op {i}'s custom options lie past the end")
-            custom_options = bytes(data[start:start + size])
-        elif o.customOptions is not None:
-            custom_options = bytes(np.asarray(o.customOptions, dtype=np.uint8))
-        options = o.builtinOptions if o.builtinOptions is not None else o.builtinOptions2
-        ops.append(Op(kind, inputs, outputs, options, custom_code, custom_options, int(code.version or 1)))
-
-    graph = Graph(tensors, ops, list(ids(sub.inputs, "subgraph input")),
-                  list(ids(sub.outputs, "subgraph output")))
-    _check_dataflow(graph, {i for i, t in enumerate(sub.tensors or []) if t.isVariable})
-    for sig in model.signatureDefs or []:
-        if sig.subgraphIndex == 0:
-            names_in = {_text(m.name): int(m.tensorIndex) for m in sig.inputs or []}
-            names_out = {_text(m.name): int(m.tensorIndex) for m in sig.outputs or []}
-            ids((*names_in.values(), *names_out.values()), "signature")
-            graph.signature = Signature(_text(sig.signatureKey), list(range(len(ops))), names_in, names_out)
-            break
-    return graph
-
-
-def _check_dataflow(graph: Graph, variables: set[int]) -> None:
-    """Every tensor an op reads is a model input, a constant, a variable or written by an earlier op, and
-    every model output is written: otherwise the file is damaged (LiteRT would read memory nobody wrote)."""
-    ready = set(graph.inputs) | variables | {i for i, t in enumerate(graph.tensors) if t.data is not None}
-    for i, op in enumerate(graph.ops):
-        for t in op.inputs:
-            if t >= 0 and t not in ready:
-                raise ModelFormatError(f"corrupt TFLite model: {graph.describe_op(i)} reads tensor {t} "
-                                       f"{graph.tensors[t].name!r}, which is neither a model input, a "
-                                       "constant nor written by an earlier op")
-        ready.update(op.outputs)
-    for t in graph.outputs:
-        if t not in ready:
-            raise ModelFormatError(f"corrupt TFLite model: output tensor {t} {graph.tensors[t].name!r} is "
-                                   "never written")
-
-
-def _load_bytes(src: Any) -> bytes | bytearray | memoryview:
-    if isinstance(src, bytes | bytearray | memoryview):
-        return src
-    try:
-        with open(src, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ModelFormatError(f"cannot read model file {os.fspath(src)!r}: {e.strerror or e}") from None
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _read_tensor(index: int, t: Any, buffers: list, data: Any) -> Tensor:
-    name = _text(t.name)
-    shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-    q = t.quantization
-    if t.type in _QUANTIZED_TYPES and q is not None and q.scale is not None and len(q.scale):
-        raise ModelFormatError(
-            f"quantized model: tensor {index} {name!r} is {_TYPE_NAMES[t.type]} with quantization "
-            f"parameters; ShadowNet needs a float model")
-    dtype = _NUMPY_DTYPES.get(t.type)
-    if dtype is None:
-        raise ModelFormatError(
-            f"tensor {index} {name!r} has type {_TYPE_NAMES.get(t.type, t.type)}, not supported by ShadowNet")
-    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > MAX_TENSOR_BYTES:
-        # Checked before LiteRT sees the file: it would try to allocate whatever a damaged shape says.
-        raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} has shape {list(shape)} "
-                               f"(over {MAX_TENSOR_BYTES >> 30} GiB or negative)")
-    if not 0 <= t.buffer < max(len(buffers), 1):
-        raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} refers to buffer {t.buffer} "
-                               f"of {len(buffers)}")
-    raw = None
-    if buffers:
-        buf = buffers[t.buffer]
-        if buf.offset > 1:  # LiteRT's convention: offsets 0 and 1 mean "data inline"
-            if buf.offset + buf.size > len(data):
-                raise ModelFormatError(f"truncated TFLite model: tensor {index} {name!r}'s data at "
-                                       f"{buf.offset}+{buf.size} lies past the {len(data)}-byte file")
-            raw = np.frombuffer(data, np.uint8, count=buf.size, offset=buf.offset)
-        elif buf.data is not None and len(buf.data):
-            raw = np.asarray(buf.data, dtype=np.uint8)
-    value = None
-    if raw is not None:
-        count = int(np.prod(shape, dtype=np.int64))
-        if t.sparsity is None and raw.size != count * dtype.itemsize:
-            raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} of shape {list(shape)} "
-                                   f"{dtype} has {raw.size} bytes of data")
-        if raw.size % dtype.itemsize:
-            raise ModelFormatError(f"corrupt TFLite model: tensor {index} {name!r} has {raw.size} bytes")
-        value = raw.view(dtype)
-        value = value if t.sparsity is not None else value.reshape(shape)
-        if value.flags.writeable:
-            value = value.copy()
-            value.flags.writeable = False
-    signature = tuple(int(d) for d in t.shapeSignature) if t.shapeSignature is not None else None
-    return Tensor(name, shape, dtype, value, signature, t.sparsity)
-
-
-# ---------------------------------------------------------------------------------------------- normalize
-
-def normalize(graph: Graph) -> Graph:
-    """Rewrite ``graph`` into the forms ShadowNet handles; returns a new Graph (tensor ids change).
-
-    - ``DEQUANTIZE`` of a float16 constant -> a float32 constant (op removed; float16 -> float32 is exact);
-    - ``DENSIFY`` of a sparse constant -> a dense constant (op removed); other sparse constants densified;
-    - a fused activation (RELU, RELU6, RELU_N1_TO_1) of a conv / dense / add / pool / ... op becomes its
-      own op: the op writes a new tensor ``<output name>/pre_activation`` and the activation writes the
-      original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
-      TANH / SIGN_BIT, which LiteRT's kernels silently skip);
-    - everything else is kept as it is; tensors no longer used are dropped.
-    """
-    tensors = list(graph.tensors)
-    ops: list[Op] = []
-    for index, op in enumerate(graph.ops):
-        src = tensors[op.inputs[0]] if op.inputs and op.inputs[0] >= 0 else None
-        foldable = op.kind == "DENSIFY" or (op.kind == "DEQUANTIZE" and src is not None
-                                            and src.dtype == np.float16)
-        if foldable and src is not None and src.data is not None:
-            value = densify(src.data, src.shape, src.sparsity) if src.sparsity is not None else src.data
-            out = op.outputs[0]
-            folded = np.array(value, dtype=tensors[out].dtype)
-            folded.flags.writeable = False
-            tensors[out] = replace(tensors[out], data=folded, sparsity=None)
-            continue
-        for t in op.inputs:
-            if t >= 0 and tensors[t].sparsity is not None and tensors[t].data is not None:
-                dense = densify(tensors[t].data, tensors[t].shape, tensors[t].sparsity)
-                dense.flags.writeable = False
-                tensors[t] = replace(tensors[t], data=dense, sparsity=None)
-        activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
-        if activation is not None and activation not in ACTIVATIONS:
-            raise UnsupportedOpError(
-                f"{graph.describe_op(index)}: fused activation {activation}, which LiteRT's float "
-                f"kernel does not apply; ShadowNet cannot reproduce this model's LiteRT outputs")
-        if activation is not None:
-            options = copy.copy(op.options)
-            options.fusedActivationFunction = schema_fb.ActivationFunctionType.NONE
-            out = tensors[op.outputs[0]]
-            tensors.append(Tensor(f"{out.name}/pre_activation", out.shape, out.dtype,
-                                  shape_signature=out.shape_signature))
-            pre = len(tensors) - 1
-            ops.append(replace(op, outputs=(pre, *op.outputs[1:]), options=options))
-            ops.append(Op(activation, (pre,), (op.outputs[0],)))
-        else:
-            ops.append(op)
-    return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
-
-
-def _compact(graph: Graph) -> Graph:
-    """Drop tensors nothing refers to and renumber the rest (in their original order)."""
-    used = {t for op in graph.ops for t in (*op.inputs, *op.outputs) if t >= 0}
-    used.update(graph.inputs, graph.outputs)
-    sig = graph.signature
-    if sig is not None:
-        used.update(sig.inputs.values(), sig.outputs.values())
-    keep = sorted(used)
-    new_id = {old: new for new, old in enumerate(keep)}
-    new_id[-1] = -1
-
-    def remap(ids: Iterable[int]) -> tuple[int, ...]:
-        return tuple(new_id[t] for t in ids)
-
-    ops = [replace(op, inputs=remap(op.inputs), outputs=remap(op.outputs)) for op in graph.ops]
-    if sig is not None:
-        sig = Signature(sig.key, list(range(len(ops))), {k: new_id[v] for k, v in sig.inputs.items()},
-                        {k: new_id[v] for k, v in sig.outputs.items()})
-    return Graph([graph.tensors[t] for t in keep], ops, list(remap(graph.inputs)), list(remap(graph.outputs)),
-                 sig)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -567,7 +287,7 @@ class _Writer:
 
     def finish(self) -> bytes:
         builder = flatbuffers.Builder(self.total_bytes + (1 << 16))  # one allocation for the weights
-        builder.Finish(self.model.Pack(builder), file_identifier=_TFL3)
+        builder.Finish(self.model.Pack(builder), file_identifier=FILE_IDENTIFIER)
         return bytes(builder.Output())
 
 
@@ -605,9 +325,9 @@ def _tensor_t(tensor: Tensor, buffer: int) -> Any:
 
 def _opcode_t(op: Op) -> Any:
     code = schema_fb.OperatorCodeT()
-    code.builtinCode = _OP_CODES[op.kind]
+    code.builtinCode = OP_CODES[op.kind]
     # Readers older than the extended builtin codes look at the deprecated byte-sized field.
-    code.deprecatedBuiltinCode = min(code.builtinCode, _OP_CODES["PLACEHOLDER_FOR_GREATER_OP_CODES"])
+    code.deprecatedBuiltinCode = min(code.builtinCode, OP_CODES["PLACEHOLDER_FOR_GREATER_OP_CODES"])
     code.version = op.version
     if op.kind == "CUSTOM":
         code.customCode = op.custom_code

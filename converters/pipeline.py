@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from converters.graph import Graph, normalize, read_model, write_model
+from converters.graph import Graph, write_model
+from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.program import write_program
 from converters.schemes import ActivationStats, Scheme, get_scheme
+from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 
 FORMAT = "shadownet-artifacts"

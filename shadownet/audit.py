@@ -64,7 +64,9 @@ def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | 
 
 def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
     """The linear layers of the reference model, in execution order."""
-    from converters.graph import is_offloadable, normalize, read_model
+    from converters.graph import is_offloadable
+    from converters.normalize import normalize
+    from converters.tflite_reader import read_model
 
     graph = normalize(read_model(model))
     layers = []
@@ -79,7 +81,7 @@ def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
 def untrusted_layers(data: bytes) -> list[LinearLayer]:
     """The obfuscated linear layers of ``untrusted.tflite``, round by round, in op order within a round.
 
-    The untrusted model holds one subgraph per round (signature ``round_r``); ``converters.graph``
+    The untrusted model holds one subgraph per round (signature ``round_r``); ``converters.tflite_reader``
     reads subgraph 0 only, so the weights are read here straight from the flatbuffer (plain float32
     constants: the converter writes nothing else).
     """

@@ -224,8 +224,9 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from ai_edge_litert.interpreter import Interpreter, load_delegate
 
     from converters import convert
-    from converters.graph import normalize, read_model
+    from converters.normalize import normalize
     from converters.partition import partition
+    from converters.tflite_reader import read_model
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()

@@ -42,7 +42,7 @@ def _resident_bytes() -> int:
 
 def activation_peak(model: bytes) -> tuple[int, int]:
     """(bytes of constant tensors, peak bytes of live activations in execution order) of subgraph 0."""
-    from converters.graph import read_model
+    from converters.tflite_reader import read_model
 
     g = read_model(model)
 

@@ -11,8 +11,10 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tee_sim
 from converters import convert
-from converters.graph import normalize, read_model, tiny_model_bytes
+from converters.graph import tiny_model_bytes
+from converters.normalize import normalize
 from converters.partition import partition
+from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 from tests.converters.driver import Driver, litert, relative_error
 

@@ -11,11 +11,11 @@ from converters.graph import (
     Signature,
     fused_activation,
     is_offloadable,
-    normalize,
-    read_model,
     tiny_model_bytes,
     write_model,
 )
+from converters.normalize import normalize
+from converters.tflite_reader import read_model
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 from tests.converters.litert import io_details, random_inputs, run
 

@@ -40,7 +40,8 @@ def _model() -> bytes:
 
 
 def test_count_macs():
-    from converters.graph import normalize, read_model
+    from converters.normalize import normalize
+    from converters.tflite_reader import read_model
 
     macs = bench_measure.count_macs(normalize(read_model(_model())))
     assert macs[0] == 12 * 12 * 8 * 3 * 3 * 3  # the conv

@@ -1,0 +1,100 @@
+"""``normalize``: rewrite what real float models contain into the few forms ShadowNet handles.
+
+Constants that only feed an op (a float16 constant behind DEQUANTIZE, a sparse constant behind DENSIFY) are
+folded into plain float constants, and fused activations become ops of their own, so that the partition
+sees every linear op bare and every non-linear op explicit. Works on the IR of :mod:`converters.graph`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import replace
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
+
+from converters.graph import Graph, Op, Signature, Tensor, fused_activation
+from converters.tflite_sparsity import densify
+from shadownet.exceptions import UnsupportedOpError
+
+# Fused activations normalize() splits off into standalone ops of the same name. These are the ones
+# LiteRT's float kernels apply (as an output clamp); they ignore a fused TANH or SIGN_BIT (FULLY_CONNECTED
+# rejects it), so such a model means something LiteRT does not compute and normalize() refuses it.
+ACTIVATIONS: frozenset[str] = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})
+# Ops whose fused activation LiteRT applies to their output. Others keep theirs as it is (LiteRT's float
+# CONCATENATION ignores it; RNN/LSTM ops use theirs inside the cell).
+FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
+    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "DIV", "AVERAGE_POOL_2D",
+    "MAX_POOL_2D", "L2_POOL_2D",
+})
+
+
+def normalize(graph: Graph) -> Graph:
+    """Rewrite ``graph`` into the forms ShadowNet handles; returns a new Graph (tensor ids change).
+
+    - ``DEQUANTIZE`` of a float16 constant -> a float32 constant (op removed; float16 -> float32 is exact);
+    - ``DENSIFY`` of a sparse constant -> a dense constant (op removed); other sparse constants densified;
+    - a fused activation (RELU, RELU6, RELU_N1_TO_1) of a conv / dense / add / pool / ... op becomes its
+      own op: the op writes a new tensor ``<output name>/pre_activation`` and the activation writes the
+      original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
+      TANH / SIGN_BIT, which LiteRT's kernels silently skip);
+    - everything else is kept as it is; tensors no longer used are dropped.
+    """
+    tensors = list(graph.tensors)
+    ops: list[Op] = []
+    for index, op in enumerate(graph.ops):
+        src = tensors[op.inputs[0]] if op.inputs and op.inputs[0] >= 0 else None
+        foldable = op.kind == "DENSIFY" or (op.kind == "DEQUANTIZE" and src is not None
+                                            and src.dtype == np.float16)
+        if foldable and src is not None and src.data is not None:
+            value = densify(src.data, src.shape, src.sparsity) if src.sparsity is not None else src.data
+            out = op.outputs[0]
+            folded = np.array(value, dtype=tensors[out].dtype)
+            folded.flags.writeable = False
+            tensors[out] = replace(tensors[out], data=folded, sparsity=None)
+            continue
+        for t in op.inputs:
+            if t >= 0 and tensors[t].sparsity is not None and tensors[t].data is not None:
+                dense = densify(tensors[t].data, tensors[t].shape, tensors[t].sparsity)
+                dense.flags.writeable = False
+                tensors[t] = replace(tensors[t], data=dense, sparsity=None)
+        activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
+        if activation is not None and activation not in ACTIVATIONS:
+            raise UnsupportedOpError(
+                f"{graph.describe_op(index)}: fused activation {activation}, which LiteRT's float "
+                f"kernel does not apply; ShadowNet cannot reproduce this model's LiteRT outputs")
+        if activation is not None:
+            options = copy.copy(op.options)
+            options.fusedActivationFunction = schema_fb.ActivationFunctionType.NONE
+            out = tensors[op.outputs[0]]
+            tensors.append(Tensor(f"{out.name}/pre_activation", out.shape, out.dtype,
+                                  shape_signature=out.shape_signature))
+            pre = len(tensors) - 1
+            ops.append(replace(op, outputs=(pre, *op.outputs[1:]), options=options))
+            ops.append(Op(activation, (pre,), (op.outputs[0],)))
+        else:
+            ops.append(op)
+    return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
+
+
+def _compact(graph: Graph) -> Graph:
+    """Drop tensors nothing refers to and renumber the rest (in their original order)."""
+    used = {t for op in graph.ops for t in (*op.inputs, *op.outputs) if t >= 0}
+    used.update(graph.inputs, graph.outputs)
+    sig = graph.signature
+    if sig is not None:
+        used.update(sig.inputs.values(), sig.outputs.values())
+    keep = sorted(used)
+    new_id = {old: new for new, old in enumerate(keep)}
+    new_id[-1] = -1
+
+    def remap(ids: Iterable[int]) -> tuple[int, ...]:
+        return tuple(new_id[t] for t in ids)
+
+    ops = [replace(op, inputs=remap(op.inputs), outputs=remap(op.outputs)) for op in graph.ops]
+    if sig is not None:
+        sig = Signature(sig.key, list(range(len(ops))), {k: new_id[v] for k, v in sig.inputs.items()},
+                        {k: new_id[v] for k, v in sig.outputs.items()})
+    return Graph([graph.tensors[t] for t in keep], ops, list(remap(graph.inputs)), list(remap(graph.outputs)),
+                 sig)

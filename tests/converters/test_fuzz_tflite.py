@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters.graph import write_model
-from converters.tflite_reader import read_model
+from converters.graph import read_model, write_model
 from converters.tflite_verify import verify
-from shadownet import fuzz
+from shadownet import fuzz, fuzz_mutations, fuzz_worker
 from shadownet.exceptions import ModelFormatError
 
 CAMPAIGN_SEED = 20240
@@ -21,15 +20,15 @@ CAMPAIGN_CASES = 1500
 
 @pytest.fixture(scope="session")
 def fuzz_work(tmp_path_factory):
-    """Seed models, a device home and fuzz artifacts, made once (``shadownet.fuzz.prepare``)."""
+    """Seed models, a device home and fuzz artifacts, made once (``shadownet.fuzz_worker.prepare``)."""
     work = tmp_path_factory.mktemp("fuzz")
-    fuzz.prepare(work)
+    fuzz_worker.prepare(work)
     return work
 
 
 @pytest.fixture(scope="module")
 def seeds():
-    return fuzz.seed_models()
+    return fuzz_worker.seed_models()
 
 
 def test_seed_models_pass_the_verifier_and_litert(seeds):
@@ -37,7 +36,7 @@ def test_seed_models_pass_the_verifier_and_litert(seeds):
         verify(model)
         graph = read_model(model)
         x = np.zeros(graph.tensors[graph.inputs[0]].shape, np.float32)
-        assert np.all(np.isfinite(fuzz._litert(model, x)))
+        assert np.all(np.isfinite(fuzz_worker._litert(model, x)))
 
 
 def _root(model: bytes) -> int:
@@ -72,7 +71,7 @@ def test_verifier_refuses_broken_flatbuffers(seeds, damage, message):
 
 
 def test_verifier_refuses_huge_vector_lengths_and_bad_strings(seeds):
-    structure = fuzz.flatbuffer_structure(seeds[0])
+    structure = fuzz_mutations.flatbuffer_structure(seeds[0])
     for at in structure.lengths:
         data = bytearray(seeds[0])
         struct.pack_into("<I", data, at, 0x7FFFFFFF)
@@ -141,7 +140,7 @@ def test_absent_input_litert_would_dereference_is_refused_before_litert(seeds):
 
 def test_oversized_shape_is_refused_before_litert(seeds):
     """Found by fuzzing: a damaged dimension made LiteRT allocate 18 GB (and take a minute) first."""
-    structure = fuzz.flatbuffer_structure(seeds[1])
+    structure = fuzz_mutations.flatbuffer_structure(seeds[1])
     graph = read_model(seeds[1])
     # The dims of the 'relu' tensor, [1, 2, 2, 3]: make the last one 2^30.
     data = bytearray(seeds[1])
@@ -177,7 +176,7 @@ def test_the_harness_reports_a_crash_and_a_hang_instead_of_dying(fuzz_work, monk
 
 def test_cli_convert_of_mutants_is_one_line_on_stderr(fuzz_work, tmp_path):
     """The CLI turns every refusal into one line and exit status 1 (no traceback)."""
-    worker = fuzz.Worker("tflite", CAMPAIGN_SEED, fuzz_work)
+    worker = fuzz_worker.Worker("tflite", CAMPAIGN_SEED, fuzz_work)
     for index in range(4):
         data, _ = worker.mutation(index)
         model = tmp_path / f"mutant{index}.tflite"

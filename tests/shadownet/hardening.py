@@ -1,5 +1,5 @@
 """Helpers of the hardening tests (fuzzing, wrong use, faults): a small protected model made without
-TensorFlow (``shadownet.fuzz.seed_models``), its LiteRT reference, and artifact surgery."""
+TensorFlow (``shadownet.fuzz_worker.seed_models``), its LiteRT reference, and artifact surgery."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet import fuzz
+from shadownet import fuzz_worker
 
 SEED = 7  # reproducible secrets: INSECURE, tests only
 
@@ -29,14 +29,14 @@ class Small:
         return np.random.default_rng(seed).uniform(-1, 1, spec["shape"]).astype(spec["dtype"])
 
     def reference(self, x: np.ndarray) -> np.ndarray:
-        return fuzz._litert(self.original, x)
+        return fuzz_worker._litert(self.original, x)
 
 
 def protect_small(directory: Path, which: int = 0) -> Small:
     """Convert seed model ``which`` into ``directory / "out"`` (default device), keeping its program."""
     from converters import pipeline
 
-    original = fuzz.seed_models()[which]
+    original = fuzz_worker.seed_models()[which]
     captured: list[bytes] = []
     real = pipeline.provision
 
@@ -55,7 +55,7 @@ def protect_small(directory: Path, which: int = 0) -> Small:
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return fuzz._relative_error(got, want)
+    return fuzz_worker._relative_error(got, want)
 
 
 def copy_artifacts(src: Path, dst: Path) -> Path:

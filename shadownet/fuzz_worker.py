@@ -176,7 +176,7 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
 def _largest_weight(model: bytes) -> float:
     """The largest finite magnitude among a model's float constants."""
-    from converters.graph import read_model
+    from converters.tflite_reader import read_model
 
     values = [np.abs(t.data[np.isfinite(t.data)]).max(initial=0.0) for t in read_model(model).tensors
               if t.data is not None and t.data.dtype.kind == "f" and t.data.size]

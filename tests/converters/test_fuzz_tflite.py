@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters.graph import read_model, write_model
+from converters.graph import write_model
+from converters.tflite_reader import read_model
 from converters.tflite_verify import verify
 from shadownet import fuzz, fuzz_mutations, fuzz_worker
 from shadownet.exceptions import ModelFormatError

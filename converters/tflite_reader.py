@@ -3,7 +3,8 @@
 The bytes are untrusted: :func:`converters.tflite_verify.verify` checks the flatbuffer before the schema's
 object reader touches it, and every index, buffer, shape and absent input is checked here against what
 LiteRT's kernels accept, so a damaged file ends in ``ModelFormatError`` / ``UnsupportedOpError`` and never
-reaches LiteRT. ``read_model`` reads subgraph 0.
+reaches LiteRT. ``read_model`` reads subgraph 0; ``read_signatures`` reads each signature's subgraph of a
+multi-subgraph model (``untrusted.tflite`` has one per round).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def read_model(src: bytes | bytearray | memoryview | str | os.PathLike) -> Graph
     data, model = _parse(src)
     sig = next((s for s in model.signatureDefs or [] if s.subgraphIndex == 0), None)
     return _read_subgraph(model, data, 0, sig)
+
+
+def read_signatures(src: bytes | bytearray | memoryview | str | os.PathLike) -> list[Graph]:
+    """Read each SignatureDef of a ``.tflite`` (bytes or a path) as a :class:`Graph`, in the file's order.
+
+    Each graph is the subgraph the signature runs, with ``signature`` = that SignatureDef (``ops`` = every
+    op of the subgraph), e.g. one graph per round of ``untrusted.tflite``, as ``write_model(graph,
+    signatures)`` wrote them. A model without SignatureDef gives ``[]``. The file is checked once, each
+    subgraph as ``read_model`` checks subgraph 0, with the same errors.
+    """
+    data, model = _parse(src)
+    return [_read_subgraph(model, data, int(sig.subgraphIndex), sig) for sig in model.signatureDefs or []]
 
 
 def _parse(src: Any) -> tuple[Any, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
-from shadownet.exceptions import ArtifactError, ShadowNetError
+from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -81,39 +81,29 @@ def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
 def untrusted_layers(data: bytes) -> list[LinearLayer]:
     """The obfuscated linear layers of ``untrusted.tflite``, round by round, in op order within a round.
 
-    The untrusted model holds one subgraph per round (signature ``round_r``); ``converters.tflite_reader``
-    reads subgraph 0 only, so the weights are read here straight from the flatbuffer (plain float32
-    constants: the converter writes nothing else).
+    The untrusted model holds one subgraph per round (signature ``round_r``), each read as a graph; the
+    layers are the linear ops whose weights are float32 constants (the converter writes nothing else).
     """
-    from ai_edge_litert import schema_py_generated as schema_fb
-    from ai_edge_litert.tools import flatbuffer_utils
+    from converters.graph import is_offloadable
+    from converters.tflite_reader import read_model, read_signatures
 
-    names = {v: k for k, v in vars(schema_fb.BuiltinOperator).items() if not k.startswith("_")}
     try:
-        model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    except Exception as exc:  # the flatbuffer reader fails with whatever a bad offset leads to
-        raise ArtifactError(f"{UNTRUSTED} is not a readable TFLite model ({type(exc).__name__})") from None
-    signatures = sorted(model.signatureDefs or [], key=lambda s: _round_number(_text(s.signatureKey)))
-    order = [(s.subgraphIndex, _text(s.signatureKey)) for s in signatures] or [(0, "main")]
+        graphs = read_signatures(data) or [read_model(data)]
+    except (ModelFormatError, UnsupportedOpError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ArtifactError(f"{UNTRUSTED} is not a readable TFLite model ({first_line})") from None
+    graphs.sort(key=lambda g: _round_number(g.signature.key if g.signature else "main"))
     layers = []
-    for sig_index, (index, key) in enumerate(order):
-        sub = model.subgraphs[index]
-        feeds = {}
-        if signatures:
-            feeds = {int(m.tensorIndex): _text(m.name) for m in signatures[sig_index].inputs or []}
-        producer = {int(t): op for op in sub.operators or [] for t in op.outputs}
-        for op in sub.operators or []:
-            kind = names.get(flatbuffer_utils.get_builtin_code_from_operator_code(
-                model.operatorCodes[op.opcodeIndex]))
-            if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-                continue
-            t = sub.tensors[op.inputs[1]]
-            buf = model.buffers[t.buffer].data
-            if buf is None or t.type != schema_fb.TensorType.FLOAT32:
-                continue  # not a float constant: nothing to attack
-            weights = np.frombuffer(np.asarray(buf, dtype=np.uint8).tobytes(), np.float32).reshape(t.shape)
-            source = _trace_to_input(int(op.inputs[0]), producer, feeds)
-            layers.append(_layer(kind, weights, _text(sub.tensors[op.outputs[0]].name), key, source))
+    for graph in graphs:
+        key = graph.signature.key if graph.signature else "main"
+        feeds = {t: name for name, t in graph.signature.inputs.items()} if graph.signature else {}
+        producer = {t: op for op in graph.ops for t in op.outputs}
+        for i, op in enumerate(graph.ops):
+            if not is_offloadable(graph, i) or graph.tensors[op.inputs[1]].dtype != np.float32:
+                continue  # weights not a float32 constant: nothing to attack
+            source = _trace_to_input(op.inputs[0], producer, feeds)
+            layers.append(_layer(op.kind, graph.tensors[op.inputs[1]].data, graph.tensors[op.outputs[0]].name,
+                                 key, source))
     return layers
 
 
@@ -123,12 +113,8 @@ def _trace_to_input(tensor: int, producer: dict, feeds: dict[int, str]) -> str |
     seen = set()
     while tensor not in feeds and tensor in producer and tensor not in seen:
         seen.add(tensor)
-        tensor = int(producer[tensor].inputs[0])
+        tensor = producer[tensor].inputs[0]
     return feeds.get(tensor)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _round_number(key: str) -> int:

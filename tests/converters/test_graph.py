@@ -15,7 +15,7 @@ from converters.graph import (
     write_model,
 )
 from converters.normalize import normalize
-from converters.tflite_reader import read_model
+from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 from tests.converters.litert import io_details, random_inputs, run
 
@@ -155,6 +155,33 @@ def test_constants_shared_by_signatures_are_written_once(conv_model):
     assert sum(b.data is not None for b in model.buffers) == constants
     assert len(model.subgraphs) == 2
 
+
+def test_read_signatures_gives_each_signature_its_subgraph(conv_model):
+    graph = normalize(read_model(conv_model))
+    first, second = _split(graph, 4)
+    model = write_model(graph, [first, second])
+    graphs = read_signatures(model)
+    assert [g.signature.key for g in graphs] == ["first", "second"]
+    for part, sig in zip(graphs, (first, second), strict=True):
+        assert [op.kind for op in part.ops] == [graph.ops[i].kind for i in sig.ops]
+        assert part.signature.ops == list(range(len(part.ops)))
+        for local, names in ((part.signature.inputs, sig.inputs), (part.signature.outputs, sig.outputs)):
+            assert {n: part.tensors[t].name for n, t in local.items()} == {
+                n: graph.tensors[t].name for n, t in names.items()}
+        for op, i in zip(part.ops, sig.ops, strict=True):  # the same constants (a conv may gain a zero bias)
+            for t, u in zip(op.inputs, graph.ops[i].inputs, strict=False):
+                if u >= 0 and graph.tensors[u].data is not None:
+                    np.testing.assert_array_equal(part.tensors[t].data, graph.tensors[u].data)
+    assert read_model(model).signature.key == "first"  # subgraph 0
+    assert read_signatures(tiny_model_bytes()) == []  # no SignatureDef
+
+
+def test_read_signatures_checks_the_subgraph_index(conv_model):
+    graph = normalize(read_model(conv_model))
+    model = flatbuffer_utils.convert_bytearray_to_object(write_model(graph, list(_split(graph, 4))))
+    model.signatureDefs[1].subgraphIndex = 7
+    with pytest.raises(ModelFormatError, match="signature 'second' refers to subgraph 7 of 2"):
+        read_signatures(flatbuffer_utils.convert_object_to_bytearray(model))
 
 def test_signature_must_provide_what_its_ops_read(conv_model):
     graph = normalize(read_model(conv_model))

@@ -4,17 +4,21 @@ One-time masks (schemes with ``static_masks = False``): on the rounds the mask p
 inferences share a mask. The converter then draws no mask and computes no pop mask for them; it records
 each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme) and each such restore's
 bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
-approach, ``tee_sim.per_inference``). Other rounds keep the scheme's static masks.
+approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks, which for
+``groupmix`` means none by default (``static_mask_scale = 0``).
 
 The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
 round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``, from what
 ``shadownet audit`` measures and what the alternatives cost (groupmix, 4 inferences observed):
 
-- ResNet-44, ``first``: the user's input from round 1 at correlation 0.05 in one inference, 0.06 across
-  two, 0.005 after a chosen input - the target is 0.1. Deeper rounds keep static masks, which hide each
-  inference's activations (0.04 - 0.16) but cancel in the difference of two inferences: 1.0 for the
-  stage-1 rounds, 0.4 - 0.5 for stage 2 and 3 - what a normal world that runs inputs of its choosing
-  learns about the features of the user's input.
+- ResNet-44, ``first``: the user's input from round 1 at correlation 0.03 in one inference, 0.04 across
+  two, 0.03 after a chosen input - the target is 0.1. The deeper rounds cross unmasked: the audit
+  recovers their features (input mixing undone by the best affine fit: 1.0 for the stage-1 rounds, 0.4 -
+  0.5 later). Static masks there (``groupmix:static_mask_scale=10``) hid one inference's features (0.04 -
+  0.16) but cancelled in the difference of two inferences, with the same 1.0 / 0.4 - 0.5: what a normal
+  world that runs inputs of its choosing learns either way - at the price of a mask and an unblinding
+  term per input in secure memory (MobileNet: 39 MiB against 8 MiB for the whole model without them)
+  and ~3 bits of float32 precision per layer.
 - ResNet-44, ``all``: every round <= 0.15 both ways, but per inference the TEE redoes every layer on a
   mask in float64 (225 ms offline against a 20 ms inference: the pool cannot keep up with more than a
   few inferences a second) and a pool entry holds every layer's output (1.7 MB against 64 KB). On

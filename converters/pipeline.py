@@ -50,7 +50,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     """Protect ``model`` into ``out_dir``; return the manifest.
 
     ``model``: a float ``.tflite`` (path or bytes), a Keras model file or a SavedModel directory.
-    ``scheme``: a registered name (default ``shadownet``), ``"name:key=value,..."`` or a ``Scheme``.
+    ``scheme``: a registered name (default ``converters.schemes.DEFAULT_SCHEME``, groupmix),
+    ``"name:key=value,..."`` or a ``Scheme``.
     ``seed``: INSECURE, reproducible secrets for tests only (anyone who guesses it regenerates the fakes,
     scales and permutations and gets the weights back); the manifest records ``"seeded": true``.
     ``calibration``: an ``.npz`` (or dict) of representative inputs keyed by input tensor name (one sample

@@ -116,8 +116,9 @@ def _check_linear_shapes(graph: Graph, i: int) -> None:
 
 class _Builder:
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-                 stats: dict[int, ActivationStats]) -> None:
+                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
+        self.one_time = set(one_time_rounds)
         self.R = len(part.rounds)
         self.arrays: dict[str, np.ndarray] = {}
         self.untrusted = Graph()
@@ -161,12 +162,15 @@ class _Builder:
                     sig_in[f"x{j}"] = tid
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
                     stats = stats.for_input_of(obf)
-                    mask = self.scheme.push_mask(shape, stats, self.rng)
+                    # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
+                    one_time = r in self.one_time
+                    mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
                                    "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
-                                   "stats": stats, "mix": None if obf.input_index is None else
-                                   (obf.input_index, obf.input_coef)}
+                                   "one_time": one_time, "stats": stats,
+                                   "mix": None if obf.input_index is None
+                                   else (obf.input_index, obf.input_coef)}
                 push = pushes[key]
                 j = len(restores)
                 out_shape = g.tensors[y].shape
@@ -181,8 +185,11 @@ class _Builder:
                 bias = None
                 if len(op.inputs) > 2 and op.inputs[2] >= 0:
                     bias = g.tensors[op.inputs[2]].data.astype(np.float64)
-                pop = self._pop(op.kind, obf, push["mask"], options, obf_shape)
-                offset = (-pop if bias is None else bias - pop).astype(np.float32)
+                # The offset: the bias minus the pop mask, a full tensor; per channel when unmasked.
+                offset = np.zeros(out_shape[-1]) if bias is None else bias.reshape(out_shape[-1])
+                if push["mask"] is not None:
+                    offset = offset - self._pop(op.kind, obf, push["mask"], options, obf_shape)
+                offset = offset.astype(np.float32)
                 consumers = g.consumers(y)
                 if (len(consumers) == 1 and y not in g.outputs
                         and _numpy_activation(g.ops[consumers[0]])
@@ -490,7 +497,11 @@ class _Builder:
     def _push_arrays(self, k: int, p: dict[str, Any]) -> dict[str, Any]:
         """A push's mask and input permutation or mixing as program arrays; its instruction fields."""
         name = f"r{k + 1}/{p['name']}"
-        self.arrays[f"{name}/mask"] = p["mask"]
+        mask = None
+        if p["one_time"] or p["mask"] is not None:
+            mask = f"{name}/mask"  # a one-time mask is drawn into it by the TEE
+        if p["mask"] is not None:
+            self.arrays[mask] = p["mask"]
         perm = None
         if p["permutation"] is not None:
             perm = f"{name}/permutation"
@@ -500,7 +511,7 @@ class _Builder:
             mix = {"input_index": f"{name}/input_index", "input_coef": f"{name}/input_coef"}
             self.arrays[mix["input_index"]] = p["mix"][0].astype(np.int32)
             self.arrays[mix["input_coef"]] = p["mix"][1].astype(np.float32)
-        return {"permutation": perm, "mask": f"{name}/mask", "pad": p["pad"], **mix}
+        return {"permutation": perm, "mask": mask, "pad": p["pad"], **mix}
 
     # -- shared memory ---------------------------------------------------------------------------------
     def layout(self) -> None:
@@ -695,7 +706,7 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
           stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = ()) -> Plan:
     """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring);
     ``one_time_rounds``: the rounds whose masks the TEE draws per inference (``converters.per_inference``)."""
-    b = _Builder(graph, part, scheme, rng, stats)
+    b = _Builder(graph, part, scheme, rng, stats, one_time_rounds)
     b.obfuscate_rounds()
     b.plan_tee()
     b.emit()

@@ -13,6 +13,11 @@ from collections.abc import Callable, Sequence
 
 # TensorFlow's C++ logging reads this at import time; the CLI never wants it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# numpy's OpenBLAS reads this at import time. The converter's work is thousands of small factorizations
+# (QR / SVD of 16-filter groups), where a second BLAS thread only spins, against LiteRT's threads too:
+# MobileNet's groupmix conversion took 11 s with two BLAS threads and 5 s with one on this 2-core machine
+# under load (the secure world pins its own to one for the same reason).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ZOO_NAMES = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 

@@ -108,21 +108,45 @@ def _before(size: int, out: int, kernel: int, stride: int, dilation: int, same: 
 
 def geometry(layer: dict[str, Any], weights_shape: tuple[int, ...], x_shape: tuple[int, ...],
              y_shape: tuple[int, ...]) -> Geometry:
-    """The geometry of a program's layer descriptor (``converters.one_time_masks.layer_descriptor``)."""
+    """The geometry of a program's layer descriptor (``converters.per_inference.layer_descriptor``),
+    checked against the shapes of its weights, input and output: ``ValueError`` unless they agree as
+    LiteRT's kernels would have them (a descriptor that does not is refused at load, not met mid-way)."""
     kind = layer["kind"]
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"not a linear layer: {kind!r}")
+    ws, xs, ys = (tuple(_positive(d, "shape") for d in s) for s in (weights_shape, x_shape, y_shape))
     if kind == "FULLY_CONNECTED":
-        return Geometry(kind, tuple(x_shape), tuple(y_shape))
-    if len(x_shape) != 4 or len(y_shape) != 4:
-        raise ValueError(f"{kind}: input {x_shape} and output {y_shape} must be NHWC")
-    kh, kw = int(weights_shape[1]), int(weights_shape[2])
-    (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
+        if len(ws) != 2 or ys[-1] != ws[0] or math.prod(xs) != ws[1] * math.prod(ys[:-1]):
+            raise ValueError(f"dense weights {ws} do not take {xs} to {ys}")
+        return Geometry(kind, xs, ys)
+    if len(xs) != 4 or len(ys) != 4 or len(ws) != 4 or xs[0] != ys[0]:
+        raise ValueError(f"{kind}: input {xs}, output {ys} and weights {ws} must be NHWC")
+    if kind == "CONV_2D" and (ws[3] != xs[3] or ws[0] != ys[3]):
+        raise ValueError(f"conv weights {ws} do not take {xs} to {ys}")
+    if kind == "DEPTHWISE_CONV_2D" and (ws[0] != 1 or ws[3] != ys[3] or ws[3] % xs[3]):
+        raise ValueError(f"depthwise weights {ws} do not take {xs} to {ys}")
+    stride, dilation = (layer[key] for key in ("stride", "dilation"))
+    if not (isinstance(stride, list) and isinstance(dilation, list) and len(stride) == len(dilation) == 2):
+        raise ValueError(f"stride {stride!r} and dilation {dilation!r} must be pairs")
+    (sh, sw), (dh, dw) = (tuple(_positive(v, "stride / dilation") for v in pair)
+                          for pair in (stride, dilation))
+    if layer["padding"] not in ("SAME", "VALID"):
+        raise ValueError(f"padding {layer['padding']!r}")
     same = layer["padding"] == "SAME"
-    before = (_before(x_shape[1], y_shape[1], kh, sh, dh, same),
-              _before(x_shape[2], y_shape[2], kw, sw, dw, same))
-    return Geometry(kind, tuple(x_shape), tuple(y_shape), (kh, kw), (int(sh), int(sw)), (int(dh), int(dw)),
-                    before)
+    kh, kw = ws[1], ws[2]
+    for size, out, k, st, d in ((xs[1], ys[1], kh, sh, dh), (xs[2], ys[2], kw, sw, dw)):
+        want = -(-size // st) if same else -(-(size - (k - 1) * d) // st)
+        if out != want:
+            raise ValueError(f"{kind}: {layer['padding']} stride {st} dilation {d} kernel {k} takes {size} "
+                             f"to {want}, not {out}")
+    before = (_before(xs[1], ys[1], kh, sh, dh, same), _before(xs[2], ys[2], kw, sw, dw, same))
+    return Geometry(kind, xs, ys, (kh, kw), (sh, sw), (dh, dw), before)
+
+
+def _positive(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{what}: {value!r} is not a positive integer")
+    return int(value)
 
 
 def _taps(kind: str, weights: np.ndarray, geo: Geometry) -> np.ndarray:

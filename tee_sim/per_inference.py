@@ -52,7 +52,7 @@ from tee_sim.errors import (
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
-from tee_sim.freivalds import LayerCheck, window_index
+from tee_sim.freivalds import LayerCheck, geometry, window_index
 
 TABLE_BITS = 16
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
@@ -266,6 +266,27 @@ class PopMask:
             self.matrix[...] = self.matrix[:, self.permutation]
 
 
+def _check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[int, ...],
+               shm_shapes: dict[str, tuple[int, ...]], streams: dict[str, MaskStream],
+               arrays: dict[str, np.ndarray]) -> None:
+    """``ValueError`` unless a one-time restore's offset spec fits its layer, mask and restore arrays: a
+    program that does not is refused at load instead of failing in the pool's first refill."""
+    x_shape, y_shape = shm_shapes[layer["input"]], shm_shapes[spec["layer"]]
+    geometry(layer, weights_shape, x_shape, y_shape)
+    mask = spec["mask"]
+    if not isinstance(mask, str) or mask not in streams or streams[mask].shape != tuple(x_shape):
+        raise ValueError(f"offset of {spec['layer']}: mask {mask!r} is not a one-time mask of its input")
+    index, coef, bias = arrays[spec["index"]], arrays[spec["coef"]], arrays[spec["bias"]]
+    n = bias.shape[0] if bias.ndim == 1 else -1
+    if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n
+            or index.min(initial=0) < 0 or index.max(initial=0) >= y_shape[-1]):
+        raise ValueError(f"offset of {spec['layer']}: restore {index.shape} / bias {bias.shape} do not fit "
+                         f"{tuple(y_shape)}")
+    perm = spec.get("permutation")
+    if perm is not None and not np.array_equal(np.sort(arrays[perm]), np.arange(n)):
+        raise ValueError(f"offset of {spec['layer']}: {perm!r} is not a permutation of {n} channels")
+
+
 def _options(layer: dict[str, Any]) -> Any:
     if layer["kind"] == "FULLY_CONNECTED":
         return None
@@ -329,6 +350,7 @@ class PerInference:
             perm = spec.get("permutation")
             bias = arrays[spec["bias"]]
             y_shape = shm_shapes[spec["layer"]]
+            _check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
             self.pops[name] = PopMask(layer["kind"], layer["weights"], _options(layer), y_shape,
                                       spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
                                       None if perm is None else arrays[perm].astype(np.intp))

@@ -7,12 +7,13 @@ BIND_SHARED_MEMORY resolves the shared buffer layout to zero-copy views. RUN_STE
 k's instructions, prebuilt as closures over preallocated arrays, so an inference allocates nothing:
 
 - ``restore``: accelerator output y' -> ``y = sum_j coef_j * y'[..., index_j] + offset`` (offset = bias
-  minus the pop mask, precombined offline), then the fused activation, in place;
+  minus the pop mask, precombined offline; the bias alone, per channel, where no static mask is popped),
+  then the fused activation, in place;
 - ``push``: ``dst = x[..., permutation] + mask`` (or the input channels mixed,
-  ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``, as block matmuls) into the next
-  round's shared input buffer - the sum is
-  computed in secure memory (or written element by element by one ufunc), so nothing unmasked ever
-  lands in shared memory, not even transiently;
+  ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``, as block matmuls; no mask on a
+  round the scheme leaves unmasked) into the next round's shared input buffer - the result is computed
+  in secure memory (or written element by element by one ufunc), so no value before its permutation,
+  mixing and mask ever lands in shared memory, not even transiently;
 - ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
 - ``litert``: one signature of the TEE-side ``.tflite`` that holds the step's other ops (LiteRT gives
   their exact semantics: PAD, CONCATENATION, RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
@@ -406,7 +407,7 @@ class ShadowNetTA(TrustedApp):
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
             restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
-            chunk = max([1] + [_chunk_elements(model.arrays[i["offset"]].shape) for i in restores]
+            chunk = max([1] + [_chunk_elements(self._restore_shape(model, i)) for i in restores]
                         + [_chunk_elements(self._shape(model, i["src"])) for step in p["steps"] for i in step
                            if i["op"] == "push" and (i["permutation"] is not None or i.get("input_index"))])
             model.chunk = chunk
@@ -467,6 +468,14 @@ class ShadowNetTA(TrustedApp):
         if ref.startswith("shm:"):
             return tuple(model.program["shared_buffers"][ref[4:]]["shape"])
         return self._ref(model, ref).shape
+
+    def _restore_shape(self, model: _Model, instr: dict[str, Any]) -> tuple[int, ...]:
+        """What a restore writes: its destination, less the border a fused push pads."""
+        shape = self._shape(model, instr["dst"])
+        pad = instr.get("pad")
+        if pad is None:
+            return shape
+        return tuple(n - before - after for n, (before, after) in zip(shape, pad, strict=True))
 
     def _keep(self, model: _Model, array: np.ndarray) -> np.ndarray:
         kept = self._alloc(model, array.shape, array.dtype)
@@ -664,9 +673,7 @@ class ShadowNetTA(TrustedApp):
 
     def _compile_push(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                       dst: np.ndarray) -> Callable[[], Any]:
-        mask = model.arrays[instr["mask"]]
-        if mask.shape != dst.shape or mask.dtype != np.float32:
-            raise ValueError(f"push {instr['src']} -> {instr['dst']}: mask {mask.shape} for {dst.shape}")
+        mask = _push_mask(model.arrays, instr, dst)
         out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
         if src.shape != out.shape:
             raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
@@ -749,27 +756,30 @@ class ShadowNetTA(TrustedApp):
 
     def _compile_restore(self, model: _Model, instr: dict[str, Any], src: np.ndarray,
                          dst: np.ndarray) -> Callable[[], Any]:
-        """``restore``, fused with the next round's push when it carries a ``mask``: then ``dst`` is that
-        round's shared input buffer and the restored values are permuted (``permutation``), masked and
-        padded (``pad``) on their way there, a chunk at a time through secure scratch. ``offset`` is in
-        the output's channel order, ``index`` / ``coef`` in the restored one."""
+        """``restore``, fused with the next round's push when it carries that push's ``mask`` field (a
+        name, or None for an unmasked round): then ``dst`` is that round's shared input buffer and the
+        restored values are permuted (``permutation``) or mixed, masked and padded (``pad``) on their way
+        there, a chunk at a time through secure scratch. ``offset`` is in the output's channel order (a
+        full tensor, or per channel when no static mask is popped), ``index`` / ``coef`` in the restored
+        one."""
         index, coef, offset = (model.arrays[instr[k]] for k in ("index", "coef", "offset"))
         m, n = src.shape[-1], index.shape[1]
+        fused = "mask" in instr
         out, mask, border = dst, None, []
-        if instr.get("mask") is not None:
-            mask = model.arrays[instr["mask"]]
-            if mask.shape != dst.shape or mask.dtype != np.float32:
-                raise ValueError(f"restore {instr['src']}: mask {mask.shape} for {dst.shape}")
+        if fused:
+            mask = _push_mask(model.arrays, instr, dst)
             out, mask, border = _masked_destination(dst, mask, instr.get("pad"))
         elif instr.get("pad") is not None:
-            raise ValueError(f"restore {instr['src']}: padding without a mask")
-        if (index.ndim != 2 or index.shape != coef.shape or out.shape[-1] != n or offset.shape != out.shape
+            raise ValueError(f"restore {instr['src']}: padding without a push")
+        per_channel = offset.shape == (n,) and out.shape != (n,)
+        if (index.ndim != 2 or index.shape != coef.shape or out.shape[-1] != n
+                or (offset.shape != out.shape and not per_channel)
                 or src.shape[:-1] != out.shape[:-1]
                 or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
             raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
         perm = self._permutation(model, instr.get("permutation"), n)
         # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
-        mix = self._mixer(model, instr, n) if mask is not None and instr.get("input_index") else None
+        mix = self._mixer(model, instr, n) if fused and instr.get("input_index") else None
         cap = model.chunk
         work, term, spare = (model.scratch[i * cap:(i + 1) * cap] for i in range(3))
         matrix = model.matrices.get(instr["offset"])  # permuted at load
@@ -779,7 +789,8 @@ class ShadowNetTA(TrustedApp):
                   (None if np.all(c == 1) else np.ascontiguousarray(c[perm])))
                  for idx, c in zip(index, coef, strict=True)]
         kind, alpha = instr["activation"], instr["alpha"]
-        in_place = mask is None and out.flags.c_contiguous
+        # Never in place into a push's shared buffer: the values before mixing and masking stay secure.
+        in_place = not fused and out.flags.c_contiguous
         chunks = []
         for sl in _row_chunks(out.shape):
             o = out[sl]
@@ -787,7 +798,8 @@ class ShadowNetTA(TrustedApp):
             t = _chunk_of(term, w.shape)
             v = _chunk_of(spare, w.shape)
             pushed = w if mix is None else v
-            chunks.append((src[sl].reshape(-1, m), w, offset[sl].reshape(w.shape), t, v,
+            chunks.append((src[sl].reshape(-1, m), w, offset if per_channel else offset[sl].reshape(w.shape),
+                           t, v,
                            _activation(kind, alpha, t),
                            # A strided destination (a slice of a concatenation) gets the chunk added to 0.
                            None if in_place else (pushed.reshape(o.shape),
@@ -945,6 +957,17 @@ def _chunk_of(scratch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if size > scratch.size:
         raise ValueError(f"a chunk of {shape} does not fit the scratch ({scratch.size} elements)")
     return scratch[:size].reshape(shape)
+
+
+def _push_mask(arrays: dict[str, np.ndarray], instr: dict[str, Any], dst: np.ndarray) -> np.ndarray:
+    """A push's mask: the program's array, or for an unmasked round (``mask`` None) zeros as a broadcast
+    view, which costs no memory."""
+    if instr["mask"] is None:
+        return np.broadcast_to(np.float32(0), dst.shape)
+    mask = arrays[instr["mask"]]
+    if mask.shape != dst.shape or mask.dtype != np.float32:
+        raise ValueError(f"push into {instr['dst']}: mask {mask.shape} for {dst.shape}")
+    return mask
 
 
 def _masked_destination(dst: np.ndarray, mask: np.ndarray, pad: Any) -> tuple[

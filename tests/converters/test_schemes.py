@@ -8,6 +8,7 @@ from ai_edge_litert.interpreter import Interpreter
 from converters import linear
 from converters.graph import Graph, write_model
 from converters.schemes import DEFAULT_SCHEME, SCHEMES, ActivationStats, LinearLayer, get_scheme
+from converters.schemes.groupmix import GroupMixScheme
 from converters.schemes.shadownet import ShadowNetScheme
 
 
@@ -39,8 +40,8 @@ def masked_restore(kind, scheme, weights, x, options, out_shape, rng, multiplier
 
 
 def test_registry_default_and_parsing():
-    assert DEFAULT_SCHEME == "shadownet" and "shadownet" in SCHEMES
-    assert isinstance(get_scheme(), ShadowNetScheme)
+    assert DEFAULT_SCHEME == "groupmix" and "shadownet" in SCHEMES
+    assert isinstance(get_scheme(), GroupMixScheme) and isinstance(get_scheme("shadownet"), ShadowNetScheme)
     s = get_scheme("shadownet:obf_ratio=1.5,mask_scale=0.5")
     assert s.public_params() == {"obf_ratio": 1.5, "fake_std": 1.0, "mask_scale": 0.5, "center_masks": True}
     assert get_scheme(s) is s
@@ -62,7 +63,7 @@ def test_conv_restore_with_masks_is_exact(padding, stride, dilation):
     w = rng.standard_normal((20, 3, 3, 6)) * 0.05
     options = conv_options(padding, stride, dilation)
     want = linear.conv2d(x, w, options)
-    obf, got = masked_restore("CONV_2D", get_scheme(), w, x, options, want.shape, rng)
+    obf, got = masked_restore("CONV_2D", get_scheme("shadownet"), w, x, options, want.shape, rng)
     assert obf.weights.shape == (24, 3, 3, 6)  # M = int(20 * 1.2)
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
@@ -70,7 +71,7 @@ def test_conv_restore_with_masks_is_exact(padding, stride, dilation):
 def test_conv_transformation_is_the_papers():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((10, 3, 3, 16)) * 0.1
-    obf = get_scheme().obfuscate(LinearLayer("CONV_2D", w), rng)
+    obf = get_scheme("shadownet").obfuscate(LinearLayer("CONV_2D", w), rng)
     m0, m1 = obf.restore_index
     s, ones = obf.restore_coef
     assert obf.weights.shape[0] == 12 and obf.input_permutation is None
@@ -89,7 +90,7 @@ def test_dense_as_1x1_conv():
     x = rng.standard_normal((1, 33))
     w = rng.standard_normal((7, 33)) * 0.1
     want = linear.fully_connected(x, w, (1, 7))
-    obf, got = masked_restore("FULLY_CONNECTED", get_scheme(), w, x, None, (1, 7), rng)
+    obf, got = masked_restore("FULLY_CONNECTED", get_scheme("shadownet"), w, x, None, (1, 7), rng)
     assert obf.weights.shape == (8, 33)
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
 
@@ -102,7 +103,8 @@ def test_depthwise_permutation_and_scale(multiplier, stride, dilation):
     k = rng.standard_normal((1, 3, 3, 5 * multiplier)) * 0.2
     options = depthwise_options(multiplier, stride=stride, dilation=dilation)
     want = linear.depthwise_conv2d(x, k, options)
-    obf, got = masked_restore("DEPTHWISE_CONV_2D", get_scheme(), k, x, options, want.shape, rng, multiplier)
+    obf, got = masked_restore("DEPTHWISE_CONV_2D", get_scheme("shadownet"), k, x, options, want.shape, rng,
+                              multiplier)
     assert obf.weights.shape == k.shape and sorted(obf.input_permutation) == list(range(5))
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
     # K'_c = K_pi(c) * s: every obfuscated kernel is a scaled original one, in another channel.
@@ -111,7 +113,7 @@ def test_depthwise_permutation_and_scale(multiplier, stride, dilation):
 
 
 def test_few_filters_still_get_a_fake():
-    scheme = get_scheme()
+    scheme = get_scheme("shadownet")
     assert scheme.fake_count(1) == 1 and scheme.fake_count(4) == 1 and scheme.fake_count(10) == 2
     rng = np.random.default_rng(4)
     w = rng.standard_normal((1, 3, 3, 2))
@@ -121,9 +123,9 @@ def test_few_filters_still_get_a_fake():
 
 def test_same_generator_state_same_secrets():
     w = np.random.default_rng(5).standard_normal((6, 3, 3, 2))
-    a = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
-    b = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
-    c = get_scheme().obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(10))
+    a = get_scheme("shadownet").obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
+    b = get_scheme("shadownet").obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(9))
+    c = get_scheme("shadownet").obfuscate(LinearLayer("CONV_2D", w), np.random.default_rng(10))
     assert np.array_equal(a.weights, b.weights) and not np.array_equal(a.weights, c.weights)
 
 

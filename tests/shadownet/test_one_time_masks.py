@@ -180,6 +180,26 @@ def test_background_refill_fills_the_pool_between_inferences(all_rounds):
     assert stats["per_inference_secure_memory"] >= pool["pool_bytes"]
 
 
+def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_round, tmp_path_factory):
+    """groupmix's default: one-time masks on round 1, none on the deeper rounds (a static mask there
+    cancels in the difference of two inferences, and costs a mask and an unblinding term per input)."""
+    static = _convert(tmp_path_factory, "static_deeper", scheme="groupmix:static_mask_scale=10")
+    x = images(1)[0]
+    rms, memory = {}, {}
+    for name, out in (("unmasked", first_round), ("static", static)):
+        model, recorders = _recording(out)
+        with model:
+            np.testing.assert_allclose(model(x), reference(small_cnn(), x), rtol=0,
+                                       atol=TOLERANCE * np.abs(reference(small_cnn(), x)).max())
+            memory[name] = model.stats()["model_secure_memory"]
+        rms[name] = {k: float(np.sqrt(np.mean(v[0] ** 2))) for k, v in recorders[0].seen.items()
+                     if not k.startswith("round_1/")}
+    assert rms["unmasked"]
+    for k in rms["unmasked"]:  # masks at 10x the activations' RMS: the static inputs are ~10x larger
+        assert rms["static"][k] >= 5 * rms["unmasked"][k], (k, rms["static"][k], rms["unmasked"][k])
+    assert memory["unmasked"] < memory["static"], memory
+
+
 def test_static_scheme_keeps_the_papers_masks(tmp_path_factory):
     with pytest.warns(UserWarning, match="static masks"):
         out = tmp_path_factory.mktemp("static") / "out"

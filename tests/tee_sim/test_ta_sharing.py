@@ -15,7 +15,8 @@ def test_sessions_share_one_program(tmp_path):
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            convert(_model(0), tmp_path / "out", seed=0, device=device)
+            # The paper's scheme: static masks and offsets, shared; deterministic results to compare.
+            convert(_model(0), tmp_path / "out", scheme="shadownet", seed=0, device=device)
         first = Driver(device, tmp_path / "out")
         alone = first.memory()[0]
         second = Driver(device, tmp_path / "out")

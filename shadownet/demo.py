@@ -148,7 +148,9 @@ def _report(workdir: Path) -> None:
     digits = digits_accuracy(workdir)
     mobile = mobilenet_latency(workdir)
     print()
-    print("ShadowNet demo summary")
+    from converters.schemes import DEFAULT_SCHEME
+
+    print(f"ShadowNet demo summary (scheme {DEFAULT_SCHEME}, the default)")
     print(f"  MiniVGG on digits ({digits['n']} held-out images, {digits['rounds']} rounds):")
     print(f"    test accuracy     original {digits['original']:.2%}   protected {digits['protected']:.2%}   "
           f"(same prediction on {digits['same_predictions']}/{digits['n']})")

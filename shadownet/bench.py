@@ -6,13 +6,29 @@ Per model, the modes run interleaved run by run (so that machine drift hits all 
 - ``shadownet``: protected inference (``shadownet.load``) under the secure world's default memory cap;
 - ``all-in-tee``: the whole original model inside the secure world (``tee_sim.ta_all_in_tee``), one thread,
   LiteRT with XNNPACK: the strongest honest baseline; ``all-in-tee-builtin``: the same with LiteRT's
-  builtin kernels (a TEE without SIMD libraries). Both run in a secure world of their own, without a cap.
+  builtin kernels (a TEE without SIMD libraries). Both run in a secure world of their own, without a cap;
+- ``shadownet-verify`` (``--verify`` only): the same protected artifacts loaded a second time with
+  ``verify=True`` (the TEE checks every accelerator result, Freivalds), a model and session of its own next
+  to ``shadownet``'s under the same cap. Its overhead is ``median(shadownet-verify) / median(shadownet) - 1``
+  (the target is <= 10%); its detection bound is the weakest the TEE achieved (``worst_bound_log2``: log2 of
+  the probability that a change of 1e-3 of a result's norm goes unnoticed). A verified copy that does not
+  fit under the cap is reported as such; the other modes are still measured. The TA reports its secure
+  memory as a whole: the verified copy's is what it adds to shadownet's (read before and after closing it).
 
 For ``shadownet`` the median is split into accelerator, TEE compute (inside the trusted app), boundary
 crossing (the rest of the TEE calls' wall time: transport and world switches) and other (the runtime's
 own copies and bookkeeping). The break-even accelerator speed ``k`` solves
 ``accelerator / k + TEE + crossing + other = all-in-tee``; on this machine both sides are the same CPU.
 Multiply-adds are counted on the original graph (``count_macs``).
+
+One-time masks: the model is converted with ``--mask-rounds POLICY`` (default: the converter's,
+``first``). Each protected model's pool of per-inference material (``ProtectedModel.stats()['pool']``) is
+read after the timed runs: its secure memory (``pool_bytes``, ``entry_bytes``, ``capacity``) and the TEE's
+offline cost per inference (``offline_s`` / ``made``: making one entry, off the inference's path when the
+background refill keeps up); ``synchronous_timed`` counts the entries made on an inference's path (pool
+empty) during the timed runs, from the counters read just before them. Those TEE calls (and the per-run
+``stats()``) are made outside the timed calls. A policy whose protected model does not fit under the
+secure-memory cap is that model's error (``SecureMemoryError``), as is a round the model does not have.
 
 This module is the command and the whole run; one model's measurements are in ``shadownet.bench_measure``,
 the output (tables, Markdown, JSON, plot) in ``shadownet.bench_report``.
@@ -32,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shadownet.bench_measure import bench_model
+from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
 from shadownet.bench_report import json_default, markdown, plot, require_matplotlib, table
 from shadownet.exceptions import ShadowNetError
 
@@ -116,12 +132,21 @@ class _Progress:
 
 def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: int = 2, num_runs: int = 20,
               warmup_runs: int = 3, delegate: str | None = None, workdir: str | os.PathLike | None = None,
-              progress: bool = True, throughput: bool = False) -> dict[str, Any]:
-    """Benchmark ``models`` (zoo names or ``.tflite`` paths); return the report (see ``bench_model``)."""
+              progress: bool = True, throughput: bool = False, verify: bool = False,
+              mask_rounds: str | None = None) -> dict[str, Any]:
+    """Benchmark ``models`` (zoo names or ``.tflite`` paths); return the report (see ``bench_model``).
+    ``verify``: also run the ``shadownet-verify`` mode; ``mask_rounds``: the one-time-mask policy passed
+    to the converter (None: its default)."""
     import tee_sim
+    from converters.per_inference import parse_mask_rounds
 
     if num_runs < 1 or warmup_runs < 0 or num_threads < 1:
         raise ValueError("--num_runs and --num_threads must be >= 1, --warmup_runs >= 0")
+    if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's
+        try:
+            parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
+        except ValueError as exc:
+            raise ValueError(f"--mask-rounds: {exc}") from None
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="shadownet-bench-")) if temporary else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,7 +160,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                 try:
                     entries.append(bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
                                                num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
-                                               tee_context=tee_context, progress=bar, throughput=throughput))
+                                               tee_context=tee_context, progress=bar, throughput=throughput,
+                                               verify=verify, mask_rounds=mask_rounds))
                     bar.finish(f"{name}: done")
                 except ShadowNetError as exc:  # e.g. over the secure-memory cap: say so, bench the others
                     entries.append({"model": name, "error": str(exc)})
@@ -146,7 +172,9 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
             shutil.rmtree(work, ignore_errors=True)
     return {"format": "shadownet-bench", "version": 1, "machine": machine(),
             "settings": {"scheme": scheme or "default", "num_threads": num_threads, "num_runs": num_runs,
-                         "warmup_runs": warmup_runs, "delegate": delegate, "throughput": throughput},
+                         "warmup_runs": warmup_runs, "delegate": delegate, "throughput": throughput,
+                         "verify": verify, "mask_rounds": mask_rounds or "default",
+                         "modes": list(MODES) + ([VERIFY_MODE] if verify else [])},
             "note": "accelerator and TEE are the same CPU here: the ratios compare software paths, the "
                     "break-even k and the projections say how fast an accelerator must be",
             "models": entries}
@@ -154,7 +182,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
 
 def bench_cli(args: argparse.Namespace) -> None:
     """``shadownet bench [--models A,B | FILE.tflite ...] [--scheme] [--num_threads] [--num_runs]
-    [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput]``."""
+    [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput] [--verify]
+    [--mask-rounds POLICY]``."""
     if args.plot:
         require_matplotlib()
     models = list(args.files or [])
@@ -164,7 +193,8 @@ def bench_cli(args: argparse.Namespace) -> None:
         models = list(ZOO)
     report = run_bench(models, scheme=args.scheme, num_threads=args.num_threads, num_runs=args.num_runs,
                        warmup_runs=args.warmup_runs, delegate=args.delegate, workdir=args.workdir,
-                       progress=True, throughput=args.throughput)
+                       progress=True, throughput=args.throughput, verify=args.verify,
+                       mask_rounds=args.mask_rounds)
     report["command"] = "shadownet bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else None
     print(table(report))
     if args.json:

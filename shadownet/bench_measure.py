@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.exceptions import SecureMemoryError
+from shadownet.exceptions import SecureMemoryError, ShadowNetError
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
+VERIFY_MODE = "shadownet-verify"  # with ``--verify``: the same artifacts, every accelerator result checked
 PROJECTED_K = (5, 20)
 MIB = 1 << 20
 
@@ -60,7 +61,7 @@ def count_macs(graph: Any) -> list[int]:
     return macs
 
 
-# --- the three modes ----------------------------------------------------------------------------------------
+# --- the modes ----------------------------------------------------------------------------------------
 class _Unprotected:
     def __init__(self, model: bytes, num_threads: int, delegates: list[Any]) -> None:
         from ai_edge_litert.interpreter import Interpreter
@@ -125,10 +126,10 @@ class _AllInTEE:
 
 
 class _Protected:
-    def __init__(self, out_dir: Path, num_threads: int, delegate: str | None) -> None:
+    def __init__(self, out_dir: Path, num_threads: int, delegate: str | None, verify: bool = False) -> None:
         from shadownet.runtime import load
 
-        self.model = load(out_dir, num_threads=num_threads, delegate=delegate)
+        self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
 
@@ -217,28 +218,58 @@ def _relative_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> fl
                for g, w in zip(got, want, strict=True))
 
 
+def _finite(value: Any) -> float | None:
+    """A float for strict JSON: None for a missing, NaN or infinite figure."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _pool(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """A protected model's pool of per-inference material (``ProtectedModel.stats()['pool']``) at the end,
+    plus what the timed runs alone did: entries made (``made_timed``) and made on an inference's path
+    (``synchronous_timed``), from the counters before the first timed run (``before``)."""
+    pool = after.get("pool")
+    if not pool:
+        return None
+    start = before.get("pool") or {}
+    per_inference = pool.get("offline_s_per_inference")
+    return {**pool, "offline_ms_per_inference": per_inference * 1e3 if per_inference is not None else None,
+            "made_timed": max(pool["made"] - start.get("made", 0), 0),
+            "synchronous_timed": max(pool["synchronous"] - start.get("synchronous", 0), 0)}
+
+
 def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | None, num_threads: int,
                 num_runs: int, warmup_runs: int, delegate: str | None, tee_context: Any,
-                progress: Callable[[str, int, int], None], throughput: bool = False) -> dict[str, Any]:
-    """Benchmark one ``.tflite``: convert it, run the modes interleaved, return its report entry."""
+                progress: Callable[[str, int, int], None], throughput: bool = False, verify: bool = False,
+                mask_rounds: str | None = None) -> dict[str, Any]:
+    """Benchmark one ``.tflite``: convert it (one-time masks on the rounds ``mask_rounds`` says; None: the
+    converter's default), run the modes interleaved (``verify``: also ``shadownet-verify``), return its
+    report entry. ``SecureMemoryError`` (a ``ShadowNetError``) when the protected model does not fit in
+    the secure world's cap; a verified copy that does not fit is reported in the entry instead."""
     from ai_edge_litert.interpreter import Interpreter, load_delegate
 
     from converters import convert
     from converters.normalize import normalize
     from converters.partition import partition
+    from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
     from converters.tflite_reader import read_model
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()
     graph = normalize(read_model(model))
     macs = count_macs(graph)
-    offloaded = partition(graph).offloaded
+    part = partition(graph)
+    offloaded = part.offloaded
+    policy = mask_rounds if mask_rounds is not None else DEFAULT_MASK_ROUNDS
+    try:  # rounds this model does not have: this model's error, the others still run
+        parse_mask_rounds(mask_rounds, len(part.rounds))
+    except ValueError as exc:
+        raise ShadowNetError(f"--mask-rounds {policy}: {exc}") from None
     out_dir = workdir / f"{name}.protected"
     progress(f"{name}: converting", 0, 1)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manifest = convert(model, out_dir, scheme=scheme, force=True)
+        manifest = convert(model, out_dir, scheme=scheme, force=True, mask_rounds=mask_rounds)
     conversion_s = time.perf_counter() - start
 
     details = Interpreter(model_content=model)
@@ -248,18 +279,35 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     rng = np.random.default_rng(0)
     inputs = [rng.uniform(0, 1, s).astype(t) for s, t in specs[:n_inputs]]
     delegates = [load_delegate(delegate)] if delegate else []
+    masks = manifest.get("masks") or {}
+    static = masks.get("static", True)
     runners: dict[str, Any] = {}
+    verify_error = None
     try:
         runners["unprotected"] = _Unprotected(model, num_threads, delegates)
-        runners["shadownet"] = _Protected(out_dir, num_threads, delegate)
+        try:
+            runners["shadownet"] = _Protected(out_dir, num_threads, delegate)
+        except SecureMemoryError as exc:  # e.g. one-time masks on more rounds than the cap holds
+            what = f"mask policy {policy!r}" if not static else f"scheme {manifest['scheme']['name']}"
+            raise SecureMemoryError(f"{what} does not fit in the secure-memory cap: {exc}") from exc
         runners["all-in-tee"] = _AllInTEE(tee_context, model, KERNELS_XNNPACK, specs, n_inputs)
         runners["all-in-tee-builtin"] = _AllInTEE(tee_context, model, KERNELS_BUILTIN, specs, n_inputs)
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        if verify:
+            try:  # a second protected model: both must fit under the cap at once
+                runners[VERIFY_MODE] = _Protected(out_dir, num_threads, delegate, verify=True)
+            except SecureMemoryError as exc:
+                verify_error = f"does not fit in the secure-memory cap next to shadownet: {exc}"
+        active = MODES + ((VERIFY_MODE,) if VERIFY_MODE in runners else ())
+        times: dict[str, list[float]] = {mode: [] for mode in active}
+        before: dict[str, dict[str, Any]] = {}
         clock = time.perf_counter
         total = warmup_runs + num_runs
         for run in range(total):
             progress(f"{name}: run {run + 1}/{total}{' (warm-up)' if run < warmup_runs else ''}", run, total)
-            order = MODES[run % len(MODES):] + MODES[:run % len(MODES)]
+            if run == warmup_runs:  # the pools' counters before the timed runs (outside any timing)
+                before = {mode: runners[mode].model.stats() for mode in active
+                          if isinstance(runners[mode], _Protected)}
+            order = active[run % len(active):] + active[:run % len(active)]
             for mode in order:
                 runner = runners[mode]
                 t = clock()
@@ -267,10 +315,18 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                 elapsed = clock() - t
                 if run >= warmup_runs:
                     times[mode].append(elapsed)
-                    if mode == "shadownet":
+                    if isinstance(runner, _Protected):
                         runner.record()
         protected: _Protected = runners["shadownet"]
         error = _relative_error(protected.results, runners["unprotected"].results)
+        checked: _Protected | None = runners.pop(VERIFY_MODE, None)
+        verified = None
+        if checked is not None:
+            # The TA reports its secure memory as a whole (every session): both models' now. Closing the
+            # verified copy first leaves shadownet's figures as they are without --verify.
+            verified = {"memory": checked.model.stats(), "stats": checked.stats,
+                        "error": _relative_error(checked.results, runners["unprotected"].results)}
+            checked.close()
         memory = protected.model.stats()
         tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}
         streaming = None
@@ -288,9 +344,12 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             runner.close()
         shutil.rmtree(out_dir, ignore_errors=True)
 
-    modes = {mode: _summary(times[mode]) for mode in MODES}
+    modes = {mode: _summary(times[mode]) for mode in active}
     modes["unprotected"]["secure_memory_mib"] = 0.0
     modes["shadownet"]["secure_memory_mib"] = memory.get("model_secure_memory", 0) / MIB
+    if verified is not None:  # what the verified copy added to the TA's secure memory
+        both = verified["memory"].get("model_secure_memory", 0)
+        modes[VERIFY_MODE]["secure_memory_mib"] = max(both - memory.get("model_secure_memory", 0), 0) / MIB
     for mode, (accounted, resident) in tee_memory.items():
         modes[mode]["secure_memory_mib"] = accounted / MIB
         modes[mode]["resident_growth_mib"] = resident / MIB
@@ -306,6 +365,26 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     # None: shadownet's fixed part alone already takes longer than all-in-tee (no accelerator is enough).
     break_even = breakdown["accelerator_ms"] / (tee - fixed) if tee > fixed else None
     total_macs = sum(macs)
+    one_time = {"policy": masks.get("policy"), "one_time_rounds": list(masks.get("one_time_rounds") or []),
+                "pool": _pool(before.get("shadownet", {}), memory),
+                "per_inference_secure_memory_mib": memory.get("per_inference_secure_memory", 0) / MIB}
+    checks: dict[str, Any] | None = None
+    if verify_error is not None:
+        checks = {"error": verify_error}
+    elif verified is not None:
+        figures = verified["memory"].get("verify") or {}
+        checks = {
+            "median_ms": modes[VERIFY_MODE]["median_ms"],
+            "overhead": modes[VERIFY_MODE]["median_ms"] / median - 1,
+            "tee_compute_ms": float(np.median([s["ta_s"] for s in verified["stats"]])) * 1e3,
+            "worst_bound_log2": _finite(figures.get("worst_bound_log2")),
+            "worst_ratio": _finite(figures.get("worst_ratio")),
+            **{key: figures.get(key) for key in ("layers", "projections", "checked")},
+            "relative_error": verified["error"],
+            "pool": _pool(before.get(VERIFY_MODE, {}), verified["memory"]),
+            "per_inference_secure_memory_mib":
+                verified["memory"].get("per_inference_secure_memory", 0) / MIB,
+        }
     return {
         "model": name,
         "rounds": len(manifest["rounds"]),
@@ -328,5 +407,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                    "T_builtin/S": modes["all-in-tee-builtin"]["median_ms"] / median},
         "break_even_k": break_even,
         "projected_ms": {str(k): breakdown["accelerator_ms"] / k + fixed for k in PROJECTED_K},
+        "masks": one_time,
+        **({"verify": checks} if checks is not None else {}),
         **({"throughput": streaming} if streaming is not None else {}),
     }

@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the report as Markdown")
     p.add_argument("--plot", help="write a PNG of the breakdown (needs matplotlib)")
     p.add_argument("--throughput", action="store_true", help="two frames in flight: frames/s per mode")
+    p.add_argument("--verify", action="store_true",
+                   help="add the mode shadownet-verify (every accelerator result checked): its overhead")
+    p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",
+                   help="convert with one-time masks on these rounds: 'first' (the converter's default), "
+                        "'all', or round numbers such as 1,2,5 or 1-4")
     p.add_argument("--workdir", help="keep exported zoo models here and reuse them (default: temporary)")
     p.set_defaults(func=_cmd_bench)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.bench_measure import MODES, PROJECTED_K
+from shadownet.bench_measure import MODES, PROJECTED_K, VERIFY_MODE
 from shadownet.exceptions import ShadowNetError
 
 
@@ -24,8 +24,46 @@ def _done(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in report["models"] if "error" not in e]
 
 
+def _modes(entry: dict[str, Any]) -> list[str]:
+    return [mode for mode in (*MODES, VERIFY_MODE) if mode in entry["modes"]]
+
+
+def _masks_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """Per measured model, the one-time masks' and the verification's figures as display strings; none
+    when no model has a pool or a verify mode (static masks only)."""
+    rows = []
+    for e in _done(report):
+        masks = e.get("masks") or {}
+        pool = masks.get("pool")
+        rounds = masks.get("one_time_rounds") or []
+        row = {"model": e["model"], "policy": masks.get("policy") or "static",
+               "rounds": f"{len(rounds)}/{e['rounds']}"}
+        if pool:
+            per_inference = pool.get("offline_ms_per_inference")
+            runs = e["modes"]["shadownet"]["runs"]
+            row.update(entries=str(pool["capacity"]), pool=f"{pool['pool_bytes'] / 1024:.1f}",
+                       entry=f"{pool['entry_bytes'] / 1024:.1f}",
+                       offline="n/a" if per_inference is None else f"{per_inference:.2f}",
+                       sync=f"{pool['synchronous_timed']}/{runs}")
+        else:
+            row.update(entries="-", pool="-", entry="-", offline="-", sync="-")
+        checks = e.get("verify")
+        if checks is None:
+            row.update(overhead="-", bound="-")
+        elif "error" in checks:
+            row.update(overhead="n/a", bound="n/a")
+        else:
+            bound = checks.get("worst_bound_log2")
+            row.update(overhead=f"{checks['overhead'] * 100:+.1f}%",
+                       bound="n/a" if bound is None else f"2^{bound:.1f}")
+        rows.append(row)
+    return rows if any(r["pool"] != "-" or r["overhead"] != "-" for r in rows) else []
+
+
 def _failures(report: dict[str, Any]) -> list[str]:
     notes = [f"{e['model']}: not measured: {e['error']}" for e in report["models"] if "error" in e]
+    notes += [f"{e['model']}: {VERIFY_MODE} not measured: {e['verify']['error']}"
+              for e in _done(report) if "error" in (e.get("verify") or {})]
     notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
               for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
     return notes
@@ -37,7 +75,7 @@ def table(report: dict[str, Any]) -> str:
     head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
     lines += [head, "-" * len(head)]
     for e in _done(report):
-        for mode in MODES:
+        for mode in _modes(e):
             m = e["modes"][mode]
             lines.append(f"{e['model']:<12} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
                          f"{m['max_ms']:9.2f} {m['secure_memory_mib']:11.1f}")
@@ -56,6 +94,15 @@ def table(report: dict[str, Any]) -> str:
             f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
             f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
             + " ".join(f"{e['projected_ms'][str(k)]:9.2f}" for k in PROJECTED_K))
+    rows = _masks_rows(report)
+    if rows:
+        head = (f"{'model':<12} {'mask policy':<12} {'OT rounds':>9} {'entries':>7} {'pool KiB':>9} "
+                f"{'entry KiB':>9} {'offline ms/inf':>14} {'sync':>7} {'V/S-1':>7} {'bound':>9}")
+        lines += ["", head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['model']:<12} {r['policy'][:12]:<12} {r['rounds']:>9} {r['entries']:>7} "
+                         f"{r['pool']:>9} {r['entry']:>9} {r['offline']:>14} {r['sync']:>7} "
+                         f"{r['overhead']:>7} {r['bound']:>9}")
     streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
         head = (f"{'model':<12} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
@@ -69,6 +116,10 @@ def table(report: dict[str, Any]) -> str:
     lines += [""] + _failures(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
               "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T.",
+              "OT rounds = rounds with one-time masks; pool = S's pool of them in secure memory; offline = "
+              "TEE time to make one entry (one inference's); sync = entries made on an inference's path "
+              "in the timed runs; V/S-1 = shadownet-verify's overhead (target <= +10%); bound = its "
+              "weakest detection bound (chance a 1e-3 change of a result goes unnoticed).",
               "Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
               "machine."]
     return "\n".join(lines)
@@ -81,13 +132,14 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
            f"load average at the end {m['load_average']}.",
            f"Settings: scheme {s['scheme']}, {s['num_threads']} threads, {s['num_runs']} runs after "
-           f"{s['warmup_runs']} warm-up runs, delegate {s['delegate'] or 'none (XNNPACK)'}."]
+           f"{s['warmup_runs']} warm-up runs, delegate {s['delegate'] or 'none (XNNPACK)'}, mask rounds "
+           f"{s.get('mask_rounds', 'default')}{', verify mode' if s.get('verify') else ''}."]
     if command:
         out.append(f"Command: `{command}`")
     out += ["", "| model | mode | min ms | median ms | max ms | secure memory MiB |",
             "|---|---|---:|---:|---:|---:|"]
     for e in _done(report):
-        for mode in MODES:
+        for mode in _modes(e):
             x = e["modes"][mode]
             out.append(f"| {e['model']} | {mode} | {x['min_ms']:.2f} | {x['median_ms']:.2f} | "
                        f"{x['max_ms']:.2f} | {x['secure_memory_mib']:.1f} |")
@@ -104,6 +156,19 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "
             f"{x['macs_offloaded_share'] * 100:.2f}% | {x['conversion_s']:.2f} | {_k(e['break_even_k'])} | "
             + " | ".join(f"{e['projected_ms'][str(k)]:.2f}" for k in PROJECTED_K) + " |")
+    rows = _masks_rows(report)
+    if rows:
+        out += ["", "One-time masks and verification (pool: shadownet's pool of one-time masks in secure "
+                "memory; offline: the TEE's time to make one entry, i.e. one inference's; synchronous: "
+                "entries made on an inference's path during the timed runs; verify overhead: median "
+                "shadownet-verify / median shadownet - 1, target <= +10%; detection bound: the weakest "
+                "achieved, the chance that a change of 1e-3 of a result's norm goes unnoticed):", "",
+                "| model | mask policy | rounds with one-time masks | pool entries | pool KiB | entry KiB "
+                "| offline ms / inference | synchronous | verify overhead | detection bound |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(f"| {r['model']} | {r['policy']} | {r['rounds']} | {r['entries']} | {r['pool']} | "
+                       f"{r['entry']} | {r['offline']} | {r['sync']} | {r['overhead']} | {r['bound']} |")
     streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
         out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "

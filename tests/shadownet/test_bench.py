@@ -90,3 +90,67 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
         bench_report.require_matplotlib()
+
+
+def test_bench_verify_and_mask_policy(tmp_path, capsys):
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
+                             progress=False, verify=True, mask_rounds="all")
+    s = report["settings"]
+    assert s["verify"] is True and s["mask_rounds"] == "all"
+    assert s["modes"] == [*bench_measure.MODES, bench_measure.VERIFY_MODE]
+    (entry,) = report["models"]
+    figures = entry["modes"][bench_measure.VERIFY_MODE]  # interleaved with the others, as many runs
+    assert figures["runs"] == 2 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+    assert figures["secure_memory_mib"] > 0
+    masks = entry["masks"]
+    assert masks["policy"] == "all" and masks["one_time_rounds"] == [1, 2]  # the policy reached the converter
+    pool = masks["pool"]
+    assert pool["pool_bytes"] > 0 and 0 < pool["entry_bytes"] <= pool["pool_bytes"] and pool["capacity"] >= 1
+    assert pool["offline_ms_per_inference"] > 0 and 0 <= pool["synchronous_timed"] <= pool["made"]
+    v = entry["verify"]
+    assert np.isfinite(v["overhead"]) and v["overhead"] == pytest.approx(
+        figures["median_ms"] / entry["modes"]["shadownet"]["median_ms"] - 1)
+    assert v["worst_bound_log2"] < 0 and v["checked"] > 0 and v["relative_error"] < 1e-3
+    assert v["pool"]["entry_bytes"] > 0 and v["tee_compute_ms"] > 0
+    text = bench_report.table(report)
+    assert bench_measure.VERIFY_MODE in text and "V/S-1" in text and "2^-" in text
+    md = bench_report.markdown(report)
+    assert "| small | shadownet-verify |" in md and "| small | all | 2/2 |" in md and "mask rounds all" in md
+    json.dumps(report, allow_nan=False)
+
+
+def test_bench_default_policy_without_verify(tmp_path):
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    report = bench.run_bench([str(path)], num_threads=1, num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
+                             progress=False)
+    (entry,) = report["models"]
+    assert report["settings"]["mask_rounds"] == "default" and report["settings"]["verify"] is False
+    assert bench_measure.VERIFY_MODE not in entry["modes"] and "verify" not in entry  # the mode is not run
+    assert entry["scheme"] == "groupmix" and entry["masks"]["policy"] == "first"
+    assert entry["masks"]["one_time_rounds"] == [1] and entry["masks"]["pool"]["pool_bytes"] > 0
+    rows = [line.split()[:2] for line in bench_report.table(report).splitlines()]
+    assert ["small", "shadownet"] in rows and ["small", bench_measure.VERIFY_MODE] not in rows
+
+
+def test_bench_policy_errors(tmp_path, monkeypatch):
+    import tee_sim
+
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    with pytest.raises(ValueError, match="--mask-rounds"):  # malformed: the whole run's error
+        bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False,
+                        mask_rounds="every other")
+    report = bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
+                             progress=False, mask_rounds="1,7")  # the model has 2 rounds: its error
+    assert "outside the model's rounds" in report["models"][0]["error"]
+    # A secure world whose cap the protected model does not fit in: a clear per-model error.
+    with tee_sim.Context("inprocess", memory_cap=64 << 10) as small:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: small)
+        report = bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
+                                 progress=False, mask_rounds="all")
+    (entry,) = report["models"]
+    assert "mask policy 'all' does not fit in the secure-memory cap" in entry["error"]
+    assert "small: not measured: mask policy 'all'" in bench_report.table(report)

@@ -1,0 +1,184 @@
+"""The ShadowNet trusted app's numpy kernels: the ops it runs itself rather than through LiteRT.
+
+The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op (``binary``,
+``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``, ``max_pool``; see
+``converters.plan_numpy``); ``compile_numpy`` turns it into a closure over the preallocated arrays that
+the TA resolved, so running it allocates nothing. Each kernel is an IEEE add / multiply / max or a copy:
+the results are LiteRT's float kernels' bit for bit. The activations are also fused into restores
+(``activation_in_place``, ``tee_sim.ta_shadownet_restore_push``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+BINARY_UFUNCS = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAXIMUM": np.maximum,
+                 "MINIMUM": np.minimum}
+
+
+def activation_in_place(kind: str | None, alpha: Any, tmp: np.ndarray) -> Callable[[np.ndarray], Any] | None:
+    """The in-place activation of a restore (LiteRT's float results: clamps, and for LEAKY_RELU with
+    0 <= alpha <= 1, max(x, alpha * x) == (x > 0 ? x : alpha * x))."""
+    if kind is None:
+        return None
+    if kind == "RELU":
+        return lambda x: np.maximum(x, 0, out=x)
+    if kind == "RELU6":
+        return lambda x: np.clip(x, 0, 6, out=x)
+    if kind == "RELU_N1_TO_1":
+        return lambda x: np.clip(x, -1, 1, out=x)
+    if kind == "LEAKY_RELU" and isinstance(alpha, float) and 0 <= alpha <= 1:
+        a = np.float32(alpha)
+
+        def leaky(x: np.ndarray) -> None:
+            scaled = tmp[:x.size].reshape(x.shape)
+            np.multiply(x, a, out=scaled)
+            np.maximum(x, scaled, out=x)
+        return leaky
+    raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
+
+
+def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = activation(src)`` in one pass (the same float32 results as ``activation_in_place``)."""
+    if kind == "RELU":
+        return lambda: np.maximum(src, 0, out=dst)
+    if kind == "RELU6":
+        return lambda: np.clip(src, 0, 6, out=dst)
+    if kind == "RELU_N1_TO_1":
+        return lambda: np.clip(src, -1, 1, out=dst)
+    if kind == "LEAKY_RELU" and isinstance(alpha, float) and 0 <= alpha <= 1:
+        a = np.float32(alpha)
+
+        def leaky() -> None:
+            np.multiply(src, a, out=dst)
+            np.maximum(dst, src, out=dst)
+        return leaky
+    raise ValueError(f"activation {kind!r} (alpha {alpha!r}) is not one the TA runs")
+
+
+def slice_along(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """The view ``array[..., start:stop, ...]`` with the slice on ``axis``."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _tiles(whole: np.ndarray, axis: int, parts: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Consecutive slices of ``whole`` along ``axis``, each as long as its part: None unless they cover
+    ``whole`` and each has its part's shape (a concatenation's inputs, a split's outputs)."""
+    views = []
+    at = 0
+    for part in parts:
+        views.append(slice_along(whole, axis, at, at + part.shape[axis]))
+        at += part.shape[axis]
+    if at != whole.shape[axis] or any(v.shape != p.shape for v, p in zip(views, parts, strict=True)):
+        return None
+    return views
+
+
+def interior(pad: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index of what is inside the border ``pad`` (``[[before, after], ...]`` per axis) of ``shape``."""
+    return tuple(slice(b, n - a) for (b, a), n in zip(pad, shape, strict=True))
+
+
+def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.ndarray],
+                  scratch: np.ndarray) -> Callable[[], Any]:
+    """One op the TA runs in numpy (``converters.plan_numpy.numpy_form``) over its resolved ``srcs`` and
+    ``dsts``: exact as LiteRT's float kernels. ``scratch``: secure scratch a padded max pool may use."""
+    op = instr["op"]
+    if any(a.dtype != np.float32 for a in (*srcs, *dsts)):
+        raise ValueError(f"{op}: only float32 tensors")
+    dst = dsts[0]
+    if op == "binary":
+        ufunc = BINARY_UFUNCS[instr["kind"]]
+        a, b = srcs
+        if np.broadcast_shapes(a.shape, b.shape) != dst.shape:
+            raise ValueError(f"{instr['kind']}: {a.shape} and {b.shape} do not make {dst.shape}")
+        return lambda: ufunc(a, b, out=dst)
+    if op == "activation":
+        (src,) = srcs
+        if src.shape != dst.shape:
+            raise ValueError(f"{instr['activation']}: {src.shape} -> {dst.shape}")
+        return activation_into(instr["activation"], instr["alpha"], src, dst)
+    if op == "reshape":
+        (src,) = srcs
+        if src.size != dst.size:
+            raise ValueError(f"reshape {src.shape} -> {dst.shape}")
+        if not src.flags.c_contiguous:
+            raise ValueError(f"reshape of a strided {src.shape}")
+        flat = src.reshape(dst.shape)
+        return lambda: np.copyto(dst, flat)
+    if op == "concat":
+        views = _tiles(dst, instr["axis"], srcs)
+        if views is None:
+            raise ValueError(f"concat of {[s.shape for s in srcs]} into {dst.shape}")
+        parts = list(zip(views, srcs, strict=True))
+        return lambda: [np.copyto(d, s) for d, s in parts]
+    if op == "split":
+        (src,) = srcs
+        views = _tiles(src, instr["axis"], dsts)
+        if views is None:
+            raise ValueError(f"split of {src.shape} into {[d.shape for d in dsts]}")
+        parts = list(zip(dsts, views, strict=True))
+        return lambda: [np.copyto(d, s) for d, s in parts]
+    if op == "pad":
+        (src,) = srcs
+        pad, value = instr["pad"], np.float32(instr["value"])
+        inner = interior(pad, dst.shape)
+        if dst[inner].shape != src.shape:
+            raise ValueError(f"pad {src.shape} by {pad} into {dst.shape}")
+
+        def pad_() -> None:
+            dst.fill(value)  # the slot is shared with other tensors: the border is rewritten
+            np.copyto(dst[inner], src)
+        return pad_
+    if op == "upsample":
+        (src,) = srcs
+        fh, fw = instr["factor"]
+        n, h, w, c = src.shape
+        if dst.shape != (n, h * fh, w * fw, c):
+            raise ValueError(f"upsample {src.shape} by {fh}x{fw} into {dst.shape}")
+        if not dst.flags.c_contiguous:
+            raise ValueError(f"upsample into a strided {dst.shape}")
+        blocks = dst.reshape(n, h, fh, w, fw, c)
+        spread = src[:, :, None, :, None, :]
+        return lambda: np.copyto(blocks, spread)
+    if op == "max_pool":
+        return _compile_max_pool(instr, srcs[0], dst, scratch)
+    raise ValueError(f"unknown instruction {op!r}")
+
+
+def _compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
+                      scratch: np.ndarray) -> Callable[[], Any]:
+    (fh, fw), (sh, sw) = instr["window"], instr["stride"]
+    (top, bottom), (left, right) = instr["pad"]
+    n, h, w, c = src.shape
+    oh, ow = dst.shape[1:3]
+    if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0:
+        raise ValueError(f"max pool {src.shape} -> {dst.shape}")
+    padded, fill = src, None
+    if top or bottom or left or right:
+        # Positions outside the input never win the max, as in LiteRT's kernel: pad with -inf.
+        size = n * (h + top + bottom) * (w + left + right) * c
+        padded = scratch[:size].reshape(n, h + top + bottom, w + left + right, c)
+        fill = padded[:, top:top + h, left:left + w, :]
+    windows = []
+    for i in range(fh):
+        for j in range(fw):
+            view = padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+            if view.shape != dst.shape:
+                raise ValueError(f"max pool {src.shape} -> {dst.shape}: window out of range")
+            windows.append(view)
+    first, rest = windows[0], windows[1:]
+
+    def max_pool() -> None:
+        if fill is not None:
+            padded.fill(-np.inf)
+            np.copyto(fill, src)
+        np.copyto(dst, first) if not rest else np.maximum(first, rest[0], out=dst)
+        for view in rest[1:]:
+            np.maximum(dst, view, out=dst)
+    return max_pool

@@ -14,6 +14,10 @@ Per model, the modes run interleaved run by run (so that machine drift hits all 
   the probability that a change of 1e-3 of a result's norm goes unnoticed). A verified copy that does not
   fit under the cap is reported as such; the other modes are still measured. The TA reports its secure
   memory as a whole: the verified copy's is what it adds to shadownet's (read before and after closing it).
+  Its pool is refilled right after each of its runs, untimed, instead of by a background thread: its
+  refills (a pass over the weights per set of check projections, several times shadownet's mask refills)
+  would otherwise run while the other modes are timed (on two cores they slowed shadownet's median by a
+  quarter). Its median is then the online check with a ready pool; its offline cost is in its pool figures.
 
 For ``shadownet`` the median is split into accelerator, TEE compute (inside the trusted app), boundary
 crossing (the rest of the TEE calls' wall time: transport and world switches) and other (the runtime's

@@ -113,9 +113,9 @@ def locate_weights(untrusted: bytes, layers: dict[str, dict[str, Any]]) -> None:
 
 
 def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
-    """The program entries ``layers`` and ``one_time`` for a built plan (``converters.plan._Builder``
-    after ``emit``). The static masks and offsets of one-time rounds leave ``builder.arrays``; their
-    distributions and biases come in."""
+    """The program entries ``layers`` and ``one_time`` for a built plan
+    (``converters.plan_tee.TeeProgramBuilder`` after ``emit``). The static masks and offsets of one-time
+    rounds leave ``builder.arrays``; their distributions and biases come in."""
     g, steps, arrays = builder.g, builder.steps, builder.arrays
     layers: dict[str, dict[str, Any]] = {}
     for r, restores in enumerate(builder.restores, start=1):

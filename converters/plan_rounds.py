@@ -1,0 +1,201 @@
+"""The accelerator side of a plan: each round's offloaded linear ops obfuscated by the scheme, the
+untrusted model (one signature ``round_r`` per round: obfuscated weights only, no bias, no activation),
+the push masks, and the restores' offsets - the bias minus the pop mask, computed by linearity in float64
+through the obfuscated layer and the restore.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
+
+from converters import linear
+from converters.graph import Graph, Signature
+from converters.partition import Partition
+from converters.plan_numpy import numpy_activation
+from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
+from shadownet.exceptions import ModelFormatError, UnsupportedOpError
+
+# Offloaded weights beyond this magnitude are no trained model's (a damaged file): added masks of the
+# activations' scale times such a weight leave float32 too few digits for the layer's other outputs.
+MAX_ABS_WEIGHT = 1e8
+
+
+def _check_linear(graph: Graph, i: int) -> None:
+    op = graph.ops[i]
+    tensors = [graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]], graph.tensors[op.inputs[1]]]
+    if any(t.dtype != np.float32 for t in tensors):
+        raise UnsupportedOpError(f"{graph.describe_op(i)}: only float32 linear ops can be offloaded "
+                                 f"({', '.join(str(t.dtype) for t in tensors)})")
+    if len(op.inputs) > 2 and op.inputs[2] >= 0 and graph.tensors[op.inputs[2]].data is None:
+        raise UnsupportedOpError(f"{graph.describe_op(i)}: its bias is computed, not a constant")
+    in_channels = graph.tensors[op.inputs[0]].shape[-1]
+    if op.kind == "CONV_2D" and graph.tensors[op.inputs[1]].shape[-1] != in_channels:
+        raise UnsupportedOpError(f"{graph.describe_op(i)}: grouped convolution is not supported")
+    _check_linear_shapes(graph, i)
+    for t in op.inputs[1:3]:
+        value = graph.tensors[t].data if t >= 0 else None
+        if value is None or not value.size:
+            continue
+        if not np.all(np.isfinite(value)):
+            raise ModelFormatError(f"{graph.describe_op(i)}: {graph.tensors[t].name!r} holds NaN or infinite "
+                                   "values")
+        largest = float(np.max(np.abs(value)))
+        if largest > MAX_ABS_WEIGHT:
+            raise ModelFormatError(f"{graph.describe_op(i)}: {graph.tensors[t].name!r} holds a value of "
+                                   f"magnitude {largest:.3g}, beyond any trained model's (limit "
+                                   f"{MAX_ABS_WEIGHT:g}): a damaged file?")
+
+
+def _check_linear_shapes(graph: Graph, i: int) -> None:
+    """The file's shapes of an offloaded op fit together (LiteRT's delegates do not always check)."""
+    op = graph.ops[i]
+    x, w, y = (graph.tensors[t].shape for t in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    bias = graph.tensors[op.inputs[2]].shape if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    o = op.options
+    channels = None
+    if op.kind == "FULLY_CONNECTED":
+        ok = len(w) == 2 and min(w) > 0 and len(x) >= 1 and len(y) >= 1 and y[-1] == w[0] \
+            and math.prod(x) % w[1] == 0 and math.prod(y) == math.prod(x) // w[1] * w[0]
+        channels = w[0] if ok else None
+    else:
+        ok = len(x) == len(w) == len(y) == 4 and min(w) > 0 and o is not None \
+            and min(o.strideH, o.strideW, o.dilationHFactor or 1, o.dilationWFactor or 1) >= 1
+        if ok:
+            same = o.padding == schema_fb.Padding.SAME
+            out_h = linear._padding(x[1], w[1], o.strideH, o.dilationHFactor or 1, same)[0]
+            out_w = linear._padding(x[2], w[2], o.strideW, o.dilationWFactor or 1, same)[0]
+            channels = w[0] if op.kind == "CONV_2D" else w[3]
+            ok = y == (x[0], out_h, out_w, channels) and out_h > 0 and out_w > 0 \
+                and (op.kind == "CONV_2D" or (w[0] == 1 and w[3] % x[3] == 0))
+    if not ok or (bias is not None and bias != (channels,)):
+        raise ModelFormatError(f"corrupt TFLite model: {graph.describe_op(i)} has input {list(x)}, weights "
+                               f"{list(w)}, bias {bias and list(bias)} and output {list(y)}, which do not "
+                               "fit together")
+
+
+class RoundsBuilder:
+    """The accelerator side of a plan: ``obfuscate_rounds`` fills ``untrusted`` and ``signatures`` (the
+    accelerator's model), ``pushes`` and ``restores`` per round, and the ops the TEE folds into them
+    (``fused`` activations, ``pads``)."""
+
+
+    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
+                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
+        self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
+        self.one_time = set(one_time_rounds)
+        self.R = len(part.rounds)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.untrusted = Graph()
+        self.signatures: list[Signature] = []
+        self.shared: dict[str, dict[str, Any]] = {}
+
+    def obfuscate_rounds(self) -> None:
+        g, u = self.g, self.untrusted
+        self.fused: dict[int, int] = {}  # offloaded op -> the activation op the restore applies
+        self.pads: dict[int, int] = {}  # padded tensor -> the PAD op a push does instead
+        self.result: dict[int, int] = {}  # offloaded op -> the tensor its restore produces
+        self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
+        self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
+        for r, ops in enumerate(self.part.rounds, start=1):
+            pushes: dict[Any, dict[str, Any]] = {}
+            restores = []
+            sig_in: dict[str, int] = {}
+            sig_out: dict[str, int] = {}
+            sig_ops = []
+            for i in ops:
+                _check_linear(g, i)
+                op = g.ops[i]
+                x, w_id, y = op.inputs[0], op.inputs[1], op.outputs[0]
+                weights = g.tensors[w_id].data
+                mult = int(getattr(op.options, "depthMultiplier", 1) or 1)
+                if op.kind == "DEPTHWISE_CONV_2D":
+                    mult = weights.shape[-1] // g.tensors[x].shape[-1]
+                name = f"{g.describe_op(i)}"
+                try:
+                    obf = self.scheme.obfuscate(LinearLayer(op.kind, weights, mult, name,
+                                                            g.tensors[x].shape[-1]), self.rng)
+                except ValueError as exc:
+                    raise UnsupportedOpError(f"{name}: {exc}") from None
+                transformed = obf.input_permutation is not None or obf.input_index is not None
+                key = (x, i) if transformed else (x, None)
+                if key not in pushes:
+                    j = len(pushes)
+                    shape = g.tensors[x].shape
+                    tid = u.add_tensor(f"round_{r}/x{j}", shape, np.float32)
+                    sig_in[f"x{j}"] = tid
+                    stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
+                    stats = stats.for_input_of(obf)
+                    # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
+                    one_time = r in self.one_time
+                    mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
+                    source, pad = self._zero_pad(x)
+                    pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
+                                   "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
+                                   "one_time": one_time, "stats": stats,
+                                   "mix": None if obf.input_index is None
+                                   else (obf.input_index, obf.input_coef)}
+                push = pushes[key]
+                j = len(restores)
+                out_shape = g.tensors[y].shape
+                m = obf.weights.shape[-1] if op.kind == "DEPTHWISE_CONV_2D" else obf.weights.shape[0]
+                obf_shape = (*out_shape[:-1], m)
+                w = u.add_tensor(f"round_{r}/w{j}", obf.weights.shape, np.float32, obf.weights)
+                yt = u.add_tensor(f"round_{r}/y{j}", obf_shape, np.float32)
+                options = copy.copy(op.options)
+                sig_ops.append(u.add_op(op.kind, [push["untrusted"], w, -1], [yt], options,
+                                        version=op.version))
+                sig_out[f"y{j}"] = yt
+                bias = None
+                if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                    bias = g.tensors[op.inputs[2]].data.astype(np.float64)
+                # The offset: the bias minus the pop mask, a full tensor; per channel when unmasked.
+                offset = np.zeros(out_shape[-1]) if bias is None else bias.reshape(out_shape[-1])
+                if push["mask"] is not None:
+                    offset = offset - self._pop(op.kind, obf, push["mask"], options, obf_shape)
+                offset = offset.astype(np.float32)
+                consumers = g.consumers(y)
+                if (len(consumers) == 1 and y not in g.outputs
+                        and numpy_activation(g.ops[consumers[0]])
+                        and len(g.ops[consumers[0]].inputs) == 1):
+                    self.fused[i] = consumers[0]
+                self.result[i] = g.ops[self.fused[i]].outputs[0] if i in self.fused else y
+                restores.append({"op": i, "name": f"y{j}", "tensor": self.result[i], "obf": obf,
+                                 "offset": offset, "obf_shape": obf_shape, "push": push["name"],
+                                 "activation": g.ops[self.fused[i]] if i in self.fused else None})
+            self.signatures.append(Signature(f"round_{r}", sig_ops, sig_in, sig_out))
+            self.pushes.append(list(pushes.values()))
+            self.restores.append(restores)
+
+    def _zero_pad(self, x: int) -> tuple[int, list[list[int]] | None]:
+        """If ``x`` is a zero PAD feeding only offloaded ops, the push pads (the mask fills the border) and
+        the PAD never runs in LiteRT, whose arenas would hold both the tensor and its padded copy."""
+        g = self.g
+        p = g.producer(x)
+        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs:
+            return x, None
+        op = g.ops[p]
+        paddings = g.tensors[op.inputs[1]].data
+        if paddings is None or paddings.shape != (len(g.tensors[x].shape), 2) or np.any(paddings < 0):
+            return x, None
+        value = g.tensors[op.inputs[2]].data if op.kind == "PADV2" and len(op.inputs) > 2 else None
+        if op.kind == "PADV2" and (value is None or np.any(value)):
+            return x, None
+        if not all(c in self.part.offloaded and g.ops[c].inputs[0] == x for c in g.consumers(x)):
+            return x, None
+        if g.tensors[op.inputs[0]].dtype != np.float32:
+            return x, None
+        self.pads[x] = p
+        return op.inputs[0], paddings.astype(int).tolist()
+
+    def _pop(self, kind: str, obf: ObfuscatedLinear, mask: np.ndarray, options: Any,
+             obf_shape: tuple[int, ...]) -> np.ndarray:
+        """The pop mask: the push mask through the obfuscated layer and the restore, in float64. Zero
+        padding keeps every op exactly linear, so subtracting it removes the mask's whole effect."""
+        y_obf = linear.apply(kind, mask.astype(np.float64), obf.weights, options, obf_shape)
+        return obf.restore(y_obf)

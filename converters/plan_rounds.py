@@ -84,16 +84,13 @@ class RoundsBuilder:
     accelerator's model), ``pushes`` and ``restores`` per round, and the ops the TEE folds into them
     (``fused`` activations, ``pads``)."""
 
-
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
                  stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
         self.R = len(part.rounds)
-        self.arrays: dict[str, np.ndarray] = {}
         self.untrusted = Graph()
         self.signatures: list[Signature] = []
-        self.shared: dict[str, dict[str, Any]] = {}
 
     def obfuscate_rounds(self) -> None:
         g, u = self.g, self.untrusted

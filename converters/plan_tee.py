@@ -13,14 +13,16 @@ model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from converters.graph import Graph, Signature, write_model
+from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
-from converters.schemes import ObfuscatedLinear
+from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
 
 ALIGN = 64
@@ -34,6 +36,11 @@ class TeeProgramBuilder(RoundsBuilder):
     """The TEE side of a plan, after the accelerator side's rounds: ``plan_tee``, ``emit`` (``steps``,
     ``arrays``, ``slots``, ``tee_model``, ...) and ``layout`` (``buffers``, ``rounds``,
     ``shared_memory_size``)."""
+
+    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
+                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
+        super().__init__(graph, part, scheme, rng, stats, one_time_rounds)
+        self.arrays: dict[str, np.ndarray] = {}  # the TEE program's arrays, by name
 
     def plan_tee(self) -> None:
         """Each step's ops as units run in order: one numpy instruction per op the TA does itself

@@ -22,14 +22,9 @@ from converters.graph import Graph, Signature, write_model
 from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
+from converters.program import ALIGN, align
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
-
-ALIGN = 64
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 class TeeProgramBuilder(RoundsBuilder):
@@ -332,7 +327,7 @@ class TeeProgramBuilder(RoundsBuilder):
             nbytes = int(np.prod(shape, dtype=np.int64)) * 4
             buffers.append({"name": name, "offset": at, "nbytes": nbytes, "shape": list(shape),
                             "dtype": "float32"})
-            return _align(at + nbytes)
+            return align(at + nbytes)
 
         for i, t in enumerate(g.inputs):
             if g.tensors[t].dtype != np.float32:
@@ -353,7 +348,7 @@ class TeeProgramBuilder(RoundsBuilder):
                 at = 0
                 for name, shape in group:
                     placed.append((r % 2, name, shape, at))
-                    at = _align(at + int(np.prod(shape, dtype=np.int64)) * 4)
+                    at = align(at + int(np.prod(shape, dtype=np.int64)) * 4)
                 bank_size[r % 2] = max(bank_size[r % 2], at)
         bank_start = [offset, offset + bank_size[0]]
         for bank, name, shape, at in placed:
@@ -402,8 +397,8 @@ def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dic
         for o, e in busy:
             if offset + nbytes <= o:
                 break
-            offset = max(offset, _align(e))
+            offset = max(offset, align(e))
         placed.append((offset, offset + nbytes, first, last))
         slots[name] = {"offset": offset, "shape": list(shape), "dtype": "float32"}
-    size = max((_align(e) for _, e, _, _ in placed), default=0)
+    size = max((align(e) for _, e, _, _ in placed), default=0)
     return slots, max(size, ALIGN)

@@ -24,7 +24,8 @@ import numpy as np
 
 MAGIC = b"SNTP"
 FORMAT_VERSION = 1
-ALIGN = 64
+PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)
+ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
 DTYPES = frozenset({"float32", "int32", "uint8"})
 MAX_HEADER = 64 << 20
@@ -36,7 +37,8 @@ class ProgramFormatError(ValueError):
     """The bytes are not a well-formed TEE program of a known version."""
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """``n`` rounded up to a multiple of ``ALIGN``."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -52,10 +54,10 @@ def write_program(program: dict[str, Any], arrays: dict[str, np.ndarray]) -> byt
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset, "nbytes": a.nbytes}
         prepared.append((offset, a))
-        offset = _align(offset + a.nbytes)
+        offset = align(offset + a.nbytes)
     header = json.dumps({"program": program, "arrays": entries}, sort_keys=True,
                         separators=(",", ":")).encode()
-    start = _align(_HEAD.size + len(header))
+    start = align(_HEAD.size + len(header))
     out = bytearray(start + offset)
     _HEAD.pack_into(out, 0, MAGIC, FORMAT_VERSION, 0, len(header))
     out[_HEAD.size:_HEAD.size + len(header)] = header
@@ -87,7 +89,7 @@ def read_program(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not isinstance(header, dict) or set(header) != {"program", "arrays"} \
             or not isinstance(header["program"], dict) or not isinstance(header["arrays"], dict):
         raise ProgramFormatError("TEE program header must hold exactly 'program' and 'arrays' objects")
-    start = _align(_HEAD.size + header_len)
+    start = align(_HEAD.size + header_len)
     if start > len(data):
         raise ProgramFormatError("TEE program data section is missing")
     size = len(data) - start

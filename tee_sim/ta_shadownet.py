@@ -14,7 +14,7 @@ k's instructions, prebuilt as closures over preallocated arrays, so an inference
   ``max_pool``): the TEE's own ops that the TA runs itself on its arena, exact as LiteRT's
   (``tee_sim.ta_shadownet_numpy_ops``);
 - ``litert``: one signature of the TEE-side ``.tflite`` that holds the step's other ops (LiteRT gives
-  their exact semantics: PAD, CONCATENATION, RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
+  their exact semantics: RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
   tensors whose buffers the restores and copies write directly.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.program import ProgramFormatError, read_program
+from converters.program import ALIGN, PROGRAM_FORMAT, ProgramFormatError, read_program
 from tee_sim.errors import (
     TEE_ERROR_BAD_FORMAT,
     TEE_ERROR_BAD_PARAMETERS,
@@ -78,7 +78,6 @@ MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
 VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
 _LOAD_WITH_OPTIONS = MEMREF_IN | MEMREF_IN << 4 | VALUE_IN << 8  # LOAD_MODEL with its options value
 _LOAD_WITH_MANIFEST = _LOAD_WITH_OPTIONS | MEMREF_IN << 12  # ... and the manifest's digest
-PROGRAM_FORMAT = "shadownet-tee-program"
 def _error(code: int, message: str) -> TEEError:
     return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
 
@@ -137,7 +136,8 @@ class ShadowNetTA(TrustedApp):
     UUID = UUID
     VERSION = 1
     SIGNER = "shadownet"
-    CODE_MODULES = ("converters.program", "tee_sim.per_inference", "tee_sim.freivalds",
+    # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
+    CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference", "tee_sim.freivalds",
                     "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
                     "tee_sim.ta_shadownet_restore_push")
 
@@ -503,7 +503,7 @@ def _count(value: Any) -> int:
 def _check_spec(spec: dict[str, Any], size: int, what: str) -> None:
     offset = _count(spec["offset"])
     dtype = np.dtype(spec["dtype"])
-    if dtype != np.float32 or offset % 64 or offset + elements(spec["shape"]) * 4 > size:
+    if dtype != np.float32 or offset % ALIGN or offset + elements(spec["shape"]) * 4 > size:
         raise ValueError(f"{what}: {json.dumps(spec)} does not fit {size} bytes")
 
 

@@ -5,10 +5,8 @@ One-time masks (the program's ``one_time`` entry, ``converters.per_inference``).
 one pool entry and never gives it back: an entry holds, for each one-time push, a fresh 256-bit key
 from the TEE's CSPRNG, and for each restore of a one-time round its offset ``bias - L(mask)`` (the pop
 mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the restore,
-in float64). The mask itself is never stored: at the push the TEE regenerates it from the key - AES-256
-in counter mode gives 16 bits per element, which index a table of 65536 standard normal quantiles
-(unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its per-channel
-``mean``: about 3 ns an element, against 18 for numpy's normal sampler. Each restore of a one-time round
+in float64). The mask itself is never stored: at the push the TEE regenerates it from the key
+(``tee_sim.one_time_masks``). Each restore of a one-time round
 is compiled once per pool slot, on that slot's offsets, and runs the current slot's: nothing is copied
 on the hot path. Entries are made offline, between inferences (``refill``, a few milliseconds of work at
 a time, asked by the normal world's background thread; or at once when an inference finds the pool
@@ -36,12 +34,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
@@ -52,51 +48,13 @@ from tee_sim.errors import (
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
-from tee_sim.freivalds import LayerCheck, geometry, window_index
+from tee_sim.freivalds import LayerCheck, window_index
+from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
 
-TABLE_BITS = 16
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
 MIN_POOL, MAX_POOL = 1, 8
-MASK_CHUNK = 1 << 16  # mask elements drawn per keystream block (128 KiB of AES-CTR output)
 BLOCK = 1 << 20  # secure memory for small arrays comes in blocks of 1 MiB
-DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 BOUND_EVERY = 8  # the achieved detection bound is measured on the first 8 inferences, then 1 in 8
-_NONCE = bytes(16)  # every key is used for one mask only
-_table: np.ndarray | None = None
-
-
-def gaussian_table() -> np.ndarray:
-    """``2**16`` float32 standard normal quantiles at the centres of equal-probability cells, rescaled
-    to unit variance: indexed by uniform 16-bit numbers, a normal sample (tails cut at 4.3 sigma)."""
-    global _table
-    if _table is None:
-        n = 1 << TABLE_BITS
-        values = normal_quantiles((np.arange(n // 2) + 0.5) / n)  # the lower half; the upper mirrors it
-        values = np.concatenate([values, -values[::-1]])
-        _table = (values / values.std()).astype(np.float32)
-    return _table
-
-
-def normal_quantiles(p: np.ndarray) -> np.ndarray:
-    """The standard normal's inverse CDF for ``0 < p <= 0.5`` (Acklam's rational approximation, relative
-    error below 1.2e-9: far below float32's resolution), vectorized."""
-    a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
-         -3.066479806614716e+01, 2.506628277459239e+00)
-    b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
-         -1.328068155288572e+01)
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
-         4.374664141464968e+00, 2.938163982698783e+00)
-    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00)
-    p = np.asarray(p, np.float64)
-    tail = p < 0.02425
-    q = np.sqrt(-2 * np.log(np.where(tail, p, 0.5)))
-    low = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
-        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
-    q = p - 0.5
-    r = q * q
-    central = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / \
-        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
-    return np.where(tail, low, central)
 
 
 def read_weights(untrusted: Any, names: set[str]) -> dict[str, np.ndarray]:
@@ -194,107 +152,6 @@ class Weights:
         return staging.view(np.float32).reshape(self.shapes[name])
 
 
-class MaskStream:
-    """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
-
-    def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray]) -> None:
-        self.shape = tuple(int(d) for d in spec["shape"])
-        self.std = np.float32(spec["std"])
-        if mean.shape != self.shape[-1:] or not math.isfinite(float(self.std)):
-            raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
-        self.mean = mean
-        self.size = math.prod(self.shape)
-        self._chunk = min(self.size, MASK_CHUNK)  # keystream made a chunk at a time
-        self._zeros = bytes(2 * self._chunk)  # the plaintext encrypted into the keystream
-        self._stream = alloc(2 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
-        self._index = self._stream[:2 * self._chunk].view(np.uint16)
-
-    def draw(self, key: bytes, out: np.ndarray) -> None:
-        encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-        flat = out.reshape(-1)
-        table = gaussian_table()
-        for a in range(0, self.size, self._chunk):
-            n = min(self._chunk, self.size - a)
-            encryptor.update_into(self._zeros[:2 * n], self._stream)
-            np.take(table, self._index[:n], out=flat[a:a + n])
-        np.multiply(out, self.std, out=out)
-        np.add(out, self.mean, out=out)
-
-
-@dataclass
-class PopMask:
-    """The offset of one restore of a one-time round: ``bias - restore(L(mask))`` in float64."""
-
-    kind: str
-    weights: str
-    options: Any
-    obf_shape: tuple[int, ...]
-    mask: str
-    bias: np.ndarray
-    index: np.ndarray
-    coef: np.ndarray
-    permutation: np.ndarray | None
-
-    matrix: np.ndarray | None = None  # the restore as a dense float64 [M, N] (columns permuted), if small
-
-    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
-        from converters import linear
-
-        y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
-        if self.matrix is not None:
-            restored = y.reshape(-1, y.shape[-1]) @ self.matrix
-            bias = self.bias if self.permutation is None else self.bias[self.permutation]
-            np.subtract(bias.astype(np.float64), restored, out=restored)
-            out[...] = restored.reshape(out.shape)
-            return
-        restored = y[..., self.index[0]] * self.coef[0].astype(np.float64)
-        for j in range(1, len(self.index)):
-            restored += y[..., self.index[j]] * self.coef[j].astype(np.float64)
-        offset = self.bias.astype(np.float64) - restored
-        out[...] = offset if self.permutation is None else offset[..., self.permutation]
-
-    def dense(self, m: int, alloc: Callable[..., np.ndarray]) -> None:
-        """Use a dense restore matrix (one matmul instead of a gather per term) when it is small."""
-        k, n = self.index.shape
-        if m * n > DENSE_RESTORE:
-            return
-        self.matrix = alloc((m, n), np.float64)
-        self.matrix[...] = 0
-        for j in range(k):
-            np.add.at(self.matrix, (self.index[j], np.arange(n)), self.coef[j].astype(np.float64))
-        if self.permutation is not None:
-            self.matrix[...] = self.matrix[:, self.permutation]
-
-
-def _check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[int, ...],
-               shm_shapes: dict[str, tuple[int, ...]], streams: dict[str, MaskStream],
-               arrays: dict[str, np.ndarray]) -> None:
-    """``ValueError`` unless a one-time restore's offset spec fits its layer, mask and restore arrays: a
-    program that does not is refused at load instead of failing in the pool's first refill."""
-    x_shape, y_shape = shm_shapes[layer["input"]], shm_shapes[spec["layer"]]
-    geometry(layer, weights_shape, x_shape, y_shape)
-    mask = spec["mask"]
-    if not isinstance(mask, str) or mask not in streams or streams[mask].shape != tuple(x_shape):
-        raise ValueError(f"offset of {spec['layer']}: mask {mask!r} is not a one-time mask of its input")
-    index, coef, bias = arrays[spec["index"]], arrays[spec["coef"]], arrays[spec["bias"]]
-    n = bias.shape[0] if bias.ndim == 1 else -1
-    if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n
-            or index.min(initial=0) < 0 or index.max(initial=0) >= y_shape[-1]):
-        raise ValueError(f"offset of {spec['layer']}: restore {index.shape} / bias {bias.shape} do not fit "
-                         f"{tuple(y_shape)}")
-    perm = spec.get("permutation")
-    if perm is not None and not np.array_equal(np.sort(arrays[perm]), np.arange(n)):
-        raise ValueError(f"offset of {spec['layer']}: {perm!r} is not a permutation of {n} channels")
-
-
-def _options(layer: dict[str, Any]) -> Any:
-    if layer["kind"] == "FULLY_CONNECTED":
-        return None
-    (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
-    padding = schema_fb.Padding.SAME if layer["padding"] == "SAME" else schema_fb.Padding.VALID
-    return SimpleNamespace(padding=padding, strideH=sh, strideW=sw, dilationHFactor=dh, dilationWFactor=dw)
-
-
 @dataclass
 class Entry:
     """One inference's material."""
@@ -350,8 +207,8 @@ class PerInference:
             perm = spec.get("permutation")
             bias = arrays[spec["bias"]]
             y_shape = shm_shapes[spec["layer"]]
-            _check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
-            self.pops[name] = PopMask(layer["kind"], layer["weights"], _options(layer), y_shape,
+            check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
+            self.pops[name] = PopMask(layer["kind"], layer["weights"], layer_options(layer), y_shape,
                                       spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
                                       None if perm is None else arrays[perm].astype(np.intp))
             self.pops[name].dense(y_shape[-1], self._account)

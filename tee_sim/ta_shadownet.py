@@ -137,9 +137,9 @@ class ShadowNetTA(TrustedApp):
     VERSION = 1
     SIGNER = "shadownet"
     # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
-    CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference", "tee_sim.freivalds",
-                    "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
-                    "tee_sim.ta_shadownet_restore_push")
+    CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
+                    "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
+                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push")
 
     def create(self) -> None:
         # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:

@@ -13,7 +13,7 @@ import shadownet
 from shadownet import attacks
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import MaskPoolExhaustedError
-from tee_sim.per_inference import MaskStream, gaussian_table
+from tee_sim.one_time_masks import MaskStream, gaussian_table
 from tests.shadownet.small_models import images, reference, small_cnn
 
 TOLERANCE = 1e-4  # relative to the largest reference output, as the fidelity tests

@@ -135,6 +135,8 @@ def geometry(layer: dict[str, Any], weights_shape: tuple[int, ...], x_shape: tup
     same = layer["padding"] == "SAME"
     kh, kw = ws[1], ws[2]
     for size, out, k, st, d in ((xs[1], ys[1], kh, sh, dh), (xs[2], ys[2], kw, sw, dw)):
+        if (k - 1) * d > 2 * size:  # every tap but one would only ever read padding (and pad by that much)
+            raise ValueError(f"{kind}: kernel {k} dilated {d} spans more than twice the input's {size}")
         want = -(-size // st) if same else -(-(size - (k - 1) * d) // st)
         if out != want:
             raise ValueError(f"{kind}: {layer['padding']} stride {st} dilation {d} kernel {k} takes {size} "

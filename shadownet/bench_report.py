@@ -115,13 +115,15 @@ def table(report: dict[str, Any]) -> str:
                          f"{_fps(x['S/U'], 5, 2)}")
     lines += [""] + _failures(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
-              "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T.",
-              "OT rounds = rounds with one-time masks; pool = S's pool of them in secure memory; offline = "
-              "TEE time to make one entry (one inference's); sync = entries made on an inference's path "
-              "in the timed runs; V/S-1 = shadownet-verify's overhead (target <= +10%); bound = its "
-              "weakest detection bound (chance a 1e-3 change of a result goes unnoticed).",
-              "Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
-              "machine."]
+              "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T."]
+    if rows:
+        lines.append("OT rounds = rounds with one-time masks; pool = S's pool of them in secure memory; "
+                     "offline = TEE time to make one entry (one inference's); sync = entries made on an "
+                     "inference's path in the timed runs; V/S-1 = shadownet-verify's overhead (target <= "
+                     "+10%); bound = its weakest detection bound (chance a 1e-3 change of a result goes "
+                     "unnoticed).")
+    lines.append("Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
+                 "machine.")
     return "\n".join(lines)
 
 

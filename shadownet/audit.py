@@ -324,8 +324,12 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
             row["single"] = attacks.single_leakage(observed, target)
             row["difference"] = attacks.difference_leakage(observed, target)
         if r == 1:
-            # Against the user's raw input itself, whatever tensor round 1 carries.
+            # Against the user's raw input itself, whatever tensor round 1 carries (zero-padded, as the model
+            # pads it, when round 1 reads the padded input: then its reference tensor is that).
             for k, x in enumerate(user):
+                if x.shape != observed.shape and target is not None and target.shape == observed.shape \
+                        and len(user) == 1:
+                    x = target
                 single = attacks.single_leakage(observed, x)
                 diff = attacks.difference_leakage(observed, x)
                 known = attacks.known_input_leakage(observed, x)

@@ -213,3 +213,28 @@ def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:
     # One inference alone, under the paper's mask at activation scale: partly hidden.
     assert first["correlation"] < 0.6
     assert all(r["tensor"] for r in leak["rounds"])  # every round input mapped to its true tensor
+
+
+def test_first_round_leakage_is_measured_through_a_zero_pad(tmp_path: Path) -> None:
+    """A model that pads its input first (YOLO's stride-2 stem): round 1 carries the padded input, and
+    the user's input leakage is measured against it (the default scheme's one-time mask hides it)."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(4)
+    x = keras.Input((16, 16, 3), batch_size=1, name="image")
+    h = keras.layers.ZeroPadding2D(((1, 0), (1, 0)))(x)  # top-left, as Darknet: not a SAME padding
+    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(h)
+    y = keras.layers.Dense(10)(keras.layers.Flatten()(h))
+    original = tmp_path / "padded.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    out = tmp_path / "padded.protected"
+    shadownet.convert(str(original), str(out))
+    leak = audit.audit(out, original, inferences=4)["input_leakage"]
+    first_round = next(r for r in leak["rounds"] if r["round"] == 1)
+    assert first_round["shape"] == [1, 17, 17, 3]  # the padded input: round 1 reads it
+    assert 0 < leak["first_round"]["correlation"] <= 0.1
+    assert 0 < leak["first_round"]["difference_correlation"] <= 0.1

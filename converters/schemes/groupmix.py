@@ -47,9 +47,10 @@ The other rounds get static masks at ``static_mask_scale`` times the RMS, by def
 hides one inference's features but cancels in the difference of two (the attack suite recovers them
 whole), while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full
 tensors: 39 MiB on MobileNet) and, at 10x, three bits of float32 precision per layer (the accelerator
-accumulates ``x + r``): worst relative error ~1e-3 on MobileNet and ResNet-404 against <= 1.3e-4 without.
-Unmasked rounds keep what the input mixing gives (each accelerator input channel a rotation of 16 real
-ones) and need only their bias in secure memory.
+accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static masks on every round, 6e-4
+with round 1's one-time mask alone. Unmasked rounds show the accelerator their features through the input
+mixing only, which an attacker fitting an affine map (the audit's measure) undoes; they need only their
+bias in secure memory.
 
 What this does not hide (measured and reported by ``shadownet audit``): each group's span, in the
 accelerator's input coordinates (an attacker who could undo ``B`` and held close public

@@ -18,7 +18,7 @@ SEED = 7  # reproducible secrets: INSECURE, tests only
 @dataclass(frozen=True)
 class Protected:
     original: Path   # the float .tflite
-    out: Path        # its artifact directory (paper scheme)
+    out: Path        # its artifact directory (the default scheme)
 
     def reference(self, *inputs: np.ndarray) -> list[np.ndarray]:
         """LiteRT's outputs on the original model, in get_output_details() order."""
@@ -65,7 +65,7 @@ def _protect(tmp: Path, name: str, data: bytes) -> Protected:
     original = tmp / f"{name}.tflite"
     original.write_bytes(data)
     out = tmp / f"{name}.protected"
-    shadownet.convert(str(original), str(out), scheme="shadownet", seed=SEED)
+    shadownet.convert(str(original), str(out), seed=SEED)
     return Protected(original, out)
 
 

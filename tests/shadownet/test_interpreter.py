@@ -8,7 +8,7 @@ import shadownet
 from shadownet.exceptions import ArtifactError
 from tests.shadownet.conftest import relative_error
 
-TOLERANCE = 1e-3
+TOLERANCE = 1e-4  # the default scheme's fidelity target
 DETAIL_KEYS = ("name", "index", "shape", "shape_signature", "dtype", "quantization")
 
 

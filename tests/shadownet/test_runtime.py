@@ -12,7 +12,9 @@ from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import ClosedError, InputError, TEECommunicationError
 from tests.shadownet.conftest import relative_error
 
-PAPER_SCHEME_TOLERANCE = 1e-3  # N(0, 1) fakes cost precision by cancellation (SHADOWNET.md)
+TOLERANCE = 1e-4  # the default scheme's fidelity target (the test models are converted with it)
+# Two inferences on the same input: one-time masks round each one differently, a few float32 ulps.
+SAME = 1e-5
 
 
 def test_call_matches_litert_on_the_original(small_cnn):
@@ -22,9 +24,9 @@ def test_call_matches_litert_on_the_original(small_cnn):
             (want,) = small_cnn.reference(x)
             got = model(x)
             assert got.shape == want.shape and got.dtype == want.dtype
-            assert relative_error(got, want) <= PAPER_SCHEME_TOLERANCE
+            assert relative_error(got, want) <= TOLERANCE
             assert np.argmax(got) == np.argmax(want)
-            assert np.array_equal(model.predict(x), got)
+            assert relative_error(model.predict(x), got) <= SAME
 
 
 def test_returned_outputs_are_the_callers(small_cnn):
@@ -33,7 +35,7 @@ def test_returned_outputs_are_the_callers(small_cnn):
         first = model(x)
         kept = first.copy()
         first[...] = 0  # must not reach the model's buffers
-        assert np.array_equal(model(x), kept)
+        assert relative_error(model(x), kept) <= SAME
 
 
 def test_one_tee_entry_per_round_plus_one(small_cnn):
@@ -59,7 +61,7 @@ def test_several_inputs_and_outputs(two_by_two):
             assert isinstance(got, dict) and list(got) == names
             for name, w in zip(names, want, strict=True):
                 assert got[name].shape == w.shape
-                assert relative_error(got[name], w) <= PAPER_SCHEME_TOLERANCE
+                assert relative_error(got[name], w) <= TOLERANCE
         assert model.stats()["world_switches"] == model.num_rounds + 1
 
 
@@ -103,12 +105,12 @@ def test_two_models_open_at_once_share_the_secure_world(small_cnn, two_by_two):
     want_x, want_pair = small_cnn.reference(x), two_by_two.reference(*pair)
     with shadownet.load(small_cnn.out) as one, shadownet.load(two_by_two.out) as two:
         for _ in range(2):
-            assert relative_error(one(x), want_x[0]) <= PAPER_SCHEME_TOLERANCE
+            assert relative_error(one(x), want_x[0]) <= TOLERANCE
             got = two(*pair)
             for value, w in zip(got.values(), want_pair, strict=True):
-                assert relative_error(value, w) <= PAPER_SCHEME_TOLERANCE
+                assert relative_error(value, w) <= TOLERANCE
     with shadownet.load(small_cnn.out) as again:  # closing one model left the others' world working
-        assert relative_error(again(x), want_x[0]) <= PAPER_SCHEME_TOLERANCE
+        assert relative_error(again(x), want_x[0]) <= TOLERANCE
 
 
 def test_threads_calling_one_model_get_their_own_results(small_cnn):
@@ -130,7 +132,7 @@ def test_threads_calling_one_model_get_their_own_results(small_cnn):
         for t in threads:
             t.join()
     assert not failures
-    assert len(errors) == 20 and max(errors) <= PAPER_SCHEME_TOLERANCE
+    assert len(errors) == 20 and max(errors) <= TOLERANCE
 
 
 class CountingAccelerator(AcceleratorWrapper):
@@ -156,7 +158,7 @@ def test_accelerator_can_be_wrapped(small_cnn):
         (counting,) = wrappers
         assert counting.rounds == list(range(1, model.num_rounds + 1))
         assert {"input/0", "output/0"} <= set(counting.buffers)
-    assert relative_error(got, small_cnn.reference(x)[0]) <= PAPER_SCHEME_TOLERANCE
+    assert relative_error(got, small_cnn.reference(x)[0]) <= TOLERANCE
 
 
 def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
@@ -173,5 +175,5 @@ def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
         with pytest.raises(TEECommunicationError):
             model(x)
         # The next call opens a new session in a restarted secure world and loads the model again.
-        assert relative_error(model(x), want) <= PAPER_SCHEME_TOLERANCE
+        assert relative_error(model(x), want) <= TOLERANCE
         assert model.stats()["world_switches"] == model.num_rounds + 1

@@ -66,11 +66,11 @@ from tee_sim.ta_shadownet_commands import (
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import (
     BlockMatmuls,
-    chunk_elements,
     compile_push,
     compile_restore,
     elements,
     prepare_matmuls,
+    scratch_size,
 )
 
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
@@ -352,19 +352,7 @@ class ShadowNetTA(TrustedApp):
                 _check_spec(spec, _count(p["shared_memory_size"]), f"shared buffer {name!r}")
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
-            restores = [i for step in p["steps"] for i in step if i["op"] == "restore"]
-            chunk = max([1] + [chunk_elements(self._restore_shape(model, i)) for i in restores]
-                        + [chunk_elements(self._shape(model, i["src"])) for step in p["steps"] for i in step
-                           if i["op"] == "push" and (i["permutation"] is not None or i.get("input_index"))])
-            model.chunk = chunk
-            scratch = 3 * chunk
-            padded_pools = [i for step in p["steps"] for i in step
-                            if i["op"] == "max_pool" and any(map(any, i["pad"]))]
-            for i in padded_pools:
-                shape = self._shape(model, i["srcs"][0])
-                (top, bottom), (left, right) = i["pad"]
-                scratch = max(scratch, shape[0] * (shape[1] + top + bottom) * (shape[2] + left + right)
-                              * shape[3])
+            model.chunk, scratch = scratch_size(p["steps"], lambda ref: self._shape(model, ref))
             model.scratch = self._alloc(model, scratch, np.float32)
             prepare_matmuls(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -398,14 +386,6 @@ class ShadowNetTA(TrustedApp):
         if ref.startswith("shm:"):
             return tuple(model.program["shared_buffers"][ref[4:]]["shape"])
         return self._ref(model, ref).shape
-
-    def _restore_shape(self, model: _Model, instr: dict[str, Any]) -> tuple[int, ...]:
-        """What a restore writes: its destination, less the border a fused push pads."""
-        shape = self._shape(model, instr["dst"])
-        pad = instr.get("pad")
-        if pad is None:
-            return shape
-        return tuple(n - before - after for n, (before, after) in zip(shape, pad, strict=True))
 
     # Shared memory and steps.
     def _bind(self, session: dict[str, Any], param: TEEParam) -> None:

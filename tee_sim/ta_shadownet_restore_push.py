@@ -429,3 +429,25 @@ def _masked_destination(dst: np.ndarray, mask: np.ndarray, pad: Any) -> tuple[
 
 def elements(shape: list[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
+
+
+def scratch_size(steps: list[list[dict[str, Any]]],
+                 shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int]:
+    """``(chunk, scratch)`` in float32 elements: the largest chunk a restore or a permuting / mixing push
+    works on, and the secure scratch they share (three chunks) with padded max pools (a padded copy of
+    their input). ``shape_of(ref)``: the shape of a buffer the program names."""
+    def restore_shape(instr: dict[str, Any]) -> tuple[int, ...]:  # its destination less a push's border
+        shape, pad = shape_of(instr["dst"]), instr.get("pad")
+        return shape if pad is None else tuple(n - a - b for n, (a, b) in zip(shape, pad, strict=True))
+
+    instrs = [i for step in steps for i in step]
+    chunk = max([1] + [chunk_elements(restore_shape(i)) for i in instrs if i["op"] == "restore"]
+                + [chunk_elements(shape_of(i["src"])) for i in instrs
+                   if i["op"] == "push" and (i["permutation"] is not None or i.get("input_index"))])
+    scratch = 3 * chunk
+    for i in instrs:
+        if i["op"] == "max_pool" and any(map(any, i["pad"])):
+            n, h, w, c = shape_of(i["srcs"][0])
+            (top, bottom), (left, right) = i["pad"]
+            scratch = max(scratch, n * (h + top + bottom) * (w + left + right) * c)
+    return chunk, scratch

@@ -22,7 +22,8 @@ round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default 
 - ResNet-44, ``all``: every round <= 0.15 both ways, but per inference the TEE redoes every layer on a
   mask in float64 (225 ms offline against a 20 ms inference: the pool cannot keep up with more than a
   few inferences a second) and a pool entry holds every layer's output (1.7 MB against 64 KB). On
-  MobileNet an entry would be 20 MB: two do not fit the 64 MiB TEE next to the model (round 1: 1.6 MB).
+  MobileNet an entry is 19.2 MiB: the pool holds one (53 MiB of secure memory in all, against 8.2 MiB
+  with ``first``) and making it takes 332 ms of offline TEE work per inference.
 
 So the default meets the input target everywhere at the smallest cost (offline 3 - 75 ms per inference
 across the zoo); ``all`` or a list closes the difference attack on deeper rounds where its cost is

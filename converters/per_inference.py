@@ -115,8 +115,8 @@ def locate_weights(untrusted: bytes, layers: dict[str, dict[str, Any]]) -> None:
 
 def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
     """The program entries ``layers`` and ``one_time`` for a built plan
-    (``converters.plan_tee.TeeProgramBuilder`` after ``emit``). The static masks and offsets of one-time
-    rounds leave ``builder.arrays``; their distributions and biases come in."""
+    (``converters.plan_tee.TeeProgramBuilder`` after ``emit``). One-time rounds get no mask at conversion;
+    their offsets leave ``builder.arrays``; their mask distributions and biases come in."""
     g, steps, arrays = builder.g, builder.steps, builder.arrays
     layers: dict[str, dict[str, Any]] = {}
     for r, restores in enumerate(builder.restores, start=1):
@@ -133,7 +133,6 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
             buffer = f"round_{r}/in/{p['name']}"
             instr = _writer(steps, "dst", f"shm:{buffer}")
             name = instr["mask"]
-            arrays.pop(name, None)
             dist = builder.scheme.mask_distribution(p["stats"])
             arrays[f"{name}/mean"] = np.asarray(dist.mean, np.float32)
             masks[name] = {"buffer": buffer, "shape": list(p["shape"]), "std": float(dist.std),

@@ -1,5 +1,5 @@
-"""One export of each zoo model per test session, shared by every test package that reads it
-(exporting resnet404 alone takes one to two minutes)."""
+"""Session-wide inputs shared by the test packages: one export of each zoo model (exporting resnet404 alone
+takes one to two minutes) and one prepared fuzzing work directory."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def fuzz_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seed models, a device home and fuzz artifacts (``shadownet.fuzz_worker.prepare``), made once for the
+    convert campaign and the artifact campaigns; the campaigns only read them."""
+    from shadownet import fuzz_worker
+
+    work = tmp_path_factory.mktemp("fuzz")
+    fuzz_worker.prepare(work)
+    return work
+

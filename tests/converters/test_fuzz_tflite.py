@@ -19,14 +19,6 @@ CAMPAIGN_SEED = 20240
 CAMPAIGN_CASES = 1500
 
 
-@pytest.fixture(scope="session")
-def fuzz_work(tmp_path_factory):
-    """Seed models, a device home and fuzz artifacts, made once (``shadownet.fuzz_worker.prepare``)."""
-    work = tmp_path_factory.mktemp("fuzz")
-    fuzz_worker.prepare(work)
-    return work
-
-
 @pytest.fixture(scope="module")
 def seeds():
     return fuzz_worker.seed_models()

@@ -12,6 +12,20 @@ from converters.graph import Graph, write_model
 INPUT_SHAPE = (1, 16, 16, 3)
 
 
+def protect_small_cnn(tmp_path_factory, name: str, seed: int, **kw) -> str:
+    """``small_cnn()`` converted into a fresh directory ``name`` with the reproducible (INSECURE, tests
+    only) secrets of ``seed``; ``kw`` as ``shadownet.convert`` takes them. Returns the directory."""
+    import warnings
+
+    import shadownet
+
+    out = tmp_path_factory.mktemp(name) / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
+        shadownet.convert(small_cnn(), str(out), seed=seed, **kw)
+    return str(out)
+
+
 def small_cnn(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     g = Graph()

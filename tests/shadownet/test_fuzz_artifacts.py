@@ -18,13 +18,6 @@ CASES = {"untrusted": 300, "secrets": 300, "manifest": 700, "program": 700}
 
 
 @pytest.fixture(scope="module")
-def fuzz_work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("fuzz_artifacts")
-    fuzz_worker.prepare(work)
-    return work
-
-
-@pytest.fixture(scope="module")
 def small(tmp_path_factory):
     return protect_small(tmp_path_factory.mktemp("small"))
 

@@ -15,18 +15,14 @@ from shadownet.cli import main
 from shadownet.exceptions import IntegrityError, ShadowNetError
 from tee_sim import freivalds
 from tee_sim.freivalds import LayerCheck
-from tests.shadownet.small_models import images, reference, small_cnn
+from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
 TOLERANCE = 1e-4
 TRIALS = 24  # per kind of tampering
 
 
 def _convert(tmp_path_factory, name: str, **kw) -> str:
-    out = tmp_path_factory.mktemp(name) / "out"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
-        shadownet.convert(small_cnn(), str(out), seed=5, **kw)
-    return str(out)
+    return protect_small_cnn(tmp_path_factory, name, seed=5, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ term comes from a pool the TEE refills offline, running out refills or fails by 
 input stays hidden (input leakage <= 0.1 as ``shadownet.attacks`` measures it)."""
 
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -14,17 +13,13 @@ from shadownet import attacks
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import MaskPoolExhaustedError
 from tee_sim.one_time_masks import MaskStream, gaussian_table
-from tests.shadownet.small_models import images, reference, small_cnn
+from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
 TOLERANCE = 1e-4  # relative to the largest reference output, as the fidelity tests
 
 
 def _convert(tmp_path_factory, name: str, **kw) -> str:
-    out = tmp_path_factory.mktemp(name) / "out"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
-        shadownet.convert(small_cnn(), str(out), seed=3, **kw)
-    return str(out)
+    return protect_small_cnn(tmp_path_factory, name, seed=3, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,14 @@ class TensorFlowMissingError(ShadowNetError):
 
 def require_tensorflow() -> tuple[ModuleType, ModuleType]:
     """Return ``(tensorflow, keras)``, imported with TensorFlow's C++ logging off."""
-    # TensorFlow reads this once, when its native library loads.
+    # TensorFlow reads this once, when its native library loads. It is not enough when LiteRT's library
+    # loaded first (TensorFlow 2.21 then logs its oneDNN notice through absl before it reads the
+    # variable), so the import runs inside quiet() too.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import keras
-        import tensorflow as tf
+        with quiet():
+            import keras
+            import tensorflow as tf
     except ImportError as exc:
         raise TensorFlowMissingError(
             f"the model zoo needs TensorFlow ({exc}); install the tf extra: pip install 'shadownet[tf]'"

@@ -246,3 +246,18 @@ def test_single_leakage_does_not_fit_across_inferences() -> None:
     m = 10 * rng.standard_normal((1, 64))
     assert attacks.single_leakage(x + m, x)["correlation"] < 0.3
     assert attacks.difference_leakage(x + m, x)["correlation"] == pytest.approx(1.0)
+
+
+def test_leakage_estimate_on_a_small_tensor_is_not_its_noise_floor() -> None:
+    # A 17x17x3 round input under masks 10x the input's spread: true correlation 1/sqrt(101) ~ 0.1 at
+    # most per element. Scoring |r| of three fits on 433 held-out positions would add ~0.05 of noise
+    # floor; fits scored with the sign they chose average out to the true value.
+    rng = np.random.default_rng(16)
+    x = rng.uniform(0, 1, (24, 17, 17, 3))
+    unrelated = rng.standard_normal(x.shape)
+    assert abs(attacks.single_leakage(unrelated, x)["correlation"]) < 0.03
+    masked = x + 10 * x.std() * rng.standard_normal(x.shape)
+    assert attacks.single_leakage(masked, x)["correlation"] == pytest.approx(1 / np.sqrt(101), abs=0.03)
+    # ...and a leak the size of the target is still seen as one.
+    leaky = x + 2 * x.std() * rng.standard_normal(x.shape)
+    assert attacks.single_leakage(leaky, x)["correlation"] == pytest.approx(1 / np.sqrt(5), abs=0.03)

@@ -236,5 +236,7 @@ def test_first_round_leakage_is_measured_through_a_zero_pad(tmp_path: Path) -> N
     leak = audit.audit(out, original, inferences=4)["input_leakage"]
     first_round = next(r for r in leak["rounds"] if r["round"] == 1)
     assert first_round["shape"] == [1, 17, 17, 3]  # the padded input: round 1 reads it
-    assert 0 < leak["first_round"]["correlation"] <= 0.1
-    assert 0 < leak["first_round"]["difference_correlation"] <= 0.1
+    # Measured (the keys exist only when round 1 was compared with the input), and hidden: the estimates
+    # scatter around the true ~0.03 (mask 9.4x the calibration's spread, 30x these images').
+    assert leak["first_round"]["correlation"] <= 0.1
+    assert leak["first_round"]["difference_correlation"] <= 0.1

@@ -45,11 +45,14 @@ change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's la
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 
 EPS32 = float(np.finfo(np.float32).eps)
 TOLERANCE = 16.0
@@ -164,35 +167,37 @@ def _taps(kind: str, weights: np.ndarray, geo: Geometry) -> np.ndarray:
     return w.reshape(geo.taps, c, w.shape[3] // c)
 
 
-def window_index(geo: Geometry) -> np.ndarray:
-    """``[T, P_out]``: the input pixel (``n * H * W + ih * W + iw``) that tap ``t`` of output position ``p``
-    reads, or ``P_in`` (a zero row) where the window leaves the input (zero padding)."""
-    (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
-    n, h, w, _ = geo.x_shape
-    _, ho, wo, _ = geo.y_shape
-    rows = np.arange(ho)[:, None] * sh + np.arange(kh)[None, :] * dh - top  # [Ho, kh]
-    cols = np.arange(wo)[:, None] * sw + np.arange(kw)[None, :] * dw - left  # [Wo, kw]
-    ih = rows[None, :, None, :, None]  # -> [N, Ho, Wo, kh, kw]
-    iw = cols[None, None, :, None, :]
-    batch = np.arange(n)[:, None, None, None, None]
-    pixel = (batch * h + ih) * w + iw
-    inside = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
-    index = np.where(inside, pixel, n * h * w)  # [N, Ho, Wo, kh, kw]
-    return np.ascontiguousarray(index.reshape(n * ho * wo, kh * kw).T).astype(np.int32)
+class _Prepare(ctypes.Structure):  # fv_prepare_t
+    _fields_ = [("x", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("n", "h", "w", "c", "ho", "wo")),
+                *((name, ctypes.c_int32) for name in ("kh", "kw", "sh", "sw", "dh", "dw", "top", "left")),
+                ("filters", ctypes.c_void_p), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
+                ("z", ctypes.c_void_p), ("tau", ctypes.c_void_p), ("unit", ctypes.c_float),
+                ("norms", ctypes.c_void_p), ("tau_norm", ctypes.c_double)]
+
+
+class _Check(ctypes.Structure):  # fv_check_t
+    _fields_ = [("y", ctypes.c_void_p), ("p", ctypes.c_int64), ("m", ctypes.c_int64),
+                ("u", ctypes.c_void_p), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
+                ("z", ctypes.c_void_p), ("tau", ctypes.c_void_p), ("worst", ctypes.c_double),
+                ("y_norm2", ctypes.c_double), ("want_norm", ctypes.c_int32)]
 
 
 class LayerCheck:
-    """The check of one layer: filters and buffers made once, ``draw`` per inference (off the hot path),
-    ``prepare`` when the TEE writes the layer's input, ``check`` when the result comes back.
+    """The check of one layer: buffers made once, ``draw`` per inference (off the hot path), ``prepare``
+    when the TEE writes the layer's input, ``check`` when the result comes back; the last two are the C
+    kernels ``fv_prepare`` and ``fv_check`` (``tee_sim/ta_shadownet_kernels.c``).
 
+    ``z = L(x, F)`` is computed output position by output position, each tap's input pixel times the
+    projected filters, ``k`` projections and ``16 / kp`` input channels to a vector (``kp``: ``k`` rounded
+    up to a power of two), so that a check with 4 projections costs 9 C / 4 vector FMAs per output of a
+    3x3 layer, not 9 C; the window norms come from each input pixel's squared norm, summed over the taps.
     ``alloc(shape, dtype)`` gives (accounted) secure memory for what lives from the push to the check;
-    the work areas come from scratch shared with the other layers (``bind_scratch``); ``index`` maps a
-    geometry to its ``window_index`` (layers of the same geometry share one).
+    the input pixels' norms go in scratch shared with the other layers (``bind_scratch``).
     """
 
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
-                 y_shape: tuple[int, ...], alloc: Any, index: Any = None,
-                 projections: int | None = None) -> None:
+                 y_shape: tuple[int, ...], alloc: Any, projections: int | None = None) -> None:
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
         # Norms in float64 accumulation, without a float64 copy (draw() is given the weights again).
@@ -214,90 +219,36 @@ class LayerCheck:
         self.weights_shape = tuple(weights.shape)
         self.rows_out = math.prod(y_shape[:-1])
         self.k = k = projections or self.projections_needed(frobenius)
-        self.rows_in = math.prod(x_shape[:-1]) if geo.spatial else self.rows_out
+        if not 1 <= k <= LANES:
+            raise ValueError(f"{k} projections: 1 to {LANES} are supported")
+        self.kp = 1 << (k - 1).bit_length()
+        self.group = LANES // self.kp  # channels per vector
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
-        taps, c = geo.taps, self.in_channels
-        # How z = L(x, F) is computed:
-        # - "direct": pointwise and dense layers, z = x @ F;
-        # - "windows": the input windows copied out (im2col, about 1 MiB at a time) times the filters,
-        #   for few input channels (the first layer's 3 colours), where the others' arrays are bigger;
-        # - "shifts" (stride 1): in the zero-padded input flattened row by row, tap (i, j) of every output
-        #   position is one contiguous block, so z is T matmuls of such blocks (one batched call) summed;
-        #   the rows past each output row's end are computed and dropped (2 in 114 for MobileNet);
-        # - "taps" (strided): V = x @ F_t for every tap at every input pixel (one matmul), then each output
-        #   position gathers and sums its taps' rows (window_index).
-        if geo.pointwise:
-            self.method = "direct"
-        elif c * self.rows_out <= k * self.rows_in:
-            self.method = "windows"
-        elif geo.stride == (1, 1):
-            self.method = "shifts"
-        else:
-            self.method = "taps"
-        self.z = alloc((self.rows_out, k), np.float32)  # kept from the push to the check
+        self.z = alloc((self.rows_out, self.kp), np.float32)  # kept from the push to the check
         self.tau = alloc((self.rows_out, 1), np.float32)
         self.tau_norm = 0.0
-        self._parts: dict[str, tuple[int, ...]] = {"w": (self.rows_out, k)}
-        if self.method == "taps":
-            self.index = index(geo) if index is not None else window_index(geo)
-            self.index_v = alloc(self.index.shape, np.int32)  # rows of V viewed as [(P_in + 1) T, k]
-            np.add(self.index * np.int32(taps), np.arange(taps, dtype=np.int32)[:, None], out=self.index_v)
-            # Output positions are gathered a block at a time (about 256 KiB of taps).
-            self.block = max(1, min(self.rows_out, (1 << 16) // (taps * (k + 1))))
-            self._parts.update(v=(self.rows_in + 1, taps * k), gathered=(taps, self.block, k),
-                               q=(self.rows_in + 1,), q_gathered=(taps, self.block))
-        elif self.method == "shifts":
-            hp, wp = geo.padded()
-            kw, dw = geo.kernel[1], geo.dilation[1]
-            ho = geo.y_shape[1]
-            self.span = ho * wp  # output rows as full padded rows
-            self.apron = (kw - 1) * dw  # zero rows past the end that the last taps reach
-            rows = max(1, min(ho, (1 << 16) // max(1, wp * taps * k)))  # output rows per block (~256 KiB)
-            self._parts.update(xp=(hp * wp + self.apron, c), blocks=(taps, rows * wp, k),
-                               zl=(self.span, k), qp=(hp * wp + self.apron,), ql=(self.span,))
-            self.rows_per_block = rows
-        elif self.method == "windows":
-            hp, wp = geo.padded()
-            wo = geo.y_shape[2]
-            rows = max(1, (1 << 18) // (wo * taps * c)) * wo  # whole output rows, about 1 MiB at a time
-            self._parts.update(xp=(geo.x_shape[0], hp, wp, c), cols=(min(self.rows_out, rows), taps * c))
-        self.scratch_elements = sum(math.prod(s) for s in self._parts.values())
+        c = self.in_channels
+        if geo.spatial:
+            n, h, wd, _ = geo.x_shape
+            _, ho, wo, _ = geo.y_shape
+        else:  # dense: each output row reads one row of the input, flattened
+            n, h, wd, ho, wo = self.rows_out, 1, 1, 1, 1
+        self.x_elements = n * h * wd * c
+        self.scratch_elements = n * h * wd  # the input pixels' squared norms
+        self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
+                                 *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
+                                 self.unit, None, 0.0)
+        self._check = _Check(None, self.rows_out, self.m_out, None, k, self.kp, self.z.ctypes.data,
+                             self.tau.ctypes.data, 0.0, 0.0, 0)
+        self._norms: np.ndarray | None = None
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
-        """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the work areas."""
-        at = 0
-        for name, shape in self._parts.items():
-            size = math.prod(shape)
-            setattr(self, name, scratch[at:at + size].reshape(shape))
-            at += size
-        if self.method == "shifts":
-            self._shift_views()
-
-    def _shift_views(self) -> None:
-        """The views ``_prepare_shifts`` works on, made once (``as_strided`` costs more than the work on
-        a small layer)."""
-        geo = self.geo
-        (kh, kw), (dh, dw), (top, left) = geo.kernel, geo.dilation, geo.before
-        n, h, w, c = geo.x_shape
-        ho, wo = geo.y_shape[1:3]
-        hp, wp = geo.padded()
-        k, span, item = self.k, self.span, self.xp.itemsize
-        self._inner = self.xp[:hp * wp].reshape(hp, wp, c)[top:top + h, left:left + w]
-        taps = np.lib.stride_tricks.as_strided(  # [kh, kw, span, C]: tap (i, j) of every output position
-            self.xp, (kh, kw, span, c), (dh * wp * c * item, dw * c * item, c * item, item), writeable=False)
-        q_taps = np.lib.stride_tricks.as_strided(
-            self.qp, (kh, kw, span), (dh * wp * item, dw * item, item), writeable=False)
-        step = self.rows_per_block * wp
-        self._blocks = []
-        for a in range(0, span, step):
-            e = min(a + step, span)
-            out = self.blocks.reshape(-1)[:kh * kw * (e - a) * k].reshape(kh, kw, e - a, k)
-            self._blocks.append((taps[:, :, a:e], out, out.reshape(kh * kw, e - a, k), self.zl[a:e]))
-        self._q_taps = q_taps
-        per = ho * wo  # output positions of one batch element
-        self._valid = [(self.zl.reshape(ho, wp, k)[:, :wo], self.z[b * per:(b + 1) * per].reshape(ho, wo, k),
-                        self.ql.reshape(ho, wp)[:, :wo], self.tau[b * per:(b + 1) * per, 0].reshape(ho, wo))
-                       for b in range(n)]
+        """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the input pixels' norms."""
+        if scratch.dtype != np.float32 or scratch.size < self.scratch_elements:
+            raise ValueError(f"scratch of {scratch.size} {scratch.dtype}: {self.scratch_elements} float32 "
+                             "needed")
+        self._norms = scratch
+        self._prepare.norms = scratch.ctypes.data
 
     def projections_needed(self, frobenius: float) -> int:
         """``k`` with ``beta^k <= 2^(-20 - MARGIN_LOG2)`` for the isotropic estimate of ``||tau|| / ||y'||``
@@ -313,117 +264,64 @@ class LayerCheck:
         return int(min(MAX_PROJECTIONS, max(MIN_PROJECTIONS, k)))
 
     # -- per inference -----------------------------------------------------------------------------------
-    def projection_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Shapes of the two float32 arrays ``draw`` fills: ``u`` and the projected filters."""
-        taps, c, k = self.geo.taps, self.in_channels, self.k
-        filters = {"windows": (taps * c, k), "shifts": (taps, c, k)}.get(self.method, (c, taps * k))
-        return (self.m_out, k), filters
+    def projection_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """Shapes of the two float32 arrays ``draw`` fills, packed for the kernels: the projections ``u``
+        ``[ceil(M / G), 16]`` and the projected filters ``[taps, ceil(C / G), 16]`` (``G`` channels of
+        ``kp`` lanes each to a vector)."""
+        g = self.group
+        return (-(-self.m_out // g), LANES), (self.geo.taps, -(-self.in_channels // g), LANES)
 
     def draw(self, rng: np.random.Generator, u: np.ndarray, filters: np.ndarray, weights: np.ndarray) -> None:
-        """Fresh secret projections into ``u`` ``[M, k]`` and their filters into ``filters``, from the
-        layer's obfuscated ``weights`` (LiteRT's layout, as at construction)."""
+        """Fresh secret projections into ``u`` and their filters into ``filters`` (packed, see
+        ``projection_shapes``), from the layer's obfuscated ``weights`` (LiteRT's layout, as at
+        construction)."""
         if tuple(weights.shape) != self.weights_shape:
             raise ValueError(f"weights {weights.shape}, expected {self.weights_shape}")
         taps = _taps(self.kind, weights, self.geo)
         u64 = rng.standard_normal((self.m_out, self.k))
         if self.kind == "DEPTHWISE_CONV_2D":
             _, c, m = taps.shape
-            f = np.einsum("tcm,cmj->ctj", taps, u64.reshape(c, m, self.k))  # [C, T, k]
+            f = np.einsum("tcm,cmj->tcj", taps, u64.reshape(c, m, self.k))  # [T, C, k]
         else:
-            f = np.tensordot(taps, u64, axes=(0, 0)).transpose(1, 0, 2)  # [T, C, k] -> [C, T, k]
-        u[...] = u64
-        if self.method in ("windows", "shifts"):
-            filters[...] = f.transpose(1, 0, 2).reshape(filters.shape)
-        else:
-            filters[...] = f.reshape(filters.shape)
+            f = np.tensordot(taps, u64, axes=(0, 0))  # [T, C, k]
+        self._pack(u64[None], u)
+        self._pack(f, filters)
+
+    def _pack(self, values: np.ndarray, out: np.ndarray) -> None:
+        """``[T, rows, k]`` -> ``[T, ceil(rows / G), 16]`` (``out``'s layout: lane ``j * G + r`` holds
+        projection ``j`` of row ``r`` of the group), zero-padded."""
+        t, rows, k = values.shape
+        padded = np.zeros((t, out.shape[-2] * self.group, self.kp))
+        padded[:, :rows, :k] = values
+        out[...] = padded.reshape(t, -1, self.group, self.kp).transpose(0, 1, 3, 2).reshape(out.shape)
 
     def prepare(self, x: np.ndarray, filters: np.ndarray) -> None:
         """At the push: ``z = L(x, F)`` and the tolerances, from the secure copy ``x`` of what was sent."""
-        if self.method == "direct":
-            x2 = x.reshape(self.rows_out, -1)
-            np.matmul(x2, filters, out=self.z)
-            np.einsum("pc,pc->p", x2, x2, out=self.tau[:, 0])
-        elif self.method == "shifts":
-            self._prepare_shifts(x, filters)
-        elif self.method == "taps":
-            x2 = x.reshape(self.rows_in, -1)
-            self.v[-1] = 0  # the row padded taps read
-            np.matmul(x2, filters, out=self.v[:-1])
-            self.q[-1] = 0
-            np.einsum("pc,pc->p", x2, x2, out=self.q[:-1])
-            rows = self.v.reshape(-1, self.k)
-            tau = self.tau[:, 0]
-            for a in range(0, self.rows_out, self.block):
-                b = min(a + self.block, self.rows_out)
-                taps, count = self.index.shape[0], b - a  # contiguous views of this block's size
-                gathered = self.gathered.reshape(-1)[:taps * count * self.k].reshape(taps, count, self.k)
-                q_gathered = self.q_gathered.reshape(-1)[:taps * count].reshape(taps, count)
-                np.take(rows, self.index_v[:, a:b], axis=0, out=gathered)
-                np.add.reduce(gathered, axis=0, out=self.z[a:b])
-                np.take(self.q, self.index[:, a:b], out=q_gathered)
-                np.add.reduce(q_gathered, axis=0, out=tau[a:b])
-        else:
-            self._prepare_windows(x, filters)
-        np.sqrt(self.tau, out=self.tau)
-        self.tau_norm = float(np.linalg.norm(self.tau)) * float(self.unit)
-        np.multiply(self.tau, self.unit, out=self.tau)
-
-    def _prepare_shifts(self, x: np.ndarray, filters: np.ndarray) -> None:
-        kh, kw = self.geo.kernel
-        fs = filters.reshape(kh, kw, self.in_channels, self.k)
-        for b, (z_rows, z, q_rows, tau) in enumerate(self._valid):
-            self.xp.fill(0)  # the border and the apron (the scratch is shared, so rewritten every time)
-            np.copyto(self._inner, x[b])
-            np.einsum("pc,pc->p", self.xp, self.xp, out=self.qp)
-            for taps, out, stacked, z_block in self._blocks:
-                np.matmul(taps, fs, out=out)
-                np.add.reduce(stacked, axis=0, out=z_block)
-            np.sum(self._q_taps, axis=(0, 1), out=self.ql)
-            np.copyto(z, z_rows)
-            np.copyto(tau, q_rows)
-
-    def _prepare_windows(self, x: np.ndarray, filters: np.ndarray) -> None:
-        geo = self.geo
-        (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
-        n, h, w, c = geo.x_shape
-        ho, wo = geo.y_shape[1:3]
-        if self.xp.shape[1:3] != (h, w):
-            self.xp.fill(0)  # the zero border (the scratch is shared, so rewritten every time)
-        np.copyto(self.xp[:, top:top + h, left:left + w], x)
-        s = self.xp.strides
-        windows = np.lib.stride_tricks.as_strided(  # [N, Ho, Wo, kh, kw, C]: the window of each position
-            self.xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]),
-            writeable=False)
-        rows = self.cols.shape[0] // wo
-        tau = self.tau[:, 0]
-        at = 0
-        for b in range(n):
-            for r in range(0, ho, rows):
-                block = windows[b, r:r + rows]
-                count = block.shape[0] * wo
-                cols = self.cols[:count]
-                np.copyto(cols.reshape(block.shape), block)
-                np.matmul(cols, filters, out=self.z[at:at + count])
-                np.einsum("pc,pc->p", cols, cols, out=tau[at:at + count])
-                at += count
+        if (x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
+                or filters.dtype != np.float32 or filters.shape != self.projection_shapes()[1]
+                or not filters.flags.c_contiguous or self._norms is None):
+            raise ValueError(f"prepare: {x.dtype} {x.shape} input, {filters.shape} filters")
+        self._prepare.x, self._prepare.filters = x.ctypes.data, filters.ctypes.data
+        LIBRARY.fv_prepare(ctypes.addressof(self._prepare))
+        self.tau_norm = self._prepare.tau_norm
 
     def check(self, y: np.ndarray, u: np.ndarray, bound: bool = True) -> tuple[float, float | None]:
         """Compare the secure copy ``y`` of the accelerator's result with ``z``: ``(worst, log2_bound)``,
         ``worst`` the largest ``|u . y'_p - z_p| / tau_p`` (> 1: the result is wrong), ``log2_bound``
         the bound ``log2 beta^k`` this check achieved against a change of 1e-3 of ``||y||`` (``None``
         unless ``bound``: it costs one more pass over ``y``)."""
-        y2 = y.reshape(self.rows_out, self.m_out)
-        np.matmul(y2, u, out=self.w)
-        np.subtract(self.w, self.z, out=self.w)
-        np.abs(self.w, out=self.w)
-        np.divide(self.w, self.tau, out=self.w)
-        worst = float(self.w.max(initial=0.0))
+        if (y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
+                or u.dtype != np.float32 or u.shape != self.projection_shapes()[0]
+                or not u.flags.c_contiguous):
+            raise ValueError(f"check: {y.dtype} {y.shape} result, {u.shape} projections")
+        self._check.y, self._check.u, self._check.want_norm = y.ctypes.data, u.ctypes.data, int(bound)
+        LIBRARY.fv_check(ctypes.addressof(self._check))
+        worst = self._check.worst
         if not math.isfinite(worst):
             worst = math.inf
         if not bound:
             return worst, None
-        norm = math.sqrt(float(np.dot(y2.reshape(-1), y2.reshape(-1))))
-        return worst, self.bound_log2(norm)
+        return worst, self.bound_log2(math.sqrt(self._check.y_norm2))
 
     def bound_log2(self, y_norm: float) -> float:
         """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (module docstring)."""

@@ -48,7 +48,7 @@ from tee_sim.errors import (
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
-from tee_sim.freivalds import LayerCheck, window_index
+from tee_sim.freivalds import LayerCheck
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
@@ -219,18 +219,9 @@ class PerInference:
         self.by_input: dict[str, list[str]] = {}
         self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
         if verify:
-            indexes: dict[Any, np.ndarray] = {}
-
-            def index(geo: Any) -> np.ndarray:
-                if geo not in indexes:
-                    made = window_index(geo)
-                    indexes[geo] = self._account(made.shape, made.dtype)
-                    indexes[geo][...] = made
-                return indexes[geo]
-
             for out, layer in layers.items():
                 check = LayerCheck(layer, authentic[layer["weights"]], shm_shapes[layer["input"]],
-                                   shm_shapes[out], self._account, index)
+                                   shm_shapes[out], self._account)
                 self.checks[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
             scratch = self._account(max(c.scratch_elements for c in self.checks.values()), np.float32)

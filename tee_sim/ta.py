@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,13 +46,17 @@ class TrustedApp:
     SIGNER: ClassVar[str] = "tee_sim"
     # Other modules whose code the TA runs; their source is part of the measurement too.
     CODE_MODULES: ClassVar[tuple[str, ...]] = ()
+    # Native code it runs, by source file (measured as source, like the modules: the same on every
+    # device that built it, as a vendor's signed binary would be).
+    CODE_FILES: ClassVar[tuple[os.PathLike[str] | str, ...]] = ()
 
     tee: TEEServices  # set by the secure OS before create()
 
     @classmethod
     def code_identity(cls) -> bytes:
         """What the measurement hashes as "the code": the source of the module that defines the TA,
-        then that of each module in ``CODE_MODULES``, each behind its name and length."""
+        then that of each module in ``CODE_MODULES`` and each file in ``CODE_FILES``, each behind its
+        name and length."""
         path = inspect.getsourcefile(cls)
         if path is None:
             return f"{cls.__module__}:{cls.__qualname__}".encode()
@@ -64,6 +69,10 @@ class TrustedApp:
             with open(module_path, "rb") as f:
                 source = f.read()
             identity += f"\0{name}\0{len(source)}\0".encode() + source
+        for path in cls.CODE_FILES:
+            with open(path, "rb") as f:
+                source = f.read()
+            identity += f"\0{os.path.basename(path)}\0{len(source)}\0".encode() + source
         return identity
 
     @classmethod

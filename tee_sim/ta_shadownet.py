@@ -63,13 +63,14 @@ from tee_sim.ta_shadownet_commands import (
     UUID,
     Command,
 )
+from tee_sim.ta_shadownet_kernels import SOURCE as KERNEL_SOURCE
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import (
-    BlockMatmuls,
+    Linear,
     compile_push,
     compile_restore,
     elements,
-    prepare_matmuls,
+    prepare_linears,
     scratch_size,
 )
 
@@ -108,11 +109,10 @@ class _Model:
     interpreter: Any = None
     subgraphs: dict[str, int] = field(default_factory=dict)
     scratch: np.ndarray | None = None
-    chunk: int = 0  # elements of each of the scratch's three chunk buffers
-    matrices: dict[str, np.ndarray] = field(default_factory=dict)  # restore (by offset array) -> [M, N]
-    blocks: dict[str, BlockMatmuls] = field(default_factory=dict)  # restore (by offset array) -> matmuls
-    mixings: dict[str, tuple[np.ndarray | None, BlockMatmuls]] = field(
-        default_factory=dict)  # input mixing (by index array) -> (gather order, block matmuls)
+    stride: int = 0  # floats per pixel in the restore / push kernel's three tiles in scratch
+    tile: int = 0  # pixels per tile
+    restores: dict[str, Linear] = field(default_factory=dict)  # restore (by offset array) -> its form
+    mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     next_step: int = 0
@@ -139,7 +139,9 @@ class ShadowNetTA(TrustedApp):
     # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
     CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
                     "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
-                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push")
+                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push",
+                    "tee_sim.ta_shadownet_kernels")
+    CODE_FILES = (KERNEL_SOURCE,)
 
     def create(self) -> None:
         # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:
@@ -319,8 +321,7 @@ class ShadowNetTA(TrustedApp):
         model.views.clear()
         model.shm.clear()
         model.interpreter = None
-        model.matrices.clear()
-        model.blocks.clear()
+        model.restores.clear()
         model.mixings.clear()
         for array in model.held:
             self.tee.free(array)
@@ -352,9 +353,10 @@ class ShadowNetTA(TrustedApp):
                 _check_spec(spec, _count(p["shared_memory_size"]), f"shared buffer {name!r}")
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
-            model.chunk, scratch = scratch_size(p["steps"], lambda ref: self._shape(model, ref))
+            model.stride, model.tile, scratch = scratch_size(p["steps"], model.arrays,
+                                                             lambda ref: self._shape(model, ref))
             model.scratch = self._alloc(model, scratch, np.float32)
-            prepare_matmuls(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
+            prepare_linears(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
 

@@ -4,8 +4,8 @@ The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op 
 ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``, ``max_pool``; see
 ``converters.plan_numpy``); ``compile_numpy`` turns it into a closure over the preallocated arrays that
 the TA resolved, so running it allocates nothing. Each kernel is an IEEE add / multiply / max or a copy:
-the results are LiteRT's float kernels' bit for bit. The activations are also fused into restores
-(``activation_in_place``, ``tee_sim.ta_shadownet_restore_push``).
+the results are LiteRT's float kernels' bit for bit. (Activations that follow a restore are fused into
+it: ``tee_sim.ta_shadownet_restore_push``.)
 """
 
 from __future__ import annotations
@@ -19,30 +19,8 @@ BINARY_UFUNCS = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAXIMUM
                  "MINIMUM": np.minimum}
 
 
-def activation_in_place(kind: str | None, alpha: Any, tmp: np.ndarray) -> Callable[[np.ndarray], Any] | None:
-    """The in-place activation of a restore (LiteRT's float results: clamps, and for LEAKY_RELU with
-    0 <= alpha <= 1, max(x, alpha * x) == (x > 0 ? x : alpha * x))."""
-    if kind is None:
-        return None
-    if kind == "RELU":
-        return lambda x: np.maximum(x, 0, out=x)
-    if kind == "RELU6":
-        return lambda x: np.clip(x, 0, 6, out=x)
-    if kind == "RELU_N1_TO_1":
-        return lambda x: np.clip(x, -1, 1, out=x)
-    if kind == "LEAKY_RELU" and isinstance(alpha, float) and 0 <= alpha <= 1:
-        a = np.float32(alpha)
-
-        def leaky(x: np.ndarray) -> None:
-            scaled = tmp[:x.size].reshape(x.shape)
-            np.multiply(x, a, out=scaled)
-            np.maximum(x, scaled, out=x)
-        return leaky
-    raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
-
-
 def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
-    """``dst = activation(src)`` in one pass (the same float32 results as ``activation_in_place``)."""
+    """``dst = activation(src)`` in one pass."""
     if kind == "RELU":
         return lambda: np.maximum(src, 0, out=dst)
     if kind == "RELU6":

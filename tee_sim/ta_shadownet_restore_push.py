@@ -3,49 +3,164 @@ accelerator.
 
 - ``restore``: accelerator output y' -> ``y = sum_j coef_j * y'[..., index_j] + offset`` (offset = bias
   minus the pop mask, precombined offline; the bias alone, per channel, where no static mask is popped),
-  then the fused activation, in place;
+  then the fused activation;
 - ``push``: ``dst = x[..., permutation] + mask`` (or the input channels mixed,
-  ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``, as block matmuls; no mask on a
-  round the scheme leaves unmasked) into the next round's shared input buffer - the result is computed
-  in secure memory (or written element by element by one ufunc), so no value before its permutation,
-  mixing and mask ever lands in shared memory, not even transiently.
+  ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``; no mask on a round the scheme
+  leaves unmasked) into the next round's shared input buffer.
 
-Both run a chunk of rows at a time through three small scratch buffers of secure memory, and compile to
-closures over preallocated arrays (``tee_sim.ta_shadownet`` allocates them at load and binds them).
+A restore that feeds the next round's push only carries that push's fields and does both. Each
+instruction runs as one call of the C kernel ``sn_run`` (``tee_sim/ta_shadownet_kernels.c``, which says
+why C): one pass over the tensor, a tile of pixels at a time, every intermediate value in the secure
+scratch, so no value before its permutation, mixing and mask ever lands in shared memory, not even
+transiently. Its parameters - pointers into preallocated arrays and the restore's prepared form (block
+matrices padded to the kernel's ``LANES``) - are packed into a ``ctypes`` structure once, when the
+program is bound; running an instruction is one foreign call.
 
-Why these kernels (measured on MobileNet-sized tensors, one core): numpy's ``take`` gather + in-place
-multiply-add beats LiteRT's GATHER/MUL/ADD for the restore; a matmul against the dense ``[M, N]`` restore
-matrix does the same in one pass and wins while the matrix is small (few channels), the gather wins at
-large channel counts; both are exact (the matrix holds the same coefficients and zeros). A restore that
-is block diagonal over contiguous channel ranges (group-mixing schemes) runs as one small matmul per block.
-Gathers use ``mode="wrap"``: every index is checked once at bind time, and numpy's wrap loop is ~1.4x
-faster than its clip loop (0.83 vs 1.20 ns an element, 3136 x 128 of 153 channels).
+The restore's form is chosen at load (``prepare_linears``): a dense matrix while it is small
+(``MATMUL_MAX_ENTRIES``), block matmuls when it is block diagonal over contiguous channel ranges
+(group-mixing schemes; ``block_matmuls``), else a k-term gather (the paper's scheme: two terms); an
+input mixing likewise as block matmuls, after one gather when a block's channels are scattered.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from tee_sim.ta_shadownet_numpy_ops import activation_in_place, interior
+from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
+from tee_sim.ta_shadownet_numpy_ops import interior
 
-# A matmul restore reads the [M, N] matrix once per output pixel; below this many matrix entries it beats
-# the 2-3 gather passes (measured: benchmarks in the converter tests' notes; both are exact).
+# A dense restore reads its [M, N] matrix once per output pixel; up to this many entries it costs about
+# what the gather's scattered loads cost, and it is one vectorized loop (both are exact).
 MATMUL_MAX_ENTRIES = 2048
-# A restore whose matrix is block diagonal (contiguous source channels -> contiguous output channels,
-# e.g. a scheme that mixes groups of channels) runs as one small matmul per block, writing its output
-# slice in place: 3-5x faster than k gather passes at k = 4-16 terms (MobileNet-sized layers, one core).
-# Used when the blocks are at least this wide on average and cost at most this many multiply-adds per
-# output element (a fully dense restore costs M).
+# A restore (or input mixing) that is block diagonal over contiguous channel ranges runs as block
+# matmuls when the blocks are at least this wide on average and cost at most this many multiply-adds per
+# output element (a fully dense restore costs M); otherwise as a gather.
 BLOCK_MIN_MEAN_WIDTH = 4
 BLOCK_MAX_MACS_PER_OUTPUT = 64
-# Restores and pushes run a chunk of rows at a time (about this many float32 elements): whatever is still
-# unmasked or half-restored sits in three small scratch buffers of secure memory, not full-size copies.
-CHUNK = 1 << 16
+# The kernel works on tiles of up to this many floats (a tile of pixels of one row, each pixel's channels
+# plus a vector's spill), three of them: they stay in the core's L1/L2 cache between the stages.
+TILE_FLOATS = 8192
+MAX_TILE_PIXELS = 256
 
 BlockMatmuls = list[tuple[slice, slice, np.ndarray]]
+
+_NONE, _GATHER, _BLOCKS, _SCALE = 0, 1, 2, 3
+ACTIVATIONS = {None: 0, "RELU": 1, "RELU6": 2, "RELU_N1_TO_1": 3, "LEAKY_RELU": 4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C kernel
+# ---------------------------------------------------------------------------------------------------
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("n_in", ctypes.c_int32), ("n_out", ctypes.c_int32),
+                ("k", ctypes.c_int32), ("index", ctypes.c_void_p), ("coef", ctypes.c_void_p),
+                ("order", ctypes.c_void_p), ("n_order", ctypes.c_int32), ("nblocks", ctypes.c_int32),
+                ("blocks", ctypes.c_void_p), ("mats", ctypes.c_void_p), ("perm", ctypes.c_void_p)]
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("row", ctypes.c_int64), ("pix", ctypes.c_int64)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("src", _Tensor), ("a", _Linear),
+                ("offset", _Tensor), ("activation", ctypes.c_int32), ("alpha", ctypes.c_float),
+                ("b", _Linear), ("mask", _Tensor), ("dst", ctypes.c_void_p), ("dst_row", ctypes.c_int64),
+                ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
+                ("stride", ctypes.c_int64), ("tile", ctypes.c_int64)]
+
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear maps of a pixel's channels, prepared at load
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Linear:
+    """A linear map of each pixel's channels in the form the kernel runs (``sn_linear``): ``kind`` gather
+    (``index``/``coef`` ``[k, n_out]``, coef None for ones), scale (``coef`` ``[n_out]``, None: a copy) or
+    blocks (``blocks`` ``[nblocks, 5]``: source start, width in, output start, width out, offset of the
+    block's matrix in ``mats``, after an optional ``order`` gather), then an optional ``perm``. The arrays
+    live in secure memory."""
+
+    kind: int
+    n_in: int
+    n_out: int
+    index: np.ndarray | None = None
+    coef: np.ndarray | None = None
+    order: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    mats: np.ndarray | None = None
+    perm: np.ndarray | None = None
+
+    def struct(self) -> _Linear:
+        return _Linear(self.kind, self.n_in, self.n_out, 0 if self.index is None else self.index.shape[0],
+                       _address(self.index), _address(self.coef), _address(self.order),
+                       0 if self.order is None else self.order.size,
+                       0 if self.blocks is None else self.blocks.shape[0], _address(self.blocks),
+                       _address(self.mats), _address(self.perm))
+
+
+_NO_LINEAR = _Linear(_NONE, 0, 0, 0, None, None, None, 0, 0, None, None, None)
+
+
+def _address(array: np.ndarray | None) -> int | None:
+    return None if array is None else array.ctypes.data
+
+
+Alloc = Callable[[Any, Any], np.ndarray]
+
+
+def _kept(alloc: Alloc, array: np.ndarray, dtype: Any) -> np.ndarray:
+    kept = alloc(array.shape, dtype)
+    kept[...] = array
+    return kept
+
+
+def gather_linear(index: np.ndarray, coef: np.ndarray, n_in: int, alloc: Alloc,
+                  perm: np.ndarray | None = None) -> Linear:
+    """``out[n] = sum_j coef[j, n] * in[index[j, n]]``, output channels permuted by ``perm`` (folded in)."""
+    if index.ndim != 2 or index.shape != coef.shape or index.shape[0] < 1 \
+            or index.min(initial=0) < 0 or index.max(initial=0) >= n_in:
+        raise ValueError(f"inconsistent gather of {n_in} channels: index {index.shape}, coef {coef.shape}")
+    if perm is not None:
+        index, coef = index[:, perm], coef[:, perm]
+    n_out = index.shape[1]
+    ones = bool(np.all(coef == 1))
+    if index.shape[0] == 1 and n_in == n_out and np.array_equal(index[0], np.arange(n_out)):
+        return Linear(_SCALE, n_in, n_out, coef=None if ones else _kept(alloc, coef[0], np.float32))
+    return Linear(_GATHER, n_in, n_out, index=_kept(alloc, index, np.int32),
+                  coef=None if ones else _kept(alloc, coef, np.float32))
+
+
+def block_linear(order: np.ndarray | None, blocks: BlockMatmuls, n_in: int, n_out: int, alloc: Alloc,
+                 perm: np.ndarray | None = None) -> Linear:
+    """``block_matmuls``' plan as the kernel's blocks: matrices padded to ``LANES`` columns, in order of
+    their output ranges (which must tile ``[0, n_out)``)."""
+    blocks = sorted(blocks, key=lambda b: b[1].start)
+    at, table, total = 0, [], 0
+    for rows, cols, matrix in blocks:
+        if cols.start != at or matrix.shape != (rows.stop - rows.start, cols.stop - cols.start):
+            raise ValueError("block matmuls that do not tile the output")
+        at = cols.stop
+        table.append((rows.start, matrix.shape[0], cols.start, matrix.shape[1], total))
+        total += matrix.shape[0] * -(-matrix.shape[1] // LANES) * LANES
+    if at != n_out:
+        raise ValueError("block matmuls that do not tile the output")
+    mats = alloc((max(total, 1),), np.float32)
+    for (_, _, matrix), (_, width_in, _, width_out, offset) in zip(blocks, table, strict=True):
+        padded = -(-width_out // LANES) * LANES
+        mats[offset:offset + width_in * padded].reshape(width_in, padded)[:, :width_out] = matrix
+    return Linear(_BLOCKS, n_in, n_out, order=None if order is None else _kept(alloc, order, np.int32),
+                  blocks=_kept(alloc, np.asarray(table, np.int32).reshape(-1, 5), np.int32), mats=mats,
+                  perm=None if perm is None else _kept(alloc, perm, np.int32))
 
 
 class LoadedModel(Protocol):
@@ -53,259 +168,45 @@ class LoadedModel(Protocol):
 
     arrays: dict[str, np.ndarray]
     scratch: np.ndarray | None
-    chunk: int  # elements of each of the scratch's three chunk buffers
-    matrices: dict[str, np.ndarray]  # restore (by offset array) -> [M, N]
-    blocks: dict[str, BlockMatmuls]  # restore (by offset array) -> block matmuls
-    mixings: dict[str, tuple[np.ndarray | None, BlockMatmuls]]  # input mixing -> (gather order, blocks)
+    stride: int  # floats per pixel in the kernel's three tiles in ``scratch``
+    tile: int  # pixels per tile
+    restores: dict[str, Linear]  # restore (by offset array) -> its linear map
+    mixings: dict[str, Linear]  # input mixing (by index array) -> its linear map
 
 
-def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
-                 dst: np.ndarray) -> Callable[[], Any]:
-    """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory)."""
-    mask = _push_mask(model.arrays, instr, dst)
-    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
-    if src.shape != out.shape:
-        raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
-    perm = permutation(model.arrays, instr["permutation"], src.shape[-1])
-    if instr.get("input_index"):
-        return _compile_mixing_push(model, instr, src, out, inner_mask, border)
-    if perm is None:
-        def push_plain() -> None:
-            for d, s in border:
-                np.copyto(d, s)
-            np.add(src, inner_mask, out=out)
-        return push_plain
-    # The permuted, still unmasked values only ever sit in secure scratch, a chunk at a time.
-    work = model.scratch[:model.chunk]
-    chunks = [(src[sl], _chunk_of(work, out[sl].shape), inner_mask[sl], out[sl])
-              for sl in _row_chunks(out.shape)]
-
-    def push() -> None:
-        for d, s in border:
-            np.copyto(d, s)
-        for s, w, m, o in chunks:
-            np.take(s, perm, axis=-1, out=w, mode="wrap")
-            np.add(w, m, out=o)
-    return push
-
-
-def _mixer(model: LoadedModel, instr: dict[str, Any],
-           channels: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-    """``mix(x, out, tmp)``: ``out[:, c] = sum_j input_coef[j, c] * x[:, input_index[j, c]]`` for
-    ``[rows, channels]`` chunks; one gather into ``tmp`` when a block's channels are scattered, then
-    one small matmul per block (or, without block structure, the gather passes of a restore)."""
-    index, coef = model.arrays[instr["input_index"]], model.arrays[instr["input_coef"]]
-    if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != channels
-            or coef.dtype != np.float32 or index.min(initial=0) < 0 or index.max(initial=0) >= channels
-            or instr.get("permutation") is not None):
-        raise ValueError(f"{instr['op']} {instr['src']}: inconsistent input mixing")
-    plan = model.mixings.get(instr["input_index"])
-    if plan is not None:
-        order, blocks = plan
-        order = None if order is None else order.astype(np.intp)
-
-        def mix_blocks(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-            if order is not None:
-                np.take(x, order, axis=1, out=tmp, mode="clip")
-                x = tmp
-            for rows, cols, matrix in blocks:
-                np.matmul(x[:, rows], matrix, out=out[:, cols])
-        return mix_blocks
-    (first, first_coef), *rest = [(i.astype(np.intp), c) for i, c in zip(index, coef, strict=True)]
-
-    def mix_gather(x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-        np.take(x, first, axis=1, out=out, mode="clip")
-        np.multiply(out, first_coef, out=out)
-        for i, c in rest:
-            np.take(x, i, axis=1, out=tmp, mode="clip")
-            np.multiply(tmp, c, out=tmp)
-            np.add(out, tmp, out=out)
-    return mix_gather
-
-
-def _compile_mixing_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, out: np.ndarray,
-                         mask: np.ndarray, border: list[tuple[np.ndarray, np.ndarray]]
-                         ) -> Callable[[], Any]:
-    """A push whose input channels are mixed: chunk by chunk through secure scratch, then masked."""
-    c = src.shape[-1]
-    if not src.flags.c_contiguous:
-        raise ValueError(f"push {instr['src']}: the source is not contiguous")
-    mix = _mixer(model, instr, c)
-    work, term = model.scratch[:model.chunk], model.scratch[model.chunk:2 * model.chunk]
-    # Unmasked, block mixing writes each block's final values once: straight into shared memory (as in
-    # compile_restore).
-    direct = instr["mask"] is None and instr["input_index"] in model.mixings
-    chunks = []
-    for sl in _row_chunks(out.shape):
-        s, o = src[sl].reshape(-1, c), out[sl]
-        if direct and o.flags.c_contiguous:
-            chunks.append((s, o.reshape(-1, c), _chunk_of(term, s.shape), None, None))
-        else:
-            chunks.append((s, _chunk_of(work, s.shape), _chunk_of(term, s.shape), mask[sl], o))
-
-    def push() -> None:
-        for d, m in border:
-            np.copyto(d, m)
-        for s, w, t, m, o in chunks:
-            mix(s, w, t)
-            if o is not None:
-                np.add(w.reshape(o.shape), m, out=o)
-    return push
-
-
-def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
-                    dst: np.ndarray) -> Callable[[], Any]:
-    """``restore``, fused with the next round's push when it carries that push's ``mask`` field (a
-    name, or None for an unmasked round): then ``dst`` is that round's shared input buffer and the
-    restored values are permuted (``permutation``) or mixed, masked and padded (``pad``) on their way
-    there, a chunk at a time through secure scratch. ``offset`` is in the output's channel order (a
-    full tensor, or per channel when no static mask is popped), ``index`` / ``coef`` in the restored
-    one."""
-    index, coef, offset = (model.arrays[instr[k]] for k in ("index", "coef", "offset"))
-    m, n = src.shape[-1], index.shape[1]
-    fused = "mask" in instr
-    out, mask, border = dst, None, []
-    if fused:
-        mask = _push_mask(model.arrays, instr, dst)
-        out, mask, border = _masked_destination(dst, mask, instr.get("pad"))
-    elif instr.get("pad") is not None:
-        raise ValueError(f"restore {instr['src']}: padding without a push")
-    per_channel = offset.shape == (n,) and out.shape != (n,)
-    if (index.ndim != 2 or index.shape != coef.shape or out.shape[-1] != n
-            or (offset.shape != out.shape and not per_channel)
-            or src.shape[:-1] != out.shape[:-1]
-            or index.min(initial=0) < 0 or index.max(initial=0) >= m or src.dtype != np.float32):
-        raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
-    perm = permutation(model.arrays, instr.get("permutation"), n)
-    # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
-    mix = _mixer(model, instr, n) if fused and instr.get("input_index") else None
-    cap = model.chunk
-    work, term, spare = (model.scratch[i * cap:(i + 1) * cap] for i in range(3))
-    matrix = model.matrices.get(instr["offset"])  # permuted at load
-    blocks = model.blocks.get(instr["offset"])
-    terms = [(idx.astype(np.intp) if perm is None else idx[perm].astype(np.intp),
-              (None if np.all(c == 1) else c) if perm is None else
-              (None if np.all(c == 1) else np.ascontiguousarray(c[perm])))
-             for idx, c in zip(index, coef, strict=True)]
-    kind, alpha = instr["activation"], instr["alpha"]
-    # Never in place into a push's shared buffer: the values before mixing and masking stay secure.
-    in_place = not fused and out.flags.c_contiguous
-    # Except an unmasked push's block mixing, which writes each block's final values once: straight into
-    # shared memory, one pass less. (The gather fallback sums partial terms there: not that one.)
-    unmasked = fused and instr["mask"] is None
-    mix_into_place = unmasked and mix is not None and instr["input_index"] in model.mixings
-    chunks = []
-    for sl in _row_chunks(out.shape):
-        o = out[sl]
-        direct = in_place or (mix_into_place and o.flags.c_contiguous)
-        w = o.reshape(-1, n) if in_place else _chunk_of(work, (o.size // n, n))
-        t = _chunk_of(term, w.shape)
-        v = o.reshape(-1, n) if direct and mix is not None else _chunk_of(spare, w.shape)
-        pushed = w if mix is None else v
-        chunks.append((src[sl].reshape(-1, m), w, offset if per_channel else offset[sl].reshape(w.shape),
-                       t, v,
-                       activation_in_place(kind, alpha, t),
-                       # A strided destination (a slice of a concatenation), or an unmasked push's,
-                       # gets the chunk copied.
-                       None if direct else (pushed.reshape(o.shape), None if mask is None or unmasked
-                                            else mask[sl], o)))
-
-    if matrix is not None:
-        def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-            np.matmul(s, matrix, out=w)
-    elif blocks is not None:
-        def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-            target = w if perm is None else v
-            for rows, cols, part in blocks:
-                np.matmul(s[:, rows], part, out=target[:, cols])
-            if perm is not None:
-                np.take(v, perm, axis=1, out=w, mode="wrap")
-    else:
-        (first, first_coef), rest = terms[0], terms[1:]
-        # A first term that reads each channel in place (a depthwise layer's scales) needs no gather.
-        identity = m == n and np.array_equal(first, np.arange(n))
-
-        def linear(s: np.ndarray, w: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-            if identity and first_coef is None:
-                np.copyto(w, s)
-            elif identity:
-                np.multiply(s, first_coef, out=w)
-            else:
-                np.take(s, first, axis=1, out=w, mode="wrap")
-                if first_coef is not None:
-                    np.multiply(w, first_coef, out=w)
-            for idx, c in rest:
-                np.take(s, idx, axis=1, out=t, mode="wrap")
-                if c is not None:
-                    np.multiply(t, c, out=t)
-                np.add(w, t, out=w)
-
-    def restore() -> None:
-        for d, s in border:
-            np.copyto(d, s)
-        for s, w, off, t, v, activation, masked in chunks:
-            linear(s, w, t, v)
-            np.add(w, off, out=w)
-            if activation is not None:
-                activation(w)
-            if mix is not None:
-                mix(w, v, t)
-            if masked is not None:
-                if masked[1] is None:
-                    np.copyto(masked[2], masked[0])
-                else:
-                    np.add(masked[0], masked[1], out=masked[2])
-    return restore
-
-
-def permutation(arrays: dict[str, np.ndarray], name: str | None, channels: int) -> np.ndarray | None:
-    if name is None:
-        return None
-    perm = arrays[name]
-    if perm.shape != (channels,) or np.any(np.sort(perm) != np.arange(channels)):
-        raise ValueError(f"{name}: not a permutation of {channels} channels")
-    return perm.astype(np.intp)
-
-
-def prepare_matmuls(model: LoadedModel, steps: list[list[dict[str, Any]]], shared_buffers: dict[str, Any],
-                    alloc: Callable[[Any, Any], np.ndarray]) -> None:
-    """At load, choose the kernel of each input mixing (block matmuls, else gathers) and each restore (a
-    dense matrix while it is small, else block matmuls, else gathers): ``model.mixings``,
-    ``model.matrices`` and ``model.blocks`` get the matrices, in secure memory from ``alloc(shape,
-    dtype)``."""
-    def keep(array: np.ndarray) -> np.ndarray:
-        kept = alloc(array.shape, array.dtype)
-        kept[...] = array
-        return kept
-
+def prepare_linears(model: LoadedModel, steps: list[list[dict[str, Any]]], shared_buffers: dict[str, Any],
+                    alloc: Alloc) -> None:
+    """At load, the form of each input mixing (block matmuls, else a gather) and each restore (a dense
+    matrix while it is small, else block matmuls, else a gather): ``model.mixings`` and
+    ``model.restores``, in secure memory from ``alloc(shape, dtype)``."""
     for i in (i for step in steps for i in step if i.get("input_index")):
         index, coef = model.arrays[i["input_index"]], model.arrays[i["input_coef"]]
-        plan = block_matmuls(index, coef, index.shape[1], gather=True)
-        if plan is not None:
-            model.mixings[i["input_index"]] = (plan[0], [(rows, cols, keep(matrix))
-                                                         for rows, cols, matrix in plan[1]])
+        n = index.shape[1] if index.ndim == 2 else 0
+        plan = block_matmuls(index, coef, n, gather=True)
+        model.mixings[i["input_index"]] = gather_linear(index, coef, n, alloc) if plan is None \
+            else block_linear(plan[0], plan[1], n, n, alloc)
     for i in (i for step in steps for i in step if i["op"] == "restore"):
         m = shared_buffers[i["src"].removeprefix("shm:")]["shape"][-1]
-        n = model.arrays[i["index"]].shape[1]
-        if m * n <= MATMUL_MAX_ENTRIES:
-            perm = permutation(model.arrays, i.get("permutation"), n)
-            model.matrices[i["offset"]] = restore_matrix(model.arrays, i, m, perm, alloc)
+        index, coef = model.arrays[i["index"]], model.arrays[i["coef"]]
+        n = index.shape[1] if index.ndim == 2 else 0
+        perm = permutation(model.arrays, i.get("permutation"), n)
+        if index.ndim == 2 and index.shape == coef.shape and m * n <= MATMUL_MAX_ENTRIES:
+            matrix = restore_matrix(index, coef, m, perm)
+            whole = [(slice(0, m), slice(0, n), matrix)]
+            model.restores[i["offset"]] = block_linear(None, whole, m, n, alloc)
             continue
-        blocks = restore_blocks(model.arrays[i["index"]], model.arrays[i["coef"]], m)
-        if blocks is not None:
-            model.blocks[i["offset"]] = [(rows, cols, keep(matrix)) for rows, cols, matrix in blocks]
+        blocks = restore_blocks(index, coef, m) if index.ndim == 2 and index.shape == coef.shape else None
+        model.restores[i["offset"]] = gather_linear(index, coef, m, alloc, perm) if blocks is None \
+            else block_linear(None, blocks, m, n, alloc, perm)
 
 
-def restore_matrix(arrays: dict[str, np.ndarray], instr: dict[str, Any], m: int, perm: np.ndarray | None,
-                   alloc: Callable[[Any, Any], np.ndarray]) -> np.ndarray:
-    """The restore as a dense ``[M, N]`` matrix, its columns in the output's channel order, in secure
-    memory from ``alloc(shape, dtype)``."""
-    index, coef = arrays[instr["index"]], arrays[instr["coef"]]
+def restore_matrix(index: np.ndarray, coef: np.ndarray, m: int, perm: np.ndarray | None) -> np.ndarray:
+    """The restore as a dense ``[M, N]`` matrix, its columns in the output's channel order."""
     if index.min(initial=0) < 0 or index.max(initial=0) >= m:
-        raise ValueError(f"restore {instr['src']}: index out of range")
+        raise ValueError("restore index out of range")
     if perm is not None:
         index, coef = index[:, perm], coef[:, perm]
-    matrix = alloc((m, index.shape[1]), np.float32)
+    matrix = np.zeros((m, index.shape[1]), np.float32)
     columns = np.arange(index.shape[1])
     for j in range(index.shape[0]):
         matrix[index[j], columns] += coef[j]
@@ -327,6 +228,8 @@ def block_matmuls(index: np.ndarray, coef: np.ndarray, m: int, gather: bool
     ``src'`` is ``src`` itself (``order`` None: each set's source channels span a range, gaps as zero
     rows) or, with ``gather``, ``src[:, order]`` (one gather puts each set's source channels side by
     side). None when a set's output channels are not contiguous or the blocks do not pay (``BLOCK_*``)."""
+    if index.ndim != 2 or index.shape != coef.shape:
+        return None
     k, n = index.shape
     if n == 0 or index.min() < 0 or index.max() >= m:
         return None
@@ -368,48 +271,174 @@ def block_matmuls(index: np.ndarray, coef: np.ndarray, m: int, gather: bool
     return order, blocks
 
 
+def permutation(arrays: dict[str, np.ndarray], name: str | None, channels: int) -> np.ndarray | None:
+    if name is None:
+        return None
+    perm = arrays[name]
+    if perm.shape != (channels,) or np.any(np.sort(perm) != np.arange(channels)):
+        raise ValueError(f"{name}: not a permutation of {channels} channels")
+    return perm.astype(np.intp)
 
 
-def _row_chunks(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
-    """Index tuples cutting a ``[1, H, W, C]`` tensor into runs of whole rows of about ``CHUNK``
-    elements; any other shape is one chunk."""
-    if len(shape) == 4 and shape[0] == 1:
-        rows = max(1, CHUNK // max(shape[2] * shape[3], 1))
-        return [(slice(None), slice(h, min(h + rows, shape[1]))) for h in range(0, shape[1], rows)]
-    return [()]
+# ---------------------------------------------------------------------------------------------------
+# The instructions
+# ---------------------------------------------------------------------------------------------------
+
+def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
+                 dst: np.ndarray) -> Callable[[], Any]:
+    """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory)."""
+    mask = _push_mask(model.arrays, instr, dst)
+    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
+    if src.shape != out.shape:
+        raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
+    c = src.shape[-1]
+    perm = permutation(model.arrays, instr["permutation"], c)
+    if instr.get("input_index"):
+        if perm is not None:
+            raise ValueError(f"push {instr['src']}: both a permutation and a mixing")
+        transform = _mixing(model, instr, c)
+    elif perm is not None:
+        transform = Linear(_GATHER, c, c, index=perm.astype(np.int32)[None])
+    else:
+        transform = None
+    return _compile(model, src, None, None, 0, 0.0, transform, inner_mask, out, border)
 
 
-def chunk_elements(shape: tuple[int, ...]) -> int:
-    """Elements of the largest chunk of ``shape`` (see ``_row_chunks``)."""
-    if len(shape) == 4 and shape[0] == 1:
-        row = shape[2] * shape[3]
-        return min(shape[1], max(1, CHUNK // max(row, 1))) * row
-    return elements(list(shape))
+def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
+                    dst: np.ndarray) -> Callable[[], Any]:
+    """``restore``, fused with the next round's push when it carries that push's ``mask`` field (a
+    name, or None for an unmasked round): then ``dst`` is that round's shared input buffer and the
+    restored values are permuted (``permutation``) or mixed, masked and padded (``pad``) on their way
+    there. ``offset`` is in the output's channel order (a full tensor, or per channel when no static
+    mask is popped), ``index`` / ``coef`` in the restored one."""
+    index, offset = model.arrays[instr["index"]], model.arrays[instr["offset"]]
+    m, n = src.shape[-1], index.shape[1] if index.ndim == 2 else -1
+    fused = "mask" in instr
+    out, mask, border = dst, None, []
+    if fused:
+        out, mask, border = _masked_destination(dst, _push_mask(model.arrays, instr, dst), instr.get("pad"))
+    elif instr.get("pad") is not None:
+        raise ValueError(f"restore {instr['src']}: padding without a push")
+    per_channel = offset.shape == (n,) and out.shape != (n,)
+    restore = model.restores.get(instr["offset"])
+    if (restore is None or restore.n_in != m or restore.n_out != n or out.shape[-1] != n
+            or (offset.shape != out.shape and not per_channel) or src.shape[:-1] != out.shape[:-1]
+            or src.dtype != np.float32 or offset.dtype != np.float32):
+        raise ValueError(f"restore {instr['src']} -> {instr['dst']}: inconsistent shapes")
+    kind, alpha = instr["activation"], instr["alpha"]
+    if kind not in ACTIVATIONS or kind == "LEAKY_RELU" and not (isinstance(alpha, float) and 0 <= alpha <= 1):
+        raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
+    # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
+    transform = _mixing(model, instr, n) if fused and instr.get("input_index") else None
+    return _compile(model, src, restore, offset, ACTIVATIONS[kind], alpha or 0.0, transform, mask, out,
+                    border)
 
 
-def _chunk_of(scratch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    size = elements(list(shape))
-    if size > scratch.size:
-        raise ValueError(f"a chunk of {shape} does not fit the scratch ({scratch.size} elements)")
-    return scratch[:size].reshape(shape)
+def _mixing(model: LoadedModel, instr: dict[str, Any], channels: int) -> Linear:
+    mixing = model.mixings.get(instr["input_index"])
+    if mixing is None or mixing.n_in != channels or mixing.n_out != channels:
+        raise ValueError(f"{instr['op']} {instr['src']}: inconsistent input mixing")
+    return mixing
 
 
-def _push_mask(arrays: dict[str, np.ndarray], instr: dict[str, Any], dst: np.ndarray) -> np.ndarray:
-    """A push's mask: the program's array, or for an unmasked round (``mask`` None) zeros as a broadcast
-    view, which costs no memory."""
+def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset: np.ndarray | None,
+             activation: int, alpha: float, transform: Linear | None, mask: np.ndarray | None,
+             out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]]) -> Callable[[], Any]:
+    """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy)."""
+    rows, cols, src_row, src_pix = _grid(src)
+    grid = (rows, cols)
+    if _grid(out)[:2] != grid:
+        raise ValueError(f"{src.shape} -> {out.shape}: not the same pixels")
+    channels = out.shape[-1]
+    last = transform or restore
+    if (last.n_out if last is not None else src.shape[-1]) != channels:
+        raise ValueError(f"{src.shape} -> {out.shape}: the channels do not match")
+    maps = [m for m in (restore, transform) if m is not None]
+    widest = max(src.shape[-1], channels, *(m.n_in for m in maps),
+                 *(m.order.size for m in maps if m.order is not None))
+    if widest + LANES > model.stride or model.scratch is None \
+            or model.scratch.size < 3 * model.tile * model.stride:
+        raise ValueError(f"{src.shape} -> {out.shape}: wider than the kernel's scratch")
+    step = _Step()
+    step.rows, step.cols = grid
+    step.src = _Tensor(src.ctypes.data, src_row, src_pix)
+    step.a = restore.struct() if restore is not None else _NO_LINEAR
+    step.offset = _tensor(offset, grid)
+    step.activation, step.alpha = activation, alpha
+    step.b = transform.struct() if transform is not None else _NO_LINEAR
+    step.mask = _tensor(mask, grid)
+    _, _, step.dst_row, step.dst_pix = _grid(out)
+    step.dst, step.channels = out.ctypes.data, channels
+    step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
+    # The arrays the structure points into, kept alive with it.
+    keep = (step, src, out, offset, mask, restore, transform)
+    run, address = LIBRARY.sn_run, ctypes.addressof(step)
+    if not border:
+        return lambda keep=keep: run(address)
+
+    def with_border(keep: tuple = keep) -> None:
+        for d, m in border:
+            np.copyto(d, 0 if m is None else m)
+        run(address)
+    return with_border
+
+
+def _grid(array: np.ndarray) -> tuple[int, int, int, int]:
+    """``(rows, cols, row stride, pixel stride)``, strides in floats, of a float32 tensor whose channels
+    (last axis) are contiguous and whose other axes collapse into a grid of rows and columns."""
+    if array.dtype != np.float32 or array.ndim == 0 or (array.shape[-1] > 1 and array.strides[-1] != 4):
+        raise ValueError(f"a {array.dtype} {array.shape} tensor with strides {array.strides}")
+    lead, strides = array.shape[:-1], [s // 4 for s in array.strides[:-1]]
+    if any(s % 4 for s in array.strides):
+        raise ValueError(f"misaligned strides {array.strides}")
+    if not lead:
+        return 1, 1, 0, 0
+    cols, pix = lead[-1], strides[-1]
+    rows, row = 1, 0
+    for axis in range(len(lead) - 1):
+        if lead[axis] != 1:
+            rows, row = _collapse(rows, row, lead[axis], strides[axis])
+    return int(rows), int(cols), int(row), int(pix)
+
+
+def _collapse(rows: int, row: int, n: int, stride: int) -> tuple[int, int]:
+    """Rows ``rows`` of stride ``row`` followed by an axis of ``n`` of stride ``stride``, as one."""
+    if rows == 1:
+        return n, stride
+    if row != n * stride:
+        raise ValueError("a tensor whose leading axes do not collapse into rows")
+    return rows * n, stride
+
+
+def _tensor(array: np.ndarray | None, grid: tuple[int, int]) -> _Tensor:
+    """An offset or mask: absent, one vector for every pixel, or a tensor on ``grid``."""
+    if array is None:
+        return _Tensor(None, 0, 0)
+    if array.ndim == 1:
+        if array.dtype != np.float32 or not array.flags.c_contiguous:
+            raise ValueError(f"a per-channel {array.dtype} {array.shape}")
+        return _Tensor(array.ctypes.data, 0, 0)
+    rows, cols, row, pix = _grid(array)
+    if (rows, cols) != grid:
+        raise ValueError(f"{array.shape}: not the output's pixels")
+    return _Tensor(array.ctypes.data, row, pix)
+
+
+def _push_mask(arrays: dict[str, np.ndarray], instr: dict[str, Any], dst: np.ndarray) -> np.ndarray | None:
+    """A push's mask: the program's array, or None for an unmasked round."""
     if instr["mask"] is None:
-        return np.broadcast_to(np.float32(0), dst.shape)
+        return None
     mask = arrays[instr["mask"]]
     if mask.shape != dst.shape or mask.dtype != np.float32:
         raise ValueError(f"push into {instr['dst']}: mask {mask.shape} for {dst.shape}")
     return mask
 
 
-def _masked_destination(dst: np.ndarray, mask: np.ndarray, pad: Any) -> tuple[
-        np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any) -> tuple[
+        np.ndarray, np.ndarray | None, list[tuple[np.ndarray, np.ndarray | None]]]:
     """For a push into ``dst`` (shared memory) of a tensor zero-padded by ``pad`` (or None): the interior
     that receives ``x + mask``, the mask's interior, and the border's (destination, mask) slices, where
-    the value is ``0 + mask``."""
+    the value is ``0 + mask`` (0 where there is no mask)."""
     if pad is None:
         return dst, mask, []
     if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
@@ -423,31 +452,31 @@ def _masked_destination(dst: np.ndarray, mask: np.ndarray, pad: Any) -> tuple[
         for part in (slice(0, before), slice(dst.shape[axis] - after, dst.shape[axis])):
             if part.stop > part.start:
                 index = (*head, part)
-                border.append((dst[index], mask[index]))
-    return dst[inner], mask[inner], border
+                border.append((dst[index], None if mask is None else mask[index]))
+    return dst[inner], None if mask is None else mask[inner], border
 
 
 def elements(shape: list[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def scratch_size(steps: list[list[dict[str, Any]]],
-                 shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int]:
-    """``(chunk, scratch)`` in float32 elements: the largest chunk a restore or a permuting / mixing push
-    works on, and the secure scratch they share (three chunks) with padded max pools (a padded copy of
-    their input). ``shape_of(ref)``: the shape of a buffer the program names."""
-    def restore_shape(instr: dict[str, Any]) -> tuple[int, ...]:  # its destination less a push's border
-        shape, pad = shape_of(instr["dst"]), instr.get("pad")
-        return shape if pad is None else tuple(n - a - b for n, (a, b) in zip(shape, pad, strict=True))
-
-    instrs = [i for step in steps for i in step]
-    chunk = max([1] + [chunk_elements(restore_shape(i)) for i in instrs if i["op"] == "restore"]
-                + [chunk_elements(shape_of(i["src"])) for i in instrs
-                   if i["op"] == "push" and (i["permutation"] is not None or i.get("input_index"))])
-    scratch = 3 * chunk
-    for i in instrs:
-        if i["op"] == "max_pool" and any(map(any, i["pad"])):
-            n, h, w, c = shape_of(i["srcs"][0])
-            (top, bottom), (left, right) = i["pad"]
-            scratch = max(scratch, n * (h + top + bottom) * (w + left + right) * c)
-    return chunk, scratch
+def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray],
+                 shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int, int]:
+    """``(stride, tile, scratch)``: the floats per pixel in the kernel's tiles (the widest channel count of
+    a restore or push, plus a vector's spill), the pixels per tile, and the float32 elements of the secure
+    scratch that its three tiles share with padded max pools (a padded copy of their input).
+    ``shape_of(ref)``: the shape of a buffer the program names."""
+    widest = 1
+    for i in (i for step in steps for i in step if i["op"] in ("restore", "push")):
+        widest = max(widest, shape_of(i["src"])[-1], shape_of(i["dst"])[-1])
+        for name in ("index", "input_index"):
+            if i.get(name):
+                widest = max(widest, *arrays[i[name]].shape)
+    stride = -(-(widest + LANES) // LANES) * LANES
+    tile = max(1, min(MAX_TILE_PIXELS, TILE_FLOATS // stride))
+    scratch = 3 * tile * stride
+    for i in (i for step in steps for i in step if i["op"] == "max_pool" and any(map(any, i["pad"]))):
+        n, h, w, c = shape_of(i["srcs"][0])
+        (top, bottom), (left, right) = i["pad"]
+        scratch = max(scratch, n * (h + top + bottom) * (w + left + right) * c)
+    return stride, tile, scratch

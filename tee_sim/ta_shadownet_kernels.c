@@ -1,0 +1,447 @@
+/* The ShadowNet trusted app's restore / push kernel: one pass over a tensor, a tile of pixels at a time.
+ *
+ * For each pixel (a [rows, cols] grid, channels contiguous), from the accelerator's output or a secure
+ * tensor `src`:
+ *     a = A(src)          restore: block matmuls or a k-term gather, then an optional permutation
+ *     a += offset         per channel (the bias) or per element (bias minus a pop mask)
+ *     a = activation(a)   RELU, RELU6, RELU_N1_TO_1, LEAKY_RELU
+ *     b = B(a)            the next round's input transform: block matmuls (after an optional gather) or a
+ *                         k-term gather; or nothing
+ *     dst = b + mask      the one-time or static mask, or none
+ * A push is the same with A, the offset and the activation left out. Every intermediate value lives in the
+ * caller's scratch (secure memory), a tile of pixels of one row at a time: nothing before its transform
+ * and mask reaches `dst`, which may be shared memory.
+ *
+ * Why C (measured on one core): the numpy version of this step made 4-6 passes over each tensor and
+ * called BLAS once per block of 16 channels (MobileNet: 18.7 ms of TEE work per inference); this reads
+ * each input once and writes each output once. Blocks of 16 x 16 (group mixing's usual case) keep their
+ * matrix in 16 vector registers while a tile of pixels streams through: 16 broadcasts and 16 FMAs per
+ * pixel. Written with GCC's vector extension so that it vectorizes on any target; x86-64 builds carry
+ * AVX-512 and AVX2 clones chosen at load time.
+ *
+ * Plain C, no Python API: tee_sim.ta_shadownet_restore_push loads it with ctypes and passes one
+ * `sn_step` per instruction, prepared once when the program is bound.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SN_CLONES
+#endif
+/* Everything a clone calls is inlined into it, so that it is compiled for the clone's target too. */
+#define INLINE static inline __attribute__((always_inline))
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+INLINE vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+enum { SN_NONE = 0, SN_GATHER = 1, SN_BLOCKS = 2, SN_SCALE = 3 };
+enum { SN_IDENTITY = 0, SN_RELU = 1, SN_RELU6 = 2, SN_RELU_N1_TO_1 = 3, SN_LEAKY_RELU = 4 };
+
+/* A linear map of one pixel's channels, n_in -> n_out.
+ * SN_GATHER: out[n] = sum_j coef[j][n] * in[index[j][n]]  (coef NULL: all ones)
+ * SN_SCALE:  out[n] = coef[n] * in[n]  (coef NULL: a copy)
+ * SN_BLOCKS: in' = order ? in[order] : in; for each block (src, width_in, dst, width_out, at):
+ *            out[dst : dst + width_out] = in'[src : src + width_in] @ M, M = mats[at:] as
+ *            [width_in][width_out rounded up to 16], zero-padded; blocks in increasing dst order and
+ *            tiling [0, n_out) (a block's spill past its width is overwritten by the next one; the last
+ *            one's lands in the scratch's spare floats).
+ * perm (any kind): then out[n] = out'[perm[n]]. */
+typedef struct {
+    int32_t kind, n_in, n_out, k;
+    const int32_t *index;
+    const float *coef;
+    const int32_t *order;
+    int32_t n_order, nblocks;
+    const int32_t *blocks; /* [nblocks][5] */
+    const float *mats;
+    const int32_t *perm;
+} sn_linear;
+
+typedef struct {
+    const float *p;   /* NULL: absent */
+    int64_t row, pix; /* strides in floats; 0, 0: one vector for every pixel */
+} sn_tensor;
+
+typedef struct {
+    int64_t rows, cols;
+    sn_tensor src;
+    sn_linear a;
+    sn_tensor offset;
+    int32_t activation;
+    float alpha;
+    sn_linear b;
+    sn_tensor mask;
+    float *dst;
+    int64_t dst_row, dst_pix;
+    int32_t channels; /* dst's channels */
+    float *scratch;   /* three tiles of `tile` pixels x `stride` floats (stride >= widest + 16) */
+    int64_t stride, tile;
+} sn_step;
+
+/* out[p] = in[p] @ M for t pixels, M a 16 x 16 block held in registers. */
+INLINE void block16(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
+                    const float *m) {
+    vf m0 = load(m), m1 = load(m + 16), m2 = load(m + 32), m3 = load(m + 48), m4 = load(m + 64),
+       m5 = load(m + 80), m6 = load(m + 96), m7 = load(m + 112), m8 = load(m + 128), m9 = load(m + 144),
+       m10 = load(m + 160), m11 = load(m + 176), m12 = load(m + 192), m13 = load(m + 208),
+       m14 = load(m + 224), m15 = load(m + 240);
+    for (int64_t p = 0; p < t; p++) {
+        const float *x = in + p * in_pix;
+        /* two sums: half the chain of dependent FMAs */
+        vf a = x[0] * m0 + x[2] * m2, b = x[1] * m1 + x[3] * m3;
+        a += x[4] * m4; b += x[5] * m5; a += x[6] * m6; b += x[7] * m7;
+        a += x[8] * m8; b += x[9] * m9; a += x[10] * m10; b += x[11] * m11;
+        a += x[12] * m12; b += x[13] * m13; a += x[14] * m14; b += x[15] * m15;
+        store(out + p * out_pix, a + b);
+    }
+}
+
+/* out[p] = in[p] @ M for t pixels, any block shape (M [width_in][padded]). */
+INLINE void block_any(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
+                      const float *m, int32_t width_in, int32_t width_out) {
+    int32_t padded = (width_out + LANES - 1) / LANES * LANES;
+    for (int64_t p = 0; p < t; p++) {
+        const float *x = in + p * in_pix;
+        for (int32_t c0 = 0; c0 < width_out; c0 += LANES) {
+            vf a = {0}, b = {0};
+            int32_t i = 0;
+            for (; i + 2 <= width_in; i += 2) {
+                a += x[i] * load(m + (int64_t)i * padded + c0);
+                b += x[i + 1] * load(m + (int64_t)(i + 1) * padded + c0);
+            }
+            if (i < width_in) a += x[i] * load(m + (int64_t)i * padded + c0);
+            store(out + p * out_pix + c0, a + b);
+        }
+    }
+}
+
+/* One pixel of a gather / scale. */
+INLINE void gather1(const sn_linear *l, const float *in, float *out) {
+    int32_t n_out = l->n_out;
+    const float *c = l->coef;
+    if (l->kind == SN_SCALE) {
+        if (c)
+            for (int32_t n = 0; n < n_out; n++) out[n] = in[n] * c[n];
+        else
+            memcpy(out, in, (size_t)n_out * sizeof(float));
+        return;
+    }
+    const int32_t *ix = l->index;
+    for (int32_t n = 0; n < n_out; n++) out[n] = c ? c[n] * in[ix[n]] : in[ix[n]];
+    for (int32_t j = 1; j < l->k; j++) {
+        ix = l->index + (int64_t)j * n_out;
+        if (c) {
+            const float *cj = c + (int64_t)j * n_out;
+            for (int32_t n = 0; n < n_out; n++) out[n] += cj[n] * in[ix[n]];
+        } else {
+            for (int32_t n = 0; n < n_out; n++) out[n] += in[ix[n]];
+        }
+    }
+}
+
+INLINE void permute(const int32_t *perm, int32_t n, const float *in, float *out) {
+    for (int32_t i = 0; i < n; i++) out[i] = in[perm[i]];
+}
+
+/* t pixels of `in` (pixel stride in_pix) through `l` into `out` (pixel stride `stride`); `tmp` is a
+ * third tile. */
+INLINE void apply(const sn_linear *l, const float *in, int64_t in_pix, float *out, float *tmp,
+                  int64_t stride, int64_t t) {
+    if (l->kind != SN_BLOCKS) {
+        for (int64_t p = 0; p < t; p++) {
+            float *o = l->perm ? tmp + p * stride : out + p * stride;
+            gather1(l, in + p * in_pix, o);
+            if (l->perm) permute(l->perm, l->n_out, o, out + p * stride);
+        }
+        return;
+    }
+    const float *x = in;
+    int64_t x_pix = in_pix;
+    float *target = l->perm ? tmp : out;
+    if (l->order) { /* gathered into tmp; the blocks then write `out`, permuted through tmp if need be */
+        for (int64_t p = 0; p < t; p++) permute(l->order, l->n_order, in + p * in_pix, tmp + p * stride);
+        x = tmp;
+        x_pix = stride;
+        target = out;
+    }
+    for (int32_t b = 0; b < l->nblocks; b++) {
+        const int32_t *blk = l->blocks + 5 * (int64_t)b;
+        if (blk[1] == 16 && blk[3] <= 16)
+            block16(x + blk[0], x_pix, target + blk[2], stride, t, l->mats + blk[4]);
+        else
+            block_any(x + blk[0], x_pix, target + blk[2], stride, t, l->mats + blk[4], blk[1], blk[3]);
+    }
+    if (!l->perm) return;
+    if (l->order) {
+        memcpy(tmp, out, (size_t)(t * stride) * sizeof(float));
+        target = tmp;
+    }
+    for (int64_t p = 0; p < t; p++) permute(l->perm, l->n_out, target + p * stride, out + p * stride);
+}
+
+/* Plain loops: GCC vectorizes these itself (max / min / select). */
+INLINE void activate(float *restrict x, int64_t n, int32_t kind, float alpha) {
+    switch (kind) {
+    case SN_RELU:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        break;
+    case SN_RELU6:
+        for (int64_t i = 0; i < n; i++) { float v = x[i] > 0.0f ? x[i] : 0.0f; x[i] = v < 6.0f ? v : 6.0f; }
+        break;
+    case SN_RELU_N1_TO_1:
+        for (int64_t i = 0; i < n; i++) { float v = x[i] > -1.0f ? x[i] : -1.0f; x[i] = v < 1.0f ? v : 1.0f; }
+        break;
+    case SN_LEAKY_RELU: /* max(x, alpha * x) for 0 <= alpha <= 1, as LiteRT */
+        for (int64_t i = 0; i < n; i++) { float s = x[i] * alpha; x[i] = x[i] > s ? x[i] : s; }
+        break;
+    default:
+        break;
+    }
+}
+
+INLINE void add_into(float *restrict dst, const float *x, const float *y, int32_t n) {
+    for (int32_t i = 0; i < n; i++) dst[i] = x[i] + y[i];
+}
+
+SN_CLONES int sn_run(const sn_step *s) {
+    int64_t stride = s->stride, tile = s->tile;
+    float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
+    int32_t n = s->a.n_out, c = s->channels;
+    int restored = s->a.kind != SN_NONE;
+    for (int64_t r = 0; r < s->rows; r++) {
+        for (int64_t q0 = 0; q0 < s->cols; q0 += tile) {
+            int64_t t = s->cols - q0 < tile ? s->cols - q0 : tile;
+            const float *x = s->src.p + r * s->src.row + q0 * s->src.pix;
+            int64_t x_pix = s->src.pix;
+            if (restored) {
+                apply(&s->a, x, x_pix, tile_a, tmp, stride, t);
+                if (s->offset.p) {
+                    const float *off = s->offset.p + r * s->offset.row + q0 * s->offset.pix;
+                    for (int64_t p = 0; p < t; p++)
+                        add_into(tile_a + p * stride, tile_a + p * stride, off + p * s->offset.pix, n);
+                }
+                activate(tile_a, t * stride, s->activation, s->alpha);
+                x = tile_a;
+                x_pix = stride;
+            }
+            if (s->b.kind != SN_NONE) {
+                apply(&s->b, x, x_pix, tile_b, tmp, stride, t);
+                x = tile_b;
+                x_pix = stride;
+            }
+            float *o = s->dst + r * s->dst_row + q0 * s->dst_pix;
+            if (s->mask.p) {
+                const float *m = s->mask.p + r * s->mask.row + q0 * s->mask.pix;
+                for (int64_t p = 0; p < t; p++) add_into(o + p * s->dst_pix, x + p * x_pix, m + p * s->mask.pix, c);
+            } else {
+                for (int64_t p = 0; p < t; p++) memcpy(o + p * s->dst_pix, x + p * x_pix, (size_t)c * sizeof(float));
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Freivalds' check of one layer (tee_sim.freivalds, which derives the bound).
+ *
+ * Lanes: k <= 16 projections are padded to kp in {1, 2, 4, 8, 16}, and a vector holds G = 16 / kp
+ * channels of each projection (lane l: projection l / G, channel l % G of the group), so that a layer
+ * checked with 4 projections fills the vector with 4 channels at a time instead of wasting 12 lanes (the
+ * G input values are repeated for every projection by one permutation). Packed
+ * filters: [taps][ceil(C / G)][16]; packed projections: [ceil(M / G)][16]; zero where the channel or the
+ * projection does not exist. z is kept as kp floats per output position.
+ */
+
+typedef struct {
+    const float *x;                     /* the secure copy of the layer's input, [N, H, W, C] */
+    int64_t n, h, w, c, ho, wo;
+    int32_t kh, kw, sh, sw, dh, dw, top, left;
+    const float *filters;               /* packed [kh * kw][ceil(C / G)][16] */
+    int32_t k, kp;
+    float *z;                           /* [N * Ho * Wo][kp] */
+    float *tau;                         /* [N * Ho * Wo]: unit * the norm of each output's input window */
+    float unit;
+    float *norms;                       /* scratch, [N * H * W]: each input pixel's squared norm */
+    double tau_norm;                    /* out: ||tau|| */
+} fv_prepare_t;
+
+typedef struct {
+    const float *y;                     /* the secure copy of the accelerator's result, [P, M] */
+    int64_t p, m;
+    const float *u;                     /* packed projections [ceil(M / G)][16] */
+    int32_t k, kp;
+    const float *z, *tau;
+    double worst;                       /* out: max |u . y_p - z_p| / tau_p (0 where both are 0) */
+    double y_norm2;                     /* out, when asked (want_norm): ||y||^2 */
+    int32_t want_norm;
+} fv_check_t;
+
+typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
+typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
+typedef float v2f __attribute__((vector_size(2 * sizeof(float))));
+
+/* The G = 16 / kp floats at x repeated kp times (kp is a constant where this is inlined): a 16-float
+ * load and one permutation. (Widening a 4-float load instead went through the stack with GCC 12: 7x
+ * slower.) Reads 16 floats: the caller makes sure they are readable. */
+INLINE vf repeat(const float *x, int32_t kp) {
+    vf v = load(x);
+    switch (kp) {
+    case 1: return v;
+    case 2: return __builtin_shuffle(v, (vi){0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7});
+    case 4: return __builtin_shuffle(v, (vi){0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3});
+    case 8: return __builtin_shuffle(v, (vi){0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1});
+    default: return __builtin_shuffle(v, (vi){0});
+    }
+}
+
+/* The same where fewer than 16 floats are left in the buffer (the rest read as 0). */
+static vf repeat_tail(const float *x, int32_t kp, int64_t room) {
+    float tail[LANES] = {0};
+    memcpy(tail, x, (size_t)(room < LANES ? room : LANES) * sizeof(float));
+    switch (kp) {
+    case 1: return repeat(tail, 1);
+    case 2: return repeat(tail, 2);
+    case 4: return repeat(tail, 4);
+    case 8: return repeat(tail, 8);
+    default: return repeat(tail, 16);
+    }
+}
+
+/* Every lane of projection j's block of G lanes gets the block's sum (log2 G shuffle-adds). */
+INLINE vf block_sums(vf v, int32_t kp) {
+    int32_t g = LANES / kp;
+    if (g >= 2) v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    if (g >= 4) v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    if (g >= 8) v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    if (g >= 16) v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    return v;
+}
+
+/* A row of `count` values times packed [groups][16] coefficients, accumulated per lane; `room`: floats
+ * readable from x. kp is a constant where this is inlined. Each 16-float load of x serves kp groups
+ * (one permutation each; kp = 16 broadcasts every value from memory instead), into four sums: one chain
+ * of dependent FMAs would wait on each one's latency. */
+INLINE vf dot_groups(vf acc, const float *x, int64_t count, int64_t room, const float *coef, int32_t kp) {
+    int32_t g = LANES / kp;
+    int64_t groups = (count + g - 1) / g;
+    int64_t cg = 0;
+    vf sums[4] = {acc, {0}, {0}, {0}};
+    if (kp == LANES) {
+        for (; cg < groups; cg++) sums[cg & 3] += x[cg] * load(coef + cg * LANES);
+    } else {
+        const vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        for (; cg + kp <= groups && cg * g + LANES <= room; cg += kp) {
+            vf v = load(x + cg * g);
+            for (int32_t q = 0; q < kp; q++)
+                sums[q & 3] += __builtin_shuffle(v, lanes % g + q * g) * load(coef + (cg + q) * LANES);
+        }
+        for (; cg < groups; cg++) {
+            const float *at = x + cg * g;
+            sums[cg & 3] += (room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g))
+                            * load(coef + cg * LANES);
+        }
+    }
+    return (sums[0] + sums[1]) + (sums[2] + sums[3]);
+}
+
+INLINE float squared_norm(const float *x, int64_t n) {
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) { vf v = load(x + i); acc += v * v; }
+    float q = 0.0f;
+    for (int32_t l = 0; l < LANES; l++) q += acc[l];
+    for (; i < n; i++) q += x[i] * x[i];
+    return q;
+}
+
+INLINE void prepare_kp(fv_prepare_t *s, int32_t kp) {
+    int32_t g = LANES / kp;
+    int64_t c = s->c, pixels = s->n * s->h * s->w, end = pixels * c;
+    int64_t groups = (c + g - 1) / g;
+    for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
+    double total = 0.0;
+    int64_t out = 0;
+    for (int64_t b = 0; b < s->n; b++) {
+        for (int64_t oh = 0; oh < s->ho; oh++) {
+            for (int64_t ow = 0; ow < s->wo; ow++, out++) {
+                vf acc = {0};
+                float q = 0.0f;
+                for (int32_t i = 0; i < s->kh; i++) {
+                    int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
+                    if (ih < 0 || ih >= s->h) continue;
+                    for (int32_t j = 0; j < s->kw; j++) {
+                        int64_t iw = ow * s->sw + (int64_t)j * s->dw - s->left;
+                        if (iw < 0 || iw >= s->w) continue;
+                        int64_t pix = (b * s->h + ih) * s->w + iw;
+                        const float *f = s->filters + ((int64_t)i * s->kw + j) * groups * LANES;
+                        acc = dot_groups(acc, s->x + pix * c, c, end - pix * c, f, kp);
+                        q += s->norms[pix];
+                    }
+                }
+                vf sums = block_sums(acc, kp);
+                for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = sums[j * g];
+                float t = s->unit * sqrtf(q);
+                s->tau[out] = t;
+                total += (double)t * t;
+            }
+        }
+    }
+    s->tau_norm = sqrt(total);
+}
+
+INLINE void check_kp(fv_check_t *s, int32_t kp) {
+    int32_t g = LANES / kp;
+    int64_t end = s->p * s->m;
+    vi valid, spread; /* lanes of existing projections; lane l reads z[l / G] */
+    for (int32_t l = 0; l < LANES; l++) { valid[l] = l / g < s->k ? -1 : 0; spread[l] = l / g; }
+    vi magnitude = (vi){0} + 0x7fffffff; /* all bits but the sign */
+    vi worst = {0};                    /* as the bits of non-negative floats, which order like them */
+    double norm2 = 0.0;
+    for (int64_t p = 0; p < s->p; p++) {
+        const float *y = s->y + p * s->m;
+        vf w = block_sums(dot_groups((vf){0}, y, s->m, end - p * s->m, s->u, kp), kp);
+        float zp[LANES] = {0};
+        memcpy(zp, s->z + p * kp, (size_t)kp * sizeof(float));
+        vf off = (vf)((vi)(w - __builtin_shuffle(load(zp), spread)) & magnitude);
+        vi ratio = (vi)(off / s->tau[p]) & valid & (off != 0.0f); /* 0 where both are 0; inf where tau is */
+        vi larger = ratio > worst;                                  /* NaN (bits above inf's) wins */
+        worst = (ratio & larger) | (worst & ~larger);
+        if (s->want_norm) norm2 += squared_norm(y, s->m);
+    }
+    int32_t top = 0;
+    for (int32_t l = 0; l < LANES; l++) top = worst[l] > top ? worst[l] : top;
+    float value;
+    memcpy(&value, &top, sizeof value);
+    s->worst = value != value ? INFINITY : (double)value;
+    s->y_norm2 = norm2;
+}
+
+/* One copy of each loop per lane layout, so that the shuffles are constants. */
+SN_CLONES int fv_prepare(fv_prepare_t *s) {
+    switch (s->kp) {
+    case 1: prepare_kp(s, 1); return 0;
+    case 2: prepare_kp(s, 2); return 0;
+    case 4: prepare_kp(s, 4); return 0;
+    case 8: prepare_kp(s, 8); return 0;
+    case 16: prepare_kp(s, 16); return 0;
+    default: return -1;
+    }
+}
+
+SN_CLONES int fv_check(fv_check_t *s) {
+    switch (s->kp) {
+    case 1: check_kp(s, 1); return 0;
+    case 2: check_kp(s, 2); return 0;
+    case 4: check_kp(s, 4); return 0;
+    case 8: check_kp(s, 8); return 0;
+    case 16: check_kp(s, 16); return 0;
+    default: return -1;
+    }
+}

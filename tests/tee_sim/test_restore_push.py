@@ -1,0 +1,209 @@
+"""The TA's restore / push kernel (``tee_sim.ta_shadownet_restore_push`` and its C ``sn_run``), instruction by
+instruction, against a float64 numpy reference: every form of the restore (gather, scale, dense matrix,
+blocks of any width, with a permutation), every activation, the input mixings, masks, padded and strided
+destinations."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tee_sim import ta_shadownet_restore_push as rp
+
+ACTIVATIONS = {None: lambda v: v, "RELU": lambda v: np.maximum(v, 0), "RELU6": lambda v: np.clip(v, 0, 6),
+               "RELU_N1_TO_1": lambda v: np.clip(v, -1, 1),
+               "LEAKY_RELU": lambda v: np.where(v > 0, v, 0.2 * v)}
+
+
+def _alloc(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def _model(arrays: dict, steps: list, shapes: dict):
+    """A loaded model as the TA makes it: scratch sized and linears prepared for ``steps``."""
+    model = SimpleNamespace(arrays=arrays, restores={}, mixings={})
+    model.stride, model.tile, size = rp.scratch_size([steps], arrays, lambda ref: shapes[ref])
+    model.scratch = np.zeros(size, np.float32)
+    shared = {name[4:]: {"shape": list(shape)} for name, shape in shapes.items() if name.startswith("shm:")}
+    rp.prepare_linears(model, [steps], shared, _alloc)
+    return model
+
+
+def _gather(rng, k: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, m, (k, n)).astype(np.int32), rng.standard_normal((k, n)).astype(np.float32)
+
+
+def _blocks(rng, widths_in: list[int], widths_out: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A block-diagonal restore as the schemes write it: output block b reads only source block b."""
+    k = max(widths_in)
+    n = sum(widths_out)
+    index, coef = np.zeros((k, n), np.int32), np.zeros((k, n), np.float32)
+    src, dst = 0, 0
+    for wi, wo in zip(widths_in, widths_out, strict=True):
+        index[:wi, dst:dst + wo] = np.arange(src, src + wi)[:, None]
+        index[wi:, dst:dst + wo] = src  # padding terms with coefficient 0
+        coef[:wi, dst:dst + wo] = rng.standard_normal((wi, wo))
+        src, dst = src + wi, dst + wo
+    return index, coef
+
+
+def _apply(x: np.ndarray, index: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    return sum(coef[j].astype(np.float64) * x[..., index[j]].astype(np.float64) for j in range(len(index)))
+
+
+RESTORES = {
+    "gather": lambda rng: (_gather(rng, 2, 80, 64), 80),  # the paper's scheme: two terms
+    "scale": lambda rng: ((np.arange(48, dtype=np.int32)[None], rng.standard_normal((1, 48)).astype(
+        np.float32)), 48),  # a depthwise layer's scales
+    "dense": lambda rng: (_gather(rng, 3, 19, 16), 19),  # small: one matrix
+    "blocks16": lambda rng: (_blocks(rng, [16] * 4, [16] * 4), 64),
+    "blocks_odd": lambda rng: (_blocks(rng, [15, 15, 16, 20, 40], [15, 15, 16, 20, 40]), 106),
+    "blocks_fakes": lambda rng: (_blocks(rng, [16, 16, 12] * 2, [12, 16, 8] * 2), 88),  # more sources
+}
+# The form prepare_linears must choose for each (so that every path of the kernel is run).
+KINDS = {"gather": rp._GATHER, "scale": rp._SCALE, "dense": rp._BLOCKS, "blocks16": rp._BLOCKS,
+         "blocks_odd": rp._BLOCKS, "blocks_fakes": rp._BLOCKS}
+BLOCKS = {"dense": 1, "blocks16": 4, "blocks_odd": 5, "blocks_fakes": 6}
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("form", list(RESTORES))
+def test_restore_matches_the_reference(form, activation):
+    rng = np.random.default_rng(len(form) * 7 + len(str(activation)))
+    (index, coef), m = RESTORES[form](rng)
+    n = index.shape[1]
+    shape = (1, 5, 7)
+    y = rng.standard_normal((*shape, m)).astype(np.float32)
+    for per_channel in (True, False):
+        offset = rng.standard_normal(n if per_channel else (*shape, n)).astype(np.float32)
+        arrays = {"i": index, "c": coef, "o": offset}
+        instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+                 "activation": activation, "alpha": 0.2 if activation == "LEAKY_RELU" else None}
+        shapes = {"shm:y": y.shape, "slot:out": (*shape, n)}
+        model = _model(arrays, [instr], shapes)
+        assert model.restores["o"].kind == KINDS[form]
+        if form in BLOCKS:
+            assert len(model.restores["o"].blocks) == BLOCKS[form]
+        out = np.full((*shape, n), np.nan, np.float32)
+        rp.compile_restore(model, instr, y, out)()
+        want = ACTIVATIONS[activation](_apply(y, index, coef) + offset)
+        assert np.abs(out - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (form, per_channel)
+
+
+@pytest.mark.parametrize("mixing", ["blocks", "scattered", "gather", "none", "permutation"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_restore_fused_with_the_next_push(mixing, masked):
+    """Restored, activated, mixed (or permuted), masked and zero-padded into the next round's buffer."""
+    rng = np.random.default_rng(3)
+    (index, coef), m = RESTORES["blocks_odd"](rng)
+    n = index.shape[1]
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "shm:x", "index": "i", "coef": "c", "offset": "o",
+             "activation": "RELU", "alpha": None, "mask": "mask" if masked else None,
+             "pad": [[0, 0], [1, 1], [2, 0], [0, 0]], "permutation": None}
+    if mixing == "blocks":
+        arrays["ii"], arrays["ic"] = _blocks(rng, [16] * 6 + [10], [16] * 6 + [10])
+    elif mixing == "scattered":  # each block's sources spread over the channels: one gather first
+        order = rng.permutation(n).astype(np.int32)
+        bi, bc = _blocks(rng, [16] * 6 + [10], [16] * 6 + [10])
+        arrays["ii"], arrays["ic"] = order[bi], bc
+    elif mixing == "gather":  # no block structure
+        arrays["ii"], arrays["ic"] = _gather(rng, 3, n, n)
+    elif mixing == "permutation":  # the paper's scheme before a depthwise layer
+        arrays["p"] = rng.permutation(n).astype(np.int32)
+        instr["permutation"] = "p"
+    if mixing in ("blocks", "scattered", "gather"):
+        instr["input_index"], instr["input_coef"] = "ii", "ic"
+    y = rng.standard_normal((1, 6, 5, m)).astype(np.float32)
+    x_shape = (1, 8, 7, n)
+    arrays["mask"] = rng.standard_normal(x_shape).astype(np.float32)
+    model = _model(arrays, [instr], {"shm:y": y.shape, "shm:x": x_shape})
+    if "input_index" in instr:
+        mix = model.mixings["ii"]
+        want_form = {"blocks": (rp._BLOCKS, False), "gather": (rp._GATHER, False),
+                     "scattered": (rp._BLOCKS, True)}[mixing]
+        assert (mix.kind, mix.order is not None) == want_form
+    x = np.full(x_shape, np.nan, np.float32)
+    rp.compile_restore(model, instr, y, x)()
+    if instr["permutation"]:
+        restored = _apply(y, index[:, arrays["p"]], coef[:, arrays["p"]]) + arrays["o"]
+    else:
+        restored = _apply(y, index, coef) + arrays["o"]
+    pushed = np.maximum(restored, 0)
+    if "input_index" in instr:
+        pushed = _apply(pushed, arrays["ii"], arrays["ic"])
+    want = np.zeros(x_shape)
+    want[:, 1:7, 2:] = pushed
+    if masked:
+        want += arrays["mask"]
+    assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("transform", ["plain", "permutation", "mixing"])
+def test_push_into_a_padded_buffer(transform):
+    rng = np.random.default_rng(4)
+    c = 32
+    src = rng.standard_normal((1, 4, 6, c)).astype(np.float32)
+    dst_shape = (1, 6, 8, c)
+    arrays = {"mask": rng.standard_normal(dst_shape).astype(np.float32)}
+    instr = {"op": "push", "src": "slot:x", "dst": "shm:x", "mask": "mask",
+             "pad": [[0, 0], [1, 1], [1, 1], [0, 0]], "permutation": None}
+    want = src.astype(np.float64)
+    if transform == "permutation":
+        arrays["p"] = rng.permutation(c).astype(np.int32)
+        instr["permutation"] = "p"
+        want = want[..., arrays["p"]]
+    elif transform == "mixing":
+        arrays["ii"], arrays["ic"] = _blocks(rng, [16, 16], [16, 16])
+        instr["input_index"], instr["input_coef"] = "ii", "ic"
+        want = _apply(src, arrays["ii"], arrays["ic"])
+    model = _model(arrays, [instr], {"slot:x": src.shape, "shm:x": dst_shape})
+    dst = np.full(dst_shape, np.nan, np.float32)
+    rp.compile_push(model, instr, src, dst)()
+    full = np.zeros(dst_shape)
+    full[:, 1:5, 1:7] = want
+    full += arrays["mask"]
+    assert np.abs(dst - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_restore_into_a_concatenation_slice_and_a_dense_output():
+    """A strided destination (a slice of the channels of a concatenation) and a [1, N] dense output."""
+    rng = np.random.default_rng(5)
+    (index, coef), m = RESTORES["blocks16"](rng)
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(64).astype(np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "slot:cat@3:16:80", "index": "i", "coef": "c",
+             "offset": "o", "activation": "RELU6", "alpha": None}
+    y = rng.standard_normal((1, 3, 4, m)).astype(np.float32)
+    model = _model(arrays, [instr], {"shm:y": y.shape, "slot:cat@3:16:80": (1, 3, 4, 64)})
+    concat = np.full((1, 3, 4, 96), 7.0, np.float32)
+    rp.compile_restore(model, instr, y, concat[..., 16:80])()
+    assert np.abs(concat[..., 16:80] - np.clip(_apply(y, index, coef) + arrays["o"], 0, 6)).max() <= 1e-5
+    assert np.all(concat[..., :16] == 7) and np.all(concat[..., 80:] == 7)  # nothing outside the slice
+    (index, coef), m = RESTORES["gather"](rng)
+    n = index.shape[1]
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32)}
+    instr.update(dst="slot:logits", activation=None)
+    y = rng.standard_normal((1, m)).astype(np.float32)
+    model = _model(arrays, [instr], {"shm:y": y.shape, "slot:logits": (1, n)})
+    out = np.zeros((1, n), np.float32)
+    rp.compile_restore(model, instr, y, out)()
+    assert np.abs(out - (_apply(y, index, coef) + arrays["o"])).max() <= 1e-5 * np.abs(out).max()
+
+
+def test_inconsistent_instructions_are_refused():
+    rng = np.random.default_rng(6)
+    (index, coef), m = RESTORES["blocks16"](rng)
+    arrays = {"i": index, "c": coef, "o": np.zeros(64, np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+             "activation": "TANH", "alpha": None}
+    model = _model(arrays, [instr], {"shm:y": (1, 2, 2, m), "slot:out": (1, 2, 2, 64)})
+    y, out = np.zeros((1, 2, 2, m), np.float32), np.zeros((1, 2, 2, 64), np.float32)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        rp.compile_restore(model, instr, y, out)
+    instr["activation"] = "RELU"
+    with pytest.raises(ValueError, match="inconsistent"):
+        rp.compile_restore(model, instr, y, np.zeros((1, 2, 3, 64), np.float32))  # other pixels
+    with pytest.raises(ValueError, match="inconsistent"):
+        rp.compile_restore(model, instr, np.zeros((1, 2, 2, m + 1), np.float32), out)  # other channels
+    with pytest.raises(ValueError):
+        rp.gather_linear(np.array([[0, 70]], np.int32), np.ones((1, 2), np.float32), 64, _alloc)

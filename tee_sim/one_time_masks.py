@@ -1,9 +1,9 @@
 """One-time masks in the ShadowNet TA: a mask drawn from its 256-bit key, and its unblinding term.
 
-At the push the TEE regenerates a one-time mask from its key (``tee_sim.per_inference`` keeps the keys,
-one per push per pool entry): AES-256 in counter mode gives 16 bits per element, which index a table of
-65536 standard normal quantiles (unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and
-shifted by its per-channel ``mean``: about 3 ns an element, against 18 for numpy's normal sampler. The
+When it refills its pool (``tee_sim.per_inference``) the TEE draws each one-time mask from a fresh key:
+AES-256 in counter mode gives 16 bits per element, which index a table of 65536 standard normal
+quantiles (unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its
+per-channel ``mean``: about 3 ns an element, against 18 for numpy's normal sampler. The
 unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``, the
 pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
 restore, in float64), made offline when the pool is refilled.

@@ -2,13 +2,15 @@
 integrity checks of the accelerator's results (``tee_sim.freivalds``).
 
 One-time masks (the program's ``one_time`` entry, ``converters.per_inference``). Every inference takes
-one pool entry and never gives it back: an entry holds, for each one-time push, a fresh 256-bit key
-from the TEE's CSPRNG, and for each restore of a one-time round its offset ``bias - L(mask)`` (the pop
-mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the restore,
-in float64). The mask itself is never stored: at the push the TEE regenerates it from the key
-(``tee_sim.one_time_masks``). Each restore of a one-time round
-is compiled once per pool slot, on that slot's offsets, and runs the current slot's: nothing is copied
-on the hot path. Entries are made offline, between inferences (``refill``, a few milliseconds of work at
+one pool entry and never gives it back: an entry holds, for each one-time push, its mask, drawn from a
+fresh 256-bit key of the TEE's CSPRNG (``tee_sim.one_time_masks``; the key is then forgotten), and for
+each restore of a one-time round its offset ``bias - L(mask)`` (the pop mask of Slalom and of the paper:
+the mask pushed through the layer's obfuscated weights and the restore, in float64). The mask is drawn
+once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
+yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then) against 2 MB of
+secure memory. Each push and restore that uses a slot's mask or offsets is compiled once per pool slot,
+on that slot's arrays, and runs the current slot's: nothing is copied or drawn on the hot path. Entries
+are made offline, between inferences (``refill``, a few milliseconds of work at
 a time, asked by the normal world's background thread; or at once when an inference finds the pool
 empty and the policy allows it), all free entries together one layer at a time (a layer's weights are
 read once per batch), and kept in secure memory: a pool stored outside would have to be sealed and
@@ -156,8 +158,8 @@ class Weights:
 class Entry:
     """One inference's material."""
 
-    slot: int = 0  # restores of one-time rounds are compiled once per slot, on its offsets
-    keys: dict[str, bytes] = field(default_factory=dict)
+    slot: int = 0  # pushes and restores of one-time rounds are compiled once per slot, on its arrays
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -194,13 +196,11 @@ class PerInference:
         authentic = weight_views(untrusted, layers, needed)  # load-time views, not kept
         self.weights = Weights(untrusted, authentic, self._account, weights_outside)
         # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
-        # ordinary push and restore code runs on them unchanged: a live mask drawn before each push, and
-        # for each restore the offsets of the pool slot in use (one compiled restore per slot).
+        # ordinary push and restore code runs on them unchanged, on the masks and offsets of the pool slot
+        # in use (one compiled push / restore per slot).
         self.streams: dict[str, MaskStream] = {}
-        self.live: dict[str, np.ndarray] = {}
         for name, spec in one_time["masks"].items():
             self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account)
-            self.live[name] = self._account(self.streams[name].shape, np.float32)
         self.pops: dict[str, PopMask] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]
@@ -231,9 +231,10 @@ class PerInference:
             self._x = self._account(max(math.prod(shm_shapes[i]) for i in self.by_input), np.float32)
         self.enabled = bool(self.streams or self.checks)
         # The pool.
-        self._items: list[tuple[str, str]] = [("keys", "")] + [("pop", n) for n in self.pops]
+        self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
         self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
+        self.entry_bytes += sum(stream.size * 4 for stream in self.streams.values())
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -243,8 +244,10 @@ class PerInference:
         self._entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
-        for name in self.pops:  # what the instructions' shapes are checked against when they compile
-            self.live[name] = self._entries[0].offsets[name]
+        # What the instructions' shapes are checked against when they compile (the TA merges these into
+        # its array table; attach gives it back).
+        self.live: dict[str, np.ndarray] = {name: self._entries[0].offsets[name] for name in self.pops}
+        self.live.update({name: self._entries[0].masks[name] for name in self.streams})
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
         self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
@@ -280,6 +283,8 @@ class PerInference:
 
     def _new_entry(self, slot: int) -> Entry:
         entry = Entry(slot)
+        for name, stream in self.streams.items():
+            entry.masks[name] = self._account(stream.shape, np.float32)
         for name, shape in self._offset_shapes.items():
             entry.offsets[name] = self._account(shape, np.float32)
         for out, check in self.checks.items():
@@ -320,17 +325,15 @@ class PerInference:
         return len(self._ready)
 
     def _make(self, batch: list[Entry], kind: str, name: str) -> None:
-        if kind == "keys":
+        if kind == "masks":
             for entry in batch:
-                entry.keys = {mask: self._random(32) for mask in self.streams}
+                for mask, stream in self.streams.items():
+                    stream.draw(self._random(32), entry.masks[mask])
         elif kind == "pop":
             pop = self.pops[name]
-            stream = self.streams[pop.mask]
-            mask = self.live[pop.mask]  # an instruction's work buffer: free between instructions
             weights = self.weights.get(pop.weights)
             for entry in batch:
-                stream.draw(entry.keys[pop.mask], mask)
-                pop.compute(mask, weights, entry.offsets[name])
+                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:
@@ -382,15 +385,14 @@ class PerInference:
             after.append(lambda: np.copyto(shared_x, secure_x))
             for out in self.by_input[target[4:]]:
                 after.append(lambda out=out: self._prepare(out, secure_x))
-        mask = instr.get("mask")
-        if mask in self.streams:
-            stream, live = self.streams[mask], self.live[mask]
-            before.append(lambda: stream.draw(self.current.keys[mask], live))
-        offset = instr.get("offset")
-        if offset in self.pops:
+        mask, offset = instr.get("mask"), instr.get("offset")
+        if mask in self.streams or offset in self.pops:
             variants = []
             for entry in self._entries:
-                self.arrays[offset] = entry.offsets[offset]
+                if mask in self.streams:
+                    self.arrays[mask] = entry.masks[mask]
+                if offset in self.pops:
+                    self.arrays[offset] = entry.offsets[offset]
                 variants.append(compile_(src, dst))
 
             def run() -> None:

@@ -122,6 +122,13 @@ INLINE void block_any(const float *in, int64_t in_pix, float *out, int64_t out_p
     }
 }
 
+/* A pixel's channels (a loop, not a call of memcpy per pixel). */
+INLINE void copy(float *restrict dst, const float *restrict x, int32_t n) {
+    int32_t i = 0;
+    for (; i + LANES <= n; i += LANES) store(dst + i, load(x + i));
+    for (; i < n; i++) dst[i] = x[i];
+}
+
 /* One pixel of a gather / scale. */
 INLINE void gather1(const sn_linear *l, const float *in, float *out) {
     int32_t n_out = l->n_out;
@@ -130,7 +137,7 @@ INLINE void gather1(const sn_linear *l, const float *in, float *out) {
         if (c)
             for (int32_t n = 0; n < n_out; n++) out[n] = in[n] * c[n];
         else
-            memcpy(out, in, (size_t)n_out * sizeof(float));
+            copy(out, in, n_out);
         return;
     }
     const int32_t *ix = l->index;
@@ -210,6 +217,7 @@ INLINE void add_into(float *restrict dst, const float *x, const float *y, int32_
     for (int32_t i = 0; i < n; i++) dst[i] = x[i] + y[i];
 }
 
+
 SN_CLONES int sn_run(const sn_step *s) {
     int64_t stride = s->stride, tile = s->tile;
     float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
@@ -241,7 +249,7 @@ SN_CLONES int sn_run(const sn_step *s) {
                 const float *m = s->mask.p + r * s->mask.row + q0 * s->mask.pix;
                 for (int64_t p = 0; p < t; p++) add_into(o + p * s->dst_pix, x + p * x_pix, m + p * s->mask.pix, c);
             } else {
-                for (int64_t p = 0; p < t; p++) memcpy(o + p * s->dst_pix, x + p * x_pix, (size_t)c * sizeof(float));
+                for (int64_t p = 0; p < t; p++) copy(o + p * s->dst_pix, x + p * x_pix, c);
             }
         }
     }

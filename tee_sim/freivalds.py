@@ -224,7 +224,9 @@ class LayerCheck:
         self.kp = 1 << (k - 1).bit_length()
         self.group = LANES // self.kp  # channels per vector
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
-        self.z = alloc((self.rows_out, self.kp), np.float32)  # kept from the push to the check
+        # Kept from the push to the check; 16 floats of slack (the kernels read z a vector at a time).
+        self._z = alloc((self.rows_out * self.kp + LANES,), np.float32)
+        self.z = self._z[:self.rows_out * self.kp].reshape(self.rows_out, self.kp)
         self.tau = alloc((self.rows_out, 1), np.float32)
         self.tau_norm = 0.0
         c = self.in_channels
@@ -304,6 +306,21 @@ class LayerCheck:
         self._prepare.x, self._prepare.filters = x.ctypes.data, filters.ctypes.data
         LIBRARY.fv_prepare(ctypes.addressof(self._prepare))
         self.tau_norm = self._prepare.tau_norm
+
+    def fused(self, u: np.ndarray) -> _Check:
+        """The check's parameters for the restore kernel, which makes it on the result tile by tile as it
+        restores it (``tee_sim.ta_shadownet_restore_push``), with the projections ``u`` (one pool slot's).
+        After a run, ``outcome`` reads it."""
+        if u.dtype != np.float32 or u.shape != self.projection_shapes()[0] or not u.flags.c_contiguous:
+            raise ValueError(f"projections {u.shape}")
+        return _Check(None, self.rows_out, self.m_out, u.ctypes.data, self.k, self.kp, self.z.ctypes.data,
+                      self.tau.ctypes.data, 0.0, 0.0, 0)
+
+    def outcome(self, fused: _Check) -> tuple[float, float | None]:
+        """``(worst, log2_bound)`` of the last check made with ``fused`` (as ``check``; the bound only
+        when its ``want_norm`` was set)."""
+        worst = fused.worst if math.isfinite(fused.worst) else math.inf
+        return worst, self.bound_log2(math.sqrt(fused.y_norm2)) if fused.want_norm else None
 
     def check(self, y: np.ndarray, u: np.ndarray, bound: bool = True) -> tuple[float, float | None]:
         """Compare the secure copy ``y`` of the accelerator's result with ``z``: ``(worst, log2_bound)``,

@@ -24,8 +24,9 @@ discarded when the inference ends, fails or is abandoned (a new step 0), never p
 pool ``begin`` makes one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
 
 Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every
-layer; the TEE keeps a secure copy of what it sends (the round input) and of what comes back (the
-output), prepares the check from the first and checks the second before any restore reads it.
+layer; the TEE keeps a secure copy of what it sends (the round input, written by the push kernel beside
+shared memory) and prepares the check from it; the restore kernel copies what comes back into secure
+memory a tile at a time and checks each tile there before any of its values is used.
 """
 
 from __future__ import annotations
@@ -227,7 +228,6 @@ class PerInference:
             scratch = self._account(max(c.scratch_elements for c in self.checks.values()), np.float32)
             for check in self.checks.values():
                 check.bind_scratch(scratch)
-            self._y = self._account(max(math.prod(shm_shapes[o]) for o in self.checks), np.float32)
             self._x = self._account(max(math.prod(shm_shapes[i]) for i in self.by_input), np.float32)
         self.enabled = bool(self.streams or self.checks)
         # The pool.
@@ -363,45 +363,50 @@ class PerInference:
 
     # -- the instructions ----------------------------------------------------------------------------
     def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
-             compile_: Callable[[np.ndarray, np.ndarray], Callable[[], Any]]) -> Callable[[], Any]:
-        """A push or restore (or both fused) with what this model adds around it: the check of the
-        accelerator's output it reads, the fresh mask / offset it uses, the preparation of the checks of
-        the round input it writes. ``compile_(src, dst)`` compiles the instruction itself."""
-        before: list[Callable[[], Any]] = []
+             compile_: Callable[..., Callable[[], Any]]) -> Callable[[], Any]:
+        """A push or restore (or both fused) with what this model adds to it: the check of the
+        accelerator's result it reads, the fresh mask / offset it uses, the secure copy of the round input
+        it writes and the preparation of that input's checks. ``compile_(src, dst, **verified)`` compiles
+        the instruction itself (``tee_sim.ta_shadownet_restore_push``: the kernel makes the check and the
+        secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
         after: list[Callable[[], Any]] = []
-        source = instr.get("src", "")
-        if source.removeprefix("shm:") in self.checks and instr["op"] == "restore":
-            result = source[4:]
-            shared_y = src
-            src = self._y[:src.size].reshape(src.shape)
-            secure_y = src
-            before.append(lambda: np.copyto(secure_y, shared_y))
-            before.append(lambda: self._check(result, secure_y))
-        target = instr.get("dst", "")
-        if self.checks and target.removeprefix("shm:") in self.by_input:
-            shared_x = dst
-            dst = self._x[:dst.size].reshape(dst.shape)
-            secure_x = dst
-            after.append(lambda: np.copyto(shared_x, secure_x))
+        verified: dict[str, Any] = {}
+        source, target = instr.get("src", ""), instr.get("dst", "")
+        result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
+        checked = result in self.checks
+        if self.checks and target.startswith("shm:") and target[4:] in self.by_input:
+            secure_x = self._x[:dst.size].reshape(dst.shape)
+            verified["secure_dst"] = secure_x
             for out in self.by_input[target[4:]]:
                 after.append(lambda out=out: self._prepare(out, secure_x))
         mask, offset = instr.get("mask"), instr.get("offset")
-        if mask in self.streams or offset in self.pops:
+        if mask in self.streams or offset in self.pops or checked:
             variants = []
             for entry in self._entries:
                 if mask in self.streams:
                     self.arrays[mask] = entry.masks[mask]
                 if offset in self.pops:
                     self.arrays[offset] = entry.offsets[offset]
-                variants.append(compile_(src, dst))
+                fused = None
+                if checked:
+                    fused = self.checks[result].fused(entry.projections[result][0])
+                    verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
+                variants.append((compile_(src, dst, **verified), fused))
 
             def run() -> None:
-                variants[self.current.slot]()
+                step, fused = variants[self.current.slot]
+                if fused is None:
+                    step()
+                    return
+                # The achieved bound (a statistic, one more pass over y) on the first inferences, then 1 in 8.
+                fused.want_norm = self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0
+                step()
+                self._passed(result, fused)
         else:
-            run = compile_(src, dst)
-        if not before and not after:
+            run = compile_(src, dst, **verified)
+        if not after:
             return run
-        steps = (*before, run, *after)
+        steps = (run, *after)
 
         def wrapped() -> None:
             for step in steps:
@@ -415,13 +420,13 @@ class PerInference:
     def _prepare(self, out: str, x: np.ndarray) -> None:
         self.checks[out].prepare(x, self.current.projections[out][1])
 
-    def _check(self, out: str, y: np.ndarray) -> None:
-        # The achieved bound (a statistic, one more pass over y) on the first inferences, then 1 in 8.
-        sample = self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0
-        worst, bound = self.checks[out].check(y, self.current.projections[out][0], bound=sample)
-        if not worst <= 1.0:
-            raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} "
-                                  "times the float32 tolerance)")
+    def _failed(self, out: str, fused: Any) -> None:
+        worst, _ = self.checks[out].outcome(fused)
+        raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} times "
+                              "the float32 tolerance)")
+
+    def _passed(self, out: str, fused: Any) -> None:
+        worst, bound = self.checks[out].outcome(fused)
         self.checked += 1
         self.worst_ratio = max(self.worst_ratio, worst)
         if bound is not None:

@@ -109,7 +109,7 @@ class _Model:
     interpreter: Any = None
     subgraphs: dict[str, int] = field(default_factory=dict)
     scratch: np.ndarray | None = None
-    stride: int = 0  # floats per pixel in the restore / push kernel's three tiles in scratch
+    stride: int = 0  # floats per pixel in the restore / push kernel's four tiles in scratch
     tile: int = 0  # pixels per tile
     restores: dict[str, Linear] = field(default_factory=dict)  # restore (by offset array) -> its form
     mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
@@ -450,7 +450,7 @@ class ShadowNetTA(TrustedApp):
         if compile_ is None:
             raise ValueError(f"unknown instruction {op!r}")
         if model.online is not None and model.online.enabled:
-            return model.online.wrap(instr, src, dst, lambda s, d: compile_(model, instr, s, d))
+            return model.online.wrap(instr, src, dst, lambda s, d, **kw: compile_(model, instr, s, d, **kw))
         return compile_(model, instr, src, dst)
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:

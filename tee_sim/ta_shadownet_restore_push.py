@@ -43,7 +43,7 @@ MATMUL_MAX_ENTRIES = 2048
 BLOCK_MIN_MEAN_WIDTH = 4
 BLOCK_MAX_MACS_PER_OUTPUT = 64
 # The kernel works on tiles of up to this many floats (a tile of pixels of one row, each pixel's channels
-# plus a vector's spill), three of them: they stay in the core's L1/L2 cache between the stages.
+# plus a vector's spill), four of them: they stay in the core's L1/L2 cache between the stages.
 TILE_FLOATS = 8192
 MAX_TILE_PIXELS = 256
 
@@ -73,7 +73,8 @@ class _Step(ctypes.Structure):
                 ("offset", _Tensor), ("activation", ctypes.c_int32), ("alpha", ctypes.c_float),
                 ("b", _Linear), ("mask", _Tensor), ("dst", ctypes.c_void_p), ("dst_row", ctypes.c_int64),
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
-                ("stride", ctypes.c_int64), ("tile", ctypes.c_int64)]
+                ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
+                ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64)]
 
 
 
@@ -168,7 +169,7 @@ class LoadedModel(Protocol):
 
     arrays: dict[str, np.ndarray]
     scratch: np.ndarray | None
-    stride: int  # floats per pixel in the kernel's three tiles in ``scratch``
+    stride: int  # floats per pixel in the kernel's four tiles in ``scratch``
     tile: int  # pixels per tile
     restores: dict[str, Linear]  # restore (by offset array) -> its linear map
     mixings: dict[str, Linear]  # input mixing (by index array) -> its linear map
@@ -284,9 +285,10 @@ def permutation(arrays: dict[str, np.ndarray], name: str | None, channels: int) 
 # The instructions
 # ---------------------------------------------------------------------------------------------------
 
-def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
-                 dst: np.ndarray) -> Callable[[], Any]:
-    """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory)."""
+def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
+                 **verified: Any) -> Callable[[], Any]:
+    """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory). ``verified``:
+    see ``_compile``."""
     mask = _push_mask(model.arrays, instr, dst)
     out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
     if src.shape != out.shape:
@@ -301,16 +303,17 @@ def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
         transform = Linear(_GATHER, c, c, index=perm.astype(np.int32)[None])
     else:
         transform = None
-    return _compile(model, src, None, None, 0, 0.0, transform, inner_mask, out, border)
+    return _compile(model, src, None, None, 0, 0.0, transform, inner_mask, out, border,
+                    pad=instr["pad"], **verified)
 
 
-def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
-                    dst: np.ndarray) -> Callable[[], Any]:
+def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
+                    **verified: Any) -> Callable[[], Any]:
     """``restore``, fused with the next round's push when it carries that push's ``mask`` field (a
     name, or None for an unmasked round): then ``dst`` is that round's shared input buffer and the
     restored values are permuted (``permutation``) or mixed, masked and padded (``pad``) on their way
     there. ``offset`` is in the output's channel order (a full tensor, or per channel when no static
-    mask is popped), ``index`` / ``coef`` in the restored one."""
+    mask is popped), ``index`` / ``coef`` in the restored one. ``verified``: see ``_compile``."""
     index, offset = model.arrays[instr["index"]], model.arrays[instr["offset"]]
     m, n = src.shape[-1], index.shape[1] if index.ndim == 2 else -1
     fused = "mask" in instr
@@ -331,7 +334,7 @@ def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray,
     # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
     transform = _mixing(model, instr, n) if fused and instr.get("input_index") else None
     return _compile(model, src, restore, offset, ACTIVATIONS[kind], alpha or 0.0, transform, mask, out,
-                    border)
+                    border, pad=instr.get("pad"), **verified)
 
 
 def _mixing(model: LoadedModel, instr: dict[str, Any], channels: int) -> Linear:
@@ -343,10 +346,27 @@ def _mixing(model: LoadedModel, instr: dict[str, Any], channels: int) -> Linear:
 
 def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset: np.ndarray | None,
              activation: int, alpha: float, transform: Linear | None, mask: np.ndarray | None,
-             out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]]) -> Callable[[], Any]:
-    """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy)."""
+             out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]], pad: Any = None,
+             check: Any = None, on_fail: Callable[[], Any] | None = None,
+             secure_dst: np.ndarray | None = None) -> Callable[[], Any]:
+    """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
+
+    On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
+    accelerator's result, contiguous), is made tile by tile on a secure copy that the restore then reads,
+    and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
+    ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent."""
     rows, cols, src_row, src_pix = _grid(src)
     grid = (rows, cols)
+    if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
+                              or on_fail is None):
+        raise ValueError(f"a check of {check.p} x {check.m} results for {src.shape}")
+    copy, copy_border = None, []
+    if secure_dst is not None:
+        if secure_dst.dtype != np.float32 or not secure_dst.flags.c_contiguous:
+            raise ValueError("the secure copy must be contiguous float32")
+        copy, _, copy_border = _masked_destination(secure_dst, None, pad)
+        if copy.shape != out.shape:
+            raise ValueError(f"a secure copy {secure_dst.shape} for {out.shape}")
     if _grid(out)[:2] != grid:
         raise ValueError(f"{src.shape} -> {out.shape}: not the same pixels")
     channels = out.shape[-1]
@@ -357,7 +377,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     widest = max(src.shape[-1], channels, *(m.n_in for m in maps),
                  *(m.order.size for m in maps if m.order is not None))
     if widest + LANES > model.stride or model.scratch is None \
-            or model.scratch.size < 3 * model.tile * model.stride:
+            or model.scratch.size < 4 * model.tile * model.stride:
         raise ValueError(f"{src.shape} -> {out.shape}: wider than the kernel's scratch")
     step = _Step()
     step.rows, step.cols = grid
@@ -370,17 +390,26 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     _, _, step.dst_row, step.dst_pix = _grid(out)
     step.dst, step.channels = out.ctypes.data, channels
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
+    if check is not None:
+        step.check = ctypes.addressof(check)
+    if copy is not None:
+        _, _, step.copy_row, step.copy_pix = _grid(copy)
+        step.copy = copy.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
-    if not border:
+    # The border's mask (or zeros), into the secure copy too.
+    borders = border if copy is None else \
+        border + [(d, m) for (d, _), (_, m) in zip(copy_border, border, strict=True)]
+    if not borders and check is None:
         return lambda keep=keep: run(address)
 
-    def with_border(keep: tuple = keep) -> None:
-        for d, m in border:
+    def guarded(keep: tuple = keep) -> None:
+        for d, m in borders:
             np.copyto(d, 0 if m is None else m)
-        run(address)
-    return with_border
+        if run(address):
+            on_fail()
+    return guarded
 
 
 def _grid(array: np.ndarray) -> tuple[int, int, int, int]:
@@ -464,7 +493,7 @@ def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray
                  shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int, int]:
     """``(stride, tile, scratch)``: the floats per pixel in the kernel's tiles (the widest channel count of
     a restore or push, plus a vector's spill), the pixels per tile, and the float32 elements of the secure
-    scratch that its three tiles share with padded max pools (a padded copy of their input).
+    scratch that its four tiles share with padded max pools (a padded copy of their input).
     ``shape_of(ref)``: the shape of a buffer the program names."""
     widest = 1
     for i in (i for step in steps for i in step if i["op"] in ("restore", "push")):
@@ -474,7 +503,7 @@ def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray
                 widest = max(widest, *arrays[i[name]].shape)
     stride = -(-(widest + LANES) // LANES) * LANES
     tile = max(1, min(MAX_TILE_PIXELS, TILE_FLOATS // stride))
-    scratch = 3 * tile * stride
+    scratch = 4 * tile * stride  # three tiles for the stages, one for a secure copy of a checked result
     for i in (i for step in steps for i in step if i["op"] == "max_pool" and any(map(any, i["pad"]))):
         n, h, w, c = shape_of(i["srcs"][0])
         (top, bottom), (left, right) = i["pad"]

@@ -207,3 +207,56 @@ def test_inconsistent_instructions_are_refused():
         rp.compile_restore(model, instr, np.zeros((1, 2, 2, m + 1), np.float32), out)  # other channels
     with pytest.raises(ValueError):
         rp.gather_linear(np.array([[0, 70]], np.int32), np.ones((1, 2), np.float32), 64, _alloc)
+
+
+def test_a_verified_restore_checks_each_tile_before_using_it():
+    """The check of an accelerator's result made inside the restore's pass (tee_sim.freivalds): an honest
+    result is restored; a changed one fails before any value of the changed tile reaches the output."""
+    from tee_sim.freivalds import LayerCheck
+
+    rng = np.random.default_rng(7)
+    layer = {"kind": "CONV_2D", "padding": "SAME", "stride": [1, 1], "dilation": [1, 1]}
+    w = rng.standard_normal((16, 1, 1, 16)).astype(np.float32)
+    x = (10 * rng.standard_normal((1, 6, 40, 16))).astype(np.float32)
+    y = (x.astype(np.float64) @ w[:, 0, 0, :].T.astype(np.float64)).astype(np.float32)  # the honest result
+    check = LayerCheck(layer, w, x.shape, y.shape, _alloc, projections=4)
+    check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+    u, f = (np.zeros(shape, np.float32) for shape in check.projection_shapes())
+    check.draw(rng, u, f, w)
+    check.prepare(x, f)
+    (index, coef), m = RESTORES["blocks16"](rng)
+    arrays = {"i": index[:, :16], "c": coef[:, :16], "o": np.zeros(16, np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+             "activation": None, "alpha": None}
+    model = _model(arrays, [instr], {"shm:y": y.shape, "slot:out": y.shape})
+    failures = []
+    fused = check.fused(u)
+    out = np.full(y.shape, np.nan, np.float32)
+    run = rp.compile_restore(model, instr, y, out, check=fused, on_fail=lambda: failures.append(1))
+    run()
+    worst, _ = check.outcome(fused)
+    assert not failures and worst < 0.5
+    assert np.abs(out - _apply(y, arrays["i"], arrays["c"])).max() <= 1e-4 * np.abs(out).max()
+    changed = y.copy()
+    changed[0, 5, 39, 3] += np.float32(1e-3 * np.linalg.norm(y))  # the last pixel: the last tile
+    out[...] = np.nan
+    fused = check.fused(u)
+    rp.compile_restore(model, instr, changed, out, check=fused, on_fail=lambda: failures.append(1))()
+    assert failures == [1] and check.outcome(fused)[0] > 1
+    tile = model.tile
+    assert np.isnan(out[0, 5, 40 - (40 % tile or tile):]).all()  # the failing tile: nothing written
+    assert not np.isnan(out[0, :5]).any()  # the tiles before it, checked, were restored
+
+
+def test_a_push_writes_its_secure_copy_with_the_shared_buffer():
+    rng = np.random.default_rng(8)
+    src = rng.standard_normal((1, 4, 6, 32)).astype(np.float32)
+    dst_shape = (1, 6, 8, 32)
+    arrays = {"mask": rng.standard_normal(dst_shape).astype(np.float32)}
+    arrays["ii"], arrays["ic"] = _blocks(rng, [16, 16], [16, 16])
+    instr = {"op": "push", "src": "slot:x", "dst": "shm:x", "mask": "mask", "input_index": "ii",
+             "input_coef": "ic", "pad": [[0, 0], [1, 1], [1, 1], [0, 0]], "permutation": None}
+    model = _model(arrays, [instr], {"slot:x": src.shape, "shm:x": dst_shape})
+    shared, secure = np.full(dst_shape, np.nan, np.float32), np.full(dst_shape, np.nan, np.float32)
+    rp.compile_push(model, instr, src, shared, secure_dst=secure)()
+    assert not np.isnan(shared).any() and np.array_equal(secure, shared)

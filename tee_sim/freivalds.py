@@ -236,7 +236,7 @@ class LayerCheck:
         else:  # dense: each output row reads one row of the input, flattened
             n, h, wd, ho, wo = self.rows_out, 1, 1, 1, 1
         self.x_elements = n * h * wd * c
-        self.scratch_elements = n * h * wd  # the input pixels' squared norms
+        self.scratch_elements = n * h * wd + wo * (LANES + 1)  # the input pixels' squared norms, a row's sums
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
                                  self.unit, None, 0.0)
@@ -245,7 +245,8 @@ class LayerCheck:
         self._norms: np.ndarray | None = None
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
-        """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the input pixels' norms."""
+        """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the input pixels' norms
+        and an output row's sums."""
         if scratch.dtype != np.float32 or scratch.size < self.scratch_elements:
             raise ValueError(f"scratch of {scratch.size} {scratch.dtype}: {self.scratch_elements} float32 "
                              "needed")

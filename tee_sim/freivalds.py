@@ -6,9 +6,10 @@ channels, for the input ``x'`` the TEE sent and the obfuscated weights ``W'`` of
 ``u_1 .. u_k ~ N(0, I_M)`` and precomputes the single-output filters ``F_j = sum_i u_ji W'_i`` (off the
 hot path, with the one-time masks). When it writes ``x'`` it computes ``z_j = L(x', F_j)`` - a layer with
 one output channel per projection, ``k / M`` of the layer's work - and the window norms ``n_p`` (the
-norm of the input window output position ``p`` reads); when the results come back it copies them into
-secure memory (the normal world could change shared memory between the check and the use) and accepts
-them only if, at every position ``p`` and for every ``j``::
+norm of the input window output position ``p`` reads); when the results come back the restore copies
+them into secure memory a tile at a time (the normal world could change shared memory between the check
+and the use), checks the tile there and restores it from there, accepting it only if, at every position
+``p`` and for every ``j``::
 
     |u_j . y'_p - z_jp| <= tau_p = TOLERANCE * eps32 * S * n_p
 

@@ -14,10 +14,12 @@ Per model, the modes run interleaved run by run (so that machine drift hits all 
   the probability that a change of 1e-3 of a result's norm goes unnoticed). A verified copy that does not
   fit under the cap is reported as such; the other modes are still measured. The TA reports its secure
   memory as a whole: the verified copy's is what it adds to shadownet's (read before and after closing it).
-  Its pool is refilled right after each of its runs, untimed, instead of by a background thread: its
-  refills (a pass over the weights per set of check projections, several times shadownet's mask refills)
-  would otherwise run while the other modes are timed (on two cores they slowed shadownet's median by a
-  quarter). Its median is then the online check with a ready pool; its offline cost is in its pool figures.
+
+Both protected models' pools are refilled right after each of their runs, untimed, instead of by the
+background thread: its refills would otherwise run in the secure world while the other modes are timed,
+or while the model's next run waits for the secure world (on two cores the verified copy's slowed
+shadownet's median by a quarter; shadownet's own made MiniVGG's crossings ~20x longer). The medians are
+then the online work with a ready pool; the offline cost is in the pool figures.
 
 For ``shadownet`` the median is split into accelerator, TEE compute (inside the trusted app), boundary
 crossing (the rest of the TEE calls' wall time: transport and world switches) and other (the runtime's
@@ -29,8 +31,8 @@ One-time masks: the model is converted with ``--mask-rounds POLICY`` (default: t
 ``first``). Each protected model's pool of per-inference material (``ProtectedModel.stats()['pool']``) is
 read after the timed runs: its secure memory (``pool_bytes``, ``entry_bytes``, ``capacity``) and the TEE's
 offline cost per inference (``offline_s`` / ``made``: making one entry, off the inference's path when the
-background refill keeps up); ``synchronous_timed`` counts the entries made on an inference's path (pool
-empty) during the timed runs, from the counters read just before them. Those TEE calls (and the per-run
+pool is refilled between inferences); ``synchronous_timed`` counts the entries made on an inference's path
+(pool empty) during the timed runs, from the counters read just before them. Those TEE calls (and the per-run
 ``stats()``) are made outside the timed calls. A policy whose protected model does not fit under the
 secure-memory cap is that model's error (``SecureMemoryError``), as is a round the model does not have.
 

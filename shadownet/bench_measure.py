@@ -129,19 +129,18 @@ class _Protected:
     def __init__(self, out_dir: Path, num_threads: int, delegate: str | None, verify: bool = False) -> None:
         from shadownet.runtime import load
 
-        # The verified copy's pool is refilled after each of its runs, untimed (``refill``), not by a
-        # background thread: its refills (a pass over the weights per set of check projections) would
-        # otherwise run in the secure world while the other modes are timed, and slow them.
+        # The pool of one-time masks (and check projections) is refilled after each run, untimed
+        # (``refill``), not by the background thread: its refills would otherwise run in the secure world
+        # while the other modes are timed (all-in-tee runs there too) or while this model's next run
+        # waits for the secure world, and slow them; the offline cost is reported on its own.
         self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify,
-                          background_refill=not verify)
+                          background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
-        self.refills = verify
         self.refill()
 
     def refill(self) -> None:
-        if self.refills:
-            self.model.refill_masks()
+        self.model.refill_masks()
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> None:
         self.model.run_into(inputs, self.results)
@@ -327,7 +326,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                     times[mode].append(elapsed)
                     if isinstance(runner, _Protected):
                         runner.record()
-                if mode == VERIFY_MODE:
+                if isinstance(runner, _Protected):
                     runner.refill()
         protected: _Protected = runners["shadownet"]
         error = _relative_error(protected.results, runners["unprotected"].results)

@@ -1,5 +1,5 @@
-"""The one compiled part: the trusted app's restore / push kernel (plain C, loaded with ctypes; see
-tee_sim/ta_shadownet_kernels.c). Everything else is configured in pyproject.toml."""
+"""The one compiled part: the trusted app's C kernels - restore / push and Freivalds' check (plain C, loaded
+with ctypes; see tee_sim/ta_shadownet_kernels.c). Everything else is configured in pyproject.toml."""
 
 from setuptools import Extension, setup
 

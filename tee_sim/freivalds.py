@@ -241,8 +241,6 @@ class LayerCheck:
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
                                  self.unit, None, 0.0)
-        self._check = _Check(None, self.rows_out, self.m_out, None, k, self.kp, self.z.ctypes.data,
-                             self.tau.ctypes.data, 0.0, 0.0, 0)
         self._norms: np.ndarray | None = None
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
@@ -329,18 +327,12 @@ class LayerCheck:
         ``worst`` the largest ``|u . y'_p - z_p| / tau_p`` (> 1: the result is wrong), ``log2_bound``
         the bound ``log2 beta^k`` this check achieved against a change of 1e-3 of ``||y||`` (``None``
         unless ``bound``: it costs one more pass over ``y``)."""
-        if (y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
-                or u.dtype != np.float32 or u.shape != self.projection_shapes()[0]
-                or not u.flags.c_contiguous):
-            raise ValueError(f"check: {y.dtype} {y.shape} result, {u.shape} projections")
-        self._check.y, self._check.u, self._check.want_norm = y.ctypes.data, u.ctypes.data, int(bound)
-        LIBRARY.fv_check(ctypes.addressof(self._check))
-        worst = self._check.worst
-        if not math.isfinite(worst):
-            worst = math.inf
-        if not bound:
-            return worst, None
-        return worst, self.bound_log2(math.sqrt(self._check.y_norm2))
+        if y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous:
+            raise ValueError(f"check: {y.dtype} {y.shape} result")
+        made = self.fused(u)
+        made.y, made.want_norm = y.ctypes.data, int(bound)
+        LIBRARY.fv_check(ctypes.addressof(made))
+        return self.outcome(made)
 
     def bound_log2(self, y_norm: float) -> float:
         """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (module docstring)."""

@@ -58,8 +58,8 @@ enum { SN_IDENTITY = 0, SN_RELU = 1, SN_RELU6 = 2, SN_RELU_N1_TO_1 = 3, SN_LEAKY
  *            out[dst : dst + width_out] = in'[src : src + width_in] @ M, M = mats[at:] as
  *            [width_in][width_out rounded up to 16], zero-padded; blocks in increasing dst order and
  *            tiling [0, n_out) (a block's spill past its width is overwritten by the next one; the last
- *            one's lands in the scratch's spare floats).
- * perm (any kind): then out[n] = out'[perm[n]]. */
+ *            one's lands in the scratch's spare floats); then, with perm (and no order), out[n] =
+ *            out'[perm[n]]. A gather folds its permutation into index and coef. */
 typedef struct {
     int32_t kind, n_in, n_out, k;
     const int32_t *index;
@@ -170,25 +170,20 @@ INLINE void permute(const int32_t *perm, int32_t n, const float *in, float *out)
 }
 
 /* t pixels of `in` (pixel stride in_pix) through `l` into `out` (pixel stride `stride`); `tmp` is a
- * third tile. */
+ * third tile, for the gathered input (order) or the output before its permutation (perm). */
 INLINE void apply(const sn_linear *l, const float *in, int64_t in_pix, float *out, float *tmp,
                   int64_t stride, int64_t t) {
     if (l->kind != SN_BLOCKS) {
-        for (int64_t p = 0; p < t; p++) {
-            float *o = l->perm ? tmp + p * stride : out + p * stride;
-            gather1(l, in + p * in_pix, o);
-            if (l->perm) permute(l->perm, l->n_out, o, out + p * stride);
-        }
+        for (int64_t p = 0; p < t; p++) gather1(l, in + p * in_pix, out + p * stride);
         return;
     }
     const float *x = in;
     int64_t x_pix = in_pix;
     float *target = l->perm ? tmp : out;
-    if (l->order) { /* gathered into tmp; the blocks then write `out`, permuted through tmp if need be */
+    if (l->order) {
         for (int64_t p = 0; p < t; p++) permute(l->order, l->n_order, in + p * in_pix, tmp + p * stride);
         x = tmp;
         x_pix = stride;
-        target = out;
     }
     for (int32_t b = 0; b < l->nblocks; b++) {
         const int32_t *blk = l->blocks + 5 * (int64_t)b;
@@ -197,12 +192,8 @@ INLINE void apply(const sn_linear *l, const float *in, int64_t in_pix, float *ou
         else
             block_any(x + blk[0], x_pix, target + blk[2], stride, t, l->mats + blk[4], blk[1], blk[3]);
     }
-    if (!l->perm) return;
-    if (l->order) {
-        memcpy(tmp, out, (size_t)(t * stride) * sizeof(float));
-        target = tmp;
-    }
-    for (int64_t p = 0; p < t; p++) permute(l->perm, l->n_out, target + p * stride, out + p * stride);
+    if (l->perm)
+        for (int64_t p = 0; p < t; p++) permute(l->perm, l->n_out, target + p * stride, out + p * stride);
 }
 
 /* Plain loops: GCC vectorizes these itself (max / min / select). */
@@ -227,6 +218,17 @@ INLINE void activate(float *restrict x, int64_t n, int32_t kind, float alpha) {
 
 INLINE void add_into(float *dst, const float *x, const float *y, int32_t n) {
     for (int32_t i = 0; i < n; i++) dst[i] = x[i] + y[i];
+}
+
+/* t pixels of x (+ the mask's, if any) into dst: what a step sends, and its secure copy. */
+INLINE void send(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, const float *mask,
+                 int64_t mask_pix, int64_t t, int32_t c) {
+    for (int64_t p = 0; p < t; p++) {
+        if (mask)
+            add_into(dst + p * dst_pix, x + p * x_pix, mask + p * mask_pix, c);
+        else
+            copy(dst + p * dst_pix, x + p * x_pix, c);
+    }
 }
 
 
@@ -431,11 +433,17 @@ INLINE void check_done(fv_check_t *s, vi worst, double norm2) {
 
 #define ONE_BITS 0x3f800000 /* 1.0f: a ratio above it fails the check */
 
-INLINE void check_kp(fv_check_t *s, int32_t kp) {
-    vi worst = {0};
-    double norm2 = 0.0;
-    check_rows(s, s->y, s->m, s->p * s->m, 0, s->p, &worst, &norm2, kp);
-    check_done(s, worst, norm2);
+/* check_rows for s->kp: one copy per lane layout, so that the shuffles are constants. */
+INLINE int check_rows_kp(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0,
+                         int64_t t, vi *worst, double *norm2) {
+    switch (s->kp) {
+    case 1: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 1); return 0;
+    case 2: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 2); return 0;
+    case 4: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 4); return 0;
+    case 8: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 8); return 0;
+    case 16: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 16); return 0;
+    default: return -1;
+    }
 }
 
 SN_CLONES int sn_run(const sn_step *s) {
@@ -458,14 +466,8 @@ SN_CLONES int sn_run(const sn_step *s) {
                 for (int64_t p = 0; p < t; p++) copy(tile_y + p * stride, x + p * x_pix, (int32_t)check->m);
                 x = tile_y;
                 x_pix = stride;
-                int64_t p0 = r * s->cols + q0, room = t * stride;
-                switch (check->kp) {
-                case 1: check_rows(check, x, stride, room, p0, t, &worst, &norm2, 1); break;
-                case 2: check_rows(check, x, stride, room, p0, t, &worst, &norm2, 2); break;
-                case 4: check_rows(check, x, stride, room, p0, t, &worst, &norm2, 4); break;
-                case 8: check_rows(check, x, stride, room, p0, t, &worst, &norm2, 8); break;
-                default: check_rows(check, x, stride, room, p0, t, &worst, &norm2, 16); break;
-                }
+                if (check_rows_kp(check, x, stride, t * stride, r * s->cols + q0, t, &worst, &norm2))
+                    return -1;
                 if (vmax(worst) > ONE_BITS) { /* wrong: nothing of this tile is used */
                     check_done(check, worst, norm2);
                     return 1;
@@ -487,25 +489,10 @@ SN_CLONES int sn_run(const sn_step *s) {
                 x = tile_b;
                 x_pix = stride;
             }
-            float *o = s->dst + r * s->dst_row + q0 * s->dst_pix;
-            if (s->mask.p) {
-                const float *m = s->mask.p + r * s->mask.row + q0 * s->mask.pix;
-                for (int64_t p = 0; p < t; p++) add_into(o + p * s->dst_pix, x + p * x_pix, m + p * s->mask.pix, c);
-            } else {
-                for (int64_t p = 0; p < t; p++) copy(o + p * s->dst_pix, x + p * x_pix, c);
-            }
-            if (s->copy) {
-                /* The secure copy of what was sent, for the check of the next round's result: computed
-                 * again from the secure tile, not read back from shared memory. */
-                float *k = s->copy + r * s->copy_row + q0 * s->copy_pix;
-                if (s->mask.p) {
-                    const float *m = s->mask.p + r * s->mask.row + q0 * s->mask.pix;
-                    for (int64_t p = 0; p < t; p++)
-                        add_into(k + p * s->copy_pix, x + p * x_pix, m + p * s->mask.pix, c);
-                } else {
-                    for (int64_t p = 0; p < t; p++) copy(k + p * s->copy_pix, x + p * x_pix, c);
-                }
-            }
+            const float *m = s->mask.p ? s->mask.p + r * s->mask.row + q0 * s->mask.pix : NULL;
+            send(s->dst + r * s->dst_row + q0 * s->dst_pix, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
+            if (s->copy) /* the secure copy of what was sent, from the secure tile, not read back */
+                send(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix, t, c);
         }
     }
     if (check) check_done(check, worst, norm2);
@@ -525,12 +512,9 @@ SN_CLONES int fv_prepare(fv_prepare_t *s) {
 }
 
 SN_CLONES int fv_check(fv_check_t *s) {
-    switch (s->kp) {
-    case 1: check_kp(s, 1); return 0;
-    case 2: check_kp(s, 2); return 0;
-    case 4: check_kp(s, 4); return 0;
-    case 8: check_kp(s, 8); return 0;
-    case 16: check_kp(s, 16); return 0;
-    default: return -1;
-    }
+    vi worst = {0};
+    double norm2 = 0.0;
+    if (check_rows_kp(s, s->y, s->m, s->p * s->m, 0, s->p, &worst, &norm2)) return -1;
+    check_done(s, worst, norm2);
+    return 0;
 }

@@ -89,8 +89,8 @@ class Linear:
     """A linear map of each pixel's channels in the form the kernel runs (``sn_linear``): ``kind`` gather
     (``index``/``coef`` ``[k, n_out]``, coef None for ones), scale (``coef`` ``[n_out]``, None: a copy) or
     blocks (``blocks`` ``[nblocks, 5]``: source start, width in, output start, width out, offset of the
-    block's matrix in ``mats``, after an optional ``order`` gather), then an optional ``perm``. The arrays
-    live in secure memory."""
+    block's matrix in ``mats``, after an optional ``order`` gather or followed by an optional ``perm``; a
+    gather folds its permutation in). The arrays live in secure memory."""
 
     kind: int
     n_in: int
@@ -145,7 +145,10 @@ def gather_linear(index: np.ndarray, coef: np.ndarray, n_in: int, alloc: Alloc,
 def block_linear(order: np.ndarray | None, blocks: BlockMatmuls, n_in: int, n_out: int, alloc: Alloc,
                  perm: np.ndarray | None = None) -> Linear:
     """``block_matmuls``' plan as the kernel's blocks: matrices padded to ``LANES`` columns, in order of
-    their output ranges (which must tile ``[0, n_out)``)."""
+    their output ranges (which must tile ``[0, n_out)``). A gathered input (``order``: an input mixing) or
+    a permuted output (``perm``: a restore), not both."""
+    if order is not None and perm is not None:
+        raise ValueError("block matmuls with both a gathered input and a permuted output")
     blocks = sorted(blocks, key=lambda b: b[1].start)
     at, table, total = 0, [], 0
     for rows, cols, matrix in blocks:
@@ -368,7 +371,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         copy, _, copy_border = _masked_destination(secure_dst, None, pad)
         if copy.shape != out.shape:
             raise ValueError(f"a secure copy {secure_dst.shape} for {out.shape}")
-    if _grid(out)[:2] != grid:
+    out_rows, out_cols, dst_row, dst_pix = _grid(out)
+    if (out_rows, out_cols) != grid:
         raise ValueError(f"{src.shape} -> {out.shape}: not the same pixels")
     channels = out.shape[-1]
     last = transform or restore
@@ -388,8 +392,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     step.activation, step.alpha = activation, alpha
     step.b = transform.struct() if transform is not None else _NO_LINEAR
     step.mask = _tensor(mask, grid)
-    _, _, step.dst_row, step.dst_pix = _grid(out)
-    step.dst, step.channels = out.ctypes.data, channels
+    step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
     if check is not None:
         step.check = ctypes.addressof(check)

@@ -311,3 +311,23 @@ def _signature(entry: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[Tensor
             or sorted(sig.outputs.values()) != sorted(t.name for t in outputs):
         raise ArtifactError("the manifest's signature does not name exactly the model's inputs and outputs")
     return sig
+
+
+def place_buffers(buffers: dict[str, BufferSpec], page_offsets: dict[str, int],
+                  page: int) -> tuple[int, dict[str, int]]:
+    """A layout of the shared memory in which the buffers named in ``page_offsets`` - those whose pages the
+    accelerator shares with its own tensors - start at those offsets within a page, each on pages of its
+    own, and every other buffer follows, ``ALIGNMENT``-aligned; no two overlap (the manifest's layout
+    lets consecutive rounds reuse memory, which shared pages cannot). Returns (size, {name: offset})."""
+    offsets: dict[str, int] = {}
+    end = 0
+    for name, b in buffers.items():
+        residue = page_offsets.get(name)
+        if residue is not None and residue % ALIGNMENT == 0 and 0 <= residue < page:
+            offsets[name] = -(-end // page) * page + residue
+            end = -(-(offsets[name] + b.nbytes) // page) * page
+    for name, b in buffers.items():
+        if name not in offsets:
+            offsets[name] = -(-end // ALIGNMENT) * ALIGNMENT
+            end = offsets[name] + max(b.nbytes, 1)
+    return max(end, 1), offsets

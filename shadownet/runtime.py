@@ -24,7 +24,7 @@ import numpy as np
 
 import tee_sim
 from shadownet.accelerator import Accelerator, LiteRTAccelerator, load_delegates
-from shadownet.artifacts import Artifacts, TensorSpec, read_artifacts
+from shadownet.artifacts import Artifacts, TensorSpec, place_buffers, read_artifacts
 from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
@@ -38,6 +38,7 @@ from shadownet.exceptions import (
 )
 from shadownet.refill import BackgroundRefill
 from tee_sim import TEEError
+from tee_sim.shared_pages import PAGE
 
 # The one place where the secure world's GlobalPlatform codes become the flat exceptions.
 _TEE_ERRORS: dict[int, type[ShadowNetError]] = {
@@ -127,6 +128,7 @@ class ProtectedModel:
         self._shm: Any = None
         self._context: Any = None
         self._views: dict[str, np.ndarray] = {}
+        self._placement: dict[str, int] | None = None  # buffer offsets when not the manifest's
         commands = _commands()
         expected_uuid = uuid.UUID(str(commands.UUID))
         if uuid.UUID(artifacts.ta_uuid) != expected_uuid:
@@ -192,11 +194,12 @@ class ProtectedModel:
                 if shm is None or shm.released or self._context is not context:
                     # First load, or the process's context was closed and replaced: memory registered
                     # with the old one is gone. (After a secure-world restart tee_sim re-registers it.)
-                    shm = context.register_shared_memory(self.artifacts.shared_memory_size)
-                    self._bind_views(shm)
+                    shm = self._register_buffers(context)
                     self._context = context
-                session.invoke_command(commands.Command.BIND_SHARED_MEMORY, [
-                    tee_sim.MemRef(shm, 0, self.artifacts.shared_memory_size, "inout")])
+                bind = [tee_sim.MemRef(shm, 0, shm.size, "inout")]
+                if self._placement is not None:
+                    bind.append(tee_sim.TempMemRef(commands.encode_placement(self._placement)))
+                session.invoke_command(commands.Command.BIND_SHARED_MEMORY, bind)
                 if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
                     self._bind_weights(context, session)
         except BaseException:
@@ -216,19 +219,31 @@ class ProtectedModel:
             self._weights, self._weights_context = weights, context
         session.invoke_command(_commands().Command.BIND_WEIGHTS, [tee_sim.MemRef(weights, 0, size, "in")])
 
-    def _bind_views(self, shm: Any) -> None:
+    def _register_buffers(self, context: Any) -> Any:
+        """Register the shared memory and bind the accelerator to its buffers. When the accelerator shares
+        its own tensors' pages (``LiteRTAccelerator.page_offsets``), the buffers are placed to match and the
+        TA is told where (``_placement``); otherwise the manifest's layout holds."""
+        page_offsets = getattr(self.accelerator, "page_offsets", None)
+        offsets = page_offsets() if page_offsets is not None else {}
+        if offsets:
+            size, placement = place_buffers(self.artifacts.buffers, offsets, PAGE)
+        else:
+            size, placement = self.artifacts.shared_memory_size, None
+        shm = context.register_shared_memory(size)
         old = self._shm
-        views = {b.name: shm.ndarray(b.dtype, b.shape, b.offset) for b in self.artifacts.buffers.values()}
+        at = placement or {b.name: b.offset for b in self.artifacts.buffers.values()}
+        views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in self.artifacts.buffers.values()}
         try:
             self.accelerator.bind(views)
         except BaseException:
             _quietly(shm.release)
             raise
-        self._shm, self._views = shm, views
+        self._shm, self._views, self._placement = shm, views, placement
         self._input_views = [views[f"input/{i}"] for i in range(len(self.inputs))]
         self._output_views = [views[f"output/{i}"] for i in range(len(self.outputs))]
         if old is not None:
             _quietly(old.release)
+        return shm
 
     def _drop_session(self) -> None:
         session, self._session = self._session, None

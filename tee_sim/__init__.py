@@ -8,7 +8,7 @@ apps subclass ``tee_sim.ta.TrustedApp`` and are listed in ``tee_sim.registry``.
 
 import logging
 
-from tee_sim.client import Context, Session, SharedMemory, default_context
+from tee_sim.client import Context, Session, SharedMemory, default_context, shared_memory_of
 from tee_sim.errors import (
     TEE_ERROR_ACCESS_CONFLICT,
     TEE_ERROR_ACCESS_DENIED,
@@ -59,6 +59,7 @@ __all__ = [
     "Context",
     "Session",
     "SharedMemory",
+    "shared_memory_of",
     "default_context",
     "Value",
     "TempMemRef",

@@ -28,6 +28,7 @@ from tee_sim.errors import (
 )
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
+from tee_sim.shared_pages import SharedPages
 from tee_sim.transport import InProcessTransport, ProcessTransport
 
 TRANSPORTS = ("process", "inprocess")
@@ -68,8 +69,12 @@ class SharedMemory:
         self._context = context
         self._id = shm_id
         self._mmap, self._fd = context._transport.new_buffer(size)
+        base = np.frombuffer(self._mmap, np.uint8)
+        self.address = base.ctypes.data  # where this process maps it (for shared_memory_of)
+        del base
         self._generation = 0
         self.released = False
+        _live_memories.add(self)
 
     @property
     def buffer(self) -> memoryview:
@@ -88,6 +93,22 @@ class SharedMemory:
         if offset < 0 or offset + count * dtype.itemsize > self.size:
             raise _api_error(f"{shape} {dtype} at offset {offset} does not fit in {self.size} bytes")
         return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def share_pages(self, offset: int, target: np.ndarray) -> SharedPages:
+        """Make the whole pages of ``target`` - the client's own memory, such as an accelerator's tensor -
+        the same memory as this one's bytes from ``offset`` on (``tee_sim.shared_pages``): what either
+        world writes there, the other reads, with no copy. ``offset`` must sit at the same place in a page
+        as ``target``'s first byte, and ``target`` must fit. Release the result before ``target``'s owner
+        frees it."""
+        self._check()
+        if self._fd is None:
+            raise _api_error("this transport's shared memory has no file to share pages of")
+        if offset < 0 or offset + target.nbytes > self.size:
+            raise _api_error(f"{target.nbytes} bytes at offset {offset} do not fit in {self.size} bytes")
+        try:
+            return SharedPages(target, self._fd, offset)
+        except (ValueError, OSError) as exc:
+            raise _api_error(f"cannot share the array's pages: {exc}") from None
 
     def _check(self) -> None:
         if self.released:
@@ -114,6 +135,19 @@ class SharedMemory:
 
     def __repr__(self) -> str:
         return f"SharedMemory(size={self.size}{', released' if self.released else ''})"
+
+
+_live_memories: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
+
+
+def shared_memory_of(array: np.ndarray) -> tuple[SharedMemory, int] | None:
+    """The registered ``SharedMemory`` that ``array`` is a view of, and the byte offset of its first
+    element there; ``None`` for any other memory."""
+    address = array.ctypes.data
+    for shm in list(_live_memories):
+        if not shm.released and shm.address <= address and address + array.nbytes <= shm.address + shm.size:
+            return shm, address - shm.address
+    return None
 
 
 class Session:

@@ -45,6 +45,7 @@ from tee_sim.params import (
     TEE_PARAM_TYPE_MEMREF_OUTPUT,
     TEE_PARAM_TYPE_VALUE_INPUT,
     TEE_PARAM_TYPE_VALUE_OUTPUT,
+    TEE_PARAM_TYPES,
     TAParams,
     TEEParam,
     check_param_types,
@@ -184,8 +185,11 @@ class ShadowNetTA(TrustedApp):
             stats = model.online.stats() if model is not None and model.online is not None else {}
             _write(params[0], json.dumps(stats).encode())
         elif cmd_id == Command.BIND_SHARED_MEMORY:
-            check_param_types(params, MEMREF_INOUT)
-            self._bind(session, params[0])
+            if params.types == TEE_PARAM_TYPES(MEMREF_INOUT, MEMREF_IN):
+                self._bind(session, params[0], bytes(params[1].buffer))
+            else:
+                check_param_types(params, MEMREF_INOUT)
+                self._bind(session, params[0], None)
         elif cmd_id == Command.GET_STATS:
             check_param_types(params, VALUE_OUT)
             stats = self.tee.memory_stats()
@@ -390,12 +394,15 @@ class ShadowNetTA(TrustedApp):
         return self._ref(model, ref).shape
 
     # Shared memory and steps.
-    def _bind(self, session: dict[str, Any], param: TEEParam) -> None:
+    def _bind(self, session: dict[str, Any], param: TEEParam, placement: bytes | None) -> None:
         model = session.get("model")
         if model is None:
             raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
         p = model.program
-        if param.buffer.nbytes < p["shared_memory_size"]:
+        offsets = {name: spec["offset"] for name, spec in p["shared_buffers"].items()}
+        if placement is not None:
+            offsets = _placement(placement, p["shared_buffers"], param.buffer.nbytes)
+        elif param.buffer.nbytes < p["shared_memory_size"]:
             raise _error(TEE_ERROR_BAD_PARAMETERS,
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
                          f"{p['shared_memory_size']}")
@@ -406,7 +413,7 @@ class ShadowNetTA(TrustedApp):
                 raise ValueError(f"{len(p['steps'])} steps for {len(rounds)} rounds")
             # Kept past this call, as the ShadowNet contract says: the runtime keeps the memory registered
             # for the session's lifetime and the TA drops these views when the session closes.
-            model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), spec["offset"])
+            model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), offsets[name])
                          for name, spec in p["shared_buffers"].items()}
             model.steps = [[self._compile(model, instr) for instr in step] for step in p["steps"]]
         except TEEError:
@@ -474,6 +481,27 @@ class ShadowNetTA(TrustedApp):
         model.next_step = 0 if last else step + 1
         if last and online is not None:
             online.end()
+
+
+def _placement(data: bytes, specs: dict[str, Any], size: int) -> dict[str, int]:
+    """BIND_SHARED_MEMORY's placement, checked: the normal world chooses it, so every buffer must be named,
+    aligned, inside the memory and apart from every other (no step may read what it writes itself)."""
+    try:
+        offsets = json.loads(data)
+        if not isinstance(offsets, dict) or set(offsets) != set(specs):
+            raise ValueError("it must name every shared buffer, and only those")
+        spans = []
+        for name, spec in specs.items():
+            offset = _count(offsets[name])
+            _check_spec({**spec, "offset": offset}, size, f"shared buffer {name!r}")
+            spans.append((offset, offset + elements(spec["shape"]) * 4, name))
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise ValueError(f"buffers {a!r} and {b!r} overlap")
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise _error(TEE_ERROR_BAD_PARAMETERS, f"shared buffer placement: {exc}") from None
+    return offsets
 
 
 def _count(value: Any) -> int:

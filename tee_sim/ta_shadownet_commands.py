@@ -12,8 +12,11 @@ Parameters of each command (``in``/``out`` from the normal world's side):
   mismatched; ``TEE_ERROR_OUT_OF_MEMORY``. After the options value, a fourth parameter
   [TempMemRef(``manifest_digest(manifest.json)``, in)] makes the TA refuse a manifest other than the one
   converted with these secrets (``TEE_ERROR_SECURITY``; programs sealed before the digest existed skip it).
-- ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, shared_memory_size, inout)]: the TA keeps zero-copy views of
-  the manifest's buffer layout.
+- ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, size, inout)] and optionally [TempMemRef(placement, in)]: the
+  TA keeps zero-copy views of the buffers, where the manifest's layout puts them (``size`` >=
+  ``shared_memory_size``) or where ``encode_placement({buffer name: byte offset})`` says (every buffer
+  named, 64-byte aligned, inside ``size``, no two overlapping; ``TEE_ERROR_BAD_PARAMETERS`` otherwise): the
+  runtime places the buffers whose pages it shares with the accelerator's own tensors.
 - ``RUN_STEP``: [Value(a=step)]: step 0 reads ``input/*`` and writes round 1's inputs; step r restores
   round r's outputs, runs the TEE's ops and writes round r + 1's inputs (or ``output/*`` for the last).
   Steps run in order, 0 to R (``TEE_ERROR_BAD_STATE`` otherwise). Step 0 takes the inference's one-time
@@ -81,3 +84,8 @@ def manifest_digest(manifest: dict[str, Any]) -> bytes:
     the runtime sends it with LOAD_MODEL, so the layout, rounds and tensors it uses are the sealed ones."""
     bound = {k: v for k, v in manifest.items() if k not in UNBOUND_MANIFEST_FIELDS}
     return hashlib.sha256(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def encode_placement(offsets: dict[str, int]) -> bytes:
+    """BIND_SHARED_MEMORY's placement: each shared buffer's byte offset in the shared memory."""
+    return json.dumps(offsets, sort_keys=True).encode()

@@ -58,7 +58,7 @@ class InProcessTransport:
 
     @staticmethod
     def new_buffer(size: int) -> tuple[mmap.mmap, int | None]:
-        return mmap.mmap(-1, size), None
+        return ProcessTransport.new_buffer(size)  # a memfd too, so that client pages can be shared
 
     def register_shm(self, shm_id: int, buffer: mmap.mmap, fd: int | None) -> None:
         self._os.register_shm(shm_id, buffer)

@@ -16,7 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tee_sim
 from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError, ShadowNetError
-from tee_sim.ta_shadownet_commands import UUID, Command
+from tee_sim.ta_shadownet_commands import UUID, Command, encode_placement
 
 ERRORS: dict[int, type[ShadowNetError]] = {
     tee_sim.TEE_ERROR_SECURITY: SecurityError,
@@ -32,7 +32,9 @@ def mapped(exc: tee_sim.TEEError) -> ShadowNetError:
 
 class Driver:
     def __init__(self, context: tee_sim.Context, out_dir: str | Path, *, secrets: bytes | None = None,
-                 untrusted: bytes | None = None) -> None:
+                 untrusted: bytes | None = None, placement: tuple[int, dict[str, int]] | None = None) -> None:
+        """``placement``: (size, {buffer: offset}) instead of the manifest's layout (BIND_SHARED_MEMORY's
+        optional parameter)."""
         out = Path(out_dir)
         self.manifest = json.loads((out / "manifest.json").read_text())
         self.untrusted = untrusted if untrusted is not None else (out / "untrusted.tflite").read_bytes()
@@ -44,10 +46,18 @@ class Driver:
         except tee_sim.TEEError as exc:
             self.session.close()
             raise mapped(exc) from None
-        self.shm = context.register_shared_memory(self.manifest["shared_memory_size"])
-        self.session.invoke_command(Command.BIND_SHARED_MEMORY, [
-            tee_sim.MemRef(self.shm, 0, self.manifest["shared_memory_size"], "inout")])
-        self.views = {b["name"]: self.shm.ndarray(b["dtype"], b["shape"], b["offset"])
+        size, offsets = placement or (self.manifest["shared_memory_size"], None)
+        self.shm = context.register_shared_memory(size)
+        try:
+            bind = [tee_sim.MemRef(self.shm, 0, size, "inout")]
+            if offsets:
+                bind.append(tee_sim.TempMemRef(encode_placement(offsets)))
+            self.session.invoke_command(Command.BIND_SHARED_MEMORY, bind)
+        except tee_sim.TEEError as exc:
+            self.close()
+            raise mapped(exc) from None
+        at = offsets or {b["name"]: b["offset"] for b in self.manifest["buffers"]}
+        self.views = {b["name"]: self.shm.ndarray(b["dtype"], b["shape"], at[b["name"]])
                       for b in self.manifest["buffers"]}
         self.accelerator = Interpreter(model_content=self.untrusted, num_threads=1)
         self.runners = {r["signature"]: self.accelerator.get_signature_runner(r["signature"])

@@ -26,8 +26,10 @@ def protect_small_cnn(tmp_path_factory, name: str, seed: int, **kw) -> str:
     return str(out)
 
 
-def small_cnn(seed: int = 0) -> bytes:
+def small_cnn(seed: int = 0, side: int = 16) -> bytes:
+    """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``)."""
     rng = np.random.default_rng(seed)
+    half = side // 2
     g = Graph()
     act = fb.ActivationFunctionType
 
@@ -51,15 +53,15 @@ def small_cnn(seed: int = 0) -> bytes:
         g.add_op(kind, [x, wt, b], [y], options(kind, padding, stride, activation, c_out // c_in))
         return y
 
-    x = g.add_tensor("image", INPUT_SHAPE, np.float32)
-    a = conv(x, 3, 8, 16, activation=act.RELU)
-    d = conv(a, 8, 16, 8, "DEPTHWISE_CONV_2D", stride=2, activation=act.RELU6)
-    p = conv(d, 16, 16, 8, k=1)
-    s = g.add_tensor("sum", (1, 8, 8, 16), np.float32)
+    x = g.add_tensor("image", (1, side, side, 3), np.float32)
+    a = conv(x, 3, 8, side, activation=act.RELU)
+    d = conv(a, 8, 16, half, "DEPTHWISE_CONV_2D", stride=2, activation=act.RELU6)
+    p = conv(d, 16, 16, half, k=1)
+    s = g.add_tensor("sum", (1, half, half, 16), np.float32)
     add = fb.AddOptionsT()
     add.fusedActivationFunction = act.RELU
     g.add_op("ADD", [d, p], [s], add)
-    v = conv(s, 16, 12, 6, padding=fb.Padding.VALID, activation=act.RELU)
+    v = conv(s, 16, 12, half - 2, padding=fb.Padding.VALID, activation=act.RELU)
     axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
     m = g.add_tensor("mean", (1, 12), np.float32)
     g.add_op("MEAN", [v, axes], [m], fb.ReducerOptionsT())

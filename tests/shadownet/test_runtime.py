@@ -177,3 +177,42 @@ def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
         # The next call opens a new session in a restarted secure world and loads the model again.
         assert relative_error(model(x), want) <= TOLERANCE
         assert model.stats()["world_switches"] == model.num_rounds + 1
+
+
+class NoSharing(AcceleratorWrapper):
+    """The default accelerator without its page offsets: the manifest's layout, every tensor copied."""
+
+    def page_offsets(self):
+        return {}
+
+
+def test_accelerator_tensors_are_the_shared_buffers(tmp_path):
+    """LiteRT's round tensors are the shared buffers themselves: the accelerator copies only the bytes
+    around their whole pages, the results are those of the copying path, and close() gives the pages back."""
+    import warnings
+
+    from tee_sim.shared_pages import MIN_SHARED_BYTES, PAGE
+    from tests.shadownet.small_models import reference, small_cnn
+
+    original = small_cnn(side=48)  # round tensors of 36-72 KiB, all worth sharing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=3)
+    x = np.random.default_rng(0).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+    want = reference(original, x)
+    with shadownet.load(tmp_path / "out", accelerator=NoSharing) as copying:
+        copied = copying(x)
+    with shadownet.load(tmp_path / "out") as model:
+        got = model(x)
+        accelerator = model.accelerator
+        shared = list(accelerator._shared)
+        tensors = [t for ins, outs in accelerator._tensors for _, t in ins + outs]
+        big = [t for t in tensors if t.nbytes >= MIN_SHARED_BYTES]  # all but the dense layer's
+        assert len(shared) == len(big) == len(tensors) - 2
+        # Copied per inference: a partial page at each end of the shared ones, the small ones whole.
+        moved = sum(dst.nbytes for _, ins, outs in accelerator._plan for dst, _ in ins + outs)
+        assert moved < 2 * PAGE * len(big) + sum(t.nbytes for t in tensors if t.nbytes < MIN_SHARED_BYTES)
+        assert model(x) is not got
+    assert all(pages.released for pages in shared)
+    assert relative_error(got, want) <= TOLERANCE
+    assert relative_error(got, copied) <= SAME

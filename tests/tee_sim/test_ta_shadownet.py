@@ -3,6 +3,7 @@
 The model is built with the graph layer (no TensorFlow): conv + relu, a residual block whose shortcut conv
 shares a round, a depthwise conv, mean and dense."""
 
+import json
 import warnings
 
 import numpy as np
@@ -182,3 +183,32 @@ def test_error_mapping_is_the_runtimes():
 
     assert ERRORS[tee_sim.TEE_ERROR_SECURITY] is SecurityError
     assert ERRORS[tee_sim.TEE_ERROR_BAD_FORMAT] is ArtifactError
+
+
+def test_buffers_placed_by_the_normal_world(device, artifacts):
+    """BIND_SHARED_MEMORY's placement: the buffers anywhere apart, aligned and inside; anything else is
+    refused before a step runs."""
+    manifest = json.loads((artifacts[0] / "manifest.json").read_text())
+    buffers = sorted(manifest["buffers"], key=lambda b: b["name"], reverse=True)
+    offsets, end = {}, 4096
+    for b in buffers:  # another order than the manifest's, a page apart, nothing reused
+        offsets[b["name"]] = end
+        end += -(-b["nbytes"] // 4096) * 4096 + 4096
+    with Driver(device, artifacts[0], placement=(end, offsets)) as run:
+        assert relative_error(run(_x(5)), litert(_model(0), _x(5))) <= 1e-4
+    first, second = buffers[0]["name"], buffers[1]["name"]
+    bad = {
+        "a buffer left out": (end, {k: v for k, v in offsets.items() if k != first}),
+        "an unknown buffer": (end, {**offsets, "round_9/in/x": 0}),
+        "unaligned": (end, {**offsets, first: offsets[first] + 4}),
+        "past the end": (end, {**offsets, first: end}),
+        "overlapping": (end, {**offsets, first: offsets[second]}),
+        "not an offset": (end, {**offsets, first: -64}),
+    }
+    for what, placement in bad.items():
+        try:
+            Driver(device, artifacts[0], placement=placement).close()
+        except ArtifactError as exc:
+            assert "placement" in str(exc), what
+        else:
+            pytest.fail(f"{what}: accepted")

@@ -132,6 +132,35 @@ INLINE vf finish(vf v, const epilogue *e, int64_t p, int32_t c) {
     return activated(v, e->activation, e->alpha);
 }
 
+/* finish() of one channel. */
+INLINE float finish1(float x, const epilogue *e, int64_t p, int32_t c) {
+    if (!e) return x;
+    if (e->offset) x += e->offset[p * e->offset_pix + c];
+    float v;
+    switch (e->activation) {
+    case SN_RELU: return x > 0.0f ? x : 0.0f;
+    case SN_RELU6: v = x > 0.0f ? x : 0.0f; return v < 6.0f ? v : 6.0f;
+    case SN_RELU_N1_TO_1: v = x > -1.0f ? x : -1.0f; return v < 1.0f ? v : 1.0f;
+    case SN_LEAKY_RELU: v = x * e->alpha; return x > v ? x : v;
+    default: return x;
+    }
+}
+
+/* A scale (a depthwise layer's restore) of t pixels, finished as it goes: whole vectors, then the
+ * channels left over one by one (nothing is read past a pixel's channels). */
+INLINE void scale_rows(const sn_linear *l, const float *in, int64_t in_pix, float *out, int64_t stride,
+                       int64_t t, const epilogue *e) {
+    int32_t n = l->n_out;
+    const float *c = l->coef;
+    for (int64_t p = 0; p < t; p++) {
+        const float *x = in + p * in_pix;
+        float *o = out + p * stride;
+        int32_t i = 0;
+        for (; i + LANES <= n; i += LANES) store(o + i, finish(c ? load(x + i) * load(c + i) : load(x + i), e, p, i));
+        for (; i < n; i++) o[i] = finish1(c ? x[i] * c[i] : x[i], e, p, i);
+    }
+}
+
 /* out[p] = in[p] @ M for t pixels, M a 16 x 16 block held in registers. */
 INLINE void block16(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
                     const float *m, const epilogue *e, int32_t c) {
@@ -491,13 +520,13 @@ SN_CLONES int sn_run(const sn_step *s) {
     fv_check_t *check = s->check;
     vi worst = {0};
     double norm2 = 0.0;
-    /* A block restore with no permutation after it adds the offset and activates each vector as it
-     * leaves its block: two passes over the tile fewer. A per-channel offset (the bias) is padded with
-     * zeros for the last block's spill; a per-element one (round 1's) is read in place, so only when no
-     * block spills past the last channel. */
-    int fuse = restored && s->a.kind == SN_BLOCKS && !s->a.perm;
+    /* A scale, or a block restore with no permutation after it, adds the offset and activates each
+     * vector as it leaves: two passes over the tile fewer. A per-channel offset (the bias) is padded with
+     * zeros for the last block's spill; a per-element one (round 1's) is read in place, so for blocks only
+     * when none spills past the last channel. */
+    int fuse = restored && ((s->a.kind == SN_BLOCKS && !s->a.perm) || s->a.kind == SN_SCALE);
     int per_channel = !s->offset.row && !s->offset.pix;
-    if (fuse && s->offset.p && !per_channel)
+    if (fuse && s->a.kind == SN_BLOCKS && s->offset.p && !per_channel)
         for (int32_t b = 0; b < s->a.nblocks; b++) {
             const int32_t *blk = s->a.blocks + 5 * (int64_t)b;
             if (blk[2] + (blk[3] + LANES - 1) / LANES * LANES > n) fuse = 0;
@@ -530,7 +559,10 @@ SN_CLONES int sn_run(const sn_step *s) {
             if (fuse) {
                 if (s->offset.p && !per_channel)
                     finish_block.offset = s->offset.p + r * s->offset.row + q0 * s->offset.pix;
-                apply(&s->a, x, x_pix, tile_a, tmp, stride, t, &finish_block);
+                if (s->a.kind == SN_SCALE)
+                    scale_rows(&s->a, x, x_pix, tile_a, stride, t, &finish_block);
+                else
+                    apply(&s->a, x, x_pix, tile_a, tmp, stride, t, &finish_block);
                 x = tile_a;
                 x_pix = stride;
             } else if (restored) {

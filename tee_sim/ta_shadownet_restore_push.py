@@ -16,10 +16,11 @@ transiently. Its parameters - pointers into preallocated arrays and the restore'
 matrices padded to the kernel's ``LANES``) - are packed into a ``ctypes`` structure once, when the
 program is bound; running an instruction is one foreign call.
 
-The restore's form is chosen at load (``prepare_linears``): a dense matrix while it is small
-(``MATMUL_MAX_ENTRIES``), block matmuls when it is block diagonal over contiguous channel ranges
-(group-mixing schemes; ``block_matmuls``), else a k-term gather (the paper's scheme: two terms); an
-input mixing likewise as block matmuls, after one gather when a block's channels are scattered.
+The restore's form is chosen at load (``prepare_linears``): a scale for a depthwise layer's, block
+matmuls when it is block diagonal over contiguous channel ranges (group-mixing schemes;
+``block_matmuls``), a dense matrix while it is small (``MATMUL_MAX_ENTRIES``), else a k-term gather
+(the paper's scheme: two terms); an input mixing likewise as block matmuls, after one gather when a
+block's channels are scattered.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from tee_sim.ta_shadownet_numpy_ops import interior
 
 # A dense restore does M x N vector-lane multiply-adds per pixel, the gather k scattered loads per output
 # channel; up to this many entries (e.g. the paper's 19 -> 16 layers) the dense one, a vectorized loop,
-# is the cheaper (the threshold was measured for the numpy kernels; both forms are exact).
+# is the cheaper (the threshold was measured for the numpy kernels; both forms are exact). Scales and
+# block-diagonal restores come first: a 32 -> 32 depthwise scale as a dense matrix did 32 multiply-adds
+# per output instead of one (MobileNet's first two restores: 1.26 ms each).
 MATMUL_MAX_ENTRIES = 2048
 # A restore (or input mixing) that is block diagonal over contiguous channel ranges runs as block
 # matmuls when the blocks are at least this wide on average and cost at most this many multiply-adds per
@@ -195,14 +198,18 @@ def prepare_linears(model: LoadedModel, steps: list[list[dict[str, Any]]], share
         index, coef = model.arrays[i["index"]], model.arrays[i["coef"]]
         n = index.shape[1] if index.ndim == 2 else 0
         perm = permutation(model.arrays, i.get("permutation"), n)
-        if index.ndim == 2 and index.shape == coef.shape and m * n <= MATMUL_MAX_ENTRIES:
-            matrix = restore_matrix(index, coef, m, perm)
-            whole = [(slice(0, m), slice(0, n), matrix)]
+        # A scale (a depthwise layer's) stays one; then block matmuls, a dense matrix, a gather.
+        simple = index.ndim == 2 and index.shape == coef.shape and not (
+            index.shape[0] == 1 and m == n and np.array_equal(index[0] if perm is None else index[0, perm],
+                                                              np.arange(n)))
+        blocks = restore_blocks(index, coef, m) if simple else None
+        if blocks is not None:
+            model.restores[i["offset"]] = block_linear(None, blocks, m, n, alloc, perm)
+        elif simple and m * n <= MATMUL_MAX_ENTRIES:
+            whole = [(slice(0, m), slice(0, n), restore_matrix(index, coef, m, perm))]
             model.restores[i["offset"]] = block_linear(None, whole, m, n, alloc)
-            continue
-        blocks = restore_blocks(index, coef, m) if index.ndim == 2 and index.shape == coef.shape else None
-        model.restores[i["offset"]] = gather_linear(index, coef, m, alloc, perm) if blocks is None \
-            else block_linear(None, blocks, m, n, alloc, perm)
+        else:
+            model.restores[i["offset"]] = gather_linear(index, coef, m, alloc, perm)
 
 
 def restore_matrix(index: np.ndarray, coef: np.ndarray, m: int, perm: np.ndarray | None) -> np.ndarray:

@@ -55,14 +55,16 @@ RESTORES = {
     "gather": lambda rng: (_gather(rng, 2, 80, 64), 80),  # the paper's scheme: two terms
     "scale": lambda rng: ((np.arange(48, dtype=np.int32)[None], rng.standard_normal((1, 48)).astype(
         np.float32)), 48),  # a depthwise layer's scales
+    "scale_odd": lambda rng: ((np.arange(37, dtype=np.int32)[None], rng.standard_normal((1, 37)).astype(
+        np.float32)), 37),  # two vectors and five channels one by one
     "dense": lambda rng: (_gather(rng, 3, 19, 16), 19),  # small: one matrix
     "blocks16": lambda rng: (_blocks(rng, [16] * 4, [16] * 4), 64),
     "blocks_odd": lambda rng: (_blocks(rng, [15, 15, 16, 20, 40], [15, 15, 16, 20, 40]), 106),
     "blocks_fakes": lambda rng: (_blocks(rng, [16, 16, 12] * 2, [12, 16, 8] * 2), 88),  # more sources
 }
 # The form prepare_linears must choose for each (so that every path of the kernel is run).
-KINDS = {"gather": rp._GATHER, "scale": rp._SCALE, "dense": rp._BLOCKS, "blocks16": rp._BLOCKS,
-         "blocks_odd": rp._BLOCKS, "blocks_fakes": rp._BLOCKS}
+KINDS = {"gather": rp._GATHER, "scale": rp._SCALE, "scale_odd": rp._SCALE, "dense": rp._BLOCKS,
+         "blocks16": rp._BLOCKS, "blocks_odd": rp._BLOCKS, "blocks_fakes": rp._BLOCKS}
 BLOCKS = {"dense": 1, "blocks16": 4, "blocks_odd": 5, "blocks_fakes": 6}
 
 

@@ -163,7 +163,12 @@ def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs
                    frames: int) -> dict[str, Any]:
     """Protected frames/s with two frames in flight: two sessions of the same model (the TA shares the
     program), one thread each; the accelerator takes one round at a time (one device), so while one
-    frame is in the TEE the other runs on the accelerator."""
+    frame is in the TEE the other runs on the accelerator.
+
+    Online work only, as the latency runs count it: each session's pool holds ``burst`` entries of
+    one-time masks (2, or 1 when two do not fit in secure memory), refilled untimed between bursts of
+    ``burst`` frames per session; the refill is the report's offline figure. (With the refill in the
+    timed loop, MobileNet's 12 ms of offline work per frame would be counted as online.)"""
     import threading
 
     from shadownet.accelerator import AcceleratorWrapper
@@ -177,13 +182,20 @@ def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs
                 self.inner.run_round(r)
 
     models: list[Any] = []
-    try:
-        for _ in range(2):
-            models.append(load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice))
-    except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
-        for m in models:
-            m.close()
-        return {"fps": None, "error": str(exc)}
+    error = ""
+    for burst in (2, 1):
+        try:
+            for _ in range(2):
+                models.append(load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice,
+                                   mask_pool=burst, background_refill=False))
+            break
+        except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
+            error = str(exc)
+            for m in models:
+                m.close()
+            models = []
+    if not models:
+        return {"fps": None, "error": error}
     try:
         results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
         for m, r in zip(models, results, strict=True):  # warm both
@@ -197,22 +209,26 @@ def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(exc)
 
-        half = max(frames // 2, 1)
-        threads = [threading.Thread(target=worker, args=(m, r, half)) for m, r in zip(models, results,
-                                                                                        strict=True)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        done, elapsed = 0, 0.0
+        while done < frames and not errors:
+            for m in models:
+                m.refill_masks()  # untimed: offline work
+            threads = [threading.Thread(target=worker, args=(m, r, burst))
+                       for m, r in zip(models, results, strict=True)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed += time.perf_counter() - start
+            done += 2 * burst
         if errors:
             raise errors[0]
         memory = models[0].stats().get("model_secure_memory", 0)
     finally:
         for m in models:
             m.close()
-    return {"fps": 2 * half / elapsed, "secure_memory_mib": memory / MIB}
+    return {"fps": done / elapsed, "secure_memory_mib": memory / MIB, "pool_entries": burst}
 
 
 # --- one model ----------------------------------------------------------------------------------------------

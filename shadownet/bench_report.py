@@ -174,7 +174,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
         out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "
-                "in the TEE the other runs on the accelerator):", "",
+                "in the TEE the other runs on the accelerator; online work: the one-time masks are made "
+                "untimed between bursts, as in the latency runs):", "",
                 "| model | unprotected | shadownet | all-in-tee | all-in-tee-builtin "
                 "| shadownet / unprotected |",
                 "|---|---:|---:|---:|---:|---:|"]

@@ -141,14 +141,16 @@ def test_restore_fused_with_the_next_push(mixing, masked):
     assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("transform", ["plain", "permutation", "mixing"])
-def test_push_into_a_padded_buffer(transform):
+def test_push_into_a_padded_buffer(transform, masked):
+    """Unmasked, the mixing's blocks store straight into the buffer's pixels (no tile copy)."""
     rng = np.random.default_rng(4)
     c = 32
     src = rng.standard_normal((1, 4, 6, c)).astype(np.float32)
     dst_shape = (1, 6, 8, c)
     arrays = {"mask": rng.standard_normal(dst_shape).astype(np.float32)}
-    instr = {"op": "push", "src": "slot:x", "dst": "shm:x", "mask": "mask",
+    instr = {"op": "push", "src": "slot:x", "dst": "shm:x", "mask": "mask" if masked else None,
              "pad": [[0, 0], [1, 1], [1, 1], [0, 0]], "permutation": None}
     want = src.astype(np.float64)
     if transform == "permutation":
@@ -164,23 +166,29 @@ def test_push_into_a_padded_buffer(transform):
     rp.compile_push(model, instr, src, dst)()
     full = np.zeros(dst_shape)
     full[:, 1:5, 1:7] = want
-    full += arrays["mask"]
+    if masked:
+        full += arrays["mask"]
     assert np.abs(dst - full).max() <= 1e-5 * np.abs(full).max()
 
 
-def test_restore_into_a_concatenation_slice_and_a_dense_output():
-    """A strided destination (a slice of the channels of a concatenation) and a [1, N] dense output."""
+@pytest.mark.parametrize("form", ["blocks16", "blocks_odd", "blocks_fakes", "scale_odd", "dense"])
+def test_restore_into_a_concatenation_slice_and_a_dense_output(form):
+    """A strided destination (a slice of the channels of a concatenation) and a [1, N] dense output. The
+    forms that write exactly their channels store straight into the slice; those whose last block's
+    vector spills past it go through a tile: either way nothing outside the slice changes."""
     rng = np.random.default_rng(5)
-    (index, coef), m = RESTORES["blocks16"](rng)
-    arrays = {"i": index, "c": coef, "o": rng.standard_normal(64).astype(np.float32)}
-    instr = {"op": "restore", "src": "shm:y", "dst": "slot:cat@3:16:80", "index": "i", "coef": "c",
+    (index, coef), m = RESTORES[form](rng)
+    n = index.shape[1]
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": f"slot:cat@3:16:{16 + n}", "index": "i", "coef": "c",
              "offset": "o", "activation": "RELU6", "alpha": None}
     y = rng.standard_normal((1, 3, 4, m)).astype(np.float32)
-    model = _model(arrays, [instr], {"shm:y": y.shape, "slot:cat@3:16:80": (1, 3, 4, 64)})
-    concat = np.full((1, 3, 4, 96), 7.0, np.float32)
-    rp.compile_restore(model, instr, y, concat[..., 16:80])()
-    assert np.abs(concat[..., 16:80] - np.clip(_apply(y, index, coef) + arrays["o"], 0, 6)).max() <= 1e-5
-    assert np.all(concat[..., :16] == 7) and np.all(concat[..., 80:] == 7)  # nothing outside the slice
+    model = _model(arrays, [instr], {"shm:y": y.shape, f"slot:cat@3:16:{16 + n}": (1, 3, 4, n)})
+    concat = np.full((1, 3, 4, n + 32), 7.0, np.float32)
+    rp.compile_restore(model, instr, y, concat[..., 16:16 + n])()
+    want = np.clip(_apply(y, index, coef) + arrays["o"], 0, 6)
+    assert np.abs(concat[..., 16:16 + n] - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    assert np.all(concat[..., :16] == 7) and np.all(concat[..., 16 + n:] == 7)  # nothing outside the slice
     (index, coef), m = RESTORES["gather"](rng)
     n = index.shape[1]
     arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32)}

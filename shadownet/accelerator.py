@@ -154,7 +154,10 @@ class LiteRTAccelerator:
     def _unshare(self) -> None:
         shared, self._shared = self._shared, []
         for pages in shared:
-            pages.release()
+            try:
+                pages.release()
+            except OSError:  # the pages stay the shared memory's: still memory, and closing goes on
+                pass
 
     def close(self) -> None:
         self._plan = []

@@ -216,3 +216,28 @@ def test_accelerator_tensors_are_the_shared_buffers(tmp_path):
     assert all(pages.released for pages in shared)
     assert relative_error(got, want) <= TOLERANCE
     assert relative_error(got, copied) <= SAME
+
+
+def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch):
+    """A failed unmapping leaves a tensor's pages shared (still memory); the model still closes."""
+    import warnings
+
+    from tee_sim.shared_pages import SharedPages
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(small_cnn(side=48), str(tmp_path / "out"), seed=4)
+    model = shadownet.load(tmp_path / "out")
+    model(np.zeros((1, 48, 48, 3), np.float32))
+    assert model.accelerator._shared
+
+    def fail(self):
+        raise OSError(12, "mmap(MAP_FIXED) failed")
+
+    monkeypatch.setattr(SharedPages, "release", fail)
+    shm = model._shm
+    model.close()
+    assert model.closed and shm.released
+    with pytest.raises(ClosedError):
+        model(np.zeros((1, 48, 48, 3), np.float32))

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,6 +137,11 @@ class SharedMemory:
         return f"SharedMemory(size={self.size}{', released' if self.released else ''})"
 
 
+def _check_command(cmd_id: Any) -> None:
+    if not isinstance(cmd_id, int) or not 0 <= cmd_id < 1 << 32:
+        raise _api_error(f"command id must be a 32-bit unsigned int, not {cmd_id!r}")
+
+
 _live_memories: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
 
 
@@ -173,6 +178,13 @@ class Session:
         what the TA needs. ``timeout`` overrides the context's for this call.
         """
         return self._context._invoke(self, cmd_id, params, timeout)
+
+    def prepare_command(self, cmd_id: int, params: Sequence[Value] = ()) -> Callable[..., None]:
+        """``invoke_command(cmd_id, params)`` made ready for a hot loop (a tee_sim extension: a
+        TEEC_Operation kept and reused): input ``Value`` s only, fixed now. Calling the result, with an
+        optional ``timeout``, runs the command - same checks, errors and counters - without marshalling
+        the parameters again."""
+        return self._context._prepare(self, cmd_id, params)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this session: ``invocations`` (world switches), ``bytes_in``, ``bytes_out``,
@@ -352,41 +364,64 @@ class Context:
     def _invoke(
         self, session: Session, cmd_id: int, params: Sequence[ClientParam], timeout: float | None
     ) -> list:
-        if not isinstance(cmd_id, int) or not 0 <= cmd_id < 1 << 32:
-            raise _api_error(f"command id must be a 32-bit unsigned int, not {cmd_id!r}")
+        _check_command(cmd_id)
         with self._lock:
-            if session.closed:
-                raise _api_error("the session is closed", TEE_ERROR_BAD_STATE)
-            if self.closed:
-                self._check_open()
-            transport = self._transport
-            if session._generation != transport.generation or not transport.alive:
-                raise TEEError(
-                    TEE_ERROR_TARGET_DEAD,
-                    TEEC_ORIGIN_COMMS,
-                    "session lost: the secure world stopped; open a new session",
-                )
             if params:
+                self._check_live(session)
                 wire, temps, bytes_in = self._marshal(params)
             else:
                 wire, temps, bytes_in = NO_PARAMS, _NO_TEMPS, 0
-            start = time.perf_counter()
-            outcome = transport.invoke(
-                session._id, int(cmd_id), wire, self.timeout if timeout is None else timeout
-            )
-            elapsed = time.perf_counter() - start
+            outcome = self._round_trip(session, int(cmd_id), wire, bytes_in, timeout)
             bytes_out = self._unmarshal(params, wire, temps, outcome) if params else 0
             if temps:
                 self._trim_bounce()
-            session._invocations += 1
-            session._bytes_in += bytes_in
             session._bytes_out += bytes_out
-            session._time_inside += elapsed
-            session._ta_time_ns += outcome.ta_time_ns
-            session._memory = outcome.memory
             if outcome.code:
                 self._raise(outcome)
             return list(params) if params else []
+
+    def _prepare(self, session: Session, cmd_id: int, params: Sequence[ClientParam]) -> Callable[..., None]:
+        _check_command(cmd_id)
+        if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS or any(
+                type(p) is not Value or p.direction != "in" for p in params):
+            raise _api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
+        wire = tuple((p.wire_type, p.a, p.b, 0, 0, 0) for p in params) + NO_PARAMS[len(params):] \
+            if params else NO_PARAMS
+        round_trip, raise_ = self._round_trip, self._raise
+        lock, key, bytes_in = self._lock, int(cmd_id), 16 * len(params)
+
+        def invoke(timeout: float | None = None) -> None:
+            with lock:
+                outcome = round_trip(session, key, wire, bytes_in, timeout)
+            if outcome.code:
+                raise_(outcome)
+        return invoke
+
+    def _check_live(self, session: Session) -> None:
+        if session.closed:
+            raise _api_error("the session is closed", TEE_ERROR_BAD_STATE)
+        if self.closed:
+            self._check_open()
+        if session._generation != self._transport.generation or not self._transport.alive:
+            raise TEEError(
+                TEE_ERROR_TARGET_DEAD,
+                TEEC_ORIGIN_COMMS,
+                "session lost: the secure world stopped; open a new session",
+            )
+
+    def _round_trip(self, session: Session, cmd_id: int, wire: tuple[WireParam, ...], bytes_in: int,
+                    timeout: float | None) -> Outcome:
+        """One invocation on the wire and its counters; the lock is held."""
+        self._check_live(session)
+        transport = self._transport
+        start = time.perf_counter()
+        outcome = transport.invoke(session._id, cmd_id, wire, self.timeout if timeout is None else timeout)
+        session._time_inside += time.perf_counter() - start
+        session._invocations += 1
+        session._bytes_in += bytes_in
+        session._ta_time_ns += outcome.ta_time_ns
+        session._memory = outcome.memory
+        return outcome
 
     @staticmethod
     def _raise(outcome: Outcome) -> None:

@@ -212,3 +212,33 @@ def test_large_temp_memref_then_small_ones(session, context):
     assert context._bounce is None  # the grown bounce buffer was not kept
     out = session.invoke_command(Cmd.ECHO, [TempMemRef(b"small"), TempMemRef(size=8, direction="out")])
     assert out[1].data == b"small"
+
+
+def test_prepared_command_runs_like_invoke_command(session):
+    """Session.prepare_command: the same command and input values, invoked again without marshalling;
+    same counters, same errors, and only input Values accepted."""
+    nothing = session.prepare_command(Cmd.NOTHING)
+    sleep = session.prepare_command(Cmd.SLEEP, [Value(1)])  # 1 ms in the TA
+    before = session.stats()
+    for _ in range(3):
+        nothing()
+    sleep()
+    after = session.stats()
+    assert after["invocations"] == before["invocations"] + 4
+    assert after["bytes_in"] == before["bytes_in"] + 16  # the one input value
+    assert after["ta_time_s"] - before["ta_time_s"] >= 0.001
+    # The TA's own checks and errors come back as from invoke_command.
+    wrong = session.prepare_command(Cmd.NOTHING, [Value(1)])
+    with pytest.raises(TEEError) as err:
+        wrong()
+    assert err.value.code == TEE_ERROR_BAD_PARAMETERS and err.value.origin == TEEC_ORIGIN_TRUSTED_APP
+    for params in ([Value(direction="out")], [TempMemRef(b"x")], Value(1)):
+        with pytest.raises(TEEError) as err:
+            session.prepare_command(Cmd.ADD, params)
+        assert err.value.origin == TEEC_ORIGIN_API
+    with pytest.raises(TEEError):
+        session.prepare_command(-1)
+    session.close()
+    with pytest.raises(TEEError) as err:
+        nothing()
+    assert err.value.code == TEE_ERROR_BAD_STATE

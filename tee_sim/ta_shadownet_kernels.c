@@ -103,6 +103,8 @@ typedef struct {
     int64_t copy_row, copy_pix;
 } sn_step;
 
+#define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
+
 /* What a restore does to each output vector of its blocks before storing it, while it is still in a
  * register: add the offset (16 channels of pixel p's: offset + p * offset_pix; NULL: none) and apply
  * the activation. */
@@ -541,6 +543,7 @@ SN_CLONES int sn_run(const sn_step *s) {
     int fuse = restored && ((s->a.kind == SN_BLOCKS && !s->a.perm) || s->a.kind == SN_SCALE);
     int per_channel = !s->offset.row && !s->offset.pix;
     if (fuse && s->a.kind == SN_BLOCKS && s->offset.p && !per_channel && !exact(&s->a)) fuse = 0;
+    if (fuse && s->offset.p && per_channel && stride > MAX_STACK_BIAS) fuse = 0; /* the copy is on the stack */
     /* Unmasked, with no secure copy to write: the last stage stores straight into dst when it writes
      * exactly dst's channels (a spill there could land on another tensor's): no tile copy. */
     int direct = !s->mask.p && !s->copy &&

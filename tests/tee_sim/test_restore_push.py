@@ -270,3 +270,21 @@ def test_a_push_writes_its_secure_copy_with_the_shared_buffer():
     shared, secure = np.full(dst_shape, np.nan, np.float32), np.full(dst_shape, np.nan, np.float32)
     rp.compile_push(model, instr, src, shared, secure_dst=secure)()
     assert not np.isnan(shared).any() and np.array_equal(secure, shared)
+
+
+def test_a_restore_wider_than_the_stacked_bias_takes_the_unfused_path():
+    """Per-channel offsets of more than 16384 channels are not copied to the kernel's stack: the restore
+    adds them in a pass of its own, with the same result."""
+    rng = np.random.default_rng(8)
+    index, coef = _blocks(rng, [16] * 1030, [16] * 1030)
+    n = index.shape[1]
+    assert n > 16384
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+             "activation": "RELU", "alpha": None}
+    y = rng.standard_normal((1, 1, 2, n)).astype(np.float32)
+    model = _model(arrays, [instr], {"shm:y": y.shape, "slot:out": (1, 1, 2, n)})
+    out = np.full((1, 1, 2, n), np.nan, np.float32)
+    rp.compile_restore(model, instr, y, out)()
+    want = np.maximum(_apply(y, index, coef) + arrays["o"], 0)
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()

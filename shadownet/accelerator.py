@@ -15,7 +15,7 @@ from ai_edge_litert.interpreter import load_delegate
 import tee_sim
 from shadownet.artifacts import RoundSpec
 from shadownet.exceptions import ArtifactError
-from tee_sim.shared_pages import MIN_SHARED_BYTES, PAGE, SharedPages
+from tee_sim.shared_pages import MIN_SHARED_BYTES, PAGE, SharedPages, page_span
 
 
 class Accelerator(Protocol):
@@ -111,30 +111,39 @@ class LiteRTAccelerator:
     def bind(self, buffers: Mapping[str, np.ndarray]) -> None:
         self._unshare()
         plan = []
-        for subgraph, (ins, outs) in zip(self._subgraphs, self._tensors, strict=True):
+        for ins, outs in self._tensors:
             for name, tensor in ins + outs:
                 buf = buffers[name]
                 if buf.shape != tensor.shape or buf.dtype != tensor.dtype:
                     raise ArtifactError(f"buffer {name!r} is {buf.shape} {buf.dtype} but untrusted.tflite's "
                                         f"tensor is {tensor.shape} {tensor.dtype}")
-            plan.append((subgraph, [c for n, t in ins for c in self._copies(t, buffers[n], to_tensor=True)],
-                         [c for n, t in outs for c in self._copies(t, buffers[n], to_tensor=False)]))
+        owners = _page_owners(buffers)
+        for subgraph, (ins, outs) in zip(self._subgraphs, self._tensors, strict=True):
+            plan.append((subgraph,
+                         [c for n, t in ins for c in self._copies(t, buffers[n], owners, to_tensor=True)],
+                         [c for n, t in outs for c in self._copies(t, buffers[n], owners, to_tensor=False)]))
         self._plan = plan
 
-    def _copies(self, tensor: np.ndarray, buf: np.ndarray, to_tensor: bool) -> list[_Copy]:
+    def _copies(self, tensor: np.ndarray, buf: np.ndarray, owners: dict[int, np.ndarray],
+                to_tensor: bool) -> list[_Copy]:
         """What ``run_round`` copies between ``tensor`` and its buffer: nothing but the few bytes around its
-        whole pages when those are shared with the buffer (``tee_sim.shared_pages``), else all of it."""
+        whole pages when those are shared with the buffer (``tee_sim.shared_pages``), else all of it. Pages
+        are shared only where the buffer is alone in the shared memory: in the manifest's layout buffers
+        of consecutive rounds overlap, and a tensor mapped there would be another round's too."""
         pages = None
         found = tee_sim.shared_memory_of(buf) if tensor.nbytes >= MIN_SHARED_BYTES else None
         start, end = tensor.ctypes.data, tensor.ctypes.data + tensor.nbytes
         if any(start < b.address + b.length and b.address < end for b in self._shared):
             found = None  # LiteRT gave two round tensors the same memory: pages have one owner, so copy
-        if found is not None and (found[1] - tensor.ctypes.data) % PAGE == 0:
+        if found is not None and (found[1] - start) % PAGE == 0:
             shm, offset = found
-            try:
-                pages = shm.share_pages(offset, tensor)
-            except tee_sim.TEEError:
-                pages = None  # e.g. shared memory with no file behind it: copy
+            first, length = page_span(start, tensor.nbytes)
+            lo = offset + first - start
+            if length and owners[id(shm)][lo // PAGE:(lo + length) // PAGE].max() == 1:
+                try:
+                    pages = shm.share_pages(offset, tensor)
+                except tee_sim.TEEError:
+                    pages = None  # e.g. shared memory with no file behind it: copy
         if pages is None:
             return [(tensor, buf) if to_tensor else (buf, tensor)]
         self._shared.append(pages)
@@ -165,6 +174,18 @@ class LiteRTAccelerator:
         self._tensors = []
         self._wrapper = None
         self.interpreter = None
+
+
+def _page_owners(buffers: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """For each shared memory the buffers view (by id), how many buffers touch each of its pages."""
+    owners: dict[int, np.ndarray] = {}
+    for view in buffers.values():
+        found = tee_sim.shared_memory_of(view)
+        if found is not None and view.nbytes:
+            shm, offset = found
+            count = owners.setdefault(id(shm), np.zeros(-(-shm.size // PAGE), np.int32))
+            count[offset // PAGE:(offset + view.nbytes - 1) // PAGE + 1] += 1
+    return owners
 
 
 class AcceleratorWrapper:

@@ -241,3 +241,38 @@ def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch)
     assert model.closed and shm.released
     with pytest.raises(ClosedError):
         model(np.zeros((1, 48, 48, 3), np.float32))
+
+
+def test_pages_are_not_shared_where_buffers_overlap(tmp_path):
+    """In the manifest's layout buffers of consecutive rounds overlap: a tensor whose pages were mapped
+    there would be another round's buffer too (the audit's recorder, which offers no page offsets, got
+    exploding activations when a buffer's offset happened to match its tensor's place in a page)."""
+    import warnings
+
+    import tee_sim
+    from shadownet.accelerator import LiteRTAccelerator
+    from shadownet.artifacts import place_buffers, read_artifacts
+    from tee_sim.shared_pages import PAGE
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(small_cnn(side=48), str(tmp_path / "out"), seed=5)
+    artifacts = read_artifacts(tmp_path / "out")
+    accelerator = LiteRTAccelerator(artifacts.untrusted, artifacts.rounds)
+    residues = accelerator.page_offsets()
+    chosen = max(residues, key=lambda name: artifacts.buffers[name].nbytes)
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as context:
+        size, apart = place_buffers(artifacts.buffers, residues, PAGE)
+        shm = context.register_shared_memory(size + 2 * PAGE)
+        # The chosen buffer where its tensor sits in a page; every other buffer inside its pages.
+        at = {name: PAGE + residues[chosen] + (64 if name != chosen else 0) for name in artifacts.buffers}
+        views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in artifacts.buffers.values()}
+        accelerator.bind(views)
+        assert accelerator._shared == []  # nothing shared: every copy made whole
+        # Apart (the runtime's placement), every tensor big enough shares its pages.
+        accelerator.bind({b.name: shm.ndarray(b.dtype, b.shape, apart[b.name])
+                          for b in artifacts.buffers.values()})
+        assert len(accelerator._shared) == len(residues)
+        accelerator.close()
+        shm.release()

@@ -110,32 +110,34 @@ class LiteRTAccelerator:
 
     def bind(self, buffers: Mapping[str, np.ndarray]) -> None:
         self._unshare()
-        plan = []
         for ins, outs in self._tensors:
             for name, tensor in ins + outs:
                 buf = buffers[name]
                 if buf.shape != tensor.shape or buf.dtype != tensor.dtype:
                     raise ArtifactError(f"buffer {name!r} is {buf.shape} {buf.dtype} but untrusted.tflite's "
                                         f"tensor is {tensor.shape} {tensor.dtype}")
-        owners = _page_owners(buffers)
-        for subgraph, (ins, outs) in zip(self._subgraphs, self._tensors, strict=True):
-            plan.append((subgraph,
-                         [c for n, t in ins for c in self._copies(t, buffers[n], owners, to_tensor=True)],
-                         [c for n, t in outs for c in self._copies(t, buffers[n], owners, to_tensor=False)]))
-        self._plan = plan
+        where = {name: tee_sim.shared_memory_of(view) for name, view in buffers.items()}
+        owners = _page_owners(where, buffers)
+        aliased = _aliased([t for ins, outs in self._tensors for _, t in ins + outs])
 
-    def _copies(self, tensor: np.ndarray, buf: np.ndarray, owners: dict[int, np.ndarray],
-                to_tensor: bool) -> list[_Copy]:
-        """What ``run_round`` copies between ``tensor`` and its buffer: nothing but the few bytes around its
-        whole pages when those are shared with the buffer (``tee_sim.shared_pages``), else all of it. Pages
-        are shared only where the buffer is alone in the shared memory: in the manifest's layout buffers
-        of consecutive rounds overlap, and a tensor mapped there would be another round's too."""
+        def copies(pairs: list[tuple[str, np.ndarray]], to_tensor: bool) -> list[_Copy]:
+            return [c for n, t in pairs
+                    for c in self._copies(t, buffers[n], where[n], owners, aliased, to_tensor)]
+
+        self._plan = [(subgraph, copies(ins, True), copies(outs, False))
+                      for subgraph, (ins, outs) in zip(self._subgraphs, self._tensors, strict=True)]
+
+    def _copies(self, tensor: np.ndarray, buf: np.ndarray, found: tuple[Any, int] | None,
+                owners: dict[int, np.ndarray], aliased: set[int], to_tensor: bool) -> list[_Copy]:
+        """What ``run_round`` copies between ``tensor`` and its buffer (``found``: its shared memory and
+        offset there): nothing but the few bytes around its whole pages when those are shared with the
+        buffer (``tee_sim.shared_pages``), else all of it. Pages are shared only where the buffer is alone
+        in the shared memory (in the manifest's layout buffers of consecutive rounds overlap, and a tensor
+        mapped there would be another round's too) and the tensor alone in LiteRT's memory."""
         pages = None
-        found = tee_sim.shared_memory_of(buf) if tensor.nbytes >= MIN_SHARED_BYTES else None
-        start, end = tensor.ctypes.data, tensor.ctypes.data + tensor.nbytes
-        if any(start < b.address + b.length and b.address < end for b in self._shared):
-            found = None  # LiteRT gave two round tensors the same memory: pages have one owner, so copy
-        if found is not None and (found[1] - start) % PAGE == 0:
+        start = tensor.ctypes.data
+        if found is not None and tensor.nbytes >= MIN_SHARED_BYTES and id(tensor) not in aliased \
+                and (found[1] - start) % PAGE == 0:
             shm, offset = found
             first, length = page_span(start, tensor.nbytes)
             lo = offset + first - start
@@ -176,16 +178,30 @@ class LiteRTAccelerator:
         self.interpreter = None
 
 
-def _page_owners(buffers: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+def _page_owners(where: Mapping[str, tuple[Any, int] | None],
+                 buffers: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
     """For each shared memory the buffers view (by id), how many buffers touch each of its pages."""
     owners: dict[int, np.ndarray] = {}
-    for view in buffers.values():
-        found = tee_sim.shared_memory_of(view)
-        if found is not None and view.nbytes:
+    for name, found in where.items():
+        nbytes = buffers[name].nbytes
+        if found is not None and nbytes:
             shm, offset = found
             count = owners.setdefault(id(shm), np.zeros(-(-shm.size // PAGE), np.int32))
-            count[offset // PAGE:(offset + view.nbytes - 1) // PAGE + 1] += 1
+            count[offset // PAGE:(offset + nbytes - 1) // PAGE + 1] += 1
     return owners
+
+
+def _aliased(tensors: Sequence[np.ndarray]) -> set[int]:
+    """The tensors (by id) whose memory LiteRT gave to another round tensor too: pages have one owner,
+    so those are copied."""
+    spans = sorted((t.ctypes.data, t.ctypes.data + t.nbytes, id(t)) for t in tensors)
+    out: set[int] = set()
+    for i, (_, end, a) in enumerate(spans):
+        for start, _, b in spans[i + 1:]:
+            if start >= end:
+                break
+            out.update((a, b))
+    return out
 
 
 class AcceleratorWrapper:

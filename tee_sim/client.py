@@ -366,8 +366,8 @@ class Context:
     ) -> list:
         _check_command(cmd_id)
         with self._lock:
+            self._check_live(session)
             if params:
-                self._check_live(session)
                 wire, temps, bytes_in = self._marshal(params)
             else:
                 wire, temps, bytes_in = NO_PARAMS, _NO_TEMPS, 0
@@ -387,11 +387,12 @@ class Context:
             raise _api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
         wire = tuple((p.wire_type, p.a, p.b, 0, 0, 0) for p in params) + NO_PARAMS[len(params):] \
             if params else NO_PARAMS
-        round_trip, raise_ = self._round_trip, self._raise
+        check_live, round_trip, raise_ = self._check_live, self._round_trip, self._raise
         lock, key, bytes_in = self._lock, int(cmd_id), 16 * len(params)
 
         def invoke(timeout: float | None = None) -> None:
             with lock:
+                check_live(session)
                 outcome = round_trip(session, key, wire, bytes_in, timeout)
             if outcome.code:
                 raise_(outcome)
@@ -411,8 +412,7 @@ class Context:
 
     def _round_trip(self, session: Session, cmd_id: int, wire: tuple[WireParam, ...], bytes_in: int,
                     timeout: float | None) -> Outcome:
-        """One invocation on the wire and its counters; the lock is held."""
-        self._check_live(session)
+        """One invocation on the wire and its counters; the lock is held, ``_check_live`` passed."""
         transport = self._transport
         start = time.perf_counter()
         outcome = transport.invoke(session._id, cmd_id, wire, self.timeout if timeout is None else timeout)

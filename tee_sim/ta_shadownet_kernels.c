@@ -135,18 +135,23 @@ INLINE vf finish(vf v, const epilogue *e, int64_t p, int32_t c) {
     return activated(v, e->activation, e->alpha);
 }
 
+/* activated() of one value. */
+INLINE float activated1(float x, int32_t kind, float alpha) {
+    float v;
+    switch (kind) {
+    case SN_RELU: return x > 0.0f ? x : 0.0f;
+    case SN_RELU6: v = x > 0.0f ? x : 0.0f; return v < 6.0f ? v : 6.0f;
+    case SN_RELU_N1_TO_1: v = x > -1.0f ? x : -1.0f; return v < 1.0f ? v : 1.0f;
+    case SN_LEAKY_RELU: v = x * alpha; return x > v ? x : v; /* max(x, alpha * x), 0 <= alpha <= 1 */
+    default: return x;
+    }
+}
+
 /* finish() of one channel. */
 INLINE float finish1(float x, const epilogue *e, int64_t p, int32_t c) {
     if (!e) return x;
     if (e->offset) x += e->offset[p * e->offset_pix + c];
-    float v;
-    switch (e->activation) {
-    case SN_RELU: return x > 0.0f ? x : 0.0f;
-    case SN_RELU6: v = x > 0.0f ? x : 0.0f; return v < 6.0f ? v : 6.0f;
-    case SN_RELU_N1_TO_1: v = x > -1.0f ? x : -1.0f; return v < 1.0f ? v : 1.0f;
-    case SN_LEAKY_RELU: v = x * e->alpha; return x > v ? x : v;
-    default: return x;
-    }
+    return activated1(x, e->activation, e->alpha);
 }
 
 /* A scale (a depthwise layer's restore) of t pixels, finished as it goes: whole vectors, then the
@@ -277,24 +282,12 @@ INLINE int exact(const sn_linear *l) {
     return 1;
 }
 
-/* Plain loops: GCC vectorizes these itself (max / min / select). */
-INLINE void activate(float *restrict x, int64_t n, int32_t kind, float alpha) {
-    switch (kind) {
-    case SN_RELU:
-        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
-        break;
-    case SN_RELU6:
-        for (int64_t i = 0; i < n; i++) { float v = x[i] > 0.0f ? x[i] : 0.0f; x[i] = v < 6.0f ? v : 6.0f; }
-        break;
-    case SN_RELU_N1_TO_1:
-        for (int64_t i = 0; i < n; i++) { float v = x[i] > -1.0f ? x[i] : -1.0f; x[i] = v < 1.0f ? v : 1.0f; }
-        break;
-    case SN_LEAKY_RELU: /* max(x, alpha * x) for 0 <= alpha <= 1, as LiteRT */
-        for (int64_t i = 0; i < n; i++) { float s = x[i] * alpha; x[i] = x[i] > s ? x[i] : s; }
-        break;
-    default:
-        break;
-    }
+/* The activation over n floats, in place: whole vectors, then the rest one by one. */
+INLINE void activate(float *x, int64_t n, int32_t kind, float alpha) {
+    if (kind == SN_IDENTITY) return;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) store(x + i, activated(load(x + i), kind, alpha));
+    for (; i < n; i++) x[i] = activated1(x[i], kind, alpha);
 }
 
 INLINE void add_into(float *dst, const float *x, const float *y, int32_t n) {

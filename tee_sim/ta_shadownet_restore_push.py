@@ -139,10 +139,17 @@ def gather_linear(index: np.ndarray, coef: np.ndarray, n_in: int, alloc: Alloc,
         index, coef = index[:, perm], coef[:, perm]
     n_out = index.shape[1]
     ones = bool(np.all(coef == 1))
-    if index.shape[0] == 1 and n_in == n_out and np.array_equal(index[0], np.arange(n_out)):
+    if is_scale(index, n_in):
         return Linear(_SCALE, n_in, n_out, coef=None if ones else _kept(alloc, coef[0], np.float32))
     return Linear(_GATHER, n_in, n_out, index=_kept(alloc, index, np.int32),
                   coef=None if ones else _kept(alloc, coef, np.float32))
+
+
+def is_scale(index: np.ndarray, n_in: int, perm: np.ndarray | None = None) -> bool:
+    """Whether a gather (output channels permuted by ``perm``) is a per-channel scale: one term, each
+    output channel reading its own input channel."""
+    return index.ndim == 2 and index.shape[0] == 1 and index.shape[1] == n_in and np.array_equal(
+        index[0] if perm is None else index[0, perm], np.arange(n_in))
 
 
 def block_linear(order: np.ndarray | None, blocks: BlockMatmuls, n_in: int, n_out: int, alloc: Alloc,
@@ -199,9 +206,7 @@ def prepare_linears(model: LoadedModel, steps: list[list[dict[str, Any]]], share
         n = index.shape[1] if index.ndim == 2 else 0
         perm = permutation(model.arrays, i.get("permutation"), n)
         # A scale (a depthwise layer's) stays one; then block matmuls, a dense matrix, a gather.
-        simple = index.ndim == 2 and index.shape == coef.shape and not (
-            index.shape[0] == 1 and m == n and np.array_equal(index[0] if perm is None else index[0, perm],
-                                                              np.arange(n)))
+        simple = index.ndim == 2 and index.shape == coef.shape and not is_scale(index, m, perm)
         blocks = restore_blocks(index, coef, m) if simple else None
         if blocks is not None:
             model.restores[i["offset"]] = block_linear(None, blocks, m, n, alloc, perm)

@@ -346,6 +346,9 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                     runner.refill()
         protected: _Protected = runners["shadownet"]
         error = _relative_error(protected.results, runners["unprotected"].results)
+        # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
+        # computations of the original already disagree (the floor the protected error sits on).
+        floor = _relative_error(runners["all-in-tee-builtin"].results, runners["unprotected"].results)
         checked: _Protected | None = runners.pop(VERIFY_MODE, None)
         verified = None
         if checked is not None:
@@ -429,6 +432,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "macs_offloaded_share": sum(macs[i] for i in offloaded) / total_macs if total_macs else 0.0,
             "conversion_s": conversion_s,
             "relative_error": error,
+            "builtin_vs_xnnpack_error": floor,
         },
         "ratios": {"S/U": median / unprotected, "T/S": tee / median,
                    "T_builtin/S": modes["all-in-tee-builtin"]["median_ms"] / median},

@@ -60,6 +60,18 @@ def _masks_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     return rows if any(r["pool"] != "-" or r["overhead"] != "-" for r in rows) else []
 
 
+def _fidelity_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Per measured model: the protected outputs' relative error against unprotected LiteRT (max |diff| /
+    max |ref|), the verified copy's, and the same measure between LiteRT's builtin kernels and XNNPACK on
+    the original model (all-in-tee-builtin against unprotected), as display strings."""
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1e}"
+
+    return [(e["model"], fmt(e["shadownet"].get("relative_error")),
+             fmt((e.get("verify") or {}).get("relative_error")),
+             fmt(e["shadownet"].get("builtin_vs_xnnpack_error"))) for e in _done(report)]
+
+
 def _failures(report: dict[str, Any]) -> list[str]:
     notes = [f"{e['model']}: not measured: {e['error']}" for e in report["models"] if "error" in e]
     notes += [f"{e['model']}: {VERIFY_MODE} not measured: {e['verify']['error']}"
@@ -113,6 +125,9 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
                          f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
                          f"{_fps(x['S/U'], 5, 2)}")
+    head = f"{'model':<12} {'S error':>8} {'S-verify error':>14} {'builtin vs XNNPACK':>18}"
+    lines += ["", head, "-" * len(head)]
+    lines += [f"{m:<12} {err:>8} {verr:>14} {floor:>18}" for m, err, verr, floor in _fidelity_rows(report)]
     lines += [""] + _failures(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
               "(medians); accel/TEE/cross/other split S's median; k* = break-even accelerator speed vs T."]
@@ -122,6 +137,8 @@ def table(report: dict[str, Any]) -> str:
                      "inference's path in the timed runs; V/S-1 = shadownet-verify's overhead (target <= "
                      "+10%); bound = its weakest detection bound (chance a 1e-3 change of a result goes "
                      "unnoticed).")
+    lines.append("Errors: max |diff| / max |U's output| on the bench's input (target <= 1e-4); builtin vs "
+                 "XNNPACK: the original model on LiteRT's two kernel sets, the float32 floor.")
     lines.append("Accelerator and TEE are the same CPU here: S/U and T/S compare software paths on one "
                  "machine.")
     return "\n".join(lines)
@@ -184,6 +201,11 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             out.append(f"| {e['model']} | {x['unprotected']['fps']:.1f} | {_fps(x['shadownet']['fps'])} | "
                        f"{x['all-in-tee']['fps']:.1f} | {x['all-in-tee-builtin']['fps']:.1f} | "
                        f"{_fps(x['S/U'], 0, 2)} |")
+    out += ["", "Fidelity (max |diff| / max |unprotected output| on the bench's input; target <= 1e-4; "
+            "builtin vs XNNPACK: the original model on LiteRT's builtin kernels against XNNPACK, the "
+            "disagreement of two honest float32 computations):", "",
+            "| model | shadownet | shadownet-verify | builtin vs XNNPACK |", "|---|---:|---:|---:|"]
+    out += [f"| {m} | {err} | {verr} | {floor} |" for m, err, verr, floor in _fidelity_rows(report)]
     failures = _failures(report)
     if failures:
         out += [""] + [f"- {note}" for note in failures]

@@ -67,6 +67,8 @@ def test_bench_report(tmp_path):
     assert all(value > 0 for key, value in s["breakdown"].items() if key != "other_ms")
     assert s["world_switches"] == 3 and s["bytes_to_tee"] > 0 and s["bytes_from_tee"] > 0
     assert s["macs_offloaded_share"] == 1.0 and s["conversion_s"] > 0 and s["relative_error"] < 1e-3
+    # Two honest float32 computations of the original differ, but only by rounding.
+    assert 0 <= s["builtin_vs_xnnpack_error"] < 1e-5
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
     assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
     assert entry["break_even_k"] is None or entry["break_even_k"] > 0
@@ -75,7 +77,10 @@ def test_bench_report(tmp_path):
     assert all(streaming[mode]["fps"] > 0 for mode in bench_measure.MODES) and streaming["S/U"] > 0
     text = bench_report.table(report)
     assert "small" in text and "all-in-tee-builtin" in text
-    assert "| small | shadownet |" in bench_report.markdown(report, "shadownet bench small.tflite")
+    assert "builtin vs XNNPACK" in text
+    md = bench_report.markdown(report, "shadownet bench small.tflite")
+    assert "| small | shadownet |" in md
+    assert f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} |" in md
     json.dumps(report, allow_nan=False)  # strict JSON
 
 

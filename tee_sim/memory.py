@@ -46,6 +46,12 @@ class SecureMemory:
         return {"used": self.used, "peak": self.peak, "cap": self.cap}
 
 
+# Where allocations start: a cache line, an AVX-512 vector. numpy's own large arrays start 16 bytes into
+# one, and the TA kernels' vector loads and stores then straddle two: its Freivalds prepare measured
+# 20-40% slower on MobileNet's depthwise layers.
+ALIGN = 64
+
+
 class Heap:
     """One trusted app's allocations in the shared budget; everything is returned when the TA is destroyed.
 
@@ -55,7 +61,8 @@ class Heap:
 
     def __init__(self, memory: SecureMemory) -> None:
         self._memory = memory
-        self._live: dict[int, tuple[int, weakref.finalize]] = {}  # id(array) -> (nbytes, finalizer)
+        # id(memory) -> (nbytes, finalizer of the memory, the array alloc returned)
+        self._live: dict[int, tuple[int, weakref.finalize, weakref.ref]] = {}
         self._reserved = 0
 
     def alloc(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
@@ -66,13 +73,16 @@ class Heap:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self._memory.charge(nbytes)
         try:
-            array = np.zeros(shape, dtype)
+            memory = np.zeros(nbytes + ALIGN, np.uint8)
         except MemoryError:
             self._memory.uncharge(nbytes)
             raise TEEError(TEE_ERROR_OUT_OF_MEMORY, TEEC_ORIGIN_TEE, "host allocation failed") from None
-        key = id(array)
-        finalizer = weakref.finalize(array, self._release, key)
-        self._live[key] = (nbytes, finalizer)
+        start = -memory.ctypes.data % ALIGN
+        array = memory[start:start + nbytes].view(dtype).reshape(shape)
+        # Every view of the array holds the memory: it is returned when the last one goes.
+        key = id(memory)
+        finalizer = weakref.finalize(memory, self._release, key)
+        self._live[key] = (nbytes, finalizer, weakref.ref(array))
         return array
 
     def alloc_copy(self, source: Any, dtype: Any = None) -> np.ndarray:
@@ -82,8 +92,8 @@ class Heap:
         return array
 
     def free(self, array: np.ndarray) -> None:
-        entry = self._live.get(id(array))
-        if entry is None or entry[1].peek() is None or entry[1].peek()[0] is not array:
+        entry = self._live.get(id(array.base)) if isinstance(array, np.ndarray) else None
+        if entry is None or entry[1].peek() is None or entry[2]() is not array:
             raise TEEError(
                 TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "free() of an array alloc() did not return"
             )
@@ -100,13 +110,13 @@ class Heap:
 
     @property
     def used(self) -> int:
-        return sum(n for n, _ in self._live.values()) + self._reserved
+        return sum(entry[0] for entry in self._live.values()) + self._reserved
 
     def release_all(self) -> None:
-        for _, finalizer in list(self._live.values()):
+        for _, finalizer, _ in list(self._live.values()):
             finalizer()
         self.unreserve(self._reserved)
 
     def _release(self, key: int) -> None:
-        nbytes, _ = self._live.pop(key)
+        nbytes, _, _ = self._live.pop(key)
         self._memory.uncharge(nbytes)

@@ -418,7 +418,7 @@ class PerInference:
         self.arrays = arrays
 
     def _prepare(self, out: str, x: np.ndarray) -> None:
-        self.checks[out].prepare(x, self.current.projections[out][1])
+        self.checks[out].prepare(x, *self.current.projections[out])
 
     def _failed(self, out: str, fused: Any) -> None:
         worst, _ = self.checks[out].outcome(fused)

@@ -329,6 +329,10 @@ typedef struct {
     float *norms;                       /* scratch: [N * H * W] input pixels' squared norms, then
                                            [Wo * 17] floats of one output row's sums */
     double tau_norm;                    /* out: ||tau|| */
+    const float *dw_weights;            /* depthwise, multiplier 1: the layer's weights [kh * kw][mp],
+                                           zero-padded (prepare_dw); NULL: filters (prepare_kp) */
+    const float *u;                     /* with dw_weights: the packed projections [ceil(M / G)][16] */
+    int64_t mp;                         /* with dw_weights: the channels rounded up to 16 */
 } fv_prepare_t;
 
 struct fv_check {
@@ -414,8 +418,8 @@ INLINE float squared_norm(const float *x, int64_t n) {
     vf acc = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) { vf v = load(x + i); acc += v * v; }
-    float q = 0.0f;
-    for (int32_t l = 0; l < LANES; l++) q += acc[l];
+    float q = block_sums(acc, 1)[0]; /* a tree of 4 shuffle-adds: 16 serial scalar adds cost a pixel of 32
+                                        channels more than its products (perf, MobileNet's checks) */
     for (; i < n; i++) q += x[i] * x[i];
     return q;
 }
@@ -459,6 +463,64 @@ INLINE void prepare_kp(fv_prepare_t *s, int32_t kp) {
             }
             for (int64_t ow = 0; ow < s->wo; ow++, out++) {
                 vf sums = block_sums(load(acc + ow * LANES), kp);
+                for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = sums[j * g];
+                float t = s->unit * sqrtf(q[ow]);
+                s->tau[out] = t;
+                total += (double)t * t;
+            }
+        }
+    }
+    s->tau_norm = sqrt(total);
+}
+
+/* A depthwise layer with multiplier 1: its Freivalds filters read as many inputs per output as the layer
+ * itself (k T C multiply-adds per position, against the layer's T C), so the TEE computes the layer, y =
+ * L(x, W'), a row of output positions at a time in scratch, tap by tap as prepare_kp does, and projects
+ * each position's y as the check projects the accelerator's: z_p = u . y_p, T C + k C multiply-adds per
+ * position. Same z in exact arithmetic; the rounding of both is inside tau (tee_sim.freivalds). */
+INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
+    int32_t g = LANES / kp;
+    int64_t c = s->c, mp = s->mp, pixels = s->n * s->h * s->w, end = pixels * c;
+    float *acc = s->norms + pixels;  /* [Wo][mp] */
+    float *q = acc + s->wo * mp;     /* [Wo] */
+    for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
+    double total = 0.0;
+    int64_t out = 0;
+    for (int64_t b = 0; b < s->n; b++) {
+        for (int64_t oh = 0; oh < s->ho; oh++) {
+            memset(acc, 0, (size_t)(s->wo * mp) * sizeof(float));
+            memset(q, 0, (size_t)s->wo * sizeof(float));
+            for (int32_t i = 0; i < s->kh; i++) {
+                int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
+                if (ih < 0 || ih >= s->h) continue;
+                const float *row = s->x + (b * s->h + ih) * s->w * c;
+                const float *row_norms = s->norms + (b * s->h + ih) * s->w;
+                for (int32_t j = 0; j < s->kw; j++) {
+                    int64_t shift = (int64_t)j * s->dw - s->left;
+                    int64_t lo = shift >= 0 ? 0 : (-shift + s->sw - 1) / s->sw;
+                    int64_t hi = shift >= s->w ? 0 : (s->w - 1 - shift) / s->sw + 1;
+                    if (hi > s->wo) hi = s->wo;
+                    const float *wt = s->dw_weights + ((int64_t)i * s->kw + j) * mp;
+                    for (int64_t ow = lo; ow < hi; ow++) {
+                        int64_t iw = ow * s->sw + shift;
+                        const float *xp = row + iw * c;
+                        float *a = acc + ow * mp;
+                        int64_t room = end - (xp - s->x), v = 0;
+                        /* past channel c a vector reads the next pixel's, times zero weights */
+                        for (; v + LANES <= mp && v + LANES <= room; v += LANES)
+                            store(a + v, load(a + v) + load(wt + v) * load(xp + v));
+                        for (; v < mp; v += LANES) {
+                            float tail[LANES] = {0};
+                            int64_t left = room - v < 0 ? 0 : room - v;
+                            memcpy(tail, xp + v, (size_t)(left < LANES ? left : LANES) * sizeof(float));
+                            store(a + v, load(a + v) + load(wt + v) * load(tail));
+                        }
+                        q[ow] += row_norms[iw];
+                    }
+                }
+            }
+            for (int64_t ow = 0; ow < s->wo; ow++, out++) {
+                vf sums = block_sums(dot_groups((vf){0}, acc + ow * mp, c, mp, s->u, kp), kp);
                 for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = sums[j * g];
                 float t = s->unit * sqrtf(q[ow]);
                 s->tau[out] = t;
@@ -612,6 +674,16 @@ SN_CLONES int sn_run(const sn_step *s) {
 
 /* One copy of each loop per lane layout, so that the shuffles are constants. */
 SN_CLONES int fv_prepare(fv_prepare_t *s) {
+    if (s->dw_weights) {
+        switch (s->kp) {
+        case 1: prepare_dw(s, 1); return 0;
+        case 2: prepare_dw(s, 2); return 0;
+        case 4: prepare_dw(s, 4); return 0;
+        case 8: prepare_dw(s, 8); return 0;
+        case 16: prepare_dw(s, 16); return 0;
+        default: return -1;
+        }
+    }
     switch (s->kp) {
     case 1: prepare_kp(s, 1); return 0;
     case 2: prepare_kp(s, 2); return 0;

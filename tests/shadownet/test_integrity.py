@@ -221,7 +221,9 @@ GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("CONV_2D", "VALID", 1, 1, (1, 7, 7, 32), (64, 1, 1, 32)),  # pointwise: direct
     ("CONV_2D", "SAME", 2, 1, (1, 8, 8, 16), (32, 1, 1, 16)),  # strided 1x1
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 10, 10, 8), (1, 3, 3, 16)),  # depth multiplier 2
-    ("DEPTHWISE_CONV_2D", "VALID", 1, 1, (1, 9, 9, 12), (1, 5, 5, 12)),
+    ("DEPTHWISE_CONV_2D", "VALID", 1, 1, (1, 9, 9, 12), (1, 5, 5, 12)),  # the TEE computes it: direct
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 11, 11, 37), (1, 3, 3, 37)),  # direct, reads past 37 channels
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 2, (1, 9, 9, 32), (1, 3, 3, 32)),  # direct, dilated
     ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
 ]
 
@@ -239,6 +241,7 @@ def _setup(geometry, seed: int = 0, projections: int | None = None):
     else:
         y64 = linear.depthwise_conv2d(x, w, _options(layer))
     check = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=projections)
+    assert check.direct == (kind == "DEPTHWISE_CONV_2D" and w_shape[-1] == x_shape[-1])
     check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
     u_shape, f_shape = check.projection_shapes()
     u, f = np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32)
@@ -251,7 +254,7 @@ def test_check_accepts_the_layer_and_rejects_a_change(geometry):
     y = y64.astype(np.float32)  # an honest float32 result (rounded once)
     for _ in range(5):
         check.draw(rng, u, f, w)
-        check.prepare(x, f)
+        check.prepare(x, u, f)
         worst, bound = check.check(y, u)
         assert worst < 0.5 and bound <= freivalds.TARGET_LOG2  # the TEE's own rounding included
         wrong = y.copy().reshape(-1)
@@ -265,7 +268,7 @@ def test_bound_is_met_by_the_worst_case_change():
     check, x, w, y64, u, f, rng = _setup(GEOMETRIES[0], seed=1, projections=1)
     y = y64.astype(np.float32)
     check.draw(rng, u, f, w)
-    check.prepare(x, f)
+    check.prepare(x, u, f)
     tau = check.tau.reshape(y.shape[:-1])
     direction = rng.standard_normal(y.shape[-1])
     direction /= np.linalg.norm(direction)
@@ -276,7 +279,7 @@ def test_bound_is_met_by_the_worst_case_change():
     missed = 0
     for _ in range(trials):
         check.draw(rng, u, f, w)
-        check.prepare(x, f)
+        check.prepare(x, u, f)
         missed += check.check(y + change, u)[0] <= 1
     expected = math.erf(1 / (c * math.sqrt(2)))
     sigma = math.sqrt(expected * (1 - expected) / trials)
@@ -291,7 +294,7 @@ def test_the_chosen_projections_miss_no_change_of_a_thousandth():
         norm = float(np.linalg.norm(y64))
         for _ in range(40):
             check.draw(rng, u, f, w)
-            check.prepare(x, f)
+            check.prepare(x, u, f)
             change = rng.standard_normal(y.shape[-1])  # rank one across every position: the hardest
             change = np.broadcast_to(change, y.shape) * (1e-3 * norm / np.linalg.norm(
                 np.broadcast_to(change, y.shape)))

@@ -233,7 +233,7 @@ def test_a_verified_restore_checks_each_tile_before_using_it():
     check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
     u, f = (np.zeros(shape, np.float32) for shape in check.projection_shapes())
     check.draw(rng, u, f, w)
-    check.prepare(x, f)
+    check.prepare(x, u, f)
     (index, coef), m = RESTORES["blocks16"](rng)
     arrays = {"i": index[:, :16], "c": coef[:, :16], "o": np.zeros(16, np.float32)}
     instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",

@@ -259,10 +259,8 @@ class TeeProgramBuilder(RoundsBuilder):
         views: dict[int, tuple[int, int, int]] = {}
         elided: set[int] = set()
 
-        def readers_accept_views(t: int) -> bool:
-            pushes = [p for ps in self.pushes for p in ps if p["tensor"] == t]
-            return all((who.startswith("numpy:") and forms[int(who[6:])]["op"] != "reshape")
-                       or (who == "push" and all(p.get("mix") is None for p in pushes))
+        def readers_accept_views(t: int) -> bool:  # the push kernel reads any pixel and row strides
+            return all((who.startswith("numpy:") and forms[int(who[6:])]["op"] != "reshape") or who == "push"
                        for _, who in self.uses.get(t, ()))
 
         def free(t: int) -> bool:  # not yet a view, nor the root of views, nor seen outside the TEE's slots

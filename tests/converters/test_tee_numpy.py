@@ -126,3 +126,52 @@ def test_restores_write_into_a_concatenation(tmp_path):
         with Driver(device, tmp_path / "out") as run:
             x = np.random.default_rng(1).standard_normal((1, 6, 6, 3)).astype(np.float32)
             assert relative_error(run(x), litert(model, x)) <= 1e-4
+
+
+def _split_into_a_mixed_conv() -> bytes:
+    """yolov4-tiny's route: a convolution's channels split, the second half the input of the next
+    convolution, whose push mixes its 16 channels (the default scheme's input mixing)."""
+    rng = np.random.default_rng(6)
+    g = Graph()
+    x = g.add_tensor("input", (1, 6, 6, 3), np.float32)
+    o = fb.Conv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+    o.fusedActivationFunction = fb.ActivationFunctionType.RELU
+    y = g.add_tensor("conv1", (1, 6, 6, 32), np.float32)
+    g.add_op("CONV_2D", [x, g.add_tensor("w1", (32, 3, 3, 3), np.float32,
+                                         rng.standard_normal((32, 3, 3, 3)) * 0.3), -1], [y], o)
+    halves = [g.add_tensor(f"half{j}", (1, 6, 6, 16), np.float32) for j in range(2)]
+    split = fb.SplitOptionsT()
+    split.numSplits = 2
+    g.add_op("SPLIT", [g.add_tensor("axis", (), np.int32, 3), y], halves, split)
+    z = g.add_tensor("conv2", (1, 6, 6, 8), np.float32)
+    g.add_op("CONV_2D", [halves[1], g.add_tensor("w2", (8, 3, 3, 16), np.float32,
+                                                 rng.standard_normal((8, 3, 3, 16)) * 0.3), -1], [z], o)
+    g.inputs, g.outputs = [x], [z]
+    return write_model(g)
+
+
+def test_a_split_is_read_in_place_by_a_mixing_push(tmp_path, monkeypatch):
+    from converters import pipeline
+
+    plans = []
+
+    def build(*args, **kwargs):
+        plans.append(pipeline_build(*args, **kwargs))
+        return plans[-1]
+
+    pipeline_build = pipeline.build
+    monkeypatch.setattr(pipeline, "build", build)
+    model = _split_into_a_mixed_conv()
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(model, tmp_path / "out", seed=0, device=device)  # the default scheme: groupmix
+        instrs = [i for step in plans[0].program["steps"] for i in step]
+        assert not any(i["op"] == "split" for i in instrs)  # no copy: the push reads the slice
+        (push,) = [i for i in instrs if i["op"] == "push" and i.get("input_index")]
+        assert "@3:16:32" in push["src"]
+        with Driver(device, tmp_path / "out") as run:
+            for seed in range(2):
+                x = np.random.default_rng(seed).standard_normal((1, 6, 6, 3)).astype(np.float32)
+                assert relative_error(run(x), litert(model, x)) <= 1e-4

@@ -151,7 +151,11 @@ def test_an_abandoned_inference_never_gives_its_masks_back(all_rounds):
         recorders[0].fail_at = None
         model(x)
         first = recorders[0].seen["round_1/in/x0"]
-        assert np.abs(first[1] - first[0]).min() > 0  # the abandoned inference's mask was not reused
+        # The abandoned inference's mask was not reused: a reused one repeats every element; independent
+        # ones only where both draws hit the same of the 65536 normal quantiles (this failed, once, on
+        # `.min() > 0`).
+        repeats = int((first[1] == first[0]).sum())
+        assert repeats <= max(2, first[0].size // 100)
         assert model.stats()["pool"]["ready"] == 1  # 3 made, one spent by each inference
 
 

@@ -17,7 +17,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters import linear
 from converters.graph import Graph, Signature
 from converters.partition import Partition
-from converters.plan_numpy import numpy_activation
+from converters.plan_numpy import numpy_activation, numpy_form
 from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
@@ -82,7 +82,7 @@ def _check_linear_shapes(graph: Graph, i: int) -> None:
 class RoundsBuilder:
     """The accelerator side of a plan: ``obfuscate_rounds`` fills ``untrusted`` and ``signatures`` (the
     accelerator's model), ``pushes`` and ``restores`` per round, and the ops the TEE folds into them
-    (``fused`` activations, ``pads``)."""
+    (``fused`` activations, ``residuals``, ``pads``)."""
 
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
                  stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
@@ -168,6 +168,51 @@ class RoundsBuilder:
             self.signatures.append(Signature(f"round_{r}", sig_ops, sig_in, sig_out))
             self.pushes.append(list(pushes.values()))
             self.restores.append(restores)
+        self._fuse_residuals()
+
+    def _fuse_residuals(self) -> None:
+        """A restore with no activation of its own whose result only feeds an ADD with a tensor the TEE
+        has before that restore runs (a residual block's shortcut) adds it, and the activation that
+        alone follows the sum, as it stores each vector (``addend``): the ADD and the activation never
+        run as numpy ops, two passes over the block's output fewer (ResNets: ~20 us of a 32x32x16
+        block's TEE step)."""
+        g = self.g
+        self.residuals: set[int] = set()  # the ADD and activation ops the restores do
+        step_of = {i: k for k, ops in enumerate(self.part.steps) for i in ops}
+        ready: dict[int, int] = {t: 0 for t in g.inputs}  # tensor -> the step that makes it (inputs: 0)
+        for i, k in step_of.items():
+            for t in g.ops[i].outputs:
+                ready[t] = k
+        for r, restores in enumerate(self.restores, start=1):
+            for rest in restores:
+                ready[rest["tensor"]] = r
+        for r, restores in enumerate(self.restores, start=1):
+            for rest in restores:
+                t = rest["tensor"]
+                consumers = g.consumers(t)
+                if rest["activation"] is not None or len(consumers) != 1 or t in g.outputs:
+                    continue
+                j = consumers[0]
+                add = g.ops[j]
+                if add.kind != "ADD" or len(add.inputs) != 2 or step_of.get(j) != r \
+                        or numpy_form(g, j) is None:
+                    continue
+                skip = add.inputs[1] if add.inputs[0] == t else add.inputs[0]
+                # Restores run first in their step: the shortcut must come from an earlier one.
+                if (skip == t or skip < 0 or g.tensors[skip].data is not None
+                        or g.tensors[skip].shape != g.tensors[t].shape or ready.get(skip, r) >= r):
+                    continue
+                total = add.outputs[0]
+                after = g.consumers(total)
+                act = after[0] if (len(after) == 1 and total not in g.outputs and step_of.get(after[0]) == r
+                                   and numpy_activation(g.ops[after[0]])
+                                   and len(g.ops[after[0]].inputs) == 1) else None
+                self.residuals.add(j)
+                if act is not None:
+                    self.residuals.add(act)
+                rest["addend"] = skip
+                rest["activation"] = g.ops[act] if act is not None else None
+                rest["tensor"] = self.result[rest["op"]] = g.ops[act].outputs[0] if act is not None else total
 
     def _zero_pad(self, x: int) -> tuple[int, list[list[int]] | None]:
         """If ``x`` is a zero PAD feeding only offloaded ops, the push pads (the mask fills the border) and

@@ -41,7 +41,7 @@ class TeeProgramBuilder(RoundsBuilder):
         """Each step's ops as units run in order: one numpy instruction per op the TA does itself
         (``converters.plan_numpy``), and runs of consecutive other ops as one LiteRT signature each."""
         g, R = self.g, self.R
-        skip = set(self.fused.values()) | set(self.pads.values())
+        skip = set(self.fused.values()) | set(self.pads.values()) | self.residuals
         produced_by: dict[int, tuple[str, int]] = {t: ("input", 0) for t in g.inputs}
         for r, restores in enumerate(self.restores, start=1):
             for rest in restores:
@@ -93,6 +93,10 @@ class TeeProgramBuilder(RoundsBuilder):
         for r, pushes in enumerate(self.pushes, start=1):
             for p in pushes:
                 use(p["tensor"], r - 1, "push")
+        for r, restores in enumerate(self.restores, start=1):
+            for rest in restores:
+                if rest.get("addend") is not None:
+                    use(rest["addend"], r, "restore")
         for t in g.outputs:
             use(t, R, "output")
         for t in uses:
@@ -174,8 +178,14 @@ class TeeProgramBuilder(RoundsBuilder):
                     instr = {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}",
                              "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
                              **activation_fields(rest["activation"])}
+                    addend = rest.get("addend")
+                    reads = () if addend is None else (addend,)
+                    if addend is not None:
+                        instr["addend"] = ref(addend)
                     pushes = [p for p in self.pushes[k] if p["tensor"] == t] if k < R else []
-                    if len(pushes) == 1 and self.uses.get(t) == {(k, "push")}:
+                    # (A push's permutation would reorder the restored channels, not the addend's.)
+                    if len(pushes) == 1 and self.uses.get(t) == {(k, "push")} \
+                            and (addend is None or pushes[0]["permutation"] is None):
                         # Its one use is the next round's push: restore, permute or mix, mask and pad on the
                         # way into shared memory, a chunk at a time (the tensor never fills a slot).
                         p = pushes[0]
@@ -184,11 +194,11 @@ class TeeProgramBuilder(RoundsBuilder):
                         perm = p["permutation"]
                         self.arrays[f"{name}/offset"] = rest["offset"] if perm is None else \
                             np.ascontiguousarray(rest["offset"][..., perm])
-                        add(k, {**instr, "dst": f"shm:round_{k + 1}/in/{p['name']}", **push})
+                        add(k, {**instr, "dst": f"shm:round_{k + 1}/in/{p['name']}", **push}, reads=reads)
                         continue
                     loc[t] = place(t, k)
                     self.arrays[f"{name}/offset"] = rest["offset"]
-                    add(k, {**instr, "dst": loc[t]}, writes=(t,))
+                    add(k, {**instr, "dst": loc[t]}, writes=(t,), reads=reads)
             for unit in self.units[k]:
                 if unit["kind"] == "numpy":
                     i = unit["ops"][0]

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"SNTP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2: a restore may add an ``addend`` tensor (a version-1 reader would skip it)
+READABLE_VERSIONS = frozenset({1, 2})
 PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)
 ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
@@ -77,9 +78,9 @@ def read_program(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     magic, version, _, header_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise ProgramFormatError("not a TEE program (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ProgramFormatError(f"TEE program format version {version} is not supported "
-                                 f"({FORMAT_VERSION} is)")
+                                 f"({', '.join(map(str, sorted(READABLE_VERSIONS)))} are)")
     if header_len > MAX_HEADER or _HEAD.size + header_len > len(data):
         raise ProgramFormatError("TEE program header overruns the data")
     try:

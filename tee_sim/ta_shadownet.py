@@ -456,9 +456,13 @@ class ShadowNetTA(TrustedApp):
         compile_ = {"push": compile_push, "restore": compile_restore}.get(op)
         if compile_ is None:
             raise ValueError(f"unknown instruction {op!r}")
+        extra = {}
+        if op == "restore" and instr.get("addend"):  # a residual block's shortcut
+            extra["addend"] = self._ref(model, instr["addend"])
         if model.online is not None and model.online.enabled:
-            return model.online.wrap(instr, src, dst, lambda s, d, **kw: compile_(model, instr, s, d, **kw))
-        return compile_(model, instr, src, dst)
+            return model.online.wrap(instr, src, dst,
+                                     lambda s, d, **kw: compile_(model, instr, s, d, **extra, **kw))
+        return compile_(model, instr, src, dst, **extra)
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         model = session.get("model")

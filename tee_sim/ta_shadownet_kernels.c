@@ -101,18 +101,22 @@ typedef struct {
     fv_check_t *check; /* NULL, or the check of src (an accelerator's result), made tile by tile */
     float *copy;       /* NULL, or a secure copy of what is written to dst (dst's grid) */
     int64_t copy_row, copy_pix;
+    sn_tensor addend;  /* a restore's: a tensor on the output's grid added before the activation (a
+                          residual block's shortcut); NULL: none */
 } sn_step;
 
 #define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
 
 /* What a restore does to each output vector of its blocks before storing it, while it is still in a
- * register: add the offset (16 channels of pixel p's: offset + p * offset_pix; NULL: none) and apply
- * the activation. */
+ * register: add the offset (16 channels of pixel p's: offset + p * offset_pix; NULL: none) and the
+ * addend (likewise), and apply the activation. */
 typedef struct {
     const float *offset;
     int64_t offset_pix;
     int32_t activation;
     float alpha;
+    const float *addend;
+    int64_t addend_pix;
 } epilogue;
 
 INLINE vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
@@ -132,6 +136,7 @@ INLINE vf activated(vf v, int32_t kind, float alpha) {
 INLINE vf finish(vf v, const epilogue *e, int64_t p, int32_t c) {
     if (!e) return v;
     if (e->offset) v += load(e->offset + p * e->offset_pix + c);
+    if (e->addend) v += load(e->addend + p * e->addend_pix + c);
     return activated(v, e->activation, e->alpha);
 }
 
@@ -151,6 +156,7 @@ INLINE float activated1(float x, int32_t kind, float alpha) {
 INLINE float finish1(float x, const epilogue *e, int64_t p, int32_t c) {
     if (!e) return x;
     if (e->offset) x += e->offset[p * e->offset_pix + c];
+    if (e->addend) x += e->addend[p * e->addend_pix + c];
     return activated1(x, e->activation, e->alpha);
 }
 
@@ -597,14 +603,15 @@ SN_CLONES int sn_run(const sn_step *s) {
      * when none spills past the last channel. */
     int fuse = restored && ((s->a.kind == SN_BLOCKS && !s->a.perm) || s->a.kind == SN_SCALE);
     int per_channel = !s->offset.row && !s->offset.pix;
-    if (fuse && s->a.kind == SN_BLOCKS && s->offset.p && !per_channel && !exact(&s->a)) fuse = 0;
+    if (fuse && s->a.kind == SN_BLOCKS && (s->addend.p || (s->offset.p && !per_channel)) && !exact(&s->a))
+        fuse = 0; /* the addend, like a per-element offset, is read in place */
     if (fuse && s->offset.p && per_channel && stride > MAX_STACK_BIAS) fuse = 0; /* the copy is on the stack */
     /* Unmasked, with no secure copy to write: the last stage stores straight into dst when it writes
      * exactly dst's channels (a spill there could land on another tensor's): no tile copy. */
     int direct = !s->mask.p && !s->copy &&
                  (s->b.kind != SN_NONE ? exact(&s->b) : fuse && exact(&s->a));
     float bias[fuse && s->offset.p && per_channel ? stride : 1];
-    epilogue finish_block = {s->offset.p, s->offset.pix, s->activation, s->alpha};
+    epilogue finish_block = {s->offset.p, s->offset.pix, s->activation, s->alpha, s->addend.p, s->addend.pix};
     if (fuse && s->offset.p && per_channel) {
         memcpy(bias, s->offset.p, sizeof(float) * (size_t)n);
         memset(bias + n, 0, sizeof(float) * (size_t)(stride - n));
@@ -632,6 +639,8 @@ SN_CLONES int sn_run(const sn_step *s) {
             if (fuse) {
                 if (s->offset.p && !per_channel)
                     finish_block.offset = s->offset.p + r * s->offset.row + q0 * s->offset.pix;
+                if (s->addend.p)
+                    finish_block.addend = s->addend.p + r * s->addend.row + q0 * s->addend.pix;
                 int last = direct && s->b.kind == SN_NONE;
                 float *a_out = last ? out : tile_a;
                 int64_t a_pix = last ? s->dst_pix : stride;
@@ -648,6 +657,11 @@ SN_CLONES int sn_run(const sn_step *s) {
                     const float *off = s->offset.p + r * s->offset.row + q0 * s->offset.pix;
                     for (int64_t p = 0; p < t; p++)
                         add_into(tile_a + p * stride, tile_a + p * stride, off + p * s->offset.pix, n);
+                }
+                if (s->addend.p) {
+                    const float *add = s->addend.p + r * s->addend.row + q0 * s->addend.pix;
+                    for (int64_t p = 0; p < t; p++)
+                        add_into(tile_a + p * stride, tile_a + p * stride, add + p * s->addend.pix, n);
                 }
                 activate(tile_a, t * stride, s->activation, s->alpha);
                 x = tile_a;

@@ -3,7 +3,7 @@ accelerator.
 
 - ``restore``: accelerator output y' -> ``y = sum_j coef_j * y'[..., index_j] + offset`` (offset = bias
   minus the pop mask, precombined offline; the bias alone, per channel, where no static mask is popped),
-  then the fused activation;
+  plus the ``addend`` if it has one (a residual block's shortcut), then the fused activation;
 - ``push``: ``dst = x[..., permutation] + mask`` (or the input channels mixed,
   ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``; no mask on a round the scheme
   leaves unmasked) into the next round's shared input buffer.
@@ -78,7 +78,8 @@ class _Step(ctypes.Structure):
                 ("b", _Linear), ("mask", _Tensor), ("dst", ctypes.c_void_p), ("dst_row", ctypes.c_int64),
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
                 ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
-                ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64)]
+                ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
+                ("addend", _Tensor)]
 
 
 
@@ -324,12 +325,14 @@ def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst
 
 
 def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
-                    **verified: Any) -> Callable[[], Any]:
+                    addend: np.ndarray | None = None, **verified: Any) -> Callable[[], Any]:
     """``restore``, fused with the next round's push when it carries that push's ``mask`` field (a
     name, or None for an unmasked round): then ``dst`` is that round's shared input buffer and the
     restored values are permuted (``permutation``) or mixed, masked and padded (``pad``) on their way
     there. ``offset`` is in the output's channel order (a full tensor, or per channel when no static
-    mask is popped), ``index`` / ``coef`` in the restored one. ``verified``: see ``_compile``."""
+    mask is popped), ``index`` / ``coef`` in the restored one. ``addend`` (the instruction's
+    ``addend`` tensor: a residual block's shortcut) is added before the activation, shaped as the
+    restored tensor. ``verified``: see ``_compile``."""
     index, offset = model.arrays[instr["index"]], model.arrays[instr["offset"]]
     m, n = src.shape[-1], index.shape[1] if index.ndim == 2 else -1
     fused = "mask" in instr
@@ -347,10 +350,13 @@ def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, 
     kind, alpha = instr["activation"], instr["alpha"]
     if kind not in ACTIVATIONS or kind == "LEAKY_RELU" and not (isinstance(alpha, float) and 0 <= alpha <= 1):
         raise ValueError(f"activation {kind!r} (alpha {alpha!r}) cannot be fused into a restore")
+    if addend is not None and (addend.dtype != np.float32 or addend.shape != out.shape
+                               or (fused and instr.get("permutation"))):  # the channels would not match
+        raise ValueError(f"restore {instr['src']}: a {addend.dtype} {addend.shape} addend for {out.shape}")
     # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
     transform = _mixing(model, instr, n) if fused and instr.get("input_index") else None
     return _compile(model, src, restore, offset, ACTIVATIONS[kind], alpha or 0.0, transform, mask, out,
-                    border, pad=instr.get("pad"), **verified)
+                    border, pad=instr.get("pad"), addend=addend, **verified)
 
 
 def _mixing(model: LoadedModel, instr: dict[str, Any], channels: int) -> Linear:
@@ -364,7 +370,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              activation: int, alpha: float, transform: Linear | None, mask: np.ndarray | None,
              out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]], pad: Any = None,
              check: Any = None, on_fail: Callable[[], Any] | None = None,
-             secure_dst: np.ndarray | None = None) -> Callable[[], Any]:
+             secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
@@ -404,6 +410,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     step.activation, step.alpha = activation, alpha
     step.b = transform.struct() if transform is not None else _NO_LINEAR
     step.mask = _tensor(mask, grid)
+    if addend is not None:
+        step.addend = _tensor(addend, grid)
     step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
     if check is not None:
@@ -412,7 +420,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         _, _, step.copy_row, step.copy_pix = _grid(copy)
         step.copy = copy.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \

@@ -76,7 +76,9 @@ def test_restore_matches_the_reference(form, activation):
     n = index.shape[1]
     shape = (1, 5, 7)
     y = rng.standard_normal((*shape, m)).astype(np.float32)
-    for per_channel in (True, False):
+    # A residual block's shortcut, added before the activation: a slice of a wider tensor (strided).
+    shortcut = rng.standard_normal((*shape, n + 5)).astype(np.float32)[..., 3:3 + n]
+    for per_channel, addend in ((True, None), (False, None), (True, shortcut), (False, shortcut)):
         offset = rng.standard_normal(n if per_channel else (*shape, n)).astype(np.float32)
         arrays = {"i": index, "c": coef, "o": offset}
         instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
@@ -87,8 +89,8 @@ def test_restore_matches_the_reference(form, activation):
         if form in BLOCKS:
             assert len(model.restores["o"].blocks) == BLOCKS[form]
         out = np.full((*shape, n), np.nan, np.float32)
-        rp.compile_restore(model, instr, y, out)()
-        want = ACTIVATIONS[activation](_apply(y, index, coef) + offset)
+        rp.compile_restore(model, instr, y, out, addend=addend)()
+        want = ACTIVATIONS[activation](_apply(y, index, coef) + offset + (0 if addend is None else addend))
         assert np.abs(out - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (form, per_channel)
 
 
@@ -139,6 +141,32 @@ def test_restore_fused_with_the_next_push(mixing, masked):
     if masked:
         want += arrays["mask"]
     assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_residual_restore_fused_with_a_mixing_push():
+    """Restored, the shortcut added, activated, mixed and masked into the next round's buffer; with a
+    permutation instead (its channel order is not the shortcut's) the restore is refused."""
+    rng = np.random.default_rng(11)
+    (index, coef), m = RESTORES["blocks16"](rng)
+    n = index.shape[1]
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32), "p": rng.permutation(n)}
+    arrays["ii"], arrays["ic"] = _blocks(rng, [16] * 4, [16] * 4)
+    instr = {"op": "restore", "src": "shm:y", "dst": "shm:x", "index": "i", "coef": "c", "offset": "o",
+             "activation": "RELU", "alpha": None, "mask": "mask", "pad": None, "permutation": None,
+             "input_index": "ii", "input_coef": "ic"}
+    y = rng.standard_normal((1, 6, 5, m)).astype(np.float32)
+    shortcut = rng.standard_normal((1, 6, 5, n)).astype(np.float32)
+    arrays["mask"] = rng.standard_normal((1, 6, 5, n)).astype(np.float32)
+    model = _model(arrays, [instr], {"shm:y": y.shape, "shm:x": (1, 6, 5, n)})
+    x = np.full((1, 6, 5, n), np.nan, np.float32)
+    rp.compile_restore(model, instr, y, x, addend=shortcut)()
+    want = _apply(np.maximum(_apply(y, index, coef) + arrays["o"] + shortcut, 0), arrays["ii"], arrays["ic"])
+    want += arrays["mask"]
+    assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(ValueError, match="addend"):
+        rp.compile_restore(model, {**instr, "permutation": "p", "input_index": None}, y, x, addend=shortcut)
+    with pytest.raises(ValueError, match="addend"):
+        rp.compile_restore(model, instr, y, x, addend=shortcut[..., :-1])
 
 
 @pytest.mark.parametrize("masked", [True, False])

@@ -61,7 +61,7 @@ class Heap:
 
     def __init__(self, memory: SecureMemory) -> None:
         self._memory = memory
-        # id(memory) -> (nbytes, finalizer of the memory, the array alloc returned)
+        # id(buffer) -> (nbytes, finalizer of the buffer, the array alloc returned: a view of the buffer)
         self._live: dict[int, tuple[int, weakref.finalize, weakref.ref]] = {}
         self._reserved = 0
 
@@ -73,15 +73,15 @@ class Heap:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self._memory.charge(nbytes)
         try:
-            memory = np.zeros(nbytes + ALIGN, np.uint8)
+            buffer = np.zeros(nbytes + ALIGN, np.uint8)
         except MemoryError:
             self._memory.uncharge(nbytes)
             raise TEEError(TEE_ERROR_OUT_OF_MEMORY, TEEC_ORIGIN_TEE, "host allocation failed") from None
-        start = -memory.ctypes.data % ALIGN
-        array = memory[start:start + nbytes].view(dtype).reshape(shape)
-        # Every view of the array holds the memory: it is returned when the last one goes.
-        key = id(memory)
-        finalizer = weakref.finalize(memory, self._release, key)
+        start = -buffer.ctypes.data % ALIGN
+        array = buffer[start:start + nbytes].view(dtype).reshape(shape)
+        # Every view of the array holds the buffer: its bytes are returned when the last one goes.
+        key = id(buffer)
+        finalizer = weakref.finalize(buffer, self._release, key)
         self._live[key] = (nbytes, finalizer, weakref.ref(array))
         return array
 

@@ -253,8 +253,9 @@ class LayerCheck:
         if self.direct:
             self._dw = alloc((geo.taps, width), np.float32)
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
-        # The input pixels' squared norms, a row of output positions' sums (depthwise: its outputs).
-        self.scratch_elements = n * h * wd + wo * (width + 1)
+        # The input pixels' squared norms, then a row of output positions' sums (direct: one position's
+        # outputs).
+        self.scratch_elements = n * h * wd + (width if self.direct else wo * (LANES + 1))
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,

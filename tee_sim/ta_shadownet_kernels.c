@@ -333,7 +333,8 @@ typedef struct {
     float *tau;                         /* [N * Ho * Wo]: unit * the norm of each output's input window */
     float unit;
     float *norms;                       /* scratch: [N * H * W] input pixels' squared norms, then
-                                           [Wo * 17] floats of one output row's sums */
+                                           [Wo * 17] floats of one output row's sums (prepare_dw: [mp]
+                                           of one position's outputs) */
     double tau_norm;                    /* out: ||tau|| */
     const float *dw_weights;            /* depthwise, multiplier 1: the layer's weights [kh * kw][mp],
                                            zero-padded (prepare_dw); NULL: filters (prepare_kp) */
@@ -523,54 +524,57 @@ INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
 
 /* A depthwise layer with multiplier 1: its Freivalds filters read as many inputs per output as the layer
  * itself (k T C multiply-adds per position, against the layer's T C), so the TEE computes the layer, y =
- * L(x, W'), a row of output positions at a time in scratch, tap by tap as prepare_kp does, and projects
- * each position's y as the check projects the accelerator's: z_p = u . y_p, T C + k C multiply-adds per
- * position. Same z in exact arithmetic; the rounding of both is inside tau (tee_sim.freivalds). */
+ * L(x, W'), position by position (each 16 channels' taps summed in a register, the taps outside the input
+ * skipped), and projects each position's y as the check projects the accelerator's: z_p = u . y_p, T C +
+ * k C multiply-adds per position. Same z in exact arithmetic; the rounding of both is inside tau
+ * (tee_sim.freivalds). */
 INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
-    int32_t g = LANES / kp;
+    int32_t g = LANES / kp, kernel = s->kh * s->kw;
     int64_t c = s->c, mp = s->mp, pixels = s->n * s->h * s->w, end = pixels * c;
-    float *acc = s->norms + pixels;  /* [Wo][mp] */
-    float *q = acc + s->wo * mp;     /* [Wo] */
+    float *y = s->norms + pixels; /* [mp]: one position's outputs */
     for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
+    const float *xs[kernel], *ws[kernel];
+    int64_t rooms[kernel];
     double total = 0.0;
     int64_t out = 0;
     for (int64_t b = 0; b < s->n; b++) {
         for (int64_t oh = 0; oh < s->ho; oh++) {
-            memset(acc, 0, (size_t)(s->wo * mp) * sizeof(float));
-            memset(q, 0, (size_t)s->wo * sizeof(float));
-            for (int32_t i = 0; i < s->kh; i++) {
-                int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
-                if (ih < 0 || ih >= s->h) continue;
-                const float *row = s->x + (b * s->h + ih) * s->w * c;
-                const float *row_norms = s->norms + (b * s->h + ih) * s->w;
-                for (int32_t j = 0; j < s->kw; j++) {
-                    int64_t shift = (int64_t)j * s->dw - s->left;
-                    int64_t lo = shift >= 0 ? 0 : (-shift + s->sw - 1) / s->sw;
-                    int64_t hi = shift >= s->w ? 0 : (s->w - 1 - shift) / s->sw + 1;
-                    if (hi > s->wo) hi = s->wo;
-                    const float *wt = s->dw_weights + ((int64_t)i * s->kw + j) * mp;
-                    for (int64_t ow = lo; ow < hi; ow++) {
-                        int64_t iw = ow * s->sw + shift;
-                        const float *xp = row + iw * c;
-                        float *a = acc + ow * mp;
-                        int64_t room = end - (xp - s->x), v = 0;
-                        /* past channel c a vector reads the next pixel's, times zero weights */
-                        for (; v + LANES <= mp && v + LANES <= room; v += LANES)
-                            store(a + v, load(a + v) + load(wt + v) * load(xp + v));
-                        for (; v < mp; v += LANES) {
-                            float tail[LANES] = {0};
-                            int64_t left = room - v < 0 ? 0 : room - v;
-                            memcpy(tail, xp + v, (size_t)(left < LANES ? left : LANES) * sizeof(float));
-                            store(a + v, load(a + v) + load(wt + v) * load(tail));
-                        }
-                        q[ow] += row_norms[iw];
+            for (int64_t ow = 0; ow < s->wo; ow++, out++) {
+                int32_t taps = 0;
+                float q = 0.0f;
+                for (int32_t i = 0; i < s->kh; i++) {
+                    int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
+                    if (ih < 0 || ih >= s->h) continue;
+                    for (int32_t j = 0; j < s->kw; j++) {
+                        int64_t iw = ow * s->sw + (int64_t)j * s->dw - s->left;
+                        if (iw < 0 || iw >= s->w) continue;
+                        int64_t pix = (b * s->h + ih) * s->w + iw;
+                        xs[taps] = s->x + pix * c;
+                        rooms[taps] = end - pix * c;
+                        ws[taps++] = s->dw_weights + ((int64_t)i * s->kw + j) * mp;
+                        q += s->norms[pix];
                     }
                 }
-            }
-            for (int64_t ow = 0; ow < s->wo; ow++, out++) {
-                vf sums = block_sums(dot_groups((vf){0}, acc + ow * mp, c, mp, s->u, kp), kp);
+                for (int64_t v = 0; v < mp; v += LANES) {
+                    vf a = {0};
+                    for (int32_t t = 0; t < taps; t++) {
+                        /* past channel c a vector reads the next pixel's, times zero weights */
+                        vf xv;
+                        if (v + LANES <= rooms[t]) {
+                            xv = load(xs[t] + v);
+                        } else {
+                            float tail[LANES] = {0};
+                            int64_t left = rooms[t] - v < 0 ? 0 : rooms[t] - v;
+                            memcpy(tail, xs[t] + v, (size_t)(left < LANES ? left : LANES) * sizeof(float));
+                            xv = load(tail);
+                        }
+                        a += load(ws[t] + v) * xv;
+                    }
+                    store(y + v, a);
+                }
+                vf sums = block_sums(dot_groups((vf){0}, y, c, mp, s->u, kp), kp);
                 for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = sums[j * g];
-                float t = s->unit * sqrtf(q[ow]);
+                float t = s->unit * sqrtf(q);
                 s->tau[out] = t;
                 total += (double)t * t;
             }

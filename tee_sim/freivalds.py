@@ -198,9 +198,9 @@ class LayerCheck:
     up to a power of two), so that a check with 4 projections costs 9 C / 4 vector FMAs per output of a
     3x3 layer, not 9 C; the window norms come from each input pixel's squared norm, summed over the taps.
     A depthwise layer with multiplier 1 (``direct``) keeps its weights in secure memory and is computed
-    by the TEE, then projected (``prepare_dw``): 1.4-1.5x faster than its projected filters on
-    MobileNet's 112x112x32 depthwise layer, as fast on its 14x14x512 ones (minima of 40 calls), and no
-    projected filters to draw per inference.
+    by the TEE, then projected (``prepare_dw``): as fast as its projected filters on MobileNet's
+    112x112x32 depthwise layer, 1.1-1.5x faster on its 56x56x128 and 14x14x512 ones (minima of 40 calls),
+    and no projected filters to draw per inference.
     ``alloc(shape, dtype)`` gives (accounted) secure memory for what lives from the push to the check;
     the input pixels' norms go in scratch shared with the other layers (``bind_scratch``).
     """

@@ -151,17 +151,22 @@ def _split_into_a_mixed_conv() -> bytes:
     return write_model(g)
 
 
-def test_a_split_is_read_in_place_by_a_mixing_push(tmp_path, monkeypatch):
+def _kept_plans(monkeypatch) -> list:
+    """Every plan ``convert`` builds from now on (the TEE program before it is sealed)."""
     from converters import pipeline
 
-    plans = []
+    plans, build = [], pipeline.build
 
-    def build(*args, **kwargs):
-        plans.append(pipeline_build(*args, **kwargs))
+    def keep(*args, **kwargs):
+        plans.append(build(*args, **kwargs))
         return plans[-1]
 
-    pipeline_build = pipeline.build
-    monkeypatch.setattr(pipeline, "build", build)
+    monkeypatch.setattr(pipeline, "build", keep)
+    return plans
+
+
+def test_a_split_is_read_in_place_by_a_mixing_push(tmp_path, monkeypatch):
+    plans = _kept_plans(monkeypatch)
     model = _split_into_a_mixed_conv()
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():
@@ -211,11 +216,7 @@ def _residual_blocks() -> bytes:
 
 
 def test_a_residual_add_and_its_activation_are_done_by_the_restore(tmp_path, monkeypatch):
-    from converters import pipeline
-
-    plans = []
-    pipeline_build = pipeline.build
-    monkeypatch.setattr(pipeline, "build", lambda *a, **k: plans.append(pipeline_build(*a, **k)) or plans[-1])
+    plans = _kept_plans(monkeypatch)
     model = _residual_blocks()
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():

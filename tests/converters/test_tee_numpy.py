@@ -151,8 +151,9 @@ def _split_into_a_mixed_conv() -> bytes:
     return write_model(g)
 
 
-def _kept_plans(monkeypatch) -> list:
-    """Every plan ``convert`` builds from now on (the TEE program before it is sealed)."""
+def _converted_program(model: bytes, x_shape: tuple, tmp_path, monkeypatch) -> list[dict]:
+    """Convert ``model`` with the default scheme, check the protected model against LiteRT on two inputs
+    of ``x_shape``, and return the TEE program's instructions (from the plan, before it is sealed)."""
     from converters import pipeline
 
     plans, build = [], pipeline.build
@@ -162,24 +163,22 @@ def _kept_plans(monkeypatch) -> list:
         return plans[-1]
 
     monkeypatch.setattr(pipeline, "build", keep)
-    return plans
-
-
-def test_a_split_is_read_in_place_by_a_mixing_push(tmp_path, monkeypatch):
-    plans = _kept_plans(monkeypatch)
-    model = _split_into_a_mixed_conv()
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            convert(model, tmp_path / "out", seed=0, device=device)  # the default scheme: groupmix
-        instrs = [i for step in plans[0].program["steps"] for i in step]
-        assert not any(i["op"] == "split" for i in instrs)  # no copy: the push reads the slice
-        (push,) = [i for i in instrs if i["op"] == "push" and i.get("input_index")]
-        assert "@3:16:32" in push["src"]
+            convert(model, tmp_path / "out", seed=0, device=device)
         with Driver(device, tmp_path / "out") as run:
             for seed in range(2):
-                x = np.random.default_rng(seed).standard_normal((1, 6, 6, 3)).astype(np.float32)
+                x = np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)
                 assert relative_error(run(x), litert(model, x)) <= 1e-4
+    return [i for step in plans[0].program["steps"] for i in step]
+
+
+def test_a_split_is_read_in_place_by_a_mixing_push(tmp_path, monkeypatch):
+    instrs = _converted_program(_split_into_a_mixed_conv(), (1, 6, 6, 3), tmp_path, monkeypatch)
+    assert not any(i["op"] == "split" for i in instrs)  # no copy: the push reads the slice
+    (push,) = [i for i in instrs if i["op"] == "push" and i.get("input_index")]
+    assert "@3:16:32" in push["src"]
 
 
 def _residual_blocks() -> bytes:
@@ -216,18 +215,8 @@ def _residual_blocks() -> bytes:
 
 
 def test_a_residual_add_and_its_activation_are_done_by_the_restore(tmp_path, monkeypatch):
-    plans = _kept_plans(monkeypatch)
-    model = _residual_blocks()
-    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            convert(model, tmp_path / "out", seed=0, device=device)
-        instrs = [i for step in plans[0].program["steps"] for i in step]
-        residual = [i for i in instrs if i.get("addend")]
-        assert len(residual) == 1 and residual[0]["activation"] == "RELU"
-        assert not any(i["op"] == "activation" for i in instrs)
-        assert [i["kind"] for i in instrs if i["op"] == "binary"] == ["ADD"]  # the pair's, in numpy
-        with Driver(device, tmp_path / "out") as run:
-            for seed in range(2):
-                x = np.random.default_rng(seed).standard_normal((1, 6, 6, 3)).astype(np.float32)
-                assert relative_error(run(x), litert(model, x)) <= 1e-4
+    instrs = _converted_program(_residual_blocks(), (1, 6, 6, 3), tmp_path, monkeypatch)
+    residual = [i for i in instrs if i.get("addend")]
+    assert len(residual) == 1 and residual[0]["activation"] == "RELU"
+    assert not any(i["op"] == "activation" for i in instrs)
+    assert [i["kind"] for i in instrs if i["op"] == "binary"] == ["ADD"]  # the pair's, in numpy

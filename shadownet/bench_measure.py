@@ -133,8 +133,14 @@ class _Protected:
         # (``refill``), not by the background thread: its refills would otherwise run in the secure world
         # while the other modes are timed (all-in-tee runs there too) or while this model's next run
         # waits for the secure world, and slow them; the offline cost is reported on its own.
+        self._accelerator: Any = None
+
+        def keep(default: Any) -> Any:  # the accelerator the model runs, for rounds_back_to_back
+            self._accelerator = default
+            return default
+
         self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify,
-                          background_refill=False)
+                          accelerator=keep, background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
         self.refill()
@@ -147,6 +153,17 @@ class _Protected:
 
     def record(self) -> None:
         self.stats.append(self.model.stats())
+
+    def rounds_back_to_back(self) -> float:
+        """Seconds the accelerator takes for every round one after the other, with no TEE step between
+        them: against the accelerator's share of an inference, what the interleaving costs it. It runs on
+        the buffers as the last inference left them (the next one's steps rewrite each round's input
+        before its round runs)."""
+        run, rounds = self._accelerator.run_round, self.model.num_rounds
+        start = time.perf_counter()
+        for r in range(1, rounds + 1):
+            run(r)
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self.model.close()
@@ -324,6 +341,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                 verify_error = f"does not fit in the secure-memory cap next to shadownet: {exc}"
         active = MODES + ((VERIFY_MODE,) if VERIFY_MODE in runners else ())
         times: dict[str, list[float]] = {mode: [] for mode in active}
+        back_to_back: list[float] = []  # shadownet's accelerator rounds without the TEE between them
         before: dict[str, dict[str, Any]] = {}
         clock = time.perf_counter
         total = warmup_runs + num_runs
@@ -344,6 +362,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                         runner.record()
                 if isinstance(runner, _Protected):
                     runner.refill()
+                if mode == "shadownet" and run >= warmup_runs:
+                    back_to_back.append(runner.rounds_back_to_back())
         protected: _Protected = runners["shadownet"]
         error = _relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
@@ -431,6 +451,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "macs_offloaded": sum(macs[i] for i in offloaded),
             "macs_offloaded_share": sum(macs[i] for i in offloaded) / total_macs if total_macs else 0.0,
             "conversion_s": conversion_s,
+            "accelerator_back_to_back_ms": float(np.median(back_to_back)) * 1e3,
             "relative_error": error,
             "builtin_vs_xnnpack_error": floor,
         },

@@ -67,6 +67,7 @@ def test_bench_report(tmp_path):
     assert all(value > 0 for key, value in s["breakdown"].items() if key != "other_ms")
     assert s["world_switches"] == 3 and s["bytes_to_tee"] > 0 and s["bytes_from_tee"] > 0
     assert s["macs_offloaded_share"] == 1.0 and s["conversion_s"] > 0 and s["relative_error"] < 1e-3
+    assert s["accelerator_back_to_back_ms"] > 0
     # Two honest float32 computations of the original differ, but only by rounding.
     assert 0 <= s["builtin_vs_xnnpack_error"] < 1e-5
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
@@ -80,6 +81,7 @@ def test_bench_report(tmp_path):
     assert "builtin vs XNNPACK" in text
     md = bench_report.markdown(report, "shadownet bench small.tflite")
     assert "| small | shadownet |" in md
+    assert f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} |" in md
     assert f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} |" in md
     json.dumps(report, allow_nan=False)  # strict JSON
 

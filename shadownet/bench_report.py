@@ -16,11 +16,6 @@ def _k(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
-def _ms(value: float | None, width: int = 0) -> str:
-    # "-": a report written before the figure existed
-    return f"{'-':>{width}}" if value is None else f"{value:{width}.2f}"
-
-
 def _fps(value: float | None, width: int = 0, digits: int = 1) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
 
@@ -98,8 +93,7 @@ def table(report: dict[str, Any]) -> str:
                          f"{m['max_ms']:9.2f} {m['secure_memory_mib']:11.1f}")
     lines.append("")
     head = (f"{'model':<12} {'S/U':>5} {'T/S':>5} {'accel':>7} {'b2b':>6} {'TEE':>7} {'cross':>6} "
-            f"{'other':>6} "
-            f"{'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
+            f"{'other':>6} {'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
             + " ".join(f"{'S(k=' + str(k) + ')':>9}" for k in PROJECTED_K))
     lines += [head, "-" * len(head)]
     for e in _done(report):
@@ -108,7 +102,7 @@ def table(report: dict[str, Any]) -> str:
         r = e["ratios"]
         lines.append(
             f"{e['model']:<12} {r['S/U']:5.2f} {r['T/S']:5.2f} {b['accelerator_ms']:7.2f} "
-            f"{_ms(s.get('accelerator_back_to_back_ms'), 6)} {b['tee_compute_ms']:7.2f} "
+            f"{s['accelerator_back_to_back_ms']:6.2f} {b['tee_compute_ms']:7.2f} "
             f"{b['crossing_ms']:6.2f} {b['other_ms']:6.2f} "
             f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
             f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
@@ -178,7 +172,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         x, b = e["shadownet"], e["shadownet"]["breakdown"]
         out.append(
             f"| {e['model']} | {e['rounds']} | {e['ratios']['S/U']:.2f} | {e['ratios']['T/S']:.2f} | "
-            f"{b['accelerator_ms']:.2f} | {_ms(x.get('accelerator_back_to_back_ms'))} | "
+            f"{b['accelerator_ms']:.2f} | {x['accelerator_back_to_back_ms']:.2f} | "
             f"{b['tee_compute_ms']:.2f} | {b['crossing_ms']:.2f} | "
             f"{b['other_ms']:.2f} | "
             f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "

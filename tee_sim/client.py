@@ -385,10 +385,9 @@ class Context:
         if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS or any(
                 type(p) is not Value or p.direction != "in" for p in params):
             raise _api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
-        wire = tuple((p.wire_type, p.a, p.b, 0, 0, 0) for p in params) + NO_PARAMS[len(params):] \
-            if params else NO_PARAMS
+        wire, _, bytes_in = self._marshal(params) if params else (NO_PARAMS, _NO_TEMPS, 0)
         check_live, round_trip, raise_ = self._check_live, self._round_trip, self._raise
-        lock, key, bytes_in = self._lock, int(cmd_id), 16 * len(params)
+        lock, key = self._lock, int(cmd_id)
 
         def invoke(timeout: float | None = None) -> None:
             with lock:

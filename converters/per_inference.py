@@ -137,10 +137,16 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
             arrays[f"{name}/mean"] = np.asarray(dist.mean, np.float32)
             masks[name] = {"buffer": buffer, "shape": list(p["shape"]), "std": float(dist.std),
                            "mean": f"{name}/mean"}
+            if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
+                masks[name]["split"] = {"grid": p["split"].grid}
             by_push[p["name"]] = name
         for rest in builder.restores[r - 1]:
             buffer = f"round_{r}/out/{rest['name']}"
             instr = _writer(steps, "src", f"shm:{buffer}", "restore")
+            if rest["split"] is not None:
+                # Its offset stays the bias; the pop mask, made per inference, comes off before the restore.
+                offsets[instr["pop"]] = {"layer": buffer, "mask": by_push[rest["push"]], "split": True}
+                continue
             name = instr["offset"]
             arrays.pop(name, None)
             op = g.ops[rest["op"]]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters import linear
+from converters import exact_split, linear
 from converters.graph import Graph, Signature
 from converters.partition import Partition
 from converters.plan_numpy import numpy_activation, numpy_form
@@ -124,17 +124,20 @@ class RoundsBuilder:
                 if key not in pushes:
                     j = len(pushes)
                     shape = g.tensors[x].shape
-                    tid = u.add_tensor(f"round_{r}/x{j}", shape, np.float32)
-                    sig_in[f"x{j}"] = tid
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
                     stats = stats.for_input_of(obf)
                     # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
                     one_time = r in self.one_time
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
+                    split = self._split(x, [i] if transformed else ops, stats) \
+                        if one_time and getattr(self.scheme, "exact_split", False) else None
+                    wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
+                    tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
+                    sig_in[f"x{j}"] = tid
                     source, pad = self._zero_pad(x)
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
                                    "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
-                                   "one_time": one_time, "stats": stats,
+                                   "one_time": one_time, "stats": stats, "split": split, "wire_shape": wire,
                                    "mix": None if obf.input_index is None
                                    else (obf.input_index, obf.input_coef)}
                 push = pushes[key]
@@ -142,8 +145,12 @@ class RoundsBuilder:
                 out_shape = g.tensors[y].shape
                 m = obf.weights.shape[-1] if op.kind == "DEPTHWISE_CONV_2D" else obf.weights.shape[0]
                 obf_shape = (*out_shape[:-1], m)
-                w = u.add_tensor(f"round_{r}/w{j}", obf.weights.shape, np.float32, obf.weights)
-                yt = u.add_tensor(f"round_{r}/y{j}", obf_shape, np.float32)
+                stored = obf.weights
+                if push["split"] is not None:
+                    stored = exact_split.split_weights(op.kind, obf.weights, push["split"])
+                wire_shape = (*out_shape[:-1], stored.shape[0] if push["split"] is not None else m)
+                w = u.add_tensor(f"round_{r}/w{j}", stored.shape, np.float32, stored)
+                yt = u.add_tensor(f"round_{r}/y{j}", wire_shape, np.float32)
                 options = copy.copy(op.options)
                 sig_ops.append(u.add_op(op.kind, [push["untrusted"], w, -1], [yt], options,
                                         version=op.version))
@@ -163,7 +170,8 @@ class RoundsBuilder:
                     self.fused[i] = consumers[0]
                 self.result[i] = g.ops[self.fused[i]].outputs[0] if i in self.fused else y
                 restores.append({"op": i, "name": f"y{j}", "tensor": self.result[i], "obf": obf,
-                                 "offset": offset, "obf_shape": obf_shape, "push": push["name"],
+                                 "offset": offset, "obf_shape": obf_shape, "wire_shape": wire_shape,
+                                 "split": push["split"], "push": push["name"],
                                  "activation": g.ops[self.fused[i]] if i in self.fused else None})
             self.signatures.append(Signature(f"round_{r}", sig_ops, sig_in, sig_out))
             self.pushes.append(list(pushes.values()))
@@ -213,6 +221,22 @@ class RoundsBuilder:
                 rest["addend"] = skip
                 rest["activation"] = g.ops[act] if act is not None else None
                 rest["tensor"] = self.result[rest["op"]] = g.ops[act].outputs[0] if act is not None else total
+
+    def _split(self, x: int, ops: Sequence[int], stats: ActivationStats) -> exact_split.Split | None:
+        """The exact split of a one-time push of ``x`` (``converters.exact_split``) when every op of
+        ``ops`` that reads it is a conv or a dense layer on its last axis; else ``None``."""
+        g = self.g
+        readers = [g.ops[i] for i in ops if g.ops[i].inputs[0] == x]
+        channels = g.tensors[x].shape[-1]
+        if not readers or any(op.kind not in ("CONV_2D", "FULLY_CONNECTED") for op in readers):
+            return None
+        if any(op.kind == "FULLY_CONNECTED" and g.tensors[op.inputs[1]].shape[-1] != channels
+               for op in readers):
+            return None  # a dense layer on a flattened NHWC tensor: its weights would need reordering
+        dist = self.scheme.mask_distribution(stats)
+        terms = max(exact_split.dot_length(op.kind, g.tensors[op.inputs[1]].data) for op in readers)
+        return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
+                                max(stats.std, stats.rms), terms)
 
     def _zero_pad(self, x: int) -> tuple[int, list[list[int]] | None]:
         """If ``x`` is a zero PAD feeding only offloaded ops, the push pads (the mask fills the border) and

@@ -178,13 +178,15 @@ class TeeProgramBuilder(RoundsBuilder):
                     instr = {"op": "restore", "src": f"shm:round_{k}/out/{rest['name']}",
                              "index": f"{name}/index", "coef": f"{name}/coef", "offset": f"{name}/offset",
                              **activation_fields(rest["activation"])}
+                    if rest["split"] is not None:  # its one-time pop mask (converters.exact_split)
+                        instr["pop"] = f"{name}/pop"
                     addend = rest.get("addend")
                     reads = () if addend is None else (addend,)
                     if addend is not None:
                         instr["addend"] = ref(addend)
                     pushes = [p for p in self.pushes[k] if p["tensor"] == t] if k < R else []
                     # (A push's permutation would reorder the restored channels, not the addend's.)
-                    if len(pushes) == 1 and self.uses.get(t) == {(k, "push")} \
+                    if len(pushes) == 1 and self.uses.get(t) == {(k, "push")} and pushes[0]["split"] is None \
                             and (addend is None or pushes[0]["permutation"] is None):
                         # Its one use is the next round's push: restore, permute or mix, mask and pad on the
                         # way into shared memory, a chunk at a time (the tensor never fills a slot).
@@ -324,7 +326,8 @@ class TeeProgramBuilder(RoundsBuilder):
             mix = {"input_index": f"{name}/input_index", "input_coef": f"{name}/input_coef"}
             self.arrays[mix["input_index"]] = p["mix"][0].astype(np.int32)
             self.arrays[mix["input_coef"]] = p["mix"][1].astype(np.float32)
-        return {"permutation": perm, "mask": mask, "pad": p["pad"], **mix}
+        split = {} if p["split"] is None else {"split": {"grid": p["split"].grid}}
+        return {"permutation": perm, "mask": mask, "pad": p["pad"], **mix, **split}
 
     def layout(self) -> None:
         g = self.g
@@ -350,8 +353,8 @@ class TeeProgramBuilder(RoundsBuilder):
         bank_size = [0, 0]
         placed = []
         for r in range(1, self.R + 1):
-            ins = [(f"round_{r}/in/{p['name']}", p["shape"]) for p in self.pushes[r - 1]]
-            outs = [(f"round_{r}/out/{rest['name']}", rest["obf_shape"]) for rest in self.restores[r - 1]]
+            ins = [(f"round_{r}/in/{p['name']}", p["wire_shape"]) for p in self.pushes[r - 1]]
+            outs = [(f"round_{r}/out/{rest['name']}", rest["wire_shape"]) for rest in self.restores[r - 1]]
             for group in (ins, outs):
                 at = 0
                 for name, shape in group:
@@ -363,10 +366,14 @@ class TeeProgramBuilder(RoundsBuilder):
             put(name, shape, bank_start[bank] + at)
         self.buffers = buffers
         self.shared_memory_size = max(64, offset + bank_size[0] + bank_size[1])
+        # Public: an exact split's halves are there for anyone to see in the file (converters.exact_split).
+        split = {"split": True}
         self.rounds = [{"signature": f"round_{r}",
-                        "inputs": [{"name": p["name"], "buffer": f"round_{r}/in/{p['name']}"}
+                        "inputs": [{"name": p["name"], "buffer": f"round_{r}/in/{p['name']}",
+                                    **(split if p["split"] is not None else {})}
                                    for p in self.pushes[r - 1]],
-                        "outputs": [{"name": rest["name"], "buffer": f"round_{r}/out/{rest['name']}"}
+                        "outputs": [{"name": rest["name"], "buffer": f"round_{r}/out/{rest['name']}",
+                                     **(split if rest["split"] is not None else {})}
                                     for rest in self.restores[r - 1]]}
                        for r in range(1, self.R + 1)]
 

@@ -78,11 +78,35 @@ def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
     return layers
 
 
-def untrusted_layers(data: bytes) -> list[LinearLayer]:
+def split_names(manifest: dict) -> tuple[set[str], set[str]]:
+    """The outputs (``round_r/yj``) and input buffers of the layers the manifest says are exactly split
+    (``converters.exact_split``): public, as the file's shapes show anyway."""
+    rounds = manifest.get("rounds", [])
+    outputs = {f"{r['signature']}/{o['name']}" for r in rounds for o in r.get("outputs", [])
+               if o.get("split")}
+    inputs = {t["buffer"] for r in rounds for t in r.get("inputs", []) if t.get("split")}
+    return outputs, inputs
+
+
+def join_halves(seen: dict[str, Any], split: set[str]) -> dict[str, Any]:
+    """``seen`` (buffer name -> what the accelerator received, channels last) with each exactly split
+    buffer's ``[x_hi | x_lo]`` added back into ``x_hi + x_lo`` (in float64: ``v + r`` exactly), what an
+    attacker makes of them; ``split``: ``split_names(manifest)[1]``."""
+    joined = dict(seen)
+    for name in split & set(seen):
+        halves = np.asarray(seen[name])
+        c = halves.shape[-1] // 2
+        joined[name] = halves[..., :c].astype(np.float64) + halves[..., c:]
+    return joined
+
+
+def untrusted_layers(data: bytes, split: set[str] = frozenset()) -> list[LinearLayer]:
     """The obfuscated linear layers of ``untrusted.tflite``, round by round, in op order within a round.
 
     The untrusted model holds one subgraph per round (signature ``round_r``), each read as a graph; the
     layers are the linear ops whose weights are float32 constants (the converter writes nothing else).
+    A layer whose output is in ``split`` (``split_names``) is attacked through the obfuscated weights
+    ``W'`` its exact split holds whole: ``[[W'_hi, 0], [W'_lo, W']]``.
     """
     from converters.graph import is_offloadable
     from converters.tflite_reader import read_model, read_signatures
@@ -102,8 +126,10 @@ def untrusted_layers(data: bytes) -> list[LinearLayer]:
             if not is_offloadable(graph, i) or graph.tensors[op.inputs[1]].dtype != np.float32:
                 continue  # weights not a float32 constant: nothing to attack
             source = _trace_to_input(op.inputs[0], producer, feeds)
-            layers.append(_layer(op.kind, graph.tensors[op.inputs[1]].data, graph.tensors[op.outputs[0]].name,
-                                 key, source))
+            weights, name = graph.tensors[op.inputs[1]].data, graph.tensors[op.outputs[0]].name
+            if name in split:
+                weights = weights[weights.shape[0] // 2:, ..., weights.shape[-1] // 2:]
+            layers.append(_layer(op.kind, weights, name, key, source))
     return layers
 
 
@@ -308,7 +334,7 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
     batches = sample_inputs(manifest["inputs"], inferences)
     if progress:
         _progress(f"observing {inferences} protected inferences at the boundary")
-    seen = observe_boundary(out_dir, batches)
+    seen = join_halves(observe_boundary(out_dir, batches), split_names(manifest)[1])
     sources = _round_sources(manifest, pairs)
     truth = reference_activations(reference, batches, {s for s in sources.values() if s})
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
@@ -386,7 +412,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     manifest = read_manifest(out_dir)
     if progress:
         _progress("reading the untrusted model and the reference")
-    obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes())
+    obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split_names(manifest)[0])
     ref = reference_layers(reference)
     report: dict = {
         "artifacts": str(out_dir),

@@ -70,7 +70,9 @@ class MaskStream:
     def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray]) -> None:
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
-        if mean.shape != self.shape[-1:] or not math.isfinite(float(self.std)):
+        self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
+        if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))
+                or not (self.split == 0 or 0 < self.split < math.inf)):
             raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
         self.mean = mean
         self.size = math.prod(self.shape)
@@ -144,8 +146,14 @@ def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[
     x_shape, y_shape = shm_shapes[layer["input"]], shm_shapes[spec["layer"]]
     geometry(layer, weights_shape, x_shape, y_shape)
     mask = spec["mask"]
-    if not isinstance(mask, str) or mask not in streams or streams[mask].shape != tuple(x_shape):
+    split = bool(spec.get("split"))
+    if split:  # the input and the layer carry both halves (tee_sim.exact_split)
+        x_shape = (*x_shape[:-1], x_shape[-1] // 2)
+    if (not isinstance(mask, str) or mask not in streams or streams[mask].shape != tuple(x_shape)
+            or split != bool(streams[mask].split) or (split and layer["kind"] == "DEPTHWISE_CONV_2D")):
         raise ValueError(f"offset of {spec['layer']}: mask {mask!r} is not a one-time mask of its input")
+    if split:
+        return
     index, coef, bias = arrays[spec["index"]], arrays[spec["coef"]], arrays[spec["bias"]]
     n = bias.shape[0] if bias.ndim == 1 else -1
     if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n

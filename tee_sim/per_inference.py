@@ -51,6 +51,7 @@ from tee_sim.errors import (
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
+from tee_sim.exact_split import SplitPop, split_mask
 from tee_sim.freivalds import LayerCheck
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
 
@@ -160,8 +161,9 @@ class Entry:
     """One inference's material."""
 
     slot: int = 0  # pushes and restores of one-time rounds are compiled once per slot, on its arrays
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
-    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # of a split push: r_lo
+    highs: dict[str, np.ndarray] = field(default_factory=dict)  # of a split push: r_hi
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
@@ -202,18 +204,23 @@ class PerInference:
         self.streams: dict[str, MaskStream] = {}
         for name, spec in one_time["masks"].items():
             self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account)
-        self.pops: dict[str, PopMask] = {}
+        self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]
-            perm = spec.get("permutation")
-            bias = arrays[spec["bias"]]
             y_shape = shm_shapes[spec["layer"]]
             check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
+            if spec.get("split"):
+                self.pops[name] = SplitPop(layer["kind"], layer["weights"], layer_options(layer), y_shape,
+                                           spec["mask"])
+                continue
+            perm = spec.get("permutation")
+            bias = arrays[spec["bias"]]
             self.pops[name] = PopMask(layer["kind"], layer["weights"], layer_options(layer), y_shape,
                                       spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
                                       None if perm is None else arrays[perm].astype(np.intp))
             self.pops[name].dense(y_shape[-1], self._account)
-        self._offset_shapes = {name: (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
+        self._offset_shapes = {name: shm_shapes[spec["layer"]] if spec.get("split") else
+                               (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
                                for name, spec in one_time["offsets"].items()}
         # Checks: one per accelerator output, prepared from its input buffer.
         self.checks: dict[str, LayerCheck] = {}
@@ -234,7 +241,8 @@ class PerInference:
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
         self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
-        self.entry_bytes += sum(stream.size * 4 for stream in self.streams.values())
+        self.entry_bytes += sum(stream.size * 4 * (2 if stream.split else 1)  # a split's r_lo and r_hi
+                                for stream in self.streams.values())
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -248,6 +256,7 @@ class PerInference:
         # its array table; attach gives it back).
         self.live: dict[str, np.ndarray] = {name: self._entries[0].offsets[name] for name in self.pops}
         self.live.update({name: self._entries[0].masks[name] for name in self.streams})
+        self.live.update({f"{name}/hi": high for name, high in self._entries[0].highs.items()})
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
         self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
@@ -285,6 +294,8 @@ class PerInference:
         entry = Entry(slot)
         for name, stream in self.streams.items():
             entry.masks[name] = self._account(stream.shape, np.float32)
+            if stream.split:
+                entry.highs[name] = self._account(stream.shape, np.float32)
         for name, shape in self._offset_shapes.items():
             entry.offsets[name] = self._account(shape, np.float32)
         for out, check in self.checks.items():
@@ -329,11 +340,16 @@ class PerInference:
             for entry in batch:
                 for mask, stream in self.streams.items():
                     stream.draw(self._random(32), entry.masks[mask])
+                    if stream.split:
+                        split_mask(entry.masks[mask], entry.highs[mask], stream.split)
         elif kind == "pop":
             pop = self.pops[name]
             weights = self.weights.get(pop.weights)
             for entry in batch:
-                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
+                if isinstance(pop, SplitPop):
+                    pop.compute(entry.masks[pop.mask], entry.highs[pop.mask], weights, entry.offsets[name])
+                else:
+                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:
@@ -379,12 +395,15 @@ class PerInference:
             verified["secure_dst"] = secure_x
             for out in self.by_input[target[4:]]:
                 after.append(lambda out=out: self._prepare(out, secure_x))
-        mask, offset = instr.get("mask"), instr.get("offset")
+        mask = instr.get("mask")
+        offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
         if mask in self.streams or offset in self.pops or checked:
             variants = []
             for entry in self._entries:
                 if mask in self.streams:
                     self.arrays[mask] = entry.masks[mask]
+                    if mask in entry.highs:
+                        self.arrays[f"{mask}/hi"] = entry.highs[mask]
                 if offset in self.pops:
                     self.arrays[offset] = entry.offsets[offset]
                 fused = None

@@ -8,6 +8,8 @@
  *     b = B(a)            the next round's input transform: block matmuls (after an optional gather) or a
  *                         k-term gather; or nothing
  *     dst = b + mask      the one-time or static mask, or none
+ * An exact split's (tee_sim.exact_split): a restore's A reads (y_hi - pop_hi) + (y_lo - pop_lo), a push
+ * stores [r_hi + q | w - q] for w = b + r_lo, q = w rounded to the split's grid.
  * A push is the same with A, the offset and the activation left out. Every intermediate value lives in the
  * caller's scratch (secure memory), a tile of pixels of one row at a time: nothing before its transform
  * and mask reaches `dst`, which may be shared memory. On a verified model the same pass copies each tile
@@ -103,6 +105,12 @@ typedef struct {
     int64_t copy_row, copy_pix;
     sn_tensor addend;  /* a restore's: a tensor on the output's grid added before the activation (a
                           residual block's shortcut); NULL: none */
+    sn_tensor pop;     /* a restore's: an exact split's pop mask (tee_sim.exact_split), 2 * a.n_in channels
+                          on src's grid; src then holds [y_hi | y_lo] and A restores (y_hi - pop_hi) +
+                          (y_lo - pop_lo), formed a tile at a time; NULL: none */
+    sn_tensor mask_hi; /* a push's: an exact split's r_hi (the mask is r_lo); dst then receives, per pixel,
+                          [r_hi + q | w - q], w = x + r_lo, q = grid * rint(w / grid); NULL: none */
+    float grid;
 } sn_step;
 
 #define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
@@ -639,6 +647,37 @@ INLINE int check_rows_kp(const fv_check_t *s, const float *y, int64_t y_pix, int
     }
 }
 
+/* An exact split's send (tee_sim.exact_split): w = x + r_lo, q = grid * rint(w / grid) (exact: grid is a
+ * power of two), dst = [r_hi + q | w - q], both exact; c channels per half. */
+INLINE void send_split(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, const float *lo,
+                       const float *hi, int64_t mask_pix, int64_t t, int32_t c, float grid) {
+    float inverse = 1.0f / grid;
+    for (int64_t p = 0; p < t; p++) {
+        const float *a = x + p * x_pix, *l = lo + p * mask_pix, *h = hi + p * mask_pix;
+        float *o = dst + p * dst_pix;
+        for (int32_t k = 0; k < c; k++) {
+            float w = a[k] + l[k];
+            float q = rintf(w * inverse) * grid;
+            o[k] = h[k] + q;
+            o[c + k] = w - q;
+        }
+    }
+}
+
+/* An exact split's halves, minus their pop mask: out = (y_hi - pop_hi) + (y_lo - pop_lo), m channels
+ * per pixel, in that order (the first difference is exact: both hold the mask's magnitude exactly). */
+INLINE void pop_halves(const float *y, int64_t y_pix, const float *pop, int64_t pop_pix, float *out,
+                       int64_t out_pix, int64_t t, int32_t m) {
+    for (int64_t p = 0; p < t; p++) {
+        const float *a = y + p * y_pix, *q = pop + p * pop_pix;
+        float *o = out + p * out_pix;
+        int32_t c = 0;
+        for (; c + LANES <= m; c += LANES)
+            store(o + c, (load(a + c) - load(q + c)) + (load(a + m + c) - load(q + m + c)));
+        for (; c < m; c++) o[c] = (a[c] - q[c]) + (a[m + c] - q[m + c]);
+    }
+}
+
 SN_CLONES int sn_run(const sn_step *s) {
     int64_t stride = s->stride, tile = s->tile;
     float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
@@ -687,6 +726,12 @@ SN_CLONES int sn_run(const sn_step *s) {
                     return 1;
                 }
             }
+            if (s->pop.p) { /* tile_b is free until B */
+                const float *pop = s->pop.p + r * s->pop.row + q0 * s->pop.pix;
+                pop_halves(x, x_pix, pop, s->pop.pix, tile_b, stride, t, s->a.n_in);
+                x = tile_b;
+                x_pix = stride;
+            }
             if (fuse) {
                 if (s->offset.p && !per_channel)
                     finish_block.offset = s->offset.p + r * s->offset.row + q0 * s->offset.pix;
@@ -728,6 +773,14 @@ SN_CLONES int sn_run(const sn_step *s) {
                 x_pix = stride;
             }
             const float *m = s->mask.p ? s->mask.p + r * s->mask.row + q0 * s->mask.pix : NULL;
+            if (s->mask_hi.p && m) {
+                const float *h = s->mask_hi.p + r * s->mask_hi.row + q0 * s->mask_hi.pix;
+                send_split(out, s->dst_pix, x, x_pix, m, h, s->mask.pix, t, c, s->grid);
+                if (s->copy)
+                    send_split(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, h,
+                               s->mask.pix, t, c, s->grid);
+                continue;
+            }
             send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
             if (s->copy) /* the secure copy of what was sent, from the secure tile, not read back */
                 send(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix, t, c);

@@ -79,7 +79,7 @@ class _Step(ctypes.Structure):
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
                 ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
                 ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
-                ("addend", _Tensor)]
+                ("addend", _Tensor), ("pop", _Tensor), ("mask_hi", _Tensor), ("grid", ctypes.c_float)]
 
 
 
@@ -203,6 +203,8 @@ def prepare_linears(model: LoadedModel, steps: list[list[dict[str, Any]]], share
             else block_linear(plan[0], plan[1], n, n, alloc)
     for i in (i for step in steps for i in step if i["op"] == "restore"):
         m = shared_buffers[i["src"].removeprefix("shm:")]["shape"][-1]
+        if i.get("pop"):  # an exact split's [y_hi | y_lo]: restored once combined (tee_sim.exact_split)
+            m //= 2
         index, coef = model.arrays[i["index"]], model.arrays[i["coef"]]
         n = index.shape[1] if index.ndim == 2 else 0
         perm = permutation(model.arrays, i.get("permutation"), n)
@@ -305,9 +307,19 @@ def permutation(arrays: dict[str, np.ndarray], name: str | None, channels: int) 
 def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
                  **verified: Any) -> Callable[[], Any]:
     """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory). ``verified``:
-    see ``_compile``."""
-    mask = _push_mask(model.arrays, instr, dst)
-    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
+    see ``_compile``. With ``split`` (an exact split's, ``tee_sim.exact_split``): ``dst`` has twice the
+    channels and receives ``[x_hi | x_lo]``; the mask is ``r_lo``, ``r_hi`` is the array ``mask/hi``."""
+    split = instr.get("split")
+    halves = dst.shape[-1] // 2 if split else 0
+    mask = _push_mask(model.arrays, instr, dst[..., :halves] if split else dst)
+    hi = _push_mask(model.arrays, {**instr, "mask": f"{instr['mask']}/hi"}, mask) if split else None
+    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"], hi)
+    if split:
+        grid = float(split["grid"])
+        if not (0 < grid < np.inf) or dst.shape[-1] != 2 * halves:
+            raise ValueError(f"push {instr['src']}: a split on grid {grid!r} into {dst.shape}")
+        split = (_masked_destination(hi, hi, instr["pad"])[1], grid)
+        out = out[..., :halves]  # the pixels the kernel writes; each gets its two halves
     if src.shape != out.shape:
         raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
     c = src.shape[-1]
@@ -321,7 +333,7 @@ def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst
     else:
         transform = None
     return _compile(model, src, None, None, 0, 0.0, transform, inner_mask, out, border,
-                    pad=instr["pad"], **verified)
+                    pad=instr["pad"], split=split or None, **verified)
 
 
 def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
@@ -332,9 +344,13 @@ def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, 
     there. ``offset`` is in the output's channel order (a full tensor, or per channel when no static
     mask is popped), ``index`` / ``coef`` in the restored one. ``addend`` (the instruction's
     ``addend`` tensor: a residual block's shortcut) is added before the activation, shaped as the
-    restored tensor. ``verified``: see ``_compile``."""
+    restored tensor. ``pop`` (an exact split's, ``tee_sim.exact_split``): ``src`` holds ``[y_hi | y_lo]``
+    and ``(y_hi - pop_hi) + (y_lo - pop_lo)`` is restored. ``verified``: see ``_compile``."""
     index, offset = model.arrays[instr["index"]], model.arrays[instr["offset"]]
-    m, n = src.shape[-1], index.shape[1] if index.ndim == 2 else -1
+    pop = model.arrays[instr["pop"]] if instr.get("pop") else None
+    m, n = src.shape[-1] // (1 if pop is None else 2), index.shape[1] if index.ndim == 2 else -1
+    if pop is not None and (pop.shape != src.shape or pop.dtype != np.float32 or src.shape[-1] != 2 * m):
+        raise ValueError(f"restore {instr['src']}: a pop mask {pop.shape} for {src.shape}")
     fused = "mask" in instr
     out, mask, border = dst, None, []
     if fused:
@@ -356,7 +372,7 @@ def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, 
     # Fused with a push that mixes the input channels: restored, activated, mixed, masked.
     transform = _mixing(model, instr, n) if fused and instr.get("input_index") else None
     return _compile(model, src, restore, offset, ACTIVATIONS[kind], alpha or 0.0, transform, mask, out,
-                    border, pad=instr.get("pad"), addend=addend, **verified)
+                    border, pad=instr.get("pad"), addend=addend, pop=pop, **verified)
 
 
 def _mixing(model: LoadedModel, instr: dict[str, Any], channels: int) -> Linear:
@@ -370,13 +386,17 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              activation: int, alpha: float, transform: Linear | None, mask: np.ndarray | None,
              out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]], pad: Any = None,
              check: Any = None, on_fail: Callable[[], Any] | None = None,
-             secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None) -> Callable[[], Any]:
+             secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None,
+             pop: np.ndarray | None = None, split: tuple[np.ndarray, float] | None = None
+             ) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
     accelerator's result, contiguous), is made tile by tile on a secure copy that the restore then reads,
     and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
-    ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent."""
+    ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent.
+    ``split``: ``(r_hi, grid)`` of an exact split's push, ``out`` the first half of each pixel (whose
+    pixel stride covers both)."""
     rows, cols, src_row, src_pix = _grid(src)
     grid = (rows, cols)
     if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
@@ -386,7 +406,10 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if secure_dst is not None:
         if secure_dst.dtype != np.float32 or not secure_dst.flags.c_contiguous:
             raise ValueError("the secure copy must be contiguous float32")
-        copy, _, copy_border = _masked_destination(secure_dst, None, pad)
+        halves = out.shape[-1] if split else 0
+        copy, _, copy_border = _masked_destination(secure_dst, None, pad, halves=halves)
+        if split:
+            copy = copy[..., :out.shape[-1]]
         if copy.shape != out.shape:
             raise ValueError(f"a secure copy {secure_dst.shape} for {out.shape}")
     out_rows, out_cols, dst_row, dst_pix = _grid(out)
@@ -412,6 +435,10 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     step.mask = _tensor(mask, grid)
     if addend is not None:
         step.addend = _tensor(addend, grid)
+    if pop is not None:
+        step.pop = _tensor(pop, grid)
+    if split is not None:
+        step.mask_hi, step.grid = _tensor(split[0], grid), split[1]
     step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
     if check is not None:
@@ -420,7 +447,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         _, _, step.copy_row, step.copy_pix = _grid(copy)
         step.copy = copy.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, split)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \
@@ -487,11 +514,14 @@ def _push_mask(arrays: dict[str, np.ndarray], instr: dict[str, Any], dst: np.nda
     return mask
 
 
-def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any) -> tuple[
+def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any, hi: np.ndarray | None = None,
+                        halves: int = 0) -> tuple[
         np.ndarray, np.ndarray | None, list[tuple[np.ndarray, np.ndarray | None]]]:
     """For a push into ``dst`` (shared memory) of a tensor zero-padded by ``pad`` (or None): the interior
     that receives ``x + mask``, the mask's interior, and the border's (destination, mask) slices, where
-    the value is ``0 + mask`` (0 where there is no mask)."""
+    the value is ``0 + mask`` (0 where there is no mask). An exact split's (``hi``, its ``r_hi``, or
+    ``halves``, the channels of each half): each border slice as two, ``[r_hi | r_lo]``."""
+    halves = hi.shape[-1] if hi is not None else halves
     if pad is None:
         return dst, mask, []
     if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
@@ -505,7 +535,11 @@ def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any) -> t
         for part in (slice(0, before), slice(dst.shape[axis] - after, dst.shape[axis])):
             if part.stop > part.start:
                 index = (*head, part)
-                border.append((dst[index], None if mask is None else mask[index]))
+                if halves:  # on the border v = 0, so x_hi = r_hi and x_lo = r_lo exactly
+                    border.append((dst[index][..., :halves], None if hi is None else hi[index]))
+                    border.append((dst[index][..., halves:], None if mask is None else mask[index]))
+                else:
+                    border.append((dst[index], None if mask is None else mask[index]))
     return dst[inner], None if mask is None else mask[inner], border
 
 

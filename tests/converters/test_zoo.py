@@ -14,11 +14,12 @@ NAMES = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 BIG = {"resnet404", "yolov4-tiny"}  # one inference is enough
 TOLERANCE = {"groupmix": 1e-4, "shadownet": 1e-3}  # the targets
 # Where a target is missed, the bound is what was measured, with room: MobileNet and ResNet-404 amplify
-# float32 noise (LiteRT's own XNNPACK and reference kernels differ by 1-2e-5 and ~1e-4 on them). Under
-# groupmix, the first round's one-time mask (10x the input's spread, needed to hide it) costs ~3 bits
-# there, which they turn into 2e-4 - 8e-4; under the paper's scheme the fakes' cancellation costs ~3e-3.
-TOLERANCES = {("groupmix", "mobilenet"): 2e-3, ("groupmix", "resnet404"): 2e-3,
-              ("shadownet", "resnet404"): 1e-2}
+# float32 noise (LiteRT's own XNNPACK and reference kernels differ by 1-2e-5 and ~4e-5 on them). Under
+# groupmix, with the first round's one-time mask sent as an exact split (converters.exact_split),
+# ResNet-404 measured 1e-5 - 1.6e-4, median 5e-5 (4 conversions x 3 inputs; 3-7e-5 with no mask at all:
+# the scheme's float32 mixings over 404 layers); under the paper's scheme the fakes' cancellation costs
+# ~3e-3.
+TOLERANCES = {("groupmix", "resnet404"): 3e-4, ("shadownet", "resnet404"): 1e-2}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,90 @@
+"""Exact split: a one-time-masked input crosses in two parts, so that the mask costs no precision.
+
+A one-time mask is ~10x the input's spread (input leakage <= 0.1 needs it), so a float32 accelerator
+computing ``L(v + r, W')`` rounds its products, its sums and its result at 10x the magnitude of the
+``L(v, W')`` the TEE keeps after popping ``L(r, W')``: about 10x float32's error on the masked layer,
+which MobileNet's and ResNet-404's depth amplify to 2-7e-4 of their outputs (1e-4 is the target;
+without the mask they reach 2-8e-5). The split keeps everything of mask magnitude exact:
+
+- ``W'_hi``: each output channel's obfuscated filter rounded to ``b_w`` significant bits (a power-of-two
+  grid per channel), ``W'_lo = W' - W'_hi`` (exact in float32).
+- The mask ``r = r_hi + r_lo``: ``r_hi`` on a power-of-two grid ``g`` (``b_x`` bits across the masked
+  input's range), ``r_lo`` the remainder, within ``g / 2``. The TEE sends, for the input ``v``::
+
+      w = v + r_lo,  q = g * rint(w / g),  x_hi = r_hi + q,  x_lo = w - q        (all exact but w)
+
+  as one tensor of ``2C`` channels ``[x_hi | x_lo]`` (``x_hi + x_lo = v + r``: the accelerator learns
+  nothing it did not learn from ``v + r``; ``x_lo`` is ``v + r_lo`` modulo ``g``, spread evenly over
+  ``[-g/2, g/2]`` whatever ``v``, as ``r_lo`` is: ``g`` is ~1/100 of the mask's spread).
+- The layer runs as one op of ``2M`` outputs on it: weights ``[[W'_hi, 0], [W'_lo, W']]`` (input
+  channels ``[x_hi | x_lo]``), so ``y_hi = L(x_hi, W'_hi)`` and ``y_lo = L(x_hi, W'_lo) + L(x_lo, W')``.
+  Every product in ``y_hi`` is an integer multiple of ``g * grid(W'_hi)`` below ``2^(b_x + b_w)``, and a
+  dot product of ``D`` of them stays below ``2^24`` such units when ``b_x + b_w + log2 D <= 24``: any
+  float32 summation order computes ``y_hi`` exactly. ``y_lo`` is small (``~2^-b`` of ``y_hi``), so its
+  rounding is too.
+- The pop mask likewise: ``pop = L([r_hi | r_lo], W2)`` in float64, whose first half ``L(r_hi, W'_hi)``
+  is exact in float32; the TEE restores ``(y_hi - pop_hi) + (y_lo - pop_lo)`` - the first difference
+  exact - before the scheme's restore, so nothing of the mask's magnitude is ever rounded.
+
+It costs the masked layer 4x its multiply-adds (a layer reading the user's 3-channel image: ~4% of
+MobileNet's) and the TEE one more pass over twice the layer's output. Conv and dense layers only: a
+depthwise layer cannot read both halves of a channel in one op, and keeps the plain one-time mask.
+This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT32_BITS = 24
+MIN_BITS = 10  # below this many bits for b_x + b_w the split gains too little to pay for itself
+TAIL = 4.4  # one-time masks are normal with tails cut at 4.3 standard deviations (tee_sim.one_time_masks)
+INPUT_SPREADS = 8.0  # the masked input itself is allowed this many of its spreads from its mean
+
+
+@dataclass(frozen=True)
+class Split:
+    """The split of one masked input: its grid ``g`` and the significant bits ``b_w`` of ``W'_hi``."""
+
+    grid: float
+    weight_bits: int
+
+
+def plan(mask_std: float, mask_mean: np.ndarray, spread: float, dot_length: int) -> Split | None:
+    """The split of an input masked by ``mask_std * N(0, 1) + mask_mean`` whose own values lie around
+    ``-mask_mean`` with ``spread``, read by layers of ``dot_length`` terms per output; ``None`` when there
+    is no mask or too few bits are left. The grid is sized for the worst magnitude expected: a value
+    beyond it only makes its outputs round as they did without the split."""
+    if not (mask_std > 0 and math.isfinite(mask_std)) or dot_length < 1:
+        return None
+    bits = FLOAT32_BITS - math.ceil(math.log2(dot_length))
+    if bits < MIN_BITS:
+        return None
+    x_bits = (bits - 1) // 2  # balances the two halves' rounding: g / 2 * |W'| against 2^-b_w |x| |W'|
+    bound = TAIL * mask_std + INPUT_SPREADS * spread + float(np.max(np.abs(mask_mean), initial=0.0))
+    return Split(grid=2.0 ** math.ceil(math.log2(bound / 2 ** x_bits)), weight_bits=bits - x_bits)
+
+
+def split_weights(kind: str, weights: np.ndarray, split: Split) -> np.ndarray:
+    """``[[W'_hi, 0], [W'_lo, W']]``: a CONV_2D's ``[M, kh, kw, C]`` or a FULLY_CONNECTED's ``[M, C]``
+    obfuscated weights as the ``[2M, ..., 2C]`` weights of the split layer (float32)."""
+    if kind not in ("CONV_2D", "FULLY_CONNECTED"):
+        raise ValueError(f"{kind} cannot be split")
+    w = np.asarray(weights, np.float32)
+    m = w.shape[0]
+    largest = np.max(np.abs(w.reshape(m, -1)), axis=1).astype(np.float64)
+    # Per output channel, a power-of-two grid that leaves weight_bits bits below the largest magnitude.
+    exponent = np.where(largest > 0, np.ceil(np.log2(np.where(largest > 0, largest, 1.0))), 0.0)
+    grid = (2.0 ** (exponent - split.weight_bits)).reshape((m,) + (1,) * (w.ndim - 1))
+    hi = (np.rint(w / grid) * grid).astype(np.float32)
+    lo = w - hi  # exact: the bits of w below hi's grid
+    return np.concatenate([np.concatenate([hi, np.zeros_like(w)], axis=-1),
+                           np.concatenate([lo, w], axis=-1)], axis=0)
+
+
+def dot_length(kind: str, weights: np.ndarray) -> int:
+    """Terms per output of a CONV_2D or FULLY_CONNECTED layer: taps x input channels."""
+    return int(np.prod(weights.shape[1:]))

@@ -1,0 +1,116 @@
+"""The exact split of one-time-masked inputs (``converters.exact_split``): the split weights, the grid, and
+end to end that the accelerator computes the mask's half exactly and the result is as precise as an
+unmasked one's."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shadownet
+from converters import exact_split, linear
+from converters.tflite_reader import read_signatures
+from shadownet.accelerator import AcceleratorWrapper
+from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
+
+
+def test_split_weights_hold_w_whole_and_its_rounding_on_a_coarse_grid():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 5)) * np.logspace(-3, 1, 8)[:, None, None, None]).astype(np.float32)
+    split = exact_split.Split(grid=2.0 ** -6, weight_bits=10)
+    w2 = exact_split.split_weights("CONV_2D", w, split)
+    assert w2.shape == (16, 3, 3, 10) and w2.dtype == np.float32
+    hi, zero, lo, whole = w2[:8, ..., :5], w2[:8, ..., 5:], w2[8:, ..., :5], w2[8:, ..., 5:]
+    assert np.array_equal(whole, w) and not np.any(zero)
+    assert np.array_equal(hi.astype(np.float64) + lo, w.astype(np.float64))  # the split loses nothing
+    for o in range(8):  # each channel's hi: integers times a power of two, at most 2^10 of them
+        grid = 2.0 ** (math.ceil(math.log2(np.abs(w[o]).max())) - 10)
+        units = hi[o].astype(np.float64) / grid
+        assert np.array_equal(units, np.rint(units)) and np.abs(units).max() <= 2 ** 10
+        assert np.abs(lo[o]).max() <= grid / 2
+    dense = exact_split.split_weights("FULLY_CONNECTED", w.reshape(8, -1), split)
+    assert dense.shape == (16, 90)
+    with pytest.raises(ValueError, match="cannot be split"):
+        exact_split.split_weights("DEPTHWISE_CONV_2D", w, split)
+
+
+def test_plan_leaves_24_bits_to_a_dot_product():
+    split = exact_split.plan(10.0, np.zeros(3), 1.0, 27)  # a 3x3 conv on an RGB image
+    assert split is not None and split.weight_bits == 10
+    x_bits = exact_split.FLOAT32_BITS - math.ceil(math.log2(27)) - split.weight_bits
+    assert x_bits + split.weight_bits + math.ceil(math.log2(27)) == 24
+    assert math.log2(split.grid) == round(math.log2(split.grid))  # a power of two
+    # The grid covers the mask's tails and the input: 2^x_bits steps reach past them.
+    assert split.grid * 2 ** x_bits >= exact_split.TAIL * 10 + exact_split.INPUT_SPREADS
+    assert exact_split.plan(0.0, np.zeros(3), 1.0, 27) is None  # no mask, nothing to split
+    assert exact_split.plan(10.0, np.zeros(3), 1.0, 1 << 15) is None  # too few bits left
+
+
+class Recorder(AcceleratorWrapper):
+    """Keeps round 1's inputs and outputs as the accelerator left them."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen: dict[str, np.ndarray] = {}
+
+    def run_round(self, r):
+        self.inner.run_round(r)
+        if r == 1:
+            self.seen = {n: np.array(v) for n, v in self.buffers.items() if n.startswith("round_1/")}
+
+
+@pytest.fixture(scope="module")
+def split_cnn(tmp_path_factory) -> str:
+    return protect_small_cnn(tmp_path_factory, "split", seed=5)
+
+
+def test_the_accelerator_computes_the_masks_half_exactly(split_cnn):
+    out = Path(split_cnn)
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = manifest["rounds"][0]
+    assert [t.get("split") for t in first["inputs"] + first["outputs"]] == [True, True]
+    graph = next(g for g in read_signatures((out / "untrusted.tflite").read_bytes())
+                 if g.signature.key == "round_1")
+    op = graph.ops[0]
+    w2 = graph.tensors[op.inputs[1]].data
+    recorders = []
+
+    def wrap(inner):
+        recorders.append(Recorder(inner))
+        return recorders[-1]
+
+    model_bytes = small_cnn()
+    with shadownet.load(out, accelerator=wrap) as model:
+        for x in images(3, seed=4):
+            got = model(x)
+            seen = recorders[0].seen
+            xs, ys = seen["round_1/in/x0"], seen["round_1/out/y0"]
+            c, m = xs.shape[-1] // 2, ys.shape[-1] // 2
+            assert (c, m) == (3, w2.shape[0] // 2)
+            # x_lo is within half a grid step; x_hi is on the grid (its values far coarser than x_lo's).
+            x_hi, x_lo = xs[..., :c].astype(np.float64), xs[..., c:].astype(np.float64)
+            grid = 2.0 ** np.floor(np.log2(2 * np.abs(x_lo).max()) + 1)
+            assert np.array_equal(x_hi / grid, np.rint(x_hi / grid))
+            assert np.abs(x_hi).max() > 100 * np.abs(x_lo).max()  # the mask's magnitude is all in x_hi
+            exact = linear.apply(op.kind, xs.astype(np.float64), w2, op.options, ys.shape)
+            assert np.array_equal(ys[..., :m], exact[..., :m])  # float32 LiteRT, not one bit off
+            assert np.abs(ys[..., m:] - exact[..., m:]).max() <= 1e-6 * np.abs(exact[..., :m]).max()
+            want = reference(model_bytes, x)
+            assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_a_split_layer_is_as_precise_as_an_unmasked_one(tmp_path_factory):
+    """Against the plain one-time mask, on the model's first layer: the split removes the mask's cost."""
+    errors = {}
+    x = images(4, seed=6)
+    want = [reference(small_cnn(), xi) for xi in x]
+    for name, scheme in (("split", "groupmix"), ("plain", "groupmix:exact_split=false"),
+                         ("unmasked", "groupmix:mask_scale=0")):
+        out = protect_small_cnn(tmp_path_factory, name, seed=5, scheme=scheme)
+        with shadownet.load(out) as model:
+            errors[name] = max(float(np.abs(model(xi) - w).max() / np.abs(w).max())
+                               for xi, w in zip(x, want, strict=True))
+    assert errors["split"] <= 2 * errors["unmasked"] + 1e-7, errors
+    assert errors["plain"] >= 2 * errors["split"], errors

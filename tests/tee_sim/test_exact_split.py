@@ -1,0 +1,114 @@
+"""The TA's side of the exact split (``tee_sim.exact_split``): the mask's halves, the push's halves and the
+restore's combination, each exact where the scheme needs it."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from converters import exact_split as converter_split
+from converters import linear
+from tee_sim import exact_split
+from tee_sim import ta_shadownet_restore_push as rp
+from tee_sim.one_time_masks import MaskStream
+
+GRID = 2.0 ** -4
+
+
+def _mask(shape=(1, 6, 6, 3), std=10.0) -> np.ndarray:
+    stream = MaskStream({"buffer": "b", "shape": list(shape), "std": std, "split": {"grid": GRID}},
+                        np.array([0.5, -1.0, 2.0], np.float32), lambda s, d: np.zeros(s, d))
+    r = np.empty(shape, np.float32)
+    stream.draw(b"k" * 32, r)
+    return r
+
+
+def test_split_mask_keeps_every_bit():
+    r = _mask()
+    lo, hi = r.copy(), np.empty_like(r)
+    exact_split.split_mask(lo, hi, GRID)
+    assert np.array_equal(hi.astype(np.float64) + lo, r.astype(np.float64))
+    assert np.array_equal(hi / GRID, np.rint(hi / GRID)) and np.abs(lo).max() <= GRID / 2
+    with pytest.raises(ValueError):  # a grid that is not a positive finite number is refused at load
+        MaskStream({"buffer": "b", "shape": [1, 2, 2, 3], "std": 1.0, "split": {"grid": -1.0}},
+                   np.zeros(3, np.float32), lambda s, d: np.zeros(s, d))
+
+
+def _options():
+    from types import SimpleNamespace
+
+    from ai_edge_litert import schema_py_generated as fb
+    return SimpleNamespace(padding=fb.Padding.SAME, strideH=1, strideW=1, dilationHFactor=1,
+                           dilationWFactor=1)
+
+
+@pytest.mark.parametrize("pad", [None, [[0, 0], [1, 1], [2, 0], [0, 0]]])
+def test_push_sends_halves_that_add_up_to_the_masked_input(pad):
+    """The push kernel's split: [x_hi | x_lo] into shared memory and its secure copy, the border (v = 0)
+    included; x_hi on the grid, x_lo within half a step, and x_hi + x_lo = v + r up to one rounding of
+    v + r_lo, at v's magnitude (not at the mask's)."""
+    rng = np.random.default_rng(0)
+    inner = (1, 6, 6, 3)
+    shape = inner if pad is None else (1, 8, 8, 3)
+    r = _mask(shape)
+    lo, hi = r.copy(), np.empty_like(r)
+    exact_split.split_mask(lo, hi, GRID)
+    v = rng.standard_normal(inner).astype(np.float32)
+    arrays = {"m": lo, "m/hi": hi}
+    instr = {"op": "push", "src": "slot:v", "dst": "shm:x", "mask": "m", "pad": pad, "permutation": None,
+             "split": {"grid": GRID}}
+    wire = (*shape[:-1], 6)
+    model = SimpleNamespace(arrays=arrays, restores={}, mixings={})
+    model.stride, model.tile, size = rp.scratch_size([[instr]], arrays, {"slot:v": inner, "shm:x": wire}.get)
+    model.scratch = np.zeros(size, np.float32)
+    dst, secure = np.full(wire, np.nan, np.float32), np.full(wire, np.nan, np.float32)
+    rp.compile_push(model, instr, v, dst, secure_dst=secure)()
+    assert np.array_equal(dst, secure)  # what was sent is what the check is prepared from
+    x_hi, x_lo = dst[..., :3].astype(np.float64), dst[..., 3:].astype(np.float64)
+    assert np.array_equal(x_hi / GRID, np.rint(x_hi / GRID)) and np.abs(x_lo).max() <= GRID / 2
+    padded = np.zeros(shape)
+    if pad:
+        padded[:, 1:7, 2:8] = v
+    else:
+        padded[...] = v
+    np.testing.assert_allclose(x_hi + x_lo, padded + r, rtol=0,
+                               atol=2 * np.finfo(np.float32).eps * (np.abs(v).max() + GRID))
+    if pad:  # the border carries the mask's halves exactly
+        assert np.array_equal(dst[:, 0, :, :3], hi[:, 0]) and np.array_equal(dst[:, 0, :, 3:], lo[:, 0])
+
+
+def test_restore_pops_the_halves_before_restoring():
+    """The restore kernel forms (y_hi - pop_hi) + (y_lo - pop_lo) before the scheme's restore: its result
+    is L(v, W') restored, to float32's precision at v's magnitude (the mask's is 10x larger)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    r = _mask()
+    lo, hi = r.copy(), np.empty_like(r)
+    exact_split.split_mask(lo, hi, GRID)
+    w2 = converter_split.split_weights("CONV_2D", w, converter_split.Split(GRID, 10))
+    pop = np.empty((1, 6, 6, 32), np.float32)
+    exact_split.SplitPop("CONV_2D", "w", _options(), (1, 6, 6, 32), "m").compute(lo, hi, w2, pop)
+    both = np.concatenate([hi, lo], axis=-1).astype(np.float64)
+    want_pop = linear.apply("CONV_2D", both, w2, _options(), (1, 6, 6, 32))
+    np.testing.assert_array_equal(pop, want_pop.astype(np.float32))
+    # The accelerator's exact result for the halves of an input v (what LiteRT computes: y_hi exactly).
+    v = rng.standard_normal(r.shape)
+    x2 = np.concatenate([hi, v + lo], axis=-1).astype(np.float32)
+    y2 = linear.apply("CONV_2D", x2.astype(np.float64), w2, _options(), (1, 6, 6, 32)).astype(np.float32)
+    restore = rng.standard_normal((16, 16)).astype(np.float32)  # one dense 16 x 16 block
+    arrays = {"i": np.repeat(np.arange(16, dtype=np.int32)[:, None], 16, axis=1), "c": restore,
+              "o": np.zeros(16, np.float32), "p": pop}
+    instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+             "pop": "p", "activation": None, "alpha": None}
+    shapes = {"shm:y": y2.shape, "slot:out": (1, 6, 6, 16)}
+    model = SimpleNamespace(arrays=arrays, restores={}, mixings={})
+    model.stride, model.tile, size = rp.scratch_size([[instr]], arrays, lambda ref: shapes[ref])
+    model.scratch = np.zeros(size, np.float32)
+    rp.prepare_linears(model, [[instr]], {"y": {"shape": list(y2.shape)}}, lambda s, d: np.zeros(s, d))
+    out = np.full((1, 6, 6, 16), np.nan, np.float32)
+    rp.compile_restore(model, instr, y2, out)()
+    masked_input = x2[..., :3].astype(np.float64) - hi + x2[..., 3:] - lo  # v, as float32 carried it
+    want = linear.apply("CONV_2D", masked_input, w, _options(), (1, 6, 6, 16)) @ restore.astype(np.float64)
+    assert np.abs(out - want).max() <= 1e-6 * np.abs(want).max()
+    with pytest.raises(ValueError, match="pop mask"):
+        rp.compile_restore(model, instr, y2[..., :30], out[..., :15])

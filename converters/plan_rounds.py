@@ -129,8 +129,9 @@ class RoundsBuilder:
                     # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
                     one_time = r in self.one_time
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
+                    policy = getattr(self.scheme, "exact_split", "none")
                     split = self._split(x, [i] if transformed else ops, stats) \
-                        if one_time and getattr(self.scheme, "exact_split", False) else None
+                        if one_time and (policy == "all" or (policy == "first" and r == 1)) else None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid

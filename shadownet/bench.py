@@ -12,8 +12,11 @@ Per model, the modes run interleaved run by run (so that machine drift hits all 
   to ``shadownet``'s under the same cap. Its overhead is ``median(shadownet-verify) / median(shadownet) - 1``
   (the target is <= 10%); its detection bound is the weakest the TEE achieved (``worst_bound_log2``: log2 of
   the probability that a change of 1e-3 of a result's norm goes unnoticed). A verified copy that does not
-  fit under the cap is reported as such; the other modes are still measured. The TA reports its secure
-  memory as a whole: the verified copy's is what it adds to shadownet's (read before and after closing it).
+  fit under the cap next to shadownet is measured alone after the other modes, its runs alternated with
+  unprotected's, its overhead ``(V / U) / (S / U) - 1`` with each phase's own unprotected median (and said
+  so); one that does not fit alone either is reported as such. The TA reports its secure memory as a
+  whole: the verified copy's is what it adds to shadownet's (read before and after closing it), or all of
+  it when alone.
 
 Both protected models' pools are refilled right after each of their runs, untimed, instead of by the
 background thread: its refills would otherwise run in the secure world while the other modes are timed,

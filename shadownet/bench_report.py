@@ -76,6 +76,9 @@ def _failures(report: dict[str, Any]) -> list[str]:
     notes = [f"{e['model']}: not measured: {e['error']}" for e in report["models"] if "error" in e]
     notes += [f"{e['model']}: {VERIFY_MODE} not measured: {e['verify']['error']}"
               for e in _done(report) if "error" in (e.get("verify") or {})]
+    notes += [f"{e['model']}: {VERIFY_MODE} did not fit in the secure-memory cap next to shadownet: measured "
+              "alone after the other modes, alternated with unprotected; its overhead compares V / U of that "
+              "phase with S / U" for e in _done(report) if (e.get("verify") or {}).get("sequential")]
     notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
               for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
     return notes

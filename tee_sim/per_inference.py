@@ -51,7 +51,7 @@ from tee_sim.errors import (
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
-from tee_sim.exact_split import SplitPop, split_mask
+from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
 
@@ -161,8 +161,7 @@ class Entry:
     """One inference's material."""
 
     slot: int = 0  # pushes and restores of one-time rounds are compiled once per slot, on its arrays
-    masks: dict[str, np.ndarray] = field(default_factory=dict)  # of a split push: r_lo
-    highs: dict[str, np.ndarray] = field(default_factory=dict)  # of a split push: r_hi
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -211,7 +210,7 @@ class PerInference:
             check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
             if spec.get("split"):
                 self.pops[name] = SplitPop(layer["kind"], layer["weights"], layer_options(layer), y_shape,
-                                           spec["mask"])
+                                           spec["mask"], self.streams[spec["mask"]].split)
                 continue
             perm = spec.get("permutation")
             bias = arrays[spec["bias"]]
@@ -241,8 +240,7 @@ class PerInference:
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
         self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
-        self.entry_bytes += sum(stream.size * 4 * (2 if stream.split else 1)  # a split's r_lo and r_hi
-                                for stream in self.streams.values())
+        self.entry_bytes += sum(stream.size * 4 for stream in self.streams.values())
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -256,7 +254,6 @@ class PerInference:
         # its array table; attach gives it back).
         self.live: dict[str, np.ndarray] = {name: self._entries[0].offsets[name] for name in self.pops}
         self.live.update({name: self._entries[0].masks[name] for name in self.streams})
-        self.live.update({f"{name}/hi": high for name, high in self._entries[0].highs.items()})
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
         self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
@@ -294,8 +291,6 @@ class PerInference:
         entry = Entry(slot)
         for name, stream in self.streams.items():
             entry.masks[name] = self._account(stream.shape, np.float32)
-            if stream.split:
-                entry.highs[name] = self._account(stream.shape, np.float32)
         for name, shape in self._offset_shapes.items():
             entry.offsets[name] = self._account(shape, np.float32)
         for out, check in self.checks.items():
@@ -340,16 +335,11 @@ class PerInference:
             for entry in batch:
                 for mask, stream in self.streams.items():
                     stream.draw(self._random(32), entry.masks[mask])
-                    if stream.split:
-                        split_mask(entry.masks[mask], entry.highs[mask], stream.split)
         elif kind == "pop":
             pop = self.pops[name]
             weights = self.weights.get(pop.weights)
             for entry in batch:
-                if isinstance(pop, SplitPop):
-                    pop.compute(entry.masks[pop.mask], entry.highs[pop.mask], weights, entry.offsets[name])
-                else:
-                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
+                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:
@@ -402,8 +392,6 @@ class PerInference:
             for entry in self._entries:
                 if mask in self.streams:
                     self.arrays[mask] = entry.masks[mask]
-                    if mask in entry.highs:
-                        self.arrays[f"{mask}/hi"] = entry.highs[mask]
                 if offset in self.pops:
                     self.arrays[offset] = entry.offsets[offset]
                 fused = None

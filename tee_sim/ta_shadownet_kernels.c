@@ -9,7 +9,7 @@
  *                         k-term gather; or nothing
  *     dst = b + mask      the one-time or static mask, or none
  * An exact split's (tee_sim.exact_split): a restore's A reads (y_hi - pop_hi) + (y_lo - pop_lo), a push
- * stores [r_hi + q | w - q] for w = b + r_lo, q = w rounded to the split's grid.
+ * stores [r_hi + q | w - q] for w = b + r_lo, r_hi the mask rounded to the split's grid, q = w rounded.
  * A push is the same with A, the offset and the activation left out. Every intermediate value lives in the
  * caller's scratch (secure memory), a tile of pixels of one row at a time: nothing before its transform
  * and mask reaches `dst`, which may be shared memory. On a verified model the same pass copies each tile
@@ -108,9 +108,9 @@ typedef struct {
     sn_tensor pop;     /* a restore's: an exact split's pop mask (tee_sim.exact_split), 2 * a.n_in channels
                           on src's grid; src then holds [y_hi | y_lo] and A restores (y_hi - pop_hi) +
                           (y_lo - pop_lo), formed a tile at a time; NULL: none */
-    sn_tensor mask_hi; /* a push's: an exact split's r_hi (the mask is r_lo); dst then receives, per pixel,
-                          [r_hi + q | w - q], w = x + r_lo, q = grid * rint(w / grid); NULL: none */
-    float grid;
+    float grid;        /* a push's: an exact split's grid, the mask r = r_hi + r_lo (r_hi = r on the grid);
+                          dst then receives, per pixel, [r_hi + q | w - q] for w = x + r_lo, q = w on the
+                          grid (tee_sim.exact_split); 0: none */
 } sn_step;
 
 #define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
@@ -647,18 +647,20 @@ INLINE int check_rows_kp(const fv_check_t *s, const float *y, int64_t y_pix, int
     }
 }
 
-/* An exact split's send (tee_sim.exact_split): w = x + r_lo, q = grid * rint(w / grid) (exact: grid is a
- * power of two), dst = [r_hi + q | w - q], both exact; c channels per half. */
-INLINE void send_split(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, const float *lo,
-                       const float *hi, int64_t mask_pix, int64_t t, int32_t c, float grid) {
+/* An exact split's send (tee_sim.exact_split): the mask r as r_hi = grid * rint(r / grid) and r_lo = r -
+ * r_hi, w = x + r_lo, q = grid * rint(w / grid), dst = [r_hi + q | w - q]; all exact but w (grid is a
+ * power of two); c channels per half. */
+INLINE void send_split(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, const float *mask,
+                       int64_t mask_pix, int64_t t, int32_t c, float grid) {
     float inverse = 1.0f / grid;
     for (int64_t p = 0; p < t; p++) {
-        const float *a = x + p * x_pix, *l = lo + p * mask_pix, *h = hi + p * mask_pix;
+        const float *a = x + p * x_pix, *r = mask + p * mask_pix;
         float *o = dst + p * dst_pix;
         for (int32_t k = 0; k < c; k++) {
-            float w = a[k] + l[k];
+            float high = rintf(r[k] * inverse) * grid;
+            float w = a[k] + (r[k] - high);
             float q = rintf(w * inverse) * grid;
-            o[k] = h[k] + q;
+            o[k] = high + q;
             o[c + k] = w - q;
         }
     }
@@ -773,12 +775,11 @@ SN_CLONES int sn_run(const sn_step *s) {
                 x_pix = stride;
             }
             const float *m = s->mask.p ? s->mask.p + r * s->mask.row + q0 * s->mask.pix : NULL;
-            if (s->mask_hi.p && m) {
-                const float *h = s->mask_hi.p + r * s->mask_hi.row + q0 * s->mask_hi.pix;
-                send_split(out, s->dst_pix, x, x_pix, m, h, s->mask.pix, t, c, s->grid);
+            if (s->grid > 0 && m) {
+                send_split(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
                 if (s->copy)
-                    send_split(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, h,
-                               s->mask.pix, t, c, s->grid);
+                    send_split(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix,
+                               t, c, s->grid);
                 continue;
             }
             send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);

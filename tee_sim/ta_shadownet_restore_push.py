@@ -79,7 +79,7 @@ class _Step(ctypes.Structure):
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
                 ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
                 ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
-                ("addend", _Tensor), ("pop", _Tensor), ("mask_hi", _Tensor), ("grid", ctypes.c_float)]
+                ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float)]
 
 
 
@@ -308,17 +308,16 @@ def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst
                  **verified: Any) -> Callable[[], Any]:
     """``push``: ``src`` permuted or mixed, masked and padded into ``dst`` (shared memory). ``verified``:
     see ``_compile``. With ``split`` (an exact split's, ``tee_sim.exact_split``): ``dst`` has twice the
-    channels and receives ``[x_hi | x_lo]``; the mask is ``r_lo``, ``r_hi`` is the array ``mask/hi``."""
+    channels and receives ``[x_hi | x_lo]``."""
     split = instr.get("split")
     halves = dst.shape[-1] // 2 if split else 0
     mask = _push_mask(model.arrays, instr, dst[..., :halves] if split else dst)
-    hi = _push_mask(model.arrays, {**instr, "mask": f"{instr['mask']}/hi"}, mask) if split else None
-    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"], hi)
+    out, inner_mask, border = _masked_destination(dst, mask, instr["pad"])
+    grid = 0.0
     if split:
         grid = float(split["grid"])
-        if not (0 < grid < np.inf) or dst.shape[-1] != 2 * halves:
+        if not (0 < grid < np.inf) or mask is None or dst.shape[-1] != 2 * halves:
             raise ValueError(f"push {instr['src']}: a split on grid {grid!r} into {dst.shape}")
-        split = (_masked_destination(hi, hi, instr["pad"])[1], grid)
         out = out[..., :halves]  # the pixels the kernel writes; each gets its two halves
     if src.shape != out.shape:
         raise ValueError(f"push {instr['src']} -> {instr['dst']}: {src.shape} into {out.shape}")
@@ -333,7 +332,7 @@ def compile_push(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst
     else:
         transform = None
     return _compile(model, src, None, None, 0, 0.0, transform, inner_mask, out, border,
-                    pad=instr["pad"], split=split or None, **verified)
+                    pad=instr["pad"], split_grid=grid, **verified)
 
 
 def compile_restore(model: LoadedModel, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
@@ -387,16 +386,15 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]], pad: Any = None,
              check: Any = None, on_fail: Callable[[], Any] | None = None,
              secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None,
-             pop: np.ndarray | None = None, split: tuple[np.ndarray, float] | None = None
-             ) -> Callable[[], Any]:
+             pop: np.ndarray | None = None, split_grid: float = 0.0) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
     accelerator's result, contiguous), is made tile by tile on a secure copy that the restore then reads,
     and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
     ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent.
-    ``split``: ``(r_hi, grid)`` of an exact split's push, ``out`` the first half of each pixel (whose
-    pixel stride covers both)."""
+    ``split_grid``: an exact split's push (``out``: the first half of each pixel, whose stride covers both;
+    the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask)."""
     rows, cols, src_row, src_pix = _grid(src)
     grid = (rows, cols)
     if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
@@ -406,9 +404,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if secure_dst is not None:
         if secure_dst.dtype != np.float32 or not secure_dst.flags.c_contiguous:
             raise ValueError("the secure copy must be contiguous float32")
-        halves = out.shape[-1] if split else 0
-        copy, _, copy_border = _masked_destination(secure_dst, None, pad, halves=halves)
-        if split:
+        copy, _, copy_border = _masked_destination(secure_dst, None, pad)
+        if split_grid:
             copy = copy[..., :out.shape[-1]]
         if copy.shape != out.shape:
             raise ValueError(f"a secure copy {secure_dst.shape} for {out.shape}")
@@ -437,8 +434,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         step.addend = _tensor(addend, grid)
     if pop is not None:
         step.pop = _tensor(pop, grid)
-    if split is not None:
-        step.mask_hi, step.grid = _tensor(split[0], grid), split[1]
+    step.grid = split_grid
     step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
     if check is not None:
@@ -447,7 +443,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         _, _, step.copy_row, step.copy_pix = _grid(copy)
         step.copy = copy.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, split)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \
@@ -455,9 +451,18 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if not borders and check is None:
         return lambda keep=keep: run(address)
 
+    inverse = np.float32(1 / split_grid) if split_grid else None
+
     def guarded(keep: tuple = keep) -> None:
         for d, m in borders:
-            np.copyto(d, 0 if m is None else m)
+            if inverse is None or m is None:
+                np.copyto(d, 0 if m is None else m)
+                continue
+            hi, lo = d[..., :m.shape[-1]], d[..., m.shape[-1]:]  # v = 0: x_hi = r_hi, x_lo = r_lo
+            np.multiply(m, inverse, out=hi)
+            np.rint(hi, out=hi)
+            np.multiply(hi, np.float32(split_grid), out=hi)
+            np.subtract(m, hi, out=lo)
         if run(address):
             on_fail()
     return guarded
@@ -514,14 +519,11 @@ def _push_mask(arrays: dict[str, np.ndarray], instr: dict[str, Any], dst: np.nda
     return mask
 
 
-def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any, hi: np.ndarray | None = None,
-                        halves: int = 0) -> tuple[
+def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any) -> tuple[
         np.ndarray, np.ndarray | None, list[tuple[np.ndarray, np.ndarray | None]]]:
     """For a push into ``dst`` (shared memory) of a tensor zero-padded by ``pad`` (or None): the interior
     that receives ``x + mask``, the mask's interior, and the border's (destination, mask) slices, where
-    the value is ``0 + mask`` (0 where there is no mask). An exact split's (``hi``, its ``r_hi``, or
-    ``halves``, the channels of each half): each border slice as two, ``[r_hi | r_lo]``."""
-    halves = hi.shape[-1] if hi is not None else halves
+    the value is ``0 + mask`` (0 where there is no mask)."""
     if pad is None:
         return dst, mask, []
     if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
@@ -535,11 +537,7 @@ def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any, hi: 
         for part in (slice(0, before), slice(dst.shape[axis] - after, dst.shape[axis])):
             if part.stop > part.start:
                 index = (*head, part)
-                if halves:  # on the border v = 0, so x_hi = r_hi and x_lo = r_lo exactly
-                    border.append((dst[index][..., :halves], None if hi is None else hi[index]))
-                    border.append((dst[index][..., halves:], None if mask is None else mask[index]))
-                else:
-                    border.append((dst[index], None if mask is None else mask[index]))
+                border.append((dst[index], None if mask is None else mask[index]))
     return dst[inner], None if mask is None else mask[inner], border
 
 

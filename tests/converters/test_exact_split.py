@@ -91,7 +91,7 @@ def test_the_accelerator_computes_the_masks_half_exactly(split_cnn):
             assert (c, m) == (3, w2.shape[0] // 2)
             # x_lo is within half a grid step; x_hi is on the grid (its values far coarser than x_lo's).
             x_hi, x_lo = xs[..., :c].astype(np.float64), xs[..., c:].astype(np.float64)
-            grid = 2.0 ** np.floor(np.log2(2 * np.abs(x_lo).max()) + 1)
+            grid = 2.0 ** np.ceil(np.log2(2 * np.abs(x_lo).max()))  # |x_lo| <= g / 2, and reaches near it
             assert np.array_equal(x_hi / grid, np.rint(x_hi / grid))
             assert np.abs(x_hi).max() > 100 * np.abs(x_lo).max()  # the mask's magnitude is all in x_hi
             exact = linear.apply(op.kind, xs.astype(np.float64), w2, op.options, ys.shape)
@@ -106,7 +106,7 @@ def test_a_split_layer_is_as_precise_as_an_unmasked_one(tmp_path_factory):
     errors = {}
     x = images(4, seed=6)
     want = [reference(small_cnn(), xi) for xi in x]
-    for name, scheme in (("split", "groupmix"), ("plain", "groupmix:exact_split=false"),
+    for name, scheme in (("split", "groupmix"), ("plain", "groupmix:exact_split=none"),
                          ("unmasked", "groupmix:mask_scale=0")):
         out = protect_small_cnn(tmp_path_factory, name, seed=5, scheme=scheme)
         with shadownet.load(out) as model:

@@ -161,3 +161,29 @@ def test_bench_policy_errors(tmp_path, monkeypatch):
     (entry,) = report["models"]
     assert "mask policy 'all' does not fit in the secure-memory cap" in entry["error"]
     assert "small: not measured: mask policy 'all'" in bench_report.table(report)
+
+
+def test_bench_measures_a_verified_copy_alone_when_the_pair_does_not_fit(tmp_path, monkeypatch):
+    import tee_sim
+
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+
+    def bench_under(cap: int) -> dict:
+        with tee_sim.Context("inprocess", memory_cap=cap) as device:
+            monkeypatch.setattr(tee_sim, "default_context", lambda: device)
+            report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1,
+                                     workdir=tmp_path / "work", progress=False, verify=True)
+        (entry,) = report["models"]
+        return report, entry
+
+    _, roomy = bench_under(256 << 20)
+    assert roomy["verify"]["sequential"] is False
+    alone = [roomy["modes"][mode]["secure_memory_mib"] for mode in ("shadownet", bench_measure.VERIFY_MODE)]
+    # Room for either copy, not for both at once.
+    report, entry = bench_under(int((max(alone) + 0.5 * min(alone)) * 2 ** 20))
+    v = entry["verify"]
+    assert v["sequential"] is True and np.isfinite(v["overhead"]) and v["checked"] > 0
+    figures = entry["modes"][bench_measure.VERIFY_MODE]
+    assert figures["runs"] == 2 and figures["secure_memory_mib"] == pytest.approx(alone[1], rel=0.05)
+    assert "measured alone after the other modes" in bench_report.table(report)

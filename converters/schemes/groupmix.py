@@ -51,8 +51,8 @@ accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static m
 with round 1's one-time mask alone. A one-time-masked conv or dense layer therefore receives its input as
 an exact split (``exact_split``, ``converters.exact_split``): the mask's magnitude is computed exactly and
 round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 2e-5 - 8e-5 with no
-mask at all). By default only round 1's: the first layer is small (4x its multiply-adds is ~4% of
-MobileNet's), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all`` pays it).
+mask at all). By default only round 1's: the first layer is small (the split adds 5.7% to MobileNet's
+multiply-adds), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all`` pays it).
 Unmasked rounds show the accelerator their features through the input mixing only, which an attacker
 fitting an affine map (the audit's measure) undoes; they need only their bias in secure memory.
 

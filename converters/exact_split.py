@@ -3,8 +3,9 @@
 A one-time mask is ~10x the input's spread (input leakage <= 0.1 needs it), so a float32 accelerator
 computing ``L(v + r, W')`` rounds its products, its sums and its result at 10x the magnitude of the
 ``L(v, W')`` the TEE keeps after popping ``L(r, W')``: about 10x float32's error on the masked layer,
-which MobileNet's and ResNet-404's depth amplify to 2-7e-4 of their outputs (1e-4 is the target;
-without the mask they reach 2-8e-5). The split keeps everything of mask magnitude exact:
+which MobileNet's and ResNet-404's depth amplify to 2-8e-4 of their outputs (1e-4 is the target;
+without any mask they sit at 1e-5 - 1e-4, ResNet-404 up to 2e-4). The split keeps everything of mask
+magnitude exact:
 
 - ``W'_hi``: each output channel's obfuscated filter rounded to ``b_w`` significant bits (a power-of-two
   grid per channel), ``W'_lo = W' - W'_hi`` (exact in float32).

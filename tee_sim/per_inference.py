@@ -5,7 +5,8 @@ One-time masks (the program's ``one_time`` entry, ``converters.per_inference``).
 one pool entry and never gives it back: an entry holds, for each one-time push, its mask, drawn from a
 fresh 256-bit key of the TEE's CSPRNG (``tee_sim.one_time_masks``; the key is then forgotten), and for
 each restore of a one-time round its offset ``bias - L(mask)`` (the pop mask of Slalom and of the paper:
-the mask pushed through the layer's obfuscated weights and the restore, in float64). The mask is drawn
+the mask pushed through the layer's obfuscated weights and the restore, in float64; an exact split's is
+its pop mask before the restore, ``tee_sim.exact_split``). The mask is drawn
 once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
 yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then) against 2 MB of
 secure memory. Each push and restore that uses a slot's mask or offsets is compiled once per pool slot,

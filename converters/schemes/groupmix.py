@@ -50,7 +50,7 @@ tensors: 39 MiB on MobileNet) and, at 10x, three bits of float32 precision per l
 accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static masks on every round, 6e-4
 with round 1's one-time mask alone. A one-time-masked conv or dense layer therefore receives its input as
 an exact split (``exact_split``, ``converters.exact_split``): the mask's magnitude is computed exactly and
-round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 2e-5 - 8e-5 with no
+round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 6e-6 - 8e-5 with no
 mask at all). By default only round 1's: the first layer is small (the split adds 5.7% to MobileNet's
 multiply-adds), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all`` pays it).
 Unmasked rounds show the accelerator their features through the input mixing only, which an attacker

@@ -114,3 +114,25 @@ def test_a_split_layer_is_as_precise_as_an_unmasked_one(tmp_path_factory):
                                for xi, w in zip(x, want, strict=True))
     assert errors["split"] <= 2 * errors["unmasked"] + 1e-7, errors
     assert errors["plain"] >= 2 * errors["split"], errors
+
+
+def test_policy_all_splits_every_masked_conv_and_dense_input(tmp_path_factory):
+    """exact_split=all with one-time masks on every round: each round whose readers are conv or dense
+    layers is split (the depthwise round keeps the plain mask), and the result stays at the target."""
+    out = protect_small_cnn(tmp_path_factory, "split_all", seed=5, scheme="groupmix:exact_split=all",
+                            mask_rounds="all")
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    graphs = {g.signature.key: g for g in read_signatures((Path(out) / "untrusted.tflite").read_bytes())}
+    split = {r["signature"]: bool(r["inputs"][0].get("split")) for r in manifest["rounds"]}
+    for key, graph in graphs.items():
+        kinds = {op.kind for op in graph.ops}
+        assert split[key] == ("DEPTHWISE_CONV_2D" not in kinds), (key, kinds)
+    assert sum(split.values()) >= 3
+    first = json.loads((Path(protect_small_cnn(tmp_path_factory, "split_first", seed=5, mask_rounds="all"))
+                        / "manifest.json").read_text())
+    assert [bool(r["inputs"][0].get("split")) for r in first["rounds"]] == \
+        [True] + [False] * (len(first["rounds"]) - 1)  # the default: round 1 only
+    with shadownet.load(out) as model:
+        for x in images(3, seed=8):
+            want = reference(small_cnn(), x)
+            assert np.abs(model(x) - want).max() <= 1e-5 * np.abs(want).max()

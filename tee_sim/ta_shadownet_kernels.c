@@ -791,36 +791,21 @@ SN_CLONES int sn_run(const sn_step *s) {
     return 0;
 }
 
-/* One copy of each loop per lane layout, so that the shuffles are constants. */
+/* One copy of each loop per lane layout, so that the shuffles are constants: `prepare(s, kp)` for s->kp. */
+#define FOR_LANE_LAYOUT(prepare, s)                \
+    switch ((s)->kp) {                             \
+    case 1: prepare(s, 1); return 0;               \
+    case 2: prepare(s, 2); return 0;               \
+    case 4: prepare(s, 4); return 0;               \
+    case 8: prepare(s, 8); return 0;               \
+    case 16: prepare(s, 16); return 0;             \
+    default: return -1;                            \
+    }
+
 SN_CLONES int fv_prepare(fv_prepare_t *s) {
-    if (s->dw_weights) {
-        switch (s->kp) {
-        case 1: prepare_dw(s, 1); return 0;
-        case 2: prepare_dw(s, 2); return 0;
-        case 4: prepare_dw(s, 4); return 0;
-        case 8: prepare_dw(s, 8); return 0;
-        case 16: prepare_dw(s, 16); return 0;
-        default: return -1;
-        }
-    }
-    if (s->c <= LANES / s->kp) {
-        switch (s->kp) {
-        case 1: prepare_small(s, 1); return 0;
-        case 2: prepare_small(s, 2); return 0;
-        case 4: prepare_small(s, 4); return 0;
-        case 8: prepare_small(s, 8); return 0;
-        case 16: prepare_small(s, 16); return 0;
-        default: return -1;
-        }
-    }
-    switch (s->kp) {
-    case 1: prepare_kp(s, 1); return 0;
-    case 2: prepare_kp(s, 2); return 0;
-    case 4: prepare_kp(s, 4); return 0;
-    case 8: prepare_kp(s, 8); return 0;
-    case 16: prepare_kp(s, 16); return 0;
-    default: return -1;
-    }
+    if (s->dw_weights) FOR_LANE_LAYOUT(prepare_dw, s)
+    if (s->c <= LANES / s->kp) FOR_LANE_LAYOUT(prepare_small, s)
+    FOR_LANE_LAYOUT(prepare_kp, s)
 }
 
 SN_CLONES int fv_check(fv_check_t *s) {

@@ -358,6 +358,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     static = masks.get("static", True)
     runners: dict[str, Any] = {}
     verify_error = None
+    verify_alone = False  # the verified copy did not fit next to shadownet: measured after it
     try:
         runners["unprotected"] = _Unprotected(model, num_threads, delegates)
         try:
@@ -371,7 +372,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             try:  # a second protected model: both must fit under the cap at once
                 runners[VERIFY_MODE] = _Protected(out_dir, num_threads, delegate, verify=True)
             except SecureMemoryError:
-                verify_error = "later"  # measured on its own after the others (below)
+                verify_alone = True
         active = MODES + ((VERIFY_MODE,) if VERIFY_MODE in runners else ())
         times: dict[str, list[float]] = {mode: [] for mode in active}
         back_to_back: list[float] = []  # shadownet's accelerator rounds without the TEE between them
@@ -413,7 +414,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         memory = protected.model.stats()
         tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}
         sequential = None
-        if verify_error == "later":
+        if verify_alone:
             # Not both under the cap at once: shadownet closed, the verified copy alone, its runs alternated
             # with unprotected's; the overhead compares each with its own phase's unprotected median.
             protected.close()

@@ -20,7 +20,8 @@ CHUNK = 4096  # output positions per block of a pop mask's computation
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
     """``(r_hi, r_lo)`` of a mask ``r``: ``r_hi = g * rint(r / g)``, ``r_lo = r - r_hi``, both exact (``g``
-    a power of two), in ``mask``'s dtype; as the push kernel splits it."""
+    a power of two), in ``mask``'s dtype; as the push kernel splits it (the numpy border of a split push
+    and the pop masks use this)."""
     high = np.rint(mask * mask.dtype.type(1 / grid)) * mask.dtype.type(grid)
     return high, mask - high
 
@@ -35,7 +36,6 @@ class SplitPop:
     kind: str
     weights: str
     options: Any
-    wire_shape: tuple[int, ...]
     mask: str
     grid: float
 

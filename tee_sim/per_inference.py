@@ -210,7 +210,7 @@ class PerInference:
             y_shape = shm_shapes[spec["layer"]]
             check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
             if spec.get("split"):
-                self.pops[name] = SplitPop(layer["kind"], layer["weights"], layer_options(layer), y_shape,
+                self.pops[name] = SplitPop(layer["kind"], layer["weights"], layer_options(layer),
                                            spec["mask"], self.streams[spec["mask"]].split)
                 continue
             perm = spec.get("permutation")

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tee_sim.exact_split import split_mask
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 from tee_sim.ta_shadownet_numpy_ops import interior
 
@@ -451,18 +452,13 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if not borders and check is None:
         return lambda keep=keep: run(address)
 
-    inverse = np.float32(1 / split_grid) if split_grid else None
-
     def guarded(keep: tuple = keep) -> None:
         for d, m in borders:
-            if inverse is None or m is None:
+            if not split_grid or m is None:
                 np.copyto(d, 0 if m is None else m)
                 continue
-            hi, lo = d[..., :m.shape[-1]], d[..., m.shape[-1]:]  # v = 0: x_hi = r_hi, x_lo = r_lo
-            np.multiply(m, inverse, out=hi)
-            np.rint(hi, out=hi)
-            np.multiply(hi, np.float32(split_grid), out=hi)
-            np.subtract(m, hi, out=lo)
+            c = m.shape[-1]  # v = 0 on the border: x_hi = r_hi, x_lo = r_lo
+            d[..., :c], d[..., c:] = split_mask(m, split_grid)
         if run(address):
             on_fail()
     return guarded

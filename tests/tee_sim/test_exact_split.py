@@ -1,8 +1,6 @@
 """The TA's side of the exact split (``tee_sim.exact_split``): the mask's halves, the push's halves and the
 restore's combination, each exact where the scheme needs it."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from converters import linear
 from tee_sim import exact_split
 from tee_sim import ta_shadownet_restore_push as rp
 from tee_sim.one_time_masks import MaskStream
+from tests.tee_sim.test_restore_push import _model
 
 GRID = 2.0 ** -4
 
@@ -57,9 +56,7 @@ def test_push_sends_halves_that_add_up_to_the_masked_input(pad):
     instr = {"op": "push", "src": "slot:v", "dst": "shm:x", "mask": "m", "pad": pad, "permutation": None,
              "split": {"grid": GRID}}
     wire = (*shape[:-1], 6)
-    model = SimpleNamespace(arrays=arrays, restores={}, mixings={})
-    model.stride, model.tile, size = rp.scratch_size([[instr]], arrays, {"slot:v": inner, "shm:x": wire}.get)
-    model.scratch = np.zeros(size, np.float32)
+    model = _model(arrays, [instr], {"slot:v": inner, "shm:x": wire})
     dst, secure = np.full(wire, np.nan, np.float32), np.full(wire, np.nan, np.float32)
     rp.compile_push(model, instr, v, dst, secure_dst=secure)()
     assert np.array_equal(dst, secure)  # what was sent is what the check is prepared from
@@ -85,7 +82,7 @@ def test_restore_pops_the_halves_before_restoring():
     hi, lo = exact_split.split_mask(r, GRID)
     w2 = converter_split.split_weights("CONV_2D", w, converter_split.Split(GRID, 10))
     pop = np.empty((1, 6, 6, 32), np.float32)
-    exact_split.SplitPop("CONV_2D", "w", _options(), (1, 6, 6, 32), "m", GRID).compute(r, w2, pop)
+    exact_split.SplitPop("CONV_2D", "w", _options(), "m", GRID).compute(r, w2, pop)
     # [pop_hi | pop_lo] = L([r_hi | r_lo], W2): the first half exact, the second to float32's rounding.
     both = np.concatenate([hi, lo], axis=-1).astype(np.float64)
     want_pop = linear.apply("CONV_2D", both, w2, _options(), (1, 6, 6, 32))
@@ -100,11 +97,7 @@ def test_restore_pops_the_halves_before_restoring():
               "o": np.zeros(16, np.float32), "p": pop}
     instr = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
              "pop": "p", "activation": None, "alpha": None}
-    shapes = {"shm:y": y2.shape, "slot:out": (1, 6, 6, 16)}
-    model = SimpleNamespace(arrays=arrays, restores={}, mixings={})
-    model.stride, model.tile, size = rp.scratch_size([[instr]], arrays, lambda ref: shapes[ref])
-    model.scratch = np.zeros(size, np.float32)
-    rp.prepare_linears(model, [[instr]], {"y": {"shape": list(y2.shape)}}, lambda s, d: np.zeros(s, d))
+    model = _model(arrays, [instr], {"shm:y": y2.shape, "slot:out": (1, 6, 6, 16)})
     out = np.full((1, 6, 6, 16), np.nan, np.float32)
     rp.compile_restore(model, instr, y2, out)()
     masked_input = x2[..., :3].astype(np.float64) - hi + x2[..., 3:] - lo  # v, as float32 carried it

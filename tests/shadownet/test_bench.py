@@ -49,6 +49,33 @@ def test_count_macs():
     assert sum(macs) == macs[0] + macs[-1]  # ReLU, max pool and reshape move data only
 
 
+def test_each_mode_is_timed_in_its_steady_state(monkeypatch):
+    """A timed call follows an untimed call of the same mode (and a protected model's refill of what that
+    call used), so that what ran before - another mode - does not land in its time."""
+    log = []
+
+    class Unprotected:
+        def __call__(self, inputs):
+            log.append("U")
+
+    class Protected(bench_measure._Protected):
+        def __init__(self):  # no model: only the calls are recorded
+            pass
+
+        def __call__(self, inputs):
+            log.append("S")
+
+        def refill(self):
+            log.append("refill")
+
+    ticks = iter([10.0, 10.25, 20.0, 20.5])
+    monkeypatch.setattr(bench_measure.time, "perf_counter", lambda: next(ticks))
+    assert bench_measure._steady(Unprotected(), []) == 0.25
+    assert log == ["U", "U"]
+    assert bench_measure._steady(Protected(), []) == 0.5
+    assert log == ["U", "U", "S", "refill", "S"]
+
+
 def test_bench_report(tmp_path):
     path = tmp_path / "small.tflite"
     path.write_bytes(_model())

@@ -408,6 +408,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                 if mode == "shadownet" and run >= warmup_runs:
                     back_to_back.append(runner.rounds_back_to_back())
         protected: _Protected = runners["shadownet"]
+        # Rounds the accelerator runs on one thread (shadownet.accelerator.LiteRTAccelerator, tuned at load)
+        one_thread = sum(t == 1 for t in getattr(protected._accelerator, "round_threads", ()))
         error = _relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
         # computations of the original already disagree (the floor the protected error sits on).
@@ -512,6 +514,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "macs_offloaded_share": sum(macs[i] for i in offloaded) / total_macs if total_macs else 0.0,
             "conversion_s": conversion_s,
             "accelerator_back_to_back_ms": float(np.median(back_to_back)) * 1e3,
+            "rounds_on_one_thread": one_thread,
             "relative_error": error,
             "builtin_vs_xnnpack_error": floor,
         },

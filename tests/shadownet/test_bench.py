@@ -95,6 +95,7 @@ def test_bench_report(tmp_path):
     assert s["world_switches"] == 3 and s["bytes_to_tee"] > 0 and s["bytes_from_tee"] > 0
     assert s["macs_offloaded_share"] == 1.0 and s["conversion_s"] > 0 and s["relative_error"] < 1e-3
     assert s["accelerator_back_to_back_ms"] > 0
+    assert s["rounds_on_one_thread"] == 2  # num_threads=1: every round
     # Two honest float32 computations of the original differ, but only by rounding.
     assert 0 <= s["builtin_vs_xnnpack_error"] < 1e-5
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]

@@ -210,12 +210,66 @@ def test_accelerator_tensors_are_the_shared_buffers(tmp_path):
         big = [t for t in tensors if t.nbytes >= MIN_SHARED_BYTES]  # all but the dense layer's
         assert len(shared) == len(big) == len(tensors) - 2
         # Copied per inference: a partial page at each end of the shared ones, the small ones whole.
-        moved = sum(dst.nbytes for _, ins, outs in accelerator._plan for dst, _ in ins + outs)
+        moved = sum(dst.nbytes for _, _, ins, outs in accelerator._plan for dst, _ in ins + outs)
         assert moved < 2 * PAGE * len(big) + sum(t.nbytes for t in tensors if t.nbytes < MIN_SHARED_BYTES)
         assert model(x) is not got
     assert all(pages.released for pages in shared)
     assert relative_error(got, want) <= TOLERANCE
     assert relative_error(got, copied) <= SAME
+
+
+def _tuned(monkeypatch, alone, one, many):
+    """``LiteRTAccelerator``'s timings replaced by given ones: ``alone`` (every round on num_threads), then
+    ``one`` / ``many`` (the small rounds on one thread / num_threads); returns the thread counts loaded."""
+    from shadownet.accelerator import LiteRTAccelerator
+
+    calls = iter([np.array([alone]), np.array([one, many])])
+    monkeypatch.setattr(LiteRTAccelerator, "_time_rounds", lambda self, loaded, rounds, repeats: next(calls))
+    loaded = []
+    load = LiteRTAccelerator._load
+
+    def counting(self, model, num_threads, delegates):
+        loaded.append(num_threads)
+        return load(self, model, num_threads, delegates)
+
+    monkeypatch.setattr(LiteRTAccelerator, "_load", counting)
+    return loaded
+
+
+def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
+    """With num_threads > 1 each small round runs on the interpreter (one thread or num_threads) whose
+    timing at load was smaller (here given, then measured); the results are one thread's."""
+    import warnings
+
+    from tests.shadownet.small_models import reference, small_cnn
+
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=6)
+    x = np.random.default_rng(0).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+    with shadownet.load(tmp_path / "out", num_threads=1) as plain:  # one thread: nothing to tune
+        rounds = plain.num_rounds
+        assert rounds >= 3 and plain.accelerator.round_threads == (1,) * rounds
+        want = plain(x)
+    with shadownet.load(tmp_path / "out", num_threads=2) as measured:  # the real timing: either per round
+        assert set(measured.accelerator.round_threads) <= {1, 2}
+        assert relative_error(measured(x), want) <= SAME
+    # Every round small; round 1 faster on one thread, round 2 on two, the others tied (one thread).
+    rest = [8e-5] * (rounds - 2)
+    loaded = _tuned(monkeypatch, [1e-4] * rounds, [5e-5, 5e-5, *rest], [8e-5, 3e-5, *rest])
+    with shadownet.load(tmp_path / "out", num_threads=2) as model:
+        threads = model.accelerator.round_threads
+        assert loaded == [2, 1] and threads == (1, 2, *[1] * (rounds - 2))
+        runs = model.accelerator._rounds_run
+        assert runs[0][0] is not runs[1][0] and len(model.accelerator._interpreters) == 2
+        got = model(x)
+    assert relative_error(got, reference(original, x)) <= TOLERANCE
+    assert relative_error(got, want) <= SAME
+    # Small rounds under a quarter of the time: no second interpreter is even made.
+    loaded = _tuned(monkeypatch, [1e-4, *[1e-3] * (rounds - 1)], [], [])
+    with shadownet.load(tmp_path / "out", num_threads=2) as model:
+        assert loaded == [2] and model.accelerator.round_threads == (2,) * rounds
 
 
 def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch):

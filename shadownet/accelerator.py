@@ -71,11 +71,12 @@ class LiteRTAccelerator:
     every call, and ``SetTensor``/``GetTensor``.)
 
     Threads per round: with ``num_threads`` > 1 on the CPU (no delegate), a round whose time is small can
-    run on a second interpreter with one thread (``tune_threads``; ``round_threads`` says which). A round
-    starts after a TEE step, during which the thread pool's workers go to sleep, and waking them costs
-    more than a small round gains from them: ResNet-44's 44 rounds take 3.0 ms on 2 threads back to back
-    but 3.5 ms after 50 us pauses, and 3.1 ms on one thread either way (protected, alternated: 5.8 ->
-    5.1 ms; ResNet-404 55 -> 47 ms). At load every round is timed on ``num_threads`` threads, each after
+    run on a second interpreter with one thread (``tune_threads``; ``round_threads`` says which). LiteRT's
+    XNNPACK delegate makes every runtime with ``XNN_FLAG_YIELD_WORKERS``: after each invoke its thread
+    pool's workers go to sleep, and a round that starts after a TEE step pays for waking them, more than a
+    small round gains from them. ResNet-44's 44 rounds on 2 threads: 1.55 ms back to back, 2.30 ms after
+    5 us pauses, 3.3 ms after 40 us; on one thread 2.8 and 3.2 ms (protected, alternated: 5.8 -> 5.1 ms;
+    ResNet-404 55 -> 47 ms). At load every round is timed on ``num_threads`` threads, each after
     a ``TUNE_PAUSE_S`` busy pause as the caller's while the TEE works; when the rounds under
     ``SMALL_ROUND_S`` take ``SMALL_SHARE`` of the total or more, those are timed on one thread too,
     ``TUNE_REPEATS`` times each, alternated, and run where their median was smaller (one thread on a tie).

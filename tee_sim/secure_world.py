@@ -3,7 +3,10 @@
 It serves one normal-world process: every session, one ``SecureOS``. Requests arrive in the shared
 control block (``tee_sim.channel``); after each answer the loop polls the request counter for
 ``spin_us`` (yielding the core between looks, see ``tee_sim.client.DEFAULT_SPIN_US``), then sleeps
-on an eventfd. It exits when the normal world shuts it down, closes the control socket, or dies.
+on an eventfd. While a trusted app offers a step program (``TrustedApp.step_program``), the polling is
+done by the C fast path (``tee_sim.secure_world_fast``), which answers the program's middle steps itself
+(ResNet-404: 32.6 -> 24.0 us per TEE entry, as seen by the normal world) and leaves every other request
+to this loop. It exits when the normal world shuts it down, closes the control socket, or dies.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import traceback
 import uuid
 
 from tee_sim import channel as ch
+from tee_sim import secure_world_fast
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_GENERIC,
@@ -59,10 +63,12 @@ class SecureWorld:
         self.poller = select.poll()
         self.poller.register(self.req_efd, select.POLLIN)
         self.poller.register(self.sock.fileno(), 0)
+        self.fast = secure_world_fast.FastPath(self.block, self.spin_ns, self.resp_efd)
 
-    def wait_request(self, last: int) -> int:
+    def wait_request(self, last: int, spin: bool = True) -> int:
         words = self.words
-        ch.spin_while(words, ch.REQ_SEQ, last, self.hard_spin_ns, self.spin_ns)
+        if spin:
+            ch.spin_while(words, ch.REQ_SEQ, last, self.hard_spin_ns, self.spin_ns)
         if words[ch.REQ_SEQ] == last:
             words[ch.SW_SLEEPING] = 1
             # The first short wait covers a kick lost while the flag was becoming visible; after
@@ -85,7 +91,16 @@ class SecureWorld:
         last = 0  # the block starts zeroed; the first request may be posted as soon as we say ready
         self.sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
         while True:
-            seq = self.wait_request(last)
+            if self.fast.active:
+                # The fast path answers the steps it can (in C) and waits out the spin window; then a
+                # request it left for Python, or none yet: sleep until one, and let the fast path see it.
+                last, pending = self.fast.serve(last)
+                if not pending:
+                    self.wait_request(last, spin=False)
+                    continue
+                seq = self.words[ch.REQ_SEQ]
+            else:
+                seq = self.wait_request(last)
             # Copied out (unpack_from) before anything is checked: the normal world may rewrite the block.
             op, session, cmd, types = ch.REQUEST_HEADER.unpack_from(self.block, ch.REQUEST_OFFSET)
             if types == 0 and op == ch.OP_INVOKE:
@@ -104,10 +119,14 @@ class SecureWorld:
             except Exception:  # noqa: BLE001 - a bug here must cost one request, not the secure world
                 log.error("request %d failed:\n%s", op, traceback.format_exc())
                 outcome = Outcome(TEE_ERROR_GENERIC, TEEC_ORIGIN_TEE, "internal error of the secure world")
+            if op == ch.OP_SHUTDOWN:
+                self.fast.close()  # before the response: the normal world may unmap everything after it
+                self.respond(outcome, seq)
+                return
+            memory = self.os.memory
+            self.fast.refresh(self.os.step_programs(), (memory.used, memory.peak, memory.cap))
             self.respond(outcome, seq)
             last = seq
-            if op == ch.OP_SHUTDOWN:
-                return
 
     def dispatch(self, op: int, session: int, cmd: int, wire: tuple[WireParam, ...]) -> Outcome:
         if op == ch.OP_INVOKE:

@@ -99,6 +99,13 @@ class TrustedApp:
         """Run command ``cmd_id``; write outputs into ``params``; raise ``TEEError`` to fail."""
         raise TEEError(TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TRUSTED_APP, f"unknown command {cmd_id}")
 
+    def step_program(self, session: Any) -> Any:
+        """Optional: the session's ``tee_sim.secure_world_fast.StepProgram`` (a step command whose middle
+        steps are C calls only), which the process transport's secure world then answers without calling
+        ``invoke_command``; None (the default): every command comes here. Asked after every request this
+        app handles: return the same object while nothing changed."""
+        return None
+
 
 def bad_parameters(message: str) -> TEEError:
     """The error a handler raises for malformed input from the normal world."""

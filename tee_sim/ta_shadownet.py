@@ -51,6 +51,7 @@ from tee_sim.params import (
     check_param_types,
 )
 from tee_sim.per_inference import PerInference
+from tee_sim.secure_world_fast import StepProgram
 from tee_sim.ta import TrustedApp
 from tee_sim.ta_shadownet_commands import (
     LOAD_FAIL_WHEN_EMPTY,
@@ -116,7 +117,9 @@ class _Model:
     mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
-    next_step: int = 0
+    # The step expected next: a cell the secure world's fast path reads and advances too (step_program).
+    cursor: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int32))
+    fast: StepProgram | None = None  # step_program's, for these steps
     online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
     shared: bytes | None = None  # key of the program it shares with other sessions (ShadowNetTA._programs)
 
@@ -422,7 +425,7 @@ class ShadowNetTA(TrustedApp):
         except Exception as exc:  # noqa: BLE001 - an authenticated program that does not fit together
             model.shm = {}
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
-        model.next_step = 0
+        model.cursor[0] = 0
 
     def _ref(self, model: _Model, ref: str) -> np.ndarray:
         ref, _, part = ref.partition("@")  # "slot:tN@axis:start:stop": a slice of a slot
@@ -464,12 +467,27 @@ class ShadowNetTA(TrustedApp):
                                      lambda s, d, **kw: compile_(model, instr, s, d, **extra, **kw))
         return compile_(model, instr, src, dst, **extra)
 
+    def step_program(self, session: dict[str, Any]) -> StepProgram | None:
+        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the middle steps whose
+        instructions are all single kernel calls (``c_call``; not those with one-time masks, checks or
+        padded borders, nor LiteRT ops), which it then runs without this app's Python, advancing
+        ``cursor`` as ``_run_step`` does."""
+        model = session.get("model")
+        if model is None or model.steps is None:
+            return None
+        if model.fast is None or model.fast.keep is not model.steps:
+            calls = [[getattr(run, "c_call", None) for run in step] for step in model.steps]
+            model.fast = StepProgram(int(Command.RUN_STEP), model.cursor,
+                                     [c if None not in c else None for c in calls], keep=model.steps)
+        return model.fast
+
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         model = session.get("model")
         if model is None or model.steps is None:
             raise _error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
-        if step >= len(model.steps) or (step != 0 and step != model.next_step):
-            raise _error(TEE_ERROR_BAD_STATE, f"step {step} out of order (expected 0 or {model.next_step})")
+        expected = int(model.cursor[0])
+        if step >= len(model.steps) or (step != 0 and step != expected):
+            raise _error(TEE_ERROR_BAD_STATE, f"step {step} out of order (expected 0 or {expected})")
         online = model.online
         last = step + 1 == len(model.steps)
         try:
@@ -478,11 +496,11 @@ class ShadowNetTA(TrustedApp):
             for run in model.steps[step]:
                 run()
         except BaseException:
-            model.next_step = 0  # a failed step (e.g. a result that failed verification) ends the inference
+            model.cursor[0] = 0  # a failed step (e.g. a result that failed verification) ends the inference
             if online is not None:
                 online.end()
             raise
-        model.next_step = 0 if last else step + 1
+        model.cursor[0] = 0 if last else step + 1
         if last and online is not None:
             online.end()
 

@@ -36,6 +36,8 @@ from tee_sim.exact_split import split_mask
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 from tee_sim.ta_shadownet_numpy_ops import interior
 
+SN_RUN = ctypes.cast(LIBRARY.sn_run, ctypes.c_void_p).value  # the kernel's address, for C callers
+
 # A dense restore does M x N vector-lane multiply-adds per pixel, the gather k scattered loads per output
 # channel; up to this many entries (e.g. the paper's 19 -> 16 layers) the dense one, a vectorized loop,
 # is the cheaper (the threshold was measured for the numpy kernels; both forms are exact). Scales and
@@ -450,7 +452,9 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     borders = border if copy is None else \
         border + [(d, m) for (d, _), (_, m) in zip(copy_border, border, strict=True)]
     if not borders and check is None:
-        return lambda keep=keep: run(address)
+        kernel = lambda keep=keep: run(address)  # noqa: E731 - a function with an attribute
+        kernel.c_call = (SN_RUN, address)  # for the secure world's fast path (ShadowNetTA.step_program)
+        return kernel
 
     def guarded(keep: tuple = keep) -> None:
         for d, m in borders:

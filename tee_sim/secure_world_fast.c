@@ -1,0 +1,96 @@
+/* The secure world's fast path (tee_sim.secure_world_fast): it waits for requests in the control block
+ * (tee_sim.channel) and answers, without returning to Python, every OP_INVOKE of a prepared step command
+ * whose work is C calls only - the restore / push kernels of a trusted app's middle steps. Anything else
+ * (another command, a step out of order, a step with Python work) it leaves to Python, unanswered.
+ *
+ * Why: a step of ResNet-404 (a 32x32x16 restore and push) takes 10.5 us of kernels, and the secure
+ * world's Python around it - the request's unpacking, the secure OS's dispatch and parameters, the trusted
+ * app's entry point, the response - took 13.5 us more (measured in the secure world, 12000 steps).
+ *
+ * Plain C, loaded with ctypes (the call releases the GIL: the secure world's watchdog thread runs on).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* tee_sim.channel's layout */
+enum { REQ_SEQ = 0, RESP_SEQ = 8, NW_SLEEPING = 24 };           /* u64 words */
+enum { REQUEST_OFFSET = 256, RESPONSE_OFFSET = 512 };           /* bytes */
+enum { OP_INVOKE = 1, VALUE_INPUT = 1, ORIGIN_TEE = 3 };
+
+#define MAX_PROGRAMS 32
+
+typedef int (*sw_call)(const void *);
+
+/* One session's step command: step s (0 < s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
+ * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1. */
+typedef struct {
+    uint32_t session, cmd;
+    int64_t steps;
+    int32_t *cursor;
+    const int64_t *starts, *ends;
+    const sw_call *fns;
+    void *const *args;
+} sw_program;
+
+typedef struct {
+    uint8_t *block;                 /* the control block */
+    int64_t spin_ns;                /* how long to wait for a request, yielding the core between looks */
+    int32_t resp_efd;               /* the normal world's eventfd, kicked when it sleeps */
+    int32_t count;                  /* programs in use */
+    uint64_t memory[3];             /* secure memory used, peak, cap: what every answer reports */
+    int64_t served;                 /* requests answered here */
+    sw_program programs[MAX_PROGRAMS];
+} sw_world;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Serve requests after *last (the sequence number of the last answered one) until one that Python must
+ * handle arrives (returns 1; it stays unanswered) or spin_ns pass without any (returns 0). *last follows
+ * every request answered here. The request is copied out before it is checked: the normal world may
+ * rewrite the block at any time. */
+int sw_serve(sw_world *w, uint64_t *last) {
+    volatile uint64_t *words = (volatile uint64_t *)w->block;
+    int64_t deadline = now_ns() + w->spin_ns;
+    for (;;) {
+        uint64_t seq = __atomic_load_n(&words[REQ_SEQ], __ATOMIC_ACQUIRE);
+        if (seq == *last) {
+            if (now_ns() >= deadline) return 0;
+            sched_yield();
+            continue;
+        }
+        uint32_t head[4]; /* op, session, command, parameter types */
+        uint64_t step;
+        memcpy(head, w->block + REQUEST_OFFSET, sizeof head);
+        memcpy(&step, w->block + REQUEST_OFFSET + sizeof head, sizeof step);
+        if (head[0] != OP_INVOKE || head[3] != VALUE_INPUT) return 1;
+        const sw_program *p = NULL;
+        for (int32_t i = 0; i < w->count; i++)
+            if (w->programs[i].session == head[1] && w->programs[i].cmd == head[2]) p = &w->programs[i];
+        if (p == NULL || step == 0 || step >= (uint64_t)p->steps || *p->cursor != (int64_t)step
+                || p->starts[step] < 0)
+            return 1;
+        int64_t start = now_ns();
+        for (int64_t k = p->starts[step]; k < p->ends[step]; k++) p->fns[k](p->args[k]);
+        *p->cursor = (int32_t)step + 1;
+        uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
+        uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};
+        memcpy(w->block + RESPONSE_OFFSET, code, sizeof code);
+        memcpy(w->block + RESPONSE_OFFSET + sizeof code, figures, sizeof figures);
+        __atomic_store_n(&words[RESP_SEQ], seq, __ATOMIC_RELEASE);
+        if (words[NW_SLEEPING]) {
+            uint64_t one = 1;
+            if (write(w->resp_efd, &one, sizeof one) < 0) { /* the normal world polls with a timeout too */ }
+        }
+        *last = seq;
+        w->served++;
+        deadline = now_ns() + w->spin_ns;
+    }
+}

@@ -1,0 +1,124 @@
+"""The secure world's fast path: prepared step commands answered in C (``secure_world_fast.c``).
+
+A trusted app may offer, per session, a ``StepProgram`` (``TrustedApp.step_program``): the command that
+runs one step of a fixed sequence, the step it expects next (a cell both sides share) and, per step, the
+C calls the step is made of, or none when the step needs the app's Python. ``SecureWorld`` then waits
+for requests in ``FastPath.serve``, which answers those steps itself - same checks (the session's command,
+one input Value, the step expected next), same response - and hands everything else back to Python.
+After every request Python handles, ``refresh`` takes the programs of the sessions still open and alive.
+Only the process transport has it; the in-process one calls the app directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_PROGRAMS = 32  # as in the C file
+
+
+@dataclass
+class StepProgram:
+    """One session's step command, for the fast path. ``cursor``: int32 ``[1]``, the step the app expects
+    next (the app reads and writes it too); ``calls[s]``: step ``s``'s C calls as ``(function address,
+    argument address)`` pairs, or None where it needs the app's Python (steps 0 and the last always do:
+    they start and end an inference). ``keep``: whatever the addresses point into."""
+
+    cmd: int
+    cursor: np.ndarray
+    calls: Sequence[Sequence[tuple[int, int]] | None]
+    keep: Any = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        flat = [c for step in self.calls if step is not None for c in step]
+        starts, ends, at = [], [], 0
+        for s, step in enumerate(self.calls):
+            fast = step is not None and 0 < s < len(self.calls) - 1
+            starts.append(at if fast else -1)
+            at += len(step) if step is not None else 0
+            ends.append(at if fast else -1)
+        self.arrays = {
+            "starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64),
+            "fns": np.array([f for f, _ in flat] or [0], np.uintp),
+            "args": np.array([a for _, a in flat] or [0], np.uintp),
+        }
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("session", ctypes.c_uint32), ("cmd", ctypes.c_uint32), ("steps", ctypes.c_int64),
+                ("cursor", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("ends", ctypes.c_void_p),
+                ("fns", ctypes.c_void_p), ("args", ctypes.c_void_p)]
+
+
+class _World(ctypes.Structure):
+    _fields_ = [("block", ctypes.c_void_p), ("spin_ns", ctypes.c_int64), ("resp_efd", ctypes.c_int32),
+                ("count", ctypes.c_int32), ("memory", ctypes.c_uint64 * 3), ("served", ctypes.c_int64),
+                ("programs", _Program * MAX_PROGRAMS)]
+
+
+def _load() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_secure_world_fast{suffix}"
+        if path.exists():
+            library = ctypes.CDLL(str(path))
+            library.sw_serve.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            library.sw_serve.restype = ctypes.c_int
+            return library
+    return None  # not built: the secure world serves every request in Python
+
+
+LIBRARY = _load()
+
+
+class FastPath:
+    """The C loop over one control block (``block``: its writable buffer, e.g. an mmap)."""
+
+    def __init__(self, block: Any, spin_ns: int, resp_efd: int) -> None:
+        self._anchor = ctypes.c_char.from_buffer(block)  # keeps the buffer exported (and its address)
+        self._world = _World(block=ctypes.addressof(self._anchor), spin_ns=spin_ns, resp_efd=resp_efd)
+        self._last = ctypes.c_uint64(0)
+        self._programs: dict[int, StepProgram] = {}
+
+    @property
+    def active(self) -> bool:
+        return LIBRARY is not None and self._world.count > 0
+
+    @property
+    def served(self) -> int:
+        return self._world.served
+
+    def serve(self, last: int) -> tuple[int, bool]:
+        """Answer fast steps after request ``last``: ``(the last request answered, whether one waits for
+        Python)``; ``False`` when the spin window passed with no request."""
+        self._last.value = last
+        pending = LIBRARY.sw_serve(ctypes.addressof(self._world), ctypes.addressof(self._last))
+        return self._last.value, bool(pending)
+
+    def refresh(self, programs: Mapping[int, StepProgram], memory: tuple[int, int, int]) -> None:
+        """The sessions' programs now (by session id; at most ``MAX_PROGRAMS``, the rest served in
+        Python) and the secure memory figures every fast answer reports."""
+        self._world.memory[:] = memory
+        chosen = dict(list(programs.items())[:MAX_PROGRAMS])
+        if chosen.keys() == self._programs.keys() and all(chosen[s] is self._programs[s] for s in chosen):
+            return
+        self._world.count = 0  # no stale entry is ever visible
+        for i, (sid, program) in enumerate(chosen.items()):
+            a = program.arrays
+            self._world.programs[i] = _Program(
+                sid, program.cmd, len(program.calls), program.cursor.ctypes.data, a["starts"].ctypes.data,
+                a["ends"].ctypes.data, a["fns"].ctypes.data, a["args"].ctypes.data)
+        self._world.count = len(chosen)
+        self._programs = chosen
+
+    def close(self) -> None:
+        self._world.count = 0
+        self._programs = {}
+        del self._anchor

@@ -1,0 +1,85 @@
+"""The secure world's fast path (``tee_sim.secure_world_fast``): the ShadowNet TA's middle steps answered in
+C, through a control block as the process transport posts them, give the TA's own results; a step out of
+order, or one with Python work, is left unanswered for the TA, which refuses or runs it."""
+
+import mmap
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import shadownet
+import tee_sim
+from tee_sim import channel as ch
+from tee_sim.secure_os import NO_PARAMS, Outcome
+from tee_sim.secure_world_fast import FastPath
+from tests.shadownet.conftest import relative_error
+from tests.shadownet.small_models import reference, small_cnn
+
+
+def _through_fast_path(context, monkeypatch):
+    """Route every invocation of the in-process ``context`` through a ``FastPath`` on a control block of
+    its own first, as ``SecureWorld.serve`` does; returns the fast path."""
+    transport = context._transport
+    secure_os, python_path = transport._os, transport.invoke
+    block = mmap.mmap(-1, ch.BLOCK_SIZE)
+    words = memoryview(block).cast("Q")
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    fast = FastPath(block, spin_ns=0, resp_efd=kick)
+    seq = [0]
+
+    def invoke(session, cmd_id, wire, timeout):
+        memory = secure_os.memory
+        fast.refresh(secure_os.step_programs(), (memory.used, memory.peak, memory.cap))
+        if wire is NO_PARAMS:
+            ch.REQUEST_HEADER.pack_into(block, ch.REQUEST_OFFSET, ch.OP_INVOKE, session, cmd_id, 0)
+        else:
+            types = wire[0][0] | wire[1][0] << 4 | wire[2][0] << 8 | wire[3][0] << 12
+            ch.REQUEST.pack_into(block, ch.REQUEST_OFFSET, ch.OP_INVOKE, session, cmd_id, types,
+                                 *wire[0][1:], *wire[1][1:], *wire[2][1:], *wire[3][1:])
+        seq[0] += 1
+        words[ch.REQ_SEQ] = seq[0]
+        last, pending = fast.serve(seq[0] - 1)
+        if not pending:  # answered in C
+            assert last == seq[0] and words[ch.RESP_SEQ] == seq[0]
+            answer = ch.RESPONSE_HEADER.unpack_from(block, ch.RESPONSE_OFFSET)
+            code, origin, sid, _, ta_ns, used, peak, cap = answer
+            outcome = Outcome(code, origin, "", session=sid, ta_time_ns=ta_ns)
+            outcome.memory = (used, peak, cap)
+            return outcome
+        assert last == seq[0] - 1  # left unanswered, for the TA's Python
+        words[ch.RESP_SEQ] = seq[0]
+        return python_path(session, cmd_id, wire, timeout)
+
+    monkeypatch.setattr(transport, "invoke", invoke)
+    return fast
+
+
+def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=8)
+    context = tee_sim.Context("inprocess")  # the device convert provisioned the secrets to
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    fast = _through_fast_path(context, monkeypatch)
+    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+        (program,) = context._transport._os.step_programs().values()
+        middle = [calls is not None for calls in program.calls[1:-1]]
+        assert program.calls[0] is None and program.calls[-1] is None  # an inference's start and end
+        assert any(middle)  # round 1's restore pops a one-time mask: Python; deeper ones are kernels
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+            got = model(x)
+            assert relative_error(got, reference(original, x)) <= 1e-4
+            assert fast.served == (i + 1) * sum(middle)
+            assert model.stats()["world_switches"] == model.num_rounds + 1
+        # Out of order (no inference under way): left to the TA, which refuses it.
+        step = 1 + middle.index(True)
+        with pytest.raises(tee_sim.TEEError) as refused:
+            model._steps[step]()
+        assert refused.value.code == tee_sim.TEE_ERROR_BAD_STATE and fast.served == 3 * sum(middle)
+    assert context._transport._os.step_programs() == {}  # the session closed: nothing left to answer
+    context.close()

@@ -324,6 +324,7 @@ class ShadowNetTA(TrustedApp):
 
     def _free(self, model: _Model) -> None:
         model.steps = None
+        model.fast = None  # it holds the steps too (and through them views of the shared memory)
         model.online = None
         model.views.clear()
         model.shm.clear()
@@ -409,7 +410,7 @@ class ShadowNetTA(TrustedApp):
             raise _error(TEE_ERROR_BAD_PARAMETERS,
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
                          f"{p['shared_memory_size']}")
-        model.steps = None
+        model.steps = model.fast = None
         try:
             rounds = {name.split("/")[0] for name in p["shared_buffers"] if name.startswith("round_")}
             if len(p["steps"]) != len(rounds) + 1:

@@ -272,6 +272,30 @@ def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
         assert loaded == [2] and model.accelerator.round_threads == (2,) * rounds
 
 
+def test_close_unmaps_the_models_shared_memory_in_the_secure_world(small_cnn):
+    """What a model registers - its buffers, its weights for the pool's refills - is unmapped in the secure
+    world when it closes: nothing the TA keeps (its steps, the fast path's step program) holds a view."""
+    import tee_sim
+
+    context = tee_sim.default_context()
+    if context.transport_name != "process":
+        pytest.skip("the secure world's own mappings: process transport only")
+
+    def mapped() -> int:
+        with open(f"/proc/{context._transport.proc.pid}/maps") as f:
+            return sum("memfd:tee_sim-shm" in line for line in f)
+
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out) as model:  # once first: the process's reusable bounce buffer stays
+        model(x)
+    before = mapped()
+    with shadownet.load(small_cnn.out, num_threads=2) as model:
+        for _ in range(3):
+            model(x)
+        assert mapped() >= before + 2
+    assert mapped() == before
+
+
 def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch):
     """A failed unmapping leaves a tensor's pages shared (still memory); the model still closes."""
     import warnings

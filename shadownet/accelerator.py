@@ -80,8 +80,9 @@ class LiteRTAccelerator:
     a ``TUNE_PAUSE_S`` busy pause as the caller's while the TEE works; when the rounds under
     ``SMALL_ROUND_S`` take ``SMALL_SHARE`` of the total or more, those are timed on one thread too,
     ``TUNE_REPEATS`` times each, alternated, and run where their median was smaller (one thread on a tie).
-    MobileNet (its small rounds ~10% of its time; tuned or not, 20.0 against 19.9 ms) and yolov4-tiny
-    keep one interpreter. With both, the weights are packed twice in normal-world memory.
+    MobileNet (its small rounds ~10% of its time; 8 of its 28 rounds on one thread gave 20.0 against
+    19.9 ms) and yolov4-tiny keep one interpreter. With both, the weights are packed twice in normal-world
+    memory. A round LiteRT cannot run fails here, at load, as an ``ArtifactError``.
     """
 
     TUNE_PAUSE_S = 50e-6
@@ -166,7 +167,11 @@ class LiteRTAccelerator:
         clock = time.perf_counter
         for _, wrapper, subgraphs, _ in loaded:
             for r in rounds:
-                wrapper.Invoke(subgraphs[r])
+                try:
+                    wrapper.Invoke(subgraphs[r])
+                except RuntimeError as exc:
+                    raise ArtifactError(f"LiteRT cannot run round {r + 1} of untrusted.tflite: "
+                                        f"{exc}") from None
         times = np.empty((len(loaded), repeats, len(rounds)))
         for rep in range(repeats):
             for i, r in enumerate(rounds):

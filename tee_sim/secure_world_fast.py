@@ -6,7 +6,8 @@ C calls the step is made of, or none when the step needs the app's Python. ``Sec
 for requests in ``FastPath.serve``, which answers those steps itself - same checks (the session's command,
 one input Value, the step expected next), same response - and hands everything else back to Python.
 After every request Python handles, ``refresh`` takes the programs of the sessions still open and alive.
-Only the process transport has it; the in-process one calls the app directly.
+Its polling yields the core between looks for the whole window (the secure world's ``hard_spin_us`` applies
+to Python's polling only). Only the process transport has it; the in-process one calls the app directly.
 """
 
 from __future__ import annotations

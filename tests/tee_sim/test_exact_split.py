@@ -71,6 +71,14 @@ def test_push_sends_halves_that_add_up_to_the_masked_input(pad):
                                atol=2 * np.finfo(np.float32).eps * (np.abs(v).max() + GRID))
     if pad:  # the border carries the mask's halves exactly
         assert np.array_equal(dst[:, 0, :, :3], hi[:, 0]) and np.array_equal(dst[:, 0, :, 3:], lo[:, 0])
+    # Inside, bit for bit the float32 arithmetic the kernel states.
+    inside = dst[:, 1:7, 2:8] if pad else dst
+    ri = r[:, 1:7, 2:8] if pad else r
+    step, inverse = np.float32(GRID), np.float32(1 / GRID)
+    high = np.rint(ri * inverse) * step
+    w = v + (ri - high)
+    q = np.rint(w * inverse) * step
+    assert np.array_equal(inside[..., :3], high + q) and np.array_equal(inside[..., 3:], w - q)
 
 
 def test_restore_pops_the_halves_before_restoring():

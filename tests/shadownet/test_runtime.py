@@ -272,6 +272,52 @@ def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
         assert loaded == [2] and model.accelerator.round_threads == (2,) * rounds
 
 
+def test_rounds_of_the_same_shapes_are_timed_through_a_few_and_choose_together(tmp_path, monkeypatch):
+    """Six identical 1x1 convolutions: the accelerator times at most TUNE_SAMPLES of them, and all six run
+    where most of those ran faster."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from shadownet.accelerator import LiteRTAccelerator
+    from tests.shadownet.small_models import reference
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_tensor("x", (1, 16, 16, 16), np.float32)
+    for i in range(6):
+        options = fb.Conv2DOptionsT()
+        options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
+        options.dilationHFactor = options.dilationWFactor = 1
+        options.fusedActivationFunction = fb.ActivationFunctionType.RELU
+        w = g.add_tensor(f"w{i}", (16, 1, 1, 16), np.float32, rng.standard_normal((16, 1, 1, 16)) * 0.25)
+        b = g.add_tensor(f"b{i}", (16,), np.float32, rng.standard_normal(16) * 0.1)
+        y = g.add_tensor(f"y{i}", (1, 16, 16, 16), np.float32)
+        g.add_op("CONV_2D", [x, w, b], [y], options)
+        x = y
+    g.inputs, g.outputs = [0], [x]
+    original = write_model(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=9)
+    timed = []
+
+    def timing(self, loaded, rounds, repeats):
+        timed.append(list(rounds))
+        if len(loaded) == 1:
+            return np.full((1, len(rounds)), 1e-4)  # all small
+        return np.array([[5e-5] * len(rounds), [8e-5] * len(rounds)])  # one thread faster
+
+    monkeypatch.setattr(LiteRTAccelerator, "_time_rounds", timing)
+    with shadownet.load(tmp_path / "out", num_threads=2) as model:
+        assert model.num_rounds == 6 and model.accelerator.round_threads == (1,) * 6
+        kinds = [r for r in timed[0] if r > 0]  # round 1 takes the raw input: a kind of its own
+        assert len(kinds) == LiteRTAccelerator.TUNE_SAMPLES and timed[1] == timed[0]
+        z = rng.uniform(0, 1, (1, 16, 16, 16)).astype(np.float32)
+        assert relative_error(model(z), reference(original, z)) <= TOLERANCE
+
+
 def test_close_unmaps_the_models_shared_memory_in_the_secure_world(small_cnn):
     """What a model registers - its buffers, its weights for the pool's refills - is unmapped in the secure
     world when it closes: nothing the TA keeps (its steps, the fast path's step program) holds a view."""

@@ -144,8 +144,12 @@ class ProcessTransport:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, "1")
         try:
+            # -P: the caller's working directory is not put first on the secure world's sys.path. A source
+            # checkout there (the README's main command runs in one) would shadow the installed package,
+            # which has the built kernels; and no directory of the normal world's choosing should supply
+            # the secure world's code.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tee_sim.secure_world", json.dumps(config)],
+                [sys.executable, "-P", "-m", "tee_sim.secure_world", json.dumps(config)],
                 pass_fds=(child_sock.fileno(), block_fd, req_efd, resp_efd),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -242,3 +242,18 @@ def test_prepared_command_runs_like_invoke_command(session):
     with pytest.raises(TEEError) as err:
         nothing()
     assert err.value.code == TEE_ERROR_BAD_STATE
+
+
+def test_secure_world_code_does_not_come_from_the_working_directory(tmp_path, monkeypatch):
+    """A `tee_sim` in the caller's working directory (a source checkout beside an installed package, or a
+    directory of the normal world's choosing) is not what the secure world runs."""
+    shadow = tmp_path / "cwd" / "tee_sim"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed tee_sim')\n")
+    (shadow / "secure_world.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with Context("process", home=tmp_path / "device", timeout=10.0) as context:
+        with context.open_session(TEST_TA_UUID) as s:
+            out = Value(direction="out")
+            s.invoke_command(Cmd.ADD, [Value(3, 4), out])
+            assert out.a == 7

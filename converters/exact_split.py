@@ -87,6 +87,7 @@ def split_weights(kind: str, weights: np.ndarray, split: Split) -> np.ndarray:
                            np.concatenate([lo, w], axis=-1)], axis=0)
 
 
-def dot_length(kind: str, weights: np.ndarray) -> int:
-    """Terms per output of a CONV_2D or FULLY_CONNECTED layer: taps x input channels."""
+def dot_length(weights: np.ndarray) -> int:
+    """Terms per output of a CONV_2D (``[M, kh, kw, C]``) or FULLY_CONNECTED (``[M, C]``) layer: taps x
+    input channels."""
     return int(np.prod(weights.shape[1:]))

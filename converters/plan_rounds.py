@@ -235,7 +235,7 @@ class RoundsBuilder:
                for op in readers):
             return None  # a dense layer on a flattened NHWC tensor: its weights would need reordering
         dist = self.scheme.mask_distribution(stats)
-        terms = max(exact_split.dot_length(op.kind, g.tensors[op.inputs[1]].data) for op in readers)
+        terms = max(exact_split.dot_length(g.tensors[op.inputs[1]].data) for op in readers)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
                                 max(stats.std, stats.rms), terms)
 

@@ -13,10 +13,9 @@ to Python's polling only). Only the process transport has it; the in-process one
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ class StepProgram:
     cursor: np.ndarray
     calls: Sequence[Sequence[tuple[int, int]] | None]
     keep: Any = None
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(init=False, repr=False)  # calls, flattened for C
 
     def __post_init__(self) -> None:
         flat = [c for step in self.calls if step is not None for c in step]
@@ -65,15 +64,13 @@ class _World(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL | None:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_secure_world_fast{suffix}"
-        if path.exists():
-            library = ctypes.CDLL(str(path))
-            library.sw_serve.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            library.sw_serve.restype = ctypes.c_int
-            return library
-    return None  # not built: the secure world serves every request in Python
+    spec = importlib.util.find_spec("tee_sim._secure_world_fast")  # the built file, not imported
+    if spec is None or spec.origin is None:
+        return None  # not built: the secure world serves every request in Python
+    library = ctypes.CDLL(spec.origin)
+    library.sw_serve.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    library.sw_serve.restype = ctypes.c_int
+    return library
 
 
 LIBRARY = _load()

@@ -8,7 +8,7 @@ Plain C without the Python API, called through ``ctypes`` with one structure per
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
+import importlib.util
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ta_shadownet_kernels.c")  # measured with the TA's code
@@ -16,18 +16,16 @@ LANES = 16  # the kernels' vector width in floats
 
 
 def _load() -> ctypes.CDLL:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_ta_shadownet_kernels{suffix}"
-        if path.exists():
-            library = ctypes.CDLL(str(path))
-            for name in ("sn_run", "fv_prepare", "fv_check"):
-                function = getattr(library, name)
-                function.argtypes = [ctypes.c_void_p]
-                function.restype = ctypes.c_int
-            return library
-    raise ImportError(f"the trusted app's C kernels are not built in {here}: reinstall shadownet "
-                      "(pip install .) on a machine with a C compiler")
+    spec = importlib.util.find_spec("tee_sim._ta_shadownet_kernels")  # the built file, not imported
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the trusted app's C kernels are not built in {Path(__file__).parent}: reinstall "
+                          "shadownet (pip install .) on a machine with a C compiler")
+    library = ctypes.CDLL(spec.origin)
+    for name in ("sn_run", "fv_prepare", "fv_check"):
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p]
+        function.restype = ctypes.c_int
+    return library
 
 
 LIBRARY = _load()

@@ -76,7 +76,7 @@ class LiteRTAccelerator:
     pool's workers go to sleep, and a round that starts after a TEE step pays for waking them, more than a
     small round gains from them. ResNet-44's 44 rounds on 2 threads: 1.55 ms back to back, 2.30 ms after
     5 us pauses, 3.3 ms after 40 us; on one thread 2.8 and 3.2 ms (protected, alternated: 5.8 -> 5.1 ms;
-    ResNet-404 55 -> 47 ms). At load every round is timed on ``num_threads`` threads, each after
+    ResNet-404 55 -> 47 ms). At load the rounds are timed on ``num_threads`` threads, each call after
     a ``TUNE_PAUSE_S`` busy pause as the caller's while the TEE works; when the rounds under
     ``SMALL_ROUND_S`` take ``SMALL_SHARE`` of the total or more, those are timed on one thread too,
     ``TUNE_REPEATS`` times each, alternated, and run where their median was smaller (one thread on a tie).
@@ -84,7 +84,8 @@ class LiteRTAccelerator:
     first inference take 2.1 s (1.9 s untimed; 3.7 s when each of its 404 rounds was timed).
     MobileNet (its small rounds ~10% of its time; 8 of its 28 rounds on one thread gave 20.0 against
     19.9 ms) and yolov4-tiny keep one interpreter. With both, the weights are packed twice in normal-world
-    memory. A round LiteRT cannot run fails here, at load, as an ``ArtifactError``.
+    memory. When the rounds are timed, one that LiteRT cannot run fails here, at load, as an
+    ``ArtifactError``.
     """
 
     TUNE_PAUSE_S = 50e-6

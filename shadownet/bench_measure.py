@@ -169,18 +169,23 @@ class _Protected:
         self.model.close()
 
 
-def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:
-    """Seconds of one call of ``runner`` made right after an untimed call of it (and, for a protected
-    model, the untimed refill of the one-time masks that call used): each mode is timed in its steady
-    state, as an app that runs it frame after frame sees it, whatever mode ran before. Timing the first
-    call after another mode flattered S/U: ResNet-44's unprotected median was 3.3-3.4 ms right after
-    all-in-tee-builtin against 1.8-1.9 ms after a call of its own, while shadownet's moved by 10%."""
-    runner(inputs)
-    if isinstance(runner, _Protected):
-        runner.refill()
+def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = None) -> float:
+    """Seconds of one ``call()`` made right after an untimed one (and ``between()``, untimed, after that:
+    a protected model's refill of the one-time masks it used): its steady state, as an app that runs it
+    frame after frame sees it, whatever ran before. Timing the first call after another mode flattered
+    S/U: ResNet-44's unprotected median was 3.3-3.4 ms right after all-in-tee-builtin against 1.8-1.9 ms
+    after a call of its own, while shadownet's moved by 10%. (``shadownet demo`` times with it too.)"""
+    call()
+    if between is not None:
+        between()
     start = time.perf_counter()
-    runner(inputs)
+    call()
     return time.perf_counter() - start
+
+
+def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:
+    """``steady_seconds`` of one mode's call on ``inputs``, a protected model's refill between."""
+    return steady_seconds(lambda: runner(inputs), runner.refill if isinstance(runner, _Protected) else None)
 
 
 def _frames_per_second(run: Callable[[], None], frames: int) -> float:

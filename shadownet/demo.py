@@ -84,6 +84,7 @@ def digits_accuracy(workdir: Path) -> dict[str, Any]:
 
 
 def mobilenet_latency(workdir: Path) -> dict[str, Any]:
+    from shadownet.bench_measure import steady_seconds
     from shadownet.runtime import load
 
     path = workdir / "mobilenet.tflite"
@@ -110,18 +111,10 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
         x = rng.uniform(-1, 1, size=shape).astype(dtype)
         plain_s, protected_s, parts = [], [], []
         for _ in range(LATENCY_RUNS):
-            # Each timed call right after an untimed one of its own (its steady state, as an app running
-            # frame after frame sees it): timed right after the other, unprotected ran up to 1.8x slower.
-            original(x)
-            start = time.perf_counter()
-            original(x)
-            plain_s.append(time.perf_counter() - start)
+            # Each timed call right after an untimed one of its own, as the bench times its modes.
+            plain_s.append(steady_seconds(lambda: original(x)))
             model.refill_masks()
-            model(x)
-            model.refill_masks()
-            start = time.perf_counter()
-            model(x)
-            protected_s.append(time.perf_counter() - start)
+            protected_s.append(steady_seconds(lambda: model(x), model.refill_masks))
             parts.append(model.stats())
         stats = parts[-1]
     median = statistics.median

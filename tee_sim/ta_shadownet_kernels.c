@@ -29,8 +29,8 @@
  * alternated, medians of 15): yolov4-tiny 28.5-29.0 -> 24.4-25.5 ms, MobileNet 15.5-16.3 -> 10.3-11.9 ms,
  * ResNet-44 1.9-2.3 -> 1.6 ms. Unmasked, the last stage stores straight into dst when it writes exactly
  * dst's channels (in-process TA time: MobileNet 6.5-7.3 -> 5.4-6.0 ms, yolov4-tiny 19.8 -> 14.4-15.4).
- * Written with GCC's vector extension so that it vectorizes on any target; x86-64 builds carry AVX-512
- * and AVX2 clones chosen at load time.
+ * Written with GCC's vector extension so that it vectorizes on any target; on x86-64, setup.py builds it
+ * three times - for AVX-512, AVX2 and the baseline - and the loader picks what the CPU runs (SN_VL below).
  *
  * Plain C, no Python API: tee_sim.ta_shadownet_restore_push loads it with ctypes and passes one
  * `sn_step` per instruction, prepared once when the program is bound.
@@ -39,22 +39,30 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef SN_CLONES /* -DSN_CLONES= builds one version for the compiler's target (how the tests try each) */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SN_CLONES
-#endif
-#endif
-/* Everything a clone calls is inlined into it, so that it is compiled for the clone's target too. */
 #define INLINE static inline __attribute__((always_inline))
 
+/* LANES: the width of the layouts shared with Python (block matrices padded to it; Freivalds' packed
+ * lanes), and of the check's vectors. */
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 INLINE vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* SN_VL: the restore / push path's vector width in floats, the target's own - 16 with AVX-512, 8 with
+ * AVX2, 4 otherwise - as setup.py builds one library per x86-64 level (tee_sim.ta_shadownet_kernels loads
+ * the best this CPU runs). GCC lowers a 16-float vector on a target without 64-byte registers badly: every
+ * store and comparison went through the stack, element by element, and MobileNet's restores took 3x as
+ * long on an AVX2 machine (20 ms per inference against 6.8 on an AVX-512 one). */
+#ifndef SN_VL
+#define SN_VL 4
+#endif
+typedef float vn __attribute__((vector_size(SN_VL * sizeof(float))));
+typedef int32_t vni __attribute__((vector_size(SN_VL * sizeof(int32_t))));
+
+INLINE vn loadn(const float *p) { vn v; memcpy(&v, p, sizeof v); return v; }
+INLINE void storen(float *p, vn v) { memcpy(p, &v, sizeof v); }
 
 enum { SN_NONE = 0, SN_GATHER = 1, SN_BLOCKS = 2, SN_SCALE = 3 };
 enum { SN_IDENTITY = 0, SN_RELU = 1, SN_RELU6 = 2, SN_RELU_N1_TO_1 = 3, SN_LEAKY_RELU = 4 };
@@ -127,24 +135,24 @@ typedef struct {
     int64_t addend_pix;
 } epilogue;
 
-INLINE vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+INLINE vn select(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m)); }
 
 /* As activate() below, on one vector (a NaN gives the same result: every comparison is false). */
-INLINE vf activated(vf v, int32_t kind, float alpha) {
-    const vf zero = {0}, six = zero + 6.0f, one = zero + 1.0f;
+INLINE vn activated(vn v, int32_t kind, float alpha) {
+    const vn zero = {0}, six = zero + 6.0f, one = zero + 1.0f;
     switch (kind) {
     case SN_RELU: return select(v > zero, v, zero);
     case SN_RELU6: v = select(v > zero, v, zero); return select(v < six, v, six);
     case SN_RELU_N1_TO_1: v = select(v > -one, v, -one); return select(v < one, v, one);
-    case SN_LEAKY_RELU: { vf a = v * alpha; return select(v > a, v, a); }
+    case SN_LEAKY_RELU: { vn a = v * alpha; return select(v > a, v, a); }
     default: return v;
     }
 }
 
-INLINE vf finish(vf v, const epilogue *e, int64_t p, int32_t c) {
+INLINE vn finish(vn v, const epilogue *e, int64_t p, int32_t c) {
     if (!e) return v;
-    if (e->offset) v += load(e->offset + p * e->offset_pix + c);
-    if (e->addend) v += load(e->addend + p * e->addend_pix + c);
+    if (e->offset) v += loadn(e->offset + p * e->offset_pix + c);
+    if (e->addend) v += loadn(e->addend + p * e->addend_pix + c);
     return activated(v, e->activation, e->alpha);
 }
 
@@ -178,28 +186,61 @@ INLINE void scale_rows(const sn_linear *l, const float *in, int64_t in_pix, floa
         const float *x = in + p * in_pix;
         float *o = out + p * stride;
         int32_t i = 0;
-        for (; i + LANES <= n; i += LANES) store(o + i, finish(c ? load(x + i) * load(c + i) : load(x + i), e, p, i));
+        for (; i + SN_VL <= n; i += SN_VL)
+            storen(o + i, finish(c ? loadn(x + i) * loadn(c + i) : loadn(x + i), e, p, i));
         for (; i < n; i++) o[i] = finish1(c ? x[i] * c[i] : x[i], e, p, i);
     }
 }
 
-/* out[p] = in[p] @ M for t pixels, M a 16 x 16 block held in registers. */
+#if SN_VL == 16
+/* out[p] = in[p] @ M for t pixels, M a 16 x 16 block held in registers (16 of AVX-512's 32). */
 INLINE void block16(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
                     const float *m, const epilogue *e, int32_t c) {
-    vf m0 = load(m), m1 = load(m + 16), m2 = load(m + 32), m3 = load(m + 48), m4 = load(m + 64),
-       m5 = load(m + 80), m6 = load(m + 96), m7 = load(m + 112), m8 = load(m + 128), m9 = load(m + 144),
-       m10 = load(m + 160), m11 = load(m + 176), m12 = load(m + 192), m13 = load(m + 208),
-       m14 = load(m + 224), m15 = load(m + 240);
+    vn m0 = loadn(m), m1 = loadn(m + 16), m2 = loadn(m + 32), m3 = loadn(m + 48), m4 = loadn(m + 64),
+       m5 = loadn(m + 80), m6 = loadn(m + 96), m7 = loadn(m + 112), m8 = loadn(m + 128), m9 = loadn(m + 144),
+       m10 = loadn(m + 160), m11 = loadn(m + 176), m12 = loadn(m + 192), m13 = loadn(m + 208),
+       m14 = loadn(m + 224), m15 = loadn(m + 240);
     for (int64_t p = 0; p < t; p++) {
         const float *x = in + p * in_pix;
         /* two sums: half the chain of dependent FMAs */
-        vf a = x[0] * m0 + x[2] * m2, b = x[1] * m1 + x[3] * m3;
+        vn a = x[0] * m0 + x[2] * m2, b = x[1] * m1 + x[3] * m3;
         a += x[4] * m4; b += x[5] * m5; a += x[6] * m6; b += x[7] * m7;
         a += x[8] * m8; b += x[9] * m9; a += x[10] * m10; b += x[11] * m11;
         a += x[12] * m12; b += x[13] * m13; a += x[14] * m14; b += x[15] * m15;
-        store(out + p * out_pix, finish(a + b, e, p, c));
+        storen(out + p * out_pix, finish(a + b, e, p, c));
     }
 }
+
+#else
+/* The same where M would not fit in registers (16 x 16 floats: 32 of AVX2's 16): four pixels at a time,
+ * each of M's rows read once (from the L1 cache) for the four, into 16 / SN_VL vectors per pixel. */
+#define BLOCK_PARTS (16 / SN_VL)
+INLINE void block16(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
+                    const float *m, const epilogue *e, int32_t c) {
+    int64_t p = 0;
+    for (; p + 4 <= t; p += 4) {
+        const float *x[4] = {in + p * in_pix, in + (p + 1) * in_pix, in + (p + 2) * in_pix,
+                             in + (p + 3) * in_pix};
+        vn acc[4][BLOCK_PARTS] = {{{0}}};
+        for (int32_t i = 0; i < 16; i++)
+            for (int32_t h = 0; h < BLOCK_PARTS; h++) {
+                vn row = loadn(m + 16 * i + h * SN_VL);
+                for (int32_t q = 0; q < 4; q++) acc[q][h] += x[q][i] * row;
+            }
+        for (int32_t q = 0; q < 4; q++)
+            for (int32_t h = 0; h < BLOCK_PARTS; h++)
+                storen(out + (p + q) * out_pix + h * SN_VL, finish(acc[q][h], e, p + q, c + h * SN_VL));
+    }
+    for (; p < t; p++) {
+        const float *x = in + p * in_pix;
+        for (int32_t h = 0; h < BLOCK_PARTS; h++) {
+            vn a = {0};
+            for (int32_t i = 0; i < 16; i++) a += x[i] * loadn(m + 16 * i + h * SN_VL);
+            storen(out + p * out_pix + h * SN_VL, finish(a, e, p, c + h * SN_VL));
+        }
+    }
+}
+#endif
 
 /* out[p] = in[p] @ M for t pixels, any block shape (M [width_in][padded]). */
 INLINE void block_any(const float *in, int64_t in_pix, float *out, int64_t out_pix, int64_t t,
@@ -207,15 +248,15 @@ INLINE void block_any(const float *in, int64_t in_pix, float *out, int64_t out_p
     int32_t padded = (width_out + LANES - 1) / LANES * LANES;
     for (int64_t p = 0; p < t; p++) {
         const float *x = in + p * in_pix;
-        for (int32_t c0 = 0; c0 < width_out; c0 += LANES) {
-            vf a = {0}, b = {0};
+        for (int32_t c0 = 0; c0 < width_out; c0 += SN_VL) {
+            vn a = {0}, b = {0};
             int32_t i = 0;
             for (; i + 2 <= width_in; i += 2) {
-                a += x[i] * load(m + (int64_t)i * padded + c0);
-                b += x[i + 1] * load(m + (int64_t)(i + 1) * padded + c0);
+                a += x[i] * loadn(m + (int64_t)i * padded + c0);
+                b += x[i + 1] * loadn(m + (int64_t)(i + 1) * padded + c0);
             }
-            if (i < width_in) a += x[i] * load(m + (int64_t)i * padded + c0);
-            store(out + p * out_pix + c0, finish(a + b, e, p, c + c0));
+            if (i < width_in) a += x[i] * loadn(m + (int64_t)i * padded + c0);
+            storen(out + p * out_pix + c0, finish(a + b, e, p, c + c0));
         }
     }
 }
@@ -223,7 +264,7 @@ INLINE void block_any(const float *in, int64_t in_pix, float *out, int64_t out_p
 /* A pixel's channels (a loop, not a call of memcpy per pixel). */
 INLINE void copy(float *restrict dst, const float *restrict x, int32_t n) {
     int32_t i = 0;
-    for (; i + LANES <= n; i += LANES) store(dst + i, load(x + i));
+    for (; i + SN_VL <= n; i += SN_VL) storen(dst + i, loadn(x + i));
     for (; i < n; i++) dst[i] = x[i];
 }
 
@@ -300,7 +341,7 @@ INLINE int exact(const sn_linear *l) {
 INLINE void activate(float *x, int64_t n, int32_t kind, float alpha) {
     if (kind == SN_IDENTITY) return;
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) store(x + i, activated(load(x + i), kind, alpha));
+    for (; i + SN_VL <= n; i += SN_VL) storen(x + i, activated(loadn(x + i), kind, alpha));
     for (; i < n; i++) x[i] = activated1(x[i], kind, alpha);
 }
 
@@ -674,13 +715,13 @@ INLINE void pop_halves(const float *y, int64_t y_pix, const float *pop, int64_t 
         const float *a = y + p * y_pix, *q = pop + p * pop_pix;
         float *o = out + p * out_pix;
         int32_t c = 0;
-        for (; c + LANES <= m; c += LANES)
-            store(o + c, (load(a + c) - load(q + c)) + (load(a + m + c) - load(q + m + c)));
+        for (; c + SN_VL <= m; c += SN_VL)
+            storen(o + c, (loadn(a + c) - loadn(q + c)) + (loadn(a + m + c) - loadn(q + m + c)));
         for (; c < m; c++) o[c] = (a[c] - q[c]) + (a[m + c] - q[m + c]);
     }
 }
 
-SN_CLONES int sn_run(const sn_step *s) {
+int sn_run(const sn_step *s) {
     int64_t stride = s->stride, tile = s->tile;
     float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
     float *tile_y = s->scratch + 3 * tile * stride;
@@ -802,16 +843,33 @@ SN_CLONES int sn_run(const sn_step *s) {
     default: return -1;                            \
     }
 
-SN_CLONES int fv_prepare(fv_prepare_t *s) {
+int fv_prepare(fv_prepare_t *s) {
     if (s->dw_weights) FOR_LANE_LAYOUT(prepare_dw, s)
     if (s->c <= LANES / s->kp) FOR_LANE_LAYOUT(prepare_small, s)
     FOR_LANE_LAYOUT(prepare_kp, s)
 }
 
-SN_CLONES int fv_check(fv_check_t *s) {
+int fv_check(fv_check_t *s) {
     vi worst = {0};
     double norm2 = 0.0;
     if (check_rows_kp(s, s->y, s->m, s->p * s->m, 0, s->p, &worst, &norm2)) return -1;
     check_done(s, worst, norm2);
+    return 0;
+}
+
+/* Which of setup.py's builds of this file the CPU runs: 2 the AVX-512 one (F, BW, CD, DQ, VL), 1 the AVX2
+ * one (with FMA), 0 only the baseline. Called in the baseline build, whose code runs everywhere;
+ * libgcc's test also asks the operating system whether it saves the wider registers. */
+int sn_cpu_level(void) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vl"))
+            return 2;
+        return 1;
+    }
+#endif
     return 0;
 }

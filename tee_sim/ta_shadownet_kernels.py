@@ -3,6 +3,9 @@
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``fv_prepare`` and ``fv_check``
 (Freivalds' check, ``tee_sim.freivalds``). The C file says why C and how each kernel works.
+
+On x86-64 the file is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
+that the CPU runs, as the baseline build's ``sn_cpu_level`` reports it, among those that were built.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import importlib.util
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ta_shadownet_kernels.c")  # measured with the TA's code
-LANES = 16  # the kernels' vector width in floats
+LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
+VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 
 
-def _load() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("tee_sim._ta_shadownet_kernels")  # the built file, not imported
-    if spec is None or spec.origin is None:
-        raise ImportError(f"the trusted app's C kernels are not built in {Path(__file__).parent}: reinstall "
-                          "shadownet (pip install .) on a machine with a C compiler")
-    library = ctypes.CDLL(spec.origin)
+def _find(suffix: str) -> str | None:
+    spec = importlib.util.find_spec(f"tee_sim._ta_shadownet_kernels{suffix}")  # the built file, not imported
+    return None if spec is None or spec.origin is None else spec.origin
+
+
+def _open(path: str) -> ctypes.CDLL:
+    library = ctypes.CDLL(path)
     for name in ("sn_run", "fv_prepare", "fv_check"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
@@ -28,4 +33,19 @@ def _load() -> ctypes.CDLL:
     return library
 
 
-LIBRARY = _load()
+def runnable() -> dict[str, ctypes.CDLL]:
+    """Every build of the kernels this CPU runs, by name (``baseline``, ``avx2``, ``avx512``), best last."""
+    baseline = _find("")
+    if baseline is None:
+        raise ImportError(f"the trusted app's C kernels are not built in {Path(__file__).parent}: reinstall "
+                          "shadownet (pip install .) on a machine with a C compiler")
+    found = {"baseline": _open(baseline)}
+    level = found["baseline"].sn_cpu_level()
+    for suffix in VARIANTS[1:level + 1]:
+        path = _find(suffix)
+        if path is not None:
+            found[suffix[1:]] = _open(path)
+    return found
+
+
+VARIANT, LIBRARY = list(runnable().items())[-1]

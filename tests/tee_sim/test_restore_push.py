@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 
 from tee_sim import ta_shadownet_restore_push as rp
+from tee_sim.ta_shadownet_kernels import runnable
+
+BUILDS = runnable()
 
 ACTIVATIONS = {None: lambda v: v, "RELU": lambda v: np.maximum(v, 0), "RELU6": lambda v: np.clip(v, 0, 6),
                "RELU_N1_TO_1": lambda v: np.clip(v, -1, 1),
                "LEAKY_RELU": lambda v: np.where(v > 0, v, 0.2 * v)}
+
+
+@pytest.fixture(autouse=True, params=list(BUILDS))
+def kernels(request, monkeypatch):
+    """Every test on each build of the kernels this CPU runs (setup.py builds one per vector width)."""
+    monkeypatch.setattr(rp, "LIBRARY", BUILDS[request.param])
 
 
 def _alloc(shape, dtype):

@@ -15,7 +15,10 @@ from shadownet.cli import main
 from shadownet.exceptions import IntegrityError, ShadowNetError
 from tee_sim import freivalds
 from tee_sim.freivalds import LayerCheck
+from tee_sim.ta_shadownet_kernels import runnable
 from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
+
+BUILDS = runnable()
 
 TOLERANCE = 1e-4
 TRIALS = 24  # per kind of tampering
@@ -249,8 +252,10 @@ def _setup(geometry, seed: int = 0, projections: int | None = None):
     return check, x, w, y64, u, f, rng
 
 
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}-{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
-def test_check_accepts_the_layer_and_rejects_a_change(geometry):
+def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypatch):
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])  # each build of the kernels this CPU runs
     check, x, w, y64, u, f, rng = _setup(geometry)
     y = y64.astype(np.float32)  # an honest float32 result (rounded once)
     for _ in range(5):

@@ -85,8 +85,10 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration, ValueError):
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    from tee_sim.ta_shadownet_kernels import VARIANT  # the TA kernels' build for this CPU (setup.py)
+
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": memory, "python": platform.python_version(),
-            "load_average": [round(x, 2) for x in load] if load else None}
+            "tee_kernels": VARIANT, "load_average": [round(x, 2) for x in load] if load else None}
 
 
 def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:

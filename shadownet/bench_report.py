@@ -154,7 +154,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     m = report["machine"]
     s = report["settings"]
     out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
-           f"load average at the end {m['load_average']}.",
+           f"TA kernels built for {m.get('tee_kernels', '?')}, load average at the end {m['load_average']}.",
            f"Settings: scheme {s['scheme']}, {s['num_threads']} threads, {s['num_runs']} runs after "
            f"{s['warmup_runs']} warm-up runs, delegate {s['delegate'] or 'none (XNNPACK)'}, mask rounds "
            f"{s.get('mask_rounds', 'default')}{', verify mode' if s.get('verify') else ''}."]

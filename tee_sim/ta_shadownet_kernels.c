@@ -42,13 +42,8 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* LANES: the width of the layouts shared with Python (block matrices padded to it; Freivalds' packed
- * lanes), and of the check's vectors. */
+ * lanes). */
 #define LANES 16
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-INLINE vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-INLINE void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* SN_VL: the restore / push path's vector width in floats, the target's own - 16 with AVX-512, 8 with
  * AVX2, 4 otherwise - as setup.py builds one library per x86-64 level (tee_sim.ta_shadownet_kernels loads
@@ -63,6 +58,16 @@ typedef int32_t vni __attribute__((vector_size(SN_VL * sizeof(int32_t))));
 
 INLINE vn loadn(const float *p) { vn v; memcpy(&v, p, sizeof v); return v; }
 INLINE void storen(float *p, vn v) { memcpy(p, &v, sizeof v); }
+
+#if SN_VL == 16
+#define IOTA {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#elif SN_VL == 8
+#define IOTA {0, 1, 2, 3, 4, 5, 6, 7}
+#elif SN_VL == 4
+#define IOTA {0, 1, 2, 3}
+#else
+#error "SN_VL must be 4, 8 or 16"
+#endif
 
 enum { SN_NONE = 0, SN_GATHER = 1, SN_BLOCKS = 2, SN_SCALE = 3 };
 enum { SN_IDENTITY = 0, SN_RELU = 1, SN_RELU6 = 2, SN_RELU_N1_TO_1 = 3, SN_LEAKY_RELU = 4 };
@@ -402,26 +407,56 @@ struct fv_check {
     int32_t want_norm;
 };
 
-typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
-typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
-typedef float v2f __attribute__((vector_size(2 * sizeof(float))));
+/* A vector of the packed layout's 16 lanes, as PARTS vectors of the target's width (lane l: part l / SN_VL,
+ * lane l % SN_VL of it); with AVX-512, one register. */
+#define PARTS (LANES / SN_VL)
+typedef struct { vn part[PARTS]; } vl;
+typedef struct { vni part[PARTS]; } vli;
 
-/* The G = 16 / kp floats at x repeated kp times (kp is a constant where this is inlined): a 16-float
- * load and one permutation. (Widening a 4-float load instead went through the stack with GCC 12: 7x
- * slower.) Reads 16 floats: the caller makes sure they are readable. */
-INLINE vf repeat(const float *x, int32_t kp) {
-    vf v = load(x);
-    switch (kp) {
-    case 1: return v;
-    case 2: return __builtin_shuffle(v, (vi){0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7});
-    case 4: return __builtin_shuffle(v, (vi){0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3});
-    case 8: return __builtin_shuffle(v, (vi){0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1});
-    default: return __builtin_shuffle(v, (vi){0});
-    }
+INLINE vl vl_load(const float *p) {
+    vl v;
+    for (int32_t h = 0; h < PARTS; h++) v.part[h] = loadn(p + h * SN_VL);
+    return v;
 }
 
+INLINE void vl_store(float *p, vl v) {
+    for (int32_t h = 0; h < PARTS; h++) storen(p + h * SN_VL, v.part[h]);
+}
+
+INLINE vl vl_zero(void) { vl v; for (int32_t h = 0; h < PARTS; h++) v.part[h] = (vn){0}; return v; }
+
+INLINE vl vl_add(vl a, vl b) { for (int32_t h = 0; h < PARTS; h++) a.part[h] += b.part[h]; return a; }
+
+/* acc + a * b, lane by lane */
+INLINE vl vl_fma(vl acc, vl a, vl b) {
+    for (int32_t h = 0; h < PARTS; h++) acc.part[h] += a.part[h] * b.part[h];
+    return acc;
+}
+
+INLINE float vl_lane(vl v, int32_t l) { return v.part[l / SN_VL][l % SN_VL]; }
+
+/* The G = 16 / kp floats at base + start (start < 16) repeated kp times (kp is a constant where this is
+ * inlined): a load and at most one permutation per part. Reads within base[0, 16) and within
+ * base[start, start + max(G, SN_VL)): the caller makes sure they are readable. (Widening a 4-float load
+ * instead went through the stack with GCC 12: 7x slower.) */
+INLINE vl repeat_at(const float *base, int32_t start, int32_t kp) {
+    int32_t g = LANES / kp;
+    vl v;
+    if (g >= SN_VL) {
+        for (int32_t h = 0; h < PARTS; h++) v.part[h] = loadn(base + start + (h * SN_VL) % g);
+        return v;
+    }
+    const vni iota = IOTA;
+    int32_t chunk = start / SN_VL * SN_VL; /* g divides SN_VL: the group lies in one chunk */
+    vn r = __builtin_shuffle(loadn(base + chunk), iota % g + (start - chunk));
+    for (int32_t h = 0; h < PARTS; h++) v.part[h] = r;
+    return v;
+}
+
+INLINE vl repeat(const float *x, int32_t kp) { return repeat_at(x, 0, kp); }
+
 /* The same where fewer than 16 floats are left in the buffer (the rest read as 0). */
-static vf repeat_tail(const float *x, int32_t kp, int64_t room) {
+static vl repeat_tail(const float *x, int32_t kp, int64_t room) {
     float tail[LANES] = {0};
     memcpy(tail, x, (size_t)(room < LANES ? room : LANES) * sizeof(float));
     switch (kp) {
@@ -433,50 +468,57 @@ static vf repeat_tail(const float *x, int32_t kp, int64_t room) {
     }
 }
 
-/* Every lane of projection j's block of G lanes gets the block's sum (log2 G shuffle-adds). */
-INLINE vf block_sums(vf v, int32_t kp) {
+/* Every lane of projection j's block of G lanes gets the block's sum (log2 G shuffle-adds and part
+ * adds). */
+INLINE vl block_sums(vl v, int32_t kp) {
     int32_t g = LANES / kp;
-    if (g >= 2) v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    if (g >= 4) v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    if (g >= 8) v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    if (g >= 16) v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    const vni iota = IOTA;
+    for (int32_t h = 0; h < PARTS; h++)
+        for (int32_t d = 1; d < g && d < SN_VL; d *= 2) v.part[h] += __builtin_shuffle(v.part[h], iota ^ d);
+    for (int32_t span = 1; span * SN_VL < g; span *= 2) /* blocks wider than a part */
+        for (int32_t h = 0; h < PARTS; h++)
+            if (!(h & span)) v.part[h] = v.part[h + span] = v.part[h] + v.part[h + span];
     return v;
 }
 
 /* A row of `count` values times packed [groups][16] coefficients, accumulated per lane; `room`: floats
- * readable from x. kp is a constant where this is inlined. Each 16-float load of x serves kp groups
- * (one permutation each; kp = 16 broadcasts every value from memory instead), into four sums: one chain
+ * readable from x. kp is a constant where this is inlined. The 16 floats at x + cg * G serve kp groups
+ * (a permutation each; kp = 16 broadcasts every value from memory instead), into four sums: one chain
  * of dependent FMAs would wait on each one's latency (measured: a single sum was 1.3-1.5x slower). */
-INLINE vf dot_groups(vf acc, const float *x, int64_t count, int64_t room, const float *coef, int32_t kp) {
+INLINE vl dot_groups(vl acc, const float *x, int64_t count, int64_t room, const float *coef, int32_t kp) {
     int32_t g = LANES / kp;
     int64_t groups = (count + g - 1) / g;
     int64_t cg = 0;
-    vf sums[4] = {acc, {0}, {0}, {0}};
+    vl sums[4] = {acc, vl_zero(), vl_zero(), vl_zero()};
     if (kp == LANES) {
-        for (; cg < groups; cg++) sums[cg & 3] += x[cg] * load(coef + cg * LANES);
-    } else {
-        const vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-        for (; cg + kp <= groups && cg * g + LANES <= room; cg += kp) {
-            vf v = load(x + cg * g);
-            for (int32_t q = 0; q < kp; q++)
-                sums[q & 3] += __builtin_shuffle(v, lanes % g + q * g) * load(coef + (cg + q) * LANES);
+        for (; cg < groups; cg++) {
+            vl c = vl_load(coef + cg * LANES);
+            for (int32_t h = 0; h < PARTS; h++) sums[cg & 3].part[h] += x[cg] * c.part[h];
         }
+    } else {
+        for (; cg + kp <= groups && cg * g + LANES <= room; cg += kp)
+            for (int32_t q = 0; q < kp; q++)
+                sums[q & 3] = vl_fma(sums[q & 3], repeat_at(x + cg * g, q * g, kp),
+                                     vl_load(coef + (cg + q) * LANES));
         for (; cg < groups; cg++) {
             const float *at = x + cg * g;
-            sums[cg & 3] += (room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g))
-                            * load(coef + cg * LANES);
+            sums[cg & 3] = vl_fma(sums[cg & 3],
+                                  room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g),
+                                  vl_load(coef + cg * LANES));
         }
     }
-    return (sums[0] + sums[1]) + (sums[2] + sums[3]);
+    return vl_add(vl_add(sums[0], sums[1]), vl_add(sums[2], sums[3]));
 }
 
 INLINE float squared_norm(const float *x, int64_t n) {
-    vf acc = {0};
+    vn acc = {0};
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) { vf v = load(x + i); acc += v * v; }
-    /* a tree of 4 shuffle-adds: 16 serial scalar adds cost a pixel of 32 channels more than its products
+    for (; i + SN_VL <= n; i += SN_VL) { vn v = loadn(x + i); acc += v * v; }
+    /* a tree of shuffle-adds: 16 serial scalar adds cost a pixel of 32 channels more than its products
      * (perf, MobileNet's checks) */
-    float q = n >= LANES ? block_sums(acc, 1)[0] : 0.0f;
+    const vni iota = IOTA;
+    for (int32_t d = 1; d < SN_VL; d *= 2) acc += __builtin_shuffle(acc, iota ^ d);
+    float q = n >= SN_VL ? acc[0] : 0.0f;
     for (; i < n; i++) q += x[i] * x[i];
     return q;
 }
@@ -489,9 +531,9 @@ INLINE void pixel_norms(fv_prepare_t *s) {
 
 /* Output position `out`'s z (projection j: lane j * G of `sums`) and tolerance, from its window's squared
  * norm q; returns the tolerance squared (for ||tau||). */
-INLINE double put_position(fv_prepare_t *s, vf sums, float q, int64_t out, int32_t kp) {
+INLINE double put_position(fv_prepare_t *s, vl sums, float q, int64_t out, int32_t kp) {
     int32_t g = LANES / kp;
-    for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = sums[j * g];
+    for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = vl_lane(sums, j * g);
     float t = s->unit * sqrtf(q);
     s->tau[out] = t;
     return (double)t * t;
@@ -529,13 +571,14 @@ INLINE void prepare_kp(fv_prepare_t *s, int32_t kp) {
                     for (int64_t ow = lo; ow < hi; ow++) {
                         int64_t iw = ow * s->sw + shift;
                         const float *xp = row + iw * c;
-                        store(acc + ow * LANES, dot_groups(load(acc + ow * LANES), xp, c, end - (xp - s->x), f, kp));
+                        vl_store(acc + ow * LANES,
+                                 dot_groups(vl_load(acc + ow * LANES), xp, c, end - (xp - s->x), f, kp));
                         q[ow] += row_norms[iw];
                     }
                 }
             }
             for (int64_t ow = 0; ow < s->wo; ow++, out++)
-                total += put_position(s, block_sums(load(acc + ow * LANES), kp), q[ow], out, kp);
+                total += put_position(s, block_sums(vl_load(acc + ow * LANES), kp), q[ow], out, kp);
         }
     }
     s->tau_norm = sqrt(total);
@@ -571,13 +614,13 @@ INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
     for (int64_t b = 0; b < s->n; b++) {
         for (int64_t oh = 0; oh < s->ho; oh++) {
             for (int64_t ow = 0; ow < s->wo; ow++, out++) {
-                vf acc = {0};
+                vl acc = vl_zero();
                 float q = 0.0f;
                 FOR_EACH_TAP(s, b, oh, ow,
                     int64_t room = end - pix * c;
                     const float *at = s->x + pix * c;
-                    acc += (room >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room))
-                           * load(s->filters + ((int64_t)i * s->kw + j) * LANES);
+                    acc = vl_fma(acc, room >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room),
+                                 vl_load(s->filters + ((int64_t)i * s->kw + j) * LANES));
                     q += s->norms[pix];
                 )
                 total += put_position(s, block_sums(acc, kp), q, out, kp);
@@ -589,9 +632,9 @@ INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
 
 /* A depthwise layer with multiplier 1: its Freivalds filters read as many inputs per output as the layer
  * itself (k T C multiply-adds per position, against the layer's T C), so the TEE computes the layer, y =
- * L(x, W'), position by position (each 16 channels' taps summed in a register, the taps outside the input
- * skipped), and projects each position's y as the check projects the accelerator's: z_p = u . y_p, T C +
- * k C multiply-adds per position. Same z in exact arithmetic; the rounding of both is inside tau
+ * L(x, W'), position by position (each vector of channels' taps summed in a register, the taps outside the
+ * input skipped), and projects each position's y as the check projects the accelerator's: z_p = u . y_p,
+ * T C + k C multiply-adds per position. Same z in exact arithmetic; the rounding of both is inside tau
  * (tee_sim.freivalds). */
 INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
     int32_t kernel = s->kh * s->kw;
@@ -613,24 +656,24 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
                     ws[taps++] = s->dw_weights + ((int64_t)i * s->kw + j) * mp;
                     q += s->norms[pix];
                 )
-                for (int64_t v = 0; v < mp; v += LANES) {
-                    vf a = {0};
+                for (int64_t v = 0; v < mp; v += SN_VL) {
+                    vn a = {0};
                     for (int32_t t = 0; t < taps; t++) {
                         /* past channel c a vector reads the next pixel's, times zero weights */
-                        vf xv;
-                        if (v + LANES <= rooms[t]) {
-                            xv = load(xs[t] + v);
+                        vn xv;
+                        if (v + SN_VL <= rooms[t]) {
+                            xv = loadn(xs[t] + v);
                         } else {
-                            float tail[LANES] = {0};
+                            float tail[SN_VL] = {0};
                             int64_t left = rooms[t] - v < 0 ? 0 : rooms[t] - v;
-                            memcpy(tail, xs[t] + v, (size_t)(left < LANES ? left : LANES) * sizeof(float));
-                            xv = load(tail);
+                            memcpy(tail, xs[t] + v, (size_t)(left < SN_VL ? left : SN_VL) * sizeof(float));
+                            xv = loadn(tail);
                         }
-                        a += load(ws[t] + v) * xv;
+                        a += loadn(ws[t] + v) * xv;
                     }
-                    store(y + v, a);
+                    storen(y + v, a);
                 }
-                total += put_position(s, block_sums(dot_groups((vf){0}, y, c, mp, s->u, kp), kp), q, out, kp);
+                total += put_position(s, block_sums(dot_groups(vl_zero(), y, c, mp, s->u, kp), kp), q, out, kp);
             }
         }
     }
@@ -641,31 +684,44 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
  * the largest |u . y_p - z_p| / tau_p so far in *worst (as the bits of a non-negative float, which
  * order like it: NaN's lie above infinity's), ||y||^2 so far in *norm2 when asked. */
 INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
-                       vi *worst, double *norm2, int32_t kp) {
+                       vli *worst, double *norm2, int32_t kp) {
     int32_t g = LANES / kp;
-    vi valid, spread; /* lanes of existing projections; lane l reads z[l / G] */
-    for (int32_t l = 0; l < LANES; l++) { valid[l] = l / g < s->k ? -1 : 0; spread[l] = l / g; }
-    vi magnitude = (vi){0} + 0x7fffffff; /* all bits but the sign */
+    vni valid[PARTS], spread[PARTS]; /* lanes of existing projections; part h, lane i reads z[l / G - base] */
+    int32_t base[PARTS];             /* for l = h * SN_VL + i, base = h * SN_VL / G */
+    for (int32_t h = 0; h < PARTS; h++) {
+        base[h] = h * SN_VL / g;
+        for (int32_t i = 0; i < SN_VL; i++) {
+            int32_t l = h * SN_VL + i;
+            valid[h][i] = l / g < s->k ? -1 : 0;
+            spread[h][i] = l / g - base[h];
+        }
+    }
+    const vni magnitude = (vni){0} + 0x7fffffff; /* all bits but the sign */
     for (int64_t p = 0; p < t; p++) {
         const float *yp = y + p * y_pix;
-        vf w = block_sums(dot_groups((vf){0}, yp, s->m, room - p * y_pix, s->u, kp), kp);
-        vf z = __builtin_shuffle(load(s->z + (p0 + p) * kp), spread); /* z has 16 floats of slack */
-        vf off = (vf)((vi)(w - z) & magnitude);
-        vi ratio = (vi)(off / s->tau[p0 + p]) & valid & (off != 0.0f); /* 0 where both are 0; inf where tau is */
-        vi larger = ratio > *worst;
-        *worst = (ratio & larger) | (*worst & ~larger);
+        vl w = block_sums(dot_groups(vl_zero(), yp, s->m, room - p * y_pix, s->u, kp), kp);
+        const float *zp = s->z + (p0 + p) * kp; /* z has 16 floats of slack */
+        float tau = s->tau[p0 + p];
+        for (int32_t h = 0; h < PARTS; h++) {
+            vn z = __builtin_shuffle(loadn(zp + base[h]), spread[h]);
+            vn off = (vn)((vni)(w.part[h] - z) & magnitude);
+            vni ratio = (vni)(off / tau) & valid[h] & (off != 0.0f); /* 0 where both are 0; inf where tau is */
+            vni larger = ratio > worst->part[h];
+            worst->part[h] = (ratio & larger) | (worst->part[h] & ~larger);
+        }
         if (s->want_norm) *norm2 += squared_norm(yp, s->m);
     }
 }
 
-INLINE int32_t vmax(vi v) {
+INLINE int32_t vmax(vli v) {
     int32_t top = 0;
-    for (int32_t l = 0; l < LANES; l++) top = v[l] > top ? v[l] : top;
+    for (int32_t h = 0; h < PARTS; h++)
+        for (int32_t i = 0; i < SN_VL; i++) top = v.part[h][i] > top ? v.part[h][i] : top;
     return top;
 }
 
 /* The outcome of a check into s: the worst ratio (NaN as infinity) and ||y||^2. */
-INLINE void check_done(fv_check_t *s, vi worst, double norm2) {
+INLINE void check_done(fv_check_t *s, vli worst, double norm2) {
     int32_t top = vmax(worst);
     float value;
     memcpy(&value, &top, sizeof value);
@@ -677,7 +733,7 @@ INLINE void check_done(fv_check_t *s, vi worst, double norm2) {
 
 /* check_rows for s->kp: one copy per lane layout, so that the shuffles are constants. */
 INLINE int check_rows_kp(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0,
-                         int64_t t, vi *worst, double *norm2) {
+                         int64_t t, vli *worst, double *norm2) {
     switch (s->kp) {
     case 1: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 1); return 0;
     case 2: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 2); return 0;
@@ -728,7 +784,7 @@ int sn_run(const sn_step *s) {
     int32_t n = s->a.n_out, c = s->channels;
     int restored = s->a.kind != SN_NONE;
     fv_check_t *check = s->check;
-    vi worst = {0};
+    vli worst = {{{0}}};
     double norm2 = 0.0;
     /* A scale, or a block restore with no permutation after it, adds the offset and activates each
      * vector as it leaves: two passes over the tile fewer. A per-channel offset (the bias) is padded with
@@ -850,7 +906,7 @@ int fv_prepare(fv_prepare_t *s) {
 }
 
 int fv_check(fv_check_t *s) {
-    vi worst = {0};
+    vli worst = {{{0}}};
     double norm2 = 0.0;
     if (check_rows_kp(s, s->y, s->m, s->p * s->m, 0, s->p, &worst, &norm2)) return -1;
     check_done(s, worst, norm2);

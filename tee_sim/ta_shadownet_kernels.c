@@ -489,22 +489,31 @@ INLINE vl dot_groups(vl acc, const float *x, int64_t count, int64_t room, const 
     int32_t g = LANES / kp;
     int64_t groups = (count + g - 1) / g;
     int64_t cg = 0;
+    /* Every index into sums is a constant once the loops are unrolled, so the sums can live in registers:
+     * indexed at run time (cg & 3), the array lived on the stack and each FMA chain went through
+     * store-to-load forwarding. */
     vl sums[4] = {acc, vl_zero(), vl_zero(), vl_zero()};
     if (kp == LANES) {
+        for (; cg + 4 <= groups; cg += 4)
+#pragma GCC unroll 4
+            for (int32_t q = 0; q < 4; q++) {
+                vl c = vl_load(coef + (cg + q) * LANES);
+                for (int32_t h = 0; h < PARTS; h++) sums[q].part[h] += x[cg + q] * c.part[h];
+            }
         for (; cg < groups; cg++) {
             vl c = vl_load(coef + cg * LANES);
-            for (int32_t h = 0; h < PARTS; h++) sums[cg & 3].part[h] += x[cg] * c.part[h];
+            for (int32_t h = 0; h < PARTS; h++) sums[0].part[h] += x[cg] * c.part[h];
         }
     } else {
         for (; cg + kp <= groups && cg * g + LANES <= room; cg += kp)
+#pragma GCC unroll 16
             for (int32_t q = 0; q < kp; q++)
                 sums[q & 3] = vl_fma(sums[q & 3], repeat_at(x + cg * g, q * g, kp),
                                      vl_load(coef + (cg + q) * LANES));
         for (; cg < groups; cg++) {
             const float *at = x + cg * g;
-            sums[cg & 3] = vl_fma(sums[cg & 3],
-                                  room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g),
-                                  vl_load(coef + cg * LANES));
+            sums[0] = vl_fma(sums[0], room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g),
+                             vl_load(coef + cg * LANES));
         }
     }
     return vl_add(vl_add(sums[0], sums[1]), vl_add(sums[2], sums[3]));

@@ -41,11 +41,10 @@ inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERA
 ||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load so that ``beta^k <=
 2^-26`` (6 bits of margin for inputs less isotropic than the estimate assumes; 2 bits for conv and
 dense layers with at least ``SMALL_OUTPUT`` output values, whose norms concentrate; ``MIN_PROJECTIONS`` at
-least). A check
-can also compute the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerCheck.check``
-returns ``log2 beta^k``); the tests assert it is at most -20 for every layer of every zoo model. A
-change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some layer has
-``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
+least). A check can also compute the bound it actually achieved from ``||tau||`` and ``||y'||``
+(``LayerCheck.check`` returns ``log2 beta^k``); the tests assert it is at most -20 for every layer of every
+zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
+layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
 """
 
 from __future__ import annotations

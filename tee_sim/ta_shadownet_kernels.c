@@ -19,7 +19,8 @@
  * Why C: the numpy version of this step made 4-6 passes over each tensor and called BLAS once per block
  * of 16 channels; this reads each input once and writes each output once. Blocks of 16 x 16 (group
  * mixing's usual case) keep their matrix in 16 vector registers while a tile of pixels streams through:
- * 16 broadcasts and 16 FMAs per pixel. The TA's time per inference (in-process, A/B interleaved on a
+ * 16 broadcasts and 16 FMAs per pixel (with AVX-512; with narrower vectors the matrix's rows stream from
+ * the L1 cache over four pixels at a time). The TA's time per inference (in-process, A/B interleaved on a
  * 2-core VM): ResNet-44 1.3-2.3 -> 0.8-1.5 ms (small tensors: numpy's per-call costs dominated),
  * yolov4-tiny 34 -> 23-25 ms, MobileNet 11.3 -> 9.0-10.3 ms (its restores are bound by memory traffic
  * either way: a 112x112x64 restore takes 0.57 ms in cache, 1.5 ms out of it, a plain copy 0.71 ms).

@@ -237,12 +237,15 @@ INLINE void block16(const float *in, int64_t in_pix, float *out, int64_t out_pix
             for (int32_t h = 0; h < BLOCK_PARTS; h++)
                 storen(out + (p + q) * out_pix + h * SN_VL, finish(acc[q][h], e, p + q, c + h * SN_VL));
     }
-    for (; p < t; p++) {
+    for (; p < t; p++) { /* two sums: half the chain of dependent FMAs */
         const float *x = in + p * in_pix;
         for (int32_t h = 0; h < BLOCK_PARTS; h++) {
-            vn a = {0};
-            for (int32_t i = 0; i < 16; i++) a += x[i] * loadn(m + 16 * i + h * SN_VL);
-            storen(out + p * out_pix + h * SN_VL, finish(a, e, p, c + h * SN_VL));
+            vn a = {0}, b = {0};
+            for (int32_t i = 0; i < 16; i += 2) {
+                a += x[i] * loadn(m + 16 * i + h * SN_VL);
+                b += x[i + 1] * loadn(m + 16 * (i + 1) + h * SN_VL);
+            }
+            storen(out + p * out_pix + h * SN_VL, finish(a + b, e, p, c + h * SN_VL));
         }
     }
 }

@@ -439,7 +439,12 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         step.pop = _tensor(pop, grid)
     step.grid = split_grid
     step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
-    step.scratch, step.stride, step.tile = model.scratch.ctypes.data, model.stride, model.tile
+    # The tiles as wide as this step needs, as long as the model's scratch allows: with the model's
+    # widest stride everywhere (MobileNet's 1024 channels: 7 pixels a tile) a 112x112x64 restore ran most
+    # of its pixels through the kernel's one-pixel remainders.
+    stride = -(-(widest + LANES) // LANES) * LANES
+    tile = max(1, min(MAX_TILE_PIXELS, model.tile * model.stride // stride))
+    step.scratch, step.stride, step.tile = model.scratch.ctypes.data, stride, tile
     if check is not None:
         step.check = ctypes.addressof(check)
     if copy is not None:

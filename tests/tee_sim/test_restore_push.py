@@ -325,3 +325,32 @@ def test_a_restore_wider_than_the_stacked_bias_takes_the_unfused_path():
     rp.compile_restore(model, instr, y, out)()
     want = np.maximum(_apply(y, index, coef) + arrays["o"], 0)
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_narrow_step_takes_longer_tiles_than_the_models_widest():
+    """Each step's tiles are as wide as its own channels need: beside a 1024-channel step (7 pixels a tile),
+    a 64-channel restore runs tiles of ~90 pixels within the same scratch, and still matches."""
+    rng = np.random.default_rng(11)
+    (index, coef), m = RESTORES["blocks16"](rng)
+    n = index.shape[1]
+    shape = (1, 9, 100)
+    y = rng.standard_normal((*shape, m)).astype(np.float32)
+    offset = rng.standard_normal(n).astype(np.float32)
+    wide = 1024
+    arrays = {"i": index, "c": coef, "o": offset, "wi": np.arange(wide, dtype=np.int32)[None],
+              "wc": np.ones((1, wide), np.float32), "wo": np.zeros(wide, np.float32)}
+    narrow = {"op": "restore", "src": "shm:y", "dst": "slot:out", "index": "i", "coef": "c", "offset": "o",
+              "activation": "RELU6", "alpha": None}
+    widest = {"op": "restore", "src": "shm:w", "dst": "slot:wout", "index": "wi", "coef": "wc",
+              "offset": "wo", "activation": None, "alpha": None}
+    shapes = {"shm:y": y.shape, "slot:out": (*shape, n), "shm:w": (1, 2, 2, wide),
+              "slot:wout": (1, 2, 2, wide)}
+    model = _model(arrays, [narrow, widest], shapes)
+    assert model.tile <= 8
+    out = np.full((*shape, n), np.nan, np.float32)
+    kernel = rp.compile_restore(model, narrow, y, out)
+    step = kernel.__defaults__[0][0]  # the kernel's prepared sn_step
+    assert step.tile > 10 * model.tile and 4 * step.tile * step.stride <= model.scratch.size
+    kernel()
+    want = ACTIVATIONS["RELU6"](_apply(y, index, coef) + offset)
+    assert np.abs(out - want).max() <= 1e-5 * max(1.0, np.abs(want).max())

@@ -442,8 +442,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     # The tiles as wide as this step needs, as long as the model's scratch allows: with the model's
     # widest stride everywhere (MobileNet's 1024 channels: 7 pixels a tile) a 112x112x64 restore ran most
     # of its pixels through the kernel's one-pixel remainders.
-    stride = -(-(widest + LANES) // LANES) * LANES
-    tile = max(1, min(MAX_TILE_PIXELS, model.tile * model.stride // stride))
+    stride, tile = _tiles(widest, model.tile * model.stride)
     step.scratch, step.stride, step.tile = model.scratch.ctypes.data, stride, tile
     if check is not None:
         step.check = ctypes.addressof(check)
@@ -550,6 +549,13 @@ def elements(shape: list[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+def _tiles(widest: int, floats: int) -> tuple[int, int]:
+    """``(stride, tile)`` for channels up to ``widest``: the floats per pixel in the kernel's tiles (plus a
+    vector's spill, rounded to ``LANES``) and the pixels per tile in ``floats`` floats."""
+    stride = -(-(widest + LANES) // LANES) * LANES
+    return stride, max(1, min(MAX_TILE_PIXELS, floats // stride))
+
+
 def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray],
                  shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int, int]:
     """``(stride, tile, scratch)``: the floats per pixel in the kernel's tiles (the widest channel count of
@@ -562,8 +568,7 @@ def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray
         for name in ("index", "input_index"):
             if i.get(name):
                 widest = max(widest, *arrays[i[name]].shape)
-    stride = -(-(widest + LANES) // LANES) * LANES
-    tile = max(1, min(MAX_TILE_PIXELS, TILE_FLOATS // stride))
+    stride, tile = _tiles(widest, TILE_FLOATS)
     scratch = 4 * tile * stride  # three tiles for the stages, one for a secure copy of a checked result
     for i in (i for step in steps for i in step if i["op"] == "max_pool" and any(map(any, i["pad"]))):
         n, h, w, c = shape_of(i["srcs"][0])

@@ -10,9 +10,10 @@ k's instructions, prebuilt as closures over preallocated arrays, so an inference
   obfuscation of an accelerator output, then obfuscate and mask the next round's input into shared
   memory (``tee_sim.ta_shadownet_restore_push``, which also says why these kernels);
 - ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
-- numpy ops (``binary``, ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``,
-  ``max_pool``): the TEE's own ops that the TA runs itself on its arena, exact as LiteRT's
-  (``tee_sim.ta_shadownet_numpy_ops``);
+- numpy ops (``binary``, ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``):
+  the TEE's own ops that the TA runs itself on its arena, exact as LiteRT's
+  (``tee_sim.ta_shadownet_numpy_ops``); ``max_pool`` likewise, one call of a C kernel
+  (``tee_sim.ta_shadownet_max_pool``);
 - ``litert``: one signature of the TEE-side ``.tflite`` that holds the step's other ops (LiteRT gives
   their exact semantics: RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
   tensors whose buffers the restores and copies write directly.
@@ -66,6 +67,7 @@ from tee_sim.ta_shadownet_commands import (
     Command,
 )
 from tee_sim.ta_shadownet_kernels import SOURCE as KERNEL_SOURCE
+from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import (
     Linear,
@@ -144,7 +146,7 @@ class ShadowNetTA(TrustedApp):
     CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
                     "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
                     "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push",
-                    "tee_sim.ta_shadownet_kernels")
+                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_kernels")
     CODE_FILES = (KERNEL_SOURCE,)
 
     def create(self) -> None:
@@ -449,9 +451,12 @@ class ShadowNetTA(TrustedApp):
         if op == "litert":
             wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
             return lambda: wrapper.Invoke(sub)
+        if op == "max_pool":
+            (src,), (dst,) = ([self._ref(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
+            return compile_max_pool(instr, src, dst)
         if "srcs" in instr:
             return compile_numpy(instr, [self._ref(model, r) for r in instr["srcs"]],
-                                 [self._ref(model, r) for r in instr["dsts"]], model.scratch)
+                                 [self._ref(model, r) for r in instr["dsts"]])
         src, dst = self._ref(model, instr["src"]), self._ref(model, instr["dst"])
         if op == "copy":
             if src.shape != dst.shape or src.dtype != dst.dtype:

@@ -1,8 +1,9 @@
 """The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, built by ``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
-``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``fv_prepare`` and ``fv_check``
-(Freivalds' check, ``tee_sim.freivalds``). The C file says why C and how each kernel works.
+``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
+(``tee_sim.ta_shadownet_max_pool``), ``fv_prepare`` and ``fv_check`` (Freivalds' check,
+``tee_sim.freivalds``). The C file says why C and how each kernel works.
 
 On x86-64 the file is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
 that the CPU runs, as the baseline build's ``sn_cpu_level`` reports it, among those that were built.
@@ -26,7 +27,7 @@ def _find(suffix: str) -> str | None:
 
 def _open(path: str) -> ctypes.CDLL:
     library = ctypes.CDLL(path)
-    for name in ("sn_run", "fv_prepare", "fv_check"):
+    for name in ("sn_run", "sn_max_pool", "fv_prepare", "fv_check"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
         function.restype = ctypes.c_int

@@ -1,11 +1,11 @@
 """The ShadowNet trusted app's numpy kernels: the ops it runs itself rather than through LiteRT.
 
 The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op (``binary``,
-``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``, ``max_pool``; see
-``converters.plan_numpy``); ``compile_numpy`` turns it into a closure over the preallocated arrays that
-the TA resolved, so running it allocates nothing. Each kernel is an IEEE add / multiply / max or a copy:
-the results are LiteRT's float kernels' bit for bit. (Activations that follow a restore are fused into
-it: ``tee_sim.ta_shadownet_restore_push``.)
+``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``; see ``converters.plan_numpy``);
+``compile_numpy`` turns it into a closure over the preallocated arrays that the TA resolved, so running it
+allocates nothing. Each kernel is an IEEE add / multiply / max or a copy: the results are LiteRT's float
+kernels' bit for bit. (Activations that follow a restore are fused into it:
+``tee_sim.ta_shadownet_restore_push``; ``max_pool`` is a C kernel: ``tee_sim.ta_shadownet_max_pool``.)
 """
 
 from __future__ import annotations
@@ -62,10 +62,9 @@ def interior(pad: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(b, n - a) for (b, a), n in zip(pad, shape, strict=True))
 
 
-def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.ndarray],
-                  scratch: np.ndarray) -> Callable[[], Any]:
+def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.ndarray]) -> Callable[[], Any]:
     """One op the TA runs in numpy (``converters.plan_numpy.numpy_form``) over its resolved ``srcs`` and
-    ``dsts``: exact as LiteRT's float kernels. ``scratch``: secure scratch a padded max pool may use."""
+    ``dsts``: exact as LiteRT's float kernels."""
     op = instr["op"]
     if any(a.dtype != np.float32 for a in (*srcs, *dsts)):
         raise ValueError(f"{op}: only float32 tensors")
@@ -124,39 +123,5 @@ def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.n
         blocks = dst.reshape(n, h, fh, w, fw, c)
         spread = src[:, :, None, :, None, :]
         return lambda: np.copyto(blocks, spread)
-    if op == "max_pool":
-        return _compile_max_pool(instr, srcs[0], dst, scratch)
     raise ValueError(f"unknown instruction {op!r}")
 
-
-def _compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
-                      scratch: np.ndarray) -> Callable[[], Any]:
-    (fh, fw), (sh, sw) = instr["window"], instr["stride"]
-    (top, bottom), (left, right) = instr["pad"]
-    n, h, w, c = src.shape
-    oh, ow = dst.shape[1:3]
-    if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0:
-        raise ValueError(f"max pool {src.shape} -> {dst.shape}")
-    padded, fill = src, None
-    if top or bottom or left or right:
-        # Positions outside the input never win the max, as in LiteRT's kernel: pad with -inf.
-        size = n * (h + top + bottom) * (w + left + right) * c
-        padded = scratch[:size].reshape(n, h + top + bottom, w + left + right, c)
-        fill = padded[:, top:top + h, left:left + w, :]
-    windows = []
-    for i in range(fh):
-        for j in range(fw):
-            view = padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-            if view.shape != dst.shape:
-                raise ValueError(f"max pool {src.shape} -> {dst.shape}: window out of range")
-            windows.append(view)
-    first, rest = windows[0], windows[1:]
-
-    def max_pool() -> None:
-        if fill is not None:
-            padded.fill(-np.inf)
-            np.copyto(fill, src)
-        np.copyto(dst, first) if not rest else np.maximum(first, rest[0], out=dst)
-        for view in rest[1:]:
-            np.maximum(dst, view, out=dst)
-    return max_pool

@@ -560,8 +560,7 @@ def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray
                  shape_of: Callable[[str], tuple[int, ...]]) -> tuple[int, int, int]:
     """``(stride, tile, scratch)``: the floats per pixel in the kernel's tiles (the widest channel count of
     a restore or push, plus a vector's spill), the pixels per tile, and the float32 elements of the secure
-    scratch that its four tiles share with padded max pools (a padded copy of their input).
-    ``shape_of(ref)``: the shape of a buffer the program names."""
+    scratch that holds its four tiles. ``shape_of(ref)``: the shape of a buffer the program names."""
     widest = 1
     for i in (i for step in steps for i in step if i["op"] in ("restore", "push")):
         widest = max(widest, shape_of(i["src"])[-1], shape_of(i["dst"])[-1])
@@ -569,9 +568,4 @@ def scratch_size(steps: list[list[dict[str, Any]]], arrays: dict[str, np.ndarray
             if i.get(name):
                 widest = max(widest, *arrays[i[name]].shape)
     stride, tile = _tiles(widest, TILE_FLOATS)
-    scratch = 4 * tile * stride  # three tiles for the stages, one for a secure copy of a checked result
-    for i in (i for step in steps for i in step if i["op"] == "max_pool" and any(map(any, i["pad"]))):
-        n, h, w, c = shape_of(i["srcs"][0])
-        (top, bottom), (left, right) = i["pad"]
-        scratch = max(scratch, n * (h + top + bottom) * (w + left + right) * c)
-    return stride, tile, scratch
+    return stride, tile, 4 * tile * stride  # three tiles for the stages, one for a checked result's copy

@@ -1,0 +1,52 @@
+"""The ShadowNet trusted app's ``max_pool`` (MAX_POOL_2D; ``converters.plan_numpy``): one call of the C
+kernel ``sn_max_pool`` (``tee_sim/ta_shadownet_kernels.c``, which says how it matches numpy's and LiteRT's
+results), its parameters packed into a ``ctypes`` structure once, when the program is bound. As a single
+kernel call it also runs on the secure world's fast path (``ShadowNetTA.step_program``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tee_sim.ta_shadownet_kernels import LIBRARY
+
+SN_MAX_POOL = ctypes.cast(LIBRARY.sn_max_pool, ctypes.c_void_p).value  # for the secure world's fast path
+
+
+class _Pool(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
+                                            ("n", "h", "w", "c", "src_img", "src_row", "src_pix")),
+                ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
+                                            ("oh", "ow", "dst_img", "dst_row", "dst_pix")),
+                *((f, ctypes.c_int32) for f in ("fh", "fw", "sh", "sw", "top", "left"))]
+
+
+def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
+    """An NHWC float32 array's image, row and pixel strides in floats; its channels must be contiguous."""
+    if array.dtype != np.float32 or array.ndim != 4 or (array.shape[-1] > 1 and array.strides[-1] != 4) \
+            or any(s % 4 for s in array.strides):
+        raise ValueError(f"max pool {what}: {array.dtype} {array.shape} strides {array.strides}")
+    return tuple(s // 4 for s in array.strides[:3])
+
+
+def compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = max_pool(src)`` with the instruction's ``window``, ``stride`` and ``pad`` (``[[top,
+    bottom], [left, right]]``; positions in the padding never win), in place on both arrays."""
+    (fh, fw), (sh, sw) = instr["window"], instr["stride"]
+    (top, bottom), (left, right) = instr["pad"]
+    n, h, w, c = src.shape
+    oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
+    if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0 \
+            or (oh - 1) * sh + fh > h + top + bottom or (ow - 1) * sw + fw > w + left + right:
+        raise ValueError(f"max pool {src.shape} -> {dst.shape}: window {fh}x{fw}, stride {sh}x{sw}, "
+                         f"pad {instr['pad']}")
+    pool = _Pool(src.ctypes.data, n, h, w, c, *_strides(src, "input"),
+                 dst.ctypes.data, oh, ow, *_strides(dst, "output"), fh, fw, sh, sw, top, left)
+    run, address = LIBRARY.sn_max_pool, ctypes.addressof(pool)
+    kernel = lambda keep=(pool, src, dst): run(address)  # noqa: E731 - a function with an attribute
+    kernel.c_call = (SN_MAX_POOL, address)
+    return kernel

@@ -655,6 +655,14 @@ INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
     s->tau_norm = sqrt(total);
 }
 
+/* Vectors of channels summed side by side: each vector's taps are a chain of dependent FMAs, which one at
+ * a time waited on each FMA's latency (perf: nearly half of the prepare on the instruction after it).
+ * Four chains, with each tap's two pointers read once for the four: MobileNet's depthwise prepares 1.3-1.9x
+ * faster on the AVX2 build (112x112x32 1490 -> 1065 us, 56x56x128 997 -> 585 us, 28x28x256 585 -> 312
+ * us; minima of 40 calls, alternated in one process), z and tau bit for bit the same (each vector's taps
+ * are summed in the same order). Eight chains gained nothing more, and leave 32 channels out. */
+#define DW_VECTORS 4
+
 /* A depthwise layer with multiplier 1: its Freivalds filters read as many inputs per output as the layer
  * itself (k T C multiply-adds per position, against the layer's T C), so the TEE computes the layer, y =
  * L(x, W'), position by position (each vector of channels' taps summed in a register, the taps outside the
@@ -681,7 +689,22 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
                     ws[taps++] = s->dw_weights + ((int64_t)i * s->kw + j) * mp;
                     q += s->norms[pix];
                 )
-                for (int64_t v = 0; v < mp; v += SN_VL) {
+                int64_t v = 0;
+                int whole = 1; /* every tap's pixel has mp floats readable after it: no tail to mind */
+                for (int32_t t = 0; t < taps; t++) whole &= rooms[t] >= mp;
+                if (whole)
+                    for (; v + DW_VECTORS * SN_VL <= mp; v += DW_VECTORS * SN_VL) {
+                        vn a[DW_VECTORS] = {{0}};
+                        for (int32_t t = 0; t < taps; t++) {
+                            const float *xt = xs[t] + v, *wt = ws[t] + v;
+#pragma GCC unroll 8
+                            for (int32_t e = 0; e < DW_VECTORS; e++)
+                                a[e] += loadn(wt + e * SN_VL) * loadn(xt + e * SN_VL);
+                        }
+#pragma GCC unroll 8
+                        for (int32_t e = 0; e < DW_VECTORS; e++) storen(y + v + e * SN_VL, a[e]);
+                    }
+                for (; v < mp; v += SN_VL) {
                     vn a = {0};
                     for (int32_t t = 0; t < taps; t++) {
                         /* past channel c a vector reads the next pixel's, times zero weights */

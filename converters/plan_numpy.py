@@ -1,7 +1,7 @@
 """The ops the ShadowNet trusted app runs itself, in numpy, rather than through LiteRT: which graph ops
-qualify and their instruction forms (the TA's kernels: ``tee_sim.ta_shadownet_numpy_ops``). The
-activations among them are also fused into the restore of the offloaded op they follow
-(``converters.plan_rounds``).
+qualify and their instruction forms (the TA's kernels: ``tee_sim.ta_shadownet_numpy_ops``; ``max_pool``
+runs as a C kernel instead, ``tee_sim.ta_shadownet_max_pool``, with the same results). The activations
+among them are also fused into the restore of the offloaded op they follow (``converters.plan_rounds``).
 """
 
 from __future__ import annotations

@@ -124,4 +124,3 @@ def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.n
         spread = src[:, :, None, :, None, :]
         return lambda: np.copyto(blocks, spread)
     raise ValueError(f"unknown instruction {op!r}")
-

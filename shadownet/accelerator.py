@@ -77,8 +77,7 @@ class LiteRTAccelerator:
     small round gains from them. ResNet-44's 44 rounds on 2 threads: 1.55 ms back to back, 2.30 ms after
     5 us pauses, 3.3 ms after 40 us; on one thread 2.8 and 3.2 ms (protected, alternated: 5.8 -> 5.1 ms;
     ResNet-404 55 -> 47 ms). At load the rounds are timed on ``num_threads`` threads, each call after
-    a ``tune_pause_s`` busy pause as the caller's while the TEE works (``TUNE_PAUSE_S``; a verified
-    model's TEE steps are longer, ``TUNE_PAUSE_VERIFIED_S``: ``shadownet.runtime``); when the rounds under
+    a ``TUNE_PAUSE_S`` busy pause as the caller's while the TEE works; when the rounds under
     ``SMALL_ROUND_S`` take ``SMALL_SHARE`` of the total or more, those are timed on one thread too,
     ``TUNE_REPEATS`` times each, alternated, and run where their median was smaller (one thread on a tie).
     Rounds of the same shapes are timed through a few of them and choose together: ResNet-404's load and
@@ -89,22 +88,15 @@ class LiteRTAccelerator:
     ``ArtifactError``.
     """
 
-    TUNE_PAUSE_S = 50e-6  # about a TEE step with its crossing: ResNet-44 ~60 us on the AMD VM
-    # With verify=True the TEE also checks each result and prepares the next check: ResNet-44's steps with
-    # their crossings ~220 us. Tuned after 50 us pauses, its verified model kept 1-2 of 44 rounds on one
-    # thread; after 200 us, 30-31, and its latency fell (alternated, medians of 15: 18.25 / 18.9 ->
-    # 14.9 / 14.7 ms; all 44 on one thread 15.2 / 14.6 ms).
-    TUNE_PAUSE_VERIFIED_S = 200e-6
+    TUNE_PAUSE_S = 50e-6
     TUNE_REPEATS = 5
     TUNE_SAMPLES = 3
     SMALL_ROUND_S = 200e-6
     SMALL_SHARE = 0.25
 
     def __init__(self, model: bytes, rounds: Sequence[RoundSpec], num_threads: int | None = None,
-                 delegates: Sequence[Any] = (), tune_threads: bool = True,
-                 tune_pause_s: float = TUNE_PAUSE_S) -> None:
+                 delegates: Sequence[Any] = (), tune_threads: bool = True) -> None:
         self.rounds = tuple(rounds)
-        self.tune_pause_s = float(tune_pause_s)
         main = self._load(model, num_threads, delegates)
         kept = {num_threads: main}
         choice: list[int | None] = [num_threads] * len(self.rounds)
@@ -214,7 +206,7 @@ class LiteRTAccelerator:
                 order = range(len(loaded)) if (rep + i) % 2 == 0 else reversed(range(len(loaded)))
                 for c in order:
                     _, wrapper, subgraphs, _ = loaded[c]
-                    end = clock() + self.tune_pause_s
+                    end = clock() + self.TUNE_PAUSE_S
                     while clock() < end:
                         pass
                     start = clock()

@@ -165,9 +165,8 @@ class ProtectedModel:
 
     def _make_accelerator(self) -> Accelerator:
         num_threads, delegate, wrap = self._accelerator_args
-        pause = LiteRTAccelerator.TUNE_PAUSE_VERIFIED_S if self.verify else LiteRTAccelerator.TUNE_PAUSE_S
         base = LiteRTAccelerator(self.artifacts.untrusted, self.artifacts.rounds, num_threads,
-                                 load_delegates(delegate), tune_pause_s=pause)
+                                 load_delegates(delegate))
         return wrap(base) if wrap is not None else base
 
     # --- session life cycle -------------------------------------------------------------------------------

@@ -400,30 +400,3 @@ def test_pages_are_not_shared_where_buffers_overlap(tmp_path):
         assert len(accelerator._shared) == len(residues)
         accelerator.close()
         shm.release()
-
-
-def test_a_verified_model_tunes_its_rounds_after_the_longer_pauses_of_its_tee_steps(tmp_path, monkeypatch):
-    """The rounds' threads are timed after a pause as long as a TEE step between rounds: a verified model's
-    steps also check and prepare, so its accelerator is tuned after TUNE_PAUSE_VERIFIED_S."""
-    import warnings
-
-    from shadownet.accelerator import LiteRTAccelerator
-    from tests.shadownet.small_models import small_cnn
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        shadownet.convert(small_cnn(side=48), str(tmp_path / "out"), seed=6)
-    pauses = []
-
-    def timing(self, loaded, rounds, repeats):
-        pauses.append(self.tune_pause_s)
-        return np.full((len(loaded), len(rounds)), 1e-4)  # all small, tied: one thread
-
-    monkeypatch.setattr(LiteRTAccelerator, "_time_rounds", timing)
-    expected = {False: LiteRTAccelerator.TUNE_PAUSE_S, True: LiteRTAccelerator.TUNE_PAUSE_VERIFIED_S}
-    for verify, want in expected.items():
-        pauses.clear()
-        with shadownet.load(tmp_path / "out", num_threads=2, verify=verify, background_refill=False) as model:
-            assert pauses and set(pauses) == {want}
-            assert model.accelerator.round_threads == (1,) * model.num_rounds
-    assert LiteRTAccelerator.TUNE_PAUSE_VERIFIED_S > LiteRTAccelerator.TUNE_PAUSE_S

@@ -131,9 +131,9 @@ class LiteRTAccelerator:
     def _choose_threads(self, model: bytes, main: tuple[Any, ...], choice: list[int | None]) -> Any:
         """Set ``choice[r] = 1`` for the small rounds timed faster on one thread, or for all of them with
         ``small_rounds_one_thread`` (class docstring); returns the one-thread interpreter when some round
-        runs there. Rounds of the same computation (the same
-        tensor shapes: ResNet-404's 404 rounds are a handful of kinds) are timed through up to
-        ``TUNE_SAMPLES`` of them and choose together, as most of those (one thread on a tie)."""
+        runs there. Rounds of the same computation (the same tensor shapes: ResNet-404's 404 rounds are a
+        handful of kinds) are timed through up to ``TUNE_SAMPLES`` of them and choose together, as most of
+        those (one thread on a tie)."""
         self._fill_inputs(main)
         subgraphs = main[2]
         kinds: dict[tuple, list[int]] = {}

@@ -484,13 +484,19 @@ static vl repeat_tail(const float *x, int32_t kp, int64_t room) {
     }
 }
 
+/* Every lane of v gets the sum of its aligned block of g lanes (g a power of two; at most the whole
+ * vector): log2 g shuffle-adds. */
+INLINE vn lane_block_sums(vn v, int32_t g) {
+    const vni iota = IOTA;
+    for (int32_t d = 1; d < g && d < SN_VL; d *= 2) v += __builtin_shuffle(v, iota ^ d);
+    return v;
+}
+
 /* Every lane of projection j's block of G lanes gets the block's sum (log2 G shuffle-adds and part
  * adds). */
 INLINE vl block_sums(vl v, int32_t kp) {
     int32_t g = LANES / kp;
-    const vni iota = IOTA;
-    for (int32_t h = 0; h < PARTS; h++)
-        for (int32_t d = 1; d < g && d < SN_VL; d *= 2) v.part[h] += __builtin_shuffle(v.part[h], iota ^ d);
+    for (int32_t h = 0; h < PARTS; h++) v.part[h] = lane_block_sums(v.part[h], g);
     for (int32_t span = 1; span * SN_VL < g; span *= 2) /* blocks wider than a part */
         for (int32_t h = 0; h < PARTS; h++)
             if (!(h & span)) v.part[h] = v.part[h + span] = v.part[h] + v.part[h + span];
@@ -541,9 +547,7 @@ INLINE float squared_norm(const float *x, int64_t n) {
     for (; i + SN_VL <= n; i += SN_VL) { vn v = loadn(x + i); acc += v * v; }
     /* a tree of shuffle-adds: 16 serial scalar adds cost a pixel of 32 channels more than its products
      * (perf, MobileNet's checks) */
-    const vni iota = IOTA;
-    for (int32_t d = 1; d < SN_VL; d *= 2) acc += __builtin_shuffle(acc, iota ^ d);
-    float q = n >= SN_VL ? acc[0] : 0.0f;
+    float q = n >= SN_VL ? lane_block_sums(acc, SN_VL)[0] : 0.0f;
     for (; i < n; i++) q += x[i] * x[i];
     return q;
 }

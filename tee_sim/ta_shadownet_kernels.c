@@ -629,14 +629,19 @@ INLINE void prepare_kp(fv_prepare_t *s, int32_t kp) {
         }                                                                               \
     }
 
-/* prepare_kp for an input whose channels all fit in one vector group (C <= 16 / kp: an RGB image), position
- * by position: every tap's pixel times its filter vector into one register, the taps out of the input
- * skipped one by one. prepare_kp's tap-major loop spent its time on its accumulator in memory and its
- * group loop, for one multiply-add vector per position and tap: 1.6x slower on MobileNet's and
- * yolov4-tiny's first layers (800 -> 480 us, 2.7 -> 1.7 ms; minima of 25 calls, the two builds
- * alternated in one process; two accumulators instead of one gained nothing). */
+/* prepare_kp for an input whose channels fit in SMALL_GROUPS vector groups (C <= 3 * 16 / kp: an RGB image,
+ * or its exact split's 6 channels), position by position: every tap's pixel times its filter vectors into
+ * one register, the taps out of the input skipped one by one. prepare_kp's tap-major loop spent its time
+ * on its accumulator in memory and its group loop, for one multiply-add vector per position and tap: 1.6x
+ * slower on MobileNet's and yolov4-tiny's first layers (800 -> 480 us, 2.7 -> 1.7 ms; minima of 25 calls,
+ * the two builds alternated in one process; two accumulators instead of one gained nothing). With the
+ * exact split's 6 channels (two groups at 4 projections): 224x224x6 1641 -> 1323 us, 416x416x6 5633 ->
+ * 4497 us; a 32x32x16 layer at four groups was not faster (102 / 104 us), nor were four chains of FMAs
+ * instead of one (1584 -> 1918 us). */
+#define SMALL_GROUPS 3
 INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
-    int64_t c = s->c, end = s->n * s->h * s->w * c;
+    int32_t g = LANES / kp;
+    int64_t c = s->c, end = s->n * s->h * s->w * c, groups = (c + g - 1) / g;
     pixel_norms(s);
     double total = 0.0;
     int64_t out = 0;
@@ -646,10 +651,13 @@ INLINE void prepare_small(fv_prepare_t *s, int32_t kp) {
                 vl acc = vl_zero();
                 float q = 0.0f;
                 FOR_EACH_TAP(s, b, oh, ow,
-                    int64_t room = end - pix * c;
-                    const float *at = s->x + pix * c;
-                    acc = vl_fma(acc, room >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room),
-                                 vl_load(s->filters + ((int64_t)i * s->kw + j) * LANES));
+                    const float *f = s->filters + ((int64_t)i * s->kw + j) * groups * LANES;
+                    for (int64_t cg = 0; cg < groups; cg++) {
+                        int64_t room = end - pix * c - cg * g;
+                        const float *at = s->x + pix * c + cg * g;
+                        acc = vl_fma(acc, room >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room),
+                                     vl_load(f + cg * LANES));
+                    }
                     q += s->norms[pix];
                 )
                 total += put_position(s, block_sums(acc, kp), q, out, kp);
@@ -954,7 +962,7 @@ int sn_run(const sn_step *s) {
 
 int fv_prepare(fv_prepare_t *s) {
     if (s->dw_weights) FOR_LANE_LAYOUT(prepare_dw, s)
-    if (s->c <= LANES / s->kp) FOR_LANE_LAYOUT(prepare_small, s)
+    if (s->c <= SMALL_GROUPS * (LANES / s->kp)) FOR_LANE_LAYOUT(prepare_small, s)
     FOR_LANE_LAYOUT(prepare_kp, s)
 }
 

@@ -220,6 +220,7 @@ def _options(layer: dict):
 GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("CONV_2D", "SAME", 1, 1, (1, 12, 12, 16), (24, 3, 3, 16)),  # taps
     ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 3), (8, 3, 3, 3)),  # windows (few input channels)
+    ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 6), (8, 3, 3, 6)),  # few channels, in more than one group
     ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 3), (6, 3, 3, 3)),  # few input channels, dilated
     ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 8), (16, 3, 3, 8)),  # dilated
     ("CONV_2D", "VALID", 1, 1, (1, 7, 7, 32), (64, 1, 1, 32)),  # pointwise: direct

@@ -376,7 +376,7 @@ class PerInference:
         it writes and the preparation of that input's checks. ``compile_(src, dst, **verified)`` compiles
         the instruction itself (``tee_sim.ta_shadownet_restore_push``: the kernel makes the check and the
         secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
-        after: list[Callable[[], Any]] = []
+        prepares: list[list[Callable[[], None]]] = []  # per pool slot: the checks prepared from what it sends
         verified: dict[str, Any] = {}
         source, target = instr.get("src", ""), instr.get("dst", "")
         result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
@@ -384,8 +384,8 @@ class PerInference:
         if self.checks and target.startswith("shm:") and target[4:] in self.by_input:
             secure_x = self._x[:dst.size].reshape(dst.shape)
             verified["secure_dst"] = secure_x
-            for out in self.by_input[target[4:]]:
-                after.append(lambda out=out: self._prepare(out, secure_x))
+            prepares = [[self.checks[out].prepared(secure_x, *entry.projections[out])
+                         for out in self.by_input[target[4:]]] for entry in self._entries]
         mask = instr.get("mask")
         offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
         if mask in self.streams or offset in self.pops or checked:
@@ -412,21 +412,18 @@ class PerInference:
                 self._passed(result, fused)
         else:
             run = compile_(src, dst, **verified)
-        if not after:
+        if not prepares:
             return run
-        steps = (run, *after)
 
         def wrapped() -> None:
-            for step in steps:
-                step()
+            run()
+            for prepare in prepares[self.current.slot]:
+                prepare()
         return wrapped
 
     def attach(self, arrays: dict[str, np.ndarray]) -> None:
         """The model's array table (with ``live`` merged in): per-slot restores compile against it."""
         self.arrays = arrays
-
-    def _prepare(self, out: str, x: np.ndarray) -> None:
-        self.checks[out].prepare(x, *self.current.projections[out])
 
     def _failed(self, out: str, fused: Any) -> None:
         worst, _ = self.checks[out].outcome(fused)

@@ -346,6 +346,8 @@ class LayerCheck:
         def call(keep: tuple = (made, x, u, filters)) -> None:
             run(address)
             self.tau_norm = made.tau_norm
+        call.made = made  # type: ignore[attr-defined] - its tau_norm after a prepare made in C
+        call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
         return call
 
     def fused(self, u: np.ndarray) -> _Check:

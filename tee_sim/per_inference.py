@@ -249,6 +249,10 @@ class PerInference:
             capacity = int(min(MAX_POOL, max(MIN_POOL, DEFAULT_POOL_BYTES // max(self.entry_bytes, 1))))
         self.capacity = capacity
         self._entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
+        # Per slot, by checked output: the check's parameters for the restore kernel and its prepare's C
+        # struct (wrap fills them), read by tally.
+        self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
+        self._made: list[dict[str, Any]] = [{} for _ in self._entries]
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
         # What the instructions' shapes are checked against when they compile (the TA merges these into
@@ -361,6 +365,11 @@ class PerInference:
             self.refill(entries=1)
         self.current = self._ready.popleft()
         self.inferences += 1
+        # The achieved bound (a statistic, one more pass over each result) on the first inferences, then 1
+        # in 8.
+        want = int(self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0)
+        for fused in self._fused[self.current.slot].values():
+            fused.want_norm = want
 
     def end(self) -> None:
         """The inference is over (or abandoned): its entry is spent, to be made anew."""
@@ -376,7 +385,7 @@ class PerInference:
         it writes and the preparation of that input's checks. ``compile_(src, dst, **verified)`` compiles
         the instruction itself (``tee_sim.ta_shadownet_restore_push``: the kernel makes the check and the
         secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
-        prepares: list[list[Callable[[], None]]] = []  # per pool slot: the checks prepared from what it sends
+        prepares: list[list[Any]] = []  # per pool slot: the checks prepared from what it sends
         verified: dict[str, Any] = {}
         source, target = instr.get("src", ""), instr.get("dst", "")
         result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
@@ -384,8 +393,8 @@ class PerInference:
         if self.checks and target.startswith("shm:") and target[4:] in self.by_input:
             secure_x = self._x[:dst.size].reshape(dst.shape)
             verified["secure_dst"] = secure_x
-            prepares = [[self.checks[out].prepared(secure_x, *entry.projections[out])
-                         for out in self.by_input[target[4:]]] for entry in self._entries]
+            prepares = [[self._prepared(entry, out, secure_x) for out in self.by_input[target[4:]]]
+                        for entry in self._entries]
         mask = instr.get("mask")
         offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
         if mask in self.streams or offset in self.pops or checked:
@@ -395,47 +404,62 @@ class PerInference:
                     self.arrays[mask] = entry.masks[mask]
                 if offset in self.pops:
                     self.arrays[offset] = entry.offsets[offset]
-                fused = None
                 if checked:
                     fused = self.checks[result].fused(entry.projections[result][0])
+                    self._fused[entry.slot][result] = fused
                     verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
-                variants.append((compile_(src, dst, **verified), fused))
+                variants.append(compile_(src, dst, **verified))
 
             def run() -> None:
-                step, fused = variants[self.current.slot]
-                if fused is None:
-                    step()
-                    return
-                # The achieved bound (a statistic, one more pass over y) on the first inferences, then 1 in 8.
-                fused.want_norm = self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0
-                step()
-                self._passed(result, fused)
+                variants[self.current.slot]()
         else:
             run = compile_(src, dst, **verified)
-        if not prepares:
-            return run
+            if not prepares:
+                return run  # nothing per slot: the kernel itself (with its c_call, if it is one)
+            variants = [run] * len(self._entries)
+        prepares = prepares or [[] for _ in self._entries]
 
         def wrapped() -> None:
             run()
             for prepare in prepares[self.current.slot]:
                 prepare()
+        # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
+        # the slot's kernel, then its prepares; None where the kernel needs Python (a padded border).
+        wrapped.slot_calls = [  # type: ignore[attr-defined]
+            None if getattr(v, "c_call", None) is None else
+            [v.c_call, *(p.c_call for p in prepares[slot])]
+            for slot, v in enumerate(variants)]
         return wrapped
 
     def attach(self, arrays: dict[str, np.ndarray]) -> None:
         """The model's array table (with ``live`` merged in): per-slot restores compile against it."""
         self.arrays = arrays
 
+    def _prepared(self, entry: Entry, out: str, x: np.ndarray) -> Callable[[], None]:
+        """Layer ``out``'s prepare from ``x`` with ``entry``'s projections (its C struct kept for tally)."""
+        call = self.checks[out].prepared(x, *entry.projections[out])
+        self._made[entry.slot][out] = call.made
+        return call
+
     def _failed(self, out: str, fused: Any) -> None:
         worst, _ = self.checks[out].outcome(fused)
         raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} times "
                               "the float32 tolerance)")
 
-    def _passed(self, out: str, fused: Any) -> None:
-        worst, bound = self.checks[out].outcome(fused)
-        self.checked += 1
-        self.worst_ratio = max(self.worst_ratio, worst)
-        if bound is not None:
-            self.worst_bound_log2 = max(self.worst_bound_log2, bound)
+    def tally(self) -> None:
+        """The inference passed every check: add its outcomes to the statistics (the checks ran in the
+        kernels, on the C fast path or not)."""
+        if self.current is None:
+            return
+        made = self._made[self.current.slot]
+        for out, fused in self._fused[self.current.slot].items():
+            check = self.checks[out]
+            check.tau_norm = made[out].tau_norm  # this inference's prepare
+            worst, bound = check.outcome(fused)
+            self.checked += 1
+            self.worst_ratio = max(self.worst_ratio, worst)
+            if bound is not None:
+                self.worst_bound_log2 = max(self.worst_bound_log2, bound)
 
     def stats(self) -> dict[str, Any]:
         return {

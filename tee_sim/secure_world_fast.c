@@ -26,7 +26,10 @@ enum { OP_INVOKE = 1, VALUE_INPUT = 1, ORIGIN_TEE = 3 };
 typedef int (*sw_call)(const void *);
 
 /* One session's step command: step s (0 < s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
- * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1. */
+ * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1. A call that returns
+ * non-zero (a verified restore whose check failed) stops the step, left unanswered to the trusted app's
+ * Python, which runs it again from the start and reports what failed: each call redoes its whole work (a
+ * result the normal world changes back in between then passes its check: only checked results are used). */
 typedef struct {
     uint32_t session, cmd;
     int64_t steps;
@@ -78,7 +81,9 @@ int sw_serve(sw_world *w, uint64_t *last) {
                 || p->starts[step] < 0)
             return 1;
         int64_t start = now_ns();
-        for (int64_t k = p->starts[step]; k < p->ends[step]; k++) p->fns[k](p->args[k]);
+        int64_t k = p->starts[step];
+        while (k < p->ends[step] && p->fns[k](p->args[k]) == 0) k++;
+        if (k < p->ends[step]) return 1; /* a call failed (a check): the TA's Python runs the step again */
         *p->cursor = (int32_t)step + 1;
         uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
         uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};

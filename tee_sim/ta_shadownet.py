@@ -121,7 +121,7 @@ class _Model:
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     # The step expected next: a cell the secure world's fast path reads and advances too (step_program).
     cursor: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int32))
-    fast: StepProgram | None = None  # step_program's, for these steps
+    fast: dict[int, StepProgram] | None = None  # step_program's, for these steps, by pool slot
     online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
     shared: bytes | None = None  # key of the program it shares with other sessions (ShadowNetTA._programs)
 
@@ -475,17 +475,22 @@ class ShadowNetTA(TrustedApp):
 
     def step_program(self, session: dict[str, Any]) -> StepProgram | None:
         """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the middle steps whose
-        instructions are all single kernel calls (``c_call``; not those with one-time masks, checks or
-        padded borders, nor LiteRT ops), which it then runs without this app's Python, advancing
-        ``cursor`` as ``_run_step`` does."""
+        instructions are all kernel calls (``c_call``; or, where they differ per pool slot - one-time masks,
+        checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops), which it then runs
+        without this app's Python, advancing ``cursor`` as ``_run_step`` does. One program per slot: the
+        secure world takes it anew after step 0, which picks the inference's slot in Python."""
         model = session.get("model")
         if model is None or model.steps is None:
             return None
-        if model.fast is None or model.fast.keep is not model.steps:
-            calls = [[getattr(run, "c_call", None) for run in step] for step in model.steps]
-            model.fast = StepProgram(int(Command.RUN_STEP), model.cursor,
-                                     [c if None not in c else None for c in calls], keep=model.steps)
-        return model.fast
+        online = model.online
+        slot = online.current.slot if online is not None and online.current is not None else -1
+        if model.fast and next(iter(model.fast.values())).keep is not model.steps:
+            model.fast = None
+        model.fast = model.fast or {}
+        if slot not in model.fast:
+            calls = [_step_calls(step, slot) for step in model.steps]
+            model.fast[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
+        return model.fast[slot]
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         model = session.get("model")
@@ -508,7 +513,24 @@ class ShadowNetTA(TrustedApp):
             raise
         model.cursor[0] = 0 if last else step + 1
         if last and online is not None:
+            online.tally()
             online.end()
+
+
+def _step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:
+    """A step's C calls in pool slot ``slot`` (-1: no inference under way), or None if it needs Python."""
+    calls: list[tuple[int, int]] = []
+    for run in step:
+        by_slot = getattr(run, "slot_calls", None)
+        if by_slot is not None:
+            got = by_slot[slot] if 0 <= slot < len(by_slot) else None
+        else:
+            c_call = getattr(run, "c_call", None)
+            got = None if c_call is None else [c_call]
+        if got is None:
+            return None
+        calls += got
+    return calls
 
 
 def _placement(data: bytes, specs: dict[str, Any], size: int) -> dict[str, int]:

@@ -455,9 +455,16 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \
         border + [(d, m) for (d, _), (_, m) in zip(copy_border, border, strict=True)]
-    if not borders and check is None:
-        kernel = lambda keep=keep: run(address)  # noqa: E731 - a function with an attribute
-        kernel.c_call = (SN_RUN, address)  # for the secure world's fast path (ShadowNetTA.step_program)
+    if not borders:
+        if check is None:
+            kernel = lambda keep=keep: run(address)  # noqa: E731 - a function with an attribute
+        else:
+            def kernel(keep: tuple = keep) -> None:
+                if run(address):
+                    on_fail()
+        # For the secure world's fast path (ShadowNetTA.step_program), which hands a failed check's step
+        # back to Python: run again, it fails again and on_fail says what failed.
+        kernel.c_call = (SN_RUN, address)
         return kernel
 
     def guarded(keep: tuple = keep) -> None:

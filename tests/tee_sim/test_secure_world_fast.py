@@ -11,6 +11,8 @@ import pytest
 
 import shadownet
 import tee_sim
+from shadownet.accelerator import AcceleratorWrapper
+from shadownet.exceptions import IntegrityError
 from tee_sim import channel as ch
 from tee_sim.secure_os import NO_PARAMS, Outcome
 from tee_sim.secure_world_fast import FastPath
@@ -68,18 +70,67 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
         (program,) = context._transport._os.step_programs().values()
         middle = [calls is not None for calls in program.calls[1:-1]]
         assert program.calls[0] is None and program.calls[-1] is None  # an inference's start and end
-        assert any(middle)  # round 1's restore pops a one-time mask: Python; deeper ones are kernels
+        # With no inference under way, round 1's restore (it pops the slot's one-time mask) needs Python;
+        # deeper ones are kernels. In an inference the slot's program has it in C too.
+        assert any(middle) and not all(middle)
         rng = np.random.default_rng(0)
         for i in range(3):
             x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
             got = model(x)
             assert relative_error(got, reference(original, x)) <= 1e-4
-            assert fast.served == (i + 1) * sum(middle)
+            if i == 0:
+                per_inference = fast.served
+                assert per_inference > sum(middle)
+            assert fast.served == (i + 1) * per_inference
             assert model.stats()["world_switches"] == model.num_rounds + 1
         # Out of order (no inference under way): left to the TA, which refuses it.
         step = 1 + middle.index(True)
         with pytest.raises(tee_sim.TEEError) as refused:
             model._steps[step]()
-        assert refused.value.code == tee_sim.TEE_ERROR_BAD_STATE and fast.served == 3 * sum(middle)
+        assert refused.value.code == tee_sim.TEE_ERROR_BAD_STATE and fast.served == 3 * per_inference
     assert context._transport._os.step_programs() == {}  # the session closed: nothing left to answer
     context.close()
+
+
+class _Tamper(AcceleratorWrapper):
+    """Adds 1e-3 of the round's output norm to one result of round ``round`` while ``armed``."""
+
+    armed, round = False, 2
+
+    def run_round(self, r):
+        self.inner.run_round(r)
+        if self.armed and r == self.round:
+            (name,) = [n for n in self.buffers if n.startswith(f"round_{r}/out/")][:1]
+            y = self.buffers[name].reshape(-1)
+            y[7] += np.float32(1e-3 * np.linalg.norm(y.astype(np.float64)))
+
+
+def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(tmp_path, monkeypatch):
+    """A verified model's checked restores and prepares run on the fast path; a check that fails there is
+    handed back to the TA, whose Python runs the step again and raises IntegrityError."""
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=8)
+    context = tee_sim.Context("inprocess")
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    fast = _through_fast_path(context, monkeypatch)
+    made = []
+    with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
+                        accelerator=lambda inner: made.append(_Tamper(inner)) or made[-1]) as model:
+        rng = np.random.default_rng(1)
+        xs = [rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32) for _ in range(4)]
+        for i, x in enumerate(xs[:3]):
+            assert relative_error(model(x), reference(original, x)) <= 1e-4
+            if i == 0:
+                per_inference = fast.served
+                assert per_inference >= model.num_rounds - 2  # the checked steps too, not only plain ones
+            assert fast.served == (i + 1) * per_inference
+        verify = model.stats()["verify"]
+        assert verify["checked"] == 3 * verify["layers"] and 0 < verify["worst_ratio"] < 1
+        assert verify["worst_bound_log2"] <= -20  # tallied from the C runs' outcomes
+        made[0].armed = True
+        with pytest.raises(IntegrityError, match="failed verification"):
+            model(xs[3])
+        made[0].armed = False
+        assert relative_error(model(xs[3]), reference(original, xs[3])) <= 1e-4

@@ -484,13 +484,13 @@ class ShadowNetTA(TrustedApp):
             return None
         online = model.online
         slot = online.current.slot if online is not None and online.current is not None else -1
-        if model.fast and next(iter(model.fast.values())).keep is not model.steps:
-            model.fast = None
-        model.fast = model.fast or {}
-        if slot not in model.fast:
+        programs = model.fast
+        if programs is None or any(p.keep is not model.steps for p in programs.values()):
+            programs = model.fast = {}
+        if slot not in programs:
             calls = [_step_calls(step, slot) for step in model.steps]
-            model.fast[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
-        return model.fast[slot]
+            programs[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
+        return programs[slot]
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         model = session.get("model")

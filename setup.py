@@ -1,6 +1,7 @@
 """The compiled parts: the trusted app's C kernels - restore / push and Freivalds' check (tee_sim/
-ta_shadownet_kernels.c) - and the secure world's fast path (tee_sim/secure_world_fast.c); plain C, loaded
-with ctypes. Everything else is configured in pyproject.toml.
+ta_shadownet_kernels.c, with the projections its pool draws in tee_sim/freivalds_draw.c) - and the secure
+world's fast path (tee_sim/secure_world_fast.c); plain C, loaded with ctypes. Everything else is
+configured in pyproject.toml.
 
 On x86-64 the kernels are built three times: for the baseline (SSE2), for AVX2 with FMA and for AVX-512,
 each with its own vector width (SN_VL); tee_sim.ta_shadownet_kernels loads the best one this CPU runs, as
@@ -14,12 +15,13 @@ from setuptools import Extension, setup
 # -O3 for the vector loops; IEEE semantics kept (no -ffast-math): results stay comparable with LiteRT's
 # float kernels, and NaN/inf behave as in numpy.
 KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
+KERNEL_SOURCES = ("tee_sim/ta_shadownet_kernels.c", "tee_sim/freivalds_draw.c")
 AVX2 = ["-mavx2", "-mfma"]  # what sn_cpu_level checks
 AVX512 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]
 
 
 def kernels(suffix: str, flags: list[str], lanes: int) -> Extension:
-    return Extension(f"tee_sim._ta_shadownet_kernels{suffix}", sources=["tee_sim/ta_shadownet_kernels.c"],
+    return Extension(f"tee_sim._ta_shadownet_kernels{suffix}", sources=list(KERNEL_SOURCES),
                      libraries=["m"], define_macros=[("SN_VL", str(lanes))],
                      extra_compile_args=[*KERNEL_FLAGS, *flags])
 

@@ -159,13 +159,9 @@ def _positive(value: Any, what: str) -> int:
     return int(value)
 
 
-def _taps(kind: str, weights: np.ndarray, geo: Geometry) -> np.ndarray:
-    """The weights as float64 ``[M, T, C]`` (conv, dense with T = 1) or ``[T, C, m]`` (depthwise)."""
+def _depthwise_taps(weights: np.ndarray, geo: Geometry) -> np.ndarray:
+    """A depthwise layer's weights as float64 ``[T, C, m]`` (``m``: the depth multiplier)."""
     w = np.asarray(weights, np.float64)
-    if kind == "CONV_2D":
-        return w.reshape(w.shape[0], geo.taps, w.shape[3])
-    if kind == "FULLY_CONNECTED":
-        return w.reshape(w.shape[0], 1, w.shape[1])
     c = geo.x_shape[3]
     if w.shape[3] % c:
         raise ValueError(f"depthwise: {w.shape[3]} channels for {c} inputs")
@@ -187,6 +183,13 @@ class _Check(ctypes.Structure):  # fv_check_t
                 ("u", ctypes.c_void_p), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
                 ("z", ctypes.c_void_p), ("tau", ctypes.c_void_p), ("worst", ctypes.c_double),
                 ("y_norm2", ctypes.c_double), ("want_norm", ctypes.c_int32)]
+
+
+class _Draw(ctypes.Structure):  # fv_draw_t
+    _fields_ = [("u", ctypes.c_void_p), ("w", ctypes.c_void_p), ("acc", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("m", "taps", "c")),
+                ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
+                ("u_packed", ctypes.c_void_p), ("f_packed", ctypes.c_void_p)]
 
 
 class LayerCheck:
@@ -262,6 +265,10 @@ class LayerCheck:
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,
                                  None, width if self.direct else 0)
         self._norms: np.ndarray | None = None
+        self._shapes = self.projection_shapes()
+        # fv_draw's arguments but the arrays, which draw() sets per call.
+        self._draw = _Draw(None, None, None, self.m_out, geo.taps if self.kind == "CONV_2D" else 1, c, k,
+                           self.kp, None, None)
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
         """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the input pixels' norms
@@ -301,24 +308,32 @@ class LayerCheck:
     def draw(self, rng: np.random.Generator, u: np.ndarray, filters: np.ndarray, weights: np.ndarray) -> None:
         """Fresh secret projections into ``u`` and their filters into ``filters`` (packed, see
         ``projection_shapes``), from the layer's obfuscated ``weights`` (LiteRT's layout, as at
-        construction)."""
+        construction). Conv and dense layers in C (``fv_draw``: ``F = u W'`` in double, then packed)."""
+        u_shape, f_shape = self._shapes
         if tuple(weights.shape) != self.weights_shape:
             raise ValueError(f"weights {weights.shape}, expected {self.weights_shape}")
-        u64 = rng.standard_normal((self.m_out, self.k))
-        self._pack(u64[None], u)
-        if self.direct:
+        for name, array, shape in (("projections", u, u_shape), ("filters", filters, f_shape)):
+            if array.shape != shape or array.dtype != np.float32 or not array.flags.c_contiguous:
+                raise ValueError(f"{name} {array.shape} {array.dtype}: {shape} float32 expected")
+        u64 = np.zeros((self.m_out, self.kp))  # [M, kp], zero past k
+        u64[:, :self.k] = rng.standard_normal((self.m_out, self.k))
+        if self.kind == "DEPTHWISE_CONV_2D" and not self.direct:  # a depth multiplier (rare): numpy
+            self._pack(u64[None, :, :self.k], u)
+            _, c, m = (taps := _depthwise_taps(weights, self.geo)).shape
+            self._pack(np.einsum("tcm,cmj->tcj", taps, u64[:, :self.k].reshape(c, m, self.k)), filters)
             return
-        taps = _taps(self.kind, weights, self.geo)
-        if self.kind == "DEPTHWISE_CONV_2D":
-            _, c, m = taps.shape
-            f = np.einsum("tcm,cmj->tcj", taps, u64.reshape(c, m, self.k))  # [T, C, k]
-        else:
-            f = np.tensordot(taps, u64, axes=(0, 0))  # [T, C, k]
-        self._pack(f, filters)
+        call = self._draw
+        call.u, call.u_packed = u64.ctypes.data, u.ctypes.data
+        if not self.direct:  # else: u only (the TEE computes the layer)
+            w = np.ascontiguousarray(weights, np.float32)
+            acc = np.empty(self.kp * (w.size // self.m_out))
+            call.w, call.acc, call.f_packed = w.ctypes.data, acc.ctypes.data, filters.ctypes.data
+        if LIBRARY.fv_draw(ctypes.byref(call)):
+            raise ValueError(f"fv_draw refused k = {self.k}, kp = {self.kp}")
 
     def _pack(self, values: np.ndarray, out: np.ndarray) -> None:
         """``[T, rows, k]`` -> ``[T, ceil(rows / G), 16]`` (``out``'s layout: lane ``j * G + r`` holds
-        projection ``j`` of row ``r`` of the group), zero-padded."""
+        projection ``j`` of row ``r`` of the group), zero-padded; as ``fv_draw`` packs."""
         t, rows, k = values.shape
         padded = np.zeros((t, out.shape[-2] * self.group, self.kp))
         padded[:, :rows, :k] = values

@@ -165,6 +165,7 @@ class Entry:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
 def integrity_error(message: str) -> TEEError:
@@ -322,11 +323,17 @@ class PerInference:
                     break
                 self._batch = [self._free.popleft() for _ in range(want)]
                 self._step = 0
+                if self.checks:  # one generator per entry, seeded from the TEE's CSPRNG, for all its layers
+                    for entry in self._batch:
+                        entry.rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32),
+                                                                                       "little")))
             t = time.perf_counter()
             self._make(self._batch, *self._items[self._step])
             self._step += 1
             self.offline_s += time.perf_counter() - t
             if self._step == len(self._items):
+                for entry in self._batch:
+                    entry.rng = None
                 self._ready.extend(self._batch)
                 self.made += len(self._batch)
                 completed += len(self._batch)
@@ -348,9 +355,8 @@ class PerInference:
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:
-                rng = np.random.Generator(np.random.PCG64(int.from_bytes(self._random(32), "little")))
                 u, f = entry.projections[name]
-                self.checks[name].draw(rng, u, f, weights)
+                self.checks[name].draw(entry.rng, u, f, weights)
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""

@@ -66,7 +66,7 @@ from tee_sim.ta_shadownet_commands import (
     UUID,
     Command,
 )
-from tee_sim.ta_shadownet_kernels import SOURCE as KERNEL_SOURCE
+from tee_sim.ta_shadownet_kernels import SOURCES as KERNEL_SOURCES
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import (
@@ -147,7 +147,7 @@ class ShadowNetTA(TrustedApp):
                     "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
                     "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push",
                     "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_kernels")
-    CODE_FILES = (KERNEL_SOURCE,)
+    CODE_FILES = KERNEL_SOURCES
 
     def create(self) -> None:
         # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:

@@ -1,11 +1,12 @@
-"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, built by ``setup.py``), loaded.
+"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c`` and ``freivalds_draw.c``, built into one
+library by ``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
-(``tee_sim.ta_shadownet_max_pool``), ``fv_prepare`` and ``fv_check`` (Freivalds' check,
-``tee_sim.freivalds``). The C file says why C and how each kernel works.
+(``tee_sim.ta_shadownet_max_pool``), ``fv_prepare``, ``fv_check`` and ``fv_draw`` (Freivalds' check and the
+projections its pool draws, ``tee_sim.freivalds``). The C files say why C and how each kernel works.
 
-On x86-64 the file is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
+On x86-64 the library is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
 that the CPU runs, as the baseline build's ``sn_cpu_level`` reports it, among those that were built.
 """
 
@@ -15,7 +16,8 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("ta_shadownet_kernels.c")  # measured with the TA's code
+# Measured with the TA's code (the libraries are built from both).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("ta_shadownet_kernels.c", "freivalds_draw.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 
@@ -27,7 +29,7 @@ def _find(suffix: str) -> str | None:
 
 def _open(path: str) -> ctypes.CDLL:
     library = ctypes.CDLL(path)
-    for name in ("sn_run", "sn_max_pool", "fv_prepare", "fv_check"):
+    for name in ("sn_run", "sn_max_pool", "fv_prepare", "fv_check", "fv_draw"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
         function.restype = ctypes.c_int

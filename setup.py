@@ -1,5 +1,5 @@
 """The compiled parts: the trusted app's C kernels - restore / push and Freivalds' check (tee_sim/
-ta_shadownet_kernels.c, with the projections its pool draws in tee_sim/freivalds_draw.c) - and the secure
+ta_shadownet_kernels.c), what its pool refills compute (tee_sim/ta_shadownet_pool.c) - and the secure
 world's fast path (tee_sim/secure_world_fast.c); plain C, loaded with ctypes. Everything else is
 configured in pyproject.toml.
 
@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 # -O3 for the vector loops; IEEE semantics kept (no -ffast-math): results stay comparable with LiteRT's
 # float kernels, and NaN/inf behave as in numpy.
 KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
-KERNEL_SOURCES = ("tee_sim/ta_shadownet_kernels.c", "tee_sim/freivalds_draw.c")
+KERNEL_SOURCES = ("tee_sim/ta_shadownet_kernels.c", "tee_sim/ta_shadownet_pool.c")
 AVX2 = ["-mavx2", "-mfma"]  # what sn_cpu_level checks
 AVX512 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]
 

@@ -1,5 +1,5 @@
-"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c`` and ``freivalds_draw.c``, built into one
-library by ``setup.py``), loaded.
+"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, the inference's, and
+``ta_shadownet_pool.c``, the pool refill's; one library, built by ``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
@@ -17,7 +17,7 @@ import importlib.util
 from pathlib import Path
 
 # Measured with the TA's code (the libraries are built from both).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("ta_shadownet_kernels.c", "freivalds_draw.c"))
+SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}.c") for name in ("kernels", "pool"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 

@@ -242,17 +242,18 @@ def test_report_with_a_low_order_key_cannot_be_encrypted_to():
     assert err.value.code == TEE_ERROR_SECURITY
 
 
-def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernel(monkeypatch, tmp_path):
-    """What the ShadowNet TA runs is what a vendor pins: its Python modules and the C kernel's source;
+def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monkeypatch, tmp_path):
+    """What the ShadowNet TA runs is what a vendor pins: its Python modules and the C kernels' sources;
     a changed kernel is another measurement."""
     from tee_sim import ta_shadownet
-    from tee_sim.ta_shadownet_kernels import SOURCE
+    from tee_sim.ta_shadownet_kernels import SOURCES
 
     cls = ta_shadownet.ShadowNetTA
-    source = SOURCE.read_bytes()
     identity, measurement = cls.code_identity(), cls.measurement()
-    assert source in identity and b"tee_sim.ta_shadownet_restore_push" in identity
-    changed = tmp_path / SOURCE.name
-    changed.write_bytes(source.replace(b"sn_run", b"sn_rum", 1))
-    monkeypatch.setattr(cls, "CODE_FILES", (changed,))
-    assert cls.measurement() != measurement
+    assert b"tee_sim.ta_shadownet_restore_push" in identity
+    assert len(SOURCES) == 2 and all(path.read_bytes() in identity for path in SOURCES)
+    for i, name in enumerate((b"sn_run", b"fv_draw")):
+        changed = tmp_path / SOURCES[i].name
+        changed.write_bytes(SOURCES[i].read_bytes().replace(name, name[:-1] + b"x", 1))
+        monkeypatch.setattr(cls, "CODE_FILES", tuple(changed if j == i else p for j, p in enumerate(SOURCES)))
+        assert cls.measurement() != measurement

@@ -25,7 +25,8 @@ discarded when the inference ends, fails or is abandoned (a new step 0), never p
 pool ``begin`` makes one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
 
 Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every
-layer; the TEE keeps a secure copy of what it sends (the round input, written by the push kernel beside
+layer (normal draws from a PCG64 generator seeded per entry with 256 bits of the TEE's CSPRNG, in C:
+``LayerCheck.draw``); the TEE keeps a secure copy of what it sends (the round input, written by the push kernel beside
 shared memory) and prepares the check from it; the restore kernel copies what comes back into secure
 memory a tile at a time and checks each tile there before any of its values is used.
 """

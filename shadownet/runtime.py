@@ -212,7 +212,8 @@ class ProtectedModel:
 
     def _bind_weights(self, context: Any, session: Any) -> None:
         """Share ``untrusted.tflite`` with the TA, which reads back the obfuscated weights its pool
-        refills need from it instead of keeping a copy in secure memory (it checks them by hash)."""
+        refills need from it instead of keeping a copy in secure memory (it checks them with a keyed
+        hash)."""
         weights, size = self._weights, len(self.artifacts.untrusted)
         if weights is None or weights.released or self._weights_context is not context:
             weights = context.register_shared_memory(size)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import shadownet
 from shadownet import attacks, audit
 from shadownet.accelerator import AcceleratorWrapper
-from shadownet.exceptions import MaskPoolExhaustedError
+from shadownet.exceptions import MaskPoolExhaustedError, SecurityError
 from tee_sim.one_time_masks import MaskStream, gaussian_table
 from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
@@ -246,3 +246,20 @@ def test_mask_stream_draws_the_schemes_distribution():
     index = np.frombuffer(encryptor.update(bytes(2 * got.size)), np.uint16)
     want = table[index].reshape(shape) * np.float32(2.0) + mean
     assert np.array_equal(got, want)
+
+
+def test_a_refill_refuses_weights_the_normal_world_changed(first_round):
+    """The TA reads the obfuscated weights its refills need back from the normal world's copy of
+    untrusted.tflite (not kept in secure memory) and checks them there: a changed copy fails the refill
+    with a SecurityError, and nothing made from it is used."""
+    x = images(1)[0]
+    with shadownet.load(first_round, mask_pool=1, background_refill=False) as model:
+        model(x)  # spends the one entry
+        copy = model._weights.ndarray(np.uint8, (len(model.artifacts.untrusted),))
+        original = copy.copy()
+        copy[:] = 0  # every byte of the normal world's copy, the weights among them
+        with pytest.raises(SecurityError, match="changed since it was loaded"):
+            model.refill_masks()
+        copy[:] = original
+        assert model.refill_masks() == 1
+        model(x)

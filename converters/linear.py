@@ -16,7 +16,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
 
-def _padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> tuple[int, int, int]:
+def padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> tuple[int, int, int]:
     """(output size, padding before, padding after) as LiteRT's ComputePaddingHeightWidth."""
     effective = (kernel - 1) * dilation + 1
     out = (size + stride - 1) // stride if same else (size + stride - effective) // stride
@@ -30,8 +30,8 @@ def _windows(x: np.ndarray, kh: int, kw: int, options: Any) -> np.ndarray:
     sh, sw = options.strideH, options.strideW
     dh, dw = getattr(options, "dilationHFactor", 1) or 1, getattr(options, "dilationWFactor", 1) or 1
     n, h, w, c = x.shape
-    ho, top, bottom = _padding(h, kh, sh, dh, same)
-    wo, left, right = _padding(w, kw, sw, dw, same)
+    ho, top, bottom = padding(h, kh, sh, dh, same)
+    wo, left, right = padding(w, kw, sw, dw, same)
     xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     s = xp.strides
     return np.lib.stride_tricks.as_strided(

@@ -68,8 +68,8 @@ def _check_linear_shapes(graph: Graph, i: int) -> None:
             and min(o.strideH, o.strideW, o.dilationHFactor or 1, o.dilationWFactor or 1) >= 1
         if ok:
             same = o.padding == schema_fb.Padding.SAME
-            out_h = linear._padding(x[1], w[1], o.strideH, o.dilationHFactor or 1, same)[0]
-            out_w = linear._padding(x[2], w[2], o.strideW, o.dilationWFactor or 1, same)[0]
+            out_h = linear.padding(x[1], w[1], o.strideH, o.dilationHFactor or 1, same)[0]
+            out_w = linear.padding(x[2], w[2], o.strideW, o.dilationWFactor or 1, same)[0]
             channels = w[0] if op.kind == "CONV_2D" else w[3]
             ok = y == (x[0], out_h, out_w, channels) and out_h > 0 and out_w > 0 \
                 and (op.kind == "CONV_2D" or (w[0] == 1 and w[3] % x[3] == 0))

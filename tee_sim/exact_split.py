@@ -10,12 +10,13 @@ restores it as usual, its offset the bias. The pool keeps ``r`` and the pop mask
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-CHUNK = 4096  # output positions per block of a pop mask's computation
+from tee_sim.ta_shadownet_kernels import LIBRARY
 
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +31,9 @@ def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
 class SplitPop:
     """The pop mask of a split layer, ``[pop_hi | pop_lo]`` as the accelerator's ``[y_hi | y_lo]``:
     ``pop_hi = L(r_hi, W'_hi)``, exact (what makes ``y_hi - pop_hi`` exact), and ``pop_lo = L(r, W') -
-    pop_hi`` (``= L(r_hi, W'_lo) + L(r_lo, W')``), in float64 from one set of the mask's windows and two
-    matrix products; ``W'_hi`` and ``W'`` are blocks of the layer's weights ``[[W'_hi, 0], [W'_lo, W']]``."""
+    pop_hi`` (``= L(r_hi, W'_lo) + L(r_lo, W')``), in float64 (a conv in C, ``sn_split_pop``; a dense layer
+    as two matrix products); ``W'_hi`` and ``W'`` are blocks of the layer's weights
+    ``[[W'_hi, 0], [W'_lo, W']]``."""
 
     kind: str
     weights: str
@@ -40,23 +42,47 @@ class SplitPop:
     grid: float
 
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
-        from converters import linear
-
         if not out.flags.c_contiguous:
             raise ValueError("a pop mask is written in place: it must be contiguous")
         m, c = weights.shape[0] // 2, weights.shape[-1] // 2
-        w_hi = weights[:m, ..., :c].reshape(m, -1).T.astype(np.float64)
-        w = weights[m:, ..., c:].reshape(m, -1).T.astype(np.float64)
-        if self.kind == "FULLY_CONNECTED":
-            rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])
-            blocks = [(rows, out.reshape(-1, 2 * m))]
-        else:  # a few rows of output positions at a time: small temporaries, no page faults per call
-            win = linear.windows(mask, weights.shape[1:3], self.options)
-            n, ho, wo = win.shape[:3]
-            step = max(1, CHUNK // wo)
-            blocks = [(win[b, h:h + step].reshape(-1, w.shape[0]), out[b, h:h + step].reshape(-1, 2 * m))
-                      for b in range(n) for h in range(0, ho, step)]
-        for cols, dst in blocks:
-            pop_hi = split_mask(cols, self.grid)[0] @ w_hi  # r_hi's windows: zero padding stays zero
-            dst[:, :m] = pop_hi
-            dst[:, m:] = cols @ w - pop_hi
+        # The two blocks as [taps * C, M] float64, rows tap-major then channel (a window's order).
+        w_hi = np.ascontiguousarray(weights[:m, ..., :c].reshape(m, -1).T, np.float64)
+        w = np.ascontiguousarray(weights[m:, ..., c:].reshape(m, -1).T, np.float64)
+        if self.kind == "CONV_2D":
+            self._conv(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], w_hi, w, out)
+            return
+        rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
+        dst = out.reshape(-1, 2 * m)
+        pop_hi = split_mask(rows, self.grid)[0] @ w_hi
+        dst[:, :m] = pop_hi
+        dst[:, m:] = rows @ w - pop_hi
+
+    def _conv(self, mask: np.ndarray, kernel: tuple[int, int], w_hi: np.ndarray, w: np.ndarray,
+              out: np.ndarray) -> None:
+        """A conv's pop mask by ``sn_split_pop`` (``ta_shadownet_pool.c``): the same sums as the
+        windows times the blocks, in double, each window split once in place."""
+        from converters import linear
+
+        n, h, wd, c = mask.shape
+        o = self.options
+        same = o.padding == linear.schema_fb.Padding.SAME
+        stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor or 1, o.dilationWFactor or 1)
+        (ho, top, _), (wo, left, _) = (linear.padding(size, kernel[i], stride[i], dilation[i], same)
+                                      for i, size in enumerate((h, wd)))
+        m = w.shape[1]
+        if w.shape[0] != kernel[0] * kernel[1] * c:
+            raise ValueError(f"weights of {w.shape[0]} rows for a {kernel} kernel on {c} channels")
+        if out.shape != (n, ho, wo, 2 * m) or out.dtype != np.float32:
+            raise ValueError(f"pop mask {out.shape} {out.dtype}: {(n, ho, wo, 2 * m)} float32 expected")
+        window = np.empty(2 * w.shape[0])
+        call = _SplitPop(mask.ctypes.data, n, h, wd, c, ho, wo, *kernel, *stride, *dilation, top, left,
+                         w_hi.ctypes.data, w.ctypes.data, m, self.grid, out.ctypes.data, window.ctypes.data)
+        LIBRARY.sn_split_pop(ctypes.byref(call))
+
+
+class _SplitPop(ctypes.Structure):  # sn_split_pop_t
+    _fields_ = [("r", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("n", "h", "w", "c", "ho", "wo")),
+                *((name, ctypes.c_int32) for name in ("kh", "kw", "sh", "sw", "dh", "dw", "top", "left")),
+                ("w_hi", ctypes.c_void_p), ("w_full", ctypes.c_void_p), ("m", ctypes.c_int64),
+                ("grid", ctypes.c_double), ("out", ctypes.c_void_p), ("window", ctypes.c_void_p)]

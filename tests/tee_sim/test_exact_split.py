@@ -9,6 +9,7 @@ from converters import linear
 from tee_sim import exact_split
 from tee_sim import ta_shadownet_restore_push as rp
 from tee_sim.one_time_masks import MaskStream
+from tee_sim.ta_shadownet_kernels import runnable
 from tests.tee_sim.test_restore_push import _model
 
 GRID = 2.0 ** -4
@@ -113,3 +114,39 @@ def test_restore_pops_the_halves_before_restoring():
     assert np.abs(out - want).max() <= 1e-6 * np.abs(want).max()
     with pytest.raises(ValueError, match="pop mask"):
         rp.compile_restore(model, instr, y2[..., :30], out[..., :15])
+
+
+@pytest.mark.parametrize("build", list(runnable()))
+@pytest.mark.parametrize("x_shape,w_shape,same,stride,dilation", [
+    ((1, 17, 15, 3), (32, 3, 3, 3), True, 2, 1),  # MobileNet's first layer, smaller: 2 blocks of outputs
+    ((2, 9, 9, 5), (13, 3, 3, 5), False, 1, 2),  # a tail of outputs, VALID, dilated, two images
+    ((1, 8, 8, 16), (24, 5, 5, 16), True, 3, 1),
+    ((1, 6, 6, 1), (40, 1, 1, 1), True, 1, 1),
+])
+def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same, stride, dilation, build,
+                                                          monkeypatch):
+    """``sn_split_pop`` against numpy in float64: pop_hi = L(r_hi, W'_hi) bit for bit, pop_lo = L(r, W') -
+    pop_hi rounded once to float32; zero padding as LiteRT's."""
+    from types import SimpleNamespace
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    monkeypatch.setattr(exact_split, "LIBRARY", runnable()[build])
+    rng = np.random.default_rng(w_shape[0])
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    r = _mask(x_shape) if x_shape[-1] == 3 else (10 * rng.standard_normal(x_shape)).astype(np.float32)
+    w2 = converter_split.split_weights("CONV_2D", w, converter_split.Split(GRID, 10))
+    options = SimpleNamespace(padding=fb.Padding.SAME if same else fb.Padding.VALID, strideH=stride,
+                              strideW=stride, dilationHFactor=dilation, dilationWFactor=dilation)
+    hi, lo = exact_split.split_mask(r, GRID)
+    both = np.concatenate([hi, lo], axis=-1).astype(np.float64)
+    m = w_shape[0]
+    probe = linear.conv2d(both, w2, options)
+    want_hi = probe[..., :m]
+    want_lo = (linear.conv2d(r.astype(np.float64), w, options) - want_hi).astype(np.float32)
+    pop = np.full(probe.shape, np.nan, np.float32)
+    exact_split.SplitPop("CONV_2D", "w", options, "m", GRID).compute(r, w2, pop)
+    np.testing.assert_array_equal(pop[..., :m], want_hi)
+    np.testing.assert_allclose(pop[..., m:], want_lo, rtol=0, atol=2 * np.spacing(np.abs(want_lo).max()))
+    with pytest.raises(ValueError, match="pop mask"):
+        exact_split.SplitPop("CONV_2D", "w", options, "m", GRID).compute(r, w2, pop[..., :-1].copy())

@@ -101,3 +101,20 @@ def test_cli_run_on_damaged_artifacts_is_one_line_on_stderr(small, tmp_path, nam
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr
     assert len(lines) == 1 and lines[0].startswith("shadownet: error:"), result.stderr
+
+
+def test_a_container_flip_that_leaves_another_well_formed_program_counts_as_a_program_change(fuzz_work):
+    """Found by the seed-4 campaign: a bit flip in the container's JSON renamed a push's "input_index" to
+    "input_iodex"; the TA ran the program that says (no input mixing on that push) and the harness called
+    it wrong. Like a JSON mutation, a container mutation that still parses to another program is the
+    vendor's (authenticated) program computing what it says: "differs". One that does not parse, or that
+    parses to the same program, is not."""
+    worker = fuzz_worker.Worker("program", 0, fuzz_work)
+    original = worker.program
+    header_end = 16 + int.from_bytes(original[8:16], "little")
+    at = original.index(b'"input_index"', 0, header_end)
+    renamed = original[:at] + b'"input_iodex"' + original[at + len(b'"input_index"'):]
+    assert worker._program_changed(renamed)
+    assert not worker._program_changed(original)
+    broken = original[:at] + b'"input_index:' + original[at + len(b'"input_index"'):]  # not JSON any more
+    assert not worker._program_changed(broken)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
 
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
@@ -65,7 +66,7 @@ class SplitPop:
 
         n, h, wd, c = mask.shape
         o = self.options
-        same = o.padding == linear.schema_fb.Padding.SAME
+        same = o.padding == schema_fb.Padding.SAME
         stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor or 1, o.dilationWFactor or 1)
         (ho, top, _), (wo, left, _) = (linear.padding(size, kernel[i], stride[i], dilation[i], same)
                                       for i, size in enumerate((h, wd)))

@@ -37,6 +37,7 @@ from shadownet.exceptions import (
     TEECommunicationError,
 )
 from shadownet.refill import BackgroundRefill
+from shadownet.secure_core import on_secure_core
 from tee_sim import TEEError
 from tee_sim.shared_pages import PAGE
 
@@ -150,6 +151,7 @@ class ProtectedModel:
         self._last: dict[str, float] = {}
         self._session_before: dict[str, Any] = {}
         self._session_after: dict[str, Any] = {}
+        self._secure_core: int | None = None
         try:
             self._open()
         except BaseException:
@@ -209,6 +211,7 @@ class ProtectedModel:
         self._steps = [session.prepare_command(self._run_step, [tee_sim.Value(a=s)])
                        for s in range(self.num_rounds + 1)]
         self._session = session
+        self._secure_core = None  # until this session's first inference (_infer_on_secure_core)
 
     def _bind_weights(self, context: Any, session: Any) -> None:
         """Share ``untrusted.tflite`` with the TA, which reads back the obfuscated weights its pool
@@ -322,7 +325,7 @@ class ProtectedModel:
                 for view, x in zip(self._input_views, inputs, strict=True):
                     np.copyto(view, x)
                 self._check_finite()
-                self._infer()
+                self._infer_on_secure_core()
                 for out, view in zip(outputs, self._output_views, strict=True):
                     np.copyto(out, view)
         finally:
@@ -388,6 +391,17 @@ class ProtectedModel:
             raise ClosedError("this protected model was closed")
         if self._session is None:  # the secure world was lost during an earlier call: start again
             self._open()
+
+    def _infer_on_secure_core(self) -> None:
+        """``_infer``, with this thread on the secure world's core (``shadownet.secure_core``) from the
+        session's second inference on: an accelerator that starts its threads on its first call must not
+        start them pinned."""
+        if self._secure_core is None:
+            self._infer()
+            self._secure_core = self._context.secure_core if self._context is not None else None
+            return
+        with on_secure_core(self._secure_core):
+            self._infer()
 
     def _infer(self) -> None:
         """Steps 0..R on the inputs already in shared memory; outputs end in the output views. Lock held."""

@@ -8,7 +8,14 @@ apps subclass ``tee_sim.ta.TrustedApp`` and are listed in ``tee_sim.registry``.
 
 import logging
 
-from tee_sim.client import Context, Session, SharedMemory, default_context, shared_memory_of
+from tee_sim.client import (
+    Context,
+    Session,
+    SharedMemory,
+    default_context,
+    resolve_secure_core,
+    shared_memory_of,
+)
 from tee_sim.errors import (
     TEE_ERROR_ACCESS_CONFLICT,
     TEE_ERROR_ACCESS_DENIED,
@@ -61,6 +68,7 @@ __all__ = [
     "SharedMemory",
     "shared_memory_of",
     "default_context",
+    "resolve_secure_core",
     "Value",
     "TempMemRef",
     "MemRef",

@@ -47,6 +47,30 @@ TRANSPORTS = ("process", "inprocess")
 DEFAULT_SPIN_US = 1000.0  # secure world, after each answer
 DEFAULT_CALLER_SPIN_US = 1000.0  # normal world, waiting for an answer (it has nothing else to do)
 DEFAULT_HARD_SPIN_US = 0.0  # flat-out part of each window
+
+
+def resolve_secure_core(secure_core: int | str | None) -> int | None:
+    """The CPU the secure world is pinned to (process transport), or None to leave it to the scheduler.
+
+    TrustZone runs the secure world on the core that entered it, the caller's thread stopped meanwhile;
+    a simulated secure world in its own process otherwise takes whichever core the scheduler gives it,
+    next to the accelerator's threads. ``"auto"`` (the default): the lowest CPU this process may use,
+    when it may use more than one; an int: that CPU; ``None`` or ``"none"``: no pinning. Callers that
+    alternate with the secure world (``shadownet``'s inference loop) move onto ``Context.secure_core``
+    while they do, so that the accelerator's other threads keep the other cores.
+    """
+    if secure_core is None or secure_core == "none":
+        return None
+    allowed = os.sched_getaffinity(0)
+    if secure_core == "auto":
+        return min(allowed) if len(allowed) > 1 else None
+    try:
+        core = int(secure_core)
+    except (TypeError, ValueError):
+        raise _api_error(f"secure_core must be 'auto', 'none' or a CPU number, not {secure_core!r}") from None
+    if core not in allowed:
+        raise _api_error(f"secure_core {core} is not among the CPUs this process may use: {sorted(allowed)}")
+    return core
 _BOUNCE_MIN = 64 << 10
 _BOUNCE_KEEP = 4 << 20  # a bounce buffer grown past this for a big setup transfer is dropped after it
 _NO_TEMPS: list[int] = []
@@ -230,7 +254,8 @@ class Context:
     ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of
     each window, polled without offering the core to other threads (process transport; defaults
     ``$TEE_SIM_SPIN_US``, ``$TEE_SIM_CALLER_SPIN_US``, ``$TEE_SIM_HARD_SPIN_US``, else the measured ones
-    in this module).
+    in this module). ``secure_core``: the CPU the secure world runs on (process transport; default
+    ``$TEE_SIM_SECURE_CORE``, else ``"auto"``; see ``resolve_secure_core``), as ``secure_core``.
     """
 
     def __init__(
@@ -243,6 +268,7 @@ class Context:
         spin_us: float | None = None,
         caller_spin_us: float | None = None,
         hard_spin_us: float | None = None,
+        secure_core: int | str | None = "default",
     ) -> None:
         if transport not in TRANSPORTS:
             raise _api_error(f"transport must be one of {TRANSPORTS}")
@@ -252,6 +278,10 @@ class Context:
             caller_spin_us = float(os.environ.get("TEE_SIM_CALLER_SPIN_US", DEFAULT_CALLER_SPIN_US))
         if hard_spin_us is None:
             hard_spin_us = float(os.environ.get("TEE_SIM_HARD_SPIN_US", DEFAULT_HARD_SPIN_US))
+        if secure_core == "default":
+            secure_core = os.environ.get("TEE_SIM_SECURE_CORE", "auto")
+        # The in-process secure world runs in its caller's thread, wherever that is.
+        self.secure_core = resolve_secure_core(secure_core) if transport == "process" else None
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
@@ -263,7 +293,7 @@ class Context:
         home = os.fspath(home) if home is not None else None
         if transport == "process":
             self._transport: Any = ProcessTransport(
-                home, memory_cap, timeout, spin_us, caller_spin_us, hard_spin_us
+                home, memory_cap, timeout, spin_us, caller_spin_us, hard_spin_us, self.secure_core
             )
         else:
             self._transport = InProcessTransport(home, memory_cap)

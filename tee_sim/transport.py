@@ -90,12 +90,14 @@ class ProcessTransport:
         spin_us: float,
         caller_spin_us: float,
         hard_spin_us: float,
+        secure_core: int | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         self.home = resolve_home(home)
         self.memory_cap, self.timeout, self.spin_us = memory_cap, timeout, spin_us
         self.startup_timeout = startup_timeout
         self.caller_spin_us, self.hard_spin_us = caller_spin_us, hard_spin_us
+        self.secure_core = secure_core
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
@@ -133,6 +135,7 @@ class ProcessTransport:
             "memory_cap": self.memory_cap,
             "spin_us": self.spin_us,
             "hard_spin_us": self.hard_spin_us,
+            "core": self.secure_core,
             "parent": os.getpid(),
             "pdeathsig": threading.current_thread() is threading.main_thread(),
         }

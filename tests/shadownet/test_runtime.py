@@ -179,6 +179,53 @@ def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
         assert model.stats()["world_switches"] == model.num_rounds + 1
 
 
+
+class AffinityRecorder(AcceleratorWrapper):
+    """Records the CPUs the calling thread may use while each round runs."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.cpus: list[set[int]] = []
+
+    def run_round(self, r: int) -> None:
+        self.cpus.append(os.sched_getaffinity(0))
+        super().run_round(r)
+
+
+def test_inference_runs_on_the_secure_worlds_core(small_cnn):
+    """From a session's second inference on, the calling thread runs on the secure world's core while the
+    inference lasts (TrustZone's turn-taking; runtime._infer_on_secure_core), and gets its CPUs back."""
+    import tee_sim
+
+    core = tee_sim.default_context().secure_core
+    allowed = os.sched_getaffinity(0)
+    if core is None:
+        pytest.skip("no secure core: in-process transport or a single CPU")
+    (x,) = small_cnn.random_inputs()
+    recorders: list[AffinityRecorder] = []
+
+    def wrap(inner):
+        recorders.append(AffinityRecorder(inner))
+        return recorders[-1]
+
+    with shadownet.load(small_cnn.out, accelerator=wrap) as model:
+        (recorder,) = recorders
+        rounds = model.num_rounds
+        model(x)  # the first: where the accelerator may still start its threads, not pinned
+        assert recorder.cpus == [allowed] * rounds and os.sched_getaffinity(0) == allowed
+        for _ in range(2):
+            assert relative_error(model(x), small_cnn.reference(x)[0]) <= TOLERANCE
+            assert os.sched_getaffinity(0) == allowed
+        assert recorder.cpus[rounds:] == [{core}] * (2 * rounds)
+        if len(allowed) > 1:  # a thread kept off that core is not moved onto it
+            os.sched_setaffinity(0, allowed - {core})
+            try:
+                model(x)
+                assert recorder.cpus[3 * rounds:] == [allowed - {core}] * rounds
+            finally:
+                os.sched_setaffinity(0, allowed)
+
+
 class NoSharing(AcceleratorWrapper):
     """The default accelerator without its page offsets: the manifest's layout, every tensor copied."""
 

@@ -1,6 +1,7 @@
 """The client API on both transports: parameters, shared memory, errors, counters, memory cap."""
 
 import os
+import signal
 import uuid
 
 import numpy as np
@@ -22,6 +23,7 @@ from tee_sim import (
     TEEError,
     TempMemRef,
     Value,
+    resolve_secure_core,
 )
 from tee_sim.registry import TEST_TA_UUID
 from tee_sim.testing_ta import Cmd
@@ -257,3 +259,37 @@ def test_secure_world_code_does_not_come_from_the_working_directory(tmp_path, mo
             out = Value(direction="out")
             s.invoke_command(Cmd.ADD, [Value(3, 4), out])
             assert out.a == 7
+
+
+def _allowed_cpus(pid: int) -> set[int]:
+    """The CPUs every thread of process ``pid`` may run on (the union over its threads)."""
+    return set().union(*(os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")))
+
+
+def test_secure_core_is_resolved_and_checked():
+    allowed = os.sched_getaffinity(0)
+    assert resolve_secure_core("auto") == (min(allowed) if len(allowed) > 1 else None)
+    assert resolve_secure_core("none") is None and resolve_secure_core(None) is None
+    assert resolve_secure_core(str(min(allowed))) == min(allowed)
+    for bad in (max(allowed) + 1, "fast", 1.5j):
+        with pytest.raises(TEEError) as err:
+            resolve_secure_core(bad)
+        assert err.value.code == TEE_ERROR_BAD_PARAMETERS and "secure_core" in str(err.value)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to mean anything")
+def test_secure_world_runs_on_its_core_and_only_there(tmp_path, monkeypatch):
+    core = max(os.sched_getaffinity(0))
+    with Context("process", home=tmp_path / "a", secure_core=core) as context:
+        assert context.secure_core == core
+        assert _allowed_cpus(context.secure_world_pid) == {core}
+        os.kill(context.secure_world_pid, signal.SIGKILL)  # the next session starts another, pinned too
+        context._transport.proc.wait(timeout=10)  # reaped: the next session sees it gone
+        with context.open_session(TEST_TA_UUID) as s:
+            s.invoke_command(Cmd.ADD, [Value(3, 4), Value(direction="out")])
+        assert _allowed_cpus(context.secure_world_pid) == {core}
+    monkeypatch.setenv("TEE_SIM_SECURE_CORE", "none")
+    with Context("process", home=tmp_path / "b") as context:
+        assert context.secure_core is None
+        assert _allowed_cpus(context.secure_world_pid) == os.sched_getaffinity(0)
+    assert Context("inprocess", home=tmp_path / "c").secure_core is None  # it runs in its caller's thread

@@ -80,15 +80,14 @@ class LiteRTAccelerator:
     a ``TUNE_PAUSE_S`` busy pause as the caller's while the TEE works; when the rounds under
     ``SMALL_ROUND_S`` take ``SMALL_SHARE`` of the total or more, those are timed on one thread too,
     ``TUNE_REPEATS`` times each, alternated, and run where their median was smaller (one thread on a tie).
-    With ``small_rounds_one_thread`` (the runtime's choice for a verified model, whose TEE steps also check
-    each result and prepare the next check: ResNet-44's ~220 us with their crossings, against ~60 us) the
-    small rounds run on one thread untimed: after such a step waking the pool costs more than a small round
-    gains from it, while the timing at load, after short pauses or long, chose by the host's noise (a
-    200 us pause: 1, 14 and 29 of ResNet-44's 44 rounds in three loads). Verified, alternated, medians of 15
-    steady calls, tuned against small rounds on one thread: ResNet-44 17.4 / 17.5 / 18.1 / 15.5 / 17.2 /
-    18.1 / 15.5 -> 15.1 / 16.2 / 11.9 / 13.7 / 13.8 / 14.9 / 11.9 ms; MiniVGG 5.3 / 5.0 / 5.2 -> 4.4 / 4.6 /
-    4.9 ms; ResNet-404 within the noise (six pairs, three each way: 129 against 130 ms, medians).
-    MobileNet's and yolov4-tiny's small rounds are under ``SMALL_SHARE``: unchanged.
+    A verified model's small rounds ran on one thread untimed until the secure world got a core of its own
+    (``shadownet.secure_core``): its TEE steps also check each result and prepare the next check, and
+    with the caller, the secure world and the pool's second thread on two cores at random, waking the
+    pool cost more than a small round gained. Since, timed like the others (alternated, medians of 25-40
+    calls): ResNet-404 52.2 / 52.2 -> 45.9 / 45.7 ms, ResNet-44 5.7 / 5.8 -> 5.2 / 5.2 ms, MiniVGG 2.1 /
+    1.8 -> 1.8 / 1.8 ms. (With the secure world on its core the timing puts 0-3 of ResNet's rounds on one
+    thread, where all on two measured the same.) MobileNet's and yolov4-tiny's small rounds are under
+    ``SMALL_SHARE``: not timed.
     Rounds of the same shapes are timed through a few of them and choose together: ResNet-404's load and
     first inference take 2.1 s (1.9 s untimed; 3.7 s when each of its 404 rounds was timed).
     MobileNet (its small rounds ~10% of its time; 8 of its 28 rounds on one thread gave 20.0 against
@@ -104,10 +103,8 @@ class LiteRTAccelerator:
     SMALL_SHARE = 0.25
 
     def __init__(self, model: bytes, rounds: Sequence[RoundSpec], num_threads: int | None = None,
-                 delegates: Sequence[Any] = (), tune_threads: bool = True,
-                 small_rounds_one_thread: bool = False) -> None:
+                 delegates: Sequence[Any] = (), tune_threads: bool = True) -> None:
         self.rounds = tuple(rounds)
-        self.small_rounds_one_thread = bool(small_rounds_one_thread)
         main = self._load(model, num_threads, delegates)
         kept = {num_threads: main}
         choice: list[int | None] = [num_threads] * len(self.rounds)
@@ -129,11 +126,10 @@ class LiteRTAccelerator:
         self._shared: list[SharedPages] = []
 
     def _choose_threads(self, model: bytes, main: tuple[Any, ...], choice: list[int | None]) -> Any:
-        """Set ``choice[r] = 1`` for the small rounds timed faster on one thread, or for all of them with
-        ``small_rounds_one_thread`` (class docstring); returns the one-thread interpreter when some round
-        runs there. Rounds of the same computation (the same tensor shapes: ResNet-404's 404 rounds are a
-        handful of kinds) are timed through up to ``TUNE_SAMPLES`` of them and choose together, as most of
-        those (one thread on a tie)."""
+        """Set ``choice[r] = 1`` for the small rounds timed faster on one thread (class docstring); returns
+        the one-thread interpreter when some round runs there. Rounds of the same computation (the same
+        tensor shapes: ResNet-404's 404 rounds are a handful of kinds) are timed through up to
+        ``TUNE_SAMPLES`` of them and choose together, as most of those (one thread on a tie)."""
         self._fill_inputs(main)
         subgraphs = main[2]
         kinds: dict[tuple, list[int]] = {}
@@ -151,10 +147,6 @@ class LiteRTAccelerator:
         if sum(alone[group].sum() for group in small) < self.SMALL_SHARE * alone.sum():
             return None
         single = self._load(model, 1, ())
-        if self.small_rounds_one_thread:
-            for r in (r for group in small for r in group):
-                choice[r] = 1
-            return single
         self._fill_inputs(single)
         timed = [r for group in small for r in group[:self.TUNE_SAMPLES]]
         one, many = self._time_rounds([single, main], timed, self.TUNE_REPEATS)

@@ -168,7 +168,7 @@ class ProtectedModel:
     def _make_accelerator(self) -> Accelerator:
         num_threads, delegate, wrap = self._accelerator_args
         base = LiteRTAccelerator(self.artifacts.untrusted, self.artifacts.rounds, num_threads,
-                                 load_delegates(delegate), small_rounds_one_thread=self.verify)
+                                 load_delegates(delegate))
         return wrap(base) if wrap is not None else base
 
     # --- session life cycle -------------------------------------------------------------------------------

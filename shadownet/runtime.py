@@ -400,7 +400,7 @@ class ProtectedModel:
             self._infer()
             self._secure_core = self._context.secure_core if self._context is not None else None
             return
-        with on_secure_core(self._secure_core):
+        with on_secure_core(self._secure_core, self._context):
             self._infer()
 
     def _infer(self) -> None:

@@ -357,6 +357,11 @@ class Context:
             self.closed = True
             self._finalizer()
 
+    def pin_secure_world(self, pinned: bool) -> None:
+        """Run the secure world on ``secure_core`` only (True, as it starts) or let it float over this
+        process's CPUs (False: while several callers take turns with it; shadownet.secure_core)."""
+        self._transport.pin(pinned)
+
     @property
     def secure_world_pid(self) -> int | None:
         """The secure world's process id (process transport), e.g. for fault-injection tests."""

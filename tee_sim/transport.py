@@ -72,6 +72,9 @@ class InProcessTransport:
     def ensure_running(self) -> None:
         pass
 
+    def pin(self, pinned: bool) -> None:
+        pass  # the secure world runs in its caller's thread
+
 
 class ProcessTransport:
     """The secure OS in a child interpreter (``python -m tee_sim.secure_world``), reached via shared memory.
@@ -98,6 +101,8 @@ class ProcessTransport:
         self.startup_timeout = startup_timeout
         self.caller_spin_us, self.hard_spin_us = caller_spin_us, hard_spin_us
         self.secure_core = secure_core
+        self._cpus = os.sched_getaffinity(0)
+        self._pinned = False
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
@@ -180,6 +185,7 @@ class ProcessTransport:
         self.poller.register(resp_efd, select.POLLIN)
         self.poller.register(sock.fileno(), 0)
         self._seq = 0
+        self._pinned = self.secure_core is not None  # it pins itself (secure_world.main)
         self.generation += 1
         # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
         waiter = select.poll()
@@ -201,6 +207,19 @@ class ProcessTransport:
     @property
     def alive(self) -> bool:
         return self.proc is not None
+
+    def pin(self, pinned: bool) -> None:
+        """Every thread of the secure world on ``secure_core`` (True) or on the CPUs of this process
+        (False); nothing without a secure core. A secure world that is gone is left to the next request."""
+        if self.secure_core is None or self.proc is None or pinned == self._pinned:
+            return
+        cpus = {self.secure_core} if pinned else self._cpus
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            return
+        self._pinned = pinned
 
     def ensure_running(self) -> None:
         """Start a secure world if there is none, or if the last one died since we last spoke."""

@@ -1,4 +1,5 @@
-"""shadownet.secure_core: the inference under way takes the secure world's core, one at a time."""
+"""shadownet.secure_core: an inference under way alone takes the secure world's core; concurrent ones float,
+the secure world with them."""
 
 import os
 import threading
@@ -11,24 +12,34 @@ CPUS = os.sched_getaffinity(0)
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="moving a thread needs two CPUs")
 
 
+class SecureWorld:
+    """Stands for tee_sim's Context: records where the secure world was asked to run."""
+
+    def __init__(self):
+        self.pinned: list[bool] = []
+
+    def pin_secure_world(self, pinned: bool) -> None:
+        self.pinned.append(pinned)
+
+
 def test_the_thread_moves_and_comes_back():
-    core = max(CPUS)
-    with on_secure_core(core):
+    core, world = max(CPUS), SecureWorld()
+    with on_secure_core(core, world):
         assert os.sched_getaffinity(0) == {core}
-    assert os.sched_getaffinity(0) == CPUS
-    with pytest.raises(RuntimeError), on_secure_core(core):
+    assert os.sched_getaffinity(0) == CPUS and world.pinned == [True]
+    with pytest.raises(RuntimeError), on_secure_core(core, world):
         raise RuntimeError("an inference failed")
     assert os.sched_getaffinity(0) == CPUS  # and after a failure too
 
 
-def test_only_one_inference_at_a_time_moves():
-    core = min(CPUS)
+def test_a_second_inference_sends_the_first_and_the_secure_world_back():
+    core, world = min(CPUS), SecureWorld()
     inside, release = threading.Event(), threading.Event()
-    seen: list[set[int]] = []
+    first_thread: list[int] = []
 
     def first() -> None:
-        with on_secure_core(core):
-            seen.append(os.sched_getaffinity(0))
+        with on_secure_core(core, world):
+            first_thread.append(threading.get_native_id())
             inside.set()
             release.wait(10)
 
@@ -36,21 +47,23 @@ def test_only_one_inference_at_a_time_moves():
     thread.start()
     try:
         assert inside.wait(10)
-        with on_secure_core(core):  # a concurrent caller stays where it was
+        assert os.sched_getaffinity(first_thread[0]) == {core} and world.pinned == [True]
+        with on_secure_core(core, world):  # a concurrent caller stays where it is, the first one moves back
             assert os.sched_getaffinity(0) == CPUS
+            assert os.sched_getaffinity(first_thread[0]) == CPUS
+            assert world.pinned == [True, False]
     finally:
         release.set()
         thread.join()
-    assert seen == [{core}]
-    with on_secure_core(core):  # the first one is done: the next caller moves again
-        assert os.sched_getaffinity(0) == {core}
+    with on_secure_core(core, world):  # alone again: the next caller and the secure world move back
+        assert os.sched_getaffinity(0) == {core} and world.pinned == [True, False, True]
 
 
 def test_a_thread_kept_off_the_core_stays_off():
-    core = min(CPUS)
+    core, world = min(CPUS), SecureWorld()
     os.sched_setaffinity(0, CPUS - {core})
     try:
-        with on_secure_core(core):
+        with on_secure_core(core, world):
             assert os.sched_getaffinity(0) == CPUS - {core}
     finally:
         os.sched_setaffinity(0, CPUS)

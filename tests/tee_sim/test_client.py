@@ -288,6 +288,10 @@ def test_secure_world_runs_on_its_core_and_only_there(tmp_path, monkeypatch):
         with context.open_session(TEST_TA_UUID) as s:
             s.invoke_command(Cmd.ADD, [Value(3, 4), Value(direction="out")])
         assert _allowed_cpus(context.secure_world_pid) == {core}
+        context.pin_secure_world(False)  # several callers: it floats over this process's CPUs
+        assert _allowed_cpus(context.secure_world_pid) == os.sched_getaffinity(0)
+        context.pin_secure_world(True)
+        assert _allowed_cpus(context.secure_world_pid) == {core}
     monkeypatch.setenv("TEE_SIM_SECURE_CORE", "none")
     with Context("process", home=tmp_path / "b") as context:
         assert context.secure_core is None

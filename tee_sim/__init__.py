@@ -13,7 +13,6 @@ from tee_sim.client import (
     Session,
     SharedMemory,
     default_context,
-    resolve_secure_core,
     shared_memory_of,
 )
 from tee_sim.errors import (
@@ -58,6 +57,7 @@ from tee_sim.params import (
     Value,
     check_param_types,
 )
+from tee_sim.transport import resolve_secure_core
 
 # A TA's panic is logged by the secure OS; in-process that must not reach the user's terminal by default.
 logging.getLogger("tee_sim").addHandler(logging.NullHandler())

@@ -29,48 +29,16 @@ from tee_sim.errors import (
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
 from tee_sim.shared_pages import SharedPages
-from tee_sim.transport import InProcessTransport, ProcessTransport
+from tee_sim.transport import (
+    DEFAULT_CALLER_SPIN_US,
+    DEFAULT_HARD_SPIN_US,
+    DEFAULT_SPIN_US,
+    InProcessTransport,
+    ProcessTransport,
+    resolve_secure_core,
+)
 
 TRANSPORTS = ("process", "inprocess")
-# How each world waits for the other (process transport): poll the shared counter, calling sched_yield
-# between looks, for a window; then sleep on an eventfd. Chosen with `python -m tee_sim.bench` on this
-# 2-core machine while other jobs kept it at load 5-6 (figures noisy, two runs):
-# - Flat-out spinning ("hard") gives the best median round trip (14.6 us) but steals a core: a 2-thread
-#   LiteRT conv ran 50-78% slower while the secure world spun, and under load both worlds' spinners
-#   fight the scheduler (p90 round trip 3-4 ms, 2-2.6 ms after an idle gap). Not used (hard = 0).
-# - Yielding between looks: the secure world got 0.2-9% of one core during a LiteRT call and the call's
-#   time changed within the noise (-8%..+6%); round trip 39-40 us median under that load (~16 us on a
-#   quiet machine, where each world keeps its own core), 50 us with no polling at all (eventfd only).
-# - Window: a TEE entry that finds the secure world still polling costs the round trip; one that finds
-#   it asleep costs 52-72 us. 1 ms covers the rounds of small models (a 32x32x16->32 conv takes 0.3 ms)
-#   at no measurable cost to LiteRT; a longer window only burns CPU other processes could use.
-DEFAULT_SPIN_US = 1000.0  # secure world, after each answer
-DEFAULT_CALLER_SPIN_US = 1000.0  # normal world, waiting for an answer (it has nothing else to do)
-DEFAULT_HARD_SPIN_US = 0.0  # flat-out part of each window
-
-
-def resolve_secure_core(secure_core: int | str | None) -> int | None:
-    """The CPU the secure world is pinned to (process transport), or None to leave it to the scheduler.
-
-    TrustZone runs the secure world on the core that entered it, the caller's thread stopped meanwhile;
-    a simulated secure world in its own process otherwise takes whichever core the scheduler gives it,
-    next to the accelerator's threads. ``"auto"`` (the default): the lowest CPU this process may use,
-    when it may use more than one; an int: that CPU; ``None`` or ``"none"``: no pinning. Callers that
-    alternate with the secure world (``shadownet``'s inference loop) move onto ``Context.secure_core``
-    while they do, so that the accelerator's other threads keep the other cores.
-    """
-    if secure_core is None or secure_core == "none":
-        return None
-    allowed = os.sched_getaffinity(0)
-    if secure_core == "auto":
-        return min(allowed) if len(allowed) > 1 else None
-    try:
-        core = int(secure_core)
-    except (TypeError, ValueError):
-        raise _api_error(f"secure_core must be 'auto', 'none' or a CPU number, not {secure_core!r}") from None
-    if core not in allowed:
-        raise _api_error(f"secure_core {core} is not among the CPUs this process may use: {sorted(allowed)}")
-    return core
 _BOUNCE_MIN = 64 << 10
 _BOUNCE_KEEP = 4 << 20  # a bounce buffer grown past this for a big setup transfer is dropped after it
 _NO_TEMPS: list[int] = []
@@ -254,7 +222,7 @@ class Context:
     ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of
     each window, polled without offering the core to other threads (process transport; defaults
     ``$TEE_SIM_SPIN_US``, ``$TEE_SIM_CALLER_SPIN_US``, ``$TEE_SIM_HARD_SPIN_US``, else the measured ones
-    in this module). ``secure_core``: the CPU the secure world runs on (process transport; default
+    in ``tee_sim.transport``). ``secure_core``: the CPU the secure world runs on (process transport; default
     ``$TEE_SIM_SECURE_CORE``, else ``"auto"``; see ``resolve_secure_core``), as ``secure_core``.
     """
 

@@ -195,7 +195,7 @@ class _Draw(ctypes.Structure):  # fv_draw_t
 class LayerCheck:
     """The check of one layer: buffers made once, ``draw`` per inference (off the hot path), ``prepare``
     when the TEE writes the layer's input, ``check`` when the result comes back; the last two are the C
-    kernels ``fv_prepare`` and ``fv_check`` (``tee_sim/ta_shadownet_kernels.c``).
+    kernels ``fv_prepare`` and ``fv_check`` (``tee_sim/ta_shadownet_freivalds.c``).
 
     ``z = L(x, F)`` is computed output position by output position, each tap's input pixel times the
     projected filters, ``k`` projections and ``16 / kp`` input channels to a vector (``kp``: ``k`` rounded

@@ -1,5 +1,6 @@
-"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, the inference's, and
-``ta_shadownet_pool.c``, the pool refill's; one library, built by ``setup.py``), loaded.
+"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push;
+``ta_shadownet_freivalds.c``, the check; ``ta_shadownet_max_pool.c``; ``ta_shadownet_pool.c``, the pool
+refill's; sharing ``ta_shadownet_kernels.h``; one library, built by ``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
@@ -17,8 +18,9 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
-# Measured with the TA's code (the libraries are built from both).
-SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}.c") for name in ("kernels", "pool"))
+# Measured with the TA's code (the libraries are built from them).
+SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}")
+                for name in ("kernels.h", "kernels.c", "freivalds.c", "max_pool.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 

@@ -1,5 +1,5 @@
 """The ShadowNet trusted app's ``max_pool`` (MAX_POOL_2D; ``converters.plan_numpy``): one call of the C
-kernel ``sn_max_pool`` (``tee_sim/ta_shadownet_kernels.c``, which says how it matches numpy's and LiteRT's
+kernel ``sn_max_pool`` (``tee_sim/ta_shadownet_max_pool.c``, which says how it matches numpy's and LiteRT's
 results), its parameters packed into a ``ctypes`` structure once, when the program is bound. As a single
 kernel call it also runs on the secure world's fast path (``ShadowNetTA.step_program``).
 """

@@ -1,20 +1,20 @@
 /* The ShadowNet trusted app's pool kernels: what a refill computes for a pool entry, off an inference's
  * path - the projections of a verified layer (fv_draw, for tee_sim.freivalds) and the pop mask of an
- * exact-split layer (sn_split_pop, for tee_sim.exact_split). Kept out of ta_shadownet_kernels.c (the
- * inference's kernels); built into the same libraries and measured with the TA's code.
+ * exact-split layer (sn_split_pop, for tee_sim.exact_split). Kept out of the inference's kernels; built
+ * into the same libraries and measured with the TA's code.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16
+#include "ta_shadownet_kernels.h" /* LANES, SN_VL */
 
 /* ---------------------------------------------------------------------------------------------------
  * Freivalds' projections of one layer (tee_sim.freivalds.LayerCheck.draw), once per checked layer and
  * entry. From fresh projections u (double [m][kp], zero past k) and the layer's obfuscated weights w
  * (float32 [m][taps * c]: LiteRT's CONV_2D [M, kh, kw, C] or FULLY_CONNECTED [M, C] layout) it computes
  * the projected filters F[e][j] = sum_i u[i][j] w[i][e] in double, then packs u and F for fv_prepare /
- * fv_check (the layout ta_shadownet_kernels.c describes: lane l of a vector holds projection l / G of
+ * fv_check (the layout ta_shadownet_freivalds.c describes: lane l of a vector holds projection l / G of
  * channel l % G of its group, G = 16 / kp; zero where the projection or the channel does not exist).
  *
  * Why C: numpy spent about 100 us of calls per layer and entry (a float64 copy of the weights, a
@@ -31,11 +31,7 @@ typedef struct {
     float *f_packed;      /* [taps][ceil(c / G)][16] */
 } fv_draw_t;
 
-/* SN_VL (setup.py, per build): the target's vector width in floats, as in ta_shadownet_kernels.c; the
- * sums here are doubles, DW to a vector. */
-#ifndef SN_VL
-#define SN_VL 4
-#endif
+/* The sums here are doubles, DW to a vector of the build's width (SN_VL floats). */
 #define DW (SN_VL / 2)
 typedef double vd __attribute__((vector_size(DW * sizeof(double))));
 typedef float vf __attribute__((vector_size(DW * sizeof(float))));

@@ -251,8 +251,12 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
     cls = ta_shadownet.ShadowNetTA
     identity, measurement = cls.code_identity(), cls.measurement()
     assert b"tee_sim.ta_shadownet_restore_push" in identity
-    assert len(SOURCES) == 2 and all(path.read_bytes() in identity for path in SOURCES)
-    for i, name in enumerate((b"sn_run", b"fv_draw")):
+    names = [path.name for path in SOURCES]
+    assert names == ["ta_shadownet_kernels.h", "ta_shadownet_kernels.c", "ta_shadownet_freivalds.c",
+                     "ta_shadownet_max_pool.c", "ta_shadownet_pool.c"]
+    assert all(path.read_bytes() in identity for path in SOURCES)
+    for i, name in enumerate((b"fv_check_tile", b"sn_run", b"check_rows", b"sn_max_pool", b"fv_draw")):
+        assert name in SOURCES[i].read_bytes()
         changed = tmp_path / SOURCES[i].name
         changed.write_bytes(SOURCES[i].read_bytes().replace(name, name[:-1] + b"x", 1))
         monkeypatch.setattr(cls, "CODE_FILES", tuple(changed if j == i else p for j, p in enumerate(SOURCES)))

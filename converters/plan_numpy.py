@@ -1,6 +1,8 @@
 """The ops the ShadowNet trusted app runs itself, in numpy, rather than through LiteRT: which graph ops
 qualify and their instruction forms (the TA's kernels: ``tee_sim.ta_shadownet_numpy_ops``; ``max_pool``
-runs as a C kernel instead, ``tee_sim.ta_shadownet_max_pool``, with the same results). The activations
+runs as a C kernel instead, ``tee_sim.ta_shadownet_max_pool``, with the same results, and so do ``mean``
+over an image's positions and ``softmax``, ``tee_sim.ta_shadownet_small_ops``, within float32 rounding of
+LiteRT's). The activations
 among them are also fused into the restore of the offloaded op they follow (``converters.plan_rounds``).
 """
 
@@ -30,7 +32,8 @@ def activation_fields(op: Any) -> dict[str, Any]:
 
 
 # Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a
-# copy, so the result is LiteRT's bit for bit. Through LiteRT every signature would keep an arena of its own
+# copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf).
+# Through LiteRT every signature would keep an arena of its own
 # (yolov4-tiny: 41 MiB of secure memory, most of it for SPLIT / CONCATENATION / MAX_POOL_2D copies;
 # ResNet-404: 29 MiB for 201 ADD + RELU signatures), and each crossing into it costs a copy.
 NUMPY_BINARY = frozenset({"ADD", "SUB", "MUL", "MAXIMUM", "MINIMUM"})
@@ -77,6 +80,15 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
         if axis is not None and axis.size == 1 and floats(data):
             rank = len(g.tensors[op.inputs[data]].shape)
             return {"op": "split", "axis": int(axis.reshape(-1)[0]) % rank}, [data]
+    elif kind == "MEAN" and floats(0) and g.tensors[op.inputs[0]].data is None:
+        axes, shape = const(1), g.tensors[op.inputs[0]].shape
+        if axes is not None and len(shape) == 4 and sorted({int(a) % 4 for a in axes.reshape(-1)}) == [1, 2] \
+                and tuple(out) in ((shape[0], 1, 1, shape[3]), (shape[0], shape[3])):
+            return {"op": "mean"}, [0]
+    elif kind == "SOFTMAX" and floats(0) and g.tensors[op.inputs[0]].data is None \
+            and tuple(out) == tuple(g.tensors[op.inputs[0]].shape) and len(out) >= 1 \
+            and np.isfinite(getattr(op.options, "beta", np.nan)):  # no options: LiteRT decides
+        return {"op": "softmax", "beta": float(np.float32(op.options.beta))}, [0]
     elif kind in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS") and floats(0) and g.tensors[op.inputs[0]].data is None:
         if all(const(j) is not None for j in range(1, len(op.inputs))):
             return {"op": "reshape"}, [0]

@@ -77,6 +77,7 @@ from tee_sim.ta_shadownet_restore_push import (
     prepare_linears,
     scratch_size,
 )
+from tee_sim.ta_shadownet_small_ops import compile_copy, compile_mean, compile_softmax
 
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
 MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
@@ -451,9 +452,18 @@ class ShadowNetTA(TrustedApp):
         if op == "litert":
             wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
             return lambda: wrapper.Invoke(sub)
-        if op == "max_pool":
+        if op in ("max_pool", "mean", "softmax"):
             (src,), (dst,) = ([self._ref(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
+            if op == "mean":
+                return compile_mean(src, dst)
+            if op == "softmax":
+                return compile_softmax(instr, src, dst)
             return compile_max_pool(instr, src, dst)
+        if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's
+            (src,), (dst,) = ([self._ref(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
+            kernel = compile_copy(src, dst)
+            if kernel is not None:
+                return kernel
         if "srcs" in instr:
             return compile_numpy(instr, [self._ref(model, r) for r in instr["srcs"]],
                                  [self._ref(model, r) for r in instr["dsts"]])
@@ -461,7 +471,7 @@ class ShadowNetTA(TrustedApp):
         if op == "copy":
             if src.shape != dst.shape or src.dtype != dst.dtype:
                 raise ValueError(f"copy {instr['src']} -> {instr['dst']}: {src.shape} vs {dst.shape}")
-            return lambda: np.copyto(dst, src)
+            return compile_copy(src, dst) or (lambda: np.copyto(dst, src))
         compile_ = {"push": compile_push, "restore": compile_restore}.get(op)
         if compile_ is None:
             raise ValueError(f"unknown instruction {op!r}")
@@ -474,11 +484,12 @@ class ShadowNetTA(TrustedApp):
         return compile_(model, instr, src, dst, **extra)
 
     def step_program(self, session: dict[str, Any]) -> StepProgram | None:
-        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the middle steps whose
-        instructions are all kernel calls (``c_call``; or, where they differ per pool slot - one-time masks,
-        checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops), which it then runs
-        without this app's Python, advancing ``cursor`` as ``_run_step`` does. One program per slot: the
-        secure world takes it anew after step 0, which picks the inference's slot in Python."""
+        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the middle steps (not
+        the first nor the last) whose instructions are all kernel calls (``c_call``; or, where they differ
+        per pool slot - one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor
+        LiteRT ops), which it then runs without this app's Python, advancing ``cursor`` as ``_run_step``
+        does. One program per slot: the secure world takes it anew after step 0, which picks the
+        inference's slot in Python."""
         model = session.get("model")
         if model is None or model.steps is None:
             return None
@@ -489,6 +500,7 @@ class ShadowNetTA(TrustedApp):
             programs = model.fast = {}
         if slot not in programs:
             calls = [_step_calls(step, slot) for step in model.steps]
+            calls[0] = calls[-1] = None  # Python's: they begin and end an inference (its pool slot, tally)
             programs[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
         return programs[slot]
 

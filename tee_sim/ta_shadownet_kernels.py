@@ -1,12 +1,14 @@
 """The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push;
-``ta_shadownet_freivalds.c``, the check; ``ta_shadownet_max_pool.c``; ``ta_shadownet_pool.c``, the pool
-refill's; sharing ``ta_shadownet_kernels.h``; one library, built by ``setup.py``), loaded.
+``ta_shadownet_freivalds.c``, the check; ``ta_shadownet_max_pool.c``; ``ta_shadownet_small_ops.c``;
+``ta_shadownet_pool.c``, the pool refill's; sharing ``ta_shadownet_kernels.h``; one library, built by
+``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
-(``tee_sim.ta_shadownet_max_pool``), ``fv_prepare``, ``fv_check`` and ``fv_draw`` (Freivalds' check and the
-projections its pool draws, ``tee_sim.freivalds``), ``sn_split_pop`` (an exact split's pop mask,
-``tee_sim.exact_split``). The C files say why C and how each kernel works.
+(``tee_sim.ta_shadownet_max_pool``), ``sn_small_op`` (``tee_sim.ta_shadownet_small_ops``), ``fv_prepare``,
+``fv_check`` and ``fv_draw`` (Freivalds' check and the projections its pool draws, ``tee_sim.freivalds``),
+``sn_split_pop`` (an exact split's pop mask, ``tee_sim.exact_split``). The C files say why C and how each
+kernel works.
 
 On x86-64 the library is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
 that the CPU runs, as the baseline build's ``sn_cpu_level`` reports it, among those that were built.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 # Measured with the TA's code (the libraries are built from them).
 SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}")
-                for name in ("kernels.h", "kernels.c", "freivalds.c", "max_pool.c", "pool.c"))
+                for name in ("kernels.h", "kernels.c", "freivalds.c", "max_pool.c", "small_ops.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 
@@ -32,7 +34,7 @@ def _find(suffix: str) -> str | None:
 
 def _open(path: str) -> ctypes.CDLL:
     library = ctypes.CDLL(path)
-    for name in ("sn_run", "sn_max_pool", "fv_prepare", "fv_check", "fv_draw", "sn_split_pop"):
+    for name in ("sn_run", "sn_max_pool", "sn_small_op", "fv_prepare", "fv_check", "fv_draw", "sn_split_pop"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
         function.restype = ctypes.c_int

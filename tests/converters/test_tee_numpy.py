@@ -1,6 +1,7 @@
-"""The ops the TA runs in numpy instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
-CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE) give
-LiteRT's results; what only LiteRT can run (MEAN) still goes through a TEE-side signature."""
+"""The ops the TA runs itself instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
+CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE, MEAN,
+SOFTMAX) give LiteRT's results; what only LiteRT can run (LOGISTIC) still goes through a TEE-side
+signature."""
 
 import warnings
 
@@ -71,7 +72,13 @@ def _model() -> bytes:
              [logits], fb.FullyConnectedOptionsT())
     pooled = tensor("pooled", (1, 6))
     g.add_op("MEAN", [y2, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
-    g.inputs, g.outputs = [x], [logits, pooled]
+    squashed = tensor("squashed", (1, 6))
+    g.add_op("LOGISTIC", [pooled], [squashed])
+    softmax = fb.SoftmaxOptionsT()
+    softmax.beta = 0.5
+    probabilities = tensor("probabilities", (1, 5))
+    g.add_op("SOFTMAX", [logits], [probabilities], softmax)
+    g.inputs, g.outputs = [x], [probabilities, squashed]
     return write_model(g)
 
 
@@ -81,8 +88,8 @@ def test_numpy_ops_match_litert(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_numpy_ops"] == 10
-        assert manifest["summary"]["tee_litert_ops"] == 1  # MEAN
+        assert manifest["summary"]["tee_numpy_ops"] == 12
+        assert manifest["summary"]["tee_litert_ops"] == 1  # LOGISTIC
         rng = np.random.default_rng(0)
         with Driver(device, tmp_path / "out") as run:
             for _ in range(2):

@@ -1,0 +1,65 @@
+/* The ShadowNet trusted app's small ops, each one C call so that a step made of kernel calls runs on the
+ * secure world's fast path instead of the TA's Python (tee_sim.ta_shadownet_small_ops, which measured it):
+ *     SN_COPY     dst = src, n * positions * c contiguous floats (a copy, a reshape);
+ *     SN_MEAN     dst[i][k] = (sum over p of src[i][p][k]) / positions, the positions (an image's pixels)
+ *                 summed in order in float32, then divided, as LiteRT's reference MEAN does;
+ *     SN_SOFTMAX  over each of the n * positions rows of c channels: e_k = exp(beta * (x_k - max x)),
+ *                 dst_k = e_k / sum e, as LiteRT's reference SOFTMAX (its kernels' exp differs from libm's
+ *                 by an ulp or so).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ta_shadownet_kernels.h"
+
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2 };
+
+typedef struct {
+    const float *src;
+    float *dst;
+    int64_t n, positions, c;
+    float beta;
+    int32_t kind;
+} sn_small;
+
+int sn_small_op(const sn_small *s) {
+    int64_t n = s->n, positions = s->positions, c = s->c;
+    switch (s->kind) {
+    case SN_COPY:
+        memmove(s->dst, s->src, sizeof(float) * (size_t)(n * positions * c));
+        return 0;
+    case SN_MEAN:
+        for (int64_t i = 0; i < n; i++) {
+            const float *x = s->src + i * positions * c;
+            float *o = s->dst + i * c;
+            int64_t k = 0;
+            for (; k + SN_VL <= c; k += SN_VL) {
+                vn sum = loadn(x + k);
+                for (int64_t p = 1; p < positions; p++) sum += loadn(x + p * c + k);
+                storen(o + k, sum / (float)positions);
+            }
+            for (; k < c; k++) {
+                float sum = x[k];
+                for (int64_t p = 1; p < positions; p++) sum += x[p * c + k];
+                o[k] = sum / (float)positions;
+            }
+        }
+        return 0;
+    case SN_SOFTMAX:
+        for (int64_t r = 0; r < n * positions; r++) {
+            const float *x = s->src + r * c;
+            float *o = s->dst + r * c;
+            float top = x[0], sum = 0.0f;
+            for (int64_t k = 1; k < c; k++) top = x[k] > top ? x[k] : top;
+            for (int64_t k = 0; k < c; k++) {
+                o[k] = expf(s->beta * (x[k] - top));
+                sum += o[k];
+            }
+            for (int64_t k = 0; k < c; k++) o[k] /= sum;
+        }
+        return 0;
+    default:
+        return -1;
+    }
+}

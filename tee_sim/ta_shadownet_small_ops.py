@@ -1,0 +1,64 @@
+"""The ShadowNet trusted app's small ops as single C calls (``tee_sim/ta_shadownet_small_ops.c``): MEAN over
+an image's positions, SOFTMAX over its channels (``converters.plan_numpy``'s ``mean`` and ``softmax``), and
+whole-tensor copies (a ``copy``, a ``reshape``). Through LiteRT or numpy each of them made its step Python's
+to run; as kernel calls with a ``c_call`` the step runs on the secure world's fast path
+(``ShadowNetTA.step_program``): a classifier's last two steps (MEAN, then SOFTMAX and the output's copy)
+each cost 80-140 us more than a fast step in the secure world's Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tee_sim.ta_shadownet_kernels import LIBRARY
+
+SN_SMALL_OP = ctypes.cast(LIBRARY.sn_small_op, ctypes.c_void_p).value  # for the secure world's fast path
+_COPY, _MEAN, _SOFTMAX = 0, 1, 2
+
+
+class _Small(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
+                                                                       ("n", "positions", "c")),
+                ("beta", ctypes.c_float), ("kind", ctypes.c_int32)]
+
+
+def _dense(array: np.ndarray) -> bool:
+    return array.dtype == np.float32 and array.flags.c_contiguous
+
+
+def _kernel(kind: int, src: np.ndarray, dst: np.ndarray, n: int, positions: int, c: int,
+            beta: float = 1.0) -> Callable[[], Any]:
+    op = _Small(src.ctypes.data, dst.ctypes.data, n, positions, c, beta, kind)
+    run, address = LIBRARY.sn_small_op, ctypes.addressof(op)
+    kernel = lambda keep=(op, src, dst): run(address)  # noqa: E731 - a function with an attribute
+    kernel.c_call = (SN_SMALL_OP, address)
+    return kernel
+
+
+def compile_copy(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any] | None:
+    """``dst = src`` as one call, for two dense float32 arrays of the same size (shapes may differ: a
+    reshape); None otherwise (the caller copies with numpy)."""
+    if not (_dense(src) and _dense(dst)) or src.size != dst.size:
+        return None
+    return _kernel(_COPY, src, dst, 1, 1, src.size)
+
+
+def compile_mean(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = mean(src, axis=(1, 2))`` for a dense NHWC ``src``; ``dst`` [N, 1, 1, C] or [N, C]."""
+    if not (_dense(src) and _dense(dst)) or src.ndim != 4 or src.shape[1] * src.shape[2] < 1 \
+            or dst.shape not in ((src.shape[0], 1, 1, src.shape[3]), (src.shape[0], src.shape[3])):
+        raise ValueError(f"mean {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
+    n, h, w, c = src.shape
+    return _kernel(_MEAN, src, dst, n, h * w, c)
+
+
+def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = softmax(beta * src)`` over the last axis, for dense arrays of one shape."""
+    if not (_dense(src) and _dense(dst)) or src.shape != dst.shape or src.ndim < 1 or src.shape[-1] < 1:
+        raise ValueError(f"softmax {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
+    c = src.shape[-1]
+    return _kernel(_SOFTMAX, src, dst, 1, src.size // c, c, float(instr["beta"]))

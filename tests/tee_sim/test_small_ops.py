@@ -1,0 +1,63 @@
+"""The TA's small ops (``tee_sim.ta_shadownet_small_ops`` and its C ``sn_small_op``) on every build of the
+kernels this CPU runs: MEAN over an image's positions and SOFTMAX over its channels against float64
+numpy, copies bit for bit, each a single kernel call for the fast path."""
+
+import numpy as np
+import pytest
+
+from tee_sim import ta_shadownet_small_ops as ops
+from tee_sim.ta_shadownet_kernels import runnable
+
+BUILDS = runnable()
+
+
+@pytest.fixture(autouse=True, params=list(BUILDS))
+def kernels(request, monkeypatch):
+    monkeypatch.setattr(ops, "LIBRARY", BUILDS[request.param])
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7, 1024), (2, 3, 5, 13), (1, 1, 1, 3)])
+@pytest.mark.parametrize("keep_dims", [True, False])
+def test_mean_over_positions(shape, keep_dims):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    n, _, _, c = shape
+    out = np.full((n, 1, 1, c) if keep_dims else (n, c), np.nan, np.float32)
+    kernel = ops.compile_mean(x, out)
+    assert kernel.c_call[1]
+    kernel()
+    want = x.astype(np.float64).mean(axis=(1, 2)).reshape(out.shape)
+    assert np.allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("shape, beta", [((1, 1000), 1.0), ((2, 3, 17), 0.5), ((4, 1), 2.0)])
+def test_softmax_over_channels(shape, beta):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 20).astype(np.float32)  # large logits: the max is subtracted first
+    out = np.empty_like(x)
+    ops.compile_softmax({"beta": beta}, x, out)()
+    z = beta * x.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    assert np.allclose(out, e / e.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-7)
+    assert np.allclose(out.sum(axis=-1), 1, atol=1e-5)
+
+
+def test_copy_and_reshape_bit_for_bit():
+    x = np.random.default_rng(2).standard_normal((1, 2, 2, 50)).astype(np.float32)
+    x.reshape(-1)[3] = np.nan
+    out = np.zeros((1, 200), np.float32)
+    kernel = ops.compile_copy(x, out)
+    kernel()
+    assert np.array_equal(out.view(np.int32), x.reshape(1, 200).view(np.int32))
+    assert ops.compile_copy(x[..., ::2], np.zeros((1, 100), np.float32)) is None  # strided: numpy's copy
+    assert ops.compile_copy(x, np.zeros((1, 199), np.float32)) is None
+
+
+def test_refuses_what_does_not_fit():
+    x = np.zeros((1, 4, 4, 8), np.float32)
+    for bad in (np.zeros((1, 8, 1, 1), np.float32), np.zeros((1, 9), np.float32),
+                np.zeros((1, 8), np.float64)):
+        with pytest.raises(ValueError, match="mean"):
+            ops.compile_mean(x, bad)
+    with pytest.raises(ValueError, match="softmax"):
+        ops.compile_softmax({"beta": 1.0}, x, np.zeros((1, 4, 4, 9), np.float32))

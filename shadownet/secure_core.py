@@ -30,14 +30,23 @@ _moved: tuple[int, set[int]] | None = None  # the thread on the secure core: (na
 _lock = threading.Lock()
 
 
+def _set_cpus(tid: int, cpus: Any) -> bool:
+    """Move thread ``tid`` (0: this one) to ``cpus``; False where the system refuses (e.g. a CPU set
+    changed under us): the inference then runs where it is."""
+    try:
+        os.sched_setaffinity(tid, cpus)
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def on_secure_core(core: int, context: Any) -> Iterator[None]:
     """Run the body with this thread on ``core``, then give it its CPUs back. Only an inference that starts
     alone in this process moves, and it moves back as soon as another starts; the secure world (``context``'s,
-    pinned to ``core``) then floats over the process's CPUs until an inference runs alone again: concurrent
-    callers and the secure world would otherwise all queue on one core (two frames in flight, alternated:
-    yolov4-tiny 19.5 against 18.6 frames/s with it kept pinned). Only a thread that may run on ``core`` and
-    on some other CPU as well moves."""
+    pinned to ``core``) then floats over the process's CPUs until an inference runs alone again (module
+    docstring: concurrent callers and the secure world would otherwise queue on one core). Only a thread
+    that may run on ``core`` and on some other CPU as well moves."""
     global _in_flight, _moved
     moved = None
     with _lock:
@@ -46,11 +55,11 @@ def on_secure_core(core: int, context: Any) -> Iterator[None]:
             allowed = os.sched_getaffinity(0)
             if core in allowed and len(allowed) > 1:
                 context.pin_secure_world(True)
-                os.sched_setaffinity(0, (core,))
-                moved = _moved = (threading.get_native_id(), allowed)
+                if _set_cpus(0, (core,)):
+                    moved = _moved = (threading.get_native_id(), allowed)
         else:
             if _moved is not None:  # give the inference on the core its CPUs back
-                os.sched_setaffinity(_moved[0], _moved[1])
+                _set_cpus(_moved[0], _moved[1])
                 _moved = None
             context.pin_secure_world(False)
     try:
@@ -59,5 +68,5 @@ def on_secure_core(core: int, context: Any) -> Iterator[None]:
         with _lock:
             _in_flight -= 1
             if moved is not None and _moved is moved:
-                os.sched_setaffinity(0, moved[1])
+                _set_cpus(0, moved[1])
                 _moved = None

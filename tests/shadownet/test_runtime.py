@@ -179,7 +179,6 @@ def test_a_model_survives_a_crash_of_the_secure_world(small_cnn):
         assert model.stats()["world_switches"] == model.num_rounds + 1
 
 
-
 class AffinityRecorder(AcceleratorWrapper):
     """Records the CPUs the calling thread may use while each round runs."""
 

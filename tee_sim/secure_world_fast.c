@@ -1,6 +1,6 @@
 /* The secure world's fast path (tee_sim.secure_world_fast): it waits for requests in the control block
  * (tee_sim.channel) and answers, without returning to Python, every OP_INVOKE of a prepared step command
- * whose work is C calls only - the restore / push kernels of a trusted app's middle steps. Anything else
+ * whose work is C calls only - the kernels of a trusted app's steps after the first. Anything else
  * (another command, a step out of order, a step with Python work) it leaves to Python, unanswered.
  *
  * Why: a step of ResNet-404 (a 32x32x16 restore and push) takes 10.5 us of kernels, and the secure
@@ -26,7 +26,8 @@ enum { OP_INVOKE = 1, VALUE_INPUT = 1, ORIGIN_TEE = 3 };
 typedef int (*sw_call)(const void *);
 
 /* One session's step command: step s (0 < s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
- * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1. A call that returns
+ * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1, or -1 after the last
+ * step (the trusted app settles the finished inference at its next entry). A call that returns
  * non-zero (a verified restore whose check failed) stops the step, left unanswered to the trusted app's
  * Python, which runs it again from the start and reports what failed: each call redoes its whole work (a
  * result the normal world changes back in between then passes its check: only checked results are used). */
@@ -84,7 +85,8 @@ int sw_serve(sw_world *w, uint64_t *last) {
         int64_t k = p->starts[step];
         while (k < p->ends[step] && p->fns[k](p->args[k]) == 0) k++;
         if (k < p->ends[step]) return 1; /* a call failed (a check): the TA's Python runs the step again */
-        *p->cursor = (int32_t)step + 1;
+        /* After the last step: FINISHED (-1), whose bookkeeping the trusted app does at its next entry. */
+        *p->cursor = step + 1 == (uint64_t)p->steps ? -1 : (int32_t)step + 1;
         uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
         uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};
         memcpy(w->block + RESPONSE_OFFSET, code, sizeof code);

@@ -21,14 +21,16 @@ from typing import Any
 import numpy as np
 
 MAX_PROGRAMS = 32  # as in the C file
+FINISHED = -1  # a cursor's value after the fast path ran a program's last step
 
 
 @dataclass
 class StepProgram:
     """One session's step command, for the fast path. ``cursor``: int32 ``[1]``, the step the app expects
-    next (the app reads and writes it too); ``calls[s]``: step ``s``'s C calls as ``(function address,
-    argument address)`` pairs, or None where it needs the app's Python (steps 0 and the last always do:
-    they start and end an inference). ``keep``: whatever the addresses point into."""
+    next (the app reads and writes it too; ``FINISHED`` after the fast path ran the last step, which the app
+    settles - statistics, the spent pool entry - at its next entry); ``calls[s]``: step ``s``'s C calls as
+    ``(function address, argument address)`` pairs, or None where it needs the app's Python (step 0 always
+    does: it starts an inference). ``keep``: whatever the addresses point into."""
 
     cmd: int
     cursor: np.ndarray
@@ -40,7 +42,7 @@ class StepProgram:
         flat = [c for step in self.calls if step is not None for c in step]
         starts, ends, at = [], [], 0
         for s, step in enumerate(self.calls):
-            fast = step is not None and 0 < s < len(self.calls) - 1
+            fast = step is not None and 0 < s
             starts.append(at if fast else -1)
             at += len(step) if step is not None else 0
             ends.append(at if fast else -1)

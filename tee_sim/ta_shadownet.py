@@ -52,7 +52,7 @@ from tee_sim.params import (
     check_param_types,
 )
 from tee_sim.per_inference import PerInference
-from tee_sim.secure_world_fast import StepProgram
+from tee_sim.secure_world_fast import FINISHED, StepProgram
 from tee_sim.ta import TrustedApp
 from tee_sim.ta_shadownet_commands import (
     LOAD_FAIL_WHEN_EMPTY,
@@ -160,9 +160,11 @@ class ShadowNetTA(TrustedApp):
         return {"model": None}
 
     def close_session(self, session: dict[str, Any]) -> None:
+        _settle(session)
         self._unload(session)
 
     def invoke_command(self, session: dict[str, Any], cmd_id: int, params: TAParams) -> None:
+        _settle(session)
         if cmd_id == Command.RUN_STEP:  # the hot path first
             check_param_types(params, VALUE_IN)
             self._run_step(session, params[0].a)
@@ -484,12 +486,12 @@ class ShadowNetTA(TrustedApp):
         return compile_(model, instr, src, dst, **extra)
 
     def step_program(self, session: dict[str, Any]) -> StepProgram | None:
-        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the middle steps (not
-        the first nor the last) whose instructions are all kernel calls (``c_call``; or, where they differ
-        per pool slot - one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor
-        LiteRT ops), which it then runs without this app's Python, advancing ``cursor`` as ``_run_step``
-        does. One program per slot: the secure world takes it anew after step 0, which picks the
-        inference's slot in Python."""
+        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the steps after the
+        first whose instructions are all kernel calls (``c_call``; or, where they differ per pool slot -
+        one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops),
+        which it then runs without this app's Python, advancing ``cursor`` as ``_run_step`` does (after
+        the last step to ``FINISHED``: ``_settle``). One program per slot: the secure world takes it anew
+        after step 0, which picks the inference's slot in Python."""
         model = session.get("model")
         if model is None or model.steps is None:
             return None
@@ -500,7 +502,7 @@ class ShadowNetTA(TrustedApp):
             programs = model.fast = {}
         if slot not in programs:
             calls = [_step_calls(step, slot) for step in model.steps]
-            calls[0] = calls[-1] = None  # Python's: they begin and end an inference (its pool slot, tally)
+            calls[0] = None  # Python's: it begins an inference (picks its pool slot)
             programs[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
         return programs[slot]
 
@@ -527,6 +529,18 @@ class ShadowNetTA(TrustedApp):
         if last and online is not None:
             online.tally()
             online.end()
+
+
+def _settle(session: dict[str, Any]) -> None:
+    """An inference whose last step the secure world's fast path ran (cursor ``FINISHED``): its checks'
+    statistics and its spent pool entry, at this app's next entry - off that inference's path, before
+    anything else of the session (a refill, the next inference's step 0, a report) runs."""
+    model = session.get("model")
+    if model is not None and model.cursor[0] == FINISHED:
+        model.cursor[0] = 0
+        if model.online is not None:
+            model.online.tally()
+            model.online.end()
 
 
 def _step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:

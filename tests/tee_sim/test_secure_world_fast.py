@@ -1,6 +1,6 @@
-"""The secure world's fast path (``tee_sim.secure_world_fast``): the ShadowNet TA's middle steps answered in
-C, through a control block as the process transport posts them, give the TA's own results; a step out of
-order, or one with Python work, is left unanswered for the TA, which refuses or runs it."""
+"""The secure world's fast path (``tee_sim.secure_world_fast``): the ShadowNet TA's steps after the first
+answered in C, through a control block as the process transport posts them, give the TA's own results; a
+step out of order, or one with Python work, is left unanswered for the TA, which refuses or runs it."""
 
 import mmap
 import os
@@ -15,7 +15,7 @@ from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import IntegrityError
 from tee_sim import channel as ch
 from tee_sim.secure_os import NO_PARAMS, Outcome
-from tee_sim.secure_world_fast import FastPath
+from tee_sim.secure_world_fast import FINISHED, FastPath
 from tests.shadownet.conftest import relative_error
 from tests.shadownet.small_models import reference, small_cnn
 
@@ -69,7 +69,7 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
     with shadownet.load(tmp_path / "out", background_refill=False) as model:
         (program,) = context._transport._os.step_programs().values()
         middle = [calls is not None for calls in program.calls[1:-1]]
-        assert program.calls[0] is None and program.calls[-1] is None  # an inference's start and end
+        assert program.calls[0] is None  # an inference's start: it picks the pool slot in Python
         # With no inference under way, round 1's restore (it pops the slot's one-time mask) needs Python;
         # deeper ones are kernels. In an inference the slot's program has it in C too.
         assert any(middle) and not all(middle)
@@ -93,6 +93,13 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
         with pytest.raises(tee_sim.TEEError) as refused:
             model._steps[step]()
         assert refused.value.code == tee_sim.TEE_ERROR_BAD_STATE and fast.served == 3 * per_inference
+        # The last step runs in C too: the TA settles that inference (its checks' statistics, its spent
+        # pool entry) at its next entry - here a refill, which then remakes the entry.
+        model(x)
+        assert fast.served == 4 * per_inference
+        assert loaded.cursor[0] == FINISHED and loaded.online.current is not None
+        model.refill_masks()
+        assert loaded.cursor[0] == 0 and loaded.online.current is None
     assert context._transport._os.step_programs() == {}  # the session closed: nothing left to answer
     context.close()
 

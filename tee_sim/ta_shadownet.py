@@ -52,7 +52,7 @@ from tee_sim.params import (
     check_param_types,
 )
 from tee_sim.per_inference import PerInference
-from tee_sim.secure_world_fast import FINISHED, StepProgram
+from tee_sim.secure_world_fast import StepProgram
 from tee_sim.ta import TrustedApp
 from tee_sim.ta_shadownet_commands import (
     LOAD_FAIL_WHEN_EMPTY,
@@ -78,6 +78,7 @@ from tee_sim.ta_shadownet_restore_push import (
     scratch_size,
 )
 from tee_sim.ta_shadownet_small_ops import compile_copy, compile_mean, compile_softmax
+from tee_sim.ta_shadownet_steps import run_step, settle, step_program
 
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
 MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
@@ -147,7 +148,8 @@ class ShadowNetTA(TrustedApp):
     CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
                     "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
                     "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push",
-                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_kernels")
+                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_small_ops",
+                    "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_kernels")
     CODE_FILES = KERNEL_SOURCES
 
     def create(self) -> None:
@@ -160,11 +162,11 @@ class ShadowNetTA(TrustedApp):
         return {"model": None}
 
     def close_session(self, session: dict[str, Any]) -> None:
-        _settle(session)
+        settle(session.get("model"))
         self._unload(session)
 
     def invoke_command(self, session: dict[str, Any], cmd_id: int, params: TAParams) -> None:
-        _settle(session)
+        settle(session.get("model"))
         if cmd_id == Command.RUN_STEP:  # the hot path first
             check_param_types(params, VALUE_IN)
             self._run_step(session, params[0].a)
@@ -486,77 +488,11 @@ class ShadowNetTA(TrustedApp):
         return compile_(model, instr, src, dst, **extra)
 
     def step_program(self, session: dict[str, Any]) -> StepProgram | None:
-        """RUN_STEP for the secure world's fast path (``tee_sim.secure_world_fast``): the steps after the
-        first whose instructions are all kernel calls (``c_call``; or, where they differ per pool slot -
-        one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops),
-        which it then runs without this app's Python, advancing ``cursor`` as ``_run_step`` does (after
-        the last step to ``FINISHED``: ``_settle``). One program per slot: the secure world takes it anew
-        after step 0, which picks the inference's slot in Python."""
-        model = session.get("model")
-        if model is None or model.steps is None:
-            return None
-        online = model.online
-        slot = online.current.slot if online is not None and online.current is not None else -1
-        programs = model.fast
-        if programs is None or any(p.keep is not model.steps for p in programs.values()):
-            programs = model.fast = {}
-        if slot not in programs:
-            calls = [_step_calls(step, slot) for step in model.steps]
-            calls[0] = None  # Python's: it begins an inference (picks its pool slot)
-            programs[slot] = StepProgram(int(Command.RUN_STEP), model.cursor, calls, keep=model.steps)
-        return programs[slot]
+        """RUN_STEP for the secure world's fast path (``tee_sim.ta_shadownet_steps.step_program``)."""
+        return step_program(session.get("model"), int(Command.RUN_STEP))
 
     def _run_step(self, session: dict[str, Any], step: int) -> None:
-        model = session.get("model")
-        if model is None or model.steps is None:
-            raise _error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
-        expected = int(model.cursor[0])
-        if step >= len(model.steps) or (step != 0 and step != expected):
-            raise _error(TEE_ERROR_BAD_STATE, f"step {step} out of order (expected 0 or {expected})")
-        online = model.online
-        last = step + 1 == len(model.steps)
-        try:
-            if step == 0 and online is not None:
-                online.begin()  # this inference's one-time masks and projections
-            for run in model.steps[step]:
-                run()
-        except BaseException:
-            model.cursor[0] = 0  # a failed step (e.g. a result that failed verification) ends the inference
-            if online is not None:
-                online.end()
-            raise
-        model.cursor[0] = 0 if last else step + 1
-        if last and online is not None:
-            online.tally()
-            online.end()
-
-
-def _settle(session: dict[str, Any]) -> None:
-    """An inference whose last step the secure world's fast path ran (cursor ``FINISHED``): its checks'
-    statistics and its spent pool entry, at this app's next entry - off that inference's path, before
-    anything else of the session (a refill, the next inference's step 0, a report) runs."""
-    model = session.get("model")
-    if model is not None and model.cursor[0] == FINISHED:
-        model.cursor[0] = 0
-        if model.online is not None:
-            model.online.tally()
-            model.online.end()
-
-
-def _step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:
-    """A step's C calls in pool slot ``slot`` (-1: no inference under way), or None if it needs Python."""
-    calls: list[tuple[int, int]] = []
-    for run in step:
-        by_slot = getattr(run, "slot_calls", None)
-        if by_slot is not None:
-            got = by_slot[slot] if 0 <= slot < len(by_slot) else None
-        else:
-            c_call = getattr(run, "c_call", None)
-            got = None if c_call is None else [c_call]
-        if got is None:
-            return None
-        calls += got
-    return calls
+        run_step(session.get("model"), step)
 
 
 def _placement(data: bytes, specs: dict[str, Any], size: int) -> dict[str, int]:

@@ -74,10 +74,10 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
         # deeper ones are kernels. In an inference the slot's program has it in C too.
         assert any(middle) and not all(middle)
         # In an inference's pool slot every middle step is kernel calls, MEAN included (small ops in C).
-        from tee_sim.ta_shadownet import _step_calls
+        from tee_sim.ta_shadownet_steps import step_calls
 
         (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
-        assert all(_step_calls(step, 0) is not None for step in loaded.steps[1:-1])
+        assert all(step_calls(step, 0) is not None for step in loaded.steps[1:-1])
         rng = np.random.default_rng(0)
         for i in range(3):
             x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)

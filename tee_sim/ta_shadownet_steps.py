@@ -1,0 +1,92 @@
+"""How the ShadowNet trusted app runs a loaded program: one RUN_STEP at a time, in order; the step program
+the secure world's C fast path answers instead (the steps after the first that are kernel calls only);
+and the settling of an inference whose last step the fast path ran.
+
+``model`` is the TA's loaded model (``tee_sim.ta_shadownet._Model``): its compiled ``steps``, the shared
+``cursor`` (the step expected next), its per-inference material ``online`` and ``fast``, the step programs
+made so far, by pool slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tee_sim.errors import TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.secure_world_fast import FINISHED, StepProgram
+
+
+def run_step(model: Any, step: int) -> None:
+    """Step ``step`` of the inference under way (0 starts one: its pool slot, one-time masks and
+    projections); a failed step ends the inference; the last one tallies its checks and spends its entry."""
+    if model is None or model.steps is None:
+        raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
+                       "no model loaded and bound to shared memory")
+    expected = int(model.cursor[0])
+    if step >= len(model.steps) or (step != 0 and step != expected):
+        raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
+                       f"step {step} out of order (expected 0 or {expected})")
+    online = model.online
+    last = step + 1 == len(model.steps)
+    try:
+        if step == 0 and online is not None:
+            online.begin()  # this inference's one-time masks and projections
+        for run in model.steps[step]:
+            run()
+    except BaseException:
+        model.cursor[0] = 0  # a failed step (e.g. a result that failed verification) ends the inference
+        if online is not None:
+            online.end()
+        raise
+    model.cursor[0] = 0 if last else step + 1
+    if last and online is not None:
+        online.tally()
+        online.end()
+
+
+def step_program(model: Any, command: int) -> StepProgram | None:
+    """RUN_STEP (``command``) for the secure world's fast path (``tee_sim.secure_world_fast``): the steps
+    after the first whose instructions are all kernel calls (``c_call``; or, where they differ per pool
+    slot - one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops),
+    which it then runs without the app's Python, advancing ``cursor`` as ``run_step`` does (after the last
+    step to ``FINISHED``: ``settle``). One program per slot: the secure world takes it anew after step 0,
+    which picks the inference's slot in Python."""
+    if model is None or model.steps is None:
+        return None
+    online = model.online
+    slot = online.current.slot if online is not None and online.current is not None else -1
+    programs = model.fast
+    if programs is None or any(p.keep is not model.steps for p in programs.values()):
+        programs = model.fast = {}
+    if slot not in programs:
+        calls = [step_calls(step, slot) for step in model.steps]
+        calls[0] = None  # Python's: it begins an inference (picks its pool slot)
+        programs[slot] = StepProgram(command, model.cursor, calls, keep=model.steps)
+    return programs[slot]
+
+
+def settle(model: Any) -> None:
+    """An inference whose last step the secure world's fast path ran (cursor ``FINISHED``): its checks'
+    statistics and its spent pool entry, at the app's next entry - off that inference's path, before
+    anything else of the session (a refill, the next inference's step 0, a report) runs."""
+    if model is not None and model.cursor[0] == FINISHED:
+        model.cursor[0] = 0
+        if model.online is not None:
+            model.online.tally()
+            model.online.end()
+
+
+def step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:
+    """A step's C calls in pool slot ``slot`` (-1: no inference under way), or None if it needs Python."""
+    calls: list[tuple[int, int]] = []
+    for run in step:
+        by_slot = getattr(run, "slot_calls", None)
+        if by_slot is not None:
+            got = by_slot[slot] if 0 <= slot < len(by_slot) else None
+        else:
+            c_call = getattr(run, "c_call", None)
+            got = None if c_call is None else [c_call]
+        if got is None:
+            return None
+        calls += got
+    return calls

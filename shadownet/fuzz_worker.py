@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -256,6 +257,13 @@ class Worker:
         data, what = mutate_bytes(self.program[:limit], rng, header=[(0, 4), (4, 2), (6, 2), (8, 8)])
         return data + self.program[limit:], f"program container: {what}"
 
+    @functools.cached_property
+    def _original_program(self) -> tuple[Any, dict[str, np.ndarray]]:
+        """The seed's program, parsed once (read_program: its header's JSON, its arrays)."""
+        from converters.program import read_program
+
+        return read_program(self.program)
+
     def _program_changed(self, mutated: bytes) -> bool:
         """Whether a container mutation left a well-formed program that says something else (its header's
         JSON parses, to another program or other arrays): a program change like the JSON mutations'."""
@@ -265,7 +273,7 @@ class Worker:
             program, arrays = read_program(mutated)
         except ValueError:  # ProgramFormatError, a JSON error: refused by the TA as well
             return False
-        original, original_arrays = read_program(self.program)
+        original, original_arrays = self._original_program
         return program != original or arrays.keys() != original_arrays.keys() or any(
             a.shape != original_arrays[k].shape or not np.array_equal(a, original_arrays[k])
             for k, a in arrays.items())

@@ -227,9 +227,6 @@ def main() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != config["parent"]:
         return
-    if config.get("core") is not None:  # every thread (imports may have started some) and those to come
-        for tid in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(tid), {config["core"]})
     world = SecureWorld(config)
     threading.Thread(target=_watch_parent, args=(world.sock, config["parent"]), daemon=True).start()
     world.serve()

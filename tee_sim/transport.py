@@ -189,7 +189,6 @@ class ProcessTransport:
             "memory_cap": self.memory_cap,
             "spin_us": self.spin_us,
             "hard_spin_us": self.hard_spin_us,
-            "core": self.secure_core,
             "parent": os.getpid(),
             "pdeathsig": threading.current_thread() is threading.main_thread(),
         }
@@ -234,7 +233,7 @@ class ProcessTransport:
         self.poller.register(resp_efd, select.POLLIN)
         self.poller.register(sock.fileno(), 0)
         self._seq = 0
-        self._pinned = self.secure_core is not None  # it pins itself (secure_world.main)
+        self._pinned = False
         self.generation += 1
         # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
         waiter = select.poll()
@@ -246,6 +245,7 @@ class ProcessTransport:
                 TEEC_ORIGIN_COMMS,
                 f"the secure world did not start; see {self.log_path}",
             )
+        self.pin(True)  # every thread it has started; those to come inherit it
 
     def _hello(self) -> bool:
         try:

@@ -8,7 +8,8 @@ k's instructions, prebuilt as closures over preallocated arrays, so an inference
 
 - ``restore`` and ``push``: the crossings between the accelerator and the TEE - unmask and undo the
   obfuscation of an accelerator output, then obfuscate and mask the next round's input into shared
-  memory (``tee_sim.ta_shadownet_restore_push``, which also says why these kernels);
+  memory (``tee_sim.ta_shadownet_restore_push``, which also says why these kernels; the restore's
+  linear maps are prepared at load, ``tee_sim.ta_shadownet_linears``);
 - ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
 - numpy ops (``binary``, ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``):
   the TEE's own ops that the TA runs itself on its arena, exact as LiteRT's
@@ -67,16 +68,10 @@ from tee_sim.ta_shadownet_commands import (
     Command,
 )
 from tee_sim.ta_shadownet_kernels import SOURCES as KERNEL_SOURCES
+from tee_sim.ta_shadownet_linears import Linear, prepare_linears
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
-from tee_sim.ta_shadownet_restore_push import (
-    Linear,
-    compile_push,
-    compile_restore,
-    elements,
-    prepare_linears,
-    scratch_size,
-)
+from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements, scratch_size
 from tee_sim.ta_shadownet_small_ops import compile_copy, compile_mean, compile_softmax
 from tee_sim.ta_shadownet_steps import run_step, settle, step_program
 
@@ -147,9 +142,10 @@ class ShadowNetTA(TrustedApp):
     # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
     CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
                     "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
-                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_restore_push",
-                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_small_ops",
-                    "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_kernels")
+                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_linears",
+                    "tee_sim.ta_shadownet_restore_push", "tee_sim.ta_shadownet_max_pool",
+                    "tee_sim.ta_shadownet_small_ops", "tee_sim.ta_shadownet_steps",
+                    "tee_sim.ta_shadownet_kernels")
     CODE_FILES = KERNEL_SOURCES
 
     def create(self) -> None:

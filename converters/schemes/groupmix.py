@@ -26,7 +26,7 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
 - Restore: ``y_j = sum_i c_ji y'_i`` over the ``m_g`` outputs of ``j``'s group, with ``c_j`` the
   least-squares solution of ``B_j = c_j W'_g`` against the float32 weights the accelerator runs (exact up
   to their rounding, as ``B_j`` lies in their span). The restore is block diagonal: the TA runs one small
-  matmul per group (``tee_sim.ta_shadownet_restore_push.restore_blocks``).
+  matmul per group (``tee_sim.ta_shadownet_linears.restore_blocks``).
 
 Why an orthonormal basis and not GroupCover's random dense ``A_g``: the restore then costs no precision
 (``y_j`` is ``w_j . x`` computed in a rotated basis: the float32 error grows by at most ``sqrt(m_g)``,

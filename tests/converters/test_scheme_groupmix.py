@@ -13,7 +13,7 @@ from converters import convert, linear
 from converters.schemes import ActivationStats, LinearLayer, get_scheme
 from converters.schemes.groupmix import GroupMixScheme, split_groups
 from shadownet import attacks, audit
-from tee_sim.ta_shadownet_restore_push import block_matmuls, restore_blocks
+from tee_sim.ta_shadownet_linears import block_matmuls, restore_blocks
 from tests.converters.driver import Driver, litert, relative_error
 
 FIDELITY = 1e-4

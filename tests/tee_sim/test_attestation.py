@@ -250,8 +250,9 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
 
     cls = ta_shadownet.ShadowNetTA
     identity, measurement = cls.code_identity(), cls.measurement()
-    for module in (b"tee_sim.ta_shadownet_restore_push", b"tee_sim.ta_shadownet_small_ops",
-                   b"tee_sim.ta_shadownet_steps", b"tee_sim.ta_shadownet_max_pool"):
+    for module in (b"tee_sim.ta_shadownet_restore_push", b"tee_sim.ta_shadownet_linears",
+                   b"tee_sim.ta_shadownet_small_ops", b"tee_sim.ta_shadownet_steps",
+                   b"tee_sim.ta_shadownet_max_pool"):
         assert module in identity
     names = [path.name for path in SOURCES]
     assert names == ["ta_shadownet_kernels.h", "ta_shadownet_kernels.c", "ta_shadownet_freivalds.c",

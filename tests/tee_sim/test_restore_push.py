@@ -1,13 +1,14 @@
-"""The TA's restore / push kernel (``tee_sim.ta_shadownet_restore_push`` and its C ``sn_run``), instruction by
-instruction, against a float64 numpy reference: every form of the restore (gather, scale, dense matrix,
-blocks of any width, with a permutation), every activation, the input mixings, masks, padded and strided
-destinations."""
+"""The TA's restore / push kernel (``tee_sim.ta_shadownet_restore_push``, its linear maps
+``tee_sim.ta_shadownet_linears`` and its C ``sn_run``), instruction by instruction, against a float64
+numpy reference: every form of the restore (gather, scale, dense matrix, blocks of any width, with a
+permutation), every activation, the input mixings, masks, padded and strided destinations."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from tee_sim import ta_shadownet_linears as linears
 from tee_sim import ta_shadownet_restore_push as rp
 from tee_sim.ta_shadownet_kernels import runnable
 
@@ -34,7 +35,7 @@ def _model(arrays: dict, steps: list, shapes: dict):
     model.stride, model.tile, size = rp.scratch_size([steps], arrays, lambda ref: shapes[ref])
     model.scratch = np.zeros(size, np.float32)
     shared = {name[4:]: {"shape": list(shape)} for name, shape in shapes.items() if name.startswith("shm:")}
-    rp.prepare_linears(model, [steps], shared, _alloc)
+    linears.prepare_linears(model, [steps], shared, _alloc)
     return model
 
 
@@ -72,8 +73,9 @@ RESTORES = {
     "blocks_fakes": lambda rng: (_blocks(rng, [16, 16, 12] * 2, [12, 16, 8] * 2), 88),  # more sources
 }
 # The form prepare_linears must choose for each (so that every path of the kernel is run).
-KINDS = {"gather": rp._GATHER, "scale": rp._SCALE, "scale_odd": rp._SCALE, "dense": rp._BLOCKS,
-         "blocks16": rp._BLOCKS, "blocks_odd": rp._BLOCKS, "blocks_fakes": rp._BLOCKS}
+KINDS = {"gather": linears.SN_GATHER, "scale": linears.SN_SCALE, "scale_odd": linears.SN_SCALE,
+         "dense": linears.SN_BLOCKS, "blocks16": linears.SN_BLOCKS, "blocks_odd": linears.SN_BLOCKS,
+         "blocks_fakes": linears.SN_BLOCKS}
 BLOCKS = {"dense": 1, "blocks16": 4, "blocks_odd": 5, "blocks_fakes": 6}
 
 
@@ -133,8 +135,8 @@ def test_restore_fused_with_the_next_push(mixing, masked):
     model = _model(arrays, [instr], {"shm:y": y.shape, "shm:x": x_shape})
     if "input_index" in instr:
         mix = model.mixings["ii"]
-        want_form = {"blocks": (rp._BLOCKS, False), "gather": (rp._GATHER, False),
-                     "scattered": (rp._BLOCKS, True)}[mixing]
+        want_form = {"blocks": (linears.SN_BLOCKS, False), "gather": (linears.SN_GATHER, False),
+                     "scattered": (linears.SN_BLOCKS, True)}[mixing]
         assert (mix.kind, mix.order is not None) == want_form
     x = np.full(x_shape, np.nan, np.float32)
     rp.compile_restore(model, instr, y, x)()
@@ -253,7 +255,7 @@ def test_inconsistent_instructions_are_refused():
     with pytest.raises(ValueError, match="inconsistent"):
         rp.compile_restore(model, instr, np.zeros((1, 2, 2, m + 1), np.float32), out)  # other channels
     with pytest.raises(ValueError):
-        rp.gather_linear(np.array([[0, 70]], np.int32), np.ones((1, 2), np.float32), 64, _alloc)
+        linears.gather_linear(np.array([[0, 70]], np.int32), np.ones((1, 2), np.float32), 64, _alloc)
 
 
 def test_a_verified_restore_checks_each_tile_before_using_it():

@@ -43,6 +43,7 @@ _BOUNCE_MIN = 64 << 10
 _BOUNCE_KEEP = 4 << 20  # a bounce buffer grown past this for a big setup transfer is dropped after it
 _NO_TEMPS: list[int] = []
 _ALIGN = 64
+EXIT_WAIT_S = 5.0  # see _close_transport
 
 
 def _api_error(message: str, code: int = TEE_ERROR_BAD_PARAMETERS) -> TEEError:
@@ -267,7 +268,7 @@ class Context:
             self._transport = InProcessTransport(home, memory_cap)
         # Closes the transport when the context is collected or at interpreter exit, whichever is
         # first: the secure world then closes every session left open (their TA's close_session runs).
-        self._finalizer = weakref.finalize(self, self._transport.close)
+        self._finalizer = weakref.finalize(self, _close_transport, self._transport, self._lock)
 
     # Public API.
     def open_session(self, ta_uuid: uuid.UUID | str, params: Sequence[ClientParam] = ()) -> Session:
@@ -512,6 +513,18 @@ class Context:
                 if outcome.code == TEE_SUCCESS:
                     bytes_out += size
         return bytes_out
+
+
+def _close_transport(transport: Any, lock: threading.RLock) -> None:
+    """A context's finalizer: close its transport under its lock, so that no other thread's request is on
+    the wire meanwhile - at interpreter exit daemon threads still run (a model's background refill may be
+    waiting for the secure world). If a request holds the lock longer than ``EXIT_WAIT_S`` it has hung:
+    the secure world is left to its parent-death signal as the process ends."""
+    if lock.acquire(timeout=EXIT_WAIT_S):
+        try:
+            transport.close()
+        finally:
+            lock.release()
 
 
 _default: Context | None = None

@@ -222,3 +222,35 @@ def test_secure_world_refuses_a_regular_file_as_shared_memory(tmp_path):
         assert outcome.code == TEE_ERROR_BAD_PARAMETERS
         with ctx.open_session(TEST_TA_UUID) as s:  # still serving
             assert s.invoke_command(Cmd.ADD, [Value(1, 1), Value(direction="out")])[1].a == 2
+
+
+def test_exit_while_a_daemon_thread_waits_for_the_secure_world(tmp_path):
+    # At interpreter exit the context's finalizer shuts the secure world down while daemon threads still
+    # run (a model's background refill): it must not put its request on the wire beside theirs.
+    result = _run_script(
+        """
+        import threading, time
+        from tee_sim import default_context, TEEError, TEE_ERROR_TARGET_DEAD, Value
+        from tee_sim.registry import TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+        session = default_context().open_session(TEST_TA_UUID)
+        started = threading.Event()
+
+        def worker():
+            started.set()
+            try:
+                while True:
+                    session.invoke_command(Cmd.SLEEP, [Value(300)])
+            except TEEError as e:  # the finalizer's shutdown came first
+                assert e.code == TEE_ERROR_TARGET_DEAD, e
+
+        threading.Thread(target=worker, daemon=True).start()
+        started.wait()
+        time.sleep(0.05)  # the worker is in the secure world now
+        print(default_context().secure_world_pid)
+    """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert _wait_gone(int(result.stdout.split()[-1]))

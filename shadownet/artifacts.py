@@ -13,13 +13,14 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shadownet.exceptions import ArtifactError, SecurityError
+from shadownet.exceptions import ArtifactError, InputError, SecurityError
 
 FORMAT = "shadownet-artifacts"
 KNOWN_VERSIONS = frozenset({1})
@@ -331,3 +332,36 @@ def place_buffers(buffers: dict[str, BufferSpec], page_offsets: dict[str, int],
             offsets[name] = -(-end // ALIGNMENT) * ALIGNMENT
             end = offsets[name] + max(b.nbytes, 1)
     return max(end, 1), offsets
+
+
+def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
+                 inputs: Sequence[Any]) -> list[np.ndarray]:
+    """``inputs`` (arrays in order, or one mapping of names to arrays; ``names``: input name -> position) as
+    arrays in the order of ``specs``; InputError on a wrong count, name, shape or dtype."""
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        given = inputs[0]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise InputError(f"unknown input name(s) {unknown}; the model's inputs are "
+                             f"{[t.name for t in specs]}")
+        ordered: list[Any] = [None] * len(specs)
+        for key, value in given.items():
+            ordered[names[key]] = value
+        missing = [t.name for t, v in zip(specs, ordered, strict=True) if v is None]
+        if missing or len(given) != len(specs):
+            raise InputError(f"missing input(s) {missing or 'given twice under two names'}; the model "
+                             f"takes {[t.name for t in specs]}")
+        inputs = ordered
+    if len(inputs) != len(specs):
+        raise InputError(f"the model takes {len(specs)} input(s) "
+                         f"{[t.name for t in specs]}, {len(inputs)} given")
+    arrays = []
+    for spec, x in zip(specs, inputs, strict=True):
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input {spec.name!r} must be a numpy array of shape {list(spec.shape)} "
+                             f"{spec.dtype}, not {type(x).__name__}")
+        if x.shape != spec.shape or x.dtype != spec.dtype:
+            raise InputError(f"input {spec.name!r} must be {list(spec.shape)} {spec.dtype}, "
+                             f"got {list(x.shape)} {x.dtype}")
+        arrays.append(x)
+    return arrays

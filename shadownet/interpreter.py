@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from shadownet import after_fork
 from shadownet.artifacts import TensorSpec
 from shadownet.exceptions import ArtifactError, InputError
 from shadownet.runtime import ProtectedModel, load
@@ -57,6 +58,7 @@ class Interpreter:
         self._model: ProtectedModel = load(model_path, num_threads=num_threads,
                                            delegate=list(experimental_delegates or ()) or None)
         self._lock = threading.Lock()
+        after_fork.track(self)
         inputs, outputs = self._model.inputs, self._model.outputs
         self._input_values = [np.zeros(t.shape, t.dtype) for t in inputs]
         self._output_values = [np.zeros(t.shape, t.dtype) for t in outputs]
@@ -123,6 +125,10 @@ class Interpreter:
             raise InputError(f"a protected model has fixed input shapes: {spec.name!r} is "
                              f"{list(spec.shape)}, cannot resize to {list(tensor_size)} (convert a model "
                              "exported with that shape)")
+
+    def _forget_after_fork(self, parent: int) -> None:
+        # The model closes itself in the child; this lock may have been held by an invoke of the parent's.
+        self._lock._at_fork_reinit()
 
     def invoke(self) -> None:
         with self._lock:

@@ -16,15 +16,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 import tee_sim
+from shadownet import after_fork
 from shadownet.accelerator import Accelerator, LiteRTAccelerator, load_delegates
-from shadownet.artifacts import Artifacts, TensorSpec, place_buffers, read_artifacts
+from shadownet.artifacts import Artifacts, TensorSpec, check_inputs, place_buffers, read_artifacts
 from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
@@ -125,6 +126,7 @@ class ProtectedModel:
         self.num_rounds = len(artifacts.rounds)
         self._lock = threading.Lock()
         self._closed = False
+        self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
         self._shm: Any = None
         self._context: Any = None
@@ -161,6 +163,7 @@ class ProtectedModel:
                 if shared is not None:
                     _quietly(shared.release)
             raise
+        after_fork.track(self)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -280,6 +283,15 @@ class ProtectedModel:
                 _quietly(self._weights.release)
                 self._weights = None
 
+    def _forget_after_fork(self, parent: int) -> None:
+        """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,
+        shared memory, accelerator threads or refill, nor the locks their threads may have held."""
+        self._lock._at_fork_reinit()  # as the standard library's own locks are (threading, logging)
+        self._waiting_lock._at_fork_reinit()
+        self._waiting, self._refiller = 0, None
+        if not self._closed:
+            self._closed, self._forked_from = True, parent
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -349,33 +361,7 @@ class ProtectedModel:
 
     def check_inputs(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """The inputs as arrays in the model's order; InputError on a wrong count, name, shape or dtype."""
-        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-            given = inputs[0]
-            unknown = [k for k in given if k not in self._input_names]
-            if unknown:
-                raise InputError(f"unknown input name(s) {unknown}; the model's inputs are "
-                                 f"{[t.name for t in self.inputs]}")
-            ordered: list[Any] = [None] * len(self.inputs)
-            for key, value in given.items():
-                ordered[self._input_names[key]] = value
-            missing = [t.name for t, v in zip(self.inputs, ordered, strict=True) if v is None]
-            if missing or len(given) != len(self.inputs):
-                raise InputError(f"missing input(s) {missing or 'given twice under two names'}; the model "
-                                 f"takes {[t.name for t in self.inputs]}")
-            inputs = ordered
-        if len(inputs) != len(self.inputs):
-            raise InputError(f"the model takes {len(self.inputs)} input(s) "
-                             f"{[t.name for t in self.inputs]}, {len(inputs)} given")
-        arrays = []
-        for spec, x in zip(self.inputs, inputs, strict=True):
-            if not isinstance(x, np.ndarray):
-                raise InputError(f"input {spec.name!r} must be a numpy array of shape {list(spec.shape)} "
-                                 f"{spec.dtype}, not {type(x).__name__}")
-            if x.shape != spec.shape or x.dtype != spec.dtype:
-                raise InputError(f"input {spec.name!r} must be {list(spec.shape)} {spec.dtype}, "
-                                 f"got {list(x.shape)} {x.dtype}")
-            arrays.append(x)
-        return arrays
+        return check_inputs(self.inputs, self._input_names, inputs)
 
     def _check_finite(self) -> None:
         """Refuse NaN and infinity in the inputs, checked where the TEE reads them (the shared memory):
@@ -387,6 +373,9 @@ class ProtectedModel:
                                  "model takes finite inputs only")
 
     def _ensure_open(self) -> None:
+        if self._forked_from:
+            raise ClosedError(f"this protected model was loaded by process {self._forked_from}, which forked "
+                              "this one: its TEE session and accelerator stay there; load it again here")
         if self._closed:
             raise ClosedError("this protected model was closed")
         if self._session is None:  # the secure world was lost during an earlier call: start again

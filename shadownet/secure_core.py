@@ -30,6 +30,16 @@ _moved: tuple[int, set[int]] | None = None  # the thread on the secure core: (na
 _lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # The parent's other threads - their inferences under way, the lock they may have held - are not here.
+    global _in_flight, _moved
+    _in_flight, _moved = 0, None
+    _lock._at_fork_reinit()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _set_cpus(tid: int, cpus: Any) -> bool:
     """Move thread ``tid`` (0: this one) to ``cpus``; False where the system refuses (e.g. a CPU set
     changed under us): the inference then runs where it is."""

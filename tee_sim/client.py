@@ -254,6 +254,7 @@ class Context:
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
+        _contexts.add(self)
         self._sessions: set[Session] = set()  # open sessions, of any generation of the secure world
         self._shms: dict[int, SharedMemory] = {}
         self._next_shm = 1
@@ -527,6 +528,18 @@ def _close_transport(transport: Any, lock: threading.RLock) -> None:
             lock.release()
 
 
+# A child forked while another thread held a context's lock (a request on the wire, a model's refill) would
+# wait for it forever: in the child that thread does not exist, and the lock is made anew, in place (as the
+# standard library does its own); the transport forgets the parent's secure world (tee_sim.transport).
+_contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for context in list(_contexts):
+        context._lock._at_fork_reinit()
+    _default_lock._at_fork_reinit()
+
+
 _default: Context | None = None
 _default_pid = 0
 _default_lock = threading.Lock()
@@ -543,3 +556,6 @@ def default_context() -> Context:
             _default = Context(os.environ.get("SHADOWNET_TEE_TRANSPORT", "process"))
             _default_pid = os.getpid()
         return _default
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

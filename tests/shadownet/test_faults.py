@@ -287,3 +287,48 @@ def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
         if sig == signal.SIGINT:
             assert not list(tmp_path.glob(f".{out.name}.*"))  # an interrupted run cleans up after itself
 
+
+def test_forked_child_gets_a_clear_error_not_a_hang(small):
+    """fork() while another thread is mid-inference (it holds the model's lock; the background refill may
+    hold it too): in the child the model is closed - its session, shared memory and accelerator threads
+    stay with the parent - and says so at once; closing it and exiting do not hang. The parent's model
+    goes on working."""
+    script = textwrap.dedent(f"""
+        import os, sys, threading, numpy as np, shadownet
+        from shadownet.accelerator import AcceleratorWrapper
+        from shadownet.exceptions import ClosedError
+
+        class Blocking(AcceleratorWrapper):
+            held, release = threading.Event(), threading.Event()
+
+            def run_round(self, r):
+                if r == 1 and not self.release.is_set():
+                    self.held.set()
+                    self.release.wait()
+                super().run_round(r)
+
+        model = shadownet.load({str(small.out)!r}, accelerator=Blocking)
+        x = np.zeros(model.inputs[0].shape, np.float32)
+        worker = threading.Thread(target=model, args=(x,))
+        worker.start()
+        Blocking.held.wait()
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                model(x)
+            except ClosedError as e:
+                code = 0 if "fork" in str(e) else 4
+            model.close()
+            with shadownet.load({str(small.out)!r}) as own:  # the child's own model works
+                code = code or (0 if own(x).shape == tuple(model.outputs[0].shape) else 5)
+            sys.stdout.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        Blocking.release.set()
+        worker.join()
+        print(os.waitstatus_to_exitcode(status), model(x).shape == tuple(model.outputs[0].shape))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "True"], result.stderr

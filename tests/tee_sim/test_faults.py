@@ -254,3 +254,36 @@ def test_exit_while_a_daemon_thread_waits_for_the_secure_world(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert _wait_gone(int(result.stdout.split()[-1]))
+
+
+def test_forked_while_another_thread_waits_for_the_secure_world(tmp_path):
+    # The other thread holds the context's lock while its request is on the wire: in the child, where that
+    # thread does not exist, the context still opens sessions (on a secure world of its own).
+    result = _run_script(
+        """
+        import os, threading, time
+        from tee_sim import default_context, Value
+        from tee_sim.registry import TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+        ctx = default_context()
+        session = ctx.open_session(TEST_TA_UUID)
+        busy = threading.Thread(target=session.invoke_command, args=(Cmd.SLEEP, [Value(1000)]))
+        busy.start()
+        time.sleep(0.1)  # the request is in the secure world, the lock held
+        pid = os.fork()
+        if pid == 0:
+            with ctx.open_session(TEST_TA_UUID) as own:
+                ok = own.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])[1].a == 3
+            with default_context().open_session(TEST_TA_UUID) as other:
+                ok = ok and other.invoke_command(Cmd.ADD, [Value(2, 2), Value(direction="out")])[1].a == 4
+            ctx.close()
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        busy.join()
+        print(os.waitstatus_to_exitcode(status))
+    """,
+        tmp_path,
+        timeout=30.0,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"]

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from shadownet.bench_throughput import MIB, frames_per_second, one_at_a_time_fps, pipelined_fps
 from shadownet.exceptions import SecureMemoryError, ShadowNetError
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
 VERIFY_MODE = "shadownet-verify"  # with ``--verify``: the same artifacts, every accelerator result checked
 PROJECTED_K = (5, 20)
-MIB = 1 << 20
 
 
 # --- multiply-adds ------------------------------------------------------------------------------------------
@@ -186,85 +186,6 @@ def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = 
 def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:
     """``steady_seconds`` of one mode's call on ``inputs``, a protected model's refill between."""
     return steady_seconds(lambda: runner(inputs), runner.refill if isinstance(runner, _Protected) else None)
-
-
-def _frames_per_second(run: Callable[[], None], frames: int) -> float:
-    start = time.perf_counter()
-    for _ in range(frames):
-        run()
-    return frames / (time.perf_counter() - start)
-
-
-def _pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs: Sequence[np.ndarray],
-                   frames: int) -> dict[str, Any]:
-    """Protected frames/s with two frames in flight: two sessions of the same model (the TA shares the
-    program), one thread each; the accelerator takes one round at a time (one device), so while one
-    frame is in the TEE the other runs on the accelerator.
-
-    Online work only, as the latency runs count it: each session's pool holds ``burst`` entries of
-    one-time masks (2, or 1 when two do not fit in secure memory), refilled untimed between bursts of
-    ``burst`` frames per session; the refill is the report's offline figure. (With the refill in the
-    timed loop, MobileNet's 12 ms of offline work per frame would be counted as online.)"""
-    import threading
-
-    from shadownet.accelerator import AcceleratorWrapper
-    from shadownet.runtime import load
-
-    device = threading.Lock()
-
-    class OneDevice(AcceleratorWrapper):
-        def run_round(self, r: int) -> None:
-            with device:
-                self.inner.run_round(r)
-
-    models: list[Any] = []
-    error = ""
-    for burst in (2, 1):
-        try:
-            for _ in range(2):
-                models.append(load(out_dir, num_threads=num_threads, delegate=delegate, accelerator=OneDevice,
-                                   mask_pool=burst, background_refill=False))
-            break
-        except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
-            error = str(exc)
-            for m in models:
-                m.close()
-            models = []
-    if not models:
-        return {"fps": None, "error": error}
-    try:
-        results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
-        for m, r in zip(models, results, strict=True):  # warm both
-            m.run_into(inputs, r)
-        errors: list[BaseException] = []
-
-        def worker(m: Any, r: list[np.ndarray], count: int) -> None:
-            try:
-                for _ in range(count):
-                    m.run_into(inputs, r)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
-
-        done, elapsed = 0, 0.0
-        while done < frames and not errors:
-            for m in models:
-                m.refill_masks()  # untimed: offline work
-            threads = [threading.Thread(target=worker, args=(m, r, burst))
-                       for m, r in zip(models, results, strict=True)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed += time.perf_counter() - start
-            done += 2 * burst
-        if errors:
-            raise errors[0]
-        memory = models[0].stats().get("model_secure_memory", 0)
-    finally:
-        for m in models:
-            m.close()
-    return {"fps": done / elapsed, "secure_memory_mib": memory / MIB, "pool_entries": burst}
 
 
 def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprotected: Any,
@@ -444,12 +365,15 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         if throughput:
             progress(f"{name}: throughput", total, total + 1)
             frames = 2 * max(num_runs, 5)
-            protected.close()  # its session and shared memory: the pipelined pair opens its own
-            streaming = {mode: {"fps": _frames_per_second(lambda m=mode: runners[m](inputs), frames)}
+            streaming = {mode: {"fps": frames_per_second(lambda m=mode: runners[m](inputs), frames)}
                          for mode in ("unprotected", "all-in-tee", "all-in-tee-builtin")}
-            streaming["shadownet"] = _pipelined_fps(out_dir, num_threads, delegate, inputs, frames)
-            fps = streaming["shadownet"]["fps"]
-            streaming["S/U"] = fps / streaming["unprotected"]["fps"] if fps is not None else None
+            one = one_at_a_time_fps(lambda: protected(inputs), protected.refill, frames)
+            protected.close()  # its session and shared memory: the pipelined pair opens its own
+            streaming["shadownet"] = {**pipelined_fps(out_dir, num_threads, delegate, inputs, frames),
+                                      "one_at_a_time_fps": one}
+            fps, unprotected = streaming["shadownet"]["fps"], streaming["unprotected"]["fps"]
+            streaming["S/U"] = fps / unprotected if fps is not None else None
+            streaming["S/U one at a time"] = one / unprotected
     finally:
         for runner in runners.values():
             runner.close()

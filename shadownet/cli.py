@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the report as Markdown")
     p.add_argument("--plot", help="write a PNG of the breakdown (needs matplotlib)")
-    p.add_argument("--throughput", action="store_true", help="two frames in flight: frames/s per mode")
+    p.add_argument("--throughput", action="store_true",
+                   help="frames/s per mode (protected: two frames in flight, and one at a time)")
     p.add_argument("--verify", action="store_true",
                    help="add the mode shadownet-verify (every accelerator result checked): its overhead")
     p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",

@@ -104,6 +104,9 @@ def test_bench_report(tmp_path):
     assert all(entry["projected_ms"][str(k)] > 0 for k in bench_measure.PROJECTED_K)
     streaming = entry["throughput"]  # two frames in flight
     assert all(streaming[mode]["fps"] > 0 for mode in bench_measure.MODES) and streaming["S/U"] > 0
+    one = streaming["shadownet"]["one_at_a_time_fps"]  # and one at a time: frames that really ran (not
+    assert 0 < one < 3e3 / entry["modes"]["shadownet"]["min_ms"]  # 3x faster than its fastest timed call)
+    assert streaming["S/U one at a time"] == pytest.approx(one / streaming["unprotected"]["fps"])
     text = bench_report.table(report)
     assert "small" in text and "all-in-tee-builtin" in text
     assert "builtin vs XNNPACK" in text
@@ -111,6 +114,7 @@ def test_bench_report(tmp_path):
     assert "| small | shadownet |" in md
     assert f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} |" in md
     assert f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} |" in md
+    assert f"| {one:.1f} | {streaming['S/U one at a time']:.2f} |" in md
     json.dumps(report, allow_nan=False)  # strict JSON
 
 

@@ -10,9 +10,8 @@ and turns CLI arguments into calls.
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -24,6 +23,7 @@ import numpy as np
 from shadownet.accelerator import Accelerator, AcceleratorWrapper, LiteRTAccelerator
 from shadownet.artifacts import MANIFEST
 from shadownet.exceptions import InputError
+from shadownet.files import write_atomically
 from shadownet.interpreter import Interpreter, SignatureRunner
 from shadownet.runtime import ProtectedModel, load
 
@@ -90,16 +90,10 @@ def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
 
 
 def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
-    """Write ``outputs`` as an .npz at ``path`` atomically (a temporary file, then a rename)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **outputs)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``outputs`` as an .npz at ``path`` atomically (``shadownet.files``)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **outputs)
+    write_atomically(path, buffer.getvalue())
 
 
 def run_cli(args: argparse.Namespace) -> None:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 
 from shadownet import attacks
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
+from shadownet.files import write_atomically
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -493,18 +493,10 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report atomically (a reader never sees half a file)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # Strict JSON: an infinite PSNR (exact recovery) is written as null.
-            json.dump(_finite(report), f, indent=1, sort_keys=True, default=_json_default, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the report atomically (``shadownet.files``: a reader never sees half a file)."""
+    # Strict JSON: an infinite PSNR (exact recovery) is written as null.
+    write_atomically(path, json.dumps(_finite(report), indent=1, sort_keys=True, default=_json_default,
+                                      allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -62,6 +62,7 @@ from typing import Any
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
 from shadownet.bench_report import json_default, markdown, plot, require_matplotlib, table
 from shadownet.exceptions import ShadowNetError
+from shadownet.files import write_atomically
 
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
@@ -211,8 +212,8 @@ def bench_cli(args: argparse.Namespace) -> None:
     report["command"] = "shadownet bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else None
     print(table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=json_default) + "\n")
+        write_atomically(args.json, json.dumps(report, indent=1, default=json_default) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(report, report["command"]))
+        write_atomically(args.markdown, markdown(report, report["command"]))
     if args.plot:
         plot(report, args.plot)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from pathlib import Path
 
+from shadownet.files import write_atomically
 from tee_sim import Context, TempMemRef, default_context
 from tee_sim.attestation import DeviceIdentity, Report, device_file_json, measurement_of, verify_report
 from tee_sim.registry import SYSTEM_PTA_UUID, trusted_apps
@@ -51,7 +51,4 @@ def export_identity(
         )
         + "\n"
     )
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    write_atomically(path, text)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from shadownet.files import write_atomically
+
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
 
 
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
                        args.warmup, tolerance=args.tolerance, verify=args.verify)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+        write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]
     peak = figures["rss_peak_growth_after_warmup_pct"]
     first = next((r for r in figures["rss_kib"] if r[0] >= figures["warmup_calls"]), figures["rss_kib"][0])

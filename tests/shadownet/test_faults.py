@@ -263,6 +263,35 @@ def test_convert_killed_while_writing(small, tmp_path, point, force):
     _check_no_half_directory(small, out)
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_convert_onto_a_full_disk(small, tmp_path, monkeypatch, force):
+    """A write that fails (ENOSPC on the second file) names the output it was writing, leaves no temporary
+    directory, and leaves an earlier conversion in place."""
+    import errno
+
+    from converters import pipeline
+
+    out = tmp_path / "out"
+    if force:
+        pipeline.convert(small.original, out, seed=SEED)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(pipeline.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left") as caught:
+        pipeline.convert(small.original, out, seed=SEED, force=force)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written beside it
+    _check_no_half_directory(small, out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
     model = tmp_path / "model.tflite"

@@ -182,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(exc: Exception) -> int:
     from shadownet.exceptions import ShadowNetError
+    from tee_sim.errors import TEEError  # the secure world's own answer (e.g. its storage is unusable)
 
-    if isinstance(exc, ShadowNetError | OSError | ValueError):
+    if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
         message = str(exc) or type(exc).__name__
         print(f"shadownet: error: {message}".splitlines()[0], file=sys.stderr)
         return 1

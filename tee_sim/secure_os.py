@@ -31,6 +31,7 @@ from tee_sim.errors import (
     TEE_ERROR_ITEM_NOT_FOUND,
     TEE_ERROR_SECURITY,
     TEE_ERROR_SHORT_BUFFER,
+    TEE_ERROR_STORAGE_NOT_AVAILABLE,
     TEE_ERROR_TARGET_DEAD,
     TEE_SUCCESS,
     TEEC_ORIGIN_TEE,
@@ -244,7 +245,13 @@ class SecureOS:
     @property
     def keys(self) -> DeviceKeys:
         if self._keys is None:
-            self._keys = DeviceKeys.load_or_create(self.home)
+            try:
+                self._keys = DeviceKeys.load_or_create(self.home)
+            except OSError as exc:  # an error the caller can act on, not a panic of the app that asked
+                reason = exc.strerror or str(exc)
+                raise TEEError(TEE_ERROR_STORAGE_NOT_AVAILABLE, TEEC_ORIGIN_TEE,
+                               f"the secure world's storage {self.home} is not usable ({reason}): set "
+                               "SHADOWNET_HOME to a writable directory") from exc
         return self._keys
 
     def measurement(self, ta_class: type[TrustedApp]) -> bytes:

@@ -265,3 +265,25 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
         changed.write_bytes(SOURCES[i].read_bytes().replace(name, name[:-1] + b"x", 1))
         monkeypatch.setattr(cls, "CODE_FILES", tuple(changed if j == i else p for j, p in enumerate(SOURCES)))
         assert cls.measurement() != measurement
+
+
+def test_an_unusable_storage_is_an_error_not_a_panic(tmp_path):
+    """A home that is not a directory: the device keys cannot be made, and the secure OS says so to the
+    caller (TEE_ERROR_STORAGE_NOT_AVAILABLE, naming the path) instead of the app that asked panicking."""
+    from tee_sim.errors import TEE_ERROR_STORAGE_NOT_AVAILABLE
+
+    home = tmp_path / "a-file"
+    home.write_text("not a directory")
+    with Context("inprocess", home=home) as ctx:
+        with pytest.raises(TEEError) as err:
+            device_identity(ctx, TEST_TA_UUID)
+        assert err.value.code == TEE_ERROR_STORAGE_NOT_AVAILABLE and str(home) in err.value.message
+        with pytest.raises(TEEError) as err:  # asked again, the same answer: nothing was killed
+            device_identity(ctx, TEST_TA_UUID)
+        assert err.value.code == TEE_ERROR_STORAGE_NOT_AVAILABLE
+    command = [sys.executable, "-m", "shadownet", "device", "export", str(tmp_path / "id.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SHADOWNET_HOME": str(home)})
+    assert result.returncode == 1 and not (tmp_path / "id.json").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TEE_ERROR_STORAGE_NOT_AVAILABLE" in lines[0] and str(home) in lines[0], lines

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
+from shadownet.audit_report import format_report, write_json
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
-from shadownet.files import write_atomically
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -62,13 +62,31 @@ def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | 
     raise ValueError(f"not a linear op: {kind}")
 
 
-def reference_layers(model: str | os.PathLike | bytes) -> list[LinearLayer]:
-    """The linear layers of the reference model, in execution order."""
-    from converters.graph import is_offloadable
+def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None) -> list[LinearLayer]:
+    """The linear layers of the reference model, in execution order. With the protected model's
+    ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference takes the same inputs
+    (shapes and dtypes) - another model's figures would be meaningless, and its inference would fail
+    halfway through."""
     from converters.normalize import normalize
     from converters.tflite_reader import read_model
 
     graph = normalize(read_model(model))
+    if manifest is not None and "inputs" in manifest:
+        given = [(list(graph.tensors[i].shape), str(np.dtype(graph.tensors[i].dtype))) for i in graph.inputs]
+        want = [(list(t.get("shape", [])), str(t.get("dtype"))) for t in manifest.get("inputs", [])]
+        if given != want:
+            raise ArtifactError(f"the reference model takes {_specs(given)} but the protected model "
+                                f"{_specs(want)}: give the .tflite that was converted")
+    return _linear_layers(graph)
+
+
+def _specs(inputs: list[tuple[list[int], str]]) -> str:
+    return ", ".join(f"{shape} {dtype}" for shape, dtype in inputs) or "no inputs"
+
+
+def _linear_layers(graph: Any) -> list[LinearLayer]:
+    from converters.graph import is_offloadable
+
     layers = []
     for i, op in enumerate(graph.ops):
         if is_offloadable(graph, i):
@@ -413,7 +431,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     if progress:
         _progress("reading the untrusted model and the reference")
     obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split_names(manifest)[0])
-    ref = reference_layers(reference)
+    ref = reference_layers(reference, manifest)
     report: dict = {
         "artifacts": str(out_dir),
         "reference": str(reference),
@@ -430,89 +448,6 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
-
-
-def format_report(report: dict) -> str:
-    """The report as a table for a terminal."""
-    names = [*attacks.WEIGHT_ATTACKS, "any"]
-    short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
-             "cluster_variance": "cvar", "any": "any"}
-    head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
-            + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
-    lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack",
-             head, "-" * len(head)]
-    for r in report["layers"]:
-        name = r["name"] if len(r["name"]) <= 34 else "..." + r["name"][-31:]
-        lines.append(
-            f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
-            + " ".join(f"{r['recovered'][a]:>4}" for a in names)
-            + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
-    lines.append("")
-    for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
-        s = report["summary"][group]
-        if not s["filters"]:
-            continue
-        per = ", ".join(f"{a} {100 * s['fraction'][a]:.1f}%" for a in names)
-        lines.append(f"{label}: {s['filters']} filters in {s['layers']} layers; recovered: {per}")
-        chance = s["chance"]
-        lines.append(f"  chance: {100 * chance['any']:.3g}% (direction {100 * chance['direction']:.3g}%)"
-                     f"; reference filters already matched by another: {100 * s['reference_self_match']:.1f}%"
-                     f"; subspace energy {s['subspace']['energy_mean']:.3f} vs chance "
-                     f"{s['subspace']['chance_mean']:.3f} (excess {s['subspace']['excess_mean']:.3f})")
-    for key in ("unmatched_reference", "unmatched_obfuscated"):
-        if report.get(key):
-            lines.append(f"{key.replace('_', ' ')}: {', '.join(report[key])}")
-    leak = report.get("input_leakage")
-    if leak and leak.get("error"):
-        lines.append("")
-        lines.append(f"input leakage: not measured ({leak['error']})")
-    elif leak:
-        first = leak["first_round"]
-        lines.append("")
-        lines.append(f"input leakage over {leak['inferences']} inferences "
-                     "(|correlation| after the best affine fit)")
-        lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
-                     f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
-                     f"{_fmt(first.get('difference_correlation'))}; after one chosen input: "
-                     f"{_fmt(first.get('known_input_correlation'))} "
-                     f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
-        lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7}")
-        for row in leak["rounds"]:
-            tensor = row["tensor"] or "?"
-            tensor = tensor if len(tensor) <= 40 else "..." + tensor[-37:]
-            lines.append(f"  {row['buffer']:<28} {tensor:<40} "
-                         f"{_fmt(row.get('single', {}).get('correlation')):>7} "
-                         f"{_fmt(row.get('difference', {}).get('correlation')):>7}")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    return "inf" if math.isinf(value) else format(value, spec)
-
-
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report atomically (``shadownet.files``: a reader never sees half a file)."""
-    # Strict JSON: an infinite PSNR (exact recovery) is written as null.
-    write_atomically(path, json.dumps(_finite(report), indent=1, sort_keys=True, default=_json_default,
-                                      allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float | np.floating) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def audit_cli(args: Any) -> None:

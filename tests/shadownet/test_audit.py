@@ -11,7 +11,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters.graph import Graph, Signature, write_model
-from shadownet import audit
+from shadownet import audit, audit_report
 
 # (kind, weight shape) of a small CNN: conv 3->16, depthwise 16, conv 16->32 (3x3), dense 2048->10.
 LAYERS = [("CONV_2D", (16, 3, 3, 3)), ("DEPTHWISE_CONV_2D", (1, 3, 3, 16)), ("CONV_2D", (32, 3, 3, 16)),
@@ -142,10 +142,10 @@ def test_suite_recovers_nothing_from_dense_mixing(simulated: dict[str, Path]) ->
 
 def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path) -> None:
     report = audit.audit(simulated["paper"], simulated["reference"], inferences=0)
-    table = audit.format_report(report)
+    table = audit_report.format_report(report)
     assert "conv + dense: 82 filters" in table
     out = tmp_path / "report.json"
-    audit.write_json(report, out)
+    audit_report.write_json(report, out)
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(report["summary"]))
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
@@ -199,6 +199,23 @@ def test_suite_recovers_the_paper_schemes_filters(paper_report: dict) -> None:
     assert s["conv_dense"]["fraction"]["fake_partner"] >= 0.8
     assert s["conv_dense"]["fraction"]["direction"] == 0.0
     assert s["depthwise"]["fraction"]["direction"] == 1.0
+
+
+def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, Path], tmp_path: Path) -> None:
+    """Auditing against a model that takes other inputs (a re-export at another batch size, another model)
+    says so at once, naming both, instead of failing in LiteRT halfway through the inferences."""
+    import tensorflow as tf
+
+    from shadownet.exceptions import ArtifactError
+
+    _, out = paper_protected
+    x = tf.keras.Input((16, 16, 3), batch_size=2)
+    other = tmp_path / "batch2.tflite"
+    model = tf.keras.Model(x, tf.keras.layers.Conv2D(4, 3)(x))
+    other.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert()))
+    with pytest.raises(ArtifactError, match=r"takes \[2, 16, 16, 3\] float32 but the protected model "
+                                            r"\[1, 16, 16, 3\] float32"):
+        audit.audit(out, other, inferences=1)
 
 
 def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:

@@ -1,0 +1,98 @@
+"""The attack suite's report (``shadownet.audit``): the table ``shadownet audit`` prints and the JSON it
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from shadownet import attacks
+from shadownet.files import write_atomically
+
+
+def format_report(report: dict) -> str:
+    """The report as a table for a terminal."""
+    names = [*attacks.WEIGHT_ATTACKS, "any"]
+    short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
+             "cluster_variance": "cvar", "any": "any"}
+    head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
+            + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
+    lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack",
+             head, "-" * len(head)]
+    for r in report["layers"]:
+        name = r["name"] if len(r["name"]) <= 34 else "..." + r["name"][-31:]
+        lines.append(
+            f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
+            + " ".join(f"{r['recovered'][a]:>4}" for a in names)
+            + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
+    lines.append("")
+    for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
+        s = report["summary"][group]
+        if not s["filters"]:
+            continue
+        per = ", ".join(f"{a} {100 * s['fraction'][a]:.1f}%" for a in names)
+        lines.append(f"{label}: {s['filters']} filters in {s['layers']} layers; recovered: {per}")
+        chance = s["chance"]
+        lines.append(f"  chance: {100 * chance['any']:.3g}% (direction {100 * chance['direction']:.3g}%)"
+                     f"; reference filters already matched by another: {100 * s['reference_self_match']:.1f}%"
+                     f"; subspace energy {s['subspace']['energy_mean']:.3f} vs chance "
+                     f"{s['subspace']['chance_mean']:.3f} (excess {s['subspace']['excess_mean']:.3f})")
+    for key in ("unmatched_reference", "unmatched_obfuscated"):
+        if report.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {', '.join(report[key])}")
+    leak = report.get("input_leakage")
+    if leak and leak.get("error"):
+        lines.append("")
+        lines.append(f"input leakage: not measured ({leak['error']})")
+    elif leak:
+        first = leak["first_round"]
+        lines.append("")
+        lines.append(f"input leakage over {leak['inferences']} inferences "
+                     "(|correlation| after the best affine fit)")
+        lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
+                     f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
+                     f"{_fmt(first.get('difference_correlation'))}; after one chosen input: "
+                     f"{_fmt(first.get('known_input_correlation'))} "
+                     f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
+        lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7}")
+        for row in leak["rounds"]:
+            tensor = row["tensor"] or "?"
+            tensor = tensor if len(tensor) <= 40 else "..." + tensor[-37:]
+            lines.append(f"  {row['buffer']:<28} {tensor:<40} "
+                         f"{_fmt(row.get('single', {}).get('correlation')):>7} "
+                         f"{_fmt(row.get('difference', {}).get('correlation')):>7}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else format(value, spec)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write the report atomically (``shadownet.files``: a reader never sees half a file)."""
+    # Strict JSON: an infinite PSNR (exact recovery) is written as null.
+    write_atomically(path, json.dumps(_finite(report), indent=1, sort_keys=True, default=_json_default,
+                                      allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

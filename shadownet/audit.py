@@ -25,6 +25,7 @@ import numpy as np
 from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
+from shadownet.files import check_destination
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -456,6 +457,7 @@ def audit_cli(args: Any) -> None:
         raise ValueError("--inferences must be >= 0")
     if not Path(args.reference).is_file():
         raise ArtifactError(f"reference model {args.reference} does not exist")
+    check_destination(args.json)
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True)
     print(format_report(report))
     if args.json:

@@ -62,7 +62,7 @@ from typing import Any
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
 from shadownet.bench_report import json_default, markdown, plot, require_matplotlib, table
 from shadownet.exceptions import ShadowNetError
-from shadownet.files import write_atomically
+from shadownet.files import check_destination, write_atomically
 
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
@@ -200,6 +200,8 @@ def bench_cli(args: argparse.Namespace) -> None:
     [--mask-rounds POLICY]``."""
     if args.plot:
         require_matplotlib()
+    for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
+        check_destination(path)
     models = list(args.files or [])
     if args.models:
         models += [m.strip() for m in args.models.split(",") if m.strip()]

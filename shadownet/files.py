@@ -1,11 +1,27 @@
-"""Writing an output file so that a reader never sees half of it: the CLI's results (``run --output``),
-reports (``bench``, ``audit``, ``soak``) and the device file (``device export``).
+"""Writing an output file so that a reader never sees half of it - the CLI's results (``run --output``),
+reports (``bench``, ``audit``, ``soak``) and the device file (``device export``) - and checking where a
+long job's report goes before the job rather than after it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+
+
+def check_destination(path: str | os.PathLike | None) -> None:
+    """Before long work whose result goes to ``path`` (None: nothing to check): an ``OSError`` naming it
+    now, rather than after the work, when its directory does not exist or is not one."""
+    if path is None:
+        return
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        code = errno.ENOTDIR if os.path.exists(directory) else errno.ENOENT
+        raise OSError(code, os.strerror(code), target)
+    if os.path.isdir(target):
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:

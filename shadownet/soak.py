@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.files import write_atomically
+from shadownet.files import check_destination, write_atomically
 
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
 
@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where models and artifacts go (default: a temporary directory)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    try:
+        check_destination(args.json)
+    except OSError as exc:
+        parser.error(f"--json: {exc}")
     with tempfile.TemporaryDirectory(prefix="shadownet-soak-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,29 @@ def test_a_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
         files.write_atomically(target, b"data")
     assert caught.value.filename == str(target)
+
+
+def test_a_destination_is_checked_before_the_work(tmp_path):
+    files.check_destination(None)
+    files.check_destination(tmp_path / "new.json")  # its directory exists: fine
+    for bad, error in ((tmp_path / "missing" / "r.json", FileNotFoundError), (tmp_path, IsADirectoryError)):
+        with pytest.raises(error) as caught:
+            files.check_destination(bad)
+        assert caught.value.filename == str(bad)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        files.check_destination(tmp_path / "a-file" / "r.json")
+
+
+def test_bench_refuses_an_unwritable_report_before_measuring(tmp_path, capsys, monkeypatch):
+    from shadownet import bench
+    from shadownet.cli import main
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured before checking where the report goes")
+
+    monkeypatch.setattr(bench, "run_bench", measure)
+    report = tmp_path / "missing" / "r.json"
+    assert main(["bench", "--models", "minivgg", "--json", str(report)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"shadownet: error: [Errno 2] No such file or directory: '{report}'"]

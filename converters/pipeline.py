@@ -163,7 +163,9 @@ def secret_rng(seed: int | None) -> np.random.Generator:
 
 
 def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]:
-    """Lists of model inputs (one list per sample)."""
+    """Lists of model inputs (one list per sample). Each input's array holds one or more samples stacked
+    along the batch axis (``[k * batch, ...]``: one input of the model's own shape is one sample) or on a
+    new leading axis (``[k, *shape]``)."""
     shapes = [graph.tensors[t].shape for t in graph.inputs]
     names = [graph.tensors[t].name for t in graph.inputs]
     if calibration is None:
@@ -184,12 +186,19 @@ def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]
     for name, shape in zip(names, shapes, strict=True):
         if name not in data:
             raise ModelFormatError(f"calibration data has no array {name!r} (keys: {sorted(data)})")
-        a = np.asarray(data[name], np.float32)
-        if a.shape == shape:
-            a = a[None]
-        if a.shape[1:] != shape[1:] or shape[0] != 1 and a.shape[0] % shape[0]:
-            raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)}")
-        columns.append([a[i:i + shape[0]].reshape(shape) for i in range(0, a.shape[0], shape[0])])
+        a, shape = np.asarray(data[name], np.float32), tuple(shape)
+        if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
+            a = a.reshape(-1, *shape[1:])
+        if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
+            raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)} "
+                                   "(give k inputs stacked along its first axis, or as [k, *shape])")
+        if not np.isfinite(a).all():
+            raise ModelFormatError(f"calibration {name!r} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN "
+                                   "or infinite value(s): the mask scales are measured on these inputs")
+        columns.append([a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])])
+    if len({len(column) for column in columns}) > 1:
+        counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, columns, strict=True))
+        raise ModelFormatError(f"calibration inputs hold different numbers of samples ({counts})")
     return [list(sample) for sample in zip(*columns, strict=True)]
 
 

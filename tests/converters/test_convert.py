@@ -215,6 +215,27 @@ def test_calibration_file_and_keras_input(tf, device, tmp_path):
         protect(path, tmp_path / "bad", device, calibration={"other": np.zeros((1, 2))})
 
 
+def test_calibration_forms_and_refusals():
+    """One input of the model's own shape is one sample; k of them stack along its first axis or on a new
+    one; anything else and non-finite values are refused."""
+    from converters.pipeline import _calibration_inputs
+
+    graph = normalize(read_model(tiny_model_bytes()))
+    (index,) = graph.inputs
+    name, shape = graph.tensors[index].name, tuple(graph.tensors[index].shape)
+    rng = np.random.default_rng(0)
+    for given, samples in ((shape, 1), ((3 * shape[0], *shape[1:]), 3), ((4, *shape), 4)):
+        got = _calibration_inputs(graph, {name: rng.uniform(0, 1, given)})
+        assert len(got) == samples and all(s[0].shape == shape for s in got)
+    for given in ((*shape, 1), (0, *shape[1:])):
+        with pytest.raises(ModelFormatError, match="has shape"):
+            _calibration_inputs(graph, {name: np.zeros(given)})
+    bad = np.zeros(shape)
+    bad.flat[0] = np.nan
+    with pytest.raises(ModelFormatError, match="1 NaN or infinite"):
+        _calibration_inputs(graph, {name: bad})
+
+
 def test_conversion_for_another_device(conv_model, device, tmp_path):
     from shadownet.device import export_identity
 

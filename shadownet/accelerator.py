@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -370,6 +371,7 @@ def load_delegates(delegate: Any) -> list[Any]:
     loaded = []
     for d in items:
         if isinstance(d, str):
+            _check_delegate_library(d)
             try:
                 loaded.append(load_delegate(d))
             except (ValueError, OSError) as exc:
@@ -377,3 +379,17 @@ def load_delegates(delegate: Any) -> list[Any]:
         else:
             loaded.append(d)
     return loaded
+
+
+def _check_delegate_library(path: str) -> None:
+    """Open ``path`` as LiteRT's ``load_delegate`` would, first: a library that does not load or lacks the
+    external-delegate entry points is an ``ArtifactError`` here. (LiteRT's ``Delegate`` half-built by such a
+    library prints an ignored ``AttributeError`` when it is collected, or raises one.)"""
+    try:
+        library = ctypes.CDLL(path)
+    except OSError as exc:
+        raise ArtifactError(f"cannot load the accelerator delegate {path}: {exc}") from None
+    missing = [name for name in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
+               if not hasattr(library, name)]
+    if missing:
+        raise ArtifactError(f"{path} is not a LiteRT delegate library (no {', '.join(missing)})")

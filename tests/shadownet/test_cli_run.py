@@ -84,6 +84,24 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
     assert message in line
 
 
+@pytest.mark.parametrize("library", ["missing", "not_a_library", "not_a_delegate"])
+def test_a_bad_delegate_is_one_line_in_a_real_process(small_cnn, tmp_path, library):
+    """Whatever the --delegate file is, stderr holds one line: LiteRT's half-built Delegate, collected
+    later, used to add an ignored AttributeError and its traceback."""
+    import ctypes.util
+
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    path = {"missing": str(tmp_path / "none.so"), "not_a_library": str(tmp_path / "x.npy"),
+            "not_a_delegate": ctypes.util.find_library("m") or "libm.so.6"}[library]
+    command = [sys.executable, "-m", "shadownet", "run", str(small_cnn.out), "--input",
+               str(tmp_path / "x.npy"), "--delegate", path]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("shadownet: error:"), lines
+    assert path in lines[0]
+
+
 def test_npy_for_a_two_input_model_is_refused(two_by_two, tmp_path, capsys):
     np.save(tmp_path / "x.npy", two_by_two.random_inputs()[0])
     line = _one_line_error(capsys, main(["run", str(two_by_two.out), "--input", str(tmp_path / "x.npy")]))

@@ -439,13 +439,10 @@ def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
         else:
             os.replace(tmp, out)
         _sync_directory(parent)  # the rename itself survives a power cut
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.filename is None:  # a failed write says what it was writing (e.g. a full disk)
+        if isinstance(exc, OSError) and exc.filename is None:  # say what it was writing (e.g. a full disk)
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

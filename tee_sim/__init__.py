@@ -8,13 +8,7 @@ apps subclass ``tee_sim.ta.TrustedApp`` and are listed in ``tee_sim.registry``.
 
 import logging
 
-from tee_sim.client import (
-    Context,
-    Session,
-    SharedMemory,
-    default_context,
-    shared_memory_of,
-)
+from tee_sim.client import Context, Session, default_context
 from tee_sim.errors import (
     TEE_ERROR_ACCESS_CONFLICT,
     TEE_ERROR_ACCESS_DENIED,
@@ -57,6 +51,7 @@ from tee_sim.params import (
     Value,
     check_param_types,
 )
+from tee_sim.shared_memory import SharedMemory, shared_memory_of
 from tee_sim.transport import resolve_secure_core
 
 # A TA's panic is logged by the secure OS; in-process that must not reach the user's terminal by default.

@@ -1,4 +1,5 @@
-"""The normal world's client API (GlobalPlatform TEE Client API): Context, Session, SharedMemory.
+"""The normal world's client API (GlobalPlatform TEE Client API): Context and Session (``SharedMemory`` is
+in ``tee_sim.shared_memory``).
 
 The normal world never holds a trusted app, a key or a reference into secure memory: it names a TA
 by UUID and exchanges parameters; large tensors travel through shared memory it registered.
@@ -14,21 +15,17 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from tee_sim.errors import (
-    TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_BAD_STATE,
     TEE_ERROR_SHORT_BUFFER,
     TEE_ERROR_TARGET_DEAD,
     TEE_SUCCESS,
-    TEEC_ORIGIN_API,
     TEEC_ORIGIN_COMMS,
     TEEError,
 )
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
-from tee_sim.shared_pages import SharedPages
+from tee_sim.shared_memory import SharedMemory, api_error
 from tee_sim.transport import (
     DEFAULT_CALLER_SPIN_US,
     DEFAULT_HARD_SPIN_US,
@@ -46,106 +43,9 @@ _ALIGN = 64
 EXIT_WAIT_S = 5.0  # see _close_transport
 
 
-def _api_error(message: str, code: int = TEE_ERROR_BAD_PARAMETERS) -> TEEError:
-    return TEEError(code, TEEC_ORIGIN_API, message)
-
-
-class SharedMemory:
-    """Memory both worlds map (a memfd for the process transport); register it with ``Context``.
-
-    ``ndarray(dtype, shape, offset)`` is a zero-copy numpy view; pass windows of it to a TA as
-    ``MemRef(shm, offset, size, direction)``. ``release()`` (or the context manager) unregisters it.
-    """
-
-    def __init__(self, context: Context, shm_id: int, size: int) -> None:
-        self.size = size
-        self._context = context
-        self._id = shm_id
-        self._mmap, self._fd = context._transport.new_buffer(size)
-        base = np.frombuffer(self._mmap, np.uint8)
-        self.address = base.ctypes.data  # where this process maps it (for shared_memory_of)
-        del base
-        self._generation = 0
-        self.released = False
-        _live_memories.add(self)
-
-    @property
-    def buffer(self) -> memoryview:
-        """The whole memory as a writable memoryview."""
-        self._check()
-        return memoryview(self._mmap)
-
-    def ndarray(self, dtype: Any, shape: Any = None, offset: int = 0) -> np.ndarray:
-        """A zero-copy numpy view of ``shape`` elements of ``dtype`` starting at byte ``offset``."""
-        self._check()
-        dtype = np.dtype(dtype)
-        if shape is None:
-            shape = ((self.size - offset) // dtype.itemsize,)
-        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
-        count = int(np.prod(shape, dtype=np.int64))
-        if offset < 0 or offset + count * dtype.itemsize > self.size:
-            raise _api_error(f"{shape} {dtype} at offset {offset} does not fit in {self.size} bytes")
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-    def share_pages(self, offset: int, target: np.ndarray) -> SharedPages:
-        """Make the whole pages of ``target`` - the client's own memory, such as an accelerator's tensor -
-        the same memory as this one's bytes from ``offset`` on (``tee_sim.shared_pages``): what either
-        world writes there, the other reads, with no copy. ``offset`` must sit at the same place in a page
-        as ``target``'s first byte, and ``target`` must fit. Release the result before ``target``'s owner
-        frees it."""
-        self._check()
-        if self._fd is None:
-            raise _api_error("this transport's shared memory has no file to share pages of")
-        if offset < 0 or offset + target.nbytes > self.size:
-            raise _api_error(f"{target.nbytes} bytes at offset {offset} do not fit in {self.size} bytes")
-        try:
-            return SharedPages(target, self._fd, offset)
-        except (ValueError, OSError) as exc:
-            raise _api_error(f"cannot share the array's pages: {exc}") from None
-
-    def _check(self) -> None:
-        if self.released:
-            raise _api_error("shared memory was released", TEE_ERROR_BAD_STATE)
-
-    def release(self) -> None:
-        """Unregister from the secure world and unmap (views handed out stay valid until collected)."""
-        if self.released:
-            return
-        self.released = True
-        self._context._release_shm(self)
-        if self._fd is not None:
-            os.close(self._fd)
-        try:
-            self._mmap.close()
-        except BufferError:  # numpy views still exist: the mapping goes when they do
-            pass
-
-    def __enter__(self) -> SharedMemory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"SharedMemory(size={self.size}{', released' if self.released else ''})"
-
-
 def _check_command(cmd_id: Any) -> None:
     if not isinstance(cmd_id, int) or not 0 <= cmd_id < 1 << 32:
-        raise _api_error(f"command id must be a 32-bit unsigned int, not {cmd_id!r}")
-
-
-_live_memories: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
-
-
-def shared_memory_of(array: np.ndarray) -> tuple[SharedMemory, int] | None:
-    """The registered ``SharedMemory`` that ``array`` is a view of, and the byte offset of its first
-    element there; ``None`` for any other memory."""
-    address = array.ctypes.data
-    for shm in list(_live_memories):
-        if not shm.released and shm.address <= address and address + array.nbytes <= shm.address + shm.size:
-            return shm, address - shm.address
-    return None
+        raise api_error(f"command id must be a 32-bit unsigned int, not {cmd_id!r}")
 
 
 class Session:
@@ -240,7 +140,7 @@ class Context:
         secure_core: int | str | None = "default",
     ) -> None:
         if transport not in TRANSPORTS:
-            raise _api_error(f"transport must be one of {TRANSPORTS}")
+            raise api_error(f"transport must be one of {TRANSPORTS}")
         if spin_us is None:
             spin_us = float(os.environ.get("TEE_SIM_SPIN_US", DEFAULT_SPIN_US))
         if caller_spin_us is None:
@@ -291,7 +191,7 @@ class Context:
     def register_shared_memory(self, size: int) -> SharedMemory:
         """Allocate ``size`` bytes both worlds map (TEEC_RegisterSharedMemory / AllocateSharedMemory)."""
         if not isinstance(size, int) or size <= 0:
-            raise _api_error(f"shared memory size must be a positive int, not {size!r}")
+            raise api_error(f"shared memory size must be a positive int, not {size!r}")
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
@@ -347,7 +247,7 @@ class Context:
     # Internals.
     def _check_open(self) -> None:
         if self.closed:
-            raise _api_error("the context is closed", TEE_ERROR_BAD_STATE)
+            raise api_error("the context is closed", TEE_ERROR_BAD_STATE)
 
     def _register(self, shm: SharedMemory) -> None:
         self._transport.register_shm(shm._id, shm._mmap, shm._fd)
@@ -389,7 +289,7 @@ class Context:
         _check_command(cmd_id)
         if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS or any(
                 type(p) is not Value or p.direction != "in" for p in params):
-            raise _api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
+            raise api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
         wire, _, bytes_in = self._marshal(params) if params else (NO_PARAMS, _NO_TEMPS, 0)
         check_live, round_trip, raise_ = self._check_live, self._round_trip, self._raise
         lock, key = self._lock, int(cmd_id)
@@ -404,7 +304,7 @@ class Context:
 
     def _check_live(self, session: Session) -> None:
         if session.closed:
-            raise _api_error("the session is closed", TEE_ERROR_BAD_STATE)
+            raise api_error("the session is closed", TEE_ERROR_BAD_STATE)
         if self.closed:
             self._check_open()
         if session._generation != self._transport.generation or not self._transport.alive:
@@ -438,7 +338,7 @@ class Context:
         Returns the wire parameters, the bounce offsets of the temporary memrefs and the bytes going in.
         """
         if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS:
-            raise _api_error(f"params must be a sequence of at most {MAX_PARAMS} parameters")
+            raise api_error(f"params must be a sequence of at most {MAX_PARAMS} parameters")
         temps, total = [], 0
         for p in params:
             kind = type(p)
@@ -446,7 +346,7 @@ class Context:
                 temps.append(total)
                 total += -(-max(p.size, 1) // _ALIGN) * _ALIGN
             elif kind is not Value and kind is not MemRef:
-                raise _api_error(f"a parameter must be a Value, TempMemRef or MemRef, not {kind.__name__}")
+                raise api_error(f"a parameter must be a Value, TempMemRef or MemRef, not {kind.__name__}")
         if temps:
             self._ensure_bounce(total)
         wire: list[WireParam] = []
@@ -468,7 +368,7 @@ class Context:
             else:
                 shm = p.shm
                 if shm._context is not self or shm.released:
-                    raise _api_error("MemRef of shared memory not registered with this context")
+                    raise api_error("MemRef of shared memory not registered with this context")
                 if shm._generation != self._transport.generation:
                     self._register(shm)  # the secure world restarted since
                 wire.append((p.wire_type, 0, 0, shm._id, p.offset, p.size))

@@ -14,7 +14,7 @@ import numpy as np
 from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_API, TEEC_ORIGIN_TRUSTED_APP, TEEError
 
 if TYPE_CHECKING:
-    from tee_sim.client import SharedMemory
+    from tee_sim.shared_memory import SharedMemory
 
 MAX_PARAMS = 4
 DIRECTIONS = ("in", "out", "inout")

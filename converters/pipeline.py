@@ -475,9 +475,10 @@ def _sync_directory(path: Path) -> None:
 
 
 def _version() -> str:
+    """The installed package's version (``shadownet.__version__``, which converters may not import)."""
     try:
         from importlib.metadata import version
 
         return version("shadownet")
-    except Exception:  # noqa: BLE001
-        return "0.1.0"
+    except Exception:  # noqa: BLE001 - a source tree that was never installed
+        return "(not installed)"

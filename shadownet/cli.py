@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shadownet", description="Protect a CNN's weights with a TEE and an untrusted accelerator."
     )
+    from shadownet import __version__
+
+    parser.add_argument("--version", action="version", version=f"shadownet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("zoo", help="export a model of the paper's zoo to .tflite")

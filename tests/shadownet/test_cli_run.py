@@ -139,3 +139,12 @@ def test_demo_without_tensorflow_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(models.backend, "require_tensorflow", missing)
     line = _one_line_error(capsys, main(["demo"]))
     assert "install the tf extra" in line
+
+
+def test_version_is_the_package_version(capsys):
+    import shadownet
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shadownet {shadownet.__version__}"

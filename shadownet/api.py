@@ -58,9 +58,9 @@ def convert_cli(args: argparse.Namespace) -> None:
     rounds = len(manifest.get("rounds", ()))
     summary = manifest.get("summary") or {}
     parts = [f"scheme {manifest['scheme']['name']}",
-             f"{rounds} rounds ({rounds + 1} TEE entries per inference)"]
+             f"{_count(rounds, 'round')} ({rounds + 1} TEE entries per inference)"]
     if "offloaded_ops" in summary:
-        parts.append(f"{summary['offloaded_ops']} linear ops offloaded to the accelerator")
+        parts.append(f"{_count(summary['offloaded_ops'], 'linear op')} offloaded to the accelerator")
     print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")
     sys.stdout.flush()
     for w in caught:
@@ -70,6 +70,10 @@ def convert_cli(args: argparse.Namespace) -> None:
     if manifest.get("seeded") and not any("seed" in str(w.message) for w in caught):
         print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)",
               file=sys.stderr)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
@@ -112,8 +116,9 @@ def run_cli(args: argparse.Namespace) -> None:
     else:
         for name, value in named.items():
             print(_summary(name, value))
-    print(f"{stats['rounds']} rounds, {stats['world_switches']} TEE entries, {stats['total_s'] * 1e3:.1f} ms "
-          f"(accelerator {stats['accelerator_s'] * 1e3:.1f} ms, TEE {stats['tee_s'] * 1e3:.1f} ms)")
+    ms = {key: stats[f"{key}_s"] * 1e3 for key in ("total", "accelerator", "tee")}
+    print(f"{_count(stats['rounds'], 'round')}, {stats['world_switches']} TEE entries, {ms['total']:.2f} ms "
+          f"(accelerator {ms['accelerator']:.2f} ms, TEE {ms['tee']:.2f} ms)")
     if verify:
         checks = stats.get("verify") or {}
         bound = checks.get("worst_bound_log2")

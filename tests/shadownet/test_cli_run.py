@@ -1,5 +1,6 @@
 """`shadownet run` and `shadownet convert` end to end, and the one-line errors a user can cause."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def test_run_npy_prints_a_summary(small_cnn, tmp_path, capsys):
     assert main(["run", str(small_cnn.out), "--input", str(tmp_path / "x.npy"), "--num_threads", "1"]) == 0
     out = capsys.readouterr().out
     (want,) = small_cnn.reference(x)
-    assert f"argmax {int(np.argmax(want))}" in out and "top-5" in out and "TEE entries" in out
+    assert f"argmax {int(np.argmax(want))}" in out and "top-5" in out
+    rounds = int(re.search(r"^(\d+) rounds?, (\d+) TEE entries, [\d.]+ ms", out, re.M).group(1))
+    assert f"{rounds} round{'' if rounds == 1 else 's'}," in out
 
 
 def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsys):

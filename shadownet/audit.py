@@ -26,6 +26,7 @@ from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 from shadownet.files import check_destination
+from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
@@ -366,8 +367,8 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
                                "tensor": sources.get(buffer)}
         target = truth.get(row["tensor"]) if row["tensor"] else None
         if target is not None:
-            row["single"] = attacks.single_leakage(observed, target)
-            row["difference"] = attacks.difference_leakage(observed, target)
+            row["single"] = single_leakage(observed, target)
+            row["difference"] = difference_leakage(observed, target)
         if r == 1:
             # Against the user's raw input itself, whatever tensor round 1 carries (zero-padded, as the model
             # pads it, when round 1 reads the padded input: then its reference tensor is that).
@@ -375,9 +376,9 @@ def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, mani
                 if x.shape != observed.shape and target is not None and target.shape == observed.shape \
                         and len(user) == 1:
                     x = target
-                single = attacks.single_leakage(observed, x)
-                diff = attacks.difference_leakage(observed, x)
-                known = attacks.known_input_leakage(observed, x)
+                single = single_leakage(observed, x)
+                diff = difference_leakage(observed, x)
+                known = known_input_leakage(observed, x)
                 row[f"user_input_{k}"] = {"single": single, "difference": diff, "known_input": known}
                 for key, fig in (("correlation", single), ("difference_correlation", diff),
                                  ("known_input_correlation", known)):

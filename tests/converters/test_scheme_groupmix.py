@@ -12,7 +12,7 @@ import tee_sim
 from converters import convert, linear
 from converters.schemes import ActivationStats, LinearLayer, get_scheme
 from converters.schemes.groupmix import GroupMixScheme, split_groups
-from shadownet import attacks, audit
+from shadownet import attacks, audit, input_leakage
 from tee_sim.ta_shadownet_linears import block_matmuls, restore_blocks
 from tests.converters.driver import Driver, litert, relative_error
 
@@ -456,7 +456,7 @@ def test_resnet44_end_to_end(resnet44, device, tmp_path):
     error, firsts, users = fidelity(resnet44, tmp_path / "groupmix", device, samples=4)
     assert error <= FIDELITY, f"worst relative error {error:.2e}"
     # The user's input as the accelerator receives it (static mask: one inference's worth of leakage).
-    leak = attacks.affine_leakage(np.stack(firsts), np.stack(users))
+    leak = input_leakage.affine_leakage(np.stack(firsts), np.stack(users))
     assert leak["correlation"] <= 0.1, leak
     ours = weight_report(resnet44, tmp_path / "groupmix", tmp_path)["summary"]["conv_dense"]
     assert ours["filters"] == 1690 and ours["recovered"]["any"] <= 0.01 * ours["filters"], ours["recovered"]
@@ -483,7 +483,7 @@ def test_mobilenet_end_to_end(mobilenet, device, tmp_path):
     protect(mobilenet, tmp_path / "groupmix", device)
     error, firsts, users = fidelity(mobilenet, tmp_path / "groupmix", device)
     assert error <= 2e-3, f"masked: worst relative error {error:.2e}"
-    assert attacks.affine_leakage(np.stack(firsts), np.stack(users))["correlation"] <= 0.1
+    assert input_leakage.affine_leakage(np.stack(firsts), np.stack(users))["correlation"] <= 0.1
     report = weight_report(mobilenet, tmp_path / "groupmix", tmp_path)
     ours = report["summary"]["conv_dense"]
     assert not report["unmatched_reference"]

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import shadownet
-from shadownet import attacks, audit
+from shadownet import audit, input_leakage
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import MaskPoolExhaustedError, SecurityError
 from tee_sim.one_time_masks import MaskStream, gaussian_table
@@ -117,9 +117,9 @@ def test_user_input_leakage_is_at_most_a_tenth(first_round):
             model(x)
     observed = attacker_view(first_round, recorders[0].seen)["round_1/in/x0"]
     truth = np.stack(xs)
-    single = attacks.single_leakage(observed, truth)
-    difference = attacks.difference_leakage(observed, truth)
-    known = attacks.known_input_leakage(observed, truth)
+    single = input_leakage.single_leakage(observed, truth)
+    difference = input_leakage.difference_leakage(observed, truth)
+    known = input_leakage.known_input_leakage(observed, truth)
     assert single["correlation"] <= 0.1
     assert difference["correlation"] <= 0.1  # a static mask would cancel here
     assert known["correlation"] <= 0.1  # and here, after one input the attacker chose

@@ -1,0 +1,163 @@
+"""The attacks on what the accelerator receives, in plain numpy: how much of the tensor it should not learn
+(the user's input, or the true activation at that point of the network) an attacker recovers from it after
+the best affine fit, within one inference, across two (a reused mask cancels in their difference) and
+from an input it chose (a static mask is learned once). The attacks on weights are in
+``shadownet.attacks``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _pearson(x: np.ndarray, y: np.ndarray, signed: bool = False) -> float:
+    x = x - x.mean()
+    y = y - y.mean()
+    den = math.sqrt(float(x @ x) * float(y @ y))
+    r = float(x @ y) / den if den > 0 else 0.0
+    return r if signed else abs(r)
+
+
+# Every fit is chosen on one half of the positions (interleaved) and scored on the other, keeping the
+# sign the fit chose: a fit that learned nothing then scores about 0 on average. Scoring |r| instead
+# would report the noise floor ~0.8 / sqrt(positions) as leakage (0.05-0.1 on a 17x17x3 input).
+_FIT, _TEST = slice(0, None, 2), slice(1, None, 2)
+
+
+def _psnr(truth: np.ndarray, fitted: np.ndarray) -> float:
+    mse = float(np.mean((truth - fitted) ** 2))
+    peak = float(truth.max() - truth.min())
+    if peak == 0:
+        return 0.0
+    if mse == 0:
+        return math.inf
+    return 10.0 * math.log10(peak * peak / mse)
+
+
+def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64) -> dict:
+    """How well ``truth`` is recovered from ``observed`` by the best affine fit (worst case for the defender).
+
+    ``observed`` and ``truth`` are channels-last tensors with the same number of positions (C may
+    differ); every position is one sample. Three fits, the largest correlation reported as
+    ``correlation``:
+    - ``overall``: one scalar ``a * observed + b`` (needs equal shapes);
+    - ``per_channel``: each true channel against its best-correlated observed channel (undoes a
+      channel permutation and per-channel scaling), averaged over true channels;
+    - ``regression``: each true channel regressed on all observed channels at the same position
+      (undoes any channel mixing); only with >= 10 positions per observed channel.
+    Each fit is chosen on half of the positions and scored, with the sign it chose, on the other half
+    (interleaved), so that neither picking the best of many channels nor a small sample's noise can pass
+    for leakage: a fit that learned nothing scores about 0. ``per_channel`` needs >= 16 positions. PSNR
+    is of the truth against the overall fit (on all positions), peak = its range.
+    """
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    out: dict = {}
+    if obs.shape == tru.shape:
+        x = obs.reshape(-1)
+        y = tru.reshape(-1)
+        a, b = _lstsq_affine(x, y)
+        out["overall"] = math.copysign(1.0, _pearson(x[_FIT], y[_FIT], signed=True)) \
+            * _pearson(x[_TEST], y[_TEST], signed=True) if len(x) >= 16 else _pearson(x, y)
+        out["psnr_db"] = _psnr(y, a * x + b)
+    co = obs.shape[-1]
+    ct = tru.shape[-1]
+    xo = obs.reshape(-1, co)
+    yt = tru.reshape(-1, ct)
+    if len(xo) == len(yt) and len(xo) >= 16:
+        out["per_channel"] = _per_channel(xo, yt)
+        if co <= max_channels_regression and len(xo) >= 10 * (co + 1):
+            out["regression"] = _holdout_regression(xo, yt)
+    figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
+    out["correlation"] = max(figures) if figures else None
+    return out
+
+
+def _mean_figures(figures: list[dict]) -> dict:
+    """Average of per-inference figures, key by key; ``correlation`` is the best fit's average (the
+    average of each inference's best would add the noise of picking among three), ``max_correlation``
+    the worst single inference's best."""
+    out: dict = {}
+    for key in ("overall", "psnr_db", "per_channel", "regression"):
+        values = [f[key] for f in figures if f.get(key) is not None]
+        if values:
+            out[key] = float(np.mean(values))
+    fits = [out[key] for key in ("overall", "per_channel", "regression") if key in out]
+    if fits:
+        out["correlation"] = max(fits)
+    values = [f["correlation"] for f in figures if f.get("correlation") is not None]
+    if values:
+        out["max_correlation"] = float(max(values))
+    return out
+
+
+def single_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """What one inference reveals: :func:`affine_leakage` within each inference of the stacks
+    (``(K, ...)``), averaged over the K inferences. Fitting across inferences is left to
+    :func:`difference_leakage`, which is the attack on masks reused across them."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    return _mean_figures([affine_leakage(o, t) for o, t in zip(obs, tru, strict=True)])
+
+
+def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    xm, ym = x.mean(), y.mean()
+    xx = float((x - xm) @ (x - xm))
+    a = float((x - xm) @ (y - ym)) / xx if xx > 0 else 0.0
+    return a, ym - a * xm
+
+
+def _corr_matrix(xo: np.ndarray, yt: np.ndarray, signed: bool = False) -> np.ndarray:
+    xc = xo - xo.mean(axis=0)
+    yc = yt - yt.mean(axis=0)
+    num = yc.T @ xc if signed else np.abs(yc.T @ xc)
+    den = np.outer(np.linalg.norm(yc, axis=0), np.linalg.norm(xc, axis=0))
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _per_channel(xo: np.ndarray, yt: np.ndarray) -> float:
+    correlation = _corr_matrix(xo[_FIT], yt[_FIT], signed=True)
+    best = np.abs(correlation).argmax(axis=1)
+    sign = np.sign(correlation[np.arange(len(best)), best])
+    scores = [sign[c] * _pearson(xo[_TEST][:, best[c]], yt[_TEST][:, c], signed=True)
+              for c in range(yt.shape[1])]
+    return float(np.mean(scores))
+
+
+def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
+    # Interleaved halves: neighbouring positions land in both, like a real attacker's training data.
+    design = np.hstack([xo, np.ones((len(xo), 1))])
+    coef, *_ = np.linalg.lstsq(design[_FIT], yt[_FIT], rcond=None)
+    pred = design[_TEST] @ coef
+    scores = [_pearson(pred[:, c], yt[_TEST][:, c], signed=True) for c in range(yt.shape[1])]
+    return float(np.mean(scores))
+
+
+def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """The difference attack on masks reused across inferences: ``obs_k+1 - obs_k`` against
+    ``x_k+1 - x_k`` (a static additive mask cancels exactly), averaged over consecutive pairs."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    if len(obs) < 2:
+        return {}
+    return _mean_figures([affine_leakage(obs[k + 1] - obs[k], tru[k + 1] - tru[k])
+                          for k in range(len(obs) - 1)])
+
+
+def known_input_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """The chosen-input attack on a static mask: the normal world runs the model once on an input it
+    knows (``truth[0]``), learns the mask as ``obs_0 - x_0`` and unmasks every later inference:
+    ``x_k ~ obs_k - obs_0 + x_0``, scored without any fit (correlation and PSNR, averaged over k >= 1).
+    Only for tensors the attacker can know for its own input: the user's raw input."""
+    obs = np.asarray(observed, dtype=np.float64)
+    tru = np.asarray(truth, dtype=np.float64)
+    if len(obs) < 2 or obs.shape != tru.shape:
+        return {}
+    figures = []
+    for k in range(1, len(obs)):
+        estimate = obs[k] - obs[0] + tru[0]
+        figures.append({"correlation": _pearson(estimate.reshape(-1), tru[k].reshape(-1)),
+                        "psnr_db": _psnr(tru[k], estimate)})
+    return {key: float(np.mean([f[key] for f in figures])) for key in ("correlation", "psnr_db")}

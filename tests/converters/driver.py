@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import tee_sim
 from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError, ShadowNetError
@@ -102,9 +102,10 @@ class Driver:
         self.close()
 
 
-def litert(model: bytes, *inputs: np.ndarray) -> list[np.ndarray]:
-    """The reference: LiteRT on the original model."""
-    interpreter = Interpreter(model_content=model)
+def litert(model: bytes, *inputs: np.ndarray, builtin: bool = False) -> list[np.ndarray]:
+    """The reference: LiteRT on the original model (XNNPACK; ``builtin``: LiteRT's builtin kernels)."""
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if builtin else OpResolverType.AUTO
+    interpreter = Interpreter(model_content=model, experimental_op_resolver_type=resolver)
     interpreter.allocate_tensors()
     for d, x in zip(interpreter.get_input_details(), inputs, strict=True):
         interpreter.set_tensor(d["index"], x)

@@ -141,11 +141,11 @@ class ShadowNetTA(TrustedApp):
     SIGNER = "shadownet"
     # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
     CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
-                    "tee_sim.one_time_masks", "tee_sim.freivalds", "tee_sim.ta_shadownet_commands",
-                    "tee_sim.ta_shadownet_numpy_ops", "tee_sim.ta_shadownet_linears",
-                    "tee_sim.ta_shadownet_restore_push", "tee_sim.ta_shadownet_max_pool",
-                    "tee_sim.ta_shadownet_small_ops", "tee_sim.ta_shadownet_steps",
-                    "tee_sim.ta_shadownet_kernels")
+                    "tee_sim.obfuscated_weights", "tee_sim.one_time_masks", "tee_sim.freivalds",
+                    "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
+                    "tee_sim.ta_shadownet_linears", "tee_sim.ta_shadownet_restore_push",
+                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_small_ops",
+                    "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_kernels")
     CODE_FILES = KERNEL_SOURCES
 
     def create(self) -> None:

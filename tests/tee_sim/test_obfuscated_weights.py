@@ -1,4 +1,4 @@
-"""The pool's read-back of the obfuscated weights (``tee_sim.per_inference.Weights``): what the TA reads
+"""The pool's read-back of the obfuscated weights (``tee_sim.obfuscated_weights.Weights``): what the TA reads
 from the normal world's copy of ``untrusted.tflite`` is checked in secure memory before it is used."""
 
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tee_sim.errors import TEE_ERROR_BAD_STATE, TEE_ERROR_SECURITY, TEEError
-from tee_sim.per_inference import Weights
+from tee_sim.obfuscated_weights import Weights
 
 
 def _file():

@@ -35,8 +35,9 @@ class Accelerator(Protocol):
       consecutive rounds share memory (it reuses two banks), so read a round's inputs before writing its
       outputs. An accelerator may also offer ``page_offsets()`` (see ``LiteRTAccelerator``): the runtime
       then places the buffers apart, where their pages can be the accelerator's own tensors.
-    - ``run_round(r)`` (1 <= r <= R, in order, once per inference): run signature ``round_r`` of
-      ``untrusted.tflite`` - the obfuscated linear ops, no bias, no activation - on the buffers
+    - ``run_round(r)`` (1 <= r <= R, in order, once per inference; on a verified model not for the
+      rounds in ``ProtectedModel.skipped_rounds``, whose results the TEE computes itself): run signature
+      ``round_r`` of ``untrusted.tflite`` - the obfuscated linear ops, no bias, no activation - on the buffers
       ``round_r/in/*`` and write its results into ``round_r/out/*``. Exceptions propagate to the caller
       of the inference, which the TEE then abandons (the next call starts afresh).
     - ``close()``: free what it holds; called once, when the model closes.

@@ -7,7 +7,9 @@ channels, for the input ``x'`` the TEE sent and the obfuscated weights ``W'`` of
 hot path, with the one-time masks). When it writes ``x'`` it computes ``z_j = L(x', F_j)`` - a layer with
 one output channel per projection, ``k / M`` of the layer's work (a depthwise layer, whose ``F_j`` read as
 much as the layer itself, is computed instead and projected, ``z_j = u_j . L(x', W')``: ``T + k`` rather
-than ``k T`` multiply-adds per output channel and position) - and the window norms ``n_p`` (the
+than ``k T`` multiply-adds per output channel and position; with a depth multiplier of 1 the TA goes one
+step further and uses that result itself, unchecked, instead of the accelerator's:
+``LayerCheck.computing``, ``tee_sim.per_inference``) - and the window norms ``n_p`` (the
 norm of the input window output position ``p`` reads); when the results come back the restore copies
 them into secure memory a tile at a time (the normal world could change shared memory between the check
 and the use), checks the tile there and restores it from there, accepting it only if, at every position
@@ -159,6 +161,12 @@ def _positive(value: Any, what: str) -> int:
     return int(value)
 
 
+def direct(kind: str, weights_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
+    """A depthwise layer with multiplier 1: the TEE computes it rather than project filters that read as
+    much (``LayerCheck``), and on a verified model uses that result (``LayerCheck.computing``)."""
+    return kind == "DEPTHWISE_CONV_2D" and weights_shape[-1] == x_shape[-1]
+
+
 def _depthwise_taps(weights: np.ndarray, geo: Geometry) -> np.ndarray:
     """A depthwise layer's weights as float64 ``[T, C, m]`` (``m``: the depth multiplier)."""
     w = np.asarray(weights, np.float64)
@@ -175,7 +183,8 @@ class _Prepare(ctypes.Structure):  # fv_prepare_t
                 ("filters", ctypes.c_void_p), ("k", ctypes.c_int32), ("kp", ctypes.c_int32),
                 ("z", ctypes.c_void_p), ("tau", ctypes.c_void_p), ("unit", ctypes.c_float),
                 ("norms", ctypes.c_void_p), ("tau_norm", ctypes.c_double),
-                ("dw_weights", ctypes.c_void_p), ("u", ctypes.c_void_p), ("mp", ctypes.c_int64)]
+                ("dw_weights", ctypes.c_void_p), ("u", ctypes.c_void_p), ("mp", ctypes.c_int64),
+                ("y_out", ctypes.c_void_p)]
 
 
 class _Check(ctypes.Structure):  # fv_check_t
@@ -210,7 +219,8 @@ class LayerCheck:
     """
 
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
-                 y_shape: tuple[int, ...], alloc: Any, projections: int | None = None) -> None:
+                 y_shape: tuple[int, ...], alloc: Any, projections: int | None = None,
+                 computed: bool = False) -> None:
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
         # Norms in float64 accumulation, without a float64 copy (draw() is given the weights again).
@@ -237,10 +247,12 @@ class LayerCheck:
         self.kp = 1 << (k - 1).bit_length()
         self.group = LANES // self.kp  # channels per vector
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
-        # Kept from the push to the check; 16 floats of slack (the kernels read z a vector at a time).
-        self._z = alloc((self.rows_out * self.kp + LANES,), np.float32)
-        self.z = self._z[:self.rows_out * self.kp].reshape(self.rows_out, self.kp)
-        self.tau = alloc((self.rows_out, 1), np.float32)
+        # Kept from the push to the check; 16 floats of slack (the kernels read z a vector at a time). A
+        # layer only ever ``computing`` (``computed``) has neither.
+        rows = 0 if computed else self.rows_out
+        self._z = alloc((rows * self.kp + LANES,), np.float32)
+        self.z = self._z[:rows * self.kp].reshape(rows, self.kp)
+        self.tau = alloc((rows, 1), np.float32)
         self.tau_norm = 0.0
         c = self.in_channels
         if geo.spatial:
@@ -251,7 +263,9 @@ class LayerCheck:
         self.x_elements = n * h * wd * c
         # A depthwise layer with multiplier 1 is computed by the TEE and projected (fv_prepare's
         # prepare_dw): its weights [taps, M rounded up to 16], zero-padded, from the authenticated model.
-        self.direct = self.kind == "DEPTHWISE_CONV_2D" and self.m_out == c
+        self.direct = direct(self.kind, w.shape, x_shape)
+        if computed and not self.direct:
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 is computed by the TEE")
         width = -(-self.m_out // LANES) * LANES if self.direct else LANES
         self._dw: np.ndarray | None = None
         if self.direct:
@@ -263,7 +277,7 @@ class LayerCheck:
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,
-                                 None, width if self.direct else 0)
+                                 None, width if self.direct else 0, None)
         self._norms: np.ndarray | None = None
         self._shapes = self.projection_shapes()
         # fv_draw's arguments but the arrays, which draw() sets per call.
@@ -362,6 +376,27 @@ class LayerCheck:
             run(address)
             self.tau_norm = made.tau_norm
         call.made = made  # type: ignore[attr-defined] - its tau_norm after a prepare made in C
+        call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
+        return call
+
+    def computing(self, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+        """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy
+        ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
+        depthwise layer, which the TEE computes to check anyway (class docstring), and whose result it
+        then uses instead of the accelerator's (``tee_sim.per_inference``). The same kernel as
+        ``prepare`` without the projection, the window norms or ``z``: ``fv_prepare`` with ``y_out``."""
+        if not self.direct:
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 is computed by the TEE")
+        if (x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
+                or y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
+                or self._norms is None):
+            raise ValueError(f"computing: {x.dtype} {x.shape} input, {y.dtype} {y.shape} result")
+        made = _Prepare.from_buffer_copy(self._prepare)
+        made.x, made.y_out, made.kp = x.ctypes.data, y.ctypes.data, 1
+        run, address = LIBRARY.fv_prepare, ctypes.addressof(made)
+
+        def call(keep: tuple = (made, x, y)) -> None:
+            run(address)
         call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
         return call
 

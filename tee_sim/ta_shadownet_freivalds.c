@@ -34,6 +34,9 @@ typedef struct {
                                            zero-padded (prepare_dw); NULL: filters (prepare_kp) */
     const float *u;                     /* with dw_weights: the packed projections [ceil(M / G)][16] */
     int64_t mp;                         /* with dw_weights: the channels rounded up to 16 */
+    float *y_out;                       /* with dw_weights: NULL, or where the layer's result goes, [N * Ho *
+                                           Wo][C], instead of z and tau (the TEE uses it, not the
+                                           accelerator's: tee_sim.per_inference) */
 } fv_prepare_t;
 
 INLINE vl vl_load(const float *p) {
@@ -294,7 +297,7 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
     float *y = s->norms + pixels; /* [mp]: one position's outputs */
     const float *xs[kernel], *ws[kernel];
     int64_t rooms[kernel];
-    pixel_norms(s);
+    if (!s->y_out) pixel_norms(s);
     double total = 0.0;
     int64_t out = 0;
     for (int64_t b = 0; b < s->n; b++) {
@@ -339,6 +342,10 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
                         a += loadn(ws[t] + v) * xv;
                     }
                     storen(y + v, a);
+                }
+                if (s->y_out) {
+                    memcpy(s->y_out + out * c, y, (size_t)c * sizeof(float));
+                    continue;
                 }
                 total += put_position(s, block_sums(dot_groups(vl_zero(), y, c, mp, s->u, kp), kp), q, out, kp);
             }

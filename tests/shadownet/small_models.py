@@ -12,9 +12,10 @@ from converters.graph import Graph, write_model
 INPUT_SHAPE = (1, 16, 16, 3)
 
 
-def protect_small_cnn(tmp_path_factory, name: str, seed: int, **kw) -> str:
-    """``small_cnn()`` converted into a fresh directory ``name`` with the reproducible (INSECURE, tests
-    only) secrets of ``seed``; ``kw`` as ``shadownet.convert`` takes them. Returns the directory."""
+def protect_small_cnn(tmp_path_factory, name: str, seed: int, multiplier: int = 2, **kw) -> str:
+    """``small_cnn(multiplier=multiplier)`` converted into a fresh directory ``name`` with the reproducible
+    (INSECURE, tests only) secrets of ``seed``; ``kw`` as ``shadownet.convert`` takes them. Returns the
+    directory."""
     import warnings
 
     import shadownet
@@ -22,12 +23,13 @@ def protect_small_cnn(tmp_path_factory, name: str, seed: int, **kw) -> str:
     out = tmp_path_factory.mktemp(name) / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded conversion warns that it is insecure
-        shadownet.convert(small_cnn(), str(out), seed=seed, **kw)
+        shadownet.convert(small_cnn(multiplier=multiplier), str(out), seed=seed, **kw)
     return str(out)
 
 
-def small_cnn(seed: int = 0, side: int = 16) -> bytes:
-    """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``)."""
+def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
+    """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``); its depthwise layer has depth
+    ``multiplier`` (1 or 2; 16 output channels either way)."""
     rng = np.random.default_rng(seed)
     half = side // 2
     g = Graph()
@@ -54,8 +56,8 @@ def small_cnn(seed: int = 0, side: int = 16) -> bytes:
         return y
 
     x = g.add_tensor("image", (1, side, side, 3), np.float32)
-    a = conv(x, 3, 8, side, activation=act.RELU)
-    d = conv(a, 8, 16, half, "DEPTHWISE_CONV_2D", stride=2, activation=act.RELU6)
+    a = conv(x, 3, 16 // multiplier, side, activation=act.RELU)
+    d = conv(a, 16 // multiplier, 16, half, "DEPTHWISE_CONV_2D", stride=2, activation=act.RELU6)
     p = conv(d, 16, 16, half, k=1)
     s = g.add_tensor("sum", (1, half, half, 16), np.float32)
     add = fb.AddOptionsT()

@@ -99,6 +99,49 @@ def test_every_tampering_is_caught(tampered, kind):
     assert caught == TRIALS
 
 
+@pytest.fixture(scope="module")
+def multiplier_one(tmp_path_factory) -> str:
+    return protect_small_cnn(tmp_path_factory, "multiplier_one", seed=5, multiplier=1, scheme="groupmix")
+
+
+def test_a_depthwise_layer_of_multiplier_one_is_computed_by_the_tee(multiplier_one):
+    """Verified, such a layer is not checked but computed by the TEE (which a check would do in full
+    anyway) and restored from that result: its round is not run on the accelerator, and what the
+    accelerator's buffer holds for it is not read, while every other round's result is still checked."""
+    from converters.tflite_reader import read_signatures
+
+    rounds = read_signatures(f"{multiplier_one}/untrusted.tflite")
+    kinds = [{op.kind for op in g.ops} for g in rounds]
+    assert kinds.count({"DEPTHWISE_CONV_2D"}) == 1
+    computed = 1 + kinds.index({"DEPTHWISE_CONV_2D"})
+    model_bytes = small_cnn(multiplier=1)
+    wrappers = []
+
+    def wrap(inner):
+        wrappers.append(Tamper(inner))
+        return wrappers[-1]
+
+    with shadownet.load(multiplier_one) as plain:
+        assert plain.skipped_rounds == frozenset()
+    with shadownet.load(multiplier_one, accelerator=wrap, verify=True) as model:
+        assert model.skipped_rounds == {computed}
+        tamper = wrappers[0]
+        xs = images(2 * len(rounds) + 1, seed=11)
+        model(xs[0])
+        for r in range(1, len(rounds) + 1):
+            for kind, x in zip(("channel", "element"), xs[2 * r - 1:2 * r + 1], strict=True):
+                tamper.kind, tamper.round = kind, r
+                if r == computed:  # not run: its output buffer still holds what the TEE pushed, unread
+                    want = reference(model_bytes, x)
+                    assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+                else:
+                    with pytest.raises(IntegrityError, match="failed verification"):
+                        model(x)
+        tamper.kind = None
+        checks = model.stats()["verify"]
+    assert checks["computed"] == 1 and checks["layers"] == len(rounds) - 1
+
+
 def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
     model_bytes = small_cnn()
     for out in (groupmix, paper):
@@ -267,6 +310,30 @@ def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypat
         wrong = y.copy().reshape(-1)
         wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
         assert check.check(wrong.reshape(y.shape), u)[0] > 1
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[0] == "DEPTHWISE_CONV_2D"],
+                         ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkeypatch):
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    kind, padding, stride, dilation, x_shape, w_shape = geometry
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    layer = _layer(kind, padding, stride, dilation)
+    if not check.direct:  # a depth multiplier: checked, never computed
+        with pytest.raises(ValueError, match="multiplier 1"):
+            LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), computed=True)
+        with pytest.raises(ValueError, match="multiplier 1"):
+            check.computing(x, np.zeros(y64.shape, np.float32))
+        return
+    computed = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=1,
+                          computed=True)
+    computed.bind_scratch(np.full(computed.scratch_elements, np.nan, np.float32))  # nothing stale is read
+    y = np.full(y64.shape, np.nan, np.float32)
+    computed.computing(x, y)()
+    np.testing.assert_allclose(y, y64, rtol=0, atol=1e-6 * np.abs(y64).max())
+    with pytest.raises(ValueError, match="computing"):
+        computed.computing(x, np.zeros(y64.shape, np.float64))
 
 
 def test_bound_is_met_by_the_worst_case_change():

@@ -249,6 +249,7 @@ class LayerCheck:
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
         # Kept from the push to the check; 16 floats of slack (the kernels read z a vector at a time). A
         # layer only ever ``computing`` (``computed``) has neither.
+        self.computed = computed
         rows = 0 if computed else self.rows_out
         self._z = alloc((rows * self.kp + LANES,), np.float32)
         self.z = self._z[:rows * self.kp].reshape(rows, self.kp)
@@ -362,7 +363,7 @@ class LayerCheck:
         """``prepare(x, u, filters)`` as a call without arguments, the arrays checked once, here: the TA
         binds each pool slot's at load and prepares them every inference, and checking them took about
         13 us a call against 2 us for a small layer's prepare (ResNet-404 verifies 404 layers)."""
-        if (x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
+        if (self.computed or x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
                 or (u.shape, filters.shape) != self.projection_shapes()
                 or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (u, filters))
                 or self._norms is None):
@@ -404,8 +405,9 @@ class LayerCheck:
         """The check's parameters for the restore kernel, which makes it on the result tile by tile as it
         restores it (``tee_sim.ta_shadownet_restore_push``), with the projections ``u`` (one pool slot's).
         After a run, ``outcome`` reads it."""
-        if u.dtype != np.float32 or u.shape != self.projection_shapes()[0] or not u.flags.c_contiguous:
-            raise ValueError(f"projections {u.shape}")
+        if (self.computed or u.dtype != np.float32 or u.shape != self.projection_shapes()[0]
+                or not u.flags.c_contiguous):
+            raise ValueError(f"projections {u.shape}{' for a layer only computed' if self.computed else ''}")
         return _Check(None, self.rows_out, self.m_out, u.ctypes.data, self.k, self.kp, self.z.ctypes.data,
                       self.tau.ctypes.data, 0.0, 0.0, 0)
 

@@ -334,6 +334,10 @@ def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkey
     np.testing.assert_allclose(y, y64, rtol=0, atol=1e-6 * np.abs(y64).max())
     with pytest.raises(ValueError, match="computing"):
         computed.computing(x, np.zeros(y64.shape, np.float64))
+    with pytest.raises(ValueError):  # it has no z to prepare nor check: only computing
+        computed.prepare(x, u, f)
+    with pytest.raises(ValueError, match="only computed"):
+        computed.check(y, u)
 
 
 def test_bound_is_met_by_the_worst_case_change():

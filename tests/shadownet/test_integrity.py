@@ -328,7 +328,7 @@ def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkey
         return
     computed = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=1,
                           computed=True)
-    computed.bind_scratch(np.full(computed.scratch_elements, np.nan, np.float32))  # nothing stale is read
+    computed.bind_scratch(np.full(computed.scratch_elements, np.nan, np.float32))  # stale scratch: not in y
     y = np.full(y64.shape, np.nan, np.float32)
     computed.computing(x, y)()
     np.testing.assert_allclose(y, y64, rtol=0, atol=1e-6 * np.abs(y64).max())

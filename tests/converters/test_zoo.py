@@ -15,11 +15,10 @@ BIG = {"resnet404", "yolov4-tiny"}  # one inference is enough
 TOLERANCE = {"groupmix": 1e-4, "shadownet": 1e-3}  # the targets
 # Where a target is missed, the bound is what was measured, with room: MobileNet and ResNet-404 amplify
 # float32 noise (LiteRT's own XNNPACK and builtin kernels differ by 1.4-4.7e-5 and 3.3e-5 - 1.3e-4 on them,
-# 3 inputs). Under
-# groupmix, with the first round's one-time mask sent as an exact split (converters.exact_split),
-# ResNet-404 measured 1e-5 - 1.6e-4, median 5e-5 (4 conversions x 3 inputs; 3-7e-5 with no mask at all:
-# the scheme's float32 mixings over 404 layers); under the paper's scheme the fakes' cancellation costs
-# ~3e-3.
+# 3 inputs). Under groupmix, with the first round's one-time mask sent as an exact split
+# (converters.exact_split), ResNet-404 measured 1e-5 - 1.6e-4, median 5e-5 (4 conversions x 3 inputs; 3-7e-5
+# with no mask at all: the scheme's float32 mixings over 404 layers); under the paper's scheme the fakes'
+# cancellation costs ~3e-3.
 TOLERANCES = {("groupmix", "resnet404"): 3e-4, ("shadownet", "resnet404"): 1e-2}
 # Against float64 arithmetic (tests.converters.float64_reference) the default scheme's error is float32 noise
 # of the same order as LiteRT's own: measured 0.2-2.6x the larger of its two engines' errors (4 conversions x

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
-from shadownet.files import write_atomically
+from shadownet.files import json_default, write_atomically
 
 
 def format_report(report: dict) -> str:
@@ -78,7 +78,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 def write_json(report: dict, path: str | os.PathLike) -> None:
     """Write the report atomically (``shadownet.files``: a reader never sees half a file)."""
     # Strict JSON: an infinite PSNR (exact recovery) is written as null.
-    write_atomically(path, json.dumps(_finite(report), indent=1, sort_keys=True, default=_json_default,
+    write_atomically(path, json.dumps(_finite(report), indent=1, sort_keys=True, default=json_default,
                                       allow_nan=False) + "\n")
 
 
@@ -90,9 +90,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float | np.floating) and not math.isfinite(value):
         return None
     return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -60,9 +60,9 @@ from pathlib import Path
 from typing import Any
 
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
-from shadownet.bench_report import json_default, markdown, plot, require_matplotlib, table
+from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.exceptions import ShadowNetError
-from shadownet.files import check_destination, write_atomically
+from shadownet.files import check_destination, json_default, write_atomically
 
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from shadownet.bench_measure import MODES, PROJECTED_K, VERIFY_MODE
 from shadownet.exceptions import ShadowNetError
 
@@ -270,9 +268,3 @@ def require_matplotlib() -> None:
     except ImportError:
         raise ShadowNetError("--plot needs matplotlib, which is not installed (pip install matplotlib)") \
             from None
-
-
-def json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

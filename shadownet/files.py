@@ -1,6 +1,6 @@
 """Writing an output file so that a reader never sees half of it - the CLI's results (``run --output``),
-reports (``bench``, ``audit``, ``soak``) and the device file (``device export``) - and checking where a
-long job's report goes before the job rather than after it.
+reports (``bench``, ``audit``, ``soak``) and the device file (``device export``) - checking where a long
+job's report goes before the job rather than after it, and the reports' JSON encoding of numpy scalars.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from typing import Any
 
 
 def check_destination(path: str | os.PathLike | None) -> None:
@@ -47,3 +48,12 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror, target) from exc
         raise
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for the reports: numpy scalars as the numbers they hold."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -241,7 +241,8 @@ class LayerCheck:
             raise ValueError(f"{self.kind}: output has {y_shape[-1]} channels, the weights {self.m_out}")
         self.weights_shape = tuple(weights.shape)
         self.rows_out = math.prod(y_shape[:-1])
-        self.k = k = projections or self.projections_needed(frobenius)
+        # A layer only ever ``computing`` (``computed``) projects nothing: one lane layout suffices.
+        self.k = k = 1 if computed else projections or self.projections_needed(frobenius)
         if not 1 <= k <= LANES:
             raise ValueError(f"{k} projections: 1 to {LANES} are supported")
         self.kp = 1 << (k - 1).bit_length()

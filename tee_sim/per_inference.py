@@ -143,7 +143,7 @@ class PerInference:
                 weights = authentic[layer["weights"]]
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 check = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out], self._account,
-                                   projections=1 if own else None, computed=own)
+                                   computed=own)
                 (self.computed if own else self.checks)[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
             everything = [*self.checks.values(), *self.computed.values()]

@@ -23,9 +23,10 @@ TOLERANCES = {("groupmix", "resnet404"): 3e-4, ("shadownet", "resnet404"): 1e-2}
 # Against float64 arithmetic (tests.converters.float64_reference) the default scheme's error is float32 noise
 # of the same order as LiteRT's own: measured 0.2-2.6x the larger of its two engines' errors (4 conversions x
 # 3 inputs each of MobileNet, ResNet-44 and ResNet-404; the scheme rounds the mixed inputs and the restores on
-# top of the layers themselves). Round 1's mask sent without the exact split (groupmix:exact_split=none) gave
-# MobileNet 7-47x and ResNet-404 2.2-5.6x (2 conversions x 3 inputs): the bound catches the first always,
-# the second about half of the time.
+# top of the layers themselves), one inference's 0.13-4.3x (MobileNet, 300 one-time masks on one
+# input): the test takes the median of three. Round 1's mask sent without the exact split
+# (groupmix:exact_split=none) gave MobileNet 7-47x and ResNet-404 2.2-5.6x (2 conversions x 3 inputs): the
+# bound catches the first always, the second about half of the time.
 FLOAT32_NOISE = 4.0
 EXACT_REFERENCE = {"mobilenet", "resnet44", "resnet404"}  # the models float64_reference runs
 
@@ -61,19 +62,21 @@ def test_zoo_fidelity(name, scheme, exported, big_device, tmp_path):
                 if w.ndim == 2:
                     assert np.array_equal(np.argmax(g, -1), np.argmax(w, -1))
             if scheme == "groupmix" and name in EXACT_REFERENCE:
-                _assert_float32_noise(name, model, xs, got)
+                _assert_float32_noise(name, model, xs, [got, run(*xs), run(*xs)])
         used, peak = run.memory()
         print(f"{name} ({scheme}): {len(manifest['rounds'])} rounds, worst relative error {error:.2e}, "
               f"TA secure memory {used / 2**20:.1f} MiB")
 
 
-def _assert_float32_noise(name, model, xs, got):
+def _assert_float32_noise(name, model, xs, runs):
     """The protected outputs are as close to float64 arithmetic as LiteRT's own float32 engines are, within
-    ``FLOAT32_NOISE``: what "float32 floor" means where the LiteRT target is missed."""
+    ``FLOAT32_NOISE``: what "float32 floor" means where the LiteRT target is missed. The median over the
+    ``runs`` (inferences of ``xs``, each with its own one-time mask): one inference's error moves with its
+    mask (MobileNet on the first input, 300 masks: 0.13-4.3x LiteRT's, median 0.9)."""
     from tests.converters.float64_reference import run
 
     exact = run(model, *xs)
     engines = max(relative_error(litert(model, *xs, builtin=builtin), exact) for builtin in (False, True))
-    mine = relative_error(got, exact)
+    mine = float(np.median([relative_error(got, exact) for got in runs]))
     print(f"{name}: against float64 protected {mine:.2e}, LiteRT's engines up to {engines:.2e}")
     assert mine <= FLOAT32_NOISE * engines, f"{name}: {mine:.2e} from float64, LiteRT's engines {engines:.2e}"

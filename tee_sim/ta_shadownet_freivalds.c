@@ -1,21 +1,12 @@
-/* The ShadowNet trusted app's Freivalds check (tee_sim.freivalds, which derives the bound): fv_prepare
- * (a checked layer's z and tau, from its secure input), fv_check (a whole result), and fv_check_tile /
- * fv_check_finish for sn_run, which checks an accelerator's result tile by tile as it restores it
- * (ta_shadownet_kernels.c). Kept out of the restore / push file; the same library.
+/* The ShadowNet trusted app's Freivalds check (tee_sim.freivalds, which derives the bound), its first
+ * half: fv_prepare, a checked layer's z and tau from its secure input, when the TEE writes it (the check of
+ * the result: ta_shadownet_freivalds_check.c). Kept out of the restore / push file; the same library.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "ta_shadownet_kernels.h"
-
-/* Lanes: k <= 16 projections are padded to kp in {1, 2, 4, 8, 16}, and a vector holds G = 16 / kp
- * channels of each projection (lane l: projection l / G, channel l % G of the group), so that a layer
- * checked with 4 projections fills the vector with 4 channels at a time instead of wasting 12 lanes (the
- * G input values are repeated for every projection by one permutation). Packed
- * filters: [taps][ceil(C / G)][16]; packed projections: [ceil(M / G)][16]; zero where the channel or the
- * projection does not exist. z is kept as kp floats per output position.
- */
+#include "ta_shadownet_lanes.h"
 
 typedef struct {
     const float *x;                     /* the secure copy of the layer's input, [N, H, W, C] */
@@ -28,7 +19,7 @@ typedef struct {
     float unit;
     float *norms;                       /* scratch: [N * H * W] input pixels' squared norms, then
                                            [Wo * 17] floats of one output row's sums (prepare_dw: [mp]
-                                           of one position's outputs) */
+                                           of one position's outputs; prepare_tiled: C zeros) */
     double tau_norm;                    /* out: ||tau|| */
     const float *dw_weights;            /* depthwise, multiplier 1: the layer's weights [kh * kw][mp],
                                            zero-padded (prepare_dw); NULL: filters (prepare_kp) */
@@ -37,130 +28,8 @@ typedef struct {
     float *y_out;                       /* with dw_weights: NULL, or where the layer's result goes, [N * Ho *
                                            Wo][C], instead of z and tau (the TEE uses it, not the
                                            accelerator's: tee_sim.per_inference) */
+    int32_t tiled;                      /* prepare_tiled (tee_sim.freivalds.LayerCheck says when) */
 } fv_prepare_t;
-
-INLINE vl vl_load(const float *p) {
-    vl v;
-    for (int32_t h = 0; h < PARTS; h++) v.part[h] = loadn(p + h * SN_VL);
-    return v;
-}
-
-INLINE void vl_store(float *p, vl v) {
-    for (int32_t h = 0; h < PARTS; h++) storen(p + h * SN_VL, v.part[h]);
-}
-
-INLINE vl vl_zero(void) { vl v; for (int32_t h = 0; h < PARTS; h++) v.part[h] = (vn){0}; return v; }
-
-INLINE vl vl_add(vl a, vl b) { for (int32_t h = 0; h < PARTS; h++) a.part[h] += b.part[h]; return a; }
-
-/* acc + a * b, lane by lane */
-INLINE vl vl_fma(vl acc, vl a, vl b) {
-    for (int32_t h = 0; h < PARTS; h++) acc.part[h] += a.part[h] * b.part[h];
-    return acc;
-}
-
-INLINE float vl_lane(vl v, int32_t l) { return v.part[l / SN_VL][l % SN_VL]; }
-
-/* The G = 16 / kp floats at base + start (start < 16) repeated kp times (kp is a constant where this is
- * inlined): a load and at most one permutation per part. Reads within base[0, 16) and within
- * base[start, start + max(G, SN_VL)): the caller makes sure they are readable. (Widening a 4-float load
- * instead went through the stack with GCC 12: 7x slower.) */
-INLINE vl repeat_at(const float *base, int32_t start, int32_t kp) {
-    int32_t g = LANES / kp;
-    vl v;
-    if (g >= SN_VL) {
-        for (int32_t h = 0; h < PARTS; h++) v.part[h] = loadn(base + start + (h * SN_VL) % g);
-        return v;
-    }
-    const vni iota = IOTA;
-    int32_t chunk = start / SN_VL * SN_VL; /* g divides SN_VL: the group lies in one chunk */
-    vn r = __builtin_shuffle(loadn(base + chunk), iota % g + (start - chunk));
-    for (int32_t h = 0; h < PARTS; h++) v.part[h] = r;
-    return v;
-}
-
-INLINE vl repeat(const float *x, int32_t kp) { return repeat_at(x, 0, kp); }
-
-/* The same where fewer than 16 floats are left in the buffer (the rest read as 0). */
-static vl repeat_tail(const float *x, int32_t kp, int64_t room) {
-    float tail[LANES] = {0};
-    memcpy(tail, x, (size_t)(room < LANES ? room : LANES) * sizeof(float));
-    switch (kp) {
-    case 1: return repeat(tail, 1);
-    case 2: return repeat(tail, 2);
-    case 4: return repeat(tail, 4);
-    case 8: return repeat(tail, 8);
-    default: return repeat(tail, 16);
-    }
-}
-
-/* Every lane of v gets the sum of its aligned block of g lanes (g a power of two; at most the whole
- * vector): log2 g shuffle-adds. */
-INLINE vn lane_block_sums(vn v, int32_t g) {
-    const vni iota = IOTA;
-    for (int32_t d = 1; d < g && d < SN_VL; d *= 2) v += __builtin_shuffle(v, iota ^ d);
-    return v;
-}
-
-/* Every lane of projection j's block of G lanes gets the block's sum (log2 G shuffle-adds and part
- * adds). */
-INLINE vl block_sums(vl v, int32_t kp) {
-    int32_t g = LANES / kp;
-    for (int32_t h = 0; h < PARTS; h++) v.part[h] = lane_block_sums(v.part[h], g);
-    for (int32_t span = 1; span * SN_VL < g; span *= 2) /* blocks wider than a part */
-        for (int32_t h = 0; h < PARTS; h++)
-            if (!(h & span)) v.part[h] = v.part[h + span] = v.part[h] + v.part[h + span];
-    return v;
-}
-
-/* A row of `count` values times packed [groups][16] coefficients, accumulated per lane; `room`: floats
- * readable from x. kp is a constant where this is inlined. The 16 floats at x + cg * G serve kp groups
- * (a permutation each; kp = 16 broadcasts every value from memory instead), into four sums: one chain
- * of dependent FMAs would wait on each one's latency (measured: a single sum was 1.3-1.5x slower). */
-INLINE vl dot_groups(vl acc, const float *x, int64_t count, int64_t room, const float *coef, int32_t kp) {
-    int32_t g = LANES / kp;
-    int64_t groups = (count + g - 1) / g;
-    int64_t cg = 0;
-    /* Every index into sums is a constant once the loops are unrolled, so the sums can live in registers:
-     * indexed at run time (cg & 3), the array lived on the stack and each FMA chain went through
-     * store-to-load forwarding. */
-    vl sums[4] = {acc, vl_zero(), vl_zero(), vl_zero()};
-    if (kp == LANES) {
-        for (; cg + 4 <= groups; cg += 4)
-#pragma GCC unroll 4
-            for (int32_t q = 0; q < 4; q++) {
-                vl c = vl_load(coef + (cg + q) * LANES);
-                for (int32_t h = 0; h < PARTS; h++) sums[q].part[h] += x[cg + q] * c.part[h];
-            }
-        for (; cg < groups; cg++) {
-            vl c = vl_load(coef + cg * LANES);
-            for (int32_t h = 0; h < PARTS; h++) sums[0].part[h] += x[cg] * c.part[h];
-        }
-    } else {
-        for (; cg + kp <= groups && cg * g + LANES <= room; cg += kp)
-#pragma GCC unroll 16
-            for (int32_t q = 0; q < kp; q++)
-                sums[q & 3] = vl_fma(sums[q & 3], repeat_at(x + cg * g, q * g, kp),
-                                     vl_load(coef + (cg + q) * LANES));
-        for (; cg < groups; cg++) {
-            const float *at = x + cg * g;
-            sums[0] = vl_fma(sums[0], room - cg * g >= LANES ? repeat(at, kp) : repeat_tail(at, kp, room - cg * g),
-                             vl_load(coef + cg * LANES));
-        }
-    }
-    return vl_add(vl_add(sums[0], sums[1]), vl_add(sums[2], sums[3]));
-}
-
-INLINE float squared_norm(const float *x, int64_t n) {
-    vn acc = {0};
-    int64_t i = 0;
-    for (; i + SN_VL <= n; i += SN_VL) { vn v = loadn(x + i); acc += v * v; }
-    /* a tree of shuffle-adds: 16 serial scalar adds cost a pixel of 32 channels more than its products
-     * (perf, MobileNet's checks) */
-    float q = n >= SN_VL ? lane_block_sums(acc, SN_VL)[0] : 0.0f;
-    for (; i < n; i++) q += x[i] * x[i];
-    return q;
-}
 
 /* Every input pixel's squared norm, into the scratch's first N * H * W floats. */
 INLINE void pixel_norms(fv_prepare_t *s) {
@@ -354,78 +223,70 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
     s->tau_norm = sqrt(total);
 }
 
-/* Positions p0 .. p0 + t of a check, the results y (pixel stride y_pix, `room` floats readable from y):
- * the largest |u . y_p - z_p| / tau_p so far in *worst (as the bits of a non-negative float, which
- * order like it: NaN's lie above infinity's), ||y||^2 so far in *norm2 when asked. */
-INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
-                       vli *worst, double *norm2, int32_t kp) {
+
+/* A conv layer's prepare as a matrix product, for inputs of more channels than prepare_small takes, in
+ * whole groups of G = 16 / kp (kp >= 4; tee_sim.freivalds picks it): the output positions of a row
+ * TILE_SUMS / PARTS at a time, each position's 16 packed lanes (G channels of each of kp projections) in
+ * PARTS registers for its whole window. Per tap and group of G channels the packed filter vector is
+ * loaded once for the tile, and each position's G input values once, repeated across the vector; the
+ * sums across each projection's G lanes are made once per position, at the end. prepare_kp instead loads
+ * and stores each position's sums at every tap, and permutes the input values for every multiply-add.
+ * Taps outside the input and positions past the row read a row of C zeros in the scratch (after the
+ * pixels' norms), so the loop over channels has no test. tau is summed as prepare_kp sums it (the same bit
+ * for bit), z in another order (its rounding is inside tau: tee_sim.freivalds).
+ *
+ * Against prepare_kp, alternated in one process (minima of 30 calls, AVX2): 3x3 layers 1.4-1.9x faster
+ * (ResNet's 32x32x16 k = 4 61 -> 44 us, yolov4-tiny's 52x52x128 k = 6 1190 -> 613 us); 1x1 layers at
+ * k = 4, whose input values prepare_kp reads once per position anyway, 0.9x (so not those). Also tried:
+ * the channels along the registers, each projection's own vector of partial sums (no lanes padded past k,
+ * no permutation, the filters repacked per call): 0.7-1.8x, slower on the small layers. */
+
+INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
+    enum { R = TILE_SUMS / PARTS };
     int32_t g = LANES / kp;
-    vni valid[PARTS], spread[PARTS]; /* lanes of existing projections; part h, lane i reads z[l / G - base] */
-    int32_t base[PARTS];             /* for l = h * SN_VL + i, base = h * SN_VL / G */
-    for (int32_t h = 0; h < PARTS; h++) {
-        base[h] = h * SN_VL / g;
-        for (int32_t i = 0; i < SN_VL; i++) {
-            int32_t l = h * SN_VL + i;
-            valid[h][i] = l / g < s->k ? -1 : 0;
-            spread[h][i] = l / g - base[h];
-        }
-    }
-    const vni magnitude = (vni){0} + 0x7fffffff; /* all bits but the sign */
-    for (int64_t p = 0; p < t; p++) {
-        const float *yp = y + p * y_pix;
-        vl w = block_sums(dot_groups(vl_zero(), yp, s->m, room - p * y_pix, s->u, kp), kp);
-        const float *zp = s->z + (p0 + p) * kp; /* z has 16 floats of slack */
-        float tau = s->tau[p0 + p];
-        for (int32_t h = 0; h < PARTS; h++) {
-            vn z = __builtin_shuffle(loadn(zp + base[h]), spread[h]);
-            vn off = (vn)((vni)(w.part[h] - z) & magnitude);
-            vni ratio = (vni)(off / tau) & valid[h] & (off != 0.0f); /* 0 where both are 0; inf where tau is */
-            vni larger = ratio > worst->part[h];
-            worst->part[h] = (ratio & larger) | (worst->part[h] & ~larger);
-        }
-        if (s->want_norm) *norm2 += squared_norm(yp, s->m);
-    }
+    int64_t c = s->c, groups = c / g, pixels = s->n * s->h * s->w;
+    float *zeros = s->norms + pixels;
+    memset(zeros, 0, (size_t)c * sizeof(float));
+    double total = 0.0;
+    int64_t out = 0;
+    for (int64_t b = 0; b < s->n; b++)
+        for (int64_t oh = 0; oh < s->ho; oh++)
+            for (int64_t ow0 = 0; ow0 < s->wo; ow0 += R) {
+                int64_t live = s->wo - ow0 < R ? s->wo - ow0 : R;
+                vl acc[R];
+                float q[R];
+                for (int32_t r = 0; r < R; r++) {
+                    acc[r] = vl_zero();
+                    q[r] = 0.0f;
+                }
+                for (int32_t i = 0; i < s->kh; i++) {
+                    int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
+                    if (ih < 0 || ih >= s->h) continue;
+                    for (int32_t j = 0; j < s->kw; j++) {
+                        const float *xr[R];
+                        for (int32_t r = 0; r < R; r++) {
+                            int64_t iw = (ow0 + r) * s->sw + (int64_t)j * s->dw - s->left;
+                            int64_t pix = (b * s->h + ih) * s->w + iw;
+                            int inside = r < live && iw >= 0 && iw < s->w;
+                            xr[r] = inside ? s->x + pix * c : zeros;
+                            if (inside) q[r] += s->norms[pix];
+                        }
+                        const float *f = s->filters + ((int64_t)i * s->kw + j) * groups * LANES;
+                        for (int64_t cg = 0; cg < groups; cg++) {
+                            vl w = vl_load(f + cg * LANES);
+#pragma GCC unroll 8
+                            for (int32_t r = 0; r < R; r++) {
+                                vn x = repeat_load(xr[r] + cg * g, kp);
+                                for (int32_t h = 0; h < PARTS; h++) acc[r].part[h] += x * w.part[h];
+                            }
+                        }
+                    }
+                }
+                for (int32_t r = 0; r < live; r++, out++)
+                    total += put_position(s, block_sums(acc[r], kp), q[r], out, kp);
+            }
+    s->tau_norm = sqrt(total);
 }
-
-INLINE int32_t vmax(vli v) {
-    int32_t top = 0;
-    for (int32_t h = 0; h < PARTS; h++)
-        for (int32_t i = 0; i < SN_VL; i++) top = v.part[h][i] > top ? v.part[h][i] : top;
-    return top;
-}
-
-/* The outcome of a check into s: the worst ratio (NaN as infinity) and ||y||^2. */
-INLINE void check_done(fv_check_t *s, vli worst, double norm2) {
-    int32_t top = vmax(worst);
-    float value;
-    memcpy(&value, &top, sizeof value);
-    s->worst = value != value ? INFINITY : (double)value;
-    s->y_norm2 = norm2;
-}
-
-#define ONE_BITS 0x3f800000 /* 1.0f: a ratio above it fails the check */
-
-/* check_rows for s->kp: one copy per lane layout, so that the shuffles are constants. */
-INLINE int check_rows_kp(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0,
-                         int64_t t, vli *worst, double *norm2) {
-    switch (s->kp) {
-    case 1: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 1); return 0;
-    case 2: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 2); return 0;
-    case 4: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 4); return 0;
-    case 8: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 8); return 0;
-    case 16: check_rows(s, y, y_pix, room, p0, t, worst, norm2, 16); return 0;
-    default: return -1;
-    }
-}
-
-
-int fv_check_tile(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
-                  vli *worst, double *norm2) {
-    if (check_rows_kp(s, y, y_pix, room, p0, t, worst, norm2)) return -1;
-    return vmax(*worst) > ONE_BITS;
-}
-
-void fv_check_finish(fv_check_t *s, const vli *worst, double norm2) { check_done(s, *worst, norm2); }
 
 /* One copy of each loop per lane layout, so that the shuffles are constants: `prepare(s, kp)` for s->kp. */
 #define FOR_LANE_LAYOUT(prepare, s)                \
@@ -439,15 +300,16 @@ void fv_check_finish(fv_check_t *s, const vli *worst, double norm2) { check_done
     }
 
 int fv_prepare(fv_prepare_t *s) {
+    if (s->tiled) {
+        if (s->kp < 4 || s->c % (LANES / s->kp)) return -1;
+        pixel_norms(s);
+        switch (s->kp) {
+        case 4: prepare_tiled(s, 4); return 0;
+        case 8: prepare_tiled(s, 8); return 0;
+        default: prepare_tiled(s, 16); return 0;
+        }
+    }
     if (s->dw_weights) FOR_LANE_LAYOUT(prepare_dw, s)
     if (s->c <= SMALL_GROUPS * (LANES / s->kp)) FOR_LANE_LAYOUT(prepare_small, s)
     FOR_LANE_LAYOUT(prepare_kp, s)
-}
-
-int fv_check(fv_check_t *s) {
-    vli worst = {{{0}}};
-    double norm2 = 0.0;
-    if (check_rows_kp(s, s->y, s->m, s->p * s->m, 0, s->p, &worst, &norm2)) return -1;
-    check_done(s, worst, norm2);
-    return 0;
 }

@@ -13,7 +13,7 @@
  * A push is the same with A, the offset and the activation left out. Every intermediate value lives in the
  * caller's scratch (secure memory), a tile of pixels of one row at a time: nothing before its transform
  * and mask reaches `dst`, which may be shared memory. On a verified model the same pass copies each tile
- * of an accelerator's result into secure memory, checks it there (Freivalds: ta_shadownet_freivalds.c)
+ * of an accelerator's result into secure memory, checks it there (Freivalds: ta_shadownet_freivalds_check.c)
  * and restores it from there, and writes the secure copy of what it sends next to `dst`: no extra pass
  * over either tensor.
  *

@@ -1,8 +1,9 @@
 /* What the ShadowNet trusted app's C files share: ta_shadownet_kernels.c (restore / push: sn_run),
- * ta_shadownet_freivalds.c (the check of an accelerator's result), ta_shadownet_max_pool.c and
- * ta_shadownet_pool.c (what a pool refill computes) - the vector types of the build's width (SN_VL), the
- * width of the layouts shared with Python (LANES), and the check's entry points that sn_run calls tile by
- * tile. All four are built into one library per target (setup.py) and measured with the TA's code.
+ * ta_shadownet_freivalds.c and _freivalds_check.c (the check of an accelerator's result, whose packed lanes
+ * are in ta_shadownet_lanes.h), ta_shadownet_max_pool.c, ta_shadownet_small_ops.c and ta_shadownet_pool.c
+ * (what a pool refill computes) - the vector types of the build's width (SN_VL), the width of the layouts
+ * shared with Python (LANES), and the check's entry points that sn_run calls tile by tile. All are built
+ * into one library per target (setup.py) and measured with the TA's code.
  */
 #ifndef TA_SHADOWNET_KERNELS_H
 #define TA_SHADOWNET_KERNELS_H
@@ -48,7 +49,7 @@ INLINE vn select(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m));
 typedef struct { vn part[PARTS]; } vl;
 typedef struct { vni part[PARTS]; } vli;
 
-/* Freivalds' check of one layer (ta_shadownet_freivalds.c). For sn_run, which checks an accelerator's
+/* Freivalds' check of one layer (ta_shadownet_freivalds_check.c). For sn_run, which checks an accelerator's
  * result tile by tile as it restores it: fv_check_tile takes t positions from p0 (results y, pixel stride
  * y_pix, `room` floats readable from y) into the running worst ratio and norm; it returns 1 once the
  * worst ratio fails the check (nothing of the tile may be used), -1 for a lane layout it does not know,
@@ -63,6 +64,7 @@ struct fv_check { /* one layer's check (tee_sim.freivalds.LayerCheck fills it) *
     double worst;                       /* out: max |u . y_p - z_p| / tau_p (0 where both are 0) */
     double y_norm2;                     /* out, when asked (want_norm): ||y||^2 */
     int32_t want_norm;
+    int32_t tiled;                      /* M a multiple of G, kp >= 4: positions a tile at a time */
 };
 int fv_check_tile(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
                   vli *worst, double *norm2);

@@ -1,5 +1,6 @@
 """The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push;
-``ta_shadownet_freivalds.c``, the check; ``ta_shadownet_max_pool.c``; ``ta_shadownet_small_ops.c``;
+``ta_shadownet_freivalds.c`` and ``ta_shadownet_freivalds_check.c``, the check, sharing
+``ta_shadownet_lanes.h``; ``ta_shadownet_max_pool.c``; ``ta_shadownet_small_ops.c``;
 ``ta_shadownet_pool.c``, the pool refill's; sharing ``ta_shadownet_kernels.h``; one library, built by
 ``setup.py``), loaded.
 
@@ -21,8 +22,9 @@ import importlib.util
 from pathlib import Path
 
 # Measured with the TA's code (the libraries are built from them).
-SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}")
-                for name in ("kernels.h", "kernels.c", "freivalds.c", "max_pool.c", "small_ops.c", "pool.c"))
+SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}") for name in
+                ("kernels.h", "lanes.h", "kernels.c", "freivalds.c", "freivalds_check.c", "max_pool.c",
+                 "small_ops.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 

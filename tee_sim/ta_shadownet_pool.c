@@ -14,7 +14,7 @@
  * entry. From fresh projections u (double [m][kp], zero past k) and the layer's obfuscated weights w
  * (float32 [m][taps * c]: LiteRT's CONV_2D [M, kh, kw, C] or FULLY_CONNECTED [M, C] layout) it computes
  * the projected filters F[e][j] = sum_i u[i][j] w[i][e] in double, then packs u and F for fv_prepare /
- * fv_check (the layout ta_shadownet_freivalds.c describes: lane l of a vector holds projection l / G of
+ * fv_check (the layout ta_shadownet_lanes.h describes: lane l of a vector holds projection l / G of
  * channel l % G of its group, G = 16 / kp; zero where the projection or the channel does not exist).
  *
  * Why C: numpy spent about 100 us of calls per layer and entry (a float64 copy of the weights, a

@@ -1,6 +1,7 @@
 """Integrity of the accelerator's results (``verify=True``): Freivalds' check in the TEE catches every
 tampering accelerator, raises no false alarm on honest ones, and meets its stated bound."""
 
+import ctypes
 import math
 import warnings
 
@@ -310,6 +311,59 @@ def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypat
         wrong = y.copy().reshape(-1)
         wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
         assert check.check(wrong.reshape(y.shape), u)[0] > 1
+
+
+TILED = [  # conv layers prepared as a matrix product (LayerCheck.tiled); rows of 5 to 13 output positions
+    ("CONV_2D", "SAME", 1, 1, (1, 7, 13, 16), (24, 3, 3, 16)),
+    ("CONV_2D", "SAME", 2, 1, (1, 11, 9, 32), (8, 3, 3, 32)),
+    ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 24), (16, 3, 3, 24)),  # dilated; 24 channels: 6 groups at k <= 4
+    ("CONV_2D", "SAME", 2, 1, (1, 10, 10, 48), (40, 1, 1, 48)),  # strided 1x1: tiled from k = 5
+]
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", TILED, ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+@pytest.mark.parametrize("k", [4, 6, 9, 16])
+def test_the_tiled_prepare_agrees_with_the_packed_one(geometry, k, build, monkeypatch):
+    """``prepare_tiled`` (every geometry and lane layout it takes, each build) against ``prepare_kp`` on the
+    same projections: the same tolerances bit for bit, ``z`` up to the rounding of another order, both within
+    a quarter of the tolerance of the projected float64 layer; the check, tiled and position by position,
+    then passes the honest result and fails a changed one."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    check, x, w, y64, u, f, rng = _setup(geometry, seed=k, projections=k)
+    c = geometry[4][-1]
+    if c % check.group or (geometry[5][1] == 1 and check.kp == 4):
+        assert not check.tiled
+        return
+    assert check.tiled
+    check.draw(rng, u, f, w)
+    check.prepare(x, u, f)
+    tiled_z, tiled_tau = check.z.copy(), check.tau.copy()
+    check._prepare.tiled = 0  # the same layer through prepare_kp
+    check.prepare(x, u, f)
+    assert np.array_equal(check.tau, tiled_tau)
+    lanes = u.reshape(-1, check.kp, check.group)  # u as draw() packed it: lane j * G + r
+    unpacked = lanes.transpose(0, 2, 1).reshape(-1, check.kp)[:y64.shape[-1], :k].astype(np.float64)
+    exact = y64.reshape(-1, y64.shape[-1]) @ unpacked  # [P, k], the projected float64 layer
+    unit = tiled_tau.reshape(-1, 1).astype(np.float64) / freivalds.TOLERANCE  # eps32 S n_p
+    for z in (tiled_z, check.z):  # measured: at most 1.5 units each, 1.7 apart (the tolerance is 16)
+        assert np.all(np.abs(z[:, :k] - exact) <= 4 * unit)
+    assert np.all(np.abs(tiled_z[:, :k] - check.z[:, :k]) <= 4 * unit)
+    check._prepare.tiled = 1
+    check.prepare(x, u, f)
+    y = y64.astype(np.float32)
+    wrong = y.copy().reshape(-1)
+    wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
+    for tiled in (1, 0):  # the check too: a tile of positions at a time, and position by position
+        verdicts = []
+        for result in (y, wrong.reshape(y.shape)):
+            made = check.fused(u)
+            assert made.tiled == (y64.shape[-1] % check.group == 0)
+            made.tiled &= tiled
+            made.y = result.ctypes.data
+            assert freivalds.LIBRARY.fv_check(ctypes.addressof(made)) == 0
+            verdicts.append(check.outcome(made)[0])
+        assert verdicts[0] < 0.5 and verdicts[1] > 1
 
 
 @pytest.mark.parametrize("build", list(BUILDS))

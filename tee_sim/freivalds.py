@@ -69,7 +69,6 @@ TARGET_LOG2 = -20.0
 # the fewer output values a layer has (a small dense layer's achieved bound was 2^-18 with no margin).
 MARGIN_LOG2, SMALL_MARGIN_LOG2, SMALL_OUTPUT = 6.0, 2.0, 1 << 14
 MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
-SMALL_GROUPS = 3  # fv_prepare's prepare_small takes inputs of at most this many groups of channels
 _DENSITY = math.sqrt(2 / math.pi)
 KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
 
@@ -211,10 +210,9 @@ class LayerCheck:
     projected filters, ``k`` projections and ``16 / kp`` input channels to a vector (``kp``: ``k`` rounded
     up to a power of two), so that a check with 4 projections costs 9 C / 4 vector FMAs per output of a
     3x3 layer, not 9 C; the window norms come from each input pixel's squared norm, summed over the taps.
-    A conv layer of more input channels, in whole groups of ``16 / kp``, is prepared a tile of output
-    positions at a time (``tiled``: each position's sums stay in registers over its whole window, the
-    filters are loaded once per tile): its prepares 1.4-1.9x faster on 3x3 layers (``fv_prepare``'s
-    ``prepare_tiled`` says how it was measured).
+    A conv layer with ``kp >= 4`` is prepared a tile of output positions at a time (``tiled``: each
+    position's sums stay in registers over its whole window, the filters are loaded once per tile): 1.2-1.9x
+    faster on 3x3 layers (``fv_prepare``'s ``prepare_tiled`` says how it was measured); its check too.
     A depthwise layer with multiplier 1 (``direct``) keeps its weights in secure memory and is computed
     by the TEE, then projected (``prepare_dw``): as fast as its projected filters on MobileNet's
     112x112x32 depthwise layer, 1.1-1.5x faster on its 56x56x128 and 14x14x512 ones (minima of 40 calls),
@@ -280,11 +278,13 @@ class LayerCheck:
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
         # The input pixels' squared norms, then a row of output positions' sums (direct: one position's
         # outputs).
-        # A conv layer of more input channels than a few vector groups, in whole groups, is prepared as a
-        # matrix product (fv_prepare's prepare_tiled), but a 1x1 one at kp = 4, which is not faster so.
-        self.tiled = (self.kind == "CONV_2D" and not computed and self.kp >= 4 and c % self.group == 0
-                      and c > SMALL_GROUPS * self.group and (geo.taps > 1 or self.kp > 4))
-        self.scratch_elements = n * h * wd + (width if self.direct else max(wo * (LANES + 1), c))
+        # A conv layer is prepared as a matrix product (fv_prepare's prepare_tiled), but a 1x1 one at kp = 4,
+        # which is not faster so.
+        self.tiled = (self.kind == "CONV_2D" and not computed and self.kp >= 4
+                      and (geo.taps > 1 or self.kp > 4))
+        # After the pixels' norms: a row's sums (prepare_kp), or (tiled) a row of zeros and the last pixel.
+        rest = width if self.direct else max(wo * (LANES + 1), 2 * (c + LANES))
+        self.scratch_elements = n * h * wd + rest
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,

@@ -223,30 +223,33 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
     s->tau_norm = sqrt(total);
 }
 
-
-/* A conv layer's prepare as a matrix product, for inputs of more channels than prepare_small takes, in
- * whole groups of G = 16 / kp (kp >= 4; tee_sim.freivalds picks it): the output positions of a row
- * TILE_SUMS / PARTS at a time, each position's 16 packed lanes (G channels of each of kp projections) in
- * PARTS registers for its whole window. Per tap and group of G channels the packed filter vector is
- * loaded once for the tile, and each position's G input values once, repeated across the vector; the
- * sums across each projection's G lanes are made once per position, at the end. prepare_kp instead loads
- * and stores each position's sums at every tap, and permutes the input values for every multiply-add.
- * Taps outside the input and positions past the row read a row of C zeros in the scratch (after the
- * pixels' norms), so the loop over channels has no test. tau is summed as prepare_kp sums it (the same bit
- * for bit), z in another order (its rounding is inside tau: tee_sim.freivalds).
+/* A conv layer's prepare as a matrix product (kp >= 4; tee_sim.freivalds picks it): the output positions
+ * of a row TILE_SUMS / PARTS at a time, each position's 16 packed lanes (G channels of each of kp
+ * projections) in PARTS registers for its whole window. Per tap and group of G channels the packed filter
+ * vector is loaded once for the tile, and each position's G input values once, repeated across the
+ * vector; the sums across each projection's G lanes are made once per position, at the end. prepare_kp
+ * instead loads and stores each position's sums at every tap, and permutes the input values for every
+ * multiply-add. Taps outside the input and positions past the row read a row of zeros in the scratch
+ * (after the pixels' norms), so the loop over channels has no test. tau is summed as prepare_kp sums it
+ * (the same bit for bit), z in another order (its rounding is inside tau: tee_sim.freivalds).
  *
  * Against prepare_kp, alternated in one process (minima of 30 calls, AVX2): 3x3 layers 1.4-1.9x faster
  * (ResNet's 32x32x16 k = 4 61 -> 44 us, yolov4-tiny's 52x52x128 k = 6 1190 -> 613 us); 1x1 layers at
- * k = 4, whose input values prepare_kp reads once per position anyway, 0.9x (so not those). Also tried:
- * the channels along the registers, each projection's own vector of partial sums (no lanes padded past k,
- * no permutation, the filters repacked per call): 0.7-1.8x, slower on the small layers. */
+ * k = 4, whose input values prepare_kp reads once per position anyway, 0.9x (so not those); against
+ * prepare_small on inputs of 3-12 channels 1.2-1.5x (MobileNet's first layer, the exact split's 224x224x6
+ * at stride 2, 808 -> 635 us). Also tried: the channels along the registers, each projection's own vector
+ * of partial sums (no lanes padded past k, no permutation, the filters repacked per call): 0.7-1.8x,
+ * slower on the small layers. */
 
 INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
     enum { R = TILE_SUMS / PARTS };
     int32_t g = LANES / kp;
-    int64_t c = s->c, groups = c / g, pixels = s->n * s->h * s->w;
-    float *zeros = s->norms + pixels;
-    memset(zeros, 0, (size_t)c * sizeof(float));
+    int64_t c = s->c, groups = (c + g - 1) / g, pixels = s->n * s->h * s->w;
+    /* A last group of fewer than G channels reads the next pixel's first ones, times zero filter values;
+     * the last pixel's, which has no next one, is read from a copy padded with zeros. */
+    float *zeros = s->norms + pixels, *last = zeros + groups * g;
+    memset(zeros, 0, (size_t)(2 * groups * g) * sizeof(float));
+    memcpy(last, s->x + (pixels - 1) * c, (size_t)c * sizeof(float));
     double total = 0.0;
     int64_t out = 0;
     for (int64_t b = 0; b < s->n; b++)
@@ -268,7 +271,7 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
                             int64_t iw = (ow0 + r) * s->sw + (int64_t)j * s->dw - s->left;
                             int64_t pix = (b * s->h + ih) * s->w + iw;
                             int inside = r < live && iw >= 0 && iw < s->w;
-                            xr[r] = inside ? s->x + pix * c : zeros;
+                            xr[r] = !inside ? zeros : pix == pixels - 1 ? last : s->x + pix * c;
                             if (inside) q[r] += s->norms[pix];
                         }
                         const float *f = s->filters + ((int64_t)i * s->kw + j) * groups * LANES;
@@ -301,7 +304,7 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
 
 int fv_prepare(fv_prepare_t *s) {
     if (s->tiled) {
-        if (s->kp < 4 || s->c % (LANES / s->kp)) return -1;
+        if (s->kp < 4) return -1;
         pixel_norms(s);
         switch (s->kp) {
         case 4: prepare_tiled(s, 4); return 0;

@@ -276,13 +276,11 @@ class LayerCheck:
         if self.direct:
             self._dw = alloc((geo.taps, width), np.float32)
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
-        # The input pixels' squared norms, then a row of output positions' sums (direct: one position's
-        # outputs).
-        # A conv layer is prepared as a matrix product (fv_prepare's prepare_tiled), but a 1x1 one at kp = 4,
-        # which is not faster so.
-        self.tiled = (self.kind == "CONV_2D" and not computed and self.kp >= 4
-                      and (geo.taps > 1 or self.kp > 4))
-        # After the pixels' norms: a row's sums (prepare_kp), or (tiled) a row of zeros and the last pixel.
+        # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
+        # prepare_tiled; not a 1x1 one at kp = 4, which is not faster so), a computed layer (compute_dw).
+        self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4 and (geo.taps > 1 or self.kp > 4))
+        # The scratch: the input pixels' squared norms, then a row of output positions' sums (prepare_kp),
+        # one position's outputs or a row of zeros (direct), or a row of zeros and the last pixel (tiled).
         rest = width if self.direct else max(wo * (LANES + 1), 2 * (c + LANES))
         self.scratch_elements = n * h * wd + rest
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
@@ -384,7 +382,8 @@ class LayerCheck:
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)
 
         def call(keep: tuple = (made, x, u, filters)) -> None:
-            run(address)
+            if run(address):  # a lane layout the kernel does not know (k is checked at construction)
+                raise ValueError(f"fv_prepare refused k = {self.k}, kp = {self.kp}")
             self.tau_norm = made.tau_norm
         call.made = made  # type: ignore[attr-defined] - its tau_norm after a prepare made in C
         call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
@@ -407,7 +406,8 @@ class LayerCheck:
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)
 
         def call(keep: tuple = (made, x, y)) -> None:
-            run(address)
+            if run(address):
+                raise ValueError(f"fv_prepare refused to compute {self.kind} (kp = {made.kp})")
         call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
         return call
 

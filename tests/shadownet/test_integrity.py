@@ -273,6 +273,7 @@ GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("DEPTHWISE_CONV_2D", "VALID", 1, 1, (1, 9, 9, 12), (1, 5, 5, 12)),  # the TEE computes it: direct
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 11, 11, 37), (1, 3, 3, 37)),  # direct, reads past 37 channels
     ("DEPTHWISE_CONV_2D", "SAME", 1, 2, (1, 9, 9, 32), (1, 3, 3, 32)),  # direct, dilated
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 15, 17, 48), (1, 3, 3, 48)),  # direct, strided, rows of 9
     ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
 ]
 
@@ -391,6 +392,10 @@ def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkey
     y = np.full(y64.shape, np.nan, np.float32)
     computed.computing(x, y)()
     np.testing.assert_allclose(y, y64, rtol=0, atol=1e-6 * np.abs(y64).max())
+    computed._prepare.tiled = 0  # position by position (prepare_dw): the same sums in the same order
+    again = np.full(y64.shape, np.nan, np.float32)
+    computed.computing(x, again)()
+    assert np.array_equal(again, y)
     with pytest.raises(ValueError, match="computing"):
         computed.computing(x, np.zeros(y64.shape, np.float64))
     with pytest.raises(ValueError):  # it has no z to prepare nor check: only computing

@@ -208,7 +208,8 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shadownet.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet44", help="zoo name or float .tflite (default resnet44)")
-    parser.add_argument("--artifacts", help="an artifact directory of --model (default: convert now)")
+    parser.add_argument("--artifacts", help="an artifact directory converted from --model, then the original "
+                        ".tflite file (default: convert now)")
     parser.add_argument("--scheme", default=None)
     parser.add_argument("--inferences", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=4)
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         check_destination(args.json)
     except OSError as exc:
         parser.error(f"--json: {exc}")
+    if args.artifacts and not Path(args.model).is_file():
+        parser.error(f"--artifacts: --model must be the .tflite they were converted from, not {args.model!r}")
     with tempfile.TemporaryDirectory(prefix="shadownet-soak-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)

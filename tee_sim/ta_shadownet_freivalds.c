@@ -19,7 +19,8 @@ typedef struct {
     float unit;
     float *norms;                       /* scratch: [N * H * W] input pixels' squared norms, then
                                            [Wo * 17] floats of one output row's sums (prepare_dw: [mp]
-                                           of one position's outputs; prepare_tiled: C zeros) */
+                                           of one position's outputs; prepare_tiled: zeros
+                                           and the last pixel; compute_dw: zeros) */
     double tau_norm;                    /* out: ||tau|| */
     const float *dw_weights;            /* depthwise, multiplier 1: the layer's weights [kh * kw][mp],
                                            zero-padded (prepare_dw); NULL: filters (prepare_kp) */
@@ -28,7 +29,8 @@ typedef struct {
     float *y_out;                       /* with dw_weights: NULL, or where the layer's result goes, [N * Ho *
                                            Wo][C], instead of z and tau (the TEE uses it, not the
                                            accelerator's: tee_sim.per_inference) */
-    int32_t tiled;                      /* prepare_tiled (tee_sim.freivalds.LayerCheck says when) */
+    int32_t tiled;                      /* prepare_tiled, or compute_dw with y_out (tee_sim.freivalds.
+                                           LayerCheck says when) */
 } fv_prepare_t;
 
 /* Every input pixel's squared norm, into the scratch's first N * H * W floats. */
@@ -268,14 +270,16 @@ INLINE void compute_dw(fv_prepare_t *s) {
                             for (int32_t e = 0; e < DW_VECTORS; e++) {
                                 vn w = loadn(ws[t] + v0 + e * SN_VL);
 #pragma GCC unroll 8
-                                for (int32_t r = 0; r < DW_TILE; r++) acc[r][e] += w * loadn(xs[t][r] + v0 + e * SN_VL);
+                                for (int32_t r = 0; r < DW_TILE; r++)
+                                    acc[r][e] += w * loadn(xs[t][r] + v0 + e * SN_VL);
                             }
                         }
                     } else {
                         for (int32_t t = 0; t < taps; t++)
                             for (int32_t e = 0; e < vectors; e++) {
                                 vn w = loadn(ws[t] + v0 + e * SN_VL);
-                                for (int32_t r = 0; r < DW_TILE; r++) acc[r][e] += w * loadn(xs[t][r] + v0 + e * SN_VL);
+                                for (int32_t r = 0; r < DW_TILE; r++)
+                                    acc[r][e] += w * loadn(xs[t][r] + v0 + e * SN_VL);
                             }
                     }
                     for (int32_t r = 0; r < live; r++)

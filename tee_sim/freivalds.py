@@ -277,8 +277,8 @@ class LayerCheck:
             self._dw = alloc((geo.taps, width), np.float32)
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
         # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
-        # prepare_tiled; not a 1x1 one at kp = 4, which is not faster so), a computed layer (compute_dw).
-        self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4 and (geo.taps > 1 or self.kp > 4))
+        # prepare_tiled), a computed layer (compute_dw).
+        self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
         # The scratch: the input pixels' squared norms, then a row of output positions' sums (prepare_kp),
         # one position's outputs or a row of zeros (direct), or a row of zeros and the last pixel (tiled).
         rest = width if self.direct else max(wo * (LANES + 1), 2 * (c + LANES))

@@ -208,8 +208,8 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shadownet.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet44", help="zoo name or float .tflite (default resnet44)")
-    parser.add_argument("--artifacts", help="an artifact directory converted from --model, then the original "
-                        ".tflite file (default: convert now)")
+    parser.add_argument("--artifacts", help="an artifact directory converted from --model, which must then "
+                        "be the original .tflite file (default: convert now)")
     parser.add_argument("--scheme", default=None)
     parser.add_argument("--inferences", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=4)

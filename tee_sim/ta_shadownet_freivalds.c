@@ -310,7 +310,7 @@ INLINE void compute_dw(fv_prepare_t *s) {
  * slower on the small layers. */
 
 INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
-    enum { R = TILE_SUMS / PARTS };
+    enum { R = TILE_ROWS };
     int32_t g = LANES / kp;
     int64_t c = s->c, groups = (c + g - 1) / g, pixels = s->n * s->h * s->w;
     /* A last group of fewer than G channels reads the next pixel's first ones, times zero filter values;
@@ -329,14 +329,7 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
                 acc[r] = vl_zero();
                 xr[r] = r >= live ? zeros : p0 + r == pixels - 1 ? last : s->x + (p0 + r) * c;
             }
-            for (int64_t cg = 0; cg < groups; cg++) {
-                vl w = vl_load(s->filters + cg * LANES);
-#pragma GCC unroll 8
-                for (int32_t r = 0; r < R; r++) {
-                    vn x = repeat_load(xr[r] + cg * g, kp);
-                    for (int32_t h = 0; h < PARTS; h++) acc[r].part[h] += x * w.part[h];
-                }
-            }
+            tile_dot(acc, xr, groups, s->filters, kp);
             for (int32_t r = 0; r < live; r++)
                 total += put_position(s, block_sums(acc[r], kp), s->norms[p0 + r], p0 + r, kp);
         }
@@ -366,15 +359,7 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
                             xr[r] = !inside ? zeros : pix == pixels - 1 ? last : s->x + pix * c;
                             if (inside) q[r] += s->norms[pix];
                         }
-                        const float *f = s->filters + ((int64_t)i * s->kw + j) * groups * LANES;
-                        for (int64_t cg = 0; cg < groups; cg++) {
-                            vl w = vl_load(f + cg * LANES);
-#pragma GCC unroll 8
-                            for (int32_t r = 0; r < R; r++) {
-                                vn x = repeat_load(xr[r] + cg * g, kp);
-                                for (int32_t h = 0; h < PARTS; h++) acc[r].part[h] += x * w.part[h];
-                            }
-                        }
+                        tile_dot(acc, xr, groups, s->filters + ((int64_t)i * s->kw + j) * groups * LANES, kp);
                     }
                 }
                 for (int32_t r = 0; r < live; r++, out++)

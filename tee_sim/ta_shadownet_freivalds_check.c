@@ -48,19 +48,15 @@ INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64
      * 1.8-4.0x faster (ResNet's 32x32x16 at k = 4 30 -> 11 us, yolov4-tiny's 104x104x64 at k = 5 620 ->
      * 170 us). */
     if (s->tiled && kp >= 4 && s->m % g == 0) {
-        enum { R = TILE_SUMS / PARTS };
-        int64_t groups = s->m / g;
+        enum { R = TILE_ROWS };
         for (; p + R <= t; p += R) {
             vl acc[R];
-            for (int32_t r = 0; r < R; r++) acc[r] = vl_zero();
-            for (int64_t cg = 0; cg < groups; cg++) {
-                vl u = vl_load(s->u + cg * LANES);
-#pragma GCC unroll 8
-                for (int32_t r = 0; r < R; r++) {
-                    vn x = repeat_load(y + (p + r) * y_pix + cg * g, kp);
-                    for (int32_t h = 0; h < PARTS; h++) acc[r].part[h] += x * u.part[h];
-                }
+            const float *rows[R];
+            for (int32_t r = 0; r < R; r++) {
+                acc[r] = vl_zero();
+                rows[r] = y + (p + r) * y_pix;
             }
+            tile_dot(acc, rows, s->m / g, s->u, kp);
             for (int32_t r = 0; r < R; r++) COMPARE(p + r, block_sums(acc[r], kp));
         }
     }

@@ -142,8 +142,9 @@ INLINE float squared_norm(const float *x, int64_t n) {
 }
 
 /* The tiled loops (prepare_tiled, check_rows): registers of sums, 4 multiply-adds in flight on each of 2
- * ports; a position's 16 lanes take PARTS of them. */
+ * ports; a position's 16 lanes take PARTS of them, so a tile has TILE_ROWS positions. */
 #define TILE_SUMS 8
+#define TILE_ROWS (TILE_SUMS / PARTS)
 
 typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
 typedef double vnd __attribute__((vector_size(SN_VL * sizeof(float))));
@@ -167,6 +168,22 @@ INLINE vn repeat_load(const float *p, int32_t kp) {
 #else
     return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
 #endif
+}
+
+/* A tile of rows (row r's values from rows[r]) times packed [groups][16] coefficients, into each row's sums:
+ * each coefficient vector loaded once for the tile, each row's G values repeated by their own load. The
+ * inner loop of prepare_tiled (a window's tap) and of check_rows' tiles. */
+INLINE void tile_dot(vl sums[TILE_ROWS], const float *const rows[TILE_ROWS], int64_t groups, const float *coef,
+                     int32_t kp) {
+    int32_t g = LANES / kp;
+    for (int64_t cg = 0; cg < groups; cg++) {
+        vl w = vl_load(coef + cg * LANES);
+#pragma GCC unroll 8
+        for (int32_t r = 0; r < TILE_ROWS; r++) {
+            vn x = repeat_load(rows[r] + cg * g, kp);
+            for (int32_t h = 0; h < PARTS; h++) sums[r].part[h] += x * w.part[h];
+        }
+    }
 }
 
 #endif

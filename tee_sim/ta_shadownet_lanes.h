@@ -147,10 +147,14 @@ INLINE float squared_norm(const float *x, int64_t n) {
 #define TILE_ROWS (TILE_SUMS / PARTS)
 
 typedef float v4f __attribute__((vector_size(4 * sizeof(float))));
+typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
 typedef double vnd __attribute__((vector_size(SN_VL * sizeof(float))));
 
 /* The G = 16 / kp floats at p repeated across a vector: a broadcast load for 1 or 2 (x - 0 folds away),
- * a load and a permutation for 4 (GCC's choice, which measured faster here than vbroadcastf128). */
+ * a load and a permutation for 4 (GCC's choice, which measured faster here than vbroadcastf128). With
+ * AVX-512 in two doublings: one 4 -> 16 shuffle made GCC 12 store the 4 floats and load 64 bytes back
+ * from the stack, a failed store forwarding per load that made kp = 4 prepares and checks 7-14x slower
+ * than the AVX2 build's (first run on an AVX-512 CPU, Zen 5). */
 INLINE vn repeat_load(const float *p, int32_t kp) {
     int32_t g = LANES / kp;
     if (g == 1) return *p - (vn){0};
@@ -166,7 +170,8 @@ INLINE vn repeat_load(const float *p, int32_t kp) {
 #elif SN_VL == 8
     return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
 #else
-    return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    v8f twice = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+    return __builtin_shufflevector(twice, twice, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
 #endif
 }
 

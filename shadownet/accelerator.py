@@ -107,16 +107,42 @@ class LiteRTAccelerator:
     def __init__(self, model: bytes, rounds: Sequence[RoundSpec], num_threads: int | None = None,
                  delegates: Sequence[Any] = (), tune_threads: bool = True) -> None:
         self.rounds = tuple(rounds)
-        main = self._load(model, num_threads, delegates)
-        kept = {num_threads: main}
-        choice: list[int | None] = [num_threads] * len(self.rounds)
-        if tune_threads and not delegates and num_threads is not None and num_threads > 1 and self.rounds:
-            single = self._choose_threads(model, main, choice)
-            if single is not None:
-                kept[1] = single
+        self._model, self._num_threads = model, num_threads
+        self._main = self._load(model, num_threads, delegates)
+        self._single: tuple[Any, ...] | None = None  # the one-thread interpreter, once a timing needs it
+        self._plan: list[tuple[Any, int, list[_Copy], list[_Copy]]] = []
+        self._shared: list[SharedPages] = []
+        self.num_threads = num_threads
+        self.tunable = bool(tune_threads and not delegates and num_threads is not None and num_threads > 1
+                            and self.rounds)
+        if self.tunable:
+            self._fill_inputs(self._main)
+            self._apply(self._tuned_choice())
+        else:
+            self._apply([num_threads] * len(self.rounds))
+
+    def use(self, choice: Sequence[int | None]) -> None:
+        """Run round ``r + 1`` on ``choice[r]`` threads (1 or ``num_threads``; ``RoundThreadsTrial``).
+        Unbound until the next ``bind``; the tensors of a round that moved are another interpreter's, whose
+        pages the buffers' placement may not match (copied then, until the buffers are placed again)."""
+        if not self.tunable or len(choice) != len(self.rounds) or not set(choice) <= {1, self._num_threads}:
+            raise ValueError(f"threads per round {tuple(choice)}: 1 or {self._num_threads} for each of "
+                             f"{len(self.rounds)} rounds")
+        if 1 in choice and self._single is None:
+            self._single = self._load(self._model, 1, ())
+        self._apply(choice)
+
+    def _apply(self, choice: Sequence[int | None]) -> None:
+        """Run round ``r`` on the interpreter with ``choice[r]`` threads (unbound until ``bind``)."""
+        self._unshare()  # before an interpreter whose pages are shared can be dropped
         self.round_threads: tuple[int | None, ...] = tuple(choice)
-        kept = {n: kept[n] for n in dict.fromkeys(choice)}  # only those some round runs on
-        self.interpreter = kept[max(kept, key=lambda n: n or 0)][0]  # the one with the most threads
+        kept = {self._num_threads: self._main}
+        if 1 in choice and self._num_threads != 1:
+            assert self._single is not None
+            kept[1] = self._single
+        elif self._num_threads != 1:
+            self._single = None  # no round runs there (any more)
+        self.interpreter = self._main[0]  # the one with the most threads
         self._interpreters = [entry[0] for entry in kept.values()]
         self._rounds_run: list[tuple[Any, int]] = []  # per round: (wrapper, subgraph)
         self._tensors: list[tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]] = []
@@ -124,15 +150,15 @@ class LiteRTAccelerator:
             _, wrapper, subgraphs, tensors = kept[n]
             self._rounds_run.append((wrapper, subgraphs[r]))
             self._tensors.append(tensors[r])
-        self._plan: list[tuple[Any, int, list[_Copy], list[_Copy]]] = []
-        self._shared: list[SharedPages] = []
+        self._plan = []
 
-    def _choose_threads(self, model: bytes, main: tuple[Any, ...], choice: list[int | None]) -> Any:
-        """Set ``choice[r] = 1`` for the small rounds timed faster on one thread (class docstring); returns
-        the one-thread interpreter when some round runs there. Rounds of the same computation (the same
-        tensor shapes: ResNet-404's 404 rounds are a handful of kinds) are timed through up to
-        ``TUNE_SAMPLES`` of them and choose together, as most of those (one thread on a tie)."""
-        self._fill_inputs(main)
+    def _tuned_choice(self) -> list[int | None]:
+        """Each round's threads: one for the small rounds timed faster there, ``num_threads`` for the others
+        (class docstring). Rounds of the same computation (the same tensor shapes: ResNet-404's 404 rounds
+        are a handful of kinds) are timed through up to ``TUNE_SAMPLES`` of them and choose together, as
+        most of those (one thread on a tie)."""
+        main = self._main
+        choice: list[int | None] = [self._num_threads] * len(self.rounds)
         subgraphs = main[2]
         kinds: dict[tuple, list[int]] = {}
         for r, subgraph in enumerate(subgraphs):
@@ -147,18 +173,19 @@ class LiteRTAccelerator:
             alone[group] = np.median([at[r] for r in group[:self.TUNE_SAMPLES]])
         small = [group for group in groups if alone[group[0]] < self.SMALL_ROUND_S]
         if sum(alone[group].sum() for group in small) < self.SMALL_SHARE * alone.sum():
-            return None
-        single = self._load(model, 1, ())
-        self._fill_inputs(single)
+            return choice
+        if self._single is None:
+            self._single = self._load(self._model, 1, ())
+            self._fill_inputs(self._single)
         timed = [r for group in small for r in group[:self.TUNE_SAMPLES]]
-        one, many = self._time_rounds([single, main], timed, self.TUNE_REPEATS)
+        one, many = self._time_rounds([self._single, main], timed, self.TUNE_REPEATS)
         faster = dict(zip(timed, one <= many, strict=True))
         for group in small:
             if np.count_nonzero([faster[r] for r in group[:self.TUNE_SAMPLES]]) * 2 >= min(
                     len(group), self.TUNE_SAMPLES):
                 for r in group:
                     choice[r] = 1
-        return single if 1 in choice else None
+        return choice
 
     def _load(self, model: bytes, num_threads: int | None, delegates: Sequence[Any]) -> tuple[Any, ...]:
         """An interpreter with every round's subgraph allocated: (interpreter, its wrapper, the subgraph
@@ -301,6 +328,54 @@ class LiteRTAccelerator:
         self._rounds_run = []
         self._interpreters = []
         self.interpreter = None
+
+
+class RoundThreadsTrial:
+    """The one-thread choice of a ``LiteRTAccelerator``'s small rounds, tried on real inferences.
+
+    The load-time timing stands in for the TEE step before each round with a busy pause
+    (``TUNE_PAUSE_S``); whether XNNPACK's workers are still awake when a round starts depends on how long
+    the real step took, on the machine and on whether results are verified. So the runtime reports each
+    inference's accelerator time here, over ``PHASES`` phases of 1 + ``RUNS`` inferences (the first of
+    each not timed: the session's first, or the first after a move, whose pages fault in): as chosen at
+    load, then every round on ``num_threads`` (``"bind"``: the runtime binds the accelerator to the same
+    buffers, whose placement may not match the moved rounds' pages: those are copied, so that trial is if
+    anything slowed), and again both (machine drift hits both alike); the medians decide. Kept: ``"bind"``
+    back; moved: ``"place"`` (the runtime places the buffers again for the new tensors, and binds).
+    Measured on a Zen 5 VM (2 threads, medians of 50 inferences, alternated): the load-time timing put
+    43-44 of ResNet-44's 44 rounds on one thread, 403 of ResNet-404's 404; on two, unverified, ResNet-44
+    1.9-2.1 -> 1.4-1.5 ms, ResNet-404 19.1-19.5 -> 14.6-15.4 ms (real steps of ~15 us: the workers still
+    awake); verified (~40 us steps) within 5% either way.
+    """
+
+    RUNS = 4
+    PHASES = 4  # as chosen, all on num_threads, as chosen, all on num_threads
+
+    def __init__(self, accelerator: LiteRTAccelerator) -> None:
+        self.accelerator = accelerator
+        self.chosen = accelerator.round_threads
+        self.other = (accelerator.num_threads,) * len(self.chosen)
+        self.times: tuple[list[float], list[float]] = ([], [])  # as chosen, all on num_threads
+        self.calls = 0
+        self.done = False
+
+    def record(self, accelerator_s: float | None) -> str | None:
+        """One inference's accelerator seconds; returns what the runtime must do before the next one:
+        ``None``, ``"bind"`` or ``"place"`` (class docstring)."""
+        phase, step = divmod(self.calls, 1 + self.RUNS)
+        self.calls += 1
+        if step > 0 and accelerator_s is not None:  # the first of each phase is not timed
+            self.times[phase % 2].append(accelerator_s)
+        if step < self.RUNS:
+            return None
+        if phase + 1 < self.PHASES:
+            self.accelerator.use(self.chosen if phase % 2 else self.other)
+            return "bind"
+        self.done = True  # the last phase ran on num_threads
+        if np.median(self.times[1]) < np.median(self.times[0]):
+            return "place"  # the rounds stay where they were tried
+        self.accelerator.use(self.chosen)
+        return "bind"
 
 
 def _page_owners(where: Mapping[str, tuple[Any, int] | None],

@@ -143,6 +143,9 @@ class _Protected:
                           accelerator=keep, background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
+        zeros = [np.zeros(t.shape, t.dtype) for t in self.model.inputs]
+        while self.model.tuning:  # the accelerator's thread choice, tried on real inferences: not timed
+            self.model.run_into(zeros, self.results)
         self.refill()
 
     def refill(self) -> None:
@@ -334,7 +337,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                 if mode == "shadownet" and run >= warmup_runs:
                     back_to_back.append(runner.rounds_back_to_back())
         protected: _Protected = runners["shadownet"]
-        # Rounds the accelerator runs on one thread (shadownet.accelerator.LiteRTAccelerator, tuned at load)
+        # Rounds the accelerator runs on one thread (shadownet.accelerator: timed at load, then tried)
         one_thread = sum(t == 1 for t in getattr(protected._accelerator, "round_threads", ()))
         error = _relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32

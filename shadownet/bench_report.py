@@ -225,9 +225,10 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
             "accelerator. Accelerator back to back: shadownet's accelerator rounds run one after the other "
             "with no TEE step between them; against its accelerator ms, what interleaving with the TEE "
             "costs the accelerator (here its thread pool and the TEE share the same 2 cores). Rounds on 1 "
-            "thread: those the accelerator timed faster on one thread than on num_threads at load (a thread "
-            "pool's workers sleep through each TEE step; waking them costs a small round more than they "
-            "gain it). Each mode is timed right after an untimed call of its own (its steady state)."]
+            "thread: those the accelerator timed faster on one thread than on num_threads at load and that "
+            "stayed there when tried on the first inferences (a thread pool's workers fall asleep during "
+            "a long TEE step; waking them can cost a small round more than they gain it). Each mode is "
+            "timed right after an untimed call of its own (its steady state)."]
     return "\n".join(out) + "\n"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 import tee_sim
 from shadownet import after_fork
-from shadownet.accelerator import Accelerator, LiteRTAccelerator, load_delegates
+from shadownet.accelerator import Accelerator, LiteRTAccelerator, RoundThreadsTrial, load_delegates
 from shadownet.artifacts import Artifacts, TensorSpec, check_inputs, place_buffers, read_artifacts
 from shadownet.exceptions import (
     ArtifactError,
@@ -98,6 +98,10 @@ class ProtectedModel:
     while the model is idle, a few milliseconds of work at a time (``refill_masks()`` does it at once).
     Verified, the rounds made only of layers the TEE computes itself rather than checks (depthwise, depth
     multiplier 1: ``tee_sim.per_inference``) are not run on the accelerator: ``skipped_rounds``.
+
+    The default accelerator's choice of one thread for small rounds (made at load) is tried on the
+    session's first inferences against all rounds on ``num_threads`` (``RoundThreadsTrial``): ``tuning``
+    until it is settled.
     """
 
     def __init__(self, artifacts: Artifacts, num_threads: int | None = None, delegate: Any = None,
@@ -156,6 +160,7 @@ class ProtectedModel:
         self._session_before: dict[str, Any] = {}
         self._session_after: dict[str, Any] = {}
         self._secure_core: int | None = None
+        self._trial: RoundThreadsTrial | None = None  # until the accelerator's thread choice is tried
         try:
             self._open()
         except BaseException:
@@ -174,6 +179,8 @@ class ProtectedModel:
         num_threads, delegate, wrap = self._accelerator_args
         base = LiteRTAccelerator(self.artifacts.untrusted, self.artifacts.rounds, num_threads,
                                  load_delegates(delegate))
+        if base.tunable and 1 in base.round_threads:
+            self._trial = RoundThreadsTrial(base)
         return wrap(base) if wrap is not None else base
 
     # --- session life cycle -------------------------------------------------------------------------------
@@ -202,10 +209,7 @@ class ProtectedModel:
                     # with the old one is gone. (After a secure-world restart tee_sim re-registers it.)
                     shm = self._register_buffers(context)
                     self._context = context
-                bind = [tee_sim.MemRef(shm, 0, shm.size, "inout")]
-                if self._placement is not None:
-                    bind.append(tee_sim.TempMemRef(commands.encode_placement(self._placement)))
-                session.invoke_command(commands.Command.BIND_SHARED_MEMORY, bind)
+                self._bind_shared_memory(session, shm)
                 if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
                     self._bind_weights(context, session)
             # Verified, the rounds the TA computes whole (it restores those results from its own
@@ -225,6 +229,34 @@ class ProtectedModel:
                        for s in range(self.num_rounds + 1)]
         self._session = session
         self._secure_core = None  # until this session's first inference (_infer_on_secure_core)
+
+    def _bind_shared_memory(self, session: Any, shm: Any) -> None:
+        bind = [tee_sim.MemRef(shm, 0, shm.size, "inout")]
+        if self._placement is not None:
+            bind.append(tee_sim.TempMemRef(_commands().encode_placement(self._placement)))
+        session.invoke_command(_commands().Command.BIND_SHARED_MEMORY, bind)
+
+    def _try_threads(self) -> None:
+        """After an inference: the next step of the trial of the accelerator's thread choice (class
+        docstring), and the binding it asks for. Lock held."""
+        trial = self._trial
+        assert trial is not None
+        action = trial.record(self._last.get("accelerator_s"))
+        if trial.done:
+            self._trial = None
+        if action == "bind":  # the same buffers (copies for the tensors whose pages they do not match)
+            self.accelerator.bind(self._views)
+        elif action == "place":  # placed for the tensors of the rounds that moved, and bound
+            try:
+                self._bind_shared_memory(self._session, self._register_buffers(self._context))
+            except TEEError:  # this inference is done: the next one opens a new session, which binds
+                self._drop_session()
+
+    @property
+    def tuning(self) -> bool:
+        """True while the accelerator's choice of threads per round is being tried on this model's
+        inferences (the first ten or so; class docstring): a benchmark's warm-up should outlast it."""
+        return self._trial is not None
 
     def _bind_weights(self, context: Any, session: Any) -> None:
         """Share ``untrusted.tflite`` with the TA, which reads back the obfuscated weights its pool
@@ -350,6 +382,8 @@ class ProtectedModel:
                 self._infer_on_secure_core()
                 for out, view in zip(outputs, self._output_views, strict=True):
                     np.copyto(out, view)
+                if self._trial is not None:
+                    self._try_threads()
         finally:
             if self._refiller is not None:
                 self._refiller.wake()

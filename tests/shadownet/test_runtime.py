@@ -318,6 +318,49 @@ def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
         assert loaded == [2] and model.accelerator.round_threads == (2,) * rounds
 
 
+@pytest.mark.parametrize("tried_faster", [True, False])
+def test_the_one_thread_choice_is_tried_on_real_inferences(tmp_path, monkeypatch, tried_faster):
+    """Rounds put on one thread at load run on num_threads for a few inferences after a few as chosen,
+    twice over (RoundThreadsTrial); the faster stays, placed again with its pages shared when the rounds
+    moved. Every inference on the way gives the original's results; the TA holds no more secure memory."""
+    import warnings
+
+    from shadownet.accelerator import RoundThreadsTrial
+    from tee_sim.shared_pages import MIN_SHARED_BYTES
+    from tests.shadownet.small_models import reference, small_cnn
+
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=6)
+    rng = np.random.default_rng(1)
+    record, seen = RoundThreadsTrial.record, []
+
+    def timed(self, accelerator_s):  # given times: all rounds on two threads faster, or not
+        seen.append(self.accelerator.round_threads)
+        tried = self.calls // (1 + self.RUNS) % 2
+        return record(self, (0.5 if tried_faster else 2.0) if tried else 1.0)
+
+    monkeypatch.setattr(RoundThreadsTrial, "record", timed)
+    rounds = len(shadownet.artifacts.read_artifacts(tmp_path / "out").rounds)
+    _tuned(monkeypatch, [1e-4] * rounds, [5e-5] * rounds, [8e-5] * rounds)  # all on one thread at load
+    with shadownet.load(tmp_path / "out", num_threads=2, background_refill=False) as model:
+        accelerator = model.accelerator
+        assert accelerator.round_threads == (1,) * rounds
+        memory = model.stats()["model_secure_memory"]
+        phase = 1 + RoundThreadsTrial.RUNS
+        for _ in range(RoundThreadsTrial.PHASES * phase + 2):
+            assert model.tuning == (len(seen) < RoundThreadsTrial.PHASES * phase)
+            x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+            assert relative_error(model(x), reference(original, x)) <= TOLERANCE
+        assert seen == ([(1,) * rounds] * phase + [(2,) * rounds] * phase) * 2  # then no trial any more
+        assert accelerator.round_threads == ((2,) if tried_faster else (1,)) * rounds
+        assert (accelerator._single is None) == tried_faster
+        tensors = [t for ins, outs in accelerator._tensors for _, t in ins + outs]
+        assert len(accelerator._shared) == sum(t.nbytes >= MIN_SHARED_BYTES for t in tensors)
+        assert model.stats()["model_secure_memory"] == memory
+
+
 def test_rounds_of_the_same_shapes_are_timed_through_a_few_and_choose_together(tmp_path, monkeypatch):
     """Six identical 1x1 convolutions: the accelerator times at most TUNE_SAMPLES of them, and all six run
     where most of those ran faster."""

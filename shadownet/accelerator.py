@@ -338,10 +338,13 @@ class RoundThreadsTrial:
     the real step took, on the machine and on whether results are verified. So the runtime reports each
     inference's accelerator time here, over ``PHASES`` phases of 1 + ``RUNS`` inferences (the first of
     each not timed: the session's first, or the first after a move, whose pages fault in): as chosen at
-    load, then every round on ``num_threads`` (``"bind"``: the runtime binds the accelerator to the same
-    buffers, whose placement may not match the moved rounds' pages: those are copied, so that trial is if
-    anything slowed), and again both (machine drift hits both alike); the medians decide. Kept: ``"bind"``
-    back; moved: ``"place"`` (the runtime places the buffers again for the new tensors, and binds).
+    load, then every round on ``num_threads``, and again both (machine drift hits both alike); the medians
+    decide. ``record`` returns True when the rounds moved: their tensors are another interpreter's, and the
+    runtime places the buffers again to share those tensors' pages, and binds. (Bound to the same buffers
+    instead, the moved rounds' tensors were copied, 3.6 MB per ResNet-44 inference: that arm measured 1.6-1.9
+    ms against 1.0 placed, and lost when it should have won.) A placement costs about what the load's did,
+    in the inference call that ends the phase: ResNet-404 170-200 ms, ResNet-44 15-21 ms, three times in
+    the first 20 calls.
     Measured on a Zen 5 VM (2 threads, medians of 50 inferences, alternated): the load-time timing put
     43-44 of ResNet-44's 44 rounds on one thread, 403 of ResNet-404's 404; on two, unverified, ResNet-44
     1.9-2.1 -> 1.4-1.5 ms, ResNet-404 19.1-19.5 -> 14.6-15.4 ms (real steps of ~15 us: the workers still
@@ -359,23 +362,22 @@ class RoundThreadsTrial:
         self.calls = 0
         self.done = False
 
-    def record(self, accelerator_s: float | None) -> str | None:
-        """One inference's accelerator seconds; returns what the runtime must do before the next one:
-        ``None``, ``"bind"`` or ``"place"`` (class docstring)."""
+    def record(self, accelerator_s: float | None) -> bool:
+        """One inference's accelerator seconds; True when the rounds moved (class docstring)."""
         phase, step = divmod(self.calls, 1 + self.RUNS)
         self.calls += 1
         if step > 0 and accelerator_s is not None:  # the first of each phase is not timed
             self.times[phase % 2].append(accelerator_s)
         if step < self.RUNS:
-            return None
+            return False
         if phase + 1 < self.PHASES:
             self.accelerator.use(self.chosen if phase % 2 else self.other)
-            return "bind"
+            return True
         self.done = True  # the last phase ran on num_threads
         if np.median(self.times[1]) < np.median(self.times[0]):
-            return "place"  # the rounds stay where they were tried
+            return False  # the rounds stay where they were tried
         self.accelerator.use(self.chosen)
-        return "bind"
+        return True
 
 
 def _page_owners(where: Mapping[str, tuple[Any, int] | None],

@@ -145,6 +145,7 @@ class _Protected:
         self.stats: list[dict[str, Any]] = []
         zeros = [np.zeros(t.shape, t.dtype) for t in self.model.inputs]
         while self.model.tuning:  # the accelerator's thread choice, tried on real inferences: not timed
+            self.refill()  # as between the timed runs: no refill on an inference's path
             self.model.run_into(zeros, self.results)
         self.refill()
 

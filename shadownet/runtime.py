@@ -238,15 +238,13 @@ class ProtectedModel:
 
     def _try_threads(self) -> None:
         """After an inference: the next step of the trial of the accelerator's thread choice (class
-        docstring), and the binding it asks for. Lock held."""
+        docstring), and the buffers placed again when the rounds moved. Lock held."""
         trial = self._trial
         assert trial is not None
-        action = trial.record(self._last.get("accelerator_s"))
+        moved = trial.record(self._last.get("accelerator_s"))
         if trial.done:
             self._trial = None
-        if action == "bind":  # the same buffers (copies for the tensors whose pages they do not match)
-            self.accelerator.bind(self._views)
-        elif action == "place":  # placed for the tensors of the rounds that moved, and bound
+        if moved:  # the buffers placed for the tensors of the rounds that moved, and bound
             try:
                 self._bind_shared_memory(self._session, self._register_buffers(self._context))
             except TEEError:  # this inference is done: the next one opens a new session, which binds

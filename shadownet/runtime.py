@@ -1,5 +1,5 @@
 """Protected inference in the normal world: ``load`` -> ``ProtectedModel``, which drives an accelerator
-(``shadownet.accelerator``) and the TEE, and turns the secure world's errors into ``shadownet.exceptions``.
+(``shadownet.accelerator``) and the TEE (its errors become ``shadownet.exceptions``: ``.tee_errors``).
 
 One inference with R rounds (the layout is the manifest's, see ``shadownet.artifacts``)::
 
@@ -16,8 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,48 +29,13 @@ from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
     InputError,
-    IntegrityError,
-    MaskPoolExhaustedError,
-    SecureMemoryError,
-    SecurityError,
     ShadowNetError,
-    TEECommunicationError,
 )
 from shadownet.refill import BackgroundRefill
 from shadownet.secure_core import on_secure_core
+from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
 from tee_sim.shared_pages import PAGE
-
-# The one place where the secure world's GlobalPlatform codes become the flat exceptions.
-_TEE_ERRORS: dict[int, type[ShadowNetError]] = {
-    tee_sim.TEE_ERROR_SECURITY: SecurityError,
-    tee_sim.TEE_ERROR_ACCESS_DENIED: SecurityError,
-    tee_sim.TEE_ERROR_OUT_OF_MEMORY: SecureMemoryError,
-    tee_sim.TEE_ERROR_COMMUNICATION: TEECommunicationError,
-    tee_sim.TEE_ERROR_TARGET_DEAD: TEECommunicationError,
-    tee_sim.TEE_ERROR_BAD_PARAMETERS: ArtifactError,
-    tee_sim.TEE_ERROR_BAD_FORMAT: ArtifactError,
-    tee_sim.TEE_ERROR_NOT_SUPPORTED: ArtifactError,
-    tee_sim.TEE_ERROR_ITEM_NOT_FOUND: ArtifactError,
-    tee_sim.TEE_ERROR_MAC_INVALID: IntegrityError,  # an accelerator result failed verification
-    tee_sim.TEE_ERROR_NO_DATA: MaskPoolExhaustedError,  # empty one-time mask pool, policy "fail"
-}
-_LOST_SESSION = frozenset({tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEE_ERROR_TARGET_DEAD})
-
-
-def translate_tee_error(exc: TEEError, doing: str) -> ShadowNetError:
-    """The flat exception for a ``TEEError`` raised while ``doing`` (e.g. "loading model X")."""
-    cls = _TEE_ERRORS.get(exc.code, ShadowNetError)
-    detail = exc.message or exc.code_name
-    return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
-
-
-@contextmanager
-def _tee(doing: str) -> Iterator[None]:
-    try:
-        yield
-    except TEEError as exc:
-        raise translate_tee_error(exc, doing) from exc
 
 
 def _commands() -> Any:
@@ -189,10 +153,10 @@ class ProtectedModel:
         commands = _commands()
         where = f"loading {self.artifacts.directory}"
         context = tee_sim.default_context()
-        with _tee(where):
+        with translated(where):
             session = context.open_session(self._uuid)
         try:
-            with _tee(where):
+            with translated(where):
                 # The options, then the manifest's digest: the TA checks that the layout, rounds and
                 # tensors this runtime acts on are the ones sealed with the secrets.
                 params = [tee_sim.TempMemRef(self.artifacts.secrets),
@@ -396,7 +360,7 @@ class ProtectedModel:
     def _refill(self, budget_us: int, entries: int = 0) -> tuple[int, int]:
         """One REFILL_POOL call (lock held): (ready entries, capacity)."""
         out = tee_sim.Value(direction="out")
-        with _tee("refilling the one-time mask pool"):
+        with translated("refilling the one-time mask pool"):
             self._session.invoke_command(_commands().Command.REFILL_POOL,
                                          [tee_sim.Value(budget_us, entries), out])
         return out.a, out.b
@@ -457,7 +421,7 @@ class ProtectedModel:
                 step = r
                 steps[r]()
         except TEEError as exc:
-            if exc.code in _LOST_SESSION:
+            if exc.code in LOST_SESSION:
                 self._drop_session()
             raise translate_tee_error(exc, f"inference step {step}") from exc
         end = clock()
@@ -499,7 +463,7 @@ class ProtectedModel:
                 command = getattr(_commands().Command, "GET_STATS", None)
                 if command is not None:  # this model's own share, one extra TEE entry outside inference
                     out = tee_sim.Value(direction="out")
-                    with _tee("reading the trusted app's statistics"):
+                    with translated("reading the trusted app's statistics"):
                         self._session.invoke_command(command, [out])
                     result["model_secure_memory"] = out.a
                 if self.verify or self.one_time_rounds:
@@ -510,7 +474,7 @@ class ProtectedModel:
         import json
 
         out = tee_sim.TempMemRef(size=1 << 14, direction="out")
-        with _tee("reading the mask pool's statistics"):
+        with translated("reading the mask pool's statistics"):
             session.invoke_command(_commands().Command.GET_POOL_STATS, [out])
         stats = json.loads(out.data or b"{}")
         pool = stats.get("pool", {})

@@ -1,0 +1,50 @@
+"""The one place where the secure world's GlobalPlatform codes become ``shadownet.exceptions``' flat
+exceptions (the runtime's, ``shadownet.runtime``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import tee_sim
+from shadownet.exceptions import (
+    ArtifactError,
+    IntegrityError,
+    MaskPoolExhaustedError,
+    SecureMemoryError,
+    SecurityError,
+    ShadowNetError,
+    TEECommunicationError,
+)
+from tee_sim import TEEError
+
+TEE_ERRORS: dict[int, type[ShadowNetError]] = {
+    tee_sim.TEE_ERROR_SECURITY: SecurityError,
+    tee_sim.TEE_ERROR_ACCESS_DENIED: SecurityError,
+    tee_sim.TEE_ERROR_OUT_OF_MEMORY: SecureMemoryError,
+    tee_sim.TEE_ERROR_COMMUNICATION: TEECommunicationError,
+    tee_sim.TEE_ERROR_TARGET_DEAD: TEECommunicationError,
+    tee_sim.TEE_ERROR_BAD_PARAMETERS: ArtifactError,
+    tee_sim.TEE_ERROR_BAD_FORMAT: ArtifactError,
+    tee_sim.TEE_ERROR_NOT_SUPPORTED: ArtifactError,
+    tee_sim.TEE_ERROR_ITEM_NOT_FOUND: ArtifactError,
+    tee_sim.TEE_ERROR_MAC_INVALID: IntegrityError,  # an accelerator result failed verification
+    tee_sim.TEE_ERROR_NO_DATA: MaskPoolExhaustedError,  # empty one-time mask pool, policy "fail"
+}
+LOST_SESSION = frozenset({tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEE_ERROR_TARGET_DEAD})
+
+
+def translate_tee_error(exc: TEEError, doing: str) -> ShadowNetError:
+    """The flat exception for a ``TEEError`` raised while ``doing`` (e.g. "loading model X")."""
+    cls = TEE_ERRORS.get(exc.code, ShadowNetError)
+    detail = exc.message or exc.code_name
+    return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
+
+
+@contextmanager
+def translated(doing: str) -> Iterator[None]:
+    """Run the body, raising a ``TEEError`` from it as its flat exception (``translate_tee_error``)."""
+    try:
+        yield
+    except TEEError as exc:
+        raise translate_tee_error(exc, doing) from exc

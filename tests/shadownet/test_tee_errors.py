@@ -1,0 +1,27 @@
+import pytest
+
+import tee_sim
+from shadownet.exceptions import IntegrityError, SecureMemoryError, ShadowNetError, TEECommunicationError
+from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
+from tee_sim import TEEError
+
+
+@pytest.mark.parametrize(("code", "cls"), [
+    (tee_sim.TEE_ERROR_OUT_OF_MEMORY, SecureMemoryError),
+    (tee_sim.TEE_ERROR_MAC_INVALID, IntegrityError),
+    (tee_sim.TEE_ERROR_TARGET_DEAD, TEECommunicationError),
+    (0xFFFF0123, ShadowNetError),  # a code with no mapping: the base class
+])
+def test_a_tee_error_becomes_its_flat_exception_naming_what_was_done(code, cls):
+    error = translate_tee_error(TEEError(code, message="details here"), "loading model X")
+    assert type(error) is cls
+    assert str(error).startswith("loading model X: the secure world said ") and "details here" in str(error)
+
+
+def test_translated_raises_the_flat_exception_from_the_tee_error():
+    with pytest.raises(SecureMemoryError) as caught:
+        with translated("refilling"):
+            raise TEEError(tee_sim.TEE_ERROR_OUT_OF_MEMORY, message="cap")
+    assert isinstance(caught.value.__cause__, TEEError)
+    assert tee_sim.TEE_ERROR_TARGET_DEAD in LOST_SESSION
+    assert tee_sim.TEE_ERROR_OUT_OF_MEMORY not in LOST_SESSION

@@ -107,12 +107,11 @@ class LiteRTAccelerator:
     def __init__(self, model: bytes, rounds: Sequence[RoundSpec], num_threads: int | None = None,
                  delegates: Sequence[Any] = (), tune_threads: bool = True) -> None:
         self.rounds = tuple(rounds)
-        self._model, self._num_threads = model, num_threads
+        self._model, self.num_threads = model, num_threads
         self._main = self._load(model, num_threads, delegates)
         self._single: tuple[Any, ...] | None = None  # the one-thread interpreter, once a timing needs it
         self._plan: list[tuple[Any, int, list[_Copy], list[_Copy]]] = []
         self._shared: list[SharedPages] = []
-        self.num_threads = num_threads
         self.tunable = bool(tune_threads and not delegates and num_threads is not None and num_threads > 1
                             and self.rounds)
         if self.tunable:
@@ -125,8 +124,8 @@ class LiteRTAccelerator:
         """Run round ``r + 1`` on ``choice[r]`` threads (1 or ``num_threads``; ``RoundThreadsTrial``).
         Unbound until the next ``bind``; the tensors of a round that moved are another interpreter's, whose
         pages the buffers' placement may not match (copied then, until the buffers are placed again)."""
-        if not self.tunable or len(choice) != len(self.rounds) or not set(choice) <= {1, self._num_threads}:
-            raise ValueError(f"threads per round {tuple(choice)}: 1 or {self._num_threads} for each of "
+        if not self.tunable or len(choice) != len(self.rounds) or not set(choice) <= {1, self.num_threads}:
+            raise ValueError(f"threads per round {tuple(choice)}: 1 or {self.num_threads} for each of "
                              f"{len(self.rounds)} rounds")
         if 1 in choice and self._single is None:
             self._single = self._load(self._model, 1, ())
@@ -136,11 +135,11 @@ class LiteRTAccelerator:
         """Run round ``r`` on the interpreter with ``choice[r]`` threads (unbound until ``bind``)."""
         self._unshare()  # before an interpreter whose pages are shared can be dropped
         self.round_threads: tuple[int | None, ...] = tuple(choice)
-        kept = {self._num_threads: self._main}
-        if 1 in choice and self._num_threads != 1:
+        kept = {self.num_threads: self._main}
+        if 1 in choice and self.num_threads != 1:
             assert self._single is not None
             kept[1] = self._single
-        elif self._num_threads != 1:
+        elif self.num_threads != 1:
             self._single = None  # no round runs there (any more)
         self.interpreter = self._main[0]  # the one with the most threads
         self._interpreters = [entry[0] for entry in kept.values()]
@@ -158,7 +157,7 @@ class LiteRTAccelerator:
         are a handful of kinds) are timed through up to ``TUNE_SAMPLES`` of them and choose together, as
         most of those (one thread on a tie)."""
         main = self._main
-        choice: list[int | None] = [self._num_threads] * len(self.rounds)
+        choice: list[int | None] = [self.num_threads] * len(self.rounds)
         subgraphs = main[2]
         kinds: dict[tuple, list[int]] = {}
         for r, subgraph in enumerate(subgraphs):

@@ -81,6 +81,7 @@ def pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs:
         for m, r in zip(models, results, strict=True):  # warm both, past the accelerator's thread trial
             m.run_into(inputs, r)
             while m.tuning:
+                m.refill_masks()  # as between the timed bursts
                 m.run_into(inputs, r)
         errors: list[BaseException] = []
 

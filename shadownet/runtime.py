@@ -217,7 +217,7 @@ class ProtectedModel:
     @property
     def tuning(self) -> bool:
         """True while the accelerator's choice of threads per round is being tried on this model's
-        inferences (the first ten or so; class docstring): a benchmark's warm-up should outlast it."""
+        inferences (its first 20; class docstring): a benchmark's warm-up should outlast it."""
         return self._trial is not None
 
     def _bind_weights(self, context: Any, session: Any) -> None:

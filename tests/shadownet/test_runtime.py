@@ -297,6 +297,7 @@ def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
     with shadownet.load(tmp_path / "out", num_threads=1) as plain:  # one thread: nothing to tune
         rounds = plain.num_rounds
         assert rounds >= 3 and plain.accelerator.round_threads == (1,) * rounds
+        assert not plain.tuning  # nothing to try
         want = plain(x)
     with shadownet.load(tmp_path / "out", num_threads=2) as measured:  # the real timing: either per round
         assert set(measured.accelerator.round_threads) <= {1, 2}
@@ -316,6 +317,7 @@ def test_small_rounds_run_where_they_were_timed_faster(tmp_path, monkeypatch):
     loaded = _tuned(monkeypatch, [1e-4, *[1e-3] * (rounds - 1)], [], [])
     with shadownet.load(tmp_path / "out", num_threads=2) as model:
         assert loaded == [2] and model.accelerator.round_threads == (2,) * rounds
+        assert not model.tuning  # no round on one thread: no trial
 
 
 @pytest.mark.parametrize("tried_faster", [True, False])

@@ -154,7 +154,7 @@ typedef double vnd __attribute__((vector_size(SN_VL * sizeof(float))));
  * a load and a permutation for 4 (GCC's choice, which measured faster here than vbroadcastf128). With
  * AVX-512 in two doublings: one 4 -> 16 shuffle made GCC 12 store the 4 floats and load 64 bytes back
  * from the stack, a failed store forwarding per load that made kp = 4 prepares and checks 7-14x slower
- * than the AVX2 build's (first run on an AVX-512 CPU, Zen 5). */
+ * than the AVX2 build's (their first run on an AVX-512 CPU, Zen 5). */
 INLINE vn repeat_load(const float *p, int32_t kp) {
     int32_t g = LANES / kp;
     if (g == 1) return *p - (vn){0};

@@ -55,19 +55,25 @@ def open_fds(pid: int | str = "self") -> dict[str, int]:
     return {"fds": fds, "memfds": memfds}
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    scale = float(np.max(np.abs(want))) or 1.0
-    return float(np.max(np.abs(got.astype(np.float64) - want))) / scale
+def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """The worst over the outputs of max |got - want| / max |want|; inf where ``got`` is not finite."""
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        if not np.all(np.isfinite(g)):
+            return float("inf")
+        scale = float(np.max(np.abs(w))) or 1.0
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))) / scale)
+    return worst
 
 
 class Reference:
-    """LiteRT on the original model, one interpreter per thread."""
+    """LiteRT on the original model, one interpreter per thread: its outputs, in the model's order."""
 
     def __init__(self, model: bytes) -> None:
         self.model = model
         self.local = threading.local()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         interpreter = getattr(self.local, "interpreter", None)
         if interpreter is None:
             from ai_edge_litert.interpreter import Interpreter
@@ -76,7 +82,7 @@ class Reference:
             interpreter.allocate_tensors()
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
         interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+        return [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
 
 
 def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
@@ -117,6 +123,9 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
               "secure_bytes": context.memory_stats()["used"]}
 
     model = shadownet.load(out, num_threads=num_threads, verify=verify)
+    if len(model.inputs) != 1:
+        model.close()
+        raise ValueError(f"the soak feeds one input; {original.name} has {len(model.inputs)}")
     (spec,) = model.inputs
     rng = np.random.default_rng(1)
     pool = [rng.uniform(-1, 1, spec.shape).astype(spec.dtype) for _ in range(pool_size)]
@@ -147,8 +156,9 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
                     want = reference(x)
                 else:
                     x, want = pool[i % pool_size], wants[i % pool_size]
-                got = model(x)
-                error = relative_error(got, want) if np.all(np.isfinite(got)) else float("inf")
+                got = model(x)  # an array, or a dict by output name when there are several
+                outputs = [got[t.name] for t in model.outputs] if isinstance(got, dict) else [got]
+                error = relative_error(outputs, want)
                 with lock:
                     state["done"] += 1
                     state["fresh"] += fresh
@@ -173,6 +183,8 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
     for w in workers:
         w.join()
     elapsed = time.perf_counter() - start
+    if not rss:  # every call failed before the first sample: one now, so that the failures get reported
+        sample(state["done"])
     model_stats = model.stats()
     model.close()
     after = {"normal": open_fds(), "secure": open_fds(context.secure_world_pid) if world else None,
@@ -236,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             original, out = _prepare(args, work)
         print(f"soak: {args.inferences} protected inferences on {original.name}, {args.threads} threads",
               flush=True)
-        figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
-                       args.warmup, tolerance=args.tolerance, verify=args.verify)
+        try:
+            figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
+                           args.warmup, tolerance=args.tolerance, verify=args.verify)
+        except ValueError as exc:  # a model the soak cannot feed
+            print(f"python -m shadownet.soak: error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]

@@ -12,3 +12,66 @@ def test_artifacts_need_the_original_model_file(tmp_path, capsys):
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith("--artifacts: --model must be the .tflite they were converted from, not 'resnet44'")
+
+
+def _chain(two_inputs: bool = False) -> bytes:
+    """Two 3x3 convolutions in a row, both results outputs (or, ``two_inputs``, added to a second input)."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 4), np.float32)
+    inputs, outputs, h = [x], [], x
+    for i in range(2):
+        options = fb.Conv2DOptionsT()
+        options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
+        options.dilationHFactor = options.dilationWFactor = 1
+        options.fusedActivationFunction = fb.ActivationFunctionType.RELU
+        w = g.add_tensor(f"w{i}", (4, 3, 3, 4), np.float32, rng.standard_normal((4, 3, 3, 4)) * 0.3)
+        b = g.add_tensor(f"b{i}", (4,), np.float32, rng.standard_normal(4) * 0.1)
+        y = g.add_tensor(f"y{i}", (1, 8, 8, 4), np.float32)
+        g.add_op("CONV_2D", [h, w, b], [y], options)
+        outputs.append(y)
+        h = y
+    if two_inputs:
+        z = g.add_tensor("z", (1, 8, 8, 4), np.float32)
+        s = g.add_tensor("s", (1, 8, 8, 4), np.float32)
+        g.add_op("ADD", [h, z], [s], fb.AddOptionsT())
+        inputs, outputs = [x, z], [s]
+    g.inputs, g.outputs = inputs, outputs
+    return write_model(g)
+
+
+def test_a_model_with_two_outputs_is_checked_output_by_output(tmp_path):
+    """Each call's outputs, in the model's order, against LiteRT's on the original."""
+    import warnings
+
+    import shadownet
+    from shadownet.soak import soak
+
+    original = tmp_path / "chain.tflite"
+    original.write_bytes(_chain())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=4)
+    figures = soak(original, tmp_path / "out", 24, 2, pool_size=3, fresh_every=6, warmup=6)
+    assert figures["calls"] == 24 and figures["fresh_inputs_checked"] == 4
+    assert figures["failures"] == [] and figures["wrong"] == 0 and figures["worst_relative_error"] < 1e-5
+
+
+def test_a_model_with_two_inputs_is_refused_in_one_line(tmp_path, capsys):
+    import warnings
+
+    import shadownet
+
+    original = tmp_path / "two.tflite"
+    original.write_bytes(_chain(two_inputs=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=4)
+    assert main(["--model", str(original), "--artifacts", str(tmp_path / "out"), "--inferences", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "python -m shadownet.soak: error: the soak feeds one input; two.tflite has 2"

@@ -326,7 +326,7 @@ class LiteRTAccelerator:
         self._tensors = []
         self._rounds_run = []
         self._interpreters = []
-        self.interpreter = None
+        self.interpreter = self._main = self._single = None  # LiteRT's interpreters, and their threads, go
 
 
 class RoundThreadsTrial:

@@ -27,6 +27,34 @@ def protect_small_cnn(tmp_path_factory, name: str, seed: int, multiplier: int = 
     return str(out)
 
 
+def conv_options(kind: str, padding: int, stride: int, activation: int, multiplier: int = 1) -> object:
+    """LiteRT's options of a CONV_2D or DEPTHWISE_CONV_2D (no dilation)."""
+    o = fb.Conv2DOptionsT() if kind == "CONV_2D" else fb.DepthwiseConv2DOptionsT()
+    if kind == "DEPTHWISE_CONV_2D":
+        o.depthMultiplier = multiplier
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = padding, stride, stride, 1, 1
+    o.fusedActivationFunction = activation
+    return o
+
+
+def relu_conv_chain(g: Graph, x: int, count: int, shape: tuple[int, int, int, int], kernel: int, scale: float,
+                    rng: np.random.Generator) -> list[int]:
+    """``count`` SAME stride-1 ReLU convolutions one after the other from ``x`` (``shape``, NHWC, in and
+    out), weights N(0, ``scale``^2): their outputs."""
+    c = shape[-1]
+    outputs = []
+    for i in range(count):
+        w = g.add_tensor(f"w{i}", (c, kernel, kernel, c), np.float32,
+                         rng.standard_normal((c, kernel, kernel, c)) * scale)
+        b = g.add_tensor(f"b{i}", (c,), np.float32, rng.standard_normal(c) * 0.1)
+        y = g.add_tensor(f"y{i}", shape, np.float32)
+        g.add_op("CONV_2D", [x, w, b], [y],
+                 conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+        outputs.append(y)
+        x = y
+    return outputs
+
+
 def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
     """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``); its depthwise layer has depth
     ``multiplier`` (1 or 2; 16 output channels either way)."""
@@ -34,14 +62,6 @@ def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
     half = side // 2
     g = Graph()
     act = fb.ActivationFunctionType
-
-    def options(kind: str, padding: int, stride: int, activation: int, multiplier: int = 1):
-        o = fb.Conv2DOptionsT() if kind == "CONV_2D" else fb.DepthwiseConv2DOptionsT()
-        if kind == "DEPTHWISE_CONV_2D":
-            o.depthMultiplier = multiplier
-        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = padding, stride, stride, 1, 1
-        o.fusedActivationFunction = activation
-        return o
 
     def conv(x, c_in, c_out, out_hw, kind="CONV_2D", k=3, padding=fb.Padding.SAME, stride=1,
              activation=act.NONE):
@@ -52,7 +72,7 @@ def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
         wt = g.add_tensor(f"w{len(g.ops)}", w.shape, np.float32, w)
         b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
         y = g.add_tensor(f"y{len(g.ops)}", (1, out_hw, out_hw, c_out), np.float32)
-        g.add_op(kind, [x, wt, b], [y], options(kind, padding, stride, activation, c_out // c_in))
+        g.add_op(kind, [x, wt, b], [y], conv_options(kind, padding, stride, activation, c_out // c_in))
         return y
 
     x = g.add_tensor("image", (1, side, side, 3), np.float32)

@@ -368,26 +368,14 @@ def test_rounds_of_the_same_shapes_are_timed_through_a_few_and_choose_together(t
     where most of those ran faster."""
     import warnings
 
-    from ai_edge_litert import schema_py_generated as fb
-
     from converters.graph import Graph, write_model
     from shadownet.accelerator import LiteRTAccelerator
-    from tests.shadownet.small_models import reference
+    from tests.shadownet.small_models import reference, relu_conv_chain
 
     rng = np.random.default_rng(0)
     g = Graph()
     x = g.add_tensor("x", (1, 16, 16, 16), np.float32)
-    for i in range(6):
-        options = fb.Conv2DOptionsT()
-        options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
-        options.dilationHFactor = options.dilationWFactor = 1
-        options.fusedActivationFunction = fb.ActivationFunctionType.RELU
-        w = g.add_tensor(f"w{i}", (16, 1, 1, 16), np.float32, rng.standard_normal((16, 1, 1, 16)) * 0.25)
-        b = g.add_tensor(f"b{i}", (16,), np.float32, rng.standard_normal(16) * 0.1)
-        y = g.add_tensor(f"y{i}", (1, 16, 16, 16), np.float32)
-        g.add_op("CONV_2D", [x, w, b], [y], options)
-        x = y
-    g.inputs, g.outputs = [0], [x]
+    g.inputs, g.outputs = [0], relu_conv_chain(g, x, 6, (1, 16, 16, 16), 1, 0.25, rng)[-1:]
     original = write_model(g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only

@@ -20,26 +20,16 @@ def _chain(two_inputs: bool = False) -> bytes:
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import relu_conv_chain
 
     rng = np.random.default_rng(0)
     g = Graph()
     x = g.add_tensor("x", (1, 8, 8, 4), np.float32)
-    inputs, outputs, h = [x], [], x
-    for i in range(2):
-        options = fb.Conv2DOptionsT()
-        options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
-        options.dilationHFactor = options.dilationWFactor = 1
-        options.fusedActivationFunction = fb.ActivationFunctionType.RELU
-        w = g.add_tensor(f"w{i}", (4, 3, 3, 4), np.float32, rng.standard_normal((4, 3, 3, 4)) * 0.3)
-        b = g.add_tensor(f"b{i}", (4,), np.float32, rng.standard_normal(4) * 0.1)
-        y = g.add_tensor(f"y{i}", (1, 8, 8, 4), np.float32)
-        g.add_op("CONV_2D", [h, w, b], [y], options)
-        outputs.append(y)
-        h = y
+    inputs, outputs = [x], relu_conv_chain(g, x, 2, (1, 8, 8, 4), 3, 0.3, rng)
     if two_inputs:
         z = g.add_tensor("z", (1, 8, 8, 4), np.float32)
         s = g.add_tensor("s", (1, 8, 8, 4), np.float32)
-        g.add_op("ADD", [h, z], [s], fb.AddOptionsT())
+        g.add_op("ADD", [outputs[-1], z], [s], fb.AddOptionsT())
         inputs, outputs = [x, z], [s]
     g.inputs, g.outputs = inputs, outputs
     return write_model(g)

@@ -351,14 +351,22 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
                     int64_t ih = oh * s->sh + (int64_t)i * s->dh - s->top;
                     if (ih < 0 || ih >= s->h) continue;
                     for (int32_t j = 0; j < s->kw; j++) {
+                        /* The tile's positions whose tap reads the input are one run, [lo, hi): found
+                         * once per tap, instead of testing every position (those tests took 40% of a
+                         * 32x32x16 prepare at k = 5). */
+                        int64_t iw0 = ow0 * s->sw + (int64_t)j * s->dw - s->left; /* position 0's column */
+                        int64_t lo = iw0 >= 0 ? 0 : (s->sw - 1 - iw0) / s->sw;
+                        int64_t hi = iw0 >= s->w ? 0 : (s->w - 1 - iw0) / s->sw + 1;
+                        hi = hi < live ? hi : live;
+                        lo = lo < hi ? lo : hi;
+                        int64_t pix0 = (b * s->h + ih) * s->w + iw0;
                         const float *xr[R];
-                        for (int32_t r = 0; r < R; r++) {
-                            int64_t iw = (ow0 + r) * s->sw + (int64_t)j * s->dw - s->left;
-                            int64_t pix = (b * s->h + ih) * s->w + iw;
-                            int inside = r < live && iw >= 0 && iw < s->w;
-                            xr[r] = !inside ? zeros : pix == pixels - 1 ? last : s->x + pix * c;
-                            if (inside) q[r] += s->norms[pix];
+                        for (int32_t r = 0; r < R; r++) xr[r] = zeros;
+                        for (int64_t r = lo; r < hi; r++) {
+                            xr[r] = s->x + (pix0 + r * s->sw) * c;
+                            q[r] += s->norms[pix0 + r * s->sw];
                         }
+                        if (hi > lo && pix0 + (hi - 1) * s->sw == pixels - 1) xr[hi - 1] = last;
                         tile_dot(acc, xr, groups, s->filters + ((int64_t)i * s->kw + j) * groups * LANES, kp);
                     }
                 }

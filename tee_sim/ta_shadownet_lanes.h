@@ -10,6 +10,10 @@
 
 #include "ta_shadownet_kernels.h"
 
+#if SN_VL == 16 && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* Lanes: k <= 16 projections are padded to kp in {1, 2, 4, 8, 16}, and a vector holds G = 16 / kp
  * channels of each projection (lane l: projection l / G, channel l % G of the group), so that a layer
  * checked with 4 projections fills the vector with 4 channels at a time instead of wasting 12 lanes (the
@@ -151,10 +155,11 @@ typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
 typedef double vnd __attribute__((vector_size(SN_VL * sizeof(float))));
 
 /* The G = 16 / kp floats at p repeated across a vector: a broadcast load for 1 or 2 (x - 0 folds away),
- * a load and a permutation for 4 (GCC's choice, which measured faster here than vbroadcastf128). With
- * AVX-512 in two doublings: one 4 -> 16 shuffle made GCC 12 store the 4 floats and load 64 bytes back
- * from the stack, a failed store forwarding per load that made kp = 4 prepares and checks 7-14x slower
- * than the AVX2 build's (their first run on an AVX-512 CPU, Zen 5). */
+ * a load and a permutation for 4 (GCC's choice, which measured faster on the AVX2 EPYC than
+ * vbroadcastf128). With AVX-512 a broadcast load (vbroadcastf32x4): two doublings (a load and two
+ * permutations) took 7-28% longer per kp = 4 prepare on Zen 5 (minima of 300 calls, in turn), and a single 4 -> 16 shuffle made GCC
+ * 12 store the 4 floats and load 64 bytes back from the stack, a failed store forwarding per load (7-14x
+ * slower than the AVX2 build's prepares and checks). */
 INLINE vn repeat_load(const float *p, int32_t kp) {
     int32_t g = LANES / kp;
     if (g == 1) return *p - (vn){0};
@@ -169,6 +174,8 @@ INLINE vn repeat_load(const float *p, int32_t kp) {
     return x;
 #elif SN_VL == 8
     return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+#elif defined(__AVX512F__)
+    return (vn)_mm512_broadcast_f32x4((__m128)x);
 #else
     v8f twice = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
     return __builtin_shufflevector(twice, twice, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ from tee_sim.errors import (
 )
 from tee_sim.identity import private_dir, resolve_home
 from tee_sim.secure_os import NO_PARAMS, Outcome, SecureOS, WireParam
+
+# A prepared invoke's answer: code, TA time in ns, secure memory (used, peak, cap), the Outcome of a failure.
+Answer = tuple[int, int, tuple[int, int, int], Outcome | None]
+Prepared = Callable[[float], Answer]  # called with the timeout
 
 LOG_FILE = "secure_world.log"
 LOG_MAX = 4 << 20
@@ -98,6 +103,13 @@ class InProcessTransport:
 
     def invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...], timeout: float) -> Outcome:
         return self._with_memory(self._os.invoke(session, cmd_id, wire))
+
+    def prepare_invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...]) -> Prepared:
+        """As ``ProcessTransport.prepare_invoke``."""
+        def invoke(timeout: float) -> Answer:
+            outcome = self.invoke(session, cmd_id, wire, timeout)
+            return outcome.code, outcome.ta_time_ns, outcome.memory, outcome if outcome.code else None
+        return invoke
 
     def close_session(self, session: int) -> Outcome:
         return self._with_memory(self._os.close_session(session))
@@ -322,6 +334,14 @@ class ProcessTransport:
                 self.block, ch.REQUEST_OFFSET, op, session, cmd, types,
                 *wire[0][1:], *wire[1][1:], *wire[2][1:], *wire[3][1:],
             )  # fmt: skip
+        self._exchange(timeout)
+        fields = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
+        outcome = self._outcome(fields[:8])
+        outcome.outputs = [fields[8:11], fields[11:14], fields[14:17], fields[17:20]]
+        return outcome
+
+    def _exchange(self, timeout: float) -> None:
+        """Announce the request written in the block and wait until its answer is there."""
         words = self.words
         self._seq += 1
         seq = self._seq
@@ -334,17 +354,47 @@ class ProcessTransport:
             ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
             if words[ch.RESP_SEQ] != seq:
                 self._sleep_until(seq, timeout)
-        fields = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
-        code, origin, sid, msg_len, ta_ns, used, peak, cap = fields[:8]
+
+    def _outcome(self, header: tuple[int, ...]) -> Outcome:
+        """The ``Outcome`` of a response header (``ch.RESPONSE_HEADER``), with its message."""
+        code, origin, sid, msg_len, ta_ns, used, peak, cap = header
         message = ""
         if msg_len:
             message = bytes(
                 self.block[ch.MESSAGE_OFFSET : ch.MESSAGE_OFFSET + min(msg_len, ch.MESSAGE_MAX)]
             ).decode("utf-8", "replace")
-        outputs = [fields[8:11], fields[11:14], fields[14:17], fields[17:20]]
-        outcome = Outcome(code, origin, message, outputs, sid, ta_ns)
+        outcome = Outcome(code, origin, message, session=sid, ta_time_ns=ta_ns)
         outcome.memory = (used, peak, cap)
         return outcome
+
+    def prepare_invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...]) -> Prepared:
+        """``invoke(session, cmd_id, wire, timeout)`` for a request sent again and again (a prepared
+        command: input values only, so its answer has no outputs): packed once here, then copied into the
+        block per call, and only the response's header read back. The call returns ``(code,
+        ta_time_ns, (used, peak, cap), outcome)``, ``outcome`` the full ``Outcome`` for a failure only.
+        Against packing and unpacking every field each time: ~1.4 us less per call (of ~8 for a
+        ResNet step's whole entry)."""
+        if wire is NO_PARAMS:
+            request = ch.REQUEST_HEADER.pack(ch.OP_INVOKE, session, cmd_id, 0)
+        else:
+            types = wire[0][0] | wire[1][0] << 4 | wire[2][0] << 8 | wire[3][0] << 12
+            request = ch.REQUEST.pack(
+                ch.OP_INVOKE, session, cmd_id, types,
+                *wire[0][1:], *wire[1][1:], *wire[2][1:], *wire[3][1:],
+            )  # fmt: skip
+        start, end = ch.REQUEST_OFFSET, ch.REQUEST_OFFSET + len(request)
+        header, at = ch.RESPONSE_HEADER.unpack_from, ch.RESPONSE_OFFSET
+
+        def invoke(timeout: float) -> Answer:
+            if self.proc is None:
+                raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
+            self.block[start:end] = request
+            self._exchange(timeout)
+            fields = header(self.block, at)
+            if fields[0]:
+                return fields[0], fields[4], fields[5:8], self._outcome(fields)
+            return 0, fields[4], fields[5:8], None
+        return invoke
 
     def _sleep_until(self, seq: int, timeout: float) -> None:
         words = self.words

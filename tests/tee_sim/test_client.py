@@ -229,11 +229,13 @@ def test_prepared_command_runs_like_invoke_command(session):
     assert after["invocations"] == before["invocations"] + 4
     assert after["bytes_in"] == before["bytes_in"] + 16  # the one input value
     assert after["ta_time_s"] - before["ta_time_s"] >= 0.001
-    # The TA's own checks and errors come back as from invoke_command.
+    assert after["secure_memory_used"] <= after["secure_memory_peak"] <= after["secure_memory_cap"] > 0
+    # The TA's own checks and errors come back as from invoke_command, message included.
     wrong = session.prepare_command(Cmd.NOTHING, [Value(1)])
     with pytest.raises(TEEError) as err:
         wrong()
     assert err.value.code == TEE_ERROR_BAD_PARAMETERS and err.value.origin == TEEC_ORIGIN_TRUSTED_APP
+    assert "parameter types" in str(err.value)
     for params in ([Value(direction="out")], [TempMemRef(b"x")], Value(1)):
         with pytest.raises(TEEError) as err:
             session.prepare_command(Cmd.ADD, params)

@@ -173,7 +173,9 @@ def zoo_device(tmp_path_factory):
 
 
 def _verified_inferences(context, out, count: int, seed: int) -> dict:
-    """``count`` verified inferences through the TA (LiteRT as the accelerator); the pool statistics."""
+    """``count`` verified inferences through the TA (LiteRT as the accelerator), the first on a blank
+    input (all zeros: every later round's input the same at each position, the least isotropic an input
+    gets), the others on inputs uniform in [0, 1); the pool statistics."""
     import json
 
     from ai_edge_litert.interpreter import Interpreter
@@ -196,9 +198,9 @@ def _verified_inferences(context, out, count: int, seed: int) -> dict:
             accelerator = Interpreter(model_content=untrusted, num_threads=1)
             runners = {r["signature"]: accelerator.get_signature_runner(r["signature"])
                        for r in manifest["rounds"]}
-            for _ in range(count):
+            for n in range(count):
                 for i, spec in enumerate(manifest["inputs"]):
-                    views[f"input/{i}"][...] = rng.uniform(0, 1, spec["shape"])
+                    views[f"input/{i}"][...] = rng.uniform(0, 1, spec["shape"]) if n else 0.0
                 session.invoke_command(Command.RUN_STEP, [tee_sim.Value(0)])
                 for r, spec in enumerate(manifest["rounds"], start=1):
                     inputs = {t["name"]: views[t["buffer"]] for t in spec["inputs"]}
@@ -221,11 +223,12 @@ def test_no_false_alarm_on_the_zoo(name, exported, zoo_device, tmp_path):
         warnings.simplefilter("ignore")
         shadownet.convert(str(exported(name)), str(tmp_path / "out"), scheme="groupmix", seed=0,
                           device=zoo_device)
-    stats = _verified_inferences(zoo_device, tmp_path / "out", 1 if name in BIG else 3, seed=1)
+    count = 2 if name in BIG else 3
+    stats = _verified_inferences(zoo_device, tmp_path / "out", count, seed=1)
     checks = stats["verify"]
-    assert checks["checked"] == checks["layers"] * (1 if name in BIG else 3)
+    assert checks["checked"] == checks["layers"] * count
     assert checks["worst_ratio"] < 0.5
-    assert checks["worst_bound_log2"] <= -20
+    assert checks["worst_bound_log2"] <= -20  # a blank image included (ResNet-404's was 2^-19.7 with k = 4)
     print(f"{name}: {checks['layers']} layers, {checks['projections']} projections, worst honest rounding "
           f"{checks['worst_ratio']:.3f} of the tolerance, bound 2^{checks['worst_bound_log2']:.1f}, "
           f"per-inference secure memory {stats['secure_bytes'] / 2**20:.1f} MiB")

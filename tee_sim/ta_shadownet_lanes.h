@@ -157,9 +157,9 @@ typedef double vnd __attribute__((vector_size(SN_VL * sizeof(float))));
 /* The G = 16 / kp floats at p repeated across a vector: a broadcast load for 1 or 2 (x - 0 folds away),
  * a load and a permutation for 4 (GCC's choice, which measured faster on the AVX2 EPYC than
  * vbroadcastf128). With AVX-512 a broadcast load (vbroadcastf32x4): two doublings (a load and two
- * permutations) took 7-28% longer per kp = 4 prepare on Zen 5 (minima of 300 calls, in turn), and a single 4 -> 16 shuffle made GCC
- * 12 store the 4 floats and load 64 bytes back from the stack, a failed store forwarding per load (7-14x
- * slower than the AVX2 build's prepares and checks). */
+ * permutations) took 7-28% longer per kp = 4 prepare on Zen 5 (minima of 300 calls, in turn), and a
+ * single 4 -> 16 shuffle made GCC 12 store the 4 floats and load 64 bytes back from the stack, a failed
+ * store forwarding per load (7-14x slower than the AVX2 build's prepares and checks). */
 INLINE vn repeat_load(const float *p, int32_t kp) {
     int32_t g = LANES / kp;
     if (g == 1) return *p - (vn){0};

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.bench_throughput import MIB, frames_per_second, one_at_a_time_fps, pipelined_fps
+from shadownet.bench_throughput import (
+    MIB,
+    frames_per_second,
+    one_at_a_time_fps,
+    pipelined_fps,
+    warm_past_trial,
+)
 from shadownet.exceptions import SecureMemoryError, ShadowNetError
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
@@ -143,10 +149,7 @@ class _Protected:
                           accelerator=keep, background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
-        zeros = [np.zeros(t.shape, t.dtype) for t in self.model.inputs]
-        while self.model.tuning:  # the accelerator's thread choice, tried on real inferences: not timed
-            self.refill()  # as between the timed runs: no refill on an inference's path
-            self.model.run_into(zeros, self.results)
+        warm_past_trial(self.model, [np.zeros(t.shape, t.dtype) for t in self.model.inputs], self.results)
         self.refill()
 
     def refill(self) -> None:

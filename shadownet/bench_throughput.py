@@ -19,6 +19,14 @@ from shadownet.exceptions import SecureMemoryError
 MIB = 1 << 20
 
 
+def warm_past_trial(model: Any, inputs: Sequence[np.ndarray], results: Sequence[np.ndarray]) -> None:
+    """Untimed inferences of a protected ``model`` until its accelerator's thread choice has been tried
+    (``ProtectedModel.tuning``), each after a refill of its one-time masks, as between timed runs."""
+    while model.tuning:
+        model.refill_masks()
+        model.run_into(inputs, results)
+
+
 def frames_per_second(run: Callable[[], None], frames: int) -> float:
     """Frames/s of ``run`` called ``frames`` times, one after the other."""
     start = time.perf_counter()
@@ -80,9 +88,7 @@ def pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs:
         results = [[np.empty(t.shape, t.dtype) for t in m.outputs] for m in models]
         for m, r in zip(models, results, strict=True):  # warm both, past the accelerator's thread trial
             m.run_into(inputs, r)
-            while m.tuning:
-                m.refill_masks()  # as between the timed bursts
-                m.run_into(inputs, r)
+            warm_past_trial(m, inputs, r)
         errors: list[BaseException] = []
 
         def worker(m: Any, r: list[np.ndarray], count: int) -> None:

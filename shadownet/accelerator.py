@@ -271,32 +271,34 @@ class LiteRTAccelerator:
                     raise ArtifactError(f"buffer {name!r} is {buf.shape} {buf.dtype} but untrusted.tflite's "
                                         f"tensor is {tensor.shape} {tensor.dtype}")
         where = {name: tee_sim.shared_memory_of(view) for name, view in buffers.items()}
-        owners = _page_owners(where, buffers)
+        crowded = _crowded(where, buffers, [[n for n, _ in ins + outs] for ins, outs in self._tensors])
         aliased = _aliased([t for ins, outs in self._tensors for _, t in ins + outs])
 
         def copies(pairs: list[tuple[str, np.ndarray]], to_tensor: bool) -> list[_Copy]:
             return [c for n, t in pairs
-                    for c in self._copies(t, buffers[n], where[n], owners, aliased, to_tensor)]
+                    for c in self._copies(t, buffers[n], None if n in crowded else where[n], aliased,
+                                          to_tensor)]
 
         self._plan = [(wrapper, subgraph, copies(ins, True), copies(outs, False))
                       for (wrapper, subgraph), (ins, outs)
                       in zip(self._rounds_run, self._tensors, strict=True)]
 
     def _copies(self, tensor: np.ndarray, buf: np.ndarray, found: tuple[Any, int] | None,
-                owners: dict[int, np.ndarray], aliased: set[int], to_tensor: bool) -> list[_Copy]:
+                aliased: set[int], to_tensor: bool) -> list[_Copy]:
         """What ``run_round`` copies between ``tensor`` and its buffer (``found``: its shared memory and
-        offset there): nothing but the few bytes around its whole pages when those are shared with the
-        buffer (``tee_sim.shared_pages``), else all of it. Pages are shared only where the buffer is alone
-        in the shared memory (in the manifest's layout buffers of consecutive rounds overlap, and a tensor
-        mapped there would be another round's too) and the tensor alone in LiteRT's memory."""
+        offset there, None where it may not be shared): nothing but the few bytes around its whole pages
+        when those are shared with the buffer (``tee_sim.shared_pages``), else all of it. Pages are shared
+        only where the buffer overlaps no other buffer of its round (in the manifest's layout a round's
+        inputs and outputs overlap: the runtime once copied the inputs in first) and the tensor is alone
+        in LiteRT's memory. Buffers of different rounds may overlap (the runtime's placement reuses
+        memory round after round): the same pages are then mapped under several rounds' tensors, which
+        are never live at once."""
         pages = None
         start = tensor.ctypes.data
         if found is not None and tensor.nbytes >= MIN_SHARED_BYTES and id(tensor) not in aliased \
                 and (found[1] - start) % PAGE == 0:
             shm, offset = found
-            first, length = page_span(start, tensor.nbytes)
-            lo = offset + first - start
-            if length and owners[id(shm)][lo // PAGE:(lo + length) // PAGE].max() == 1:
+            if page_span(start, tensor.nbytes)[1]:
                 try:
                     pages = shm.share_pages(offset, tensor)
                 except tee_sim.TEEError:
@@ -385,17 +387,19 @@ class RoundThreadsTrial:
         return True
 
 
-def _page_owners(where: Mapping[str, tuple[Any, int] | None],
-                 buffers: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """For each shared memory the buffers view (by id), how many buffers touch each of its pages."""
-    owners: dict[int, np.ndarray] = {}
-    for name, found in where.items():
-        nbytes = buffers[name].nbytes
-        if found is not None and nbytes:
-            shm, offset = found
-            count = owners.setdefault(id(shm), np.zeros(-(-shm.size // PAGE), np.int32))
-            count[offset // PAGE:(offset + nbytes - 1) // PAGE + 1] += 1
-    return owners
+def _crowded(where: Mapping[str, tuple[Any, int] | None], buffers: Mapping[str, np.ndarray],
+             rounds: Sequence[Sequence[str]]) -> set[str]:
+    """The buffers (by name) that overlap another buffer of the same round in the shared memory."""
+    out: set[str] = set()
+    for names in rounds:
+        spans = sorted((id(where[n][0]), where[n][1], where[n][1] + buffers[n].nbytes, n)
+                       for n in names if where[n] is not None and buffers[n].nbytes)
+        for i, (shm, _, end, a) in enumerate(spans):
+            for other, start, _, b in spans[i + 1:]:
+                if other != shm or start >= end:
+                    break
+                out.update((a, b))
+    return out
 
 
 def _aliased(tensors: Sequence[np.ndarray]) -> set[int]:

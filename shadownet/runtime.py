@@ -240,7 +240,7 @@ class ProtectedModel:
         page_offsets = getattr(self.accelerator, "page_offsets", None)
         offsets = page_offsets() if page_offsets is not None else {}
         if offsets:
-            size, placement = place_buffers(self.artifacts.buffers, offsets, PAGE)
+            size, placement = place_buffers(self.artifacts.buffers, self.artifacts.rounds, offsets, PAGE)
         else:
             size, placement = self.artifacts.shared_memory_size, None
         shm = context.register_shared_memory(size)

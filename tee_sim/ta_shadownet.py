@@ -408,7 +408,7 @@ class ShadowNetTA(TrustedApp):
         p = model.program
         offsets = {name: spec["offset"] for name, spec in p["shared_buffers"].items()}
         if placement is not None:
-            offsets = _placement(placement, p["shared_buffers"], param.buffer.nbytes)
+            offsets = _placement(placement, p, param.buffer.nbytes)
         elif param.buffer.nbytes < p["shared_memory_size"]:
             raise _error(TEE_ERROR_BAD_PARAMETERS,
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
@@ -491,25 +491,41 @@ class ShadowNetTA(TrustedApp):
         run_step(session.get("model"), step)
 
 
-def _placement(data: bytes, specs: dict[str, Any], size: int) -> dict[str, int]:
+def _placement(data: bytes, program: dict[str, Any], size: int) -> dict[str, int]:
     """BIND_SHARED_MEMORY's placement, checked: the normal world chooses it, so every buffer must be named,
-    aligned, inside the memory and apart from every other (no step may read what it writes itself)."""
+    aligned and inside the memory, and no step's buffers may overlap (no step may read what it writes
+    itself). Buffers of different steps may: the runtime reuses memory round after round
+    (``shadownet.artifacts.place_buffers``), and what the normal world does to its memory between steps
+    it can do anyway."""
+    specs = program["shared_buffers"]
     try:
         offsets = json.loads(data)
         if not isinstance(offsets, dict) or set(offsets) != set(specs):
             raise ValueError("it must name every shared buffer, and only those")
-        spans = []
+        span = {}
         for name, spec in specs.items():
             offset = _count(offsets[name])
             _check_spec({**spec, "offset": offset}, size, f"shared buffer {name!r}")
-            spans.append((offset, offset + elements(spec["shape"]) * 4, name))
-        spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
-            if start < end:
-                raise ValueError(f"buffers {a!r} and {b!r} overlap")
+            span[name] = (offset, offset + elements(spec["shape"]) * 4)
+        for k, step in enumerate(program["steps"]):
+            spans = sorted((*span[name], name) for name in _shared_refs(step))
+            for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+                if start < end:
+                    raise ValueError(f"buffers {a!r} and {b!r} of step {k} overlap")
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise _error(TEE_ERROR_BAD_PARAMETERS, f"shared buffer placement: {exc}") from None
     return offsets
+
+
+def _shared_refs(step: list[dict[str, Any]]) -> set[str]:
+    """The shared buffers a step's instructions name (``shm:NAME``, alone or in a list)."""
+    refs = set()
+    for instr in step:
+        for value in instr.values():
+            for item in value if isinstance(value, list) else (value,):
+                if isinstance(item, str) and item.startswith("shm:"):
+                    refs.add(item[4:])
+    return refs
 
 
 def _count(value: Any) -> int:

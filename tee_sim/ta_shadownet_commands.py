@@ -15,8 +15,9 @@ Parameters of each command (``in``/``out`` from the normal world's side):
 - ``BIND_SHARED_MEMORY``: [MemRef(shm, 0, size, inout)] and optionally [TempMemRef(placement, in)]: the
   TA keeps zero-copy views of the buffers, where the manifest's layout puts them (``size`` >=
   ``shared_memory_size``) or where ``encode_placement({buffer name: byte offset})`` says (every buffer
-  named, 64-byte aligned, inside ``size``, no two overlapping; ``TEE_ERROR_BAD_PARAMETERS`` otherwise): the
-  runtime places the buffers whose pages it shares with the accelerator's own tensors.
+  named, 64-byte aligned, inside ``size``, no two buffers of one step overlapping;
+  ``TEE_ERROR_BAD_PARAMETERS`` otherwise): the runtime places the buffers whose pages it shares with the
+  accelerator's own tensors, every round's inputs in one region and outputs in another.
 - ``RUN_STEP``: [Value(a=step)]: step 0 reads ``input/*`` and writes round 1's inputs; step r restores
   round r's outputs, runs the TEE's ops and writes round r + 1's inputs (or ``output/*`` for the last).
   Steps run in order, 0 to R (``TEE_ERROR_BAD_STATE`` otherwise). Step 0 takes the inference's one-time

@@ -446,10 +446,12 @@ def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch)
         model(np.zeros((1, 48, 48, 3), np.float32))
 
 
-def test_pages_are_not_shared_where_buffers_overlap(tmp_path):
-    """In the manifest's layout buffers of consecutive rounds overlap: a tensor whose pages were mapped
-    there would be another round's buffer too (the audit's recorder, which offers no page offsets, got
-    exploding activations when a buffer's offset happened to match its tensor's place in a page)."""
+def test_pages_are_shared_where_no_buffer_of_the_round_overlaps(tmp_path):
+    """A tensor's pages are mapped onto its buffer only where no other buffer of its round overlaps it (in
+    the manifest's layout a round's inputs and outputs overlap: the audit's recorder, which offers no page
+    offsets, got exploding activations when a buffer's offset happened to match its tensor's place in a
+    page). The runtime's placement reuses two regions round after round: every tensor big enough shares
+    its pages, and the shared memory is smaller than all the buffers apart."""
     import warnings
 
     import tee_sim
@@ -466,15 +468,15 @@ def test_pages_are_not_shared_where_buffers_overlap(tmp_path):
     residues = accelerator.page_offsets()
     chosen = max(residues, key=lambda name: artifacts.buffers[name].nbytes)
     with tee_sim.Context("inprocess", home=tmp_path / "device") as context:
-        size, apart = place_buffers(artifacts.buffers, residues, PAGE)
+        size, placed = place_buffers(artifacts.buffers, artifacts.rounds, residues, PAGE)
+        assert size < place_buffers(artifacts.buffers, (), residues, PAGE)[0]  # () : every buffer apart
         shm = context.register_shared_memory(size + 2 * PAGE)
         # The chosen buffer where its tensor sits in a page; every other buffer inside its pages.
         at = {name: PAGE + residues[chosen] + (64 if name != chosen else 0) for name in artifacts.buffers}
         views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in artifacts.buffers.values()}
         accelerator.bind(views)
         assert accelerator._shared == []  # nothing shared: every copy made whole
-        # Apart (the runtime's placement), every tensor big enough shares its pages.
-        accelerator.bind({b.name: shm.ndarray(b.dtype, b.shape, apart[b.name])
+        accelerator.bind({b.name: shm.ndarray(b.dtype, b.shape, placed[b.name])
                           for b in artifacts.buffers.values()})
         assert len(accelerator._shared) == len(residues)
         accelerator.close()

@@ -186,8 +186,9 @@ def test_error_mapping_is_the_runtimes():
 
 
 def test_buffers_placed_by_the_normal_world(device, artifacts):
-    """BIND_SHARED_MEMORY's placement: the buffers anywhere apart, aligned and inside; anything else is
-    refused before a step runs."""
+    """BIND_SHARED_MEMORY's placement: the buffers anywhere aligned and inside, those of different steps
+    even on the same bytes; anything else (two buffers of one step overlapping among them) is refused
+    before a step runs."""
     manifest = json.loads((artifacts[0] / "manifest.json").read_text())
     buffers = sorted(manifest["buffers"], key=lambda b: b["name"], reverse=True)
     offsets, end = {}, 4096
@@ -196,13 +197,21 @@ def test_buffers_placed_by_the_normal_world(device, artifacts):
         end += -(-b["nbytes"] // 4096) * 4096 + 4096
     with Driver(device, artifacts[0], placement=(end, offsets)) as run:
         assert relative_error(run(_x(5)), litert(_model(0), _x(5))) <= 1e-4
-    first, second = buffers[0]["name"], buffers[1]["name"]
+    names = [b["name"] for b in manifest["buffers"]]
+    first_in = next(n for n in names if n.startswith("round_1/in/"))
+    later_in = next(n for n in names if n.startswith("round_2/in/"))
+    first_out = next(n for n in names if n.startswith("round_1/out/"))
+    # Step 0 writes round 1's inputs, step 1 round 2's: the same bytes serve both, results unchanged.
+    with Driver(device, artifacts[0], placement=(end, {**offsets, later_in: offsets[first_in]})) as run:
+        assert relative_error(run(_x(5)), litert(_model(0), _x(5))) <= 1e-4
+    first = buffers[0]["name"]
     bad = {
         "a buffer left out": (end, {k: v for k, v in offsets.items() if k != first}),
         "an unknown buffer": (end, {**offsets, "round_9/in/x": 0}),
         "unaligned": (end, {**offsets, first: offsets[first] + 4}),
         "past the end": (end, {**offsets, first: end}),
-        "overlapping": (end, {**offsets, first: offsets[second]}),
+        "overlapping in step 0": (end, {**offsets, first_in: offsets["input/0"]}),
+        "overlapping in step 1": (end, {**offsets, first_out: offsets[later_in] + 64}),
         "not an offset": (end, {**offsets, first: -64}),
     }
     for what, placement in bad.items():
@@ -210,5 +219,6 @@ def test_buffers_placed_by_the_normal_world(device, artifacts):
             Driver(device, artifacts[0], placement=placement).close()
         except ArtifactError as exc:
             assert "placement" in str(exc), what
+            assert "overlap" in str(exc) or "overlapping" not in what, (what, str(exc))
         else:
             pytest.fail(f"{what}: accepted")

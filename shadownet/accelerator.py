@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -392,23 +392,23 @@ def _crowded(where: Mapping[str, tuple[Any, int] | None], buffers: Mapping[str, 
     """The buffers (by name) that overlap another buffer of the same round in the shared memory."""
     out: set[str] = set()
     for names in rounds:
-        spans = sorted((id(where[n][0]), where[n][1], where[n][1] + buffers[n].nbytes, n)
-                       for n in names if where[n] is not None and buffers[n].nbytes)
-        for i, (shm, _, end, a) in enumerate(spans):
-            for other, start, _, b in spans[i + 1:]:
-                if other != shm or start >= end:
-                    break
-                out.update((a, b))
+        located = [(n, id(where[n][0]), where[n][1]) for n in names if where[n] is not None]
+        out |= _overlapping(((shm, at), (shm, at + buffers[n].nbytes), n) for n, shm, at in located)
     return out
 
 
 def _aliased(tensors: Sequence[np.ndarray]) -> set[int]:
     """The tensors (by id) whose memory LiteRT gave to another round tensor too: pages have one owner,
     so those are copied."""
-    spans = sorted((t.ctypes.data, t.ctypes.data + t.nbytes, id(t)) for t in tensors)
-    out: set[int] = set()
-    for i, (_, end, a) in enumerate(spans):
-        for start, _, b in spans[i + 1:]:
+    return _overlapping((t.ctypes.data, t.ctypes.data + t.nbytes, id(t)) for t in tensors)
+
+
+def _overlapping(spans: Iterable[tuple[Any, Any, Any]]) -> set[Any]:
+    """The keys of the spans ``(start, end, key)`` that overlap another (bounds of any ordered type)."""
+    ordered = sorted(s for s in spans if s[0] < s[1])
+    out: set[Any] = set()
+    for i, (_, end, a) in enumerate(ordered):
+        for start, _, b in ordered[i + 1:]:
             if start >= end:
                 break
             out.update((a, b))

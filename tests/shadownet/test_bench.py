@@ -116,6 +116,13 @@ def test_bench_report(tmp_path):
     assert f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} |" in md
     assert f"| {one:.1f} | {streaming['S/U one at a time']:.2f} |" in md
     json.dumps(report, allow_nan=False)  # strict JSON
+    # Noisy timings are said to be so, in both reports; steady ones are not.
+    unprotected = entry["modes"]["unprotected"]
+    for spread, said in ((1.0, False), (bench_report.NOISY_SPREAD - 0.01, False), (2.0, True)):
+        unprotected["median_ms"] = spread * unprotected["min_ms"]
+        note = f"small: the unprotected median is {spread:.2f}x its minimum"
+        assert (note in bench_report.table(report)) == said
+        assert (f"- {note}" in bench_report.markdown(report)) == said
 
 
 def test_cli_refusals(tmp_path, capsys, monkeypatch):

@@ -228,7 +228,7 @@ class LayerCheck:
 
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
                  y_shape: tuple[int, ...], alloc: Any, projections: int | None = None,
-                 computed: bool = False) -> None:
+                 computed: bool = False, shared_results: bool = False) -> None:
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
         # Norms in float64 accumulation, without a float64 copy (draw() is given the weights again).
@@ -256,13 +256,13 @@ class LayerCheck:
         self.kp = 1 << (k - 1).bit_length()
         self.group = LANES // self.kp  # channels per vector
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
-        # Kept from the push to the check; 16 floats of slack (the kernels read z a vector at a time). A
-        # layer only ever ``computing`` (``computed``) has neither.
+        # z and tau, kept from the push to the check (``results_elements`` floats; z with 16 floats of slack:
+        # the kernels read it a vector at a time, the lanes past it unused), here or where ``bind_results``
+        # puts them (``shared_results``). A layer only ever ``computing`` (``computed``) has neither.
         self.computed = computed
         rows = 0 if computed else self.rows_out
-        self._z = alloc((rows * self.kp + LANES,), np.float32)
-        self.z = self._z[:rows * self.kp].reshape(rows, self.kp)
-        self.tau = alloc((rows, 1), np.float32)
+        self.results_elements = -(-(rows * self.kp + LANES) // LANES) * LANES + rows
+        self.bind_results(None if shared_results and rows else alloc((self.results_elements,), np.float32))
         self.tau_norm = 0.0
         c = self.in_channels
         if geo.spatial:
@@ -289,7 +289,7 @@ class LayerCheck:
         rest = width if self.direct else max(wo * (LANES + 1), 2 * (c + LANES))
         self.scratch_elements = n * h * wd + rest
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
-                                 *geo.before, None, k, self.kp, self.z.ctypes.data, self.tau.ctypes.data,
+                                 *geo.before, None, k, self.kp, *self._addresses(),
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,
                                  None, width if self.direct else 0, None, int(self.tiled))
         self._norms: np.ndarray | None = None
@@ -297,6 +297,31 @@ class LayerCheck:
         # fv_draw's arguments but the arrays, which draw() sets per call.
         self._draw = _Draw(None, None, None, self.m_out, geo.taps if self.kind == "CONV_2D" else 1, c, k,
                            self.kp, None, None)
+
+    def bind_results(self, memory: np.ndarray | None) -> None:
+        """Keep z and tau in ``memory`` (float32, at least ``results_elements``; None: nowhere yet, and
+        nothing is prepared until they are bound): e.g. shared with the checks of layers never under way at
+        the same time (``tee_sim.per_inference``), so that an inference writes memory still in the caches.
+        Bind before ``prepared`` and ``fused``, which take the addresses."""
+        rows = 0 if self.computed else self.rows_out
+        if memory is None:
+            self._z = self.z = self.tau = None
+        elif (memory.dtype != np.float32 or memory.size < self.results_elements
+              or not memory.flags.c_contiguous):
+            raise ValueError(f"results memory of {memory.size} {memory.dtype}: {self.results_elements} "
+                             "contiguous float32 needed")
+        else:
+            z_end = self.results_elements - rows
+            self._z = memory[:z_end]
+            self.z = self._z[:rows * self.kp].reshape(rows, self.kp)
+            self.tau = memory[z_end:z_end + rows].reshape(rows, 1)
+        prepare = getattr(self, "_prepare", None)
+        if prepare is not None:
+            prepare.z, prepare.tau = self._addresses()
+
+    def _addresses(self) -> tuple[int | None, int | None]:
+        """Where z and tau are (None: not bound)."""
+        return (None, None) if self.z is None else (self.z.ctypes.data, self.tau.ctypes.data)
 
     def bind_scratch(self, scratch: np.ndarray) -> None:
         """Use ``scratch`` (float32, at least ``scratch_elements``; shared) for the input pixels' norms
@@ -376,7 +401,8 @@ class LayerCheck:
         """``prepare(x, u, filters)`` as a call without arguments, the arrays checked once, here: the TA
         binds each pool slot's at load and prepares them every inference, and checking them took about
         13 us a call against 2 us for a small layer's prepare (ResNet-404 verifies 404 layers)."""
-        if (self.computed or x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
+        if (self.computed or self.z is None or x.dtype != np.float32 or x.size != self.x_elements
+                or not x.flags.c_contiguous
                 or (u.shape, filters.shape) != self.projection_shapes()
                 or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (u, filters))
                 or self._norms is None):
@@ -420,7 +446,7 @@ class LayerCheck:
         """The check's parameters for the restore kernel, which makes it on the result tile by tile as it
         restores it (``tee_sim.ta_shadownet_restore_push``), with the projections ``u`` (one pool slot's).
         After a run, ``outcome`` reads it."""
-        if (self.computed or u.dtype != np.float32 or u.shape != self.projection_shapes()[0]
+        if (self.computed or self.z is None or u.dtype != np.float32 or u.shape != self.projection_shapes()[0]
                 or not u.flags.c_contiguous):
             raise ValueError(f"projections {u.shape}{' for a layer only computed' if self.computed else ''}")
         tiled = self.kp >= 4 and self.m_out % self.group == 0  # a tile of positions at a time (check_rows)

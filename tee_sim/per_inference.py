@@ -76,6 +76,13 @@ class Entry:
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
+def _round_of(buffer: str) -> int | None:
+    """The round whose output ``buffer`` is (``round_N/out/...``, the manifest's names), or None."""
+    head, _, rest = buffer.partition("/")
+    number = head.removeprefix("round_")
+    return int(number) if head != number and number.isdigit() and rest.startswith("out/") else None
+
+
 def integrity_error(message: str) -> TEEError:
     return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
 
@@ -143,9 +150,10 @@ class PerInference:
                 weights = authentic[layer["weights"]]
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 check = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out], self._account,
-                                   computed=own)
+                                   computed=own, shared_results=True)
                 (self.computed if own else self.checks)[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
+            self._bind_results()
             everything = [*self.checks.values(), *self.computed.values()]
             scratch = self._account(max(c.scratch_elements for c in everything), np.float32)
             for check in everything:
@@ -195,6 +203,29 @@ class PerInference:
         self.worst_bound_log2 = -math.inf
 
     # -- memory --------------------------------------------------------------------------------------
+    def _bind_results(self) -> None:
+        """Each check's z and tau live from the push into its round (step r - 1) to the restore of its
+        result (step r), where the next round's pushes prepare theirs: the checks of rounds of one parity
+        share one bank, each round's at its own offsets. Secure memory of a verified model (in-process,
+        after one inference): ResNet-404 18.4 -> 11.4 MiB (its 406 checks' 6.2 MiB of z and tau in two
+        banks of ~40 KB), yolov4-tiny 41.8 -> 39.5, ResNet-44 6.1 -> 5.1, MobileNet 16.9 -> 16.6; no change
+        in speed measurable on a busy host. A result buffer not named ``round_N/out/...`` keeps memory of
+        its own."""
+        placed: dict[str, tuple[int, int]] = {}  # output -> (parity, offset in its bank)
+        used: dict[int, int] = {}  # round -> floats its checks take
+        for out, check in self.checks.items():
+            r = _round_of(out)
+            if r is None:
+                check.bind_results(self._account((check.results_elements,), np.float32))
+                continue
+            placed[out] = (r % 2, used.get(r, 0))
+            used[r] = used.get(r, 0) + -(-check.results_elements // 16) * 16  # 64-byte aligned
+        size = [max([0, *(n for r, n in used.items() if r % 2 == parity)]) for parity in (0, 1)]
+        banks = [self._account((n,), np.float32) if n else None for n in size]
+        for out, (parity, offset) in placed.items():
+            check = self.checks[out]
+            check.bind_results(banks[parity][offset:offset + check.results_elements])
+
     def _account(self, shape: Any, dtype: Any) -> np.ndarray:
         """Zeroed secure memory; small arrays are carved out of shared blocks (a deep model has thousands
         of them, and every allocation of the secure OS has its bookkeeping)."""

@@ -143,6 +143,38 @@ def test_a_depthwise_layer_of_multiplier_one_is_computed_by_the_tee(multiplier_o
     assert checks["computed"] == 1 and checks["layers"] == len(rounds) - 1
 
 
+def test_checks_of_consecutive_rounds_keep_their_results_apart(groupmix, monkeypatch):
+    """A check's z and tau live from the push into its round (step r - 1) to the restore of its result
+    (step r, which also prepares round r + 1's): checks of rounds two apart share secure memory, checks of
+    consecutive rounds never overlap, and the verified model still computes what LiteRT does."""
+    import tee_sim
+
+    context = tee_sim.Context("inprocess")  # the device convert provisioned the secrets to
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    try:
+        with shadownet.load(groupmix, verify=True, background_refill=False) as model:
+            (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
+            spans: dict[int, list[tuple[int, int]]] = {}
+            for out, check in loaded.online.checks.items():
+                start = check._z.ctypes.data
+                spans.setdefault(int(out.split("/")[0].removeprefix("round_")), []).append(
+                    (start, check.tau.ctypes.data + check.tau.nbytes))
+                assert check.tau.ctypes.data >= start + check.z.nbytes
+
+            def overlap(a: int, b: int) -> bool:
+                return any(s < f and t < e for s, e in spans.get(a, []) for t, f in spans.get(b, []))
+
+            rounds = sorted(spans)
+            assert not any(overlap(r, r + 1) for r in rounds)
+            two_apart = [r for r in rounds if r + 2 in spans]
+            assert two_apart and all(overlap(r, r + 2) for r in two_apart)
+            for x in images(3, seed=4):
+                want = reference(small_cnn(), x)
+                assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+    finally:
+        context.close()
+
+
 def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
     model_bytes = small_cnn()
     for out in (groupmix, paper):

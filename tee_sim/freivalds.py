@@ -301,8 +301,8 @@ class LayerCheck:
     def bind_results(self, memory: np.ndarray | None) -> None:
         """Keep z and tau in ``memory`` (float32, at least ``results_elements``; None: nowhere yet, and
         nothing is prepared until they are bound): e.g. shared with the checks of layers never under way at
-        the same time (``tee_sim.per_inference``), so that an inference writes memory still in the caches.
-        Bind before ``prepared`` and ``fused``, which take the addresses."""
+        the same time (``tee_sim.per_inference``: less secure memory). Bind before ``prepared`` and
+        ``fused``, which take the addresses."""
         rows = 0 if self.computed else self.rows_out
         if memory is None:
             self._z = self.z = self.tau = None

@@ -208,9 +208,9 @@ class PerInference:
         result (step r), where the next round's pushes prepare theirs: the checks of rounds of one parity
         share one bank, each round's at its own offsets. Secure memory of a verified model (in-process,
         after one inference): ResNet-404 18.4 -> 11.4 MiB (its 406 checks' 6.2 MiB of z and tau in two
-        banks of ~40 KB), yolov4-tiny 41.8 -> 39.5, ResNet-44 6.1 -> 5.1, MobileNet 16.9 -> 16.6; no change
-        in speed measurable on a busy host. A result buffer not named ``round_N/out/...`` keeps memory of
-        its own."""
+        banks of under 100 KB), yolov4-tiny 41.8 -> 39.5, ResNet-44 6.1 -> 5.1, MobileNet 16.9 -> 16.6;
+        no change in speed measurable on a busy host. A result buffer not named ``round_N/out/...`` keeps
+        memory of its own."""
         placed: dict[str, tuple[int, int]] = {}  # output -> (parity, offset in its bank)
         used: dict[int, int] = {}  # round -> floats its checks take
         for out, check in self.checks.items():

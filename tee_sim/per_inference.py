@@ -25,16 +25,18 @@ Every entry is used by one inference at most: ``begin`` (step 0) takes a ready e
 discarded when the inference ends, fails or is abandoned (a new step 0), never put back; with an empty
 pool ``begin`` makes one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
 
-Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every
-layer (normal draws from a PCG64 generator seeded per entry with 256 bits of the TEE's CSPRNG, projected
-in C: ``LayerCheck.draw``); the TEE keeps a secure copy of what it sends (the round input, written by the
-push kernel beside shared memory) and prepares the check from it; the restore kernel copies what comes
-back into secure memory a tile at a time and checks each tile there before any of its values is used. A
-depthwise layer with multiplier 1 is computed instead (``computed``; its check would compute it in full):
-the push computes it from the secure copy into a result buffer of secure memory and its restore reads that,
-not the accelerator's result. MobileNet's 13 such layers took 4.7 ms of prepares and checks per inference
-and take 2.6 ms computed (kernels timed alone, medians of 40 calls); the result buffers are handed out in
-program order and shared by layers whose lifetimes do not overlap (MobileNet's 13 share one of 1.6 MB).
+Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every layer
+(normal draws from a PCG64 generator seeded per entry with 256 bits of the TEE's CSPRNG, projected in C:
+``LayerCheck.draw``); the TEE keeps a secure copy of what it sends (the round input, written by the push
+kernel beside shared memory) and prepares the check from it; the restore kernel copies what comes back into
+secure memory a tile at a time and checks each tile there before any of its values is used. A depthwise layer
+with multiplier 1 is computed instead (``computed``; its check would compute it in full): the push computes it
+from the secure copy into a result buffer of secure memory and its restore reads that, not the accelerator's
+result; a round made only of such layers is not run (the runtime's ``skipped_rounds``) and nothing is sent for
+it, its input written to the secure copy alone. MobileNet's 13 such layers took 4.7 ms of prepares and checks
+per inference and take 2.6 ms computed (kernels timed alone, medians of 40 calls); the result buffers are
+handed out in program order and shared by layers whose lifetimes do not overlap (MobileNet's 13 share one of
+1.6 MB).
 """
 
 from __future__ import annotations
@@ -76,11 +78,12 @@ class Entry:
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
-def _round_of(buffer: str) -> int | None:
-    """The round whose output ``buffer`` is (``round_N/out/...``, the manifest's names), or None."""
+def _round_of(buffer: str, side: str = "out") -> int | None:
+    """The round whose output (``side`` "out") or input ("in") ``buffer`` is (``round_N/out/...``,
+    ``round_N/in/...``: the manifest's names), or None."""
     head, _, rest = buffer.partition("/")
     number = head.removeprefix("round_")
-    return int(number) if head != number and number.isdigit() and rest.startswith("out/") else None
+    return int(number) if head != number and number.isdigit() and rest.startswith(side + "/") else None
 
 
 def integrity_error(message: str) -> TEEError:
@@ -144,6 +147,7 @@ class PerInference:
         self.checks: dict[str, LayerCheck] = {}
         self.computed: dict[str, LayerCheck] = {}
         self.by_input: dict[str, list[str]] = {}
+        self._computed_rounds: set[int] = set()
         self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
         if verify:
             for out, layer in layers.items():
@@ -154,6 +158,17 @@ class PerInference:
                 (self.computed if own else self.checks)[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
             self._bind_results()
+            # Rounds whose every layer the TEE computes: the accelerator does not run them (the runtime's
+            # ``skipped_rounds``), so their pushes write the secure copy alone, nothing to shared memory:
+            # MobileNet's 13 depthwise rounds, 12.5 MB a verified inference wrote for nobody (its TA 5.5-7.1
+            # -> 4.8-6.1 ms, one process per variant, alternated, a busy host).
+            by_round: dict[int, list[str]] = {}
+            for out in layers:
+                r = _round_of(out)
+                if r is not None:
+                    by_round.setdefault(r, []).append(out)
+            self._computed_rounds = {r for r, outs in by_round.items()
+                                     if all(o in self.computed for o in outs)}
             everything = [*self.checks.values(), *self.computed.values()]
             scratch = self._account(max(c.scratch_elements for c in everything), np.float32)
             for check in everything:
@@ -348,7 +363,10 @@ class PerInference:
         checked = result in self.checks
         if self.by_input and target.startswith("shm:") and target[4:] in self.by_input:
             secure_x = self._x[:dst.size].reshape(dst.shape)
-            verified["secure_dst"] = secure_x
+            if _round_of(target[4:], "in") in self._computed_rounds:
+                dst = secure_x  # a round the accelerator does not run: what it would be sent stays here
+            else:
+                verified["secure_dst"] = secure_x
             outs = self.by_input[target[4:]]
             computing = [self._computing(out, secure_x) for out in outs if out in self.computed]
             checks = [out for out in outs if out in self.checks]

@@ -128,7 +128,26 @@ def test_a_depthwise_layer_of_multiplier_one_is_computed_by_the_tee(multiplier_o
         assert model.skipped_rounds == {computed}
         tamper = wrappers[0]
         xs = images(2 * len(rounds) + 1, seed=11)
-        model(xs[0])
+        # Nothing is sent for a round the accelerator does not run: the step before it leaves its inputs as
+        # they were (other steps may write over them: rounds reuse the memory).
+        unsent = [v for n, v in tamper.buffers.items() if n.startswith(f"round_{computed}/in/")]
+        seen = []
+        step_before, step_after = model._steps[computed - 1], model._steps[computed]
+
+        def poison() -> None:
+            for v in unsent:
+                v[...] = np.nan
+            step_before()
+
+        def snapshot() -> None:
+            seen.append([v.copy() for v in unsent])
+            step_after()
+
+        model._steps[computed - 1], model._steps[computed] = poison, snapshot
+        want = reference(model_bytes, xs[0])
+        assert np.max(np.abs(model(xs[0]) - want)) <= TOLERANCE * np.max(np.abs(want))
+        model._steps[computed - 1], model._steps[computed] = step_before, step_after
+        assert unsent and len(seen) == 1 and all(np.isnan(v).all() for v in seen[0])
         for r in range(1, len(rounds) + 1):
             for kind, x in zip(("channel", "element"), xs[2 * r - 1:2 * r + 1], strict=True):
                 tamper.kind, tamper.round = kind, r

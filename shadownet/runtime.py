@@ -177,12 +177,11 @@ class ProtectedModel:
                 if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
                     self._bind_weights(context, session)
             # Verified, the rounds the TA computes whole (it restores those results from its own
-            # computation, not the accelerator's: tee_sim.per_inference) are not run: nothing reads them.
+            # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
+            # run: the TA says which.
             skipped: frozenset[int] = frozenset()
             if self.verify:
-                computed = set(self._pool_stats(session)["verify"].get("computed_results", ()))
-                skipped = frozenset(r for r, spec in enumerate(self.artifacts.rounds, start=1)
-                                    if spec.outputs and all(b in computed for _, b in spec.outputs))
+                skipped = frozenset(map(int, self._pool_stats(session)["verify"].get("computed_rounds", ())))
         except BaseException:
             _quietly(session.close)
             raise

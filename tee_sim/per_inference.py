@@ -463,7 +463,7 @@ class PerInference:
                      "pool_bytes": self.pool_bytes, "made": self.made, "offline_s": self.offline_s,
                      "synchronous": self.synchronous},
             "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),
-                       "computed_results": sorted(self.computed),
+                       "computed_rounds": sorted(self._computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
                        "worst_ratio": self.worst_ratio,
                        "worst_bound_log2": None if self.checked == 0 else self.worst_bound_log2},

@@ -3,8 +3,9 @@
 LOAD_MODEL opens ``secrets.sealed`` (sealed for this device, or provisioned to it), checks that the
 paired ``untrusted.tflite`` has the SHA-256 the vendor sealed, parses the TEE program
 (``converters.program``, never pickle) and allocates every buffer once against the secure-memory cap.
-BIND_SHARED_MEMORY resolves the shared buffer layout to zero-copy views. RUN_STEP k then executes step
-k's instructions, prebuilt as closures over preallocated arrays, so an inference allocates nothing:
+BIND_SHARED_MEMORY resolves the shared buffer layout to zero-copy views and compiles every step
+(``tee_sim.ta_shadownet_compile``). RUN_STEP k then executes step k's instructions, prebuilt as closures
+over preallocated arrays, so an inference allocates nothing:
 
 - ``restore`` and ``push``: the crossings between the accelerator and the TEE - unmask and undo the
   obfuscation of an accelerator output, then obfuscate and mask the next round's input into shared
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.program import ALIGN, PROGRAM_FORMAT, ProgramFormatError, read_program
+from converters.program import PROGRAM_FORMAT, ProgramFormatError, read_program
 from tee_sim.errors import (
     TEE_ERROR_BAD_FORMAT,
     TEE_ERROR_BAD_PARAMETERS,
@@ -67,12 +68,17 @@ from tee_sim.ta_shadownet_commands import (
     UUID,
     Command,
 )
+from tee_sim.ta_shadownet_compile import (
+    check_spec,
+    checked_placement,
+    compile_instruction,
+    count,
+    shape_of,
+    view,
+)
 from tee_sim.ta_shadownet_kernels import SOURCES as KERNEL_SOURCES
 from tee_sim.ta_shadownet_linears import Linear, prepare_linears
-from tee_sim.ta_shadownet_max_pool import compile_max_pool
-from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
-from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements, scratch_size
-from tee_sim.ta_shadownet_small_ops import compile_copy, compile_mean, compile_softmax
+from tee_sim.ta_shadownet_restore_push import scratch_size
 from tee_sim.ta_shadownet_steps import run_step, settle, step_program
 
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
@@ -80,6 +86,8 @@ MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
 VALUE_IN, VALUE_OUT = TEE_PARAM_TYPE_VALUE_INPUT, TEE_PARAM_TYPE_VALUE_OUTPUT
 _LOAD_WITH_OPTIONS = MEMREF_IN | MEMREF_IN << 4 | VALUE_IN << 8  # LOAD_MODEL with its options value
 _LOAD_WITH_MANIFEST = _LOAD_WITH_OPTIONS | MEMREF_IN << 12  # ... and the manifest's digest
+
+
 def _error(code: int, message: str) -> TEEError:
     return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
 
@@ -145,7 +153,8 @@ class ShadowNetTA(TrustedApp):
                     "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
                     "tee_sim.ta_shadownet_linears", "tee_sim.ta_shadownet_restore_push",
                     "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_small_ops",
-                    "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_kernels")
+                    "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_compile",
+                    "tee_sim.ta_shadownet_kernels")
     CODE_FILES = KERNEL_SOURCES
 
     def create(self) -> None:
@@ -356,16 +365,16 @@ class ShadowNetTA(TrustedApp):
         """Allocate the secure arena and LiteRT's tensors, resolve every name the program uses."""
         p = model.program
         try:
-            arena_size = _count(p["arena_size"])
+            arena_size = count(p["arena_size"])
             arena = self._alloc(model, arena_size, np.uint8)
             for name, spec in p["slots"].items():
-                model.views[f"slot:{name}"] = _view(arena, spec, f"slot {name!r}")
+                model.views[f"slot:{name}"] = view(arena, spec, f"slot {name!r}")
             for name, spec in p["shared_buffers"].items():
-                _check_spec(spec, _count(p["shared_memory_size"]), f"shared buffer {name!r}")
+                check_spec(spec, count(p["shared_memory_size"]), f"shared buffer {name!r}")
             if p["tee_model"] is not None:
                 self._build_litert(model, p)
             model.stride, model.tile, scratch = scratch_size(p["steps"], model.arrays,
-                                                             lambda ref: self._shape(model, ref))
+                                                             lambda ref: shape_of(model, ref))
             model.scratch = self._alloc(model, scratch, np.float32)
             prepare_linears(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -376,8 +385,8 @@ class ShadowNetTA(TrustedApp):
 
         tflite = bytes(model.arrays[p["tee_model"]])
         # LiteRT's arenas live in secure memory too; the converter computed their size (an upper bound).
-        self.tee.reserve(_count(p["tee_model_arena_bytes"]))
-        model.reserved += _count(p["tee_model_arena_bytes"])
+        self.tee.reserve(count(p["tee_model_arena_bytes"]))
+        model.reserved += count(p["tee_model_arena_bytes"])
         # One thread: a TEE has one core for this TA.
         interpreter = Interpreter(model_content=tflite, num_threads=1)
         wrapper = interpreter._interpreter
@@ -395,11 +404,6 @@ class ShadowNetTA(TrustedApp):
                     model.views[f"{'in' if side == 'inputs' else 'out'}:{key}:{name}"] = view
         model.interpreter = interpreter
 
-    def _shape(self, model: _Model, ref: str) -> tuple[int, ...]:
-        if ref.startswith("shm:"):
-            return tuple(model.program["shared_buffers"][ref[4:]]["shape"])
-        return self._ref(model, ref).shape
-
     # Shared memory and steps.
     def _bind(self, session: dict[str, Any], param: TEEParam, placement: bytes | None) -> None:
         model = session.get("model")
@@ -408,7 +412,7 @@ class ShadowNetTA(TrustedApp):
         p = model.program
         offsets = {name: spec["offset"] for name, spec in p["shared_buffers"].items()}
         if placement is not None:
-            offsets = _placement(placement, p, param.buffer.nbytes)
+            offsets = checked_placement(placement, p, param.buffer.nbytes)
         elif param.buffer.nbytes < p["shared_memory_size"]:
             raise _error(TEE_ERROR_BAD_PARAMETERS,
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
@@ -422,7 +426,7 @@ class ShadowNetTA(TrustedApp):
             # for the session's lifetime and the TA drops these views when the session closes.
             model.shm = {name: param.ndarray(spec["dtype"], tuple(spec["shape"]), offsets[name])
                          for name, spec in p["shared_buffers"].items()}
-            model.steps = [[self._compile(model, instr) for instr in step] for step in p["steps"]]
+            model.steps = [[compile_instruction(model, instr) for instr in step] for step in p["steps"]]
         except TEEError:
             model.shm = {}
             raise
@@ -431,58 +435,6 @@ class ShadowNetTA(TrustedApp):
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
         model.cursor[0] = 0
 
-    def _ref(self, model: _Model, ref: str) -> np.ndarray:
-        ref, _, part = ref.partition("@")  # "slot:tN@axis:start:stop": a slice of a slot
-        if ref.startswith("shm:"):
-            array = model.shm[ref[4:]]
-        elif ref.startswith("const:"):
-            array = model.arrays[ref[6:]]
-        else:
-            array = model.views[ref]
-        if part:
-            axis, start, stop = (int(x) for x in part.split(":"))
-            if not (ref.startswith("slot:") and 0 <= axis < array.ndim
-                    and 0 <= start < stop <= array.shape[axis]):
-                raise ValueError(f"bad slice {part} of {ref} {array.shape}")
-            array = slice_along(array, axis, start, stop)
-        return array
-
-    def _compile(self, model: _Model, instr: dict[str, Any]) -> Callable[[], Any]:
-        op = instr["op"]
-        if op == "litert":
-            wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
-            return lambda: wrapper.Invoke(sub)
-        if op in ("max_pool", "mean", "softmax"):
-            (src,), (dst,) = ([self._ref(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
-            if op == "mean":
-                return compile_mean(src, dst)
-            if op == "softmax":
-                return compile_softmax(instr, src, dst)
-            return compile_max_pool(instr, src, dst)
-        if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's
-            (src,), (dst,) = ([self._ref(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
-            kernel = compile_copy(src, dst)
-            if kernel is not None:
-                return kernel
-        if "srcs" in instr:
-            return compile_numpy(instr, [self._ref(model, r) for r in instr["srcs"]],
-                                 [self._ref(model, r) for r in instr["dsts"]])
-        src, dst = self._ref(model, instr["src"]), self._ref(model, instr["dst"])
-        if op == "copy":
-            if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ValueError(f"copy {instr['src']} -> {instr['dst']}: {src.shape} vs {dst.shape}")
-            return compile_copy(src, dst) or (lambda: np.copyto(dst, src))
-        compile_ = {"push": compile_push, "restore": compile_restore}.get(op)
-        if compile_ is None:
-            raise ValueError(f"unknown instruction {op!r}")
-        extra = {}
-        if op == "restore" and instr.get("addend"):  # a residual block's shortcut
-            extra["addend"] = self._ref(model, instr["addend"])
-        if model.online is not None and model.online.enabled:
-            return model.online.wrap(instr, src, dst,
-                                     lambda s, d, **kw: compile_(model, instr, s, d, **extra, **kw))
-        return compile_(model, instr, src, dst, **extra)
-
     def step_program(self, session: dict[str, Any]) -> StepProgram | None:
         """RUN_STEP for the secure world's fast path (``tee_sim.ta_shadownet_steps.step_program``)."""
         return step_program(session.get("model"), int(Command.RUN_STEP))
@@ -490,58 +442,3 @@ class ShadowNetTA(TrustedApp):
     def _run_step(self, session: dict[str, Any], step: int) -> None:
         run_step(session.get("model"), step)
 
-
-def _placement(data: bytes, program: dict[str, Any], size: int) -> dict[str, int]:
-    """BIND_SHARED_MEMORY's placement, checked: the normal world chooses it, so every buffer must be named,
-    aligned and inside the memory, and no step's buffers may overlap (no step may read what it writes
-    itself). Buffers of different steps may: the runtime reuses memory round after round
-    (``shadownet.artifacts.place_buffers``), and what the normal world does to its memory between steps
-    it can do anyway."""
-    specs = program["shared_buffers"]
-    try:
-        offsets = json.loads(data)
-        if not isinstance(offsets, dict) or set(offsets) != set(specs):
-            raise ValueError("it must name every shared buffer, and only those")
-        span = {}
-        for name, spec in specs.items():
-            offset = _count(offsets[name])
-            _check_spec({**spec, "offset": offset}, size, f"shared buffer {name!r}")
-            span[name] = (offset, offset + elements(spec["shape"]) * 4)
-        for k, step in enumerate(program["steps"]):
-            spans = sorted((*span[name], name) for name in _shared_refs(step))
-            for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
-                if start < end:
-                    raise ValueError(f"buffers {a!r} and {b!r} of step {k} overlap")
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:
-        raise _error(TEE_ERROR_BAD_PARAMETERS, f"shared buffer placement: {exc}") from None
-    return offsets
-
-
-def _shared_refs(step: list[dict[str, Any]]) -> set[str]:
-    """The shared buffers a step's instructions name (``shm:NAME``, alone or in a list)."""
-    refs = set()
-    for instr in step:
-        for value in instr.values():
-            for item in value if isinstance(value, list) else (value,):
-                if isinstance(item, str) and item.startswith("shm:"):
-                    refs.add(item[4:])
-    return refs
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a non-negative integer, not {value!r}")
-    return value
-
-
-def _check_spec(spec: dict[str, Any], size: int, what: str) -> None:
-    offset = _count(spec["offset"])
-    dtype = np.dtype(spec["dtype"])
-    if dtype != np.float32 or offset % ALIGN or offset + elements(spec["shape"]) * 4 > size:
-        raise ValueError(f"{what}: {json.dumps(spec)} does not fit {size} bytes")
-
-
-def _view(arena: np.ndarray, spec: dict[str, Any], what: str) -> np.ndarray:
-    _check_spec(spec, arena.nbytes, what)
-    count = elements(spec["shape"])
-    return arena[spec["offset"]:spec["offset"] + 4 * count].view(np.float32).reshape(spec["shape"])

@@ -456,10 +456,12 @@ class PerInference:
             if bound is not None:
                 self.worst_bound_log2 = max(self.worst_bound_log2, bound)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, ahead: int = 0) -> dict[str, Any]:
+        """The pool's and the checks' figures; ``ahead``: 1 when the current entry is the next inference's,
+        taken ahead (``tee_sim.ta_shadownet_steps.take_ahead``), a ready one all the same."""
         return {
             "one_time_rounds": self.rounds,
-            "pool": {"capacity": self.capacity, "ready": self.ready, "entry_bytes": self.entry_bytes,
+            "pool": {"capacity": self.capacity, "ready": self.ready + ahead, "entry_bytes": self.entry_bytes,
                      "pool_bytes": self.pool_bytes, "made": self.made, "offline_s": self.offline_s,
                      "synchronous": self.synchronous},
             "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),

@@ -1,7 +1,9 @@
 /* The secure world's fast path (tee_sim.secure_world_fast): it waits for requests in the control block
  * (tee_sim.channel) and answers, without returning to Python, every OP_INVOKE of a prepared step command
  * whose work is C calls only - the kernels of a trusted app's steps after the first. Anything else
- * (another command, a step out of order, a step with Python work) it leaves to Python, unanswered.
+ * (another command, a step out of order, a step with Python work) it leaves to Python, unanswered. An
+ * inference's first step it answers only when the trusted app has taken that inference's pool entry
+ * ahead (cursor AHEAD): the trusted app's Python picks the entry, between inferences.
  *
  * Why: a step of ResNet-404 (a 32x32x16 restore and push) takes 10.5 us of kernels, and the secure
  * world's Python around it - the request's unpacking, the secure OS's dispatch and parameters, the trusted
@@ -20,20 +22,22 @@
 enum { REQ_SEQ = 0, RESP_SEQ = 8, NW_SLEEPING = 24 };           /* u64 words */
 enum { REQUEST_OFFSET = 256, RESPONSE_OFFSET = 512 };           /* bytes */
 enum { OP_INVOKE = 1, VALUE_INPUT = 1, ORIGIN_TEE = 3 };
+enum { FINISHED = -1, AHEAD = -2 };                             /* tee_sim.secure_world_fast's */
 
 #define MAX_PROGRAMS 32
 
 typedef int (*sw_call)(const void *);
 
-/* One session's step command: step s (0 < s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
- * and *cursor == s (the step the trusted app expects next), then sets *cursor = s + 1, or -1 after the last
- * step (the trusted app settles the finished inference at its next entry). A call that returns
+/* One session's step command: step s (0 <= s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
+ * and *cursor == s (the step the trusted app expects next; for step 0, AHEAD: the inference's pool entry
+ * is taken), then sets *cursor = s + 1, or `finish` after the last step (FINISHED: the trusted app settles
+ * the inference at its next entry; AHEAD: it has nothing to settle nor to take). A call that returns
  * non-zero (a verified restore whose check failed) stops the step, left unanswered to the trusted app's
  * Python, which runs it again from the start and reports what failed: each call redoes its whole work (a
  * result the normal world changes back in between then passes its check: only checked results are used). */
 typedef struct {
     uint32_t session, cmd;
-    int64_t steps;
+    int64_t steps, finish;
     int32_t *cursor;
     const int64_t *starts, *ends;
     const sw_call *fns;
@@ -78,15 +82,14 @@ int sw_serve(sw_world *w, uint64_t *last) {
         const sw_program *p = NULL;
         for (int32_t i = 0; i < w->count; i++)
             if (w->programs[i].session == head[1] && w->programs[i].cmd == head[2]) p = &w->programs[i];
-        if (p == NULL || step == 0 || step >= (uint64_t)p->steps || *p->cursor != (int64_t)step
-                || p->starts[step] < 0)
+        if (p == NULL || step >= (uint64_t)p->steps || p->starts[step] < 0
+                || *p->cursor != (step == 0 ? AHEAD : (int64_t)step))
             return 1;
         int64_t start = now_ns();
         int64_t k = p->starts[step];
         while (k < p->ends[step] && p->fns[k](p->args[k]) == 0) k++;
         if (k < p->ends[step]) return 1; /* a call failed (a check): the TA's Python runs the step again */
-        /* After the last step: FINISHED (-1), whose bookkeeping the trusted app does at its next entry. */
-        *p->cursor = step + 1 == (uint64_t)p->steps ? -1 : (int32_t)step + 1;
+        *p->cursor = step + 1 == (uint64_t)p->steps ? (int32_t)p->finish : (int32_t)step + 1;
         uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
         uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};
         memcpy(w->block + RESPONSE_OFFSET, code, sizeof code);

@@ -4,7 +4,9 @@ A trusted app may offer, per session, a ``StepProgram`` (``TrustedApp.step_progr
 runs one step of a fixed sequence, the step it expects next (a cell both sides share) and, per step, the
 C calls the step is made of, or none when the step needs the app's Python. ``SecureWorld`` then waits
 for requests in ``FastPath.serve``, which answers those steps itself - same checks (the session's command,
-one input Value, the step expected next), same response - and hands everything else back to Python.
+one input Value, the step expected next), same response - and hands everything else back to Python. Step 0
+starts an inference: the fast path runs it only when the app has prepared that inference ahead (cursor
+``AHEAD``; the ShadowNet TA takes its pool entry between inferences, ``tee_sim.ta_shadownet_steps``).
 After every request Python handles, ``refresh`` takes the programs of the sessions still open and alive.
 Its polling yields the core between looks for the whole window (the secure world's ``hard_spin_us`` applies
 to Python's polling only). Only the process transport has it; the in-process one calls the app directly.
@@ -21,31 +23,33 @@ from typing import Any
 import numpy as np
 
 MAX_PROGRAMS = 32  # as in the C file
-FINISHED = -1  # a cursor's value after the fast path ran a program's last step
+FINISHED = -1  # a cursor's value after the fast path ran a program's last step, for the app to settle
+AHEAD = -2  # the app has prepared the next inference: the fast path may run its step 0
 
 
 @dataclass
 class StepProgram:
     """One session's step command, for the fast path. ``cursor``: int32 ``[1]``, the step the app expects
-    next (the app reads and writes it too; ``FINISHED`` after the fast path ran the last step, which the app
-    settles - statistics, the spent pool entry - at its next entry); ``calls[s]``: step ``s``'s C calls as
-    ``(function address, argument address)`` pairs, or None where it needs the app's Python (step 0 always
-    does: it starts an inference). ``keep``: whatever the addresses point into."""
+    next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run); ``calls[s]``:
+    step ``s``'s C calls as ``(function address, argument address)`` pairs, or None where it needs the app's
+    Python. ``finish``: the cursor after the last step - ``FINISHED``, which the app settles (statistics,
+    the spent pool entry) at its next entry, or ``AHEAD`` when it has nothing to settle nor to prepare.
+    ``keep``: whatever the addresses point into."""
 
     cmd: int
     cursor: np.ndarray
     calls: Sequence[Sequence[tuple[int, int]] | None]
     keep: Any = None
+    finish: int = FINISHED
     arrays: dict[str, np.ndarray] = field(init=False, repr=False)  # calls, flattened for C
 
     def __post_init__(self) -> None:
         flat = [c for step in self.calls if step is not None for c in step]
         starts, ends, at = [], [], 0
-        for s, step in enumerate(self.calls):
-            fast = step is not None and 0 < s
-            starts.append(at if fast else -1)
+        for step in self.calls:
+            starts.append(at if step is not None else -1)
             at += len(step) if step is not None else 0
-            ends.append(at if fast else -1)
+            ends.append(at if step is not None else -1)
         self.arrays = {
             "starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64),
             "fns": np.array([f for f, _ in flat] or [0], np.uintp),
@@ -55,8 +59,8 @@ class StepProgram:
 
 class _Program(ctypes.Structure):
     _fields_ = [("session", ctypes.c_uint32), ("cmd", ctypes.c_uint32), ("steps", ctypes.c_int64),
-                ("cursor", ctypes.c_void_p), ("starts", ctypes.c_void_p), ("ends", ctypes.c_void_p),
-                ("fns", ctypes.c_void_p), ("args", ctypes.c_void_p)]
+                ("finish", ctypes.c_int64), ("cursor", ctypes.c_void_p), ("starts", ctypes.c_void_p),
+                ("ends", ctypes.c_void_p), ("fns", ctypes.c_void_p), ("args", ctypes.c_void_p)]
 
 
 class _World(ctypes.Structure):
@@ -113,8 +117,8 @@ class FastPath:
         for i, (sid, program) in enumerate(chosen.items()):
             a = program.arrays
             self._world.programs[i] = _Program(
-                sid, program.cmd, len(program.calls), program.cursor.ctypes.data, a["starts"].ctypes.data,
-                a["ends"].ctypes.data, a["fns"].ctypes.data, a["args"].ctypes.data)
+                sid, program.cmd, len(program.calls), program.finish, program.cursor.ctypes.data,
+                a["starts"].ctypes.data, a["ends"].ctypes.data, a["fns"].ctypes.data, a["args"].ctypes.data)
         self._world.count = len(chosen)
         self._programs = chosen
 

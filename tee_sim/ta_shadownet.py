@@ -79,7 +79,7 @@ from tee_sim.ta_shadownet_compile import (
 from tee_sim.ta_shadownet_kernels import SOURCES as KERNEL_SOURCES
 from tee_sim.ta_shadownet_linears import Linear, prepare_linears
 from tee_sim.ta_shadownet_restore_push import scratch_size
-from tee_sim.ta_shadownet_steps import run_step, settle, step_program
+from tee_sim.ta_shadownet_steps import ahead, run_step, settle, step_program, take_ahead
 
 MEMREF_IN, MEMREF_OUT = TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_MEMREF_OUTPUT
 MEMREF_INOUT = TEE_PARAM_TYPE_MEMREF_INOUT
@@ -175,7 +175,14 @@ class ShadowNetTA(TrustedApp):
         if cmd_id == Command.RUN_STEP:  # the hot path first
             check_param_types(params, VALUE_IN)
             self._run_step(session, params[0].a)
-        elif cmd_id == Command.LOAD_MODEL:
+            return
+        try:
+            self._command(session, cmd_id, params)
+        finally:
+            take_ahead(session.get("model"))  # between inferences: the next one's pool entry
+
+    def _command(self, session: dict[str, Any], cmd_id: int, params: TAParams) -> None:
+        if cmd_id == Command.LOAD_MODEL:
             manifest = None
             if params.types == _LOAD_WITH_MANIFEST:
                 flags, capacity, manifest = params[2].a, params[2].b, bytes(params[3].buffer)
@@ -197,7 +204,7 @@ class ShadowNetTA(TrustedApp):
         elif cmd_id == Command.GET_POOL_STATS:
             check_param_types(params, MEMREF_OUT)
             model = session.get("model")
-            stats = model.online.stats() if model is not None and model.online is not None else {}
+            stats = model.online.stats(ahead(model)) if model is not None and model.online is not None else {}
             _write(params[0], json.dumps(stats).encode())
         elif cmd_id == Command.BIND_SHARED_MEMORY:
             if params.types == TEE_PARAM_TYPES(MEMREF_INOUT, MEMREF_IN):
@@ -326,7 +333,9 @@ class ShadowNetTA(TrustedApp):
             out.a, out.b = 0, 0
             return
         budget = request.a / 1e6 if request.a else None
-        out.a, out.b = online.refill(budget, request.b), online.capacity
+        online.refill(budget, request.b)
+        take_ahead(model)
+        out.a, out.b = online.ready + ahead(model), online.capacity
 
     def _unload(self, session: dict[str, Any]) -> None:
         model = session.get("model")

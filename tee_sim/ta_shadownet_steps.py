@@ -1,6 +1,7 @@
 """How the ShadowNet trusted app runs a loaded program: one RUN_STEP at a time, in order; the step program
-the secure world's C fast path answers instead (the steps after the first that are kernel calls only);
-and the settling of an inference whose last step the fast path ran.
+the secure world's C fast path answers instead (the steps that are kernel calls only); the next
+inference's pool entry taken ahead, between inferences, so that its step 0 can run there too; and the
+settling of an inference whose last step the fast path ran.
 
 ``model`` is the TA's loaded model (``tee_sim.ta_shadownet._Model``): its compiled ``steps``, the shared
 ``cursor`` (the step expected next), its per-inference material ``online`` and ``fast``, the step programs
@@ -13,24 +14,25 @@ from collections.abc import Callable
 from typing import Any
 
 from tee_sim.errors import TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP, TEEError
-from tee_sim.secure_world_fast import FINISHED, StepProgram
+from tee_sim.secure_world_fast import AHEAD, FINISHED, StepProgram
 
 
 def run_step(model: Any, step: int) -> None:
     """Step ``step`` of the inference under way (0 starts one: its pool slot, one-time masks and
-    projections); a failed step ends the inference; the last one tallies its checks and spends its entry."""
+    projections, unless ``take_ahead`` took them); a failed step ends the inference; the last one tallies
+    its checks and spends its entry."""
     if model is None or model.steps is None:
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
                        "no model loaded and bound to shared memory")
     expected = int(model.cursor[0])
     if step >= len(model.steps) or (step != 0 and step != expected):
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
-                       f"step {step} out of order (expected 0 or {expected})")
+                       f"step {step} out of order (expected 0 or {max(expected, 0)})")
     online = model.online
     last = step + 1 == len(model.steps)
     try:
-        if step == 0 and online is not None:
-            online.begin()  # this inference's one-time masks and projections
+        if step == 0 and online is not None and expected != AHEAD:
+            online.begin()  # this inference's one-time masks and projections (the last one's are spent)
         for run in model.steps[step]:
             run()
     except BaseException:
@@ -38,7 +40,7 @@ def run_step(model: Any, step: int) -> None:
         if online is not None:
             online.end()
         raise
-    model.cursor[0] = 0 if last else step + 1
+    model.cursor[0] = (0 if _settles(model) else AHEAD) if last else step + 1
     if last and online is not None:
         online.tally()
         online.end()
@@ -46,11 +48,13 @@ def run_step(model: Any, step: int) -> None:
 
 def step_program(model: Any, command: int) -> StepProgram | None:
     """RUN_STEP (``command``) for the secure world's fast path (``tee_sim.secure_world_fast``): the steps
-    after the first whose instructions are all kernel calls (``c_call``; or, where they differ per pool
-    slot - one-time masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops),
-    which it then runs without the app's Python, advancing ``cursor`` as ``run_step`` does (after the last
-    step to ``FINISHED``: ``settle``). One program per slot: the secure world takes it anew after step 0,
-    which picks the inference's slot in Python."""
+    whose instructions are all kernel calls (``c_call``; or, where they differ per pool slot - one-time
+    masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops), which it then
+    runs without the app's Python, advancing ``cursor`` as ``run_step`` does (after the last step to
+    ``FINISHED``, ``settle``'s, or for a model with no pool straight to ``AHEAD``). Step 0 only from
+    ``AHEAD`` (``take_ahead``). One program per slot: the secure world takes it anew after every request
+    the app's Python answers, and the slot changes only there (``take_ahead``, or a step 0 run in
+    Python)."""
     if model is None or model.steps is None:
         return None
     online = model.online
@@ -60,9 +64,37 @@ def step_program(model: Any, command: int) -> StepProgram | None:
         programs = model.fast = {}
     if slot not in programs:
         calls = [step_calls(step, slot) for step in model.steps]
-        calls[0] = None  # Python's: it begins an inference (picks its pool slot)
-        programs[slot] = StepProgram(command, model.cursor, calls, keep=model.steps)
+        programs[slot] = StepProgram(command, model.cursor, calls, keep=model.steps,
+                                     finish=FINISHED if _settles(model) else AHEAD)
     return programs[slot]
+
+
+def take_ahead(model: Any) -> None:
+    """Between inferences (after a request that is not a step: a refill, a report, a load or a bind): the
+    next inference's pool entry taken now, off its path, so that its step 0 - kernel calls like the others
+    - can run on the fast path: cursor ``AHEAD``. Nothing when an inference is under way or unsettled, or
+    the pool has no ready entry (step 0 then takes one, in Python, as it did). A step 0 that finds no
+    ``AHEAD`` begins anew: an entry an abandoned inference used is spent, never taken again."""
+    if model is None or model.steps is None or model.cursor[0] != 0:
+        return
+    online = model.online
+    if _settles(model):
+        if online.current is not None or not online.ready:
+            return
+        online.begin()
+    model.cursor[0] = AHEAD
+
+
+def ahead(model: Any) -> int:
+    """1 if the next inference's pool entry is taken (``take_ahead``), else 0: a ready entry all the same."""
+    return int(model is not None and model.cursor[0] == AHEAD and model.online is not None
+               and model.online.current is not None)
+
+
+def _settles(model: Any) -> bool:
+    """Whether inferences of ``model`` take pool entries (one-time masks, checks) that a finished one's
+    settling spends and the next one's step 0 takes."""
+    return model.online is not None and model.online.enabled
 
 
 def settle(model: Any) -> None:

@@ -1,6 +1,7 @@
-"""The secure world's fast path (``tee_sim.secure_world_fast``): the ShadowNet TA's steps after the first
-answered in C, through a control block as the process transport posts them, give the TA's own results; a
-step out of order, or one with Python work, is left unanswered for the TA, which refuses or runs it."""
+"""The secure world's fast path (``tee_sim.secure_world_fast``): the ShadowNet TA's steps answered in C,
+through a control block as the process transport posts them, give the TA's own results; a step out of
+order, or one with Python work, is left unanswered for the TA, which refuses or runs it; a step 0 only when
+the TA took its inference's pool entry ahead."""
 
 import mmap
 import os
@@ -15,7 +16,7 @@ from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import IntegrityError
 from tee_sim import channel as ch
 from tee_sim.secure_os import NO_PARAMS, Outcome
-from tee_sim.secure_world_fast import FINISHED, FastPath
+from tee_sim.secure_world_fast import AHEAD, FINISHED, FastPath
 from tests.shadownet.conftest import relative_error
 from tests.shadownet.small_models import reference, small_cnn
 
@@ -98,9 +99,49 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
         model(x)
         assert fast.served == 4 * per_inference
         assert loaded.cursor[0] == FINISHED and loaded.online.current is not None
+        spent = loaded.online.current
         model.refill_masks()
-        assert loaded.cursor[0] == 0 and loaded.online.current is None
+        # The refill settled it, remade its entry and took the next inference's ahead: that inference runs
+        # wholly in C, its step 0 included.
+        assert loaded.cursor[0] == AHEAD and loaded.online.current is not None
+        assert loaded.online.current is not spent
+        pool = model.stats()["pool"]
+        assert pool["ready"] == pool["capacity"]  # the entry taken ahead is ready all the same
+        before = fast.served
+        assert relative_error(model(x), reference(original, x)) <= 1e-4
+        assert fast.served - before == model.num_rounds + 1 == per_inference + 1
+        # An inference abandoned after its step 0 ran in C: the next step 0 is not AHEAD, so the TA's Python
+        # begins anew, with another entry; the abandoned one is spent, not taken again.
+        model.refill_masks()
+        abandoned = loaded.online.current
+        before = fast.served
+        model._steps[0]()
+        assert fast.served == before + 1 and loaded.cursor[0] == 1
+        assert relative_error(model(x), reference(original, x)) <= 1e-4
+        assert fast.served == before + 1 + per_inference
+        assert loaded.online.current is not abandoned and abandoned in loaded.online._free
     assert context._transport._os.step_programs() == {}  # the session closed: nothing left to answer
+    context.close()
+
+
+def test_a_model_without_a_pool_runs_every_step_in_c(tmp_path, monkeypatch):
+    """The paper's scheme (static masks), unverified: no pool entry to take or spend, so after the bind
+    every inference - step 0 and the last included - is answered in C, and the next one's step 0 too."""
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), scheme="shadownet", seed=8)
+    context = tee_sim.Context("inprocess")
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    fast = _through_fast_path(context, monkeypatch)
+    with shadownet.load(tmp_path / "out") as model:
+        (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
+        assert loaded.online is None and loaded.cursor[0] == AHEAD
+        rng = np.random.default_rng(2)
+        for i in range(3):
+            x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+            assert relative_error(model(x), reference(original, x)) <= 1e-3
+            assert fast.served == (i + 1) * (model.num_rounds + 1) and loaded.cursor[0] == AHEAD
     context.close()
 
 

@@ -21,9 +21,10 @@ price (``stats``: ``pool_bytes``; 4 MiB by default). The weights the refills nee
 (``tee_sim.obfuscated_weights.Weights``): read back from the normal world's copy and checked by a keyed
 hash (Poly1305).
 
-Every entry is used by one inference at most: ``begin`` (step 0) takes a ready entry, and the entry is
-discarded when the inference ends, fails or is abandoned (a new step 0), never put back; with an empty
-pool ``begin`` makes one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
+Every entry is used by one inference at most: ``begin`` (step 0, or between inferences for the next one:
+``tee_sim.ta_shadownet_steps.take_ahead``) takes a ready entry, and the entry is discarded when the
+inference ends, fails or is abandoned (a new step 0), never put back; with an empty pool ``begin`` makes
+one now (``refill`` policy) or fails with ``TEE_ERROR_NO_DATA`` (``fail``).
 
 Integrity (``verify``): each inference also takes, from its entry, fresh secret projections for every layer
 (normal draws from a PCG64 generator seeded per entry with 256 bits of the TEE's CSPRNG, projected in C:

@@ -1,6 +1,6 @@
 /* The secure world's fast path (tee_sim.secure_world_fast): it waits for requests in the control block
  * (tee_sim.channel) and answers, without returning to Python, every OP_INVOKE of a prepared step command
- * whose work is C calls only - the kernels of a trusted app's steps after the first. Anything else
+ * whose work is C calls only - the kernels of a trusted app's steps. Anything else
  * (another command, a step out of order, a step with Python work) it leaves to Python, unanswered. An
  * inference's first step it answers only when the trusted app has taken that inference's pool entry
  * ahead (cursor AHEAD): the trusted app's Python picks the entry, between inferences.

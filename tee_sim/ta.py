@@ -100,8 +100,8 @@ class TrustedApp:
         raise TEEError(TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TRUSTED_APP, f"unknown command {cmd_id}")
 
     def step_program(self, session: Any) -> Any:
-        """Optional: the session's ``tee_sim.secure_world_fast.StepProgram`` (a step command whose steps
-        after the first are C calls only), which the process transport's secure world then answers without
+        """Optional: the session's ``tee_sim.secure_world_fast.StepProgram`` (a step command and the steps
+        of it that are C calls only), which the process transport's secure world then answers without
         calling ``invoke_command``; None (the default): every command comes here. Asked after every request
         this app handles: return the same object while nothing changed."""
         return None

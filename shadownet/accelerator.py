@@ -58,6 +58,12 @@ class Accelerator(Protocol):
 
 _Copy = tuple[np.ndarray, np.ndarray]  # (destination, source)
 
+# LiteRT interpreters whose tensors' pages could not be given back to private memory (a failed unmapping):
+# kept for the process's lifetime. Freed, their arenas would hand pages of the shared memory to malloc,
+# which takes memory the kernel gives back (madvise) as zeroed - a shared page keeps its contents - and
+# whatever it allocates there next is corrupt (an abort in LiteRT's next model, seen in the tests).
+_KEPT: list[Any] = []
+
 
 class LiteRTAccelerator:
     """The default accelerator: LiteRT on ``untrusted.tflite``, one signature runner per round.
@@ -323,11 +329,14 @@ class LiteRTAccelerator:
 
     def _unshare(self) -> None:
         shared, self._shared = self._shared, []
+        failed = False
         for pages in shared:
             try:
                 pages.release()
             except OSError:  # the pages stay the shared memory's: still memory, and closing goes on
-                pass
+                failed = True
+        if failed:  # never freed: their arenas hold pages of the shared memory (_KEPT)
+            _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
 
     def close(self) -> None:
         self._plan = []

@@ -30,7 +30,9 @@ magnitude exact:
 It costs the masked layer 4x its multiply-adds (MobileNet's first layer, reading the user's 3-channel
 image: 5.7% more for the model) and the TEE a restore that reads twice the layer's output and pop mask.
 Conv and dense layers only: a depthwise layer cannot read both halves of a channel in one op, and keeps
-the plain one-time mask.
+the plain one-time mask. Where the mask's rounding costs the model little, the split is not worth its
+cost: ``groupmix``'s default policy (``exact_split=auto``) splits round 1 only where calibration measured
+that cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``).
 This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
 """
 
@@ -40,6 +42,17 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+# The ``auto`` policy splits round 1 where the mask's float32 rounding alone costs the outputs more than
+# NEEDED_ABOVE (``converters.calibration.split_needed``; a tenth of the 1e-4 fidelity target: the protected
+# model's error without the split measured up to 9x that cost, MobileNet), or where the split costs less
+# than CHEAP_BELOW of the model's offloaded multiply-adds (the precision is then worth its price: ResNet-44,
+# whose error without it is 7.7x LiteRT's own engines' against float64, 4.7e-6, under the target still).
+# The zoo on the default calibration, cost and the split's share: MobileNet 1.2e-4, 5.7%, and ResNet-404
+# 2.0e-4 (split: needed); ResNet-44 7.5e-6, 1.4% (split: cheap); yolov4-tiny 5.6e-6, 3.3% and MiniVGG
+# 4.0e-6 (not split: their protected errors without it at worst 1.3e-5 and 2.7e-5 over 2 conversions x 3
+# inputs x 3 inferences on [0, 1] and on [-1, 1], against 6.9e-6 and 7.7e-6 with it).
+NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
 
 FLOAT32_BITS = 24
 MIN_BITS = 10  # below this many bits for b_x + b_w the split gains too little to pay for itself

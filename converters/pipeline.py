@@ -27,20 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from converters.graph import Graph, write_model
+from converters.calibration import activation_stats, calibration_inputs, split_needed
+from converters.graph import Graph
 from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.program import write_program
-from converters.schemes import ActivationStats, Scheme, get_scheme
+from converters.schemes import Scheme, get_scheme
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 
 FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1
 UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
-CALIBRATION_SAMPLES = 4
 
 
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
@@ -77,13 +77,18 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                                  "constant weights: nothing to protect")
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
-    stats = activation_stats(graph, needed, calibration)
+    samples = calibration_inputs(graph, calibration)
+    floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}
+    stats = activation_stats(graph, needed | floats, samples)
     static = getattr(chosen, "static_masks", True)
     if static and mask_rounds is not None:
         warnings.warn(f"scheme {chosen.name} uses static masks: mask_rounds={mask_rounds!r} is ignored",
                       stacklevel=2)
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
-    plan = build(graph, part, chosen, rng, stats, one_time)
+    # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
+    needs_split = split_needed(graph, samples, stats, chosen) \
+        if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
+    plan = build(graph, part, chosen, rng, stats, one_time, needs_split)
     plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -160,88 +165,6 @@ def secret_rng(seed: int | None) -> np.random.Generator:
     warnings.warn(f"converting with seed={seed}: the secrets are reproducible by anyone who guesses the seed "
                   "(INSECURE, for tests only)", stacklevel=3)
     return np.random.Generator(np.random.PCG64(seed))
-
-
-def _calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]:
-    """Lists of model inputs (one list per sample). Each input's array holds one or more samples stacked
-    along the batch axis (``[k * batch, ...]``: one input of the model's own shape is one sample) or on a
-    new leading axis (``[k, *shape]``)."""
-    shapes = [graph.tensors[t].shape for t in graph.inputs]
-    names = [graph.tensors[t].name for t in graph.inputs]
-    if calibration is None:
-        rng = np.random.default_rng(0)  # not a secret: representative inputs only
-        return [[rng.standard_normal(s).astype(np.float32) for s in shapes]
-                for _ in range(CALIBRATION_SAMPLES)]
-    if isinstance(calibration, dict):
-        data = calibration
-    else:
-        try:
-            with np.load(calibration, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"cannot read calibration file {calibration}: {exc}") from None
-    if len(names) == 1 and names[0] not in data and len(data) == 1:
-        data = {names[0]: next(iter(data.values()))}
-    columns = []
-    for name, shape in zip(names, shapes, strict=True):
-        if name not in data:
-            raise ModelFormatError(f"calibration data has no array {name!r} (keys: {sorted(data)})")
-        a, shape = np.asarray(data[name], np.float32), tuple(shape)
-        if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
-            a = a.reshape(-1, *shape[1:])
-        if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
-            raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)} "
-                                   "(give k inputs stacked along its first axis, or as [k, *shape])")
-        if not np.isfinite(a).all():
-            raise ModelFormatError(f"calibration {name!r} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN "
-                                   "or infinite value(s): the mask scales are measured on these inputs")
-        columns.append([a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])])
-    if len({len(column) for column in columns}) > 1:
-        counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, columns, strict=True))
-        raise ModelFormatError(f"calibration inputs hold different numbers of samples ({counts})")
-    return [list(sample) for sample in zip(*columns, strict=True)]
-
-
-def activation_stats(graph: Graph, tensors: set[int], calibration: Any = None) -> dict[int, ActivationStats]:
-    """Per-channel mean, standard deviation and RMS of each tensor in ``tensors`` over the calibration
-    inputs, from LiteRT running the original (normalized) graph, so the masks match what they hide."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    # The tensors to measure become extra model outputs, so LiteRT runs at full speed (XNNPACK) and
-    # hands them back; model inputs are read from the samples themselves.
-    probes = sorted(t for t in tensors if t not in graph.inputs)
-    probe = Graph(graph.tensors, graph.ops, list(graph.inputs), list(graph.outputs) + probes)
-    interpreter = Interpreter(model_content=write_model(probe), num_threads=2)
-    interpreter.allocate_tensors()
-    details = interpreter.get_input_details()
-    out_index = [d["index"] for d in interpreter.get_output_details()][len(graph.outputs):]
-    sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
-    squares = dict.fromkeys(tensors, 0.0)
-    count = 0
-    for sample in _calibration_inputs(graph, calibration):
-        for d, x in zip(details, sample, strict=True):
-            interpreter.set_tensor(d["index"], x)
-        interpreter.invoke()
-        values = {t: interpreter.get_tensor(i) for t, i in zip(probes, out_index, strict=True)}
-        values.update((t, x) for t, x in zip(graph.inputs, sample, strict=True) if t in tensors)
-        for t in tensors:
-            value = values[t]
-            if value.shape != graph.tensors[t].shape:
-                raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
-                                     f"{graph.tensors[t].shape}")
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[t] += flat.mean(axis=0)
-            squares[t] += float(np.mean(np.square(flat)))
-        count += 1
-    stats = {}
-    for t in tensors:
-        mean = sums[t] / count
-        rms = float(np.sqrt(squares[t] / count))
-        std = float(np.sqrt(max(squares[t] / count - float(np.mean(np.square(mean))), 0.0)))
-        if not (np.isfinite(rms) and np.all(np.isfinite(mean))):
-            mean, rms, std = np.zeros_like(mean), 1.0, 1.0
-        stats[t] = ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
-    return stats
 
 
 # Inputs that decide an op's output shape. A computed one makes LiteRT allocate the output while it runs

@@ -40,10 +40,12 @@ class Plan:
 
 
 def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-          stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = ()) -> Plan:
+          stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = (),
+          needs_split: dict[int, bool] | None = None) -> Plan:
     """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring);
-    ``one_time_rounds``: the rounds whose masks the TEE draws per inference (``converters.per_inference``)."""
-    b = TeeProgramBuilder(graph, part, scheme, rng, stats, one_time_rounds)
+    ``one_time_rounds``: the rounds whose masks the TEE draws per inference (``converters.per_inference``);
+    ``needs_split``: per model input, whether its mask needs an exact split (``converters.calibration``)."""
+    b = TeeProgramBuilder(graph, part, scheme, rng, stats, one_time_rounds, needs_split)
     b.obfuscate_rounds()
     b.plan_tee()
     b.emit()

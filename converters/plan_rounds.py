@@ -85,9 +85,11 @@ class RoundsBuilder:
     (``fused`` activations, ``residuals``, ``pads``)."""
 
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
+                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int],
+                 needs_split: dict[int, bool] | None = None) -> None:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
+        self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)
         self.untrusted = Graph()
         self.signatures: list[Signature] = []
@@ -129,13 +131,13 @@ class RoundsBuilder:
                     # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
                     one_time = r in self.one_time
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
-                    policy = getattr(self.scheme, "exact_split", "none")
-                    split = self._split(x, [i] if transformed else ops, stats) \
-                        if one_time and (policy == "all" or (policy == "first" and r == 1)) else None
+                    source, pad = self._zero_pad(x)
+                    readers = [i] if transformed else ops
+                    split = self._split(x, readers, stats) if one_time and self._splits(r, source, readers) \
+                        else None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid
-                    source, pad = self._zero_pad(x)
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
                                    "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
                                    "one_time": one_time, "stats": stats, "split": split, "wire_shape": wire,
@@ -223,6 +225,22 @@ class RoundsBuilder:
                 rest["activation"] = g.ops[act] if act is not None else None
                 rest["tensor"] = self.result[rest["op"]] = g.ops[act].outputs[0] if act is not None else total
 
+    def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
+        """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
+        exact split, by the scheme's policy: every one-time round (``all``), round 1 (``first``), round 1
+        where the mask's float32 rounding costs the outputs precision (``auto``: ``needs_split``, measured
+        by calibration; a tensor it did not measure, one the TEE computes, is split) or where the split -
+        3x more multiply-adds on its readers - is cheap (``exact_split.CHEAP_BELOW``), or none."""
+        policy = getattr(self.scheme, "exact_split", "none")
+        if policy == "all":
+            return True
+        if r != 1 or policy not in ("first", "auto"):
+            return False
+        if policy == "first" or self.needs_split.get(source, True):
+            return True
+        total = sum(_macs(self.g, i) for i in self.part.offloaded)
+        return 3 * sum(_macs(self.g, i) for i in readers) < exact_split.CHEAP_BELOW * total
+
     def _split(self, x: int, ops: Sequence[int], stats: ActivationStats) -> exact_split.Split | None:
         """The exact split of a one-time push of ``x`` (``converters.exact_split``) when every op of
         ``ops`` that reads it is a conv or a dense layer on its last axis; else ``None``."""
@@ -266,3 +284,11 @@ class RoundsBuilder:
         padding keeps every op exactly linear, so subtracting it removes the mask's whole effect."""
         y_obf = linear.apply(kind, mask.astype(np.float64), obf.weights, options, obf_shape)
         return obf.restore(y_obf)
+
+
+def _macs(g: Graph, i: int) -> int:
+    """Multiply-adds of the offloaded op ``i``: per output element, a convolution's ``kh * kw * C_in``
+    (depthwise ``kh * kw``), a dense layer's input width."""
+    op = g.ops[i]
+    out, w = math.prod(g.tensors[op.outputs[0]].shape), g.tensors[op.inputs[1]].shape
+    return out * (math.prod(w[1:3]) if op.kind == "DEPTHWISE_CONV_2D" else math.prod(w[1:]))

@@ -33,8 +33,9 @@ class TeeProgramBuilder(RoundsBuilder):
     ``shared_memory_size``)."""
 
     def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
-                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int]) -> None:
-        super().__init__(graph, part, scheme, rng, stats, one_time_rounds)
+                 stats: dict[int, ActivationStats], one_time_rounds: Sequence[int],
+                 needs_split: dict[int, bool] | None = None) -> None:
+        super().__init__(graph, part, scheme, rng, stats, one_time_rounds, needs_split)
         self.arrays: dict[str, np.ndarray] = {}  # the TEE program's arrays, by name
 
     def plan_tee(self) -> None:

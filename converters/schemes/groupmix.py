@@ -51,8 +51,10 @@ accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static m
 with round 1's one-time mask alone. A one-time-masked conv or dense layer therefore receives its input as
 an exact split (``exact_split``, ``converters.exact_split``): the mask's magnitude is computed exactly and
 round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 6e-6 - 8e-5 with no
-mask at all). By default only round 1's: the first layer is small (the split adds 5.7% to MobileNet's
-multiply-adds), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all`` pays it).
+mask at all). By default (``auto``) only round 1's, and there only where calibration measured that the
+mask's rounding costs the outputs precision or the split is cheap (``converters.exact_split``): the first
+layer is small (the split adds 5.7% to MobileNet's multiply-adds), the deeper one-time rounds of
+``--mask-rounds all`` are not (``exact_split=all`` pays it).
 Unmasked rounds show the accelerator their features through the input mixing only, which an attacker
 fitting an affine map (the audit's measure) undoes; they need only their bias in secure memory.
 
@@ -71,23 +73,24 @@ import numpy as np
 
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
 
-SPLIT_POLICIES = ("first", "all", "none")
+SPLIT_POLICIES = ("auto", "first", "all", "none")
 
 
 class GroupMixScheme:
     """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
     ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them),
     ``mask_scale`` (10.0, times the activations' RMS, one-time masks), ``static_mask_scale`` (0.0: rounds
-    without one-time masks go unmasked), ``center_masks`` (True), ``exact_split`` (``"first"``: round 1's
-    one-time-masked conv and dense inputs cross in two exact halves, ``converters.exact_split``; ``"all"``:
-    every one-time round's, at 4x those layers' multiply-adds; ``"none"``)."""
+    without one-time masks go unmasked), ``center_masks`` (True), ``exact_split`` (``"auto"``: round 1's
+    one-time-masked conv and dense inputs cross in two exact halves, ``converters.exact_split``, where
+    calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
+    1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
-                 center_masks: bool = True, exact_split: str = "first") -> None:
+                 center_masks: bool = True, exact_split: str = "auto") -> None:
         if not (isinstance(group_size, int) and group_size >= 2):
             raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
         if not (isinstance(min_group, int) and 1 <= min_group <= group_size):

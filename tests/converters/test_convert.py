@@ -218,7 +218,7 @@ def test_calibration_file_and_keras_input(tf, device, tmp_path):
 def test_calibration_forms_and_refusals():
     """One input of the model's own shape is one sample; k of them stack along its first axis or on a new
     one; anything else and non-finite values are refused."""
-    from converters.pipeline import _calibration_inputs
+    from converters.calibration import calibration_inputs as _calibration_inputs
 
     graph = normalize(read_model(tiny_model_bytes()))
     (index,) = graph.inputs

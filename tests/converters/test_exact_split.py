@@ -61,9 +61,12 @@ class Recorder(AcceleratorWrapper):
             self.seen = {n: np.array(v) for n, v in self.buffers.items() if n.startswith("round_1/")}
 
 
+SPLIT = "groupmix:exact_split=first"  # round 1 split whatever it costs (the default, auto, weighs it)
+
+
 @pytest.fixture(scope="module")
 def split_cnn(tmp_path_factory) -> str:
-    return protect_small_cnn(tmp_path_factory, "split", seed=5)
+    return protect_small_cnn(tmp_path_factory, "split", seed=5, scheme=SPLIT)
 
 
 def test_the_accelerator_computes_the_masks_half_exactly(split_cnn):
@@ -106,7 +109,7 @@ def test_a_split_layer_is_as_precise_as_an_unmasked_one(tmp_path_factory):
     errors = {}
     x = images(4, seed=6)
     want = [reference(small_cnn(), xi) for xi in x]
-    for name, scheme in (("split", "groupmix"), ("plain", "groupmix:exact_split=none"),
+    for name, scheme in (("split", SPLIT), ("plain", "groupmix:exact_split=none"),
                          ("unmasked", "groupmix:mask_scale=0")):
         out = protect_small_cnn(tmp_path_factory, name, seed=5, scheme=scheme)
         with shadownet.load(out) as model:
@@ -128,11 +131,48 @@ def test_policy_all_splits_every_masked_conv_and_dense_input(tmp_path_factory):
         kinds = {op.kind for op in graph.ops}
         assert split[key] == ("DEPTHWISE_CONV_2D" not in kinds), (key, kinds)
     assert sum(split.values()) >= 3
-    first = json.loads((Path(protect_small_cnn(tmp_path_factory, "split_first", seed=5, mask_rounds="all"))
-                        / "manifest.json").read_text())
+    first = json.loads((Path(protect_small_cnn(tmp_path_factory, "split_first", seed=5, scheme=SPLIT,
+                                               mask_rounds="all")) / "manifest.json").read_text())
     assert [bool(r["inputs"][0].get("split")) for r in first["rounds"]] == \
-        [True] + [False] * (len(first["rounds"]) - 1)  # the default: round 1 only
+        [True] + [False] * (len(first["rounds"]) - 1)  # round 1 only
     with shadownet.load(out) as model:
         for x in images(3, seed=8):
             want = reference(small_cnn(), x)
             assert np.abs(model(x) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_auto_splits_where_the_mask_costs_precision_or_the_split_is_cheap(tmp_path_factory, monkeypatch):
+    """exact_split=auto, the default: round 1 is split where calibration measured that the mask's float32
+    rounding costs the outputs more than NEEDED_ABOVE, or where the split costs under CHEAP_BELOW of the
+    model's multiply-adds; the small CNN (its first layer a third of its work) is neither."""
+    def round_1_split(name: str) -> bool:
+        out = protect_small_cnn(tmp_path_factory, name, seed=5)
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+        return bool(manifest["rounds"][0]["inputs"][0].get("split"))
+
+    assert not round_1_split("auto")
+    monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 0.0)
+    assert round_1_split("auto_needed")
+    monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1.0)
+    monkeypatch.setattr(exact_split, "CHEAP_BELOW", 10.0)  # any split's 3x more of its layer is cheap
+    assert round_1_split("auto_cheap")
+
+
+def test_the_masks_cost_is_measured_from_its_rounding(monkeypatch):
+    """calibration.split_needed runs the original on fl(x + r) - r: a mask of 10x the input's spread moves
+    the outputs; with no mask at all (no scale, not centred) nothing is rounded and the cost is zero."""
+    from converters.calibration import activation_stats, calibration_inputs, split_needed
+    from converters.normalize import normalize
+    from converters.schemes import get_scheme
+    from converters.tflite_reader import read_model
+
+    graph = normalize(read_model(small_cnn()))
+    samples = calibration_inputs(graph, None)
+    stats = activation_stats(graph, set(graph.inputs), samples)
+    monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e-12)
+    (t,) = graph.inputs
+    assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: True}
+    none = get_scheme("groupmix:mask_scale=0,center_masks=false")
+    assert split_needed(graph, samples, stats, none) == {t: False}
+    monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e-3)  # far above what 10x costs this small model
+    assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: False}

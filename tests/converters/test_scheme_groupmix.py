@@ -94,7 +94,7 @@ def test_registry_and_parameters():
     assert s.public_params() == {"group_size": 8, "min_group": 8, "max_cos": 0.7, "tries": 64,
                                  "input_group": 1, "mask_scale": 10.0, "static_mask_scale": 0.0,
                                  "center_masks": True, "exact_split": "none"}
-    assert get_scheme("groupmix").public_params()["exact_split"] == "first"
+    assert get_scheme("groupmix").public_params()["exact_split"] == "auto"
     for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "input_group=-1", "mask_scale=-1",
                 "static_mask_scale=-1", "exact_split=true", "bogus=1"):
         with pytest.raises(ValueError):

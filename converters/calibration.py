@@ -1,0 +1,156 @@
+"""What the converter learns by running the ORIGINAL model in LiteRT on calibration inputs (the user's,
+``--calibration FILE.npz``, or random ones): each offloaded input's activation scale, which the masks
+match (``activation_stats``), and what a mask's float32 rounding costs the model's outputs
+(``split_needed``), which decides where round 1 needs an exact split (``converters.exact_split``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from converters import exact_split
+from converters.graph import Graph, write_model
+from converters.schemes import ActivationStats, Scheme
+from shadownet.exceptions import ModelFormatError
+
+CALIBRATION_SAMPLES = 4
+
+
+def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]:
+    """Lists of model inputs (one list per sample). Each input's array holds one or more samples stacked
+    along the batch axis (``[k * batch, ...]``: one input of the model's own shape is one sample) or on a
+    new leading axis (``[k, *shape]``)."""
+    shapes = [graph.tensors[t].shape for t in graph.inputs]
+    names = [graph.tensors[t].name for t in graph.inputs]
+    if calibration is None:
+        rng = np.random.default_rng(0)  # not a secret: representative inputs only
+        return [[rng.standard_normal(s).astype(np.float32) for s in shapes]
+                for _ in range(CALIBRATION_SAMPLES)]
+    if isinstance(calibration, dict):
+        data = calibration
+    else:
+        try:
+            with np.load(calibration, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"cannot read calibration file {calibration}: {exc}") from None
+    if len(names) == 1 and names[0] not in data and len(data) == 1:
+        data = {names[0]: next(iter(data.values()))}
+    columns = []
+    for name, shape in zip(names, shapes, strict=True):
+        if name not in data:
+            raise ModelFormatError(f"calibration data has no array {name!r} (keys: {sorted(data)})")
+        a, shape = np.asarray(data[name], np.float32), tuple(shape)
+        if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
+            a = a.reshape(-1, *shape[1:])
+        if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
+            raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)} "
+                                   "(give k inputs stacked along its first axis, or as [k, *shape])")
+        if not np.isfinite(a).all():
+            raise ModelFormatError(f"calibration {name!r} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN "
+                                   "or infinite value(s): the mask scales are measured on these inputs")
+        columns.append([a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])])
+    if len({len(column) for column in columns}) > 1:
+        counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, columns, strict=True))
+        raise ModelFormatError(f"calibration inputs hold different numbers of samples ({counts})")
+    return [list(sample) for sample in zip(*columns, strict=True)]
+
+
+def activation_stats(graph: Graph, tensors: set[int],
+                     samples: list[list[np.ndarray]]) -> dict[int, ActivationStats]:
+    """Per-channel mean, standard deviation and RMS of each tensor in ``tensors`` over the calibration
+    ``samples``, from LiteRT running the original (normalized) graph, so the masks match what they hide."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    # The tensors to measure become extra model outputs, so LiteRT runs at full speed (XNNPACK) and
+    # hands them back; model inputs are read from the samples themselves.
+    probes = sorted(t for t in tensors if t not in graph.inputs)
+    probe = Graph(graph.tensors, graph.ops, list(graph.inputs), list(graph.outputs) + probes)
+    interpreter = Interpreter(model_content=write_model(probe), num_threads=2)
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    out_index = [d["index"] for d in interpreter.get_output_details()][len(graph.outputs):]
+    sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
+    squares = dict.fromkeys(tensors, 0.0)
+    count = 0
+    for sample in samples:
+        for d, x in zip(details, sample, strict=True):
+            interpreter.set_tensor(d["index"], x)
+        interpreter.invoke()
+        values = {t: interpreter.get_tensor(i) for t, i in zip(probes, out_index, strict=True)}
+        values.update((t, x) for t, x in zip(graph.inputs, sample, strict=True) if t in tensors)
+        for t in tensors:
+            value = values[t]
+            if value.shape != graph.tensors[t].shape:
+                raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
+                                     f"{graph.tensors[t].shape}")
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            sums[t] += flat.mean(axis=0)
+            squares[t] += float(np.mean(np.square(flat)))
+        count += 1
+    stats = {}
+    for t in tensors:
+        mean = sums[t] / count
+        rms = float(np.sqrt(squares[t] / count))
+        std = float(np.sqrt(max(squares[t] / count - float(np.mean(np.square(mean))), 0.0)))
+        if not (np.isfinite(rms) and np.all(np.isfinite(mean))):
+            mean, rms, std = np.zeros_like(mean), 1.0, 1.0
+        stats[t] = ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
+    return stats
+
+
+def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int, ActivationStats],
+                 scheme: Scheme) -> dict[int, bool]:
+    """For each float model input: whether a one-time mask on it costs the outputs precision enough to
+    need the exact split (``converters.exact_split``). Measured on the calibration samples with LiteRT on
+    the original: the largest relative change of the outputs (max |diff| / max |output|, the fidelity
+    measure) when the input is replaced by ``fl(x + r) - r`` - ``r`` a mask as the scheme draws it, the sum
+    rounded to float32 as the accelerator receives it, the mask taken back exactly - against
+    ``exact_split.NEEDED_ABOVE`` (the protected model's error without the split measured 2-9x this: the
+    first layer's float32 sums run at the mask's magnitude too). Empty when the scheme draws no masks (no
+    ``mask_distribution``)."""
+    from ai_edge_litert.interpreter import OpResolverType
+
+    inputs = [t for t in graph.inputs if graph.tensors[t].dtype == np.float32 and t in stats]
+    if not inputs or not hasattr(scheme, "mask_distribution"):
+        return {}
+    run = _runner(graph, OpResolverType.AUTO)
+    rng = np.random.default_rng(1)  # not a secret: masks like the scheme's, for an estimate
+    cost = dict.fromkeys(inputs, 0.0)
+    for sample in samples:
+        want = run(sample)
+        for k, t in enumerate(graph.inputs):
+            if t in cost:
+                dist = scheme.mask_distribution(stats[t])
+                r = (rng.standard_normal(sample[k].shape) * dist.std + dist.mean).astype(np.float32)
+                rounded = (sample[k] + r).astype(np.float64) - r.astype(np.float64)  # fl(x + r) - r
+                got = run([*sample[:k], rounded.astype(np.float32), *sample[k + 1:]])
+                cost[t] = max(cost[t], _relative_change(got, want))
+    return {t: c > exact_split.NEEDED_ABOVE for t, c in cost.items()}
+
+
+def _runner(graph: Graph, resolver: Any) -> Any:
+    """``run(sample) -> outputs`` (float64) of LiteRT on ``graph`` with the op resolver ``resolver``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=write_model(graph), num_threads=2,
+                              experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    outputs = [d["index"] for d in interpreter.get_output_details()]
+
+    def run(sample: list[np.ndarray]) -> list[np.ndarray]:
+        for d, x in zip(details, sample, strict=True):
+            interpreter.set_tensor(d["index"], x)
+        interpreter.invoke()
+        return [interpreter.get_tensor(i).astype(np.float64) for i in outputs]
+    return run
+
+
+def _relative_change(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """max |got - want| / max |want| over the outputs (infinity when it is not finite)."""
+    scale = max(max(float(np.abs(w).max()) for w in want), float(np.finfo(np.float32).tiny))
+    change = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) / scale
+    return change if np.isfinite(change) else float("inf")

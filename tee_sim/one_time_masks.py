@@ -11,6 +11,7 @@ restore, in float64), made offline when the pool is refilled.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tee_sim.freivalds import geometry
+from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
 MASK_CHUNK = 1 << 16  # mask elements drawn per keystream block (128 KiB of AES-CTR output)
@@ -112,6 +114,17 @@ class PopMask:
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
         from converters import linear
 
+        if self.kind == "CONV_2D":  # in C: the filters composed with the restore, the bias minus their sums
+            w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
+            composed = w[:, self.index[0]] * self.coef[0].astype(np.float64)
+            for j in range(1, len(self.index)):
+                composed += w[:, self.index[j]] * self.coef[j].astype(np.float64)
+            bias = self.bias.astype(np.float64)
+            if self.permutation is not None:
+                composed, bias = composed[:, self.permutation], bias[self.permutation]
+            conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options,
+                     np.ascontiguousarray(composed), out, bias=np.ascontiguousarray(bias))
+            return
         y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
         if self.matrix is not None:
             restored = y.reshape(-1, y.shape[-1]) @ self.matrix
@@ -171,3 +184,47 @@ def layer_options(layer: dict[str, Any]) -> Any:
     (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
     padding = schema_fb.Padding.SAME if layer["padding"] == "SAME" else schema_fb.Padding.VALID
     return SimpleNamespace(padding=padding, strideH=sh, strideW=sw, dilationHFactor=dh, dilationWFactor=dw)
+
+
+def conv_pop(mask: np.ndarray, kernel: tuple[int, int], options: Any, w_full: np.ndarray, out: np.ndarray,
+             w_hi: np.ndarray | None = None, grid: float = 0.0, bias: np.ndarray | None = None) -> None:
+    """A CONV_2D pop mask by ``sn_pop`` (``ta_shadownet_pool.c``) for the float32 ``mask`` [N, H, W, C]:
+    ``w_full`` (and an exact split's ``w_hi``, with its ``grid``) as contiguous float64 [kh * kw * C, M]
+    (rows tap-major, then channel); into float32 ``out``: ``[pop_hi | pop_lo]`` of a split
+    (``tee_sim.exact_split.SplitPop``), or ``bias - L(mask, w_full)`` (``PopMask``), in double, rounded
+    once."""
+    from converters import linear
+
+    n, h, wd, c = mask.shape
+    same = options.padding == schema_fb.Padding.SAME
+    stride = (options.strideH, options.strideW)
+    dilation = (options.dilationHFactor or 1, options.dilationWFactor or 1)
+    (ho, top, _), (wo, left, _) = (linear.padding(size, kernel[i], stride[i], dilation[i], same)
+                                  for i, size in enumerate((h, wd)))
+    m = w_full.shape[1]
+    split = grid > 0
+    if w_full.shape[0] != kernel[0] * kernel[1] * c:
+        raise ValueError(f"weights of {w_full.shape[0]} rows for a {kernel} kernel on {c} channels")
+    if (split and (w_hi is None or w_hi.shape != w_full.shape)) or (not split and (bias is None
+                                                                                   or bias.shape != (m,))):
+        raise ValueError("a split pop takes w_hi as w_full's shape, a plain one a bias of its columns")
+    want = (n, ho, wo, 2 * m if split else m)
+    if out.shape != want or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"pop mask {out.shape} {out.dtype}: {want} float32 expected, contiguous")
+    for array in (mask, w_full, w_hi, bias):
+        if array is not None and not array.flags.c_contiguous:
+            raise ValueError("conv_pop's arrays must be contiguous")
+    window = np.empty(2 * w_full.shape[0])
+    call = _Pop(mask.ctypes.data, n, h, wd, c, ho, wo, *kernel, *stride, *dilation, top, left,
+                w_hi.ctypes.data if split else None, w_full.ctypes.data, m, grid,
+                bias.ctypes.data if not split else None, out.ctypes.data, window.ctypes.data)
+    LIBRARY.sn_pop(ctypes.byref(call))
+
+
+class _Pop(ctypes.Structure):  # sn_pop_t
+    _fields_ = [("r", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("n", "h", "w", "c", "ho", "wo")),
+                *((name, ctypes.c_int32) for name in ("kh", "kw", "sh", "sw", "dh", "dw", "top", "left")),
+                ("w_hi", ctypes.c_void_p), ("w_full", ctypes.c_void_p), ("m", ctypes.c_int64),
+                ("grid", ctypes.c_double), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("window", ctypes.c_void_p)]

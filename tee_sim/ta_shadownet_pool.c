@@ -1,7 +1,7 @@
 /* The ShadowNet trusted app's pool kernels: what a refill computes for a pool entry, off an inference's
- * path - the projections of a verified layer (fv_draw, for tee_sim.freivalds) and the pop mask of an
- * exact-split layer (sn_split_pop, for tee_sim.exact_split). Kept out of the inference's kernels; built
- * into the same libraries and measured with the TA's code.
+ * path - the projections of a verified layer (fv_draw, for tee_sim.freivalds) and the pop mask of a
+ * one-time-masked conv layer (sn_pop, for tee_sim.exact_split and tee_sim.one_time_masks). Kept out of
+ * the inference's kernels; built into the same libraries and measured with the TA's code.
  */
 #include <math.h>
 #include <stdint.h>
@@ -108,18 +108,23 @@ int fv_draw(const fv_draw_t *s) {
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * The pop mask of an exact-split CONV_2D (tee_sim.exact_split.SplitPop), once per entry: for the mask r
- * (float32 [n][h][w][c]) and r_hi = grid * rint(r / grid), at each output position
- *     pop_hi = L(r_hi, W'_hi)            exact: r_hi and W'_hi have few significant bits (the scheme's
+ * The pop mask of a one-time-masked CONV_2D, once per entry, for the mask r (float32 [n][h][w][c]) and
+ * w_full, the layer's weights as double [kh * kw * c][m] (rows tap-major, then channel). Zero padding, as
+ * LiteRT's. Two kinds:
+ * - an exact split (grid > 0; tee_sim.exact_split.SplitPop): with r_hi = grid * rint(r / grid) and w_hi
+ *   the split's first block, at each output position
+ *       pop_hi = L(r_hi, W'_hi)          exact: r_hi and W'_hi have few significant bits (the scheme's
  *                                        proof, converters.exact_split), so every partial sum is exact in
  *                                        double, in any order
- *     pop_lo = L(r, W') - pop_hi         in double, rounded once to float32
- * with w_hi and w_full the two weight blocks as double [kh * kw * c][m] (rows tap-major, then channel).
- * Zero padding, as LiteRT's. out: [n][ho][wo][2m].
+ *       pop_lo = L(r, W') - pop_hi       in double, rounded once to float32
+ *   out: [n][ho][wo][2m];
+ * - a plain one (grid 0; tee_sim.one_time_masks.PopMask): w_full the obfuscated filters composed with the
+ *   restore, so out = bias - L(r, w_full), the restore's offset, in double, rounded once: [n][ho][wo][m].
  *
  * Why C: numpy made a strided copy of every position's window, split it, and multiplied two float64
- * matrices of 27 columns: 8 of a MobileNet entry's 9 ms, 13 of yolov4-tiny's 15. Here each window is split
- * once and 4 DW outputs' two sums stay in registers over it (eight chains of multiply-adds).
+ * matrices of 27 columns: 8 of a MobileNet entry's 9 ms, 13 of yolov4-tiny's 15 (the plain kind, yolov4-
+ * tiny's round 1 unsplit: 25 ms a refill). Here each window is gathered (and split) once and 4 DW outputs'
+ * sums stay in registers over it (eight chains of multiply-adds).
  */
 typedef struct {
     const float *r;
@@ -127,10 +132,11 @@ typedef struct {
     int32_t kh, kw, sh, sw, dh, dw, top, left;
     const double *w_hi, *w_full;
     int64_t m;
-    double grid;
+    double grid;          /* > 0: an exact split's pop; 0: a plain one, with bias */
+    const double *bias;   /* [m], a plain pop's */
     float *out;
     double *window;       /* scratch [2 * kh * kw * c]: one position's r_hi, then its r */
-} sn_split_pop_t;
+} sn_pop_t;
 
 /* rint(x), ties to even, without libm's call (which the baseline build made for every value): below 2^51
  * in magnitude, adding and subtracting 1.5 * 2^52 rounds x to an integer as rint does. */
@@ -141,13 +147,14 @@ static inline double round_even(double x) {
 
 static inline vd load_vd(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
 
-int sn_split_pop(const sn_split_pop_t *s) {
+int sn_pop(const sn_pop_t *s) {
     int64_t m = s->m, c = s->c, d = (int64_t)s->kh * s->kw * c;
-    double inv = 1.0 / s->grid, *hi = s->window, *full = s->window + d;
+    int split = s->grid > 0;
+    double inv = split ? 1.0 / s->grid : 0.0, *hi = s->window, *full = s->window + d;
     for (int64_t b = 0; b < s->n; b++)
         for (int64_t oy = 0; oy < s->ho; oy++)
             for (int64_t ox = 0; ox < s->wo; ox++) {
-                for (int32_t i = 0; i < s->kh; i++) { /* the window, split once; zero outside the input */
+                for (int32_t i = 0; i < s->kh; i++) { /* the window (split once); zero outside the input */
                     int64_t y = oy * s->sh - s->top + (int64_t)i * s->dh;
                     for (int32_t j = 0; j < s->kw; j++) {
                         int64_t x = ox * s->sw - s->left + (int64_t)j * s->dw, e = ((int64_t)i * s->kw + j) * c;
@@ -156,37 +163,51 @@ int sn_split_pop(const sn_split_pop_t *s) {
                         for (int64_t ch = 0; ch < c; ch++) {
                             double v = px ? px[ch] : 0.0;
                             full[e + ch] = v;
-                            hi[e + ch] = round_even(v * inv) * s->grid;
+                            hi[e + ch] = split ? round_even(v * inv) * s->grid : 0.0;
                         }
                     }
                 }
-                float *o = s->out + ((b * s->ho + oy) * s->wo + ox) * 2 * m;
+                float *o = s->out + ((b * s->ho + oy) * s->wo + ox) * (split ? 2 * m : m);
                 int64_t o0 = 0;
                 for (; o0 + 4 * DW <= m; o0 += 4 * DW) {
                     vd sh[4], sf[4];
                     memset(sh, 0, sizeof sh);
                     memset(sf, 0, sizeof sf);
-                    for (int64_t e = 0; e < d; e++) {
-                        const double *a = s->w_hi + e * m + o0, *f = s->w_full + e * m + o0;
-                        for (int q = 0; q < 4; q++) {
-                            sh[q] += hi[e] * load_vd(a + q * DW);
-                            sf[q] += full[e] * load_vd(f + q * DW);
+                    if (split)
+                        for (int64_t e = 0; e < d; e++) {
+                            const double *a = s->w_hi + e * m + o0, *f = s->w_full + e * m + o0;
+                            for (int q = 0; q < 4; q++) {
+                                sh[q] += hi[e] * load_vd(a + q * DW);
+                                sf[q] += full[e] * load_vd(f + q * DW);
+                            }
                         }
-                    }
+                    else
+                        for (int64_t e = 0; e < d; e++) {
+                            const double *f = s->w_full + e * m + o0;
+                            for (int q = 0; q < 4; q++) sf[q] += full[e] * load_vd(f + q * DW);
+                        }
                     for (int q = 0; q < 4 * DW; q++) {
-                        double h = sh[q / DW][q % DW];
-                        o[o0 + q] = (float)h;
-                        o[m + o0 + q] = (float)(sf[q / DW][q % DW] - h);
+                        double h = sh[q / DW][q % DW], f = sf[q / DW][q % DW];
+                        if (split) {
+                            o[o0 + q] = (float)h;
+                            o[m + o0 + q] = (float)(f - h);
+                        } else {
+                            o[o0 + q] = (float)(s->bias[o0 + q] - f);
+                        }
                     }
                 }
                 for (; o0 < m; o0++) {
                     double h = 0.0, f = 0.0;
                     for (int64_t e = 0; e < d; e++) {
-                        h += hi[e] * s->w_hi[e * m + o0];
+                        if (split) h += hi[e] * s->w_hi[e * m + o0];
                         f += full[e] * s->w_full[e * m + o0];
                     }
-                    o[o0] = (float)h;
-                    o[m + o0] = (float)(f - h);
+                    if (split) {
+                        o[o0] = (float)h;
+                        o[m + o0] = (float)(f - h);
+                    } else {
+                        o[o0] = (float)(s->bias[o0] - f);
+                    }
                 }
             }
     return 0;

@@ -6,7 +6,7 @@ import pytest
 
 from converters import exact_split as converter_split
 from converters import linear
-from tee_sim import exact_split
+from tee_sim import exact_split, one_time_masks
 from tee_sim import ta_shadownet_restore_push as rp
 from tee_sim.one_time_masks import MaskStream
 from tee_sim.ta_shadownet_kernels import runnable
@@ -125,13 +125,13 @@ def test_restore_pops_the_halves_before_restoring():
 ])
 def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same, stride, dilation, build,
                                                           monkeypatch):
-    """``sn_split_pop`` against numpy in float64: pop_hi = L(r_hi, W'_hi) bit for bit, pop_lo = L(r, W') -
+    """``sn_pop`` against numpy in float64: pop_hi = L(r_hi, W'_hi) bit for bit, pop_lo = L(r, W') -
     pop_hi rounded once to float32; zero padding as LiteRT's."""
     from types import SimpleNamespace
 
     from ai_edge_litert import schema_py_generated as fb
 
-    monkeypatch.setattr(exact_split, "LIBRARY", runnable()[build])
+    monkeypatch.setattr(one_time_masks, "LIBRARY", runnable()[build])
     rng = np.random.default_rng(w_shape[0])
     w = rng.standard_normal(w_shape).astype(np.float32)
     r = _mask(x_shape) if x_shape[-1] == 3 else (10 * rng.standard_normal(x_shape)).astype(np.float32)
@@ -150,3 +150,44 @@ def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same
     np.testing.assert_allclose(pop[..., m:], want_lo, rtol=0, atol=2 * np.spacing(np.abs(want_lo).max()))
     with pytest.raises(ValueError, match="pop mask"):
         exact_split.SplitPop("CONV_2D", "w", options, "m", GRID).compute(r, w2, pop[..., :-1].copy())
+
+
+@pytest.mark.parametrize("build", list(runnable()))
+@pytest.mark.parametrize("x_shape,w_shape,same,stride,dilation,permuted", [
+    ((1, 17, 15, 3), (32, 3, 3, 3), True, 2, 1, False),  # yolov4-tiny's first layer, smaller
+    ((2, 9, 9, 5), (13, 3, 3, 5), False, 1, 2, True),
+    ((1, 6, 6, 1), (40, 1, 1, 1), True, 1, 1, True),
+])
+def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, dilation, permuted, build,
+                                                monkeypatch):
+    """A plain (unsplit) one-time round's offset, ``bias - restore(L(r, W'))``, by ``sn_pop`` on the filters
+    composed with the restore, against numpy's float64 (the path dense and depthwise layers take): both
+    rounded once to float32 from double sums, so within two ulps of the largest offset."""
+    from types import SimpleNamespace
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from tee_sim.one_time_masks import PopMask
+
+    monkeypatch.setattr(one_time_masks, "LIBRARY", runnable()[build])
+    rng = np.random.default_rng(w_shape[0] + 1)
+    m = w_shape[0]
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    r = (10 * rng.standard_normal(x_shape)).astype(np.float32)
+    options = SimpleNamespace(padding=fb.Padding.SAME if same else fb.Padding.VALID, strideH=stride,
+                              strideW=stride, dilationHFactor=dilation, dilationWFactor=dilation)
+    y = linear.conv2d(r.astype(np.float64), w, options)
+    n = m - 2  # the restore: two terms per output, from channels of the obfuscated output
+    index = np.stack([rng.permutation(m)[:n], rng.permutation(m)[:n]]).astype(np.int32)
+    coef = rng.standard_normal((2, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    permutation = rng.permutation(n).astype(np.int32) if permuted else None
+    pop = PopMask("CONV_2D", "w", options, y.shape, "m", bias, index, coef, permutation)
+    restored = y[..., index[0]] * coef[0].astype(np.float64) + y[..., index[1]] * coef[1].astype(np.float64)
+    want = bias.astype(np.float64) - restored
+    if permuted:
+        want = want[..., permutation]
+    got = np.full((*y.shape[:-1], n), np.nan, np.float32)
+    pop.compute(r, w, got)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=0,
+                               atol=2 * np.spacing(np.float32(np.abs(want).max())))

@@ -61,6 +61,7 @@ from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.obfuscated_weights import Weights, weight_views
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
+from tee_sim.ta_shadownet_steps import kernel_calls
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
 MIN_POOL, MAX_POOL = 1, 8
@@ -410,8 +411,7 @@ class PerInference:
         # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
         # the slot's kernel, then its prepares; None where the kernel needs Python (a padded border).
         wrapped.slot_calls = [  # type: ignore[attr-defined]
-            None if getattr(v, "c_call", None) is None else
-            [v.c_call, *(p.c_call for p in prepares[slot])]
+            None if kernel_calls(v) is None else [*kernel_calls(v), *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]
         return wrapped
 

@@ -5,7 +5,9 @@
  *                 summed in order in float32, then divided, as LiteRT's reference MEAN does;
  *     SN_SOFTMAX  over each of the n * positions rows of c channels: e_k = exp(beta * (x_k - max x)),
  *                 dst_k = e_k / sum e, as LiteRT's reference SOFTMAX (its kernels' exp differs from libm's
- *                 by an ulp or so).
+ *                 by an ulp or so);
+ *     SN_ROWS     n rows of c floats each, row r at dst + r * dst_stride, from src + r * src_stride, or
+ *                 zeros with no src (a padded push's border: the mask's values there, or nothing).
  */
 #include <math.h>
 #include <stdint.h>
@@ -13,7 +15,7 @@
 
 #include "ta_shadownet_kernels.h"
 
-enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2 };
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3 };
 
 typedef struct {
     const float *src;
@@ -21,6 +23,7 @@ typedef struct {
     int64_t n, positions, c;
     float beta;
     int32_t kind;
+    int64_t dst_stride, src_stride;  /* SN_ROWS's, in floats */
 } sn_small;
 
 int sn_small_op(const sn_small *s) {
@@ -57,6 +60,15 @@ int sn_small_op(const sn_small *s) {
                 sum += o[k];
             }
             for (int64_t k = 0; k < c; k++) o[k] /= sum;
+        }
+        return 0;
+    case SN_ROWS:
+        for (int64_t r = 0; r < n; r++) {
+            float *o = s->dst + r * s->dst_stride;
+            if (s->src)
+                memcpy(o, s->src + r * s->src_stride, sizeof(float) * (size_t)c);
+            else
+                memset(o, 0, sizeof(float) * (size_t)c);
         }
         return 0;
     default:

@@ -17,13 +17,14 @@ import numpy as np
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 SN_SMALL_OP = ctypes.cast(LIBRARY.sn_small_op, ctypes.c_void_p).value  # for the secure world's fast path
-_COPY, _MEAN, _SOFTMAX = 0, 1, 2
+_COPY, _MEAN, _SOFTMAX, _ROWS = 0, 1, 2, 3
 
 
 class _Small(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
                                                                        ("n", "positions", "c")),
-                ("beta", ctypes.c_float), ("kind", ctypes.c_int32)]
+                ("beta", ctypes.c_float), ("kind", ctypes.c_int32), ("dst_stride", ctypes.c_int64),
+                ("src_stride", ctypes.c_int64)]
 
 
 def _dense(array: np.ndarray) -> bool:
@@ -45,6 +46,46 @@ def compile_copy(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any] | None:
     if not (_dense(src) and _dense(dst)) or src.size != dst.size:
         return None
     return _kernel(_COPY, src, dst, 1, 1, src.size)
+
+
+def compile_rows(src: np.ndarray | None, dst: np.ndarray) -> Callable[[], Any] | None:
+    """``dst[...] = src`` (zeros with no ``src``) as one call, for float32 views of one shape that are rows
+    of contiguous floats at a constant stride (a padded push's border slabs); None otherwise (the caller
+    copies with numpy)."""
+    d = _rows(dst)
+    if d is None:
+        return None
+    s = _rows(src) if src is not None else (d[0], d[1], 0)
+    if s is None or s[:2] != d[:2] or (src is not None and src.shape != dst.shape):
+        return None
+    rows, run = d[:2]
+    op = _Small(src.ctypes.data if src is not None else None, dst.ctypes.data, rows, 0, run, 1.0, _ROWS,
+                d[2], s[2])
+    address = ctypes.addressof(op)
+    kernel = lambda keep=(op, src, dst): LIBRARY.sn_small_op(address)  # noqa: E731 - with an attribute
+    kernel.c_call = (SN_SMALL_OP, address)
+    return kernel
+
+
+def _rows(view: np.ndarray) -> tuple[int, int, int] | None:
+    """``(rows, floats per row, row stride in floats)`` of a float32 view whose trailing axes are
+    contiguous and whose leading axes step evenly; None otherwise."""
+    if view.dtype != np.float32 or view.size == 0:
+        return None
+    shape, strides = list(view.shape), [s // 4 for s in view.strides]
+    run, k = 1, len(shape)
+    while k > 0 and (shape[k - 1] == 1 or strides[k - 1] == run):  # the contiguous tail
+        run *= shape[k - 1]
+        k -= 1
+    lead = [(n, st) for n, st in zip(shape[:k], strides[:k], strict=True) if n > 1]
+    if not lead:
+        return 1, run, 0
+    rows, stride = lead[-1]
+    for n, st in reversed(lead[:-1]):  # outer axes must continue the inner one's steps
+        if st != stride * rows:
+            return None
+        rows *= n
+    return rows, run, stride
 
 
 def compile_mean(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:

@@ -116,9 +116,17 @@ def step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]
         if by_slot is not None:
             got = by_slot[slot] if 0 <= slot < len(by_slot) else None
         else:
-            c_call = getattr(run, "c_call", None)
-            got = None if c_call is None else [c_call]
+            got = kernel_calls(run)
         if got is None:
             return None
         calls += got
     return calls
+
+
+def kernel_calls(run: Callable[[], Any]) -> list[tuple[int, int]] | None:
+    """The C calls a compiled instruction is made of (``c_calls``, or its one ``c_call``), or None."""
+    calls = getattr(run, "c_calls", None)
+    if calls is not None:
+        return list(calls)
+    c_call = getattr(run, "c_call", None)
+    return None if c_call is None else [c_call]

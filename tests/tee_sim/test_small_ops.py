@@ -61,3 +61,32 @@ def test_refuses_what_does_not_fit():
             ops.compile_mean(x, bad)
     with pytest.raises(ValueError, match="softmax"):
         ops.compile_softmax({"beta": 1.0}, x, np.zeros((1, 4, 4, 9), np.float32))
+
+
+@pytest.mark.parametrize("pad", [[[0, 0], [1, 0], [1, 0], [0, 0]], [[0, 0], [1, 2], [2, 1], [0, 0]],
+                                 [[0, 0], [0, 0], [0, 0], [1, 2]], [[0, 0], [0, 1], [0, 0], [0, 0]]])
+def test_a_padded_pushs_border_rows_copy_as_numpy(pad):
+    """``compile_rows``: each border slab of a padded push (``_masked_destination``'s), from the mask or
+    zeros, one kernel call apiece, bit for bit what numpy's copy writes; what is not rows at a stride is
+    refused (None), for numpy to copy."""
+    from tee_sim.ta_shadownet_restore_push import _masked_destination
+
+    rng = np.random.default_rng(2)
+    shape = (1, 9, 8, 5)
+    mask = rng.standard_normal(shape).astype(np.float32)
+    for source in (mask, None):
+        got, want = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+        _, _, border = _masked_destination(got, source, pad)
+        _, _, expected = _masked_destination(want, source, pad)
+        assert border
+        for (d, m), (e, _) in zip(border, expected, strict=True):
+            kernel = ops.compile_rows(m, d)
+            assert kernel is not None and kernel.c_call[1]
+            kernel()
+            np.copyto(e, 0 if m is None else m)
+        np.testing.assert_array_equal(got, want)  # the interior untouched (NaN) in both
+    x = np.zeros((4, 6, 3), np.float32)
+    assert ops.compile_rows(None, x[::2, ::2]) is None  # neither rows of contiguous floats nor even steps
+    two = np.zeros((2, 9, 8, 5), np.float32)
+    assert ops.compile_rows(None, two[:, 1:, :1]) is None  # two images' rows: a gap between them
+    assert ops.compile_rows(x[:, :, 0], x[:, :, 1].copy()) is None  # the source is not the shape's rows

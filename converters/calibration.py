@@ -111,12 +111,10 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
     ``exact_split.NEEDED_ABOVE`` (the protected model's error without the split measured 2-9x this: the
     first layer's float32 sums run at the mask's magnitude too). Empty when the scheme draws no masks (no
     ``mask_distribution``)."""
-    from ai_edge_litert.interpreter import OpResolverType
-
     inputs = [t for t in graph.inputs if graph.tensors[t].dtype == np.float32 and t in stats]
     if not inputs or not hasattr(scheme, "mask_distribution"):
         return {}
-    run = _runner(graph, OpResolverType.AUTO)
+    run = _runner(graph)
     rng = np.random.default_rng(1)  # not a secret: masks like the scheme's, for an estimate
     cost = dict.fromkeys(inputs, 0.0)
     for sample in samples:
@@ -131,12 +129,11 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
     return {t: c > exact_split.NEEDED_ABOVE for t, c in cost.items()}
 
 
-def _runner(graph: Graph, resolver: Any) -> Any:
-    """``run(sample) -> outputs`` (float64) of LiteRT on ``graph`` with the op resolver ``resolver``."""
+def _runner(graph: Graph) -> Any:
+    """``run(sample) -> outputs`` (float64) of LiteRT (XNNPACK, as the converter measures) on ``graph``."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=write_model(graph), num_threads=2,
-                              experimental_op_resolver_type=resolver)
+    interpreter = Interpreter(model_content=write_model(graph), num_threads=2)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     outputs = [d["index"] for d in interpreter.get_output_details()]

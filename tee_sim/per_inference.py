@@ -409,7 +409,7 @@ class PerInference:
             for prepare in prepares[self.current.slot]:
                 prepare()
         # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
-        # the slot's kernel, then its prepares; None where the kernel needs Python (a padded border).
+        # the slot's kernels, then its prepares; None where the kernel needs Python (an exact split's border).
         wrapped.slot_calls = [  # type: ignore[attr-defined]
             None if kernel_calls(v) is None else [*kernel_calls(v), *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]

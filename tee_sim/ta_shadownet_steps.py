@@ -48,10 +48,10 @@ def run_step(model: Any, step: int) -> None:
 
 def step_program(model: Any, command: int) -> StepProgram | None:
     """RUN_STEP (``command``) for the secure world's fast path (``tee_sim.secure_world_fast``): the steps
-    whose instructions are all kernel calls (``c_call``; or, where they differ per pool slot - one-time
-    masks, checks - the current slot's ``slot_calls``; not padded borders nor LiteRT ops), which it then
-    runs without the app's Python, advancing ``cursor`` as ``run_step`` does (after the last step to
-    ``FINISHED``, ``settle``'s, or for a model with no pool straight to ``AHEAD``). Step 0 only from
+    whose instructions are all kernel calls (``c_call`` / ``c_calls``; or, where they differ per pool slot -
+    one-time masks, checks - the current slot's ``slot_calls``; not an exact split's border nor LiteRT ops),
+    which it then runs without the app's Python, advancing ``cursor`` as ``run_step`` does (after the last
+    step to ``FINISHED``, ``settle``'s, or for a model with no pool straight to ``AHEAD``). Step 0 only from
     ``AHEAD`` (``take_ahead``). One program per slot: the secure world takes it anew after every request
     the app's Python answers, and the slot changes only there (``take_ahead``, or a step 0 run in
     Python)."""

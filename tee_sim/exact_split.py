@@ -40,13 +40,21 @@ class SplitPop:
     mask: str
     grid: float
 
-    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    def prepare(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What ``compute`` needs of the weights, the same for every mask: the two blocks as
+        [taps * C, M] float64, rows tap-major then channel (a window's order). A refill prepares them once
+        for all the entries it makes."""
+        m, c = weights.shape[0] // 2, weights.shape[-1] // 2
+        return (np.ascontiguousarray(weights[:m, ..., :c].reshape(m, -1).T, np.float64),
+                np.ascontiguousarray(weights[m:, ..., c:].reshape(m, -1).T, np.float64))
+
+    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
+                prepared: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """The pop mask of ``mask`` into ``out``; ``prepared``: ``prepare(weights)``, if made already."""
         if not out.flags.c_contiguous:
             raise ValueError("a pop mask is written in place: it must be contiguous")
-        m, c = weights.shape[0] // 2, weights.shape[-1] // 2
-        # The two blocks as [taps * C, M] float64, rows tap-major then channel (a window's order).
-        w_hi = np.ascontiguousarray(weights[:m, ..., :c].reshape(m, -1).T, np.float64)
-        w = np.ascontiguousarray(weights[m:, ..., c:].reshape(m, -1).T, np.float64)
+        m = weights.shape[0] // 2
+        w_hi, w = prepared if prepared is not None else self.prepare(weights)
         if self.kind == "CONV_2D":
             conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options, w, out,
                      w_hi=w_hi, grid=self.grid)

@@ -111,19 +111,30 @@ class PopMask:
 
     matrix: np.ndarray | None = None  # the restore as a dense float64 [M, N] (columns permuted), if small
 
-    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    def prepare(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """What ``compute`` needs of the weights, the same for every mask (a refill prepares it once for all
+        the entries it makes): for a conv, the filters composed with the restore as float64
+        [taps * C, N] (rows tap-major, then channel) and the bias, both permuted; None otherwise."""
+        if self.kind != "CONV_2D":
+            return None
+        w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
+        composed = w[:, self.index[0]] * self.coef[0].astype(np.float64)
+        for j in range(1, len(self.index)):
+            composed += w[:, self.index[j]] * self.coef[j].astype(np.float64)
+        bias = self.bias.astype(np.float64)
+        if self.permutation is not None:
+            composed, bias = composed[:, self.permutation], bias[self.permutation]
+        return np.ascontiguousarray(composed), np.ascontiguousarray(bias)
+
+    def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
+                prepared: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """The offset of ``mask`` into ``out``; ``prepared``: ``prepare(weights)``, if made already."""
         from converters import linear
 
         if self.kind == "CONV_2D":  # in C: the filters composed with the restore, the bias minus their sums
-            w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
-            composed = w[:, self.index[0]] * self.coef[0].astype(np.float64)
-            for j in range(1, len(self.index)):
-                composed += w[:, self.index[j]] * self.coef[j].astype(np.float64)
-            bias = self.bias.astype(np.float64)
-            if self.permutation is not None:
-                composed, bias = composed[:, self.permutation], bias[self.permutation]
-            conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options,
-                     np.ascontiguousarray(composed), out, bias=np.ascontiguousarray(bias))
+            composed, bias = prepared if prepared is not None else self.prepare(weights)
+            conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options, composed, out,
+                     bias=bias)
             return
         y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
         if self.matrix is not None:

@@ -317,8 +317,9 @@ class PerInference:
         elif kind == "pop":
             pop = self.pops[name]
             weights = self.weights.get(pop.weights)
+            prepared = pop.prepare(weights)  # once for the batch: the same weights for every entry
             for entry in batch:
-                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name])
+                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared)
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:

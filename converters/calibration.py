@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from converters import exact_split
+from converters.fidelity import relative_error
 from converters.graph import Graph, write_model
 from converters.schemes import ActivationStats, Scheme
 from shadownet.exceptions import ModelFormatError
@@ -62,24 +63,15 @@ def activation_stats(graph: Graph, tensors: set[int],
                      samples: list[list[np.ndarray]]) -> dict[int, ActivationStats]:
     """Per-channel mean, standard deviation and RMS of each tensor in ``tensors`` over the calibration
     ``samples``, from LiteRT running the original (normalized) graph, so the masks match what they hide."""
-    from ai_edge_litert.interpreter import Interpreter
-
     # The tensors to measure become extra model outputs, so LiteRT runs at full speed (XNNPACK) and
     # hands them back; model inputs are read from the samples themselves.
     probes = sorted(t for t in tensors if t not in graph.inputs)
-    probe = Graph(graph.tensors, graph.ops, list(graph.inputs), list(graph.outputs) + probes)
-    interpreter = Interpreter(model_content=write_model(probe), num_threads=2)
-    interpreter.allocate_tensors()
-    details = interpreter.get_input_details()
-    out_index = [d["index"] for d in interpreter.get_output_details()][len(graph.outputs):]
+    run = _runner(graph, probes)
     sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
     squares = dict.fromkeys(tensors, 0.0)
     count = 0
     for sample in samples:
-        for d, x in zip(details, sample, strict=True):
-            interpreter.set_tensor(d["index"], x)
-        interpreter.invoke()
-        values = {t: interpreter.get_tensor(i) for t, i in zip(probes, out_index, strict=True)}
+        values = dict(zip(probes, run(sample)[len(graph.outputs):], strict=True))
         values.update((t, x) for t, x in zip(graph.inputs, sample, strict=True) if t in tensors)
         for t in tensors:
             value = values[t]
@@ -125,15 +117,17 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
                 r = (rng.standard_normal(sample[k].shape) * dist.std + dist.mean).astype(np.float32)
                 rounded = (sample[k] + r).astype(np.float64) - r.astype(np.float64)  # fl(x + r) - r
                 got = run([*sample[:k], rounded.astype(np.float32), *sample[k + 1:]])
-                cost[t] = max(cost[t], _relative_change(got, want))
+                cost[t] = max(cost[t], relative_error(got, want))
     return {t: c > exact_split.NEEDED_ABOVE for t, c in cost.items()}
 
 
-def _runner(graph: Graph) -> Any:
-    """``run(sample) -> outputs`` (float64) of LiteRT (XNNPACK, as the converter measures) on ``graph``."""
+def _runner(graph: Graph, probes: list[int] | None = None) -> Any:
+    """``run(sample) -> outputs`` (float64) of LiteRT (XNNPACK, as the converter measures) on ``graph``:
+    the model's outputs, then the tensors ``probes`` as extra outputs."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=write_model(graph), num_threads=2)
+    probed = Graph(graph.tensors, graph.ops, list(graph.inputs), list(graph.outputs) + list(probes or []))
+    interpreter = Interpreter(model_content=write_model(probed), num_threads=2)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
     outputs = [d["index"] for d in interpreter.get_output_details()]
@@ -144,10 +138,3 @@ def _runner(graph: Graph) -> Any:
         interpreter.invoke()
         return [interpreter.get_tensor(i).astype(np.float64) for i in outputs]
     return run
-
-
-def _relative_change(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    """max |got - want| / max |want| over the outputs (infinity when it is not finite)."""
-    scale = max(max(float(np.abs(w).max()) for w in want), float(np.finfo(np.float32).tiny))
-    change = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) / scale
-    return change if np.isfinite(change) else float("inf")

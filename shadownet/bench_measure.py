@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.fidelity import relative_error
 from shadownet.bench_throughput import (
     MIB,
     frames_per_second,
@@ -219,7 +220,7 @@ def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprote
                         checked.record()
             checked.refill()
         verified = {"memory": checked.model.stats(), "stats": checked.stats,
-                    "error": _relative_error(checked.results, unprotected.results)}
+                    "error": relative_error(checked.results, unprotected.results)}
     finally:
         checked.close()
     return None, {"verified": verified, "times": times,
@@ -231,11 +232,6 @@ def _summary(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"min_ms": float(ms.min()), "median_ms": float(np.median(ms)), "max_ms": float(ms.max()),
             "runs": len(ms)}
-
-
-def _relative_error(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
-    return max(float(np.max(np.abs(g.astype(np.float64) - w)) / max(float(np.max(np.abs(w))), 1e-30))
-               for g, w in zip(got, want, strict=True))
 
 
 def _finite(value: Any) -> float | None:
@@ -343,17 +339,17 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         protected: _Protected = runners["shadownet"]
         # Rounds the accelerator runs on one thread (shadownet.accelerator: timed at load, then tried)
         one_thread = sum(t == 1 for t in getattr(protected._accelerator, "round_threads", ()))
-        error = _relative_error(protected.results, runners["unprotected"].results)
+        error = relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
         # computations of the original already disagree (the floor the protected error sits on).
-        floor = _relative_error(runners["all-in-tee-builtin"].results, runners["unprotected"].results)
+        floor = relative_error(runners["all-in-tee-builtin"].results, runners["unprotected"].results)
         checked: _Protected | None = runners.pop(VERIFY_MODE, None)
         verified = None
         if checked is not None:
             # The TA reports its secure memory as a whole (every session): both models' now. Closing the
             # verified copy first leaves shadownet's figures as they are without --verify.
             verified = {"memory": checked.model.stats(), "stats": checked.stats,
-                        "error": _relative_error(checked.results, runners["unprotected"].results)}
+                        "error": relative_error(checked.results, runners["unprotected"].results)}
             checked.close()
         memory = protected.model.stats()
         tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}

@@ -9,7 +9,6 @@ import copy
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.fidelity import relative_error
 from shadownet.fuzz_mutations import flatbuffer_structure, mutate_bytes, mutate_json
 
 TARGETS = ("tflite", "untrusted", "secrets", "manifest", "program")
@@ -184,22 +184,6 @@ def _largest_weight(model: bytes) -> float:
     return float(max(values, default=0.0))
 
 
-def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return math.inf
-    same_nan = np.isnan(got) == np.isnan(want)
-    if not same_nan.all():
-        return math.inf
-    finite = np.isfinite(want)
-    if not np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)]):
-        return math.inf
-    if not finite.any():
-        return 0.0
-    scale = float(np.max(np.abs(want[finite]))) or 1.0
-    return float(np.max(np.abs(got[finite] - want[finite]))) / scale
-
-
 class Worker:
     """Runs cases of one target in this process (the driver's subprocess)."""
 
@@ -303,7 +287,7 @@ class Worker:
                 if len(model.inputs) > 1 else model(x)
         got = next(iter(got.values())) if isinstance(got, dict) else got
         want = self._litert_first_output(data, x, len(manifest["inputs"]))
-        error = _relative_error(got, want)
+        error = relative_error(got, want)
         if error > TOLERANCE:
             largest = _largest_weight(data)
             if largest > OUTLIER * self.largest_weight:
@@ -358,7 +342,7 @@ class Worker:
             got = next(iter(got.values())) if isinstance(got, dict) else got
             again = model(self.x)  # a second inference on the same session works too
             again = next(iter(again.values())) if isinstance(again, dict) else again
-        error = max(_relative_error(got, self.reference), _relative_error(again, self.reference))
+        error = max(relative_error(got, self.reference), relative_error(again, self.reference))
         if error > TOLERANCE:
             if self.target == "program" and ("JSON" in what or self._program_changed(mutated)):
                 # The vendor's authenticated program is the specification: one that computes something

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.fidelity import relative_error
 from shadownet.files import check_destination, write_atomically
 
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
@@ -53,17 +54,6 @@ def open_fds(pid: int | str = "self") -> dict[str, int]:
         fds += 1
         memfds += target.startswith("/memfd:")
     return {"fds": fds, "memfds": memfds}
-
-
-def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    """The worst over the outputs of max |got - want| / max |want|; inf where ``got`` is not finite."""
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        if not np.all(np.isfinite(g)):
-            return float("inf")
-        scale = float(np.max(np.abs(w))) or 1.0
-        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))) / scale)
-    return worst
 
 
 class Reference:

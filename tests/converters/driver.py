@@ -113,7 +113,3 @@ def litert(model: bytes, *inputs: np.ndarray, builtin: bool = False) -> list[np.
     return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
 
 
-def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    """Worst over outputs of max |diff| / max |reference|."""
-    return max(float(np.max(np.abs(g.astype(np.float64) - w)) / max(float(np.max(np.abs(w))), 1e-30))
-               for g, w in zip(got, want, strict=True))

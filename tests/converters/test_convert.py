@@ -11,12 +11,13 @@ from ai_edge_litert.interpreter import Interpreter
 
 import tee_sim
 from converters import convert
+from converters.fidelity import relative_error
 from converters.graph import tiny_model_bytes
 from converters.normalize import normalize
 from converters.partition import partition
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
-from tests.converters.driver import Driver, litert, relative_error
+from tests.converters.driver import Driver, litert
 
 # Worst relative error against LiteRT on the original: the default scheme's target, and the paper's scheme's
 # (its N(0, 1) fakes cost precision by cancellation).

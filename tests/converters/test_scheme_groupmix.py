@@ -10,11 +10,12 @@ from ai_edge_litert import schema_py_generated as fb
 
 import tee_sim
 from converters import convert, linear
+from converters.fidelity import relative_error
 from converters.schemes import ActivationStats, LinearLayer, get_scheme
 from converters.schemes.groupmix import GroupMixScheme, split_groups
 from shadownet import attacks, audit, input_leakage
 from tee_sim.ta_shadownet_linears import block_matmuls, restore_blocks
-from tests.converters.driver import Driver, litert, relative_error
+from tests.converters.driver import Driver, litert
 
 FIDELITY = 1e-4
 

@@ -10,8 +10,9 @@ from ai_edge_litert import schema_py_generated as fb
 
 import tee_sim
 from converters import convert
+from converters.fidelity import relative_error
 from converters.graph import Graph, write_model
-from tests.converters.driver import Driver, litert, relative_error
+from tests.converters.driver import Driver, litert
 
 
 def _model() -> bytes:

@@ -8,7 +8,8 @@ import pytest
 
 import tee_sim
 from converters import convert
-from tests.converters.driver import Driver, litert, relative_error
+from converters.fidelity import relative_error
+from tests.converters.driver import Driver, litert
 
 NAMES = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 BIG = {"resnet404", "yolov4-tiny"}  # one inference is enough

@@ -35,9 +35,6 @@ class Protected:
         return [rng.uniform(-1, 1, d["shape"]).astype(d["dtype"]) for d in interpreter.get_input_details()]
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """Worst absolute difference over the largest absolute reference value."""
-    return float(np.max(np.abs(got.astype(np.float64) - want)) / np.max(np.abs(want)))
 
 
 @pytest.fixture(scope="session")

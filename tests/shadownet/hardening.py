@@ -54,8 +54,6 @@ def protect_small(directory: Path, which: int = 0) -> Small:
     return Small(original, directory / "out", captured[-1])
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return fuzz_worker._relative_error(got, want)
 
 
 def copy_artifacts(src: Path, dst: Path) -> Path:

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from converters.fidelity import relative_error
 from shadownet.cli import main
-from tests.shadownet.conftest import relative_error
 
 TOLERANCE = 1e-4  # the default scheme's fidelity target
 

@@ -16,10 +16,11 @@ import pytest
 
 import shadownet
 import tee_sim
+from converters.fidelity import relative_error
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import ArtifactError, TEECommunicationError
 from shadownet.soak import open_fds
-from tests.shadownet.hardening import SEED, protect_small, relative_error
+from tests.shadownet.hardening import SEED, protect_small
 
 TOLERANCE = 1e-3
 pytestmark = pytest.mark.filterwarnings("ignore:converting with seed")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import shadownet
+from converters.fidelity import relative_error
 from shadownet import fuzz, fuzz_worker
 from shadownet.exceptions import ArtifactError, SecurityError
 from tests.shadownet.hardening import copy_artifacts, protect_small, read_manifest, rehash, write_manifest
@@ -74,7 +75,7 @@ def test_unknown_manifest_fields_are_ignored_and_descriptions_are_not_bound(smal
     write_manifest(copy, manifest)
     x = small.input()
     with shadownet.load(copy) as model:
-        assert fuzz_worker._relative_error(model(x), small.reference(x)) <= fuzz_worker.TOLERANCE
+        assert relative_error(model(x), small.reference(x)) <= fuzz_worker.TOLERANCE
 
 
 def test_a_new_manifest_field_is_bound(small, tmp_path):

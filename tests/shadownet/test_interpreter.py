@@ -5,8 +5,8 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 
 import shadownet
+from converters.fidelity import relative_error
 from shadownet.exceptions import ArtifactError
-from tests.shadownet.conftest import relative_error
 
 TOLERANCE = 1e-4  # the default scheme's fidelity target
 DETAIL_KEYS = ("name", "index", "shape", "shape_signature", "dtype", "quantization")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import shadownet
+from converters.fidelity import relative_error
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import ClosedError, InputError, TEECommunicationError
-from tests.shadownet.conftest import relative_error
 
 TOLERANCE = 1e-4  # the default scheme's fidelity target (the test models are converted with it)
 # Two inferences on the same input: one-time masks round each one differently, a few float32 ulps.

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import shadownet
+from converters.fidelity import relative_error
 from converters.program import read_program, write_program
 from shadownet.exceptions import ArtifactError, ClosedError, InputError
 from tests.shadownet.hardening import (
     copy_artifacts,
     protect_small,
     read_manifest,
-    relative_error,
     reseal,
     write_manifest,
 )

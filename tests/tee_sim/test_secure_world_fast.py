@@ -12,12 +12,12 @@ import pytest
 
 import shadownet
 import tee_sim
+from converters.fidelity import relative_error
 from shadownet.accelerator import AcceleratorWrapper
 from shadownet.exceptions import IntegrityError
 from tee_sim import channel as ch
 from tee_sim.secure_os import NO_PARAMS, Outcome
 from tee_sim.secure_world_fast import AHEAD, FINISHED, FastPath
-from tests.shadownet.conftest import relative_error
 from tests.shadownet.small_models import reference, small_cnn
 
 

@@ -12,10 +12,11 @@ from ai_edge_litert import schema_py_generated as fb
 
 import tee_sim
 from converters import convert
+from converters.fidelity import relative_error
 from converters.graph import Graph, write_model
 from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError
 from tee_sim.ta_shadownet_commands import UUID, Command
-from tests.converters.driver import Driver, litert, relative_error
+from tests.converters.driver import Driver, litert
 
 
 def _model(seed: int) -> bytes:

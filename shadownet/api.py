@@ -34,7 +34,7 @@ __all__ = ["convert", "load", "ProtectedModel", "Interpreter", "SignatureRunner"
 def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | None = None, **kw: Any) -> Any:
     """Protect ``model`` (a float ``.tflite`` path or bytes, a Keras file or a SavedModel directory) into the
     artifact directory ``out_dir``. ``seed`` is INSECURE (reproducible secrets, for tests only). Other
-    keywords (``calibration``, ``device``, ``force``) go to ``converters.convert``."""
+    keywords (``mask_rounds``, ``calibration``, ``device``, ``force``) go to ``converters.convert``."""
     from converters import convert as _convert
 
     return _convert(model, out_dir, scheme=scheme, seed=seed, **kw)
@@ -77,12 +77,17 @@ def _count(n: int, noun: str) -> str:
 
 
 def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
-    """Inputs from ``X.npy`` (single-input models) or ``X.npz`` keyed by input tensor names."""
+    """Inputs from ``X.npy`` (single-input models) or ``X.npz`` keyed by input tensor names (or the
+    signature's input names)."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"input file {path} does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        with open(path, "rb") as f:  # numpy takes any other file for a pickle, and says so
+            known = f.read(6).startswith((b"\x93NUMPY", b"PK\x03\x04"))
+        if not known:
+            raise InputError(f"{path} is not an .npy or .npz file") from None
         raise InputError(f"cannot read {path} as .npy/.npz: {exc}") from None
     if isinstance(loaded, np.ndarray):
         if len(model.inputs) != 1:

@@ -72,7 +72,12 @@ def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = N
     from converters.normalize import normalize
     from converters.tflite_reader import read_model
 
-    graph = normalize(read_model(model))
+    try:
+        graph = normalize(read_model(model))
+    except ModelFormatError as exc:
+        if isinstance(model, bytes):
+            raise
+        raise ModelFormatError(f"reference {model}: {exc}") from None
     if manifest is not None and "inputs" in manifest:
         given = [(list(graph.tensors[i].shape), str(np.dtype(graph.tensors[i].dtype))) for i in graph.inputs]
         want = [(list(t.get("shape", [])), str(t.get("dtype"))) for t in manifest.get("inputs", [])]

@@ -118,6 +118,7 @@ class _Progress:
     def __init__(self, models: int, enabled: bool = True) -> None:
         self.models, self.done, self.enabled = models, 0, enabled
         self._last = 0.0
+        self._drawn = False
 
     def __call__(self, label: str, step: int, total: int) -> None:
         if not self.enabled:
@@ -131,6 +132,7 @@ class _Progress:
         bar = "#" * int(fraction * width)
         sys.stderr.write(f"\r[{bar:<{width}}] {fraction * 100:5.1f}%  {label[:60]:<60}")
         sys.stderr.flush()
+        self._drawn = True
 
     def finish(self, label: str) -> None:
         """One model is done (or failed)."""
@@ -140,7 +142,8 @@ class _Progress:
             sys.stderr.write("\n")
 
     def clear(self) -> None:
-        if self.enabled and self.done < self.models:
+        """End the bar's line (after an error: the message then starts a line of its own)."""
+        if self._drawn and self.done < self.models:
             sys.stderr.write("\n")
 
 
@@ -197,7 +200,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
 def bench_cli(args: argparse.Namespace) -> None:
     """``shadownet bench [--models A,B | FILE.tflite ...] [--scheme] [--num_threads] [--num_runs]
     [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput] [--verify]
-    [--mask-rounds POLICY]``."""
+    [--mask-rounds POLICY] [--workdir DIR]``. The models that could not be measured are reported with the
+    rest, then make the command fail (one line naming them)."""
     if args.plot:
         require_matplotlib()
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
@@ -219,3 +223,7 @@ def bench_cli(args: argparse.Namespace) -> None:
         write_atomically(args.markdown, markdown(report, report["command"]))
     if args.plot:
         plot(report, args.plot)
+    failed = [f"{e['model']} ({e['error']})" for e in report["models"] if "error" in e]
+    if failed:
+        raise ShadowNetError(f"{len(failed)} of {len(report['models'])} model(s) not measured: "
+                             + "; ".join(failed))

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 # TensorFlow's C++ logging reads this at import time; the CLI never wants it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -90,8 +91,15 @@ def _cmd_device_export(args: argparse.Namespace) -> None:
     print(f"device identity written to {args.file}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shadownet", description="Protect a CNN's weights with a TEE and an untrusted accelerator."
     )
     from shadownet import __version__
@@ -121,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="protected inference on an artifact directory")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
-    p.add_argument("--input", required=True, help="X.npy, or X.npz keyed by input tensor names")
+    p.add_argument("--input", required=True,
+                   help="X.npy, or X.npz keyed by input tensor (or signature input) names")
     p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
-    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="accelerator threads (default: LiteRT's)")
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
     p.set_defaults(func=_cmd_run)
@@ -152,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
     p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
-    p.add_argument("--inferences", type=int, default=4, help="inferences to observe at the boundary")
+    p.add_argument("--inferences", type=int, default=4,
+                   help="inferences to observe at the boundary (default 4)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("demo", help="the README's main job: protect the zoo and compare with the original")
+    p = sub.add_parser("demo", help="the README's main job: protect MiniVGG and MobileNet, compare them")
     p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory)")
     p.set_defaults(func=_cmd_demo)
 

@@ -47,7 +47,7 @@ def test_registry_default_and_parsing():
     assert get_scheme(s) is s
     with pytest.raises(ValueError, match="unknown scheme"):
         get_scheme("nope")
-    with pytest.raises(ValueError, match="shadownet"):
+    with pytest.raises(ValueError, match="'shadownet' has no parameter 'bogus'; its parameters: obf_ratio, "):
         get_scheme("shadownet:bogus=1")
     with pytest.raises(ValueError):
         get_scheme("shadownet:obf_ratio=1.0")

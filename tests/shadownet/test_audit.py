@@ -206,7 +206,7 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
     says so at once, naming both, instead of failing in LiteRT halfway through the inferences."""
     import tensorflow as tf
 
-    from shadownet.exceptions import ArtifactError
+    from shadownet.exceptions import ArtifactError, ModelFormatError
 
     _, out = paper_protected
     x = tf.keras.Input((16, 16, 3), batch_size=2)
@@ -216,6 +216,10 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
     with pytest.raises(ArtifactError, match=r"takes \[2, 16, 16, 3\] float32 but the protected model "
                                             r"\[1, 16, 16, 3\] float32"):
         audit.audit(out, other, inferences=1)
+    junk = tmp_path / "x.npy"
+    junk.write_bytes(b"\x93NUMPY not a model")
+    with pytest.raises(ModelFormatError, match=f"reference {junk}: "):
+        audit.audit(out, junk, inferences=1)
 
 
 def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:

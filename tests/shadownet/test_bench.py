@@ -127,9 +127,16 @@ def test_bench_report(tmp_path):
 
 def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
-    assert "neither a zoo model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "neither a zoo model" in err and len(err.strip().splitlines()) == 1, err
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"not a model")
+    # The report is still written, then the command fails naming the model it could not measure.
+    argv = ["bench", str(bad), "--num_runs", "1", "--warmup_runs", "0", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("shadownet: error: 1 of 1 model(s) not measured: bad (")
+    assert "error" in json.loads((tmp_path / "r.json").read_text())["models"][0]
     report = bench.run_bench([str(bad)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
     assert "error" in report["models"][0]  # reported, and the other models would still run
     assert "bad: not measured" in bench_report.table(report)

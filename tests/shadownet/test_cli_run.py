@@ -57,7 +57,8 @@ def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsy
 @pytest.mark.parametrize("case, message", [
     ("no_artifacts", "does not exist"),
     ("no_input", "does not exist"),
-    ("not_numpy", "cannot read"),
+    ("not_numpy", "is not an .npy or .npz file"),
+    ("truncated_npy", "cannot read"),
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
@@ -74,6 +75,8 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
     elif case == "not_numpy":
         (tmp_path / "junk.npy").write_bytes(b"\x00junk" * 10)
         data = str(tmp_path / "junk.npy")
+    elif case == "truncated_npy":
+        (tmp_path / "x.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:100])
     elif case == "wrong_shape":
         np.save(tmp_path / "x.npy", x[:, :8])
     elif case == "delegate":
@@ -151,3 +154,15 @@ def test_version_is_the_package_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"shadownet {shadownet.__version__}"
+
+
+@pytest.mark.parametrize("argv", [[], ["run"], ["run", "out", "--bogus"], ["convert", "m.tflite", "-o", "o",
+                                                                          "--seed", "notint"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shadownet") and ": error: " in lines[0], err
+    assert "--help" in lines[0]

@@ -49,12 +49,6 @@ def conv2d(x: np.ndarray, filters: np.ndarray, options: Any) -> np.ndarray:
     return (cols @ filters.reshape(o, -1).astype(np.float64).T).reshape(n, ho, wo, o)
 
 
-def windows(x: np.ndarray, kernel: tuple[int, int], options: Any) -> np.ndarray:
-    """The float64 ``[N, Ho, Wo, kh, kw, C]`` windows of a CONV_2D's zero-padded input (a strided view of
-    one padded copy): ``windows(x, ...)[n, h, w].reshape(-1) @ filters.reshape(O, -1).T`` is its output."""
-    return _windows(np.asarray(x, np.float64), kernel[0], kernel[1], options)
-
-
 def depthwise_conv2d(x: np.ndarray, filters: np.ndarray, options: Any) -> np.ndarray:
     """DEPTHWISE_CONV_2D without bias or activation: ``filters`` [1, kh, kw, C * multiplier]."""
     _, kh, kw, cm = filters.shape

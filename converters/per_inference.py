@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-POLICIES = ("first", "all")
 DEFAULT_MASK_ROUNDS = "first"
 
 

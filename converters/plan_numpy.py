@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
 
+from converters import linear
 from converters.graph import Graph, fused_activation
 
 # Activations the TEE applies in place right after a restore (same float32 results as LiteRT's kernels).
@@ -119,13 +121,7 @@ def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
 
 
 def _pool_padding(n: int, window: int, stride: int, padding: int, out: int) -> list[int] | None:
-    """[before, after] padding of one spatial axis of a pool as LiteRT computes it (SAME: the total split
-    with the smaller half first), or None when ``out`` is not what LiteRT would produce."""
-    if padding == 0:  # SAME
-        expected = -(-n // stride)
-        total = max((expected - 1) * stride + window - n, 0)
-        pad = [total // 2, total - total // 2]
-    else:  # VALID
-        expected = (n - window) // stride + 1
-        pad = [0, 0]
-    return pad if expected == out and out >= 1 else None
+    """[before, after] padding of one spatial axis of a pool as LiteRT computes it (``linear.padding``), or
+    None when ``out`` is not what LiteRT would produce."""
+    expected, before, after = linear.padding(n, window, stride, 1, padding == schema_fb.Padding.SAME)
+    return [before, after] if expected == out and out >= 1 else None

@@ -83,10 +83,6 @@ class Artifacts:
     untrusted: bytes
     secrets: bytes
 
-    @property
-    def untrusted_path(self) -> Path:
-        return self.directory / UNTRUSTED
-
 
 def read_artifacts(directory: str | os.PathLike) -> Artifacts:
     """Read and validate an artifact directory; ArtifactError / SecurityError name what is wrong."""

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from converters.fidelity import relative_error
+
 THREADS = 2
 LATENCY_RUNS = 10
 AGREEMENT_INPUTS = 4
@@ -104,7 +106,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
         for _ in range(AGREEMENT_INPUTS):
             x = rng.uniform(-1, 1, size=shape).astype(dtype)
             want, got = original(x), model(x)
-            worst = max(worst, float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
+            worst = max(worst, relative_error(got, want))
             same_argmax += int(np.argmax(got) == np.argmax(want))
         _progress(f"timing {LATENCY_RUNS} interleaved runs each, {THREADS} threads (each after an untimed "
                   "run of its own; one-time masks made between runs, untimed) ...")

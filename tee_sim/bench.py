@@ -1,4 +1,4 @@
-"""Benchmark of the world switch: ``python -m tee_sim.bench [--json FILE] [--spins 0,20,50,200]``.
+"""Benchmark of the world switch: ``python -m tee_sim.bench [--json FILE] [--settings HARD/TOTAL,...]``.
 
 Prints, for the process transport:
 
@@ -8,7 +8,7 @@ Prints, for the process transport:
   shared memory, normal world copies out), against a plain ``memcpy`` of the same size;
 - rounds of the ShadowNet pattern (one TEE entry, then one 2-thread LiteRT convolution): how much the
   convolution slows down against LiteRT alone (the secure world may still be spinning while it runs),
-  what the TEE entry costs, and the whole round, per spin setting.
+  what the TEE entry costs, and the whole round, per poll-window setting.
 
 Figures are medians over interleaved repetitions; on a shared machine they are noisy.
 """

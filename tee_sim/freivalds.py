@@ -98,12 +98,6 @@ class Geometry:
     def spatial(self) -> bool:
         return self.kind != "FULLY_CONNECTED"
 
-    @property
-    def pointwise(self) -> bool:
-        """A 1x1 stride-1 unpadded layer (or a dense one): the window of position p is pixel p."""
-        return not self.spatial or (self.taps == 1 and self.stride == (1, 1) and self.before == (0, 0)
-                                    and self.x_shape[:3] == self.y_shape[:3])
-
     def padded(self) -> tuple[int, int]:
         """The zero-padded input extent that covers every window and the input itself."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation

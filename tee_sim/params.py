@@ -52,17 +52,12 @@ MEMREF_TYPES = frozenset(
         TEEC_MEMREF_PARTIAL_INOUT,
     }
 )
-WIRE_TYPES = frozenset({TEEC_NONE}) | VALUE_TYPES | MEMREF_TYPES
 U64_MAX = (1 << 64) - 1
 
 
 def TEE_PARAM_TYPES(t0: int = 0, t1: int = 0, t2: int = 0, t3: int = 0) -> int:  # noqa: N802 - GP's name
     """Pack four parameter types into one word, as GlobalPlatform's macro does."""
     return t0 | (t1 << 4) | (t2 << 8) | (t3 << 12)
-
-
-def param_type_of(packed: int, index: int) -> int:
-    return (packed >> (4 * index)) & 0xF
 
 
 def ta_param_type(wire_type: int) -> int:

@@ -49,6 +49,7 @@ from tee_sim.params import (
     VALUE_TYPES,
     TAParams,
     TEEParam,
+    ta_param_type,
 )
 from tee_sim.sealing import SealingIdentity
 from tee_sim.storage import ObjectStore
@@ -410,9 +411,8 @@ class SecureOS:
                         TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "memref outside registered memory"
                     )
                 window = view[offset : offset + size]
-                params.append(
-                    TEEParam(4 | (wire_type & 3), buffer=window if wire_type & 2 else window.toreadonly())
-                )
+                buffer = window if wire_type & 2 else window.toreadonly()
+                params.append(TEEParam(ta_param_type(wire_type), buffer=buffer))
             else:
                 raise TEEError(
                     TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, f"unknown parameter type {wire_type}"

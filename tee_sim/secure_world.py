@@ -37,7 +37,6 @@ from tee_sim.secure_os import NO_OUTPUTS, NO_PARAMS, Outcome, SecureOS, WirePara
 
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger("tee_sim.secure_world")
-_EMPTY = (0, 0, 0)
 
 
 def _watch_parent(sock: socket.socket, parent: int) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_NOT_SUPPORTED,
-    TEE_ERROR_SHORT_BUFFER,
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
@@ -26,7 +25,7 @@ from tee_sim.params import (
     check_param_types,
 )
 from tee_sim.registry import SYSTEM_PTA_UUID
-from tee_sim.ta import TrustedApp
+from tee_sim.ta import TrustedApp, write_output
 
 
 class Cmd(enum.IntEnum):
@@ -53,11 +52,6 @@ class SystemPTA(TrustedApp):
             answer = json.dumps(
                 {"attestation_public_key": public_key.hex(), "report": report.to_json()}
             ).encode()
-            out = params[1]
-            if len(answer) > out.buffer.nbytes:
-                out.size = len(answer)
-                raise TEEError(TEE_ERROR_SHORT_BUFFER, TEEC_ORIGIN_TRUSTED_APP, "output buffer too small")
-            out.buffer[: len(answer)] = answer
-            out.size = len(answer)
+            write_output(params[1], answer)
         else:
             raise TEEError(TEE_ERROR_NOT_SUPPORTED, TEEC_ORIGIN_TRUSTED_APP, f"unknown command {cmd_id}")

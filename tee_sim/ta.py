@@ -1,7 +1,7 @@
 """The trusted-app base class: GlobalPlatform's five entry points, identity attributes, OS services.
 
 A trusted app subclasses ``TrustedApp``, sets ``UUID``, ``VERSION`` and ``SIGNER``, is listed by UUID in
-``tee_sim.registry.TRUSTED_APPS`` and is instantiated inside the secure world on the first OpenSession.
+``tee_sim.registry.trusted_apps()`` and is instantiated inside the secure world on the first OpenSession.
 One instance serves all sessions to its UUID (``create`` once, ``destroy`` when the last session
 closes). Every handler checks its parameter types first::
 
@@ -29,10 +29,11 @@ from tee_sim.attestation import measure
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_NOT_SUPPORTED,
+    TEE_ERROR_SHORT_BUFFER,
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
-from tee_sim.params import TAParams, check_param_types
+from tee_sim.params import TAParams, TEEParam, check_param_types
 
 if TYPE_CHECKING:
     from tee_sim.secure_os import TEEServices
@@ -107,6 +108,21 @@ class TrustedApp:
         return None
 
 
+def ta_error(code: int, message: str) -> TEEError:
+    """An error a trusted app answers with (origin ``TEEC_ORIGIN_TRUSTED_APP``)."""
+    return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
+
+
 def bad_parameters(message: str) -> TEEError:
     """The error a handler raises for malformed input from the normal world."""
-    return TEEError(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP, message)
+    return ta_error(TEE_ERROR_BAD_PARAMETERS, message)
+
+
+def write_output(param: TEEParam, data: bytes) -> None:
+    """``data`` into an output memref, its size set to the bytes written; ``TEE_ERROR_SHORT_BUFFER`` with
+    the size set to what is needed when the buffer is smaller (GlobalPlatform's convention)."""
+    if len(data) > param.buffer.nbytes:
+        param.size = len(data)
+        raise ta_error(TEE_ERROR_SHORT_BUFFER, f"need {len(data)} bytes")
+    param.buffer[:len(data)] = data
+    param.size = len(data)

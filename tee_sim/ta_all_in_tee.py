@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.errors import TEE_ERROR_BAD_FORMAT, TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.errors import TEE_ERROR_BAD_FORMAT, TEE_ERROR_BAD_STATE
 from tee_sim.params import (
     TEE_PARAM_TYPE_MEMREF_INOUT,
     TEE_PARAM_TYPE_MEMREF_INPUT,
@@ -24,12 +24,8 @@ from tee_sim.params import (
     TAParams,
     check_param_types,
 )
-from tee_sim.ta import TrustedApp, bad_parameters
+from tee_sim.ta import TrustedApp, bad_parameters, ta_error
 from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK, UUID, Command, io_layout
-
-
-def _error(code: int, message: str) -> TEEError:
-    return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
 
 
 def _resident_bytes() -> int:
@@ -87,7 +83,7 @@ class AllInTEETA(TrustedApp):
             check_param_types(params)
             run = session.get("run")
             if run is None:
-                raise _error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
+                raise ta_error(TEE_ERROR_BAD_STATE, "no model loaded and bound to shared memory")
             run()
         elif cmd_id == Command.LOAD:
             check_param_types(params, TEE_PARAM_TYPE_MEMREF_INPUT, TEE_PARAM_TYPE_VALUE_INPUT)
@@ -113,7 +109,7 @@ class AllInTEETA(TrustedApp):
         try:
             constants, activations = activation_peak(model)
         except Exception as exc:  # noqa: BLE001 - any unreadable model is the caller's bad format
-            raise _error(TEE_ERROR_BAD_FORMAT, f"not a model this TA runs: {exc}") from None
+            raise ta_error(TEE_ERROR_BAD_FORMAT, f"not a model this TA runs: {exc}") from None
         # The model's bytes, its activations, and XNNPACK's packed copy of the weights.
         reserved = len(model) + activations + (constants if kernels == KERNELS_XNNPACK else 0)
         self.tee.reserve(reserved)
@@ -126,7 +122,7 @@ class AllInTEETA(TrustedApp):
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             self._unload(session)
-            raise _error(TEE_ERROR_BAD_FORMAT, f"LiteRT cannot load the model: {exc}") from None
+            raise ta_error(TEE_ERROR_BAD_FORMAT, f"LiteRT cannot load the model: {exc}") from None
         session["interpreter"] = interpreter
 
     def _unload(self, session: dict[str, Any]) -> None:
@@ -137,7 +133,7 @@ class AllInTEETA(TrustedApp):
     def _bind(self, session: dict[str, Any], param: Any) -> None:
         interpreter = session.get("interpreter")
         if interpreter is None:
-            raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
+            raise ta_error(TEE_ERROR_BAD_STATE, "no model loaded")
         details = interpreter.get_input_details() + interpreter.get_output_details()
         shapes = [(tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"])) for d in details]
         offsets, size = io_layout([int(np.prod(s, dtype=np.int64)) * t.itemsize for s, t in shapes])

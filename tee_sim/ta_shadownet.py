@@ -38,8 +38,6 @@ from tee_sim.errors import (
     TEE_ERROR_BAD_STATE,
     TEE_ERROR_NOT_SUPPORTED,
     TEE_ERROR_SECURITY,
-    TEE_ERROR_SHORT_BUFFER,
-    TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
 from tee_sim.params import (
@@ -55,7 +53,7 @@ from tee_sim.params import (
 )
 from tee_sim.per_inference import PerInference
 from tee_sim.secure_world_fast import StepProgram
-from tee_sim.ta import TrustedApp
+from tee_sim.ta import TrustedApp, ta_error, write_output
 from tee_sim.ta_shadownet_commands import (
     LOAD_FAIL_WHEN_EMPTY,
     LOAD_VERIFY,
@@ -88,22 +86,10 @@ _LOAD_WITH_OPTIONS = MEMREF_IN | MEMREF_IN << 4 | VALUE_IN << 8  # LOAD_MODEL wi
 _LOAD_WITH_MANIFEST = _LOAD_WITH_OPTIONS | MEMREF_IN << 12  # ... and the manifest's digest
 
 
-def _error(code: int, message: str) -> TEEError:
-    return TEEError(code, TEEC_ORIGIN_TRUSTED_APP, message)
-
-
 def _bad_format(message: str) -> TEEError:
     # An authenticated program this TA cannot use was made by a converter of another version.
-    return _error(TEE_ERROR_BAD_FORMAT, f"TEE program not understood by this trusted app ({message}): "
+    return ta_error(TEE_ERROR_BAD_FORMAT, f"TEE program not understood by this trusted app ({message}): "
                                         "re-convert the model with this version of shadownet")
-
-
-def _write(param: TEEParam, data: bytes) -> None:
-    if len(data) > param.buffer.nbytes:
-        param.size = len(data)
-        raise _error(TEE_ERROR_SHORT_BUFFER, f"need {len(data)} bytes")
-    param.buffer[:len(data)] = data
-    param.size = len(data)
 
 
 @dataclass
@@ -199,13 +185,13 @@ class ShadowNetTA(TrustedApp):
             check_param_types(params, MEMREF_IN)
             model = session.get("model")
             if model is None or model.online is None or not model.online.weights.outside:
-                raise _error(TEE_ERROR_BAD_STATE, "no model loaded with its weights outside")
+                raise ta_error(TEE_ERROR_BAD_STATE, "no model loaded with its weights outside")
             model.online.weights.bind(np.frombuffer(params[0].buffer, np.uint8))
         elif cmd_id == Command.GET_POOL_STATS:
             check_param_types(params, MEMREF_OUT)
             model = session.get("model")
             stats = model.online.stats(ahead(model)) if model is not None and model.online is not None else {}
-            _write(params[0], json.dumps(stats).encode())
+            write_output(params[0], json.dumps(stats).encode())
         elif cmd_id == Command.BIND_SHARED_MEMORY:
             if params.types == TEE_PARAM_TYPES(MEMREF_INOUT, MEMREF_IN):
                 self._bind(session, params[0], bytes(params[1].buffer))
@@ -218,12 +204,12 @@ class ShadowNetTA(TrustedApp):
             params[0].a, params[0].b = stats["ta_used"], stats["peak"]
         elif cmd_id == Command.GET_REPORT:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], self.tee.attestation_report(bytes(params[0].buffer)).to_bytes())
+            write_output(params[1], self.tee.attestation_report(bytes(params[0].buffer)).to_bytes())
         elif cmd_id == Command.PROVISION:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
             self._provision(params[0].buffer, params[1])
         else:
-            raise _error(TEE_ERROR_NOT_SUPPORTED, f"unknown command {cmd_id}")
+            raise ta_error(TEE_ERROR_NOT_SUPPORTED, f"unknown command {cmd_id}")
 
     # Provisioning and loading.
     def _provision(self, envelope: memoryview, out: TEEParam) -> None:
@@ -239,18 +225,18 @@ class ShadowNetTA(TrustedApp):
             del plaintext
         finally:
             self.tee.unreserve(envelope.nbytes)
-        _write(out, sealed)
+        write_output(out, sealed)
 
     def _open_secrets(self, blob: memoryview) -> bytes:
         head = bytes(blob[:len(SECRETS_MAGIC) + 1])
         if len(head) != len(SECRETS_MAGIC) + 1 or head[:-1] != SECRETS_MAGIC:
-            raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
+            raise ta_error(TEE_ERROR_SECURITY, "secrets failed authentication")
         payload = bytes(blob[len(head):])
         if head[-1:] == SEALED:
             return self.tee.unseal(payload, SECRETS_AAD)
         if head[-1:] == PROVISIONED:
             return self.tee.open_provisioned(payload, SECRETS_AAD)
-        raise _error(TEE_ERROR_SECURITY, "secrets failed authentication")
+        raise ta_error(TEE_ERROR_SECURITY, "secrets failed authentication")
 
     def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview, flags: int = 0,
               capacity: int = 0, manifest: bytes | None = None) -> None:
@@ -262,12 +248,13 @@ class ShadowNetTA(TrustedApp):
         if hashlib.sha256(untrusted).hexdigest() != shared.program.get("untrusted_sha256"):
             if not shared.users:
                 self.tee.unreserve(shared.nbytes)
-            raise _error(TEE_ERROR_SECURITY, "the untrusted model is not the one these secrets were made for")
+            raise ta_error(TEE_ERROR_SECURITY,
+                           "the untrusted model is not the one these secrets were made for")
         sealed_manifest = shared.program.get("manifest_sha256")
         if manifest is not None and sealed_manifest is not None and manifest.hex() != sealed_manifest:
             if not shared.users:
                 self.tee.unreserve(shared.nbytes)
-            raise _error(TEE_ERROR_SECURITY, "manifest.json is not the one converted with these secrets "
+            raise ta_error(TEE_ERROR_SECURITY, "manifest.json is not the one converted with these secrets "
                                              "(edited or damaged)")
         self._programs[key] = shared
         shared.users += 1
@@ -307,7 +294,7 @@ class ShadowNetTA(TrustedApp):
         p = model.program
         known = LOAD_VERIFY | LOAD_FAIL_WHEN_EMPTY | LOAD_WEIGHTS_OUTSIDE
         if flags & ~known or capacity > MAX_POOL_CAPACITY:
-            raise _error(TEE_ERROR_BAD_PARAMETERS, f"load options 0x{flags:x} / pool of {capacity}")
+            raise ta_error(TEE_ERROR_BAD_PARAMETERS, f"load options 0x{flags:x} / pool of {capacity}")
         if not (p.get("one_time") or {}).get("masks") and not flags & LOAD_VERIFY:
             return
         try:
@@ -327,7 +314,7 @@ class ShadowNetTA(TrustedApp):
         entries (0: no limit); out: a = ready entries, b = capacity."""
         model = session.get("model")
         if model is None:
-            raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
+            raise ta_error(TEE_ERROR_BAD_STATE, "no model loaded")
         online = model.online
         if online is None or not online.enabled:
             out.a, out.b = 0, 0
@@ -417,13 +404,13 @@ class ShadowNetTA(TrustedApp):
     def _bind(self, session: dict[str, Any], param: TEEParam, placement: bytes | None) -> None:
         model = session.get("model")
         if model is None:
-            raise _error(TEE_ERROR_BAD_STATE, "no model loaded")
+            raise ta_error(TEE_ERROR_BAD_STATE, "no model loaded")
         p = model.program
         offsets = {name: spec["offset"] for name, spec in p["shared_buffers"].items()}
         if placement is not None:
             offsets = checked_placement(placement, p, param.buffer.nbytes)
         elif param.buffer.nbytes < p["shared_memory_size"]:
-            raise _error(TEE_ERROR_BAD_PARAMETERS,
+            raise ta_error(TEE_ERROR_BAD_PARAMETERS,
                          f"shared memory of {param.buffer.nbytes} bytes, the layout needs "
                          f"{p['shared_memory_size']}")
         model.steps = model.fast = None

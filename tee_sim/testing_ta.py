@@ -11,7 +11,6 @@ from typing import Any
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_NOT_SUPPORTED,
-    TEE_ERROR_SHORT_BUFFER,
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
 )
@@ -22,11 +21,10 @@ from tee_sim.params import (
     TEE_PARAM_TYPE_VALUE_INPUT,
     TEE_PARAM_TYPE_VALUE_OUTPUT,
     TAParams,
-    TEEParam,
     check_param_types,
 )
 from tee_sim.registry import OTHER_TEST_TA_UUID, TEST_TA_UUID
-from tee_sim.ta import TrustedApp
+from tee_sim.ta import TrustedApp, write_output
 
 MEMREF_IN, MEMREF_OUT, MEMREF_INOUT = (
     TEE_PARAM_TYPE_MEMREF_INPUT,
@@ -58,14 +56,6 @@ class Cmd(enum.IntEnum):
     COPY = 18  # memref in -> memref out of the same size: one memcpy inside the TA
 
 
-def _write(param: TEEParam, data: bytes) -> None:
-    if len(data) > param.buffer.nbytes:
-        param.size = len(data)
-        raise TEEError(TEE_ERROR_SHORT_BUFFER, TEEC_ORIGIN_TRUSTED_APP, f"need {len(data)} bytes")
-    param.buffer[: len(data)] = data
-    param.size = len(data)
-
-
 class TestTA(TrustedApp):
     UUID = TEST_TA_UUID
     # Tests of the sealing policy start a secure world whose test TA has another security version.
@@ -87,7 +77,7 @@ class TestTA(TrustedApp):
             check_param_types(params)
         elif cmd_id == Cmd.ECHO:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], bytes(params[0].buffer))
+            write_output(params[1], bytes(params[0].buffer))
         elif cmd_id == Cmd.ADD:
             check_param_types(params, VALUE_IN, VALUE_OUT)
             params[1].a = params[0].a + params[0].b
@@ -117,27 +107,27 @@ class TestTA(TrustedApp):
             raise RuntimeError("test panic")
         elif cmd_id == Cmd.SEAL:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], self.tee.seal(bytes(params[0].buffer)))
+            write_output(params[1], self.tee.seal(bytes(params[0].buffer)))
         elif cmd_id == Cmd.UNSEAL:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], self.tee.unseal(bytes(params[0].buffer)))
+            write_output(params[1], self.tee.unseal(bytes(params[0].buffer)))
         elif cmd_id == Cmd.REPORT:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], self.tee.attestation_report(bytes(params[0].buffer)).to_bytes())
+            write_output(params[1], self.tee.attestation_report(bytes(params[0].buffer)).to_bytes())
         elif cmd_id == Cmd.PROVISION:
             check_param_types(params, MEMREF_IN, MEMREF_IN, MEMREF_OUT)
             secret = self.tee.open_provisioned(bytes(params[0].buffer), bytes(params[1].buffer))
             self.tee.create_object(b"secret", secret, overwrite=True)
-            _write(params[2], hashlib.sha256(secret).digest())
+            write_output(params[2], hashlib.sha256(secret).digest())
         elif cmd_id == Cmd.SECRET_HASH:
             check_param_types(params, MEMREF_OUT)
-            _write(params[0], hashlib.sha256(self.tee.read_object(b"secret")).digest())
+            write_output(params[0], hashlib.sha256(self.tee.read_object(b"secret")).digest())
         elif cmd_id == Cmd.OBJECT_WRITE:
             check_param_types(params, MEMREF_IN, MEMREF_IN)
             self.tee.create_object(bytes(params[0].buffer), bytes(params[1].buffer), overwrite=True)
         elif cmd_id == Cmd.OBJECT_READ:
             check_param_types(params, MEMREF_IN, MEMREF_OUT)
-            _write(params[1], self.tee.read_object(bytes(params[0].buffer)))
+            write_output(params[1], self.tee.read_object(bytes(params[0].buffer)))
         elif cmd_id == Cmd.OBJECT_DELETE:
             check_param_types(params, MEMREF_IN)
             self.tee.delete_object(bytes(params[0].buffer))

@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
-
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -33,10 +31,6 @@ class LinearLayer:
     depth_multiplier: int = 1
     name: str = ""
     input_channels: int | None = None
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.weights.shape[-1] if self.kind == "DEPTHWISE_CONV_2D" else self.weights.shape[0])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,13 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
 
+def macs(kind: str, out_shape: tuple[int, ...], weights_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of a CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED: per output element, a
+    convolution's ``kh * kw * C_in`` (depthwise ``kh * kw``), a dense layer's input width."""
+    per_output = weights_shape[1:3] if kind == "DEPTHWISE_CONV_2D" else weights_shape[1:]
+    return int(np.prod(out_shape, dtype=np.int64)) * int(np.prod(per_output, dtype=np.int64))
+
+
 def padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> tuple[int, int, int]:
     """(output size, padding before, padding after) as LiteRT's ComputePaddingHeightWidth."""
     effective = (kernel - 1) * dilation + 1

@@ -287,8 +287,6 @@ class RoundsBuilder:
 
 
 def _macs(g: Graph, i: int) -> int:
-    """Multiply-adds of the offloaded op ``i``: per output element, a convolution's ``kh * kw * C_in``
-    (depthwise ``kh * kw``), a dense layer's input width."""
+    """Multiply-adds of the offloaded op ``i`` (``linear.macs``)."""
     op = g.ops[i]
-    out, w = math.prod(g.tensors[op.outputs[0]].shape), g.tensors[op.inputs[1]].shape
-    return out * (math.prod(w[1:3]) if op.kind == "DEPTHWISE_CONV_2D" else math.prod(w[1:]))
+    return linear.macs(op.kind, g.tensors[op.outputs[0]].shape, g.tensors[op.inputs[1]].shape)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import linear
 from converters.fidelity import relative_error
 from shadownet.bench_throughput import (
     MIB,
@@ -38,20 +39,17 @@ _ELEMENTWISE_MACS = frozenset({"ADD", "SUB", "MUL", "DIV", "SQUARED_DIFFERENCE",
 
 def count_macs(graph: Any) -> list[int]:
     """Multiply-adds of each op of a (normalized) graph: a convolution costs ``kh * kw * C_in`` per output
-    element (depthwise ``kh * kw``), a dense layer its input width, a mean / average pool one per input
-    element, elementwise arithmetic one per output element; data movement nothing."""
+    element (depthwise ``kh * kw``), a dense layer its input width (``converters.linear.macs``), a mean /
+    average pool one per input element, elementwise arithmetic one per output element; data movement
+    nothing."""
     macs = []
     for op in graph.ops:
         tensors = graph.tensors
         out = int(np.prod(tensors[op.outputs[0]].shape, dtype=np.int64)) if op.outputs else 0
         shape_in = tensors[op.inputs[0]].shape if op.inputs and op.inputs[0] >= 0 else ()
         weights = tensors[op.inputs[1]].shape if len(op.inputs) > 1 and op.inputs[1] >= 0 else ()
-        if op.kind == "CONV_2D" and len(weights) == 4:
-            macs.append(out * weights[1] * weights[2] * weights[3])
-        elif op.kind == "DEPTHWISE_CONV_2D" and len(weights) == 4:
-            macs.append(out * weights[1] * weights[2])
-        elif op.kind == "FULLY_CONNECTED" and len(weights) == 2:
-            macs.append(out * weights[1])
+        if len(weights) == {"CONV_2D": 4, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 2}.get(op.kind):
+            macs.append(linear.macs(op.kind, tensors[op.outputs[0]].shape, weights))
         elif op.kind == "TRANSPOSE_CONV" and len(op.inputs) > 2:
             w = tensors[op.inputs[1]].shape
             x = tensors[op.inputs[2]].shape

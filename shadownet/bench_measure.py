@@ -27,6 +27,8 @@ from shadownet.exceptions import SecureMemoryError, ShadowNetError
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
 VERIFY_MODE = "shadownet-verify"  # with ``--verify``: the same artifacts, every accelerator result checked
 PROJECTED_K = (5, 20)
+FIDELITY_TARGET = 1e-4  # issue 4: worst relative error against LiteRT on the original
+FIDELITY_INPUTS, FIDELITY_REPEATS = 8, 4  # the spread: inputs, protected inferences of each (fresh masks)
 
 
 # --- multiply-adds ------------------------------------------------------------------------------------------
@@ -226,6 +228,29 @@ def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprote
 
 
 # --- one model ----------------------------------------------------------------------------------------------
+def _fidelity_spread(protected: _Protected, unprotected: Any, builtin: Any, specs: Sequence[tuple[Any, Any]],
+                     n_inputs: int) -> dict[str, Any]:
+    """The protected model's relative error against unprotected LiteRT over ``FIDELITY_INPUTS`` random
+    inputs (uniform in [0, 1], as the bench's own), ``FIDELITY_REPEATS`` inferences of each with fresh
+    one-time masks: its median, its worst and the share above ``FIDELITY_TARGET`` - the tail one input
+    does not show - next to the worst disagreement of LiteRT's builtin kernels with XNNPACK on them."""
+    rng = np.random.default_rng(1)
+    errors, floor = [], 0.0
+    for _ in range(FIDELITY_INPUTS):
+        x = [rng.uniform(0, 1, shape).astype(dtype) for shape, dtype in specs[:n_inputs]]
+        unprotected(x)
+        builtin(x)
+        floor = max(floor, relative_error(builtin.results, unprotected.results))
+        for _ in range(FIDELITY_REPEATS):
+            protected.refill()
+            protected(x)
+            errors.append(relative_error(protected.results, unprotected.results))
+    return {"inputs": FIDELITY_INPUTS, "inferences": len(errors), "median": float(np.median(errors)),
+            "max": float(np.max(errors)),
+            "above_target": float(np.mean(np.asarray(errors) > FIDELITY_TARGET)),
+            "builtin_vs_xnnpack_max": floor}
+
+
 def _summary(seconds: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     return {"min_ms": float(ms.min()), "median_ms": float(np.median(ms)), "max_ms": float(ms.max()),
@@ -349,8 +374,12 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             verified = {"memory": checked.model.stats(), "stats": checked.stats,
                         "error": relative_error(checked.results, runners["unprotected"].results)}
             checked.close()
-        memory = protected.model.stats()
+        memory = protected.model.stats()  # the pool's counters: the timed runs', before the spread's
         tee_memory = {mode: runners[mode].memory() for mode in ("all-in-tee", "all-in-tee-builtin")}
+        progress(f"{name}: fidelity over {FIDELITY_INPUTS * FIDELITY_REPEATS} inferences", total, total + 1)
+        spread = _fidelity_spread(protected, runners["unprotected"], runners["all-in-tee-builtin"], specs,
+                                  n_inputs)
+        protected.refill()
         sequential = None
         if verify_alone:
             # Not both under the cap at once: shadownet closed, the verified copy alone, its runs alternated
@@ -447,6 +476,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "rounds_on_one_thread": one_thread,
             "relative_error": error,
             "builtin_vs_xnnpack_error": floor,
+            "fidelity_spread": spread,
         },
         "ratios": {"S/U": median / unprotected, "T/S": tee / median,
                    "T_builtin/S": modes["all-in-tee-builtin"]["median_ms"] / median},

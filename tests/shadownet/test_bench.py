@@ -98,6 +98,11 @@ def test_bench_report(tmp_path):
     assert s["rounds_on_one_thread"] == 2  # num_threads=1: every round
     # Two honest float32 computations of the original differ, but only by rounding.
     assert 0 <= s["builtin_vs_xnnpack_error"] < 1e-5
+    spread = s["fidelity_spread"]  # more inputs, fresh masks: the tail one input does not show
+    n = bench_measure.FIDELITY_INPUTS * bench_measure.FIDELITY_REPEATS
+    assert spread["inferences"] == n and spread["inputs"] == bench_measure.FIDELITY_INPUTS
+    assert 0 <= spread["median"] <= spread["max"] < 1e-3 and 0 <= spread["above_target"] <= 1
+    assert 0 <= spread["builtin_vs_xnnpack_max"] < 1e-5
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
     assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
     assert entry["break_even_k"] is None or entry["break_even_k"] > 0
@@ -113,7 +118,9 @@ def test_bench_report(tmp_path):
     md = bench_report.markdown(report, "shadownet bench small.tflite")
     assert "| small | shadownet |" in md
     assert f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} |" in md
-    assert f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} |" in md
+    assert (f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} | "
+            f"{spread['median']:.1e} / {spread['max']:.1e} | {spread['above_target'] * 100:.0f}% of {n} | "
+            f"{spread['builtin_vs_xnnpack_max']:.1e} |") in md
     assert f"| {one:.1f} | {streaming['S/U one at a time']:.2f} |" in md
     json.dumps(report, allow_nan=False)  # strict JSON
     # Noisy timings are said to be so, in both reports; steady ones are not.

@@ -198,7 +198,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
 
 
 def bench_cli(args: argparse.Namespace) -> None:
-    """``shadownet bench [--models A,B | FILE.tflite ...] [--scheme] [--num_threads] [--num_runs]
+    """``shadownet bench [FILE.tflite ...] [--models A,B] [--scheme] [--num_threads] [--num_runs]
     [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput] [--verify]
     [--mask-rounds POLICY] [--workdir DIR]``. The models that could not be measured are reported with the
     rest, then make the command fail (one line naming them)."""

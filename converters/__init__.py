@@ -1,7 +1,7 @@
 """Offline conversion (model vendor side): TFLite graph layer, partition, obfuscation schemes, artifacts.
 
-``converters.convert(model, out_dir, ...)`` is the entry point (imported lazily: the trusted app imports
-``converters.program`` alone and must not pull in the rest).
+``converters.convert(model, out_dir, ...)`` is the entry point (imported lazily, so that importing one
+module of the package does not pull in the whole pipeline).
 """
 
 from typing import Any

@@ -33,10 +33,10 @@ from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
-from converters.program import write_program
 from converters.schemes import Scheme, get_scheme
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
+from tee_sim.program import write_program
 
 FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1

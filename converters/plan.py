@@ -21,8 +21,8 @@ from converters.graph import Graph, write_model
 from converters.partition import Partition
 from converters.per_inference import describe, locate_weights
 from converters.plan_tee import TeeProgramBuilder
-from converters.program import PROGRAM_FORMAT
 from converters.schemes import ActivationStats, Scheme
+from tee_sim.program import PROGRAM_FORMAT
 
 
 @dataclass

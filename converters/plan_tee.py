@@ -22,9 +22,9 @@ from converters.graph import Graph, Signature, write_model
 from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
-from converters.program import ALIGN, align
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
 from shadownet.exceptions import UnsupportedOpError
+from tee_sim.program import ALIGN, align
 
 
 class TeeProgramBuilder(RoundsBuilder):

@@ -232,7 +232,7 @@ class Worker:
         raise ValueError(f"unknown target {self.target!r}")
 
     def _program_mutation(self, rng: np.random.Generator) -> tuple[bytes, str]:
-        from converters.program import read_program, write_program
+        from tee_sim.program import read_program, write_program
 
         if rng.random() < 0.6:
             program, arrays = read_program(self.program)
@@ -247,14 +247,14 @@ class Worker:
     @functools.cached_property
     def _original_program(self) -> tuple[Any, dict[str, np.ndarray]]:
         """The seed's program, parsed once (read_program: its header's JSON, its arrays)."""
-        from converters.program import read_program
+        from tee_sim.program import read_program
 
         return read_program(self.program)
 
     def _program_changed(self, mutated: bytes) -> bool:
         """Whether a container mutation left a well-formed program that says something else (its header's
         JSON parses, to another program or other arrays): a program change like the JSON mutations'."""
-        from converters.program import read_program
+        from tee_sim.program import read_program
 
         try:
             program, arrays = read_program(mutated)

@@ -79,40 +79,40 @@ def throughput(context: Context, session: Any, size: int, repeats: int) -> dict[
 
 
 def conv_model(height: int, width: int, cin: int, cout: int) -> bytes:
-    """A one-conv float model (3x3, SAME, bias), built without TensorFlow when the graph layer is there."""
+    """A one-conv float model (3x3, SAME, bias), written with LiteRT's own flatbuffer object API."""
+    from ai_edge_litert import schema_py_generated as schema_fb
+    from ai_edge_litert.tools import flatbuffer_utils
+
     rng = np.random.default_rng(0)
-    weights = rng.standard_normal((cout, 3, 3, cin)).astype(np.float32) * 0.1
-    bias = rng.standard_normal(cout).astype(np.float32)
-    try:
-        from ai_edge_litert import schema_py_generated as schema_fb
-
-        from converters.graph import Graph, write_model
-    except ImportError:
-        return _conv_model_tf(height, width, cin, cout, weights, bias)
-    graph = Graph()
-    x = graph.add_tensor("x", (1, height, width, cin), np.float32)
-    w = graph.add_tensor("w", weights.shape, np.float32, weights)
-    b = graph.add_tensor("b", bias.shape, np.float32, bias)
-    y = graph.add_tensor("y", (1, height, width, cout), np.float32)
-    graph.add_op(
-        "CONV_2D",
-        [x, w, b],
-        [y],
-        schema_fb.Conv2DOptionsT(padding=schema_fb.Padding.SAME, strideW=1, strideH=1),
-    )
-    graph.inputs, graph.outputs = [x], [y]
-    return write_model(graph)
-
-
-def _conv_model_tf(
-    height: int, width: int, cin: int, cout: int, weights: np.ndarray, bias: np.ndarray
-) -> bytes:
-    import tensorflow as tf
-
-    layer = tf.keras.layers.Conv2D(cout, 3, padding="same")
-    model = tf.keras.Sequential([tf.keras.Input((height, width, cin)), layer])
-    layer.set_weights([weights.transpose(1, 2, 3, 0), bias])
-    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    arrays = [None, rng.standard_normal((cout, 3, 3, cin)).astype(np.float32) * 0.1,
+              rng.standard_normal(cout).astype(np.float32), None]
+    shapes = [(1, height, width, cin), arrays[1].shape, arrays[2].shape, (1, height, width, cout)]
+    model = schema_fb.ModelT()
+    model.version = 3
+    model.buffers = [schema_fb.BufferT()]  # buffer 0: the empty one every model starts with
+    sub = schema_fb.SubGraphT()
+    sub.tensors = []
+    for name, shape, array in zip(("x", "w", "b", "y"), shapes, arrays, strict=True):
+        tensor = schema_fb.TensorT()
+        tensor.name, tensor.shape, tensor.type = name.encode(), list(shape), schema_fb.TensorType.FLOAT32
+        tensor.buffer = len(model.buffers)
+        buffer = schema_fb.BufferT()
+        if array is not None:
+            buffer.data = np.frombuffer(array.tobytes(), np.uint8)
+        model.buffers.append(buffer)
+        sub.tensors.append(tensor)
+    code = schema_fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema_fb.BuiltinOperator.CONV_2D
+    code.version = 1
+    model.operatorCodes = [code]
+    op = schema_fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.builtinOptionsType = schema_fb.BuiltinOptions.Conv2DOptions
+    options = op.builtinOptions = schema_fb.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = schema_fb.Padding.SAME, 1, 1
+    sub.operators, sub.inputs, sub.outputs = [op], [0], [3]
+    model.subgraphs = [sub]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 class LiteRT:

@@ -11,10 +11,10 @@ restores it as usual, its offset the bias. The pool keeps ``r`` and the pop mask
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from tee_sim.freivalds import Geometry
 from tee_sim.one_time_masks import conv_pop
 
 
@@ -34,9 +34,8 @@ class SplitPop:
     as two matrix products); ``W'_hi`` and ``W'`` are blocks of the layer's weights
     ``[[W'_hi, 0], [W'_lo, W']]``."""
 
-    kind: str
     weights: str
-    options: Any
+    geometry: Geometry
     mask: str
     grid: float
 
@@ -55,9 +54,8 @@ class SplitPop:
             raise ValueError("a pop mask is written in place: it must be contiguous")
         m = weights.shape[0] // 2
         w_hi, w = prepared if prepared is not None else self.prepare(weights)
-        if self.kind == "CONV_2D":
-            conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options, w, out,
-                     w_hi=w_hi, grid=self.grid)
+        if self.geometry.kind == "CONV_2D":
+            conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=self.grid)
             return
         rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
         dst = out.reshape(-1, 2 * m)

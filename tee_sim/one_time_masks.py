@@ -15,14 +15,12 @@ import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema_fb
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tee_sim.freivalds import geometry
+from tee_sim.freivalds import Geometry, geometry
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
@@ -99,10 +97,8 @@ class MaskStream:
 class PopMask:
     """The offset of one restore of a one-time round: ``bias - restore(L(mask))`` in float64."""
 
-    kind: str
     weights: str
-    options: Any
-    obf_shape: tuple[int, ...]
+    geometry: Geometry
     mask: str
     bias: np.ndarray
     index: np.ndarray
@@ -115,7 +111,7 @@ class PopMask:
         """What ``compute`` needs of the weights, the same for every mask (a refill prepares it once for all
         the entries it makes): for a conv, the filters composed with the restore as float64
         [taps * C, N] (rows tap-major, then channel) and the bias, both permuted; None otherwise."""
-        if self.kind != "CONV_2D":
+        if self.geometry.kind != "CONV_2D":
             return None
         w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
         composed = w[:, self.index[0]] * self.coef[0].astype(np.float64)
@@ -129,14 +125,11 @@ class PopMask:
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
                 prepared: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """The offset of ``mask`` into ``out``; ``prepared``: ``prepare(weights)``, if made already."""
-        from converters import linear
-
-        if self.kind == "CONV_2D":  # in C: the filters composed with the restore, the bias minus their sums
+        if self.geometry.kind == "CONV_2D":  # in C: the filters composed with the restore, bias minus sums
             composed, bias = prepared if prepared is not None else self.prepare(weights)
-            conv_pop(np.ascontiguousarray(mask, np.float32), weights.shape[1:3], self.options, composed, out,
-                     bias=bias)
+            conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, composed, out, bias=bias)
             return
-        y = linear.apply(self.kind, mask.astype(np.float64), weights, self.options, self.obf_shape)
+        y = linear64(self.geometry, mask, weights)
         if self.matrix is not None:
             restored = y.reshape(-1, y.shape[-1]) @ self.matrix
             bias = self.bias if self.permutation is None else self.bias[self.permutation]
@@ -164,11 +157,12 @@ class PopMask:
 
 def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[int, ...],
                shm_shapes: dict[str, tuple[int, ...]], streams: dict[str, MaskStream],
-               arrays: dict[str, np.ndarray]) -> None:
-    """``ValueError`` unless a one-time restore's offset spec fits its layer, mask and restore arrays: a
-    program that does not is refused at load instead of failing in the pool's first refill."""
+               arrays: dict[str, np.ndarray]) -> Geometry:
+    """The layer's geometry; ``ValueError`` unless a one-time restore's offset spec fits its layer, mask and
+    restore arrays: a program that does not is refused at load instead of failing in the pool's first
+    refill."""
     x_shape, y_shape = shm_shapes[layer["input"]], shm_shapes[spec["layer"]]
-    geometry(layer, weights_shape, x_shape, y_shape)
+    geo = geometry(layer, weights_shape, x_shape, y_shape)
     mask = spec["mask"]
     split = bool(spec.get("split"))
     if split:  # the input and the layer carry both halves (tee_sim.exact_split)
@@ -177,7 +171,7 @@ def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[
             or split != bool(streams[mask].split) or (split and layer["kind"] == "DEPTHWISE_CONV_2D")):
         raise ValueError(f"offset of {spec['layer']}: mask {mask!r} is not a one-time mask of its input")
     if split:
-        return
+        return geo
     index, coef, bias = arrays[spec["index"]], arrays[spec["coef"]], arrays[spec["bias"]]
     n = bias.shape[0] if bias.ndim == 1 else -1
     if (index.ndim != 2 or index.shape != coef.shape or index.shape[1] != n
@@ -187,31 +181,46 @@ def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[
     perm = spec.get("permutation")
     if perm is not None and not np.array_equal(np.sort(arrays[perm]), np.arange(n)):
         raise ValueError(f"offset of {spec['layer']}: {perm!r} is not a permutation of {n} channels")
+    return geo
 
 
-def layer_options(layer: dict[str, Any]) -> Any:
-    if layer["kind"] == "FULLY_CONNECTED":
-        return None
-    (sh, sw), (dh, dw) = layer["stride"], layer["dilation"]
-    padding = schema_fb.Padding.SAME if layer["padding"] == "SAME" else schema_fb.Padding.VALID
-    return SimpleNamespace(padding=padding, strideH=sh, strideW=sw, dilationHFactor=dh, dilationWFactor=dw)
+def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A depthwise or dense layer of geometry ``geo`` (no bias) on ``x``, in float64: the TEE's own
+    reference for the pop masks of those layers (a conv's is ``conv_pop``, in C)."""
+    w = np.asarray(weights, np.float64)
+    if x.shape != geo.x_shape:
+        raise ValueError(f"{geo.kind}: input {x.shape}, the layer takes {geo.x_shape}")
+    if geo.kind == "FULLY_CONNECTED":
+        return (np.asarray(x, np.float64).reshape(-1, w.shape[1]) @ w.T).reshape(geo.y_shape)
+    if geo.kind != "DEPTHWISE_CONV_2D":
+        raise ValueError(f"linear64 computes depthwise and dense layers, not {geo.kind}")
+    (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
+    n, h, wd, c = x.shape
+    _, ho, wo, cm = geo.y_shape
+    padded = np.zeros((n, *geo.padded(), c))
+    padded[:, top:top + h, left:left + wd] = x
+    if cm != c:  # output channel c * multiplier + k reads input channel c
+        padded = np.repeat(padded, cm // c, axis=-1)
+    taps = w.reshape(kh, kw, cm)
+    y = np.zeros(geo.y_shape)
+    height, width = (ho - 1) * sh + 1, (wo - 1) * sw + 1  # the span of one tap's reads
+    for i in range(kh):  # one multiply-add per tap over the whole map
+        for j in range(kw):
+            y += padded[:, i * dh:i * dh + height:sh, j * dw:j * dw + width:sw] * taps[i, j]
+    return y
 
 
-def conv_pop(mask: np.ndarray, kernel: tuple[int, int], options: Any, w_full: np.ndarray, out: np.ndarray,
+def conv_pop(mask: np.ndarray, geo: Geometry, w_full: np.ndarray, out: np.ndarray,
              w_hi: np.ndarray | None = None, grid: float = 0.0, bias: np.ndarray | None = None) -> None:
-    """A CONV_2D pop mask by ``sn_pop`` (``ta_shadownet_pool.c``) for the float32 ``mask`` [N, H, W, C]:
-    ``w_full`` (and an exact split's ``w_hi``, with its ``grid``) as contiguous float64 [kh * kw * C, M]
-    (rows tap-major, then channel); into float32 ``out``: ``[pop_hi | pop_lo]`` of a split
-    (``tee_sim.exact_split.SplitPop``), or ``bias - L(mask, w_full)`` (``PopMask``), in double, rounded
-    once."""
-    from converters import linear
-
+    """A CONV_2D pop mask by ``sn_pop`` (``ta_shadownet_pool.c``) for the float32 ``mask`` [N, H, W, C] of
+    a layer of geometry ``geo``: ``w_full`` (and an exact split's ``w_hi``, with its ``grid``) as contiguous
+    float64 [kh * kw * C, M] (rows tap-major, then channel); into float32 ``out``: ``[pop_hi | pop_lo]`` of
+    a split (``tee_sim.exact_split.SplitPop``), or ``bias - L(mask, w_full)`` (``PopMask``), in double,
+    rounded once."""
     n, h, wd, c = mask.shape
-    same = options.padding == schema_fb.Padding.SAME
-    stride = (options.strideH, options.strideW)
-    dilation = (options.dilationHFactor or 1, options.dilationWFactor or 1)
-    (ho, top, _), (wo, left, _) = (linear.padding(size, kernel[i], stride[i], dilation[i], same)
-                                  for i, size in enumerate((h, wd)))
+    kernel, ho, wo, (top, left) = geo.kernel, geo.y_shape[1], geo.y_shape[2], geo.before
+    if (h, wd) != geo.x_shape[1:3]:
+        raise ValueError(f"a {h}x{wd} mask for a layer on {geo.x_shape[1]}x{geo.x_shape[2]}")
     m = w_full.shape[1]
     split = grid > 0
     if w_full.shape[0] != kernel[0] * kernel[1] * c:
@@ -226,7 +235,7 @@ def conv_pop(mask: np.ndarray, kernel: tuple[int, int], options: Any, w_full: np
         if array is not None and not array.flags.c_contiguous:
             raise ValueError("conv_pop's arrays must be contiguous")
     window = np.empty(2 * w_full.shape[0])
-    call = _Pop(mask.ctypes.data, n, h, wd, c, ho, wo, *kernel, *stride, *dilation, top, left,
+    call = _Pop(mask.ctypes.data, n, h, wd, c, ho, wo, *kernel, *geo.stride, *geo.dilation, top, left,
                 w_hi.ctypes.data if split else None, w_full.ctypes.data, m, grid,
                 bias.ctypes.data if not split else None, out.ctypes.data, window.ctypes.data)
     LIBRARY.sn_pop(ctypes.byref(call))

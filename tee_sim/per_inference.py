@@ -60,7 +60,7 @@ from tee_sim.errors import (
 from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.obfuscated_weights import Weights, weight_views
-from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table, layer_options
+from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
 from tee_sim.ta_shadownet_steps import kernel_calls
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
@@ -128,18 +128,16 @@ class PerInference:
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]
-            y_shape = shm_shapes[spec["layer"]]
-            check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
+            geo = check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
+            mask = spec["mask"]
             if spec.get("split"):
-                self.pops[name] = SplitPop(layer["kind"], layer["weights"], layer_options(layer),
-                                           spec["mask"], self.streams[spec["mask"]].split)
+                self.pops[name] = SplitPop(layer["weights"], geo, mask, self.streams[mask].split)
                 continue
             perm = spec.get("permutation")
-            bias = arrays[spec["bias"]]
-            self.pops[name] = PopMask(layer["kind"], layer["weights"], layer_options(layer), y_shape,
-                                      spec["mask"], bias, arrays[spec["index"]], arrays[spec["coef"]],
-                                      None if perm is None else arrays[perm].astype(np.intp))
-            self.pops[name].dense(y_shape[-1], self._account)
+            permutation = None if perm is None else arrays[perm].astype(np.intp)
+            self.pops[name] = PopMask(layer["weights"], geo, mask, arrays[spec["bias"]],
+                                      arrays[spec["index"]], arrays[spec["coef"]], permutation)
+            self.pops[name].dense(geo.y_shape[-1], self._account)
         self._offset_shapes = {name: shm_shapes[spec["layer"]] if spec.get("split") else
                                (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
                                for name, spec in one_time["offsets"].items()}

@@ -14,6 +14,8 @@ import os
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
+from ai_edge_litert.tools import flatbuffer_utils
 
 from tee_sim.errors import TEE_ERROR_BAD_FORMAT, TEE_ERROR_BAD_STATE
 from tee_sim.params import (
@@ -37,31 +39,46 @@ def _resident_bytes() -> int:
 
 
 def activation_peak(model: bytes) -> tuple[int, int]:
-    """(bytes of constant tensors, peak bytes of live activations in execution order) of subgraph 0."""
-    from converters.tflite_reader import read_model
+    """(bytes of constant tensors, peak bytes of live activations in execution order) of subgraph 0, from
+    LiteRT's own object API (call it on bytes LiteRT's verifier accepted: the Interpreter's constructor)."""
+    m = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    sub = m.subgraphs[0]
 
-    g = read_model(model)
+    def constant(t: int) -> bool:
+        buffer = m.buffers[sub.tensors[t].buffer] if 0 < sub.tensors[t].buffer < len(m.buffers) else None
+        return buffer is not None and (buffer.data is not None and len(buffer.data) > 0
+                                       or (getattr(buffer, "offset", 0) or 0) > 1)
 
     def size(t: int) -> int:
-        return int(np.prod(g.tensors[t].shape, dtype=np.int64)) * g.tensors[t].dtype.itemsize
+        tensor = sub.tensors[t]
+        if tensor.type not in _ITEMSIZE:
+            raise ValueError(f"tensor {t} has type {tensor.type}, which this TA does not size")
+        shape = tensor.shape if tensor.shape is not None else ()
+        return int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[tensor.type]
 
-    constants = sum(size(t) for t in range(len(g.tensors)) if g.tensors[t].data is not None)
+    constants = sum(size(t) for t in range(len(sub.tensors)) if constant(t))
+    ops = [([int(t) for t in op.inputs], [int(t) for t in op.outputs]) for op in sub.operators or ()]
     last: dict[int, int] = {}
-    for k, op in enumerate(g.ops):
-        for t in op.inputs:
-            if t >= 0 and g.tensors[t].data is None:
+    for k, (inputs, _) in enumerate(ops):
+        for t in inputs:
+            if t >= 0 and not constant(t):
                 last[t] = k
-    pinned = set(g.inputs) | set(g.outputs)
+    pinned = {int(t) for t in (*sub.inputs, *sub.outputs)}
     live = sum(size(t) for t in pinned)
     peak = live
-    for k, op in enumerate(g.ops):
-        new = [t for t in op.outputs if t not in pinned and g.tensors[t].data is None]
+    for k, (inputs, outputs) in enumerate(ops):
+        new = [t for t in outputs if t not in pinned and not constant(t)]
         live += sum(size(t) for t in new)
         peak = max(peak, live)
-        dead = {t for t in (*op.inputs, *new) if t >= 0 and t not in pinned and g.tensors[t].data is None
+        dead = {t for t in (*inputs, *new) if t >= 0 and t not in pinned and not constant(t)
                 and last.get(t, k) <= k}
         live -= sum(size(t) for t in dead)
     return constants, peak
+
+
+_ITEMSIZE = {getattr(schema_fb.TensorType, name): np.dtype(dtype).itemsize for name, dtype in (
+    ("FLOAT32", "f4"), ("FLOAT16", "f2"), ("FLOAT64", "f8"), ("INT64", "i8"), ("INT32", "i4"),
+    ("INT16", "i2"), ("INT8", "i1"), ("UINT8", "u1"), ("BOOL", "?"))}
 
 
 class AllInTEETA(TrustedApp):
@@ -106,19 +123,23 @@ class AllInTEETA(TrustedApp):
                                  "(builtin)")
         self._unload(session)
         session["resident_before"] = _resident_bytes()
+        resolver = (OpResolverType.AUTO if kernels == KERNELS_XNNPACK
+                    else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        try:  # LiteRT's verifier first: the sizes below are read from bytes it accepted
+            interpreter = Interpreter(model_content=model, num_threads=1,
+                                      experimental_op_resolver_type=resolver)
+        except (ValueError, RuntimeError) as exc:
+            raise ta_error(TEE_ERROR_BAD_FORMAT, f"LiteRT cannot load the model: {exc}") from None
         try:
             constants, activations = activation_peak(model)
-        except Exception as exc:  # noqa: BLE001 - any unreadable model is the caller's bad format
+        except Exception as exc:  # noqa: BLE001 - any model it cannot size is the caller's bad format
             raise ta_error(TEE_ERROR_BAD_FORMAT, f"not a model this TA runs: {exc}") from None
-        # The model's bytes, its activations, and XNNPACK's packed copy of the weights.
+        # The model's bytes, its activations, and XNNPACK's packed copy of the weights: reserved before
+        # the arena is allocated, so that a model over the cap is refused rather than run.
         reserved = len(model) + activations + (constants if kernels == KERNELS_XNNPACK else 0)
         self.tee.reserve(reserved)
         session["reserved"] = reserved
         try:
-            resolver = (OpResolverType.AUTO if kernels == KERNELS_XNNPACK
-                        else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-            interpreter = Interpreter(model_content=model, num_threads=1,
-                                      experimental_op_resolver_type=resolver)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             self._unload(session)

@@ -2,7 +2,7 @@
 
 LOAD_MODEL opens ``secrets.sealed`` (sealed for this device, or provisioned to it), checks that the
 paired ``untrusted.tflite`` has the SHA-256 the vendor sealed, parses the TEE program
-(``converters.program``, never pickle) and allocates every buffer once against the secure-memory cap.
+(``tee_sim.program``, never pickle) and allocates every buffer once against the secure-memory cap.
 BIND_SHARED_MEMORY resolves the shared buffer layout to zero-copy views and compiles every step
 (``tee_sim.ta_shadownet_compile``). RUN_STEP k then executes step k's instructions, prebuilt as closures
 over preallocated arrays, so an inference allocates nothing:
@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from converters.program import PROGRAM_FORMAT, ProgramFormatError, read_program
 from tee_sim.errors import (
     TEE_ERROR_BAD_FORMAT,
     TEE_ERROR_BAD_PARAMETERS,
@@ -52,6 +51,7 @@ from tee_sim.params import (
     check_param_types,
 )
 from tee_sim.per_inference import PerInference
+from tee_sim.program import PROGRAM_FORMAT, ProgramFormatError, read_program
 from tee_sim.secure_world_fast import StepProgram
 from tee_sim.ta import TrustedApp, ta_error, write_output
 from tee_sim.ta_shadownet_commands import (
@@ -133,8 +133,7 @@ class ShadowNetTA(TrustedApp):
     UUID = UUID
     VERSION = 1
     SIGNER = "shadownet"
-    # converters.linear: the pool's pop masks (tee_sim.per_inference) run its convolutions.
-    CODE_MODULES = ("converters.program", "converters.linear", "tee_sim.per_inference",
+    CODE_MODULES = ("tee_sim.program", "tee_sim.per_inference", "tee_sim.exact_split",
                     "tee_sim.obfuscated_weights", "tee_sim.one_time_masks", "tee_sim.freivalds",
                     "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
                     "tee_sim.ta_shadownet_linears", "tee_sim.ta_shadownet_restore_push",

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.program import ALIGN
 from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.program import ALIGN
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements

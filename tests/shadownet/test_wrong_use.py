@@ -11,8 +11,8 @@ import pytest
 
 import shadownet
 from converters.fidelity import relative_error
-from converters.program import read_program, write_program
 from shadownet.exceptions import ArtifactError, ClosedError, InputError
+from tee_sim.program import read_program, write_program
 from tests.shadownet.hardening import (
     copy_artifacts,
     protect_small,

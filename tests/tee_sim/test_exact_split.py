@@ -8,7 +8,8 @@ from converters import exact_split as converter_split
 from converters import linear
 from tee_sim import exact_split, one_time_masks
 from tee_sim import ta_shadownet_restore_push as rp
-from tee_sim.one_time_masks import MaskStream
+from tee_sim.freivalds import geometry
+from tee_sim.one_time_masks import MaskStream, PopMask, linear64
 from tee_sim.ta_shadownet_kernels import runnable
 from tests.tee_sim.test_restore_push import _model
 
@@ -32,6 +33,19 @@ def test_split_mask_keeps_every_bit():
     with pytest.raises(ValueError):  # a grid that is not a positive finite number is refused at load
         MaskStream({"buffer": "b", "shape": [1, 2, 2, 3], "std": 1.0, "split": {"grid": -1.0}},
                    np.zeros(3, np.float32), lambda s, d: np.zeros(s, d))
+
+
+def _geometry(kind, x_shape, w_shape, same=True, stride=1, dilation=1):
+    """The TA's geometry (``tee_sim.freivalds.Geometry``) of a layer, its output's size as LiteRT's."""
+    if kind == "FULLY_CONNECTED":
+        layer, y_shape = {"kind": kind}, (int(np.prod(x_shape)) // w_shape[1], w_shape[0])
+    else:
+        layer = {"kind": kind, "stride": [stride] * 2, "dilation": [dilation] * 2,
+                 "padding": "SAME" if same else "VALID"}
+        m = w_shape[0] if kind == "CONV_2D" else w_shape[3]
+        y_shape = (x_shape[0], *(linear.padding(x_shape[1 + i], w_shape[1 + i], stride, dilation, same)[0]
+                                 for i in range(2)), m)
+    return geometry(layer, w_shape, x_shape, y_shape)
 
 
 def _options():
@@ -91,7 +105,7 @@ def test_restore_pops_the_halves_before_restoring():
     hi, lo = exact_split.split_mask(r, GRID)
     w2 = converter_split.split_weights("CONV_2D", w, converter_split.Split(GRID, 10))
     pop = np.empty((1, 6, 6, 32), np.float32)
-    exact_split.SplitPop("CONV_2D", "w", _options(), "m", GRID).compute(r, w2, pop)
+    exact_split.SplitPop("w", _geometry("CONV_2D", (1, 6, 6, 6), w2.shape), "m", GRID).compute(r, w2, pop)
     # [pop_hi | pop_lo] = L([r_hi | r_lo], W2): the first half exact, the second to float32's rounding.
     both = np.concatenate([hi, lo], axis=-1).astype(np.float64)
     want_pop = linear.apply("CONV_2D", both, w2, _options(), (1, 6, 6, 32))
@@ -145,11 +159,12 @@ def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same
     want_hi = probe[..., :m]
     want_lo = (linear.conv2d(r.astype(np.float64), w, options) - want_hi).astype(np.float32)
     pop = np.full(probe.shape, np.nan, np.float32)
-    exact_split.SplitPop("CONV_2D", "w", options, "m", GRID).compute(r, w2, pop)
+    geo = _geometry("CONV_2D", (*x_shape[:3], 2 * x_shape[3]), w2.shape, same, stride, dilation)
+    exact_split.SplitPop("w", geo, "m", GRID).compute(r, w2, pop)
     np.testing.assert_array_equal(pop[..., :m], want_hi)
     np.testing.assert_allclose(pop[..., m:], want_lo, rtol=0, atol=2 * np.spacing(np.abs(want_lo).max()))
     with pytest.raises(ValueError, match="pop mask"):
-        exact_split.SplitPop("CONV_2D", "w", options, "m", GRID).compute(r, w2, pop[..., :-1].copy())
+        exact_split.SplitPop("w", geo, "m", GRID).compute(r, w2, pop[..., :-1].copy())
 
 
 @pytest.mark.parametrize("build", list(runnable()))
@@ -167,8 +182,6 @@ def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, 
 
     from ai_edge_litert import schema_py_generated as fb
 
-    from tee_sim.one_time_masks import PopMask
-
     monkeypatch.setattr(one_time_masks, "LIBRARY", runnable()[build])
     rng = np.random.default_rng(w_shape[0] + 1)
     m = w_shape[0]
@@ -182,7 +195,8 @@ def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, 
     coef = rng.standard_normal((2, n)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     permutation = rng.permutation(n).astype(np.int32) if permuted else None
-    pop = PopMask("CONV_2D", "w", options, y.shape, "m", bias, index, coef, permutation)
+    pop = PopMask("w", _geometry("CONV_2D", x_shape, w_shape, same, stride, dilation), "m", bias, index, coef,
+                  permutation)
     restored = y[..., index[0]] * coef[0].astype(np.float64) + y[..., index[1]] * coef[1].astype(np.float64)
     want = bias.astype(np.float64) - restored
     if permuted:
@@ -191,3 +205,32 @@ def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, 
     pop.compute(r, w, got)
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=0,
                                atol=2 * np.spacing(np.float32(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("kind,x_shape,w_shape,same,stride,dilation", [
+    ("DEPTHWISE_CONV_2D", (1, 9, 7, 4), (1, 3, 3, 4), True, 1, 1),
+    ("DEPTHWISE_CONV_2D", (2, 10, 10, 3), (1, 3, 3, 6), True, 2, 1),  # multiplier 2, stride 2
+    ("DEPTHWISE_CONV_2D", (1, 11, 9, 2), (1, 3, 5, 6), False, 1, 2),  # multiplier 3, VALID, dilated
+    ("DEPTHWISE_CONV_2D", (1, 4, 4, 5), (1, 5, 5, 5), True, 3, 1),  # a kernel wider than the map
+    ("FULLY_CONNECTED", (3, 20), (7, 20), True, 1, 1),
+    ("FULLY_CONNECTED", (1, 2, 2, 5), (4, 20), True, 1, 1),  # a map flattened into the layer
+])
+def test_the_tees_float64_layers_agree_with_the_converters(kind, x_shape, w_shape, same, stride, dilation):
+    """``linear64``, the TA's own float64 depthwise and dense layers (the pop masks of those one-time
+    rounds), against the converter's independent ``converters.linear`` to float64 rounding."""
+    from types import SimpleNamespace
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = (10 * rng.standard_normal(x_shape)).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    geo = _geometry(kind, x_shape, w_shape, same, stride, dilation)
+    options = SimpleNamespace(padding=fb.Padding.SAME if same else fb.Padding.VALID, strideH=stride,
+                              strideW=stride, dilationHFactor=dilation, dilationWFactor=dilation)
+    want = linear.apply(kind, x.astype(np.float64), w, options, geo.y_shape)
+    got = linear64(geo, x, w)
+    assert got.dtype == np.float64 and got.shape == want.shape == geo.y_shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    with pytest.raises(ValueError, match="input"):
+        linear64(geo, x[..., :-1], w)

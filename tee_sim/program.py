@@ -11,7 +11,8 @@ The header is ``{"program": {...}, "arrays": {name: {"dtype", "shape", "offset",
 (magic, version, sizes, JSON shape, allowed dtypes, shapes, alignment, bounds, no overlap) and returns
 read-only zero-copy views; callers parse only bytes that already passed authentication (the sealed
 blob's AES-GCM tag), so a failure here means a bug or a format mismatch, not an attack to survive.
-This module imports only numpy and the standard library: the trusted app imports it too.
+The trusted app's input format, published like its command header (``tee_sim.ta_shadownet_commands``):
+the converter imports it to write programs. It imports only numpy and the standard library.
 """
 
 from __future__ import annotations

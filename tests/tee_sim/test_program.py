@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from converters.program import ProgramFormatError, read_program, write_program
+from tee_sim.program import ProgramFormatError, read_program, write_program
 
 ARRAYS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "idx": np.array([[2, 0, 1]], np.int32),
           "bytes": np.frombuffer(b"TFL3 model", np.uint8), "empty": np.zeros((0, 4), np.float32)}

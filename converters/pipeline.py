@@ -308,9 +308,8 @@ def provision(program: bytes, device: Any = None) -> bytes:
 
 
 def _provision_local(program: bytes, context: Any) -> bytes:
-    from shadownet.device import device_identity
     from tee_sim import TempMemRef, default_context
-    from tee_sim.attestation import encrypt_to_report, verify_report
+    from tee_sim.attestation import device_identity, encrypt_to_report, verify_report
     from tee_sim.ta_shadownet_commands import SECRETS_AAD, Command
 
     context = context or default_context()

@@ -6,7 +6,8 @@ what was sent to it. Vendor side (public: ``converters`` may import this module)
 checks a report against a pinned device key, the expected measurement and the nonce;
 ``encrypt_to_report`` encrypts a secret to the report's key (X25519 + HKDF-SHA256 + AES-256-GCM).
 A device identity file (``shadownet device export``) is the attestation public key plus a report on
-the TA's persistent provisioning key: ``read_device_file`` / ``device_file_json``.
+the TA's persistent provisioning key: ``read_device_file`` / ``device_file_json``; ``device_identity``
+asks the local secure world for one.
 """
 
 from __future__ import annotations
@@ -244,6 +245,31 @@ class DeviceIdentity:
     attestation_public_key: bytes  # raw Ed25519, 32 bytes: what a vendor pins
     trusted_app: uuid.UUID
     report: Report  # on the TA's persistent provisioning key; verify with nonce=None
+
+
+def device_identity(context: Any = None, ta_uuid: uuid.UUID | None = None) -> DeviceIdentity:
+    """Ask the secure world of ``context`` (a ``tee_sim.Context``; default: this machine's) for its
+    attestation public key and a fresh report on ``ta_uuid``'s provisioning key (default: the ShadowNet
+    TA), and check the report before returning it."""
+    from tee_sim.client import default_context
+    from tee_sim.params import TempMemRef
+    from tee_sim.registry import SYSTEM_PTA_UUID, trusted_apps
+    from tee_sim.system_pta import Cmd
+    from tee_sim.ta_shadownet_commands import UUID as SHADOWNET_UUID
+
+    context = context or default_context()
+    ta_uuid = ta_uuid or SHADOWNET_UUID
+    nonce = os.urandom(32)
+    with context.open_session(SYSTEM_PTA_UUID) as session:
+        answer = session.invoke_command(
+            Cmd.EXPORT_IDENTITY, [TempMemRef(ta_uuid.bytes + nonce), TempMemRef(size=4096, direction="out")]
+        )[1].data
+    fields = json.loads(answer)
+    public_key = bytes.fromhex(fields["attestation_public_key"])
+    report = Report.parse(fields["report"])
+    # Catch a mismatch between this code and the secure world's here, not at the vendor's.
+    verify_report(report, public_key, measurement_of(trusted_apps()[ta_uuid]), nonce)
+    return DeviceIdentity(public_key, ta_uuid, report)
 
 
 def read_device_file(path: str | os.PathLike[str]) -> DeviceIdentity:

@@ -10,10 +10,11 @@ import textwrap
 
 import pytest
 
-from shadownet.device import device_identity, export_identity
+from shadownet.device import export_identity
 from tee_sim import TEE_ERROR_SECURITY, TEEC_ORIGIN_API, Context, TEEError, TempMemRef
 from tee_sim.attestation import (
     Report,
+    device_identity,
     encrypt_to_report,
     measurement_of,
     read_device_file,

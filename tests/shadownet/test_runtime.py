@@ -3,6 +3,9 @@
 import gc
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -16,6 +19,31 @@ from shadownet.exceptions import ClosedError, InputError, TEECommunicationError
 TOLERANCE = 1e-4  # the default scheme's fidelity target (the test models are converted with it)
 # Two inferences on the same input: one-time masks round each one differently, a few float32 ulps.
 SAME = 1e-5
+
+
+def test_protected_inference_does_not_import_tensorflow(small_cnn, tmp_path):
+    """The on-device path (``load``, a call, ``Interpreter``) in a fresh process: TensorFlow is the vendor's
+    optional extra, never the device's."""
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import shadownet
+        x = np.load({str(tmp_path / "x.npy")!r})
+        with shadownet.load({str(small_cnn.out)!r}) as model:
+            np.save({str(tmp_path / "y.npy")!r}, model(x))
+        interpreter = shadownet.Interpreter(model_path={str(small_cnn.out)!r})
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        interpreter.close()
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras")))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+    assert relative_error(np.load(tmp_path / "y.npy"), small_cnn.reference(x)[0]) <= TOLERANCE
 
 
 def test_call_matches_litert_on_the_original(small_cnn):

@@ -15,19 +15,14 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import tee_sim
-from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError, ShadowNetError
+from shadownet.exceptions import ShadowNetError
+from shadownet.tee_errors import TEE_ERRORS
 from tee_sim.ta_shadownet_commands import UUID, Command, encode_placement
-
-ERRORS: dict[int, type[ShadowNetError]] = {
-    tee_sim.TEE_ERROR_SECURITY: SecurityError,
-    tee_sim.TEE_ERROR_OUT_OF_MEMORY: SecureMemoryError,
-    tee_sim.TEE_ERROR_BAD_FORMAT: ArtifactError,
-    tee_sim.TEE_ERROR_BAD_PARAMETERS: ArtifactError,
-}
 
 
 def mapped(exc: tee_sim.TEEError) -> ShadowNetError:
-    return ERRORS.get(exc.code, ShadowNetError)(str(exc))
+    """The runtime's exception for a TA error (its own map, ``shadownet.tee_errors``)."""
+    return TEE_ERRORS.get(exc.code, ShadowNetError)(str(exc))
 
 
 class Driver:

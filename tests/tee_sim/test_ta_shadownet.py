@@ -142,23 +142,33 @@ def test_step_protocol(device, artifacts):
         assert info.value.code == tee_sim.TEE_ERROR_NOT_SUPPORTED
 
 
-def test_only_masked_values_cross_the_boundary(device, artifacts):
-    """What the accelerator receives is neither the layer's true input nor close to it."""
+def test_what_crosses_the_boundary_is_what_security_md_says(device, artifacts):
+    """The input-leakage attack (the best affine fit) on what the accelerator receives over 32 inferences:
+    round 1's input, the user's under a fresh one-time mask ~10x its spread, hides it (correlation ~0.1 by
+    construction: 1 / sqrt(1 + 10^2)), in one inference and across two; round 2's crosses unmasked under
+    the default policy, its channels only mixed, and the same fit recovers it - as SECURITY.md states."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    model = _model(0)
-    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+    from shadownet.input_leakage import affine_leakage, difference_leakage
+
+    interpreter = Interpreter(model_content=_model(0), experimental_preserve_all_tensors=True,
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], _x())
-    interpreter.invoke()
+    xs = [_x(seed) for seed in range(32)]
+    first, second, truth = [], [], []
     with Driver(device, artifacts[0]) as run:
-        run(_x(), record=True)
-        seen = run.seen[1]["x0"]  # round 2's input: relu(conv(x)) + mask
-    truth = [interpreter.get_tensor(d["index"]) for d in interpreter.get_tensor_details()
-             if d["name"] == "y0"]
-    assert len(truth) == 1 and truth[0].shape == seen.shape and truth[0].min() >= 0  # relu(conv(x))
-    assert np.abs(seen - truth[0]).mean() > 0.5 * truth[0].std()
+        for x in xs:
+            run(x, record=True)
+            first.append(run.seen[0]["x0"])  # round 1's input: x + a one-time mask
+            second.append(run.seen[1]["x0"])  # round 2's: relu(conv(x)), channels mixed
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+            interpreter.invoke()
+            truth.append(next(interpreter.get_tensor(d["index"]) for d in interpreter.get_tensor_details()
+                              if d["name"] == "y0"))
+    assert first[0].shape == xs[0].shape and second[0].shape == truth[0].shape
+    assert affine_leakage(np.concatenate(first), np.concatenate(xs))["correlation"] <= 0.2
+    assert difference_leakage(np.stack(first), np.stack(xs))["correlation"] <= 0.2
+    assert affine_leakage(np.concatenate(second), np.concatenate(truth))["correlation"] >= 0.99
 
 
 def test_process_transport(artifacts, device, tmp_path):
@@ -177,13 +187,6 @@ def test_bad_parameters(device, artifacts):
             shm = device.register_shared_memory(64)
             session.invoke_command(Command.BIND_SHARED_MEMORY, [tee_sim.MemRef(shm)])
         assert info.value.code == tee_sim.TEE_ERROR_BAD_STATE
-
-
-def test_error_mapping_is_the_runtimes():
-    from tests.converters.driver import ERRORS
-
-    assert ERRORS[tee_sim.TEE_ERROR_SECURITY] is SecurityError
-    assert ERRORS[tee_sim.TEE_ERROR_BAD_FORMAT] is ArtifactError
 
 
 def test_buffers_placed_by_the_normal_world(device, artifacts):

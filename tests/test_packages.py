@@ -23,22 +23,37 @@ ALLOWED = {
 }
 
 
+def imported(source: str, package: str) -> set[str]:
+    """The modules ``source`` (a file of ``package``) imports: ours by full name (``from tee_sim import
+    secure_os`` is ``tee_sim.secure_os``), others by their top-level name; not the standard library's or
+    the package's own."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if _is_module(f"{node.module}.{alias.name}"))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    found = set()
+    for name in names:
+        top = name.split(".")[0]
+        if top not in sys.stdlib_module_names and top != package:
+            found.add(name if top in OURS else top)
+    return found
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imports(package: str) -> dict[str, set[str]]:
-    """{imported module (ours by full name, others by their top-level name): files that import it}."""
+    """{imported module: files of ``package`` that import it}."""
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top == package:
-                    continue
-                found.setdefault(name if top in OURS else top, set()).add(str(path.relative_to(ROOT)))
+        for name in imported(path.read_text(), package):
+            found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     return found
 
 
@@ -50,6 +65,10 @@ def test_a_package_imports_only_what_its_trust_domain_may(package):
     assert not foreign, f"{package} imports outside its trust domain: {foreign}"
 
 
-def test_the_scan_sees_function_level_imports():
-    """The runtime imports the converter inside functions only; the scan must still see it."""
+def test_the_scan_sees_function_level_imports_and_submodules():
+    """The runtime imports the converter inside functions only; the scan must still see it, and a
+    submodule imported by ``from package import module`` is named as the module."""
     assert any(name.startswith("converters") for name in imports("shadownet"))
+    source = "def f():\n    from tee_sim import secure_os, TempMemRef\n    import numpy.linalg, json\n"
+    assert imported(source, "converters") == {"tee_sim", "tee_sim.secure_os", "numpy"}
+    assert "tee_sim.secure_os" not in ALLOWED["converters"]

@@ -3,6 +3,7 @@ minimal driver, and compare with LiteRT on the original."""
 
 import hashlib
 import json
+import re
 import warnings
 
 import numpy as np
@@ -216,6 +217,68 @@ def test_calibration_file_and_keras_input(tf, device, tmp_path):
         protect(path, tmp_path / "bad", device, calibration={"other": np.zeros((1, 2))})
 
 
+def _conv_graph(weights=None, extend=None) -> bytes:
+    """x [1, 6, 6, 3] -> 3x3 conv (4 filters, ``weights``) -> y, then ``extend(graph, x, y)`` if given."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    g = Graph()
+    x = g.add_tensor("x", (1, 6, 6, 3), np.float32)
+    w = _weights_with((0, 0, 0, 0), None) if weights is None else weights
+    b = g.add_tensor("b", (4,), np.float32, np.zeros(4, np.float32))
+    y = g.add_tensor("y", (1, 6, 6, 4), np.float32)
+    options = fb.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
+    g.add_op("CONV_2D", [x, g.add_tensor("w", w.shape, np.float32, w), b], [y], options)
+    g.inputs, g.outputs = [x], [y]
+    if extend:
+        extend(g, x, y)
+    return write_model(g)
+
+
+def _reshape_to_a_computed_shape(g, x, y):
+    """RESHAPE's shape computed from a model input (valid on zeros, so LiteRT runs it first)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    offset = g.add_tensor("offset", (2,), np.int32)
+    shape = g.add_tensor("new_shape", (2,), np.int32)
+    g.add_op("ADD", [offset, g.add_tensor("base", (2,), np.int32, np.array([1, 144], np.int32))], [shape],
+             fb.AddOptionsT())
+    z = g.add_tensor("z", (1, 144), np.float32)
+    g.add_op("RESHAPE", [y, shape], [z], fb.ReshapeOptionsT())
+    g.inputs, g.outputs = [x, offset], [z]
+
+
+def _weights_with(position, value):
+    """The test conv's weights, with ``value`` at ``position`` (None: as drawn)."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    if value is not None:
+        w[position] = value
+    return w
+
+
+@pytest.mark.parametrize("model,error,message", [
+    (lambda: _conv_graph(extend=_reshape_to_a_computed_shape), UnsupportedOpError,
+     "RESHAPE (output 'z') takes its shape from the computed tensor 'new_shape'"),
+    (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, x])), UnsupportedOpError,
+     "model output 'x' is not computed by any op"),
+    (lambda: _conv_graph(_weights_with((1, 1, 1, 1), np.nan)), ModelFormatError,
+     "CONV_2D (output 'y'): 'w' holds NaN or infinite values"),
+    (lambda: _conv_graph(_weights_with((2, 0, 0, 0), np.inf)), ModelFormatError,
+     "'w' holds NaN or infinite values"),
+    (lambda: _conv_graph(_weights_with((2, 0, 0, 0), -3e9)), ModelFormatError,
+     "'w' holds a value of magnitude 3e+09, beyond any trained model's"),
+])
+def test_what_the_tee_program_cannot_hold_is_refused_at_conversion(model, error, message, device, tmp_path):
+    """Each refusal SECURITY.md lists (found by fuzzing), on a model LiteRT itself runs: one clear error
+    naming the op and tensor, nothing written; the same model with sound weights converts."""
+    with pytest.raises(error, match=re.escape(message)):
+        protect(model(), tmp_path / "out", device)
+    assert not (tmp_path / "out").exists()
+    assert protect(_conv_graph(), tmp_path / "sound", device)["format"]
+
+
 def test_calibration_forms_and_refusals():
     """One input of the model's own shape is one sample; k of them stack along its first axis or on a new
     one; anything else and non-finite values are refused."""
@@ -226,8 +289,11 @@ def test_calibration_forms_and_refusals():
     name, shape = graph.tensors[index].name, tuple(graph.tensors[index].shape)
     rng = np.random.default_rng(0)
     for given, samples in ((shape, 1), ((3 * shape[0], *shape[1:]), 3), ((4, *shape), 4)):
-        got = _calibration_inputs(graph, {name: rng.uniform(0, 1, given)})
+        data = rng.uniform(0, 1, given)
+        got = _calibration_inputs(graph, {name: data})
         assert len(got) == samples and all(s[0].shape == shape for s in got)
+        whole = data.astype(np.float32).reshape(samples, *shape)  # sample i: the i-th block of the batch axis
+        assert all(np.array_equal(s[0], whole[i]) for i, s in enumerate(got))
     for given in ((*shape, 1), (0, *shape[1:])):
         with pytest.raises(ModelFormatError, match="has shape"):
             _calibration_inputs(graph, {name: np.zeros(given)})

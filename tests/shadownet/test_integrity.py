@@ -450,7 +450,7 @@ def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkey
     assert np.array_equal(again, y)
     with pytest.raises(ValueError, match="computing"):
         computed.computing(x, np.zeros(y64.shape, np.float64))
-    with pytest.raises(ValueError):  # it has no z to prepare nor check: only computing
+    with pytest.raises(ValueError, match="nothing to prepare"):  # no z to prepare nor check: only computing
         computed.prepare(x, u, f)
     with pytest.raises(ValueError, match="only computed"):
         computed.check(y, u)

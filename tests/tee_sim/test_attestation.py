@@ -165,14 +165,29 @@ def test_device_file_for_a_remote_device(tmp_path):
         assert err.value.code == TEE_ERROR_SECURITY
 
 
-def test_export_identity_cli_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("SHADOWNET_HOME", str(tmp_path / "home"))
+def test_export_identity_writes_the_file(tmp_path):
     path = tmp_path / "id.json"
     with Context("inprocess", home=tmp_path / "home") as ctx:
         export_identity(path, context=ctx, ta_uuid=TEST_TA_UUID)
     fields = json.loads(path.read_text())
     assert fields["format"] == "tee_sim-device-1" and fields["trusted_app"] == str(TEST_TA_UUID)
     assert set(fields["report"]) == {"format", "measurement", "nonce", "public_key", "signature"}
+
+
+def test_device_export_cli_writes_what_a_vendor_verifies(tmp_path):
+    """``shadownet device export FILE`` in a real process on a fresh device: the file carries the device's
+    attestation key and a report on the ShadowNet TA that the vendor's check accepts."""
+    from tee_sim.identity import DeviceKeys
+    from tee_sim.ta_shadownet import ShadowNetTA
+
+    path = tmp_path / "id.json"
+    env = {**os.environ, "SHADOWNET_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "shadownet", "device", "export", str(path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and f"written to {path}" in result.stdout, result.stderr
+    pinned = DeviceKeys.load_or_create(tmp_path / "home").attestation_public_key
+    report = verify_device_file(path, measurement_of(ShadowNetTA), pinned)
+    assert read_device_file(path).attestation_public_key == pinned and report.public_key
 
 
 _NORMAL_WORLD = """

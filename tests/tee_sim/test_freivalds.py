@@ -2,6 +2,8 @@
 shapes of the layer's weights, input and output as LiteRT's kernels would have them; and the projections
 a check's pool entry draws (``fv_draw``). (The checks themselves: ``tests/shadownet/test_integrity.py``.)"""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -23,23 +25,24 @@ def test_a_descriptor_that_fits_gives_its_geometry():
     assert dw.taps == 9
 
 
-@pytest.mark.parametrize("layer,weights,x,y", [
-    ({**CONV, "kind": "POOL"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    (CONV, (8, 3, 3, 5), (1, 10, 10, 4), (1, 10, 10, 8)),  # input channels
-    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 9)),  # output channels
-    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 9, 10, 8)),  # SAME keeps the size at stride 1
-    ({**CONV, "padding": "VALID"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    ({**CONV, "padding": "FULL"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    ({**CONV, "stride": [0, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    ({**CONV, "stride": [True, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    ({**CONV, "dilation": [1 << 31, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),  # found by fuzzing
-    ({**CONV, "dilation": [1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8)),
-    ({**CONV, "kind": "DEPTHWISE_CONV_2D"}, (1, 3, 3, 6), (1, 6, 6, 4), (1, 6, 6, 6)),
-    ({"kind": "FULLY_CONNECTED"}, (5, 11), (1, 2, 2, 3), (1, 5)),
-    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 0)),
+@pytest.mark.parametrize("layer,weights,x,y,refusal", [
+    ({**CONV, "kind": "POOL"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "not a linear layer"),
+    (CONV, (8, 3, 3, 5), (1, 10, 10, 4), (1, 10, 10, 8), "do not take"),  # input channels
+    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 9), "do not take"),  # output channels
+    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 9, 10, 8), "takes 10 to 10, not 9"),  # SAME at stride 1
+    ({**CONV, "padding": "VALID"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "takes 10 to 8, not 10"),
+    ({**CONV, "padding": "FULL"}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "padding 'FULL'"),
+    ({**CONV, "stride": [0, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "0 is not a positive"),
+    ({**CONV, "stride": [True, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "True is not a positive"),
+    ({**CONV, "dilation": [1 << 31, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8),
+     "spans more than twice"),  # found by fuzzing
+    ({**CONV, "dilation": [1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "must be pairs"),
+    ({**CONV, "kind": "DEPTHWISE_CONV_2D"}, (1, 3, 3, 6), (1, 6, 6, 4), (1, 6, 6, 6), "depthwise weights"),
+    ({"kind": "FULLY_CONNECTED"}, (5, 11), (1, 2, 2, 3), (1, 5), "dense weights"),
+    (CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 0), "shape: 0 is not a positive"),
 ])
-def test_a_descriptor_that_does_not_fit_is_refused(layer, weights, x, y):
-    with pytest.raises(ValueError):
+def test_a_descriptor_that_does_not_fit_is_refused(layer, weights, x, y, refusal):
+    with pytest.raises(ValueError, match=re.escape(refusal)):
         geometry(layer, weights, x, y)
 
 

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import struct
 import uuid
 
 import pytest
@@ -103,18 +104,47 @@ def test_version_policy_in_process(tmp_path, monkeypatch):
             assert _unseal(s, older) == b"v4" and _unseal(s, newer) == b"v5"
 
 
+def _spec_key(root: bytes, signer: str, ta_uuid: uuid.UUID, version: int) -> bytes:
+    """The sealing key as sealing.py's docstring specifies it, built here from the primitives."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = struct.pack("<H", len(signer)) + signer.encode() + ta_uuid.bytes + struct.pack("<I", version)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"tee_sim sealing v1", info=info).derive(root)
+
+
 def test_sealing_module_known_answers():
+    """Blobs in the documented format (magic "TSB1" | format u16 | version u32 | nonce | AES-256-GCM over
+    the header as AAD) made independently here are opened, ``seal``'s are opened here; every wrong key,
+    identity, AAD, version or byte is one opaque TEE_ERROR_SECURITY."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     root = bytes(range(32))
     ident = SealingIdentity("vendor", uuid.UUID(int=7), 3)
-    blob = seal(root, ident, b"x", aad=b"ctx")
-    assert unseal(root, ident, blob, aad=b"ctx") == b"x"
-    for wrong in (dict(aad=b"other"),):
-        with pytest.raises(TEEError):
-            unseal(root, ident, blob, **wrong)
-    with pytest.raises(TEEError):
-        unseal(root, SealingIdentity("other vendor", uuid.UUID(int=7), 3), blob, aad=b"ctx")
-    with pytest.raises(TEEError):
-        unseal(bytes(32), ident, blob, aad=b"ctx")
+    # A vector: the key of (root, "vendor", UUID 7, version 2), and a blob sealed under it by hand.
+    header = b"TSB1" + struct.pack("<HI", 1, 2) + bytes(12)
+    blob = header + AESGCM(_spec_key(root, "vendor", uuid.UUID(int=7), 2)).encrypt(bytes(12), b"known",
+                                                                                     header + b"ctx")
+    assert unseal(root, ident, blob, aad=b"ctx") == b"known"  # version 2 <= 3: an upgrade reads it
+    made = seal(root, ident, b"x", aad=b"ctx")
+    assert len(made) == OVERHEAD + 1 and made[:10] == b"TSB1" + struct.pack("<HI", 1, 3)
+    key = _spec_key(root, "vendor", uuid.UUID(int=7), 3)
+    assert AESGCM(key).decrypt(made[10:22], made[22:], made[:22] + b"ctx") == b"x"
+    flipped = bytearray(made)
+    flipped[-1] ^= 1
+    newer = b"TSB1" + struct.pack("<HI", 1, 4) + bytes(12)
+    newer += AESGCM(_spec_key(root, "vendor", uuid.UUID(int=7), 4)).encrypt(bytes(12), b"x", newer + b"ctx")
+    wrong = [(root, ident, made, b"other"),  # another AAD
+             (root, SealingIdentity("other vendor", uuid.UUID(int=7), 3), made, b"ctx"),  # another signer
+             (root, SealingIdentity("vendor", uuid.UUID(int=8), 3), made, b"ctx"),  # another TA
+             (root, SealingIdentity("vendor", uuid.UUID(int=7), 2), made, b"ctx"),  # an older TA
+             (bytes(32), ident, made, b"ctx"),  # another device
+             (root, ident, bytes(flipped), b"ctx"), (root, ident, made[:OVERHEAD - 1], b"ctx"),
+             (root, ident, newer, b"ctx")]  # a newer version's blob: no rollback
+    for args in wrong:
+        with pytest.raises(TEEError) as refused:
+            unseal(*args[:3], aad=args[3])
+        assert refused.value.code == TEE_ERROR_SECURITY and str(refused.value).endswith("authentication")
 
 
 def test_device_keys_created_once_private_and_atomic(tmp_path):

@@ -211,6 +211,19 @@ def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_
     assert memory["unmasked"] < memory["static"], memory
 
 
+def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factory):
+    """A policy beyond round 1 says what it costs; the default says nothing of it."""
+    import warnings
+
+    for rounds, warned in (("1,3", 1), ("first", 0)):
+        out = tmp_path_factory.mktemp("policy") / "out"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shadownet.convert(small_cnn(), str(out), seed=3, mask_rounds=rounds)
+        costs = [str(w.message) for w in caught if "after the first" in str(w.message)]
+        assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
+
+
 def test_static_scheme_keeps_the_papers_masks(tmp_path_factory):
     with pytest.warns(UserWarning, match="static masks"):
         out = tmp_path_factory.mktemp("static") / "out"

@@ -87,9 +87,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
     if len(one_time) > 1:
         warnings.warn(f"one-time masks on {len(one_time) - 1} round(s) after the first: each such layer "
-                      "computes at the mask's magnitude (10x its input's) in float32 and takes secure memory "
-                      "in every pool entry (with 'all', MobileNet's outputs measured 7e-4 relative error at "
-                      "the median, up to 3e-3, against 1e-4 with 'first'; see SECURITY.md)", stacklevel=2)
+                      "computes at the mask's magnitude (by default 10x its input's) in float32, and each "
+                      "takes secure memory in every pool entry (with 'all', MobileNet's outputs measured "
+                      "7e-4 relative error at the median, up to 3e-3, against 1e-4 with 'first'; see "
+                      "SECURITY.md)", stacklevel=2)
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}

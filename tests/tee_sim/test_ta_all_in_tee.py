@@ -3,7 +3,6 @@ accounted before LiteRT allocates, and a model it cannot run refused with a Glob
 
 import numpy as np
 import pytest
-from ai_edge_litert.interpreter import Interpreter
 
 from tee_sim import (
     TEE_ERROR_BAD_FORMAT,
@@ -18,6 +17,7 @@ from tee_sim import (
 from tee_sim.bench import conv_model
 from tee_sim.ta_all_in_tee import activation_peak
 from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK, UUID, Command, io_layout
+from tests.converters.driver import litert
 
 SHAPE, CHANNELS = (1, 12, 10, 3), 8  # a 3x3 conv, 3 -> 8 channels, with bias
 
@@ -25,14 +25,6 @@ SHAPE, CHANNELS = (1, 12, 10, 3), 8  # a 3x3 conv, 3 -> 8 channels, with bias
 @pytest.fixture(scope="module")
 def model() -> bytes:
     return conv_model(SHAPE[1], SHAPE[2], SHAPE[3], CHANNELS)
-
-
-def _litert(model: bytes, x: np.ndarray) -> np.ndarray:
-    interpreter = Interpreter(model_content=model, num_threads=1)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 @pytest.mark.parametrize("kernels", [KERNELS_XNNPACK, KERNELS_BUILTIN])
@@ -49,7 +41,8 @@ def test_runs_the_model_and_accounts_for_it(context, model, kernels):
         got = shm.ndarray(np.float32, out_shape, offsets[1]).copy()
         stats = session.invoke_command(Command.GET_STATS, [Value(direction="out")])[0]
     shm.release()
-    np.testing.assert_allclose(got, _litert(model, x), rtol=0, atol=1e-5)
+    (want,) = litert(model, x, builtin=kernels == KERNELS_BUILTIN)  # the same kernels outside the TEE
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     constants, activations = activation_peak(model)
     weights = CHANNELS * 9 * SHAPE[3] * 4 + CHANNELS * 4
     # The model, its input and output live at once, and XNNPACK's packed copy of the weights.

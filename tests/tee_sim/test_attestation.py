@@ -285,6 +285,45 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
         assert cls.measurement() != measurement
 
 
+def _tee_sim_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """``module`` and every ``tee_sim`` module it imports, directly or not (function-level imports too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    seen = set() if seen is None else seen
+    path = root.joinpath(*module.split(".")).with_suffix(".py")
+    if module in seen or not path.is_file():
+        return seen
+    seen.add(module)
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tee_sim"):
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name == "tee_sim":
+                name = "tee_sim.__init__"
+            if name.startswith("tee_sim."):
+                _tee_sim_imports(name, seen)
+    return seen
+
+
+def test_the_shadownet_tas_measurement_lists_every_module_only_it_runs():
+    """Every module the ShadowNet TA imports that the secure OS and the client do not is its own code and
+    must be measured (``tee_sim.exact_split`` was not)."""
+    from tee_sim import ta_shadownet
+
+    platform: set[str] = set()
+    for module in ("tee_sim.__init__", "tee_sim.secure_os", "tee_sim.secure_world", "tee_sim.client",
+                   "tee_sim.transport"):
+        _tee_sim_imports(module, platform)
+    own = _tee_sim_imports("tee_sim.ta_shadownet") - platform - {"tee_sim.ta_shadownet"}
+    assert {"tee_sim.program", "tee_sim.exact_split", "tee_sim.per_inference"} <= own  # the scan reads it
+    assert own <= set(ta_shadownet.ShadowNetTA.CODE_MODULES), own - set(ta_shadownet.ShadowNetTA.CODE_MODULES)
+
+
 def test_an_unusable_storage_is_an_error_not_a_panic(tmp_path):
     """A home that is not a directory: the device keys cannot be made, and the secure OS says so to the
     caller (TEE_ERROR_STORAGE_NOT_AVAILABLE, naming the path) instead of the app that asked panicking."""

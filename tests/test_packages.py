@@ -23,29 +23,38 @@ ALLOWED = {
 }
 
 
-def imported(source: str, package: str) -> set[str]:
-    """The modules ``source`` (a file of ``package``) imports: ours by full name (``from tee_sim import
-    secure_os`` is ``tee_sim.secure_os``), others by their top-level name; not the standard library's or
-    the package's own."""
+def module_imports(source: str) -> set[str]:
+    """Every module ``source`` imports by absolute name, function-level imports included; ``from tee_sim
+    import secure_os`` counts ``tee_sim`` and, being a module of ours, ``tee_sim.secure_os``."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if _is_module(f"{node.module}.{alias.name}"))
+                         if source_of(f"{node.module}.{alias.name}") is not None)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
+    return names
+
+
+def source_of(module: str) -> Path | None:
+    """The source file of one of our modules (a package's ``__init__.py``), None if it is not ours."""
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported(source: str, package: str) -> set[str]:
+    """The modules ``source`` (a file of ``package``) imports from outside it: ours by full name, others by
+    their top-level name; not the standard library's."""
     found = set()
-    for name in names:
+    for name in module_imports(source):
         top = name.split(".")[0]
         if top not in sys.stdlib_module_names and top != package:
             found.add(name if top in OURS else top)
     return found
-
-
-def _is_module(name: str) -> bool:
-    path = ROOT.joinpath(*name.split("."))
-    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def imports(package: str) -> dict[str, set[str]]:

@@ -287,26 +287,16 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
 
 def _tee_sim_imports(module: str, seen: set[str] | None = None) -> set[str]:
     """``module`` and every ``tee_sim`` module it imports, directly or not (function-level imports too)."""
-    import ast
-    from pathlib import Path
+    from tests.test_packages import module_imports, source_of
 
-    root = Path(__file__).resolve().parents[2]
     seen = set() if seen is None else seen
-    path = root.joinpath(*module.split(".")).with_suffix(".py")
-    if module in seen or not path.is_file():
+    path = source_of(module)
+    if module in seen or path is None:
         return seen
     seen.add(module)
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tee_sim"):
-            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            if name == "tee_sim":
-                name = "tee_sim.__init__"
-            if name.startswith("tee_sim."):
-                _tee_sim_imports(name, seen)
+    for name in module_imports(path.read_text()):
+        if name.split(".")[0] == "tee_sim":
+            _tee_sim_imports(name, seen)
     return seen
 
 
@@ -316,7 +306,7 @@ def test_the_shadownet_tas_measurement_lists_every_module_only_it_runs():
     from tee_sim import ta_shadownet
 
     platform: set[str] = set()
-    for module in ("tee_sim.__init__", "tee_sim.secure_os", "tee_sim.secure_world", "tee_sim.client",
+    for module in ("tee_sim", "tee_sim.secure_os", "tee_sim.secure_world", "tee_sim.client",
                    "tee_sim.transport"):
         _tee_sim_imports(module, platform)
     own = _tee_sim_imports("tee_sim.ta_shadownet") - platform - {"tee_sim.ta_shadownet"}

@@ -44,10 +44,12 @@ def activation_peak(model: bytes) -> tuple[int, int]:
     m = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
     sub = m.subgraphs[0]
 
-    def constant(t: int) -> bool:
-        buffer = m.buffers[sub.tensors[t].buffer] if 0 < sub.tensors[t].buffer < len(m.buffers) else None
+    def holds_data(index: int) -> bool:
+        buffer = m.buffers[index] if 0 < index < len(m.buffers) else None
         return buffer is not None and (buffer.data is not None and len(buffer.data) > 0
                                        or (getattr(buffer, "offset", 0) or 0) > 1)
+
+    constant = {t for t, tensor in enumerate(sub.tensors) if holds_data(tensor.buffer)}
 
     def size(t: int) -> int:
         tensor = sub.tensors[t]
@@ -56,21 +58,21 @@ def activation_peak(model: bytes) -> tuple[int, int]:
         shape = tensor.shape if tensor.shape is not None else ()
         return int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[tensor.type]
 
-    constants = sum(size(t) for t in range(len(sub.tensors)) if constant(t))
+    constants = sum(size(t) for t in constant)
     ops = [([int(t) for t in op.inputs], [int(t) for t in op.outputs]) for op in sub.operators or ()]
     last: dict[int, int] = {}
     for k, (inputs, _) in enumerate(ops):
         for t in inputs:
-            if t >= 0 and not constant(t):
+            if t >= 0 and t not in constant:
                 last[t] = k
     pinned = {int(t) for t in (*sub.inputs, *sub.outputs)}
     live = sum(size(t) for t in pinned)
     peak = live
     for k, (inputs, outputs) in enumerate(ops):
-        new = [t for t in outputs if t not in pinned and not constant(t)]
+        new = [t for t in outputs if t not in pinned and t not in constant]
         live += sum(size(t) for t in new)
         peak = max(peak, live)
-        dead = {t for t in (*inputs, *new) if t >= 0 and t not in pinned and not constant(t)
+        dead = {t for t in (*inputs, *new) if t >= 0 and t not in pinned and t not in constant
                 and last.get(t, k) <= k}
         live -= sum(size(t) for t in dead)
     return constants, peak

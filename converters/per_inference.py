@@ -22,9 +22,9 @@ round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default 
 - ResNet-44, ``all``: every round <= 0.15 both ways, but per inference the TEE redoes every layer on a
   mask in float64 (225 ms offline against a 20 ms inference: the pool cannot keep up with more than a
   few inferences a second) and a pool entry holds every layer's output (1.7 MB against 64 KB). On
-  MobileNet an entry is 19.2 MiB: the pool holds one (53 MiB of secure memory in all, against 8.2 MiB
-  with ``first``) and making it takes 332 ms of offline TEE work per inference. And every masked layer
-  computes at the mask's magnitude in float32: against LiteRT on the original, MobileNet's outputs at
+  MobileNet an entry is 40.4 MiB: the pool holds one (53.9 MiB of secure memory in all, against 7.6 MiB
+  with ``first``) and making it takes 309 ms of offline TEE work per inference (run BO). And every masked
+  layer computes at the mask's magnitude in float32: against LiteRT on the original, MobileNet's outputs at
   7-9e-4 relative error (median), up to 2-3e-3 (5e-4 / 9.5e-4 with ``groupmix:exact_split=all``: its
   depthwise layers cannot be split), MiniVGG up to 2-3e-4, ResNet-44 up to 0.6-1.5e-4; YOLOv4-tiny with it
   does not fit the default 64 MiB cap (the conversion warns of the cost; ``BENCHMARKS.md``).

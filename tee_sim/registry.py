@@ -40,10 +40,12 @@ def load_ta_class(ta_uuid: uuid.UUID) -> type:
     module, _, name = spec.partition(":")
     try:
         ta_class = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError) as exc:
         logging.getLogger("tee_sim.registry").error("cannot load %s:\n%s", spec, traceback.format_exc())
+        # OP-TEE leaves the reason in the secure world's log; the simulator also gives it to the caller,
+        # whose user can act on it (the kernels not built, say).
         raise TEEError(
-            TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, f"trusted app {ta_uuid} failed to load"
+            TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, f"trusted app {ta_uuid} failed to load: {exc}"
         ) from None
     if not (isinstance(ta_class, type) and issubclass(ta_class, TrustedApp)) or ta_class.UUID != ta_uuid:
         raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, f"{spec} is not the trusted app {ta_uuid}")

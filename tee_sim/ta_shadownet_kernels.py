@@ -47,8 +47,9 @@ def runnable() -> dict[str, ctypes.CDLL]:
     """Every build of the kernels this CPU runs, by name (``baseline``, ``avx2``, ``avx512``), best last."""
     baseline = _find("")
     if baseline is None:
-        raise ImportError(f"the trusted app's C kernels are not built in {Path(__file__).parent}: reinstall "
-                          "shadownet (pip install .) on a machine with a C compiler")
+        raise ImportError(f"the trusted app's C kernels are not built in {Path(__file__).parent}: install "
+                          "shadownet (pip install .) on a machine with a C compiler, or, if it is installed, "
+                          "run from outside its source tree, whose tee_sim/ then shadows the installed one")
     found = {"baseline": _open(baseline)}
     level = found["baseline"].sn_cpu_level()
     for suffix in VARIANTS[1:level + 1]:

@@ -110,6 +110,19 @@ def test_unknown_command_and_unknown_ta(session, context):
     assert (err.value.code, err.value.origin) == (TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE)
 
 
+def test_a_trusted_app_that_fails_to_load_says_why(tmp_path, monkeypatch):
+    """The error names the reason (OP-TEE would only log it): a user whose kernels are not built, or whose
+    source tree shadows the installed package, is told so instead of "failed to load"."""
+    from tee_sim import registry
+
+    broken = uuid.UUID(int=54321)
+    monkeypatch.setattr(registry, "trusted_apps", lambda: {broken: "tee_sim.no_such_module:TA"})
+    with Context("inprocess", home=tmp_path / "device") as ctx, pytest.raises(TEEError) as err:
+        ctx.open_session(broken)
+    assert (err.value.code, err.value.origin) == (TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE)
+    assert "failed to load: No module named 'tee_sim.no_such_module'" in str(err.value)
+
+
 def test_memref_zero_copy_16_mib(session, context):
     shm = context.register_shared_memory(16 << 20)
     x = shm.ndarray(np.float32, (4 << 20,))

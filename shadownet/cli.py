@@ -91,6 +91,21 @@ def _cmd_device_export(args: argparse.Namespace) -> None:
     print(f"device identity written to {args.file}")
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum`` (a count out of range is a usage error, exit 2)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return count
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line on stderr (exit 2) like every other error."""
 
@@ -132,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="X.npy, or X.npz keyed by input tensor (or signature input) names")
     p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
-    p.add_argument("--num_threads", type=int, default=None,
+    p.add_argument("--num_threads", type=_at_least(1), default=None,
                    help="accelerator threads (default: LiteRT's)")
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
@@ -142,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILE.tflite", help="models to benchmark besides --models")
     p.add_argument("--models", help="comma-separated zoo names (default: all five when no FILE is given)")
     p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
-    p.add_argument("--num_threads", type=int, default=2, help="accelerator / unprotected threads (default 2)")
-    p.add_argument("--num_runs", type=int, default=20, help="timed runs per mode (default 20)")
-    p.add_argument("--warmup_runs", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--num_threads", type=_at_least(1), default=2,
+                   help="accelerator / unprotected threads (default 2)")
+    p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
+    p.add_argument("--warmup_runs", type=_at_least(0), default=3, help="untimed runs first (default 3)")
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator and unprotected LiteRT")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the report as Markdown")
@@ -162,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
     p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
-    p.add_argument("--inferences", type=int, default=4,
+    p.add_argument("--inferences", type=_at_least(1), default=4,
                    help="inferences to observe at the boundary (default 4)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit)

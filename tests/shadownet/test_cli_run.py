@@ -160,7 +160,11 @@ def test_version_is_the_package_version(capsys):
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["run", "out", "--bogus"], ["convert", "m.tflite", "-o", "o",
-                                                                          "--seed", "notint"]])
+                                                                          "--seed", "notint"],
+                                  ["run", "out", "--input", "x.npy", "--num_threads", "0"],
+                                  ["bench", "--num_runs", "0"], ["bench", "--warmup_runs", "-1"],
+                                  ["bench", "--num_threads", "two"],
+                                  ["audit", "out", "--reference", "m.tflite", "--inferences", "0"]])
 def test_usage_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

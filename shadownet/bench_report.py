@@ -116,7 +116,9 @@ def _notes(report: dict[str, Any]) -> list[str]:
 
 def table(report: dict[str, Any]) -> str:
     """The report as plain-text tables (stdout)."""
-    lines = []
+    m = report["machine"]
+    kernels = m.get("tee_kernels", "?")
+    lines = [f"{m['nproc']} CPUs ({m['cpu']}), the trusted app's kernels built for {kernels}", ""]
     head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
     lines += [head, "-" * len(head)]
     for e in _done(report):

@@ -115,6 +115,8 @@ def test_bench_report(tmp_path):
     text = bench_report.table(report)
     assert "small" in text and "all-in-tee-builtin" in text
     assert "builtin vs XNNPACK" in text
+    kernels = report["machine"]["tee_kernels"]
+    assert f"kernels built for {kernels}" in text.splitlines()[0]  # the README says the bench names them
     md = bench_report.markdown(report, "shadownet bench small.tflite")
     assert "| small | shadownet |" in md
     assert f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} |" in md

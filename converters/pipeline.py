@@ -89,8 +89,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         warnings.warn(f"one-time masks on {len(one_time) - 1} round(s) after the first: each such layer "
                       "computes at the mask's magnitude (by default 10x its input's) in float32, and each "
                       "takes secure memory in every pool entry (with 'all', MobileNet's outputs measured "
-                      "7e-4 relative error at the median, up to 3e-3, against 1e-4 with 'first'; see "
-                      "SECURITY.md)", stacklevel=2)
+                      "7e-4 relative error at the median, up to 3e-3, against 5e-5 and 1.7e-4 with "
+                      "'first'; see SECURITY.md)", stacklevel=2)
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
@@ -137,7 +137,12 @@ def _model_bytes(model: Any) -> bytes:
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data
-    if path.suffix in (".keras", ".h5", ".hdf5") or data[:4] in (b"PK\x03\x04", b"\x89HDF"):
+    keras_container = data[:4] in (b"PK\x03\x04", b"\x89HDF")  # a .keras zip, an .h5 HDF5 file
+    if path.suffix in (".keras", ".h5", ".hdf5") and not keras_container:
+        # Refused before TensorFlow is imported: it would log to stderr and say "File not found".
+        raise ModelFormatError(f"{path} is not a Keras model file (a .keras file is a zip archive, an .h5 "
+                               "file HDF5)")
+    if keras_container:
         return _tf_convert(path, "keras")
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
 

@@ -192,6 +192,10 @@ def test_bad_models(device, tmp_path):
         protect(b"not a model at all", tmp_path / "a", device)
     with pytest.raises(ModelFormatError):
         protect(tmp_path / "missing.tflite", tmp_path / "b", device)
+    for name in ("junk.keras", "junk.h5"):  # named as a Keras file, not one: said so, TensorFlow untouched
+        (tmp_path / name).write_bytes(b"junk")
+        with pytest.raises(ModelFormatError, match="is not a Keras model file"):
+            protect(tmp_path / name, tmp_path / "d", device)
     with pytest.raises(UnsupportedOpError, match="nothing to protect"):
         protect(tiny_model_bytes(), tmp_path / "c", device)
     with pytest.raises(ValueError, match="unknown scheme"):

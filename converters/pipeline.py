@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
 from converters.graph import Graph
 from converters.normalize import normalize
@@ -133,7 +134,7 @@ def _model_bytes(model: Any) -> bytes:
     if path.is_dir():
         if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
             raise ModelFormatError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
-        return _tf_convert(path, "saved_model")
+        return tf_input.convert(path, "saved_model")
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data
@@ -143,29 +144,8 @@ def _model_bytes(model: Any) -> bytes:
         raise ModelFormatError(f"{path} is not a Keras model file (a .keras file is a zip archive, an .h5 "
                                "file HDF5)")
     if keras_container:
-        return _tf_convert(path, "keras")
+        return tf_input.convert(path, "keras")
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
-
-
-def _tf_convert(path: Path, kind: str) -> bytes:
-    """TensorFlow's own TFLite converter (float32); only for Keras / SavedModel input."""
-    try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import tensorflow as tf
-    except ImportError:
-        raise ModelFormatError(f"{path}: converting a {kind.replace('_', ' ')} needs TensorFlow "
-                               "(pip install 'shadownet[tf]'), or give a .tflite") from None
-    try:
-        if kind == "saved_model":
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(path))
-        else:
-            import keras
-
-            converter = tf.lite.TFLiteConverter.from_keras_model(keras.models.load_model(path, compile=False))
-        return bytes(converter.convert())
-    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
-        raise ModelFormatError(f"{path}: TensorFlow could not convert the {kind.replace('_', ' ')}: "
-                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
 
 
 def secret_rng(seed: int | None) -> np.random.Generator:

@@ -1,0 +1,99 @@
+"""Keras and SavedModel input: converted to a float32 ``.tflite`` with TensorFlow's own converter (extra
+``tf``), at batch size 1.
+
+Keras and SavedModel signatures usually leave the batch dimension open. Converted as they are, every shape
+computed from it stays a tensor LiteRT computes at run time (a ``Flatten`` becomes SHAPE, STRIDED_SLICE,
+PACK and a RESHAPE whose shape is that result), which the TEE program, preallocated and bound to fixed
+buffers, cannot follow. So the serving function is traced again with the batch dimension fixed to 1, its
+variables frozen into constants, and converted from there: TensorFlow's converter then folds those shapes.
+Other open dimensions are refused, naming the input: they need a shape the user chooses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from shadownet.exceptions import ModelFormatError
+
+
+def convert(path: Path, kind: str) -> bytes:
+    """The ``.tflite`` bytes of the Keras file (``kind="keras"``) or SavedModel directory (``"saved_model"``)
+    at ``path``."""
+    what = kind.replace("_", " ")
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # With LiteRT's library loaded first, TensorFlow logs its oneDNN notice (and absl a line about it)
+        # before it reads TF_CPP_MIN_LOG_LEVEL: two lines on stderr before any of ours. Without oneDNN's
+        # kernels there is no notice; the conversion only folds constants with them.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        import tensorflow as tf
+    except ImportError:
+        raise ModelFormatError(f"{path}: converting a {what} needs TensorFlow (pip install 'shadownet[tf]'), "
+                               "or give a .tflite") from None
+    try:
+        # The owner (the Keras model, the loaded SavedModel) holds the variables the function captures.
+        function, owner = _keras_function(tf, path) if kind == "keras" else _saved_model_function(tf, path)
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
+        raise ModelFormatError(f"{path}: TensorFlow could not load the {what}: {_first_line(exc)}") from None
+    try:
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        frozen = convert_variables_to_constants_v2(function)
+        del owner
+        # An empty module saved beside the function gives the file its SignatureDef (as in models.zoo).
+        return bytes(tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module()).convert())
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFormatError(f"{path}: TensorFlow could not convert the {what}: "
+                               f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+def _batch_one(tf: Any, spec: Any, name: str, path: Path) -> Any:
+    """``spec`` with its leading (batch) dimension fixed to 1; refused if any other dimension is open."""
+    shape = spec.shape
+    if shape.rank is None:
+        raise ModelFormatError(f"{path}: input {name!r} has an unknown rank: give the model a fixed input "
+                               "shape")
+    dims = list(shape)
+    if dims and dims[0] is None:
+        dims[0] = 1
+    if any(d is None for d in dims):
+        raise ModelFormatError(f"{path}: input {name!r} has shape {shape} with open dimensions besides the "
+                               "batch: give the model a fixed input shape")
+    return tf.TensorSpec(dims, spec.dtype, name=name)
+
+
+def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    names = [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
+    specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), n.split(":")[0], path)
+             for t, n in zip(model.inputs, names, strict=True)]
+
+    def serve(*xs: Any) -> Any:
+        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+
+    return tf.function(serve).get_concrete_function(*specs), model
+
+
+def _saved_model_function(tf: Any, path: Path) -> tuple[Any, Any]:
+    loaded = tf.saved_model.load(str(path))
+    signatures = dict(loaded.signatures)
+    if not signatures:
+        raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
+    signature = signatures.get("serving_default") or next(iter(signatures.values()))
+    _, named = signature.structured_input_signature
+    specs = {name: _batch_one(tf, spec, name, path) for name, spec in named.items()}
+
+    def serve(**xs: Any) -> Any:
+        return signature(**xs)
+
+    return tf.function(serve).get_concrete_function(**specs), loaded

@@ -1,0 +1,60 @@
+"""Keras and SavedModel input (``converters.tf_input``): the batch dimension Keras and SavedModel signatures
+leave open is fixed to 1, so that a Flatten's shape is folded instead of computed at run time; any other
+open dimension is refused, naming the input."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import tee_sim
+from converters import convert
+from converters.fidelity import relative_error
+from shadownet.exceptions import ModelFormatError
+from tests.converters.driver import Driver
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    context = tee_sim.Context("inprocess", home=tmp_path_factory.mktemp("device"))
+    yield context
+    context.close()
+
+
+def _save(tf, model, path, form):
+    if form == "keras":
+        model.save(path)
+    else:
+        tf.saved_model.save(model, str(path))
+
+
+@pytest.mark.parametrize("form", ["keras", "saved_model"])
+def test_an_open_batch_is_converted_at_batch_one(tf, device, tmp_path, form):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 3), name="pixels")  # batch None, as Keras leaves it
+    h = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    model = keras.Model(x, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    path = tmp_path / ("model.keras" if form == "keras" else "saved")
+    _save(tf, model, path, form)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        manifest = convert(path, tmp_path / "out", seed=1, device=device)
+    assert [i["shape"] for i in manifest["inputs"]] == [[1, 8, 8, 3]]
+    image = np.random.default_rng(0).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(image), [model(image).numpy()]) <= 1e-4
+
+
+@pytest.mark.parametrize("form", ["keras", "saved_model"])
+def test_open_dimensions_besides_the_batch_are_refused(tf, device, tmp_path, form):
+    import keras
+
+    x = keras.Input((None, None, 3), name="image")
+    model = keras.Model(x, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(x)))
+    path = tmp_path / ("model.keras" if form == "keras" else "saved")
+    _save(tf, model, path, form)
+    with pytest.raises(ModelFormatError, match="open dimensions besides the batch: give the model a fixed"):
+        convert(path, tmp_path / "out", device=device)
+    assert not (tmp_path / "out").exists()

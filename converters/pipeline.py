@@ -69,6 +69,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
     read = read_model(original)
+    _check_interface(read)
     _check_litert_runs(original, read)
     graph = normalize(read)
     _check_static(graph)
@@ -79,6 +80,11 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     samples = calibration_inputs(graph, calibration)
+    if calibration is None:
+        warnings.warn("no calibration inputs: the masks are sized for inputs of unit spread (random "
+                      "N(0, 1) ones); inputs of a larger spread (0-255 pixels, say) are hidden less by round "
+                      "1's mask, of a much smaller one lose precision to it: give representative inputs "
+                      "(--calibration FILE.npz)", stacklevel=2)
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}
     stats = activation_stats(graph, needed | floats, samples)
     static = getattr(chosen, "static_masks", True)
@@ -169,15 +175,35 @@ _SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
 }
 
 
+def _check_interface(graph: Graph) -> None:
+    """Refuse, before any work, model inputs and outputs the protected model cannot have: not float32, or
+    (inputs) with an open dimension besides the batch. LiteRT gives such a dimension size 1 in the file's
+    shape, which the converter would otherwise plan with, silently."""
+    for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
+        for t in tensors:
+            tensor = graph.tensors[t]
+            if tensor.dtype != np.float32:
+                raise UnsupportedOpError(f"model {kind} {tensor.name!r} is {np.dtype(tensor.dtype).name}: "
+                                         f"ShadowNet protects float models, whose {kind}s are float32")
+            signature = tensor.shape_signature
+            if kind == "input" and signature is not None and any(d < 0 for d in signature[1:]):
+                raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "
+                                       f"{list(signature)}): convert the model with a fixed input shape (an "
+                                       "open batch alone is taken as 1)")
+
+
 def _check_static(graph: Graph) -> None:
     """Refuse what the TEE program cannot hold: shapes decided at run time, outputs no op computes."""
+    open_batch = any((graph.tensors[t].shape_signature or (0,))[:1] == (-1,) for t in graph.inputs)
+    hint = (" (the model's batch dimension is open: convert it with batch size 1, or give ShadowNet the "
+            "Keras model or SavedModel, which it converts at batch size 1)") if open_batch else ""
     for i, op in enumerate(graph.ops):
         for position in _SHAPE_INPUTS.get(op.kind, ()):
             if position < len(op.inputs) and op.inputs[position] >= 0 \
                     and graph.tensors[op.inputs[position]].data is None:
                 name = graph.tensors[op.inputs[position]].name
                 raise UnsupportedOpError(f"{graph.describe_op(i)} takes its shape from the computed tensor "
-                                         f"{name!r}: shapes decided at run time are not supported")
+                                         f"{name!r}: shapes decided at run time are not supported{hint}")
     written = {t for op in graph.ops for t in op.outputs}
     for t in graph.outputs:
         if t not in written:

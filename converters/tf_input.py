@@ -74,12 +74,18 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     import keras
 
     model = keras.models.load_model(path, compile=False)
-    names = [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
-    specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), n.split(":")[0], path)
-             for t, n in zip(model.inputs, names, strict=True)]
+    structure = model.input  # one tensor, a list of them, or a dict of them by name (as the model was built)
+    if isinstance(structure, dict):
+        named = list(structure.items())
+    else:
+        tensors = structure if isinstance(structure, list | tuple) else [structure]
+        named = [((getattr(t, "name", None) or f"input_{i}").split(":")[0], t) for i, t in enumerate(tensors)]
+    specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), name, path) for name, t in named]
 
     def serve(*xs: Any) -> Any:
-        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+        if isinstance(structure, dict):
+            return model({name: x for (name, _), x in zip(named, xs, strict=True)}, training=False)
+        return model(list(xs) if isinstance(structure, list | tuple) else xs[0], training=False)
 
     return tf.function(serve).get_concrete_function(*specs), model
 

@@ -202,6 +202,29 @@ def test_bad_models(device, tmp_path):
         protect(tiny_model_bytes(), tmp_path / "d", device, scheme="nope")
 
 
+def test_inputs_and_outputs_it_cannot_protect_are_refused_first(tf, device, tmp_path):
+    """Open dimensions besides the batch (LiteRT's file gives them size 1, which the converter would plan
+    with), integer inputs (calibration would feed them floats) and integer outputs: refused by name."""
+    import keras
+
+    layers = keras.layers
+    x = keras.Input((None, None, 3), name="image")
+    spatial = keras.Model(x, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, padding="same")(x)))
+    tokens = keras.Input((6,), batch_size=1, dtype="int32", name="tokens")
+    embedded = keras.Model(tokens, layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 4)(tokens))))
+    y = keras.Input((5,), batch_size=1, name="features")
+    logits = layers.Dense(3)(y)
+    argmax = keras.Model(y, [logits, keras.ops.cast(keras.ops.greater(logits, 0), "int32")])
+    refusals = ((spatial, ModelFormatError, r"'serving_default_image:0' has open dimensions \(shape "
+                 r"signature \[-1, -1, -1, 3\]\)"),
+                (embedded, UnsupportedOpError, "model input 'serving_default_tokens:0' is int"),
+                (argmax, UnsupportedOpError, "model output .* is int32"))
+    for model, error, match in refusals:
+        with pytest.raises(error, match=match):
+            protect(tf.lite.TFLiteConverter.from_keras_model(model).convert(), tmp_path / "out", device)
+        assert not (tmp_path / "out").exists()
+
+
 def test_calibration_file_and_keras_input(tf, device, tmp_path):
     import keras
     keras.utils.set_random_seed(5)
@@ -242,16 +265,16 @@ def _conv_graph(weights=None, extend=None) -> bytes:
 
 
 def _reshape_to_a_computed_shape(g, x, y):
-    """RESHAPE's shape computed from a model input (valid on zeros, so LiteRT runs it first)."""
+    """RESHAPE's shape computed at run time (SHAPE of a tensor, as an open batch leaves a Flatten)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    offset = g.add_tensor("offset", (2,), np.int32)
-    shape = g.add_tensor("new_shape", (2,), np.int32)
-    g.add_op("ADD", [offset, g.add_tensor("base", (2,), np.int32, np.array([1, 144], np.int32))], [shape],
-             fb.AddOptionsT())
-    z = g.add_tensor("z", (1, 144), np.float32)
+    shape = g.add_tensor("new_shape", (4,), np.int32)
+    options = fb.ShapeOptionsT()
+    options.outType = fb.TensorType.INT32
+    g.add_op("SHAPE", [y], [shape], options)
+    z = g.add_tensor("z", (1, 6, 6, 4), np.float32)
     g.add_op("RESHAPE", [y, shape], [z], fb.ReshapeOptionsT())
-    g.inputs, g.outputs = [x, offset], [z]
+    g.outputs = [z]
 
 
 def _weights_with(position, value):

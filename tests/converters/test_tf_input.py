@@ -58,3 +58,19 @@ def test_open_dimensions_besides_the_batch_are_refused(tf, device, tmp_path, for
     with pytest.raises(ModelFormatError, match="open dimensions besides the batch: give the model a fixed"):
         convert(path, tmp_path / "out", device=device)
     assert not (tmp_path / "out").exists()
+
+
+def test_dict_inputs_are_fed_by_name(tf, device, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inputs = {"zeta": keras.Input((8,), name="zeta"), "alpha": keras.Input((8,), name="alpha")}
+    joined = keras.layers.Concatenate()([keras.layers.Dense(6)(inputs["zeta"]), inputs["alpha"]])
+    model = keras.Model(inputs, keras.layers.Dense(3)(joined))
+    model.save(tmp_path / "model.keras")
+    manifest = convert(tmp_path / "model.keras", tmp_path / "out", device=device)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.uniform(-1, 1, (1, 8)).astype(np.float32) for name in inputs}
+    order = [next(k for k in feeds if f"_{k}:" in i["name"]) for i in manifest["inputs"]]
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(*[feeds[k] for k in order]), [model(feeds).numpy()]) <= 1e-4

@@ -124,7 +124,7 @@ def test_convert_prints_a_summary(small_cnn, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "rounds" in printed.out
     warning_lines = printed.err.strip().splitlines()
-    assert len(warning_lines) == 1 and "INSECURE" in warning_lines[0]
+    assert len(warning_lines) == 2 and "INSECURE" in warning_lines[0] and "--calibration" in warning_lines[1]
     assert (out / "manifest.json").is_file()
     # A non-empty output directory is refused without --force.
     _one_line_error(capsys, main(["convert", str(small_cnn.original), "-o", str(out), "--seed", "3"]))

@@ -224,6 +224,19 @@ def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factor
         assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
 
 
+def test_converting_without_calibration_warns_of_the_mask_scale(tmp_path_factory):
+    """The masks are sized on calibration inputs: without them, on N(0, 1) ones, and the user is told."""
+    import warnings
+
+    for calibration, warned in ((None, 1), ({"": images(4)}, 0)):
+        out = tmp_path_factory.mktemp("calibration") / "out"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shadownet.convert(small_cnn(), str(out), seed=3, calibration=calibration)
+        said = [str(w.message) for w in caught if "no calibration inputs" in str(w.message)]
+        assert len(said) == warned and all("--calibration" in m for m in said), said
+
+
 def test_static_scheme_keeps_the_papers_masks(tmp_path_factory):
     with pytest.warns(UserWarning, match="static masks"):
         out = tmp_path_factory.mktemp("static") / "out"

@@ -23,11 +23,10 @@ def convert(path: Path, kind: str) -> bytes:
     at ``path``."""
     what = kind.replace("_", " ")
     try:
+        # (With LiteRT's library loaded first TensorFlow logs its oneDNN notice before it reads this. Turning
+        # oneDNN off would silence it but change TensorFlow's numerics for the whole process: the zoo's
+        # exports then differed from another process's by a bit.)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        # With LiteRT's library loaded first, TensorFlow logs its oneDNN notice (and absl a line about it)
-        # before it reads TF_CPP_MIN_LOG_LEVEL: two lines on stderr before any of ours. Without oneDNN's
-        # kernels there is no notice; the conversion only folds constants with them.
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         import tensorflow as tf
     except ImportError:
         raise ModelFormatError(f"{path}: converting a {what} needs TensorFlow (pip install 'shadownet[tf]'), "

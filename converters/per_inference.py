@@ -41,6 +41,7 @@ for convenience.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -142,6 +143,9 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
                            "mean": f"{name}/mean"}
             if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
                 masks[name]["split"] = {"grid": p["split"].grid}
+            spread = max(p["stats"].std, p["stats"].rms)
+            if r == 1 and 0 < spread < math.inf:  # the TEE follows the input's spread by powers of two
+                masks[name]["spread"] = float(spread)
             by_push[p["name"]] = name
         for rest in builder.restores[r - 1]:
             buffer = f"round_{r}/out/{rest['name']}"

@@ -80,11 +80,6 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     samples = calibration_inputs(graph, calibration)
-    if calibration is None:
-        warnings.warn("no calibration inputs: the masks are sized for inputs of unit spread (random "
-                      "N(0, 1) ones); inputs of a larger spread (0-255 pixels, say) are hidden less by round "
-                      "1's mask, of a much smaller one lose precision to it: give representative inputs "
-                      "(--calibration FILE.npz)", stacklevel=2)
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}
     stats = activation_stats(graph, needed | floats, samples)
     static = getattr(chosen, "static_masks", True)
@@ -92,6 +87,12 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         warnings.warn(f"scheme {chosen.name} uses static masks: mask_rounds={mask_rounds!r} is ignored",
                       stacklevel=2)
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
+    if calibration is None and (static or len(one_time) > 1 or getattr(chosen, "static_mask_scale", 0) > 0):
+        # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.per_inference); these do not.
+        warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
+                      "sized on the activations of random N(0, 1) inputs; inputs of a larger spread "
+                      "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
+                      "them: give representative inputs (--calibration FILE.npz)", stacklevel=2)
     if len(one_time) > 1:
         warnings.warn(f"one-time masks on {len(one_time) - 1} round(s) after the first: each such layer "
                       "computes at the mask's magnitude (by default 10x its input's) in float32, and each "

@@ -438,7 +438,9 @@ class ProtectedModel:
         protected model open on the device; asked with one extra TEE entry, outside any inference).
         With one-time masks or ``verify``, ``pool`` (one more TEE entry): ``capacity`` / ``ready`` entries,
         ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in ``offline_s`` seconds
-        (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path; ``verify``:
+        (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path, ``rescaled``
+        masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow the
+        input's spread: the power of two of the last input's, per mask); ``verify``:
         ``layers``, ``projections``, ``checked`` results, ``worst_ratio`` (the largest honest rounding
         seen, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound
         achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);

@@ -48,17 +48,19 @@ class SplitPop:
                 np.ascontiguousarray(weights[m:, ..., c:].reshape(m, -1).T, np.float64))
 
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
-                prepared: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """The pop mask of ``mask`` into ``out``; ``prepared``: ``prepare(weights)``, if made already."""
+                prepared: tuple[np.ndarray, np.ndarray] | None = None, grid: float = 0.0) -> None:
+        """The pop mask of ``mask`` into ``out``; ``prepared``: ``prepare(weights)``, if made already;
+        ``grid``: the push's grid when it is not the program's (a mask scaled by a power of two with it)."""
+        grid = grid or self.grid
         if not out.flags.c_contiguous:
             raise ValueError("a pop mask is written in place: it must be contiguous")
         m = weights.shape[0] // 2
         w_hi, w = prepared if prepared is not None else self.prepare(weights)
         if self.geometry.kind == "CONV_2D":
-            conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=self.grid)
+            conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=grid)
             return
         rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
         dst = out.reshape(-1, 2 * m)
-        pop_hi = split_mask(rows, self.grid)[0] @ w_hi
+        pop_hi = split_mask(rows, grid)[0] @ w_hi
         dst[:, :m] = pop_hi
         dst[:, m:] = rows @ w - pop_hi

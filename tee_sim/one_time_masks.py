@@ -71,8 +71,12 @@ class MaskStream:
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
+        # The spread (RMS) of the input the distribution was sized for, on round 1's pushes: the TEE then
+        # scales the mask by a power of two to follow the input's own (``tee_sim.per_inference``); 0: never.
+        self.spread = float(spec.get("spread", 0.0))
         if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))
-                or not (self.split == 0 or 0 < self.split < math.inf)):
+                or not (self.split == 0 or 0 < self.split < math.inf)
+                or not (self.spread == 0 or 0 < self.spread < math.inf)):
             raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
         self.mean = mean
         self.size = math.prod(self.shape)
@@ -141,6 +145,13 @@ class PopMask:
             restored += y[..., self.index[j]] * self.coef[j].astype(np.float64)
         offset = self.bias.astype(np.float64) - restored
         out[...] = offset if self.permutation is None else offset[..., self.permutation]
+
+    def rescale(self, offset: np.ndarray, factor: float) -> None:
+        """``offset``, made for a mask ``r``, made in place for ``factor * r`` (a power of two):
+        ``bias - factor * L(r) = factor * offset + (1 - factor) * bias``."""
+        bias = self.bias if self.permutation is None else self.bias[self.permutation]
+        np.multiply(offset, np.float32(factor), out=offset)
+        np.add(offset, ((1 - factor) * bias.astype(np.float64)).astype(np.float32), out=offset)
 
     def dense(self, m: int, alloc: Callable[..., np.ndarray]) -> None:
         """Use a dense restore matrix (one matmul instead of a gather per term) when it is small."""

@@ -6,7 +6,8 @@ one pool entry and never gives it back: an entry holds, for each one-time push, 
 fresh 256-bit key of the TEE's CSPRNG (``tee_sim.one_time_masks``; the key is then forgotten), and for
 each restore of a one-time round its offset ``bias - L(mask)`` (the pop mask of Slalom and of the paper:
 the mask pushed through the layer's obfuscated weights and the restore, in float64; an exact split's is
-its pop mask before the restore, ``tee_sim.exact_split``). The mask is drawn
+its pop mask before the restore, ``tee_sim.exact_split``); round 1's masks at the power of two the last
+input's spread called for, moved when an input calls for another (``tee_sim.mask_spread``). The mask is drawn
 once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
 yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then) against 2 MB of
 secure memory. Each push and restore that uses a slot's mask or offsets is compiled once per pool slot,
@@ -59,6 +60,7 @@ from tee_sim.errors import (
 )
 from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck, direct
+from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_views
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
 from tee_sim.ta_shadownet_steps import kernel_calls
@@ -77,6 +79,7 @@ class Entry:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    exponents: dict[str, int] = field(default_factory=dict)  # per followed mask: its power of two
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
@@ -196,6 +199,8 @@ class PerInference:
         # struct (wrap fills them), read by tally.
         self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
         self._made: list[dict[str, Any]] = [{} for _ in self._entries]
+        # Round 1's masks follow the input's spread by powers of two (``tee_sim.mask_spread``).
+        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
         # What the instructions' shapes are checked against when they compile (the TA merges these into
@@ -312,12 +317,17 @@ class PerInference:
             for entry in batch:
                 for mask, stream in self.streams.items():
                     stream.draw(self._random(32), entry.masks[mask])
+                    self.spread.drawn(entry, mask)
         elif kind == "pop":
             pop = self.pops[name]
             weights = self.weights.get(pop.weights)
             prepared = pop.prepare(weights)  # once for the batch: the same weights for every entry
             for entry in batch:
-                pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared)
+                if isinstance(pop, SplitPop):  # on the grid of its mask's power of two
+                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared,
+                                grid=self.spread.grid(entry, pop))
+                else:
+                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared)
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:
@@ -336,6 +346,7 @@ class PerInference:
             self.synchronous += 1
             self.refill(entries=1)
         self.current = self._ready.popleft()
+        self.spread.retarget(self.current)  # off the path when the entry is taken ahead
         self.inferences += 1
         # The achieved bound (a statistic, one more pass over each result) on the first inferences, then 1
         # in 8.
@@ -381,6 +392,8 @@ class PerInference:
             self._spare.append(buffer)
         mask = instr.get("mask")
         offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
+        followed = self.spread.follows(instr)
+        spreads: list[Any] = []  # per slot, a followed mask's spread check (None: numpy's, in follow)
         if mask in self.streams or offset in self.pops or checked:
             variants = []
             for entry in self._entries:
@@ -393,8 +406,12 @@ class PerInference:
                     self._fused[entry.slot][result] = fused
                     verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
                 variants.append(compile_(src, dst, **verified))
+                if followed:
+                    spreads.append(self.spread.bind(entry, followed, variants[-1], src))
 
             def run() -> None:
+                if followed:
+                    self.spread.follow(self.current, followed, src)
                 variants[self.current.slot]()
         else:
             run = compile_(src, dst, **verified)
@@ -409,8 +426,13 @@ class PerInference:
                 prepare()
         # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
         # the slot's kernels, then its prepares; None where the kernel needs Python (an exact split's border).
+        # A followed mask's spread check comes first: outside its slot's band it sends the step to Python,
+        # where ``follow`` moves the mask.
+        first = [[] if not followed else None if spreads[slot] is None else [spreads[slot].c_call]
+                 for slot in range(len(variants))]
         wrapped.slot_calls = [  # type: ignore[attr-defined]
-            None if kernel_calls(v) is None else [*kernel_calls(v), *(p.c_call for p in prepares[slot])]
+            None if kernel_calls(v) is None or first[slot] is None
+            else [*first[slot], *kernel_calls(v), *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]
         return wrapped
 
@@ -463,7 +485,8 @@ class PerInference:
             "one_time_rounds": self.rounds,
             "pool": {"capacity": self.capacity, "ready": self.ready + ahead, "entry_bytes": self.entry_bytes,
                      "pool_bytes": self.pool_bytes, "made": self.made, "offline_s": self.offline_s,
-                     "synchronous": self.synchronous},
+                     "synchronous": self.synchronous, "rescaled": self.spread.rescaled,
+                     "mask_exponents": dict(self.spread.target)},  # round 1's: the last input's power of two
             "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),
                        "computed_rounds": sorted(self._computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,

@@ -154,7 +154,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
     ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent.
     ``split_grid``: an exact split's push (``out``: the first half of each pixel, whose stride covers both;
-    the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask)."""
+    the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask). The compiled function's
+    ``step`` is the kernel's structure: a mask scaled by a power of two moves its grid there (``grid``)."""
     rows, cols, src_row, src_pix = _grid(src)
     grid = (rows, cols)
     if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
@@ -222,6 +223,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         # For the secure world's fast path (ShadowNetTA.step_program), which hands a failed check's step
         # back to Python: run again, it fails again and on_fail says what failed.
         kernel.c_call = (SN_RUN, address)
+        kernel.step = step  # type: ignore[attr-defined]
         return kernel
 
     # The border as C calls where it is a copy of the mask (or zeros) row by row: the step can then run on
@@ -234,6 +236,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
             if run(address) and on_fail is not None:
                 on_fail()
         bordered.c_calls = [*(k.c_call for k in rows), (SN_RUN, address)]  # type: ignore[attr-defined]
+        bordered.step = step  # type: ignore[attr-defined]
         return bordered
 
     def guarded(keep: tuple = keep) -> None:
@@ -242,9 +245,10 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
                 np.copyto(d, 0 if m is None else m)
                 continue
             c = m.shape[-1]  # v = 0 on the border: x_hi = r_hi, x_lo = r_lo
-            d[..., :c], d[..., c:] = split_mask(m, split_grid)
+            d[..., :c], d[..., c:] = split_mask(m, step.grid)  # the grid a rescaled mask moved (step.grid)
         if run(address):
             on_fail()
+    guarded.step = step  # type: ignore[attr-defined]
     return guarded
 
 

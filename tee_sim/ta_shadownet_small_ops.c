@@ -7,7 +7,10 @@
  *                 dst_k = e_k / sum e, as LiteRT's reference SOFTMAX (its kernels' exp differs from libm's
  *                 by an ulp or so);
  *     SN_ROWS     n rows of c floats each, row r at dst + r * dst_stride, from src + r * src_stride, or
- *                 zeros with no src (a padded push's border: the mask's values there, or nothing).
+ *                 zeros with no src (a padded push's border: the mask's values there, or nothing);
+ *     SN_SPREAD   0 when the mean square of the c contiguous floats at src lies in (lo, hi], else 1 (the
+ *                 step goes back to the TA's Python): whether round 1's one-time mask is at the power of
+ *                 two that follows its input's spread (tee_sim.per_inference), summed in double.
  */
 #include <math.h>
 #include <stdint.h>
@@ -15,7 +18,7 @@
 
 #include "ta_shadownet_kernels.h"
 
-enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3 };
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4 };
 
 typedef struct {
     const float *src;
@@ -24,6 +27,7 @@ typedef struct {
     float beta;
     int32_t kind;
     int64_t dst_stride, src_stride;  /* SN_ROWS's, in floats */
+    double lo, hi;                   /* SN_SPREAD's band */
 } sn_small;
 
 int sn_small_op(const sn_small *s) {
@@ -71,6 +75,28 @@ int sn_small_op(const sn_small *s) {
                 memset(o, 0, sizeof(float) * (size_t)c);
         }
         return 0;
+    case SN_SPREAD: { /* float lanes over blocks of 4096, each block's sums added in double */
+        double sum = 0.0;
+        int64_t k = 0;
+        while (k + SN_VL <= c) {
+            int64_t end = k + 4096 < c ? k + 4096 : c;
+            vn a = {0}, b = {0};
+            for (; k + 2 * SN_VL <= end; k += 2 * SN_VL) {
+                vn x = loadn(s->src + k), y = loadn(s->src + k + SN_VL);
+                a += x * x;
+                b += y * y;
+            }
+            for (; k + SN_VL <= end; k += SN_VL) {
+                vn x = loadn(s->src + k);
+                a += x * x;
+            }
+            a += b;
+            for (int j = 0; j < SN_VL; j++) sum += (double)a[j];
+        }
+        for (; k < c; k++) sum += (double)s->src[k] * (double)s->src[k];
+        sum /= (double)(c > 0 ? c : 1);
+        return sum > s->lo && sum <= s->hi ? 0 : 1; /* NaN: outside */
+    }
     default:
         return -1;
     }

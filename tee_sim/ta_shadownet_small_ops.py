@@ -9,6 +9,7 @@ each cost 80-140 us more than a fast step in the secure world's Python.
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,14 +18,14 @@ import numpy as np
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 SN_SMALL_OP = ctypes.cast(LIBRARY.sn_small_op, ctypes.c_void_p).value  # for the secure world's fast path
-_COPY, _MEAN, _SOFTMAX, _ROWS = 0, 1, 2, 3
+_COPY, _MEAN, _SOFTMAX, _ROWS, _SPREAD = 0, 1, 2, 3, 4
 
 
 class _Small(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
                                                                        ("n", "positions", "c")),
                 ("beta", ctypes.c_float), ("kind", ctypes.c_int32), ("dst_stride", ctypes.c_int64),
-                ("src_stride", ctypes.c_int64)]
+                ("src_stride", ctypes.c_int64), ("lo", ctypes.c_double), ("hi", ctypes.c_double)]
 
 
 def _dense(array: np.ndarray) -> bool:
@@ -103,3 +104,18 @@ def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> 
         raise ValueError(f"softmax {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
     c = src.shape[-1]
     return _kernel(_SOFTMAX, src, dst, 1, src.size // c, c, float(instr["beta"]))
+
+
+def compile_spread(src: np.ndarray) -> Callable[[], Any] | None:
+    """A check, as one call, that the mean square of a dense float32 ``src`` lies in ``(op.lo, op.hi]``
+    (the kernel's ``op``, set by the caller): it returns 0 if so, else 1, which sends a step on the secure
+    world's fast path back to the TA's Python; None when ``src`` is not dense (the caller uses numpy)."""
+    if not _dense(src) or src.size == 0:
+        return None
+    op = _Small(src.ctypes.data, None, 1, 1, src.size, 1.0, _SPREAD)
+    op.lo, op.hi = math.inf, -math.inf  # nothing in the band until the caller sets it
+    address = ctypes.addressof(op)
+    kernel = lambda keep=(op, src): LIBRARY.sn_small_op(address)  # noqa: E731 - a function with an attribute
+    kernel.c_call = (SN_SMALL_OP, address)
+    kernel.op = op
+    return kernel

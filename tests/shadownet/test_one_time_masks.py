@@ -127,6 +127,31 @@ def test_user_input_leakage_is_at_most_a_tenth(first_round):
     assert known["correlation"] <= 0.1  # and here, after one input the attacker chose
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_factory):
+    """Converted without calibration (masks sized for N(0, 1) inputs), fed raw 0-255 pixels, then inputs a
+    thousand times smaller: round 1's mask moves by powers of two with the input's RMS, so the input stays
+    hidden (0.99 for the 0-255 ones when the mask did not follow) and the outputs within the target."""
+    out = first_round if not split else _convert(tmp_path_factory, "first_split",
+                                                 scheme="groupmix:exact_split=first")
+    model_bytes = small_cnn()
+    for scale, exponent in ((255.0, 7), (1e-3, -11)):
+        xs = [x * np.float32(scale) for x in images(24, seed=2)]
+        model, recorders = _recording(out)
+        with model:
+            for x in xs:
+                want = reference(model_bytes, x)
+                assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+            pool = model.stats()["pool"]
+        assert list(pool["mask_exponents"].values()) == [exponent] and pool["rescaled"] == 1
+        seen = attacker_view(out, recorders[0].seen)
+        assert any(v.dtype == np.float64 for v in seen.values()) == split  # the halves added back
+        observed, truth = seen["round_1/in/x0"], np.stack(xs)
+        assert input_leakage.single_leakage(observed, truth)["correlation"] <= 0.1
+        assert input_leakage.difference_leakage(observed, truth)["correlation"] <= 0.1
+        assert input_leakage.known_input_leakage(observed, truth)["correlation"] <= 0.1
+
+
 def test_exhausted_pool_fails_when_the_policy_says_so(all_rounds):
     x = images(1)[0]
     with shadownet.load(all_rounds, mask_pool=2, on_exhausted="fail", background_refill=False) as model:
@@ -225,14 +250,18 @@ def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factor
 
 
 def test_converting_without_calibration_warns_of_the_mask_scale(tmp_path_factory):
-    """The masks are sized on calibration inputs: without them, on N(0, 1) ones, and the user is told."""
+    """Masks are sized on calibration inputs: without them, on N(0, 1) ones, and the user is told - unless
+    the only masks are round 1's one-time ones, which follow the input's spread in the TEE."""
     import warnings
 
-    for calibration, warned in ((None, 1), ({"": images(4)}, 0)):
+    for calibration, options, warned in ((None, {}, 0), (None, {"mask_rounds": "all"}, 1),
+                                         (None, {"scheme": "shadownet"}, 1),
+                                         (None, {"scheme": "groupmix:static_mask_scale=10"}, 1),
+                                         ({"": images(4)}, {"mask_rounds": "all"}, 0)):
         out = tmp_path_factory.mktemp("calibration") / "out"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            shadownet.convert(small_cnn(), str(out), seed=3, calibration=calibration)
+            shadownet.convert(small_cnn(), str(out), seed=3, calibration=calibration, **options)
         said = [str(w.message) for w in caught if "no calibration inputs" in str(w.message)]
         assert len(said) == warned and all("--calibration" in m for m in said), said
 

@@ -234,3 +234,50 @@ def test_the_tees_float64_layers_agree_with_the_converters(kind, x_shape, w_shap
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
     with pytest.raises(ValueError, match="input"):
         linear64(geo, x[..., :-1], w)
+
+
+@pytest.mark.parametrize("delta", [7, -3])
+def test_a_split_pop_mask_scales_bit_for_bit_with_its_mask_and_grid(delta):
+    """Round 1's mask follows its input's spread by a power of two (``tee_sim.per_inference``), scaling an
+    entry's split pop mask in place: the same bits as the pop mask made for the scaled mask on the scaled
+    grid."""
+    x_shape, w_shape = (1, 9, 9, 3), (8, 3, 3, 3)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    r = _mask(x_shape)
+    w2 = converter_split.split_weights("CONV_2D", w, converter_split.Split(GRID, 10))
+    geo = _geometry("CONV_2D", (*x_shape[:3], 6), w2.shape, True, 1, 1)
+    pop = exact_split.SplitPop("w", geo, "m", GRID)
+    made, scaled = (np.empty((1, 9, 9, 16), np.float32) for _ in range(2))
+    pop.compute(r, w2, made)
+    factor = np.float32(2.0 ** delta)
+    pop.compute(r * factor, w2, scaled, grid=GRID * 2.0 ** delta)
+    np.testing.assert_array_equal(made * factor, scaled)
+
+
+@pytest.mark.parametrize("kind,x_shape,w_shape", [
+    ("CONV_2D", (1, 9, 9, 3), (10, 3, 3, 3)),
+    ("DEPTHWISE_CONV_2D", (1, 9, 9, 3), (1, 3, 3, 6)),
+    ("FULLY_CONNECTED", (1, 20), (10, 20)),
+])
+@pytest.mark.parametrize("delta", [7, -3])
+def test_a_plain_offset_rescaled_in_place_is_the_scaled_masks(kind, x_shape, w_shape, delta):
+    """``PopMask.rescale``: an unsplit round's offset ``bias - L(r)`` moved to ``bias - 2**delta L(r)`` in
+    place, within two ulps of the largest offset of the one made for the scaled mask."""
+    rng = np.random.default_rng(len(w_shape) + abs(delta))
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    r = (10 * rng.standard_normal(x_shape)).astype(np.float32)
+    m = w_shape[0] if kind != "DEPTHWISE_CONV_2D" else w_shape[-1]
+    n = m - 2
+    index = np.stack([rng.permutation(m)[:n], rng.permutation(m)[:n]]).astype(np.int32)
+    coef = rng.standard_normal((2, n)).astype(np.float32)
+    bias = (100 * rng.standard_normal(n)).astype(np.float32)  # large: the bias must not be scaled
+    geo = _geometry(kind, x_shape, w_shape)
+    y_shape = geo.y_shape
+    pop = PopMask("w", geo, "m", bias, index, coef, rng.permutation(n).astype(np.int32))
+    offset, want = (np.empty((*y_shape[:-1], n), np.float32) for _ in range(2))
+    pop.compute(r, w, offset)
+    factor = 2.0 ** delta
+    pop.rescale(offset, factor)
+    pop.compute(r * np.float32(factor), w, want)
+    np.testing.assert_allclose(offset, want, rtol=0, atol=2 * np.spacing(np.abs(want).max()))

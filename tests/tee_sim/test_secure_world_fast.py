@@ -183,7 +183,10 @@ def _padded_stem() -> bytes:
 def test_padded_pushes_are_answered_in_c(tmp_path, monkeypatch):
     """A push that pads (the mask, or zeros, on its border) writes the border with kernel calls: with the
     pool entry taken ahead every step of the padded stem - the one-time-masked first push and the unmasked
-    second - runs on the fast path, and the results match LiteRT on the original."""
+    second - runs on the fast path, and the results match LiteRT on the original. Round 1's mask follows
+    its input's spread: an input of another power of two sends step 0 back to the TA's Python, which moves
+    the entry's mask there (each entry taken after it is moved as it is taken, off the path), and the next
+    step 0 runs in C again."""
     original = _padded_stem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
@@ -196,12 +199,18 @@ def test_padded_pushes_are_answered_in_c(tmp_path, monkeypatch):
         assert [b["shape"] for b in buffers if b["name"].startswith("round_1/in")] == [[1, 25, 25, 3]]
         assert [b["shape"] for b in buffers if b["name"].startswith("round_2/in")] == [[1, 13, 13, 8]]
         rng = np.random.default_rng(4)
-        for _ in range(3):
+        # Converted without calibration: masks sized for N(0, 1) inputs, whose RMS these [0, 1] ones are
+        # under 1 / 1.25 of (one power of two down), and then 0-255 ones (seven up).
+        for i, (scale, exponent) in enumerate(((1, -1), (1, -1), (1, -1), (255, 7), (255, 7))):
             model.refill_masks()  # the next inference's entry taken ahead
             before = fast.served
-            x = rng.uniform(0, 1, (1, 24, 24, 3)).astype(np.float32)
+            x = (scale * rng.uniform(0, 1, (1, 24, 24, 3))).astype(np.float32)
             assert relative_error(model(x), reference(original, x)) <= 1e-4
-            assert fast.served - before == model.num_rounds + 1
+            moved = i in (0, 3)
+            assert fast.served - before == model.num_rounds + (0 if moved else 1)
+            pool = model.stats()["pool"]
+            assert list(pool["mask_exponents"].values()) == [exponent]
+            assert pool["rescaled"] == (1 if i < 3 else 2)  # on the inference path: once per change
     context.close()
 
 

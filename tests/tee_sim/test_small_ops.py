@@ -90,3 +90,31 @@ def test_a_padded_pushs_border_rows_copy_as_numpy(pad):
     two = np.zeros((2, 9, 8, 5), np.float32)
     assert ops.compile_rows(None, two[:, 1:, :1]) is None  # two images' rows: a gap between them
     assert ops.compile_rows(x[:, :, 0], x[:, :, 1].copy()) is None  # the source is not the shape's rows
+
+
+@pytest.mark.parametrize("size", [3, 4099, 150528])  # a remainder only; blocks and a tail; MobileNet's input
+def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
+    """``SN_SPREAD``, the fast path's test that round 1's one-time mask is at the power of two its input's
+    spread calls for (``tee_sim.mask_spread.exponent``): 0 inside the exponent's band, 1 outside it or for
+    an input that is not finite (the step then goes back to the TA's Python, which moves the mask)."""
+    from tee_sim.mask_spread import MAX_EXPONENT, band, exponent
+
+    rng = np.random.default_rng(size)
+    spread = 1.7
+    for scale in (255.0, 1.0, 0.3, 1e-6):
+        x = (scale * rng.uniform(0, 1, size)).astype(np.float32)
+        check = ops.compile_spread(x)
+        rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+        k = exponent(rms, spread, 0)
+        assert rms <= 1.25 * spread * 2.0 ** k < 2 * rms  # at least 1/SLACK of the intended ratio, under 2x
+        for other, want in ((k, 0), (k - 1, 1), (k + 1, 1)):
+            check.op.lo, check.op.hi = band(spread, other)
+            assert check() == want, (scale, other)
+        x[size // 2] = np.nan
+        check.op.lo, check.op.hi = band(spread, k)
+        assert check() == 1 and exponent(float("nan"), spread, 3) == 3
+    zeros = np.zeros(size, np.float32)
+    check = ops.compile_spread(zeros)
+    check.op.lo, check.op.hi = band(spread, exponent(0.0, spread, 0))
+    assert exponent(0.0, spread, 0) == -MAX_EXPONENT and check() == 0
+    assert ops.compile_spread(np.zeros((4, 4), np.float32)[:, :2]) is None  # not dense: numpy's

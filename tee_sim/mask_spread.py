@@ -1,0 +1,143 @@
+"""Round 1's one-time masks follow their input's spread, by powers of two.
+
+A one-time mask hides the input it is added to only at ~10x that input's spread (``groupmix``'s
+``mask_scale``): the converter sizes it on calibration inputs (random N(0, 1) ones without
+``--calibration``), and an input of another scale met a mask of the wrong size - raw 0-255 pixels under a
+default conversion a mask of 0.13x their spread, input leakage 0.99 (``shadownet audit``'s correlation after
+the best affine fit; small CNN of the tests, 24 inferences). Round 1 reads the user's raw input, whose scale
+the vendor cannot know, so the TA measures it: before round 1's push of an input ``x`` it takes
+``x``'s RMS and puts the inference's mask at the power of two ``2**k`` that keeps it between ``1 / SLACK``
+and ``2 / SLACK`` of its intended ratio to ``x`` (``exponent``): leakage 0.03-0.06 on the same model for
+[0, 1] images times 255 and times 1/1000 (converted on N(0, 1) inputs), outputs within 5e-6 of LiteRT's
+(``tests/shadownet/test_one_time_masks.py``).
+
+A power of two keeps everything exact: the mask times ``2**d``, an exact split's pop mask and grid times
+``2**d`` bit for bit (``tee_sim.exact_split``); a plain restore's offset ``bias - L(r)`` becomes
+``bias - 2**d L(r)`` with one float32 rounding (``PopMask.rescale``). Where it happens:
+
+- on the path, once per change of scale: the first input of another power of two moves its entry's mask in
+  place (``follow``; counted in ``rescaled``);
+- off the path: pool entries are drawn at the last input's power of two, and an entry made before a change
+  is moved when it is taken (``retarget``: between inferences, when the entry is taken ahead).
+
+On the secure world's fast path a C check (``SN_SPREAD``, ``tee_sim.ta_shadownet_small_ops``) comes first in
+round 1's push: the input's mean square inside the entry's band (``band``) lets the step run in C; outside
+it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``).
+
+What the normal world learns from it: the masked input's spread tells it the power of two, i.e. the input's
+RMS within a factor of two (a mask of fixed size told that only of inputs near the mask's own size). Deeper
+rounds' masks (``--mask-rounds``) and static masks do not follow: their inputs are not a scaled copy of the
+user's (biases, activations), so they keep calibration's sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tee_sim.exact_split import SplitPop
+from tee_sim.ta_shadownet_small_ops import compile_spread
+
+SLACK = 1.25  # a mask stays at the calibration's size for inputs of RMS within (1 / 1.6, 1.25] of its
+MAX_EXPONENT = 40  # 2**40: far beyond any input a float32 model takes, well inside float32's range
+
+
+def exponent(rms: float, spread: float, current: int) -> int:
+    """The power of two at which a mask sized for inputs of RMS ``spread`` suits an input of RMS ``rms``:
+    the smallest ``k`` with ``rms <= SLACK * spread * 2**k`` (so the mask is at least ``1 / SLACK`` of its
+    intended ratio to the input, and under twice that), within ``+-MAX_EXPONENT``; ``current`` for an
+    input that is not finite."""
+    if not math.isfinite(rms):
+        return current
+    if rms <= 0:
+        return -MAX_EXPONENT
+    k = math.ceil(math.log2(rms / (SLACK * spread)))
+    lo, hi = band(spread, k)  # the logarithm's rounding: settle on the band the C check uses
+    k += (rms * rms > hi) - (rms * rms <= lo)
+    return max(-MAX_EXPONENT, min(MAX_EXPONENT, k))
+
+
+def band(spread: float, k: int) -> tuple[float, float]:
+    """The mean squares ``(lo, hi]`` for which ``exponent`` is ``k`` (the fast path's spread check)."""
+    lo = -math.inf if k <= -MAX_EXPONENT else (SLACK * spread * 2.0 ** (k - 1)) ** 2
+    hi = math.inf if k >= MAX_EXPONENT else (SLACK * spread * 2.0 ** k) ** 2
+    return lo, hi
+
+
+class SpreadFollower:
+    """The followed masks of one loaded model (``streams`` with a ``spread``) and the pool entries' powers
+    of two (``Entry.exponents``); ``pops``: the model's pop masks and offsets by name; ``slots``: pool
+    slots."""
+
+    def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int) -> None:
+        self.streams, self.pops = streams, pops
+        self.target = {name: 0 for name, stream in streams.items() if stream.spread}  # the last input's
+        self.rescaled = 0  # masks moved on an inference's path
+        # Per slot, by followed mask: its push's kernel structure (a split's grid) and its spread check.
+        self._bound: list[dict[str, tuple[Any, Any]]] = [{} for _ in range(slots)]
+
+    def follows(self, instr: dict[str, Any]) -> str | None:
+        """The followed mask ``instr`` pushes with (a plain push: round 1's), or None."""
+        mask = instr.get("mask")
+        return mask if mask in self.target and instr["op"] == "push" else None
+
+    def drawn(self, entry: Any, name: str) -> None:
+        """``entry``'s mask ``name`` was just drawn: put it at the target power of two."""
+        if name in self.target:
+            k = self.target[name]
+            np.multiply(entry.masks[name], np.float32(2.0 ** k), out=entry.masks[name])
+            self._set(entry, name, k)
+
+    def grid(self, entry: Any, pop: SplitPop) -> float:
+        """The grid of ``entry``'s split pop mask ``pop``: its mask's power of two of the program's."""
+        return pop.grid * 2.0 ** entry.exponents.get(pop.mask, 0)
+
+    def bind(self, entry: Any, name: str, push: Any, x: np.ndarray) -> Any:
+        """The compiled push (its ``step``) of followed mask ``name`` in ``entry``'s slot, of input ``x``;
+        returns the slot's spread check (None: ``x`` is not dense, numpy measures it in ``follow``)."""
+        check = compile_spread(x)
+        self._bound[entry.slot][name] = (push.step, check)
+        self._set(entry, name, entry.exponents.get(name, 0))
+        return check
+
+    def follow(self, entry: Any, name: str, x: np.ndarray) -> None:
+        """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
+        RMS calls for (moved in place if need be), which the next entries are drawn at too."""
+        flat = x.reshape(-1)
+        rms = math.sqrt(float(np.dot(flat, flat)) / max(flat.size, 1))
+        now = entry.exponents.get(name, 0)
+        k = exponent(rms, self.streams[name].spread, now)
+        self.target[name] = k
+        if k != now:
+            self.rescale(entry, name, k - now)
+            self.rescaled += 1
+
+    def retarget(self, entry: Any) -> None:
+        """An entry being taken: its masks made before the last input moved the target, moved there."""
+        for name, k in self.target.items():
+            if entry.exponents.get(name, 0) != k:
+                self.rescale(entry, name, k - entry.exponents.get(name, 0))
+
+    def rescale(self, entry: Any, name: str, delta: int) -> None:
+        """``entry``'s mask ``name`` times ``2**delta``, with what was made from it (the module docstring)."""
+        factor = 2.0 ** delta
+        np.multiply(entry.masks[name], np.float32(factor), out=entry.masks[name])
+        for pop_name, pop in self.pops.items():
+            if pop.mask != name:
+                continue
+            if isinstance(pop, SplitPop):
+                np.multiply(entry.offsets[pop_name], np.float32(factor), out=entry.offsets[pop_name])
+            else:
+                pop.rescale(entry.offsets[pop_name], factor)
+        self._set(entry, name, entry.exponents.get(name, 0) + delta)
+
+    def _set(self, entry: Any, name: str, k: int) -> None:
+        """``entry``'s mask ``name`` is at ``2**k``: its slot's push grid and spread band follow."""
+        entry.exponents[name] = k
+        push, check = self._bound[entry.slot].get(name, (None, None))
+        if push is not None and self.streams[name].split:
+            push.grid = self.streams[name].split * 2.0 ** k
+        if check is not None:
+            check.op.lo, check.op.hi = band(self.streams[name].spread, k)

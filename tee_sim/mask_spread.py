@@ -4,19 +4,18 @@ A one-time mask hides the input it is added to only at ~10x that input's spread 
 ``mask_scale``): the converter sizes it on calibration inputs (random N(0, 1) ones without
 ``--calibration``), and an input of another scale met a mask of the wrong size - raw 0-255 pixels under a
 default conversion a mask of 0.13x their spread, input leakage 0.99 (``shadownet audit``'s correlation after
-the best affine fit; small CNN of the tests, 24 inferences). Round 1 reads the user's raw input, whose scale
-the vendor cannot know, so the TA measures it: before round 1's push of an input ``x`` it takes
-``x``'s RMS and puts the inference's mask at the power of two ``2**k`` that keeps it between ``1 / SLACK``
-and ``2 / SLACK`` of its intended ratio to ``x`` (``exponent``): leakage 0.03-0.06 on the same model for
-[0, 1] images times 255 and times 1/1000 (converted on N(0, 1) inputs), outputs within 5e-6 of LiteRT's
-(``tests/shadownet/test_one_time_masks.py``).
+the best affine fit). Round 1 reads the user's raw input, whose scale the vendor cannot know, so the TA
+measures it: before round 1's push of an input ``x`` it takes ``x``'s RMS and puts the inference's mask at a
+power of two ``2**k`` that keeps it at least at its intended ratio to ``x``, and under 4x it (``exponent``).
+The zoo converted without calibration, fed uniform [0, 1] images times 255: leakage 0.01-0.03, against 0.99
+before (``SECURITY.md``).
 
 A power of two keeps everything exact: the mask times ``2**d``, an exact split's pop mask and grid times
 ``2**d`` bit for bit (``tee_sim.exact_split``); a plain restore's offset ``bias - L(r)`` becomes
 ``bias - 2**d L(r)`` with one float32 rounding (``PopMask.rescale``). Where it happens:
 
-- on the path, once per change of scale: the first input of another power of two moves its entry's mask in
-  place (``follow``; counted in ``rescaled``);
+- on the path, once per change of scale: the first input outside the band of the mask's power of two moves
+  its entry's mask in place (``follow``; counted in ``rescaled``);
 - off the path: pool entries are drawn at the last input's power of two, and an entry made before a change
   is moved when it is taken (``retarget``: between inferences, when the entry is taken ahead).
 
@@ -25,7 +24,7 @@ round 1's push: the input's mean square inside the entry's band (``band``) lets 
 it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``).
 
 What the normal world learns from it: the masked input's spread tells it the power of two, i.e. the input's
-RMS within a factor of two (a mask of fixed size told that only of inputs near the mask's own size). Deeper
+RMS within a factor of four (a mask of fixed size told that only of inputs near the mask's own size). Deeper
 rounds' masks (``--mask-rounds``) and static masks do not follow: their inputs are not a scaled copy of the
 user's (biases, activations), so they keep calibration's sizes.
 """
@@ -40,29 +39,32 @@ import numpy as np
 from tee_sim.exact_split import SplitPop
 from tee_sim.ta_shadownet_small_ops import compile_spread
 
-SLACK = 1.25  # a mask stays at the calibration's size for inputs of RMS within (1 / 1.6, 1.25] of its
 MAX_EXPONENT = 40  # 2**40: far beyond any input a float32 model takes, well inside float32's range
+KEPT = 2  # a mask stays at its power of two while the input's RMS is within KEPT powers of two under it
 
 
 def exponent(rms: float, spread: float, current: int) -> int:
-    """The power of two at which a mask sized for inputs of RMS ``spread`` suits an input of RMS ``rms``:
-    the smallest ``k`` with ``rms <= SLACK * spread * 2**k`` (so the mask is at least ``1 / SLACK`` of its
-    intended ratio to the input, and under twice that), within ``+-MAX_EXPONENT``; ``current`` for an
-    input that is not finite."""
+    """The power of two ``k`` at which a mask sized for inputs of RMS ``spread`` suits an input of RMS
+    ``rms``, from ``current``: kept while ``rms`` is in its band (``band``: the mask 1x-4x its intended
+    ratio to the input), else the smallest ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
+    ``+-MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never smaller than
+    intended, and inputs that vary around the calibration's spread do not move it back and forth."""
     if not math.isfinite(rms):
+        return current
+    lo, hi = band(spread, current)
+    if lo < rms * rms <= hi:
         return current
     if rms <= 0:
         return -MAX_EXPONENT
-    k = math.ceil(math.log2(rms / (SLACK * spread)))
-    lo, hi = band(spread, k)  # the logarithm's rounding: settle on the band the C check uses
-    k += (rms * rms > hi) - (rms * rms <= lo)
+    k = math.ceil(math.log2(rms / spread))
+    k += (rms > spread * 2.0 ** k) - (rms <= spread * 2.0 ** (k - 1))  # the logarithm's rounding
     return max(-MAX_EXPONENT, min(MAX_EXPONENT, k))
 
 
 def band(spread: float, k: int) -> tuple[float, float]:
-    """The mean squares ``(lo, hi]`` for which ``exponent`` is ``k`` (the fast path's spread check)."""
-    lo = -math.inf if k <= -MAX_EXPONENT else (SLACK * spread * 2.0 ** (k - 1)) ** 2
-    hi = math.inf if k >= MAX_EXPONENT else (SLACK * spread * 2.0 ** k) ** 2
+    """The mean squares ``(lo, hi]`` of the inputs that keep a mask at ``2**k`` (the fast path's check)."""
+    lo = -math.inf if k <= -MAX_EXPONENT else (spread * 2.0 ** (k - KEPT)) ** 2
+    hi = math.inf if k >= MAX_EXPONENT else (spread * 2.0 ** k) ** 2
     return lo, hi
 
 

@@ -135,7 +135,7 @@ def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_fa
     out = first_round if not split else _convert(tmp_path_factory, "first_split",
                                                  scheme="groupmix:exact_split=first")
     model_bytes = small_cnn()
-    for scale, exponent in ((255.0, 7), (1e-3, -11)):
+    for scale, exponent in ((255.0, 8), (1e-3, -10)):
         xs = [x * np.float32(scale) for x in images(24, seed=2)]
         model, recorders = _recording(out)
         with model:

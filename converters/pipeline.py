@@ -88,7 +88,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       stacklevel=2)
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
     if calibration is None and (static or len(one_time) > 1 or getattr(chosen, "static_mask_scale", 0) > 0):
-        # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.per_inference); these do not.
+        # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.mask_spread); these do not.
         warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
                       "sized on the activations of random N(0, 1) inputs; inputs of a larger spread "
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "

@@ -29,6 +29,7 @@ from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
     InputError,
+    SecureMemoryError,
     ShadowNetError,
 )
 from shadownet.refill import BackgroundRefill
@@ -182,6 +183,12 @@ class ProtectedModel:
             skipped: frozenset[int] = frozenset()
             if self.verify:
                 skipped = frozenset(map(int, self._pool_stats(session)["verify"].get("computed_rounds", ())))
+        except SecureMemoryError as exc:
+            _quietly(session.close)
+            if not self.verify:
+                raise
+            raise SecureMemoryError(f"{exc} (verify=True keeps every layer's check and the depthwise layers "
+                                    "it computes in secure memory: without it the model needs less)") from exc
         except BaseException:
             _quietly(session.close)
             raise

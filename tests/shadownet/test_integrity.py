@@ -194,6 +194,33 @@ def test_checks_of_consecutive_rounds_keep_their_results_apart(groupmix, monkeyp
         context.close()
 
 
+def test_a_verified_load_over_the_cap_says_what_verify_costs(tmp_path, monkeypatch):
+    """A secure world whose cap fits the model but not its checks: the plain load works, the verified one
+    fails with a SecureMemoryError that names verify as what needs the memory. (96x96 inputs: on the
+    16x16 model both fit in the secure OS's first blocks alike.)"""
+    import tee_sim
+    from shadownet.exceptions import SecureMemoryError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(small_cnn(side=96), str(tmp_path / "out"), seed=3)
+    out = str(tmp_path / "out")
+    home = tee_sim.Context("inprocess")._transport._os.home  # the device convert provisioned the secrets to
+    peaks = {}
+    for verify in (False, True):
+        with tee_sim.Context("inprocess", home=home) as context:
+            monkeypatch.setattr(tee_sim, "default_context", lambda context=context: context)
+            with shadownet.load(out, verify=verify, background_refill=False) as model:
+                peaks[verify] = model.stats()["secure_memory_peak"]
+    assert peaks[True] > peaks[False], peaks
+    with tee_sim.Context("inprocess", home=home, memory_cap=(peaks[False] + peaks[True]) // 2) as small:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: small)
+        with shadownet.load(out, background_refill=False) as model:
+            model(np.zeros((1, 96, 96, 3), np.float32))
+        with pytest.raises(SecureMemoryError, match="verify=True keeps every layer's check"):
+            shadownet.load(out, verify=True, background_refill=False)
+
+
 def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
     model_bytes = small_cnn()
     for out in (groupmix, paper):

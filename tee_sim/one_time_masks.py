@@ -72,7 +72,7 @@ class MaskStream:
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
         # The spread (RMS) of the input the distribution was sized for, on round 1's pushes: the TEE then
-        # scales the mask by a power of two to follow the input's own (``tee_sim.per_inference``); 0: never.
+        # scales the mask by a power of two to follow the input's own (``tee_sim.mask_spread``); 0: never.
         self.spread = float(spec.get("spread", 0.0))
         if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))
                 or not (self.split == 0 or 0 < self.split < math.inf)

@@ -9,8 +9,8 @@
  *     SN_ROWS     n rows of c floats each, row r at dst + r * dst_stride, from src + r * src_stride, or
  *                 zeros with no src (a padded push's border: the mask's values there, or nothing);
  *     SN_SPREAD   0 when the mean square of the c contiguous floats at src lies in (lo, hi], else 1 (the
- *                 step goes back to the TA's Python): whether round 1's one-time mask is at the power of
- *                 two that follows its input's spread (tee_sim.per_inference), summed in double.
+ *                 step goes back to the TA's Python): whether round 1's one-time mask may stay at its power
+ *                 of two for this input (tee_sim.mask_spread); float lanes, each block's sums in double.
  */
 #include <math.h>
 #include <stdint.h>

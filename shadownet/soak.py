@@ -96,8 +96,11 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 
 def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: int = 16,
          fresh_every: int = 100, warmup: int = 500, samples: int = 20, tolerance: float = TOLERANCE,
-         num_threads: int | None = 1, verify: bool = False) -> dict[str, Any]:
-    """Run the soak on an artifact directory ``out`` of ``original``; return its figures."""
+         num_threads: int | None = 1, verify: bool = False,
+         scales: tuple[float, ...] = (1.0,)) -> dict[str, Any]:
+    """Run the soak on an artifact directory ``out`` of ``original``; return its figures. ``scales``: the
+    inputs are uniform [-1, 1] values times these in turn (round 1's one-time mask follows each input's
+    spread: ``tee_sim.mask_spread``)."""
     import shadownet
     import tee_sim
 
@@ -118,7 +121,9 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
         raise ValueError(f"the soak feeds one input; {original.name} has {len(model.inputs)}")
     (spec,) = model.inputs
     rng = np.random.default_rng(1)
-    pool = [rng.uniform(-1, 1, spec.shape).astype(spec.dtype) for _ in range(pool_size)]
+    # Pool input j at scale j % len(scales), a fresh input i at i % len(scales).
+    pool = [(rng.uniform(-1, 1, spec.shape) * scales[j % len(scales)]).astype(spec.dtype)
+            for j in range(pool_size)]
     wants = [reference(x) for x in pool]
 
     lock = threading.Lock()
@@ -142,7 +147,8 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
                     state["next"] += 1
                 fresh = fresh_every > 0 and i % fresh_every == fresh_every - 1
                 if fresh:
-                    x = np.random.default_rng(1000 + i).uniform(-1, 1, spec.shape).astype(spec.dtype)
+                    x = (np.random.default_rng(1000 + i).uniform(-1, 1, spec.shape)
+                         * scales[i % len(scales)]).astype(spec.dtype)
                     want = reference(x)
                 else:
                     x, want = pool[i % pool_size], wants[i % pool_size]
@@ -202,9 +208,20 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
         "rss_kib": rss, "rss_growth_after_warmup_pct": growth,
         "rss_peak_growth_after_warmup_pct": peak_growth,
         "warmup_calls": warmup, "before": before, "after": after, "leaks": leaks,
-        "secure_memory_peak": model_stats.get("secure_memory_peak"),
+        "secure_memory_peak": model_stats.get("secure_memory_peak"), "scales": list(scales),
+        "masks_moved": (model_stats.get("pool") or {}).get("rescaled"),  # on an inference's path
         "model_secure_memory": model_stats.get("model_secure_memory"),
     }
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive and finite: {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="the TEE checks every accelerator result")
     parser.add_argument("--workdir", help="where models and artifacts go (default: a temporary directory)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--scales", type=_scales, default=(1.0,),
+                        help="comma-separated input scales, taken in turn (default 1: uniform [-1, 1])")
     args = parser.parse_args(argv)
     try:
         check_destination(args.json)
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         try:
             figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
-                           args.warmup, tolerance=args.tolerance, verify=args.verify)
+                           args.warmup, tolerance=args.tolerance, verify=args.verify, scales=args.scales)
         except ValueError as exc:  # a model the soak cannot feed
             print(f"python -m shadownet.soak: error: {exc}", file=sys.stderr)
             return 2
@@ -252,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calls {figures['calls']} ({figures['fresh_inputs_checked']} on fresh inputs) in "
           f"{figures['seconds']:.0f} s ({figures['calls_per_s']:.1f}/s), scheme {figures['scheme']}, "
           f"{figures['rounds']} rounds{', verified' if figures['verify'] else ''}")
+    if figures["scales"] != [1.0]:
+        print(f"input scales {figures['scales']} in turn: round 1's mask moved {figures['masks_moved']} "
+              "times on an inference's path")
     print(f"wrong results: {figures['wrong']} (worst relative error {figures['worst_relative_error']:.2e}, "
           f"tolerance {figures['tolerance']:g})")
     print(f"resident memory after {figures['warmup_calls']} warm-up calls: normal world "

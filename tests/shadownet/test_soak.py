@@ -65,3 +65,30 @@ def test_a_model_with_two_inputs_is_refused_in_one_line(tmp_path, capsys):
     assert main(["--model", str(original), "--artifacts", str(tmp_path / "out"), "--inferences", "4"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "python -m shadownet.soak: error: the soak feeds one input; two.tflite has 2"
+
+
+def test_inputs_of_mixed_scales_from_several_threads(tmp_path):
+    """``scales``: inputs 255x and 1/1000x the calibration's in turn, from two threads at once: every result
+    right, and round 1's one-time mask moved on the inference path (it follows each input's spread)."""
+    import warnings
+
+    import shadownet
+    from shadownet.soak import soak
+
+    original = tmp_path / "chain.tflite"
+    original.write_bytes(_chain())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=4)
+    figures = soak(original, tmp_path / "out", 24, 2, pool_size=4, fresh_every=6, warmup=6,
+                   scales=(255.0, 1e-3))
+    assert figures["failures"] == [] and figures["wrong"] == 0 and figures["worst_relative_error"] <= 1e-4
+    assert figures["scales"] == [255.0, 1e-3] and figures["masks_moved"] >= 2
+
+
+def test_scales_must_be_positive_numbers(capsys):
+    for bad in ("1,x", "0", "-2", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--scales", bad])
+        assert exit_.value.code == 2
+        assert "--scales" in capsys.readouterr().err

@@ -7,20 +7,63 @@ PACK and a RESHAPE whose shape is that result), which the TEE program, prealloca
 buffers, cannot follow. So the serving function is traced again with the batch dimension fixed to 1, its
 variables frozen into constants, and converted from there: TensorFlow's converter then folds those shapes.
 Other open dimensions are refused, naming the input: they need a shape the user chooses.
+
+TensorFlow's native libraries write to the process's standard error directly, before its log level applies:
+a notice that oneDNN is on, twice (once per library), and when its converter fails, pages of MLIR
+diagnostics. Everything they write while a model is converted is held back (``_native_stderr``): on success
+it is written out without those notices, on failure dropped, since the error says what failed in one line
+(``SHADOWNET_DEBUG=1`` writes it all out).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from shadownet.exceptions import ModelFormatError
 
+# What TensorFlow's libraries write to standard error on every import, before its log level applies.
+_NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+            "oneDNN custom operations are on.")
+
 
 def convert(path: Path, kind: str) -> bytes:
     """The ``.tflite`` bytes of the Keras file (``kind="keras"``) or SavedModel directory (``"saved_model"``)
     at ``path``."""
+    with _native_stderr():
+        return _convert(path, kind)
+
+
+@contextmanager
+def _native_stderr() -> Iterator[None]:
+    """File descriptor 2 into a temporary file while the block runs; then what was written there written
+    out again: on success all but TensorFlow's notices (``_NOTICES``), on failure nothing (the error says
+    what failed), with ``SHADOWNET_DEBUG`` set everything."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = True
+    with tempfile.TemporaryFile() as spool:
+        os.dup2(spool.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            spool.seek(0)
+            debug = bool(os.environ.get("SHADOWNET_DEBUG"))
+            for line in spool.read().decode(errors="replace").splitlines():
+                if debug or not (failed or any(notice in line for notice in _NOTICES)):
+                    print(line, file=sys.stderr)
+
+
+def _convert(path: Path, kind: str) -> bytes:
     what = kind.replace("_", " ")
     try:
         # (With LiteRT's library loaded first TensorFlow logs its oneDNN notice before it reads this. Turning
@@ -73,7 +116,11 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     import keras
 
     model = keras.models.load_model(path, compile=False)
-    structure = model.input  # one tensor, a list of them, or a dict of them by name (as the model was built)
+    try:
+        structure = model.input  # one tensor, a list of them, or a dict of them by name (as it was built)
+    except (AttributeError, ValueError):  # a loaded Sequential: built with its inputs, never called
+        inputs = model.inputs
+        structure = inputs[0] if len(inputs) == 1 else inputs
     if isinstance(structure, dict):
         named = list(structure.items())
     else:

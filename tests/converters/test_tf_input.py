@@ -47,6 +47,25 @@ def test_an_open_batch_is_converted_at_batch_one(tf, device, tmp_path, form):
         assert relative_error(run(image), [model(image).numpy()]) <= 1e-4
 
 
+def test_a_saved_sequential_model_is_converted(tf, device, tmp_path):
+    """A Sequential model built from ``keras.Input`` and saved: loaded again it has never been called, so
+    Keras has no ``model.input`` for it (it said "never been called and thus has no defined input"), only
+    ``model.inputs``."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    model.save(tmp_path / "model.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        manifest = convert(tmp_path / "model.keras", tmp_path / "out", seed=1, device=device)
+    assert [i["shape"] for i in manifest["inputs"]] == [[1, 8, 8, 3]]
+    image = np.random.default_rng(1).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(image), [model(image).numpy()]) <= 1e-4
+
+
 @pytest.mark.parametrize("form", ["keras", "saved_model"])
 def test_open_dimensions_besides_the_batch_are_refused(tf, device, tmp_path, form):
     import keras
@@ -74,3 +93,26 @@ def test_dict_inputs_are_fed_by_name(tf, device, tmp_path):
     order = [next(k for k in feeds if f"_{k}:" in i["name"]) for i in manifest["inputs"]]
     with Driver(device, tmp_path / "out") as run:
         assert relative_error(run(*[feeds[k] for k in order]), [model(feeds).numpy()]) <= 1e-4
+
+
+def test_tensorflows_diagnostics_stay_off_stderr_unless_debugging(tf, device, tmp_path, capfd, monkeypatch):
+    """TensorFlow's converter writes pages of MLIR diagnostics to file descriptor 2 when it fails: the error
+    says what failed in one line, and the pages appear only with SHADOWNET_DEBUG."""
+
+    class Svd(tf.Module):  # an op TensorFlow Lite's builtins lack
+        @tf.function(input_signature=[tf.TensorSpec([1, 4, 4], tf.float32)])
+        def __call__(self, x):
+            return tf.linalg.svd(x)[0]
+
+    module = Svd()
+    tf.saved_model.save(module, str(tmp_path / "svd"), signatures=module.__call__)
+    capfd.readouterr()
+    for debug, shown in ((None, False), ("1", True)):
+        if debug:
+            monkeypatch.setenv("SHADOWNET_DEBUG", debug)
+        with pytest.raises(ModelFormatError, match="could not convert the saved model"):
+            convert(tmp_path / "svd", tmp_path / "out", device=device)
+        err = capfd.readouterr().err
+        assert ("tf.Svd" in err) == shown, err[:300]
+        if not shown:
+            assert err == ""

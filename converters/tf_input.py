@@ -94,7 +94,12 @@ def _convert(path: Path, kind: str) -> bytes:
 
 
 def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    """The exception's type and first line; of TensorFlow's converter, its first diagnostic ("'tf.Svd' op is
+    neither a custom op nor a flex op") rather than its summary glued to a source location."""
+    line = (str(exc).splitlines() or [""])[0]
+    if type(exc).__name__ == "ConverterError" and ": error: " in line:
+        return line.split(": error: ", 1)[1]
+    return f"{type(exc).__name__}: {line}"
 
 
 def _batch_one(tf: Any, spec: Any, name: str, path: Path) -> Any:

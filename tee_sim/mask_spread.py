@@ -10,9 +10,13 @@ power of two ``2**k`` that keeps it at least at its intended ratio to ``x``, and
 The zoo converted without calibration, fed uniform [0, 1] images times 255: leakage 0.01-0.03, against 0.99
 before (``SECURITY.md``).
 
-A power of two keeps everything exact: the mask times ``2**d``, an exact split's pop mask and grid times
-``2**d`` bit for bit (``tee_sim.exact_split``); a plain restore's offset ``bias - L(r)`` becomes
-``bias - 2**d L(r)`` with one float32 rounding (``PopMask.rescale``). Where it happens:
+A power of two keeps the mask and an exact split's pop mask and grid exact: times ``2**d`` bit for bit
+(``tee_sim.exact_split``). A plain restore's offset ``bias - L(r)`` is rounded at the larger of its two
+terms: moved down (``d < 0``) it becomes ``bias - 2**d L(r)`` by scaling (``PopMask.rescale``: its rounding
+shrinks with it); moved up it is made again from the scaled mask (``PopMask.compute``, the layer's weights
+read back as a refill reads them: 0.3 ms on MiniVGG, 5-7 ms on yolov4-tiny), since scaling would scale its
+rounding too - after a blank input, whose offsets are the bias alone to the last bit, the next image's
+outputs came out 12x off. Where it happens:
 
 - on the path, once per change of scale: the first input outside the band of the mask's power of two moves
   its entry's mask in place (``follow``; counted in ``rescaled``);
@@ -23,8 +27,11 @@ On the secure world's fast path a C check (``SN_SPREAD``, ``tee_sim.ta_shadownet
 round 1's push: the input's mean square inside the entry's band (``band``) lets the step run in C; outside
 it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``).
 
-What the normal world learns from it: the masked input's spread tells it the power of two, i.e. the input's
-RMS within a factor of four (a mask of fixed size told that only of inputs near the mask's own size). Deeper
+What the normal world learns from it: the masked input's spread tells it at least the power of two, the
+input's RMS within a factor of four, and over many inferences at one power of two more closely (a mask of
+fixed size told that only of inputs near the mask's own size). The input is measured as the normal world
+wrote it to shared memory, then read again by the push: a normal world that rewrites it in between chooses
+the mask's ratio to what is pushed, for an input it wrote anyway. Deeper
 rounds' masks (``--mask-rounds``) and static masks do not follow: their inputs are not a scaled copy of the
 user's (biases, activations), so they keep calibration's sizes.
 """
@@ -32,6 +39,7 @@ user's (biases, activations), so they keep calibration's sizes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,10 +79,11 @@ def band(spread: float, k: int) -> tuple[float, float]:
 class SpreadFollower:
     """The followed masks of one loaded model (``streams`` with a ``spread``) and the pool entries' powers
     of two (``Entry.exponents``); ``pops``: the model's pop masks and offsets by name; ``slots``: pool
-    slots."""
+    slots; ``remake(entry, pop)``: makes ``entry``'s offset ``pop`` again from its mask (``PopMask``)."""
 
-    def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int) -> None:
-        self.streams, self.pops = streams, pops
+    def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int,
+                 remake: Callable[[Any, str], None]) -> None:
+        self.streams, self.pops, self._remake = streams, pops, remake
         self.target = {name: 0 for name, stream in streams.items() if stream.spread}  # the last input's
         self.rescaled = 0  # masks moved on an inference's path
         # Per slot, by followed mask: its push's kernel structure (a split's grid) and its spread check.
@@ -108,7 +117,10 @@ class SpreadFollower:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
         RMS calls for (moved in place if need be), which the next entries are drawn at too."""
         flat = x.reshape(-1)
-        rms = math.sqrt(float(np.dot(flat, flat)) / max(flat.size, 1))
+        squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
+        if squares == math.inf:  # over float32's range: again in float64
+            squares = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+        rms = math.sqrt(squares / max(flat.size, 1))
         now = entry.exponents.get(name, 0)
         k = exponent(rms, self.streams[name].spread, now)
         self.target[name] = k
@@ -131,8 +143,10 @@ class SpreadFollower:
                 continue
             if isinstance(pop, SplitPop):
                 np.multiply(entry.offsets[pop_name], np.float32(factor), out=entry.offsets[pop_name])
-            else:
+            elif delta < 0:
                 pop.rescale(entry.offsets[pop_name], factor)
+            else:  # scaled up, the offset's rounding would grow with it: made again from the mask
+                self._remake(entry, pop_name)
         self._set(entry, name, entry.exponents.get(name, 0) + delta)
 
     def _set(self, entry: Any, name: str, k: int) -> None:

@@ -147,8 +147,11 @@ class PopMask:
         out[...] = offset if self.permutation is None else offset[..., self.permutation]
 
     def rescale(self, offset: np.ndarray, factor: float) -> None:
-        """``offset``, made for a mask ``r``, made in place for ``factor * r`` (a power of two):
-        ``bias - factor * L(r) = factor * offset + (1 - factor) * bias``."""
+        """``offset``, made for a mask ``r``, made in place for ``factor * r`` (a power of two under 1:
+        the offset's rounding error shrinks with it; scaled up, it would grow with it, so an offset moved up
+        is made again by ``compute``): ``bias - factor * L(r) = factor * offset + (1 - factor) * bias``."""
+        if not 0 < factor < 1:
+            raise ValueError(f"an offset is rescaled down only, not by {factor}")
         bias = self.bias if self.permutation is None else self.bias[self.permutation]
         np.multiply(offset, np.float32(factor), out=offset)
         np.add(offset, ((1 - factor) * bias.astype(np.float64)).astype(np.float32), out=offset)

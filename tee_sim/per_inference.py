@@ -200,7 +200,7 @@ class PerInference:
         self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
         self._made: list[dict[str, Any]] = [{} for _ in self._entries]
         # Round 1's masks follow the input's spread by powers of two (``tee_sim.mask_spread``).
-        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
+        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries), self._remake)
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
         # What the instructions' shapes are checked against when they compile (the TA merges these into
@@ -333,6 +333,12 @@ class PerInference:
             for entry in batch:
                 u, f = entry.projections[name]
                 self.checks[name].draw(entry.rng, u, f, weights)
+
+    def _remake(self, entry: Entry, name: str) -> None:
+        """``entry``'s offset ``name`` made again from its mask (``tee_sim.mask_spread``)."""
+        pop = self.pops[name]
+        weights = self.weights.get(pop.weights)
+        pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], pop.prepare(weights))
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""

@@ -152,6 +152,25 @@ def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_fa
         assert input_leakage.known_input_leakage(observed, truth)["correlation"] <= 0.1
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_blank_input_does_not_spoil_the_next_ones(split, first_round, tmp_path_factory):
+    """In one load: a zero input sends round 1's mask to its lowest power of two (and the entries drawn
+    after it there); the next image moves them back up. An unsplit offset moved up by scaling, ``bias - L(r)``
+    rounded where ``L(r)`` was below the bias's last bit, came back as ``bias`` (outputs 12x off): it is made
+    again from the mask instead."""
+    out = first_round if not split else _convert(tmp_path_factory, "blank_split",
+                                                 scheme="groupmix:exact_split=first")
+    model_bytes = small_cnn()
+    xs = images(6, seed=9)
+    blank = np.zeros_like(xs[0])
+    with shadownet.load(out, background_refill=False) as model:
+        for x in (xs[0], blank, blank, *xs[1:], xs[2] * np.float32(1e-6), xs[3]):
+            want = reference(model_bytes, x)
+            scale = max(float(np.max(np.abs(want))), 1e-30)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * scale
+            model.refill_masks()
+
+
 def test_exhausted_pool_fails_when_the_policy_says_so(all_rounds):
     x = images(1)[0]
     with shadownet.load(all_rounds, mask_pool=2, on_exhausted="fail", background_refill=False) as model:

@@ -79,11 +79,12 @@ def band(spread: float, k: int) -> tuple[float, float]:
 class SpreadFollower:
     """The followed masks of one loaded model (``streams`` with a ``spread``) and the pool entries' powers
     of two (``Entry.exponents``); ``pops``: the model's pop masks and offsets by name; ``slots``: pool
-    slots; ``remake(entry, pop)``: makes ``entry``'s offset ``pop`` again from its mask (``PopMask``)."""
+    slots. Moving a mask up takes ``remake(entry, pop)``, which makes ``entry``'s offset ``pop`` again from
+    its mask (``PopMask``): given by the caller at each move, so that this object holds no reference back to
+    its owner (the loaded model's memory is freed when the model is unloaded, not at the next collection)."""
 
-    def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int,
-                 remake: Callable[[Any, str], None]) -> None:
-        self.streams, self.pops, self._remake = streams, pops, remake
+    def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int) -> None:
+        self.streams, self.pops = streams, pops
         self.target = {name: 0 for name, stream in streams.items() if stream.spread}  # the last input's
         self.rescaled = 0  # masks moved on an inference's path
         # Per slot, by followed mask: its push's kernel structure (a split's grid) and its spread check.
@@ -113,7 +114,7 @@ class SpreadFollower:
         self._set(entry, name, entry.exponents.get(name, 0))
         return check
 
-    def follow(self, entry: Any, name: str, x: np.ndarray) -> None:
+    def follow(self, entry: Any, name: str, x: np.ndarray, remake: Callable[[Any, str], None]) -> None:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
         RMS calls for (moved in place if need be), which the next entries are drawn at too."""
         flat = x.reshape(-1)
@@ -125,16 +126,16 @@ class SpreadFollower:
         k = exponent(rms, self.streams[name].spread, now)
         self.target[name] = k
         if k != now:
-            self.rescale(entry, name, k - now)
+            self.rescale(entry, name, k - now, remake)
             self.rescaled += 1
 
-    def retarget(self, entry: Any) -> None:
+    def retarget(self, entry: Any, remake: Callable[[Any, str], None]) -> None:
         """An entry being taken: its masks made before the last input moved the target, moved there."""
         for name, k in self.target.items():
             if entry.exponents.get(name, 0) != k:
-                self.rescale(entry, name, k - entry.exponents.get(name, 0))
+                self.rescale(entry, name, k - entry.exponents.get(name, 0), remake)
 
-    def rescale(self, entry: Any, name: str, delta: int) -> None:
+    def rescale(self, entry: Any, name: str, delta: int, remake: Callable[[Any, str], None]) -> None:
         """``entry``'s mask ``name`` times ``2**delta``, with what was made from it (the module docstring)."""
         factor = 2.0 ** delta
         np.multiply(entry.masks[name], np.float32(factor), out=entry.masks[name])
@@ -146,7 +147,7 @@ class SpreadFollower:
             elif delta < 0:
                 pop.rescale(entry.offsets[pop_name], factor)
             else:  # scaled up, the offset's rounding would grow with it: made again from the mask
-                self._remake(entry, pop_name)
+                remake(entry, pop_name)
         self._set(entry, name, entry.exponents.get(name, 0) + delta)
 
     def _set(self, entry: Any, name: str, k: int) -> None:

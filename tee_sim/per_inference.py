@@ -200,7 +200,7 @@ class PerInference:
         self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
         self._made: list[dict[str, Any]] = [{} for _ in self._entries]
         # Round 1's masks follow the input's spread by powers of two (``tee_sim.mask_spread``).
-        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries), self._remake)
+        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
         # What the instructions' shapes are checked against when they compile (the TA merges these into
@@ -352,7 +352,7 @@ class PerInference:
             self.synchronous += 1
             self.refill(entries=1)
         self.current = self._ready.popleft()
-        self.spread.retarget(self.current)  # off the path when the entry is taken ahead
+        self.spread.retarget(self.current, self._remake)  # off the path when the entry is taken ahead
         self.inferences += 1
         # The achieved bound (a statistic, one more pass over each result) on the first inferences, then 1
         # in 8.
@@ -417,7 +417,7 @@ class PerInference:
 
             def run() -> None:
                 if followed:
-                    self.spread.follow(self.current, followed, src)
+                    self.spread.follow(self.current, followed, src, self._remake)
                 variants[self.current.slot]()
         else:
             run = compile_(src, dst, **verified)

@@ -43,7 +43,8 @@ def convert(path: Path, kind: str) -> bytes:
 def _native_stderr() -> Iterator[None]:
     """File descriptor 2 into a temporary file while the block runs; then what was written there written
     out again: on success all but TensorFlow's notices (``_NOTICES``), on failure nothing (the error says
-    what failed), with ``SHADOWNET_DEBUG`` set everything."""
+    what failed), with ``SHADOWNET_DEBUG`` set everything. (``models.backend.quiet`` holds back the zoo's
+    exports the same way, for the zoo's own use; the trust domains keep the two packages apart.)"""
     sys.stderr.flush()
     saved = os.dup(2)
     failed = True

@@ -355,6 +355,7 @@ GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 11, 11, 37), (1, 3, 3, 37)),  # direct, reads past 37 channels
     ("DEPTHWISE_CONV_2D", "SAME", 1, 2, (1, 9, 9, 32), (1, 3, 3, 32)),  # direct, dilated
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 15, 17, 48), (1, 3, 3, 48)),  # direct, strided, rows of 9
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 7, 7, 80), (1, 3, 3, 80)),  # direct: 4 + 1 vectors on AVX-512
     ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
 ]
 

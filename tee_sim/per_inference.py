@@ -335,10 +335,8 @@ class PerInference:
                 self.checks[name].draw(entry.rng, u, f, weights)
 
     def _remake(self, entry: Entry, name: str) -> None:
-        """``entry``'s offset ``name`` made again from its mask (``tee_sim.mask_spread``)."""
-        pop = self.pops[name]
-        weights = self.weights.get(pop.weights)
-        pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], pop.prepare(weights))
+        """``entry``'s offset ``name`` made again from its mask, as a refill makes it (mask_spread)."""
+        self._make([entry], "pop", name)
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from shadownet.exceptions import ShadowNetError
@@ -16,13 +17,15 @@ if TYPE_CHECKING:
 class BackgroundRefill(threading.Thread):
     """Refills a model's pool between inferences: a daemon thread at the lowest scheduling priority that
     wakes after each inference and asks the TEE for ``CHUNK_US`` of work at a time, stepping aside as soon
-    as a caller waits for the model (so an inference waits at most one chunk) or the pool is full."""
+    as a caller waits for the model (so an inference waits at most one chunk) or the pool is full. It holds
+    the model weakly, and only while it works: a model dropped without ``close()`` is collected, and its
+    ``__del__`` closes it (its TEE session and secure memory with it), as LiteRT's interpreters are."""
 
     CHUNK_US = 4000
 
     def __init__(self, model: ProtectedModel) -> None:
         super().__init__(name=f"shadownet-refill-{model.artifacts.directory.name}", daemon=True)
-        self._model = model
+        self._model = weakref.ref(model)
         self._wake = threading.Event()
         self._stopped = False
         self._wake.set()  # fill the pool right after load
@@ -41,10 +44,12 @@ class BackgroundRefill(threading.Thread):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
         except (AttributeError, OSError):
             pass
-        model = self._model
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()
+            model = self._model()
+            if model is None:
+                return
             while not self._stopped and model._waiting == 0:
                 with model._lock:
                     if model._closed or model._session is None:
@@ -55,3 +60,4 @@ class BackgroundRefill(threading.Thread):
                         break  # the next inference reports what is wrong (or makes its masks itself)
                 if ready >= capacity:
                     break
+            del model  # not held while waiting: the model may be collected meanwhile

@@ -2,8 +2,10 @@
 term comes from a pool the TEE refills offline, running out refills or fails by policy, the user's
 input stays hidden (input leakage <= 0.1 as ``shadownet.attacks`` measures it)."""
 
+import gc
 import json
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +235,26 @@ def test_background_refill_fills_the_pool_between_inferences(all_rounds):
     assert pool["pool_bytes"] >= 4 * pool["entry_bytes"] > 0
     assert pool["offline_s_per_inference"] > 0
     assert stats["per_inference_secure_memory"] >= pool["pool_bytes"]
+
+
+def test_a_model_dropped_without_close_is_collected_with_its_refill_thread(first_round):
+    """Apps written for LiteRT drop interpreters without closing them: the background refill must not keep
+    the model (its TEE session, secure memory) alive. It did: 18 loads of MiniVGG filled the 64 MiB cap."""
+    x = images(1)[0]
+    with shadownet.load(first_round, background_refill=False) as probe:
+        probe(x)
+        baseline = probe.stats()["model_secure_memory"]
+        for _ in range(3):
+            model = shadownet.load(first_round)
+            model(x)
+            thread, closed = model._refiller, weakref.ref(model)
+            assert thread is not None and thread.is_alive()
+            del model
+            gc.collect()
+            assert closed() is None
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        assert probe.stats()["model_secure_memory"] == baseline  # the dropped models' sessions are gone
 
 
 def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_round, tmp_path_factory):

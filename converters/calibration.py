@@ -6,6 +6,9 @@ match (``activation_stats``), and what a mask's float32 rounding costs the model
 
 from __future__ import annotations
 
+import os
+import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,30 +23,26 @@ CALIBRATION_SAMPLES = 4
 
 
 def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]:
-    """Lists of model inputs (one list per sample). Each input's array holds one or more samples stacked
-    along the batch axis (``[k * batch, ...]``: one input of the model's own shape is one sample) or on a
-    new leading axis (``[k, *shape]``)."""
+    """Lists of model inputs (one list per sample). ``calibration``: None (random inputs), an ``.npz`` or a
+    mapping keyed by input names, or for a single-input model an ``.npy`` or an array - the forms and names
+    ``shadownet run`` takes (tensor names, or the signature's input names). Each input's array holds one
+    or more samples stacked along the batch axis (``[k * batch, ...]``: one input of the model's own shape
+    is one sample) or on a new leading axis (``[k, *shape]``)."""
     shapes = [graph.tensors[t].shape for t in graph.inputs]
     names = [graph.tensors[t].name for t in graph.inputs]
     if calibration is None:
         rng = np.random.default_rng(0)  # not a secret: representative inputs only
         return [[rng.standard_normal(s).astype(np.float32) for s in shapes]
                 for _ in range(CALIBRATION_SAMPLES)]
-    if isinstance(calibration, dict):
-        data = calibration
-    else:
-        try:
-            with np.load(calibration, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"cannot read calibration file {calibration}: {exc}") from None
-    if len(names) == 1 and names[0] not in data and len(data) == 1:
-        data = {names[0]: next(iter(data.values()))}
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = _read(calibration)
+    data = _by_input(graph, calibration)
     columns = []
     for name, shape in zip(names, shapes, strict=True):
-        if name not in data:
-            raise ModelFormatError(f"calibration data has no array {name!r} (keys: {sorted(data)})")
-        a, shape = np.asarray(data[name], np.float32), tuple(shape)
+        try:
+            a, shape = np.asarray(data[name], np.float32), tuple(shape)
+        except (TypeError, ValueError) as exc:
+            raise ModelFormatError(f"calibration {name!r} is not numbers: {exc}") from None
         if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
             a = a.reshape(-1, *shape[1:])
         if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
@@ -57,6 +56,43 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
         counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, columns, strict=True))
         raise ModelFormatError(f"calibration inputs hold different numbers of samples ({counts})")
     return [list(sample) for sample in zip(*columns, strict=True)]
+
+
+def _read(path: str | os.PathLike) -> Any:
+    """An ``.npy`` file's array, or an ``.npz`` file's arrays by name."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelFormatError(f"cannot read calibration file {path} as .npz/.npy: {exc}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        return {k: loaded[k] for k in loaded.files}
+
+
+def _by_input(graph: Graph, data: Any) -> dict[str, Any]:
+    """``data`` (one array, or arrays by input or signature input name) keyed by the inputs' tensor names;
+    ModelFormatError on an unknown, missing or repeated name, or one array for several inputs."""
+    names = [graph.tensors[t].name for t in graph.inputs]
+    if not isinstance(data, Mapping):
+        if len(names) != 1:
+            raise ModelFormatError(f"the model has {len(names)} inputs: give calibration data keyed by "
+                                   f"their names {names} (an .npz)")
+        return {names[0]: data}
+    aliases = {name: name for name in names}
+    if graph.signature is not None:
+        aliases.update((key, graph.tensors[t].name) for key, t in graph.signature.inputs.items()
+                       if t in graph.inputs)
+    unknown = [key for key in data if key not in aliases]
+    if unknown:
+        raise ModelFormatError(f"calibration data: unknown input name(s) {unknown}; the model's inputs are "
+                               f"{names}")
+    keyed = {aliases[key]: value for key, value in data.items()}
+    missing = [name for name in names if name not in keyed]
+    if missing or len(keyed) != len(data):
+        what = missing or "given twice under two names"
+        raise ModelFormatError(f"calibration data: missing input(s) {what}; the model takes {names}")
+    return keyed
 
 
 def activation_stats(graph: Graph, tensors: set[int],

@@ -46,7 +46,8 @@ UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.j
 
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
             seed: int | None = None,
-            calibration: str | os.PathLike | dict[str, np.ndarray] | None = None, device: Any = None,
+            calibration: str | os.PathLike | dict[str, np.ndarray] | np.ndarray | None = None,
+            device: Any = None,
             force: bool = False, mask_rounds: str | Sequence[int] | None = None) -> dict[str, Any]:
     """Protect ``model`` into ``out_dir``; return the manifest.
 
@@ -55,8 +56,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     ``"name:key=value,..."`` or a ``Scheme``.
     ``seed``: INSECURE, reproducible secrets for tests only (anyone who guesses it regenerates the fakes,
     scales and permutations and gets the weights back); the manifest records ``"seeded": true``.
-    ``calibration``: an ``.npz`` (or dict) of representative inputs keyed by input tensor name (one sample
-    of the input's shape, or several stacked on the batch axis); default: random normal inputs.
+    ``calibration``: an ``.npz`` (or dict) of representative inputs keyed by input name (tensor or signature
+    name; for a single-input model also an ``.npy`` or an array), one sample of the input's shape or several
+    stacked on the batch axis; default: random normal inputs.
     ``device``: None (this machine's simulated device), a device identity file written by
     ``shadownet device export`` on the target device, or a ``tee_sim.Context`` of the target device.
     ``force``: replace a non-empty ``out_dir``.

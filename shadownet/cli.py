@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
     p.add_argument("--seed", type=int, default=None, help="INSECURE: reproducible secrets, for tests only")
-    p.add_argument("--calibration", help="FILE.npz of representative inputs for mask scales")
+    p.add_argument("--calibration",
+                   help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",

@@ -66,7 +66,7 @@ def _protect(model: Path, out: Path, calibration: np.ndarray) -> float:
     from shadownet.api import convert
 
     start = time.perf_counter()
-    convert(str(model), str(out), force=True, calibration={"": calibration})
+    convert(str(model), str(out), force=True, calibration=calibration)
     return time.perf_counter() - start
 
 

@@ -331,6 +331,41 @@ def test_calibration_forms_and_refusals():
         _calibration_inputs(graph, {name: bad})
 
 
+def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
+    """An .npz by tensor or signature input name, an .npy or an array for a single input; unknown, missing
+    or doubled names, one array for two inputs and unreadable files are refused as ModelFormatError (an
+    .npy was an internal TypeError, and a stray key was silently taken for the only input)."""
+    from converters.calibration import calibration_inputs as _calibration_inputs
+    from converters.graph import Graph, Signature
+
+    graph = normalize(read_model(tiny_model_bytes()))
+    (index,) = graph.inputs
+    name, shape = graph.tensors[index].name, tuple(graph.tensors[index].shape)
+    graph.signature = Signature("serving_default", [], {"pixels": index}, {})
+    data = np.random.default_rng(0).uniform(0, 1, (2, *shape[1:]))
+    np.save(tmp_path / "cal.npy", data)
+    np.savez(tmp_path / "cal.npz", **{name: data})
+    np.savez(tmp_path / "signature.npz", pixels=data)
+    for given in (tmp_path / "cal.npy", str(tmp_path / "cal.npz"), tmp_path / "signature.npz", data,
+                  {"pixels": data}):
+        got = _calibration_inputs(graph, given)
+        assert len(got) == 2 and np.array_equal(got[1][0], data[1:].astype(np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    np.savez(tmp_path / "positional.npz", data)  # key arr_0
+    for given, reason in ((tmp_path / "positional.npz", r"unknown input name\(s\) \['arr_0'\]"),
+                          ({name: data, "pixels": data}, "given twice"),
+                          ({}, "missing input"),
+                          (tmp_path / "junk.npy", "cannot read calibration file"),
+                          (tmp_path / "absent.npz", "cannot read calibration file"),
+                          ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not numbers")):
+        with pytest.raises(ModelFormatError, match=reason):
+            _calibration_inputs(graph, given)
+    two = Graph()
+    two.inputs = [two.add_tensor("a", (1, 2), np.float32), two.add_tensor("b", (1, 2), np.float32)]
+    with pytest.raises(ModelFormatError, match=r"2 inputs: give calibration data keyed by their names"):
+        _calibration_inputs(two, np.zeros((1, 2)))
+
+
 def test_conversion_for_another_device(conv_model, device, tmp_path):
     from shadownet.device import export_identity
 

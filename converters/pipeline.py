@@ -359,30 +359,46 @@ def _check_output(out: Path, force: bool) -> None:
 def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     """Write into a temporary sibling directory, manifest.json last, then rename it into place: a reader
     never sees half, and a sibling left by a killed conversion lacks its manifest (``load`` refuses it)
-    unless it is complete. Such leftovers (named after a process that no longer runs) are removed first."""
+    unless it is complete. Such leftovers (named after a process that no longer runs) are removed first.
+    Into an empty directory that exists (``-o .`` included, which cannot be renamed) the files move one by
+    one, manifest.json last; a directory replaced with ``force`` is put back if its replacement fails."""
+    out = Path(os.path.abspath(out))  # "." and ".." have no name to make siblings of
     _check_output(out, force)
-    parent = out.absolute().parent
+    parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(parent, out.name)
     stem = f".{out.name}.{os.getpid()}."
     tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
+    old: Path | None = None
+    order = sorted(files, key=lambda n: n == MANIFEST)
     try:
-        for name in sorted(files, key=lambda n: n == MANIFEST):
+        for name in order:
             with open(tmp / name, "wb") as f:
                 f.write(files[name])
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
-        if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            for name in order:
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
+            _sync_directory(out)
+        elif out.exists():
             old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
             os.replace(out, old / "replaced")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "replaced", out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
         _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not (old / "replaced").exists():
+            shutil.rmtree(old, ignore_errors=True)
         if isinstance(exc, OSError) and exc.filename is None:  # say what it was writing (e.g. a full disk)
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
         raise

@@ -293,6 +293,44 @@ def test_convert_onto_a_full_disk(small, tmp_path, monkeypatch, force):
     _check_no_half_directory(small, out)
 
 
+def test_convert_into_the_current_empty_directory(small, tmp_path, monkeypatch):
+    """``-o .`` in an empty directory: the files move in (a working directory cannot be renamed; it failed
+    with EBUSY and left a ``..PID.*.old`` directory beside it)."""
+    from converters import pipeline
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    pipeline.convert(small.original, ".", seed=SEED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    assert os.path.samefile(os.getcwd(), here)
+    _check_no_half_directory(small, here)
+
+
+def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, monkeypatch):
+    import errno
+
+    from converters import pipeline
+
+    out = tmp_path / "out"
+    pipeline.convert(small.original, out, seed=SEED)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) == 2:  # the new directory into place
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(a, b)
+
+    monkeypatch.setattr(pipeline.os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        pipeline.convert(small.original, out, seed=SEED + 1, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
     model = tmp_path / "model.tflite"

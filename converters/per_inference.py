@@ -59,24 +59,42 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int
         spec = DEFAULT_MASK_ROUNDS
     chosen: set[int] = {1}
     if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "all":
+        ranges = mask_round_ranges(spec)
+        if ranges is None:
             return list(range(1, rounds + 1))
-        if text != "first":
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                low, dash, high = part.partition("-")
-                try:
-                    a, b = int(low), int(high) if dash else int(low)
-                except ValueError:
-                    raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such "
-                                     "as '1,2,5' or '1-4'") from None
-                chosen.update(range(a, b + 1))
+        for a, b in ranges:
+            chosen.update((a, b, *range(a, min(b, rounds) + 1)))  # beyond the last round: refused below
     else:
         chosen.update(int(r) for r in spec)
     bad = sorted(r for r in chosen if not 1 <= r <= rounds)
     if bad:
         raise ValueError(f"mask rounds {bad} are outside the model's rounds 1..{rounds}")
     return sorted(chosen)
+
+
+def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
+    """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond round 1; ``None`` for
+    ``"all"``); ``ValueError`` for a malformed one or a range that runs backwards."""
+    text = spec.strip().lower()
+    if text == "all":
+        return None
+    if text == "first":
+        return []
+    ranges = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        try:
+            a, b = int(low), int(high) if dash else int(low)
+        except ValueError:
+            raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such as "
+                             "'1,2,5' or '1-4'") from None
+        if a > b:
+            raise ValueError(f"mask rounds {spec!r}: the range {part!r} runs backwards")
+        ranges.append((a, b))
+    if not ranges:
+        raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such as "
+                         "'1,2,5' or '1-4'")
+    return ranges
 
 
 def layer_descriptor(kind: str, options: Any, weights: str, input_buffer: str) -> dict[str, Any]:

@@ -162,6 +162,8 @@ def secret_rng(seed: int | None) -> np.random.Generator:
     tests only) from ``seed`` with a warning."""
     if seed is None:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(256))))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (or None), not {seed!r}")
     warnings.warn(f"converting with seed={seed}: the secrets are reproducible by anyone who guesses the seed "
                   "(INSECURE, for tests only)", stacklevel=3)
     return np.random.Generator(np.random.PCG64(seed))

@@ -91,19 +91,47 @@ def _cmd_device_export(args: argparse.Namespace) -> None:
     print(f"device identity written to {args.file}")
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int of at least ``minimum`` (a count out of range is a usage error, exit 2)."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum`` (and at most ``maximum``): a value out of range is
+    a usage error, exit 2."""
 
     def count(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
         return value
 
     return count
+
+
+_SEED = _at_least(0, 2**32 - 1)
+
+
+def _scheme(text: str) -> str:
+    """An argparse type: a scheme spec ``converters.schemes.get_scheme`` takes (a usage error, exit 2)."""
+    from converters.schemes import get_scheme
+
+    try:
+        get_scheme(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _mask_rounds(text: str) -> str:
+    """An argparse type: a ``--mask-rounds`` policy, its syntax checked (the rounds against the model's
+    later)."""
+    from converters.per_inference import mask_round_ranges
+
+    try:
+        mask_round_ranges(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,20 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="export a model of the paper's zoo to .tflite")
     p.add_argument("name", choices=ZOO_NAMES)
     p.add_argument("-o", "--output", required=True, help="FILE.tflite to write")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--seed", type=_SEED, default=0, help="weight seed (default 0)")
     p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
     p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("convert", help="protect a model (untrusted.tflite, secrets.sealed, manifest.json)")
     p.add_argument("model", help="a float .tflite, a Keras file or a SavedModel directory")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
-    p.add_argument("--seed", type=int, default=None, help="INSECURE: reproducible secrets, for tests only")
+    p.add_argument("--scheme", type=_scheme, default=None,
+                   help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--seed", type=_SEED, default=None, help="INSECURE: reproducible secrets, for tests only")
     p.add_argument("--calibration",
                    help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",
+    p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="rounds with one-time masks (schemes without static masks): 'first' (default), "
                         "'all' or round numbers such as 1,2,5 or 1-4; round 1 always")
     p.set_defaults(func=_cmd_convert)
@@ -157,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="protected vs unprotected vs all-in-TEE latency, memory and breakdown")
     p.add_argument("files", nargs="*", metavar="FILE.tflite", help="models to benchmark besides --models")
     p.add_argument("--models", help="comma-separated zoo names (default: all five when no FILE is given)")
-    p.add_argument("--scheme", default=None, help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--scheme", type=_scheme, default=None,
+                   help="obfuscation scheme (default: the project's default)")
     p.add_argument("--num_threads", type=_at_least(1), default=2,
                    help="accelerator / unprotected threads (default 2)")
     p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
@@ -170,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames/s per mode (protected: two frames in flight, and one at a time)")
     p.add_argument("--verify", action="store_true",
                    help="add the mode shadownet-verify (every accelerator result checked): its overhead")
-    p.add_argument("--mask-rounds", dest="mask_rounds", default=None, metavar="POLICY",
+    p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="convert with one-time masks on these rounds: 'first' (the converter's default), "
                         "'all', or round numbers such as 1,2,5 or 1-4")
     p.add_argument("--workdir", help="keep exported zoo models here and reuse them (default: temporary)")

@@ -359,6 +359,9 @@ class ProtectedModel:
     def refill_masks(self, entries: int | None = None) -> int:
         """Fill the pool of one-time masks (and, with ``verify``, of check projections) now: until it is
         full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
+        if entries is not None and (isinstance(entries, bool) or not isinstance(entries, int | np.integer)
+                                    or entries < 0):
+            raise ValueError(f"entries must be a non-negative integer (or None), not {entries!r}")
         with self._lock:
             self._ensure_open()
             return self._refill(0, entries or 0)[0]

@@ -173,6 +173,13 @@ def test_without_seed_secrets_differ_and_no_warning(conv_model, device, tmp_path
     assert untrusted[0] != untrusted[1]
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused(conv_model, device, tmp_path, seed):
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        convert(conv_model, tmp_path / "out", device=device, seed=seed)
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_directory_rules(conv_model, device, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -164,7 +164,15 @@ def test_version_is_the_package_version(capsys):
                                   ["run", "out", "--input", "x.npy", "--num_threads", "0"],
                                   ["bench", "--num_runs", "0"], ["bench", "--warmup_runs", "-1"],
                                   ["bench", "--num_threads", "two"],
-                                  ["audit", "out", "--reference", "m.tflite", "--inferences", "0"]])
+                                  ["audit", "out", "--reference", "m.tflite", "--inferences", "0"],
+                                  ["convert", "m.tflite", "-o", "o", "--seed", "-1"],
+                                  ["zoo", "minivgg", "-o", "m.tflite", "--seed", str(2**32)],
+                                  ["convert", "m.tflite", "-o", "o", "--scheme", "nope"],
+                                  ["convert", "m.tflite", "-o", "o", "--scheme", "groupmix:bogus=1"],
+                                  ["bench", "--scheme", "shadownet:ratio"],
+                                  ["convert", "m.tflite", "-o", "o", "--mask-rounds", "xx"],
+                                  ["convert", "m.tflite", "-o", "o", "--mask-rounds", "3-1"],
+                                  ["bench", "--mask-rounds", ""]])
 def test_usage_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -290,6 +290,26 @@ def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factor
         assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
 
 
+def test_mask_round_policies_are_parsed_or_refused():
+    from converters.per_inference import parse_mask_rounds
+
+    assert parse_mask_rounds("first", 6) == [1] and parse_mask_rounds("all", 3) == [1, 2, 3]
+    assert parse_mask_rounds("2-4", 6) == [1, 2, 3, 4] and parse_mask_rounds(" 3, 5 ", 6) == [1, 3, 5]
+    assert parse_mask_rounds([4], 6) == [1, 4] and parse_mask_rounds(None, 6) == [1]
+    for spec, reason in (("3-1", "runs backwards"), ("99", r"\[99\] are outside"), ("5-9", "outside"),
+                         ("0", "outside"), ("xx", "expected 'first'"), ("", "expected 'first'")):
+        with pytest.raises(ValueError, match=reason):  # "3-1" was taken as round 1 alone, silently
+            parse_mask_rounds(spec, 6)
+
+
+def test_refill_masks_refuses_a_negative_count(first_round):
+    with shadownet.load(first_round, background_refill=False) as model:
+        for entries in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="entries must be a non-negative integer"):
+                model.refill_masks(entries)
+        assert model.refill_masks(0) >= 1
+
+
 def test_converting_without_calibration_warns_of_the_mask_scale(tmp_path_factory):
     """Masks are sized on calibration inputs: without them, on N(0, 1) ones, and the user is told - unless
     the only masks are round 1's one-time ones, which follow the input's spread in the TEE."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from shadownet import after_fork
 from shadownet.artifacts import TensorSpec
-from shadownet.exceptions import ArtifactError, InputError
+from shadownet.exceptions import ArtifactError, ClosedError, InputError
 from shadownet.runtime import ProtectedModel, load
 
 
@@ -110,6 +110,8 @@ class Interpreter:
     def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
         _, value = self._entry(tensor_index)
         with self._lock:
+            if self._model.closed:  # rather than the values of before the close
+                raise ClosedError("this protected model was closed")
             return value.copy()
 
     def tensor(self, tensor_index: int) -> Callable[[], np.ndarray]:
@@ -123,7 +125,8 @@ class Interpreter:
             raise InputError(f"tensor {spec.index} ({spec.name!r}) is not an input")
         if tuple(int(d) for d in tensor_size) != spec.shape:
             raise InputError(f"a protected model has fixed input shapes: {spec.name!r} is "
-                             f"{list(spec.shape)}, cannot resize to {list(tensor_size)} (convert a model "
+                             f"{list(spec.shape)}, cannot resize to {[int(d) for d in tensor_size]} (convert "
+                             "a model "
                              "exported with that shape)")
 
     def _forget_after_fork(self, parent: int) -> None:
@@ -138,11 +141,21 @@ class Interpreter:
         pass  # a protected model has no variable tensors
 
     # --- signatures --------------------------------------------------------------------------------------
+    def _has_signature(self) -> bool:
+        return bool(self._model.artifacts.manifest.get("signature"))  # recorded when the original had one
+
     def get_signature_list(self) -> dict[str, dict[str, list[str]]]:
+        if not self._has_signature():
+            return {}  # as LiteRT on a model without SignatureDefs
         sig = self._model.artifacts.signature
         return {sig.key: {"inputs": list(sig.inputs), "outputs": list(sig.outputs)}}
 
     def get_signature_runner(self, signature_key: str | None = None) -> SignatureRunner:
+        """The original model's signature (its only one), sharing this interpreter's tensors as LiteRT's
+        runner does: ``get_tensor`` then reads what the runner's last call set and computed."""
+        if not self._has_signature():
+            raise ValueError("SignatureDef signature_key is None and model has 0 Signatures. None is only "
+                             "allowed when the model has 1 SignatureDef")
         key = self._model.artifacts.signature.key
         if signature_key is not None and signature_key != key:
             raise ValueError(f'Invalid signature_key provided: "{signature_key}" (this model has "{key}")')
@@ -187,9 +200,12 @@ class SignatureRunner:
             raise InputError(f"Invalid Input name ({unknown[0]}) for SignatureDef; inputs are "
                              f"{list(self._inputs)}")
         arrays = self._model.check_inputs([{self._inputs[k].name: np.asarray(v) for k, v in kwargs.items()}])
-        outputs = [np.empty(t.shape, t.dtype) for t in self._model.outputs]
-        self._model.run_into(arrays, outputs)
-        return {k: outputs[i] for k, i in self._output_positions}
+        it = self._interpreter
+        with it._lock:  # the interpreter's own tensors, as LiteRT's runner uses its subgraph's
+            for target, value in zip(it._input_values, arrays, strict=True):
+                np.copyto(target, value)
+            self._model.run_into(it._input_values, it._output_values)
+            return {k: it._output_values[i].copy() for k, i in self._output_positions}
 
     def get_input_details(self) -> dict[str, dict[str, Any]]:
         return {k: _details(t) for k, t in self._inputs.items()}

@@ -31,6 +31,9 @@ def litert_app(interpreter_class, model_path, batches):
     names = interpreter.get_signature_list()
     key = next(iter(names))
     by_name = runner(**dict(zip(names[key]["inputs"], batches[0], strict=True)))
+    # The runner shares the interpreter's tensors: get_tensor reads what the runner's call computed.
+    shared = [interpreter.get_tensor(d["index"]) for d in output_details]
+    assert sorted(v.tobytes() for v in shared) == sorted(v.tobytes() for v in by_name.values())
     return results, by_name, names
 
 
@@ -83,7 +86,9 @@ def test_tensor_views_and_errors(small_cnn):
         assert np.array_equal(interpreter.get_tensor(i), x)
         interpreter.resize_tensor_input(i, list(x.shape))  # same shape: fine
         with pytest.raises(ValueError, match="fixed input shapes"):
-            interpreter.resize_tensor_input(i, [2, *x.shape[1:]])
+            interpreter.resize_tensor_input(i, np.array([2, *x.shape[1:]], np.int32))
+        with pytest.raises(ValueError, match=r"cannot resize to \[2, 16,"):  # ints, not np.int32(16)
+            interpreter.resize_tensor_input(i, np.array([2, *x.shape[1:]], np.int32))
         with pytest.raises(ValueError, match="float64"):
             interpreter.set_tensor(i, x.astype(np.float64))
         with pytest.raises(ValueError, match="dimension mismatch"):
@@ -92,6 +97,33 @@ def test_tensor_views_and_errors(small_cnn):
             interpreter.get_tensor(12345)
         with pytest.raises(ValueError, match="Invalid signature_key"):
             interpreter.get_signature_runner("nope")
+
+
+def test_a_model_without_signature_has_none_and_a_closed_one_no_tensors(small_cnn, tmp_path):
+    import warnings
+
+    from converters.graph import write_model
+    from converters.tflite_reader import read_model
+    from shadownet.exceptions import ClosedError
+
+    graph = read_model(small_cnn.original.read_bytes())
+    graph.signature = None
+    bare = tmp_path / "bare.tflite"
+    bare.write_bytes(write_model(graph))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(bare), str(tmp_path / "out"), seed=3)
+    litert = LiteRTInterpreter(model_path=str(bare))
+    ours = shadownet.Interpreter(model_path=str(tmp_path / "out"))
+    assert ours.get_signature_list() == litert.get_signature_list() == {}
+    for interpreter in (litert, ours):
+        with pytest.raises(ValueError, match="0 Signatures"):
+            interpreter.get_signature_runner()
+    ours.allocate_tensors()
+    o = ours.get_output_details()[0]["index"]
+    ours.close()
+    with pytest.raises(ClosedError):  # not the values of before the close
+        ours.get_tensor(o)
 
 
 def test_interpreter_needs_an_artifact_directory(small_cnn):

@@ -8,6 +8,7 @@ models real users hand us.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections import Counter
@@ -83,6 +84,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     path = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(path))
+    if os.path.isdir(path):  # else the rename's error would name the temporary file
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     # Not mkstemp: its 0600 mode would survive the rename; "x" mode respects the umask.
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:

@@ -137,9 +137,9 @@ def run_cli(args: argparse.Namespace) -> None:
 
 def _summary(name: str, value: np.ndarray) -> str:
     line = f"{name}: shape {list(value.shape)} {value.dtype}"
-    if value.ndim >= 1 and value.shape[-1] > 1 and np.issubdtype(value.dtype, np.number):
-        rows = value.reshape(-1, value.shape[-1])
-        if rows.shape[0] <= 4:
+    if value.size and np.issubdtype(value.dtype, np.number):
+        rows = value.reshape(-1, value.shape[-1] if value.ndim else 1)
+        if rows.shape[0] <= 4 and rows.shape[1] > 1:
             parts = []
             for row in rows:
                 top = np.argsort(row)[::-1][:5]

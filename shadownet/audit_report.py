@@ -25,7 +25,8 @@ def format_report(report: dict) -> str:
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack",
              head, "-" * len(head)]
     for r in report["layers"]:
-        name = r["name"] if len(r["name"]) <= 34 else "..." + r["name"][-31:]
+        name = r["name"].split(";")[0]  # TensorFlow's fused names: the layer's own comes first
+        name = name if len(name) <= 34 else "..." + name[-31:]
         lines.append(
             f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
             + " ".join(f"{r['recovered'][a]:>4}" for a in names)

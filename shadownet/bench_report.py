@@ -191,7 +191,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     out = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
            f"TA kernels built for {m.get('tee_kernels', '?')}, load average at the end {m['load_average']}.",
            f"Settings: scheme {s['scheme']}, {s['num_threads']} threads, {s['num_runs']} runs after "
-           f"{s['warmup_runs']} warm-up runs, delegate {s['delegate'] or 'none (XNNPACK)'}, mask rounds "
+           f"{s['warmup_runs']} warm-up run{'' if s['warmup_runs'] == 1 else 's'}, "
+           f"delegate {s['delegate'] or 'none (XNNPACK)'}, mask rounds "
            f"{s.get('mask_rounds', 'default')}{', verify mode' if s.get('verify') else ''}."]
     if command:
         out.append(f"Command: `{command}`")

@@ -37,6 +37,15 @@ def test_run_npy_prints_a_summary(small_cnn, tmp_path, capsys):
     assert int(summary.group(2)) == len(manifest["rounds"]) + 1  # one entry per round, plus the last
 
 
+def test_run_summarises_outputs_of_one_value_per_row():
+    from shadownet.api import _summary
+
+    one = _summary("y", np.array([[0.25]], np.float32))
+    assert one == "y: shape [1, 1] float32; min 0.25, max 0.25, mean 0.25"
+    assert "argmax 2" in _summary("y", np.array([[0.1, 0.2, 0.7]], np.float32))
+    assert "min 1, max 5" in _summary("y", np.arange(1, 6, dtype=np.float32).reshape(5, 1))
+
+
 def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsys):
     import shadownet
 

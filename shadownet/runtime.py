@@ -185,10 +185,17 @@ class ProtectedModel:
                 skipped = frozenset(map(int, self._pool_stats(session)["verify"].get("computed_rounds", ())))
         except SecureMemoryError as exc:
             _quietly(session.close)
-            if not self.verify:
+            reasons = []  # what the user chose that the model needs the memory for
+            if self.verify:
+                reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
+                               "in secure memory: without it the model needs less")
+            if len(self.one_time_rounds) > 1:
+                reasons.append(f"one-time masks on {len(self.one_time_rounds)} rounds (--mask-rounds) keep a "
+                               "pool of masks with their unblinding terms, and what refilling it takes, in "
+                               "secure memory: converted with --mask-rounds first the model needs less")
+            if not reasons:
                 raise
-            raise SecureMemoryError(f"{exc} (verify=True keeps every layer's check and the depthwise layers "
-                                    "it computes in secure memory: without it the model needs less)") from exc
+            raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
         except BaseException:
             _quietly(session.close)
             raise

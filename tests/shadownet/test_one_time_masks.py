@@ -290,6 +290,34 @@ def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factor
         assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
 
 
+def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, monkeypatch):
+    """A model converted with --mask-rounds all that does not fit says why (it said only that the secure
+    world ran out: a helper's 32768x512 dense layer did so under the 64 MiB cap)."""
+    import warnings
+
+    import tee_sim
+    from shadownet.exceptions import SecureMemoryError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        for policy in ("first", "all"):
+            shadownet.convert(small_cnn(side=96), str(tmp_path / policy), seed=3, mask_rounds=policy)
+    home = tee_sim.Context("inprocess")._transport._os.home  # the device convert provisioned the secrets to
+    peaks = {}
+    for policy in ("first", "all"):
+        with tee_sim.Context("inprocess", home=home) as context:
+            monkeypatch.setattr(tee_sim, "default_context", lambda context=context: context)
+            with shadownet.load(tmp_path / policy, background_refill=False) as model:
+                peaks[policy] = model.stats()["secure_memory_peak"]
+    assert peaks["all"] > peaks["first"], peaks
+    with tee_sim.Context("inprocess", home=home, memory_cap=(peaks["first"] + peaks["all"]) // 2) as small:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: small)
+        with shadownet.load(tmp_path / "first", background_refill=False) as model:
+            model(np.zeros((1, 96, 96, 3), np.float32))
+        with pytest.raises(SecureMemoryError, match=r"one-time masks on \d+ rounds \(--mask-rounds\)"):
+            shadownet.load(tmp_path / "all", background_refill=False)
+
+
 def test_mask_round_policies_are_parsed_or_refused():
     from converters.per_inference import parse_mask_rounds
 

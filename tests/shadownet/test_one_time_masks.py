@@ -346,7 +346,7 @@ def test_converting_without_calibration_warns_of_the_mask_scale(tmp_path_factory
     for calibration, options, warned in ((None, {}, 0), (None, {"mask_rounds": "all"}, 1),
                                          (None, {"scheme": "shadownet"}, 1),
                                          (None, {"scheme": "groupmix:static_mask_scale=10"}, 1),
-                                         ({"": images(4)}, {"mask_rounds": "all"}, 0)):
+                                         (images(4), {"mask_rounds": "all"}, 0)):
         out = tmp_path_factory.mktemp("calibration") / "out"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,17 +1,49 @@
-"""The background refill of a ``ProtectedModel``'s pool of one-time masks and check projections (see
+"""The refill of a ``ProtectedModel``'s pool of one-time masks and check projections: a call into the
+trusted app (``refill_pool``), its statistics (``pool_stats``), and the background refill (see
 ``shadownet.load``'s ``background_refill``): a thread that works while the model is idle."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import tee_sim
 from shadownet.exceptions import ShadowNetError
+from shadownet.tee_errors import translated
 
 if TYPE_CHECKING:
     from shadownet.runtime import ProtectedModel
+
+
+def refill_pool(session: Any, budget_us: int, entries: int = 0) -> tuple[int, int]:
+    """One REFILL_POOL call on ``session``: work for up to ``budget_us`` (0: no limit) until the pool is
+    full or ``entries`` more are ready (0: full). Returns (ready entries, capacity)."""
+    from tee_sim.ta_shadownet_commands import Command
+
+    out = tee_sim.Value(direction="out")
+    with translated("refilling the one-time mask pool"):
+        session.invoke_command(Command.REFILL_POOL, [tee_sim.Value(budget_us, entries), out])
+    return out.a, out.b
+
+
+def pool_stats(session: Any) -> dict[str, Any]:
+    """The trusted app's statistics of the pool (``pool``: with ``offline_s_per_inference``) and of the
+    checks (``verify``), and ``per_inference_secure_memory``: what both hold in secure memory."""
+    from tee_sim.ta_shadownet_commands import Command
+
+    out = tee_sim.TempMemRef(size=1 << 14, direction="out")
+    with translated("reading the mask pool's statistics"):
+        session.invoke_command(Command.GET_POOL_STATS, [out])
+    stats = json.loads(out.data or b"{}")
+    pool = stats.get("pool", {})
+    if pool:
+        made = pool["made"]
+        pool["offline_s_per_inference"] = pool["offline_s"] / made if made else None
+    return {"pool": pool, "verify": stats.get("verify", {}),
+            "per_inference_secure_memory": stats.get("secure_bytes", 0)}
 
 
 class BackgroundRefill(threading.Thread):

@@ -32,7 +32,7 @@ from shadownet.exceptions import (
     SecureMemoryError,
     ShadowNetError,
 )
-from shadownet.refill import BackgroundRefill
+from shadownet.refill import BackgroundRefill, pool_stats, refill_pool
 from shadownet.secure_core import on_secure_core
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
@@ -375,11 +375,7 @@ class ProtectedModel:
 
     def _refill(self, budget_us: int, entries: int = 0) -> tuple[int, int]:
         """One REFILL_POOL call (lock held): (ready entries, capacity)."""
-        out = tee_sim.Value(direction="out")
-        with translated("refilling the one-time mask pool"):
-            self._session.invoke_command(_commands().Command.REFILL_POOL,
-                                         [tee_sim.Value(budget_us, entries), out])
-        return out.a, out.b
+        return refill_pool(self._session, budget_us, entries)
 
     def check_inputs(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """The inputs as arrays in the model's order; InputError on a wrong count, name, shape or dtype."""
@@ -489,19 +485,7 @@ class ProtectedModel:
             return result
 
     def _pool_stats(self, session: Any) -> dict[str, Any]:
-        import json
-
-        out = tee_sim.TempMemRef(size=1 << 14, direction="out")
-        with translated("reading the mask pool's statistics"):
-            session.invoke_command(_commands().Command.GET_POOL_STATS, [out])
-        stats = json.loads(out.data or b"{}")
-        pool = stats.get("pool", {})
-        if pool:
-            made = pool["made"]
-            pool["offline_s_per_inference"] = pool["offline_s"] / made if made else None
-        return {"one_time_rounds": list(self.one_time_rounds), "pool": pool,
-                "verify": stats.get("verify", {}),
-                "per_inference_secure_memory": stats.get("secure_bytes", 0)}
+        return {"one_time_rounds": list(self.one_time_rounds), **pool_stats(session)}
 
 
 def _quietly(func: Callable[[], Any]) -> None:

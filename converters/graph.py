@@ -159,11 +159,15 @@ def fused_activation(op: Op) -> str | None:
 
 
 def is_offloadable(graph: Graph, op_index: int) -> bool:
-    """True for a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED whose weights are a dense constant."""
+    """True for a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED whose weights are a dense constant; not for
+    a grouped CONV_2D (its filters span a slice of the input channels), which runs in the TEE like any
+    other op: the schemes mix whole input channels."""
     op = graph.ops[op_index]
     if op.kind not in OFFLOADABLE or len(op.inputs) < 2 or op.inputs[1] < 0:
         return False
     weights = graph.tensors[op.inputs[1]]
+    if op.kind == "CONV_2D" and weights.shape[-1] != graph.tensors[op.inputs[0]].shape[-1]:
+        return False
     return weights.data is not None and weights.sparsity is None
 
 

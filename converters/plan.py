@@ -24,6 +24,11 @@ from converters.plan_tee import TeeProgramBuilder
 from converters.schemes import ActivationStats, Scheme
 from tee_sim.program import PROGRAM_FORMAT
 
+# Ops that multiply by weights: what is not offloaded of these (a grouped or transposed convolution, a
+# matrix product, a layer whose weights are computed) runs in the TEE, and the conversion says so.
+LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
+                          "BATCH_MATMUL"})
+
 
 @dataclass
 class Plan:
@@ -70,7 +75,10 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
         "steps": b.steps,
         **per_inference,
     }
+    offloaded = part.offloaded
+    in_tee = [op.kind for i, op in enumerate(graph.ops) if op.kind in LINEAR_KINDS and i not in offloaded]
     summary = {"rounds": b.R, "offloaded_ops": sum(len(r) for r in part.rounds),
+               "tee_linear_ops": len(in_tee), "tee_linear_kinds": sorted(set(in_tee)),
                "tee_litert_ops": sum(len(s) for s in b.step_ops), "tee_numpy_activations": len(b.fused),
                "tee_numpy_ops": len(b.numpy_ops)}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary)

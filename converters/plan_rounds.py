@@ -34,9 +34,6 @@ def _check_linear(graph: Graph, i: int) -> None:
                                  f"({', '.join(str(t.dtype) for t in tensors)})")
     if len(op.inputs) > 2 and op.inputs[2] >= 0 and graph.tensors[op.inputs[2]].data is None:
         raise UnsupportedOpError(f"{graph.describe_op(i)}: its bias is computed, not a constant")
-    in_channels = graph.tensors[op.inputs[0]].shape[-1]
-    if op.kind == "CONV_2D" and graph.tensors[op.inputs[1]].shape[-1] != in_channels:
-        raise UnsupportedOpError(f"{graph.describe_op(i)}: grouped convolution is not supported")
     _check_linear_shapes(graph, i)
     for t in op.inputs[1:3]:
         value = graph.tensors[t].data if t >= 0 else None

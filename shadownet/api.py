@@ -61,6 +61,8 @@ def convert_cli(args: argparse.Namespace) -> None:
              f"{_count(rounds, 'round')} ({rounds + 1} TEE entries per inference)"]
     if "offloaded_ops" in summary:
         parts.append(f"{_count(summary['offloaded_ops'], 'linear op')} offloaded to the accelerator")
+    if summary.get("tee_linear_ops"):  # heavy work the TEE does itself: the user should know
+        parts.append(f"{summary['tee_linear_ops']} run in the TEE ({', '.join(summary['tee_linear_kinds'])})")
     print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")
     sys.stdout.flush()
     for w in caught:

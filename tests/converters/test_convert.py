@@ -88,6 +88,29 @@ def test_fidelity_and_world_switches(model, scheme, device, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
+def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
+    """A grouped CONV_2D is not offloaded (the schemes mix whole input channels) but computed in the TEE,
+    as any other op, and the summary says so; it was refused."""
+    import keras
+    keras.utils.set_random_seed(6)
+    x = keras.Input((8, 8, 4), batch_size=1)
+    h = keras.layers.Conv2D(8, 3, groups=2, padding="same", activation="relu")(x)
+    model = tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, keras.layers.Conv2D(4, 3)(h))).convert()
+    summary = protect(model, tmp_path / "out", device, scheme=scheme)["summary"]
+    assert summary["offloaded_ops"] == summary["tee_linear_ops"] == 1
+    assert summary["tee_linear_kinds"] == ["CONV_2D"]
+    graph = read_model(model)
+    (grouped,) = [op for op in graph.ops
+                  if op.kind == "CONV_2D" and graph.tensors[op.inputs[1]].shape[-1] == 2]  # 4 channels / 2
+    untrusted = (tmp_path / "out" / "untrusted.tflite").read_bytes()
+    for f in graph.tensors[grouped.inputs[1]].data:
+        assert f.tobytes() not in untrusted
+    xs = inputs_for(model, np.random.default_rng(1))
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
+
+
+@pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_untrusted_model_holds_no_original_weight_or_bias(model, scheme, device, tmp_path):
     protect(model, tmp_path / "out", device, scheme=scheme)
     untrusted = (tmp_path / "out" / "untrusted.tflite").read_bytes()

@@ -50,8 +50,8 @@ class BackgroundRefill(threading.Thread):
     """Refills a model's pool between inferences: a daemon thread at the lowest scheduling priority that
     wakes after each inference and asks the TEE for ``CHUNK_US`` of work at a time, stepping aside as soon
     as a caller waits for the model (so an inference waits at most one chunk) or the pool is full. It holds
-    the model weakly, and only while it works: a model dropped without ``close()`` is collected, and its
-    ``__del__`` closes it (its TEE session and secure memory with it), as LiteRT's interpreters are."""
+    the model weakly, and strongly only for a chunk: a model dropped without ``close()`` is collected, and
+    its ``__del__`` closes it (its TEE session and secure memory with it), as LiteRT's interpreters are."""
 
     CHUNK_US = 4000
 
@@ -79,17 +79,24 @@ class BackgroundRefill(threading.Thread):
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()
-            model = self._model()
-            if model is None:
-                return
-            while not self._stopped and model._waiting == 0:
-                with model._lock:
-                    if model._closed or model._session is None:
-                        break
-                    try:
-                        ready, capacity = model._refill(self.CHUNK_US)
-                    except ShadowNetError:
-                        break  # the next inference reports what is wrong (or makes its masks itself)
-                if ready >= capacity:
-                    break
-            del model  # not held while waiting: the model may be collected meanwhile
+            while not self._stopped and self._chunk():
+                pass
+
+    def _chunk(self) -> bool:
+        """One chunk of work; whether to go on (the model alive, open and idle, its pool not full). The
+        model is held only meanwhile: dropped by its app, it is collected after the chunk at the latest
+        (its ``__del__`` then runs on this thread, and its ``close()`` stops it)."""
+        model = self._model()
+        if model is None:
+            self._stopped = True
+            return False
+        if model._waiting:
+            return False
+        with model._lock:
+            if model._closed or model._session is None:
+                return False
+            try:
+                ready, capacity = model._refill(self.CHUNK_US)
+            except ShadowNetError:
+                return False  # the next inference reports what is wrong (or makes its masks itself)
+        return ready < capacity

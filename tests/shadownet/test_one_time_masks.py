@@ -251,9 +251,8 @@ def test_a_model_dropped_without_close_is_collected_with_its_refill_thread(first
             assert thread is not None and thread.is_alive()
             del model
             gc.collect()
-            assert closed() is None
-            thread.join(timeout=10)
-            assert not thread.is_alive()
+            thread.join(timeout=10)  # it may hold the model for one chunk of work, then lets it go
+            assert closed() is None and not thread.is_alive()
         assert probe.stats()["model_secure_memory"] == baseline  # the dropped models' sessions are gone
 
 

@@ -352,6 +352,14 @@ def _provision_local(program: bytes, context: Any) -> bytes:
 # -- output ------------------------------------------------------------------------------------------------
 
 def _check_output(out: Path, force: bool) -> None:
+    out = Path(os.path.realpath(out))
+    try:
+        here = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the working directory was deleted: nothing to protect
+        here = None
+    if here is not None and (out == here or out in here.parents):
+        raise ArtifactError(f"output directory {out} is the current directory or holds it: the conversion "
+                            "renames its directory into place, so give the name of another directory")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -362,9 +370,9 @@ def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     """Write into a temporary sibling directory, manifest.json last, then rename it into place: a reader
     never sees half, and a sibling left by a killed conversion lacks its manifest (``load`` refuses it)
     unless it is complete. Such leftovers (named after a process that no longer runs) are removed first.
-    Into an empty directory that exists (``-o .`` included, which cannot be renamed) the files move one by
-    one, manifest.json last; a directory replaced with ``force`` is put back if its replacement fails."""
-    out = Path(os.path.abspath(out))  # "." and ".." have no name to make siblings of
+    A directory replaced with ``force`` is put back if its replacement fails. The sibling is made beside
+    where ``out`` really is (a symlink's target: the rename stays on one file system)."""
+    out = Path(os.path.realpath(out))
     _check_output(out, force)
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -372,20 +380,14 @@ def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     stem = f".{out.name}.{os.getpid()}."
     tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
     old: Path | None = None
-    order = sorted(files, key=lambda n: n == MANIFEST)
     try:
-        for name in order:
+        for name in sorted(files, key=lambda n: n == MANIFEST):
             with open(tmp / name, "wb") as f:
                 f.write(files[name])
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
-        if out.is_dir() and not any(out.iterdir()):
-            for name in order:
-                os.replace(tmp / name, out / name)
-            tmp.rmdir()
-            _sync_directory(out)
-        elif out.exists():
+        if out.exists() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
             os.replace(out, old / "replaced")
             try:
@@ -395,13 +397,13 @@ def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            os.replace(tmp, out)  # onto an empty directory too: one rename
         _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not (old / "replaced").exists():
             shutil.rmtree(old, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # say what it was writing (e.g. a full disk)
+        if isinstance(exc, OSError):  # say what it was writing (e.g. a full disk), not the temporary name
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
         raise
 

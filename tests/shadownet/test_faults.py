@@ -4,9 +4,11 @@ several points (no directory ``load`` would take half-written; leftovers are ref
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -293,18 +295,40 @@ def test_convert_onto_a_full_disk(small, tmp_path, monkeypatch, force):
     _check_no_half_directory(small, out)
 
 
-def test_convert_into_the_current_empty_directory(small, tmp_path, monkeypatch):
-    """``-o .`` in an empty directory: the files move in (a working directory cannot be renamed; it failed
-    with EBUSY and left a ``..PID.*.old`` directory beside it)."""
+@pytest.mark.parametrize("target, force", [(".", False), (".", True), ("..", True)])
+def test_convert_refuses_the_current_directory_and_its_parents(small, tmp_path, monkeypatch, target, force):
+    """The conversion renames a directory into place: ``-o .`` failed with EBUSY and left a
+    ``..PID.*.old`` directory beside it; made absolute, ``-o . --force`` would have replaced the working
+    directory, ``-o .. --force`` its parent with everything in it. Refused, before any work."""
     from converters import pipeline
 
-    here = tmp_path / "here"
-    here.mkdir()
+    here = tmp_path / "project" / "here"
+    here.mkdir(parents=True)
+    if force:
+        (here / "notes.txt").write_text("keep")
     monkeypatch.chdir(here)
-    pipeline.convert(small.original, ".", seed=SEED)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
-    assert os.path.samefile(os.getcwd(), here)
-    _check_no_half_directory(small, here)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ArtifactError, match="is the current directory or holds it"):
+        pipeline.convert(small.original, target, seed=SEED, force=force)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_convert_through_a_symlink_writes_where_it_points(small, tmp_path):
+    """Beside the target, so the rename stays on its file system (a link into /dev/shm failed with EXDEV,
+    naming the temporary directory); the link stays a link."""
+    from converters import pipeline
+
+    shm = Path("/dev/shm")
+    where = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path / "t"
+    try:
+        (where / "out").mkdir(parents=True)
+        (tmp_path / "link").symlink_to(where / "out")
+        pipeline.convert(small.original, tmp_path / "link", seed=SEED)
+        assert (tmp_path / "link").is_symlink() and (where / "out" / "manifest.json").exists()
+        _check_no_half_directory(small, tmp_path / "link")
+        assert sorted(p.name for p in where.iterdir()) == ["out"]
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,12 +63,12 @@ def _read(path: str | os.PathLike) -> Any:
     """An ``.npy`` file's array, or an ``.npz`` file's arrays by name."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:  # each member is read (and can fail) here
+            return {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ModelFormatError(f"cannot read calibration file {path} as .npz/.npy: {exc}") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        return {k: loaded[k] for k in loaded.files}
 
 
 def _by_input(graph: Graph, data: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,12 @@ def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
             raise InputError(f"the model has {len(model.inputs)} inputs: give an .npz keyed by "
                              f"{[t.name for t in model.inputs]}")
         return model.check_inputs([loaded])
-    with loaded:
-        return model.check_inputs([{key: loaded[key] for key in loaded.files}])
+    try:
+        with loaded:  # each member is read (and can fail) here
+            arrays = {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputError(f"cannot read {path} as .npz: {exc}") from None
+    return model.check_inputs([arrays])
 
 
 def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:

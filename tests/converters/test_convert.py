@@ -381,12 +381,18 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
         got = _calibration_inputs(graph, given)
         assert len(got) == 2 and np.array_equal(got[1][0], data[1:].astype(np.float32))
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    np.savez(tmp_path / "objects.npz", **{name: np.array([{}], dtype=object)})  # needs pickle to read
+    damaged = bytearray((tmp_path / "cal.npz").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # in the member's data: its CRC fails when it is read
+    (tmp_path / "crc.npz").write_bytes(damaged)
     np.savez(tmp_path / "positional.npz", data)  # key arr_0
     for given, reason in ((tmp_path / "positional.npz", r"unknown input name\(s\) \['arr_0'\]"),
                           ({name: data, "pixels": data}, "given twice"),
                           ({}, "missing input"),
                           (tmp_path / "junk.npy", "cannot read calibration file"),
                           (tmp_path / "absent.npz", "cannot read calibration file"),
+                          (tmp_path / "objects.npz", "cannot read calibration file"),
+                          (tmp_path / "crc.npz", "cannot read calibration file"),
                           ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not numbers")):
         with pytest.raises(ModelFormatError, match=reason):
             _calibration_inputs(graph, given)

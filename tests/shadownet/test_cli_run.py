@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 
 from converters.fidelity import relative_error
 from shadownet.cli import main
@@ -66,11 +67,16 @@ def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsy
     assert "wrote" in capsys.readouterr().out
 
 
+def small_cnn_input_name(model) -> str:
+    return LiteRTInterpreter(model_path=str(model.original)).get_input_details()[0]["name"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("no_artifacts", "does not exist"),
     ("no_input", "does not exist"),
     ("not_numpy", "is not an .npy or .npz file"),
     ("truncated_npy", "cannot read"),
+    ("damaged_npz", "cannot read"),
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
@@ -89,6 +95,12 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         data = str(tmp_path / "junk.npy")
     elif case == "truncated_npy":
         (tmp_path / "x.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:100])
+    elif case == "damaged_npz":  # a member's CRC fails as it is read (an internal error before)
+        np.savez(tmp_path / "x.npz", **{small_cnn_input_name(small_cnn): x})
+        damaged = bytearray((tmp_path / "x.npz").read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        (tmp_path / "x.npz").write_bytes(damaged)
+        data = str(tmp_path / "x.npz")
     elif case == "wrong_shape":
         np.save(tmp_path / "x.npy", x[:, :8])
     elif case == "delegate":

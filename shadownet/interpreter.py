@@ -17,7 +17,7 @@ import numpy as np
 
 from shadownet import after_fork
 from shadownet.artifacts import TensorSpec
-from shadownet.exceptions import ArtifactError, ClosedError, InputError
+from shadownet.exceptions import ArtifactError, InputError
 from shadownet.runtime import ProtectedModel, load
 
 
@@ -110,8 +110,7 @@ class Interpreter:
     def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
         _, value = self._entry(tensor_index)
         with self._lock:
-            if self._model.closed:  # rather than the values of before the close
-                raise ClosedError("this protected model was closed")
+            self._model.check_not_closed()  # rather than the values of before the close (or the fork)
             return value.copy()
 
     def tensor(self, tensor_index: int) -> Callable[[], np.ndarray]:

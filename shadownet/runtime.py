@@ -391,13 +391,17 @@ class ProtectedModel:
                                  "model takes finite inputs only")
 
     def _ensure_open(self) -> None:
+        self.check_not_closed()
+        if self._session is None:  # the secure world was lost during an earlier call: start again
+            self._open()
+
+    def check_not_closed(self) -> None:
+        """ClosedError if the model was closed, or loaded by a process that forked this one."""
         if self._forked_from:
             raise ClosedError(f"this protected model was loaded by process {self._forked_from}, which forked "
                               "this one: its TEE session and accelerator stay there; load it again here")
         if self._closed:
             raise ClosedError("this protected model was closed")
-        if self._session is None:  # the secure world was lost during an earlier call: start again
-            self._open()
 
     def _infer_on_secure_core(self) -> None:
         """``_infer``, with this thread on the secure world's core (``shadownet.secure_core``) from the

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     """
     out = Path(out_dir)
     _check_output(out, force)
+    if device is not None and not hasattr(device, "open_session") and not Path(device).is_file():
+        raise ArtifactError(f"device file {device} does not exist or is not a file (write it on the target "
+                            "device with `shadownet device export FILE`)")
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
     read = read_model(original)
@@ -152,9 +156,20 @@ def _model_bytes(model: Any) -> bytes:
         # Refused before TensorFlow is imported: it would log to stderr and say "File not found".
         raise ModelFormatError(f"{path} is not a Keras model file (a .keras file is a zip archive, an .h5 "
                                "file HDF5)")
+    if data[:4] == b"PK\x03\x04" and not _keras_zip(path):
+        raise ModelFormatError(f"{path} is a zip archive but not a Keras model file (no config.json in it)")
     if keras_container:
         return tf_input.convert(path, "keras")
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
+
+
+def _keras_zip(path: Path) -> bool:
+    """Whether a zip archive is a Keras v3 model file (config.json at its top), not e.g. an .npz."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def secret_rng(seed: int | None) -> np.random.Generator:

@@ -227,6 +227,9 @@ def test_bad_models(device, tmp_path):
         (tmp_path / name).write_bytes(b"junk")
         with pytest.raises(ModelFormatError, match="is not a Keras model file"):
             protect(tmp_path / name, tmp_path / "d", device)
+    np.savez(tmp_path / "data.npz", x=np.zeros(3))  # a zip, as a .keras file is: said so, TF untouched
+    with pytest.raises(ModelFormatError, match="zip archive but not a Keras model file"):
+        protect(tmp_path / "data.npz", tmp_path / "d", device)
     with pytest.raises(UnsupportedOpError, match="nothing to protect"):
         protect(tiny_model_bytes(), tmp_path / "c", device)
     with pytest.raises(ValueError, match="unknown scheme"):
@@ -419,5 +422,8 @@ def test_conversion_for_another_device(conv_model, device, tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(SecurityError):
             protect(conv_model, tmp_path / "out2", tmp_path / "bad.json")
+        with pytest.raises(ArtifactError, match="device file .* does not exist"):  # was a bare errno line
+            protect(conv_model, tmp_path / "out3", tmp_path / "missing.json")
+        assert not (tmp_path / "out3").exists()
     finally:
         target.close()

@@ -74,7 +74,7 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int
 
 def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
     """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond round 1; ``None`` for
-    ``"all"``); ``ValueError`` for a malformed one or a range that runs backwards."""
+    ``"all"``); ``ValueError`` for a malformed one, a range that runs backwards or a round below 1."""
     text = spec.strip().lower()
     if text == "all":
         return None
@@ -90,6 +90,8 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
                              "'1,2,5' or '1-4'") from None
         if a > b:
             raise ValueError(f"mask rounds {spec!r}: the range {part!r} runs backwards")
+        if a < 1:
+            raise ValueError(f"mask rounds {spec!r}: rounds are numbered from 1")
         ranges.append((a, b))
     if not ranges:
         raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such as "

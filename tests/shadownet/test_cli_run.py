@@ -193,6 +193,7 @@ def test_version_is_the_package_version(capsys):
                                   ["bench", "--scheme", "shadownet:ratio"],
                                   ["convert", "m.tflite", "-o", "o", "--mask-rounds", "xx"],
                                   ["convert", "m.tflite", "-o", "o", "--mask-rounds", "3-1"],
+                                  ["convert", "m.tflite", "-o", "o", "--mask-rounds", "0"],
                                   ["bench", "--mask-rounds", ""]])
 def test_usage_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -124,9 +124,8 @@ class Interpreter:
             raise InputError(f"tensor {spec.index} ({spec.name!r}) is not an input")
         if tuple(int(d) for d in tensor_size) != spec.shape:
             raise InputError(f"a protected model has fixed input shapes: {spec.name!r} is "
-                             f"{list(spec.shape)}, cannot resize to {[int(d) for d in tensor_size]} (convert "
-                             "a model "
-                             "exported with that shape)")
+                             f"{list(spec.shape)}, cannot resize to {[int(d) for d in tensor_size]} "
+                             "(convert a model exported with that shape)")
 
     def _forget_after_fork(self, parent: int) -> None:
         # The model closes itself in the child; this lock may have been held by an invoke of the parent's.

@@ -105,6 +105,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "takes secure memory in every pool entry (with 'all', MobileNet's outputs measured "
                       "7e-4 relative error at the median, up to 3e-3, against 5e-5 and 1.7e-4 with "
                       "'first'; see SECURITY.md)", stacklevel=2)
+    _warn_of_large_refill_layers(graph, part, one_time)
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
@@ -161,6 +162,28 @@ def _model_bytes(model: Any) -> bytes:
     if keras_container:
         return tf_input.convert(path, "keras")
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
+
+
+# Half of OP-TEE's default secure memory (tee_sim's default cap is 64 MiB).
+LARGE_REFILL_LAYER = 32 << 20
+
+
+def _warn_of_large_refill_layers(graph: Any, part: Any, one_time: Sequence[int]) -> None:
+    """Warn when a layer of a round with one-time masks holds LARGE_REFILL_LAYER bytes of weights or more:
+    the trusted app reads a layer's obfuscated weights into secure memory, whole, to make its unblinding
+    terms at every refill (``tee_sim.obfuscated_weights.Weights``), on top of everything else it holds (a
+    32768 x 512 dense first layer, 64 MiB, does not load under the 64 MiB cap)."""
+    large = []
+    for r in one_time:
+        for i in part.rounds[r - 1]:
+            data = graph.tensors[graph.ops[i].inputs[1]].data
+            if data is not None and data.size * 4 >= LARGE_REFILL_LAYER:
+                large.append(f"{graph.describe_op(i)} of round {r}: {data.size * 4 / (1 << 20):.0f} MiB")
+    if large:
+        warnings.warn(f"one-time masks on layers with large weights ({'; '.join(large)}): the trusted app "
+                      "reads such a layer's weights into secure memory whole at every refill of its pool, "
+                      "beside what else it holds; under OP-TEE's default 64 MiB the model may not load",
+                      stacklevel=3)
 
 
 def _keras_zip(path: Path) -> bool:

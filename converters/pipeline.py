@@ -13,6 +13,7 @@ secret is ever written in clear), and write ``untrusted.tflite``, ``secrets.seal
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -258,8 +259,9 @@ def _check_litert_runs(original: bytes, graph: Graph) -> None:
     """LiteRT prepares and runs the model once (on zeros): its own checks of what the graph layer does not
     model (op arity, ranks, options) refuse a damaged model here, as a ModelFormatError, before any work;
     and every tensor's shape in the file must be the one LiteRT computes (the converter plans with the
-    file's). Without the XNNPACK delegate: its kernels take the file's shapes on trust, the builtin
-    kernels' Prepare checks them and computes every output shape."""
+    file's; a tensor of open shape takes LiteRT's, at batch 1); and the model has one signature at most.
+    Without the XNNPACK delegate: its kernels take the file's shapes on trust, the builtin kernels' Prepare
+    checks them and computes every output shape."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     computed: dict[int, tuple[int, ...]] = {}
@@ -277,8 +279,18 @@ def _check_litert_runs(original: bytes, graph: Graph) -> None:
         except (ValueError, RuntimeError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             raise ModelFormatError(f"LiteRT cannot run the model: {message}") from None
+    keys = list(interpreter.get_signature_list())
+    if len(keys) > 1:  # read_model reads subgraph 0: the others would be left out without a word
+        raise UnsupportedOpError(f"the model has {len(keys)} signatures ({', '.join(map(repr, keys))}): "
+                                 "ShadowNet protects a model's one signature; export each as a model of its "
+                                 "own")
     for t, tensor in enumerate(graph.tensors):
         if t in computed and computed[t] != tensor.shape:
+            if any(d < 0 for d in tensor.shape_signature or ()):
+                # A tensor of open shape (an open batch's): the file holds a placeholder, LiteRT's shape at
+                # batch 1 is the one to plan with (_check_static refuses shapes that ops compute at run time).
+                graph.tensors[t] = dataclasses.replace(tensor, shape=computed[t])
+                continue
             raise ModelFormatError(f"corrupt TFLite model: tensor {t} {tensor.name!r} has shape "
                                    f"{list(tensor.shape)} in the file, LiteRT computes {list(computed[t])}")
 

@@ -1,6 +1,7 @@
 """End to end: convert test-built models, run them through the ShadowNet TA (in-process secure world) with a
 minimal driver, and compare with LiteRT on the original."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -327,6 +328,43 @@ def _reshape_to_a_computed_shape(g, x, y):
     g.outputs = [z]
 
 
+def _open_batch_reshape() -> bytes:
+    """The same with an open batch, as TensorFlow writes a Keras model's: the reshaped tensor's shape in the
+    file is a placeholder ([1, 1, 1, 1]), which LiteRT replaces at batch 1."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    g = Graph()
+    x = g.add_tensor("x", (1, 6, 6, 3), np.float32, shape_signature=(-1, 6, 6, 3))
+    w = _weights_with((0, 0, 0, 0), None)
+    b = g.add_tensor("b", (4,), np.float32, np.zeros(4, np.float32))
+    y = g.add_tensor("y", (1, 6, 6, 4), np.float32, shape_signature=(-1, 6, 6, 4))
+    options = fb.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
+    g.add_op("CONV_2D", [x, g.add_tensor("w", w.shape, np.float32, w), b], [y], options)
+    g.inputs = [x]
+    _reshape_to_a_computed_shape(g, x, y)
+    z = g.outputs[0]
+    g.tensors[z] = dataclasses.replace(g.tensors[z], shape=(1, 1, 1, 1), shape_signature=(-1, -1, -1, -1))
+    return write_model(g)
+
+
+def _two_signatures() -> bytes:
+    """The test conv as two signatures, the second reading its output through a ReLU."""
+    from converters.graph import Signature, write_model
+
+    def relu(g, x, y):
+        r = g.add_tensor("r", (1, 6, 6, 4), np.float32)
+        g.add_op("RELU", [y], [r])
+        g.outputs = [y, r]
+
+    g = read_model(_conv_graph(extend=relu))
+    (x,), (y, r) = g.inputs, g.outputs
+    return write_model(g, [Signature("conv", [0], {"x": x}, {"y": y}),
+                           Signature("conv_relu", [0, 1], {"x": x}, {"r": r})])
+
+
 def _weights_with(position, value):
     """The test conv's weights, with ``value`` at ``position`` (None: as drawn)."""
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
@@ -338,6 +376,11 @@ def _weights_with(position, value):
 @pytest.mark.parametrize("model,error,message", [
     (lambda: _conv_graph(extend=_reshape_to_a_computed_shape), UnsupportedOpError,
      "RESHAPE (output 'z') takes its shape from the computed tensor 'new_shape'"),
+    (_open_batch_reshape, UnsupportedOpError,  # was "corrupt TFLite model" (the placeholder's shape)
+     "takes its shape from the computed tensor 'new_shape': shapes decided at run time are not supported "
+     "(the model's batch dimension is open"),
+    (_two_signatures, UnsupportedOpError,  # the second was left out without a word
+     "the model has 2 signatures ('conv', 'conv_relu'): ShadowNet protects a model's one signature"),
     (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, x])), UnsupportedOpError,
      "model output 'x' is not computed by any op"),
     (lambda: _conv_graph(_weights_with((1, 1, 1, 1), np.nan)), ModelFormatError,

@@ -9,11 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from types import ModuleType
 
-from shadownet.exceptions import ShadowNetError
-
-
-class TensorFlowMissingError(ShadowNetError):
-    """The model zoo needs TensorFlow, which only the ``tf`` extra installs."""
+from shadownet.exceptions import TensorFlowMissingError
 
 
 def require_tensorflow() -> tuple[ModuleType, ModuleType]:

@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from shadownet.exceptions import InputError
+
 if TYPE_CHECKING:
     import keras
 
@@ -36,7 +38,7 @@ def _builders() -> dict[str, Callable[[int], keras.Model]]:
 
 def _check_name(name: str) -> None:
     if name not in NAMES:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(NAMES)}")
+        raise InputError(f"unknown zoo model {name!r}; choose one of {', '.join(NAMES)}")
 
 
 def build_keras(name: str, seed: int = 0) -> keras.Model:
@@ -114,12 +116,12 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
     (``minivgg`` only) trains the model on scikit-learn's handwritten digits instead of using
     calibrated random weights, and writes the held-out test split to ``testset_path(path)`` (see
     ``models.digits.save_testset`` for its format). ``verbose`` prints one line per file written.
-    Raises ``ValueError`` for an unknown name or training set and
-    ``models.backend.TensorFlowMissingError`` without TensorFlow.
+    Raises ``InputError`` (a ``ValueError``) for an unknown name or training set and
+    ``TensorFlowMissingError`` without TensorFlow (both ``shadownet.exceptions``).
     """
     _check_name(name)
     if train is not None and (train not in TRAIN_SETS or name != "minivgg"):
-        raise ValueError(f"training on {train!r} is only available for minivgg "
+        raise InputError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

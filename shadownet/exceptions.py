@@ -34,7 +34,8 @@ class IntegrityError(ShadowNetError):
 
 
 class InputError(ShadowNetError, ValueError):
-    """An inference input has the wrong count, name, shape or dtype."""
+    """An inference input has the wrong count, name, shape or dtype (or the zoo was asked for a model or
+    training set it does not have)."""
 
 
 class ClosedError(ShadowNetError):
@@ -51,3 +52,7 @@ class SecureMemoryError(ShadowNetError):
 
 class MaskPoolExhaustedError(ShadowNetError):
     """No unused one-time mask is left and the policy forbids refilling now."""
+
+
+class TensorFlowMissingError(ShadowNetError):
+    """The model zoo needs TensorFlow, which only the ``tf`` extra installs."""

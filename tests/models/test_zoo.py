@@ -11,6 +11,7 @@ from ai_edge_litert.tools import flatbuffer_utils
 
 from models import zoo
 from models.yolo import detect
+from shadownet.exceptions import InputError
 
 EXPECTED_OPS = {
     "mobilenet": {"CONV_2D": 15, "DEPTHWISE_CONV_2D": 13, "MEAN": 1, "RESHAPE": 1, "SOFTMAX": 1},
@@ -213,11 +214,11 @@ def test_batch_norm_statistics_are_calibrated_layer_by_layer_and_the_head_centre
 
 
 def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="unknown zoo model 'vgg16'"):
+    with pytest.raises(InputError, match="unknown zoo model 'vgg16'"):
         zoo.export("vgg16", tmp_path / "x.tflite")
-    with pytest.raises(ValueError, match="only available for minivgg"):
+    with pytest.raises(InputError, match="only available for minivgg"):
         zoo.export("resnet44", tmp_path / "x.tflite", train="digits")
-    with pytest.raises(ValueError, match="only available for minivgg"):
+    with pytest.raises(InputError, match="only available for minivgg"):
         zoo.export("minivgg", tmp_path / "x.tflite", train="cifar10")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         zoo.export("minivgg", tmp_path / "missing" / "x.tflite")

@@ -75,8 +75,10 @@ class ProtectedModel:
                  background_refill: bool = True) -> None:
         if on_exhausted not in ("refill", "fail"):
             raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
-        if mask_pool is not None and (not isinstance(mask_pool, int) or mask_pool < 1):
-            raise ValueError(f"mask_pool must be a positive int, not {mask_pool!r}")
+        most = _commands().MAX_POOL_CAPACITY
+        if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, int)
+                                      or not 1 <= mask_pool <= most):
+            raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
         self.artifacts = artifacts
         self.verify = bool(verify)
         masks = artifacts.manifest.get("masks") or {}
@@ -510,9 +512,9 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
 
     ``verify``: the TEE checks every accelerator result before using it (Freivalds' check with secret
     projections drawn per inference, ``tee_sim.freivalds``); a wrong result raises ``IntegrityError``.
-    ``mask_pool``: entries of the pool of one-time masks / check projections (default: those that fit in
-    8 MiB of secure memory, 2 to 8). ``on_exhausted``: what an inference does when the pool is empty:
-    ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
+    ``mask_pool``: entries of the pool of one-time masks / check projections, 1 to 64 (default: those that
+    fit in 4 MiB of secure memory, 1 to 8). ``on_exhausted``: what an inference does when the pool is
+    empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
     (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):

@@ -115,6 +115,15 @@ def test_wrong_inputs_raise_input_error_naming_the_input(two_by_two, case):
         model(left, right)  # still usable
 
 
+@pytest.mark.parametrize("mask_pool", [0, 65, True, 2.0])
+def test_a_mask_pool_the_trusted_app_cannot_hold_is_refused_before_loading(small_cnn, mask_pool):
+    # 65 reached the secure world, which refused it as TEE_ERROR_BAD_PARAMETERS: an ArtifactError
+    with pytest.raises(ValueError, match=f"mask_pool must be an int from 1 to 64, not {mask_pool!r}"):
+        shadownet.load(small_cnn.out, mask_pool=mask_pool)
+    with shadownet.load(small_cnn.out, mask_pool=64) as model:
+        model(*small_cnn.random_inputs())
+
+
 def test_closed_model_raises_closed_error(small_cnn):
     (x,) = small_cnn.random_inputs()
     model = shadownet.load(small_cnn.out)

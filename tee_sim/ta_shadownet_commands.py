@@ -34,7 +34,8 @@ Parameters of each command (``in``/``out`` from the normal world's side):
   (between inferences; ``tee_sim.per_inference``). A model without either answers 0, 0.
 - ``BIND_WEIGHTS``: [MemRef(shm, 0, len(untrusted.tflite), in)] holding ``untrusted.tflite``, for a model
   loaded with ``LOAD_WEIGHTS_OUTSIDE``: the pool's refills read the obfuscated weights they need from it, a
-  layer at a time, each checked against the SHA-256 taken at load (``TEE_ERROR_SECURITY`` if changed).
+  layer at a time, each checked against the Poly1305 tag taken at load under a key drawn in the TEE
+  (``tee_sim.obfuscated_weights``; ``TEE_ERROR_SECURITY`` if changed).
 - ``GET_POOL_STATS``: [TempMemRef(out)]: JSON: the pool (capacity, ready, bytes, entries made, offline
   seconds, entries made on the hot path) and the checks (layers, projections, worst noise ratio, achieved
   log2 bound).

@@ -152,6 +152,8 @@ class Interpreter:
         """The original model's signature (its only one), sharing this interpreter's tensors as LiteRT's
         runner does: ``get_tensor`` then reads what the runner's last call set and computed."""
         if not self._has_signature():
+            if signature_key is not None:  # LiteRT's message for a key the model does not have
+                raise ValueError(f'Invalid signature_key provided: "{signature_key}"')
             raise ValueError("SignatureDef signature_key is None and model has 0 Signatures. None is only "
                              "allowed when the model has 1 SignatureDef")
         key = self._model.artifacts.signature.key

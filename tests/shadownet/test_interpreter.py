@@ -119,6 +119,8 @@ def test_a_model_without_signature_has_none_and_a_closed_one_no_tensors(small_cn
     for interpreter in (litert, ours):
         with pytest.raises(ValueError, match="0 Signatures"):
             interpreter.get_signature_runner()
+        with pytest.raises(ValueError, match='Invalid signature_key provided: "nope"'):
+            interpreter.get_signature_runner("nope")
     ours.allocate_tensors()
     o = ours.get_output_details()[0]["index"]
     ours.close()

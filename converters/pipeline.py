@@ -37,6 +37,7 @@ from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.schemes import Scheme, get_scheme
+from converters.shape_folding import SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 from tee_sim.program import write_program
@@ -78,6 +79,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     read = read_model(original)
     _check_interface(read)
     _check_litert_runs(original, read)
+    fold_shapes(read, original)
     graph = normalize(read)
     _check_static(graph)
     part = partition(graph)
@@ -208,17 +210,6 @@ def secret_rng(seed: int | None) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-# Inputs that decide an op's output shape. A computed one makes LiteRT allocate the output while it runs
-# (a dynamic tensor), which the TEE program, preallocated and bound to fixed buffers, cannot follow.
-_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
-    "RESHAPE": (1,), "PAD": (1,), "PADV2": (1,), "MIRROR_PAD": (1,), "RESIZE_BILINEAR": (1,),
-    "RESIZE_NEAREST_NEIGHBOR": (1,), "TILE": (1,), "SLICE": (1, 2), "STRIDED_SLICE": (1, 2, 3),
-    "TRANSPOSE": (1,), "BROADCAST_TO": (1,), "SPLIT": (0,), "SPLIT_V": (1, 2), "MEAN": (1,), "SUM": (1,),
-    "REDUCE_MAX": (1,), "REDUCE_MIN": (1,), "REDUCE_PROD": (1,), "REDUCE_ANY": (1,), "EXPAND_DIMS": (1,),
-    "FILL": (0,), "ARG_MAX": (1,), "ARG_MIN": (1,), "ONE_HOT": (1,), "CUMSUM": (1,),
-}
-
-
 def _check_interface(graph: Graph) -> None:
     """Refuse, before any work, model inputs and outputs the protected model cannot have: not float32, or
     (inputs) with an open dimension besides the batch. LiteRT gives such a dimension size 1 in the file's
@@ -242,7 +233,7 @@ def _check_static(graph: Graph) -> None:
     hint = (" (the model's batch dimension is open: convert it with batch size 1, or give ShadowNet the "
             "Keras model or SavedModel, which it converts at batch size 1)") if open_batch else ""
     for i, op in enumerate(graph.ops):
-        for position in _SHAPE_INPUTS.get(op.kind, ()):
+        for position in SHAPE_INPUTS.get(op.kind, ()):
             if position < len(op.inputs) and op.inputs[position] >= 0 \
                     and graph.tensors[op.inputs[position]].data is None:
                 name = graph.tensors[op.inputs[position]].name

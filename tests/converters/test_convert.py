@@ -328,6 +328,25 @@ def _reshape_to_a_computed_shape(g, x, y):
     g.outputs = [z]
 
 
+def _reshape_to_a_data_dependent_shape(g, x, y):
+    """RESHAPE's shape computed from the data: ``[1, 6, 6, 4] + 0 * max(int(x))``, always the same, but not
+    from shapes alone (``converters.shape_folding``), so not a constant the TEE program can hold."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    def tensor(name, shape, value=None):
+        return g.add_tensor(name, shape, np.int32, None if value is None else np.array(value, np.int32))
+
+    as_int, top, zero_top, shape = tensor("x_int", (1, 6, 6, 3)), tensor("x_max", ()), tensor("zero", ()), \
+        tensor("new_shape", (4,))
+    g.add_op("CAST", [x], [as_int])
+    g.add_op("REDUCE_MAX", [as_int, tensor("axes", (4,), [0, 1, 2, 3])], [top], fb.ReducerOptionsT())
+    g.add_op("MUL", [top, tensor("nought", (), 0)], [zero_top], fb.MulOptionsT())
+    g.add_op("ADD", [tensor("base", (4,), [1, 6, 6, 4]), zero_top], [shape], fb.AddOptionsT())
+    z = g.add_tensor("z", (1, 6, 6, 4), np.float32)
+    g.add_op("RESHAPE", [y, shape], [z], fb.ReshapeOptionsT())
+    g.outputs = [z]
+
+
 def _open_batch_reshape() -> bytes:
     """The same with an open batch, as TensorFlow writes a Keras model's: the reshaped tensor's shape in the
     file is a placeholder ([1, 1, 1, 1]), which LiteRT replaces at batch 1."""
@@ -374,11 +393,8 @@ def _weights_with(position, value):
 
 
 @pytest.mark.parametrize("model,error,message", [
-    (lambda: _conv_graph(extend=_reshape_to_a_computed_shape), UnsupportedOpError,
+    (lambda: _conv_graph(extend=_reshape_to_a_data_dependent_shape), UnsupportedOpError,
      "RESHAPE (output 'z') takes its shape from the computed tensor 'new_shape'"),
-    (_open_batch_reshape, UnsupportedOpError,  # was "corrupt TFLite model" (the placeholder's shape)
-     "takes its shape from the computed tensor 'new_shape': shapes decided at run time are not supported "
-     "(the model's batch dimension is open"),
     (_two_signatures, UnsupportedOpError,  # the second was left out without a word
      "the model has 2 signatures ('conv', 'conv_relu'): ShadowNet protects a model's one signature"),
     (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, x])), UnsupportedOpError,
@@ -397,6 +413,20 @@ def test_what_the_tee_program_cannot_hold_is_refused_at_conversion(model, error,
         protect(model(), tmp_path / "out", device)
     assert not (tmp_path / "out").exists()
     assert protect(_conv_graph(), tmp_path / "sound", device)["format"]
+
+
+@pytest.mark.parametrize("model", [lambda: _conv_graph(extend=_reshape_to_a_computed_shape),
+                                   _open_batch_reshape])
+def test_shapes_computed_from_shapes_are_folded_at_batch_1(model, device, tmp_path):
+    """A RESHAPE to ``SHAPE(y)`` - what TensorFlow writes for an open batch - converts: the shape is a
+    constant at batch 1 (``converters.shape_folding``); both were refused, the open-batch one as a
+    "corrupt TFLite model" (its placeholder shape in the file)."""
+    original = model()
+    protect(original, tmp_path / "out", device)
+    xs = [np.random.default_rng(i).standard_normal((1, 6, 6, 3)).astype(np.float32) for i in range(3)]
+    with Driver(device, tmp_path / "out") as run:
+        for x in xs:
+            assert relative_error(run(x), litert(original, x)) <= TOLERANCE
 
 
 def test_calibration_forms_and_refusals():

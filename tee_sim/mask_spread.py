@@ -47,10 +47,13 @@ import numpy as np
 from tee_sim.exact_split import SplitPop
 from tee_sim.ta_shadownet_small_ops import compile_spread
 
-# 2**+-80: inputs down to an RMS of ~1e-24 keep their precision (at 2**+-40 a probe's outputs were 3e-3 off
-# at 1e-16, 0.15 at 1e-20; the tests feed 1e-20, split or not), and a 2**-80 mask (8e-25) times small weights
-# stays far above float32's smallest normal number (1e-38).
-MAX_EXPONENT = 80
+# Round 1's mask moves from 2**MIN_EXPONENT to 2**MAX_EXPONENT of calibration's size. Down: at 2**-40 a
+# probe's outputs were 3e-3 off for inputs of RMS 1e-16, 0.15 at 1e-20; at 2**-56 inputs keep their precision
+# to an RMS of ~1e-17 (the tests feed 1e-16), while a verified model's tolerances, square roots of sums of
+# the masked input's squares in float32, stay far from its smallest normal number (1e-38): at 2**-80 a
+# blank input's squares underflowed to zero and its honest results failed their checks. Up: inputs are at
+# most 2**40 (``shadownet.runtime.MAX_INPUT``).
+MIN_EXPONENT, MAX_EXPONENT = -56, 40
 KEPT = 2  # a mask stays at its power of two while the input's RMS is within KEPT powers of two under it
 
 
@@ -58,7 +61,8 @@ def exponent(rms: float, spread: float, current: int) -> int:
     """The power of two ``k`` at which a mask sized for inputs of RMS ``spread`` suits an input of RMS
     ``rms``, from ``current``: kept while ``rms`` is in its band (``band``: the mask 1x-4x its intended
     ratio to the input), else the smallest ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
-    ``+-MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never smaller than
+    ``MIN_EXPONENT .. MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never
+    smaller than
     intended, and inputs that vary around the calibration's spread do not move it back and forth."""
     if not math.isfinite(rms):
         return current
@@ -66,15 +70,15 @@ def exponent(rms: float, spread: float, current: int) -> int:
     if lo < rms * rms <= hi:
         return current
     if rms <= 0:
-        return -MAX_EXPONENT
+        return MIN_EXPONENT
     k = math.ceil(math.log2(rms / spread))
     k += (rms > spread * 2.0 ** k) - (rms <= spread * 2.0 ** (k - 1))  # the logarithm's rounding
-    return max(-MAX_EXPONENT, min(MAX_EXPONENT, k))
+    return max(MIN_EXPONENT, min(MAX_EXPONENT, k))
 
 
 def band(spread: float, k: int) -> tuple[float, float]:
     """The mean squares ``(lo, hi]`` of the inputs that keep a mask at ``2**k`` (the fast path's check)."""
-    lo = -math.inf if k <= -MAX_EXPONENT else (spread * 2.0 ** (k - KEPT)) ** 2
+    lo = -math.inf if k <= MIN_EXPONENT else (spread * 2.0 ** (k - KEPT)) ** 2
     hi = math.inf if k >= MAX_EXPONENT else (spread * 2.0 ** k) ** 2
     return lo, hi
 

@@ -98,7 +98,7 @@ def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
     spread calls for (``tee_sim.mask_spread.exponent``): 0 inside the band that keeps the mask at its power
     of two, 1 outside it or for an input that is not finite (the step then goes back to the TA's Python,
     which moves the mask)."""
-    from tee_sim.mask_spread import MAX_EXPONENT, band, exponent
+    from tee_sim.mask_spread import MAX_EXPONENT, MIN_EXPONENT, band, exponent
 
     rng = np.random.default_rng(size)
     spread = 1.7
@@ -106,7 +106,7 @@ def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
         x = (scale * rng.uniform(0, 1, size)).astype(np.float32)
         check = ops.compile_spread(x)
         rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
-        k = exponent(rms, spread, -MAX_EXPONENT if scale > 1e-3 else MAX_EXPONENT)  # moved: the tightest
+        k = exponent(rms, spread, MIN_EXPONENT if scale > 1e-3 else MAX_EXPONENT)  # moved: the tightest
         assert rms <= spread * 2.0 ** k < 2 * rms  # the mask at its intended ratio to the input, under 2x
         # Kept at k + 1 too (under 4x), moved from further: the check says the same as ``exponent``.
         for other, want in ((k, 0), (k + 1, 0), (k - 1, 1), (k + 2, 1)):
@@ -119,5 +119,5 @@ def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
     zeros = np.zeros(size, np.float32)
     check = ops.compile_spread(zeros)
     check.op.lo, check.op.hi = band(spread, exponent(0.0, spread, 0))
-    assert exponent(0.0, spread, 0) == -MAX_EXPONENT and check() == 0
+    assert exponent(0.0, spread, 0) == MIN_EXPONENT and check() == 0
     assert ops.compile_spread(np.zeros((4, 4), np.float32)[:, :2]) is None  # not dense: numpy's

@@ -45,14 +45,24 @@ def _commands() -> Any:
     return ta_shadownet_commands
 
 
+# The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS, the
+# accelerator sums it through mixed weights, and a verified model's checks sum squares of a window of it,
+# all in float32 (max 3.4e38). A probe's MiniVGG input at 6e37 came back wrong without a word (LiteRT's own
+# answer was right to 4e37, NaN from 1e38), and at 1e20 a verified model's tolerances overflowed. 2**40
+# (1.1e12) keeps the squares of a 10^4-value window of 40x-masked inputs under 1e32, with 6 orders of
+# magnitude for the model's own gain, and is far beyond any input a float32 model is given.
+MAX_INPUT = float(2 ** 40)
+
+
 class ProtectedModel:
     """A protected model loaded on this device: call it like a function.
 
     ``model(x)`` / ``model(x1, x2)`` / ``model({"name": x})`` / ``model.predict(...)`` returns the output
     array (a copy), or a dict keyed by output name when the model has several. Inputs must have exactly
     the original model's shapes and dtypes (``InputError`` otherwise), and floating-point inputs must be
-    finite: NaN or infinity is refused with ``InputError`` (the masks would turn infinities into NaN and
-    spread NaN further than LiteRT does, and the integrity checks would take them for tampering; see
+    finite and at most ``MAX_INPUT`` (2**40) in magnitude: NaN, infinity or larger values are refused with
+    ``InputError`` (the masks would turn infinities into NaN and spread NaN further than LiteRT does,
+    and overflow float32 near its range; the integrity checks would take either for tampering; see
     SECURITY.md). ``stats()`` describes the last call. Calls are serialised by a per-model lock; several
     models may be open at once. ``close()`` (or leaving a ``with`` block) ends the TEE session; later calls
     raise ``ClosedError``.
@@ -384,13 +394,21 @@ class ProtectedModel:
         return check_inputs(self.inputs, self._input_names, inputs)
 
     def _check_finite(self) -> None:
-        """Refuse NaN and infinity in the inputs, checked where the TEE reads them (the shared memory):
-        whatever path wrote them (``__call__``, ``Interpreter.set_tensor`` or its ``tensor()`` views)."""
+        """Refuse NaN, infinity and magnitudes over ``MAX_INPUT`` in the inputs, checked where the TEE
+        reads them (the shared memory): whatever path wrote them (``__call__``, ``Interpreter.set_tensor``
+        or its ``tensor()`` views). Two passes, no temporary: a NaN makes both extremes NaN."""
         for spec, view in zip(self.inputs, self._input_views, strict=True):
-            if view.dtype.kind in "fc" and not np.isfinite(view).all():
-                bad = int(np.count_nonzero(~np.isfinite(view)))
+            if view.dtype.kind != "f" or not view.size or \
+                    (-MAX_INPUT <= view.min() and view.max() <= MAX_INPUT):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(view)))
+            if bad:
                 raise InputError(f"input {spec.name!r} holds {bad} NaN or infinite value(s): a protected "
                                  "model takes finite inputs only")
+            largest = float(np.abs(view).max())
+            raise InputError(f"input {spec.name!r} holds a value of magnitude {largest:.1e}: a protected "
+                             f"model takes inputs up to {MAX_INPUT:.1e} (2**40), whose one-time masks, "
+                             "obfuscated sums and checks stay inside float32's range")
 
     def _ensure_open(self) -> None:
         self.check_not_closed()

@@ -469,6 +469,8 @@ class LayerCheck:
 
     def bound_log2(self, y_norm: float) -> float:
         """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (module docstring)."""
+        if not (math.isfinite(y_norm) and math.isfinite(self.tau_norm)):
+            return 0.0  # a norm past float32's range: no bound is claimed (the check fails closed)
         margin = RELATIVE_CHANGE * y_norm - self.tau_norm / TOLERANCE  # ||delta|| <= ||tau|| / TOLERANCE
         if margin <= 0:
             return 0.0

@@ -31,10 +31,11 @@ INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64
     do {                                                                                                 \
         const float *zp = s->z + (p0 + (p)) * kp; /* z has 16 floats of slack */                         \
         float tau = s->tau[p0 + (p)];                                                                    \
+        tau = tau < INFINITY ? tau : 0.0f; /* overflowed (window norms past float32): fail, not pass */  \
         for (int32_t h = 0; h < PARTS; h++) {                                                            \
             vn z = __builtin_shuffle(loadn(zp + base[h]), spread[h]);                                    \
             vn off = (vn)((vni)((w).part[h] - z) & magnitude);                                           \
-            /* 0 where both are 0; inf where tau is */                                                   \
+            /* 0 where both are 0; inf where tau is 0 */                                                 \
             vni ratio = (vni)(off / tau) & valid[h] & (off != 0.0f);                                     \
             vni larger = ratio > worst->part[h];                                                         \
             worst->part[h] = (ratio & larger) | (worst->part[h] & ~larger);                              \

@@ -396,6 +396,20 @@ def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypat
         assert check.check(wrong.reshape(y.shape), u)[0] > 1
 
 
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[9], GEOMETRIES[-1]], ids=lambda g: g[0])
+def test_a_tolerance_past_float32_fails_the_check_rather_than_passing_anything(geometry, build, monkeypatch):
+    """Inputs near 1e20: the window norms' squares overflow float32, every tolerance is infinite, and a
+    check against it passed any result (a probe's verified model at 1.8e19 reported a bound of 2^-inf).
+    It fails instead, and claims no bound; the runtime refuses such inputs before (``MAX_INPUT``)."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    check, x, w, y64, u, f, rng = _setup(geometry, projections=4)
+    check.draw(rng, u, f, w)
+    check.prepare(x * np.float32(1e19), u, f)
+    assert check.tau_norm == math.inf
+    assert check.check((y64 * 1e19).astype(np.float32), u) == (math.inf, 0.0)
+
+
 TILED = [  # conv layers prepared as a matrix product (LayerCheck.tiled); rows of 4 to 13 output positions
     ("CONV_2D", "SAME", 1, 1, (1, 7, 13, 16), (24, 3, 3, 16)),
     ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 6), (8, 3, 3, 6)),  # a last group of 2 channels at k = 4

@@ -63,6 +63,25 @@ def test_non_finite_inputs_are_refused(small, model, bad):
     assert relative_error(model(clean), small.reference(clean)) <= TOLERANCE
 
 
+def test_inputs_across_float32s_range_and_those_too_large_for_its_masks(small, model):
+    """A probe's MiniVGG input at 6e37 came back wrong with no error (round 1's mask, 10-40x the input,
+    and the sums overflowed float32), and a verified model's checks overflowed from ~1e19; inputs over 2**40
+    are refused, and those up to it, down to blank ones, are LiteRT's, verified or not (a blank input failed
+    its checks when round 1's mask could shrink to 2**-80)."""
+    x = small.input()
+    with shadownet.load(small.out, verify=True) as verified:
+        for scale in (0.0, 1e-16, 1e9, float(2 ** 40)):
+            scaled = x * np.float32(scale / np.abs(x).max())
+            want = small.reference(scaled)
+            for protected in (model, verified):
+                got = protected(scaled)
+                assert np.abs(got - want).max() <= TOLERANCE * max(np.abs(want).max(), 1e-30), scale
+        assert verified.stats()["verify"]["worst_bound_log2"] <= -20
+    x[0, 1, 2, 0] = -3e12
+    with pytest.raises(InputError, match=r"magnitude 3\.0e\+12: a protected model takes inputs up to 1\.1e"):
+        model(x)
+
+
 def test_non_finite_values_written_through_an_interpreter_view_are_refused(small):
     interpreter = shadownet.Interpreter(model_path=str(small.out))
     interpreter.allocate_tensors()

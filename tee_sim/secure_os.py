@@ -31,7 +31,6 @@ from tee_sim.errors import (
     TEE_ERROR_ITEM_NOT_FOUND,
     TEE_ERROR_SECURITY,
     TEE_ERROR_SHORT_BUFFER,
-    TEE_ERROR_STORAGE_NOT_AVAILABLE,
     TEE_ERROR_TARGET_DEAD,
     TEE_SUCCESS,
     TEEC_ORIGIN_TEE,
@@ -52,7 +51,7 @@ from tee_sim.params import (
     ta_param_type,
 )
 from tee_sim.sealing import SealingIdentity
-from tee_sim.storage import ObjectStore
+from tee_sim.storage import ObjectStore, storage_not_available
 from tee_sim.ta import TrustedApp
 
 log = logging.getLogger("tee_sim.secure_os")
@@ -248,11 +247,8 @@ class SecureOS:
         if self._keys is None:
             try:
                 self._keys = DeviceKeys.load_or_create(self.home)
-            except OSError as exc:  # an error the caller can act on, not a panic of the app that asked
-                reason = exc.strerror or str(exc)
-                raise TEEError(TEE_ERROR_STORAGE_NOT_AVAILABLE, TEEC_ORIGIN_TEE,
-                               f"the secure world's storage {self.home} is not usable ({reason}): set "
-                               "SHADOWNET_HOME to a writable directory") from exc
+            except OSError as exc:
+                raise storage_not_available(self.home, exc) from exc
         return self._keys
 
     def measurement(self, ta_class: type[TrustedApp]) -> bytes:

@@ -8,13 +8,16 @@ a monotonic counter for that.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from tee_sim.errors import (
     TEE_ERROR_ACCESS_CONFLICT,
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_ITEM_NOT_FOUND,
+    TEE_ERROR_STORAGE_NOT_AVAILABLE,
     TEEC_ORIGIN_TEE,
     TEEError,
 )
@@ -23,6 +26,14 @@ from tee_sim.sealing import SealingIdentity, seal, unseal
 
 MAX_OBJECT_ID = 64  # TEE_OBJECT_ID_MAX_LEN
 _AAD = b"tee_sim object v1\x00"
+
+
+def storage_not_available(where: Path, exc: OSError) -> TEEError:
+    """The error for storage the file system refuses (a file where a directory should be, no permission):
+    one the caller can act on, not a panic of the trusted app that asked."""
+    return TEEError(TEE_ERROR_STORAGE_NOT_AVAILABLE, TEEC_ORIGIN_TEE,
+                    f"the secure world's storage {where} is not usable ({exc.strerror or exc}): set "
+                    "SHADOWNET_HOME to a writable directory")
 
 
 def _object_id(object_id: bytes | str) -> bytes:
@@ -42,16 +53,29 @@ class ObjectStore:
     def _path(self, oid: bytes) -> Path:
         return self._dir / (hashlib.sha256(oid).hexdigest() + ".obj")
 
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """File-system errors but a missing object (which the callers answer) as STORAGE_NOT_AVAILABLE."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_not_available(self._dir, exc) from exc
+
     def exists(self, object_id: bytes | str) -> bool:
         return self._path(_object_id(object_id)).exists()
 
     def create(self, object_id: bytes | str, data: bytes, overwrite: bool = False) -> None:
         oid = _object_id(object_id)
         blob = seal(self._root_key, self._identity, data, _AAD + oid)
-        private_dir(self._dir)
-        if overwrite:
-            replace_file(self._path(oid), blob)
-        elif not write_new_file(self._path(oid), blob):
+        with self._reaching():
+            private_dir(self._dir)
+            if overwrite:
+                replace_file(self._path(oid), blob)
+                return
+            written = write_new_file(self._path(oid), blob)
+        if not written:
             raise TEEError(TEE_ERROR_ACCESS_CONFLICT, TEEC_ORIGIN_TEE, "object already exists")
 
     def write(self, object_id: bytes | str, data: bytes) -> None:
@@ -63,13 +87,15 @@ class ObjectStore:
     def read(self, object_id: bytes | str) -> bytes:
         oid = _object_id(object_id)
         try:
-            blob = self._path(oid).read_bytes()
+            with self._reaching():
+                blob = self._path(oid).read_bytes()
         except FileNotFoundError:
             raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, "no such object") from None
         return unseal(self._root_key, self._identity, blob, _AAD + oid)
 
     def delete(self, object_id: bytes | str) -> None:
         try:
-            self._path(_object_id(object_id)).unlink()
+            with self._reaching():
+                self._path(_object_id(object_id)).unlink()
         except FileNotFoundError:
             raise TEEError(TEE_ERROR_ITEM_NOT_FOUND, TEEC_ORIGIN_TEE, "no such object") from None

@@ -314,13 +314,17 @@ def test_the_shadownet_tas_measurement_lists_every_module_only_it_runs():
     assert own <= set(ta_shadownet.ShadowNetTA.CODE_MODULES), own - set(ta_shadownet.ShadowNetTA.CODE_MODULES)
 
 
-def test_an_unusable_storage_is_an_error_not_a_panic(tmp_path):
-    """A home that is not a directory: the device keys cannot be made, and the secure OS says so to the
-    caller (TEE_ERROR_STORAGE_NOT_AVAILABLE, naming the path) instead of the app that asked panicking."""
+@pytest.mark.parametrize("blocked", ["home", "storage"])
+def test_an_unusable_storage_is_an_error_not_a_panic(blocked, tmp_path):
+    """A home, or the objects' directory in it, that is not a directory: the device keys or the trusted
+    app's objects cannot be made, and the secure OS says so to the caller (TEE_ERROR_STORAGE_NOT_AVAILABLE,
+    naming the path) instead of the app that asked panicking (a probe's file in place of ``storage``)."""
     from tee_sim.errors import TEE_ERROR_STORAGE_NOT_AVAILABLE
 
-    home = tmp_path / "a-file"
-    home.write_text("not a directory")
+    home = tmp_path / "a-file" if blocked == "home" else tmp_path / "home"
+    if blocked == "storage":
+        home.mkdir()
+    (home if blocked == "home" else home / "storage").write_text("not a directory")
     with Context("inprocess", home=home) as ctx:
         with pytest.raises(TEEError) as err:
             device_identity(ctx, TEST_TA_UUID)

@@ -11,6 +11,9 @@ from typing import Any
 
 __all__ = ["convert", "load", "ProtectedModel", "Interpreter"]
 __version__ = "0.1.0"
+# The most accelerator threads ``load`` and the CLI take: a probe's --num_threads 50000 could not start
+# the refill thread beside LiteRT's and the process died (SIGSEGV) in the teardown of the half-built model.
+MAX_THREADS = 256
 
 
 def __getattr__(name: str) -> Any:

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shadownet", description="Protect a CNN's weights with a TEE and an untrusted accelerator."
     )
-    from shadownet import __version__
+    from shadownet import MAX_THREADS, __version__
 
     parser.add_argument("--version", action="version", version=f"shadownet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="X.npy, or X.npz keyed by input tensor (or signature input) names")
     p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
-    p.add_argument("--num_threads", type=_at_least(1), default=None,
+    p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=None,
                    help="accelerator threads (default: LiteRT's)")
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated zoo names (default: all five when no FILE is given)")
     p.add_argument("--scheme", type=_scheme, default=None,
                    help="obfuscation scheme (default: the project's default)")
-    p.add_argument("--num_threads", type=_at_least(1), default=2,
+    p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=2,
                    help="accelerator / unprotected threads (default 2)")
     p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
     p.add_argument("--warmup_runs", type=_at_least(0), default=3, help="untimed runs first (default 3)")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import tee_sim
-from shadownet import after_fork
+from shadownet import MAX_THREADS, after_fork
 from shadownet.accelerator import Accelerator, LiteRTAccelerator, RoundThreadsTrial, load_delegates
 from shadownet.artifacts import Artifacts, TensorSpec, check_inputs, place_buffers, read_artifacts
 from shadownet.exceptions import (
@@ -535,8 +535,9 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
     (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
-    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive int, not {num_threads!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or not 1 <= num_threads <= MAX_THREADS):
+        raise ValueError(f"num_threads must be an int from 1 to {MAX_THREADS}, not {num_threads!r}")
     return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
                           accelerator=accelerator, verify=verify, mask_pool=mask_pool,
                           on_exhausted=on_exhausted, background_refill=background_refill)

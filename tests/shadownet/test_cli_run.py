@@ -183,6 +183,8 @@ def test_version_is_the_package_version(capsys):
 @pytest.mark.parametrize("argv", [[], ["run"], ["run", "out", "--bogus"], ["convert", "m.tflite", "-o", "o",
                                                                           "--seed", "notint"],
                                   ["run", "out", "--input", "x.npy", "--num_threads", "0"],
+                                  ["run", "out", "--input", "x.npy", "--num_threads", "50000"],  # SIGSEGV
+                                  ["bench", "--num_threads", "257"],
                                   ["bench", "--num_runs", "0"], ["bench", "--warmup_runs", "-1"],
                                   ["bench", "--num_threads", "two"],
                                   ["audit", "out", "--reference", "m.tflite", "--inferences", "0"],

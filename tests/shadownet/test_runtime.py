@@ -124,6 +124,13 @@ def test_a_mask_pool_the_trusted_app_cannot_hold_is_refused_before_loading(small
         model(*small_cnn.random_inputs())
 
 
+@pytest.mark.parametrize("num_threads", [0, 257, 50000, True])
+def test_thread_counts_out_of_range_are_refused_before_loading(small_cnn, num_threads):
+    # 50000 could not start the refill thread beside LiteRT's, and the process died in the teardown
+    with pytest.raises(ValueError, match=f"num_threads must be an int from 1 to 256, not {num_threads!r}"):
+        shadownet.load(small_cnn.out, num_threads=num_threads)
+
+
 def test_closed_model_raises_closed_error(small_cnn):
     (x,) = small_cnn.random_inputs()
     model = shadownet.load(small_cnn.out)

@@ -192,6 +192,21 @@ def match_layers(
     return pairs, missing, [o for j, o in enumerate(obfuscated) if not used[j]]
 
 
+def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[LinearLayer], source: Any) -> None:
+    """``ArtifactError`` unless every offloaded layer has its counterpart in the reference: each comes from
+    one of the converted model's layers, so one without is another architecture's (a probe's MiniVGG
+    audited against ResNet-44, which takes the same inputs: 4 false pairs, "0% recovered" of the paper's
+    scheme, exit 0). Reference layers left over are fine: a converted model's grouped convolutions run in
+    the TEE."""
+    _, _, extra = match_layers(reference, obfuscated)
+    if extra:
+        o = extra[0]
+        raise ArtifactError(f"the reference {source} is not the protected model's architecture: "
+                            f"{len(extra)} of its {len(obfuscated)} offloaded layers have no counterpart in "
+                            f"it (the first: {o.kind} {list(o.kernel)} in {o.where}): give the .tflite that "
+                            "was converted")
+
+
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer],
                    progress: bool = False) -> dict:
     """Every weight attack on every matched layer, and the totals."""
@@ -445,6 +460,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "scheme": (manifest.get("scheme") or {}).get("name"),
         "threshold": attacks.RECOVERY_COS,
     }
+    _check_reference_covers(ref, obf, reference)
     report |= weight_attacks(ref, obf, progress=progress)
     if inferences > 0:
         pairs, _, _ = match_layers(ref, obf)

@@ -216,6 +216,13 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
     with pytest.raises(ArtifactError, match=r"takes \[2, 16, 16, 3\] float32 but the protected model "
                                             r"\[1, 16, 16, 3\] float32"):
         audit.audit(out, other, inferences=1)
+    # The same inputs, another architecture: every offloaded layer would need its counterpart.
+    x = tf.keras.Input((16, 16, 3), batch_size=1)
+    y = tf.keras.layers.Conv2D(16, 3)(tf.keras.layers.Conv2D(8, 3)(x))
+    other.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(x, y)).convert()))
+    with pytest.raises(ArtifactError, match=r"is not the protected model's architecture: \d+ of its \d+ "
+                                            r"offloaded layers have no counterpart in it"):
+        audit.audit(out, other, inferences=1)
     junk = tmp_path / "x.npy"
     junk.write_bytes(b"\x93NUMPY not a model")
     with pytest.raises(ModelFormatError, match=f"reference {junk}: "):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 import warnings
@@ -82,10 +83,14 @@ def _count(n: int, noun: str) -> str:
 def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
     """Inputs from ``X.npy`` (single-input models) or ``X.npz`` keyed by input tensor names (or the
     signature's input names)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would be waited on for ever
+        raise InputError(f"input {path} is not a regular file")
     try:
         loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"input file {path} does not exist") from None
+    except MemoryError:  # a header that claims an array larger than memory
+        raise InputError(f"{path} claims an array too large to read") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         with open(path, "rb") as f:  # numpy takes any other file for a pickle, and says so
             known = f.read(6).startswith((b"\x93NUMPY", b"PK\x03\x04"))
@@ -102,6 +107,8 @@ def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
             arrays = {key: loaded[key] for key in loaded.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"cannot read {path} as .npz: {exc}") from None
+    except MemoryError:
+        raise InputError(f"{path} claims an array too large to read") from None
     return model.check_inputs([arrays])
 
 

@@ -1,6 +1,7 @@
 """`shadownet run` and `shadownet convert` end to end, and the one-line errors a user can cause."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +79,8 @@ def small_cnn_input_name(model) -> str:
     ("truncated_npy", "cannot read"),
     ("damaged_npz", "cannot read"),
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
+    ("huge_header", "claims an array too large to read"),  # MemoryError, an internal error
+    ("fifo", "is not a regular file"),  # read for ever
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
 ])
@@ -103,6 +106,14 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         data = str(tmp_path / "x.npz")
     elif case == "wrong_shape":
         np.save(tmp_path / "x.npy", x[:, :8])
+    elif case == "huge_header":  # a header claiming 10.9 PiB, then a few bytes
+        with open(tmp_path / "x.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (1, 32, 32, 3_000_000_000_000)})
+            f.write(b"\0" * 64)
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "x.fifo")
+        data = str(tmp_path / "x.fifo")
     elif case == "delegate":
         extra = ["--delegate", str(tmp_path / "no_such_delegate.so")]
     elif case == "tampered":

@@ -98,7 +98,7 @@ def read_artifacts(directory: str | os.PathLike) -> Artifacts:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, or an integer of over 4300 digits
         raise ArtifactError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from None

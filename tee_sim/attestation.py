@@ -104,7 +104,7 @@ class Report:
             parsed = cls(
                 *(bytes.fromhex(fields[k]) for k in ("measurement", "nonce", "public_key", "signature"))
             )
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "malformed attestation report") from None
         if (len(parsed.measurement), len(parsed.public_key), len(parsed.signature)) != (
             32,
@@ -283,7 +283,7 @@ def read_device_file(path: str | os.PathLike[str]) -> DeviceIdentity:
         if len(key) != 32:
             raise ValueError("key")
         return DeviceIdentity(key, uuid.UUID(fields["trusted_app"]), Report.parse(fields["report"]))
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, RecursionError):
         raise TEEError(
             TEE_ERROR_SECURITY, TEEC_ORIGIN_API, f"{os.fspath(path)} is not a device identity file"
         ) from None

@@ -47,6 +47,7 @@ def test_good_directory_reads(small_cnn):
     ("file", "not an artifact directory"),
     ("no_manifest", "manifest.json"),
     ("bad_json", "not valid JSON"),
+    ("huge_int", "manifest.json is not valid JSON"),  # Python's 4300-digit limit: a bare ValueError
     ("wrong_format", "not a ShadowNet manifest"),
     ("future_version", "unknown format_version 99"),
     ("no_secrets", "secrets.sealed is missing"),
@@ -64,6 +65,9 @@ def test_broken_directory_raises_artifact_error(copy, damage, message):
         (copy / "manifest.json").unlink()
     elif damage == "bad_json":
         (copy / "manifest.json").write_text("{not json")
+    elif damage == "huge_int":
+        key, path = '"format_version": ', copy / "manifest.json"
+        path.write_text(path.read_text().replace(key, key + "9" * 5000))
     else:
         manifest = _manifest(copy)
         if damage == "wrong_format":

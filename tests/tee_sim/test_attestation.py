@@ -165,6 +165,19 @@ def test_device_file_for_a_remote_device(tmp_path):
         assert err.value.code == TEE_ERROR_SECURITY
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError in json: an internal error
+
+
+@pytest.mark.parametrize("text", [DEEP, '{"format": "tee_sim-device-1", "report": ' + DEEP + "}", "{}",
+                                  "not json"])
+def test_a_file_that_is_no_device_identity_is_refused_as_such(text, tmp_path):
+    path = tmp_path / "device.json"
+    path.write_text(text)
+    with pytest.raises(TEEError, match="is not a device identity file") as err:
+        read_device_file(path)
+    assert err.value.code == TEE_ERROR_SECURITY
+
+
 def test_export_identity_writes_the_file(tmp_path):
     path = tmp_path / "id.json"
     with Context("inprocess", home=tmp_path / "home") as ctx:

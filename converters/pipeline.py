@@ -51,7 +51,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
             seed: int | None = None,
             calibration: str | os.PathLike | dict[str, np.ndarray] | np.ndarray | None = None,
             device: Any = None,
-            force: bool = False, mask_rounds: str | Sequence[int] | None = None) -> dict[str, Any]:
+            force: bool = False, mask_rounds: str | Sequence[int] | None = None,
+            device_key: str | None = None) -> dict[str, Any]:
     """Protect ``model`` into ``out_dir``; return the manifest.
 
     ``model``: a float ``.tflite`` (path or bytes), a Keras model file or a SavedModel directory.
@@ -64,6 +65,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     stacked on the batch axis; default: random normal inputs.
     ``device``: None (this machine's simulated device), a device identity file written by
     ``shadownet device export`` on the target device, or a ``tee_sim.Context`` of the target device.
+    ``device_key``: with a device file, the fingerprint its device key must have (``shadownet device export``
+    prints it on the device); without, the file's key is trusted as it is, with a warning naming it.
     ``force``: replace a non-empty ``out_dir``.
     ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"first"``,
     ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always).
@@ -71,9 +74,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     """
     out = Path(out_dir)
     _check_output(out, force)
-    if device is not None and not hasattr(device, "open_session") and not Path(device).is_file():
-        raise ArtifactError(f"device file {device} does not exist or is not a file (write it on the target "
-                            "device with `shadownet device export FILE`)")
+    if device is not None and not hasattr(device, "open_session"):
+        _device_file(device, device_key, warn=True)  # before the work
+    elif device_key is not None:
+        raise ValueError("a device key is pinned for a device file: give the file too (--device FILE)")
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
     read = read_model(original)
@@ -131,7 +135,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     plan.program["manifest_sha256"] = _manifest_digest(manifest).hex()
     program = write_program(plan.program, plan.arrays)
     del plan.arrays
-    sealed = provision(program, device)
+    sealed = provision(program, device, device_key)
     del program
     manifest["files"] = {UNTRUSTED: {"sha256": hashlib.sha256(plan.untrusted).hexdigest()},
                          SECRETS: {"sha256": hashlib.sha256(sealed).hexdigest()}}
@@ -343,22 +347,47 @@ def _expected_measurement() -> bytes:
     return measurement_of(trusted_apps()[_ta_uuid()])
 
 
-def provision(program: bytes, device: Any = None) -> bytes:
+def _device_file(device: Any, device_key: str | None, warn: bool = False) -> Any:
+    """The identity in device file ``device`` (``tee_sim.attestation.DeviceIdentity``), its key the pinned
+    ``device_key`` if one is given (``SecurityError`` otherwise); ``warn``: say which key is trusted when
+    none is pinned (anyone who can swap the file on its way from the device gets the secrets)."""
+    from tee_sim import TEEError
+    from tee_sim.attestation import key_fingerprint, read_device_file
+
+    if not Path(device).is_file():
+        raise ArtifactError(f"device file {device} does not exist or is not a file (write it on the target "
+                            "device with `shadownet device export FILE`)")
+    try:
+        identity = read_device_file(device)
+    except TEEError as exc:
+        raise SecurityError(f"provisioning failed: {exc}") from None
+    fingerprint = key_fingerprint(identity.attestation_public_key)
+    if device_key is not None and device_key.strip().lower().replace(":", "") != fingerprint:
+        raise SecurityError(f"device file {device}: its device key {fingerprint} is not the pinned one "
+                            f"({device_key})")
+    if device_key is None and warn:
+        warnings.warn(f"trusting the device key in {device} as it is (fingerprint {fingerprint}): check it "
+                      "against what `shadownet device export` printed on the device, or pin it with "
+                      "--device-key", stacklevel=3)
+    return identity
+
+
+def provision(program: bytes, device: Any = None, device_key: str | None = None) -> bytes:
     """Encrypt the TEE program for the target device's ShadowNet TA; return the bytes of ``secrets.sealed``.
 
     ``device=None`` / a ``tee_sim.Context``: attest the TA of that (local) device with a fresh nonce,
     verify the report against the device's attestation key, encrypt to the report's one-time X25519 key
     and let the TA re-seal the program for its device. ``device=FILE``: verify the identity file's
-    report (the vendor pins the file's key) and encrypt to the TA's persistent provisioning key; the
-    target device opens it at LOAD_MODEL.
+    report (against ``device_key``, the pinned key's fingerprint, if given) and encrypt to the TA's
+    persistent provisioning key; the target device opens it at LOAD_MODEL.
     """
     from tee_sim import TEEError
-    from tee_sim.attestation import encrypt_to_report, read_device_file, verify_report
+    from tee_sim.attestation import encrypt_to_report, verify_report
     from tee_sim.ta_shadownet_commands import PROVISIONED, SECRETS_AAD, SECRETS_MAGIC
 
     try:
         if device is not None and not hasattr(device, "open_session"):
-            identity = read_device_file(device)
+            identity = _device_file(device, device_key)
             if identity.trusted_app != _ta_uuid():
                 raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
                                     "not ShadowNet's")

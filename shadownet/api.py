@@ -44,8 +44,8 @@ def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | Non
 
 # --- CLI ----------------------------------------------------------------------------------------------------
 def convert_cli(args: argparse.Namespace) -> None:
-    """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device] [--force]
-    [--mask-rounds first|all|1,2,5]``."""
+    """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device [--device-key]]
+    [--force] [--mask-rounds first|all|1,2,5]``."""
     import json
 
     start = time.perf_counter()
@@ -53,7 +53,8 @@ def convert_cli(args: argparse.Namespace) -> None:
         warnings.simplefilter("always")
         manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
                            calibration=args.calibration, device=args.device, force=args.force,
-                           mask_rounds=getattr(args, "mask_rounds", None))
+                           mask_rounds=getattr(args, "mask_rounds", None),
+                           device_key=getattr(args, "device_key", None))
     elapsed = time.perf_counter() - start
     if not isinstance(manifest, dict):
         manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))

@@ -87,8 +87,9 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 def _cmd_device_export(args: argparse.Namespace) -> None:
     from shadownet.device import export_identity
 
-    export_identity(args.file)
-    print(f"device identity written to {args.file}")
+    fingerprint = export_identity(args.file)
+    print(f"device identity written to {args.file} (device key fingerprint {fingerprint}: give it to the "
+          "vendor by a channel other than the file's, to convert with --device-key)")
 
 
 def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration",
                    help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
+    p.add_argument("--device-key", dest="device_key", metavar="FINGERPRINT",
+                   help="pin the --device FILE's key: the fingerprint `device export` printed on the device")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="rounds with one-time masks (schemes without static masks): 'first' (default), "

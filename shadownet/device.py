@@ -15,13 +15,14 @@ import uuid
 
 from shadownet.files import write_atomically
 from tee_sim import Context
-from tee_sim.attestation import device_file_json, device_identity
+from tee_sim.attestation import device_file_json, device_identity, key_fingerprint
 
 
 def export_identity(
     path: str | os.PathLike[str], *, context: Context | None = None, ta_uuid: uuid.UUID | None = None
-) -> None:
-    """Write this device's identity file (JSON) to ``path``: public key and report, nothing secret."""
+) -> str:
+    """Write this device's identity file (JSON) to ``path``: public key and report, nothing secret.
+    Returns the device key's fingerprint, for the vendor to pin (``convert --device-key``)."""
     identity = device_identity(context, ta_uuid)
     text = (
         json.dumps(
@@ -30,3 +31,4 @@ def export_identity(
         + "\n"
     )
     write_atomically(path, text)
+    return key_fingerprint(identity.attestation_public_key)

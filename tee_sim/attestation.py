@@ -247,6 +247,12 @@ class DeviceIdentity:
     report: Report  # on the TA's persistent provisioning key; verify with nonce=None
 
 
+def key_fingerprint(public_key: bytes) -> str:
+    """A device attestation key's fingerprint, as ``shadownet device export`` prints it and ``convert
+    --device-key`` pins it: the SHA-256 of the raw key, in hex."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
 def device_identity(context: Any = None, ta_uuid: uuid.UUID | None = None) -> DeviceIdentity:
     """Ask the secure world of ``context`` (a ``tee_sim.Context``; default: this machine's) for its
     attestation public key and a fresh report on ``ta_uuid``'s provisioning key (default: the ShadowNet

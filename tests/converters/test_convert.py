@@ -499,8 +499,13 @@ def test_conversion_for_another_device(conv_model, device, tmp_path):
 
     target = tee_sim.Context("inprocess", home=tmp_path / "target")
     try:
-        export_identity(tmp_path / "target.json", context=target)
-        protect(conv_model, tmp_path / "out", tmp_path / "target.json")
+        fingerprint = export_identity(tmp_path / "target.json", context=target)
+        with warnings.catch_warnings(record=True) as caught:  # trusted as it is, and said so
+            warnings.simplefilter("always")
+            convert(conv_model, tmp_path / "out", device=tmp_path / "target.json")
+        assert any(f"trusting the device key in {tmp_path / 'target.json'} as it is (fingerprint "
+                   f"{fingerprint})" in str(w.message) for w in caught)
+        protect(conv_model, tmp_path / "pinned", tmp_path / "target.json", device_key=fingerprint.upper())
         xs = inputs_for(conv_model, np.random.default_rng(3))
         with Driver(target, tmp_path / "out") as run:
             assert relative_error(run(*xs), litert(conv_model, *xs)) <= TOLERANCE
@@ -514,6 +519,18 @@ def test_conversion_for_another_device(conv_model, device, tmp_path):
         with pytest.raises(ArtifactError, match="device file .* does not exist"):  # was a bare errno line
             protect(conv_model, tmp_path / "out3", tmp_path / "missing.json")
         assert not (tmp_path / "out3").exists()
+        # A file swapped on its way from the device (another device's key): refused by the pin, before work.
+        other = tee_sim.Context("inprocess", home=tmp_path / "other")
+        try:
+            export_identity(tmp_path / "swapped.json", context=other)
+        finally:
+            other.close()
+        with pytest.raises(SecurityError, match=f"its device key [0-9a-f]{{64}} is not the pinned one "
+                                                f"\\({fingerprint}\\)"):
+            protect(conv_model, tmp_path / "out4", tmp_path / "swapped.json", device_key=fingerprint)
+        assert not (tmp_path / "out4").exists()
+        with pytest.raises(ValueError, match="give the file too"):  # pinning nothing would say nothing
+            protect(conv_model, tmp_path / "out5", device, device_key=fingerprint)
     finally:
         target.close()
 

@@ -16,6 +16,7 @@ from tee_sim.attestation import (
     Report,
     device_identity,
     encrypt_to_report,
+    key_fingerprint,
     measurement_of,
     read_device_file,
     verify_device_file,
@@ -199,6 +200,7 @@ def test_device_export_cli_writes_what_a_vendor_verifies(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and f"written to {path}" in result.stdout, result.stderr
     pinned = DeviceKeys.load_or_create(tmp_path / "home").attestation_public_key
+    assert f"device key fingerprint {key_fingerprint(pinned)}" in result.stdout  # what the vendor pins
     report = verify_device_file(path, measurement_of(ShadowNetTA), pinned)
     assert read_device_file(path).attestation_public_key == pinned and report.public_key
 

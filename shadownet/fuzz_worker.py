@@ -106,9 +106,9 @@ def prepare(work: Path) -> None:
     captured: list[bytes] = []
     real = pipeline.provision
 
-    def capture(program: bytes, device: Any = None) -> bytes:
+    def capture(program: bytes, *args: Any) -> bytes:
         captured.append(program)
-        return real(program, device)
+        return real(program, *args)
 
     context = tee_sim.Context("inprocess", home=work / "home")
     pipeline.provision = capture

@@ -40,9 +40,9 @@ def protect_small(directory: Path, which: int = 0) -> Small:
     captured: list[bytes] = []
     real = pipeline.provision
 
-    def capture(program: bytes, device: Any = None) -> bytes:
+    def capture(program: bytes, *args: Any) -> bytes:
         captured.append(program)
-        return real(program, device)
+        return real(program, *args)
 
     pipeline.provision = capture
     try:

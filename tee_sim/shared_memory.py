@@ -83,13 +83,17 @@ class SharedMemory:
         if self.released:
             return
         self.released = True
-        self._context._release_shm(self)
-        if self._fd is not None:
-            os.close(self._fd)
         try:
-            self._mmap.close()
-        except BufferError:  # numpy views still exist: the mapping goes when they do
-            pass
+            self._context._release_shm(self)
+        finally:  # even if the unregistration fails (a KeyboardInterrupt in its round trip): released
+            # here at least, or the descriptor and mapping stayed for the life of the process
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            try:
+                self._mmap.close()
+            except BufferError:  # numpy views still exist: the mapping goes when they do
+                pass
 
     def __enter__(self) -> SharedMemory:
         return self

@@ -123,6 +123,26 @@ def test_a_trusted_app_that_fails_to_load_says_why(tmp_path, monkeypatch):
     assert "failed to load: No module named 'tee_sim.no_such_module'" in str(err.value)
 
 
+def test_a_release_interrupted_in_its_round_trip_still_unmaps(context, monkeypatch):
+    """A KeyboardInterrupt during the unregistration's round trip (a probe's Ctrl-C in load): the memory is
+    released here all the same, its descriptor closed (it stayed open for the life of the process, 109 MiB
+    after 150 interrupted loads)."""
+    shm = context.register_shared_memory(1 << 20)
+    fd = shm._fd
+
+    def interrupted(memory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(context, "_release_shm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shm.release()
+    assert shm.released and shm._fd is None
+    if fd is not None:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    shm.release()  # idempotent
+
+
 def test_memref_zero_copy_16_mib(session, context):
     shm = context.register_shared_memory(16 << 20)
     x = shm.ndarray(np.float32, (4 << 20,))

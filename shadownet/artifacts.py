@@ -380,3 +380,31 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
                              f"got {list(x.shape)} {x.dtype}")
         arrays.append(x)
     return arrays
+
+
+# The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS, the
+# accelerator sums it through mixed weights, and a verified model's checks sum squares of a window of it,
+# all in float32 (max 3.4e38). A probe's MiniVGG input at 6e37 came back wrong without a word (LiteRT's own
+# answer was right to 4e37, NaN from 1e38), and at 1e20 a verified model's tolerances overflowed. 2**40
+# (1.1e12) keeps the squares of a 10^4-value window of 40x-masked inputs under 1e32, with 6 orders of
+# magnitude for the model's own gain, and is far beyond any input a float32 model is given.
+MAX_INPUT = float(2 ** 40)
+
+
+def check_input_values(specs: tuple[TensorSpec, ...], values: Sequence[np.ndarray]) -> None:
+    """Refuse NaN, infinity and magnitudes over ``MAX_INPUT`` in float inputs (``InputError``): the masks
+    would turn infinities into NaN and spread NaN further than LiteRT does, and near float32's range
+    overflow; the integrity checks would take either for tampering. Two passes, no temporary: a NaN
+    makes both extremes NaN."""
+    for spec, view in zip(specs, values, strict=True):
+        if view.dtype.kind != "f" or not view.size or \
+                (-MAX_INPUT <= view.min() and view.max() <= MAX_INPUT):
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(view)))
+        if bad:
+            raise InputError(f"input {spec.name!r} holds {bad} NaN or infinite value(s): a protected "
+                             "model takes finite inputs only")
+        largest = float(np.abs(view).max())
+        raise InputError(f"input {spec.name!r} holds a value of magnitude {largest:.1e}: a protected "
+                         f"model takes inputs up to {MAX_INPUT:.1e} (2**40), whose one-time masks, "
+                         "obfuscated sums and checks stay inside float32's range")

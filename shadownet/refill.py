@@ -1,5 +1,6 @@
 """The refill of a ``ProtectedModel``'s pool of one-time masks and check projections: a call into the
-trusted app (``refill_pool``), its statistics (``pool_stats``), and the background refill (see
+trusted app (``refill_pool``), its statistics and the secure world's (``pool_stats``,
+``secure_world_stats``: the TEE calls outside inference), and the background refill (see
 ``shadownet.load``'s ``background_refill``): a thread that works while the model is idle."""
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def refill_pool(session: Any, budget_us: int, entries: int = 0) -> tuple[int, in
     with translated("refilling the one-time mask pool"):
         session.invoke_command(Command.REFILL_POOL, [tee_sim.Value(budget_us, entries), out])
     return out.a, out.b
+
+
+def secure_world_stats(session: Any) -> dict[str, Any]:
+    """The secure world's memory (``secure_memory_used`` / ``_peak`` / ``_cap``) and what the ShadowNet
+    trusted app holds (``model_secure_memory``: one TEE entry, outside any inference)."""
+    from tee_sim.ta_shadownet_commands import Command
+
+    memory = session.stats()
+    result = {key: memory[key] for key in ("secure_memory_used", "secure_memory_peak", "secure_memory_cap")}
+    out = tee_sim.Value(direction="out")
+    with translated("reading the trusted app's statistics"):
+        session.invoke_command(Command.GET_STATS, [out])
+    result["model_secure_memory"] = out.a
+    return result
 
 
 def pool_stats(session: Any) -> dict[str, Any]:

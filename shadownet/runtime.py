@@ -13,10 +13,11 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,15 +25,21 @@ import numpy as np
 import tee_sim
 from shadownet import MAX_THREADS, after_fork
 from shadownet.accelerator import Accelerator, LiteRTAccelerator, RoundThreadsTrial, load_delegates
-from shadownet.artifacts import Artifacts, TensorSpec, check_inputs, place_buffers, read_artifacts
+from shadownet.artifacts import (
+    Artifacts,
+    TensorSpec,
+    check_input_values,
+    check_inputs,
+    place_buffers,
+    read_artifacts,
+)
 from shadownet.exceptions import (
     ArtifactError,
     ClosedError,
-    InputError,
     SecureMemoryError,
     ShadowNetError,
 )
-from shadownet.refill import BackgroundRefill, pool_stats, refill_pool
+from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.secure_core import on_secure_core
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
@@ -45,25 +52,14 @@ def _commands() -> Any:
     return ta_shadownet_commands
 
 
-# The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS, the
-# accelerator sums it through mixed weights, and a verified model's checks sum squares of a window of it,
-# all in float32 (max 3.4e38). A probe's MiniVGG input at 6e37 came back wrong without a word (LiteRT's own
-# answer was right to 4e37, NaN from 1e38), and at 1e20 a verified model's tolerances overflowed. 2**40
-# (1.1e12) keeps the squares of a 10^4-value window of 40x-masked inputs under 1e32, with 6 orders of
-# magnitude for the model's own gain, and is far beyond any input a float32 model is given.
-MAX_INPUT = float(2 ** 40)
-
-
 class ProtectedModel:
     """A protected model loaded on this device: call it like a function.
 
     ``model(x)`` / ``model(x1, x2)`` / ``model({"name": x})`` / ``model.predict(...)`` returns the output
     array (a copy), or a dict keyed by output name when the model has several. Inputs must have exactly
     the original model's shapes and dtypes (``InputError`` otherwise), and floating-point inputs must be
-    finite and at most ``MAX_INPUT`` (2**40) in magnitude: NaN, infinity or larger values are refused with
-    ``InputError`` (the masks would turn infinities into NaN and spread NaN further than LiteRT does,
-    and overflow float32 near its range; the integrity checks would take either for tampering; see
-    SECURITY.md). ``stats()`` describes the last call. Calls are serialised by a per-model lock; several
+    finite and at most 2**40 in magnitude (``shadownet.artifacts.check_input_values``; SECURITY.md).
+    ``stats()`` describes the last call. Calls are serialised by a per-model lock; several
     models may be open at once. ``close()`` (or leaving a ``with`` block) ends the TEE session; later calls
     raise ``ClosedError``.
 
@@ -194,7 +190,7 @@ class ProtectedModel:
             # run: the TA says which.
             skipped: frozenset[int] = frozenset()
             if self.verify:
-                skipped = frozenset(map(int, self._pool_stats(session)["verify"].get("computed_rounds", ())))
+                skipped = frozenset(map(int, pool_stats(session)["verify"].get("computed_rounds", ())))
         except SecureMemoryError as exc:
             _quietly(session.close)
             reasons = []  # what the user chose that the model needs the memory for
@@ -332,11 +328,19 @@ class ProtectedModel:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            try:
-                self.close()
-            except Exception:  # noqa: BLE001 - at interpreter exit modules may already be torn down
-                pass
+        if getattr(self, "_closed", True):
+            return
+        lock = getattr(getattr(self, "_context", None), "_lock", None)
+        if lock is not None and lock._is_owned():
+            # Collected in the middle of a TEE call of this thread (the cyclic GC runs at any allocation,
+            # the wait for an answer included): a close now would send its request on the channel that
+            # call waits on, which then never saw its answer. Closed from another thread, after that call.
+            threading.Thread(target=_quietly, args=(self.close,), name="shadownet-close", daemon=True).start()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit modules may already be torn down
+            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.num_rounds} rounds"
@@ -387,28 +391,30 @@ class ProtectedModel:
 
     def _refill(self, budget_us: int, entries: int = 0) -> tuple[int, int]:
         """One REFILL_POOL call (lock held): (ready entries, capacity)."""
-        return refill_pool(self._session, budget_us, entries)
+        with self._losing_session():
+            return refill_pool(self._session, budget_us, entries)
+
+    @contextlib.contextmanager
+    def _losing_session(self) -> Iterator[None]:
+        """A TEE call outside inference (lock held): if it finds the secure world lost (crashed, hung and
+        stopped), the session goes, so that the next call opens a new one, as an inference does; else
+        ``refill_masks()`` and ``stats()`` failed on the dead session for ever."""
+        try:
+            yield
+        except ShadowNetError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, TEEError) and cause.code in LOST_SESSION:
+                self._drop_session()
+            raise
 
     def check_inputs(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """The inputs as arrays in the model's order; InputError on a wrong count, name, shape or dtype."""
         return check_inputs(self.inputs, self._input_names, inputs)
 
     def _check_finite(self) -> None:
-        """Refuse NaN, infinity and magnitudes over ``MAX_INPUT`` in the inputs, checked where the TEE
-        reads them (the shared memory): whatever path wrote them (``__call__``, ``Interpreter.set_tensor``
-        or its ``tensor()`` views). Two passes, no temporary: a NaN makes both extremes NaN."""
-        for spec, view in zip(self.inputs, self._input_views, strict=True):
-            if view.dtype.kind != "f" or not view.size or \
-                    (-MAX_INPUT <= view.min() and view.max() <= MAX_INPUT):
-                continue
-            bad = int(np.count_nonzero(~np.isfinite(view)))
-            if bad:
-                raise InputError(f"input {spec.name!r} holds {bad} NaN or infinite value(s): a protected "
-                                 "model takes finite inputs only")
-            largest = float(np.abs(view).max())
-            raise InputError(f"input {spec.name!r} holds a value of magnitude {largest:.1e}: a protected "
-                             f"model takes inputs up to {MAX_INPUT:.1e} (2**40), whose one-time masks, "
-                             "obfuscated sums and checks stay inside float32's range")
+        """``check_input_values`` where the TEE reads the inputs (the shared memory): whatever path wrote
+        them (``__call__``, ``Interpreter.set_tensor`` or its ``tensor()`` views)."""
+        check_input_values(self.inputs, self._input_views)
 
     def _ensure_open(self) -> None:
         self.check_not_closed()
@@ -495,21 +501,11 @@ class ProtectedModel:
                     **self._last, ta_s=ta_s, transport_s=self._last["tee_s"] - ta_s,
                 )
             if self._session is not None:
-                memory = self._session.stats()
-                for key in ("secure_memory_used", "secure_memory_peak", "secure_memory_cap"):
-                    result[key] = memory[key]
-                command = getattr(_commands().Command, "GET_STATS", None)
-                if command is not None:  # this model's own share, one extra TEE entry outside inference
-                    out = tee_sim.Value(direction="out")
-                    with translated("reading the trusted app's statistics"):
-                        self._session.invoke_command(command, [out])
-                    result["model_secure_memory"] = out.a
-                if self.verify or self.one_time_rounds:
-                    result.update(self._pool_stats(self._session))
+                with self._losing_session():
+                    result.update(secure_world_stats(self._session))
+                    if self.verify or self.one_time_rounds:
+                        result.update(one_time_rounds=list(self.one_time_rounds), **pool_stats(self._session))
             return result
-
-    def _pool_stats(self, session: Any) -> dict[str, Any]:
-        return {"one_time_rounds": list(self.one_time_rounds), **pool_stats(session)}
 
 
 def _quietly(func: Callable[[], Any]) -> None:

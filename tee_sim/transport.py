@@ -405,17 +405,27 @@ class ProcessTransport:
                         except BlockingIOError:
                             pass
                     elif words[ch.RESP_SEQ] != seq:  # control socket hung up: the secure world is gone
-                        status = self.proc.poll() if self.proc else None
+                        how = self._exit_status()
                         self._dead()
                         raise TEEError(
                             TEE_ERROR_TARGET_DEAD,
                             TEEC_ORIGIN_COMMS,
-                            f"the secure world died (exit status {status}); see {self.log_path}",
+                            f"the secure world died ({how}); see {self.log_path}",
                         )
                 wait_ms = 1000
         finally:
             if self.proc is not None:
                 words[ch.NW_SLEEPING] = 0
+
+    def _exit_status(self) -> str:
+        """How the secure world's process ended, reaped (its socket hangs up a moment before it exits)."""
+        try:
+            status = self.proc.wait(timeout=1.0) if self.proc is not None else None
+        except subprocess.TimeoutExpired:
+            status = None
+        if status is None:
+            return "still exiting"
+        return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
 
     def open_session(self, ta_uuid: uuid.UUID, wire: tuple[WireParam, ...]) -> Outcome:
         self.block[ch.PAYLOAD_OFFSET : ch.PAYLOAD_OFFSET + 16] = ta_uuid.bytes

@@ -2,6 +2,7 @@
 bounded time, then the model reopens its session and the next inference is right), and a conversion killed at
 several points (no directory ``load`` would take half-written; leftovers are refused, then cleaned up)."""
 
+import gc
 import os
 import random
 import shutil
@@ -106,6 +107,64 @@ def test_secure_world_killed_between_steps(small, context):
             assert relative_error(model(x), want) <= TOLERANCE
             assert context.secure_world_pid != pid
     assert open_fds()["memfds"] == before["memfds"]
+
+
+def test_refill_and_stats_recover_from_a_lost_secure_world_as_inference_does(small, context):
+    """A secure world killed between inferences: the next call outside inference - refill_masks() or
+    stats() - fails once; then refill_masks() works on a new secure world, and stats() answers without the
+    secure world's figures until an inference opens a new session (a probe's health check that only called
+    them failed for ever: they kept the dead session)."""
+    x = small.input()
+    with shadownet.load(small.out, background_refill=False) as model:
+        assert relative_error(model(x), small.reference(x)) <= TOLERANCE
+        pid = context.secure_world_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        with pytest.raises(TEECommunicationError, match=r"died \(killed by signal 9\)"):  # not "status None"
+            model.refill_masks()
+        assert model.refill_masks() > 0 and context.secure_world_pid != pid
+        pid = context.secure_world_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        with pytest.raises(TEECommunicationError):
+            model.stats()
+        assert "model_secure_memory" not in model.stats()
+        assert relative_error(model(x), small.reference(x)) <= TOLERANCE
+        assert model.stats()["model_secure_memory"] > 0 and context.secure_world_pid != pid
+
+
+def test_a_model_collected_during_a_tee_call_is_closed_after_it(small, context, monkeypatch):
+    """The cyclic GC can run a dropped model's finalizer while this thread waits for the secure world's
+    answer to another model's call: its close used to send a request on that very channel, the call never
+    saw its answer and the secure world was stopped after the 5 s timeout (a probe's). The GC is made to
+    run there; the call is answered, and the dropped model is closed right after it."""
+    from tee_sim import transport
+
+    x = small.input()
+    want = small.reference(x)
+    with shadownet.load(small.out) as model:
+        model(x)
+        before = model.stats()["secure_memory_used"]
+        dropped = shadownet.load(small.out, background_refill=False)
+        dropped.cycle = dropped  # garbage only the cyclic collector frees
+        del dropped
+        real, fired = transport.ch.spin_while, []
+
+        def spin_after_collecting(*args):
+            if not fired:
+                fired.append(gc.collect())
+            return real(*args)
+
+        monkeypatch.setattr(transport.ch, "spin_while", spin_after_collecting)
+        start = time.monotonic()
+        assert relative_error(model(x), want) <= TOLERANCE
+        assert fired and time.monotonic() - start < HANG_TIMEOUT
+        monkeypatch.setattr(transport.ch, "spin_while", real)
+        end = time.monotonic() + SLACK
+        while model.stats()["secure_memory_used"] > before and time.monotonic() < end:
+            time.sleep(0.01)
+        assert model.stats()["secure_memory_used"] <= before  # the dropped model's memory is back
+        assert relative_error(model(x), want) <= TOLERANCE
 
 
 def test_secure_world_killed_at_random_moments(small, context):

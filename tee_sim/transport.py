@@ -224,6 +224,10 @@ class ProcessTransport:
                 stderr=log,
                 env=env,
                 close_fds=True,
+                # Its own process group: Ctrl-C in a terminal reaches the foreground group only, so it
+                # cannot kill the secure world in its imports, before it ignores SIGINT (the normal world
+                # decides when it stops).
+                process_group=0,
             )
         except OSError as exc:
             for fd in (block_fd, req_efd, resp_efd, log):

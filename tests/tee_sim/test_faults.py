@@ -53,6 +53,7 @@ def test_secure_world_is_a_separate_interpreter(process_context):
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     assert argv[1:4] == [b"-P", b"-m", b"tee_sim.secure_world"]  # -P: its code never from the caller's cwd
+    assert os.getpgid(pid) == pid != os.getpgid(0)  # a terminal's Ctrl-C does not reach it
 
 
 def test_crash_gives_comms_error_and_context_recovers(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,7 +148,16 @@ def _saved_model_function(tf: Any, path: Path) -> tuple[Any, Any]:
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
-    signature = signatures.get("serving_default") or next(iter(signatures.values()))
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    signature = signatures[key]
+    # Keras's export writes its one function twice ("serve" and "serving_default"); other signatures are
+    # functions of their own, which a protected model (one signature) leaves out: said, as a .tflite with
+    # several is refused (converters.pipeline).
+    others = sorted(set(signatures) - {key, "serve" if key == "serving_default" else key})
+    if others:
+        left = ", ".join(map(repr, others))
+        warnings.warn(f"{path}: the SavedModel's signature {key!r} is converted, not {left} (a protected "
+                      "model has one signature: convert each as a model of its own)", stacklevel=3)
     _, named = signature.structured_input_signature
     specs = {name: _batch_one(tf, spec, name, path) for name, spec in named.items()}
 

@@ -116,3 +116,34 @@ def test_tensorflows_diagnostics_stay_off_stderr_unless_debugging(tf, device, tm
         assert ("tf.Svd" in err) == shown, err[:300]
         if not shown:
             assert err == ""
+
+
+def test_a_saved_model_with_other_signatures_says_which_it_converts(tf, device, tmp_path):
+    """A SavedModel's signatures besides the converted one ("serving_default", else the first) are left out
+    of a protected model, as a .tflite with several is refused: the conversion says so, naming them; a
+    Keras export's second name for its one function ("serve") is not another signature."""
+    import keras
+
+    kernel = tf.constant(np.random.default_rng(5).standard_normal((3, 3, 3, 4)), tf.float32)
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="img")])
+        def plain(self, img):
+            return {"y": tf.nn.conv2d(img, kernel, 1, "SAME")}
+
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="img")])
+        def strided(self, img):
+            return {"z": tf.nn.relu(tf.nn.conv2d(img, kernel, 2, "SAME"))}
+
+    module = Two()
+    tf.saved_model.save(module, str(tmp_path / "two"), signatures={"serving_default": module.plain,
+                                                                   "strided": module.strided})
+    keras.utils.set_random_seed(6)
+    x = keras.Input((8, 8, 3), batch_size=1)
+    keras.Model(x, keras.layers.Conv2D(4, 3)(x)).export(str(tmp_path / "exported"), verbose=False)
+    for name, warned in (("two", ["'serving_default' is converted, not 'strided'"]), ("exported", [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            convert(tmp_path / name, tmp_path / f"out_{name}", device=device)
+        said = [str(w.message) for w in caught if "the SavedModel's signature" in str(w.message)]
+        assert len(said) == len(warned) and all(w in s for w, s in zip(warned, said, strict=True)), said

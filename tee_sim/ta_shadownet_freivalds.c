@@ -2,6 +2,7 @@
  * half: fv_prepare, a checked layer's z and tau from its secure input, when the TEE writes it (the check of
  * the result: ta_shadownet_freivalds_check.c). Kept out of the restore / push file; the same library.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -44,7 +45,11 @@ INLINE void pixel_norms(fv_prepare_t *s) {
 INLINE double put_position(fv_prepare_t *s, vl sums, float q, int64_t out, int32_t kp) {
     int32_t g = LANES / kp;
     for (int32_t j = 0; j < kp; j++) s->z[out * kp + j] = vl_lane(sums, j * g);
-    float t = s->unit * sqrtf(q);
+    /* A window whose squares underflow (an input of ~1e-19 and less: a blank image through zero biases)
+     * has q = 0 and so a tolerance of 0, which its honest, tiny results failed: q is floored at the
+     * smallest normal float, which lets a change pass only below 1.1e-19 x unit (an output of that size
+     * is not a result). NaN stays NaN: the check fails it. */
+    float t = s->unit * sqrtf(q < FLT_MIN ? FLT_MIN : q);
     s->tau[out] = t;
     return (double)t * t;
 }

@@ -55,7 +55,7 @@ def relu_conv_chain(g: Graph, x: int, count: int, shape: tuple[int, int, int, in
     return outputs
 
 
-def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
+def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2, bias_scale: float = 0.1) -> bytes:
     """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``); its depthwise layer has depth
     ``multiplier`` (1 or 2; 16 output channels either way)."""
     rng = np.random.default_rng(seed)
@@ -70,7 +70,7 @@ def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2) -> bytes:
         else:
             w = rng.standard_normal((1, k, k, c_out)) * np.sqrt(2 / (k * k))
         wt = g.add_tensor(f"w{len(g.ops)}", w.shape, np.float32, w)
-        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * bias_scale)
         y = g.add_tensor(f"y{len(g.ops)}", (1, out_hw, out_hw, c_out), np.float32)
         g.add_op(kind, [x, wt, b], [y], conv_options(kind, padding, stride, activation, c_out // c_in))
         return y

@@ -410,6 +410,25 @@ def test_a_tolerance_past_float32_fails_the_check_rather_than_passing_anything(g
     assert check.check((y64 * 1e19).astype(np.float32), u) == (math.inf, 0.0)
 
 
+def test_blank_and_tiny_inputs_verify_through_zero_biases(tmp_path):
+    """A blank image through a model whose biases are zero: every deeper round's input is round 1's tiny
+    leftover, whose window norms' squares underflow float32; its tolerance was 0, and its honest results
+    failed their checks as tampering (a review's Keras model). The squares are floored at float32's
+    smallest normal number: verified, these inputs give LiteRT's outputs."""
+    model = small_cnn(seed=4, bias_scale=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(model, str(tmp_path / "out"), seed=4)
+    x = images(1, seed=4)[0]
+    with shadownet.load(str(tmp_path / "out"), verify=True) as verified:
+        for scale in (0.0, 1e-30, 1e-20, 1.0):
+            scaled = x * np.float32(scale)
+            want = reference(model, scaled)
+            got = verified(scaled)
+            # a blank image's outputs are 0 in LiteRT, ~1e-23 here: round 1's mask at its smallest, restored
+            assert np.abs(got - want).max() <= 1e-4 * max(np.abs(want).max(), 1e-16), scale
+
+
 TILED = [  # conv layers prepared as a matrix product (LayerCheck.tiled); rows of 4 to 13 output positions
     ("CONV_2D", "SAME", 1, 1, (1, 7, 13, 16), (24, 3, 3, 16)),
     ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 6), (8, 3, 3, 6)),  # a last group of 2 channels at k = 4

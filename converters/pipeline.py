@@ -37,7 +37,7 @@ from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.schemes import Scheme, get_scheme
-from converters.shape_folding import SHAPE_INPUTS, fold_shapes
+from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 from tee_sim.program import write_program
@@ -237,6 +237,9 @@ def _check_static(graph: Graph) -> None:
     hint = (" (the model's batch dimension is open: convert it with batch size 1, or give ShadowNet the "
             "Keras model or SavedModel, which it converts at batch size 1)") if open_batch else ""
     for i, op in enumerate(graph.ops):
+        if op.kind in DATA_SHAPED:
+            raise UnsupportedOpError(f"{graph.describe_op(i)}: its output's shape depends on the data, which "
+                                     "the TEE program, its buffers fixed, cannot hold")
         for position in SHAPE_INPUTS.get(op.kind, ()):
             if position < len(op.inputs) and op.inputs[position] >= 0 \
                     and graph.tensors[op.inputs[position]].data is None:

@@ -4,10 +4,11 @@ TensorFlow writes a Keras model exported with an open batch (``TFLiteConverter.f
 default) with shape arithmetic in the graph: a Dense on a 3-D input reshapes by ``SHAPE`` -> ``GATHER`` ->
 ``REDUCE_PROD`` -> ``PACK``, a Flatten by ``SHAPE`` -> ``STRIDED_SLICE`` -> ``PACK``. LiteRT evaluates it
 at every invoke; the TEE program, preallocated and bound to fixed buffers, cannot follow a shape that
-changes. A protected model has batch 1, so such a value is a constant: every integer tensor computed from
-shapes and constants alone (``shape_only``) takes the value LiteRT computes at batch 1, and the ops that
-computed it go. A shape computed from the data itself stays, and the converter refuses it
-(``converters.pipeline``'s ``_check_static``).
+changes. A protected model has batch 1, so such a value is a constant: every tensor computed from shapes
+and constants alone (``shape_only``; an integer shape, or a float made of one) takes the value LiteRT
+computes at batch 1, and the ops that computed it go. The shape of a tensor whose size is data (``WHERE``'s
+output, say) is data itself: it stays, and a shape computed from it is refused (``converters.pipeline``'s
+``_check_static``), as is one computed from values.
 """
 
 from __future__ import annotations
@@ -30,30 +31,53 @@ SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
 # Ops whose outputs are not a function of their inputs' values (random, stateful, calls).
 _IMPURE = frozenset({"RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL", "VAR_HANDLE", "READ_VARIABLE",
                      "ASSIGN_VARIABLE", "CALL_ONCE", "CALL", "CUSTOM", "WHILE", "IF"})
+# Ops whose output's shape depends on their inputs' values: SHAPE of it is data, not a shape (and the TEE
+# program, its buffers fixed, cannot hold such an output: converters.pipeline refuses them).
+DATA_SHAPED = frozenset({"WHERE", "UNIQUE", "NON_MAX_SUPPRESSION_V4", "NON_MAX_SUPPRESSION_V5"})
+# Constants normalize() folds itself, exactly (a float16 weight's DEQUANTIZE, a sparse one's DENSIFY).
+_LEFT_TO_NORMALIZE = frozenset({"DEQUANTIZE", "DENSIFY"})
 
 
 def shape_only(graph: Graph) -> set[int]:
-    """The computed tensors whose values depend on tensor shapes and constants alone: ``SHAPE``'s output,
-    and the outputs of a pure op all of whose inputs are constants or such tensors."""
-    known = {t for t, tensor in enumerate(graph.tensors) if tensor.data is not None}
-    constants = set(known)
-    for op in graph.ops:  # in execution order
+    """The computed tensors whose values depend on tensor shapes and constants alone: ``SHAPE``'s output
+    when its input's shape is static (``_propagate``), and the outputs of a pure op all of whose inputs are
+    constants or such tensors."""
+    return _propagate(graph)[0]
+
+
+def _propagate(graph: Graph) -> tuple[set[int], set[int]]:
+    """(``shape_only`` tensors, tensors of static shape), in one pass in execution order. A shape is
+    static - the same whatever the data, at batch 1 - for the model's inputs and constants, and for the
+    outputs of a pure op whose output shape is not data (``DATA_SHAPED``), whose inputs' shapes are static
+    and whose shape inputs (``SHAPE_INPUTS``) are constants or shape-only."""
+    constants = {t for t, tensor in enumerate(graph.tensors) if tensor.data is not None}
+    known, static = set(constants), constants | set(graph.inputs)
+    for op in graph.ops:
         inputs = [t for t in op.inputs if t >= 0]
-        if op.kind == "SHAPE" or (op.kind not in _IMPURE and inputs and all(t in known for t in inputs)):
+        if op.kind == "SHAPE":
+            if inputs and inputs[0] in static:
+                known.update(op.outputs)
+        elif op.kind not in _IMPURE and inputs and all(t in known for t in inputs):
             known.update(op.outputs)
-    return known - constants
+        shape_inputs = [op.inputs[i] for i in SHAPE_INPUTS.get(op.kind, ()) if i < len(op.inputs)]
+        if op.kind not in DATA_SHAPED | _IMPURE and all(t in static for t in inputs) \
+                and all(t < 0 or t in known for t in shape_inputs):
+            static.update(op.outputs)
+    return known - constants, static
 
 
 def fold_shapes(graph: Graph, model: bytes) -> list[str]:
-    """Make every integer ``shape_only`` tensor of ``graph`` (read from ``model``, tensor ids as in the
-    file) the constant LiteRT computes at batch 1, and drop the ops left computing nothing but constants.
-    Returns the folded tensors' names."""
-    targets = [t for t in sorted(shape_only(graph)) if np.dtype(graph.tensors[t].dtype).kind in "iub"]
+    """Make every ``shape_only`` tensor of ``graph`` (read from ``model``, tensor ids as in the file) the
+    constant LiteRT computes at batch 1 (with its builtin kernels, every tensor kept), and drop the ops left
+    computing nothing but constants. Returns the folded tensors' names."""
+    made_by = {t: op.kind for op in graph.ops for t in op.outputs}
+    targets = sorted(t for t in shape_only(graph) if made_by.get(t) not in _LEFT_TO_NORMALIZE)
     if not targets:
         return []
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=model, num_threads=1, experimental_preserve_all_tensors=True)
+    interpreter = Interpreter(model_content=model, num_threads=1, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     for d in interpreter.get_input_details():
         interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))

@@ -347,6 +347,35 @@ def _reshape_to_a_data_dependent_shape(g, x, y):
     g.outputs = [z]
 
 
+def _divided_by_a_sum_of_its_shape(data_shaped: bool):
+    """``y / sum(float(SHAPE(t)))``: with ``t = y`` a float made of a shape alone, folded at batch 1 (a
+    review's model, which converted, then failed to load, when only integers were folded); with ``t =
+    WHERE(y > 0)``, whose size is data, a value of the data, refused (it converted, then failed to load)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    def extend(g, x, y):
+        source = y
+        if data_shaped:
+            positive = g.add_tensor("positive", (1, 6, 6, 4), np.bool_)
+            g.add_op("GREATER", [y, g.add_tensor("nought", (), np.float32, np.float32(0))], [positive])
+            source = g.add_tensor("w", (1, 4), np.int64, shape_signature=(-1, 4))
+            g.add_op("WHERE", [positive], [source])
+        rank = len(g.tensors[source].shape)
+        shape, as_float = g.add_tensor("s", (rank,), np.int32), g.add_tensor("f", (rank,), np.float32)
+        options = fb.ShapeOptionsT()
+        options.outType = fb.TensorType.INT32
+        g.add_op("SHAPE", [source], [shape], options)
+        g.add_op("CAST", [shape], [as_float])
+        total = g.add_tensor("total", (), np.float32)
+        g.add_op("SUM", [as_float, g.add_tensor("axis", (1,), np.int32, np.array([0], np.int32))], [total],
+                 fb.ReducerOptionsT())
+        z = g.add_tensor("z", (1, 6, 6, 4), np.float32)
+        g.add_op("DIV", [y, total], [z], fb.DivOptionsT())
+        g.outputs = [z]
+
+    return _conv_graph(extend=extend)
+
+
 def _open_batch_reshape() -> bytes:
     """The same with an open batch, as TensorFlow writes a Keras model's: the reshaped tensor's shape in the
     file is a placeholder ([1, 1, 1, 1]), which LiteRT replaces at batch 1."""
@@ -395,6 +424,8 @@ def _weights_with(position, value):
 @pytest.mark.parametrize("model,error,message", [
     (lambda: _conv_graph(extend=_reshape_to_a_data_dependent_shape), UnsupportedOpError,
      "RESHAPE (output 'z') takes its shape from the computed tensor 'new_shape'"),
+    (lambda: _divided_by_a_sum_of_its_shape(data_shaped=True), UnsupportedOpError,
+     "WHERE (output 'w'): its output's shape depends on the data"),
     (_two_signatures, UnsupportedOpError,  # the second was left out without a word
      "the model has 2 signatures ('conv', 'conv_relu'): ShadowNet protects a model's one signature"),
     (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, x])), UnsupportedOpError,
@@ -416,7 +447,7 @@ def test_what_the_tee_program_cannot_hold_is_refused_at_conversion(model, error,
 
 
 @pytest.mark.parametrize("model", [lambda: _conv_graph(extend=_reshape_to_a_computed_shape),
-                                   _open_batch_reshape])
+                                   _open_batch_reshape, lambda: _divided_by_a_sum_of_its_shape(False)])
 def test_shapes_computed_from_shapes_are_folded_at_batch_1(model, device, tmp_path):
     """A RESHAPE to ``SHAPE(y)`` - what TensorFlow writes for an open batch - converts: the shape is a
     constant at batch 1 (``converters.shape_folding``); both were refused, the open-batch one as a

@@ -193,18 +193,17 @@ def match_layers(
 
 
 def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[LinearLayer], source: Any) -> None:
-    """``ArtifactError`` unless every offloaded layer has its counterpart in the reference: each comes from
-    one of the converted model's layers, so one without is another architecture's (a probe's MiniVGG
-    audited against ResNet-44, which takes the same inputs: 4 false pairs, "0% recovered" of the paper's
-    scheme, exit 0). Reference layers left over are fine: a converted model's grouped convolutions run in
-    the TEE."""
-    _, _, extra = match_layers(reference, obfuscated)
-    if extra:
-        o = extra[0]
+    """``ArtifactError`` unless the reference has the protected model's architecture, near enough: at least
+    half of the offloaded layers and half of the reference's linear layers pair up. Another architecture
+    that takes the same inputs gave false pairs and a clean report of a broken scheme (a probe's MiniVGG
+    against ResNet-44: "0% recovered", exit 0; a review's ResNet-44 against ResNet-404: 14.6%, where its
+    own reference finds 99.9%). A similar model with another head, or the converted model whose grouped
+    convolutions run in the TEE, pairs up but for a few layers: audited, the rest listed as unmatched."""
+    pairs, _, _ = match_layers(reference, obfuscated)
+    if 2 * len(pairs) < len(obfuscated) or 2 * len(pairs) < len(reference):
         raise ArtifactError(f"the reference {source} is not the protected model's architecture: "
-                            f"{len(extra)} of its {len(obfuscated)} offloaded layers have no counterpart in "
-                            f"it (the first: {o.kind} {list(o.kernel)} in {o.where}): give the .tflite that "
-                            "was converted")
+                            f"{len(pairs)} of its {len(reference)} linear layers pair up with the "
+                            f"{len(obfuscated)} offloaded ones: give the .tflite that was converted")
 
 
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer],

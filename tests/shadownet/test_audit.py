@@ -220,8 +220,8 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
     x = tf.keras.Input((16, 16, 3), batch_size=1)
     y = tf.keras.layers.Conv2D(16, 3)(tf.keras.layers.Conv2D(8, 3)(x))
     other.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(x, y)).convert()))
-    with pytest.raises(ArtifactError, match=r"is not the protected model's architecture: \d+ of its \d+ "
-                                            r"offloaded layers have no counterpart in it"):
+    with pytest.raises(ArtifactError, match=r"is not the protected model's architecture: \d+ of its 2 linear "
+                                            r"layers pair up with the \d+ offloaded ones"):
         audit.audit(out, other, inferences=1)
     junk = tmp_path / "x.npy"
     junk.write_bytes(b"\x93NUMPY not a model")
@@ -271,3 +271,25 @@ def test_first_round_leakage_is_measured_through_a_zero_pad(tmp_path: Path) -> N
     # scatter around the true ~0.03 (mask 9.4x the calibration's spread, 30x these images').
     assert leak["first_round"]["correlation"] <= 0.1
     assert leak["first_round"]["difference_correlation"] <= 0.1
+
+
+def test_a_reference_must_pair_up_with_most_layers_on_both_sides() -> None:
+    """The architecture check on the layers' shapes alone: a reference ten times deeper (a review's
+    ResNet-404 for a ResNet-44) and one that shares a fifth of the layers are refused; one with another
+    head (a similar public model) is audited, its unmatched layers listed."""
+    from shadownet.exceptions import ArtifactError
+
+    def layers(kernels, prefix):
+        return [audit.LinearLayer(f"{prefix}{i}", "conv", k, np.zeros((8, int(np.prod(k)))), f"op {i}")
+                for i, k in enumerate(kernels)]
+
+    body = [(3, 3, 3), *[(3, 3, 8)] * 4]
+    obfuscated = layers([*body, (1, 1, 8)], "round_")
+    for kernels, refused in (([*body, (1, 1, 8)] * 10, True), ([(5, 5, 3), *[(1, 1, 8)] * 5], True),
+                             ([*body, (1, 1, 100)], False), ([*body, (1, 1, 8), (3, 3, 8)], False)):
+        reference = layers(kernels, "ref_")
+        if refused:
+            with pytest.raises(ArtifactError, match="is not the protected model's architecture"):
+                audit._check_reference_covers(reference, obfuscated, "ref.tflite")
+        else:
+            audit._check_reference_covers(reference, obfuscated, "ref.tflite")

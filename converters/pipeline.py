@@ -64,7 +64,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     name; for a single-input model also an ``.npy`` or an array), one sample of the input's shape or several
     stacked on the batch axis; default: random normal inputs.
     ``device``: None (this machine's simulated device), a device identity file written by
-    ``shadownet device export`` on the target device, or a ``tee_sim.Context`` of the target device.
+    ``shadownet device export`` on the target device (read once, before any work), or a ``tee_sim.Context``
+    of the target device.
     ``device_key``: with a device file, the fingerprint its device key must have (``shadownet device export``
     prints it on the device); without, the file's key is trusted as it is, with a warning naming it.
     ``force``: replace a non-empty ``out_dir``.
@@ -74,10 +75,12 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     """
     out = Path(out_dir)
     _check_output(out, force)
+    if device_key is not None:
+        fingerprint_of(device_key)
+        if device is None or hasattr(device, "open_session"):
+            raise ValueError("a device key is pinned for a device file: give the file too (--device FILE)")
     if device is not None and not hasattr(device, "open_session"):
-        _device_file(device, device_key, warn=True)  # before the work
-    elif device_key is not None:
-        raise ValueError("a device key is pinned for a device file: give the file too (--device FILE)")
+        device = _device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
     read = read_model(original)
@@ -350,13 +353,25 @@ def _expected_measurement() -> bytes:
     return measurement_of(trusted_apps()[_ta_uuid()])
 
 
+def fingerprint_of(text: str) -> str:
+    """A device key's fingerprint as given (hex, in any case, colons allowed), normalised; ``ValueError``
+    unless it is one: 64 hex digits, as ``shadownet device export`` prints them."""
+    digits = text.strip().lower().replace(":", "")
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"a device key's fingerprint is 64 hex digits (`shadownet device export` prints "
+                         f"it), not {text!r}")
+    return digits
+
+
 def _device_file(device: Any, device_key: str | None, warn: bool = False) -> Any:
     """The identity in device file ``device`` (``tee_sim.attestation.DeviceIdentity``), its key the pinned
     ``device_key`` if one is given (``SecurityError`` otherwise); ``warn``: say which key is trusted when
     none is pinned (anyone who can swap the file on its way from the device gets the secrets)."""
     from tee_sim import TEEError
-    from tee_sim.attestation import key_fingerprint, read_device_file
+    from tee_sim.attestation import DeviceIdentity, key_fingerprint, read_device_file
 
+    if isinstance(device, DeviceIdentity):  # read (and its key checked) already
+        return device
     if not Path(device).is_file():
         raise ArtifactError(f"device file {device} does not exist or is not a file (write it on the target "
                             "device with `shadownet device export FILE`)")
@@ -365,7 +380,7 @@ def _device_file(device: Any, device_key: str | None, warn: bool = False) -> Any
     except TEEError as exc:
         raise SecurityError(f"provisioning failed: {exc}") from None
     fingerprint = key_fingerprint(identity.attestation_public_key)
-    if device_key is not None and device_key.strip().lower().replace(":", "") != fingerprint:
+    if device_key is not None and fingerprint_of(device_key) != fingerprint:
         raise SecurityError(f"device file {device}: its device key {fingerprint} is not the pinned one "
                             f"({device_key})")
     if device_key is None and warn:

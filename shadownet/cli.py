@@ -112,6 +112,16 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 _SEED = _at_least(0, 2**32 - 1)
 
 
+def _fingerprint(text: str) -> str:
+    """An argparse type: a device key's fingerprint (``converters.pipeline.fingerprint_of``)."""
+    from converters.pipeline import fingerprint_of
+
+    try:
+        return fingerprint_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _scheme(text: str) -> str:
     """An argparse type: a scheme spec ``converters.schemes.get_scheme`` takes (a usage error, exit 2)."""
     from converters.schemes import get_scheme
@@ -167,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration",
                    help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
-    p.add_argument("--device-key", dest="device_key", metavar="FINGERPRINT",
+    p.add_argument("--device-key", dest="device_key", metavar="FINGERPRINT", type=_fingerprint,
                    help="pin the --device FILE's key: the fingerprint `device export` printed on the device")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
@@ -231,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "device_key", None) and not args.device:
+        parser.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         silence_litert_info()

@@ -525,8 +525,9 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
         _calibration_inputs(two, np.zeros((1, 2)))
 
 
-def test_conversion_for_another_device(conv_model, device, tmp_path):
+def test_conversion_for_another_device(conv_model, device, tmp_path, monkeypatch):
     from shadownet.device import export_identity
+    from tee_sim import attestation
 
     target = tee_sim.Context("inprocess", home=tmp_path / "target")
     try:
@@ -562,6 +563,14 @@ def test_conversion_for_another_device(conv_model, device, tmp_path):
         assert not (tmp_path / "out4").exists()
         with pytest.raises(ValueError, match="give the file too"):  # pinning nothing would say nothing
             protect(conv_model, tmp_path / "out5", device, device_key=fingerprint)
+        with pytest.raises(ValueError, match="fingerprint is 64 hex digits"):  # was "not the pinned one (  )"
+            protect(conv_model, tmp_path / "out6", tmp_path / "target.json", device_key="  ")
+        # Read once: the identity checked (and named in the warning) is the one the secrets are sealed to.
+        reads = []
+        real = attestation.read_device_file
+        monkeypatch.setattr(attestation, "read_device_file", lambda path: reads.append(path) or real(path))
+        protect(conv_model, tmp_path / "once", tmp_path / "target.json", device_key=fingerprint)
+        assert len(reads) == 1
     finally:
         target.close()
 

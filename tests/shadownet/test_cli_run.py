@@ -207,7 +207,9 @@ def test_version_is_the_package_version(capsys):
                                   ["convert", "m.tflite", "-o", "o", "--mask-rounds", "xx"],
                                   ["convert", "m.tflite", "-o", "o", "--mask-rounds", "3-1"],
                                   ["convert", "m.tflite", "-o", "o", "--mask-rounds", "0"],
-                                  ["bench", "--mask-rounds", ""]])
+                                  ["bench", "--mask-rounds", ""],
+                                  ["convert", "m.tflite", "-o", "o", "--device-key", "ab" * 32],  # no FILE
+                                  ["convert", "m.tflite", "-o", "o", "--device", "d", "--device-key", "  "]])
 def test_usage_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

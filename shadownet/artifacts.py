@@ -405,6 +405,6 @@ def check_input_values(specs: tuple[TensorSpec, ...], values: Sequence[np.ndarra
             raise InputError(f"input {spec.name!r} holds {bad} NaN or infinite value(s): a protected "
                              "model takes finite inputs only")
         largest = float(np.abs(view).max())
-        raise InputError(f"input {spec.name!r} holds a value of magnitude {largest:.1e}: a protected "
-                         f"model takes inputs up to {MAX_INPUT:.1e} (2**40), whose one-time masks, "
+        raise InputError(f"input {spec.name!r} holds a value of magnitude {largest:.10g}: a protected "
+                         f"model takes inputs up to 2**40 ({MAX_INPUT:.10g}), whose one-time masks, "
                          "obfuscated sums and checks stay inside float32's range")

@@ -52,7 +52,7 @@ from tee_sim.ta_shadownet_small_ops import compile_spread
 # to an RMS of ~1e-17 (the tests feed 1e-16), while a verified model's tolerances, square roots of sums of
 # the masked input's squares in float32, stay far from its smallest normal number (1e-38): at 2**-80 a
 # blank input's squares underflowed to zero and its honest results failed their checks. Up: inputs are at
-# most 2**40 (``shadownet.runtime.MAX_INPUT``).
+# most 2**40 (``shadownet.artifacts.MAX_INPUT``).
 MIN_EXPONENT, MAX_EXPONENT = -56, 40
 KEPT = 2  # a mask stays at its power of two while the input's RMS is within KEPT powers of two under it
 
@@ -62,8 +62,8 @@ def exponent(rms: float, spread: float, current: int) -> int:
     ``rms``, from ``current``: kept while ``rms`` is in its band (``band``: the mask 1x-4x its intended
     ratio to the input), else the smallest ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
     ``MIN_EXPONENT .. MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never
-    smaller than
-    intended, and inputs that vary around the calibration's spread do not move it back and forth."""
+    smaller than intended, and inputs that vary around the calibration's spread do not move it back and
+    forth."""
     if not math.isfinite(rms):
         return current
     lo, hi = band(spread, current)

@@ -78,7 +78,11 @@ def test_inputs_across_float32s_range_and_those_too_large_for_its_masks(small, m
                 assert np.abs(got - want).max() <= TOLERANCE * max(np.abs(want).max(), 1e-30), scale
         assert verified.stats()["verify"]["worst_bound_log2"] <= -20
     x[0, 1, 2, 0] = -3e12
-    with pytest.raises(InputError, match=r"magnitude 3\.0e\+12: a protected model takes inputs up to 1\.1e"):
+    with pytest.raises(InputError, match=r"magnitude 3\.000000053e\+12: a protected model takes inputs up "
+                                         r"to 2\*\*40 \(1\.099511628e\+12\)"):
+        model(x)
+    x[0, 1, 2, 0] = np.nextafter(np.float32(2 ** 40), np.float32(np.inf))  # just over: told apart
+    with pytest.raises(InputError, match=r"magnitude 1\.099511759e\+12: "):
         model(x)
 
 

@@ -143,6 +143,13 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     return tf.function(serve).get_concrete_function(*specs), model
 
 
+def _called(function: Any) -> tuple[Any, ...]:
+    """What a SavedModel signature is: its inputs, outputs and the functions its wrapper calls."""
+    calls = sorted(node.attr["f"].func.name for node in function.graph.as_graph_def().node
+                   if node.op in ("StatefulPartitionedCall", "PartitionedCall"))
+    return repr(function.structured_input_signature), repr(function.structured_outputs), tuple(calls)
+
+
 def _saved_model_function(tf: Any, path: Path) -> tuple[Any, Any]:
     loaded = tf.saved_model.load(str(path))
     signatures = dict(loaded.signatures)
@@ -150,10 +157,10 @@ def _saved_model_function(tf: Any, path: Path) -> tuple[Any, Any]:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
     key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
     signature = signatures[key]
-    # Keras's export writes its one function twice ("serve" and "serving_default"); other signatures are
-    # functions of their own, which a protected model (one signature) leaves out: said, as a .tflite with
-    # several is refused (converters.pipeline).
-    others = sorted(set(signatures) - {key, "serve" if key == "serving_default" else key})
+    # Other signatures a protected model (one signature) leaves out: said, as a .tflite with several is
+    # refused (converters.pipeline). Keras's export writes its one function twice ("serve" and
+    # "serving_default": wrappers of one call), which is not another.
+    others = sorted(k for k in signatures if _called(signatures[k]) != _called(signature))
     if others:
         left = ", ".join(map(repr, others))
         warnings.warn(f"{path}: the SavedModel's signature {key!r} is converted, not {left} (a protected "

@@ -379,6 +379,9 @@ def _device_file(device: Any, device_key: str | None, warn: bool = False) -> Any
         identity = read_device_file(device)
     except TEEError as exc:
         raise SecurityError(f"provisioning failed: {exc}") from None
+    if identity.trusted_app != _ta_uuid():
+        raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
+                            "not ShadowNet's")
     fingerprint = key_fingerprint(identity.attestation_public_key)
     if device_key is not None and fingerprint_of(device_key) != fingerprint:
         raise SecurityError(f"device file {device}: its device key {fingerprint} is not the pinned one "
@@ -406,9 +409,6 @@ def provision(program: bytes, device: Any = None, device_key: str | None = None)
     try:
         if device is not None and not hasattr(device, "open_session"):
             identity = _device_file(device, device_key)
-            if identity.trusted_app != _ta_uuid():
-                raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
-                                    "not ShadowNet's")
             report = verify_report(identity.report, identity.attestation_public_key, _expected_measurement(),
                                    None)
             return SECRETS_MAGIC + PROVISIONED + encrypt_to_report(report, program, SECRETS_AAD)

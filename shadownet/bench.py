@@ -109,7 +109,17 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
             if not path.is_file():
                 raise ShadowNetError(f"{item} is neither a zoo model ({', '.join(ZOO)}) nor a .tflite file")
             sources.append((path.stem, path))
-    return sources
+    # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
+    # directory's name goes in front, then a count.
+    stems = [name for name, _ in sources]
+    named = []
+    for name, path in sources:
+        if stems.count(name) > 1 and name not in ZOO:
+            name = f"{path.resolve().parent.name}-{name}"
+        while name in (n for n, _ in named):
+            name = f"{name}-{sum(n.startswith(name) for n, _ in named) + 1}"
+        named.append((name, path))
+    return named
 
 
 class _Progress:

@@ -242,3 +242,14 @@ def test_bench_measures_a_verified_copy_alone_when_the_pair_does_not_fit(tmp_pat
     figures = entry["modes"][bench_measure.VERIFY_MODE]
     assert figures["runs"] == 2 and figures["secure_memory_mib"] == pytest.approx(alone[1], rel=0.05)
     assert "measured alone after the other modes" in bench_report.table(report)
+
+
+def test_models_of_one_file_name_get_names_of_their_own(tmp_path):
+    """Two m.tflite (a probe's) were both reported as "m" and shared a work directory."""
+    _sources = bench._sources
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m.tflite").write_bytes(b"")
+    given = [str(tmp_path / folder / "m.tflite") for folder in ("a", "b", "a")]
+    assert [name for name, _ in _sources(given, tmp_path)] == ["a-m", "b-m", "a-m-2"]
+    assert [name for name, _ in _sources(given[:1], tmp_path)] == ["m"]

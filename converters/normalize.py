@@ -39,6 +39,7 @@ def normalize(graph: Graph) -> Graph:
       own op: the op writes a new tensor ``<output name>/pre_activation`` and the activation writes the
       original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
       TANH / SIGN_BIT, which LiteRT's kernels silently skip);
+    - a CONV_2D with as many groups as input channels -> the DEPTHWISE_CONV_2D it is (offloadable);
     - everything else is kept as it is; tensors no longer used are dropped.
     """
     tensors = list(graph.tensors)
@@ -59,6 +60,8 @@ def normalize(graph: Graph) -> Graph:
                 dense = densify(tensors[t].data, tensors[t].shape, tensors[t].sparsity)
                 dense.flags.writeable = False
                 tensors[t] = replace(tensors[t], data=dense, sparsity=None)
+        if _depthwise_as_grouped(tensors, op):
+            op = _as_depthwise(tensors, op)
         activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
         if activation is not None and activation not in ACTIVATIONS:
             raise UnsupportedOpError(
@@ -76,6 +79,36 @@ def normalize(graph: Graph) -> Graph:
         else:
             ops.append(op)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
+
+
+def _depthwise_as_grouped(tensors: list[Tensor], op: Op) -> bool:
+    """A CONV_2D with as many groups as input channels (a filter of one input channel each, constant
+    weights): a depthwise convolution written as a grouped one (ConvNeXt's, Keras ``Conv2D(groups=C)``),
+    which would run in the TEE as a grouped conv (``converters.graph.is_offloadable``)."""
+    if op.kind != "CONV_2D" or len(op.inputs) < 2 or op.inputs[1] < 0:
+        return False
+    x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
+    channels = x.shape[-1] if x.shape else 0
+    return (w.data is not None and w.sparsity is None and len(w.shape) == 4 and w.shape[-1] == 1
+            and channels > 1 and w.shape[0] % channels == 0)
+
+
+def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
+    """The DEPTHWISE_CONV_2D that ``op`` (``_depthwise_as_grouped``) computes: output channel ``c * m + j``
+    of both reads input channel ``c`` (a grouped conv's output ``o`` is in group ``o // m``), the weights
+    ``[M, kh, kw, 1]`` laid out as ``[1, kh, kw, M]``, the options carried over."""
+    w = tensors[op.inputs[1]]
+    channels = tensors[op.inputs[0]].shape[-1]
+    weights = np.ascontiguousarray(np.asarray(w.data).transpose(3, 1, 2, 0))
+    weights.flags.writeable = False
+    tensors.append(Tensor(f"{w.name}/depthwise", weights.shape, w.dtype, weights))
+    conv, options = op.options, schema_fb.DepthwiseConv2DOptionsT()
+    options.padding, options.strideH, options.strideW = conv.padding, conv.strideH, conv.strideW
+    options.dilationHFactor, options.dilationWFactor = conv.dilationHFactor, conv.dilationWFactor
+    options.fusedActivationFunction = conv.fusedActivationFunction
+    options.depthMultiplier = w.shape[0] // channels
+    return Op("DEPTHWISE_CONV_2D", (op.inputs[0], len(tensors) - 1, *op.inputs[2:]), op.outputs, options,
+              version=2)
 
 
 def _compact(graph: Graph) -> Graph:

@@ -112,13 +112,17 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
     # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
     # directory's name goes in front, then a count.
     stems = [name for name, _ in sources]
-    named = []
+    named: list[tuple[str, Path]] = []
+    taken: set[str] = set()
     for name, path in sources:
         if stems.count(name) > 1 and name not in ZOO:
             name = f"{path.resolve().parent.name}-{name}"
-        while name in (n for n, _ in named):
-            name = f"{name}-{sum(n.startswith(name) for n, _ in named) + 1}"
-        named.append((name, path))
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = f"{name}-{count}"
+        taken.add(unique)
+        named.append((unique, path))
     return named
 
 

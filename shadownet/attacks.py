@@ -292,17 +292,69 @@ def chance_any(p: float, candidates: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# The restore, learnt from what crosses the boundary
+# ---------------------------------------------------------------------------------------------
+
+RESTORE_RTOL = 1e-3  # an exact affine relation, up to float32 rounding (honest ones fit to ~1e-6)
+RESTORE_SAMPLES = 4  # positions per unknown used in a fit
+RESTORE_CHANNELS = 64  # follower channels tried per layer, at most
+
+
+def restore_rows(results: np.ndarray, follower: np.ndarray, rng: np.random.Generator | None = None,
+                 channels: int = RESTORE_CHANNELS) -> tuple[np.ndarray, int]:
+    """The restore of one layer, learnt from the crossings alone (no reference): ``results`` (positions,
+    M) the accelerator's results of the layer, ``follower`` (positions, C) a tensor the TEE made from them
+    that the normal world sees too (a later round's input, the model's output), position by position.
+
+    A follower channel that the TEE computed as an activation of one restored output channel, and sent
+    without a mask and without mixing it with others (a depthwise layer's input is only permuted and
+    scaled), is an exact affine function of the layer's results wherever the activation passes it through
+    (samples strictly inside the channel's range: not clipped at 0 or 6). A least-squares fit there
+    returning residuals at float32 rounding (``RESTORE_RTOL`` of the channel's range) gives that output
+    channel's row of the restore, ``c`` with ``follower_j = c . y' + b``: then ``c @ W'`` is the real
+    filter (times a scale) in the coordinates of the layer's input as the accelerator receives it.
+    A mixed, masked or clipped follower fits nothing. Returns the rows found ``(k, M)`` and how many
+    follower channels were tried (at most ``channels``, drawn at random, ``RESTORE_SAMPLES`` positions
+    per unknown each, so that a wide layer costs seconds)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    y = np.asarray(results, np.float64).reshape(len(results), -1)
+    x = np.asarray(follower, np.float64).reshape(len(follower), -1)
+    unknowns = y.shape[1] + 1
+    tried = rng.permutation(x.shape[1])[:channels]
+    rows = []
+    for j in tried:
+        xj = x[:, j]
+        lo, hi = float(xj.min()), float(xj.max())
+        span = hi - lo
+        if not span > 0:
+            continue
+        inside = np.flatnonzero((xj > lo + 1e-6 * span) & (xj < hi - 1e-6 * span))
+        if len(inside) < 2 * unknowns:
+            continue
+        if len(inside) > RESTORE_SAMPLES * unknowns:
+            inside = rng.choice(inside, RESTORE_SAMPLES * unknowns, replace=False)
+        a = np.hstack([y[inside], np.ones((len(inside), 1))])
+        coef, *_ = np.linalg.lstsq(a, xj[inside], rcond=None)
+        if np.abs(a @ coef - xj[inside]).max() <= RESTORE_RTOL * span and np.any(coef[:-1]):
+            rows.append(coef[:-1])
+    return (np.array(rows) if rows else np.zeros((0, y.shape[1]))), len(tried)
+
+
+# ---------------------------------------------------------------------------------------------
 # One layer, every attack
 # ---------------------------------------------------------------------------------------------
 
-WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance")
+WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
+                  "restore_regression")
 
 
-def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS) -> dict:
+def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS,
+                 restored: np.ndarray | None = None) -> dict:
     """Run every weight attack on one layer; JSON-ready figures.
 
     ``reference`` holds the N real filters (the attacker's public weights, here the original model),
-    ``obfuscated`` the M >= N filters the accelerator holds for the same layer.
+    ``obfuscated`` the M >= N filters the accelerator holds for the same layer, ``restored`` the rows of
+    its restore learnt from the crossings (``restore_rows``; none when nothing was observed).
     """
     obf = _as_rows(obfuscated)
     ref = _as_rows(reference)
@@ -314,6 +366,8 @@ def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float
         "fake_partner_top3": fake_partner_recovery(obf, 3, estimators="both"),
         "variance_paired": variance_paired_recovery(obf, m - n),
         "cluster_variance": cluster_variance_recovery(obf),
+        "restore_regression": (np.asarray(restored, np.float64).reshape(-1, m) @ obf if restored is not None
+                               else np.zeros((0, d))),
     }
     best = {name: best_cosines(est, ref) for name, est in estimates.items()}
     any_best = np.max(np.stack(list(best.values())), axis=0)

@@ -24,6 +24,7 @@ import numpy as np
 
 from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
+from shadownet.boundary import learn_restores, observe_boundary, sample_inputs
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
@@ -207,16 +208,22 @@ def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[Linea
 
 
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer],
-                   progress: bool = False) -> dict:
-    """Every weight attack on every matched layer, and the totals."""
+                   progress: bool = False, restores: dict[str, dict] | None = None) -> dict:
+    """Every weight attack on every matched layer, and the totals; ``restores``: what the crossings gave
+    away of each layer's restore (``boundary.learn_restores``), for the restore regression."""
     pairs, missing, extra = match_layers(reference, obfuscated)
     rows = []
     for k, (ref, obf) in enumerate(pairs):
         if progress:
             _progress(f"layer {k + 1}/{len(pairs)} {ref.kind} {ref.name}")
-        figures = attacks.attack_layer(obf.filters, ref.filters)
-        rows.append({"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
-                     "obfuscated": obf.name, "round": obf.where} | figures)
+        learnt = (restores or {}).get(obf.name)
+        figures = attacks.attack_layer(obf.filters, ref.filters, restored=learnt and learnt["rows"])
+        row = {"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
+               "obfuscated": obf.name, "round": obf.where} | figures
+        if learnt:
+            row["restore"] = {"rows": len(learnt["rows"]), "tried": learnt["tried"],
+                              "follower": learnt["follower"]}
+        rows.append(row)
     return {
         "layers": rows,
         "summary": _summarize(rows),
@@ -265,70 +272,6 @@ def _progress(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class RecordingAccelerator:
-    """An accelerator wrapper that keeps a copy of every round's inputs before running the round:
-    exactly what a compromised driver sees (``shadownet.load(OUT, accelerator=RecordingAccelerator)``)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.buffers: dict[str, np.ndarray] = {}
-        self.seen: dict[str, list[np.ndarray]] = {}
-
-    def bind(self, buffers: Any) -> None:
-        self.buffers = dict(buffers)
-        self.inner.bind(buffers)
-
-    def run_round(self, r: int) -> None:
-        prefix = f"round_{r}/in/"
-        for name, view in self.buffers.items():
-            if name.startswith(prefix):
-                self.seen.setdefault(name, []).append(np.array(view))
-        self.inner.run_round(r)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.ndarray]]:
-    """``count`` inputs per manifest input spec: smooth random images in [0, 1] (neighbouring pixels
-    correlate as in natural images, which is what makes a masked image recognisable), or uniform
-    values for inputs that are not NHWC images."""
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        arrays = []
-        for spec in specs:
-            shape = tuple(int(d) for d in spec["shape"])
-            dtype = np.dtype(spec.get("dtype", "float32"))
-            if len(shape) == 4 and shape[1] >= 4 and shape[2] >= 4:
-                coarse = rng.uniform(0, 1, (shape[0], -(-shape[1] // 4), -(-shape[2] // 4), shape[3]))
-                x = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, : shape[1], : shape[2]]
-                x = np.clip(x + 0.03 * rng.standard_normal(shape), 0, 1)
-            else:
-                x = rng.uniform(0, 1, shape)
-            arrays.append(x.astype(dtype))
-        batches.append(arrays)
-    return batches
-
-
-def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Run protected inferences and return every round input the accelerator received, stacked per
-    buffer name: ``{"round_1/in/x0": array (K, *shape), ...}``."""
-    import shadownet
-
-    recorders: list[RecordingAccelerator] = []
-
-    def wrap(inner: Any) -> RecordingAccelerator:
-        recorders.append(RecordingAccelerator(inner))
-        return recorders[-1]
-
-    with shadownet.load(out_dir, accelerator=wrap) as model:
-        for arrays in batches:
-            model(*arrays)
-    seen = recorders[-1].seen
-    return {name: np.stack(values) for name, values in seen.items()}
-
-
 def reference_activations(reference: str | os.PathLike, batches: list[list[np.ndarray]],
                           names: set[str]) -> dict[str, np.ndarray]:
     """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked."""
@@ -366,14 +309,12 @@ def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]])
     return sources
 
 
-def input_leakage(out_dir: str | os.PathLike, reference: str | os.PathLike, manifest: dict,
-                  pairs: list[tuple[LinearLayer, LinearLayer]], inferences: int,
-                  progress: bool = False) -> dict:
-    """Leakage of the user's input and of every round's true activation through the accelerator's inputs."""
-    batches = sample_inputs(manifest["inputs"], inferences)
-    if progress:
-        _progress(f"observing {inferences} protected inferences at the boundary")
-    seen = join_halves(observe_boundary(out_dir, batches), split_names(manifest)[1])
+def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], reference: str | os.PathLike,
+                  manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]]) -> dict:
+    """Leakage of the user's input and of every round's true activation through the accelerator's inputs
+    (``seen``: ``boundary.observe_boundary`` on ``batches``)."""
+    inferences = len(batches)
+    seen = join_halves({k: v for k, v in seen.items() if "/in/" in k}, split_names(manifest)[1])
     sources = _round_sources(manifest, pairs)
     truth = reference_activations(reference, batches, {s for s in sources.values() if s})
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
@@ -444,8 +385,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
           progress: bool = False) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
-    ``inferences`` protected inferences are observed at the boundary for the input-leakage figures
-    (0 skips them).
+    ``inferences`` protected inferences are observed at the boundary for the restore regression and the
+    input-leakage figures (0 skips them).
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)
@@ -460,14 +401,21 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "threshold": attacks.RECOVERY_COS,
     }
     _check_reference_covers(ref, obf, reference)
-    report |= weight_attacks(ref, obf, progress=progress)
+    seen: dict[str, np.ndarray] | None = None
     if inferences > 0:
-        pairs, _, _ = match_layers(ref, obf)
+        batches = sample_inputs(manifest["inputs"], inferences)
+        if progress:
+            _progress(f"observing {inferences} protected inferences at the boundary")
         try:
-            report["input_leakage"] = input_leakage(out_dir, reference, manifest, pairs, inferences, progress)
+            seen = observe_boundary(out_dir, batches)
         except ShadowNetError as exc:
-            # The weight attacks stand on their own; say plainly what could not be measured.
+            # The attacks on the weights alone stand on their own; say plainly what could not be measured.
             report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
+    restores = learn_restores(seen, obf) if seen is not None else None
+    report |= weight_attacks(ref, obf, progress=progress, restores=restores)
+    if seen is not None:
+        pairs, _, _ = match_layers(ref, obf)
+        report["input_leakage"] = input_leakage(seen, batches, reference, manifest, pairs)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

@@ -19,7 +19,7 @@ def format_report(report: dict) -> str:
     """The report as a table for a terminal."""
     names = [*attacks.WEIGHT_ATTACKS, "any"]
     short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
-             "cluster_variance": "cvar", "any": "any"}
+             "cluster_variance": "cvar", "restore_regression": "rreg", "any": "any"}
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack",
@@ -31,6 +31,12 @@ def format_report(report: dict) -> str:
             f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
             + " ".join(f"{r['recovered'][a]:>4}" for a in names)
             + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
+    learnt = [r for r in report["layers"] if r.get("restore", {}).get("rows")]
+    if learnt:
+        rows = sum(r["restore"]["rows"] for r in learnt)
+        lines.append(f"restore regression (rreg): {rows} rows of {len(learnt)} layers' restores learnt from "
+                     "the crossings (each a real filter in the coordinates of the layer's input as the "
+                     "accelerator receives it)")
     lines.append("")
     for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
         s = report["summary"][group]

@@ -1,0 +1,121 @@
+"""What the normal world sees at the boundary while a protected model runs, for the attack suite
+(``shadownet.audit``): every round's inputs as the accelerator receives them, every round's results as it
+returns them, and the model's outputs as the app gets them; and what those crossings tell about the
+secret restore of each offloaded layer (``learn_restores``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from shadownet import attacks
+
+
+class RecordingAccelerator:
+    """An accelerator wrapper that keeps a copy of every round's inputs before running the round and of
+    its results after: exactly what a compromised driver sees (``shadownet.load(OUT,
+    accelerator=RecordingAccelerator)``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.buffers: dict[str, np.ndarray] = {}
+        self.seen: dict[str, list[np.ndarray]] = {}
+
+    def bind(self, buffers: Any) -> None:
+        self.buffers = dict(buffers)
+        self.inner.bind(buffers)
+
+    def _keep(self, prefix: str) -> None:
+        for name, view in self.buffers.items():
+            if name.startswith(prefix):
+                self.seen.setdefault(name, []).append(np.array(view))
+
+    def run_round(self, r: int) -> None:
+        self._keep(f"round_{r}/in/")
+        self.inner.run_round(r)
+        self._keep(f"round_{r}/out/")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """``count`` inputs per manifest input spec: smooth random images in [0, 1] (neighbouring pixels
+    correlate as in natural images, which is what makes a masked image recognisable), or uniform
+    values for inputs that are not NHWC images."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        arrays = []
+        for spec in specs:
+            shape = tuple(int(d) for d in spec["shape"])
+            dtype = np.dtype(spec.get("dtype", "float32"))
+            if len(shape) == 4 and shape[1] >= 4 and shape[2] >= 4:
+                coarse = rng.uniform(0, 1, (shape[0], -(-shape[1] // 4), -(-shape[2] // 4), shape[3]))
+                x = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, : shape[1], : shape[2]]
+                x = np.clip(x + 0.03 * rng.standard_normal(shape), 0, 1)
+            else:
+                x = rng.uniform(0, 1, shape)
+            arrays.append(x.astype(dtype))
+        batches.append(arrays)
+    return batches
+
+
+def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Run protected inferences and return, stacked per name, every round input the accelerator received
+    (``"round_1/in/x0"``), every round result it returned (``"round_1/out/y0"``) and every model output
+    the app got (``"output/NAME"``): ``array (K, *shape)`` for K inferences."""
+    import shadownet
+
+    recorders: list[RecordingAccelerator] = []
+
+    def wrap(inner: Any) -> RecordingAccelerator:
+        recorders.append(RecordingAccelerator(inner))
+        return recorders[-1]
+
+    outputs: dict[str, list[np.ndarray]] = {}
+    with shadownet.load(out_dir, accelerator=wrap) as model:
+        for arrays in batches:
+            got = model(*arrays)
+            for name, value in (got.items() if isinstance(got, dict) else [(model.outputs[0].name, got)]):
+                outputs.setdefault(f"output/{name}", []).append(np.array(value))
+    seen = recorders[-1].seen | outputs
+    return {name: np.stack(values) for name, values in seen.items()}
+
+
+def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
+    """For each offloaded layer (``audit.untrusted_layers``) whose results were observed, the rows of its
+    restore that the later crossings give away (``attacks.restore_rows``), tried against every later
+    round input and model output with the same positions. By layer name: ``{"rows": (k, M), "tried":
+    follower channels tried, "follower": the tensor that gave the most rows, None for none}``."""
+    learnt: dict[str, dict] = {}
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        signature, _, output = layer.name.partition("/")
+        results = seen.get(f"{signature}/out/{output}")
+        m = len(layer.filters)
+        if results is None or results.shape[-1] != m:
+            continue  # not observed, or an exact split's halves (round 1's: masked)
+        r = _round(signature)
+        found, tried, most, follower_name = [], 0, 0, None
+        for name, follower in seen.items():
+            later = name.startswith("output/") or ("/in/" in name and _round(name.split("/")[0]) > r)
+            if not later or follower.shape[:-1] != results.shape[:-1]:
+                continue
+            flat = follower.reshape(-1, follower.shape[-1])
+            rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng)
+            found.append(rows)
+            tried += n
+            if len(rows) > most:
+                most, follower_name = len(rows), name
+        if found:
+            learnt[layer.name] = {"rows": np.vstack(found), "tried": tried, "follower": follower_name}
+    return learnt
+
+
+def _round(signature: str) -> int:
+    tail = signature.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,113 @@
+"""What the crossings tell about the restore: the restore regression (``shadownet.boundary``,
+``attacks.restore_rows``) on synthetic crossings and end to end through the attack suite."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+import shadownet
+from converters.graph import Graph, write_model
+from shadownet import attacks, audit
+from tests.shadownet.small_models import conv_options
+
+
+def _crossings(rng: np.random.Generator, positions: int = 2000, m: int = 24, c: int = 16):
+    """A layer's obfuscated results ``y`` and the restore ``r``: real outputs ``y @ r.T + b``."""
+    y = rng.standard_normal((positions, m))
+    r = rng.standard_normal((c, m))
+    b = rng.standard_normal(c)
+    return y, r, y @ r.T + b
+
+
+def test_restore_rows_are_found_through_a_clipping_activation():
+    rng = np.random.default_rng(0)
+    y, r, real = _crossings(rng)
+    scale = rng.uniform(0.5, 2.0, 16)
+    follower = (np.clip(real, 0, 6) * scale)[:, rng.permutation(16)].astype(np.float32)  # relu6, shuffled
+    rows, tried = attacks.restore_rows(y.astype(np.float32), follower, rng)
+    assert tried == 16 and len(rows) == 16
+    assert attacks.best_cosines(rows, r).min() > 0.9999  # each row along a restore row
+
+
+@pytest.mark.parametrize("hidden", ["mixed", "masked"])
+def test_restore_rows_find_nothing_in_a_mixed_or_masked_follower(hidden):
+    rng = np.random.default_rng(1)
+    y, r, real = _crossings(rng)
+    follower = np.maximum(real, 0)
+    if hidden == "mixed":  # the next layer's input mixing: orthogonal blocks over the activations
+        follower = follower @ np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    else:  # a one-time mask, fresh per inference
+        follower = follower + 10 * rng.standard_normal(follower.shape)
+    rows, tried = attacks.restore_rows(y, follower, rng)
+    assert tried == 16 and len(rows) == 0
+
+
+def _narrow_then_wide(seed: int = 0) -> bytes:
+    """conv 3->4 | depthwise 4 | 1x1 conv 4->32, ReLU6 (its input too narrow to be mixed) | depthwise 32 |
+    1x1 conv 32->16, ReLU (its input mixed) | depthwise 16 | mean: each linear op a round of its own, each
+    pointwise layer's results followed by a depthwise layer's input, which is not channel-mixed. The
+    depthwise layers have no activation, so that the pointwise layers' inputs take both signs."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    act = fb.ActivationFunctionType
+    x = image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
+    layers = [("CONV_2D", 3, 4, 3, act.RELU), ("DEPTHWISE_CONV_2D", 4, 4, 3, act.NONE),
+              ("CONV_2D", 4, 32, 1, act.RELU6), ("DEPTHWISE_CONV_2D", 32, 32, 3, act.NONE),
+              ("CONV_2D", 32, 16, 1, act.RELU), ("DEPTHWISE_CONV_2D", 16, 16, 3, act.NONE)]
+    for i, (kind, c_in, c_out, k, activation) in enumerate(layers):
+        shape = (c_out, k, k, c_in) if kind == "CONV_2D" else (1, k, k, c_out)
+        fan_in = k * k * (c_in if kind == "CONV_2D" else 1)
+        w = g.add_tensor(f"w{i}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
+        # Positive biases (as batch norm often leaves them): most units active on most positions.
+        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(0.2, 0.6, c_out))
+        y = g.add_tensor(f"layer{i}", (1, 16, 16, c_out), np.float32)
+        g.add_op(kind, [x, w, b], [y], conv_options(kind, fb.Padding.SAME, 1, activation))
+        x = y
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    out = g.add_tensor("pooled", (1, 16), np.float32)
+    g.add_op("MEAN", [x, axes], [out], fb.ReducerOptionsT())
+    g.inputs, g.outputs = [image], [out]
+    return write_model(g)
+
+
+@pytest.fixture(scope="module")
+def narrow_then_wide(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("narrow")
+    (directory / "original.tflite").write_bytes(_narrow_then_wide())
+    return directory
+
+
+def _audit(directory: Path, name: str, **kw) -> dict:
+    out = directory / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded, no calibration
+        shadownet.convert(str(directory / "original.tflite"), str(out), seed=11, **kw)
+    report = audit.audit(out, directory / "original.tflite", inferences=4)
+    return {row["obfuscated"]: row for row in report["layers"]} | {"report": report}
+
+
+def test_unmasked_crossings_give_the_restore_away(narrow_then_wide):
+    """Default policy (round 1 masked only): each pointwise layer's restore is learnt from the next
+    round's input; the layer whose input is too narrow to mix is then recovered outright, the other one
+    stands in its input's mixed coordinates, which the regression does not undo."""
+    rows = _audit(narrow_then_wide, "default")
+    narrow, wide = rows["round_3/y0"], rows["round_5/y0"]
+    assert narrow["restore"]["rows"] >= 0.9 * 32 and narrow["restore"]["follower"] == "round_4/in/x0"
+    assert narrow["recovered"]["restore_regression"] >= 0.9 * 32
+    assert narrow["recovered"]["any"] >= narrow["recovered"]["restore_regression"]
+    assert wide["restore"]["rows"] >= 0.75 * 16  # a unit its ReLU keeps at 0 almost everywhere fits nothing
+    assert wide["recovered"]["restore_regression"] == 0
+    summary = rows["report"]["summary"]["conv_dense"]
+    assert summary["recovered"]["restore_regression"] == narrow["recovered"]["restore_regression"]
+    assert "rreg" in audit.format_report(rows["report"])
+
+
+def test_one_time_masks_on_every_round_stop_the_restore_regression(narrow_then_wide):
+    rows = _audit(narrow_then_wide, "all", mask_rounds="all")
+    assert all(row.get("restore", {}).get("rows", 0) == 0 for key, row in rows.items() if key != "report")
+    assert rows["report"]["summary"]["conv_dense"]["recovered"]["restore_regression"] == 0

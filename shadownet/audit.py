@@ -410,12 +410,16 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             seen = observe_boundary(out_dir, batches)
         except ShadowNetError as exc:
             # The attacks on the weights alone stand on their own; say plainly what could not be measured.
-            report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
+            why = f"no crossing observed, so no restore regression either: {str(exc).splitlines()[0]}"
+            report["input_leakage"] = {"inferences": inferences, "error": why}
     restores = learn_restores(seen, obf) if seen is not None else None
     report |= weight_attacks(ref, obf, progress=progress, restores=restores)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)
-        report["input_leakage"] = input_leakage(seen, batches, reference, manifest, pairs)
+        try:
+            report["input_leakage"] = input_leakage(seen, batches, reference, manifest, pairs)
+        except ShadowNetError as exc:
+            report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

@@ -84,9 +84,15 @@ def narrow_then_wide(tmp_path_factory) -> Path:
 
 def _audit(directory: Path, name: str, **kw) -> dict:
     out = directory / name
+    if out.exists():
+        return _report(out, directory)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded, no calibration
         shadownet.convert(str(directory / "original.tflite"), str(out), seed=11, **kw)
+    return _report(out, directory)
+
+
+def _report(out: Path, directory: Path) -> dict:
     report = audit.audit(out, directory / "original.tflite", inferences=4)
     return {row["obfuscated"]: row for row in report["layers"]} | {"report": report}
 
@@ -111,3 +117,18 @@ def test_one_time_masks_on_every_round_stop_the_restore_regression(narrow_then_w
     rows = _audit(narrow_then_wide, "all", mask_rounds="all")
     assert all(row.get("restore", {}).get("rows", 0) == 0 for key, row in rows.items() if key != "report")
     assert rows["report"]["summary"]["conv_dense"]["recovered"]["restore_regression"] == 0
+
+
+def test_an_artifact_that_does_not_load_is_still_attacked_on_its_weights(narrow_then_wide, tmp_path):
+    import shutil
+
+    out = tmp_path / "damaged"
+    _audit(narrow_then_wide, "default")  # converted by the test above, or here
+    shutil.copytree(narrow_then_wide / "default", out)
+    sealed = out / "secrets.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    sealed.write_bytes(bytes(data))
+    report = audit.audit(out, narrow_then_wide / "original.tflite", inferences=2)
+    assert report["input_leakage"]["error"].startswith("no crossing observed, so no restore regression")
+    assert len(report["layers"]) == 6 and not any("restore" in row for row in report["layers"])

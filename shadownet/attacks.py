@@ -297,7 +297,7 @@ def chance_any(p: float, candidates: int) -> float:
 
 RESTORE_RTOL = 1e-3  # an exact affine relation, up to float32 rounding (honest ones fit to ~1e-6)
 RESTORE_SAMPLES = 4  # positions per unknown used in a fit
-RESTORE_CHANNELS = 64  # follower channels tried per layer, at most
+RESTORE_CHANNELS = 256  # follower channels tried per layer and follower, at most
 
 
 def restore_rows(results: np.ndarray, follower: np.ndarray, rng: np.random.Generator | None = None,

@@ -13,6 +13,8 @@ import numpy as np
 
 from shadownet import attacks
 
+PROBE = 8  # follower channels tried first (``learn_restores``)
+
 
 class RecordingAccelerator:
     """An accelerator wrapper that keeps a copy of every round's inputs before running the round and of
@@ -106,7 +108,11 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
             if not later or follower.shape[:-1] != results.shape[:-1]:
                 continue
             flat = follower.reshape(-1, follower.shape[-1])
-            rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng)
+            # A few channels first: a follower that is not this layer's (mixed, masked, another layer's
+            # output) fits none of them, and a wide layer's fit costs a second a channel.
+            rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng, channels=PROBE)
+            if len(rows):
+                rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng)
             found.append(rows)
             tried += n
             if len(rows) > most:

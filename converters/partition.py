@@ -35,23 +35,25 @@ class Partition:
         return self.level[self.graph.ops[op_index].outputs[0]]
 
 
-def offloads(graph: Graph, op_index: int) -> bool:
-    """Whether the op goes to the accelerator: offloadable, and its input is computed (an op on a
-    constant input is constant folding, left to the TEE)."""
-    if not is_offloadable(graph, op_index):
+def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) -> bool:
+    """Whether the op goes to the accelerator: offloadable, not of a kind the scheme keeps in the TEE
+    (``in_tee``), and its input is computed (an op on a constant input is constant folding, left to the
+    TEE)."""
+    if not is_offloadable(graph, op_index) or graph.ops[op_index].kind in in_tee:
         return False
     x = graph.ops[op_index].inputs[0]
     return x >= 0 and graph.tensors[x].data is None
 
 
-def partition(graph: Graph) -> Partition:
-    """Levels, rounds and steps of a normalized graph (ops in execution order)."""
+def partition(graph: Graph, in_tee: frozenset[str] = frozenset()) -> Partition:
+    """Levels, rounds and steps of a normalized graph (ops in execution order); ``in_tee``: the kinds of
+    offloadable op the scheme keeps in the TEE (``groupmix``'s ``depthwise="tee"``)."""
     level = [0] * len(graph.tensors)
     rounds: dict[int, list[int]] = {}
     steps: dict[int, list[int]] = {}
     for i, op in enumerate(graph.ops):
         deps = max((level[t] for t in op.inputs if t >= 0), default=0)
-        if offloads(graph, i):
+        if offloads(graph, i, in_tee):
             op_level = deps + 1
             rounds.setdefault(op_level, []).append(i)
         else:

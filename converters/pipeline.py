@@ -89,7 +89,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     fold_shapes(read, original)
     graph = normalize(read)
     _check_static(graph)
-    part = partition(graph)
+    part = partition(graph, getattr(chosen, "in_tee", frozenset()))
     if not part.rounds:
         raise UnsupportedOpError("the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with "
                                  "constant weights: nothing to protect")

@@ -74,6 +74,7 @@ import numpy as np
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
+DEPTHWISE_PLACES = ("offload", "tee")
 
 
 class GroupMixScheme:
@@ -83,14 +84,17 @@ class GroupMixScheme:
     without one-time masks go unmasked), ``center_masks`` (True), ``exact_split`` (``"auto"``: round 1's
     one-time-masked conv and dense inputs cross in two exact halves, ``converters.exact_split``, where
     calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
-    1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``)."""
+    1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
+    ``depthwise`` (``"offload"``; ``"tee"``: depthwise layers run in the TEE, so that no layer's output
+    crosses again without channel mixing or a mask, which the audit's restore regression exploits:
+    SECURITY.md)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
-                 center_masks: bool = True, exact_split: str = "auto") -> None:
+                 center_masks: bool = True, exact_split: str = "auto", depthwise: str = "offload") -> None:
         if not (isinstance(group_size, int) and group_size >= 2):
             raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
         if not (isinstance(min_group, int) and 1 <= min_group <= group_size):
@@ -112,13 +116,18 @@ class GroupMixScheme:
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split
+        if depthwise not in DEPTHWISE_PLACES:
+            raise ValueError(f"depthwise must be one of {', '.join(DEPTHWISE_PLACES)}, not {depthwise!r}")
+        self.depthwise = depthwise
+        # Kinds of offloadable op kept in the TEE (converters.partition).
+        self.in_tee = frozenset({"DEPTHWISE_CONV_2D"}) if depthwise == "tee" else frozenset()
 
     def public_params(self) -> dict[str, Any]:
         # Sizes and distribution parameters; the secrets are the draws.
         return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
                 "tries": self.tries, "input_group": self.input_group, "mask_scale": self.mask_scale,
                 "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
-                "exact_split": self.exact_split}
+                "exact_split": self.exact_split, "depthwise": self.depthwise}
 
     def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
         if layer.kind == "DEPTHWISE_CONV_2D":

@@ -77,3 +77,22 @@ def test_tee_ops_before_the_first_round_run_in_step_0_and_constant_inputs_stay_i
     p = partition(g)
     assert p.rounds == [[c]]
     assert p.steps == [[pre, folded], [add]]
+
+
+def test_kinds_the_scheme_keeps_in_the_tee_run_in_the_step_between_rounds():
+    """``groupmix:depthwise=tee``: a depthwise layer between two convolutions runs in the TEE's step, and
+    the two convolutions stay in rounds of their own."""
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    first, y = _conv(g, x, 3, 4, "c1")
+    o = fb.DepthwiseConv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.depthMultiplier = fb.Padding.SAME, 1, 1, 1
+    o.dilationHFactor = o.dilationWFactor = 1
+    w = g.add_tensor("dw/w", (1, 3, 3, 4), np.float32, np.ones((1, 3, 3, 4)))
+    d = g.add_tensor("dw", (1, 8, 8, 4), np.float32)
+    depthwise = g.add_op("DEPTHWISE_CONV_2D", [y, w, -1], [d], o)
+    second, z = _conv(g, d, 4, 4, "c2")
+    g.inputs, g.outputs = [x], [z]
+    assert partition(g).rounds == [[first], [depthwise], [second]]
+    kept = partition(g, frozenset({"DEPTHWISE_CONV_2D"}))
+    assert kept.rounds == [[first], [second]] and kept.steps == [[], [depthwise], []]

@@ -132,3 +132,19 @@ def test_an_artifact_that_does_not_load_is_still_attacked_on_its_weights(narrow_
     report = audit.audit(out, narrow_then_wide / "original.tflite", inferences=2)
     assert report["input_leakage"]["error"].startswith("no crossing observed, so no restore regression")
     assert len(report["layers"]) == 6 and not any("restore" in row for row in report["layers"])
+
+
+def test_depthwise_layers_kept_in_the_tee_leave_the_regression_nothing(narrow_then_wide):
+    """``groupmix:depthwise=tee``: no layer's output crosses again unmixed and unmasked, so no row of any
+    restore is learnt; the outputs still LiteRT's."""
+    from tests.shadownet.small_models import reference
+
+    rows = _audit(narrow_then_wide, "depthwise_in_tee", scheme="groupmix:depthwise=tee")
+    layers = [row for key, row in rows.items() if key != "report"]
+    assert [row["kind"] for row in layers] == ["conv", "conv", "conv"]  # the depthwise ones not offloaded
+    assert all(row.get("restore", {}).get("rows", 0) == 0 for row in layers)
+    original = (narrow_then_wide / "original.tflite").read_bytes()
+    x = np.random.default_rng(3).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    with shadownet.load(narrow_then_wide / "depthwise_in_tee") as model:
+        got, want = model(x), reference(original, x)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -24,7 +24,7 @@ import numpy as np
 
 from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
-from shadownet.boundary import learn_restores, observe_boundary, sample_inputs
+from shadownet.boundary import learn_restores, observe_boundary, round_number, sample_inputs
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
@@ -142,7 +142,7 @@ def untrusted_layers(data: bytes, split: set[str] = frozenset()) -> list[LinearL
     except (ModelFormatError, UnsupportedOpError) as exc:
         first_line = str(exc).splitlines()[0]
         raise ArtifactError(f"{UNTRUSTED} is not a readable TFLite model ({first_line})") from None
-    graphs.sort(key=lambda g: _round_number(g.signature.key if g.signature else "main"))
+    graphs.sort(key=lambda g: round_number(g.signature.key if g.signature else "main"))
     layers = []
     for graph in graphs:
         key = graph.signature.key if graph.signature else "main"
@@ -167,11 +167,6 @@ def _trace_to_input(tensor: int, producer: dict, feeds: dict[int, str]) -> str |
         seen.add(tensor)
         tensor = producer[tensor].inputs[0]
     return feeds.get(tensor)
-
-
-def _round_number(key: str) -> int:
-    tail = key.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
 
 
 def match_layers(
@@ -320,9 +315,9 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
     rows = []
     first: dict[str, float] = {}
-    for buffer in sorted(seen, key=lambda b: (_round_number(b.split("/")[0]), b)):
+    for buffer in sorted(seen, key=lambda b: (round_number(b.split("/")[0]), b)):
         observed = seen[buffer]
-        r = _round_number(buffer.split("/")[0])
+        r = round_number(buffer.split("/")[0])
         row: dict[str, Any] = {"round": r, "buffer": buffer, "shape": list(observed.shape[1:]),
                                "tensor": sources.get(buffer)}
         target = truth.get(row["tensor"]) if row["tensor"] else None

@@ -101,10 +101,10 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
         m = len(layer.filters)
         if results is None or results.shape[-1] != m:
             continue  # not observed, or an exact split's halves (round 1's: masked)
-        r = _round(signature)
+        r = round_number(signature)
         found, tried, most, follower_name = [], 0, 0, None
         for name, follower in seen.items():
-            later = name.startswith("output/") or ("/in/" in name and _round(name.split("/")[0]) > r)
+            later = name.startswith("output/") or ("/in/" in name and round_number(name.split("/")[0]) > r)
             if not later or follower.shape[:-1] != results.shape[:-1]:
                 continue
             flat = follower.reshape(-1, follower.shape[-1])
@@ -122,6 +122,7 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
     return learnt
 
 
-def _round(signature: str) -> int:
-    tail = signature.rsplit("_", 1)[-1]
+def round_number(key: str) -> int:
+    """The round a signature key or buffer prefix names (``"round_3"`` -> 3; 0 for another)."""
+    tail = key.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else 0

@@ -1,11 +1,12 @@
-"""The attacks of the literature on one obfuscated linear layer, in plain numpy.
+"""The attacks of the literature on one obfuscated linear layer, and one of ours, in plain numpy.
 
 Every weight attack takes the obfuscated filters of one layer as a matrix whose rows are the output
 channels (a conv kernel flattened over kh*kw*cin, a dense layer's weight rows, one depthwise channel's
 kh*kw taps) and returns *estimates*: vectors the attacker believes point along real filters. A reference
 filter counts as recovered when some estimate has ``|cos| >= RECOVERY_COS`` with it (direction only:
 every scheme here scales freely, and a scale is cheap to learn back once the direction is known).
-The attacks on the inputs the accelerator receives are in ``shadownet.input_leakage``.
+The restore regression (``restore_rows``) reads what crosses the boundary (``shadownet.boundary``)
+besides the weights. The attacks on the inputs the accelerator receives are in ``shadownet.input_leakage``.
 """
 
 from __future__ import annotations
@@ -311,22 +312,24 @@ def restore_rows(results: np.ndarray, follower: np.ndarray, rng: np.random.Gener
     scaled), is an exact affine function of the layer's results wherever the activation passes it through
     (samples strictly inside the channel's range: not clipped at 0 or 6). A least-squares fit there
     returning residuals at float32 rounding (``RESTORE_RTOL`` of the channel's range) gives that output
-    channel's row of the restore, ``c`` with ``follower_j = c . y' + b``: then ``c @ W'`` is the real
-    filter (times a scale) in the coordinates of the layer's input as the accelerator receives it.
-    A mixed, masked or clipped follower fits nothing. Returns the rows found ``(k, M)`` and how many
-    follower channels were tried (at most ``channels``, drawn at random, ``RESTORE_SAMPLES`` positions
-    per unknown each, so that a wide layer costs seconds)."""
+    channel's row of the restore, ``c`` with ``follower_j = c . y' + b`` (and its bias, scaled): then
+    ``c @ W'`` is the real filter (times a scale) in the coordinates of the layer's input as the
+    accelerator receives it. A masked or clipped follower fits nothing; one made of several restored
+    channels with no activation between (or of the layer's input, when the results span it) fits a
+    combination of rows, which only the comparison with real filters tells apart. Returns the relations
+    found ``(k, M)`` and how many follower channels were tried (at most ``channels``, drawn at random,
+    ``RESTORE_SAMPLES`` positions per unknown each, so that a wide layer costs seconds)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     y = np.asarray(results, np.float64).reshape(len(results), -1)
-    x = np.asarray(follower, np.float64).reshape(len(follower), -1)
+    x = np.asarray(follower).reshape(len(follower), -1)
     unknowns = y.shape[1] + 1
     tried = rng.permutation(x.shape[1])[:channels]
     rows = []
     for j in tried:
-        xj = x[:, j]
+        xj = x[:, j].astype(np.float64)
         lo, hi = float(xj.min()), float(xj.max())
         span = hi - lo
-        if not span > 0:
+        if not (span > 0 and math.isfinite(span)):
             continue
         inside = np.flatnonzero((xj > lo + 1e-6 * span) & (xj < hi - 1e-6 * span))
         if len(inside) < 2 * unknowns:
@@ -334,10 +337,21 @@ def restore_rows(results: np.ndarray, follower: np.ndarray, rng: np.random.Gener
         if len(inside) > RESTORE_SAMPLES * unknowns:
             inside = rng.choice(inside, RESTORE_SAMPLES * unknowns, replace=False)
         a = np.hstack([y[inside], np.ones((len(inside), 1))])
+        if not np.isfinite(a).all():
+            continue
         coef, *_ = np.linalg.lstsq(a, xj[inside], rcond=None)
         if np.abs(a @ coef - xj[inside]).max() <= RESTORE_RTOL * span and np.any(coef[:-1]):
             rows.append(coef[:-1])
     return (np.array(rows) if rows else np.zeros((0, y.shape[1]))), len(tried)
+
+
+def rank(rows: np.ndarray, rtol: float = 1e-6) -> int:
+    """The number of independent rows in ``rows`` (relations found twice, or combinations of others,
+    count once)."""
+    if len(rows) == 0:
+        return 0
+    s = np.linalg.svd(unit_rows(rows), compute_uv=False)
+    return int((s > rtol * s[0]).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,8 +216,8 @@ def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer],
         row = {"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
                "obfuscated": obf.name, "round": obf.where} | figures
         if learnt:
-            row["restore"] = {"rows": len(learnt["rows"]), "tried": learnt["tried"],
-                              "follower": learnt["follower"]}
+            row["restore"] = {"rank": learnt["rank"], "relations": len(learnt["rows"]),
+                              "tried": learnt["tried"], "follower": learnt["follower"]}
         rows.append(row)
     return {
         "layers": rows,
@@ -309,7 +309,8 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     """Leakage of the user's input and of every round's true activation through the accelerator's inputs
     (``seen``: ``boundary.observe_boundary`` on ``batches``)."""
     inferences = len(batches)
-    seen = join_halves({k: v for k, v in seen.items() if "/in/" in k}, split_names(manifest)[1])
+    seen = join_halves({k: v for k, v in seen.items() if k.startswith("round_") and "/in/" in k},
+                       split_names(manifest)[1])
     sources = _round_sources(manifest, pairs)
     truth = reference_activations(reference, batches, {s for s in sources.values() if s})
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]

@@ -31,12 +31,15 @@ def format_report(report: dict) -> str:
             f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
             + " ".join(f"{r['recovered'][a]:>4}" for a in names)
             + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
-    learnt = [r for r in report["layers"] if r.get("restore", {}).get("rows")]
-    if learnt:
-        rows = sum(r["restore"]["rows"] for r in learnt)
-        lines.append(f"restore regression (rreg): {rows} rows of {len(learnt)} layers' restores learnt from "
-                     "the crossings (each a real filter in the coordinates of the layer's input as the "
-                     "accelerator receives it)")
+    learnt = [r for r in report["layers"] if r.get("restore", {}).get("rank")]
+    if "input_leakage" not in report:
+        lines.append("restore regression (rreg): not run (no inference observed: --inferences 0)")
+    elif learnt:
+        rank = sum(r["restore"]["rank"] for r in learnt)
+        lines.append(f"restore regression (rreg): {rank} independent rows of {len(learnt)} layers' restores "
+                     "learnt from the crossings (where the TEE passed an output channel on alone, unmasked "
+                     "and unmixed: a real filter in the coordinates of the layer's input as the accelerator "
+                     "receives it)")
     lines.append("")
     for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
         s = report["summary"][group]

@@ -91,8 +91,9 @@ def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]
 def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
     """For each offloaded layer (``audit.untrusted_layers``) whose results were observed, the rows of its
     restore that the later crossings give away (``attacks.restore_rows``), tried against every later
-    round input and model output with the same positions. By layer name: ``{"rows": (k, M), "tried":
-    follower channels tried, "follower": the tensor that gave the most rows, None for none}``."""
+    round input and model output with the same positions. By layer name: ``{"rows": (k, M) the relations
+    found, "rank": how many of them are independent (at most M), "tried": follower channels tried,
+    "follower": the tensor that gave the most, None for none}``."""
     learnt: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     for layer in layers:
@@ -101,24 +102,29 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
         m = len(layer.filters)
         if results is None or results.shape[-1] != m:
             continue  # not observed, or an exact split's halves (round 1's: masked)
+        y = results.reshape(-1, m).astype(np.float64)
         r = round_number(signature)
         found, tried, most, follower_name = [], 0, 0, None
         for name, follower in seen.items():
-            later = name.startswith("output/") or ("/in/" in name and round_number(name.split("/")[0]) > r)
+            later = name.startswith("output/") or (name.startswith("round_") and "/in/" in name
+                                                   and round_number(name.split("/")[0]) > r)
             if not later or follower.shape[:-1] != results.shape[:-1]:
                 continue
             flat = follower.reshape(-1, follower.shape[-1])
             # A few channels first: a follower that is not this layer's (mixed, masked, another layer's
             # output) fits none of them, and a wide layer's fit costs a second a channel.
-            rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng, channels=PROBE)
-            if len(rows):
-                rows, n = attacks.restore_rows(results.reshape(-1, m), flat, rng)
-            found.append(rows)
+            rows, n = attacks.restore_rows(y, flat, rng, channels=PROBE)
             tried += n
+            if len(rows):
+                rows, n = attacks.restore_rows(y, flat, rng)
+                tried += n
+            found.append(rows)
             if len(rows) > most:
                 most, follower_name = len(rows), name
         if found:
-            learnt[layer.name] = {"rows": np.vstack(found), "tried": tried, "follower": follower_name}
+            rows = np.vstack(found)
+            learnt[layer.name] = {"rows": rows, "rank": attacks.rank(rows), "tried": tried,
+                                  "follower": follower_name}
     return learnt
 
 

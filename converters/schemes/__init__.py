@@ -114,7 +114,8 @@ class Scheme(Protocol):
 
     ``static_masks``: True when the push masks are drawn once at conversion and reused by every inference
     (the paper's scheme); False when the TEE draws a fresh one-time mask per inference on the rounds the
-    mask policy selects (``converters.per_inference``), from ``mask_distribution``.
+    mask policy selects (``converters.per_inference``), from ``mask_distribution``. Optional: ``in_tee``,
+    the kinds of offloadable op the scheme keeps in the TEE (``converters.partition``; none when absent).
     """
 
     name: str

@@ -14,6 +14,7 @@ import numpy as np
 from shadownet import attacks
 
 PROBE = 8  # follower channels tried first (``learn_restores``)
+MAX_PAD = 4  # a follower this many pixels larger each way is tried at every placement (``_crops``)
 
 
 class RecordingAccelerator:
@@ -91,9 +92,9 @@ def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]
 def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
     """For each offloaded layer (``audit.untrusted_layers``) whose results were observed, the rows of its
     restore that the later crossings give away (``attacks.restore_rows``), tried against every later
-    round input and model output with the same positions. By layer name: ``{"rows": (k, M) the relations
-    found, "rank": how many of them are independent (at most M), "tried": follower channels tried,
-    "follower": the tensor that gave the most, None for none}``."""
+    round input and model output with the same positions (or padded: ``_crops``). By layer name:
+    ``{"rows": (k, M) the relations found, "rank": how many of them are independent (at most M),
+    "tried": follower channels tried, "follower": the tensor that gave the most, None for none}``."""
     learnt: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     for layer in layers:
@@ -108,24 +109,41 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
         for name, follower in seen.items():
             later = name.startswith("output/") or (name.startswith("round_") and "/in/" in name
                                                    and round_number(name.split("/")[0]) > r)
-            if not later or follower.shape[:-1] != results.shape[:-1]:
+            if not later:
                 continue
-            flat = follower.reshape(-1, follower.shape[-1])
-            # A few channels first: a follower that is not this layer's (mixed, masked, another layer's
-            # output) fits none of them, and a wide layer's fit costs a second a channel.
-            rows, n = attacks.restore_rows(y, flat, rng, channels=PROBE)
-            tried += n
-            if len(rows):
-                rows, n = attacks.restore_rows(y, flat, rng)
+            for cropped in _crops(follower, results.shape):
+                flat = cropped.reshape(-1, cropped.shape[-1])
+                # A few channels first: a follower that is not this layer's (mixed, masked, another
+                # layer's output) fits none of them, and a wide layer's fit costs a second a channel.
+                rows, n = attacks.restore_rows(y, flat, rng, channels=PROBE)
                 tried += n
-            found.append(rows)
-            if len(rows) > most:
-                most, follower_name = len(rows), name
+                if len(rows):
+                    rows, n = attacks.restore_rows(y, flat, rng)
+                    tried += n
+                found.append(rows)
+                if len(rows) > most:
+                    most, follower_name = len(rows), name
         if found:
             rows = np.vstack(found)
             learnt[layer.name] = {"rows": rows, "rank": attacks.rank(rows), "tried": tried,
                                   "follower": follower_name}
     return learnt
+
+
+def _crops(follower: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """``follower`` at the positions of results of ``shape`` ``(K, 1, H, W, M)``: itself when its
+    positions are the same; when it is an image up to ``MAX_PAD`` pixels larger each way (the TEE padded it
+    for the next layer, by amounts its shape tells), each placement of the results' positions in it; else
+    none."""
+    if follower.shape[:-1] == shape[:-1]:
+        return [follower]
+    if follower.ndim != 5 or len(shape) != 5 or follower.shape[:2] != shape[:2]:
+        return []
+    ph, pw = follower.shape[2] - shape[2], follower.shape[3] - shape[3]
+    if not (0 <= ph <= MAX_PAD and 0 <= pw <= MAX_PAD):
+        return []
+    return [follower[:, :, dy:dy + shape[2], dx:dx + shape[3]]
+            for dy in range(ph + 1) for dx in range(pw + 1)]
 
 
 def round_number(key: str) -> int:

@@ -154,3 +154,39 @@ def test_depthwise_layers_kept_in_the_tee_leave_the_regression_nothing(narrow_th
     with shadownet.load(narrow_then_wide / "depthwise_in_tee") as model:
         got, want = model(x), reference(original, x)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_follower_the_tee_padded_is_cropped(tmp_path):
+    """Keras's MobileNet pads before its stride-2 depthwise layers (a PAD, then VALID): the next round's
+    input is the activation with a border, which the regression crops at each placement its shape allows."""
+    rng = np.random.default_rng(4)
+    g = Graph()
+    act = fb.ActivationFunctionType
+    image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
+
+    def layer(x, kind, shape, out_shape, padding, stride, activation):
+        fan_in = int(np.prod(shape[1:])) if kind == "CONV_2D" else 9
+        w = g.add_tensor(f"w{len(g.ops)}", shape, np.float32,
+                         rng.standard_normal(shape) * np.sqrt(2 / fan_in))
+        b = g.add_tensor(f"b{len(g.ops)}", (out_shape[-1],), np.float32, rng.uniform(0.2, 0.6, out_shape[-1]))
+        y = g.add_tensor(f"y{len(g.ops)}", out_shape, np.float32)
+        g.add_op(kind, [x, w, b], [y], conv_options(kind, padding, stride, activation))
+        return y
+
+    a = layer(image, "CONV_2D", (4, 3, 3, 3), (1, 16, 16, 4), fb.Padding.SAME, 1, act.NONE)
+    p = layer(a, "CONV_2D", (32, 1, 1, 4), (1, 16, 16, 32), fb.Padding.SAME, 1, act.RELU6)
+    paddings = g.add_tensor("paddings", (4, 2), np.int32, np.array([[0, 0], [0, 1], [0, 1], [0, 0]]))
+    padded = g.add_tensor("padded", (1, 17, 17, 32), np.float32)
+    g.add_op("PAD", [p, paddings], [padded], fb.PadOptionsT())
+    d = layer(padded, "DEPTHWISE_CONV_2D", (1, 3, 3, 32), (1, 8, 8, 32), fb.Padding.VALID, 2, act.NONE)
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    out = g.add_tensor("pooled", (1, 32), np.float32)
+    g.add_op("MEAN", [d, axes], [out], fb.ReducerOptionsT())
+    g.inputs, g.outputs = [image], [out]
+    (tmp_path / "original.tflite").write_bytes(write_model(g))
+    rows = _audit(tmp_path, "out")
+    assert "error" not in rows["report"]["input_leakage"]
+    pointwise = rows["round_2/y0"]
+    assert pointwise["restore"]["follower"] == "round_3/in/x0"
+    assert pointwise["restore"]["rank"] >= 0.9 * 32
+    assert pointwise["recovered"]["restore_regression"] >= 0.9 * 32  # its 4-channel input is not mixed

@@ -86,8 +86,8 @@ class GroupMixScheme:
     calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
     1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
     ``depthwise`` (``"offload"``; ``"tee"``: depthwise layers run in the TEE, so that no layer's output
-    crosses again without channel mixing or a mask, which the audit's restore regression exploits:
-    SECURITY.md)."""
+    crosses again into one, unmixed and unmasked, which the audit's restore regression exploits; the
+    model's outputs and tensors too narrow to mix still cross so: SECURITY.md)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)

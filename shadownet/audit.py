@@ -88,6 +88,25 @@ def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = N
     return _linear_layers(graph)
 
 
+# A linear op's kind as ``LinearLayer.kind`` names it (``_layer``).
+LAYER_KINDS = {"CONV_2D": "conv", "FULLY_CONNECTED": "dense", "DEPTHWISE_CONV_2D": "depthwise"}
+
+
+def _kept_in_tee(manifest: dict) -> frozenset[str]:
+    """The kinds of linear layer the manifest's scheme keeps in the TEE (its ``in_tee``, which
+    ``converters.partition`` follows), as ``LinearLayer.kind`` names them; none for a scheme unknown here."""
+    from converters.schemes import get_scheme
+
+    scheme = manifest.get("scheme") or {}
+    if not scheme.get("name"):
+        return frozenset()
+    try:
+        chosen = get_scheme(scheme["name"], **(scheme.get("params") or {}))
+    except (ValueError, TypeError):
+        return frozenset()
+    return frozenset(LAYER_KINDS[k] for k in getattr(chosen, "in_tee", ()) if k in LAYER_KINDS)
+
+
 def _specs(inputs: list[tuple[list[int], str]]) -> str:
     return ", ".join(f"{shape} {dtype}" for shape, dtype in inputs) or "no inputs"
 
@@ -396,10 +415,11 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "scheme": (manifest.get("scheme") or {}).get("name"),
         "threshold": attacks.RECOVERY_COS,
     }
-    if ((manifest.get("scheme") or {}).get("params") or {}).get("depthwise") == "tee":
-        # groupmix:depthwise=tee ran them in the TEE: nothing of theirs crosses, nothing to pair or attack.
-        report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind == "depthwise"]
-        ref = [r for r in ref if r.kind != "depthwise"]
+    kept = _kept_in_tee(manifest)
+    if kept:
+        # The scheme ran them in the TEE (groupmix:depthwise=tee): nothing of theirs crosses, nothing to pair.
+        report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
+        ref = [r for r in ref if r.kind not in kept]
     _check_reference_covers(ref, obf, reference)
     seen: dict[str, np.ndarray] | None = None
     if inferences > 0:

@@ -5,8 +5,9 @@ channels (a conv kernel flattened over kh*kw*cin, a dense layer's weight rows, o
 kh*kw taps) and returns *estimates*: vectors the attacker believes point along real filters. A reference
 filter counts as recovered when some estimate has ``|cos| >= RECOVERY_COS`` with it (direction only:
 every scheme here scales freely, and a scale is cheap to learn back once the direction is known).
-The restore regression (``restore_rows``) reads what crosses the boundary (``shadownet.boundary``)
-besides the weights. The attacks on the inputs the accelerator receives are in ``shadownet.input_leakage``.
+Two attacks of ours read what crosses the boundary besides the weights (``shadownet.boundary``,
+``shadownet.crossing_fits``): their estimates come in ready-made (``attack_layer``'s
+``from_crossings``). The attacks on the inputs the accelerator receives are in ``shadownet.input_leakage``.
 """
 
 from __future__ import annotations
@@ -293,82 +294,22 @@ def chance_any(p: float, candidates: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The restore, learnt from what crosses the boundary
-# ---------------------------------------------------------------------------------------------
-
-RESTORE_RTOL = 1e-3  # an exact affine relation, up to float32 rounding (honest ones fit to ~1e-6)
-RESTORE_SAMPLES = 4  # positions per unknown used in a fit
-RESTORE_CHANNELS = 256  # follower channels tried per layer and follower, at most
-
-
-def restore_rows(results: np.ndarray, follower: np.ndarray, rng: np.random.Generator | None = None,
-                 channels: int = RESTORE_CHANNELS) -> tuple[np.ndarray, int]:
-    """The restore of one layer, learnt from the crossings alone (no reference): ``results`` (positions,
-    M) the accelerator's results of the layer, ``follower`` (positions, C) a tensor the TEE made from them
-    that the normal world sees too (a later round's input, the model's output), position by position.
-
-    A follower channel that the TEE computed as an activation of one restored output channel, and sent
-    without a mask and without mixing it with others (a depthwise layer's input is only permuted and
-    scaled), is an exact affine function of the layer's results wherever the activation passes it through
-    (samples strictly inside the channel's range: not clipped at 0 or 6). A least-squares fit there
-    returning residuals at float32 rounding (``RESTORE_RTOL`` of the channel's range) gives that output
-    channel's row of the restore, ``c`` with ``follower_j = c . y' + b`` (and its bias, scaled): then
-    ``c @ W'`` is the real filter (times a scale) in the coordinates of the layer's input as the
-    accelerator receives it. A masked or clipped follower fits nothing; one made of several restored
-    channels with no activation between (or of the layer's input, when the results span it) fits a
-    combination of rows, which only the comparison with real filters tells apart. Returns the relations
-    found ``(k, M)`` and how many follower channels were tried (at most ``channels``, drawn at random,
-    ``RESTORE_SAMPLES`` positions per unknown each, so that a wide layer costs seconds)."""
-    rng = rng if rng is not None else np.random.default_rng(0)
-    y = np.asarray(results, np.float64).reshape(len(results), -1)
-    x = np.asarray(follower).reshape(len(follower), -1)
-    unknowns = y.shape[1] + 1
-    tried = rng.permutation(x.shape[1])[:channels]
-    rows = []
-    for j in tried:
-        xj = x[:, j].astype(np.float64)
-        lo, hi = float(xj.min()), float(xj.max())
-        span = hi - lo
-        if not (span > 0 and math.isfinite(span)):
-            continue
-        inside = np.flatnonzero((xj > lo + 1e-6 * span) & (xj < hi - 1e-6 * span))
-        if len(inside) < 2 * unknowns:
-            continue
-        if len(inside) > RESTORE_SAMPLES * unknowns:
-            inside = rng.choice(inside, RESTORE_SAMPLES * unknowns, replace=False)
-        a = np.hstack([y[inside], np.ones((len(inside), 1))])
-        if not np.isfinite(a).all():
-            continue
-        coef, *_ = np.linalg.lstsq(a, xj[inside], rcond=None)
-        if np.abs(a @ coef - xj[inside]).max() <= RESTORE_RTOL * span and np.any(coef[:-1]):
-            rows.append(coef[:-1])
-    return (np.array(rows) if rows else np.zeros((0, y.shape[1]))), len(tried)
-
-
-def rank(rows: np.ndarray, rtol: float = 1e-6) -> int:
-    """The number of independent rows in ``rows`` (relations found twice, or combinations of others,
-    count once)."""
-    if len(rows) == 0:
-        return 0
-    s = np.linalg.svd(unit_rows(rows), compute_uv=False)
-    return int((s > rtol * s[0]).sum())
-
-
-# ---------------------------------------------------------------------------------------------
 # One layer, every attack
 # ---------------------------------------------------------------------------------------------
 
 WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
-                  "restore_regression")
+                  "restore_regression", "input_unmixing")
+CROSSING_ATTACKS = ("restore_regression", "input_unmixing")  # estimates made from the crossings
 
 
 def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS,
-                 restored: np.ndarray | None = None) -> dict:
+                 from_crossings: dict[str, np.ndarray] | None = None) -> dict:
     """Run every weight attack on one layer; JSON-ready figures.
 
     ``reference`` holds the N real filters (the attacker's public weights, here the original model),
-    ``obfuscated`` the M >= N filters the accelerator holds for the same layer, ``restored`` the rows of
-    its restore learnt from the crossings (``restore_rows``; none when nothing was observed).
+    ``obfuscated`` the M >= N filters the accelerator holds for the same layer, ``from_crossings`` the
+    estimates of the attacks that read the crossings (``CROSSING_ATTACKS``: ``shadownet.boundary``), as rows
+    like the filters; an attack not given has none (nothing observed).
     """
     obf = _as_rows(obfuscated)
     ref = _as_rows(reference)
@@ -380,9 +321,8 @@ def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float
         "fake_partner_top3": fake_partner_recovery(obf, 3, estimators="both"),
         "variance_paired": variance_paired_recovery(obf, m - n),
         "cluster_variance": cluster_variance_recovery(obf),
-        "restore_regression": (np.asarray(restored, np.float64).reshape(-1, m) @ obf if restored is not None
-                               else np.zeros((0, d))),
-    }
+    } | {name: np.asarray((from_crossings or {}).get(name, np.zeros((0, d))), np.float64).reshape(-1, d)
+         for name in CROSSING_ATTACKS}
     best = {name: best_cosines(est, ref) for name, est in estimates.items()}
     any_best = np.max(np.stack(list(best.values())), axis=0)
     vt = variance_test(obf, m - n)

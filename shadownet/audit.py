@@ -24,7 +24,7 @@ import numpy as np
 
 from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
-from shadownet.boundary import learn_restores, observe_boundary, round_number, sample_inputs
+from shadownet.boundary import learn_restores, observe_boundary, round_number, sample_inputs, unmix_inputs
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
@@ -221,22 +221,32 @@ def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[Linea
                             f"{len(obfuscated)} offloaded ones: give the .tflite that was converted")
 
 
-def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer],
-                   progress: bool = False, restores: dict[str, dict] | None = None) -> dict:
-    """Every weight attack on every matched layer, and the totals; ``restores``: what the crossings gave
-    away of each layer's restore (``boundary.learn_restores``), for the restore regression."""
+def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
+                   restores: dict[str, dict] | None = None, unmixed: dict[str, dict] | None = None) -> dict:
+    """Every weight attack on every matched layer, and the totals; ``restores`` and ``unmixed``: what the
+    crossings gave away of each layer's restore and input mixing (``boundary.learn_restores``,
+    ``boundary.unmix_inputs``), for the restore regression and the input unmixing."""
     pairs, missing, extra = match_layers(reference, obfuscated)
     rows = []
     for k, (ref, obf) in enumerate(pairs):
         if progress:
             _progress(f"layer {k + 1}/{len(pairs)} {ref.kind} {ref.name}")
         learnt = (restores or {}).get(obf.name)
-        figures = attacks.attack_layer(obf.filters, ref.filters, restored=learnt and learnt["rows"])
+        unmixing = (unmixed or {}).get(obf.name)
+        from_crossings = {}
+        if learnt:
+            from_crossings["restore_regression"] = learnt["rows"] @ obf.filters
+        if unmixing:
+            from_crossings["input_unmixing"] = unmixing["filters"]
+        figures = attacks.attack_layer(obf.filters, ref.filters, from_crossings=from_crossings)
         row = {"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
                "obfuscated": obf.name, "round": obf.where} | figures
         if learnt:
             row["restore"] = {"rank": learnt["rank"], "relations": len(learnt["rows"]),
                               "tried": learnt["tried"], "follower": learnt["follower"]}
+        if unmixing:
+            row["input_mixing"] = {"blocks": unmixing["blocks"], "of": unmixing["of"],
+                                   "earlier": unmixing["earlier"]}
         rows.append(row)
     return {
         "layers": rows,
@@ -432,8 +442,15 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             # The attacks on the weights alone stand on their own; say plainly what could not be measured.
             why = f"no crossing observed, so no restore regression either: {str(exc).splitlines()[0]}"
             report["input_leakage"] = {"inferences": inferences, "error": why}
-    restores = learn_restores(seen, obf) if seen is not None else None
-    report |= weight_attacks(ref, obf, progress=progress, restores=restores)
+    restores = unmixed = None
+    if seen is not None:
+        restores = learn_restores(seen, obf)
+        group = int(((manifest.get("scheme") or {}).get("params") or {}).get("input_group") or 0)
+        if group >= 2:  # the scheme mixes its layers' inputs in blocks of this many channels
+            if progress:
+                _progress("undoing the input mixing of the layers whose restore the crossings gave away")
+            unmixed = unmix_inputs(seen, obf, restores, group=group)
+    report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)
         try:

@@ -19,7 +19,7 @@ def format_report(report: dict) -> str:
     """The report as a table for a terminal."""
     names = [*attacks.WEIGHT_ATTACKS, "any"]
     short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
-             "cluster_variance": "cvar", "restore_regression": "rreg", "any": "any"}
+             "cluster_variance": "cvar", "restore_regression": "rreg", "input_unmixing": "unmx", "any": "any"}
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack",
@@ -33,13 +33,21 @@ def format_report(report: dict) -> str:
             + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
     learnt = [r for r in report["layers"] if r.get("restore", {}).get("rank")]
     if "input_leakage" not in report:
-        lines.append("restore regression (rreg): not run (no inference observed: --inferences 0)")
+        lines.append("restore regression (rreg) and input unmixing (unmx): not run (no inference observed: "
+                     "--inferences 0)")
     elif learnt:
         rank = sum(r["restore"]["rank"] for r in learnt)
         lines.append(f"restore regression (rreg): {rank} independent rows of {len(learnt)} layers' restores "
                      "learnt from the crossings (where the TEE passed an output channel on alone, unmasked "
                      "and unmixed: a real filter in the coordinates of the layer's input as the accelerator "
                      "receives it)")
+    unmixed = [r for r in report["layers"] if r.get("input_mixing")]
+    if unmixed:
+        blocks = sum(r["input_mixing"]["blocks"] for r in unmixed)
+        of = sum(r["input_mixing"]["of"] for r in unmixed)
+        lines.append(f"input unmixing (unmx): the input mixing of {blocks} of {of} blocks of {len(unmixed)} "
+                     "of those layers learnt from an earlier round's results (activated and mixed by the TEE "
+                     "into the layer's input, where they crossed unmixed and unmasked): the real filters")
     lines.append("")
     for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
         s = report["summary"][group]

@@ -1,7 +1,8 @@
 """What the normal world sees at the boundary while a protected model runs, for the attack suite
 (``shadownet.audit``): every round's inputs as the accelerator receives them, every round's results as it
-returns them, and the model's outputs as the app gets them; and what those crossings tell about the
-secret restore of each offloaded layer (``learn_restores``).
+returns them, and the model's outputs as the app gets them; and what those crossings tell about each
+offloaded layer's secrets: the rows of its restore (``learn_restores``), then its input mixing
+(``unmix_inputs``), by the fits of ``shadownet.crossing_fits``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet import attacks
+from shadownet import crossing_fits
 
 PROBE = 8  # follower channels tried first (``learn_restores``)
 MAX_PAD = 4  # a follower this many pixels larger each way is tried at every placement (``_crops``)
@@ -91,7 +92,7 @@ def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]
 
 def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
     """For each offloaded layer (``audit.untrusted_layers``) whose results were observed, the rows of its
-    restore that the later crossings give away (``attacks.restore_rows``), tried against every later
+    restore that the later crossings give away (``crossing_fits.restore_rows``), tried against every later
     round input and model output with the same positions (or padded: ``_crops``). By layer name:
     ``{"rows": (k, M) the relations found, "rank": how many of them are independent (at most M),
     "tried": follower channels tried, "follower": the tensor that gave the most, None for none}``."""
@@ -115,19 +116,83 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
                 flat = cropped.reshape(-1, cropped.shape[-1])
                 # A few channels first: a follower that is not this layer's (mixed, masked, another
                 # layer's output) fits none of them, and a wide layer's fit costs a second a channel.
-                rows, n = attacks.restore_rows(y, flat, rng, channels=PROBE)
+                rows, n = crossing_fits.restore_rows(y, flat, rng, channels=PROBE)
                 tried += n
                 if len(rows):
-                    rows, n = attacks.restore_rows(y, flat, rng)
+                    rows, n = crossing_fits.restore_rows(y, flat, rng)
                     tried += n
                 found.append(rows)
                 if len(rows) > most:
                     most, follower_name = len(rows), name
         if found:
             rows = np.vstack(found)
-            learnt[layer.name] = {"rows": rows, "rank": attacks.rank(rows), "tried": tried,
+            learnt[layer.name] = {"rows": rows, "rank": crossing_fits.rank(rows), "tried": tried,
                                   "follower": follower_name}
     return learnt
+
+
+def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[str, dict],
+                 group: int = 16) -> dict[str, dict]:
+    """For each layer whose restore rows were learnt (``learn_restores``), its input's mixing undone block
+    by block (``crossing_fits.input_mixing``) against an earlier round's results that the TEE activated and
+    mixed into that input - the nearest earlier one that fits, at the input's positions (cropped where
+    the TEE padded it: ``_crops``). The blocks are the scheme's public structure: ``group`` consecutive
+    channels (``input_group``), cut as ``converters.schemes.groupmix.split_groups`` cuts them. By layer
+    name: ``{"filters": (k, D) the rows' filters in the real input coordinates (0 in a block not learnt),
+    "blocks": blocks learnt, "of": blocks in all, "earlier": the results that gave them}``; a layer none
+    fits is left out."""
+    from converters.schemes.groupmix import split_groups
+
+    unmixed: dict[str, dict] = {}
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        learnt = restores.get(layer.name)
+        signature = layer.name.partition("/")[0]
+        mixed = seen.get(f"{signature}/in/{layer.input}") if layer.input else None
+        if not learnt or not len(learnt["rows"]) or mixed is None or layer.kind == "depthwise":
+            continue
+        channels = layer.kernel[-1]
+        if mixed.shape[-1] != channels or channels < 2:
+            continue
+        cuts = split_groups(channels, group)
+        r = round_number(signature)
+        earlier = sorted((name for name in seen if name.startswith("round_") and "/out/" in name
+                          and round_number(name.split("/")[0]) < r and seen[name].shape[-1] == channels),
+                         key=lambda name: -round_number(name.split("/")[0]))
+        for name in earlier:
+            results = seen[name]
+            found = _mixings(mixed, results, cuts, rng)
+            if found:
+                estimates = (learnt["rows"] @ layer.filters).reshape(len(learnt["rows"]), -1, channels)
+                filters = np.zeros_like(estimates)
+                for (a, b), mixing in found.items():
+                    norms = np.linalg.norm(mixing, axis=0)
+                    # A channel never active on the positions seen: its column is not known, left 0.
+                    scale = np.where(norms > 1e-3 * norms.max(), norms, np.inf)
+                    filters[..., a:b] = estimates[..., a:b] @ (mixing / scale)
+                unmixed[layer.name] = {"filters": filters.reshape(len(filters), -1), "blocks": len(found),
+                                       "of": len(cuts), "earlier": name}
+                break
+    return unmixed
+
+
+def _mixings(mixed: np.ndarray, results: np.ndarray, cuts: list[tuple[int, int]],
+             rng: np.random.Generator) -> dict[tuple[int, int], np.ndarray]:
+    """Each block's mixing learnt from ``results`` at ``mixed``'s positions, at the first placement where
+    one of the first two blocks fits (results that fit neither are another tensor)."""
+    for placed in _crops(mixed, results.shape):
+        x = placed.reshape(-1, placed.shape[-1])
+        y = results.reshape(-1, results.shape[-1])
+        found = {}
+        for i, (a, b) in enumerate(cuts):
+            if i == 2 and not found:
+                break  # neither of the first two blocks fits: another tensor, or masked
+            mixing = crossing_fits.input_mixing(x[:, a:b], y[:, a:b], rng)
+            if mixing is not None:
+                found[(a, b)] = mixing
+        if found:
+            return found
+    return {}
 
 
 def _crops(follower: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:

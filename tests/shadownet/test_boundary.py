@@ -1,5 +1,5 @@
-"""What the crossings tell about the restore: the restore regression (``shadownet.boundary``,
-``attacks.restore_rows``) on synthetic crossings and end to end through the attack suite."""
+"""What the crossings tell about the secrets, end to end through the attack suite: the restore regression
+and the input unmixing (``shadownet.boundary``; the fits themselves: test_crossing_fits.py)."""
 
 from __future__ import annotations
 
@@ -12,39 +12,8 @@ from ai_edge_litert import schema_py_generated as fb
 
 import shadownet
 from converters.graph import Graph, write_model
-from shadownet import attacks, audit
+from shadownet import audit
 from tests.shadownet.small_models import conv_options
-
-
-def _crossings(rng: np.random.Generator, positions: int = 2000, m: int = 24, c: int = 16):
-    """A layer's obfuscated results ``y`` and the restore ``r``: real outputs ``y @ r.T + b``."""
-    y = rng.standard_normal((positions, m))
-    r = rng.standard_normal((c, m))
-    b = rng.standard_normal(c)
-    return y, r, y @ r.T + b
-
-
-def test_restore_rows_are_found_through_a_clipping_activation():
-    rng = np.random.default_rng(0)
-    y, r, real = _crossings(rng)
-    scale = rng.uniform(0.5, 2.0, 16)
-    follower = (np.clip(real, 0, 6) * scale)[:, rng.permutation(16)].astype(np.float32)  # relu6, shuffled
-    rows, tried = attacks.restore_rows(y.astype(np.float32), follower, rng)
-    assert tried == 16 and len(rows) == 16
-    assert attacks.best_cosines(rows, r).min() > 0.9999  # each row along a restore row
-
-
-@pytest.mark.parametrize("hidden", ["mixed", "masked"])
-def test_restore_rows_find_nothing_in_a_mixed_or_masked_follower(hidden):
-    rng = np.random.default_rng(1)
-    y, r, real = _crossings(rng)
-    follower = np.maximum(real, 0)
-    if hidden == "mixed":  # the next layer's input mixing: orthogonal blocks over the activations
-        follower = follower @ np.linalg.qr(rng.standard_normal((16, 16)))[0]
-    else:  # a one-time mask, fresh per inference
-        follower = follower + 10 * rng.standard_normal(follower.shape)
-    rows, tried = attacks.restore_rows(y, follower, rng)
-    assert tried == 16 and len(rows) == 0
 
 
 def _narrow_then_wide(seed: int = 0) -> bytes:
@@ -193,3 +162,68 @@ def test_a_follower_the_tee_padded_is_cropped(tmp_path):
     assert pointwise["restore"]["follower"] == "round_3/in/x0"
     assert pointwise["restore"]["rank"] >= 0.9 * 32
     assert pointwise["recovered"]["restore_regression"] >= 0.9 * 32  # its 4-channel input is not mixed
+
+
+def _depthwise_separable(seed: int = 5) -> bytes:
+    """A small MobileNet: conv 3->16 | depthwise 16 | 1x1 conv 16->32 | depthwise 32 | 1x1 conv 32->32 |
+    depthwise 32 | mean, every layer with ReLU6; each linear op a round of its own. The pointwise layers'
+    inputs are mixed (16 channels and more), each made by the TEE from a depthwise round's results."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    act = fb.ActivationFunctionType
+    x = image = g.add_tensor("image", (1, 24, 24, 3), np.float32)
+    layers = [("CONV_2D", 3, 16, 3), ("DEPTHWISE_CONV_2D", 16, 16, 3), ("CONV_2D", 16, 32, 1),
+              ("DEPTHWISE_CONV_2D", 32, 32, 3), ("CONV_2D", 32, 32, 1), ("DEPTHWISE_CONV_2D", 32, 32, 3)]
+    for i, (kind, c_in, c_out, k) in enumerate(layers):
+        shape = (c_out, k, k, c_in) if kind == "CONV_2D" else (1, k, k, c_out)
+        fan_in = k * k * (c_in if kind == "CONV_2D" else 1)
+        w = g.add_tensor(f"w{i}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
+        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(0.0, 0.4, c_out))
+        y = g.add_tensor(f"layer{i}", (1, 24, 24, c_out), np.float32)
+        g.add_op(kind, [x, w, b], [y], conv_options(kind, fb.Padding.SAME, 1, act.RELU6))
+        x = y
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    out = g.add_tensor("pooled", (1, 32), np.float32)
+    g.add_op("MEAN", [x, axes], [out], fb.ReducerOptionsT())
+    g.inputs, g.outputs = [image], [out]
+    return write_model(g)
+
+
+@pytest.fixture(scope="module")
+def depthwise_separable(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("separable")
+    (directory / "original.tflite").write_bytes(_depthwise_separable())
+    return directory
+
+
+def test_the_input_mixing_of_a_pointwise_layer_is_undone_from_the_depthwise_results(depthwise_separable):
+    """Default policy: each pointwise layer's restore rows come from the next depthwise round's input,
+    then its input mixing from the previous depthwise round's results, both crossing unmixed and unmasked:
+    the real filters, with no reference weight used (SECURITY.md)."""
+    rows = _audit(depthwise_separable, "default")
+    report = rows["report"]
+    assert "error" not in report["input_leakage"]
+    for name, earlier in (("round_3/y0", "round_2/out/y0"), ("round_5/y0", "round_4/out/y0")):
+        pointwise = rows[name]
+        assert pointwise["recovered"]["restore_regression"] == 0  # in the mixed coordinates only
+        assert pointwise["input_mixing"]["earlier"] == earlier
+        assert pointwise["input_mixing"]["blocks"] == pointwise["input_mixing"]["of"] >= 1
+        # Every filter whose restore row was learnt (a unit its ReLU6 keeps at 0 or 6 gives none)
+        assert pointwise["restore"]["rank"] >= 0.7 * 32
+        assert pointwise["recovered"]["input_unmixing"] >= 0.9 * pointwise["restore"]["rank"]
+    assert report["summary"]["conv_dense"]["recovered"]["input_unmixing"] >= 0.7 * 64
+    assert "input unmixing (unmx)" in audit.format_report(report)
+
+
+@pytest.mark.parametrize("policy", [{"mask_rounds": "1,2,4,6"}, {"mask_rounds": "all"},
+                                    {"scheme": "groupmix:depthwise=tee"}],
+                         ids=["depthwise rounds masked", "every round masked", "depthwise in the TEE"])
+def test_masked_or_kept_depthwise_rounds_stop_the_input_unmixing(depthwise_separable, policy):
+    name = "_".join(str(v).replace(",", "_").replace(":", "_").replace("=", "_") for v in policy.values())
+    rows = _audit(depthwise_separable, name, **policy)
+    report = rows["report"]
+    assert "error" not in report["input_leakage"]
+    layers = [row for key, row in rows.items() if key != "report"]
+    assert not any(row.get("input_mixing") for row in layers)
+    assert report["summary"]["conv_dense"]["recovered"]["input_unmixing"] == 0
+    assert report["summary"]["conv_dense"]["recovered"]["any"] == 0

@@ -1,0 +1,97 @@
+"""The fits on the crossings (``shadownet.crossing_fits``) on synthetic crossings: the restore rows, the
+input mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shadownet import attacks, crossing_fits
+
+
+def _crossings(rng: np.random.Generator, positions: int = 2000, m: int = 24, c: int = 16):
+    """A layer's obfuscated results ``y`` and the restore ``r``: real outputs ``y @ r.T + b``."""
+    y = rng.standard_normal((positions, m))
+    r = rng.standard_normal((c, m))
+    b = rng.standard_normal(c)
+    return y, r, y @ r.T + b
+
+
+def test_restore_rows_are_found_through_a_clipping_activation():
+    rng = np.random.default_rng(0)
+    y, r, real = _crossings(rng)
+    scale = rng.uniform(0.5, 2.0, 16)
+    follower = (np.clip(real, 0, 6) * scale)[:, rng.permutation(16)].astype(np.float32)  # relu6, shuffled
+    rows, tried = crossing_fits.restore_rows(y.astype(np.float32), follower, rng)
+    assert tried == 16 and len(rows) == 16
+    assert attacks.best_cosines(rows, r).min() > 0.9999  # each row along a restore row
+
+
+@pytest.mark.parametrize("hidden", ["mixed", "masked"])
+def test_restore_rows_find_nothing_in_a_mixed_or_masked_follower(hidden):
+    rng = np.random.default_rng(1)
+    y, r, real = _crossings(rng)
+    follower = np.maximum(real, 0)
+    if hidden == "mixed":  # the next layer's input mixing: orthogonal blocks over the activations
+        follower = follower @ np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    else:  # a one-time mask, fresh per inference
+        follower = follower + 10 * rng.standard_normal(follower.shape)
+    rows, tried = crossing_fits.restore_rows(y, follower, rng)
+    assert tried == 16 and len(rows) == 0
+
+
+def _mixed_block(rng: np.random.Generator, positions: int = 6000, k: int = 16, clip: float = 3.5,
+                 extremes: bool = True):
+    """A depthwise round's results ``y`` (k channels) and the next layer's input block ``x = B act(a y + b)``
+    as the TEE makes it: a ReLU clipped at ``clip`` (activations of unit spread, each clipped on up to
+    0.6% of the positions, as ReLU6 clips a MobileNet's), per-channel scales of both signs, one channel
+    dead on these positions and one always active (``extremes``); B orthogonal."""
+    a = rng.uniform(0.5, 2.0, k) * rng.choice([-1.0, 1.0], k)
+    y = rng.standard_normal((positions, k)) / np.abs(a)
+    b = rng.uniform(-1.0, 1.0, k)
+    if extremes:
+        b[3], a[7], b[7] = -100.0, 0.01, 1.5  # channel 3 never active, channel 7 always, never clipped
+    activated = np.clip(a * y + b, 0.0, clip)
+    mixing = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    return y.astype(np.float32), (activated @ mixing.T).astype(np.float32), mixing * np.abs(a)
+
+
+def test_input_mixing_is_learnt_from_the_earlier_results():
+    rng = np.random.default_rng(2)
+    y, x, want = _mixed_block(rng)
+    got = crossing_fits.input_mixing(x, y, rng)
+    assert got is not None
+    kinked = [c for c in range(16) if c not in (3, 7)]
+    assert np.abs(got[:, kinked] - want[:, kinked]).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got[:, 3]).max() <= 1e-3 * np.abs(want).max()  # a dead channel: no column to learn
+    # A channel always active is linear: its column is learnt up to its sign, which nothing in the
+    # crossings tells (act = a y + b and act' = -a y + b' explain them alike).
+    assert abs(got[:, 7] @ want[:, 7]) >= (1 - 1e-6) * np.linalg.norm(got[:, 7]) * np.linalg.norm(want[:, 7])
+
+
+def test_input_mixing_undoes_the_mixing_of_a_layers_filters():
+    """What the audit does with it: the accelerator's filters ``W B^-1`` times the learnt mixing, columns
+    scaled to unit norm, are the real filters in the real channel order, up to each channel's scale."""
+    rng = np.random.default_rng(3)
+    y, x, want = _mixed_block(rng, extremes=False)
+    real = rng.laplace(size=(32, 16))
+    mixing = want / np.linalg.norm(want, axis=0)  # B
+    accelerator = real @ mixing.T  # W B^-1 = W B^T
+    got = crossing_fits.input_mixing(x, y, rng)
+    norms = np.linalg.norm(got, axis=0)
+    filters = accelerator @ (got / np.where(norms > 1e-3 * norms.max(), norms, np.inf))
+    assert np.abs(filters - real).max() <= 1e-4 * np.abs(real).max()
+    assert (attacks.best_cosines(filters, real) >= 0.9).all()
+
+
+@pytest.mark.parametrize("hidden", ["masked", "another", "half another"])
+def test_input_mixing_fits_nothing_without_the_exact_relation(hidden):
+    rng = np.random.default_rng(4)
+    y, x, _ = _mixed_block(rng)
+    if hidden == "masked":  # a one-time mask on the depthwise round's input: its results are noisy
+        y = y + 10 * y.std() * rng.standard_normal(y.shape).astype(np.float32)
+    elif hidden == "another":
+        y = rng.standard_normal(y.shape).astype(np.float32)
+    else:  # half the block's channels came from elsewhere (the results' channels cut into other blocks)
+        y[:, 8:] = rng.standard_normal((len(y), 8))
+    assert crossing_fits.input_mixing(x, y, rng) is None

@@ -35,10 +35,13 @@ degenerates: the component of one filter orthogonal to another (the fake-partner
 itself. With random ``A_g`` those pair estimates land near real filters (measured: 15-20% of filters
 recovered at group size 4, ~1% at 8); here 0 at any group size.
 
-Depthwise (one input channel per output, so nothing to mix): each output channel gets a secret scale,
-log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny scales cost precision). No permutation: it
-would cost a gather in the block restore before it and hide nothing that direction matching does not undo.
-Directions survive; the attack suite reports depthwise filters separately, against the chance rate.
+Depthwise layers run in the TEE by default (``depthwise="tee"``, 3% of a MobileNet's multiply-adds):
+offloaded, their rounds give the neighbouring pointwise layers away (``depthwise``, SECURITY.md).
+Offloaded (``depthwise="offload"``; one input channel per output, so nothing to mix): each output channel
+gets a secret scale, log-uniform in [1/2, 2] (not the paper's U(0, 1], whose tiny scales cost precision).
+No permutation: it would cost a gather in the block restore before it and hide nothing that direction
+matching does not undo. Directions survive; the attack suite reports depthwise filters separately,
+against the chance rate.
 
 Masks: one-time (``static_masks = False``: the TEE draws a fresh one per inference on the rounds the mask
 policy selects), normal noise of ``mask_scale`` (10) times the activations' RMS, minus their per-channel
@@ -85,16 +88,17 @@ class GroupMixScheme:
     one-time-masked conv and dense inputs cross in two exact halves, ``converters.exact_split``, where
     calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
     1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
-    ``depthwise`` (``"offload"``; ``"tee"``: depthwise layers run in the TEE, so that no layer's output
-    crosses again into one, unmixed and unmasked, which the audit's restore regression exploits; the
-    model's outputs and tensors too narrow to mix still cross so: SECURITY.md)."""
+    ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
+    a depthwise round's input and results cross channel by channel, unmixed: with the rounds after the
+    first unmasked, the audit then learns the restore of the layer before it and the input mixing of the
+    layer after it, the real pointwise filters of a MobileNet - SECURITY.md)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
-                 center_masks: bool = True, exact_split: str = "auto", depthwise: str = "offload") -> None:
+                 center_masks: bool = True, exact_split: str = "auto", depthwise: str = "tee") -> None:
         if not (isinstance(group_size, int) and group_size >= 2):
             raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
         if not (isinstance(min_group, int) and 1 <= min_group <= group_size):

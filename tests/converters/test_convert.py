@@ -17,6 +17,7 @@ from converters.fidelity import relative_error
 from converters.graph import tiny_model_bytes
 from converters.normalize import normalize
 from converters.partition import partition
+from converters.schemes import get_scheme
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 from tests.converters.driver import Driver, litert
@@ -68,12 +69,18 @@ def model(request) -> bytes:
     return request.getfixturevalue(request.param)
 
 
+def _partition(model: bytes, scheme: str | None):
+    """The rounds ``scheme`` (None: the default) makes of ``model``: its offloadable ops but those it keeps
+    in the TEE (the default's depthwise layers)."""
+    return partition(normalize(read_model(model)), getattr(get_scheme(scheme), "in_tee", frozenset()))
+
+
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_fidelity_and_world_switches(model, scheme, device, tmp_path):
     manifest = protect(model, tmp_path / "out", device, scheme=scheme)
     assert manifest["scheme"]["name"] == (scheme or "groupmix")
     rounds = len(manifest["rounds"])
-    assert rounds == len(partition(normalize(read_model(model))).rounds) >= 1
+    assert rounds == len(_partition(model, scheme).rounds) >= 1
     rng = np.random.default_rng(0)
     with Driver(device, tmp_path / "out") as run:
         for _ in range(3):
@@ -111,7 +118,7 @@ def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
         assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
 
 
-@pytest.mark.parametrize("scheme", [None, "shadownet"])
+@pytest.mark.parametrize("scheme", ["groupmix:depthwise=offload", "shadownet"])
 @pytest.mark.parametrize("multiplier, strides, dilation", [(1, 1, 1), (2, 2, 1), (3, 1, 2)])
 def test_a_depthwise_convolution_written_as_a_grouped_one_is_offloaded(tf, device, tmp_path, scheme,
                                                                         multiplier, strides, dilation):
@@ -130,7 +137,7 @@ def test_a_depthwise_convolution_written_as_a_grouped_one_is_offloaded(tf, devic
     assert summary["offloaded_ops"] == 2 and summary["tee_linear_ops"] == 0
     xs = inputs_for(model, np.random.default_rng(2))
     with Driver(device, tmp_path / "out") as run:
-        assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
+        assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme.partition(":")[0]]
 
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
@@ -138,7 +145,7 @@ def test_untrusted_model_holds_no_original_weight_or_bias(model, scheme, device,
     protect(model, tmp_path / "out", device, scheme=scheme)
     untrusted = (tmp_path / "out" / "untrusted.tflite").read_bytes()
     graph = normalize(read_model(model))
-    part = partition(graph)
+    part = _partition(model, scheme)
     public = read_model(untrusted)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     # An exact split's layer holds W' whole, and beside it W' rounded to a coarse grid and the remainder

@@ -12,6 +12,11 @@ from converters.graph import Graph, write_model
 INPUT_SHAPE = (1, 16, 16, 3)
 
 
+# The default keeps depthwise layers in the TEE (groupmix's ``depthwise="tee"``); tests of the offloaded
+# depthwise rounds (their obfuscation, checks, masks and attacks) convert with this scheme.
+DEPTHWISE_OFFLOADED = "groupmix:depthwise=offload"
+
+
 def protect_small_cnn(tmp_path_factory, name: str, seed: int, multiplier: int = 2, **kw) -> str:
     """``small_cnn(multiplier=multiplier)`` converted into a fresh directory ``name`` with the reproducible
     (INSECURE, tests only) secrets of ``seed``; ``kw`` as ``shadownet.convert`` takes them. Returns the

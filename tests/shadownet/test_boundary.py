@@ -13,7 +13,7 @@ from ai_edge_litert import schema_py_generated as fb
 import shadownet
 from converters.graph import Graph, write_model
 from shadownet import audit
-from tests.shadownet.small_models import conv_options
+from tests.shadownet.small_models import DEPTHWISE_OFFLOADED, conv_options
 
 
 def _narrow_then_wide(seed: int = 0) -> bytes:
@@ -52,6 +52,9 @@ def narrow_then_wide(tmp_path_factory) -> Path:
 
 
 def _audit(directory: Path, name: str, **kw) -> dict:
+    """The audit of ``directory``'s model converted with ``kw`` (depthwise layers offloaded unless a scheme
+    is given: the rounds these attacks read)."""
+    kw.setdefault("scheme", DEPTHWISE_OFFLOADED)
     out = directory / name
     if out.exists():
         return _report(out, directory)

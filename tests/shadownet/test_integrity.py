@@ -17,7 +17,7 @@ from shadownet.exceptions import IntegrityError, ShadowNetError
 from tee_sim import freivalds
 from tee_sim.freivalds import LayerCheck
 from tee_sim.ta_shadownet_kernels import runnable
-from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
+from tests.shadownet.small_models import DEPTHWISE_OFFLOADED, images, protect_small_cnn, reference, small_cnn
 
 BUILDS = runnable()
 
@@ -31,7 +31,7 @@ def _convert(tmp_path_factory, name: str, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def groupmix(tmp_path_factory) -> str:
-    return _convert(tmp_path_factory, "groupmix", scheme="groupmix")
+    return _convert(tmp_path_factory, "groupmix", scheme=DEPTHWISE_OFFLOADED)  # its checks included
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,8 @@ def test_every_tampering_is_caught(tampered, kind):
 
 @pytest.fixture(scope="module")
 def multiplier_one(tmp_path_factory) -> str:
-    return protect_small_cnn(tmp_path_factory, "multiplier_one", seed=5, multiplier=1, scheme="groupmix")
+    return protect_small_cnn(tmp_path_factory, "multiplier_one", seed=5, multiplier=1,
+                             scheme=DEPTHWISE_OFFLOADED)
 
 
 def test_a_depthwise_layer_of_multiplier_one_is_computed_by_the_tee(multiplier_one):

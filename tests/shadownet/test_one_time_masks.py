@@ -29,7 +29,8 @@ def _convert(tmp_path_factory, name: str, **kw) -> str:
 @pytest.fixture(scope="module")
 def all_rounds(tmp_path_factory) -> str:
     # Round 1 split (the default, auto, would not split this small model's): both kinds of one-time push.
-    return _convert(tmp_path_factory, "all_rounds", scheme="groupmix:exact_split=first", mask_rounds="all")
+    return _convert(tmp_path_factory, "all_rounds", scheme="groupmix:exact_split=first,depthwise=offload",
+                    mask_rounds="all")
 
 
 @pytest.fixture(scope="module")

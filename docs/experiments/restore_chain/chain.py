@@ -2,7 +2,7 @@
 channels -> compare with the real pointwise filters. Usage: chain.py N [round ...] (N <= inferences in seen32.npz)."""
 import os, sys, json, time, math, numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-from shadownet import attacks, audit
+from shadownet import attacks, audit, crossing_fits
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import FastICA
 
@@ -20,7 +20,7 @@ rng = np.random.default_rng(0)
 
 def restore(y, f):
     """Per follower channel j: coefficients c_j with f_j = c_j . y + b on positions where f_j > 0 (own
-    version of attacks.restore_rows, keeping the channel index). Returns dict j -> row."""
+    version of crossing_fits.restore_rows, keeping the channel index). Returns dict j -> row."""
     y = y.reshape(-1, y.shape[-1]).astype(np.float64); f = f.reshape(-1, f.shape[-1]).astype(np.float64)
     u = y.shape[1] + 1; out = {}
     for j in range(f.shape[1]):
@@ -144,7 +144,7 @@ for r in ROUNDS:
                 WI_real[:, a + c] = col * np.sign(col @ realsub[:, a + c]) * np.linalg.norm(realsub[:, a + c])
                 corr[s, :], corr[:, c] = -1, -1
     row = dict(round=r, layer=refl.name, filters=n, cin=cin, inferences=N, rows=len(R),
-               rows_rank=attacks.rank(R) if len(R) else 0,
+               rows_rank=crossing_fits.rank(R) if len(R) else 0,
                est_only=frac(est, real),
                hinge_raw=frac(WH, real), hinge_scaled=frac(WHs, real), hinge_unitcol=frac(colnorm(WH), real),
                hinge_fit_worst_rel=float(max(hq)),

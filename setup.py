@@ -1,6 +1,7 @@
 """The compiled parts: the trusted app's C kernels - restore / push (tee_sim/ta_shadownet_kernels.c),
 Freivalds' check (ta_shadownet_freivalds.c, ta_shadownet_freivalds_check.c and ta_shadownet_lanes.h), max
-pool and the small ops (ta_shadownet_max_pool.c, ta_shadownet_small_ops.c), what its pool refills compute
+pool, depthwise convolution and the small ops (ta_shadownet_max_pool.c, ta_shadownet_depthwise.c,
+ta_shadownet_small_ops.c), what its pool refills compute
 (ta_shadownet_pool.c), sharing ta_shadownet_kernels.h - and the secure world's fast path
 (tee_sim/secure_world_fast.c); plain C, loaded with ctypes. Everything else is configured in pyproject.toml.
 
@@ -17,7 +18,8 @@ from setuptools import Extension, setup
 # float kernels, and NaN/inf behave as in numpy.
 KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
 KERNEL_SOURCES = tuple(f"tee_sim/ta_shadownet_{name}.c" for name in
-                       ("kernels", "freivalds", "freivalds_check", "max_pool", "small_ops", "pool"))
+                       ("kernels", "freivalds", "freivalds_check", "max_pool", "depthwise", "small_ops",
+                        "pool"))
 KERNEL_HEADERS = ["tee_sim/ta_shadownet_kernels.h", "tee_sim/ta_shadownet_lanes.h"]
 AVX2 = ["-mavx2", "-mfma"]  # what sn_cpu_level checks
 AVX512 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]

@@ -2,7 +2,8 @@
 qualify and their instruction forms (the TA's kernels: ``tee_sim.ta_shadownet_numpy_ops``; ``max_pool``
 runs as a C kernel instead, ``tee_sim.ta_shadownet_max_pool``, with the same results, and so do ``mean``
 over an image's positions and ``softmax``, ``tee_sim.ta_shadownet_small_ops``, within float32 rounding of
-LiteRT's). The activations
+LiteRT's, and ``depthwise``, a depthwise convolution the scheme keeps in the TEE,
+``tee_sim.ta_shadownet_depthwise``, likewise). The activations
 among them are also fused into the restore of the offloaded op they follow (``converters.plan_rounds``).
 """
 
@@ -73,6 +74,18 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
                                                                            strict=True)]
         if None not in pad and min(*window, *stride) >= 1:
             return {"op": "max_pool", "window": list(window), "stride": list(stride), "pad": pad}, [0]
+    elif kind == "DEPTHWISE_CONV_2D" and floats(0, 1, 2) and len(out) == 4 \
+            and g.tensors[op.inputs[0]].data is None and len(g.tensors[op.inputs[0]].shape) == 4 \
+            and const(1) is not None and const(2) is not None:
+        o, (_, h, w, c), weights = op.options, g.tensors[op.inputs[0]].shape, const(1)
+        stride = (o.strideH, o.strideW)
+        dilation = (getattr(o, "dilationHFactor", 1) or 1, getattr(o, "dilationWFactor", 1) or 1)
+        if weights.ndim == 4 and weights.shape[0] == 1 and weights.shape[3] == c == out[3] \
+                and const(2).shape == (c,) and dilation == (1, 1) and min(stride) >= 1:
+            pad = [_pool_padding(size, k, s_, o.padding, m) for size, k, s_, m in
+                   zip((h, w), weights.shape[1:3], stride, out[1:3], strict=True)]
+            if None not in pad:
+                return {"op": "depthwise", "stride": list(stride), "pad": pad}, [0, 1, 2]
     elif kind == "CONCATENATION" and floats(*range(len(op.inputs))):
         axis = op.options.axis % len(out)
         return {"op": "concat", "axis": axis}, list(range(len(op.inputs)))

@@ -14,8 +14,8 @@ over preallocated arrays, so an inference allocates nothing:
 - ``copy``: between secure slots, LiteRT's tensors and the shared input/output buffers;
 - numpy ops (``binary``, ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``):
   the TEE's own ops that the TA runs itself on its arena, exact as LiteRT's
-  (``tee_sim.ta_shadownet_numpy_ops``); ``max_pool`` likewise, one call of a C kernel
-  (``tee_sim.ta_shadownet_max_pool``);
+  (``tee_sim.ta_shadownet_numpy_ops``); ``max_pool`` and ``depthwise`` likewise, one call of a C kernel
+  each (``tee_sim.ta_shadownet_max_pool``, ``tee_sim.ta_shadownet_depthwise``);
 - ``litert``: one signature of the TEE-side ``.tflite`` that holds the step's other ops (LiteRT gives
   their exact semantics: RESIZE_BILINEAR, MEAN, SOFTMAX, ...), invoked in place on
   tensors whose buffers the restores and copies write directly.
@@ -137,7 +137,8 @@ class ShadowNetTA(TrustedApp):
                     "tee_sim.obfuscated_weights", "tee_sim.one_time_masks", "tee_sim.freivalds",
                     "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",
                     "tee_sim.ta_shadownet_linears", "tee_sim.ta_shadownet_restore_push",
-                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_small_ops",
+                    "tee_sim.ta_shadownet_max_pool", "tee_sim.ta_shadownet_depthwise",
+                    "tee_sim.ta_shadownet_small_ops",
                     "tee_sim.ta_shadownet_steps", "tee_sim.ta_shadownet_compile",
                     "tee_sim.ta_shadownet_kernels")
     CODE_FILES = KERNEL_SOURCES

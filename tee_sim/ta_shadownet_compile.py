@@ -19,6 +19,7 @@ import numpy as np
 
 from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.program import ALIGN
+from tee_sim.ta_shadownet_depthwise import compile_depthwise
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements
@@ -63,6 +64,9 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
         if op == "softmax":
             return compile_softmax(instr, src, dst)
         return compile_max_pool(instr, src, dst)
+    if op == "depthwise":
+        (src, weights, bias), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
+        return compile_depthwise(instr, src, weights, bias, dst)
     if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's
         (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         kernel = compile_copy(src, dst)

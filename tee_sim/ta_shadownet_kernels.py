@@ -1,12 +1,13 @@
 """The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push;
 ``ta_shadownet_freivalds.c`` and ``ta_shadownet_freivalds_check.c``, the check, sharing
-``ta_shadownet_lanes.h``; ``ta_shadownet_max_pool.c``; ``ta_shadownet_small_ops.c``;
-``ta_shadownet_pool.c``, the pool refill's; sharing ``ta_shadownet_kernels.h``; one library, built by
-``setup.py``), loaded.
+``ta_shadownet_lanes.h``; ``ta_shadownet_max_pool.c``; ``ta_shadownet_depthwise.c``;
+``ta_shadownet_small_ops.c``; ``ta_shadownet_pool.c``, the pool refill's; sharing ``ta_shadownet_kernels.h``;
+one library, built by ``setup.py``), loaded.
 
 Plain C without the Python API, called through ``ctypes`` with one structure per call, prepared once:
 ``sn_run`` (restore / push, ``tee_sim.ta_shadownet_restore_push``), ``sn_max_pool``
-(``tee_sim.ta_shadownet_max_pool``), ``sn_small_op`` (``tee_sim.ta_shadownet_small_ops``), ``fv_prepare``,
+(``tee_sim.ta_shadownet_max_pool``), ``sn_depthwise`` (``tee_sim.ta_shadownet_depthwise``), ``sn_small_op``
+(``tee_sim.ta_shadownet_small_ops``), ``fv_prepare``,
 ``fv_check`` and ``fv_draw`` (Freivalds' check and the projections its pool draws, ``tee_sim.freivalds``),
 ``sn_pop`` (a one-time-masked conv's pop mask, ``tee_sim.one_time_masks.conv_pop``). The C files say why C
 and how each kernel works.
@@ -24,7 +25,7 @@ from pathlib import Path
 # Measured with the TA's code (the libraries are built from them).
 SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}") for name in
                 ("kernels.h", "lanes.h", "kernels.c", "freivalds.c", "freivalds_check.c", "max_pool.c",
-                 "small_ops.c", "pool.c"))
+                 "depthwise.c", "small_ops.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 
@@ -36,7 +37,8 @@ def _find(suffix: str) -> str | None:
 
 def _open(path: str) -> ctypes.CDLL:
     library = ctypes.CDLL(path)
-    for name in ("sn_run", "sn_max_pool", "sn_small_op", "fv_prepare", "fv_check", "fv_draw", "sn_pop"):
+    for name in ("sn_run", "sn_max_pool", "sn_depthwise", "sn_small_op", "fv_prepare", "fv_check", "fv_draw",
+                 "sn_pop"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
         function.restype = ctypes.c_int

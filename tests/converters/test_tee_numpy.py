@@ -228,3 +228,61 @@ def test_a_residual_add_and_its_activation_are_done_by_the_restore(tmp_path, mon
     assert len(residual) == 1 and residual[0]["activation"] == "RELU"
     assert not any(i["op"] == "activation" for i in instrs)
     assert [i["kind"] for i in instrs if i["op"] == "binary"] == ["ADD"]  # the pair's, in numpy
+
+
+def _depthwise_model() -> bytes:
+    """Depthwise layers as the default scheme keeps them in the TEE: stride 1 SAME with ReLU6, stride 2
+    VALID after a PAD (Keras's), no activation, and two the TA's kernel does not take (depth multiplier 2,
+    dilation 2), which LiteRT runs; a 1x1 conv between them on the accelerator."""
+    rng = np.random.default_rng(7)
+    g = Graph()
+    act = fb.ActivationFunctionType
+
+    def depthwise(x, shape, c_out, padding, stride, activation, multiplier=1, dilation=1):
+        o = fb.DepthwiseConv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.depthMultiplier = padding, stride, stride, multiplier
+        o.dilationHFactor = o.dilationWFactor = dilation
+        o.fusedActivationFunction = activation
+        w = g.add_tensor(f"w{len(g.ops)}", (1, 3, 3, c_out), np.float32,
+                         rng.standard_normal((1, 3, 3, c_out)))
+        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        y = g.add_tensor(f"y{len(g.ops)}", shape, np.float32)
+        g.add_op("DEPTHWISE_CONV_2D", [x, w, b], [y], o)
+        return y
+
+    x = g.add_tensor("input", (1, 12, 12, 16), np.float32)
+    a = depthwise(x, (1, 12, 12, 16), 16, fb.Padding.SAME, 1, act.RELU6)
+    padded = g.add_tensor("padded", (1, 13, 13, 16), np.float32)
+    g.add_op("PAD", [a, g.add_tensor("paddings", (4, 2), np.int32, [[0, 0], [0, 1], [0, 1], [0, 0]])],
+             [padded], fb.PadOptionsT())
+    b = depthwise(padded, (1, 6, 6, 16), 16, fb.Padding.VALID, 2, act.NONE)
+    o = fb.Conv2DOptionsT()
+    o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+    c = g.add_tensor("c", (1, 6, 6, 16), np.float32)
+    cw = g.add_tensor("cw", (16, 1, 1, 16), np.float32, rng.standard_normal((16, 1, 1, 16)) * 0.3)
+    g.add_op("CONV_2D", [b, cw, g.add_tensor("cb", (16,), np.float32, np.zeros(16))], [c], o)
+    d = depthwise(c, (1, 6, 6, 32), 32, fb.Padding.SAME, 1, act.RELU, multiplier=2)
+    e = depthwise(d, (1, 6, 6, 32), 32, fb.Padding.SAME, 1, act.NONE, dilation=2)
+    g.inputs, g.outputs = [x], [e]
+    return write_model(g)
+
+
+def test_depthwise_layers_in_the_tee_run_in_its_kernel(tmp_path):
+    """The default keeps depthwise layers in the TEE: those of multiplier 1 without dilation run in the
+    TA's kernel on its arena (no LiteRT arena of their own), the others through LiteRT; LiteRT's results."""
+    model = _depthwise_model()
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manifest = convert(model, tmp_path / "out", seed=0, device=device)
+        summary = manifest["summary"]
+        assert summary["offloaded_ops"] == 1 and summary["tee_linear_kinds"] == ["DEPTHWISE_CONV_2D"]
+        # Two depthwise layers, the PAD, and the RELU6 and RELU the converter splits off the fused ones
+        assert summary["tee_numpy_ops"] == 5
+        assert summary["tee_litert_ops"] == 2  # multiplier 2, dilation 2
+        rng = np.random.default_rng(0)
+        with Driver(device, tmp_path / "out") as run:
+            for _ in range(3):
+                x = rng.standard_normal((1, 12, 12, 16)).astype(np.float32)
+                got, want = run(x), litert(model, x)
+                assert relative_error(got, want) <= 1e-5

@@ -283,15 +283,16 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
     identity, measurement = cls.code_identity(), cls.measurement()
     for module in (b"tee_sim.ta_shadownet_restore_push", b"tee_sim.ta_shadownet_linears",
                    b"tee_sim.ta_shadownet_small_ops", b"tee_sim.ta_shadownet_steps",
-                   b"tee_sim.ta_shadownet_max_pool", b"tee_sim.ta_shadownet_compile"):
+                   b"tee_sim.ta_shadownet_max_pool", b"tee_sim.ta_shadownet_depthwise",
+                   b"tee_sim.ta_shadownet_compile"):
         assert module in identity
     names = [path.name for path in SOURCES]
     assert names == ["ta_shadownet_kernels.h", "ta_shadownet_lanes.h", "ta_shadownet_kernels.c",
                      "ta_shadownet_freivalds.c", "ta_shadownet_freivalds_check.c", "ta_shadownet_max_pool.c",
-                     "ta_shadownet_small_ops.c", "ta_shadownet_pool.c"]
+                     "ta_shadownet_depthwise.c", "ta_shadownet_small_ops.c", "ta_shadownet_pool.c"]
     assert all(path.read_bytes() in identity for path in SOURCES)
     kernels = (b"fv_check_tile", b"dot_groups", b"sn_run", b"prepare_tiled", b"check_rows", b"sn_max_pool",
-               b"sn_small_op", b"fv_draw")
+               b"sn_depthwise", b"sn_small_op", b"fv_draw")
     for i, name in enumerate(kernels):
         assert name in SOURCES[i].read_bytes()
         changed = tmp_path / SOURCES[i].name

@@ -1,0 +1,61 @@
+"""The ShadowNet trusted app's ``depthwise`` (DEPTHWISE_CONV_2D of depth multiplier 1, no dilation, kept in
+the TEE by the default scheme; ``converters.plan_numpy``): one call of the C kernel ``sn_depthwise``
+(``tee_sim/ta_shadownet_depthwise.c``, which says why and how close to LiteRT), its parameters packed into a
+``ctypes`` structure once, when the program is bound. As a single kernel call it also runs on the secure
+world's fast path (``ShadowNetTA.step_program``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tee_sim.ta_shadownet_kernels import LIBRARY
+
+SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
+
+
+class _Depthwise(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
+                                            ("n", "h", "w", "c", "src_img", "src_row", "src_pix")),
+                ("weights", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
+                                            ("oh", "ow", "dst_img", "dst_row", "dst_pix")),
+                *((f, ctypes.c_int32) for f in ("kh", "kw", "sh", "sw", "top", "left"))]
+
+
+def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
+    """An NHWC float32 array's image, row and pixel strides in floats; its channels must be contiguous."""
+    if array.dtype != np.float32 or array.ndim != 4 or (array.shape[-1] > 1 and array.strides[-1] != 4) \
+            or any(s % 4 for s in array.strides):
+        raise ValueError(f"depthwise {what}: {array.dtype} {array.shape} strides {array.strides}")
+    return tuple(s // 4 for s in array.strides[:3])
+
+
+def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarray, bias: np.ndarray,
+                      dst: np.ndarray) -> Callable[[], Any]:
+    """``dst = depthwise(src, weights) + bias`` with the instruction's ``stride`` and ``pad`` (``[[top,
+    bottom], [left, right]]``, zeros), in place on ``dst``; ``weights`` LiteRT's ``[1, kh, kw, C]``, ``bias``
+    ``[C]``."""
+    (sh, sw), ((top, bottom), (left, right)) = instr["stride"], instr["pad"]
+    n, h, w, c = src.shape
+    if weights.ndim != 4 or weights.shape[0] != 1 or weights.shape[3] != c or not weights.flags.c_contiguous \
+            or bias.shape != (c,) or not bias.flags.c_contiguous or weights.dtype != np.float32 \
+            or bias.dtype != np.float32:
+        raise ValueError(f"depthwise of {src.shape}: weights {weights.shape}, bias {bias.shape}")
+    kh, kw = weights.shape[1:3]
+    oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
+    if dst.shape != (n, oh, ow, c) or min(sh, sw, oh, ow) < 1 or min(top, bottom, left, right) < 0 \
+            or (oh - 1) * sh + kh > h + top + bottom or (ow - 1) * sw + kw > w + left + right:
+        raise ValueError(f"depthwise {src.shape} -> {dst.shape}: kernel {kh}x{kw}, stride {sh}x{sw}, "
+                         f"pad {instr['pad']}")
+    params = _Depthwise(src.ctypes.data, n, h, w, c, *_strides(src, "input"), weights.ctypes.data,
+                        bias.ctypes.data, dst.ctypes.data, oh, ow, *_strides(dst, "output"),
+                        kh, kw, sh, sw, top, left)
+    run, address = LIBRARY.sn_depthwise, ctypes.addressof(params)
+    kernel = lambda keep=(params, src, weights, bias, dst): run(address)  # noqa: E731 - has an attribute
+    kernel.c_call = (SN_DEPTHWISE, address)
+    return kernel

@@ -297,9 +297,9 @@ def chance_any(p: float, candidates: int) -> float:
 # One layer, every attack
 # ---------------------------------------------------------------------------------------------
 
-WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
-                  "restore_regression", "input_unmixing")
 CROSSING_ATTACKS = ("restore_regression", "input_unmixing")  # estimates made from the crossings
+WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
+                  *CROSSING_ATTACKS)
 
 
 def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS,
@@ -311,6 +311,9 @@ def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float
     estimates of the attacks that read the crossings (``CROSSING_ATTACKS``: ``shadownet.boundary``), as rows
     like the filters; an attack not given has none (nothing observed).
     """
+    unknown = set(from_crossings or ()) - set(CROSSING_ATTACKS)
+    if unknown:
+        raise ValueError(f"not attacks on the crossings: {sorted(unknown)}")
     obf = _as_rows(obfuscated)
     ref = _as_rows(reference)
     n, d = ref.shape

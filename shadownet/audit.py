@@ -92,19 +92,27 @@ def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = N
 LAYER_KINDS = {"CONV_2D": "conv", "FULLY_CONNECTED": "dense", "DEPTHWISE_CONV_2D": "depthwise"}
 
 
-def _kept_in_tee(manifest: dict) -> frozenset[str]:
-    """The kinds of linear layer the manifest's scheme keeps in the TEE (its ``in_tee``, which
-    ``converters.partition`` follows), as ``LinearLayer.kind`` names them; none for a scheme unknown here."""
+def _manifest_scheme(manifest: dict) -> Any | None:
+    """The scheme object the manifest names, with its public parameters (None for one unknown here). A
+    ``groupmix`` manifest written before its ``depthwise`` parameter existed offloaded depthwise layers."""
     from converters.schemes import get_scheme
 
     scheme = manifest.get("scheme") or {}
     if not scheme.get("name"):
-        return frozenset()
+        return None
+    params = dict(scheme.get("params") or {})
+    if scheme["name"] == "groupmix":
+        params.setdefault("depthwise", "offload")
     try:
-        chosen = get_scheme(scheme["name"], **(scheme.get("params") or {}))
+        return get_scheme(scheme["name"], **params)
     except (ValueError, TypeError):
-        return frozenset()
-    return frozenset(LAYER_KINDS[k] for k in getattr(chosen, "in_tee", ()) if k in LAYER_KINDS)
+        return None
+
+
+def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
+    """The kinds of linear layer ``scheme`` keeps in the TEE (its ``in_tee``, which ``converters.partition``
+    follows), as ``LinearLayer.kind`` names them."""
+    return frozenset(LAYER_KINDS[k] for k in getattr(scheme, "in_tee", ()) if k in LAYER_KINDS)
 
 
 def _specs(inputs: list[tuple[list[int], str]]) -> str:
@@ -410,8 +418,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
           progress: bool = False) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
-    ``inferences`` protected inferences are observed at the boundary for the restore regression and the
-    input-leakage figures (0 skips them).
+    ``inferences`` protected inferences are observed at the boundary for the attacks on the crossings (the
+    restore regression, the input unmixing) and the input-leakage figures (0 skips them).
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)
@@ -425,7 +433,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "scheme": (manifest.get("scheme") or {}).get("name"),
         "threshold": attacks.RECOVERY_COS,
     }
-    kept = _kept_in_tee(manifest)
+    scheme = _manifest_scheme(manifest)
+    kept = _kept_in_tee(scheme)
     if kept:
         # The scheme ran them in the TEE (groupmix:depthwise=tee): nothing of theirs crosses, nothing to pair.
         report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
@@ -440,16 +449,16 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             seen = observe_boundary(out_dir, batches)
         except ShadowNetError as exc:
             # The attacks on the weights alone stand on their own; say plainly what could not be measured.
-            why = f"no crossing observed, so no restore regression either: {str(exc).splitlines()[0]}"
+            why = (f"no crossing observed, so no restore regression or input unmixing either: "
+                   f"{str(exc).splitlines()[0]}")
             report["input_leakage"] = {"inferences": inferences, "error": why}
     restores = unmixed = None
     if seen is not None:
         restores = learn_restores(seen, obf)
-        group = int(((manifest.get("scheme") or {}).get("params") or {}).get("input_group") or 0)
-        if group >= 2:  # the scheme mixes its layers' inputs in blocks of this many channels
+        if hasattr(scheme, "input_blocks"):  # the scheme mixes its layers' inputs in public blocks
             if progress:
                 _progress("undoing the input mixing of the layers whose restore the crossings gave away")
-            unmixed = unmix_inputs(seen, obf, restores, group=group)
+            unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks)
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)

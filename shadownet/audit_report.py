@@ -33,8 +33,7 @@ def format_report(report: dict) -> str:
             + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
     learnt = [r for r in report["layers"] if r.get("restore", {}).get("rank")]
     if "input_leakage" not in report:
-        lines.append("restore regression (rreg) and input unmixing (unmx): not run (no inference observed: "
-                     "--inferences 0)")
+        lines.append("restore regression (rreg) and input unmixing (unmx): not run (no inference observed)")
     elif learnt:
         rank = sum(r["restore"]["rank"] for r in learnt)
         lines.append(f"restore regression (rreg): {rank} independent rows of {len(learnt)} layers' restores "

@@ -8,6 +8,7 @@ offloaded layer's secrets: the rows of its restore (``learn_restores``), then it
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -132,29 +133,28 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
 
 
 def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[str, dict],
-                 group: int = 16) -> dict[str, dict]:
+                 input_blocks: Callable[[int], list[tuple[int, int]] | None]) -> dict[str, dict]:
     """For each layer whose restore rows were learnt (``learn_restores``), its input's mixing undone block
     by block (``crossing_fits.input_mixing``) against an earlier round's results that the TEE activated and
     mixed into that input - the nearest earlier one that fits, at the input's positions (cropped where
-    the TEE padded it: ``_crops``). The blocks are the scheme's public structure: ``group`` consecutive
-    channels (``input_group``), cut as ``converters.schemes.groupmix.split_groups`` cuts them. By layer
+    the TEE padded it: ``_crops``). The blocks are the scheme's public structure: ``input_blocks(channels)``
+    (``GroupMixScheme.input_blocks``; None: not mixed). Conv layers only: a dense layer's input holds
+    several positions of its channels, flattened. By layer
     name: ``{"filters": (k, D) the rows' filters in the real input coordinates (0 in a block not learnt),
     "blocks": blocks learnt, "of": blocks in all, "earlier": the results that gave them}``; a layer none
     fits is left out."""
-    from converters.schemes.groupmix import split_groups
-
     unmixed: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     for layer in layers:
         learnt = restores.get(layer.name)
         signature = layer.name.partition("/")[0]
         mixed = seen.get(f"{signature}/in/{layer.input}") if layer.input else None
-        if not learnt or not len(learnt["rows"]) or mixed is None or layer.kind == "depthwise":
+        if not learnt or not len(learnt["rows"]) or mixed is None or layer.kind != "conv":
             continue
         channels = layer.kernel[-1]
-        if mixed.shape[-1] != channels or channels < 2:
+        cuts = input_blocks(channels)
+        if mixed.shape[-1] != channels or not cuts:
             continue
-        cuts = split_groups(channels, group)
         r = round_number(signature)
         earlier = sorted((name for name in seen if name.startswith("round_") and "/out/" in name
                           and round_number(name.split("/")[0]) < r and seen[name].shape[-1] == channels),

@@ -85,6 +85,7 @@ MIXING_KNOTS = 24  # knots per channel of the piecewise-linear first fit (at qua
 MIXING_REFITS = 8  # exact fits, each moving every threshold to where its two sides meet
 MIXING_MARGIN = 0.01  # positions this many standard deviations from a threshold sit out of the exact fit
 MIXING_CLIP = 0.2  # an opposite slope change this large against the largest one is a clip (ReLU6's 6)
+MIXING_MIN_ACTIVE = 64  # fitted positions a channel must be active on for its column to count
 
 
 def input_mixing(mixed: np.ndarray, earlier: np.ndarray, rng: np.random.Generator | None = None,
@@ -106,19 +107,23 @@ def input_mixing(mixed: np.ndarray, earlier: np.ndarray, rng: np.random.Generato
     from the activation being >= 0 (``B`` orthogonal: ``B^T mixed`` is the activation).
 
     Returns ``M`` (k, k): ``W' @ M`` (the accelerator's filters ``W B^-1`` times it) is ``W diag(|a|)``, the
-    real filters in the real channel order, each column scaled; a column is 0 for a channel never active
-    on the positions seen, and one always active with no activation has its sign unknown.
+    real filters in the real channel order, each column scaled; a column is 0 for a channel active on fewer
+    than ``MIXING_MIN_ACTIVE`` of the positions fitted, and one always active with no activation has its
+    sign unknown.
     None when no exact relation fits (another tensor, a masked one, another activation)."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    x_all = np.asarray(mixed).reshape(len(mixed), -1)
-    y_all = np.asarray(earlier).reshape(len(earlier), -1)
-    if x_all.shape != y_all.shape:
+    x_all, y_all = np.asarray(mixed), np.asarray(earlier)
+    if x_all.shape != y_all.shape or x_all.ndim != 2:
         raise ValueError(f"a block of {x_all.shape} and earlier results of {y_all.shape}: "
                          "not the same positions")
-    live = y_all.std(axis=0) > 0  # a constant channel adds a constant: nothing to learn, folded in the bias
+    finite = np.isfinite(x_all).all(axis=1) & np.isfinite(y_all).all(axis=1)  # a position, not a channel
+    x_all, y_all = x_all[finite], y_all[finite]
     k = x_all.shape[1]
+    if len(x_all) < 2:
+        return None
+    live = y_all.std(axis=0) > 0  # a constant channel adds a constant: nothing to learn, folded in the bias
     mixing = np.zeros((k, k))
-    if not (live.any() and np.isfinite(x_all).all() and np.isfinite(y_all[:, live]).all()):
+    if not live.any():
         return None
     found = _hinge_fit(x_all, y_all[:, live], rng, rtol)
     if found is None:
@@ -190,9 +195,19 @@ def _hinge_fit(x_all: np.ndarray, y_all: np.ndarray, rng: np.random.Generator,
     if (used & exact).sum() < max(0.25 * len(x), 4 * features.shape[1]):
         return None
     below, above = coef[:k].T, (coef[:k] + coef[k:2 * k]).T  # slopes on each side of each threshold
-    mixing = np.where(np.linalg.norm(above, axis=0) >= np.linalg.norm(below, axis=0), above, below)
+    fitted = used & exact
+    steep_above, steep_below = np.linalg.norm(above, axis=0), np.linalg.norm(below, axis=0)
+    upper = steep_above >= steep_below
+    mixing = np.where(upper, above, below)
+    # Where the channel is active: the side with the slope, or both where both have one (no kink: linear).
+    linear = np.minimum(steep_above, steep_below) > 0.5 * np.maximum(steep_above, steep_below)
+    active = (np.where(upper, y > t, y < t) | linear) & fitted[:, None]
+    # A side seen on a few positions only gives a slope the fit barely constrains (a channel active on
+    # 0.2% of them came out at 0.27x its norm, at random): such a column is not learnt, left 0.
+    mixing[:, active.sum(axis=0) < MIXING_MIN_ACTIVE] = 0.0
     # Each column's sign: the activation is >= 0, and with B orthogonal it is B^T x, so column c, which
-    # is B_c times a scale, has x . M_c >= 0 wherever the fit holds. (A channel that is always active
+    # is B_c times a scale, has x . M_c >= 0 where channel c is active. (A channel that is always active
     # and takes both signs - no activation - keeps the sign the fit gave: nothing tells it.)
-    side = (x[used & exact] @ mixing).mean(axis=0)
+    side = np.array([(x[active[:, c]] @ mixing[:, c]).mean() if active[:, c].any() else 0.0
+                     for c in range(k)])
     return mixing * np.where(side < 0, -1.0, 1.0)

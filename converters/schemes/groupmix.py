@@ -178,6 +178,13 @@ class GroupMixScheme:
         return ObfuscatedLinear(np.ascontiguousarray(weights), permutation, index, coef, input_index,
                                 input_coef)
 
+    def input_blocks(self, channels: int) -> list[tuple[int, int]] | None:
+        """The ``[a, b)`` blocks of consecutive input channels that a conv layer's input of ``channels`` is
+        mixed in (public: the secret is each block's matrix); None where it is not mixed."""
+        if self.input_group < 2 or channels < max(2, self.input_group // 2):
+            return None
+        return split_groups(channels, self.input_group)
+
     def _mix_inputs(self, w: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
         input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing)."""
@@ -194,7 +201,7 @@ class GroupMixScheme:
         # float32); the filters W' = W B^-1, so W' x' = W x with the float32 B exactly. No permutation
         # first: the push reads each group as a contiguous slice (one matmul, no gather), and the
         # mixing already hides every channel.
-        groups = split_groups(c, self.input_group)
+        groups = self.input_blocks(c)
         k = max(b - a for a, b in groups)
         index = np.zeros((k, c), np.int32)
         coef = np.zeros((k, c), np.float32)

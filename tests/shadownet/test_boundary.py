@@ -70,10 +70,11 @@ def _report(out: Path, directory: Path) -> dict:
 
 
 def test_unmasked_crossings_give_the_restore_away(narrow_then_wide):
-    """Default policy (round 1 masked only): each pointwise layer's restore is learnt from the next
+    """Depthwise layers offloaded, the default mask policy (round 1 masked only): each pointwise layer's
+    restore is learnt from the next
     round's input; the layer whose input is too narrow to mix is then recovered outright, the other one
     stands in its input's mixed coordinates, which the regression does not undo."""
-    rows = _audit(narrow_then_wide, "default")
+    rows = _audit(narrow_then_wide, "offloaded")
     narrow, wide = rows["round_3/y0"], rows["round_5/y0"]
     assert "error" not in rows["report"]["input_leakage"]
     assert narrow["restore"]["rank"] >= 0.9 * 32 and narrow["restore"]["follower"] == "round_4/in/x0"
@@ -98,8 +99,8 @@ def test_an_artifact_that_does_not_load_is_still_attacked_on_its_weights(narrow_
     import shutil
 
     out = tmp_path / "damaged"
-    _audit(narrow_then_wide, "default")  # converted by the test above, or here
-    shutil.copytree(narrow_then_wide / "default", out)
+    _audit(narrow_then_wide, "offloaded")  # converted by the test above, or here
+    shutil.copytree(narrow_then_wide / "offloaded", out)
     sealed = out / "secrets.sealed"
     data = bytearray(sealed.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -200,10 +201,11 @@ def depthwise_separable(tmp_path_factory) -> Path:
 
 
 def test_the_input_mixing_of_a_pointwise_layer_is_undone_from_the_depthwise_results(depthwise_separable):
-    """Default policy: each pointwise layer's restore rows come from the next depthwise round's input,
+    """Depthwise layers offloaded, the default mask policy: each pointwise layer's restore rows come from
+    the next depthwise round's input,
     then its input mixing from the previous depthwise round's results, both crossing unmixed and unmasked:
     the real filters, with no reference weight used (SECURITY.md)."""
-    rows = _audit(depthwise_separable, "default")
+    rows = _audit(depthwise_separable, "offloaded")
     report = rows["report"]
     assert "error" not in report["input_leakage"]
     for name, earlier in (("round_3/y0", "round_2/out/y0"), ("round_5/y0", "round_4/out/y0")):
@@ -219,8 +221,9 @@ def test_the_input_mixing_of_a_pointwise_layer_is_undone_from_the_depthwise_resu
 
 
 @pytest.mark.parametrize("policy", [{"mask_rounds": "1,2,4,6"}, {"mask_rounds": "all"},
-                                    {"scheme": "groupmix:depthwise=tee"}],
-                         ids=["depthwise rounds masked", "every round masked", "depthwise in the TEE"])
+                                    {"scheme": "groupmix:depthwise=tee"}, {"scheme": None}],
+                         ids=["depthwise rounds masked", "every round masked", "depthwise in the TEE",
+                              "the default"])
 def test_masked_or_kept_depthwise_rounds_stop_the_input_unmixing(depthwise_separable, policy):
     name = "_".join(str(v).replace(",", "_").replace(":", "_").replace("=", "_") for v in policy.values())
     rows = _audit(depthwise_separable, name, **policy)
@@ -230,3 +233,16 @@ def test_masked_or_kept_depthwise_rounds_stop_the_input_unmixing(depthwise_separ
     assert not any(row.get("input_mixing") for row in layers)
     assert report["summary"]["conv_dense"]["recovered"]["input_unmixing"] == 0
     assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
+
+
+def test_the_layers_a_scheme_keeps_in_the_tee_come_from_its_manifest():
+    """groupmix keeps depthwise layers in the TEE by default; a manifest written before its ``depthwise``
+    parameter existed offloaded them, and is audited so."""
+    params = {"group_size": 16, "input_group": 16}
+    kept = {name: audit._kept_in_tee(audit._manifest_scheme({"scheme": {"name": "groupmix", "params": p}}))
+            for name, p in (("old", params), ("tee", params | {"depthwise": "tee"}),
+                            ("offload", params | {"depthwise": "offload"}))}
+    assert kept == {"old": frozenset(), "tee": {"depthwise"}, "offload": frozenset()}
+    assert audit._kept_in_tee(audit._manifest_scheme({"scheme": {"name": "nonesuch"}})) == frozenset()
+    assert audit._manifest_scheme({"scheme": {"name": "groupmix", "params": params}}).input_blocks(40) == \
+        [(0, 13), (13, 27), (27, 40)]

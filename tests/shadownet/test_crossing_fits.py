@@ -95,3 +95,31 @@ def test_input_mixing_fits_nothing_without_the_exact_relation(hidden):
     else:  # half the block's channels came from elsewhere (the results' channels cut into other blocks)
         y[:, 8:] = rng.standard_normal((len(y), 8))
     assert crossing_fits.input_mixing(x, y, rng) is None
+
+
+def test_a_channel_active_on_a_few_positions_is_not_learnt():
+    """Its slope rests on a few positions (0.3% of them: it came out at a random fraction of its norm,
+    or flipped): its column is left 0, the others exact."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(5)
+    k = 16
+    a = rng.uniform(0.5, 2.0, k) * rng.choice([-1.0, 1.0], k)
+    y = rng.standard_normal((6000, k)) / np.abs(a)
+    b = rng.uniform(-1.0, 1.0, k)
+    b[0] = norm.ppf(0.003)  # a y ~ N(0, 1): channel 0 above 0 on 0.3% of the positions
+    mixing = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    x = np.clip(a * y + b, 0.0, 3.5) @ mixing.T
+    got = crossing_fits.input_mixing(x.astype(np.float32), y.astype(np.float32), rng)
+    want = mixing * np.abs(a)
+    assert not got[:, 0].any()
+    assert np.abs(got[:, 1:] - want[:, 1:]).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_position_that_is_not_finite_is_left_out():
+    rng = np.random.default_rng(6)
+    y, x, want = _mixed_block(rng, extremes=False)
+    y[5, 2], x[9, 4] = np.nan, np.inf
+    got = crossing_fits.input_mixing(x, y, rng)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert crossing_fits.input_mixing(x[:0], y[:0], rng) is None

@@ -77,6 +77,7 @@ class TeeProgramBuilder(RoundsBuilder):
                     units.append({"kind": "numpy", "key": f"numpy:{i}", "ops": [i], "form": form,
                                   "data": data})
             flush()
+            units = _fuse_depthwise_clamps(g, units)
             for unit in units:
                 inside: set[int] = set()
                 needed: list[int] = []
@@ -205,17 +206,17 @@ class TeeProgramBuilder(RoundsBuilder):
             for unit in self.units[k]:
                 if unit["kind"] == "numpy":
                     i = unit["ops"][0]
-                    op = g.ops[i]
+                    op, last = g.ops[i], g.ops[unit["ops"][-1]]  # last: an activation fused into it
                     if i in elided:  # a concatenation written in place, a split read in place
                         for t in op.outputs:
                             loc[t] = place(t, k)
                         continue
                     srcs = [ref(op.inputs[j]) for j in unit["data"]]
                     reads = tuple(op.inputs[j] for j in unit["data"])
-                    for t in op.outputs:
+                    for t in last.outputs:
                         loc[t] = place(t, k)
-                    add(k, {**unit["form"], "srcs": srcs, "dsts": [loc[t] for t in op.outputs]},
-                        writes=tuple(op.outputs), reads=reads)
+                    add(k, {**unit["form"], "srcs": srcs, "dsts": [loc[t] for t in last.outputs]},
+                        writes=tuple(last.outputs), reads=reads)
                     continue
                 key = unit["key"]
                 for t in unit["inputs"]:
@@ -413,3 +414,26 @@ def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dic
         slots[name] = {"offset": offset, "shape": list(shape), "dtype": "float32"}
     size = max((align(e) for _, e, _, _ in placed), default=0)
     return slots, max(size, ALIGN)
+
+
+DEPTHWISE_CLAMPS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})  # tee_sim.ta_shadownet_depthwise.CLAMPS
+
+
+def _fuse_depthwise_clamps(g: Any, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A step's units with each clamp activation that only reads a depthwise layer's output, right after it,
+    fused into the layer's unit (its kernel clamps as it writes: one pass over the tensor fewer, and the
+    layer's own output never stored; ``converters.normalize`` had split it off)."""
+    fused: list[dict[str, Any]] = []
+    for unit in units:
+        before = fused[-1] if fused else None
+        if (before is not None and unit["kind"] == "numpy" and before["kind"] == "numpy"
+                and before["form"]["op"] == "depthwise" and "activation" not in before["form"]
+                and unit["form"]["op"] == "activation" and unit["form"]["activation"] in DEPTHWISE_CLAMPS):
+            made = g.ops[before["ops"][0]].outputs[0]
+            if g.ops[unit["ops"][0]].inputs[0] == made and g.consumers(made) == [unit["ops"][0]] \
+                    and made not in g.outputs:
+                fused[-1] = {**before, "key": before["key"], "ops": [*before["ops"], *unit["ops"]],
+                             "form": {**before["form"], "activation": unit["form"]["activation"]}}
+                continue
+        fused.append(unit)
+    return fused

@@ -1,13 +1,14 @@
 /* The ShadowNet trusted app's depthwise convolution (tee_sim.ta_shadownet_depthwise): DEPTHWISE_CONV_2D of
- * depth multiplier 1, no dilation, over an NHWC tensor whose channels are contiguous, with its bias (its
- * activation is an op of its own: converters.normalize splits fused ones off). The default scheme runs a
+ * depth multiplier 1, no dilation, over an NHWC tensor whose channels are contiguous, with its bias and the
+ * clamp of the activation after it, if any (ReLU, ReLU6, ReLU_N1_TO_1: converters.plan_tee fuses it back).
+ * The default scheme runs a
  * model's depthwise layers in the TEE (offloaded, their rounds give the pointwise layers around them away:
  * SECURITY.md); through the TEE-side LiteRT each kept an arena of its own, its input and its output
  * (MobileNet: 20.5 MiB of secure memory for 13 layers), and each crossing into it cost a copy. Here the layer
  * reads the TA's liveness-planned arena and writes into it.
  *
  * Each output is the bias plus the window's taps in row-major order, positions in the padding skipped (they
- * add zero); vectorised across channels. Not LiteRT's summation order (XNNPACK's differs from its reference
+ * add zero), then clamped; vectorised across channels. Not LiteRT's summation order (XNNPACK's differs from its reference
  * kernel's too): within float32 rounding of LiteRT's result, not bit for bit.
  */
 #include <math.h>
@@ -24,10 +25,20 @@ typedef struct {
     float *dst;
     int64_t oh, ow, dst_img, dst_row, dst_pix;
     int32_t kh, kw, sh, sw, top, left;
+    float lo, hi;                                    /* the activation's clamp (-inf, inf: none) */
 } sn_depthwise_params;
+
+/* max then min, as LiteRT's ReLU kernels (a NaN passes through) */
+INLINE vn clamp(vn v, vn lo, vn hi) {
+    v = select(v < lo, lo, v);
+    return select(v > hi, hi, v);
+}
+
+INLINE float clamp1(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 int sn_depthwise(const sn_depthwise_params *s) {
     const int64_t c = s->c;
+    const vn lo = (vn){0} + s->lo, hi = (vn){0} + s->hi;
     for (int64_t i = 0; i < s->n; i++)
         for (int64_t oy = 0; oy < s->oh; oy++) {
             const int64_t y0 = oy * s->sh - s->top;
@@ -48,7 +59,7 @@ int sn_depthwise(const sn_depthwise_params *s) {
                                  * loadn(s->weights + ((int64_t)ky * s->kw + kx) * c + k);
                         }
                     }
-                    storen(o + k, acc);
+                    storen(o + k, clamp(acc, lo, hi));
                 }
                 for (; k < c; k++) {
                     float acc = s->bias[k];
@@ -62,7 +73,7 @@ int sn_depthwise(const sn_depthwise_params *s) {
                                  * s->weights[((int64_t)ky * s->kw + kx) * c + k];
                         }
                     }
-                    o[k] = acc;
+                    o[k] = clamp1(acc, s->lo, s->hi);
                 }
             }
         }

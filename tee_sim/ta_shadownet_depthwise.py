@@ -8,6 +8,7 @@ world's fast path (``ShadowNetTA.step_program``).
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +19,19 @@ from tee_sim.ta_shadownet_kernels import LIBRARY
 SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
 
 
+# The activation fused into the layer (``converters.plan_tee``), as the clamp it is; None: none.
+CLAMPS = {None: (-math.inf, math.inf), "RELU": (0.0, math.inf), "RELU6": (0.0, 6.0),
+          "RELU_N1_TO_1": (-1.0, 1.0)}
+
+
 class _Depthwise(ctypes.Structure):
     _fields_ = [("src", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
                                             ("n", "h", "w", "c", "src_img", "src_row", "src_pix")),
                 ("weights", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
                                             ("oh", "ow", "dst_img", "dst_row", "dst_pix")),
-                *((f, ctypes.c_int32) for f in ("kh", "kw", "sh", "sw", "top", "left"))]
+                *((f, ctypes.c_int32) for f in ("kh", "kw", "sh", "sw", "top", "left")),
+                ("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
 
 def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
@@ -37,10 +44,13 @@ def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
 
 def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarray, bias: np.ndarray,
                       dst: np.ndarray) -> Callable[[], Any]:
-    """``dst = depthwise(src, weights) + bias`` with the instruction's ``stride`` and ``pad`` (``[[top,
-    bottom], [left, right]]``, zeros), in place on ``dst``; ``weights`` LiteRT's ``[1, kh, kw, C]``, ``bias``
-    ``[C]``."""
+    """``dst = act(depthwise(src, weights) + bias)`` with the instruction's ``stride``, ``pad`` (``[[top,
+    bottom], [left, right]]``, zeros) and ``activation`` (``CLAMPS``), in place on ``dst``; ``weights``
+    LiteRT's ``[1, kh, kw, C]``, ``bias`` ``[C]``."""
     (sh, sw), ((top, bottom), (left, right)) = instr["stride"], instr["pad"]
+    if instr.get("activation") not in CLAMPS:
+        raise ValueError(f"depthwise: activation {instr.get('activation')!r}")
+    lo, hi = CLAMPS[instr.get("activation")]
     n, h, w, c = src.shape
     if weights.ndim != 4 or weights.shape[0] != 1 or weights.shape[3] != c or not weights.flags.c_contiguous \
             or bias.shape != (c,) or not bias.flags.c_contiguous or weights.dtype != np.float32 \
@@ -54,7 +64,7 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
                          f"pad {instr['pad']}")
     params = _Depthwise(src.ctypes.data, n, h, w, c, *_strides(src, "input"), weights.ctypes.data,
                         bias.ctypes.data, dst.ctypes.data, oh, ow, *_strides(dst, "output"),
-                        kh, kw, sh, sw, top, left)
+                        kh, kw, sh, sw, top, left, lo, hi)
     run, address = LIBRARY.sn_depthwise, ctypes.addressof(params)
     kernel = lambda keep=(params, src, weights, bias, dst): run(address)  # noqa: E731 - has an attribute
     kernel.c_call = (SN_DEPTHWISE, address)

@@ -269,8 +269,25 @@ def _depthwise_model() -> bytes:
 
 def test_depthwise_layers_in_the_tee_run_in_its_kernel(tmp_path):
     """The default keeps depthwise layers in the TEE: those of multiplier 1 without dilation run in the
-    TA's kernel on its arena (no LiteRT arena of their own), the others through LiteRT; LiteRT's results."""
+    TA's kernel on its arena (no LiteRT arena of their own), the ReLU6 after one fused into it, the others
+    through LiteRT; LiteRT's results."""
+    from converters.calibration import activation_stats, calibration_inputs
+    from converters.normalize import normalize
+    from converters.partition import partition
+    from converters.plan import build
+    from converters.schemes import get_scheme
+    from converters.tflite_reader import read_model
+
     model = _depthwise_model()
+    graph, scheme = normalize(read_model(model)), get_scheme(None)
+    part = partition(graph, scheme.in_tee)
+    needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r} | set(graph.inputs)
+    stats = activation_stats(graph, needed, calibration_inputs(graph, None))
+    steps = build(graph, part, scheme, np.random.default_rng(0), stats, [1]).program["steps"]
+    depthwise = [instr for step in steps for instr in step if instr["op"] == "depthwise"]
+    assert [d.get("activation") for d in depthwise] == ["RELU6", None]
+    assert not [instr for step in steps for instr in step if instr["op"] == "activation"
+                and instr["activation"] == "RELU6"]  # fused, not a pass of its own
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,7 +1,7 @@
 """The TA's depthwise convolution (``tee_sim.ta_shadownet_depthwise`` and its C ``sn_depthwise``) on every
-build of the kernels this CPU runs, against a float64 reference: zero padding, strides, fewer channels
-than a vector, and a channel slice read and written in place. Not LiteRT's summation order:
-within float32 rounding of the exact result."""
+build of the kernels this CPU runs, against a float64 reference: zero padding, strides, the clamps of the
+activations fused into it, fewer channels than a vector, and a channel slice read and written in place.
+Not LiteRT's summation order: within float32 rounding of the exact result."""
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ def kernels(request, monkeypatch):
     monkeypatch.setattr(dw, "LIBRARY", BUILDS[request.param])
 
 
-def _reference(x, weights, bias, stride, pad):
+def _reference(x, weights, bias, stride, pad, activation=None):
     (sh, sw), ((top, bottom), (left, right)) = stride, pad
     n, h, w, c = x.shape
     kh, kw = weights.shape[1:3]
@@ -28,31 +28,35 @@ def _reference(x, weights, bias, stride, pad):
     for i in range(kh):
         for j in range(kw):
             out += padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] * weights[0, i, j]
-    return out
+    return np.clip(out, *dw.CLAMPS[activation])
 
 
-CASES = [  # (input shape, kernel, stride, pad)
-    ((1, 8, 8, 32), (3, 3), (1, 1), ((1, 1), (1, 1))),   # MobileNet's, SAME
-    ((1, 9, 9, 64), (3, 3), (2, 2), ((0, 1), (0, 1))),   # stride 2 (the padding on one side)
-    ((2, 7, 5, 5), (3, 3), (2, 1), ((1, 1), (0, 0))),    # fewer channels than a vector, two images
-    ((1, 6, 10, 19), (5, 3), (1, 3), ((2, 2), (1, 1))),  # uneven kernel and stride
-    ((1, 4, 4, 16), (5, 5), (1, 1), ((2, 2), (2, 2))),   # windows mostly in the padding
+CASES = [  # (input shape, kernel, stride, pad, activation)
+    ((1, 8, 8, 32), (3, 3), (1, 1), ((1, 1), (1, 1)), "RELU6"),         # MobileNet's, SAME
+    ((1, 9, 9, 64), (3, 3), (2, 2), ((0, 1), (0, 1)), "RELU6"),         # stride 2 (padding on one side)
+    ((2, 7, 5, 5), (3, 3), (2, 1), ((1, 1), (0, 0)), None),             # fewer channels than a vector
+    ((1, 6, 10, 19), (5, 3), (1, 3), ((2, 2), (1, 1)), "RELU"),         # uneven kernel and stride
+    ((1, 4, 4, 16), (5, 5), (1, 1), ((2, 2), (2, 2)), "RELU_N1_TO_1"),  # windows mostly in the padding
 ]
 
 
-@pytest.mark.parametrize("shape, kernel, stride, pad", CASES)
-def test_matches_the_exact_result_within_float32_rounding(shape, kernel, stride, pad):
+@pytest.mark.parametrize("shape, kernel, stride, pad, activation", CASES)
+def test_matches_the_exact_result_within_float32_rounding(shape, kernel, stride, pad, activation):
     rng = np.random.default_rng(sum(shape))
     c = shape[-1]
     x = rng.normal(size=shape).astype(np.float32)
     weights = rng.normal(size=(1, *kernel, c)).astype(np.float32)
     bias = rng.normal(size=c).astype(np.float32)
-    want = _reference(x.astype(np.float64), weights.astype(np.float64), bias.astype(np.float64), stride, pad)
+    want = _reference(x.astype(np.float64), weights.astype(np.float64), bias.astype(np.float64), stride, pad,
+                      activation)
     got = np.full(want.shape, 7.0, np.float32)
-    instr = {"stride": list(stride), "pad": [list(p) for p in pad]}
+    instr = {"stride": list(stride), "pad": [list(p) for p in pad], "activation": activation}
     dw.compile_depthwise(instr, x, weights, bias, got)()
     scale = np.abs(x).max() * np.abs(weights).sum(axis=(0, 1, 2)).max() + np.abs(bias).max()
     assert np.abs(got - want).max() <= 1e-6 * scale
+    if activation is not None:  # the clamp bites
+        lo, hi = dw.CLAMPS[activation]
+        assert got.min() >= lo and got.max() <= hi and (got == max(lo, -1.0)).any()
 
 
 def test_reads_and_writes_channel_slices_in_place():
@@ -69,7 +73,7 @@ def test_reads_and_writes_channel_slices_in_place():
     assert (out[..., :10] == 9.0).all() and (out[..., 27:] == 9.0).all()  # nothing written outside
 
 
-@pytest.mark.parametrize("change", ["weights", "bias", "output", "stride", "pad"])
+@pytest.mark.parametrize("change", ["weights", "bias", "output", "stride", "pad", "activation"])
 def test_a_program_that_does_not_fit_is_refused(change):
     x = np.zeros((1, 8, 8, 16), np.float32)
     weights, bias = np.zeros((1, 3, 3, 16), np.float32), np.zeros(16, np.float32)
@@ -83,7 +87,9 @@ def test_a_program_that_does_not_fit_is_refused(change):
         out = np.zeros((1, 9, 8, 16), np.float32)
     elif change == "stride":
         instr["stride"] = [0, 1]
-    else:  # the windows would run past the padding
+    elif change == "pad":  # the windows would run past the padding
         instr["pad"] = [[0, 0], [0, 0]]
+    else:
+        instr["activation"] = "TANH"
     with pytest.raises(ValueError, match="depthwise"):
         dw.compile_depthwise(instr, x, weights, bias, out)

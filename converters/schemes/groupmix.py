@@ -64,7 +64,7 @@ fitting an affine map (the audit's measure) undoes; they need only their bias in
 What this does not hide (measured and reported by ``shadownet audit``): each group's span, in the
 accelerator's input coordinates (an attacker who could undo ``B`` and held close public
 weights could project them onto it); the group structure (obfuscated filters of one group are mutually
-orthogonal); depthwise kernel directions.
+orthogonal); with ``depthwise="offload"``, depthwise kernel directions.
 """
 
 from __future__ import annotations

@@ -54,6 +54,9 @@ def shape_of(model: Any, ref: str) -> tuple[int, ...]:
 def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
     """One instruction of a step as a closure over its arrays; ValueError when it does not fit them."""
     op = instr["op"]
+    written = [*instr.get("dsts", ()), *([instr["dst"]] if "dst" in instr else [])]
+    if any(not isinstance(ref, str) or ref.startswith("const:") for ref in written):
+        raise ValueError(f"{op} writes into {written}: the sealed constants are read-only")
     if op == "litert":
         wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
         return lambda: wrapper.Invoke(sub)

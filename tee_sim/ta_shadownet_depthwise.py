@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY
+from tee_sim.ta_shadownet_kernels import LIBRARY, window_geometry
 
 SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -47,11 +47,13 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
     """``dst = act(depthwise(src, weights) + bias)`` with the instruction's ``stride``, ``pad`` (``[[top,
     bottom], [left, right]]``, zeros) and ``activation`` (``CLAMPS``), in place on ``dst``; ``weights``
     LiteRT's ``[1, kh, kw, C]``, ``bias`` ``[C]``."""
-    (sh, sw), ((top, bottom), (left, right)) = instr["stride"], instr["pad"]
-    if instr.get("activation") not in CLAMPS:
+    (sh, sw), ((top, bottom), (left, right)) = window_geometry(instr)
+    if not isinstance(instr.get("activation"), str | None) or instr.get("activation") not in CLAMPS:
         raise ValueError(f"depthwise: activation {instr.get('activation')!r}")
     lo, hi = CLAMPS[instr.get("activation")]
     n, h, w, c = src.shape
+    if not dst.flags.writeable:
+        raise ValueError("depthwise: its output is read-only")
     if weights.ndim != 4 or weights.shape[0] != 1 or weights.shape[3] != c or not weights.flags.c_contiguous \
             or bias.shape != (c,) or not bias.flags.c_contiguous or weights.dtype != np.float32 \
             or bias.dtype != np.float32:

@@ -30,6 +30,22 @@ LANES = 16  # the width of the layouts the kernels share with Python (block matr
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 
 
+def window_geometry(instr: dict, window_key: str | None = None) -> tuple[list[int], ...]:
+    """A window kernel's ``stride`` (``[sh, sw]``, each 1 .. 2^31-1), ``pad`` (``[[top, bottom], [left,
+    right]]``, each 0 .. 2^31-1) and, if ``window_key``, that ``[fh, fw]`` (1 .. 2^31-1), as the C structures'
+    int32 fields hold them: ValueError for anything else (ctypes would wrap an out-of-range int silently)."""
+    def ints(value: object, low: int, what: str) -> list[int]:
+        if not (isinstance(value, list) and len(value) == 2
+                and all(type(v) is int and low <= v < 2 ** 31 for v in value)):
+            raise ValueError(f"{what} must be two integers in [{low}, 2^31), not {value!r}")
+        return value
+    pad = instr.get("pad")
+    if not (isinstance(pad, list) and len(pad) == 2):
+        raise ValueError(f"pad must be [[top, bottom], [left, right]], not {pad!r}")
+    found = (ints(instr.get("stride"), 1, "stride"), [ints(p, 0, "pad") for p in pad])
+    return (*found, ints(instr.get(window_key), 1, window_key)) if window_key else found
+
+
 def _find(suffix: str) -> str | None:
     spec = importlib.util.find_spec(f"tee_sim._ta_shadownet_kernels{suffix}")  # the built file, not imported
     return None if spec is None or spec.origin is None else spec.origin

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY
+from tee_sim.ta_shadownet_kernels import LIBRARY, window_geometry
 
 SN_MAX_POOL = ctypes.cast(LIBRARY.sn_max_pool, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -36,8 +36,9 @@ def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
 def compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
     """``dst = max_pool(src)`` with the instruction's ``window``, ``stride`` and ``pad`` (``[[top,
     bottom], [left, right]]``; positions in the padding never win), in place on both arrays."""
-    (fh, fw), (sh, sw) = instr["window"], instr["stride"]
-    (top, bottom), (left, right) = instr["pad"]
+    (sh, sw), ((top, bottom), (left, right)), (fh, fw) = window_geometry(instr, "window")
+    if not dst.flags.writeable:
+        raise ValueError("max pool: its output is read-only")
     n, h, w, c = src.shape
     oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
     if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0 \

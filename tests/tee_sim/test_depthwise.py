@@ -91,5 +91,36 @@ def test_a_program_that_does_not_fit_is_refused(change):
         instr["pad"] = [[0, 0], [0, 0]]
     else:
         instr["activation"] = "TANH"
-    with pytest.raises(ValueError, match="depthwise"):
+    with pytest.raises(ValueError, match="depthwise|stride"):
         dw.compile_depthwise(instr, x, weights, bias, out)
+
+
+@pytest.mark.parametrize("instr", [{"stride": [1, 1], "pad": [[2 ** 32, 1], [1, 1]]},
+                                   {"stride": [2 ** 32 + 1, 1], "pad": [[1, 1], [1, 1]]},
+                                   {"stride": None, "pad": [[1, 1], [1, 1]]},
+                                   {"stride": [1, 1], "pad": [[1, 1.5], [1, 1]]},
+                                   {"stride": [True, 1], "pad": [[1, 1], [1, 1]]}],
+                         ids=["pad past int32", "stride past int32", "no stride", "a float pad", "a bool"])
+def test_geometry_the_c_structure_cannot_hold_is_refused(instr):
+    """ctypes would wrap an int32 field silently: the kernel would run another window than the program's."""
+    x, out = np.zeros((1, 8, 8, 16), np.float32), np.zeros((1, 8, 8, 16), np.float32)
+    with pytest.raises(ValueError, match="stride|pad"):
+        dw.compile_depthwise(instr, x, np.zeros((1, 3, 3, 16), np.float32), np.zeros(16, np.float32), out)
+
+
+def test_a_read_only_output_is_refused():
+    """A program naming a sealed constant as the output: the TA refuses to write into it."""
+    x = np.zeros((1, 8, 8, 16), np.float32)
+    sealed = np.frombuffer(bytes(x.nbytes), np.float32).reshape(x.shape)
+    with pytest.raises(ValueError, match="read-only"):
+        dw.compile_depthwise({"stride": [1, 1], "pad": [[1, 1], [1, 1]]}, x,
+                             np.zeros((1, 3, 3, 16), np.float32), np.zeros(16, np.float32), sealed)
+
+
+@pytest.mark.parametrize("instr", [{"op": "copy", "src": "slot:t1", "dst": "const:const/t5"},
+                                   {"op": "depthwise", "srcs": ["slot:t1"], "dsts": ["const:const/t5"]}])
+def test_no_instruction_may_write_into_the_sealed_constants(instr):
+    from tee_sim.ta_shadownet_compile import compile_instruction
+
+    with pytest.raises(ValueError, match="read-only"):
+        compile_instruction(None, instr)  # refused before anything is resolved

@@ -37,6 +37,7 @@ CASES = [  # (input shape, kernel, stride, pad, activation)
     ((2, 7, 5, 5), (3, 3), (2, 1), ((1, 1), (0, 0)), None),             # fewer channels than a vector
     ((1, 6, 10, 19), (5, 3), (1, 3), ((2, 2), (1, 1)), "RELU"),         # uneven kernel and stride
     ((1, 4, 4, 16), (5, 5), (1, 1), ((2, 2), (2, 2)), "RELU_N1_TO_1"),  # windows mostly in the padding
+    ((2, 11, 9, 40), (3, 3), (2, 1), ((1, 0), (0, 2)), "RELU6"),        # 3x3: vectors, a tail, two images
 ]
 
 

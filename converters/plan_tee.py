@@ -432,7 +432,7 @@ def _fuse_depthwise_clamps(g: Any, units: list[dict[str, Any]]) -> list[dict[str
             made = g.ops[before["ops"][0]].outputs[0]
             if g.ops[unit["ops"][0]].inputs[0] == made and g.consumers(made) == [unit["ops"][0]] \
                     and made not in g.outputs:
-                fused[-1] = {**before, "key": before["key"], "ops": [*before["ops"], *unit["ops"]],
+                fused[-1] = {**before, "ops": [*before["ops"], *unit["ops"]],
                              "form": {**before["form"], "activation": unit["form"]["activation"]}}
                 continue
         fused.append(unit)

@@ -139,10 +139,9 @@ def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[
     mixed into that input - the nearest earlier one that fits, at the input's positions (cropped where
     the TEE padded it: ``_crops``). The blocks are the scheme's public structure: ``input_blocks(channels)``
     (``GroupMixScheme.input_blocks``; None: not mixed). Conv layers only: a dense layer's input holds
-    several positions of its channels, flattened. By layer
-    name: ``{"filters": (k, D) the rows' filters in the real input coordinates (0 in a block not learnt),
-    "blocks": blocks learnt, "of": blocks in all, "earlier": the results that gave them}``; a layer none
-    fits is left out."""
+    several positions of its channels, flattened. By layer name: ``{"filters": (k, D) the rows' filters in
+    the real input coordinates (0 in a block or column not learnt), "blocks": blocks learnt, "of": blocks in
+    all, "earlier": the results that gave them}``; a layer none fits is left out."""
     unmixed: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     for layer in layers:
@@ -167,7 +166,7 @@ def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[
                 filters = np.zeros_like(estimates)
                 for (a, b), mixing in found.items():
                     norms = np.linalg.norm(mixing, axis=0)
-                    # A channel never active on the positions seen: its column is not known, left 0.
+                    # Unit columns (B is orthogonal: each is |a_c| long); a column not learnt stays 0.
                     scale = np.where(norms > 1e-3 * norms.max(), norms, np.inf)
                     filters[..., a:b] = estimates[..., a:b] @ (mixing / scale)
                 unmixed[layer.name] = {"filters": filters.reshape(len(filters), -1), "blocks": len(found),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY, window_geometry
+from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry
 
 SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -32,14 +32,6 @@ class _Depthwise(ctypes.Structure):
                                             ("oh", "ow", "dst_img", "dst_row", "dst_pix")),
                 *((f, ctypes.c_int32) for f in ("kh", "kw", "sh", "sw", "top", "left")),
                 ("lo", ctypes.c_float), ("hi", ctypes.c_float)]
-
-
-def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
-    """An NHWC float32 array's image, row and pixel strides in floats; its channels must be contiguous."""
-    if array.dtype != np.float32 or array.ndim != 4 or (array.shape[-1] > 1 and array.strides[-1] != 4) \
-            or any(s % 4 for s in array.strides):
-        raise ValueError(f"depthwise {what}: {array.dtype} {array.shape} strides {array.strides}")
-    return tuple(s // 4 for s in array.strides[:3])
 
 
 def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarray, bias: np.ndarray,
@@ -64,8 +56,9 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
             or (oh - 1) * sh + kh > h + top + bottom or (ow - 1) * sw + kw > w + left + right:
         raise ValueError(f"depthwise {src.shape} -> {dst.shape}: kernel {kh}x{kw}, stride {sh}x{sw}, "
                          f"pad {instr['pad']}")
-    params = _Depthwise(src.ctypes.data, n, h, w, c, *_strides(src, "input"), weights.ctypes.data,
-                        bias.ctypes.data, dst.ctypes.data, oh, ow, *_strides(dst, "output"),
+    params = _Depthwise(src.ctypes.data, n, h, w, c, *nhwc_strides(src, "depthwise input"),
+                        weights.ctypes.data, bias.ctypes.data, dst.ctypes.data, oh, ow,
+                        *nhwc_strides(dst, "depthwise output"),
                         kh, kw, sh, sw, top, left, lo, hi)
     run, address = LIBRARY.sn_depthwise, ctypes.addressof(params)
     kernel = lambda keep=(params, src, weights, bias, dst): run(address)  # noqa: E731 - has an attribute

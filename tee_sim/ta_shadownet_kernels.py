@@ -22,12 +22,23 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 # Measured with the TA's code (the libraries are built from them).
 SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}") for name in
                 ("kernels.h", "lanes.h", "kernels.c", "freivalds.c", "freivalds_check.c", "max_pool.c",
                  "depthwise.c", "small_ops.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
+
+
+def nhwc_strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
+    """An NHWC float32 array's image, row and pixel strides in floats, for a window kernel's structure; its
+    channels must be contiguous (ValueError naming ``what`` otherwise)."""
+    if array.dtype != np.float32 or array.ndim != 4 or (array.shape[-1] > 1 and array.strides[-1] != 4) \
+            or any(s % 4 for s in array.strides):
+        raise ValueError(f"{what}: {array.dtype} {array.shape} strides {array.strides}")
+    return tuple(s // 4 for s in array.strides[:3])
 
 
 def window_geometry(instr: dict, window_key: str | None = None) -> tuple[list[int], ...]:

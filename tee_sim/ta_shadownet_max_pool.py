@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY, window_geometry
+from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry
 
 SN_MAX_POOL = ctypes.cast(LIBRARY.sn_max_pool, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -23,14 +23,6 @@ class _Pool(ctypes.Structure):
                 ("dst", ctypes.c_void_p), *((f, ctypes.c_int64) for f in
                                             ("oh", "ow", "dst_img", "dst_row", "dst_pix")),
                 *((f, ctypes.c_int32) for f in ("fh", "fw", "sh", "sw", "top", "left"))]
-
-
-def _strides(array: np.ndarray, what: str) -> tuple[int, int, int]:
-    """An NHWC float32 array's image, row and pixel strides in floats; its channels must be contiguous."""
-    if array.dtype != np.float32 or array.ndim != 4 or (array.shape[-1] > 1 and array.strides[-1] != 4) \
-            or any(s % 4 for s in array.strides):
-        raise ValueError(f"max pool {what}: {array.dtype} {array.shape} strides {array.strides}")
-    return tuple(s // 4 for s in array.strides[:3])
 
 
 def compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
@@ -45,8 +37,8 @@ def compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) ->
             or (oh - 1) * sh + fh > h + top + bottom or (ow - 1) * sw + fw > w + left + right:
         raise ValueError(f"max pool {src.shape} -> {dst.shape}: window {fh}x{fw}, stride {sh}x{sw}, "
                          f"pad {instr['pad']}")
-    pool = _Pool(src.ctypes.data, n, h, w, c, *_strides(src, "input"),
-                 dst.ctypes.data, oh, ow, *_strides(dst, "output"), fh, fw, sh, sw, top, left)
+    pool = _Pool(src.ctypes.data, n, h, w, c, *nhwc_strides(src, "max pool input"),
+                 dst.ctypes.data, oh, ow, *nhwc_strides(dst, "max pool output"), fh, fw, sh, sw, top, left)
     run, address = LIBRARY.sn_max_pool, ctypes.addressof(pool)
     kernel = lambda keep=(pool, src, dst): run(address)  # noqa: E731 - a function with an attribute
     kernel.c_call = (SN_MAX_POOL, address)

@@ -16,32 +16,38 @@ from shadownet import audit
 from tests.shadownet.small_models import DEPTHWISE_OFFLOADED, conv_options
 
 
-def _narrow_then_wide(seed: int = 0) -> bytes:
-    """conv 3->4 | depthwise 4 | 1x1 conv 4->32, ReLU6 (its input too narrow to be mixed) | depthwise 32 |
-    1x1 conv 32->16, ReLU (its input mixed) | depthwise 16 | mean: each linear op a round of its own, each
-    pointwise layer's results followed by a depthwise layer's input, which is not channel-mixed. The
-    depthwise layers have no activation, so that the pointwise layers' inputs take both signs."""
+def _same_size_chain(layers: list[tuple], side: int, bias: tuple[float, float], seed: int) -> bytes:
+    """An image of ``side`` x ``side`` x 3 through ``layers`` (kind, in, out, kernel, activation; SAME,
+    stride 1, He-normal weights, biases uniform in ``bias``: positive, as batch norm often leaves them, so
+    most units are active on most positions), then a mean: each linear op a round of its own."""
     rng = np.random.default_rng(seed)
     g = Graph()
-    act = fb.ActivationFunctionType
-    x = image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
-    layers = [("CONV_2D", 3, 4, 3, act.RELU), ("DEPTHWISE_CONV_2D", 4, 4, 3, act.NONE),
-              ("CONV_2D", 4, 32, 1, act.RELU6), ("DEPTHWISE_CONV_2D", 32, 32, 3, act.NONE),
-              ("CONV_2D", 32, 16, 1, act.RELU), ("DEPTHWISE_CONV_2D", 16, 16, 3, act.NONE)]
+    x = image = g.add_tensor("image", (1, side, side, 3), np.float32)
     for i, (kind, c_in, c_out, k, activation) in enumerate(layers):
         shape = (c_out, k, k, c_in) if kind == "CONV_2D" else (1, k, k, c_out)
         fan_in = k * k * (c_in if kind == "CONV_2D" else 1)
         w = g.add_tensor(f"w{i}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
-        # Positive biases (as batch norm often leaves them): most units active on most positions.
-        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(0.2, 0.6, c_out))
-        y = g.add_tensor(f"layer{i}", (1, 16, 16, c_out), np.float32)
+        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(*bias, c_out))
+        y = g.add_tensor(f"layer{i}", (1, side, side, c_out), np.float32)
         g.add_op(kind, [x, w, b], [y], conv_options(kind, fb.Padding.SAME, 1, activation))
         x = y
     axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
-    out = g.add_tensor("pooled", (1, 16), np.float32)
+    out = g.add_tensor("pooled", (1, layers[-1][2]), np.float32)
     g.add_op("MEAN", [x, axes], [out], fb.ReducerOptionsT())
     g.inputs, g.outputs = [image], [out]
     return write_model(g)
+
+
+def _narrow_then_wide(seed: int = 0) -> bytes:
+    """conv 3->4 | depthwise 4 | 1x1 conv 4->32, ReLU6 (its input too narrow to be mixed) | depthwise 32 |
+    1x1 conv 32->16, ReLU (its input mixed) | depthwise 16 | mean. Each pointwise layer's results are
+    followed by a depthwise layer's input, which is not channel-mixed. The depthwise layers have no
+    activation, so that the pointwise layers' inputs take both signs."""
+    act = fb.ActivationFunctionType
+    return _same_size_chain([("CONV_2D", 3, 4, 3, act.RELU), ("DEPTHWISE_CONV_2D", 4, 4, 3, act.NONE),
+                             ("CONV_2D", 4, 32, 1, act.RELU6), ("DEPTHWISE_CONV_2D", 32, 32, 3, act.NONE),
+                             ("CONV_2D", 32, 16, 1, act.RELU), ("DEPTHWISE_CONV_2D", 16, 16, 3, act.NONE)],
+                            16, (0.2, 0.6), seed)
 
 
 @pytest.fixture(scope="module")
@@ -170,27 +176,13 @@ def test_a_follower_the_tee_padded_is_cropped(tmp_path):
 
 def _depthwise_separable(seed: int = 5) -> bytes:
     """A small MobileNet: conv 3->16 | depthwise 16 | 1x1 conv 16->32 | depthwise 32 | 1x1 conv 32->32 |
-    depthwise 32 | mean, every layer with ReLU6; each linear op a round of its own. The pointwise layers'
-    inputs are mixed (16 channels and more), each made by the TEE from a depthwise round's results."""
-    rng = np.random.default_rng(seed)
-    g = Graph()
-    act = fb.ActivationFunctionType
-    x = image = g.add_tensor("image", (1, 24, 24, 3), np.float32)
-    layers = [("CONV_2D", 3, 16, 3), ("DEPTHWISE_CONV_2D", 16, 16, 3), ("CONV_2D", 16, 32, 1),
-              ("DEPTHWISE_CONV_2D", 32, 32, 3), ("CONV_2D", 32, 32, 1), ("DEPTHWISE_CONV_2D", 32, 32, 3)]
-    for i, (kind, c_in, c_out, k) in enumerate(layers):
-        shape = (c_out, k, k, c_in) if kind == "CONV_2D" else (1, k, k, c_out)
-        fan_in = k * k * (c_in if kind == "CONV_2D" else 1)
-        w = g.add_tensor(f"w{i}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
-        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(0.0, 0.4, c_out))
-        y = g.add_tensor(f"layer{i}", (1, 24, 24, c_out), np.float32)
-        g.add_op(kind, [x, w, b], [y], conv_options(kind, fb.Padding.SAME, 1, act.RELU6))
-        x = y
-    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
-    out = g.add_tensor("pooled", (1, 32), np.float32)
-    g.add_op("MEAN", [x, axes], [out], fb.ReducerOptionsT())
-    g.inputs, g.outputs = [image], [out]
-    return write_model(g)
+    depthwise 32 | mean, every layer with ReLU6. The pointwise layers' inputs are mixed (16 channels and
+    more), each made by the TEE from a depthwise round's results."""
+    relu6 = fb.ActivationFunctionType.RELU6
+    return _same_size_chain([("CONV_2D", 3, 16, 3, relu6), ("DEPTHWISE_CONV_2D", 16, 16, 3, relu6),
+                             ("CONV_2D", 16, 32, 1, relu6), ("DEPTHWISE_CONV_2D", 32, 32, 3, relu6),
+                             ("CONV_2D", 32, 32, 1, relu6), ("DEPTHWISE_CONV_2D", 32, 32, 3, relu6)],
+                            24, (0.0, 0.4), seed)
 
 
 @pytest.fixture(scope="module")

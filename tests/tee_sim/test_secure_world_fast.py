@@ -63,7 +63,7 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
     original = small_cnn(side=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        # Depthwise rounds offloaded: a TEE step holding a depthwise layer runs it through LiteRT.
+        # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
         shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
     context = tee_sim.Context("inprocess")  # the device convert provisioned the secrets to
     monkeypatch.setattr(tee_sim, "default_context", lambda: context)
@@ -236,7 +236,7 @@ def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(tmp_path, 
     original = small_cnn(side=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        # Depthwise rounds offloaded: a TEE step holding a depthwise layer runs it through LiteRT.
+        # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
         shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
     context = tee_sim.Context("inprocess")
     monkeypatch.setattr(tee_sim, "default_context", lambda: context)

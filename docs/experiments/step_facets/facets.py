@@ -6,6 +6,7 @@ Then units not found (never off in the data) from the orthogonal complement; R r
 positions where each unit is on; held-out residual of the whole map. Usage: facets.py NTRAIN STARTS"""
 import sys, time
 import numpy as np
+from facets_core import TOL, find_facets
 ntrain, starts = int(sys.argv[1]), int(sys.argv[2])
 PAIR = {0: 3, 1: 2, 2: 1, 3: 0}
 d = np.load("seen.npz")
@@ -13,45 +14,20 @@ Y = d["round_3_out_y0"].reshape(-1, 64).astype(np.float64)
 X = d["round_4_in_x0"].reshape(-1, 64).astype(np.float64)
 idx = np.random.default_rng(0).permutation(len(Y))
 tr, te = idx[:ntrain], idx[ntrain:]
-TOL = 1e-5
 for h in range(4):
     t = time.perf_counter()
     p = PAIR[h]
     y, x = Y[:, 16 * p:16 * p + 16], X[:, 16 * h:16 * h + 16]
-    xt = x[tr]; nrm = np.linalg.norm(xt, axis=1); keep = nrm > 1e-6 * nrm.max()
-    sv, P = np.linalg.svd(xt, full_matrices=False)[1:]
-    k = int((sv > 1e-6 * sv[0]).sum()); P = P[:k].T  # live span (dead units: x' never moves along theirs)
-    xu = (xt[keep] @ P) / nrm[keep, None]  # unit rows, k coordinates
-    rng = np.random.default_rng(h)
-    fracs = []; found = []  # deflation: B is orthogonal, so each next facet normal lies in the found ones' complement
-    for rounds in range(k):
-        C = np.eye(k) if not found else np.linalg.svd(np.array(found), full_matrices=True)[2][len(found):].T
-        xc = xu @ C; rej = []
-        best = None
-        for s in range(starts):
-            w = rng.standard_normal(C.shape[1]); w /= np.linalg.norm(w)
-            for it in range(60):
-                wt = 1 / np.maximum(np.abs(xc @ w), 1e-9)
-                w = np.linalg.eigh((xc * wt[:, None]).T @ xc)[1][:, 0]
-            proj = xc @ w
-            on = np.abs(proj) <= TOL
-            if on.sum() < 16 or on.all(): continue
-            if (proj[~on] > 0).mean() < 0.5: w, proj = -w, -proj
-            if proj[~on].min() < -TOL:  # points on both sides: not a facet of the cone
-                rej.append((on.mean(), (proj[~on] < -TOL).mean())); continue
-            if best is None or on.mean() > best[0]: best = (on.mean(), C @ w)
-        if best is None:
-            print("  stop after", len(found), "- rejected (on-fraction, fraction on the wrong side):", [(round(a, 4), round(b, 4)) for a, b in sorted(rej)[-4:]]); break
-        found.append(best[1]); fracs.append(best[0])
-    found = [P @ v for v in found]
-    F = np.array(found)
+    xt = x[tr]
+    F, fracs, P = find_facets(xt, starts, h)
+    k = P.shape[1]
     G = F @ F.T
-    msg = (f"x' block {h} <- y block {p}: rank {k}, {len(found)} facets from {starts} starts, "
+    msg = (f"x' block {h} <- y block {p}: rank {k}, {len(F)} facets from {starts} starts, "
            f"max |b_i.b_j| (i!=j) {np.abs(G - np.eye(len(F))).max() if len(F) else float('nan'):.1e}")
     msg += " off-fractions " + " ".join(f"{f:.4f}" for f in fracs)
-    if len(found) < k - 1:
+    if len(F) < k - 1:
         print(msg + " - not enough to fix B", flush=True); continue
-    if len(found) == k - 1:  # the unit never off: the complement in the live span, sign from h >= 0
+    if len(F) == k - 1:  # the unit never off: the complement in the live span, sign from h >= 0
         u = P @ np.linalg.svd(F @ P)[2][-1]
         if (xt @ u).mean() < 0: u = -u
         F = np.vstack([F, u])

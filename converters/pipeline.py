@@ -36,7 +36,7 @@ from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
-from converters.schemes import Scheme, get_scheme
+from converters.schemes import Scheme, get_scheme, kept_in_tee
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
@@ -89,7 +89,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     fold_shapes(read, original)
     graph = normalize(read)
     _check_static(graph)
-    part = partition(graph, getattr(chosen, "in_tee", frozenset()))
+    part = partition(graph, kept_in_tee(chosen))
     if not part.rounds:
         raise UnsupportedOpError("the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with "
                                  "constant weights: nothing to protect")

@@ -112,7 +112,9 @@ def _manifest_scheme(manifest: dict) -> Any | None:
 def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     """The kinds of linear layer ``scheme`` keeps in the TEE (its ``in_tee``, which ``converters.partition``
     follows), as ``LinearLayer.kind`` names them."""
-    return frozenset(LAYER_KINDS[k] for k in getattr(scheme, "in_tee", ()) if k in LAYER_KINDS)
+    from converters.schemes import kept_in_tee
+
+    return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
 def _specs(inputs: list[tuple[list[int], str]]) -> str:

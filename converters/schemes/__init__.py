@@ -149,6 +149,12 @@ SCHEMES: dict[str, str] = {  # name -> "module:class", imported when chosen
 DEFAULT_SCHEME = "groupmix"
 
 
+def kept_in_tee(scheme: Any) -> frozenset[str]:
+    """The kinds of offloadable op ``scheme`` keeps in the TEE (its optional ``in_tee``: none when absent or
+    for no scheme), as ``converters.partition`` takes them."""
+    return frozenset(getattr(scheme, "in_tee", ()))
+
+
 def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:
     """A scheme from its name (``None``: the default), optionally ``"name:key=value,key=value"``, with
     ``params`` overriding; a ``Scheme`` object is returned as is. ``ValueError`` for an unknown name or

@@ -17,7 +17,7 @@ from converters.fidelity import relative_error
 from converters.graph import tiny_model_bytes
 from converters.normalize import normalize
 from converters.partition import partition
-from converters.schemes import get_scheme
+from converters.schemes import get_scheme, kept_in_tee
 from converters.tflite_reader import read_model
 from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
 from tests.converters.driver import Driver, litert
@@ -72,7 +72,7 @@ def model(request) -> bytes:
 def _partition(model: bytes, scheme: str | None):
     """The rounds ``scheme`` (None: the default) makes of ``model``: its offloadable ops but those it keeps
     in the TEE (the default's depthwise layers)."""
-    return partition(normalize(read_model(model)), getattr(get_scheme(scheme), "in_tee", frozenset()))
+    return partition(normalize(read_model(model)), kept_in_tee(get_scheme(scheme)))
 
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry
+from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry, windows_fit
 
 SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -39,7 +39,8 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
     """``dst = act(depthwise(src, weights) + bias)`` with the instruction's ``stride``, ``pad`` (``[[top,
     bottom], [left, right]]``, zeros) and ``activation`` (``CLAMPS``), in place on ``dst``; ``weights``
     LiteRT's ``[1, kh, kw, C]``, ``bias`` ``[C]``."""
-    (sh, sw), ((top, bottom), (left, right)) = window_geometry(instr)
+    stride, pad = window_geometry(instr)
+    (sh, sw), ((top, _), (left, _)) = stride, pad
     if not isinstance(instr.get("activation"), str | None) or instr.get("activation") not in CLAMPS:
         raise ValueError(f"depthwise: activation {instr.get('activation')!r}")
     lo, hi = CLAMPS[instr.get("activation")]
@@ -52,8 +53,7 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
         raise ValueError(f"depthwise of {src.shape}: weights {weights.shape}, bias {bias.shape}")
     kh, kw = weights.shape[1:3]
     oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
-    if dst.shape != (n, oh, ow, c) or min(sh, sw, oh, ow) < 1 or min(top, bottom, left, right) < 0 \
-            or (oh - 1) * sh + kh > h + top + bottom or (ow - 1) * sw + kw > w + left + right:
+    if min(oh, ow) < 1 or not windows_fit(src, dst, (kh, kw), stride, pad):
         raise ValueError(f"depthwise {src.shape} -> {dst.shape}: kernel {kh}x{kw}, stride {sh}x{sw}, "
                          f"pad {instr['pad']}")
     params = _Depthwise(src.ctypes.data, n, h, w, c, *nhwc_strides(src, "depthwise input"),

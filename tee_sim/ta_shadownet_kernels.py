@@ -57,6 +57,18 @@ def window_geometry(instr: dict, window_key: str | None = None) -> tuple[list[in
     return (*found, ints(instr.get(window_key), 1, window_key)) if window_key else found
 
 
+def windows_fit(src: np.ndarray, dst: np.ndarray, window: tuple[int, int], stride: list[int],
+                pad: list[list[int]]) -> bool:
+    """Whether ``dst`` is an NHWC output of ``src``'s images and channels whose every window (with
+    ``window_geometry``'s stride and pad) lies inside the padded input: what a window kernel reads and writes
+    stays in bounds."""
+    n, h, w, c = src.shape
+    oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
+    (sh, sw), ((top, bottom), (left, right)) = stride, pad
+    return (dst.shape == (n, oh, ow, c) and (oh - 1) * sh + window[0] <= h + top + bottom
+            and (ow - 1) * sw + window[1] <= w + left + right)
+
+
 def _find(suffix: str) -> str | None:
     spec = importlib.util.find_spec(f"tee_sim._ta_shadownet_kernels{suffix}")  # the built file, not imported
     return None if spec is None or spec.origin is None else spec.origin

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry
+from tee_sim.ta_shadownet_kernels import LIBRARY, nhwc_strides, window_geometry, windows_fit
 
 SN_MAX_POOL = ctypes.cast(LIBRARY.sn_max_pool, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -28,13 +28,13 @@ class _Pool(ctypes.Structure):
 def compile_max_pool(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
     """``dst = max_pool(src)`` with the instruction's ``window``, ``stride`` and ``pad`` (``[[top,
     bottom], [left, right]]``; positions in the padding never win), in place on both arrays."""
-    (sh, sw), ((top, bottom), (left, right)), (fh, fw) = window_geometry(instr, "window")
+    stride, pad, (fh, fw) = window_geometry(instr, "window")
+    (sh, sw), ((top, _), (left, _)) = stride, pad
     if not dst.flags.writeable:
         raise ValueError("max pool: its output is read-only")
     n, h, w, c = src.shape
     oh, ow = dst.shape[1:3] if dst.ndim == 4 else (0, 0)
-    if dst.shape != (n, oh, ow, c) or min(fh, fw, sh, sw) < 1 or min(top, bottom, left, right) < 0 \
-            or (oh - 1) * sh + fh > h + top + bottom or (ow - 1) * sw + fw > w + left + right:
+    if not windows_fit(src, dst, (fh, fw), stride, pad):
         raise ValueError(f"max pool {src.shape} -> {dst.shape}: window {fh}x{fw}, stride {sh}x{sw}, "
                          f"pad {instr['pad']}")
     pool = _Pool(src.ctypes.data, n, h, w, c, *nhwc_strides(src, "max pool input"),

@@ -16,21 +16,30 @@ from shadownet import audit
 from tests.shadownet.small_models import DEPTHWISE_OFFLOADED, conv_options
 
 
+def _linear(g: Graph, rng: np.random.Generator, x: int, kind: str, shape: tuple[int, ...],
+            out_shape: tuple[int, ...], padding: int, stride: int, activation: int,
+            bias: tuple[float, float] = (0.2, 0.6)) -> int:
+    """A CONV_2D / DEPTHWISE_CONV_2D of LiteRT's weight ``shape`` on ``x``: He-normal weights, biases uniform
+    in ``bias`` (positive, as batch norm often leaves them: most units active on most positions)."""
+    k = len(g.ops)
+    fan_in = int(np.prod(shape[1:])) if kind == "CONV_2D" else int(np.prod(shape[1:3]))
+    w = g.add_tensor(f"w{k}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
+    b = g.add_tensor(f"b{k}", (out_shape[-1],), np.float32, rng.uniform(*bias, out_shape[-1]))
+    y = g.add_tensor(f"y{k}", out_shape, np.float32)
+    g.add_op(kind, [x, w, b], [y], conv_options(kind, padding, stride, activation))
+    return y
+
+
 def _same_size_chain(layers: list[tuple], side: int, bias: tuple[float, float], seed: int) -> bytes:
     """An image of ``side`` x ``side`` x 3 through ``layers`` (kind, in, out, kernel, activation; SAME,
-    stride 1, He-normal weights, biases uniform in ``bias``: positive, as batch norm often leaves them, so
-    most units are active on most positions), then a mean: each linear op a round of its own."""
+    stride 1, ``_linear``'s weights, biases uniform in ``bias``), then a mean: each linear op a round of its
+    own."""
     rng = np.random.default_rng(seed)
     g = Graph()
     x = image = g.add_tensor("image", (1, side, side, 3), np.float32)
-    for i, (kind, c_in, c_out, k, activation) in enumerate(layers):
+    for kind, c_in, c_out, k, activation in layers:
         shape = (c_out, k, k, c_in) if kind == "CONV_2D" else (1, k, k, c_out)
-        fan_in = k * k * (c_in if kind == "CONV_2D" else 1)
-        w = g.add_tensor(f"w{i}", shape, np.float32, rng.standard_normal(shape) * np.sqrt(2 / fan_in))
-        b = g.add_tensor(f"b{i}", (c_out,), np.float32, rng.uniform(*bias, c_out))
-        y = g.add_tensor(f"layer{i}", (1, side, side, c_out), np.float32)
-        g.add_op(kind, [x, w, b], [y], conv_options(kind, fb.Padding.SAME, 1, activation))
-        x = y
+        x = _linear(g, rng, x, kind, shape, (1, side, side, c_out), fb.Padding.SAME, 1, activation, bias)
     axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
     out = g.add_tensor("pooled", (1, layers[-1][2]), np.float32)
     g.add_op("MEAN", [x, axes], [out], fb.ReducerOptionsT())
@@ -146,14 +155,8 @@ def test_a_follower_the_tee_padded_is_cropped(tmp_path):
     act = fb.ActivationFunctionType
     image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
 
-    def layer(x, kind, shape, out_shape, padding, stride, activation):
-        fan_in = int(np.prod(shape[1:])) if kind == "CONV_2D" else 9
-        w = g.add_tensor(f"w{len(g.ops)}", shape, np.float32,
-                         rng.standard_normal(shape) * np.sqrt(2 / fan_in))
-        b = g.add_tensor(f"b{len(g.ops)}", (out_shape[-1],), np.float32, rng.uniform(0.2, 0.6, out_shape[-1]))
-        y = g.add_tensor(f"y{len(g.ops)}", out_shape, np.float32)
-        g.add_op(kind, [x, w, b], [y], conv_options(kind, padding, stride, activation))
-        return y
+    def layer(*args):
+        return _linear(g, rng, *args)
 
     a = layer(image, "CONV_2D", (4, 3, 3, 3), (1, 16, 16, 4), fb.Padding.SAME, 1, act.NONE)
     p = layer(a, "CONV_2D", (32, 1, 1, 4), (1, 16, 16, 32), fb.Padding.SAME, 1, act.RELU6)
@@ -194,9 +197,8 @@ def depthwise_separable(tmp_path_factory) -> Path:
 
 def test_the_input_mixing_of_a_pointwise_layer_is_undone_from_the_depthwise_results(depthwise_separable):
     """Depthwise layers offloaded, the default mask policy: each pointwise layer's restore rows come from
-    the next depthwise round's input,
-    then its input mixing from the previous depthwise round's results, both crossing unmixed and unmasked:
-    the real filters, with no reference weight used (SECURITY.md)."""
+    the next depthwise round's input, then its input mixing from the previous depthwise round's results,
+    both crossing unmixed and unmasked: the real filters, with no reference weight used (SECURITY.md)."""
     rows = _audit(depthwise_separable, "offloaded")
     report = rows["report"]
     assert "error" not in report["input_leakage"]

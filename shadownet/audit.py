@@ -24,13 +24,24 @@ import numpy as np
 
 from shadownet import attacks
 from shadownet.audit_report import format_report, write_json
-from shadownet.boundary import learn_restores, observe_boundary, round_number, sample_inputs, unmix_inputs
+from shadownet.boundary import (
+    inferences_needed,
+    learn_restores,
+    observe_boundary,
+    round_number,
+    sample_inputs,
+    unmix_inputs,
+)
+from shadownet.crossing_fits import restore_positions
 from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
 
 UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
+# The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
+# is kept in memory (MobileNet 23.6 MB an inference, yolov4-tiny 53.6 MB).
+AUTO_INFERENCES = (4, 32)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class LinearLayer:
     filters: np.ndarray  # (channels, kh*kw*cin) or (channels, kh*kw)
     where: str  # "round_3" or "op 12", for the report
     input: str | None = None  # reference: the op's input tensor; untrusted: the signature input feeding it
+    positions: int = 0  # untrusted: output positions per inference (1 for dense), as the results cross
 
     @property
     def family(self) -> tuple:
@@ -50,18 +62,21 @@ class LinearLayer:
         return ("depthwise" if self.kind == "depthwise" else "conv", self.kernel)
 
 
-def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None) -> LinearLayer:
+def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None,
+           positions: int = 0) -> LinearLayer:
     w = np.asarray(weights, dtype=np.float64)
     if kind == "CONV_2D":
         # TFLite conv weights are (out, kh, kw, in).
-        return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where, source)
+        return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where, source,
+                           positions)
     if kind == "FULLY_CONNECTED":
         w = w.reshape(w.shape[0], -1)  # (out, in)
-        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source)
+        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source, positions)
     if kind == "DEPTHWISE_CONV_2D":
         # (1, kh, kw, channels * multiplier): one kh*kw filter per output channel.
         _, kh, kw, c = w.shape
-        return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where, source)
+        return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where, source,
+                           positions)
     raise ValueError(f"not a linear op: {kind}")
 
 
@@ -181,10 +196,12 @@ def untrusted_layers(data: bytes, split: set[str] = frozenset()) -> list[LinearL
             if not is_offloadable(graph, i) or graph.tensors[op.inputs[1]].dtype != np.float32:
                 continue  # weights not a float32 constant: nothing to attack
             source = _trace_to_input(op.inputs[0], producer, feeds)
-            weights, name = graph.tensors[op.inputs[1]].data, graph.tensors[op.outputs[0]].name
+            output = graph.tensors[op.outputs[0]]
+            weights, name = graph.tensors[op.inputs[1]].data, output.name
             if name in split:
                 weights = weights[weights.shape[0] // 2:, ..., weights.shape[-1] // 2:]
-            layers.append(_layer(op.kind, weights, name, key, source))
+            positions = math.prod(output.shape[:-1]) if output.shape else 1
+            layers.append(_layer(op.kind, weights, name, key, source, positions))
     return layers
 
 
@@ -416,12 +433,31 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: int = 4,
+def default_inferences(layers: list[LinearLayer]) -> int:
+    """The inferences ``audit`` observes unless told: as many as the restore fits want on every conv and
+    depthwise layer (``boundary.inferences_needed``), within ``AUTO_INFERENCES``. A dense layer gives one
+    position per inference, and the fits want thousands: it is left to ``under_observed``."""
+    needed = [inferences_needed(layer) for layer in layers if layer.kind != "dense"]
+    low, high = AUTO_INFERENCES
+    return min(max([low, *needed]), high)
+
+
+def under_observed(layers: list[LinearLayer], inferences: int) -> list[dict]:
+    """The layers whose results ``inferences`` observed inferences give fewer positions than the restore
+    fits want: there the audit's crossing attacks may find less than an attacker who watches longer."""
+    return [{"layer": layer.name, "where": layer.where, "positions": layer.positions * inferences,
+             "wanted": restore_positions(len(layer.filters)), "inferences_needed": inferences_needed(layer)}
+            for layer in layers if inferences_needed(layer) > inferences]
+
+
+def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: int | None = None,
           progress: bool = False) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
     ``inferences`` protected inferences are observed at the boundary for the attacks on the crossings (the
-    restore regression, the input unmixing) and the input-leakage figures (0 skips them).
+    restore regression, the input unmixing) and the input-leakage figures (0 skips them; None: as many as
+    the restore fits want, ``default_inferences``). Layers observed too briefly for those fits are listed
+    in the report's ``observation`` (``under_observed``).
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)
@@ -442,6 +478,10 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
         ref = [r for r in ref if r.kind not in kept]
     _check_reference_covers(ref, obf, reference)
+    if inferences is None:
+        inferences = default_inferences(obf)
+    if inferences > 0:
+        report["observation"] = {"inferences": inferences, "under_observed": under_observed(obf, inferences)}
     seen: dict[str, np.ndarray] | None = None
     if inferences > 0:
         batches = sample_inputs(manifest["inputs"], inferences)
@@ -474,7 +514,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 def audit_cli(args: Any) -> None:
     """``shadownet audit OUT/ --reference MODEL.tflite [--json F] [--inferences N]``."""
-    if args.inferences < 0:
+    if args.inferences is not None and args.inferences < 0:
         raise ValueError("--inferences must be >= 0")
     if not Path(args.reference).is_file():
         raise ArtifactError(f"reference model {args.reference} does not exist")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
+from shadownet.boundary import round_number
 from shadownet.files import json_default, write_atomically
 
 
@@ -47,6 +48,15 @@ def format_report(report: dict) -> str:
         lines.append(f"input unmixing (unmx): the input mixing of {blocks} of {of} blocks of {len(unmixed)} "
                      "of those layers learnt from an earlier round's results (activated and mixed by the TEE "
                      "into the layer's input, where they crossed unmixed and unmasked): the real filters")
+    observation = report.get("observation")
+    if observation and observation["under_observed"]:
+        short = observation["under_observed"]
+        kinds = ", ".join(sorted({f"{r['where']} ({r['inferences_needed']})" for r in short},
+                                 key=lambda w: round_number(w.split()[0])))
+        layers = f"{len(short)} layer{'s' * (len(short) != 1)}"
+        lines.append(f"crossings observed over {observation['inferences']} inferences: too few for the "
+                     f"restore fits on {layers}, where an attacker who watches longer may learn more "
+                     f"(inferences each wants: {kinds})")
     lines.append("")
     for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
         s = report["summary"][group]

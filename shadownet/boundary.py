@@ -91,6 +91,12 @@ def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]
     return {name: np.stack(values) for name, values in seen.items()}
 
 
+def inferences_needed(layer: Any) -> int:
+    """Inferences an attacker watches for ``learn_restores`` to have the positions of ``layer``'s results
+    that its fits want (``crossing_fits.restore_positions``; ``layer.positions`` per inference)."""
+    return -(-crossing_fits.restore_positions(len(layer.filters)) // max(layer.positions, 1))
+
+
 def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
     """For each offloaded layer (``audit.untrusted_layers``) whose results were observed, the rows of its
     restore that the later crossings give away (``crossing_fits.restore_rows``), tried against every later

@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
     p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
-    p.add_argument("--inferences", type=_at_least(1), default=4,
-                   help="inferences to observe at the boundary (default 4)")
+    p.add_argument("--inferences", type=_at_least(1), default=None,
+                   help="inferences to observe at the boundary (default: as many as the attacks on the "
+                        "crossings want for every conv layer, 4 to 32)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit)
 

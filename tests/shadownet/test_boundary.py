@@ -12,7 +12,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 import shadownet
 from converters.graph import Graph, write_model
-from shadownet import audit
+from shadownet import audit, boundary
 from tests.shadownet.small_models import DEPTHWISE_OFFLOADED, conv_options
 
 
@@ -80,7 +80,10 @@ def _audit(directory: Path, name: str, **kw) -> dict:
 
 
 def _report(out: Path, directory: Path) -> dict:
-    report = audit.audit(out, directory / "original.tflite", inferences=4)
+    return rows_of(audit.audit(out, directory / "original.tflite", inferences=4))
+
+
+def rows_of(report: dict) -> dict:
     return {row["obfuscated"]: row for row in report["layers"]} | {"report": report}
 
 
@@ -100,6 +103,38 @@ def test_unmasked_crossings_give_the_restore_away(narrow_then_wide):
     summary = rows["report"]["summary"]["conv_dense"]
     assert summary["recovered"]["restore_regression"] == narrow["recovered"]["restore_regression"]
     assert "rreg" in audit.format_report(rows["report"])
+
+
+def test_the_default_observes_as_many_inferences_as_the_fits_want(narrow_then_wide):
+    """The default count covers every conv layer (4 at least); a shorter watch lists the layers it leaves
+    under-observed, in the JSON and in the table."""
+    _audit(narrow_then_wide, "offloaded")
+    out, reference = narrow_then_wide / "offloaded", narrow_then_wide / "original.tflite"
+    obf = audit.untrusted_layers((out / "untrusted.tflite").read_bytes())
+    # 16 x 16 positions an inference: the 32-wide layers' 33 unknowns want 8 x 33 = 264, 2 inferences
+    assert [(layer.where, layer.positions, boundary.inferences_needed(layer)) for layer in obf][2:4] == \
+        [("round_3", 256, 2), ("round_4", 256, 2)]
+    assert audit.default_inferences(obf) == audit.AUTO_INFERENCES[0]
+    report = audit.audit(out, reference, inferences=1)
+    short = report["observation"]["under_observed"]
+    assert report["observation"]["inferences"] == 1
+    assert [(r["where"], r["positions"], r["wanted"], r["inferences_needed"]) for r in short] == \
+        [("round_3", 256, 264, 2), ("round_4", 256, 264, 2)]
+    assert "too few for the restore fits on 2 layers, where" in audit.format_report(report)
+    assert rows_of(report)["round_3/y0"]["restore"]["rank"] > 0  # found some, fewer than an attacker could
+    assert _audit(narrow_then_wide, "offloaded")["report"]["observation"]["under_observed"] == []
+
+
+def test_the_default_count_is_capped_and_leaves_dense_layers_to_the_report():
+    def layer(kind: str, channels: int, positions: int) -> audit.LinearLayer:
+        return audit.LinearLayer("t", kind, (1, 1, 4), np.zeros((channels, 4)), "round_1", None, positions)
+
+    low, high = audit.AUTO_INFERENCES
+    assert audit.default_inferences([layer("conv", 512, 196)]) == 21  # MobileNet's pw6-pw11
+    assert audit.default_inferences([layer("conv", 16, 1024), layer("dense", 10, 1)]) == low
+    assert audit.default_inferences([layer("conv", 1024, 49)]) == high  # wants 168
+    listed = audit.under_observed([layer("conv", 1024, 49), layer("dense", 10, 1)], high)
+    assert [r["inferences_needed"] for r in listed] == [168, 88]
 
 
 def test_one_time_masks_on_every_round_stop_the_restore_regression(narrow_then_wide):

@@ -27,6 +27,18 @@ def test_restore_rows_are_found_through_a_clipping_activation():
     assert attacks.best_cosines(rows, r).min() > 0.9999  # each row along a restore row
 
 
+def test_restore_rows_try_every_channel_of_a_wide_follower():
+    """An attacker fits every channel: a follower of 300 channels gives 300 rows (the suite once stopped at
+    256, under-reporting MobileNet's 512-wide layers by half)."""
+    rng = np.random.default_rng(2)
+    y, r, real = _crossings(rng, positions=400, m=6, c=300)
+    rows, tried = crossing_fits.restore_rows(y, np.maximum(real, 0), rng)
+    assert tried == 300 and len(rows) == 300
+    assert attacks.best_cosines(rows, r).min() > 0.9999
+    rows, tried = crossing_fits.restore_rows(y, np.maximum(real, 0), rng, channels=8)  # a probe
+    assert tried == 8 and len(rows) == 8
+
+
 @pytest.mark.parametrize("hidden", ["mixed", "masked"])
 def test_restore_rows_find_nothing_in_a_mixed_or_masked_follower(hidden):
     rng = np.random.default_rng(1)

@@ -128,6 +128,29 @@ def test_a_channel_active_on_a_few_positions_is_not_learnt():
     assert np.abs(got[:, 1:] - want[:, 1:]).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_a_column_is_signed_by_the_activation_and_a_wrong_one_dropped():
+    """With B orthogonal, x . M_c is the activation times |a_c| at every position: >= 0. A column that
+    comes out negated is turned back; one pointing elsewhere (x takes both signs along it) is left 0;
+    a channel with no activation keeps the sign it has."""
+    rng = np.random.default_rng(7)
+    k = 16
+    mixing = np.linalg.qr(rng.standard_normal((k, k)))[0]
+    act = np.maximum(rng.standard_normal((4000, k)) + 0.3, 0.0)
+    act[:, 3] -= 0.5  # channel 3 has no activation: both signs
+    x = act @ mixing.T
+    fitted = mixing.copy()
+    fitted[:, 1] *= -1.0  # the wrong sign
+    fitted[:, 2] = np.linalg.qr(rng.standard_normal((k, k)))[0][:, 0]  # the wrong direction
+    fitted[:, 3] *= -1.0  # no activation: nothing tells its sign
+    linear = np.arange(k) == 3
+    got = crossing_fits._signed_columns(x, fitted, linear)
+    want = fitted.copy()
+    want[:, 1] *= -1.0
+    want[:, 2] = 0.0
+    np.testing.assert_array_equal(got, want)
+    assert np.array_equal(got[:, 0], mixing[:, 0]) and np.array_equal(got[:, 1], mixing[:, 1])
+
+
 def test_a_position_that_is_not_finite_is_left_out():
     rng = np.random.default_rng(6)
     y, x, want = _mixed_block(rng, extremes=False)

@@ -167,6 +167,7 @@ class ProcessTransport:
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
+        self._unanswered = 0  # a request announced, its wait interrupted: answered before the next is written
         self._start()
         _transports.add(self)
 
@@ -330,6 +331,8 @@ class ProcessTransport:
     ) -> Outcome:
         if self.proc is None:
             raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
+        if self._unanswered:
+            self._settle(timeout)
         request = _request(op, session, cmd, wire)
         self.block[ch.REQUEST_OFFSET : ch.REQUEST_OFFSET + len(request)] = request
         self._exchange(timeout)
@@ -347,11 +350,31 @@ class ProcessTransport:
         if words[ch.SW_SLEEPING]:
             os.eventfd_write(self.req_efd, 1)
         if words[ch.RESP_SEQ] != seq:
-            # Responses come in order, so until ours arrives the counter still shows the previous one.
-            window = int(self.caller_spin_us * 1000)
-            ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
-            if words[ch.RESP_SEQ] != seq:
-                self._sleep_until(seq, timeout)
+            try:
+                # Responses come in order, so until ours arrives the counter still shows the previous one.
+                window = int(self.caller_spin_us * 1000)
+                ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
+                if words[ch.RESP_SEQ] != seq:
+                    self._sleep_until(seq, timeout)
+            except BaseException:
+                if self.proc is not None:  # interrupted (a KeyboardInterrupt), not dead: see _settle
+                    self._unanswered = seq
+                raise
+
+    def _settle(self, timeout: float) -> None:
+        """Wait for the answer to a request whose wait was interrupted, before the next request is written
+        over it: the secure world may not have read it yet (asleep, or descheduled), and would then have
+        read the next one in its place and answered it under the old number - one request lost, or run
+        twice. Its answer is dropped."""
+        seq, self._unanswered = self._unanswered, 0
+        if self.words[ch.RESP_SEQ] == seq:
+            return
+        try:
+            self._sleep_until(seq, timeout)
+        except BaseException:
+            if self.proc is not None:
+                self._unanswered = seq
+            raise
 
     def _outcome(self, header: tuple[int, ...]) -> Outcome:
         """The ``Outcome`` of a response header (``ch.RESPONSE_HEADER``), with its message."""
@@ -379,6 +402,8 @@ class ProcessTransport:
         def invoke(timeout: float) -> Answer:
             if self.proc is None:
                 raise TEEError(TEE_ERROR_TARGET_DEAD, TEEC_ORIGIN_COMMS, "the secure world is not running")
+            if self._unanswered:
+                self._settle(timeout)
             self.block[start:end] = request
             self._exchange(timeout)
             fields = header(self.block, at)

@@ -288,3 +288,24 @@ def test_forked_while_another_thread_waits_for_the_secure_world(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0"]
+
+
+def test_a_request_interrupted_before_it_was_read_is_answered_before_the_next(tmp_path):
+    """A Ctrl-C while the secure world has not read a request yet (here: stopped; asleep or descheduled
+    in life): the next request waits for that one's answer instead of being written over it - which had
+    the secure world read the next one in its place, under the old number (the first lost, the second
+    run twice)."""
+    with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        before = ctx.memory_stats()["used"]
+        pid = ctx.secure_world_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                s.invoke_command(Cmd.ALLOC, [Value(1 << 16, 1), Value(direction="out")])
+        finally:
+            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()  # while the next request waits
+        out = s.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
+        assert out[1].a == 42
+        assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
+

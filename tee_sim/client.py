@@ -158,6 +158,10 @@ class Context:
         self._sessions: set[Session] = set()  # open sessions, of any generation of the secure world
         self._shms: dict[int, SharedMemory] = {}
         self._next_shm = 1
+        # Shared memory whose unregistration did not complete (interrupted before the secure world had
+        # the request) -> the secure world's generation then: sent again with the next request of the
+        # kind (``_flush_releases``).
+        self._unreleased: dict[int, int] = {}
         self._bounce: SharedMemory | None = None
         self.closed = False
         home = os.fspath(home) if home is not None else None
@@ -178,6 +182,7 @@ class Context:
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
+            self._flush_releases()
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
             self._unmarshal(params, wire, temps, outcome)
@@ -195,6 +200,7 @@ class Context:
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
+            self._flush_releases()
             shm = SharedMemory(self, self._next_shm, size)
             self._next_shm += 1
             self._register(shm)
@@ -257,7 +263,19 @@ class Context:
         with self._lock:
             self._shms.pop(shm._id, None)
             if not self.closed and shm._generation == self._transport.generation:
-                self._transport.release_shm(shm._id)
+                self._unreleased[shm._id] = shm._generation
+                self._flush_releases()
+
+    def _flush_releases(self) -> None:
+        """Unregister in the secure world the shared memory whose release was interrupted (a
+        KeyboardInterrupt before its request went out: the secure world kept the mapping until the context
+        closed). Sent again when the request may have gone out too: the secure OS releases an id it does not
+        know as a no-op, and ids are never reused."""
+        while self._unreleased:
+            shm_id, generation = next(iter(self._unreleased.items()))
+            if generation == self._transport.generation:  # else that secure world is gone, and its maps
+                self._transport.release_shm(shm_id)
+            del self._unreleased[shm_id]
 
     def _close_session(self, session: Session) -> None:
         with self._lock:

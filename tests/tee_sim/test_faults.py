@@ -309,3 +309,22 @@ def test_a_request_interrupted_before_it_was_read_is_answered_before_the_next(tm
         assert out[1].a == 42
         assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
 
+
+def test_a_release_interrupted_before_its_request_went_out_is_sent_again(tmp_path):
+    """The secure world's side of shared memory whose release never reached it (a KeyboardInterrupt
+    before the request went out) goes with the next registration, not at the context's close."""
+    with Context("inprocess", home=tmp_path / "device") as ctx:
+        registered = ctx._transport._os._shm
+        shm = ctx.register_shared_memory(1 << 16)
+        send = ctx._transport.release_shm
+
+        def interrupted(shm_id: int) -> None:
+            raise KeyboardInterrupt
+
+        ctx._transport.release_shm = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            shm.release()
+        assert shm.released and shm._id in registered
+        ctx._transport.release_shm = send
+        other = ctx.register_shared_memory(1 << 16)
+        assert shm._id not in registered and other._id in registered

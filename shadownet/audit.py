@@ -478,7 +478,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
         ref = [r for r in ref if r.kind not in kept]
     _check_reference_covers(ref, obf, reference)
-    if inferences is None:
+    chosen = inferences is None
+    if chosen:
         inferences = default_inferences(obf)
     if inferences > 0:
         report["observation"] = {"inferences": inferences, "under_observed": under_observed(obf, inferences)}
@@ -486,7 +487,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     if inferences > 0:
         batches = sample_inputs(manifest["inputs"], inferences)
         if progress:
-            _progress(f"observing {inferences} protected inferences at the boundary")
+            why = " (as many as the fits on the crossings want, 4 to 32)" if chosen else ""
+            _progress(f"observing {inferences} protected inferences at the boundary{why}")
         try:
             seen = observe_boundary(out_dir, batches)
         except ShadowNetError as exc:

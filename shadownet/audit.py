@@ -16,13 +16,21 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shadownet import attacks
+from shadownet.audit_layers import (
+    LAYER_KINDS,
+    UNTRUSTED,
+    LinearLayer,
+    join_halves,
+    reference_layers,
+    split_names,
+    untrusted_layers,
+)
 from shadownet.audit_report import format_report, write_json
 from shadownet.boundary import (
     inferences_needed,
@@ -33,78 +41,14 @@ from shadownet.boundary import (
     unmix_inputs,
 )
 from shadownet.crossing_fits import restore_positions
-from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError, UnsupportedOpError
+from shadownet.exceptions import ArtifactError, ShadowNetError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
 
-UNTRUSTED = "untrusted.tflite"
 MANIFEST = "manifest.json"
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
 # is kept in memory (MobileNet 23.6 MB an inference, yolov4-tiny 53.6 MB).
 AUTO_INFERENCES = (4, 32)
-
-
-@dataclass(frozen=True)
-class LinearLayer:
-    """One linear layer as the attacker sees it: filters as rows (see :mod:`shadownet.attacks`)."""
-
-    name: str  # output tensor name
-    kind: str  # "conv", "dense" or "depthwise"
-    kernel: tuple[int, ...]  # (kh, kw, cin) for conv/dense (dense = (1, 1, in)), (kh, kw) for depthwise
-    filters: np.ndarray  # (channels, kh*kw*cin) or (channels, kh*kw)
-    where: str  # "round_3" or "op 12", for the report
-    input: str | None = None  # reference: the op's input tensor; untrusted: the signature input feeding it
-    positions: int = 0  # untrusted: output positions per inference (1 for dense), as the results cross
-
-    @property
-    def family(self) -> tuple:
-        # Dense and 1x1 conv are the same linear map: a converter may turn one into the other.
-        return ("depthwise" if self.kind == "depthwise" else "conv", self.kernel)
-
-
-def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None,
-           positions: int = 0) -> LinearLayer:
-    w = np.asarray(weights, dtype=np.float64)
-    if kind == "CONV_2D":
-        # TFLite conv weights are (out, kh, kw, in).
-        return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where, source,
-                           positions)
-    if kind == "FULLY_CONNECTED":
-        w = w.reshape(w.shape[0], -1)  # (out, in)
-        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source, positions)
-    if kind == "DEPTHWISE_CONV_2D":
-        # (1, kh, kw, channels * multiplier): one kh*kw filter per output channel.
-        _, kh, kw, c = w.shape
-        return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where, source,
-                           positions)
-    raise ValueError(f"not a linear op: {kind}")
-
-
-def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None) -> list[LinearLayer]:
-    """The linear layers of the reference model, in execution order. With the protected model's
-    ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference takes the same inputs
-    (shapes and dtypes) - another model's figures would be meaningless, and its inference would fail
-    halfway through."""
-    from converters.normalize import normalize
-    from converters.tflite_reader import read_model
-
-    try:
-        graph = normalize(read_model(model))
-    except ModelFormatError as exc:
-        if isinstance(model, bytes):
-            raise
-        raise ModelFormatError(f"reference {model}: {exc}") from None
-    if manifest is not None and "inputs" in manifest:
-        given = [(list(graph.tensors[i].shape), str(np.dtype(graph.tensors[i].dtype))) for i in graph.inputs]
-        want = [(list(t.get("shape", [])), str(t.get("dtype"))) for t in manifest.get("inputs", [])]
-        if given != want:
-            raise ArtifactError(f"the reference model takes {_specs(given)} but the protected model "
-                                f"{_specs(want)}: give the .tflite that was converted")
-    return _linear_layers(graph)
-
-
-# A linear op's kind as ``LinearLayer.kind`` names it (``_layer``).
-LAYER_KINDS = {"CONV_2D": "conv", "FULLY_CONNECTED": "dense", "DEPTHWISE_CONV_2D": "depthwise"}
 
 
 def _manifest_scheme(manifest: dict) -> Any | None:
@@ -130,89 +74,6 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     from converters.schemes import kept_in_tee
 
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
-
-
-def _specs(inputs: list[tuple[list[int], str]]) -> str:
-    return ", ".join(f"{shape} {dtype}" for shape, dtype in inputs) or "no inputs"
-
-
-def _linear_layers(graph: Any) -> list[LinearLayer]:
-    from converters.graph import is_offloadable
-
-    layers = []
-    for i, op in enumerate(graph.ops):
-        if is_offloadable(graph, i):
-            weights = graph.tensors[op.inputs[1]].data
-            layers.append(_layer(op.kind, weights, graph.tensors[op.outputs[0]].name, f"op {i}",
-                                 graph.tensors[op.inputs[0]].name))
-    return layers
-
-
-def split_names(manifest: dict) -> tuple[set[str], set[str]]:
-    """The outputs (``round_r/yj``) and input buffers of the layers the manifest says are exactly split
-    (``converters.exact_split``): public, as the file's shapes show anyway."""
-    rounds = manifest.get("rounds", [])
-    outputs = {f"{r['signature']}/{o['name']}" for r in rounds for o in r.get("outputs", [])
-               if o.get("split")}
-    inputs = {t["buffer"] for r in rounds for t in r.get("inputs", []) if t.get("split")}
-    return outputs, inputs
-
-
-def join_halves(seen: dict[str, Any], split: set[str]) -> dict[str, Any]:
-    """``seen`` (buffer name -> what the accelerator received, channels last) with each exactly split
-    buffer's ``[x_hi | x_lo]`` added back into ``x_hi + x_lo`` (in float64: ``v + r`` exactly), what an
-    attacker makes of them; ``split``: ``split_names(manifest)[1]``."""
-    joined = dict(seen)
-    for name in split & set(seen):
-        halves = np.asarray(seen[name])
-        c = halves.shape[-1] // 2
-        joined[name] = halves[..., :c].astype(np.float64) + halves[..., c:]
-    return joined
-
-
-def untrusted_layers(data: bytes, split: set[str] = frozenset()) -> list[LinearLayer]:
-    """The obfuscated linear layers of ``untrusted.tflite``, round by round, in op order within a round.
-
-    The untrusted model holds one subgraph per round (signature ``round_r``), each read as a graph; the
-    layers are the linear ops whose weights are float32 constants (the converter writes nothing else).
-    A layer whose output is in ``split`` (``split_names``) is attacked through the obfuscated weights
-    ``W'`` its exact split holds whole: ``[[W'_hi, 0], [W'_lo, W']]``.
-    """
-    from converters.graph import is_offloadable
-    from converters.tflite_reader import read_model, read_signatures
-
-    try:
-        graphs = read_signatures(data) or [read_model(data)]
-    except (ModelFormatError, UnsupportedOpError) as exc:
-        first_line = str(exc).splitlines()[0]
-        raise ArtifactError(f"{UNTRUSTED} is not a readable TFLite model ({first_line})") from None
-    graphs.sort(key=lambda g: round_number(g.signature.key if g.signature else "main"))
-    layers = []
-    for graph in graphs:
-        key = graph.signature.key if graph.signature else "main"
-        feeds = {t: name for name, t in graph.signature.inputs.items()} if graph.signature else {}
-        producer = {t: op for op in graph.ops for t in op.outputs}
-        for i, op in enumerate(graph.ops):
-            if not is_offloadable(graph, i) or graph.tensors[op.inputs[1]].dtype != np.float32:
-                continue  # weights not a float32 constant: nothing to attack
-            source = _trace_to_input(op.inputs[0], producer, feeds)
-            output = graph.tensors[op.outputs[0]]
-            weights, name = graph.tensors[op.inputs[1]].data, output.name
-            if name in split:
-                weights = weights[weights.shape[0] // 2:, ..., weights.shape[-1] // 2:]
-            positions = math.prod(output.shape[:-1]) if output.shape else 1
-            layers.append(_layer(op.kind, weights, name, key, source, positions))
-    return layers
-
-
-def _trace_to_input(tensor: int, producer: dict, feeds: dict[int, str]) -> str | None:
-    """The signature input a linear op reads, through any single-activation-input ops before it (a PAD,
-    a RESHAPE): the tensor the accelerator received for it."""
-    seen = set()
-    while tensor not in feeds and tensor in producer and tensor not in seen:
-        seen.add(tensor)
-        tensor = producer[tensor].inputs[0]
-    return feeds.get(tensor)
 
 
 def match_layers(

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tee_sim.channel import DEFAULT_CALLER_SPIN_US, DEFAULT_HARD_SPIN_US, DEFAULT_SPIN_US
 from tee_sim.errors import (
     TEE_ERROR_BAD_STATE,
     TEE_ERROR_SHORT_BUFFER,
@@ -26,14 +27,7 @@ from tee_sim.errors import (
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
 from tee_sim.shared_memory import SharedMemory, api_error
-from tee_sim.transport import (
-    DEFAULT_CALLER_SPIN_US,
-    DEFAULT_HARD_SPIN_US,
-    DEFAULT_SPIN_US,
-    InProcessTransport,
-    ProcessTransport,
-    resolve_secure_core,
-)
+from tee_sim.transport import InProcessTransport, ProcessTransport, resolve_secure_core
 
 TRANSPORTS = ("process", "inprocess")
 _BOUNCE_MIN = 64 << 10

@@ -2,7 +2,7 @@
 
 It serves one normal-world process: every session, one ``SecureOS``. Requests arrive in the shared
 control block (``tee_sim.channel``); after each answer the loop polls the request counter for
-``spin_us`` (yielding the core between looks, see ``tee_sim.transport.DEFAULT_SPIN_US``), then sleeps
+``spin_us`` (yielding the core between looks, see ``tee_sim.channel.DEFAULT_SPIN_US``), then sleeps
 on an eventfd. While a trusted app offers a step program (``TrustedApp.step_program``), the polling is
 done by the C fast path (``tee_sim.secure_world_fast``), which answers the program's steps
 itself (ResNet-404: 32.6 -> 24.0 us per TEE entry, as seen by the normal world) and leaves every other

@@ -41,21 +41,6 @@ LOG_FILE = "secure_world.log"
 LOG_MAX = 4 << 20
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
-# How each world waits for the other (process transport): poll the shared counter, calling sched_yield
-# between looks, for a window; then sleep on an eventfd. Chosen with `python -m tee_sim.bench` on this
-# 2-core machine while other jobs kept it at load 5-6 (figures noisy, two runs):
-# - Flat-out spinning ("hard") gives the best median round trip (14.6 us) but steals a core: a 2-thread
-#   LiteRT conv ran 50-78% slower while the secure world spun, and under load both worlds' spinners
-#   fight the scheduler (p90 round trip 3-4 ms, 2-2.6 ms after an idle gap). Not used (hard = 0).
-# - Yielding between looks: the secure world got 0.2-9% of one core during a LiteRT call and the call's
-#   time changed within the noise (-8%..+6%); round trip 39-40 us median under that load (~16 us on a
-#   quiet machine, where each world keeps its own core), 50 us with no polling at all (eventfd only).
-# - Window: a TEE entry that finds the secure world still polling costs the round trip; one that finds
-#   it asleep costs 52-72 us. 1 ms covers the rounds of small models (a 32x32x16->32 conv takes 0.3 ms)
-#   at no measurable cost to LiteRT; a longer window only burns CPU other processes could use.
-DEFAULT_SPIN_US = 1000.0  # secure world, after each answer
-DEFAULT_CALLER_SPIN_US = 1000.0  # normal world, waiting for an answer (it has nothing else to do)
-DEFAULT_HARD_SPIN_US = 0.0  # flat-out part of each window
 
 
 def resolve_secure_core(secure_core: int | str | None) -> int | None:

@@ -176,6 +176,7 @@ class Context:
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
+            self._transport.settle()
             self._flush_releases()
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
@@ -285,6 +286,7 @@ class Context:
         with self._lock:
             self._check_live(session)
             if params:
+                self._transport.settle(timeout)  # before the parameters go where the secure world reads
                 wire, temps, bytes_in = self._marshal(params)
             else:
                 wire, temps, bytes_in = NO_PARAMS, _NO_TEMPS, 0

@@ -118,6 +118,9 @@ class InProcessTransport:
     def ensure_running(self) -> None:
         pass
 
+    def settle(self, timeout: float | None = None) -> None:
+        pass  # every request is answered before its call returns
+
     def pin(self, pinned: bool) -> None:
         pass  # the secure world runs in its caller's thread
 
@@ -235,6 +238,7 @@ class ProcessTransport:
         self.poller.register(resp_efd, select.POLLIN)
         self.poller.register(sock.fileno(), 0)
         self._seq = 0
+        self._unanswered = 0  # that world's requests died with it
         self._pinned = False
         self.generation += 1
         # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
@@ -299,6 +303,7 @@ class ProcessTransport:
     def _forget_after_fork(self) -> None:
         """In a forked child: the secure world and its channel belong to the parent; never touch them."""
         self.proc = None
+        self._unanswered = 0
 
     def close(self) -> None:
         if self.proc is None:
@@ -345,6 +350,12 @@ class ProcessTransport:
                 if self.proc is not None:  # interrupted (a KeyboardInterrupt), not dead: see _settle
                     self._unanswered = seq
                 raise
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Before anything is written where the secure world reads (the block, a bounce buffer's
+        parameters, an open's payload): the answer to a request whose wait was interrupted (``_settle``)."""
+        if self._unanswered and self.proc is not None:
+            self._settle(self.timeout if timeout is None else timeout)
 
     def _settle(self, timeout: float) -> None:
         """Wait for the answer to a request whose wait was interrupted, before the next request is written
@@ -442,6 +453,7 @@ class ProcessTransport:
         return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
 
     def open_session(self, ta_uuid: uuid.UUID, wire: tuple[WireParam, ...]) -> Outcome:
+        self.settle()
         self.block[ch.PAYLOAD_OFFSET : ch.PAYLOAD_OFFSET + 16] = ta_uuid.bytes
         return self._roundtrip(ch.OP_OPEN, 0, 0, wire, self.timeout)
 

@@ -310,6 +310,54 @@ def test_a_request_interrupted_before_it_was_read_is_answered_before_the_next(tm
         assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
 
 
+def test_an_interrupted_request_is_answered_before_the_next_ones_parameters_are_written(tmp_path):
+    """The next request's temporary buffers share memory with the interrupted one's: written before that
+    one ran, they were overwritten by its outputs (an ECHO returned the previous FILL's bytes)."""
+    with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        s.invoke_command(Cmd.ECHO, [TempMemRef(b"x" * 64), TempMemRef(size=64, direction="out")])
+        pid = ctx.secure_world_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                s.invoke_command(Cmd.FILL, [Value(0xAA, 0), TempMemRef(size=64, direction="out")])
+        finally:
+            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+        out = TempMemRef(size=64, direction="out")
+        s.invoke_command(Cmd.ECHO, [TempMemRef(b"\x01" * 64), out])
+        assert bytes(out.data) == b"\x01" * 64
+
+
+def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path):
+    """Interrupted, then the secure world died: the call after the one that learns of it starts a new world
+    and is answered (it waited for the dead world's answer there until its timeout, then failed and
+    stopped the new world)."""
+    with Context("process", home=tmp_path / "device", timeout=5.0) as ctx:
+        s = ctx.open_session(TEST_TA_UUID)
+        pid = ctx.secure_world_pid
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            s.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])
+        os.kill(pid, signal.SIGKILL)
+        assert _until_gone(pid)
+        with pytest.raises(TEEError) as err:  # the death is news to the next call, as always
+            ctx.open_session(TEST_TA_UUID)
+        assert err.value.code == TEE_ERROR_TARGET_DEAD
+        with ctx.open_session(TEST_TA_UUID) as fresh:  # a new world, not waited on for the old answer
+            out = fresh.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
+        assert out[1].a == 42 and ctx.secure_world_pid != pid
+
+
+def _until_gone(pid: int, seconds: float = SLACK) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_a_release_interrupted_before_its_request_went_out_is_sent_again(tmp_path):
     """The secure world's side of shared memory whose release never reached it (a KeyboardInterrupt
     before the request went out) goes with the next registration, not at the context's close."""

@@ -96,8 +96,8 @@ MIXING_REFITS = 8  # exact fits, each moving every threshold to where its two si
 MIXING_MARGIN = 0.01  # positions this many standard deviations from a threshold sit out of the exact fit
 MIXING_CLIP = 0.2  # an opposite slope change this large against the largest one is a clip (ReLU6's 6)
 MIXING_MIN_ACTIVE = 64  # fitted positions a channel must be active on for its column to count
-# x . M_c counts as below 0 where it is under -MIXING_SIGN_RTOL of its largest size; a column with more
-# than MIXING_SIGN_SHARE of the positions on each side is wrong.
+# x . M_c counts as below 0 where it is under -MIXING_SIGN_RTOL of its size (``_signed_columns``); a column
+# with more than MIXING_SIGN_SHARE of the positions on each side is wrong.
 MIXING_SIGN_RTOL, MIXING_SIGN_SHARE = 1e-2, 0.01
 
 
@@ -218,12 +218,13 @@ def _hinge_fit(x_all: np.ndarray, y_all: np.ndarray, rng: np.random.Generator,
     # A side seen on a few positions only gives a slope the fit barely constrains (a channel active on
     # 0.2% of them came out at 0.27x its norm, at random): such a column is not learnt, left 0.
     mixing[:, active.sum(axis=0) < MIXING_MIN_ACTIVE] = 0.0
-    return _signed_columns(x, mixing, linear)
+    return _signed_columns(x, mixing, linear, rtol * span)
 
 
-def _signed_columns(x: np.ndarray, mixing: np.ndarray, linear: np.ndarray) -> np.ndarray:
+def _signed_columns(x: np.ndarray, mixing: np.ndarray, linear: np.ndarray, rounding: float) -> np.ndarray:
     """``mixing``'s columns with their signs set from ``x`` (positions, k), those that are wrong left 0;
-    a column where ``linear`` (no activation) as it is."""
+    a column where ``linear`` (no activation) as it is. ``rounding``: the exact fits' residual bound (``rtol``
+    of the block's range)."""
     # Each column's sign, and whether the fit got it right at all: the activation is >= 0, and with B
     # orthogonal it is B^T x, so column c, which is B_c times a scale, has x . M_c >= 0 at every position
     # (to rounding, and to the column's own error) with the right sign, <= 0 with the wrong one. A column
@@ -231,8 +232,13 @@ def _signed_columns(x: np.ndarray, mixing: np.ndarray, linear: np.ndarray) -> np
     # 16 came out at 0.02x its norm, its sign right or wrong as the positions sampled fell, and the wrong
     # one spoilt the filters of its block (47 of 64 recovered against 63). A channel with no activation
     # (both sides sloped) takes both signs anyway and keeps the sign the fit gave: nothing tells it.
+    # Below 0 means by more than the larger of two: a share of the column's own size along x (its 99th
+    # percentile, which one outlying position does not set), and what the fits' residuals allow a column
+    # error to add (x . dM, up to 4 rounding |M_c| here): a channel of small range beside large ones would
+    # otherwise be dropped for the others' error along it.
     along = x @ mixing
-    tol = MIXING_SIGN_RTOL * np.abs(along).max(axis=0)
+    size = np.percentile(np.abs(along), 99, axis=0)
+    tol = np.maximum(MIXING_SIGN_RTOL * size, 4 * rounding * np.linalg.norm(mixing, axis=0))
     below, above = (along < -tol).mean(axis=0), (along > tol).mean(axis=0)
     mixing = np.where(~linear & (below > MIXING_SIGN_SHARE) & (above > MIXING_SIGN_SHARE), 0.0, mixing)
     return mixing * np.where(~linear & (below > above), -1.0, 1.0)

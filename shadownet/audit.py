@@ -339,19 +339,22 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
         ref = [r for r in ref if r.kind not in kept]
     _check_reference_covers(ref, obf, reference)
+    # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
+    crossing = [layer for layer in obf if layer.name not in split_names(manifest)[0]]
     chosen = inferences is None
     if chosen:
-        inferences = default_inferences(obf)
-    if inferences > 0:
-        report["observation"] = {"inferences": inferences, "under_observed": under_observed(obf, inferences)}
+        inferences = default_inferences(crossing)
     seen: dict[str, np.ndarray] | None = None
     if inferences > 0:
         batches = sample_inputs(manifest["inputs"], inferences)
         if progress:
-            why = " (as many as the fits on the crossings want, 4 to 32)" if chosen else ""
+            low, high = AUTO_INFERENCES
+            why = f" (as many as the fits on the crossings want, {low} to {high})" if chosen else ""
             _progress(f"observing {inferences} protected inferences at the boundary{why}")
         try:
             seen = observe_boundary(out_dir, batches)
+            report["observation"] = {"inferences": inferences,
+                                     "under_observed": under_observed(crossing, inferences)}
         except ShadowNetError as exc:
             # The attacks on the weights alone stand on their own; say plainly what could not be measured.
             why = (f"no crossing observed, so no restore regression or input unmixing either: "

@@ -98,9 +98,9 @@ def inferences_needed(layer: Any) -> int:
 
 
 def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
-    """For each offloaded layer (``audit_layers.untrusted_layers``) whose results were observed, the rows of its
-    restore that the later crossings give away (``crossing_fits.restore_rows``), tried against every later
-    round input and model output with the same positions (or padded: ``_crops``). By layer name:
+    """For each offloaded layer (``audit_layers.untrusted_layers``) whose results were observed, the rows of
+    its restore that the later crossings give away (``crossing_fits.restore_rows``), tried against every
+    later round input and model output with the same positions (or padded: ``_crops``). By layer name:
     ``{"rows": (k, M) the relations found, "rank": how many of them are independent (at most M),
     "tried": follower channels tried, "follower": the tensor that gave the most, None for none}``."""
     learnt: dict[str, dict] = {}

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
     p.add_argument("--inferences", type=_at_least(1), default=None,
                    help="inferences to observe at the boundary (default: as many as the attacks on the "
-                        "crossings want for every conv layer, 4 to 32)")
+                        "crossings want for every conv and depthwise layer, within bounds; the report lists "
+                        "the layers that wanted more)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit)
 

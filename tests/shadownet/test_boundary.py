@@ -122,7 +122,9 @@ def test_the_default_observes_as_many_inferences_as_the_fits_want(narrow_then_wi
         [("round_3", 256, 264, 2), ("round_4", 256, 264, 2)]
     assert "too few for the restore fits on 2 layers, where" in audit.format_report(report)
     assert rows_of(report)["round_3/y0"]["restore"]["rank"] > 0  # found some, fewer than an attacker could
-    assert _audit(narrow_then_wide, "offloaded")["report"]["observation"]["under_observed"] == []
+    default = audit.audit(out, reference)  # the count chosen: 4, enough for every layer here
+    assert default["observation"] == {"inferences": 4, "under_observed": []}
+    assert default["input_leakage"]["inferences"] == 4
 
 
 def test_the_default_count_is_capped_and_leaves_dense_layers_to_the_report():

@@ -36,10 +36,11 @@ from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
+from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, kept_in_tee
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model
-from shadownet.exceptions import ArtifactError, ModelFormatError, SecurityError, UnsupportedOpError
+from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
 from tee_sim.program import write_program
 
 FORMAT = "shadownet-artifacts"
@@ -80,7 +81,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         if device is None or hasattr(device, "open_session"):
             raise ValueError("a device key is pinned for a device file: give the file too (--device FILE)")
     if device is not None and not hasattr(device, "open_session"):
-        device = _device_file(device, device_key, warn=True)  # read once, before the work
+        device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
     original = _model_bytes(model)
     read = read_model(original)
@@ -136,7 +137,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         "seeded": seed is not None,
         **_io_description(original),
         "rounds": plan.rounds, "buffers": plan.buffers, "shared_memory_size": plan.shared_memory_size,
-        "ta_uuid": str(_ta_uuid()),
+        "ta_uuid": str(ta_uuid()),
         "summary": plan.summary,
         "created_by": f"shadownet {_version()}",
         "masks": {"one_time_rounds": one_time, "static": static,
@@ -144,7 +145,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     }
     # The manifest's fields the runtime acts on are sealed with the program: the TA refuses, at LOAD_MODEL,
     # a manifest edited or damaged after conversion instead of running with the wrong layout.
-    plan.program["manifest_sha256"] = _manifest_digest(manifest).hex()
+    plan.program["manifest_sha256"] = manifest_digest(manifest).hex()
     program = write_program(plan.program, plan.arrays)
     del plan.arrays
     sealed = provision(program, device, device_key)
@@ -339,111 +340,6 @@ def _io_description(original: bytes) -> dict[str, Any]:
         raise ModelFormatError(f"the model's inputs and outputs must be at least one each, with distinct "
                                f"names: {names}")
     return result
-
-
-# -- provisioning ------------------------------------------------------------------------------------------
-
-def _ta_uuid() -> Any:
-    from tee_sim.ta_shadownet_commands import UUID
-
-    return UUID
-
-
-def _manifest_digest(manifest: dict[str, Any]) -> bytes:
-    from tee_sim.ta_shadownet_commands import manifest_digest
-
-    return manifest_digest(manifest)
-
-
-def _expected_measurement() -> bytes:
-    from tee_sim.attestation import measurement_of
-    from tee_sim.registry import trusted_apps
-
-    return measurement_of(trusted_apps()[_ta_uuid()])
-
-
-def fingerprint_of(text: str) -> str:
-    """A device key's fingerprint as given (hex, in any case, colons allowed), normalised; ``ValueError``
-    unless it is one: 64 hex digits, as ``shadownet device export`` prints them."""
-    digits = text.strip().lower().replace(":", "")
-    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
-        raise ValueError(f"a device key's fingerprint is 64 hex digits (`shadownet device export` prints "
-                         f"it), not {text!r}")
-    return digits
-
-
-def _device_file(device: Any, device_key: str | None, warn: bool = False) -> Any:
-    """The identity in device file ``device`` (``tee_sim.attestation.DeviceIdentity``), its key the pinned
-    ``device_key`` if one is given (``SecurityError`` otherwise); ``warn``: say which key is trusted when
-    none is pinned (anyone who can swap the file on its way from the device gets the secrets)."""
-    from tee_sim import TEEError
-    from tee_sim.attestation import DeviceIdentity, key_fingerprint, read_device_file
-
-    if isinstance(device, DeviceIdentity):  # read (and its key checked) already
-        return device
-    if not Path(device).is_file():
-        raise ArtifactError(f"device file {device} does not exist or is not a file (write it on the target "
-                            "device with `shadownet device export FILE`)")
-    try:
-        identity = read_device_file(device)
-    except TEEError as exc:
-        raise SecurityError(f"provisioning failed: {exc}") from None
-    if identity.trusted_app != _ta_uuid():
-        raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
-                            "not ShadowNet's")
-    fingerprint = key_fingerprint(identity.attestation_public_key)
-    if device_key is not None and fingerprint_of(device_key) != fingerprint:
-        raise SecurityError(f"device file {device}: its device key {fingerprint} is not the pinned one "
-                            f"({device_key})")
-    if device_key is None and warn:
-        warnings.warn(f"trusting the device key in {device} as it is (fingerprint {fingerprint}): check it "
-                      "against what `shadownet device export` printed on the device, or pin it with "
-                      "--device-key", stacklevel=3)
-    return identity
-
-
-def provision(program: bytes, device: Any = None, device_key: str | None = None) -> bytes:
-    """Encrypt the TEE program for the target device's ShadowNet TA; return the bytes of ``secrets.sealed``.
-
-    ``device=None`` / a ``tee_sim.Context``: attest the TA of that (local) device with a fresh nonce,
-    verify the report against the device's attestation key, encrypt to the report's one-time X25519 key
-    and let the TA re-seal the program for its device. ``device=FILE``: verify the identity file's
-    report (against ``device_key``, the pinned key's fingerprint, if given) and encrypt to the TA's
-    persistent provisioning key; the target device opens it at LOAD_MODEL.
-    """
-    from tee_sim import TEEError
-    from tee_sim.attestation import encrypt_to_report, verify_report
-    from tee_sim.ta_shadownet_commands import PROVISIONED, SECRETS_AAD, SECRETS_MAGIC
-
-    try:
-        if device is not None and not hasattr(device, "open_session"):
-            identity = _device_file(device, device_key)
-            report = verify_report(identity.report, identity.attestation_public_key, _expected_measurement(),
-                                   None)
-            return SECRETS_MAGIC + PROVISIONED + encrypt_to_report(report, program, SECRETS_AAD)
-        return _provision_local(program, device)
-    except TEEError as exc:
-        raise SecurityError(f"provisioning failed: {exc}") from None
-
-
-def _provision_local(program: bytes, context: Any) -> bytes:
-    from tee_sim import TempMemRef, default_context
-    from tee_sim.attestation import device_identity, encrypt_to_report, verify_report
-    from tee_sim.ta_shadownet_commands import SECRETS_AAD, Command
-
-    context = context or default_context()
-    # The local device's attestation key, as `shadownet device export` reads it (trust on first use of
-    # this machine's simulated device; a real vendor pins the key of each device it provisions).
-    pinned = device_identity(context).attestation_public_key
-    nonce = os.urandom(32)
-    with context.open_session(_ta_uuid()) as session:
-        out = session.invoke_command(Command.GET_REPORT,
-                                     [TempMemRef(nonce), TempMemRef(size=4096, direction="out")])
-        report = verify_report(out[1].data, pinned, _expected_measurement(), nonce)
-        envelope = encrypt_to_report(report, program, SECRETS_AAD)
-        sealed = TempMemRef(size=len(envelope) + 4096, direction="out")
-        session.invoke_command(Command.PROVISION, [TempMemRef(envelope), sealed])
-        return sealed.data
 
 
 # -- output ------------------------------------------------------------------------------------------------

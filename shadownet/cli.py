@@ -113,8 +113,8 @@ _SEED = _at_least(0, 2**32 - 1)
 
 
 def _fingerprint(text: str) -> str:
-    """An argparse type: a device key's fingerprint (``converters.pipeline.fingerprint_of``)."""
-    from converters.pipeline import fingerprint_of
+    """An argparse type: a device key's fingerprint (``converters.provisioning.fingerprint_of``)."""
+    from converters.provisioning import fingerprint_of
 
     try:
         return fingerprint_of(text)

@@ -313,7 +313,7 @@ class Worker:
         if self.target == "manifest":
             files["manifest.json"] = mutated
         elif self.target == "program":
-            from converters.pipeline import provision
+            from converters.provisioning import provision
 
             files["secrets.sealed"] = provision(mutated)
             fix_hash = True

@@ -79,7 +79,7 @@ def rehash(directory: Path, *names: str) -> None:
 
 def reseal(directory: Path, program: bytes) -> None:
     """Provision ``program`` to this device's trusted app (as a converter would) into ``directory``."""
-    from converters.pipeline import provision
+    from converters.provisioning import provision
 
     (directory / "secrets.sealed").write_bytes(provision(program))
     rehash(directory, "secrets.sealed")

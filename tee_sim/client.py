@@ -152,9 +152,8 @@ class Context:
         self._sessions: set[Session] = set()  # open sessions, of any generation of the secure world
         self._shms: dict[int, SharedMemory] = {}
         self._next_shm = 1
-        # Shared memory whose unregistration did not complete (interrupted before the secure world had
-        # the request) -> the secure world's generation then: sent again with the next request of the
-        # kind (``_flush_releases``).
+        # Shared memory whose registration or release was interrupted -> the secure world's generation
+        # then: released (again) before the next session, registration or release (``_tidy``).
         self._unreleased: dict[int, int] = {}
         self._bounce: SharedMemory | None = None
         self.closed = False
@@ -177,7 +176,7 @@ class Context:
             self._check_open()
             self._transport.ensure_running()
             self._transport.settle()
-            self._flush_releases()
+            self._tidy()
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
             self._unmarshal(params, wire, temps, outcome)
@@ -195,10 +194,15 @@ class Context:
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
-            self._flush_releases()
+            self._tidy()
             shm = SharedMemory(self, self._next_shm, size)
             self._next_shm += 1
-            self._register(shm)
+            generation = self._transport.generation
+            try:
+                self._register(shm)
+            except BaseException:  # interrupted, or refused: the secure world may hold the mapping still
+                self._unreleased[shm._id] = generation
+                raise
             self._shms[shm._id] = shm
             return shm
 
@@ -259,13 +263,18 @@ class Context:
             self._shms.pop(shm._id, None)
             if not self.closed and shm._generation == self._transport.generation:
                 self._unreleased[shm._id] = shm._generation
-                self._flush_releases()
+                self._tidy()
 
-    def _flush_releases(self) -> None:
-        """Unregister in the secure world the shared memory whose release was interrupted (a
-        KeyboardInterrupt before its request went out: the secure world kept the mapping until the context
-        closed). Sent again when the request may have gone out too: the secure OS releases an id it does not
-        know as a no-op, and ids are never reused."""
+    def _tidy(self) -> None:
+        """Undo in the secure world what interrupted requests left there (a KeyboardInterrupt in the middle
+        of one: the secure world kept it until the context closed). Close the sessions an interrupted
+        OpenSession opened (the transport read their ids in the answer nobody awaited). Unregister the shared
+        memory whose registration or release was interrupted, sent again when the request may have gone out
+        too: the secure OS releases an id it does not know as a no-op, and ids are never reused."""
+        orphans = self._transport.orphaned_sessions
+        while orphans:
+            self._transport.close_session(orphans[-1])
+            orphans.pop()
         while self._unreleased:
             shm_id, generation = next(iter(self._unreleased.items()))
             if generation == self._transport.generation:  # else that secure world is gone, and its maps

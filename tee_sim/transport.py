@@ -77,6 +77,7 @@ class InProcessTransport:
     def __init__(self, home: str | None, memory_cap: int, **_: Any) -> None:
         self.generation = 1
         self._os = SecureOS(home, memory_cap)
+        self.orphaned_sessions: list[int] = []  # stays empty: requests are answered before their calls return
 
     def _with_memory(self, outcome: Outcome) -> Outcome:
         memory = self._os.memory
@@ -156,6 +157,10 @@ class ProcessTransport:
         self.proc: subprocess.Popen | None = None
         self._seq = 0
         self._unanswered = 0  # a request announced, its wait interrupted: answered before the next is written
+        self._unanswered_op = 0
+        # Sessions that an interrupted OpenSession opened, its answer read only by _settle: the client closes
+        # them (``Context._tidy``), else they and their secure memory stayed until the context closed.
+        self.orphaned_sessions: list[int] = []
         self._start()
         _transports.add(self)
 
@@ -238,7 +243,8 @@ class ProcessTransport:
         self.poller.register(resp_efd, select.POLLIN)
         self.poller.register(sock.fileno(), 0)
         self._seq = 0
-        self._unanswered = 0  # that world's requests died with it
+        self._unanswered = 0  # that world's requests died with it, and its sessions
+        self.orphaned_sessions.clear()
         self._pinned = False
         self.generation += 1
         # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
@@ -304,6 +310,7 @@ class ProcessTransport:
         """In a forked child: the secure world and its channel belong to the parent; never touch them."""
         self.proc = None
         self._unanswered = 0
+        self.orphaned_sessions = []
 
     def close(self) -> None:
         if self.proc is None:
@@ -325,13 +332,13 @@ class ProcessTransport:
             self._settle(timeout)
         request = _request(op, session, cmd, wire)
         self.block[ch.REQUEST_OFFSET : ch.REQUEST_OFFSET + len(request)] = request
-        self._exchange(timeout)
+        self._exchange(timeout, op)
         fields = ch.RESPONSE.unpack_from(self.block, ch.RESPONSE_OFFSET)
         outcome = self._outcome(fields[:8])
         outcome.outputs = [fields[8:11], fields[11:14], fields[14:17], fields[17:20]]
         return outcome
 
-    def _exchange(self, timeout: float) -> None:
+    def _exchange(self, timeout: float, op: int) -> None:
         """Announce the request written in the block and wait until its answer is there."""
         words = self.words
         self._seq += 1
@@ -348,7 +355,7 @@ class ProcessTransport:
                     self._sleep_until(seq, timeout)
             except BaseException:
                 if self.proc is not None:  # interrupted (a KeyboardInterrupt), not dead: see _settle
-                    self._unanswered = seq
+                    self._unanswered, self._unanswered_op = seq, op
                 raise
 
     def settle(self, timeout: float | None = None) -> None:
@@ -361,16 +368,19 @@ class ProcessTransport:
         """Wait for the answer to a request whose wait was interrupted, before the next request is written
         over it: the secure world may not have read it yet (asleep, or descheduled), and would then have
         read the next one in its place and answered it under the old number - one request lost, or run
-        twice. Its answer is dropped."""
+        twice. Its answer is dropped, but for the session an OpenSession opened (``orphaned_sessions``)."""
         seq, self._unanswered = self._unanswered, 0
-        if self.words[ch.RESP_SEQ] == seq:
-            return
-        try:
-            self._sleep_until(seq, timeout)
-        except BaseException:
-            if self.proc is not None:
-                self._unanswered = seq
-            raise
+        if self.words[ch.RESP_SEQ] != seq:
+            try:
+                self._sleep_until(seq, timeout)
+            except BaseException:
+                if self.proc is not None:
+                    self._unanswered = seq
+                raise
+        if self._unanswered_op == ch.OP_OPEN:
+            code, _, session = ch.RESPONSE_HEADER.unpack_from(self.block, ch.RESPONSE_OFFSET)[:3]
+            if code == 0:
+                self.orphaned_sessions.append(session)
 
     def _outcome(self, header: tuple[int, ...]) -> Outcome:
         """The ``Outcome`` of a response header (``ch.RESPONSE_HEADER``), with its message."""
@@ -401,7 +411,7 @@ class ProcessTransport:
             if self._unanswered:
                 self._settle(timeout)
             self.block[start:end] = request
-            self._exchange(timeout)
+            self._exchange(timeout, ch.OP_INVOKE)
             fields = header(self.block, at)
             if fields[0]:
                 return fields[0], fields[4], fields[5:8], self._outcome(fields)

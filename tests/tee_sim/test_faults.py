@@ -22,6 +22,7 @@ from tee_sim import (
     Value,
 )
 from tee_sim.registry import TEST_TA_UUID
+from tee_sim.secure_os import NO_PARAMS
 from tee_sim.testing_ta import Cmd
 
 # Generous bounds: these check "an error, not a hang", not speed.
@@ -366,3 +367,44 @@ def test_a_release_interrupted_before_its_request_went_out_is_sent_again(tmp_pat
         ctx._transport.release_shm = send
         other = ctx.register_shared_memory(1 << 16)
         assert shm._id not in registered and other._id in registered
+
+
+def test_a_session_opened_by_an_interrupted_open_is_closed_by_the_next_one(tmp_path):
+    """A Ctrl-C while the secure world has an OpenSession in hand: it opens the session all the same (with
+    the ShadowNet TA, megabytes of secure memory). Its id was in the answer nobody read; the next OpenSession
+    closes it first, instead of it staying open until the context closes."""
+    with Context("process", home=tmp_path / "device") as ctx:
+        pid = ctx.secure_world_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                ctx.open_session(TEST_TA_UUID)
+        finally:
+            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+        with ctx.open_session(TEST_TA_UUID) as fresh:
+            orphan = fresh._id - 1  # the secure OS numbers sessions in order
+            assert ctx._transport.invoke(orphan, Cmd.NOTHING, NO_PARAMS, SLACK).code != 0  # closed
+            assert ctx._transport.invoke(fresh._id, Cmd.NOTHING, NO_PARAMS, SLACK).code == 0
+            assert fresh.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])[1].a == 42
+
+
+def test_a_registration_interrupted_after_the_secure_world_had_it_is_released(tmp_path):
+    """Interrupted once the secure world had mapped the memory (its answer lost): the mapping goes with the
+    next registration, not at the context's close."""
+    with Context("inprocess", home=tmp_path / "device") as ctx:
+        registered = ctx._transport._os._shm
+        register = ctx._transport.register_shm
+
+        def interrupted(shm_id, buffer, fd):
+            register(shm_id, buffer, fd)
+            raise KeyboardInterrupt
+
+        ctx._transport.register_shm = interrupted
+        before = set(registered)
+        with pytest.raises(KeyboardInterrupt):
+            ctx.register_shared_memory(1 << 16)
+        (lost,) = set(registered) - before
+        ctx._transport.register_shm = register
+        other = ctx.register_shared_memory(1 << 16)
+        assert lost not in registered and other._id in registered

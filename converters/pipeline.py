@@ -261,9 +261,11 @@ def _check_static(graph: Graph) -> None:
                                          f"{name!r}: shapes decided at run time are not supported{hint}")
     written = {t for op in graph.ops for t in op.outputs}
     for t in graph.outputs:
-        if t not in written:
-            raise UnsupportedOpError(f"model output {graph.tensors[t].name!r} is not computed by any op "
-                                     "(a constant or a model input): nothing to protect there")
+        if t not in written and t not in graph.inputs:
+            raise UnsupportedOpError(f"model output {graph.tensors[t].name!r} is a constant: nothing to "
+                                     "protect there, and ShadowNet's outputs are computed")
+    if all(t in graph.inputs for t in graph.outputs):
+        raise UnsupportedOpError("every model output is a model input: nothing to protect")
 
 
 def _check_litert_runs(original: bytes, graph: Graph) -> None:
@@ -335,10 +337,14 @@ def _io_description(original: bytes) -> dict[str, Any]:
 
         if signature and same(signature["inputs"], inputs) and same(signature["outputs"], outputs):
             result["signature"] = signature
-    names = [d["name"] for d in (*inputs, *outputs)]
-    if not inputs or not outputs or len(set(names)) != len(names):
-        raise ModelFormatError(f"the model's inputs and outputs must be at least one each, with distinct "
-                               f"names: {names}")
+    # One name per tensor: an output may repeat another output or be an input (Keras's Model(x, [y, y]),
+    # Model(x, [x, y])), as LiteRT reports it - the same tensor, named and indexed once.
+    by_name = {d["name"]: d["index"] for d in (*inputs, *outputs)}
+    if (not inputs or not outputs or len(by_name) != len({d["index"] for d in (*inputs, *outputs)})
+            or len({d["name"] for d in inputs}) != len(inputs)):
+        names = [d["name"] for d in (*inputs, *outputs)]
+        raise ModelFormatError(f"the model's inputs and outputs must be at least one each, with one name per "
+                               f"tensor and distinct inputs: {names}")
     return result
 
 

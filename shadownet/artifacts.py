@@ -128,6 +128,7 @@ def _parse(root: Path, m: dict[str, Any]) -> Artifacts:
     outputs = _tensor_specs(m["outputs"], first_index=len(inputs))
     if not inputs or not outputs:
         raise ArtifactError("the manifest lists no model input or no model output")
+    _check_one_tensor_per_name(inputs, outputs)
     size = _int(m["shared_memory_size"], "shared_memory_size")
     buffers: dict[str, BufferSpec] = {}
     for b in m["buffers"]:
@@ -283,10 +284,19 @@ def _tensor_specs(entries: list[dict[str, Any]], first_index: int) -> tuple[Tens
         signature = tuple(int(d) for d in e.get("shape_signature", shape))
         index = int(e.get("index", first_index + i))
         specs.append(TensorSpec(str(e["name"]), shape, np.dtype(e["dtype"]), index, signature))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ArtifactError(f"tensor names are not unique: {names}")
     return tuple(specs)
+
+
+def _check_one_tensor_per_name(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+    """Inputs distinct; an output may repeat another output or an input (the same tensor, as LiteRT reports
+    ``Model(x, [y, y])`` or ``Model(x, [x, y])``), but one name is one tensor."""
+    names = [s.name for s in inputs]
+    if len(set(names)) != len(names):
+        raise ArtifactError(f"input tensor names are not unique: {names}")
+    tensor: dict[str, TensorSpec] = {}
+    for spec in (*inputs, *outputs):
+        if tensor.setdefault(spec.name, spec) != spec:
+            raise ArtifactError(f"two different tensors are named {spec.name!r}")
 
 
 def _check_buffer(b: BufferSpec, size: int) -> None:

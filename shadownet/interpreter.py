@@ -61,10 +61,12 @@ class Interpreter:
         after_fork.track(self)
         inputs, outputs = self._model.inputs, self._model.outputs
         self._input_values = [np.zeros(t.shape, t.dtype) for t in inputs]
-        self._output_values = [np.zeros(t.shape, t.dtype) for t in outputs]
         self._by_index: dict[int, tuple[TensorSpec, np.ndarray]] = {}
-        for spec, value in zip(inputs + outputs, self._input_values + self._output_values, strict=True):
+        for spec, value in zip(inputs, self._input_values, strict=True):
             self._by_index[spec.index] = (spec, value)
+        for spec in outputs:  # an output that repeats another or is an input is that tensor, as in LiteRT
+            self._by_index.setdefault(spec.index, (spec, np.zeros(spec.shape, spec.dtype)))
+        self._output_values = [self._by_index[t.index][1] for t in outputs]
         self._input_index = {t.index for t in inputs}
         self._allocated = False
 

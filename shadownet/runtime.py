@@ -348,6 +348,8 @@ class ProtectedModel:
 
     # --- inference -----------------------------------------------------------------------------------------
     def __call__(self, *inputs: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """One inference: the output array, or a dict by output name when the model has several outputs
+        (one entry per tensor: an output listed twice, or an input passed through, has one name)."""
         arrays = self.check_inputs(inputs)
         outputs = [np.empty(t.shape, t.dtype) for t in self.outputs]
         self.run_into(arrays, outputs)

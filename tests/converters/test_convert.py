@@ -443,6 +443,10 @@ def _two_signatures() -> bytes:
                            Signature("conv_relu", [0, 1], {"x": x}, {"r": r})])
 
 
+def _named(g, name):
+    return [t.name for t in g.tensors].index(name)
+
+
 def _weights_with(position, value):
     """The test conv's weights, with ``value`` at ``position`` (None: as drawn)."""
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
@@ -458,8 +462,10 @@ def _weights_with(position, value):
      "WHERE (output 'w'): its output's shape depends on the data"),
     (_two_signatures, UnsupportedOpError,  # the second was left out without a word
      "the model has 2 signatures ('conv', 'conv_relu'): ShadowNet protects a model's one signature"),
-    (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, x])), UnsupportedOpError,
-     "model output 'x' is not computed by any op"),
+    (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, _named(g, "b")])),
+     UnsupportedOpError, "model output 'b' is a constant"),
+    (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [x])), UnsupportedOpError,
+     "every model output is a model input"),
     (lambda: _conv_graph(_weights_with((1, 1, 1, 1), np.nan)), ModelFormatError,
      "CONV_2D (output 'y'): 'w' holds NaN or infinite values"),
     (lambda: _conv_graph(_weights_with((2, 0, 0, 0), np.inf)), ModelFormatError,

@@ -94,3 +94,14 @@ def two_by_two(keras, tmp_path_factory) -> Protected:
     vec = layers.Dense(5, name="vec")(layers.Flatten()(layers.MaxPooling2D()(h)))
     data = _to_tflite(keras.Model([a, b], [fmap, vec]))
     return _protect(tmp_path_factory.mktemp("two_by_two"), "two_by_two", data)
+
+
+@pytest.fixture(scope="session")
+def repeated_outputs(keras, tmp_path_factory) -> Protected:
+    """Outputs [y, x, y]: one output twice and the input itself, as Keras's Model(x, [y, x, y]) gives them -
+    LiteRT names and indexes each tensor once."""
+    keras.utils.set_random_seed(2)
+    x = keras.Input((8, 8, 3), batch_size=1, name="image")
+    y = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    data = _to_tflite(keras.Model(x, [y, x, y]))
+    return _protect(tmp_path_factory.mktemp("repeated_outputs"), "repeated_outputs", data)

@@ -37,7 +37,7 @@ def litert_app(interpreter_class, model_path, batches):
     return results, by_name, names
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs"])
 def test_same_app_runs_on_litert_and_shadownet(fixture, request):
     model = request.getfixturevalue(fixture)
     batches = [model.random_inputs(seed) for seed in range(2)]
@@ -53,7 +53,7 @@ def test_same_app_runs_on_litert_and_shadownet(fixture, request):
         assert relative_error(got_by_name[name], w) <= TOLERANCE
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs"])
 def test_details_are_the_original_models(fixture, request):
     model = request.getfixturevalue(fixture)
     litert = LiteRTInterpreter(model_path=str(model.original))
@@ -133,3 +133,28 @@ def test_interpreter_needs_an_artifact_directory(small_cnn):
         shadownet.Interpreter(model_path=str(small_cnn.original))
     with pytest.raises(ArtifactError, match="artifact directory"):
         shadownet.Interpreter(model_content=small_cnn.original.read_bytes())
+
+
+def test_an_output_repeated_or_passed_through_is_the_same_tensor(repeated_outputs):
+    """Model(x, [y, x, y]): LiteRT lists three outputs, two tensors; so do the protected model's details,
+    ``model(x)`` (a dict by name: one entry per tensor, the input's value exact) and get_tensor."""
+    litert = LiteRTInterpreter(model_path=str(repeated_outputs.original))
+    details = litert.get_output_details()
+    assert len(details) == 3 and len({d["index"] for d in details}) == 2
+    (x,) = repeated_outputs.random_inputs()
+    want = repeated_outputs.reference(x)
+    image = litert.get_input_details()[0]["name"]
+    with shadownet.load(repeated_outputs.out) as model:
+        got = model(x)
+    assert set(got) == {d["name"] for d in details} and image in got
+    for d, w in zip(details, want, strict=True):
+        assert np.array_equal(got[d["name"]], x) if d["name"] == image else \
+            relative_error(got[d["name"]], w) <= TOLERANCE
+    ours = shadownet.Interpreter(model_path=str(repeated_outputs.out))
+    ours.allocate_tensors()
+    ours.set_tensor(ours.get_input_details()[0]["index"], x)
+    ours.invoke()
+    for d, w in zip(ours.get_output_details(), want, strict=True):
+        assert np.array_equal(ours.get_tensor(d["index"]), x) if d["name"] == image else \
+            relative_error(ours.get_tensor(d["index"]), w) <= TOLERANCE
+    ours.close()

@@ -117,7 +117,7 @@ class Context:
     ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of
     each window, polled without offering the core to other threads (process transport; defaults
     ``$TEE_SIM_SPIN_US``, ``$TEE_SIM_CALLER_SPIN_US``, ``$TEE_SIM_HARD_SPIN_US``, else the measured ones
-    in ``tee_sim.transport``). ``secure_core``: the CPU the secure world runs on (process transport; default
+    in ``tee_sim.channel``). ``secure_core``: the CPU the secure world runs on (process transport; default
     ``$TEE_SIM_SECURE_CORE``, else ``"auto"``; see ``resolve_secure_core``), as ``secure_core``.
     """
 
@@ -175,8 +175,13 @@ class Context:
         with self._lock:
             self._check_open()
             self._transport.ensure_running()
-            self._transport.settle()
-            self._tidy()
+            try:
+                self._transport.settle()
+                self._tidy()
+            except TEEError:  # the secure world died with a request on the wire, unseen till now
+                if self._transport.alive:
+                    raise
+                self._transport.ensure_running()
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
             self._unmarshal(params, wire, temps, outcome)

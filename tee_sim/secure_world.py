@@ -36,6 +36,9 @@ from tee_sim.errors import (
 from tee_sim.secure_os import NO_OUTPUTS, NO_PARAMS, Outcome, SecureOS, WireParam
 
 PR_SET_PDEATHSIG = 1
+# Messages of interrupted registrations one registration skips at most (a Ctrl-C each).
+STALE_REGISTRATIONS = 64
+
 log = logging.getLogger("tee_sim.secure_world")
 
 
@@ -149,16 +152,24 @@ class SecureWorld:
 
     def register(self, shm_id: int, size: int) -> Outcome:
         refused = Outcome(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TEE, "shared memory registration refused")
-        self.sock.settimeout(5.0)
-        try:
-            message, fds, _, _ = socket.recv_fds(self.sock, ch.REGISTER_MESSAGE.size, 1)
-        except OSError:  # nothing sent (timeout), or a malformed message
-            return refused
-        finally:
-            self.sock.settimeout(None)
-        if len(fds) != 1 or len(message) != ch.REGISTER_MESSAGE.size:
-            for fd in fds:
-                os.close(fd)
+        for _ in range(STALE_REGISTRATIONS + 1):
+            self.sock.settimeout(5.0)
+            try:
+                message, fds, _, _ = socket.recv_fds(self.sock, ch.REGISTER_MESSAGE.size, 1)
+            except OSError:  # nothing sent (timeout), or a malformed message
+                return refused
+            finally:
+                self.sock.settimeout(None)
+            if len(fds) != 1 or len(message) != ch.REGISTER_MESSAGE.size:
+                for fd in fds:
+                    os.close(fd)
+                return refused
+            # An earlier id's message is a registration whose request never came (the normal world was
+            # interrupted between the two; its ids only grow): dropped, else every later one read it.
+            if ch.REGISTER_MESSAGE.unpack(message)[0] >= shm_id:
+                break
+            os.close(fds[0])
+        else:
             return refused
         fd = fds[0]
         try:

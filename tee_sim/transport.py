@@ -42,7 +42,6 @@ LOG_MAX = 4 << 20
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
-
 def resolve_secure_core(secure_core: int | str | None) -> int | None:
     """The CPU the secure world is pinned to (process transport), or None to leave it to the scheduler.
 
@@ -156,7 +155,7 @@ class ProcessTransport:
         self.generation = 0
         self.proc: subprocess.Popen | None = None
         self._seq = 0
-        self._unanswered = 0  # a request announced, its wait interrupted: answered before the next is written
+        self._unanswered = 0  # the request on the wire until its answer is seen (interrupted: _settle)
         self._unanswered_op = 0
         # Sessions that an interrupted OpenSession opened, its answer read only by _settle: the client closes
         # them (``Context._tidy``), else they and their secure memory stayed until the context closed.
@@ -300,6 +299,7 @@ class ProcessTransport:
         except subprocess.TimeoutExpired:
             pass
         self.proc = None
+        self._unanswered = 0  # its requests died with it
         self.words.release()
         self.block.close()
         self.sock.close()
@@ -339,24 +339,23 @@ class ProcessTransport:
         return outcome
 
     def _exchange(self, timeout: float, op: int) -> None:
-        """Announce the request written in the block and wait until its answer is there."""
+        """Announce the request written in the block and wait until its answer is there. Until then it is
+        ``_unanswered``, set before it is announced: a KeyboardInterrupt anywhere in between (the kick, the
+        spin, the sleep) leaves it to ``_settle``; a secure world that dies takes it with it (``_dead``)."""
         words = self.words
-        self._seq += 1
-        seq = self._seq
+        seq = self._seq + 1
+        self._unanswered, self._unanswered_op = seq, op
+        self._seq = seq
         words[ch.REQ_SEQ] = seq
         if words[ch.SW_SLEEPING]:
             os.eventfd_write(self.req_efd, 1)
         if words[ch.RESP_SEQ] != seq:
-            try:
-                # Responses come in order, so until ours arrives the counter still shows the previous one.
-                window = int(self.caller_spin_us * 1000)
-                ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
-                if words[ch.RESP_SEQ] != seq:
-                    self._sleep_until(seq, timeout)
-            except BaseException:
-                if self.proc is not None:  # interrupted (a KeyboardInterrupt), not dead: see _settle
-                    self._unanswered, self._unanswered_op = seq, op
-                raise
+            # Responses come in order, so until ours arrives the counter still shows the previous one.
+            window = int(self.caller_spin_us * 1000)
+            ch.spin_while(words, ch.RESP_SEQ, seq - 1, min(int(self.hard_spin_us * 1000), window), window)
+            if words[ch.RESP_SEQ] != seq:
+                self._sleep_until(seq, timeout)
+        self._unanswered = 0
 
     def settle(self, timeout: float | None = None) -> None:
         """Before anything is written where the secure world reads (the block, a bounce buffer's
@@ -368,15 +367,16 @@ class ProcessTransport:
         """Wait for the answer to a request whose wait was interrupted, before the next request is written
         over it: the secure world may not have read it yet (asleep, or descheduled), and would then have
         read the next one in its place and answered it under the old number - one request lost, or run
-        twice. Its answer is dropped, but for the session an OpenSession opened (``orphaned_sessions``)."""
-        seq, self._unanswered = self._unanswered, 0
+        twice. A request interrupted before it was announced is dropped, its number used again (only the
+        normal world writes ``REQ_SEQ``). The answer is dropped too, but for the session an OpenSession
+        opened (``orphaned_sessions``)."""
+        seq = self._unanswered
+        if self.words[ch.REQ_SEQ] != seq:
+            self._seq, self._unanswered = seq - 1, 0
+            return
         if self.words[ch.RESP_SEQ] != seq:
-            try:
-                self._sleep_until(seq, timeout)
-            except BaseException:
-                if self.proc is not None:
-                    self._unanswered = seq
-                raise
+            self._sleep_until(seq, timeout)  # interrupted again: still unanswered; dead: forgotten
+        self._unanswered = 0
         if self._unanswered_op == ch.OP_OPEN:
             code, _, session = ch.RESPONSE_HEADER.unpack_from(self.block, ch.RESPONSE_OFFSET)[:3]
             if code == 0:

@@ -311,6 +311,33 @@ def test_a_request_interrupted_before_it_was_read_is_answered_before_the_next(tm
         assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
 
 
+def test_a_request_interrupted_while_it_kicks_the_sleeping_secure_world_is_answered(tmp_path, monkeypatch):
+    """The interrupt lands after the request is announced but before the sleeping secure world is kicked:
+    still the next request waits for its answer (the world wakes on its own within a second) instead of
+    being written over it (ALLOC lost, as a review reproduced)."""
+    from tee_sim import channel
+
+    with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        before = ctx.memory_stats()["used"]
+        transport = ctx._transport
+        deadline = time.monotonic() + SLACK
+        while not transport.words[channel.SW_SLEEPING]:  # past its spin, asleep on its eventfd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        kick = os.eventfd_write
+
+        def interrupted(fd, value):
+            monkeypatch.setattr(os, "eventfd_write", kick)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "eventfd_write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            s.invoke_command(Cmd.ALLOC, [Value(1 << 16, 1), Value(direction="out")])
+        out = s.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
+        assert out[1].a == 42
+        assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
+
+
 def test_an_interrupted_request_is_answered_before_the_next_ones_parameters_are_written(tmp_path):
     """The next request's temporary buffers share memory with the interrupted one's: written before that
     one ran, they were overwritten by its outputs (an ECHO returned the previous FILL's bytes)."""
@@ -329,9 +356,11 @@ def test_an_interrupted_request_is_answered_before_the_next_ones_parameters_are_
         assert bytes(out.data) == b"\x01" * 64
 
 
-def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path):
+@pytest.mark.parametrize("reaped", [True, False])
+def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path, reaped):
     """Interrupted, then the secure world died: the next call starts a new world and is answered (it
-    waited for the dead world's answer in the new one until the timeout, failed, and stopped it)."""
+    waited for the dead world's answer in the new one until the timeout, failed, and stopped it; and with
+    the death not yet seen, the OpenSession failed instead of starting a new world)."""
     with Context("process", home=tmp_path / "device", timeout=5.0) as ctx:
         s = ctx.open_session(TEST_TA_UUID)
         pid = ctx.secure_world_pid
@@ -341,7 +370,7 @@ def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path)
             s.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + SLACK
-        while ctx._transport.proc.poll() is None:  # reaped: the next call sees the death and starts anew
+        while reaped and ctx._transport.proc.poll() is None:  # the next call sees the death first
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with ctx.open_session(TEST_TA_UUID) as fresh:  # a new world, not waited on for the old answer
@@ -408,3 +437,26 @@ def test_a_registration_interrupted_after_the_secure_world_had_it_is_released(tm
         ctx._transport.register_shm = register
         other = ctx.register_shared_memory(1 << 16)
         assert lost not in registered and other._id in registered
+
+
+def test_a_registration_interrupted_between_its_two_messages_leaves_the_next_ones_working(tmp_path):
+    """Interrupted after its memory's descriptor went over the socket, before its request: the secure world
+    skips that message at the next registration, which it read instead of its own before (every later
+    registration refused until the secure world restarted)."""
+    with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        transport = ctx._transport
+        roundtrip = transport._roundtrip
+
+        def interrupted(op, *args):
+            transport._roundtrip = roundtrip
+            raise KeyboardInterrupt
+
+        transport._roundtrip = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            ctx.register_shared_memory(1 << 12)
+        for _ in range(2):
+            with ctx.register_shared_memory(1 << 12) as shm:
+                shm.buffer[:3] = b"abc"
+                out = TempMemRef(size=3, direction="out")
+                s.invoke_command(Cmd.ECHO, [MemRef(shm, 0, 3, "in"), out])
+                assert bytes(out.data) == b"abc"

@@ -109,7 +109,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
                       "sized on the activations of random N(0, 1) inputs; inputs of a larger spread "
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
-                      "them: give representative inputs (--calibration FILE.npz)", stacklevel=2)
+                      "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
+                      stacklevel=2)
     if len(one_time) > 1:
         warnings.warn(f"one-time masks on {len(one_time) - 1} round(s) after the first: each such layer "
                       "computes at the mask's magnitude (by default 10x its input's) in float32, and each "
@@ -128,8 +129,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         warnings.warn("round 1's masked input crosses unsplit (converters/exact_split.py): the auto policy "
                       "measured the mask's rounding on random N(0, 1) inputs, which can understate it (a "
                       "probe's ResNet50: 3e-6 on them, 6e-5 on its own inputs, its outputs then up to 4e-4 "
-                      "from LiteRT's): give --calibration, or --scheme groupmix:exact_split=first",
-                      stacklevel=2)
+                      "from LiteRT's): give --calibration (calibration=), or --scheme (scheme=) "
+                      "groupmix:exact_split=first", stacklevel=2)
     plan.program["untrusted_sha256"] = hashlib.sha256(plan.untrusted).hexdigest()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -362,7 +363,7 @@ def _check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ArtifactError(f"output directory {out} is not empty (use --force to replace it)")
+        raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces it)")
 
 
 def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:

@@ -107,7 +107,8 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
         else:
             path = Path(item)
             if not path.is_file():
-                raise ShadowNetError(f"{item} is neither a zoo model ({', '.join(ZOO)}) nor a .tflite file")
+                what = "does not exist" if not path.exists() else "is not a file"
+                raise ShadowNetError(f"{item} {what}: give a zoo model ({', '.join(ZOO)}) or a .tflite file")
             sources.append((path.stem, path))
     # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
     # directory's name goes in front, then a count.

@@ -265,6 +265,8 @@ def _report(exc: Exception) -> int:
 
     if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
         message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
+            message = f"{exc.filename}: {exc.strerror}"
         print(f"shadownet: error: {message}".splitlines()[0], file=sys.stderr)
         return 1
     if os.environ.get("SHADOWNET_DEBUG"):

@@ -153,6 +153,7 @@ def main(args: argparse.Namespace) -> None:
         _report(Path(workdir))
     else:
         with tempfile.TemporaryDirectory(prefix="shadownet-demo-") as tmp:
+            print(f"working in {tmp}, removed at the end (shadownet demo --workdir DIR keeps the files)")
             _report(Path(tmp))
 
 

@@ -188,7 +188,10 @@ class TEEServices:
         if key is None:
             persistent = self._provisioning_key()
             if persistent.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) != recipient:
-                raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, "provisioned data failed authentication")
+                # The envelope names its recipient in the clear: saying so tells nothing secret.
+                raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, "provisioned data is sealed to another "
+                               "device's key (made for another device, or for this one before its keys "
+                               "were reset)")
             key = persistent
         return attestation.open_envelope(key, envelope, aad)
 

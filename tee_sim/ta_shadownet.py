@@ -233,7 +233,11 @@ class ShadowNetTA(TrustedApp):
             raise ta_error(TEE_ERROR_SECURITY, "secrets failed authentication")
         payload = bytes(blob[len(head):])
         if head[-1:] == SEALED:
-            return self.tee.unseal(payload, SECRETS_AAD)
+            try:
+                return self.tee.unseal(payload, SECRETS_AAD)
+            except TEEError as exc:  # sealing's one opaque error, and what it means for a user here
+                raise ta_error(exc.code, f"{exc.message}: secrets.sealed was changed, or sealed by another "
+                                         "device (each device seals with its own key)") from None
         if head[-1:] == PROVISIONED:
             return self.tee.open_provisioned(payload, SECRETS_AAD)
         raise ta_error(TEE_ERROR_SECURITY, "secrets failed authentication")

@@ -577,7 +577,7 @@ def test_conversion_for_another_device(conv_model, device, tmp_path, monkeypatch
         xs = inputs_for(conv_model, np.random.default_rng(3))
         with Driver(target, tmp_path / "out") as run:
             assert relative_error(run(*xs), litert(conv_model, *xs)) <= TOLERANCE
-        with pytest.raises(SecurityError):  # made for the target, not for this device
+        with pytest.raises(SecurityError, match="sealed to another device's key"):  # made for the target
             Driver(device, tmp_path / "out")
         bad = json.loads((tmp_path / "target.json").read_text())
         bad["report"]["measurement"] = "00" * 32

@@ -122,3 +122,22 @@ def test_secrets_of_another_conversion_raise_security_error(copy, small_cnn, tmp
     _rehash(copy, "secrets.sealed")
     with pytest.raises(SecurityError):
         shadownet.load(copy)
+
+
+def test_secrets_sealed_on_another_device_say_so(copy, small_cnn, tmp_path):
+    """Loaded on a device that did not seal them (another SHADOWNET_HOME): one line that says what may be
+    wrong, not only that authentication failed."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "SHADOWNET_HOME": str(tmp_path / "another_device")}
+    result = subprocess.run([sys.executable, "-m", "shadownet", "run", str(copy), "--input",
+                             str(tmp_path / "x.npy")], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "TEE_ERROR_SECURITY" in lines[0] and "sealed by another device" in lines[0], lines

@@ -137,7 +137,7 @@ def test_bench_report(tmp_path):
 def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
     err = capsys.readouterr().err
-    assert "neither a zoo model" in err and len(err.strip().splitlines()) == 1, err
+    assert "missing.tflite does not exist" in err and len(err.strip().splitlines()) == 1, err
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"not a model")
     # The report is still written, then the command fails naming the model it could not measure.

@@ -83,6 +83,7 @@ def small_cnn_input_name(model) -> str:
     ("fifo", "is not a regular file"),  # read for ever
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
+    ("output_nowhere", "nowhere/y.npz: No such file or directory"),  # not "[Errno 2] ..."
 ])
 def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
     (x,) = small_cnn.random_inputs()
@@ -116,6 +117,8 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         data = str(tmp_path / "x.fifo")
     elif case == "delegate":
         extra = ["--delegate", str(tmp_path / "no_such_delegate.so")]
+    elif case == "output_nowhere":
+        extra = ["--output", str(tmp_path / "nowhere" / "y.npz")]
     elif case == "tampered":
         shutil.copytree(small_cnn.out, tmp_path / "out")
         sealed = tmp_path / "out" / "secrets.sealed"

@@ -65,4 +65,4 @@ def test_bench_refuses_an_unwritable_report_before_measuring(tmp_path, capsys, m
     report = tmp_path / "missing" / "r.json"
     assert main(["bench", "--models", "minivgg", "--json", str(report)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"shadownet: error: [Errno 2] No such file or directory: '{report}'"]
+    assert err == [f"shadownet: error: {report}: No such file or directory"]

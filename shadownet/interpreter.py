@@ -78,8 +78,9 @@ class Interpreter:
         return [_details(t) for t in self._model.outputs]
 
     def get_tensor_details(self, subgraph_index: int = 0) -> list[dict[str, Any]]:
-        """The model's inputs and outputs only: its intermediate tensors are the secret part."""
-        return self.get_input_details() + self.get_output_details()
+        """The model's inputs and outputs only, each tensor once: its intermediate tensors are the secret
+        part."""
+        return [_details(spec) for spec, _ in self._by_index.values()]
 
     def num_subgraphs(self) -> int:
         return 1

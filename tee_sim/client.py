@@ -184,12 +184,18 @@ class Context:
                 self._transport.ensure_running()
             wire, temps, _ = self._marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
-            self._unmarshal(params, wire, temps, outcome)
-            self._trim_bounce()
-            self._raise(outcome)
-            session = Session(self, outcome.session, ta_uuid, self._transport.generation)
-            session._memory = outcome.memory
-            self._sessions.add(session)
+            opened = outcome.code == 0
+            try:
+                self._unmarshal(params, wire, temps, outcome)
+                self._trim_bounce()
+                self._raise(outcome)
+                session = Session(self, outcome.session, ta_uuid, self._transport.generation)
+                session._memory = outcome.memory
+                self._sessions.add(session)
+                opened = False
+            finally:
+                if opened:  # interrupted after the secure world opened it: closed by the next _tidy
+                    self._transport.orphaned_sessions.append(outcome.session)
             return session
 
     def register_shared_memory(self, size: int) -> SharedMemory:

@@ -36,7 +36,7 @@ from tee_sim.errors import (
 from tee_sim.secure_os import NO_OUTPUTS, NO_PARAMS, Outcome, SecureOS, WireParam
 
 PR_SET_PDEATHSIG = 1
-# Messages of interrupted registrations one registration skips at most (a Ctrl-C each).
+# Messages of interrupted registrations that one registration skips at most (a Ctrl-C each).
 STALE_REGISTRATIONS = 64
 
 log = logging.getLogger("tee_sim.secure_world")
@@ -164,16 +164,17 @@ class SecureWorld:
                 for fd in fds:
                     os.close(fd)
                 return refused
-            # An earlier id's message is a registration whose request never came (the normal world was
-            # interrupted between the two; its ids only grow): dropped, else every later one read it.
-            if ch.REGISTER_MESSAGE.unpack(message)[0] >= shm_id:
+            # The normal world sends a registration's descriptor, then its request, under one lock, and
+            # requests are served one at a time: a message ahead of this one's is a registration whose
+            # request never came (interrupted between the two), dropped, else every later one read it.
+            if ch.REGISTER_MESSAGE.unpack(message) == (shm_id, size):
                 break
             os.close(fds[0])
         else:
             return refused
         fd = fds[0]
         try:
-            if ch.REGISTER_MESSAGE.unpack(message) != (shm_id, size) or size <= 0:
+            if size <= 0:
                 return refused
             # Sealing the memfd's size stops the normal world from shrinking it under our mapping
             # (the next access would be SIGBUS: a crash it could trigger at will). Only a memfd takes

@@ -376,11 +376,11 @@ class ProcessTransport:
             return
         if self.words[ch.RESP_SEQ] != seq:
             self._sleep_until(seq, timeout)  # interrupted again: still unanswered; dead: forgotten
-        self._unanswered = 0
-        if self._unanswered_op == ch.OP_OPEN:
+        if self._unanswered_op == ch.OP_OPEN:  # recorded before the request is let go (closed twice: no-op)
             code, _, session = ch.RESPONSE_HEADER.unpack_from(self.block, ch.RESPONSE_OFFSET)[:3]
-            if code == 0:
+            if code == 0 and session not in self.orphaned_sessions:
                 self.orphaned_sessions.append(session)
+        self._unanswered = 0
 
     def _outcome(self, header: tuple[int, ...]) -> Outcome:
         """The ``Outcome`` of a response header (``ch.RESPONSE_HEADER``), with its message."""

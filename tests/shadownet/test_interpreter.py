@@ -151,6 +151,8 @@ def test_an_output_repeated_or_passed_through_is_the_same_tensor(repeated_output
         assert np.array_equal(got[d["name"]], x) if d["name"] == image else \
             relative_error(got[d["name"]], w) <= TOLERANCE
     ours = shadownet.Interpreter(model_path=str(repeated_outputs.out))
+    indices = [d["index"] for d in ours.get_tensor_details()]  # each tensor once
+    assert sorted(indices) == sorted({d["index"] for d in (*litert.get_input_details(), *details)})
     ours.allocate_tensors()
     ours.set_tensor(ours.get_input_details()[0]["index"], x)
     ours.invoke()

@@ -357,7 +357,7 @@ def test_an_interrupted_request_is_answered_before_the_next_ones_parameters_are_
 
 
 @pytest.mark.parametrize("reaped", [True, False])
-def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path, reaped):
+def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path, reaped, monkeypatch):
     """Interrupted, then the secure world died: the next call starts a new world and is answered (it
     waited for the dead world's answer in the new one until the timeout, failed, and stopped it; and with
     the death not yet seen, the OpenSession failed instead of starting a new world)."""
@@ -370,9 +370,12 @@ def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path,
             s.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + SLACK
-        while reaped and ctx._transport.proc.poll() is None:  # the next call sees the death first
+        proc = ctx._transport.proc
+        while reaped and proc.poll() is None:  # the next call sees the death first
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        if not reaped:  # the next call sees it only when settling the interrupted request
+            monkeypatch.setattr(proc, "poll", lambda: None)
         with ctx.open_session(TEST_TA_UUID) as fresh:  # a new world, not waited on for the old answer
             out = fresh.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
         assert out[1].a == 42 and ctx.secure_world_pid != pid
@@ -412,7 +415,8 @@ def test_a_session_opened_by_an_interrupted_open_is_closed_by_the_next_one(tmp_p
         finally:
             threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
         with ctx.open_session(TEST_TA_UUID) as fresh:
-            orphan = fresh._id - 1  # the secure OS numbers sessions in order
+            orphan = fresh._id - 1  # the secure OS numbers sessions in order, from 1
+            assert orphan == 1  # the interrupted OpenSession opened one
             assert ctx._transport.invoke(orphan, Cmd.NOTHING, NO_PARAMS, SLACK).code != 0  # closed
             assert ctx._transport.invoke(fresh._id, Cmd.NOTHING, NO_PARAMS, SLACK).code == 0
             assert fresh.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])[1].a == 42
@@ -460,3 +464,47 @@ def test_a_registration_interrupted_between_its_two_messages_leaves_the_next_one
                 out = TempMemRef(size=3, direction="out")
                 s.invoke_command(Cmd.ECHO, [MemRef(shm, 0, 3, "in"), out])
                 assert bytes(out.data) == b"abc"
+
+
+def test_a_session_opened_but_interrupted_before_it_was_returned_is_closed_by_the_next_open(tmp_path):
+    """Interrupted after the secure world answered the OpenSession (here in tidying the bounce buffer): the
+    session is neither returned nor kept open till the context closes; the next OpenSession closes it."""
+    with Context("inprocess", home=tmp_path / "device") as ctx:
+        opened = ctx._transport._os._sessions
+        trim = ctx._trim_bounce
+
+        def interrupted():
+            ctx._trim_bounce = trim
+            raise KeyboardInterrupt
+
+        ctx._trim_bounce = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            ctx.open_session(TEST_TA_UUID)
+        (lost,) = opened
+        with ctx.open_session(TEST_TA_UUID) as fresh:
+            assert set(opened) == {fresh._id} and lost != fresh._id
+
+
+def test_a_re_registration_after_a_restart_skips_a_newer_stale_message(tmp_path):
+    """After a restart, memory registered before it is registered again under its old, lower id: a newer
+    id's message left by an interrupted registration is skipped too (it was read in its place: refused)."""
+    with Context("process", home=tmp_path / "device") as ctx:
+        with ctx.open_session(TEST_TA_UUID) as s:  # the bounce buffer, registered in the first world
+            s.invoke_command(Cmd.ECHO, [TempMemRef(b"abc"), TempMemRef(size=3, direction="out")])
+        proc = ctx._transport.proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=SLACK)
+        ctx._transport.ensure_running()  # the second world
+        roundtrip = ctx._transport._roundtrip
+
+        def interrupted(op, *args):
+            ctx._transport._roundtrip = roundtrip
+            raise KeyboardInterrupt
+
+        ctx._transport._roundtrip = interrupted  # after the descriptor went, before the request
+        with pytest.raises(KeyboardInterrupt):
+            ctx.register_shared_memory(1 << 12)
+        with ctx.open_session(TEST_TA_UUID) as s:
+            out = TempMemRef(size=3, direction="out")
+            s.invoke_command(Cmd.ECHO, [TempMemRef(b"xyz"), out])  # the bounce buffer registered again
+            assert bytes(out.data) == b"xyz"

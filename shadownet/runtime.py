@@ -30,7 +30,6 @@ from shadownet.artifacts import (
     TensorSpec,
     check_input_values,
     check_inputs,
-    place_buffers,
     read_artifacts,
 )
 from shadownet.exceptions import (
@@ -41,15 +40,10 @@ from shadownet.exceptions import (
 )
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.secure_core import on_secure_core
+from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
-from tee_sim.shared_pages import PAGE
-
-
-def _commands() -> Any:
-    from tee_sim import ta_shadownet_commands
-
-    return ta_shadownet_commands
+from tee_sim import ta_shadownet_commands as commands
 
 
 class ProtectedModel:
@@ -81,7 +75,7 @@ class ProtectedModel:
                  background_refill: bool = True) -> None:
         if on_exhausted not in ("refill", "fail"):
             raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
-        most = _commands().MAX_POOL_CAPACITY
+        most = commands.MAX_POOL_CAPACITY
         if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, int)
                                       or not 1 <= mask_pool <= most):
             raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
@@ -90,13 +84,10 @@ class ProtectedModel:
         masks = artifacts.manifest.get("masks") or {}
         self.one_time_rounds: tuple[int, ...] = tuple(masks.get("one_time_rounds") or ())
         per_inference = self.verify or bool(self.one_time_rounds)
-        commands = _commands()
         flags = (commands.LOAD_VERIFY if self.verify else 0) | \
             (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
-            (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # the TA reads them from _weights
+            (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
         self._load_options = (flags, mask_pool or 0)
-        self._weights: Any = None  # shared memory holding untrusted.tflite, for the TA's refills
-        self._weights_context: Any = None
         self._refiller: BackgroundRefill | None = None
         self._waiting = 0  # callers waiting for the lock: the background refill yields to them
         self._waiting_lock = threading.Lock()
@@ -107,11 +98,7 @@ class ProtectedModel:
         self._closed = False
         self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
-        self._shm: Any = None
-        self._context: Any = None
-        self._views: dict[str, np.ndarray] = {}
-        self._placement: dict[str, int] | None = None  # buffer offsets when not the manifest's
-        commands = _commands()
+        self._buffers = SharedBuffers(artifacts)
         expected_uuid = uuid.UUID(str(commands.UUID))
         if uuid.UUID(artifacts.ta_uuid) != expected_uuid:
             raise ArtifactError(f"{artifacts.directory} was made for trusted app {artifacts.ta_uuid}, not "
@@ -139,9 +126,7 @@ class ProtectedModel:
         except BaseException:
             if self.accelerator is not None:
                 self.accelerator.close()
-            for shared in (self._shm, self._weights):
-                if shared is not None:
-                    _quietly(shared.release)
+            self._buffers.release()
             raise
         after_fork.track(self)
         if background_refill and (self.verify or self.one_time_rounds):
@@ -159,7 +144,6 @@ class ProtectedModel:
     # --- session life cycle -------------------------------------------------------------------------------
     def _open(self) -> None:
         """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash)."""
-        commands = _commands()
         where = f"loading {self.artifacts.directory}"
         context = tee_sim.default_context()
         with translated(where):
@@ -176,15 +160,10 @@ class ProtectedModel:
                     # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
                     # reported as the SecurityError it is, not as a LiteRT or layout error.
                     self.accelerator = self._make_accelerator()
-                shm = self._shm
-                if shm is None or shm.released or self._context is not context:
-                    # First load, or the process's context was closed and replaced: memory registered
-                    # with the old one is gone. (After a secure-world restart tee_sim re-registers it.)
-                    shm = self._register_buffers(context)
-                    self._context = context
-                self._bind_shared_memory(session, shm)
+                self._buffers.ensure_registered(context, self.accelerator)
+                self._buffers.bind(session)
                 if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
-                    self._bind_weights(context, session)
+                    self._buffers.bind_weights(context, session)
             # Verified, the rounds the TA computes whole (it restores those results from its own
             # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
             # run: the TA says which.
@@ -192,7 +171,7 @@ class ProtectedModel:
             if self.verify:
                 skipped = frozenset(map(int, pool_stats(session)["verify"].get("computed_rounds", ())))
         except SecureMemoryError as exc:
-            _quietly(session.close)
+            quietly(session.close)
             reasons = []  # what the user chose that the model needs the memory for
             if self.verify:
                 reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
@@ -205,7 +184,7 @@ class ProtectedModel:
                 raise
             raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
         except BaseException:
-            _quietly(session.close)
+            quietly(session.close)
             raise
         self.skipped_rounds = skipped
         # Prepared once: an inference calls these and nothing is marshalled on its path. The client's own
@@ -214,12 +193,6 @@ class ProtectedModel:
                        for s in range(self.num_rounds + 1)]
         self._session = session
         self._secure_core = None  # until this session's first inference (_infer_on_secure_core)
-
-    def _bind_shared_memory(self, session: Any, shm: Any) -> None:
-        bind = [tee_sim.MemRef(shm, 0, shm.size, "inout")]
-        if self._placement is not None:
-            bind.append(tee_sim.TempMemRef(_commands().encode_placement(self._placement)))
-        session.invoke_command(_commands().Command.BIND_SHARED_MEMORY, bind)
 
     def _try_threads(self) -> None:
         """After an inference: the next step of the trial of the accelerator's thread choice (class
@@ -231,7 +204,8 @@ class ProtectedModel:
             self._trial = None
         if moved:  # the buffers placed for the tensors of the rounds that moved, and bound
             try:
-                self._bind_shared_memory(self._session, self._register_buffers(self._context))
+                self._buffers.register(self._buffers.context, self.accelerator)
+                self._buffers.bind(self._session)
             except TEEError:  # this inference is done: the next one opens a new session, which binds
                 self._drop_session()
 
@@ -241,49 +215,10 @@ class ProtectedModel:
         inferences (its first 20; class docstring): a benchmark's warm-up should outlast it."""
         return self._trial is not None
 
-    def _bind_weights(self, context: Any, session: Any) -> None:
-        """Share ``untrusted.tflite`` with the TA, which reads back the obfuscated weights its pool
-        refills need from it instead of keeping a copy in secure memory (it checks them with a keyed
-        hash)."""
-        weights, size = self._weights, len(self.artifacts.untrusted)
-        if weights is None or weights.released or self._weights_context is not context:
-            weights = context.register_shared_memory(size)
-            weights.ndarray(np.uint8, (size,))[...] = np.frombuffer(self.artifacts.untrusted, np.uint8)
-            if self._weights is not None:
-                _quietly(self._weights.release)
-            self._weights, self._weights_context = weights, context
-        session.invoke_command(_commands().Command.BIND_WEIGHTS, [tee_sim.MemRef(weights, 0, size, "in")])
-
-    def _register_buffers(self, context: Any) -> Any:
-        """Register the shared memory and bind the accelerator to its buffers. When the accelerator shares
-        its own tensors' pages (``LiteRTAccelerator.page_offsets``), the buffers are placed to match and the
-        TA is told where (``_placement``); otherwise the manifest's layout holds."""
-        page_offsets = getattr(self.accelerator, "page_offsets", None)
-        offsets = page_offsets() if page_offsets is not None else {}
-        if offsets:
-            size, placement = place_buffers(self.artifacts.buffers, self.artifacts.rounds, offsets, PAGE)
-        else:
-            size, placement = self.artifacts.shared_memory_size, None
-        shm = context.register_shared_memory(size)
-        old = self._shm
-        at = placement or {b.name: b.offset for b in self.artifacts.buffers.values()}
-        views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in self.artifacts.buffers.values()}
-        try:
-            self.accelerator.bind(views)
-        except BaseException:
-            _quietly(shm.release)
-            raise
-        self._shm, self._views, self._placement = shm, views, placement
-        self._input_views = [views[f"input/{i}"] for i in range(len(self.inputs))]
-        self._output_views = [views[f"output/{i}"] for i in range(len(self.outputs))]
-        if old is not None:
-            _quietly(old.release)
-        return shm
-
     def _drop_session(self) -> None:
         session, self._session = self._session, None
         if session is not None:
-            _quietly(session.close)
+            quietly(session.close)
 
     def close(self) -> None:
         """End the TEE session, release the shared memory and the accelerator. Idempotent."""
@@ -295,18 +230,12 @@ class ProtectedModel:
                 return
             self._closed = True
             self._drop_session()
-            self._views = {}
-            self._input_views = self._output_views = []
+            self._buffers.forget_views()
             # The accelerator first: it holds views of the shared memory, which then unmaps at once
             # (with views alive, the mapping and its descriptor stay until they are collected).
             if self.accelerator is not None:
                 self.accelerator.close()
-            if self._shm is not None:
-                _quietly(self._shm.release)
-                self._shm = None
-            if self._weights is not None:
-                _quietly(self._weights.release)
-                self._weights = None
+            self._buffers.release()
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,
@@ -330,12 +259,12 @@ class ProtectedModel:
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
-        lock = getattr(getattr(self, "_context", None), "_lock", None)
+        lock = getattr(getattr(getattr(self, "_buffers", None), "context", None), "_lock", None)
         if lock is not None and lock._is_owned():
             # Collected in the middle of a TEE call of this thread (the cyclic GC runs at any allocation,
             # the wait for an answer included): a close now would send its request on the channel that
             # call waits on, which then never saw its answer. Closed from another thread, after that call.
-            threading.Thread(target=_quietly, args=(self.close,), name="shadownet-close", daemon=True).start()
+            threading.Thread(target=quietly, args=(self.close,), name="shadownet-close", daemon=True).start()
             return
         try:
             self.close()
@@ -369,11 +298,11 @@ class ProtectedModel:
                 with self._waiting_lock:
                     self._waiting -= 1
                 self._ensure_open()
-                for view, x in zip(self._input_views, inputs, strict=True):
+                for view, x in zip(self._buffers.input_views, inputs, strict=True):
                     np.copyto(view, x)
                 self._check_finite()
                 self._infer_on_secure_core()
-                for out, view in zip(outputs, self._output_views, strict=True):
+                for out, view in zip(outputs, self._buffers.output_views, strict=True):
                     np.copyto(out, view)
                 if self._trial is not None:
                     self._try_threads()
@@ -416,7 +345,7 @@ class ProtectedModel:
     def _check_finite(self) -> None:
         """``check_input_values`` where the TEE reads the inputs (the shared memory): whatever path wrote
         them (``__call__``, ``Interpreter.set_tensor`` or its ``tensor()`` views)."""
-        check_input_values(self.inputs, self._input_views)
+        check_input_values(self.inputs, self._buffers.input_views)
 
     def _ensure_open(self) -> None:
         self.check_not_closed()
@@ -437,9 +366,10 @@ class ProtectedModel:
         start them pinned."""
         if self._secure_core is None:
             self._infer()
-            self._secure_core = self._context.secure_core if self._context is not None else None
+            context = self._buffers.context
+            self._secure_core = context.secure_core if context is not None else None
             return
-        with on_secure_core(self._secure_core, self._context):
+        with on_secure_core(self._secure_core, self._buffers.context):
             self._infer()
 
     def _infer(self) -> None:
@@ -508,13 +438,6 @@ class ProtectedModel:
                     if self.verify or self.one_time_rounds:
                         result.update(one_time_rounds=list(self.one_time_rounds), **pool_stats(self._session))
             return result
-
-
-def _quietly(func: Callable[[], Any]) -> None:
-    try:
-        func()
-    except (TEEError, ShadowNetError, OSError, BufferError):
-        pass
 
 
 def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,

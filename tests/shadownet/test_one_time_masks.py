@@ -402,7 +402,7 @@ def test_a_refill_refuses_weights_the_normal_world_changed(first_round):
     x = images(1)[0]
     with shadownet.load(first_round, mask_pool=1, background_refill=False) as model:
         model(x)  # spends the one entry
-        copy = model._weights.ndarray(np.uint8, (len(model.artifacts.untrusted),))
+        copy = model._buffers._weights.ndarray(np.uint8, (len(model.artifacts.untrusted),))
         original = copy.copy()
         copy[:] = 0  # every byte of the normal world's copy, the weights among them
         with pytest.raises(SecurityError, match="changed since it was loaded"):

@@ -486,7 +486,7 @@ def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch)
         raise OSError(12, "mmap(MAP_FIXED) failed")
 
     monkeypatch.setattr(SharedPages, "release", fail)
-    shm = model._shm
+    shm = model._buffers._shm
     model.close()
     assert model.closed and shm.released
     with pytest.raises(ClosedError):

@@ -7,33 +7,12 @@ then b_i = w_x/|w_x| (sign: b_i.x' >= 0), and [r_i, b_i] by exact least squares 
 where it is > 0 (all data). Usage: joint.py NSUB STARTS ITERS"""
 import sys, time
 import numpy as np
+from joint_common import TOL, block_points, paired_blocks, report_block
 NSUB, STARTS, ITERS = (int(a) for a in sys.argv[1:4])
-TOL = 1e-5
-d = np.load("seen.npz")
-Y = d["round_3_out_y0"].reshape(-1, 64).astype(np.float64)
-X = d["round_4_in_x0"].reshape(-1, 64).astype(np.float64)
-n = len(Y); rng = np.random.default_rng(0)
-t0 = time.perf_counter()
-sub = rng.permutation(n)[:40000]
-pair = {}
-for h in range(4):
-    x = X[sub, 16*h:16*h+16]; res = []
-    for p in range(4):
-        a = np.hstack([Y[sub, 16*p:16*p+16], np.ones((len(sub), 1))])
-        c, *_ = np.linalg.lstsq(a, x, rcond=None)
-        res.append(np.linalg.norm(a @ c - x) / np.linalg.norm(x - x.mean(0)))
-    pair[h] = int(np.argmin(res)); print(f"x' block {h}: linear rel residual per y block {np.round(res, 3)} -> y {pair[h]}")
-print(f"pairing {time.perf_counter()-t0:.1f} s", flush=True)
+Y, X, n, rng, pair = paired_blocks()
 for h in range(4):
     t = time.perf_counter()
-    p = pair[h]; y = Y[:, 16*p:16*p+16]; x = X[:, 16*h:16*h+16]
-    sy, sx = np.sqrt((y**2).mean()), np.sqrt((x**2).mean())
-    Z = np.hstack([y / sy, np.ones((n, 1)), x / sx])
-    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
-    idx = rng.permutation(n)[:NSUB]; Zs = Z[idx]
-    # null space of Z: dead units [0,0,b] and always-on units [-r,-b,b] (hold every point)
-    sv, V = np.linalg.svd(Zs, full_matrices=True)[1:]
-    live = int((sv > 1e-6 * sv[0]).sum()); N = V[live:].T; P = V[:live].T
+    p, y, x, sx, sy, Z, Zs, idx, live, N, P = block_points(Y, X, n, rng, pair, h, NSUB)
     found, kinds, fracs = [], [], []
     for rnd in range(16):
         # constraint: w in span(P) and w_x orthogonal to the columns found so far
@@ -57,26 +36,4 @@ for h in range(4):
         kind = "off-facet" if np.linalg.norm(w[:17]) < 1e-4 else "on-plane"
         found.append(b); kinds.append(kind); fracs.append(best[0])
     F = np.array(found)
-    scale = np.linalg.norm(x, axis=1)
-    hid = x @ F.T
-    sgn = np.where((hid < -TOL * scale[:, None]).sum(0) > (hid > TOL * scale[:, None]).sum(0), -1, 1)
-    F *= sgn[:, None]; hid *= sgn
-    neg = (hid < -1e-4 * scale[:, None]).mean(0)
-    ya = np.hstack([y, np.ones((n, 1))])
-    rows, err, onf = [], [], []
-    for i in range(len(F)):
-        on = hid[:, i] > TOL * scale
-        onf.append(on.mean())
-        if on.sum() < 17: rows.append(np.full(17, np.nan)); err.append(np.nan); continue
-        c, *_ = np.linalg.lstsq(ya[on], hid[on, i], rcond=None)
-        rows.append(c); err.append(np.abs(np.maximum(ya @ c, 0) - hid[:, i]).max() / np.abs(hid[:, i]).max())
-    rows = np.array(rows)
-    G = F @ F.T
-    print(f"x' block {h} <- y {p}: joint rank {live} (null {N.shape[1]}), {len(F)} units: "
-          + ", ".join(f"{k[:3]} {f:.3f}" for k, f in zip(kinds, fracs)), flush=True)
-    print(f"   max |b_i.b_j| {np.abs(G - np.eye(len(F))).max():.1e}, negative side max {neg.max():.1e}, on-fractions {np.round(onf, 4)}")
-    print(f"   row exactness max |relu(r.y+b) - b.x'| / max {np.array2string(np.array(err), precision=1)}")
-    ok = ~np.isnan(rows[:, 0])
-    pred = np.maximum(ya @ rows[ok].T, 0) @ F[ok]
-    print(f"   map with the {ok.sum()} units: rel residual {np.linalg.norm(pred - x) / np.linalg.norm(x - x.mean(0)):.2e}; {time.perf_counter()-t:.1f} s", flush=True)
-    np.savez(f"joint_block{h}.npz", B=F.T, Rb=rows, ypair=p, kinds=np.array(kinds), N=N)
+    report_block("joint", h, p, y, x, n, F, kinds, fracs, live, N, t)

@@ -65,10 +65,11 @@ class TeeProgramBuilder(RoundsBuilder):
                     units.append({"kind": "litert", "key": key, "ops": list(run)})
                     run.clear()
 
+            in_litert = _non_float_spans(g, [i for i in ops if i not in skip])
             for i in ops:
                 if i in skip:
                     continue
-                form_and_data = numpy_form(g, i)
+                form_and_data = None if i in in_litert else numpy_form(g, i)
                 if form_and_data is None:
                     run.append(i)
                 else:
@@ -417,6 +418,24 @@ def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dic
 
 
 DEPTHWISE_CLAMPS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})  # tee_sim.ta_shadownet_depthwise.CLAMPS
+
+
+def _non_float_spans(g: Graph, ordered: Sequence[int]) -> set[int]:
+    """The ops of one step that must run in one LiteRT signature: from the op that makes a tensor other than
+    float32 (a comparison's bool mask, an index) to its last consumer in the step, so that the tensor never
+    crosses between the step's units (the TA passes only float32 tensors between them). Without it, SELU
+    (GREATER, then numpy EXP / SUB / MUL, then SELECT) was refused."""
+    position = {i: n for n, i in enumerate(ordered)}
+    consumers: dict[int, list[int]] = {}
+    for i in ordered:
+        for t in g.ops[i].inputs:
+            consumers.setdefault(t, []).append(position[i])
+    spans: set[int] = set()
+    for n, i in enumerate(ordered):
+        for t in g.ops[i].outputs:
+            if t >= 0 and g.tensors[t].dtype != np.float32 and consumers.get(t):
+                spans.update(ordered[n:max(consumers[t]) + 1])
+    return spans
 
 
 def _fuse_depthwise_clamps(g: Any, units: list[dict[str, Any]]) -> list[dict[str, Any]]:

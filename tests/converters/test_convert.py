@@ -95,6 +95,29 @@ def test_fidelity_and_world_switches(model, scheme, device, tmp_path):
                     assert np.array_equal(np.argmax(g, -1), np.argmax(w, -1))
 
 
+def test_a_comparisons_mask_stays_inside_one_litert_run(tf, device, tmp_path):
+    """SELU (GREATER, then EXP / SUB / MUL the TA runs itself, then SELECT) and tf.where after a conv: the
+    bool mask must not cross between the step's units, which pass float32 tensors only; both were refused
+    ("(bool) crosses between TEE steps"). Now they convert and run as LiteRT does."""
+    import keras
+    keras.utils.set_random_seed(8)
+    layers = keras.layers
+    x = keras.Input((8, 8, 3), batch_size=1)
+    h = layers.Activation("selu")(layers.Conv2D(6, 3, padding="same")(x))
+    h = layers.Lambda(lambda t: tf.where(t > 0, t, 0.3 * t))(layers.Conv2D(6, 3, padding="same")(h))
+    model = tf.lite.TFLiteConverter.from_keras_model(
+        keras.Model(x, layers.Dense(4)(layers.Flatten()(h)))).convert()
+    kinds = {op.kind for op in read_model(model).ops}
+    assert "GREATER" in kinds and kinds & {"SELECT", "SELECT_V2"}, kinds
+    for scheme in (None, "shadownet"):
+        name = protect(model, tmp_path / str(scheme), device, scheme=scheme)["scheme"]["name"]
+        rng = np.random.default_rng(0)
+        with Driver(device, tmp_path / str(scheme)) as run:
+            for _ in range(3):
+                xs = inputs_for(model, rng)
+                assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[name]
+
+
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
     """A grouped CONV_2D is not offloaded (the schemes mix whole input channels) but computed in the TEE,

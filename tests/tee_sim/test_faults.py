@@ -1,5 +1,6 @@
 """The process transport's isolation and failure modes: crash, hang, parent death, exit, noise."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -46,6 +48,34 @@ def _wait_gone(pid: int, limit: float = SLACK) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@contextlib.contextmanager
+def _ctrl_c_while_stopped(pid: int) -> Iterator[None]:
+    """The body, with the secure world (``pid``) stopped - asleep or descheduled in life - and a Ctrl-C
+    (SIGINT to this process) 0.2 s into it, which the body must raise; the world resumes 0.3 s later,
+    while the next request waits."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+
+
+def _interrupt_once(monkeypatch, owner, name: str, after_the_call: bool = False) -> None:
+    """``owner.name`` raises KeyboardInterrupt at its next call (after making it, with ``after_the_call``),
+    and is itself again from then on."""
+    original = getattr(owner, name)
+
+    def interrupted(*args):
+        monkeypatch.setattr(owner, name, original)
+        if after_the_call:
+            original(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
 
 
 def test_secure_world_is_a_separate_interpreter(process_context):
@@ -298,14 +328,8 @@ def test_a_request_interrupted_before_it_was_read_is_answered_before_the_next(tm
     run twice)."""
     with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
         before = ctx.memory_stats()["used"]
-        pid = ctx.secure_world_pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-            with pytest.raises(KeyboardInterrupt):
-                s.invoke_command(Cmd.ALLOC, [Value(1 << 16, 1), Value(direction="out")])
-        finally:
-            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()  # while the next request waits
+        with _ctrl_c_while_stopped(ctx.secure_world_pid):
+            s.invoke_command(Cmd.ALLOC, [Value(1 << 16, 1), Value(direction="out")])
         out = s.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
         assert out[1].a == 42
         assert 1 << 16 <= ctx.memory_stats()["used"] - before < 2 << 16  # ALLOC ran, once
@@ -324,13 +348,7 @@ def test_a_request_interrupted_while_it_kicks_the_sleeping_secure_world_is_answe
         while not transport.words[channel.SW_SLEEPING]:  # past its spin, asleep on its eventfd
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        kick = os.eventfd_write
-
-        def interrupted(fd, value):
-            monkeypatch.setattr(os, "eventfd_write", kick)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(os, "eventfd_write", interrupted)
+        _interrupt_once(monkeypatch, os, "eventfd_write")
         with pytest.raises(KeyboardInterrupt):
             s.invoke_command(Cmd.ALLOC, [Value(1 << 16, 1), Value(direction="out")])
         out = s.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])
@@ -343,14 +361,8 @@ def test_an_interrupted_request_is_answered_before_the_next_ones_parameters_are_
     one ran, they were overwritten by its outputs (an ECHO returned the previous FILL's bytes)."""
     with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
         s.invoke_command(Cmd.ECHO, [TempMemRef(b"x" * 64), TempMemRef(size=64, direction="out")])
-        pid = ctx.secure_world_pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-            with pytest.raises(KeyboardInterrupt):
-                s.invoke_command(Cmd.FILL, [Value(0xAA, 0), TempMemRef(size=64, direction="out")])
-        finally:
-            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+        with _ctrl_c_while_stopped(ctx.secure_world_pid):
+            s.invoke_command(Cmd.FILL, [Value(0xAA, 0), TempMemRef(size=64, direction="out")])
         out = TempMemRef(size=64, direction="out")
         s.invoke_command(Cmd.ECHO, [TempMemRef(b"\x01" * 64), out])
         assert bytes(out.data) == b"\x01" * 64
@@ -381,22 +393,16 @@ def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path,
         assert out[1].a == 42 and ctx.secure_world_pid != pid
 
 
-def test_a_release_interrupted_before_its_request_went_out_is_sent_again(tmp_path):
+def test_a_release_interrupted_before_its_request_went_out_is_sent_again(tmp_path, monkeypatch):
     """The secure world's side of shared memory whose release never reached it (a KeyboardInterrupt
     before the request went out) goes with the next registration, not at the context's close."""
     with Context("inprocess", home=tmp_path / "device") as ctx:
         registered = ctx._transport._os._shm
         shm = ctx.register_shared_memory(1 << 16)
-        send = ctx._transport.release_shm
-
-        def interrupted(shm_id: int) -> None:
-            raise KeyboardInterrupt
-
-        ctx._transport.release_shm = interrupted
+        _interrupt_once(monkeypatch, ctx._transport, "release_shm")
         with pytest.raises(KeyboardInterrupt):
             shm.release()
         assert shm.released and shm._id in registered
-        ctx._transport.release_shm = send
         other = ctx.register_shared_memory(1 << 16)
         assert shm._id not in registered and other._id in registered
 
@@ -406,14 +412,8 @@ def test_a_session_opened_by_an_interrupted_open_is_closed_by_the_next_one(tmp_p
     the ShadowNet TA, megabytes of secure memory). Its id was in the answer nobody read; the next OpenSession
     closes it first, instead of it staying open until the context closes."""
     with Context("process", home=tmp_path / "device") as ctx:
-        pid = ctx.secure_world_pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-            with pytest.raises(KeyboardInterrupt):
-                ctx.open_session(TEST_TA_UUID)
-        finally:
-            threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
+        with _ctrl_c_while_stopped(ctx.secure_world_pid):
+            ctx.open_session(TEST_TA_UUID)
         with ctx.open_session(TEST_TA_UUID) as fresh:
             orphan = fresh._id - 1  # the secure OS numbers sessions in order, from 1
             assert orphan == 1  # the interrupted OpenSession opened one
@@ -422,40 +422,27 @@ def test_a_session_opened_by_an_interrupted_open_is_closed_by_the_next_one(tmp_p
             assert fresh.invoke_command(Cmd.ADD, [Value(40, 2), Value(direction="out")])[1].a == 42
 
 
-def test_a_registration_interrupted_after_the_secure_world_had_it_is_released(tmp_path):
+def test_a_registration_interrupted_after_the_secure_world_had_it_is_released(tmp_path, monkeypatch):
     """Interrupted once the secure world had mapped the memory (its answer lost): the mapping goes with the
     next registration, not at the context's close."""
     with Context("inprocess", home=tmp_path / "device") as ctx:
         registered = ctx._transport._os._shm
-        register = ctx._transport.register_shm
-
-        def interrupted(shm_id, buffer, fd):
-            register(shm_id, buffer, fd)
-            raise KeyboardInterrupt
-
-        ctx._transport.register_shm = interrupted
+        _interrupt_once(monkeypatch, ctx._transport, "register_shm", after_the_call=True)
         before = set(registered)
         with pytest.raises(KeyboardInterrupt):
             ctx.register_shared_memory(1 << 16)
         (lost,) = set(registered) - before
-        ctx._transport.register_shm = register
         other = ctx.register_shared_memory(1 << 16)
         assert lost not in registered and other._id in registered
 
 
-def test_a_registration_interrupted_between_its_two_messages_leaves_the_next_ones_working(tmp_path):
+def test_a_registration_interrupted_between_its_two_messages_leaves_the_next_ones_working(tmp_path,
+                                                                                       monkeypatch):
     """Interrupted after its memory's descriptor went over the socket, before its request: the secure world
     skips that message at the next registration, which it read instead of its own before (every later
     registration refused until the secure world restarted)."""
     with Context("process", home=tmp_path / "device") as ctx, ctx.open_session(TEST_TA_UUID) as s:
-        transport = ctx._transport
-        roundtrip = transport._roundtrip
-
-        def interrupted(op, *args):
-            transport._roundtrip = roundtrip
-            raise KeyboardInterrupt
-
-        transport._roundtrip = interrupted
+        _interrupt_once(monkeypatch, ctx._transport, "_roundtrip")  # after the descriptor went
         with pytest.raises(KeyboardInterrupt):
             ctx.register_shared_memory(1 << 12)
         for _ in range(2):
@@ -466,18 +453,13 @@ def test_a_registration_interrupted_between_its_two_messages_leaves_the_next_one
                 assert bytes(out.data) == b"abc"
 
 
-def test_a_session_opened_but_interrupted_before_it_was_returned_is_closed_by_the_next_open(tmp_path):
+def test_a_session_opened_but_interrupted_before_it_was_returned_is_closed_by_the_next_open(tmp_path,
+                                                                                         monkeypatch):
     """Interrupted after the secure world answered the OpenSession (here in tidying the bounce buffer): the
     session is neither returned nor kept open till the context closes; the next OpenSession closes it."""
     with Context("inprocess", home=tmp_path / "device") as ctx:
         opened = ctx._transport._os._sessions
-        trim = ctx._trim_bounce
-
-        def interrupted():
-            ctx._trim_bounce = trim
-            raise KeyboardInterrupt
-
-        ctx._trim_bounce = interrupted
+        _interrupt_once(monkeypatch, ctx, "_trim_bounce")
         with pytest.raises(KeyboardInterrupt):
             ctx.open_session(TEST_TA_UUID)
         (lost,) = opened
@@ -485,7 +467,7 @@ def test_a_session_opened_but_interrupted_before_it_was_returned_is_closed_by_th
             assert set(opened) == {fresh._id} and lost != fresh._id
 
 
-def test_a_re_registration_after_a_restart_skips_a_newer_stale_message(tmp_path):
+def test_a_re_registration_after_a_restart_skips_a_newer_stale_message(tmp_path, monkeypatch):
     """After a restart, memory registered before it is registered again under its old, lower id: a newer
     id's message left by an interrupted registration is skipped too (it was read in its place: refused)."""
     with Context("process", home=tmp_path / "device") as ctx:
@@ -495,13 +477,7 @@ def test_a_re_registration_after_a_restart_skips_a_newer_stale_message(tmp_path)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=SLACK)
         ctx._transport.ensure_running()  # the second world
-        roundtrip = ctx._transport._roundtrip
-
-        def interrupted(op, *args):
-            ctx._transport._roundtrip = roundtrip
-            raise KeyboardInterrupt
-
-        ctx._transport._roundtrip = interrupted  # after the descriptor went, before the request
+        _interrupt_once(monkeypatch, ctx._transport, "_roundtrip")  # after the descriptor went
         with pytest.raises(KeyboardInterrupt):
             ctx.register_shared_memory(1 << 12)
         with ctx.open_session(TEST_TA_UUID) as s:

@@ -324,7 +324,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     manifest = read_manifest(out_dir)
     if progress:
         _progress("reading the untrusted model and the reference")
-    obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split_names(manifest)[0])
+    split = split_names(manifest)[0]
+    obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split)
     ref = reference_layers(reference, manifest)
     report: dict = {
         "artifacts": str(out_dir),
@@ -340,7 +341,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         ref = [r for r in ref if r.kind not in kept]
     _check_reference_covers(ref, obf, reference)
     # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
-    crossing = [layer for layer in obf if layer.name not in split_names(manifest)[0]]
+    crossing = [layer for layer in obf if layer.name not in split]
     chosen = inferences is None
     if chosen:
         inferences = default_inferences(crossing)

@@ -23,13 +23,12 @@ from tee_sim.shared_pages import PAGE
 
 
 class SharedBuffers:
-    """One protected model's shared memory: ``views`` by buffer name (``input_views`` / ``output_views``
-    in the model's order), registered with ``context``."""
+    """One protected model's shared memory, registered with ``context``: the accelerator holds a view of
+    every buffer (``register``); the runtime, ``input_views`` / ``output_views`` in the model's order."""
 
     def __init__(self, artifacts: Artifacts) -> None:
         self.artifacts = artifacts
         self.context: Any = None
-        self.views: dict[str, np.ndarray] = {}
         self.input_views: list[np.ndarray] = []
         self.output_views: list[np.ndarray] = []
         self._shm: Any = None
@@ -63,7 +62,7 @@ class SharedBuffers:
             quietly_release(shm)
             raise
         old = self._shm
-        self._shm, self._placement, self.context, self.views = shm, placement, context, views
+        self._shm, self._placement, self.context = shm, placement, context
         self.input_views = [views[f"input/{i}"] for i in range(len(self.artifacts.inputs))]
         self.output_views = [views[f"output/{i}"] for i in range(len(self.artifacts.outputs))]
         quietly_release(old)
@@ -89,7 +88,7 @@ class SharedBuffers:
 
     def forget_views(self) -> None:
         """Drop the views (before the accelerator that also holds them closes: the memory then unmaps)."""
-        self.views, self.input_views, self.output_views = {}, [], []
+        self.input_views, self.output_views = [], []
 
     def release(self) -> None:
         """Unregister both, quietly (closing, or a load that failed)."""

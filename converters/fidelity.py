@@ -13,7 +13,8 @@ def relative_error(got: np.ndarray | Sequence[np.ndarray], want: np.ndarray | Se
     """The worst over the outputs (one array, or a sequence of them in the same order) of
     max |got - want| / max |want|, both over the reference's finite values (an all-zero reference
     divides by 1). Infinite where the outputs cannot be compared: another shape or count, a NaN or an
-    infinity where the reference has none (or the other way round)."""
+    infinity where the reference has none (or the other way round). An integer or bool output (an
+    argmax's indices, a mask) is exact or wrong: 0 where it equals the reference, infinite otherwise."""
     if isinstance(got, np.ndarray) or isinstance(want, np.ndarray):
         got, want = [got], [want]
     if len(got) != len(want):
@@ -22,6 +23,8 @@ def relative_error(got: np.ndarray | Sequence[np.ndarray], want: np.ndarray | Se
 
 
 def _one(got: np.ndarray, want: np.ndarray) -> float:
+    if np.asarray(want).dtype.kind in "biu":
+        return 0.0 if np.array_equal(got, want) and np.shape(got) == np.shape(want) else math.inf
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if got.shape != want.shape:
         return math.inf

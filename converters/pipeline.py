@@ -32,6 +32,7 @@ import numpy as np
 from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
 from converters.graph import Graph
+from converters.non_float import CARRIED
 from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
@@ -229,20 +230,25 @@ def secret_rng(seed: int | None) -> np.random.Generator:
 
 
 def _check_interface(graph: Graph) -> None:
-    """Refuse, before any work, model inputs and outputs the protected model cannot have: not float32, or
-    (inputs) with an open dimension besides the batch. LiteRT gives such a dimension size 1 in the file's
-    shape, which the converter would otherwise plan with, silently."""
-    for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
-        for t in tensors:
-            tensor = graph.tensors[t]
-            if tensor.dtype != np.float32:
-                raise UnsupportedOpError(f"model {kind} {tensor.name!r} is {np.dtype(tensor.dtype).name}: "
-                                         f"ShadowNet protects float models, whose {kind}s are float32")
-            signature = tensor.shape_signature
-            if kind == "input" and signature is not None and any(d < 0 for d in signature[1:]):
-                raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "
-                                       f"{list(signature)}): convert the model with a fixed input shape (an "
-                                       "open batch alone is taken as 1)")
+    """Refuse, before any work, model inputs and outputs the protected model cannot have: inputs not float32
+    or with an open dimension besides the batch (LiteRT gives such a dimension size 1 in the file's shape,
+    which the converter would otherwise plan with, silently), outputs of a type no float32 carries."""
+    for t in graph.inputs:
+        tensor = graph.tensors[t]
+        if tensor.dtype != np.float32:
+            raise UnsupportedOpError(f"model input {tensor.name!r} is {np.dtype(tensor.dtype).name}: "
+                                     "ShadowNet protects float models, whose inputs are float32")
+        signature = tensor.shape_signature
+        if signature is not None and any(d < 0 for d in signature[1:]):
+            raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "
+                                   f"{list(signature)}): convert the model with a fixed input shape (an "
+                                   "open batch alone is taken as 1)")
+    for t in graph.outputs:
+        tensor = graph.tensors[t]
+        if tensor.dtype != np.float32 and tensor.dtype not in CARRIED:
+            raise UnsupportedOpError(f"model output {tensor.name!r} is {np.dtype(tensor.dtype).name}: a "
+                                     "protected model's outputs are float32, integers, bool, float16 or "
+                                     "float64")
 
 
 def _check_static(graph: Graph) -> None:

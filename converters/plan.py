@@ -65,8 +65,8 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generato
         "format": PROGRAM_FORMAT,
         "scheme": scheme.name,
         "shared_memory_size": b.shared_memory_size,
-        "shared_buffers": {x["name"]: {"offset": x["offset"], "shape": x["shape"], "dtype": x["dtype"]}
-                           for x in b.buffers},
+        "shared_buffers": {x["name"]: {"offset": x["offset"], "dtype": "float32",
+                                       "shape": b.tee_shapes.get(x["name"], x["shape"])} for x in b.buffers},
         "arena_size": b.arena_size,
         "slots": b.slots,
         "tee_model": "tee_model" if b.tee_model is not None else None,

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from converters.graph import Graph, Signature, write_model
+from converters.non_float import carry_across_steps, tee_shape
 from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
+from shadownet.artifacts import wire_dtype
 from shadownet.exceptions import UnsupportedOpError
 from tee_sim.program import ALIGN, align
 
@@ -41,6 +43,8 @@ class TeeProgramBuilder(RoundsBuilder):
     def plan_tee(self) -> None:
         """Each step's ops as units run in order: one numpy instruction per op the TA does itself
         (``converters.plan_numpy``), and runs of consecutive other ops as one LiteRT signature each."""
+        # Non-float tensors that cross between steps or leave as outputs travel as float32 from here on.
+        self.g, steps, self.output_wires = carry_across_steps(self.g, self.part.steps)
         g, R = self.g, self.R
         skip = set(self.fused.values()) | set(self.pads.values()) | self.residuals
         produced_by: dict[int, tuple[str, int]] = {t: ("input", 0) for t in g.inputs}
@@ -54,7 +58,7 @@ class TeeProgramBuilder(RoundsBuilder):
             if t >= 0 and g.tensors[t].data is None:
                 uses.setdefault(t, set()).add((k, who))
 
-        for k, ops in enumerate(self.part.steps):
+        for k, ops in enumerate(steps):
             units: list[dict[str, Any]] = []
             run: list[int] = []
 
@@ -100,7 +104,7 @@ class TeeProgramBuilder(RoundsBuilder):
             for rest in restores:
                 if rest.get("addend") is not None:
                     use(rest["addend"], r, "restore")
-        for t in g.outputs:
+        for t in self.output_wires:
             use(t, R, "output")
         for t in uses:
             if t not in produced_by:
@@ -244,7 +248,7 @@ class TeeProgramBuilder(RoundsBuilder):
                                 "dst": f"shm:round_{k + 1}/in/{p['name']}", **self._push_arrays(k, p)},
                             reads=(p["tensor"],))
             else:
-                for i, t in enumerate(g.outputs):
+                for i, t in enumerate(self.output_wires):
                     add(k, {"op": "copy", "src": loc[t], "dst": f"shm:output/{i}"}, reads=(t,))
         self.steps = steps
         self.slots, self.arena_size = _plan_arena(
@@ -337,17 +341,22 @@ class TeeProgramBuilder(RoundsBuilder):
         buffers: list[dict[str, Any]] = []
         offset = 0
 
-        def put(name: str, shape: tuple[int, ...], at: int) -> int:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+        self.tee_shapes: dict[str, list[int]] = {}  # the TA's float32 view of a non-float output's buffer
+
+        def put(name: str, shape: tuple[int, ...], at: int, dtype: Any = np.float32) -> int:
+            nbytes = int(np.prod(tee_shape(shape, dtype), dtype=np.int64)) * 4
             buffers.append({"name": name, "offset": at, "nbytes": nbytes, "shape": list(shape),
-                            "dtype": "float32"})
+                            "dtype": wire_dtype(dtype).name})
+            if dtype != np.float32:
+                self.tee_shapes[name] = list(tee_shape(shape, dtype))
             return align(at + nbytes)
 
-        # Inputs and outputs are float32: converters.pipeline._check_interface refused the others first.
+        # Inputs are float32 (converters.pipeline._check_interface refused the others first); outputs may be
+        # carried (converters.non_float).
         for i, t in enumerate(g.inputs):
             offset = put(f"input/{i}", g.tensors[t].shape, offset)
         for i, t in enumerate(g.outputs):
-            offset = put(f"output/{i}", g.tensors[t].shape, offset)
+            offset = put(f"output/{i}", g.tensors[t].shape, offset, g.tensors[t].dtype)
         bank_size = [0, 0]
         placed = []
         for r in range(1, self.R + 1):

@@ -35,6 +35,14 @@ DTYPES = frozenset({"float32", "float16", "float64", "int8", "int16", "int32", "
                     "uint32", "uint64", "bool", "complex64", "complex128"})
 
 
+def wire_dtype(dtype: Any) -> np.dtype:
+    """The type in which a model output of ``dtype`` sits in shared memory: its own, or float32 for a type
+    narrower than 4 bytes (bool, 8- and 16-bit integers, float16), which the TA's float32-only buffers
+    carry as a CAST (``converters.non_float``); the runtime casts it back, exactly."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -146,7 +154,7 @@ def _parse(root: Path, m: dict[str, Any]) -> Artifacts:
         [(f"output/{i}", t) for i, t in enumerate(outputs)]
     for name, tensor in expected:
         b = buffers.get(name)
-        if b is None or b.shape != tensor.shape or b.dtype != tensor.dtype:
+        if b is None or b.shape != tensor.shape or b.dtype != wire_dtype(tensor.dtype):
             raise ArtifactError(f"buffer {name!r} is missing or does not match tensor {tensor.name!r}")
     for r in rounds:
         for _, name in r.inputs + r.outputs:

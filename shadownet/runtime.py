@@ -303,7 +303,7 @@ class ProtectedModel:
                 self._check_finite()
                 self._infer_on_secure_core()
                 for out, view in zip(outputs, self._buffers.output_views, strict=True):
-                    np.copyto(out, view)
+                    np.copyto(out, view, casting="unsafe")  # bool / 8- and 16-bit outputs sit as float32
                 if self._trial is not None:
                     self._try_threads()
         finally:

@@ -73,7 +73,8 @@ class Driver:
             if record:
                 self.seen.append({**feeds, **results})
             self.step(r)
-        return [self.views[f"output/{i}"].copy() for i in range(len(self.manifest["outputs"]))]
+        # (A bool or 8- / 16-bit output sits in shared memory as float32: converters/non_float.py.)
+        return [self.views[f"output/{i}"].astype(t["dtype"]) for i, t in enumerate(self.manifest["outputs"])]
 
     def step(self, k: int) -> None:
         try:

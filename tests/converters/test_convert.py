@@ -308,7 +308,7 @@ def test_bad_models(device, tmp_path):
 
 def test_inputs_and_outputs_it_cannot_protect_are_refused_first(tf, device, tmp_path):
     """Open dimensions besides the batch (LiteRT's file gives them size 1, which the converter would plan
-    with), integer inputs (calibration would feed them floats) and integer outputs: refused by name."""
+    with), integer inputs (calibration would feed them floats) and complex outputs: refused by name."""
     import keras
 
     layers = keras.layers
@@ -316,17 +316,71 @@ def test_inputs_and_outputs_it_cannot_protect_are_refused_first(tf, device, tmp_
     spatial = keras.Model(x, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, padding="same")(x)))
     tokens = keras.Input((6,), batch_size=1, dtype="int32", name="tokens")
     embedded = keras.Model(tokens, layers.Dense(2)(layers.Flatten()(layers.Embedding(10, 4)(tokens))))
-    y = keras.Input((5,), batch_size=1, name="features")
-    logits = layers.Dense(3)(y)
-    argmax = keras.Model(y, [logits, keras.ops.cast(keras.ops.greater(logits, 0), "int32")])
     refusals = ((spatial, ModelFormatError, r"'serving_default_image:0' has open dimensions \(shape "
                  r"signature \[-1, -1, -1, 3\]\)"),
-                (embedded, UnsupportedOpError, "model input 'serving_default_tokens:0' is int"),
-                (argmax, UnsupportedOpError, "model output .* is int32"))
+                (embedded, UnsupportedOpError, "model input 'serving_default_tokens:0' is int"))
     for model, error, match in refusals:
         with pytest.raises(error, match=match):
             protect(tf.lite.TFLiteConverter.from_keras_model(model).convert(), tmp_path / "out", device)
         assert not (tmp_path / "out").exists()
+    graph = read_model(_complex_output_model(tf))
+    assert sorted(graph.tensors[t].dtype.name for t in graph.outputs) == ["complex64", "float32"]
+    with pytest.raises(UnsupportedOpError, match="model output '.+' is complex64"):
+        protect(_complex_output_model(tf), tmp_path / "out", device)
+    assert not (tmp_path / "out").exists()
+
+
+def _complex_output_model(tf) -> bytes:
+    @tf.function(input_signature=[tf.TensorSpec((1, 6, 6, 2), tf.float32)])
+    def model(x):
+        y = tf.nn.conv2d(x, tf.constant(np.ones((3, 3, 2, 4), np.float32)), 1, "SAME")
+        return {"y": y, "spectrum": tf.cast(y, tf.complex64)}
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert()
+
+
+def non_float_model(tf) -> bytes:
+    """A comparison's bool mask read after the next conv, an argmax's indices that pick channels after it,
+    and int64, bool and int8 outputs."""
+    rng = np.random.default_rng(9)
+    w1, w2, w3 = (tf.constant(rng.normal(0, 0.3, s).astype(np.float32))
+                  for s in ((3, 3, 3, 8), (3, 3, 8, 8), (3, 3, 3, 4)))
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32)])
+    def model(image):
+        h = tf.nn.conv2d(image, w1, 1, "SAME")
+        positive = h > 0
+        picks = tf.cast(tf.argmax(h, -1), tf.int32)[0, 0, :3]
+        h2 = tf.nn.conv2d(h, w2, 1, "SAME")
+        chosen = tf.gather(tf.where(positive, h2, -0.5 * h2), picks, axis=-1)
+        y = tf.nn.conv2d(chosen, w3, 1, "SAME")
+        return {"y": y, "labels": tf.argmax(y, -1), "positive": positive, "signs": tf.cast(y > 0, tf.int8)}
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert()
+
+
+@pytest.mark.parametrize("scheme", [None, "shadownet"])
+def test_non_float_tensors_cross_between_steps_and_leave_as_outputs(tf, device, tmp_path, scheme):
+    """Tensors other than float32 that a later TEE step reads, or that are outputs, cross the TA's float32
+    buffers encoded (converters/non_float.py); both were refused ("(bool) crosses between TEE steps",
+    "model output ... is int64"). Outputs as LiteRT's: same types, the integers and bools identical."""
+    model = non_float_model(tf)
+    graph = read_model(model)
+    made = {graph.tensors[t].dtype.name for op in graph.ops for t in op.outputs}
+    assert {"bool", "int32", "int64", "int8"} <= made
+    manifest = protect(model, tmp_path / "out", device, scheme=scheme)
+    assert len(manifest["rounds"]) == 3
+    want_types = [d["dtype"].__name__ for d in Interpreter(model_content=model).get_output_details()]
+    assert [t["dtype"] for t in manifest["outputs"]] == want_types
+    assert sorted(want_types) == ["bool", "float32", "int64", "int8"]
+    rng = np.random.default_rng(3)
+    with Driver(device, tmp_path / "out") as run:
+        for _ in range(4):
+            xs = inputs_for(model, rng)
+            got, want = run(*xs), litert(model, *xs)
+            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
+            assert relative_error(got, want) <= TOLERANCES[manifest["scheme"]["name"]]  # integers: exact
+            assert any(w.dtype == np.bool_ and w.any() and not w.all() for w in want)
 
 
 def test_calibration_file_and_keras_input(tf, device, tmp_path):

@@ -29,3 +29,13 @@ def test_outputs_that_cannot_be_compared_are_infinitely_wrong():
     assert relative_error(np.ones(3), np.ones(4)) == math.inf
     assert relative_error([np.ones(3)], [np.ones(3), np.ones(3)]) == math.inf
     assert relative_error(np.full(2, np.nan), np.full(2, np.nan)) == 0.0
+
+
+def test_integer_and_bool_outputs_are_exact_or_wrong():
+    indices = np.array([[3, 0, 7]], np.int64)
+    assert relative_error(indices.copy(), indices) == 0.0
+    assert relative_error(np.array([[3, 0, 6]], np.int64), indices) == math.inf  # not 1/7: another index
+    mask = np.array([True, False])
+    assert relative_error(mask.copy(), mask) == 0.0
+    assert relative_error(~mask, mask) == math.inf
+    assert relative_error(np.array([True]), mask) == math.inf

@@ -105,3 +105,18 @@ def repeated_outputs(keras, tmp_path_factory) -> Protected:
     y = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
     data = _to_tflite(keras.Model(x, [y, x, y]))
     return _protect(tmp_path_factory.mktemp("repeated_outputs"), "repeated_outputs", data)
+
+
+@pytest.fixture(scope="session")
+def non_float_outputs(keras, tmp_path_factory) -> Protected:
+    """A feature map, its argmax's indices and a bool mask of it (converters/non_float.py carries the last
+    two as float32 through the TEE's buffers)."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 3), batch_size=1, name="image")
+    y = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Conv2D(6, 3, padding="same")(x))
+    import tensorflow as tf
+
+    labels = keras.layers.Lambda(lambda t: tf.argmax(t, -1))(y)
+    positive = keras.layers.Lambda(lambda t: t > 0)(y)
+    data = _to_tflite(keras.Model(x, [y, labels, positive]))
+    return _protect(tmp_path_factory.mktemp("non_float_outputs"), "non_float_outputs", data)

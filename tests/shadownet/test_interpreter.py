@@ -25,7 +25,7 @@ def litert_app(interpreter_class, model_path, batches):
             interpreter.set_tensor(detail["index"], x)
         interpreter.invoke()
         outputs = [interpreter.get_tensor(d["index"]) for d in output_details]
-        outputs[0] *= 1.0  # apps may write to what get_tensor returns
+        outputs[0][...] = outputs[0].copy()  # apps may write to what get_tensor returns
         results.append(outputs)
     runner = interpreter.get_signature_runner()
     names = interpreter.get_signature_list()
@@ -37,7 +37,7 @@ def litert_app(interpreter_class, model_path, batches):
     return results, by_name, names
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_outputs"])
 def test_same_app_runs_on_litert_and_shadownet(fixture, request):
     model = request.getfixturevalue(fixture)
     batches = [model.random_inputs(seed) for seed in range(2)]
@@ -53,7 +53,7 @@ def test_same_app_runs_on_litert_and_shadownet(fixture, request):
         assert relative_error(got_by_name[name], w) <= TOLERANCE
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_outputs"])
 def test_details_are_the_original_models(fixture, request):
     model = request.getfixturevalue(fixture)
     litert = LiteRTInterpreter(model_path=str(model.original))

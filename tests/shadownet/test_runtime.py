@@ -58,6 +58,22 @@ def test_call_matches_litert_on_the_original(small_cnn):
             assert relative_error(model.predict(x), got) <= SAME
 
 
+def test_integer_and_bool_outputs_are_litert_s(non_float_outputs):
+    """An argmax's int64 indices and a bool mask come back in their own types, identical to LiteRT's."""
+    with shadownet.load(non_float_outputs.out) as model:
+        assert sorted(t.dtype.name for t in model.outputs) == ["bool", "float32", "int64"]
+        for seed in range(3):
+            (x,) = non_float_outputs.random_inputs(seed)
+            got = model(x)
+            for spec, want in zip(model.outputs, non_float_outputs.reference(x), strict=True):
+                assert got[spec.name].dtype == want.dtype and got[spec.name].shape == want.shape
+                if want.dtype == np.float32:
+                    assert relative_error(got[spec.name], want) <= TOLERANCE
+                else:
+                    assert np.array_equal(got[spec.name], want)
+                    assert 0 < np.count_nonzero(want) < want.size
+
+
 def test_returned_outputs_are_the_callers(small_cnn):
     (x,) = small_cnn.random_inputs()
     with shadownet.load(small_cnn.out) as model:

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
-from converters.graph import Graph
+from converters.graph import Graph, write_model
 from converters.non_float import CARRIED
 from converters.normalize import normalize
 from converters.partition import partition
@@ -40,7 +41,7 @@ from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, kept_in_tee
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
-from converters.tflite_reader import read_model
+from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
 from tee_sim.program import write_program
 
@@ -54,7 +55,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
             calibration: str | os.PathLike | dict[str, np.ndarray] | np.ndarray | None = None,
             device: Any = None,
             force: bool = False, mask_rounds: str | Sequence[int] | None = None,
-            device_key: str | None = None) -> dict[str, Any]:
+            device_key: str | None = None, signature: str | None = None) -> dict[str, Any]:
     """Protect ``model`` into ``out_dir``; return the manifest.
 
     ``model``: a float ``.tflite`` (path or bytes), a Keras model file or a SavedModel directory.
@@ -73,6 +74,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     ``force``: replace a non-empty ``out_dir``.
     ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"first"``,
     ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always).
+    ``signature``: the key of the signature to protect, in a model that has several (one protected model
+    runs one signature); a model of one signature is protected whole.
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
     """
     out = Path(out_dir)
@@ -84,7 +87,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if device is not None and not hasattr(device, "open_session"):
         device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
-    original = _model_bytes(model)
+    original = _one_signature(_model_bytes(model), signature)
     read = read_model(original)
     _check_interface(read)
     _check_litert_runs(original, read)
@@ -229,6 +232,29 @@ def secret_rng(seed: int | None) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
+def _one_signature(original: bytes, key: str | None) -> bytes:
+    """``original`` as a model of the one signature to protect: itself when it has at most one (``key``, if
+    given, must name it), else the subgraph of signature ``key`` written as a model of its own, with that
+    signature (``read_model`` reads subgraph 0 only: without a key the others would be left out silently,
+    so a model of several signatures needs one)."""
+    try:  # a cheap look before the whole file is read and checked (read_model reports a damaged one)
+        count = schema_fb.Model.GetRootAs(original, 0).SignatureDefsLength()
+    except Exception:  # noqa: BLE001 - the flatbuffer reader fails however a bad offset leads it to
+        count = 0
+    if count <= 1 and key is None:
+        return original
+    graphs = read_signatures(original)
+    keys = [g.signature.key for g in graphs]
+    listed = ", ".join(map(repr, keys))
+    if key is None:
+        raise UnsupportedOpError(f"the model has {len(keys)} signatures ({listed}): a protected model runs "
+                                 "one; choose it with --signature KEY (signature= in Python)")
+    if key not in keys:
+        raise UnsupportedOpError(f"the model has no signature {key!r}"
+                                 + (f" (it has {listed})" if keys else " (it has none)"))
+    return original if len(keys) == 1 else write_model(graphs[keys.index(key)])
+
+
 def _check_interface(graph: Graph) -> None:
     """Refuse, before any work, model inputs and outputs the protected model cannot have: inputs not float32
     or with an open dimension besides the batch (LiteRT gives such a dimension size 1 in the file's shape,
@@ -299,11 +325,6 @@ def _check_litert_runs(original: bytes, graph: Graph) -> None:
         except (ValueError, RuntimeError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             raise ModelFormatError(f"LiteRT cannot run the model: {message}") from None
-    keys = list(interpreter.get_signature_list())
-    if len(keys) > 1:  # read_model reads subgraph 0: the others would be left out without a word
-        raise UnsupportedOpError(f"the model has {len(keys)} signatures ({', '.join(map(repr, keys))}): "
-                                 "ShadowNet protects a model's one signature; export each as a model of its "
-                                 "own")
     for t, tensor in enumerate(graph.tensors):
         if t in computed and computed[t] != tensor.shape:
             if any(d < 0 for d in tensor.shape_signature or ()):

@@ -36,7 +36,8 @@ __all__ = ["convert", "load", "ProtectedModel", "Interpreter", "SignatureRunner"
 def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | None = None, **kw: Any) -> Any:
     """Protect ``model`` (a float ``.tflite`` path or bytes, a Keras file or a SavedModel directory) into the
     artifact directory ``out_dir``. ``seed`` is INSECURE (reproducible secrets, for tests only). Other
-    keywords (``mask_rounds``, ``calibration``, ``device``, ``force``) go to ``converters.convert``."""
+    keywords (``mask_rounds``, ``calibration``, ``device``, ``force``, ``signature``) go to
+    ``converters.convert``."""
     from converters import convert as _convert
 
     return _convert(model, out_dir, scheme=scheme, seed=seed, **kw)
@@ -45,7 +46,7 @@ def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | Non
 # --- CLI ----------------------------------------------------------------------------------------------------
 def convert_cli(args: argparse.Namespace) -> None:
     """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device [--device-key]]
-    [--force] [--mask-rounds first|all|1,2,5]``."""
+    [--force] [--mask-rounds first|all|1,2,5] [--signature KEY]``."""
     import json
 
     start = time.perf_counter()
@@ -54,7 +55,8 @@ def convert_cli(args: argparse.Namespace) -> None:
         manifest = convert(args.model, args.output, scheme=args.scheme, seed=args.seed,
                            calibration=args.calibration, device=args.device, force=args.force,
                            mask_rounds=getattr(args, "mask_rounds", None),
-                           device_key=getattr(args, "device_key", None))
+                           device_key=getattr(args, "device_key", None),
+                           signature=getattr(args, "signature", None))
     elapsed = time.perf_counter() - start
     if not isinstance(manifest, dict):
         manifest = json.loads((Path(args.output) / MANIFEST).read_text(encoding="utf-8"))

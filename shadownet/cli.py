@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="rounds with one-time masks (schemes without static masks): 'first' (default), "
                         "'all' or round numbers such as 1,2,5 or 1-4; round 1 always")
+    p.add_argument("--signature", metavar="KEY",
+                   help="the signature to protect, in a model that has several")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("run", help="protected inference on an artifact directory")

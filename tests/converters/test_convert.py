@@ -339,6 +339,46 @@ def _complex_output_model(tf) -> bytes:
     return tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert()
 
 
+def test_a_model_of_several_signatures_is_protected_one_signature_at_a_time(tf, device, tmp_path):
+    """read_model reads subgraph 0 only: a model of several signatures was refused. Now the one named is
+    protected (--signature KEY), and runs as LiteRT's signature runner of it on the original does."""
+    rng = np.random.default_rng(4)
+    w1 = tf.constant(rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32))
+    w2 = tf.constant(rng.normal(0, 0.3, (8, 5)).astype(np.float32))
+
+    class TwoSignatures(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="image")])
+        def features(self, image):
+            return {"features": tf.nn.relu(tf.nn.conv2d(image, w1, 1, "SAME"))}
+
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="image")])
+        def classify(self, image):
+            pooled = tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(image, w1, 1, "SAME")), [1, 2])
+            return {"logits": tf.matmul(pooled, w2)}
+
+    module = TwoSignatures()
+    model = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.features.get_concrete_function(), module.classify.get_concrete_function()], module).convert()
+    original = Interpreter(model_content=model)
+    assert sorted(original.get_signature_list()) == ["classify", "features"]
+    with pytest.raises(UnsupportedOpError, match=r"2 signatures \('classify', 'features'\).*--signature KEY"):
+        protect(model, tmp_path / "out", device)
+    with pytest.raises(UnsupportedOpError,
+                       match="no signature 'serving_default' .it has 'classify', 'features'"):
+        protect(model, tmp_path / "out", device, signature="serving_default")
+    with pytest.raises(UnsupportedOpError, match="no signature 'classify' .it has none"):
+        protect(tiny_model_bytes(), tmp_path / "out", device, signature="classify")
+    assert not (tmp_path / "out").exists()
+    x = np.random.default_rng(5).standard_normal((1, 8, 8, 3)).astype(np.float32)
+    for key, rounds in (("classify", 2), ("features", 1)):
+        manifest = protect(model, tmp_path / key, device, signature=key)
+        assert manifest["signature"]["key"] == key and len(manifest["rounds"]) == rounds
+        (want,) = original.get_signature_runner(key)(image=x).values()
+        with Driver(device, tmp_path / key) as run:
+            (got,) = run(x)
+        assert got.shape == want.shape and relative_error(got, want) <= TOLERANCE
+
+
 def non_float_model(tf) -> bytes:
     """A comparison's bool mask read after the next conv, an argmax's indices that pick channels after it,
     and int64, bool and int8 outputs."""
@@ -538,7 +578,8 @@ def _weights_with(position, value):
     (lambda: _divided_by_a_sum_of_its_shape(data_shaped=True), UnsupportedOpError,
      "WHERE (output 'w'): its output's shape depends on the data"),
     (_two_signatures, UnsupportedOpError,  # the second was left out without a word
-     "the model has 2 signatures ('conv', 'conv_relu'): ShadowNet protects a model's one signature"),
+     "the model has 2 signatures ('conv', 'conv_relu'): a protected model runs one; choose it with "
+     "--signature"),
     (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [y, _named(g, "b")])),
      UnsupportedOpError, "model output 'b' is a constant"),
     (lambda: _conv_graph(extend=lambda g, x, y: setattr(g, "outputs", [x])), UnsupportedOpError,

@@ -8,7 +8,7 @@ both by LiteRT ops of the TEE-side model, so both ends run in the LiteRT signatu
 ops (``converters.plan_tee._non_float_spans``): BITCAST for 4- and 8-byte types (the same bytes; an 8-byte
 element as two float32s) and CAST for narrower ones (bool, 8- and 16-bit integers, float16, every value of
 which is a float32). Both are exact. A model output's shared buffer is read by the normal world in
-``shadownet.artifacts.wire_dtype``: the output's own type, or float32 for the narrow ones.
+``tee_sim.program.wire_dtype``: the output's own type, or float32 for the narrow ones.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import dataclasses
 import numpy as np
 
 from converters.graph import Graph
-from shadownet.artifacts import wire_dtype
 from shadownet.exceptions import UnsupportedOpError
+from tee_sim.program import wire_dtype
 
 CARRIED = frozenset(np.dtype(d) for d in (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.float16,
                                           np.int32, np.uint32, np.int64, np.uint64, np.float64))

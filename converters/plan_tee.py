@@ -24,9 +24,8 @@ from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
-from shadownet.artifacts import wire_dtype
 from shadownet.exceptions import UnsupportedOpError
-from tee_sim.program import ALIGN, align
+from tee_sim.program import ALIGN, align, wire_dtype
 
 
 class TeeProgramBuilder(RoundsBuilder):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shadownet.exceptions import ArtifactError, InputError, SecurityError
+from tee_sim.program import wire_dtype
 
 FORMAT = "shadownet-artifacts"
 KNOWN_VERSIONS = frozenset({1})
@@ -33,14 +34,6 @@ MAX_SIZE = 1 << 40  # bound on any byte count or offset (a damaged number must n
 MAX_DIM = 1 << 31
 DTYPES = frozenset({"float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
                     "uint32", "uint64", "bool", "complex64", "complex128"})
-
-
-def wire_dtype(dtype: Any) -> np.dtype:
-    """The type in which a model output of ``dtype`` sits in shared memory: its own, or float32 for a type
-    narrower than 4 bytes (bool, 8- and 16-bit integers, float16), which the TA's float32-only buffers
-    carry as a CAST (``converters.non_float``); the runtime casts it back, exactly."""
-    dtype = np.dtype(dtype)
-    return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 @dataclass(frozen=True)

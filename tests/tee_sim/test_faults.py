@@ -51,14 +51,27 @@ def _wait_gone(pid: int, limit: float = SLACK) -> bool:
 
 
 @contextlib.contextmanager
+def _ctrl_c_after(seconds: float) -> Iterator[None]:
+    """A Ctrl-C (SIGINT to this process) ``seconds`` into the body, which must raise KeyboardInterrupt:
+    under Python's own handler for the while, however the tests were started (a shell starts a background
+    job with SIGINT ignored, and Python then keeps it so: these tests timed out instead)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _ctrl_c_while_stopped(pid: int) -> Iterator[None]:
     """The body, with the secure world (``pid``) stopped - asleep or descheduled in life - and a Ctrl-C
-    (SIGINT to this process) 0.2 s into it, which the body must raise; the world resumes 0.3 s later,
-    while the next request waits."""
+    0.2 s into it, which the body must raise; the world resumes 0.3 s later, while the next request
+    waits."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after(0.2):
             yield
     finally:
         threading.Timer(0.3, os.kill, (pid, signal.SIGCONT)).start()
@@ -377,8 +390,7 @@ def test_an_interrupted_request_of_a_world_that_died_is_not_waited_for(tmp_path,
         s = ctx.open_session(TEST_TA_UUID)
         pid = ctx.secure_world_pid
         os.kill(pid, signal.SIGSTOP)
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after(0.2):
             s.invoke_command(Cmd.ADD, [Value(1, 2), Value(direction="out")])
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + SLACK

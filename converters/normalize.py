@@ -40,6 +40,8 @@ def normalize(graph: Graph) -> Graph:
       original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
       TANH / SIGN_BIT, which LiteRT's kernels silently skip);
     - a CONV_2D with as many groups as input channels -> the DEPTHWISE_CONV_2D it is (offloadable);
+    - a TRANSPOSE_CONV with constant weights and equal strides -> the CONV_2D it computes, phase by phase,
+      then DEPTH_TO_SPACE and a SLICE (offloadable; ``_transpose_conv_as_conv``);
     - everything else is kept as it is; tensors no longer used are dropped.
     """
     tensors = list(graph.tensors)
@@ -62,6 +64,10 @@ def normalize(graph: Graph) -> Graph:
                 tensors[t] = replace(tensors[t], data=dense, sparsity=None)
         if _depthwise_as_grouped(tensors, op):
             op = _as_depthwise(tensors, op)
+        after: list[Op] = []
+        if _convertible_transpose_conv(tensors, op):
+            before, op, after = _transpose_conv_as_conv(tensors, op)
+            ops.extend(before)
         activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
         if activation is not None and activation not in ACTIVATIONS:
             raise UnsupportedOpError(
@@ -78,6 +84,7 @@ def normalize(graph: Graph) -> Graph:
             ops.append(Op(activation, (pre,), (op.outputs[0],)))
         else:
             ops.append(op)
+        ops.extend(after)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
 
 
@@ -109,6 +116,114 @@ def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
     options.depthMultiplier = w.shape[0] // channels
     return Op("DEPTHWISE_CONV_2D", (op.inputs[0], len(tensors) - 1, *op.inputs[2:]), op.outputs, options,
               version=2)
+
+
+def _convertible_transpose_conv(tensors: list[Tensor], op: Op) -> bool:
+    """A TRANSPOSE_CONV (inputs: output shape, weights ``[O, kh, kw, I]``, input, optional bias) whose
+    output shape, weights and bias are constants, with equal strides (DEPTH_TO_SPACE takes one block
+    size): ``_transpose_conv_as_conv`` rewrites it."""
+    if op.kind != "TRANSPOSE_CONV" or len(op.inputs) < 3 or min(op.inputs[:3]) < 0:
+        return False
+    shape, w, x = (tensors[t] for t in op.inputs[:3])
+    bias = tensors[op.inputs[3]] if len(op.inputs) > 3 and op.inputs[3] >= 0 else None
+    y = tensors[op.outputs[0]]
+    return (shape.data is not None and w.data is not None and w.sparsity is None and w.dtype == np.float32
+            and len(w.shape) == 4 and len(x.shape) == 4 and x.shape[-1] == w.shape[-1]
+            and x.dtype == y.dtype == np.float32 and (bias is None or bias.data is not None)
+            and tuple(int(d) for d in np.asarray(shape.data).ravel()) == y.shape
+            and y.shape[-1] == w.shape[0] and op.options.strideH == op.options.strideW >= 1)
+
+
+def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op, list[Op]]:
+    """The ops that compute what a TRANSPOSE_CONV (``_convertible_transpose_conv``) does, as (ops before,
+    the CONV_2D, ops after).
+
+    Output row ``j`` of a transposed convolution of stride ``s`` and ``kh`` taps sums ``W[k] x[i]`` over
+    ``s i + k = j + pad`` (LiteRT's ``pad``: what a convolution of its output size would pad). Write
+    ``j + pad = s q + r``: the taps ``k = r + s m`` of phase ``r`` make ``z_r[q]``, the sum over ``m`` of
+    ``W[r + s m] x[q - m]``: an ordinary convolution of ``x`` with the phase's taps reversed
+    (``M = ceil(kh / s)`` of them, zeros where a phase has fewer). All ``s * s`` phases are one CONV_2D of
+    ``s * s * O`` filters over ``x`` padded by ``M - 1`` before (and after, as far as the output reaches),
+    whose DEPTH_TO_SPACE puts ``z_r[q]`` at row ``s q + r``; a SLICE from ``pad`` takes the output. The
+    products are the transposed convolution's (its bias in each phase), plus those of the zero taps. The
+    TEE ran such ops (a decoder's upsampling); now the accelerator runs them, obfuscated."""
+    options = op.options
+    s = int(options.strideH)
+    w = tensors[op.inputs[1]]
+    x = tensors[op.inputs[2]]
+    y = tensors[op.outputs[0]]
+    weights = np.asarray(w.data, np.float32)
+    filters, kh, kw, channels = weights.shape
+    batch, out_h, out_w, _ = y.shape
+    taps_h, taps_w = -(-kh // s), -(-kw // s)
+    phases = np.zeros((s, s, filters, taps_h, taps_w, channels), np.float32)
+    for rh in range(s):
+        for th in range(taps_h):
+            k = rh + s * (taps_h - 1 - th)
+            for rw in range(s):
+                for tw in range(taps_w):
+                    m = rw + s * (taps_w - 1 - tw)
+                    if k < kh and m < kw:
+                        phases[rh, rw, :, th, tw, :] = weights[:, k, m, :]
+
+    def constant(name: str, value: np.ndarray) -> int:
+        value = np.ascontiguousarray(value)
+        value.flags.writeable = False
+        tensors.append(Tensor(name, value.shape, value.dtype, value))
+        return len(tensors) - 1
+
+    def activation(name: str, shape: tuple[int, ...]) -> int:
+        tensors.append(Tensor(name, shape, np.dtype(np.float32)))
+        return len(tensors) - 1
+
+    pad_top = _transpose_padding(options.padding, s, out_h, kh)
+    pad_left = _transpose_padding(options.padding, s, out_w, kw)
+    # Conv output rows 0 .. rows - 1 give output rows from s * rows; enough for pad_top + out_h.
+    rows = max(x.shape[1], -(-(pad_top + out_h) // s))
+    cols = max(x.shape[2], -(-(pad_left + out_w) // s))
+    before: list[Op] = []
+    src = op.inputs[2]
+    paddings = [[0, 0], [taps_h - 1, rows - x.shape[1]], [taps_w - 1, cols - x.shape[2]], [0, 0]]
+    if any(any(p) for p in paddings):
+        padded = activation(f"{y.name}/as_conv/padded",
+                            (batch, rows + taps_h - 1, cols + taps_w - 1, channels))
+        before.append(Op("PAD", (src, constant(f"{y.name}/as_conv/paddings", np.array(paddings, np.int32))),
+                         (padded,), schema_fb.PadOptionsT()))
+        src = padded
+    bias = -1
+    if len(op.inputs) > 3 and op.inputs[3] >= 0:
+        bias = constant(f"{tensors[op.inputs[3]].name}/as_conv",
+                        np.tile(np.asarray(tensors[op.inputs[3]].data, np.float32), s * s))
+    conv_options = schema_fb.Conv2DOptionsT()
+    conv_options.padding, conv_options.strideH, conv_options.strideW = schema_fb.Padding.VALID, 1, 1
+    conv_options.dilationHFactor = conv_options.dilationWFactor = 1
+    conv_options.fusedActivationFunction = getattr(options, "fusedActivationFunction", 0)
+    phased = (batch, rows, cols, s * s * filters)
+    unsliced = (batch, s * rows, s * cols, filters)
+    exact = pad_top == pad_left == 0 and unsliced == y.shape
+    kernel = constant(f"{w.name}/as_conv", phases.reshape(s * s * filters, taps_h, taps_w, channels))
+    last = op.outputs[0] if s == 1 and exact else activation(f"{y.name}/as_conv", phased)
+    conv = Op("CONV_2D", (src, kernel, bias), (last,), conv_options)
+    after: list[Op] = []
+    if s > 1:
+        d2s_options = schema_fb.DepthToSpaceOptionsT()
+        d2s_options.blockSize = s
+        made = op.outputs[0] if exact else activation(f"{y.name}/as_conv/depth_to_space", unsliced)
+        after.append(Op("DEPTH_TO_SPACE", (last,), (made,), d2s_options))
+        last = made
+    if not exact:
+        begin = constant(f"{y.name}/as_conv/begin", np.array([0, pad_top, pad_left, 0], np.int32))
+        size = constant(f"{y.name}/as_conv/size", np.array(y.shape, np.int32))
+        after.append(Op("SLICE", (last, begin, size), (op.outputs[0],), schema_fb.SliceOptionsT()))
+    return before, conv, after
+
+
+def _transpose_padding(padding: int, stride: int, size: int, taps: int) -> int:
+    """The padding before a TRANSPOSE_CONV's output rows (or columns) of ``size``, as LiteRT computes it
+    (``ComputePaddingHeightWidth`` on the output size: what a convolution of it would pad, rounded down)."""
+    same = padding == schema_fb.Padding.SAME
+    out = (size + stride - 1) // stride if same else (size + stride - taps) // stride
+    return max((out - 1) * stride + taps - size, 0) // 2
 
 
 def _compact(graph: Graph) -> Graph:

@@ -141,6 +141,40 @@ def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
         assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
 
 
+@pytest.mark.parametrize("scheme", [None, "shadownet"])
+def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
+    """A decoder's TRANSPOSE_CONV layers ran in the TEE, and a model of them alone was refused as having
+    nothing to protect: each is now the CONV_2D it computes (converters/normalize.py), offloaded and
+    obfuscated, with its weights nowhere in untrusted.tflite."""
+    import keras
+    keras.utils.set_random_seed(10)
+    layers = keras.layers
+    x = keras.Input((8, 8, 3), batch_size=1)
+    skip = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    h = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(skip)
+    h = layers.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Conv2DTranspose(4, 2, strides=2)(layers.Concatenate()([h, skip]))
+    decoder = tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, layers.Conv2D(2, 1)(h))).convert()
+    y = keras.Input((4, 4, 6), batch_size=1)
+    alone = tf.lite.TFLiteConverter.from_keras_model(
+        keras.Model(y, layers.Conv2DTranspose(4, 4, strides=2, padding="same")(y))).convert()
+    for name, model, offloaded in (("decoder", decoder, 5), ("alone", alone, 1)):
+        graph = read_model(model)
+        transposed = [op for op in graph.ops if op.kind == "TRANSPOSE_CONV"]
+        assert len(transposed) == (2 if name == "decoder" else 1)
+        summary = protect(model, tmp_path / name, device, scheme=scheme)["summary"]
+        assert summary["offloaded_ops"] == offloaded and summary["tee_linear_ops"] == 0
+        untrusted = (tmp_path / name / "untrusted.tflite").read_bytes()
+        for op in transposed:
+            for f in graph.tensors[op.inputs[1]].data:
+                assert f.tobytes() not in untrusted
+        rng = np.random.default_rng(2)
+        with Driver(device, tmp_path / name) as run:
+            for _ in range(2):
+                xs = inputs_for(model, rng)
+                assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
+
+
 @pytest.mark.parametrize("scheme", ["groupmix:depthwise=offload", "shadownet"])
 @pytest.mark.parametrize("multiplier, strides, dilation", [(1, 1, 1), (2, 2, 1), (3, 1, 2)])
 def test_a_depthwise_convolution_written_as_a_grouped_one_is_offloaded(tf, device, tmp_path, scheme,

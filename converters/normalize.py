@@ -40,8 +40,9 @@ def normalize(graph: Graph) -> Graph:
       original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
       TANH / SIGN_BIT, which LiteRT's kernels silently skip);
     - a CONV_2D with as many groups as input channels -> the DEPTHWISE_CONV_2D it is (offloadable);
-    - a TRANSPOSE_CONV with constant weights and equal strides -> the CONV_2D it computes, phase by phase,
-      then DEPTH_TO_SPACE and a SLICE (offloadable; ``_transpose_conv_as_conv``);
+    - a TRANSPOSE_CONV with constant weights -> the CONV_2D it computes, phase by phase, then
+      DEPTH_TO_SPACE (or, for unequal strides, RESHAPE, TRANSPOSE, RESHAPE) and a SLICE (offloadable;
+      ``_transpose_conv_as_conv``);
     - everything else is kept as it is; tensors no longer used are dropped.
     """
     tensors = list(graph.tensors)
@@ -120,8 +121,7 @@ def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
 
 def _convertible_transpose_conv(tensors: list[Tensor], op: Op) -> bool:
     """A TRANSPOSE_CONV (inputs: output shape, weights ``[O, kh, kw, I]``, input, optional bias) whose
-    output shape, weights and bias are constants, with equal strides (DEPTH_TO_SPACE takes one block
-    size): ``_transpose_conv_as_conv`` rewrites it."""
+    output shape, weights and bias are constants: ``_transpose_conv_as_conv`` rewrites it."""
     if op.kind != "TRANSPOSE_CONV" or len(op.inputs) < 3 or min(op.inputs[:3]) < 0:
         return False
     shape, w, x = (tensors[t] for t in op.inputs[:3])
@@ -131,7 +131,7 @@ def _convertible_transpose_conv(tensors: list[Tensor], op: Op) -> bool:
             and len(w.shape) == 4 and len(x.shape) == 4 and x.shape[-1] == w.shape[-1]
             and x.dtype == y.dtype == np.float32 and (bias is None or bias.data is not None)
             and tuple(int(d) for d in np.asarray(shape.data).ravel()) == y.shape
-            and y.shape[-1] == w.shape[0] and op.options.strideH == op.options.strideW >= 1)
+            and y.shape[-1] == w.shape[0] and op.options.strideH >= 1 and op.options.strideW >= 1)
 
 
 def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op, list[Op]]:
@@ -148,21 +148,21 @@ def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op
     products are the transposed convolution's (its bias in each phase), plus those of the zero taps. The
     TEE ran such ops (a decoder's upsampling); now the accelerator runs them, obfuscated."""
     options = op.options
-    s = int(options.strideH)
+    sh, sw = int(options.strideH), int(options.strideW)
     w = tensors[op.inputs[1]]
     x = tensors[op.inputs[2]]
     y = tensors[op.outputs[0]]
     weights = np.asarray(w.data, np.float32)
     filters, kh, kw, channels = weights.shape
     batch, out_h, out_w, _ = y.shape
-    taps_h, taps_w = -(-kh // s), -(-kw // s)
-    phases = np.zeros((s, s, filters, taps_h, taps_w, channels), np.float32)
-    for rh in range(s):
+    taps_h, taps_w = -(-kh // sh), -(-kw // sw)
+    phases = np.zeros((sh, sw, filters, taps_h, taps_w, channels), np.float32)
+    for rh in range(sh):
         for th in range(taps_h):
-            k = rh + s * (taps_h - 1 - th)
-            for rw in range(s):
+            k = rh + sh * (taps_h - 1 - th)
+            for rw in range(sw):
                 for tw in range(taps_w):
-                    m = rw + s * (taps_w - 1 - tw)
+                    m = rw + sw * (taps_w - 1 - tw)
                     if k < kh and m < kw:
                         phases[rh, rw, :, th, tw, :] = weights[:, k, m, :]
 
@@ -176,11 +176,11 @@ def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op
         tensors.append(Tensor(name, shape, np.dtype(np.float32)))
         return len(tensors) - 1
 
-    pad_top = _transpose_padding(options.padding, s, out_h, kh)
-    pad_left = _transpose_padding(options.padding, s, out_w, kw)
-    # Conv output rows 0 .. rows - 1 give output rows from s * rows; enough for pad_top + out_h.
-    rows = max(x.shape[1], -(-(pad_top + out_h) // s))
-    cols = max(x.shape[2], -(-(pad_left + out_w) // s))
+    pad_top = _transpose_padding(options.padding, sh, out_h, kh)
+    pad_left = _transpose_padding(options.padding, sw, out_w, kw)
+    # Conv output rows 0 .. rows - 1 give output rows up to sh * rows; enough for pad_top + out_h.
+    rows = max(x.shape[1], -(-(pad_top + out_h) // sh))
+    cols = max(x.shape[2], -(-(pad_left + out_w) // sw))
     before: list[Op] = []
     src = op.inputs[2]
     paddings = [[0, 0], [taps_h - 1, rows - x.shape[1]], [taps_w - 1, cols - x.shape[2]], [0, 0]]
@@ -193,29 +193,45 @@ def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op
     bias = -1
     if len(op.inputs) > 3 and op.inputs[3] >= 0:
         bias = constant(f"{tensors[op.inputs[3]].name}/as_conv",
-                        np.tile(np.asarray(tensors[op.inputs[3]].data, np.float32), s * s))
+                        np.tile(np.asarray(tensors[op.inputs[3]].data, np.float32), sh * sw))
     conv_options = schema_fb.Conv2DOptionsT()
     conv_options.padding, conv_options.strideH, conv_options.strideW = schema_fb.Padding.VALID, 1, 1
     conv_options.dilationHFactor = conv_options.dilationWFactor = 1
     conv_options.fusedActivationFunction = getattr(options, "fusedActivationFunction", 0)
-    phased = (batch, rows, cols, s * s * filters)
-    unsliced = (batch, s * rows, s * cols, filters)
+    unsliced = (batch, sh * rows, sw * cols, filters)
     exact = pad_top == pad_left == 0 and unsliced == y.shape
-    kernel = constant(f"{w.name}/as_conv", phases.reshape(s * s * filters, taps_h, taps_w, channels))
-    last = op.outputs[0] if s == 1 and exact else activation(f"{y.name}/as_conv", phased)
-    conv = Op("CONV_2D", (src, kernel, bias), (last,), conv_options)
-    after: list[Op] = []
-    if s > 1:
-        d2s_options = schema_fb.DepthToSpaceOptionsT()
-        d2s_options.blockSize = s
-        made = op.outputs[0] if exact else activation(f"{y.name}/as_conv/depth_to_space", unsliced)
-        after.append(Op("DEPTH_TO_SPACE", (last,), (made,), d2s_options))
-        last = made
+    kernel = constant(f"{w.name}/as_conv", phases.reshape(sh * sw * filters, taps_h, taps_w, channels))
+    phased = op.outputs[0] if sh == sw == 1 and exact else \
+        activation(f"{y.name}/as_conv", (batch, rows, cols, sh * sw * filters))
+    conv = Op("CONV_2D", (src, kernel, bias), (phased,), conv_options)
+    if sh == sw == 1:
+        after, interleaved = [], phased
+    else:  # channel (rh * sw + rw) * O + o to row sh q + rh, column sw p + rw
+        interleaved = op.outputs[0] if exact else activation(f"{y.name}/as_conv/interleaved", unsliced)
+        if sh == sw:
+            d2s_options = schema_fb.DepthToSpaceOptionsT()
+            d2s_options.blockSize = sh
+            after = [Op("DEPTH_TO_SPACE", (phased,), (interleaved,), d2s_options)]
+        else:  # which DEPTH_TO_SPACE cannot do: [N, q, p, rh, rw, O] -> [N, q, rh, p, rw, O]
+            six = (batch, rows, cols, sh, sw, filters)
+            split = activation(f"{y.name}/as_conv/phases", six)
+            moved = activation(f"{y.name}/as_conv/phases_moved", (batch, rows, sh, cols, sw, filters))
+            perm = constant(f"{y.name}/as_conv/perm", np.array([0, 1, 3, 2, 4, 5], np.int32))
+            after = [_reshape(phased, split, six, constant(f"{y.name}/as_conv/six", np.array(six, np.int32))),
+                     Op("TRANSPOSE", (split, perm), (moved,), schema_fb.TransposeOptionsT()),
+                     _reshape(moved, interleaved, unsliced,
+                              constant(f"{y.name}/as_conv/four", np.array(unsliced, np.int32)))]
     if not exact:
         begin = constant(f"{y.name}/as_conv/begin", np.array([0, pad_top, pad_left, 0], np.int32))
         size = constant(f"{y.name}/as_conv/size", np.array(y.shape, np.int32))
-        after.append(Op("SLICE", (last, begin, size), (op.outputs[0],), schema_fb.SliceOptionsT()))
+        after.append(Op("SLICE", (interleaved, begin, size), (op.outputs[0],), schema_fb.SliceOptionsT()))
     return before, conv, after
+
+
+def _reshape(src: int, dst: int, shape: tuple[int, ...], new_shape: int) -> Op:
+    options = schema_fb.ReshapeOptionsT()
+    options.newShape = list(shape)
+    return Op("RESHAPE", (src, new_shape), (dst,), options)
 
 
 def _transpose_padding(padding: int, stride: int, size: int, taps: int) -> int:

@@ -446,9 +446,9 @@ def test_zoo_round_trip_is_exact(name, exported):
         np.testing.assert_array_equal(got, want)
 
 
-def _transpose_conv(height: int, width: int, filters: int, kernel: tuple[int, int], stride: int, padding: int,
-                    out_hw: tuple[int, int], bias: bool, activation: int) -> Graph:
-    rng = np.random.default_rng(kernel[0] * 7 + stride)
+def _transpose_conv(height: int, width: int, filters: int, kernel: tuple[int, int], strides: tuple[int, int],
+                    padding: int, out_hw: tuple[int, int], bias: bool, activation: int) -> Graph:
+    rng = np.random.default_rng(kernel[0] * 7 + strides[0])
     g = Graph()
     x = g.add_tensor("x", (1, height, width, 3), np.float32)
     inputs = [g.add_tensor("shape", (4,), np.int32, [1, *out_hw, filters]),
@@ -457,41 +457,44 @@ def _transpose_conv(height: int, width: int, filters: int, kernel: tuple[int, in
         inputs.append(g.add_tensor("b", (filters,), np.float32, rng.normal(size=filters)))
     y = g.add_tensor("y", (1, *out_hw, filters), np.float32)
     options = schema_fb.TransposeConvOptionsT()
-    options.padding, options.strideH, options.strideW = padding, stride, stride
+    options.padding, (options.strideH, options.strideW) = padding, strides
     options.fusedActivationFunction = activation
     g.add_op("TRANSPOSE_CONV", inputs, [y], options, version=4 if activation else 3)
     g.inputs, g.outputs = [x], [y]
     return g
 
 
-TRANSPOSE_CASES = [  # (kernel, stride, padding, extra output rows / columns beyond the least)
-    ((1, 1), 1, schema_fb.Padding.SAME, 0), ((2, 2), 2, schema_fb.Padding.VALID, 0),
-    ((3, 3), 2, schema_fb.Padding.SAME, 0), ((3, 3), 2, schema_fb.Padding.VALID, 1),
-    ((4, 4), 2, schema_fb.Padding.SAME, 0), ((5, 3), 3, schema_fb.Padding.SAME, 0),
-    ((5, 3), 3, schema_fb.Padding.VALID, 2), ((3, 2), 1, schema_fb.Padding.VALID, 0),
-    ((2, 2), 3, schema_fb.Padding.VALID, 1), ((3, 3), 1, schema_fb.Padding.SAME, 0),
+TRANSPOSE_CASES = [  # (kernel, strides, padding, extra output rows / columns beyond the least)
+    ((1, 1), (1, 1), schema_fb.Padding.SAME, 0), ((2, 2), (2, 2), schema_fb.Padding.VALID, 0),
+    ((3, 3), (2, 2), schema_fb.Padding.SAME, 0), ((3, 3), (2, 2), schema_fb.Padding.VALID, 1),
+    ((4, 4), (2, 2), schema_fb.Padding.SAME, 0), ((5, 3), (3, 3), schema_fb.Padding.SAME, 0),
+    ((5, 3), (3, 3), schema_fb.Padding.VALID, 2), ((3, 2), (1, 1), schema_fb.Padding.VALID, 0),
+    ((2, 2), (3, 3), schema_fb.Padding.VALID, 1), ((3, 3), (1, 1), schema_fb.Padding.SAME, 0),
+    ((3, 3), (2, 1), schema_fb.Padding.SAME, 0), ((4, 3), (2, 3), schema_fb.Padding.VALID, 1),
+    ((1, 3), (1, 2), schema_fb.Padding.SAME, 0),
 ]
 
 
-@pytest.mark.parametrize("kernel, stride, padding, extra", TRANSPOSE_CASES)
+@pytest.mark.parametrize("kernel, strides, padding, extra", TRANSPOSE_CASES)
 @pytest.mark.parametrize("bias, activation", [(True, schema_fb.ActivationFunctionType.RELU), (False, 0)])
-def test_a_transposed_convolution_becomes_the_convolution_it_computes(kernel, stride, padding, extra, bias,
+def test_a_transposed_convolution_becomes_the_convolution_it_computes(kernel, strides, padding, extra, bias,
                                                                       activation):
-    """TRANSPOSE_CONV ran in the TEE: normalize() writes it as a CONV_2D over its phases, DEPTH_TO_SPACE
-    and a SLICE (converters/normalize.py), which compute what LiteRT's own kernels do, on either set."""
+    """TRANSPOSE_CONV ran in the TEE: normalize() writes it as a CONV_2D over its phases, then
+    DEPTH_TO_SPACE (unequal strides: RESHAPE, TRANSPOSE, RESHAPE) and a SLICE (converters/normalize.py),
+    which compute what LiteRT's own kernels do, on either set."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    height, width = 5, 4
+    (height, width), (sh, sw) = (5, 4), strides
     if padding == schema_fb.Padding.SAME:
-        out_hw = (height * stride, width * stride)
+        out_hw = (height * sh, width * sw)
     else:
-        out_hw = (stride * (height - 1) + kernel[0] + extra, stride * (width - 1) + kernel[1] + extra)
-    graph = _transpose_conv(height, width, 6, kernel, stride, padding, out_hw, bias, activation)
+        out_hw = (sh * (height - 1) + kernel[0] + extra, sw * (width - 1) + kernel[1] + extra)
+    graph = _transpose_conv(height, width, 6, kernel, strides, padding, out_hw, bias, activation)
     normalized = normalize(graph)
     kinds = [op.kind for op in normalized.ops]
     assert "TRANSPOSE_CONV" not in kinds and kinds.count("CONV_2D") == 1
     conv = normalized.ops[kinds.index("CONV_2D")]
-    assert normalized.tensors[conv.inputs[1]].shape[0] == 6 * stride * stride  # one filter per phase
+    assert normalized.tensors[conv.inputs[1]].shape[0] == 6 * sh * sw  # one filter per phase
     x = np.random.default_rng(1).normal(size=(1, height, width, 3)).astype(np.float32)
     for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
         results = []
@@ -508,13 +511,9 @@ def test_a_transposed_convolution_becomes_the_convolution_it_computes(kernel, st
             assert want.min() == 0.0 and got.min() >= 0.0
 
 
-def test_a_transposed_convolution_it_cannot_write_as_one_is_kept():
-    """Unequal strides (DEPTH_TO_SPACE takes one block size) or computed weights: left as TRANSPOSE_CONV,
-    which the TEE runs."""
-    graph = _transpose_conv(4, 4, 2, (3, 3), 2, schema_fb.Padding.SAME, (8, 8), False, 0)
-    graph.ops[0].options.strideW = 1
-    assert [op.kind for op in normalize(graph).ops] == ["TRANSPOSE_CONV"]
-    graph = _transpose_conv(4, 4, 2, (3, 3), 2, schema_fb.Padding.SAME, (8, 8), False, 0)
+def test_a_transposed_convolution_of_computed_weights_is_kept():
+    """Weights the model computes: left as TRANSPOSE_CONV, which the TEE runs."""
+    graph = _transpose_conv(4, 4, 2, (3, 3), (2, 2), schema_fb.Padding.SAME, (8, 8), False, 0)
     weights = graph.ops[0].inputs[1]
     graph.tensors[weights] = dataclasses.replace(graph.tensors[weights], data=None)
     graph.inputs.append(weights)

@@ -31,19 +31,25 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
     is one sample) or on a new leading axis (``[k, *shape]``)."""
     shapes = [graph.tensors[t].shape for t in graph.inputs]
     names = [graph.tensors[t].name for t in graph.inputs]
+    dtypes = [graph.tensors[t].dtype for t in graph.inputs]
     if calibration is None:
         rng = np.random.default_rng(0)  # not a secret: representative inputs only
-        return [[rng.standard_normal(s).astype(np.float32) for s in shapes]
-                for _ in range(CALIBRATION_SAMPLES)]
+        # An integer or bool input (a class label, an index) gets zeros: a value every such input takes.
+        return [[rng.standard_normal(s).astype(d) if d.kind == "f" else np.zeros(s, d)
+                 for s, d in zip(shapes, dtypes, strict=True)] for _ in range(CALIBRATION_SAMPLES)]
     if isinstance(calibration, (str, os.PathLike)):
         calibration = _read(calibration)
     data = _by_input(graph, calibration)
     columns = []
-    for name, shape in zip(names, shapes, strict=True):
+    for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
         try:
-            a, shape = np.asarray(data[name], np.float32), tuple(shape)
+            given, shape = np.asarray(data[name]), tuple(shape)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN or out of range for an integer input
+                a = given.astype(dtype)
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"calibration {name!r} is not numbers: {exc}") from None
+        if dtype.kind != "f" and (given.dtype.kind not in "biuf" or not np.array_equal(a, given)):
+            raise ModelFormatError(f"calibration {name!r} holds values a {dtype.name} input cannot take")
         if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
             a = a.reshape(-1, *shape[1:])
         if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:

@@ -256,14 +256,16 @@ def _one_signature(original: bytes, key: str | None) -> bytes:
 
 
 def _check_interface(graph: Graph) -> None:
-    """Refuse, before any work, model inputs and outputs the protected model cannot have: inputs not float32
-    or with an open dimension besides the batch (LiteRT gives such a dimension size 1 in the file's shape,
-    which the converter would otherwise plan with, silently), outputs of a type no float32 carries."""
+    """Refuse, before any work, model inputs and outputs the protected model cannot have: of a type no
+    float32 carries (``converters.non_float``), or inputs with an open dimension besides the batch (LiteRT
+    gives such a dimension size 1 in the file's shape, which the converter would otherwise plan with,
+    silently)."""
     for t in graph.inputs:
         tensor = graph.tensors[t]
-        if tensor.dtype != np.float32:
-            raise UnsupportedOpError(f"model input {tensor.name!r} is {np.dtype(tensor.dtype).name}: "
-                                     "ShadowNet protects float models, whose inputs are float32")
+        if tensor.dtype != np.float32 and tensor.dtype not in CARRIED:
+            raise UnsupportedOpError(f"model input {tensor.name!r} is {np.dtype(tensor.dtype).name}: a "
+                                     "protected model's inputs are float32, integers, bool, float16 or "
+                                     "float64")
         signature = tensor.shape_signature
         if signature is not None and any(d < 0 for d in signature[1:]):
             raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "

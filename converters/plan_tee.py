@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters.graph import Graph, Signature, write_model
 from converters.non_float import carry_across_steps, tee_shape
@@ -42,8 +43,10 @@ class TeeProgramBuilder(RoundsBuilder):
     def plan_tee(self) -> None:
         """Each step's ops as units run in order: one numpy instruction per op the TA does itself
         (``converters.plan_numpy``), and runs of consecutive other ops as one LiteRT signature each."""
-        # Non-float tensors that cross between steps or leave as outputs travel as float32 from here on.
-        self.g, steps, self.output_wires = carry_across_steps(self.g, self.part.steps)
+        # Non-float tensors that cross between steps or shared memory travel as float32 from here on: g's
+        # inputs and outputs become what shared memory holds, the model's own stay in ``interface``.
+        self.interface = (list(self.g.inputs), list(self.g.outputs))
+        self.g, steps = carry_across_steps(self.g, self.part.steps)
         g, R = self.g, self.R
         skip = set(self.fused.values()) | set(self.pads.values()) | self.residuals
         produced_by: dict[int, tuple[str, int]] = {t: ("input", 0) for t in g.inputs}
@@ -103,7 +106,7 @@ class TeeProgramBuilder(RoundsBuilder):
             for rest in restores:
                 if rest.get("addend") is not None:
                     use(rest["addend"], r, "restore")
-        for t in self.output_wires:
+        for t in g.outputs:
             use(t, R, "output")
         for t in uses:
             if t not in produced_by:
@@ -152,14 +155,15 @@ class TeeProgramBuilder(RoundsBuilder):
                 return f"slot:t{whole}@{axis}:{start}:{start + g.tensors[t].shape[axis]}"
             consumers = self.uses.get(t, set())
             signatures = {who for _, who in consumers if who.startswith("step_")}
-            if len(signatures) == 1 and all(s == k for s, _ in consumers):
+            if len(signatures) == 1 and all(s == k for s, _ in consumers) and g.tensors[t].shape:
                 return f"in:{signatures.pop()}:t{t}"
             return f"slot:t{t}"
 
         def ref(t: int) -> str:
             if g.tensors[t].data is not None:
                 name = f"const/t{t}"
-                self.arrays.setdefault(name, np.ascontiguousarray(g.tensors[t].data, np.float32))
+                # (np.array, not ascontiguousarray: that makes a scalar constant a 1-element vector.)
+                self.arrays.setdefault(name, np.array(g.tensors[t].data, np.float32, order="C"))
                 return f"const:{name}"
             return loc[t]
 
@@ -225,21 +229,26 @@ class TeeProgramBuilder(RoundsBuilder):
                 key = unit["key"]
                 for t in unit["inputs"]:
                     dst = f"in:{key}:t{t}"
-                    if loc[t] != dst:
+                    if not g.tensors[t].shape:  # a scalar, which enters as one element (_scalar_io)
+                        add(k, {"op": "reshape", "srcs": [loc[t]], "dsts": [dst]}, reads=(t,))
+                    elif loc[t] != dst:
                         add(k, {"op": "copy", "src": loc[t], "dst": dst}, reads=(t,))
                 add(k, {"op": "litert", "signature": key})
                 for t in unit["outputs"]:
                     loc[t] = f"out:{key}:t{t}"
-                    if later(t, k):  # LiteRT's tensors are only read within their step
+                    if not g.tensors[t].shape:  # a scalar, which leaves as one element, into a slot
+                        src, loc[t] = loc[t], f"slot:t{t}"
+                        add(k, {"op": "reshape", "srcs": [src], "dsts": [loc[t]]}, writes=(t,))
+                    elif later(t, k):  # LiteRT's tensors are only read within their step
                         src, loc[t] = loc[t], f"slot:t{t}"
                         add(k, {"op": "copy", "src": src, "dst": loc[t]}, writes=(t,))
-                inputs = {f"t{t}": t for t in unit["inputs"]}
-                outputs = {f"t{t}": t for t in unit["outputs"]}
-                sigs.append(Signature(key, unit["ops"], inputs, outputs))
+                sigs.append(_scalar_io(g, Signature(key, unit["ops"], {f"t{t}": t for t in unit["inputs"]},
+                                                   {f"t{t}": t for t in unit["outputs"]})))
+                inputs, outputs = sigs[-1].inputs, sigs[-1].outputs
                 self.signature_specs[key] = {
                     "inputs": {n: list(g.tensors[t].shape) for n, t in inputs.items()},
                     "outputs": {n: list(g.tensors[t].shape) for n, t in outputs.items()}}
-                arena_bytes += _live_peak(g, unit["ops"], set(inputs.values()) | set(outputs.values()))
+                arena_bytes += _live_peak(g, sigs[-1].ops, set(inputs.values()) | set(outputs.values()))
             if k < R:
                 for p in self.pushes[k]:
                     if id(p) not in fused:
@@ -247,7 +256,7 @@ class TeeProgramBuilder(RoundsBuilder):
                                 "dst": f"shm:round_{k + 1}/in/{p['name']}", **self._push_arrays(k, p)},
                             reads=(p["tensor"],))
             else:
-                for i, t in enumerate(self.output_wires):
+                for i, t in enumerate(g.outputs):
                     add(k, {"op": "copy", "src": loc[t], "dst": f"shm:output/{i}"}, reads=(t,))
         self.steps = steps
         self.slots, self.arena_size = _plan_arena(
@@ -340,7 +349,7 @@ class TeeProgramBuilder(RoundsBuilder):
         buffers: list[dict[str, Any]] = []
         offset = 0
 
-        self.tee_shapes: dict[str, list[int]] = {}  # the TA's float32 view of a non-float output's buffer
+        self.tee_shapes: dict[str, list[int]] = {}  # the TA's float32 view of a non-float tensor's buffer
 
         def put(name: str, shape: tuple[int, ...], at: int, dtype: Any = np.float32) -> int:
             nbytes = int(np.prod(tee_shape(shape, dtype), dtype=np.int64)) * 4
@@ -350,11 +359,10 @@ class TeeProgramBuilder(RoundsBuilder):
                 self.tee_shapes[name] = list(tee_shape(shape, dtype))
             return align(at + nbytes)
 
-        # Inputs are float32 (converters.pipeline._check_interface refused the others first); outputs may be
-        # carried (converters.non_float).
-        for i, t in enumerate(g.inputs):
-            offset = put(f"input/{i}", g.tensors[t].shape, offset)
-        for i, t in enumerate(g.outputs):
+        inputs, outputs = self.interface  # the model's own tensors (non-float ones carried: non_float)
+        for i, t in enumerate(inputs):
+            offset = put(f"input/{i}", g.tensors[t].shape, offset, g.tensors[t].dtype)
+        for i, t in enumerate(outputs):
             offset = put(f"output/{i}", g.tensors[t].shape, offset, g.tensors[t].dtype)
         bank_size = [0, 0]
         placed = []
@@ -382,6 +390,33 @@ class TeeProgramBuilder(RoundsBuilder):
                                      **(split if rest["split"] is not None else {})}
                                     for rest in self.restores[r - 1]]}
                        for r in range(1, self.R + 1)]
+
+
+def _scalar_io(g: Graph, sig: Signature) -> Signature:
+    """``sig`` with each scalar (rank-0) input and output passed as one element of shape [1], RESHAPEd inside
+    it: LiteRT's Python API gives no view of a rank-0 tensor (a copy, or a numpy scalar), so the TA could
+    neither write such an input nor read such an output in place (a scalar made in one step and used in
+    another - a global maximum's - came out stale). ``g`` gains the tensors and ops."""
+    def reshape(src: int, dst: int) -> int:
+        shape = g.tensors[dst].shape
+        options = schema_fb.ReshapeOptionsT()
+        options.newShape = list(shape)
+        new_shape = g.add_tensor(f"{g.tensors[dst].name}/shape", (len(shape),), np.int32, list(shape))
+        return g.add_op("RESHAPE", [src, new_shape], [dst], options)
+
+    before, after = [], []
+    inputs, outputs = dict(sig.inputs), dict(sig.outputs)
+    for name, t in sig.inputs.items():
+        if not g.tensors[t].shape:
+            inputs[name] = g.add_tensor(f"{g.tensors[t].name}/as_vector", (1,), g.tensors[t].dtype)
+            before.append(reshape(inputs[name], t))
+    for name, t in sig.outputs.items():
+        if not g.tensors[t].shape:
+            outputs[name] = g.add_tensor(f"{g.tensors[t].name}/as_vector", (1,), g.tensors[t].dtype)
+            after.append(reshape(t, outputs[name]))
+    if not before and not after:
+        return sig
+    return Signature(sig.key, [*before, *sig.ops, *after], inputs, outputs)
 
 
 def _live_peak(g: Graph, ops: list[int], pinned: set[int]) -> int:

@@ -60,7 +60,7 @@ def write_program(program: dict[str, Any], arrays: dict[str, np.ndarray]) -> byt
     offset = 0
     prepared = []
     for name, array in arrays.items():
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array, order="C")  # (np.ascontiguousarray would make a scalar a 1-element vector)
         if a.dtype.name not in DTYPES:
             raise ValueError(f"array {name!r}: dtype {a.dtype} is not one of {sorted(DTYPES)}")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)

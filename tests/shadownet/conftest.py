@@ -108,15 +108,18 @@ def repeated_outputs(keras, tmp_path_factory) -> Protected:
 
 
 @pytest.fixture(scope="session")
-def non_float_outputs(keras, tmp_path_factory) -> Protected:
-    """A feature map, its argmax's indices and a bool mask of it (converters/non_float.py carries the last
-    two as float32 through the TEE's buffers)."""
-    keras.utils.set_random_seed(3)
-    x = keras.Input((8, 8, 3), batch_size=1, name="image")
-    y = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Conv2D(6, 3, padding="same")(x))
+def non_float_io(keras, tmp_path_factory) -> Protected:
+    """An image and an int32 class label in; a feature map, its argmax's int64 indices and a bool mask of
+    it out (converters/non_float.py carries the label and the last two as float32 through the TEE)."""
     import tensorflow as tf
 
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 3), batch_size=1, name="image")
+    label = keras.Input((1,), batch_size=1, dtype="int32", name="label")
+    offset = keras.layers.Reshape((1, 1, 6))(keras.layers.Embedding(10, 6)(label))
+    h = keras.layers.Add()([keras.layers.Conv2D(6, 3, padding="same")(x), offset])
+    y = keras.layers.Conv2D(4, 3, padding="same")(h)
     labels = keras.layers.Lambda(lambda t: tf.argmax(t, -1))(y)
     positive = keras.layers.Lambda(lambda t: t > 0)(y)
-    data = _to_tflite(keras.Model(x, [y, labels, positive]))
-    return _protect(tmp_path_factory.mktemp("non_float_outputs"), "non_float_outputs", data)
+    data = _to_tflite(keras.Model([x, label], [y, labels, positive]))
+    return _protect(tmp_path_factory.mktemp("non_float_io"), "non_float_io", data)

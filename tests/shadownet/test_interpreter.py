@@ -37,7 +37,7 @@ def litert_app(interpreter_class, model_path, batches):
     return results, by_name, names
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_outputs"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_io"])
 def test_same_app_runs_on_litert_and_shadownet(fixture, request):
     model = request.getfixturevalue(fixture)
     batches = [model.random_inputs(seed) for seed in range(2)]
@@ -53,7 +53,7 @@ def test_same_app_runs_on_litert_and_shadownet(fixture, request):
         assert relative_error(got_by_name[name], w) <= TOLERANCE
 
 
-@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_outputs"])
+@pytest.mark.parametrize("fixture", ["small_cnn", "two_by_two", "repeated_outputs", "non_float_io"])
 def test_details_are_the_original_models(fixture, request):
     model = request.getfixturevalue(fixture)
     litert = LiteRTInterpreter(model_path=str(model.original))

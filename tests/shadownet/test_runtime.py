@@ -58,14 +58,17 @@ def test_call_matches_litert_on_the_original(small_cnn):
             assert relative_error(model.predict(x), got) <= SAME
 
 
-def test_integer_and_bool_outputs_are_litert_s(non_float_outputs):
-    """An argmax's int64 indices and a bool mask come back in their own types, identical to LiteRT's."""
-    with shadownet.load(non_float_outputs.out) as model:
+def test_integer_and_bool_inputs_and_outputs_are_litert_s(non_float_io):
+    """An int32 label comes in, an argmax's int64 indices and a bool mask go out, in their own types,
+    identical to LiteRT's."""
+    with shadownet.load(non_float_io.out) as model:
+        assert sorted(t.dtype.name for t in model.inputs) == ["float32", "int32"]
         assert sorted(t.dtype.name for t in model.outputs) == ["bool", "float32", "int64"]
-        for seed in range(3):
-            (x,) = non_float_outputs.random_inputs(seed)
-            got = model(x)
-            for spec, want in zip(model.outputs, non_float_outputs.reference(x), strict=True):
+        for label in (0, 3, 9):
+            xs = [np.full(t.shape, label, t.dtype) if t.dtype == np.int32 else x
+                  for t, x in zip(model.inputs, non_float_io.random_inputs(label), strict=True)]
+            got = model(*xs)
+            for spec, want in zip(model.outputs, non_float_io.reference(*xs), strict=True):
                 assert got[spec.name].dtype == want.dtype and got[spec.name].shape == want.shape
                 if want.dtype == np.float32:
                     assert relative_error(got[spec.name], want) <= TOLERANCE

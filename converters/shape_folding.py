@@ -27,13 +27,16 @@ SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
     "TRANSPOSE": (1,), "BROADCAST_TO": (1,), "SPLIT": (0,), "SPLIT_V": (1, 2), "MEAN": (1,), "SUM": (1,),
     "REDUCE_MAX": (1,), "REDUCE_MIN": (1,), "REDUCE_PROD": (1,), "REDUCE_ANY": (1,), "EXPAND_DIMS": (1,),
     "FILL": (0,), "ARG_MAX": (1,), "ARG_MIN": (1,), "ONE_HOT": (1,), "CUMSUM": (1,),
+    # A detection head's non-maximum suppression: outputs of max_output_size rows, padded (LiteRT sizes them
+    # in Prepare from a constant, and makes them dynamic for a computed one).
+    "NON_MAX_SUPPRESSION_V4": (2,), "NON_MAX_SUPPRESSION_V5": (2,),
 }
 # Ops whose outputs are not a function of their inputs' values (random, stateful, calls).
 _IMPURE = frozenset({"RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL", "VAR_HANDLE", "READ_VARIABLE",
                      "ASSIGN_VARIABLE", "CALL_ONCE", "CALL", "CUSTOM", "WHILE", "IF"})
 # Ops whose output's shape depends on their inputs' values: SHAPE of it is data, not a shape (and the TEE
 # program, its buffers fixed, cannot hold such an output: converters.pipeline refuses them).
-DATA_SHAPED = frozenset({"WHERE", "UNIQUE", "NON_MAX_SUPPRESSION_V4", "NON_MAX_SUPPRESSION_V5"})
+DATA_SHAPED = frozenset({"WHERE", "UNIQUE"})
 # Constants normalize() folds itself, exactly (a float16 weight's DEQUANTIZE, a sparse one's DENSIFY).
 _LEFT_TO_NORMALIZE = frozenset({"DEQUANTIZE", "DENSIFY"})
 

@@ -458,6 +458,45 @@ def test_a_model_of_several_signatures_is_protected_one_signature_at_a_time(tf, 
         assert got.shape == want.shape and relative_error(got, want) <= TOLERANCE
 
 
+def _nms_model(tf, computed_count: bool) -> bytes:
+    """Boxes and scores from two convs, then non-maximum suppression of at most 10 boxes (or of as many as
+    have a positive score: a count computed from the data)."""
+    rng = np.random.default_rng(12)
+    w, v = (tf.constant(rng.normal(0, 0.3, s).astype(np.float32)) for s in ((3, 3, 3, 4), (1, 1, 3, 1)))
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32)])
+    def model(x):
+        b = tf.reshape(tf.nn.conv2d(x, w, 1, "SAME"), (64, 4))
+        boxes = tf.concat([tf.minimum(b[:, :2], b[:, 2:]), tf.maximum(b[:, :2], b[:, 2:])], 1)
+        scores = tf.reshape(tf.reduce_mean(tf.nn.conv2d(x, v, 1, "SAME"), [0, 3]), (64,))
+        most = tf.reduce_sum(tf.cast(scores > 0, tf.int32)) if computed_count else 10
+        picked, _, count = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=boxes, scores=scores, max_output_size=most, iou_threshold=0.5, score_threshold=-100.0,
+            soft_nms_sigma=0.0, pad_to_max_output_size=True)
+        return {"picked": picked, "count": count, "boxes": tf.gather(boxes, picked)}
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert()
+
+
+def test_non_maximum_suppression_of_a_constant_count_runs_in_the_tee(tf, device, tmp_path):
+    """A detection head's NON_MAX_SUPPRESSION was refused as data-shaped; its outputs have max_output_size
+    rows (padded), a shape fixed when that count is a constant: then it runs, its int32 indices and scalar
+    count as LiteRT's. A computed count is refused, naming the tensor."""
+    model = _nms_model(tf, computed_count=False)
+    assert any(op.kind == "NON_MAX_SUPPRESSION_V5" for op in read_model(model).ops)
+    protect(model, tmp_path / "out", device)
+    rng = np.random.default_rng(6)
+    with Driver(device, tmp_path / "out") as run:
+        for _ in range(3):
+            xs = inputs_for(model, rng)
+            got, want = run(*xs), litert(model, *xs)
+            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
+            assert relative_error(got, want) <= TOLERANCE
+            assert sorted(w.shape for w in want) == [(), (10,), (10, 4)]
+    with pytest.raises(UnsupportedOpError, match="NON_MAX_SUPPRESSION_V5 .* its shape from the computed"):
+        protect(_nms_model(tf, computed_count=True), tmp_path / "computed", device)
+
+
 def non_float_model(tf) -> bytes:
     """A comparison's bool mask read after the next conv, an argmax's indices that pick channels after it,
     and int64, bool and int8 outputs."""

@@ -32,12 +32,12 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
-from converters.graph import Graph, write_model
+from converters.graph import Graph, is_offloadable, write_model
 from converters.non_float import CARRIED
 from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
-from converters.plan import build
+from converters.plan import LINEAR_KINDS, build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, kept_in_tee
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
@@ -96,8 +96,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     _check_static(graph)
     part = partition(graph, kept_in_tee(chosen))
     if not part.rounds:
-        raise UnsupportedOpError("the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED with "
-                                 "constant weights: nothing to protect")
+        raise UnsupportedOpError(_nothing_offloaded(graph, chosen))
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     samples = calibration_inputs(graph, calibration)
@@ -301,6 +300,25 @@ def _check_static(graph: Graph) -> None:
                                      "protect there, and ShadowNet's outputs are computed")
     if all(t in graph.inputs for t in graph.outputs):
         raise UnsupportedOpError("every model output is a model input: nothing to protect")
+
+
+def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
+    """Why a model has no round, for the refusal: no linear op with constant weights, or only ones the TEE
+    runs itself (which, and what would offload them)."""
+    kept = kept_in_tee(scheme)
+    linear = [(op.kind, is_offloadable(graph, i)) for i, op in enumerate(graph.ops)
+              if op.kind in LINEAR_KINDS]
+    if not linear:
+        return "the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED: nothing to protect"
+    kinds = ", ".join(sorted({kind for kind, _ in linear}))
+    why = []
+    if any(kind in kept and offloadable for kind, offloadable in linear):
+        why.append(f"scheme {scheme.name} keeps {', '.join(sorted(kept))} in the TEE (--scheme "
+                   "groupmix:depthwise=offload offloads depthwise layers)")
+    if any(not offloadable for _, offloadable in linear):
+        why.append("grouped convolutions, matrix products and layers of computed weights run in the TEE")
+    return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "
+            f"{'; '.join(why)}")
 
 
 def _check_litert_runs(original: bytes, graph: Graph) -> None:

@@ -141,6 +141,26 @@ def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
         assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
 
 
+def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, device, tmp_path):
+    """Depthwise layers alone (the default keeps them in the TEE) or grouped convolutions alone: nothing to
+    offload, and the refusal says which ops and why, not that the model has no linear op (a helper's probe
+    found it did); the depthwise model converts with the scheme option the message names."""
+    import keras
+
+    x = keras.Input((8, 8, 4), batch_size=1)
+    depthwise = keras.Model(x, keras.layers.DepthwiseConv2D(3, padding="same")(x))
+    grouped = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", groups=2)(x))
+    for model, why in ((depthwise, r"\(DEPTHWISE_CONV_2D\) all run in the TEE.*scheme groupmix keeps "
+                                   r"DEPTHWISE_CONV_2D in the TEE \(--scheme groupmix:depthwise=offload"),
+                       (grouped, r"\(CONV_2D\) all run in the TEE.*grouped convolutions")):
+        data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        with pytest.raises(UnsupportedOpError, match="nothing to offload: the model's linear ops " + why):
+            protect(data, tmp_path / "out", device)
+        assert not (tmp_path / "out").exists()
+    data = tf.lite.TFLiteConverter.from_keras_model(depthwise).convert()
+    assert len(protect(data, tmp_path / "out", device, scheme="groupmix:depthwise=offload")["rounds"]) == 1
+
+
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
     """A decoder's TRANSPOSE_CONV layers ran in the TEE, and a model of them alone was refused as having

@@ -87,7 +87,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if device is not None and not hasattr(device, "open_session"):
         device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
-    original = _one_signature(_model_bytes(model), signature)
+    original = _one_signature(_model_bytes(model, signature), signature)
     read = read_model(original)
     _check_interface(read)
     _check_litert_runs(original, read)
@@ -163,7 +163,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
 
 # -- inputs ------------------------------------------------------------------------------------------------
 
-def _model_bytes(model: Any) -> bytes:
+def _model_bytes(model: Any, signature: str | None = None) -> bytes:
+    """The ``.tflite`` bytes of ``model`` (bytes, a ``.tflite``, a Keras file or a SavedModel directory, whose
+    signature ``signature`` TensorFlow converts)."""
     if isinstance(model, bytes | bytearray | memoryview):
         return bytes(model)
     path = Path(model)
@@ -172,7 +174,7 @@ def _model_bytes(model: Any) -> bytes:
     if path.is_dir():
         if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
             raise ModelFormatError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
-        return tf_input.convert(path, "saved_model")
+        return tf_input.convert(path, "saved_model", signature)
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data

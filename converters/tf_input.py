@@ -26,18 +26,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shadownet.exceptions import ModelFormatError
+from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 # What TensorFlow's libraries write to standard error on every import, before its log level applies.
 _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
             "oneDNN custom operations are on.")
 
 
-def convert(path: Path, kind: str) -> bytes:
+def convert(path: Path, kind: str, signature: str | None = None) -> bytes:
     """The ``.tflite`` bytes of the Keras file (``kind="keras"``) or SavedModel directory (``"saved_model"``)
-    at ``path``."""
+    at ``path``: of a SavedModel, its signature ``signature`` (default "serving_default", else its first),
+    under that key. The outputs keep their names where the function returns a dict."""
     with _native_stderr():
-        return _convert(path, kind)
+        return _convert(path, kind, signature)
 
 
 @contextmanager
@@ -65,7 +66,7 @@ def _native_stderr() -> Iterator[None]:
                     print(line, file=sys.stderr)
 
 
-def _convert(path: Path, kind: str) -> bytes:
+def _convert(path: Path, kind: str, signature: str | None) -> bytes:
     what = kind.replace("_", " ")
     try:
         # (With LiteRT's library loaded first TensorFlow logs its oneDNN notice before it reads this. Turning
@@ -78,21 +79,52 @@ def _convert(path: Path, kind: str) -> bytes:
                                "or give a .tflite") from None
     try:
         # The owner (the Keras model, the loaded SavedModel) holds the variables the function captures.
-        function, owner = _keras_function(tf, path) if kind == "keras" else _saved_model_function(tf, path)
-    except ModelFormatError:
+        if kind == "keras":
+            (function, owner), key = _keras_function(tf, path), None
+        else:
+            function, owner, key = _saved_model_function(tf, path, signature)
+    except (ModelFormatError, UnsupportedOpError):
         raise
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
         raise ModelFormatError(f"{path}: TensorFlow could not load the {what}: {_first_line(exc)}") from None
     try:
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-        frozen = convert_variables_to_constants_v2(function)
+        frozen = _named_outputs(tf, convert_variables_to_constants_v2(function), function.structured_outputs)
         del owner
         # An empty module saved beside the function gives the file its SignatureDef (as in models.zoo).
-        return bytes(tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module()).convert())
+        data = bytes(tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module()).convert())
     except Exception as exc:  # noqa: BLE001
         raise ModelFormatError(f"{path}: TensorFlow could not convert the {what}: "
                                f"{_first_line(exc)}") from None
+    return data if key is None else _signature_key(data, key)
+
+
+def _named_outputs(tf: Any, frozen: Any, structured: Any) -> Any:
+    """``frozen`` (which returns a flat list: freezing drops the structure) returning a dict by the names of
+    ``structured`` again, when that was a dict (a SavedModel signature's outputs, a Keras model's dict
+    outputs): TensorFlow's converter names the outputs by those keys, else "output_0", ..."""
+    if not isinstance(structured, dict):
+        return frozen
+    names = sorted(structured)  # the order of tf.nest.flatten, which freezing keeps
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in frozen.inputs]
+
+    def named(*xs: Any) -> Any:
+        return dict(zip(names, frozen(*xs), strict=True))
+
+    return tf.function(named).get_concrete_function(*specs)
+
+
+def _signature_key(data: bytes, key: str) -> bytes:
+    """The converted model with its one SignatureDef under ``key`` (TensorFlow's converter writes
+    "serving_default"), as an app converting the SavedModel's signature ``key`` itself would find it."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    if len(model.signatureDefs or []) != 1:
+        return data
+    model.signatureDefs[0].signatureKey = key
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -150,25 +182,29 @@ def _called(function: Any) -> tuple[Any, ...]:
     return repr(function.structured_input_signature), repr(function.structured_outputs), tuple(calls)
 
 
-def _saved_model_function(tf: Any, path: Path) -> tuple[Any, Any]:
+def _saved_model_function(tf: Any, path: Path, key: str | None) -> tuple[Any, Any, str]:
     loaded = tf.saved_model.load(str(path))
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    if key is not None and key not in signatures:
+        raise UnsupportedOpError(f"the SavedModel has no signature {key!r} (it has "
+                                 f"{', '.join(map(repr, sorted(signatures)))})")
+    chosen = key is not None
+    key = key if chosen else "serving_default" if "serving_default" in signatures else next(iter(signatures))
     signature = signatures[key]
-    # Other signatures a protected model (one signature) leaves out: said, as a .tflite with several is
-    # refused (converters.pipeline). Keras's export writes its one function twice ("serve" and
-    # "serving_default": wrappers of one call), which is not another.
+    # Other signatures a protected model (one signature) leaves out: said, unless the user chose. Keras's
+    # export writes its one function twice ("serve" and "serving_default": wrappers of one call), which is
+    # not another.
     others = sorted(k for k in signatures if _called(signatures[k]) != _called(signature))
-    if others:
+    if others and not chosen:
         left = ", ".join(map(repr, others))
         warnings.warn(f"{path}: the SavedModel's signature {key!r} is converted, not {left} (a protected "
-                      "model has one signature: convert each as a model of its own)", stacklevel=3)
+                      "model runs one signature: choose another with --signature KEY)", stacklevel=3)
     _, named = signature.structured_input_signature
     specs = {name: _batch_one(tf, spec, name, path) for name, spec in named.items()}
 
     def serve(**xs: Any) -> Any:
         return signature(**xs)
 
-    return tf.function(serve).get_concrete_function(**specs), loaded
+    return tf.function(serve).get_concrete_function(**specs), loaded, key

@@ -10,7 +10,7 @@ import pytest
 import tee_sim
 from converters import convert
 from converters.fidelity import relative_error
-from shadownet.exceptions import ModelFormatError
+from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 from tests.converters.driver import Driver
 
 
@@ -141,9 +141,61 @@ def test_a_saved_model_with_other_signatures_says_which_it_converts(tf, device, 
     keras.utils.set_random_seed(6)
     x = keras.Input((8, 8, 3), batch_size=1)
     keras.Model(x, keras.layers.Conv2D(4, 3)(x)).export(str(tmp_path / "exported"), verbose=False)
-    for name, warned in (("two", ["'serving_default' is converted, not 'strided'"]), ("exported", [])):
+    for name, warned in (("two", ["'serving_default' is converted, not 'strided' (a protected model runs "
+                                  "one signature: choose another with --signature KEY)"]), ("exported", [])):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             convert(tmp_path / name, tmp_path / f"out_{name}", device=device)
         said = [str(w.message) for w in caught if "the SavedModel's signature" in str(w.message)]
         assert len(said) == len(warned) and all(w in s for w, s in zip(warned, said, strict=True)), said
+
+
+def test_a_saved_model_signature_is_chosen_by_key_and_keeps_its_names(tf, device, tmp_path):
+    """--signature KEY picks a SavedModel's signature (it was ignored, and then refused: the converted file
+    had only 'serving_default'); the protected model keeps the key and the signature's output names (they
+    became output_0, ... when the function was frozen), as TensorFlow's own conversion of it has them."""
+    kernel = tf.constant(np.random.default_rng(7).standard_normal((3, 3, 3, 4)), tf.float32)
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3), tf.float32, name="img")])
+        def encode(self, img):
+            return {"feat": tf.nn.relu(tf.nn.conv2d(img, kernel, 1, "SAME")),
+                    "aux": tf.nn.conv2d(img, kernel, 2, "SAME")}
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 8, 8, 3), tf.float32, name="img")])
+        def strided(self, img):
+            return {"z": tf.nn.relu(tf.nn.conv2d(img, kernel, 2, "SAME"))}
+
+    module = Two()
+    tf.saved_model.save(module, str(tmp_path / "two"), signatures={"encode": module.encode,
+                                                                   "strided": module.strided})
+    x = np.random.default_rng(8).standard_normal((1, 8, 8, 3)).astype(np.float32)
+    for key, names in (("strided", ["z"]), ("encode", ["aux", "feat"])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manifest = convert(tmp_path / "two", tmp_path / key, device=device, signature=key)
+        assert not [w for w in caught if "the SavedModel's signature" in str(w.message)]
+        assert manifest["signature"]["key"] == key and sorted(manifest["signature"]["outputs"]) == names
+        want = getattr(module, key)(tf.constant(x))
+        by_tensor = {v: k for k, v in manifest["signature"]["outputs"].items()}
+        with Driver(device, tmp_path / key) as run:
+            got = run(x)
+        for spec, value in zip(manifest["outputs"], got, strict=True):
+            assert relative_error(value, want[by_tensor[spec["name"]]].numpy()) <= 1e-4
+    with pytest.raises(UnsupportedOpError, match="the SavedModel has no signature 'serving_default' "
+                                                 r"\(it has 'encode', 'strided'\)"):
+        convert(tmp_path / "two", tmp_path / "none", device=device, signature="serving_default")
+
+
+def test_a_keras_models_dict_outputs_keep_their_names(tf, device, tmp_path):
+    """A .keras model returning a dict: its outputs were named output_0, output_1 (the frozen function drops
+    the structure); TensorFlow's converter names them by the dict's keys, and so does ShadowNet's now."""
+    import keras
+
+    keras.utils.set_random_seed(9)
+    x = keras.Input((8, 8, 3), batch_size=1, name="image")
+    h = keras.layers.Conv2D(4, 3, padding="same")(x)
+    outputs = {"out": keras.layers.Conv2D(2, 1)(h), "aux": keras.layers.GlobalAveragePooling2D()(h)}
+    keras.Model(x, outputs).save(tmp_path / "model.keras")
+    manifest = convert(tmp_path / "model.keras", tmp_path / "out", device=device)
+    assert sorted(manifest["signature"]["outputs"]) == ["aux", "out"]

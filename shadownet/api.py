@@ -156,7 +156,8 @@ def _summary(name: str, value: np.ndarray) -> str:
     line = f"{name}: shape {list(value.shape)} {value.dtype}"
     if value.size and np.issubdtype(value.dtype, np.number):
         rows = value.reshape(-1, value.shape[-1] if value.ndim else 1)
-        if rows.shape[0] <= 4 and rows.shape[1] > 1:
+        # Scores (floats) get their argmax and top 5; integers (indices, counts) are not scores.
+        if rows.shape[0] <= 4 and rows.shape[1] > 1 and value.dtype.kind == "f":
             parts = []
             for row in rows:
                 top = np.argsort(row)[::-1][:5]

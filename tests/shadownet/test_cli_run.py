@@ -46,6 +46,8 @@ def test_run_summarises_outputs_of_one_value_per_row():
     assert one == "y: shape [1, 1] float32; min 0.25, max 0.25, mean 0.25"
     assert "argmax 2" in _summary("y", np.array([[0.1, 0.2, 0.7]], np.float32))
     assert "min 1, max 5" in _summary("y", np.arange(1, 6, dtype=np.float32).reshape(5, 1))
+    # Indices (top_k's, an argmax's) are not scores: no argmax of them.
+    assert _summary("i", np.array([[4, 0, 2]], np.int32)) == "i: shape [1, 3] int32; min 0, max 4, mean 2"
 
 
 def test_run_npz_writes_outputs_keyed_by_tensor_name(two_by_two, tmp_path, capsys):

@@ -34,7 +34,8 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
     dtypes = [graph.tensors[t].dtype for t in graph.inputs]
     if calibration is None:
         rng = np.random.default_rng(0)  # not a secret: representative inputs only
-        # An integer or bool input (a class label, an index) gets zeros: a value every such input takes.
+        # An integer or bool input (a class label, an index) gets zeros: a valid index into any table (a
+        # divisor, or a label counted from 1, needs the user's values).
         return [[rng.standard_normal(s).astype(d) if d.kind == "f" else np.zeros(s, d)
                  for s, d in zip(shapes, dtypes, strict=True)] for _ in range(CALIBRATION_SAMPLES)]
     if isinstance(calibration, (str, os.PathLike)):
@@ -50,15 +51,18 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
             raise ModelFormatError(f"calibration {name!r} is not numbers: {exc}") from None
         if dtype.kind != "f" and (given.dtype.kind not in "biuf" or not np.array_equal(a, given)):
             raise ModelFormatError(f"calibration {name!r} holds values a {dtype.name} input cannot take")
-        if shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
+        if not shape and a.ndim <= 1 and a.size:  # a scalar input: one value, or k of them
+            a = a.reshape(-1, 1)
+        elif shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
             a = a.reshape(-1, *shape[1:])
-        if not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
+        elif not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
             raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)} "
                                    "(give k inputs stacked along its first axis, or as [k, *shape])")
         if not np.isfinite(a).all():
             raise ModelFormatError(f"calibration {name!r} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN "
                                    "or infinite value(s): the mask scales are measured on these inputs")
-        columns.append([a[i:i + shape[0]] for i in range(0, a.shape[0], shape[0])])
+        rows = shape[0] if shape else 1
+        columns.append([a[i:i + rows].reshape(shape) for i in range(0, a.shape[0], rows)])
     if len({len(column) for column in columns}) > 1:
         counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, columns, strict=True))
         raise ModelFormatError(f"calibration inputs hold different numbers of samples ({counts})")
@@ -113,7 +117,7 @@ def activation_stats(graph: Graph, tensors: set[int],
     # hands them back; model inputs are read from the samples themselves.
     probes = sorted(t for t in tensors if t not in graph.inputs)
     run = _runner(graph, probes)
-    sums = {t: np.zeros(graph.tensors[t].shape[-1]) for t in tensors}
+    sums = {t: np.zeros(graph.tensors[t].shape[-1] if graph.tensors[t].shape else 1) for t in tensors}
     squares = dict.fromkeys(tensors, 0.0)
     count = 0
     for sample in samples:
@@ -124,7 +128,7 @@ def activation_stats(graph: Graph, tensors: set[int],
             if value.shape != graph.tensors[t].shape:
                 raise AssertionError(f"tensor {t}: LiteRT has {value.shape}, the graph has "
                                      f"{graph.tensors[t].shape}")
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            flat = value.reshape(-1, value.shape[-1] if value.ndim else 1).astype(np.float64)  # (a scalar)
             sums[t] += flat.mean(axis=0)
             squares[t] += float(np.mean(np.square(flat)))
         count += 1
@@ -161,6 +165,7 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
             if t in cost:
                 dist = scheme.mask_distribution(stats[t])
                 r = (rng.standard_normal(sample[k].shape) * dist.std + dist.mean).astype(np.float32)
+                r = r.reshape(sample[k].shape)  # (a scalar input's per-channel mean has one element)
                 rounded = (sample[k] + r).astype(np.float64) - r.astype(np.float64)  # fl(x + r) - r
                 got = run([*sample[:k], rounded.astype(np.float32), *sample[k + 1:]])
                 cost[t] = max(cost[t], relative_error(got, want))

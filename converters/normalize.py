@@ -121,7 +121,11 @@ def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
 
 def _convertible_transpose_conv(tensors: list[Tensor], op: Op) -> bool:
     """A TRANSPOSE_CONV (inputs: output shape, weights ``[O, kh, kw, I]``, input, optional bias) whose
-    output shape, weights and bias are constants: ``_transpose_conv_as_conv`` rewrites it."""
+    output shape, weights and bias are constants and whose kernel is a whole number of strides each way:
+    ``_transpose_conv_as_conv`` rewrites it. Otherwise some phases have fewer taps than others, and their
+    filters zeros where the others have weights; those zeros, at places the kernel and stride make public,
+    survive the output mixing of a phase's filters and single out the subspace of each phase's real
+    filters (a review's attack recovered every one of them up to scale): such a layer stays in the TEE."""
     if op.kind != "TRANSPOSE_CONV" or len(op.inputs) < 3 or min(op.inputs[:3]) < 0:
         return False
     shape, w, x = (tensors[t] for t in op.inputs[:3])
@@ -131,7 +135,8 @@ def _convertible_transpose_conv(tensors: list[Tensor], op: Op) -> bool:
             and len(w.shape) == 4 and len(x.shape) == 4 and x.shape[-1] == w.shape[-1]
             and x.dtype == y.dtype == np.float32 and (bias is None or bias.data is not None)
             and tuple(int(d) for d in np.asarray(shape.data).ravel()) == y.shape
-            and y.shape[-1] == w.shape[0] and op.options.strideH >= 1 and op.options.strideW >= 1)
+            and y.shape[-1] == w.shape[0] and op.options.strideH >= 1 and op.options.strideW >= 1
+            and w.shape[1] % op.options.strideH == 0 and w.shape[2] % op.options.strideW == 0)
 
 
 def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op, list[Op]]:
@@ -141,12 +146,13 @@ def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op
     Output row ``j`` of a transposed convolution of stride ``s`` and ``kh`` taps sums ``W[k] x[i]`` over
     ``s i + k = j + pad`` (LiteRT's ``pad``: what a convolution of its output size would pad). Write
     ``j + pad = s q + r``: the taps ``k = r + s m`` of phase ``r`` make ``z_r[q]``, the sum over ``m`` of
-    ``W[r + s m] x[q - m]``: an ordinary convolution of ``x`` with the phase's taps reversed
-    (``M = ceil(kh / s)`` of them, zeros where a phase has fewer). All ``s * s`` phases are one CONV_2D of
-    ``s * s * O`` filters over ``x`` padded by ``M - 1`` before (and after, as far as the output reaches),
-    whose DEPTH_TO_SPACE puts ``z_r[q]`` at row ``s q + r``; a SLICE from ``pad`` takes the output. The
-    products are the transposed convolution's (its bias in each phase), plus those of the zero taps. The
-    TEE ran such ops (a decoder's upsampling); now the accelerator runs them, obfuscated."""
+    ``W[r + s m] x[q - m]``: an ordinary convolution of ``x`` with the phase's ``M = kh / s`` taps
+    reversed. All ``s * s`` phases are one CONV_2D of ``s * s * O`` filters over ``x`` padded by ``M - 1``
+    before (and after, as far as the output reaches), whose DEPTH_TO_SPACE puts ``z_r[q]`` at row
+    ``s q + r``; a SLICE from ``pad`` takes the output. The products are the transposed convolution's (its
+    bias in each phase). The TEE ran such ops (a decoder's upsampling); now the accelerator runs them,
+    obfuscated.
+    """
     options = op.options
     sh, sw = int(options.strideH), int(options.strideW)
     w = tensors[op.inputs[1]]
@@ -155,16 +161,14 @@ def _transpose_conv_as_conv(tensors: list[Tensor], op: Op) -> tuple[list[Op], Op
     weights = np.asarray(w.data, np.float32)
     filters, kh, kw, channels = weights.shape
     batch, out_h, out_w, _ = y.shape
-    taps_h, taps_w = -(-kh // sh), -(-kw // sw)
+    taps_h, taps_w = kh // sh, kw // sw
     phases = np.zeros((sh, sw, filters, taps_h, taps_w, channels), np.float32)
     for rh in range(sh):
         for th in range(taps_h):
-            k = rh + sh * (taps_h - 1 - th)
             for rw in range(sw):
                 for tw in range(taps_w):
-                    m = rw + sw * (taps_w - 1 - tw)
-                    if k < kh and m < kw:
-                        phases[rh, rw, :, th, tw, :] = weights[:, k, m, :]
+                    phases[rh, rw, :, th, tw, :] = weights[:, rh + sh * (taps_h - 1 - th),
+                                                           rw + sw * (taps_w - 1 - tw), :]
 
     def constant(name: str, value: np.ndarray) -> int:
         value = np.ascontiguousarray(value)

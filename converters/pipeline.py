@@ -90,7 +90,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     original = _one_signature(_model_bytes(model, signature), signature)
     read = read_model(original)
     _check_interface(read)
-    _check_litert_runs(original, read)
+    samples = calibration_inputs(read, calibration)
+    _check_litert_runs(original, read, samples[0] if calibration is not None else None)
     fold_shapes(read, original)
     graph = normalize(read)
     _check_static(graph)
@@ -99,7 +100,6 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         raise UnsupportedOpError(_nothing_offloaded(graph, chosen))
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
-    samples = calibration_inputs(graph, calibration)
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}
     stats = activation_stats(graph, needed | floats, samples)
     static = getattr(chosen, "static_masks", True)
@@ -110,7 +110,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if calibration is None and (static or len(one_time) > 1 or getattr(chosen, "static_mask_scale", 0) > 0):
         # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.mask_spread); these do not.
         warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
-                      "sized on the activations of random N(0, 1) inputs; inputs of a larger spread "
+                      "sized on the activations of random N(0, 1) inputs (zeros for integer and bool "
+                      "inputs); inputs of a larger spread "
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
@@ -250,9 +251,9 @@ def _one_signature(original: bytes, key: str | None) -> bytes:
     if key is None:
         raise UnsupportedOpError(f"the model has {len(keys)} signatures ({listed}): a protected model runs "
                                  "one; choose it with --signature KEY (signature= in Python)")
-    if key not in keys:
-        raise UnsupportedOpError(f"the model has no signature {key!r}"
-                                 + (f" (it has {listed})" if keys else " (it has none)"))
+    if key not in keys:  # a wrong argument, as an unknown scheme is
+        raise ValueError(f"the model has no signature {key!r}" + (f" (it has {listed})" if keys else
+                                                                   " (it has none)"))
     return original if len(keys) == 1 else write_model(graphs[keys.index(key)])
 
 
@@ -311,7 +312,7 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
     linear = [(op.kind, is_offloadable(graph, i)) for i, op in enumerate(graph.ops)
               if op.kind in LINEAR_KINDS]
     if not linear:
-        return "the model has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED: nothing to protect"
+        return "the model has no linear op (CONV_2D, FULLY_CONNECTED, ...): nothing to protect"
     kinds = ", ".join(sorted({kind for kind, _ in linear}))
     why = []
     if any(kind in kept and offloadable for kind, offloadable in linear):
@@ -323,13 +324,14 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
             f"{'; '.join(why)}")
 
 
-def _check_litert_runs(original: bytes, graph: Graph) -> None:
-    """LiteRT prepares and runs the model once (on zeros): its own checks of what the graph layer does not
-    model (op arity, ranks, options) refuse a damaged model here, as a ModelFormatError, before any work;
-    and every tensor's shape in the file must be the one LiteRT computes (the converter plans with the
-    file's; a tensor of open shape takes LiteRT's, at batch 1); and the model has one signature at most.
-    Without the XNNPACK delegate: its kernels take the file's shapes on trust, the builtin kernels' Prepare
-    checks them and computes every output shape."""
+def _check_litert_runs(original: bytes, graph: Graph, sample: list[np.ndarray] | None = None) -> None:
+    """LiteRT prepares and runs the model once (on ``sample``, the user's first calibration input, else on
+    zeros): its own checks of what the graph layer does not model (op arity, ranks, options) refuse a
+    damaged model here, as a ModelFormatError, before any work; and every tensor's shape in the file must
+    be the one LiteRT computes (the converter plans with the file's; a tensor of open shape takes LiteRT's,
+    at batch 1). Without the XNNPACK delegate: its kernels take the file's shapes on trust, the builtin
+    kernels' Prepare checks them and computes every output shape. (The user's inputs, not zeros, where
+    they are given: a model that divides by an integer input fails on zeros.)"""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     computed: dict[int, tuple[int, ...]] = {}
@@ -339,8 +341,9 @@ def _check_litert_runs(original: bytes, graph: Graph) -> None:
             interpreter = Interpreter(model_content=original, num_threads=1,
                                       experimental_op_resolver_type=resolver)
             interpreter.allocate_tensors()
-            for d in interpreter.get_input_details():
-                interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+            for i, d in enumerate(interpreter.get_input_details()):
+                interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]) if sample is None
+                                       else sample[i])
             interpreter.invoke()
             computed = computed or {d["index"]: tuple(int(n) for n in d["shape"])
                                     for d in interpreter.get_tensor_details()}

@@ -270,7 +270,9 @@ class RoundsBuilder:
             return x, None
         if not all(c in self.part.offloaded and g.ops[c].inputs[0] == x for c in g.consumers(x)):
             return x, None
-        if g.tensors[op.inputs[0]].dtype != np.float32:
+        if g.tensors[op.inputs[0]].dtype != np.float32 or g.tensors[x].shape[:1] != (1,):
+            # (The push writes the padded tensor's interior as rows of one stride: at a batch above 1 the
+            # images' interiors are not, and the TA refused the program.)
             return x, None
         self.pads[x] = p
         return op.inputs[0], paddings.astype(int).tolist()

@@ -263,9 +263,9 @@ class TeeProgramBuilder(RoundsBuilder):
             {f"t{t}": (g.tensors[t].shape, first, last) for t, (first, last) in slot_life.items()})
         for sig in sigs:
             for t in (*sig.inputs.values(), *sig.outputs.values()):
-                if g.tensors[t].dtype != np.float32:
-                    raise UnsupportedOpError(f"tensor {g.tensors[t].name!r} ({g.tensors[t].dtype}) crosses "
-                                             "between TEE steps; only float32 tensors can")
+                if g.tensors[t].dtype != np.float32:  # carried (non_float) or kept in one run (spans)
+                    raise UnsupportedOpError(f"tensor {g.tensors[t].name!r} ({g.tensors[t].dtype}) passes "
+                                             "between the TEE's units; only float32 tensors can")
         self.tee_model = write_model(g, sigs) if sigs else None
         self.tee_arena_bytes = arena_bytes
         self.step_ops = [[i for u in units if u["kind"] == "litert" for i in u["ops"]]

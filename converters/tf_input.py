@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shadownet.exceptions import ModelFormatError, UnsupportedOpError
+from shadownet.exceptions import ModelFormatError
 
 # What TensorFlow's libraries write to standard error on every import, before its log level applies.
 _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -83,7 +83,7 @@ def _convert(path: Path, kind: str, signature: str | None) -> bytes:
             (function, owner), key = _keras_function(tf, path), None
         else:
             function, owner, key = _saved_model_function(tf, path, signature)
-    except (ModelFormatError, UnsupportedOpError):
+    except (ModelFormatError, ValueError):
         raise
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
         raise ModelFormatError(f"{path}: TensorFlow could not load the {what}: {_first_line(exc)}") from None
@@ -187,9 +187,9 @@ def _saved_model_function(tf: Any, path: Path, key: str | None) -> tuple[Any, An
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
-    if key is not None and key not in signatures:
-        raise UnsupportedOpError(f"the SavedModel has no signature {key!r} (it has "
-                                 f"{', '.join(map(repr, sorted(signatures)))})")
+    if key is not None and key not in signatures:  # a wrong argument (converters.pipeline says the same)
+        raise ValueError(f"the SavedModel has no signature {key!r} (it has "
+                         f"{', '.join(map(repr, sorted(signatures)))})")
     chosen = key is not None
     key = key if chosen else "serving_default" if "serving_default" in signatures else next(iter(signatures))
     signature = signatures[key]

@@ -45,11 +45,11 @@ def align(n: int) -> int:
 
 
 def wire_dtype(dtype: Any) -> np.dtype:
-    """The type in which a model output of ``dtype`` sits in shared memory, for the normal world to read:
-    its own, or float32 for a type narrower than 4 bytes (bool, 8- and 16-bit integers, float16). The
-    program's buffers, slots and shared buffers alike, hold float32 only; a non-float tensor crosses them
-    encoded by LiteRT ops of the TEE-side model (``converters.non_float``): the same bytes for 4- and
-    8-byte types, a CAST to float32 for the narrower ones, which the runtime casts back exactly."""
+    """The type in which a model input or output of ``dtype`` sits in shared memory, for the normal world
+    to write or read: its own, or float32 for a type narrower than 4 bytes (bool, 8- and 16-bit integers,
+    float16). The program's buffers, slots and shared buffers alike, hold float32 only; a non-float tensor
+    crosses them encoded by LiteRT ops of the TEE-side model (``converters.non_float``): the same bytes for
+    4- and 8-byte types, a CAST to float32 for the narrower ones, which the runtime casts back exactly."""
     dtype = np.dtype(dtype)
     return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 

@@ -10,7 +10,7 @@ import pytest
 import tee_sim
 from converters import convert
 from converters.fidelity import relative_error
-from shadownet.exceptions import ModelFormatError, UnsupportedOpError
+from shadownet.exceptions import ModelFormatError
 from tests.converters.driver import Driver
 
 
@@ -182,7 +182,7 @@ def test_a_saved_model_signature_is_chosen_by_key_and_keeps_its_names(tf, device
             got = run(x)
         for spec, value in zip(manifest["outputs"], got, strict=True):
             assert relative_error(value, want[by_tensor[spec["name"]]].numpy()) <= 1e-4
-    with pytest.raises(UnsupportedOpError, match="the SavedModel has no signature 'serving_default' "
+    with pytest.raises(ValueError, match="the SavedModel has no signature 'serving_default' "
                                                  r"\(it has 'encode', 'strided'\)"):
         convert(tmp_path / "two", tmp_path / "none", device=device, signature="serving_default")
 

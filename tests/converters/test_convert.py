@@ -164,10 +164,9 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
     """A decoder's TRANSPOSE_CONV layers ran in the TEE, and a model of them alone was refused as having
-    nothing to protect: one whose kernel is a whole number of strides is now the CONV_2D it computes
-    (converters/normalize.py), offloaded and obfuscated; a 3x3 stride-2 one stays in the TEE (its phases'
-    zero taps would give its filters away). Neither's weights are in untrusted.tflite. At batch 2 too (the
-    rewrite's PAD was fused into a push that cannot write a batch's padded interiors)."""
+    nothing to protect: each is now a CONV_2D per phase of its stride (converters/transpose_conv.py),
+    offloaded and obfuscated, with its weights nowhere in untrusted.tflite. At batch 2 too (the rewrite's
+    PAD was fused into a push that cannot write a batch's padded interiors)."""
     import keras
     keras.utils.set_random_seed(10)
     layers = keras.layers
@@ -184,8 +183,9 @@ def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
     y = keras.Input((4, 4, 6), batch_size=1)
     alone = tf.lite.TFLiteConverter.from_keras_model(
         keras.Model(y, layers.Conv2DTranspose(4, 4, strides=2, padding="same")(y))).convert()
-    for name, model, offloaded, kept in (("decoder", decoder(1), 5, 1), ("batch2", decoder(2), 5, 1),
-                                          ("alone", alone, 1, 0)):
+    # The decoder: 2 convs, 4 phases of each transposed conv (4x4, 2x2, 3x3 at stride 2), a 1x1 conv.
+    for name, model, offloaded, kept in (("decoder", decoder(1), 15, 0), ("batch2", decoder(2), 15, 0),
+                                          ("alone", alone, 4, 0)):
         graph = read_model(model)
         transposed = [op for op in graph.ops if op.kind == "TRANSPOSE_CONV"]
         assert len(transposed) == (3 if name != "alone" else 1)

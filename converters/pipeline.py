@@ -262,23 +262,18 @@ def _check_interface(graph: Graph) -> None:
     float32 carries (``converters.non_float``), or inputs with an open dimension besides the batch (LiteRT
     gives such a dimension size 1 in the file's shape, which the converter would otherwise plan with,
     silently)."""
-    for t in graph.inputs:
-        tensor = graph.tensors[t]
-        if tensor.dtype != np.float32 and tensor.dtype not in CARRIED:
-            raise UnsupportedOpError(f"model input {tensor.name!r} is {np.dtype(tensor.dtype).name}: a "
-                                     "protected model's inputs are float32, integers, bool, float16 or "
-                                     "float64")
-        signature = tensor.shape_signature
-        if signature is not None and any(d < 0 for d in signature[1:]):
-            raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "
-                                   f"{list(signature)}): convert the model with a fixed input shape (an "
-                                   "open batch alone is taken as 1)")
-    for t in graph.outputs:
-        tensor = graph.tensors[t]
-        if tensor.dtype != np.float32 and tensor.dtype not in CARRIED:
-            raise UnsupportedOpError(f"model output {tensor.name!r} is {np.dtype(tensor.dtype).name}: a "
-                                     "protected model's outputs are float32, integers, bool, float16 or "
-                                     "float64")
+    for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
+        for t in tensors:
+            tensor = graph.tensors[t]
+            if tensor.dtype != np.float32 and tensor.dtype not in CARRIED:
+                raise UnsupportedOpError(f"model {kind} {tensor.name!r} is {np.dtype(tensor.dtype).name}: a "
+                                         f"protected model's {kind}s are float32, integers, bool, float16 or "
+                                         "float64")
+            signature = tensor.shape_signature
+            if kind == "input" and signature is not None and any(d < 0 for d in signature[1:]):
+                raise ModelFormatError(f"model input {tensor.name!r} has open dimensions (shape signature "
+                                       f"{list(signature)}): convert the model with a fixed input shape (an "
+                                       "open batch alone is taken as 1)")
 
 
 def _check_static(graph: Graph) -> None:

@@ -83,7 +83,7 @@ def _convert(path: Path, kind: str, signature: str | None) -> bytes:
             (function, owner), key = _keras_function(tf, path), None
         else:
             function, owner, key = _saved_model_function(tf, path, signature)
-    except (ModelFormatError, ValueError):
+    except (ModelFormatError, _NoSuchSignature):
         raise
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
         raise ModelFormatError(f"{path}: TensorFlow could not load the {what}: {_first_line(exc)}") from None
@@ -125,6 +125,11 @@ def _signature_key(data: bytes, key: str) -> bytes:
         return data
     model.signatureDefs[0].signatureKey = key
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+class _NoSuchSignature(ValueError):
+    """A signature key the SavedModel lacks: the caller's wrong argument, raised as it is (TensorFlow's own
+    ValueErrors become ModelFormatError)."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,8 +193,8 @@ def _saved_model_function(tf: Any, path: Path, key: str | None) -> tuple[Any, An
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
     if key is not None and key not in signatures:  # a wrong argument (converters.pipeline says the same)
-        raise ValueError(f"the SavedModel has no signature {key!r} (it has "
-                         f"{', '.join(map(repr, sorted(signatures)))})")
+        raise _NoSuchSignature(f"the SavedModel has no signature {key!r} (it has "
+                               f"{', '.join(map(repr, sorted(signatures)))})")
     chosen = key is not None
     key = key if chosen else "serving_default" if "serving_default" in signatures else next(iter(signatures))
     signature = signatures[key]

@@ -64,6 +64,22 @@ def inputs_for(model: bytes, rng) -> list[np.ndarray]:
             for d in Interpreter(model_content=model).get_input_details()]
 
 
+def runs_as_litert(device, out, model: bytes, rng, inferences: int,
+                   tolerance: float) -> list[list[np.ndarray]]:
+    """Run the protected ``out`` on ``inferences`` random inputs against LiteRT on ``model``: the same types
+    and shapes, within ``tolerance`` (integers and bools exactly: ``relative_error``). Returns LiteRT's
+    outputs, for the caller's own checks."""
+    wants = []
+    with Driver(device, out) as run:
+        for _ in range(inferences):
+            xs = inputs_for(model, rng)
+            got, want = run(*xs), litert(model, *xs)
+            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
+            assert relative_error(got, want) <= tolerance
+            wants.append(want)
+    return wants
+
+
 @pytest.fixture(params=["conv_model", "fp16_model", "misc_model"])
 def model(request) -> bytes:
     return request.getfixturevalue(request.param)
@@ -546,14 +562,8 @@ def test_non_maximum_suppression_of_a_constant_count_runs_in_the_tee(tf, device,
     model = _nms_model(tf, computed_count=False)
     assert any(op.kind == "NON_MAX_SUPPRESSION_V5" for op in read_model(model).ops)
     protect(model, tmp_path / "out", device)
-    rng = np.random.default_rng(6)
-    with Driver(device, tmp_path / "out") as run:
-        for _ in range(3):
-            xs = inputs_for(model, rng)
-            got, want = run(*xs), litert(model, *xs)
-            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
-            assert relative_error(got, want) <= TOLERANCE
-            assert sorted(w.shape for w in want) == [(), (10,), (10, 4)]
+    for want in runs_as_litert(device, tmp_path / "out", model, np.random.default_rng(6), 3, TOLERANCE):
+        assert sorted(w.shape for w in want) == [(), (10,), (10, 4)]
     with pytest.raises(UnsupportedOpError, match="NON_MAX_SUPPRESSION_V5 .* its shape from the computed"):
         protect(_nms_model(tf, computed_count=True), tmp_path / "computed", device)
 
@@ -592,14 +602,9 @@ def test_non_float_tensors_cross_between_steps_and_leave_as_outputs(tf, device, 
     want_types = [d["dtype"].__name__ for d in Interpreter(model_content=model).get_output_details()]
     assert [t["dtype"] for t in manifest["outputs"]] == want_types
     assert sorted(want_types) == ["bool", "float32", "int64", "int8"]
-    rng = np.random.default_rng(3)
-    with Driver(device, tmp_path / "out") as run:
-        for _ in range(4):
-            xs = inputs_for(model, rng)
-            got, want = run(*xs), litert(model, *xs)
-            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
-            assert relative_error(got, want) <= TOLERANCES[manifest["scheme"]["name"]]  # integers: exact
-            assert any(w.dtype == np.bool_ and w.any() and not w.all() for w in want)
+    tolerance = TOLERANCES[manifest["scheme"]["name"]]  # (integers and bools: exact)
+    for want in runs_as_litert(device, tmp_path / "out", model, np.random.default_rng(3), 4, tolerance):
+        assert any(w.dtype == np.bool_ and w.any() and not w.all() for w in want)
 
 
 def test_calibration_file_and_keras_input(tf, device, tmp_path):

@@ -1,27 +1,26 @@
-"""A TRANSPOSE_CONV as the ordinary convolutions it computes, one per phase of its stride, so that the
-accelerator runs them, obfuscated like any CONV_2D (``converters.normalize`` applies it).
+"""A TRANSPOSE_CONV as the ordinary convolutions of its stride's phases, so that the accelerator runs them,
+obfuscated like any CONV_2D (``converters.normalize`` applies it).
 
 Output row ``j`` of a transposed convolution of stride ``s`` and ``kh`` taps sums ``W[k] x[i]`` over
 ``s i + k = j + pad`` (LiteRT's ``pad``: what a convolution of its output size would pad, rounded down).
 Write ``j + pad = s q + r``: the taps ``k = r + s m`` of phase ``r`` make ``z_r[q]``, the sum over ``m``
-of ``W[r + s m] x[q - m]``: an ordinary convolution of ``x`` with the phase's taps in reverse order. Each
-phase is a CONV_2D of its own taps (``ceil((kh - r) / s)`` of them) over ``x`` padded by ``M - 1`` rows
-before (``M``: the most taps of any phase), sliced where a phase has fewer; the phases' results,
-concatenated, are interleaved - ``z_r[q]`` to row ``s q + r`` - by DEPTH_TO_SPACE (for unequal strides
-RESHAPE, TRANSPOSE, RESHAPE), and a SLICE from ``pad`` takes the output. The products are the transposed
-convolution's; the TEE does the slicing and interleaving.
+of ``W[r + s m] x[q - m]``: an ordinary convolution of ``x`` with the phase's taps in reverse order, over
+``x`` padded by ``M - 1`` rows before (``M``: the most taps of any phase). The phases' results, side by
+side on the channel axis, are interleaved - ``z_r[q]`` to row ``s q + r`` - by DEPTH_TO_SPACE (for
+unequal strides RESHAPE, TRANSPOSE, RESHAPE), and a SLICE from ``pad`` takes the output. The products are
+the transposed convolution's; the TEE does the interleaving.
 
-One CONV_2D of every phase's filters, zero-padded to ``M`` taps, would be a single accelerator op, but
-where the kernel is not a whole number of strides (3x3 at stride 2) the shorter phases' filters have zeros
-where the others have weights, at places the kernel and stride make public, and the combinations of the
-obfuscated filters that vanish there single out each phase's real filters (a review recovered them all,
-up to scale). A CONV_2D per phase has no such zeros. A phase with no tap (a kernel smaller than the
-stride) is its bias alone, a constant.
+Where the kernel is a whole number of strides every phase has ``M`` taps, and one CONV_2D of all their
+filters computes them: one accelerator op, whose input crosses once. Elsewhere (3x3 at stride 2) the
+shorter phases would need zeros where the others have weights, at places the kernel and stride make
+public, and the combinations of the obfuscated filters that vanish there single out each phase's real
+filters (a review recovered them all, up to scale): there each phase is a CONV_2D of its own taps, sliced
+where it has fewer (its results start later), then concatenated; each reads the input as a push of its own
+(SECURITY.md: what that costs in a masked round). A phase with no tap (a kernel smaller than the stride) is
+its bias alone, broadcast in the TEE.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
@@ -92,52 +91,69 @@ def as_convolutions(tensors: list[Tensor], op: Op) -> list[Op]:
                       schema_fb.PadOptionsT()))
         src = padded
     phase_shape = (batch, rows, cols, filters)
-    phases = []
-    for rh in range(sh):
-        for rw in range(sw):
-            taps_h, taps_w = len(range(rh, kh, sh)), len(range(rw, kw, sw))
-            if not taps_h or not taps_w:  # no weight reaches these rows or columns: the bias alone
-                lo, hi = _CLAMPS[clamp]
-                alone = np.broadcast_to(np.clip(bias, lo, hi), phase_shape)
-                phases.append(constant(f"phase_{rh}_{rw}", alone))
-                continue
-            kernel = weights[:, rh::sh, rw::sw, :][:, ::-1, ::-1, :]  # the phase's taps, reversed
-            conv_options = schema_fb.Conv2DOptionsT()
-            conv_options.padding, conv_options.strideH, conv_options.strideW = schema_fb.Padding.VALID, 1, 1
-            conv_options.dilationHFactor = conv_options.dilationWFactor = 1
-            conv_options.fusedActivationFunction = clamp
-            extra_h, extra_w = most_h - taps_h, most_w - taps_w  # rows and columns before its first
-            whole = made(f"phase_{rh}_{rw}", (batch, rows + extra_h, cols + extra_w, filters))
-            ops.append(Op("CONV_2D", (src, constant(f"kernel_{rh}_{rw}", kernel),
-                                      constant(f"bias_{rh}_{rw}", bias)), (whole,), conv_options))
-            if extra_h or extra_w:
-                part = made(f"phase_{rh}_{rw}/sliced", phase_shape)
-                ops.append(Op("SLICE", (whole, constant(f"begin_{rh}_{rw}", ints(0, extra_h, extra_w, 0)),
-                                        constant(f"size_{rh}_{rw}", ints(*phase_shape))),
-                              (part,), schema_fb.SliceOptionsT()))
-                whole = part
-            phases.append(whole)
+    stacked_shape = (batch, rows, cols, sh * sw * filters)
     unsliced = (batch, sh * rows, sw * cols, filters)
     exact = pad_top == pad_left == 0 and unsliced == y.shape
     last = op.outputs[0] if exact else made("interleaved", unsliced)
-    if len(phases) == 1:  # stride 1: the one phase is the output (or the slice of it)
-        ops[-1] = dataclasses.replace(ops[-1], outputs=(last,))
+
+    def conv(name: str, kernel: np.ndarray, conv_bias: np.ndarray, shape: tuple[int, ...]) -> int:
+        conv_options = schema_fb.Conv2DOptionsT()
+        conv_options.padding, conv_options.strideH, conv_options.strideW = schema_fb.Padding.VALID, 1, 1
+        conv_options.dilationHFactor = conv_options.dilationWFactor = 1
+        conv_options.fusedActivationFunction = clamp
+        out = last if sh == sw == 1 and shape == unsliced else made(name, shape)
+        weights_and_bias = (constant(f"kernel_{name}", kernel), constant(f"bias_{name}", conv_bias))
+        ops.append(Op("CONV_2D", (src, *weights_and_bias), (out,), conv_options))
+        return out
+
+    def taps(rh: int, rw: int) -> np.ndarray:
+        return weights[:, rh::sh, rw::sw, :][:, ::-1, ::-1, :]  # the phase's taps, reversed
+
+    if kh % sh == 0 and kw % sw == 0:
+        # Every phase has every tap: one CONV_2D of all their filters, one input pushed (the layer's input
+        # crosses once, mixed and masked once, as for any conv; a CONV_2D per phase would send a copy each).
+        kernels = [taps(rh, rw) for rh in range(sh) for rw in range(sw)]
+        stacked = conv("phases", np.concatenate(kernels), np.tile(bias, sh * sw), stacked_shape)
     else:
-        stacked = made("phases", (batch, rows, cols, sh * sw * filters))
+        phases = []
+        for rh in range(sh):
+            for rw in range(sw):
+                taps_h, taps_w = len(range(rh, kh, sh)), len(range(rw, kw, sw))
+                if not taps_h or not taps_w:  # no weight reaches these rows or columns: the bias alone
+                    lo, hi = _CLAMPS[clamp]
+                    alone = made(f"phase_{rh}_{rw}", phase_shape)
+                    ops.append(Op("BROADCAST_TO", (constant(f"bias_{rh}_{rw}", np.clip(bias, lo, hi)),
+                                                   constant(f"shape_{rh}_{rw}", ints(*phase_shape))),
+                                  (alone,), schema_fb.BroadcastToOptionsT(), version=2))  # (LiteRT has no 1)
+                    phases.append(alone)
+                    continue
+                extra_h, extra_w = most_h - taps_h, most_w - taps_w  # rows and columns before its first
+                whole = conv(f"phase_{rh}_{rw}", taps(rh, rw), bias,
+                             (batch, rows + extra_h, cols + extra_w, filters))
+                if extra_h or extra_w:
+                    part = made(f"phase_{rh}_{rw}/sliced", phase_shape)
+                    ops.append(Op("SLICE", (whole, constant(f"begin_{rh}_{rw}", ints(0, extra_h, extra_w, 0)),
+                                            constant(f"size_{rh}_{rw}", ints(*phase_shape))),
+                                  (part,), schema_fb.SliceOptionsT()))
+                    whole = part
+                phases.append(whole)
+        stacked = made("phases", stacked_shape)
         concat_options = schema_fb.ConcatenationOptionsT()
         concat_options.axis = 3
         ops.append(Op("CONCATENATION", tuple(phases), (stacked,), concat_options))
-        if sh == sw:  # channel (rh * s + rw) * O + o to row s q + rh, column s p + rw
-            d2s_options = schema_fb.DepthToSpaceOptionsT()
-            d2s_options.blockSize = sh
-            ops.append(Op("DEPTH_TO_SPACE", (stacked,), (last,), d2s_options))
-        else:  # which DEPTH_TO_SPACE cannot do: [N, q, p, rh, rw, O] -> [N, q, rh, p, rw, O]
-            six = (batch, rows, cols, sh, sw, filters)
-            split, moved = made("split", six), made("moved", (batch, rows, sh, cols, sw, filters))
-            ops += [_reshape(stacked, split, six, constant("six", ints(*six))),
-                    Op("TRANSPOSE", (split, constant("perm", ints(0, 1, 3, 2, 4, 5))), (moved,),
-                       schema_fb.TransposeOptionsT()),
-                    _reshape(moved, last, unsliced, constant("four", ints(*unsliced)))]
+    if sh == sw == 1:
+        last = stacked
+    elif sh == sw:  # channel (rh * s + rw) * O + o to row s q + rh, column s p + rw
+        d2s_options = schema_fb.DepthToSpaceOptionsT()
+        d2s_options.blockSize = sh
+        ops.append(Op("DEPTH_TO_SPACE", (stacked,), (last,), d2s_options))
+    else:  # which DEPTH_TO_SPACE cannot do: [N, q, p, rh, rw, O] -> [N, q, rh, p, rw, O]
+        six = (batch, rows, cols, sh, sw, filters)
+        split, moved = made("split", six), made("moved", (batch, rows, sh, cols, sw, filters))
+        ops += [_reshape(stacked, split, six, constant("six", ints(*six))),
+                Op("TRANSPOSE", (split, constant("perm", ints(0, 1, 3, 2, 4, 5))), (moved,),
+                   schema_fb.TransposeOptionsT()),
+                _reshape(moved, last, unsliced, constant("four", ints(*unsliced)))]
     if not exact:
         ops.append(Op("SLICE", (last, constant("begin", ints(0, pad_top, pad_left, 0)),
                                 constant("size", ints(*y.shape))),

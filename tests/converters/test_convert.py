@@ -199,12 +199,15 @@ def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
     y = keras.Input((4, 4, 6), batch_size=1)
     alone = tf.lite.TFLiteConverter.from_keras_model(
         keras.Model(y, layers.Conv2DTranspose(4, 4, strides=2, padding="same")(y))).convert()
-    # The decoder: 2 convs, 4 phases of each transposed conv (4x4, 2x2, 3x3 at stride 2), a 1x1 conv.
-    for name, model, offloaded, kept in (("decoder", decoder(1), 15, 0), ("batch2", decoder(2), 15, 0),
-                                          ("alone", alone, 4, 0)):
+    sparse = tf.lite.TFLiteConverter.from_keras_model(  # a kernel smaller than the stride: 3 phases of bias
+        keras.Model(y, layers.Conv2DTranspose(4, 1, strides=2, activation="relu")(y))).convert()
+    # The decoder: 2 convs; the 4x4 and 2x2 transposed convs one conv each (every phase has every tap),
+    # the 3x3 one a conv per phase (4); a 1x1 conv.
+    for name, model, offloaded, kept in (("decoder", decoder(1), 9, 0), ("batch2", decoder(2), 9, 0),
+                                          ("alone", alone, 1, 0), ("sparse", sparse, 1, 0)):
         graph = read_model(model)
         transposed = [op for op in graph.ops if op.kind == "TRANSPOSE_CONV"]
-        assert len(transposed) == (3 if name != "alone" else 1)
+        assert len(transposed) == (3 if name in ("decoder", "batch2") else 1)
         summary = protect(model, tmp_path / name, device, scheme=scheme)["summary"]
         assert summary["offloaded_ops"] == offloaded and summary["tee_linear_ops"] == kept
         assert summary["tee_linear_kinds"] == (["TRANSPOSE_CONV"] if kept else [])

@@ -186,13 +186,20 @@ def _progress(message: str) -> None:
 
 def reference_activations(reference: str | os.PathLike, batches: list[list[np.ndarray]],
                           names: set[str]) -> dict[str, np.ndarray]:
-    """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked."""
+    """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked. Run as
+    the converter normalized it (``converters.normalize``, exact), so that the tensors the rewrites make -
+    a transposed convolution's padded input, which its phases' pushes carry - are there too."""
     from ai_edge_litert.interpreter import Interpreter
+
+    from converters.graph import write_model
+    from converters.normalize import normalize
+    from converters.tflite_reader import read_model
 
     with warnings.catch_warnings():
         # LiteRT warns that keeping every tensor is for debugging: here it is the point.
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_path=str(reference), experimental_preserve_all_tensors=True)
+        interpreter = Interpreter(model_content=write_model(normalize(read_model(reference))),
+                                  experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
     inputs = interpreter.get_input_details()

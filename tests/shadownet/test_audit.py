@@ -273,6 +273,31 @@ def test_first_round_leakage_is_measured_through_a_zero_pad(tmp_path: Path) -> N
     assert leak["first_round"]["difference_correlation"] <= 0.1
 
 
+def test_leakage_is_measured_on_a_tensor_the_converter_made(tmp_path: Path) -> None:
+    """A transposed convolution's phases read its input padded by the converter
+    (converters/transpose_conv.py), a tensor the original model does not have: the audit's row for it was
+    empty ('-'). The reference now runs as the converter normalized it, and the row is measured - high
+    here, as that round is not masked."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(5)
+    x = keras.Input((8, 8, 3), batch_size=1, name="image")
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    y = keras.layers.Conv2DTranspose(4, 4, strides=2, padding="same")(h)
+    original = tmp_path / "up.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    out = tmp_path / "up.protected"
+    shadownet.convert(str(original), str(out))
+    rows = audit.audit(out, original, inferences=4)["input_leakage"]["rounds"]
+    second = next(r for r in rows if r["round"] == 2)
+    assert second["tensor"].endswith("/as_conv/padded")
+    assert second["single"]["correlation"] > 0.3
+
+
 def test_a_reference_must_pair_up_with_most_layers_on_both_sides() -> None:
     """The architecture check on the layers' shapes alone: a reference ten times deeper (a review's
     ResNet-404 for a ResNet-44) and one that shares a fifth of the layers are refused; one with another

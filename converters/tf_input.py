@@ -117,12 +117,15 @@ def _named_outputs(tf: Any, frozen: Any, structured: Any) -> Any:
 
 def _signature_key(data: bytes, key: str) -> bytes:
     """The converted model with its one SignatureDef under ``key`` (TensorFlow's converter writes
-    "serving_default"), as an app converting the SavedModel's signature ``key`` itself would find it."""
+    "serving_default"), as an app converting the SavedModel's signature ``key`` itself would find it. The
+    file is rewritten (every weight copied) only when the key differs."""
+    from ai_edge_litert import schema_py_generated as schema_fb
     from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    if len(model.signatureDefs or []) != 1:
+    root = schema_fb.Model.GetRootAs(data, 0)
+    if root.SignatureDefsLength() != 1 or root.SignatureDefs(0).SignatureKey().decode() == key:
         return data
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
     model.signatureDefs[0].signatureKey = key
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 

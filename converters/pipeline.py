@@ -315,6 +315,8 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
                    "groupmix:depthwise=offload offloads depthwise layers)")
     if any(not offloadable for _, offloadable in linear):
         why.append("grouped convolutions, matrix products and layers of computed weights run in the TEE")
+    if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule
+        why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "
             f"{'; '.join(why)}")
 

@@ -99,27 +99,18 @@ class RoundsBuilder:
         self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
         self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
         for r, ops in enumerate(self.part.rounds, start=1):
+            obfs, readers = self._obfuscate_round(ops)
+            key_of = {i: key for key, ops_k in readers.items() for i in ops_k}
             pushes: dict[Any, dict[str, Any]] = {}
             restores = []
             sig_in: dict[str, int] = {}
             sig_out: dict[str, int] = {}
             sig_ops = []
             for i in ops:
-                _check_linear(g, i)
                 op = g.ops[i]
-                x, w_id, y = op.inputs[0], op.inputs[1], op.outputs[0]
-                weights = g.tensors[w_id].data
-                mult = int(getattr(op.options, "depthMultiplier", 1) or 1)
-                if op.kind == "DEPTHWISE_CONV_2D":
-                    mult = weights.shape[-1] // g.tensors[x].shape[-1]
-                name = f"{g.describe_op(i)}"
-                try:
-                    obf = self.scheme.obfuscate(LinearLayer(op.kind, weights, mult, name,
-                                                            g.tensors[x].shape[-1]), self.rng)
-                except ValueError as exc:
-                    raise UnsupportedOpError(f"{name}: {exc}") from None
-                transformed = obf.input_permutation is not None or obf.input_index is not None
-                key = (x, i) if transformed else (x, None)
+                x, y = op.inputs[0], op.outputs[0]
+                obf = obfs[i]
+                key = key_of[i]
                 if key not in pushes:
                     j = len(pushes)
                     shape = g.tensors[x].shape
@@ -129,9 +120,8 @@ class RoundsBuilder:
                     one_time = r in self.one_time
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
-                    readers = [i] if transformed else ops
-                    split = self._split(x, readers, stats) if one_time and self._splits(r, source, readers) \
-                        else None
+                    split = self._split(x, readers[key], stats) \
+                        if one_time and self._splits(r, source, readers[key]) else None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid
@@ -177,6 +167,37 @@ class RoundsBuilder:
             self.pushes.append(list(pushes.values()))
             self.restores.append(restores)
         self._fuse_residuals()
+
+    def _obfuscate_round(self, ops: Sequence[int]) -> tuple[dict[int, ObfuscatedLinear],
+                                                            dict[Any, list[int]]]:
+        """Each op of a round obfuscated by the scheme, and its pushes: key -> the ops that read it. The
+        readers of one tensor share one push where their input transforms are the same - every reader
+        the scheme can give the first one's transform (``Scheme.obfuscate``'s ``input_of``) - so that the
+        tensor crosses once, under one mask: a block's shortcut and first conv, a transposed conv's phases.
+        """
+        g = self.g
+        obfs: dict[int, ObfuscatedLinear] = {}
+        readers: dict[Any, list[int]] = {}  # (tensor, first reader or None when untransformed) -> readers
+        for i in ops:
+            _check_linear(g, i)
+            op = g.ops[i]
+            x, weights = op.inputs[0], g.tensors[op.inputs[1]].data
+            mult = int(getattr(op.options, "depthMultiplier", 1) or 1)
+            if op.kind == "DEPTHWISE_CONV_2D":
+                mult = weights.shape[-1] // g.tensors[x].shape[-1]
+            name = g.describe_op(i)
+            first = next((obfs[k[1]] for k in readers if k[0] == x and k[1] is not None), None)
+            try:
+                obf = obfs[i] = self.scheme.obfuscate(
+                    LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1]), self.rng, first)
+            except ValueError as exc:
+                raise UnsupportedOpError(f"{name}: {exc}") from None
+            key = (x, None)
+            if obf.transforms_input():
+                key = next((k for k in readers if k[0] == x and k[1] is not None
+                            and obfs[k[1]].same_input_as(obf)), (x, i))
+            readers.setdefault(key, []).append(i)
+        return obfs, readers
 
     def _fuse_residuals(self) -> None:
         """A restore with no activation of its own whose result only feeds an ADD with a tensor the TEE

@@ -64,6 +64,17 @@ class ObfuscatedLinear:
             return out
         return x if self.input_permutation is None else x[..., self.input_permutation]
 
+    def transforms_input(self) -> bool:
+        """Whether the accelerator's input is the layer input transformed (permuted or mixed)."""
+        return self.input_permutation is not None or self.input_index is not None
+
+    def same_input_as(self, other: ObfuscatedLinear) -> bool:
+        """Whether ``other`` transforms its input exactly as this layer does, so one push serves both."""
+        mine = (self.input_permutation, self.input_index, self.input_coef)
+        theirs = (other.input_permutation, other.input_index, other.input_coef)
+        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+                   for a, b in zip(mine, theirs, strict=True))
+
     def restore(self, y_obf: np.ndarray) -> np.ndarray:
         """The restore in float64 (offline: pop masks and tests; the TEE has its own fused kernel)."""
         y = np.asarray(y_obf, np.float64)
@@ -125,8 +136,13 @@ class Scheme(Protocol):
         """The parameters that may be written in the (public) manifest."""
         ...
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
-        """Hide ``layer``'s weights; every secret comes from ``rng``."""
+    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+                  input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
+        """Hide ``layer``'s weights; every secret comes from ``rng``. ``input_of``: the obfuscation of an
+        earlier layer that reads the same tensor in the same round; where ``layer`` can take its input
+        transform, it does, so that one push (one transform, one mask) serves both: an attacker given
+        copies of a tensor under independent transforms and masks fits more of it from all of them than
+        from one."""
         ...
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,

@@ -133,13 +133,15 @@ class GroupMixScheme:
                 "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
                 "exact_split": self.exact_split, "depthwise": self.depthwise}
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+                  input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         if layer.kind == "DEPTHWISE_CONV_2D":
-            return self._depthwise(layer, rng)
-        return self._filters(layer, rng)
+            return self._depthwise(layer, rng)  # its input is not transformed: input_of does not apply
+        return self._filters(layer, rng, input_of)
 
     # -- conv / dense ------------------------------------------------------------------------------------
-    def _filters(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def _filters(self, layer: LinearLayer, rng: np.random.Generator,
+                 input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         w = np.asarray(layer.weights, np.float64)
         n = w.shape[0]
         # The input side: channels on the last axis of the op's input (a dense layer's K may hold several
@@ -147,7 +149,8 @@ class GroupMixScheme:
         channels = w.shape[-1] if layer.kind == "CONV_2D" else layer.input_channels
         permutation = input_index = input_coef = None
         if self.input_group and channels and w.reshape(n, -1).shape[1] % channels == 0:
-            w, permutation, input_index, input_coef = self._mix_inputs(w.reshape(n, -1, channels), rng)
+            w, permutation, input_index, input_coef = self._mix_inputs(w.reshape(n, -1, channels), rng,
+                                                                       input_of)
             w = w.reshape(layer.weights.shape)
         rows = w.reshape(n, -1)
         d = rows.shape[1]
@@ -185,10 +188,23 @@ class GroupMixScheme:
             return None
         return split_groups(channels, self.input_group)
 
-    def _mix_inputs(self, w: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    def _mix_inputs(self, w: np.ndarray, rng: np.random.Generator,
+                    input_of: ObfuscatedLinear | None = None) -> tuple[np.ndarray, ...]:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
-        input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing)."""
+        input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing), that of
+        ``input_of`` when it transforms ``C`` channels (another reader of the same tensor)."""
         c = w.shape[-1]
+        if input_of is not None and input_of.input_permutation is not None \
+                and len(input_of.input_permutation) == c:
+            permutation = input_of.input_permutation
+            return w[..., permutation], permutation, None, None
+        if input_of is not None and input_of.input_index is not None and input_of.input_index.shape[1] == c:
+            index, coef = input_of.input_index, input_of.input_coef
+            moved = np.empty_like(w)
+            for a, b in self.input_blocks(c):
+                block = coef[:b - a, a:b].T.astype(np.float64)
+                moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block)
+            return moved, None, index, coef
         if c < max(2, self.input_group // 2):
             # A few channels (an RGB image): mixing them would Gaussianize little and costs a slow narrow
             # matmul on the largest tensor, permuting them hides little and costs a gather; ICA needs far

@@ -63,10 +63,11 @@ class ShadowNetScheme:
         # The authors' int(N * ratio) gives no fake at all below 5 filters; one fake is the minimum.
         return max(1, int(n * self.obf_ratio + 1e-9) - n)
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+                  input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         if layer.kind == "DEPTHWISE_CONV_2D":
-            return self._depthwise(layer, rng)
-        return self._filters(layer, rng)
+            return self._depthwise(layer, rng, input_of)
+        return self._filters(layer, rng)  # its input is not transformed: input_of does not apply
 
     def _filters(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
         w = np.asarray(layer.weights, np.float64)
@@ -94,14 +95,17 @@ class ShadowNetScheme:
         coef = np.stack([scales, np.ones(n, np.float32)])
         return ObfuscatedLinear(np.ascontiguousarray(channels[order]), None, index, coef)
 
-    def _depthwise(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def _depthwise(self, layer: LinearLayer, rng: np.random.Generator,
+                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         k = np.asarray(layer.weights, np.float64)
         mult = int(layer.depth_multiplier)
         cm = k.shape[-1]
         if mult < 1 or cm % mult:
             raise ValueError(f"{layer.name}: {cm} depthwise channels with depth multiplier {mult}")
         c = cm // mult
-        perm = rng.permutation(c)  # x'_c = x_perm[c]
+        shared = None if input_of is None else input_of.input_permutation
+        # x'_c = x_perm[c]; another depthwise reader's of the same tensor when there is one
+        perm = shared.astype(np.int64) if shared is not None and len(shared) == c else rng.permutation(c)
         scales = (1.0 - rng.random(cm)).astype(np.float32)
         # Output channel o = perm[c] * m + j of the original lands at c * m + j.
         source = (perm[:, None] * mult + np.arange(mult)).reshape(-1)

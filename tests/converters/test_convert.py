@@ -222,6 +222,28 @@ def test_transposed_convolutions_are_offloaded(tf, device, tmp_path, scheme):
                 assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
 
 
+@pytest.mark.parametrize("scheme, pushes", [(None, 1), ("groupmix:depthwise=offload", 2), ("shadownet", 2)])
+def test_the_readers_of_one_tensor_share_its_push(tf, device, tmp_path, scheme, pushes):
+    """A tensor read by several offloaded layers of a round (a block's shortcut and first conv) crossed
+    once per layer, each copy mixed and masked independently, and a fit over all the copies recovered
+    more of it than one (SECURITY.md). Readers whose input transforms can be the same now share one
+    push: the two convs under groupmix; a depthwise layer, whose input groupmix does not mix, needs
+    its own, as the paper's scheme's convs and depthwise layers do."""
+    import keras
+    keras.utils.set_random_seed(12)
+    layers = keras.layers
+    x = keras.Input((8, 8, 3), batch_size=1)
+    t = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    y = layers.Add()([layers.Conv2D(32, 3, padding="same")(t), layers.Conv2D(32, 1)(t),
+                      layers.DepthwiseConv2D(3, padding="same")(t)])
+    model = tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, layers.Conv2D(4, 1)(y))).convert()
+    protect(model, tmp_path / "out", device, scheme=scheme, mask_rounds="all")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [len(r["inputs"]) for r in manifest["rounds"]] == [1, pushes, 1]
+    runs_as_litert(device, tmp_path / "out", model, np.random.default_rng(3), 2,
+                   TOLERANCES[(scheme or "groupmix").split(":")[0]])
+
+
 @pytest.mark.parametrize("scheme", ["groupmix:depthwise=offload", "shadownet"])
 @pytest.mark.parametrize("multiplier, strides, dilation", [(1, 1, 1), (2, 2, 1), (3, 1, 2)])
 def test_a_depthwise_convolution_written_as_a_grouped_one_is_offloaded(tf, device, tmp_path, scheme,

@@ -274,6 +274,32 @@ def test_block_push_matches_the_input_transform():
     assert np.max(np.abs(out - obf.transform_input(x))) <= 1e-5 * np.max(np.abs(out))
 
 
+@pytest.mark.parametrize("scheme, kind", [
+    (GroupMixScheme(), "CONV_2D"), (GroupMixScheme(), "FULLY_CONNECTED"),
+    (GroupMixScheme(input_group=1), "CONV_2D"), (get_scheme("shadownet"), "DEPTHWISE_CONV_2D")])
+def test_a_second_reader_of_a_tensor_takes_the_first_ones_input_transform(scheme, kind):
+    """``input_of``: a layer reading the tensor an earlier one reads gets that layer's input transform
+    (one push serves both) and still computes its own layer on the transformed input."""
+    rng = np.random.default_rng(23)
+    c = 40
+    shapes = {"CONV_2D": [(24, 3, 3, c), (8, 1, 1, c)], "FULLY_CONNECTED": [(24, c), (8, c)],
+              "DEPTHWISE_CONV_2D": [(1, 3, 3, c), (1, 3, 3, 2 * c)]}[kind]
+    first, second = (rng.standard_normal(shape) * 0.1 for shape in shapes)
+    multipliers = [1, 2] if kind == "DEPTHWISE_CONV_2D" else [1, 1]
+    a = scheme.obfuscate(LinearLayer(kind, first, multipliers[0], input_channels=c), rng)
+    b = scheme.obfuscate(LinearLayer(kind, second, multipliers[1], input_channels=c), rng, input_of=a)
+    alone = scheme.obfuscate(LinearLayer(kind, second, multipliers[1], input_channels=c), rng)
+    assert a.transforms_input() and b.same_input_as(a) and not alone.same_input_as(a)
+    x = rng.standard_normal((1, 6, 6, c) if kind != "FULLY_CONNECTED" else (5, c))
+    options = depthwise_options(2) if kind == "DEPTHWISE_CONV_2D" else conv_options()
+    n = second.shape[-1] if kind == "DEPTHWISE_CONV_2D" else second.shape[0]
+    m = b.weights.shape[-1] if kind == "DEPTHWISE_CONV_2D" else b.weights.shape[0]
+    want = linear.apply(kind, x, second.astype(np.float64), options, (*x.shape[:-1], n))
+    got = b.restore(linear.apply(kind, a.transform_input(x), b.weights.astype(np.float64), options,
+                                 (*x.shape[:-1], m)))
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
 def test_block_matmuls_gather_scattered_sources():
     """The TA's block plan for any transform whose output blocks are contiguous: sources anywhere are
     first gathered side by side (one pass), then one matmul per block."""

@@ -15,8 +15,8 @@ filters computes them: one accelerator op, whose input crosses once. Elsewhere (
 shorter phases would need zeros where the others have weights, at places the kernel and stride make
 public, and the combinations of the obfuscated filters that vanish there single out each phase's real
 filters (a review recovered them all, up to scale): there each phase is a CONV_2D of its own taps, sliced
-where it has fewer (its results start later), then concatenated; each reads the input as a push of its own
-(SECURITY.md: what that costs in a masked round). A phase with no tap (a kernel smaller than the stride) is
+where it has fewer (its results start later), then concatenated; they all read the input's one push (one
+input mixing, one mask: ``converters.plan_rounds``). A phase with no tap (a kernel smaller than the stride) is
 its bias alone, broadcast in the TEE.
 """
 

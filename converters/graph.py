@@ -161,7 +161,8 @@ def fused_activation(op: Op) -> str | None:
 def is_offloadable(graph: Graph, op_index: int) -> bool:
     """True for a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED whose weights are a dense constant; not for
     a grouped CONV_2D (its filters span a slice of the input channels), which runs in the TEE like any
-    other op: the schemes mix whole input channels."""
+    other op: the schemes mix whole input channels (``converters.normalize`` makes one CONV_2D per group of
+    those whose groups are wide enough to mix)."""
     op = graph.ops[op_index]
     if op.kind not in OFFLOADABLE or len(op.inputs) < 2 or op.inputs[1] < 0:
         return False

@@ -19,6 +19,12 @@ from converters.graph import Graph, Op, Signature, Tensor, fused_activation
 from converters.tflite_sparsity import densify
 from shadownet.exceptions import UnsupportedOpError
 
+# A grouped CONV_2D whose groups read at least this many input channels each is rewritten as one CONV_2D per
+# group (offloadable); narrower ones stay one grouped CONV_2D, in the TEE: no scheme mixes so few input
+# channels (groupmix mixes from 8), and with the rounds after the first unmasked (the default) an unmixed
+# input gives away the restore of the layer that made it (SECURITY.md, "narrow layers' inputs").
+GROUP_MIN_CHANNELS = 8
+
 # Fused activations normalize() splits off into standalone ops of the same name. These are the ones
 # LiteRT's float kernels apply (as an output clamp); they ignore a fused TANH or SIGN_BIT (FULLY_CONNECTED
 # rejects it), so such a model means something LiteRT does not compute and normalize() refuses it.
@@ -41,6 +47,9 @@ def normalize(graph: Graph) -> Graph:
       original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
       TANH / SIGN_BIT, which LiteRT's kernels silently skip);
     - a CONV_2D with as many groups as input channels -> the DEPTHWISE_CONV_2D it is (offloadable);
+    - a CONV_2D of a few groups of at least ``GROUP_MIN_CHANNELS`` input channels each -> a SPLIT of its
+      input, one CONV_2D per group and a CONCATENATION (offloadable; the TEE runs the SPLIT and the
+      CONCATENATION as views of one tensor, no copy);
     - a TRANSPOSE_CONV with constant weights -> the CONV_2D it computes for each phase of its stride, then
       their interleaving and a SLICE (offloadable; ``converters.transpose_conv``);
     - everything else is kept as it is; tensors no longer used are dropped.
@@ -65,8 +74,10 @@ def normalize(graph: Graph) -> Graph:
                 tensors[t] = replace(tensors[t], data=dense, sparsity=None)
         if _depthwise_as_grouped(tensors, op):
             op = _as_depthwise(tensors, op)
-        rewritten = transpose_conv.as_convolutions(tensors, op) if transpose_conv.convertible(tensors, op) \
-            else [op]
+        if transpose_conv.convertible(tensors, op):
+            rewritten = transpose_conv.as_convolutions(tensors, op)
+        else:
+            rewritten = _as_groups(tensors, op) if _groups(tensors, op) > 1 else [op]
         for op in rewritten:
             activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
             if activation is not None and activation not in ACTIVATIONS:
@@ -115,6 +126,56 @@ def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
     options.depthMultiplier = w.shape[0] // channels
     return Op("DEPTHWISE_CONV_2D", (op.inputs[0], len(tensors) - 1, *op.inputs[2:]), op.outputs, options,
               version=2)
+
+
+def _groups(tensors: list[Tensor], op: Op) -> int:
+    """The number of groups of a grouped CONV_2D with constant dense weights whose groups read at least
+    ``GROUP_MIN_CHANNELS`` input channels each; 1 for any other op."""
+    if op.kind != "CONV_2D" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
+        return 1
+    x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
+    bias = tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    if (w.data is None or w.sparsity is not None or len(w.shape) != 4 or len(x.shape) != 4
+            or w.shape[-1] < GROUP_MIN_CHANNELS or x.shape[-1] % w.shape[-1]
+            or (bias is not None and (bias.data is None or bias.shape != (w.shape[0],)))):
+        return 1
+    groups = x.shape[-1] // w.shape[-1]
+    return groups if w.shape[0] % groups == 0 else 1
+
+
+def _as_groups(tensors: list[Tensor], op: Op) -> list[Op]:
+    """What the grouped ``op`` (``_groups``) computes: group ``g`` - filters ``g * N/G ..`` reading input
+    channels ``g * C/G ..`` - as a CONV_2D of its own on a SPLIT of the input, the results concatenated
+    on the channel axis into ``op``'s output. Each filter's products and sums are the grouped conv's."""
+    groups = _groups(tensors, op)
+    x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+    bias = tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+    per_group = w.shape[0] // groups
+
+    def add(name: str, shape: tuple[int, ...], dtype: np.dtype, value: np.ndarray | None = None) -> int:
+        if value is not None:
+            value = np.ascontiguousarray(value)
+            value.flags.writeable = False
+        tensors.append(Tensor(f"{y.name}/group{name}", shape, np.dtype(dtype), value))
+        return len(tensors) - 1
+
+    axis = add("s/axis", (), np.int32, np.array(3, np.int32))
+    parts = tuple(add(f"{g}/input", (*x.shape[:3], w.shape[-1]), x.dtype) for g in range(groups))
+    split_options = schema_fb.SplitOptionsT()
+    split_options.numSplits = groups
+    ops = [Op("SPLIT", (axis, op.inputs[0]), parts, split_options)]
+    results = []
+    for g, part in enumerate(parts):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        weights = add(f"{g}/weights", (per_group, *w.shape[1:]), w.dtype, np.asarray(w.data)[rows])
+        conv_bias = -1 if bias is None else add(f"{g}/bias", (per_group,), bias.dtype,
+                                                np.asarray(bias.data)[rows])
+        results.append(add(f"{g}/output", (*y.shape[:3], per_group), y.dtype))
+        ops.append(Op("CONV_2D", (part, weights, conv_bias), (results[-1],), copy.copy(op.options)))
+    concat_options = schema_fb.ConcatenationOptionsT()
+    concat_options.axis = 3
+    ops.append(Op("CONCATENATION", tuple(results), op.outputs, concat_options))
+    return ops
 
 
 def _compact(graph: Graph) -> Graph:

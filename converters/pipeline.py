@@ -34,7 +34,7 @@ from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
 from converters.graph import Graph, is_offloadable, write_model
 from converters.non_float import CARRIED
-from converters.normalize import normalize
+from converters.normalize import GROUP_MIN_CHANNELS, normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import LINEAR_KINDS, build
@@ -314,7 +314,8 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         why.append(f"scheme {scheme.name} keeps {', '.join(sorted(kept))} in the TEE (--scheme "
                    "groupmix:depthwise=offload offloads depthwise layers)")
     if any(not offloadable for _, offloadable in linear):
-        why.append("grouped convolutions, matrix products and layers of computed weights run in the TEE")
+        why.append(f"grouped convolutions of groups narrower than {GROUP_MIN_CHANNELS} input channels, "
+                   "matrix products and layers of computed weights run in the TEE")
     if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule
         why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "

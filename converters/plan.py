@@ -24,8 +24,8 @@ from converters.plan_tee import TeeProgramBuilder
 from converters.schemes import ActivationStats, Scheme
 from tee_sim.program import PROGRAM_FORMAT
 
-# Ops that multiply by weights: what is not offloaded of these (a grouped convolution, a matrix product, a
-# layer whose weights are computed) runs in the TEE, and the conversion says so.
+# Ops that multiply by weights: what is not offloaded of these (a grouped convolution of narrow groups, a
+# matrix product, a layer whose weights are computed) runs in the TEE, and the conversion says so.
 LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
                           "BATCH_MATMUL"})
 

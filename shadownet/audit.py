@@ -100,8 +100,9 @@ def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[Linea
     half of the offloaded layers and half of the reference's linear layers pair up. Another architecture
     that takes the same inputs gave false pairs and a clean report of a broken scheme (a probe's MiniVGG
     against ResNet-44: "0% recovered", exit 0; a review's ResNet-44 against ResNet-404: 14.6%, where its
-    own reference finds 99.9%). A similar model with another head, or the converted model whose grouped
-    convolutions run in the TEE, pairs up but for a few layers: audited, the rest listed as unmatched."""
+    own reference finds 99.9%). A similar model with another head, or the converted model whose narrow
+    grouped convolutions run in the TEE, pairs up but for a few layers: audited, the rest listed as
+    unmatched."""
     pairs, _, _ = match_layers(reference, obfuscated)
     if 2 * len(pairs) < len(obfuscated) or 2 * len(pairs) < len(reference):
         raise ArtifactError(f"the reference {source} is not the protected model's architecture: "

@@ -135,9 +135,9 @@ def test_a_comparisons_mask_stays_inside_one_litert_run(tf, device, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
-def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
-    """A grouped CONV_2D is not offloaded (the schemes mix whole input channels) but computed in the TEE,
-    as any other op, and the summary says so; it was refused."""
+def test_a_grouped_convolution_of_narrow_groups_runs_in_the_tee(tf, device, tmp_path, scheme):
+    """A grouped CONV_2D whose groups read fewer than 8 input channels each is not offloaded (no scheme
+    mixes so few) but computed in the TEE, as any other op, and the summary says so; it was refused."""
     import keras
     keras.utils.set_random_seed(6)
     x = keras.Input((8, 8, 4), batch_size=1)
@@ -157,6 +157,31 @@ def test_a_grouped_convolution_runs_in_the_tee(tf, device, tmp_path, scheme):
         assert relative_error(run(*xs), litert(model, *xs)) <= TOLERANCES[scheme or "groupmix"]
 
 
+@pytest.mark.parametrize("scheme", [None, "shadownet"])
+def test_a_grouped_convolution_is_offloaded_as_a_convolution_per_group(tf, device, tmp_path, scheme):
+    """A grouped CONV_2D of groups of 8 input channels or more (RegNet's, ResNeXt's) ran in the TEE: it is
+    now a CONV_2D per group on a SPLIT of its input, each offloaded and obfuscated, their results
+    concatenated in the TEE; its weights are nowhere in untrusted.tflite. At batch 2 too, with and without
+    a fused activation; the narrower second layer (6 input channels a group) stays in the TEE."""
+    import keras
+    keras.utils.set_random_seed(13)
+    for batch, activation in ((1, "relu"), (2, None)):
+        x = keras.Input((9, 9, 32), batch_size=batch)
+        h = keras.layers.Conv2D(24, 3, padding="same", groups=4, activation=activation)(x)
+        h = keras.layers.Conv2D(24, 3, strides=2, groups=4)(h)
+        model = tf.lite.TFLiteConverter.from_keras_model(
+            keras.Model(x, keras.layers.Conv2D(4, 1)(h))).convert()
+        out = tmp_path / f"batch{batch}"
+        summary = protect(model, out, device, scheme=scheme)["summary"]
+        assert (summary["offloaded_ops"], summary["tee_linear_ops"]) == (5, 1)
+        graph = read_model(model)
+        (grouped,) = [op for op in graph.ops if graph.tensors[op.inputs[1]].shape[-1] == 8]
+        untrusted = (out / "untrusted.tflite").read_bytes()
+        for f in graph.tensors[grouped.inputs[1]].data:
+            assert f.tobytes() not in untrusted
+        runs_as_litert(device, out, model, np.random.default_rng(batch), 2, TOLERANCES[scheme or "groupmix"])
+
+
 def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, device, tmp_path):
     """Depthwise layers alone (the default keeps them in the TEE) or grouped convolutions alone: nothing to
     offload, and the refusal says which ops and why, not that the model has no linear op (a helper's probe
@@ -168,7 +193,8 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
     grouped = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", groups=2)(x))
     for model, why in ((depthwise, r"\(DEPTHWISE_CONV_2D\) all run in the TEE.*scheme groupmix keeps "
                                    r"DEPTHWISE_CONV_2D in the TEE \(--scheme groupmix:depthwise=offload"),
-                       (grouped, r"\(CONV_2D\) all run in the TEE.*grouped convolutions")):
+                       (grouped, r"\(CONV_2D\) all run in the TEE.*grouped convolutions of groups "
+                                 r"narrower than 8 input channels")):
         data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
         with pytest.raises(UnsupportedOpError, match="nothing to offload: the model's linear ops " + why):
             protect(data, tmp_path / "out", device)

@@ -99,7 +99,7 @@ class RoundsBuilder:
         self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
         self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
         for r, ops in enumerate(self.part.rounds, start=1):
-            obfs, readers = self._obfuscate_round(ops)
+            obfs, readers = self._obfuscate_round(r, ops)
             key_of = {i: key for key, ops_k in readers.items() for i in ops_k}
             pushes: dict[Any, dict[str, Any]] = {}
             restores = []
@@ -168,16 +168,19 @@ class RoundsBuilder:
             self.restores.append(restores)
         self._fuse_residuals()
 
-    def _obfuscate_round(self, ops: Sequence[int]) -> tuple[dict[int, ObfuscatedLinear],
-                                                            dict[Any, list[int]]]:
-        """Each op of a round obfuscated by the scheme, and its pushes: key -> the ops that read it. The
-        readers of one tensor share one push where their input transforms are the same - every reader
+    def _obfuscate_round(self, r: int, ops: Sequence[int]) -> tuple[dict[int, ObfuscatedLinear],
+                                                                    dict[Any, list[int]]]:
+        """Each op of round ``r`` obfuscated by the scheme, and its pushes: key -> the ops that read it.
+        The readers of one tensor share one push where their input transforms are the same - every reader
         the scheme can give the first one's transform (``Scheme.obfuscate``'s ``input_of``) - so that the
         tensor crosses once, under one mask: a block's shortcut and first conv, a transposed conv's phases.
-        """
+        On a round whose pushes may cross as exact splits, readers a split cannot serve (a dense layer on a
+        flattened tensor) get a push of their own, so that the others' can still be split."""
         g = self.g
         obfs: dict[int, ObfuscatedLinear] = {}
-        readers: dict[Any, list[int]] = {}  # (tensor, first reader or None when untransformed) -> readers
+        # (tensor, split class, first reader or None when untransformed) -> readers
+        readers: dict[Any, list[int]] = {}
+        may_split = self._may_split(r)
         for i in ops:
             _check_linear(g, i)
             op = g.ops[i]
@@ -186,16 +189,17 @@ class RoundsBuilder:
             if op.kind == "DEPTHWISE_CONV_2D":
                 mult = weights.shape[-1] // g.tensors[x].shape[-1]
             name = g.describe_op(i)
-            first = next((obfs[k[1]] for k in readers if k[0] == x and k[1] is not None), None)
+            kind = self._splittable(i) if may_split else None
+            first = next((obfs[k[2]] for k in readers if k[:2] == (x, kind) and k[2] is not None), None)
             try:
                 obf = obfs[i] = self.scheme.obfuscate(
                     LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1]), self.rng, first)
             except ValueError as exc:
                 raise UnsupportedOpError(f"{name}: {exc}") from None
-            key = (x, None)
+            key = (x, kind, None)
             if obf.transforms_input():
-                key = next((k for k in readers if k[0] == x and k[1] is not None
-                            and obfs[k[1]].same_input_as(obf)), (x, i))
+                key = next((k for k in readers if k[:2] == (x, kind) and k[2] is not None
+                            and obfs[k[2]].same_input_as(obf)), (x, kind, i))
             readers.setdefault(key, []).append(i)
         return obfs, readers
 
@@ -243,6 +247,18 @@ class RoundsBuilder:
                 rest["activation"] = g.ops[act] if act is not None else None
                 rest["tensor"] = self.result[rest["op"]] = g.ops[act].outputs[0] if act is not None else total
 
+    def _may_split(self, r: int) -> bool:
+        """Whether the scheme's split policy (``_splits``) may split a push of round ``r``."""
+        policy = getattr(self.scheme, "exact_split", "none")
+        return r in self.one_time and (policy == "all" or (r == 1 and policy in ("first", "auto")))
+
+    def _splittable(self, i: int) -> bool:
+        """Whether an exact split of its input can serve op ``i``: a conv, or a dense layer on the input's
+        last axis (one on a flattened NHWC tensor would need its weights reordered)."""
+        op, tensors = self.g.ops[i], self.g.tensors
+        on_last_axis = tensors[op.inputs[1]].shape[-1] == tensors[op.inputs[0]].shape[-1]
+        return op.kind == "CONV_2D" or (op.kind == "FULLY_CONNECTED" and on_last_axis)
+
     def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
         """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
         exact split, by the scheme's policy: every one-time round (``all``), round 1 (``first``), round 1
@@ -263,13 +279,10 @@ class RoundsBuilder:
         """The exact split of a one-time push of ``x`` (``converters.exact_split``) when every op of
         ``ops`` that reads it is a conv or a dense layer on its last axis; else ``None``."""
         g = self.g
-        readers = [g.ops[i] for i in ops if g.ops[i].inputs[0] == x]
-        channels = g.tensors[x].shape[-1]
-        if not readers or any(op.kind not in ("CONV_2D", "FULLY_CONNECTED") for op in readers):
+        ops = [i for i in ops if g.ops[i].inputs[0] == x]
+        if not ops or not all(self._splittable(i) for i in ops):
             return None
-        if any(op.kind == "FULLY_CONNECTED" and g.tensors[op.inputs[1]].shape[-1] != channels
-               for op in readers):
-            return None  # a dense layer on a flattened NHWC tensor: its weights would need reordering
+        readers = [g.ops[i] for i in ops]
         dist = self.scheme.mask_distribution(stats)
         terms = max(exact_split.dot_length(g.tensors[op.inputs[1]].data) for op in readers)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),

@@ -270,6 +270,36 @@ def test_the_readers_of_one_tensor_share_its_push(tf, device, tmp_path, scheme, 
                    TOLERANCES[(scheme or "groupmix").split(":")[0]])
 
 
+def test_a_reader_the_exact_split_cannot_serve_does_not_cost_the_others_theirs(tf, device, tmp_path):
+    """Round 1 under ``exact_split=all``: a conv and a dense layer on the flattened raw input (no RESHAPE
+    between: LiteRT's FULLY_CONNECTED flattens its input) read one tensor. The split cannot serve the dense
+    layer; sharing one push with it cost the conv its split (a review: 5.3e-6 against 3.6e-7), so it gets
+    a push of its own, as before the readers shared pushes."""
+    import flatbuffers
+    import keras
+    from ai_edge_litert import schema_py_generated as fb
+
+    keras.utils.set_random_seed(14)
+    x = keras.Input((6, 6, 12), batch_size=1)
+    outputs = [keras.layers.Conv2D(8, 3)(x), keras.layers.Dense(10)(keras.layers.Flatten()(x))]
+    model = fb.ModelT.InitFromPackedBuf(
+        tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, outputs)).convert(), 0)
+    graph = model.subgraphs[0]
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    (reshape,) = [op for op in graph.operators if codes[op.opcodeIndex] == fb.BuiltinOperator.RESHAPE]
+    for op in graph.operators:
+        op.inputs = [reshape.inputs[0] if t == reshape.outputs[0] else t for t in op.inputs]
+    graph.operators.remove(reshape)
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    data = bytes(builder.Output())
+    protect(data, tmp_path / "out", device, scheme="groupmix:exact_split=all")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    shapes = sorted(b["shape"] for b in manifest["buffers"] if b["name"].startswith("round_1/in/"))
+    assert shapes == [[1, 6, 6, 12], [1, 6, 6, 24]]  # the dense layer's push, the conv's split one
+    runs_as_litert(device, tmp_path / "out", data, np.random.default_rng(4), 2, TOLERANCE)
+
+
 @pytest.mark.parametrize("scheme", ["groupmix:depthwise=offload", "shadownet"])
 @pytest.mark.parametrize("multiplier, strides, dilation", [(1, 1, 1), (2, 2, 1), (3, 1, 2)])
 def test_a_depthwise_convolution_written_as_a_grouped_one_is_offloaded(tf, device, tmp_path, scheme,

@@ -241,12 +241,11 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
     rows = []
     first: dict[str, float] = {}
-    for buffer in sorted(seen, key=lambda b: (round_number(b.split("/")[0]), b)):
-        observed = seen[buffer]
-        r = round_number(buffer.split("/")[0])
+
+    def measure(r: int, buffer: str, observed: np.ndarray, tensor: str | None) -> dict[str, Any]:
         row: dict[str, Any] = {"round": r, "buffer": buffer, "shape": list(observed.shape[1:]),
-                               "tensor": sources.get(buffer)}
-        target = truth.get(row["tensor"]) if row["tensor"] else None
+                               "tensor": tensor}
+        target = truth.get(tensor) if tensor else None
         if target is not None:
             row["single"] = single_leakage(observed, target)
             row["difference"] = difference_leakage(observed, target)
@@ -254,8 +253,8 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
             # Against the user's raw input itself, whatever tensor round 1 carries (zero-padded, as the model
             # pads it, when round 1 reads the padded input: then its reference tensor is that).
             for k, x in enumerate(user):
-                if x.shape != observed.shape and target is not None and target.shape == observed.shape \
-                        and len(user) == 1:
+                if x.shape[:-1] != observed.shape[:-1] and target is not None \
+                        and target.shape[:-1] == observed.shape[:-1] and len(user) == 1:
                     x = target
                 single = single_leakage(observed, x)
                 diff = difference_leakage(observed, x)
@@ -268,7 +267,20 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
                 for key, fig in (("psnr_db", single), ("known_input_psnr_db", known)):
                     if fig.get("psnr_db") is not None:
                         first[key] = max(first.get(key, -math.inf), fig["psnr_db"])
-        rows.append(row)
+        return row
+
+    copies: dict[tuple[int, str], list[str]] = {}
+    for buffer in sorted(seen, key=lambda b: (round_number(b.split("/")[0]), b)):
+        r = round_number(buffer.split("/")[0])
+        rows.append(measure(r, buffer, seen[buffer], sources.get(buffer)))
+        if sources.get(buffer):
+            copies.setdefault((r, sources[buffer]), []).append(buffer)
+    # A tensor that crosses more than once in a round (readers that cannot share one push: SECURITY.md),
+    # each copy transformed and masked independently: fitted from all its copies together too.
+    for (r, tensor), buffers in copies.items():
+        if len(buffers) > 1 and len({seen[b].shape[:-1] for b in buffers}) == 1:
+            joint = np.concatenate([seen[b] for b in buffers], axis=-1)
+            rows.append(measure(r, "+".join(buffers), joint, tensor) | {"copies": len(buffers)})
     singles = [r["single"]["correlation"] for r in rows if r.get("single", {}).get("correlation") is not None]
     diffs = [r["difference"]["correlation"] for r in rows
              if r.get("difference", {}).get("correlation") is not None]

@@ -318,3 +318,33 @@ def test_a_reference_must_pair_up_with_most_layers_on_both_sides() -> None:
                 audit._check_reference_covers(reference, obfuscated, "ref.tflite")
         else:
             audit._check_reference_covers(reference, obfuscated, "ref.tflite")
+
+
+def test_a_tensor_that_crosses_twice_in_a_round_is_fitted_from_both_copies(tmp_path: Path) -> None:
+    """A conv and an offloaded depthwise layer reading the user's input cannot share a push (the depthwise
+    layer's input is not transformed, the conv's is split): the input crosses twice, each copy masked on its
+    own. Besides a row per copy the audit fits it from both together (it fitted one copy at a time), and
+    counts that fit in the first round's figures: still hidden."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(6)
+    x = keras.Input((16, 16, 3), batch_size=1, name="image")
+    y = keras.layers.Concatenate()([keras.layers.Conv2D(8, 3, padding="same")(x),
+                                    keras.layers.DepthwiseConv2D(3, padding="same")(x)])
+    original = tmp_path / "two.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    out = tmp_path / "two.protected"
+    shadownet.convert(str(original), str(out), scheme="groupmix:depthwise=offload,exact_split=first")
+    leak = audit.audit(out, original, inferences=8)["input_leakage"]
+    copies = [r for r in leak["rounds"] if r["round"] == 1 and "copies" not in r]
+    (joint,) = [r for r in leak["rounds"] if r.get("copies")]
+    assert len(copies) == joint["copies"] == 2 and {r["tensor"] for r in copies} == {joint["tensor"]}
+    assert joint["buffer"] == "+".join(r["buffer"] for r in copies) and joint["shape"] == [1, 16, 16, 6]
+    fits = joint["user_input_0"]["single"]
+    assert "regression" in fits  # 6 channels on 256 positions: the fit that combines the copies ran
+    assert leak["first_round"]["correlation"] >= fits["correlation"]
+    assert leak["first_round"]["correlation"] <= 0.1

@@ -16,14 +16,9 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import transpose_conv
 from converters.graph import Graph, Op, Signature, Tensor, fused_activation
+from converters.schemes import GROUP_MIN_CHANNELS
 from converters.tflite_sparsity import densify
 from shadownet.exceptions import UnsupportedOpError
-
-# A grouped CONV_2D whose groups read at least this many input channels each is rewritten as one CONV_2D per
-# group (offloadable); narrower ones stay one grouped CONV_2D, in the TEE: no scheme mixes so few input
-# channels (groupmix mixes from 8), and with the rounds after the first unmasked (the default) an unmixed
-# input gives away the restore of the layer that made it (SECURITY.md, "narrow layers' inputs").
-GROUP_MIN_CHANNELS = 8
 
 # Fused activations normalize() splits off into standalone ops of the same name. These are the ones
 # LiteRT's float kernels apply (as an output clamp); they ignore a fused TANH or SIGN_BIT (FULLY_CONNECTED
@@ -37,7 +32,7 @@ FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
 })
 
 
-def normalize(graph: Graph) -> Graph:
+def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS) -> Graph:
     """Rewrite ``graph`` into the forms ShadowNet handles; returns a new Graph (tensor ids change).
 
     - ``DEQUANTIZE`` of a float16 constant -> a float32 constant (op removed; float16 -> float32 is exact);
@@ -47,9 +42,11 @@ def normalize(graph: Graph) -> Graph:
       original output tensor, so names seen downstream do not change (``UnsupportedOpError`` for a fused
       TANH / SIGN_BIT, which LiteRT's kernels silently skip);
     - a CONV_2D with as many groups as input channels -> the DEPTHWISE_CONV_2D it is (offloadable);
-    - a CONV_2D of a few groups of at least ``GROUP_MIN_CHANNELS`` input channels each -> a SPLIT of its
-      input, one CONV_2D per group and a CONCATENATION (offloadable; the TEE runs the SPLIT and the
-      CONCATENATION as views of one tensor, no copy);
+    - a CONV_2D of groups of at least ``group_min_channels`` input channels each (the scheme's:
+      ``converters.schemes.group_min_channels``; None: none) -> a SPLIT of its input, one CONV_2D per
+      group and a CONCATENATION (offloadable; the TEE runs the SPLIT and the CONCATENATION as views of
+      one tensor where it can: not of a model input or output, nor of a tensor a TEE-side LiteRT step
+      reads);
     - a TRANSPOSE_CONV with constant weights -> the CONV_2D it computes for each phase of its stride, then
       their interleaving and a SLICE (offloadable; ``converters.transpose_conv``);
     - everything else is kept as it is; tensors no longer used are dropped.
@@ -77,7 +74,8 @@ def normalize(graph: Graph) -> Graph:
         if transpose_conv.convertible(tensors, op):
             rewritten = transpose_conv.as_convolutions(tensors, op)
         else:
-            rewritten = _as_groups(tensors, op) if _groups(tensors, op) > 1 else [op]
+            groups = _groups(tensors, op, group_min_channels)
+            rewritten = _as_groups(tensors, op, groups) if groups > 1 else [op]
         for op in rewritten:
             activation = fused_activation(op) if op.kind in FUSED_ACTIVATION_OPS else None
             if activation is not None and activation not in ACTIVATIONS:
@@ -128,26 +126,26 @@ def _as_depthwise(tensors: list[Tensor], op: Op) -> Op:
               version=2)
 
 
-def _groups(tensors: list[Tensor], op: Op) -> int:
+def _groups(tensors: list[Tensor], op: Op, min_channels: int | None) -> int:
     """The number of groups of a grouped CONV_2D with constant dense weights whose groups read at least
-    ``GROUP_MIN_CHANNELS`` input channels each; 1 for any other op."""
-    if op.kind != "CONV_2D" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
+    ``min_channels`` input channels each; 1 for any other op."""
+    if op.kind != "CONV_2D" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0 or min_channels is None:
         return 1
     x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
     bias = tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
     if (w.data is None or w.sparsity is not None or len(w.shape) != 4 or len(x.shape) != 4
-            or w.shape[-1] < GROUP_MIN_CHANNELS or x.shape[-1] % w.shape[-1]
+            or w.shape[-1] < max(2, min_channels) or x.shape[-1] % w.shape[-1]
             or (bias is not None and (bias.data is None or bias.shape != (w.shape[0],)))):
         return 1
     groups = x.shape[-1] // w.shape[-1]
     return groups if w.shape[0] % groups == 0 else 1
 
 
-def _as_groups(tensors: list[Tensor], op: Op) -> list[Op]:
-    """What the grouped ``op`` (``_groups``) computes: group ``g`` - filters ``g * N/G ..`` reading input
-    channels ``g * C/G ..`` - as a CONV_2D of its own on a SPLIT of the input, the results concatenated
-    on the channel axis into ``op``'s output. Each filter's products and sums are the grouped conv's."""
-    groups = _groups(tensors, op)
+def _as_groups(tensors: list[Tensor], op: Op, groups: int) -> list[Op]:
+    """What the grouped ``op`` of ``groups`` groups (``_groups``) computes: group ``g`` - filters
+    ``g * N/G ..`` reading input channels ``g * C/G ..`` - as a CONV_2D of its own on a SPLIT of the input,
+    the results concatenated on the channel axis into ``op``'s output. Each filter's products and sums are
+    the grouped conv's."""
     x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
     bias = tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
     per_group = w.shape[0] // groups

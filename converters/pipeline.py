@@ -34,12 +34,12 @@ from converters import tf_input
 from converters.calibration import activation_stats, calibration_inputs, split_needed
 from converters.graph import Graph, is_offloadable, write_model
 from converters.non_float import CARRIED
-from converters.normalize import GROUP_MIN_CHANNELS, normalize
+from converters.normalize import normalize
 from converters.partition import partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import LINEAR_KINDS, build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
-from converters.schemes import Scheme, get_scheme, kept_in_tee
+from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_tee
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
@@ -93,7 +93,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     samples = calibration_inputs(read, calibration)
     _check_litert_runs(original, read, samples[0] if calibration is not None else None)
     fold_shapes(read, original)
-    graph = normalize(read)
+    graph = normalize(read, group_min_channels(chosen))
     _check_static(graph)
     part = partition(graph, kept_in_tee(chosen))
     if not part.rounds:
@@ -314,8 +314,10 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         why.append(f"scheme {scheme.name} keeps {', '.join(sorted(kept))} in the TEE (--scheme "
                    "groupmix:depthwise=offload offloads depthwise layers)")
     if any(not offloadable for _, offloadable in linear):
-        why.append(f"grouped convolutions of groups narrower than {GROUP_MIN_CHANNELS} input channels, "
-                   "matrix products and layers of computed weights run in the TEE")
+        narrow = group_min_channels(scheme)
+        groups = "grouped convolutions" if narrow is None else \
+            f"grouped convolutions of groups narrower than {narrow} input channels"
+        why.append(f"{groups}, matrix products and layers of computed weights run in the TEE")
     if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule
         why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "

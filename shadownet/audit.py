@@ -186,20 +186,23 @@ def _progress(message: str) -> None:
 
 
 def reference_activations(reference: str | os.PathLike, batches: list[list[np.ndarray]],
-                          names: set[str]) -> dict[str, np.ndarray]:
+                          names: set[str], scheme: Any = None) -> dict[str, np.ndarray]:
     """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked. Run as
-    the converter normalized it (``converters.normalize``, exact), so that the tensors the rewrites make -
-    a transposed convolution's padded input, which its phases' pushes carry - are there too."""
+    the converter normalized it for ``scheme`` (``converters.normalize``, exact; as ``reference_layers``),
+    so that the tensors the rewrites make - a transposed convolution's padded input, which its phases'
+    pushes carry, a grouped convolution's groups' inputs - are there too."""
     from ai_edge_litert.interpreter import Interpreter
 
     from converters.graph import write_model
     from converters.normalize import normalize
+    from converters.schemes import group_min_channels
     from converters.tflite_reader import read_model
 
     with warnings.catch_warnings():
         # LiteRT warns that keeping every tensor is for debugging: here it is the point.
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=write_model(normalize(read_model(reference))),
+        interpreter = Interpreter(model_content=write_model(normalize(read_model(reference),
+                                                                      group_min_channels(scheme))),
                                   experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
@@ -237,7 +240,8 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     seen = join_halves({k: v for k, v in seen.items() if k.startswith("round_") and "/in/" in k},
                        split_names(manifest)[1])
     sources = _round_sources(manifest, pairs)
-    truth = reference_activations(reference, batches, {s for s in sources.values() if s})
+    truth = reference_activations(reference, batches, {s for s in sources.values() if s},
+                                  _manifest_scheme(manifest))
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
     rows = []
     first: dict[str, float] = {}
@@ -250,11 +254,13 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
             row["single"] = single_leakage(observed, target)
             row["difference"] = difference_leakage(observed, target)
         if r == 1:
-            # Against the user's raw input itself, whatever tensor round 1 carries (zero-padded, as the model
-            # pads it, when round 1 reads the padded input: then its reference tensor is that).
+            # Against the user's raw input itself, whatever tensor round 1 carries: its reference tensor when
+            # that is the input zero-padded (as the model pads it) or a group's channels of it (as a grouped
+            # convolution reads it), the shape pushed; the input itself for a tensor's copies side by side.
             for k, x in enumerate(user):
-                if x.shape[:-1] != observed.shape[:-1] and target is not None \
-                        and target.shape[:-1] == observed.shape[:-1] and len(user) == 1:
+                if x.shape != observed.shape and target is not None and len(user) == 1 and (
+                        target.shape == observed.shape or (x.shape[:-1] != observed.shape[:-1]
+                                                           and target.shape[:-1] == observed.shape[:-1])):
                     x = target
                 single = single_leakage(observed, x)
                 diff = difference_leakage(observed, x)
@@ -346,7 +352,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         _progress("reading the untrusted model and the reference")
     split = split_names(manifest)[0]
     obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split)
-    ref = reference_layers(reference, manifest)
+    ref = reference_layers(reference, manifest, _manifest_scheme(manifest))
     report: dict = {
         "artifacts": str(out_dir),
         "reference": str(reference),

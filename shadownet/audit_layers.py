@@ -55,16 +55,20 @@ def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | 
     raise ValueError(f"not a linear op: {kind}")
 
 
-def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None) -> list[LinearLayer]:
-    """The linear layers of the reference model, in execution order. With the protected model's
-    ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference takes the same inputs
-    (shapes and dtypes) - another model's figures would be meaningless, and its inference would fail
-    halfway through."""
+def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None,
+                     scheme: Any = None) -> list[LinearLayer]:
+    """The linear layers of the reference model, in execution order, normalized as the converter did for
+    ``scheme``, the protected model's (its grouped convolutions split by group where it split them:
+    ``converters.schemes.group_min_channels``; None: as for the default).
+    With the protected model's ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference
+    takes the same inputs (shapes and dtypes) - another model's figures would be meaningless, and its
+    inference would fail halfway through."""
     from converters.normalize import normalize
+    from converters.schemes import group_min_channels
     from converters.tflite_reader import read_model
 
     try:
-        graph = normalize(read_model(model))
+        graph = normalize(read_model(model), group_min_channels(scheme))
     except ModelFormatError as exc:
         if isinstance(model, bytes):
             raise

@@ -290,14 +290,15 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from converters.normalize import normalize
     from converters.partition import partition
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
-    from converters.schemes import get_scheme, kept_in_tee
+    from converters.schemes import get_scheme, group_min_channels, kept_in_tee
     from converters.tflite_reader import read_model
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()
-    graph = normalize(read_model(model))
+    chosen = get_scheme(scheme)
+    graph = normalize(read_model(model), group_min_channels(chosen))
     macs = count_macs(graph)
-    part = partition(graph, kept_in_tee(get_scheme(scheme)))
+    part = partition(graph, kept_in_tee(chosen))
     offloaded = part.offloaded
     policy = mask_rounds if mask_rounds is not None else DEFAULT_MASK_ROUNDS
     try:  # rounds this model does not have: this model's error, the others still run

@@ -165,6 +165,21 @@ SCHEMES: dict[str, str] = {  # name -> "module:class", imported when chosen
 DEFAULT_SCHEME = "groupmix"
 
 
+# The fewest input channels each group of a grouped CONV_2D must read for ``converters.normalize`` to offload
+# it as a CONV_2D per group, for a scheme that does not say (its ``group_min_channels``).
+GROUP_MIN_CHANNELS = 8
+
+
+def group_min_channels(scheme: Any) -> int | None:
+    """The fewest input channels each group of a grouped CONV_2D must read for it to be offloaded as a
+    CONV_2D per group (``converters.normalize``): ``scheme``'s ``group_min_channels`` when it has one
+    (groupmix: the fewest it mixes; None: it mixes none, every grouped conv stays in the TEE), else
+    ``GROUP_MIN_CHANNELS``. Narrower groups stay one grouped CONV_2D, in the TEE: their inputs would cross
+    unmixed, and with the rounds after the first unmasked (the default) an unmixed input gives away the
+    restore of the layer that made it (SECURITY.md, "narrow layers' inputs")."""
+    return getattr(scheme, "group_min_channels", GROUP_MIN_CHANNELS)
+
+
 def kept_in_tee(scheme: Any) -> frozenset[str]:
     """The kinds of offloadable op ``scheme`` keeps in the TEE (its optional ``in_tee``: none when absent or
     for no scheme), as ``converters.partition`` takes them."""

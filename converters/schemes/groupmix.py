@@ -126,6 +126,12 @@ class GroupMixScheme:
         # Kinds of offloadable op kept in the TEE (converters.partition).
         self.in_tee = frozenset({"DEPTHWISE_CONV_2D"}) if depthwise == "tee" else frozenset()
 
+    @property
+    def group_min_channels(self) -> int | None:
+        """The fewest input channels it mixes (``_mix_inputs``); None when it mixes none (``input_group``
+        0, or 1: it permutes them): ``converters.schemes.group_min_channels``."""
+        return max(2, self.input_group // 2) if self.input_group >= 2 else None
+
     def public_params(self) -> dict[str, Any]:
         # Sizes and distribution parameters; the secrets are the draws.
         return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
@@ -184,7 +190,7 @@ class GroupMixScheme:
     def input_blocks(self, channels: int) -> list[tuple[int, int]] | None:
         """The ``[a, b)`` blocks of consecutive input channels that a conv layer's input of ``channels`` is
         mixed in (public: the secret is each block's matrix); None where it is not mixed."""
-        if self.input_group < 2 or channels < max(2, self.input_group // 2):
+        if self.group_min_channels is None or channels < self.group_min_channels:
             return None
         return split_groups(channels, self.input_group)
 

@@ -180,6 +180,12 @@ def test_a_grouped_convolution_is_offloaded_as_a_convolution_per_group(tf, devic
         for f in graph.tensors[grouped.inputs[1]].data:
             assert f.tobytes() not in untrusted
         runs_as_litert(device, out, model, np.random.default_rng(batch), 2, TOLERANCES[scheme or "groupmix"])
+    if scheme is None:
+        # The width is the scheme's: groupmix mixes inputs of input_group / 2 channels or more (none at
+        # 0), and a narrower group's input would cross unmixed (a review: 207 restore rows learnt).
+        for narrower, kept in (("input_group=32", 2), ("input_group=0", 2), ("input_group=14", 1)):
+            summary = protect(model, tmp_path / narrower, device, scheme=f"groupmix:{narrower}")["summary"]
+            assert summary["tee_linear_ops"] == kept, narrower
 
 
 def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, device, tmp_path):

@@ -105,9 +105,11 @@ def test_the_accelerator_computes_the_masks_half_exactly(split_cnn):
 
 
 def test_a_split_layer_is_as_precise_as_an_unmasked_one(tmp_path_factory):
-    """Against the plain one-time mask, on the model's first layer: the split removes the mask's cost."""
+    """Against the plain one-time mask, on the model's first layer: the split removes the mask's cost. The
+    masks are the TEE's own draws, not the seed's: over 16 images the plain mask's worst error measured
+    3.5-5x the split's (over 4, 1.8-5.4x: one run of the suite failed)."""
     errors = {}
-    x = images(4, seed=6)
+    x = images(16, seed=6)
     want = [reference(small_cnn(), xi) for xi in x]
     for name, scheme in (("split", SPLIT), ("plain", "groupmix:exact_split=none"),
                          ("unmasked", "groupmix:mask_scale=0")):

@@ -348,3 +348,25 @@ def test_a_tensor_that_crosses_twice_in_a_round_is_fitted_from_both_copies(tmp_p
     assert "regression" in fits  # 6 channels on 256 positions: the fit that combines the copies ran
     assert leak["first_round"]["correlation"] >= fits["correlation"]
     assert leak["first_round"]["correlation"] <= 0.1
+
+
+def test_round_one_leakage_is_measured_on_a_grouped_first_layers_inputs(tmp_path: Path) -> None:
+    """A grouped convolution first: round 1 carries its groups' channels of the user's input, each as a push
+    of its own. Each is compared with its reference tensor, not with the whole input: under the paper's
+    static masks the chosen-input attack recovers it exactly (it went unmeasured, '-')."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(7)
+    x = keras.Input((8, 8, 16), batch_size=1, name="image")
+    y = keras.layers.Conv2D(16, 3, padding="same", groups=2)(x)
+    original = tmp_path / "grouped.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    out = tmp_path / "grouped.protected"
+    shadownet.convert(str(original), str(out), scheme="shadownet")
+    leak = audit.audit(out, original, inferences=4)["input_leakage"]
+    assert [r["shape"] for r in leak["rounds"]] == [[1, 8, 8, 8]] * 2
+    assert leak["first_round"]["known_input_correlation"] > 0.99

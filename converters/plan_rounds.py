@@ -189,17 +189,18 @@ class RoundsBuilder:
             if op.kind == "DEPTHWISE_CONV_2D":
                 mult = weights.shape[-1] // g.tensors[x].shape[-1]
             name = g.describe_op(i)
-            kind = self._splittable(i) if may_split else None
-            first = next((obfs[k[2]] for k in readers if k[:2] == (x, kind) and k[2] is not None), None)
+            split_class = self._splittable(i) if may_split else None
+            first = next((obfs[k[2]] for k in readers if k[:2] == (x, split_class) and k[2] is not None),
+                         None)
             try:
                 obf = obfs[i] = self.scheme.obfuscate(
                     LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1]), self.rng, first)
             except ValueError as exc:
                 raise UnsupportedOpError(f"{name}: {exc}") from None
-            key = (x, kind, None)
+            key = (x, split_class, None)
             if obf.transforms_input():
-                key = next((k for k in readers if k[:2] == (x, kind) and k[2] is not None
-                            and obfs[k[2]].same_input_as(obf)), (x, kind, i))
+                key = next((k for k in readers if k[:2] == (x, split_class) and k[2] is not None
+                            and obfs[k[2]].same_input_as(obf)), (x, split_class, i))
             readers.setdefault(key, []).append(i)
         return obfs, readers
 

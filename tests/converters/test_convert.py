@@ -136,8 +136,9 @@ def test_a_comparisons_mask_stays_inside_one_litert_run(tf, device, tmp_path):
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])
 def test_a_grouped_convolution_of_narrow_groups_runs_in_the_tee(tf, device, tmp_path, scheme):
-    """A grouped CONV_2D whose groups read fewer than 8 input channels each is not offloaded (no scheme
-    mixes so few) but computed in the TEE, as any other op, and the summary says so; it was refused."""
+    """A grouped CONV_2D whose groups read fewer than 8 input channels each is not offloaded (neither
+    scheme, at its defaults, mixes so few) but computed in the TEE, as any other op, and the summary says
+    so; it was refused."""
     import keras
     keras.utils.set_random_seed(6)
     x = keras.Input((8, 8, 4), batch_size=1)

@@ -145,30 +145,52 @@ def activation_stats(graph: Graph, tensors: set[int],
 
 def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int, ActivationStats],
                  scheme: Scheme) -> dict[int, bool]:
-    """For each float model input: whether a one-time mask on it costs the outputs precision enough to
-    need the exact split (``converters.exact_split``). Measured on the calibration samples with LiteRT on
-    the original: the largest relative change of the outputs (max |diff| / max |output|, the fidelity
-    measure) when the input is replaced by ``fl(x + r) - r`` - ``r`` a mask as the scheme draws it, the sum
-    rounded to float32 as the accelerator receives it, the mask taken back exactly - against
+    """For each float model input, and each part of a SPLIT of one on its channel axis (a grouped first
+    layer's groups, which round 1 pushes each on its own): whether a one-time mask on it costs the outputs
+    precision enough to need the exact split (``converters.exact_split``). Measured on the calibration
+    samples with LiteRT on the original: the largest relative change of the outputs (max |diff| / max
+    |output|, the fidelity measure) when the input (the part's channels of it) is replaced by
+    ``fl(x + r) - r`` - ``r`` a mask as the scheme draws it, the sum rounded to float32 as the accelerator
+    receives it, the mask taken back exactly - against
     ``exact_split.NEEDED_ABOVE`` (the protected model's error without the split measured 2-9x this: the
     first layer's float32 sums run at the mask's magnitude too). Empty when the scheme draws no masks (no
     ``mask_distribution``)."""
-    inputs = [t for t in graph.inputs if graph.tensors[t].dtype == np.float32 and t in stats]
-    if not inputs or not hasattr(scheme, "mask_distribution"):
+    # What round 1 pushes of a model input: the input, or each part of a SPLIT of it on the channel axis
+    # (a grouped first layer: converters.normalize), its mask drawn on the part's statistics.
+    # tensor -> (input position, its channels of the input; None: all of it)
+    pushed: dict[int, tuple[int, slice | None]] = {}
+    for k, t in enumerate(graph.inputs):
+        if graph.tensors[t].dtype == np.float32 and t in stats:
+            pushed[t] = (k, None)
+    for op in graph.ops:
+        source = op.inputs[1] if op.kind == "SPLIT" and len(op.inputs) == 2 else None
+        axis = graph.tensors[op.inputs[0]].data if source in pushed else None
+        rank = len(graph.tensors[source].shape) if source in pushed else 0
+        if axis is not None and axis.size == 1 and rank and int(axis.reshape(-1)[0]) % rank == rank - 1:
+            start = 0
+            for part in op.outputs:
+                width = graph.tensors[part].shape[-1]
+                if part in stats:
+                    pushed[part] = (pushed[source][0], slice(start, start + width))
+                start += width
+    if not pushed or not hasattr(scheme, "mask_distribution"):
         return {}
     run = _runner(graph)
     rng = np.random.default_rng(1)  # not a secret: masks like the scheme's, for an estimate
-    cost = dict.fromkeys(inputs, 0.0)
+    cost = dict.fromkeys(pushed, 0.0)
     for sample in samples:
         want = run(sample)
-        for k, t in enumerate(graph.inputs):
-            if t in cost:
-                dist = scheme.mask_distribution(stats[t])
-                r = (rng.standard_normal(sample[k].shape) * dist.std + dist.mean).astype(np.float32)
-                r = r.reshape(sample[k].shape)  # (a scalar input's per-channel mean has one element)
-                rounded = (sample[k] + r).astype(np.float64) - r.astype(np.float64)  # fl(x + r) - r
-                got = run([*sample[:k], rounded.astype(np.float32), *sample[k + 1:]])
-                cost[t] = max(cost[t], relative_error(got, want))
+        for t, (k, channels) in pushed.items():
+            x = sample[k] if channels is None else sample[k][..., channels]
+            dist = scheme.mask_distribution(stats[t])
+            r = (rng.standard_normal(x.shape) * dist.std + dist.mean).astype(np.float32)
+            r = r.reshape(x.shape)  # (a scalar input's per-channel mean has one element)
+            rounded = ((x + r).astype(np.float64) - r.astype(np.float64)).astype(np.float32)  # fl(x + r) - r
+            if channels is not None:
+                rounded, part = np.array(sample[k], np.float32), rounded
+                rounded[..., channels] = part
+            got = run([*sample[:k], rounded, *sample[k + 1:]])
+            cost[t] = max(cost[t], relative_error(got, want))
     return {t: c > exact_split.NEEDED_ABOVE for t, c in cost.items()}
 
 

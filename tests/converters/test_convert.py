@@ -189,6 +189,32 @@ def test_a_grouped_convolution_is_offloaded_as_a_convolution_per_group(tf, devic
             assert summary["tee_linear_ops"] == kept, narrower
 
 
+def test_a_grouped_first_layers_groups_are_split_only_where_calibration_says_so(tf, device, tmp_path):
+    """A grouped first layer: round 1 pushes each group's channels of the user's input on its own. The
+    default's exact split (3x those layers' multiply-adds) is taken where calibration measured that the
+    mask's rounding costs precision; it measured model inputs only, so the groups' pushes were always
+    split (a review). Each group's part is now measured as the input is: here the split is not needed."""
+    import keras
+
+    from converters.calibration import activation_stats, split_needed
+
+    keras.utils.set_random_seed(3)
+    x = keras.Input((16, 16, 16), batch_size=1)
+    h = keras.layers.Conv2D(16, 3, padding="same", groups=2, activation="relu")(x)
+    model = tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, keras.layers.Conv2D(8, 1)(h))).convert()
+    graph = normalize(read_model(model))
+    (split,) = [op for op in graph.ops if op.kind == "SPLIT"]
+    samples = [inputs_for(model, np.random.default_rng(k)) for k in range(4)]
+    stats = activation_stats(graph, {*split.outputs, *graph.inputs}, samples)
+    verdicts = split_needed(graph, samples, stats, get_scheme(None))
+    assert set(split.outputs) <= set(verdicts) and not any(verdicts[t] for t in split.outputs)
+    protect(model, tmp_path / "out", device)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    shapes = [b["shape"] for b in manifest["buffers"] if b["name"].startswith("round_1/in/")]
+    assert shapes == [[1, 16, 16, 8]] * 2  # unsplit (a split push carries twice the channels)
+    runs_as_litert(device, tmp_path / "out", model, np.random.default_rng(5), 3, TOLERANCE)
+
+
 def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, device, tmp_path):
     """Depthwise layers alone (the default keeps them in the TEE) or grouped convolutions alone: nothing to
     offload, and the refusal says which ops and why, not that the model has no linear op (a helper's probe

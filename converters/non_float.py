@@ -56,8 +56,7 @@ def carry_across_steps(g: Graph, steps: list[list[int]]) -> tuple[Graph, list[li
     for t in list(g.inputs):
         if g.tensors[t].dtype != np.float32:
             _check_carried(g.tensors[t], "is a model input")
-            carrier = g.add_tensor(f"{g.tensors[t].name}/as_float32",
-                                   tee_shape(g.tensors[t].shape, g.tensors[t].dtype), np.float32)
+            carrier = _carrier(g, t)
             decode_later(t, carrier, -1)
             wire(t, carrier)
     for k in range(len(steps)):
@@ -89,10 +88,15 @@ def tee_shape(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     return (*shape, 2) if np.dtype(dtype).itemsize == 8 else tuple(shape)
 
 
-def _encode(g: Graph, t: int) -> int:
+def _carrier(g: Graph, t: int) -> int:
+    """A float32 tensor that carries tensor ``t``."""
     tensor = g.tensors[t]
-    carrier = g.add_tensor(f"{tensor.name}/as_float32", tee_shape(tensor.shape, tensor.dtype), np.float32)
-    g.add_op(_op(tensor.dtype), [t], [carrier])
+    return g.add_tensor(f"{tensor.name}/as_float32", tee_shape(tensor.shape, tensor.dtype), np.float32)
+
+
+def _encode(g: Graph, t: int) -> int:
+    carrier = _carrier(g, t)
+    g.add_op(_op(g.tensors[t].dtype), [t], [carrier])
     return carrier
 
 

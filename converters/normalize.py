@@ -149,13 +149,10 @@ def _as_groups(tensors: list[Tensor], op: Op, groups: int) -> list[Op]:
     x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
     bias = tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
     per_group = w.shape[0] // groups
+    added = Graph(tensors)  # appends to ``tensors``
 
     def add(name: str, shape: tuple[int, ...], dtype: np.dtype, value: np.ndarray | None = None) -> int:
-        if value is not None:
-            value = np.ascontiguousarray(value)
-            value.flags.writeable = False
-        tensors.append(Tensor(f"{y.name}/group{name}", shape, np.dtype(dtype), value))
-        return len(tensors) - 1
+        return added.add_tensor(f"{y.name}/group{name}", shape, dtype, value)
 
     axis = add("s/axis", (), np.int32, np.array(3, np.int32))
     parts = tuple(add(f"{g}/input", (*x.shape[:3], w.shape[-1]), x.dtype) for g in range(groups))

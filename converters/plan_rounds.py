@@ -190,8 +190,8 @@ class RoundsBuilder:
                 mult = weights.shape[-1] // g.tensors[x].shape[-1]
             name = g.describe_op(i)
             split_class = self._splittable(i) if may_split else None
-            first = next((obfs[k[2]] for k in readers if k[:2] == (x, split_class) and k[2] is not None),
-                         None)
+            mixed = [k for k in readers if k[:2] == (x, split_class) and k[2] is not None]  # x's, transformed
+            first = obfs[mixed[0][2]] if mixed else None
             try:
                 obf = obfs[i] = self.scheme.obfuscate(
                     LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1]), self.rng, first)
@@ -199,8 +199,7 @@ class RoundsBuilder:
                 raise UnsupportedOpError(f"{name}: {exc}") from None
             key = (x, split_class, None)
             if obf.transforms_input():
-                key = next((k for k in readers if k[:2] == (x, split_class) and k[2] is not None
-                            and obfs[k[2]].same_input_as(obf)), (x, split_class, i))
+                key = next((k for k in mixed if obfs[k[2]].same_input_as(obf)), (x, split_class, i))
             readers.setdefault(key, []).append(i)
         return obfs, readers
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters.graph import Op, Tensor
+from converters.graph import Graph, Op, Tensor
 
 # The fused activations a phase's CONV_2D takes over (converters.normalize splits them off as ops).
 _CLAMPS = {schema_fb.ActivationFunctionType.NONE: (-np.inf, np.inf),
@@ -64,15 +64,13 @@ def as_convolutions(tensors: list[Tensor], op: Op) -> list[Op]:
         else np.zeros(filters, np.float32)
     clamp = getattr(options, "fusedActivationFunction", 0)
 
+    added = Graph(tensors)  # appends to ``tensors``
+
     def constant(name: str, value: np.ndarray) -> int:
-        value = np.ascontiguousarray(value)
-        value.flags.writeable = False
-        tensors.append(Tensor(f"{y.name}/as_conv/{name}", value.shape, value.dtype, value))
-        return len(tensors) - 1
+        return added.add_tensor(f"{y.name}/as_conv/{name}", value.shape, value.dtype, value)
 
     def made(name: str, shape: tuple[int, ...]) -> int:
-        tensors.append(Tensor(f"{y.name}/as_conv/{name}", shape, np.dtype(np.float32)))
-        return len(tensors) - 1
+        return added.add_tensor(f"{y.name}/as_conv/{name}", shape, np.float32)
 
     def ints(*values: int) -> np.ndarray:
         return np.array(values, np.int32)

@@ -43,7 +43,7 @@ from shadownet.boundary import (
 from shadownet.crossing_fits import restore_positions
 from shadownet.exceptions import ArtifactError, ShadowNetError
 from shadownet.files import check_destination
-from shadownet.input_leakage import difference_leakage, known_input_leakage, single_leakage
+from shadownet.input_leakage import difference_leakage, known_input_leakage, pooled_leakage, single_leakage
 
 MANIFEST = "manifest.json"
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
@@ -253,6 +253,7 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
         if target is not None:
             row["single"] = single_leakage(observed, target)
             row["difference"] = difference_leakage(observed, target)
+            row["pooled"] = pooled_leakage(observed, target)
         if r == 1:
             # Against the user's raw input itself, whatever tensor round 1 carries: its reference tensor when
             # that is the input zero-padded (as the model pads it) or a group's channels of it (as a grouped
@@ -264,10 +265,12 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
                     x = target
                 single = single_leakage(observed, x)
                 diff = difference_leakage(observed, x)
+                pooled = pooled_leakage(observed, x)
                 known = known_input_leakage(observed, x)
-                row[f"user_input_{k}"] = {"single": single, "difference": diff, "known_input": known}
+                row[f"user_input_{k}"] = {"single": single, "difference": diff, "pooled": pooled,
+                                          "known_input": known}
                 for key, fig in (("correlation", single), ("difference_correlation", diff),
-                                 ("known_input_correlation", known)):
+                                 ("pooled_correlation", pooled), ("known_input_correlation", known)):
                     if fig.get("correlation") is not None:
                         first[key] = max(first.get(key, 0.0), fig["correlation"])
                 for key, fig in (("psnr_db", single), ("known_input_psnr_db", known)):
@@ -290,11 +293,13 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     singles = [r["single"]["correlation"] for r in rows if r.get("single", {}).get("correlation") is not None]
     diffs = [r["difference"]["correlation"] for r in rows
              if r.get("difference", {}).get("correlation") is not None]
+    pooled = [r["pooled"]["correlation"] for r in rows if r.get("pooled", {}).get("correlation") is not None]
     return {
         "inferences": inferences,
         "first_round": first,
         "max_round_correlation": max(singles) if singles else None,
         "max_round_difference_correlation": max(diffs) if diffs else None,
+        "max_round_pooled_correlation": max(pooled) if pooled else None,
         "rounds": rows,
     }
 

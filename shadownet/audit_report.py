@@ -86,16 +86,18 @@ def format_report(report: dict) -> str:
                      "(|correlation| after the best affine fit)")
         lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
                      f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
-                     f"{_fmt(first.get('difference_correlation'))}; after one chosen input: "
+                     f"{_fmt(first.get('difference_correlation'))}; fitted across inferences: "
+                     f"{_fmt(first.get('pooled_correlation'))}; after one chosen input: "
                      f"{_fmt(first.get('known_input_correlation'))} "
                      f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
-        lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7}")
+        lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7} {'pooled':>7}")
         for row in leak["rounds"]:
             tensor = row["tensor"] or "?"
             tensor = tensor if len(tensor) <= 40 else "..." + tensor[-37:]
             lines.append(f"  {row['buffer']:<28} {tensor:<40} "
                          f"{_fmt(row.get('single', {}).get('correlation')):>7} "
-                         f"{_fmt(row.get('difference', {}).get('correlation')):>7}")
+                         f"{_fmt(row.get('difference', {}).get('correlation')):>7} "
+                         f"{_fmt(row.get('pooled', {}).get('correlation')):>7}")
     return "\n".join(lines)
 
 

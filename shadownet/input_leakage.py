@@ -1,7 +1,8 @@
 """The attacks on what the accelerator receives, in plain numpy: how much of the tensor it should not learn
 (the user's input, or the true activation at that point of the network) an attacker recovers from it after
-the best affine fit, within one inference, across two (a reused mask cancels in their difference) and
-from an input it chose (a static mask is learned once). The attacks on weights are in
+the best affine fit, within one inference, across two (a reused mask cancels in their difference), fitted
+on some inferences and applied to others (a fixed mixing is learned once) and from an input it chose (a
+static mask is learned once). The attacks on weights are in
 ``shadownet.attacks``.
 """
 
@@ -133,6 +134,54 @@ def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
     pred = design[_TEST] @ coef
     scores = [_pearson(pred[:, c], yt[_TEST][:, c], signed=True) for c in range(yt.shape[1])]
     return float(np.mean(scores))
+
+
+# The pooled fit: at least this many positions per unknown in its half (fewer: not fitted), at most
+# POOLED_MAX in the fit (the rest add nothing to a fit this well determined, and cost seconds at 1,024
+# channels) and POOLED_TEST_MAX scored.
+POOLED_MIN, POOLED_MAX, POOLED_TEST_MAX = 4, 16, 50_000
+
+
+def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """The regression across inferences: each true channel regressed on all observed channels at the same
+    position, fitted on the positions of every other inference of the stacks (``(K, ...)``) and scored on
+    the inferences it never saw (Pearson correlation with the sign the fit chose, averaged over the true
+    channels that vary there: a ReLU that never fires has nothing to leak), as an attacker learns a fixed
+    input mixing from inputs of its own whose features it computes with the public weights and applies it
+    to the user's. Within one inference (:func:`single_leakage`) a layer with many channels and few
+    positions (ResNet-44's 16x16x32 rounds) leaves the regression too few samples to run at all; pooled,
+    the mixing of an unmasked round is undone (1.000), while a fresh mask per inference is noise it cannot
+    learn. Needs ``POOLED_MIN`` fit positions per unknown (channels + 1); ``{}`` otherwise."""
+    obs, tru = np.asarray(observed), np.asarray(truth)
+    co, ct = obs.shape[-1], tru.shape[-1]
+    unknowns = co + 1
+    if len(obs) < 2 or obs.shape[:-1] != tru.shape[:-1]:
+        return {}
+    rng = np.random.default_rng(0)
+
+    def positions(k: slice, most: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inferences ``k``'s positions, at most ``most`` of them drawn at random, in float64."""
+        x, y = obs[k].reshape(-1, co), tru[k].reshape(-1, ct)
+        if len(x) > most:
+            chosen = np.sort(rng.choice(len(x), most, replace=False))
+            x, y = x[chosen], y[chosen]
+        return x.astype(np.float64), y.astype(np.float64)
+
+    if len(obs[0::2].reshape(-1, co)) < POOLED_MIN * unknowns:
+        return {}
+    xf, yf = positions(slice(0, None, 2), POOLED_MAX * unknowns)
+    xt, yt = positions(slice(1, None, 2), POOLED_TEST_MAX)
+    coef, *_ = np.linalg.lstsq(np.hstack([xf, np.ones((len(xf), 1))]), yf, rcond=None)
+    predicted = xt @ coef[:-1] + coef[-1]
+    predicted -= predicted.mean(axis=0)
+    yt = yt - yt.mean(axis=0)
+    den = np.sqrt(np.einsum("pc,pc->c", predicted, predicted) * np.einsum("pc,pc->c", yt, yt))
+    varies = np.einsum("pc,pc->c", yt, yt) > 0
+    if not varies.any():
+        return {}
+    scores = np.divide(np.einsum("pc,pc->c", predicted, yt), den, out=np.zeros(ct), where=den > 0)[varies]
+    return {"regression": float(scores.mean()), "correlation": float(scores.mean()),
+            "positions": len(xf)}
 
 
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:

@@ -77,3 +77,24 @@ def test_leakage_estimate_on_a_small_tensor_is_not_its_noise_floor() -> None:
     # ...and a leak the size of the target is still seen as one.
     leaky = x + 2 * x.std() * rng.standard_normal(x.shape)
     assert input_leakage.single_leakage(leaky, x)["correlation"] == pytest.approx(1 / np.sqrt(5), abs=0.03)
+
+
+def test_a_fixed_mixing_is_learnt_across_inferences_where_one_inference_is_too_small() -> None:
+    # 8x8 positions of 32 mixed channels: one inference has too few positions for the regression (the
+    # single figure is a per-channel fit's, about 1/sqrt(32) of the mixing); fitted on eight inferences and
+    # applied to eight others it undoes the mixing exactly.
+    rng = np.random.default_rng(17)
+    x = rng.uniform(0, 1, (16, 8, 8, 32))
+    mixed = x @ np.linalg.qr(rng.standard_normal((32, 32)))[0] + 3.0
+    assert input_leakage.single_leakage(mixed, x).get("regression") is None
+    assert input_leakage.single_leakage(mixed, x)["correlation"] < 0.6
+    pooled = input_leakage.pooled_leakage(mixed, x)
+    assert pooled["correlation"] == pytest.approx(1.0)
+    # A fresh mask per inference, ten times the spread: what a fit learns on some inferences does not
+    # carry to others (about 1/sqrt(101) at best, the mask's share).
+    masked = mixed + 10 * x.std() * rng.standard_normal(x.shape)
+    assert input_leakage.pooled_leakage(masked, x)["correlation"] < 0.15
+    # Unrelated channels: nothing.
+    assert abs(input_leakage.pooled_leakage(rng.standard_normal(x.shape), x)["correlation"]) < 0.05
+    # Too few positions per unknown in the fitting half (one inference of 64 positions, 33 unknowns).
+    assert input_leakage.pooled_leakage(mixed[:2], x[:2]) == {}

@@ -25,9 +25,10 @@ from converters.schemes import ActivationStats, Scheme
 from tee_sim.program import PROGRAM_FORMAT
 
 # Ops that multiply by weights: what is not offloaded of these (a grouped convolution of narrow groups, a
-# matrix product, a layer whose weights are computed) runs in the TEE, and the conversion says so.
+# matrix product, a 3-D convolution, a layer whose weights are computed) runs in the TEE, and the
+# conversion says so.
 LINEAR_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
-                          "BATCH_MATMUL"})
+                          "BATCH_MATMUL", "CONV_3D", "CONV_3D_TRANSPOSE"})
 
 
 @dataclass

@@ -216,9 +216,9 @@ def test_a_grouped_first_layers_groups_are_split_only_where_calibration_says_so(
 
 
 def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, device, tmp_path):
-    """Depthwise layers alone (the default keeps them in the TEE) or grouped convolutions alone: nothing to
-    offload, and the refusal says which ops and why, not that the model has no linear op (a helper's probe
-    found it did); the depthwise model converts with the scheme option the message names."""
+    """Depthwise layers alone (the default keeps them in the TEE), grouped or 3-D convolutions alone:
+    nothing to offload, and the refusal says which ops and why, not that the model has no linear op (helpers'
+    probes found it did); the depthwise model converts with the scheme option the message names."""
     import keras
 
     x = keras.Input((8, 8, 4), batch_size=1)
@@ -234,6 +234,20 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
         assert not (tmp_path / "out").exists()
     data = tf.lite.TFLiteConverter.from_keras_model(depthwise).convert()
     assert len(protect(data, tmp_path / "out", device, scheme="groupmix:depthwise=offload")["rounds"]) == 1
+    # A 3-D convolution runs in the TEE, weights and all: alone it is refused saying so (it was "no linear
+    # op: nothing to protect"), beside a dense layer the conversion counts it among the TEE's linear ops.
+    v = keras.Input((4, 6, 6, 3), batch_size=1)
+    conv3d = keras.layers.Conv3D(4, 3, activation="relu")(v)
+    data = tf.lite.TFLiteConverter.from_keras_model(keras.Model(v, conv3d)).convert()
+    with pytest.raises(UnsupportedOpError, match=r"nothing to offload: the model's linear ops "
+                                                 r"\(CONV_3D\) all run in the TEE.*3-D convolutions"):
+        protect(data, tmp_path / "out3d", device)
+    head = keras.layers.Dense(5)(keras.layers.Flatten()(conv3d))
+    data = tf.lite.TFLiteConverter.from_keras_model(keras.Model(v, head)).convert()
+    summary = protect(data, tmp_path / "out3d", device)["summary"]
+    assert summary["offloaded_ops"] == summary["tee_linear_ops"] == 1
+    assert summary["tee_linear_kinds"] == ["CONV_3D"]
+    runs_as_litert(device, tmp_path / "out3d", data, np.random.default_rng(6), 2, TOLERANCE)
 
 
 @pytest.mark.parametrize("scheme", [None, "shadownet"])

@@ -139,6 +139,12 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
         if kind in _CALLS_SUBGRAPHS:
             raise UnsupportedOpError(
                 f"op {i} {kind} calls other subgraphs; ShadowNet does not follow calls (output {out_name})")
+        state = [t for t in inputs if t >= 0 and sub.tensors[t].isVariable]
+        if state:  # e.g. the fused UNIDIRECTIONAL_SEQUENCE_LSTM, whose state LiteRT keeps between calls
+            raise UnsupportedOpError(
+                f"op {i} {kind} keeps state between inferences in variable tensor {state[0]} "
+                f"{tensors[state[0]].name!r}, which ShadowNet does not carry from one inference to the next "
+                f"(output {out_name})")
         custom_options = None
         if o.largeCustomOptionsOffset > 1:
             start, size = o.largeCustomOptionsOffset, o.largeCustomOptionsSize
@@ -152,7 +158,7 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
 
     graph = Graph(tensors, ops, list(ids(sub.inputs, "subgraph input")),
                   list(ids(sub.outputs, "subgraph output")))
-    _check_dataflow(graph, {i for i, t in enumerate(sub.tensors or []) if t.isVariable})
+    _check_dataflow(graph)
     if sig is not None:
         names_in = {_text(m.name): int(m.tensorIndex) for m in sig.inputs or []}
         names_out = {_text(m.name): int(m.tensorIndex) for m in sig.outputs or []}
@@ -161,10 +167,11 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
     return graph
 
 
-def _check_dataflow(graph: Graph, variables: set[int]) -> None:
-    """Every tensor an op reads is a model input, a constant, a variable or written by an earlier op, and
-    every model output is written: otherwise the file is damaged (LiteRT would read memory nobody wrote)."""
-    ready = set(graph.inputs) | variables | {i for i, t in enumerate(graph.tensors) if t.data is not None}
+def _check_dataflow(graph: Graph) -> None:
+    """Every tensor an op reads is a model input, a constant or written by an earlier op (a variable has
+    been refused), and every model output is written: otherwise the file is damaged (LiteRT would read
+    memory nobody wrote)."""
+    ready = set(graph.inputs) | {i for i, t in enumerate(graph.tensors) if t.data is not None}
     for i, op in enumerate(graph.ops):
         for t in op.inputs:
             if t >= 0 and t not in ready:

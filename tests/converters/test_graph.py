@@ -286,6 +286,24 @@ def test_unknown_custom_op_names_op_and_output():
         read_model(_with_custom_op("FlexAddV2"))
 
 
+def test_an_op_that_keeps_state_in_a_variable_tensor_is_refused_naming_it():
+    """TensorFlow's fused UNIDIRECTIONAL_SEQUENCE_LSTM keeps its state in variable tensors, which LiteRT
+    carries from one call to the next: refused as such, not as a damaged file (a helper's probe: 'reads
+    tensor 2, which is neither an input nor written before', from the writer's own check)."""
+    graph = Graph()
+    x = graph.add_tensor("x", (1, 2), np.float32)
+    state = graph.add_tensor("state", (1, 2), np.float32)
+    y = graph.add_tensor("y", (1, 2), np.float32)
+    graph.add_op("ADD", [x, state], [y])
+    graph.inputs, graph.outputs = [x, state], [y]
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(write_model(graph)))
+    model.subgraphs[0].inputs = [x]
+    model.subgraphs[0].tensors[state].isVariable = True
+    with pytest.raises(UnsupportedOpError, match=r"op 0 ADD keeps state between inferences in variable "
+                                                 r"tensor 1 'state'.*\(output 'y'\)"):
+        read_model(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
 def test_custom_op_litert_resolves_is_kept():
     graph = read_model(_with_custom_op("TFLite_Detection_PostProcess"))
     op = graph.ops[1]

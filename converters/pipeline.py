@@ -79,7 +79,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
     """
     out = Path(out_dir)
-    _check_output(out, force)
+    _check_output(out, force, [p for p in (model, calibration, device) if isinstance(p, str | os.PathLike)])
     if device_key is not None:
         fingerprint_of(device_key)
         if device is None or hasattr(device, "open_session"):
@@ -404,7 +404,10 @@ def _io_description(original: bytes) -> dict[str, Any]:
 
 # -- output ------------------------------------------------------------------------------------------------
 
-def _check_output(out: Path, force: bool) -> None:
+def _check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse an output directory the conversion cannot write, or may not replace: the current directory
+    or one above it, a file, a non-empty directory without ``force``, or one that holds a file or directory
+    in ``reads`` (the model, calibration and device files given by path), which replacing it would delete."""
     out = Path(os.path.realpath(out))
     try:
         here = Path(os.path.realpath(os.getcwd()))
@@ -413,6 +416,11 @@ def _check_output(out: Path, force: bool) -> None:
     if here is not None and (out == here or out in here.parents):
         raise ArtifactError(f"output directory {out} is the current directory or holds it: the conversion "
                             "renames its directory into place, so give the name of another directory")
+    for path in reads:
+        real = Path(os.path.realpath(path))
+        if real == out or out in real.parents:
+            raise ArtifactError(f"output directory {out} holds {path}, which the conversion reads: replacing "
+                                "the directory would delete it, so give the name of another directory")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -431,7 +439,10 @@ def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(parent, out.name)
     stem = f".{out.name}.{os.getpid()}."
-    tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
+    except OSError as exc:  # the output's name, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
     old: Path | None = None
     try:
         for name in sorted(files, key=lambda n: n == MANIFEST):

@@ -382,6 +382,29 @@ def test_convert_refuses_the_current_directory_and_its_parents(small, tmp_path, 
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+def test_convert_refuses_to_replace_a_directory_that_holds_what_it_reads(small, tmp_path):
+    """``convert work/model.tflite -o work --force`` replaced ``work`` and deleted the model it had just
+    converted (a helper's walkthrough); so would a calibration file or a SavedModel given as the output.
+    Refused, before any work; and a directory the output cannot be made in is named as the output, not
+    as the temporary directory beside it."""
+    from converters import pipeline
+
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "model.tflite"
+    model.write_bytes(small.original)
+    calibration = work / "calibration.npy"
+    calibration.write_bytes(b"read by the conversion")
+    for out, kw in ((work, {}), (tmp_path, {}), (work, {"calibration": calibration})):
+        with pytest.raises(ArtifactError, match=r"holds .*, which the conversion reads"):
+            pipeline.convert(model if not kw else small.original, out, seed=SEED, force=True, **kw)
+    assert sorted(p.name for p in work.iterdir()) == ["calibration.npy", "model.tflite"]
+    if os.path.isdir("/proc/self"):  # /proc takes no new entry
+        with pytest.raises(OSError) as caught:
+            pipeline.convert(small.original, "/proc/shadownet-out", seed=SEED)
+        assert caught.value.filename == "/proc/shadownet-out"
+
+
 def test_convert_through_a_symlink_writes_where_it_points(small, tmp_path):
     """Beside the target, so the rename stays on its file system (a link into /dev/shm failed with EXDEV,
     naming the temporary directory); the link stays a link."""

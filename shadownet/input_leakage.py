@@ -43,7 +43,7 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
     ``observed`` and ``truth`` are channels-last tensors with the same number of positions (C may
     differ); every position is one sample. Three fits, the largest correlation reported as
     ``correlation``:
-    - ``overall``: one scalar ``a * observed + b`` (needs equal shapes);
+    - ``overall``: one scalar ``a * observed + b`` (needs equal shapes and >= 16 values);
     - ``per_channel``: each true channel against its best-correlated observed channel (undoes a
       channel permutation and per-channel scaling), averaged over true channels;
     - ``regression``: each true channel regressed on all observed channels at the same position
@@ -60,8 +60,9 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
         x = obs.reshape(-1)
         y = tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
-        out["overall"] = math.copysign(1.0, _pearson(x[_FIT], y[_FIT], signed=True)) \
-            * _pearson(x[_TEST], y[_TEST], signed=True) if len(x) >= 16 else _pearson(x, y)
+        if len(x) >= 16:  # fewer: any fit's |r| is mostly chance (0.3-0.5 on 8); pooled_leakage fits them
+            out["overall"] = math.copysign(1.0, _pearson(x[_FIT], y[_FIT], signed=True)) \
+                * _pearson(x[_TEST], y[_TEST], signed=True)
         out["psnr_db"] = _psnr(y, a * x + b)
     co = obs.shape[-1]
     ct = tru.shape[-1]
@@ -143,45 +144,58 @@ POOLED_MIN, POOLED_MAX, POOLED_TEST_MAX = 4, 16, 50_000
 
 
 def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
-    """The regression across inferences: each true channel regressed on all observed channels at the same
-    position, fitted on the positions of every other inference of the stacks (``(K, ...)``) and scored on
-    the inferences it never saw (Pearson correlation with the sign the fit chose, averaged over the true
-    channels that vary there: a ReLU that never fires has nothing to leak), as an attacker learns a fixed
-    input mixing from inputs of its own whose features it computes with the public weights and applies it
-    to the user's. Within one inference (:func:`single_leakage`) a layer with many channels and few
-    positions (ResNet-44's 16x16x32 rounds) leaves the regression too few samples to run at all; pooled,
-    the mixing of an unmasked round is undone (1.000), while a fresh mask per inference is noise it cannot
-    learn. Needs ``POOLED_MIN`` fit positions per unknown (channels + 1); ``{}`` otherwise."""
+    """The fits across inferences: fitted on the positions of every other inference of the stacks
+    (``(K, ...)``) and scored on the inferences they never saw (Pearson correlation with the sign the fit
+    chose), as an attacker learns a fixed transform from inputs of its own whose features it computes with
+    the public weights and applies it to the user's:
+    - ``regression``: each true channel regressed on all observed channels at the same position, averaged
+      over the true channels that vary where it is scored (a ReLU that never fires has nothing to leak);
+      needs ``POOLED_MIN`` fit positions per unknown (channels + 1);
+    - ``overall``: one scalar ``a * observed + b`` (equal shapes; 8 fitted values at least), which a tensor
+      too small for any fit within one inference (a recurrent step's 8 values) still gets.
+    Within one inference (:func:`single_leakage`) a layer with many channels and few positions (ResNet-44's
+    16x16x32 rounds) leaves the regression too few samples to run at all; pooled, the mixing of an unmasked
+    round is undone (1.000), while a fresh mask per inference is noise it cannot learn. ``{}`` when neither
+    fit has the samples."""
     obs, tru = np.asarray(observed), np.asarray(truth)
-    co, ct = obs.shape[-1], tru.shape[-1]
-    unknowns = co + 1
     if len(obs) < 2 or obs.shape[:-1] != tru.shape[:-1]:
         return {}
+    co, ct = obs.shape[-1], tru.shape[-1]
     rng = np.random.default_rng(0)
 
-    def positions(k: slice, most: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inferences ``k``'s positions, at most ``most`` of them drawn at random, in float64."""
-        x, y = obs[k].reshape(-1, co), tru[k].reshape(-1, ct)
+    def positions(k: slice, most: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Inferences ``k``'s positions (``width`` values each; 0: a position's channels), at most ``most``
+        of them drawn at random, in float64."""
+        x, y = obs[k].reshape(-1, width or co), tru[k].reshape(-1, width or ct)
         if len(x) > most:
             chosen = np.sort(rng.choice(len(x), most, replace=False))
             x, y = x[chosen], y[chosen]
         return x.astype(np.float64), y.astype(np.float64)
 
-    if len(obs[0::2].reshape(-1, co)) < POOLED_MIN * unknowns:
-        return {}
-    xf, yf = positions(slice(0, None, 2), POOLED_MAX * unknowns)
-    xt, yt = positions(slice(1, None, 2), POOLED_TEST_MAX)
-    coef, *_ = np.linalg.lstsq(np.hstack([xf, np.ones((len(xf), 1))]), yf, rcond=None)
-    predicted = xt @ coef[:-1] + coef[-1]
-    predicted -= predicted.mean(axis=0)
-    yt = yt - yt.mean(axis=0)
-    den = np.sqrt(np.einsum("pc,pc->c", predicted, predicted) * np.einsum("pc,pc->c", yt, yt))
-    varies = np.einsum("pc,pc->c", yt, yt) > 0
-    if not varies.any():
-        return {}
-    scores = np.divide(np.einsum("pc,pc->c", predicted, yt), den, out=np.zeros(ct), where=den > 0)[varies]
-    return {"regression": float(scores.mean()), "correlation": float(scores.mean()),
-            "positions": len(xf)}
+    out: dict = {}
+    if obs.shape == tru.shape and obs[0::2].size >= 8:
+        (xf, yf), (xt, yt) = positions(slice(0, None, 2), POOLED_TEST_MAX, 1), \
+            positions(slice(1, None, 2), POOLED_TEST_MAX, 1)
+        a, _ = _lstsq_affine(xf[:, 0], yf[:, 0])
+        out["overall"] = math.copysign(1.0, a) * _pearson(xt[:, 0], yt[:, 0], signed=True)
+    unknowns = co + 1
+    if obs[0::2].size // co >= POOLED_MIN * unknowns:
+        xf, yf = positions(slice(0, None, 2), POOLED_MAX * unknowns)
+        xt, yt = positions(slice(1, None, 2), POOLED_TEST_MAX)
+        coef, *_ = np.linalg.lstsq(np.hstack([xf, np.ones((len(xf), 1))]), yf, rcond=None)
+        predicted = xt @ coef[:-1] + coef[-1]
+        predicted -= predicted.mean(axis=0)
+        yt = yt - yt.mean(axis=0)
+        varies = np.einsum("pc,pc->c", yt, yt) > 0
+        if varies.any():
+            den = np.sqrt(np.einsum("pc,pc->c", predicted, predicted) * np.einsum("pc,pc->c", yt, yt))
+            scores = np.divide(np.einsum("pc,pc->c", predicted, yt), den, out=np.zeros(ct), where=den > 0)
+            out["regression"] = float(scores[varies].mean())
+            out["positions"] = len(xf)
+    fits = [out[key] for key in ("overall", "regression") if key in out]
+    if fits:
+        out["correlation"] = max(fits)
+    return out
 
 
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
+from shadownet.artifacts import read_artifacts
 from shadownet.audit_layers import (
     LAYER_KINDS,
     UNTRUSTED,
@@ -41,7 +42,7 @@ from shadownet.boundary import (
     unmix_inputs,
 )
 from shadownet.crossing_fits import restore_positions
-from shadownet.exceptions import ArtifactError, ShadowNetError
+from shadownet.exceptions import ArtifactError, InputError, ShadowNetError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, pooled_leakage, single_leakage
 
@@ -325,6 +326,22 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def _check_memory(manifest: dict, inferences: int) -> None:
+    """Every crossing of the observed inferences is kept in memory: refuse, before any work, a count whose
+    crossings alone would fill over half of this machine's memory (``--inferences 100000`` on MiniVGG ran
+    for minutes, then the swapping machine failed to start the secure world in time, which is what it
+    said)."""
+    each = sum(int(b.get("nbytes", 0)) for b in manifest.get("buffers", []) if isinstance(b, dict))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that says
+        return
+    if each and inferences * each > memory // 2:
+        raise InputError(f"{inferences} inferences would keep about {inferences * each / 2**30:.1f} GiB of "
+                         f"crossings in memory ({each / 2**20:.1f} MiB an inference), over half of this "
+                         f"machine's {memory / 2**30:.1f} GiB: ask for at most {memory // 2 // each}")
+
+
 def default_inferences(layers: list[LinearLayer]) -> int:
     """The inferences ``audit`` observes unless told: as many as the restore fits want on every conv and
     depthwise layer (``boundary.inferences_needed``), within ``AUTO_INFERENCES``. A dense layer gives one
@@ -353,6 +370,14 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)
+    if inferences:
+        _check_memory(manifest, inferences)
+    if inferences != 0:
+        # The crossings need the artifact to load: checked first as the runtime checks it (schema, the files'
+        # SHA-256), so that a tampered or damaged artifact is refused before any attack runs rather than
+        # audited as it is and then found not to load. (A model sealed for another device still loads no
+        # further than its secrets: its weights are audited, its crossings reported as not observed.)
+        read_artifacts(out_dir)
     if progress:
         _progress("reading the untrusted model and the reference")
     split = split_names(manifest)[0]
@@ -376,6 +401,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     chosen = inferences is None
     if chosen:
         inferences = default_inferences(crossing)
+        _check_memory(manifest, inferences)
     seen: dict[str, np.ndarray] | None = None
     if inferences > 0:
         batches = sample_inputs(manifest["inputs"], inferences)

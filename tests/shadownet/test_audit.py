@@ -229,6 +229,43 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
         audit.audit(out, junk, inferences=1)
 
 
+def test_a_tampered_artifact_is_refused_before_any_attack_runs(paper_protected: tuple[Path, Path],
+                                                               tmp_path: Path, capsys) -> None:
+    """One bit of secrets.sealed flipped: the audit ran the weight attacks, printed and wrote its whole
+    report, and only then failed to load the model for the crossings (a helper's walkthrough). It is
+    refused first, as the runtime refuses it, with nothing printed or written."""
+    import shutil
+    from types import SimpleNamespace
+
+    from shadownet.exceptions import SecurityError
+
+    original, out = paper_protected
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    sealed = bytearray((copy / "secrets.sealed").read_bytes())
+    sealed[len(sealed) // 2] ^= 1
+    (copy / "secrets.sealed").write_bytes(bytes(sealed))
+    args = SimpleNamespace(artifacts=str(copy), reference=str(original), inferences=None,
+                           json=str(tmp_path / "report.json"))
+    with pytest.raises(SecurityError, match="secrets.sealed does not match the SHA-256"):
+        audit.audit_cli(args)
+    assert capsys.readouterr().out == "" and not (tmp_path / "report.json").exists()
+    assert audit.audit(copy, original, inferences=0)["summary"]  # the weights alone: asked for, audited
+
+
+def test_more_inferences_than_memory_holds_are_refused_before_any_work(paper_protected: tuple[Path, Path],
+                                                                     capsys) -> None:
+    """Every crossing observed is kept: ``--inferences 100000`` on MiniVGG ran for minutes, then failed
+    saying the secure world did not start (the machine was swapping). Refused up front, saying why."""
+    from shadownet.exceptions import InputError
+
+    original, out = paper_protected
+    with pytest.raises(InputError, match=r"10000000000 inferences would keep about .* GiB of crossings in "
+                                         r"memory .* over half of this machine's .*: ask for at most \d+"):
+        audit.audit(out, original, inferences=10**10, progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_paper_schemes_static_masks_leak_the_input(paper_report: dict) -> None:
     leak = paper_report["input_leakage"]
     first = leak["first_round"]

@@ -81,7 +81,7 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
     if text == "first":
         return []
     ranges = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in (p.strip() for p in text.split(",")):
         low, dash, high = part.partition("-")
         try:
             a, b = int(low), int(high) if dash else int(low)
@@ -93,9 +93,6 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
         if a < 1:
             raise ValueError(f"mask rounds {spec!r}: rounds are numbered from 1")
         ranges.append((a, b))
-    if not ranges:
-        raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such as "
-                         "'1,2,5' or '1-4'")
     return ranges
 
 

@@ -284,7 +284,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     converter's default), run the modes interleaved (``verify``: also ``shadownet-verify``), return its
     report entry. ``SecureMemoryError`` (a ``ShadowNetError``) when the protected model does not fit in
     the secure world's cap; a verified copy that does not fit is reported in the entry instead."""
-    from ai_edge_litert.interpreter import Interpreter, load_delegate
+    from ai_edge_litert.interpreter import Interpreter
 
     from converters import convert
     from converters.normalize import normalize
@@ -292,6 +292,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
     from converters.schemes import get_scheme, group_min_channels, kept_in_tee
     from converters.tflite_reader import read_model
+    from shadownet.accelerator import load_delegates
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()
@@ -319,7 +320,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     n_inputs = len(details.get_input_details())
     rng = np.random.default_rng(0)
     inputs = [rng.uniform(0, 1, s).astype(t) for s, t in specs[:n_inputs]]
-    delegates = [load_delegate(delegate)] if delegate else []
+    delegates = load_delegates(delegate)
     masks = manifest.get("masks") or {}
     static = masks.get("static", True)
     runners: dict[str, Any] = {}

@@ -85,9 +85,10 @@ def small_cnn_input_name(model) -> str:
     ("fifo", "is not a regular file"),  # read for ever
     ("tampered", "SHA-256"),
     ("delegate", "cannot load the accelerator delegate"),
+    ("delegate_here", "mine.so: invalid ELF header"),  # a bare name that is a file here: not "No such file"
     ("output_nowhere", "nowhere/y.npz: No such file or directory"),  # not "[Errno 2] ..."
 ])
-def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
+def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, monkeypatch, case, message):
     (x,) = small_cnn.random_inputs()
     np.save(tmp_path / "x.npy", x)
     artifacts, data = str(small_cnn.out), str(tmp_path / "x.npy")
@@ -119,6 +120,10 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, case, message):
         data = str(tmp_path / "x.fifo")
     elif case == "delegate":
         extra = ["--delegate", str(tmp_path / "no_such_delegate.so")]
+    elif case == "delegate_here":
+        (tmp_path / "mine.so").write_bytes(b"not a library " * 16)
+        monkeypatch.chdir(tmp_path)
+        extra = ["--delegate", "mine.so"]
     elif case == "output_nowhere":
         extra = ["--output", str(tmp_path / "nowhere" / "y.npz")]
     elif case == "tampered":

@@ -81,6 +81,13 @@ def _read(path: str | os.PathLike) -> Any:
         with loaded:  # each member is read (and can fail) here
             return {k: loaded[k] for k in loaded.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        try:
+            with open(path, "rb") as f:  # numpy takes any other file for a pickle, and says so
+                known = f.read(6).startswith((b"\x93NUMPY", b"PK\x03\x04"))
+        except OSError:
+            known = True  # numpy's own error says why it could not be opened
+        if not known:
+            raise ModelFormatError(f"calibration file {path} is not an .npy or .npz file") from None
         raise ModelFormatError(f"cannot read calibration file {path} as .npz/.npy: {exc}") from None
 
 

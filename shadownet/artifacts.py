@@ -374,9 +374,13 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
         for key, value in given.items():
             ordered[names[key]] = value
         missing = [t.name for t, v in zip(specs, ordered, strict=True) if v is None]
-        if missing or len(given) != len(specs):
-            raise InputError(f"missing input(s) {missing or 'given twice under two names'}; the model "
-                             f"takes {[t.name for t in specs]}")
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model takes {[t.name for t in specs]}")
+        if len(given) != len(specs):  # one input under its tensor name and its signature name
+            twice = sorted({specs[names[k]].name for k in given
+                            if sum(names[j] == names[k] for j in given) > 1})
+            raise InputError(f"input(s) {twice} given twice, under two names; the model takes "
+                             f"{[t.name for t in specs]}")
         inputs = ordered
     if len(inputs) != len(specs):
         raise InputError(f"the model takes {len(specs)} input(s) "

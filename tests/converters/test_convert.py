@@ -978,7 +978,7 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
     for given, reason in ((tmp_path / "positional.npz", r"unknown input name\(s\) \['arr_0'\]"),
                           ({name: data, "pixels": data}, "given twice"),
                           ({}, "missing input"),
-                          (tmp_path / "junk.npy", "cannot read calibration file"),
+                          (tmp_path / "junk.npy", r"calibration file .*junk.npy is not an .npy or .npz file"),
                           (tmp_path / "absent.npz", "cannot read calibration file"),
                           (tmp_path / "objects.npz", "cannot read calibration file"),
                           (tmp_path / "crc.npz", "cannot read calibration file"),

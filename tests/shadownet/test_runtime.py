@@ -113,7 +113,7 @@ def test_several_inputs_and_outputs(two_by_two):
         assert model.stats()["world_switches"] == model.num_rounds + 1
 
 
-@pytest.mark.parametrize("case", ["shape", "dtype", "count", "name", "missing", "type"])
+@pytest.mark.parametrize("case", ["shape", "dtype", "count", "name", "missing", "twice", "type"])
 def test_wrong_inputs_raise_input_error_naming_the_input(two_by_two, case):
     left, right = two_by_two.random_inputs()
     with shadownet.load(two_by_two.out) as model:
@@ -124,6 +124,8 @@ def test_wrong_inputs_raise_input_error_naming_the_input(two_by_two, case):
             "count": ((left,), ["2 input", "1 given"]),
             "name": (({"left": left, "right": right, "bogus": right},), ["bogus"]),
             "missing": (({"left": left},), ["missing", model.inputs[1].name]),
+            # under its signature name and its tensor name: was "missing input(s) given twice under ..."
+            "twice": (({"left": left, name: left, "right": right},), [f"input(s) ['{name}'] given twice"]),
             "type": ((left.tolist(), right), [name, "numpy array"]),
         }[case]
         with pytest.raises(InputError) as info:

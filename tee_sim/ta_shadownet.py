@@ -236,6 +236,8 @@ class ShadowNetTA(TrustedApp):
             try:
                 return self.tee.unseal(payload, SECRETS_AAD)
             except TEEError as exc:  # sealing's one opaque error, and what it means for a user here
+                if exc.code != TEE_ERROR_SECURITY:  # not the blob: the device's key could not be read
+                    raise
                 raise ta_error(exc.code, f"{exc.message}: secrets.sealed was changed, or sealed by another "
                                          "device (each device seals with its own key)") from None
         if head[-1:] == PROVISIONED:

@@ -141,3 +141,12 @@ def test_secrets_sealed_on_another_device_say_so(copy, small_cnn, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "TEE_ERROR_SECURITY" in lines[0] and "sealed by another device" in lines[0], lines
+    # A device whose storage cannot be used (SHADOWNET_HOME a file): that is the error, not that the secrets
+    # were changed or sealed elsewhere, which was added to it (a helper's walkthrough).
+    (tmp_path / "a-file").write_text("not a directory")
+    env["SHADOWNET_HOME"] = str(tmp_path / "a-file")
+    result = subprocess.run([sys.executable, "-m", "shadownet", "run", str(copy), "--input",
+                             str(tmp_path / "x.npy")], env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "TEE_ERROR_STORAGE_NOT_AVAILABLE" in lines[0] and "another device" not in lines[0], lines

@@ -139,7 +139,8 @@ def verify_report(
     expected_measurement: bytes | str,
     nonce: bytes | None,
 ) -> Report:
-    """Vendor side: check a report's signature against the pinned device key, its measurement and nonce.
+    """Vendor side: check a report's signature against a device key (pinned, or an identity file's own),
+    its measurement and nonce.
 
     ``nonce`` is the challenge the verifier sent; ``None`` skips the freshness check, which is only
     right for a device identity file (its key is long-lived, there was no challenge). Returns the
@@ -151,7 +152,9 @@ def verify_report(
         key.verify(parsed.signature, parsed.signed_message())
     except (InvalidSignature, ValueError):
         raise TEEError(
-            TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "attestation report: bad signature for the pinned device key"
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_API,
+            "attestation report: its signature does not verify under the device key it was checked against "
+            "(the identity file's own, or the one pinned)"
         ) from None
     expected = (
         bytes.fromhex(expected_measurement) if isinstance(expected_measurement, str) else expected_measurement

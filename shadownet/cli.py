@@ -166,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="FILE.tflite to write")
     p.add_argument("--seed", type=_SEED, default=0, help="weight seed (default 0)")
     p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
-    p.set_defaults(func=_cmd_zoo)
+    p.set_defaults(func=_cmd_zoo, command_parser=p)
 
     p = sub.add_parser("convert", help="protect a model (untrusted.tflite, secrets.sealed, manifest.json)")
     p.add_argument("model", help="a float .tflite, a Keras file or a SavedModel directory")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    p.add_argument("--scheme", type=_scheme, default=None,
-                   help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
+                   help="obfuscation scheme: groupmix (the default) or shadownet (the paper's), with its "
+                        "parameters (README, Schemes)")
     p.add_argument("--seed", type=_SEED, default=None, help="INSECURE: reproducible secrets, for tests only")
     p.add_argument("--calibration",
                    help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'all' or round numbers such as 1,2,5 or 1-4; round 1 always")
     p.add_argument("--signature", metavar="KEY",
                    help="the signature to protect, in a model that has several")
-    p.set_defaults(func=_cmd_convert)
+    p.set_defaults(func=_cmd_convert, command_parser=p)
 
     p = sub.add_parser("run", help="protected inference on an artifact directory")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
@@ -196,13 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerator threads (default: LiteRT's)")
     p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, command_parser=p)
 
     p = sub.add_parser("bench", help="protected vs unprotected vs all-in-TEE latency, memory and breakdown")
     p.add_argument("files", nargs="*", metavar="FILE.tflite", help="models to benchmark besides --models")
     p.add_argument("--models", help="comma-separated zoo names (default: all five when no FILE is given)")
-    p.add_argument("--scheme", type=_scheme, default=None,
-                   help="obfuscation scheme (default: the project's default)")
+    p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
+                   help="obfuscation scheme: groupmix (the default) or shadownet (the paper's), with its "
+                        "parameters (README, Schemes)")
     p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=2,
                    help="accelerator / unprotected threads (default 2)")
     p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert with one-time masks on these rounds: 'first' (the converter's default), "
                         "'all', or round numbers such as 1,2,5 or 1-4")
     p.add_argument("--workdir", help="keep exported zoo models here and reuse them (default: temporary)")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_cmd_bench, command_parser=p)
 
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
@@ -229,26 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "crossings want for every conv and depthwise layer, within bounds; the report lists "
                         "the layers that wanted more)")
     p.add_argument("--json", help="also write the report as JSON to this file")
-    p.set_defaults(func=_cmd_audit)
+    p.set_defaults(func=_cmd_audit, command_parser=p)
 
     p = sub.add_parser("demo", help="the README's main job: protect MiniVGG and MobileNet, compare them")
     p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, command_parser=p)
 
     p = sub.add_parser("device", help="this device's attestation identity")
     dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     e = dsub.add_parser("export", help="write the attestation public key and a fresh report")
     e.add_argument("file")
-    e.set_defaults(func=_cmd_device_export)
+    e.set_defaults(func=_cmd_device_export, command_parser=e)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    command = getattr(args, "command_parser", parser)  # a usage error points at its command's --help
+    if extras:
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
     if getattr(args, "device_key", None) and not args.device:
-        parser.error("argument --device-key: pins the key of a --device FILE, which is missing")
+        command.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         silence_litert_info()

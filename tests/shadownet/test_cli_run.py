@@ -201,8 +201,9 @@ def test_version_is_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"shadownet {shadownet.__version__}"
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["run", "out", "--bogus"], ["convert", "m.tflite", "-o", "o",
-                                                                          "--seed", "notint"],
+@pytest.mark.parametrize("argv", [[], ["run"], ["run", "out", "--bogus"],
+                                  ["run", "out", "--input", "x", "--bogus"],
+                                  ["convert", "m.tflite", "-o", "o", "--seed", "notint"],
                                   ["run", "out", "--input", "x.npy", "--num_threads", "0"],
                                   ["run", "out", "--input", "x.npy", "--num_threads", "50000"],  # SIGSEGV
                                   ["bench", "--num_threads", "257"],
@@ -227,4 +228,14 @@ def test_usage_errors_are_one_line(argv, capsys):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shadownet") and ": error: " in lines[0], err
-    assert "--help" in lines[0]
+    # The command's own help (an unknown flag and a --device-key without --device pointed at the top's).
+    assert lines[0].endswith(f"(see shadownet {argv[0]} --help)" if argv else "(see shadownet --help)"), err
+
+
+def test_the_scheme_flags_help_names_the_default_scheme(capsys):
+    from converters.schemes import DEFAULT_SCHEME
+
+    for command in ("convert", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"{DEFAULT_SCHEME} (the default)" in " ".join(capsys.readouterr().out.split())

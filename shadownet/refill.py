@@ -5,6 +5,7 @@ trusted app (``refill_pool``), its statistics and the secure world's (``pool_sta
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -76,6 +77,7 @@ class BackgroundRefill(threading.Thread):
         self._wake = threading.Event()
         self._stopped = False
         self._wake.set()  # fill the pool right after load
+        _refills.add(self)
 
     def wake(self) -> None:
         self._wake.set()
@@ -115,3 +117,19 @@ class BackgroundRefill(threading.Thread):
             except ShadowNetError:
                 return False  # the next inference reports what is wrong (or makes its masks itself)
         return ready < capacity
+
+
+# Stopped at exit, before the interpreter finalizes: a daemon thread still running then is frozen where it
+# next takes the GIL, and one frozen in a TEE call keeps its context's lock for ever - the close of a model
+# the app left open (its ``__del__``, during finalization) then waited for that lock, and a process that
+# left two default-scheme models open never exited (a helper's probe: 12 of 12 runs). Atexit handlers run
+# while daemon threads still run: each finishes its chunk and stops; the models stay usable.
+_refills: weakref.WeakSet[BackgroundRefill] = weakref.WeakSet()
+
+
+def _stop_refills_at_exit() -> None:
+    for refill in list(_refills):
+        refill.stop()
+
+
+atexit.register(_stop_refills_at_exit)

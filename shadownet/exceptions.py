@@ -33,6 +33,11 @@ class IntegrityError(ShadowNetError):
     """The accelerator returned a result that failed the secure world's verification."""
 
 
+class InvokeError(ShadowNetError, RuntimeError):
+    """An op of the model failed on this input in the secure world (a GATHER index out of range, say): a
+    ``RuntimeError``, as LiteRT's ``invoke`` raises for the same input. The model stays usable."""
+
+
 class InputError(ShadowNetError, ValueError):
     """An inference input has the wrong count, name, shape or dtype (or the zoo was asked for a model or
     training set it does not have)."""

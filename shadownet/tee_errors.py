@@ -10,6 +10,7 @@ import tee_sim
 from shadownet.exceptions import (
     ArtifactError,
     IntegrityError,
+    InvokeError,
     MaskPoolExhaustedError,
     SecureMemoryError,
     SecurityError,
@@ -31,12 +32,15 @@ TEE_ERRORS: dict[int, type[ShadowNetError]] = {
     tee_sim.TEE_ERROR_MAC_INVALID: IntegrityError,  # an accelerator result failed verification
     tee_sim.TEE_ERROR_NO_DATA: MaskPoolExhaustedError,  # empty one-time mask pool, policy "fail"
 }
+# Raised by the ShadowNet trusted app itself: an op of the model failed on the input (LiteRT's RuntimeError).
+TA_ERRORS: dict[int, type[ShadowNetError]] = {tee_sim.TEE_ERROR_GENERIC: InvokeError}
 LOST_SESSION = frozenset({tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEE_ERROR_TARGET_DEAD})
 
 
 def translate_tee_error(exc: TEEError, doing: str) -> ShadowNetError:
     """The flat exception for a ``TEEError`` raised while ``doing`` (e.g. "loading model X")."""
-    cls = TEE_ERRORS.get(exc.code, ShadowNetError)
+    ta = TA_ERRORS.get(exc.code) if exc.origin == tee_sim.TEEC_ORIGIN_TRUSTED_APP else None
+    cls = ta or TEE_ERRORS.get(exc.code, ShadowNetError)
     detail = exc.message or exc.code_name
     return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
 

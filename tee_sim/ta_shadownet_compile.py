@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.program import ALIGN
 from tee_sim.ta_shadownet_depthwise import compile_depthwise
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
@@ -59,7 +59,17 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
         raise ValueError(f"{op} writes into {written}: the sealed constants are read-only")
     if op == "litert":
         wrapper, sub = model.interpreter._interpreter, model.subgraphs[instr["signature"]]
-        return lambda: wrapper.Invoke(sub)
+
+        def invoke() -> None:
+            try:
+                wrapper.Invoke(sub)
+            except RuntimeError as exc:  # an op failed on this input (a GATHER index out of range): as LiteRT
+                # says it, and not a panic, which would end every session of the app (and the inference's
+                # step ends it, as any failed step does)
+                raise TEEError(TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP,
+                               f"an op of the model failed on this input: {str(exc).strip()}") from None
+
+        return invoke
     if op in ("max_pool", "mean", "softmax"):
         (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         if op == "mean":

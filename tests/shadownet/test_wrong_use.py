@@ -210,3 +210,31 @@ def test_a_stale_program_says_re_convert(small, tmp_path, change):
         shadownet.load(copy)
     assert "TEE_ERROR_BAD_FORMAT" in str(info.value)
 
+
+
+def test_an_op_that_fails_on_the_input_is_litert_s_error_and_harms_no_other_model(non_float_io, small_cnn):
+    """An embedding id past its table: LiteRT's invoke raises a RuntimeError naming the GATHER. The TEE-side
+    op raised the same inside the trusted app, which panicked: every session of the app was lost (a helper's
+    probe: another model's next call failed with TARGET_DEAD) and the error blamed the TEE. It is now an
+    ``InvokeError``, a RuntimeError as LiteRT's, and both models go on."""
+    from ai_edge_litert.interpreter import Interpreter as LiteRT
+
+    from shadownet.exceptions import InvokeError
+
+    image, label = non_float_io.random_inputs()
+    bad = np.full_like(label, 1000)
+    litert = LiteRT(model_path=str(non_float_io.original))
+    litert.allocate_tensors()
+    for detail, value in zip(litert.get_input_details(), (image, bad), strict=True):
+        litert.set_tensor(detail["index"], value)
+    with pytest.raises(RuntimeError, match="GATHER"):
+        litert.invoke()
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(non_float_io.out) as model, shadownet.load(small_cnn.out) as other:
+        other(x)
+        with pytest.raises(InvokeError, match="an op of the model failed on this input: .*GATHER") as caught:
+            model(image, bad)
+        assert isinstance(caught.value, RuntimeError)
+        assert relative_error([other(x)], small_cnn.reference(x)) <= 1e-4
+        got, want = model(image, label), non_float_io.reference(image, label)
+        assert relative_error(list(got.values()), want) <= 1e-4

@@ -390,10 +390,13 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
         if not isinstance(x, np.ndarray):
             raise InputError(f"input {spec.name!r} must be a numpy array of shape {list(spec.shape)} "
                              f"{spec.dtype}, not {type(x).__name__}")
-        if x.shape != spec.shape or x.dtype != spec.dtype:
+        native = x.dtype.newbyteorder("=") if x.dtype.byteorder not in "=|" else x.dtype
+        if x.shape != spec.shape or native != spec.dtype:
+            batch = (" (a protected model runs the batch it was converted at: resizing is not supported)"
+                     if x.shape[1:] == spec.shape[1:] and native == spec.dtype else "")
             raise InputError(f"input {spec.name!r} must be {list(spec.shape)} {spec.dtype}, "
-                             f"got {list(x.shape)} {x.dtype}")
-        arrays.append(x)
+                             f"got {list(x.shape)} {x.dtype}{batch}")
+        arrays.append(x if x.dtype == spec.dtype else x.astype(spec.dtype))  # another byte order: as LiteRT
     return arrays
 
 

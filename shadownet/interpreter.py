@@ -101,13 +101,14 @@ class Interpreter:
         if spec.index not in self._input_index:
             raise InputError(f"tensor {spec.index} ({spec.name!r}) is an output; only inputs can be set")
         value = np.asarray(value)
-        if value.dtype != spec.dtype:
+        if value.dtype.newbyteorder("=") != spec.dtype and value.dtype != spec.dtype:  # any byte order
             raise InputError(f"Cannot set tensor: got value of type {value.dtype} but expected type "
                              f"{spec.dtype} for input {spec.index}, name: {spec.name}")
         if value.shape != spec.shape:
             raise InputError(f"Cannot set tensor: dimension mismatch, got {list(value.shape)} but expected "
                              f"{list(spec.shape)} for input {spec.index}, name: {spec.name}")
         with self._lock:
+            self._model.check_not_closed()  # rather than write where nothing will read it
             np.copyto(target, value)
 
     def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
@@ -119,7 +120,12 @@ class Interpreter:
     def tensor(self, tensor_index: int) -> Callable[[], np.ndarray]:
         """A function returning a writable view of an input (read at ``invoke``) or of an output."""
         _, value = self._entry(tensor_index)
-        return lambda: value
+
+        def view() -> np.ndarray:
+            self._model.check_not_closed()  # rather than the values of before the close
+            return value
+
+        return view
 
     def resize_tensor_input(self, input_index: int, tensor_size: Any, strict: bool = False) -> None:
         spec, _ = self._entry(input_index)

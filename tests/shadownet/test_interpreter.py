@@ -122,10 +122,35 @@ def test_a_model_without_signature_has_none_and_a_closed_one_no_tensors(small_cn
         with pytest.raises(ValueError, match='Invalid signature_key provided: "nope"'):
             interpreter.get_signature_runner("nope")
     ours.allocate_tensors()
-    o = ours.get_output_details()[0]["index"]
+    i, o = ours.get_input_details()[0]["index"], ours.get_output_details()[0]["index"]
+    output = ours.tensor(o)
     ours.close()
     with pytest.raises(ClosedError):  # not the values of before the close
         ours.get_tensor(o)
+    with pytest.raises(ClosedError):  # nor a view taken before it (it returned them)
+        output()
+    with pytest.raises(ClosedError):  # nor written where nothing reads it (it was silently taken)
+        ours.set_tensor(i, np.zeros(ours.get_input_details()[0]["shape"], np.float32))
+
+
+def test_inputs_of_the_other_byte_order_are_taken_as_litert_takes_them(small_cnn):
+    """A big-endian float32 array: LiteRT's set_tensor takes it; ours said 'got value of type >f4 but expected
+    type float32' (a helper's probe). Now both APIs take it, and say that a batch is not resized."""
+    (x,) = small_cnn.random_inputs()
+    (want,) = small_cnn.reference(x)
+    swapped = x.astype(x.dtype.newbyteorder(">"))
+    with shadownet.Interpreter(model_path=str(small_cnn.out)) as interpreter:
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], swapped)
+        interpreter.invoke()
+        assert relative_error(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), want) \
+            <= TOLERANCE
+        runner = interpreter.get_signature_runner()
+        (name,) = runner.get_input_details()
+        with pytest.raises(ValueError, match="runs the batch it was converted at: resizing is not supported"):
+            runner(**{name: np.concatenate([x, x])})
+    with shadownet.load(small_cnn.out) as model:
+        assert relative_error(model(swapped), want) <= TOLERANCE
 
 
 def test_interpreter_needs_an_artifact_directory(small_cnn):

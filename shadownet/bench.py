@@ -62,7 +62,7 @@ from typing import Any
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.exceptions import ShadowNetError
-from shadownet.files import check_destination, json_default, write_atomically
+from shadownet.files import check_destination, json_default, working_directory, write_atomically
 
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
@@ -180,8 +180,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         except ValueError as exc:
             raise ValueError(f"--mask-rounds: {exc}") from None
     temporary = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="shadownet-bench-")) if temporary else Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     bar = _Progress(len(models), progress)
     try:
         sources = _sources(models, work)

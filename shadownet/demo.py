@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from converters.fidelity import relative_error
+from shadownet.files import working_directory
 
 THREADS = 2
 LATENCY_RUNS = 10
@@ -149,8 +150,7 @@ def main(args: argparse.Namespace) -> None:
     require_tensorflow()  # one clear line (TensorFlowMissingError) without the tf extra
     workdir = getattr(args, "workdir", None)
     if workdir:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        _report(Path(workdir))
+        _report(Path(working_directory(workdir)))
     else:
         with tempfile.TemporaryDirectory(prefix="shadownet-demo-") as tmp:
             print(f"working in {tmp}, removed at the end (shadownet demo --workdir DIR keeps the files)")

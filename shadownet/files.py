@@ -25,6 +25,16 @@ def check_destination(path: str | os.PathLike | None) -> None:
         raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
 
 
+def working_directory(path: str | os.PathLike) -> str:
+    """``path`` made a directory if need be (``--workdir``); an ``OSError`` naming it when it is a file
+    (``mkdir`` said only "File exists")."""
+    target = os.fspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), target)
+    os.makedirs(target, exist_ok=True)
+    return target
+
+
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (a str as UTF-8) to ``path`` through a temporary sibling, synced, then a rename: a
     reader sees the old file or the new one. On failure nothing is left behind and the ``OSError`` names

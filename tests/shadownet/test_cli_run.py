@@ -239,3 +239,11 @@ def test_the_scheme_flags_help_names_the_default_scheme(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert f"{DEFAULT_SCHEME} (the default)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_a_workdir_that_is_a_file_is_one_line_naming_it(command, tmp_path, capsys):
+    pytest.importorskip("tensorflow")  # demo says first that it needs the tf extra
+    (tmp_path / "x.npy").write_bytes(b"")
+    line = _one_line_error(capsys, main([command, "--workdir", str(tmp_path / "x.npy")]))
+    assert line.endswith(f"{tmp_path / 'x.npy'}: Not a directory")  # was "x.npy: File exists"

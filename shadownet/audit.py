@@ -10,6 +10,7 @@ and reports what came back: per layer and overall, as a table and as JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
-from shadownet.artifacts import read_artifacts
 from shadownet.audit_layers import (
     LAYER_KINDS,
     UNTRUSTED,
@@ -42,7 +42,7 @@ from shadownet.boundary import (
     unmix_inputs,
 )
 from shadownet.crossing_fits import restore_positions
-from shadownet.exceptions import ArtifactError, InputError, ShadowNetError
+from shadownet.exceptions import ArtifactError, InputError, SecurityError, ShadowNetError
 from shadownet.files import check_destination
 from shadownet.input_leakage import difference_leakage, known_input_leakage, pooled_leakage, single_leakage
 
@@ -326,6 +326,22 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def _untrusted_model(out_dir: str | os.PathLike, manifest: dict) -> bytes:
+    """The untrusted model the weight attacks read, refused (``SecurityError``) unless it is the one the
+    manifest records: a changed file would be audited, report and all, as if it were the product (a helper's
+    walkthrough flipped a bit). A damaged or foreign secrets.sealed is not refused here: the weights stand on
+    their own, and the crossings report why they were not observed."""
+    path = Path(out_dir) / UNTRUSTED
+    data = path.read_bytes()
+    files = manifest.get("files")
+    entry = files.get(UNTRUSTED) if isinstance(files, dict) else None
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    if recorded is not None and hashlib.sha256(data).hexdigest() != str(recorded).lower():
+        raise SecurityError(f"{path} does not match the SHA-256 recorded in {MANIFEST} (tampered, truncated "
+                            "or swapped)")
+    return data
+
+
 def _check_memory(manifest: dict, inferences: int) -> None:
     """Every crossing of the observed inferences is kept in memory: refuse, before any work, a count whose
     crossings alone would fill over half of this machine's memory (``--inferences 100000`` on MiniVGG ran
@@ -372,16 +388,10 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     manifest = read_manifest(out_dir)
     if inferences:
         _check_memory(manifest, inferences)
-    if inferences != 0:
-        # The crossings need the artifact to load: checked first as the runtime checks it (schema, the files'
-        # SHA-256), so that a tampered or damaged artifact is refused before any attack runs rather than
-        # audited as it is and then found not to load. (A model sealed for another device still loads no
-        # further than its secrets: its weights are audited, its crossings reported as not observed.)
-        read_artifacts(out_dir)
     if progress:
         _progress("reading the untrusted model and the reference")
     split = split_names(manifest)[0]
-    obf = untrusted_layers((Path(out_dir) / UNTRUSTED).read_bytes(), split)
+    obf = untrusted_layers(_untrusted_model(out_dir, manifest), split)
     ref = reference_layers(reference, manifest, _manifest_scheme(manifest))
     report: dict = {
         "artifacts": str(out_dir),

@@ -229,11 +229,12 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
         audit.audit(out, junk, inferences=1)
 
 
-def test_a_tampered_artifact_is_refused_before_any_attack_runs(paper_protected: tuple[Path, Path],
-                                                               tmp_path: Path, capsys) -> None:
-    """One bit of secrets.sealed flipped: the audit ran the weight attacks, printed and wrote its whole
-    report, and only then failed to load the model for the crossings (a helper's walkthrough). It is
-    refused first, as the runtime refuses it, with nothing printed or written."""
+def test_a_changed_untrusted_model_is_refused_before_any_attack_runs(paper_protected: tuple[Path, Path],
+                                                                     tmp_path: Path, capsys) -> None:
+    """The weight attacks read untrusted.tflite: one that is not the file the manifest records was audited,
+    report and all, as if it were the product (the runtime refuses to load it). It is refused first, with
+    nothing printed or written. (A damaged secrets.sealed leaves the weights standing:
+    tests/shadownet/test_boundary.py.)"""
     import shutil
     from types import SimpleNamespace
 
@@ -242,15 +243,15 @@ def test_a_tampered_artifact_is_refused_before_any_attack_runs(paper_protected: 
     original, out = paper_protected
     copy = tmp_path / "tampered"
     shutil.copytree(out, copy)
-    sealed = bytearray((copy / "secrets.sealed").read_bytes())
-    sealed[len(sealed) // 2] ^= 1
-    (copy / "secrets.sealed").write_bytes(bytes(sealed))
-    args = SimpleNamespace(artifacts=str(copy), reference=str(original), inferences=None,
-                           json=str(tmp_path / "report.json"))
-    with pytest.raises(SecurityError, match="secrets.sealed does not match the SHA-256"):
-        audit.audit_cli(args)
-    assert capsys.readouterr().out == "" and not (tmp_path / "report.json").exists()
-    assert audit.audit(copy, original, inferences=0)["summary"]  # the weights alone: asked for, audited
+    untrusted = bytearray((copy / "untrusted.tflite").read_bytes())
+    untrusted[-100] ^= 1  # in the weights, past the flatbuffer's tables
+    (copy / "untrusted.tflite").write_bytes(bytes(untrusted))
+    for inferences in (None, 0):
+        args = SimpleNamespace(artifacts=str(copy), reference=str(original), inferences=inferences,
+                               json=str(tmp_path / "report.json"))
+        with pytest.raises(SecurityError, match="untrusted.tflite does not match the SHA-256"):
+            audit.audit_cli(args)
+        assert capsys.readouterr().out == "" and not (tmp_path / "report.json").exists()
 
 
 def test_more_inferences_than_memory_holds_are_refused_before_any_work(paper_protected: tuple[Path, Path],

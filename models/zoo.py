@@ -127,6 +127,8 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):  # fail before minutes of building, not after
         raise FileNotFoundError(f"no such directory: {directory}")
+    if os.path.isdir(path):  # likewise (write_atomic's own check comes after the build)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     if train == "digits":
         from models.backend import require_tensorflow
         from models.digits import save_testset, tflite_accuracy, train_minivgg

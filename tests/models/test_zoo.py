@@ -222,6 +222,10 @@ def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
         zoo.export("minivgg", tmp_path / "x.tflite", train="cifar10")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         zoo.export("minivgg", tmp_path / "missing" / "x.tflite")
+    (tmp_path / "dir.tflite").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir.tflite"):  # it was refused after the build
+        zoo.export("minivgg", tmp_path / "dir.tflite")
+    (tmp_path / "dir.tflite").rmdir()
     assert list(tmp_path.iterdir()) == []
 
 

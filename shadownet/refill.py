@@ -9,6 +9,7 @@ import atexit
 import json
 import os
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,7 @@ class BackgroundRefill(threading.Thread):
     its ``__del__`` closes it (its TEE session and secure memory with it), as LiteRT's interpreters are."""
 
     CHUNK_US = 4000
+    STOP_WAIT_S = 5.0  # for the chunk under way to end
 
     def __init__(self, model: ProtectedModel) -> None:
         super().__init__(name=f"shadownet-refill-{model.artifacts.directory.name}", daemon=True)
@@ -83,10 +85,14 @@ class BackgroundRefill(threading.Thread):
         self._wake.set()
 
     def stop(self) -> None:
+        self.signal_stop()
+        if self is not threading.current_thread() and self.is_alive():
+            self.join(timeout=self.STOP_WAIT_S)
+
+    def signal_stop(self) -> None:
+        """Ask the thread to stop after its chunk, without waiting for it."""
         self._stopped = True
         self._wake.set()
-        if self is not threading.current_thread():
-            self.join(timeout=5)
 
     def run(self) -> None:
         try:
@@ -123,13 +129,20 @@ class BackgroundRefill(threading.Thread):
 # next takes the GIL, and one frozen in a TEE call keeps its context's lock for ever - the close of a model
 # the app left open (its ``__del__``, during finalization) then waited for that lock, and a process that
 # left two default-scheme models open never exited (a helper's probe: 12 of 12 runs). Atexit handlers run
-# while daemon threads still run: each finishes its chunk and stops; the models stay usable.
+# while daemon threads still run: all are asked to stop at once, and each finishes its chunk (a fraction of
+# a second) within one shared wait; the models stay usable. A forked child has none of its parent's
+# threads, and their events' locks may be held for ever there: it forgets them.
 _refills: weakref.WeakSet[BackgroundRefill] = weakref.WeakSet()
 
 
 def _stop_refills_at_exit() -> None:
-    for refill in list(_refills):
-        refill.stop()
+    running = [refill for refill in list(_refills) if refill.is_alive()]
+    for refill in running:
+        refill.signal_stop()
+    deadline = time.monotonic() + BackgroundRefill.STOP_WAIT_S
+    for refill in running:
+        refill.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(_stop_refills_at_exit)
+os.register_at_fork(after_in_child=_refills.clear)

@@ -66,6 +66,43 @@ def test_a_process_that_leaves_models_open_exits(small_cnn, tmp_path):
         assert result.returncode == 0, result.stderr
 
 
+def test_a_child_forked_while_a_refill_waits_exits(small_cnn, tmp_path):
+    """The refills stopped at exit are the process's own: a child forked while the parent's refill held its
+    wake event's lock (as it does for a few lines of each wait) inherited that lock, held for ever, and
+    its exit waited on it (a review's probe). The child forgets its parent's refills."""
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import os, sys, threading, time
+        import numpy as np
+        import shadownet
+        model = shadownet.load({str(small_cnn.out)!r})
+        model(np.load({str(tmp_path / "x.npy")!r}))
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with model._refiller._wake._cond:
+                held.set()
+                release.wait()
+
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        release.set()
+        deadline = time.monotonic() + 20
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                sys.exit("the child hung at exit")
+            time.sleep(0.05)
+        model.close()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_call_matches_litert_on_the_original(small_cnn):
     with shadownet.load(small_cnn.out) as model:
         for seed in range(3):

@@ -151,8 +151,9 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     - ``regression``: each true channel regressed on all observed channels at the same position, averaged
       over the true channels that vary where it is scored (a ReLU that never fires has nothing to leak);
       needs ``POOLED_MIN`` fit positions per unknown (channels + 1);
-    - ``overall``: one scalar ``a * observed + b`` (equal shapes; 8 fitted values at least), which a tensor
-      too small for any fit within one inference (a recurrent step's 8 values) still gets.
+    - ``overall``: one scalar ``a * observed + b`` (equal shapes; 8 fitted values at least): the figure
+      (``correlation``) of a one-channel tensor, reported beside the regression for the others (it cannot
+      undo a mixing: without the regression their figure is None, not a scalar fit's ~0).
     Within one inference (:func:`single_leakage`) a layer with many channels and few positions (ResNet-44's
     16x16x32 rounds) leaves the regression too few samples to run at all; pooled, the mixing of an unmasked
     round is undone (1.000), while a fresh mask per inference is noise it cannot learn. ``{}`` when neither
@@ -192,7 +193,9 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
             scores = np.divide(np.einsum("pc,pc->c", predicted, yt), den, out=np.zeros(ct), where=den > 0)
             out["regression"] = float(scores[varies].mean())
             out["positions"] = len(xf)
-    fits = [out[key] for key in ("overall", "regression") if key in out]
+    # The scalar fit counts where it is the whole question (one channel); elsewhere it cannot undo a mixing
+    # and would read as no leakage where the regression only lacked inferences (the report shows '-').
+    fits = [out[key] for key in ("overall", "regression") if key in out and (key == "regression" or co == 1)]
     if fits:
         out["correlation"] = max(fits)
     return out

@@ -438,4 +438,5 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
     assert second["pooled"]["correlation"] > 0.95
     assert leak["max_round_pooled_correlation"] == second["pooled"]["correlation"]
     assert leak["first_round"]["pooled_correlation"] <= 0.1
-    assert "pooled" in audit_report.format_report(report).splitlines()[-3]
+    header = [line for line in audit_report.format_report(report).splitlines() if "round buffer" in line]
+    assert len(header) == 1 and header[0].split()[-3:] == ["single", "diff", "pooled"]

@@ -102,9 +102,16 @@ def test_a_fixed_mixing_is_learnt_across_inferences_where_one_inference_is_too_s
 
 def test_a_tensor_too_small_to_fit_within_one_inference_is_fitted_across_inferences() -> None:
     # 8 values (a recurrent step's state): within one inference any fit's |r| is mostly chance (0.3-0.5),
-    # so none is reported; a scalar fit across inferences sees a scaled copy, and nothing in noise.
+    # so none is reported; across inferences the regression undoes a mixing, and finds nothing in noise.
     rng = np.random.default_rng(18)
-    x = rng.standard_normal((64, 1, 8))
+    x = rng.standard_normal((160, 1, 8))
     assert input_leakage.single_leakage(rng.standard_normal(x.shape), x).get("correlation") is None
-    assert input_leakage.pooled_leakage(2 * x + 1, x)["overall"] == pytest.approx(1.0)
+    mixed = x @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    assert input_leakage.pooled_leakage(mixed, x)["correlation"] == pytest.approx(1.0)
     assert abs(input_leakage.pooled_leakage(rng.standard_normal(x.shape), x)["correlation"]) < 0.15
+    # Too few inferences for the regression (36 fitted positions wanted): the scalar fit, which cannot
+    # undo the mixing, is reported beside it but is not the figure; of one channel it is.
+    few = input_leakage.pooled_leakage(mixed[:40], x[:40])
+    assert "regression" not in few and "overall" in few and "correlation" not in few
+    assert input_leakage.pooled_leakage(2 * x[:40, ..., :1] + 1, x[:40, ..., :1])["correlation"] \
+        == pytest.approx(1.0)

@@ -261,8 +261,8 @@ def test_more_inferences_than_memory_holds_are_refused_before_any_work(paper_pro
     from shadownet.exceptions import InputError
 
     original, out = paper_protected
-    with pytest.raises(InputError, match=r"10000000000 inferences would keep about .* GiB of crossings in "
-                                         r"memory .* over half of this machine's .*: ask for at most \d+"):
+    with pytest.raises(InputError, match=r"10000000000 inferences would take about .* GiB to observe \(.* "
+                                         r"MiB an inference\), over half of this machine.s .*: ask for"):
         audit.audit(out, original, inferences=10**10, progress=True)
     assert capsys.readouterr().err == ""
 

@@ -397,7 +397,7 @@ class ProtectedModel:
         except TEEError as exc:
             if exc.code in LOST_SESSION:
                 self._drop_session()
-            raise translate_tee_error(exc, f"inference step {step}") from exc
+            raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
         end = clock()
         tee_s += end - t
         self._session_after = session.stats()

@@ -32,15 +32,15 @@ TEE_ERRORS: dict[int, type[ShadowNetError]] = {
     tee_sim.TEE_ERROR_MAC_INVALID: IntegrityError,  # an accelerator result failed verification
     tee_sim.TEE_ERROR_NO_DATA: MaskPoolExhaustedError,  # empty one-time mask pool, policy "fail"
 }
-# Raised by the ShadowNet trusted app itself: an op of the model failed on the input (LiteRT's RuntimeError).
-TA_ERRORS: dict[int, type[ShadowNetError]] = {tee_sim.TEE_ERROR_GENERIC: InvokeError}
 LOST_SESSION = frozenset({tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEE_ERROR_TARGET_DEAD})
 
 
-def translate_tee_error(exc: TEEError, doing: str) -> ShadowNetError:
-    """The flat exception for a ``TEEError`` raised while ``doing`` (e.g. "loading model X")."""
-    ta = TA_ERRORS.get(exc.code) if exc.origin == tee_sim.TEEC_ORIGIN_TRUSTED_APP else None
-    cls = ta or TEE_ERRORS.get(exc.code, ShadowNetError)
+def translate_tee_error(exc: TEEError, doing: str, step: bool = False) -> ShadowNetError:
+    """The flat exception for a ``TEEError`` raised while ``doing`` (e.g. "loading model X"). ``step``: an
+    inference step, where the trusted app's own TEE_ERROR_GENERIC says an op of the model failed on the
+    input (``InvokeError``, LiteRT's RuntimeError; ``tee_sim.ta_shadownet_compile``)."""
+    invoke = step and exc.code == tee_sim.TEE_ERROR_GENERIC and exc.origin == tee_sim.TEEC_ORIGIN_TRUSTED_APP
+    cls = InvokeError if invoke else TEE_ERRORS.get(exc.code, ShadowNetError)
     detail = exc.message or exc.code_name
     return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
 

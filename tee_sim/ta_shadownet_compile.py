@@ -12,6 +12,7 @@ loaded model (``tee_sim.ta_shadownet._Model``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -63,11 +64,16 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
         def invoke() -> None:
             try:
                 wrapper.Invoke(sub)
-            except RuntimeError as exc:  # an op failed on this input (a GATHER index out of range): as LiteRT
-                # says it, and not a panic, which would end every session of the app (and the inference's
-                # step ends it, as any failed step does)
+            except RuntimeError as exc:  # an op failed on this input (a GATHER index out of range): said so,
+                # not a panic, which would end every session of the app (the failed step ends the inference).
+                if type(exc) is not RuntimeError:  # NotImplementedError, RecursionError: not LiteRT's
+                    raise
+                # The op's name only: LiteRT's text numbers the nodes of the sealed TEE model, and some
+                # kernels print values.
+                ops = sorted(set(re.findall(r"\(([A-Z][A-Z0-9_]*)\) failed to invoke", str(exc))))
                 raise TEEError(TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP,
-                               f"an op of the model failed on this input: {str(exc).strip()}") from None
+                               f"an op of the model ({', '.join(ops) or 'in the TEE'}) failed on this input, "
+                               "as LiteRT's would") from None
 
         return invoke
     if op in ("max_pool", "mean", "softmax"):

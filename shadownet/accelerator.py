@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -470,9 +469,6 @@ def load_delegates(delegate: Any) -> list[Any]:
     loaded = []
     for d in items:
         if isinstance(d, str):
-            # A bare name is looked up on the library path, as dlopen does, unless a file of that name is
-            # here: the user meant it ('--delegate mine.so' said "No such file" of a file that was there).
-            d = os.path.abspath(d) if "/" not in d and os.path.isfile(d) else d
             _check_delegate_library(d)
             try:
                 loaded.append(load_delegate(d))

@@ -122,6 +122,14 @@ def _fingerprint(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _library(text: str) -> str:
+    """An argparse type: ``--delegate``, a path as the CLI's other paths are - a bare name that is a file
+    here is that file ('--delegate mine.so' was looked up on the library path, as dlopen looks up a bare
+    name, and said "No such file" of a file that was there); any other bare name is left to the loader's
+    search. The Python API's ``delegate=`` is dlopen's, unchanged."""
+    return os.path.abspath(text) if "/" not in text and os.path.isfile(text) else text
+
+
 def _scheme(text: str) -> str:
     """An argparse type: a scheme spec ``converters.schemes.get_scheme`` takes (a usage error, exit 2)."""
     from converters.schemes import get_scheme
@@ -195,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
     p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=None,
                    help="accelerator threads (default: LiteRT's)")
-    p.add_argument("--delegate", help="external delegate PATH.so for the accelerator")
+    p.add_argument("--delegate", type=_library, help="external delegate PATH.so for the accelerator")
     p.add_argument("--verify", action="store_true", help="check every accelerator result in the TEE")
     p.set_defaults(func=_cmd_run, command_parser=p)
 
@@ -209,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerator / unprotected threads (default 2)")
     p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
     p.add_argument("--warmup_runs", type=_at_least(0), default=3, help="untimed runs first (default 3)")
-    p.add_argument("--delegate", help="external delegate PATH.so for the accelerator and unprotected LiteRT")
+    p.add_argument("--delegate", type=_library,
+                   help="external delegate PATH.so for the accelerator and unprotected LiteRT")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the report as Markdown")
     p.add_argument("--plot", help="write a PNG of the breakdown (needs matplotlib)")

@@ -70,10 +70,10 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
                     raise
                 # The op's name only: LiteRT's text numbers the nodes of the sealed TEE model, and some
                 # kernels print values.
-                ops = sorted(set(re.findall(r"\(([A-Z][A-Z0-9_]*)\) failed to invoke", str(exc))))
+                ops = ", ".join(sorted(set(re.findall(r"\(([A-Z][A-Z0-9_]*)\) failed to invoke", str(exc)))))
                 raise TEEError(TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP,
-                               f"an op of the model ({', '.join(ops) or 'in the TEE'}) failed on this input, "
-                               "as LiteRT's would") from None
+                               f"an op of the model{f' ({ops})' if ops else ''} failed on this input in the "
+                               "TEE: LiteRT's kernel refused it") from None
 
         return invoke
     if op in ("max_pool", "mean", "softmax"):

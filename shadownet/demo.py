@@ -148,6 +148,9 @@ def main(args: argparse.Namespace) -> None:
     from models.backend import require_tensorflow
 
     require_tensorflow()  # one clear line (TensorFlowMissingError) without the tf extra
+    from tee_sim.attestation import device_identity
+
+    device_identity()  # the device's keys: an unusable SHADOWNET_HOME is said now, not after the training
     workdir = getattr(args, "workdir", None)
     if workdir:
         _report(Path(working_directory(workdir)))

@@ -247,3 +247,19 @@ def test_a_workdir_that_is_a_file_is_one_line_naming_it(command, tmp_path, capsy
     (tmp_path / "x.npy").write_bytes(b"")
     line = _one_line_error(capsys, main([command, "--workdir", str(tmp_path / "x.npy")]))
     assert line.endswith(f"{tmp_path / 'x.npy'}: Not a directory")  # was "x.npy: File exists"
+
+
+def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):
+    """It trained MiniVGG for 20 s before finding SHADOWNET_HOME unusable (a helper's walkthrough)."""
+    pytest.importorskip("tensorflow")
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("not a directory")
+    env = {**os.environ, "SHADOWNET_HOME": str(tmp_path / "a-file")}
+    result = subprocess.run([sys.executable, "-m", "shadownet", "demo", "--workdir", str(tmp_path / "work")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "TEE_ERROR_STORAGE_NOT_AVAILABLE" in lines[0], lines
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # nothing trained

@@ -344,9 +344,8 @@ def _untrusted_model(out_dir: str | os.PathLike, manifest: dict) -> bytes:
 
 def _check_memory(manifest: dict, inferences: int) -> None:
     """Every crossing of the observed inferences is kept in memory: refuse, before any work, a count whose
-    crossings alone would fill over half of this machine's memory (``--inferences 100000`` on MiniVGG ran
-    for minutes, then the swapping machine failed to start the secure world in time, which is what it
-    said)."""
+    observation would take over half of this machine's memory (``--inferences 100000`` on MiniVGG ran for
+    minutes, then the swapping machine failed to start the secure world in time, which is what it said)."""
     # Each crossing twice (the recording's list, then its stack) and the true activations beside them: a
     # review measured MobileNet's peak growing by 44 MiB an inference for 22.5 MiB of crossings.
     each = 3 * sum(int(b.get("nbytes", 0)) for b in manifest.get("buffers", []) if isinstance(b, dict))

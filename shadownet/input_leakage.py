@@ -60,7 +60,7 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
         x = obs.reshape(-1)
         y = tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
-        if len(x) >= 16:  # fewer: any fit's |r| is mostly chance (0.3-0.5 on 8); pooled_leakage fits them
+        if len(x) >= 16:  # fewer: any fit's |r| is mostly chance (0.3-0.5 on 8): left to pooled_leakage
             out["overall"] = math.copysign(1.0, _pearson(x[_FIT], y[_FIT], signed=True)) \
                 * _pearson(x[_TEST], y[_TEST], signed=True)
         out["psnr_db"] = _psnr(y, a * x + b)

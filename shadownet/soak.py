@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from converters.fidelity import relative_error
+from shadownet.exceptions import ShadowNetError
 from shadownet.files import check_destination, write_atomically
 
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
@@ -94,6 +95,16 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return original, out
 
 
+def _input(rng: np.random.Generator, spec: Any, scale: float) -> np.ndarray:
+    """A float input uniform in [-1, 1] times ``scale``; another type's as the bench draws it (integers cast
+    from those floats were all 0 or -1, the same input every time)."""
+    from shadownet.bench_measure import random_input
+
+    if np.dtype(spec.dtype).kind == "f":
+        return (rng.uniform(-1, 1, spec.shape) * scale).astype(spec.dtype)
+    return random_input(rng, spec.shape, spec.dtype)
+
+
 def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: int = 16,
          fresh_every: int = 100, warmup: int = 500, samples: int = 20, tolerance: float = TOLERANCE,
          num_threads: int | None = 1, verify: bool = False,
@@ -122,8 +133,7 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
     (spec,) = model.inputs
     rng = np.random.default_rng(1)
     # Pool input j at scale j % len(scales), a fresh input i at i % len(scales).
-    pool = [(rng.uniform(-1, 1, spec.shape) * scales[j % len(scales)]).astype(spec.dtype)
-            for j in range(pool_size)]
+    pool = [_input(rng, spec, scales[j % len(scales)]) for j in range(pool_size)]
     wants = [reference(x) for x in pool]
 
     lock = threading.Lock()
@@ -147,8 +157,7 @@ def soak(original: Path, out: Path, inferences: int, threads: int, pool_size: in
                     state["next"] += 1
                 fresh = fresh_every > 0 and i % fresh_every == fresh_every - 1
                 if fresh:
-                    x = (np.random.default_rng(1000 + i).uniform(-1, 1, spec.shape)
-                         * scales[i % len(scales)]).astype(spec.dtype)
+                    x = _input(np.random.default_rng(1000 + i), spec, scales[i % len(scales)])
                     want = reference(x)
                 else:
                     x, want = pool[i % pool_size], wants[i % pool_size]
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=_scales, default=(1.0,),
                         help="comma-separated input scales, taken in turn (default 1: uniform [-1, 1])")
     args = parser.parse_args(argv)
+    if args.inferences < 1:
+        parser.error(f"--inferences must be at least 1, not {args.inferences}")
     try:
         check_destination(args.json)
     except OSError as exc:
@@ -251,18 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shadownet-soak-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if args.artifacts:
-            original, out = Path(args.model), Path(args.artifacts)
-        else:
-            original, out = _prepare(args, work)
-        print(f"soak: {args.inferences} protected inferences on {original.name}, {args.threads} threads",
-              flush=True)
         try:
+            if args.artifacts:
+                original, out = Path(args.model), Path(args.artifacts)
+            else:
+                original, out = _prepare(args, work)
+            print(f"soak: {args.inferences} protected inferences on {original.name}, {args.threads} threads",
+                  flush=True)
             figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
                            args.warmup, tolerance=args.tolerance, verify=args.verify, scales=args.scales)
         except ValueError as exc:  # a model the soak cannot feed
             print(f"python -m shadownet.soak: error: {exc}", file=sys.stderr)
             return 2
+        except (ShadowNetError, OSError) as exc:  # a model it cannot read or convert: one line, as the CLI's
+            print(f"python -m shadownet.soak: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 1
     if args.json:
         write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               "times on an inference's path")
     print(f"wrong results: {figures['wrong']} (worst relative error {figures['worst_relative_error']:.2e}, "
           f"tolerance {figures['tolerance']:g})")
-    print(f"resident memory after {figures['warmup_calls']} warm-up calls: normal world "
+    print(f"resident memory after {first[0]} warm-up calls: normal world "
           f"{first[1] / 1024:.1f} MiB -> {growth['normal']:+.2f}% at the end (peak {peak['normal']:+.2f}%), "
           f"secure world {first[2] / 1024:.1f} MiB -> {growth['secure']:+.2f}% (peak {peak['secure']:+.2f}%)")
     print(f"after close: fds {leaks['normal_fds']:+d}, memfds {leaks['normal_memfds']:+d} (this process); "

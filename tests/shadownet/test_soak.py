@@ -92,3 +92,16 @@ def test_scales_must_be_positive_numbers(capsys):
             main(["--scales", bad])
         assert exit_.value.code == 2
         assert "--scales" in capsys.readouterr().err
+
+
+def test_a_model_it_cannot_read_is_one_line(tmp_path, capsys):
+    """A file that is no model printed a traceback (a helper's probe); --inferences 0 reported '0 wrong'."""
+    (tmp_path / "junk.tflite").write_bytes(b"not a model")
+    junk = str(tmp_path / "junk.tflite")
+    assert main(["--model", junk, "--inferences", "4", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("python -m shadownet.soak: error: ")
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "junk.tflite"), "--inferences", "0"])
+    assert "--inferences must be at least 1" in capsys.readouterr().err

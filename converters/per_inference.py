@@ -58,17 +58,21 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int
     if spec is None:
         spec = DEFAULT_MASK_ROUNDS
     chosen: set[int] = {1}
+    beyond: list[str] = []  # what the policy names past the last round, as it named it
     if isinstance(spec, str):
         ranges = mask_round_ranges(spec)
         if ranges is None:
             return list(range(1, rounds + 1))
         for a, b in ranges:
-            chosen.update((a, b, *range(a, min(b, rounds) + 1)))  # beyond the last round: refused below
+            chosen.update(range(a, min(b, rounds) + 1))
+            if b > rounds:
+                low = max(a, rounds + 1)
+                beyond.append(str(low) if low == b else f"{low}-{b}")
     else:
         chosen.update(int(r) for r in spec)
-    bad = sorted(r for r in chosen if not 1 <= r <= rounds)
-    if bad:
-        raise ValueError(f"mask rounds {bad} are outside the model's rounds 1..{rounds}")
+        beyond = [str(r) for r in sorted(chosen) if not 1 <= r <= rounds]
+    if beyond:
+        raise ValueError(f"mask rounds [{', '.join(beyond)}] are outside the model's rounds 1..{rounds}")
     return sorted(chosen)
 
 

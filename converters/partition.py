@@ -35,6 +35,19 @@ class Partition:
         return self.level[self.graph.ops[op_index].outputs[0]]
 
 
+def input_rounds(part: Partition) -> list[int]:
+    """The rounds whose offloaded layers read a model input, or a tensor the TEE made from one with no
+    offloaded layer between: round 1, and any round a user input joins later (a vector concatenated to
+    pooled features, an input added to a deeper layer's output, an embedding of an integer input), which
+    would otherwise cross with the user's raw values only mixed. The default mask policy masks them all."""
+    graph, offloaded = part.graph, part.offloaded
+    raw = set(graph.inputs)
+    for i, op in enumerate(graph.ops):
+        if i not in offloaded and any(t in raw for t in op.inputs if t >= 0):
+            raw.update(op.outputs)
+    return sorted({1} | {part.round_of(i) for i in offloaded if graph.ops[i].inputs[0] in raw})
+
+
 def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) -> bool:
     """Whether the op goes to the accelerator: offloadable, not of a kind the scheme keeps in the TEE
     (``in_tee``), and its input is computed (an op on a constant input is constant folding, left to the

@@ -51,13 +51,15 @@ from ai_edge_litert import schema_py_generated as schema_fb
 DEFAULT_MASK_ROUNDS = "first"
 
 
-def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int]:
+def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
+                      inputs: Iterable[int] = (1,)) -> list[int]:
     """The rounds (1-based, sorted) that get one-time masks: ``None`` (the default policy), ``"first"``,
-    ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. Round 1 is always in; ``ValueError`` for a round
+    ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. The rounds that carry the user's input (``inputs``:
+    ``converters.partition.input_rounds``; round 1 at least) are always in; ``ValueError`` for a round
     outside ``1..rounds`` or a malformed spec."""
     if spec is None:
         spec = DEFAULT_MASK_ROUNDS
-    chosen: set[int] = {1}
+    chosen: set[int] = {1, *inputs}
     beyond: list[str] = []  # what the policy names past the last round, as it named it
     if isinstance(spec, str):
         ranges = mask_round_ranges(spec)
@@ -77,8 +79,9 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int) -> list[int
 
 
 def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
-    """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond round 1; ``None`` for
-    ``"all"``); ``ValueError`` for a malformed one, a range that runs backwards or a round below 1."""
+    """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond the rounds that carry a user
+    input, ``converters.partition.input_rounds``; ``None`` for ``"all"``); ``ValueError`` for a malformed
+    one, a range that runs backwards or a round below 1."""
     text = spec.strip().lower()
     if text == "all":
         return None

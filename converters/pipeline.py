@@ -35,7 +35,7 @@ from converters.calibration import activation_stats, calibration_inputs, split_n
 from converters.graph import Graph, is_offloadable, write_model
 from converters.non_float import CARRIED
 from converters.normalize import normalize
-from converters.partition import partition
+from converters.partition import input_rounds, partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import LINEAR_KINDS, build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
@@ -106,7 +106,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if static and mask_rounds is not None:
         warnings.warn(f"scheme {chosen.name} uses static masks: mask_rounds={mask_rounds!r} is ignored",
                       stacklevel=2)
-    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds))
+    carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
+    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), carrying)
+    deeper = [r for r in one_time if r not in carrying]  # what the policy adds, at its costs
     if calibration is None and (static or len(one_time) > 1 or getattr(chosen, "static_mask_scale", 0) > 0):
         # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.mask_spread); these do not.
         warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
@@ -115,8 +117,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
-    if len(one_time) > 1:
-        warnings.warn(f"one-time masks on {len(one_time) - 1} round(s) after the first: each such layer "
+    if deeper:
+        warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those that carry the user's input: "
+                      "each such layer "
                       "computes at the mask's magnitude (by default 10x its input's) in float32, and each "
                       "takes secure memory in every pool entry (with 'all', MobileNet's outputs measured "
                       "7e-4 relative error at the median, up to 3e-3, against 5e-5 and 1.7e-4 with "

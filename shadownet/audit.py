@@ -44,7 +44,13 @@ from shadownet.boundary import (
 from shadownet.crossing_fits import restore_positions
 from shadownet.exceptions import ArtifactError, InputError, SecurityError, ShadowNetError
 from shadownet.files import check_destination
-from shadownet.input_leakage import difference_leakage, known_input_leakage, pooled_leakage, single_leakage
+from shadownet.input_leakage import (
+    averaging_leakage,
+    difference_leakage,
+    known_input_leakage,
+    pooled_leakage,
+    single_leakage,
+)
 
 MANIFEST = "manifest.json"
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
@@ -267,11 +273,13 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
                 single = single_leakage(observed, x)
                 diff = difference_leakage(observed, x)
                 pooled = pooled_leakage(observed, x)
+                averaged = averaging_leakage(observed, x)
                 known = known_input_leakage(observed, x)
                 row[f"user_input_{k}"] = {"single": single, "difference": diff, "pooled": pooled,
-                                          "known_input": known}
+                                          "averaged": averaged, "known_input": known}
                 for key, fig in (("correlation", single), ("difference_correlation", diff),
-                                 ("pooled_correlation", pooled), ("known_input_correlation", known)):
+                                 ("pooled_correlation", pooled), ("averaged_correlation", averaged),
+                                 ("known_input_correlation", known)):
                     if fig.get("correlation") is not None:
                         first[key] = max(first.get(key, 0.0), fig["correlation"])
                 for key, fig in (("psnr_db", single), ("known_input_psnr_db", known)):

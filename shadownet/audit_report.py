@@ -88,7 +88,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
                      f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
                      f"{_fmt(first.get('difference_correlation'))}; fitted across inferences: "
-                     f"{_fmt(first.get('pooled_correlation'))}; after one chosen input: "
+                     f"{_fmt(first.get('pooled_correlation'))}; averaging neighbours first: "
+                     f"{_fmt(first.get('averaged_correlation'))}; after one chosen input: "
                      f"{_fmt(first.get('known_input_correlation'))} "
                      f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
         lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7} {'pooled':>7}")

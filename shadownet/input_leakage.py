@@ -211,6 +211,46 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     return out
 
 
+AVERAGING_SIDES = (2, 3, 4, 6, 8, 12, 16)  # the box filters tried, side in positions
+
+
+def _box(x: np.ndarray, side: int) -> np.ndarray:
+    """``x`` (``(K, N, H, W, C)``) averaged over each ``side`` x ``side`` window (the windows that fit:
+    ``H - side + 1`` by ``W - side + 1`` of them), in float64."""
+    c = np.cumsum(np.cumsum(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 0), (1, 0), (0, 0))), 2), 3)
+    return (c[:, :, side:, side:] - c[:, :, :-side, side:] - c[:, :, side:, :-side]
+            + c[:, :, :-side, :-side]) / (side * side)
+
+
+def averaging_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
+    """What averaging recovers before any fit: each observed channel, and the mean of all channels, box-
+    averaged over ``AVERAGING_SIDES`` windows, correlated with the true value at each window's centre; the
+    filter chosen on every other inference of the stacks
+    (``(K, N, H, W, C)``, equal shapes) and scored, signed, on the others. A white mask, independent
+    element by element, holds a fit of one position's values to about 0.1 at 10x the input's spread;
+    neighbours or channels whose true values agree let an attacker average the noise down first: 0.12 on
+    the zoo MiniVGG's own smooth sample inputs (SECURITY.md). ``{}`` unless the stacks are NHWC images of
+    at least 2 inferences."""
+    obs, tru = np.asarray(observed), np.asarray(truth)
+    if obs.ndim != 5 or obs.shape != tru.shape or len(obs) < 2:
+        return {}
+    fit, test = slice(0, None, 2), slice(1, None, 2)
+
+    def score(infs: slice, side: int, mean: bool) -> float:
+        o = obs[infs].mean(axis=-1, keepdims=True) if mean else obs[infs]
+        estimate = _box(o, side)
+        at = (side - 1) // 2  # each window's centre (the upper left of the four, for an even side)
+        t = tru[infs][:, :, at:at + estimate.shape[2], at:at + estimate.shape[3]]
+        return _pearson(np.broadcast_to(estimate, t.shape).reshape(-1), t.reshape(-1), signed=True)
+
+    filters = [(side, mean) for side in (1, *AVERAGING_SIDES) if side <= min(obs.shape[2:4])
+               for mean in ((False, True) if obs.shape[-1] > 1 else (False,))]
+    if not filters:
+        return {}
+    side, mean = max(filters, key=lambda f: score(fit, *f))
+    return {"correlation": score(test, side, mean), "side": side, "channel_mean": mean}
+
+
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     """The difference attack on masks reused across inferences: ``obs_k+1 - obs_k`` against
     ``x_k+1 - x_k`` (a static additive mask cancels exactly), averaged over consecutive pairs."""

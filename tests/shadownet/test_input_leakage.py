@@ -142,3 +142,19 @@ def test_the_chosen_input_attack_on_a_small_input_learns_nothing_from_fresh_mask
     assert abs(input_leakage.known_input_leakage(fresh, x)["correlation"]) < 0.12  # seeded: 0.075
     static = x + 10 * x.std() * rng.standard_normal(x.shape[1:])
     assert input_leakage.known_input_leakage(static, x)["correlation"] == pytest.approx(1.0)
+
+
+def test_averaging_neighbours_or_channels_recovers_more_than_one_position_of_a_white_mask() -> None:
+    # A white mask at 10x the input's spread holds one position's fit to ~0.1; an input whose neighbours or
+    # channels agree lets averaging bring the noise down first (SECURITY.md, "averaging").
+    rng = np.random.default_rng(21)
+    coarse = rng.uniform(0, 1, (24, 1, 4, 4, 1))
+    gray = np.repeat(np.kron(coarse, np.ones((1, 1, 8, 8, 1))), 16, axis=-1)  # 32x32, smooth, 16 channels
+    masked = gray + 10 * gray.std() * rng.standard_normal(gray.shape)
+    one_position = input_leakage.single_leakage(masked, gray)["correlation"]
+    averaged = input_leakage.averaging_leakage(masked, gray)
+    # One position's regression already averages the 16 equal channels (0.32); windows of neighbours more.
+    assert averaged["correlation"] > max(0.5, one_position + 0.2) and averaged["channel_mean"]
+    noise = input_leakage.averaging_leakage(rng.standard_normal(gray.shape), gray)
+    assert abs(noise["correlation"]) < 0.05
+    assert input_leakage.averaging_leakage(masked[:, 0], gray[:, 0]) == {}  # not NHWC stacks

@@ -147,6 +147,7 @@ def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
 # then put them wrong (0.00-0.86 on rounds that all positions fit at 1.000: a review); POOLED_TEST_MAX
 # scored.
 POOLED_MIN, POOLED_MIN_KEPT, POOLED_FLOPS, POOLED_TEST_MAX = 4, 64, 2e10, 50_000
+POOLED_VALUES = 25_000_000  # and positions x unknowns at most (200 MB of float64): memory, not time
 
 
 def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
@@ -187,7 +188,8 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
         out["overall"] = math.copysign(1.0, a) * _pearson(xt[:, 0], yt[:, 0], signed=True)
     unknowns = co + 1
     if obs[0::2].size // co >= POOLED_MIN * unknowns:
-        kept = max(POOLED_MIN_KEPT * unknowns, int(POOLED_FLOPS / unknowns ** 2))
+        kept = max(POOLED_MIN_KEPT * unknowns,
+                   min(int(POOLED_FLOPS / unknowns ** 2), POOLED_VALUES // unknowns))
         xf, yf = positions(slice(0, None, 2), kept)
         xt, yt = positions(slice(1, None, 2), POOLED_TEST_MAX)
         coef, *_ = np.linalg.lstsq(np.hstack([xf, np.ones((len(xf), 1))]), yf, rcond=None)
@@ -223,32 +225,34 @@ def _box(x: np.ndarray, side: int) -> np.ndarray:
 
 
 def averaging_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
-    """What averaging recovers before any fit: each observed channel, and the mean of all channels, box-
-    averaged over ``AVERAGING_SIDES`` windows, correlated with the true value at each window's centre; the
-    filter chosen on every other inference of the stacks
-    (``(K, N, H, W, C)``, equal shapes) and scored, signed, on the others. A white mask, independent
-    element by element, holds a fit of one position's values to about 0.1 at 10x the input's spread;
-    neighbours or channels whose true values agree let an attacker average the noise down first: 0.12 on
-    the zoo MiniVGG's own smooth sample inputs (SECURITY.md). ``{}`` unless the stacks are NHWC images of
-    at least 2 inferences."""
+    """What averaging neighbours first recovers: the observed tensor box-averaged over windows of
+    ``AVERAGING_SIDES`` positions each way, then :func:`pooled_leakage`'s regression of the true value at
+    each window's centre on the averaged channels (which undoes a mixing of the channels as well as it
+    averages their noise: a channel mean is one such combination), fitted on every other inference of the
+    stacks (``(K, N, H, W, C)``) and scored on the others. The window is chosen within the fitting half
+    (fitted on its even inferences, scored on its odd ones), then fitted and scored once. A white mask,
+    independent element by element, holds a fit of one position's values to about 0.1 at 10x the input's
+    spread; neighbours or channels whose true values agree let an attacker average the noise down first
+    (SECURITY.md). ``{}`` unless the stacks are NHWC images of at least 8 inferences."""
     obs, tru = np.asarray(observed), np.asarray(truth)
-    if obs.ndim != 5 or obs.shape != tru.shape or len(obs) < 2:
+    if obs.ndim != 5 or obs.shape[:-1] != tru.shape[:-1] or len(obs) < 8:
         return {}
-    fit, test = slice(0, None, 2), slice(1, None, 2)
 
-    def score(infs: slice, side: int, mean: bool) -> float:
-        o = obs[infs].mean(axis=-1, keepdims=True) if mean else obs[infs]
-        estimate = _box(o, side)
+    def averaged(side: int, infs: slice) -> tuple[np.ndarray, np.ndarray]:
+        estimate = _box(obs[infs], side)
         at = (side - 1) // 2  # each window's centre (the upper left of the four, for an even side)
-        t = tru[infs][:, :, at:at + estimate.shape[2], at:at + estimate.shape[3]]
-        return _pearson(np.broadcast_to(estimate, t.shape).reshape(-1), t.reshape(-1), signed=True)
+        return estimate, tru[infs][:, :, at:at + estimate.shape[2], at:at + estimate.shape[3]]
 
-    filters = [(side, mean) for side in (1, *AVERAGING_SIDES) if side <= min(obs.shape[2:4])
-               for mean in ((False, True) if obs.shape[-1] > 1 else (False,))]
-    if not filters:
+    # Windows of at most a quarter of the image each way: wider ones leave too few independent averages
+    # (pure noise scored 0.05 through 16x16 windows of MiniVGG's 32x32 inputs over 24 inferences).
+    sides = [side for side in (1, *AVERAGING_SIDES) if side <= min(obs.shape[2:4]) // 4 or side == 1]
+    chosen = {side: pooled_leakage(*averaged(side, slice(0, None, 2))).get("correlation") for side in sides}
+    chosen = {side: value for side, value in chosen.items() if value is not None}
+    if not chosen:
         return {}
-    side, mean = max(filters, key=lambda f: score(fit, *f))
-    return {"correlation": score(test, side, mean), "side": side, "channel_mean": mean}
+    side = max(chosen, key=chosen.get)
+    figure = pooled_leakage(*averaged(side, slice(None)))
+    return {"correlation": figure["correlation"], "side": side} if "correlation" in figure else {}
 
 
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:

@@ -73,7 +73,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     prints it on the device); without, the file's key is trusted as it is, with a warning naming it.
     ``force``: replace a non-empty ``out_dir``.
     ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"first"``,
-    ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always).
+    ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always, and
+    every round a user input joins later: ``converters.partition.input_rounds``).
     ``signature``: the key of the signature to protect, in a model that has several (one protected model
     runs one signature); a model of one signature is protected whole.
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
@@ -117,6 +118,12 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
+    if len(carrying) > 1:
+        warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
+                      "offloaded layer between: they get one-time masks as round 1 does, each such layer "
+                      "computing at the mask's magnitude in float32 and taking secure memory in every pool "
+                      "entry, and their masks keep the calibration's scale (round 1's alone follows the "
+                      "input's): give --calibration inputs at the scale the model will see", stacklevel=2)
     if deeper:
         warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those that carry the user's input: "
                       "each such layer "
@@ -148,7 +155,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         "ta_uuid": str(ta_uuid()),
         "summary": plan.summary,
         "created_by": f"shadownet {_version()}",
-        "masks": {"one_time_rounds": one_time, "static": static,
+        "masks": {"one_time_rounds": one_time, "static": static, "input_rounds": carrying,
                   "policy": None if static else str(mask_rounds or DEFAULT_MASK_ROUNDS)},
     }
     # The manifest's fields the runtime acts on are sealed with the program: the TA refuses, at LOAD_MODEL,

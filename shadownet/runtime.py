@@ -176,10 +176,14 @@ class ProtectedModel:
             if self.verify:
                 reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
                                "in secure memory: without it the model needs less")
+            carrying = (self.artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
             if len(self.one_time_rounds) > 1:
-                reasons.append(f"one-time masks on {len(self.one_time_rounds)} rounds (--mask-rounds) keep a "
-                               "pool of masks with their unblinding terms, and what refilling it takes, in "
-                               "secure memory: converted with --mask-rounds first the model needs less")
+                chosen = len(self.one_time_rounds) > len(carrying)
+                reasons.append(f"one-time masks on {len(self.one_time_rounds)} rounds keep a pool of masks "
+                               "with their unblinding terms, and what refilling it takes, in secure memory"
+                               + (": converted with --mask-rounds first the model needs less" if chosen else
+                                  f" ({len(carrying)} rounds carry a user input, and take them whatever "
+                                  "--mask-rounds says)"))
             if not reasons:
                 raise
             raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc

@@ -149,10 +149,12 @@ def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_pa
     original = bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model([image, meta], y)).convert())
     assert input_rounds(partition(read_model(original))) == [1, 2]
     out = str(tmp_path / "out")
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
+    with __import__("warnings").catch_warnings(record=True) as caught:
+        __import__("warnings").simplefilter("always")
         manifest = shadownet.convert(original, out, seed=3)
-    assert manifest["masks"]["one_time_rounds"] == [1, 2] and manifest["masks"]["policy"] == "first"
+    assert any("round(s) [2] carry a user input" in str(w.message) for w in caught)
+    assert manifest["masks"]["one_time_rounds"] == manifest["masks"]["input_rounds"] == [1, 2]
+    assert manifest["masks"]["policy"] == "first"
     rng = np.random.default_rng(8)
     inputs = [{"image": rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32),
                "meta": rng.uniform(0, 1, (1, 6)).astype(np.float32)} for _ in range(200)]
@@ -355,7 +357,8 @@ def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, mon
         monkeypatch.setattr(tee_sim, "default_context", lambda: small)
         with shadownet.load(tmp_path / "first", background_refill=False) as model:
             model(np.zeros((1, 96, 96, 3), np.float32))
-        with pytest.raises(SecureMemoryError, match=r"one-time masks on \d+ rounds \(--mask-rounds\)"):
+        with pytest.raises(SecureMemoryError, match=r"one-time masks on \d+ rounds keep a pool .*converted "
+                                                    r"with --mask-rounds first the model needs less"):
             shadownet.load(tmp_path / "all", background_refill=False)
 
 

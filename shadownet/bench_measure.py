@@ -74,10 +74,10 @@ def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -
     has: uniform floats cast to integers were all 0, so 'several random inputs' were one); bools either."""
     dtype = np.dtype(dtype)
     if dtype.kind in "iu":
-        return rng.integers(0, 2, shape).astype(dtype)
+        return np.asarray(rng.integers(0, 2, shape), dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
-    return rng.uniform(0, 1, shape).astype(dtype)
+        return np.asarray(rng.random(shape) < 0.5)
+    return np.asarray(rng.uniform(0, 1, shape), dtype)
 
 
 class _Unprotected:

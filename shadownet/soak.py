@@ -79,16 +79,23 @@ class Reference:
 def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The original .tflite and its artifact directory."""
     import shadownet
+    from shadownet.cli import ZOO_NAMES
 
     if args.model.endswith(".tflite"):
         original = Path(args.model)
+    elif args.model not in ZOO_NAMES:  # a typo was a CalledProcessError's traceback from the zoo's child
+        raise ShadowNetError(f"--model {args.model!r} is neither a .tflite file nor a zoo model "
+                             f"({', '.join(ZOO_NAMES)})")
     else:
         original = work / f"{args.model}.tflite"
         if not original.exists():
             # In a child: TensorFlow in this process would dwarf the runtime's resident memory.
             print(f"exporting zoo model {args.model} ...", flush=True)
-            subprocess.run([sys.executable, "-m", "shadownet", "zoo", args.model, "-o", str(original)],
-                           check=True, stdout=subprocess.DEVNULL)
+            done = subprocess.run([sys.executable, "-m", "shadownet", "zoo", args.model, "-o", str(original)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode:
+                raise ShadowNetError(f"exporting zoo model {args.model} failed: "
+                                     f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
     out = work / f"{original.stem}.protected"
     print(f"converting {original} -> {out} (scheme {args.scheme or 'default'}) ...", flush=True)
     shadownet.convert(str(original), str(out), scheme=args.scheme, force=True)
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m shadownet.soak: error: {exc}", file=sys.stderr)
             return 2
         except (ShadowNetError, OSError) as exc:  # a model it cannot read or convert: one line, as the CLI's
-            print(f"python -m shadownet.soak: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            print(f"python -m shadownet.soak: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
+                  file=sys.stderr)
             return 1
     if args.json:
         write_atomically(args.json, json.dumps(figures, indent=1) + "\n")

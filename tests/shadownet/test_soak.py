@@ -105,3 +105,7 @@ def test_a_model_it_cannot_read_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "junk.tflite"), "--inferences", "0"])
     assert "--inferences must be at least 1" in capsys.readouterr().err
+    # A zoo name misspelt: the zoo's child failed with a CalledProcessError traceback (a review).
+    assert main(["--model", "resnet45", "--inferences", "4", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "neither a .tflite file nor a zoo model" in err.strip().splitlines()[-1]

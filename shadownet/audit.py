@@ -250,6 +250,7 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     truth = reference_activations(reference, batches, {s for s in sources.values() if s},
                                   _manifest_scheme(manifest))
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
+    carrying = set((manifest.get("masks") or {}).get("input_rounds") or [1])  # rounds that push a user input
     rows = []
     first: dict[str, float] = {}
 
@@ -261,12 +262,14 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
             row["single"] = single_leakage(observed, target)
             row["difference"] = difference_leakage(observed, target)
             row["pooled"] = pooled_leakage(observed, target)
-        if r == 1:
+        if r in carrying:
             # Against the user's raw input itself, whatever tensor round 1 carries: its reference tensor when
             # that is the input zero-padded (as the model pads it) or a group's channels of it (as a grouped
             # convolution reads it), the shape pushed; the input itself for a tensor's copies side by side.
+            # Likewise in a round a user input joins later (``input_rounds``), where the fits that match its
+            # positions run (a vector beside pooled features: the pooled fit).
             for k, x in enumerate(user):
-                if x.shape != observed.shape and target is not None and len(user) == 1 and (
+                if r == 1 and x.shape != observed.shape and target is not None and len(user) == 1 and (
                         target.shape == observed.shape or (x.shape[:-1] != observed.shape[:-1]
                                                            and target.shape[:-1] == observed.shape[:-1])):
                     x = target

@@ -85,7 +85,8 @@ def format_report(report: dict) -> str:
         lines.append(f"input leakage over {leak['inferences']} inferences (correlation after the best affine "
                      "fit, scored where it was not fitted with the sign it chose: about 0, small negative "
                      "values included, when nothing is learnt)")
-        lines.append(f"  user input from round 1: {_fmt(first.get('correlation'))} "
+        lines.append(f"  user input where it crosses (round 1, and any round it joins later): "
+                     f"{_fmt(first.get('correlation'))} "
                      f"(PSNR {_fmt(first.get('psnr_db'), '.1f')} dB); difference of two inferences: "
                      f"{_fmt(first.get('difference_correlation'))}; fitted across inferences: "
                      f"{_fmt(first.get('pooled_correlation'))}; averaging neighbours first: "

@@ -118,7 +118,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
-    if len(carrying) > 1:
+    if not static and len(carrying) > 1:
         warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
                       "offloaded layer between: they get one-time masks as round 1 does, each such layer "
                       "computing at the mask's magnitude in float32 and taking secure memory in every pool "

@@ -426,7 +426,8 @@ def test_manifest_and_files(conv_model, device, tmp_path):
     assert manifest["format"] == "shadownet-artifacts" and manifest["format_version"] == 1
     assert manifest["seeded"] is True and manifest["scheme"]["name"] == "groupmix"
     assert manifest["scheme"]["params"]["group_size"] == 16
-    assert manifest["masks"] == {"one_time_rounds": [1], "static": False, "policy": "first"}
+    assert manifest["masks"] == {"one_time_rounds": [1], "static": False, "policy": "first",
+                                 "input_rounds": [1]}
     for name in ("untrusted.tflite", "secrets.sealed"):
         assert manifest["files"][name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
     reference = Interpreter(model_content=conv_model)

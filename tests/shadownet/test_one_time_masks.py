@@ -179,6 +179,40 @@ def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_pa
     assert len(figures) == 1 and figures[0] <= 0.1 and leak["first_round"]["pooled_correlation"] <= 0.1
 
 
+def test_an_offloaded_depthwise_layer_does_not_unmask_the_input_it_filters(tmp_path):
+    """``groupmix:depthwise=offload``, a depthwise layer first: its results cross back channel by channel,
+    and the next round received a filtered copy of the image, narrow and so unmixed, unmasked (a review:
+    0.70-0.80 from a 3x3-neighbourhood fit). That round carries the user's input now, and is masked."""
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(9)
+    image = keras.Input((16, 16, 3), batch_size=1, name="image")
+    h = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(image)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(h)
+    y = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(h))
+    original = bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(image, y)).convert())
+    out = str(tmp_path / "out")
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        manifest = shadownet.convert(original, out, scheme="groupmix:depthwise=offload", seed=3)
+    assert manifest["masks"]["input_rounds"] == manifest["masks"]["one_time_rounds"] == [1, 2]
+    rng = np.random.default_rng(10)
+    xs = [rng.uniform(0, 1, (1, 16, 16, 3)).astype(np.float32) for _ in range(40)]
+    model, recorders = _recording(out)
+    with model:
+        for x in xs:
+            model(x)
+    seen = attacker_view(out, recorders[0].seen)["round_2/in/x0"][:, 0].astype(np.float64)
+    padded = np.pad(seen, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = np.concatenate([padded[:, i:i + 16, j:j + 16] for i in range(3) for j in range(3)], -1)
+    features = np.concatenate([windows, np.ones((*windows.shape[:-1], 1))], -1).reshape(40, -1, 28)
+    truth = np.stack(xs)[:, 0].reshape(40, -1, 3).astype(np.float64)
+    coef = np.linalg.lstsq(features[::2].reshape(-1, 28), truth[::2].reshape(-1, 3), rcond=None)[0]
+    predicted, held_out = features[1::2].reshape(-1, 28) @ coef, truth[1::2].reshape(-1, 3)
+    assert max(np.corrcoef(predicted[:, c], held_out[:, c])[0, 1] for c in range(3)) <= 0.1
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_factory):
     """Converted without calibration (masks sized for N(0, 1) inputs), fed raw 0-255 pixels, then inputs a

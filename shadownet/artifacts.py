@@ -124,7 +124,7 @@ def read_artifacts(directory: str | os.PathLike) -> Artifacts:
 
 
 def _parse(root: Path, m: dict[str, Any]) -> Artifacts:
-    files = {name: _read_checked(root, name, m["files"]) for name in (UNTRUSTED, SECRETS)}
+    files = {name: read_checked(root, name, m["files"]) for name in (UNTRUSTED, SECRETS)}
     inputs = _tensor_specs(m["inputs"], first_index=0)
     outputs = _tensor_specs(m["outputs"], first_index=len(inputs))
     if not inputs or not outputs:
@@ -161,7 +161,9 @@ def _parse(root: Path, m: dict[str, Any]) -> Artifacts:
     )
 
 
-def _read_checked(root: Path, name: str, hashes: dict[str, Any]) -> bytes:
+def read_checked(root: Path, name: str, hashes: dict[str, Any]) -> bytes:
+    """``root / name``, refused unless its SHA-256 is the one ``hashes`` (the manifest's ``files``) records
+    for it: ``ArtifactError`` when it is missing or unreadable, ``SecurityError`` when it differs."""
     path = root / name
     if not path.is_file():
         raise ArtifactError(f"{root} is incomplete: {name} is missing")
@@ -390,7 +392,8 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
         if not isinstance(x, np.ndarray):
             raise InputError(f"input {spec.name!r} must be a numpy array of shape {list(spec.shape)} "
                              f"{spec.dtype}, not {type(x).__name__}")
-        native = x.dtype.newbyteorder("=") if x.dtype.byteorder not in "=|" else x.dtype
+        # Either byte order, as LiteRT takes it (the common case, the model's own dtype, costs one compare).
+        native = x.dtype if x.dtype == spec.dtype else x.dtype.newbyteorder("=")
         if x.shape != spec.shape or native != spec.dtype:
             batch = (" (a protected model runs the batch it was converted at: resizing is not supported)"
                      if x.shape[1:] == spec.shape[1:] and native == spec.dtype else "")

@@ -10,7 +10,6 @@ and reports what came back: per layer and overall, as a table and as JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
+from shadownet.artifacts import read_checked
 from shadownet.audit_layers import (
     LAYER_KINDS,
     UNTRUSTED,
@@ -42,7 +42,7 @@ from shadownet.boundary import (
     unmix_inputs,
 )
 from shadownet.crossing_fits import restore_positions
-from shadownet.exceptions import ArtifactError, InputError, SecurityError, ShadowNetError
+from shadownet.exceptions import ArtifactError, InputError, ShadowNetError
 from shadownet.files import check_destination
 from shadownet.input_leakage import (
     averaging_leakage,
@@ -339,18 +339,14 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 
 def _untrusted_model(out_dir: str | os.PathLike, manifest: dict) -> bytes:
     """The untrusted model the weight attacks read, refused (``SecurityError``) unless it is the one the
-    manifest records: a changed file would be audited, report and all, as if it were the product (a helper's
-    walkthrough flipped a bit). A damaged or foreign secrets.sealed is not refused here: the weights stand on
-    their own, and the crossings report why they were not observed."""
-    path = Path(out_dir) / UNTRUSTED
-    data = path.read_bytes()
+    manifest records (``shadownet.artifacts.read_checked``): a changed file would be audited, report and
+    all, as if it were the product (a helper's walkthrough flipped a bit). A manifest that records no
+    hashes (one made by hand) is taken as it is; a damaged or foreign secrets.sealed is not refused here:
+    the weights stand on their own, and the crossings report why they were not observed."""
     files = manifest.get("files")
-    entry = files.get(UNTRUSTED) if isinstance(files, dict) else None
-    recorded = entry.get("sha256") if isinstance(entry, dict) else None
-    if recorded is not None and hashlib.sha256(data).hexdigest() != str(recorded).lower():
-        raise SecurityError(f"{path} does not match the SHA-256 recorded in {MANIFEST} (tampered, truncated "
-                            "or swapped)")
-    return data
+    if isinstance(files, dict) and isinstance(files.get(UNTRUSTED), dict) and "sha256" in files[UNTRUSTED]:
+        return read_checked(Path(out_dir), UNTRUSTED, files)
+    return (Path(out_dir) / UNTRUSTED).read_bytes()
 
 
 def _check_memory(manifest: dict, inferences: int) -> None:

@@ -101,7 +101,7 @@ class Interpreter:
         if spec.index not in self._input_index:
             raise InputError(f"tensor {spec.index} ({spec.name!r}) is an output; only inputs can be set")
         value = np.asarray(value)
-        if value.dtype.newbyteorder("=") != spec.dtype and value.dtype != spec.dtype:  # any byte order
+        if value.dtype.newbyteorder("=") != spec.dtype:  # either byte order, as LiteRT takes it
             raise InputError(f"Cannot set tensor: got value of type {value.dtype} but expected type "
                              f"{spec.dtype} for input {spec.index}, name: {spec.name}")
         if value.shape != spec.shape:

@@ -61,10 +61,10 @@ from typing import Any
 
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
+from shadownet.cli import ZOO_NAMES
 from shadownet.exceptions import ShadowNetError
 from shadownet.files import check_destination, json_default, working_directory, write_atomically
 
-ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
 
 
@@ -97,7 +97,7 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
     once and reused; anything else is a path to a ``.tflite``."""
     sources = []
     for item in models:
-        if item in ZOO:
+        if item in ZOO_NAMES:
             path = workdir / f"{item}.tflite"
             if not path.exists():
                 from models.zoo import export
@@ -108,7 +108,8 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
             path = Path(item)
             if not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a file"
-                raise ShadowNetError(f"{item} {what}: give a zoo model ({', '.join(ZOO)}) or a .tflite file")
+                raise ShadowNetError(f"{item} {what}: give a zoo model ({', '.join(ZOO_NAMES)}) or a "
+                                     ".tflite file")
             sources.append((path.stem, path))
     # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
     # directory's name goes in front, then a count.
@@ -116,7 +117,7 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
     named: list[tuple[str, Path]] = []
     taken: set[str] = set()
     for name, path in sources:
-        if stems.count(name) > 1 and name not in ZOO:
+        if stems.count(name) > 1 and name not in ZOO_NAMES:
             name = f"{path.resolve().parent.name}-{name}"
         unique, count = name, 1
         while unique in taken:
@@ -224,7 +225,7 @@ def bench_cli(args: argparse.Namespace) -> None:
     if args.models:
         models += [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
-        models = list(ZOO)
+        models = list(ZOO_NAMES)
     report = run_bench(models, scheme=args.scheme, num_threads=args.num_threads, num_runs=args.num_runs,
                        warmup_runs=args.warmup_runs, delegate=args.delegate, workdir=args.workdir,
                        progress=True, throughput=args.throughput, verify=args.verify,

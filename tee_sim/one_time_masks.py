@@ -3,8 +3,14 @@
 When it refills its pool (``tee_sim.per_inference``) the TEE draws each one-time mask from a fresh key:
 AES-256 in counter mode gives 16 bits per element, which index a table of 65536 standard normal
 quantiles (unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its
-per-channel ``mean``: about 3 ns an element, against 18 for numpy's normal sampler. The
-unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``, the
+per-channel ``mean``: about 3 ns an element, against 18 for numpy's normal sampler. A shaped mask (the
+spec's ``bands``; round 1 and the other rounds that carry a user input, ``converters.schemes.groupmix``)
+filters that white noise so that every frequency band of ``tee_sim.program.mask_bands`` gets an equal share
+of its power, and adds a second such field shared by all channels along the spec's ``common`` direction: a
+white mask's power sits almost all in the finest octaves, where an image has little, and averaging
+neighbours or channels first takes it off (SECURITY.md). Its variance per element is at most 1, so
+``std`` bounds it as it bounds a white mask (the exact split's grid); values cut at the table's tails.
+The unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``, the
 pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
 restore, in float64), made offline when the pool is refilled.
 """
@@ -21,6 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tee_sim.freivalds import Geometry, geometry
+from tee_sim.program import mask_bands
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
@@ -67,34 +74,96 @@ def normal_quantiles(p: np.ndarray) -> np.ndarray:
 class MaskStream:
     """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
 
-    def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray]) -> None:
+    def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray],
+                 common: np.ndarray | None = None) -> None:
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
         # The spread (RMS) of the input the distribution was sized for, on round 1's pushes: the TEE then
         # scales the mask by a power of two to follow the input's own (``tee_sim.mask_spread``); 0: never.
         self.spread = float(spec.get("spread", 0.0))
+        self.bands = spec.get("bands", 0)  # shaped: the number of frequency bands; 0: white
         if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))
                 or not (self.split == 0 or 0 < self.split < math.inf)
-                or not (self.spread == 0 or 0 < self.spread < math.inf)):
-            raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape} for shape {self.shape}")
+                or not (self.spread == 0 or 0 < self.spread < math.inf)
+                or not isinstance(self.bands, int) or isinstance(self.bands, bool)
+                or (common is not None and (not self.bands or common.shape != mean.shape
+                                            or not np.all(np.isfinite(common))))):
+            raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape}, bands {self.bands!r}, common "
+                             f"{None if common is None else common.shape} do not fit its shape {self.shape}")
         self.mean = mean
         self.size = math.prod(self.shape)
-        self._chunk = min(self.size, MASK_CHUNK)  # keystream made a chunk at a time
+        extra = 0
+        if self.bands:
+            positions = self.shape[1:-1]
+            index, count = mask_bands(positions)
+            if count != self.bands or len(self.shape) < 2:
+                raise ValueError(f"mask of {spec['buffer']}: {self.bands} bands, its shape {self.shape} "
+                                 f"has {count}")
+            self._axes = tuple(range(1, len(self.shape) - 1))
+            # Each rfft bin stands for itself and its mirror image, but for the last axis' zero and
+            # (even length) Nyquist columns: the full spectrum's bins per band, and each bin's gain so that
+            # every band carries 1 / bands of a unit variance per element.
+            twice = np.full(index.shape, 2.0)
+            if positions:
+                twice[..., 0] = 1.0
+                if positions[-1] % 2 == 0:
+                    twice[..., -1] = 1.0
+            per_band = np.bincount(index.reshape(-1), twice.reshape(-1), count)
+            self._gain = alloc(index.shape, np.float32)
+            self._gain[...] = np.sqrt(math.prod(positions) / (count * per_band[index]))
+            spectrum = (self.shape[0], *index.shape)
+            self._spectrum = alloc((*spectrum, self.shape[-1]), np.complex64)
+            if common is not None:
+                extra = math.prod(self.shape[:-1])
+                self._common = alloc(self.shape[:-1], np.float32)
+                self._common_spectrum = alloc(spectrum, np.complex64)
+                # Each channel's own field plus the common one times its entry of the direction, scaled so
+                # that no channel's variance exceeds 1 (the exact split's bound on the mask holds).
+                scale = 1.0 / math.sqrt(1.0 + float(np.max(np.square(common))))
+                self._direction = (common * scale).astype(np.float32)
+                self._own = np.float32(scale)
+        self.common = common
+        self._chunk = min(self.size + extra, MASK_CHUNK)  # keystream made a chunk at a time
         self._zeros = bytes(2 * self._chunk)  # the plaintext encrypted into the keystream
         self._stream = alloc(2 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
         self._index = self._stream[:2 * self._chunk].view(np.uint16)
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-        flat = out.reshape(-1)
         table = gaussian_table()
-        for a in range(0, self.size, self._chunk):
-            n = min(self._chunk, self.size - a)
-            encryptor.update_into(self._zeros[:2 * n], self._stream)
-            np.take(table, self._index[:n], out=flat[a:a + n])
+        fields = [out.reshape(-1)]
+        if self.common is not None:
+            fields.append(self._common.reshape(-1))
+        for flat in fields:  # one keystream for both: the common field's values follow the mask's
+            for a in range(0, flat.size, self._chunk):
+                n = min(self._chunk, flat.size - a)
+                encryptor.update_into(self._zeros[:2 * n], self._stream)
+                np.take(table, self._index[:n], out=flat[a:a + n])
+        if self.bands:
+            self._shape(out)
         np.multiply(out, self.std, out=out)
         np.add(out, self.mean, out=out)
+
+    def _shape(self, out: np.ndarray) -> None:
+        """White unit normals in ``out`` (and the common field) -> the shaped mask of unit variance."""
+        positions = self.shape[1:-1]
+        if positions:  # (a mask without positions, [N, C], has one band: nothing to filter)
+            np.fft.rfftn(out, axes=self._axes, out=self._spectrum)
+            np.multiply(self._spectrum, self._gain[None, ..., None], out=self._spectrum)
+            np.fft.irfftn(self._spectrum, s=positions, axes=self._axes, out=out)
+        if self.common is not None:
+            if positions:
+                np.fft.rfftn(self._common, axes=self._axes, out=self._common_spectrum)
+                np.multiply(self._common_spectrum, self._gain[None], out=self._common_spectrum)
+                np.fft.irfftn(self._common_spectrum, s=positions, axes=self._axes, out=self._common)
+            np.multiply(out, self._own, out=out)
+            for c, weight in enumerate(self._direction):  # a plane at a time: no mask-sized temporary
+                out[..., c] += self._common * weight
+        # A sum of many table draws is normal without the table's cut: cut it again (about 2e-5 of the
+        # values move), so that the exact split's bound on the mask's magnitude holds.
+        limit = gaussian_table()[-1]
+        np.clip(out, -limit, limit, out=out)
 
 
 @dataclass

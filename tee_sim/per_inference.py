@@ -127,7 +127,11 @@ class PerInference:
         # in use (one compiled push / restore per slot).
         self.streams: dict[str, MaskStream] = {}
         for name, spec in one_time["masks"].items():
-            self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account)
+            common = spec.get("common")  # a shaped mask's common direction (tee_sim.one_time_masks)
+            if common is not None and (not isinstance(common, str) or common not in arrays):
+                raise ValueError(f"mask {name}: common direction {common!r} is not an array of the program")
+            self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account,
+                                            None if common is None else arrays[common])
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]

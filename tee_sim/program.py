@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"SNTP"
-FORMAT_VERSION = 2  # written; 2: a restore may add an ``addend`` tensor (a version-1 reader would skip it)
-READABLE_VERSIONS = frozenset({1, 2})
+# Written; 2: a restore may add an ``addend`` tensor; 3: a one-time mask may be shaped (``bands``,
+# ``common``: ``mask_bands``). An older reader would skip either and compute or mask something else.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = frozenset({1, 2, 3})
 PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)
 ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
@@ -52,6 +54,25 @@ def wire_dtype(dtype: Any) -> np.dtype:
     4- and 8-byte types, a CAST to float32 for the narrower ones, which the runtime casts back exactly."""
     dtype = np.dtype(dtype)
     return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+
+
+def mask_bands(positions: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """The frequency bands of a shaped one-time mask over a tensor's position axes (``[N, *positions, C]``:
+    ``H, W`` of an image): for each bin of ``numpy.fft.rfftn`` over them, its band - 0 for the mean (the
+    zero frequency), ``b >= 1`` for the octave ``2^-(b+1) < |f| <= 2^-b`` cycles per position (band 1 also
+    holds everything above 1/4) - and the number of bands present. A shaped mask puts equal power in every
+    band (``tee_sim.one_time_masks``), so an input whose power lies in any one band - smooth at any scale,
+    blocky, or constant - meets the mask's whole per-band power there."""
+    if not positions:
+        return np.zeros((), np.int64), 1
+    axes = [np.fft.fftfreq(n) for n in positions[:-1]] + [np.fft.rfftfreq(positions[-1])]
+    grid = np.meshgrid(*axes, indexing="ij")
+    radius = np.sqrt(sum(f * f for f in grid))
+    with np.errstate(divide="ignore"):
+        octave = np.floor(-np.log2(np.where(radius > 0, radius, 1.0))).astype(np.int64)
+    bands = np.where(radius > 0, np.maximum(octave, 1), 0)
+    present = np.unique(bands)
+    return np.searchsorted(present, bands), len(present)  # numbered 0 .. count - 1, the mean first
 
 
 def write_program(program: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:

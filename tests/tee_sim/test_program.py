@@ -45,7 +45,7 @@ def _rewrite(data: bytes, edit) -> bytes:
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d[:10], "truncated"),
     (lambda d: b"XXXX" + d[4:], "magic"),
-    (lambda d: d[:4] + struct.pack("<H", 3) + d[6:], "version"),
+    (lambda d: d[:4] + struct.pack("<H", 4) + d[6:], "version"),
     (lambda d: d[:4] + struct.pack("<H", 0) + d[6:], "version"),
     (lambda d: d[:8] + struct.pack("<Q", len(d)) + d[16:], "overruns"),
     (lambda d: d[:-8], "past the end"),
@@ -67,9 +67,11 @@ def test_only_bytes_are_parsed():
         read_program(bytearray(blob()))
 
 
-def test_version_1_programs_are_still_read():
-    """Version 2 only added an instruction field (a restore's addend): programs of version 1 mean the same."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_programs_are_still_read(version):
+    """Versions 2 and 3 only added fields (a restore's addend, a shaped mask's bands): programs of the
+    older versions mean the same."""
     data = blob()
-    assert struct.unpack_from("<H", data, 4)[0] == 2
-    program, arrays = read_program(data[:4] + struct.pack("<H", 1) + data[6:])
+    assert struct.unpack_from("<H", data, 4)[0] == 3
+    program, arrays = read_program(data[:4] + struct.pack("<H", version) + data[6:])
     assert program == read_program(data)[0] and arrays.keys() == ARRAYS.keys()

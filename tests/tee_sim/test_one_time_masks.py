@@ -1,0 +1,105 @@
+"""The TA's one-time masks (``tee_sim.one_time_masks``): the stream a key makes, white or shaped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from tee_sim.one_time_masks import MaskStream, gaussian_table
+from tee_sim.program import mask_bands
+
+
+def _alloc(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def test_mask_stream_draws_the_schemes_distribution():
+    mean = np.array([-3.0, 0.5, 7.0], np.float32)
+    stream = MaskStream({"buffer": "b", "shape": [1, 64, 64, 3], "std": 10.0}, mean, _alloc)
+    a, b, c = (np.empty((1, 64, 64, 3), np.float32) for _ in range(3))
+    stream.draw(b"k" * 32, a)
+    stream.draw(b"k" * 32, b)
+    stream.draw(b"j" * 32, c)
+    assert np.array_equal(a, b) and np.abs(a - c).min() > 0  # a key makes its mask, another key another
+    flat = a.reshape(-1, 3)
+    assert np.allclose(flat.mean(axis=0), mean, atol=0.5) and np.allclose(flat.std(axis=0), 10, rtol=0.05)
+    table = gaussian_table()
+    assert table.dtype == np.float32 and abs(float(table.std()) - 1) < 1e-6
+    assert abs(float(table.mean())) < 1e-6
+    # A mask larger than one keystream chunk is the same AES-CTR stream, indexed 16 bits at a time.
+    shape = (1, 300, 300, 3)
+    big = MaskStream({"buffer": "b", "shape": list(shape), "std": 2.0}, mean, _alloc)
+    got = np.empty(shape, np.float32)
+    big.draw(b"q" * 32, got)
+    encryptor = Cipher(algorithms.AES(b"q" * 32), modes.CTR(bytes(16))).encryptor()
+    index = np.frombuffer(encryptor.update(bytes(2 * got.size)), np.uint16)
+    want = table[index].reshape(shape) * np.float32(2.0) + mean
+    assert np.array_equal(got, want)
+
+
+def _octave(side: int) -> np.ndarray:
+    """Each bin of a full ``side`` x ``side`` spectrum's band, computed apart from ``mask_bands``: 0 for the
+    mean, else ``max(1, floor(-log2 |f|))``, numbered from 0 in increasing order."""
+    f = np.fft.fftfreq(side)
+    radius = np.hypot(f[:, None], f[None, :])
+    octave = np.where(radius > 0, np.maximum(1, np.floor(-np.log2(np.where(radius > 0, radius, 1)))), 0)
+    return np.searchsorted(np.unique(octave), octave)
+
+
+@pytest.mark.parametrize("side", [16, 32])
+def test_a_shaped_mask_shares_its_power_equally_among_bands_and_with_the_common_direction(side):
+    """Every octave of spatial frequency (the mean one included) holds 1 / bands of each channel's
+    variance, which is 1 (``std``), its values within the table's tails; half of it is a field the channels
+    share (the direction of ones). A white mask has a small fraction of that in the lowest octave."""
+    shape = (1, side, side, 3)
+    _, bands = mask_bands((side, side))
+    band = _octave(side)
+    assert bands == band.max() + 1 == (6 if side == 32 else 5)
+    spec = {"buffer": "b", "shape": list(shape), "std": 1.0, "bands": bands}
+    stream = MaskStream(spec, np.zeros(3, np.float32), _alloc, common=np.ones(3))
+    masks = np.empty((400, *shape), np.float32)
+    for k, mask in enumerate(masks):
+        stream.draw(k.to_bytes(32, "little"), mask)
+    assert abs(float(masks.var()) - 1) < 0.03 and np.abs(masks).max() <= gaussian_table()[-1]
+    spectrum = np.abs(np.fft.fft2(masks[:, 0], axes=(1, 2))) ** 2 / side**2  # power per bin, [K, H, W, C]
+    power = np.stack([spectrum[:, band == b].sum(axis=1) for b in range(bands)], axis=1)  # [K, bands, C]
+    share = power.mean(axis=0) / power.mean(axis=0).sum(axis=0)
+    assert np.allclose(share, 1 / bands, rtol=0.25), share
+    channels = masks.reshape(-1, 3)
+    assert np.allclose(np.corrcoef(channels.T)[np.triu_indices(3, 1)], 0.5, atol=0.03)
+    white = MaskStream({"buffer": "b", "shape": list(shape), "std": 1.0}, np.zeros(3, np.float32), _alloc)
+    for k, mask in enumerate(masks[:50]):
+        white.draw(k.to_bytes(32, "little"), mask)
+    spectrum = np.abs(np.fft.fft2(masks[:50, 0], axes=(1, 2))) ** 2 / side**2
+    lowest = spectrum[:, band == bands - 1].sum(axis=1).mean() / spectrum.sum(axis=(1, 2)).mean()
+    assert lowest < share[-1].min() / 10  # a white mask's share there: its 4 bins of side^2
+
+
+def test_a_shaped_mask_is_its_key_s_and_without_positions_only_its_common_field():
+    spec = {"buffer": "b", "shape": [1, 8, 8, 2], "std": 3.0, "bands": mask_bands((8, 8))[1]}
+    stream = MaskStream(spec, np.array([1.0, -1.0], np.float32), _alloc, common=np.ones(2))
+    a, b = np.empty((2, 1, 8, 8, 2), np.float32)
+    stream.draw(b"k" * 32, a)
+    stream.draw(b"k" * 32, b)
+    assert np.array_equal(a, b)
+    vector = MaskStream({"buffer": "v", "shape": [1, 6], "std": 1.0, "bands": 1}, np.zeros(6, np.float32),
+                        _alloc, common=np.ones(6))
+    draws = np.empty((2000, 1, 6), np.float32)
+    for k, mask in enumerate(draws):
+        vector.draw(k.to_bytes(32, "little"), mask)
+    # The six values share a field: their mean, what a constant vector input would show, is hidden too.
+    assert np.allclose(np.corrcoef(draws.reshape(-1, 6).T)[np.triu_indices(6, 1)], 0.5, atol=0.06)
+
+
+@pytest.mark.parametrize("spec,common,message", [
+    ({"bands": 4}, None, "bands"),  # a 16x16 mask has 5
+    ({"bands": True}, None, "mean"),
+    ({}, np.ones(3), "mean"),  # a common direction without bands
+    ({"bands": 5}, np.ones(2), "mean"),
+    ({"bands": 5}, np.array([1.0, np.nan, 1.0]), "mean"),
+])
+def test_a_shaped_mask_that_does_not_fit_its_tensor_is_refused(spec, common, message):
+    with pytest.raises(ValueError, match=message):
+        MaskStream({"buffer": "b", "shape": [1, 16, 16, 3], "std": 1.0, **spec}, np.zeros(3, np.float32),
+                   _alloc, common=common)

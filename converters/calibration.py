@@ -189,7 +189,8 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
         want = run(sample)
         for t, (k, channels) in pushed.items():
             x = sample[k] if channels is None else sample[k][..., channels]
-            dist = scheme.mask_distribution(stats[t])
+            # (a shaped mask, as round 1's may be, has a white one's marginals: the same rounding)
+            dist = scheme.mask_distribution(stats[t], x.shape, np.ones(x.shape[-1]) if x.ndim else None)
             r = (rng.standard_normal(x.shape) * dist.std + dist.mean).astype(np.float32)
             r = r.reshape(x.shape)  # (a scalar input's per-channel mean has one element)
             rounded = ((x + r).astype(np.float64) - r.astype(np.float64)).astype(np.float32)  # fl(x + r) - r

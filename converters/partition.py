@@ -37,19 +37,27 @@ class Partition:
 
 def input_rounds(part: Partition) -> list[int]:
     """The rounds whose offloaded layers read a model input, or a tensor the TEE made from one with no
-    offloaded layer between: round 1, and any round a user input joins later (a vector concatenated to
-    pooled features, an input added to a deeper layer's output, an embedding of an integer input), which
-    would otherwise cross with the user's raw values only mixed. The default mask policy masks them all.
-    An offloaded depthwise layer (``groupmix:depthwise=offload``) counts as no layer between: it filters
-    each channel on its own, and its results cross back channel by channel, so the next round would
-    receive a filtered copy of the input (a review recovered the image from it at 0.70-0.80)."""
+    offloaded layer between (``carries_input``): round 1, and any round a user input joins later (a vector
+    concatenated to pooled features, an input added to a deeper layer's output, an embedding of an integer
+    input), which would otherwise cross with the user's raw values only mixed. The default mask policy
+    masks them all."""
+    raw = carries_input(part)
+    return sorted({1} | {part.round_of(i) for i in part.offloaded if part.graph.ops[i].inputs[0] in raw})
+
+
+def carries_input(part: Partition) -> set[int]:
+    """The tensors made from a model input with no offloaded layer between: the inputs, and every output of
+    an op the TEE runs on one of these. An offloaded depthwise layer (``groupmix:depthwise=offload``)
+    counts as no layer between: it filters each channel on its own, and its results cross back channel by
+    channel, so the next round would receive a filtered copy of the input (a review recovered the image
+    from it at 0.70-0.80)."""
     graph, offloaded = part.graph, part.offloaded
     raw = set(graph.inputs)
     for i, op in enumerate(graph.ops):
         through = i not in offloaded or op.kind == "DEPTHWISE_CONV_2D"
         if through and any(t in raw for t in op.inputs if t >= 0):
             raw.update(op.outputs)
-    return sorted({1} | {part.round_of(i) for i in offloaded if graph.ops[i].inputs[0] in raw})
+    return raw
 
 
 def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) -> bool:

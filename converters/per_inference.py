@@ -161,10 +161,15 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
             buffer = f"round_{r}/in/{p['name']}"
             instr = _writer(steps, "dst", f"shm:{buffer}")
             name = instr["mask"]
-            dist = builder.scheme.mask_distribution(p["stats"])
+            dist = p["dist"]
             arrays[f"{name}/mean"] = np.asarray(dist.mean, np.float32)
             masks[name] = {"buffer": buffer, "shape": list(p["shape"]), "std": float(dist.std),
                            "mean": f"{name}/mean"}
+            if dist.bands:  # shaped (tee_sim.one_time_masks)
+                masks[name]["bands"] = dist.bands
+                if dist.common is not None:
+                    arrays[f"{name}/common"] = np.asarray(dist.common, np.float32)
+                    masks[name]["common"] = f"{name}/common"
             if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
                 masks[name]["split"] = {"grid": p["split"].grid}
             spread = max(p["stats"].std, p["stats"].rms)

@@ -16,9 +16,9 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, linear
 from converters.graph import Graph, Signature
-from converters.partition import Partition
+from converters.partition import Partition, carries_input
 from converters.plan_numpy import numpy_activation, numpy_form
-from converters.schemes import ActivationStats, LinearLayer, ObfuscatedLinear, Scheme
+from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, Scheme
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 # Offloaded weights beyond this magnitude are no trained model's (a damaged file): added masks of the
@@ -86,6 +86,7 @@ class RoundsBuilder:
                  needs_split: dict[int, bool] | None = None) -> None:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
+        self.carrying = carries_input(part)  # tensors made from a model input: shaped one-time masks
         self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)
         self.untrusted = Graph()
@@ -116,18 +117,26 @@ class RoundsBuilder:
                     shape = g.tensors[x].shape
                     stats = self.stats.get(x) or ActivationStats.unit(shape[-1])
                     stats = stats.for_input_of(obf)
-                    # One-time rounds: the TEE draws the mask per inference (converters.per_inference).
+                    # One-time rounds: the TEE draws the mask per inference (converters.per_inference),
+                    # shaped where it carries a user input, in the accelerator's channels.
                     one_time = r in self.one_time
+                    dist = None
+                    if one_time:
+                        carries = x in self.carrying
+                        dist = self.scheme.mask_distribution(
+                            stats, shape if carries else None,
+                            obf.transform_input(np.ones(shape[-1])) if carries else None)
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
-                    split = self._split(x, readers[key], stats) \
+                    split = self._split(x, readers[key], stats, dist) \
                         if one_time and self._splits(r, source, readers[key]) else None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid
                     pushes[key] = {"tensor": source, "pad": pad, "shape": shape, "name": f"x{j}",
                                    "untrusted": tid, "permutation": obf.input_permutation, "mask": mask,
-                                   "one_time": one_time, "stats": stats, "split": split, "wire_shape": wire,
+                                   "one_time": one_time, "stats": stats, "dist": dist, "split": split,
+                                   "wire_shape": wire,
                                    "mix": None if obf.input_index is None
                                    else (obf.input_index, obf.input_coef)}
                 push = pushes[key]
@@ -275,7 +284,8 @@ class RoundsBuilder:
         total = sum(_macs(self.g, i) for i in self.part.offloaded)
         return 3 * sum(_macs(self.g, i) for i in readers) < exact_split.CHEAP_BELOW * total
 
-    def _split(self, x: int, ops: Sequence[int], stats: ActivationStats) -> exact_split.Split | None:
+    def _split(self, x: int, ops: Sequence[int], stats: ActivationStats,
+               dist: MaskDistribution) -> exact_split.Split | None:
         """The exact split of a one-time push of ``x`` (``converters.exact_split``) when every op of
         ``ops`` that reads it is a conv or a dense layer on its last axis; else ``None``."""
         g = self.g
@@ -283,7 +293,6 @@ class RoundsBuilder:
         if not ops or not all(self._splittable(i) for i in ops):
             return None
         readers = [g.ops[i] for i in ops]
-        dist = self.scheme.mask_distribution(stats)
         terms = max(exact_split.dot_length(g.tensors[op.inputs[1]].data) for op in readers)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
                                 max(stats.std, stats.rms), terms)

@@ -114,10 +114,15 @@ class ActivationStats:
 @dataclass(frozen=True)
 class MaskDistribution:
     """How a push mask is drawn: ``std * N(0, 1) + mean`` element-wise, ``mean`` per channel (float64
-    ``[C]``, in the accelerator's channel order). One-time masks are drawn from it by the TEE at run time."""
+    ``[C]``, in the accelerator's channel order). One-time masks are drawn from it by the TEE at run time.
+    Shaped (``bands`` > 0): the ``N(0, 1)`` is a field of unit variance per element whose power is shared
+    equally by the ``bands`` frequency bands of ``tee_sim.program.mask_bands``, plus, along ``common``
+    (float64 ``[C]``), a second such field shared by the channels (``tee_sim.one_time_masks``)."""
 
     std: float
     mean: np.ndarray
+    bands: int = 0
+    common: np.ndarray | None = None
 
 
 class Scheme(Protocol):
@@ -151,8 +156,12 @@ class Scheme(Protocol):
         ``stats`` on a round without one-time masks; None: that input crosses unmasked."""
         ...
 
-    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
-        """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE."""
+    def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
+                          common: np.ndarray | None = None) -> MaskDistribution:
+        """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE. ``shape`` and
+        ``common`` are given for a push that carries a user input (``converters.partition.carries_input``):
+        its shape, and the direction in the accelerator's channels of the input's channels all alike (ones,
+        permuted or mixed as the input is), for a scheme that shapes such masks."""
         ...
 
 

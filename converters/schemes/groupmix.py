@@ -46,6 +46,15 @@ against the chance rate.
 Masks: one-time (``static_masks = False``: the TEE draws a fresh one per inference on the rounds the mask
 policy selects), normal noise of ``mask_scale`` (10) times the activations' RMS, minus their per-channel
 mean: the masked input's correlation with the true one is at most about ``1 / sqrt(1 + mask_scale^2)`` = 0.1.
+Where the push carries a user's input (round 1, and any round a user input joins later), the mask is shaped
+(``shaped_masks``): white noise holds almost all its power in the finest octaves, where an image has
+little, so an attacker who averages neighbours (or channels that repeat one image) first took the image
+back at 0.12-0.22. A shaped mask has ``mask_scale`` times the input's RMS in every octave of spatial
+frequency (``tee_sim.program.mask_bands``: 5-8 bands on the zoo's images, the mean included) and again
+along the direction in which all the input's channels agree, so its spread per element is
+``sqrt(2 * bands)`` times a white mask's (40x the input's RMS on a 224x224 RGB image): an input whose power
+lies in any one band, in each channel or repeated over all of them, stays at 0.1 whatever the filter an
+attacker applies first. Its magnitude costs no precision where the exact split carries it (below).
 The other rounds get static masks at ``static_mask_scale`` times the RMS, by default 0: none. A static mask
 hides one inference's features but cancels in the difference of two (the attack suite recovers them
 whole), while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full
@@ -75,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
+from tee_sim.program import mask_bands
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
@@ -84,8 +94,10 @@ class GroupMixScheme:
     """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
     ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them),
     ``mask_scale`` (10.0, times the activations' RMS, one-time masks), ``static_mask_scale`` (0.0: rounds
-    without one-time masks go unmasked), ``center_masks`` (True), ``exact_split`` (``"auto"``: round 1's
-    one-time-masked conv and dense inputs cross in two exact halves, ``converters.exact_split``, where
+    without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
+    masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
+    along the channels' common direction; False: white, at ``mask_scale`` per element), ``exact_split``
+    (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two exact halves, where
     calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
     1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
     ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
@@ -98,7 +110,8 @@ class GroupMixScheme:
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
-                 center_masks: bool = True, exact_split: str = "auto", depthwise: str = "tee") -> None:
+                 center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
+                 depthwise: str = "tee") -> None:
         if not (isinstance(group_size, int) and group_size >= 2):
             raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
         if not (isinstance(min_group, int) and 1 <= min_group <= group_size):
@@ -117,6 +130,7 @@ class GroupMixScheme:
         self.input_group, self.mask_scale = input_group, float(mask_scale)
         self.static_mask_scale = float(static_mask_scale)
         self.center_masks = bool(center_masks)
+        self.shaped_masks = bool(shaped_masks)
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split
@@ -137,7 +151,8 @@ class GroupMixScheme:
         return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
                 "tries": self.tries, "input_group": self.input_group, "mask_scale": self.mask_scale,
                 "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
-                "exact_split": self.exact_split, "depthwise": self.depthwise}
+                "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
+                "depthwise": self.depthwise}
 
     def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
@@ -282,12 +297,25 @@ class GroupMixScheme:
         return ObfuscatedLinear(weights, None, index, coef)
 
     # -- masks -------------------------------------------------------------------------------------------
-    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
+    def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
+                          common: np.ndarray | None = None) -> MaskDistribution:
         # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a
         # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
         # pooled features, correlation 0.36 at 10x the std).
-        return MaskDistribution(self.mask_scale * max(stats.std, stats.rms),
-                                -stats.mean if self.center_masks else np.zeros_like(stats.mean))
+        spread = self.mask_scale * max(stats.std, stats.rms)
+        mean = -stats.mean if self.center_masks else np.zeros_like(stats.mean)
+        if not self.shaped_masks or shape is None or len(shape) < 2:
+            return MaskDistribution(spread, mean)
+        _, bands = mask_bands(tuple(int(d) for d in shape[1:-1]))
+        if common is not None and len(common) < 2:
+            common = None  # one channel: its own field is the common one
+        # Per element, the TEE's field gives each band 1 / bands of the variance, and with a common direction
+        # d it weighs the channels' own fields by 1 / sqrt(1 + max d^2), the common one by d / sqrt(...):
+        # each band of each channel, and of the common direction (|d|^2 = C: ones, orthonormally mixed),
+        # then holds spread^2 (per channel of the common direction).
+        widen = bands * (1.0 + float(np.max(np.square(common)))) if common is not None else bands
+        return MaskDistribution(spread * math.sqrt(widen), mean, bands,
+                                None if common is None else np.asarray(common, np.float64))
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
                   rng: np.random.Generator) -> np.ndarray | None:

@@ -116,7 +116,8 @@ class ShadowNetScheme:
         coef = (1.0 / scales.astype(np.float64)).astype(np.float32)[None, :]
         return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
 
-    def mask_distribution(self, stats: ActivationStats) -> MaskDistribution:
+    def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
+                          common: np.ndarray | None = None) -> MaskDistribution:
         return MaskDistribution(self.mask_scale * stats.std,
                                 -stats.mean if self.center_masks else np.zeros_like(stats.mean))
 

@@ -94,7 +94,8 @@ def test_registry_and_parameters():
     assert isinstance(s, GroupMixScheme) and s.name == "groupmix"
     assert s.public_params() == {"group_size": 8, "min_group": 8, "max_cos": 0.7, "tries": 64,
                                  "input_group": 1, "mask_scale": 10.0, "static_mask_scale": 0.0,
-                                 "center_masks": True, "exact_split": "none", "depthwise": "offload"}
+                                 "center_masks": True, "shaped_masks": True, "exact_split": "none",
+                                 "depthwise": "offload"}
     assert not s.in_tee
     default = get_scheme("groupmix")
     assert default.public_params()["exact_split"] == "auto"

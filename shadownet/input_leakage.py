@@ -41,7 +41,8 @@ def _psnr(truth: np.ndarray, fitted: np.ndarray) -> float:
     return 10.0 * math.log10(peak * peak / mse)
 
 
-def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64) -> dict:
+def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64,
+                   fit: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """How well ``truth`` is recovered from ``observed`` by the best affine fit (worst case for the defender).
 
     ``observed`` and ``truth`` are channels-last tensors with the same number of positions (C may
@@ -54,28 +55,36 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
       (undoes any channel mixing); only with >= 10 positions per observed channel.
     Each fit is chosen on half of the positions and scored, with the sign it chose, on the other half
     (interleaved), so that neither picking the best of many channels nor a small sample's noise can pass
-    for leakage: a fit that learned nothing scores about 0. ``per_channel`` needs >= 16 positions. PSNR
-    is of the truth against the overall fit (on all positions), peak = its range.
+    for leakage: a fit that learned nothing scores about 0. ``fit``: ``(observed, truth)`` of other
+    inferences (the same channels, any positions) to choose the fits on instead, each then scored on all
+    of ``observed``. ``per_channel`` needs >= 16 positions. PSNR is of the truth against the overall fit
+    (on all positions), peak = its range.
     """
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
+    co, ct = obs.shape[-1], tru.shape[-1]
+    xo, yt = obs.reshape(-1, co), tru.reshape(-1, ct)
+    if fit is None:
+        halves = (xo[_FIT], yt[_FIT], xo[_TEST], yt[_TEST])
+        flat = (obs.reshape(-1)[_FIT], tru.reshape(-1)[_FIT], obs.reshape(-1)[_TEST], tru.reshape(-1)[_TEST])
+    else:
+        fo = np.asarray(fit[0], dtype=np.float64).reshape(-1, co)
+        ft = np.asarray(fit[1], dtype=np.float64).reshape(-1, ct)
+        halves = (fo, ft, xo, yt)
+        flat = (fo.reshape(-1), ft.reshape(-1), obs.reshape(-1), tru.reshape(-1))
     out: dict = {}
     if obs.shape == tru.shape:
         x = obs.reshape(-1)
         y = tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
         if len(x) >= 16:  # fewer: any fit's |r| is mostly chance (0.3-0.5 on 8): left to pooled_leakage
-            out["overall"] = math.copysign(1.0, _pearson(x[_FIT], y[_FIT], signed=True)) \
-                * _pearson(x[_TEST], y[_TEST], signed=True)
+            out["overall"] = math.copysign(1.0, _pearson(flat[0], flat[1], signed=True)) \
+                * _pearson(flat[2], flat[3], signed=True)
         out["psnr_db"] = _psnr(y, a * x + b)
-    co = obs.shape[-1]
-    ct = tru.shape[-1]
-    xo = obs.reshape(-1, co)
-    yt = tru.reshape(-1, ct)
     if len(xo) == len(yt) and len(xo) >= 16:
-        out["per_channel"] = _per_channel(xo, yt)
+        out["per_channel"] = _per_channel(*halves)
         if co <= max_channels_regression and len(xo) >= 10 * (co + 1):
-            out["regression"] = _holdout_regression(xo, yt)
+            out["regression"] = _holdout_regression(*halves)
     figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
     out["correlation"] = max(figures) if figures else None
     return out
@@ -99,13 +108,33 @@ def _mean_figures(figures: list[dict]) -> dict:
     return out
 
 
+# The fits of single_leakage choose on at most this many positions of the other inferences.
+SINGLE_FIT_POSITIONS = 200_000
+
+
 def single_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     """What one inference reveals: :func:`affine_leakage` within each inference of the stacks
-    (``(K, ...)``), averaged over the K inferences. Fitting across inferences is left to
-    :func:`difference_leakage`, which is the attack on masks reused across them."""
+    (``(K, ...)``), averaged over the K inferences, each fit chosen on the inferences of the other parity
+    (as an attacker learns a fixed transform's sign, channels or mixing from inputs of its own) and
+    scored within the inference; with one inference, on interleaved halves of its positions. Chosen
+    within the inference, on neighbouring positions, a fit kept any chance correlation the two halves
+    share - a mask with power at low spatial frequencies (a shaped one) and an input with structure there
+    (a zero border) share one - and scored it as leakage: 0.21 on a zero-padded input under a mask
+    that hides it (its data are noisier than a white mask's, which scored 0.03). Nothing is fitted
+    across positions of different inferences: a static mask stays noise here, the difference attack's."""
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
-    return _mean_figures([affine_leakage(o, t) for o, t in zip(obs, tru, strict=True)])
+    if len(obs) < 2:
+        return _mean_figures([affine_leakage(o, t) for o, t in zip(obs, tru, strict=True)])
+    folds = []
+    for parity in (0, 1):
+        other = slice(1 - parity, None, 2)
+        fo = obs[other].reshape(-1, obs.shape[-1])
+        ft = tru[other].reshape(-1, tru.shape[-1])
+        step = max(1, -(-len(fo) // SINGLE_FIT_POSITIONS)) if len(fo) == len(ft) else 1
+        folds.append((fo[::step], ft[::step]) if len(fo) == len(ft) else (obs[other], tru[other]))
+    return _mean_figures([affine_leakage(o, t, fit=folds[k % 2])
+                          for k, (o, t) in enumerate(zip(obs, tru, strict=True))])
 
 
 def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -123,21 +152,22 @@ def _corr_matrix(xo: np.ndarray, yt: np.ndarray, signed: bool = False) -> np.nda
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def _per_channel(xo: np.ndarray, yt: np.ndarray) -> float:
-    correlation = _corr_matrix(xo[_FIT], yt[_FIT], signed=True)
+def _per_channel(fit_x: np.ndarray, fit_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray) -> float:
+    correlation = _corr_matrix(fit_x, fit_y, signed=True)
     best = np.abs(correlation).argmax(axis=1)
     sign = np.sign(correlation[np.arange(len(best)), best])
-    scores = [sign[c] * _pearson(xo[_TEST][:, best[c]], yt[_TEST][:, c], signed=True)
-              for c in range(yt.shape[1])]
+    scores = [sign[c] * _pearson(test_x[:, best[c]], test_y[:, c], signed=True)
+              for c in range(test_y.shape[1])]
     return float(np.mean(scores))
 
 
-def _holdout_regression(xo: np.ndarray, yt: np.ndarray) -> float:
+def _holdout_regression(fit_x: np.ndarray, fit_y: np.ndarray, test_x: np.ndarray,
+                        test_y: np.ndarray) -> float:
     # Interleaved halves: neighbouring positions land in both, like a real attacker's training data.
-    design = np.hstack([xo, np.ones((len(xo), 1))])
-    coef, *_ = np.linalg.lstsq(design[_FIT], yt[_FIT], rcond=None)
-    pred = design[_TEST] @ coef
-    scores = [_pearson(pred[:, c], yt[_TEST][:, c], signed=True) for c in range(yt.shape[1])]
+    coef, *_ = np.linalg.lstsq(np.hstack([fit_x, np.ones((len(fit_x), 1))]), fit_y, rcond=None)
+    pred = np.hstack([test_x, np.ones((len(test_x), 1))]) @ coef
+    scores = [_pearson(pred[:, c], test_y[:, c], signed=True) for c in range(test_y.shape[1])]
     return float(np.mean(scores))
 
 
@@ -257,13 +287,13 @@ def averaging_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
 
 def difference_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     """The difference attack on masks reused across inferences: ``obs_k+1 - obs_k`` against
-    ``x_k+1 - x_k`` (a static additive mask cancels exactly), averaged over consecutive pairs."""
+    ``x_k+1 - x_k`` (a static additive mask cancels exactly), averaged over consecutive pairs, each fit
+    chosen on the other pairs as :func:`single_leakage` chooses it."""
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
     if len(obs) < 2:
         return {}
-    return _mean_figures([affine_leakage(obs[k + 1] - obs[k], tru[k + 1] - tru[k])
-                          for k in range(len(obs) - 1)])
+    return single_leakage(obs[1:] - obs[:-1], tru[1:] - tru[:-1])
 
 
 def known_input_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:

@@ -1,8 +1,9 @@
 """The attacks on what the accelerator receives, in plain numpy: how much of the tensor it should not learn
 (the user's input, or the true activation at that point of the network) an attacker recovers from it after
-the best affine fit, within one inference, across two (a reused mask cancels in their difference), fitted
-on some inferences and applied to others (a fixed mixing is learned once) and from an input it chose (a
-static mask is learned once). The attacks on weights are in
+the best affine fit: scored within one inference, and across two (a reused mask cancels in their
+difference), the fits chosen on other inferences; fitted on some inferences and scored on the others
+pooled (a fixed mixing is learned once); averaging neighbours first; and from an input it chose (a static
+mask is learned once). The attacks on weights are in
 ``shadownet.attacks``.
 """
 
@@ -41,8 +42,7 @@ def _psnr(truth: np.ndarray, fitted: np.ndarray) -> float:
     return 10.0 * math.log10(peak * peak / mse)
 
 
-def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64,
-                   fit: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regression: int = 64) -> dict:
     """How well ``truth`` is recovered from ``observed`` by the best affine fit (worst case for the defender).
 
     ``observed`` and ``truth`` are channels-last tensors with the same number of positions (C may
@@ -52,39 +52,60 @@ def affine_leakage(observed: np.ndarray, truth: np.ndarray, max_channels_regress
     - ``per_channel``: each true channel against its best-correlated observed channel (undoes a
       channel permutation and per-channel scaling), averaged over true channels;
     - ``regression``: each true channel regressed on all observed channels at the same position
-      (undoes any channel mixing); only with >= 10 positions per observed channel.
+      (undoes any channel mixing); only with >= 5 fitted positions per unknown.
     Each fit is chosen on half of the positions and scored, with the sign it chose, on the other half
     (interleaved), so that neither picking the best of many channels nor a small sample's noise can pass
-    for leakage: a fit that learned nothing scores about 0. ``fit``: ``(observed, truth)`` of other
-    inferences (the same channels, any positions) to choose the fits on instead, each then scored on all
-    of ``observed``. ``per_channel`` needs >= 16 positions. PSNR is of the truth against the overall fit
-    (on all positions), peak = its range.
+    for leakage: a fit that learned nothing scores about 0. ``per_channel`` needs >= 16 positions. PSNR
+    is of the truth against the overall fit (on all positions), peak = its range.
     """
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
-    co, ct = obs.shape[-1], tru.shape[-1]
-    xo, yt = obs.reshape(-1, co), tru.reshape(-1, ct)
-    if fit is None:
-        halves = (xo[_FIT], yt[_FIT], xo[_TEST], yt[_TEST])
-        flat = (obs.reshape(-1)[_FIT], tru.reshape(-1)[_FIT], obs.reshape(-1)[_TEST], tru.reshape(-1)[_TEST])
-    else:
-        fo = np.asarray(fit[0], dtype=np.float64).reshape(-1, co)
-        ft = np.asarray(fit[1], dtype=np.float64).reshape(-1, ct)
-        halves = (fo, ft, xo, yt)
-        flat = (fo.reshape(-1), ft.reshape(-1), obs.reshape(-1), tru.reshape(-1))
+    xo, yt = obs.reshape(-1, obs.shape[-1]), tru.reshape(-1, tru.shape[-1])
+    if len(xo) != len(yt):
+        return _score({}, obs, tru)
+    fits = _choose(xo[_FIT], yt[_FIT], obs.shape == tru.shape, max_channels_regression)
+    return _score(fits, obs, tru, _TEST)
+
+
+def _choose(fit_x: np.ndarray, fit_y: np.ndarray, same_shape: bool, max_channels: int) -> dict:
+    """The fits of :func:`affine_leakage` chosen on positions ``fit_x`` [P, Co] / ``fit_y`` [P, Ct]: the
+    overall fit's sign, each true channel's best observed channel and sign, the regression's coefficients."""
+    fits: dict = {}
+    if same_shape:
+        fits["overall"] = math.copysign(1.0, _pearson(fit_x.reshape(-1), fit_y.reshape(-1), signed=True))
+    if len(fit_x) >= 8:
+        correlation = _corr_matrix(fit_x, fit_y, signed=True)
+        best = np.abs(correlation).argmax(axis=1)
+        fits["per_channel"] = best, np.sign(correlation[np.arange(len(best)), best])
+    co = fit_x.shape[1]
+    if co <= max_channels and len(fit_x) >= 5 * (co + 1):
+        fits["regression"] = np.linalg.lstsq(np.hstack([fit_x, np.ones((len(fit_x), 1))]), fit_y,
+                                             rcond=None)[0]
+    return fits
+
+
+def _score(fits: dict, obs: np.ndarray, tru: np.ndarray, scored: slice = slice(None)) -> dict:
+    """``fits`` (:func:`_choose`) scored on the positions ``scored`` of ``obs`` / ``tru`` with the signs they
+    chose, and the PSNR of the truth against its own best scalar fit on all of them (peak = its range)."""
+    xo, yt = obs.reshape(-1, obs.shape[-1]), tru.reshape(-1, tru.shape[-1])
     out: dict = {}
     if obs.shape == tru.shape:
-        x = obs.reshape(-1)
-        y = tru.reshape(-1)
+        x, y = obs.reshape(-1), tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
-        if len(x) >= 16:  # fewer: any fit's |r| is mostly chance (0.3-0.5 on 8): left to pooled_leakage
-            out["overall"] = math.copysign(1.0, _pearson(flat[0], flat[1], signed=True)) \
-                * _pearson(flat[2], flat[3], signed=True)
+        if len(x) >= 16 and "overall" in fits:  # fewer: |r| mostly chance (0.3-0.5 on 8): pooled_leakage's
+            out["overall"] = fits["overall"] * _pearson(xo[scored].reshape(-1), yt[scored].reshape(-1),
+                                                        signed=True)
         out["psnr_db"] = _psnr(y, a * x + b)
-    if len(xo) == len(yt) and len(xo) >= 16:
-        out["per_channel"] = _per_channel(*halves)
-        if co <= max_channels_regression and len(xo) >= 10 * (co + 1):
-            out["regression"] = _holdout_regression(*halves)
+    xo, yt = xo[scored], yt[scored]
+    if len(xo) == len(yt) and len(xo) >= 8:
+        if "per_channel" in fits:
+            best, sign = fits["per_channel"]
+            out["per_channel"] = float(np.mean([sign[c] * _pearson(xo[:, best[c]], yt[:, c], signed=True)
+                                                for c in range(yt.shape[1])]))
+        if "regression" in fits:
+            pred = np.hstack([xo, np.ones((len(xo), 1))]) @ fits["regression"]
+            out["regression"] = float(np.mean([_pearson(pred[:, c], yt[:, c], signed=True)
+                                               for c in range(yt.shape[1])]))
     figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
     out["correlation"] = max(figures) if figures else None
     return out
@@ -113,28 +134,27 @@ SINGLE_FIT_POSITIONS = 200_000
 
 
 def single_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
-    """What one inference reveals: :func:`affine_leakage` within each inference of the stacks
-    (``(K, ...)``), averaged over the K inferences, each fit chosen on the inferences of the other parity
-    (as an attacker learns a fixed transform's sign, channels or mixing from inputs of its own) and
-    scored within the inference; with one inference, on interleaved halves of its positions. Chosen
-    within the inference, on neighbouring positions, a fit kept any chance correlation the two halves
-    share - a mask with power at low spatial frequencies (a shaped one) and an input with structure there
-    (a zero border) share one - and scored it as leakage: 0.21 on a zero-padded input under a mask
-    that hides it (its data are noisier than a white mask's, which scored 0.03). Nothing is fitted
-    across positions of different inferences: a static mask stays noise here, the difference attack's."""
+    """What one inference reveals: :func:`affine_leakage`'s fits scored within each inference of the
+    stacks (``(K, ...)``) and averaged over the K inferences, each fit chosen on the inferences of the other
+    parity (at most ``SINGLE_FIT_POSITIONS`` of their positions), as an attacker learns a fixed
+    transform's sign, channels or mixing from inputs of its own; with one inference, on interleaved halves
+    of its positions. Chosen within the inference, on neighbouring positions, a fit kept any chance
+    correlation the two halves share - a mask with power at low spatial frequencies (a shaped one) and an
+    input with structure there (a zero border) share one - and scored it as leakage: 0.21 on a
+    zero-padded input under a mask that hides it (a white mask's view plus noise, which scored 0.03).
+    The fits are the same at every position, so a mask that differs from position to position stays noise
+    even when it is the same in every inference (a static mask: :func:`difference_leakage` removes it)."""
     obs = np.asarray(observed, dtype=np.float64)
     tru = np.asarray(truth, dtype=np.float64)
-    if len(obs) < 2:
+    if len(obs) < 2 or obs.shape[:-1] != tru.shape[:-1]:
         return _mean_figures([affine_leakage(o, t) for o, t in zip(obs, tru, strict=True)])
     folds = []
     for parity in (0, 1):
         other = slice(1 - parity, None, 2)
-        fo = obs[other].reshape(-1, obs.shape[-1])
-        ft = tru[other].reshape(-1, tru.shape[-1])
-        step = max(1, -(-len(fo) // SINGLE_FIT_POSITIONS)) if len(fo) == len(ft) else 1
-        folds.append((fo[::step], ft[::step]) if len(fo) == len(ft) else (obs[other], tru[other]))
-    return _mean_figures([affine_leakage(o, t, fit=folds[k % 2])
-                          for k, (o, t) in enumerate(zip(obs, tru, strict=True))])
+        fit_x, fit_y = obs[other].reshape(-1, obs.shape[-1]), tru[other].reshape(-1, tru.shape[-1])
+        step = max(1, -(-len(fit_x) // SINGLE_FIT_POSITIONS))
+        folds.append(_choose(fit_x[::step], fit_y[::step], obs.shape == tru.shape, 64))
+    return _mean_figures([_score(folds[k % 2], o, t) for k, (o, t) in enumerate(zip(obs, tru, strict=True))])
 
 
 def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -150,25 +170,6 @@ def _corr_matrix(xo: np.ndarray, yt: np.ndarray, signed: bool = False) -> np.nda
     num = yc.T @ xc if signed else np.abs(yc.T @ xc)
     den = np.outer(np.linalg.norm(yc, axis=0), np.linalg.norm(xc, axis=0))
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-
-def _per_channel(fit_x: np.ndarray, fit_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray) -> float:
-    correlation = _corr_matrix(fit_x, fit_y, signed=True)
-    best = np.abs(correlation).argmax(axis=1)
-    sign = np.sign(correlation[np.arange(len(best)), best])
-    scores = [sign[c] * _pearson(test_x[:, best[c]], test_y[:, c], signed=True)
-              for c in range(test_y.shape[1])]
-    return float(np.mean(scores))
-
-
-def _holdout_regression(fit_x: np.ndarray, fit_y: np.ndarray, test_x: np.ndarray,
-                        test_y: np.ndarray) -> float:
-    # Interleaved halves: neighbouring positions land in both, like a real attacker's training data.
-    coef, *_ = np.linalg.lstsq(np.hstack([fit_x, np.ones((len(fit_x), 1))]), fit_y, rcond=None)
-    pred = np.hstack([test_x, np.ones((len(test_x), 1))]) @ coef
-    scores = [_pearson(pred[:, c], test_y[:, c], signed=True) for c in range(test_y.shape[1])]
-    return float(np.mean(scores))
 
 
 # The pooled fit: at least POOLED_MIN positions per unknown in its half (fewer: not fitted); every one of
@@ -191,9 +192,9 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
     - ``overall``: one scalar ``a * observed + b`` (equal shapes; 8 fitted values at least): the figure
       (``correlation``) of a one-channel tensor, reported beside the regression for the others (it cannot
       undo a mixing: without the regression their figure is None, not a scalar fit's ~0).
-    Within one inference (:func:`single_leakage`) a layer with many channels and few positions (ResNet-44's
-    16x16x32 rounds) leaves the regression too few samples to run at all; pooled, the mixing of an unmasked
-    round is undone (1.000), while a fresh mask per inference is noise it cannot learn. ``{}`` when neither
+    Within one inference a layer with many channels and few positions (ResNet-44's 16x16x32 rounds) left a
+    regression too few samples to run at all; pooled, the mixing of an unmasked round is undone (1.000),
+    while a fresh mask per inference is noise it cannot learn. ``{}`` when neither
     fit has the samples."""
     obs, tru = np.asarray(observed), np.asarray(truth)
     if len(obs) < 2 or obs.shape[:-1] != tru.shape[:-1]:

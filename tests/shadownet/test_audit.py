@@ -412,10 +412,11 @@ def test_round_one_leakage_is_measured_on_a_grouped_first_layers_inputs(tmp_path
 
 def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> None:
     """A deeper round of 64 channels at 6x6 positions: one inference has too few positions for the
-    regression, and its single figure understated what the normal world learns of the unmasked round's
-    features (0.64 measured). Fitted on some inferences and applied to the others, the input mixing comes
-    undone (0.98: the channels active on a few positions only are what the 12 inferences fitted leave
-    undetermined), while round 1's fresh masks hide the user's input from the same fit."""
+    regression, and a single figure fitted within it understated what the normal world learns of the
+    unmasked round's features (0.64 measured). Fitted on some inferences and applied to the others, the
+    input mixing comes undone (0.98: the channels active on a few positions only are what the 12
+    inferences fitted leave undetermined), while round 1's fresh masks hide the user's input from the same
+    fit. The single figure's fits are chosen on the other inferences too now (0.80)."""
     tf = pytest.importorskip("tensorflow")
     import keras
 
@@ -434,8 +435,7 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
     leak = report["input_leakage"]
     second = next(r for r in leak["rounds"] if r["round"] == 2)
     assert second["shape"] == [1, 6, 6, 64]
-    assert second["single"].get("regression") is None and second["single"]["correlation"] < 0.8
-    assert second["pooled"]["correlation"] > 0.95
+    assert second["single"]["regression"] > 0.6 and second["pooled"]["correlation"] > 0.95
     assert leak["max_round_pooled_correlation"] == second["pooled"]["correlation"]
     assert leak["first_round"]["pooled_correlation"] <= 0.1
     header = [line for line in audit_report.format_report(report).splitlines() if "round buffer" in line]

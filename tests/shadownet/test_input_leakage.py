@@ -80,14 +80,15 @@ def test_leakage_estimate_on_a_small_tensor_is_not_its_noise_floor() -> None:
 
 
 def test_a_fixed_mixing_is_learnt_across_inferences_where_one_inference_is_too_small() -> None:
-    # 8x8 positions of 32 mixed channels: one inference has too few positions for the regression (the
-    # single figure is a per-channel fit's, about 1/sqrt(32) of the mixing); fitted on eight inferences and
-    # applied to eight others it undoes the mixing exactly.
+    # 8x8 positions of 32 mixed channels: one inference alone has too few positions for the regression
+    # (its figure is a per-channel fit's, about 1/sqrt(32) of the mixing); fitted on eight inferences and
+    # applied to eight others - pooled, or scored within each inference - it undoes the mixing exactly.
     rng = np.random.default_rng(17)
     x = rng.uniform(0, 1, (16, 8, 8, 32))
     mixed = x @ np.linalg.qr(rng.standard_normal((32, 32)))[0] + 3.0
-    assert input_leakage.single_leakage(mixed, x).get("regression") is None
-    assert input_leakage.single_leakage(mixed, x)["correlation"] < 0.6
+    alone = input_leakage.single_leakage(mixed[:1], x[:1])
+    assert alone.get("regression") is None and alone["correlation"] < 0.6
+    assert input_leakage.single_leakage(mixed, x)["regression"] == pytest.approx(1.0)
     pooled = input_leakage.pooled_leakage(mixed, x)
     assert pooled["correlation"] == pytest.approx(1.0)
     # A fresh mask per inference, ten times the spread: what a fit learns on some inferences does not

@@ -2,8 +2,9 @@
 
 One-time masks (schemes with ``static_masks = False``): on the rounds the mask policy selects, no two
 inferences share a mask. The converter then draws no mask and computes no pop mask for them; it records
-each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme) and each such restore's
-bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
+each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme; shaped across frequency
+bands and channels where the push carries a user input: ``converters.schemes.MaskDistribution``) and each
+such restore's bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
 approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks, which for
 ``groupmix`` means none by default (``static_mask_scale = 0``).
 

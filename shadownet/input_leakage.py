@@ -22,13 +22,13 @@ def _pearson(x: np.ndarray, y: np.ndarray, signed: bool = False) -> float:
     return r if signed else abs(r)
 
 
-# Every fit is chosen on one half of the positions (interleaved) and scored on the other, keeping the
-# sign the fit chose: a fit that learned nothing then scores about 0 on average. Scoring |r| instead
-# would report the noise floor ~0.8 / sqrt(positions) as leakage (0.05-0.1 on a 17x17x3 input). The halves
-# share neighbourhoods: on inputs smooth over blocks (the audit's own samples) a regression over many
-# channels can learn block values from one half that the other repeats - an unrelated tensor of 16 smooth
-# channels scored up to 0.95 (a review) - so these figures err high there, never low; ``pooled_leakage``
-# holds out whole inferences.
+# affine_leakage chooses every fit on one half of the positions (interleaved) and scores it on the other,
+# keeping the sign the fit chose: a fit that learned nothing then scores about 0 on average. Scoring |r|
+# instead would report the noise floor ~0.8 / sqrt(positions) as leakage (0.05-0.1 on a 17x17x3 input).
+# The halves share neighbourhoods: on inputs smooth over blocks a regression over many channels can learn
+# block values from one half that the other repeats - an unrelated tensor of 16 smooth channels scored
+# 0.43 - so those figures err high there, never low. single_leakage and difference_leakage choose on other
+# inferences instead (the same tensor: -0.003), and pooled_leakage holds out whole inferences.
 _FIT, _TEST = slice(0, None, 2), slice(1, None, 2)
 
 

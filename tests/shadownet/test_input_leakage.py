@@ -79,6 +79,22 @@ def test_leakage_estimate_on_a_small_tensor_is_not_its_noise_floor() -> None:
     assert input_leakage.single_leakage(leaky, x)["correlation"] == pytest.approx(1 / np.sqrt(5), abs=0.03)
 
 
+def test_fits_chosen_on_other_inferences_do_not_learn_what_neighbouring_positions_share() -> None:
+    # Unrelated tensors smooth over 4x4 blocks: chosen on interleaved positions of one inference, the
+    # regression over 16 channels learns block values the other half repeats (0.43); chosen on the other
+    # inferences it learns nothing (a review saw the interleaved fit reach 0.95).
+    rng = np.random.default_rng(3)
+
+    def smooth(channels: int) -> np.ndarray:
+        x = np.kron(rng.uniform(0, 1, (16, 1, 8, 8, channels)), np.ones((1, 1, 4, 4, 1)))
+        return x + 0.05 * rng.standard_normal(x.shape)
+
+    truth, unrelated = smooth(3), smooth(16)
+    assert input_leakage.single_leakage(unrelated[:1], truth[:1])["correlation"] > 0.3  # the old way
+    assert abs(input_leakage.single_leakage(unrelated, truth)["correlation"]) < 0.05
+    assert abs(input_leakage.difference_leakage(unrelated, truth)["correlation"]) < 0.1
+
+
 def test_a_fixed_mixing_is_learnt_across_inferences_where_one_inference_is_too_small() -> None:
     # 8x8 positions of 32 mixed channels: one inference alone has too few positions for the regression
     # (its figure is a per-channel fit's, about 1/sqrt(32) of the mixing); fitted on eight inferences and

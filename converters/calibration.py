@@ -123,7 +123,7 @@ def activation_stats(graph: Graph, tensors: set[int],
     # The tensors to measure become extra model outputs, so LiteRT runs at full speed (XNNPACK) and
     # hands them back; model inputs are read from the samples themselves.
     probes = sorted(t for t in tensors if t not in graph.inputs)
-    run = _runner(graph, probes)
+    run = litert_runner(graph, probes)
     sums = {t: np.zeros(graph.tensors[t].shape[-1] if graph.tensors[t].shape else 1) for t in tensors}
     squares = dict.fromkeys(tensors, 0.0)
     count = 0
@@ -182,7 +182,7 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
                 start += width
     if not pushed or not hasattr(scheme, "mask_distribution"):
         return {}
-    run = _runner(graph)
+    run = litert_runner(graph)
     rng = np.random.default_rng(1)  # not a secret: masks like the scheme's, for an estimate
     cost = dict.fromkeys(pushed, 0.0)
     for sample in samples:
@@ -202,7 +202,7 @@ def split_needed(graph: Graph, samples: list[list[np.ndarray]], stats: dict[int,
     return {t: c > exact_split.NEEDED_ABOVE for t, c in cost.items()}
 
 
-def _runner(graph: Graph, probes: list[int] | None = None) -> Any:
+def litert_runner(graph: Graph, probes: list[int] | None = None) -> Any:
     """``run(sample) -> outputs`` (float64) of LiteRT (XNNPACK, as the converter measures) on ``graph``:
     the model's outputs, then the tensors ``probes`` as extra outputs."""
     from ai_edge_litert.interpreter import Interpreter

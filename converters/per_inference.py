@@ -4,9 +4,9 @@ One-time masks (schemes with ``static_masks = False``): on the rounds the mask p
 inferences share a mask. The converter then draws no mask and computes no pop mask for them; it records
 each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme; shaped across frequency
 bands and channels where the push carries a user input: ``converters.schemes.MaskDistribution``) and each
-such restore's bias, and the TA draws a fresh mask per inference and precomputes its unblinding term offline (Slalom's
-approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks, which for
-``groupmix`` means none by default (``static_mask_scale = 0``).
+such restore's bias, and the TA draws a fresh mask per inference and precomputes its unblinding term
+offline (Slalom's approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks,
+which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
 The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
 round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``, from what

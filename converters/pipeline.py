@@ -135,7 +135,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
-    plan = build(graph, part, chosen, rng, stats, one_time, needs_split)
+    plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
     if calibration is None and needs_split and any(
             m["buffer"].startswith("round_1/") and "split" not in m for m in masks):

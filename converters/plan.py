@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import anisotropy
 from converters.graph import Graph, write_model
 from converters.partition import Partition
 from converters.per_inference import describe, locate_weights
@@ -47,18 +48,23 @@ class Plan:
 
 def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
           stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = (),
-          needs_split: dict[int, bool] | None = None) -> Plan:
+          needs_split: dict[int, bool] | None = None, samples: list[list[np.ndarray]] | None = None) -> Plan:
     """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring);
     ``one_time_rounds``: the rounds whose masks the TEE draws per inference (``converters.per_inference``);
-    ``needs_split``: per model input, whether its mask needs an exact split (``converters.calibration``)."""
+    ``needs_split``: per model input, whether its mask needs an exact split (``converters.calibration``);
+    ``samples``: calibration inputs, on which the checked layers' anisotropy is measured
+    (``converters.anisotropy``)."""
     b = TeeProgramBuilder(graph, part, scheme, rng, stats, one_time_rounds, needs_split)
     b.obfuscate_rounds()
+    measured = anisotropy.layer_inputs(b, samples or [])  # before the TEE's plan adds to the graph
     b.plan_tee()
     b.emit()
     b.layout()
     per_inference = describe(b, one_time_rounds)
     untrusted = write_model(b.untrusted, b.signatures)
     locate_weights(untrusted, per_inference["layers"])
+    for name, value in anisotropy.measure(b, per_inference["layers"], measured, untrusted).items():
+        per_inference["layers"][name]["anisotropy"] = value
     arrays = dict(b.arrays)
     if b.tee_model is not None:
         arrays["tee_model"] = np.frombuffer(b.tee_model, np.uint8)

@@ -43,7 +43,8 @@ inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERA
 ||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load so that ``beta^k <=
 2^-26`` (6 bits of margin for inputs less isotropic than the estimate assumes; 3.5 bits for conv and
 dense layers with at least ``SMALL_OUTPUT`` output values, whose norms concentrate; ``MIN_PROJECTIONS`` at
-least). A check can also compute the bound it actually achieved from ``||tau||`` and ``||y'||``
+least), the estimate first multiplied by the layer's ``anisotropy``: how far from isotropic the converter
+measured its inputs on calibration samples (``converters.anisotropy``; 1 when absent). A check can also compute the bound it actually achieved from ``||tau||`` and ``||y'||``
 (``LayerCheck.check`` returns ``log2 beta^k``); the tests assert it is at most -20 for every layer of every
 zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
 layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
@@ -243,6 +244,12 @@ class LayerCheck:
             raise ValueError(f"{self.kind}: output has {y_shape[-1]} channels, the weights {self.m_out}")
         self.weights_shape = tuple(weights.shape)
         self.rows_out = math.prod(y_shape[:-1])
+        # How far the calibration inputs were from isotropic (converters.anisotropy): >= 1, the factor by
+        # which the estimate of ||tau|| / ||y'|| grows.
+        self.anisotropy = layer.get("anisotropy", 1.0)
+        if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
+                and 1.0 <= self.anisotropy <= 2.0 ** 20):
+            raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
         # A layer only ever ``computing`` (``computed``) projects nothing: one lane layout suffices.
         self.k = k = 1 if computed else projections or self.projections_needed(frobenius)
         if not 1 <= k <= LANES:
@@ -328,10 +335,11 @@ class LayerCheck:
 
     def projections_needed(self, frobenius: float) -> int:
         """``k`` with ``beta^k <= 2^(-20 - MARGIN_LOG2)`` for the isotropic estimate of ``||tau|| / ||y'||``
-        (module docstring)."""
+        (module docstring), times the layer's measured ``anisotropy``."""
         if frobenius == 0:
             return MIN_PROJECTIONS
-        rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius
+        rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius \
+            * self.anisotropy
         beta = _DENSITY * rho / RELATIVE_CHANGE
         if beta >= 0.5:
             return MAX_PROJECTIONS

@@ -25,7 +25,8 @@ import numpy as np
 
 MAGIC = b"SNTP"
 # Written; 2: a restore may add an ``addend`` tensor; 3: a one-time mask may be shaped (``bands``,
-# ``common``: ``mask_bands``). An older reader would skip either and compute or mask something else.
+# ``common``: ``mask_bands``), and a checked layer carry its inputs' ``anisotropy`` (``tee_sim.freivalds``).
+# An older reader would skip them and compute, mask or check something else.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = frozenset({1, 2, 3})
 PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)

@@ -96,3 +96,20 @@ def test_draw_refuses_arrays_of_another_shape():
         check.draw(rng, np.zeros(u_shape, np.float64), np.zeros(f_shape, np.float32), w)
     with pytest.raises(ValueError, match="weights"):
         check.draw(rng, np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32), w[:4])
+
+
+def test_a_layers_anisotropy_raises_its_projections_and_is_checked():
+    """The converter's measure of how far the calibration inputs were from isotropic (``anisotropy``,
+    ``converters.anisotropy``) multiplies the estimate of ``||tau|| / ||y'||``: more projections; a value
+    that is not a number in [1, 2^20] is refused at load."""
+    weights = np.random.default_rng(0).standard_normal((8, 3, 3, 4)).astype(np.float32)
+
+    def projections(**extra):
+        return LayerCheck({**CONV, **extra}, weights, (1, 10, 10, 4), (1, 10, 10, 8),
+                          lambda shape, dtype: np.zeros(shape, dtype)).k
+
+    plain = projections()
+    assert projections(anisotropy=1.0) == plain < projections(anisotropy=8.0) < projections(anisotropy=1e4)
+    for bad in (0.5, True, "2", float("nan"), 2.0 ** 21):
+        with pytest.raises(ValueError, match="anisotropy"):
+            projections(anisotropy=bad)

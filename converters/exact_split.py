@@ -31,8 +31,9 @@ It costs the masked layer 4x its multiply-adds (MobileNet's first layer, reading
 image: 5.7% more for the model) and the TEE a restore that reads twice the layer's output and pop mask.
 Conv and dense layers only: a depthwise layer cannot read both halves of a channel in one op, and keeps
 the plain one-time mask. Where the mask's rounding costs the model little, the split is not worth its
-cost: ``groupmix``'s default policy (``exact_split=auto``) splits round 1 only where calibration measured
-that cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``).
+cost: ``groupmix``'s default policy (``exact_split=auto``) splits round 1 where its mask is shaped (the
+default's: ``converters.calibration.split_needed``), and a white mask only where calibration measured that
+cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``).
 This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
 """
 
@@ -52,9 +53,8 @@ import numpy as np
 # MobileNet 1.2e-4, 5.7%, and ResNet-404 2.0e-4 (split: needed); ResNet-44 7.5e-6, 1.4% (split: cheap);
 # yolov4-tiny 5.6e-6, 3.3% and MiniVGG 4.0e-6 (not split: their protected errors without it at worst
 # 1.3e-5 and 2.7e-5 over 2 conversions x 3 inputs x 3 inferences on [0, 1] and on [-1, 1], against 6.9e-6
-# and 7.7e-6 with it). Round 1's shaped masks (sqrt(2 * bands) times as large per element) measured
-# ResNet-44 1.3e-5, yolov4-tiny 1.0e-5 (split now: needed) and MiniVGG 2.9e-6 (not split; its protected
-# error at worst 4.1e-5 over 12 inputs on [0, 1]).
+# and 7.7e-6 with it). Round 1's shaped masks (sqrt(2 * bands) times as large per element) are always
+# split: this measure put MiniVGG's at 2.9e-6, and unsplit its outputs were up to 1.2e-4 off (a review).
 NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
 
 FLOAT32_BITS = 24

@@ -63,8 +63,9 @@ accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static m
 with round 1's one-time mask alone. A one-time-masked conv or dense layer therefore receives its input as
 an exact split (``exact_split``, ``converters.exact_split``): the mask's magnitude is computed exactly and
 round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 6e-6 - 8e-5 with no
-mask at all). By default (``auto``) only round 1's, and there only where calibration measured that the
-mask's rounding costs the outputs precision or the split is cheap (``converters.exact_split``): the first
+mask at all). By default (``auto``) only round 1's, and there only where its mask is shaped (always, by
+default) or calibration measured that a white mask's rounding costs the outputs precision or the split is
+cheap (``converters.exact_split``): the first
 layer is small (the split adds 5.7% to MobileNet's multiply-adds), the deeper one-time rounds of
 ``--mask-rounds all`` are not (``exact_split=all`` pays it).
 Unmasked rounds show the accelerator their features through the input mixing only, which an attacker

@@ -191,9 +191,10 @@ def test_a_grouped_convolution_is_offloaded_as_a_convolution_per_group(tf, devic
 
 def test_a_grouped_first_layers_groups_are_split_only_where_calibration_says_so(tf, device, tmp_path):
     """A grouped first layer: round 1 pushes each group's channels of the user's input on its own. The
-    default's exact split (3x those layers' multiply-adds) is taken where calibration measured that the
-    mask's rounding costs precision; it measured model inputs only, so the groups' pushes were always
-    split (a review). Each group's part is now measured as the input is: here the split is not needed."""
+    auto policy's exact split (3x those layers' multiply-adds) is taken where calibration measured that a
+    white mask's rounding costs precision; it measured model inputs only, so the groups' pushes were always
+    split (a review). Each group's part is now measured as the input is: here the split is not needed. (The
+    default's shaped masks are always split.)"""
     import keras
 
     from converters.calibration import activation_stats, split_needed
@@ -206,9 +207,11 @@ def test_a_grouped_first_layers_groups_are_split_only_where_calibration_says_so(
     (split,) = [op for op in graph.ops if op.kind == "SPLIT"]
     samples = [inputs_for(model, np.random.default_rng(k)) for k in range(4)]
     stats = activation_stats(graph, {*split.outputs, *graph.inputs}, samples)
-    verdicts = split_needed(graph, samples, stats, get_scheme(None))
+    white = "groupmix:shaped_masks=false"
+    verdicts = split_needed(graph, samples, stats, get_scheme(white))
     assert set(split.outputs) <= set(verdicts) and not any(verdicts[t] for t in split.outputs)
-    protect(model, tmp_path / "out", device)
+    assert all(split_needed(graph, samples, stats, get_scheme(None)).values())
+    protect(model, tmp_path / "out", device, scheme=white)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     shapes = [b["shape"] for b in manifest["buffers"] if b["name"].startswith("round_1/in/")]
     assert shapes == [[1, 16, 16, 8]] * 2  # unsplit (a split push carries twice the channels)
@@ -1076,8 +1079,11 @@ def test_an_unsplit_round_1_decided_on_random_inputs_is_warned_of(device, tmp_pa
     inputs nor when the split is asked for."""
     model = _conv_graph()
     calibration = np.random.default_rng(8).uniform(0, 1, (4, 6, 6, 3)).astype(np.float32)
-    for out, kw, warned in (("random", {}, True), ("given", {"calibration": calibration}, False),
-                            ("first", {"scheme": "groupmix:exact_split=first"}, False)):
+    white = "groupmix:shaped_masks=false"  # (a shaped mask is always split)
+    for out, kw, warned in (("random", {"scheme": white}, True),
+                            ("given", {"scheme": white, "calibration": calibration}, False),
+                            ("first", {"scheme": "groupmix:exact_split=first"}, False),
+                            ("shaped", {}, False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             convert(model, tmp_path / out, seed=7, device=device, **kw)

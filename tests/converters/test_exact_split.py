@@ -144,14 +144,16 @@ def test_policy_all_splits_every_masked_conv_and_dense_input(tmp_path_factory):
 
 
 def test_auto_splits_where_the_mask_costs_precision_or_the_split_is_cheap(tmp_path_factory, monkeypatch):
-    """exact_split=auto, the default: round 1 is split where calibration measured that the mask's float32
-    rounding costs the outputs more than NEEDED_ABOVE, or where the split costs under CHEAP_BELOW of the
-    model's multiply-adds; the small CNN (its first layer a third of its work) is neither."""
-    def round_1_split(name: str) -> bool:
-        out = protect_small_cnn(tmp_path_factory, name, seed=5)
+    """exact_split=auto, the default: round 1 is split where its mask is shaped (the default's: always),
+    where calibration measured that a white mask's float32 rounding costs the outputs more than
+    NEEDED_ABOVE, or where the split costs under CHEAP_BELOW of the model's multiply-adds; with a white
+    mask the small CNN (its first layer a third of its work) is neither."""
+    def round_1_split(name: str, scheme: str = "groupmix:shaped_masks=false") -> bool:
+        out = protect_small_cnn(tmp_path_factory, name, seed=5, scheme=scheme)
         manifest = json.loads((Path(out) / "manifest.json").read_text())
         return bool(manifest["rounds"][0]["inputs"][0].get("split"))
 
+    assert round_1_split("shaped", "groupmix")
     assert not round_1_split("auto")
     monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 0.0)
     assert round_1_split("auto_needed")
@@ -161,8 +163,9 @@ def test_auto_splits_where_the_mask_costs_precision_or_the_split_is_cheap(tmp_pa
 
 
 def test_the_masks_cost_is_measured_from_its_rounding(monkeypatch):
-    """calibration.split_needed runs the original on fl(x + r) - r: a mask of 10x the input's spread moves
-    the outputs; with no mask at all (no scale, not centred) nothing is rounded and the cost is zero."""
+    """calibration.split_needed runs the original on fl(x + r) - r: a white mask of 10x the input's spread
+    moves the outputs; with no mask at all (no scale, not centred) nothing is rounded and the cost is zero.
+    A shaped mask is always split (its coherent sums are not what this measures)."""
     from converters.calibration import activation_stats, calibration_inputs, split_needed
     from converters.normalize import normalize
     from converters.schemes import get_scheme
@@ -173,8 +176,10 @@ def test_the_masks_cost_is_measured_from_its_rounding(monkeypatch):
     stats = activation_stats(graph, set(graph.inputs), samples)
     monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e-12)
     (t,) = graph.inputs
-    assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: True}
-    none = get_scheme("groupmix:mask_scale=0,center_masks=false")
+    white = get_scheme("groupmix:shaped_masks=false")
+    assert split_needed(graph, samples, stats, white) == {t: True}
+    none = get_scheme("groupmix:mask_scale=0,center_masks=false,shaped_masks=false")
     assert split_needed(graph, samples, stats, none) == {t: False}
     monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e-3)  # far above what 10x costs this small model
-    assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: False}
+    assert split_needed(graph, samples, stats, white) == {t: False}
+    assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: True}

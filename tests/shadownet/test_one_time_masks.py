@@ -33,7 +33,13 @@ def all_rounds(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def first_round(tmp_path_factory) -> str:
-    return _convert(tmp_path_factory, "first_round", scheme="groupmix")
+    return _convert(tmp_path_factory, "first_round", scheme="groupmix")  # round 1 shaped, so split
+
+
+@pytest.fixture(scope="module")
+def first_unsplit(tmp_path_factory) -> str:
+    # The plain one-time restore of round 1 (its offset rescaled or made again as the mask moves).
+    return _convert(tmp_path_factory, "first_unsplit", scheme="groupmix:exact_split=none")
 
 
 class Recorder(AcceleratorWrapper):
@@ -78,15 +84,16 @@ def test_manifest_names_the_one_time_rounds(all_rounds, first_round):
         assert model.one_time_rounds == (1,)
 
 
-def test_no_mask_is_shared_between_inferences(all_rounds, first_round):
+def test_no_mask_is_shared_between_inferences(all_rounds, first_round, first_unsplit):
     x = images(1)[0]
-    for out, fresh_rounds, split in ((all_rounds, {1, 2, 3, 4, 5}, True), (first_round, {1}, False)):
+    for out, fresh_rounds, split in ((all_rounds, {1, 2, 3, 4, 5}, True), (first_round, {1}, True),
+                                     (first_unsplit, {1}, False)):
         model, recorders = _recording(out)
         with model:
             for _ in range(6):
                 model(x)  # the same input every time: only the masks can change the round inputs
         seen = attacker_view(out, recorders[0].seen)
-        # Round 1 split (its halves were added) or not (the default's choice for this small model).
+        # Round 1 split (its halves were added: the default's shaped mask is always split) or not.
         assert any(v.dtype == np.float64 for v in seen.values()) == split
         for name, values in seen.items():
             r = int(name.split("/")[0].removeprefix("round_"))
@@ -235,13 +242,12 @@ def test_an_offloaded_depthwise_layer_does_not_unmask_the_input_it_filters(tmp_p
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_factory):
+def test_round_1s_mask_follows_its_inputs_spread(split, first_round, first_unsplit):
     """Converted without calibration (masks sized for N(0, 1) inputs), fed raw 0-255 pixels, then inputs a
     thousand times smaller: round 1's mask moves by powers of two with the input's RMS, so the input stays
     hidden (0.99 for the 0-255 ones when the mask did not follow) and the outputs within the target; down to
     inputs of RMS ~1e-16 (when the powers of two stopped at 2**-40, outputs were 3e-3 off there)."""
-    out = first_round if not split else _convert(tmp_path_factory, "first_split",
-                                                 scheme="groupmix:exact_split=first")
+    out = first_round if split else first_unsplit
     model_bytes = small_cnn()
     for scale, exponent in ((255.0, 8), (1e-3, -10), (1e-16, -53)):
         xs = [x * np.float32(scale) for x in images(24, seed=2)]
@@ -261,13 +267,12 @@ def test_round_1s_mask_follows_its_inputs_spread(split, first_round, tmp_path_fa
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_a_blank_input_does_not_spoil_the_next_ones(split, first_round, tmp_path_factory):
+def test_a_blank_input_does_not_spoil_the_next_ones(split, first_round, first_unsplit):
     """In one load: a zero input sends round 1's mask to its lowest power of two (and the entries drawn
     after it there); the next image moves them back up. An unsplit offset moved up by scaling, ``bias - L(r)``
     rounded where ``L(r)`` was below the bias's last bit, came back as ``bias`` (outputs 12x off): it is made
     again from the mask instead."""
-    out = first_round if not split else _convert(tmp_path_factory, "blank_split",
-                                                 scheme="groupmix:exact_split=first")
+    out = first_round if split else first_unsplit
     model_bytes = small_cnn()
     xs = images(6, seed=9)
     blank = np.zeros_like(xs[0])

@@ -44,8 +44,9 @@ inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERA
 2^-26`` (6 bits of margin for inputs less isotropic than the estimate assumes; 3.5 bits for conv and
 dense layers with at least ``SMALL_OUTPUT`` output values, whose norms concentrate; ``MIN_PROJECTIONS`` at
 least), the estimate first multiplied by the layer's ``anisotropy``: how far from isotropic the converter
-measured its inputs on calibration samples (``converters.anisotropy``; 1 when absent). A check can also compute the bound it actually achieved from ``||tau||`` and ``||y'||``
-(``LayerCheck.check`` returns ``log2 beta^k``); the tests assert it is at most -20 for every layer of every
+measured its inputs on calibration samples (``converters.anisotropy``; 1 when absent). A check can also
+compute the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerCheck.check`` returns
+``log2 beta^k``); the tests assert it is at most -20 for every layer of every
 zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
 layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
 """

@@ -1,17 +1,21 @@
 """One-time masks in the ShadowNet TA: a mask drawn from its 256-bit key, and its unblinding term.
 
 When it refills its pool (``tee_sim.per_inference``) the TEE draws each one-time mask from a fresh key:
-AES-256 in counter mode gives 16 bits per element, which index a table of 65536 standard normal
-quantiles (unit variance, tails at 4.3 sigma), scaled by the scheme's ``std`` and shifted by its
-per-channel ``mean``: about 3 ns an element, against 18 for numpy's normal sampler. A shaped mask (the
-spec's ``bands``; round 1 and the other rounds that carry a user input, ``converters.schemes.groupmix``)
-filters that white noise so that every frequency band of ``tee_sim.program.mask_bands`` gets an equal share
-of its power, and adds a second such field shared by all channels along the spec's ``common`` direction: a
-white mask's power sits almost all in the finest octaves, where an image has little, and averaging
-neighbours or channels first takes it off (SECURITY.md). Its variance per element is at most 1, so
-``std`` bounds it as it bounds a white mask (the exact split's grid); values cut at the table's tails.
-The unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``, the
-pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
+AES-256 in counter mode gives 32 bits per element: 16 index a table of 65536 standard normal quantiles,
+the centres of equal-probability cells, and 16 place the value uniformly within its cell (unit variance,
+tails at 4.3 sigma); scaled by the scheme's ``std`` and shifted by its per-channel ``mean``: a few ns an
+element, against 18 for numpy's normal sampler. Without the second 16 bits a mask took 65536 values per
+channel: a review learnt ``std`` and the means from 300 inputs of its own and then read 8-bit images
+back exactly where the mask was white (95% of pixels; ``x + r`` has one ``x`` on the 1/255 grid).
+A shaped mask (the spec's ``bands``; round 1 and the other rounds that carry a user input,
+``converters.schemes.groupmix``) filters that white noise so that every frequency band of
+``tee_sim.program.mask_bands`` gets an equal share of its power, and adds a second such field shared by
+all channels along the spec's ``common`` direction: a white mask's power sits almost all in the finest
+octaves, where an image has little, and averaging neighbours or channels first takes it off
+(SECURITY.md). Its variance per element is at most 1, so ``std`` bounds it as it bounds a white mask
+(the exact split's grid); values cut at the table's tails (about 2e-5 of a shaped mask's).
+The unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``,
+the pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
 restore, in float64), made offline when the pool is refilled.
 """
 
@@ -31,21 +35,27 @@ from tee_sim.program import mask_bands
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
-MASK_CHUNK = 1 << 16  # mask elements drawn per keystream block (128 KiB of AES-CTR output)
+MASK_CHUNK = 1 << 14  # mask elements drawn per keystream block (64 KiB of AES-CTR output)
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 _NONCE = bytes(16)  # every key is used for one mask only
-_table: np.ndarray | None = None
+_table: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def gaussian_table() -> np.ndarray:
-    """``2**16`` float32 standard normal quantiles at the centres of equal-probability cells, rescaled
-    to unit variance: indexed by uniform 16-bit numbers, a normal sample (tails cut at 4.3 sigma)."""
+def gaussian_table() -> tuple[np.ndarray, np.ndarray]:
+    """``(centres, widths)``: ``2**16`` float32 standard normal quantiles at the centres of
+    equal-probability cells and the cells' widths (the centres' spacing), rescaled together so that
+    ``centres[i] + (f - 1/2) * widths[i]``, ``i`` and ``f`` uniform, has unit variance: a normal sample,
+    cut at ``centres[-1]`` (4.3 sigma)."""
     global _table
     if _table is None:
         n = 1 << TABLE_BITS
         values = normal_quantiles((np.arange(n // 2) + 0.5) / n)  # the lower half; the upper mirrors it
         values = np.concatenate([values, -values[::-1]])
-        _table = (values / values.std()).astype(np.float32)
+        widths = np.empty(n)
+        widths[1:-1] = (values[2:] - values[:-2]) / 2
+        widths[0], widths[-1] = values[1] - values[0], values[-1] - values[-2]
+        scale = 1 / np.sqrt(np.mean(values ** 2) + np.mean(widths ** 2) / 12)
+        _table = (values * scale).astype(np.float32), (widths * scale).astype(np.float32)
     return _table
 
 
@@ -124,23 +134,35 @@ class MaskStream:
                 self._own = np.float32(scale)
         self.common = common
         self._chunk = min(self.size + extra, MASK_CHUNK)  # keystream made a chunk at a time
-        self._zeros = bytes(2 * self._chunk)  # the plaintext encrypted into the keystream
-        self._stream = alloc(2 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
-        self._index = self._stream[:2 * self._chunk].view(np.uint16)
+        self._zeros = bytes(4 * self._chunk)  # the plaintext encrypted into the keystream
+        self._stream = alloc(4 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
+        words = self._stream[:4 * self._chunk].view(np.uint16)
+        self._index, self._place = words[0::2], words[1::2]  # each element's cell, and where in it
+        self._dither = alloc((2, self._chunk), np.float32)
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-        table = gaussian_table()
+        centres, widths = gaussian_table()
         fields = [out.reshape(-1)]
         if self.common is not None:
             fields.append(self._common.reshape(-1))
+        width, offset = self._dither
         for flat in fields:  # one keystream for both: the common field's values follow the mask's
             for a in range(0, flat.size, self._chunk):
                 n = min(self._chunk, flat.size - a)
-                encryptor.update_into(self._zeros[:2 * n], self._stream)
-                np.take(table, self._index[:n], out=flat[a:a + n])
+                encryptor.update_into(self._zeros[:4 * n], self._stream)
+                np.take(centres, self._index[:n], out=flat[a:a + n])
+                np.take(widths, self._index[:n], out=width[:n])
+                np.multiply(self._place[:n], np.float32(2.0 ** -16), out=offset[:n])  # in [0, 1)
+                np.subtract(offset[:n], np.float32(0.5 - 2.0 ** -17), out=offset[:n])  # centred
+                np.multiply(offset[:n], width[:n], out=offset[:n])
+                np.add(flat[a:a + n], offset[:n], out=flat[a:a + n])
         if self.bands:
             self._shape(out)
+        # Cut at the outermost centres: the outer half of the two end cells (1 in 2^17 of the values of a
+        # white mask; a shaped one's sums of many draws are normal without the cut) - so that the exact
+        # split's bound on the mask's magnitude holds.
+        np.clip(out, -centres[-1], centres[-1], out=out)
         np.multiply(out, self.std, out=out)
         np.add(out, self.mean, out=out)
 
@@ -155,10 +177,6 @@ class MaskStream:
             np.multiply(out, self._own, out=out)
             for c, weight in enumerate(self._direction):  # a plane at a time: no mask-sized temporary
                 out[..., c] += self._common * weight
-        # A sum of many table draws is normal without the table's cut: cut it again (about 2e-5 of the
-        # values move), so that the exact split's bound on the mask's magnitude holds.
-        limit = gaussian_table()[-1]
-        np.clip(out, -limit, limit, out=out)
 
     def _filter(self, plane: np.ndarray) -> None:
         """One channel's white field ``[N, *positions]`` filtered in place to the bands' equal shares."""

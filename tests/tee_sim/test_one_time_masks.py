@@ -24,18 +24,32 @@ def test_mask_stream_draws_the_schemes_distribution():
     assert np.array_equal(a, b) and np.abs(a - c).min() > 0  # a key makes its mask, another key another
     flat = a.reshape(-1, 3)
     assert np.allclose(flat.mean(axis=0), mean, atol=0.5) and np.allclose(flat.std(axis=0), 10, rtol=0.05)
-    table = gaussian_table()
-    assert table.dtype == np.float32 and abs(float(table.std()) - 1) < 1e-6
-    assert abs(float(table.mean())) < 1e-6
-    # A mask larger than one keystream chunk is the same AES-CTR stream, indexed 16 bits at a time.
+    centres, widths = gaussian_table()
+    assert centres.dtype == widths.dtype == np.float32 and abs(float(centres.mean())) < 1e-6
+    variance = float(np.mean(centres.astype(np.float64) ** 2) + np.mean(widths.astype(np.float64) ** 2) / 12)
+    assert abs(variance - 1) < 1e-6 and np.all(widths > 0)
+    # A mask larger than one keystream chunk is the same AES-CTR stream, 32 bits an element: a cell of
+    # the table, and the place within it.
     shape = (1, 300, 300, 3)
     big = MaskStream({"buffer": "b", "shape": list(shape), "std": 2.0}, mean, _alloc)
     got = np.empty(shape, np.float32)
     big.draw(b"q" * 32, got)
     encryptor = Cipher(algorithms.AES(b"q" * 32), modes.CTR(bytes(16))).encryptor()
-    index = np.frombuffer(encryptor.update(bytes(2 * got.size)), np.uint16)
-    want = table[index].reshape(shape) * np.float32(2.0) + mean
-    assert np.array_equal(got, want)
+    words = np.frombuffer(encryptor.update(bytes(4 * got.size)), np.uint16).astype(np.float64)
+    index = words[0::2].astype(np.intp)
+    unit = centres[index] + (words[1::2] * 2.0 ** -16 - (0.5 - 2.0 ** -17)) * widths[index]
+    want = np.clip(unit, -centres[-1], centres[-1]).reshape(shape) * 2.0 + mean
+    assert np.allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_white_mask_takes_more_than_the_tables_values():
+    """A review: with 16 bits an element a white mask took 65536 values per channel, which an attacker
+    learns and then reads 8-bit inputs back exactly from. Each value is now placed within its cell."""
+    stream = MaskStream({"buffer": "b", "shape": [1, 512, 512, 1], "std": 1.0}, np.zeros(1, np.float32),
+                        _alloc)
+    mask = np.empty((1, 512, 512, 1), np.float32)
+    stream.draw(b"w" * 32, mask)
+    assert len(np.unique(mask)) > 3 * (1 << 16)  # 262,144 values drawn; at most 65,536 distinct before
 
 
 def _octave(side: int) -> np.ndarray:
@@ -61,7 +75,7 @@ def test_a_shaped_mask_shares_its_power_equally_among_bands_and_with_the_common_
     masks = np.empty((400, *shape), np.float32)
     for k, mask in enumerate(masks):
         stream.draw(k.to_bytes(32, "little"), mask)
-    assert abs(float(masks.var()) - 1) < 0.03 and np.abs(masks).max() <= gaussian_table()[-1]
+    assert abs(float(masks.var()) - 1) < 0.03 and np.abs(masks).max() <= gaussian_table()[0][-1]
     spectrum = np.abs(np.fft.fft2(masks[:, 0], axes=(1, 2))) ** 2 / side**2  # power per bin, [K, H, W, C]
     power = np.stack([spectrum[:, band == b].sum(axis=1) for b in range(bands)], axis=1)  # [K, bands, C]
     share = power.mean(axis=0) / power.mean(axis=0).sum(axis=0)

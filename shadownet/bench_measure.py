@@ -399,16 +399,6 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                                   n_inputs)
         protected.refill()
         sequential = None
-        if verify_alone:
-            # Not both under the cap at once: shadownet closed, the verified copy alone, its runs alternated
-            # with unprotected's; the overhead compares each with its own phase's unprotected median.
-            protected.close()
-            verify_error, sequential = _verify_alone(out_dir, num_threads, delegate, runners["unprotected"],
-                                                     inputs, warmup_runs, num_runs, progress, name, total)
-            if sequential is not None:
-                verified = sequential.pop("verified")
-                times[VERIFY_MODE] = sequential.pop("times")
-                active = (*active, VERIFY_MODE)
         streaming = None
         if throughput:
             progress(f"{name}: throughput", total, total + 1)
@@ -422,6 +412,17 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             fps, unprotected = streaming["shadownet"]["fps"], streaming["unprotected"]["fps"]
             streaming["S/U"] = fps / unprotected if fps is not None else None
             streaming["S/U one at a time"] = one / unprotected
+        if verify_alone:
+            # Not both under the cap at once: shadownet closed (after its throughput, which runs it), the
+            # verified copy alone, its runs alternated with unprotected's; the overhead compares each with
+            # its own phase's unprotected median.
+            protected.close()
+            verify_error, sequential = _verify_alone(out_dir, num_threads, delegate, runners["unprotected"],
+                                                     inputs, warmup_runs, num_runs, progress, name, total)
+            if sequential is not None:
+                verified = sequential.pop("verified")
+                times[VERIFY_MODE] = sequential.pop("times")
+                active = (*active, VERIFY_MODE)
     finally:
         for runner in runners.values():
             runner.close()

@@ -11,10 +11,16 @@ Here the converter pushes each calibration sample as the TEE would (the layer in
 scheme transforms it, the static mask added; padded as the push pads it), runs the untrusted model's
 rounds on it with LiteRT and measures, per layer, ``||n|| ||W'||_F / (sqrt(T C) ||y'||)`` over the
 output positions (``n_p`` the window's norm, over every tap and channel, as the TA's ``tau`` reads it):
-1 for isotropic inputs. The largest over the samples, at least 1, goes into the layer's descriptor
-(``anisotropy``); the TA multiplies its estimate by it before its margin (which stays for inputs
-unlike the calibration's). One-time-masked pushes (a mask of 10x their input's spread dominates them)
-and exact splits keep 1.
+1 for isotropic inputs. The largest over the samples (the first ``MEASURED_SAMPLES``; a blank one says
+nothing), at least 1, goes into the layer's descriptor (``anisotropy``); the TA multiplies its estimate by
+it before its margin (which stays for inputs unlike the calibration's), and says at load how many layers
+would need more projections than a check takes. One-time-masked pushes (a mask of 10x their input's
+spread dominates them) and exact splits keep 1. What it cannot bound: a layer whose ratio varies from
+input to input by more than the margin - under the paper's scheme, a small dense layer whose obfuscated
+filters put nearly all their energy in one or two N(0, 1) fakes follows one random projection of its
+input (a review: 10-30x from input to input on the zoo MiniVGG's classifier, whose checks then reached
+2^-8 and worse; past about 20x the honest tolerance exceeds a 1e-3 change and no number of projections
+helps).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from converters import linear
 from converters.calibration import litert_runner
 from converters.graph import Graph
 
-# A layer whose results vanish on every sample (a dead layer) gets this: k at its maximum.
+# A layer whose results vanish on a sample whose windows do not gets this: k at its maximum.
 MAX_ANISOTROPY = 2.0 ** 20
+# At most this many calibration samples are measured: their activations are held until the untrusted
+# model exists (float32; MobileNet's 7.5 MiB a sample).
+MEASURED_SAMPLES = 16
 
 
 def layer_inputs(builder: Any, samples: list[list[np.ndarray]]) -> list[dict[int, np.ndarray]]:
@@ -41,8 +50,9 @@ def layer_inputs(builder: Any, samples: list[list[np.ndarray]]) -> list[dict[int
     sources = sorted(set(measured) - set(g.inputs))
     run = litert_runner(g, sources)
     values = []
-    for sample in samples:
-        found = dict(zip(sources, run(sample)[len(g.outputs):], strict=True))
+    for sample in samples[:MEASURED_SAMPLES]:
+        outputs = run(sample)[len(g.outputs):]
+        found = {t: np.asarray(v, np.float32) for t, v in zip(sources, outputs, strict=True)}
         found.update(zip(g.inputs, sample, strict=False))
         values.append(found)
     return values
@@ -90,6 +100,8 @@ def measure(builder: Any, layers: dict[str, dict[str, Any]], inputs: list[dict[i
                 window = _window_norm2(op.kind, squares[rest["push"]], weights.shape, op.options)
                 taps_channels = weights.shape[1] if op.kind == "FULLY_CONNECTED" \
                     else weights.shape[1] * weights.shape[2] * feeds[rest["push"]].shape[-1]
+                if window == 0:  # a blank sample (zero windows, zero results): it says nothing
+                    continue
                 ratio = float(np.sqrt(window * np.sum(np.square(weights)) / taps_channels)) / y_norm \
                     if y_norm > 0 else MAX_ANISOTROPY
                 found[name] = max(found.get(name, 1.0), min(ratio, MAX_ANISOTROPY))

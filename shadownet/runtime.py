@@ -17,6 +17,7 @@ import contextlib
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -169,7 +170,14 @@ class ProtectedModel:
             # run: the TA says which.
             skipped: frozenset[int] = frozenset()
             if self.verify:
-                skipped = frozenset(map(int, pool_stats(session)["verify"].get("computed_rounds", ())))
+                checks = pool_stats(session)["verify"]
+                skipped = frozenset(map(int, checks.get("computed_rounds", ())))
+                if checks.get("capped"):
+                    warnings.warn(f"verify: {checks['capped']} of {checks.get('layers', 0)} checked layers "
+                                  "would need more than 16 projections for the 2^-20 bound on the "
+                                  "calibration inputs (their results concentrate in few directions: "
+                                  "SECURITY.md); their checks fall short of it - "
+                                  "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=3)
         except SecureMemoryError as exc:
             quietly(session.close)
             reasons = []  # what the user chose that the model needs the memory for

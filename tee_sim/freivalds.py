@@ -252,6 +252,7 @@ class LayerCheck:
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
         # A layer only ever ``computing`` (``computed``) projects nothing: one lane layout suffices.
+        self.capped = False  # whether the bound wanted more than MAX_PROJECTIONS (projections_needed)
         self.k = k = 1 if computed else projections or self.projections_needed(frobenius)
         if not 1 <= k <= LANES:
             raise ValueError(f"{k} projections: 1 to {LANES} are supported")
@@ -343,6 +344,7 @@ class LayerCheck:
             * self.anisotropy
         beta = _DENSITY * rho / RELATIVE_CHANGE
         if beta >= 0.5:
+            self.capped = True
             return MAX_PROJECTIONS
         # A depthwise layer's estimate is the least reliable (each output channel reads one input channel:
         # with batch norm folded in, the channels of large spread tend to have the small filters; MobileNet's
@@ -350,6 +352,7 @@ class LayerCheck:
         small = self.rows_out * self.m_out >= SMALL_OUTPUT and self.kind != "DEPTHWISE_CONV_2D"
         margin = SMALL_MARGIN_LOG2 if small else MARGIN_LOG2
         k = math.ceil((TARGET_LOG2 - margin) / math.log2(beta))
+        self.capped = k > MAX_PROJECTIONS
         return int(min(MAX_PROJECTIONS, max(MIN_PROJECTIONS, k)))
 
     # -- per inference -----------------------------------------------------------------------------------

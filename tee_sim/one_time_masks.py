@@ -159,7 +159,7 @@ class MaskStream:
                 np.add(flat[a:a + n], offset[:n], out=flat[a:a + n])
         if self.bands:
             self._shape(out)
-        # Cut at the outermost centres: the outer half of the two end cells (1 in 2^17 of the values of a
+        # Cut at the outermost centres: the outer half of the two end cells (1 in 2^16 of the values of a
         # white mask; a shaped one's sums of many draws are normal without the cut) - so that the exact
         # split's bound on the mask's magnitude holds.
         np.clip(out, -centres[-1], centres[-1], out=out)

@@ -498,6 +498,8 @@ class PerInference:
             "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),
                        "computed_rounds": sorted(self._computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
+                       # layers whose bound wanted more projections than a check takes (freivalds)
+                       "capped": sum(c.capped for c in self.checks.values()),
                        "worst_ratio": self.worst_ratio,
                        "worst_bound_log2": None if self.checked == 0 else self.worst_bound_log2},
             "secure_bytes": self.secure_bytes,

@@ -570,29 +570,55 @@ def test_projections_follow_the_calibration_inputs_where_they_are_far_from_isotr
     import converters.plan
 
     keras.utils.set_random_seed(1)
-    x = keras.Input((16, 16, 3), batch_size=1, name="image")
-    first = keras.layers.Conv2D(16, 3, padding="same", activation="relu")
-    second = keras.layers.Conv2D(16, 3, padding="same")
-    model = keras.Model(x, second(first(x)))
-    rng = np.random.default_rng(0)
-    common = rng.standard_normal((3, 3, 3, 1))
-    alike = common * (1 + 0.01 * rng.standard_normal(16))  # 16 filters, nearly one
-    first.set_weights([alike.astype(np.float32), np.zeros(16, np.float32)])
-    w, b = second.get_weights()
-    w = w - w.mean(axis=2, keepdims=True) + 0.02 * np.abs(w).mean()
-    second.set_weights([w.astype(np.float32), b])
-    original = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+    def nearly_orthogonal(closeness: float) -> bytes:
+        x = keras.Input((16, 16, 3), batch_size=1, name="image")
+        first = keras.layers.Conv2D(16, 3, padding="same", activation="relu")
+        second = keras.layers.Conv2D(16, 3, padding="same")
+        model = keras.Model(x, second(first(x)))
+        rng = np.random.default_rng(0)
+        common = rng.standard_normal((3, 3, 3, 1))
+        alike = common * (1 + 0.01 * rng.standard_normal(16))  # 16 filters, nearly one
+        first.set_weights([alike.astype(np.float32), np.zeros(16, np.float32)])
+        w, b = second.get_weights()
+        w = w - w.mean(axis=2, keepdims=True) + closeness * np.abs(w).mean()
+        second.set_weights([w.astype(np.float32), b])
+        return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
     measure = converters.plan.anisotropy.measure
     bounds = {}
-    for label in ("estimate", "measured"):
+    for label, closeness in (("estimate", 0.02), ("measured", 0.02), ("capped", 0.002)):
         monkeypatch.setattr(converters.plan.anisotropy, "measure",
-                            measure if label == "measured" else lambda *args: {})
+                            measure if label != "estimate" else lambda *args: {})
         out = tmp_path / label
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shadownet.convert(original, str(out), seed=5)
-        with shadownet.load(out, verify=True) as protected:
+            shadownet.convert(nearly_orthogonal(closeness), str(out), seed=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            protected = shadownet.load(out, verify=True)
+        said = [str(w.message) for w in caught if "more than 16 projections" in str(w.message)]
+        assert len(said) == (label == "capped"), (label, said)  # the load says when k is not enough
+        with protected:
             for image in images(3, seed=4):
                 protected(image)
             bounds[label] = protected.stats()["verify"]["worst_bound_log2"]
     assert bounds["estimate"] > freivalds.TARGET_LOG2 >= bounds["measured"], bounds
+    assert bounds["capped"] > freivalds.TARGET_LOG2, bounds  # as the warning said
+
+
+def test_a_blank_calibration_sample_says_nothing_of_a_layers_anisotropy(tmp_path):
+    """Zero biases: a blank calibration image gives zero windows and zero results in every layer after the
+    first; that 0 / 0 once set every such layer to the largest anisotropy, 16 projections (a review)."""
+    model = small_cnn(bias_scale=0.0)
+    rng = np.random.default_rng(2)
+    samples = rng.uniform(0, 1, (4, *images(1)[0].shape[1:])).astype(np.float32)
+    projections = []
+    blank = np.concatenate([samples, 0 * samples[:1]])
+    for name, calibration in (("images", samples), ("with_blank", blank)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shadownet.convert(model, str(tmp_path / name), seed=3, calibration=calibration)
+        with shadownet.load(tmp_path / name, verify=True) as protected:
+            projections.append(protected.stats()["verify"]["projections"])
+    assert projections[0] == projections[1], projections

@@ -104,12 +104,17 @@ def test_a_layers_anisotropy_raises_its_projections_and_is_checked():
     that is not a number in [1, 2^20] is refused at load."""
     weights = np.random.default_rng(0).standard_normal((8, 3, 3, 4)).astype(np.float32)
 
-    def projections(**extra):
+    def check(**extra):
         return LayerCheck({**CONV, **extra}, weights, (1, 10, 10, 4), (1, 10, 10, 8),
-                          lambda shape, dtype: np.zeros(shape, dtype)).k
+                          lambda shape, dtype: np.zeros(shape, dtype))
+
+    def projections(**extra):
+        return check(**extra).k
 
     plain = projections()
     assert projections(anisotropy=1.0) == plain < projections(anisotropy=8.0) < projections(anisotropy=1e4)
+    # Past what MAX_PROJECTIONS achieves, the check says so (the runtime warns at load).
+    assert not check(anisotropy=8.0).capped and check(anisotropy=1e4).capped
     for bad in (0.5, True, "2", float("nan"), 2.0 ** 21):
         with pytest.raises(ValueError, match="anisotropy"):
             projections(anisotropy=bad)

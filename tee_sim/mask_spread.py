@@ -5,8 +5,10 @@ A one-time mask hides the input it is added to only at ~10x that input's spread 
 ``--calibration``), and an input of another scale met a mask of the wrong size - raw 0-255 pixels under a
 default conversion a mask of 0.13x their spread, input leakage 0.99 (``shadownet audit``'s correlation after
 the best affine fit). Round 1 reads the user's raw input, whose scale the vendor cannot know, so the TA
-measures it: before round 1's push of an input ``x`` it takes ``x``'s RMS and puts the inference's mask at a
-power of two ``2**k`` that keeps it at least at its intended ratio to ``x``, and under 4x it (``exponent``).
+measures it: before round 1's push of an input ``x`` it takes ``x``'s spread - its RMS, or its largest
+magnitude over ``PEAK_RATIO`` when that is larger (``spread_of``: a sparse input's few lit elements stand far
+above its RMS) - and puts the inference's mask at a power of two ``2**k`` that keeps it at least at its
+intended ratio to that spread, and under 4x it (``exponent``).
 The zoo converted without calibration, fed uniform [0, 1] images times 255: leakage 0.01-0.03, against 0.99
 before (``SECURITY.md``).
 
@@ -24,14 +26,14 @@ outputs came out 12x off. Where it happens:
   is moved when it is taken (``retarget``: between inferences, when the entry is taken ahead).
 
 On the secure world's fast path a C check (``SN_SPREAD``, ``tee_sim.ta_shadownet_small_ops``) comes first in
-round 1's push: the input's mean square inside the entry's band (``band``) lets the step run in C; outside
+round 1's push: the input's squared spread inside the entry's band (``band``) lets the step run in C; outside
 it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``).
 
 What the normal world learns from it: the masked input's spread tells it at least the power of two, the
-input's RMS within a factor of four, and over many inferences at one power of two more closely (a mask of
-fixed size told that only of inputs near the mask's own size). The input is measured as the normal world
-wrote it to shared memory, then read again by the push: a normal world that rewrites it in between chooses
-the mask's ratio to what is pushed, for an input it wrote anyway. Deeper
+input's spread (its RMS, or its peak over 6) within a factor of four, and over many inferences at one power
+of two more closely (a mask of fixed size told that only of inputs near the mask's own size). The input
+is measured as the normal world wrote it to shared memory, then read again by the push: a normal world that
+rewrites it in between chooses the mask's ratio to what is pushed, for an input it wrote anyway. Deeper
 rounds' masks (``--mask-rounds``) and static masks do not follow: their inputs are not a scaled copy of the
 user's (biases, activations), so they keep calibration's sizes.
 """
@@ -54,7 +56,23 @@ from tee_sim.ta_shadownet_small_ops import compile_spread
 # blank input's squares underflowed to zero and its honest results failed their checks. Up: inputs are at
 # most 2**40 (``shadownet.artifacts.MAX_INPUT``).
 MIN_EXPONENT, MAX_EXPONENT = -56, 40
-KEPT = 2  # a mask stays at its power of two while the input's RMS is within KEPT powers of two under it
+KEPT = 2  # a mask stays at its power of two while the input's spread is within KEPT powers of two under it
+# An input's spread is the larger of its RMS and its largest magnitude over PEAK_RATIO: a sparse input (a
+# few lit elements among many) stands sqrt(N / K) times above its RMS, and a mask sized to the RMS left
+# them to a matched filter (a review: 61% of 4 lit elements of a 64x64x3 input found, a single one
+# always). An image's peak is 1.7-3x its RMS, normal noise's 4-5x over 150,000 values: either kept.
+PEAK_RATIO = 6.0
+
+
+def spread_of(x: np.ndarray) -> float:
+    """An input's spread, which its mask follows: the larger of its RMS and its largest magnitude over
+    ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it)."""
+    flat = x.reshape(-1)
+    squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
+    if squares == math.inf:  # over float32's range: again in float64
+        squares = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+    peak = float(np.max(np.abs(flat), initial=0.0)) / PEAK_RATIO
+    return max(math.sqrt(squares / max(flat.size, 1)), peak)
 
 
 def exponent(rms: float, spread: float, current: int) -> int:
@@ -116,21 +134,17 @@ class SpreadFollower:
     def bind(self, entry: Any, name: str, push: Any, x: np.ndarray) -> Any:
         """The compiled push (its ``step``) of followed mask ``name`` in ``entry``'s slot, of input ``x``;
         returns the slot's spread check (None: ``x`` is not dense, numpy measures it in ``follow``)."""
-        check = compile_spread(x)
+        check = compile_spread(x, PEAK_RATIO ** -2)
         self._bound[entry.slot][name] = (push.step, check)
         self._set(entry, name, entry.exponents.get(name, 0))
         return check
 
     def follow(self, entry: Any, name: str, x: np.ndarray, remake: Callable[[Any, str], None]) -> None:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
-        RMS calls for (moved in place if need be), which the next entries are drawn at too."""
-        flat = x.reshape(-1)
-        squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
-        if squares == math.inf:  # over float32's range: again in float64
-            squares = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
-        rms = math.sqrt(squares / max(flat.size, 1))
+        spread (``spread_of``) calls for (moved in place if need be), which the next entries are drawn at
+        too."""
         now = entry.exponents.get(name, 0)
-        k = exponent(rms, self.streams[name].spread, now)
+        k = exponent(spread_of(x), self.streams[name].spread, now)
         self.target[name] = k
         if k != now:
             self.rescale(entry, name, k - now, remake)

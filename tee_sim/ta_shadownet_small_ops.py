@@ -106,13 +106,14 @@ def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> 
     return _kernel(_SOFTMAX, src, dst, 1, src.size // c, c, float(instr["beta"]))
 
 
-def compile_spread(src: np.ndarray) -> Callable[[], Any] | None:
-    """A check, as one call, that the mean square of a dense float32 ``src`` lies in ``(op.lo, op.hi]``
-    (the kernel's ``op``, set by the caller): it returns 0 if so, else 1, which sends a step on the secure
-    world's fast path back to the TA's Python; None when ``src`` is not dense (the caller uses numpy)."""
+def compile_spread(src: np.ndarray, peak_weight: float = 0.0) -> Callable[[], Any] | None:
+    """A check, as one call, that the larger of the mean square of a dense float32 ``src`` and
+    ``peak_weight`` times its largest square lies in ``(op.lo, op.hi]`` (the kernel's ``op``, set by the
+    caller): it returns 0 if so, else 1, which sends a step on the secure world's fast path back to the
+    TA's Python; None when ``src`` is not dense (the caller uses numpy)."""
     if not _dense(src) or src.size == 0:
         return None
-    op = _Small(src.ctypes.data, None, 1, 1, src.size, 1.0, _SPREAD)
+    op = _Small(src.ctypes.data, None, 1, 1, src.size, float(peak_weight), _SPREAD)
     op.lo, op.hi = math.inf, -math.inf  # nothing in the band until the caller sets it
     address = ctypes.addressof(op)
     kernel = lambda keep=(op, src): LIBRARY.sn_small_op(address)  # noqa: E731 - a function with an attribute

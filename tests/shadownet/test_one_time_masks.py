@@ -158,6 +158,45 @@ def test_averaging_neighbours_and_channels_first_does_not_unmask_the_input(first
     assert abs(found["shaped"]) <= 0.1 and found["white"] >= 0.15, found
 
 
+def test_a_sparse_input_is_hidden_by_a_mask_that_follows_its_peak(tmp_path):
+    """Four lit elements of a 64x64x3 input stand 55x above its RMS: a mask sized to the RMS left them to
+    a matched filter, the largest values of each inference whitened (a review: 61% of them found, a
+    single lit element always; this test's simpler filter: 13 of 128). The mask follows the larger of the
+    RMS and the peak over 6 (``tee_sim.mask_spread``): the same filter finds them at about chance (0 of
+    128), and the outputs stay LiteRT's."""
+    model_bytes = small_cnn(side=64)
+    out = str(tmp_path / "out")
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        shadownet.convert(model_bytes, out, seed=3)
+    rng = np.random.default_rng(11)
+    xs, lit = [], []
+    for _ in range(32):
+        x = np.zeros((1, 64, 64, 3), np.float32)
+        where = rng.choice(x.size, 4, replace=False)
+        x.reshape(-1)[where] = rng.uniform(0.5, 1.0, 4)
+        xs.append(x)
+        lit.append(set(where.tolist()))
+    model, recorders = _recording(out)
+    with model:
+        for x in xs[:4]:
+            want = reference(model_bytes, x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+        for x in xs[4:]:
+            model(x)
+    observed = attacker_view(out, recorders[0].seen)["round_1/in/x0"][:, 0]  # [32, 64, 64, 3]
+    # The matched filter for a spike under this noise: whiten it - the channels' shared field off, then
+    # each frequency divided by the noise's spread there, learnt from the observations themselves.
+    own = observed - observed.mean(axis=-1, keepdims=True)
+    spectrum = np.fft.fft2(own, axes=(1, 2))
+    noise = np.sqrt(np.mean(np.abs(spectrum) ** 2, axis=(0, 3), keepdims=True))
+    white = np.real(np.fft.ifft2(spectrum / noise, axes=(1, 2)))
+    found = [len(set(np.argsort(w.reshape(-1))[-4:].tolist()) & where)
+             for w, where in zip(white, lit, strict=True)]
+    # Of 128 lit elements; chance finds 128 * 4 / 12288 = 0.04, the mask sized to the RMS let it find 13.
+    assert sum(found) <= 6, found
+
+
 def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_path):
     """A vector input concatenated to pooled image features crossed in the dense head's round unmasked
     under the default policy (only round 1 was masked): a linear fit across inferences recovered it at

@@ -121,3 +121,20 @@ def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
     check.op.lo, check.op.hi = band(spread, exponent(0.0, spread, 0))
     assert exponent(0.0, spread, 0) == MIN_EXPONENT and check() == 0
     assert ops.compile_spread(np.zeros((4, 4), np.float32)[:, :2]) is None  # not dense: numpy's
+
+
+def test_spread_check_follows_a_sparse_inputs_peak():
+    """A few lit elements among many stand far above their RMS: the spread a mask follows is the larger of
+    the RMS and the peak over ``PEAK_RATIO`` (``tee_sim.mask_spread.spread_of``), in C as in numpy."""
+    from tee_sim.mask_spread import PEAK_RATIO, band, exponent, spread_of
+
+    x = np.zeros(64 * 64 * 3, np.float32)
+    x[[5, 700, 9000, 12000]] = [1.0, -2.0, 0.5, 1.5]
+    rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    assert spread_of(x) == pytest.approx(2.0 / PEAK_RATIO) and spread_of(x) > 10 * rms
+    check = ops.compile_spread(x, PEAK_RATIO ** -2)
+    for measure, want in ((spread_of(x), 0), (rms, 1)):  # the band the peak calls for, not the RMS's
+        check.op.lo, check.op.hi = band(1.0, exponent(measure, 1.0, 0))
+        assert check() == want, measure
+    image = np.random.default_rng(0).uniform(0, 1, 4099).astype(np.float32)  # an image's peak: its RMS
+    assert spread_of(image) == pytest.approx(float(np.sqrt(np.mean(image.astype(np.float64) ** 2))), rel=1e-5)

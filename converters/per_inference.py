@@ -30,8 +30,8 @@ round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default 
   depthwise layers cannot be split), MiniVGG up to 2-3e-4, ResNet-44 up to 0.6-1.5e-4; YOLOv4-tiny with it
   does not fit the default 64 MiB cap (the conversion warns of the cost; ``BENCHMARKS.md``).
 
-So the default meets the input target everywhere at the smallest cost (offline 3 - 75 ms per inference
-across the zoo); ``all`` or a list closes the difference attack on deeper rounds where its cost is
+So the default meets the input target everywhere at the smallest cost (offline 0.75 - 37 ms per inference
+across the zoo, run CV); ``all`` or a list closes the difference attack on deeper rounds where its cost is
 acceptable.
 
 Layers (for ``verify`` and for pop masks): per accelerator output buffer, the offloaded layer's kind, the

@@ -271,8 +271,9 @@ class RoundsBuilder:
     def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
         """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
         exact split, by the scheme's policy: every one-time round (``all``), round 1 (``first``), round 1
-        where the mask's float32 rounding costs the outputs precision (``auto``: ``needs_split``, measured
-        by calibration; a tensor it did not measure, one the TEE computes, is split) or where the split -
+        where its mask is shaped or its float32 rounding costs the outputs precision (``auto``:
+        ``needs_split``, True for a shaped mask, measured by calibration for a white one; a tensor it did
+        not measure, one the TEE computes, is split) or where the split -
         3x more multiply-adds on its readers - is cheap (``exact_split.CHEAP_BELOW``), or none."""
         policy = getattr(self.scheme, "exact_split", "none")
         if policy == "all":

@@ -174,9 +174,9 @@ class ProtectedModel:
                 skipped = frozenset(map(int, checks.get("computed_rounds", ())))
                 if checks.get("capped"):
                     warnings.warn(f"verify: {checks['capped']} of {checks.get('layers', 0)} checked layers "
-                                  "would need more than 16 projections for the 2^-20 bound on the "
-                                  "calibration inputs (their results concentrate in few directions: "
-                                  "SECURITY.md); their checks fall short of it - "
+                                  "would need more than 16 projections for the 2^-20 bound and its margin on "
+                                  "the calibration inputs (their results concentrate in few directions: "
+                                  "SECURITY.md); their checks may fall short of 2^-20 - "
                                   "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=3)
         except SecureMemoryError as exc:
             quietly(session.close)

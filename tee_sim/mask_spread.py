@@ -76,9 +76,10 @@ def spread_of(x: np.ndarray) -> float:
 
 
 def exponent(rms: float, spread: float, current: int) -> int:
-    """The power of two ``k`` at which a mask sized for inputs of RMS ``spread`` suits an input of RMS
-    ``rms``, from ``current``: kept while ``rms`` is in its band (``band``: the mask 1x-4x its intended
-    ratio to the input), else the smallest ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
+    """The power of two ``k`` at which a mask sized for inputs of spread ``spread`` suits an input of
+    spread ``rms`` (``spread_of``: its RMS, or its peak over ``PEAK_RATIO``), from ``current``: kept while
+    ``rms`` is in its band (``band``: the mask 1x-4x its intended ratio to the input), else the smallest
+    ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
     ``MIN_EXPONENT .. MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never
     smaller than intended, and inputs that vary around the calibration's spread do not move it back and
     forth."""
@@ -95,7 +96,7 @@ def exponent(rms: float, spread: float, current: int) -> int:
 
 
 def band(spread: float, k: int) -> tuple[float, float]:
-    """The mean squares ``(lo, hi]`` of the inputs that keep a mask at ``2**k`` (the fast path's check)."""
+    """The squared spreads ``(lo, hi]`` of the inputs that keep a mask at ``2**k`` (the fast path's check)."""
     lo = -math.inf if k <= MIN_EXPONENT else (spread * 2.0 ** (k - KEPT)) ** 2
     hi = math.inf if k >= MAX_EXPONENT else (spread * 2.0 ** k) ** 2
     return lo, hi

@@ -9,7 +9,8 @@ the mask pushed through the layer's obfuscated weights and the restore, in float
 its pop mask before the restore, ``tee_sim.exact_split``); round 1's masks at the power of two the last
 input's spread called for, moved when an input calls for another (``tee_sim.mask_spread``). The mask is drawn
 once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
-yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then) against 2 MB of
+yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then; 512 KiB since the
+table holds its cells' widths too) against 2 MB of
 secure memory. Each push and restore that uses a slot's mask or offsets is compiled once per pool slot,
 on that slot's arrays, and runs the current slot's: nothing is copied or drawn on the hot path. Entries
 are made offline, between inferences (``refill``, a few milliseconds of work at

@@ -50,11 +50,12 @@ Where the push carries a user's input (round 1, and any round a user input joins
 (``shaped_masks``): white noise holds almost all its power in the finest octaves, where an image has
 little, so an attacker who averages neighbours (or channels that repeat one image) first took the image
 back at 0.12-0.22. A shaped mask has ``mask_scale`` times the input's RMS in every octave of spatial
-frequency (``tee_sim.program.mask_bands``: 5-8 bands on the zoo's images, the mean included) and again
+frequency (``tee_sim.program.mask_bands``: 6-9 bands on the zoo's images, the mean included) and again
 along the direction in which all the input's channels agree, so its spread per element is
-``sqrt(2 * bands)`` times a white mask's (40x the input's RMS on a 224x224 RGB image): an input whose power
-lies in any one band, in each channel or repeated over all of them, stays at 0.1 whatever the filter an
-attacker applies first. Its magnitude costs no precision where the exact split carries it (below).
+``sqrt(2 * bands)`` times a white mask's (35-42x the input's RMS on the zoo's RGB images): an input whose
+power fills any one band, in each channel or repeated over all of them, stays at 0.1 whatever the filter
+an attacker applies first (not one whose power sits in a few frequencies within an octave: SECURITY.md).
+Its magnitude costs no precision where the exact split carries it (below).
 The other rounds get static masks at ``static_mask_scale`` times the RMS, by default 0: none. A static mask
 hides one inference's features but cancels in the difference of two (the attack suite recovers them
 whole), while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full
@@ -98,8 +99,9 @@ class GroupMixScheme:
     without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
     masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
     along the channels' common direction; False: white, at ``mask_scale`` per element), ``exact_split``
-    (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two exact halves, where
-    calibration measured that the mask's float32 rounding costs the outputs precision; ``"first"``: round
+    (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two exact halves where the mask
+    is shaped, and a white mask where calibration measured that its float32 rounding costs the outputs
+    precision or the split is cheap; ``"first"``: round
     1's always; ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
     ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
     a depthwise round's input and results cross channel by channel, unmixed: with the rounds after the

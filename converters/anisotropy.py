@@ -75,6 +75,8 @@ def measure(builder: Any, layers: dict[str, dict[str, Any]], inputs: list[dict[i
     for values in inputs:
         for r in wanted:
             feeds, squares = {}, {}
+            # Each push's readers share its input transform: any one of them applies it.
+            reader = {rest["push"]: rest["obf"] for rest in builder.restores[r - 1]}
             for p in builder.pushes[r - 1]:
                 if not _measured(p):
                     feeds[p["name"]] = np.zeros(p["wire_shape"], np.float32)
@@ -82,7 +84,7 @@ def measure(builder: Any, layers: dict[str, dict[str, Any]], inputs: list[dict[i
                 x = np.asarray(values[p["tensor"]], np.float64)
                 if p["pad"] is not None:
                     x = np.pad(x, p["pad"])
-                x = _transform(x, p)
+                x = reader[p["name"]].transform_input(x)
                 if p["mask"] is not None:
                     x = x + np.asarray(p["mask"], np.float64)
                 feeds[p["name"]] = x.astype(np.float32)
@@ -111,17 +113,6 @@ def measure(builder: Any, layers: dict[str, dict[str, Any]], inputs: list[dict[i
 def _measured(push: dict[str, Any]) -> bool:
     """Whether a push's layers are measured: not one-time-masked (the mask dominates), not split."""
     return not push["one_time"] and push["split"] is None
-
-
-def _transform(x: np.ndarray, push: dict[str, Any]) -> np.ndarray:
-    """The layer input as the push sends it: permuted or mixed (``ObfuscatedLinear.transform_input``)."""
-    if push["mix"] is not None:
-        index, coef = push["mix"]
-        out = x[..., index[0]] * coef[0].astype(np.float64)
-        for j in range(1, len(index)):
-            out += x[..., index[j]] * coef[j].astype(np.float64)
-        return out
-    return x if push["permutation"] is None else x[..., push["permutation"]]
 
 
 def _window_norm2(kind: str, squares: np.ndarray, weights_shape: tuple[int, ...], options: Any) -> float:

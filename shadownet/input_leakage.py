@@ -14,12 +14,13 @@ import math
 import numpy as np
 
 
-def _pearson(x: np.ndarray, y: np.ndarray, signed: bool = False) -> float:
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """The signed correlation of ``x`` and ``y`` (0 when either is constant): each fit is scored with the
+    sign it chose, so that one that learnt nothing scores about 0."""
     x = x - x.mean()
     y = y - y.mean()
     den = math.sqrt(float(x @ x) * float(y @ y))
-    r = float(x @ y) / den if den > 0 else 0.0
-    return r if signed else abs(r)
+    return float(x @ y) / den if den > 0 else 0.0
 
 
 # affine_leakage chooses every fit on one half of the positions (interleaved) and scores it on the other,
@@ -72,9 +73,9 @@ def _choose(fit_x: np.ndarray, fit_y: np.ndarray, same_shape: bool, max_channels
     overall fit's sign, each true channel's best observed channel and sign, the regression's coefficients."""
     fits: dict = {}
     if same_shape:
-        fits["overall"] = math.copysign(1.0, _pearson(fit_x.reshape(-1), fit_y.reshape(-1), signed=True))
+        fits["overall"] = math.copysign(1.0, _pearson(fit_x.reshape(-1), fit_y.reshape(-1)))
     if len(fit_x) >= 8:
-        correlation = _corr_matrix(fit_x, fit_y, signed=True)
+        correlation = _corr_matrix(fit_x, fit_y)
         best = np.abs(correlation).argmax(axis=1)
         fits["per_channel"] = best, np.sign(correlation[np.arange(len(best)), best])
     co = fit_x.shape[1]
@@ -93,19 +94,18 @@ def _score(fits: dict, obs: np.ndarray, tru: np.ndarray, scored: slice = slice(N
         x, y = obs.reshape(-1), tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
         if len(x) >= 16 and "overall" in fits:  # fewer: |r| mostly chance (0.3-0.5 on 8): pooled_leakage's
-            out["overall"] = fits["overall"] * _pearson(xo[scored].reshape(-1), yt[scored].reshape(-1),
-                                                        signed=True)
+            out["overall"] = fits["overall"] * _pearson(xo[scored].reshape(-1), yt[scored].reshape(-1))
         out["psnr_db"] = _psnr(y, a * x + b)
     enough = len(xo) == len(yt) and len(xo) >= 16  # positions in the tensor, before a half is taken
     xo, yt = xo[scored], yt[scored]
     if enough:
         if "per_channel" in fits:
             best, sign = fits["per_channel"]
-            out["per_channel"] = float(np.mean([sign[c] * _pearson(xo[:, best[c]], yt[:, c], signed=True)
+            out["per_channel"] = float(np.mean([sign[c] * _pearson(xo[:, best[c]], yt[:, c])
                                                 for c in range(yt.shape[1])]))
         if "regression" in fits:
             pred = np.hstack([xo, np.ones((len(xo), 1))]) @ fits["regression"]
-            out["regression"] = float(np.mean([_pearson(pred[:, c], yt[:, c], signed=True)
+            out["regression"] = float(np.mean([_pearson(pred[:, c], yt[:, c])
                                                for c in range(yt.shape[1])]))
     figures = [v for k, v in out.items() if k in ("overall", "per_channel", "regression")]
     out["correlation"] = max(figures) if figures else None
@@ -168,10 +168,10 @@ def _lstsq_affine(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return a, ym - a * xm
 
 
-def _corr_matrix(xo: np.ndarray, yt: np.ndarray, signed: bool = False) -> np.ndarray:
+def _corr_matrix(xo: np.ndarray, yt: np.ndarray) -> np.ndarray:
     xc = xo - xo.mean(axis=0)
     yc = yt - yt.mean(axis=0)
-    num = yc.T @ xc if signed else np.abs(yc.T @ xc)
+    num = yc.T @ xc
     den = np.outer(np.linalg.norm(yc, axis=0), np.linalg.norm(xc, axis=0))
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
@@ -220,7 +220,7 @@ def pooled_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
         (xf, yf), (xt, yt) = positions(slice(0, None, 2), POOLED_TEST_MAX, 1), \
             positions(slice(1, None, 2), POOLED_TEST_MAX, 1)
         a, _ = _lstsq_affine(xf[:, 0], yf[:, 0])
-        out["overall"] = math.copysign(1.0, a) * _pearson(xt[:, 0], yt[:, 0], signed=True)
+        out["overall"] = math.copysign(1.0, a) * _pearson(xt[:, 0], yt[:, 0])
     unknowns = co + 1
     if obs[0::2].size // co >= POOLED_MIN * unknowns:
         kept = max(POOLED_MIN_KEPT * unknowns,
@@ -315,6 +315,6 @@ def known_input_leakage(observed: np.ndarray, truth: np.ndarray) -> dict:
         estimate = obs[k] - obs[0] + tru[0]
         # Signed: nothing is fitted, the estimate has its sign; |r| of noise is 0.8 / sqrt(values), 0.21 of a
         # 16-value input with nothing learnt (a review).
-        figures.append({"correlation": _pearson(estimate.reshape(-1), tru[k].reshape(-1), signed=True),
+        figures.append({"correlation": _pearson(estimate.reshape(-1), tru[k].reshape(-1)),
                         "psnr_db": _psnr(tru[k], estimate)})
     return {key: float(np.mean([f[key] for f in figures])) for key in ("correlation", "psnr_db")}

@@ -110,20 +110,11 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), carrying)
     deeper = [r for r in one_time if r not in carrying]  # what the policy adds, at its costs
-    if calibration is None and (static or len(one_time) > 1 or getattr(chosen, "static_mask_scale", 0) > 0):
-        # Round 1's one-time masks follow the input's spread in the TEE (tee_sim.mask_spread); these do not.
-        warnings.warn("no calibration inputs: static masks and the one-time masks of deeper rounds are "
-                      "sized on the activations of random N(0, 1) inputs (zeros for integer and bool "
-                      "inputs); inputs of a larger spread "
-                      "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
-                      "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
-                      stacklevel=2)
     if not static and len(carrying) > 1:
         warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
                       "offloaded layer between: they get one-time masks as round 1 does, each such layer "
                       "computing at the mask's magnitude in float32 and taking secure memory in every pool "
-                      "entry, and their masks keep the calibration's scale (round 1's alone follows the "
-                      "input's): give --calibration inputs at the scale the model will see", stacklevel=2)
+                      "entry", stacklevel=2)
     if deeper:
         warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those that carry the user's input: "
                       "each such layer "
@@ -137,6 +128,19 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
     plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
+    # A plain push's one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do
+    # not: static masks, and the one-time masks a restore adds as it writes the next round's input.
+    unfollowed = sorted({int(m["buffer"].split("/")[0][6:]) for m in masks if "spread" not in m})
+    fixed = ["static masks"] if static or getattr(chosen, "static_mask_scale", 0) > 0 else []
+    if unfollowed:
+        fixed.append(f"the one-time masks of round(s) {unfollowed}")
+    if calibration is None and fixed:
+        warnings.warn(f"no calibration inputs: {' and '.join(fixed)} are sized on the activations of random "
+                      "N(0, 1) inputs "
+                      "(zeros for integer and bool inputs); inputs of a larger spread "
+                      "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
+                      "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
+                      stacklevel=2)
     if calibration is None and needs_split and any(
             m["buffer"].startswith("round_1/") and "split" not in m for m in masks):
         # The auto policy measured the mask's rounding on random inputs, which can understate it.

@@ -204,7 +204,7 @@ class PerInference:
         # struct (wrap fills them), read by tally.
         self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
         self._made: list[dict[str, Any]] = [{} for _ in self._entries]
-        # Round 1's masks follow the input's spread by powers of two (``tee_sim.mask_spread``).
+        # A plain push's masks follow its input's spread by powers of two (``tee_sim.mask_spread``).
         self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes

@@ -197,23 +197,29 @@ def test_a_sparse_input_is_hidden_by_a_mask_that_follows_its_peak(tmp_path):
     assert sum(found) <= 6, found
 
 
-def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_path):
-    """A vector input concatenated to pooled image features crossed in the dense head's round unmasked
-    under the default policy (only round 1 was masked): a linear fit across inferences recovered it at
-    1.000 (a review). The rounds that carry a user input are masked by default."""
+def _image_and_vector_model() -> bytes:
+    """A vector input ``meta`` concatenated to an image's pooled features, into a dense head."""
     keras = pytest.importorskip("keras")
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
-
-    from converters.partition import input_rounds, partition
-    from converters.tflite_reader import read_model
 
     keras.utils.set_random_seed(7)
     image = keras.Input((8, 8, 3), batch_size=1, name="image")
     meta = keras.Input((6,), batch_size=1, name="meta")
     h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu")(image))
     y = keras.layers.Dense(4)(keras.layers.Concatenate()([h, meta]))
-    original = bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model([image, meta], y)).convert())
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model([image, meta], y)).convert())
+
+
+def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_path):
+    """A vector input concatenated to pooled image features crossed in the dense head's round unmasked
+    under the default policy (only round 1 was masked): a linear fit across inferences recovered it at
+    1.000 (a review). The rounds that carry a user input are masked by default."""
+    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+    from converters.partition import input_rounds, partition
+    from converters.tflite_reader import read_model
+
+    original = _image_and_vector_model()
     assert input_rounds(partition(read_model(original))) == [1, 2]
     out = str(tmp_path / "out")
     with __import__("warnings").catch_warnings(record=True) as caught:
@@ -245,6 +251,37 @@ def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_pa
     figures = [row[key]["pooled"]["correlation"] for key in row if key.startswith("user_input_")
                and "correlation" in row[key]["pooled"]]
     assert len(figures) == 1 and figures[0] <= 0.1 and leak["first_round"]["pooled_correlation"] <= 0.1
+
+
+def test_a_user_input_that_joins_later_is_hidden_by_a_mask_that_follows_its_spread(tmp_path):
+    """Converted without calibration, the vector input fed 1000x the N(0, 1) scale its round's mask was
+    sized for: that mask followed only round 1's until stop 40, and the fit recovered the vector at 1.00.
+    Its plain push's mask now moves by powers of two with the input's spread, as round 1's does."""
+    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+    original = _image_and_vector_model()
+    out = str(tmp_path / "out")
+    with __import__("warnings").catch_warnings(record=True) as caught:
+        __import__("warnings").simplefilter("always")
+        shadownet.convert(original, out, seed=3)
+    assert not [w for w in caught if "no calibration inputs" in str(w.message)]  # every mask follows
+    rng = np.random.default_rng(11)
+    inputs = [{"image": rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32),
+               "meta": rng.uniform(0, 1000, (1, 6)).astype(np.float32)} for _ in range(200)]
+    runner = LiteRTInterpreter(model_content=original).get_signature_runner()
+    model, recorders = _recording(out)
+    with model:
+        for k, x in enumerate(inputs):
+            got = model(x)
+            if k < 4:
+                (want,) = runner(**x).values()
+                assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+        exponents = model.stats()["pool"]["mask_exponents"]
+    # Moved up for a push whose RMS is ~380 (the vector's 6 of its 14 values), sized for ~1: 2**10 here.
+    assert exponents["r1/x0/mask"] == 0 and exponents["r2/x0/mask"] >= 8
+    observed = attacker_view(out, recorders[0].seen)["round_2/in/x0"]
+    truth = np.stack([x["meta"] for x in inputs])
+    assert input_leakage.pooled_leakage(observed, truth)["correlation"] <= 0.1  # 1.00 when it did not follow
 
 
 def test_an_offloaded_depthwise_layer_does_not_unmask_the_input_it_filters(tmp_path):

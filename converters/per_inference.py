@@ -174,10 +174,9 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
             if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
                 masks[name]["split"] = {"grid": p["split"].grid}
             spread = max(p["stats"].std, p["stats"].rms)
-            # A plain push's mask follows its input's spread by powers of two (tee_sim.mask_spread): round
-            # 1's, a user input's joining later, a deeper round's after a TEE op. A restore's fused push
-            # writes its results masked as it makes them: its mask keeps the calibration's size.
-            if instr["op"] == "push" and 0 < spread < math.inf:
+            # The TEE follows the input's spread by powers of two (tee_sim.mask_spread): before a plain
+            # push, and as a restore's fused push makes it.
+            if 0 < spread < math.inf:
                 masks[name]["spread"] = float(spread)
             by_push[p["name"]] = name
         for rest in builder.restores[r - 1]:

@@ -128,8 +128,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
     plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
-    # A plain push's one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do
-    # not: static masks, and the one-time masks a restore adds as it writes the next round's input.
+    # A one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do not: static
+    # masks, and a one-time mask whose input had no spread on the calibration inputs (all zeros).
     unfollowed = sorted({int(m["buffer"].split("/")[0][6:]) for m in masks if "spread" not in m})
     fixed = ["static masks"] if static or getattr(chosen, "static_mask_scale", 0) > 0 else []
     if unfollowed:

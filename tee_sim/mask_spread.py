@@ -1,19 +1,26 @@
-"""One-time masks follow their input's spread, by powers of two, where a plain push adds them.
+"""One-time masks follow their input's spread, by powers of two.
 
 A one-time mask hides the input it is added to only at ~10x that input's spread (``groupmix``'s
 ``mask_scale``): the converter sizes it on calibration inputs (random N(0, 1) ones without
 ``--calibration``), and an input of another scale met a mask of the wrong size - raw 0-255 pixels under a
 default conversion a mask of 0.13x their spread, input leakage 0.99 (``shadownet audit``'s correlation after
-the best affine fit). Round 1 reads the user's raw input, whose scale the vendor cannot know, so the TA
-measures it: before a plain push of an input ``x`` (``push``: round 1's; a user input's that joins a later
-round; under ``--mask-rounds``, a deeper round's after a TEE op such as a max pool) it takes ``x``'s
-spread - its RMS, or its largest
-magnitude over ``PEAK_RATIO`` when that is larger (``spread_of``: a sparse input's few lit elements stand far
-above its RMS) - and puts the inference's mask at a power of two ``2**k`` that keeps it at least at its
-intended ratio to that spread, and under 4x it (``exponent``).
-The zoo converted without calibration, fed uniform [0, 1] images times 255: leakage 0.01-0.03, against 0.99
-before (``SECURITY.md``); a vector input joining a dense head, times 1000: 0.07, against 1.00 when only
-round 1's mask followed.
+the best affine fit). Round 1 reads the user's raw input, whose scale the vendor cannot know, and every
+later round's input scales with it, so the TA measures each masked input ``x``: its spread - its RMS, or its
+largest magnitude over ``PEAK_RATIO`` when that is larger (``spread_of``: a sparse input's few lit elements
+stand far above its RMS) - and puts the inference's mask at a power of two ``2**k`` that keeps it at least
+at its intended ratio to that spread, and under 4x it (``exponent``). Where it measures:
+
+- a plain push (round 1's; a user input's that joins a later round; under ``--mask-rounds``, a deeper
+  round's after a TEE op such as a max pool): before it, from its input (``follow``);
+- a restore's fused push (the restore writes its results masked as it makes them, a tile at a time): its
+  kernel measures the restored tensor as it makes it (``sn_run``'s ``spread``) and, outside the mask's
+  band, answers ``SPREAD_OUTSIDE`` after its pass; the mask then moves (``follow_measured``) and the step
+  runs again, from the accelerator's results, which it only read.
+
+Measured (``SECURITY.md``): the zoo converted without calibration, fed uniform [0, 1] images times 255:
+leakage 0.01-0.03, against 0.99 before; a vector input joining a dense head, times 1000: 0.07, against 1.00
+when round 1's mask alone followed; MiniVGG with every round masked, times 255: every round <= 0.06, against
+0.85-0.92 for rounds 2-4 then.
 
 A power of two keeps the mask and an exact split's pop mask and grid exact: times ``2**d`` bit for bit
 (``tee_sim.exact_split``). A plain restore's offset ``bias - L(r)`` is rounded at the larger of its two
@@ -28,18 +35,18 @@ outputs came out 12x off. Where it happens:
 - off the path: pool entries are drawn at the last input's power of two, and an entry made before a change
   is moved when it is taken (``retarget``: between inferences, when the entry is taken ahead).
 
-On the secure world's fast path a C check (``SN_SPREAD``, ``tee_sim.ta_shadownet_small_ops``) comes first in
-a followed push: the input's squared spread inside the entry's band (``band``) lets the step run in C; outside
-it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``).
+On the secure world's fast path a plain push's C check (``SN_SPREAD``, ``tee_sim.ta_shadownet_small_ops``)
+comes first: the input's squared spread inside the entry's band (``band``) lets the step run in C; outside
+it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``). A restore's
+``SPREAD_OUTSIDE`` sends its step back to Python likewise.
 
 What the normal world learns from it: the masked input's spread tells it at least the power of two, the
 input's spread (its RMS, or its peak over 6) within a factor of four, and over many inferences at one power
-of two more closely (a mask of fixed size told that only of inputs near the mask's own size). The input
-is measured as the normal world wrote it to shared memory, then read again by the push: a normal world that
-rewrites it in between chooses the mask's ratio to what is pushed, for an input it wrote anyway; of a
-deeper round's input, what it learns is that power of two of an activation's spread. Static masks and the
-one-time masks a restore's fused push adds (it writes its results masked as it makes them, before their
-spread is known) do not follow: they keep calibration's sizes.
+of two more closely (a mask of fixed size told that only of inputs near the mask's own size); of a deeper
+round, that of an activation's spread; and a step that went back to Python to move its mask takes longer
+(once per change of scale). The user's input is measured as the normal world wrote it to shared memory, then
+read again by the push: a normal world that rewrites it in between chooses the mask's ratio to what is
+pushed, for an input it wrote anyway. Static masks do not follow: they keep calibration's sizes.
 """
 
 from __future__ import annotations
@@ -121,9 +128,17 @@ class SpreadFollower:
         self._bound: list[dict[str, tuple[Any, Any]]] = [{} for _ in range(slots)]
 
     def follows(self, instr: dict[str, Any]) -> str | None:
-        """The followed mask ``instr`` pushes with (a plain push's), or None."""
+        """The followed mask ``instr`` pushes with (a plain push's, or a restore's fused push's), or None."""
         mask = instr.get("mask")
-        return mask if mask in self.target and instr["op"] == "push" else None
+        return mask if mask in self.target and instr["op"] in ("push", "restore") else None
+
+    @staticmethod
+    def measure(alloc: Callable[..., np.ndarray]) -> np.ndarray:
+        """A restore's spread measure, ``[lo, hi, peak_weight, measured]`` (``sn_run``'s ``spread``): what
+        its kernel measures the restored tensor against, its band empty until ``bind`` sets it."""
+        measure = alloc((4,), np.float64)
+        measure[:] = (math.inf, -math.inf, PEAK_RATIO ** -2, 0.0)
+        return measure
 
     def drawn(self, entry: Any, name: str) -> None:
         """``entry``'s mask ``name`` was just drawn: put it at the target power of two."""
@@ -136,11 +151,12 @@ class SpreadFollower:
         """The grid of ``entry``'s split pop mask ``pop``: its mask's power of two of the program's."""
         return pop.grid * 2.0 ** entry.exponents.get(pop.mask, 0)
 
-    def bind(self, entry: Any, name: str, push: Any, x: np.ndarray) -> Any:
+    def bind(self, entry: Any, name: str, push: Any, x: np.ndarray, measure: np.ndarray | None = None) -> Any:
         """The compiled push (its ``step``) of followed mask ``name`` in ``entry``'s slot, of input ``x``;
-        returns the slot's spread check (None: ``x`` is not dense, numpy measures it in ``follow``)."""
-        check = compile_spread(x, PEAK_RATIO ** -2)
-        self._bound[entry.slot][name] = (push.step, check)
+        returns the slot's spread check (None: ``x`` is not dense, numpy measures it in ``follow``). A
+        restore's fused push gives its kernel's ``measure`` instead, and gets None."""
+        check = compile_spread(x, PEAK_RATIO ** -2) if measure is None else None
+        self._bound[entry.slot][name] = (push.step, check.op if check is not None else measure)
         self._set(entry, name, entry.exponents.get(name, 0))
         return check
 
@@ -148,8 +164,17 @@ class SpreadFollower:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
         spread (``spread_of``) calls for (moved in place if need be), which the next entries are drawn at
         too."""
+        self._follow(entry, name, spread_of(x), remake)
+
+    def follow_measured(self, entry: Any, name: str, remake: Callable[[Any, str], None]) -> None:
+        """After a restore's fused push with ``entry``'s mask ``name`` whose kernel found the restored
+        tensor's spread outside the mask's band: the mask moved there (the caller runs the step again)."""
+        measure = self._bound[entry.slot][name][1]
+        self._follow(entry, name, math.sqrt(measure[3]) if measure[3] >= 0 else math.nan, remake)
+
+    def _follow(self, entry: Any, name: str, spread: float, remake: Callable[[Any, str], None]) -> None:
         now = entry.exponents.get(name, 0)
-        k = exponent(spread_of(x), self.streams[name].spread, now)
+        k = exponent(spread, self.streams[name].spread, now)
         self.target[name] = k
         if k != now:
             self.rescale(entry, name, k - now, remake)
@@ -179,8 +204,10 @@ class SpreadFollower:
     def _set(self, entry: Any, name: str, k: int) -> None:
         """``entry``'s mask ``name`` is at ``2**k``: its slot's push grid and spread band follow."""
         entry.exponents[name] = k
-        push, check = self._bound[entry.slot].get(name, (None, None))
+        push, limits = self._bound[entry.slot].get(name, (None, None))  # a check's op, or a measure
         if push is not None and self.streams[name].split:
             push.grid = self.streams[name].split * 2.0 ** k
-        if check is not None:
-            check.op.lo, check.op.hi = band(self.streams[name].spread, k)
+        if isinstance(limits, np.ndarray):
+            limits[:2] = band(self.streams[name].spread, k)
+        elif limits is not None:
+            limits.lo, limits.hi = band(self.streams[name].spread, k)

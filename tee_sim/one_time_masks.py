@@ -92,8 +92,8 @@ class MaskStream:
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
-        # The spread (RMS) of the input the distribution was sized for, on plain pushes: the TEE then
-        # scales the mask by a power of two to follow the input's own (``tee_sim.mask_spread``); 0: never.
+        # The spread (RMS) of the input the distribution was sized for: the TEE then scales the mask by a
+        # power of two to follow the input's own (``tee_sim.mask_spread``); 0: never.
         self.spread = float(spec.get("spread", 0.0))
         self.bands = spec.get("bands", 0)  # shaped: the number of frequency bands; 0: white
         if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))

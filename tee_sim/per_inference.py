@@ -64,6 +64,7 @@ from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_views
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
+from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
 from tee_sim.ta_shadownet_steps import kernel_calls
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
@@ -204,7 +205,7 @@ class PerInference:
         # struct (wrap fills them), read by tally.
         self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
         self._made: list[dict[str, Any]] = [{} for _ in self._entries]
-        # A plain push's masks follow its input's spread by powers of two (``tee_sim.mask_spread``).
+        # One-time masks follow their input's spread by powers of two (``tee_sim.mask_spread``).
         self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
         self._free = deque(self._entries)
         self.pool_bytes = len(self._entries) * self.entry_bytes
@@ -402,7 +403,10 @@ class PerInference:
         mask = instr.get("mask")
         offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
         followed = self.spread.follows(instr)
-        spreads: list[Any] = []  # per slot, a followed mask's spread check (None: numpy's, in follow)
+        # A followed plain push checks its input's spread first; a restore's fused push has its kernel
+        # measure what it restores, and says when the mask must move (``tee_sim.mask_spread``).
+        measured = followed is not None and instr["op"] == "restore"
+        spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
         if mask in self.streams or offset in self.pops or checked:
             variants = []
             for entry in self._entries:
@@ -414,14 +418,17 @@ class PerInference:
                     fused = self.checks[result].fused(entry.projections[result][0])
                     self._fused[entry.slot][result] = fused
                     verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
-                variants.append(compile_(src, dst, **verified))
+                measure = self.spread.measure(self._account) if measured else None
+                variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
                 if followed:
-                    spreads.append(self.spread.bind(entry, followed, variants[-1], src))
+                    spreads.append(self.spread.bind(entry, followed, variants[-1], src, measure))
 
             def run() -> None:
-                if followed:
+                if followed and not measured:
                     self.spread.follow(self.current, followed, src, self._remake)
-                variants[self.current.slot]()
+                if variants[self.current.slot]() == SPREAD_OUTSIDE and measured:
+                    self.spread.follow_measured(self.current, followed, self._remake)
+                    variants[self.current.slot]()  # again, with the mask where it now belongs
         else:
             run = compile_(src, dst, **verified)
             if not prepares:
@@ -435,9 +442,10 @@ class PerInference:
                 prepare()
         # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
         # the slot's kernels, then its prepares; None where the kernel needs Python (an exact split's border).
-        # A followed mask's spread check comes first: outside its slot's band it sends the step to Python,
-        # where ``follow`` moves the mask.
-        first = [[] if not followed else None if spreads[slot] is None else [spreads[slot].c_call]
+        # A followed plain push's spread check comes first: outside its slot's band it sends the step to
+        # Python, where ``follow`` moves the mask; a restore's fused push's kernel answers SPREAD_OUTSIDE
+        # after its pass, which sends the step to Python too.
+        first = [[] if not followed or measured else None if spreads[slot] is None else [spreads[slot].c_call]
                  for slot in range(len(variants))]
         wrapped.slot_calls = [  # type: ignore[attr-defined]
             None if kernel_calls(v) is None or first[slot] is None

@@ -10,6 +10,8 @@
  *     dst = b + mask      the one-time or static mask, or none
  * An exact split's (tee_sim.exact_split): a restore's A reads (y_hi - pop_hi) + (y_lo - pop_lo), a push
  * stores [r_hi + q | w - q] for w = b + r_lo, r_hi the mask rounded to the split's grid, q = w rounded.
+ * A restore whose fused push's mask follows its input (tee_sim.mask_spread) also measures the restored
+ * tensor's spread as it makes it (`spread`), and says when the mask must move.
  * A push is the same with A, the offset and the activation left out. Every intermediate value lives in the
  * caller's scratch (secure memory), a tile of pixels of one row at a time: nothing before its transform
  * and mask reaches `dst`, which may be shared memory. On a verified model the same pass copies each tile
@@ -97,6 +99,11 @@ typedef struct {
     float grid;        /* a push's: an exact split's grid, the mask r = r_hi + r_lo (r_hi = r on the grid);
                           dst then receives, per pixel, [r_hi + q | w - q] for w = x + r_lo, q = w on the
                           grid (tee_sim.exact_split); 0: none */
+    double *spread;    /* a restore's fused push whose mask follows its input (tee_sim.mask_spread):
+                          [lo, hi, peak_weight, measured]; the restored tensor's squared spread - the larger
+                          of its mean square and peak_weight times its largest square - is measured as it
+                          is made, stored in [3], and sn_run returns 2 when it lies outside (lo, hi] (NaN:
+                          outside): the mask must move, and the step be run again; NULL: none */
 } sn_step;
 
 #define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
@@ -385,6 +392,33 @@ INLINE void pop_halves(const float *y, int64_t y_pix, const float *pop, int64_t 
     }
 }
 
+/* The squares of t pixels' first n channels: their sum (a pixel's in float lanes, added in double) into
+ * *sum, their largest into *top (a NaN reaches the sum). */
+INLINE void measure(const float *x, int64_t x_pix, int64_t t, int32_t n, double *sum, float *top) {
+    vn peak = {0};
+    float most = *top;
+    for (int64_t p = 0; p < t; p++) {
+        const float *v = x + p * x_pix;
+        vn a = {0};
+        int32_t c = 0;
+        for (; c + SN_VL <= n; c += SN_VL) {
+            vn y = loadn(v + c), yy = y * y;
+            a += yy;
+            peak = select(yy > peak, yy, peak);
+        }
+        double pixel = 0.0;
+        for (; c < n; c++) {
+            float yy = v[c] * v[c];
+            pixel += (double)yy;
+            most = yy > most ? yy : most;
+        }
+        for (int j = 0; j < SN_VL; j++) pixel += (double)a[j];
+        *sum += pixel;
+    }
+    for (int j = 0; j < SN_VL; j++) most = peak[j] > most ? peak[j] : most;
+    *top = most;
+}
+
 int sn_run(const sn_step *s) {
     int64_t stride = s->stride, tile = s->tile;
     float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
@@ -394,6 +428,9 @@ int sn_run(const sn_step *s) {
     fv_check_t *check = s->check;
     vli worst = {{{0}}};
     double norm2 = 0.0;
+    int measured = s->spread && restored;
+    double squares = 0.0;
+    float top = 0.0f;
     /* A scale, or a block restore with no permutation after it, adds the offset and activates each
      * vector as it leaves: two passes over the tile fewer. A per-channel offset (the bias) is padded with
      * zeros for the last block's spill; a per-element one (round 1's) is read in place, so for blocks only
@@ -471,6 +508,7 @@ int sn_run(const sn_step *s) {
                 x = tile_a;
                 x_pix = stride;
             }
+            if (measured) measure(x, x_pix, t, n, &squares, &top);
             if (s->b.kind != SN_NONE && direct) {
                 apply(&s->b, x, x_pix, out, s->dst_pix, tmp, stride, t, NULL, x == src);
                 continue;
@@ -494,6 +532,13 @@ int sn_run(const sn_step *s) {
         }
     }
     if (check) fv_check_finish(check, &worst, norm2);
+    if (measured) {
+        int64_t count = s->rows * s->cols * n;
+        double mean = squares / (double)(count > 0 ? count : 1), peak = s->spread[2] * (double)top;
+        double spread = peak > mean ? peak : mean;
+        s->spread[3] = spread;
+        if (!(spread > s->spread[0] && spread <= s->spread[1])) return 2;
+    }
     return 0;
 }
 

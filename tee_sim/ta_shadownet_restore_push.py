@@ -57,7 +57,11 @@ class _Step(ctypes.Structure):
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
                 ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
                 ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
-                ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float)]
+                ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float), ("spread", ctypes.c_void_p)]
+
+# sn_run's answers: done; a check failed (the verified model's ``on_fail`` says which); the restored
+# tensor's spread left its followed mask's band (``spread``: the mask must move, and the step run again).
+DONE, CHECK_FAILED, SPREAD_OUTSIDE = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +150,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              out: np.ndarray, border: list[tuple[np.ndarray, np.ndarray | None]], pad: Any = None,
              check: Any = None, on_fail: Callable[[], Any] | None = None,
              secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None,
-             pop: np.ndarray | None = None, split_grid: float = 0.0) -> Callable[[], Any]:
+             pop: np.ndarray | None = None, split_grid: float = 0.0,
+             spread: np.ndarray | None = None) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
@@ -154,8 +159,11 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
     ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent.
     ``split_grid``: an exact split's push (``out``: the first half of each pixel, whose stride covers both;
-    the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask). The compiled function's
-    ``step`` is the kernel's structure: a mask scaled by a power of two moves its grid there (``grid``)."""
+    the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask). ``spread``: a restore's
+    followed mask's ``[lo, hi, peak_weight, measured]`` (float64, ``tee_sim.mask_spread``), which the kernel
+    measures the restored tensor against. The compiled function returns the kernel's answer (``DONE``,
+    ``SPREAD_OUTSIDE``; ``CHECK_FAILED`` after ``on_fail``, if that returns); its ``step`` is the kernel's
+    structure: a mask scaled by a power of two moves its grid there (``grid``)."""
     rows, cols, src_row, src_pix = _grid(src)
     grid = (rows, cols)
     if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
@@ -196,6 +204,10 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if pop is not None:
         step.pop = _tensor(pop, grid)
     step.grid = split_grid
+    if spread is not None:
+        if restore is None or spread.dtype != np.float64 or spread.shape != (4,):
+            raise ValueError(f"a spread measure {spread.dtype} {spread.shape} for {src.shape}")
+        step.spread = spread.ctypes.data
     step.dst, step.dst_row, step.dst_pix, step.channels = out.ctypes.data, dst_row, dst_pix, channels
     # The tiles as wide as this step needs, as long as the model's scratch allows: with the model's
     # widest stride everywhere (MobileNet's 1024 channels: 7 pixels a tile) a 112x112x64 restore ran most
@@ -208,7 +220,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         _, _, step.copy_row, step.copy_pix = _grid(copy)
         step.copy = copy.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, spread)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \
@@ -217,9 +229,11 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         if check is None:
             kernel = lambda keep=keep: run(address)  # noqa: E731 - a function with an attribute
         else:
-            def kernel(keep: tuple = keep) -> None:
-                if run(address):
+            def kernel(keep: tuple = keep) -> int:
+                status = run(address)
+                if status == CHECK_FAILED:
                     on_fail()
+                return status
         # For the secure world's fast path (ShadowNetTA.step_program), which hands a failed check's step
         # back to Python: run again, it fails again and on_fail says what failed.
         kernel.c_call = (SN_RUN, address)
@@ -230,24 +244,28 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     # the fast path (yolov4-tiny's steps 0 and 1, a padded push each, went through Python: 40-210 us).
     rows = [compile_rows(m, d) for d, m in borders] if not split_grid else []
     if rows and all(k is not None for k in rows):
-        def bordered(keep: tuple = keep) -> None:
+        def bordered(keep: tuple = keep) -> int:
             for k in rows:
                 k()
-            if run(address) and on_fail is not None:
+            status = run(address)
+            if status == CHECK_FAILED and on_fail is not None:
                 on_fail()
+            return status
         bordered.c_calls = [*(k.c_call for k in rows), (SN_RUN, address)]  # type: ignore[attr-defined]
         bordered.step = step  # type: ignore[attr-defined]
         return bordered
 
-    def guarded(keep: tuple = keep) -> None:
+    def guarded(keep: tuple = keep) -> int:
         for d, m in borders:
             if not split_grid or m is None:
                 np.copyto(d, 0 if m is None else m)
                 continue
             c = m.shape[-1]  # v = 0 on the border: x_hi = r_hi, x_lo = r_lo
             d[..., :c], d[..., c:] = split_mask(m, step.grid)  # the grid a rescaled mask moved (step.grid)
-        if run(address):
+        status = run(address)
+        if status == CHECK_FAILED and on_fail is not None:
             on_fail()
+        return status
     guarded.step = step  # type: ignore[attr-defined]
     return guarded
 

@@ -154,6 +154,47 @@ def test_restore_fused_with_the_next_push(mixing, masked):
     assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("form", ["blocks_odd", "gather", "scale_odd"])
+def test_a_restore_measures_the_spread_its_fused_push_follows(form):
+    """A restore whose fused push's mask follows its input (``tee_sim.mask_spread``) measures the restored
+    tensor's squared spread - the larger of its mean square and its largest square over PEAK_RATIO^2 - as
+    it makes it, and answers SPREAD_OUTSIDE when that leaves the mask's band; it writes the masked tensor
+    either way, and an input it cannot measure (NaN) is outside every band."""
+    from tee_sim.mask_spread import PEAK_RATIO
+
+    rng = np.random.default_rng(5)
+    (index, coef), m = RESTORES[form](rng)
+    n = index.shape[1]
+    arrays = {"i": index, "c": coef, "o": rng.standard_normal(n).astype(np.float32),
+              "mask": rng.standard_normal((1, 6, 5, n)).astype(np.float32)}
+    instr = {"op": "restore", "src": "shm:y", "dst": "shm:x", "index": "i", "coef": "c", "offset": "o",
+             "activation": None, "alpha": None, "mask": "mask", "pad": None, "permutation": None}
+    model = _model(arrays, [instr], {"shm:y": (1, 6, 5, m), "shm:x": (1, 6, 5, n)})
+    for case in ("dense", "peaked", "nan"):
+        y = rng.standard_normal((1, 6, 5, m)).astype(np.float32)
+        if case == "peaked":  # one channel far above the rest: its peak decides
+            y *= np.float32(1e-3)
+            arrays["o"][:] = 0
+            arrays["o"][n // 2] = 50.0
+        if case == "nan":  # (a fused RELU would make it 0)
+            y[0, 2, 3, :] = np.nan
+        restored = _apply(y, index, coef) + arrays["o"]
+        want = max(float(np.mean(restored ** 2)), float(np.max(restored ** 2)) / PEAK_RATIO ** 2)
+        measure = np.array([0.0, np.inf, PEAK_RATIO ** -2, -1.0])
+        x = np.full((1, 6, 5, n), np.nan, np.float32)
+        kernel = rp.compile_restore(model, instr, y, x, spread=measure)
+        if case == "nan":
+            assert kernel() == rp.SPREAD_OUTSIDE and np.isnan(measure[3])
+            continue
+        assert kernel() == rp.DONE and measure[3] == pytest.approx(want, rel=1e-5)
+        assert np.abs(x - (restored + arrays["mask"])).max() <= 1e-5 * np.abs(restored).max()
+        for lo, hi in ((want * 1.01, np.inf), (0.0, want * 0.99)):  # just below, just above the band
+            measure[:2] = lo, hi
+            x[:] = np.nan
+            assert kernel() == rp.SPREAD_OUTSIDE
+            assert np.abs(x - (restored + arrays["mask"])).max() <= 1e-5 * np.abs(restored).max()
+
+
 def test_a_residual_restore_fused_with_a_mixing_push():
     """Restored, the shortcut added, activated, mixed and masked into the next round's buffer; with a
     permutation instead (its channel order is not the shortcut's) the restore is refused."""

@@ -362,7 +362,7 @@ def test_every_rounds_mask_follows_its_inputs_spread(all_rounds, tmp_path, monke
     xs = images(8, seed=4)
     with shadownet.load(all_rounds, background_refill=False) as model:
         for x in (xs[0] * np.float32(255), xs[1], np.zeros_like(xs[2]), xs[3] * np.float32(1e-3),
-                  xs[4] * np.float32(255), xs[5], xs[6] * np.float32(1e4), xs[7]):
+                  xs[4] * np.float32(255), xs[5], xs[6] * np.float32(1e-6), xs[7]):
             want = reference(model_bytes, x)
             assert np.max(np.abs(model(x) - want)) <= TOLERANCE * max(float(np.max(np.abs(want))), 1e-30)
             model.refill_masks()

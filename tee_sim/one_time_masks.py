@@ -13,11 +13,12 @@ A shaped mask (the spec's ``bands``; round 1 and the other rounds that carry a u
 all channels along the spec's ``common`` direction: a white mask's power sits almost all in the finest
 octaves, where an image has little, and averaging neighbours or channels first takes it off
 (SECURITY.md). The TA draws each field's spectrum directly - white noise's discrete Fourier transform is
-itself white, complex normal - scales it by the bands' gains and takes one inverse FFT, on a grid of fast
-FFT lengths cropped to the mask's (``fft_length``): yolov4-tiny's padded 417x417x3 mask takes 7.3 ms, against
-27.5 filtered from a field drawn in space; MobileNet's 225x225x3 2.1 against 3.1. Its variance
-per element is at most 1, so ``std`` bounds it as it bounds a white mask (the exact split's grid); values
-cut at the table's tails (about 2e-5 of a shaped mask's).
+itself white, complex normal - scales it by the bands' gains and takes one inverse FFT: less than half
+the work of filtering a field drawn in space (yolov4-tiny's padded 417x417x3 mask: 12.5 ms against 28.6;
+MobileNet's 225x225x3: 2.1 against 3.0). On the mask's own grid: made on a faster FFT length (420, as 417
+is 3 x 139) and cropped, a field's band shares blur, and some sizes lost half of one band's (a review).
+Its variance per element is at most 1, so ``std`` bounds it as it bounds a white mask (the exact split's
+grid); values cut at the table's tails (about 2e-5 of a shaped mask's).
 The unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``,
 the pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
 restore, in float64), made offline when the pool is refilled.
@@ -61,20 +62,6 @@ def gaussian_table() -> tuple[np.ndarray, np.ndarray]:
         scale = 1 / np.sqrt(np.mean(values ** 2) + np.mean(widths ** 2) / 12)
         _table = (values * scale).astype(np.float32), (widths * scale).astype(np.float32)
     return _table
-
-
-def fft_length(n: int) -> int:
-    """The least length from ``n`` whose prime factors are at most 13: numpy's FFT takes those in short
-    passes (a large one costs it a pass as long as the prime: 139 of 417 made it 3.7x slower)."""
-    m = max(int(n), 1)
-    while True:
-        rest = m
-        for p in (2, 3, 5, 7, 11, 13):
-            while rest % p == 0:
-                rest //= p
-        if rest == 1:
-            return m
-        m += 1
 
 
 def normal_quantiles(p: np.ndarray) -> np.ndarray:
@@ -129,23 +116,13 @@ class MaskStream:
                 raise ValueError(f"mask of {spec['buffer']}: {self.bands} bands, its shape {self.shape} "
                                  f"has {count}")
             self._axes = tuple(range(1, len(self.shape) - 1))
-            # The field is made on a grid whose lengths the FFT takes fast (``fft_length``) and cropped to
-            # the mask's: a stationary field cropped keeps its statistics, and its spectrum on the mask's
-            # grid is the made one's smoothed, so no bin falls below the least of its neighbours'.
-            # yolov4-tiny's padded 417x417 input: 1.9 ms an inverse FFT, 0.5 on 420x420.
-            self._grid = tuple(fft_length(n) for n in positions)
-            self._plane = None
-            if self._grid != positions:
-                index, count = mask_bands(self._grid)
-                self._plane = alloc((self.shape[0], *self._grid), np.float32)
-                self._crop = (slice(None), *(slice(0, n) for n in positions))
             # Each rfft bin stands for itself and its mirror image, but for the last axis' zero and
             # (even length) Nyquist columns: the full spectrum's bins per band, and each bin's gain so that
             # every band carries 1 / bands of a unit variance per element.
             twice = np.full(index.shape, 2.0)
             if positions:
                 twice[..., 0] = 1.0
-                if self._grid[-1] % 2 == 0:
+                if positions[-1] % 2 == 0:
                     twice[..., -1] = 1.0
             per_band = np.bincount(index.reshape(-1), twice.reshape(-1), count)
             # The spectrum is drawn as complex normals of unit variance per part (``_field``), where a
@@ -153,7 +130,7 @@ class MaskStream:
             # columns count their bins' Hermitian parts only (irfftn drops their imaginary parts; a pair
             # (j, -j) becomes (X_j + conj X_-j) / 2): sqrt(2) more again, as ``twice`` is 1 there.
             self._gain = alloc(index.shape, np.float32)
-            p = math.prod(self._grid)
+            p = math.prod(positions)
             self._gain[...] = np.sqrt(p / (count * per_band[index])) * np.sqrt(p / twice)
             # One channel's spectrum at a time (and the common field's): half a MobileNet input's 1.1 MB.
             self._spectrum = alloc((self.shape[0], *index.shape), np.complex64)
@@ -220,10 +197,7 @@ class MaskStream:
         scaled by the bands' gains, then transformed back."""
         self._white(encryptor, self._spectrum.view(np.float32).reshape(-1))
         np.multiply(self._spectrum, self._gain, out=self._spectrum)
-        np.fft.irfftn(self._spectrum, s=self._grid, axes=self._axes, out=plane if self._plane is None
-                      else self._plane)
-        if self._plane is not None:
-            plane[...] = self._plane[self._crop]
+        np.fft.irfftn(self._spectrum, s=self.shape[1:-1], axes=self._axes, out=plane)
 
 
 @dataclass

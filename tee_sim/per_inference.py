@@ -65,6 +65,7 @@ from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_views
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
 from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
+from tee_sim.ta_shadownet_small_ops import compile_copy
 from tee_sim.ta_shadownet_steps import kernel_calls
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
@@ -129,6 +130,15 @@ class PerInference:
         # in use (one compiled push / restore per slot).
         self.streams: dict[str, MaskStream] = {}
         for name, spec in one_time["masks"].items():
+            # A mask is its buffer's shape (an exact split's: half its channels), checked before anything is
+            # made for it (a shaped mask's bands are computed over its positions).
+            buffer = spec.get("buffer")
+            shape = shm_shapes.get(buffer) if isinstance(buffer, str) else None
+            if shape is not None and spec.get("split"):
+                shape = (*shape[:-1], shape[-1] // 2)
+            if shape is None or list(spec.get("shape") or []) != list(shape):
+                raise ValueError(f"mask {name}: shape {spec.get('shape')!r} is not that of its buffer "
+                                 f"{buffer!r} ({shape})")
             common = spec.get("common")  # a shaped mask's common direction (tee_sim.one_time_masks)
             if common is not None and (not isinstance(common, str) or common not in arrays):
                 raise ValueError(f"mask {name}: common direction {common!r} is not an array of the program")
@@ -188,6 +198,11 @@ class PerInference:
         # before the next computed layer's push shares its buffer (MobileNet's 13 share one).
         self._results: dict[str, np.ndarray] = {}
         self._spare: list[np.ndarray] = []
+        # What a restore makes for a followed mask's push, kept in secure memory until its spread is known
+        # to fit the mask (wrap): one buffer for them all, as large as the largest followed push's.
+        self._staging: np.ndarray | None = None
+        self._staging_size = max((math.prod(shm_shapes[s["buffer"]]) for s in one_time["masks"].values()
+                                  if s.get("spread")), default=0)
         self.enabled = bool(self.streams or self.checks or self.computed)
         # The pool.
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
@@ -380,6 +395,7 @@ class PerInference:
         secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
         prepares: list[list[Any]] = []  # per pool slot: the checks prepared from what it sends
         verified: dict[str, Any] = {}
+        secure_x = None
         source, target = instr.get("src", ""), instr.get("dst", "")
         result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
         checked = result in self.checks
@@ -406,6 +422,16 @@ class PerInference:
         # A followed plain push checks its input's spread first; a restore's fused push has its kernel
         # measure what it restores, and says when the mask must move (``tee_sim.mask_spread``).
         measured = followed is not None and instr["op"] == "restore"
+        # The measure comes after the pass: what the restore makes is staged in secure memory (the verified
+        # model's secure copy, else a staging buffer) and sent once it fits the mask. Written straight to
+        # shared memory, an input too large for its mask was sent under it, and then again under the same
+        # mask scaled: two writes that give the input back exactly (a review).
+        sent, send = None, None
+        if measured and dst is not secure_x:
+            sent, dst = dst, verified.pop("secure_dst", None)
+            if dst is None:
+                dst = self._staged(sent)
+            send = compile_copy(dst, sent)  # None: numpy copies it
         spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
         if mask in self.streams or offset in self.pops or checked:
             variants = []
@@ -429,6 +455,8 @@ class PerInference:
                 if variants[self.current.slot]() == SPREAD_OUTSIDE and measured:
                     self.spread.follow_measured(self.current, followed, self._remake)
                     variants[self.current.slot]()  # again, with the mask where it now belongs
+                if sent is not None:
+                    send() if send is not None else np.copyto(sent, dst)
         else:
             run = compile_(src, dst, **verified)
             if not prepares:
@@ -447,11 +475,20 @@ class PerInference:
         # after its pass, which sends the step to Python too.
         first = [[] if not followed or measured else None if spreads[slot] is None else [spreads[slot].c_call]
                  for slot in range(len(variants))]
+        sending = [] if sent is None else None if send is None else [send.c_call]
         wrapped.slot_calls = [  # type: ignore[attr-defined]
-            None if kernel_calls(v) is None or first[slot] is None
-            else [*first[slot], *kernel_calls(v), *(p.c_call for p in prepares[slot])]
+            None if kernel_calls(v) is None or first[slot] is None or sending is None
+            else [*first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]
         return wrapped
+
+    def _staged(self, sent: np.ndarray) -> np.ndarray:
+        """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""
+        if self._staging is None:
+            self._staging = self._account((self._staging_size,), np.float32)
+        if sent.size > self._staging.size:
+            raise ValueError(f"a push of {sent.shape} into a buffer its mask does not name")
+        return self._staging[:sent.size].reshape(sent.shape)
 
     def attach(self, arrays: dict[str, np.ndarray]) -> None:
         """The model's array table (with ``live`` merged in): per-slot restores compile against it."""

@@ -29,12 +29,16 @@ enum { FINISHED = -1, AHEAD = -2 };                             /* tee_sim.secur
 typedef int (*sw_call)(const void *);
 
 /* One session's step command: step s (0 <= s < steps) runs calls [starts[s], ends[s]) when starts[s] >= 0
- * and *cursor == s (the step the trusted app expects next; for step 0, AHEAD: the inference's pool entry
- * is taken), then sets *cursor = s + 1, or `finish` after the last step (FINISHED: the trusted app settles
- * the inference at its next entry; AHEAD: it has nothing to settle nor to take). A call that returns
- * non-zero (a verified restore whose check failed) stops the step, left unanswered to the trusted app's
- * Python, which runs it again from the start and reports what failed: each call redoes its whole work (a
- * result the normal world changes back in between then passes its check: only checked results are used). */
+ * and cursor[0] == s (the step the trusted app expects next; for step 0, AHEAD: the inference's pool entry
+ * is taken), then sets cursor[0] = s + 1, or `finish` after the last step (FINISHED: the trusted app
+ * settles the inference at its next entry; AHEAD: it has nothing to settle nor to take). A call that
+ * returns non-zero (a verified restore whose check failed; a one-time mask that must move to its input's
+ * spread) stops the step, left unanswered to the trusted app's Python, with cursor[1] = the step and
+ * cursor[2] = the call's place in it: Python runs the step on from that call's instruction (the ones before
+ * it ran, and may have reused a slot an earlier one read: running them again is not safe) and reports what
+ * failed, or moves the mask. That instruction redoes its whole work (a result the normal world changes back
+ * in between then passes its check: only checked results are used). A step answered here sets cursor[1]
+ * to -1. */
 typedef struct {
     uint32_t session, cmd;
     int64_t steps, finish;
@@ -83,13 +87,18 @@ int sw_serve(sw_world *w, uint64_t *last) {
         for (int32_t i = 0; i < w->count; i++)
             if (w->programs[i].session == head[1] && w->programs[i].cmd == head[2]) p = &w->programs[i];
         if (p == NULL || step >= (uint64_t)p->steps || p->starts[step] < 0
-                || *p->cursor != (step == 0 ? AHEAD : (int64_t)step))
+                || p->cursor[0] != (step == 0 ? AHEAD : (int64_t)step))
             return 1;
         int64_t start = now_ns();
         int64_t k = p->starts[step];
         while (k < p->ends[step] && p->fns[k](p->args[k]) == 0) k++;
-        if (k < p->ends[step]) return 1; /* a call failed (a check): the TA's Python runs the step again */
-        *p->cursor = step + 1 == (uint64_t)p->steps ? (int32_t)p->finish : (int32_t)step + 1;
+        if (k < p->ends[step]) { /* a call failed: the TA's Python runs the step on from it */
+            p->cursor[1] = (int32_t)step;
+            p->cursor[2] = (int32_t)(k - p->starts[step]);
+            return 1;
+        }
+        p->cursor[0] = step + 1 == (uint64_t)p->steps ? (int32_t)p->finish : (int32_t)step + 1;
+        p->cursor[1] = -1;
         uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
         uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};
         memcpy(w->block + RESPONSE_OFFSET, code, sizeof code);

@@ -29,8 +29,10 @@ AHEAD = -2  # the app has prepared the next inference: the fast path may run its
 
 @dataclass
 class StepProgram:
-    """One session's step command, for the fast path. ``cursor``: int32 ``[1]``, the step the app expects
-    next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run); ``calls[s]``:
+    """One session's step command, for the fast path. ``cursor``: int32 ``[3]``: the step the app expects
+    next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run), then where the
+    fast path stopped a step it hands back to Python - that step and the place of the call that failed in
+    it (-1: none; the C file says why); ``calls[s]``:
     step ``s``'s C calls as ``(function address, argument address)`` pairs, or None where it needs the app's
     Python. ``finish``: the cursor after the last step - ``FINISHED``, which the app settles (statistics,
     the spent pool entry) at its next entry, or ``AHEAD`` when it has nothing to settle nor to prepare.
@@ -44,6 +46,9 @@ class StepProgram:
     arrays: dict[str, np.ndarray] = field(init=False, repr=False)  # calls, flattened for C
 
     def __post_init__(self) -> None:
+        if self.cursor.dtype != np.int32 or self.cursor.shape != (3,) or not self.cursor.flags.c_contiguous:
+            raise ValueError(f"a step program's cursor is int32 [3], not {self.cursor.dtype} "
+                             f"{self.cursor.shape}")
         flat = [c for step in self.calls if step is not None for c in step]
         starts, ends, at = [], [], 0
         for step in self.calls:

@@ -25,15 +25,20 @@ def run_step(model: Any, step: int) -> None:
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
                        "no model loaded and bound to shared memory")
     expected = int(model.cursor[0])
+    stopped, place = int(model.cursor[1]), int(model.cursor[2])
+    model.cursor[1] = -1
     if step >= len(model.steps) or (step != 0 and step != expected):
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
                        f"step {step} out of order (expected 0 or {max(expected, 0)})")
     online = model.online
     last = step + 1 == len(model.steps)
+    runs = model.steps[step]
+    if stopped == step and step == (0 if expected == AHEAD else expected):
+        runs = runs[resumed_at(runs, online, place):]  # the fast path ran the instructions before it
     try:
         if step == 0 and online is not None and expected != AHEAD:
             online.begin()  # this inference's one-time masks and projections (the last one's are spent)
-        for run in model.steps[step]:
+        for run in runs:
             run()
     except BaseException:
         model.cursor[0] = 0  # a failed step (e.g. a result that failed verification) ends the inference
@@ -44,6 +49,23 @@ def run_step(model: Any, step: int) -> None:
     if last and online is not None:
         online.tally()
         online.end()
+
+
+def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int:
+    """The instruction of a step (``runs``) whose C calls, in the current pool slot, include the one at
+    ``place`` (counted from the step's first), where the fast path stopped it: the instructions before it
+    ran there, and running them again is not safe (a slot one of them read may hold a later one's result
+    now); 0 when ``place`` is not in the step's calls."""
+    slot = online.current.slot if online is not None and online.current is not None else -1
+    at = 0
+    for i, run in enumerate(runs):
+        calls = step_calls([run], slot)
+        if calls is None:
+            return 0
+        at += len(calls)
+        if place < at:
+            return i
+    return 0
 
 
 def step_program(model: Any, command: int) -> StepProgram | None:

@@ -12,7 +12,14 @@ import shadownet
 from converters.fidelity import relative_error
 from shadownet import fuzz, fuzz_worker
 from shadownet.exceptions import ArtifactError, SecurityError
-from tests.shadownet.hardening import copy_artifacts, protect_small, read_manifest, rehash, write_manifest
+from tests.shadownet.hardening import (
+    copy_artifacts,
+    protect_small,
+    read_manifest,
+    rehash,
+    reseal,
+    write_manifest,
+)
 
 CAMPAIGN_SEED = 20241
 CASES = {"untrusted": 300, "secrets": 300, "manifest": 700, "program": 700}
@@ -119,3 +126,21 @@ def test_a_container_flip_that_leaves_another_well_formed_program_counts_as_a_pr
     assert not worker._program_changed(original)
     broken = original[:at] + b'"input_index:' + original[at + len(b'"input_index"'):]  # not JSON any more
     assert not worker._program_changed(broken)
+
+
+def test_a_mask_not_shaped_as_its_buffer_is_refused_before_anything_is_made_for_it(small, tmp_path):
+    """Fuzz seed 48 (program, case 294): a one-time mask's shape edited to [1, 2**31, ...] had the trusted
+    app lay a shaped mask's frequency bands over 2**31 positions before anything checked the shape: the
+    secure world was killed for its memory. A mask is now checked against its buffer first."""
+    from tee_sim.program import read_program, write_program
+
+    header, arrays = read_program(small.program)
+    masks = header["one_time"]["masks"]
+    assert masks
+    for spec in masks.values():
+        spec["shape"][1] = 2 ** 31
+    copy = copy_artifacts(small.out, tmp_path / "copy")
+    reseal(copy, write_program(header, arrays))
+    with pytest.raises(ArtifactError, match="is not that of its buffer"):
+        shadownet.load(copy)
+

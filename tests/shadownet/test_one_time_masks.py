@@ -369,6 +369,44 @@ def test_every_rounds_mask_follows_its_inputs_spread(all_rounds, tmp_path, monke
         assert model.stats()["pool"]["rescaled"] >= 5
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_restore_that_measures_its_push_sends_it_only_once_it_fits_the_mask(all_rounds, monkeypatch,
+                                                                             verify):
+    """A restore's fused push learns its input's spread only after its pass. A review found that pass
+    written to shared memory under the old mask, then again under the same mask scaled: two writes that
+    gave the input back to 5e-7. The pass now writes secure memory (the verified model's secure copy, else
+    a staging buffer), and the tensor is sent after it, once it fits the mask, by a call the fast path
+    never reaches when the pass says the mask must move."""
+    import tee_sim
+    import tee_sim.ta_shadownet_restore_push as rp
+
+    context = tee_sim.Context("inprocess")  # the TA's objects in this process
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    measured = []
+    compile_ = rp._compile
+
+    def recording(model, *args, spread=None, **kw):
+        kernel = compile_(model, *args, spread=spread, **kw)
+        if spread is not None:
+            out = args[7]  # where the pass writes
+            measured.append(any(np.shares_memory(out, shared) for shared in model.shm.values()))
+        return kernel
+
+    monkeypatch.setattr(rp, "_compile", recording)
+    model_bytes = small_cnn()
+    xs = images(3, seed=6)
+    try:
+        with shadownet.load(all_rounds, verify=verify, background_refill=False) as model:
+            for x in (xs[0], xs[1] * np.float32(255), xs[2]):
+                want = reference(model_bytes, x)
+                assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+                model.refill_masks()
+            assert model.stats()["pool"]["rescaled"] >= 2
+    finally:
+        context.close()
+    assert measured and not any(measured)  # some restores measure; none writes shared memory
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_a_blank_input_does_not_spoil_the_next_ones(split, first_round, first_unsplit):
     """In one load: a zero input sends round 1's mask to its lowest power of two (and the entries drawn

@@ -264,3 +264,47 @@ def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(tmp_path, 
         assert fast.served - before < per_inference  # the failed step was not answered in C
         made[0].armed = False
         assert relative_error(model(xs[3]), reference(original, xs[3])) <= 1e-4
+
+
+def test_a_step_handed_back_to_python_runs_on_from_the_call_that_stopped_it(tmp_path, monkeypatch):
+    """Every round masked: a push whose input left its mask's band stops its step on the fast path, and
+    the TA's Python runs the step on from that push's instruction, not from the start - the instructions
+    before it ran in C, and one may have reused a slot an earlier one read (ResNet-44's step 43: a restore
+    whose addend's slot the MEAN after it overwrote; its outputs came out 0.12-0.15 off when the step ran
+    again from the start, a review). Here: restore, MEAN, then the dense layer's push."""
+    from converters import pipeline
+    from tee_sim.program import read_program
+
+    original = small_cnn()
+    programs = []
+    real = pipeline.provision
+    monkeypatch.setattr(pipeline, "provision",
+                        lambda program, *a: programs.append(program) or real(program, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
+    header, _ = read_program(programs[-1])
+    followed = {name for name, spec in header["one_time"]["masks"].items() if spec.get("spread")}
+    (step,) = [s for s, instrs in enumerate(header["steps"]) if [i["op"] for i in instrs] ==
+               ["restore", "mean", "push"] and instrs[2]["mask"] in followed]
+    context = tee_sim.Context("inprocess")
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    fast = _through_fast_path(context, monkeypatch)
+    ran: list[int] = []  # the step's instructions the TA's Python ran
+    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+        (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
+        for i, run in enumerate(loaded.steps[step]):
+            def counted(run=run, i=i):
+                ran.append(i)
+                return run()
+            counted.__dict__.update(vars(run))  # its C calls, for the fast path
+            loaded.steps[step][i] = counted
+        rng = np.random.default_rng(4)
+        for scale, python in ((1, []), (1, []), (255, [2]), (255, []), (1, [2])):
+            model.refill_masks()
+            ran.clear()
+            before = fast.served
+            x = (scale * rng.uniform(0, 1, (1, 16, 16, 3))).astype(np.float32)
+            assert relative_error(model(x), reference(original, x)) <= 1e-4
+            assert ran == python and fast.served > before, (scale, ran)
+    context.close()

@@ -14,8 +14,10 @@ at its intended ratio to that spread, and under 4x it (``exponent``). Where it m
   round's after a TEE op such as a max pool): before it, from its input (``follow``);
 - a restore's fused push (the restore writes its results masked as it makes them, a tile at a time): its
   kernel measures the restored tensor as it makes it (``sn_run``'s ``spread``) and, outside the mask's
-  band, answers ``SPREAD_OUTSIDE`` after its pass; the mask then moves (``follow_measured``) and the step
-  runs again, from the accelerator's results, which it only read.
+  band, answers ``SPREAD_OUTSIDE`` after its pass; the mask then moves (``follow_measured``) and the kernel
+  runs again, from the accelerator's results, which it only read. Its pass writes secure memory, sent to
+  shared memory only after it (``tee_sim.per_inference``'s ``wrap``): written there directly, the input
+  went out under its old mask and again under the same mask scaled, which gives it back (a review).
 
 Measured (``SECURITY.md``): the zoo converted without calibration, fed uniform [0, 1] images times 255:
 leakage 0.01-0.03, against 0.99 before; a vector input joining a dense head, times 1000: 0.07, against 1.00
@@ -38,7 +40,9 @@ outputs came out 12x off. Where it happens:
 On the secure world's fast path a plain push's C check (``SN_SPREAD``, ``tee_sim.ta_shadownet_small_ops``)
 comes first: the input's squared spread inside the entry's band (``band``) lets the step run in C; outside
 it, or not finite, the step goes back to the TA's Python, which moves the mask (``follow``). A restore's
-``SPREAD_OUTSIDE`` sends its step back to Python likewise.
+``SPREAD_OUTSIDE`` sends its step back to Python likewise. Python runs the step on from the instruction
+that stopped it (``tee_sim.ta_shadownet_steps.resumed_at``), not from its start: an earlier instruction's
+input slot may hold a later one's result by then.
 
 What the normal world learns from it: the masked input's spread tells it at least the power of two, the
 input's spread (its RMS, or its peak over 6) within a factor of four, and over many inferences at one power

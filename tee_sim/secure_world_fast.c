@@ -22,7 +22,7 @@
 enum { REQ_SEQ = 0, RESP_SEQ = 8, NW_SLEEPING = 24 };           /* u64 words */
 enum { REQUEST_OFFSET = 256, RESPONSE_OFFSET = 512 };           /* bytes */
 enum { OP_INVOKE = 1, VALUE_INPUT = 1, ORIGIN_TEE = 3 };
-enum { FINISHED = -1, AHEAD = -2 };                             /* tee_sim.secure_world_fast's */
+enum { FINISHED = -1, AHEAD = -2, STOPPED = -3 };               /* tee_sim.secure_world_fast's */
 
 #define MAX_PROGRAMS 32
 
@@ -33,12 +33,13 @@ typedef int (*sw_call)(const void *);
  * is taken), then sets cursor[0] = s + 1, or `finish` after the last step (FINISHED: the trusted app
  * settles the inference at its next entry; AHEAD: it has nothing to settle nor to take). A call that
  * returns non-zero (a verified restore whose check failed; a one-time mask that must move to its input's
- * spread) stops the step, left unanswered to the trusted app's Python, with cursor[1] = the step and
- * cursor[2] = the call's place in it: Python runs the step on from that call's instruction (the ones before
- * it ran, and may have reused a slot an earlier one read: running them again is not safe) and reports what
- * failed, or moves the mask. That instruction redoes its whole work (a result the normal world changes back
- * in between then passes its check: only checked results are used). A step answered here sets cursor[1]
- * to -1. */
+ * spread) stops the step, left unanswered to the trusted app's Python, with cursor = {STOPPED, the step,
+ * the call's place in it}: no step runs here until Python has settled it. Python runs that step on from
+ * the call's instruction (the ones before it ran, and may have reused a slot an earlier one read, or sent
+ * a tensor under a one-time mask: running them again is not safe) and reports what failed, or moves the
+ * mask; any other step but a new inference's step 0 ends the inference (a normal world may rewrite the
+ * request between this copy of it and Python's). That instruction redoes its whole work (a result the
+ * normal world changes back in between then passes its check: only checked results are used). */
 typedef struct {
     uint32_t session, cmd;
     int64_t steps, finish;
@@ -95,10 +96,10 @@ int sw_serve(sw_world *w, uint64_t *last) {
         if (k < p->ends[step]) { /* a call failed: the TA's Python runs the step on from it */
             p->cursor[1] = (int32_t)step;
             p->cursor[2] = (int32_t)(k - p->starts[step]);
+            p->cursor[0] = STOPPED;
             return 1;
         }
         p->cursor[0] = step + 1 == (uint64_t)p->steps ? (int32_t)p->finish : (int32_t)step + 1;
-        p->cursor[1] = -1;
         uint32_t code[4] = {0, ORIGIN_TEE, 0, 0}; /* success, origin, session, message length */
         uint64_t figures[4] = {(uint64_t)(now_ns() - start), w->memory[0], w->memory[1], w->memory[2]};
         memcpy(w->block + RESPONSE_OFFSET, code, sizeof code);

@@ -25,14 +25,15 @@ import numpy as np
 MAX_PROGRAMS = 32  # as in the C file
 FINISHED = -1  # a cursor's value after the fast path ran a program's last step, for the app to settle
 AHEAD = -2  # the app has prepared the next inference: the fast path may run its step 0
+STOPPED = -3  # the fast path stopped a step part-way, for the app's Python (cursor[1:3]: the step, the call)
 
 
 @dataclass
 class StepProgram:
     """One session's step command, for the fast path. ``cursor``: int32 ``[3]``: the step the app expects
-    next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run), then where the
-    fast path stopped a step it hands back to Python - that step and the place of the call that failed in
-    it (-1: none; the C file says why); ``calls[s]``:
+    next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run; ``STOPPED`` for a
+    step the fast path stopped part-way and handed back to Python), then that step and the place of the call
+    that stopped it (the C file says why); ``calls[s]``:
     step ``s``'s C calls as ``(function address, argument address)`` pairs, or None where it needs the app's
     Python. ``finish``: the cursor after the last step - ``FINISHED``, which the app settles (statistics,
     the spent pool entry) at its next entry, or ``AHEAD`` when it has nothing to settle nor to prepare.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tee_sim.errors import TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP, TEEError
-from tee_sim.secure_world_fast import AHEAD, FINISHED, StepProgram
+from tee_sim.secure_world_fast import AHEAD, FINISHED, STOPPED, StepProgram
 
 
 def run_step(model: Any, step: int) -> None:
@@ -25,16 +25,25 @@ def run_step(model: Any, step: int) -> None:
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
                        "no model loaded and bound to shared memory")
     expected = int(model.cursor[0])
-    stopped, place = int(model.cursor[1]), int(model.cursor[2])
-    model.cursor[1] = -1
+    online = model.online
+    runs = model.steps[step] if 0 <= step < len(model.steps) else []
+    if expected == STOPPED:  # the fast path stopped step cursor[1] at its call cursor[2]
+        stopped, place = int(model.cursor[1]), int(model.cursor[2])
+        if step == stopped:  # run on from that call's instruction: the ones before it ran there
+            runs = runs[resumed_at(runs, online, place):]
+            expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
+        elif step == 0:
+            expected = 0  # a new inference: the stopped one is abandoned, its entry spent
+        else:  # the request Python reads is not the one the fast path ran (rewritten in between)
+            model.cursor[0] = 0
+            if online is not None:
+                online.end()
+            raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
+                           f"step {step} while step {stopped} was stopped part-way: the inference is ended")
     if step >= len(model.steps) or (step != 0 and step != expected):
         raise TEEError(TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP,
                        f"step {step} out of order (expected 0 or {max(expected, 0)})")
-    online = model.online
     last = step + 1 == len(model.steps)
-    runs = model.steps[step]
-    if stopped == step and step == (0 if expected == AHEAD else expected):
-        runs = runs[resumed_at(runs, online, place):]  # the fast path ran the instructions before it
     try:
         if step == 0 and online is not None and expected != AHEAD:
             online.begin()  # this inference's one-time masks and projections (the last one's are spent)

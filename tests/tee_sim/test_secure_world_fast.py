@@ -308,3 +308,33 @@ def test_a_step_handed_back_to_python_runs_on_from_the_call_that_stopped_it(tmp_
             assert relative_error(model(x), reference(original, x)) <= 1e-4
             assert ran == python and fast.served > before, (scale, ran)
     context.close()
+
+
+def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch):
+    """After the fast path stops a step part-way (cursor STOPPED, the step, the call), a normal world may
+    rewrite the request before Python reads it. A review: Python refused the other step as out of order,
+    the cursor still named the stopped one, and its next request ran it again in C from the start - the
+    instructions before the stop twice (a clobbered slot read again: outputs 0.58 off; a push sent again
+    under the same one-time mask). Now any other step but a new inference's step 0 ends the inference."""
+    from tee_sim.errors import TEEError
+    from tee_sim.secure_world_fast import STOPPED
+    from tee_sim.ta_shadownet_steps import run_step
+
+    original = small_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
+    context = tee_sim.Context("inprocess")
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    x = np.random.default_rng(5).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
+    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+        (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
+        assert relative_error(model(x), reference(original, x)) <= 1e-4
+        loaded.cursor[:] = (STOPPED, 3, 2)  # as the fast path leaves a step it stopped at its third call
+        with pytest.raises(TEEError, match="step 3 was stopped part-way"):
+            run_step(loaded, 4)
+        assert loaded.cursor[0] == 0 and loaded.online.current is None  # the inference is ended
+        with pytest.raises(TEEError, match="out of order"):
+            run_step(loaded, 3)  # not run again from its start
+        assert relative_error(model(x), reference(original, x)) <= 1e-4  # the next inference is whole
+    context.close()

@@ -95,11 +95,14 @@ def exponent(rms: float, spread: float, current: int) -> int:
     spread ``rms`` (``spread_of``: its RMS, or its peak over ``PEAK_RATIO``), from ``current``: kept while
     ``rms`` is in its band (``band``: the mask 1x-4x its intended ratio to the input), else the smallest
     ``k`` with ``rms <= spread * 2**k`` (1x-2x), within
-    ``MIN_EXPONENT .. MAX_EXPONENT``; ``current`` for an input that is not finite. So the mask is never
-    smaller than intended, and inputs that vary around the calibration's spread do not move it back and
-    forth."""
-    if not math.isfinite(rms):
+    ``MIN_EXPONENT .. MAX_EXPONENT``; ``current`` for a NaN, the largest for an infinite spread (a restored
+    tensor whose squares overflow float32 in the kernel's measure: values over ~1.8e19). So the mask is
+    never smaller than intended, and inputs that vary around the calibration's spread do not move it back
+    and forth."""
+    if math.isnan(rms):
         return current
+    if rms == math.inf:
+        return MAX_EXPONENT
     lo, hi = band(spread, current)
     if lo < rms * rms <= hi:
         return current

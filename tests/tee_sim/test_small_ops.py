@@ -116,6 +116,7 @@ def test_spread_check_holds_the_band_of_round_1s_mask_exponent(size):
         x[size // 2] = np.nan
         check.op.lo, check.op.hi = band(spread, k)
         assert check() == 1 and exponent(float("nan"), spread, 3) == 3
+        assert exponent(float("inf"), spread, 3) == MAX_EXPONENT  # squares over float32's range
     zeros = np.zeros(size, np.float32)
     check = ops.compile_spread(zeros)
     check.op.lo, check.op.hi = band(spread, exponent(0.0, spread, 0))

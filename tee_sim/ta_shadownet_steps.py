@@ -29,8 +29,9 @@ def run_step(model: Any, step: int) -> None:
     runs = model.steps[step] if 0 <= step < len(model.steps) else []
     if expected == STOPPED:  # the fast path stopped step cursor[1] at its call cursor[2]
         stopped, place = int(model.cursor[1]), int(model.cursor[2])
-        if step == stopped:  # run on from that call's instruction: the ones before it ran there
-            runs = runs[resumed_at(runs, online, place):]
+        at = resumed_at(runs, online, place) if step == stopped else None
+        if at is not None:  # run on from that call's instruction: the ones before it ran there
+            runs = runs[at:]
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
         elif step == 0:
             expected = 0  # a new inference: the stopped one is abandoned, its entry spent
@@ -60,21 +61,22 @@ def run_step(model: Any, step: int) -> None:
         online.end()
 
 
-def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int:
+def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int | None:
     """The instruction of a step (``runs``) whose C calls, in the current pool slot, include the one at
     ``place`` (counted from the step's first), where the fast path stopped it: the instructions before it
     ran there, and running them again is not safe (a slot one of them read may hold a later one's result
-    now); 0 when ``place`` is not in the step's calls."""
+    now, or a tensor would go out again under the same one-time mask); None when ``place`` is not among
+    the step's calls (the inference is then ended)."""
     slot = online.current.slot if online is not None and online.current is not None else -1
     at = 0
     for i, run in enumerate(runs):
         calls = step_calls([run], slot)
         if calls is None:
-            return 0
+            return None
         at += len(calls)
-        if place < at:
+        if 0 <= place < at:
             return i
-    return 0
+    return None
 
 
 def step_program(model: Any, command: int) -> StepProgram | None:

@@ -337,4 +337,8 @@ def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch
         with pytest.raises(TEEError, match="out of order"):
             run_step(loaded, 3)  # not run again from its start
         assert relative_error(model(x), reference(original, x)) <= 1e-4  # the next inference is whole
+        loaded.cursor[:] = (STOPPED, 3, 99)  # a call the step does not have: nothing to resume from
+        with pytest.raises(TEEError, match="stopped part-way"):
+            run_step(loaded, 3)
+        assert loaded.cursor[0] == 0
     context.close()

@@ -186,13 +186,16 @@ int sn_pop(const sn_pop_t *s) {
                             const double *f = s->w_full + e * m + o0;
                             for (int q = 0; q < 4; q++) sf[q] += full[e] * load_vd(f + q * DW);
                         }
-                    for (int q = 0; q < 4 * DW; q++) {
-                        double h = sh[q / DW][q % DW], f = sf[q / DW][q % DW];
+                    for (int q = 0; q < 4; q++) { /* rounded to float a vector at a time: lane by lane */
+                        vf low;                 /* the stores took a quarter of yolov4-tiny's split pop */
                         if (split) {
-                            o[o0 + q] = (float)h;
-                            o[m + o0 + q] = (float)(f - h);
+                            vf high = __builtin_convertvector(sh[q], vf);
+                            memcpy(o + o0 + q * DW, &high, sizeof high);
+                            low = __builtin_convertvector(sf[q] - sh[q], vf);
+                            memcpy(o + m + o0 + q * DW, &low, sizeof low);
                         } else {
-                            o[o0 + q] = (float)(s->bias[o0 + q] - f);
+                            low = __builtin_convertvector(load_vd(s->bias + o0 + q * DW) - sf[q], vf);
+                            memcpy(o + o0 + q * DW, &low, sizeof low);
                         }
                     }
                 }

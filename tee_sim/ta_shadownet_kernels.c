@@ -392,33 +392,6 @@ INLINE void pop_halves(const float *y, int64_t y_pix, const float *pop, int64_t 
     }
 }
 
-/* The squares of t pixels' first n channels: their sum (a pixel's in float lanes, added in double) into
- * *sum, their largest into *top (a NaN reaches the sum). */
-INLINE void measure(const float *x, int64_t x_pix, int64_t t, int32_t n, double *sum, float *top) {
-    vn peak = {0};
-    float most = *top;
-    for (int64_t p = 0; p < t; p++) {
-        const float *v = x + p * x_pix;
-        vn a = {0};
-        int32_t c = 0;
-        for (; c + SN_VL <= n; c += SN_VL) {
-            vn y = loadn(v + c), yy = y * y;
-            a += yy;
-            peak = select(yy > peak, yy, peak);
-        }
-        double pixel = 0.0;
-        for (; c < n; c++) {
-            float yy = v[c] * v[c];
-            pixel += (double)yy;
-            most = yy > most ? yy : most;
-        }
-        for (int j = 0; j < SN_VL; j++) pixel += (double)a[j];
-        *sum += pixel;
-    }
-    for (int j = 0; j < SN_VL; j++) most = peak[j] > most ? peak[j] : most;
-    *top = most;
-}
-
 int sn_run(const sn_step *s) {
     int64_t stride = s->stride, tile = s->tile;
     float *tile_a = s->scratch, *tile_b = s->scratch + tile * stride, *tmp = s->scratch + 2 * tile * stride;
@@ -508,7 +481,8 @@ int sn_run(const sn_step *s) {
                 x = tile_a;
                 x_pix = stride;
             }
-            if (measured) measure(x, x_pix, t, n, &squares, &top);
+            if (measured)
+                for (int64_t p = 0; p < t; p++) add_squares(x + p * x_pix, n, &squares, &top);
             if (s->b.kind != SN_NONE && direct) {
                 apply(&s->b, x, x_pix, out, s->dst_pix, tmp, stride, t, NULL, x == src);
                 continue;
@@ -532,13 +506,9 @@ int sn_run(const sn_step *s) {
         }
     }
     if (check) fv_check_finish(check, &worst, norm2);
-    if (measured) {
-        int64_t count = s->rows * s->cols * n;
-        double mean = squares / (double)(count > 0 ? count : 1), peak = s->spread[2] * (double)top;
-        double spread = peak > mean ? peak : mean;
-        s->spread[3] = spread;
-        if (!(spread > s->spread[0] && spread <= s->spread[1])) return 2;
-    }
+    if (measured && !in_band(squares, top, s->rows * s->cols * n, s->spread[2], s->spread[0], s->spread[1],
+                             &s->spread[3]))
+        return 2;
     return 0;
 }
 

@@ -43,6 +43,51 @@ INLINE void storen(float *p, vn v) { memcpy(p, &v, sizeof v); }
 
 INLINE vn select(vni m, vn a, vn b) { return (vn)(((vni)a & m) | ((vni)b & ~m)); }
 
+/* The spread a followed one-time mask compares (tee_sim.mask_spread): add_squares adds the squares of n
+ * contiguous floats to *sum (float lanes over blocks of 4096, each block's sum added in double) and keeps
+ * the largest in *top (a NaN reaches the sum); in_band says whether the squared spread of count values -
+ * the larger of their mean square and peak_weight times their largest square, stored in *spread - lies
+ * in (lo, hi] (NaN: outside). SN_SPREAD (a plain push's check) and sn_run's measure (a restore's) share
+ * them. */
+INLINE void add_squares(const float *x, int64_t n, double *sum, float *top) {
+    vn peak = {0};
+    float most = *top;
+    int64_t k = 0;
+    while (k + SN_VL <= n) {
+        int64_t end = k + 4096 < n ? k + 4096 : n;
+        vn a = {0}, b = {0};
+        for (; k + 2 * SN_VL <= end; k += 2 * SN_VL) {
+            vn u = loadn(x + k), v = loadn(x + k + SN_VL);
+            vn uu = u * u, vv = v * v;
+            a += uu;
+            b += vv;
+            peak = select(uu > peak, uu, peak);
+            peak = select(vv > peak, vv, peak);
+        }
+        for (; k + SN_VL <= end; k += SN_VL) {
+            vn u = loadn(x + k), uu = u * u;
+            a += uu;
+            peak = select(uu > peak, uu, peak);
+        }
+        a += b;
+        for (int j = 0; j < SN_VL; j++) *sum += (double)a[j];
+    }
+    for (int j = 0; j < SN_VL; j++) most = peak[j] > most ? peak[j] : most;
+    for (; k < n; k++) {
+        float uu = x[k] * x[k];
+        *sum += (double)uu;
+        most = uu > most ? uu : most;
+    }
+    *top = most;
+}
+
+INLINE int in_band(double sum, float top, int64_t count, double peak_weight, double lo, double hi,
+                   double *spread) {
+    double mean = sum / (double)(count > 0 ? count : 1), peak = peak_weight * (double)top;
+    *spread = peak > mean ? peak : mean;
+    return *spread > lo && *spread <= hi;
+}
+
 /* A vector of the packed layout's 16 lanes, as PARTS vectors of the target's width (lane l: part l / SN_VL,
  * lane l % SN_VL of it); with AVX-512, one register. */
 #define PARTS (LANES / SN_VL)

@@ -10,7 +10,7 @@
  *                 zeros with no src (a padded push's border: the mask's values there, or nothing);
  *     SN_SPREAD   0 when the larger of the mean square of the c contiguous floats at src and beta times
  *                 their largest square lies in (lo, hi], else 1 (the step goes back to the TA's Python):
- *                 whether round 1's one-time mask may stay at its power of two for this input
+ *                 whether a plain push's one-time mask may stay at its power of two for this input
  *                 (tee_sim.mask_spread); float lanes, each block's sums in double.
  */
 #include <math.h>
@@ -77,38 +77,10 @@ int sn_small_op(const sn_small *s) {
         }
         return 0;
     case SN_SPREAD: { /* float lanes over blocks of 4096, each block's sums added in double */
-        double sum = 0.0, top = 0.0;
-        vn peak = {0};
-        int64_t k = 0;
-        while (k + SN_VL <= c) {
-            int64_t end = k + 4096 < c ? k + 4096 : c;
-            vn a = {0}, b = {0};
-            for (; k + 2 * SN_VL <= end; k += 2 * SN_VL) {
-                vn x = loadn(s->src + k), y = loadn(s->src + k + SN_VL);
-                vn xx = x * x, yy = y * y;
-                a += xx;
-                b += yy;
-                peak = select(xx > peak, xx, peak);
-                peak = select(yy > peak, yy, peak);
-            }
-            for (; k + SN_VL <= end; k += SN_VL) {
-                vn x = loadn(s->src + k), xx = x * x;
-                a += xx;
-                peak = select(xx > peak, xx, peak);
-            }
-            a += b;
-            for (int j = 0; j < SN_VL; j++) sum += (double)a[j];
-        }
-        for (int j = 0; j < SN_VL; j++) top = (double)peak[j] > top ? (double)peak[j] : top;
-        for (; k < c; k++) {
-            double xx = (double)s->src[k] * (double)s->src[k];
-            sum += xx;
-            top = xx > top ? xx : top;
-        }
-        sum /= (double)(c > 0 ? c : 1);
-        top *= (double)s->beta;
-        if (top > sum) sum = top;
-        return sum > s->lo && sum <= s->hi ? 0 : 1; /* NaN: outside */
+        double sum = 0.0, spread;
+        float top = 0.0f;
+        add_squares(s->src, c, &sum, &top);
+        return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 1;
     }
     default:
         return -1;

@@ -210,12 +210,33 @@ def _image_and_vector_model() -> bytes:
     return bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model([image, meta], y)).convert())
 
 
+def _run_image_and_vector(original: bytes, out: str, seed: int,
+                          meta_scale: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """200 inferences of the converted ``_image_and_vector_model`` on [0, 1] images and vectors uniform in
+    [0, ``meta_scale``], the first four checked against LiteRT: the vectors, the accelerator's view of
+    round 2's input, and the pool's statistics at the end."""
+    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+    rng = np.random.default_rng(seed)
+    inputs = [{"image": rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32),
+               "meta": rng.uniform(0, meta_scale, (1, 6)).astype(np.float32)} for _ in range(200)]
+    runner = LiteRTInterpreter(model_content=original).get_signature_runner()
+    model, recorders = _recording(out)
+    with model:
+        for k, x in enumerate(inputs):
+            got = model(x)
+            if k < 4:  # and the results are LiteRT's
+                (want,) = runner(**x).values()
+                assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+        pool = model.stats()["pool"]
+    observed = attacker_view(out, recorders[0].seen)["round_2/in/x0"]
+    return np.stack([x["meta"] for x in inputs]), observed, pool
+
+
 def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_path):
     """A vector input concatenated to pooled image features crossed in the dense head's round unmasked
     under the default policy (only round 1 was masked): a linear fit across inferences recovered it at
     1.000 (a review). The rounds that carry a user input are masked by default."""
-    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
-
     from converters.partition import input_rounds, partition
     from converters.tflite_reader import read_model
 
@@ -228,19 +249,7 @@ def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_pa
     assert any("round(s) [2] carry a user input" in str(w.message) for w in caught)
     assert manifest["masks"]["one_time_rounds"] == manifest["masks"]["input_rounds"] == [1, 2]
     assert manifest["masks"]["policy"] == "first"
-    rng = np.random.default_rng(8)
-    inputs = [{"image": rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32),
-               "meta": rng.uniform(0, 1, (1, 6)).astype(np.float32)} for _ in range(200)]
-    runner = LiteRTInterpreter(model_content=original).get_signature_runner()
-    model, recorders = _recording(out)
-    with model:
-        for k, x in enumerate(inputs):
-            got = model(x)
-            if k < 4:  # and the results are LiteRT's
-                (want,) = runner(**x).values()
-                assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
-    observed = attacker_view(out, recorders[0].seen)["round_2/in/x0"]
-    truth = np.stack([x["meta"] for x in inputs])
+    truth, observed, _ = _run_image_and_vector(original, out, seed=8, meta_scale=1.0)
     assert observed.shape[-1] == 8 + 6
     assert input_leakage.pooled_leakage(observed, truth)["correlation"] <= 0.1  # was 1.000 unmasked
     # The audit measures the user's input in that round too (it looked at round 1's only).
@@ -257,30 +266,16 @@ def test_a_user_input_that_joins_later_is_hidden_by_a_mask_that_follows_its_spre
     """Converted without calibration, the vector input fed 1000x the N(0, 1) scale its round's mask was
     sized for: that mask followed only round 1's until stop 40, and the fit recovered the vector at 1.00.
     Its plain push's mask now moves by powers of two with the input's spread, as round 1's does."""
-    from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
-
     original = _image_and_vector_model()
     out = str(tmp_path / "out")
     with __import__("warnings").catch_warnings(record=True) as caught:
         __import__("warnings").simplefilter("always")
         shadownet.convert(original, out, seed=3)
     assert not [w for w in caught if "no calibration inputs" in str(w.message)]  # every mask follows
-    rng = np.random.default_rng(11)
-    inputs = [{"image": rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32),
-               "meta": rng.uniform(0, 1000, (1, 6)).astype(np.float32)} for _ in range(200)]
-    runner = LiteRTInterpreter(model_content=original).get_signature_runner()
-    model, recorders = _recording(out)
-    with model:
-        for k, x in enumerate(inputs):
-            got = model(x)
-            if k < 4:
-                (want,) = runner(**x).values()
-                assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
-        exponents = model.stats()["pool"]["mask_exponents"]
+    truth, observed, pool = _run_image_and_vector(original, out, seed=11, meta_scale=1000.0)
+    exponents = pool["mask_exponents"]
     # Moved up for a push whose RMS is ~380 (the vector's 6 of its 14 values), sized for ~1: 2**10 here.
     assert exponents["r1/x0/mask"] == 0 and exponents["r2/x0/mask"] >= 8
-    observed = attacker_view(out, recorders[0].seen)["round_2/in/x0"]
-    truth = np.stack([x["meta"] for x in inputs])
     assert input_leakage.pooled_leakage(observed, truth)["correlation"] <= 0.1  # 1.00 when it did not follow
 
 

@@ -21,6 +21,14 @@ from tee_sim.secure_world_fast import AHEAD, FINISHED, FastPath
 from tests.shadownet.small_models import reference, small_cnn
 
 
+def _in_this_process(monkeypatch):
+    """An in-process secure world as this process's default - the device convert provisions the secrets
+    to - so that the TA's objects are here to look at."""
+    context = tee_sim.Context("inprocess")
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    return context
+
+
 def _through_fast_path(context, monkeypatch):
     """Route every invocation of the in-process ``context`` through a ``FastPath`` on a control block of
     its own first, as ``SecureWorld.serve`` does; returns the fast path."""
@@ -65,8 +73,7 @@ def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
         shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
-    context = tee_sim.Context("inprocess")  # the device convert provisioned the secrets to
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     with shadownet.load(tmp_path / "out", background_refill=False) as model:
         (program,) = context._transport._os.step_programs().values()
@@ -132,8 +139,7 @@ def test_a_model_without_a_pool_runs_every_step_in_c(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         shadownet.convert(original, str(tmp_path / "out"), scheme="shadownet", seed=8)
-    context = tee_sim.Context("inprocess")
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     with shadownet.load(tmp_path / "out") as model:
         (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
@@ -192,8 +198,7 @@ def test_padded_pushes_are_answered_in_c(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         shadownet.convert(original, str(tmp_path / "out"), seed=6, scheme="groupmix:exact_split=none")
-    context = tee_sim.Context("inprocess")
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     with shadownet.load(tmp_path / "out", background_refill=False) as model:
         buffers = model.artifacts.manifest["buffers"]
@@ -238,8 +243,7 @@ def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(tmp_path, 
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
         shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
-    context = tee_sim.Context("inprocess")
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     made = []
     with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
@@ -287,8 +291,7 @@ def test_a_step_handed_back_to_python_runs_on_from_the_call_that_stopped_it(tmp_
     followed = {name for name, spec in header["one_time"]["masks"].items() if spec.get("spread")}
     (step,) = [s for s, instrs in enumerate(header["steps"]) if [i["op"] for i in instrs] ==
                ["restore", "mean", "push"] and instrs[2]["mask"] in followed]
-    context = tee_sim.Context("inprocess")
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     ran: list[int] = []  # the step's instructions the TA's Python ran
     with shadownet.load(tmp_path / "out", background_refill=False) as model:
@@ -324,8 +327,7 @@ def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
-    context = tee_sim.Context("inprocess")
-    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    context = _in_this_process(monkeypatch)
     x = np.random.default_rng(5).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
     with shadownet.load(tmp_path / "out", background_refill=False) as model:
         (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]

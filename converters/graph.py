@@ -18,6 +18,8 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
+from tee_sim.program import window_fits
+
 OFFLOADABLE: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
 # Float kernels of LiteRT that reject a conv without bias (conv.cc: TF_LITE_ENSURE(context, has_bias)).
 _BIAS_REQUIRED: frozenset[str] = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D"})
@@ -162,12 +164,18 @@ def is_offloadable(graph: Graph, op_index: int) -> bool:
     """True for a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED whose weights are a dense constant; not for
     a grouped CONV_2D (its filters span a slice of the input channels), which runs in the TEE like any
     other op: the schemes mix whole input channels (``converters.normalize`` makes one CONV_2D per group of
-    those whose groups are wide enough to mix)."""
+    those whose groups are wide enough to mix); nor for a convolution dilated so far that its taps lie
+    more than twice its input apart (``tee_sim.program.window_fits``: every window reads the input through
+    one tap at most; the TA's checks and masks refuse it)."""
     op = graph.ops[op_index]
     if op.kind not in OFFLOADABLE or len(op.inputs) < 2 or op.inputs[1] < 0:
         return False
-    weights = graph.tensors[op.inputs[1]]
-    if op.kind == "CONV_2D" and weights.shape[-1] != graph.tensors[op.inputs[0]].shape[-1]:
+    weights, x = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[0]]
+    if op.kind == "CONV_2D" and weights.shape[-1] != x.shape[-1]:
+        return False
+    if op.kind != "FULLY_CONNECTED" and len(x.shape) == 4 and len(weights.shape) == 4 and not all(
+            window_fits(k, int(getattr(op.options, f"dilation{a}Factor", 1) or 1), size)
+            for k, size, a in ((weights.shape[1], x.shape[1], "H"), (weights.shape[2], x.shape[2], "W"))):
         return False
     return weights.data is not None and weights.sparsity is None
 

@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from tee_sim.program import window_fits
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -146,8 +147,9 @@ def geometry(layer: dict[str, Any], weights_shape: tuple[int, ...], x_shape: tup
     same = layer["padding"] == "SAME"
     kh, kw = ws[1], ws[2]
     for size, out, k, st, d in ((xs[1], ys[1], kh, sh, dh), (xs[2], ys[2], kw, sw, dw)):
-        if (k - 1) * d > 2 * size:  # every tap but one would only ever read padding (and pad by that much)
-            raise ValueError(f"{kind}: kernel {k} dilated {d} spans more than twice the input's {size}")
+        if not window_fits(k, d, size):
+            raise ValueError(f"{kind}: kernel {k} dilated {d}: taps further apart than twice the input's "
+                             f"{size}")
         want = -(-size // st) if same else -(-(size - (k - 1) * d) // st)
         if out != want:
             raise ValueError(f"{kind}: {layer['padding']} stride {st} dilation {d} kernel {k} takes {size} "

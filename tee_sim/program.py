@@ -47,6 +47,15 @@ def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def window_fits(kernel: int, dilation: int, size: int) -> bool:
+    """Whether the TA checks and masks a linear layer whose window has ``kernel`` taps ``dilation`` apart
+    along an input ``size`` long: any kernel (its weights bound it) whose taps lie at most twice the input
+    apart. Further apart, every window reads the input through one tap at most, and the checks' and pop
+    masks' padded input would grow with a number nothing else bounds: the converter keeps such a layer in
+    the TEE (``converters.graph.is_offloadable``), and the TA refuses one in a program."""
+    return kernel == 1 or dilation <= 2 * size
+
+
 def wire_dtype(dtype: Any) -> np.dtype:
     """The type in which a model input or output of ``dtype`` sits in shared memory, for the normal world
     to write or read: its own, or float32 for a type narrower than 4 bytes (bool, 8- and 16-bit integers,

@@ -235,6 +235,54 @@ def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
         assert checks["worst_bound_log2"] <= -20  # the stated bound, as achieved on these results
 
 
+def _wide_windows_model() -> bytes:
+    """On a 2x3 map: a 7x7 conv and a depthwise 7x7 of multiplier 2 (taps more than twice the map apart,
+    offloaded), a 3x3 conv dilated 7 along the width (further apart than twice its 3 columns: the TEE runs
+    it), a 1x1 conv."""
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    rng = np.random.default_rng(3)
+    g = Graph()
+    relu = fb.ActivationFunctionType.RELU
+
+    def layer(x, kind, w_shape, c_out, dilation=1):
+        w = g.add_tensor(f"w{len(g.ops)}", w_shape, np.float32, rng.standard_normal(w_shape) * 0.2)
+        b = g.add_tensor(f"b{len(g.ops)}", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        y = g.add_tensor(f"y{len(g.ops)}", (1, 2, 3, c_out), np.float32)
+        o = conv_options(kind, fb.Padding.SAME, 1, relu, c_out // w_shape[-1] if kind == "CONV_2D" else 2)
+        o.dilationWFactor = dilation
+        g.add_op(kind, [x, w, b], [y], o)
+        return y
+
+    x = g.add_tensor("image", (1, 2, 3, 8), np.float32)
+    a = layer(x, "CONV_2D", (16, 7, 7, 8), 16)
+    d = layer(a, "DEPTHWISE_CONV_2D", (1, 7, 7, 32), 32)
+    e = layer(d, "CONV_2D", (16, 3, 3, 32), 16, dilation=7)
+    g.inputs, g.outputs = [x], [layer(e, "CONV_2D", (4, 1, 1, 16), 4)]
+    return write_model(g)
+
+
+def test_windows_wider_than_twice_the_input_are_masked_and_checked(tmp_path):
+    """A kernel wider than twice its input (a ConvNeXt's 7x7 or a Conv1D on a short input): the TA took no
+    such layer, though the converter offloaded it - a model converted without complaint failed to load
+    whenever such a layer had a one-time mask or a check. A dilation that puts the taps further apart than
+    twice the input stays in the TEE (``tee_sim.program.window_fits``)."""
+    model_bytes = _wide_windows_model()
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest = shadownet.convert(model_bytes, str(out), scheme=DEPTHWISE_OFFLOADED, mask_rounds="all")
+    assert len(manifest["rounds"]) == 3  # the 7x7, the depthwise 7x7, the 1x1: not the dilated conv
+    rng = np.random.default_rng(0)
+    with shadownet.load(str(out), verify=True) as model:
+        for scale in (1.0, 255.0):
+            x = (scale * rng.standard_normal((1, 2, 3, 8))).astype(np.float32)
+            want = reference(model_bytes, x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+        assert model.stats()["verify"]["checked"] == 2 * 3  # two inferences, three rounds each
+
+
 ZOO = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 BIG = {"resnet404", "yolov4-tiny"}
 
@@ -358,6 +406,12 @@ GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 15, 17, 48), (1, 3, 3, 48)),  # direct, strided, rows of 9
     ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 7, 7, 80), (1, 3, 3, 80)),  # direct: 4 + 1 vectors on AVX-512
     ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
+    # taps more than twice the input apart (a helper's ConvNeXt and Conv1D on short inputs; refused before)
+    ("CONV_2D", "SAME", 1, 1, (1, 2, 2, 8), (16, 7, 7, 8)),  # a 7x7 kernel on a 2x2 map
+    ("CONV_2D", "SAME", 1, 1, (1, 1, 3, 8), (16, 1, 9, 8)),  # a Conv1D of 9 taps on 3 steps
+    ("CONV_2D", "SAME", 1, 6, (1, 3, 3, 8), (12, 3, 3, 8)),  # dilated as far as the TA takes (2 x 3)
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 2, 3, 16), (1, 7, 7, 32)),  # multiplier 2: projected
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 2, 3, 16), (1, 7, 7, 16)),  # direct
 ]
 
 

@@ -136,6 +136,7 @@ def test_restore_pops_the_halves_before_restoring():
     ((2, 9, 9, 5), (13, 3, 3, 5), False, 1, 2),  # a tail of outputs, VALID, dilated, two images
     ((1, 8, 8, 16), (24, 5, 5, 16), True, 3, 1),
     ((1, 6, 6, 1), (40, 1, 1, 1), True, 1, 1),
+    ((1, 2, 2, 4), (8, 7, 7, 4), True, 1, 1),  # taps more than twice the map apart
 ])
 def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same, stride, dilation, build,
                                                           monkeypatch):
@@ -172,6 +173,7 @@ def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same
     ((1, 17, 15, 3), (32, 3, 3, 3), True, 2, 1, False),  # yolov4-tiny's first layer, smaller
     ((2, 9, 9, 5), (13, 3, 3, 5), False, 1, 2, True),
     ((1, 6, 6, 1), (40, 1, 1, 1), True, 1, 1, True),
+    ((1, 3, 3, 4), (8, 3, 3, 4), True, 1, 6, False),  # dilated as far as the TA takes (2 x 3)
 ])
 def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, dilation, permuted, build,
                                                 monkeypatch):
@@ -212,6 +214,7 @@ def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, 
     ("DEPTHWISE_CONV_2D", (2, 10, 10, 3), (1, 3, 3, 6), True, 2, 1),  # multiplier 2, stride 2
     ("DEPTHWISE_CONV_2D", (1, 11, 9, 2), (1, 3, 5, 6), False, 1, 2),  # multiplier 3, VALID, dilated
     ("DEPTHWISE_CONV_2D", (1, 4, 4, 5), (1, 5, 5, 5), True, 3, 1),  # a kernel wider than the map
+    ("DEPTHWISE_CONV_2D", (1, 2, 3, 4), (1, 7, 7, 8), True, 1, 1),  # taps more than twice the map apart
     ("FULLY_CONNECTED", (3, 20), (7, 20), True, 1, 1),
     ("FULLY_CONNECTED", (1, 2, 2, 5), (4, 20), True, 1, 1),  # a map flattened into the layer
 ])

@@ -35,7 +35,7 @@ def test_a_descriptor_that_fits_gives_its_geometry():
     ({**CONV, "stride": [0, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "0 is not a positive"),
     ({**CONV, "stride": [True, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "True is not a positive"),
     ({**CONV, "dilation": [1 << 31, 1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8),
-     "spans more than twice"),  # found by fuzzing
+     "further apart than twice"),  # found by fuzzing
     ({**CONV, "dilation": [1]}, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8), "must be pairs"),
     ({**CONV, "kind": "DEPTHWISE_CONV_2D"}, (1, 3, 3, 6), (1, 6, 6, 4), (1, 6, 6, 6), "depthwise weights"),
     ({"kind": "FULLY_CONNECTED"}, (5, 11), (1, 2, 2, 3), (1, 5), "dense weights"),

@@ -362,6 +362,13 @@ def place_buffers(buffers: dict[str, BufferSpec], rounds: Sequence[RoundSpec], p
     return max(end, 1), offsets
 
 
+def _named(specs: tuple[TensorSpec, ...], names: dict[str, int]) -> str:
+    """The inputs in order, each under its tensor name and any other name it is given by (its signature's)."""
+    return ", ".join(" or ".join(repr(k) for k in [t.name, *(k for k, at in names.items()
+                                                             if at == i and k != t.name)])
+                     for i, t in enumerate(specs))
+
+
 def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
                  inputs: Sequence[Any]) -> list[np.ndarray]:
     """``inputs`` (arrays in order, or one mapping of names to arrays; ``names``: input name -> position) as
@@ -371,13 +378,13 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
         unknown = [k for k in given if k not in names]
         if unknown:
             raise InputError(f"unknown input name(s) {unknown}; the model's inputs are "
-                             f"{[t.name for t in specs]}")
+                             f"{_named(specs, names)}")
         ordered: list[Any] = [None] * len(specs)
         for key, value in given.items():
             ordered[names[key]] = value
         missing = [t.name for t, v in zip(specs, ordered, strict=True) if v is None]
         if missing:
-            raise InputError(f"missing input(s) {missing}; the model takes {[t.name for t in specs]}")
+            raise InputError(f"missing input(s) {missing}; the model takes {_named(specs, names)}")
         if len(given) != len(specs):  # one input under its tensor name and its signature name
             twice = sorted({specs[names[k]].name for k in given
                             if sum(names[j] == names[k] for j in given) > 1})

@@ -180,7 +180,8 @@ def test_wrong_inputs_raise_input_error_naming_the_input(two_by_two, case):
             "dtype": ((left.astype(np.float64), right), [name, "float32", "float64"]),
             "count": ((left,), ["2 input", "1 given"]),
             "name": (({"left": left, "right": right, "bogus": right},), ["bogus"]),
-            "missing": (({"left": left},), ["missing", model.inputs[1].name]),
+            # each input under both its names: "...; the model takes '<tensor>' or 'left', ..."
+            "missing": (({"left": left},), ["missing", f"'{model.inputs[1].name}' or 'right'"]),
             # under its signature name and its tensor name: was "missing input(s) given twice under ..."
             "twice": (({"left": left, name: left, "right": right},), [f"input(s) ['{name}'] given twice"]),
             "type": ((left.tolist(), right), [name, "numpy array"]),

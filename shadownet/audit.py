@@ -437,15 +437,16 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
                    f"{str(exc).splitlines()[0]}")
             report["input_leakage"] = {"inferences": inferences, "error": why}
     restores = unmixed = None
+    told = _progress if progress else None
     if seen is not None:
-        restores = learn_restores(seen, obf)
+        restores = learn_restores(seen, obf, told)
         if hasattr(scheme, "input_blocks"):  # the scheme mixes its layers' inputs in public blocks
-            if progress:
-                _progress("undoing the input mixing of the layers whose restore the crossings gave away")
-            unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks)
+            unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks, told)
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)
+        if progress:
+            _progress("measuring the input leakage of every round")
         try:
             report["input_leakage"] = input_leakage(seen, batches, reference, manifest, pairs)
         except ShadowNetError as exc:

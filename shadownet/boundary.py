@@ -97,20 +97,24 @@ def inferences_needed(layer: Any) -> int:
     return -(-crossing_fits.restore_positions(len(layer.filters)) // max(layer.positions, 1))
 
 
-def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, dict]:
+def learn_restores(seen: dict[str, np.ndarray], layers: list[Any],
+                   progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """For each offloaded layer (``audit_layers.untrusted_layers``) whose results were observed, the rows of
     its restore that the later crossings give away (``crossing_fits.restore_rows``), tried against every
     later round input and model output with the same positions (or padded: ``_crops``). By layer name:
     ``{"rows": (k, M) the relations found, "rank": how many of them are independent (at most M),
-    "tried": follower channels tried, "follower": the tensor that gave the most, None for none}``."""
+    "tried": follower channels tried, "follower": the tensor that gave the most, None for none}``.
+    ``progress`` is told of each layer fitted."""
     learnt: dict[str, dict] = {}
     rng = np.random.default_rng(0)
-    for layer in layers:
+    for k, layer in enumerate(layers):
         signature, _, output = layer.name.partition("/")
         results = seen.get(f"{signature}/out/{output}")
         m = len(layer.filters)
         if results is None or results.shape[-1] != m:
             continue  # not observed, or an exact split's halves (round 1's: masked)
+        if progress:
+            progress(f"restore regression: layer {k + 1}/{len(layers)} ({layer.name})")
         y = results.reshape(-1, m).astype(np.float64)
         r = round_number(signature)
         found, tried, most, follower_name = [], 0, 0, None
@@ -139,7 +143,8 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any]) -> dict[str, 
 
 
 def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[str, dict],
-                 input_blocks: Callable[[int], list[tuple[int, int]] | None]) -> dict[str, dict]:
+                 input_blocks: Callable[[int], list[tuple[int, int]] | None],
+                 progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """For each layer whose restore rows were learnt (``learn_restores``), its input's mixing undone block
     by block (``crossing_fits.input_mixing``) against an earlier round's results that the TEE activated and
     mixed into that input - the nearest earlier one that fits, at the input's positions (cropped where
@@ -147,10 +152,11 @@ def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[
     (``GroupMixScheme.input_blocks``; None: not mixed). Conv layers only: a dense layer's input holds
     several positions of its channels, flattened. By layer name: ``{"filters": (k, D) the rows' filters in
     the real input coordinates (0 in a block or column not learnt), "blocks": blocks learnt, "of": blocks in
-    all, "earlier": the results that gave them}``; a layer none fits is left out."""
+    all, "earlier": the results that gave them}``; a layer none fits is left out. ``progress`` is told of
+    each layer tried."""
     unmixed: dict[str, dict] = {}
     rng = np.random.default_rng(0)
-    for layer in layers:
+    for k, layer in enumerate(layers):
         learnt = restores.get(layer.name)
         signature = layer.name.partition("/")[0]
         mixed = seen.get(f"{signature}/in/{layer.input}") if layer.input else None
@@ -160,6 +166,8 @@ def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[
         cuts = input_blocks(channels)
         if mixed.shape[-1] != channels or not cuts:
             continue
+        if progress:
+            progress(f"input unmixing: layer {k + 1}/{len(layers)} ({layer.name})")
         r = round_number(signature)
         earlier = sorted((name for name in seen if name.startswith("round_") and "/out/" in name
                           and round_number(name.split("/")[0]) < r and seen[name].shape[-1] == channels),

@@ -48,6 +48,7 @@ from tee_sim.program import write_program
 FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1
 UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
+ARTIFACTS = frozenset({UNTRUSTED, SECRETS, MANIFEST})
 
 
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
@@ -420,8 +421,9 @@ def _io_description(original: bytes) -> dict[str, Any]:
 
 def _check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()) -> None:
     """Refuse an output directory the conversion cannot write, or may not replace: the current directory
-    or one above it, a file, a non-empty directory without ``force``, or one that holds a file or directory
-    in ``reads`` (the model, calibration and device files given by path), which replacing it would delete."""
+    or one above it, a file, a non-empty directory without ``force`` (with it, one that holds anything but
+    a conversion's files), or one that holds a file or directory in ``reads`` (the model, calibration and
+    device files given by path), which replacing it would delete."""
     out = Path(os.path.realpath(out))
     try:
         here = Path(os.path.realpath(os.getcwd()))
@@ -438,7 +440,13 @@ def _check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = (
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces it)")
+        raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces an "
+                            "earlier conversion's)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACTS) if out.is_dir() else []
+    if foreign:  # force replaces an earlier conversion, not whatever a mistyped -o named
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArtifactError(f"output directory {out} holds what no conversion wrote ({listed}): replacing it "
+                            "would delete them, so move them or give the name of another directory")
 
 
 def _write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
     p.add_argument("--device-key", dest="device_key", metavar="FINGERPRINT", type=_fingerprint,
                    help="pin the --device FILE's key: the fingerprint `device export` printed on the device")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier conversion's output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="rounds with one-time masks (schemes without static masks): 'first' (default), "
                         "'all' or round numbers such as 1,2,5 or 1-4; round 1 always, and any round a "

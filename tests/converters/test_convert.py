@@ -490,8 +490,15 @@ def test_output_directory_rules(conv_model, device, tmp_path):
     with pytest.raises(ArtifactError, match="not empty"):
         protect(conv_model, out, device)
     assert (out / "keep.txt").exists()
-    protect(conv_model, out, device, force=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    with pytest.raises(ArtifactError, match=r"holds what no conversion wrote \(keep.txt\)"):
+        protect(conv_model, out, device, force=True)  # a helper's `-o precious --force` deleted its notes
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    protect(conv_model, out, device)
+    before = (out / "secrets.sealed").read_bytes()
+    protect(conv_model, out, device, force=True)  # an earlier conversion's directory is replaced
+    assert (out / "secrets.sealed").read_bytes() != before and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "secrets.sealed", "untrusted.tflite"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError):
         protect(conv_model, tmp_path / "file", device)

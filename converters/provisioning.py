@@ -59,8 +59,8 @@ def device_file(device: Any, device_key: str | None, warn: bool = False) -> Any:
                             "device with `shadownet device export FILE`)")
     try:
         identity = read_device_file(device)
-    except TEEError as exc:
-        raise SecurityError(f"provisioning failed: {exc}") from None
+    except TEEError as exc:  # read here, by the client library: its message says what is wrong, not its code
+        raise SecurityError(f"provisioning failed: {exc.message or exc}") from None
     if identity.trusted_app != ta_uuid():
         raise SecurityError(f"device file {device} is for trusted app {identity.trusted_app}, "
                             "not ShadowNet's")

@@ -278,10 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(exc: Exception) -> int:
     from shadownet.exceptions import ShadowNetError
-    from tee_sim.errors import TEEError  # the secure world's own answer (e.g. its storage is unusable)
+    from tee_sim.errors import TEEC_ORIGIN_API, TEEError  # the secure world's own answer (e.g. its storage)
 
     if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
         message = str(exc) or type(exc).__name__
+        if isinstance(exc, TEEError) and exc.origin == TEEC_ORIGIN_API and exc.message:
+            message = exc.message  # the client library refused a setting: its code adds nothing
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
             message = f"{exc.filename}: {exc.strerror}"
         print(f"shadownet: error: {message}".splitlines()[0], file=sys.stderr)

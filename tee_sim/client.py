@@ -105,6 +105,15 @@ class Session:
         return f"Session({self.ta_uuid}{', closed' if self.closed else ''})"
 
 
+def _environ_us(name: str, default: float) -> float:
+    """A spin time in microseconds from the environment variable ``name``, else ``default``."""
+    value = os.environ.get(name)
+    try:
+        return default if value is None else float(value)
+    except ValueError:
+        raise api_error(f"${name} must be a number of microseconds, not {value!r}") from None
+
+
 class Context:
     """A connection to the secure world (TEEC_InitializeContext).
 
@@ -136,15 +145,20 @@ class Context:
         if transport not in TRANSPORTS:
             raise api_error(f"transport must be one of {TRANSPORTS}")
         if spin_us is None:
-            spin_us = float(os.environ.get("TEE_SIM_SPIN_US", DEFAULT_SPIN_US))
+            spin_us = _environ_us("TEE_SIM_SPIN_US", DEFAULT_SPIN_US)
         if caller_spin_us is None:
-            caller_spin_us = float(os.environ.get("TEE_SIM_CALLER_SPIN_US", DEFAULT_CALLER_SPIN_US))
+            caller_spin_us = _environ_us("TEE_SIM_CALLER_SPIN_US", DEFAULT_CALLER_SPIN_US)
         if hard_spin_us is None:
-            hard_spin_us = float(os.environ.get("TEE_SIM_HARD_SPIN_US", DEFAULT_HARD_SPIN_US))
-        if secure_core == "default":
-            secure_core = os.environ.get("TEE_SIM_SECURE_CORE", "auto")
+            hard_spin_us = _environ_us("TEE_SIM_HARD_SPIN_US", DEFAULT_HARD_SPIN_US)
         # The in-process secure world runs in its caller's thread, wherever that is.
-        self.secure_core = resolve_secure_core(secure_core) if transport == "process" else None
+        if secure_core != "default":
+            self.secure_core = resolve_secure_core(secure_core) if transport == "process" else None
+        else:
+            try:
+                self.secure_core = resolve_secure_core(os.environ.get("TEE_SIM_SECURE_CORE", "auto")) \
+                    if transport == "process" else None
+            except TEEError as exc:
+                raise api_error(f"$TEE_SIM_SECURE_CORE: {exc.message}") from None
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()

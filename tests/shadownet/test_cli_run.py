@@ -153,6 +153,14 @@ def test_a_bad_delegate_is_one_line_in_a_real_process(small_cnn, tmp_path, libra
     assert path in lines[0]
 
 
+def test_a_file_that_is_no_device_identity_is_one_line_without_a_tee_code(small_cnn, tmp_path, capsys):
+    (tmp_path / "junk.npy").write_text("junk")
+    line = _one_line_error(capsys, main(["convert", str(small_cnn.original), "-o", str(tmp_path / "out"),
+                                         "--device", str(tmp_path / "junk.npy")]))
+    junk = tmp_path / "junk.npy"
+    assert line == f"shadownet: error: provisioning failed: {junk} is not a device identity file"
+
+
 def test_npy_for_a_two_input_model_is_refused(two_by_two, tmp_path, capsys):
     np.save(tmp_path / "x.npy", two_by_two.random_inputs()[0])
     line = _one_line_error(capsys, main(["run", str(two_by_two.out), "--input", str(tmp_path / "x.npy")]))

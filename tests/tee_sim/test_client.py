@@ -332,3 +332,18 @@ def test_secure_world_runs_on_its_core_and_only_there(tmp_path, monkeypatch):
         assert context.secure_core is None
         assert _allowed_cpus(context.secure_world_pid) == os.sched_getaffinity(0)
     assert Context("inprocess", home=tmp_path / "c").secure_core is None  # it runs in its caller's thread
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("TEE_SIM_SECURE_CORE", "abc", "$TEE_SIM_SECURE_CORE: secure_core must be 'auto', 'none' or a CPU"),
+    ("TEE_SIM_SECURE_CORE", "4096", "$TEE_SIM_SECURE_CORE: secure_core 4096 is not among the CPUs"),
+    ("TEE_SIM_SPIN_US", "fast", "$TEE_SIM_SPIN_US must be a number of microseconds, not 'fast'"),
+    ("TEE_SIM_CALLER_SPIN_US", "", "$TEE_SIM_CALLER_SPIN_US must be a number of microseconds, not ''"),
+])
+def test_a_setting_from_the_environment_that_does_not_parse_is_refused_naming_it(tmp_path, monkeypatch, name,
+                                                                                   value, message):
+    """Was "could not convert string to float: 'fast'", or the setting's name without the variable's."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(TEEError) as info:
+        Context("process", home=tmp_path)
+    assert info.value.origin == TEEC_ORIGIN_API and info.value.message.startswith(message)

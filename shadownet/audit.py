@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
-from shadownet.artifacts import read_checked
+from shadownet.artifacts import MANIFEST, UNTRUSTED, read_checked
 from shadownet.audit_layers import (
     LAYER_KINDS,
-    UNTRUSTED,
     LinearLayer,
     join_halves,
     reference_layers,
@@ -52,7 +51,6 @@ from shadownet.input_leakage import (
     single_leakage,
 )
 
-MANIFEST = "manifest.json"
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
 # is kept in memory (MobileNet 23.6 MB an inference, yolov4-tiny 53.6 MB).
 AUTO_INFERENCES = (4, 32)

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from shadownet.artifacts import UNTRUSTED
 from shadownet.boundary import round_number
 from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
-
-UNTRUSTED = "untrusted.tflite"
 
 
 @dataclass(frozen=True)

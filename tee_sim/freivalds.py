@@ -290,8 +290,9 @@ class LayerCheck:
         # prepare_tiled), a computed layer (compute_dw).
         self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
         # The scratch: the input pixels' squared norms, then a row of output positions' sums (prepare_kp),
-        # one position's outputs or a row of zeros (direct), or a row of zeros and the last pixel (tiled).
-        rest = width if self.direct else max(wo * (LANES + 1), 2 * (c + LANES))
+        # one position's outputs or a row of zeros (direct), or a row of zeros and the input's last pixels,
+        # padded (tiled: under 3 rows of G-channel groups).
+        rest = width if self.direct else max(wo * (LANES + 1), 3 * (c + LANES))
         self.scratch_elements = n * h * wd + rest
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, *self._addresses(),

@@ -322,15 +322,25 @@ INLINE void compute_dw(fv_prepare_t *s) {
  * of partial sums (no lanes padded past k, no permutation, the filters repacked per call): 0.7-1.8x,
  * slower on the small layers. */
 
+/* Where prepare_tiled reads a pixel at `at`: in the input, or, from `tail_from` on, in its padded copy. */
+INLINE const float *tail_read(const float *at, const float *tail_from, const float *copy) {
+    return at < tail_from ? at : copy + (at - tail_from);
+}
+
 INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
     enum { R = TILE_ROWS };
     int32_t g = LANES / kp;
-    int64_t c = s->c, groups = (c + g - 1) / g, pixels = s->n * s->h * s->w;
-    /* A last group of fewer than G channels reads the next pixel's first ones, times zero filter values;
-     * the last pixel's, which has no next one, is read from a copy padded with zeros. */
-    float *zeros = s->norms + pixels, *last = zeros + groups * g;
-    memset(zeros, 0, (size_t)(2 * groups * g) * sizeof(float));
-    memcpy(last, s->x + (pixels - 1) * c, (size_t)c * sizeof(float));
+    int64_t c = s->c, groups = (c + g - 1) / g, pixels = s->n * s->h * s->w, span = groups * g;
+    /* A last group of fewer than G channels reads the next pixels' first ones (span - c values), times
+     * zero filter values; the last pixels, whose reads would pass the input's end (all those within
+     * span - c values of it: three of them with one channel and G = 4), are read from a copy of the
+     * input's tail padded with zeros. */
+    int64_t tail = span > c ? (span - 1) / c : 1;
+    tail = tail < pixels ? tail : pixels;
+    float *zeros = s->norms + pixels, *last = zeros + span;
+    memset(zeros, 0, (size_t)(2 * span + tail * c) * sizeof(float));
+    memcpy(last, s->x + (pixels - tail) * c, (size_t)(tail * c) * sizeof(float));
+    const float *const tail_from = s->x + (pixels - tail) * c;
     double total = 0.0;
     if (s->kh == 1 && s->kw == 1 && s->sh == 1 && s->sw == 1 && s->top == 0 && s->left == 0 && s->ho == s->h
         && s->wo == s->w) { /* pointwise: position p reads pixel p, so R positions at a time across rows */
@@ -340,7 +350,7 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
             const float *xr[R];
             for (int32_t r = 0; r < R; r++) {
                 acc[r] = vl_zero();
-                xr[r] = r >= live ? zeros : p0 + r == pixels - 1 ? last : s->x + (p0 + r) * c;
+                xr[r] = r >= live ? zeros : tail_read(s->x + (p0 + r) * c, tail_from, last);
             }
             tile_dot(acc, xr, groups, s->filters, kp);
             for (int32_t r = 0; r < live; r++)
@@ -376,10 +386,9 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
                         const float *xr[R];
                         for (int32_t r = 0; r < R; r++) xr[r] = zeros;
                         for (int64_t r = lo; r < hi; r++) {
-                            xr[r] = s->x + (pix0 + r * s->sw) * c;
+                            xr[r] = tail_read(s->x + (pix0 + r * s->sw) * c, tail_from, last);
                             q[r] += s->norms[pix0 + r * s->sw];
                         }
-                        if (hi > lo && pix0 + (hi - 1) * s->sw == pixels - 1) xr[hi - 1] = last;
                         tile_dot(acc, xr, groups, s->filters + ((int64_t)i * s->kw + j) * groups * LANES, kp);
                     }
                 }

@@ -492,6 +492,12 @@ TILED = [  # conv layers prepared as a matrix product (LayerCheck.tiled); rows o
     ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 24), (16, 3, 3, 24)),  # dilated; 24 channels: 6 groups at k <= 4
     ("CONV_2D", "SAME", 2, 1, (1, 10, 10, 48), (40, 1, 1, 48)),  # strided 1x1
     ("CONV_2D", "VALID", 1, 1, (1, 5, 7, 22), (12, 1, 1, 22)),  # pointwise: 35 positions across rows
+    # One channel: at k = 4 a pixel's group of 4 reads the next three's, so the last three read past the
+    # input (only the last one was read from a padded copy: a helper's ASan run), and in a window wider
+    # than the map every position reads them.
+    ("CONV_2D", "SAME", 1, 1, (1, 8, 8, 1), (8, 3, 3, 1)),
+    ("CONV_2D", "SAME", 1, 1, (1, 2, 2, 1), (8, 7, 7, 1)),
+    ("CONV_2D", "VALID", 1, 1, (1, 3, 5, 1), (6, 1, 1, 1)),  # pointwise
 ]
 
 

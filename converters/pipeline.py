@@ -332,8 +332,8 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         narrow = group_min_channels(scheme)
         groups = "grouped convolutions" if narrow is None else \
             f"grouped convolutions of groups narrower than {narrow} input channels"
-        why.append(f"{groups}, matrix products, 3-D convolutions and layers of computed weights run in "
-                   "the TEE")
+        why.append(f"{groups}, matrix products, 3-D convolutions, convolutions dilated so far that their "
+                   "taps lie more than twice their input apart and layers of computed weights run in the TEE")
     if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule
         why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "

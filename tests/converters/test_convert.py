@@ -227,10 +227,14 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
     x = keras.Input((8, 8, 4), batch_size=1)
     depthwise = keras.Model(x, keras.layers.DepthwiseConv2D(3, padding="same")(x))
     grouped = keras.Model(x, keras.layers.Conv2D(8, 3, padding="same", groups=2)(x))
+    small = keras.Input((3, 3, 4), batch_size=1)  # taps 7 apart on 3 pixels (tee_sim.program.window_fits)
+    dilated = keras.Model(small, keras.layers.Conv2D(8, 3, padding="same", dilation_rate=7)(small))
     for model, why in ((depthwise, r"\(DEPTHWISE_CONV_2D\) all run in the TEE.*scheme groupmix keeps "
                                    r"DEPTHWISE_CONV_2D in the TEE \(--scheme groupmix:depthwise=offload"),
                        (grouped, r"\(CONV_2D\) all run in the TEE.*grouped convolutions of groups "
-                                 r"narrower than 8 input channels")):
+                                 r"narrower than 8 input channels"),
+                       (dilated, r"\(CONV_2D\) all run in the TEE.*convolutions dilated so far that their "
+                                 r"taps lie more than twice their input apart")):
         data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
         with pytest.raises(UnsupportedOpError, match="nothing to offload: the model's linear ops " + why):
             protect(data, tmp_path / "out", device)

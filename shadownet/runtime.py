@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
 from tee_sim import ta_shadownet_commands as commands
+
+# The protected models this process holds open: a load that runs out of secure memory names them.
+_open_models: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class ProtectedModel:
@@ -130,6 +134,7 @@ class ProtectedModel:
             self._buffers.release()
             raise
         after_fork.track(self)
+        _open_models.add(self)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -192,6 +197,12 @@ class ProtectedModel:
                                + (": converted with --mask-rounds first the model needs less" if chosen else
                                   f" ({len(carrying)} rounds carry a user input, and take them whatever "
                                   "--mask-rounds says)"))
+            others = [m for m in list(_open_models) if m is not self and not m._closed]
+            if others:
+                one = len(others) == 1
+                reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
+                               f"process hold{'s' if one else ''} secure memory on the same device: closing "
+                               f"{'it' if one else 'them'} frees it")
             if not reasons:
                 raise
             raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc

@@ -26,14 +26,15 @@ class SecureMemory:
         self.peak = 0
         self._lock = threading.Lock()
 
-    def charge(self, nbytes: int) -> None:
+    def charge(self, nbytes: int, what: str | None = None) -> None:
+        """Count ``nbytes`` more (``what`` they are for, named in the error when they do not fit)."""
         with self._lock:
             if self.used + nbytes > self.cap:
                 raise TEEError(
                     TEE_ERROR_OUT_OF_MEMORY,
                     TEEC_ORIGIN_TEE,
-                    f"secure memory exhausted: requested {_mib(nbytes)}, used {_mib(self.used)}, "
-                    f"cap {_mib(self.cap)}",
+                    f"secure memory exhausted: requested {_mib(nbytes)}{f' for {what}' if what else ''}, "
+                    f"used {_mib(self.used)}, cap {_mib(self.cap)}",
                 )
             self.used += nbytes
             self.peak = max(self.peak, self.used)
@@ -99,8 +100,8 @@ class Heap:
             )
         entry[1]()  # runs _release once and detaches the finalizer
 
-    def reserve(self, nbytes: int) -> None:
-        self._memory.charge(int(nbytes))
+    def reserve(self, nbytes: int, what: str | None = None) -> None:
+        self._memory.charge(int(nbytes), what)
         self._reserved += int(nbytes)
 
     def unreserve(self, nbytes: int) -> None:

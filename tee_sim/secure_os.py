@@ -120,8 +120,10 @@ class TEEServices:
     def free(self, array: np.ndarray) -> None:
         self._heap.free(array)
 
-    def reserve(self, nbytes: int) -> None:
-        self._heap.reserve(nbytes)
+    def reserve(self, nbytes: int, what: str | None = None) -> None:
+        """Count memory the TA holds in other forms (an interpreter's arena, a decrypted program) against
+        the cap; ``what``: what it is for, named in the error when it does not fit."""
+        self._heap.reserve(nbytes, what)
 
     def unreserve(self, nbytes: int) -> None:
         self._heap.unreserve(nbytes)

@@ -280,7 +280,7 @@ class ShadowNetTA(TrustedApp):
     def _open_program(self, blob: memoryview) -> _SharedProgram:
         # The plaintext (about the blob's size) lands in secure memory; the ciphertext is read from the
         # normal world's buffer (tee_sim copies it, a real TEE decrypts it in place, block by block).
-        self.tee.reserve(blob.nbytes)
+        self.tee.reserve(blob.nbytes, "the model's TEE program, decrypted")
         try:
             plaintext = self._open_secrets(blob)
         finally:
@@ -292,7 +292,7 @@ class ShadowNetTA(TrustedApp):
         if program.get("format") != PROGRAM_FORMAT:
             raise _bad_format(f"format is not {PROGRAM_FORMAT!r}")
         # The arrays are zero-copy views of the plaintext, which so stays (and counts) in secure memory.
-        self.tee.reserve(len(plaintext))
+        self.tee.reserve(len(plaintext), "the model's TEE program, decrypted")
         return _SharedProgram(program, arrays, len(plaintext))
 
     def _per_inference(self, model: _Model, untrusted: memoryview, flags: int, capacity: int) -> None:
@@ -388,7 +388,10 @@ class ShadowNetTA(TrustedApp):
 
         tflite = bytes(model.arrays[p["tee_model"]])
         # LiteRT's arenas live in secure memory too; the converter computed their size (an upper bound).
-        self.tee.reserve(count(p["tee_model_arena_bytes"]))
+        self.tee.reserve(count(p["tee_model_arena_bytes"]),
+                         f"the arenas of the TEE's LiteRT interpreter, which runs the ops of the model the "
+                         f"trusted app has no kernel of its own for ({len(p['signatures'])} units, each "
+                         "arena its own)")
         model.reserved += count(p["tee_model_arena_bytes"])
         # One thread: a TEE has one core for this TA.
         interpreter = Interpreter(model_content=tflite, num_threads=1)

@@ -222,6 +222,32 @@ def test_a_verified_load_over_the_cap_says_what_verify_costs(tmp_path, monkeypat
             shadownet.load(out, verify=True, background_refill=False)
 
 
+def test_a_load_over_the_cap_names_the_models_open_beside_it(tmp_path, monkeypatch):
+    """Two models that each fit but not together: the second load says the first holds secure memory too
+    (a helper's second model blamed only its own --mask-rounds)."""
+    import tee_sim
+    from shadownet.exceptions import SecureMemoryError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(small_cnn(side=96), str(tmp_path / "out"), seed=3)
+    out = str(tmp_path / "out")
+    home = tee_sim.Context("inprocess")._transport._os.home  # the device convert provisioned the secrets to
+    with tee_sim.Context("inprocess", home=home) as context:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+        with shadownet.load(out, background_refill=False) as model:
+            peak = model.stats()["secure_memory_peak"]
+    with tee_sim.Context("inprocess", home=home, memory_cap=peak * 3 // 2) as small:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: small)
+        with shadownet.load(out, background_refill=False) as first:
+            with pytest.raises(SecureMemoryError, match="1 other protected model open in this process "
+                                                        "holds secure memory on the same device: closing it"):
+                shadownet.load(out, background_refill=False)
+            first(np.zeros((1, 96, 96, 3), np.float32))  # the first one still runs
+        with shadownet.load(out, background_refill=False) as model:  # and, closed, leaves room for another
+            model(np.zeros((1, 96, 96, 3), np.float32))
+
+
 def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
     model_bytes = small_cnn()
     for out in (groupmix, paper):

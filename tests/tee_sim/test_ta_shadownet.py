@@ -114,7 +114,8 @@ def test_secure_memory_cap(device, artifacts, tmp_path):
     # Same device (same home), a secure world with a budget below what the model needs.
     home = device._transport._os.home
     with tee_sim.Context("inprocess", home=home, memory_cap=4 << 10) as small, \
-            pytest.raises(SecureMemoryError):
+            pytest.raises(SecureMemoryError, match=r"requested [\d.]+ MiB \(\d+ bytes\) for the model's TEE "
+                                                   r"program, decrypted, used"):  # what the memory was for
         Driver(small, artifacts[0])
 
 

@@ -151,7 +151,7 @@ class ProtectedModel:
     def _open(self) -> None:
         """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash)."""
         where = f"loading {self.artifacts.directory}"
-        context = tee_sim.default_context()
+        context = self._context = tee_sim.default_context()
         with translated(where):
             session = context.open_session(self._uuid)
         try:
@@ -197,7 +197,8 @@ class ProtectedModel:
                                + (": converted with --mask-rounds first the model needs less" if chosen else
                                   f" ({len(carrying)} rounds carry a user input, and take them whatever "
                                   "--mask-rounds says)"))
-            others = [m for m in list(_open_models) if m is not self and not m._closed]
+            others = [m for m in list(_open_models)
+                      if m is not self and not m._closed and getattr(m, "_context", None) is context]
             if others:
                 one = len(others) == 1
                 reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "

@@ -47,8 +47,10 @@ from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
 from tee_sim import TEEError
 from tee_sim import ta_shadownet_commands as commands
 
-# The protected models this process holds open: a load that runs out of secure memory names them.
+# The protected models this process holds open: a load that runs out of secure memory names them. The lock:
+# a set that another thread's load adds to while it is listed would raise.
 _open_models: weakref.WeakSet[Any] = weakref.WeakSet()
+_open_models_lock = threading.Lock()
 
 
 class ProtectedModel:
@@ -134,7 +136,8 @@ class ProtectedModel:
             self._buffers.release()
             raise
         after_fork.track(self)
-        _open_models.add(self)
+        with _open_models_lock:
+            _open_models.add(self)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -197,7 +200,9 @@ class ProtectedModel:
                                + (": converted with --mask-rounds first the model needs less" if chosen else
                                   f" ({len(carrying)} rounds carry a user input, and take them whatever "
                                   "--mask-rounds says)"))
-            others = [m for m in list(_open_models)
+            with _open_models_lock:
+                open_now = list(_open_models)
+            others = [m for m in open_now
                       if m is not self and not m._closed and getattr(m, "_context", None) is context]
             if others:
                 one = len(others) == 1

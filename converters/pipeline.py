@@ -442,7 +442,8 @@ def _check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = (
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces an "
                             "earlier conversion's)")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACTS) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACTS or not p.is_file()) \
+        if out.is_dir() else []
     if foreign:  # force replaces an earlier conversion, not whatever a mistyped -o named
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ArtifactError(f"output directory {out} holds what no conversion wrote ({listed}): replacing it "

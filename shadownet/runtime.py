@@ -14,6 +14,7 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ from tee_sim import ta_shadownet_commands as commands
 # a set that another thread's load adds to while it is listed would raise.
 _open_models: weakref.WeakSet[Any] = weakref.WeakSet()
 _open_models_lock = threading.Lock()
+os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
 
 
 class ProtectedModel:
@@ -202,13 +204,15 @@ class ProtectedModel:
                                   "--mask-rounds says)"))
             with _open_models_lock:
                 open_now = list(_open_models)
-            others = [m for m in open_now
-                      if m is not self and not m._closed and getattr(m, "_context", None) is context]
+            others = [m for m in open_now if m is not self and not m._closed and m._session is not None
+                      and getattr(m, "_context", None) is context]
             if others:
                 one = len(others) == 1
+                named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
+                    + (f" and {len(others) - 3} more" if len(others) > 3 else "")
                 reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
-                               f"process hold{'s' if one else ''} secure memory on the same device: closing "
-                               f"{'it' if one else 'them'} frees it")
+                               f"process hold{'s' if one else ''} secure memory on the same device "
+                               f"({named}): closing {'it' if one else 'them'} frees it")
             if not reasons:
                 raise
             raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc

@@ -503,6 +503,12 @@ def test_output_directory_rules(conv_model, device, tmp_path):
     protect(conv_model, out, device, force=True)  # an earlier conversion's directory is replaced
     assert (out / "secrets.sealed").read_bytes() != before and sorted(p.name for p in out.iterdir()) == [
         "manifest.json", "secrets.sealed", "untrusted.tflite"]
+    (out / "untrusted.tflite").unlink()  # a directory under an artifact's name is no artifact (a review's)
+    (out / "untrusted.tflite").mkdir()
+    (out / "untrusted.tflite" / "notes.txt").write_text("x")
+    with pytest.raises(ArtifactError, match=r"holds what no conversion wrote \(untrusted.tflite\)"):
+        protect(conv_model, out, device, force=True)
+    assert (out / "untrusted.tflite" / "notes.txt").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError):
         protect(conv_model, tmp_path / "file", device)

@@ -472,6 +472,39 @@ def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
             assert not list(tmp_path.glob(f".{out.name}.*"))  # an interrupted run cleans up after itself
 
 
+def test_a_child_forked_while_a_load_lists_the_open_models_loads_its_own(small):
+    """fork() while another thread holds the lock on the process's open models (a load adding itself, or
+    one out of secure memory listing them): the child's loads hung on it for ever (a review's)."""
+    script = textwrap.dedent(f"""
+        import os, signal, threading, shadownet
+        from shadownet import runtime
+
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with runtime._open_models_lock:
+                held.set()
+                release.wait()
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # a hung child dies of SIGALRM
+            with shadownet.load({str(small.out)!r}, background_refill=False):
+                pass
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        thread.join()
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"], result.stderr
+
+
 def test_forked_child_gets_a_clear_error_not_a_hang(small):
     """fork() while another thread is mid-inference (it holds the model's lock; the background refill may
     hold it too): in the child the model is closed - its session, shared memory and accelerator threads

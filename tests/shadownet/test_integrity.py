@@ -3,6 +3,7 @@ tampering accelerator, raises no false alarm on honest ones, and meets its state
 
 import ctypes
 import math
+import re
 import warnings
 
 import numpy as np
@@ -240,8 +241,9 @@ def test_a_load_over_the_cap_names_the_models_open_beside_it(tmp_path, monkeypat
     with tee_sim.Context("inprocess", home=home, memory_cap=peak * 3 // 2) as small:
         monkeypatch.setattr(tee_sim, "default_context", lambda: small)
         with shadownet.load(out, background_refill=False) as first:
-            with pytest.raises(SecureMemoryError, match="1 other protected model open in this process "
-                                                        "holds secure memory on the same device: closing it"):
+            named = re.escape(f"1 other protected model open in this process holds secure memory on the "
+                              f"same device ({first.artifacts.directory}): closing it")
+            with pytest.raises(SecureMemoryError, match=named):
                 shadownet.load(out, background_refill=False)
             first(np.zeros((1, 96, 96, 3), np.float32))  # the first one still runs
         with shadownet.load(out, background_refill=False) as model:  # and, closed, leaves room for another

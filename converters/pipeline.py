@@ -43,7 +43,7 @@ from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_t
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
-from tee_sim.program import write_program
+from tee_sim.program import round_of, write_program
 
 FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1
@@ -131,7 +131,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
     # A one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do not: static
     # masks, and a one-time mask whose input had no spread on the calibration inputs (all zeros).
-    unfollowed = sorted({int(m["buffer"].split("/")[0][6:]) for m in masks if "spread" not in m})
+    unfollowed = sorted({round_of(m["buffer"], "in") for m in masks if "spread" not in m})
     fixed = ["static masks"] if static or getattr(chosen, "static_mask_scale", 0) > 0 else []
     if unfollowed:
         fixed.append(f"the one-time masks of round(s) {unfollowed}")

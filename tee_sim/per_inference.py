@@ -64,6 +64,7 @@ from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_views
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
+from tee_sim.program import round_of
 from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
 from tee_sim.ta_shadownet_small_ops import compile_copy
 from tee_sim.ta_shadownet_steps import kernel_calls
@@ -84,14 +85,6 @@ class Entry:
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     exponents: dict[str, int] = field(default_factory=dict)  # per followed mask: its power of two
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
-
-
-def _round_of(buffer: str, side: str = "out") -> int | None:
-    """The round whose output (``side`` "out") or input ("in") ``buffer`` is (``round_N/out/...``,
-    ``round_N/in/...``: the manifest's names), or None."""
-    head, _, rest = buffer.partition("/")
-    number = head.removeprefix("round_")
-    return int(number) if head != number and number.isdigit() and rest.startswith(side + "/") else None
 
 
 def integrity_error(message: str) -> TEEError:
@@ -183,7 +176,7 @@ class PerInference:
             # -> 4.8-6.1 ms, one process per variant, alternated, a busy host).
             by_round: dict[int, list[str]] = {}
             for out in layers:
-                r = _round_of(out)
+                r = round_of(out)
                 if r is not None:
                     by_round.setdefault(r, []).append(out)
             self._computed_rounds = {r for r, outs in by_round.items()
@@ -255,7 +248,7 @@ class PerInference:
         placed: dict[str, tuple[int, int]] = {}  # output -> (parity, offset in its bank)
         used: dict[int, int] = {}  # round -> floats its checks take
         for out, check in self.checks.items():
-            r = _round_of(out)
+            r = round_of(out)
             if r is None:
                 check.bind_results(self._account((check.results_elements,), np.float32))
                 continue
@@ -401,7 +394,7 @@ class PerInference:
         checked = result in self.checks
         if self.by_input and target.startswith("shm:") and target[4:] in self.by_input:
             secure_x = self._x[:dst.size].reshape(dst.shape)
-            if _round_of(target[4:], "in") in self._computed_rounds:
+            if round_of(target[4:], "in") in self._computed_rounds:
                 dst = secure_x  # a round the accelerator does not run: what it would be sent stays here
             else:
                 verified["secure_dst"] = secure_x

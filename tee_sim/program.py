@@ -47,6 +47,14 @@ def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def round_of(buffer: str, side: str = "out") -> int | None:
+    """The round whose output (``side`` "out") or input ("in") ``buffer`` is (``round_N/out/...``,
+    ``round_N/in/...``: the names of the program's shared buffers and of the manifest's), or None."""
+    head, _, rest = buffer.partition("/")
+    number = head.removeprefix("round_")
+    return int(number) if head != number and number.isdigit() and rest.startswith(side + "/") else None
+
+
 def window_fits(kernel: int, dilation: int, size: int) -> bool:
     """Whether the TA checks and masks a linear layer whose window has ``kernel`` taps ``dilation`` apart
     along an input ``size`` long: any kernel (its weights bound it) whose taps lie at most twice the input

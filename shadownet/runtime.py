@@ -107,6 +107,7 @@ class ProtectedModel:
         self._closed = False
         self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
+        self._context: Any = None  # the TEE context the session is on (_open)
         self._buffers = SharedBuffers(artifacts)
         expected_uuid = uuid.UUID(str(commands.UUID))
         if uuid.UUID(artifacts.ta_uuid) != expected_uuid:
@@ -205,7 +206,7 @@ class ProtectedModel:
             with _open_models_lock:
                 open_now = list(_open_models)
             others = [m for m in open_now if m is not self and not m._closed and m._session is not None
-                      and getattr(m, "_context", None) is context]
+                      and m._context is context]
             if others:
                 one = len(others) == 1
                 named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \

@@ -1,16 +1,17 @@
 """The obfuscated weights the ShadowNet TA reads for its per-inference work (``tee_sim.per_inference``: pop
-masks of one-time rounds, check projections, layers it computes): views of the authenticated
-``untrusted.tflite``, and ``Weights``, which keeps them in secure memory or reads them back from the normal
-world's copy, checked."""
+masks of one-time rounds, check projections, layers it computes): ``Weights`` takes them from the normal
+world's ``untrusted.tflite`` in the same read that authenticates it, and keeps them in secure memory or reads
+them back from the normal world's copy, checked."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema_fb
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
@@ -22,52 +23,39 @@ from tee_sim.errors import (
     TEEError,
 )
 
-
-def read_weights(untrusted: Any, names: set[str]) -> dict[str, np.ndarray]:
-    """The constant float32 tensors ``names`` of a ``.tflite`` (every subgraph), as read-only views; only
-    the operators' inputs are looked at (the weights of ``untrusted.tflite``'s layers are their second)."""
-    model = schema_fb.Model.GetRootAs(untrusted, 0)
-    found: dict[str, np.ndarray] = {}
-    for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        for o in range(subgraph.OperatorsLength()):
-            for t in subgraph.Operators(o).InputsAsNumpy().tolist():
-                if t < 0:
-                    continue
-                tensor = subgraph.Tensors(t)
-                name = tensor.Name().decode()
-                if name not in names or name in found:
-                    continue
-                if tensor.Type() != schema_fb.TensorType.FLOAT32:
-                    raise ValueError(f"tensor {name!r} is not float32")
-                data = model.Buffers(tensor.Buffer()).DataAsNumpy()
-                shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
-                if isinstance(data, int) or data.nbytes != 4 * math.prod(shape):
-                    raise ValueError(f"tensor {name!r} has no data of shape {shape}")
-                found[name] = data.view(np.float32).reshape(shape)
-    missing = names - set(found)
-    if missing:
-        raise ValueError(f"untrusted model lacks the weights {sorted(missing)[:3]}")
-    return found
+# The read of untrusted.tflite at load goes through secure memory this many bytes at a time (``Weights``).
+CHUNK = 64 << 10
+UNTRUSTED_MISMATCH = "the untrusted model is not the one these secrets were made for"
 
 
-def weight_views(untrusted: Any, layers: dict[str, dict[str, Any]], names: set[str]) -> dict[str, np.ndarray]:
-    """The weights ``names`` as views of the authenticated ``untrusted.tflite``, where the program's
-    layers say they lie (``weights_at``; parsed from the flatbuffer for programs without it)."""
-    if not names:
-        return {}
+def check_untrusted(digest: str, sealed: Any) -> None:
+    """``TEE_ERROR_SECURITY`` unless ``digest`` (SHA-256, hex) is the untrusted model's the vendor sealed."""
+    if not isinstance(sealed, str) or not hmac.compare_digest(digest, sealed):
+        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TRUSTED_APP, UNTRUSTED_MISMATCH)
+
+
+Regions = dict[str, tuple[int, tuple[int, ...]]]  # weights name -> (byte offset, shape) in untrusted.tflite
+
+
+def weight_regions(layers: dict[str, dict[str, Any]], names: set[str]) -> Regions:
+    """Where the weights ``names`` lie in ``untrusted.tflite`` (byte offset, shape), as the sealed program's
+    layers say (``weights_at``): the TA never parses the normal world's flatbuffer."""
     where = {layer["weights"]: layer.get("weights_at") for layer in layers.values()}
-    if any(where.get(name) is None for name in names):
-        return read_weights(untrusted, names)
-    data = np.frombuffer(untrusted, np.uint8)
-    views = {}
-    for name in names:
-        offset, shape = where[name]
-        nbytes = 4 * math.prod(shape)
-        if not (isinstance(offset, int) and offset % 4 == 0 and 0 <= offset <= data.size - nbytes):
-            raise ValueError(f"weights {name!r} at {offset} lie outside the untrusted model")
-        views[name] = data[offset:offset + nbytes].view(np.float32).reshape(shape)
-    return views
+    regions = {}
+    for name in sorted(names):
+        at = where.get(name)
+        if at is None:
+            raise ValueError(f"the program does not say where the weights {name!r} lie (convert again with "
+                             "this version)")
+        offset, shape = at
+        shape = tuple(int(d) for d in shape)
+        if not (isinstance(offset, int) and offset % 4 == 0 and offset >= 0 and min(shape, default=1) >= 0):
+            raise ValueError(f"weights {name!r} at {offset!r}, shape {shape}")
+        regions[name] = (offset, shape)
+    spans = sorted((o, o + 4 * math.prod(shape)) for o, shape in regions.values())
+    if any(b > c for (_, b), (c, _) in zip(spans, spans[1:], strict=False)):
+        raise ValueError("the program's weights overlap in the untrusted model")
+    return regions
 
 
 class Weights:
@@ -84,27 +72,74 @@ class Weights:
     (Bernstein's bound; about 2^-85 for MobileNet's largest layer). It is the check of bytes the TEE
     already authenticated, not of a file's authenticity (the load's SHA-256 of ``untrusted.tflite`` is),
     and it reads 4x faster than SHA-256 (26 MB: 4.0 against 16.5 ms), which every refill of a verified
-    ResNet-404 paid for its 406 layers."""
+    ResNet-404 paid for its 406 layers.
 
-    def __init__(self, untrusted: Any, found: dict[str, np.ndarray], alloc: Callable[..., np.ndarray],
-                 outside: bool, random_bytes: Callable[[int], bytes]) -> None:
-        self.shapes = {name: w.shape for name, w in found.items()}
+    At load the file is read once (``_read_once``): its SHA-256, checked against the one sealed with the
+    program (``sealed_sha256``), and the tags or copies come from the same bytes in secure memory."""
+
+    def __init__(self, untrusted: Any, regions: Regions, sealed_sha256: Any,
+                 alloc: Callable[..., np.ndarray], outside: bool, random_bytes: Callable[[int], bytes],
+                 visit: Callable[[str, np.ndarray], None] | None = None) -> None:
+        self.shapes = {name: shape for name, (_, shape) in regions.items()}
         self.outside = outside
         self._shared: np.ndarray | None = None
+        spans = sorted((offset, 4 * math.prod(shape), name) for name, (offset, shape) in regions.items())
+        largest = max((n for _, n, _ in spans), default=0)
+        self._resident: dict[str, np.ndarray] = {}
+        self._where: dict[str, tuple[int, int, bytes]] = {}
         if outside:
-            base = np.frombuffer(untrusted, np.uint8).ctypes.data
             self._key = random_bytes(32)
-            self._where = {name: (w.ctypes.data - base, w.nbytes,
-                                  Poly1305.generate_tag(self._key, w.reshape(-1).view(np.uint8)))
-                           for name, w in found.items()}
-            self._size = max((o + n for o, n, _ in self._where.values()), default=0)
-            self._staging = alloc(max((n for _, n, _ in self._where.values()), default=0), np.uint8)
-            self._resident: dict[str, np.ndarray] = {}
+            self._staging = alloc(max(largest, CHUNK), np.uint8)
         else:
-            self._resident = {}
-            for name, w in found.items():
-                self._resident[name] = alloc(w.shape, np.float32)
-                self._resident[name][...] = w
+            self._resident = {name: alloc(shape, np.float32) for name, (_, shape) in regions.items()}
+            self._staging = alloc(CHUNK, np.uint8)
+        self._size = max((o + n for o, n, _ in spans), default=0)
+        src = np.frombuffer(untrusted, np.uint8)
+        failed: list[Exception] = []  # what ``visit`` raised: told once the file is known authentic
+        check_untrusted(self._read_once(src, spans, visit, failed), sealed_sha256)
+        if failed:
+            raise failed[0]
+        if self._size > src.size:  # an authentic file the program's weights lie beyond: a bad program
+            raise ValueError(f"weights lie up to byte {self._size}, past the untrusted model's end "
+                             f"({src.size})")
+
+    def _read_once(self, src: np.ndarray, spans: list[tuple[int, int, str]],
+                   visit: Callable[[str, np.ndarray], None] | None, failed: list[Exception]) -> str:
+        """SHA-256 of the normal world's ``untrusted.tflite``, with the weights' tags (``outside``) or
+        resident copies taken from the same read: every byte is copied into secure memory once, then hashed
+        and used from there; ``visit(name, weights)`` sees each layer's weights there as they are read
+        (what it makes of them counts only if the hash then matches). A second read of the normal world's
+        buffer for the weights, after the hash, took whatever the normal world wrote there in between as
+        authentic (a review: a verified model's checks then drawn from the attacker's weights passed its
+        accelerator's results)."""
+        sha = hashlib.sha256()
+        staging = self._staging
+
+        def hashed(start: int, stop: int) -> None:  # bytes the TA does not use: hashed only
+            for a in range(start, stop, staging.size):
+                piece = staging[:min(staging.size, stop - a)]
+                np.copyto(piece, src[a:a + piece.size])
+                sha.update(piece)
+
+        done = 0
+        for offset, nbytes, name in spans:
+            if offset + nbytes > src.size:
+                break  # a shorter file: its hash fails, or the program is bad (checked after)
+            hashed(done, offset)
+            # The layer whole in secure memory (the staging buffer holds the largest), hashed, then used.
+            copy = staging[:nbytes] if self.outside else self._resident[name].reshape(-1).view(np.uint8)
+            np.copyto(copy, src[offset:offset + nbytes])
+            sha.update(copy)
+            if self.outside:
+                self._where[name] = (offset, nbytes, Poly1305.generate_tag(self._key, copy))
+            if visit is not None and not failed:
+                try:
+                    visit(name, copy.view(np.float32).reshape(self.shapes[name]))
+                except Exception as exc:  # noqa: BLE001 - told after the hash: a changed file is a SECURITY error
+                    failed.append(exc)
+            done = offset + nbytes
+        hashed(done, src.size)
+        return sha.hexdigest()
 
     def bind(self, shared: np.ndarray) -> None:
         """The normal world's copy of ``untrusted.tflite`` (uint8, read-only), for ``outside`` weights."""

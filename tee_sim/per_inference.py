@@ -62,7 +62,7 @@ from tee_sim.errors import (
 from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.mask_spread import SpreadFollower
-from tee_sim.obfuscated_weights import Weights, weight_views
+from tee_sim.obfuscated_weights import Weights, weight_regions
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
 from tee_sim.program import round_of
 from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
@@ -87,6 +87,11 @@ class Entry:
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
+# A restore's fused push moves its mask once for results of a new spread; results that move it again changed
+# between two reads of the accelerator's buffer.
+MAX_MASK_MOVES = 2
+
+
 def integrity_error(message: str) -> TEEError:
     return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
 
@@ -95,7 +100,8 @@ class PerInference:
     """The one-time masks and checks of one loaded model (see the module docstring).
 
     ``program``/``arrays``: the TEE program; ``shm_shapes``: shared buffer name -> shape; ``untrusted``:
-    the authenticated ``untrusted.tflite``; ``alloc(shape, dtype)``: accounted secure memory;
+    the normal world's ``untrusted.tflite`` (authenticated as it is read: ``Weights``);
+    ``alloc(shape, dtype)``: accounted secure memory;
     ``random_bytes(n)``: the TEE's CSPRNG.
     """
 
@@ -116,8 +122,25 @@ class PerInference:
         needed = {layers[o["layer"]]["weights"] for o in one_time["offsets"].values()}
         if verify:
             needed |= {layer["weights"] for layer in layers.values()}
-        authentic = weight_views(untrusted, layers, needed)  # load-time views, not kept
-        self.weights = Weights(untrusted, authentic, self._account, weights_outside, random_bytes)
+        # Checks: one per accelerator output, prepared from its input buffer. A depthwise layer with
+        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), is computed
+        # instead (``computed``): the TEE uses its own result, not the accelerator's. Each is made from its
+        # layer's weights as the load reads them (its norms; a computed layer's weights, kept).
+        made: dict[str, LayerCheck] = {}
+        readers: dict[str, list[str]] = {}
+        for out, layer in layers.items() if verify else ():
+            readers.setdefault(layer["weights"], []).append(out)
+
+        def make_checks(name: str, weights: np.ndarray) -> None:
+            for out in readers.get(name, ()):
+                layer = layers[out]
+                own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
+                made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
+                                       self._account, computed=own, shared_results=True)
+
+        # Read from the normal world's untrusted.tflite once, with its SHA-256 checked on the same bytes.
+        self.weights = Weights(untrusted, weight_regions(layers, needed), program.get("untrusted_sha256"),
+                               self._account, weights_outside, random_bytes, make_checks)
         # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
         # ordinary push and restore code runs on them unchanged, on the masks and offsets of the pool slot
         # in use (one compiled push / restore per slot).
@@ -140,7 +163,8 @@ class PerInference:
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]
-            geo = check_pop(spec, layer, authentic[layer["weights"]].shape, shm_shapes, self.streams, arrays)
+            geo = check_pop(spec, layer, self.weights.shapes[layer["weights"]], shm_shapes, self.streams,
+                            arrays)
             mask = spec["mask"]
             if spec.get("split"):
                 self.pops[name] = SplitPop(layer["weights"], geo, mask, self.streams[mask].split)
@@ -153,9 +177,6 @@ class PerInference:
         self._offset_shapes = {name: shm_shapes[spec["layer"]] if spec.get("split") else
                                (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
                                for name, spec in one_time["offsets"].items()}
-        # Checks: one per accelerator output, prepared from its input buffer. A depthwise layer with
-        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), is computed
-        # instead (``computed``): the TEE uses its own result, not the accelerator's.
         self.checks: dict[str, LayerCheck] = {}
         self.computed: dict[str, LayerCheck] = {}
         self.by_input: dict[str, list[str]] = {}
@@ -163,11 +184,8 @@ class PerInference:
         self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
         if verify:
             for out, layer in layers.items():
-                weights = authentic[layer["weights"]]
-                own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
-                check = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out], self._account,
-                                   computed=own, shared_results=True)
-                (self.computed if own else self.checks)[out] = check
+                check = made[out]
+                (self.computed if check.computed else self.checks)[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
             self._bind_results()
             # Rounds whose every layer the TEE computes: the accelerator does not run them (the runtime's
@@ -445,9 +463,22 @@ class PerInference:
             def run() -> None:
                 if followed and not measured:
                     self.spread.follow(self.current, followed, src, self._remake)
-                if variants[self.current.slot]() == SPREAD_OUTSIDE and measured:
+                answer = variants[self.current.slot]()
+                for moves in range(MAX_MASK_MOVES + 1):
+                    if answer != SPREAD_OUTSIDE or not measured:
+                        break
+                    # Again, with the mask where it now belongs. The pass reads the accelerator's results
+                    # afresh, so what it makes is measured again: sent only once it fits its mask, or the
+                    # mask is at the end of its range. Results that keep moving the mask changed between
+                    # the reads (one move is what the same results take).
+                    before = self.current.exponents.get(followed, 0)
                     self.spread.follow_measured(self.current, followed, self._remake)
-                    variants[self.current.slot]()  # again, with the mask where it now belongs
+                    if self.current.exponents.get(followed, 0) == before:
+                        break
+                    if moves == MAX_MASK_MOVES:
+                        raise integrity_error(f"the accelerator's results {result or source!r} changed while "
+                                              "the TEE read them")
+                    answer = variants[self.current.slot]()
                 if sent is not None:
                     send() if send is not None else np.copyto(sent, dst)
         else:

@@ -39,6 +39,7 @@ from tee_sim.errors import (
     TEE_ERROR_SECURITY,
     TEEError,
 )
+from tee_sim.obfuscated_weights import check_untrusted
 from tee_sim.params import (
     TEE_PARAM_TYPE_MEMREF_INOUT,
     TEE_PARAM_TYPE_MEMREF_INPUT,
@@ -248,15 +249,19 @@ class ShadowNetTA(TrustedApp):
     def _load(self, session: dict[str, Any], blob: memoryview, untrusted: memoryview, flags: int = 0,
               capacity: int = 0, manifest: bytes | None = None) -> None:
         self._unload(session)
-        key = hashlib.sha256(blob).digest()  # the very bytes another session loaded: authentic too
+        # The normal world's buffer is read once: hashed and opened from the same copy (read twice, the
+        # bytes opened could be other than the bytes whose hash files the program).
+        sealed = bytes(blob)
+        key = hashlib.sha256(sealed).digest()  # the very bytes another session loaded: authentic too
         shared = self._programs.get(key)
         if shared is None:
-            shared = self._open_program(blob)
-        if hashlib.sha256(untrusted).hexdigest() != shared.program.get("untrusted_sha256"):
+            shared = self._open_program(memoryview(sealed))
+        try:  # early, on every load; what the TA uses of the file is hashed again as it reads it (Weights)
+            check_untrusted(hashlib.sha256(untrusted).hexdigest(), shared.program.get("untrusted_sha256"))
+        except TEEError:
             if not shared.users:
                 self.tee.unreserve(shared.nbytes)
-            raise ta_error(TEE_ERROR_SECURITY,
-                           "the untrusted model is not the one these secrets were made for")
+            raise
         sealed_manifest = shared.program.get("manifest_sha256")
         if manifest is not None and sealed_manifest is not None and manifest.hex() != sealed_manifest:
             if not shared.users:

@@ -105,6 +105,38 @@ def test_swapped_untrusted_model_is_refused(device, artifacts):
         Driver(device, artifacts[0], untrusted=other)
 
 
+def test_weights_rewritten_once_the_load_has_hashed_the_file_are_refused(device, artifacts, monkeypatch):
+    """LOAD_MODEL's untrusted.tflite lies in shared memory, which the normal world may rewrite while the TA
+    reads it. Here it rewrites the weights' sign bits right after the TA's first hash of the file: the TA
+    takes the weights it needs (round 1's one-time mask's layer) from a read of its own, hashed again, so
+    it refuses the load. Taken from the buffer after one hash, they passed as authentic (a review: a
+    verified model's checks then drawn from the attacker's weights)."""
+    import ctypes
+    import hashlib
+
+    from tee_sim import ta_shadownet
+
+    untrusted = (artifacts[0] / "untrusted.tflite").read_bytes()
+
+    class Racing:
+        @staticmethod
+        def sha256(data=b""):
+            digest = hashlib.sha256(data)
+            if len(data) == len(untrusted):  # the early check of the file: then the normal world writes
+                view = np.frombuffer(data, np.uint8)
+                raced = view.copy()
+                raced[1027::4] ^= 0x80  # every float32's sign past the first KiB
+                ctypes.memmove(view.ctypes.data, raced.ctypes.data, raced.size)
+            return digest
+
+    monkeypatch.setattr(ta_shadownet, "hashlib", Racing)
+    with pytest.raises(SecurityError, match="not the one"):
+        Driver(device, artifacts[0])
+    monkeypatch.undo()
+    with Driver(device, artifacts[0]) as run:  # not raced: loads, and runs
+        assert relative_error(run(_x()), litert(_model(0), _x())) <= 1e-4
+
+
 def test_secrets_of_another_device_are_refused(artifacts, tmp_path):
     with tee_sim.Context("inprocess", home=tmp_path) as foreign, pytest.raises(SecurityError):
         Driver(foreign, artifacts[0])

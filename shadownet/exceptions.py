@@ -21,8 +21,9 @@ class UnsupportedOpError(ShadowNetError):
     """A model contains an op that ShadowNet cannot handle; the message names the op and the layer."""
 
 
-class ArtifactError(ShadowNetError):
-    """A protected-artifact directory is missing, incomplete, malformed or of an unknown format version."""
+class ArtifactError(ShadowNetError, ValueError):
+    """A protected-artifact directory is missing, incomplete, malformed or of an unknown format version: a
+    ``ValueError``, as LiteRT's ``Interpreter`` raises for a model it cannot open."""
 
 
 class SecurityError(ShadowNetError):

@@ -196,6 +196,8 @@ class SignatureRunner:
         sig = model.artifacts.signature
         by_name = {t.name: t for t in model.inputs + model.outputs}
         self._inputs = {k: by_name[v] for k, v in sig.inputs.items()}
+        order = {t.name: i for i, t in enumerate(model.inputs)}
+        self._positions = {k: order[t.name] for k, t in self._inputs.items()}
         self._outputs = {k: by_name[v] for k, v in sig.outputs.items()}
         position = {t.name: i for i, t in enumerate(model.outputs)}
         self._output_positions = [(k, position[t.name]) for k, t in self._outputs.items()]
@@ -208,7 +210,10 @@ class SignatureRunner:
         if unknown:
             raise InputError(f"Invalid Input name ({unknown[0]}) for SignatureDef; inputs are "
                              f"{list(self._inputs)}")
-        arrays = self._model.check_inputs([{self._inputs[k].name: np.asarray(v) for k, v in kwargs.items()}])
+        # In the model's order, by the signature's own names: the model's name table lets a tensor's name
+        # win over a signature's that is the same word.
+        ordered = [np.asarray(kwargs[k]) for k in sorted(kwargs, key=self._positions.__getitem__)]
+        arrays = self._model.check_inputs(ordered)
         it = self._interpreter
         with it._lock:  # the interpreter's own tensors, as LiteRT's runner uses its subgraph's
             for target, value in zip(it._input_values, arrays, strict=True):

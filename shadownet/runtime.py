@@ -116,9 +116,11 @@ class ProtectedModel:
         self._uuid = expected_uuid
         self._run_step = int(commands.Command.RUN_STEP)
         self._steps: list[Callable[..., None]] = []  # RUN_STEP 0..R, prepared once per session
-        self._input_names = {t.name: i for i, t in enumerate(self.inputs)}
+        # Inputs by tensor name, or by signature name where that is no input's tensor name (a signature may
+        # call tensor "b" "a" and tensor "a" "b": the tensor names win, as set_tensor's details say).
+        by_tensor = {t.name: i for i, t in enumerate(self.inputs)}
         sig = artifacts.signature
-        self._input_names.update({k: self._input_names[v] for k, v in sig.inputs.items()})
+        self._input_names = {k: by_tensor[v] for k, v in sig.inputs.items()} | by_tensor
         nbytes = {name: b.nbytes for name, b in artifacts.buffers.items()}
         self._bytes_to_tee = sum(nbytes[f"input/{i}"] for i in range(len(self.inputs))) + \
             sum(nbytes[b] for r in artifacts.rounds for _, b in r.outputs)

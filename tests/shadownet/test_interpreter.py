@@ -185,3 +185,42 @@ def test_an_output_repeated_or_passed_through_is_the_same_tensor(repeated_output
         assert np.array_equal(ours.get_tensor(d["index"]), x) if d["name"] == image else \
             relative_error(ours.get_tensor(d["index"]), w) <= TOLERANCE
     ours.close()
+
+
+def test_signature_names_that_are_the_other_inputs_tensor_names(tmp_path):
+    """A signature may call tensor "b" "a" and tensor "a" "b" (legal TFLite): the runner feeds each value to
+    the tensor its signature name stands for, as LiteRT's does (it fed them swapped, silently: a helper's
+    probe); a mapping of names given to the model takes the tensor names, as ``get_input_details`` says."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, Signature, write_model
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    first, second = (g.add_tensor(name, (1, 4, 4, 3), np.float32) for name in ("b", "a"))
+    results = []
+    for x, scale in ((first, 1.0), (second, 10.0)):
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        weights = rng.standard_normal((4, 3, 3, 3)) * scale
+        w = g.add_tensor(f"w{len(results)}", weights.shape, np.float32, weights)
+        results.append(g.add_tensor(f"c{len(results)}", (1, 4, 4, 4), np.float32))
+        g.add_op("CONV_2D", [x, w, -1], [results[-1]], o)
+    y = g.add_tensor("y", (1, 4, 4, 4), np.float32)
+    g.add_op("ADD", results, [y], fb.AddOptionsT())
+    g.inputs, g.outputs = [first, second], [y]
+    g.signature = Signature("serving_default", list(range(len(g.ops))), {"a": first, "b": second}, {"y": y})
+    original = tmp_path / "swapped_names.tflite"
+    original.write_bytes(write_model(g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=3)
+    a, b = (rng.standard_normal((1, 4, 4, 3)).astype(np.float32) for _ in range(2))
+    litert = LiteRTInterpreter(model_path=str(original))
+    want = litert.get_signature_runner()(a=a, b=b)["y"]
+    with shadownet.Interpreter(model_path=str(tmp_path / "out")) as ours:
+        assert relative_error(ours.get_signature_runner()(a=a, b=b)["y"], want) <= TOLERANCE
+    with shadownet.load(tmp_path / "out") as model:  # tensor "b" is signature input "a"
+        assert relative_error(model({"b": a, "a": b}), want) <= TOLERANCE

@@ -19,6 +19,7 @@ from converters.fidelity import relative_error
 from converters.graph import Graph, write_model
 from converters.schemes import ActivationStats, Scheme
 from shadownet.exceptions import ModelFormatError
+from tee_sim.program import MAX_INPUT
 
 CALIBRATION_SAMPLES = 4
 
@@ -53,7 +54,7 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
             raise ModelFormatError(f"calibration {name!r} holds values a {dtype.name} input cannot take")
         if not shape and a.ndim <= 1 and a.size:  # a scalar input: one value, or k of them
             a = a.reshape(-1, 1)
-        elif shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape:  # [k, *shape]: k samples
+        elif shape and a.ndim == len(shape) + 1 and a.shape[1:] == shape and a.shape[0]:  # [k, *shape]
             a = a.reshape(-1, *shape[1:])
         elif not shape or a.shape[1:] != shape[1:] or not a.shape[0] or a.shape[0] % shape[0]:
             raise ModelFormatError(f"calibration {name!r} has shape {a.shape}; the input is {list(shape)} "
@@ -61,6 +62,9 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
         if not np.isfinite(a).all():
             raise ModelFormatError(f"calibration {name!r} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN "
                                    "or infinite value(s): the mask scales are measured on these inputs")
+        if a.dtype.kind == "f" and np.abs(a).max() > MAX_INPUT:  # as the runtime refuses such inputs
+            raise ModelFormatError(f"calibration {name!r} holds values of magnitude {np.abs(a).max():.3g}: a "
+                                   f"protected model takes inputs up to 2**40 ({MAX_INPUT:.10g})")
         rows = shape[0] if shape else 1
         columns.append([a[i:i + rows].reshape(shape) for i in range(0, a.shape[0], rows)])
     if len({len(column) for column in columns}) > 1:
@@ -74,12 +78,18 @@ def _read(path: str | os.PathLike) -> Any:
     read_inputs`` (and ``_by_input`` of ``shadownet.artifacts.check_inputs``'s names), kept apart on
     purpose: the converter imports nothing of the runtime but its exceptions (``tests/test_packages.py``),
     and the runtime's on-device path nothing of the converter; change the two together."""
+    if not os.path.exists(path):
+        raise ModelFormatError(f"calibration file {path} does not exist")
+    if not os.path.isfile(path):  # a FIFO would block the read for ever, a directory fail obscurely
+        raise ModelFormatError(f"calibration file {path} is not a regular file")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return loaded
         with loaded:  # each member is read (and can fail) here
             return {k: loaded[k] for k in loaded.files}
+    except MemoryError:  # a header that claims an array larger than memory
+        raise ModelFormatError(f"calibration file {path} claims an array too large to read") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         try:
             with open(path, "rb") as f:  # numpy takes any other file for a pickle, and says so
@@ -223,6 +233,10 @@ def litert_runner(graph: Graph, probes: list[int] | None = None) -> Any:
     def run(sample: list[np.ndarray]) -> list[np.ndarray]:
         for d, x in zip(details, sample, strict=True):
             interpreter.set_tensor(d["index"], x)
-        interpreter.invoke()
+        try:
+            interpreter.invoke()
+        except RuntimeError as exc:  # an op refusing an input's values (a GATHER index out of range, say)
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise ModelFormatError(f"LiteRT cannot run the model on a calibration input: {message}") from None
         return [interpreter.get_tensor(i).astype(np.float64) for i in outputs]
     return run

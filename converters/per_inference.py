@@ -72,7 +72,10 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
                 low = max(a, rounds + 1)
                 beyond.append(str(low) if low == b else f"{low}-{b}")
     else:
-        chosen.update(int(r) for r in spec)
+        named = list(spec)  # a TypeError for what is neither text nor rounds, as Python's own
+        if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
+            raise ValueError(f"mask rounds must be whole numbers, not {named!r}")
+        chosen.update(int(r) for r in named)
         beyond = [str(r) for r in sorted(chosen) if not 1 <= r <= rounds]
     if beyond:
         raise ValueError(f"mask rounds [{', '.join(beyond)}] are outside the model's rounds 1..{rounds}")

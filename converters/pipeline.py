@@ -353,6 +353,7 @@ def _check_litert_runs(original: bytes, graph: Graph, sample: list[np.ndarray] |
     computed: dict[int, tuple[int, ...]] = {}
     # Then with XNNPACK, which the converter and the runtime use and which checks some options itself.
     for resolver in (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, OpResolverType.AUTO):
+        on = ""  # where it failed: preparing the model, or running it on the user's input
         try:
             interpreter = Interpreter(model_content=original, num_threads=1,
                                       experimental_op_resolver_type=resolver)
@@ -360,12 +361,13 @@ def _check_litert_runs(original: bytes, graph: Graph, sample: list[np.ndarray] |
             for i, d in enumerate(interpreter.get_input_details()):
                 interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]) if sample is None
                                        else sample[i])
+            on = "" if sample is None else " on the first calibration input"  # its values may be why
             interpreter.invoke()
             computed = computed or {d["index"]: tuple(int(n) for n in d["shape"])
                                     for d in interpreter.get_tensor_details()}
         except (ValueError, RuntimeError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
-            raise ModelFormatError(f"LiteRT cannot run the model: {message}") from None
+            raise ModelFormatError(f"LiteRT cannot run the model{on}: {message}") from None
     for t, tensor in enumerate(graph.tensors):
         if t in computed and computed[t] != tensor.shape:
             if any(d < 0 for d in tensor.shape_signature or ()):

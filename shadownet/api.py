@@ -122,10 +122,25 @@ def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+def _check_output(output: str, artifacts: str, given: str) -> None:
+    """Refuse an ``--output`` that would replace what the run reads: a file of the protected model's
+    directory (it would be lost: the model converted again) or the input file."""
+    if not output:
+        raise InputError("--output is an empty path")
+    target, directory = Path(os.path.realpath(output)), Path(os.path.realpath(artifacts))
+    if target == directory or directory in target.parents:
+        raise InputError(f"--output {output} lies in the protected model's directory {artifacts}: writing it "
+                         "would replace the model's own files")
+    if target == Path(os.path.realpath(given)):
+        raise InputError(f"--output {output} is the input file: give another name")
+
+
 def run_cli(args: argparse.Namespace) -> None:
     """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]
     [--verify]``; ``--verify``: the TEE checks every accelerator result (``IntegrityError`` if wrong)."""
     verify = bool(getattr(args, "verify", False))
+    if args.output is not None:
+        _check_output(args.output, args.artifacts, args.input)
     with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate, verify=verify) as model:
         inputs = read_inputs(args.input, model)
         outputs = [np.empty(t.shape, t.dtype) for t in model.outputs]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shadownet.exceptions import ArtifactError, InputError, SecurityError
-from tee_sim.program import wire_dtype
+from tee_sim.program import MAX_INPUT, wire_dtype
 
 FORMAT = "shadownet-artifacts"
 KNOWN_VERSIONS = frozenset({1})
@@ -410,14 +410,6 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
     return arrays
 
 
-# The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS (white;
-# shaped, 35-170x), the
-# accelerator sums it through mixed weights, and a verified model's checks sum squares of a window of it,
-# all in float32 (max 3.4e38). A probe's MiniVGG input at 6e37 came back wrong without a word (LiteRT's own
-# answer was right to 4e37, NaN from 1e38), and near 1e19 a verified model's tolerances overflowed. 2**40
-# (1.1e12) keeps the squares of a 10^4-value window of 170x-masked inputs under 4e32, with 5 orders of
-# magnitude for the model's own gain, and is far beyond any input a float32 model is given.
-MAX_INPUT = float(2 ** 40)
 
 
 def check_input_values(specs: tuple[TensorSpec, ...], values: Sequence[np.ndarray]) -> None:

@@ -69,7 +69,7 @@ from tee_sim.ta_shadownet_small_ops import compile_spread
 # to an RMS of ~1e-17 (the tests feed 1e-16), while a verified model's tolerances, square roots of sums of
 # the masked input's squares in float32, stay far from its smallest normal number (1e-38): at 2**-80 a
 # blank input's squares underflowed to zero and its honest results failed their checks. Up: inputs are at
-# most 2**40 (``shadownet.artifacts.MAX_INPUT``).
+# most 2**40 (``tee_sim.program.MAX_INPUT``).
 MIN_EXPONENT, MAX_EXPONENT = -56, 40
 KEPT = 2  # a mask stays at its power of two while the input's spread is within KEPT powers of two under it
 # An input's spread is the larger of its RMS and its largest magnitude over PEAK_RATIO: a sparse input (a

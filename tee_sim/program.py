@@ -30,6 +30,16 @@ MAGIC = b"SNTP"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = frozenset({1, 2, 3})
 PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)
+
+# The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS (white;
+# shaped, 35-170x), the
+# accelerator sums it through mixed weights, and a verified model's checks sum squares of a window of it,
+# all in float32 (max 3.4e38). A probe's MiniVGG input at 6e37 came back wrong without a word (LiteRT's own
+# answer was right to 4e37, NaN from 1e38), and near 1e19 a verified model's tolerances overflowed. 2**40
+# (1.1e12) keeps the squares of a 10^4-value window of 170x-masked inputs under 4e32, with 5 orders of
+# magnitude for the model's own gain, and is far beyond any input a float32 model is given.
+MAX_INPUT = float(2 ** 40)  # the runtime refuses larger inputs, the converter larger calibration
+
 ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
 DTYPES = frozenset({"float32", "int32", "uint8"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -200,6 +201,8 @@ def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:
     ``params`` overriding; a ``Scheme`` object is returned as is. ``ValueError`` for an unknown name or
     parameter."""
     if spec is not None and not isinstance(spec, str):
+        if not hasattr(spec, "obfuscate"):
+            raise TypeError(f"a scheme is a name or a scheme object, not {type(spec).__name__}")
         if params:
             raise ValueError("parameters cannot be given with a scheme object")
         return spec
@@ -212,6 +215,8 @@ def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"scheme parameter {item!r} is not key=value")
+        if key.strip() in parsed:
+            raise ValueError(f"scheme parameter {key.strip()!r} given twice")
         parsed[key.strip()] = _parse_value(value.strip())
     parsed.update(params)
     module, _, cls = SCHEMES[name].partition(":")
@@ -234,3 +239,22 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             pass
     return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A scheme's yes/no parameter: ``True`` or ``False`` (``true`` / ``false`` in a scheme string), else
+    ``ValueError`` - ``bool("no")`` is True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def number(name: str, value: Any, low: float, high: float, above_low: bool = False) -> float:
+    """A scheme's numeric parameter, finite and in ``[low, high]`` (``(low, high]`` with ``above_low``),
+    else ``ValueError``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if above_low else value >= low) and value <= high
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(' if above_low else '['}{low:g}, {high:g}], "
+                         f"not {value!r}")
+    return float(value)

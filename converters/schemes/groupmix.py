@@ -81,15 +81,17 @@ orthogonal); with ``depthwise="offload"``, depthwise kernel directions.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 
-from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
+from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, flag, number
 from tee_sim.program import mask_bands
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
+MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
 
 
 class GroupMixScheme:
@@ -119,21 +121,21 @@ class GroupMixScheme:
             raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
         if not (isinstance(min_group, int) and 1 <= min_group <= group_size):
             raise ValueError(f"min_group must be an integer in [1, group_size], not {min_group!r}")
-        if not 0 < max_cos <= 1:
-            raise ValueError(f"max_cos must be in (0, 1], not {max_cos}")
+        self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
         if not (isinstance(tries, int) and tries >= 1):
             raise ValueError(f"tries must be an integer >= 1, not {tries!r}")
         if not (isinstance(input_group, int) and input_group >= 0):
             raise ValueError(f"input_group must be an integer >= 0, not {input_group!r}")
-        if not (mask_scale >= 0 and static_mask_scale >= 0):
-            raise ValueError(f"mask_scale and static_mask_scale must be >= 0, not {mask_scale}, "
-                             f"{static_mask_scale}")
+        # Masks in float32: at 1e4x its input, an input keeps about 3 of its digits under its mask.
+        self.mask_scale = number("mask_scale", mask_scale, 0, MAX_MASK_SCALE)
+        self.static_mask_scale = number("static_mask_scale", static_mask_scale, 0, MAX_MASK_SCALE)
+        if self.mask_scale == 0:
+            warnings.warn("groupmix:mask_scale=0 sends the user's input to the accelerator unmasked (for "
+                          "measurements: the input's protection is gone)", stacklevel=2)
         self.group_size, self.min_group, self.tries = group_size, min_group, tries
-        self.max_cos = float(max_cos)
-        self.input_group, self.mask_scale = input_group, float(mask_scale)
-        self.static_mask_scale = float(static_mask_scale)
-        self.center_masks = bool(center_masks)
-        self.shaped_masks = bool(shaped_masks)
+        self.input_group = input_group
+        self.center_masks = flag("center_masks", center_masks)
+        self.shaped_masks = flag("shaped_masks", shaped_masks)
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear
+from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, flag, number
 
 # Fakes this many times the real weights' RMS or more cost the restore's cancellation precision: about
 # 4e-7 relative per unit of the ratio (a probe's single conv: weights at 1e-3 of the fakes, 3.6e-4; at 0.1,
@@ -47,12 +47,12 @@ class ShadowNetScheme:
 
     def __init__(self, obf_ratio: float = 1.2, fake_std: float = 1.0, mask_scale: float = 1.0,
                  center_masks: bool = True) -> None:
-        if not obf_ratio > 1:
-            raise ValueError(f"obf_ratio must be > 1, not {obf_ratio}")
-        if not fake_std > 0 or not mask_scale >= 0:
-            raise ValueError("fake_std must be > 0 and mask_scale >= 0")
-        self.obf_ratio, self.fake_std, self.mask_scale = float(obf_ratio), float(fake_std), float(mask_scale)
-        self.center_masks = bool(center_masks)
+        # Up to 10x the filters (the paper: 1.2); fakes and masks up to 1e4 (float32 keeps about 3 digits of
+        # what they hide, and the fakes cancel in every restore).
+        self.obf_ratio = number("obf_ratio", obf_ratio, 1, 10, above_low=True)
+        self.fake_std = number("fake_std", fake_std, 0, 1e4, above_low=True)
+        self.mask_scale = number("mask_scale", mask_scale, 0, 1e4)
+        self.center_masks = flag("center_masks", center_masks)
 
     def public_params(self) -> dict[str, Any]:
         # fake_std and mask_scale are distribution parameters, not secrets; the paper's values are public too.

@@ -4,6 +4,7 @@ minimal driver, and compare with LiteRT on the original."""
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import warnings
 
@@ -674,6 +675,13 @@ def test_a_scalar_input_and_an_integer_divisor(tf, device, tmp_path):
     rng = np.random.default_rng(7)
     values = {(): np.array([0.5, 2.0], np.float32), (1,): np.array([[3], [4]], np.int32),
               (1, 8, 8, 3): rng.standard_normal((2, 8, 8, 3)).astype(np.float32)}
+    # A calibration value the model refuses: the input named, in the first sample or a later one (an internal
+    # error, before).
+    for divisors, where in (([[0], [4]], "the first calibration input"), ([[3], [0]], "a calibration input")):
+        bad = {**values, (1,): np.array(divisors, np.int32)}
+        with pytest.raises(ModelFormatError, match=f"LiteRT cannot run the model on {where}: .*ivision by 0"):
+            protect(model, tmp_path / "bad", device,
+                    calibration={n: bad[s] for n, s in zip(names, shapes, strict=True)})
     protect(model, tmp_path / "out", device,
             calibration={n: values[s] for n, s in zip(names, shapes, strict=True)})
     with Driver(device, tmp_path / "out") as run:
@@ -962,13 +970,18 @@ def test_calibration_forms_and_refusals():
         assert len(got) == samples and all(s[0].shape == shape for s in got)
         whole = data.astype(np.float32).reshape(samples, *shape)  # sample i: the i-th block of the batch axis
         assert all(np.array_equal(s[0], whole[i]) for i, s in enumerate(got))
-    for given in ((*shape, 1), (0, *shape[1:])):
+    for given in ((*shape, 1), (0, *shape[1:]), (0, *shape)):  # [0, *shape]: an IndexError later, before
         with pytest.raises(ModelFormatError, match="has shape"):
             _calibration_inputs(graph, {name: np.zeros(given)})
     bad = np.zeros(shape)
     bad.flat[0] = np.nan
     with pytest.raises(ModelFormatError, match="1 NaN or infinite"):
         _calibration_inputs(graph, {name: bad})
+    bad.flat[0] = 1e24  # beyond what the protected model takes (it converted, and ran 0.5-0.9 off LiteRT)
+    with pytest.raises(ModelFormatError, match=r"magnitude 1e\+24: a protected model takes inputs up to"):
+        _calibration_inputs(graph, {name: bad})
+    bad.flat[0] = 2.0 ** 40
+    assert len(_calibration_inputs(graph, {name: bad})) == 1  # the limit itself is taken, as by the runtime
 
 
 def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
@@ -990,6 +1003,18 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
                   {"pixels": data}):
         got = _calibration_inputs(graph, given)
         assert len(got) == 2 and np.array_equal(got[1][0], data[1:].astype(np.float32))
+    for given, reason in ((tmp_path / "missing.npz", "does not exist"), (tmp_path, "is not a regular file")):
+        with pytest.raises(ModelFormatError, match=reason):
+            _calibration_inputs(graph, given)
+    os.mkfifo(tmp_path / "fifo.npz")  # read for ever, before
+    with pytest.raises(ModelFormatError, match="is not a regular file"):
+        _calibration_inputs(graph, tmp_path / "fifo.npz")
+    with open(tmp_path / "huge.npy", "wb") as f:  # a header claiming 10.9 PiB: a MemoryError, before
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (1, 32, 32, 3_000_000_000_000)})
+        f.write(b"\0" * 64)
+    with pytest.raises(ModelFormatError, match="claims an array too large to read"):
+        _calibration_inputs(graph, tmp_path / "huge.npy")
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     np.savez(tmp_path / "objects.npz", **{name: np.array([{}], dtype=object)})  # needs pickle to read
     damaged = bytearray((tmp_path / "cal.npz").read_bytes())
@@ -1000,7 +1025,6 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
                           ({name: data, "pixels": data}, "given twice"),
                           ({}, "missing input"),
                           (tmp_path / "junk.npy", r"calibration file .*junk.npy is not an .npy or .npz file"),
-                          (tmp_path / "absent.npz", "cannot read calibration file"),
                           (tmp_path / "objects.npz", "cannot read calibration file"),
                           (tmp_path / "crc.npz", "cannot read calibration file"),
                           ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not numbers")):

@@ -53,6 +53,40 @@ def test_registry_default_and_parsing():
         get_scheme("shadownet:obf_ratio=1.0")
 
 
+@pytest.mark.parametrize("spec, message", [
+    # bool("no") is True: the user turned the feature on by asking to turn it off (a helper's probe)
+    ("groupmix:shaped_masks=no", "shaped_masks must be true or false, not 'no'"),
+    ("groupmix:center_masks=off", "center_masks must be true or false"),
+    ("shadownet:center_masks=0", "center_masks must be true or false, not 0"),
+    # infinite or absurd sizes converted, then ran to NaN, garbage or an internal error
+    ("groupmix:mask_scale=inf", r"mask_scale must be a number in \[0, 10000\], not inf"),
+    ("groupmix:mask_scale=1e30", "mask_scale must be a number"),
+    ("groupmix:static_mask_scale=inf", "static_mask_scale must be a number"),
+    ("groupmix:max_cos=nan", r"max_cos must be a number in \(0, 1\]"),
+    ("shadownet:mask_scale=inf", "mask_scale must be a number"),
+    ("shadownet:fake_std=inf", "fake_std must be a number"),
+    ("shadownet:obf_ratio=inf", r"obf_ratio must be a number in \(1, 10\]"),
+    ("shadownet:obf_ratio=1e9", "obf_ratio must be a number"),
+    ("shadownet:obf_ratio=true", "obf_ratio must be a number"),
+    # the last of two values was silently taken
+    ("groupmix:depthwise=offload,depthwise=tee", "scheme parameter 'depthwise' given twice"),
+])
+def test_scheme_parameters_of_the_wrong_kind_or_size_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        get_scheme(spec)
+
+
+def test_scheme_parameters_take_what_they_say():
+    off = get_scheme("groupmix:shaped_masks=false,center_masks=False").public_params()
+    assert off["shaped_masks"] is off["center_masks"] is False
+    assert get_scheme("shadownet:obf_ratio=10,fake_std=0.1,mask_scale=0").public_params() == {
+        "obf_ratio": 10.0, "fake_std": 0.1, "mask_scale": 0.0, "center_masks": True}
+    with pytest.warns(UserWarning, match="sends the user's input to the accelerator unmasked"):
+        assert get_scheme("groupmix:mask_scale=0").mask_scale == 0.0
+    with pytest.raises(TypeError, match="a scheme is a name or a scheme object, not int"):
+        get_scheme(123)
+
+
 @pytest.mark.parametrize("padding,stride,dilation", [
     (fb.Padding.SAME, (1, 1), (1, 1)), (fb.Padding.VALID, (2, 1), (1, 1)),
     (fb.Padding.SAME, (2, 2), (1, 1)), (fb.Padding.SAME, (1, 1), (2, 3)),

@@ -135,6 +135,23 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, monkeypatch, case,
     assert message in line
 
 
+@pytest.mark.parametrize("target", ["secrets.sealed", "manifest.json", "new.npz", "", "input"])
+def test_an_output_that_would_replace_what_the_run_reads_is_refused(small_cnn, tmp_path, capsys, target):
+    """--output into the protected model's directory replaced its files (the model had to be converted again),
+    over the input file replaced the user's input; both ran and exited 0 (a helper's probe). Now refused
+    before anything runs, and nothing changes."""
+    shutil.copytree(small_cnn.out, tmp_path / "out")
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    before = {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), tmp_path / "x.npy"]}
+    output = {"": "", "input": str(tmp_path / "x.npy")}.get(target, str(tmp_path / "out" / target))
+    line = _one_line_error(capsys, main(["run", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy"),
+                                         "--output", output]))
+    assert {"": "--output is an empty path", "input": "is the input file"}.get(
+        target, "lies in the protected model's directory") in line
+    assert {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), tmp_path / "x.npy"]} == before
+
+
 @pytest.mark.parametrize("library", ["missing", "not_a_library", "not_a_delegate"])
 def test_a_bad_delegate_is_one_line_in_a_real_process(small_cnn, tmp_path, library):
     """Whatever the --delegate file is, stderr holds one line: LiteRT's half-built Delegate, collected

@@ -15,7 +15,9 @@ at its intended ratio to that spread, and under 4x it (``exponent``). Where it m
 - a restore's fused push (the restore writes its results masked as it makes them, a tile at a time): its
   kernel measures the restored tensor as it makes it (``sn_run``'s ``spread``) and, outside the mask's
   band, answers ``SPREAD_OUTSIDE`` after its pass; the mask then moves (``follow_measured``) and the kernel
-  runs again, from the accelerator's results, which it only read. Its pass writes secure memory, sent to
+  runs again, from the accelerator's results, which it only read - and measures again: results the normal
+  world rewrote between the two reads move the mask again, and moving it a third time is an integrity error
+  (``tee_sim.per_inference``'s ``MAX_MASK_MOVES``). Its pass writes secure memory, sent to
   shared memory only after it (``tee_sim.per_inference``'s ``wrap``): written there directly, the input
   went out under its old mask and again under the same mask scaled, which gives it back (a review).
 

@@ -14,7 +14,7 @@ import pytest
 import shadownet
 from shadownet import audit, input_leakage
 from shadownet.accelerator import AcceleratorWrapper
-from shadownet.exceptions import MaskPoolExhaustedError, SecurityError
+from shadownet.exceptions import IntegrityError, MaskPoolExhaustedError, SecurityError
 from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
 TOLERANCE = 1e-4  # relative to the largest reference output, as the fidelity tests
@@ -403,6 +403,46 @@ def test_a_restore_that_measures_its_push_sends_it_only_once_it_fits_the_mask(al
     finally:
         context.close()
     assert measured and not any(measured)  # some restores measure; none writes shared memory
+
+
+def test_results_that_change_between_the_tees_reads_do_not_leave_under_a_small_mask(all_rounds, monkeypatch):
+    """A restore's fused push measures what it makes and, outside the mask's band, moves the mask and runs
+    again, reading the accelerator's results afresh. The second pass's own measure was ignored: results
+    rewritten larger in between (the normal world owns that memory) went out under the mask moved for the
+    first read's (a review). Now each pass's measure counts: results that keep moving the mask are an
+    IntegrityError, verified or not, and nothing of that pass is sent."""
+    import tee_sim
+    from shadownet.accelerator import AcceleratorWrapper
+    from tee_sim.mask_spread import SpreadFollower
+
+    context = tee_sim.Context("inprocess")  # the TA's objects in this process
+    monkeypatch.setattr(tee_sim, "default_context", lambda: context)
+    wrappers = []
+
+    class Results(AcceleratorWrapper):  # keeps the shared-memory views the accelerator writes its results to
+        def __init__(self, inner):
+            super().__init__(inner)
+            wrappers.append(self)
+
+    follow = SpreadFollower.follow_measured
+
+    def rewriting(self, entry, name, remake):
+        follow(self, entry, name, remake)
+        for buffer_name, view in wrappers[0].buffers.items():  # the normal world, between the two reads
+            if "/out/" in buffer_name:
+                view *= np.float32(64.0)  # 6 powers of two: the mask stays within its range
+
+    x = images(1, seed=5)[0]
+    try:
+        with shadownet.load(all_rounds, accelerator=Results, background_refill=False) as model:
+            want = reference(small_cnn(), x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))  # honest: runs
+            model.refill_masks()
+            monkeypatch.setattr(SpreadFollower, "follow_measured", rewriting)
+            with pytest.raises(IntegrityError, match="changed while the TEE read them"):
+                model(x * np.float32(255))  # a new spread: the restores measure, move their masks, read again
+    finally:
+        context.close()
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -10,7 +10,9 @@ The header is ``{"program": {...}, "arrays": {name: {"dtype", "shape", "offset",
 ``offset`` counts from the start of the data section. ``read_program`` checks everything it relies on
 (magic, version, sizes, JSON shape, allowed dtypes, shapes, alignment, bounds, no overlap) and returns
 read-only zero-copy views; callers parse only bytes that already passed authentication (the sealed
-blob's AES-GCM tag), so a failure here means a bug or a format mismatch, not an attack to survive.
+blob's AES-GCM tag). That tag says the blob was made for this device and not changed since, not who made
+it: the device's identity is public, so anyone can provision a program to it (one that holds only its
+maker's data). Every check here, and the trusted app's of every geometry the program names, is needed.
 The trusted app's input format, published like its command header (``tee_sim.ta_shadownet_commands``):
 the converter imports it to write programs. It imports only numpy and the standard library.
 """

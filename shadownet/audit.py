@@ -458,7 +458,8 @@ def audit_cli(args: Any) -> None:
     if args.inferences is not None and args.inferences < 0:
         raise ValueError("--inferences must be >= 0")
     if not Path(args.reference).is_file():
-        raise ArtifactError(f"reference model {args.reference} does not exist")
+        what = "is not a file" if Path(args.reference).exists() else "does not exist"
+        raise ArtifactError(f"reference model {args.reference} {what}")
     check_destination(args.json)
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True)
     print(format_report(report))

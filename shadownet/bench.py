@@ -222,8 +222,11 @@ def bench_cli(args: argparse.Namespace) -> None:
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
         check_destination(path)
     models = list(args.files or [])
-    if args.models:
-        models += [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.models is not None:
+        named = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not named:
+            raise ValueError(f"--models {args.models!r} names no model")
+        models += named
     if not models:
         models = list(ZOO_NAMES)
     report = run_bench(models, scheme=args.scheme, num_threads=args.num_threads, num_runs=args.num_runs,

@@ -50,7 +50,9 @@ def silence_litert_info() -> None:
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
     from models.zoo import export
+    from shadownet.files import check_destination
 
+    check_destination(args.output)  # before the model is built (and trained)
     export(args.name, args.output, seed=args.seed, train=args.train)
 
 
@@ -86,7 +88,9 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
 def _cmd_device_export(args: argparse.Namespace) -> None:
     from shadownet.device import export_identity
+    from shadownet.files import check_destination
 
+    check_destination(args.file)
     fingerprint = export_identity(args.file)
     print(f"device identity written to {args.file} (device key fingerprint {fingerprint}: give it to the "
           "vendor by a channel other than the file's, to convert with --device-key)")
@@ -292,4 +296,4 @@ def _report(exc: Exception) -> int:
         raise exc
     print(f"shadownet: internal error ({type(exc).__name__}: {exc}); set SHADOWNET_DEBUG=1 for a traceback"
           .splitlines()[0], file=sys.stderr)
-    return 2
+    return 3  # not 2, argparse's for a flag the user mistyped: this one is ours

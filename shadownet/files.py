@@ -13,10 +13,13 @@ from typing import Any
 
 def check_destination(path: str | os.PathLike | None) -> None:
     """Before long work whose result goes to ``path`` (None: nothing to check): an ``OSError`` naming it
-    now, rather than after the work, when its directory does not exist or is not one."""
+    now, rather than after the work, when its directory does not exist or is not one, or it is a directory
+    (a ``ValueError`` when it is empty)."""
     if path is None:
         return
     target = os.fspath(path)
+    if not target:
+        raise ValueError("an output path is empty")
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         code = errno.ENOTDIR if os.path.exists(directory) else errno.ENOENT

@@ -288,3 +288,14 @@ def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "TEE_ERROR_STORAGE_NOT_AVAILABLE" in lines[0], lines
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # nothing trained
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["device", "export", "."], ".: Is a directory"),  # said "Device or resource busy"
+    (["device", "export", ""], "an output path is empty"),
+    (["zoo", "minivgg", "-o", ""], "an output path is empty"),  # after building the model, naming a temporary
+    (["audit", ".", "--reference", "."], "reference model . is not a file"),  # said "does not exist"
+    (["bench", "--models", ","], "--models ',' names no model"),  # ran all five zoo models
+])
+def test_paths_and_lists_that_name_nothing_are_one_line_before_any_work(argv, message, capsys):
+    assert message in _one_line_error(capsys, main(argv))

@@ -338,6 +338,23 @@ class LiteRTAccelerator:
         if failed:  # never freed: their arenas hold pages of the shared memory (_KEPT)
             _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: the tensors' pages made the child's own (private, with their contents), so that
+        nothing the child frees or allocates lands in the parent's shared memory, and LiteRT's interpreters
+        kept, never freed (their thread pools' threads are the parent's). A child that let go of the model
+        freed the arenas into its malloc while their pages were still the parent's live tensors: heap
+        corruption in the child, wrong results in the parent (a helper's probe)."""
+        self._plan = []
+        for pages in self._shared:
+            try:
+                pages.release()  # this process's mappings only: the parent's stay as they are
+            except OSError:
+                pass  # still the parent's pages, under interpreters never freed (below)
+        self._shared = []
+        _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
+        self._tensors, self._rounds_run, self._interpreters = [], [], []
+        self.interpreter = self._main = self._single = None
+
     def close(self) -> None:
         self._plan = []
         self._unshare()  # before LiteRT frees the tensors: their pages become private memory again

@@ -281,6 +281,11 @@ class ProtectedModel:
         self._waiting, self._refiller = 0, None
         if not self._closed:
             self._closed, self._forked_from = True, parent
+            accelerator = self.accelerator  # LiteRT's, perhaps under wrappers (AcceleratorWrapper.inner)
+            while accelerator is not None and not hasattr(accelerator, "forget_after_fork"):
+                accelerator = getattr(accelerator, "inner", None)
+            if accelerator is not None:
+                accelerator.forget_after_fork()
 
     @property
     def closed(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 
 import numpy as np
@@ -37,6 +38,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_long]
 _lock = threading.Lock()
+os.register_at_fork(after_in_child=_lock._at_fork_reinit)  # a child's release must not wait on the parent's
 
 
 def _map_fixed(address: int, length: int, flags: int, fd: int, offset: int) -> None:

@@ -13,6 +13,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,8 @@ def test_a_model_collected_during_a_tee_call_is_closed_after_it(small, context, 
 
         monkeypatch.setattr(transport.ch, "spin_while", spin_after_collecting)
         start = time.monotonic()
-        assert relative_error(model(x), want) <= TOLERANCE
-        assert fired and time.monotonic() - start < HANG_TIMEOUT
+        assert relative_error(model(x), want) <= TOLERANCE  # a hang: the call fails after HANG_TIMEOUT
+        assert fired and time.monotonic() - start < SLACK  # (2.7 s of collecting on a busy machine: not one)
         monkeypatch.setattr(transport.ch, "spin_while", real)
         end = time.monotonic() + SLACK
         while model.stats()["secure_memory_used"] > before and time.monotonic() < end:
@@ -549,3 +550,46 @@ def test_forked_child_gets_a_clear_error_not_a_hang(small):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "True"], result.stderr
+
+
+def test_a_forked_child_that_lets_go_of_its_parents_model_harms_neither(tmp_path):
+    """A child that dropped the model it inherited (closed by the fork) freed LiteRT's arenas while their
+    pages were still mapped onto the parent's shared memory: the child's malloc handed out the parent's live
+    tensors - heap corruption in the child (an abort, 3 of 3 runs), wrong results in the parent (a helper's
+    probe). In the child the pages are made its own and the interpreters kept."""
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # 64 x 64 images: tensors of whole pages, which the accelerator shares with the buffers
+        shadownet.convert(small_cnn(side=64), str(tmp_path / "out"), seed=5)
+    script = textwrap.dedent(f"""
+        import gc, os, time, numpy as np, shadownet
+
+        model = shadownet.load({str(tmp_path / "out")!r}, background_refill=False)
+        x = np.random.default_rng(0).standard_normal(model.inputs[0].shape).astype(np.float32)
+        want = model(x).copy()
+        pid = os.fork()
+        if pid == 0:
+            model.close()
+            del model
+            gc.collect()
+            keep = []
+            for k in range(300):  # the heap in use: what malloc hands out is written
+                keep.append(bytearray([k % 251]) * (1 << 16))
+                keep.append(np.full(1 << 14, float(k), np.float32))
+                keep = keep[-20:]
+                time.sleep(0.002)
+            os._exit(0)
+        wrong = calls = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 2.0:  # the parent serves on meanwhile
+            wrong += np.abs(model(x) - want).max() > 1e-4 * np.abs(want).max()  # fresh masks: not bit for bit
+            calls += 1
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), wrong, calls > 0)
+        model.close()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "True"], result.stderr

@@ -355,6 +355,14 @@ class LiteRTAccelerator:
         self._tensors, self._rounds_run, self._interpreters = [], [], []
         self.interpreter = self._main = self._single = None
 
+    def __del__(self) -> None:
+        # Collected unclosed (a close interrupted half-way): the pages made private before LiteRT frees
+        # the tensors on them, which would otherwise hand the shared memory to malloc (_KEPT).
+        try:
+            self._unshare()
+        except Exception:  # noqa: BLE001 - at interpreter exit modules may already be torn down
+            pass
+
     def close(self) -> None:
         self._plan = []
         self._unshare()  # before LiteRT frees the tensors: their pages become private memory again

@@ -159,8 +159,8 @@ class ProtectedModel:
     def _open(self) -> None:
         """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash)."""
         where = f"loading {self.artifacts.directory}"
-        context = self._context = tee_sim.default_context()
-        with translated(where):
+        with translated(where):  # starting the secure world may fail too (a TEEError before)
+            context = self._context = tee_sim.default_context()
             session = context.open_session(self._uuid)
         try:
             with translated(where):
@@ -265,13 +265,19 @@ class ProtectedModel:
             if self._closed:
                 return
             self._closed = True
-            self._drop_session()
-            self._buffers.forget_views()
-            # The accelerator first: it holds views of the shared memory, which then unmaps at once
-            # (with views alive, the mapping and its descriptor stay until they are collected).
-            if self.accelerator is not None:
-                self.accelerator.close()
-            self._buffers.release()
+            # Each step whatever interrupts the one before (a Ctrl-C while a hung secure world is waited
+            # for left the accelerator open and the memory registered, and a second close did nothing).
+            try:
+                self._drop_session()
+            finally:
+                try:
+                    self._buffers.forget_views()
+                    # The accelerator first: it holds views of the shared memory, which then unmaps at once
+                    # (with views alive, the mapping and its descriptor stay until they are collected).
+                    if self.accelerator is not None:
+                        self.accelerator.close()
+                finally:
+                    self._buffers.release()
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,
@@ -390,6 +396,10 @@ class ProtectedModel:
 
     def _ensure_open(self) -> None:
         self.check_not_closed()
+        if self._session is not None and self._session.lost:
+            # Lost while this model was idle (found by another model's call): a session of its own before
+            # its call fails for it (each open model's next call failed once, "open a new session").
+            self._drop_session()
         if self._session is None:  # the secure world was lost during an earlier call: start again
             self._open()
 

@@ -54,9 +54,9 @@ class SharedBuffers:
         else:
             size, placement = self.artifacts.shared_memory_size, None
         shm = context.register_shared_memory(size)
-        at = placement or {b.name: b.offset for b in buffers.values()}
-        views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in buffers.values()}
-        try:
+        try:  # until it is ours to release (a Ctrl-C in between left it registered for the process's life)
+            at = placement or {b.name: b.offset for b in buffers.values()}
+            views = {b.name: shm.ndarray(b.dtype, b.shape, at[b.name]) for b in buffers.values()}
             accelerator.bind(views)
         except BaseException:
             quietly_release(shm)
@@ -80,7 +80,11 @@ class SharedBuffers:
         size = len(self.artifacts.untrusted)
         if self._weights is None or self._weights.released or self._weights_context is not context:
             weights = context.register_shared_memory(size)
-            weights.ndarray(np.uint8, (size,))[...] = np.frombuffer(self.artifacts.untrusted, np.uint8)
+            try:  # a Ctrl-C during the copy left it registered, and no one's to release (a helper's probe)
+                weights.ndarray(np.uint8, (size,))[...] = np.frombuffer(self.artifacts.untrusted, np.uint8)
+            except BaseException:
+                quietly_release(weights)
+                raise
             quietly_release(self._weights)
             self._weights, self._weights_context = weights, context
         session.invoke_command(commands.Command.BIND_WEIGHTS,

@@ -55,6 +55,13 @@ class Session:
         self._time_inside = 0.0
         self._memory = (0, 0, 0)
 
+    @property
+    def lost(self) -> bool:
+        """Whether the secure world this session was opened in is known gone (it stopped, or was started
+        again since): every command of it fails with ``TEE_ERROR_TARGET_DEAD``."""
+        transport = self._context._transport
+        return self._generation != transport.generation or not transport.alive
+
     def invoke_command(
         self, cmd_id: int, params: Sequence[ClientParam] = (), timeout: float | None = None
     ) -> list:

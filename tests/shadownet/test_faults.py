@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import shadownet
@@ -593,3 +594,87 @@ def test_a_forked_child_that_lets_go_of_its_parents_model_harms_neither(tmp_path
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "0", "True"], result.stderr
+
+
+def test_models_idle_when_the_secure_world_died_open_sessions_of_their_own(small, context):
+    """The secure world killed while three models sat idle: the first call finds it dead (an error naming
+    that); the other models' calls, which failed once each with "session lost ... open a new session" (an
+    instruction no app could act on: a helper's probe), now open a session of their own first."""
+    x = small.input()
+    want = small.reference(x)
+    models = [shadownet.load(small.out, background_refill=False) for _ in range(3)]
+    try:
+        for model in models:
+            model(x)
+        pid = context.secure_world_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        with pytest.raises(TEECommunicationError, match="died"):
+            models[0](x)
+        for model in models[1:]:
+            assert relative_error(model(x), want) <= TOLERANCE
+        assert relative_error(models[0](x), want) <= TOLERANCE
+    finally:
+        for model in models:
+            model.close()
+
+
+def test_an_interrupted_close_or_load_leaves_nothing_behind(small, monkeypatch):
+    """A Ctrl-C in close() while a hung secure world was waited for left the accelerator open and the shared
+    memory registered, and a second close() did nothing; collected, the accelerator freed tensors whose
+    pages were still the shared memory's (two reads of one file then hashed differently: a helper's probe).
+    A Ctrl-C in load() while untrusted.tflite was copied into shared memory left that registered for the
+    process's life. Each step now runs whatever interrupts the one before."""
+    from shadownet import runtime
+
+    x = small.input()
+    model = shadownet.load(small.out, background_refill=False)
+    model(x)
+    context, accelerator = model._buffers.context, model.accelerator
+    registered = set(context._shms)
+    real_drop = runtime.ProtectedModel._drop_session
+
+    def interrupted(self):
+        real_drop(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime.ProtectedModel, "_drop_session", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.close()
+    monkeypatch.setattr(runtime.ProtectedModel, "_drop_session", real_drop)
+    assert model.closed and accelerator.interpreter is None and model._buffers._shm is None
+    assert not set(context._shms) & registered  # the model's memory unregistered
+
+    before = set(context._shms)
+    real_ndarray = tee_sim.SharedMemory.ndarray
+    size = (small.out / "untrusted.tflite").stat().st_size
+
+    def copy_interrupted(self, dtype, shape=None, offset=0):
+        if np.dtype(dtype) == np.uint8 and shape == (size,):
+            raise KeyboardInterrupt  # as the copy of untrusted.tflite starts
+        return real_ndarray(self, dtype, shape, offset)
+
+    monkeypatch.setattr(tee_sim.SharedMemory, "ndarray", copy_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shadownet.load(small.out, background_refill=False)
+    monkeypatch.setattr(tee_sim.SharedMemory, "ndarray", real_ndarray)
+    assert set(context._shms) == before
+
+
+def test_a_secure_world_that_cannot_start_is_a_shadownet_error(small):
+    """A secure core the process may not use: load() raised tee_sim's raw TEEError, which an app's
+    ``except ShadowNetError`` missed (a helper's probe)."""
+    script = textwrap.dedent(f"""
+        import shadownet
+        from shadownet.exceptions import ShadowNetError
+        try:
+            shadownet.load({str(small.out)!r})
+        except ShadowNetError as exc:
+            print("ShadowNetError", str(exc).startswith("loading "))
+        except Exception as exc:
+            print(type(exc).__name__)
+    """)
+    env = {**os.environ, "TEE_SIM_SECURE_CORE": "99", "SHADOWNET_TEE_TRANSPORT": "process"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env=env)
+    assert result.stdout.split() == ["ShadowNetError", "True"], result.stderr

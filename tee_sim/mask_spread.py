@@ -50,9 +50,10 @@ What the normal world learns from it: the masked input's spread tells it at leas
 input's spread (its RMS, or its peak over 6) within a factor of four, and over many inferences at one power
 of two more closely (a mask of fixed size told that only of inputs near the mask's own size); of a deeper
 round, that of an activation's spread; and a step that went back to Python to move its mask takes longer
-(once per change of scale). The user's input is measured as the normal world wrote it to shared memory, then
-read again by the push: a normal world that rewrites it in between chooses the mask's ratio to what is
-pushed, for an input it wrote anyway. Static masks do not follow: they keep calibration's sizes.
+(once per change of scale). The user's input is read from shared memory once, into secure memory, and
+measured and pushed from there (``tee_sim.per_inference``'s ``wrap``): read twice, the measure could be shown
+zeros and the push the input, sent so under the smallest mask. A NaN among the values is refused (no power of
+two follows it). Static masks do not follow: they keep calibration's sizes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from tee_sim.errors import TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.exact_split import SplitPop
 from tee_sim.ta_shadownet_small_ops import compile_spread
 
@@ -182,6 +184,12 @@ class SpreadFollower:
         self._follow(entry, name, math.sqrt(measure[3]) if measure[3] >= 0 else math.nan, remake)
 
     def _follow(self, entry: Any, name: str, spread: float, remake: Callable[[Any, str], None]) -> None:
+        if math.isnan(spread):
+            # A NaN among the values: no power of two follows them, and the mask it would keep may be far
+            # smaller than the other values (a review: one NaN in the accelerator's results left a masked
+            # round's input readable, R^2 0.9996). Not sent: the inference fails, as an op of it would.
+            raise TEEError(TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP,
+                           f"the input its one-time mask {name} hides holds NaN: not sent")
         now = entry.exponents.get(name, 0)
         k = exponent(spread, self.streams[name].spread, now)
         self.target[name] = k

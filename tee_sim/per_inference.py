@@ -212,8 +212,13 @@ class PerInference:
         # What a restore makes for a followed mask's push, kept in secure memory until its spread is known
         # to fit the mask (wrap): one buffer for them all, as large as the largest followed push's.
         self._staging: np.ndarray | None = None
+        # Secure memory for what a followed mask's push sends, made there first: a restore's result, or
+        # the user's input read once (``wrap``); one instruction's at a time.
         self._staging_size = max((math.prod(shm_shapes[s["buffer"]]) for s in one_time["masks"].values()
                                   if s.get("spread")), default=0)
+        inputs = [math.prod(shape) for name, shape in shm_shapes.items() if name.startswith("input/")]
+        if self._staging_size:
+            self._staging_size = max(self._staging_size, *inputs)
         self.enabled = bool(self.streams or self.checks or self.computed)
         # The pool.
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
@@ -443,6 +448,14 @@ class PerInference:
             if dst is None:
                 dst = self._staged(sent)
             send = compile_copy(dst, sent)  # None: numpy copies it
+        # A followed plain push of shared memory (the user's input) reads it once, into secure memory, and
+        # measures and pushes that copy. Measured there and pushed from there again, a normal world that
+        # showed the measure zeros and the push its input had it sent under the smallest mask: a mixed
+        # input's secret mixing came back exact from one inference (a review).
+        fetched, fetch = None, None
+        if followed is not None and not measured and source.startswith("shm:") and src.dtype == np.float32:
+            fetched, src = src, self._staged(src)
+            fetch = compile_copy(fetched, src)  # None: numpy copies it
         spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
         if mask in self.streams or offset in self.pops or checked:
             variants = []
@@ -461,6 +474,8 @@ class PerInference:
                     spreads.append(self.spread.bind(entry, followed, variants[-1], src, measure))
 
             def run() -> None:
+                if fetched is not None:
+                    fetch() if fetch is not None else np.copyto(src, fetched)
                 if followed and not measured:
                     self.spread.follow(self.current, followed, src, self._remake)
                 answer = variants[self.current.slot]()
@@ -500,14 +515,16 @@ class PerInference:
         first = [[] if not followed or measured else None if spreads[slot] is None else [spreads[slot].c_call]
                  for slot in range(len(variants))]
         sending = [] if sent is None else None if send is None else [send.c_call]
+        fetching = [] if fetched is None else None if fetch is None else [fetch.c_call]
         wrapped.slot_calls = [  # type: ignore[attr-defined]
-            None if kernel_calls(v) is None or first[slot] is None or sending is None
-            else [*first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
+            None if kernel_calls(v) is None or first[slot] is None or sending is None or fetching is None
+            else [*fetching, *first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]
         return wrapped
 
     def _staged(self, sent: np.ndarray) -> np.ndarray:
-        """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""
+        """Secure memory shaped as ``sent`` (a followed mask's push buffer, for a restore to make it in; a
+        user's input, for the push to read it once)."""
         if self._staging is None:
             self._staging = self._account((self._staging_size,), np.float32)
         if sent.size > self._staging.size:

@@ -110,10 +110,11 @@ def _by_input(graph: Graph, data: Any) -> dict[str, Any]:
             raise ModelFormatError(f"the model has {len(names)} inputs: give calibration data keyed by "
                                    f"their names {names} (an .npz)")
         return {names[0]: data}
-    aliases = {name: name for name in names}
+    aliases: dict[str, str] = {}
     if graph.signature is not None:
         aliases.update((key, graph.tensors[t].name) for key, t in graph.signature.inputs.items()
                        if t in graph.inputs)
+    aliases.update((name, name) for name in names)  # a tensor's name wins, as in the runtime's name table
     unknown = [key for key in data if key not in aliases]
     if unknown:
         raise ModelFormatError(f"calibration data: unknown input name(s) {unknown}; the model's inputs are "

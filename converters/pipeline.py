@@ -89,6 +89,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if device is not None and not hasattr(device, "open_session"):
         device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
+    if not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0:
+        warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
+                      "measurements: the input's protection is gone)", stacklevel=2)
     original = _one_signature(_model_bytes(model, signature), signature)
     read = read_model(original)
     _check_interface(read)

@@ -25,7 +25,7 @@ import numpy as np
 from shadownet.accelerator import Accelerator, AcceleratorWrapper, LiteRTAccelerator
 from shadownet.artifacts import MANIFEST
 from shadownet.exceptions import InputError
-from shadownet.files import write_atomically
+from shadownet.files import check_destination, write_atomically
 from shadownet.interpreter import Interpreter, SignatureRunner
 from shadownet.runtime import ProtectedModel, load
 
@@ -125,8 +125,7 @@ def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
 def _check_output(output: str, artifacts: str, given: str) -> None:
     """Refuse an ``--output`` that would replace what the run reads: a file of the protected model's
     directory (it would be lost: the model converted again) or the input file."""
-    if not output:
-        raise InputError("--output is an empty path")
+    check_destination(output)  # an empty path, a missing directory: said so only after the inference before
     target, directory = Path(os.path.realpath(output)), Path(os.path.realpath(artifacts))
     if target == directory or directory in target.parents:
         raise InputError(f"--output {output} lies in the protected model's directory {artifacts}: writing it "

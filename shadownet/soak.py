@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from converters.fidelity import relative_error
-from shadownet.exceptions import ShadowNetError
+from shadownet.exceptions import ArtifactError, ShadowNetError
 from shadownet.files import check_destination, write_atomically
 
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
@@ -278,13 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             figures = soak(original, out, args.inferences, args.threads, args.pool, args.fresh_every,
                            args.warmup, tolerance=args.tolerance, verify=args.verify, scales=args.scales)
-        except ValueError as exc:  # a model the soak cannot feed
-            print(f"python -m shadownet.soak: error: {exc}", file=sys.stderr)
-            return 2
-        except (ShadowNetError, OSError) as exc:  # a model it cannot read or convert: one line, as the CLI's
+        except (ValueError, ShadowNetError, OSError) as exc:  # one line, as the CLI's
             print(f"python -m shadownet.soak: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
                   file=sys.stderr)
-            return 1
+            # 2: a model the soak cannot feed (a usage error); 1: one it cannot read or convert
+            return 2 if isinstance(exc, ValueError) and not isinstance(exc, ArtifactError) else 1
     if args.json:
         write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]

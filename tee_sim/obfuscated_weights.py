@@ -74,8 +74,9 @@ class Weights:
     and it reads 4x faster than SHA-256 (26 MB: 4.0 against 16.5 ms), which every refill of a verified
     ResNet-404 paid for its 406 layers.
 
-    At load the file is read once (``_read_once``): its SHA-256, checked against the one sealed with the
-    program (``sealed_sha256``), and the tags or copies come from the same bytes in secure memory."""
+    At load the weights come from one read of the file (``_read_once``), which also takes its SHA-256 and
+    checks it against the one sealed with the program (``sealed_sha256``): the tags or copies are of the
+    bytes hashed, in secure memory. (The TA hashes the file once before too, to refuse a wrong one early.)"""
 
     def __init__(self, untrusted: Any, regions: Regions, sealed_sha256: Any,
                  alloc: Callable[..., np.ndarray], outside: bool, random_bytes: Callable[[int], bytes],

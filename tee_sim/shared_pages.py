@@ -37,7 +37,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_long]
-_lock = threading.Lock()
+_lock = threading.RLock()  # a collected accelerator's finalizer may release pages inside a section
 os.register_at_fork(after_in_child=_lock._at_fork_reinit)  # a child's release must not wait on the parent's
 
 

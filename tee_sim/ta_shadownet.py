@@ -256,6 +256,7 @@ class ShadowNetTA(TrustedApp):
         shared = self._programs.get(key)
         if shared is None:
             shared = self._open_program(memoryview(sealed))
+        del sealed  # the simulator's copy (a real TEE hashes and decrypts the ciphertext block by block)
         try:  # early, on every load; what the TA uses of the file is hashed again as it reads it (Weights)
             check_untrusted(hashlib.sha256(untrusted).hexdigest(), shared.program.get("untrusted_sha256"))
         except TEEError:
@@ -283,8 +284,8 @@ class ShadowNetTA(TrustedApp):
         session["model"] = model
 
     def _open_program(self, blob: memoryview) -> _SharedProgram:
-        # The plaintext (about the blob's size) lands in secure memory; the ciphertext is read from the
-        # normal world's buffer (tee_sim copies it, a real TEE decrypts it in place, block by block).
+        # The plaintext (about the blob's size) lands in secure memory; the ciphertext is the simulator's
+        # copy of the normal world's buffer (_load: not counted, as a real TEE reads it block by block).
         self.tee.reserve(blob.nbytes, "the model's TEE program, decrypted")
         try:
             plaintext = self._open_secrets(blob)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -244,15 +245,15 @@ def _parse_value(text: str) -> Any:
 def flag(name: str, value: Any) -> bool:
     """A scheme's yes/no parameter: ``True`` or ``False`` (``true`` / ``false`` in a scheme string), else
     ``ValueError`` - ``bool("no")`` is True."""
-    if not isinstance(value, bool):
+    if not isinstance(value, bool | np.bool_):
         raise ValueError(f"{name} must be true or false, not {value!r}")
-    return value
+    return bool(value)
 
 
 def number(name: str, value: Any, low: float, high: float, above_low: bool = False) -> float:
     """A scheme's numeric parameter, finite and in ``[low, high]`` (``(low, high]`` with ``above_low``),
     else ``ValueError``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) and math.isfinite(value) \
         and (value > low if above_low else value >= low) and value <= high
     if not ok:
         raise ValueError(f"{name} must be a number in {'(' if above_low else '['}{low:g}, {high:g}], "

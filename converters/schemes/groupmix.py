@@ -81,7 +81,6 @@ orthogonal); with ``depthwise="offload"``, depthwise kernel directions.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -129,9 +128,6 @@ class GroupMixScheme:
         # Masks in float32: at 1e4x its input, an input keeps about 3 of its digits under its mask.
         self.mask_scale = number("mask_scale", mask_scale, 0, MAX_MASK_SCALE)
         self.static_mask_scale = number("static_mask_scale", static_mask_scale, 0, MAX_MASK_SCALE)
-        if self.mask_scale == 0:
-            warnings.warn("groupmix:mask_scale=0 sends the user's input to the accelerator unmasked (for "
-                          "measurements: the input's protection is gone)", stacklevel=2)
         self.group_size, self.min_group, self.tries = group_size, min_group, tries
         self.input_group = input_group
         self.center_masks = flag("center_masks", center_masks)

@@ -1130,3 +1130,17 @@ def test_an_unsplit_round_1_decided_on_random_inputs_is_warned_of(device, tmp_pa
             convert(model, tmp_path / out, seed=7, device=device, **kw)
         said = [w for w in caught if "round 1's masked input crosses unsplit" in str(w.message)]
         assert len(said) == warned, (out, [str(w.message) for w in caught])
+
+
+def test_a_conversion_without_round_1s_mask_says_so_once(device, tmp_path):
+    """groupmix:mask_scale=0 (for measurements) leaves the user's input unmasked: the conversion warns, once
+    (the scheme's constructor warned, so the CLI's flag check and the audit's rebuild of the scheme said it
+    again: a review)."""
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_scheme("groupmix:mask_scale=0")
+        convert(small_cnn(), tmp_path / "out", device=device, scheme="groupmix:mask_scale=0")
+    unmasked = [w for w in caught if "sends the user's input to the accelerator unmasked" in str(w.message)]
+    assert len(unmasked) == 1

@@ -81,8 +81,7 @@ def test_scheme_parameters_take_what_they_say():
     assert off["shaped_masks"] is off["center_masks"] is False
     assert get_scheme("shadownet:obf_ratio=10,fake_std=0.1,mask_scale=0").public_params() == {
         "obf_ratio": 10.0, "fake_std": 0.1, "mask_scale": 0.0, "center_masks": True}
-    with pytest.warns(UserWarning, match="sends the user's input to the accelerator unmasked"):
-        assert get_scheme("groupmix:mask_scale=0").mask_scale == 0.0
+    assert get_scheme("groupmix", mask_scale=np.float32(2), center_masks=np.bool_(False)).mask_scale == 2.0
     with pytest.raises(TypeError, match="a scheme is a name or a scheme object, not int"):
         get_scheme(123)
 

@@ -214,6 +214,11 @@ def test_signature_names_that_are_the_other_inputs_tensor_names(tmp_path):
     g.signature = Signature("serving_default", list(range(len(g.ops))), {"a": first, "b": second}, {"y": y})
     original = tmp_path / "swapped_names.tflite"
     original.write_bytes(write_model(g))
+    from converters.calibration import calibration_inputs
+
+    ones, zeros = np.ones((1, 4, 4, 3)), np.zeros((1, 4, 4, 3))
+    (sample,) = calibration_inputs(g, {"b": ones, "a": zeros})  # by tensor name, as run takes them
+    assert sample[0].min() == 1 and sample[1].max() == 0  # (the signature's names won there: a review)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shadownet.convert(str(original), str(tmp_path / "out"), seed=3)

@@ -96,8 +96,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     read = read_model(original)
     _check_interface(read)
     samples = calibration_inputs(read, calibration)
-    _check_litert_runs(original, read, samples[0] if calibration is not None else None)
-    fold_shapes(read, original)
+    _shape_as_litert(original, read, samples[0] if calibration is not None else None)
     graph = normalize(read, group_min_channels(chosen))
     _check_static(graph)
     part = partition(graph, kept_in_tee(chosen))
@@ -341,6 +340,21 @@ def _nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "
             f"{'; '.join(why)}")
+
+
+def planning_graph(original: bytes) -> Graph:
+    """A ``.tflite`` as the converter plans with it (before ``normalize``): read, run once by LiteRT, which
+    gives a tensor of open shape its shape at batch 1, and shapes computed from shapes folded. For what must
+    see the graph the converter saw: the audit's reference, the bench's count of what is offloaded (read
+    without it, a Keras model's transposed convolution at an open batch was no linear layer: a probe)."""
+    graph = read_model(original)
+    _shape_as_litert(original, graph)
+    return graph
+
+
+def _shape_as_litert(original: bytes, graph: Graph, sample: list[np.ndarray] | None = None) -> None:
+    _check_litert_runs(original, graph, sample)
+    fold_shapes(graph, original)
 
 
 def _check_litert_runs(original: bytes, graph: Graph, sample: list[np.ndarray] | None = None) -> None:

@@ -412,6 +412,19 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
 
 
 
+def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """The bench's, the soak's and the audit's random input (the audit's images aside): floats uniform in
+    [0, 1); integers 0 or 1 (ids any table has: uniform floats cast to integers were all 0, so 'several
+    random inputs' were one); bools either."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return np.asarray(rng.integers(0, 2, shape), dtype)
+    if dtype.kind == "b":
+        return np.asarray(rng.random(shape) < 0.5)
+    return np.asarray(rng.uniform(0, 1, shape), dtype)
+
+
+
 def check_input_values(specs: tuple[TensorSpec, ...], values: Sequence[np.ndarray]) -> None:
     """Refuse NaN, infinity and magnitudes over ``MAX_INPUT`` in float inputs (``InputError``): the masks
     would turn infinities into NaN and spread NaN further than LiteRT does, and near float32's range

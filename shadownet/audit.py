@@ -27,6 +27,7 @@ from shadownet.audit_layers import (
     LAYER_KINDS,
     LinearLayer,
     join_halves,
+    model_bytes,
     reference_layers,
     split_names,
     untrusted_layers,
@@ -115,6 +116,41 @@ def _check_reference_covers(reference: list[LinearLayer], obfuscated: list[Linea
                             f"{len(obfuscated)} offloaded ones: give the .tflite that was converted")
 
 
+# How far the reference's outputs may be from the protected model's on the audit's inputs (relative to their
+# largest): the paper's scheme is up to 4.5e-3 off LiteRT on the zoo (README); another model of the same
+# architecture is of order 1, or 0.03-0.05 through an untrained softmax's near-uniform outputs.
+REFERENCE_TOLERANCE = 0.01
+
+
+def _check_reference_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]],
+                             seen: dict[str, np.ndarray]) -> None:
+    """``ArtifactError`` unless the reference computes the protected model's outputs on the audit's inputs:
+    a model of the same architecture with other weights pairs up layer by layer, and the attacks then
+    score against the wrong filters (a probe: the paper's scheme '0% recovered', exit 0, where its own
+    reference finds 100%)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from converters.fidelity import relative_error
+
+    interpreter = Interpreter(model_content=model_bytes(reference), num_threads=1)
+    interpreter.allocate_tensors()
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    names = [t["name"] for t in manifest.get("outputs", [])]
+    worst = 0.0
+    for k, batch in enumerate(batches):
+        for d, x in zip(inputs, batch, strict=True):
+            interpreter.set_tensor(d["index"], x)
+        interpreter.invoke()
+        for d, name in zip(outputs, names, strict=False):
+            protected = seen.get(f"output/{name}")
+            if protected is not None:
+                worst = max(worst, relative_error(protected[k], interpreter.get_tensor(d["index"])))
+    if len(outputs) != len(names) or worst > REFERENCE_TOLERANCE:
+        raise ArtifactError(f"the reference {reference} does not compute the protected model's outputs (off "
+                            f"by {worst:.2g} of their largest on the audit's inputs, more than "
+                            f"{REFERENCE_TOLERANCE:g}): give the .tflite that was converted")
+
+
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
                    restores: dict[str, dict] | None = None, unmixed: dict[str, dict] | None = None) -> dict:
     """Every weight attack on every matched layer, and the totals; ``restores`` and ``unmixed``: what the
@@ -200,15 +236,14 @@ def reference_activations(reference: str | os.PathLike, batches: list[list[np.nd
 
     from converters.graph import write_model
     from converters.normalize import normalize
+    from converters.pipeline import planning_graph
     from converters.schemes import group_min_channels
-    from converters.tflite_reader import read_model
 
+    graph = normalize(planning_graph(model_bytes(reference)), group_min_channels(scheme))
     with warnings.catch_warnings():
         # LiteRT warns that keeping every tensor is for debugging: here it is the point.
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=write_model(normalize(read_model(reference),
-                                                                      group_min_channels(scheme))),
-                                  experimental_preserve_all_tensors=True)
+        interpreter = Interpreter(model_content=write_model(graph), experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     index = {d["name"]: d["index"] for d in interpreter.get_tensor_details()}
     inputs = interpreter.get_input_details()
@@ -434,6 +469,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             why = (f"no crossing observed, so no restore regression or input unmixing either: "
                    f"{str(exc).splitlines()[0]}")
             report["input_leakage"] = {"inferences": inferences, "error": why}
+    if seen is not None:
+        _check_reference_outputs(reference, manifest, batches, seen)
     restores = unmixed = None
     told = _progress if progress else None
     if seen is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,16 @@ def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | 
     raise ValueError(f"not a linear op: {kind}")
 
 
+def model_bytes(model: str | os.PathLike | bytes) -> bytes:
+    """A reference model's bytes (given, or read from its path: ``ModelFormatError`` if it cannot be)."""
+    if isinstance(model, bytes | bytearray | memoryview):
+        return bytes(model)
+    try:
+        return Path(model).read_bytes()
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {model}: {exc.strerror or exc}") from None
+
+
 def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None,
                      scheme: Any = None) -> list[LinearLayer]:
     """The linear layers of the reference model, in execution order, normalized as the converter did for
@@ -63,11 +74,11 @@ def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = N
     takes the same inputs (shapes and dtypes) - another model's figures would be meaningless, and its
     inference would fail halfway through."""
     from converters.normalize import normalize
+    from converters.pipeline import planning_graph
     from converters.schemes import group_min_channels
-    from converters.tflite_reader import read_model
 
     try:
-        graph = normalize(read_model(model), group_min_channels(scheme))
+        graph = normalize(planning_graph(model_bytes(model)), group_min_channels(scheme))
     except ModelFormatError as exc:
         if isinstance(model, bytes):
             raise

@@ -101,6 +101,13 @@ def format_report(report: dict) -> str:
                      f"{_fmt(first.get('averaged_correlation'))}; after one chosen input: "
                      f"{_fmt(first.get('known_input_correlation'))} "
                      f"(PSNR {_fmt(first.get('known_input_psnr_db'), '.1f')} dB)")
+        unmeasured = sorted({row["round"] for row in leak["rounds"] if row["round"] > 1
+                             for key, figs in row.items() if key.startswith("user_input_")
+                             and all((fig or {}).get("correlation") is None for fig in figs.values())})
+        if unmeasured:  # the figure above is round 1's alone then (a probe took it for both)
+            lines.append(f"  the user input that joins round(s) {', '.join(map(str, unmeasured))}: not "
+                         f"measured over {leak['inferences']} inferences, too few positions for its fits "
+                         "(give more with --inferences)")
         lines.append(f"  {'round buffer':<28} {'true tensor':<40} {'single':>7} {'diff':>7} {'pooled':>7}")
         for row in leak["rounds"]:
             tensor = row["tensor"] or "?"

@@ -172,6 +172,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     to the converter (None: its default)."""
     import tee_sim
     from converters.per_inference import parse_mask_rounds
+    from converters.schemes import get_scheme
 
     if num_runs < 1 or warmup_runs < 0 or num_threads < 1:
         raise ValueError("--num_runs and --num_threads must be >= 1, --warmup_runs >= 0")
@@ -180,6 +181,9 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
             parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
         except ValueError as exc:
             raise ValueError(f"--mask-rounds: {exc}") from None
+        if getattr(get_scheme(scheme), "static_masks", False):  # convert warns; the report would claim it
+            raise ValueError(f"--mask-rounds {mask_rounds}: the scheme's masks are static (one-time masks "
+                             "are groupmix's): it would be ignored")
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     bar = _Progress(len(models), progress)
@@ -195,8 +199,9 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                                                tee_context=tee_context, progress=bar, throughput=throughput,
                                                verify=verify, mask_rounds=mask_rounds))
                     bar.finish(f"{name}: done")
-                except ShadowNetError as exc:  # e.g. over the secure-memory cap: say so, bench the others
-                    entries.append({"model": name, "error": str(exc)})
+                except (ShadowNetError, ValueError, RuntimeError) as exc:
+                    # e.g. over the secure-memory cap, or LiteRT refusing the model: say so, bench the others
+                    entries.append({"model": name, "error": " ".join(str(exc).split()) or type(exc).__name__})
                     bar.finish(f"{name}: failed")
     finally:
         bar.clear()
@@ -218,7 +223,7 @@ def bench_cli(args: argparse.Namespace) -> None:
     [--mask-rounds POLICY] [--workdir DIR]``. The models that could not be measured are reported with the
     rest, then make the command fail (one line naming them)."""
     if args.plot:
-        require_matplotlib()
+        require_matplotlib(args.plot)
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
         check_destination(path)
     models = list(args.files or [])

@@ -15,6 +15,7 @@ import numpy as np
 
 from converters import linear
 from converters.fidelity import relative_error
+from shadownet.artifacts import random_input
 from shadownet.bench_throughput import (
     MIB,
     frames_per_second,
@@ -69,17 +70,6 @@ def count_macs(graph: Any) -> list[int]:
 
 
 # --- the modes ----------------------------------------------------------------------------------------
-def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """The bench's and the soak's random input: floats uniform in [0, 1); integers 0 or 1 (ids any table
-    has: uniform floats cast to integers were all 0, so 'several random inputs' were one); bools either."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        return np.asarray(rng.integers(0, 2, shape), dtype)
-    if dtype.kind == "b":
-        return np.asarray(rng.random(shape) < 0.5)
-    return np.asarray(rng.uniform(0, 1, shape), dtype)
-
-
 class _Unprotected:
     def __init__(self, model: bytes, num_threads: int, delegates: list[Any]) -> None:
         from ai_edge_litert.interpreter import Interpreter
@@ -89,12 +79,16 @@ class _Unprotected:
         self.interpreter.allocate_tensors()
         self.inputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_input_details()]
         self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
-        self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]
+        # Made at the first call: an output whose shape LiteRT computes at run time (a Keras model's open
+        # batch before a transposed conv) has no data before an invoke (it stopped the bench: a probe).
+        self.results: list[np.ndarray] = []
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> None:
         for tensor, x in zip(self.inputs, inputs, strict=True):
             np.copyto(tensor(), x)
         self.interpreter.invoke()
+        if not self.results:
+            self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]
         for out, tensor in zip(self.results, self.outputs, strict=True):
             np.copyto(out, tensor())
 
@@ -305,14 +299,14 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from converters.normalize import normalize
     from converters.partition import partition
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
+    from converters.pipeline import planning_graph
     from converters.schemes import get_scheme, group_min_channels, kept_in_tee
-    from converters.tflite_reader import read_model
     from shadownet.accelerator import load_delegates
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()
     chosen = get_scheme(scheme)
-    graph = normalize(read_model(model), group_min_channels(chosen))
+    graph = normalize(planning_graph(model), group_min_channels(chosen))
     macs = count_macs(graph)
     part = partition(graph, kept_in_tee(chosen))
     offloaded = part.offloaded

@@ -3,7 +3,9 @@ Markdown, JSON and a plot."""
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 from typing import Any
 
 from shadownet.bench_measure import (
@@ -15,6 +17,7 @@ from shadownet.bench_measure import (
     VERIFY_MODE,
 )
 from shadownet.exceptions import ShadowNetError
+from shadownet.files import write_atomically
 
 _TARGET = f"{FIDELITY_TARGET:.0e}".replace("e-0", "e-")  # 1e-4
 
@@ -282,7 +285,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
 
     entries = _done(report)
     if not entries:
-        raise ShadowNetError("nothing to plot: no model was measured")
+        return  # no model was measured: the command fails naming them (bench_cli)
     fig, axes = plt.subplots(1, len(entries), figsize=(3.2 * len(entries), 4), squeeze=False)
     parts = (("accelerator_ms", "accelerator"), ("tee_compute_ms", "TEE compute"),
              ("crossing_ms", "crossing"), ("other_ms", "other"))
@@ -300,13 +303,25 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_ylabel("median latency (ms)")
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=_plot_format(path))
     plt.close(fig)
+    write_atomically(path, image.getvalue())  # whole or not at all, as the other reports
 
 
-def require_matplotlib() -> None:
+def _plot_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return {"jpg": "jpeg"}.get(suffix, suffix)
+
+
+def require_matplotlib(path: str | os.PathLike) -> None:
+    """Before the measuring: matplotlib there, and a file type it writes (``ShadowNetError`` otherwise)."""
     try:
         import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise ShadowNetError("--plot needs matplotlib, which is not installed (pip install matplotlib)") \
             from None
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if _plot_format(path) not in known:
+        raise ShadowNetError(f"--plot {path}: matplotlib writes {', '.join('.' + t for t in sorted(known))}")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import crossing_fits
+from shadownet.artifacts import random_input
 
 PROBE = 8  # follower channels tried first (``learn_restores``)
 MAX_PAD = 4  # a follower this many pixels larger each way is tried at every placement (``_crops``)
@@ -62,8 +63,8 @@ def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.
                 coarse = rng.uniform(0, 1, (shape[0], -(-shape[1] // 4), -(-shape[2] // 4), shape[3]))
                 x = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, : shape[1], : shape[2]]
                 x = np.clip(x + 0.03 * rng.standard_normal(shape), 0, 1)
-            else:
-                x = rng.uniform(0, 1, shape)
+            else:  # an integer input's values 0 or 1 (cast from [0, 1): all 0, one input N times: a probe)
+                x = random_input(rng, shape, dtype)
             arrays.append(x.astype(dtype))
         batches.append(arrays)
     return batches

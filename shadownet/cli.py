@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", help="directory written by `shadownet convert`")
     p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
-    p.add_argument("--inferences", type=_at_least(1), default=None,
+    p.add_argument("--inferences", type=_at_least(0), default=None,
                    help="inferences to observe at the boundary (default: as many as the attacks on the "
                         "crossings want for every conv and depthwise layer, within bounds; the report lists "
                         "the layers that wanted more)")

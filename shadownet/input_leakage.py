@@ -93,7 +93,9 @@ def _score(fits: dict, obs: np.ndarray, tru: np.ndarray, scored: slice = slice(N
     if obs.shape == tru.shape:
         x, y = obs.reshape(-1), tru.reshape(-1)
         a, b = _lstsq_affine(x, y)
-        if len(x) >= 16 and "overall" in fits:  # fewer: |r| mostly chance (0.3-0.5 on 8): pooled_leakage's
+        # Fewer than 16 values: |r| mostly chance (0.3-0.5 on 8): pooled_leakage's. None scored (one position,
+        # held out from its own fit): not measured, rather than a correlation of nothing.
+        if len(x) >= 16 and "overall" in fits and xo[scored].size:
             out["overall"] = fits["overall"] * _pearson(xo[scored].reshape(-1), yt[scored].reshape(-1))
         out["psnr_db"] = _psnr(y, a * x + b)
     enough = len(xo) == len(yt) and len(xo) >= 16  # positions in the tensor, before a half is taken

@@ -13,9 +13,10 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters.graph import Graph, Signature, write_model
 from shadownet import audit, audit_report
 
-# (kind, weight shape) of a small CNN: conv 3->16, depthwise 16, conv 16->32 (3x3), dense 2048->10.
+# (kind, weight shape) of a small CNN: conv 3->16, depthwise 16, conv 16->32 (3x3), 1x1 conv 32->24, dense
+# 1536->10.
 LAYERS = [("CONV_2D", (16, 3, 3, 3)), ("DEPTHWISE_CONV_2D", (1, 3, 3, 16)), ("CONV_2D", (32, 3, 3, 16)),
-          ("CONV_2D", (24, 1, 1, 32)), ("FULLY_CONNECTED", (10, 2048))]
+          ("CONV_2D", (24, 1, 1, 32)), ("FULLY_CONNECTED", (10, 8 * 8 * 24))]
 
 
 def he(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -148,6 +149,15 @@ def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path
     audit_report.write_json(report, out)
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(report["summary"]))
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    # A user input that joins round 2, too few positions to fit over 4 inferences: said so, since the
+    # headline figure is then round 1's alone (a probe read it as both).
+    unfitted = {"single": {}, "difference": {}, "pooled": {}, "averaged": {}, "known_input": {}}
+    report["input_leakage"] = {"inferences": 4, "first_round": {"correlation": 0.01}, "rounds": [
+        {"round": 1, "buffer": "round_1/in/x0", "tensor": "image",
+         "user_input_0": {"single": {"correlation": 0.01}}},
+        {"round": 2, "buffer": "round_2/in/x1", "tensor": "vector", "user_input_1": unfitted}]}
+    assert "the user input that joins round(s) 2: not measured over 4 inferences" in \
+        audit_report.format_report(report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,16 +165,8 @@ def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small CNN (3x3 convs, a depthwise conv, a 1x1 conv, dense layers) protected by the paper's scheme."""
-    tf = pytest.importorskip("tensorflow")
-    import keras
-
-    import shadownet
-
-    tf.get_logger().setLevel("ERROR")
-    keras.utils.set_random_seed(3)
+def _paper_cnn(tf, keras, seed: int) -> bytes:
+    keras.utils.set_random_seed(seed)
     layers = keras.layers
     x = keras.Input((16, 16, 3), batch_size=1, name="image")
     h = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
@@ -176,9 +178,21 @@ def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     h = layers.Flatten()(layers.MaxPooling2D()(h))
     h = layers.Dense(64, activation="relu")(h)
     y = layers.Dense(10, activation="softmax")(h)
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert())
+
+
+@pytest.fixture(scope="module")
+def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small CNN (3x3 convs, a depthwise conv, a 1x1 conv, dense layers) protected by the paper's scheme."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
     base = tmp_path_factory.mktemp("paper_protected")
     original = base / "small.tflite"
-    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    original.write_bytes(_paper_cnn(tf, keras, seed=3))
     out = base / "small.protected"
     shadownet.convert(str(original), str(out), scheme="shadownet", seed=5)
     return original, out
@@ -223,6 +237,13 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
     with pytest.raises(ArtifactError, match=r"is not the protected model's architecture: \d+ of its 2 linear "
                                             r"layers pair up with the \d+ offloaded ones"):
         audit.audit(out, other, inferences=1)
+    # The same architecture, other weights: every layer pairs up, and the attacks scored against the wrong
+    # filters ("0% recovered" of the paper's scheme, exit 0: a probe). Its outputs are not the model's.
+    import keras
+
+    other.write_bytes(_paper_cnn(tf, keras, seed=4))
+    with pytest.raises(ArtifactError, match="does not compute the protected model's outputs"):
+        audit.audit(out, other, inferences=2)
     junk = tmp_path / "x.npy"
     junk.write_bytes(b"\x93NUMPY not a model")
     with pytest.raises(ModelFormatError, match=f"reference {junk}: "):
@@ -443,3 +464,33 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
     assert leak["first_round"]["pooled_correlation"] <= 0.1
     header = [line for line in audit_report.format_report(report).splitlines() if "round buffer" in line]
     assert len(header) == 1 and header[0].split()[-3:] == ["single", "diff", "pooled"]
+
+
+def test_a_reference_is_read_as_the_converter_read_it(tmp_path: Path) -> None:
+    """A Keras model exported at an open batch with a transposed convolution: its output shape is computed
+    from shapes, which the converter folds before planning. Read without that, the audit found no linear
+    layer in the very file that was converted ("0 of its 0 linear layers pair up": a probe)."""
+    tf = pytest.importorskip("tensorflow")
+    import warnings
+
+    import shadownet
+
+    x = tf.keras.Input((8, 8, 3))
+    y = tf.keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(tf.keras.layers.Conv2D(8, 3)(x))
+    original = tmp_path / "tconv.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(tf.keras.Model(x, y)).convert()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=1)
+    report = audit.audit(tmp_path / "out", original, inferences=2)
+    assert not report["unmatched_reference"] and len(report["layers"]) >= 2
+
+
+def test_integer_inputs_are_sampled_as_several_inputs() -> None:
+    """Uniform [0, 1) values cast to integers were all 0: the audit observed one input N times (a probe)."""
+    from shadownet.boundary import sample_inputs
+
+    batches = sample_inputs([{"shape": [1, 32], "dtype": "int32"}, {"shape": [1, 8], "dtype": "bool"}], 4)
+    ids = np.stack([b[0] for b in batches])
+    assert ids.dtype == np.int32 and len({a.tobytes() for a in ids}) == 4 and set(np.unique(ids)) == {0, 1}
+    assert len({b[1].tobytes() for b in batches}) > 1

@@ -9,6 +9,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
 from shadownet import bench, bench_measure, bench_report
+from shadownet.artifacts import random_input
 from shadownet.cli import main
 from shadownet.exceptions import ShadowNetError
 
@@ -151,7 +152,7 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert "bad: not measured" in bench_report.table(report)
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
-        bench_report.require_matplotlib()
+        bench_report.require_matplotlib(tmp_path / "plot.png")
 
 
 def test_bench_verify_and_mask_policy(tmp_path, capsys):
@@ -205,12 +206,26 @@ def test_random_inputs_of_every_type_vary():
     """Integer inputs were uniform floats in [0, 1) cast to integers: all 0, so the bench's 'several random
     inputs' (and the soak's pool) were one input for an embedding model."""
     rng = np.random.default_rng(0)
-    ids = bench_measure.random_input(rng, (1, 64), np.int32)
+    ids = random_input(rng, (1, 64), np.int32)
     assert ids.dtype == np.int32 and set(np.unique(ids)) == {0, 1}
-    flags = bench_measure.random_input(rng, (1, 64), np.bool_)
+    flags = random_input(rng, (1, 64), np.bool_)
     assert flags.dtype == np.bool_ and flags.any() and not flags.all()
-    x = bench_measure.random_input(rng, (1, 64), np.float32)
+    x = random_input(rng, (1, 64), np.float32)
     assert x.dtype == np.float32 and 0 <= x.min() < x.max() < 1
+
+
+def test_an_output_whose_shape_litert_computes_at_run_time_is_measured():
+    """A Keras model exported with an open batch, with a transposed convolution: LiteRT allocates its output
+    at the first invoke, and the unprotected runner read it before ('Tensor data is null'), which ended
+    the whole bench (a helper's probe)."""
+    tf = pytest.importorskip("tensorflow")
+    inputs = tf.keras.Input((8, 8, 4))
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(inputs))
+    converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    runner = bench_measure._Unprotected(converted, 1, [])
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    runner([x])
+    assert np.allclose(runner.results[0], model(x).numpy(), atol=1e-4)
 
 
 def test_bench_default_policy_without_verify(tmp_path):
@@ -235,6 +250,9 @@ def test_bench_policy_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--mask-rounds"):  # malformed: the whole run's error
         bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False,
                         mask_rounds="every other")
+    with pytest.raises(ValueError, match="static"):  # ignored by convert, claimed by the report
+        bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False,
+                        scheme="shadownet", mask_rounds="all")
     report = bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
                              progress=False, mask_rounds="1,7")  # the model has 2 rounds: its error
     assert "outside the model's rounds" in report["models"][0]["error"]

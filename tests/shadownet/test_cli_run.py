@@ -234,7 +234,7 @@ def test_version_is_the_package_version(capsys):
                                   ["bench", "--num_threads", "257"],
                                   ["bench", "--num_runs", "0"], ["bench", "--warmup_runs", "-1"],
                                   ["bench", "--num_threads", "two"],
-                                  ["audit", "out", "--reference", "m.tflite", "--inferences", "0"],
+                                  ["audit", "out", "--reference", "m.tflite", "--inferences", "-1"],
                                   ["convert", "m.tflite", "-o", "o", "--seed", "-1"],
                                   ["zoo", "minivgg", "-o", "m.tflite", "--seed", str(2**32)],
                                   ["convert", "m.tflite", "-o", "o", "--scheme", "nope"],

@@ -87,8 +87,9 @@ class Entry:
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
-# A restore's fused push moves its mask once for results of a new spread; results that move it again changed
-# between two reads of the accelerator's buffer.
+# A restore's fused push moves its mask once for results of a new spread (read again, the same results stay in
+# its band); a second move is allowed for a measure at a band's edge, a third means the results changed
+# between the TEE's reads of the accelerator's buffer.
 MAX_MASK_MOVES = 2
 
 

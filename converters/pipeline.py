@@ -92,7 +92,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0:
         warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
                       "measurements: the input's protection is gone)", stacklevel=2)
-    original = _one_signature(_model_bytes(model, signature), signature)
+    original = one_signature(_model_bytes(model, signature), signature)
     read = read_model(original)
     _check_interface(read)
     samples = calibration_inputs(read, calibration)
@@ -251,7 +251,7 @@ def secret_rng(seed: int | None) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def _one_signature(original: bytes, key: str | None) -> bytes:
+def one_signature(original: bytes, key: str | None) -> bytes:
     """``original`` as a model of the one signature to protect: itself when it has at most one (``key``, if
     given, must name it), else the subgraph of signature ``key`` written as a model of its own, with that
     signature (``read_model`` reads subgraph 0 only: without a key the others would be left out silently,

@@ -322,6 +322,6 @@ def require_matplotlib(path: str | os.PathLike) -> None:
     except ImportError:
         raise ShadowNetError("--plot needs matplotlib, which is not installed (pip install matplotlib)") \
             from None
-    known = FigureCanvasAgg.get_supported_filetypes()
+    known = set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"}  # pgf needs a LaTeX installed
     if _plot_format(path) not in known:
         raise ShadowNetError(f"--plot {path}: matplotlib writes {', '.join('.' + t for t in sorted(known))}")

@@ -59,10 +59,12 @@ def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.
         for spec in specs:
             shape = tuple(int(d) for d in spec["shape"])
             dtype = np.dtype(spec.get("dtype", "float32"))
-            if len(shape) == 4 and shape[1] >= 4 and shape[2] >= 4:
+            if len(shape) == 4 and shape[1] >= 4 and shape[2] >= 4 and dtype.kind in "fiu":
                 coarse = rng.uniform(0, 1, (shape[0], -(-shape[1] // 4), -(-shape[2] // 4), shape[3]))
                 x = coarse.repeat(4, axis=1).repeat(4, axis=2)[:, : shape[1], : shape[2]]
                 x = np.clip(x + 0.03 * rng.standard_normal(shape), 0, 1)
+                if dtype.kind in "iu":  # an 8-bit image: its pixels (cast from [0, 1): 99% zeros, a review)
+                    x = np.round(x * min(255, np.iinfo(dtype).max))
             else:  # an integer input's values 0 or 1 (cast from [0, 1): all 0, one input N times: a probe)
                 x = random_input(rng, shape, dtype)
             arrays.append(x.astype(dtype))

@@ -494,3 +494,37 @@ def test_integer_inputs_are_sampled_as_several_inputs() -> None:
     ids = np.stack([b[0] for b in batches])
     assert ids.dtype == np.int32 and len({a.tobytes() for a in ids}) == 4 and set(np.unique(ids)) == {0, 1}
     assert len({b[1].tobytes() for b in batches}) > 1
+    images = np.stack([b[0] for b in sample_inputs([{"shape": [1, 16, 16, 3], "dtype": "uint8"}], 8)])
+    assert images.max() > 200 and (images > 0).mean() > 0.9  # 8-bit pixels, not 99% zeros (a review)
+
+
+def test_a_reference_of_several_signatures_is_read_at_the_one_converted(tmp_path: Path) -> None:
+    """``convert --signature KEY`` protects one signature of several: the audit read the reference's subgraph
+    0, another signature's, and refused the right file (a review: 'off by 0.5')."""
+    tf = pytest.importorskip("tensorflow")
+    import warnings
+
+    import shadownet
+
+    rng = np.random.default_rng(4)
+    w = tf.constant(rng.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32))
+
+    class TwoSignatures(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="image")])
+        def doubled(self, image):
+            return {"y": 2.0 * tf.nn.relu(tf.nn.conv2d(image, w, 1, "SAME"))}
+
+        @tf.function(input_signature=[tf.TensorSpec((1, 8, 8, 3), tf.float32, name="image")])
+        def single(self, image):
+            return {"y": tf.nn.relu(tf.nn.conv2d(image, w, 1, "SAME"))}
+
+    module = TwoSignatures()
+    original = tmp_path / "two.tflite"
+    original.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.doubled.get_concrete_function(), module.single.get_concrete_function()], module).convert())
+    for key in ("doubled", "single"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shadownet.convert(str(original), str(tmp_path / key), seed=1, signature=key)
+        report = audit.audit(tmp_path / key, original, inferences=2)
+        assert report["reference"] == str(original) and len(report["layers"]) == 1

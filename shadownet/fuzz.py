@@ -15,7 +15,8 @@ on the (mutated) original model. A segfault, a hang, a traceback of another exce
 world that dies (``TEECommunicationError``), the bare base class ``ShadowNetError`` or a wrong result is a
 failure. Two outcomes are accepted and counted apart: ``imprecise`` (``tflite``: the mutation made one weight
 huge, below the converter's limit, and float32 masking then keeps fewer digits of that layer's small outputs)
-and ``differs`` (``program``: an authentic program that computes something else: only its vendor makes one).
+and ``differs`` (``program``: an authentic program that computes something else - anyone may provision one,
+with their own data only: SECURITY.md).
 Cases run in a worker subprocess (``--worker``) so that a crash in native code (LiteRT) is seen
 and reported instead of killing the driver; the driver restarts the worker after the case that crashed.
 

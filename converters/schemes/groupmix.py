@@ -57,19 +57,18 @@ power fills any one band, in each channel or repeated over all of them, stays at
 an attacker applies first (not one whose power sits in a few frequencies within an octave: SECURITY.md).
 Its magnitude costs no precision where the exact split carries it (below).
 The other rounds get static masks at ``static_mask_scale`` times the RMS, by default 0: none. A static mask
-hides one inference's features but cancels in the difference of two (the attack suite recovers them
-whole), while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full
-tensors: 39 MiB on MobileNet) and, at 10x, three bits of float32 precision per layer (the accelerator
-accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with static masks on every round, 6e-4
-with round 1's one-time mask alone. A one-time-masked conv or dense layer therefore receives its input as
-an exact split (``exact_split``, ``converters.exact_split``): the mask's magnitude is computed exactly and
-round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences, against 6e-6 - 8e-5 with no
-mask at all). By default (``auto``) only round 1's, and there only where its mask is shaped (always, by
-default) or calibration measured that a white mask's rounding costs the outputs precision or the split is
-cheap (``converters.exact_split``): the first
-layer is small (the split adds 5.7% to MobileNet's multiply-adds), the deeper one-time rounds of
-``--mask-rounds all`` are not (``exact_split=all`` pays it).
-Unmasked rounds show the accelerator their features through the input mixing only, which an attacker
+hides one inference's features but cancels in the difference of two (the attack suite recovers them whole),
+while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full tensors: 44
+MiB on MobileNet with its depthwise layers offloaded, SECURITY.md) and, at 10x, three bits of float32
+precision per layer (the accelerator accumulates ``x + r``): MobileNet's worst relative error is 1.8e-3 with
+static masks on every round, 6e-4 with round 1's one-time mask alone. A one-time-masked conv or dense layer
+therefore receives its input as an exact split (``exact_split``, ``converters.exact_split``): the mask's
+magnitude is computed exactly and round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences,
+against 6e-6 - 8e-5 with no mask at all). By default (``auto``) only round 1's, and there only where its mask
+is shaped (always, by default) or calibration measured that a white mask's rounding costs the outputs
+precision or the split is cheap (``converters.exact_split``): the first layer is small (the split adds 5.7% to
+MobileNet's multiply-adds), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all``
+pays it). Unmasked rounds show the accelerator their features through the input mixing only, which an attacker
 fitting an affine map (the audit's measure) undoes; they need only their bias in secure memory.
 
 What this does not hide (measured and reported by ``shadownet audit``): each group's span, in the

@@ -114,8 +114,8 @@ def test_cli_run_on_damaged_artifacts_is_one_line_on_stderr(small, tmp_path, nam
 def test_a_container_flip_that_leaves_another_well_formed_program_counts_as_a_program_change(fuzz_work):
     """Found by the seed-4 campaign: a bit flip in the container's JSON renamed a push's "input_index" to
     "input_iodex"; the TA ran the program that says (no input mixing on that push) and the harness called
-    it wrong. Like a JSON mutation, a container mutation that still parses to another program is the
-    vendor's (authenticated) program computing what it says: "differs". One that does not parse, or that
+    it wrong. Like a JSON mutation, a container mutation that still parses to another program is an
+    authenticated program computing what it says: "differs". One that does not parse, or that
     parses to the same program, is not."""
     worker = fuzz_worker.Worker("program", 0, fuzz_work)
     original = worker.program

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema_fb
+from ai_edge_litert.interpreter import Interpreter
 
 from converters.graph import Graph, Signature, write_model
 from shadownet import audit, audit_report
@@ -528,3 +529,34 @@ def test_a_reference_of_several_signatures_is_read_at_the_one_converted(tmp_path
             shadownet.convert(str(original), str(tmp_path / key), seed=1, signature=key)
         report = audit.audit(tmp_path / key, original, inferences=2)
         assert report["reference"] == str(original) and len(report["layers"]) == 1
+
+
+def test_the_reference_check_takes_a_scale_error_and_refuses_other_outputs(tmp_path: Path) -> None:
+    """The paper's scheme errs by an absolute amount: calibrated on 0-255 images, ResNet-44's outputs on the
+    audit's [0, 1] ones were 5.8% off and still correlated at 0.9994 with the reference's, which the first
+    version of the check (1% alone) refused (a review). Outputs of another model correlate at ~0.2."""
+    from converters.graph import tiny_model_bytes
+    from shadownet.exceptions import ArtifactError
+
+    reference = tmp_path / "tiny.tflite"
+    reference.write_bytes(tiny_model_bytes())
+    interpreter = Interpreter(model_path=str(reference))
+    interpreter.allocate_tensors()
+    (i,), (o,) = interpreter.get_input_details(), interpreter.get_output_details()
+    manifest = {"outputs": [{"name": o["name"]}]}
+    rng = np.random.default_rng(0)
+    batches, want = [], []
+    for _ in range(4):
+        x = rng.uniform(0, 1, i["shape"]).astype(np.float32)
+        interpreter.set_tensor(i["index"], x)
+        interpreter.invoke()
+        batches.append([x])
+        want.append(interpreter.get_tensor(o["index"]).copy())
+    want_all = np.stack(want)
+    spread = np.abs(want_all).max()
+    scaled_off = want_all + 0.05 * spread * rng.standard_normal(want_all.shape) / 4  # ~5% off, correlated
+    assert np.abs(scaled_off - want_all).max() > 0.01 * spread  # past the 1% alone: the correlation passes it
+    audit._check_reference_outputs(reference, manifest, batches, {f"output/{o['name']}": scaled_off}, "ref")
+    other = rng.permutation(want_all.reshape(-1)).reshape(want_all.shape)  # the same values, elsewhere
+    with pytest.raises(ArtifactError, match="does not compute the protected model's outputs"):
+        audit._check_reference_outputs(reference, manifest, batches, {f"output/{o['name']}": other}, "ref")

@@ -55,6 +55,17 @@ _open_models_lock = threading.Lock()
 os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
 
 
+class _NotStarted(Exception):
+    """An inference whose step 0 found the secure world gone: its session lost before the call (the client
+    sends nothing then), or the world dead when it was sent. Step 0 writes nothing but round 1's inputs to
+    shared memory, so it runs again once, on a new session (``error``: what the caller sees if that fails
+    too)."""
+
+    def __init__(self, error: ShadowNetError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ProtectedModel:
     """A protected model loaded on this device: call it like a function.
 
@@ -242,8 +253,14 @@ class ProtectedModel:
             try:
                 self._buffers.register(self._buffers.context, self.accelerator)
                 self._buffers.bind(self._session)
-            except TEEError:  # this inference is done: the next one opens a new session, which binds
+            except BaseException as exc:
+                # Until it is bound to buffers placed for them, the accelerator has no plan for the rounds
+                # that moved: released, the next call's session registers and binds them (kept, a secure
+                # world lost right here left every later call an IndexError: a probe).
+                self._buffers.release()
                 self._drop_session()
+                if not isinstance(exc, TEEError):
+                    raise
 
     @property
     def tuning(self) -> bool:
@@ -348,7 +365,17 @@ class ProtectedModel:
                 for view, x in zip(self._buffers.input_views, inputs, strict=True):
                     np.copyto(view, x)
                 self._check_finite()
-                self._infer_on_secure_core()
+                try:
+                    self._infer_on_secure_core()
+                except _NotStarted:
+                    # The secure world was found gone at step 0 (killed while the models sat idle: each
+                    # open model's first call failed, all but one with "session lost ... open a new
+                    # session", a probe): once more, on a session of its own.
+                    self._ensure_open()
+                    try:
+                        self._infer_on_secure_core()
+                    except _NotStarted as again:
+                        raise again.error from again.__cause__
                 for out, view in zip(outputs, self._buffers.output_views, strict=True):
                     np.copyto(out, view, casting="unsafe")  # bool / 8- and 16-bit outputs sit as float32
                 if self._trial is not None:
@@ -448,6 +475,11 @@ class ProtectedModel:
         except TEEError as exc:
             if exc.code in LOST_SESSION:
                 self._drop_session()
+            # (No local names the error raised: a frame of its traceback would keep it, and with it this
+            # frame's views of the shared memory, alive until a garbage collection: a memfd left open.)
+            gone = exc.code == tee_sim.TEE_ERROR_TARGET_DEAD and exc.origin == tee_sim.TEEC_ORIGIN_COMMS
+            if step == 0 and gone:
+                raise _NotStarted(translate_tee_error(exc, "inference step 0", step=True)) from exc
             raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
         end = clock()
         tee_s += end - t

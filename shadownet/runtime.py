@@ -58,12 +58,7 @@ os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by
 class _NotStarted(Exception):
     """An inference whose step 0 found the secure world gone: its session lost before the call (the client
     sends nothing then), or the world dead when it was sent. Step 0 writes nothing but round 1's inputs to
-    shared memory, so it runs again once, on a new session (``error``: what the caller sees if that fails
-    too)."""
-
-    def __init__(self, error: ShadowNetError) -> None:
-        super().__init__(str(error))
-        self.error = error
+    shared memory, so the caller runs it again once, on a new session (``_infer``'s ``retry``)."""
 
 
 class ProtectedModel:
@@ -366,16 +361,17 @@ class ProtectedModel:
                     np.copyto(view, x)
                 self._check_finite()
                 try:
-                    self._infer_on_secure_core()
+                    self._infer_on_secure_core(retry=True)
+                    started = True
                 except _NotStarted:
+                    started = False
+                if not started:
                     # The secure world was found gone at step 0 (killed while the models sat idle: each
                     # open model's first call failed, all but one with "session lost ... open a new
-                    # session", a probe): once more, on a session of its own.
+                    # session", a probe): once more, on a session of its own - outside the handler, so
+                    # that what it raises is not chained to the first attempt.
                     self._ensure_open()
-                    try:
-                        self._infer_on_secure_core()
-                    except _NotStarted as again:
-                        raise again.error from again.__cause__
+                    self._infer_on_secure_core(retry=False)
                 for out, view in zip(outputs, self._buffers.output_views, strict=True):
                     np.copyto(out, view, casting="unsafe")  # bool / 8- and 16-bit outputs sit as float32
                 if self._trial is not None:
@@ -438,20 +434,23 @@ class ProtectedModel:
         if self._closed:
             raise ClosedError("this protected model was closed")
 
-    def _infer_on_secure_core(self) -> None:
+    def _infer_on_secure_core(self, retry: bool = False) -> None:
         """``_infer``, with this thread on the secure world's core (``shadownet.secure_core``) from the
         session's second inference on: an accelerator that starts its threads on its first call must not
         start them pinned."""
         if self._secure_core is None:
-            self._infer()
+            self._infer(retry)
             context = self._buffers.context
             self._secure_core = context.secure_core if context is not None else None
             return
         with on_secure_core(self._secure_core, self._buffers.context):
-            self._infer()
+            self._infer(retry)
 
-    def _infer(self) -> None:
-        """Steps 0..R on the inputs already in shared memory; outputs end in the output views. Lock held."""
+    def _infer(self, retry: bool = False) -> None:
+        """Steps 0..R on the inputs already in shared memory; outputs end in the output views. Lock held.
+        ``retry``: ``_NotStarted`` when step 0 finds the secure world gone and the caller may run it again
+        (not when an empty pool must fail: a new session's pool is empty, and the crash would read as
+        that)."""
         session = self._session
         steps = self._steps
         accelerator = self.accelerator
@@ -478,8 +477,8 @@ class ProtectedModel:
             # (No local names the error raised: a frame of its traceback would keep it, and with it this
             # frame's views of the shared memory, alive until a garbage collection: a memfd left open.)
             gone = exc.code == tee_sim.TEE_ERROR_TARGET_DEAD and exc.origin == tee_sim.TEEC_ORIGIN_COMMS
-            if step == 0 and gone:
-                raise _NotStarted(translate_tee_error(exc, "inference step 0", step=True)) from exc
+            if retry and step == 0 and gone and not self._load_options[0] & commands.LOAD_FAIL_WHEN_EMPTY:
+                raise _NotStarted from None
             raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
         end = clock()
         tee_s += end - t

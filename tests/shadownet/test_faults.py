@@ -750,3 +750,21 @@ def test_models_used_at_once_after_the_secure_world_died_lose_one_call(small, co
     finally:
         for model in models:
             model.close()
+
+
+def test_a_model_whose_empty_pool_must_fail_reports_the_lost_secure_world(small, context):
+    """on_exhausted="fail": a run again on a new session would meet its empty pool, and the crash would read
+    as MaskPoolExhaustedError (a review); such a model's call that finds the secure world gone fails as
+    the lost secure world it is, and the model refills and runs after."""
+    x = small.input()
+    want = small.reference(x)
+    with shadownet.load(small.out, on_exhausted="fail", background_refill=False) as model:
+        model.refill_masks()
+        model(x)
+        pid = context.secure_world_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        with pytest.raises(TEECommunicationError, match="died"):
+            model(x)
+        model.refill_masks()
+        assert relative_error(model(x), want) <= TOLERANCE

@@ -177,3 +177,22 @@ def _trace_to_input(tensor: int, producer: dict, feeds: dict[int, str]) -> str |
         seen.add(tensor)
         tensor = producer[tensor].inputs[0]
     return feeds.get(tensor)
+
+
+def match_layers(
+    reference: list[LinearLayer], obfuscated: list[LinearLayer]
+) -> tuple[list[tuple[LinearLayer, LinearLayer]], list[LinearLayer], list[LinearLayer]]:
+    """Pair layers as an attacker who knows the architecture does: in order, each reference layer with
+    the first unused obfuscated layer of the same family (kernel size and input channels) and at least
+    as many output channels. Returns (pairs, unmatched reference layers, unmatched obfuscated layers)."""
+    used = [False] * len(obfuscated)
+    pairs, missing = [], []
+    for ref in reference:
+        for j, obf in enumerate(obfuscated):
+            if not used[j] and obf.family == ref.family and len(obf.filters) >= len(ref.filters):
+                used[j] = True
+                pairs.append((ref, obf))
+                break
+        else:
+            missing.append(ref)
+    return pairs, missing, [o for j, o in enumerate(obfuscated) if not used[j]]

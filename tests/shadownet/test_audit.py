@@ -12,7 +12,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from ai_edge_litert.interpreter import Interpreter
 
 from converters.graph import Graph, Signature, write_model
-from shadownet import audit, audit_report
+from shadownet import audit, audit_layers, audit_reference, audit_report
 
 # (kind, weight shape) of a small CNN: conv 3->16, depthwise 16, conv 16->32 (3x3), 1x1 conv 32->24, dense
 # 1536->10.
@@ -118,7 +118,7 @@ def test_reads_and_matches_every_linear_layer(simulated: dict[str, Path]) -> Non
     assert [r.kind for r in ref] == ["conv", "depthwise", "conv", "conv", "dense"]
     assert [len(o.filters) for o in obf] == [19, 16, 38, 28, 12]
     assert [o.where for o in obf] == [f"round_{k}" for k in range(1, 6)]
-    pairs, missing, extra = audit.match_layers(ref, obf)
+    pairs, missing, extra = audit_layers.match_layers(ref, obf)
     assert [(r.name, o.name) for r, o in pairs] == [(f"layer{k}", f"layer{k}") for k in range(5)]
     assert not missing and not extra
 
@@ -375,9 +375,9 @@ def test_a_reference_must_pair_up_with_most_layers_on_both_sides() -> None:
         reference = layers(kernels, "ref_")
         if refused:
             with pytest.raises(ArtifactError, match="is not the protected model's architecture"):
-                audit._check_reference_covers(reference, obfuscated, "ref.tflite")
+                audit_reference.check_covers(reference, obfuscated, "ref.tflite")
         else:
-            audit._check_reference_covers(reference, obfuscated, "ref.tflite")
+            audit_reference.check_covers(reference, obfuscated, "ref.tflite")
 
 
 def test_a_tensor_that_crosses_twice_in_a_round_is_fitted_from_both_copies(tmp_path: Path) -> None:
@@ -556,7 +556,7 @@ def test_the_reference_check_takes_a_scale_error_and_refuses_other_outputs(tmp_p
     spread = np.abs(want_all).max()
     scaled_off = want_all + 0.05 * spread * rng.standard_normal(want_all.shape) / 4  # ~5% off, correlated
     assert np.abs(scaled_off - want_all).max() > 0.01 * spread  # past the 1% alone: the correlation passes it
-    audit._check_reference_outputs(reference, manifest, batches, {f"output/{o['name']}": scaled_off}, "ref")
+    audit_reference.check_outputs(reference, manifest, batches, {f"output/{o['name']}": scaled_off}, "ref")
     other = rng.permutation(want_all.reshape(-1)).reshape(want_all.shape)  # the same values, elsewhere
     with pytest.raises(ArtifactError, match="does not compute the protected model's outputs"):
-        audit._check_reference_outputs(reference, manifest, batches, {f"output/{o['name']}": other}, "ref")
+        audit_reference.check_outputs(reference, manifest, batches, {f"output/{o['name']}": other}, "ref")

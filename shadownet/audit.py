@@ -28,7 +28,7 @@ from shadownet.audit_layers import (
     LinearLayer,
     join_halves,
     match_layers,
-    model_bytes,
+    reference_graph,
     reference_layers,
     split_names,
     untrusted_layers,
@@ -159,20 +159,16 @@ def _progress(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_activations(reference: str | os.PathLike, batches: list[list[np.ndarray]],
-                          names: set[str], scheme: Any = None) -> dict[str, np.ndarray]:
+def reference_activations(graph: Any, batches: list[list[np.ndarray]],
+                          names: set[str]) -> dict[str, np.ndarray]:
     """The reference model's true tensors ``names`` (plus its inputs) on the same inputs, stacked. Run as
-    the converter normalized it for ``scheme`` (``converters.normalize``, exact; as ``reference_layers``),
-    so that the tensors the rewrites make - a transposed convolution's padded input, which its phases'
-    pushes carry, a grouped convolution's groups' inputs - are there too."""
+    the converter normalized it (``graph``: ``audit_layers.reference_graph``, exact), so that the tensors
+    the rewrites make - a transposed convolution's padded input, which its phases' pushes carry, a grouped
+    convolution's groups' inputs - are there too."""
     from ai_edge_litert.interpreter import Interpreter
 
     from converters.graph import write_model
-    from converters.normalize import normalize
-    from converters.pipeline import planning_graph
-    from converters.schemes import group_min_channels
 
-    graph = normalize(planning_graph(model_bytes(reference)), group_min_channels(scheme))
     with warnings.catch_warnings():
         # LiteRT warns that keeping every tensor is for debugging: here it is the point.
         warnings.simplefilter("ignore", UserWarning)
@@ -205,16 +201,16 @@ def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]])
     return sources
 
 
-def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], reference: str | os.PathLike,
+def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], reference: Any,
                   manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]]) -> dict:
     """Leakage of the user's input and of every round's true activation through the accelerator's inputs
-    (``seen``: ``boundary.observe_boundary`` on ``batches``)."""
+    (``seen``: ``boundary.observe_boundary`` on ``batches``; ``reference``: the reference model's graph,
+    ``audit_layers.reference_graph``)."""
     inferences = len(batches)
     seen = join_halves({k: v for k, v in seen.items() if k.startswith("round_") and "/in/" in k},
                        split_names(manifest)[1])
     sources = _round_sources(manifest, pairs)
-    truth = reference_activations(reference, batches, {s for s in sources.values() if s},
-                                  _manifest_scheme(manifest))
+    truth = reference_activations(reference, batches, {s for s in sources.values() if s})
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
     carrying = set((manifest.get("masks") or {}).get("input_rounds") or [1])  # rounds that push a user input
     rows = []
@@ -366,8 +362,11 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         _progress("reading the untrusted model and the reference")
     split = split_names(manifest)[0]
     obf = untrusted_layers(_untrusted_model(out_dir, manifest), split)
+    # The reference read and planned once (planning runs LiteRT on it): its layers, its outputs and its
+    # activations all come from these.
     given, reference = reference, protected_signature(reference, manifest)
-    ref = reference_layers(reference, manifest, _manifest_scheme(manifest))
+    graph = reference_graph(reference, _manifest_scheme(manifest), name=given)
+    ref = reference_layers(reference, manifest, graph=graph)
     report: dict = {
         "artifacts": str(out_dir),
         "reference": str(given),
@@ -417,7 +416,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         if progress:
             _progress("measuring the input leakage of every round")
         try:
-            report["input_leakage"] = input_leakage(seen, batches, reference, manifest, pairs)
+            report["input_leakage"] = input_leakage(seen, batches, graph, manifest, pairs)
         except ShadowNetError as exc:
             report["input_leakage"] = {"inferences": inferences, "error": str(exc).splitlines()[0]}
     report["seconds"] = round(time.perf_counter() - started, 3)

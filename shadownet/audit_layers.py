@@ -65,24 +65,33 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
         raise ModelFormatError(f"cannot read {model}: {exc.strerror or exc}") from None
 
 
-def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None,
-                     scheme: Any = None) -> list[LinearLayer]:
-    """The linear layers of the reference model, in execution order, normalized as the converter did for
-    ``scheme``, the protected model's (its grouped convolutions split by group where it split them:
-    ``converters.schemes.group_min_channels``; None: as for the default).
-    With the protected model's ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference
-    takes the same inputs (shapes and dtypes) - another model's figures would be meaningless, and its
-    inference would fail halfway through."""
+def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None) -> Any:
+    """The reference model as the converter planned and normalized it for ``scheme``, the protected
+    model's (``converters.pipeline.planning_graph``; its grouped convolutions split by group where it split
+    them: ``converters.schemes.group_min_channels``; None: as for the default). A ``ModelFormatError``
+    names it (``name``, else its path)."""
     from converters.normalize import normalize
     from converters.pipeline import planning_graph
     from converters.schemes import group_min_channels
 
+    label = name if name is not None else None if isinstance(model, bytes) else model
     try:
-        graph = normalize(planning_graph(model_bytes(model)), group_min_channels(scheme))
+        return normalize(planning_graph(model_bytes(model)), group_min_channels(scheme))
     except ModelFormatError as exc:
-        if isinstance(model, bytes):
+        if label is None:
             raise
-        raise ModelFormatError(f"reference {model}: {exc}") from None
+        raise ModelFormatError(f"reference {label}: {exc}") from None
+
+
+def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None,
+                     scheme: Any = None, graph: Any = None) -> list[LinearLayer]:
+    """The linear layers of the reference model, in execution order, as ``reference_graph`` reads it
+    (``graph``: already read so).
+    With the protected model's ``manifest`` (that lists its inputs): ``ArtifactError`` unless the reference
+    takes the same inputs (shapes and dtypes) - another model's figures would be meaningless, and its
+    inference would fail halfway through."""
+    if graph is None:
+        graph = reference_graph(model, scheme)
     if manifest is not None and "inputs" in manifest:
         given = [(list(graph.tensors[i].shape), str(np.dtype(graph.tensors[i].dtype))) for i in graph.inputs]
         want = [(list(t.get("shape", [])), str(t.get("dtype"))) for t in manifest.get("inputs", [])]

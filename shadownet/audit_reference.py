@@ -81,10 +81,10 @@ def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]
                             f"{correlation:.3f}): give the .tflite that was converted")
 
 
-def protected_signature(reference: Any, manifest: dict) -> Any:
-    """``reference``, or of a reference of several signatures the one converted (``convert --signature``; the
-    manifest's key) as a model's bytes: the audit reads subgraph 0 otherwise, another signature's (a review:
-    the right file refused, 'off by 0.5')."""
+def protected_signature(reference: Any, manifest: dict) -> bytes:
+    """The reference model's bytes, read once; of a reference of several signatures the one converted
+    (``convert --signature``; the manifest's key): the audit read subgraph 0 otherwise, another signature's
+    (a review: the right file refused, 'off by 0.5')."""
     from ai_edge_litert import schema_py_generated as schema_fb
 
     from converters.pipeline import one_signature
@@ -92,10 +92,10 @@ def protected_signature(reference: Any, manifest: dict) -> Any:
     data = model_bytes(reference)
     try:
         count = schema_fb.Model.GetRootAs(data, 0).SignatureDefsLength()
-    except Exception:  # noqa: BLE001 - a damaged file: reference_layers says so
-        return reference
+    except Exception:  # noqa: BLE001 - a damaged file: reference_graph says so
+        return data
     if count <= 1:
-        return reference
+        return data
     key = (manifest.get("signature") or {}).get("key")
     try:
         return one_signature(data, key)

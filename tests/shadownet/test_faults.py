@@ -2,6 +2,7 @@
 bounded time, then the model reopens its session and the next inference is right), and a conversion killed at
 several points (no directory ``load`` would take half-written; leftovers are refused, then cleaned up)."""
 
+import contextlib
 import gc
 import os
 import random
@@ -596,6 +597,24 @@ def test_a_forked_child_that_lets_go_of_its_parents_model_harms_neither(tmp_path
     assert result.stdout.split() == ["0", "0", "True"], result.stderr
 
 
+@contextlib.contextmanager
+def _idle_models_after_a_kill(small, context, count: int):
+    """``count`` models of ``small`` that each ran once, idle while their secure world was killed: (models,
+    pid of the killed secure world); closed after."""
+    x = small.input()
+    models = [shadownet.load(small.out, background_refill=False) for _ in range(count)]
+    try:
+        for model in models:
+            model(x)
+        pid = context.secure_world_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        yield models, pid
+    finally:
+        for model in models:
+            model.close()
+
+
 def test_models_idle_when_the_secure_world_died_open_sessions_of_their_own(small, context):
     """The secure world killed while three models sat idle: each model's next call failed once, the first
     finding it dead, the others with "session lost ... open a new session" (an instruction no app could act
@@ -603,19 +622,10 @@ def test_models_idle_when_the_secure_world_died_open_sessions_of_their_own(small
     each call now opens a session of its own and runs (a kill during an inference still fails it, above)."""
     x = small.input()
     want = small.reference(x)
-    models = [shadownet.load(small.out, background_refill=False) for _ in range(3)]
-    try:
-        for model in models:
-            model(x)
-        pid = context.secure_world_pid
-        os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+    with _idle_models_after_a_kill(small, context, 3) as (models, pid):
         for model in models:
             assert relative_error(model(x), want) <= TOLERANCE
         assert context.secure_world_pid != pid
-    finally:
-        for model in models:
-            model.close()
 
 
 def test_an_interrupted_close_or_load_leaves_nothing_behind(small, monkeypatch):
@@ -715,19 +725,13 @@ def test_a_secure_world_lost_while_the_moved_rounds_are_bound_loses_one_call(sma
             assert relative_error(model(x), want) <= TOLERANCE
 
 
-def test_models_used_at_once_after_the_secure_world_died_lose_one_call(small, context):
+def test_models_used_at_once_after_the_secure_world_died_lose_no_call(small, context):
     """Idle models, the secure world killed, then all used from threads at once: every model's first call
     failed (all but one with 'session lost ... open a new session', though nothing had been sent: a probe).
     A call whose step 0 finds the secure world gone runs again on a new session."""
     x = small.input()
     want = small.reference(x)
-    models = [shadownet.load(small.out, background_refill=False) for _ in range(4)]
-    try:
-        for model in models:
-            model(x)
-        pid = context.secure_world_pid
-        os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+    with _idle_models_after_a_kill(small, context, 4) as (models, pid):
         outcomes: list = []
         start = threading.Barrier(len(models))
 
@@ -747,9 +751,6 @@ def test_models_used_at_once_after_the_secure_world_died_lose_one_call(small, co
         assert not failed and context.secure_world_pid != pid, failed
         assert all(o <= TOLERANCE for o in outcomes if not isinstance(o, Exception))
         assert all(relative_error(m(x), want) <= TOLERANCE for m in models)
-    finally:
-        for model in models:
-            model.close()
 
 
 def test_a_model_whose_empty_pool_must_fail_reports_the_lost_secure_world(small, context):

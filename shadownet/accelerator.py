@@ -345,12 +345,7 @@ class LiteRTAccelerator:
         freed the arenas into its malloc while their pages were still the parent's live tensors: heap
         corruption in the child, wrong results in the parent (a helper's probe)."""
         self._plan = []
-        for pages in self._shared:
-            try:
-                pages.release()  # this process's mappings only: the parent's stay as they are
-            except OSError:
-                pass  # still the parent's pages, under interpreters never freed (below)
-        self._shared = []
+        self._unshare()  # this process's mappings only: the parent's stay as they are
         _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
         self._tensors, self._rounds_run, self._interpreters = [], [], []
         self.interpreter = self._main = self._single = None

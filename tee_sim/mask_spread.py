@@ -17,9 +17,9 @@ at its intended ratio to that spread, and under 4x it (``exponent``). Where it m
   band, answers ``SPREAD_OUTSIDE`` after its pass; the mask then moves (``follow_measured``) and the kernel
   runs again, from the accelerator's results, which it only read - and measures again: results the normal
   world rewrote between the two reads move the mask again, and moving it a third time is an integrity error
-  (``tee_sim.per_inference``'s ``MAX_MASK_MOVES``). Its pass writes secure memory, sent to
-  shared memory only after it (``tee_sim.per_inference``'s ``wrap``): written there directly, the input
-  went out under its old mask and again under the same mask scaled, which gives it back (a review).
+  (``tee_sim.per_inference_kernels``' ``MAX_MASK_MOVES``). Its pass writes secure memory, sent to shared
+  memory only after it (``tee_sim.per_inference_kernels``' ``wrap``): written there directly, the input went
+  out under its old mask and again under the same mask scaled, which gives it back (a review).
 
 Measured (``SECURITY.md``): the zoo converted without calibration, fed uniform [0, 1] images times 255:
 leakage 0.01-0.03, against 0.99 before; a vector input joining a dense head, times 1000: 0.07, against 1.00
@@ -51,9 +51,9 @@ input's spread (its RMS, or its peak over 6) within a factor of four, and over m
 of two more closely (a mask of fixed size told that only of inputs near the mask's own size); of a deeper
 round, that of an activation's spread; and a step that went back to Python to move its mask takes longer
 (once per change of scale). The user's input is read from shared memory once, into secure memory, and
-measured and pushed from there (``tee_sim.per_inference``'s ``wrap``): read twice, the measure could be shown
-zeros and the push the input, sent so under the smallest mask. A NaN among the values is refused (no power of
-two follows it). Static masks do not follow: they keep calibration's sizes.
+measured and pushed from there (``tee_sim.per_inference_kernels``' ``wrap``): read twice, the measure could
+be shown zeros and the push the input, sent so under the smallest mask. A NaN among the values is refused (no
+power of two follows it). Static masks do not follow: they keep calibration's sizes.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ it, its input written to the secure copy alone. MobileNet's 13 such layers took 
 per inference and take 2.6 ms computed (kernels timed alone, medians of 40 calls); the result buffers are
 handed out in program order and shared by layers whose lifetimes do not overlap (MobileNet's 13 share one of
 1.6 MB).
+
+This module holds the material and its pool; the pushes and restores that use it are wrapped in
+``tee_sim.per_inference_kernels``.
 """
 
 from __future__ import annotations
@@ -53,21 +56,14 @@ from typing import Any
 
 import numpy as np
 
-from tee_sim.errors import (
-    TEE_ERROR_MAC_INVALID,
-    TEE_ERROR_NO_DATA,
-    TEEC_ORIGIN_TRUSTED_APP,
-    TEEError,
-)
+from tee_sim.errors import TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import LayerCheck, direct
 from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_regions
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
+from tee_sim.per_inference_kernels import PerInferenceKernels
 from tee_sim.program import round_of
-from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
-from tee_sim.ta_shadownet_small_ops import compile_copy
-from tee_sim.ta_shadownet_steps import kernel_calls
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
 MIN_POOL, MAX_POOL = 1, 8
@@ -85,16 +81,6 @@ class Entry:
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     exponents: dict[str, int] = field(default_factory=dict)  # per followed mask: its power of two
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
-
-
-# A restore's fused push moves its mask once for results of a new spread (read again, the same results stay in
-# its band); a second move is allowed for a measure at a band's edge, a third means the results changed
-# between the TEE's reads of the accelerator's buffer.
-MAX_MASK_MOVES = 2
-
-
-def integrity_error(message: str) -> TEEError:
-    return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
 
 
 class PerInference:
@@ -137,11 +123,11 @@ class PerInference:
                 layer = layers[out]
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
-                                       self._account, computed=own, shared_results=True)
+                                       self.account, computed=own, shared_results=True)
 
         # Read from the normal world's untrusted.tflite once, with its SHA-256 checked on the same bytes.
         self.weights = Weights(untrusted, weight_regions(layers, needed), program.get("untrusted_sha256"),
-                               self._account, weights_outside, random_bytes, make_checks)
+                               self.account, weights_outside, random_bytes, make_checks)
         # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
         # ordinary push and restore code runs on them unchanged, on the masks and offsets of the pool slot
         # in use (one compiled push / restore per slot).
@@ -159,7 +145,7 @@ class PerInference:
             common = spec.get("common")  # a shaped mask's common direction (tee_sim.one_time_masks)
             if common is not None and (not isinstance(common, str) or common not in arrays):
                 raise ValueError(f"mask {name}: common direction {common!r} is not an array of the program")
-            self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self._account,
+            self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self.account,
                                             None if common is None else arrays[common])
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
@@ -174,14 +160,14 @@ class PerInference:
             permutation = None if perm is None else arrays[perm].astype(np.intp)
             self.pops[name] = PopMask(layer["weights"], geo, mask, arrays[spec["bias"]],
                                       arrays[spec["index"]], arrays[spec["coef"]], permutation)
-            self.pops[name].dense(geo.y_shape[-1], self._account)
+            self.pops[name].dense(geo.y_shape[-1], self.account)
         self._offset_shapes = {name: shm_shapes[spec["layer"]] if spec.get("split") else
                                (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
                                for name, spec in one_time["offsets"].items()}
         self.checks: dict[str, LayerCheck] = {}
         self.computed: dict[str, LayerCheck] = {}
         self.by_input: dict[str, list[str]] = {}
-        self._computed_rounds: set[int] = set()
+        self.computed_rounds: set[int] = set()
         self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
         if verify:
             for out, layer in layers.items():
@@ -198,28 +184,14 @@ class PerInference:
                 r = round_of(out)
                 if r is not None:
                     by_round.setdefault(r, []).append(out)
-            self._computed_rounds = {r for r, outs in by_round.items()
-                                     if all(o in self.computed for o in outs)}
+            self.computed_rounds = {r for r, outs in by_round.items()
+                                    if all(o in self.computed for o in outs)}
             everything = [*self.checks.values(), *self.computed.values()]
-            scratch = self._account(max(c.scratch_elements for c in everything), np.float32)
+            scratch = self.account(max(c.scratch_elements for c in everything), np.float32)
             for check in everything:
                 check.bind_scratch(scratch)
-            self._x = self._account(max(math.prod(shm_shapes[i]) for i in self.by_input), np.float32)
-        # A computed layer's result, from the push that computes it to the restore that reads it: buffers
-        # handed out in program order and taken back at the restore (wrap), so a layer whose restore comes
-        # before the next computed layer's push shares its buffer (MobileNet's 13 share one).
-        self._results: dict[str, np.ndarray] = {}
-        self._spare: list[np.ndarray] = []
-        # What a restore makes for a followed mask's push, kept in secure memory until its spread is known
-        # to fit the mask (wrap): one buffer for them all, as large as the largest followed push's.
-        self._staging: np.ndarray | None = None
-        # Secure memory for what a followed mask's push sends, made there first (a restore's result), and
-        # for a user's input, read there once (``wrap``); one instruction's at a time, each made when needed.
-        self._staging_size = max((math.prod(shm_shapes[s["buffer"]]) for s in one_time["masks"].values()
-                                  if s.get("spread")), default=0)
-        self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
-                                if name.startswith("input/")), default=0)
-        self._input_copy: np.ndarray | None = None
+        # Its pushes and restores (``wrap``) and the secure memory they share.
+        self.kernels = PerInferenceKernels(self, shm_shapes, one_time["masks"])
         self.enabled = bool(self.streams or self.checks or self.computed)
         # The pool.
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
@@ -232,19 +204,19 @@ class PerInference:
         if capacity <= 0:
             capacity = int(min(MAX_POOL, max(MIN_POOL, DEFAULT_POOL_BYTES // max(self.entry_bytes, 1))))
         self.capacity = capacity
-        self._entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
+        self.entries = [self._new_entry(slot) for slot in range(capacity if self.enabled else 0)]
         # Per slot, by checked output: the check's parameters for the restore kernel and its prepare's C
-        # struct (wrap fills them), read by tally.
-        self._fused: list[dict[str, Any]] = [{} for _ in self._entries]
-        self._made: list[dict[str, Any]] = [{} for _ in self._entries]
+        # struct (the kernels' wrap fills them), read by tally.
+        self.fused: list[dict[str, Any]] = [{} for _ in self.entries]
+        self.prepares: list[dict[str, Any]] = [{} for _ in self.entries]
         # One-time masks follow their input's spread by powers of two (``tee_sim.mask_spread``).
-        self.spread = SpreadFollower(self.streams, self.pops, len(self._entries))
-        self._free = deque(self._entries)
-        self.pool_bytes = len(self._entries) * self.entry_bytes
+        self.spread = SpreadFollower(self.streams, self.pops, len(self.entries))
+        self._free = deque(self.entries)
+        self.pool_bytes = len(self.entries) * self.entry_bytes
         # What the instructions' shapes are checked against when they compile (the TA merges these into
         # its array table; attach gives it back).
-        self.live: dict[str, np.ndarray] = {name: self._entries[0].offsets[name] for name in self.pops}
-        self.live.update({name: self._entries[0].masks[name] for name in self.streams})
+        self.live: dict[str, np.ndarray] = {name: self.entries[0].offsets[name] for name in self.pops}
+        self.live.update({name: self.entries[0].masks[name] for name in self.streams})
         self.arrays: dict[str, np.ndarray] = {}  # the model's arrays, once the TA merged ours (attach)
         self._ready: deque[Entry] = deque()
         self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
@@ -274,17 +246,17 @@ class PerInference:
         for out, check in self.checks.items():
             r = round_of(out)
             if r is None:
-                check.bind_results(self._account((check.results_elements,), np.float32))
+                check.bind_results(self.account((check.results_elements,), np.float32))
                 continue
             placed[out] = (r % 2, used.get(r, 0))
             used[r] = used.get(r, 0) + -(-check.results_elements // 16) * 16  # 64-byte aligned
         size = [max([0, *(n for r, n in used.items() if r % 2 == parity)]) for parity in (0, 1)]
-        banks = [self._account((n,), np.float32) if n else None for n in size]
+        banks = [self.account((n,), np.float32) if n else None for n in size]
         for out, (parity, offset) in placed.items():
             check = self.checks[out]
             check.bind_results(banks[parity][offset:offset + check.results_elements])
 
-    def _account(self, shape: Any, dtype: Any) -> np.ndarray:
+    def account(self, shape: Any, dtype: Any) -> np.ndarray:
         """Zeroed secure memory; small arrays are carved out of shared blocks (a deep model has thousands
         of them, and every allocation of the secure OS has its bookkeeping)."""
         dtype = np.dtype(dtype)
@@ -304,12 +276,12 @@ class PerInference:
     def _new_entry(self, slot: int) -> Entry:
         entry = Entry(slot)
         for name, stream in self.streams.items():
-            entry.masks[name] = self._account(stream.shape, np.float32)
+            entry.masks[name] = self.account(stream.shape, np.float32)
         for name, shape in self._offset_shapes.items():
-            entry.offsets[name] = self._account(shape, np.float32)
+            entry.offsets[name] = self.account(shape, np.float32)
         for out, check in self.checks.items():
             u, f = check.projection_shapes()
-            entry.projections[out] = (self._account(u, np.float32), self._account(f, np.float32))
+            entry.projections[out] = (self.account(u, np.float32), self.account(f, np.float32))
         return entry
 
     # -- the pool ------------------------------------------------------------------------------------
@@ -372,7 +344,7 @@ class PerInference:
                 u, f = entry.projections[name]
                 self.checks[name].draw(entry.rng, u, f, weights)
 
-    def _remake(self, entry: Entry, name: str) -> None:
+    def remake(self, entry: Entry, name: str) -> None:
         """``entry``'s offset ``name`` made again from its mask, as a refill makes it (mask_spread)."""
         self._make([entry], "pop", name)
 
@@ -388,12 +360,12 @@ class PerInference:
             self.synchronous += 1
             self.refill(entries=1)
         self.current = self._ready.popleft()
-        self.spread.retarget(self.current, self._remake)  # off the path when the entry is taken ahead
+        self.spread.retarget(self.current, self.remake)  # off the path when the entry is taken ahead
         self.inferences += 1
         # The achieved bound (a statistic, one more pass over each result) on the first inferences, then 1
         # in 8.
         want = int(self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0)
-        for fused in self._fused[self.current.slot].values():
+        for fused in self.fused[self.current.slot].values():
             fused.want_norm = want
 
     def end(self) -> None:
@@ -402,179 +374,17 @@ class PerInference:
             self._free.append(self.current)
             self.current = None
 
-    # -- the instructions ----------------------------------------------------------------------------
-    def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
-             compile_: Callable[..., Callable[[], Any]]) -> Callable[[], Any]:
-        """A push or restore (or both fused) with what this model adds to it: the check of the
-        accelerator's result it reads, the fresh mask / offset it uses, the secure copy of the round input
-        it writes and the preparation of that input's checks. ``compile_(src, dst, **verified)`` compiles
-        the instruction itself (``tee_sim.ta_shadownet_restore_push``: the kernel makes the check and the
-        secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
-        prepares: list[list[Any]] = []  # per pool slot: the checks prepared from what it sends
-        verified: dict[str, Any] = {}
-        secure_x = None
-        source, target = instr.get("src", ""), instr.get("dst", "")
-        result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
-        checked = result in self.checks
-        if self.by_input and target.startswith("shm:") and target[4:] in self.by_input:
-            secure_x = self._x[:dst.size].reshape(dst.shape)
-            if round_of(target[4:], "in") in self._computed_rounds:
-                dst = secure_x  # a round the accelerator does not run: what it would be sent stays here
-            else:
-                verified["secure_dst"] = secure_x
-            outs = self.by_input[target[4:]]
-            computing = [self._computing(out, secure_x) for out in outs if out in self.computed]
-            checks = [out for out in outs if out in self.checks]
-            prepares = [[*computing, *(self._prepared(entry, out, secure_x) for out in checks)]
-                        for entry in self._entries]
-        if result in self.computed:  # restored from the TEE's own result: the accelerator's is not read
-            if result not in self._results:
-                raise ValueError(f"restore of {result} before the push that computes it")
-            buffer = self._results.pop(result)
-            src = buffer[:src.size].reshape(src.shape)
-            self._spare.append(buffer)
-        mask = instr.get("mask")
-        offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
-        followed = self.spread.follows(instr)
-        # A followed plain push checks its input's spread first; a restore's fused push has its kernel
-        # measure what it restores, and says when the mask must move (``tee_sim.mask_spread``).
-        measured = followed is not None and instr["op"] == "restore"
-        # The measure comes after the pass: what the restore makes is staged in secure memory (the verified
-        # model's secure copy, else a staging buffer) and sent once it fits the mask. Written straight to
-        # shared memory, an input too large for its mask was sent under it, and then again under the same
-        # mask scaled: two writes that give the input back exactly (a review).
-        sent, send = None, None
-        if measured and dst is not secure_x:
-            sent, dst = dst, verified.pop("secure_dst", None)
-            if dst is None:
-                dst = self._staged(sent)
-            send = compile_copy(dst, sent)  # None: numpy copies it
-        # A followed plain push of shared memory (the user's input) reads it once, into secure memory, and
-        # measures and pushes that copy. Measured there and pushed from there again, a normal world that
-        # showed the measure zeros and the push its input had it sent under the smallest mask: a mixed
-        # input's secret mixing came back exact from one inference (a review).
-        fetched, fetch = None, None
-        user_input = source.startswith("shm:input/") and src.dtype == np.float32
-        if followed is not None and not measured and user_input:
-            fetched, src = src, self._read_once(src)
-            fetch = compile_copy(fetched, src)  # None: numpy copies it
-        spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
-        if mask in self.streams or offset in self.pops or checked:
-            variants = []
-            for entry in self._entries:
-                if mask in self.streams:
-                    self.arrays[mask] = entry.masks[mask]
-                if offset in self.pops:
-                    self.arrays[offset] = entry.offsets[offset]
-                if checked:
-                    fused = self.checks[result].fused(entry.projections[result][0])
-                    self._fused[entry.slot][result] = fused
-                    verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
-                measure = self.spread.measure(self._account) if measured else None
-                variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
-                if followed:
-                    spreads.append(self.spread.bind(entry, followed, variants[-1], src, measure))
-
-            def run() -> None:
-                if fetched is not None:
-                    fetch() if fetch is not None else np.copyto(src, fetched)
-                if followed and not measured:
-                    self.spread.follow(self.current, followed, src, self._remake)
-                answer = variants[self.current.slot]()
-                for moves in range(MAX_MASK_MOVES + 1):
-                    if answer != SPREAD_OUTSIDE or not measured:
-                        break
-                    # Again, with the mask where it now belongs. The pass reads the accelerator's results
-                    # afresh, so what it makes is measured again: sent only once it fits its mask, or the
-                    # mask is at the end of its range. Results that keep moving the mask changed between
-                    # the reads (one move is what the same results take).
-                    before = self.current.exponents.get(followed, 0)
-                    self.spread.follow_measured(self.current, followed, self._remake)
-                    if self.current.exponents.get(followed, 0) == before:
-                        break
-                    if moves == MAX_MASK_MOVES:
-                        raise integrity_error(f"the accelerator's results {result or source!r} changed while "
-                                              "the TEE read them")
-                    answer = variants[self.current.slot]()
-                if sent is not None:
-                    send() if send is not None else np.copyto(sent, dst)
-        else:
-            run = compile_(src, dst, **verified)
-            if not prepares:
-                return run  # nothing per slot: the kernel itself (with its c_call, if it is one)
-            variants = [run] * len(self._entries)
-        prepares = prepares or [[] for _ in self._entries]
-
-        def wrapped() -> None:
-            run()
-            for prepare in prepares[self.current.slot]:
-                prepare()
-        # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
-        # the slot's kernels, then its prepares; None where the kernel needs Python (an exact split's border).
-        # A followed plain push's spread check comes first: outside its slot's band it sends the step to
-        # Python, where ``follow`` moves the mask; a restore's fused push's kernel answers SPREAD_OUTSIDE
-        # after its pass, which sends the step to Python too.
-        first = [[] if not followed or measured else None if spreads[slot] is None else [spreads[slot].c_call]
-                 for slot in range(len(variants))]
-        sending = [] if sent is None else None if send is None else [send.c_call]
-        fetching = [] if fetched is None else None if fetch is None else [fetch.c_call]
-        wrapped.slot_calls = [  # type: ignore[attr-defined]
-            None if kernel_calls(v) is None or first[slot] is None or sending is None or fetching is None
-            else [*fetching, *first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
-            for slot, v in enumerate(variants)]
-        return wrapped
-
-    def _read_once(self, given: np.ndarray) -> np.ndarray:
-        """Secure memory shaped as ``given``, a user's input in shared memory, for a push to read it into once
-        (the default policy's only staging: MobileNet 0.6 MiB, where a restore's would take 1.2)."""
-        if self._input_copy is None:
-            self._input_copy = self._account((self._input_size,), np.float32)
-        if given.size > self._input_copy.size:
-            raise ValueError(f"a push of {given.shape} from an input its program does not name")
-        return self._input_copy[:given.size].reshape(given.shape)
-
-    def _staged(self, sent: np.ndarray) -> np.ndarray:
-        """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""
-        if self._staging is None:
-            self._staging = self._account((self._staging_size,), np.float32)
-        if sent.size > self._staging.size:
-            raise ValueError(f"a push of {sent.shape} into a buffer its mask does not name")
-        return self._staging[:sent.size].reshape(sent.shape)
-
     def attach(self, arrays: dict[str, np.ndarray]) -> None:
         """The model's array table (with ``live`` merged in): per-slot restores compile against it."""
         self.arrays = arrays
-
-    def _computing(self, out: str, x: np.ndarray) -> Callable[[], None]:
-        """Layer ``out`` computed from ``x`` into a result buffer, a spare one when one is large enough."""
-        check = self.computed[out]
-        size = check.rows_out * check.m_out
-        fits = [i for i, b in enumerate(self._spare) if b.size >= size]
-        if fits:
-            buffer = self._spare.pop(min(fits, key=lambda i: self._spare[i].size))
-        else:
-            buffer = self._account((size,), np.float32)
-        self._results[out] = buffer
-        return check.computing(x, buffer[:size])
-
-    def _prepared(self, entry: Entry, out: str, x: np.ndarray) -> Callable[[], None]:
-        """Layer ``out``'s prepare from ``x`` with ``entry``'s projections (its C struct kept for tally)."""
-        call = self.checks[out].prepared(x, *entry.projections[out])
-        self._made[entry.slot][out] = call.made
-        return call
-
-    def _failed(self, out: str, fused: Any) -> None:
-        worst, _ = self.checks[out].outcome(fused)
-        raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} times "
-                              "the float32 tolerance)")
 
     def tally(self) -> None:
         """The inference passed every check: add its outcomes to the statistics (the checks ran in the
         kernels, on the C fast path or not)."""
         if self.current is None:
             return
-        made = self._made[self.current.slot]
-        for out, fused in self._fused[self.current.slot].items():
+        made = self.prepares[self.current.slot]
+        for out, fused in self.fused[self.current.slot].items():
             check = self.checks[out]
             check.tau_norm = made[out].tau_norm  # this inference's prepare
             worst, bound = check.outcome(fused)
@@ -593,7 +403,7 @@ class PerInference:
                      "synchronous": self.synchronous, "rescaled": self.spread.rescaled,
                      "mask_exponents": dict(self.spread.target)},  # round 1's: the last input's power of two
             "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),
-                       "computed_rounds": sorted(self._computed_rounds),  # not run: skipped_rounds
+                       "computed_rounds": sorted(self.computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
                        # layers whose bound wanted more projections than a check takes (freivalds)
                        "capped": sum(c.capped for c in self.checks.values()),

@@ -106,8 +106,8 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
     if op == "restore" and instr.get("addend"):  # a residual block's shortcut
         extra["addend"] = resolve(model, instr["addend"])
     if model.online is not None and model.online.enabled:
-        return model.online.wrap(instr, src, dst,
-                                 lambda s, d, **kw: compile_(model, instr, s, d, **extra, **kw))
+        return model.online.kernels.wrap(instr, src, dst,
+                                         lambda s, d, **kw: compile_(model, instr, s, d, **extra, **kw))
     return compile_(model, instr, src, dst, **extra)
 
 

@@ -1,0 +1,222 @@
+"""The push and restore kernels of a model with per-inference material (``tee_sim.per_inference``).
+
+Each push or restore the TA compiles (``tee_sim.ta_shadownet_compile``) is wrapped with what the pool slot
+in use gives it: the check of the accelerator's result it reads, the one-time mask or offset it uses, the
+secure copy of the round input it writes and the preparation of that input's checks. Between instructions
+they share secure memory: a computed layer's result buffer, the staging of what a followed mask's push
+sends, the user's input read once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.program import round_of
+from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
+from tee_sim.ta_shadownet_small_ops import compile_copy
+from tee_sim.ta_shadownet_steps import kernel_calls
+
+if TYPE_CHECKING:
+    from tee_sim.per_inference import Entry, PerInference
+
+# A restore's fused push moves its mask once for results of a new spread (read again, the same results stay in
+# its band); a second move is allowed for a measure at a band's edge, a third means the results changed
+# between the TEE's reads of the accelerator's buffer.
+MAX_MASK_MOVES = 2
+
+
+def integrity_error(message: str) -> TEEError:
+    return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
+
+
+class PerInferenceKernels:
+    """The wrapped instructions of one loaded model (``online``) and the secure memory they share."""
+
+    def __init__(self, online: PerInference, shm_shapes: dict[str, tuple[int, ...]],
+                 masks: dict[str, dict[str, Any]]) -> None:
+        self.online = online
+        # The verified model's secure copy of a round's input (what the push sends, checked against).
+        self._x = (online.account(max(math.prod(shm_shapes[i]) for i in online.by_input), np.float32)
+                   if online.by_input else None)
+        # A computed layer's result, from the push that computes it to the restore that reads it: buffers
+        # handed out in program order and taken back at the restore (wrap), so a layer whose restore comes
+        # before the next computed layer's push shares its buffer (MobileNet's 13 share one).
+        self._results: dict[str, np.ndarray] = {}
+        self._spare: list[np.ndarray] = []
+        # What a restore makes for a followed mask's push, kept in secure memory until its spread is known
+        # to fit the mask (wrap): one buffer for them all, as large as the largest followed push's.
+        self._staging: np.ndarray | None = None
+        # Secure memory for what a followed mask's push sends, made there first (a restore's result), and
+        # for a user's input, read there once (``wrap``); one instruction's at a time, each made when needed.
+        self._staging_size = max((math.prod(shm_shapes[s["buffer"]]) for s in masks.values()
+                                  if s.get("spread")), default=0)
+        self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
+                                if name.startswith("input/")), default=0)
+        self._input_copy: np.ndarray | None = None
+
+    def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
+             compile_: Callable[..., Callable[[], Any]]) -> Callable[[], Any]:
+        """A push or restore (or both fused) with what this model adds to it: the check of the
+        accelerator's result it reads, the fresh mask / offset it uses, the secure copy of the round input
+        it writes and the preparation of that input's checks. ``compile_(src, dst, **verified)`` compiles
+        the instruction itself (``tee_sim.ta_shadownet_restore_push``: the kernel makes the check and the
+        secure copy in its own pass); one variant per pool slot where it uses the slot's material."""
+        online = self.online
+        prepares: list[list[Any]] = []  # per pool slot: the checks prepared from what it sends
+        verified: dict[str, Any] = {}
+        secure_x = None
+        source, target = instr.get("src", ""), instr.get("dst", "")
+        result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
+        checked = result in online.checks
+        if online.by_input and target.startswith("shm:") and target[4:] in online.by_input:
+            secure_x = self._x[:dst.size].reshape(dst.shape)
+            if round_of(target[4:], "in") in online.computed_rounds:
+                dst = secure_x  # a round the accelerator does not run: what it would be sent stays here
+            else:
+                verified["secure_dst"] = secure_x
+            outs = online.by_input[target[4:]]
+            computing = [self._computing(out, secure_x) for out in outs if out in online.computed]
+            checks = [out for out in outs if out in online.checks]
+            prepares = [[*computing, *(self._prepared(entry, out, secure_x) for out in checks)]
+                        for entry in online.entries]
+        if result in online.computed:  # restored from the TEE's own result: the accelerator's is not read
+            if result not in self._results:
+                raise ValueError(f"restore of {result} before the push that computes it")
+            buffer = self._results.pop(result)
+            src = buffer[:src.size].reshape(src.shape)
+            self._spare.append(buffer)
+        mask = instr.get("mask")
+        offset = instr.get("pop") or instr.get("offset")  # a split restore's pop mask, else its offset
+        followed = online.spread.follows(instr)
+        # A followed plain push checks its input's spread first; a restore's fused push has its kernel
+        # measure what it restores, and says when the mask must move (``tee_sim.mask_spread``).
+        measured = followed is not None and instr["op"] == "restore"
+        # The measure comes after the pass: what the restore makes is staged in secure memory (the verified
+        # model's secure copy, else a staging buffer) and sent once it fits the mask. Written straight to
+        # shared memory, an input too large for its mask was sent under it, and then again under the same
+        # mask scaled: two writes that give the input back exactly (a review).
+        sent, send = None, None
+        if measured and dst is not secure_x:
+            sent, dst = dst, verified.pop("secure_dst", None)
+            if dst is None:
+                dst = self._staged(sent)
+            send = compile_copy(dst, sent)  # None: numpy copies it
+        # A followed plain push of shared memory (the user's input) reads it once, into secure memory, and
+        # measures and pushes that copy. Measured there and pushed from there again, a normal world that
+        # showed the measure zeros and the push its input had it sent under the smallest mask: a mixed
+        # input's secret mixing came back exact from one inference (a review).
+        fetched, fetch = None, None
+        user_input = source.startswith("shm:input/") and src.dtype == np.float32
+        if followed is not None and not measured and user_input:
+            fetched, src = src, self._read_once(src)
+            fetch = compile_copy(fetched, src)  # None: numpy copies it
+        spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
+        if mask in online.streams or offset in online.pops or checked:
+            variants = []
+            for entry in online.entries:
+                if mask in online.streams:
+                    online.arrays[mask] = entry.masks[mask]
+                if offset in online.pops:
+                    online.arrays[offset] = entry.offsets[offset]
+                if checked:
+                    fused = online.checks[result].fused(entry.projections[result][0])
+                    online.fused[entry.slot][result] = fused
+                    verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
+                measure = online.spread.measure(online.account) if measured else None
+                variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
+                if followed:
+                    spreads.append(online.spread.bind(entry, followed, variants[-1], src, measure))
+
+            def run() -> None:
+                if fetched is not None:
+                    fetch() if fetch is not None else np.copyto(src, fetched)
+                if followed and not measured:
+                    online.spread.follow(online.current, followed, src, online.remake)
+                answer = variants[online.current.slot]()
+                for moves in range(MAX_MASK_MOVES + 1):
+                    if answer != SPREAD_OUTSIDE or not measured:
+                        break
+                    # Again, with the mask where it now belongs. The pass reads the accelerator's results
+                    # afresh, so what it makes is measured again: sent only once it fits its mask, or the
+                    # mask is at the end of its range. Results that keep moving the mask changed between
+                    # the reads (one move is what the same results take).
+                    before = online.current.exponents.get(followed, 0)
+                    online.spread.follow_measured(online.current, followed, online.remake)
+                    if online.current.exponents.get(followed, 0) == before:
+                        break
+                    if moves == MAX_MASK_MOVES:
+                        raise integrity_error(f"the accelerator's results {result or source!r} changed while "
+                                              "the TEE read them")
+                    answer = variants[online.current.slot]()
+                if sent is not None:
+                    send() if send is not None else np.copyto(sent, dst)
+        else:
+            run = compile_(src, dst, **verified)
+            if not prepares:
+                return run  # nothing per slot: the kernel itself (with its c_call, if it is one)
+            variants = [run] * len(online.entries)
+        prepares = prepares or [[] for _ in online.entries]
+
+        def wrapped() -> None:
+            run()
+            for prepare in prepares[online.current.slot]:
+                prepare()
+        # Per pool slot, the C calls the secure world's fast path may make instead (ShadowNetTA.step_program):
+        # the slot's kernels, then its prepares; None where the kernel needs Python (an exact split's border).
+        # A followed plain push's spread check comes first: outside its slot's band it sends the step to
+        # Python, where ``follow`` moves the mask; a restore's fused push's kernel answers SPREAD_OUTSIDE
+        # after its pass, which sends the step to Python too.
+        first = [[] if not followed or measured else None if spreads[slot] is None else [spreads[slot].c_call]
+                 for slot in range(len(variants))]
+        sending = [] if sent is None else None if send is None else [send.c_call]
+        fetching = [] if fetched is None else None if fetch is None else [fetch.c_call]
+        wrapped.slot_calls = [  # type: ignore[attr-defined]
+            None if kernel_calls(v) is None or first[slot] is None or sending is None or fetching is None
+            else [*fetching, *first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
+            for slot, v in enumerate(variants)]
+        return wrapped
+
+    def _read_once(self, given: np.ndarray) -> np.ndarray:
+        """Secure memory shaped as ``given``, a user's input in shared memory, for a push to read it into once
+        (the default policy's only staging: MobileNet 0.6 MiB, where a restore's would take 1.2)."""
+        if self._input_copy is None:
+            self._input_copy = self.online.account((self._input_size,), np.float32)
+        if given.size > self._input_copy.size:
+            raise ValueError(f"a push of {given.shape} from an input its program does not name")
+        return self._input_copy[:given.size].reshape(given.shape)
+
+    def _staged(self, sent: np.ndarray) -> np.ndarray:
+        """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""
+        if self._staging is None:
+            self._staging = self.online.account((self._staging_size,), np.float32)
+        if sent.size > self._staging.size:
+            raise ValueError(f"a push of {sent.shape} into a buffer its mask does not name")
+        return self._staging[:sent.size].reshape(sent.shape)
+
+    def _computing(self, out: str, x: np.ndarray) -> Callable[[], None]:
+        """Layer ``out`` computed from ``x`` into a result buffer, a spare one when one is large enough."""
+        check = self.online.computed[out]
+        size = check.rows_out * check.m_out
+        fits = [i for i, b in enumerate(self._spare) if b.size >= size]
+        if fits:
+            buffer = self._spare.pop(min(fits, key=lambda i: self._spare[i].size))
+        else:
+            buffer = self.online.account((size,), np.float32)
+        self._results[out] = buffer
+        return check.computing(x, buffer[:size])
+
+    def _prepared(self, entry: Entry, out: str, x: np.ndarray) -> Callable[[], None]:
+        """Layer ``out``'s prepare from ``x`` with ``entry``'s projections (its C struct kept for tally)."""
+        call = self.online.checks[out].prepared(x, *entry.projections[out])
+        self.online.prepares[entry.slot][out] = call.made
+        return call
+
+    def _failed(self, out: str, fused: Any) -> None:
+        worst, _ = self.online.checks[out].outcome(fused)
+        raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} times "
+                              "the float32 tolerance)")

@@ -41,8 +41,9 @@ pool is refilled between inferences); ``synchronous_timed`` counts the entries m
 ``stats()``) are made outside the timed calls. A policy whose protected model does not fit under the
 secure-memory cap is that model's error (``SecureMemoryError``), as is a round the model does not have.
 
-This module is the command and the whole run; one model's measurements are in ``shadownet.bench_measure``,
-the output (tables, Markdown, JSON, plot) in ``shadownet.bench_report``.
+This module is the command and the whole run; one model's measurements are in ``shadownet.bench_measure``
+(the modes' runners in ``shadownet.bench_runners``, the throughput in ``shadownet.bench_throughput``), the
+output (tables, Markdown, JSON, plot) in ``shadownet.bench_report``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The measuring side of ``shadownet bench`` (the method is in ``shadownet.bench``'s docstring): the modes'
-runners, multiply-adds on the original graph (``count_macs``) and ``bench_model``, one model's report entry.
+"""The measuring side of ``shadownet bench`` (the method is in ``shadownet.bench``'s docstring):
+``bench_model``, one model's report entry, with what it measures - the modes' steady timing
+(``steady_seconds``), the verified copy alone, the fidelity spread and multiply-adds on the original graph
+(``count_macs``). The modes' runners are in ``shadownet.bench_runners``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,8 @@ import numpy as np
 from converters import linear
 from converters.fidelity import relative_error
 from shadownet.artifacts import random_input
-from shadownet.bench_throughput import (
-    MIB,
-    frames_per_second,
-    one_at_a_time_fps,
-    pipelined_fps,
-    warm_past_trial,
-)
+from shadownet.bench_runners import AllInTEE, Protected, Unprotected
+from shadownet.bench_throughput import MIB, frames_per_second, one_at_a_time_fps, pipelined_fps
 from shadownet.exceptions import SecureMemoryError, ShadowNetError
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
@@ -69,123 +66,7 @@ def count_macs(graph: Any) -> list[int]:
     return macs
 
 
-# --- the modes ----------------------------------------------------------------------------------------
-class _Unprotected:
-    def __init__(self, model: bytes, num_threads: int, delegates: list[Any]) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=model, num_threads=num_threads,
-                                       experimental_delegates=delegates or None)
-        self.interpreter.allocate_tensors()
-        self.inputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_input_details()]
-        self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
-        # Made at the first call: an output whose shape LiteRT computes at run time (a Keras model's open
-        # batch before a transposed conv) has no data before an invoke (it stopped the bench: a probe).
-        self.results: list[np.ndarray] = []
-
-    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
-        for tensor, x in zip(self.inputs, inputs, strict=True):
-            np.copyto(tensor(), x)
-        self.interpreter.invoke()
-        if not self.results:
-            self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]
-        for out, tensor in zip(self.results, self.outputs, strict=True):
-            np.copyto(out, tensor())
-
-    def close(self) -> None:
-        self.interpreter = None
-
-
-class _AllInTEE:
-    """The whole model run by the all-in-TEE trusted app (``tee_sim.ta_all_in_tee``)."""
-
-    def __init__(self, context: Any, model: bytes, kernels: int, specs: Sequence[tuple[tuple[int, ...], Any]],
-                 n_inputs: int) -> None:
-        import tee_sim
-        from tee_sim.ta_all_in_tee_commands import UUID, Command, io_layout
-
-        self._tee, self._command = tee_sim, Command
-        offsets, size = io_layout([int(np.prod(s, dtype=np.int64)) * np.dtype(t).itemsize for s, t in specs])
-        self.session = context.open_session(UUID)
-        try:
-            self.session.invoke_command(Command.LOAD, [tee_sim.TempMemRef(model), tee_sim.Value(a=kernels)])
-            self.shm = context.register_shared_memory(size)
-            self.session.invoke_command(Command.BIND_SHARED_MEMORY,
-                                        [tee_sim.MemRef(self.shm, 0, size, "inout")])
-        except BaseException:
-            self.session.close()
-            raise
-        views = [self.shm.ndarray(t, s, o) for (s, t), o in zip(specs, offsets, strict=True)]
-        self.inputs, self.outputs = views[:n_inputs], views[n_inputs:]
-        self.results = [np.empty(v.shape, v.dtype) for v in self.outputs]
-        self._run = int(Command.RUN)
-
-    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
-        for view, x in zip(self.inputs, inputs, strict=True):
-            np.copyto(view, x)
-        self.session.invoke_command(self._run)
-        for out, view in zip(self.results, self.outputs, strict=True):
-            np.copyto(out, view)
-
-    def memory(self) -> tuple[int, int]:
-        out = self._tee.Value(direction="out")
-        self.session.invoke_command(self._command.GET_STATS, [out])
-        return out.a, out.b
-
-    def close(self) -> None:
-        self.session.close()
-        self.shm.release()
-
-
-class _Protected:
-    def __init__(self, out_dir: Path, num_threads: int, delegate: str | None, inputs: Sequence[np.ndarray],
-                 verify: bool = False) -> None:
-        from shadownet.runtime import load
-
-        # The pool of one-time masks (and check projections) is refilled after each run, untimed
-        # (``refill``), not by the background thread: its refills would otherwise run in the secure world
-        # while the other modes are timed (all-in-tee runs there too) or while this model's next run
-        # waits for the secure world, and slow them; the offline cost is reported on its own.
-        self._accelerator: Any = None
-
-        def keep(default: Any) -> Any:  # the accelerator the model runs, for rounds_back_to_back
-            self._accelerator = default
-            return default
-
-        self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify,
-                          accelerator=keep, background_refill=False)
-        self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
-        self.stats: list[dict[str, Any]] = []
-        # On the bench's own input: a verified model's weakest detection bound is over every inference since
-        # load, and zeros, which leave a model without biases results at the check's floor (SECURITY.md),
-        # reported 2^0 for it (a helper's probe).
-        warm_past_trial(self.model, inputs, self.results)
-        self.refill()
-
-    def refill(self) -> None:
-        self.model.refill_masks()
-
-    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
-        self.model.run_into(inputs, self.results)
-
-    def record(self) -> None:
-        self.stats.append(self.model.stats())
-
-    def rounds_back_to_back(self) -> float:
-        """Seconds the accelerator takes for every round one after the other, with no TEE step between
-        them: against the accelerator's share of an inference, what the interleaving costs it. It runs on
-        the buffers as the last inference left them (the next one's steps rewrite each round's input
-        before its round runs)."""
-        run, rounds = self._accelerator.run_round, self.model.num_rounds
-        start = time.perf_counter()
-        for r in range(1, rounds + 1):
-            run(r)
-        return time.perf_counter() - start
-
-    def close(self) -> None:
-        self.model.close()
-
-
+# --- timing -----------------------------------------------------------------------------------------------
 def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = None) -> float:
     """Seconds of one ``call()`` made right after an untimed one (and ``between()``, untimed, after that:
     a protected model's refill of the one-time masks it used): its steady state, as an app that runs it
@@ -202,7 +83,7 @@ def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = 
 
 def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:
     """``steady_seconds`` of one mode's call on ``inputs``, a protected model's refill between."""
-    return steady_seconds(lambda: runner(inputs), runner.refill if isinstance(runner, _Protected) else None)
+    return steady_seconds(lambda: runner(inputs), runner.refill if isinstance(runner, Protected) else None)
 
 
 def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprotected: Any,
@@ -213,7 +94,7 @@ def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprote
     does not fit alone either, else ``(None, {"verified", "times", "unprotected_median_ms"})``, its runs
     alternated with ``unprotected``'s."""
     try:
-        checked = _Protected(out_dir, num_threads, delegate, inputs, verify=True)
+        checked = Protected(out_dir, num_threads, delegate, inputs, verify=True)
     except SecureMemoryError as exc:
         return f"does not fit in the secure-memory cap, alone or next to shadownet: {exc}", None
     times: list[float] = []
@@ -237,7 +118,7 @@ def _verify_alone(out_dir: Path, num_threads: int, delegate: str | None, unprote
 
 
 # --- one model ----------------------------------------------------------------------------------------------
-def _fidelity_spread(protected: _Protected, unprotected: Any, builtin: Any, specs: Sequence[tuple[Any, Any]],
+def _fidelity_spread(protected: Protected, unprotected: Any, builtin: Any, specs: Sequence[tuple[Any, Any]],
                      n_inputs: int) -> dict[str, Any]:
     """The protected model's relative error against unprotected LiteRT over ``FIDELITY_INPUTS`` random
     inputs (uniform in [0, 1], as the bench's own), ``FIDELITY_REPEATS`` inferences of each with fresh
@@ -336,17 +217,17 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     verify_error = None
     verify_alone = False  # the verified copy did not fit next to shadownet: measured after it
     try:
-        runners["unprotected"] = _Unprotected(model, num_threads, delegates)
+        runners["unprotected"] = Unprotected(model, num_threads, delegates)
         try:
-            runners["shadownet"] = _Protected(out_dir, num_threads, delegate, inputs)
+            runners["shadownet"] = Protected(out_dir, num_threads, delegate, inputs)
         except SecureMemoryError as exc:  # e.g. one-time masks on more rounds than the cap holds
             what = f"mask policy {policy!r}" if not static else f"scheme {manifest['scheme']['name']}"
             raise SecureMemoryError(f"{what} does not fit in the secure-memory cap: {exc}") from exc
-        runners["all-in-tee"] = _AllInTEE(tee_context, model, KERNELS_XNNPACK, specs, n_inputs)
-        runners["all-in-tee-builtin"] = _AllInTEE(tee_context, model, KERNELS_BUILTIN, specs, n_inputs)
+        runners["all-in-tee"] = AllInTEE(tee_context, model, KERNELS_XNNPACK, specs, n_inputs)
+        runners["all-in-tee-builtin"] = AllInTEE(tee_context, model, KERNELS_BUILTIN, specs, n_inputs)
         if verify:
             try:  # a second protected model: both must fit under the cap at once
-                runners[VERIFY_MODE] = _Protected(out_dir, num_threads, delegate, inputs, verify=True)
+                runners[VERIFY_MODE] = Protected(out_dir, num_threads, delegate, inputs, verify=True)
             except SecureMemoryError:
                 verify_alone = True
         active = MODES + ((VERIFY_MODE,) if VERIFY_MODE in runners else ())
@@ -358,27 +239,27 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             progress(f"{name}: run {run + 1}/{total}{' (warm-up)' if run < warmup_runs else ''}", run, total)
             if run == warmup_runs:  # the pools' counters before the timed runs (outside any timing)
                 before = {mode: runners[mode].model.stats() for mode in active
-                          if isinstance(runners[mode], _Protected)}
+                          if isinstance(runners[mode], Protected)}
             order = active[run % len(active):] + active[:run % len(active)]
             for mode in order:
                 runner = runners[mode]
                 elapsed = _steady(runner, inputs)
                 if run >= warmup_runs:
                     times[mode].append(elapsed)
-                    if isinstance(runner, _Protected):
+                    if isinstance(runner, Protected):
                         runner.record()
-                if isinstance(runner, _Protected):
+                if isinstance(runner, Protected):
                     runner.refill()
                 if mode == "shadownet" and run >= warmup_runs:
                     back_to_back.append(runner.rounds_back_to_back())
-        protected: _Protected = runners["shadownet"]
+        protected: Protected = runners["shadownet"]
         # Rounds the accelerator runs on one thread (shadownet.accelerator: timed at load, then tried)
-        one_thread = sum(t == 1 for t in getattr(protected._accelerator, "round_threads", ()))
+        one_thread = sum(t == 1 for t in getattr(protected.accelerator, "round_threads", ()))
         error = relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
         # computations of the original already disagree (the floor the protected error sits on).
         floor = relative_error(runners["all-in-tee-builtin"].results, runners["unprotected"].results)
-        checked: _Protected | None = runners.pop(VERIFY_MODE, None)
+        checked: Protected | None = runners.pop(VERIFY_MODE, None)
         verified = None
         if checked is not None:
             # The TA reports its secure memory as a whole (every session): both models' now. Closing the

@@ -8,7 +8,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
-from shadownet import bench, bench_measure, bench_report
+from shadownet import bench, bench_measure, bench_report, bench_runners
 from shadownet.artifacts import random_input
 from shadownet.cli import main
 from shadownet.exceptions import ShadowNetError
@@ -59,7 +59,7 @@ def test_each_mode_is_timed_in_its_steady_state(monkeypatch):
         def __call__(self, inputs):
             log.append("U")
 
-    class Protected(bench_measure._Protected):
+    class Protected(bench_runners.Protected):
         def __init__(self):  # no model: only the calls are recorded
             pass
 
@@ -189,8 +189,8 @@ def test_the_protected_modes_warm_up_on_the_bench_s_input(tmp_path, monkeypatch)
     zeros leave some models' results at the check's floor (SECURITY.md), where it reads 2^0 (a helper's
     probe: five of six models without biases). They warm up on the bench's own input, as they run."""
     seen = []
-    real = bench_measure.warm_past_trial
-    monkeypatch.setattr(bench_measure, "warm_past_trial",
+    real = bench_runners.warm_past_trial
+    monkeypatch.setattr(bench_runners, "warm_past_trial",
                         lambda model, inputs, results: (seen.append([x.copy() for x in inputs]),
                                                         real(model, inputs, results)))
     path = tmp_path / "small.tflite"
@@ -212,20 +212,6 @@ def test_random_inputs_of_every_type_vary():
     assert flags.dtype == np.bool_ and flags.any() and not flags.all()
     x = random_input(rng, (1, 64), np.float32)
     assert x.dtype == np.float32 and 0 <= x.min() < x.max() < 1
-
-
-def test_an_output_whose_shape_litert_computes_at_run_time_is_measured():
-    """A Keras model exported with an open batch, with a transposed convolution: LiteRT allocates its output
-    at the first invoke, and the unprotected runner read it before ('Tensor data is null'), which ended
-    the whole bench (a helper's probe)."""
-    tf = pytest.importorskip("tensorflow")
-    inputs = tf.keras.Input((8, 8, 4))
-    model = tf.keras.Model(inputs, tf.keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(inputs))
-    converted = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    runner = bench_measure._Unprotected(converted, 1, [])
-    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    runner([x])
-    assert np.allclose(runner.results[0], model(x).numpy(), atol=1e-4)
 
 
 def test_bench_default_policy_without_verify(tmp_path):

@@ -1,0 +1,138 @@
+"""The runners of ``shadownet bench``'s modes (the method is in ``shadownet.bench``'s docstring), each a call
+on a list of inputs that leaves the outputs in ``results``: ``Unprotected`` (LiteRT on the original model),
+``AllInTEE`` (the whole model in the all-in-TEE trusted app) and ``Protected`` (``shadownet.load`` on the
+converted artifacts, for ``shadownet`` and ``shadownet-verify``). ``shadownet.bench_measure`` times them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shadownet.bench_throughput import warm_past_trial
+
+
+class Unprotected:
+    """LiteRT on the original model, with the bench's threads and delegates (what a vendor ships today)."""
+
+    def __init__(self, model: bytes, num_threads: int, delegates: list[Any]) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=model, num_threads=num_threads,
+                                       experimental_delegates=delegates or None)
+        self.interpreter.allocate_tensors()
+        self.inputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_input_details()]
+        self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
+        # Made at the first call: an output whose shape LiteRT computes at run time (a Keras model's open
+        # batch before a transposed conv) has no data before an invoke (it stopped the bench: a probe).
+        self.results: list[np.ndarray] = []
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        for tensor, x in zip(self.inputs, inputs, strict=True):
+            np.copyto(tensor(), x)
+        self.interpreter.invoke()
+        if not self.results:
+            self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]
+        for out, tensor in zip(self.results, self.outputs, strict=True):
+            np.copyto(out, tensor())
+
+    def close(self) -> None:
+        self.interpreter = None
+
+
+class AllInTEE:
+    """The whole model run by the all-in-TEE trusted app (``tee_sim.ta_all_in_tee``)."""
+
+    def __init__(self, context: Any, model: bytes, kernels: int, specs: Sequence[tuple[tuple[int, ...], Any]],
+                 n_inputs: int) -> None:
+        import tee_sim
+        from tee_sim.ta_all_in_tee_commands import UUID, Command, io_layout
+
+        self._tee, self._command = tee_sim, Command
+        offsets, size = io_layout([int(np.prod(s, dtype=np.int64)) * np.dtype(t).itemsize for s, t in specs])
+        self.session = context.open_session(UUID)
+        try:
+            self.session.invoke_command(Command.LOAD, [tee_sim.TempMemRef(model), tee_sim.Value(a=kernels)])
+            self.shm = context.register_shared_memory(size)
+            self.session.invoke_command(Command.BIND_SHARED_MEMORY,
+                                        [tee_sim.MemRef(self.shm, 0, size, "inout")])
+        except BaseException:
+            self.session.close()
+            raise
+        views = [self.shm.ndarray(t, s, o) for (s, t), o in zip(specs, offsets, strict=True)]
+        self.inputs, self.outputs = views[:n_inputs], views[n_inputs:]
+        self.results = [np.empty(v.shape, v.dtype) for v in self.outputs]
+        self._run = int(Command.RUN)
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        for view, x in zip(self.inputs, inputs, strict=True):
+            np.copyto(view, x)
+        self.session.invoke_command(self._run)
+        for out, view in zip(self.results, self.outputs, strict=True):
+            np.copyto(out, view)
+
+    def memory(self) -> tuple[int, int]:
+        out = self._tee.Value(direction="out")
+        self.session.invoke_command(self._command.GET_STATS, [out])
+        return out.a, out.b
+
+    def close(self) -> None:
+        self.session.close()
+        self.shm.release()
+
+
+class Protected:
+    """A protected model (``shadownet.load``; ``verify``: every accelerator result checked by the TEE), warmed
+    past its accelerator's thread trial on ``inputs``; ``refill`` makes its one-time masks between calls,
+    ``record`` keeps the last call's ``stats()`` in ``stats``."""
+
+    def __init__(self, out_dir: Path, num_threads: int, delegate: str | None, inputs: Sequence[np.ndarray],
+                 verify: bool = False) -> None:
+        from shadownet.runtime import load
+
+        # The pool of one-time masks (and check projections) is refilled after each run, untimed
+        # (``refill``), not by the background thread: its refills would otherwise run in the secure world
+        # while the other modes are timed (all-in-tee runs there too) or while this model's next run
+        # waits for the secure world, and slow them; the offline cost is reported on its own.
+        self.accelerator: Any = None
+
+        def keep(default: Any) -> Any:  # the accelerator the model runs, for rounds_back_to_back
+            self.accelerator = default
+            return default
+
+        self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify,
+                          accelerator=keep, background_refill=False)
+        self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
+        self.stats: list[dict[str, Any]] = []
+        # On the bench's own input: a verified model's weakest detection bound is over every inference since
+        # load, and zeros, which leave a model without biases results at the check's floor (SECURITY.md),
+        # reported 2^0 for it (a helper's probe).
+        warm_past_trial(self.model, inputs, self.results)
+        self.refill()
+
+    def refill(self) -> None:
+        self.model.refill_masks()
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> None:
+        self.model.run_into(inputs, self.results)
+
+    def record(self) -> None:
+        self.stats.append(self.model.stats())
+
+    def rounds_back_to_back(self) -> float:
+        """Seconds the accelerator takes for every round one after the other, with no TEE step between
+        them: against the accelerator's share of an inference, what the interleaving costs it. It runs on
+        the buffers as the last inference left them (the next one's steps rewrite each round's input
+        before its round runs)."""
+        run, rounds = self.accelerator.run_round, self.model.num_rounds
+        start = time.perf_counter()
+        for r in range(1, rounds + 1):
+            run(r)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.model.close()

@@ -54,8 +54,8 @@ def count_macs(graph: Any) -> list[int]:
             w = tensors[op.inputs[1]].shape
             x = tensors[op.inputs[2]].shape
             macs.append(int(np.prod(x, dtype=np.int64)) * w[0] * w[1] * w[2])
-        elif op.kind == "BATCH_MATMUL" and shape_in:
-            macs.append(out * shape_in[-1])
+        elif op.kind == "BATCH_MATMUL" and len(shape_in) >= 2:  # adj_x: the left operand transposed
+            macs.append(out * shape_in[-2 if getattr(op.options, "adjX", False) else -1])
         elif op.kind in ("MEAN", "SUM", "AVERAGE_POOL_2D", "L2_POOL_2D"):
             macs.append(int(np.prod(shape_in, dtype=np.int64)) if op.kind in ("MEAN", "SUM") else
                         out * op.options.filterHeight * op.options.filterWidth)

@@ -55,13 +55,14 @@ class AllInTEE:
         self._tee, self._command = tee_sim, Command
         offsets, size = io_layout([int(np.prod(s, dtype=np.int64)) * np.dtype(t).itemsize for s, t in specs])
         self.session = context.open_session(UUID)
+        self.shm = None
         try:
             self.session.invoke_command(Command.LOAD, [tee_sim.TempMemRef(model), tee_sim.Value(a=kernels)])
             self.shm = context.register_shared_memory(size)
             self.session.invoke_command(Command.BIND_SHARED_MEMORY,
                                         [tee_sim.MemRef(self.shm, 0, size, "inout")])
         except BaseException:
-            self.session.close()
+            self.close()
             raise
         views = [self.shm.ndarray(t, s, o) for (s, t), o in zip(specs, offsets, strict=True)]
         self.inputs, self.outputs = views[:n_inputs], views[n_inputs:]
@@ -81,8 +82,11 @@ class AllInTEE:
         return out.a, out.b
 
     def close(self) -> None:
-        self.session.close()
-        self.shm.release()
+        try:
+            self.session.close()
+        finally:
+            if self.shm is not None:
+                self.shm.release()
 
 
 class Protected:

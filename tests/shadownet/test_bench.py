@@ -50,6 +50,23 @@ def test_count_macs():
     assert sum(macs) == macs[0] + macs[-1]  # ReLU, max pool and reshape move data only
 
 
+def test_count_macs_of_a_batch_matmul_sums_over_its_shared_dimension():
+    """With ``adj_x`` the left operand is transposed: its rows, not its columns, are what each output sums
+    over (a review: its columns were counted)."""
+    from converters.tflite_reader import read_model
+
+    for adj_x, left in ((False, (1, 3, 5)), (True, (1, 5, 3))):
+        g = Graph()
+        a = g.add_tensor("a", left, np.float32)
+        b = g.add_tensor("b", (1, 5, 4), np.float32)
+        out = g.add_tensor("out", (1, 3, 4), np.float32)
+        options = fb.BatchMatMulOptionsT()
+        options.adjX = adj_x
+        g.add_op("BATCH_MATMUL", [a, b], [out], options)
+        g.inputs, g.outputs = [a, b], [out]
+        assert bench_measure.count_macs(read_model(write_model(g))) == [3 * 4 * 5]
+
+
 def test_each_mode_is_timed_in_its_steady_state(monkeypatch):
     """A timed call follows an untimed call of the same mode (and a protected model's refill of what that
     call used), so that what ran before - another mode - does not land in its time."""

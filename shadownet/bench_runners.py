@@ -104,7 +104,7 @@ class Protected:
         # waits for the secure world, and slow them; the offline cost is reported on its own.
         self.accelerator: Any = None
 
-        def keep(default: Any) -> Any:  # the accelerator the model runs, for rounds_back_to_back
+        def keep(default: Any) -> Any:  # the accelerator the model runs: rounds_back_to_back, round_threads
             self.accelerator = default
             return default
 

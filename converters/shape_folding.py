@@ -7,8 +7,8 @@ at every invoke; the TEE program, preallocated and bound to fixed buffers, canno
 changes. A protected model has batch 1, so such a value is a constant: every tensor computed from shapes
 and constants alone (``shape_only``; an integer shape, or a float made of one) takes the value LiteRT
 computes at batch 1, and the ops that computed it go. The shape of a tensor whose size is data (``WHERE``'s
-output, say) is data itself: it stays, and a shape computed from it is refused (``converters.pipeline``'s
-``_check_static``), as is one computed from values.
+output, say) is data itself: it stays, and a shape computed from it is refused
+(``converters.original_model.check_static``), as is one computed from values.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
 _IMPURE = frozenset({"RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL", "VAR_HANDLE", "READ_VARIABLE",
                      "ASSIGN_VARIABLE", "CALL_ONCE", "CALL", "CUSTOM", "WHILE", "IF"})
 # Ops whose output's shape depends on their inputs' values: SHAPE of it is data, not a shape (and the TEE
-# program, its buffers fixed, cannot hold such an output: converters.pipeline refuses them).
+# program, its buffers fixed, cannot hold such an output: converters.original_model refuses them).
 DATA_SHAPED = frozenset({"WHERE", "UNIQUE"})
 # Constants normalize() folds itself, exactly (a float16 weight's DEQUANTIZE, a sparse one's DENSIFY).
 _LEFT_TO_NORMALIZE = frozenset({"DEQUANTIZE", "DENSIFY"})

@@ -195,7 +195,8 @@ def _saved_model_function(tf: Any, path: Path, key: str | None) -> tuple[Any, An
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
-    if key is not None and key not in signatures:  # a wrong argument (converters.pipeline says the same)
+    # A wrong argument (converters.original_model.one_signature says the same).
+    if key is not None and key not in signatures:
         raise _NoSuchSignature(f"the SavedModel has no signature {key!r} (it has "
                                f"{', '.join(map(repr, sorted(signatures)))})")
     chosen = key is not None

@@ -67,11 +67,11 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
 
 def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None) -> Any:
     """The reference model as the converter planned and normalized it for ``scheme``, the protected
-    model's (``converters.pipeline.planning_graph``; its grouped convolutions split by group where it split
-    them: ``converters.schemes.group_min_channels``; None: as for the default). A ``ModelFormatError``
-    names it (``name``, else its path)."""
+    model's (``converters.original_model.planning_graph``; its grouped convolutions split by group where it
+    split them: ``converters.schemes.group_min_channels``; None: as for the default). A
+    ``ModelFormatError`` names it (``name``, else its path)."""
     from converters.normalize import normalize
-    from converters.pipeline import planning_graph
+    from converters.original_model import planning_graph
     from converters.schemes import group_min_channels
 
     label = name if name is not None else None if isinstance(model, bytes) else model

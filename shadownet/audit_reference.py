@@ -87,7 +87,7 @@ def protected_signature(reference: Any, manifest: dict) -> bytes:
     (a review: the right file refused, 'off by 0.5')."""
     from ai_edge_litert import schema_py_generated as schema_fb
 
-    from converters.pipeline import one_signature
+    from converters.original_model import one_signature
 
     data = model_bytes(reference)
     try:

@@ -261,7 +261,7 @@ _KILLER = textwrap.dedent("""
     counts = {"fsync": 0, "replace": 0}
     armed = False
     real_fsync, real_replace, real_mkdtemp = os.fsync, os.replace, tempfile.mkdtemp
-    real_write = pipeline._write_artifacts
+    real_write = pipeline.write_artifacts
 
     def die(): os.kill(os.getpid(), signal.SIGKILL)
 
@@ -287,7 +287,7 @@ _KILLER = textwrap.dedent("""
         armed = True
         real_write(*a, **k)
 
-    os.fsync, os.replace, tempfile.mkdtemp, pipeline._write_artifacts = fsync, replace, mkdtemp, write
+    os.fsync, os.replace, tempfile.mkdtemp, pipeline.write_artifacts = fsync, replace, mkdtemp, write
     warnings.simplefilter("ignore")
     pipeline.convert(model, out, seed=int(sys.argv[5]), force=force)
 """)

@@ -1,0 +1,122 @@
+"""The output directory of a conversion: the names of the files it holds, the check of where it may be
+written (before any work, and again at the write), and its atomic writing: a reader never sees half of
+it, and what a killed conversion left beside it is removed by the next.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from shadownet.exceptions import ArtifactError
+
+UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
+ARTIFACTS = frozenset({UNTRUSTED, SECRETS, MANIFEST})
+
+
+def check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse an output directory the conversion cannot write, or may not replace: the current directory
+    or one above it, a file, a non-empty directory without ``force`` (with it, one that holds anything but
+    a conversion's files), or one that holds a file or directory in ``reads`` (the model, calibration and
+    device files given by path), which replacing it would delete."""
+    out = Path(os.path.realpath(out))
+    try:
+        here = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the working directory was deleted: nothing to protect
+        here = None
+    if here is not None and (out == here or out in here.parents):
+        raise ArtifactError(f"output directory {out} is the current directory or holds it: the conversion "
+                            "renames its directory into place, so give the name of another directory")
+    for path in reads:
+        real = Path(os.path.realpath(path))
+        if real == out or out in real.parents:
+            raise ArtifactError(f"output directory {out} holds {path}, which the conversion reads: replacing "
+                                "the directory would delete it, so give the name of another directory")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces an "
+                            "earlier conversion's)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACTS or not p.is_file()) \
+        if out.is_dir() else []
+    if foreign:  # force replaces an earlier conversion, not whatever a mistyped -o named
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArtifactError(f"output directory {out} holds what no conversion wrote ({listed}): replacing it "
+                            "would delete them, so move them or give the name of another directory")
+
+
+def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
+    """Write into a temporary sibling directory, manifest.json last, then rename it into place: a reader
+    never sees half, and a sibling left by a killed conversion lacks its manifest (``load`` refuses it)
+    unless it is complete. Such leftovers (named after a process that no longer runs) are removed first.
+    A directory replaced with ``force`` is put back if its replacement fails. The sibling is made beside
+    where ``out`` really is (a symlink's target: the rename stays on one file system)."""
+    out = Path(os.path.realpath(out))
+    check_output(out, force)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(parent, out.name)
+    stem = f".{out.name}.{os.getpid()}."
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
+    except OSError as exc:  # the output's name, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
+    old: Path | None = None
+    try:
+        for name in sorted(files, key=lambda n: n == MANIFEST):
+            with open(tmp / name, "wb") as f:
+                f.write(files[name])
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        if out.exists() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
+            os.replace(out, old / "replaced")
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "replaced", out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # onto an empty directory too: one rename
+        _sync_directory(parent)  # the rename itself survives a power cut
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not (old / "replaced").exists():
+            shutil.rmtree(old, ignore_errors=True)
+        if isinstance(exc, OSError):  # say what it was writing (e.g. a full disk), not the temporary name
+            raise OSError(exc.errno, exc.strerror, str(out)) from exc
+        raise
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    """Delete ``.NAME.PID.*.tmp`` / ``.old`` siblings of conversions whose process is gone."""
+    for entry in parent.glob(f".{glob.escape(name)}.*"):
+        pid, _, rest = entry.name[len(name) + 2:].partition(".")
+        if pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)

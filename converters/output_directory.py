@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -95,10 +96,12 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
 
 
 def _remove_leftovers(parent: Path, name: str) -> None:
-    """Delete ``.NAME.PID.*.tmp`` / ``.old`` siblings of conversions whose process is gone."""
+    """Delete ``.NAME.PID.RANDOM.tmp`` / ``.old`` siblings of conversions whose process is gone. RANDOM is
+    ``mkdtemp``'s, without a dot: a sibling output's ``.NAME.5.PID.RANDOM.tmp`` (of ``NAME.5``) is not one,
+    though ``5`` names no process (it was taken for one, and deleted while that conversion wrote it)."""
     for entry in parent.glob(f".{glob.escape(name)}.*"):
-        pid, _, rest = entry.name[len(name) + 2:].partition(".")
-        if pid.isdigit() and rest.endswith((".tmp", ".old")) and not _alive(int(pid)):
+        owner = re.fullmatch(r"(\d+)\.[a-z0-9_]+\.(?:tmp|old)", entry.name[len(name) + 2:])
+        if owner is not None and not _alive(int(owner[1])):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -1,0 +1,42 @@
+"""The output directory's atomic writing (``converters.output_directory``)."""
+
+import os
+import subprocess
+import sys
+
+from converters.output_directory import _remove_leftovers, write_artifacts
+
+
+def _gone_pid() -> int:
+    """A process id that no process has now: a child's, after it was reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_the_outputs_own_leftovers_of_gone_processes_are_removed(tmp_path):
+    """``.a.PID.RANDOM.tmp`` of a gone process is removed; a sibling output ``a.N``'s temporary directory
+    (``.a.N.PID.RANDOM.tmp``) is not, though N names no process (a helper's probe: it was deleted while
+    that conversion wrote it), nor a live process's, nor other names."""
+    gone = _gone_pid()
+    leftover = tmp_path / f".a.{gone}.k2x_9qzv.tmp"
+    leftover_old = tmp_path / f".a.{gone}.abcdefgh.old"
+    sibling = tmp_path / f".a.{gone}.{os.getpid()}.k2x_9qzv.tmp"  # output "a.<gone>", its writer alive
+    live = tmp_path / f".a.{os.getpid()}.abcdefgh.tmp"
+    others = [tmp_path / ".a.notes", tmp_path / f".a.{gone}.tmp", tmp_path / f".b.{gone}.abcdefgh.tmp"]
+    for d in (leftover, leftover_old, sibling, live, *others):
+        d.mkdir()
+    _remove_leftovers(tmp_path, "a")
+    assert not leftover.exists() and not leftover_old.exists()
+    assert sibling.exists() and live.exists() and all(d.exists() for d in others)
+
+
+def test_a_write_replaces_its_own_leftovers_and_keeps_a_siblings_work(tmp_path):
+    gone = _gone_pid()
+    leftover = tmp_path / f".out.{gone}.abcdefgh.tmp"
+    sibling = tmp_path / f".out.{gone}.{os.getpid()}.abcdefgh.tmp"
+    leftover.mkdir()
+    sibling.mkdir()
+    write_artifacts(tmp_path / "out", False, {"manifest.json": b"{}"})
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == b"{}"
+    assert not leftover.exists() and sibling.exists()

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from shadownet.exceptions import ArtifactError
 
+# The artifacts' contract (ARCHITECTURE.md): the manifest's format and the three files; the runtime reads
+# them by these names (``shadownet.artifacts``).
+FORMAT = "shadownet-artifacts"
 UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
 ARTIFACTS = frozenset({UNTRUSTED, SECRETS, MANIFEST})
 

@@ -38,7 +38,7 @@ from converters.original_model import (
     tflite_bytes,
     why_nothing_offloaded,
 )
-from converters.output_directory import MANIFEST, SECRETS, UNTRUSTED, check_output, write_artifacts
+from converters.output_directory import FORMAT, MANIFEST, SECRETS, UNTRUSTED, check_output, write_artifacts
 from converters.partition import input_rounds, partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
@@ -48,7 +48,6 @@ from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
 from tee_sim.program import round_of, write_program
 
-FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1
 
 

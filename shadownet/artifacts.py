@@ -20,14 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from converters.output_directory import FORMAT, MANIFEST, SECRETS, UNTRUSTED
 from shadownet.exceptions import ArtifactError, InputError, SecurityError
 from tee_sim.program import MAX_INPUT, wire_dtype
 
-FORMAT = "shadownet-artifacts"
 KNOWN_VERSIONS = frozenset({1})
-UNTRUSTED = "untrusted.tflite"
-SECRETS = "secrets.sealed"
-MANIFEST = "manifest.json"
 ALIGNMENT = 64
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists tensors and buffers: megabytes at most
 MAX_SIZE = 1 << 40  # bound on any byte count or offset (a damaged number must not reach mmap or numpy)

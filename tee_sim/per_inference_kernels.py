@@ -10,6 +10,7 @@ sends, the user's input read once.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,11 @@ class PerInferenceKernels:
 
     def __init__(self, online: PerInference, shm_shapes: dict[str, tuple[int, ...]],
                  masks: dict[str, dict[str, Any]]) -> None:
-        self.online = online
+        # Weakly: the model's PerInference holds these kernels, and a cycle kept its secure-world state (the
+        # pool's arrays, a view of the shared untrusted.tflite) after CLOSE_SESSION until the garbage
+        # collector ran: 12 stale mappings of closed sessions, the secure world's memory 170-420 MB for a
+        # verified MiniVGG loaded and closed in a loop (a helper's probe). What ``wrap`` compiles holds it.
+        self._online = weakref.ref(online)
         # The verified model's secure copy of a round's input (what the push sends, checked against).
         self._x = (online.account(max(math.prod(shm_shapes[i]) for i in online.by_input), np.float32)
                    if online.by_input else None)
@@ -58,6 +63,12 @@ class PerInferenceKernels:
         self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
                                 if name.startswith("input/")), default=0)
         self._input_copy: np.ndarray | None = None
+
+    @property
+    def online(self) -> PerInference:
+        online = self._online()
+        assert online is not None, "the kernels outlived their model's material"
+        return online
 
     def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
              compile_: Callable[..., Callable[[], Any]]) -> Callable[[], Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import warnings
@@ -125,11 +126,11 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "takes secure memory in every pool entry (with 'all', MobileNet's outputs measured "
                       "7e-4 relative error at the median, up to 3e-3, against 5e-5 and 1.7e-4 with "
                       "'first'; see SECURITY.md)", stacklevel=2)
-    _warn_of_large_refill_layers(graph, part, one_time)
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
     plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
+    _warn_of_large_refill_layers(plan.program)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
     # A one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do not: static
     # masks, and a one-time mask whose input had no spread on the calibration inputs (all zeros).
@@ -183,21 +184,25 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
 LARGE_REFILL_LAYER = 32 << 20
 
 
-def _warn_of_large_refill_layers(graph: Any, part: Any, one_time: Sequence[int]) -> None:
-    """Warn when a layer of a round with one-time masks holds LARGE_REFILL_LAYER bytes of weights or more:
-    the trusted app reads a layer's obfuscated weights into secure memory, whole, to make its unblinding
-    terms at every refill (``tee_sim.obfuscated_weights.Weights``), on top of everything else it holds (a
-    32768 x 512 dense first layer, 64 MiB, does not load under the 64 MiB cap)."""
+def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
+    """Warn when a layer whose one-time masks' unblinding terms the trusted app makes holds
+    LARGE_REFILL_LAYER bytes of obfuscated weights or more: the TA reads the layer's weights from
+    ``untrusted.tflite`` into secure memory, whole, at every refill of its pool
+    (``tee_sim.obfuscated_weights.Weights``), on top of everything else it holds. The obfuscated weights,
+    as the TA reads them: an exactly split layer's are four times the original's (its input and output
+    channels doubled; a helper's probe: a 16 MiB dense first layer converted without a warning, then did not
+    load under the 64 MiB cap)."""
+    layers = program.get("layers") or {}
     large = []
-    for r in one_time:
-        for i in part.rounds[r - 1]:
-            data = graph.tensors[graph.ops[i].inputs[1]].data
-            if data is not None and data.size * 4 >= LARGE_REFILL_LAYER:
-                large.append(f"{graph.describe_op(i)} of round {r}: {data.size * 4 / (1 << 20):.0f} MiB")
+    for name in sorted({o["layer"] for o in (program.get("one_time") or {}).get("offsets", {}).values()}):
+        nbytes = 4 * math.prod(layers[name]["weights_at"][1])
+        if nbytes >= LARGE_REFILL_LAYER:
+            large.append(f"{layers[name].get('kind', 'layer')} {name}: {nbytes / (1 << 20):.0f} MiB")
     if large:
-        warnings.warn(f"one-time masks on layers with large weights ({'; '.join(large)}): the trusted app "
-                      "reads such a layer's weights into secure memory whole at every refill of its pool, "
-                      "beside what else it holds; under OP-TEE's default 64 MiB the model may not load",
+        warnings.warn(f"one-time masks on layers with large obfuscated weights ({'; '.join(large)}): the "
+                      "trusted app reads such a layer's weights into secure memory whole at every refill of "
+                      "its pool, beside what else it holds; under OP-TEE's default 64 MiB the model may not "
+                      "load",
                       stacklevel=3)
 
 

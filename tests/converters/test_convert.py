@@ -465,20 +465,25 @@ def test_without_seed_secrets_differ_and_no_warning(conv_model, device, tmp_path
     assert untrusted[0] != untrusted[1]
 
 
+@pytest.mark.parametrize("split", ["none", "first"])
 def test_conversion_warns_of_one_time_layers_too_large_for_secure_memory(conv_model, device, tmp_path,
-                                                                        monkeypatch):
-    """The trusted app reads a one-time-masked layer's weights whole into secure memory at each refill: a
-    32768 x 512 dense first layer (64 MiB) did not load under the default cap, and nothing said why before.
-    (The threshold is lowered here to this small model's first layer.)"""
+                                                                        monkeypatch, split):
+    """The trusted app reads a one-time-masked layer's obfuscated weights whole into secure memory at each
+    refill: a 32768 x 512 dense first layer (64 MiB) did not load under the default cap, and nothing said why
+    before. The size warned of is the obfuscated weights': an exactly split layer's are four times the
+    original's (a helper's probe: a 16 MiB dense layer, split, converted silently and did not load). (The
+    threshold is lowered here to between this small model's first layer and four times it.)"""
     from converters import pipeline
 
-    for threshold, warned in ((pipeline.LARGE_REFILL_LAYER, False), (64, True)):
+    original = 4 * 8 * 3 * 3 * 3  # the first conv's weights: 864 bytes
+    for threshold, warned in ((pipeline.LARGE_REFILL_LAYER, False), (2 * original, split == "first")):
         monkeypatch.setattr(pipeline, "LARGE_REFILL_LAYER", threshold)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            convert(conv_model, tmp_path / f"out{threshold}", device=device, seed=7)
-        said = [str(w.message) for w in caught if "large weights" in str(w.message)]
-        assert len(said) == warned and all("of round 1" in s and "64 MiB" in s for s in said), said
+            convert(conv_model, tmp_path / f"out{threshold}", device=device, seed=7,
+                    scheme=f"groupmix:exact_split={split}")
+        said = [str(w.message) for w in caught if "large obfuscated weights" in str(w.message)]
+        assert len(said) == warned and all("CONV_2D round_1/" in s and "MiB" in s for s in said), said
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "3", True])

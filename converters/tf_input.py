@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shadownet.exceptions import ModelFormatError
+from shadownet.exceptions import ModelFormatError, debugging
 
 # What TensorFlow's libraries write to standard error on every import, before its log level applies.
 _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -60,7 +60,7 @@ def _native_stderr() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             spool.seek(0)
-            debug = bool(os.environ.get("SHADOWNET_DEBUG"))
+            debug = debugging()
             for line in spool.read().decode(errors="replace").splitlines():
                 if debug or not (failed or any(notice in line for notice in _NOTICES)):
                     print(line, file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(exc: Exception) -> int:
-    from shadownet.exceptions import ShadowNetError
+    from shadownet.exceptions import ShadowNetError, debugging
     from tee_sim.errors import TEEC_ORIGIN_API, TEEError  # the secure world's own answer (e.g. its storage)
 
     if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
@@ -290,10 +291,13 @@ def _report(exc: Exception) -> int:
             message = exc.message  # the client library refused a setting: its code adds nothing
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
             message = f"{exc.filename}: {exc.strerror}"
-        print(f"shadownet: error: {message}".splitlines()[0], file=sys.stderr)
+        print(f"shadownet: error: {message.splitlines()[0]}", file=sys.stderr)
         return 1
-    if os.environ.get("SHADOWNET_DEBUG"):
-        raise exc
-    print(f"shadownet: internal error ({type(exc).__name__}: {exc}); set SHADOWNET_DEBUG=1 for a traceback"
-          .splitlines()[0], file=sys.stderr)
+    first = (str(exc).splitlines() or [""])[0]
+    if debugging():
+        traceback.print_exception(exc)
+        print(f"shadownet: internal error ({type(exc).__name__}: {first})", file=sys.stderr)
+    else:
+        print(f"shadownet: internal error ({type(exc).__name__}: {first}); set SHADOWNET_DEBUG=1 for a "
+              "traceback", file=sys.stderr)
     return 3  # not 2, argparse's for a flag the user mistyped: this one is ours

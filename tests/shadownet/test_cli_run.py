@@ -299,3 +299,28 @@ def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):
 ])
 def test_paths_and_lists_that_name_nothing_are_one_line_before_any_work(argv, message, capsys):
     assert message in _one_line_error(capsys, main(argv))
+
+
+@pytest.mark.parametrize("debug", [None, "0", "1"])
+def test_an_internal_error_exits_3_in_one_line_and_a_traceback_only_when_debugging(tmp_path, capsys,
+                                                                                   monkeypatch, debug):
+    """A bug (an exception no user input explains) exits 3 whether or not SHADOWNET_DEBUG asks for its
+    traceback (it exited 1 with one, as a user's error does), and its line keeps its end when the message
+    has several lines ('boom' cut the hint off); SHADOWNET_DEBUG=0 is off (a helper's probe)."""
+    import shadownet.api as api
+
+    def boom(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(api, "run_cli", boom)
+    if debug is None:
+        monkeypatch.delenv("SHADOWNET_DEBUG", raising=False)
+    else:
+        monkeypatch.setenv("SHADOWNET_DEBUG", debug)
+    assert main(["run", str(tmp_path), "--input", str(tmp_path / "x.npy")]) == 3
+    err = capsys.readouterr().err
+    assert ("Traceback" in err) == (debug == "1"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shadownet: internal error (RuntimeError: boom)"), err
+    if debug != "1":
+        assert err.count("\n") == 1 and last.endswith("set SHADOWNET_DEBUG=1 for a traceback"), err

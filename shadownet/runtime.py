@@ -1,5 +1,6 @@
 """Protected inference in the normal world: ``load`` -> ``ProtectedModel``, which drives an accelerator
-(``shadownet.accelerator``) and the TEE (its errors become ``shadownet.exceptions``: ``.tee_errors``).
+(``shadownet.accelerator``) and the TEE (its session opened in ``.ta_session``; its errors become
+``shadownet.exceptions``: ``.tee_errors``).
 
 One inference with R rounds (the layout is the manifest's, see ``shadownet.artifacts``)::
 
@@ -14,12 +15,8 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-import uuid
-import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,24 +32,14 @@ from shadownet.artifacts import (
     check_inputs,
     read_artifacts,
 )
-from shadownet.exceptions import (
-    ArtifactError,
-    ClosedError,
-    SecureMemoryError,
-    ShadowNetError,
-)
+from shadownet.exceptions import ClosedError, ShadowNetError
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.secure_core import on_secure_core
 from shadownet.shared_buffers import SharedBuffers, quietly
-from shadownet.tee_errors import LOST_SESSION, translate_tee_error, translated
+from shadownet.ta_session import add_open_model, load_options, open_session, shadownet_ta
+from shadownet.tee_errors import LOST_SESSION, translate_tee_error
 from tee_sim import TEEError
 from tee_sim import ta_shadownet_commands as commands
-
-# The protected models this process holds open: a load that runs out of secure memory names them. The lock:
-# a set that another thread's load adds to while it is listed would raise.
-_open_models: weakref.WeakSet[Any] = weakref.WeakSet()
-_open_models_lock = threading.Lock()
-os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
 
 
 class _NotStarted(Exception):
@@ -88,21 +75,12 @@ class ProtectedModel:
                  accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
                  mask_pool: int | None = None, on_exhausted: str = "refill",
                  background_refill: bool = True) -> None:
-        if on_exhausted not in ("refill", "fail"):
-            raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
-        most = commands.MAX_POOL_CAPACITY
-        if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, int)
-                                      or not 1 <= mask_pool <= most):
-            raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
         self.artifacts = artifacts
         self.verify = bool(verify)
         masks = artifacts.manifest.get("masks") or {}
         self.one_time_rounds: tuple[int, ...] = tuple(masks.get("one_time_rounds") or ())
         per_inference = self.verify or bool(self.one_time_rounds)
-        flags = (commands.LOAD_VERIFY if self.verify else 0) | \
-            (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
-            (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
-        self._load_options = (flags, mask_pool or 0)
+        self._load_options = load_options(self.verify, mask_pool, on_exhausted, per_inference)
         self._refiller: BackgroundRefill | None = None
         self._waiting = 0  # callers waiting for the lock: the background refill yields to them
         self._waiting_lock = threading.Lock()
@@ -115,11 +93,7 @@ class ProtectedModel:
         self._session: Any = None
         self._context: Any = None  # the TEE context the session is on (_open)
         self._buffers = SharedBuffers(artifacts)
-        expected_uuid = uuid.UUID(str(commands.UUID))
-        if uuid.UUID(artifacts.ta_uuid) != expected_uuid:
-            raise ArtifactError(f"{artifacts.directory} was made for trusted app {artifacts.ta_uuid}, not "
-                                f"ShadowNet's ({expected_uuid})")
-        self._uuid = expected_uuid
+        self._uuid = shadownet_ta(artifacts)
         self._run_step = int(commands.Command.RUN_STEP)
         self._steps: list[Callable[..., None]] = []  # RUN_STEP 0..R, prepared once per session
         # Inputs by tensor name, or by signature name where that is no input's tensor name (a signature may
@@ -147,8 +121,7 @@ class ProtectedModel:
             self._buffers.release()
             raise
         after_fork.track(self)
-        with _open_models_lock:
-            _open_models.add(self)
+        add_open_model(self)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -163,72 +136,9 @@ class ProtectedModel:
 
     # --- session life cycle -------------------------------------------------------------------------------
     def _open(self) -> None:
-        """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash)."""
-        where = f"loading {self.artifacts.directory}"
-        with translated(where):  # starting the secure world may fail too (a TEEError before)
-            context = self._context = tee_sim.default_context()
-            session = context.open_session(self._uuid)
-        try:
-            with translated(where):
-                # The options, then the manifest's digest: the TA checks that the layout, rounds and
-                # tensors this runtime acts on are the ones sealed with the secrets.
-                params = [tee_sim.TempMemRef(self.artifacts.secrets),
-                          tee_sim.TempMemRef(self.artifacts.untrusted), tee_sim.Value(*self._load_options),
-                          tee_sim.TempMemRef(commands.manifest_digest(self.artifacts.manifest))]
-                session.invoke_command(commands.Command.LOAD_MODEL, params)
-                if self.accelerator is None:
-                    # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
-                    # reported as the SecurityError it is, not as a LiteRT or layout error.
-                    self.accelerator = self._make_accelerator()
-                self._buffers.ensure_registered(context, self.accelerator)
-                self._buffers.bind(session)
-                if self._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
-                    self._buffers.bind_weights(context, session)
-            # Verified, the rounds the TA computes whole (it restores those results from its own
-            # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
-            # run: the TA says which.
-            skipped: frozenset[int] = frozenset()
-            if self.verify:
-                checks = pool_stats(session)["verify"]
-                skipped = frozenset(map(int, checks.get("computed_rounds", ())))
-                if checks.get("capped"):
-                    warnings.warn(f"verify: {checks['capped']} of {checks.get('layers', 0)} checked layers "
-                                  "would need more than 16 projections for the 2^-20 bound and its margin on "
-                                  "the calibration inputs (their results concentrate in few directions: "
-                                  "SECURITY.md); their checks may fall short of 2^-20 - "
-                                  "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=3)
-        except SecureMemoryError as exc:
-            quietly(session.close)
-            reasons = []  # what the user chose that the model needs the memory for
-            if self.verify:
-                reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
-                               "in secure memory: without it the model needs less")
-            carrying = (self.artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
-            if len(self.one_time_rounds) > 1:
-                chosen = len(self.one_time_rounds) > len(carrying)
-                reasons.append(f"one-time masks on {len(self.one_time_rounds)} rounds keep a pool of masks "
-                               "with their unblinding terms, and what refilling it takes, in secure memory"
-                               + (": converted with --mask-rounds first the model needs less" if chosen else
-                                  f" ({len(carrying)} rounds carry a user input, and take them whatever "
-                                  "--mask-rounds says)"))
-            with _open_models_lock:
-                open_now = list(_open_models)
-            others = [m for m in open_now if m is not self and not m._closed and m._session is not None
-                      and m._context is context]
-            if others:
-                one = len(others) == 1
-                named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
-                    + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-                reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
-                               f"process hold{'s' if one else ''} secure memory on the same device "
-                               f"({named}): closing {'it' if one else 'them'} frees it")
-            if not reasons:
-                raise
-            raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
-        except BaseException:
-            quietly(session.close)
-            raise
-        self.skipped_rounds = skipped
+        """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash):
+        ``shadownet.ta_session``."""
+        session, self._context, self.skipped_rounds = open_session(self)
         # Prepared once: an inference calls these and nothing is marshalled on its path. The client's own
         # time per TEE entry fell from 8.3-8.9 to 3.9-4.1 us (ResNet-404: 405 entries per inference).
         self._steps = [session.prepare_command(self._run_step, [tee_sim.Value(a=s)])

@@ -480,12 +480,12 @@ def test_a_child_forked_while_a_load_lists_the_open_models_loads_its_own(small):
     one out of secure memory listing them): the child's loads hung on it for ever (a review's)."""
     script = textwrap.dedent(f"""
         import os, signal, threading, shadownet
-        from shadownet import runtime
+        from shadownet import ta_session
 
         held, release = threading.Event(), threading.Event()
 
         def hold():
-            with runtime._open_models_lock:
+            with ta_session._open_models_lock:
                 held.set()
                 release.wait()
 

@@ -1,0 +1,136 @@
+"""A protected model's session of the ShadowNet trusted app: the trusted app its artifacts were made for
+(``shadownet_ta``), the options its LOAD_MODEL takes (``load_options``), the session opened with the model
+loaded and its shared memory bound (``open_session``: at load, and again after the secure world was lost),
+and what a load the secure world has no memory for says: what the model needs the memory for, and the
+other protected models this process holds open on the same device (``add_open_model``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import tee_sim
+from shadownet.artifacts import Artifacts
+from shadownet.exceptions import ArtifactError, SecureMemoryError
+from shadownet.refill import pool_stats
+from shadownet.shared_buffers import quietly
+from shadownet.tee_errors import translated
+from tee_sim import ta_shadownet_commands as commands
+
+if TYPE_CHECKING:
+    from shadownet.runtime import ProtectedModel
+
+# The protected models this process holds open: a load that runs out of secure memory names them. The lock:
+# a set that another thread's load adds to while it is listed would raise.
+_open_models: weakref.WeakSet[Any] = weakref.WeakSet()
+_open_models_lock = threading.Lock()
+os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
+
+
+def add_open_model(model: ProtectedModel) -> None:
+    """Count ``model`` among the protected models this process holds open (until it is collected)."""
+    with _open_models_lock:
+        _open_models.add(model)
+
+
+def shadownet_ta(artifacts: Artifacts) -> uuid.UUID:
+    """The UUID of ShadowNet's trusted app; ``ArtifactError`` if ``artifacts`` were made for another."""
+    expected_uuid = uuid.UUID(str(commands.UUID))
+    if uuid.UUID(artifacts.ta_uuid) != expected_uuid:
+        raise ArtifactError(f"{artifacts.directory} was made for trusted app {artifacts.ta_uuid}, not "
+                            f"ShadowNet's ({expected_uuid})")
+    return expected_uuid
+
+
+def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
+                 per_inference: bool) -> tuple[int, int]:
+    """LOAD_MODEL's options for ``shadownet.load``'s arguments: (flags, pool entries; 0 for the TA's
+    default); ``ValueError`` for an ``on_exhausted`` or ``mask_pool`` the trusted app does not take.
+    ``per_inference``: the model has one-time masks or is verified."""
+    if on_exhausted not in ("refill", "fail"):
+        raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
+    most = commands.MAX_POOL_CAPACITY
+    if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, int)
+                                  or not 1 <= mask_pool <= most):
+        raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
+    flags = (commands.LOAD_VERIFY if verify else 0) | \
+        (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
+        (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
+    return flags, mask_pool or 0
+
+
+def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
+    """Open a ShadowNet TA session for ``model``, load the model, make its accelerator (the first time),
+    bind the shared memory. Returns (the session, its TEE context, the rounds the TA computes whole)."""
+    artifacts = model.artifacts
+    where = f"loading {artifacts.directory}"
+    with translated(where):  # starting the secure world may fail too (a TEEError before)
+        context = tee_sim.default_context()
+        session = context.open_session(model._uuid)
+    try:
+        with translated(where):
+            # The options, then the manifest's digest: the TA checks that the layout, rounds and
+            # tensors this runtime acts on are the ones sealed with the secrets.
+            params = [tee_sim.TempMemRef(artifacts.secrets),
+                      tee_sim.TempMemRef(artifacts.untrusted), tee_sim.Value(*model._load_options),
+                      tee_sim.TempMemRef(commands.manifest_digest(artifacts.manifest))]
+            session.invoke_command(commands.Command.LOAD_MODEL, params)
+            if model.accelerator is None:
+                # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
+                # reported as the SecurityError it is, not as a LiteRT or layout error.
+                model.accelerator = model._make_accelerator()
+            model._buffers.ensure_registered(context, model.accelerator)
+            model._buffers.bind(session)
+            if model._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
+                model._buffers.bind_weights(context, session)
+        # Verified, the rounds the TA computes whole (it restores those results from its own
+        # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
+        # run: the TA says which.
+        skipped: frozenset[int] = frozenset()
+        if model.verify:
+            checks = pool_stats(session)["verify"]
+            skipped = frozenset(map(int, checks.get("computed_rounds", ())))
+            if checks.get("capped"):
+                warnings.warn(f"verify: {checks['capped']} of {checks.get('layers', 0)} checked layers "
+                              "would need more than 16 projections for the 2^-20 bound and its margin on "
+                              "the calibration inputs (their results concentrate in few directions: "
+                              "SECURITY.md); their checks may fall short of 2^-20 - "
+                              "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=4)
+    except SecureMemoryError as exc:
+        quietly(session.close)
+        reasons = []  # what the user chose that the model needs the memory for
+        if model.verify:
+            reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
+                           "in secure memory: without it the model needs less")
+        carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
+        one_time_rounds = model.one_time_rounds
+        if len(one_time_rounds) > 1:
+            chosen = len(one_time_rounds) > len(carrying)
+            reasons.append(f"one-time masks on {len(one_time_rounds)} rounds keep a pool of masks "
+                           "with their unblinding terms, and what refilling it takes, in secure memory"
+                           + (": converted with --mask-rounds first the model needs less" if chosen else
+                              f" ({len(carrying)} rounds carry a user input, and take them whatever "
+                              "--mask-rounds says)"))
+        with _open_models_lock:
+            open_now = list(_open_models)
+        others = [m for m in open_now if m is not model and not m._closed and m._session is not None
+                  and m._context is context]
+        if others:
+            one = len(others) == 1
+            named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
+                + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
+                           f"process hold{'s' if one else ''} secure memory on the same device "
+                           f"({named}): closing {'it' if one else 'them'} frees it")
+        if not reasons:
+            raise
+        raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
+    except BaseException:
+        quietly(session.close)
+        raise
+    return session, context, skipped

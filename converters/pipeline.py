@@ -81,6 +81,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     runs one signature); a model of one signature is protected whole.
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.
     """
+    if not isinstance(force, bool | np.bool_):  # "no" would be true
+        raise TypeError(f"force must be True or False, not {force!r}")
     out = Path(out_dir)
     check_output(out, force, [p for p in (model, calibration, device) if isinstance(p, str | os.PathLike)])
     if device_key is not None:

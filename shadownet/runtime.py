@@ -141,8 +141,12 @@ class ProtectedModel:
         session, self._context, self.skipped_rounds = open_session(self)
         # Prepared once: an inference calls these and nothing is marshalled on its path. The client's own
         # time per TEE entry fell from 8.3-8.9 to 3.9-4.1 us (ResNet-404: 405 entries per inference).
-        self._steps = [session.prepare_command(self._run_step, [tee_sim.Value(a=s)])
-                       for s in range(self.num_rounds + 1)]
+        try:
+            self._steps = [session.prepare_command(self._run_step, [tee_sim.Value(a=s)])
+                           for s in range(self.num_rounds + 1)]
+        except BaseException:  # a Ctrl-C here: the session is not this model's yet, so closed here
+            quietly(session.close)
+            raise
         self._session = session
         self._secure_core = None  # until this session's first inference (_infer_on_secure_core)
 
@@ -365,7 +369,7 @@ class ProtectedModel:
         steps = self._steps
         accelerator = self.accelerator
         skipped = self.skipped_rounds
-        self._session_before = session.stats()
+        before = session.stats()
         clock = time.perf_counter
         accelerator_s = tee_s = 0.0
         start = t = clock()
@@ -392,16 +396,18 @@ class ProtectedModel:
             raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
         end = clock()
         tee_s += end - t
-        self._session_after = session.stats()
+        # stats() is of the last call that finished: a failed call's counts would pair its start with the
+        # last finished call's end (negative world switches).
+        self._session_before, self._session_after = before, session.stats()
         self._last = {"total_s": end - start, "accelerator_s": accelerator_s, "tee_s": tee_s}
 
     def stats(self) -> dict[str, Any]:
-        """Costs of the last call: ``world_switches`` (TEE entries), ``rounds``, ``bytes_to_tee`` /
-        ``bytes_from_tee`` (tensors that crossed the boundary through shared memory), ``total_s``,
-        ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s`` (inside the
-        trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in bytes:
-        ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device and
-        ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
+        """Costs of the last call that finished: ``world_switches`` (TEE entries), ``rounds``,
+        ``bytes_to_tee`` / ``bytes_from_tee`` (tensors that crossed the boundary through shared memory),
+        ``total_s``, ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s``
+        (inside the trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in
+        bytes: ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device
+        and ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
         protected model open on the device; asked with one extra TEE entry, outside any inference).
         With one-time masks or ``verify``, ``pool`` (one more TEE entry): ``capacity`` / ``ready`` entries,
         ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in ``offline_s`` seconds
@@ -413,8 +419,7 @@ class ProtectedModel:
         achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
         ``per_inference_secure_memory``: what both hold in the TEE."""
         with self._lock:
-            if self._closed:
-                raise ClosedError("this protected model was closed")
+            self.check_not_closed()
             before, after = self._session_before, self._session_after
             result: dict[str, Any] = {"rounds": self.num_rounds, "scheme": self.artifacts.scheme}
             if after:
@@ -451,6 +456,9 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or not 1 <= num_threads <= MAX_THREADS):
         raise ValueError(f"num_threads must be an int from 1 to {MAX_THREADS}, not {num_threads!r}")
+    for name, flag in (("verify", verify), ("background_refill", background_refill)):
+        if not isinstance(flag, bool | np.bool_):  # "no" would be true
+            raise TypeError(f"{name} must be True or False, not {flag!r}")
     return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
                           accelerator=accelerator, verify=verify, mask_pool=mask_pool,
                           on_exhausted=on_exhausted, background_refill=background_refill)

@@ -7,6 +7,7 @@ other protected models this process holds open on the same device (``add_open_mo
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import uuid
@@ -55,13 +56,13 @@ def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
     if on_exhausted not in ("refill", "fail"):
         raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
     most = commands.MAX_POOL_CAPACITY
-    if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, int)
-                                  or not 1 <= mask_pool <= most):
+    if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, numbers.Integral)
+                                  or not 1 <= mask_pool <= most):  # numpy's integers too, as refill_masks
         raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
     flags = (commands.LOAD_VERIFY if verify else 0) | \
         (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
         (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
-    return flags, mask_pool or 0
+    return flags, int(mask_pool or 0)
 
 
 def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
@@ -100,7 +101,7 @@ def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
                               "would need more than 16 projections for the 2^-20 bound and its margin on "
                               "the calibration inputs (their results concentrate in few directions: "
                               "SECURITY.md); their checks may fall short of 2^-20 - "
-                              "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=4)
+                              "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=5)
     except SecureMemoryError as exc:
         quietly(session.close)
         reasons = []  # what the user chose that the model needs the memory for

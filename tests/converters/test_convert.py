@@ -493,6 +493,16 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_refused(conv_model, device
     assert not (tmp_path / "out").exists()
 
 
+def test_force_is_a_boolean(conv_model, device, tmp_path):
+    """force="no" replaced a directory (a helper's probe: a wrong type is a TypeError, as README says)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    with pytest.raises(TypeError, match="force must be True or False"):
+        convert(conv_model, out, device=device, force="no")
+    assert (out / "manifest.json").read_text() == "{}"
+
+
 def test_output_directory_rules(conv_model, device, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -203,6 +203,43 @@ def test_a_mask_pool_the_trusted_app_cannot_hold_is_refused_before_loading(small
         model(*small_cnn.random_inputs())
 
 
+def test_numpys_integers_and_booleans_are_taken_and_other_flags_refused(small_cnn):
+    """``mask_pool`` takes numpy's integers, as ``refill_masks`` does; ``verify`` and ``background_refill``
+    are booleans (``verify="no"`` was taken as true; a helper's probe)."""
+    with shadownet.load(small_cnn.out, mask_pool=np.int64(2), verify=np.bool_(False)) as model:
+        assert model.stats()["pool"]["capacity"] == 2 and not model.verify
+    for flags in ({"verify": "no"}, {"background_refill": 1}):
+        with pytest.raises(TypeError, match=f"{next(iter(flags))} must be True or False"):
+            shadownet.load(small_cnn.out, **flags)
+
+
+def test_stats_are_of_the_last_call_that_finished(small_cnn):
+    """A failed call left stats() pairing its start with the last finished call's end: negative world
+    switches (a helper's review)."""
+    from shadownet.accelerator import AcceleratorWrapper
+
+    class FailsOnce(AcceleratorWrapper):
+        fail = False
+
+        def run_round(self, r):
+            if FailsOnce.fail:
+                FailsOnce.fail = False
+                raise RuntimeError("the accelerator failed")
+            self.inner.run_round(r)
+
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out, accelerator=FailsOnce) as model:
+        model(x)
+        model(x)
+        finished = model.stats()
+        FailsOnce.fail = True
+        with pytest.raises(RuntimeError, match="the accelerator failed"):
+            model(x)
+        after = model.stats()
+        assert after["world_switches"] == finished["world_switches"] == model.num_rounds + 1
+        assert after["total_s"] == finished["total_s"]
+
+
 @pytest.mark.parametrize("num_threads", [0, 257, 50000, True])
 def test_thread_counts_out_of_range_are_refused_before_loading(small_cnn, num_threads):
     # 50000 could not start the refill thread beside LiteRT's, and the process died in the teardown

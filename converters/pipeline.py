@@ -147,7 +147,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
-    if calibration is None and needs_split and any(
+    unmasked = getattr(chosen, "mask_scale", None) == 0  # warned of above: nothing is masked
+    if calibration is None and needs_split and not unmasked and any(
             m["buffer"].startswith("round_1/") and "split" not in m for m in masks):
         # The auto policy measured the mask's rounding on random inputs, which can understate it.
         warnings.warn("round 1's masked input crosses unsplit (converters/exact_split.py): the auto policy "

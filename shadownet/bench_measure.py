@@ -221,8 +221,10 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         try:
             runners["shadownet"] = Protected(out_dir, num_threads, delegate, inputs)
         except SecureMemoryError as exc:  # e.g. one-time masks on more rounds than the cap holds
-            what = f"mask policy {policy!r}" if not static else f"scheme {manifest['scheme']['name']}"
-            raise SecureMemoryError(f"{what} does not fit in the secure-memory cap: {exc}") from exc
+            # Not blamed on the policy: a model may fit under no policy (a large first layer: a probe).
+            what = f"scheme {manifest['scheme']['name']}" + ("" if static else f", mask policy {policy!r}")
+            raise SecureMemoryError(f"the protected model ({what}) does not fit in the secure-memory cap: "
+                                    f"{exc}") from exc
         runners["all-in-tee"] = AllInTEE(tee_context, model, KERNELS_XNNPACK, specs, n_inputs)
         runners["all-in-tee-builtin"] = AllInTEE(tee_context, model, KERNELS_BUILTIN, specs, n_inputs)
         if verify:

@@ -265,8 +265,9 @@ def test_bench_policy_errors(tmp_path, monkeypatch):
         report = bench.run_bench([str(path)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
                                  progress=False, mask_rounds="all")
     (entry,) = report["models"]
-    assert "mask policy 'all' does not fit in the secure-memory cap" in entry["error"]
-    assert "small: not measured: mask policy 'all'" in bench_report.table(report)
+    assert "mask policy 'all') does not fit in the secure-memory cap" in entry["error"]
+    said = "small: not measured: the protected model (scheme groupmix, mask policy 'all')"
+    assert said in bench_report.table(report)
 
 
 def test_bench_measures_a_verified_copy_alone_when_the_pair_does_not_fit(tmp_path, monkeypatch):

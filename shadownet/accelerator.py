@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
-from ai_edge_litert.interpreter import load_delegate
 
 import tee_sim
 from shadownet.artifacts import RoundSpec
@@ -130,7 +128,7 @@ class LiteRTAccelerator:
             self._apply([num_threads] * len(self.rounds))
 
     def use(self, choice: Sequence[int | None]) -> None:
-        """Run round ``r + 1`` on ``choice[r]`` threads (1 or ``num_threads``; ``RoundThreadsTrial``).
+        """Run round ``r + 1`` on ``choice[r]`` threads (1 or ``num_threads``; ``shadownet.round_threads``).
         Unbound until the next ``bind``; the tensors of a round that moved are another interpreter's, whose
         pages the buffers' placement may not match (copied then, until the buffers are placed again). The
         one-thread interpreter stays loaded, for rounds that may move back to it, until ``release_unused``
@@ -367,57 +365,6 @@ class LiteRTAccelerator:
         self.interpreter = self._main = self._single = None  # LiteRT's interpreters, and their threads, go
 
 
-class RoundThreadsTrial:
-    """The one-thread choice of a ``LiteRTAccelerator``'s small rounds, tried on real inferences.
-
-    The load-time timing stands in for the TEE step before each round with a busy pause
-    (``TUNE_PAUSE_S``); whether XNNPACK's workers are still awake when a round starts depends on how long
-    the real step took, on the machine and on whether results are verified. So the runtime reports each
-    inference's accelerator time here, over ``PHASES`` phases of 1 + ``RUNS`` inferences (the first of
-    each not timed: the session's first, or the first after a move, whose pages fault in): as chosen at
-    load, then every round on ``num_threads``, and again both (machine drift hits both alike); the medians
-    decide. ``record`` returns True when the rounds moved: their tensors are another interpreter's, and the
-    runtime places the buffers again to share those tensors' pages, and binds. (Bound to the same buffers
-    instead, the moved rounds' tensors were copied, 3.6 MB per ResNet-44 inference: that arm measured 1.6-1.9
-    ms against 1.0 placed, and lost when it should have won.) A placement costs about what the load's did,
-    in the inference call that ends the phase: ResNet-404 170-200 ms, ResNet-44 15-21 ms, three times in
-    the first 20 calls.
-    Measured on a Zen 5 VM (2 threads, medians of 50 inferences, alternated): the load-time timing put
-    43-44 of ResNet-44's 44 rounds on one thread, 403 of ResNet-404's 404; on two, unverified, ResNet-44
-    1.9-2.1 -> 1.4-1.5 ms, ResNet-404 19.1-19.5 -> 14.6-15.4 ms (real steps of ~15 us: the workers still
-    awake); verified (~40 us steps) within 5% either way.
-    """
-
-    RUNS = 4
-    PHASES = 4  # as chosen, all on num_threads, as chosen, all on num_threads
-
-    def __init__(self, accelerator: LiteRTAccelerator) -> None:
-        self.accelerator = accelerator
-        self.chosen = accelerator.round_threads
-        self.other = (accelerator.num_threads,) * len(self.chosen)
-        self.times: tuple[list[float], list[float]] = ([], [])  # as chosen, all on num_threads
-        self.calls = 0
-        self.done = False
-
-    def record(self, accelerator_s: float | None) -> bool:
-        """One inference's accelerator seconds; True when the rounds moved (class docstring)."""
-        phase, step = divmod(self.calls, 1 + self.RUNS)
-        self.calls += 1
-        if step > 0 and accelerator_s is not None:  # the first of each phase is not timed
-            self.times[phase % 2].append(accelerator_s)
-        if step < self.RUNS:
-            return False
-        if phase + 1 < self.PHASES:
-            self.accelerator.use(self.chosen if phase % 2 else self.other)
-            return True
-        self.done = True  # the last phase ran on num_threads
-        if np.median(self.times[1]) < np.median(self.times[0]):
-            self.accelerator.release_unused()
-            return False  # the rounds stay where they were tried
-        self.accelerator.use(self.chosen)
-        return True
-
-
 def _crowded(where: Mapping[str, tuple[Any, int] | None], buffers: Mapping[str, np.ndarray],
              rounds: Sequence[Sequence[str]]) -> set[str]:
     """The buffers (by name) that overlap another buffer of the same round in the shared memory."""
@@ -478,36 +425,3 @@ class AcceleratorWrapper:
     def close(self) -> None:
         self.buffers = {}  # views of the shared memory: the mapping goes when the last one does
         self.inner.close()
-
-
-def load_delegates(delegate: Any) -> list[Any]:
-    """``load``'s ``delegate`` as the list ``LiteRTAccelerator`` takes: ``None``, a delegate library path or a
-    LiteRT ``Delegate``, or a list of them; a path that does not load is an ``ArtifactError``."""
-    if delegate is None:
-        return []
-    items = delegate if isinstance(delegate, list | tuple) else [delegate]
-    loaded = []
-    for d in items:
-        if isinstance(d, str):
-            _check_delegate_library(d)
-            try:
-                loaded.append(load_delegate(d))
-            except (ValueError, OSError) as exc:
-                raise ArtifactError(f"cannot load the accelerator delegate {d}: {exc}") from None
-        else:
-            loaded.append(d)
-    return loaded
-
-
-def _check_delegate_library(path: str) -> None:
-    """Open ``path`` as LiteRT's ``load_delegate`` would, first: a library that does not load or lacks the
-    external-delegate entry points is an ``ArtifactError`` here. (LiteRT's ``Delegate`` half-built by such a
-    library prints an ignored ``AttributeError`` when it is collected, or raises one.)"""
-    try:
-        library = ctypes.CDLL(path)
-    except OSError as exc:
-        raise ArtifactError(f"cannot load the accelerator delegate {path}: {exc}") from None
-    missing = [name for name in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
-               if not hasattr(library, name)]
-    if missing:
-        raise ArtifactError(f"{path} is not a LiteRT delegate library (no {', '.join(missing)})")

@@ -182,7 +182,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from converters.partition import partition
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
     from converters.schemes import get_scheme, group_min_channels, kept_in_tee
-    from shadownet.accelerator import load_delegates
+    from shadownet.delegates import load_delegates
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     model = model_path.read_bytes()

@@ -24,7 +24,7 @@ import numpy as np
 
 import tee_sim
 from shadownet import MAX_THREADS, after_fork
-from shadownet.accelerator import Accelerator, LiteRTAccelerator, RoundThreadsTrial, load_delegates
+from shadownet.accelerator import Accelerator, LiteRTAccelerator
 from shadownet.artifacts import (
     Artifacts,
     TensorSpec,
@@ -32,8 +32,10 @@ from shadownet.artifacts import (
     check_inputs,
     read_artifacts,
 )
+from shadownet.delegates import load_delegates
 from shadownet.exceptions import ClosedError, ShadowNetError
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
+from shadownet.round_threads import RoundThreadsTrial
 from shadownet.secure_core import on_secure_core
 from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.ta_session import add_open_model, load_options, open_session, shadownet_ta
@@ -67,7 +69,7 @@ class ProtectedModel:
     multiplier 1: ``tee_sim.per_inference``) are not run on the accelerator: ``skipped_rounds``.
 
     The default accelerator's choice of one thread for small rounds (made at load) is tried on the
-    session's first inferences against all rounds on ``num_threads`` (``RoundThreadsTrial``): ``tuning``
+    session's first inferences against all rounds on ``num_threads`` (``shadownet.round_threads``): ``tuning``
     until it is settled.
     """
 

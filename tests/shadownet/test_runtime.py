@@ -492,7 +492,7 @@ def test_the_one_thread_choice_is_tried_on_real_inferences(tmp_path, monkeypatch
     moved. Every inference on the way gives the original's results; the TA holds no more secure memory."""
     import warnings
 
-    from shadownet.accelerator import RoundThreadsTrial
+    from shadownet.round_threads import RoundThreadsTrial
     from tee_sim.shared_pages import MIN_SHARED_BYTES
     from tests.shadownet.small_models import reference, small_cnn
 

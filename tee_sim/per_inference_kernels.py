@@ -9,6 +9,7 @@ sends, the user's input read once.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 
 from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.program import round_of
-from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
+from tee_sim.ta_shadownet_restore_push import SN_RUN, SPREAD_OUTSIDE
 from tee_sim.ta_shadownet_small_ops import compile_copy
 from tee_sim.ta_shadownet_steps import kernel_calls
 
@@ -33,6 +34,11 @@ MAX_MASK_MOVES = 2
 
 def integrity_error(message: str) -> TEEError:
     return TEEError(TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, message)
+
+
+def _place(calls: list[tuple[int, int]] | None, call: tuple[int, int]) -> int:
+    """Where ``call`` is among ``calls`` (-1: not there, or no C calls)."""
+    return calls.index(call) if calls is not None and call in calls else -1
 
 
 class PerInferenceKernels:
@@ -127,6 +133,7 @@ class PerInferenceKernels:
             fetched, src = src, self._read_once(src)
             fetch = compile_copy(fetched, src)  # None: numpy copies it
         spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
+        reports: list[Callable[[], None]] = []  # per slot, a checked restore's report of its failed check
         if mask in online.streams or offset in online.pops or checked:
             variants = []
             for entry in online.entries:
@@ -138,6 +145,7 @@ class PerInferenceKernels:
                     fused = online.checks[result].fused(entry.projections[result][0])
                     online.fused[entry.slot][result] = fused
                     verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
+                    reports.append(verified["on_fail"])
                 measure = online.spread.measure(online.account) if measured else None
                 variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
                 if followed:
@@ -190,6 +198,12 @@ class PerInferenceKernels:
             None if kernel_calls(v) is None or first[slot] is None or sending is None or fetching is None
             else [*fetching, *first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
             for slot, v in enumerate(variants)]
+        if reports:
+            # Per slot, where among those calls the checked kernel is, and its report: a check that failed
+            # on the fast path is reported from that run (``ta_shadownet_steps.failed_check``), not run again.
+            wrapped.check_failed = [  # type: ignore[attr-defined]
+                (_place(calls, (SN_RUN, ctypes.addressof(v.step))), report)
+                for calls, v, report in zip(wrapped.slot_calls, variants, reports, strict=True)]
         return wrapped
 
     def _read_once(self, given: np.ndarray) -> np.ndarray:

@@ -34,12 +34,13 @@ typedef int (*sw_call)(const void *);
  * settles the inference at its next entry; AHEAD: it has nothing to settle nor to take). A call that
  * returns non-zero (a verified restore whose check failed; a one-time mask that must move to its input's
  * spread) stops the step, left unanswered to the trusted app's Python, with cursor = {STOPPED, the step,
- * the call's place in it}: no step runs here until Python has settled it. Python runs that step on from
- * the call's instruction (the ones before it ran, and may have reused a slot an earlier one read, or sent
- * a tensor under a one-time mask: running them again is not safe) and reports what failed, or moves the
- * mask; any other step but a new inference's step 0 ends the inference (a normal world may rewrite the
- * request between this copy of it and Python's). That instruction redoes its whole work (a result the
- * normal world changes back in between then passes its check: only checked results are used). */
+ * the call's place in it, what the call returned}: no step runs here until Python has settled it. A failed
+ * check is an integrity error there, from what this run found: it is not run again (a run again read the
+ * results anew, and a normal world that put the honest ones back in between had its tampering pass
+ * unreported; a helper's probe). Otherwise Python runs that step on from the call's instruction (the ones
+ * before it ran, and may have reused a slot an earlier one read, or sent a tensor under a one-time mask:
+ * running them again is not safe) and moves the mask; any other step but a new inference's step 0 ends
+ * the inference (a normal world may rewrite the request between this copy of it and Python's). */
 typedef struct {
     uint32_t session, cmd;
     int64_t steps, finish;
@@ -92,10 +93,12 @@ int sw_serve(sw_world *w, uint64_t *last) {
             return 1;
         int64_t start = now_ns();
         int64_t k = p->starts[step];
-        while (k < p->ends[step] && p->fns[k](p->args[k]) == 0) k++;
-        if (k < p->ends[step]) { /* a call failed: the TA's Python runs the step on from it */
+        int status = 0;
+        while (k < p->ends[step] && (status = p->fns[k](p->args[k])) == 0) k++;
+        if (k < p->ends[step]) { /* a call failed: the TA's Python settles the step from it */
             p->cursor[1] = (int32_t)step;
             p->cursor[2] = (int32_t)(k - p->starts[step]);
+            p->cursor[3] = status;
             p->cursor[0] = STOPPED;
             return 1;
         }

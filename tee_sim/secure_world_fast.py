@@ -25,15 +25,15 @@ import numpy as np
 MAX_PROGRAMS = 32  # as in the C file
 FINISHED = -1  # a cursor's value after the fast path ran a program's last step, for the app to settle
 AHEAD = -2  # the app has prepared the next inference: the fast path may run its step 0
-STOPPED = -3  # the fast path stopped a step part-way, for the app's Python (cursor[1:3]: the step, the call)
+STOPPED = -3  # the fast path stopped a step part-way, for the app's Python (cursor[1:4]: step, call, status)
 
 
 @dataclass
 class StepProgram:
-    """One session's step command, for the fast path. ``cursor``: int32 ``[3]``: the step the app expects
+    """One session's step command, for the fast path. ``cursor``: int32 ``[4]``: the step the app expects
     next (the app reads and writes it too; ``AHEAD`` for a step 0 the fast path may run; ``STOPPED`` for a
-    step the fast path stopped part-way and handed back to Python), then that step and the place of the call
-    that stopped it (the C file says why); ``calls[s]``:
+    step the fast path stopped part-way and handed back to Python), then that step, the place of the call
+    that stopped it and what that call returned (the C file says why); ``calls[s]``:
     step ``s``'s C calls as ``(function address, argument address)`` pairs, or None where it needs the app's
     Python. ``finish``: the cursor after the last step - ``FINISHED``, which the app settles (statistics,
     the spent pool entry) at its next entry, or ``AHEAD`` when it has nothing to settle nor to prepare.
@@ -47,8 +47,8 @@ class StepProgram:
     arrays: dict[str, np.ndarray] = field(init=False, repr=False)  # calls, flattened for C
 
     def __post_init__(self) -> None:
-        if self.cursor.dtype != np.int32 or self.cursor.shape != (3,) or not self.cursor.flags.c_contiguous:
-            raise ValueError(f"a step program's cursor is int32 [3], not {self.cursor.dtype} "
+        if self.cursor.dtype != np.int32 or self.cursor.shape != (4,) or not self.cursor.flags.c_contiguous:
+            raise ValueError(f"a step program's cursor is int32 [4], not {self.cursor.dtype} "
                              f"{self.cursor.shape}")
         flat = [c for step in self.calls if step is not None for c in step]
         starts, ends, at = [], [], 0

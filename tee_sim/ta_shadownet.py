@@ -112,8 +112,9 @@ class _Model:
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     # The step expected next: a cell the secure world's fast path reads and advances too (step_program);
-    # then the step it handed back to Python and the place in it of the call that failed (-1: none).
-    cursor: np.ndarray = field(default_factory=lambda: np.array([0, -1, -1], np.int32))
+    # then the step it handed back to Python, the place in it of the call that failed (-1: none) and what
+    # that call returned.
+    cursor: np.ndarray = field(default_factory=lambda: np.array([0, -1, -1, 0], np.int32))
     fast: dict[int, StepProgram] | None = None  # step_program's, for these steps, by pool slot
     online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
     shared: bytes | None = None  # key of the program it shares with other sessions (ShadowNetTA._programs)

@@ -15,6 +15,7 @@ from typing import Any
 
 from tee_sim.errors import TEE_ERROR_BAD_STATE, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.secure_world_fast import AHEAD, FINISHED, STOPPED, StepProgram
+from tee_sim.ta_shadownet_restore_push import CHECK_FAILED
 
 
 def run_step(model: Any, step: int) -> None:
@@ -27,9 +28,15 @@ def run_step(model: Any, step: int) -> None:
     expected = int(model.cursor[0])
     online = model.online
     runs = model.steps[step] if 0 <= step < len(model.steps) else []
-    if expected == STOPPED:  # the fast path stopped step cursor[1] at its call cursor[2]
-        stopped, place = int(model.cursor[1]), int(model.cursor[2])
+    if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2], answering cursor[3]
+        stopped, place, status = int(model.cursor[1]), int(model.cursor[2]), int(model.cursor[3])
         at = resumed_at(runs, online, place) if step == stopped else None
+        failed = failed_check(runs[at], online, place - calls_before(runs, online, at), status) \
+            if at is not None else None
+        if failed is not None:  # reported from that run: run again, it would read the results anew
+            model.cursor[0] = 0
+            online.end()
+            failed()  # raises IntegrityError
         if at is not None:  # run on from that call's instruction: the ones before it ran there
             runs = runs[at:]
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
@@ -77,6 +84,24 @@ def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int | 
         if 0 <= place < at:
             return i
     return None
+
+
+def calls_before(runs: list[Callable[[], Any]], online: Any, at: int) -> int:
+    """How many C calls the instructions ``runs[:at]`` of a step make in the current pool slot."""
+    slot = online.current.slot if online is not None and online.current is not None else -1
+    return sum(len(step_calls([run], slot) or ()) for run in runs[:at])
+
+
+def failed_check(run: Callable[[], Any], online: Any, call: int, status: int) -> Callable[[], None] | None:
+    """The report of a failed check (it raises ``IntegrityError``) when the fast path stopped instruction
+    ``run`` at its ``call``-th C call, which returned ``status``, and that call is the instruction's checked
+    kernel saying its check failed (``check_failed``: per pool slot, that call's place among the
+    instruction's and its report, from the figures of the run that failed); else None."""
+    failures = getattr(run, "check_failed", None)
+    if failures is None or online is None or online.current is None:
+        return None
+    place, report = failures[online.current.slot]
+    return report if call == place and status == CHECK_FAILED else None
 
 
 def step_program(model: Any, command: int) -> StepProgram | None:

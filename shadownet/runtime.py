@@ -15,8 +15,10 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -77,6 +79,12 @@ class ProtectedModel:
                  accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
                  mask_pool: int | None = None, on_exhausted: str = "refill",
                  background_refill: bool = True) -> None:
+        for name, flag in (("verify", verify), ("background_refill", background_refill)):
+            if not isinstance(flag, bool | np.bool_):  # "no" would be true
+                raise TypeError(f"{name} must be True or False, not {flag!r}")
+        _check_count("num_threads", num_threads, 1, MAX_THREADS)
+        _check_count("mask_pool", mask_pool, 1, commands.MAX_POOL_CAPACITY)
+        num_threads = None if num_threads is None else int(num_threads)  # numpy's too, as LiteRT takes them
         self.artifacts = artifacts
         self.verify = bool(verify)
         masks = artifacts.manifest.get("masks") or {}
@@ -115,6 +123,7 @@ class ProtectedModel:
         self._session_after: dict[str, Any] = {}
         self._secure_core: int | None = None
         self._trial: RoundThreadsTrial | None = None  # until the accelerator's thread choice is tried
+        self._capped_checks = (0, 0)  # verified: (layers whose projections were capped, layers checked)
         try:
             self._open()
         except BaseException:
@@ -128,6 +137,10 @@ class ProtectedModel:
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
 
+    def holds_session_on(self, context: Any) -> bool:
+        """Whether this model holds a session, and so secure memory, on the TEE of ``context``."""
+        return not self._closed and self._session is not None and self._context is context
+
     def _make_accelerator(self) -> Accelerator:
         num_threads, delegate, wrap = self._accelerator_args
         base = LiteRTAccelerator(self.artifacts.untrusted, self.artifacts.rounds, num_threads,
@@ -140,7 +153,10 @@ class ProtectedModel:
     def _open(self) -> None:
         """Open a ShadowNet TA session, load the model, bind the shared memory (again after a crash):
         ``shadownet.ta_session``."""
-        session, self._context, self.skipped_rounds = open_session(self)
+        opened = open_session(self, self.artifacts, self._uuid, self._load_options, self._buffers,
+                              self.accelerator, self._make_accelerator, self.verify, self.one_time_rounds)
+        session, self._context, self.accelerator = opened.session, opened.context, opened.accelerator
+        self.skipped_rounds, self._capped_checks = opened.skipped, opened.capped
         # Prepared once: an inference calls these and nothing is marshalled on its path. The client's own
         # time per TEE entry fell from 8.3-8.9 to 3.9-4.1 us (ResNet-404: 405 entries per inference).
         try:
@@ -299,8 +315,7 @@ class ProtectedModel:
     def refill_masks(self, entries: int | None = None) -> int:
         """Fill the pool of one-time masks (and, with ``verify``, of check projections) now: until it is
         full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
-        if entries is not None and (isinstance(entries, bool) or not isinstance(entries, int | np.integer)
-                                    or entries < 0):
+        if entries is not None and (not _whole(entries) or entries < 0):
             raise ValueError(f"entries must be a non-negative integer (or None), not {entries!r}")
         with self._lock:
             self._ensure_open()
@@ -455,12 +470,24 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
     (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or not 1 <= num_threads <= MAX_THREADS):
-        raise ValueError(f"num_threads must be an int from 1 to {MAX_THREADS}, not {num_threads!r}")
-    for name, flag in (("verify", verify), ("background_refill", background_refill)):
-        if not isinstance(flag, bool | np.bool_):  # "no" would be true
-            raise TypeError(f"{name} must be True or False, not {flag!r}")
-    return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
-                          accelerator=accelerator, verify=verify, mask_pool=mask_pool,
-                          on_exhausted=on_exhausted, background_refill=background_refill)
+    model = ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
+                           accelerator=accelerator, verify=verify, mask_pool=mask_pool,
+                           on_exhausted=on_exhausted, background_refill=background_refill)
+    capped, layers = model._capped_checks
+    if capped:  # said once, at the load (a session opened again after a lost secure world is the same)
+        warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
+                      "for the 2^-20 bound and its margin on the calibration inputs (their results "
+                      "concentrate in few directions: SECURITY.md); their checks may fall short of 2^-20 - "
+                      "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=2)
+    return model
+
+
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is an integer: Python's or numpy's, not a boolean."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _check_count(name: str, value: Any, low: int, high: int) -> None:
+    """``ValueError`` unless ``value`` is None or an integer from ``low`` to ``high``."""
+    if value is not None and (not _whole(value) or not low <= value <= high):
+        raise ValueError(f"{name} must be an int from {low} to {high}, not {value!r}")

@@ -7,24 +7,21 @@ other protected models this process holds open on the same device (``add_open_mo
 
 from __future__ import annotations
 
-import numbers
 import os
 import threading
 import uuid
-import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import tee_sim
+from shadownet.accelerator import Accelerator
 from shadownet.artifacts import Artifacts
 from shadownet.exceptions import ArtifactError, SecureMemoryError
 from shadownet.refill import pool_stats
-from shadownet.shared_buffers import quietly
+from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.tee_errors import translated
 from tee_sim import ta_shadownet_commands as commands
-
-if TYPE_CHECKING:
-    from shadownet.runtime import ProtectedModel
 
 # The protected models this process holds open: a load that runs out of secure memory names them. The lock:
 # a set that another thread's load adds to while it is listed would raise.
@@ -33,7 +30,7 @@ _open_models_lock = threading.Lock()
 os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
 
 
-def add_open_model(model: ProtectedModel) -> None:
+def add_open_model(model: Any) -> None:
     """Count ``model`` among the protected models this process holds open (until it is collected)."""
     with _open_models_lock:
         _open_models.add(model)
@@ -50,66 +47,73 @@ def shadownet_ta(artifacts: Artifacts) -> uuid.UUID:
 
 def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
                  per_inference: bool) -> tuple[int, int]:
-    """LOAD_MODEL's options for ``shadownet.load``'s arguments: (flags, pool entries; 0 for the TA's
-    default); ``ValueError`` for an ``on_exhausted`` or ``mask_pool`` the trusted app does not take.
+    """LOAD_MODEL's options for ``shadownet.load``'s arguments (checked there): (flags, pool entries; 0 for
+    the TA's default); ``ValueError`` for an ``on_exhausted`` the trusted app does not take.
     ``per_inference``: the model has one-time masks or is verified."""
     if on_exhausted not in ("refill", "fail"):
         raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
-    most = commands.MAX_POOL_CAPACITY
-    if mask_pool is not None and (isinstance(mask_pool, bool) or not isinstance(mask_pool, numbers.Integral)
-                                  or not 1 <= mask_pool <= most):  # numpy's integers too, as refill_masks
-        raise ValueError(f"mask_pool must be an int from 1 to {most}, not {mask_pool!r}")
     flags = (commands.LOAD_VERIFY if verify else 0) | \
         (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
         (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
     return flags, int(mask_pool or 0)
 
 
-def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
-    """Open a ShadowNet TA session for ``model``, load the model, make its accelerator (the first time),
-    bind the shared memory. Returns (the session, its TEE context, the rounds the TA computes whole)."""
-    artifacts = model.artifacts
+class Opened(NamedTuple):
+    """What ``open_session`` opened: the session, its TEE context, the accelerator (made the first time),
+    the rounds the TA computes whole (verified: not run on the accelerator) and, verified, the checks whose
+    projections were capped short of the bound (``(capped, layers)``; ``(0, 0)`` otherwise)."""
+
+    session: Any
+    context: Any
+    accelerator: Accelerator
+    skipped: frozenset[int]
+    capped: tuple[int, int]
+
+
+def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple[int, int],
+                 buffers: SharedBuffers, accelerator: Accelerator | None,
+                 make_accelerator: Callable[[], Accelerator], verify: bool,
+                 one_time_rounds: Sequence[int]) -> Opened:
+    """Open a session of trusted app ``ta`` for ``model`` (a ``ProtectedModel``, named in what another
+    model's failed load says), load ``artifacts`` with LOAD_MODEL's ``options`` (``load_options``), make
+    the accelerator (``make_accelerator()``, when ``accelerator`` is None: the first time), bind the shared
+    memory (``buffers``)."""
     where = f"loading {artifacts.directory}"
     with translated(where):  # starting the secure world may fail too (a TEEError before)
         context = tee_sim.default_context()
-        session = context.open_session(model._uuid)
+        session = context.open_session(ta)
     try:
         with translated(where):
             # The options, then the manifest's digest: the TA checks that the layout, rounds and
             # tensors this runtime acts on are the ones sealed with the secrets.
             params = [tee_sim.TempMemRef(artifacts.secrets),
-                      tee_sim.TempMemRef(artifacts.untrusted), tee_sim.Value(*model._load_options),
+                      tee_sim.TempMemRef(artifacts.untrusted), tee_sim.Value(*options),
                       tee_sim.TempMemRef(commands.manifest_digest(artifacts.manifest))]
             session.invoke_command(commands.Command.LOAD_MODEL, params)
-            if model.accelerator is None:
+            if accelerator is None:
                 # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
                 # reported as the SecurityError it is, not as a LiteRT or layout error.
-                model.accelerator = model._make_accelerator()
-            model._buffers.ensure_registered(context, model.accelerator)
-            model._buffers.bind(session)
-            if model._load_options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
-                model._buffers.bind_weights(context, session)
+                accelerator = make_accelerator()
+            buffers.ensure_registered(context, accelerator)
+            buffers.bind(session)
+            if options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
+                buffers.bind_weights(context, session)
         # Verified, the rounds the TA computes whole (it restores those results from its own
         # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
         # run: the TA says which.
         skipped: frozenset[int] = frozenset()
-        if model.verify:
+        capped = (0, 0)
+        if verify:
             checks = pool_stats(session)["verify"]
             skipped = frozenset(map(int, checks.get("computed_rounds", ())))
-            if checks.get("capped"):
-                warnings.warn(f"verify: {checks['capped']} of {checks.get('layers', 0)} checked layers "
-                              "would need more than 16 projections for the 2^-20 bound and its margin on "
-                              "the calibration inputs (their results concentrate in few directions: "
-                              "SECURITY.md); their checks may fall short of 2^-20 - "
-                              "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=5)
+            capped = (int(checks.get("capped", 0)), int(checks.get("layers", 0)))
     except SecureMemoryError as exc:
         quietly(session.close)
         reasons = []  # what the user chose that the model needs the memory for
-        if model.verify:
+        if verify:
             reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
                            "in secure memory: without it the model needs less")
         carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
-        one_time_rounds = model.one_time_rounds
         if len(one_time_rounds) > 1:
             chosen = len(one_time_rounds) > len(carrying)
             reasons.append(f"one-time masks on {len(one_time_rounds)} rounds keep a pool of masks "
@@ -119,8 +123,7 @@ def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
                               "--mask-rounds says)"))
         with _open_models_lock:
             open_now = list(_open_models)
-        others = [m for m in open_now if m is not model and not m._closed and m._session is not None
-                  and m._context is context]
+        others = [m for m in open_now if m is not model and m.holds_session_on(context)]
         if others:
             one = len(others) == 1
             named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
@@ -134,4 +137,4 @@ def open_session(model: ProtectedModel) -> tuple[Any, Any, frozenset[int]]:
     except BaseException:
         quietly(session.close)
         raise
-    return session, context, skipped
+    return Opened(session, context, accelerator, skipped, capped)

@@ -674,6 +674,23 @@ def test_an_interrupted_close_or_load_leaves_nothing_behind(small, monkeypatch):
     monkeypatch.setattr(tee_sim.SharedMemory, "ndarray", real_ndarray)
     assert set(context._shms) == before
 
+    # A Ctrl-C while the new session's steps are prepared: the session, not yet the model's, is closed (a
+    # review: it stayed open, with its secure memory, for the context's life).
+    sessions = set(context._sessions)
+    real_prepare, prepared = tee_sim.Session.prepare_command, []
+
+    def prepare_interrupted(self, *args, **kw):
+        prepared.append(1)
+        if len(prepared) == 2:
+            raise KeyboardInterrupt
+        return real_prepare(self, *args, **kw)
+
+    monkeypatch.setattr(tee_sim.Session, "prepare_command", prepare_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shadownet.load(small.out, background_refill=False)
+    monkeypatch.setattr(tee_sim.Session, "prepare_command", real_prepare)
+    assert set(context._sessions) == sessions and set(context._shms) == before
+
 
 def test_a_secure_world_that_cannot_start_is_a_shadownet_error(small):
     """A secure core the process may not use: load() raised tee_sim's raw TEEError, which an app's

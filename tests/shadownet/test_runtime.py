@@ -206,8 +206,10 @@ def test_a_mask_pool_the_trusted_app_cannot_hold_is_refused_before_loading(small
 def test_numpys_integers_and_booleans_are_taken_and_other_flags_refused(small_cnn):
     """``mask_pool`` takes numpy's integers, as ``refill_masks`` does; ``verify`` and ``background_refill``
     are booleans (``verify="no"`` was taken as true; a helper's probe)."""
-    with shadownet.load(small_cnn.out, mask_pool=np.int64(2), verify=np.bool_(False)) as model:
+    with shadownet.load(small_cnn.out, mask_pool=np.int64(2), verify=np.bool_(False),
+                        num_threads=np.int32(2)) as model:
         assert model.stats()["pool"]["capacity"] == 2 and not model.verify
+        model(*small_cnn.random_inputs())
     for flags in ({"verify": "no"}, {"background_refill": 1}):
         with pytest.raises(TypeError, match=f"{next(iter(flags))} must be True or False"):
             shadownet.load(small_cnn.out, **flags)

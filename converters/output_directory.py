@@ -18,6 +18,7 @@ from shadownet.exceptions import ArtifactError
 # The artifacts' contract (ARCHITECTURE.md): the manifest's format and the three files; the runtime reads
 # them by these names (``shadownet.artifacts``).
 FORMAT = "shadownet-artifacts"
+FORMAT_VERSION = 1  # what this converter writes (the runtime's KNOWN_VERSIONS: what it reads)
 UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"
 ARTIFACTS = frozenset({UNTRUSTED, SECRETS, MANIFEST})
 
@@ -101,7 +102,9 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
 def _remove_leftovers(parent: Path, name: str) -> None:
     """Delete ``.NAME.PID.RANDOM.tmp`` / ``.old`` siblings of conversions whose process is gone. RANDOM is
     ``mkdtemp``'s, without a dot: a sibling output's ``.NAME.5.PID.RANDOM.tmp`` (of ``NAME.5``) is not one,
-    though ``5`` names no process (it was taken for one, and deleted while that conversion wrote it)."""
+    though ``5`` names no process (it was taken for one, and deleted while that conversion wrote it). The
+    pattern is ``tempfile``'s alphabet (an implementation detail): were it to change, leftovers would stay,
+    never would another conversion's directory go."""
     for entry in parent.glob(f".{glob.escape(name)}.*"):
         owner = re.fullmatch(r"(\d+)\.[a-z0-9_]+\.(?:tmp|old)", entry.name[len(name) + 2:])
         if owner is not None and not _alive(int(owner[1])):

@@ -39,7 +39,15 @@ from converters.original_model import (
     tflite_bytes,
     why_nothing_offloaded,
 )
-from converters.output_directory import FORMAT, MANIFEST, SECRETS, UNTRUSTED, check_output, write_artifacts
+from converters.output_directory import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SECRETS,
+    UNTRUSTED,
+    check_output,
+    write_artifacts,
+)
 from converters.partition import input_rounds, partition
 from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
@@ -48,8 +56,6 @@ from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_t
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
 from tee_sim.program import round_of, write_program
-
-FORMAT_VERSION = 1
 
 
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,
@@ -92,7 +98,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if device is not None and not hasattr(device, "open_session"):
         device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
-    if not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0:
+    unmasked = not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0
+    if unmasked:
         warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
                       "measurements: the input's protection is gone)", stacklevel=2)
     original = one_signature(tflite_bytes(model, signature), signature)
@@ -147,8 +154,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
                       "(0-255 pixels, say) are hidden less by them, of a much smaller one lose precision to "
                       "them: give representative inputs (--calibration FILE.npz; calibration= in Python)",
                       stacklevel=2)
-    unmasked = getattr(chosen, "mask_scale", None) == 0  # warned of above: nothing is masked
-    if calibration is None and needs_split and not unmasked and any(
+    if calibration is None and needs_split and not unmasked and any(  # nothing masked: warned of above
             m["buffer"].startswith("round_1/") and "split" not in m for m in masks):
         # The auto policy measured the mask's rounding on random inputs, which can understate it.
         warnings.warn("round 1's masked input crosses unsplit (converters/exact_split.py): the auto policy "

@@ -12,7 +12,7 @@ TensorFlow's native libraries write to the process's standard error directly, be
 a notice that oneDNN is on, twice (once per library), and when its converter fails, pages of MLIR
 diagnostics. Everything they write while a model is converted is held back (``_native_stderr``): on success
 it is written out without those notices, on failure dropped, since the error says what failed in one line
-(``SHADOWNET_DEBUG=1`` writes it all out).
+(``SHADOWNET_DEBUG=1`` writes it all out: ``shadownet.debug``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shadownet.exceptions import ModelFormatError, debugging
+from shadownet.debug import debugging
+from shadownet.exceptions import ModelFormatError
 
 # What TensorFlow's libraries write to standard error on every import, before its log level applies.
 _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -45,8 +46,8 @@ def convert(path: Path, kind: str, signature: str | None = None) -> bytes:
 def _native_stderr() -> Iterator[None]:
     """File descriptor 2 into a temporary file while the block runs; then what was written there written
     out again: on success all but TensorFlow's notices (``_NOTICES``), on failure nothing (the error says
-    what failed), with ``SHADOWNET_DEBUG`` set everything. (``models.backend.quiet`` holds back the zoo's
-    exports the same way, for the zoo's own use; the trust domains keep the two packages apart.)"""
+    what failed), with ``SHADOWNET_DEBUG`` set (not to 0) everything. (``models.backend.quiet`` holds back
+    the zoo's exports the same way, for the zoo's own use; the trust domains keep the two packages apart.)"""
     sys.stderr.flush()
     saved = os.dup(2)
     failed = True

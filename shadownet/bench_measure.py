@@ -256,7 +256,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                     back_to_back.append(runner.rounds_back_to_back())
         protected: Protected = runners["shadownet"]
         # Rounds the accelerator runs on one thread (shadownet.accelerator: timed at load, then tried)
-        one_thread = sum(t == 1 for t in getattr(protected.accelerator, "round_threads", ()))
+        one_thread = sum(t == 1 for t in getattr(protected.model.accelerator, "round_threads", ()))
         error = relative_error(protected.results, runners["unprotected"].results)
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
         # computations of the original already disagree (the floor the protected error sits on).

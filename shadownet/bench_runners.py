@@ -102,14 +102,8 @@ class Protected:
         # (``refill``), not by the background thread: its refills would otherwise run in the secure world
         # while the other modes are timed (all-in-tee runs there too) or while this model's next run
         # waits for the secure world, and slow them; the offline cost is reported on its own.
-        self.accelerator: Any = None
-
-        def keep(default: Any) -> Any:  # the accelerator the model runs: rounds_back_to_back, round_threads
-            self.accelerator = default
-            return default
-
         self.model = load(out_dir, num_threads=num_threads, delegate=delegate, verify=verify,
-                          accelerator=keep, background_refill=False)
+                          background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
         # On the bench's own input: a verified model's weakest detection bound is over every inference since
@@ -132,7 +126,7 @@ class Protected:
         them: against the accelerator's share of an inference, what the interleaving costs it. It runs on
         the buffers as the last inference left them (the next one's steps rewrite each round's input
         before its round runs)."""
-        run, rounds = self.accelerator.run_round, self.model.num_rounds
+        run, rounds = self.model.accelerator.run_round, self.model.num_rounds
         start = time.perf_counter()
         for r in range(1, rounds + 1):
             run(r)

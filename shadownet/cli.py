@@ -283,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(exc: Exception) -> int:
-    from shadownet.exceptions import ShadowNetError, debugging
+    from shadownet.debug import debugging
+    from shadownet.exceptions import ShadowNetError
     from tee_sim.errors import TEEC_ORIGIN_API, TEEError  # the secure world's own answer (e.g. its storage)
 
     if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):

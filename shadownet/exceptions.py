@@ -5,17 +5,8 @@ secure world fails opaquely: a tampered, truncated or foreign sealed file is one
 whatever byte was wrong. ``tee_sim`` keeps GlobalPlatform's single ``TEEError`` (code + origin);
 the runtime translates it into the classes below.
 
-This module imports only the standard library, so every package (including ``converters``) may raise
-these; ``debugging`` says whether the user asked to see errors' details.
+This module imports nothing, so every package (including ``converters``) may raise these.
 """
-
-import os
-
-
-def debugging() -> bool:
-    """Whether ``SHADOWNET_DEBUG`` asks for errors' details (the CLI's tracebacks, TensorFlow's
-    diagnostics): set to anything but empty or ``0``."""
-    return os.environ.get("SHADOWNET_DEBUG", "").strip() not in ("", "0")
 
 
 class ShadowNetError(Exception):

@@ -9,7 +9,7 @@ one output channel per projection, ``k / M`` of the layer's work (a depthwise la
 much as the layer itself, is computed instead and projected, ``z_j = u_j . L(x', W')``: ``T + k`` rather
 than ``k T`` multiply-adds per output channel and position; with a depth multiplier of 1 the TA goes one
 step further and uses that result itself, unchecked, instead of the accelerator's:
-``LayerCheck.computing``, ``tee_sim.per_inference``) - and the window norms ``n_p`` (the
+``LayerCheck.computing``, ``tee_sim.per_inference_kernels``) - and the window norms ``n_p`` (the
 norm of the input window output position ``p`` reads); when the results come back the restore copies
 them into secure memory a tile at a time (the normal world could change shared memory between the check
 and the use), checks the tile there and restores it from there, accepting it only if, at every position
@@ -435,7 +435,7 @@ class LayerCheck:
         """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy
         ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
         depthwise layer, which the TEE computes to check anyway (class docstring), and whose result it
-        then uses instead of the accelerator's (``tee_sim.per_inference``). The same kernel as
+        then uses instead of the accelerator's (``tee_sim.per_inference_kernels``). The same kernel as
         ``prepare`` without the projection, the window norms or ``z``: ``fv_prepare`` with ``y_out``."""
         if not self.direct:
             raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 is computed by the TEE")

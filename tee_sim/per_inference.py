@@ -208,7 +208,7 @@ class PerInference:
         # Per slot, by checked output: the check's parameters for the restore kernel and its prepare's C
         # struct (the kernels' wrap fills them), read by tally.
         self.fused: list[dict[str, Any]] = [{} for _ in self.entries]
-        self.prepares: list[dict[str, Any]] = [{} for _ in self.entries]
+        self.prepared_structs: list[dict[str, Any]] = [{} for _ in self.entries]
         # One-time masks follow their input's spread by powers of two (``tee_sim.mask_spread``).
         self.spread = SpreadFollower(self.streams, self.pops, len(self.entries))
         self._free = deque(self.entries)
@@ -383,7 +383,7 @@ class PerInference:
         kernels, on the C fast path or not)."""
         if self.current is None:
             return
-        made = self.prepares[self.current.slot]
+        made = self.prepared_structs[self.current.slot]
         for out, fused in self.fused[self.current.slot].items():
             check = self.checks[out]
             check.tau_norm = made[out].tau_norm  # this inference's prepare

@@ -73,7 +73,8 @@ class PerInferenceKernels:
     @property
     def online(self) -> PerInference:
         online = self._online()
-        assert online is not None, "the kernels outlived their model's material"
+        if online is None:
+            raise RuntimeError("the per-inference kernels outlived their model's material")
         return online
 
     def wrap(self, instr: dict[str, Any], src: np.ndarray, dst: np.ndarray,
@@ -238,7 +239,7 @@ class PerInferenceKernels:
     def _prepared(self, entry: Entry, out: str, x: np.ndarray) -> Callable[[], None]:
         """Layer ``out``'s prepare from ``x`` with ``entry``'s projections (its C struct kept for tally)."""
         call = self.online.checks[out].prepared(x, *entry.projections[out])
-        self.online.prepares[entry.slot][out] = call.made
+        self.online.prepared_structs[entry.slot][out] = call.made
         return call
 
     def _failed(self, out: str, fused: Any) -> None:

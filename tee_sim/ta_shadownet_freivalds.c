@@ -29,7 +29,7 @@ typedef struct {
     int64_t mp;                         /* with dw_weights: the channels rounded up to 16 */
     float *y_out;                       /* with dw_weights: NULL, or where the layer's result goes, [N * Ho *
                                            Wo][C], instead of z and tau (the TEE uses it, not the
-                                           accelerator's: tee_sim.per_inference) */
+                                           accelerator's: tee_sim.per_inference_kernels) */
     int32_t tiled;                      /* prepare_tiled, or compute_dw with y_out (tee_sim.freivalds.
                                            LayerCheck says when) */
 } fv_prepare_t;

@@ -154,9 +154,9 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              spread: np.ndarray | None = None) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
-    On a verified model (``tee_sim.per_inference``): ``check``, the ``fv_check_t`` of ``src`` (an
-    accelerator's result, contiguous), is made tile by tile on a secure copy that the restore then reads,
-    and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
+    On a verified model (``tee_sim.per_inference_kernels``' ``wrap``): ``check``, the ``fv_check_t`` of
+    ``src`` (an accelerator's result, contiguous), is made tile by tile on a secure copy that the restore
+    then reads, and ``on_fail()`` is called (it raises) when a tile fails, before anything of it is used;
     ``secure_dst``, a secure array shaped as the destination (padding included), receives what is sent.
     ``split_grid``: an exact split's push (``out``: the first half of each pixel, whose stride covers both;
     the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask). ``spread``: a restore's

@@ -27,7 +27,8 @@ from tee_sim.errors import (
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
 from tee_sim.shared_memory import SharedMemory, api_error
-from tee_sim.transport import InProcessTransport, ProcessTransport, resolve_secure_core
+from tee_sim.transport import ProcessTransport, resolve_secure_core
+from tee_sim.transport_inprocess import InProcessTransport
 
 TRANSPORTS = ("process", "inprocess")
 _BOUNCE_MIN = 64 << 10

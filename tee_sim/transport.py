@@ -1,4 +1,5 @@
-"""The two transports behind a ``Context``: the secure OS in this process, or in its own process.
+"""The transport behind a ``Context``: the secure OS in a process of its own (``ProcessTransport``; the
+other, in this process, is ``tee_sim.transport_inprocess``'s).
 
 Both take parameters in wire form and return the secure OS's ``Outcome``; failures of the channel
 itself (the secure world died, hung, or would not start) raise ``TEEError(..., TEEC_ORIGIN_COMMS)``.
@@ -19,7 +20,6 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tee_sim import channel as ch
 from tee_sim.errors import (
@@ -31,7 +31,7 @@ from tee_sim.errors import (
     TEEError,
 )
 from tee_sim.identity import private_dir, resolve_home
-from tee_sim.secure_os import NO_PARAMS, Outcome, SecureOS, WireParam
+from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
 
 # A prepared invoke's answer: code, TA time in ns, secure memory (used, peak, cap), the Outcome of a failure.
 Answer = tuple[int, int, tuple[int, int, int], Outcome | None]
@@ -66,63 +66,6 @@ def resolve_secure_core(secure_core: int | str | None) -> int | None:
         raise TEEError(TEE_ERROR_BAD_PARAMETERS, TEEC_ORIGIN_API,
                        f"secure_core {core} is not among the CPUs this process may use: {sorted(allowed)}")
     return core
-
-
-class InProcessTransport:
-    """The secure OS as an object in this process: same interface, no isolation; for fast unit tests."""
-
-    alive = True
-
-    def __init__(self, home: str | None, memory_cap: int, **_: Any) -> None:
-        self.generation = 1
-        self._os = SecureOS(home, memory_cap)
-        self.orphaned_sessions: list[int] = []  # stays empty: requests are answered before their calls return
-
-    def _with_memory(self, outcome: Outcome) -> Outcome:
-        memory = self._os.memory
-        outcome.memory = (memory.used, memory.peak, memory.cap)
-        return outcome
-
-    def open_session(self, ta_uuid: uuid.UUID, wire: tuple[WireParam, ...]) -> Outcome:
-        return self._with_memory(self._os.open_session(ta_uuid, wire))
-
-    def invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...], timeout: float) -> Outcome:
-        return self._with_memory(self._os.invoke(session, cmd_id, wire))
-
-    def prepare_invoke(self, session: int, cmd_id: int, wire: tuple[WireParam, ...]) -> Prepared:
-        """As ``ProcessTransport.prepare_invoke``."""
-        def invoke(timeout: float) -> Answer:
-            outcome = self.invoke(session, cmd_id, wire, timeout)
-            return outcome.code, outcome.ta_time_ns, outcome.memory, outcome if outcome.code else None
-        return invoke
-
-    def close_session(self, session: int) -> Outcome:
-        return self._with_memory(self._os.close_session(session))
-
-    def stats(self) -> Outcome:
-        return self._with_memory(Outcome())
-
-    @staticmethod
-    def new_buffer(size: int) -> tuple[mmap.mmap, int | None]:
-        return ProcessTransport.new_buffer(size)  # a memfd too, so that client pages can be shared
-
-    def register_shm(self, shm_id: int, buffer: mmap.mmap, fd: int | None) -> None:
-        self._os.register_shm(shm_id, buffer)
-
-    def release_shm(self, shm_id: int) -> None:
-        self._os.release_shm(shm_id)
-
-    def close(self) -> None:
-        self._os.shutdown()
-
-    def ensure_running(self) -> None:
-        pass
-
-    def settle(self, timeout: float | None = None) -> None:
-        pass  # every request is answered before its call returns
-
-    def pin(self, pinned: bool) -> None:
-        pass  # the secure world runs in its caller's thread
 
 
 class ProcessTransport:

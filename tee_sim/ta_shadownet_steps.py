@@ -30,13 +30,15 @@ def run_step(model: Any, step: int) -> None:
     runs = model.steps[step] if 0 <= step < len(model.steps) else []
     if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2], answering cursor[3]
         stopped, place, status = int(model.cursor[1]), int(model.cursor[2]), int(model.cursor[3])
-        at = resumed_at(runs, online, place) if step == stopped else None
-        failed = failed_check(runs[at], online, place - calls_before(runs, online, at), status) \
+        halted = model.steps[stopped] if 0 <= stopped < len(model.steps) else []
+        at = resumed_at(halted, online, place)
+        failed = failed_check(halted[at], online, place - calls_before(halted, online, at), status) \
             if at is not None else None
-        if failed is not None:  # reported from that run: run again, it would read the results anew
-            model.cursor[0] = 0
+        if failed is not None:  # whatever step is asked for next (a new inference's step 0 too): reported
+            model.cursor[0] = 0  # from that run, as run again it would read the results anew
             online.end()
             failed()  # raises IntegrityError
+        at = at if step == stopped else None
         if at is not None:  # run on from that call's instruction: the ones before it ran there
             runs = runs[at:]
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)

@@ -391,3 +391,42 @@ def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is
             made[0].armed = False
             assert relative_error(model(x), reference(original, x)) <= 1e-4
     context.close()
+
+
+def test_a_check_failed_on_the_fast_path_is_reported_whatever_step_is_asked_next(tmp_path, monkeypatch):
+    """The normal world may rewrite the request the fast path stopped before the TA's Python reads it: asked
+    for a new inference's step 0, the TA abandoned the stopped one without a word of its failed check (a
+    helper's probe: 15 of 15 races won). The failure is reported whatever is asked next."""
+    from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEEError
+    from tee_sim.secure_world_fast import STOPPED
+    from tee_sim.ta_shadownet_steps import run_step
+
+    original = small_cnn(side=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
+    context = _in_this_process(monkeypatch)
+    made, codes = [], []
+
+    def on_stop():
+        for s in context._transport._os._sessions.values():
+            loaded = s.context["model"]
+            if made and int(loaded.cursor[0]) == STOPPED:
+                made[0].put_back()
+                try:
+                    run_step(loaded, 0)  # the request rewritten: a new inference instead
+                except TEEError as exc:
+                    codes.append(exc.code)
+
+    _through_fast_path(context, monkeypatch, on_stop=on_stop)
+    x = np.random.default_rng(3).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
+    with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
+                        accelerator=lambda inner: made.append(_Tamper(inner)) or made[-1]) as model:
+        model(x)
+        made[0].armed = True
+        with pytest.raises(shadownet.exceptions.ShadowNetError):
+            model(x)
+        made[0].armed = False
+        assert codes == [TEE_ERROR_MAC_INVALID]
+        assert relative_error(model(x), reference(original, x)) <= 1e-4
+    context.close()

@@ -134,7 +134,7 @@ class PerInferenceKernels:
             fetched, src = src, self._read_once(src)
             fetch = compile_copy(fetched, src)  # None: numpy copies it
         spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
-        reports: list[Callable[[], None]] = []  # per slot, a checked restore's report of its failed check
+        reports: list[Callable[[], TEEError]] = []  # per slot, a checked restore's failed check's error
         if mask in online.streams or offset in online.pops or checked:
             variants = []
             for entry in online.entries:
@@ -146,7 +146,7 @@ class PerInferenceKernels:
                     fused = online.checks[result].fused(entry.projections[result][0])
                     online.fused[entry.slot][result] = fused
                     verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
-                    reports.append(verified["on_fail"])
+                    reports.append(lambda fused=fused: self._failure(result, fused))
                 measure = online.spread.measure(online.account) if measured else None
                 variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
                 if followed:
@@ -201,7 +201,7 @@ class PerInferenceKernels:
             for slot, v in enumerate(variants)]
         if reports:
             # Per slot, where among those calls the checked kernel is, and its report: a check that failed
-            # on the fast path is reported from that run (``ta_shadownet_steps.failed_check``), not run again.
+            # on the fast path is reported from that run (``ta_shadownet_steps.settle``), not run again.
             wrapped.check_failed = [  # type: ignore[attr-defined]
                 (_place(calls, (SN_RUN, ctypes.addressof(v.step))), report)
                 for calls, v, report in zip(wrapped.slot_calls, variants, reports, strict=True)]
@@ -242,7 +242,11 @@ class PerInferenceKernels:
         self.online.prepared_structs[entry.slot][out] = call.made
         return call
 
-    def _failed(self, out: str, fused: Any) -> None:
+    def _failure(self, out: str, fused: Any) -> TEEError:
+        """The error of the check of ``out`` that failed, from its figures (``fused``)."""
         worst, _ = self.online.checks[out].outcome(fused)
-        raise integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} times "
-                              "the float32 tolerance)")
+        return integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} "
+                               "times the float32 tolerance)")
+
+    def _failed(self, out: str, fused: Any) -> None:
+        raise self._failure(out, fused)

@@ -235,7 +235,7 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
                     on_fail()
                 return status
         # For the secure world's fast path (ShadowNetTA.step_program), which hands a failed check's step
-        # back to Python: on_fail says what failed, from this run's figures (ta_shadownet_steps.failed_check).
+        # back to Python: it reports what failed from this run's figures (ta_shadownet_steps.settle).
         kernel.c_call = (SN_RUN, address)
         kernel.step = step  # type: ignore[attr-defined]
         return kernel

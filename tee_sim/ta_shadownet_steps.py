@@ -28,17 +28,10 @@ def run_step(model: Any, step: int) -> None:
     expected = int(model.cursor[0])
     online = model.online
     runs = model.steps[step] if 0 <= step < len(model.steps) else []
-    if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2], answering cursor[3]
-        stopped, place, status = int(model.cursor[1]), int(model.cursor[2]), int(model.cursor[3])
-        halted = model.steps[stopped] if 0 <= stopped < len(model.steps) else []
-        at = resumed_at(halted, online, place)
-        failed = failed_check(halted[at], online, place - calls_before(halted, online, at), status) \
-            if at is not None else None
-        if failed is not None:  # whatever step is asked for next (a new inference's step 0 too): reported
-            model.cursor[0] = 0  # from that run, as run again it would read the results anew
-            online.end()
-            failed()  # raises IntegrityError
-        at = at if step == stopped else None
+    if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2] (not a failed check:
+        # settle reported that, whatever the request)
+        stopped, place = int(model.cursor[1]), int(model.cursor[2])
+        at = resumed_at(runs, online, place) if step == stopped else None
         if at is not None:  # run on from that call's instruction: the ones before it ran there
             runs = runs[at:]
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
@@ -94,18 +87,6 @@ def calls_before(runs: list[Callable[[], Any]], online: Any, at: int) -> int:
     return sum(len(step_calls([run], slot) or ()) for run in runs[:at])
 
 
-def failed_check(run: Callable[[], Any], online: Any, call: int, status: int) -> Callable[[], None] | None:
-    """The report of a failed check (it raises ``IntegrityError``) when the fast path stopped instruction
-    ``run`` at its ``call``-th C call, which returned ``status``, and that call is the instruction's checked
-    kernel saying its check failed (``check_failed``: per pool slot, that call's place among the
-    instruction's and its report, from the figures of the run that failed); else None."""
-    failures = getattr(run, "check_failed", None)
-    if failures is None or online is None or online.current is None:
-        return None
-    place, report = failures[online.current.slot]
-    return report if call == place and status == CHECK_FAILED else None
-
-
 def step_program(model: Any, command: int) -> StepProgram | None:
     """RUN_STEP (``command``) for the secure world's fast path (``tee_sim.secure_world_fast``): the steps
     whose instructions are all kernel calls (``c_call`` / ``c_calls``; or, where they differ per pool slot -
@@ -158,14 +139,46 @@ def _settles(model: Any) -> bool:
 
 
 def settle(model: Any) -> None:
-    """An inference whose last step the secure world's fast path ran (cursor ``FINISHED``): its checks'
-    statistics and its spent pool entry, at the app's next entry - off that inference's path, before
-    anything else of the session (a refill, the next inference's step 0, a report) runs."""
-    if model is not None and model.cursor[0] == FINISHED:
+    """What the secure world's fast path left the app, at its next entry, before anything else of the
+    session (a refill, the next inference's step 0, a report) runs. An inference whose last step it ran
+    (cursor ``FINISHED``): its checks' statistics and its spent pool entry, off that inference's path. A
+    step it stopped on a failed check (``STOPPED``, the checked kernel's call answering ``CHECK_FAILED``):
+    an ``IntegrityError`` from the figures of the run that failed, whatever the request (a new inference's
+    step 0, a bind: the normal world may rewrite the request the fast path stopped), and the inference is
+    ended. (Python ran the restore again, reading the results anew: a normal world that put the honest
+    ones back in between had its tampering go unreported; a helper's probe.)"""
+    if model is None:
+        return
+    if model.cursor[0] == FINISHED:
         model.cursor[0] = 0
         if model.online is not None:
             model.online.tally()
             model.online.end()
+    elif model.cursor[0] == STOPPED:
+        report = _failed_check(model)
+        if report is not None:
+            model.cursor[0] = 0
+            model.online.end()
+            raise report()
+
+
+def _failed_check(model: Any) -> Callable[[], TEEError] | None:
+    """The report of the check that failed where the fast path stopped (``cursor``: the step, its call, what
+    the call answered), when that call is an instruction's checked kernel answering ``CHECK_FAILED``
+    (``check_failed``: per pool slot, that call's place among the instruction's and its report); else
+    None."""
+    online = model.online
+    stopped, place, status = int(model.cursor[1]), int(model.cursor[2]), int(model.cursor[3])
+    if status != CHECK_FAILED or online is None or online.current is None or model.steps is None \
+            or not 0 <= stopped < len(model.steps):
+        return None
+    halted = model.steps[stopped]
+    at = resumed_at(halted, online, place)
+    failures = getattr(halted[at], "check_failed", None) if at is not None else None
+    if failures is None:
+        return None
+    kernel, report = failures[online.current.slot]
+    return report if place - calls_before(halted, online, at) == kernel else None
 
 
 def step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:

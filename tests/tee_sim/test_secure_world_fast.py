@@ -393,30 +393,36 @@ def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is
     context.close()
 
 
-def test_a_check_failed_on_the_fast_path_is_reported_whatever_step_is_asked_next(tmp_path, monkeypatch):
+@pytest.mark.parametrize("request_", ["step 0", "refill"])
+def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next(tmp_path, monkeypatch,
+                                                                                  request_):
     """The normal world may rewrite the request the fast path stopped before the TA's Python reads it: asked
     for a new inference's step 0, the TA abandoned the stopped one without a word of its failed check (a
-    helper's probe: 15 of 15 races won). The failure is reported whatever is asked next."""
-    from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEEError
+    helper's probe: 15 of 15 races won), and so did any other command (a review). The failure is reported
+    whatever the request."""
+    from tee_sim.errors import TEE_ERROR_MAC_INVALID
+    from tee_sim.params import TEEC_VALUE_INPUT, TEEC_VALUE_OUTPUT
+    from tee_sim.secure_os import NO_PARAMS
     from tee_sim.secure_world_fast import STOPPED
-    from tee_sim.ta_shadownet_steps import run_step
+    from tee_sim.ta_shadownet_commands import Command
 
     original = small_cnn(side=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded: insecure, tests only
         shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
     context = _in_this_process(monkeypatch)
+    secure_os = context._transport._os
     made, codes = [], []
+    value = {"step 0": (Command.RUN_STEP, ((TEEC_VALUE_INPUT, 0, 0, 0, 0, 0),)),
+             "refill": (Command.REFILL_POOL, ((TEEC_VALUE_INPUT, 0, 0, 0, 0, 0),
+                                              (TEEC_VALUE_OUTPUT, 0, 0, 0, 0, 0)))}[request_]
 
     def on_stop():
-        for s in context._transport._os._sessions.values():
-            loaded = s.context["model"]
-            if made and int(loaded.cursor[0]) == STOPPED:
+        for sid, s in list(secure_os._sessions.items()):
+            if made and int(s.context["model"].cursor[0]) == STOPPED:
                 made[0].put_back()
-                try:
-                    run_step(loaded, 0)  # the request rewritten: a new inference instead
-                except TEEError as exc:
-                    codes.append(exc.code)
+                command, wire = value  # the request rewritten: another one instead
+                codes.append(secure_os.invoke(sid, command, wire + NO_PARAMS[len(wire):]).code)
 
     _through_fast_path(context, monkeypatch, on_stop=on_stop)
     x = np.random.default_rng(3).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
 import threading
 import time
 import warnings
@@ -79,11 +80,7 @@ class ProtectedModel:
                  accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
                  mask_pool: int | None = None, on_exhausted: str = "refill",
                  background_refill: bool = True) -> None:
-        for name, flag in (("verify", verify), ("background_refill", background_refill)):
-            if not isinstance(flag, bool | np.bool_):  # "no" would be true
-                raise TypeError(f"{name} must be True or False, not {flag!r}")
-        _check_count("num_threads", num_threads, 1, MAX_THREADS)
-        _check_count("mask_pool", mask_pool, 1, commands.MAX_POOL_CAPACITY)
+        _check_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)
         num_threads = None if num_threads is None else int(num_threads)  # numpy's too, as LiteRT takes them
         self.artifacts = artifacts
         self.verify = bool(verify)
@@ -133,6 +130,14 @@ class ProtectedModel:
             raise
         after_fork.track(self)
         add_open_model(self)
+        capped, layers = self._capped_checks
+        if capped:  # said once, at the load (a session opened again after a lost secure world is the same)
+            caller = sys._getframe(1).f_code  # the user's line: load()'s caller, or this constructor's
+            warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
+                          "for the 2^-20 bound and its margin on the calibration inputs (their results "
+                          "concentrate in few directions: SECURITY.md); their checks may fall short of "
+                          "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
+                          stacklevel=3 if caller is load.__code__ else 2)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -470,21 +475,28 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
     (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
-    model = ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
-                           accelerator=accelerator, verify=verify, mask_pool=mask_pool,
-                           on_exhausted=on_exhausted, background_refill=background_refill)
-    capped, layers = model._capped_checks
-    if capped:  # said once, at the load (a session opened again after a lost secure world is the same)
-        warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
-                      "for the 2^-20 bound and its margin on the calibration inputs (their results "
-                      "concentrate in few directions: SECURITY.md); their checks may fall short of 2^-20 - "
-                      "stats()['verify']['worst_bound_log2'] is what they achieve", stacklevel=2)
-    return model
+    _check_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)  # before any reading
+    return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
+                          accelerator=accelerator, verify=verify, mask_pool=mask_pool,
+                          on_exhausted=on_exhausted, background_refill=background_refill)
 
 
 def _whole(value: Any) -> bool:
     """Whether ``value`` is an integer: Python's or numpy's, not a boolean."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _check_arguments(num_threads: Any, verify: Any, mask_pool: Any, on_exhausted: Any,
+                     background_refill: Any) -> None:
+    """``load``'s (and ``ProtectedModel``'s) arguments: ``TypeError`` for a flag that is not a boolean
+    (``"no"`` would be true), ``ValueError`` for a count or a policy out of range."""
+    for name, flag in (("verify", verify), ("background_refill", background_refill)):
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, not {flag!r}")
+    _check_count("num_threads", num_threads, 1, MAX_THREADS)
+    _check_count("mask_pool", mask_pool, 1, commands.MAX_POOL_CAPACITY)
+    if on_exhausted not in ("refill", "fail"):
+        raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
 
 
 def _check_count(name: str, value: Any, low: int, high: int) -> None:

@@ -12,7 +12,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tee_sim
 from shadownet.accelerator import Accelerator
@@ -23,6 +23,9 @@ from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.tee_errors import translated
 from tee_sim import ta_shadownet_commands as commands
 
+if TYPE_CHECKING:
+    from shadownet.runtime import ProtectedModel
+
 # The protected models this process holds open: a load that runs out of secure memory names them. The lock:
 # a set that another thread's load adds to while it is listed would raise.
 _open_models: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -30,7 +33,7 @@ _open_models_lock = threading.Lock()
 os.register_at_fork(after_in_child=_open_models_lock._at_fork_reinit)  # held by a thread the fork left behind
 
 
-def add_open_model(model: Any) -> None:
+def add_open_model(model: ProtectedModel) -> None:
     """Count ``model`` among the protected models this process holds open (until it is collected)."""
     with _open_models_lock:
         _open_models.add(model)
@@ -47,11 +50,8 @@ def shadownet_ta(artifacts: Artifacts) -> uuid.UUID:
 
 def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
                  per_inference: bool) -> tuple[int, int]:
-    """LOAD_MODEL's options for ``shadownet.load``'s arguments (checked there): (flags, pool entries; 0 for
-    the TA's default); ``ValueError`` for an ``on_exhausted`` the trusted app does not take.
-    ``per_inference``: the model has one-time masks or is verified."""
-    if on_exhausted not in ("refill", "fail"):
-        raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
+    """LOAD_MODEL's options for ``shadownet.load``'s arguments (checked by ``ProtectedModel``): (flags, pool
+    entries; 0 for the TA's default). ``per_inference``: the model has one-time masks or is verified."""
     flags = (commands.LOAD_VERIFY if verify else 0) | \
         (commands.LOAD_FAIL_WHEN_EMPTY if on_exhausted == "fail" else 0) | \
         (commands.LOAD_WEIGHTS_OUTSIDE if per_inference else 0)  # from untrusted.tflite in shared memory
@@ -70,7 +70,7 @@ class Opened(NamedTuple):
     capped: tuple[int, int]
 
 
-def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple[int, int],
+def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, options: tuple[int, int],
                  buffers: SharedBuffers, accelerator: Accelerator | None,
                  make_accelerator: Callable[[], Accelerator], verify: bool,
                  one_time_rounds: Sequence[int]) -> Opened:
@@ -82,6 +82,7 @@ def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple
     with translated(where):  # starting the secure world may fail too (a TEEError before)
         context = tee_sim.default_context()
         session = context.open_session(ta)
+    made = None  # the accelerator made here: closed here if the open fails after
     try:
         with translated(where):
             # The options, then the manifest's digest: the TA checks that the layout, rounds and
@@ -93,7 +94,7 @@ def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple
             if accelerator is None:
                 # Only now: the TA has authenticated the pairing, so a swapped untrusted.tflite is
                 # reported as the SecurityError it is, not as a LiteRT or layout error.
-                accelerator = make_accelerator()
+                accelerator = made = make_accelerator()
             buffers.ensure_registered(context, accelerator)
             buffers.bind(session)
             if options[0] & commands.LOAD_WEIGHTS_OUTSIDE:
@@ -109,6 +110,8 @@ def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple
             capped = (int(checks.get("capped", 0)), int(checks.get("layers", 0)))
     except SecureMemoryError as exc:
         quietly(session.close)
+        if made is not None:
+            quietly(made.close)
         reasons = []  # what the user chose that the model needs the memory for
         if verify:
             reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
@@ -136,5 +139,7 @@ def open_session(model: Any, artifacts: Artifacts, ta: uuid.UUID, options: tuple
         raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
     except BaseException:
         quietly(session.close)
+        if made is not None:  # the caller never had it (a review: its threads and pages left to the GC)
+            quietly(made.close)
         raise
     return Opened(session, context, accelerator, skipped, capped)

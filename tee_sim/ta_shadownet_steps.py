@@ -69,7 +69,7 @@ def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int | 
     ran there, and running them again is not safe (a slot one of them read may hold a later one's result
     now, or a tensor would go out again under the same one-time mask); None when ``place`` is not among
     the step's calls (the inference is then ended)."""
-    slot = online.current.slot if online is not None and online.current is not None else -1
+    slot = current_slot(online)
     at = 0
     for i, run in enumerate(runs):
         calls = step_calls([run], slot)
@@ -81,9 +81,14 @@ def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int | 
     return None
 
 
+def current_slot(online: Any) -> int:
+    """The pool slot of the inference under way (-1: none, or no pool)."""
+    return online.current.slot if online is not None and online.current is not None else -1
+
+
 def calls_before(runs: list[Callable[[], Any]], online: Any, at: int) -> int:
     """How many C calls the instructions ``runs[:at]`` of a step make in the current pool slot."""
-    slot = online.current.slot if online is not None and online.current is not None else -1
+    slot = current_slot(online)
     return sum(len(step_calls([run], slot) or ()) for run in runs[:at])
 
 
@@ -99,7 +104,7 @@ def step_program(model: Any, command: int) -> StepProgram | None:
     if model is None or model.steps is None:
         return None
     online = model.online
-    slot = online.current.slot if online is not None and online.current is not None else -1
+    slot = current_slot(online)
     programs = model.fast
     if programs is None or any(p.keep is not model.steps for p in programs.values()):
         programs = model.fast = {}

@@ -1,7 +1,7 @@
 """The transport behind a ``Context``: the secure OS in a process of its own (``ProcessTransport``; the
 other, in this process, is ``tee_sim.transport_inprocess``'s).
 
-Both take parameters in wire form and return the secure OS's ``Outcome``; failures of the channel
+Each takes parameters in wire form and returns the secure OS's ``Outcome``; failures of the channel
 itself (the secure world died, hung, or would not start) raise ``TEEError(..., TEEC_ORIGIN_COMMS)``.
 """
 

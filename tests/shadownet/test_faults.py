@@ -691,6 +691,27 @@ def test_an_interrupted_close_or_load_leaves_nothing_behind(small, monkeypatch):
     monkeypatch.setattr(tee_sim.Session, "prepare_command", real_prepare)
     assert set(context._sessions) == sessions and set(context._shms) == before
 
+    # A load that fails after its accelerator was made closes it (a review: the accelerator, made inside
+    # the session's opening, was left to the garbage collector, and a user's wrapper never closed).
+    from shadownet.accelerator import AcceleratorWrapper
+    from shadownet.exceptions import SecureMemoryError
+    from shadownet.shared_buffers import SharedBuffers
+
+    closed = []
+
+    class Closing(AcceleratorWrapper):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def no_memory(self, session):
+        raise SecureMemoryError("no secure memory left")
+
+    monkeypatch.setattr(SharedBuffers, "bind", no_memory)
+    with pytest.raises(SecureMemoryError):
+        shadownet.load(small.out, background_refill=False, accelerator=Closing)
+    assert closed == [True] and set(context._sessions) == sessions and set(context._shms) == before
+
 
 def test_a_secure_world_that_cannot_start_is_a_shadownet_error(small):
     """A secure core the process may not use: load() raised tee_sim's raw TEEError, which an app's

@@ -243,10 +243,12 @@ def test_stats_are_of_the_last_call_that_finished(small_cnn):
 
 
 @pytest.mark.parametrize("num_threads", [0, 257, 50000, True])
-def test_thread_counts_out_of_range_are_refused_before_loading(small_cnn, num_threads):
+def test_thread_counts_out_of_range_are_refused_before_loading(small_cnn, num_threads, tmp_path):
     # 50000 could not start the refill thread beside LiteRT's, and the process died in the teardown
     with pytest.raises(ValueError, match=f"num_threads must be an int from 1 to 256, not {num_threads!r}"):
         shadownet.load(small_cnn.out, num_threads=num_threads)
+    with pytest.raises(ValueError, match="num_threads must be"):  # before the directory is read
+        shadownet.load(tmp_path / "nothing here", num_threads=num_threads)
 
 
 def test_closed_model_raises_closed_error(small_cnn):

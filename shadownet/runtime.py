@@ -152,7 +152,13 @@ class ProtectedModel:
                                  load_delegates(delegate))
         if base.tunable and 1 in base.round_threads:
             self._trial = RoundThreadsTrial(base)
-        return wrap(base) if wrap is not None else base
+        if wrap is None:
+            return base
+        try:
+            return wrap(base)
+        except BaseException:  # the user's accelerator= failed: the default it was given is closed here
+            base.close()
+            raise
 
     # --- session life cycle -------------------------------------------------------------------------------
     def _open(self) -> None:

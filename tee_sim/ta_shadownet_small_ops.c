@@ -9,7 +9,8 @@
  *     SN_ROWS     n rows of c floats each, row r at dst + r * dst_stride, from src + r * src_stride, or
  *                 zeros with no src (a padded push's border: the mask's values there, or nothing);
  *     SN_SPREAD   0 when the larger of the mean square of the c contiguous floats at src and beta times
- *                 their largest square lies in (lo, hi], else 1 (the step goes back to the TA's Python):
+ *                 their largest square lies in (lo, hi], else 2 (as sn_run's SPREAD_OUTSIDE, never 1, a
+ *                 failed check's answer; the step goes back to the TA's Python):
  *                 whether a plain push's one-time mask may stay at its power of two for this input
  *                 (tee_sim.mask_spread); float lanes, each block's sums in double.
  */
@@ -80,7 +81,7 @@ int sn_small_op(const sn_small *s) {
         double sum = 0.0, spread;
         float top = 0.0f;
         add_squares(s->src, c, &sum, &top);
-        return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 1;
+        return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
     }
     default:
         return -1;

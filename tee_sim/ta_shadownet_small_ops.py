@@ -109,8 +109,9 @@ def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> 
 def compile_spread(src: np.ndarray, peak_weight: float = 0.0) -> Callable[[], Any] | None:
     """A check, as one call, that the larger of the mean square of a dense float32 ``src`` and
     ``peak_weight`` times its largest square lies in ``(op.lo, op.hi]`` (the kernel's ``op``, set by the
-    caller): it returns 0 if so, else 1, which sends a step on the secure world's fast path back to the
-    TA's Python; None when ``src`` is not dense (the caller uses numpy)."""
+    caller): it returns 0 if so, else 2 (``SPREAD_OUTSIDE``, as a restore's measure: 1 is a failed
+    check's), which sends a step on the secure world's fast path back to the TA's Python; None when
+    ``src`` is not dense (the caller uses numpy)."""
     if not _dense(src) or src.size == 0:
         return None
     op = _Small(src.ctypes.data, None, 1, 1, src.size, float(peak_weight), _SPREAD)

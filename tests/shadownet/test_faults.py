@@ -711,6 +711,18 @@ def test_an_interrupted_close_or_load_leaves_nothing_behind(small, monkeypatch):
     with pytest.raises(SecureMemoryError):
         shadownet.load(small.out, background_refill=False, accelerator=Closing)
     assert closed == [True] and set(context._sessions) == sessions and set(context._shms) == before
+    # So is the default accelerator when the user's accelerator= fails on it.
+    from shadownet.accelerator import LiteRTAccelerator
+
+    real_close = LiteRTAccelerator.close
+    monkeypatch.setattr(LiteRTAccelerator, "close", lambda self: (closed.append("base"), real_close(self)))
+
+    def failing(inner):
+        raise RuntimeError("no such device")
+
+    with pytest.raises(RuntimeError, match="no such device"):
+        shadownet.load(small.out, background_refill=False, accelerator=failing)
+    assert closed[-1] == "base" and set(context._sessions) == sessions
 
 
 def test_a_secure_world_that_cannot_start_is_a_shadownet_error(small):

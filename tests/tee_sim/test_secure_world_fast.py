@@ -436,3 +436,36 @@ def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next
         assert codes == [TEE_ERROR_MAC_INVALID]
         assert relative_error(model(x), reference(original, x)) <= 1e-4
     context.close()
+
+
+def test_verified_steps_stopped_to_move_a_mask_resume_without_a_false_alarm(tmp_path, monkeypatch):
+    """Verified, every round masked, inputs whose scale changes call after call: steps that hold checked
+    restores stop on the fast path for a mask to move (a push's spread check, a restore's measure) and
+    resume, never taken for a failed check (a push's check answered 1 as a failed check does, told apart
+    then by its place alone; it answers 2 now: a review)."""
+    from tee_sim.secure_world_fast import STOPPED
+    from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
+
+    original = small_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
+    context = _in_this_process(monkeypatch)
+    secure_os = context._transport._os
+    answers = []
+
+    def on_stop():
+        for s in secure_os._sessions.values():
+            loaded = s.context.get("model")
+            if loaded is not None and int(loaded.cursor[0]) == STOPPED:
+                answers.append(int(loaded.cursor[3]))
+
+    _through_fast_path(context, monkeypatch, on_stop=on_stop)
+    rng = np.random.default_rng(4)
+    with shadownet.load(tmp_path / "out", background_refill=False, verify=True) as model:
+        for scale in (1, 1, 255, 300, 1, 255):
+            model.refill_masks()
+            x = (scale * rng.uniform(0, 1, (1, 16, 16, 3))).astype(np.float32)
+            assert relative_error(model(x), reference(original, x)) <= 1e-4
+    assert answers and set(answers) == {SPREAD_OUTSIDE}, answers
+    context.close()

@@ -37,7 +37,9 @@ def _expected_measurement() -> bytes:
 
 def fingerprint_of(text: str) -> str:
     """A device key's fingerprint as given (hex, in any case, colons allowed), normalised; ``ValueError``
-    unless it is one: 64 hex digits, as ``shadownet device export`` prints them."""
+    unless it is one: 64 hex digits, as ``shadownet device export`` prints them (``TypeError``: not text)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a device key's fingerprint is a string of 64 hex digits, not {text!r}")
     digits = text.strip().lower().replace(":", "")
     if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
         raise ValueError(f"a device key's fingerprint is 64 hex digits (`shadownet device export` prints "

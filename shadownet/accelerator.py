@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -363,6 +363,22 @@ class LiteRTAccelerator:
         self._rounds_run = []
         self._interpreters = []
         self.interpreter = self._main = self._single = None  # LiteRT's interpreters, and their threads, go
+
+
+def wrapped(base: Accelerator, wrap: Callable[[Accelerator], Any]) -> Accelerator:
+    """``wrap(base)`` (``shadownet.load``'s ``accelerator=``), checked to be an accelerator: ``TypeError``
+    when it has no ``bind``, ``run_round`` or ``close`` (not an ``AttributeError`` at the first call: a
+    helper's probe); ``base`` is closed when it fails."""
+    try:
+        made = wrap(base)
+        missing = [m for m in ("bind", "run_round", "close") if not callable(getattr(made, m, None))]
+        if missing:
+            raise TypeError(f"accelerator= returned {made!r}, which has no {', '.join(missing)}: an "
+                            "accelerator has bind(buffers), run_round(r) and close()")
+        return made
+    except BaseException:
+        base.close()
+        raise
 
 
 def _crowded(where: Mapping[str, tuple[Any, int] | None], buffers: Mapping[str, np.ndarray],

@@ -4,6 +4,7 @@ library's path, checked before LiteRT loads it, or a LiteRT ``Delegate``."""
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 from ai_edge_litert.interpreter import load_delegate
@@ -19,14 +20,17 @@ def load_delegates(delegate: Any) -> list[Any]:
     items = delegate if isinstance(delegate, list | tuple) else [delegate]
     loaded = []
     for d in items:
-        if isinstance(d, str):
+        if isinstance(d, str | os.PathLike):
+            d = os.fspath(d)
             _check_delegate_library(d)
             try:
                 loaded.append(load_delegate(d))
             except (ValueError, OSError) as exc:
                 raise ArtifactError(f"cannot load the accelerator delegate {d}: {exc}") from None
-        else:
+        elif hasattr(d, "_get_native_delegate_pointer"):  # a LiteRT Delegate (load_delegate's)
             loaded.append(d)
+        else:  # LiteRT raised an AttributeError from deep inside for these (a helper's probe)
+            raise TypeError(f"a delegate is a delegate library's path or a LiteRT Delegate, not {d!r}")
     return loaded
 
 

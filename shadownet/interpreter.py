@@ -20,6 +20,15 @@ from shadownet.artifacts import TensorSpec
 from shadownet.exceptions import ArtifactError, InputError
 from shadownet.runtime import ProtectedModel, load
 
+# LiteRT's Interpreter's other keyword arguments: taken, so that an app passing them runs unchanged, and
+# without effect (the accelerator runs LiteRT's defaults on untrusted.tflite; no inner tensor is public).
+LITERT_OPTIONS = frozenset({
+    "experimental_op_resolver_type", "experimental_preserve_all_tensors",
+    "experimental_disable_delegate_clustering", "experimental_default_delegate_latest_features",
+    "experimental_compress_quantization_zero_points", "experimental_disable_delegate_node_fusion",
+    "experimental_force_delegate_node_profiling",
+})
+
 
 def _details(spec: TensorSpec) -> dict[str, Any]:
     # A float tensor as LiteRT's _get_tensor_details reports it (no quantization, dense).
@@ -51,10 +60,15 @@ class Interpreter:
 
     def __init__(self, model_path: Any = None, model_content: bytes | None = None,
                  experimental_delegates: Sequence[Any] | None = None, num_threads: int | None = None,
-                 **_litert_options: Any) -> None:
+                 **litert_options: Any) -> None:
+        unknown = sorted(set(litert_options) - LITERT_OPTIONS)
+        if unknown:  # LiteRT's own options are taken (and have no effect here); a misspelt one is refused
+            raise TypeError(f"Interpreter got unexpected keyword argument(s) {', '.join(unknown)}")
         if model_content is not None or model_path is None:
             raise ArtifactError("a protected model is an artifact directory: pass model_path=OUT_DIR "
                                 "(the directory written by `shadownet convert`)")
+        if experimental_delegates is not None and not isinstance(experimental_delegates, list | tuple):
+            raise TypeError(f"experimental_delegates is a list of delegates, not {experimental_delegates!r}")
         self._model: ProtectedModel = load(model_path, num_threads=num_threads,
                                            delegate=list(experimental_delegates or ()) or None)
         self._lock = threading.Lock()
@@ -90,6 +104,8 @@ class Interpreter:
         self._allocated = True  # buffers were allocated at load; kept for LiteRT's call sequence
 
     def _entry(self, tensor_index: int) -> tuple[TensorSpec, np.ndarray]:
+        if isinstance(tensor_index, bool) or not isinstance(tensor_index, int | np.integer):
+            raise TypeError(f"a tensor index is an int (the details' 'index'), not {tensor_index!r}")
         entry = self._by_index.get(int(tensor_index))
         if entry is None:
             raise InputError(f"tensor index {tensor_index} is not an input or output of this model "

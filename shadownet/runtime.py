@@ -15,19 +15,17 @@ inputs into LiteRT and one of its outputs back, one TEE entry per step, and the 
 from __future__ import annotations
 
 import contextlib
-import numbers
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 import tee_sim
-from shadownet import MAX_THREADS, after_fork
-from shadownet.accelerator import Accelerator, LiteRTAccelerator
+from shadownet import after_fork
+from shadownet.accelerator import Accelerator, LiteRTAccelerator, wrapped
 from shadownet.artifacts import (
     Artifacts,
     TensorSpec,
@@ -37,11 +35,18 @@ from shadownet.artifacts import (
 )
 from shadownet.delegates import load_delegates
 from shadownet.exceptions import ClosedError, ShadowNetError
+from shadownet.load_arguments import check_load_arguments, whole
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.round_threads import RoundThreadsTrial
 from shadownet.secure_core import on_secure_core
 from shadownet.shared_buffers import SharedBuffers, quietly
-from shadownet.ta_session import add_open_model, load_options, open_session, shadownet_ta
+from shadownet.ta_session import (
+    add_open_model,
+    load_options,
+    open_session,
+    shadownet_ta,
+    warn_of_capped_checks,
+)
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error
 from tee_sim import TEEError
 from tee_sim import ta_shadownet_commands as commands
@@ -80,7 +85,10 @@ class ProtectedModel:
                  accelerator: Callable[[Accelerator], Accelerator] | None = None, verify: bool = False,
                  mask_pool: int | None = None, on_exhausted: str = "refill",
                  background_refill: bool = True) -> None:
-        _check_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)
+        if not isinstance(artifacts, Artifacts):
+            raise TypeError(f"ProtectedModel takes read Artifacts (shadownet.load takes a directory), not "
+                            f"{artifacts!r}")
+        check_load_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)
         num_threads = None if num_threads is None else int(num_threads)  # numpy's too, as LiteRT takes them
         self.artifacts = artifacts
         self.verify = bool(verify)
@@ -95,6 +103,7 @@ class ProtectedModel:
         self.outputs: tuple[TensorSpec, ...] = artifacts.outputs
         self.num_rounds = len(artifacts.rounds)
         self._lock = threading.Lock()
+        self._holder = 0  # the thread in a call of this model, holding the lock (_locked)
         self._closed = False
         self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
@@ -130,17 +139,31 @@ class ProtectedModel:
             raise
         after_fork.track(self)
         add_open_model(self)
-        capped, layers = self._capped_checks
-        if capped:  # said once, at the load (a session opened again after a lost secure world is the same)
-            caller = sys._getframe(1).f_code  # the user's line: load()'s caller, or this constructor's
-            warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
-                          "for the 2^-20 bound and its margin on the calibration inputs (their results "
-                          "concentrate in few directions: SECURITY.md); their checks may fall short of "
-                          "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
-                          stacklevel=3 if caller is load.__code__ else 2)
+        # Said once (a session opened again is the same), at the user's line: load()'s caller, or this one's.
+        warn_of_capped_checks(*self._capped_checks, 4 if sys._getframe(1).f_code is load.__code__ else 3)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The model's lock, refused to a thread already in a call of it: an accelerator whose run_round
+        called back into its own model waited for itself for ever (a helper's probe)."""
+        me = self._not_reentered()
+        with self._lock:
+            self._holder = me
+            try:
+                yield
+            finally:
+                self._holder = 0
+
+    def _not_reentered(self) -> int:
+        """This thread's id; ``RuntimeError`` if it is in a call of this model already."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError("a protected model was called from inside a call of its own (its "
+                               "accelerator's run_round?): it would wait for itself")
+        return me
 
     def holds_session_on(self, context: Any) -> bool:
         """Whether this model holds a session, and so secure memory, on the TEE of ``context``."""
@@ -152,13 +175,7 @@ class ProtectedModel:
                                  load_delegates(delegate))
         if base.tunable and 1 in base.round_threads:
             self._trial = RoundThreadsTrial(base)
-        if wrap is None:
-            return base
-        try:
-            return wrap(base)
-        except BaseException:  # the user's accelerator= failed: the default it was given is closed here
-            base.close()
-            raise
+        return base if wrap is None else wrapped(base, wrap)
 
     # --- session life cycle -------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -213,10 +230,11 @@ class ProtectedModel:
 
     def close(self) -> None:
         """End the TEE session, release the shared memory and the accelerator. Idempotent."""
+        self._not_reentered()  # before the refills stop
         refiller, self._refiller = self._refiller, None
         if refiller is not None:
             refiller.stop()
-        with self._lock:
+        with self._locked():
             if self._closed:
                 return
             self._closed = True
@@ -238,6 +256,7 @@ class ProtectedModel:
         """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,
         shared memory, accelerator threads or refill, nor the locks their threads may have held."""
         self._lock._at_fork_reinit()  # as the standard library's own locks are (threading, logging)
+        self._holder = 0
         self._waiting_lock._at_fork_reinit()
         self._waiting, self._refiller = 0, None
         if not self._closed:
@@ -296,7 +315,7 @@ class ProtectedModel:
         with self._waiting_lock:
             self._waiting += 1
         try:
-            with self._lock:
+            with self._locked():
                 with self._waiting_lock:
                     self._waiting -= 1
                 self._ensure_open()
@@ -326,9 +345,9 @@ class ProtectedModel:
     def refill_masks(self, entries: int | None = None) -> int:
         """Fill the pool of one-time masks (and, with ``verify``, of check projections) now: until it is
         full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
-        if entries is not None and (not _whole(entries) or entries < 0):
+        if entries is not None and (not whole(entries) or not 0 <= entries < 1 << 32):  # a TEE Value's
             raise ValueError(f"entries must be a non-negative integer (or None), not {entries!r}")
-        with self._lock:
+        with self._locked():
             self._ensure_open()
             return self._refill(0, entries or 0)[0]
 
@@ -446,7 +465,7 @@ class ProtectedModel:
         seen, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound
         achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
         ``per_inference_secure_memory``: what both hold in the TEE."""
-        with self._lock:
+        with self._locked():
             self.check_not_closed()
             before, after = self._session_before, self._session_after
             result: dict[str, Any] = {"rounds": self.num_rounds, "scheme": self.artifacts.scheme}
@@ -481,31 +500,7 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
     (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
-    _check_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)  # before any reading
+    check_load_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)  # before reading
     return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,
                           accelerator=accelerator, verify=verify, mask_pool=mask_pool,
                           on_exhausted=on_exhausted, background_refill=background_refill)
-
-
-def _whole(value: Any) -> bool:
-    """Whether ``value`` is an integer: Python's or numpy's, not a boolean."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def _check_arguments(num_threads: Any, verify: Any, mask_pool: Any, on_exhausted: Any,
-                     background_refill: Any) -> None:
-    """``load``'s (and ``ProtectedModel``'s) arguments: ``TypeError`` for a flag that is not a boolean
-    (``"no"`` would be true), ``ValueError`` for a count or a policy out of range."""
-    for name, flag in (("verify", verify), ("background_refill", background_refill)):
-        if not isinstance(flag, bool | np.bool_):
-            raise TypeError(f"{name} must be True or False, not {flag!r}")
-    _check_count("num_threads", num_threads, 1, MAX_THREADS)
-    _check_count("mask_pool", mask_pool, 1, commands.MAX_POOL_CAPACITY)
-    if on_exhausted not in ("refill", "fail"):
-        raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
-
-
-def _check_count(name: str, value: Any, low: int, high: int) -> None:
-    """``ValueError`` unless ``value`` is None or an integer from ``low`` to ``high``."""
-    if value is not None and (not _whole(value) or not low <= value <= high):
-        raise ValueError(f"{name} must be an int from {low} to {high}, not {value!r}")

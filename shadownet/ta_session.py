@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -143,3 +144,14 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
             quietly(made.close)
         raise
     return Opened(session, context, accelerator, skipped, capped)
+
+
+def warn_of_capped_checks(capped: int, layers: int, stacklevel: int) -> None:
+    """The load's warning that ``capped`` of a verified model's ``layers`` checks have fewer projections than
+    the 2^-20 bound wants (nothing when none); ``stacklevel`` as ``warnings.warn``'s, from this function."""
+    if capped:
+        warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
+                      "for the 2^-20 bound and its margin on the calibration inputs (their results "
+                      "concentrate in few directions: SECURITY.md); their checks may fall short of "
+                      "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
+                      stacklevel=stacklevel)

@@ -493,6 +493,12 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_refused(conv_model, device
     assert not (tmp_path / "out").exists()
 
 
+def test_a_device_key_that_is_not_text_is_a_type_error(conv_model, tmp_path):
+    """convert(device_key=5) raised AttributeError ('int' object has no attribute 'strip'; a probe)."""
+    with pytest.raises(TypeError, match="a device key's fingerprint is a string"):
+        convert(conv_model, tmp_path / "out", device_key=5)
+
+
 def test_force_is_a_boolean(conv_model, device, tmp_path):
     """force="no" replaced a directory (a helper's probe: a wrong type is a TypeError, as README says)."""
     out = tmp_path / "out"

@@ -229,3 +229,25 @@ def test_signature_names_that_are_the_other_inputs_tensor_names(tmp_path):
         assert relative_error(ours.get_signature_runner()(a=a, b=b)["y"], want) <= TOLERANCE
     with shadownet.load(tmp_path / "out") as model:  # tensor "b" is signature input "a"
         assert relative_error(model({"b": a, "a": b}), want) <= TOLERANCE
+
+
+def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn):
+    """A tensor index that is not an int, a keyword LiteRT does not have, a delegate list that is a string:
+    TypeError, as LiteRT says (a helper's probe: 0.5 and "0" read tensor 0, a misspelt keyword was taken,
+    a path's characters were loaded one by one as delegates)."""
+    from ai_edge_litert.interpreter import OpResolverType
+
+    with pytest.raises(TypeError, match="bogus"):
+        shadownet.Interpreter(model_path=str(small_cnn.out), bogus=1)
+    with pytest.raises(TypeError, match="experimental_delegates is a list"):
+        shadownet.Interpreter(model_path=str(small_cnn.out), experimental_delegates="/x.so")
+    with shadownet.Interpreter(model_path=str(small_cnn.out),
+                               experimental_op_resolver_type=OpResolverType.AUTO) as interpreter:
+        interpreter.allocate_tensors()
+        index = interpreter.get_input_details()[0]["index"]
+        for bad in (float(index), str(index), None, True):
+            with pytest.raises(TypeError, match="a tensor index is an int"):
+                interpreter.get_tensor(bad)
+        interpreter.set_tensor(np.int64(index), np.zeros(interpreter.get_input_details()[0]["shape"],
+                                                         np.float32))
+        interpreter.invoke()

@@ -215,6 +215,74 @@ def test_numpys_integers_and_booleans_are_taken_and_other_flags_refused(small_cn
             shadownet.load(small_cnn.out, **flags)
 
 
+def test_wrong_delegates_accelerators_and_artifacts_are_refused_clearly(small_cnn, tmp_path):
+    """A delegate that is not one, an accelerator= that returns no accelerator, a path where read Artifacts
+    go, a refill count no TEE Value holds: TypeError / ValueError saying what is wrong, nothing left open (a
+    helper's probe: AttributeErrors from inside LiteRT or at the first call, the default accelerator left
+    to the GC, an ArtifactError)."""
+    from shadownet.accelerator import LiteRTAccelerator
+    from shadownet.exceptions import ArtifactError
+
+    for delegate in (5, object(), [None]):
+        with pytest.raises(TypeError, match="a delegate is a delegate library's path or a LiteRT Delegate"):
+            shadownet.load(small_cnn.out, delegate=delegate)
+    with pytest.raises(ArtifactError, match="cannot load the accelerator delegate"):  # a Path is a path
+        shadownet.load(small_cnn.out, delegate=tmp_path / "no_such_delegate.so")
+    closed = []
+    real_close = LiteRTAccelerator.close
+
+    class Half:  # no run_round
+        def bind(self, buffers):
+            pass
+
+        def close(self):
+            pass
+
+    try:
+        LiteRTAccelerator.close = lambda self: (closed.append(True), real_close(self))[1]
+        for returned in (lambda base: object(), lambda base: None, lambda base: Half()):
+            with pytest.raises(TypeError, match="an accelerator has bind"):
+                shadownet.load(small_cnn.out, accelerator=returned)
+    finally:
+        LiteRTAccelerator.close = real_close
+    assert len(closed) == 3  # the default accelerator each was given
+    with pytest.raises(TypeError, match="ProtectedModel takes read Artifacts"):
+        shadownet.ProtectedModel(str(small_cnn.out))
+    with shadownet.load(small_cnn.out) as model:
+        with pytest.raises(ValueError, match="entries must be"):
+            model.refill_masks(1 << 64)
+        model(*small_cnn.random_inputs())
+
+
+def test_a_model_called_from_inside_its_own_call_says_so_instead_of_waiting_for_itself(small_cnn):
+    """An accelerator whose run_round calls back into its model (stats, a call, close) hung for ever on the
+    model's lock (a helper's probe); it is a RuntimeError now, and the model goes on working."""
+    from shadownet.accelerator import AcceleratorWrapper
+
+    seen = []
+
+    class CallsBack(AcceleratorWrapper):
+        model = None
+
+        def run_round(self, r):
+            self.inner.run_round(r)
+            if r == 1 and CallsBack.model is not None:
+                for call in (CallsBack.model.stats, CallsBack.model.refill_masks, CallsBack.model.close):
+                    try:
+                        call()
+                    except RuntimeError as exc:
+                        seen.append(str(exc))
+
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out, accelerator=CallsBack) as model:
+        CallsBack.model = model
+        want = model(x).copy()
+        CallsBack.model = None
+        assert len(seen) == 3 and all("from inside a call of its own" in s for s in seen), seen
+        assert model._refiller is not None  # the refused close stopped nothing
+        assert np.allclose(model(x), want, rtol=1e-4, atol=1e-6)  # fresh one-time masks: float32 apart
+
+
 def test_stats_are_of_the_last_call_that_finished(small_cnn):
     """A failed call left stats() pairing its start with the last finished call's end: negative world
     switches (a helper's review)."""

@@ -9,6 +9,8 @@ by the original signature's names. What a protected model cannot do (resize an i
 
 from __future__ import annotations
 
+import operator
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,11 +69,12 @@ class Interpreter:
         if model_content is not None or model_path is None:
             raise ArtifactError("a protected model is an artifact directory: pass model_path=OUT_DIR "
                                 "(the directory written by `shadownet convert`)")
-        if experimental_delegates is not None and not isinstance(experimental_delegates, list | tuple):
+        if isinstance(experimental_delegates, str | bytes | os.PathLike) or not (
+                experimental_delegates is None or hasattr(experimental_delegates, "__iter__")):
             raise TypeError(f"experimental_delegates is a list of delegates, not {experimental_delegates!r}")
         self._model: ProtectedModel = load(model_path, num_threads=num_threads,
                                            delegate=list(experimental_delegates or ()) or None)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered from an accelerator: the model says so (RuntimeError)
         after_fork.track(self)
         inputs, outputs = self._model.inputs, self._model.outputs
         self._input_values = [np.zeros(t.shape, t.dtype) for t in inputs]
@@ -104,9 +107,12 @@ class Interpreter:
         self._allocated = True  # buffers were allocated at load; kept for LiteRT's call sequence
 
     def _entry(self, tensor_index: int) -> tuple[TensorSpec, np.ndarray]:
-        if isinstance(tensor_index, bool) or not isinstance(tensor_index, int | np.integer):
-            raise TypeError(f"a tensor index is an int (the details' 'index'), not {tensor_index!r}")
-        entry = self._by_index.get(int(tensor_index))
+        try:  # what LiteRT takes: an int, or anything that is one (numpy's); not 0.5 nor "0"
+            tensor_index = operator.index(tensor_index)
+        except TypeError:
+            raise TypeError(f"a tensor index is an int (the details' 'index'), not {tensor_index!r}") \
+                from None
+        entry = self._by_index.get(tensor_index)
         if entry is None:
             raise InputError(f"tensor index {tensor_index} is not an input or output of this model "
                              f"(inputs and outputs: {sorted(self._by_index)})")

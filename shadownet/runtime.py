@@ -103,7 +103,7 @@ class ProtectedModel:
         self.outputs: tuple[TensorSpec, ...] = artifacts.outputs
         self.num_rounds = len(artifacts.rounds)
         self._lock = threading.Lock()
-        self._holder = 0  # the thread in a call of this model, holding the lock (_locked)
+        self._holder = 0  # the thread whose inference runs the accelerator (_not_reentered)
         self._closed = False
         self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
@@ -145,25 +145,12 @@ class ProtectedModel:
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The model's lock, refused to a thread already in a call of it: an accelerator whose run_round
-        called back into its own model waited for itself for ever (a helper's probe)."""
-        me = self._not_reentered()
-        with self._lock:
-            self._holder = me
-            try:
-                yield
-            finally:
-                self._holder = 0
-
-    def _not_reentered(self) -> int:
-        """This thread's id; ``RuntimeError`` if it is in a call of this model already."""
-        me = threading.get_ident()
-        if self._holder == me:
+    def _not_reentered(self) -> None:
+        """``RuntimeError`` when this thread is in this model's inference already: an accelerator whose
+        run_round called back into its own model waited for its lock for ever (a helper's probe)."""
+        if self._holder == threading.get_ident():
             raise RuntimeError("a protected model was called from inside a call of its own (its "
                                "accelerator's run_round?): it would wait for itself")
-        return me
 
     def holds_session_on(self, context: Any) -> bool:
         """Whether this model holds a session, and so secure memory, on the TEE of ``context``."""
@@ -234,7 +221,7 @@ class ProtectedModel:
         refiller, self._refiller = self._refiller, None
         if refiller is not None:
             refiller.stop()
-        with self._locked():
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -312,10 +299,11 @@ class ProtectedModel:
     def run_into(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
         """One inference from checked ``inputs`` into preallocated ``outputs`` (model order, exact shapes and
         dtypes; see ``check_inputs``): the allocation-free path under ``__call__`` and ``Interpreter``."""
+        self._not_reentered()  # before it counts as waiting (the background refill yields to that)
         with self._waiting_lock:
             self._waiting += 1
         try:
-            with self._locked():
+            with self._lock:
                 with self._waiting_lock:
                     self._waiting -= 1
                 self._ensure_open()
@@ -347,7 +335,8 @@ class ProtectedModel:
         full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
         if entries is not None and (not whole(entries) or not 0 <= entries < 1 << 32):  # a TEE Value's
             raise ValueError(f"entries must be a non-negative integer (or None), not {entries!r}")
-        with self._locked():
+        self._not_reentered()
+        with self._lock:
             self._ensure_open()
             return self._refill(0, entries or 0)[0]
 
@@ -422,6 +411,7 @@ class ProtectedModel:
         start = t = clock()
         step = 0
         try:
+            self._holder = threading.get_ident()  # while its accelerator runs: _not_reentered
             steps[0]()
             for r in range(1, self.num_rounds + 1):
                 t1 = clock()
@@ -441,6 +431,8 @@ class ProtectedModel:
             if retry and step == 0 and gone and not self._load_options[0] & commands.LOAD_FAIL_WHEN_EMPTY:
                 raise _NotStarted from None
             raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
+        finally:
+            self._holder = 0
         end = clock()
         tee_s += end - t
         # stats() is of the last call that finished: a failed call's counts would pair its start with the
@@ -465,7 +457,8 @@ class ProtectedModel:
         seen, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound
         achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
         ``per_inference_secure_memory``: what both hold in the TEE."""
-        with self._locked():
+        self._not_reentered()
+        with self._lock:
             self.check_not_closed()
             before, after = self._session_before, self._session_after
             result: dict[str, Any] = {"rounds": self.num_rounds, "scheme": self.artifacts.scheme}

@@ -266,8 +266,9 @@ def test_a_model_called_from_inside_its_own_call_says_so_instead_of_waiting_for_
 
         def run_round(self, r):
             self.inner.run_round(r)
-            if r == 1 and CallsBack.model is not None:
-                for call in (CallsBack.model.stats, CallsBack.model.refill_masks, CallsBack.model.close):
+            model = CallsBack.model
+            if r == 1 and model is not None:
+                for call in (model.stats, model.refill_masks, model.close, lambda: model(x)):
                     try:
                         call()
                     except RuntimeError as exc:
@@ -278,8 +279,10 @@ def test_a_model_called_from_inside_its_own_call_says_so_instead_of_waiting_for_
         CallsBack.model = model
         want = model(x).copy()
         CallsBack.model = None
-        assert len(seen) == 3 and all("from inside a call of its own" in s for s in seen), seen
-        assert model._refiller is not None  # the refused close stopped nothing
+        assert len(seen) == 4 and all("from inside a call of its own" in s for s in seen), seen
+        # The refused calls stopped nothing: the refills go on (a refused call counted as waiting for the
+        # model stopped them for good: a review).
+        assert model._refiller is not None and model._waiting == 0
         assert np.allclose(model(x), want, rtol=1e-4, atol=1e-6)  # fresh one-time masks: float32 apart
 
 

@@ -163,6 +163,8 @@ class Interpreter:
         self._lock._at_fork_reinit()
 
     def invoke(self) -> None:
+        if not self._allocated:  # as LiteRT refuses it (an app that works there calls allocate_tensors)
+            raise RuntimeError("Invoke called on model that is not ready: call allocate_tensors() first")
         with self._lock:
             self._model.run_into(self._input_values, self._output_values)
 
@@ -237,6 +239,7 @@ class SignatureRunner:
         ordered = [np.asarray(kwargs[k]) for k in sorted(kwargs, key=self._positions.__getitem__)]
         arrays = self._model.check_inputs(ordered)
         it = self._interpreter
+        it._allocated = True  # as LiteRT's runner allocates the tensors it runs on
         with it._lock:  # the interpreter's own tensors, as LiteRT's runner uses its subgraph's
             for target, value in zip(it._input_values, arrays, strict=True):
                 np.copyto(target, value)

@@ -118,8 +118,14 @@ class Interpreter:
                              f"(inputs and outputs: {sorted(self._by_index)})")
         return entry
 
+    def _require_allocated(self, message: str) -> None:
+        """LiteRT's ``ValueError`` for a tensor used before ``allocate_tensors()`` (or a signature run)."""
+        if not self._allocated:
+            raise ValueError(f"{message}. Run allocate_tensors() first")
+
     def set_tensor(self, tensor_index: int, value: Any) -> None:
         spec, target = self._entry(tensor_index)
+        self._require_allocated("Cannot set tensor: Tensor is unallocated")
         if spec.index not in self._input_index:
             raise InputError(f"tensor {spec.index} ({spec.name!r}) is an output; only inputs can be set")
         value = np.asarray(value)
@@ -135,6 +141,7 @@ class Interpreter:
 
     def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
         _, value = self._entry(tensor_index)
+        self._require_allocated("Tensor data is null")
         with self._lock:
             self._model.check_not_closed()  # rather than the values of before the close (or the fork)
             return value.copy()
@@ -144,6 +151,7 @@ class Interpreter:
         _, value = self._entry(tensor_index)
 
         def view() -> np.ndarray:
+            self._require_allocated("Tensor data is null")
             self._model.check_not_closed()  # rather than the values of before the close
             return value
 
@@ -163,7 +171,8 @@ class Interpreter:
         self._lock._at_fork_reinit()
 
     def invoke(self) -> None:
-        if not self._allocated:  # as LiteRT refuses it (an app that works there calls allocate_tensors)
+        if not self._allocated:  # as LiteRT refuses it (an app that works there calls allocate_tensors), as
+            # it refuses tensors used before (_require_allocated)
             raise RuntimeError("Invoke called on model that is not ready: call allocate_tensors() first")
         with self._lock:
             self._model.run_into(self._input_values, self._output_values)

@@ -248,6 +248,12 @@ def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn):
                                experimental_op_resolver_type=OpResolverType.AUTO) as interpreter:
         with pytest.raises(RuntimeError, match="allocate_tensors"):  # as LiteRT (it ran unallocated: a probe)
             interpreter.invoke()
+        first = interpreter.get_input_details()[0]
+        for use in (lambda: interpreter.get_tensor(first["index"]),
+                    lambda: interpreter.tensor(first["index"])(),
+                    lambda: interpreter.set_tensor(first["index"], np.zeros(first["shape"], np.float32))):
+            with pytest.raises(ValueError, match="allocate_tensors"):  # as LiteRT's
+                use()
         interpreter.allocate_tensors()
         index = interpreter.get_input_details()[0]["index"]
         for bad in (float(index), str(index), None):

@@ -31,7 +31,8 @@ def run_step(model: Any, step: int) -> None:
     if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2] (not a failed check:
         # settle reported that, whatever the request)
         stopped, place = int(model.cursor[1]), int(model.cursor[2])
-        at = resumed_at(runs, online, place) if step == stopped else None
+        found = resumed_at(runs, online, place) if step == stopped else None
+        at = None if found is None else found[0]
         if at is not None:  # run on from that call's instruction: the ones before it ran there
             runs = runs[at:]
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
@@ -63,33 +64,27 @@ def run_step(model: Any, step: int) -> None:
         online.end()
 
 
-def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> int | None:
+def resumed_at(runs: list[Callable[[], Any]], online: Any, place: int) -> tuple[int, int] | None:
     """The instruction of a step (``runs``) whose C calls, in the current pool slot, include the one at
-    ``place`` (counted from the step's first), where the fast path stopped it: the instructions before it
-    ran there, and running them again is not safe (a slot one of them read may hold a later one's result
-    now, or a tensor would go out again under the same one-time mask); None when ``place`` is not among
-    the step's calls (the inference is then ended)."""
+    ``place`` (counted from the step's first), where the fast path stopped it, and that call's place among
+    the instruction's own: the instructions before it ran there, and running them again is not safe (a slot
+    one of them read may hold a later one's result now, or a tensor would go out again under the same
+    one-time mask); None when ``place`` is not among the step's calls (the inference is then ended)."""
     slot = current_slot(online)
     at = 0
     for i, run in enumerate(runs):
         calls = step_calls([run], slot)
         if calls is None:
             return None
+        if 0 <= place - at < len(calls):
+            return i, place - at
         at += len(calls)
-        if 0 <= place < at:
-            return i
     return None
 
 
 def current_slot(online: Any) -> int:
     """The pool slot of the inference under way (-1: none, or no pool)."""
     return online.current.slot if online is not None and online.current is not None else -1
-
-
-def calls_before(runs: list[Callable[[], Any]], online: Any, at: int) -> int:
-    """How many C calls the instructions ``runs[:at]`` of a step make in the current pool slot."""
-    slot = current_slot(online)
-    return sum(len(step_calls([run], slot) or ()) for run in runs[:at])
 
 
 def step_program(model: Any, command: int) -> StepProgram | None:
@@ -178,12 +173,12 @@ def _failed_check(model: Any) -> Callable[[], TEEError] | None:
             or not 0 <= stopped < len(model.steps):
         return None
     halted = model.steps[stopped]
-    at = resumed_at(halted, online, place)
-    failures = getattr(halted[at], "check_failed", None) if at is not None else None
+    found = resumed_at(halted, online, place)
+    failures = getattr(halted[found[0]], "check_failed", None) if found is not None else None
     if failures is None:
         return None
     kernel, report = failures[online.current.slot]
-    return report if place - calls_before(halted, online, at) == kernel else None
+    return report if found[1] == kernel else None
 
 
 def step_calls(step: list[Callable[[], Any]], slot: int) -> list[tuple[int, int]] | None:

@@ -29,6 +29,30 @@ def _in_this_process(monkeypatch):
     return context
 
 
+def _protect(tmp_path_factory, name: str, original: bytes, **kw):
+    out = tmp_path_factory.mktemp(name) / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(out), **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory):
+    """(the original, its artifacts): the small CNN at 48 px with its depthwise layers offloaded (the default
+    before stop 34: their rounds are among the steps followed)."""
+    original = small_cnn(side=48)
+    return original, _protect(tmp_path_factory, "offloaded", original, seed=8,
+                              scheme="groupmix:depthwise=offload")
+
+
+@pytest.fixture(scope="module")
+def all_masked(tmp_path_factory):
+    """(the original, its artifacts): the small CNN with one-time masks on every round."""
+    original = small_cnn()
+    return original, _protect(tmp_path_factory, "all_masked", original, seed=3, mask_rounds="all")
+
+
 def _through_fast_path(context, monkeypatch, on_stop=None):
     """Route every invocation of the in-process ``context`` through a ``FastPath`` on a control block of
     its own first, as ``SecureWorld.serve`` does; returns the fast path. ``on_stop()``: what the normal world
@@ -70,15 +94,11 @@ def _through_fast_path(context, monkeypatch, on_stop=None):
     return fast
 
 
-def test_middle_steps_answered_in_c_match_the_reference(tmp_path, monkeypatch):
-    original = small_cnn(side=48)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
-        shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
+def test_middle_steps_answered_in_c_match_the_reference(offloaded, monkeypatch):
+    original, out = offloaded
     context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
-    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+    with shadownet.load(out, background_refill=False) as model:
         (program,) = context._transport._os.step_programs().values()
         middle = [calls is not None for calls in program.calls[1:-1]]
         assert program.calls[0] is None  # an inference's start: it picks the pool slot in Python
@@ -245,18 +265,14 @@ class _Tamper(AcceleratorWrapper):
             y[7], self.honest = value, None
 
 
-def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(tmp_path, monkeypatch):
+def test_verified_steps_answered_in_c_and_a_failed_check_still_raises(offloaded, monkeypatch):
     """A verified model's checked restores and prepares run on the fast path; a check that fails there is
     handed back to the TA, whose Python raises IntegrityError."""
-    original = small_cnn(side=48)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        # Depthwise layers offloaded (the default before stop 34): their rounds are among the steps followed.
-        shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
+    original, out = offloaded
     context = _in_this_process(monkeypatch)
     fast = _through_fast_path(context, monkeypatch)
     made = []
-    with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
+    with shadownet.load(out, background_refill=False, verify=True,
                         accelerator=lambda inner: made.append(_Tamper(inner)) or made[-1]) as model:
         (program,) = context._transport._os.step_programs().values()
         idle = sum(calls is not None for calls in program.calls[1:-1])  # no slot yet: no checked step
@@ -323,7 +339,7 @@ def test_a_step_handed_back_to_python_runs_on_from_the_call_that_stopped_it(tmp_
     context.close()
 
 
-def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch):
+def test_a_stopped_step_is_resumed_only_by_its_own_request(all_masked, monkeypatch):
     """After the fast path stops a step part-way (cursor STOPPED, the step, the call), a normal world may
     rewrite the request before Python reads it. A review: Python refused the other step as out of order,
     the cursor still named the stopped one, and its next request ran it again in C from the start - the
@@ -333,13 +349,10 @@ def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch
     from tee_sim.secure_world_fast import STOPPED
     from tee_sim.ta_shadownet_steps import run_step
 
-    original = small_cnn()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
+    original, out = all_masked
     context = _in_this_process(monkeypatch)
     x = np.random.default_rng(5).uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
-    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+    with shadownet.load(out, background_refill=False) as model:
         (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
         assert relative_error(model(x), reference(original, x)) <= 1e-4
         loaded.cursor[:] = (STOPPED, 3, 2, 2)  # as the fast path leaves a step it stopped at its third call
@@ -356,18 +369,15 @@ def test_a_stopped_step_is_resumed_only_by_its_own_request(tmp_path, monkeypatch
     context.close()
 
 
-def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is_put_back(tmp_path,
+def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is_put_back(offloaded,
                                                                                            monkeypatch):
     """The fast path hands a failed check's step to the TA's Python. That ran the restore again, reading
     the results anew: a normal world that put the honest result back in between (a helper's C thread won
     39 of 40 races) had its tampering go unreported - one free try per step, and a bit about the secret
     projections each time. The failure is now reported from the run that failed."""
-    original = small_cnn(side=48)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
     from tee_sim.secure_world_fast import STOPPED
 
+    original, out = offloaded
     context = _in_this_process(monkeypatch)
     made, stops = [], []
 
@@ -379,7 +389,7 @@ def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is
 
     _through_fast_path(context, monkeypatch, on_stop=on_stop)
     rng = np.random.default_rng(2)
-    with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
+    with shadownet.load(out, background_refill=False, verify=True,
                         accelerator=lambda inner: made.append(_Tamper(inner)) or made[-1]) as model:
         for r in (1, 2, 3):
             x = rng.uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
@@ -394,7 +404,7 @@ def test_a_check_failed_on_the_fast_path_is_reported_though_the_honest_result_is
 
 
 @pytest.mark.parametrize("request_", ["step 0", "refill"])
-def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next(tmp_path, monkeypatch,
+def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next(offloaded, monkeypatch,
                                                                                   request_):
     """The normal world may rewrite the request the fast path stopped before the TA's Python reads it: asked
     for a new inference's step 0, the TA abandoned the stopped one without a word of its failed check (a
@@ -406,10 +416,7 @@ def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next
     from tee_sim.secure_world_fast import STOPPED
     from tee_sim.ta_shadownet_commands import Command
 
-    original = small_cnn(side=48)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        shadownet.convert(original, str(tmp_path / "out"), seed=8, scheme="groupmix:depthwise=offload")
+    original, out = offloaded
     context = _in_this_process(monkeypatch)
     secure_os = context._transport._os
     made, codes = [], []
@@ -426,7 +433,7 @@ def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next
 
     _through_fast_path(context, monkeypatch, on_stop=on_stop)
     x = np.random.default_rng(3).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32)
-    with shadownet.load(tmp_path / "out", background_refill=False, verify=True,
+    with shadownet.load(out, background_refill=False, verify=True,
                         accelerator=lambda inner: made.append(_Tamper(inner)) or made[-1]) as model:
         model(x)
         made[0].armed = True
@@ -438,7 +445,7 @@ def test_a_check_failed_on_the_fast_path_is_reported_whatever_request_comes_next
     context.close()
 
 
-def test_verified_steps_stopped_to_move_a_mask_resume_without_a_false_alarm(tmp_path, monkeypatch):
+def test_verified_steps_stopped_to_move_a_mask_resume_without_a_false_alarm(all_masked, monkeypatch):
     """Verified, every round masked, inputs whose scale changes call after call: steps that hold checked
     restores stop on the fast path for a mask to move (a push's spread check, a restore's measure) and
     resume, never taken for a failed check (a push's check answered 1 as a failed check does, told apart
@@ -446,10 +453,7 @@ def test_verified_steps_stopped_to_move_a_mask_resume_without_a_false_alarm(tmp_
     from tee_sim.secure_world_fast import STOPPED
     from tee_sim.ta_shadownet_restore_push import SPREAD_OUTSIDE
 
-    original = small_cnn()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seeded: insecure, tests only
-        shadownet.convert(original, str(tmp_path / "out"), seed=3, mask_rounds="all")
+    original, out = all_masked
     context = _in_this_process(monkeypatch)
     secure_os = context._transport._os
     answers = []
@@ -462,7 +466,7 @@ def test_verified_steps_stopped_to_move_a_mask_resume_without_a_false_alarm(tmp_
 
     _through_fast_path(context, monkeypatch, on_stop=on_stop)
     rng = np.random.default_rng(4)
-    with shadownet.load(tmp_path / "out", background_refill=False, verify=True) as model:
+    with shadownet.load(out, background_refill=False, verify=True) as model:
         for scale in (1, 1, 255, 300, 1, 255):
             model.refill_masks()
             x = (scale * rng.uniform(0, 1, (1, 16, 16, 3))).astype(np.float32)

@@ -51,7 +51,6 @@ def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
 
 
-
 def _keras_zip(path: Path) -> bool:
     """Whether a zip archive is a Keras v3 model file (config.json at its top), not e.g. an .npz."""
     try:

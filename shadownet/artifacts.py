@@ -407,8 +407,6 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
     return arrays
 
 
-
-
 def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """The bench's, the soak's and the audit's random input (the audit's images aside): floats uniform in
     [0, 1); integers 0 or 1 (ids any table has: uniform floats cast to integers were all 0, so 'several
@@ -419,7 +417,6 @@ def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -
     if dtype.kind == "b":
         return np.asarray(rng.random(shape) < 0.5)
     return np.asarray(rng.uniform(0, 1, shape), dtype)
-
 
 
 def check_input_values(specs: tuple[TensorSpec, ...], values: Sequence[np.ndarray]) -> None:

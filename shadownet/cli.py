@@ -298,8 +298,6 @@ def _report(exc: Exception) -> int:
     first = (str(exc).splitlines() or [""])[0]
     if debugging():
         traceback.print_exception(exc)
-        print(f"shadownet: internal error ({type(exc).__name__}: {first})", file=sys.stderr)
-    else:
-        print(f"shadownet: internal error ({type(exc).__name__}: {first}); set SHADOWNET_DEBUG=1 for a "
-              "traceback", file=sys.stderr)
+    hint = "" if debugging() else "; set SHADOWNET_DEBUG=1 for a traceback"
+    print(f"shadownet: internal error ({type(exc).__name__}: {first}){hint}", file=sys.stderr)
     return 3  # not 2, argparse's for a flag the user mistyped: this one is ours

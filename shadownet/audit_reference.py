@@ -40,7 +40,7 @@ REFERENCE_CORRELATION = 0.99
 
 
 def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]],
-                             seen: dict[str, np.ndarray], given: Any) -> None:
+                  seen: dict[str, np.ndarray], given: Any) -> None:
     """``ArtifactError`` unless the reference computes the protected model's outputs on the audit's inputs:
     a model of the same architecture with other weights pairs up layer by layer, and the attacks then
     score against the wrong filters (a probe: the paper's scheme '0% recovered', exit 0, where its own

@@ -231,7 +231,7 @@ def test_signature_names_that_are_the_other_inputs_tensor_names(tmp_path):
         assert relative_error(model({"b": a, "a": b}), want) <= TOLERANCE
 
 
-def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn):
+def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn, monkeypatch):
     """A tensor index that is not an int, a keyword LiteRT does not have, a delegate list that is a string:
     TypeError (a helper's probe: 0.5 and "0" read tensor 0, a misspelt keyword was taken, a path's
     characters were loaded one by one as delegates); what LiteRT takes as an index is taken (numpy's
@@ -279,14 +279,12 @@ def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn):
     import shadownet.interpreter as interpreter_module
 
     real_load = interpreter_module.load
-    interpreter_module.load = lambda *a, **kw: real_load(*a, accelerator=CallsBack, **kw)
-    try:
-        with shadownet.Interpreter(model_path=str(small_cnn.out)) as interpreter:
-            interpreter.allocate_tensors()
-            CallsBack.interpreter = interpreter
-            interpreter.invoke()
-            CallsBack.interpreter = None
-            interpreter.invoke()
-    finally:
-        interpreter_module.load = real_load
+    monkeypatch.setattr(interpreter_module, "load",
+                        lambda *a, **kw: real_load(*a, accelerator=CallsBack, **kw))
+    with shadownet.Interpreter(model_path=str(small_cnn.out)) as interpreter:
+        interpreter.allocate_tensors()
+        CallsBack.interpreter = interpreter
+        interpreter.invoke()
+        CallsBack.interpreter = None
+        interpreter.invoke()
     assert len(seen) == 1 and "from inside a call of its own" in seen[0], seen

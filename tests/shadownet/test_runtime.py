@@ -215,7 +215,7 @@ def test_numpys_integers_and_booleans_are_taken_and_other_flags_refused(small_cn
             shadownet.load(small_cnn.out, **flags)
 
 
-def test_wrong_delegates_accelerators_and_artifacts_are_refused_clearly(small_cnn, tmp_path):
+def test_wrong_delegates_accelerators_and_artifacts_are_refused_clearly(small_cnn, tmp_path, monkeypatch):
     """A delegate that is not one, an accelerator= that returns no accelerator, a path where read Artifacts
     go, a refill count no TEE Value holds: TypeError / ValueError saying what is wrong, nothing left open (a
     helper's probe: AttributeErrors from inside LiteRT or at the first call, the default accelerator left
@@ -238,13 +238,10 @@ def test_wrong_delegates_accelerators_and_artifacts_are_refused_clearly(small_cn
         def close(self):
             pass
 
-    try:
-        LiteRTAccelerator.close = lambda self: (closed.append(True), real_close(self))[1]
-        for returned in (lambda base: object(), lambda base: None, lambda base: Half()):
-            with pytest.raises(TypeError, match="an accelerator has bind"):
-                shadownet.load(small_cnn.out, accelerator=returned)
-    finally:
-        LiteRTAccelerator.close = real_close
+    monkeypatch.setattr(LiteRTAccelerator, "close", lambda self: (closed.append(True), real_close(self))[1])
+    for returned in (lambda base: object(), lambda base: None, lambda base: Half()):
+        with pytest.raises(TypeError, match="an accelerator has bind"):
+            shadownet.load(small_cnn.out, accelerator=returned)
     assert len(closed) == 3  # the default accelerator each was given
     with pytest.raises(TypeError, match="ProtectedModel takes read Artifacts"):
         shadownet.ProtectedModel(str(small_cnn.out))

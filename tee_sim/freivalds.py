@@ -49,6 +49,20 @@ compute the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerC
 ``log2 beta^k``); the tests assert it is at most -20 for every layer of every
 zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
 layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
+
+The popped check. An exact split's layer (``converters.exact_split``: round 1 under the default scheme)
+returns ``[y_hi | y_lo]`` of the masked input ``v + r``, and the tolerance above follows that magnitude:
+round 1's mask is ~35-70x the input, so changes a fifth of the tolerance - which the normal world can
+compute and aim - passed every check and moved MiniVGG's outputs by up to 5.6e-3 (a red-team probe). What
+the TEE uses is ``d = (y_hi - pop_hi) + (y_lo - pop_lo) = L(v, W')``, of the input's own magnitude, and
+honestly ``y_hi`` is exact (the split's point), so ``d`` is off by the rounding of ``y_lo`` and of the pop
+mask alone. A second ``LayerCheck`` (``popped``) checks ``d``, tile by tile after the first and after the
+pop, against ``z = L(v, u W')`` from the input ``v`` itself (which the push copies into secure memory), with
+``tau_p = TOLERANCE eps32 ||W'||_F sqrt(sum over the window of |v|^2 + h |x_hi|^2 + |x_lo|^2)``,
+``h = ||W'_lo||_F^2 / ||W'||_F^2`` (``W'_lo``'s rounding of ``x_hi``'s magnitude, ``W'``'s of ``x_lo``; about
+1.3x the unmasked layer's tolerance where the first check's is ~50x). Its bound is the absolute one
+above (``d`` can be ~0: a blank image), so it reports none; the first check keeps the stated bound, and
+catches what the second cannot see (a change that cancels between the halves, which leaves ``d`` as it was).
 """
 
 from __future__ import annotations
@@ -78,6 +92,7 @@ TARGET_LOG2 = -20.0
 MARGIN_LOG2, SMALL_MARGIN_LOG2, SMALL_OUTPUT = 6.0, 3.5, 1 << 14
 MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
 _DENSITY = math.sqrt(2 / math.pi)
+POPPED = "#popped"  # the key of a split layer's popped check, after its result's (tee_sim.per_inference)
 KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})
 
 
@@ -187,7 +202,8 @@ class _Prepare(ctypes.Structure):  # fv_prepare_t
                 ("z", ctypes.c_void_p), ("tau", ctypes.c_void_p), ("unit", ctypes.c_float),
                 ("norms", ctypes.c_void_p), ("tau_norm", ctypes.c_double),
                 ("dw_weights", ctypes.c_void_p), ("u", ctypes.c_void_p), ("mp", ctypes.c_int64),
-                ("y_out", ctypes.c_void_p), ("tiled", ctypes.c_int32)]
+                ("y_out", ctypes.c_void_p), ("tiled", ctypes.c_int32), ("sent", ctypes.c_void_p),
+                ("hi_weight", ctypes.c_float)]
 
 
 class _Check(ctypes.Structure):  # fv_check_t
@@ -226,12 +242,26 @@ class LayerCheck:
 
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
                  y_shape: tuple[int, ...], alloc: Any, projections: int | None = None,
-                 computed: bool = False, shared_results: bool = False) -> None:
+                 computed: bool = False, shared_results: bool = False, popped: bool = False) -> None:
+        # A popped check (module docstring): of an exact split's layer, whose weights, input and result
+        # are given as the accelerator has them; it checks L(v, W') on v, W' their second blocks.
+        self.popped, self.hi_weight = popped, 0.0
+        self.split_shape = tuple(weights.shape)
+        if popped:
+            m, c = weights.shape[0] // 2, weights.shape[-1] // 2
+            if layer["kind"] not in ("CONV_2D", "FULLY_CONNECTED") or weights.shape[0] % 2 \
+                    or weights.shape[-1] % 2 or x_shape[-1] % 2 or y_shape[-1] % 2:
+                raise ValueError(f"{layer['kind']} {weights.shape}: not the weights of an exact split")
+            low = np.asarray(weights[m:, ..., :c], np.float32).reshape(-1)
+            weights = weights[m:, ..., c:]
+            x_shape, y_shape = (*x_shape[:-1], x_shape[-1] // 2), (*y_shape[:-1], y_shape[-1] // 2)
         self.geo = geo = geometry(layer, weights.shape, x_shape, y_shape)
         self.kind = geo.kind
         # Norms in float64 accumulation, without a float64 copy (draw() is given the weights again).
         w = np.asarray(weights, np.float32)
         frobenius = math.sqrt(float(np.einsum("i,i->", w.reshape(-1), w.reshape(-1), dtype=np.float64)))
+        if popped and frobenius > 0:
+            self.hi_weight = float(np.einsum("i,i->", low, low, dtype=np.float64)) / frobenius ** 2
         if self.kind == "DEPTHWISE_CONV_2D":
             c = x_shape[-1]
             if w.shape[-1] % c:
@@ -297,7 +327,8 @@ class LayerCheck:
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, *self._addresses(),
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,
-                                 None, width if self.direct else 0, None, int(self.tiled))
+                                 None, width if self.direct else 0, None, int(self.tiled), None,
+                                 self.hi_weight)
         self._norms: np.ndarray | None = None
         self._shapes = self.projection_shapes()
         # fv_draw's arguments but the arrays, which draw() sets per call.
@@ -372,6 +403,8 @@ class LayerCheck:
         ``projection_shapes``), from the layer's obfuscated ``weights`` (LiteRT's layout, as at
         construction). Conv and dense layers in C (``fv_draw``: ``F = u W'`` in double, then packed)."""
         u_shape, f_shape = self._shapes
+        if self.popped and tuple(weights.shape) == self.split_shape:  # W' of [[W'_hi, 0], [W'_lo, W']]
+            weights = weights[self.m_out:, ..., self.in_channels:]
         if tuple(weights.shape) != self.weights_shape:
             raise ValueError(f"weights {weights.shape}, expected {self.weights_shape}")
         for name, array, shape in (("projections", u, u_shape), ("filters", filters, f_shape)):
@@ -401,14 +434,17 @@ class LayerCheck:
         padded[:, :rows, :k] = values
         out[...] = padded.reshape(t, -1, self.group, self.kp).transpose(0, 1, 3, 2).reshape(out.shape)
 
-    def prepare(self, x: np.ndarray, u: np.ndarray, filters: np.ndarray) -> None:
+    def prepare(self, x: np.ndarray, u: np.ndarray, filters: np.ndarray,
+                sent: np.ndarray | None = None) -> None:
         """At the push: ``z = L(x, F)`` (``direct``: ``u . L(x, W')``) and the tolerances, from the secure
-        copy ``x`` of what was sent, with one pool slot's projections ``u`` and ``filters``."""
-        self.prepared(x, u, filters)()
+        copy ``x`` of what was sent, with one pool slot's projections ``u`` and ``filters``; a ``popped``
+        check's ``x`` is the input itself, ``v``, and ``sent`` the secure copy of ``[x_hi | x_lo]``."""
+        self.prepared(x, u, filters, sent)()
 
-    def prepared(self, x: np.ndarray, u: np.ndarray, filters: np.ndarray) -> Callable[[], None]:
-        """``prepare(x, u, filters)`` as a call without arguments, the arrays checked once, here: the TA
-        binds each pool slot's at load and prepares them every inference, and checking them took about
+    def prepared(self, x: np.ndarray, u: np.ndarray, filters: np.ndarray,
+                 sent: np.ndarray | None = None) -> Callable[[], None]:
+        """``prepare(x, u, filters, sent)`` as a call without arguments, the arrays checked once, here: the
+        TA binds each pool slot's at load and prepares them every inference, and checking them took about
         13 us a call against 2 us for a small layer's prepare (ResNet-404 verifies 404 layers)."""
         if self.computed:
             raise ValueError(f"prepare: {self.kind} is computed by the TEE, not checked: nothing to prepare")
@@ -416,14 +452,20 @@ class LayerCheck:
                 or not x.flags.c_contiguous
                 or (u.shape, filters.shape) != self.projection_shapes()
                 or any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (u, filters))
-                or self._norms is None):
+                or self._norms is None
+                or (sent is None) == self.popped
+                or sent is not None and (sent.dtype != np.float32 or sent.size != 2 * self.x_elements
+                                         or not sent.flags.c_contiguous)):
             raise ValueError(f"prepare: {x.dtype} {x.shape} input, {u.shape} projections, {filters.shape} "
-                             "filters")
+                             f"filters{'' if sent is None else f', {sent.dtype} {sent.shape} sent'}"
+                             f"{' (a popped check needs what was sent)' if self.popped else ''}")
         made = _Prepare.from_buffer_copy(self._prepare)
         made.x, made.filters, made.u = x.ctypes.data, filters.ctypes.data, u.ctypes.data
+        if sent is not None:
+            made.sent = sent.ctypes.data
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)
 
-        def call(keep: tuple = (made, x, u, filters)) -> None:
+        def call(keep: tuple = (made, x, u, filters, sent)) -> None:
             if run(address):  # a lane layout the kernel does not know (k is checked at construction)
                 raise ValueError(f"fv_prepare refused k = {self.k}, kp = {self.kp}")
             self.tau_norm = made.tau_norm
@@ -468,7 +510,9 @@ class LayerCheck:
         """``(worst, log2_bound)`` of the last check made with ``fused`` (as ``check``; the bound only
         when its ``want_norm`` was set)."""
         worst = fused.worst if math.isfinite(fused.worst) else math.inf
-        return worst, self.bound_log2(math.sqrt(fused.y_norm2)) if fused.want_norm else None
+        # A popped check's result can be ~0 (a blank image): its tolerance, not a share of it, is its bound.
+        bound = fused.want_norm and not self.popped
+        return worst, self.bound_log2(math.sqrt(fused.y_norm2)) if bound else None
 
     def check(self, y: np.ndarray, u: np.ndarray, bound: bool = True) -> tuple[float, float | None]:
         """Compare the secure copy ``y`` of the accelerator's result with ``z``: ``(worst, log2_bound)``,

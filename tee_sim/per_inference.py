@@ -58,7 +58,7 @@ import numpy as np
 
 from tee_sim.errors import TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.exact_split import SplitPop
-from tee_sim.freivalds import LayerCheck, direct
+from tee_sim.freivalds import POPPED, LayerCheck, direct
 from tee_sim.mask_spread import SpreadFollower
 from tee_sim.obfuscated_weights import Weights, weight_regions
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
@@ -113,10 +113,12 @@ class PerInference:
         # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), is computed
         # instead (``computed``): the TEE uses its own result, not the accelerator's. Each is made from its
         # layer's weights as the load reads them (its norms; a computed layer's weights, kept).
+        # An exact split's layer has a second check, of its popped result (``POPPED``, LayerCheck's popped).
         made: dict[str, LayerCheck] = {}
         readers: dict[str, list[str]] = {}
         for out, layer in layers.items() if verify else ():
             readers.setdefault(layer["weights"], []).append(out)
+        split = {spec["layer"] for spec in one_time["offsets"].values() if spec.get("split")}
 
         def make_checks(name: str, weights: np.ndarray) -> None:
             for out in readers.get(name, ()):
@@ -124,6 +126,10 @@ class PerInference:
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
                                        self.account, computed=own, shared_results=True)
+                if out in split:
+                    made[out + POPPED] = LayerCheck(layer, weights, shm_shapes[layer["input"]],
+                                                    shm_shapes[out], self.account, shared_results=True,
+                                                    popped=True)
 
         # Read from the normal world's untrusted.tflite once, with its SHA-256 checked on the same bytes.
         self.weights = Weights(untrusted, weight_regions(layers, needed), program.get("untrusted_sha256"),
@@ -169,11 +175,15 @@ class PerInference:
         self.by_input: dict[str, list[str]] = {}
         self.computed_rounds: set[int] = set()
         self._layer_weights = {out: layer["weights"] for out, layer in layers.items()}
+        self._layer_weights.update({out + POPPED: layers[out]["weights"] for out in split})
         if verify:
             for out, layer in layers.items():
                 check = made[out]
                 (self.computed if check.computed else self.checks)[out] = check
                 self.by_input.setdefault(layer["input"], []).append(out)
+                if out + POPPED in made:
+                    self.checks[out + POPPED] = made[out + POPPED]
+                    self.by_input[layer["input"]].append(out + POPPED)
             self._bind_results()
             # Rounds whose every layer the TEE computes: the accelerator does not run them (the runtime's
             # ``skipped_rounds``), so their pushes write the secure copy alone, nothing to shared memory:
@@ -388,7 +398,7 @@ class PerInference:
             check = self.checks[out]
             check.tau_norm = made[out].tau_norm  # this inference's prepare
             worst, bound = check.outcome(fused)
-            self.checked += 1
+            self.checked += not check.popped  # a layer's checks: its popped one is part of it
             self.worst_ratio = max(self.worst_ratio, worst)
             if bound is not None:
                 self.worst_bound_log2 = max(self.worst_bound_log2, bound)
@@ -402,11 +412,12 @@ class PerInference:
                      "pool_bytes": self.pool_bytes, "made": self.made, "offline_s": self.offline_s,
                      "synchronous": self.synchronous, "rescaled": self.spread.rescaled,
                      "mask_exponents": dict(self.spread.target)},  # round 1's: the last input's power of two
-            "verify": {"enabled": self.verify, "layers": len(self.checks), "computed": len(self.computed),
+            "verify": {"enabled": self.verify, "layers": sum(not c.popped for c in self.checks.values()),
+                       "computed": len(self.computed), "popped": sum(c.popped for c in self.checks.values()),
                        "computed_rounds": sorted(self.computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
                        # layers whose bound wanted more projections than a check takes (freivalds)
-                       "capped": sum(c.capped for c in self.checks.values()),
+                       "capped": sum(c.capped and not c.popped for c in self.checks.values()),
                        "worst_ratio": self.worst_ratio,
                        "worst_bound_log2": None if self.checked == 0 else self.worst_bound_log2},
             "secure_bytes": self.secure_bytes,

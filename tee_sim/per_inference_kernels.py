@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tee_sim.errors import TEE_ERROR_MAC_INVALID, TEEC_ORIGIN_TRUSTED_APP, TEEError
+from tee_sim.freivalds import POPPED
 from tee_sim.program import round_of
 from tee_sim.ta_shadownet_restore_push import SN_RUN, SPREAD_OUTSIDE
 from tee_sim.ta_shadownet_small_ops import compile_copy
@@ -90,7 +91,7 @@ class PerInferenceKernels:
         secure_x = None
         source, target = instr.get("src", ""), instr.get("dst", "")
         result = source.removeprefix("shm:") if instr["op"] == "restore" and source.startswith("shm:") else ""
-        checked = result in online.checks
+        checked, popped = result in online.checks, result + POPPED in online.checks
         if online.by_input and target.startswith("shm:") and target[4:] in online.by_input:
             secure_x = self._x[:dst.size].reshape(dst.shape)
             if round_of(target[4:], "in") in online.computed_rounds:
@@ -100,7 +101,12 @@ class PerInferenceKernels:
             outs = online.by_input[target[4:]]
             computing = [self._computing(out, secure_x) for out in outs if out in online.computed]
             checks = [out for out in outs if out in online.checks]
-            prepares = [[*computing, *(self._prepared(entry, out, secure_x) for out in checks)]
+            # An exact split's popped check is prepared from the input itself, which the push copies here.
+            plain = None
+            if any(online.checks[out].popped for out in checks):
+                plain = online.account((*dst.shape[:-1], dst.shape[-1] // 2), np.float32)
+                verified["plain"] = plain
+            prepares = [[*computing, *(self._prepared(entry, out, secure_x, plain) for out in checks)]
                         for entry in online.entries]
         if result in online.computed:  # restored from the TEE's own result: the accelerator's is not read
             if result not in self._results:
@@ -143,10 +149,13 @@ class PerInferenceKernels:
                 if offset in online.pops:
                     online.arrays[offset] = entry.offsets[offset]
                 if checked:
-                    fused = online.checks[result].fused(entry.projections[result][0])
-                    online.fused[entry.slot][result] = fused
-                    verified.update(check=fused, on_fail=lambda fused=fused: self._failed(result, fused))
-                    reports.append(lambda fused=fused: self._failure(result, fused))
+                    made = [(out, online.checks[out].fused(entry.projections[out][0]))
+                            for out in (result, result + POPPED) if out in online.checks]
+                    online.fused[entry.slot].update(made)
+                    verified.update(check=made[0][1], on_fail=lambda made=made: self._failed(made))
+                    if popped:
+                        verified["popped"] = made[1][1]
+                    reports.append(lambda made=made: self._failure(made))
                 measure = online.spread.measure(online.account) if measured else None
                 variants.append(compile_(src, dst, **verified, **({"spread": measure} if measured else {})))
                 if followed:
@@ -236,17 +245,23 @@ class PerInferenceKernels:
         self._results[out] = buffer
         return check.computing(x, buffer[:size])
 
-    def _prepared(self, entry: Entry, out: str, x: np.ndarray) -> Callable[[], None]:
-        """Layer ``out``'s prepare from ``x`` with ``entry``'s projections (its C struct kept for tally)."""
-        call = self.online.checks[out].prepared(x, *entry.projections[out])
+    def _prepared(self, entry: Entry, out: str, x: np.ndarray,
+                  plain: np.ndarray | None) -> Callable[[], None]:
+        """Layer ``out``'s prepare from ``x`` (a popped check's: from ``plain``, the input itself, and
+        ``x``) with ``entry``'s projections (its C struct kept for tally)."""
+        check = self.online.checks[out]
+        call = check.prepared(plain, *entry.projections[out], sent=x) if check.popped else \
+            check.prepared(x, *entry.projections[out])
         self.online.prepared_structs[entry.slot][out] = call.made
         return call
 
-    def _failure(self, out: str, fused: Any) -> TEEError:
-        """The error of the check of ``out`` that failed, from its figures (``fused``)."""
-        worst, _ = self.online.checks[out].outcome(fused)
-        return integrity_error(f"the accelerator's result {out} failed verification (off by {worst:.3g} "
+    def _failure(self, made: list[tuple[str, Any]]) -> TEEError:
+        """The error of a restore's check that failed, from the figures (``made``: ``(out, fused)`` of its
+        checks, the result's and, for an exact split, its popped one)."""
+        worst, out = max((self.online.checks[out].outcome(fused)[0], out) for out, fused in made)
+        what = f"{out.removesuffix(POPPED)} once its mask was popped" if out.endswith(POPPED) else out
+        return integrity_error(f"the accelerator's result {what} failed verification (off by {worst:.3g} "
                                "times the float32 tolerance)")
 
-    def _failed(self, out: str, fused: Any) -> None:
-        raise self._failure(out, fused)
+    def _failed(self, made: list[tuple[str, Any]]) -> None:
+        raise self._failure(made)

@@ -32,12 +32,22 @@ typedef struct {
                                            accelerator's: tee_sim.per_inference_kernels) */
     int32_t tiled;                      /* prepare_tiled, or compute_dw with y_out (tee_sim.freivalds.
                                            LayerCheck says when) */
+    const float *sent;                  /* a popped check's (an exact split's, tee_sim.freivalds): the
+                                           secure copy of what was sent, [x_hi | x_lo] on x's pixels, whose
+                                           rounding the tolerance adds; NULL: none */
+    float hi_weight;                    /* with sent: the weight of x_hi's squares (x_lo's: 1) */
 } fv_prepare_t;
 
-/* Every input pixel's squared norm, into the scratch's first N * H * W floats. */
+/* Every input pixel's squared norm, into the scratch's first N * H * W floats; a popped check's adds
+ * hi_weight |x_hi|^2 + |x_lo|^2 of the pixel sent (the accelerator's rounding of y_lo, and the pop mask's). */
 INLINE void pixel_norms(fv_prepare_t *s) {
     int64_t c = s->c, pixels = s->n * s->h * s->w;
     for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
+    if (s->sent)
+        for (int64_t pix = 0; pix < pixels; pix++) {
+            const float *sent = s->sent + pix * 2 * c;
+            s->norms[pix] += s->hi_weight * squared_norm(sent, c) + squared_norm(sent + c, c);
+        }
 }
 
 /* Output position `out`'s z (projection j: lane j * G of `sums`) and tolerance, from its window's squared

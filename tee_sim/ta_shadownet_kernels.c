@@ -104,6 +104,11 @@ typedef struct {
                           of its mean square and peak_weight times its largest square - is measured as it
                           is made, stored in [3], and sn_run returns 2 when it lies outside (lo, hi] (NaN:
                           outside): the mask must move, and the step be run again; NULL: none */
+    fv_check_t *popped; /* a restore's, with pop on a verified model: the check of (y_hi - pop_hi) + (y_lo -
+                           pop_lo), made tile by tile after check's (tee_sim.freivalds); NULL: none */
+    float *plain;       /* a push's, with grid on a verified model: where the input x itself goes (dst's
+                           grid, its channels), for the popped check's prepare; NULL: nowhere */
+    int64_t plain_row, plain_pix;
 } sn_step;
 
 #define MAX_STACK_BIAS 16384 /* floats: wider per-channel offsets take the unfused path */
@@ -398,9 +403,9 @@ int sn_run(const sn_step *s) {
     float *tile_y = s->scratch + 3 * tile * stride;
     int32_t n = s->a.n_out, c = s->channels;
     int restored = s->a.kind != SN_NONE;
-    fv_check_t *check = s->check;
-    vli worst = {{{0}}};
-    double norm2 = 0.0;
+    fv_check_t *check = s->check, *popped = s->pop.p ? s->popped : NULL;
+    vli worst = {{{0}}}, worst_popped = {{{0}}};
+    double norm2 = 0.0, norm2_popped = 0.0;
     int measured = s->spread && restored;
     double squares = 0.0;
     float top = 0.0f;
@@ -449,6 +454,16 @@ int sn_run(const sn_step *s) {
                 pop_halves(x, x_pix, pop, s->pop.pix, tile_b, stride, t, s->a.n_in);
                 x = tile_b;
                 x_pix = stride;
+                if (popped) { /* from the secure copy: what is used is what is checked */
+                    int verdict = fv_check_tile(popped, x, stride, t * stride, r * s->cols + q0, t, &worst_popped,
+                                                &norm2_popped);
+                    if (verdict < 0) return -1;
+                    if (verdict > 0) {
+                        if (check) fv_check_finish(check, &worst, norm2);
+                        fv_check_finish(popped, &worst_popped, norm2_popped);
+                        return 1;
+                    }
+                }
             }
             if (fuse) {
                 if (s->offset.p && !per_channel)
@@ -498,6 +513,9 @@ int sn_run(const sn_step *s) {
                 if (s->copy)
                     send_split(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix,
                                t, c, s->grid);
+                if (s->plain)
+                    for (int64_t p = 0; p < t; p++)
+                        copy(s->plain + r * s->plain_row + (q0 + p) * s->plain_pix, x + p * x_pix, c);
                 continue;
             }
             send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
@@ -506,6 +524,7 @@ int sn_run(const sn_step *s) {
         }
     }
     if (check) fv_check_finish(check, &worst, norm2);
+    if (popped) fv_check_finish(popped, &worst_popped, norm2_popped);
     if (measured && !in_band(squares, top, s->rows * s->cols * n, s->spread[2], s->spread[0], s->spread[1],
                              &s->spread[3]))
         return 2;

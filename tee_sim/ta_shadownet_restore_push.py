@@ -57,7 +57,9 @@ class _Step(ctypes.Structure):
                 ("dst_pix", ctypes.c_int64), ("channels", ctypes.c_int32), ("scratch", ctypes.c_void_p),
                 ("stride", ctypes.c_int64), ("tile", ctypes.c_int64), ("check", ctypes.c_void_p),
                 ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
-                ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float), ("spread", ctypes.c_void_p)]
+                ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float), ("spread", ctypes.c_void_p),
+                ("popped", ctypes.c_void_p), ("plain", ctypes.c_void_p), ("plain_row", ctypes.c_int64),
+                ("plain_pix", ctypes.c_int64)]
 
 # sn_run's answers: done; a check failed (the verified model's ``on_fail`` says which); the restored
 # tensor's spread left its followed mask's band (``spread``: the mask must move, and the step run again).
@@ -151,7 +153,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              check: Any = None, on_fail: Callable[[], Any] | None = None,
              secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None,
              pop: np.ndarray | None = None, split_grid: float = 0.0,
-             spread: np.ndarray | None = None) -> Callable[[], Any]:
+             spread: np.ndarray | None = None, popped: Any = None,
+             plain: np.ndarray | None = None) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference_kernels``' ``wrap``): ``check``, the ``fv_check_t`` of
@@ -161,7 +164,11 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     ``split_grid``: an exact split's push (``out``: the first half of each pixel, whose stride covers both;
     the border slices hold both halves, each gets ``[r_hi | r_lo]`` of its mask). ``spread``: a restore's
     followed mask's ``[lo, hi, peak_weight, measured]`` (float64, ``tee_sim.mask_spread``), which the kernel
-    measures the restored tensor against. The compiled function returns the kernel's answer (``DONE``,
+    measures the restored tensor against. ``popped`` (with ``check`` and ``pop``): the ``fv_check_t`` of
+    the popped result ``(y_hi - pop_hi) + (y_lo - pop_lo)`` (``tee_sim.freivalds``), made on it tile by tile
+    after ``check``; ``plain`` (with ``split_grid``): a secure array shaped as the destination with half its
+    channels, whose interior receives the input itself (the popped check's prepare reads it; its border
+    stays 0). The compiled function returns the kernel's answer (``DONE``,
     ``SPREAD_OUTSIDE``; ``CHECK_FAILED`` after ``on_fail``, if that returns); its ``step`` is the kernel's
     structure: a mask scaled by a power of two moves its grid there (``grid``)."""
     rows, cols, src_row, src_pix = _grid(src)
@@ -169,6 +176,9 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if check is not None and (check.p != rows * cols or check.m != src.shape[-1] or not src.flags.c_contiguous
                               or on_fail is None):
         raise ValueError(f"a check of {check.p} x {check.m} results for {src.shape}")
+    if popped is not None and (check is None or pop is None or popped.p != rows * cols
+                               or 2 * popped.m != src.shape[-1]):
+        raise ValueError(f"a popped check of {popped.p} x {popped.m} results for {src.shape}")
     copy, copy_border = None, []
     if secure_dst is not None:
         if secure_dst.dtype != np.float32 or not secure_dst.flags.c_contiguous:
@@ -178,6 +188,12 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
             copy = copy[..., :out.shape[-1]]
         if copy.shape != out.shape:
             raise ValueError(f"a secure copy {secure_dst.shape} for {out.shape}")
+    if plain is not None:
+        if not split_grid or plain.dtype != np.float32 or not plain.flags.c_contiguous:
+            raise ValueError("the input's secure copy must be contiguous float32, for a split push")
+        plain, _, _ = _masked_destination(plain, None, pad)
+        if plain.shape != out.shape:
+            raise ValueError(f"a secure copy of the input {plain.shape} for {out.shape}")
     out_rows, out_cols, dst_row, dst_pix = _grid(out)
     if (out_rows, out_cols) != grid:
         raise ValueError(f"{src.shape} -> {out.shape}: not the same pixels")
@@ -219,8 +235,13 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if copy is not None:
         _, _, step.copy_row, step.copy_pix = _grid(copy)
         step.copy = copy.ctypes.data
+    if popped is not None:
+        step.popped = ctypes.addressof(popped)
+    if plain is not None:
+        _, _, step.plain_row, step.plain_pix = _grid(plain)
+        step.plain = plain.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, spread)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, spread, popped, plain)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \

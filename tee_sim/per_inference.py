@@ -375,8 +375,8 @@ class PerInference:
         # The achieved bound (a statistic, one more pass over each result) on the first inferences, then 1
         # in 8.
         want = int(self.inferences <= BOUND_EVERY or self.inferences % BOUND_EVERY == 0)
-        for fused in self.fused[self.current.slot].values():
-            fused.want_norm = want
+        for out, fused in self.fused[self.current.slot].items():
+            fused.want_norm = want and not self.checks[out].popped  # a popped check claims no bound
 
     def end(self) -> None:
         """The inference is over (or abandoned): its entry is spent, to be made anew."""

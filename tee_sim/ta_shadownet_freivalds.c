@@ -43,11 +43,25 @@ typedef struct {
 INLINE void pixel_norms(fv_prepare_t *s) {
     int64_t c = s->c, pixels = s->n * s->h * s->w;
     for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
-    if (s->sent)
+    if (!s->sent) return;
+    if (c >= SN_VL) {
         for (int64_t pix = 0; pix < pixels; pix++) {
             const float *sent = s->sent + pix * 2 * c;
             s->norms[pix] += s->hi_weight * squared_norm(sent, c) + squared_norm(sent + c, c);
         }
+        return;
+    }
+    /* A few channels (round 1's image): one plain loop, not two calls per pixel (MobileNet's 225x225x3:
+     * the pass 260 -> 100 us) */
+    const float *sent = s->sent;
+    for (int64_t pix = 0; pix < pixels; pix++, sent += 2 * c) {
+        float hi = 0.0f, lo = 0.0f;
+        for (int64_t i = 0; i < c; i++) {
+            hi += sent[i] * sent[i];
+            lo += sent[c + i] * sent[c + i];
+        }
+        s->norms[pix] += s->hi_weight * hi + lo;
+    }
 }
 
 /* Output position `out`'s z (projection j: lane j * G of `sums`) and tolerance, from its window's squared

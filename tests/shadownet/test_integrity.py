@@ -264,20 +264,20 @@ def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
 
 
 class Nudge(AcceleratorWrapper):
-    """Runs the round, then (when ``share`` is set) moves round 1's results - an exact split's ``[y_hi |
-    y_lo]`` - by ``share`` float32 epsilons of each position's norm along one direction, in one ``half``:
-    far inside the check of the masked result, whose tolerance follows the mask's magnitude."""
+    """Runs the round, then (when ``share`` is set) moves round ``round``'s results - an exact split's
+    ``[y_hi | y_lo]`` - by ``share`` float32 epsilons of each position's norm along one direction, in one
+    ``half``: far inside the check of the masked result, whose tolerance follows the mask's magnitude."""
 
     def __init__(self, inner):
         super().__init__(inner)
-        self.share, self.half = 0.0, 0
+        self.share, self.half, self.round = 0.0, 0, 1
 
     def run_round(self, r):
         self.inner.run_round(r)
-        if r != 1 or not self.share:
+        if r != self.round or not self.share:
             return
         for name, y in self.buffers.items():
-            if name.startswith("round_1/out/"):
+            if name.startswith(f"round_{r}/out/"):
                 m = y.shape[-1] // 2
                 e = np.random.default_rng(0).standard_normal(m)
                 rows = np.linalg.norm(y.reshape(-1, 2 * m).astype(np.float64), axis=1).reshape(y.shape[:-1])
@@ -308,6 +308,33 @@ def test_a_change_inside_the_masked_tolerance_is_caught_once_the_mask_is_popped(
                 model(x)
             nudge.share = 0.0
             model(x)  # honest again: it passes
+        assert model.stats()["verify"]["worst_ratio"] < 0.5
+
+
+def test_every_split_round_has_its_popped_check(tmp_path_factory):
+    """Every one-time-masked round split (``exact_split=all``, ``mask_rounds="all"``): the deeper rounds'
+    splits are pushed by the restore before them (their input never whole in secure memory but in the copy
+    the push makes); each is checked once popped, honest results pass and a nudge of any of them is caught."""
+    out = _convert(tmp_path_factory, "all_split", scheme="groupmix:exact_split=all", mask_rounds="all")
+    wrappers = []
+
+    def wrap(inner):
+        wrappers.append(Nudge(inner))
+        return wrappers[-1]
+
+    model_bytes = small_cnn()
+    with shadownet.load(out, accelerator=wrap, verify=True) as model:
+        popped = model.stats()["verify"]["popped"]
+        assert popped == model.num_rounds == 4  # the conv, 1x1, VALID conv and dense rounds
+        nudge = wrappers[0]
+        for x in images(6, seed=12):
+            want = reference(model_bytes, x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+            for r in range(1, popped + 1):
+                nudge.share, nudge.round = 16.0, r
+                with pytest.raises(IntegrityError, match=f"round_{r}/out/.* once its mask was popped"):
+                    model(x)
+                nudge.share = 0.0
         assert model.stats()["verify"]["worst_ratio"] < 0.5
 
 

@@ -32,6 +32,17 @@ LITERT_OPTIONS = frozenset({
 })
 
 
+def _one_subgraph(subgraph_index: Any) -> None:
+    """LiteRT's errors for a subgraph the model does not have: a protected model shows one, the original
+    model's main graph."""
+    try:
+        subgraph_index = operator.index(subgraph_index)
+    except TypeError:
+        raise TypeError(f"a subgraph index is an int, not {subgraph_index!r}") from None
+    if subgraph_index != 0:
+        raise ValueError(f"Invalid subgraph index {subgraph_index} exceeds max subgraph index 1")
+
+
 def _details(spec: TensorSpec) -> dict[str, Any]:
     # A float tensor as LiteRT's _get_tensor_details reports it (no quantization, dense).
     return {
@@ -97,6 +108,7 @@ class Interpreter:
     def get_tensor_details(self, subgraph_index: int = 0) -> list[dict[str, Any]]:
         """The model's inputs and outputs only, each tensor once: its intermediate tensors are the secret
         part."""
+        _one_subgraph(subgraph_index)
         return [_details(spec) for spec, _ in self._by_index.values()]
 
     def num_subgraphs(self) -> int:
@@ -140,6 +152,7 @@ class Interpreter:
             np.copyto(target, value)
 
     def get_tensor(self, tensor_index: int, subgraph_index: int = 0) -> np.ndarray:
+        _one_subgraph(subgraph_index)
         _, value = self._entry(tensor_index)
         self._require_allocated("Tensor data is null")
         with self._lock:

@@ -70,6 +70,8 @@ class PerInferenceKernels:
         self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
                                 if name.startswith("input/")), default=0)
         self._input_copy: np.ndarray | None = None
+        # An exact split push's input itself, by round input, for its popped checks' prepares (wrap).
+        self._plain: dict[str, np.ndarray] = {}
 
     @property
     def online(self) -> PerInference:
@@ -104,7 +106,10 @@ class PerInferenceKernels:
             # An exact split's popped check is prepared from the input itself, which the push copies here.
             plain = None
             if any(online.checks[out].popped for out in checks):
-                plain = online.account((*dst.shape[:-1], dst.shape[-1] // 2), np.float32)
+                plain = self._plain.get(target)  # made once: a session may bind its shared memory again
+                if plain is None:
+                    plain = self._plain[target] = online.account((*dst.shape[:-1], dst.shape[-1] // 2),
+                                                                 np.float32)
                 verified["plain"] = plain
             prepares = [[*computing, *(self._prepared(entry, out, secure_x, plain) for out in checks)]
                         for entry in online.entries]

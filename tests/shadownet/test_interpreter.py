@@ -263,6 +263,15 @@ def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn, monkeypatch):
                                                          np.float32))
         interpreter.get_tensor(np.array(index))
         interpreter.invoke()
+        # One subgraph, as LiteRT says of a model with one (it ignored the index: a probe)
+        for bad in (1, -1):
+            with pytest.raises(ValueError, match=f"Invalid subgraph index {bad}"):
+                interpreter.get_tensor(index, bad)
+            with pytest.raises(ValueError, match=f"Invalid subgraph index {bad}"):
+                interpreter.get_tensor_details(bad)
+        with pytest.raises(TypeError, match="a subgraph index is an int"):
+            interpreter.get_tensor(index, "0")
+        interpreter.get_tensor(index, np.int32(0))
     seen = []
 
     class CallsBack(AcceleratorWrapper):

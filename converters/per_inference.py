@@ -108,7 +108,7 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
 
 
 def layer_descriptor(kind: str, options: Any, weights: str, input_buffer: str) -> dict[str, Any]:
-    """A layer as the TA's checks and pop masks read it (``tee_sim.freivalds.geometry``)."""
+    """A layer as the TA's checks and pop masks read it (``tee_sim.layer_geometry.geometry``)."""
     layer: dict[str, Any] = {"kind": kind, "weights": weights, "input": input_buffer}
     if kind != "FULLY_CONNECTED":
         layer["padding"] = "SAME" if options.padding == schema_fb.Padding.SAME else "VALID"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tee_sim.freivalds import Geometry
+from tee_sim.layer_geometry import Geometry
 from tee_sim.one_time_masks import conv_pop
 
 

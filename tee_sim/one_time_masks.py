@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tee_sim.freivalds import Geometry, geometry
+from tee_sim.layer_geometry import Geometry, geometry
 from tee_sim.program import mask_bands
 from tee_sim.ta_shadownet_kernels import LIBRARY
 

@@ -8,7 +8,7 @@ from converters import exact_split as converter_split
 from converters import linear
 from tee_sim import exact_split, one_time_masks
 from tee_sim import ta_shadownet_restore_push as rp
-from tee_sim.freivalds import geometry
+from tee_sim.layer_geometry import geometry
 from tee_sim.one_time_masks import MaskStream, PopMask, linear64
 from tee_sim.ta_shadownet_kernels import runnable
 from tests.tee_sim.test_restore_push import _model
@@ -36,7 +36,7 @@ def test_split_mask_keeps_every_bit():
 
 
 def _geometry(kind, x_shape, w_shape, same=True, stride=1, dilation=1):
-    """The TA's geometry (``tee_sim.freivalds.Geometry``) of a layer, its output's size as LiteRT's."""
+    """The TA's geometry (``tee_sim.layer_geometry.Geometry``) of a layer, its output's size as LiteRT's."""
     if kind == "FULLY_CONNECTED":
         layer, y_shape = {"kind": kind}, (int(np.prod(x_shape)) // w_shape[1], w_shape[0])
     else:

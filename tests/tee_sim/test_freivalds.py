@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tee_sim import freivalds
-from tee_sim.freivalds import LayerCheck, geometry
+from tee_sim.freivalds import LayerCheck
+from tee_sim.layer_geometry import geometry
 from tee_sim.ta_shadownet_kernels import runnable
 
 CONV = {"kind": "CONV_2D", "padding": "SAME", "stride": [1, 1], "dilation": [1, 1]}

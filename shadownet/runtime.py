@@ -41,11 +41,12 @@ from shadownet.round_threads import RoundThreadsTrial
 from shadownet.secure_core import on_secure_core
 from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.ta_session import (
+    WeakChecks,
     add_open_model,
     load_options,
     open_session,
     shadownet_ta,
-    warn_of_capped_checks,
+    warn_of_weak_checks,
 )
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error
 from tee_sim import TEEError
@@ -129,7 +130,7 @@ class ProtectedModel:
         self._session_after: dict[str, Any] = {}
         self._secure_core: int | None = None
         self._trial: RoundThreadsTrial | None = None  # until the accelerator's thread choice is tried
-        self._capped_checks = (0, 0)  # verified: (layers whose projections were capped, layers checked)
+        self._weak_checks = WeakChecks()  # verified: what its checks say less than they could
         try:
             self._open()
         except BaseException:
@@ -140,7 +141,7 @@ class ProtectedModel:
         after_fork.track(self)
         add_open_model(self)
         # Said once (a session opened again is the same), at the user's line: load()'s caller, or this one's.
-        warn_of_capped_checks(*self._capped_checks, 4 if sys._getframe(1).f_code is load.__code__ else 3)
+        warn_of_weak_checks(self._weak_checks, 4 if sys._getframe(1).f_code is load.__code__ else 3)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()
@@ -171,7 +172,7 @@ class ProtectedModel:
         opened = open_session(self, self.artifacts, self._uuid, self._load_options, self._buffers,
                               self.accelerator, self._make_accelerator, self.verify, self.one_time_rounds)
         session, self._context, self.accelerator = opened.session, opened.context, opened.accelerator
-        self.skipped_rounds, self._capped_checks = opened.skipped, opened.capped
+        self.skipped_rounds, self._weak_checks = opened.skipped, opened.weak
         # Prepared once: an inference calls these and nothing is marshalled on its path. The client's own
         # time per TEE entry fell from 8.3-8.9 to 3.9-4.1 us (ResNet-404: 405 entries per inference).
         try:

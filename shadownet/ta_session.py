@@ -59,16 +59,25 @@ def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
     return flags, int(mask_pool or 0)
 
 
+class WeakChecks(NamedTuple):
+    """A verified model's checks that say less than they could (the load warns of them): ``capped`` of its
+    ``layers`` got fewer projections than the bound wants; ``masked`` rounds cross masked without an exact
+    split, so their checks tolerate the mask's rounding."""
+
+    capped: int = 0
+    layers: int = 0
+    masked: tuple[int, ...] = ()
+
+
 class Opened(NamedTuple):
     """What ``open_session`` opened: the session, its TEE context, the accelerator (made the first time),
-    the rounds the TA computes whole (verified: not run on the accelerator) and, verified, the checks whose
-    projections were capped short of the bound (``(capped, layers)``; ``(0, 0)`` otherwise)."""
+    the rounds the TA computes whole (verified: not run on the accelerator) and, verified, its weak checks."""
 
     session: Any
     context: Any
     accelerator: Accelerator
     skipped: frozenset[int]
-    capped: tuple[int, int]
+    weak: WeakChecks
 
 
 def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, options: tuple[int, int],
@@ -104,11 +113,12 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
         # computation, not the accelerator's, and sends them nothing: tee_sim.per_inference) are not
         # run: the TA says which.
         skipped: frozenset[int] = frozenset()
-        capped = (0, 0)
+        weak = WeakChecks()
         if verify:
             checks = pool_stats(session)["verify"]
             skipped = frozenset(map(int, checks.get("computed_rounds", ())))
-            capped = (int(checks.get("capped", 0)), int(checks.get("layers", 0)))
+            weak = WeakChecks(int(checks.get("capped", 0)), int(checks.get("layers", 0)),
+                              tuple(map(int, checks.get("unsplit_masked_rounds", ()))))
     except SecureMemoryError as exc:
         quietly(session.close)
         if made is not None:
@@ -143,15 +153,23 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
         if made is not None:  # the caller never had it (a review: its threads and pages left to the GC)
             quietly(made.close)
         raise
-    return Opened(session, context, accelerator, skipped, capped)
+    return Opened(session, context, accelerator, skipped, weak)
 
 
-def warn_of_capped_checks(capped: int, layers: int, stacklevel: int) -> None:
-    """The load's warning that ``capped`` of a verified model's ``layers`` checks have fewer projections than
-    the 2^-20 bound wants (nothing when none); ``stacklevel`` as ``warnings.warn``'s, from this function."""
-    if capped:
-        warnings.warn(f"verify: {capped} of {layers} checked layers would need more than 16 projections "
-                      "for the 2^-20 bound and its margin on the calibration inputs (their results "
-                      "concentrate in few directions: SECURITY.md); their checks may fall short of "
+def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
+    """The load's warnings of a verified model's weak checks (nothing when none); ``stacklevel`` as
+    ``warnings.warn``'s, from this function."""
+    if weak.capped:
+        warnings.warn(f"verify: {weak.capped} of {weak.layers} checked layers would need more than 16 "
+                      "projections for the 2^-20 bound and its margin on the calibration inputs (their "
+                      "results concentrate in few directions: SECURITY.md); their checks may fall short of "
                       "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
+                      stacklevel=stacklevel)
+    if weak.masked:
+        rounds = ", ".join(map(str, weak.masked))
+        warnings.warn(f"verify: round{'s' if len(weak.masked) > 1 else ''} {rounds} cross masked without an "
+                      "exact split, so their checks tolerate the rounding of the masked inputs (a one-time "
+                      "mask's: ~10x the input's): with one-time masks on every round, changes aimed within "
+                      "it moved a MiniVGG's outputs by ~20% (SECURITY.md); convert with --scheme "
+                      "groupmix:exact_split=all to check them against their unmasked inputs",
                       stacklevel=stacklevel)

@@ -103,6 +103,8 @@ class PerInferenceKernels:
             outs = online.by_input[target[4:]]
             computing = [self._computing(out, secure_x) for out in outs if out in online.computed]
             checks = [out for out in outs if out in online.checks]
+            if checks and instr.get("mask") and not instr.get("split"):  # checked against the mask's rounding
+                online.unsplit_masked.add(round_of(target[4:], "in"))
             # An exact split's popped check is prepared from the input itself, which the push copies here.
             plain = None
             if any(online.checks[out].popped for out in checks):

@@ -338,6 +338,22 @@ def test_every_split_round_has_its_popped_check(tmp_path_factory):
         assert model.stats()["verify"]["worst_ratio"] < 0.5
 
 
+def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory):
+    """Masked rounds without an exact split are checked against the masked input's rounding (~10x): the load
+    says which, and how to check them against their unmasked inputs; split, or unmasked, nothing is said."""
+    masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all")
+    with pytest.warns(UserWarning, match=r"verify: rounds 2, 3, 4 cross masked without an exact split.*"
+                                         r"exact_split=all") as record:
+        shadownet.load(masked, verify=True).close()
+    assert record[0].filename == __file__  # at the user's line
+    for quiet in (masked, _convert(tmp_path_factory, "split_all", scheme="groupmix:exact_split=all",
+                                   mask_rounds="all")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with shadownet.load(quiet, verify=quiet != masked) as model:
+                assert model.stats()["verify"].get("unsplit_masked_rounds", []) == []
+
+
 def test_a_popped_check_is_prepared_from_the_input_and_what_was_sent():
     """A popped check (an exact split's) reads the input itself and the secure copy of ``[x_hi | x_lo]``;
     a plain check takes no such copy."""

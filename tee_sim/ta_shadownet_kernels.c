@@ -446,6 +446,8 @@ int sn_run(const sn_step *s) {
                 if (verdict < 0) return -1;
                 if (verdict > 0) { /* wrong: nothing of this tile is used */
                     fv_check_finish(check, &worst, norm2);
+                    if (popped) fv_check_finish(popped, &worst_popped, norm2_popped); /* this run's, not a
+                                                                                       previous one's */
                     return 1;
                 }
             }

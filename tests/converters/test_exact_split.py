@@ -183,3 +183,51 @@ def test_the_masks_cost_is_measured_from_its_rounding(monkeypatch):
     monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e-3)  # far above what 10x costs this small model
     assert split_needed(graph, samples, stats, white) == {t: False}
     assert split_needed(graph, samples, stats, get_scheme("groupmix")) == {t: True}
+
+
+def _channel_padded_conv() -> bytes:
+    """A PAD of rows, columns and channels (3 -> 5) before a VALID 3x3 conv, then a second conv."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_tensor("x", (1, 12, 12, 3), np.float32)
+    pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 2], [2, 1], [0, 2]]))
+    xp = g.add_tensor("xp", (1, 15, 15, 5), np.float32)
+    g.add_op("PAD", [x, pads], [xp], fb.PadOptionsT())
+    w = g.add_tensor("w", (8, 3, 3, 5), np.float32, rng.standard_normal((8, 3, 3, 5)) * 0.3)
+    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
+    y = g.add_tensor("y", (1, 13, 13, 8), np.float32)
+    g.add_op("CONV_2D", [xp, w, b], [y], conv_options("CONV_2D", fb.Padding.VALID, 1,
+                                                      fb.ActivationFunctionType.RELU))
+    w2 = g.add_tensor("w2", (6, 3, 3, 8), np.float32, rng.standard_normal((6, 3, 3, 8)) * 0.2)
+    b2 = g.add_tensor("b2", (6,), np.float32, rng.standard_normal(6) * 0.1)
+    z = g.add_tensor("z", (1, 6, 6, 6), np.float32)
+    g.add_op("CONV_2D", [y, w2, b2], [z], conv_options("CONV_2D", fb.Padding.VALID, 2,
+                                                       fb.ActivationFunctionType.NONE))
+    g.inputs, g.outputs = [x], [z]
+    return write_model(g)
+
+
+@pytest.mark.parametrize("scheme", [None, "groupmix:exact_split=all"])
+def test_a_pad_of_channels_before_a_split_input_runs_in_the_tee(tmp_path, scheme):
+    """A push pads rows and columns for the PAD it replaces, but not the channels of an exact split's
+    doubled input: that PAD runs in the TEE (the push padded the doubled channels, and the TA refused the
+    program of a valid model under the default scheme: a review)."""
+    import warnings
+
+    model = _channel_padded_conv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        shadownet.convert(model, str(tmp_path / "out"), seed=3, mask_rounds="all",
+                          **({"scheme": scheme} if scheme else {}))
+    rng = np.random.default_rng(4)
+    with shadownet.load(tmp_path / "out", verify=True) as protected:
+        assert protected.stats()["verify"]["popped"] >= 1  # round 1 split
+        for _ in range(4):
+            x = rng.uniform(0, 1, (1, 12, 12, 3)).astype(np.float32)
+            want = reference(model, x)
+            assert np.max(np.abs(protected(x) - want)) <= 1e-4 * np.max(np.abs(want))

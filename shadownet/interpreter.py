@@ -32,15 +32,17 @@ LITERT_OPTIONS = frozenset({
 })
 
 
-def _one_subgraph(subgraph_index: Any) -> None:
-    """LiteRT's errors for a subgraph the model does not have: a protected model shows one, the original
-    model's main graph."""
+def _one_subgraph(subgraph_index: Any, details: bool = False) -> None:
+    """LiteRT's errors (``get_tensor``'s, or ``get_tensor_details``') for a subgraph the model does not
+    have: a protected model shows one, the original model's main graph."""
     try:
         subgraph_index = operator.index(subgraph_index)
     except TypeError:
         raise TypeError(f"a subgraph index is an int, not {subgraph_index!r}") from None
     if subgraph_index != 0:
-        raise ValueError(f"Invalid subgraph index {subgraph_index} exceeds max subgraph index 1")
+        raise ValueError(f"subgraph_index is out of range: {subgraph_index} for the model, which has 1 "
+                         "subgraphs." if details else
+                         f"Invalid subgraph index {subgraph_index} exceeds max subgraph index 1")
 
 
 def _details(spec: TensorSpec) -> dict[str, Any]:
@@ -108,7 +110,7 @@ class Interpreter:
     def get_tensor_details(self, subgraph_index: int = 0) -> list[dict[str, Any]]:
         """The model's inputs and outputs only, each tensor once: its intermediate tensors are the secret
         part."""
-        _one_subgraph(subgraph_index)
+        _one_subgraph(subgraph_index, details=True)
         return [_details(spec) for spec, _ in self._by_index.values()]
 
     def num_subgraphs(self) -> int:

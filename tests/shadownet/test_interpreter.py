@@ -267,7 +267,7 @@ def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn, monkeypatch):
         for bad in (1, -1):
             with pytest.raises(ValueError, match=f"Invalid subgraph index {bad}"):
                 interpreter.get_tensor(index, bad)
-            with pytest.raises(ValueError, match=f"Invalid subgraph index {bad}"):
+            with pytest.raises(ValueError, match=f"subgraph_index is out of range: {bad} for the model"):
                 interpreter.get_tensor_details(bad)
         with pytest.raises(TypeError, match="a subgraph index is an int"):
             interpreter.get_tensor(index, "0")

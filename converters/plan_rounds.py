@@ -96,6 +96,7 @@ class RoundsBuilder:
         g, u = self.g, self.untrusted
         self.fused: dict[int, int] = {}  # offloaded op -> the activation op the restore applies
         self.pads: dict[int, int] = {}  # padded tensor -> the PAD op a push does instead
+        self.pads_in_tee: set[int] = set()  # padded tensors whose PAD runs in the TEE all the same
         self.result: dict[int, int] = {}  # offloaded op -> the tensor its restore produces
         self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
         self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
@@ -128,13 +129,15 @@ class RoundsBuilder:
                             obf.transform_input(np.ones(shape[-1])) if carries else None)
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
-                    splits = one_time and self._splits(r, source, readers[key])
-                    if splits and pad is not None and any(pad[-1]):
+                    split = self._split(x, readers[key], stats, dist) \
+                        if one_time and self._splits(r, source, readers[key]) else None
+                    if split is not None and pad is not None and any(pad[-1]):
                         # An exact split sends twice the channels, which a push cannot pad: the PAD of
-                        # channels runs in the TEE (the TA refused the program: a review).
+                        # channels runs in the TEE (the TA refused the program: a review), for every push of
+                        # its tensor (one that read the PAD's input would leave it uncomputed).
                         del self.pads[x]
+                        self.pads_in_tee.add(x)
                         source, pad = x, None
-                    split = self._split(x, readers[key], stats, dist) if splits else None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid
@@ -308,7 +311,7 @@ class RoundsBuilder:
         the PAD never runs in LiteRT, whose arenas would hold both the tensor and its padded copy."""
         g = self.g
         p = g.producer(x)
-        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs:
+        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs or x in self.pads_in_tee:
             return x, None
         op = g.ops[p]
         paddings = g.tensors[op.inputs[1]].data

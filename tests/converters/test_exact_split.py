@@ -231,3 +231,54 @@ def test_a_pad_of_channels_before_a_split_input_runs_in_the_tee(tmp_path, scheme
             x = rng.uniform(0, 1, (1, 12, 12, 3)).astype(np.float32)
             want = reference(model, x)
             assert np.max(np.abs(protected(x) - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_a_padded_tensor_split_for_one_reader_and_not_another_converts(tmp_path, monkeypatch):
+    """One PAD of channels, read by an offloaded depthwise layer (pushed first, cheap: split by policy but
+    not splittable) and by a large conv (not split): its PAD runs where each push needs it (a review: a
+    push that gave the PAD to the TEE and a later one that took it back left the tensor uncomputed)."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    monkeypatch.setattr(exact_split, "NEEDED_ABOVE", 1e9)  # calibration: round 1 needs no split
+    rng = np.random.default_rng(1)
+    g = Graph()
+    act = fb.ActivationFunctionType
+    x = g.add_tensor("x", (1, 14, 14, 3), np.float32)
+    pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 1], [1, 1], [0, 2]]))
+    xp = g.add_tensor("xp", (1, 16, 16, 5), np.float32)
+    g.add_op("PAD", [x, pads], [xp], fb.PadOptionsT())
+    wd = g.add_tensor("wd", (1, 3, 3, 5), np.float32, rng.standard_normal((1, 3, 3, 5)) * 0.3)
+    a = g.add_tensor("a", (1, 14, 14, 5), np.float32)
+    g.add_op("DEPTHWISE_CONV_2D", [xp, wd, g.add_tensor("bd", (5,), np.float32, np.zeros(5))], [a],
+             conv_options("DEPTHWISE_CONV_2D", fb.Padding.VALID, 1, act.NONE, 1))
+    w1 = g.add_tensor("w1", (64, 3, 3, 5), np.float32, rng.standard_normal((64, 3, 3, 5)) * 0.2)
+    b1 = g.add_tensor("b1", (64,), np.float32, np.zeros(64))
+    y1 = g.add_tensor("y1", (1, 14, 14, 64), np.float32)
+    g.add_op("CONV_2D", [xp, w1, b1], [y1], conv_options("CONV_2D", fb.Padding.VALID, 1, act.RELU))
+    w2 = g.add_tensor("w2", (64, 3, 3, 64), np.float32, rng.standard_normal((64, 3, 3, 64)) * 0.05)
+    y2 = g.add_tensor("y2", (1, 14, 14, 64), np.float32)
+    g.add_op("CONV_2D", [y1, w2, g.add_tensor("b2", (64,), np.float32, np.zeros(64))], [y2],
+             conv_options("CONV_2D", fb.Padding.SAME, 1, act.NONE))
+    g.inputs, g.outputs = [x], [a, y2]
+    model = write_model(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        shadownet.convert(model, str(tmp_path / "out"), seed=2,
+                          scheme="groupmix:shaped_masks=false,depthwise=offload")
+    from ai_edge_litert.interpreter import Interpreter
+
+    litert = Interpreter(model_content=model)
+    litert.allocate_tensors()
+    x0 = rng.uniform(0, 1, (1, 14, 14, 3)).astype(np.float32)
+    litert.set_tensor(litert.get_input_details()[0]["index"], x0)
+    litert.invoke()
+    with shadownet.load(tmp_path / "out") as protected:
+        got = protected(x0)
+    for detail in litert.get_output_details():
+        want = litert.get_tensor(detail["index"])
+        assert np.max(np.abs(got[detail["name"]] - want)) <= 1e-4 * np.max(np.abs(want))

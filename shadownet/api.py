@@ -69,11 +69,7 @@ def convert_cli(args: argparse.Namespace) -> None:
     if summary.get("tee_linear_ops"):  # heavy work the TEE does itself: the user should know
         parts.append(f"{summary['tee_linear_ops']} run in the TEE ({', '.join(summary['tee_linear_kinds'])})")
     print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")
-    sys.stdout.flush()
-    for w in caught:
-        # The converter's warnings are for the user, as one line each; LiteRT's debugging notices are not.
-        if "ai_edge_litert" not in w.filename:
-            print(f"warning: {w.message}", file=sys.stderr)
+    _print_warnings(caught)
     if manifest.get("seeded") and not any("seed" in str(w.message) for w in caught):
         print("warning: converted with --seed: the secrets are reproducible (INSECURE, for tests only)",
               file=sys.stderr)
@@ -134,17 +130,29 @@ def _check_output(output: str, artifacts: str, given: str) -> None:
         raise InputError(f"--output {output} is the input file: give another name")
 
 
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Our warnings for the CLI's user, as one line each on stderr; LiteRT's debugging notices are not."""
+    sys.stdout.flush()
+    for w in caught:
+        if "ai_edge_litert" not in w.filename:
+            print(f"warning: {w.message}", file=sys.stderr)
+
+
 def run_cli(args: argparse.Namespace) -> None:
     """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]
     [--verify]``; ``--verify``: the TEE checks every accelerator result (``IntegrityError`` if wrong)."""
     verify = bool(getattr(args, "verify", False))
     if args.output is not None:
         _check_output(args.output, args.artifacts, args.input)
-    with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate, verify=verify) as model:
-        inputs = read_inputs(args.input, model)
-        outputs = [np.empty(t.shape, t.dtype) for t in model.outputs]
-        model.run_into(inputs, outputs)
-        stats = model.stats()
+    with warnings.catch_warnings(record=True) as caught:  # the load's (verify's weak checks), as one line
+        warnings.simplefilter("always")
+        with load(args.artifacts, num_threads=args.num_threads, delegate=args.delegate,
+                  verify=verify) as model:
+            inputs = read_inputs(args.input, model)
+            outputs = [np.empty(t.shape, t.dtype) for t in model.outputs]
+            model.run_into(inputs, outputs)
+            stats = model.stats()
+    _print_warnings(caught)
     named = {t.name: o for t, o in zip(model.outputs, outputs, strict=True)}
     if args.output:
         write_outputs(args.output, named)
@@ -163,7 +171,8 @@ def run_cli(args: argparse.Namespace) -> None:
         else:
             print(f"verified: {checks.get('checked', 0)} accelerator results passed the TEE's checks "
                   f"({checks.get('projections', 0)} secret projections over {checks.get('layers', 0)} "
-                  f"layers; a change of 1e-3 of a result passes them with probability <= 2^{bound:.0f})")
+                  f"layers; a change of 1e-3 of a result passes them with probability <= 2^{bound:.0f}; "
+                  "changes below their float32 tolerance pass: SECURITY.md)")
 
 
 def _summary(name: str, value: np.ndarray) -> str:

@@ -346,7 +346,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "tee_compute_ms": float(np.median([s["ta_s"] for s in verified["stats"]])) * 1e3,
             "worst_bound_log2": _finite(figures.get("worst_bound_log2")),
             "worst_ratio": _finite(figures.get("worst_ratio")),
-            **{key: figures.get(key) for key in ("layers", "projections", "checked", "computed")},
+            **{key: figures.get(key) for key in ("layers", "projections", "checked", "computed", "popped",
+                                                 "capped", "unsplit_masked_rounds")},
             "relative_error": verified["error"],
             "pool": _pool(before.get(VERIFY_MODE, {}), verified["memory"]),
             "per_inference_secure_memory_mib":

@@ -114,6 +114,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
               "phase with S / U" for e in _done(report) if (e.get("verify") or {}).get("sequential")]
     notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
               for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
+    notes += [f"{e['model']}: {VERIFY_MODE}: " + (f"round {rounds[0]} crosses" if len(rounds) == 1 else
+                                                   f"rounds {', '.join(map(str, rounds))} cross")
+              + " masked without an exact split: its checks tolerate the masked input's rounding "
+              "(SECURITY.md)" for e in _done(report)
+              if (rounds := (e.get("verify") or {}).get("unsplit_masked_rounds"))]
     return notes
 
 

@@ -166,10 +166,12 @@ def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
                       "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
                       stacklevel=stacklevel)
     if weak.masked:
+        one = len(weak.masked) == 1
         rounds = ", ".join(map(str, weak.masked))
-        warnings.warn(f"verify: round{'s' if len(weak.masked) > 1 else ''} {rounds} cross masked without an "
-                      "exact split, so their checks tolerate the rounding of the masked inputs (a one-time "
-                      "mask's: ~10x the input's): with one-time masks on every round, changes aimed within "
-                      "it moved a MiniVGG's outputs by ~20% (SECURITY.md); convert with --scheme "
-                      "groupmix:exact_split=all to check them against their unmasked inputs",
-                      stacklevel=stacklevel)
+        its = "its" if one else "their"
+        warnings.warn(f"verify: round{'' if one else 's'} {rounds} cross{'es' if one else ''} masked "
+                      f"without an exact split, so {its} checks tolerate the rounding of the masked input "
+                      "(a one-time mask is ~10x the input): with one-time masks on every round, changes "
+                      "aimed within it moved a MiniVGG's outputs by ~18% (SECURITY.md). Converted with "
+                      "--scheme groupmix:exact_split=all, the conv and dense layers among them are checked "
+                      "against their unmasked inputs", stacklevel=stacklevel)

@@ -454,9 +454,10 @@ class ProtectedModel:
         (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path, ``rescaled``
         masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow the
         input's spread: the power of two of the last input's, per mask); ``verify``:
-        ``layers``, ``projections``, ``checked`` results, ``worst_ratio`` (the largest honest rounding
-        seen, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound
-        achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
+        ``layers``, ``popped`` (split layers' second checks), ``computed``, ``capped``, ``projections``,
+        ``checked`` results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on
+        passing results, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection
+        bound achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
         ``per_inference_secure_memory``: what both hold in the TEE."""
         self._not_reentered()
         with self._lock:
@@ -488,7 +489,8 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     to wrap or replace the default (see ``shadownet.accelerator``: ``Accelerator``, ``AcceleratorWrapper``).
 
     ``verify``: the TEE checks every accelerator result before using it (Freivalds' check with secret
-    projections drawn per inference, ``tee_sim.freivalds``); a wrong result raises ``IntegrityError``.
+    projections drawn per inference, ``tee_sim.freivalds``); a result off by more than its float32
+    tolerance raises ``IntegrityError`` (what passes below it: SECURITY.md).
     ``mask_pool``: entries of the pool of one-time masks / check projections, 1 to 64 (default: those that
     fit in 4 MiB of secure memory, 1 to 8). ``on_exhausted``: what an inference does when the pool is
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``

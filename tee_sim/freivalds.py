@@ -50,10 +50,10 @@ compute the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerC
 zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
 layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
 
-The popped check. An exact split's layer (``converters.exact_split``: round 1 under the default scheme)
-returns ``[y_hi | y_lo]`` of the masked input ``v + r``, and the tolerance above follows that magnitude:
-round 1's mask is ~35-70x the input, so changes a fifth of the tolerance - which the normal world can
-compute and aim - passed every check and moved MiniVGG's outputs by up to 5.6e-3 (a red-team probe). What
+The popped check. An exact split's layer (``converters.exact_split``: by default round 1's, where it can be
+split) returns ``[y_hi | y_lo]`` of the masked input ``v + r``, and the tolerance above follows that
+magnitude: round 1's mask is ~35-70x the input, so changes a fifth of the tolerance - which the normal world
+can compute and aim - passed every check and moved MiniVGG's outputs by up to 5.6e-3 (a red-team probe). What
 the TEE uses is ``d = (y_hi - pop_hi) + (y_lo - pop_lo) = L(v, W')``, of the input's own magnitude, and
 honestly ``y_hi`` is exact (the split's point), so ``d`` is off by the rounding of ``y_lo`` and of the pop
 mask alone. A second ``LayerCheck`` (``popped``) checks ``d``, tile by tile after the first and after the

@@ -319,12 +319,14 @@ def test_a_failed_first_check_is_reported_as_such_after_a_popped_one(groupmix):
 
     class Cancel(Nudge):
         def run_round(self, r):
-            if not self.half:
+            if not self.half or r != 1:  # (round 1's buffer may be another round's later)
                 return super().run_round(r)
             self.inner.run_round(r)
             y = self.buffers["round_1/out/y0"].reshape(-1, self.buffers["round_1/out/y0"].shape[-1])
-            m = y.shape[1] // 2  # just past the first check's tolerance, far under the popped failure's ratio
-            change = 150 * float(np.finfo(np.float32).eps * np.linalg.norm(y[0])) / math.sqrt(m)
+            # A few times the first check's tolerance (caught but in ~1e-3 of trials), far under the popped
+            # failure's ratio (16-28)
+            m = y.shape[1] // 2
+            change = 400 * float(np.finfo(np.float32).eps * np.linalg.norm(y[0])) / math.sqrt(m)
             y[0, :m] += change
             y[0, m:] -= change
 

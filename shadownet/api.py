@@ -140,7 +140,8 @@ def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 def run_cli(args: argparse.Namespace) -> None:
     """``shadownet run OUT --input X.npy|X.npz [--output Y.npz] [--num_threads N] [--delegate PATH]
-    [--verify]``; ``--verify``: the TEE checks every accelerator result (``IntegrityError`` if wrong)."""
+    [--verify]``; ``--verify``: the TEE checks every accelerator result (``IntegrityError`` if off by more
+    than its float32 tolerance)."""
     verify = bool(getattr(args, "verify", False))
     if args.output is not None:
         _check_output(args.output, args.artifacts, args.input)

@@ -453,12 +453,13 @@ class ProtectedModel:
         ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in ``offline_s`` seconds
         (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path, ``rescaled``
         masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow the
-        input's spread: the power of two of the last input's, per mask); ``verify``:
-        ``layers``, ``popped`` (split layers' second checks), ``computed``, ``capped``, ``projections``,
-        ``checked`` results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on
-        passing results, as a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection
-        bound achieved: log2 of the probability that a change of 1e-3 of a result's norm goes unnoticed);
-        ``per_inference_secure_memory``: what both hold in the TEE."""
+        input's spread: the power of two of the last input's, per mask); ``verify``: ``enabled``, ``layers``,
+        ``popped`` (split layers' second checks, in neither ``layers`` nor ``checked``), ``computed``,
+        ``computed_rounds``, ``capped``, ``projections`` (popped checks' too), ``checked`` results,
+        ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as a
+        fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of the
+        probability that a change of 1e-3 of a result's norm goes unnoticed); ``per_inference_secure_memory``:
+        what both hold in the TEE."""
         self._not_reentered()
         with self._lock:
             self.check_not_closed()

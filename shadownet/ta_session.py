@@ -173,5 +173,6 @@ def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
                       f"without an exact split, so {its} checks tolerate the rounding of the masked input "
                       "(a one-time mask is ~10x the input): with one-time masks on every round, changes "
                       "aimed within it moved a MiniVGG's outputs by ~18% (SECURITY.md). Converted with "
-                      "--scheme groupmix:exact_split=all, the conv and dense layers among them are checked "
-                      "against their unmasked inputs", stacklevel=stacklevel)
+                      "--scheme groupmix:exact_split=all, their conv layers and dense layers on the last "
+                      "axis (where the split fits) are checked against their unmasked inputs",
+                      stacklevel=stacklevel)

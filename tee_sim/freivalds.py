@@ -52,12 +52,13 @@ layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the rou
 
 The popped check. An exact split's layer (``converters.exact_split``: by default round 1's, where it can be
 split) returns ``[y_hi | y_lo]`` of the masked input ``v + r``, and the tolerance above follows that
-magnitude: round 1's mask is ~35-70x the input, so changes a fifth of the tolerance - which the normal world
-can compute and aim - passed every check and moved MiniVGG's outputs by up to 5.6e-3 (a red-team probe). What
-the TEE uses is ``d = (y_hi - pop_hi) + (y_lo - pop_lo) = L(v, W')``, of the input's own magnitude, and
-honestly ``y_hi`` is exact (the split's point), so ``d`` is off by the rounding of ``y_lo`` and of the pop
-mask alone. A second ``LayerCheck`` (``popped``) checks ``d``, tile by tile after the first and after the
-pop, against ``z = L(v, u W')`` from the input ``v`` itself (which the push copies into secure memory), with
+magnitude: round 1's mask is tens of times the input (~70x on MiniVGG), so changes a fifth of the tolerance -
+which the normal world can compute and aim - passed every check and moved MiniVGG's outputs by up to 5.6e-3
+(a red-team probe). What the TEE uses is ``d = (y_hi - pop_hi) + (y_lo - pop_lo) = L(v, W')``, of the
+input's own magnitude, and honestly ``y_hi`` is exact (the split's point), so ``d`` is off by the rounding
+of ``y_lo`` and of the pop mask alone. A second ``LayerCheck`` (``popped``) checks ``d``, tile by tile
+after the first and after the pop, against ``z = L(v, u W')`` from the input ``v`` itself (which the push
+copies into secure memory), with
 ``tau_p = TOLERANCE eps32 ||W'||_F sqrt(sum over the window of |v|^2 + h |x_hi|^2 + |x_lo|^2)``,
 ``h = ||W'_lo||_F^2 / ||W'||_F^2`` (``W'_lo``'s rounding of ``x_hi``'s magnitude, ``W'``'s of ``x_lo``; about
 1.3x the unmasked layer's tolerance where the first check's is ~50x). Its bound is the absolute one

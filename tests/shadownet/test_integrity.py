@@ -323,8 +323,8 @@ def test_a_failed_first_check_is_reported_as_such_after_a_popped_one(groupmix):
                 return super().run_round(r)
             self.inner.run_round(r)
             y = self.buffers["round_1/out/y0"].reshape(-1, self.buffers["round_1/out/y0"].shape[-1])
-            # A few times the first check's tolerance (caught but in ~1e-3 of trials), far under the popped
-            # failure's ratio (16-28)
+            # A few times the first check's tolerance (150 of 150 caught, ratios 1.9-17), under the popped
+            # failure's ratio (16-28) mostly
             m = y.shape[1] // 2
             change = 400 * float(np.finfo(np.float32).eps * np.linalg.norm(y[0])) / math.sqrt(m)
             y[0, :m] += change

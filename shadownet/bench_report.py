@@ -18,6 +18,7 @@ from shadownet.bench_measure import (
 )
 from shadownet.exceptions import ShadowNetError
 from shadownet.files import write_atomically
+from shadownet.ta_session import unsplit_masked
 
 _TARGET = f"{FIDELITY_TARGET:.0e}".replace("e-0", "e-")  # 1e-4
 
@@ -114,10 +115,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
               "phase with S / U" for e in _done(report) if (e.get("verify") or {}).get("sequential")]
     notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
               for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
-    notes += [f"{e['model']}: {VERIFY_MODE}: " + (f"round {rounds[0]} crosses" if len(rounds) == 1 else
-                                                   f"rounds {', '.join(map(str, rounds))} cross")
-              + " masked without an exact split: its checks tolerate the masked input's rounding "
-              "(SECURITY.md)" for e in _done(report)
+    notes += [f"{e['model']}: {VERIFY_MODE}: {unsplit_masked(rounds)}: its checks tolerate the masked "
+              "input's rounding (SECURITY.md)" for e in _done(report)
               if (rounds := (e.get("verify") or {}).get("unsplit_masked_rounds"))]
     return notes
 

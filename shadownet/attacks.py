@@ -302,6 +302,27 @@ WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_pa
                   *CROSSING_ATTACKS)
 
 
+def layer_estimates(obfuscated: np.ndarray, reference: np.ndarray,
+                    from_crossings: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every weight attack's estimates on one layer (``WEIGHT_ATTACKS`` -> rows like the filters), the
+    attacker's public weights being ``reference``; ``from_crossings``: as ``attack_layer`` takes them."""
+    unknown = set(from_crossings or ()) - set(CROSSING_ATTACKS)
+    if unknown:
+        raise ValueError(f"not attacks on the crossings: {sorted(unknown)}")
+    obf = _as_rows(obfuscated)
+    ref = _as_rows(reference)
+    n, d = ref.shape
+    m = len(obf)
+    return {
+        "direction": direction_matching(obf, ref),
+        "fake_partner": fake_partner_recovery(obf, 1),
+        "fake_partner_top3": fake_partner_recovery(obf, 3, estimators="both"),
+        "variance_paired": variance_paired_recovery(obf, m - n),
+        "cluster_variance": cluster_variance_recovery(obf),
+    } | {name: np.asarray((from_crossings or {}).get(name, np.zeros((0, d))), np.float64).reshape(-1, d)
+         for name in CROSSING_ATTACKS}
+
+
 def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float = RECOVERY_COS,
                  from_crossings: dict[str, np.ndarray] | None = None) -> dict:
     """Run every weight attack on one layer; JSON-ready figures.
@@ -311,21 +332,11 @@ def attack_layer(obfuscated: np.ndarray, reference: np.ndarray, threshold: float
     estimates of the attacks that read the crossings (``CROSSING_ATTACKS``: ``shadownet.boundary``), as rows
     like the filters; an attack not given has none (nothing observed).
     """
-    unknown = set(from_crossings or ()) - set(CROSSING_ATTACKS)
-    if unknown:
-        raise ValueError(f"not attacks on the crossings: {sorted(unknown)}")
     obf = _as_rows(obfuscated)
     ref = _as_rows(reference)
     n, d = ref.shape
     m = len(obf)
-    estimates = {
-        "direction": direction_matching(obf, ref),
-        "fake_partner": fake_partner_recovery(obf, 1),
-        "fake_partner_top3": fake_partner_recovery(obf, 3, estimators="both"),
-        "variance_paired": variance_paired_recovery(obf, m - n),
-        "cluster_variance": cluster_variance_recovery(obf),
-    } | {name: np.asarray((from_crossings or {}).get(name, np.zeros((0, d))), np.float64).reshape(-1, d)
-         for name in CROSSING_ATTACKS}
+    estimates = layer_estimates(obf, ref, from_crossings)
     best = {name: best_cosines(est, ref) for name, est in estimates.items()}
     any_best = np.max(np.stack(list(best.values())), axis=0)
     vt = variance_test(obf, m - n)

@@ -30,6 +30,7 @@ class LinearLayer:
     where: str  # "round_3" or "op 12", for the report
     input: str | None = None  # reference: the op's input tensor; untrusted: the signature input feeding it
     positions: int = 0  # untrusted: output positions per inference (1 for dense), as the results cross
+    channels: int = 0  # the op input's last axis, which an input transform mixes (a dense layer's K or less)
 
     @property
     def family(self) -> tuple:
@@ -38,20 +39,21 @@ class LinearLayer:
 
 
 def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None,
-           positions: int = 0) -> LinearLayer:
+           positions: int = 0, channels: int = 0) -> LinearLayer:
     w = np.asarray(weights, dtype=np.float64)
     if kind == "CONV_2D":
         # TFLite conv weights are (out, kh, kw, in).
         return LinearLayer(name, "conv", tuple(w.shape[1:]), w.reshape(w.shape[0], -1), where, source,
-                           positions)
+                           positions, w.shape[-1])
     if kind == "FULLY_CONNECTED":
         w = w.reshape(w.shape[0], -1)  # (out, in)
-        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source, positions)
+        return LinearLayer(name, "dense", (1, 1, w.shape[1]), w, where, source, positions,
+                           channels or w.shape[1])
     if kind == "DEPTHWISE_CONV_2D":
         # (1, kh, kw, channels * multiplier): one kh*kw filter per output channel.
         _, kh, kw, c = w.shape
         return LinearLayer(name, "depthwise", (kh, kw), w.reshape(kh * kw, c).T.copy(), where, source,
-                           positions)
+                           positions, channels)
     raise ValueError(f"not a linear op: {kind}")
 
 
@@ -115,9 +117,9 @@ def _linear_layers(graph: Any) -> list[LinearLayer]:
     layers = []
     for i, op in enumerate(graph.ops):
         if is_offloadable(graph, i):
-            weights = graph.tensors[op.inputs[1]].data
+            weights, source = graph.tensors[op.inputs[1]].data, graph.tensors[op.inputs[0]]
             layers.append(_layer(op.kind, weights, graph.tensors[op.outputs[0]].name, f"op {i}",
-                                 graph.tensors[op.inputs[0]].name))
+                                 source.name, channels=int(source.shape[-1]) if len(source.shape) else 0))
     return layers
 
 

@@ -53,6 +53,7 @@ from shadownet.input_leakage import (
     pooled_leakage,
     single_leakage,
 )
+from shadownet.private_change import private_change
 
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
 # is kept in memory (MobileNet 23.6 MB an inference, yolov4-tiny 53.6 MB).
@@ -346,13 +347,15 @@ def under_observed(layers: list[LinearLayer], inferences: int) -> list[dict]:
 
 
 def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: int | None = None,
-          progress: bool = False) -> dict:
+          progress: bool = False, public: str | os.PathLike | None = None) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
     ``inferences`` protected inferences are observed at the boundary for the attacks on the crossings (the
     restore regression, the input unmixing) and the input-leakage figures (0 skips them; None: as many as
     the restore fits want, ``default_inferences``). Layers observed too briefly for those fits are listed
-    in the report's ``observation`` (``under_observed``).
+    in the report's ``observation`` (``under_observed``). ``public``: public weights of the same
+    architecture that the protected model was made from (fine-tuned); the report's ``private_change`` then
+    says how much of the change an attacker holding them learns (``shadownet.private_change``).
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)
@@ -411,6 +414,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         if hasattr(scheme, "input_blocks"):  # the scheme mixes its layers' inputs in public blocks
             unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks, told)
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed)
+    if public is not None:
+        report["private_change"] = private_change(public, manifest, scheme, ref, obf, told)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)
         if progress:
@@ -424,14 +429,18 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 
 def audit_cli(args: Any) -> None:
-    """``shadownet audit OUT/ --reference MODEL.tflite [--json F] [--inferences N]``."""
+    """``shadownet audit OUT/ --reference MODEL.tflite [--public PUBLIC.tflite] [--json F]
+    [--inferences N]``."""
     if args.inferences is not None and args.inferences < 0:
         raise ValueError("--inferences must be >= 0")
-    if not Path(args.reference).is_file():
-        what = "is not a file" if Path(args.reference).exists() else "does not exist"
-        raise ArtifactError(f"reference model {args.reference} {what}")
+    public = getattr(args, "public", None)
+    for what, path in (("reference", args.reference), ("public", public)):
+        if path is not None and not Path(path).is_file():
+            why = "is not a file" if Path(path).exists() else "does not exist"
+            raise ArtifactError(f"{what} model {path} {why}")
     check_destination(args.json)
-    report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True)
+    report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True,
+                   public=public)
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

@@ -116,7 +116,35 @@ def format_report(report: dict) -> str:
                          f"{_fmt(row.get('single', {}).get('correlation')):>7} "
                          f"{_fmt(row.get('difference', {}).get('correlation')):>7} "
                          f"{_fmt(row.get('pooled', {}).get('correlation')):>7}")
+    if report.get("private_change"):
+        lines += ["", *_private_change_lines(report["private_change"])]
     return "\n".join(lines)
+
+
+def _private_change_lines(change: dict) -> list[str]:
+    """The ``--public`` section: how much of the private change the attacker's estimates hold."""
+    labels = {"span": "span attack", "planes": "partner planes", "public": "none: public"}
+    lines = [f"private change against the public weights {change['public']} (error of the attacker's "
+             "estimate / size of the change: 1 = nothing learnt beyond the public weights, 0 = the private "
+             "weights exactly; filters whose change it found at |cos| >= 0.9)",
+             f"  {'layer':<34} {'kind':<6} {'N':>5} {'D':>5} {'change':>7} {'attack':<15} {'error':>6} "
+             f"{'found':>6}"]
+    for r in change["layers"]:
+        name = r["name"].split(";")[0]
+        name = name if len(name) <= 34 else "..." + name[-31:]
+        if r.get("unchanged"):
+            lines.append(f"  {name:<34} {r['kind']:<6} {r['filters']:>5} {'':>5} {'none':>7}")
+            continue
+        best = r[r["best"]]
+        lines.append(f"  {name:<34} {r['kind']:<6} {r['filters']:>5} {r['dim']:>5} {best['change']:>7.1%} "
+                     f"{labels[r['best']]:<15} {best['ratio']:>6.2f} {best['recovered']:>6}")
+    total = change["summary"]
+    if total.get("best"):
+        b = total["best"]
+        lines.append(f"  conv + dense: {total['filters']} filters of {total['layers']} changed layers; the "
+                     f"attacker's estimates err by {_fmt(b['ratio'], '.2f')} of the change, and found "
+                     f"{b['recovered']} filters' change ({b['recovered'] / max(total['filters'], 1):.1%})")
+    return lines
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

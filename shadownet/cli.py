@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inferences to observe at the boundary (default: as many as the attacks on the "
                         "crossings want for every conv and depthwise layer, within bounds; the report lists "
                         "the layers that wanted more)")
+    p.add_argument("--public", metavar="PUBLIC.tflite",
+                   help="public weights of the same architecture that the protected model was fine-tuned "
+                        "from: also report how much of the private change an attacker holding them learns")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit, command_parser=p)
 

@@ -1,0 +1,169 @@
+"""What an attacker holding public weights learns of private ones made from them (``audit --public``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.schemes import LinearLayer as SchemeLayer
+from converters.schemes import get_scheme
+from shadownet import audit, audit_report, private_change
+from shadownet.audit_layers import LinearLayer
+from shadownet.exceptions import ArtifactError
+
+
+def _public_and_private(rng: np.random.Generator, n: int, taps: int, c: int, change: float):
+    public = rng.standard_normal((n, taps * c)) * math.sqrt(2 / (taps * c))
+    return public, public + change * public.std() * rng.standard_normal(public.shape)
+
+
+def _obfuscated(scheme_name: str, private: np.ndarray, taps: int, c: int, rng: np.random.Generator):
+    k = int(math.isqrt(taps))
+    weights = private.reshape(len(private), k, k, c).astype(np.float32)
+    scheme = get_scheme(scheme_name)
+    obf = scheme.obfuscate(SchemeLayer("CONV_2D", weights, name="conv", input_channels=c), rng)
+    return scheme, np.asarray(obf.weights, np.float64).reshape(len(obf.weights), -1)
+
+
+def test_the_span_attack_learns_most_of_a_private_change_under_groupmix() -> None:
+    """Each group's obfuscated filters are a basis of its real filters' span in the coordinates of the input
+    mixing: the public weights projected onto it, the mixing fitted along, leave about sqrt(16 / D) of the
+    change (here D = 288: 0.24, and a bit more, the change being part of the private filters themselves),
+    where the weight attacks of the suite, aligned to the public filters, land farther than the public
+    weights themselves (the obfuscated filters point nowhere near them)."""
+    rng = np.random.default_rng(0)
+    public, private = _public_and_private(rng, 64, 9, 32, change=0.1)
+    scheme, obf = _obfuscated("groupmix", private, 9, 32, rng)
+    row = private_change.layer_change(obf, private, public, 32, scheme)
+    assert row["best"] == "span"
+    assert row["span"]["ratio"] < 0.4, row["span"]
+    assert row["span"]["recovered"] >= 0.9 * 64
+    assert row["weight_attacks"]["ratio"] > 1.0 and row["weight_attacks"]["recovered"] == 0
+    # What it learnt is this private model's change, read from its obfuscated weights: scored against
+    # another change of the same public weights it is farther off than the public weights themselves.
+    other = public + 0.1 * public.std() * np.random.default_rng(1).standard_normal(public.shape)
+    estimate = private_change.span_estimate(obf, public, 32, scheme.input_blocks(32), 16)
+    assert private_change.change_figures(estimate, other, public)["ratio"] > 1.2
+
+
+def test_the_partner_planes_learn_a_private_change_under_the_papers_scheme() -> None:
+    """``W' = (W - F) / s`` and its fake partner ``F`` span a plane that holds ``W``: the public filter
+    projected onto it errs by the change's part in the plane only."""
+    rng = np.random.default_rng(2)
+    public, private = _public_and_private(rng, 64, 9, 32, change=0.1)
+    scheme, obf = _obfuscated("shadownet", private, 9, 32, rng)
+    row = private_change.layer_change(obf, private, public, 32, scheme)
+    assert row["best"] == "planes" and "span" not in row
+    assert row["planes"]["ratio"] < 0.25, row["planes"]
+    assert row["planes"]["recovered"] >= 0.9 * 64
+
+
+def test_the_orthogonal_blocks_are_the_groups_and_a_scheme_without_them_gets_no_span_estimate() -> None:
+    rng = np.random.default_rng(3)
+    public, private = _public_and_private(rng, 40, 9, 16, change=0.1)
+    scheme, obf = _obfuscated("groupmix", private, 9, 16, rng)
+    assert sorted(b - a for a, b in private_change.output_blocks(obf)) == [13, 13, 14]
+    paper, obf_paper = _obfuscated("shadownet", private, 9, 16, rng)
+    assert private_change.span_estimate(obf_paper, public, 16, scheme.input_blocks(16), 16) is None
+
+
+def test_a_public_model_of_another_architecture_is_refused() -> None:
+    def layer(name: str, shape: tuple[int, int]) -> LinearLayer:
+        return LinearLayer(name, "conv", (3, 3, shape[1] // 9), np.zeros(shape), "op 0")
+
+    private = [layer("a", (16, 27)), layer("b", (32, 144))]
+    with pytest.raises(ArtifactError, match="has 1 linear layer where the protected model has 2"):
+        private_change.check_public(private[:1], private, "pub.tflite")
+    with pytest.raises(ArtifactError, match=r"filters \[24, 144\] where the protected model's conv layer b"):
+        private_change.check_public([private[0], layer("b", (24, 144))], private, "pub.tflite")
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a Keras CNN fine-tuned (here: changed by 10%), converted, audited with --public
+# ---------------------------------------------------------------------------------------------
+
+
+def _changed(model: bytes, change: float, seed: int, skip: int = 0) -> bytes:
+    """``model`` with every linear layer's weights but the first ``skip`` moved by ``change`` of their
+    spread (a stand-in for fine-tuning)."""
+    from converters.graph import write_model
+    from converters.tflite_reader import read_model
+
+    g = read_model(model)
+    rng = np.random.default_rng(seed)
+    linear = [op.inputs[1] for op in g.ops if op.kind in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D")]
+    for t in linear[skip:]:
+        w = np.asarray(g.tensors[t].data, np.float64)
+        moved = w + change * w.std() * rng.standard_normal(w.shape)
+        g.tensors[t] = dataclasses.replace(g.tensors[t], data=moved.astype(g.tensors[t].dtype))
+    return write_model(g)
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    """(public, private, private under groupmix, private under the paper's scheme): the private model is the
+    public one with all but its first linear layer changed."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+    from tests.shadownet.test_audit import _paper_cnn
+
+    tf.get_logger().setLevel("ERROR")
+    base = tmp_path_factory.mktemp("fine_tuned")
+    public = base / "public.tflite"
+    public.write_bytes(_paper_cnn(tf, keras, seed=3))
+    private = base / "private.tflite"
+    private.write_bytes(_changed(public.read_bytes(), 0.1, seed=4, skip=1))
+    shadownet.convert(str(private), str(base / "groupmix"), seed=5)
+    shadownet.convert(str(private), str(base / "paper"), scheme="shadownet", seed=5)
+    return public, private, base / "groupmix", base / "paper"
+
+
+def test_audit_reports_the_private_change_each_scheme_gives_away(fine_tuned, tmp_path: Path) -> None:
+    public, private, groupmix, paper = fine_tuned
+    report = audit.audit(groupmix, private, inferences=0, public=public)
+    change = report["private_change"]
+    rows = {r["name"]: r for r in change["layers"]}
+    assert len(rows) == len(report["layers"])  # depthwise layers run in the TEE: in neither
+    first = change["layers"][0]
+    assert first.get("unchanged") and change["summary"]["unchanged_layers"] == 1
+    changed = [r for r in change["layers"] if not r.get("unchanged")]
+    # Layers of many inputs per filter give most of their change away. The 1x1 convolution of 48 filters on
+    # 32 inputs and the 10-output head hold too few weights to determine their input mixing: no estimate.
+    wide = [r for r in changed if r["dim"] >= 144]
+    assert len(wide) == 3 and all(r["best"] == "span" and r["span"]["ratio"] < 0.5 for r in wide), wide
+    narrow = [r for r in changed if r["dim"] < 144]
+    assert [r["dim"] for r in narrow] == [32, 64]
+    assert all(r["best"] == "public" and r["span"] is None and r["public"]["ratio"] == 1.0 for r in narrow)
+    assert change["summary"]["span"]["ratio"] < 0.5 and change["summary"]["best"]["ratio"] < 0.7
+    text = audit_report.format_report(report)
+    assert "private change against the public weights" in text and "span attack" in text
+    paper_change = audit.audit(paper, private, inferences=0, public=public)["private_change"]
+    assert all(r["best"] == "planes" for r in paper_change["layers"] if not r.get("unchanged"))
+    assert paper_change["summary"]["best"]["ratio"] < 0.5
+
+
+def test_audit_without_public_weights_has_no_private_change_and_refuses_another_architecture(
+        fine_tuned, tmp_path: Path) -> None:
+    public, private, groupmix, _ = fine_tuned
+    assert "private_change" not in audit.audit(groupmix, private, inferences=0)
+    from shadownet.cli import main
+
+    assert main(["audit", str(groupmix), "--reference", str(private), "--public",
+                 str(tmp_path / "none.tflite"), "--inferences", "0"]) == 1
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((16, 16, 3), batch_size=1, name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    y = keras.layers.Dense(10)(keras.layers.Flatten()(h))
+    other = tmp_path / "other.tflite"
+    other.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
+    with pytest.raises(ArtifactError, match="public weights of the same architecture"):
+        audit.audit(groupmix, private, inferences=0, public=other)

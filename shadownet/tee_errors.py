@@ -42,6 +42,9 @@ def translate_tee_error(exc: TEEError, doing: str, step: bool = False) -> Shadow
     invoke = step and exc.code == tee_sim.TEE_ERROR_GENERIC and exc.origin == tee_sim.TEEC_ORIGIN_TRUSTED_APP
     cls = InvokeError if invoke else TEE_ERRORS.get(exc.code, ShadowNetError)
     detail = exc.message or exc.code_name
+    if exc.origin == tee_sim.TEEC_ORIGIN_API and exc.code == tee_sim.TEE_ERROR_OUT_OF_MEMORY:
+        # The client's own shared memory (out of memory or of file descriptors): not the secure world's.
+        return ShadowNetError(f"{doing}: the TEE client said {exc.code_name}: {detail}")
     return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
 
 

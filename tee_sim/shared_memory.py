@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_BAD_STATE, TEEC_ORIGIN_API, TEEError
+from tee_sim.errors import (
+    TEE_ERROR_BAD_PARAMETERS,
+    TEE_ERROR_BAD_STATE,
+    TEE_ERROR_OUT_OF_MEMORY,
+    TEEC_ORIGIN_API,
+    TEEError,
+)
 from tee_sim.shared_pages import SharedPages
 
 if TYPE_CHECKING:
@@ -32,7 +38,11 @@ class SharedMemory:
         self.size = size
         self._context = context
         self._id = shm_id
-        self._mmap, self._fd = context._transport.new_buffer(size)
+        try:
+            self._mmap, self._fd = context._transport.new_buffer(size)
+        except OSError as exc:  # out of memory, of file descriptors (TEEC_AllocateSharedMemory's failure)
+            raise api_error(f"cannot allocate {size} bytes of shared memory: {exc.strerror or exc}",
+                            TEE_ERROR_OUT_OF_MEMORY) from None
         base = np.frombuffer(self._mmap, np.uint8)
         self.address = base.ctypes.data  # where this process maps it (for shared_memory_of)
         del base

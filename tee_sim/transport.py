@@ -20,6 +20,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tee_sim import channel as ch
 from tee_sim.errors import (
@@ -122,12 +123,25 @@ class ProcessTransport:
         return self.home / "logs" / LOG_FILE
 
     def _start(self) -> None:
-        sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
-        os.ftruncate(block_fd, ch.BLOCK_SIZE)
-        req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        log = self._log()
+        # Out of file descriptors part-way (a process at its limit): every one made so far is closed, and
+        # the error says what failed (a double close of the log had it say "Bad file descriptor").
+        made: list[Any] = []
+        try:
+            sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            made += [sock, child_sock]
+            block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
+            made.append(block_fd)
+            os.ftruncate(block_fd, ch.BLOCK_SIZE)
+            req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            made.append(req_efd)
+            resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            made.append(resp_efd)
+            log = self._log()
+        except OSError as exc:
+            _close_all(made)
+            raise TEEError(
+                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
+            ) from None
         config = {
             "ctrl": child_sock.fileno(),
             "block": block_fd,
@@ -166,10 +180,7 @@ class ProcessTransport:
                 process_group=0,
             )
         except OSError as exc:
-            for fd in (block_fd, req_efd, resp_efd, log):
-                os.close(fd)
-            sock.close()
-            child_sock.close()
+            _close_all([block_fd, req_efd, resp_efd, sock])
             raise TEEError(
                 TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
             ) from None
@@ -472,3 +483,12 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_all(made: list[Any]) -> None:
+    """Close sockets and file descriptors, each once."""
+    for item in made:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()

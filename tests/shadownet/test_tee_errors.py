@@ -25,3 +25,14 @@ def test_translated_raises_the_flat_exception_from_the_tee_error():
     assert isinstance(caught.value.__cause__, TEEError)
     assert tee_sim.TEE_ERROR_TARGET_DEAD in LOST_SESSION
     assert tee_sim.TEE_ERROR_OUT_OF_MEMORY not in LOST_SESSION
+
+
+def test_the_clients_own_shared_memory_failing_is_not_called_the_secure_worlds():
+    """A process out of file descriptors cannot map shared memory: the client API says so (origin API),
+    which is not the secure world's memory cap (``SecureMemoryError``)."""
+    error = translate_tee_error(TEEError(tee_sim.TEE_ERROR_OUT_OF_MEMORY, tee_sim.TEEC_ORIGIN_API,
+                                         "cannot allocate 4096 bytes of shared memory: Too many open files"),
+                                "loading OUT")
+    assert type(error) is ShadowNetError
+    assert str(error) == ("loading OUT: the TEE client said TEE_ERROR_OUT_OF_MEMORY: cannot allocate 4096 "
+                          "bytes of shared memory: Too many open files")

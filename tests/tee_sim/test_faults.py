@@ -496,3 +496,51 @@ def test_a_re_registration_after_a_restart_skips_a_newer_stale_message(tmp_path,
             out = TempMemRef(size=3, direction="out")
             s.invoke_command(Cmd.ECHO, [TempMemRef(b"xyz"), out])  # the bounce buffer registered again
             assert bytes(out.data) == b"xyz"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fails", ["eventfd", "Popen"])
+def test_out_of_file_descriptors_at_start_says_so_and_leaks_none(tmp_path, monkeypatch, fails):
+    """A process at its descriptor limit: the start fails with what failed (the log closed twice made it
+    "Bad file descriptor", a probe at ``ulimit -n 12``) and closes every descriptor it made."""
+    import errno
+
+    import tee_sim.transport as transport
+
+    real = {"eventfd": os.eventfd, "Popen": subprocess.Popen}[fails]
+    calls = []
+
+    def out_of_fds(*args, **kwargs):
+        calls.append(1)
+        if fails == "Popen" or len(calls) == 2:  # the second eventfd: some made, some not
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transport.os if fails == "eventfd" else transport.subprocess, fails, out_of_fds)
+    before = _open_fds()
+    with pytest.raises(TEEError) as caught:
+        Context("process", home=tmp_path, timeout=30.0)
+    assert caught.value.code == TEE_ERROR_COMMUNICATION
+    assert "cannot start the secure world: [Errno 24] Too many open files" in str(caught.value)
+    assert _open_fds() <= before
+
+
+def test_shared_memory_that_cannot_be_made_is_the_clients_out_of_memory(tmp_path, monkeypatch):
+    import errno
+
+    import tee_sim
+    import tee_sim.transport as transport
+
+    def out_of_fds(*args):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    with Context("process", home=tmp_path, timeout=30.0) as ctx:
+        monkeypatch.setattr(transport.os, "memfd_create", out_of_fds)
+        with pytest.raises(TEEError) as caught:
+            ctx.register_shared_memory(4096)
+    assert caught.value.code == tee_sim.TEE_ERROR_OUT_OF_MEMORY
+    assert caught.value.origin == tee_sim.TEEC_ORIGIN_API
+    assert "cannot allocate 4096 bytes of shared memory: Too many open files" in str(caught.value)

@@ -1,5 +1,5 @@
 """The normal world's client API (GlobalPlatform TEE Client API): Context and Session (``SharedMemory`` is
-in ``tee_sim.shared_memory``).
+in ``tee_sim.shared_memory``, the parameters' marshalling in ``tee_sim.marshalling``).
 
 The normal world never holds a trusted app, a key or a reference into secure memory: it names a TA
 by UUID and exchanges parameters; large tensors travel through shared memory it registered.
@@ -18,12 +18,12 @@ from typing import Any
 from tee_sim.channel import DEFAULT_CALLER_SPIN_US, DEFAULT_HARD_SPIN_US, DEFAULT_SPIN_US
 from tee_sim.errors import (
     TEE_ERROR_BAD_STATE,
-    TEE_ERROR_SHORT_BUFFER,
     TEE_ERROR_TARGET_DEAD,
     TEE_SUCCESS,
     TEEC_ORIGIN_COMMS,
     TEEError,
 )
+from tee_sim.marshalling import NO_TEMPS, Marshalling
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
 from tee_sim.shared_memory import SharedMemory, api_error
@@ -31,10 +31,6 @@ from tee_sim.transport import ProcessTransport, resolve_secure_core
 from tee_sim.transport_inprocess import InProcessTransport
 
 TRANSPORTS = ("process", "inprocess")
-_BOUNCE_MIN = 64 << 10
-_BOUNCE_KEEP = 4 << 20  # a bounce buffer grown past this for a big setup transfer is dropped after it
-_NO_TEMPS: list[int] = []
-_ALIGN = 64
 EXIT_WAIT_S = 5.0  # see _close_transport
 
 
@@ -177,7 +173,7 @@ class Context:
         # Shared memory whose registration or release was interrupted -> the secure world's generation
         # then: released (again) before the next session, registration or release (``_tidy``).
         self._unreleased: dict[int, int] = {}
-        self._bounce: SharedMemory | None = None
+        self._marshalling = Marshalling(self)
         self.closed = False
         home = os.fspath(home) if home is not None else None
         if transport == "process":
@@ -204,12 +200,12 @@ class Context:
                 if self._transport.alive:
                     raise
                 self._transport.ensure_running()
-            wire, temps, _ = self._marshal(params)
+            wire, temps, _ = self._marshalling.marshal(params)
             outcome = self._transport.open_session(ta_uuid, wire)
             opened = outcome.code == 0
             try:
-                self._unmarshal(params, wire, temps, outcome)
-                self._trim_bounce()
+                self._marshalling.unmarshal(params, wire, temps, outcome)
+                self._marshalling.trim_bounce()
                 self._raise(outcome)
                 session = Session(self, outcome.session, ta_uuid, self._transport.generation)
                 session._memory = outcome.memory
@@ -329,13 +325,13 @@ class Context:
             self._check_live(session)
             if params:
                 self._transport.settle(timeout)  # before the parameters go where the secure world reads
-                wire, temps, bytes_in = self._marshal(params)
+                wire, temps, bytes_in = self._marshalling.marshal(params)
             else:
-                wire, temps, bytes_in = NO_PARAMS, _NO_TEMPS, 0
+                wire, temps, bytes_in = NO_PARAMS, NO_TEMPS, 0
             outcome = self._round_trip(session, int(cmd_id), wire, bytes_in, timeout)
-            bytes_out = self._unmarshal(params, wire, temps, outcome) if params else 0
+            bytes_out = self._marshalling.unmarshal(params, wire, temps, outcome) if params else 0
             if temps:
-                self._trim_bounce()
+                self._marshalling.trim_bounce()
             session._bytes_out += bytes_out
             if outcome.code:
                 self._raise(outcome)
@@ -346,7 +342,7 @@ class Context:
         if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS or any(
                 type(p) is not Value or p.direction != "in" for p in params):
             raise api_error(f"a prepared command takes at most {MAX_PARAMS} input Values")
-        wire, _, bytes_in = self._marshal(params) if params else (NO_PARAMS, _NO_TEMPS, 0)
+        wire, _, bytes_in = self._marshalling.marshal(params) if params else (NO_PARAMS, NO_TEMPS, 0)
         check_live, raise_, lock, clock = self._check_live, self._raise, self._lock, time.perf_counter
         sent = self._transport.prepare_invoke(session._id, int(cmd_id), wire)
 
@@ -393,89 +389,6 @@ class Context:
     def _raise(outcome: Outcome) -> None:
         if outcome.code != TEE_SUCCESS:
             raise TEEError(outcome.code, outcome.origin, outcome.message) from outcome.cause
-
-    def _marshal(self, params: Sequence[ClientParam]) -> tuple[tuple[WireParam, ...], list[int], int]:
-        """Check the client's parameters and put them in wire form; temporary memrefs go to the bounce buffer.
-
-        Returns the wire parameters, the bounce offsets of the temporary memrefs and the bytes going in.
-        """
-        if isinstance(params, Value | TempMemRef | MemRef) or len(params) > MAX_PARAMS:
-            raise api_error(f"params must be a sequence of at most {MAX_PARAMS} parameters")
-        temps, total = [], 0
-        for p in params:
-            kind = type(p)
-            if kind is TempMemRef:
-                temps.append(total)
-                total += -(-max(p.size, 1) // _ALIGN) * _ALIGN
-            elif kind is not Value and kind is not MemRef:
-                raise api_error(f"a parameter must be a Value, TempMemRef or MemRef, not {kind.__name__}")
-        if temps:
-            self._ensure_bounce(total)
-        wire: list[WireParam] = []
-        temp_index = bytes_in = 0
-        for p in params:
-            kind = type(p)
-            if kind is Value:
-                wire.append((p.wire_type, p.a, p.b, 0, 0, 0))
-                bytes_in += 16 if p.direction != "out" else 0
-            elif kind is TempMemRef:
-                bounce = self._bounce
-                assert bounce is not None
-                offset = temps[temp_index]
-                temp_index += 1
-                if p.data is not None and p.direction != "out":
-                    bounce._mmap[offset : offset + len(p.data)] = p.data
-                    bytes_in += p.size
-                wire.append((p.wire_type, 0, 0, bounce._id, offset, p.size))
-            else:
-                shm = p.shm
-                if shm._context is not self or shm.released:
-                    raise api_error("MemRef of shared memory not registered with this context")
-                if shm._generation != self._transport.generation:
-                    self._register(shm)  # the secure world restarted since
-                wire.append((p.wire_type, 0, 0, shm._id, p.offset, p.size))
-                bytes_in += p.size if p.direction != "out" else 0
-        return tuple(wire) + NO_PARAMS[len(wire) :], temps, bytes_in
-
-    def _trim_bounce(self) -> None:
-        if self._bounce is not None and self._bounce.size > _BOUNCE_KEEP:
-            self._bounce.release()
-            self._bounce = None
-
-    def _ensure_bounce(self, total: int) -> None:
-        bounce = self._bounce
-        if bounce is not None and bounce.size >= total:
-            if bounce._generation != self._transport.generation:
-                self._register(bounce)
-            return
-        if bounce is not None:
-            bounce.release()
-        size = max(_BOUNCE_MIN, 1 << (total - 1).bit_length())
-        self._bounce = SharedMemory(self, self._next_shm, size)
-        self._next_shm += 1
-        self._register(self._bounce)
-
-    def _unmarshal(
-        self, params: Sequence[ClientParam], wire: tuple[WireParam, ...], temps: list[int], outcome: Outcome
-    ) -> int:
-        """Copy outputs back into the caller's parameters; return the bytes that came out."""
-        if outcome.code not in (TEE_SUCCESS, TEE_ERROR_SHORT_BUFFER):
-            return 0
-        bytes_out = 0
-        for p, w, (a, b, size) in zip(params, wire, outcome.outputs, strict=False):
-            if isinstance(p, Value):
-                if p.direction != "in":
-                    p.a, p.b = a, b
-                    bytes_out += 16
-            elif p.direction != "in":
-                capacity = w[5]
-                p.size = size
-                if isinstance(p, TempMemRef) and size <= capacity and outcome.code == TEE_SUCCESS:
-                    assert self._bounce is not None
-                    p.data = bytes(self._bounce._mmap[w[4] : w[4] + size])
-                if outcome.code == TEE_SUCCESS:
-                    bytes_out += size
-        return bytes_out
 
 
 def _close_transport(transport: Any, lock: threading.RLock) -> None:

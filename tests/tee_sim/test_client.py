@@ -244,7 +244,7 @@ def test_large_temp_memref_then_small_ones(session, context):
     big = os.urandom(6 << 20)
     out = session.invoke_command(Cmd.ECHO, [TempMemRef(big), TempMemRef(size=len(big), direction="out")])
     assert out[1].data == big
-    assert context._bounce is None  # the grown bounce buffer was not kept
+    assert context._marshalling.bounce is None  # the grown bounce buffer was not kept
     out = session.invoke_command(Cmd.ECHO, [TempMemRef(b"small"), TempMemRef(size=8, direction="out")])
     assert out[1].data == b"small"
 

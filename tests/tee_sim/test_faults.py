@@ -471,7 +471,7 @@ def test_a_session_opened_but_interrupted_before_it_was_returned_is_closed_by_th
     session is neither returned nor kept open till the context closes; the next OpenSession closes it."""
     with Context("inprocess", home=tmp_path / "device") as ctx:
         opened = ctx._transport._os._sessions
-        _interrupt_once(monkeypatch, ctx, "_trim_bounce")
+        _interrupt_once(monkeypatch, ctx._marshalling, "trim_bounce")
         with pytest.raises(KeyboardInterrupt):
             ctx.open_session(TEST_TA_UUID)
         (lost,) = opened

@@ -53,7 +53,7 @@ from shadownet.input_leakage import (
     pooled_leakage,
     single_leakage,
 )
-from shadownet.private_change import private_change
+from shadownet.private_change import private_change, public_layers
 
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
 # is kept in memory (MobileNet 23.6 MB an inference, yolov4-tiny 53.6 MB).
@@ -383,6 +383,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
         ref = [r for r in ref if r.kind not in kept]
     check_covers(ref, obf, given)
+    if public is not None:  # before any other work: a wrong file is refused at once
+        published = public_layers(public, manifest, scheme, ref)
     # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
     crossing = [layer for layer in obf if layer.name not in split]
     chosen = inferences is None
@@ -415,7 +417,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks, told)
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed)
     if public is not None:
-        report["private_change"] = private_change(public, manifest, scheme, ref, obf, told)
+        report["private_change"] = private_change(public, published, ref, obf, scheme, told)
     if seen is not None:
         pairs, _, _ = match_layers(ref, obf)
         if progress:

@@ -67,11 +67,12 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
         raise ModelFormatError(f"cannot read {model}: {exc.strerror or exc}") from None
 
 
-def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None) -> Any:
+def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None,
+                    what: str = "reference") -> Any:
     """The reference model as the converter planned and normalized it for ``scheme``, the protected
     model's (``converters.original_model.planning_graph``; its grouped convolutions split by group where it
     split them: ``converters.schemes.group_min_channels``; None: as for the default). A
-    ``ModelFormatError`` names it (``name``, else its path)."""
+    ``ModelFormatError`` names it (``what`` and ``name``, else its path)."""
     from converters.normalize import normalize
     from converters.original_model import planning_graph
     from converters.schemes import group_min_channels
@@ -82,7 +83,7 @@ def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: 
     except ModelFormatError as exc:
         if label is None:
             raise
-        raise ModelFormatError(f"reference {label}: {exc}") from None
+        raise ModelFormatError(f"{what} {label}: {exc}") from None
 
 
 def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = None,

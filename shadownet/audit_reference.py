@@ -81,7 +81,7 @@ def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]
                             f"{correlation:.3f}): give the .tflite that was converted")
 
 
-def protected_signature(reference: Any, manifest: dict) -> bytes:
+def protected_signature(reference: Any, manifest: dict, what: str = "reference") -> bytes:
     """The reference model's bytes, read once; of a reference of several signatures the one converted
     (``convert --signature``; the manifest's key): the audit read subgraph 0 otherwise, another signature's
     (a review: the right file refused, 'off by 0.5')."""
@@ -100,4 +100,4 @@ def protected_signature(reference: Any, manifest: dict) -> bytes:
     try:
         return one_signature(data, key)
     except (ValueError, ShadowNetError) as exc:
-        raise ArtifactError(f"reference {reference}: {exc}") from None
+        raise ArtifactError(f"{what} {reference}: {exc}") from None

@@ -123,27 +123,34 @@ def format_report(report: dict) -> str:
 
 def _private_change_lines(change: dict) -> list[str]:
     """The ``--public`` section: how much of the private change the attacker's estimates hold."""
-    labels = {"span": "span attack", "planes": "partner planes", "public": "none: public"}
+    labels = {"span": "span attack", "planes": "partner planes", "weight_attacks": "weight attacks",
+              "public": "none: public"}
     lines = [f"private change against the public weights {change['public']} (error of the attacker's "
              "estimate / size of the change: 1 = nothing learnt beyond the public weights, 0 = the private "
              "weights exactly; filters whose change it found at |cos| >= 0.9)",
-             f"  {'layer':<34} {'kind':<6} {'N':>5} {'D':>5} {'change':>7} {'attack':<15} {'error':>6} "
+             f"  {'layer':<34} {'kind':<9} {'N':>5} {'D':>5} {'change':>7} {'attack':<15} {'error':>6} "
              f"{'found':>6}"]
     for r in change["layers"]:
         name = r["name"].split(";")[0]
         name = name if len(name) <= 34 else "..." + name[-31:]
         if r.get("unchanged"):
-            lines.append(f"  {name:<34} {r['kind']:<6} {r['filters']:>5} {'':>5} {'none':>7}")
+            lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {'':>5} {'none':>7}")
             continue
         best = r[r["best"]]
-        lines.append(f"  {name:<34} {r['kind']:<6} {r['filters']:>5} {r['dim']:>5} {best['change']:>7.1%} "
+        lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {r['dim']:>5} {best['change']:>7.1%} "
                      f"{labels[r['best']]:<15} {best['ratio']:>6.2f} {best['recovered']:>6}")
-    total = change["summary"]
-    if total.get("best"):
-        b = total["best"]
-        lines.append(f"  conv + dense: {total['filters']} filters of {total['layers']} changed layers; the "
-                     f"attacker's estimates err by {_fmt(b['ratio'], '.2f')} of the change, and found "
-                     f"{b['recovered']} filters' change ({b['recovered'] / max(total['filters'], 1):.1%})")
+    summary = change["summary"]
+    for group, label in (("conv_dense", "conv + dense"), ("depthwise", "depthwise")):
+        total = summary.get(group) or {}
+        if total.get("best"):
+            b = total["best"]
+            lines.append(f"  {label}: {total['filters']} filters of {total['layers']} changed layers; the "
+                         f"attacker's estimates err by {_fmt(b['ratio'], '.2f')} of the change, and found "
+                         f"{b['recovered']} filters' change "
+                         f"({b['recovered'] / max(total['filters'], 1):.1%})")
+    if not any((summary.get(group) or {}).get("layers") for group in ("conv_dense", "depthwise")):
+        lines.append(f"  no offloaded layer differs from the public model's: no private change to learn "
+                     f"({summary['unchanged_layers']} layers the same)")
     return lines
 
 

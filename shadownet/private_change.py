@@ -12,22 +12,24 @@ answers it here, per layer, by scoring the attacker's best estimate ``E`` of eac
 
 The estimates, from the public weights and ``untrusted.tflite`` alone (no inference, no secret):
 
-- ``span`` - the **span attack** (stop 44's probe; ``docs/experiments/span_attack/``), for a scheme that
-  mixes groups of output channels (``groupmix``): each group of obfuscated filters is an orthonormal basis of
-  its real filters' span, in the coordinates of an input mixing ``B`` of public blocks, the same at every
-  tap. Alternating least squares (each public group of filters on the obfuscated block whose span holds most
-  of it) and orthogonal Procrustes (each block of ``B`` against ``P``) converge to ``P`` projected onto each
-  group's span, which holds ``W``: what is left is the change projected onto that span, about
-  ``sqrt(16 / D)`` of it for ``D`` inputs per filter. Started from ``B = I`` and from the spans' projectors
-  (``_projector_start``); the attacker's own tests say when it found nothing (``span_estimate``);
+- ``span`` - the **span attack** (stop 44's probe; ``docs/experiments/span_attack/``), for a conv or dense
+  layer under a scheme that mixes groups of output channels (``groupmix``): each group of obfuscated filters
+  is an orthonormal basis of its real filters' span, in the coordinates of an input mixing ``B`` of public
+  blocks (or a permutation of the channels), the same at every tap. Alternating least squares (each public
+  group of filters on the obfuscated block whose span holds most of it) and orthogonal Procrustes (each block
+  of ``B`` against ``P``; a matching for a permutation) converge to ``P`` projected onto each group's span,
+  which holds ``W``: what is left is the change projected onto that span, about ``sqrt(16 / D)`` of it for
+  ``D`` inputs per filter. Started from the spans' projectors (``_projector_start``,
+  ``_permutation_start``); the attacker's own tests say when it has no estimate (``span_estimate``);
 - ``planes`` - for the paper's scheme, each public filter projected onto the plane an obfuscated filter
   spans with its fake partner (``partner_planes``);
 - ``weight_attacks`` - the suite's weight attacks (:mod:`shadownet.attacks`) run against ``P``, each public
-  filter's estimate of largest ``|cos|`` scaled onto it: reported, not the attacker's choice (the two above
-  do better under their schemes).
+  filter's estimate of largest ``|cos|`` scaled onto it: the estimate of a depthwise layer, whose kernels
+  cross only scaled (and permuted); reported for the others.
 
-``best`` names the estimate the attacker goes by: ``span`` where it ran, ``planes`` for a scheme of fake
-partners, else ``public`` - the public weights themselves, nothing learnt.
+``best`` names the estimate the attacker goes by: ``weight_attacks`` for a depthwise layer; else ``span``
+where it made one, ``planes`` for a scheme of fake partners, or ``public`` - the public weights themselves,
+nothing learnt.
 """
 
 from __future__ import annotations
@@ -144,47 +146,85 @@ def _projector_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tu
     return mixing
 
 
+def input_mixing(scheme: object | None, channels: int) -> tuple[str, list[tuple[int, int]] | None]:
+    """How ``scheme`` transforms a conv or dense layer's input of ``channels`` channels, from its public
+    parameters (``converters.schemes.groupmix``: ``_mix_inputs``): ``("blocks", its blocks)``,
+    ``("permutation", None)`` (``input_group`` 1) or ``("none", None)``."""
+    group = getattr(scheme, "input_group", 0)
+    if group == 1 and channels >= 2:
+        return "permutation", None
+    blocks = scheme.input_blocks(channels) if group and hasattr(scheme, "input_blocks") else None
+    return ("blocks", blocks) if blocks else ("none", None)
+
+
 def span_estimate(obfuscated: np.ndarray, public: np.ndarray, channels: int,
-                  input_blocks: list[tuple[int, int]] | None, group_size: int,
+                  input_blocks: list[tuple[int, int]] | None, group_size: int, permuted: bool = False,
                   iterations: int = SPAN_ITERATIONS) -> np.ndarray | None:
     """The span attack on one layer: ``public`` ``[N, D]`` projected onto each group's span as the
     obfuscated filters ``[M, D]`` reveal it, the input mixing fitted along (``input_blocks``: its public
-    blocks of the ``channels`` input channels, None for an unmixed input). None when the obfuscated filters
-    do not fall into as many orthogonal blocks as the public ones make groups."""
+    blocks of the ``channels`` input channels; ``permuted``: a permutation of them instead; neither: an
+    unmixed input). None when the obfuscated filters do not fall into orthogonal blocks that can hold the
+    public groups, when the layer's weights are too few to determine the mixing, or when no fit passes the
+    attacker's own test."""
     public = np.asarray(public, np.float64)
     obfuscated = np.asarray(obfuscated, np.float64)
     n, d = public.shape
     if d % channels:
         return None
     groups, blocks = _split(n, group_size), output_blocks(obfuscated)
-    if len(blocks) != len(groups) or sorted(b - a for a, b in blocks) != sorted(b - a for a, b in groups):
+    # Groups of fewer filters than the scheme's min_group hold fakes too: their blocks are larger.
+    if len(blocks) != len(groups) or any(
+            m < g for m, g in zip(sorted(b - a for a, b in blocks), sorted(b - a for a, b in groups),
+                                  strict=True)):
         return None
-    shape = (-1, d // channels, channels)
-    if not input_blocks:
-        return _group_fit(obfuscated, public, blocks, groups)
-    # Fitted along, the mixing needs the layer's weights to determine it: where they hold fewer than twice
-    # as many numbers as the output and input mixings have unknowns (a 1x1 convolution of more filters
-    # than inputs, a small head), a fit can find some other mixing that matches the public weights as well,
-    # and an estimate farther from the private ones than they are (ResNet-44's head: 2.4x the change).
-    unknowns = (sum((b - a) ** 2 for a, b in groups)
-                + sum((b - a) * (b - a - 1) // 2 for a, b in input_blocks))
-    if n * d < 2 * unknowns:
+    if not input_blocks and not permuted:
+        return _group_fit(obfuscated, public, blocks, groups)  # in the span: never farther than P
+    taps = d // channels
+    # Fitted along, the mixing needs the layer's weights to determine it, on both sides: each group's
+    # output mixing (16 x 16 unknowns) from its filters' D inputs, each input block's (k (k - 1) / 2) from
+    # the N filters at every tap. Where either has fewer than 4x the equations (D < 64; N * taps < 4 (k -
+    # 1)), a fit can find some other mixing that matches the public weights as well or better than the
+    # true one, and an estimate farther from the private weights (ResNet-44's 10 x 64 head: 2.4x the
+    # change; a 24-output dense layer on 3072 inputs: 0.57 where the true mixing gives 0.11).
+    widest = max(b - a for a, b in groups)
+    if d < 4 * widest or (input_blocks and n * taps < 4 * (max(b - a for a, b in input_blocks) - 1)):
         return None
+    shape = (-1, taps, channels)
     wp, wo = public.reshape(shape), obfuscated.reshape(shape)
+    if permuted:
+        def apply(sigma):
+            return wo[..., sigma].reshape(len(wo), d)
+
+        def refit(estimate, sigma):
+            unmixed = np.empty_like(wp)
+            unmixed[..., sigma] = estimate.reshape(shape)
+            return _matching(unmixed, wp)
+
+        starts = iter([_permutation_start(public, obfuscated, blocks, groups, taps, channels),
+                       np.arange(channels)])
+    else:
+        def apply(mixing):
+            return _mix_inputs(wo, mixing, input_blocks).reshape(len(wo), d)
+
+        def refit(estimate, mixing):
+            # The estimate is C W' B: B again from the output mixing it implies, C W' = estimate B^T.
+            return _procrustes(_mix_inputs(estimate.reshape(shape), [m.T for m in mixing], input_blocks), wp,
+                               input_blocks)
+
+        starts = _starts(public, obfuscated, blocks, groups, input_blocks, taps)
     # The attacker's own test of the fit: the right mixing leaves of the public weights only the change's
     # part outside each span (a change of 10% of the weights: 1% of what a random span of each group's size
-    # leaves, 1 - r / D of them, on every layer of the zoo); a wrong one, that much or, where the mixing
-    # has many unknowns for the weights, less (a start that stalled on yolov4-tiny's 64 x 64 1x1
-    # convolution: 0.44, an estimate 6x the change away; the next start found 0.008). A fit that left over
-    # a quarter of it is taken to have found no span, and the next start is tried (a change of over about
-    # half the weights' size is lost so, where the attack learns little anyway).
+    # leaves, 1 - r / D of them, on every layer of the zoo); a wrong one, about that much (a start that
+    # stalled on yolov4-tiny's 64 x 64 1x1 convolution: 0.44, an estimate 6x the change away; the next
+    # start found 0.008). A fit that left over a quarter of it is taken to have found no span, and the next
+    # start is tried (a change of over about half the weights' size is lost so, where the attack learns
+    # little anyway).
     accept = 0.25 * _left_by_chance(public, groups)
     best, best_fit = None, np.inf
-    for mixing in _starts(public, obfuscated, blocks, groups, input_blocks, d // channels):
+    for mixing in starts:
         previous = np.inf
         for _ in range(iterations):
-            z = _mix_inputs(wo, mixing, input_blocks).reshape(len(wo), d)
-            estimate = _group_fit(z, public, blocks, groups)
+            estimate = _group_fit(apply(mixing), public, blocks, groups)
             fit = float(np.linalg.norm(estimate - public))
             if fit < best_fit:
                 best, best_fit = estimate, fit
@@ -192,12 +232,60 @@ def span_estimate(obfuscated: np.ndarray, public: np.ndarray, channels: int,
             if 0 <= previous - fit <= 1e-10 * fit:
                 break
             previous = fit
-            # The estimate is C W' B: B again from the output mixing it implies, C W' = estimate B^T.
-            unmixed = _mix_inputs(estimate.reshape(shape), [m.T for m in mixing], input_blocks)
-            mixing = _procrustes(unmixed, wp, input_blocks)
+            mixing = refit(estimate, mixing)
         if best_fit ** 2 <= accept:
             return best
     return None
+
+
+def _matching(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The permutation ``sigma`` of ``x``'s channels (``[N, taps, C]``) that best matches ``y``'s: ``x[...,
+    sigma]`` against ``y``, by the largest summed products (``_assign``)."""
+    return _assign(np.einsum("nti,ntj->ij", x, y))
+
+
+def _assign(score: np.ndarray) -> np.ndarray:
+    """``sigma[j]``: the row of ``score`` ``[C, C]`` column ``j`` takes, one to one: each column its best
+    row where no other column wants it, the rest greedily (the columns of largest best first)."""
+    sigma = np.argmax(score, axis=0)
+    rows, counts = np.unique(sigma, return_counts=True)
+    if len(rows) == len(sigma):
+        return sigma
+    clash = np.isin(sigma, rows[counts > 1])
+    free = np.ones(len(score), bool)
+    free[sigma[~clash]] = False
+    for j in np.flatnonzero(clash)[np.argsort(-score.max(axis=0)[clash])]:
+        i = int(np.argmax(np.where(free, score[:, j], -np.inf)))
+        sigma[j] = i
+        free[i] = False
+    return sigma
+
+
+def _permutation_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tuple[int, int]],
+                       groups: list[tuple[int, int]], taps: int, channels: int) -> np.ndarray:
+    """A first input permutation from each group's span: its projector's diagonal, summed over the taps,
+    gives each input channel a number per group that the output mixing keeps and the permutation moves
+    with the channel. Groups are paired with blocks by those numbers, sorted (which the permutation
+    keeps); then each public channel with the obfuscated one whose numbers over the paired groups are
+    nearest."""
+    def diagonals(rows: np.ndarray) -> np.ndarray:
+        basis = np.linalg.qr(rows.T)[0].reshape(taps, channels, -1)
+        return np.einsum("tcm,tcm->c", basis, basis)
+
+    ours = np.array([diagonals(public[a:b]) for a, b in groups])
+    theirs = np.array([diagonals(obfuscated[a:b]) for a, b in blocks])
+    distance = np.linalg.norm(np.sort(ours, axis=1)[:, None, :] - np.sort(theirs, axis=1)[None, :, :], axis=2)
+    paired: dict[int, int] = {}
+    free = set(range(len(blocks)))
+    for flat in np.argsort(distance, axis=None):
+        g, k = divmod(int(flat), len(blocks))
+        if k in free and g not in paired:
+            paired[g] = k
+            free.discard(k)
+    a = ours[list(paired)]
+    b = theirs[list(paired.values())]
+    # score[i, j] = -|b_i - a_j|^2 up to |a_j|^2, which no choice of i changes
+    return _assign(2 * b.T @ a - np.sum(b * b, axis=0)[:, None])
 
 
 def _starts(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tuple[int, int]],
@@ -233,9 +321,15 @@ def partner_planes(obfuscated: np.ndarray, public: np.ndarray) -> np.ndarray:
     second = obf[partner] - np.sum(obf[partner] * first, axis=1, keepdims=True) * first
     second = attacks.unit_rows(second)  # zero where the pair is collinear: a line, not a plane
     a, b = public @ first.T, public @ second.T  # [N, M]: each public filter in each plane's basis
-    best = np.argmax(a * a + b * b, axis=1)
+    held = a * a + b * b
+    best = np.argmax(held, axis=1)
     rows = np.arange(len(public))
-    return a[rows, best][:, None] * first[best] + b[rows, best][:, None] * second[best]
+    estimate = a[rows, best][:, None] * first[best] + b[rows, best][:, None] * second[best]
+    # A plane that holds less than 0.9 of a public filter is another filter's (one that shares the fake):
+    # the public filter is kept (MiniVGG's first layer, 27 inputs: 1.94 of the change, 0.34 so; a review's).
+    kept = held[rows, best] < 0.9 * np.sum(public * public, axis=1)
+    estimate[kept] = public[kept]
+    return estimate
 
 
 def aligned_estimates(candidates: np.ndarray, public: np.ndarray) -> np.ndarray:
@@ -270,21 +364,24 @@ def change_figures(estimate: np.ndarray, private: np.ndarray, public: np.ndarray
 
 
 def layer_change(obfuscated: np.ndarray, private: np.ndarray, public: np.ndarray, channels: int,
-                 scheme: object | None) -> dict:
-    """One layer's figures: the weight attacks' estimates (aligned to the public filters), the span
-    attack's where the scheme mixes groups of outputs, else the partner planes', and which the attacker goes
-    by (``best``: the span attack's where it ran, the planes' for a scheme of fake partners, else the public
-    weights themselves: the weight attacks' land near nothing under a mixing scheme)."""
+                 scheme: object | None, kind: str = "conv") -> dict:
+    """One layer's figures: the weight attacks' estimates (aligned to the public filters); for a conv or
+    dense layer, the span attack's where the scheme mixes groups of outputs, else the partner planes'; and
+    which the attacker goes by (``best``: for a depthwise layer, whose kernels cross only scaled (and
+    permuted, under the paper's scheme), the weight attacks'; else the span attack's where it made one, the
+    planes' for a scheme of fake partners, or the public weights themselves, nothing learnt)."""
     private = np.asarray(private, np.float64)
     public = np.asarray(public, np.float64)
     weights = attacks.layer_estimates(obfuscated, public)
     candidates = np.vstack([e for e in weights.values() if len(e)] or [np.zeros((0, public.shape[1]))])
     row = {"filters": len(public), "dim": public.shape[1],
            "weight_attacks": change_figures(aligned_estimates(candidates, public), private, public)}
+    if kind == "depthwise":
+        return row | {"best": "weight_attacks"}
     group_size = getattr(scheme, "group_size", None)
     if group_size:
-        blocks = scheme.input_blocks(channels) if hasattr(scheme, "input_blocks") else None
-        span = span_estimate(obfuscated, public, channels, blocks, group_size)
+        how, blocks = input_mixing(scheme, channels)
+        span = span_estimate(obfuscated, public, channels, blocks, group_size, permuted=how == "permutation")
         row["span"] = None if span is None else change_figures(span, private, public)
     else:
         row["planes"] = change_figures(partner_planes(obfuscated, public), private, public)
@@ -295,33 +392,43 @@ def layer_change(obfuscated: np.ndarray, private: np.ndarray, public: np.ndarray
 
 
 def check_public(public: list, private: list, name: object) -> None:
-    """``ArtifactError`` unless the public model's linear layers have the private ones' kinds and shapes,
-    in order: the attack pairs them so."""
+    """``ArtifactError`` unless the public model's linear layers have the private ones' kinds, kernels and
+    shapes, in order: the attack pairs them so."""
     if len(public) != len(private):
         raise ArtifactError(f"public model {name} has {len(public)} linear layer{'s' * (len(public) != 1)} "
                             f"where the protected model has {len(private)}: give public weights of the same "
                             "architecture")
     for p, w in zip(public, private, strict=True):
-        if p.kind != w.kind or p.filters.shape != w.filters.shape:
+        if p.kind != w.kind or p.kernel != w.kernel or p.filters.shape != w.filters.shape:
             raise ArtifactError(f"public model {name}: its {p.kind} layer {p.name} has filters "
-                                f"{list(p.filters.shape)} where the protected model's {w.kind} layer "
-                                f"{w.name} has {list(w.filters.shape)}: give public weights of the same "
-                                "architecture")
+                                f"{list(p.filters.shape)} (kernel {list(p.kernel)}) where the protected "
+                                f"model's {w.kind} layer {w.name} has {list(w.filters.shape)} (kernel "
+                                f"{list(w.kernel)}): give public weights of the same architecture")
 
 
-def private_change(public: object, manifest: dict, scheme: object | None, private: list,
-                   obfuscated: list, progress=None) -> dict:
-    """Every matched layer's figures (``layer_change``) for the public model ``public`` (a path or bytes)
-    against the protected model's layers ``private`` (the audit's reference layers, those the scheme keeps
-    in the TEE left out) and the offloaded ``obfuscated`` ones; and the totals over conv and dense layers."""
-    from shadownet.audit_layers import match_layers, reference_graph, reference_layers
+def public_layers(public: object, manifest: dict, scheme: object | None, private: list) -> list:
+    """The public model's linear layers, read as the audit reads the reference (``audit_layers``) and
+    paired with the protected model's ``private`` ones (``check_public``): read before any other work, so
+    that a wrong file is refused at once. Its inputs may differ (the attack reads only weights)."""
+    from shadownet.audit_layers import reference_graph, reference_layers
     from shadownet.audit_reference import protected_signature
 
-    data = protected_signature(public, manifest)
+    data = protected_signature(public, manifest, what="public model")
     kinds = {layer.kind for layer in private}
-    layers = [layer for layer in reference_layers(data, manifest, graph=reference_graph(data, scheme, public))
-              if layer.kind in kinds]
+    graph = reference_graph(data, scheme, public, what="public model")
+    layers = [layer for layer in reference_layers(data, graph=graph) if layer.kind in kinds]
     check_public(layers, private, public)
+    return layers
+
+
+def private_change(public: object, layers: list, private: list, obfuscated: list, scheme: object | None,
+                   progress=None) -> dict:
+    """Every matched layer's figures (``layer_change``) for the public model ``public`` (its name; its
+    ``layers``: ``public_layers``) against the protected model's layers ``private`` (the audit's reference
+    layers, those the scheme keeps in the TEE left out) and the offloaded ``obfuscated`` ones; and the
+    totals (``_totals``)."""
+    from shadownet.audit_layers import match_layers
+
     counterpart = {id(w): p for w, p in zip(private, layers, strict=True)}
     pairs, _, _ = match_layers(private, obfuscated)
     rows = []
@@ -333,24 +440,26 @@ def private_change(public: object, manifest: dict, scheme: object | None, privat
         if np.array_equal(pub.filters, ref.filters):
             rows.append(row | {"filters": len(ref.filters), "unchanged": True})
             continue
-        rows.append(row | layer_change(obf.filters, ref.filters, pub.filters, ref.channels, scheme))
+        rows.append(row | layer_change(obf.filters, ref.filters, pub.filters, ref.channels, scheme, ref.kind))
     return {"public": str(public), "layers": rows, "summary": _totals(rows)}
 
 
 def _totals(rows: list[dict]) -> dict:
-    """Over the changed conv and dense layers: the attacker's estimates' error against the change, as one
-    ratio (root of summed squares), and the filters whose change they found."""
-    changed = [r for r in rows if r["kind"] in ("conv", "dense") and not r.get("unchanged")]
-    out: dict = {"layers": len(changed), "filters": sum(r["filters"] for r in changed),
-                 "unchanged_layers": sum(1 for r in rows if r.get("unchanged"))}
-    for key in ("weight_attacks", "span", "planes", "best"):  # "public": nothing learnt, in "best" only
-        figures = [r[r["best"]] if key == "best" else r.get(key) for r in changed]
-        figures = [f for f in figures if f]
-        if not figures:
-            continue
-        change = sum(f["change_norm"] ** 2 for f in figures)
-        error = sum(f["error_norm"] ** 2 for f in figures)
-        out[key] = {"layers": len(figures),
-                    "ratio": float(np.sqrt(error / change)) if change else None,
-                    "recovered": sum(f["recovered"] for f in figures)}
+    """Over the changed layers, conv and dense ones apart from depthwise ones (as the suite counts them):
+    the attacker's estimates' error against the change, as one ratio (root of summed squares), and the
+    filters whose change they found."""
+    out: dict = {"unchanged_layers": sum(1 for r in rows if r.get("unchanged"))}
+    for group, kinds in (("conv_dense", ("conv", "dense")), ("depthwise", ("depthwise",))):
+        changed = [r for r in rows if r["kind"] in kinds and not r.get("unchanged")]
+        totals: dict = {"layers": len(changed), "filters": sum(r["filters"] for r in changed)}
+        for key in ("weight_attacks", "span", "planes", "best"):  # "public": nothing learnt, in "best" only
+            figures = [r[r["best"]] if key == "best" else r.get(key) for r in changed]
+            figures = [f for f in figures if f]
+            if not figures:
+                continue
+            change = sum(f["change_norm"] ** 2 for f in figures)
+            error = sum(f["error_norm"] ** 2 for f in figures)
+            totals[key] = {"layers": len(figures), "recovered": sum(f["recovered"] for f in figures),
+                           "ratio": float(np.sqrt(error / change)) if change else None}
+        out[group] = totals
     return out

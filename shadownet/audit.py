@@ -356,6 +356,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     in the report's ``observation`` (``under_observed``). ``public``: public weights of the same
     architecture that the protected model was made from (fine-tuned); the report's ``private_change`` then
     says how much of the change an attacker holding them learns (``shadownet.private_change``).
+    Its numpy work is many small matrices: with OpenBLAS's threads on (``OPENBLAS_NUM_THREADS`` unset when
+    numpy is imported; the CLI sets it to 1) a helper measured it 9x slower.
     """
     started = time.perf_counter()
     manifest = read_manifest(out_dir)

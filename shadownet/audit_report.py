@@ -134,7 +134,7 @@ def _private_change_lines(change: dict) -> list[str]:
         name = r["name"].split(";")[0]
         name = name if len(name) <= 34 else "..." + name[-31:]
         if r.get("unchanged"):
-            lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {'':>5} {'none':>7}")
+            lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {'':>5} {'none':>7} unchanged")
             continue
         best = r[r["best"]]
         lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {r['dim']:>5} {best['change']:>7.1%} "
@@ -144,10 +144,11 @@ def _private_change_lines(change: dict) -> list[str]:
         total = summary.get(group) or {}
         if total.get("best"):
             b = total["best"]
-            lines.append(f"  {label}: {total['filters']} filters of {total['layers']} changed layers; the "
-                         f"attacker's estimates err by {_fmt(b['ratio'], '.2f')} of the change, and found "
-                         f"{b['recovered']} filters' change "
-                         f"({b['recovered'] / max(total['filters'], 1):.1%})")
+            ratio = _fmt(b["ratio"], ".2f")
+            lines.append(f"  {label}: {total['changed_filters']} filters changed, in {total['layers']} "
+                         f"layers of {total['filters']}; the attacker's estimates err by {ratio} "
+                         f"of the change, and found the change of {b['recovered']} "
+                         f"({b['recovered'] / max(total['changed_filters'], 1):.1%})")
     if not any((summary.get(group) or {}).get("layers") for group in ("conv_dense", "depthwise")):
         lines.append(f"  no offloaded layer differs from the public model's: no private change to learn "
                      f"({summary['unchanged_layers']} layers the same)")

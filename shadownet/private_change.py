@@ -41,6 +41,9 @@ from shadownet.exceptions import ArtifactError
 
 # Alternations of the span attack's least squares and Procrustes: the probe's fits converged in 7-30.
 SPAN_ITERATIONS = 60
+# Planes the partner-planes estimate tries per obfuscated filter: its most collinear others (its fake shared
+# by ~5 filters, the fake is among them).
+PLANE_PARTNERS = 6
 # Random combinations the span attack's projector start tries (``_starts``) before it gives up on a layer.
 PROJECTOR_STARTS = 4
 # Rows of one obfuscated group are orthonormal up to float32 rounding; rows of two groups are not.
@@ -306,29 +309,35 @@ def _left_by_chance(public: np.ndarray, groups: list[tuple[int, int]]) -> float:
     return sum(max(0.0, 1 - (b - a) / d) * float(np.sum(public[a:b] ** 2)) for a, b in groups)
 
 
-def partner_planes(obfuscated: np.ndarray, public: np.ndarray) -> np.ndarray:
+def partner_planes(obfuscated: np.ndarray, public: np.ndarray, partners: int = PLANE_PARTNERS) -> np.ndarray:
     """The paper's scheme's counterpart of the span attack: each obfuscated filter ``W' = (W - F) / s``
-    and its most collinear other (its fake partner ``F``, as ``attacks.fake_partner_recovery`` pairs them)
-    span a plane that holds ``W``; each public filter projected onto the plane that holds most of it:
-    ``[N, D]``. What is left of the change is its part in that plane, ``~1 / sqrt(D)`` of it, where the
-    minimum-norm point errs by ``W``'s own part along the fake."""
+    and its fake partner ``F`` span a plane that holds ``W``; each public filter projected onto the plane
+    that holds most of it: ``[N, D]``. What is left of the change is its part in that plane, ``~1 /
+    sqrt(D)`` of it, where the minimum-norm point errs by ``W``'s own part along the fake. The partner is
+    not known: a fake is shared by several filters (1.2 N outputs: about 5 each), so a filter's most
+    collinear other is often another real filter that shares its fake, whose plane does not hold it (a
+    review: MiniVGG's first layer, 27 inputs, 1.94-26 times the change). Each filter is paired with its
+    ``partners`` most collinear others, and every such plane is a candidate."""
     obf = np.asarray(obfuscated, np.float64).reshape(len(obfuscated), -1)
     public = np.asarray(public, np.float64)
     if len(obf) < 2:
         return public.copy()
-    partner = np.argmax(attacks.collinearity(obf), axis=1)
     first = attacks.unit_rows(obf)
-    second = obf[partner] - np.sum(obf[partner] * first, axis=1, keepdims=True) * first
-    second = attacks.unit_rows(second)  # zero where the pair is collinear: a line, not a plane
-    a, b = public @ first.T, public @ second.T  # [N, M]: each public filter in each plane's basis
-    held = a * a + b * b
-    best = np.argmax(held, axis=1)
+    order = np.argsort(-attacks.collinearity(obf), axis=1)[:, :min(partners, len(obf) - 1)]
     rows = np.arange(len(public))
-    estimate = a[rows, best][:, None] * first[best] + b[rows, best][:, None] * second[best]
-    # A plane that holds less than 0.9 of a public filter is another filter's (one that shares the fake):
-    # the public filter is kept (MiniVGG's first layer, 27 inputs: 1.94 of the change, 0.34 so; a review's).
-    kept = held[rows, best] < 0.9 * np.sum(public * public, axis=1)
-    estimate[kept] = public[kept]
+    estimate, held = public.copy(), np.full(len(public), -1.0)
+    on_first = public @ first.T  # [N, M]: each public filter along each obfuscated one
+    for k in range(order.shape[1]):
+        other = obf[order[:, k]]
+        second = attacks.unit_rows(other - np.sum(other * first, axis=1, keepdims=True) * first)
+        on_second = public @ second.T  # zero where the pair is collinear: a line, not a plane
+        energy = on_first ** 2 + on_second ** 2
+        best = np.argmax(energy, axis=1)
+        better = energy[rows, best] > held
+        held[better] = energy[rows, best][better]
+        pick = best[better]
+        estimate[better] = (on_first[rows[better], pick][:, None] * first[pick]
+                            + on_second[rows[better], pick][:, None] * second[pick])
     return estimate
 
 
@@ -354,6 +363,7 @@ def change_figures(estimate: np.ndarray, private: np.ndarray, public: np.ndarray
         np.linalg.norm(found, axis=1) * np.linalg.norm(change, axis=1), 1e-300)
     error = float(np.linalg.norm(estimate - private))
     return {
+        "changed": int(np.count_nonzero(np.any(change != 0, axis=1))),  # filters that changed at all
         "ratio": error / norm,
         "error_norm": error,
         "change_norm": norm,
@@ -451,7 +461,8 @@ def _totals(rows: list[dict]) -> dict:
     out: dict = {"unchanged_layers": sum(1 for r in rows if r.get("unchanged"))}
     for group, kinds in (("conv_dense", ("conv", "dense")), ("depthwise", ("depthwise",))):
         changed = [r for r in rows if r["kind"] in kinds and not r.get("unchanged")]
-        totals: dict = {"layers": len(changed), "filters": sum(r["filters"] for r in changed)}
+        totals: dict = {"layers": len(changed), "filters": sum(r["filters"] for r in changed),
+                        "changed_filters": sum(r["weight_attacks"]["changed"] for r in changed)}
         for key in ("weight_attacks", "span", "planes", "best"):  # "public": nothing learnt, in "best" only
             figures = [r[r["best"]] if key == "best" else r.get(key) for r in changed]
             figures = [f for f in figures if f]

@@ -86,18 +86,20 @@ def test_a_group_of_fewer_filters_than_min_group_holds_fakes_and_is_still_projec
     assert row["best"] == "span" and row["span"]["ratio"] < 0.7, row["span"]
 
 
-def test_the_partner_planes_keep_a_public_filter_no_plane_holds() -> None:
-    """On a narrow layer (27 inputs per filter) a public filter's best plane can be another filter's (one
-    that shares its fake): it is kept as it is, so that no estimate lands farther than the public weights
-    (MiniVGG's first layer: 1.94 of the change before)."""
+def test_the_partner_planes_try_several_partners_as_fakes_are_shared() -> None:
+    """On a narrow layer (27 inputs per filter) a filter's most collinear other is often another real filter
+    that shares its fake (about 5 share each), whose plane does not hold it: with only that partner, the
+    estimate was 1.94 of the change on MiniVGG's first layer and up to 26x on a fine-tuned one (a review);
+    with each filter's 6 most collinear others, every public filter finds the plane of its own."""
     rng = np.random.default_rng(6)
     public, private = _public_and_private(rng, 32, 9, 3, change=0.1)
     scheme, obf = _obfuscated("shadownet", private, 9, 3, rng)
-    estimate = private_change.partner_planes(obf, public)
-    errors = np.linalg.norm(estimate - private, axis=1) / np.linalg.norm(private - public, axis=1)
-    kept = np.all(estimate == public, axis=1)
-    assert kept.any() and not kept.all()
-    assert errors.max() < 1.5 and private_change.change_figures(estimate, private, public)["ratio"] < 1.0
+    one = private_change.partner_planes(obf, public, partners=1)
+    six = private_change.partner_planes(obf, public)
+    errors = [np.linalg.norm(e - private, axis=1) / np.linalg.norm(private - public, axis=1)
+              for e in (one, six)]
+    assert errors[0].max() > 2 and errors[1].max() < 1.0, [e.max() for e in errors]
+    assert private_change.change_figures(six, private, public)["ratio"] < 0.5
 
 
 def test_channels_are_assigned_one_to_one_where_two_want_the_same() -> None:

@@ -1,4 +1,5 @@
-"""The compiled parts: the trusted app's C kernels - restore / push (tee_sim/ta_shadownet_kernels.c),
+"""The compiled parts: the trusted app's C kernels - restore / push (tee_sim/ta_shadownet_kernels.c, its
+linear maps in ta_shadownet_linear_map.h),
 Freivalds' check (ta_shadownet_freivalds.c, ta_shadownet_freivalds_check.c and ta_shadownet_lanes.h), max
 pool, depthwise convolution and the small ops (ta_shadownet_max_pool.c, ta_shadownet_depthwise.c,
 ta_shadownet_small_ops.c), what its pool refills compute
@@ -20,7 +21,8 @@ KERNEL_FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-fno-math-errno", "-Wn
 KERNEL_SOURCES = tuple(f"tee_sim/ta_shadownet_{name}.c" for name in
                        ("kernels", "freivalds", "freivalds_check", "max_pool", "depthwise", "small_ops",
                         "pool"))
-KERNEL_HEADERS = ["tee_sim/ta_shadownet_kernels.h", "tee_sim/ta_shadownet_lanes.h"]
+KERNEL_HEADERS = ["tee_sim/ta_shadownet_kernels.h", "tee_sim/ta_shadownet_lanes.h",
+                  "tee_sim/ta_shadownet_linear_map.h"]
 AVX2 = ["-mavx2", "-mfma"]  # what sn_cpu_level checks
 AVX512 = [*AVX2, "-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]
 

@@ -1,4 +1,5 @@
-"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push;
+"""The ShadowNet trusted app's C kernels (``ta_shadownet_kernels.c``, restore / push, with its linear maps
+in ``ta_shadownet_linear_map.h``;
 ``ta_shadownet_freivalds.c`` and ``ta_shadownet_freivalds_check.c``, the check, sharing
 ``ta_shadownet_lanes.h``; ``ta_shadownet_max_pool.c``; ``ta_shadownet_depthwise.c``;
 ``ta_shadownet_small_ops.c``; ``ta_shadownet_pool.c``, the pool refill's; sharing ``ta_shadownet_kernels.h``;
@@ -26,8 +27,8 @@ import numpy as np
 
 # Measured with the TA's code (the libraries are built from them).
 SOURCES = tuple(Path(__file__).with_name(f"ta_shadownet_{name}") for name in
-                ("kernels.h", "lanes.h", "kernels.c", "freivalds.c", "freivalds_check.c", "max_pool.c",
-                 "depthwise.c", "small_ops.c", "pool.c"))
+                ("kernels.h", "lanes.h", "linear_map.h", "kernels.c", "freivalds.c", "freivalds_check.c",
+                 "max_pool.c", "depthwise.c", "small_ops.c", "pool.c"))
 LANES = 16  # the width of the layouts the kernels share with Python (block matrices, packed lanes)
 VARIANTS = ("", "_avx2", "_avx512")  # by sn_cpu_level
 

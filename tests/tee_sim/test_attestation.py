@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -286,17 +287,24 @@ def test_the_shadownet_tas_measurement_covers_its_modules_and_its_c_kernels(monk
                    b"tee_sim.ta_shadownet_max_pool", b"tee_sim.ta_shadownet_depthwise",
                    b"tee_sim.ta_shadownet_compile"):
         assert module in identity
+    # Every C source and header of the kernels, a new one too (ta_shadownet_linear_map.h, split out of
+    # ta_shadownet_kernels.c at stop 45, would otherwise have left the measurement).
     names = [path.name for path in SOURCES]
-    assert names == ["ta_shadownet_kernels.h", "ta_shadownet_lanes.h", "ta_shadownet_kernels.c",
-                     "ta_shadownet_freivalds.c", "ta_shadownet_freivalds_check.c", "ta_shadownet_max_pool.c",
-                     "ta_shadownet_depthwise.c", "ta_shadownet_small_ops.c", "ta_shadownet_pool.c"]
+    package = Path(ta_shadownet.__file__).parent
+    assert sorted(names) == sorted(path.name for path in package.glob("ta_shadownet_*.[ch]"))
+    assert "ta_shadownet_linear_map.h" in names
     assert all(path.read_bytes() in identity for path in SOURCES)
-    kernels = (b"fv_check_tile", b"dot_groups", b"sn_run", b"prepare_tiled", b"check_rows", b"sn_max_pool",
-               b"sn_depthwise", b"sn_small_op", b"fv_draw")
-    for i, name in enumerate(kernels):
-        assert name in SOURCES[i].read_bytes()
-        changed = tmp_path / SOURCES[i].name
-        changed.write_bytes(SOURCES[i].read_bytes().replace(name, name[:-1] + b"x", 1))
+    # A name in each file, changed there: another measurement.
+    kernels = {"kernels.h": b"fv_check_tile", "lanes.h": b"dot_groups", "linear_map.h": b"block16",
+               "kernels.c": b"sn_run", "freivalds.c": b"prepare_tiled", "freivalds_check.c": b"check_rows",
+               "max_pool.c": b"sn_max_pool", "depthwise.c": b"sn_depthwise", "small_ops.c": b"sn_small_op",
+               "pool.c": b"fv_draw"}
+    assert sorted(f"ta_shadownet_{file}" for file in kernels) == sorted(names)
+    for i, source in enumerate(SOURCES):
+        name = kernels[source.name.removeprefix("ta_shadownet_")]
+        assert name in source.read_bytes()
+        changed = tmp_path / source.name
+        changed.write_bytes(source.read_bytes().replace(name, name[:-1] + b"x", 1))
         monkeypatch.setattr(cls, "CODE_FILES", tuple(changed if j == i else p for j, p in enumerate(SOURCES)))
         assert cls.measurement() != measurement
 

@@ -44,7 +44,9 @@ SPAN_ITERATIONS = 60
 # Planes the partner-planes estimate tries per obfuscated filter: its most collinear others (its fake shared
 # by ~5 filters, the fake is among them).
 PLANE_PARTNERS = 6
-# Random combinations the span attack's projector start tries (``_starts``) before it gives up on a layer.
+# Random combinations the span attack's projector start tries per input block (``_projector_start``), and
+# the starts it makes from them (``_starts``) before it gives up on a layer.
+PROJECTOR_TRIES = 4
 PROJECTOR_STARTS = 4
 # Rows of one obfuscated group are orthonormal up to float32 rounding; rows of two groups are not.
 ORTHOGONAL_COS = 1e-4
@@ -60,6 +62,28 @@ def output_blocks(obfuscated: np.ndarray, tol: float = ORTHOGONAL_COS) -> list[t
             blocks.append((start, i))
             start = i
     return blocks
+
+
+def _span_basis(rows: np.ndarray) -> np.ndarray:
+    """An orthonormal basis ``[D, r]`` of ``rows``' span, of its rank: a group with a zero filter (a pruned
+    model) spans fewer dimensions than it has rows, and its rows are then a tight frame of them."""
+    u, singular, _ = np.linalg.svd(rows.T, full_matrices=False)
+    return u[:, singular > 1e-6 * singular[0]] if len(singular) and singular[0] > 0 else u[:, :0]
+
+
+def group_blocks(obfuscated: np.ndarray, groups: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """The obfuscated groups' blocks: the runs of mutually orthogonal filters (``output_blocks``) where they
+    can hold the public groups; else, where every group has one size, consecutive blocks of it (a group
+    that spans fewer dimensions than it has filters - a zero filter - is a tight frame, not orthogonal:
+    a review's pruned layer lost its estimate so). None where neither serves."""
+    blocks = output_blocks(obfuscated)
+    sizes = sorted(b - a for a, b in groups)
+    if len(blocks) == len(groups) and all(
+            m >= g for m, g in zip(sorted(b - a for a, b in blocks), sizes, strict=True)):
+        return blocks
+    if sizes[0] == sizes[-1] and len(obfuscated) == len(groups) * sizes[0]:
+        return [(k * sizes[0], (k + 1) * sizes[0]) for k in range(len(groups))]
+    return None
 
 
 def _split(n: int, size: int) -> list[tuple[int, int]]:
@@ -89,7 +113,7 @@ def _group_fit(z: np.ndarray, public: np.ndarray, blocks: list[tuple[int, int]],
                groups: list[tuple[int, int]]) -> np.ndarray:
     """Each public group of filters paired with an obfuscated block (one to one, greedily by the energy the
     block's span holds of it) and replaced by its projection onto that span: ``[N, D]``."""
-    bases = [np.linalg.qr(z[c:d].T)[0] for c, d in blocks]
+    bases = [_span_basis(z[c:d]) for c, d in blocks]
     coords = public @ np.hstack(bases)  # every public filter in every block's basis
     ends = np.cumsum([0] + [q.shape[1] for q in bases])
     kept = np.add.reduceat(coords ** 2, ends[:-1], axis=1)  # [N, blocks]: energy each block holds
@@ -111,18 +135,20 @@ def _group_fit(z: np.ndarray, public: np.ndarray, blocks: list[tuple[int, int]],
 def _diagonal_blocks(rows: np.ndarray, taps: int, input_blocks: list[tuple[int, int]]) -> list[np.ndarray]:
     """The projector onto ``rows``' span, its diagonal block of each input block summed over the taps:
     ``[k, k]`` each. An input mixing ``B`` of those blocks turns each into ``B_h^T A_h B_h``."""
-    basis = np.linalg.qr(rows.T)[0].reshape(taps, -1, len(rows))
+    basis = _span_basis(rows)
+    basis = basis.reshape(taps, -1, basis.shape[1])
     return [np.einsum("tim,tjm->ij", basis[:, a:b], basis[:, a:b]) for a, b in input_blocks]
 
 
 def _projector_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tuple[int, int]],
                      groups: list[tuple[int, int]], input_blocks: list[tuple[int, int]], taps: int,
-                     rng: np.random.Generator) -> list[np.ndarray]:
+                     rng: np.random.Generator, tries: int = PROJECTOR_TRIES) -> list[np.ndarray]:
     """A first input mixing from each group's span, what the output mixing keeps: per input block ``h``
     the span's projector restricted to ``h`` is the public group's ``A_h`` in the obfuscated block's
     coordinates, ``B_h^T A_h B_h``. Groups are paired with blocks by those blocks' spectra (which ``B``
     keeps); then per ``h`` the eigenvectors of a random combination over the groups, on both sides, give
-    ``B_h`` up to the signs of its columns, which the single groups' blocks settle."""
+    ``B_h`` up to the signs of its columns, which the single groups' blocks settle; of ``tries``
+    combinations, the ``B_h`` that maps the groups' blocks best."""
     ours = [_diagonal_blocks(public[a:b], taps, input_blocks) for a, b in groups]
     theirs = [_diagonal_blocks(obfuscated[a:b], taps, input_blocks) for a, b in blocks]
     spectra = [np.concatenate([np.linalg.eigvalsh(x) for x in side]) for side in ours]
@@ -134,18 +160,30 @@ def _projector_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tu
         if g not in pair and k in free and groups[g][1] - groups[g][0] == blocks[k][1] - blocks[k][0]:
             pair[g] = k
             free.discard(k)
-    weights = rng.standard_normal(len(groups))
+    weights = rng.standard_normal((tries, len(groups)))
     mixing = []
     for h, (a, b) in enumerate(input_blocks):
         if not pair:
             mixing.append(np.eye(b - a))
             continue
-        u = np.linalg.eigh(sum(weights[g] * ours[g][h] for g in pair))[1]
-        v = np.linalg.eigh(sum(weights[g] * theirs[k][h] for g, k in pair.items()))[1]
-        agree = sum((u.T @ ours[g][h] @ u) * (v.T @ theirs[k][h] @ v) for g, k in pair.items())
-        signs = np.sign(np.linalg.eigh(agree)[1][:, -1])
-        signs[signs == 0] = 1.0
-        mixing.append(v @ np.diag(signs) @ u.T)
+        mine = [ours[g][h] for g in pair]
+        seen = [theirs[k][h] for k in pair.values()]
+        best, best_cost = np.eye(b - a), np.inf
+        # Each combination's eigenvectors are as good as its eigenvalues are apart: several are tried, and
+        # the one whose B_h maps every paired group's block best is kept (one alone left the 4th or 9th
+        # pointwise layer of MobileNet, or MiniVGG's fc1, stalled; another did not).
+        for w in weights:
+            u = np.linalg.eigh(sum(c * x for c, x in zip(w[list(pair)], mine, strict=True)))[1]
+            v = np.linalg.eigh(sum(c * x for c, x in zip(w[list(pair)], seen, strict=True)))[1]
+            agree = sum((u.T @ x @ u) * (v.T @ y @ v) for x, y in zip(mine, seen, strict=True))
+            signs = np.sign(np.linalg.eigh(agree)[1][:, -1])
+            signs[signs == 0] = 1.0
+            candidate = v @ np.diag(signs) @ u.T
+            cost = sum(float(np.sum((candidate.T @ y @ candidate - x) ** 2)) for x, y in zip(mine, seen,
+                                                                                            strict=True))
+            if cost < best_cost:
+                best, best_cost = candidate, cost
+        mixing.append(best)
     return mixing
 
 
@@ -174,11 +212,10 @@ def span_estimate(obfuscated: np.ndarray, public: np.ndarray, channels: int,
     n, d = public.shape
     if d % channels:
         return None
-    groups, blocks = _split(n, group_size), output_blocks(obfuscated)
     # Groups of fewer filters than the scheme's min_group hold fakes too: their blocks are larger.
-    if len(blocks) != len(groups) or any(
-            m < g for m, g in zip(sorted(b - a for a, b in blocks), sorted(b - a for a, b in groups),
-                                  strict=True)):
+    groups = _split(n, group_size)
+    blocks = group_blocks(obfuscated, groups)
+    if blocks is None:
         return None
     if not input_blocks and not permuted:
         return _group_fit(obfuscated, public, blocks, groups)  # in the span: never farther than P
@@ -231,8 +268,9 @@ def span_estimate(obfuscated: np.ndarray, public: np.ndarray, channels: int,
             fit = float(np.linalg.norm(estimate - public))
             if fit < best_fit:
                 best, best_fit = estimate, fit
-            # Converged; a step up is the greedy pairing changing its mind on a plateau: go on.
-            if 0 <= previous - fit <= 1e-10 * fit:
+            # Converged (to rounding); a real step up is the greedy pairing changing its mind on a plateau:
+            # go on.
+            if abs(previous - fit) <= 1e-9 * fit:
                 break
             previous = fit
             mixing = refit(estimate, mixing)
@@ -272,7 +310,7 @@ def _permutation_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[
     keeps); then each public channel with the obfuscated one whose numbers over the paired groups are
     nearest."""
     def diagonals(rows: np.ndarray) -> np.ndarray:
-        basis = np.linalg.qr(rows.T)[0].reshape(taps, channels, -1)
+        basis = _span_basis(rows).reshape(taps, channels, -1)
         return np.einsum("tcm,tcm->c", basis, basis)
 
     ours = np.array([diagonals(public[a:b]) for a, b in groups])
@@ -293,9 +331,9 @@ def _permutation_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[
 
 def _starts(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tuple[int, int]],
             groups: list[tuple[int, int]], input_blocks: list[tuple[int, int]], taps: int):
-    """The span attack's first input mixings, tried in turn until a fit passes: the spans' projectors under
-    a random combination (``_projector_start``), ``B = I`` (enough for most 3x3 convolutions), then other
-    combinations (one that left MobileNet's 4th or 9th pointwise layer stalled, another did not)."""
+    """The span attack's first input mixings, tried in turn until a fit passes: the spans' projectors
+    (``_projector_start``), ``B = I`` (enough for most 3x3 convolutions), then the projectors under other
+    random combinations."""
     yield _projector_start(public, obfuscated, blocks, groups, input_blocks, taps, np.random.default_rng(0))
     yield [np.eye(b - a) for a, b in input_blocks]
     for seed in range(1, PROJECTOR_STARTS):

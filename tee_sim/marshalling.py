@@ -4,6 +4,7 @@ context, grown on demand and dropped once a large transfer is done."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,9 @@ class Marshalling:
     """A context's marshalling of parameters, and its bounce buffer (the context's lock held throughout)."""
 
     def __init__(self, context: Context) -> None:
-        self._context = context
+        # Weakly: a context dropped without close() is collected at once, and its finalizer stops the secure
+        # world (a strong reference made a cycle that waited for the garbage collector: a review's).
+        self._context = weakref.ref(context)
         self.bounce: SharedMemory | None = None
 
     def marshal(self, params: Sequence[ClientParam]) -> tuple[tuple[WireParam, ...], list[int], int]:
@@ -45,7 +48,7 @@ class Marshalling:
                 raise api_error(f"a parameter must be a Value, TempMemRef or MemRef, not {kind.__name__}")
         if temps:
             self._ensure_bounce(total)
-        context = self._context
+        context = self._context()
         wire: list[WireParam] = []
         temp_index = bytes_in = 0
         for p in params:
@@ -95,19 +98,24 @@ class Marshalling:
         return bytes_out
 
     def trim_bounce(self) -> None:
-        if self.bounce is not None and self.bounce.size > BOUNCE_KEEP:
-            self.bounce.release()
-            self.bounce = None
+        bounce = self.bounce
+        if bounce is not None and bounce.size > BOUNCE_KEEP:
+            self.bounce = None  # first: a release that fails or is interrupted leaves none behind
+            bounce.release()
 
     def _ensure_bounce(self, total: int) -> None:
-        context, bounce = self._context, self.bounce
+        context, bounce = self._context(), self.bounce
         if bounce is not None and bounce.size >= total:
             if bounce._generation != context._transport.generation:
                 context._register(bounce)
             return
+        # The old one forgotten before it is released and the new one made: either may fail (out of memory
+        # or descriptors, an interrupt), and a released buffer kept here failed every later call that fit
+        # in it (a review's: "mmap closed or invalid").
+        self.bounce = None
         if bounce is not None:
             bounce.release()
         size = max(BOUNCE_MIN, 1 << (total - 1).bit_length())
         self.bounce = SharedMemory(context, context._next_shm, size)
         context._next_shm += 1
-        context._register(self.bounce)
+        context._register(self.bounce)  # refused or interrupted: registered again at its next use

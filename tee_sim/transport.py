@@ -137,8 +137,10 @@ class ProcessTransport:
             resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             made.append(resp_efd)
             log = self._log()
-        except OSError as exc:
+        except BaseException as exc:  # a KeyboardInterrupt too: nothing made is kept
             _close_all(made)
+            if not isinstance(exc, OSError):
+                raise
             raise TEEError(
                 TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
             ) from None
@@ -179,17 +181,29 @@ class ProcessTransport:
                 # decides when it stops).
                 process_group=0,
             )
-        except OSError as exc:
+        except BaseException as exc:
             _close_all([block_fd, req_efd, resp_efd, sock])
+            if not isinstance(exc, OSError):
+                raise
             raise TEEError(
                 TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
             ) from None
         finally:
             child_sock.close()
             os.close(log)
-        self.proc, self.sock = proc, sock
-        self.block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
+        try:
+            block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
+        except BaseException as exc:  # out of memory: the started world goes too
+            proc.kill()
+            proc.wait()
+            _close_all([block_fd, req_efd, resp_efd, sock])
+            if not isinstance(exc, OSError):
+                raise
+            raise TEEError(
+                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
+            ) from None
         os.close(block_fd)
+        self.proc, self.sock, self.block = proc, sock, block
         self.words = memoryview(self.block).cast("Q")
         self.req_efd, self.resp_efd = req_efd, resp_efd
         self.poller = select.poll()

@@ -86,6 +86,22 @@ def test_a_group_of_fewer_filters_than_min_group_holds_fakes_and_is_still_projec
     assert row["best"] == "span" and row["span"]["ratio"] < 0.7, row["span"]
 
 
+def test_a_pruned_filter_leaves_its_group_a_tight_frame_and_the_layer_its_estimate() -> None:
+    """A zero private filter: its group spans 15 dimensions with 16 rows, which are then not orthogonal, and
+    the orthogonal runs no longer find the groups; every group has 16 filters, so they are cut by size (the
+    audit said "nothing learnt" for such a layer: a review's)."""
+    rng = np.random.default_rng(7)
+    public, private = _public_and_private(rng, 64, 9, 16, change=0.1)
+    private[5] = 0.0
+    scheme, obf = _obfuscated("groupmix", private, 9, 16, rng)
+    groups = private_change._split(64, 16)
+    assert len(private_change.output_blocks(obf)) != len(groups)
+    assert private_change.group_blocks(obf, groups) == groups
+    row = private_change.layer_change(obf, private, public, 16, scheme)
+    assert row["best"] == "span" and row["span"]["ratio"] < 0.5, row["span"]
+    assert row["span"]["recovered"] >= 0.8 * 64
+
+
 def test_the_partner_planes_try_several_partners_as_fakes_are_shared() -> None:
     """On a narrow layer (27 inputs per filter) a filter's most collinear other is often another real filter
     that shares its fake (about 5 share each), whose plane does not hold it: with only that partner, the

@@ -544,3 +544,82 @@ def test_shared_memory_that_cannot_be_made_is_the_clients_out_of_memory(tmp_path
     assert caught.value.code == tee_sim.TEE_ERROR_OUT_OF_MEMORY
     assert caught.value.origin == tee_sim.TEEC_ORIGIN_API
     assert "cannot allocate 4096 bytes of shared memory: Too many open files" in str(caught.value)
+
+
+def test_a_failed_start_after_the_world_was_started_stops_it_and_leaks_nothing(tmp_path, monkeypatch):
+    """Out of memory mapping the control block, after the secure world was started: it is stopped, every
+    descriptor closed, and the error is the start's (it was a bare OSError, three descriptors and a running
+    world left behind: a review's)."""
+    import errno
+
+    import tee_sim.transport as transport
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(transport.subprocess, "Popen", popen)
+    monkeypatch.setattr(transport.mmap, "mmap", no_memory)
+    before = _open_fds()
+    with pytest.raises(TEEError) as caught:
+        Context("process", home=tmp_path, timeout=30.0)
+    assert "cannot start the secure world: [Errno 12] Cannot allocate memory" in str(caught.value)
+    assert started and started[0].poll() is not None
+    assert _open_fds() <= before
+
+
+def test_a_bounce_buffer_that_cannot_grow_leaves_the_context_usable(tmp_path, monkeypatch):
+    """Growing the bounce buffer for a large temporary memref fails (out of descriptors): the call fails,
+    and the next ones, which fit, work (the released buffer was kept and failed them all: a review's)."""
+    import errno
+
+    import tee_sim.transport as transport
+
+    with Context("process", home=tmp_path, timeout=30.0) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        small = TempMemRef(size=5, direction="out")
+        s.invoke_command(Cmd.ECHO, [TempMemRef(b"small"), small])
+        real = transport.os.memfd_create
+
+        def out_of_fds(*args):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(transport.os, "memfd_create", out_of_fds)
+        with pytest.raises(TEEError, match="Too many open files"):
+            big = 1 << 20
+            s.invoke_command(Cmd.ECHO, [TempMemRef(b"x" * big), TempMemRef(size=big, direction="out")])
+        monkeypatch.setattr(transport.os, "memfd_create", real)
+        out = TempMemRef(size=5, direction="out")
+        s.invoke_command(Cmd.ECHO, [TempMemRef(b"again"), out])
+        assert out.data == b"again"
+
+
+def test_a_context_dropped_without_close_stops_its_secure_world_at_once(tmp_path):
+    """No cycle through the marshalling keeps a dropped context alive till a garbage collection (its
+    finalizer stops the secure world; a review found the refactor's strong reference delaying it)."""
+    import gc
+
+    gc.disable()
+    try:
+        ctx = Context("process", home=tmp_path, timeout=30.0)
+        with ctx.open_session(TEST_TA_UUID):
+            pid = ctx.secure_world_pid
+        del ctx
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        else:
+            pytest.fail("the secure world of a dropped context still runs")
+    finally:
+        gc.enable()

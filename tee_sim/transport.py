@@ -138,12 +138,7 @@ class ProcessTransport:
             made.append(resp_efd)
             log = self._log()
         except BaseException as exc:  # a KeyboardInterrupt too: nothing made is kept
-            _close_all(made)
-            if not isinstance(exc, OSError):
-                raise
-            raise TEEError(
-                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
-            ) from None
+            raise _start_failed(exc, made) from None
         config = {
             "ctrl": child_sock.fileno(),
             "block": block_fd,
@@ -182,12 +177,7 @@ class ProcessTransport:
                 process_group=0,
             )
         except BaseException as exc:
-            _close_all([block_fd, req_efd, resp_efd, sock])
-            if not isinstance(exc, OSError):
-                raise
-            raise TEEError(
-                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
-            ) from None
+            raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
         finally:
             child_sock.close()
             os.close(log)
@@ -196,12 +186,7 @@ class ProcessTransport:
         except BaseException as exc:  # out of memory: the started world goes too
             proc.kill()
             proc.wait()
-            _close_all([block_fd, req_efd, resp_efd, sock])
-            if not isinstance(exc, OSError):
-                raise
-            raise TEEError(
-                TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}"
-            ) from None
+            raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
         os.close(block_fd)
         self.proc, self.sock, self.block = proc, sock, block
         self.words = memoryview(self.block).cast("Q")
@@ -499,10 +484,15 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _close_all(made: list[Any]) -> None:
-    """Close sockets and file descriptors, each once."""
+def _start_failed(exc: BaseException, made: list[Any]) -> BaseException:
+    """What a failed start raises, once the sockets and descriptors it ``made`` are closed: an OSError (out
+    of descriptors or memory) as the start's TEE_ERROR_COMMUNICATION, anything else (an interrupt) as it
+    is."""
     for item in made:
         if isinstance(item, int):
             os.close(item)
         else:
             item.close()
+    if not isinstance(exc, OSError):
+        return exc
+    return TEEError(TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}")

@@ -95,17 +95,29 @@ def _group_fit(z: np.ndarray, public: np.ndarray, blocks: list[tuple[int, int]],
     kept = np.add.reduceat(coords ** 2, ends[:-1], axis=1)  # [N, blocks]: energy each block holds
     held = np.add.reduceat(kept, [a for a, _ in groups], axis=0)  # [groups, blocks]
     estimate = np.zeros_like(public)
-    free_groups, free_blocks = set(range(len(groups))), set(range(len(blocks)))
-    # Greedily, the pairs that hold the most first: a group's own block holds nearly all of it.
-    for flat in np.argsort(-held, axis=None):
-        g, k = divmod(int(flat), len(blocks))
-        fits = blocks[k][1] - blocks[k][0] >= groups[g][1] - groups[g][0]
-        if g in free_groups and k in free_blocks and fits:
-            free_groups.discard(g)
-            free_blocks.discard(k)
-            (a, b), q = groups[g], bases[k]
-            estimate[a:b] = coords[a:b, ends[k]:ends[k + 1]] @ q.T
+    # The pairs that hold the most first: a group's own block holds nearly all of it.
+    fits = _sizes(blocks)[None, :] >= _sizes(groups)[:, None]
+    for g, k in _pair_greedily(-held, fits).items():
+        (a, b), q = groups[g], bases[k]
+        estimate[a:b] = coords[a:b, ends[k]:ends[k + 1]] @ q.T
     return estimate
+
+
+def _sizes(ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.array([b - a for a, b in ranges])
+
+
+def _pair_greedily(cost: np.ndarray, allowed: np.ndarray | None = None) -> dict[int, int]:
+    """Rows of ``cost`` paired one to one with its columns, the pairs of least cost first (only those
+    ``allowed``, where given): row -> column, in the order they were paired."""
+    pairs: dict[int, int] = {}
+    free = set(range(cost.shape[1]))
+    for flat in np.argsort(cost, axis=None):
+        g, k = divmod(int(flat), cost.shape[1])
+        if g not in pairs and k in free and (allowed is None or allowed[g, k]):
+            pairs[g] = k
+            free.discard(k)
+    return pairs
 
 
 def _diagonal_blocks(rows: np.ndarray, taps: int, input_blocks: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -130,12 +142,7 @@ def _projector_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[tu
     spectra = [np.concatenate([np.linalg.eigvalsh(x) for x in side]) for side in ours]
     seen_spectra = [np.concatenate([np.linalg.eigvalsh(x) for x in side]) for side in theirs]
     distance = np.array([[np.linalg.norm(g - k) for k in seen_spectra] for g in spectra])
-    pair, free = {}, set(range(len(blocks)))
-    for flat in np.argsort(distance, axis=None):
-        g, k = divmod(int(flat), len(blocks))
-        if g not in pair and k in free and groups[g][1] - groups[g][0] == blocks[k][1] - blocks[k][0]:
-            pair[g] = k
-            free.discard(k)
+    pair = _pair_greedily(distance, _sizes(groups)[:, None] == _sizes(blocks)[None, :])
     weights = rng.standard_normal((tries, len(groups)))
     mixing = []
     for h, (a, b) in enumerate(input_blocks):
@@ -292,13 +299,7 @@ def _permutation_start(public: np.ndarray, obfuscated: np.ndarray, blocks: list[
     ours = np.array([diagonals(public[a:b]) for a, b in groups])
     theirs = np.array([diagonals(obfuscated[a:b]) for a, b in blocks])
     distance = np.linalg.norm(np.sort(ours, axis=1)[:, None, :] - np.sort(theirs, axis=1)[None, :, :], axis=2)
-    paired: dict[int, int] = {}
-    free = set(range(len(blocks)))
-    for flat in np.argsort(distance, axis=None):
-        g, k = divmod(int(flat), len(blocks))
-        if k in free and g not in paired:
-            paired[g] = k
-            free.discard(k)
+    paired = _pair_greedily(distance)
     a = ours[list(paired)]
     b = theirs[list(paired.values())]
     # score[i, j] = -|b_i - a_j|^2 up to |a_j|^2, which no choice of i changes

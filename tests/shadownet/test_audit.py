@@ -182,18 +182,23 @@ def _paper_cnn(tf, keras, seed: int) -> bytes:
     return bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert())
 
 
-@pytest.fixture(scope="module")
-def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small CNN (3x3 convs, a depthwise conv, a 1x1 conv, dense layers) protected by the paper's scheme."""
+def write_paper_cnn(path: Path, seed: int = 3) -> Path:
+    """``_paper_cnn`` of ``seed`` written to ``path`` (the test skipped without TensorFlow)."""
     tf = pytest.importorskip("tensorflow")
     import keras
 
+    tf.get_logger().setLevel("ERROR")
+    path.write_bytes(_paper_cnn(tf, keras, seed=seed))
+    return path
+
+
+@pytest.fixture(scope="module")
+def paper_protected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small CNN (3x3 convs, a depthwise conv, a 1x1 conv, dense layers) protected by the paper's scheme."""
     import shadownet
 
-    tf.get_logger().setLevel("ERROR")
     base = tmp_path_factory.mktemp("paper_protected")
-    original = base / "small.tflite"
-    original.write_bytes(_paper_cnn(tf, keras, seed=3))
+    original = write_paper_cnn(base / "small.tflite")
     out = base / "small.protected"
     shadownet.convert(str(original), str(out), scheme="shadownet", seed=5)
     return original, out

@@ -118,16 +118,11 @@ def _changed(model: bytes, change: float, seed: int, skip: int = 0) -> bytes:
 def fine_tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
     """(public, private, private under groupmix, private under the paper's scheme): the private model is the
     public one with all but its first linear layer changed."""
-    tf = pytest.importorskip("tensorflow")
-    import keras
-
     import shadownet
-    from tests.shadownet.test_audit import _paper_cnn
+    from tests.shadownet.test_audit import write_paper_cnn
 
-    tf.get_logger().setLevel("ERROR")
     base = tmp_path_factory.mktemp("fine_tuned")
-    public = base / "public.tflite"
-    public.write_bytes(_paper_cnn(tf, keras, seed=3))
+    public = write_paper_cnn(base / "public.tflite")
     private = base / "private.tflite"
     private.write_bytes(_changed(public.read_bytes(), 0.1, seed=4, skip=1))
     shadownet.convert(str(private), str(base / "groupmix"), seed=5)

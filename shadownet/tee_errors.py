@@ -45,7 +45,10 @@ def translate_tee_error(exc: TEEError, doing: str, step: bool = False) -> Shadow
     if exc.origin == tee_sim.TEEC_ORIGIN_API and exc.code == tee_sim.TEE_ERROR_OUT_OF_MEMORY:
         # The client's own shared memory (out of memory or of file descriptors): not the secure world's.
         return ShadowNetError(f"{doing}: the TEE client said {exc.code_name}: {detail}")
-    return cls(f"{doing}: the secure world said {exc.code_name}: {detail}")
+    # OP-TEE's origins: the secure world (its OS or the trusted app) said it, or the communication stack
+    # between the worlds did - a world that died, hung or would not start cannot say anything itself.
+    speaker = "the communication stack" if exc.origin == tee_sim.TEEC_ORIGIN_COMMS else "the secure world"
+    return cls(f"{doing}: {speaker} said {exc.code_name}: {detail}")
 
 
 @contextmanager

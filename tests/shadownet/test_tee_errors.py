@@ -36,3 +36,17 @@ def test_the_clients_own_shared_memory_failing_is_not_called_the_secure_worlds()
     assert type(error) is ShadowNetError
     assert str(error) == ("loading OUT: the TEE client said TEE_ERROR_OUT_OF_MEMORY: cannot allocate 4096 "
                           "bytes of shared memory: Too many open files")
+
+
+def test_a_dead_or_unstartable_world_is_reported_by_the_communication_stack_not_by_itself():
+    """TEEC_ORIGIN_COMMS: the secure world died, hung or would not start, so it said nothing."""
+    error = translate_tee_error(TEEError(tee_sim.TEE_ERROR_TARGET_DEAD, tee_sim.TEEC_ORIGIN_COMMS,
+                                         "the secure world is not running"), "inference step 3")
+    assert type(error) is TEECommunicationError
+    assert str(error) == ("inference step 3: the communication stack said TEE_ERROR_TARGET_DEAD: the secure "
+                          "world is not running")
+    started = translate_tee_error(TEEError(tee_sim.TEE_ERROR_COMMUNICATION, tee_sim.TEEC_ORIGIN_COMMS,
+                                           "cannot start the secure world: [Errno 24] Too many open files"),
+                                  "loading OUT")
+    assert "the secure world said" not in str(started)
+    assert str(started).startswith("loading OUT: the communication stack said TEE_ERROR_COMMUNICATION: ")

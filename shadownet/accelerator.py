@@ -14,7 +14,7 @@ from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 
 import tee_sim
 from shadownet.artifacts import RoundSpec
-from shadownet.exceptions import ArtifactError
+from shadownet.exceptions import ArtifactError, DelegateError
 from tee_sim.shared_pages import MIN_SHARED_BYTES, PAGE, SharedPages, page_span
 
 
@@ -203,7 +203,12 @@ class LiteRTAccelerator:
         try:
             interpreter = LiteRTInterpreter(model_content=model, num_threads=num_threads,
                                             experimental_delegates=list(delegates) or None)
-        except (ValueError, RuntimeError) as exc:
+        except RuntimeError as exc:
+            if delegates:  # the file passed its hash check and loads without them: the delegate failed
+                raise DelegateError(f"the accelerator delegate could not be applied to untrusted.tflite: "
+                                    f"{exc}") from None
+            raise ArtifactError(f"LiteRT cannot load untrusted.tflite: {exc}") from None
+        except ValueError as exc:
             raise ArtifactError(f"LiteRT cannot load untrusted.tflite: {exc}") from None
         # The wrapper gives subgraph-indexed tensor views (the public tensor() only reaches subgraph 0);
         # they stay valid because nothing is ever resized after the one allocation below.

@@ -39,6 +39,11 @@ class InvokeError(ShadowNetError, RuntimeError):
     ``RuntimeError``, as LiteRT's ``invoke`` raises for the same input. The model stays usable."""
 
 
+class DelegateError(ShadowNetError, RuntimeError):
+    """A LiteRT delegate given for the accelerator could not be applied to its model: a ``RuntimeError``, as
+    LiteRT's ``Interpreter`` raises for it (an app that falls back to the CPU on it works unchanged)."""
+
+
 class InputError(ShadowNetError, ValueError):
     """An inference input has the wrong count, name, shape or dtype (or the zoo was asked for a model or
     training set it does not have)."""

@@ -251,6 +251,54 @@ def test_wrong_delegates_accelerators_and_artifacts_are_refused_clearly(small_cn
         model(*small_cnn.random_inputs())
 
 
+_FAILING_DELEGATE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+typedef struct TfLiteDelegate {  /* LiteRT's C struct, as an external delegate library returns it */
+  void* data_;
+  int (*Prepare)(void* context, struct TfLiteDelegate* delegate);
+  int (*CopyFromBufferHandle)(void*, struct TfLiteDelegate*, int, void*);
+  int (*CopyToBufferHandle)(void*, struct TfLiteDelegate*, int, void*);
+  void (*FreeBufferHandle)(void*, struct TfLiteDelegate*, int*);
+  int64_t flags;
+  void* opaque_delegate_builder;
+} TfLiteDelegate;
+static int prepare(void* context, TfLiteDelegate* delegate) { return 1; }  /* kTfLiteError */
+TfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values, size_t n,
+                                              void (*report)(const char*)) {
+  TfLiteDelegate* d = calloc(1, sizeof *d);
+  d->Prepare = prepare;
+  return d;
+}
+void tflite_plugin_destroy_delegate(TfLiteDelegate* d) { free(d); }
+"""
+
+
+def test_a_delegate_that_fails_to_apply_is_a_runtime_error_as_in_litert(small_cnn, tmp_path):
+    """LiteRT raises RuntimeError when a delegate's Prepare fails, and apps fall back to the CPU on it; the
+    protected model raised an ArtifactError (a ValueError) blaming the artifact (a helper's probe)."""
+    import sysconfig
+
+    from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+    from shadownet.exceptions import DelegateError
+
+    (tmp_path / "fail.c").write_text(_FAILING_DELEGATE)
+    library = tmp_path / "libfail_delegate.so"
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "fail.c")], check=True)
+    with pytest.raises(RuntimeError):  # what an app written for LiteRT expects
+        Interpreter(model_path=str(small_cnn.original), experimental_delegates=[load_delegate(str(library))])
+    with pytest.raises(DelegateError, match="delegate could not be applied to untrusted.tflite") as caught:
+        shadownet.load(small_cnn.out, delegate=str(library))
+    assert isinstance(caught.value, RuntimeError)
+    with pytest.raises(RuntimeError):
+        shadownet.Interpreter(model_path=str(small_cnn.out),
+                              experimental_delegates=[load_delegate(str(library))]).allocate_tensors()
+    with shadownet.load(small_cnn.out) as model:  # the CPU fallback
+        model(*small_cnn.random_inputs())
+
+
 def test_a_model_called_from_inside_its_own_call_says_so_instead_of_waiting_for_itself(small_cnn):
     """An accelerator whose run_round calls back into its model (stats, a call, close) hung for ever on the
     model's lock (a helper's probe); it is a RuntimeError now, and the model goes on working."""

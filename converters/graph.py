@@ -10,6 +10,7 @@ frozensets.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +199,14 @@ class _AlignedBufferT(schema_fb.BufferT):
         if data_offset is not None:
             schema_fb.BufferAddData(builder, data_offset)
         return schema_fb.BufferEnd(builder)
+
+
+def with_static_shapes(graph: Graph) -> Graph:
+    """``graph`` with no tensor's shape signature: the shapes planned with are the only ones LiteRT may use
+    (the TEE program's buffers are fixed; with an open batch's -1 kept, LiteRT's TOPK_V2 left its outputs
+    unallocated until a run, and the trusted app could not bind them: a helper's probe)."""
+    return dataclasses.replace(graph, tensors=[dataclasses.replace(t, shape_signature=None)
+                                               for t in graph.tensors])
 
 
 def write_model(graph: Graph, signatures: Sequence[Signature] | None = None) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters.graph import Graph, Signature, write_model
+from converters.graph import Graph, Signature, with_static_shapes, write_model
 from converters.non_float import carry_across_steps, tee_shape
 from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
@@ -266,7 +266,7 @@ class TeeProgramBuilder(RoundsBuilder):
                 if g.tensors[t].dtype != np.float32:  # carried (non_float) or kept in one run (spans)
                     raise UnsupportedOpError(f"tensor {g.tensors[t].name!r} ({g.tensors[t].dtype}) passes "
                                              "between the TEE's units; only float32 tensors can")
-        self.tee_model = write_model(g, sigs) if sigs else None
+        self.tee_model = write_model(with_static_shapes(g), sigs) if sigs else None
         self.tee_arena_bytes = arena_bytes
         self.step_ops = [[i for u in units if u["kind"] == "litert" for i in u["ops"]]
                          for units in self.units]

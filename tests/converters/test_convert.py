@@ -746,6 +746,26 @@ def test_non_maximum_suppression_of_a_constant_count_runs_in_the_tee(tf, device,
         protect(_nms_model(tf, computed_count=True), tmp_path / "computed", device)
 
 
+def test_top_k_and_sort_of_an_open_batch_run_in_the_tee(tf, device, tmp_path):
+    """TOPK_V2 (``tf.math.top_k``, ``tf.sort``) in a model of open batch converted, then failed at load ("TEE
+    program not understood": the batch's -1 left in the TEE program's shape signatures made LiteRT leave
+    its outputs unallocated until a run; a helper's probe). The TEE program's shapes are static now."""
+    w = tf.constant(np.random.default_rng(2).normal(0, 0.3, (20, 16)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 20), tf.float32)])
+    def model(x):
+        h = tf.matmul(x, w)
+        values, indices = tf.math.top_k(h, 3)
+        return {"values": values, "indices": indices, "sorted": tf.sort(h, direction="DESCENDING")}
+
+    function = model.get_concrete_function()
+    original = tf.lite.TFLiteConverter.from_concrete_functions([function], model).convert()
+    assert any(op.kind == "TOPK_V2" for op in read_model(original).ops)
+    protect(original, tmp_path / "out", device)
+    for want in runs_as_litert(device, tmp_path / "out", original, np.random.default_rng(3), 3, TOLERANCE):
+        assert sorted(w.shape for w in want) == [(1, 3), (1, 3), (1, 16)]
+
+
 def non_float_model(tf) -> bytes:
     """A comparison's bool mask read after the next conv, an argmax's indices that pick channels after it,
     and int64, bool and int8 outputs."""

@@ -9,6 +9,7 @@ multi-subgraph model (``untrusted.tflite`` has one per round).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
@@ -102,7 +103,16 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
     sub = model.subgraphs[index]
     buffers = model.buffers or []
     opcodes = model.operatorCodes or []
-    tensors = [_read_tensor(i, t, buffers, data) for i, t in enumerate(sub.tensors or [])]
+    # A tensor of a type no numpy dtype holds (a TensorFlow list's VARIANT, a variable's RESOURCE) is named
+    # with the first op that touches it, the op being what the user recognises (a helper's LSTM probe).
+    untyped: dict[int, str] = {}
+    tensors = []
+    for i, t in enumerate(sub.tensors or []):
+        if t.type not in NUMPY_DTYPES:
+            untyped[i] = f"tensor {i} {_text(t.name)!r} of type {_TYPE_NAMES.get(t.type, t.type)}"
+            t = copy.copy(t)
+            t.type, t.buffer, t.quantization = schema_fb.TensorType.UINT8, 0, None  # a stand-in until then
+        tensors.append(_read_tensor(i, t, buffers, data))
     n = len(tensors)
 
     def ids(values: Any, what: str, optional: bool = False) -> tuple[int, ...]:
@@ -145,6 +155,10 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
                 f"op {i} {kind} keeps state between inferences in variable tensor {state[0]} "
                 f"{tensors[state[0]].name!r}, which ShadowNet does not carry from one inference to the next "
                 f"(output {out_name})")
+        touched = [t for t in (*inputs, *outputs) if t in untyped]
+        if touched:
+            raise UnsupportedOpError(f"op {i} {kind} (output {out_name}) uses {untyped[touched[0]]}, which "
+                                     "ShadowNet does not support (float, integer and bool tensors only)")
         custom_options = None
         if o.largeCustomOptionsOffset > 1:
             start, size = o.largeCustomOptionsOffset, o.largeCustomOptionsSize
@@ -156,6 +170,8 @@ def _read_subgraph(model: Any, data: Any, index: int, sig: Any) -> Graph:
         options = o.builtinOptions if o.builtinOptions is not None else o.builtinOptions2
         ops.append(Op(kind, inputs, outputs, options, custom_code, custom_options, int(code.version or 1)))
 
+    if untyped:  # no op touches it: a model input or output of that type
+        raise ModelFormatError(f"{next(iter(untyped.values()))}, not supported by ShadowNet")
     graph = Graph(tensors, ops, list(ids(sub.inputs, "subgraph input")),
                   list(ids(sub.outputs, "subgraph output")))
     _check_dataflow(graph)

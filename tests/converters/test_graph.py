@@ -304,6 +304,29 @@ def test_an_op_that_keeps_state_in_a_variable_tensor_is_refused_naming_it():
         read_model(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 
+def test_a_tensor_of_a_type_numpy_has_not_is_refused_naming_the_op_that_uses_it():
+    """A TensorFlow list's VARIANT or a variable's RESOURCE (a Keras LSTM, a model with variables) was
+    refused naming the tensor alone (a helper's probe); the op that uses it is what the user recognises."""
+    graph = Graph()
+    x = graph.add_tensor("x", (1, 2), np.float32)
+    h = graph.add_tensor("lstm/list", (1, 2), np.float32)
+    y = graph.add_tensor("y", (1, 2), np.float32)
+    graph.add_op("RELU", [x], [h])
+    graph.add_op("TANH", [h], [y])
+    graph.inputs, graph.outputs = [x], [y]
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(write_model(graph)))
+    model.subgraphs[0].tensors[h].type = schema_fb.TensorType.VARIANT
+    with pytest.raises(UnsupportedOpError, match=r"^op 0 RELU \(output 'lstm/list'\) uses tensor 1 "
+                                                 r"'lstm/list' of type VARIANT, which ShadowNet does not"):
+        read_model(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    model.subgraphs[0].tensors[h].type = schema_fb.TensorType.FLOAT32
+    unused = schema_fb.TensorT()
+    unused.name, unused.shape, unused.type, unused.buffer = b"handle", [], schema_fb.TensorType.RESOURCE, 0
+    model.subgraphs[0].tensors.append(unused)
+    with pytest.raises(ModelFormatError, match=r"tensor 3 'handle' of type RESOURCE, not supported"):
+        read_model(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
 def test_custom_op_litert_resolves_is_kept():
     graph = read_model(_with_custom_op("TFLite_Detection_PostProcess"))
     op = graph.ops[1]

@@ -5,6 +5,7 @@ it, and what a killed conversion left beside it is removed by the next.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -78,7 +79,8 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
-        if out.exists() and any(out.iterdir()):
+        if force and out.exists() and any(out.iterdir()):
+            check_output(out, force)  # still an earlier conversion: what it held at the start may change
             old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
             os.replace(out, old / "replaced")
             try:
@@ -88,7 +90,17 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)  # onto an empty directory too: one rename
+            # One rename, onto nothing or an empty directory, which the OS refuses onto one that is not empty:
+            # a directory filled during the conversion (by a user, or another conversion to the same name)
+            # is kept, where checking it again before the rename left a moment to replace it in (a helper's
+            # probe: a file written there meanwhile was deleted, and the conversion said it succeeded).
+            try:
+                os.replace(tmp, out)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise ArtifactError(f"output directory {out} was filled while converting: left as it is "
+                                    "(--force, or force=True, replaces an earlier conversion's)") from None
         _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from converters.output_directory import _remove_leftovers, write_artifacts
+from shadownet.exceptions import ArtifactError
 
 
 def _gone_pid() -> int:
@@ -40,3 +43,30 @@ def test_a_write_replaces_its_own_leftovers_and_keeps_a_siblings_work(tmp_path):
     write_artifacts(tmp_path / "out", False, {"manifest.json": b"{}"})
     assert (tmp_path / "out" / "manifest.json").read_bytes() == b"{}"
     assert not leftover.exists() and sibling.exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_directory_filled_while_converting_is_kept_not_replaced(tmp_path, monkeypatch, force):
+    """The output was checked before the work and renamed into place after it: a file written into it
+    meanwhile (by a user, or a second conversion to the same name) was deleted and the conversion said it
+    succeeded (a helper's probe). Without force the rename itself refuses a non-empty directory; with it the
+    check runs again before the earlier conversion is moved aside."""
+    from converters import output_directory
+
+    out = tmp_path / "out"
+    if force:  # an earlier conversion's, which force may replace
+        write_artifacts(out, False, {"manifest.json": b"earlier"})
+    chmod = os.chmod
+
+    def user_writes_meanwhile(path, mode):
+        (out / "precious.txt").parent.mkdir(exist_ok=True)
+        (out / "precious.txt").write_text("mine")
+        chmod(path, mode)
+
+    monkeypatch.setattr(output_directory.os, "chmod", user_writes_meanwhile)
+    with pytest.raises(ArtifactError, match="was filled while converting" if not force else "precious.txt"):
+        write_artifacts(out, force, {"manifest.json": b"{}"})
+    assert (out / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == (["manifest.json", "precious.txt"] if force
+                                                     else ["precious.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left

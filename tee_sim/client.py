@@ -124,8 +124,10 @@ class Context:
     ``transport="process"`` runs the secure world in its own interpreter (one per context; use
     ``default_context()`` to share one per process); ``"inprocess"`` runs it as an object here, for
     fast tests. ``home``: the device's state (default ``$SHADOWNET_HOME`` or ``~/.shadownet``).
-    ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may take
-    before the secure world is declared hung, stopped, and a ``TEEC_ORIGIN_COMMS`` error raised.
+    ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may go
+    unanswered with the secure world not computing (process transport: a world that computes is waited
+    for up to ``transport.BUSY_LIMIT`` times as long) before it is declared hung, stopped, and a
+    ``TEEC_ORIGIN_COMMS`` error raised.
     ``spin_us``: how long the secure world polls for the next request before sleeping;
     ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of
     each window, polled without offering the core to other threads (process transport; defaults

@@ -54,6 +54,7 @@ class Cmd(enum.IntEnum):
     FILL = 16  # value in (byte), memref out: fill the whole buffer
     MARK_ON_CLOSE = 17  # when this session closes, write the persistent object "closed-marker"
     COPY = 18  # memref in -> memref out of the same size: one memcpy inside the TA
+    SPIN = 19  # value in (milliseconds): compute for that long (a slow command, not a hung one)
 
 
 class TestTA(TrustedApp):
@@ -102,6 +103,11 @@ class TestTA(TrustedApp):
             while params[0].a == 0:
                 time.sleep(3600)
             time.sleep(params[0].a / 1000)
+        elif cmd_id == Cmd.SPIN:
+            check_param_types(params, VALUE_IN)
+            end = time.process_time() + params[0].a / 1000  # CPU time: as long on a starved core
+            while time.process_time() < end:
+                pass
         elif cmd_id == Cmd.PANIC:
             check_param_types(params)
             raise RuntimeError("test panic")

@@ -40,6 +40,11 @@ Prepared = Callable[[float], Answer]  # called with the timeout
 
 LOG_FILE = "secure_world.log"
 LOG_MAX = 4 << 20
+# A world that answers nothing for ``timeout`` seconds is hung unless it computed meanwhile: CPU time of at
+# least PROGRESS of the window (a stopped or deadlocked world has none). A fixed wall-clock limit failed
+# legitimate loads on a busy machine (a helper's probe: ResNet-404's LOAD_MODEL took 0.5 s idle, 5.5 s beside
+# 12 busy processes, and was killed at 5). One that computes is waited for up to BUSY_LIMIT timeouts.
+PROGRESS, BUSY_LIMIT = 0.01, 60
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -74,7 +79,8 @@ class ProcessTransport:
 
     A request is written into the control block and announced by bumping its sequence counter; the
     caller spins on the response counter for ``caller_spin_us``, then sleeps on an eventfd until the answer,
-    a hang-up of the control socket (the secure world died) or ``timeout`` (it hung: it is killed).
+    a hang-up of the control socket (the secure world died) or ``timeout`` seconds in which the world did
+    not compute (it hung: it is killed; ``PROGRESS``, ``BUSY_LIMIT``).
     Either failure raises a ``TEEC_ORIGIN_COMMS`` error; the next OpenSession starts a new secure world.
     """
 
@@ -373,18 +379,26 @@ class ProcessTransport:
 
     def _sleep_until(self, seq: int, timeout: float) -> None:
         words = self.words
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline, computed = start + timeout, self._cpu_seconds()
         words[ch.NW_SLEEPING] = 1
         try:
             wait_ms = 1  # see SecureWorld.wait_request: the first short wait covers a lost kick
             while words[ch.RESP_SEQ] != seq:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    now = self._cpu_seconds()
+                    busy = now is not None and computed is not None and now - computed >= PROGRESS * timeout
+                    if busy and time.monotonic() - start < BUSY_LIMIT * timeout:
+                        deadline, computed = time.monotonic() + timeout, now  # slow, not hung: wait on
+                        continue
                     self._dead()
                     raise TEEError(
                         TEE_ERROR_COMMUNICATION,
                         TEEC_ORIGIN_COMMS,
-                        f"the secure world did not answer within {timeout:g} s and was stopped",
+                        f"the secure world computed for {BUSY_LIMIT * timeout:g} s without answering and was "
+                        "stopped" if busy else
+                        f"the secure world did not answer within {timeout:g} s, nor compute, and was stopped",
                     )
                 for fd, _ in self.poller.poll(min(wait_ms, remaining * 1000)):
                     if fd == self.resp_efd:
@@ -404,6 +418,15 @@ class ProcessTransport:
         finally:
             if self.proc is not None:
                 words[ch.NW_SLEEPING] = 0
+
+    def _cpu_seconds(self) -> float | None:
+        """The secure world's CPU time so far (Linux's /proc; None where it cannot be read)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:  # type: ignore[union-attr]
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, AttributeError, IndexError, ValueError):
+            return None
 
     def _exit_status(self) -> str:
         """How the secure world's process ended, reaped (its socket hangs up a moment before it exits)."""

@@ -156,6 +156,31 @@ def test_hang_gives_comms_error_within_timeout(tmp_path):
             slow.invoke_command(Cmd.SLEEP, [Value(1500)], timeout=30.0)
 
 
+def test_a_world_that_computes_past_the_timeout_is_waited_for_and_one_that_only_waits_is_not(tmp_path):
+    """The timeout is for a world that makes no progress: a fixed wall-clock limit killed legitimate loads
+    of a large model on a busy machine (a helper's probe: ResNet-404's took 5.5 s beside 12 busy processes
+    and was stopped at 5). A stopped world is still declared hung within the timeout."""
+    with Context("process", home=tmp_path, timeout=0.5) as ctx:
+        with ctx.open_session(TEST_TA_UUID) as session:
+            start = time.monotonic()
+            session.invoke_command(Cmd.SPIN, [Value(1500)])  # 1.5 s of CPU: three timeouts
+            assert time.monotonic() - start >= 1.5
+            pid = ctx.secure_world_pid
+            threading.Timer(0.3, os.kill, (pid, signal.SIGSTOP)).start()  # stopped while computing
+            start = time.monotonic()
+            with pytest.raises(TEEError, match="did not answer within 0.5 s, nor compute") as err:
+                session.invoke_command(Cmd.SPIN, [Value(60_000)])
+            assert time.monotonic() - start < 0.3 + 2 * 0.5 + SLACK
+            assert (err.value.code, err.value.origin) == (TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS)
+            assert _wait_gone(pid)
+    with Context("process", home=tmp_path, timeout=0.1) as ctx:  # computing for ever: stopped all the same
+        with ctx.open_session(TEST_TA_UUID) as session:
+            start = time.monotonic()
+            with pytest.raises(TEEError, match=r"computed for 6 s without answering"):
+                session.invoke_command(Cmd.SPIN, [Value(600_000)])
+            assert 6.0 <= time.monotonic() - start < 6.0 + SLACK
+
+
 def _run_script(body: str, home, timeout: float = 60.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, SHADOWNET_HOME=str(home))
     return subprocess.run(

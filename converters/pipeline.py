@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_tee
+from converters.secret_random import SecretRandom
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
 from tee_sim.program import round_of, write_program
@@ -215,16 +215,16 @@ def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
                       stacklevel=3)
 
 
-def secret_rng(seed: int | None) -> np.random.Generator:
-    """The generator every secret comes from: seeded with 256 bits from the OS CSPRNG, or (INSECURE,
-    tests only) from ``seed`` with a warning."""
+def secret_rng(seed: int | None) -> SecretRandom:
+    """The generator every secret comes from (``converters.secret_random``): keyed from the OS CSPRNG, or
+    (INSECURE, tests only) from ``seed`` with a warning."""
     if seed is None:
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(256))))
+        return SecretRandom()
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer (or None), not {seed!r}")
     warnings.warn(f"converting with seed={seed}: the secrets are reproducible by anyone who guesses the seed "
                   "(INSECURE, for tests only)", stacklevel=3)
-    return np.random.Generator(np.random.PCG64(seed))
+    return SecretRandom.from_seed(int(seed))
 
 
 def _version() -> str:

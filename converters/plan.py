@@ -23,6 +23,7 @@ from converters.partition import Partition
 from converters.per_inference import describe, locate_weights
 from converters.plan_tee import TeeProgramBuilder
 from converters.schemes import ActivationStats, Scheme
+from converters.secret_random import Random
 from tee_sim.program import PROGRAM_FORMAT
 
 # Ops that multiply by weights: what is not offloaded of these (a grouped convolution of narrow groups, a
@@ -46,7 +47,7 @@ class Plan:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def build(graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
+def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
           stats: dict[int, ActivationStats], one_time_rounds: Sequence[int] = (),
           needs_split: dict[int, bool] | None = None, samples: list[list[np.ndarray]] | None = None) -> Plan:
     """Obfuscate, mask and lay out a partitioned, normalized graph (see the module docstring);

@@ -19,6 +19,7 @@ from converters.graph import Graph, Signature
 from converters.partition import Partition, carries_input
 from converters.plan_numpy import numpy_activation, numpy_form
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, Scheme
+from converters.secret_random import Random
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 # Offloaded weights beyond this magnitude are no trained model's (a damaged file): added masks of the
@@ -81,7 +82,7 @@ class RoundsBuilder:
     accelerator's model), ``pushes`` and ``restores`` per round, and the ops the TEE folds into them
     (``fused`` activations, ``residuals``, ``pads``)."""
 
-    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
+    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                  stats: dict[int, ActivationStats], one_time_rounds: Sequence[int],
                  needs_split: dict[int, bool] | None = None) -> None:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats

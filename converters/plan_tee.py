@@ -25,6 +25,7 @@ from converters.partition import Partition
 from converters.plan_numpy import activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
+from converters.secret_random import Random
 from shadownet.exceptions import UnsupportedOpError
 from tee_sim.program import ALIGN, align, wire_dtype
 
@@ -34,7 +35,7 @@ class TeeProgramBuilder(RoundsBuilder):
     ``arrays``, ``slots``, ``tee_model``, ...) and ``layout`` (``buffers``, ``rounds``,
     ``shared_memory_size``)."""
 
-    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: np.random.Generator,
+    def __init__(self, graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                  stats: dict[int, ActivationStats], one_time_rounds: Sequence[int],
                  needs_split: dict[int, bool] | None = None) -> None:
         super().__init__(graph, part, scheme, rng, stats, one_time_rounds, needs_split)

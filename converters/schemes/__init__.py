@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from converters.secret_random import Random
+
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -143,7 +145,7 @@ class Scheme(Protocol):
         """The parameters that may be written in the (public) manifest."""
         ...
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+    def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         """Hide ``layer``'s weights; every secret comes from ``rng``. ``input_of``: the obfuscation of an
         earlier layer that reads the same tensor in the same round; where ``layer`` can take its input
@@ -153,7 +155,7 @@ class Scheme(Protocol):
         ...
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
-                  rng: np.random.Generator) -> np.ndarray | None:
+                  rng: Random) -> np.ndarray | None:
         """The static float32 mask of ``shape`` for an offloaded input with activation statistics
         ``stats`` on a round without one-time masks; None: that input crosses unmasked."""
         ...

@@ -85,6 +85,7 @@ from typing import Any
 import numpy as np
 
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, flag, number
+from converters.secret_random import Random
 from tee_sim.program import mask_bands
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
@@ -154,14 +155,14 @@ class GroupMixScheme:
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
                 "depthwise": self.depthwise}
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+    def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         if layer.kind == "DEPTHWISE_CONV_2D":
             return self._depthwise(layer, rng)  # its input is not transformed: input_of does not apply
         return self._filters(layer, rng, input_of)
 
     # -- conv / dense ------------------------------------------------------------------------------------
-    def _filters(self, layer: LinearLayer, rng: np.random.Generator,
+    def _filters(self, layer: LinearLayer, rng: Random,
                  input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         w = np.asarray(layer.weights, np.float64)
         n = w.shape[0]
@@ -209,7 +210,7 @@ class GroupMixScheme:
             return None
         return split_groups(channels, self.input_group)
 
-    def _mix_inputs(self, w: np.ndarray, rng: np.random.Generator,
+    def _mix_inputs(self, w: np.ndarray, rng: Random,
                     input_of: ObfuscatedLinear | None = None) -> tuple[np.ndarray, ...]:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
         input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing), that of
@@ -251,7 +252,7 @@ class GroupMixScheme:
             moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block.astype(np.float64))
         return moved, None, index, coef
 
-    def _basis(self, b: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
+    def _basis(self, b: np.ndarray, d: int, rng: Random) -> np.ndarray:
         """``Q0``: an orthonormal basis ``[r, D]`` of the group's span, topped up with random orthogonal
         directions to ``min_group`` (at most ``D``)."""
         basis = span_basis(b)
@@ -261,7 +262,7 @@ class GroupMixScheme:
         return basis
 
     def _mix(self, b: np.ndarray, basis: np.ndarray, coords: np.ndarray, layer_norm: float,
-             rng: np.random.Generator) -> np.ndarray:
+             rng: Random) -> np.ndarray:
         """One group's obfuscated filters (float32 rows): ``S O[:, :r] Q0`` as in the module docstring;
         ``coords`` ``[r, N]``: every real filter of the layer (unit norm) in the basis."""
         r, m = len(basis), max(len(b), len(basis))
@@ -281,7 +282,7 @@ class GroupMixScheme:
         return (rows * scales[:, None]).astype(np.float32)
 
     # -- depthwise ---------------------------------------------------------------------------------------
-    def _depthwise(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def _depthwise(self, layer: LinearLayer, rng: Random) -> ObfuscatedLinear:
         k = np.asarray(layer.weights, np.float64)
         mult = int(layer.depth_multiplier)
         cm = k.shape[-1]
@@ -318,7 +319,7 @@ class GroupMixScheme:
                                 None if common is None else np.asarray(common, np.float64))
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
-                  rng: np.random.Generator) -> np.ndarray | None:
+                  rng: Random) -> np.ndarray | None:
         # As mask_distribution, at static_mask_scale; None: the round goes unmasked.
         if self.static_mask_scale == 0:
             return None
@@ -348,7 +349,7 @@ def span_basis(b: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     return (q @ u[:, :keep]).T
 
 
-def orthogonal_directions(basis: np.ndarray, count: int, d: int, rng: np.random.Generator) -> np.ndarray:
+def orthogonal_directions(basis: np.ndarray, count: int, d: int, rng: Random) -> np.ndarray:
     """``count`` random orthonormal directions orthogonal to the rows of ``basis``."""
     g = rng.standard_normal((count, d))
     if len(basis):
@@ -362,7 +363,7 @@ def orthogonal_directions(basis: np.ndarray, count: int, d: int, rng: np.random.
     return q
 
 
-def haar_orthogonal(m: int, rng: np.random.Generator) -> np.ndarray:
+def haar_orthogonal(m: int, rng: Random) -> np.ndarray:
     """A uniformly random (Haar) orthogonal ``[m, m]`` matrix."""
     q, r = np.linalg.qr(rng.standard_normal((m, m)))
     return q * np.where(np.diag(r) < 0, -1.0, 1.0)

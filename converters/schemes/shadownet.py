@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, flag, number
+from converters.secret_random import Random
 
 # Fakes this many times the real weights' RMS or more cost the restore's cancellation precision: about
 # 4e-7 relative per unit of the ratio (a probe's single conv: weights at 1e-3 of the fakes, 3.6e-4; at 0.1,
@@ -63,13 +64,13 @@ class ShadowNetScheme:
         # The authors' int(N * ratio) gives no fake at all below 5 filters; one fake is the minimum.
         return max(1, int(n * self.obf_ratio + 1e-9) - n)
 
-    def obfuscate(self, layer: LinearLayer, rng: np.random.Generator,
+    def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         if layer.kind == "DEPTHWISE_CONV_2D":
             return self._depthwise(layer, rng, input_of)
         return self._filters(layer, rng)  # its input is not transformed: input_of does not apply
 
-    def _filters(self, layer: LinearLayer, rng: np.random.Generator) -> ObfuscatedLinear:
+    def _filters(self, layer: LinearLayer, rng: Random) -> ObfuscatedLinear:
         w = np.asarray(layer.weights, np.float64)
         rms = math.sqrt(float(np.mean(w * w))) if w.size else 0.0
         if 0 < rms * FAKE_DOMINANCE <= self.fake_std:
@@ -98,7 +99,7 @@ class ShadowNetScheme:
         coef = np.stack([scales, np.ones(n, np.float32)])
         return ObfuscatedLinear(np.ascontiguousarray(channels[order]), None, index, coef)
 
-    def _depthwise(self, layer: LinearLayer, rng: np.random.Generator,
+    def _depthwise(self, layer: LinearLayer, rng: Random,
                    input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
         k = np.asarray(layer.weights, np.float64)
         mult = int(layer.depth_multiplier)
@@ -125,7 +126,7 @@ class ShadowNetScheme:
                                 -stats.mean if self.center_masks else np.zeros_like(stats.mean))
 
     def push_mask(self, shape: tuple[int, ...], stats: ActivationStats,
-                  rng: np.random.Generator) -> np.ndarray:
+                  rng: Random) -> np.ndarray:
         noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(self.mask_scale * stats.std)
         if self.center_masks:
             noise -= stats.mean.astype(np.float32)

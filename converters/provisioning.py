@@ -87,14 +87,14 @@ def provision(program: bytes, device: Any = None, device_key: str | None = None)
     persistent provisioning key; the target device opens it at LOAD_MODEL.
     """
     from tee_sim import TEEError
-    from tee_sim.attestation import encrypt_to_report, verify_report
+    from tee_sim.attestation import PROVISIONING_KEY, encrypt_to_report, verify_report
     from tee_sim.ta_shadownet_commands import PROVISIONED, SECRETS_AAD, SECRETS_MAGIC
 
     try:
         if device is not None and not hasattr(device, "open_session"):
             identity = device_file(device, device_key)
             report = verify_report(identity.report, identity.attestation_public_key, _expected_measurement(),
-                                   None)
+                                   None, PROVISIONING_KEY)
             return SECRETS_MAGIC + PROVISIONED + encrypt_to_report(report, program, SECRETS_AAD)
         return _provision_local(program, device)
     except TEEError as exc:
@@ -103,7 +103,7 @@ def provision(program: bytes, device: Any = None, device_key: str | None = None)
 
 def _provision_local(program: bytes, context: Any) -> bytes:
     from tee_sim import TempMemRef, default_context
-    from tee_sim.attestation import device_identity, encrypt_to_report, verify_report
+    from tee_sim.attestation import ONE_TIME_KEY, device_identity, encrypt_to_report, verify_report
     from tee_sim.ta_shadownet_commands import SECRETS_AAD, Command
 
     context = context or default_context()
@@ -114,7 +114,7 @@ def _provision_local(program: bytes, context: Any) -> bytes:
     with context.open_session(ta_uuid()) as session:
         out = session.invoke_command(Command.GET_REPORT,
                                      [TempMemRef(nonce), TempMemRef(size=4096, direction="out")])
-        report = verify_report(out[1].data, pinned, _expected_measurement(), nonce)
+        report = verify_report(out[1].data, pinned, _expected_measurement(), nonce, ONE_TIME_KEY)
         envelope = encrypt_to_report(report, program, SECRETS_AAD)
         sealed = TempMemRef(size=len(envelope) + 4096, direction="out")
         session.invoke_command(Command.PROVISION, [TempMemRef(envelope), sealed])

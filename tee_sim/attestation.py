@@ -29,10 +29,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tee_sim.errors import TEE_ERROR_SECURITY, TEEC_ORIGIN_API, TEEC_ORIGIN_TEE, TEEError
 
-REPORT_FORMAT = "tee_sim-report-1"
-DEVICE_FILE_FORMAT = "tee_sim-device-1"
+REPORT_FORMAT = "tee_sim-report-2"
+DEVICE_FILE_FORMAT = "tee_sim-device-2"
+# What a report's key is for, signed with it: an identity file must carry the TA's persistent provisioning
+# key, or a report on a one-time key (GET_REPORT, for any nonce) put in its place has the vendor encrypt
+# to a key the device forgets - artifacts that never load, blamed on "another device" (a helper's review).
+ONE_TIME_KEY, PROVISIONING_KEY = "one-time", "provisioning"
 MAX_NONCE = 64
-_REPORT_DOMAIN = b"tee_sim attestation report v1\x00"
+_REPORT_DOMAIN = b"tee_sim attestation report v2\x00"
 _MEASURE_DOMAIN = b"tee_sim measurement v1\x00"
 _ENVELOPE_MAGIC = b"TSP1"
 _ENVELOPE_INFO = b"tee_sim provisioning v1\x00"
@@ -64,16 +68,20 @@ def measurement_of(ta: str | type) -> bytes:
 
 @dataclass(frozen=True)
 class Report:
-    """A signed statement: "the TA with ``measurement`` holds the private key of ``public_key``"."""
+    """A signed statement: "the TA with ``measurement`` holds the private key of ``public_key``, a key for
+    ``key_use``"."""
 
     measurement: bytes  # 32 bytes
     nonce: bytes  # the verifier's challenge, 1..64 bytes
     public_key: bytes  # raw X25519 public key, 32 bytes
+    key_use: str  # ONE_TIME_KEY or PROVISIONING_KEY
     signature: bytes  # Ed25519 over signed_message(), 64 bytes
 
     def signed_message(self) -> bytes:
         return (
             _REPORT_DOMAIN
+            + self.key_use.encode()
+            + b"\x00"
             + self.measurement
             + struct.pack("<H", len(self.nonce))
             + self.nonce
@@ -86,6 +94,7 @@ class Report:
             "measurement": self.measurement.hex(),
             "nonce": self.nonce.hex(),
             "public_key": self.public_key.hex(),
+            "key_use": self.key_use,
             "signature": self.signature.hex(),
         }
 
@@ -101,9 +110,12 @@ class Report:
             fields = json.loads(report) if isinstance(report, bytes | str) else report
             if fields.get("format") != REPORT_FORMAT:
                 raise ValueError("format")
-            parsed = cls(
-                *(bytes.fromhex(fields[k]) for k in ("measurement", "nonce", "public_key", "signature"))
+            measurement, nonce, public_key, signature = (
+                bytes.fromhex(fields[k]) for k in ("measurement", "nonce", "public_key", "signature")
             )
+            if fields["key_use"] not in (ONE_TIME_KEY, PROVISIONING_KEY):
+                raise ValueError("key_use")
+            parsed = cls(measurement, nonce, public_key, fields["key_use"], signature)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "malformed attestation report") from None
         if (len(parsed.measurement), len(parsed.public_key), len(parsed.signature)) != (
@@ -116,13 +128,13 @@ class Report:
 
 
 def sign_report(
-    signing_key: Ed25519PrivateKey, measurement: bytes, nonce: bytes, public_key: bytes
+    signing_key: Ed25519PrivateKey, measurement: bytes, nonce: bytes, public_key: bytes, key_use: str
 ) -> Report:
     """Device side: sign a report (called inside the secure world only)."""
     if not 1 <= len(nonce) <= MAX_NONCE:
         raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, f"nonce must be 1..{MAX_NONCE} bytes")
-    unsigned = Report(measurement, bytes(nonce), public_key, b"")
-    return Report(measurement, bytes(nonce), public_key, signing_key.sign(unsigned.signed_message()))
+    unsigned = Report(measurement, bytes(nonce), public_key, key_use, b"")
+    return Report(measurement, bytes(nonce), public_key, key_use, signing_key.sign(unsigned.signed_message()))
 
 
 def _public_key_bytes(key: Ed25519PublicKey | bytes | str) -> bytes:
@@ -138,12 +150,15 @@ def verify_report(
     pinned_public_key: Ed25519PublicKey | bytes | str,
     expected_measurement: bytes | str,
     nonce: bytes | None,
+    key_use: str,
 ) -> Report:
     """Vendor side: check a report's signature against a device key (pinned, or an identity file's own),
-    its measurement and nonce.
+    its measurement, nonce and key use.
 
     ``nonce`` is the challenge the verifier sent; ``None`` skips the freshness check, which is only
-    right for a device identity file (its key is long-lived, there was no challenge). Returns the
+    right for a device identity file (its key is long-lived, there was no challenge). ``key_use``: what
+    the verifier will encrypt to - ``ONE_TIME_KEY`` right after its challenge, ``PROVISIONING_KEY`` from an
+    identity file, whose key must outlive the secure world that made the report. Returns the
     parsed ``Report``; raises ``TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API)`` naming the failed check.
     """
     parsed = Report.parse(report)
@@ -168,6 +183,11 @@ def verify_report(
     if nonce is not None and parsed.nonce != nonce:
         raise TEEError(
             TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "attestation report: nonce mismatch (stale or replayed)"
+        )
+    if parsed.key_use != key_use:
+        raise TEEError(
+            TEE_ERROR_SECURITY, TEEC_ORIGIN_API,
+            f"attestation report: its key is a {parsed.key_use} key, not the {key_use} key asked for"
         )
     return parsed
 
@@ -277,7 +297,7 @@ def device_identity(context: Any = None, ta_uuid: uuid.UUID | None = None) -> De
     public_key = bytes.fromhex(fields["attestation_public_key"])
     report = Report.parse(fields["report"])
     # Catch a mismatch between this code and the secure world's here, not at the vendor's.
-    verify_report(report, public_key, measurement_of(trusted_apps()[ta_uuid]), nonce)
+    verify_report(report, public_key, measurement_of(trusted_apps()[ta_uuid]), nonce, PROVISIONING_KEY)
     return DeviceIdentity(public_key, ta_uuid, report)
 
 
@@ -315,4 +335,4 @@ def verify_device_file(
     ):
         raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, "device identity file: not the pinned device key")
     pinned = identity.attestation_public_key if pinned_public_key is None else pinned_public_key
-    return verify_report(identity.report, pinned, expected_measurement, nonce=None)
+    return verify_report(identity.report, pinned, expected_measurement, None, PROVISIONING_KEY)

@@ -176,12 +176,13 @@ class TEEServices:
         self._ephemeral[public] = key
         while len(self._ephemeral) > MAX_EPHEMERAL_KEYS:
             self._ephemeral.popitem(last=False)
-        return self._sign(nonce, public)
+        return self._sign(nonce, public, attestation.ONE_TIME_KEY)
 
     def provisioning_report(self, nonce: bytes) -> attestation.Report:
         """A report on this TA's persistent provisioning key (kept sealed in its storage)."""
         key = self._provisioning_key()
-        return self._sign(nonce, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return self._sign(nonce, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+                          attestation.PROVISIONING_KEY)
 
     def open_provisioned(self, envelope: bytes, aad: bytes = b"") -> bytes:
         """Decrypt an envelope sent to one of this TA's reports; ``TEE_ERROR_SECURITY`` otherwise."""
@@ -197,9 +198,9 @@ class TEEServices:
             key = persistent
         return attestation.open_envelope(key, envelope, aad)
 
-    def _sign(self, nonce: bytes, public: bytes) -> attestation.Report:
+    def _sign(self, nonce: bytes, public: bytes, key_use: str) -> attestation.Report:
         return attestation.sign_report(
-            self._os.keys.attestation_key, self._os.measurement(self._ta_class), bytes(nonce), public
+            self._os.keys.attestation_key, self._os.measurement(self._ta_class), bytes(nonce), public, key_use
         )
 
     def _provisioning_key(self) -> X25519PrivateKey:

@@ -14,6 +14,8 @@ import pytest
 from shadownet.device import export_identity
 from tee_sim import TEE_ERROR_SECURITY, TEEC_ORIGIN_API, Context, TEEError, TempMemRef
 from tee_sim.attestation import (
+    ONE_TIME_KEY,
+    PROVISIONING_KEY,
     Report,
     device_identity,
     encrypt_to_report,
@@ -64,8 +66,9 @@ def test_valid_report_verifies(device):
     session, device_key = device
     nonce = os.urandom(16)
     report = _report(session, nonce)
-    assert verify_report(report, device_key, TestTA.measurement(), nonce) == report
-    assert verify_report(report.to_bytes(), device_key.hex(), TestTA.measurement().hex(), nonce) == report
+    assert verify_report(report, device_key, TestTA.measurement(), nonce, ONE_TIME_KEY) == report
+    assert verify_report(report.to_bytes(), device_key.hex(), TestTA.measurement().hex(), nonce,
+                         ONE_TIME_KEY) == report
     assert measurement_of("tee_sim.testing_ta:TestTA") == TestTA.measurement()
 
 
@@ -76,42 +79,50 @@ def test_forged_signature_rejected(device, tmp_path):
     for i in (0, 31, 63):
         sig = bytearray(report.signature)
         sig[i] ^= 1
-        forged = Report(report.measurement, report.nonce, report.public_key, bytes(sig))
-        assert "signature" in _rejected(verify_report, forged, device_key, TestTA.measurement(), nonce)
+        forged = Report(report.measurement, report.nonce, report.public_key, report.key_use, bytes(sig))
+        assert "signature" in _rejected(verify_report, forged, device_key, TestTA.measurement(), nonce,
+                                        ONE_TIME_KEY)
     # Swapping in another key (to read the secret ourselves) breaks the signature too.
-    swapped = Report(report.measurement, report.nonce, os.urandom(32), report.signature)
-    _rejected(verify_report, swapped, device_key, TestTA.measurement(), nonce)
+    swapped = Report(report.measurement, report.nonce, os.urandom(32), report.key_use, report.signature)
+    _rejected(verify_report, swapped, device_key, TestTA.measurement(), nonce, ONE_TIME_KEY)
+    # Relabelled as the persistent provisioning key (for an identity file): the signature covers the use.
+    relabelled = Report(report.measurement, report.nonce, report.public_key, PROVISIONING_KEY,
+                        report.signature)
+    assert "signature" in _rejected(verify_report, relabelled, device_key, TestTA.measurement(), nonce,
+                                    PROVISIONING_KEY)
     # A genuine report of another device is not one of the pinned device.
     with Context("inprocess", home=tmp_path / "other") as other, other.open_session(TEST_TA_UUID) as s:
         foreign = _report(s, nonce)
-    _rejected(verify_report, foreign, device_key, TestTA.measurement(), nonce)
+    _rejected(verify_report, foreign, device_key, TestTA.measurement(), nonce, ONE_TIME_KEY)
 
 
 def test_wrong_measurement_rejected(device, context):
     session, device_key = device
     nonce = os.urandom(16)
     report = _report(session, nonce)
-    assert "measurement" in _rejected(verify_report, report, device_key, OtherTestTA.measurement(), nonce)
+    assert "measurement" in _rejected(verify_report, report, device_key, OtherTestTA.measurement(), nonce,
+                                      ONE_TIME_KEY)
     with context.open_session(OTHER_TEST_TA_UUID) as other:
-        _rejected(verify_report, _report(other, nonce), device_key, TestTA.measurement(), nonce)
+        _rejected(verify_report, _report(other, nonce), device_key, TestTA.measurement(), nonce, ONE_TIME_KEY)
 
 
 def test_replayed_nonce_rejected(device):
     session, device_key = device
     old = _report(session, b"yesterday's challenge")
-    assert "nonce" in _rejected(verify_report, old, device_key, TestTA.measurement(), b"today's challenge")
+    assert "nonce" in _rejected(verify_report, old, device_key, TestTA.measurement(), b"today's challenge",
+                                ONE_TIME_KEY)
 
 
 def test_malformed_reports_rejected(device):
     _, device_key = device
-    for junk in (b"", b"{}", b"not json", json.dumps({"format": "tee_sim-report-1"}).encode(), 42):
-        _rejected(verify_report, junk, device_key, TestTA.measurement(), b"n")
+    for junk in (b"", b"{}", b"not json", json.dumps({"format": "tee_sim-report-2"}).encode(), 42):
+        _rejected(verify_report, junk, device_key, TestTA.measurement(), b"n", ONE_TIME_KEY)
 
 
 def test_provisioned_secret_round_trips_into_the_ta(device, context):
     session, device_key = device
     nonce = os.urandom(16)
-    report = verify_report(_report(session, nonce), device_key, TestTA.measurement(), nonce)
+    report = verify_report(_report(session, nonce), device_key, TestTA.measurement(), nonce, ONE_TIME_KEY)
     secret = os.urandom(64)
     envelope = encrypt_to_report(report, secret, AAD)
     assert secret not in envelope
@@ -154,6 +165,14 @@ def test_device_file_for_a_remote_device(tmp_path):
     verify_device_file(path, TestTA.measurement(), pinned_public_key=identity.attestation_public_key)
     _rejected(verify_device_file, path, TestTA.measurement(), os.urandom(32))
     _rejected(verify_device_file, path, OtherTestTA.measurement())
+    # A genuine report on a one-time key (GET_REPORT answers any nonce) in the file's place: refused, as the
+    # vendor would encrypt to a key the device forgets (a helper's review: artifacts that never loaded).
+    fields = json.loads(path.read_text())
+    with Context("process", home=home) as ctx, ctx.open_session(TEST_TA_UUID) as s:
+        fields["report"] = _report(s, os.urandom(16)).to_json()
+    (tmp_path / "one_time.json").write_text(json.dumps(fields))
+    assert "one-time key, not the provisioning key" in _rejected(
+        verify_device_file, tmp_path / "one_time.json", TestTA.measurement(), identity.attestation_public_key)
     secret = os.urandom(48)
     envelope = encrypt_to_report(report, secret, AAD)
     # The provisioning key persisted (sealed): a new secure world opens it; a second export reuses the key.
@@ -170,7 +189,7 @@ def test_device_file_for_a_remote_device(tmp_path):
 DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError in json: an internal error
 
 
-@pytest.mark.parametrize("text", [DEEP, '{"format": "tee_sim-device-1", "report": ' + DEEP + "}", "{}",
+@pytest.mark.parametrize("text", [DEEP, '{"format": "tee_sim-device-2", "report": ' + DEEP + "}", "{}",
                                   "not json"])
 def test_a_file_that_is_no_device_identity_is_refused_as_such(text, tmp_path):
     path = tmp_path / "device.json"
@@ -185,8 +204,9 @@ def test_export_identity_writes_the_file(tmp_path):
     with Context("inprocess", home=tmp_path / "home") as ctx:
         export_identity(path, context=ctx, ta_uuid=TEST_TA_UUID)
     fields = json.loads(path.read_text())
-    assert fields["format"] == "tee_sim-device-1" and fields["trusted_app"] == str(TEST_TA_UUID)
-    assert set(fields["report"]) == {"format", "measurement", "nonce", "public_key", "signature"}
+    assert fields["format"] == "tee_sim-device-2" and fields["trusted_app"] == str(TEST_TA_UUID)
+    assert set(fields["report"]) == {"format", "measurement", "nonce", "public_key", "key_use", "signature"}
+    assert fields["report"]["key_use"] == PROVISIONING_KEY
 
 
 def test_device_export_cli_writes_what_a_vendor_verifies(tmp_path):
@@ -268,7 +288,7 @@ def test_provisioned_secret_never_in_normal_world_memory(tmp_path):
 
 
 def test_report_with_a_low_order_key_cannot_be_encrypted_to():
-    report = Report(bytes(32), b"n", bytes(32), bytes(64))  # the all-zero point: no shared secret
+    report = Report(bytes(32), b"n", bytes(32), ONE_TIME_KEY, bytes(64))  # the all-zero point: no secret
     with pytest.raises(TEEError) as err:
         encrypt_to_report(report, b"secret")
     assert err.value.code == TEE_ERROR_SECURITY

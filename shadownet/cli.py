@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # TensorFlow's C++ logging reads this at import time; the CLI never wants it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -274,15 +276,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "device_key", None) and not args.device:
         command.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
+    terminated: list[int] = []
+    previous = _on_terminate(terminated)
     try:
         silence_litert_info()
         func(args)
     except KeyboardInterrupt:
-        print("shadownet: interrupted", file=sys.stderr)
-        return 130
+        print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
         return _report(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _on_terminate(terminated: list[int]) -> Any:
+    """SIGTERM (``kill``, a service manager) as Ctrl-C: the same clean-up (no half-written output, no
+    temporary directories; a helper's probe found both left by SIGTERM), then "terminated", exit 143.
+    Returns the handler it replaced (None off the main thread, where Python cannot set one)."""
+    def handler(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _report(exc: Exception) -> int:
@@ -290,6 +310,9 @@ def _report(exc: Exception) -> int:
     from shadownet.exceptions import ShadowNetError
     from tee_sim.errors import TEEC_ORIGIN_API, TEEError  # the secure world's own answer (e.g. its storage)
 
+    if isinstance(exc, MemoryError):  # the user's machine, not a bug of ours
+        print(f"shadownet: error: out of memory{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
+        return 1
     if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
         message = str(exc) or type(exc).__name__
         if isinstance(exc, TEEError) and exc.origin == TEEC_ORIGIN_API and exc.message:

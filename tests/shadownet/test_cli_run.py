@@ -324,3 +324,14 @@ def test_an_internal_error_exits_3_in_one_line_and_a_traceback_only_when_debuggi
     assert last.startswith("shadownet: internal error (RuntimeError: boom)"), err
     if debug != "1":
         assert err.count("\n") == 1 and last.endswith("set SHADOWNET_DEBUG=1 for a traceback"), err
+
+
+def test_running_out_of_memory_is_the_users_error_not_an_internal_one(capsys):
+    """``ulimit -v`` too small: a MemoryError was reported as an internal error (exit 3, "a bug to report";
+    a helper's probe)."""
+    from shadownet.cli import _report
+
+    assert _report(MemoryError()) == 1
+    assert capsys.readouterr().err == "shadownet: error: out of memory\n"
+    assert _report(MemoryError("cannot allocate 3 GiB")) == 1
+    assert capsys.readouterr().err == "shadownet: error: out of memory (cannot allocate 3 GiB)\n"

@@ -450,8 +450,10 @@ def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
+    """Killed: never half a directory. Interrupted (Ctrl-C) or terminated (SIGTERM, which left a half-written
+    temporary directory before: a helper's probe): one line, exit 130 / 143, nothing left behind."""
     model = tmp_path / "model.tflite"
     model.write_bytes(small.original)
     command = [sys.executable, "-m", "shadownet", "convert", str(model), "-o", str(tmp_path / "out"),
@@ -467,12 +469,36 @@ def test_cli_convert_interrupted_at_random_times(small, tmp_path, sig):
         time.sleep(rng.uniform(0.3, 1.0) * duration)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
-        if sig == signal.SIGINT and proc.returncode not in (0, -signal.SIGINT):
-            # (-SIGINT: it came while the interpreter was shutting down, its handler already gone)
-            assert proc.returncode == 130 and err.strip().splitlines()[-1] == "shadownet: interrupted", err
+        if sig != signal.SIGKILL and proc.returncode not in (0, -sig):
+            # (-sig: it came before the CLI set its handler, or while the interpreter was shutting down)
+            said = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}[sig]
+            assert (proc.returncode, err.strip().splitlines()[-1]) == (said[0], f"shadownet: {said[1]}"), err
         _check_no_half_directory(small, out)
-        if sig == signal.SIGINT:
+        if sig != signal.SIGKILL:
             assert not list(tmp_path.glob(f".{out.name}.*"))  # an interrupted run cleans up after itself
+
+
+def test_cli_convert_terminated_while_writing_cleans_up_and_says_so(small, tmp_path):
+    """SIGTERM (``kill``, a service manager) while the artifacts are written: the process died at once and
+    left a half-written temporary directory beside the output (a helper's probe); now as Ctrl-C - the
+    temporary directory removed, one line, exit 143."""
+    model = tmp_path / "model.tflite"
+    model.write_bytes(small.original)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from converters import output_directory
+        from shadownet.cli import main
+
+        def fsync(fd):  # the signal arrives while the first file is being written
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        output_directory.os.fsync = fsync
+        sys.exit(main(["convert", {str(model)!r}, "-o", {str(tmp_path / "out")!r}, "--seed", "{SEED}"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (143, "shadownet: terminated"), \
+        result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.tflite"]  # no output, no temporary one
 
 
 def test_a_child_forked_while_a_load_lists_the_open_models_loads_its_own(small):

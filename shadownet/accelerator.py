@@ -28,13 +28,14 @@ class Accelerator(Protocol):
 
     - ``bind(buffers)``: the zero-copy float32 views of every shared-memory buffer of the manifest, by name
       (``input/i``, ``output/i``, ``round_r/in/<name>``, ``round_r/out/<name>``; shapes as in
-      ``manifest.json``). Called once at load, and again if the secure world restarted and the memory had
-      to be registered anew; later calls use the new views. Rounds reuse the memory, so a round's buffers
-      hold its values only while it runs (copy what you keep): in the manifest's layout a round's inputs
-      and outputs share memory too (two banks, by round parity), so read a round's inputs before writing
-      its outputs. An accelerator may also offer ``page_offsets()`` (see ``LiteRTAccelerator``): the
-      runtime then places the buffers where their pages can be the accelerator's own tensors, every
-      round's inputs in one region and its outputs in another (``shadownet.artifacts.place_buffers``).
+      ``manifest.json``). Called once at load, and again whenever the memory is registered anew (the secure
+      world restarted; with ``num_threads`` > 1, the thread trial of the first 20 inferences moving rounds
+      between thread counts); later calls use the new views. Rounds reuse the memory, so a round's buffers
+      hold its values only while it runs (copy what you keep): in the manifest's layout a round's inputs and
+      outputs share memory too (two banks, by round parity), so read a round's inputs before writing its
+      outputs. An accelerator may also offer ``page_offsets()`` (see ``LiteRTAccelerator``): the runtime then
+      places the buffers where their pages can be the accelerator's own tensors, every round's inputs in one
+      region and its outputs in another (``shadownet.artifacts.place_buffers``).
     - ``run_round(r)`` (1 <= r <= R, in order, once per inference; on a verified model not for the
       rounds in ``ProtectedModel.skipped_rounds``, whose results the TEE computes itself): run signature
       ``round_r`` of ``untrusted.tflite`` - the obfuscated linear ops, no bias, no activation - on the buffers

@@ -35,9 +35,9 @@ __all__ = ["convert", "load", "ProtectedModel", "Interpreter", "SignatureRunner"
 
 def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | None = None, **kw: Any) -> Any:
     """Protect ``model`` (a float ``.tflite`` path or bytes, a Keras file or a SavedModel directory) into the
-    artifact directory ``out_dir``. ``seed`` is INSECURE (reproducible secrets, for tests only). Other
-    keywords (``mask_rounds``, ``calibration``, ``device``, ``force``, ``signature``) go to
-    ``converters.convert``."""
+    artifact directory ``out_dir`` and return its manifest (a dict). ``seed`` is INSECURE (reproducible
+    secrets, for tests only). Other keywords (``mask_rounds``, ``calibration``, ``device``, ``device_key``,
+    ``force``, ``signature``) go to ``converters.convert``."""
     from converters import convert as _convert
 
     return _convert(model, out_dir, scheme=scheme, seed=seed, **kw)

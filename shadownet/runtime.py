@@ -442,24 +442,24 @@ class ProtectedModel:
         self._last = {"total_s": end - start, "accelerator_s": accelerator_s, "tee_s": tee_s}
 
     def stats(self) -> dict[str, Any]:
-        """Costs of the last call that finished: ``world_switches`` (TEE entries), ``rounds``,
+        """Costs of the last call that finished: ``world_switches`` (TEE entries), ``rounds``, ``scheme``,
         ``bytes_to_tee`` / ``bytes_from_tee`` (tensors that crossed the boundary through shared memory),
         ``total_s``, ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s``
         (inside the trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in
         bytes: ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device
         and ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
         protected model open on the device; asked with one extra TEE entry, outside any inference).
-        With one-time masks or ``verify``, ``pool`` (one more TEE entry): ``capacity`` / ``ready`` entries,
-        ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in ``offline_s`` seconds
-        (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path, ``rescaled``
-        masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow the
-        input's spread: the power of two of the last input's, per mask); ``verify``: ``enabled``, ``layers``,
-        ``popped`` (split layers' second checks, in neither ``layers`` nor ``checked``), ``computed``,
-        ``computed_rounds``, ``capped``, ``projections`` (popped checks' too), ``checked`` results,
-        ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as a
-        fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of the
-        probability that a change of 1e-3 of a result's norm goes unnoticed); ``per_inference_secure_memory``:
-        what both hold in the TEE."""
+        With one-time masks or ``verify``, ``one_time_rounds`` and ``pool`` (one more TEE entry): ``capacity``
+        / ``ready`` entries, ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in
+        ``offline_s`` seconds (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path,
+        ``rescaled`` masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow
+        the input's spread: the power of two of the last input's, per mask); ``verify``: ``enabled``,
+        ``layers``, ``popped`` (split layers' second checks, in neither ``layers`` nor ``checked``),
+        ``computed``, ``computed_rounds``, ``capped``, ``projections`` (popped checks' too), ``checked``
+        results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as
+        a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of
+        the probability that a change of 1e-3 of a result's norm goes unnoticed);
+        ``per_inference_secure_memory``: what both hold in the TEE."""
         self._not_reentered()
         with self._lock:
             self.check_not_closed()

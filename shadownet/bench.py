@@ -29,7 +29,9 @@ then the online work with a ready pool; the offline cost is in the pool figures.
 For ``shadownet`` the median is split into accelerator, TEE compute (inside the trusted app), boundary
 crossing (the rest of the TEE calls' wall time: transport and world switches) and other (the runtime's
 own copies and bookkeeping). The break-even accelerator speed ``k`` solves
-``accelerator / k + TEE + crossing + other = all-in-tee``; on this machine both sides are the same CPU.
+``one_core / k + TEE + crossing + other = all-in-tee``, ``one_core`` the accelerator's rounds timed on one
+core (``Protected.rounds_on_one_core``): k says how many times faster than one TEE core the accelerator must
+be; on this machine both sides are the same CPU.
 Multiply-adds are counted on the original graph (``count_macs``).
 
 One-time masks: the model is converted with ``--mask-rounds POLICY`` (default: the converter's,

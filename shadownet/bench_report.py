@@ -32,6 +32,11 @@ def _k(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
+def _memory(mode: dict[str, Any]) -> str:
+    """A mode's secure memory in MiB; "+X" for the verified copy measured beside shadownet: what it adds."""
+    return f"{'+' if mode.get('secure_memory_added') else ''}{mode['secure_memory_mib']:.1f}"
+
+
 def _fps(value: float | None, width: int = 0, digits: int = 1) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
 
@@ -56,11 +61,10 @@ def _masks_rows(report: dict[str, Any]) -> list[dict[str, str]]:
                "rounds": f"{len(rounds)}/{e['rounds']}"}
         if pool:
             per_inference = pool.get("offline_ms_per_inference")
-            runs = e["modes"]["shadownet"]["runs"]
             row.update(entries=str(pool["capacity"]), pool=f"{pool['pool_bytes'] / 1024:.1f}",
                        entry=f"{pool['entry_bytes'] / 1024:.1f}",
                        offline="n/a" if per_inference is None else f"{per_inference:.2f}",
-                       sync=f"{pool['synchronous_timed']}/{runs}")
+                       sync=f"{pool['synchronous_timed']}/{pool['made_timed']}")  # of the entries used
         else:
             row.update(entries="-", pool="-", entry="-", offline="-", sync="-")
         checks = e.get("verify")
@@ -132,9 +136,10 @@ def table(report: dict[str, Any]) -> str:
         for mode in _modes(e):
             m = e["modes"][mode]
             lines.append(f"{e['model']:<12} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
-                         f"{m['max_ms']:9.2f} {m['secure_memory_mib']:11.1f}")
+                         f"{m['max_ms']:9.2f} {_memory(m):>11}")
     lines.append("")
-    head = (f"{'model':<12} {'S/U':>5} {'T/S':>5} {'accel':>7} {'b2b':>6} {'TEE':>7} {'cross':>6} "
+    head = (f"{'model':<12} {'S/U':>5} {'T/S':>5} {'accel':>7} {'b2b':>6} {'1core':>6} {'TEE':>7} "
+            f"{'cross':>6} "
             f"{'other':>6} {'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
             + " ".join(f"{'S(k=' + str(k) + ')':>9}" for k in PROJECTED_K))
     lines += [head, "-" * len(head)]
@@ -144,7 +149,8 @@ def table(report: dict[str, Any]) -> str:
         r = e["ratios"]
         lines.append(
             f"{e['model']:<12} {r['S/U']:5.2f} {r['T/S']:5.2f} {b['accelerator_ms']:7.2f} "
-            f"{s['accelerator_back_to_back_ms']:6.2f} {b['tee_compute_ms']:7.2f} "
+            f"{s['accelerator_back_to_back_ms']:6.2f} {s['accelerator_one_core_ms']:6.2f} "
+            f"{b['tee_compute_ms']:7.2f} "
             f"{b['crossing_ms']:6.2f} {b['other_ms']:6.2f} "
             f"{s['world_switches']:6d} {traffic:7.1f} {s['macs_offloaded_share'] * 100:7.2f}% "
             f"{s['conversion_s']:6.2f} {_k(e['break_even_k']):>6} "
@@ -177,11 +183,14 @@ def table(report: dict[str, Any]) -> str:
     lines += [""] + _notes(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "
               "(medians); accel/TEE/cross/other split S's median; b2b = S's accelerator rounds back to back, "
-              "with no TEE step between them; k* = break-even accelerator speed vs T."]
+              "with no TEE step between them; 1core = the same on one core; k* = break-even accelerator "
+              "speed vs T, in one-core units (accel = 1core / k); secure MiB +X: what the verified copy adds "
+              "beside shadownet (the two share the model's program)."]
     if rows:
         lines.append("OT rounds = rounds with one-time masks; pool = S's pool of them in secure memory; "
                      "offline = TEE time to make one entry (one inference's); sync = entries made on an "
-                     "inference's path in the timed runs; V/S-1 = shadownet-verify's overhead (target <= "
+                     "inference's path in the timed runs, of those made then (each run's untimed and timed "
+                     "call take one each); V/S-1 = shadownet-verify's overhead (target <= "
                      "+10%; depthwise layers of multiplier 1 are computed by the TEE there, not checked); "
                      "bound = its weakest detection bound (chance a 1e-3 change of a result goes unnoticed).")
     lines.append("Errors: max |diff| / max |U's output| on the bench's input (target <= 1e-4); builtin vs "
@@ -209,18 +218,19 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         for mode in _modes(e):
             x = e["modes"][mode]
             out.append(f"| {e['model']} | {mode} | {x['min_ms']:.2f} | {x['median_ms']:.2f} | "
-                       f"{x['max_ms']:.2f} | {x['secure_memory_mib']:.1f} |")
+                       f"{x['max_ms']:.2f} | {_memory(x)} |")
     out += ["", "| model | rounds (on 1 thread) | S/U | T/S | accelerator ms | accelerator back to back ms "
-            "| TEE ms | crossing ms | other ms | world switches | MB across / inference | MACs offloaded "
+            "| accelerator on one core ms | TEE ms | crossing ms | other ms | world switches "
+            "| MB across / inference | MACs offloaded "
             "| conversion s | break-even k | " + " | ".join(f"S(k={k}) ms" for k in PROJECTED_K) + " |",
-            "|---|" + "---:|" * (13 + len(PROJECTED_K))]
+            "|---|" + "---:|" * (14 + len(PROJECTED_K))]
     for e in _done(report):
         x, b = e["shadownet"], e["shadownet"]["breakdown"]
         out.append(
             f"| {e['model']} | {e['rounds']} ({x.get('rounds_on_one_thread', 0)}) | "
             f"{e['ratios']['S/U']:.2f} | {e['ratios']['T/S']:.2f} | "
             f"{b['accelerator_ms']:.2f} | {x['accelerator_back_to_back_ms']:.2f} | "
-            f"{b['tee_compute_ms']:.2f} | {b['crossing_ms']:.2f} | "
+            f"{x['accelerator_one_core_ms']:.2f} | {b['tee_compute_ms']:.2f} | {b['crossing_ms']:.2f} | "
             f"{b['other_ms']:.2f} | "
             f"{x['world_switches']} | {(x['bytes_to_tee'] + x['bytes_from_tee']) / 1e6:.1f} | "
             f"{x['macs_offloaded_share'] * 100:.2f}% | {x['conversion_s']:.2f} | {_k(e['break_even_k'])} | "
@@ -229,7 +239,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     if rows:
         out += ["", "One-time masks and verification (pool: shadownet's pool of one-time masks in secure "
                 "memory; offline: the TEE's time to make one entry, i.e. one inference's; synchronous: "
-                "entries made on an inference's path during the timed runs; verify overhead: median "
+                "entries made on an inference's path during the timed runs, of those made then (each run's "
+                "untimed and timed call take one each); verify overhead: median "
                 "shadownet-verify / median shadownet - 1, target <= +10%, its depthwise layers of multiplier "
                 "1 computed by the TEE instead of checked; detection bound: the weakest "
                 "achieved, the chance that a change of 1e-3 of a result's norm goes unnoticed):", "",
@@ -269,14 +280,18 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     out += ["", "S = shadownet, U = unprotected, T = all-in-tee with XNNPACK (one thread, in the secure "
             "world). The accelerator and the TEE are the same CPU on this machine, so S/U and T/S compare "
             "software paths; the break-even k is how many times faster than one TEE core the accelerator "
-            "must be for shadownet to beat all-in-tee, and S(k) projects shadownet's latency on such an "
-            "accelerator. Accelerator back to back: shadownet's accelerator rounds run one after the other "
+            "must be for shadownet to beat all-in-tee (the accelerator's rounds timed on one core, "
+            "accelerator on one core ms, divided by k, plus shadownet's TEE, crossing and other), and S(k) "
+            "projects shadownet's latency on such an accelerator. Accelerator back to back: shadownet's "
+            "accelerator rounds run one after the other "
             "with no TEE step between them; against its accelerator ms, what interleaving with the TEE "
             "costs the accelerator (here its thread pool and the TEE share the same 2 cores). Rounds on 1 "
             "thread: those the accelerator timed faster on one thread than on num_threads at load and that "
             "stayed there when tried on the first inferences (a thread pool's workers fall asleep during "
             "a long TEE step; waking them can cost a small round more than they gain it). Each mode is "
-            "timed right after an untimed call of its own (its steady state)."]
+            "timed right after an untimed call of its own (its steady state). Secure memory +X: what "
+            "shadownet-verify adds beside shadownet (the two sessions share the model's program; alone it "
+            "holds that too)."]
     return "\n".join(out) + "\n"
 
 

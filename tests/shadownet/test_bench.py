@@ -123,8 +123,15 @@ def test_bench_report(tmp_path):
     assert 0 <= spread["builtin_vs_xnnpack_max"] < 1e-5
     assert s["peak_secure_memory_mib"] <= s["secure_memory_cap_mib"]
     assert entry["ratios"]["S/U"] > 0 and entry["ratios"]["T/S"] > 0
-    assert entry["break_even_k"] is None or entry["break_even_k"] > 0
-    assert all(entry["projected_ms"][str(k)] > 0 for k in bench_measure.PROJECTED_K)
+    # k in one-core units: the accelerator's work timed on one core, against all-in-tee (one core) less
+    # shadownet's fixed part - the accelerator's own time is on num_threads (a helper's review).
+    one_core, fixed = s["accelerator_one_core_ms"], entry["modes"]["shadownet"]["median_ms"] - \
+        s["breakdown"]["accelerator_ms"]
+    assert one_core > 0
+    tee = entry["modes"]["all-in-tee"]["median_ms"]
+    assert entry["break_even_k"] == (pytest.approx(one_core / (tee - fixed)) if tee > fixed else None)
+    assert all(entry["projected_ms"][str(k)] == pytest.approx(one_core / k + fixed)
+               for k in bench_measure.PROJECTED_K)
     streaming = entry["throughput"]  # two frames in flight
     assert all(streaming[mode]["fps"] > 0 for mode in bench_measure.MODES) and streaming["S/U"] > 0
     one = streaming["shadownet"]["one_at_a_time_fps"]  # and one at a time: frames that really ran (not
@@ -137,7 +144,8 @@ def test_bench_report(tmp_path):
     assert f"kernels built for {kernels}" in text.splitlines()[0]  # the README says the bench names them
     md = bench_report.markdown(report, "shadownet bench small.tflite")
     assert "| small | shadownet |" in md
-    assert f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} |" in md
+    assert (f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} | "
+            f"{one_core:.2f} |") in md
     assert (f"| small | {s['relative_error']:.1e} | - | {s['builtin_vs_xnnpack_error']:.1e} | "
             f"{spread['median']:.1e} / {spread['max']:.1e} | {spread['above_target'] * 100:.0f}% of {n} | "
             f"{spread['builtin_vs_xnnpack_max']:.1e} |") in md
@@ -183,7 +191,7 @@ def test_bench_verify_and_mask_policy(tmp_path, capsys):
     (entry,) = report["models"]
     figures = entry["modes"][bench_measure.VERIFY_MODE]  # interleaved with the others, as many runs
     assert figures["runs"] == 2 and 0 < figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
-    assert figures["secure_memory_mib"] > 0
+    assert figures["secure_memory_mib"] > 0 and figures["secure_memory_added"]  # beside shadownet: added
     masks = entry["masks"]
     assert masks["policy"] == "all" and masks["one_time_rounds"] == [1, 2]  # the policy reached the converter
     pool = masks["pool"]
@@ -203,6 +211,7 @@ def test_bench_verify_and_mask_policy(tmp_path, capsys):
     assert "UserWarning" not in capsys.readouterr().err
     md = bench_report.markdown(report)
     assert "| small | shadownet-verify |" in md and "| small | all | 2/2 |" in md and "mask rounds all" in md
+    assert f"| +{figures['secure_memory_mib']:.1f} |" in md  # marked as an increment
     json.dumps(report, allow_nan=False)
 
 

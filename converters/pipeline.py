@@ -180,6 +180,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     plan.program["manifest_sha256"] = manifest_digest(manifest).hex()
     program = write_program(plan.program, plan.arrays)
     del plan.arrays
+    _warn_of_secure_memory(plan.program, len(program))
     sealed = provision(program, device, device_key)
     del program
     manifest["files"] = {UNTRUSTED: {"sha256": hashlib.sha256(plan.untrusted).hexdigest()},
@@ -213,6 +214,30 @@ def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
                       "its pool, beside what else it holds; under OP-TEE's default 64 MiB the model may not "
                       "load",
                       stacklevel=3)
+
+
+# Where the TA's secure memory at load comes near OP-TEE's default 64 MiB: a second model, or the pool's
+# one-time masks and the kernels' scratch on top, then no longer fit.
+NEAR_THE_CAP = 56 << 20
+
+
+def _warn_of_secure_memory(program: dict[str, Any], program_bytes: int) -> None:
+    """Warn when what the trusted app holds for certain at load - the decrypted program, the arenas of its
+    LiteRT interpreter (one per unit of ops it runs through LiteRT) and the tensors it keeps between steps -
+    reaches NEAR_THE_CAP: it may not load under OP-TEE's default 64 MiB (a helper's probe: EfficientNetB0 and
+    ConvNeXtTiny at 224x224 converted without a word and never loaded, 66.3 and 114.2 MiB, LiteRT's arenas
+    47 and 89 of it). One-time masks and the kernels' scratch come on top (MobileNet: 5.6 MiB)."""
+    arenas, kept = int(program.get("tee_model_arena_bytes", 0)), int(program.get("arena_size", 0))
+    total = program_bytes + arenas + kept
+    if total < NEAR_THE_CAP:
+        return
+    mib = 1 << 20
+    units = len(program.get("signatures") or {})
+    warnings.warn(f"the trusted app needs at least {total / mib:.1f} MiB of secure memory for this model "
+                  f"(its program {program_bytes / mib:.1f}, the arenas of the {units} unit(s) of ops it runs "
+                  f"through LiteRT {arenas / mib:.1f}, the tensors it keeps between steps {kept / mib:.1f}; "
+                  "one-time masks come on top): under OP-TEE's default 64 MiB it may not load "
+                  "(SecureMemoryError); a smaller input size needs less", stacklevel=3)
 
 
 def secret_rng(seed: int | None) -> SecretRandom:

@@ -447,7 +447,8 @@ class ProtectedModel:
         ``total_s``, ``accelerator_s``, ``tee_s`` (wall time in TEE calls, crossing included), ``ta_s``
         (inside the trusted app) and ``transport_s`` (the rest of ``tee_s``); the secure world's memory in
         bytes: ``secure_memory_used`` / ``secure_memory_peak`` / ``secure_memory_cap`` for the whole device
-        and ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
+        (the peak is the device's since its secure world started, other models' included) and
+        ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
         protected model open on the device; asked with one extra TEE entry, outside any inference).
         With one-time masks or ``verify``, ``one_time_rounds`` and ``pool`` (one more TEE entry): ``capacity``
         / ``ready`` entries, ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in

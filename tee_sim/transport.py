@@ -333,8 +333,9 @@ class ProcessTransport:
         if self.words[ch.REQ_SEQ] != seq:
             self._seq, self._unanswered = seq - 1, 0
             return
-        if self.words[ch.RESP_SEQ] != seq:
-            self._sleep_until(seq, timeout)  # interrupted again: still unanswered; dead: forgotten
+        if self.words[ch.RESP_SEQ] != seq:  # no one waits for this answer: a world that computes on is not
+            # waited for (an interrupted call's clean-up, Ctrl-C's or SIGTERM's, waited 60 timeouts: a review)
+            self._sleep_until(seq, timeout, patient=False)  # interrupted again: unanswered; dead: forgotten
         if self._unanswered_op == ch.OP_OPEN:  # recorded before the request is let go (closed twice: no-op)
             code, _, session = ch.RESPONSE_HEADER.unpack_from(self.block, ch.RESPONSE_OFFSET)[:3]
             if code == 0 and session not in self.orphaned_sessions:
@@ -377,7 +378,9 @@ class ProcessTransport:
             return 0, fields[4], fields[5:8], None
         return invoke
 
-    def _sleep_until(self, seq: int, timeout: float) -> None:
+    def _sleep_until(self, seq: int, timeout: float, patient: bool = True) -> None:
+        """Until the answer numbered ``seq``: a world that neither answers nor computes for ``timeout``
+        seconds - or, ``patient``, computes for BUSY_LIMIT of them; not, only answers late - is stopped."""
         words = self.words
         start = time.monotonic()
         deadline, computed = start + timeout, self._cpu_seconds()
@@ -389,15 +392,19 @@ class ProcessTransport:
                 if remaining <= 0:
                     now = self._cpu_seconds()
                     busy = now is not None and computed is not None and now - computed >= PROGRESS * timeout
-                    if busy and time.monotonic() - start < BUSY_LIMIT * timeout:
+                    if busy and patient and time.monotonic() - start < BUSY_LIMIT * timeout:
                         deadline, computed = time.monotonic() + timeout, now  # slow, not hung: wait on
                         continue
+                    if words[ch.RESP_SEQ] == seq:  # answered as the deadline passed
+                        break
                     self._dead()
                     raise TEEError(
                         TEE_ERROR_COMMUNICATION,
                         TEEC_ORIGIN_COMMS,
                         f"the secure world computed for {BUSY_LIMIT * timeout:g} s without answering and was "
-                        "stopped" if busy else
+                        "stopped" if busy and patient else
+                        f"the secure world did not answer an interrupted request within {timeout:g} s and "
+                        "was stopped" if busy else
                         f"the secure world did not answer within {timeout:g} s, nor compute, and was stopped",
                     )
                 for fd, _ in self.poller.poll(min(wait_ms, remaining * 1000)):

@@ -181,6 +181,29 @@ def test_a_world_that_computes_past_the_timeout_is_waited_for_and_one_that_only_
             assert 6.0 <= time.monotonic() - start < 6.0 + SLACK
 
 
+def test_an_interrupted_request_is_not_waited_for_while_the_world_computes_on(tmp_path):
+    """No one reads an interrupted call's answer: its clean-up (close, the next call) waits one timeout, not
+    the patience a caller gets for its own answer - Ctrl-C and SIGTERM waited 60 timeouts for a world that
+    computed on (a review: close() took 30 s at a timeout of 0.5)."""
+    with Context("process", home=tmp_path, timeout=0.5) as ctx:
+        session = ctx.open_session(TEST_TA_UUID)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                session.invoke_command(Cmd.SPIN, [Value(600_000)])  # computes for ten minutes
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        start = time.monotonic()
+        ctx.close()
+        assert time.monotonic() - start < 0.5 + SLACK / 3
+
+
 def _run_script(body: str, home, timeout: float = 60.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, SHADOWNET_HOME=str(home))
     return subprocess.run(

@@ -277,18 +277,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
     terminated: list[int] = []
-    previous = _on_terminate(terminated)
+    previous = None
     try:
-        silence_litert_info()
+        silence_litert_info()  # numpy's and LiteRT's C extensions imported before SIGTERM may interrupt
+        previous = _on_terminate(terminated)
         func(args)
     except KeyboardInterrupt:
         print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
-        return _report(exc)
+        if not terminated:
+            return _report(exc)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if terminated:  # the interrupt became another error (inside an import), or was ignored (a callback)
+        print("shadownet: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -199,6 +199,14 @@ def test_a_file_that_is_no_device_identity_is_refused_as_such(text, tmp_path):
     assert err.value.code == TEE_ERROR_SECURITY
 
 
+def test_a_device_file_of_the_older_format_says_to_export_it_again(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": "tee_sim-device-1", "report": {}}))
+    with pytest.raises(TEEError, match="older format: export it again on the device") as err:
+        read_device_file(path)
+    assert err.value.code == TEE_ERROR_SECURITY
+
+
 def test_export_identity_writes_the_file(tmp_path):
     path = tmp_path / "id.json"
     with Context("inprocess", home=tmp_path / "home") as ctx:

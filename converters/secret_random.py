@@ -76,14 +76,19 @@ class SecretRandom:
 
     def standard_normal(self, size: Any = None, dtype: Any = np.float64) -> Any:
         def normals(n: int) -> np.ndarray:
-            pairs = (n + 1) // 2
-            u = self._unit(2 * pairs).reshape(2, pairs)
-            radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: no log of zero
-            angle = 2.0 * math.pi * u[1]
-            return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+            out = np.empty(n, dtype)  # made a chunk at a time: a large draw holds no float64 copies of itself
+            for start in range(0, n, _CHUNK_WORDS):
+                count = min(n, start + _CHUNK_WORDS) - start
+                pairs = (count + 1) // 2
+                u = self._unit(2 * pairs).reshape(2, pairs)
+                radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: no log of zero
+                angle = 2.0 * math.pi * u[1]
+                out[start:start + pairs] = radius * np.cos(angle)
+                out[start + pairs:start + count] = (radius * np.sin(angle))[:count - pairs]
+            return out
 
         value = self._shaped(normals, size)
-        return np.asarray(value, dtype=dtype) if size is not None else np.dtype(dtype).type(value)
+        return value if size is not None else np.dtype(dtype).type(value)
 
     def integers(self, low: int, high: int | None = None, size: Any = None) -> Any:
         low, high = (0, low) if high is None else (low, high)

@@ -72,6 +72,7 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     except OSError as exc:  # the output's name, not the temporary one
         raise OSError(exc.errno, exc.strerror, str(out)) from exc
     old: Path | None = None
+    swapped = False
     try:
         for name in sorted(files, key=lambda n: n == MANIFEST):
             with open(tmp / name, "wb") as f:
@@ -88,6 +89,7 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
             except BaseException:
                 os.replace(old / "replaced", out)
                 raise
+            swapped = True
             shutil.rmtree(old, ignore_errors=True)
         else:
             # One rename, onto nothing or an empty directory, which the OS refuses onto one that is not empty:
@@ -104,8 +106,13 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
         _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not (old / "replaced").exists():
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            # Interrupted (Ctrl-C, SIGTERM) between the two renames: the earlier conversion goes back, not to
+            # a leftover the next conversion deletes (a review); after them: the earlier one is removed.
+            if not swapped and (old / "replaced").exists() and not out.exists():
+                os.replace(old / "replaced", out)
+            if swapped or not (old / "replaced").exists():
+                shutil.rmtree(old, ignore_errors=True)
         if isinstance(exc, OSError):  # say what it was writing (e.g. a full disk), not the temporary name
             raise OSError(exc.errno, exc.strerror, str(out)) from exc
         raise

@@ -70,3 +70,37 @@ def test_a_directory_filled_while_converting_is_kept_not_replaced(tmp_path, monk
     assert sorted(p.name for p in out.iterdir()) == (["manifest.json", "precious.txt"] if force
                                                      else ["precious.txt"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
+
+
+@pytest.mark.parametrize("when", ["between the renames", "removing the earlier one"])
+def test_a_force_swap_interrupted_keeps_one_whole_conversion_and_no_leftover(tmp_path, monkeypatch, when):
+    """--force moves the earlier conversion aside, renames the new one into place, then removes the earlier
+    one. Interrupted between the renames, the earlier one sat in a leftover the next conversion deletes, with
+    no output (a review); interrupted while removing it, a half-removed leftover stayed beside the new one."""
+    from converters import output_directory
+
+    out = tmp_path / "out"
+    write_artifacts(out, False, {"manifest.json": b"earlier"})
+    real_replace, real_rmtree = os.replace, output_directory.shutil.rmtree
+    interrupted = []
+
+    def replace(a, b):
+        real_replace(a, b)
+        if when == "between the renames" and str(b).endswith("replaced") and not interrupted:
+            interrupted.append(b)
+            raise KeyboardInterrupt
+
+    def rmtree(path, **kw):
+        if when == "removing the earlier one" and str(path).endswith(".old") and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        real_rmtree(path, **kw)
+
+    monkeypatch.setattr(output_directory.os, "replace", replace)
+    monkeypatch.setattr(output_directory.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        write_artifacts(out, True, {"manifest.json": b"new"})
+    assert interrupted
+    expected = b"earlier" if when == "between the renames" else b"new"
+    assert (out / "manifest.json").read_bytes() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

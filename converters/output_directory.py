@@ -84,11 +84,7 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
             check_output(out, force)  # still an earlier conversion: what it held at the start may change
             old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
             os.replace(out, old / "replaced")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "replaced", out)
-                raise
+            os.replace(tmp, out)
             swapped = True
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -105,10 +101,13 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
                                     "(--force, or force=True, replaces an earlier conversion's)") from None
         _sync_directory(parent)  # the rename itself survives a power cut
     except BaseException as exc:
+        # A signal's exception surfaces after the call it arrived in: a rename that raised may be done (a
+        # review: Ctrl-C in the second one put the earlier conversion back onto the new one, ENOTEMPTY).
+        swapped = swapped or (old is not None and not tmp.exists())
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            # Interrupted (Ctrl-C, SIGTERM) between the two renames: the earlier conversion goes back, not to
-            # a leftover the next conversion deletes (a review); after them: the earlier one is removed.
+            # Interrupted (Ctrl-C, SIGTERM) or failed between the two renames: the earlier conversion goes
+            # back, not to a leftover the next conversion deletes (a review); after them: it is removed.
             if not swapped and (old / "replaced").exists() and not out.exists():
                 os.replace(old / "replaced", out)
             if swapped or not (old / "replaced").exists():

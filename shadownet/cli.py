@@ -277,10 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
     terminated: list[int] = []
-    previous = None
+    main_thread = threading.current_thread() is threading.main_thread()  # Python sets handlers there only
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    swallowed = ""
     try:
         silence_litert_info()  # numpy's and LiteRT's C extensions imported before SIGTERM may interrupt
-        previous = _on_terminate(terminated)
+        if main_thread:
+            signal.signal(signal.SIGTERM, _terminate_handler(terminated))
         func(args)
     except KeyboardInterrupt:
         print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -288,26 +291,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
         if not terminated:
             return _report(exc)
+        swallowed = f" (and then {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
     finally:
-        if previous is not None:
+        if main_thread:
             signal.signal(signal.SIGTERM, previous)
     if terminated:  # the interrupt became another error (inside an import), or was ignored (a callback)
-        print("shadownet: terminated", file=sys.stderr)
+        print(f"shadownet: terminated{swallowed}", file=sys.stderr)
         return 143
     return 0
 
 
-def _on_terminate(terminated: list[int]) -> Any:
+def _terminate_handler(terminated: list[int]) -> Callable[[int, Any], None]:
     """SIGTERM (``kill``, a service manager) as Ctrl-C: the same clean-up (no half-written output, no
-    temporary directories; a helper's probe found both left by SIGTERM), then "terminated", exit 143.
-    Returns the handler it replaced (None off the main thread, where Python cannot set one)."""
+    temporary directories; a helper's probe found both left by SIGTERM), then "terminated", exit 143."""
     def handler(signum: int, frame: Any) -> None:
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
+    return handler
 
 
 def _report(exc: Exception) -> int:

@@ -335,3 +335,24 @@ def test_running_out_of_memory_is_the_users_error_not_an_internal_one(capsys):
     assert capsys.readouterr().err == "shadownet: error: out of memory\n"
     assert _report(MemoryError("cannot allocate 3 GiB")) == 1
     assert capsys.readouterr().err == "shadownet: error: out of memory (cannot allocate 3 GiB)\n"
+
+
+def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(small_cnn, tmp_path, capsys):
+    """main() handles SIGTERM while a command runs (as Ctrl-C) and puts the caller's handler back, on success
+    and on error."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        (x,) = small_cnn.random_inputs()
+        np.save(tmp_path / "x.npy", x)
+        assert main(["run", str(small_cnn.out), "--input", str(tmp_path / "x.npy")]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert main(["run", str(tmp_path / "missing"), "--input", str(tmp_path / "x.npy")]) == 1
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    capsys.readouterr()

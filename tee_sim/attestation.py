@@ -307,8 +307,9 @@ def read_device_file(path: str | os.PathLike[str]) -> DeviceIdentity:
         with open(path, "rb") as f:
             fields = json.loads(f.read())
         if fields.get("format") == "tee_sim-device-1":  # reports that did not sign their key's use
-            raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API, f"{os.fspath(path)} is a device identity "
-                           "file of an older format: export it again on the device (shadownet device export)")
+            raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_API,
+                           f"{os.fspath(path)} is a device identity file of an older format: export it "
+                           "again on the device (`shadownet device export FILE`)")
         if fields.get("format") != DEVICE_FILE_FORMAT:
             raise ValueError("format")
         key = bytes.fromhex(fields["attestation_public_key"])

@@ -126,7 +126,8 @@ class Context:
     fast tests. ``home``: the device's state (default ``$SHADOWNET_HOME`` or ``~/.shadownet``).
     ``memory_cap``: the secure-memory budget in bytes. ``timeout``: seconds an invocation may go
     unanswered with the secure world not computing (process transport: a world that computes is waited
-    for up to ``transport.BUSY_LIMIT`` times as long) before it is declared hung, stopped, and a
+    for up to ``transport.BUSY_LIMIT`` times as long; the answer to an interrupted invocation, which the
+    next request waits for, only ``timeout``) before it is declared hung, stopped, and a
     ``TEEC_ORIGIN_COMMS`` error raised.
     ``spin_us``: how long the secure world polls for the next request before sleeping;
     ``caller_spin_us``: how long a caller polls for the answer; ``hard_spin_us``: the first part of

@@ -269,9 +269,17 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     diffs = [r["difference"]["correlation"] for r in rows
              if r.get("difference", {}).get("correlation") is not None]
     pooled = [r["pooled"]["correlation"] for r in rows if r.get("pooled", {}).get("correlation") is not None]
+    # A user input no fit could score (a 10-value vector: too few values in one inference, too few
+    # inferences for the fit across them): said by name, not a row of dashes (a helper's probe).
+    measured = {int(key.rsplit("_", 1)[1]) for row in rows for key, figs in row.items()
+                if key.startswith("user_input_") and any((figs.get(fit) or {}).get("correlation") is not None
+                                                         for fit in ("single", "difference", "pooled"))}
+    unmeasured = [f"{spec['name']} {list(spec['shape'])}" for k, spec in enumerate(manifest["inputs"])
+                  if k not in measured]
     return {
         "inferences": inferences,
         "first_round": first,
+        "unmeasured_inputs": unmeasured,
         "max_round_correlation": max(singles) if singles else None,
         "max_round_difference_correlation": max(diffs) if diffs else None,
         "max_round_pooled_correlation": max(pooled) if pooled else None,
@@ -380,10 +388,10 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     }
     scheme = _manifest_scheme(manifest)
     kept = _kept_in_tee(scheme)
-    if kept:
-        # The scheme ran them in the TEE (groupmix:depthwise=tee): nothing of theirs crosses, nothing to pair.
-        report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
-        ref = [r for r in ref if r.kind not in kept]
+    # The scheme ran them in the TEE (groupmix:depthwise=tee): nothing of theirs crosses, nothing to pair.
+    # Always in the JSON, [] when none (it was missing under the paper's scheme: a helper's probe).
+    report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
+    ref = [r for r in ref if r.kind not in kept]
     check_covers(ref, obf, given)
     if public is not None:  # before any other work: a wrong file is refused at once
         published = public_layers(public, manifest, scheme, ref)

@@ -104,6 +104,11 @@ def format_report(report: dict) -> str:
         unmeasured = sorted({row["round"] for row in leak["rounds"] if row["round"] > 1
                              for key, figs in row.items() if key.startswith("user_input_")
                              and all((fig or {}).get("correlation") is None for fig in figs.values())})
+        if leak.get("unmeasured_inputs"):
+            lines.append(f"  user input(s) {', '.join(leak['unmeasured_inputs'])}: not measured over "
+                         f"{leak['inferences']} inferences, too few values for the fits within one "
+                         "inference, of two, or across them (give more with --inferences); the figures above "
+                         "leave them out")
         if unmeasured:  # the figure above is round 1's alone then (a probe took it for both)
             lines.append(f"  the user input that joins round(s) {', '.join(map(str, unmeasured))}: not "
                          f"measured over {leak['inferences']} inferences, too few positions for its fits "

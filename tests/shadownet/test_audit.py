@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,37 @@ def test_first_round_leakage_is_measured_through_a_zero_pad(tmp_path: Path) -> N
     # scatter around the true ~0.03 (mask 9.4x the calibration's spread, 30x these images').
     assert leak["first_round"]["correlation"] <= 0.1
     assert leak["first_round"]["difference_correlation"] <= 0.1
+
+
+def test_a_user_input_no_fit_can_score_is_named_and_kept_in_tee_is_always_listed(tmp_path: Path) -> None:
+    """A second input, a 10-value vector beside an image, crossed round 1 and got a row of dashes and no word
+    (a helper's probe): the report now names it as not measured. ``kept_in_tee`` was missing from the
+    paper scheme's JSON (it is [] there)."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(5)
+    image = keras.Input((8, 8, 3), batch_size=1, name="image")
+    vector = keras.Input((10,), batch_size=1, name="v")
+    h = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, activation="relu")(image))
+    y = keras.layers.Dense(4)(keras.layers.Concatenate()([h, keras.layers.Dense(6)(vector)]))
+    original = tmp_path / "two.tflite"
+    model = keras.Model([image, vector], y)
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert()))
+    for scheme in (None, "shadownet"):
+        out = tmp_path / f"two.{scheme}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shadownet.convert(str(original), str(out), scheme=scheme, seed=2)
+        report = audit.audit(out, original, inferences=4)
+        assert report["kept_in_tee"] == []
+        names = report["input_leakage"]["unmeasured_inputs"]
+        assert len(names) == 1 and "[1, 10]" in names[0], names  # the vector; the image is measured
+        text = audit_report.format_report(report)
+        assert f"user input(s) {names[0]}: not measured over 4 inferences" in text
 
 
 def test_leakage_is_measured_on_a_tensor_the_converter_made(tmp_path: Path) -> None:

@@ -121,6 +121,10 @@ def format_report(report: dict) -> str:
                          f"{_fmt(row.get('single', {}).get('correlation')):>7} "
                          f"{_fmt(row.get('difference', {}).get('correlation')):>7} "
                          f"{_fmt(row.get('pooled', {}).get('correlation')):>7}")
+        if any(row.get(fit, {}).get("correlation") is None for row in leak["rounds"]
+               for fit in ("single", "difference", "pooled")):
+            lines.append("  (-: not measured - too few values for that fit in one inference, two, or across "
+                         f"the {leak['inferences']} (more with --inferences), or no true tensor to compare)")
     if report.get("private_change"):
         lines += ["", *_private_change_lines(report["private_change"])]
     return "\n".join(lines)

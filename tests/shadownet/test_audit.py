@@ -368,6 +368,7 @@ def test_a_user_input_no_fit_can_score_is_named_and_kept_in_tee_is_always_listed
         assert len(names) == 1 and "[1, 10]" in names[0], names  # the vector; the image is measured
         text = audit_report.format_report(report)
         assert f"user input(s) {names[0]}: not measured over 4 inferences" in text
+        assert "(-: not measured - too few values for that fit" in text  # the table's dashes, explained
 
 
 def test_leakage_is_measured_on_a_tensor_the_converter_made(tmp_path: Path) -> None:

@@ -255,8 +255,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                     runner.refill()
                 if mode == "shadownet" and run >= warmup_runs:
                     back_to_back.append(runner.rounds_back_to_back())
-                    runner.rounds_on_one_core()  # its steady state, as every mode's: after a pass of its own
-                    one_core.append(runner.rounds_on_one_core())  # (cold: MiniVGG +28%, a review)
+                    # Its steady state, as every mode's (cold: MiniVGG +28%, a review)
+                    one_core.append(steady_seconds(runner.rounds_on_one_core))
         protected: Protected = runners["shadownet"]
         # Rounds the accelerator runs on one thread (shadownet.accelerator: timed at load, then tried)
         one_thread = sum(t == 1 for t in getattr(protected.model.accelerator, "round_threads", ()))

@@ -125,12 +125,12 @@ class Protected:
     def record(self) -> None:
         self.stats.append(self.model.stats())
 
-    def rounds_on_one_core(self) -> float:
-        """Seconds one core takes for the accelerator's work: every round of ``untrusted.tflite`` one after
-        the other on a one-thread LiteRT (XNNPACK) interpreter of its own, on random inputs - the unit of the
-        break-even k, which compares an accelerator with one TEE core (all-in-tee's). The accelerator's own
-        time is on ``num_threads`` threads (or its delegate): against it k came out ~2x too small on two
-        cores (a helper's review)."""
+    def rounds_on_one_core(self) -> None:
+        """The accelerator's work on one core, for the bench to time: every round of ``untrusted.tflite`` one
+        after the other on a one-thread LiteRT (XNNPACK) interpreter of its own, on random inputs - the unit
+        of the break-even k, which compares an accelerator with one TEE core (all-in-tee's). The
+        accelerator's own time is on ``num_threads`` threads (or its delegate): against it k came out ~2x
+        too small on two cores (a helper's review)."""
         if self._one_core is None:
             from ai_edge_litert.interpreter import Interpreter
 
@@ -144,10 +144,8 @@ class Protected:
                 subgraphs.append(runner._subgraph_index)
             self._one_core = (interpreter, wrapper, subgraphs)
         _, wrapper, subgraphs = self._one_core
-        start = time.perf_counter()
         for subgraph in subgraphs:
             wrapper.Invoke(subgraph)
-        return time.perf_counter() - start
 
     def rounds_back_to_back(self) -> float:
         """Seconds the accelerator takes for every round one after the other, with no TEE step between

@@ -72,6 +72,7 @@ from tee_sim.ta_shadownet_compile import (
     checked_placement,
     compile_instruction,
     count,
+    prepare_depthwise,
     shape_of,
     view,
 )
@@ -109,6 +110,7 @@ class _Model:
     tile: int = 0  # pixels per tile
     restores: dict[str, Linear] = field(default_factory=dict)  # restore (by offset array) -> its form
     mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
+    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     # The step expected next: a cell the secure world's fast path reads and advances too (step_program);
@@ -358,6 +360,7 @@ class ShadowNetTA(TrustedApp):
         model.interpreter = None
         model.restores.clear()
         model.mixings.clear()
+        model.depthwise.clear()
         for array in model.held:
             self.tee.free(array)
         model.held.clear()
@@ -392,6 +395,7 @@ class ShadowNetTA(TrustedApp):
                                                              lambda ref: shape_of(model, ref))
             model.scratch = self._alloc(model, scratch, np.float32)
             prepare_linears(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
+            prepare_depthwise(model, p["steps"], lambda s, d: self._alloc(model, s, d))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
 

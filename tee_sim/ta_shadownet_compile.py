@@ -20,7 +20,8 @@ import numpy as np
 
 from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.program import ALIGN
-from tee_sim.ta_shadownet_depthwise import compile_depthwise
+from tee_sim.ta_shadownet_depthwise import compile_depthwise, pack_weights
+from tee_sim.ta_shadownet_linears import Alloc
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements
@@ -50,6 +51,15 @@ def shape_of(model: Any, ref: str) -> tuple[int, ...]:
     if ref.startswith("shm:"):
         return tuple(model.program["shared_buffers"][ref[4:]]["shape"])
     return resolve(model, ref).shape
+
+
+def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], alloc: Alloc) -> None:
+    """At load, each 3x3 depthwise layer's weights in its kernel's layout (``pack_weights``), in secure
+    memory from ``alloc(shape, dtype)``: ``model.depthwise``, by the weights' reference."""
+    for instr in (i for step in steps for i in step if i["op"] == "depthwise"):
+        ref = instr["srcs"][1]
+        if ref not in model.depthwise and (packed := pack_weights(resolve(model, ref), alloc)) is not None:
+            model.depthwise[ref] = packed
 
 
 def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
@@ -85,7 +95,7 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
         return compile_max_pool(instr, src, dst)
     if op == "depthwise":
         (src, weights, bias), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
-        return compile_depthwise(instr, src, weights, bias, dst)
+        return compile_depthwise(instr, src, weights, bias, dst, model.depthwise.get(instr["srcs"][1]))
     if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's
         (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         kernel = compile_copy(src, dst)

@@ -38,6 +38,11 @@ CASES = [  # (input shape, kernel, stride, pad, activation)
     ((1, 6, 10, 19), (5, 3), (1, 3), ((2, 2), (1, 1)), "RELU"),         # uneven kernel and stride
     ((1, 4, 4, 16), (5, 5), (1, 1), ((2, 2), (2, 2)), "RELU_N1_TO_1"),  # windows mostly in the padding
     ((2, 11, 9, 40), (3, 3), (2, 1), ((1, 0), (0, 2)), "RELU6"),        # 3x3: vectors, a tail, two images
+    # rows wide enough for the 3x3 path's blocks of 8 outputs, then single ones, then the border
+    ((1, 5, 40, 48), (3, 3), (1, 1), ((1, 1), (1, 1)), "RELU6"),
+    ((1, 7, 37, 24), (3, 3), (2, 2), ((0, 1), (0, 1)), "RELU6"),        # stride 2's blocks, a tail
+    ((1, 6, 30, 32), (3, 3), (1, 1), ((2, 0), (2, 0)), "RELU"),         # the inside starts 2 outputs in
+    ((1, 4, 31, 16), (3, 3), (3, 3), ((1, 1), (1, 1)), None),           # stride 3: no blocks
 ]
 
 
@@ -58,6 +63,20 @@ def test_matches_the_exact_result_within_float32_rounding(shape, kernel, stride,
     if activation is not None:  # the clamp bites
         lo, hi = dw.CLAMPS[activation]
         assert got.min() >= lo and got.max() <= hi and (got == max(lo, -1.0)).any()
+
+
+def test_the_3x3_path_needs_its_packed_weights():
+    """The kernel reads a 3x3 layer's weights in its own layout (``pack_weights``); any other is refused."""
+    x, dst = np.zeros((1, 4, 4, 20), np.float32), np.zeros((1, 4, 4, 20), np.float32)
+    weights, bias = np.ones((1, 3, 3, 20), np.float32), np.zeros(20, np.float32)
+    instr = {"stride": [1, 1], "pad": [[1, 1], [1, 1]]}
+    packed = dw.pack_weights(weights)
+    assert packed.shape == (2, 9, 16) and (packed[1, :, 4:] == 0).all()
+    for wrong in (packed[:1], packed.astype(np.float64), np.asfortranarray(packed)):
+        with pytest.raises(ValueError, match="packed weights"):
+            dw.compile_depthwise(instr, x, weights, bias, dst, wrong)
+    dw.compile_depthwise(instr, x + 1, weights, bias, dst, packed)()
+    assert dst[0, 1, 1, 0] == 9.0 and dst[0, 0, 0, 0] == 4.0
 
 
 def test_reads_and_writes_channel_slices_in_place():

@@ -110,7 +110,7 @@ class _Model:
     tile: int = 0  # pixels per tile
     restores: dict[str, Linear] = field(default_factory=dict)  # restore (by offset array) -> its form
     mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
-    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed
+    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed (shared)
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     # The step expected next: a cell the secure world's fast path reads and advances too (step_program);
@@ -130,6 +130,7 @@ class _SharedProgram:
     arrays: dict[str, np.ndarray]
     nbytes: int
     users: int = 0
+    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed once
 
 
 class ShadowNetTA(TrustedApp):
@@ -395,7 +396,13 @@ class ShadowNetTA(TrustedApp):
                                                              lambda ref: shape_of(model, ref))
             model.scratch = self._alloc(model, scratch, np.float32)
             prepare_linears(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
-            prepare_depthwise(model, p["steps"], lambda s, d: self._alloc(model, s, d))
+            shared = self._programs[model.shared]
+
+            def reserve(nbytes: int) -> None:  # held with the program: freed with it
+                self.tee.reserve(nbytes, "the model's TEE program, its depthwise weights packed")
+                shared.nbytes += nbytes
+
+            prepare_depthwise(model, p["steps"], shared.depthwise, reserve)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"{type(exc).__name__}: {exc}") from None
 

@@ -21,7 +21,6 @@ import numpy as np
 from tee_sim.errors import TEE_ERROR_BAD_PARAMETERS, TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.program import ALIGN
 from tee_sim.ta_shadownet_depthwise import compile_depthwise, pack_weights
-from tee_sim.ta_shadownet_linears import Alloc
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements
@@ -53,13 +52,20 @@ def shape_of(model: Any, ref: str) -> tuple[int, ...]:
     return resolve(model, ref).shape
 
 
-def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], alloc: Alloc) -> None:
-    """At load, each 3x3 depthwise layer's weights in its kernel's layout (``pack_weights``), in secure
-    memory from ``alloc(shape, dtype)``: ``model.depthwise``, by the weights' reference."""
+def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], packed: dict[str, np.ndarray],
+                      reserve: Callable[[int], None]) -> None:
+    """At load, each 3x3 depthwise layer's weights in its kernel's layout (``pack_weights``):
+    ``model.depthwise``, by the weights' reference. Made once per program, into ``packed`` (the sessions of
+    a model share them, as they share its program), each counted in secure memory by ``reserve(nbytes)``."""
     for instr in (i for step in steps for i in step if i["op"] == "depthwise"):
         ref = instr["srcs"][1]
-        if ref not in model.depthwise and (packed := pack_weights(resolve(model, ref), alloc)) is not None:
-            model.depthwise[ref] = packed
+        if ref not in packed:
+            weights = pack_weights(resolve(model, ref))
+            if weights is None:
+                continue
+            reserve(weights.nbytes)
+            packed[ref] = weights
+        model.depthwise[ref] = packed[ref]
 
 
 def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:

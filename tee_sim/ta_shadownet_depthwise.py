@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY, nhwc_strides, window_geometry, windows_fit
-from tee_sim.ta_shadownet_linears import Alloc
 
 SN_DEPTHWISE = ctypes.cast(LIBRARY.sn_depthwise, ctypes.c_void_p).value  # for the secure world's fast path
 
@@ -35,22 +34,18 @@ class _Depthwise(ctypes.Structure):
                 ("lo", ctypes.c_float), ("hi", ctypes.c_float), ("packed", ctypes.c_void_p)]
 
 
-def pack_weights(weights: np.ndarray, alloc: Alloc | None = None) -> np.ndarray | None:
+def pack_weights(weights: np.ndarray) -> np.ndarray | None:
     """A 3x3 layer's weights (LiteRT's ``[1, 3, 3, C]``) as the C kernel's 3x3 path reads them,
     ``[ceil(C / LANES), 9, LANES]`` (zeros past ``C``): a vector's nine taps in one run. In LiteRT's layout
     they lie ``C`` floats apart, on 1024 channels all in the same set of the L1 cache, which held fewer
-    than nine lines of it (MobileNet's 7x7x1024 layer: 104 -> 45 us). In ``alloc(shape, dtype)``'s array
-    (the TA's secure memory), else numpy's; None for weights of another shape."""
+    than nine lines of it (MobileNet's 7x7x1024 layer: 104 -> 45 us). None for weights of another shape."""
     if weights.ndim != 4 or weights.shape[:3] != (1, 3, 3) or weights.dtype != np.float32:
         return None
     c = weights.shape[3]
     chunks = -(-c // LANES)
-    shape = (chunks, 9, LANES)
-    packed = np.empty(shape, np.float32) if alloc is None else alloc(shape, np.float32)
     taps = np.zeros((chunks * LANES, 9), np.float32)
     taps[:c] = weights.reshape(9, c).T
-    packed[...] = taps.reshape(chunks, LANES, 9).transpose(0, 2, 1)
-    return packed
+    return np.ascontiguousarray(taps.reshape(chunks, LANES, 9).transpose(0, 2, 1))
 
 
 def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarray, bias: np.ndarray,

@@ -56,9 +56,13 @@ def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], packed: dic
                       reserve: Callable[[int], None]) -> None:
     """At load, each 3x3 depthwise layer's weights in its kernel's layout (``pack_weights``):
     ``model.depthwise``, by the weights' reference. Made once per program, into ``packed`` (the sessions of
-    a model share them, as they share its program), each counted in secure memory by ``reserve(nbytes)``."""
+    a model share them, as they share its program), each counted in secure memory by ``reserve(nbytes)``.
+    ValueError for weights that are not one of the program's constants (packed once, they could not follow
+    a buffer's changes)."""
     for instr in (i for step in steps for i in step if i["op"] == "depthwise"):
         ref = instr["srcs"][1]
+        if not (isinstance(ref, str) and ref.startswith("const:")):
+            raise ValueError(f"depthwise weights {ref!r}: not a constant")
         if ref not in packed:
             weights = pack_weights(resolve(model, ref))
             if weights is None:

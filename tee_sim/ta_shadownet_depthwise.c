@@ -26,7 +26,7 @@ typedef struct {
     int64_t oh, ow, dst_img, dst_row, dst_pix;
     int32_t kh, kw, sh, sw, top, left;
     float lo, hi;                                    /* the activation's clamp (-inf, inf: none) */
-    const float *packed;                             /* 3x3: the weights as [c / 16][9][16] */
+    const float *packed;                             /* 3x3: the weights as [ceil(c / 16)][9][16] */
 } sn_depthwise_params;
 
 /* Tap t's weights for channels [k, k + SN_VL) in the packed layout. */

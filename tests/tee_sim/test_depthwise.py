@@ -144,3 +144,13 @@ def test_no_instruction_may_write_into_the_sealed_constants(instr):
 
     with pytest.raises(ValueError, match="read-only"):
         compile_instruction(None, instr)  # refused before anything is resolved
+
+
+@pytest.mark.parametrize("weights", ["slot:t2", "shm:round_1/in/x0", 7])
+def test_weights_that_are_not_constants_are_refused(weights):
+    """The TA packs a layer's weights once, at load: a program whose weights live in a buffer is refused."""
+    from tee_sim.ta_shadownet_compile import prepare_depthwise
+
+    steps = [[{"op": "depthwise", "srcs": ["slot:t1", weights, "const:b"], "dsts": ["slot:t3"]}]]
+    with pytest.raises(ValueError, match="not a constant"):
+        prepare_depthwise(None, steps, {}, lambda nbytes: None)  # refused before anything is resolved

@@ -134,6 +134,7 @@ def test_bench_report(tmp_path):
                for k in bench_measure.PROJECTED_K)
     streaming = entry["throughput"]  # two frames in flight
     assert all(streaming[mode]["fps"] > 0 for mode in bench_measure.MODES) and streaming["S/U"] > 0
+    assert streaming["shadownet"]["pool_entries"] == 4  # bursts of 4 frames per session where they fit
     one = streaming["shadownet"]["one_at_a_time_fps"]  # and one at a time: frames that really ran (not
     assert 0 < one < 3e3 / entry["modes"]["shadownet"]["min_ms"]  # 3x faster than its fastest timed call)
     assert streaming["S/U one at a time"] == pytest.approx(one / streaming["unprotected"]["fps"])

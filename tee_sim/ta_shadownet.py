@@ -110,7 +110,7 @@ class _Model:
     tile: int = 0  # pixels per tile
     restores: dict[str, Linear] = field(default_factory=dict)  # restore (by offset array) -> its form
     mixings: dict[str, Linear] = field(default_factory=dict)  # input mixing (by index array) -> its form
-    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed (shared)
+    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # depthwise weights, packed (shared)
     steps: list[list[Callable[[], Any]]] | None = None
     shm: dict[str, np.ndarray] = field(default_factory=dict)
     # The step expected next: a cell the secure world's fast path reads and advances too (step_program);
@@ -130,7 +130,7 @@ class _SharedProgram:
     arrays: dict[str, np.ndarray]
     nbytes: int
     users: int = 0
-    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # 3x3 depthwise weights, packed once
+    depthwise: dict[str, np.ndarray] = field(default_factory=dict)  # depthwise weights, packed once
 
 
 class ShadowNetTA(TrustedApp):

@@ -54,7 +54,7 @@ def shape_of(model: Any, ref: str) -> tuple[int, ...]:
 
 def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], packed: dict[str, np.ndarray],
                       reserve: Callable[[int], None]) -> None:
-    """At load, each 3x3 depthwise layer's weights in its kernel's layout (``pack_weights``):
+    """At load, each depthwise layer's weights in its kernel's layout (``pack_weights``):
     ``model.depthwise``, by the weights' reference. Made once per program, into ``packed`` (the sessions of
     a model share them, as they share its program), each counted in secure memory by ``reserve(nbytes)``.
     ValueError for weights that are not one of the program's constants (packed once, they could not follow
@@ -65,7 +65,7 @@ def prepare_depthwise(model: Any, steps: list[list[dict[str, Any]]], packed: dic
             raise ValueError(f"depthwise weights {ref!r}: not a constant")
         if ref not in packed:
             weights = pack_weights(resolve(model, ref))
-            if weights is None:
+            if weights is None:  # not a depthwise layer's: compile_depthwise refuses it
                 continue
             reserve(weights.nbytes)
             packed[ref] = weights

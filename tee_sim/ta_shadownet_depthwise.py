@@ -35,24 +35,24 @@ class _Depthwise(ctypes.Structure):
 
 
 def pack_weights(weights: np.ndarray) -> np.ndarray | None:
-    """A 3x3 layer's weights (LiteRT's ``[1, 3, 3, C]``) as the C kernel's 3x3 path reads them,
-    ``[ceil(C / LANES), 9, LANES]`` (zeros past ``C``): a vector's nine taps in one run. In LiteRT's layout
-    they lie ``C`` floats apart, on 1024 channels all in the same set of the L1 cache, which held fewer
-    than nine lines of it (MobileNet's 7x7x1024 layer: 104 -> 45 us). None for weights of another shape."""
-    if weights.ndim != 4 or weights.shape[:3] != (1, 3, 3) or weights.dtype != np.float32:
+    """A layer's weights (LiteRT's ``[1, kh, kw, C]``) as the C kernel reads them, ``[ceil(C / LANES), kh *
+    kw, LANES]`` (zeros past ``C``): a vector's taps in one run. In LiteRT's layout they lie ``C`` floats
+    apart, on 1024 channels all in the same set of the L1 cache, which held fewer than nine lines of it
+    (MobileNet's 7x7x1024 layer: 104 -> 45 us). None for weights of another shape."""
+    if weights.ndim != 4 or weights.shape[0] != 1 or weights.dtype != np.float32:
         return None
-    c = weights.shape[3]
+    _, kh, kw, c = weights.shape
     chunks = -(-c // LANES)
-    taps = np.zeros((chunks * LANES, 9), np.float32)
-    taps[:c] = weights.reshape(9, c).T
-    return np.ascontiguousarray(taps.reshape(chunks, LANES, 9).transpose(0, 2, 1))
+    taps = np.zeros((chunks * LANES, kh * kw), np.float32)
+    taps[:c] = weights.reshape(kh * kw, c).T
+    return np.ascontiguousarray(taps.reshape(chunks, LANES, kh * kw).transpose(0, 2, 1))
 
 
 def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarray, bias: np.ndarray,
                       dst: np.ndarray, packed: np.ndarray | None = None) -> Callable[[], Any]:
     """``dst = act(depthwise(src, weights) + bias)`` with the instruction's ``stride``, ``pad`` (``[[top,
     bottom], [left, right]]``, zeros) and ``activation`` (``CLAMPS``), in place on ``dst``; ``weights``
-    LiteRT's ``[1, kh, kw, C]``, ``bias`` ``[C]``; ``packed``: a 3x3 layer's ``pack_weights(weights)``
+    LiteRT's ``[1, kh, kw, C]``, ``bias`` ``[C]``; ``packed``: ``pack_weights(weights)``
     (made here if None)."""
     stride, pad = window_geometry(instr)
     (sh, sw), ((top, _), (left, _)) = stride, pad
@@ -75,13 +75,12 @@ def compile_depthwise(instr: dict[str, Any], src: np.ndarray, weights: np.ndarra
                         weights.ctypes.data, bias.ctypes.data, dst.ctypes.data, oh, ow,
                         *nhwc_strides(dst, "depthwise output"),
                         kh, kw, sh, sw, top, left, lo, hi)
-    if (kh, kw) == (3, 3):
-        packed = pack_weights(weights) if packed is None else packed
-        if packed is None or packed.shape != (-(-c // LANES), 9, LANES) or packed.dtype != np.float32 \
-                or not packed.flags.c_contiguous:
-            raise ValueError(f"depthwise of {src.shape}: packed weights "
-                             f"{None if packed is None else packed.shape}")
-        params.packed = packed.ctypes.data
+    packed = pack_weights(weights) if packed is None else packed
+    if packed is None or packed.shape != (-(-c // LANES), kh * kw, LANES) or packed.dtype != np.float32 \
+            or not packed.flags.c_contiguous:
+        raise ValueError(f"depthwise of {src.shape}: packed weights "
+                         f"{None if packed is None else packed.shape}")
+    params.packed = packed.ctypes.data
     run, address = LIBRARY.sn_depthwise, ctypes.addressof(params)
     kernel = lambda keep=(params, src, weights, bias, dst, packed): run(address)  # noqa: E731 - has an attribute
     kernel.c_call = (SN_DEPTHWISE, address)

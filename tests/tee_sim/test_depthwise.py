@@ -43,6 +43,11 @@ CASES = [  # (input shape, kernel, stride, pad, activation)
     ((1, 7, 37, 24), (3, 3), (2, 2), ((0, 1), (0, 1)), "RELU6"),        # stride 2's blocks, a tail
     ((1, 6, 30, 32), (3, 3), (1, 1), ((2, 0), (2, 0)), "RELU"),         # the inside starts 2 outputs in
     ((1, 4, 31, 16), (3, 3), (3, 3), ((1, 1), (1, 1)), None),           # stride 3: no blocks
+    # any other window: its blocks of 8 outputs, then single ones, a tail of channels
+    ((1, 7, 30, 20), (5, 5), (1, 1), ((2, 2), (2, 2)), "RELU6"),
+    ((2, 9, 35, 16), (5, 3), (2, 3), ((1, 2), (2, 1)), None),
+    ((1, 8, 40, 33), (7, 7), (1, 1), ((3, 3), (3, 3)), "RELU"),         # ConvNeXt's window
+    ((1, 5, 26, 8), (1, 1), (1, 1), ((0, 0), (0, 0)), "RELU_N1_TO_1"),
 ]
 
 
@@ -65,18 +70,21 @@ def test_matches_the_exact_result_within_float32_rounding(shape, kernel, stride,
         assert got.min() >= lo and got.max() <= hi and (got == max(lo, -1.0)).any()
 
 
-def test_the_3x3_path_needs_its_packed_weights():
-    """The kernel reads a 3x3 layer's weights in its own layout (``pack_weights``); any other is refused."""
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 3)])
+def test_the_kernel_needs_its_packed_weights(kernel):
+    """The kernel reads a layer's weights in its own layout (``pack_weights``); any other is refused."""
+    kh, kw = kernel
     x, dst = np.zeros((1, 4, 4, 20), np.float32), np.zeros((1, 4, 4, 20), np.float32)
-    weights, bias = np.ones((1, 3, 3, 20), np.float32), np.zeros(20, np.float32)
-    instr = {"stride": [1, 1], "pad": [[1, 1], [1, 1]]}
+    weights, bias = np.ones((1, kh, kw, 20), np.float32), np.zeros(20, np.float32)
+    instr = {"stride": [1, 1], "pad": [[kh // 2] * 2, [kw // 2] * 2]}
     packed = dw.pack_weights(weights)
-    assert packed.shape == (2, 9, 16) and (packed[1, :, 4:] == 0).all()
+    assert packed.shape == (2, kh * kw, 16) and (packed[1, :, 4:] == 0).all()
     for wrong in (packed[:1], packed.astype(np.float64), np.asfortranarray(packed)):
         with pytest.raises(ValueError, match="packed weights"):
             dw.compile_depthwise(instr, x, weights, bias, dst, wrong)
     dw.compile_depthwise(instr, x + 1, weights, bias, dst, packed)()
-    assert dst[0, 1, 1, 0] == 9.0 and dst[0, 0, 0, 0] == 4.0
+    # each output counts the taps of its window inside the input (small integers: exact)
+    assert np.array_equal(dst, _reference(x + 1, weights, bias, (1, 1), instr["pad"]))
 
 
 def test_reads_and_writes_channel_slices_in_place():

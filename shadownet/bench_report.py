@@ -254,8 +254,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     if streaming:
         out += ["", "Streaming throughput (frames/s; shadownet with two frames in flight: while one frame is "
                 "in the TEE the other runs on the accelerator - the target's measure - and one frame at a "
-                "time; online work: the one-time masks are made untimed between frames, as in the latency "
-                "runs):", "",
+                "time; online work: the one-time masks are made untimed between frames (two in flight: "
+                "between bursts of frames), as in the latency runs):", "",
                 "| model | unprotected | shadownet | all-in-tee | all-in-tee-builtin "
                 "| shadownet / unprotected | shadownet one at a time | its / unprotected |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]

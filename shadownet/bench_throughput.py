@@ -56,10 +56,10 @@ def pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs:
     Online work only, as the latency runs count it: each session's pool holds ``burst`` entries of
     one-time masks (4, or 2 or 1 when they do not fit in secure memory), refilled untimed between bursts of
     ``burst`` frames per session; the refill is the report's offline figure. (With the refill in the
-    timed loop, MobileNet's 12 ms of offline work per frame would be counted as online.) A burst's first
+    timed loop, MobileNet's 5 ms of offline work per frame would be counted as online.) A burst's first
     frame has nothing to overlap with until the other's first round is done, and its last runs alone: the
-    longer the burst, the nearer the streaming steady state (MobileNet, 200 frames, alternated: 72-82
-    frames/s in bursts of 1, 84 in bursts of 4)."""
+    longer the burst, the nearer the streaming steady state (an A/B, MobileNet, 200 frames, the two
+    alternated three times: 72-82 frames/s in bursts of 1, 84 in bursts of 4)."""
     import threading
 
     from shadownet.accelerator import AcceleratorWrapper

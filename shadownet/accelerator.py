@@ -159,6 +159,20 @@ class LiteRTAccelerator:
             self._tensors.append(tensors[r])
         self._plan = []
 
+    def rounds_on_one_thread(self) -> Callable[[], None]:
+        """A call that runs every round once, one after the other, on a one-thread interpreter of its own
+        (XNNPACK, no delegate) on defined inputs: the accelerator's work on one core, which ``shadownet
+        bench`` times as the break-even k's unit (one TEE core's). XNNPACK's set-up is done here, untimed."""
+        _, wrapper, subgraphs, _ = loaded = self._load(self._model, 1, ())
+        self._fill_inputs(loaded)
+
+        def run(keep: tuple[Any, ...] = loaded) -> None:
+            for subgraph in subgraphs:
+                wrapper.Invoke(subgraph)
+
+        run()
+        return run
+
     def release_unused(self) -> None:
         """Let go of the one-thread interpreter (and its thread pool's memory) when no round runs on it."""
         if 1 not in self.round_threads and self.num_threads != 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ class Protected:
                               background_refill=False)
         self.results = [np.empty(t.shape, t.dtype) for t in self.model.outputs]
         self.stats: list[dict[str, Any]] = []
-        self._one_core: tuple[Any, ...] | None = None
+        self._one_core: Callable[[], None] | None = None
         # On the bench's own input: a verified model's weakest detection bound is over every inference since
         # load, and zeros, which leave a model without biases results at the check's floor (SECURITY.md),
         # reported 2^0 for it (a helper's probe).
@@ -132,20 +132,8 @@ class Protected:
         accelerator's own time is on ``num_threads`` threads (or its delegate): against it k came out ~2x
         too small on two cores (a helper's review)."""
         if self._one_core is None:
-            from ai_edge_litert.interpreter import Interpreter
-
-            interpreter = Interpreter(model_content=self.model.artifacts.untrusted, num_threads=1)
-            wrapper, rng = interpreter._interpreter, np.random.default_rng(0)
-            subgraphs = []
-            for spec in self.model.artifacts.rounds:
-                runner = interpreter.get_signature_runner(spec.signature)
-                runner(**{name: rng.standard_normal(d["shape"]).astype(d["dtype"])  # no denormal slow paths
-                          for name, d in runner.get_input_details().items()})  # XNNPACK's set-up: untimed
-                subgraphs.append(runner._subgraph_index)
-            self._one_core = (interpreter, wrapper, subgraphs)
-        _, wrapper, subgraphs = self._one_core
-        for subgraph in subgraphs:
-            wrapper.Invoke(subgraph)
+            self._one_core = self.model.accelerator.rounds_on_one_thread()
+        self._one_core()
 
     def rounds_back_to_back(self) -> float:
         """Seconds the accelerator takes for every round one after the other, with no TEE step between

@@ -394,6 +394,20 @@ def test_two_models_open_at_once_share_the_secure_world(small_cnn, two_by_two):
         assert relative_error(again(x), want_x[0]) <= TOLERANCE
 
 
+def test_the_rounds_on_one_thread_run_beside_the_model_untouched(small_cnn):
+    """``LiteRTAccelerator.rounds_on_one_thread`` (the bench's one-core unit) runs every round on an
+    interpreter of its own: the model's buffers and results are as before, however often it runs."""
+    x = small_cnn.random_inputs(0)[0]
+    want = small_cnn.reference(x)[0]
+    with shadownet.load(small_cnn.out, num_threads=2) as model:
+        before = relative_error(model(x), want)
+        run = model.accelerator.rounds_on_one_thread()
+        for _ in range(3):
+            run()
+        assert before <= 1e-4 and relative_error(model(x), want) <= 1e-4
+        assert model.accelerator.num_threads == 2
+
+
 def test_threads_calling_one_model_get_their_own_results(small_cnn):
     inputs = [small_cnn.random_inputs(seed)[0] for seed in range(4)]
     wants = [small_cnn.reference(x)[0] for x in inputs]

@@ -34,8 +34,15 @@ def activation_fields(op: Any) -> dict[str, Any]:
     return {"activation": op.kind, "alpha": alpha}
 
 
+# Activations the TA runs in numpy but does not fuse into a restore (the restore's C kernel has no exp):
+# EfficientNet's swish and squeeze-excite gates (LOGISTIC), MobileNetV3's HARD_SWISH. Through LiteRT each was
+# a signature with an arena of its own: EfficientNetB0 at 224x224 needed 66 MiB of secure memory, above the
+# default cap. Within float32 rounding of LiteRT's kernels, not bit for bit.
+SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH"})
+
 # Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a
-# copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf).
+# copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf, and
+# the SMOOTH_ACTIVATIONS).
 # Through LiteRT every signature would keep an arena of its own
 # (yolov4-tiny: 41 MiB of secure memory, most of it for SPLIT / CONCATENATION / MAX_POOL_2D copies;
 # ResNet-404: 29 MiB for 201 ADD + RELU signatures), and each crossing into it costs a copy.
@@ -66,6 +73,9 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
             return {"op": "binary", "kind": kind}, [0, 1]
     elif numpy_activation(op) and floats(0) and g.tensors[op.inputs[0]].data is None:
         return {"op": "activation", **activation_fields(op)}, [0]
+    elif kind in SMOOTH_ACTIVATIONS and len(op.inputs) == 1 and floats(0) \
+            and g.tensors[op.inputs[0]].data is None:
+        return {"op": "activation", "activation": kind, "alpha": None}, [0]
     elif kind == "MAX_POOL_2D" and floats(0) and len(out) == 4:
         o = op.options
         _, h, w, _ = g.tensors[op.inputs[0]].shape

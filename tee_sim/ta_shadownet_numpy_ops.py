@@ -4,7 +4,8 @@ The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op 
 ``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``; see ``converters.plan_numpy``);
 ``compile_numpy`` turns it into a closure over the preallocated arrays that the TA resolved, so running it
 allocates nothing. Each kernel is an IEEE add / multiply / max or a copy: the results are LiteRT's float
-kernels' bit for bit. (Activations that follow a restore are fused into it:
+kernels' bit for bit, but LOGISTIC's and HARD_SWISH's (``converters.plan_numpy.SMOOTH_ACTIVATIONS``), within
+float32 rounding of them. (Activations that follow a restore are fused into it:
 ``tee_sim.ta_shadownet_restore_push``; ``max_pool`` is a C kernel: ``tee_sim.ta_shadownet_max_pool``.)
 """
 
@@ -20,7 +21,8 @@ BINARY_UFUNCS = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAXIMUM
 
 
 def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
-    """``dst = activation(src)`` in one pass."""
+    """``dst = activation(src)``, one pass (LOGISTIC and HARD_SWISH: four, in place on ``dst``, which is never
+    ``src``: an op's input and output are live together, so the arena never shares their bytes)."""
     if kind == "RELU":
         return lambda: np.maximum(src, 0, out=dst)
     if kind == "RELU6":
@@ -34,6 +36,24 @@ def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> 
             np.multiply(src, a, out=dst)
             np.maximum(dst, src, out=dst)
         return leaky
+    if kind == "LOGISTIC":  # 1 / (1 + exp(-x)), within float32 rounding of LiteRT's (not bit for bit)
+        def logistic() -> None:
+            with np.errstate(over="ignore"):  # exp(-x) is inf below x = -88.7: the result 0, as LiteRT's
+                np.negative(src, out=dst)
+                np.exp(dst, out=dst)
+            np.add(dst, 1, out=dst)
+            np.reciprocal(dst, out=dst)
+        return logistic
+    if kind == "HARD_SWISH":  # x * clip(x / 6 + 1/2, 0, 1), as XNNPACK's (x * relu6(x + 3) / 6 overflows)
+        sixth, half = np.float32(1 / 6), np.float32(0.5)
+
+        def hard_swish() -> None:
+            with np.errstate(invalid="ignore"):  # -inf: 0 * -inf is NaN, as LiteRT's
+                np.multiply(src, sixth, out=dst)
+                np.add(dst, half, out=dst)
+                np.clip(dst, 0, 1, out=dst)
+                np.multiply(dst, src, out=dst)
+        return hard_swish
     raise ValueError(f"activation {kind!r} (alpha {alpha!r}) is not one the TA runs")
 
 

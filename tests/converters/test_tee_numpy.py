@@ -1,7 +1,7 @@
 """The ops the TA runs itself instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
 CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE, MEAN,
-SOFTMAX) give LiteRT's results; what only LiteRT can run (LOGISTIC) still goes through a TEE-side
-signature."""
+SOFTMAX, LOGISTIC, HARD_SWISH) give LiteRT's results; what only LiteRT can run (TANH) still goes through a
+TEE-side signature."""
 
 import warnings
 
@@ -71,15 +71,19 @@ def _model() -> bytes:
     logits = tensor("logits", (1, 5))
     g.add_op("FULLY_CONNECTED", [flat, tensor("fc/w", (5, 200), rng.standard_normal((5, 200)) * 0.1), -1],
              [logits], fb.FullyConnectedOptionsT())
+    swished = tensor("swished", (1, 8, 8, 6))
+    g.add_op("HARD_SWISH", [y2], [swished])
     pooled = tensor("pooled", (1, 6))
-    g.add_op("MEAN", [y2, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
+    g.add_op("MEAN", [swished, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
     squashed = tensor("squashed", (1, 6))
     g.add_op("LOGISTIC", [pooled], [squashed])
+    bent = tensor("bent", (1, 6))
+    g.add_op("TANH", [squashed], [bent])
     softmax = fb.SoftmaxOptionsT()
     softmax.beta = 0.5
     probabilities = tensor("probabilities", (1, 5))
     g.add_op("SOFTMAX", [logits], [probabilities], softmax)
-    g.inputs, g.outputs = [x], [probabilities, squashed]
+    g.inputs, g.outputs = [x], [probabilities, squashed, bent]
     return write_model(g)
 
 
@@ -89,8 +93,8 @@ def test_numpy_ops_match_litert(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_numpy_ops"] == 12
-        assert manifest["summary"]["tee_litert_ops"] == 1  # LOGISTIC
+        assert manifest["summary"]["tee_numpy_ops"] == 14
+        assert manifest["summary"]["tee_litert_ops"] == 1  # TANH
         rng = np.random.default_rng(0)
         with Driver(device, tmp_path / "out") as run:
             for _ in range(2):

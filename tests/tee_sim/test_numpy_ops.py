@@ -1,0 +1,50 @@
+"""The TA's numpy kernels (``tee_sim.ta_shadownet_numpy_ops``): the smooth activations it runs instead of
+LiteRT (LOGISTIC, HARD_SWISH) against float64, over the whole float range, without warnings; the rest of
+its kernels against LiteRT in ``tests/converters/test_tee_numpy.py``."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tee_sim.ta_shadownet_numpy_ops import activation_into, compile_numpy
+
+EXTREMES = [-np.inf, -3.4e38, -200.0, -88.8, -87.0, -20.0, -3.0, -2.9, -1e-30, 0.0, 1e-30, 2.9, 3.0, 20.0,
+            87.0, 88.8, 200.0, 3.4e38, np.inf]
+
+
+def _inputs() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.array(EXTREMES), rng.normal(0, 4, 2000)])
+    return values.astype(np.float32).reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kind, reference", [
+    ("LOGISTIC", lambda x: 1 / (1 + np.exp(-x))),
+    ("HARD_SWISH", lambda x: x * np.clip(x + 3, 0, 6) / 6),
+])
+def test_smooth_activations_are_float32_roundings_of_the_exact_result(kind, reference):
+    """Within 4 float32 epsilons of the exact result (HARD_SWISH: of its input's magnitude, as XNNPACK's
+    x * clip(x / 6 + 1/2, 0, 1) cancels near x = -3)."""
+    x = _inputs()
+    dst = np.full_like(x, np.nan)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        want = reference(x.astype(np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp's overflow below -88.7 and -inf's 0 * inf: expected, silent
+        compile_numpy({"op": "activation", "activation": kind, "alpha": None}, [x], [dst])()
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isnan(dst), np.isnan(want))
+    assert np.array_equal(dst[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    scale = np.maximum(np.abs(want[finite]), 1e-30)  # denormal results: absolutely within 1e-37
+    if kind == "HARD_SWISH":
+        scale = np.maximum(scale, np.abs(x.astype(np.float64)[finite]))
+    assert (np.abs(dst[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
+    if kind == "LOGISTIC":
+        assert dst.min() >= 0 and dst.max() <= 1 and dst[0, 2, 0, 0] == 0.0  # -200: exactly 0, as LiteRT's
+
+
+def test_an_unknown_activation_is_refused():
+    x = np.zeros((1, 2, 2, 1), np.float32)
+    with pytest.raises(ValueError, match="TANH"):
+        activation_into("TANH", None, x, x.copy())

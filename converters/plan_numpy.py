@@ -34,10 +34,12 @@ def activation_fields(op: Any) -> dict[str, Any]:
     return {"activation": op.kind, "alpha": alpha}
 
 
-# Activations the TA runs in numpy but does not fuse into a restore (the restore's C kernel has no exp):
-# EfficientNet's swish and squeeze-excite gates (LOGISTIC), MobileNetV3's HARD_SWISH. Through LiteRT each was
-# a signature with an arena of its own: EfficientNetB0 at 224x224 needed 66 MiB of secure memory, above the
-# default cap. Within float32 rounding of LiteRT's kernels, not bit for bit.
+# Activations the TA runs itself but does not fuse into a restore (whose kernel has no exp): EfficientNet's
+# swish and squeeze-excite gates (LOGISTIC), MobileNetV3's HARD_SWISH, each one C call
+# (``tee_sim.ta_shadownet_small_ops``; numpy for a strided view). Through LiteRT each was a signature with an
+# arena of its own: EfficientNetB0 at 224x224 needed 66 MiB of secure memory, above the default cap (29.1
+# now; at 128x128 31.4 -> 19.0 MiB, the TA's time 4.3-4.6 -> 3.9-4.3 ms). Within float32 rounding of
+# LiteRT's kernels, not bit for bit.
 SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH"})
 
 # Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a

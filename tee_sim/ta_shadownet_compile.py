@@ -24,7 +24,12 @@ from tee_sim.ta_shadownet_depthwise import compile_depthwise, pack_weights
 from tee_sim.ta_shadownet_max_pool import compile_max_pool
 from tee_sim.ta_shadownet_numpy_ops import compile_numpy, slice_along
 from tee_sim.ta_shadownet_restore_push import compile_push, compile_restore, elements
-from tee_sim.ta_shadownet_small_ops import compile_copy, compile_mean, compile_softmax
+from tee_sim.ta_shadownet_small_ops import (
+    compile_copy,
+    compile_mean,
+    compile_smooth_activation,
+    compile_softmax,
+)
 
 
 def resolve(model: Any, ref: str) -> np.ndarray:
@@ -106,6 +111,11 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
     if op == "depthwise":
         (src, weights, bias), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         return compile_depthwise(instr, src, weights, bias, dst, model.depthwise.get(instr["srcs"][1]))
+    if op == "activation" and instr.get("activation") in ("LOGISTIC", "HARD_SWISH"):  # one C call where
+        (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))  # dense, or numpy
+        kernel = compile_smooth_activation(instr["activation"], src, dst)
+        if kernel is not None:
+            return kernel
     if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's
         (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         kernel = compile_copy(src, dst)

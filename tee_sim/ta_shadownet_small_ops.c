@@ -12,7 +12,10 @@
  *                 their largest square lies in (lo, hi], else 2 (as sn_run's SPREAD_OUTSIDE, never 1, a
  *                 failed check's answer; the step goes back to the TA's Python):
  *                 whether a plain push's one-time mask may stay at its power of two for this input
- *                 (tee_sim.mask_spread); float lanes, each block's sums in double.
+ *                 (tee_sim.mask_spread); float lanes, each block's sums in double;
+ *     SN_LOGISTIC dst = 1 / (1 + exp(-src)), c contiguous floats (EfficientNet's swish and gates), exp
+ *                 vectorized here (vexp): within 2 ulps of expf, where libm's is called a float at a time;
+ *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula).
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,7 +23,45 @@
 
 #include "ta_shadownet_kernels.h"
 
-enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4 };
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5, SN_HARD_SWISH = 6 };
+
+/* exp of each lane for x in [-88, 88] (the caller clamps): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
+ * Taylor polynomial to r^7 (relative error below 2^-24 there), times 2^n built in the exponent's bits. */
+INLINE vn vexp(vn x) {
+    const vn zero = {0};
+    const vn magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds a float below 2^22 to an integer */
+    vn n = (x * 1.44269504088896341f + magic) - magic;
+    vn r = (x - n * 0.693359375f) - n * -2.12194440e-4f; /* ln2 in two parts: n * hi is exact */
+    vn p = zero + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vni bits = (__builtin_convertvector(n, vni) + 127) << 23; /* 2^n: n in [-127, 127] */
+    vn scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* 1 / (1 + exp(-x)) of each lane (a NaN stays NaN): beyond 88 in magnitude the result is 0 or 1 within a
+ * float32 rounding, so x is clamped there. */
+INLINE vn vlogistic(vn x) {
+    const vn zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
+    vn t = select(x < lo, lo, select(x > hi, hi, x));
+    vn y = 1.0f / (1.0f + vexp(-t));
+    return select(x == x, y, x);
+}
+
+INLINE vn vhard_swish(vn x) {
+    const vn zero = {0}, one = zero + 1.0f;
+    vn g = x * (1.0f / 6) + 0.5f;
+    g = select(g > zero, g, zero);
+    g = select(g < one, g, one);
+    return select(x == x, x * g, x);
+}
 
 typedef struct {
     const float *src;
@@ -82,6 +123,21 @@ int sn_small_op(const sn_small *s) {
         float top = 0.0f;
         add_squares(s->src, c, &sum, &top);
         return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
+    }
+    case SN_LOGISTIC:
+    case SN_HARD_SWISH: {
+        const float *x = s->src;
+        float *o = s->dst;
+        int64_t k = 0;
+        for (; k + SN_VL <= c; k += SN_VL)
+            storen(o + k, s->kind == SN_LOGISTIC ? vlogistic(loadn(x + k)) : vhard_swish(loadn(x + k)));
+        if (k < c) { /* the last floats, through a vector's room */
+            float tail[SN_VL] = {0};
+            memcpy(tail, x + k, sizeof(float) * (size_t)(c - k));
+            vn v = s->kind == SN_LOGISTIC ? vlogistic(loadn(tail)) : vhard_swish(loadn(tail));
+            memcpy(o + k, &v, sizeof(float) * (size_t)(c - k));
+        }
+        return 0;
     }
     default:
         return -1;

@@ -139,3 +139,38 @@ def test_spread_check_follows_a_sparse_inputs_peak():
         assert check() == want, measure
     image = np.random.default_rng(0).uniform(0, 1, 4099).astype(np.float32)  # an image's peak: its RMS
     assert spread_of(image) == pytest.approx(float(np.sqrt(np.mean(image.astype(np.float64) ** 2))), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LOGISTIC", "HARD_SWISH"])
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 2019])
+def test_smooth_activations_in_c_against_float64(kind, size):
+    """LOGISTIC and HARD_SWISH as one call (a tail shorter than a vector too): within a few float32 epsilons
+    of the exact result over the whole float range, infinities and NaN included; nothing written past."""
+    rng = np.random.default_rng(size)
+    extremes = [-np.inf, -3.4e38, -200.0, -88.8, -87.0, -20.0, -3.0, -2.9, -1e-30, 0.0, 1e-30, 2.9, 3.0, 20.0,
+                87.0, 88.8, 200.0, 3.4e38, np.inf, np.nan]
+    values = np.concatenate([extremes, rng.normal(0, 4, size)])[-size:] if size < 20 else \
+        np.concatenate([extremes, rng.normal(0, 4, size - len(extremes))])
+    x = values.astype(np.float32)
+    out = np.full(size + 3, 7.0, np.float32)
+    kernel = ops.compile_smooth_activation(kind, x, out[:size])
+    assert kernel.c_call[1]
+    kernel()
+    x64 = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        want = 1 / (1 + np.exp(-x64)) if kind == "LOGISTIC" else x64 * np.clip(x64 + 3, 0, 6) / 6
+    got = out[:size].astype(np.float64)
+    assert (out[size:] == 7.0).all()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    scale = np.maximum(np.abs(want[finite]), 1e-30)  # a denormal result: absolutely within 1e-37
+    if kind == "HARD_SWISH":  # XNNPACK's x * clip(x / 6 + 1/2, 0, 1) cancels near x = -3
+        scale = np.maximum(scale, np.abs(x64[finite]))
+    assert (np.abs(got[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
+
+
+def test_smooth_activations_of_strided_views_are_left_to_numpy():
+    x = np.zeros((4, 6), np.float32)
+    assert ops.compile_smooth_activation("LOGISTIC", x[:, :3], np.zeros((4, 3), np.float32)) is None
+    assert ops.compile_smooth_activation("TANH", x, np.zeros((4, 6), np.float32)) is None

@@ -37,11 +37,13 @@ def secure_world_stats(session: Any) -> dict[str, Any]:
     trusted app holds (``model_secure_memory``: one TEE entry, outside any inference)."""
     from tee_sim.ta_shadownet_commands import Command
 
-    memory = session.stats()
-    result = {key: memory[key] for key in ("secure_memory_used", "secure_memory_peak", "secure_memory_cap")}
     out = tee_sim.Value(direction="out")
     with translated("reading the trusted app's statistics"):
         session.invoke_command(Command.GET_STATS, [out])
+    # The session's counters as this call's answer left them: read before it, they were the device's as of
+    # this session's previous TEE entry (another session's load or close unseen; a helper's probe).
+    memory = session.stats()
+    result = {key: memory[key] for key in ("secure_memory_used", "secure_memory_peak", "secure_memory_cap")}
     result["model_secure_memory"] = out.a
     return result
 

@@ -408,6 +408,20 @@ def test_the_rounds_on_one_thread_run_beside_the_model_untouched(small_cnn):
         assert model.accelerator.num_threads == 2
 
 
+def test_stats_give_the_devices_secure_memory_as_it_is_now(small_cnn):
+    """``secure_memory_used`` is device-wide: another session's load and close show at once in this one's
+    stats (they were a call late: the counters of this session's previous TEE entry)."""
+    x = small_cnn.random_inputs(0)[0]
+    with shadownet.load(small_cnn.out) as a:
+        a(x)
+        alone = a.stats()["secure_memory_used"]
+        with shadownet.load(small_cnn.out) as b:
+            b(x)
+            both = b.stats()["secure_memory_used"]
+            assert both > alone and a.stats()["secure_memory_used"] == both
+        assert a.stats()["secure_memory_used"] == alone
+
+
 def test_threads_calling_one_model_get_their_own_results(small_cnn):
     inputs = [small_cnn.random_inputs(seed)[0] for seed in range(4)]
     wants = [small_cnn.reference(x)[0] for x in inputs]

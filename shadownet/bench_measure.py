@@ -81,6 +81,16 @@ def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = 
     return time.perf_counter() - start
 
 
+def _saturated(output: np.ndarray) -> bool:
+    """Whether at most one of an output's values lies above 1e-6 of its largest (a one-hot softmax, or all
+    zeros): errors relative to its largest then say little (a helper's MobileNetV3, made for inputs in [0,
+    255], reported 4e-38 on the bench's [0, 1] input)."""
+    if not np.issubdtype(output.dtype, np.floating):
+        return False
+    magnitude = np.abs(output.astype(np.float64))
+    return np.count_nonzero(magnitude > 1e-6 * magnitude.max()) <= 1 if magnitude.size else True
+
+
 def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:
     """``steady_seconds`` of one mode's call on ``inputs``, a protected model's refill between."""
     return steady_seconds(lambda: runner(inputs), runner.refill if isinstance(runner, Protected) else None)
@@ -264,6 +274,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         # The same model, input and float32, on LiteRT's other kernels: how far two honest float32
         # computations of the original already disagree (the floor the protected error sits on).
         floor = relative_error(runners["all-in-tee-builtin"].results, runners["unprotected"].results)
+        saturated = all(_saturated(y) for y in runners["unprotected"].results)
         checked: Protected | None = runners.pop(VERIFY_MODE, None)
         verified = None
         if checked is not None:
@@ -385,6 +396,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
             "rounds_on_one_thread": one_thread,
             "relative_error": error,
             "builtin_vs_xnnpack_error": floor,
+            "output_saturated": saturated,
             "fidelity_spread": spread,
         },
         "ratios": {"S/U": median / unprotected, "T/S": tee / median,

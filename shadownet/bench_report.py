@@ -119,6 +119,9 @@ def _notes(report: dict[str, Any]) -> list[str]:
               "phase with S / U" for e in _done(report) if (e.get("verify") or {}).get("sequential")]
     notes += [f"{e['model']}: shadownet throughput not measured: {e['throughput']['shadownet']['error']}"
               for e in _done(report) if e.get("throughput", {}).get("shadownet", {}).get("error")]
+    notes += [f"{e['model']}: its output on the bench's input (uniform in [0, 1]) is one-hot or zero: the "
+              "errors say little (a model made for another input range saturates on it)"
+              for e in _done(report) if e["shadownet"].get("output_saturated")]
     notes += [f"{e['model']}: {VERIFY_MODE}: {unsplit_masked(rounds)}: its checks tolerate the masked "
               "input's rounding (SECURITY.md)" for e in _done(report)
               if (rounds := (e.get("verify") or {}).get("unsplit_masked_rounds"))]

@@ -159,6 +159,15 @@ def test_bench_report(tmp_path):
         note = f"small: the unprotected median is {spread:.2f}x its minimum"
         assert (note in bench_report.table(report)) == said
         assert (f"- {note}" in bench_report.markdown(report)) == said
+    # A saturated output (one-hot or zero on the bench's input) is said to make the errors say little.
+    assert s["output_saturated"] is False and "one-hot or zero" not in bench_report.markdown(report)
+    s["output_saturated"] = True
+    assert "- small: its output on the bench's input (uniform in [0, 1]) is one-hot or zero" in \
+        bench_report.markdown(report)
+    assert bench_measure._saturated(np.eye(1, 1000, 3, dtype=np.float32))
+    assert bench_measure._saturated(np.zeros((1, 5), np.float32))
+    assert not bench_measure._saturated(np.array([[0.5, 0.25, 1e-3]], np.float32))
+    assert not bench_measure._saturated(np.array([3, 0, 0], np.int32))  # not a float output: not judged
 
 
 def test_cli_refusals(tmp_path, capsys, monkeypatch):

@@ -35,12 +35,12 @@ def activation_fields(op: Any) -> dict[str, Any]:
 
 
 # Activations the TA runs itself but does not fuse into a restore (whose kernel has no exp): EfficientNet's
-# swish and squeeze-excite gates (LOGISTIC), MobileNetV3's HARD_SWISH, each one C call
+# swish and squeeze-excite gates (LOGISTIC), MobileNetV3's HARD_SWISH, ConvNeXt's GELU, each one C call
 # (``tee_sim.ta_shadownet_small_ops``; numpy for a strided view). Through LiteRT each was a signature with an
 # arena of its own: EfficientNetB0 at 224x224 needed 66 MiB of secure memory, above the default cap (29.1
 # now; at 128x128 31.4 -> 19.0 MiB, the TA's time 4.3-4.6 -> 3.9-4.3 ms). Within float32 rounding of
 # LiteRT's kernels, not bit for bit.
-SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH"})
+SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH", "GELU"})
 
 # Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a
 # copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf, and
@@ -77,7 +77,10 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
         return {"op": "activation", **activation_fields(op)}, [0]
     elif kind in SMOOTH_ACTIVATIONS and len(op.inputs) == 1 and floats(0) \
             and g.tensors[op.inputs[0]].data is None:
-        return {"op": "activation", "activation": kind, "alpha": None}, [0]
+        form = {"op": "activation", "activation": kind, "alpha": None}
+        if kind == "GELU":  # LiteRT's exact GELU, or its tanh approximation
+            form["approximate"] = bool(getattr(op.options, "approximate", False))
+        return form, [0]
     elif kind == "MAX_POOL_2D" and floats(0) and len(out) == 4:
         o = op.options
         _, h, w, _ = g.tensors[op.inputs[0]].shape

@@ -111,9 +111,9 @@ def compile_instruction(model: Any, instr: dict[str, Any]) -> Callable[[], Any]:
     if op == "depthwise":
         (src, weights, bias), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))
         return compile_depthwise(instr, src, weights, bias, dst, model.depthwise.get(instr["srcs"][1]))
-    if op == "activation" and instr.get("activation") in ("LOGISTIC", "HARD_SWISH"):  # one C call where
-        (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))  # dense, or numpy
-        kernel = compile_smooth_activation(instr["activation"], src, dst)
+    if op == "activation" and instr.get("activation") in ("LOGISTIC", "HARD_SWISH", "GELU"):  # one C call
+        (src,), (dst,) = ([resolve(model, r) for r in instr[k]] for k in ("srcs", "dsts"))  # where dense
+        kernel = compile_smooth_activation(instr["activation"], src, dst, instr.get("approximate") is True)
         if kernel is not None:
             return kernel
     if op == "reshape":  # one C call where both sides are dense (the fast path runs it), else numpy's

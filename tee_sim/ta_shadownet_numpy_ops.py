@@ -11,6 +11,7 @@ float32 rounding of them. (Activations that follow a restore are fused into it:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ BINARY_UFUNCS = {"ADD": np.add, "SUB": np.subtract, "MUL": np.multiply, "MAXIMUM
                  "MINIMUM": np.minimum}
 
 
-def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
+def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray,
+                    approximate: bool = False) -> Callable[[], Any]:
     """``dst = activation(src)``, one pass (LOGISTIC and HARD_SWISH: four, in place on ``dst``, which is never
     ``src``: an op's input and output are live together, so the arena never shares their bytes)."""
     if kind == "RELU":
@@ -54,6 +56,18 @@ def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray) -> 
                 np.clip(dst, 0, 1, out=dst)
                 np.multiply(dst, src, out=dst)
         return hard_swish
+    if kind == "GELU":  # a strided view's (one C call otherwise): erf a float at a time, in temporaries
+        erf = np.frompyfunc(math.erf, 1, 1)
+
+        def gelu() -> None:
+            with np.errstate(all="ignore"):  # x^3 overflows (tanh: 1); -inf * 0 is NaN, as LiteRT's
+                if approximate:
+                    u = np.float32(0.7978845608) * (src + np.float32(0.044715) * src * src * src)
+                    phi = (1 + np.tanh(u)) / 2
+                else:
+                    phi = (1 + erf(src.astype(np.float64) * np.sqrt(0.5)).astype(np.float64)) / 2
+                np.multiply(src, phi, out=dst, casting="unsafe")
+        return gelu
     raise ValueError(f"activation {kind!r} (alpha {alpha!r}) is not one the TA runs")
 
 
@@ -99,7 +113,8 @@ def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.n
         (src,) = srcs
         if src.shape != dst.shape:
             raise ValueError(f"{instr['activation']}: {src.shape} -> {dst.shape}")
-        return activation_into(instr["activation"], instr["alpha"], src, dst)
+        approximate = instr.get("approximate") is True  # GELU's tanh form
+        return activation_into(instr["activation"], instr["alpha"], src, dst, approximate)
     if op == "reshape":
         (src,) = srcs
         if src.size != dst.size:

@@ -15,7 +15,11 @@
  *                 (tee_sim.mask_spread); float lanes, each block's sums in double;
  *     SN_LOGISTIC dst = 1 / (1 + exp(-src)), c contiguous floats (EfficientNet's swish and gates), exp
  *                 vectorized here (vexp): within 2 ulps of expf, where libm's is called a float at a time;
- *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula).
+ *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula);
+ *     SN_GELU     dst = src * Phi(src), Phi the normal distribution function, c contiguous floats (ConvNeXt's):
+ *                 with beta 0, Phi(x) = erfc(-x / sqrt 2) / 2 (LiteRT's exact GELU), erfc by Numerical
+ *                 Recipes' erfcc (relative error below 1.2e-7) on vexp; with beta 1, LiteRT's approximate
+ *                 GELU, Phi(x) = (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,7 +27,8 @@
 
 #include "ta_shadownet_kernels.h"
 
-enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5, SN_HARD_SWISH = 6 };
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5, SN_HARD_SWISH = 6,
+       SN_GELU = 7 };
 
 /* exp of each lane for x in [-88, 88] (the caller clamps): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
  * Taylor polynomial to r^7 (relative error below 2^-24 there), times 2^n built in the exponent's bits. */
@@ -55,6 +60,42 @@ INLINE vn vlogistic(vn x) {
     return select(x == x, y, x);
 }
 
+/* exp of each lane for any x: 0 below -88, and clamped at 88 (the callers' arguments never exceed 0 there). */
+INLINE vn vexp_clamped(vn x) {
+    const vn zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
+    vn y = vexp(select(x < lo, lo, select(x > hi, hi, x)));
+    return select(x < lo, zero, y);
+}
+
+/* erfc(z) of each lane for z >= 0 (Numerical Recipes' erfcc: fractional error below 1.2e-7). */
+INLINE vn verfc(vn z) {
+    vn t = 1.0f / (1.0f + 0.5f * z);
+    vn p = t * 0.17087277f - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    return t * vexp_clamped(p - z * z);
+}
+
+/* x * Phi(x) of each lane (a NaN stays NaN): exact (erf) or approximate (tanh), as LiteRT's GELU. */
+INLINE vn vgelu(vn x, int approximate) {
+    const vn zero = {0};
+    vn phi;
+    if (approximate) { /* (1 + tanh(u)) / 2 = 1 / (1 + exp(-2u)) */
+        vn v = -2.0f * (x * 0.7978845608f * (1.0f + 0.044715f * x * x)); /* -2u */
+        phi = select(v > 88.0f, zero, 1.0f / (1.0f + vexp_clamped(v))); /* 0 there: -inf gives NaN, as LiteRT */
+    } else {  /* erfc(-x / sqrt 2) / 2: for x < 0 from erfc(|x| / sqrt 2), else 1 - erfc(x / sqrt 2) / 2 */
+        vn half_tail = 0.5f * verfc(select(x < zero, -x, x) * 0.70710678118654752f);
+        phi = select(x < zero, half_tail, 1.0f - half_tail);
+    }
+    return select(x == x, x * phi, x);
+}
+
 INLINE vn vhard_swish(vn x) {
     const vn zero = {0}, one = zero + 1.0f;
     vn g = x * (1.0f / 6) + 0.5f;
@@ -72,6 +113,10 @@ typedef struct {
     int64_t dst_stride, src_stride;  /* SN_ROWS's, in floats */
     double lo, hi;                   /* SN_SPREAD's band */
 } sn_small;
+
+INLINE vn smooth(int kind, int approximate, vn x) {
+    return kind == SN_LOGISTIC ? vlogistic(x) : kind == SN_HARD_SWISH ? vhard_swish(x) : vgelu(x, approximate);
+}
 
 int sn_small_op(const sn_small *s) {
     int64_t n = s->n, positions = s->positions, c = s->c;
@@ -125,16 +170,18 @@ int sn_small_op(const sn_small *s) {
         return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
     }
     case SN_LOGISTIC:
-    case SN_HARD_SWISH: {
+    case SN_HARD_SWISH:
+    case SN_GELU: {
         const float *x = s->src;
         float *o = s->dst;
+        const int kind = s->kind, approximate = s->beta != 0.0f;
         int64_t k = 0;
         for (; k + SN_VL <= c; k += SN_VL)
-            storen(o + k, s->kind == SN_LOGISTIC ? vlogistic(loadn(x + k)) : vhard_swish(loadn(x + k)));
+            storen(o + k, smooth(kind, approximate, loadn(x + k)));
         if (k < c) { /* the last floats, through a vector's room */
             float tail[SN_VL] = {0};
             memcpy(tail, x + k, sizeof(float) * (size_t)(c - k));
-            vn v = s->kind == SN_LOGISTIC ? vlogistic(loadn(tail)) : vhard_swish(loadn(tail));
+            vn v = smooth(kind, approximate, loadn(tail));
             memcpy(o + k, &v, sizeof(float) * (size_t)(c - k));
         }
         return 0;

@@ -1,6 +1,6 @@
 """The ShadowNet trusted app's small ops as single C calls (``tee_sim/ta_shadownet_small_ops.c``): MEAN over
 an image's positions, SOFTMAX over its channels (``converters.plan_numpy``'s ``mean`` and ``softmax``),
-LOGISTIC and HARD_SWISH (its ``activation``s of those kinds) and whole-tensor copies (a ``copy``, a
+LOGISTIC, HARD_SWISH and GELU (its ``activation``s of those kinds) and whole-tensor copies (a ``copy``, a
 ``reshape``). Through LiteRT or numpy each of them made its step Python's
 to run; as kernel calls with a ``c_call`` the step runs on the secure world's fast path
 (``ShadowNetTA.step_program``): a classifier's last two steps (MEAN, then SOFTMAX and the output's copy)
@@ -19,7 +19,8 @@ import numpy as np
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 SN_SMALL_OP = ctypes.cast(LIBRARY.sn_small_op, ctypes.c_void_p).value  # for the secure world's fast path
-_COPY, _MEAN, _SOFTMAX, _ROWS, _SPREAD, _LOGISTIC, _HARD_SWISH = 0, 1, 2, 3, 4, 5, 6
+_COPY, _MEAN, _SOFTMAX, _ROWS, _SPREAD, _LOGISTIC, _HARD_SWISH, _GELU = 0, 1, 2, 3, 4, 5, 6, 7
+_SMOOTH = {"LOGISTIC": _LOGISTIC, "HARD_SWISH": _HARD_SWISH, "GELU": _GELU}
 
 
 class _Small(ctypes.Structure):
@@ -90,14 +91,16 @@ def _rows(view: np.ndarray) -> tuple[int, int, int] | None:
     return rows, run, stride
 
 
-def compile_smooth_activation(kind: str, src: np.ndarray, dst: np.ndarray) -> Callable[[], Any] | None:
-    """``dst = LOGISTIC(src)`` or ``HARD_SWISH(src)`` as one call, for dense float32 arrays of one shape;
-    None otherwise (the caller uses numpy: ``tee_sim.ta_shadownet_numpy_ops``). In numpy, four passes and
+def compile_smooth_activation(kind: str, src: np.ndarray, dst: np.ndarray,
+                              approximate: bool = False) -> Callable[[], Any] | None:
+    """``dst = LOGISTIC(src)``, ``HARD_SWISH(src)`` or ``GELU(src)`` (``approximate``: its tanh form) as one
+    call, for dense float32 arrays of one shape; None otherwise (the caller uses numpy:
+    ``tee_sim.ta_shadownet_numpy_ops``). In numpy, four passes and
     a Python call each, EfficientNetB0's 65 LOGISTICs at 128x128 cost the TA 5.4-5.8 ms an inference
     against 4.4-4.5 through LiteRT (which kept an arena per op: 31.4 MiB of secure memory against 19.0)."""
-    if kind not in ("LOGISTIC", "HARD_SWISH") or not (_dense(src) and _dense(dst)) or src.shape != dst.shape:
+    if kind not in _SMOOTH or not (_dense(src) and _dense(dst)) or src.shape != dst.shape:
         return None
-    return _kernel(_LOGISTIC if kind == "LOGISTIC" else _HARD_SWISH, src, dst, 1, 1, src.size)
+    return _kernel(_SMOOTH[kind], src, dst, 1, 1, src.size, 1.0 if approximate else 0.0)
 
 
 def compile_mean(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:

@@ -1,7 +1,7 @@
 """The ops the TA runs itself instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
 CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE, MEAN,
-SOFTMAX, LOGISTIC, HARD_SWISH) give LiteRT's results; what only LiteRT can run (TANH) still goes through a
-TEE-side signature."""
+SOFTMAX, LOGISTIC, HARD_SWISH, GELU) give LiteRT's results; what only LiteRT can run (TANH) still goes
+through a TEE-side signature."""
 
 import warnings
 
@@ -71,8 +71,10 @@ def _model() -> bytes:
     logits = tensor("logits", (1, 5))
     g.add_op("FULLY_CONNECTED", [flat, tensor("fc/w", (5, 200), rng.standard_normal((5, 200)) * 0.1), -1],
              [logits], fb.FullyConnectedOptionsT())
+    smooth = tensor("gelu", (1, 8, 8, 6))
+    g.add_op("GELU", [y2], [smooth], fb.GeluOptionsT())
     swished = tensor("swished", (1, 8, 8, 6))
-    g.add_op("HARD_SWISH", [y2], [swished])
+    g.add_op("HARD_SWISH", [smooth], [swished])
     pooled = tensor("pooled", (1, 6))
     g.add_op("MEAN", [swished, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
     squashed = tensor("squashed", (1, 6))
@@ -93,7 +95,7 @@ def test_numpy_ops_match_litert(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_numpy_ops"] == 14
+        assert manifest["summary"]["tee_numpy_ops"] == 15
         assert manifest["summary"]["tee_litert_ops"] == 1  # TANH
         rng = np.random.default_rng(0)
         with Driver(device, tmp_path / "out") as run:

@@ -1,7 +1,9 @@
 """The TA's numpy kernels (``tee_sim.ta_shadownet_numpy_ops``): the smooth activations it runs instead of
-LiteRT (LOGISTIC, HARD_SWISH) against float64, over the whole float range, without warnings; the rest of
-its kernels against LiteRT in ``tests/converters/test_tee_numpy.py``."""
+LiteRT (LOGISTIC, HARD_SWISH, GELU; on strided views, one C call otherwise) against float64, over the whole
+float range, without warnings; the rest of its kernels against LiteRT in
+``tests/converters/test_tee_numpy.py``."""
 
+import math
 import warnings
 
 import numpy as np
@@ -22,6 +24,8 @@ def _inputs() -> np.ndarray:
 @pytest.mark.parametrize("kind, reference", [
     ("LOGISTIC", lambda x: 1 / (1 + np.exp(-x))),
     ("HARD_SWISH", lambda x: x * np.clip(x + 3, 0, 6) / 6),
+    ("GELU", lambda x: x * (1 + np.frompyfunc(math.erf, 1, 1)(x / math.sqrt(2)).astype(np.float64)) / 2),
+    ("GELU approximate", lambda x: x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))) / 2),
 ])
 def test_smooth_activations_are_float32_roundings_of_the_exact_result(kind, reference):
     """Within 4 float32 epsilons of the exact result (HARD_SWISH: of its input's magnitude, as XNNPACK's
@@ -32,12 +36,13 @@ def test_smooth_activations_are_float32_roundings_of_the_exact_result(kind, refe
         want = reference(x.astype(np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exp's overflow below -88.7 and -inf's 0 * inf: expected, silent
-        compile_numpy({"op": "activation", "activation": kind, "alpha": None}, [x], [dst])()
+        compile_numpy({"op": "activation", "activation": kind.split()[0], "alpha": None,
+                       "approximate": "approximate" in kind}, [x], [dst])()
     finite = np.isfinite(want)
     assert np.array_equal(np.isnan(dst), np.isnan(want))
     assert np.array_equal(dst[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
     scale = np.maximum(np.abs(want[finite]), 1e-30)  # denormal results: absolutely within 1e-37
-    if kind == "HARD_SWISH":
+    if kind != "LOGISTIC":  # x times a factor in [0, 1]: within rounding of x's magnitude
         scale = np.maximum(scale, np.abs(x.astype(np.float64)[finite]))
     assert (np.abs(dst[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
     if kind == "LOGISTIC":

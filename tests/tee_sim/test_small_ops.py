@@ -2,6 +2,8 @@
 kernels this CPU runs: MEAN over an image's positions and SOFTMAX over its channels against float64
 numpy, copies bit for bit, each a single kernel call for the fast path."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -141,7 +143,7 @@ def test_spread_check_follows_a_sparse_inputs_peak():
     assert spread_of(image) == pytest.approx(float(np.sqrt(np.mean(image.astype(np.float64) ** 2))), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["LOGISTIC", "HARD_SWISH"])
+@pytest.mark.parametrize("kind", ["LOGISTIC", "HARD_SWISH", "GELU", "GELU approximate"])
 @pytest.mark.parametrize("size", [1, 15, 16, 17, 2019])
 def test_smooth_activations_in_c_against_float64(kind, size):
     """LOGISTIC and HARD_SWISH as one call (a tail shorter than a vector too): within a few float32 epsilons
@@ -153,21 +155,32 @@ def test_smooth_activations_in_c_against_float64(kind, size):
         np.concatenate([extremes, rng.normal(0, 4, size - len(extremes))])
     x = values.astype(np.float32)
     out = np.full(size + 3, 7.0, np.float32)
-    kernel = ops.compile_smooth_activation(kind, x, out[:size])
+    kernel = ops.compile_smooth_activation(kind.split()[0], x, out[:size], approximate="approximate" in kind)
     assert kernel.c_call[1]
     kernel()
-    x64 = x.astype(np.float64)
-    with np.errstate(all="ignore"):
-        want = 1 / (1 + np.exp(-x64)) if kind == "LOGISTIC" else x64 * np.clip(x64 + 3, 0, 6) / 6
+    want = _smooth(kind, x.astype(np.float64))
     got = out[:size].astype(np.float64)
     assert (out[size:] == 7.0).all()
     assert np.array_equal(np.isnan(got), np.isnan(want))
     finite = np.isfinite(want)
     assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
     scale = np.maximum(np.abs(want[finite]), 1e-30)  # a denormal result: absolutely within 1e-37
-    if kind == "HARD_SWISH":  # XNNPACK's x * clip(x / 6 + 1/2, 0, 1) cancels near x = -3
-        scale = np.maximum(scale, np.abs(x64[finite]))
+    if kind != "LOGISTIC":  # x times a factor in [0, 1]: within rounding of x's magnitude (XNNPACK's
+        # HARD_SWISH cancels near x = -3; GELU's tail, near 0 far below -3, has its exponent's rounding)
+        scale = np.maximum(scale, np.abs(x.astype(np.float64)[finite]))
     assert (np.abs(got[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
+
+
+def _smooth(kind: str, x: np.ndarray) -> np.ndarray:
+    """The exact activation in float64."""
+    with np.errstate(all="ignore"):
+        if kind == "LOGISTIC":
+            return 1 / (1 + np.exp(-x))
+        if kind == "HARD_SWISH":
+            return x * np.clip(x + 3, 0, 6) / 6
+        if kind == "GELU":
+            return x * (1 + np.frompyfunc(math.erf, 1, 1)(x / math.sqrt(2)).astype(np.float64)) / 2
+        return x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))) / 2
 
 
 def test_smooth_activations_of_strided_views_are_left_to_numpy():

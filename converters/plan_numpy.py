@@ -48,7 +48,11 @@ SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH", "GELU"})
 # Through LiteRT every signature would keep an arena of its own
 # (yolov4-tiny: 41 MiB of secure memory, most of it for SPLIT / CONCATENATION / MAX_POOL_2D copies;
 # ResNet-404: 29 MiB for 201 ADD + RELU signatures), and each crossing into it costs a copy.
-NUMPY_BINARY = frozenset({"ADD", "SUB", "MUL", "MAXIMUM", "MINIMUM"})
+NUMPY_BINARY = frozenset({"ADD", "SUB", "MUL", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE"})
+# A layer norm's other ops (ConvNeXt's, with SQUARED_DIFFERENCE and a MEAN over the channels): through LiteRT
+# they kept 115 units' arenas in ConvNeXtTiny's TEE. NEG is exact; RSQRT is 1 / sqrt(x), two roundings, as
+# LiteRT's reference kernel.
+NUMPY_UNARY = frozenset({"NEG", "RSQRT"})
 
 
 def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
@@ -73,6 +77,9 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
         shapes = [g.tensors[t].shape for t in op.inputs]
         if any(g.tensors[t].data is None for t in op.inputs) and _broadcast(shapes) == out:
             return {"op": "binary", "kind": kind}, [0, 1]
+    elif kind in NUMPY_UNARY and len(op.inputs) == 1 and floats(0) and g.tensors[op.inputs[0]].data is None \
+            and tuple(out) == tuple(g.tensors[op.inputs[0]].shape):
+        return {"op": "unary", "kind": kind}, [0]
     elif numpy_activation(op) and floats(0) and g.tensors[op.inputs[0]].data is None:
         return {"op": "activation", **activation_fields(op)}, [0]
     elif kind in SMOOTH_ACTIVATIONS and len(op.inputs) == 1 and floats(0) \
@@ -115,6 +122,9 @@ def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
         if axes is not None and len(shape) == 4 and sorted({int(a) % 4 for a in axes.reshape(-1)}) == [1, 2] \
                 and tuple(out) in ((shape[0], 1, 1, shape[3]), (shape[0], shape[3])):
             return {"op": "mean"}, [0]
+        if axes is not None and len(shape) >= 1 and {int(a) % len(shape) for a in axes.reshape(-1)} \
+                == {len(shape) - 1} and tuple(out) in ((*shape[:-1], 1), tuple(shape[:-1])):
+            return {"op": "mean_last"}, [0]  # a layer norm's, over the channels
     elif kind == "SOFTMAX" and floats(0) and g.tensors[op.inputs[0]].data is None \
             and tuple(out) == tuple(g.tensors[op.inputs[0]].shape) and len(out) >= 1 \
             and np.isfinite(getattr(op.options, "beta", np.nan)):  # no options: LiteRT decides

@@ -1,11 +1,12 @@
 """The ShadowNet trusted app's numpy kernels: the ops it runs itself rather than through LiteRT.
 
-The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op (``binary``,
-``activation``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``; see ``converters.plan_numpy``);
-``compile_numpy`` turns it into a closure over the preallocated arrays that the TA resolved, so running it
-allocates nothing. Each kernel is an IEEE add / multiply / max or a copy: the results are LiteRT's float
-kernels' bit for bit, but LOGISTIC's and HARD_SWISH's (``converters.plan_numpy.SMOOTH_ACTIVATIONS``), within
-float32 rounding of them. (Activations that follow a restore are fused into it:
+The converter emits one instruction ``{"op", "srcs", "dsts", ...}`` per such op (``binary``, ``unary``,
+``activation``, ``mean_last``, ``reshape``, ``concat``, ``split``, ``pad``, ``upsample``; see
+``converters.plan_numpy``); ``compile_numpy`` turns it into a closure over the preallocated arrays that the
+TA resolved, so running it allocates nothing (GELU on a strided view aside). Each kernel is an IEEE add /
+multiply / max or a copy: the results are LiteRT's float kernels' bit for bit, but LOGISTIC's, HARD_SWISH's
+and GELU's (``converters.plan_numpy.SMOOTH_ACTIVATIONS``) and a MEAN over the last axis (numpy sums
+pairwise), within float32 rounding of them. (Activations that follow a restore are fused into it:
 ``tee_sim.ta_shadownet_restore_push``; ``max_pool`` is a C kernel: ``tee_sim.ta_shadownet_max_pool``.)
 """
 
@@ -104,11 +105,40 @@ def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.n
         raise ValueError(f"{op}: only float32 tensors")
     dst = dsts[0]
     if op == "binary":
-        ufunc = BINARY_UFUNCS[instr["kind"]]
         a, b = srcs
         if np.broadcast_shapes(a.shape, b.shape) != dst.shape:
             raise ValueError(f"{instr['kind']}: {a.shape} and {b.shape} do not make {dst.shape}")
+        if instr["kind"] == "SQUARED_DIFFERENCE":  # (a - b) * (a - b), as LiteRT's kernel
+
+            def squared_difference() -> None:
+                np.subtract(a, b, out=dst)
+                np.multiply(dst, dst, out=dst)
+            return squared_difference
+        ufunc = BINARY_UFUNCS[instr["kind"]]
         return lambda: ufunc(a, b, out=dst)
+    if op == "unary":
+        (src,) = srcs
+        if src.shape != dst.shape or instr["kind"] not in ("NEG", "RSQRT"):
+            raise ValueError(f"{instr['kind']}: {src.shape} -> {dst.shape}")
+        if instr["kind"] == "NEG":
+            return lambda: np.negative(src, out=dst)
+
+        def rsqrt() -> None:  # 1 / sqrt(x), as LiteRT's kernel: 0 gives inf, a negative NaN
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.sqrt(src, out=dst)
+                np.reciprocal(dst, out=dst)
+        return rsqrt
+    if op == "mean_last":  # over the last axis, in float32 (numpy's pairwise sum, then a division)
+        (src,) = srcs
+        n = src.shape[-1] if src.ndim else 0
+        if n < 1 or dst.size * n != src.size or not dst.flags.c_contiguous:
+            raise ValueError(f"mean over the last axis of {src.shape} into {dst.shape}")
+        view, count = dst.reshape(*src.shape[:-1], 1), np.float32(n)
+
+        def mean_last() -> None:
+            np.sum(src, axis=-1, keepdims=True, out=view)
+            np.divide(view, count, out=view)
+        return mean_last
     if op == "activation":
         (src,) = srcs
         if src.shape != dst.shape:

@@ -1,7 +1,7 @@
 """The ops the TA runs itself instead of LiteRT (SPLIT, binary ops with broadcasting, LEAKY_RELU,
 CONCATENATION, PADV2, MAX_POOL_2D with SAME padding and VALID, RESIZE_NEAREST_NEIGHBOR, RESHAPE, MEAN,
-SOFTMAX, LOGISTIC, HARD_SWISH, GELU) give LiteRT's results; what only LiteRT can run (TANH) still goes
-through a TEE-side signature."""
+SOFTMAX, LOGISTIC, HARD_SWISH, GELU, a layer norm's MEAN over the channels, SQUARED_DIFFERENCE, RSQRT and
+NEG) give LiteRT's results; what only LiteRT can run (TANH) still goes through a TEE-side signature."""
 
 import warnings
 
@@ -75,8 +75,28 @@ def _model() -> bytes:
     g.add_op("GELU", [y2], [smooth], fb.GeluOptionsT())
     swished = tensor("swished", (1, 8, 8, 6))
     g.add_op("HARD_SWISH", [smooth], [swished])
+    # a layer norm over the channels, as TensorFlow writes ConvNeXt's
+    keep = fb.ReducerOptionsT()
+    keep.keepDims = True
+    channel = tensor("channel_axis", (1,), [3], np.int32)
+    mean = tensor("ln/mean", (1, 8, 8, 1))
+    g.add_op("MEAN", [swished, channel], [mean], keep)
+    square = tensor("ln/square", (1, 8, 8, 6))
+    g.add_op("SQUARED_DIFFERENCE", [swished, mean], [square], fb.SquaredDifferenceOptionsT())
+    variance = tensor("ln/variance", (1, 8, 8, 1))
+    g.add_op("MEAN", [square, channel], [variance], keep)
+    shifted = tensor("ln/shifted", (1, 8, 8, 1))
+    g.add_op("ADD", [variance, tensor("ln/epsilon", (), 1e-6)], [shifted], fb.AddOptionsT())
+    inverse = tensor("ln/inverse", (1, 8, 8, 1))
+    g.add_op("RSQRT", [shifted], [inverse])
+    negated = tensor("ln/negated", (1, 8, 8, 1))
+    g.add_op("NEG", [mean], [negated])
+    centered = tensor("ln/centered", (1, 8, 8, 6))
+    g.add_op("ADD", [swished, negated], [centered], fb.AddOptionsT())
+    normed = tensor("ln/normed", (1, 8, 8, 6))
+    g.add_op("MUL", [centered, inverse], [normed], fb.MulOptionsT())
     pooled = tensor("pooled", (1, 6))
-    g.add_op("MEAN", [swished, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
+    g.add_op("MEAN", [normed, tensor("axes", (2,), [1, 2], np.int32)], [pooled], fb.ReducerOptionsT())
     squashed = tensor("squashed", (1, 6))
     g.add_op("LOGISTIC", [pooled], [squashed])
     bent = tensor("bent", (1, 6))
@@ -95,7 +115,7 @@ def test_numpy_ops_match_litert(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_numpy_ops"] == 15
+        assert manifest["summary"]["tee_numpy_ops"] == 23
         assert manifest["summary"]["tee_litert_ops"] == 1  # TANH
         rng = np.random.default_rng(0)
         with Driver(device, tmp_path / "out") as run:

@@ -53,3 +53,32 @@ def test_an_unknown_activation_is_refused():
     x = np.zeros((1, 2, 2, 1), np.float32)
     with pytest.raises(ValueError, match="TANH"):
         activation_into("TANH", None, x, x.copy())
+
+
+def test_a_layer_norms_ops():
+    """NEG and RSQRT as LiteRT's kernels bit for bit (RSQRT of 0 is inf, of a negative NaN, silently),
+    SQUARED_DIFFERENCE with broadcasting, and a MEAN over the last axis, kept or dropped."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 3, 4, 5)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, -1.0, np.inf]
+    out = np.empty_like(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile_numpy({"op": "unary", "kind": "RSQRT"}, [x], [out])()
+    with np.errstate(all="ignore"):
+        assert np.array_equal(out, np.float32(1) / np.sqrt(x), equal_nan=True)
+    assert out[0, 0, 0, 0] == np.inf and np.isnan(out[0, 0, 0, 1]) and out[0, 0, 0, 2] == 0
+    compile_numpy({"op": "unary", "kind": "NEG"}, [x], [out])()
+    assert np.array_equal(out, -x)
+    mean = rng.normal(size=(1, 3, 4, 1)).astype(np.float32)
+    compile_numpy({"op": "binary", "kind": "SQUARED_DIFFERENCE"}, [x, mean], [out])()
+    assert np.array_equal(out, (x - mean) * (x - mean))
+    y = rng.normal(size=(2, 3, 7)).astype(np.float32)
+    for shape in ((2, 3, 1), (2, 3)):
+        dst = np.empty(shape, np.float32)
+        compile_numpy({"op": "mean_last"}, [y], [dst])()
+        assert np.allclose(dst.reshape(2, 3), y.astype(np.float64).mean(axis=-1), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="last axis"):
+        compile_numpy({"op": "mean_last"}, [y], [np.empty((2, 4, 1), np.float32)])
+    with pytest.raises(ValueError, match="TANH"):
+        compile_numpy({"op": "unary", "kind": "TANH"}, [x], [out])

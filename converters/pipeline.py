@@ -227,9 +227,9 @@ def _warn_of_secure_memory(program: dict[str, Any], program_bytes: int) -> None:
     """Warn when what the trusted app holds for certain at load - the decrypted program, the arenas of its
     LiteRT interpreter (one per unit of ops it runs through LiteRT) and the tensors it keeps between steps -
     reaches NEAR_THE_CAP: it may not load under OP-TEE's default 64 MiB (a helper's probe: EfficientNetB0 and
-    ConvNeXtTiny at 224x224 converted without a word and never loaded, 66.3 and 114.2 MiB, LiteRT's arenas
-    47 and 89 of it; 29.1 and 31.5 since the TA runs their LOGISTICs, GELUs and layer norms itself).
-    One-time masks and the kernels' scratch come on top (MobileNet: 5.6 MiB)."""
+    ConvNeXtTiny at 224x224 converted without a word and never loaded, 66.3 and 114.2 MiB (105.5 by stop 47's
+    converter), LiteRT's arenas 47 and 89 of it; 29.1 and 31.5 since the TA runs their LOGISTICs, GELUs and
+    layer norms itself). One-time masks and the kernels' scratch come on top (MobileNet: 5.6 MiB)."""
     arenas, kept = int(program.get("tee_model_arena_bytes", 0)), int(program.get("arena_size", 0))
     total = program_bytes + arenas + kept
     if total < NEAR_THE_CAP:

@@ -82,13 +82,17 @@ def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = 
 
 
 def _saturated(output: np.ndarray) -> bool:
-    """Whether at most one of an output's values lies above 1e-6 of its largest (a one-hot softmax, or all
-    zeros): errors relative to its largest then say little (a helper's MobileNetV3, made for inputs in [0,
-    255], reported 4e-38 on the bench's [0, 1] input)."""
+    """Whether an output of several values has at most one of its finite values above 1e-6 of the largest
+    (a one-hot softmax), or all zero: errors relative to its largest then say little (a helper's
+    MobileNetV3, made for inputs in [0, 255], reported 4e-38 on the bench's [0, 1] input). A single value
+    is judged only when zero; NaN and inf are not judged (the error compares finite values)."""
     if not np.issubdtype(output.dtype, np.floating):
         return False
     magnitude = np.abs(output.astype(np.float64))
-    return np.count_nonzero(magnitude > 1e-6 * magnitude.max()) <= 1 if magnitude.size else True
+    magnitude = magnitude[np.isfinite(magnitude)]
+    if magnitude.size <= 1:
+        return magnitude.size == 1 and magnitude[0] == 0 and output.size == 1
+    return bool(np.count_nonzero(magnitude > 1e-6 * magnitude.max()) <= 1)
 
 
 def _steady(runner: Any, inputs: Sequence[np.ndarray]) -> float:

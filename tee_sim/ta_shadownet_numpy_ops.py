@@ -99,7 +99,7 @@ def interior(pad: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.ndarray]) -> Callable[[], Any]:
     """One op the TA runs in numpy (``converters.plan_numpy.numpy_form``) over its resolved ``srcs`` and
-    ``dsts``: exact as LiteRT's float kernels."""
+    ``dsts``: as LiteRT's float kernels (module docstring: bit for bit, or within float32 rounding)."""
     op = instr["op"]
     if any(a.dtype != np.float32 for a in (*srcs, *dsts)):
         raise ValueError(f"{op}: only float32 tensors")

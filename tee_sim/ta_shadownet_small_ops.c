@@ -45,18 +45,22 @@ INLINE vn vexp(vn x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vni bits = (__builtin_convertvector(n, vni) + 127) << 23; /* 2^n: n in [-127, 127] */
-    vn scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    /* 2^n as 2^(n >> 1) * 2^(n - (n >> 1)), each factor normal (2^-127 itself has no exponent bits: a
+     * review found vexp 0 on [-88, -87.68]); the last product rounds a subnormal result once */
+    vni whole = __builtin_convertvector(n, vni), half = whole >> 1;
+    vni bits1 = (half + 127) << 23, bits2 = (whole - half + 127) << 23;
+    vn scale1, scale2;
+    memcpy(&scale1, &bits1, sizeof scale1);
+    memcpy(&scale2, &bits2, sizeof scale2);
+    return p * scale1 * scale2;
 }
 
-/* 1 / (1 + exp(-x)) of each lane (a NaN stays NaN): beyond 88 in magnitude the result is 0 or 1 within a
- * float32 rounding, so x is clamped there. */
+/* 1 / (1 + exp(-x)) of each lane (a NaN stays NaN): above 88 the result is 1 within a float32 rounding, so
+ * x is clamped there; below -88 it is 0, as LiteRT's (its true value under 2^-126: a review). */
 INLINE vn vlogistic(vn x) {
     const vn zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
     vn t = select(x < lo, lo, select(x > hi, hi, x));
-    vn y = 1.0f / (1.0f + vexp(-t));
+    vn y = select(x < lo, zero, 1.0f / (1.0f + vexp(-t)));
     return select(x == x, y, x);
 }
 

@@ -169,6 +169,19 @@ def test_smooth_activations_in_c_against_float64(kind, size):
         # HARD_SWISH cancels near x = -3; GELU's tail, near 0 far below -3, has its exponent's rounding)
         scale = np.maximum(scale, np.abs(x.astype(np.float64)[finite]))
     assert (np.abs(got[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
+    if kind == "LOGISTIC":  # below -88 exactly 0, as LiteRT's and the numpy form's (a review)
+        assert (got[x < -88] == 0).all()
+
+
+def test_the_vector_exp_reaches_its_subnormal_results():
+    """exp's results down to 2^-149 through LOGISTIC's and GELU's tails: logistic(x) ~ exp(x) near -87.5
+    (2^-126.2), where 2^n had no exponent bits for n = -127 and came out 0 (a review)."""
+    x = np.linspace(-88.0, -87.0, 4001, dtype=np.float32)
+    out = np.empty_like(x)
+    ops.compile_smooth_activation("LOGISTIC", x, out)()
+    want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert (out > 0).all()
+    assert np.abs(out - want).max() <= 2 ** -149 * 4  # a few subnormal steps
 
 
 def _smooth(kind: str, x: np.ndarray) -> np.ndarray:

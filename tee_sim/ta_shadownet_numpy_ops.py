@@ -58,15 +58,15 @@ def activation_into(kind: str, alpha: Any, src: np.ndarray, dst: np.ndarray,
                 np.multiply(dst, src, out=dst)
         return hard_swish
     if kind == "GELU":  # a strided view's (one C call otherwise): erf a float at a time, in temporaries
-        erf = np.frompyfunc(math.erf, 1, 1)
+        erfc = np.frompyfunc(math.erfc, 1, 1)
 
         def gelu() -> None:
             with np.errstate(all="ignore"):  # x^3 overflows (tanh: 1); -inf * 0 is NaN, as LiteRT's
                 if approximate:
                     u = np.float32(0.7978845608) * (src + np.float32(0.044715) * src * src * src)
                     phi = (1 + np.tanh(u)) / 2
-                else:
-                    phi = (1 + erf(src.astype(np.float64) * np.sqrt(0.5)).astype(np.float64)) / 2
+                else:  # erfc(-x / sqrt 2) / 2: no cancellation in the far negative tail
+                    phi = erfc(src.astype(np.float64) * -np.sqrt(0.5)).astype(np.float64) / 2
                 np.multiply(src, phi, out=dst, casting="unsafe")
         return gelu
     raise ValueError(f"activation {kind!r} (alpha {alpha!r}) is not one the TA runs")
@@ -130,14 +130,14 @@ def compile_numpy(instr: dict[str, Any], srcs: list[np.ndarray], dsts: list[np.n
         return rsqrt
     if op == "mean_last":  # over the last axis, in float32 (numpy's pairwise sum, then a division)
         (src,) = srcs
-        n = src.shape[-1] if src.ndim else 0
-        if n < 1 or dst.size * n != src.size or not dst.flags.c_contiguous:
+        n, keep = (src.shape[-1] if src.ndim else 0), dst.ndim == src.ndim  # the axis kept (as 1) or dropped
+        if n < 1 or dst.shape != ((*src.shape[:-1], 1) if keep else src.shape[:-1]):
             raise ValueError(f"mean over the last axis of {src.shape} into {dst.shape}")
-        view, count = dst.reshape(*src.shape[:-1], 1), np.float32(n)
+        count = np.float32(n)
 
-        def mean_last() -> None:
-            np.sum(src, axis=-1, keepdims=True, out=view)
-            np.divide(view, count, out=view)
+        def mean_last() -> None:  # into dst in place, a concatenation's slice included
+            np.sum(src, axis=-1, keepdims=keep, out=dst)
+            np.divide(dst, count, out=dst)
         return mean_last
     if op == "activation":
         (src,) = srcs

@@ -329,3 +329,66 @@ def test_depthwise_layers_in_the_tee_run_in_its_kernel(tmp_path):
                 x = rng.standard_normal((1, 12, 12, 16)).astype(np.float32)
                 got, want = run(x), litert(model, x)
                 assert relative_error(got, want) <= 1e-5
+
+
+def _dense_kernels_beside_views() -> bytes:
+    """Ops whose TA kernels need whole dense arrays next to a concatenation and a split, whose slices the
+    planner makes other ops write and read in place: a MEAN over the channels and a SOFTMAX concatenated,
+    a MEAN over the positions of a split's half."""
+    rng = np.random.default_rng(9)
+    g = Graph()
+
+    def conv(x, c_in, c_out, name):
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        weights = rng.standard_normal((c_out, 3, 3, c_in)) * 0.3
+        w = g.add_tensor(f"{name}/w", weights.shape, np.float32, weights)
+        y = g.add_tensor(name, (1, 8, 8, c_out), np.float32)
+        g.add_op("CONV_2D", [x, w, -1], [y], o)
+        return y
+
+    x = g.add_tensor("input", (1, 8, 8, 4), np.float32)
+    h = conv(x, 4, 16, "h")
+    keep = fb.ReducerOptionsT()
+    keep.keepDims = True
+    mean = g.add_tensor("mean", (1, 8, 8, 1), np.float32)
+    g.add_op("MEAN", [h, g.add_tensor("channel", (1,), np.int32, np.array([3]))], [mean], keep)
+    negated = g.add_tensor("negated", (1, 8, 8, 16), np.float32)
+    g.add_op("NEG", [h], [negated])
+    soft = g.add_tensor("soft", (1, 8, 8, 16), np.float32)
+    softmax = fb.SoftmaxOptionsT()
+    softmax.beta = 1.0
+    g.add_op("SOFTMAX", [h], [soft], softmax)
+    cat = g.add_tensor("cat", (1, 8, 8, 33), np.float32)
+    concat = fb.ConcatenationOptionsT()
+    concat.axis = 3
+    g.add_op("CONCATENATION", [mean, negated, soft], [cat], concat)
+    y = conv(cat, 33, 8, "y")
+    halves = [g.add_tensor(f"half{k}", (1, 8, 8, 4), np.float32) for k in range(2)]
+    split = fb.SplitOptionsT()
+    split.numSplits = 2
+    g.add_op("SPLIT", [g.add_tensor("axis", (), np.int32, np.array(3)), y], halves, split)
+    pooled = g.add_tensor("pooled", (1, 4), np.float32)
+    g.add_op("MEAN", [halves[0], g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))], [pooled],
+             fb.ReducerOptionsT())
+    summed = g.add_tensor("summed", (1, 8, 8, 4), np.float32)
+    g.add_op("ADD", [halves[1], halves[1]], [summed], fb.AddOptionsT())
+    g.inputs, g.outputs = [x], [pooled, summed]
+    return write_model(g)
+
+
+def test_kernels_that_need_dense_arrays_are_not_given_a_concatenation_s_or_a_split_s_slice(tmp_path):
+    """A review found a MEAN over the channels (and, before it, a SOFTMAX) feeding a concatenation converted
+    but refused at load: their kernels need dense arrays, and the planner had made their outputs slices of
+    the concatenation's slot. They keep slots of their own; the MEAN over the channels also writes a slice."""
+    model = _dense_kernels_beside_views()
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manifest = convert(model, tmp_path / "out", seed=0, device=device)
+        assert manifest["summary"]["tee_litert_ops"] == 0
+        rng = np.random.default_rng(0)
+        with Driver(device, tmp_path / "out") as run:
+            x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+            got, want = run(x), litert(model, x)
+            assert relative_error(got, want) <= 1e-4

@@ -109,20 +109,26 @@ def _model() -> bytes:
     return write_model(g)
 
 
-def test_numpy_ops_match_litert(tmp_path):
-    model = _model()
+def _converted_and_compared(model: bytes, tmp_path, shape: tuple[int, ...], inputs: int = 1,
+                            seed: int = 0) -> dict:
+    """``model`` converted for an in-process device and run on ``inputs`` normal inputs of ``shape``, each
+    within 1e-4 of LiteRT running the original; its manifest."""
     with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_numpy_ops"] == 23
-        assert manifest["summary"]["tee_litert_ops"] == 1  # TANH
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         with Driver(device, tmp_path / "out") as run:
-            for _ in range(2):
-                x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
-                got, want = run(x), litert(model, x)
-                assert relative_error(got, want) <= 1e-4
+            for _ in range(inputs):
+                x = rng.standard_normal(shape).astype(np.float32)
+                assert relative_error(run(x), litert(model, x)) <= 1e-4
+    return manifest
+
+
+def test_numpy_ops_match_litert(tmp_path):
+    manifest = _converted_and_compared(_model(), tmp_path, (1, 8, 8, 4), inputs=2)
+    assert manifest["summary"]["tee_numpy_ops"] == 23
+    assert manifest["summary"]["tee_litert_ops"] == 1  # TANH
 
 
 def _concat_of_restores() -> bytes:
@@ -152,14 +158,7 @@ def _concat_of_restores() -> bytes:
 
 
 def test_restores_write_into_a_concatenation(tmp_path):
-    model = _concat_of_restores()
-    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            convert(model, tmp_path / "out", seed=0, device=device)
-        with Driver(device, tmp_path / "out") as run:
-            x = np.random.default_rng(1).standard_normal((1, 6, 6, 3)).astype(np.float32)
-            assert relative_error(run(x), litert(model, x)) <= 1e-4
+    _converted_and_compared(_concat_of_restores(), tmp_path, (1, 6, 6, 3), seed=1)
 
 
 def _split_into_a_mixed_conv() -> bytes:
@@ -381,14 +380,5 @@ def test_kernels_that_need_dense_arrays_are_not_given_a_concatenation_s_or_a_spl
     """A review found a MEAN over the channels (and, before it, a SOFTMAX) feeding a concatenation converted
     but refused at load: their kernels need dense arrays, and the planner had made their outputs slices of
     the concatenation's slot. They keep slots of their own; the MEAN over the channels also writes a slice."""
-    model = _dense_kernels_beside_views()
-    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            manifest = convert(model, tmp_path / "out", seed=0, device=device)
-        assert manifest["summary"]["tee_litert_ops"] == 0
-        rng = np.random.default_rng(0)
-        with Driver(device, tmp_path / "out") as run:
-            x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
-            got, want = run(x), litert(model, x)
-            assert relative_error(got, want) <= 1e-4
+    manifest = _converted_and_compared(_dense_kernels_beside_views(), tmp_path, (1, 8, 8, 4))
+    assert manifest["summary"]["tee_litert_ops"] == 0

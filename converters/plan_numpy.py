@@ -55,6 +55,15 @@ NUMPY_BINARY = frozenset({"ADD", "SUB", "MUL", "MAXIMUM", "MINIMUM", "SQUARED_DI
 NUMPY_UNARY = frozenset({"NEG", "RSQRT"})
 
 
+# Forms whose TA kernels read (or write) whole dense arrays only, so that a split's slice cannot be their
+# input (a concatenation's slice their output: ``converters.plan_tee``'s views). The C kernels of MEAN over
+# positions and SOFTMAX take contiguous floats, a reshape reads its input as one, an upsample writes its
+# output as blocks of one (a review found a SOFTMAX, and a MEAN over the channels, feeding a concatenation
+# refused at load). None: an op the TA does not run in numpy (LiteRT's output).
+READ_DENSE = frozenset({"reshape", "mean", "softmax"})
+WRITE_DENSE = frozenset({None, "upsample", "mean", "softmax"})
+
+
 def numpy_form(g: Graph, i: int) -> tuple[dict[str, Any], list[int]] | None:
     """The TA's numpy instruction for op ``i`` (without its tensor references) and the positions of its
     data inputs, or None when LiteRT must run it."""

@@ -22,7 +22,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters.graph import Graph, Signature, with_static_shapes, write_model
 from converters.non_float import carry_across_steps, tee_shape
 from converters.partition import Partition
-from converters.plan_numpy import activation_fields, numpy_form
+from converters.plan_numpy import READ_DENSE, WRITE_DENSE, activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
 from converters.secret_random import Random
@@ -288,7 +288,7 @@ class TeeProgramBuilder(RoundsBuilder):
         elided: set[int] = set()
 
         def readers_accept_views(t: int) -> bool:  # the push kernel reads any pixel and row strides
-            return all((who.startswith("numpy:") and forms[int(who[6:])]["op"] not in _READ_DENSE)
+            return all((who.startswith("numpy:") and forms[int(who[6:])]["op"] not in READ_DENSE)
                        or who == "push" for _, who in self.uses.get(t, ()))
 
         def free(t: int) -> bool:  # not yet a view, nor the root of views, nor seen outside the TEE's slots
@@ -304,7 +304,7 @@ class TeeProgramBuilder(RoundsBuilder):
                         or any(who.startswith("step_") for _, who in self.uses.get(out, ()))):
                     continue  # a LiteRT signature may want it as its own input tensor
                 if all(free(t) and readers_accept_views(t)
-                       and (t in restored or forms.get(g.producer(t), {}).get("op", "") not in _WRITE_DENSE)
+                       and (t in restored or forms.get(g.producer(t), {}).get("op") not in WRITE_DENSE)
                        for t in parts):
                     start = 0
                     for t in parts:
@@ -439,14 +439,6 @@ def _live_peak(g: Graph, ops: list[int], pinned: set[int]) -> int:
         peak = max(peak, live)
         live -= sum(size(t) for t in {*g.ops[i].inputs, *new} - pinned if t >= 0 and last.get(t, k) <= k)
     return peak
-
-
-# Numpy forms whose kernels read (or write) whole dense arrays only: a split's slice cannot be their input (a
-# concatenation's slice their output). The C kernels of MEAN over positions and SOFTMAX take contiguous
-# floats, a reshape reads its input as one, an upsample writes its output as blocks of one (a review found a
-# SOFTMAX, and a MEAN over the channels, feeding a concatenation refused at load).
-_READ_DENSE = frozenset({"reshape", "mean", "softmax"})
-_WRITE_DENSE = frozenset({"", "upsample", "mean", "softmax"})  # "": not a numpy op (LiteRT's output)
 
 
 def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dict[str, dict[str, Any]], int]:

@@ -43,8 +43,8 @@ def activation_fields(op: Any) -> dict[str, Any]:
 SMOOTH_ACTIVATIONS = frozenset({"LOGISTIC", "HARD_SWISH", "GELU"})
 
 # Ops the TA runs itself, in numpy, on its liveness-planned arena: each is an IEEE add / multiply / max or a
-# copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf, and
-# the SMOOTH_ACTIVATIONS).
+# copy, so the result is LiteRT's bit for bit (but MEAN and SOFTMAX, C kernels: a sum, a division, expf; a
+# MEAN over the channels, numpy's pairwise sum; and the SMOOTH_ACTIVATIONS).
 # Through LiteRT every signature would keep an arena of its own
 # (yolov4-tiny: 41 MiB of secure memory, most of it for SPLIT / CONCATENATION / MAX_POOL_2D copies;
 # ResNet-404: 29 MiB for 201 ADD + RELU signatures), and each crossing into it costs a copy.

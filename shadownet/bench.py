@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model
+from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model, protected_dir
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.cli import ZOO_NAMES
 from shadownet.exceptions import ShadowNetError
@@ -204,7 +204,9 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                     bar.finish(f"{name}: done")
                 except (ShadowNetError, ValueError, RuntimeError) as exc:
                     # e.g. over the secure-memory cap, or LiteRT refusing the model: say so, bench the others
-                    entries.append({"model": name, "error": " ".join(str(exc).split()) or type(exc).__name__})
+                    error = str(exc).replace(str(protected_dir(work, name)), "its protected copy") if \
+                        temporary else str(exc)  # a temporary directory is gone when the report is read
+                    entries.append({"model": name, "error": " ".join(error.split()) or type(exc).__name__})
                     bar.finish(f"{name}: failed")
     finally:
         bar.clear()

@@ -81,6 +81,11 @@ def steady_seconds(call: Callable[[], Any], between: Callable[[], Any] | None = 
     return time.perf_counter() - start
 
 
+def protected_dir(workdir: Path, name: str) -> Path:
+    """Where the bench writes a model's protected copy."""
+    return workdir / f"{name}.protected"
+
+
 def _saturated(output: np.ndarray) -> bool:
     """Whether an output of several values has at most one of its finite values above 1e-6 of the largest
     (a one-hot softmax), or all zero: errors relative to its largest then say little (a helper's
@@ -210,7 +215,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
         parse_mask_rounds(mask_rounds, len(part.rounds))
     except ValueError as exc:
         raise ShadowNetError(f"--mask-rounds {policy}: {exc}") from None
-    out_dir = workdir / f"{name}.protected"
+    out_dir = protected_dir(workdir, name)
     progress(f"{name}: converting", 0, 1)
     start = time.perf_counter()
     with warnings.catch_warnings():

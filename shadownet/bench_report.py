@@ -133,6 +133,8 @@ def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     kernels = m.get("tee_kernels", "?")
     lines = [f"{m['nproc']} CPUs ({m['cpu']}), the trusted app's kernels built for {kernels}", ""]
+    if not _done(report):  # no model measured: no empty tables, the reasons
+        return "\n".join([*lines, *_notes(report)])
     head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
     lines += [head, "-" * len(head)]
     for e in _done(report):
@@ -215,6 +217,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
            f"{s.get('mask_rounds', 'default')}{', verify mode' if s.get('verify') else ''}."]
     if command:
         out.append(f"Command: `{command}`")
+    if not _done(report):  # no model measured: no empty tables, the reasons
+        return "\n".join([*out, "", *(f"- {note}" for note in _notes(report))]) + "\n"
     out += ["", "| model | mode | min ms | median ms | max ms | secure memory MiB |",
             "|---|---|---:|---:|---:|---:|"]
     for e in _done(report):

@@ -338,3 +338,21 @@ def test_models_of_one_file_name_get_names_of_their_own(tmp_path):
     given = [str(tmp_path / folder / "m.tflite") for folder in ("a", "b", "a")]
     assert [name for name, _ in _sources(given, tmp_path)] == ["a-m", "b-m", "a-m-2"]
     assert [name for name, _ in _sources(given[:1], tmp_path)] == ["m"]
+
+
+def test_a_model_not_measured_leaves_no_empty_tables_nor_a_vanished_path(tmp_path, monkeypatch):
+    """A helper's probe: with its only model not measured the bench printed empty tables, and the error
+    named the protected copy in a temporary directory deleted by then."""
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+
+    def refuse(name, _path, work, **_):
+        raise ShadowNetError(f"loading {bench_measure.protected_dir(work, name)}: over the cap")
+
+    monkeypatch.setattr(bench, "bench_model", refuse)
+    report = bench.run_bench([str(path)], num_threads=1, num_runs=1, warmup_runs=0, progress=False)
+    (entry,) = report["models"]
+    assert entry["error"] == "loading its protected copy: over the cap"
+    text, md = bench_report.table(report), bench_report.markdown(report)
+    assert "median ms" not in text and "small: not measured: loading its protected copy" in text
+    assert "| model |" not in md and "- small: not measured: loading its protected copy" in md

@@ -16,7 +16,8 @@
  *     SN_LOGISTIC dst = 1 / (1 + exp(-src)), c contiguous floats (EfficientNet's swish and gates), exp
  *                 vectorized here (vexp): within 2 ulps of expf, where libm's is called a float at a time;
  *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula);
- *     SN_GELU     dst = src * Phi(src), Phi the normal distribution function, c contiguous floats (ConvNeXt's):
+ *     SN_GELU     dst = src * Phi(src), Phi the normal distribution function, c contiguous floats
+ *                 (ConvNeXt's):
  *                 with beta 0, Phi(x) = erfc(-x / sqrt 2) / 2 (LiteRT's exact GELU), erfc by Numerical
  *                 Recipes' erfcc (the formula's relative error below 1.2e-7; in float32 the result is
  *                 within 2.7e-7 of |x|, 2e-6 of itself above -5, 2e-5 in its tail near -12.6, as LiteRT's
@@ -29,8 +30,8 @@
 
 #include "ta_shadownet_kernels.h"
 
-enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5, SN_HARD_SWISH = 6,
-       SN_GELU = 7 };
+enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5,
+       SN_HARD_SWISH = 6, SN_GELU = 7 };
 
 /* exp of each lane for x in [-88, 88] (the caller clamps): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
  * Taylor polynomial to r^7 (relative error below 2^-24 there), times 2^n built in the exponent's bits. */
@@ -57,21 +58,20 @@ INLINE vn vexp(vn x) {
     return p * scale1 * scale2;
 }
 
-/* 1 / (1 + exp(-x)) of each lane (a NaN stays NaN): above 88 the result is 1 within a float32 rounding, so
- * x is clamped there; below -88 it is 0, as XNNPACK's (below -87.34; LiteRT's builtin kernel gives
- * subnormals down to -104: 6e-39 apart at most). */
-INLINE vn vlogistic(vn x) {
-    const vn zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
-    vn t = select(x < lo, lo, select(x > hi, hi, x));
-    vn y = select(x < lo, zero, 1.0f / (1.0f + vexp(-t)));
-    return select(x == x, y, x);
-}
-
-/* exp of each lane for any x: 0 below -88, and clamped at 88 (the callers' arguments never exceed 0 there). */
+/* exp of each lane for any x: 0 below -88, exp(88) above 88 (vlogistic discards it there; verfc never). */
 INLINE vn vexp_clamped(vn x) {
     const vn zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
     vn y = vexp(select(x < lo, lo, select(x > hi, hi, x)));
     return select(x < lo, zero, y);
+}
+
+/* 1 / (1 + exp(-x)) of each lane (a NaN stays NaN): above 88 the result is 1 within a float32 rounding;
+ * below -88 it is 0, as XNNPACK's (below -87.34; LiteRT's builtin kernel gives subnormals down to -104:
+ * 6e-39 apart at most). */
+INLINE vn vlogistic(vn x) {
+    const vn zero = {0};
+    vn y = select(x < -88.0f, zero, 1.0f / (1.0f + vexp_clamped(-x)));
+    return select(x == x, y, x);
 }
 
 /* erfc(z) of each lane for z >= 0 (Numerical Recipes' erfcc: fractional error below 1.2e-7). */
@@ -93,9 +93,8 @@ INLINE vn verfc(vn z) {
 INLINE vn vgelu(vn x, int approximate) {
     const vn zero = {0};
     vn phi;
-    if (approximate) { /* (1 + tanh(u)) / 2 = 1 / (1 + exp(-2u)) */
-        vn v = -2.0f * (x * 0.7978845608f * (1.0f + 0.044715f * x * x)); /* -2u */
-        phi = select(v > 88.0f, zero, 1.0f / (1.0f + vexp_clamped(v))); /* 0 there: -inf gives NaN, as LiteRT */
+    if (approximate) { /* (1 + tanh(u)) / 2 = logistic(2u): 0 below 2u = -88 (-inf gives NaN, as LiteRT) */
+        phi = vlogistic(2.0f * (x * 0.7978845608f * (1.0f + 0.044715f * x * x)));
     } else {  /* erfc(-x / sqrt 2) / 2: for x < 0 from erfc(|x| / sqrt 2), else 1 - erfc(x / sqrt 2) / 2 */
         vn half_tail = 0.5f * verfc(select(x < zero, -x, x) * 0.70710678118654752f);
         phi = select(x < zero, half_tail, 1.0f - half_tail);
@@ -122,7 +121,8 @@ typedef struct {
 } sn_small;
 
 INLINE vn smooth(int kind, int approximate, vn x) {
-    return kind == SN_LOGISTIC ? vlogistic(x) : kind == SN_HARD_SWISH ? vhard_swish(x) : vgelu(x, approximate);
+    return kind == SN_LOGISTIC ? vlogistic(x)
+         : kind == SN_HARD_SWISH ? vhard_swish(x) : vgelu(x, approximate);
 }
 
 int sn_small_op(const sn_small *s) {

@@ -8,9 +8,9 @@
  * reads the TA's liveness-planned arena and writes into it.
  *
  * Each output is the bias plus the window's taps in row-major order, positions in the padding skipped (they
- * add zero), then clamped; vectorised across channels: a 3x3 window on row_3x3's path, any other on
- * row_any's, the channels past the last whole vector one by one. Not LiteRT's summation order (XNNPACK's
- * differs from its reference kernel's too): within float32 rounding of LiteRT's result, not bit for bit.
+ * add zero), then clamped; vectorised across channels, a row at a time (row()), the channels past the last
+ * whole vector one by one. Not LiteRT's summation order (XNNPACK's differs from its reference kernel's too):
+ * within float32 rounding of LiteRT's result, not bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -43,22 +43,6 @@ INLINE vn clamp(vn v, vn lo, vn hi) {
 }
 
 INLINE float clamp1(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-/* One output pixel's window at (y0, x0), channels [k, k + SN_VL), at the border: taps outside skipped. */
-INLINE vn border_3x3(const sn_depthwise_params *s, const float *base, int64_t y0, int64_t x0, int64_t k,
-                     const vn w[9], vn bias) {
-    vn acc = bias;
-    for (int32_t ky = 0; ky < 3; ky++) {
-        const int64_t y = y0 + ky;
-        if (y < 0 || y >= s->h) continue;
-        for (int32_t kx = 0; kx < 3; kx++) {
-            const int64_t x = x0 + kx;
-            if (x < 0 || x >= s->w) continue;
-            acc += loadn(base + y * s->src_row + x * s->src_pix + k) * w[ky * 3 + kx];
-        }
-    }
-    return acc;
-}
 
 /* Q outputs of a row whose windows lie inside the input, one row of their taps (at stride `sw`, 1 or 2 a
  * constant where it is inlined): each input vector loaded once, Q independent sums (one sum's 9 FMAs
@@ -94,112 +78,96 @@ INLINE void inside(const sn_depthwise_params *s, int64_t y0, int64_t *first, int
     }
 }
 
-/* Output row oy, channels [0, vectors): pixel by pixel, each pixel's channels in order, so that the layer
- * reads its input and weights in address order; the windows wholly inside the input Q at a time (stride 1
- * or 2), the others one by one, tap by tap at the border. It went channels outermost before - a vector of
- * channels of every pixel, then the next - with the weights in LiteRT's layout: on 512 channels a vector's
- * pixels lie 2 KiB apart, and a 1024-channel layer's nine taps 4 KiB apart, each in the same few sets of
- * the L1 cache, and one dependent chain of FMAs at a time. MobileNet's 13 layers (their shapes, one core,
- * medians of 200 runs of the 13, three runs alternated with the old kernel): 1.97-2.24 -> 1.27-1.50 ms;
- * its TA's time per inference (in-process, 100 inferences, three runs alternated) 4.1-4.3 -> 3.5-3.6 ms.
- * Each output's sum is formed in the same order as before: the same bits. */
-static void row_3x3(const sn_depthwise_params *s, const float *base, float *out, int64_t oy, int64_t vectors,
-                    vn lo, vn hi) {
-    const int64_t pix = s->src_pix, sw = s->sw, left = s->left, ow = s->ow, opix = s->dst_pix;
-    const float *wts = s->packed;
-    const int64_t y0 = oy * s->sh - s->top;
-    float *o = out + oy * s->dst_row;
-    int64_t first, end;
-    inside(s, y0, &first, &end);
-    vn w[9];
-    for (int64_t ox = 0; ox < ow; ox++) {
-        if (ox == first && ox + Q <= end) { /* the inside, Q at a time, then one by one */
-            const float *p = base + y0 * s->src_row;
-            for (; sw <= 2 && ox + Q <= end; ox += Q) {
-                const float *x = p + (ox * sw - left) * pix;
-                for (int64_t k = 0; k < vectors; k += SN_VL) {
-                    for (int32_t t = 0; t < 9; t++) w[t] = tap(wts, k, t, 9);
-                    const vn bias = loadn(s->bias + k);
-                    vn acc[Q];
-                    if (sw == 1)
-                        windows(acc, x + k, s->src_row, pix, 1, w, bias);
-                    else
-                        windows(acc, x + k, s->src_row, pix, 2, w, bias);
-                    for (int32_t q = 0; q < Q; q++) storen(o + (ox + q) * opix + k, clamp(acc[q], lo, hi));
-                }
-            }
-            if (ox >= ow) break;
-        }
-        const int64_t x0 = ox * sw - left;
-        const int inside = ox >= first && ox < end;
-        for (int64_t k = 0; k < vectors; k += SN_VL) {
-            for (int32_t t = 0; t < 9; t++) w[t] = tap(wts, k, t, 9);
-            const vn bias = loadn(s->bias + k);
-            vn acc;
-            if (inside) {
-                const float *x = base + y0 * s->src_row + x0 * pix + k;
-                acc = bias;
-                for (int32_t ky = 0; ky < 3; ky++, x += s->src_row) {
-                    acc += loadn(x) * w[ky * 3];
-                    acc += loadn(x + pix) * w[ky * 3 + 1];
-                    acc += loadn(x + 2 * pix) * w[ky * 3 + 2];
-                }
-            } else {
-                acc = border_3x3(s, base, y0, x0, k, w, bias);
-            }
-            storen(o + ox * opix + k, clamp(acc, lo, hi));
+/* One output's window sum, channels [k, k + SN_VL), any window: tap by tap, the taps outside the input
+ * skipped, the weights loaded as they are used. */
+INLINE vn window(const sn_depthwise_params *s, const float *base, int64_t y0, int64_t x0, int64_t k) {
+    const int32_t kh = s->kh, kw = s->kw;
+    vn acc = loadn(s->bias + k);
+    for (int32_t ky = 0; ky < kh; ky++) {
+        const int64_t y = y0 + ky;
+        if (y < 0 || y >= s->h) continue;
+        for (int32_t kx = 0; kx < kw; kx++) {
+            const int64_t x = x0 + kx;
+            if (x < 0 || x >= s->w) continue;
+            acc += loadn(base + y * s->src_row + x * s->src_pix + k)
+                 * tap(s->packed, k, ky * kw + kx, kh * kw);
         }
     }
+    return acc;
 }
 
-/* row_3x3 for any other window, kh x kw: the weights loaded tap by tap (from the L1 cache), each input vector
- * once per output that reads it. Before it, any window but 3x3 went pixel by pixel with its weights in
- * LiteRT's layout: 5x5 layers of EfficientNet's shapes (28x28x240, 14x14x480, 56x56x144 stride 2,
- * 14x14x672; one core, two runs alternated) 487, 232, 311, 325 -> 244, 128, 161, 187 us, where XNNPACK
- * takes 334, 160, 138, 224. The same bits: a differential run of 1,408 random layers (windows 1x1 to
- * 7x7, strides 1-3, pads 0-3, two images) on the three builds against the kernel before. */
-static void row_any(const sn_depthwise_params *s, const float *base, float *out, int64_t oy, int64_t vectors,
-                    vn lo, vn hi) {
-    const int32_t kh = s->kh, kw = s->kw, taps = kh * kw;
-    const int64_t pix = s->src_pix, row = s->src_row, sw = s->sw, left = s->left, ow = s->ow, opix = s->dst_pix;
-    const float *wts = s->packed;
+/* A 3x3 window wholly inside the input, from x (its top left, channel k): its weights in registers. */
+INLINE vn inside_3x3(const sn_depthwise_params *s, const float *x, int64_t k) {
+    const int64_t pix = s->src_pix;
+    vn acc = loadn(s->bias + k);
+    for (int32_t ky = 0; ky < 3; ky++, x += s->src_row) {
+        acc += loadn(x) * tap(s->packed, k, ky * 3, 9);
+        acc += loadn(x + pix) * tap(s->packed, k, ky * 3 + 1, 9);
+        acc += loadn(x + 2 * pix) * tap(s->packed, k, ky * 3 + 2, 9);
+    }
+    return acc;
+}
+
+/* Q outputs' windows wholly inside the input from x (the first's top left, channel k): a 3x3 window with
+ * its weights in registers and each input vector loaded once (windows()), any other tap by tap. */
+INLINE void block(const sn_depthwise_params *s, int three, const float *x, int64_t k, vn acc[Q]) {
+    const vn bias = loadn(s->bias + k);
+    if (three) {
+        vn w[9];
+        for (int32_t t = 0; t < 9; t++) w[t] = tap(s->packed, k, t, 9);
+        if (s->sw == 1)
+            windows(acc, x, s->src_row, s->src_pix, 1, w, bias);
+        else
+            windows(acc, x, s->src_row, s->src_pix, 2, w, bias);
+        return;
+    }
+    const int32_t kh = s->kh, kw = s->kw;
+    const int64_t step = s->sw * s->src_pix;
+    for (int32_t q = 0; q < Q; q++) acc[q] = bias;
+    for (int32_t ky = 0; ky < kh; ky++)
+        for (int32_t kx = 0; kx < kw; kx++) {
+            const vn w = tap(s->packed, k, ky * kw + kx, kh * kw);
+            const float *p = x + ky * s->src_row + kx * s->src_pix;
+            for (int32_t q = 0; q < Q; q++) acc[q] += loadn(p + q * step) * w;
+        }
+}
+
+/* Output row oy, channels [0, vectors): pixel by pixel, each pixel's channels in order, so that the layer
+ * reads its input and weights in address order; the windows wholly inside the input Q at a time (a 3x3
+ * window at stride 1 or 2, any other at any stride), the others one by one, tap by tap at the border. It
+ * went channels outermost before - a vector of channels of every pixel, then the next - with the weights
+ * in LiteRT's layout: on 512 channels a vector's pixels lie 2 KiB apart, and a 1024-channel layer's nine
+ * taps 4 KiB apart, each in the same few sets of the L1 cache, and one dependent chain of FMAs at a time.
+ * MobileNet's 13 layers (their shapes, one core, medians of 200 runs of the 13, three runs alternated with
+ * the old kernel): 1.97-2.24 -> 1.27-1.50 ms; its TA's time per inference (in-process, 100 inferences,
+ * three runs alternated) 4.1-4.3 -> 3.5-3.6 ms. 5x5 layers of EfficientNet's shapes (28x28x240,
+ * 14x14x480, 56x56x144 stride 2, 14x14x672; one core, two runs alternated) 487, 232, 311, 325 -> 244, 128,
+ * 161, 187 us, where XNNPACK takes 334, 160, 138, 224. Each output's sum is formed in the same order as
+ * before: the same bits (a differential run of 2,826 random layers, windows 1x1 to 7x7, strides 1-3, pads
+ * 0-3, two images, on the three builds against the kernel before). */
+INLINE void row(const sn_depthwise_params *s, const float *base, float *out, int64_t oy, int64_t vectors,
+                vn lo, vn hi, const int three) {
+    const int64_t pix = s->src_pix, sw = s->sw, left = s->left, ow = s->ow, opix = s->dst_pix;
     const int64_t y0 = oy * s->sh - s->top;
+    const float *top = base + y0 * s->src_row;
     float *o = out + oy * s->dst_row;
     int64_t first, end;
     inside(s, y0, &first, &end);
     for (int64_t ox = 0; ox < ow; ox++) {
-        if (ox == first) {
-            for (; ox + Q <= end; ox += Q) {
-                const float *x = base + y0 * row + (ox * sw - left) * pix;
+        if (ox == first) { /* the inside, Q at a time, then one by one */
+            for (; ox + Q <= end && (sw <= 2 || !three); ox += Q)
                 for (int64_t k = 0; k < vectors; k += SN_VL) {
-                    const vn bias = loadn(s->bias + k);
                     vn acc[Q];
-                    for (int32_t q = 0; q < Q; q++) acc[q] = bias;
-                    for (int32_t ky = 0; ky < kh; ky++)
-                        for (int32_t kx = 0; kx < kw; kx++) {
-                            const vn w = tap(wts, k, ky * kw + kx, taps);
-                            const float *p = x + ky * row + kx * pix + k;
-                            for (int32_t q = 0; q < Q; q++) acc[q] += loadn(p + q * sw * pix) * w;
-                        }
+                    block(s, three, top + (ox * sw - left) * pix + k, k, acc);
                     for (int32_t q = 0; q < Q; q++) storen(o + (ox + q) * opix + k, clamp(acc[q], lo, hi));
                 }
-            }
             if (ox >= ow) break;
         }
         const int64_t x0 = ox * sw - left;
-        for (int64_t k = 0; k < vectors; k += SN_VL) {
-            vn acc = loadn(s->bias + k);
-            for (int32_t ky = 0; ky < kh; ky++) {
-                const int64_t y = y0 + ky;
-                if (y < 0 || y >= s->h) continue;
-                for (int32_t kx = 0; kx < kw; kx++) {
-                    const int64_t xx = x0 + kx;
-                    if (xx < 0 || xx >= s->w) continue;
-                    acc += loadn(base + y * row + xx * pix + k) * tap(wts, k, ky * kw + kx, taps);
-                }
-            }
-            storen(o + ox * opix + k, clamp(acc, lo, hi));
-        }
+        const int within = three && ox >= first && ox < end;
+        for (int64_t k = 0; k < vectors; k += SN_VL)
+            storen(o + ox * opix + k, clamp(within ? inside_3x3(s, top + x0 * pix + k, k)
+                                                   : window(s, base, y0, x0, k), lo, hi));
     }
 }
 
@@ -210,7 +178,10 @@ int sn_depthwise(const sn_depthwise_params *s) {
     const int three = s->kh == 3 && s->kw == 3;
     for (int64_t i = 0; i < s->n; i++)
         for (int64_t oy = 0; oy < s->oh && vectors; oy++)
-            (three ? row_3x3 : row_any)(s, s->src + i * s->src_img, s->dst + i * s->dst_img, oy, vectors, lo, hi);
+            if (three) /* row() specialised for 3x3 windows, and for the others */
+                row(s, s->src + i * s->src_img, s->dst + i * s->dst_img, oy, vectors, lo, hi, 1);
+            else
+                row(s, s->src + i * s->src_img, s->dst + i * s->dst_img, oy, vectors, lo, hi, 0);
     for (int64_t i = 0; i < s->n && vectors < c; i++) /* the channels left, one by one */
         for (int64_t oy = 0; oy < s->oh; oy++) {
             const int64_t y0 = oy * s->sh - s->top;

@@ -149,8 +149,7 @@ def test_smooth_activations_in_c_against_float64(kind, size):
     """LOGISTIC and HARD_SWISH as one call (a tail shorter than a vector too): within a few float32 epsilons
     of the exact result over the whole float range, infinities and NaN included; nothing written past."""
     rng = np.random.default_rng(size)
-    extremes = [-np.inf, -3.4e38, -200.0, -88.8, -87.0, -20.0, -3.0, -2.9, -1e-30, 0.0, 1e-30, 2.9, 3.0, 20.0,
-                87.0, 88.8, 200.0, 3.4e38, np.inf, np.nan]
+    extremes = [*EXTREMES, np.nan]
     values = np.concatenate([extremes, rng.normal(0, 4, size)])[-size:] if size < 20 else \
         np.concatenate([extremes, rng.normal(0, 4, size - len(extremes))])
     x = values.astype(np.float32)
@@ -158,17 +157,9 @@ def test_smooth_activations_in_c_against_float64(kind, size):
     kernel = ops.compile_smooth_activation(kind.split()[0], x, out[:size], approximate="approximate" in kind)
     assert kernel.c_call[1]
     kernel()
-    want = _smooth(kind, x.astype(np.float64))
     got = out[:size].astype(np.float64)
     assert (out[size:] == 7.0).all()
-    assert np.array_equal(np.isnan(got), np.isnan(want))
-    finite = np.isfinite(want)
-    assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
-    scale = np.maximum(np.abs(want[finite]), 1e-30)  # a denormal result: absolutely within 1e-37
-    if kind != "LOGISTIC":  # x times a factor in [0, 1]: within rounding of x's magnitude (XNNPACK's
-        # HARD_SWISH cancels near x = -3; GELU's tail, near 0 far below -3, has its exponent's rounding)
-        scale = np.maximum(scale, np.abs(x.astype(np.float64)[finite]))
-    assert (np.abs(got[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
+    assert_smooth_result(kind, x, got)
     if kind == "LOGISTIC":  # below -88 exactly 0, as LiteRT's and the numpy form's (a review)
         assert (got[x < -88] == 0).all()
 
@@ -182,6 +173,26 @@ def test_the_vector_exp_reaches_its_subnormal_results():
     want = 1 / (1 + np.exp(-x.astype(np.float64)))
     assert (out > 0).all()
     assert np.abs(out - want).max() <= 2 ** -149 * 4  # a few subnormal steps
+
+
+EXTREMES = [-np.inf, -3.4e38, -200.0, -88.8, -87.0, -20.0, -3.0, -2.9, -1e-30, 0.0, 1e-30, 2.9, 3.0, 20.0,
+            87.0, 88.8, 200.0, 3.4e38, np.inf]
+
+
+def assert_smooth_result(kind: str, x: np.ndarray, got: np.ndarray) -> None:
+    """``got``, the TA's ``kind`` ("LOGISTIC", "HARD_SWISH", "GELU", "GELU approximate") of the float32
+    ``x``, is the exact result's float32 rounding: NaN and the infinities where it has them, else within 4
+    float32 epsilons of it (of x's magnitude where the activation is x times a factor in [0, 1]: XNNPACK's
+    HARD_SWISH cancels near x = -3, GELU's tail, near 0 far below -3, has its exponent's rounding)."""
+    x, got = x.astype(np.float64).reshape(-1), np.asarray(got, np.float64).reshape(-1)
+    want = _smooth(kind, x)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    assert np.array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    scale = np.maximum(np.abs(want[finite]), 1e-30)  # a denormal result: absolutely within 1e-37
+    if kind != "LOGISTIC":
+        scale = np.maximum(scale, np.abs(x[finite]))
+    assert (np.abs(got[finite] - want[finite]) / scale).max() <= 4 * np.finfo(np.float32).eps
 
 
 def _smooth(kind: str, x: np.ndarray) -> np.ndarray:

@@ -227,7 +227,7 @@ class SecureWorld:
 
 def main() -> None:
     config = json.loads(sys.argv[1])
-    # stderr is the log file (tee_sim.transport): TA panics and tracebacks go there, never to a terminal.
+    # stderr is the log file (tee_sim.secure_world_launch): TA panics and tracebacks go there, not to a tty.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s secure world %(process)d %(levelname)s %(message)s"
     )

@@ -7,20 +7,16 @@ itself (the secure world died, hung, or would not start) raise ``TEEError(..., T
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import select
 import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tee_sim import channel as ch
 from tee_sim.errors import (
@@ -31,21 +27,19 @@ from tee_sim.errors import (
     TEEC_ORIGIN_COMMS,
     TEEError,
 )
-from tee_sim.identity import private_dir, resolve_home
+from tee_sim.identity import resolve_home
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
+from tee_sim.secure_world_launch import launch, log_path
 
 # A prepared invoke's answer: code, TA time in ns, secure memory (used, peak, cap), the Outcome of a failure.
 Answer = tuple[int, int, tuple[int, int, int], Outcome | None]
 Prepared = Callable[[float], Answer]  # called with the timeout
 
-LOG_FILE = "secure_world.log"
-LOG_MAX = 4 << 20
 # A world that answers nothing for ``timeout`` seconds is hung unless it computed meanwhile: CPU time of at
 # least PROGRESS of the window (a stopped or deadlocked world has none). A fixed wall-clock limit failed
 # legitimate loads on a busy machine (a helper's probe: ResNet-404's LOAD_MODEL took 0.5 s idle, 5.5 s beside
 # 12 busy processes, and was killed at 5). One that computes is waited for up to BUSY_LIMIT timeouts.
 PROGRESS, BUSY_LIMIT = 0.01, 60
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 def resolve_secure_core(secure_core: int | str | None) -> int | None:
@@ -114,114 +108,24 @@ class ProcessTransport:
         _transports.add(self)
 
     # Life cycle.
-    def _log(self) -> int:
-        try:
-            logs = private_dir(self.home / "logs")
-            path = logs / LOG_FILE
-            if path.exists() and path.stat().st_size > LOG_MAX:
-                path.replace(logs / (LOG_FILE + ".1"))
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-
     @property
     def log_path(self) -> Path:
-        return self.home / "logs" / LOG_FILE
+        return log_path(self.home)
 
     def _start(self) -> None:
-        # Out of file descriptors part-way (a process at its limit): every one made so far is closed, and
-        # the error says what failed (a double close of the log had it say "Bad file descriptor").
-        made: list[Any] = []
-        try:
-            sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            made += [sock, child_sock]
-            block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
-            made.append(block_fd)
-            os.ftruncate(block_fd, ch.BLOCK_SIZE)
-            req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            made.append(req_efd)
-            resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            made.append(resp_efd)
-            log = self._log()
-        except BaseException as exc:  # a KeyboardInterrupt too: nothing made is kept
-            raise _start_failed(exc, made) from None
-        config = {
-            "ctrl": child_sock.fileno(),
-            "block": block_fd,
-            "req": req_efd,
-            "resp": resp_efd,
-            "home": str(self.home),
-            "memory_cap": self.memory_cap,
-            "spin_us": self.spin_us,
-            "hard_spin_us": self.hard_spin_us,
-            "parent": os.getpid(),
-            "pdeathsig": threading.current_thread() is threading.main_thread(),
-        }
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        # A TEE runs on one core. Idle OpenBLAS/OpenMP worker threads spin and, on a 2-core device,
-        # steal the core the accelerator needs (measured: ResNet-44 protected 21.6 ms -> 55 ms).
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, "1")
-        try:
-            # -P: the caller's working directory is not put first on the secure world's sys.path. A source
-            # checkout there (the README's main command runs in one) would shadow the installed package,
-            # which has the built kernels; and no directory of the normal world's choosing should supply
-            # the secure world's code.
-            proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "tee_sim.secure_world", json.dumps(config)],
-                pass_fds=(child_sock.fileno(), block_fd, req_efd, resp_efd),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                close_fds=True,
-                # Its own process group: Ctrl-C in a terminal reaches the foreground group only, so it
-                # cannot kill the secure world in its imports, before it ignores SIGINT (the normal world
-                # decides when it stops).
-                process_group=0,
-            )
-        except BaseException as exc:
-            raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
-        finally:
-            child_sock.close()
-            os.close(log)
-        try:
-            block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
-        except BaseException as exc:  # out of memory: the started world goes too
-            proc.kill()
-            proc.wait()
-            raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
-        os.close(block_fd)
-        self.proc, self.sock, self.block = proc, sock, block
+        world = launch(self.home, self.memory_cap, self.spin_us, self.hard_spin_us, self.startup_timeout)
+        self.proc, self.sock, self.block = world.proc, world.sock, world.block
         self.words = memoryview(self.block).cast("Q")
-        self.req_efd, self.resp_efd = req_efd, resp_efd
+        self.req_efd, self.resp_efd = world.req_efd, world.resp_efd
         self.poller = select.poll()
-        self.poller.register(resp_efd, select.POLLIN)
-        self.poller.register(sock.fileno(), 0)
+        self.poller.register(self.resp_efd, select.POLLIN)
+        self.poller.register(self.sock.fileno(), 0)
         self._seq = 0
         self._unanswered = 0  # that world's requests died with it, and its sessions
         self.orphaned_sessions.clear()
         self._pinned = False
         self.generation += 1
-        # Wait for "ready": a fresh interpreter importing numpy and cryptography takes a while.
-        waiter = select.poll()
-        waiter.register(sock.fileno(), select.POLLIN)
-        if not waiter.poll(self.startup_timeout * 1000) or not self._hello():
-            self._dead()
-            raise TEEError(
-                TEE_ERROR_COMMUNICATION,
-                TEEC_ORIGIN_COMMS,
-                f"the secure world did not start; see {self.log_path}",
-            )
         self.pin(True)  # every thread it has started; those to come inherit it
-
-    def _hello(self) -> bool:
-        try:
-            return bool(json.loads(self.sock.recv(4096)).get("ready"))
-        except (OSError, ValueError, AttributeError):
-            return False
 
     @property
     def alive(self) -> bool:
@@ -512,17 +416,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _start_failed(exc: BaseException, made: list[Any]) -> BaseException:
-    """What a failed start raises, once the sockets and descriptors it ``made`` are closed: an OSError (out
-    of descriptors or memory) as the start's TEE_ERROR_COMMUNICATION, anything else (an interrupt) as it
-    is."""
-    for item in made:
-        if isinstance(item, int):
-            os.close(item)
-        else:
-            item.close()
-    if not isinstance(exc, OSError):
-        return exc
-    return TEEError(TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS, f"cannot start the secure world: {exc}")

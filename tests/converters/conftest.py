@@ -8,6 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first
 import numpy as np
 import pytest
 
+import tee_sim
+
 
 @pytest.fixture(scope="session")
 def tf():
@@ -116,3 +118,28 @@ def int8_model(tf) -> bytes:
         return _convert(tf, model, optimizations=[tf.lite.Optimize.DEFAULT],
                         representative_dataset=representative,
                         supported_ops=[tf.lite.OpsSet.TFLITE_BUILTINS_INT8])
+
+
+@pytest.fixture(scope="session")
+def device(tmp_path_factory):
+    context = tee_sim.Context("inprocess", home=tmp_path_factory.mktemp("device"), memory_cap=256 << 20)
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def misc_model(tf) -> bytes:
+    """DEPTH_TO_SPACE, LEAKY_RELU, SPLIT, MUL, LOGISTIC, SOFTMAX, a stride-2 conv and a dilated depthwise
+    conv with depth multiplier 2."""
+    import keras
+    keras.utils.set_random_seed(4)
+    layers = keras.layers
+    x = keras.Input((16, 16, 4), batch_size=1, name="image")
+    a = layers.LeakyReLU(0.1)(layers.Conv2D(16, 3, padding="same", strides=2)(x))
+    a = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2))(a)
+    a = layers.DepthwiseConv2D(3, depth_multiplier=2, dilation_rate=2, padding="same")(a)
+    s1, s2 = layers.Lambda(lambda t: tf.split(t, 2, axis=-1))(a)
+    gate = layers.Activation("sigmoid")(layers.Conv2D(5, 1)(s1))
+    w = layers.Multiply()([layers.Conv2D(5, 1)(s2), gate])
+    y = layers.Softmax()(layers.Dense(7)(layers.Flatten()(layers.MaxPooling2D()(w))))
+    return tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()

@@ -2,12 +2,15 @@
 
 It is not the runtime (``shadownet.runtime`` is): it loads the artifacts into the TA, binds one shared
 memory, and for each inference runs step 0, then per round the accelerator (LiteRT on ``untrusted.tflite``)
-and the next step, counting TEE entries and recording what crosses the boundary.
+and the next step, counting TEE entries and recording what crosses the boundary. Beside it: ``litert``, the
+reference; ``protect`` and ``runs_as_litert``, a conversion and its fidelity against that reference; and
+``conv_graph``, a one-conv model built with the graph layer.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import tee_sim
+from converters import convert
+from converters.fidelity import relative_error
 from shadownet.exceptions import ShadowNetError
 from shadownet.tee_errors import TEE_ERRORS
 from tee_sim.ta_shadownet_commands import UUID, Command, encode_placement
@@ -109,3 +114,62 @@ def litert(model: bytes, *inputs: np.ndarray, builtin: bool = False) -> list[np.
     return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
 
 
+# Worst relative error against LiteRT on the original: the default scheme's target, and the paper's
+# scheme's (its N(0, 1) fakes cost precision by cancellation).
+TOLERANCES = {"groupmix": 1e-4, "shadownet": 1e-3}
+TOLERANCE = TOLERANCES["groupmix"]
+
+
+def protect(model, out, device, seed=7, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(model, out, seed=seed, device=device, **kw)
+
+
+def inputs_for(model: bytes, rng) -> list[np.ndarray]:
+    return [rng.standard_normal(d["shape"]).astype(np.float32)
+            for d in Interpreter(model_content=model).get_input_details()]
+
+
+def runs_as_litert(device, out, model: bytes, rng, inferences: int,
+                   tolerance: float) -> list[list[np.ndarray]]:
+    """Run the protected ``out`` on ``inferences`` random inputs against LiteRT on ``model``: the same types
+    and shapes, within ``tolerance`` (integers and bools exactly: ``relative_error``). Returns LiteRT's
+    outputs, for the caller's own checks."""
+    wants = []
+    with Driver(device, out) as run:
+        for _ in range(inferences):
+            xs = inputs_for(model, rng)
+            got, want = run(*xs), litert(model, *xs)
+            assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
+            assert relative_error(got, want) <= tolerance
+            wants.append(want)
+    return wants
+
+
+def conv_graph(weights=None, extend=None) -> bytes:
+    """x [1, 6, 6, 3] -> 3x3 conv (4 filters, ``weights``) -> y, then ``extend(graph, x, y)`` if given."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    g = Graph()
+    x = g.add_tensor("x", (1, 6, 6, 3), np.float32)
+    w = conv_weights((0, 0, 0, 0), None) if weights is None else weights
+    b = g.add_tensor("b", (4,), np.float32, np.zeros(4, np.float32))
+    y = g.add_tensor("y", (1, 6, 6, 4), np.float32)
+    options = fb.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = fb.Padding.SAME, 1, 1
+    g.add_op("CONV_2D", [x, g.add_tensor("w", w.shape, np.float32, w), b], [y], options)
+    g.inputs, g.outputs = [x], [y]
+    if extend:
+        extend(g, x, y)
+    return write_model(g)
+
+
+def conv_weights(position, value):
+    """The test conv's weights, with ``value`` at ``position`` (None: as drawn)."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    if value is not None:
+        w[position] = value
+    return w

@@ -1,28 +1,36 @@
 """The layer descriptors the TA's checks and one-time pop masks read: refused at load unless they fit the
 shapes of the layer's weights, input and output as LiteRT's kernels would have them; and the projections
-a check's pool entry draws (``fv_draw``). (The checks themselves: ``tests/shadownet/test_integrity.py``.)"""
+a check's pool entry draws (``fv_draw``); and the check itself (``fv_prepare``, ``fv_check``) against numpy's
+float64 layers. (A verified model end to end: ``tests/shadownet/test_integrity.py``.)"""
 
+import ctypes
+import math
 import re
 
 import numpy as np
 import pytest
+from ai_edge_litert import schema_py_generated as fb
 
+from converters import linear
 from tee_sim import freivalds
 from tee_sim.freivalds import LayerCheck
-from tee_sim.layer_geometry import geometry
+from tee_sim.layer_geometry import geometry as layer_geometry
 from tee_sim.ta_shadownet_kernels import runnable
+
+BUILDS = runnable()
 
 CONV = {"kind": "CONV_2D", "padding": "SAME", "stride": [1, 1], "dilation": [1, 1]}
 
 
 def test_a_descriptor_that_fits_gives_its_geometry():
-    geo = geometry(CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8))
+    geo = layer_geometry(CONV, (8, 3, 3, 4), (1, 10, 10, 4), (1, 10, 10, 8))
     assert geo.kernel == (3, 3) and geo.before == (1, 1)
-    strided = geometry({**CONV, "padding": "VALID", "stride": [2, 2], "dilation": [2, 1]}, (8, 3, 3, 4),
-                       (1, 10, 10, 4), (1, 3, 4, 8))
+    strided = layer_geometry({**CONV, "padding": "VALID", "stride": [2, 2], "dilation": [2, 1]}, (8, 3, 3, 4),
+                             (1, 10, 10, 4), (1, 3, 4, 8))
     assert strided.stride == (2, 2) and strided.before == (0, 0)
-    assert geometry({"kind": "FULLY_CONNECTED"}, (5, 12), (1, 2, 2, 3), (1, 5)).kind == "FULLY_CONNECTED"
-    dw = geometry({**CONV, "kind": "DEPTHWISE_CONV_2D"}, (1, 3, 3, 8), (1, 6, 6, 4), (1, 6, 6, 8))
+    dense = layer_geometry({"kind": "FULLY_CONNECTED"}, (5, 12), (1, 2, 2, 3), (1, 5))
+    assert dense.kind == "FULLY_CONNECTED"
+    dw = layer_geometry({**CONV, "kind": "DEPTHWISE_CONV_2D"}, (1, 3, 3, 8), (1, 6, 6, 4), (1, 6, 6, 8))
     assert dw.taps == 9
 
 
@@ -44,7 +52,7 @@ def test_a_descriptor_that_fits_gives_its_geometry():
 ])
 def test_a_descriptor_that_does_not_fit_is_refused(layer, weights, x, y, refusal):
     with pytest.raises(ValueError, match=re.escape(refusal)):
-        geometry(layer, weights, x, y)
+        layer_geometry(layer, weights, x, y)
 
 
 @pytest.mark.parametrize("build", list(runnable()))
@@ -119,3 +127,257 @@ def test_a_layers_anisotropy_raises_its_projections_and_is_checked():
     for bad in (0.5, True, "2", float("nan"), 2.0 ** 21):
         with pytest.raises(ValueError, match="anisotropy"):
             projections(anisotropy=bad)
+
+
+# -- the check itself, against numpy's float64 layers -----------------------------------------------------
+
+def _layer(kind: str, padding: str = "SAME", stride: int = 1, dilation: int = 1) -> dict:
+    layer = {"kind": kind, "weights": "w", "input": "x"}
+    if kind != "FULLY_CONNECTED":
+        layer.update(padding=padding, stride=[stride, stride], dilation=[dilation, dilation])
+    return layer
+
+
+def _options(layer: dict):
+    if layer["kind"] == "FULLY_CONNECTED":
+        return None
+    o = fb.Conv2DOptionsT()
+    o.padding = fb.Padding.SAME if layer["padding"] == "SAME" else fb.Padding.VALID
+    o.strideH = o.strideW = layer["stride"][0]
+    o.dilationHFactor = o.dilationWFactor = layer["dilation"][0]
+    return o
+
+
+GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
+    ("CONV_2D", "SAME", 1, 1, (1, 12, 12, 16), (24, 3, 3, 16)),  # taps
+    ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 3), (8, 3, 3, 3)),  # windows (few input channels)
+    ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 6), (8, 3, 3, 6)),  # few channels, in more than one group
+    ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 3), (6, 3, 3, 3)),  # few input channels, dilated
+    ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 8), (16, 3, 3, 8)),  # dilated
+    ("CONV_2D", "VALID", 1, 1, (1, 7, 7, 32), (64, 1, 1, 32)),  # pointwise: direct
+    ("CONV_2D", "SAME", 2, 1, (1, 8, 8, 16), (32, 1, 1, 16)),  # strided 1x1
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 10, 10, 8), (1, 3, 3, 16)),  # depth multiplier 2
+    ("DEPTHWISE_CONV_2D", "VALID", 1, 1, (1, 9, 9, 12), (1, 5, 5, 12)),  # the TEE computes it: direct
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 11, 11, 37), (1, 3, 3, 37)),  # direct, reads past 37 channels
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 2, (1, 9, 9, 32), (1, 3, 3, 32)),  # direct, dilated
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 15, 17, 48), (1, 3, 3, 48)),  # direct, strided, rows of 9
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 7, 7, 80), (1, 3, 3, 80)),  # direct: 4 + 1 vectors on AVX-512
+    ("FULLY_CONNECTED", None, 1, 1, (2, 40), (10, 40)),
+    # taps more than twice the input apart (a helper's ConvNeXt and Conv1D on short inputs; refused before)
+    ("CONV_2D", "SAME", 1, 1, (1, 2, 2, 8), (16, 7, 7, 8)),  # a 7x7 kernel on a 2x2 map
+    ("CONV_2D", "SAME", 1, 1, (1, 1, 3, 8), (16, 1, 9, 8)),  # a Conv1D of 9 taps on 3 steps
+    ("CONV_2D", "SAME", 1, 6, (1, 3, 3, 8), (12, 3, 3, 8)),  # dilated as far as the TA takes (2 x 3)
+    ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 2, 3, 16), (1, 7, 7, 32)),  # multiplier 2: projected
+    ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 2, 3, 16), (1, 7, 7, 16)),  # direct
+]
+
+
+def _setup(geometry, seed: int = 0, projections: int | None = None):
+    kind, padding, stride, dilation, x_shape, w_shape = geometry
+    rng = np.random.default_rng(seed)
+    layer = _layer(kind, padding, stride, dilation)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = (10 * rng.standard_normal(x_shape)).astype(np.float32)  # masked inputs: mostly the mask
+    if kind == "FULLY_CONNECTED":
+        y64 = linear.fully_connected(x, w, (x_shape[0], w_shape[0]))
+    elif kind == "CONV_2D":
+        y64 = linear.conv2d(x, w, _options(layer))
+    else:
+        y64 = linear.depthwise_conv2d(x, w, _options(layer))
+    check = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=projections)
+    assert check.direct == (kind == "DEPTHWISE_CONV_2D" and w_shape[-1] == x_shape[-1])
+    check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+    u_shape, f_shape = check.projection_shapes()
+    u, f = np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32)
+    return check, x, w, y64, u, f, rng
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}-{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypatch):
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])  # each build of the kernels this CPU runs
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    y = y64.astype(np.float32)  # an honest float32 result (rounded once)
+    for _ in range(5):
+        check.draw(rng, u, f, w)
+        check.prepare(x, u, f)
+        worst, bound = check.check(y, u)
+        assert worst < 0.5 and bound <= freivalds.TARGET_LOG2  # the TEE's own rounding included
+        wrong = y.copy().reshape(-1)
+        wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
+        assert check.check(wrong.reshape(y.shape), u)[0] > 1
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[9], GEOMETRIES[-1]], ids=lambda g: g[0])
+def test_a_tolerance_past_float32_fails_the_check_rather_than_passing_anything(geometry, build, monkeypatch):
+    """Inputs near 1e20: the window norms' squares overflow float32, every tolerance is infinite, and a
+    check against it passed any result (a probe's verified model at 1.8e19 reported a bound of 2^-inf).
+    It fails instead, and claims no bound; the runtime refuses such inputs before (``MAX_INPUT``)."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    check, x, w, y64, u, f, rng = _setup(geometry, projections=4)
+    check.draw(rng, u, f, w)
+    check.prepare(x * np.float32(1e19), u, f)
+    assert check.tau_norm == math.inf
+    assert check.check((y64 * 1e19).astype(np.float32), u) == (math.inf, 0.0)
+
+
+TILED = [  # conv layers prepared as a matrix product (LayerCheck.tiled); rows of 4 to 13 output positions
+    ("CONV_2D", "SAME", 1, 1, (1, 7, 13, 16), (24, 3, 3, 16)),
+    ("CONV_2D", "SAME", 2, 1, (1, 13, 13, 6), (8, 3, 3, 6)),  # a last group of 2 channels at k = 4
+    ("CONV_2D", "SAME", 1, 1, (1, 9, 7, 3), (5, 3, 3, 3)),  # an RGB image; 5 outputs
+    ("CONV_2D", "SAME", 2, 1, (1, 11, 9, 32), (8, 3, 3, 32)),
+    ("CONV_2D", "VALID", 1, 2, (1, 12, 12, 24), (16, 3, 3, 24)),  # dilated; 24 channels: 6 groups at k <= 4
+    ("CONV_2D", "SAME", 2, 1, (1, 10, 10, 48), (40, 1, 1, 48)),  # strided 1x1
+    ("CONV_2D", "VALID", 1, 1, (1, 5, 7, 22), (12, 1, 1, 22)),  # pointwise: 35 positions across rows
+    # One channel: at k = 4 a pixel's group of 4 reads the next three's, so the last three read past the
+    # input (only the last one was read from a padded copy: a helper's ASan run), and in a window wider
+    # than the map every position reads them.
+    ("CONV_2D", "SAME", 1, 1, (1, 8, 8, 1), (8, 3, 3, 1)),
+    ("CONV_2D", "SAME", 1, 1, (1, 2, 2, 1), (8, 7, 7, 1)),
+    ("CONV_2D", "VALID", 1, 1, (1, 3, 5, 1), (6, 1, 1, 1)),  # pointwise
+]
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", TILED, ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+@pytest.mark.parametrize("k", [4, 6, 9, 16])
+def test_the_tiled_prepare_agrees_with_the_packed_one(geometry, k, build, monkeypatch):
+    """``prepare_tiled`` (every geometry and lane layout it takes, each build) against ``prepare_kp`` (or
+    ``prepare_small``) on the same projections, reading nothing past the input: the same tolerances bit for
+    bit, ``z`` up to the rounding of another order, both within a quarter of the tolerance of the projected
+    float64 layer; the check, tiled and position by position, then passes the honest result and fails a
+    changed one."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    check, x, w, y64, u, f, rng = _setup(geometry, seed=k, projections=k)
+    assert check.tiled
+    padded = np.full(x.size + 16, np.nan, np.float32)  # NaN after the input: read, it would show in z
+    padded[:x.size] = x.reshape(-1)
+    x = padded[:x.size].reshape(x.shape)
+    check.draw(rng, u, f, w)
+    check.prepare(x, u, f)
+    tiled_z, tiled_tau = check.z.copy(), check.tau.copy()
+    check._prepare.tiled = 0  # the same layer through prepare_kp
+    check.prepare(x, u, f)
+    assert np.array_equal(check.tau, tiled_tau)
+    lanes = u.reshape(-1, check.kp, check.group)  # u as draw() packed it: lane j * G + r
+    unpacked = lanes.transpose(0, 2, 1).reshape(-1, check.kp)[:y64.shape[-1], :k].astype(np.float64)
+    exact = y64.reshape(-1, y64.shape[-1]) @ unpacked  # [P, k], the projected float64 layer
+    unit = tiled_tau.reshape(-1, 1).astype(np.float64) / freivalds.TOLERANCE  # eps32 S n_p
+    for z in (tiled_z, check.z):  # measured: at most 1.5 units each, 1.7 apart (the tolerance is 16)
+        assert np.all(np.abs(z[:, :k] - exact) <= 4 * unit)
+    assert np.all(np.abs(tiled_z[:, :k] - check.z[:, :k]) <= 4 * unit)
+    check._prepare.tiled = 1
+    check.prepare(x, u, f)
+    y = y64.astype(np.float32)
+    wrong = y.copy().reshape(-1)
+    wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
+    for tiled in (1, 0):  # the check too: a tile of positions at a time, and position by position
+        verdicts = []
+        for result in (y, wrong.reshape(y.shape)):
+            made = check.fused(u)
+            assert made.tiled == (y64.shape[-1] % check.group == 0)
+            made.tiled &= tiled
+            made.y = result.ctypes.data
+            assert freivalds.LIBRARY.fv_check(ctypes.addressof(made)) == 0
+            verdicts.append(check.outcome(made)[0])
+        assert verdicts[0] < 0.5 and verdicts[1] > 1
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[0] == "DEPTHWISE_CONV_2D"],
+                         ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-w{g[5]}")
+def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkeypatch):
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    kind, padding, stride, dilation, x_shape, w_shape = geometry
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    layer = _layer(kind, padding, stride, dilation)
+    if not check.direct:  # a depth multiplier: checked, never computed
+        with pytest.raises(ValueError, match="multiplier 1"):
+            LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), computed=True)
+        with pytest.raises(ValueError, match="multiplier 1"):
+            check.computing(x, np.zeros(y64.shape, np.float32))
+        return
+    computed = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=1,
+                          computed=True)
+    computed.bind_scratch(np.full(computed.scratch_elements, np.nan, np.float32))  # stale scratch: not in y
+    y = np.full(y64.shape, np.nan, np.float32)
+    computed.computing(x, y)()
+    np.testing.assert_allclose(y, y64, rtol=0, atol=1e-6 * np.abs(y64).max())
+    computed._prepare.tiled = 0  # position by position (prepare_dw): the same sums in the same order
+    again = np.full(y64.shape, np.nan, np.float32)
+    computed.computing(x, again)()
+    assert np.array_equal(again, y)
+    with pytest.raises(ValueError, match="computing"):
+        computed.computing(x, np.zeros(y64.shape, np.float64))
+    with pytest.raises(ValueError, match="nothing to prepare"):  # no z to prepare nor check: only computing
+        computed.prepare(x, u, f)
+    with pytest.raises(ValueError, match="only computed"):
+        computed.check(y, u)
+
+
+def test_bound_is_met_by_the_worst_case_change():
+    """With one projection, the change the derivation calls the worst (rank one, matched to the
+    tolerance) is missed with probability P(|g| <= 1/c) <= beta = sqrt(2/pi) ||tau|| / ||E||, g ~ N(0, 1)."""
+    check, x, w, y64, u, f, rng = _setup(GEOMETRIES[0], seed=1, projections=1)
+    y = y64.astype(np.float32)
+    check.draw(rng, u, f, w)
+    check.prepare(x, u, f)
+    tau = check.tau.reshape(y.shape[:-1])
+    direction = rng.standard_normal(y.shape[-1])
+    direction /= np.linalg.norm(direction)
+    c = 3.0  # ||E|| = c ||tau||: missed when c |u . direction| <= 1, about a quarter of the time
+    change = (c * tau[..., None] * direction).astype(np.float32)
+    beta = math.sqrt(2 / math.pi) * check.tau_norm / float(np.linalg.norm(change.astype(np.float64)))
+    trials = 600
+    missed = 0
+    for _ in range(trials):
+        check.draw(rng, u, f, w)
+        check.prepare(x, u, f)
+        missed += check.check(y + change, u)[0] <= 1
+    expected = math.erf(1 / (c * math.sqrt(2)))
+    sigma = math.sqrt(expected * (1 - expected) / trials)
+    assert abs(missed / trials - expected) <= 4 * sigma
+    assert missed / trials <= beta + 4 * sigma
+
+
+def test_the_chosen_projections_miss_no_change_of_a_thousandth():
+    for geometry in GEOMETRIES:
+        check, x, w, y64, u, f, rng = _setup(geometry, seed=2)
+        y = y64.astype(np.float32)
+        norm = float(np.linalg.norm(y64))
+        for _ in range(40):
+            check.draw(rng, u, f, w)
+            check.prepare(x, u, f)
+            change = rng.standard_normal(y.shape[-1])  # rank one across every position: the hardest
+            change = np.broadcast_to(change, y.shape) * (1e-3 * norm / np.linalg.norm(
+                np.broadcast_to(change, y.shape)))
+            assert check.check(y + change.astype(np.float32), u)[0] > 1
+            assert check.bound_log2(norm) <= freivalds.TARGET_LOG2
+
+
+def test_a_popped_check_is_prepared_from_the_input_and_what_was_sent():
+    """A popped check (an exact split's) reads the input itself and the secure copy of ``[x_hi | x_lo]``;
+    a plain check takes no such copy."""
+    layer = _layer("CONV_2D")
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 6)).astype(np.float32)  # [[W_hi, 0], [W_lo, W]]
+    made = {}
+    for popped in (False, True):
+        check = LayerCheck(layer, w, (1, 5, 5, 6), (1, 5, 5, 8), lambda s, d: np.zeros(s, d), popped=popped)
+        check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+        made[popped] = check
+    plain, popped = made[False], made[True]
+    assert (popped.m_out, popped.in_channels, popped.weights_shape) == (4, 3, (4, 3, 3, 3))
+    assert 0 < popped.hi_weight == pytest.approx(np.sum(w[4:, ..., :3] ** 2) / np.sum(w[4:, ..., 3:] ** 2))
+    u, f = (np.zeros(s, np.float32) for s in popped.projection_shapes())
+    v, sent = np.zeros((1, 5, 5, 3), np.float32), np.zeros((1, 5, 5, 6), np.float32)
+    with pytest.raises(ValueError, match="needs what was sent"):
+        popped.prepared(v, u, f)
+    popped.draw(np.random.default_rng(1), u, f, w)  # given the split layer's weights, it projects W'
+    popped.prepared(v, u, f, sent=sent)()
+    u, f = (np.zeros(s, np.float32) for s in plain.projection_shapes())
+    with pytest.raises(ValueError, match="sent"):
+        plain.prepared(sent, u, f, sent=sent)
+    with pytest.raises(ValueError, match="not the weights of an exact split"):
+        LayerCheck(_layer("CONV_2D"), w[:7], (1, 5, 5, 6), (1, 5, 5, 7), lambda s, d: np.zeros(s, d),
+                   popped=True)

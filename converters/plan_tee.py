@@ -22,12 +22,13 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters.graph import Graph, Signature, with_static_shapes, write_model
 from converters.non_float import carry_across_steps, tee_shape
 from converters.partition import Partition
+from converters.plan_memory import litert_peak, plan_arena
 from converters.plan_numpy import READ_DENSE, WRITE_DENSE, activation_fields, numpy_form
 from converters.plan_rounds import RoundsBuilder
 from converters.schemes import ActivationStats, ObfuscatedLinear, Scheme
 from converters.secret_random import Random
 from shadownet.exceptions import UnsupportedOpError
-from tee_sim.program import ALIGN, align, wire_dtype
+from tee_sim.program import align, wire_dtype
 
 
 class TeeProgramBuilder(RoundsBuilder):
@@ -249,7 +250,7 @@ class TeeProgramBuilder(RoundsBuilder):
                 self.signature_specs[key] = {
                     "inputs": {n: list(g.tensors[t].shape) for n, t in inputs.items()},
                     "outputs": {n: list(g.tensors[t].shape) for n, t in outputs.items()}}
-                arena_bytes += _live_peak(g, sigs[-1].ops, set(inputs.values()) | set(outputs.values()))
+                arena_bytes += litert_peak(g, sigs[-1].ops, set(inputs.values()) | set(outputs.values()))
             if k < R:
                 for p in self.pushes[k]:
                     if id(p) not in fused:
@@ -260,7 +261,7 @@ class TeeProgramBuilder(RoundsBuilder):
                 for i, t in enumerate(g.outputs):
                     add(k, {"op": "copy", "src": loc[t], "dst": f"shm:output/{i}"}, reads=(t,))
         self.steps = steps
-        self.slots, self.arena_size = _plan_arena(
+        self.slots, self.arena_size = plan_arena(
             {f"t{t}": (g.tensors[t].shape, first, last) for t, (first, last) in slot_life.items()})
         for sig in sigs:
             for t in (*sig.inputs.values(), *sig.outputs.values()):
@@ -418,47 +419,6 @@ def _scalar_io(g: Graph, sig: Signature) -> Signature:
     if not before and not after:
         return sig
     return Signature(sig.key, [*before, *sig.ops, *after], inputs, outputs)
-
-
-def _live_peak(g: Graph, ops: list[int], pinned: set[int]) -> int:
-    """Peak bytes of a signature's non-constant tensors when each is freed after its last use (what
-    LiteRT's arena planner achieves, roughly); signature inputs and outputs live throughout."""
-    def size(t: int) -> int:
-        return int(np.prod(g.tensors[t].shape, dtype=np.int64)) * g.tensors[t].dtype.itemsize
-
-    last: dict[int, int] = {}
-    for k, i in enumerate(ops):
-        for t in g.ops[i].inputs:
-            if t >= 0 and g.tensors[t].data is None:
-                last[t] = k
-    live = sum(size(t) for t in pinned)
-    peak = live
-    for k, i in enumerate(ops):
-        new = [t for t in g.ops[i].outputs if t not in pinned]
-        live += sum(size(t) for t in new)
-        peak = max(peak, live)
-        live -= sum(size(t) for t in {*g.ops[i].inputs, *new} - pinned if t >= 0 and last.get(t, k) <= k)
-    return peak
-
-
-def _plan_arena(items: dict[str, tuple[tuple[int, ...], int, int]]) -> tuple[dict[str, dict[str, Any]], int]:
-    """Offsets in one secure arena for float32 tensors live over [first, last] instruction numbers; tensors
-    whose lifetimes do not overlap share bytes (greedy, biggest first, lowest free offset)."""
-    placed: list[tuple[int, int, int, int]] = []  # offset, end, first, last
-    slots: dict[str, dict[str, Any]] = {}
-    order = sorted(items.items(), key=lambda kv: (-int(np.prod(kv[1][0], dtype=np.int64)), kv[1][1]))
-    for name, (shape, first, last) in order:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-        busy = sorted((o, e) for o, e, f, lst in placed if not (lst < first or last < f))
-        offset = 0
-        for o, e in busy:
-            if offset + nbytes <= o:
-                break
-            offset = max(offset, align(e))
-        placed.append((offset, offset + nbytes, first, last))
-        slots[name] = {"offset": offset, "shape": list(shape), "dtype": "float32"}
-    size = max((align(e) for _, e, _, _ in placed), default=0)
-    return slots, max(size, ALIGN)
 
 
 DEPTHWISE_CLAMPS = frozenset({"RELU", "RELU6", "RELU_N1_TO_1"})  # tee_sim.ta_shadownet_depthwise.CLAMPS

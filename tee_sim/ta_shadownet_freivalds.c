@@ -38,10 +38,50 @@ typedef struct {
     float hi_weight;                    /* with sent: the weight of x_hi's squares (x_lo's: 1) */
 } fv_prepare_t;
 
+/* pixel_norms for C < SN_VL channels, C a constant where it is inlined (round 1's image, 3 channels, or its
+ * exact split's 6): the generic loops (squared_norm's tail, the `sent` loop) are one scalar loop of run-time
+ * length per pixel, which took most of MobileNet's round-1 prepares' norms (perf); unrolled, and in one pass
+ * over x and sent. The same sums in the same order as squared_norm's tail and the loop below: the same
+ * bits. */
+INLINE void pixel_norms_few(fv_prepare_t *s, const int64_t c) {
+    int64_t pixels = s->n * s->h * s->w;
+    const float *x = s->x, *sent = s->sent;
+    if (!sent) {
+        for (int64_t pix = 0; pix < pixels; pix++, x += c) {
+            float q = 0.0f;
+            for (int64_t i = 0; i < c; i++) q += x[i] * x[i];
+            s->norms[pix] = q;
+        }
+        return;
+    }
+    float hi_weight = s->hi_weight;
+    for (int64_t pix = 0; pix < pixels; pix++, x += c, sent += 2 * c) {
+        float q = 0.0f, hi = 0.0f, lo = 0.0f;
+        for (int64_t i = 0; i < c; i++) q += x[i] * x[i];
+        for (int64_t i = 0; i < c; i++) {
+            hi += sent[i] * sent[i];
+            lo += sent[c + i] * sent[c + i];
+        }
+        float added = hi_weight * hi + lo;
+        s->norms[pix] = q + added;
+    }
+}
+
 /* Every input pixel's squared norm, into the scratch's first N * H * W floats; a popped check's adds
- * hi_weight |x_hi|^2 + |x_lo|^2 of the pixel sent (the accelerator's rounding of y_lo, and the pop mask's). */
-INLINE void pixel_norms(fv_prepare_t *s) {
+ * hi_weight |x_hi|^2 + |x_lo|^2 of the pixel sent (the accelerator's rounding of y_lo, and the pop mask's).
+ * Not inlined: one call per prepare, and its cases once in the library, not once per prepare and lane
+ * layout. */
+static __attribute__((noinline)) void pixel_norms(fv_prepare_t *s) {
     int64_t c = s->c, pixels = s->n * s->h * s->w;
+    switch (c < SN_VL ? c : 0) { /* a few channels: pixel_norms_few (squared_norm's tail alone) */
+    case 1: pixel_norms_few(s, 1); return;
+    case 2: pixel_norms_few(s, 2); return;
+    case 3: pixel_norms_few(s, 3); return;
+    case 4: pixel_norms_few(s, 4); return;
+    case 6: pixel_norms_few(s, 6); return;
+    case 8: pixel_norms_few(s, 8); return;
+    default: break;
+    }
     for (int64_t pix = 0; pix < pixels; pix++) s->norms[pix] = squared_norm(s->x + pix * c, c);
     if (!s->sent) return;
     if (c >= SN_VL) {

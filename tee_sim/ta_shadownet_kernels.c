@@ -114,6 +114,16 @@ INLINE void send(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, con
     }
 }
 
+/* t pixels of `width` floats from src to dst: one copy when both are dense. */
+INLINE void copy_pixels(float *dst, int64_t dst_pix, const float *src, int64_t src_pix, int64_t t,
+                        int32_t width) {
+    if (dst_pix == width && src_pix == width) {
+        copy(dst, src, (int32_t)(t * width));
+        return;
+    }
+    for (int64_t p = 0; p < t; p++) copy(dst + p * dst_pix, src + p * src_pix, width);
+}
+
 /* An exact split's send (tee_sim.exact_split): the mask r as r_hi = grid * rint(r / grid) and r_lo = r -
  * r_hi, w = x + r_lo, q = grid * rint(w / grid), dst = [r_hi + q | w - q]; all exact but w (grid is a
  * power of two); c channels per half. */
@@ -172,6 +182,9 @@ int sn_run(const sn_step *s) {
      * exactly dst's channels (a spill there could land on another tensor's): no tile copy. */
     int direct = !s->mask.p && !s->copy &&
                  (s->b.kind != SN_NONE ? exact(&s->b) : fuse && exact(&s->a));
+    /* With a secure copy (a verified model's) and no mask, a last stage B that writes exactly dst's
+     * channels stores into the copy, and the tile goes out from there: no tile in scratch copied to both. */
+    int via_copy = !s->mask.p && s->copy && s->b.kind != SN_NONE && exact(&s->b);
     float bias[fuse && s->offset.p && per_channel ? stride : 1];
     epilogue finish_block = {s->offset.p, s->offset.pix, s->activation, s->alpha, s->addend.p, s->addend.pix};
     if (fuse && s->offset.p && per_channel) {
@@ -250,6 +263,12 @@ int sn_run(const sn_step *s) {
             }
             if (measured)
                 for (int64_t p = 0; p < t; p++) add_squares(x + p * x_pix, n, &squares, &top);
+            if (via_copy) {
+                float *secure = s->copy + r * s->copy_row + q0 * s->copy_pix;
+                apply(&s->b, x, x_pix, secure, s->copy_pix, tmp, stride, t, NULL, x == src);
+                copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, c);
+                continue;
+            }
             if (s->b.kind != SN_NONE && direct) {
                 apply(&s->b, x, x_pix, out, s->dst_pix, tmp, stride, t, NULL, x == src);
                 continue;
@@ -260,19 +279,27 @@ int sn_run(const sn_step *s) {
                 x_pix = stride;
             }
             const float *m = s->mask.p ? s->mask.p + r * s->mask.row + q0 * s->mask.pix : NULL;
+            /* The secure copy of what is sent is made first, from the secure tile, and sent from there (not
+             * made twice; nothing is read back from shared memory). */
+            float *secure = s->copy ? s->copy + r * s->copy_row + q0 * s->copy_pix : NULL;
             if (s->grid > 0 && m) {
-                send_split(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
-                if (s->copy)
-                    send_split(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix,
-                               t, c, s->grid);
+                if (secure) {
+                    send_split(secure, s->copy_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
+                    copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, 2 * c);
+                } else {
+                    send_split(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
+                }
                 if (s->plain)
-                    for (int64_t p = 0; p < t; p++)
-                        copy(s->plain + r * s->plain_row + (q0 + p) * s->plain_pix, x + p * x_pix, c);
+                    copy_pixels(s->plain + r * s->plain_row + q0 * s->plain_pix, s->plain_pix, x, x_pix, t,
+                                c);
                 continue;
             }
-            send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
-            if (s->copy) /* the secure copy of what was sent, from the secure tile, not read back */
-                send(s->copy + r * s->copy_row + q0 * s->copy_pix, s->copy_pix, x, x_pix, m, s->mask.pix, t, c);
+            if (secure) {
+                send(secure, s->copy_pix, x, x_pix, m, s->mask.pix, t, c);
+                copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, c);
+            } else {
+                send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
+            }
         }
     }
     if (check) fv_check_finish(check, &worst, norm2);

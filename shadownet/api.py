@@ -120,14 +120,8 @@ def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
 
 def _check_output(output: str, artifacts: str, given: str) -> None:
     """Refuse an ``--output`` that would replace what the run reads: a file of the protected model's
-    directory (it would be lost: the model converted again) or the input file."""
-    check_destination(output)  # an empty path, a missing directory: said so only after the inference before
-    target, directory = Path(os.path.realpath(output)), Path(os.path.realpath(artifacts))
-    if target == directory or directory in target.parents:
-        raise InputError(f"--output {output} lies in the protected model's directory {artifacts}: writing it "
-                         "would replace the model's own files")
-    if target == Path(os.path.realpath(given)):
-        raise InputError(f"--output {output} is the input file: give another name")
+    directory (it would be lost: the model converted again) or the input file (``check_destination``)."""
+    check_destination(output, reads=(given, artifacts))
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:

@@ -450,7 +450,7 @@ def audit_cli(args: Any) -> None:
         if path is not None and not Path(path).is_file():
             why = "is not a file" if Path(path).exists() else "does not exist"
             raise ArtifactError(f"{what} model {path} {why}")
-    check_destination(args.json)
+    check_destination(args.json, reads=[p for p in (args.artifacts, args.reference, public) if p is not None])
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True,
                    public=public)
     print(format_report(report))

@@ -230,7 +230,7 @@ def bench_cli(args: argparse.Namespace) -> None:
     if args.plot:
         require_matplotlib(args.plot)
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
-        check_destination(path)
+        check_destination(path, reads=args.files or ())
     models = list(args.files or [])
     if args.models is not None:
         named = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -8,13 +8,21 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from converters.output_directory import MANIFEST, SECRETS
 
-def check_destination(path: str | os.PathLike | None) -> None:
+
+def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.PathLike] = ()) -> None:
     """Before long work whose result goes to ``path`` (None: nothing to check): an ``OSError`` naming it
-    now, rather than after the work, when its directory does not exist or is not one, or it is a directory
-    (a ``ValueError`` when it is empty)."""
+    now, rather than after the work, when its directory does not exist or is not one, cannot be written (a
+    read-only file system, no permission), or it is a directory (a ``ValueError`` when it is empty). A
+    ``ValueError`` too when writing it would destroy what the command reads or a protected model: ``path``
+    is one of ``reads`` (files) or inside one (directories), or lies in a protected model's directory (one
+    holding a conversion's manifest and sealed secrets)."""
     if path is None:
         return
     target = os.fspath(path)
@@ -26,6 +34,22 @@ def check_destination(path: str | os.PathLike | None) -> None:
         raise OSError(code, os.strerror(code), target)
     if os.path.isdir(target):
         raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+    real = Path(os.path.realpath(target))
+    if all((real.parent / name).is_file() for name in (MANIFEST, SECRETS)):
+        raise ValueError(f"{target} lies in the protected model's directory {real.parent}: writing it would "
+                         "replace or add to the model's own files; give another place")
+    for read in reads:
+        given = Path(os.path.realpath(read))
+        if real == given:
+            raise ValueError(f"{target} is a file this command reads: writing it would replace it; give "
+                             "another name")
+        if given in real.parents:
+            raise ValueError(f"{target} lies in {os.fspath(read)}, which this command reads: writing it "
+                             "would change it; give another place")
+    try:  # writable at all (os.access hides a read-only mount's reason): a nameless file, gone at close
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, target) from None
 
 
 def working_directory(path: str | os.PathLike) -> str:

@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.inferences < 1:
         parser.error(f"--inferences must be at least 1, not {args.inferences}")
     try:
-        check_destination(args.json)
-    except OSError as exc:
+        check_destination(args.json, reads=[p for p in (args.model, args.artifacts) if p])
+    except (OSError, ValueError) as exc:
         parser.error(f"--json: {exc}")
     if args.artifacts and not Path(args.model).is_file():
         parser.error(f"--artifacts: --model must be the .tflite they were converted from, not {args.model!r}")

@@ -147,7 +147,7 @@ def test_an_output_that_would_replace_what_the_run_reads_is_refused(small_cnn, t
     output = {"": "", "input": str(tmp_path / "x.npy")}.get(target, str(tmp_path / "out" / target))
     line = _one_line_error(capsys, main(["run", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy"),
                                          "--output", output]))
-    assert {"": "an output path is empty", "input": "is the input file"}.get(
+    assert {"": "an output path is empty", "input": "is a file this command reads"}.get(
         target, "lies in the protected model's directory") in line
     assert {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), tmp_path / "x.npy"]} == before
 

@@ -1,4 +1,5 @@
-"""``shadownet.files.write_atomically``: whole files or nothing, errors that name the file."""
+"""``shadownet.files``: whole files or nothing (``write_atomically``), errors that name the file, and
+destinations checked before the work (``check_destination``)."""
 
 import errno
 import os
@@ -66,3 +67,64 @@ def test_bench_refuses_an_unwritable_report_before_measuring(tmp_path, capsys, m
     assert main(["bench", "--models", "minivgg", "--json", str(report)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"shadownet: error: {report}: No such file or directory"]
+
+
+def _protected_directory(path):
+    """A directory as a conversion leaves it (check_destination looks for its manifest and sealed secrets)."""
+    path.mkdir()
+    for name in ("manifest.json", "secrets.sealed", "untrusted.tflite"):
+        (path / name).write_bytes(b"kept")
+    return path
+
+
+def test_a_destination_that_would_destroy_what_is_read_or_a_protected_model_is_refused(tmp_path):
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"model")
+    protected = _protected_directory(tmp_path / "out")
+    refusals = [
+        (model, [model], "is a file this command reads"),
+        (tmp_path / "link.tflite", [model], "is a file this command reads"),  # through a symlink
+        (tmp_path / "data" / "r.json", [tmp_path / "data"], "which this command reads"),
+        (protected / "manifest.json", [], "lies in the protected model's directory"),
+        (protected / "report.json", [], "lies in the protected model's directory"),
+    ]
+    (tmp_path / "link.tflite").symlink_to(model)
+    (tmp_path / "data").mkdir()
+    for target, reads, said in refusals:
+        with pytest.raises(ValueError, match=said):
+            files.check_destination(target, reads=reads)
+    files.check_destination(tmp_path / "report.json", reads=[model, protected])  # elsewhere: fine
+    assert model.read_bytes() == b"model" and {p.read_bytes() for p in protected.iterdir()} == {b"kept"}
+
+
+def test_a_directory_that_cannot_be_written_is_said_before_the_work(tmp_path, monkeypatch):
+    """A read-only mount (a helper's probe: a report lost after 38 s of audit) is found by making a nameless
+    file there; the error names the destination."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError) as caught:
+        files.check_destination(tmp_path / "r.json")
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("command", ["zoo", "device", "audit", "bench"])
+def test_no_command_writes_over_its_input_or_into_a_protected_model(tmp_path, capsys, command):
+    """``audit --json`` over its reference model, ``bench --json`` over the model it measures, ``zoo -o`` and
+    ``device export`` into a protected model's directory: each replaced the file and exited 0 (a helper's
+    probe). Refused now, before any work, and nothing changes."""
+    from shadownet.cli import main
+
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"model")
+    protected = _protected_directory(tmp_path / "out")
+    argv = {"zoo": ["zoo", "minivgg", "-o", str(protected / "untrusted.tflite")],
+            "device": ["device", "export", str(protected / "manifest.json")],
+            "audit": ["audit", str(protected), "--reference", str(model), "--json", str(model)],
+            "bench": ["bench", str(model), "--json", str(model)]}[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("lies in the protected model's directory" in err[0]
+                              or "is a file this command reads" in err[0]), err
+    assert model.read_bytes() == b"model" and {p.read_bytes() for p in protected.iterdir()} == {b"kept"}

@@ -36,6 +36,8 @@ def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
         if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
             raise ModelFormatError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
         return tf_input.convert(path, "saved_model", signature)
+    if not path.is_file():  # a FIFO would hang the read, /dev/zero exhaust the memory (a helper's probe)
+        raise ModelFormatError(f"model {path} is not a regular file")
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data

@@ -2,6 +2,7 @@
 that run in the TEE, shapes folded at batch 1 - and those it refuses, saying why."""
 
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -29,6 +30,10 @@ def test_bad_models(device, tmp_path):
         protect(b"not a model at all", tmp_path / "a", device)
     with pytest.raises(ModelFormatError):
         protect(tmp_path / "missing.tflite", tmp_path / "b", device)
+    os.mkfifo(tmp_path / "fifo.tflite")  # read, it hung; /dev/zero filled the memory (a helper's probe)
+    for special in (tmp_path / "fifo.tflite", "/dev/zero"):
+        with pytest.raises(ModelFormatError, match="is not a regular file"):
+            protect(special, tmp_path / "b", device)
     for name in ("junk.keras", "junk.h5"):  # named as a Keras file, not one: said so, TensorFlow untouched
         (tmp_path / name).write_bytes(b"junk")
         with pytest.raises(ModelFormatError, match="is not a Keras model file"):

@@ -7,6 +7,7 @@ by UUID and exchanges parameters; large tensors travel through shared memory it 
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -188,6 +189,7 @@ class Context:
         # Closes the transport when the context is collected or at interpreter exit, whichever is
         # first: the secure world then closes every session left open (their TA's close_session runs).
         self._finalizer = weakref.finalize(self, _close_transport, self._transport, self._lock)
+        _hook_exit()
 
     # Public API.
     def open_session(self, ta_uuid: uuid.UUID | str, params: Sequence[ClientParam] = ()) -> Session:
@@ -398,12 +400,37 @@ def _close_transport(transport: Any, lock: threading.RLock) -> None:
     """A context's finalizer: close its transport under its lock, so that no other thread's request is on
     the wire meanwhile - at interpreter exit daemon threads still run (a model's background refill may be
     waiting for the secure world). If a request holds the lock longer than ``EXIT_WAIT_S`` it has hung:
-    the secure world is left to its parent-death signal as the process ends."""
-    if lock.acquire(timeout=EXIT_WAIT_S):
-        try:
-            transport.close()
-        finally:
-            lock.release()
+    the secure world is left to its parent-death signal as the process ends; so it is when Ctrl-C comes
+    during the close at exit (a helper's probe: right after a command's last line, a traceback of the
+    KeyboardInterrupt "ignored in atexit callback" on 11 of 12 tries)."""
+    try:
+        if lock.acquire(timeout=EXIT_WAIT_S):
+            try:
+                transport.close()
+            finally:
+                lock.release()
+    except KeyboardInterrupt:
+        if not _exiting:
+            raise
+
+
+_exiting = False
+_exit_hooked = False
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
+def _hook_exit() -> None:
+    """Register ``_at_exit`` once, after a finalizer was made: weakref registers its exit hook at the first
+    ``finalize``, and exit hooks run last registered first, so ``_exiting`` is set before the finalizers
+    run."""
+    global _exit_hooked
+    if not _exit_hooked:
+        atexit.register(_at_exit)
+        _exit_hooked = True
 
 
 # A child forked while another thread held a context's lock (a request on the wire, a model's refill) would

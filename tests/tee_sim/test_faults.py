@@ -671,3 +671,33 @@ def test_a_context_dropped_without_close_stops_its_secure_world_at_once(tmp_path
             pytest.fail("the secure world of a dropped context still runs")
     finally:
         gc.enable()
+
+
+def test_ctrl_c_while_the_secure_world_is_closed_at_exit_prints_no_traceback(tmp_path):
+    """Ctrl-C right after a command's last line lands in the close of its secure world at interpreter exit:
+    Python printed "Exception ignored in atexit callback" and a KeyboardInterrupt's traceback (a helper's
+    probe, 11 of 12 tries on convert). At exit it is swallowed, the world left to its parent-death signal;
+    a close the program asks for is still interrupted."""
+    script = textwrap.dedent(f"""
+        import tee_sim
+        from tee_sim import client
+        from tee_sim.transport import ProcessTransport
+
+        ctx = tee_sim.Context("process", home={str(tmp_path)!r}, timeout=30.0)
+        real = ProcessTransport.close
+
+        def interrupted(self):  # as Ctrl-C in the close's wait for the world to stop
+            real(self)
+            raise KeyboardInterrupt
+
+        ProcessTransport.close = interrupted
+        other = tee_sim.Context("process", home={str(tmp_path)!r}, timeout=30.0)
+        try:
+            client._close_transport(other._transport, other._lock)
+        except KeyboardInterrupt:
+            print("interrupted")
+        print("done")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["interrupted", "done"]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr

@@ -110,8 +110,8 @@ def save_testset(path: str | os.PathLike, x: np.ndarray, y: np.ndarray) -> None:
     """
     import io
 
-    from models.zoo import write_atomic
+    from shadownet.files import write_atomically
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
-    write_atomic(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())

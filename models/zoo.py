@@ -8,14 +8,13 @@ models real users hand us.
 
 from __future__ import annotations
 
-import errno
 import os
-import secrets
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shadownet.exceptions import InputError
+from shadownet.files import check_destination, write_atomically
 
 if TYPE_CHECKING:
     import keras
@@ -82,24 +81,6 @@ def to_tflite(model: keras.Model) -> bytes:
         return bytes(converter.convert())
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    if os.path.isdir(path):  # else the rename's error would name the temporary file
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    # Not mkstemp: its 0600 mode would survive the rename; "x" mode respects the umask.
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def testset_path(path: str | os.PathLike) -> str:
     """Where ``export(..., train=...)`` stores the held-out test split: ``FILE.testset.npz`` for
     ``FILE.tflite``."""
@@ -124,11 +105,7 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
         raise InputError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):  # fail before minutes of building, not after
-        raise FileNotFoundError(f"no such directory: {directory}")
-    if os.path.isdir(path):  # likewise (write_atomic's own check comes after the build)
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    check_destination(path)  # before minutes of building and training, not after
     if train == "digits":
         from models.backend import require_tensorflow
         from models.digits import save_testset, tflite_accuracy, train_minivgg
@@ -137,14 +114,14 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
         result = train_minivgg(seed)
         data = to_tflite(result.model)
         accuracy = tflite_accuracy(data, result.x_test, result.y_test)
-        write_atomic(path, data)
+        write_atomically(path, data)
         save_testset(testset_path(path), result.x_test, result.y_test)
         if verbose:
             print(f"trained minivgg on digits: {accuracy:.1%} accuracy (LiteRT) on the "
                   f"{len(result.y_test)} held-out images stored in {testset_path(path)}")
     else:
         data = to_tflite(build_keras(name, seed))
-        write_atomic(path, data)
+        write_atomically(path, data)
     if verbose:
         ops = sum(op_counts(data).values())
         print(f"wrote {path} ({len(data) / 1e6:.1f} MB, {ops} ops)")

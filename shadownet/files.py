@@ -32,7 +32,7 @@ def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.P
     if not os.path.isdir(directory):
         code = errno.ENOTDIR if os.path.exists(directory) else errno.ENOENT
         raise OSError(code, os.strerror(code), target)
-    if os.path.isdir(target):
+    if os.path.isdir(target) or target.endswith(os.sep):  # "DIR/" names a directory, made or not
         raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
     real = Path(os.path.realpath(target))
     if all((real.parent / name).is_file() for name in (MANIFEST, SECRETS)):

@@ -14,13 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {"models", "converters", "tee_sim", "shadownet"}
 # What each package may import besides the standard library and itself. tee_sim publishes a few modules
 # to the vendor's converter, as OP-TEE publishes a TA's header and its attestation protocol; every package
-# raises the one flat module of exceptions, and may read whether the user asked for errors' details.
+# raises the one flat module of exceptions, and may read whether the user asked for errors' details; the
+# zoo writes its files as the commands write theirs (shadownet.files: atomically, checked first).
 ALLOWED = {
     "tee_sim": {"numpy", "cryptography", "ai_edge_litert"},
     "converters": {"numpy", "ai_edge_litert", "flatbuffers", "cryptography", "tensorflow", "keras",
                    "shadownet.exceptions", "shadownet.debug", "tee_sim", "tee_sim.program",
                    "tee_sim.ta_shadownet_commands", "tee_sim.attestation", "tee_sim.registry"},
-    "models": {"numpy", "tensorflow", "keras", "sklearn", "ai_edge_litert", "shadownet.exceptions"},
+    "models": {"numpy", "tensorflow", "keras", "sklearn", "ai_edge_litert", "shadownet.exceptions",
+               "shadownet.files"},
 }
 
 

@@ -220,7 +220,7 @@ def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
         zoo.export("resnet44", tmp_path / "x.tflite", train="digits")
     with pytest.raises(InputError, match="only available for minivgg"):
         zoo.export("minivgg", tmp_path / "x.tflite", train="cifar10")
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(FileNotFoundError, match="No such file or directory"):
         zoo.export("minivgg", tmp_path / "missing" / "x.tflite")
     (tmp_path / "dir.tflite").mkdir()
     with pytest.raises(IsADirectoryError, match="dir.tflite"):  # it was refused after the build

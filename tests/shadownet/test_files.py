@@ -46,7 +46,9 @@ def test_a_missing_directory_is_named(tmp_path):
 def test_a_destination_is_checked_before_the_work(tmp_path):
     files.check_destination(None)
     files.check_destination(tmp_path / "new.json")  # its directory exists: fine
-    for bad, error in ((tmp_path / "missing" / "r.json", FileNotFoundError), (tmp_path, IsADirectoryError)):
+    for bad, error in ((tmp_path / "missing" / "r.json", FileNotFoundError), (tmp_path, IsADirectoryError),
+                       (f"{tmp_path / 'not-yet'}{os.sep}", IsADirectoryError)):  # its rename's error named a
+        # temporary file after the work (a helper's zoo -o somedir/)
         with pytest.raises(error) as caught:
             files.check_destination(bad)
         assert caught.value.filename == str(bad)

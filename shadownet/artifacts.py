@@ -114,14 +114,16 @@ def read_artifacts(directory: str | os.PathLike) -> Artifacts:
         _check_schema(manifest, _SCHEMA, "manifest")
     except ArtifactError as exc:
         raise ArtifactError(f"{path} is malformed: {exc}") from None
+    # The files the manifest names, read and checked against its hashes, outside the manifest's own errors
+    # (a missing untrusted.tflite was "manifest.json is malformed": a helper's probe).
+    files = {name: read_checked(root, name, manifest["files"]) for name in (UNTRUSTED, SECRETS)}
     try:
-        return _parse(root, manifest)
+        return _parse(root, manifest, files)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc})") from None
 
 
-def _parse(root: Path, m: dict[str, Any]) -> Artifacts:
-    files = {name: read_checked(root, name, m["files"]) for name in (UNTRUSTED, SECRETS)}
+def _parse(root: Path, m: dict[str, Any], files: dict[str, bytes]) -> Artifacts:
     inputs = _tensor_specs(m["inputs"], first_index=0)
     outputs = _tensor_specs(m["outputs"], first_index=len(inputs))
     if not inputs or not outputs:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import tee_sim
 from shadownet.accelerator import Accelerator
 from shadownet.artifacts import Artifacts
-from shadownet.exceptions import ArtifactError, SecureMemoryError
+from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError
 from shadownet.refill import pool_stats
 from shadownet.shared_buffers import SharedBuffers, quietly
 from shadownet.tee_errors import translated
@@ -148,6 +148,12 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
         if not reasons:
             raise
         raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
+    except SecurityError as exc:  # sealed for another device, perhaps: say which device this is (a mistyped
+        # SHADOWNET_HOME makes a new one, and the error blamed tampering alone: a helper's probe)
+        quietly(session.close)
+        if made is not None:
+            quietly(made.close)
+        raise SecurityError(f"{exc} (this device's keys: {context.home}, chosen by $SHADOWNET_HOME)") from exc
     except BaseException:
         quietly(session.close)
         if made is not None:  # the caller never had it (a review: its threads and pages left to the GC)

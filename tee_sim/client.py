@@ -24,6 +24,7 @@ from tee_sim.errors import (
     TEEC_ORIGIN_COMMS,
     TEEError,
 )
+from tee_sim.identity import resolve_home
 from tee_sim.marshalling import NO_TEMPS, Marshalling
 from tee_sim.params import MAX_PARAMS, ClientParam, MemRef, TempMemRef, Value
 from tee_sim.secure_os import NO_PARAMS, Outcome, WireParam
@@ -180,6 +181,7 @@ class Context:
         self._marshalling = Marshalling(self)
         self.closed = False
         home = os.fspath(home) if home is not None else None
+        self.home = resolve_home(home)  # the device's state: its keys, sealed storage and logs
         if transport == "process":
             self._transport: Any = ProcessTransport(
                 home, memory_cap, timeout, spin_us, caller_spin_us, hard_spin_us, self.secure_core

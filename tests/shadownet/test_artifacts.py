@@ -143,6 +143,8 @@ def test_secrets_sealed_on_another_device_say_so(copy, small_cnn, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "TEE_ERROR_SECURITY" in lines[0] and "sealed by another device" in lines[0], lines
+    # and which device this is (a mistyped SHADOWNET_HOME makes a new one: a helper's probe)
+    assert f"this device's keys: {tmp_path / 'another_device'}, chosen by $SHADOWNET_HOME" in lines[0], lines
     # A device whose storage cannot be used (SHADOWNET_HOME a file): that is the error, not that the secrets
     # were changed or sealed elsewhere, which was added to it (a helper's walkthrough).
     (tmp_path / "a-file").write_text("not a directory")

@@ -325,7 +325,10 @@ def _report(exc: Exception) -> int:
             message = exc.message  # the client library refused a setting: its code adds nothing
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
             message = f"{exc.filename}: {exc.strerror}"
-        print(f"shadownet: error: {message.splitlines()[0]}", file=sys.stderr)
+        # One line: a line break in the message (a path given with one: a helper's probe cut "no\nsuch"'s
+        # error to "artifact directory no") is shown escaped, as Python writes it in a string.
+        one_line = "\\n".join(message.strip().splitlines())
+        print(f"shadownet: error: {one_line}", file=sys.stderr)
         return 1
     first = (str(exc).splitlines() or [""])[0]
     if debugging():

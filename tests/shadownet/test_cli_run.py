@@ -356,3 +356,11 @@ def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(small_cnn, tmp_p
     finally:
         signal.signal(signal.SIGTERM, previous)
     capsys.readouterr()
+
+
+def test_a_path_with_a_line_break_keeps_its_error_on_one_whole_line(tmp_path, capsys):
+    """``run $'no\\nsuch'`` printed "artifact directory no": the first line, without its reason (a helper's
+    probe). The break is shown escaped, and the reason follows."""
+    missing = tmp_path / "no\nsuch"
+    line = _one_line_error(capsys, main(["run", str(missing), "--input", str(tmp_path / "x.npy")]))
+    assert f"{tmp_path}/no\\nsuch" in line and "does not exist" in line, line

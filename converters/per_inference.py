@@ -72,7 +72,10 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
                 low = max(a, rounds + 1)
                 beyond.append(str(low) if low == b else f"{low}-{b}")
     else:
-        named = list(spec)  # a TypeError for what is neither text nor rounds, as Python's own
+        if not isinstance(spec, Iterable):  # an int: "'int' object is not iterable" said nothing (a probe)
+            raise TypeError(f"mask rounds are a policy (\"first\", \"all\", \"1,3\", \"2-4\") or a list of "
+                            f"rounds, not {spec!r}")
+        named = list(spec)
         if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
             raise ValueError(f"mask rounds must be whole numbers, not {named!r}")
         chosen.update(int(r) for r in named)

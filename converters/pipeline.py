@@ -98,6 +98,12 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if device is not None and not hasattr(device, "open_session"):
         device = device_file(device, device_key, warn=True)  # read once, before the work
     chosen = get_scheme(scheme)
+    static = getattr(chosen, "static_masks", True)
+    if mask_rounds is not None:  # before the work: its form, and whether the scheme has one-time masks
+        parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
+        if static:  # it was warned of and ignored, where bench refused it (a helper's probe)
+            raise ValueError(f"mask_rounds={mask_rounds!r}: scheme {chosen.name} uses static masks (one-time "
+                             "masks are groupmix's), so it would be ignored")
     unmasked = not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0
     if unmasked:
         warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
@@ -116,10 +122,6 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}
     stats = activation_stats(graph, needed | floats, samples)
-    static = getattr(chosen, "static_masks", True)
-    if static and mask_rounds is not None:
-        warnings.warn(f"scheme {chosen.name} uses static masks: mask_rounds={mask_rounds!r} is ignored",
-                      stacklevel=2)
     carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), carrying)
     deeper = [r for r in one_time if r not in carrying]  # what the policy adds, at its costs

@@ -184,7 +184,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
             parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
         except ValueError as exc:
             raise ValueError(f"--mask-rounds: {exc}") from None
-        if getattr(get_scheme(scheme), "static_masks", True):  # convert warns; the report would claim it
+        if getattr(get_scheme(scheme), "static_masks", True):  # as convert refuses it
             raise ValueError(f"--mask-rounds {mask_rounds}: the scheme's masks are static (one-time masks "
                              "are groupmix's): it would be ignored")
     temporary = workdir is None

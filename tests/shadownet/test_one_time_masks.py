@@ -713,6 +713,8 @@ def test_mask_round_policies_are_parsed_or_refused():
                          ("1,,2", "expected 'first'"), ("1,2,", "expected 'first'")):  # were 1,2
         with pytest.raises(ValueError, match=reason):  # "3-1" was taken as round 1 alone, silently
             parse_mask_rounds(spec, 6)
+    with pytest.raises(TypeError, match="mask rounds are a policy"):  # "'int' object is not iterable"
+        parse_mask_rounds(2, 6)
 
 
 def test_refill_masks_refuses_a_negative_count(first_round):
@@ -742,9 +744,14 @@ def test_converting_without_calibration_warns_of_the_mask_scale(tmp_path_factory
 
 
 def test_static_scheme_keeps_the_papers_masks(tmp_path_factory):
-    with pytest.warns(UserWarning, match="static masks"):
-        out = tmp_path_factory.mktemp("static") / "out"
+    """The paper's static masks, the same every inference; a mask-round policy for it is refused before the
+    work, as bench refuses it (convert warned and ignored it: a helper's probe)."""
+    out = tmp_path_factory.mktemp("static") / "out"
+    with pytest.raises(ValueError, match="uses static masks"):
         shadownet.convert(small_cnn(), str(out), scheme="shadownet", seed=3, mask_rounds="all")
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="INSECURE"):
+        shadownet.convert(small_cnn(), str(out), scheme="shadownet", seed=3)
     model, recorders = _recording(str(out))
     x = images(1)[0]
     with model:

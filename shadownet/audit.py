@@ -414,9 +414,9 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
                                      "under_observed": under_observed(crossing, inferences)}
         except ShadowNetError as exc:
             # The attacks on the weights alone stand on their own; say plainly what could not be measured.
-            why = (f"no crossing observed, so no restore regression or input unmixing either: "
-                   f"{str(exc).splitlines()[0]}")
-            report["input_leakage"] = {"inferences": inferences, "error": why}
+            cause = str(exc).splitlines()[0]
+            why = f"no crossing observed, so no restore regression or input unmixing either: {cause}"
+            report["input_leakage"] = {"inferences": inferences, "error": why, "cause": cause}
     if seen is not None:
         check_outputs(reference, manifest, batches, seen, given)
     restores = unmixed = None
@@ -457,6 +457,10 @@ def audit_cli(args: Any) -> None:
     if args.json:
         write_json(report, args.json)
         print(f"report written to {args.json}")
-    error = report.get("input_leakage", {}).get("error")
-    if error:
-        raise ShadowNetError(f"input leakage not measured: {error}")
+    leakage = report.get("input_leakage", {})
+    if leakage.get("cause"):  # the model did not run: its cause first (it came last, after the consequences)
+        raise ShadowNetError(f"the protected model did not run here ({leakage['cause']}): the attacks on the "
+                             "crossings and the input leakage were not measured (the report above has the "
+                             "attacks on the weights)")
+    if leakage.get("error"):
+        raise ShadowNetError(f"input leakage not measured: {leakage['error']}")

@@ -167,6 +167,16 @@ def test_an_artifact_that_does_not_load_is_still_attacked_on_its_weights(narrow_
     rows = lines[lines.index(next(line for line in lines if line.startswith("-"))) + 1:][:6]
     assert all(row.split()[-5:-3] == ["-", "-"] for row in rows)  # rreg, unmx (then any, subsp, chance)
     assert "restore_regression -, input_unmixing -" in audit.format_report(report)
+    # The command's last line: why the model did not run, first (it ended a long line: a helper's probe).
+    from types import SimpleNamespace
+
+    from shadownet.exceptions import ShadowNetError
+
+    args = SimpleNamespace(artifacts=str(out), reference=str(narrow_then_wide / "original.tflite"),
+                           inferences=2, json=None)
+    with pytest.raises(ShadowNetError, match=r"^the protected model did not run here \(.*secrets.sealed does "
+                                             r"not match the SHA-256.*\): the attacks on the crossings"):
+        audit.audit_cli(args)
 
 
 def test_depthwise_layers_kept_in_the_tee_leave_the_regression_nothing(narrow_then_wide):

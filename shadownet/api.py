@@ -120,7 +120,11 @@ def write_outputs(path: str, outputs: dict[str, np.ndarray]) -> None:
 
 def _check_output(output: str, artifacts: str, given: str) -> None:
     """Refuse an ``--output`` that would replace what the run reads: a file of the protected model's
-    directory (it would be lost: the model converted again) or the input file (``check_destination``)."""
+    directory (it would be lost: the model converted again) or the input file (``check_destination``), and
+    one not named .npz (``y.npy`` was written as a zip of arrays under that name: a helper's probe)."""
+    if output and not output.lower().endswith(".npz"):
+        raise InputError(f"--output {output}: the outputs are written as an .npz keyed by output name; name "
+                         "it .npz")
     check_destination(output, reads=(given, artifacts))
 
 

@@ -135,21 +135,25 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, monkeypatch, case,
     assert message in line
 
 
-@pytest.mark.parametrize("target", ["secrets.sealed", "manifest.json", "new.npz", "", "input"])
+@pytest.mark.parametrize("target", ["secrets.sealed.npz", "manifest.json.npz", "new.npz", "", "input",
+                                    "y.npy"])
 def test_an_output_that_would_replace_what_the_run_reads_is_refused(small_cnn, tmp_path, capsys, target):
     """--output into the protected model's directory replaced its files (the model had to be converted again),
-    over the input file replaced the user's input; both ran and exited 0 (a helper's probe). Now refused
-    before anything runs, and nothing changes."""
+    over the input file replaced the user's input, and y.npy was written as a zip of arrays; all ran and
+    exited 0 (helpers' probes). Now refused before anything runs, and nothing changes."""
     shutil.copytree(small_cnn.out, tmp_path / "out")
     (x,) = small_cnn.random_inputs()
-    np.save(tmp_path / "x.npy", x)
-    before = {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), tmp_path / "x.npy"]}
-    output = {"": "", "input": str(tmp_path / "x.npy")}.get(target, str(tmp_path / "out" / target))
-    line = _one_line_error(capsys, main(["run", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy"),
+    given = tmp_path / ("x.npz" if target == "input" else "x.npy")
+    np.savez(given, x=x) if target == "input" else np.save(given, x)
+    before = {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), given]}
+    output = {"": "", "input": str(given), "y.npy": str(tmp_path / "y.npy")}.get(
+        target, str(tmp_path / "out" / target))
+    line = _one_line_error(capsys, main(["run", str(tmp_path / "out"), "--input", str(given),
                                          "--output", output]))
-    assert {"": "an output path is empty", "input": "is a file this command reads"}.get(
-        target, "lies in the protected model's directory") in line
-    assert {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), tmp_path / "x.npy"]} == before
+    said = {"": "an output path is empty", "input": "is a file this command reads", "y.npy": "name it .npz"}
+    assert said.get(target, "lies in the protected model's directory") in line
+    assert not (tmp_path / "y.npy").exists()
+    assert {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), given]} == before
 
 
 @pytest.mark.parametrize("library", ["missing", "not_a_library", "not_a_delegate"])

@@ -22,8 +22,10 @@ class UnsupportedOpError(ShadowNetError):
 
 
 class ArtifactError(ShadowNetError, ValueError):
-    """A protected-artifact directory is missing, incomplete, malformed or of an unknown format version: a
-    ``ValueError``, as LiteRT's ``Interpreter`` raises for a model it cannot open."""
+    """A protected-artifact directory is missing, incomplete, malformed or of an unknown format version - or
+    a file ``load`` was given to open with it is not what it must be (a delegate library that does not load):
+    a ``ValueError``, as LiteRT's ``Interpreter`` raises for a model it cannot open and its
+    ``load_delegate`` for a library it cannot load."""
 
 
 class SecurityError(ShadowNetError):

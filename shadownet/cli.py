@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_audit, command_parser=p)
 
     p = sub.add_parser("demo", help="the README's main job: protect MiniVGG and MobileNet, compare them")
-    p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory)")
+    p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory); "
+                                     "its minivgg_digits.* and mobilenet.* files are replaced")
     p.set_defaults(func=_cmd_demo, command_parser=p)
 
     p = sub.add_parser("device", help="this device's attestation identity")

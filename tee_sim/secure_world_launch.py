@@ -122,9 +122,15 @@ def launch(home: Path, memory_cap: int, spin_us: float, hard_spin_us: float,
         _stop(proc)
         raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
     os.close(block_fd)
-    waiter = select.poll()
-    waiter.register(sock.fileno(), select.POLLIN)
-    if not waiter.poll(startup_timeout * 1000) or not _hello(sock):
+    try:
+        waiter = select.poll()
+        waiter.register(sock.fileno(), select.POLLIN)
+        ready = bool(waiter.poll(startup_timeout * 1000)) and _hello(sock)
+    except BaseException:  # a Ctrl-C in the wait (up to startup_timeout): the world and its channel go too
+        _stop(proc)
+        _close([block, sock, req_efd, resp_efd])
+        raise
+    if not ready:
         _stop(proc)
         _close([block, sock, req_efd, resp_efd])
         raise TEEError(TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS,

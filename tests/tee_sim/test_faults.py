@@ -622,6 +622,31 @@ def test_a_failed_start_after_the_world_was_started_stops_it_and_leaks_nothing(t
     assert _open_fds() <= before
 
 
+def test_an_interrupted_start_stops_the_started_world_and_leaks_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while the started secure world is waited for (up to a minute): the world is stopped and every
+    descriptor closed (moved into secure_world_launch, the start lost them and left the world running: a
+    review's)."""
+    import tee_sim.secure_world_launch as launch
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(sock):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch, "_hello", interrupted)
+    before = _open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        Context("process", home=tmp_path, timeout=30.0)
+    assert started and started[0].poll() is not None
+    assert _open_fds() <= before
+
+
 def test_a_bounce_buffer_that_cannot_grow_leaves_the_context_usable(tmp_path, monkeypatch):
     """Growing the bounce buffer for a large temporary memref fails (out of descriptors): the call fails,
     and the next ones, which fit, work (the released buffer was kept and failed them all: a review's)."""

@@ -20,20 +20,26 @@ def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.P
     """Before long work whose result goes to ``path`` (None: nothing to check): an ``OSError`` naming it
     now, rather than after the work, when its directory does not exist or is not one, cannot be written (a
     read-only file system, no permission), or it is a directory (a ``ValueError`` when it is empty). A
-    ``ValueError`` too when writing it would destroy what the command reads or a protected model: ``path``
-    is one of ``reads`` (files) or inside one (directories), or lies in a protected model's directory (one
-    holding a conversion's manifest and sealed secrets)."""
+    ``ValueError`` too when writing it would destroy what the command reads, a protected model or a special
+    file: ``path`` is one of ``reads`` (files) or inside one (directories), lies in a protected model's
+    directory (one holding a conversion's manifest and sealed secrets), or exists and is not a regular file
+    (the result is renamed into place: ``write_atomically``)."""
     if path is None:
         return
     target = os.fspath(path)
     if not target:
         raise ValueError("an output path is empty")
-    directory = os.path.dirname(os.path.abspath(target))
+    # As given, not normalised: the rename resolves "sub/../y" through sub, as the kernel does (abspath
+    # dropped "sub/..", and a missing sub failed only after the work: a review's).
+    if os.path.isdir(target) or target.endswith(os.sep):  # "DIR/" names a directory, made or not
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+    directory = os.path.dirname(target) or "."
     if not os.path.isdir(directory):
         code = errno.ENOTDIR if os.path.exists(directory) else errno.ENOENT
         raise OSError(code, os.strerror(code), target)
-    if os.path.isdir(target) or target.endswith(os.sep):  # "DIR/" names a directory, made or not
-        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+    if os.path.exists(target) and not os.path.isfile(target):  # the rename would replace a FIFO, /dev/null
+        raise ValueError(f"{target} is not a regular file (a device, a FIFO or a socket): writing the result "
+                         "would replace it; give a file's name")
     real = Path(os.path.realpath(target))
     if all((real.parent / name).is_file() for name in (MANIFEST, SECRETS)):
         raise ValueError(f"{target} lies in the protected model's directory {real.parent}: writing it would "
@@ -68,8 +74,8 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     ``path`` (a full disk, a missing directory). Not ``mkstemp``: its 0600 mode would survive the rename;
     "x" mode respects the umask."""
     target = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    directory, base = os.path.split(target)  # not normalised: beside the target as the rename resolves it
+    tmp = os.path.join(directory or ".", f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     raw = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "xb") as f:

@@ -47,6 +47,8 @@ def test_a_destination_is_checked_before_the_work(tmp_path):
     files.check_destination(None)
     files.check_destination(tmp_path / "new.json")  # its directory exists: fine
     for bad, error in ((tmp_path / "missing" / "r.json", FileNotFoundError), (tmp_path, IsADirectoryError),
+                       # as the rename resolves it, through the missing directory (a review's)
+                       (f"{tmp_path / 'missing'}{os.sep}..{os.sep}r.json", FileNotFoundError),
                        (f"{tmp_path / 'not-yet'}{os.sep}", IsADirectoryError)):  # its rename's error named a
         # temporary file after the work (a helper's zoo -o somedir/)
         with pytest.raises(error) as caught:
@@ -92,6 +94,8 @@ def test_a_destination_that_would_destroy_what_is_read_or_a_protected_model_is_r
     ]
     (tmp_path / "link.tflite").symlink_to(model)
     (tmp_path / "data").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # renamed over: device export made it a regular file (a review's)
+    refusals += [(tmp_path / "fifo", [], "is not a regular file"), ("/dev/null", [], "is not a regular file")]
     for target, reads, said in refusals:
         with pytest.raises(ValueError, match=said):
             files.check_destination(target, reads=reads)

@@ -148,12 +148,17 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
         if not reasons:
             raise
         raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
-    except SecurityError as exc:  # sealed for another device, perhaps: say which device this is (a mistyped
-        # SHADOWNET_HOME makes a new one, and the error blamed tampering alone: a helper's probe)
+    except SecurityError as exc:
         quietly(session.close)
         if made is not None:
             quietly(made.close)
-        raise SecurityError(f"{exc} (this device's keys: {context.home}, chosen by $SHADOWNET_HOME)") from exc
+        if "another device" not in str(exc):  # the trusted app's words where the device may be the cause
+            raise
+        # Say which device this is: a mistyped SHADOWNET_HOME makes a new one, and the error blamed the file
+        # alone (a helper's probe).
+        chosen = "chosen by $SHADOWNET_HOME" if os.environ.get("SHADOWNET_HOME") else \
+            "the default; $SHADOWNET_HOME chooses another"
+        raise SecurityError(f"{exc} (this device's keys: {context.home}, {chosen})") from exc
     except BaseException:
         quietly(session.close)
         if made is not None:  # the caller never had it (a review: its threads and pages left to the GC)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 
+from tests.shadownet.small_models import protect_small_cnn
+
 SEED = 7  # reproducible secrets: INSECURE, tests only
 
 
@@ -123,3 +125,25 @@ def non_float_io(keras, tmp_path_factory) -> Protected:
     positive = keras.layers.Lambda(lambda t: t > 0)(y)
     data = _to_tflite(keras.Model([x, label], [y, labels, positive]))
     return _protect(tmp_path_factory.mktemp("non_float_io"), "non_float_io", data)
+
+
+# The small CNN (small_models) converted three ways for the one-time masks' tests (test_one_time_masks.py,
+# test_input_hiding.py), once a session.
+@pytest.fixture(scope="session")
+def all_rounds(tmp_path_factory) -> str:
+    # Round 1 split (the default, auto, would not split this small model's): both kinds of one-time push.
+    return protect_small_cnn(tmp_path_factory, "all_rounds", seed=3,
+                             scheme="groupmix:exact_split=first,depthwise=offload", mask_rounds="all")
+
+
+@pytest.fixture(scope="session")
+def first_round(tmp_path_factory) -> str:
+    # round 1's mask shaped, so split
+    return protect_small_cnn(tmp_path_factory, "first_round", seed=3, scheme="groupmix")
+
+
+@pytest.fixture(scope="session")
+def first_unsplit(tmp_path_factory) -> str:
+    # The plain one-time restore of round 1 (its offset rescaled or made again as the mask moves).
+    return protect_small_cnn(tmp_path_factory, "first_unsplit", seed=3,
+                             scheme="groupmix:exact_split=none")

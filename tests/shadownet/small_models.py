@@ -1,13 +1,20 @@
 """A small CNN built with the graph layer (no TensorFlow) whose rounds cover every kind of offloaded layer
 the one-time masks and the integrity checks handle: a 3x3 SAME conv, a strided depthwise conv with a
-depth multiplier, a 1x1 conv feeding a residual ADD, a 3x3 VALID conv and a dense layer."""
+depth multiplier, a 1x1 conv feeding a residual ADD, a 3x3 VALID conv and a dense layer; and an accelerator
+that records what it is sent (``recording``), with what an attacker makes of it (``attacker_view``)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
+import shadownet
 from converters.graph import Graph, write_model
+from shadownet import audit
+from shadownet.accelerator import AcceleratorWrapper
 
 INPUT_SHAPE = (1, 16, 16, 3)
 
@@ -113,3 +120,38 @@ def reference(model: bytes, x: np.ndarray) -> np.ndarray:
 def images(count: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.uniform(0, 1, INPUT_SHAPE).astype(np.float32) for _ in range(count)]
+
+
+class Recorder(AcceleratorWrapper):
+    """Keeps a copy of every round input; ``fail_at``: raise in that round (an abandoned inference)."""
+
+    fail_at: int | None = None
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen: dict[str, list[np.ndarray]] = {}
+
+    def run_round(self, r):
+        for name, view in self.buffers.items():
+            if name.startswith(f"round_{r}/in/"):
+                self.seen.setdefault(name, []).append(np.array(view))
+        if r == self.fail_at:
+            raise RuntimeError("accelerator lost")
+        self.inner.run_round(r)
+
+
+def recording(out: str, **kw):
+    recorders = []
+
+    def wrap(inner):
+        recorders.append(Recorder(inner))
+        return recorders[-1]
+
+    return shadownet.load(out, accelerator=wrap, **kw), recorders
+
+
+def attacker_view(out: str, seen: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """The recorded round inputs, stacked, each exactly split one's halves added back (what the attacker
+    works on: ``x_hi`` alone sits on a coarse grid, where two masks' values meet by chance)."""
+    split = audit.split_names(json.loads((Path(out) / "manifest.json").read_text()))[1]
+    return audit.join_halves({name: np.stack(values) for name, values in seen.items()}, split)

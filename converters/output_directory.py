@@ -16,8 +16,8 @@ from pathlib import Path
 
 from shadownet.exceptions import ArtifactError
 
-# The artifacts' contract (ARCHITECTURE.md): the manifest's format and the three files; the runtime reads
-# them by these names (``shadownet.artifacts``).
+# The artifacts' contract (../shared/design/ARCHITECTURE.md): the manifest's format and the three files;
+# the runtime reads them by these names (``shadownet.artifacts``).
 FORMAT = "shadownet-artifacts"
 FORMAT_VERSION = 1  # what this converter writes (the runtime's KNOWN_VERSIONS: what it reads)
 UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.json"

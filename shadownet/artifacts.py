@@ -1,7 +1,7 @@
 """Reading and checking an artifact directory (``untrusted.tflite``, ``secrets.sealed``, ``manifest.json``).
 
 The manifest is public metadata written by the converter (its fields are the ones checked below; the file
-names are ARCHITECTURE.md's contract).
+names are ../shared/design/ARCHITECTURE.md's contract).
 Everything in it is checked here, once, before any of it is used: the normal world may have edited it, and a
 buffer layout that overflows the shared memory must fail here, not as a crash in the hot path.
 """

@@ -1,6 +1,6 @@
-"""The packages keep to their trust domains (ARCHITECTURE.md's "may import" column, with the modules tee_sim
-publishes to the converter and the flat exceptions module everyone raises: README's Layout), read from every
-import statement in their source, function-level ones included."""
+"""The packages keep to their trust domains (../shared/design/ARCHITECTURE.md's "may import" column, with
+the modules tee_sim publishes to the converter and the flat exceptions module everyone raises: README's
+Layout), read from every import statement in their source, function-level ones included."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The paper's scheme (ShadowNet, IEEE S&P 2023), as its authors' code implements it (SHADOWNET.md).
+"""The paper's scheme (ShadowNet, IEEE S&P 2023), as its authors' code implements it
+(../shared/design/SHADOWNET.md).
 
 Conv / dense (dense is a 1x1 conv): ``M = int(N * obf_ratio)`` output channels, the ``M - N`` extra ones
 fake filters ``F_r ~ N(0, fake_std^2)``; per real filter a scale ``s_i ~ U(0, 1)`` and a fake partner
@@ -17,9 +18,9 @@ precision: the accelerator's float32 rounding grows with its input, and the N(0,
 cancellation in every restore (measured on MobileNet: 2.6x the worst error of unmasked inputs with
 uncentered RMS-scale masks, about 1x centered).
 
-Known weakness (measured, SHADOWNET.md): N(0, 1) fakes are ~100x larger than real weights, so every
-``W'_i`` is almost collinear with its partner and the pair gives ``W_i`` back. This scheme exists to
-reproduce the paper faithfully, weakness included.
+Known weakness (measured, ../shared/design/SHADOWNET.md): N(0, 1) fakes are ~100x larger than real
+weights, so every ``W'_i`` is almost collinear with its partner and the pair gives ``W_i`` back. This
+scheme exists to reproduce the paper faithfully, weakness included.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_fake_partner_recovers_the_paper_scheme(seed: int) -> None:
 
 
 def test_paper_scheme_fake_partner_matches_the_design_figure() -> None:
-    # SHADOWNET.md: 64 of 64 filters back with cosine >= 0.991 (3x3 conv over 64 channels).
+    # ../shared/design/SHADOWNET.md: 64 of 64 filters back with cosine >= 0.991 (3x3 conv over 64 channels).
     rng = np.random.default_rng(7)
     w = he_filters(rng, 64, 576)
     obf, _ = paper_scheme(rng, w)

@@ -104,7 +104,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         if static:  # it was warned of and ignored, where bench refused it (a helper's probe)
             raise ValueError(f"mask_rounds={mask_rounds!r}: scheme {chosen.name} uses static masks (one-time "
                              "masks are groupmix's), so it would be ignored")
-    unmasked = not getattr(chosen, "static_masks", True) and getattr(chosen, "mask_scale", None) == 0
+    unmasked = not static and getattr(chosen, "mask_scale", None) == 0
     if unmasked:
         warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
                       "measurements: the input's protection is gone)", stacklevel=2)

@@ -288,14 +288,14 @@ def test_a_restore_that_measures_its_push_sends_it_only_once_it_fits_the_mask(al
     measured = []
     compile_ = rp._compile
 
-    def recording(model, *args, spread=None, **kw):
+    def compile_recorded(model, *args, spread=None, **kw):
         kernel = compile_(model, *args, spread=spread, **kw)
         if spread is not None:
             out = args[7]  # where the pass writes
             measured.append(any(np.shares_memory(out, shared) for shared in model.shm.values()))
         return kernel
 
-    monkeypatch.setattr(rp, "_compile", recording)
+    monkeypatch.setattr(rp, "_compile", compile_recorded)
     model_bytes = small_cnn()
     xs = images(3, seed=6)
     try:

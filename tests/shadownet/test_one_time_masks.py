@@ -302,11 +302,11 @@ def test_a_closed_sessions_material_is_freed_at_once(first_round, monkeypatch, v
     made = []
     init = per_inference.PerInference.__init__
 
-    def recording(self, *args, **kw):
+    def init_recorded(self, *args, **kw):
         init(self, *args, **kw)
         made.append(weakref.ref(self))
 
-    monkeypatch.setattr(per_inference.PerInference, "__init__", recording)
+    monkeypatch.setattr(per_inference.PerInference, "__init__", init_recorded)
     x = images(1, seed=2)[0]
     gc.disable()
     try:

@@ -279,27 +279,19 @@ int sn_run(const sn_step *s) {
                 x_pix = stride;
             }
             const float *m = s->mask.p ? s->mask.p + r * s->mask.row + q0 * s->mask.pix : NULL;
-            /* The secure copy of what is sent is made first, from the secure tile, and sent from there (not
-             * made twice; nothing is read back from shared memory). */
+            /* What is sent is made once: in the secure copy when there is one (from the secure tile), and
+             * sent from there; nothing is read back from shared memory. */
             float *secure = s->copy ? s->copy + r * s->copy_row + q0 * s->copy_pix : NULL;
-            if (s->grid > 0 && m) {
-                if (secure) {
-                    send_split(secure, s->copy_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
-                    copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, 2 * c);
-                } else {
-                    send_split(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
-                }
-                if (s->plain)
-                    copy_pixels(s->plain + r * s->plain_row + q0 * s->plain_pix, s->plain_pix, x, x_pix, t,
-                                c);
-                continue;
-            }
-            if (secure) {
-                send(secure, s->copy_pix, x, x_pix, m, s->mask.pix, t, c);
-                copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, c);
-            } else {
-                send(out, s->dst_pix, x, x_pix, m, s->mask.pix, t, c);
-            }
+            float *made = secure ? secure : out;
+            int64_t made_pix = secure ? s->copy_pix : s->dst_pix;
+            int split = s->grid > 0 && m;
+            if (split)
+                send_split(made, made_pix, x, x_pix, m, s->mask.pix, t, c, s->grid);
+            else
+                send(made, made_pix, x, x_pix, m, s->mask.pix, t, c);
+            if (secure) copy_pixels(out, s->dst_pix, secure, s->copy_pix, t, split ? 2 * c : c);
+            if (split && s->plain)
+                copy_pixels(s->plain + r * s->plain_row + q0 * s->plain_pix, s->plain_pix, x, x_pix, t, c);
         }
     }
     if (check) fv_check_finish(check, &worst, norm2);

@@ -119,52 +119,50 @@ def open_session(model: ProtectedModel, artifacts: Artifacts, ta: uuid.UUID, opt
             skipped = frozenset(map(int, checks.get("computed_rounds", ())))
             weak = WeakChecks(int(checks.get("capped", 0)), int(checks.get("layers", 0)),
                               tuple(map(int, checks.get("unsplit_masked_rounds", ()))))
-    except SecureMemoryError as exc:
-        quietly(session.close)
-        if made is not None:
-            quietly(made.close)
-        reasons = []  # what the user chose that the model needs the memory for
-        if verify:
-            reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
-                           "in secure memory: without it the model needs less")
-        carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
-        if len(one_time_rounds) > 1:
-            chosen = len(one_time_rounds) > len(carrying)
-            reasons.append(f"one-time masks on {len(one_time_rounds)} rounds keep a pool of masks "
-                           "with their unblinding terms, and what refilling it takes, in secure memory"
-                           + (": converted with --mask-rounds first the model needs less" if chosen else
-                              f" ({len(carrying)} rounds carry a user input, and take them whatever "
-                              "--mask-rounds says)"))
-        with _open_models_lock:
-            open_now = list(_open_models)
-        others = [m for m in open_now if m is not model and m.holds_session_on(context)]
-        if others:
-            one = len(others) == 1
-            named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
-                + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
-                           f"process hold{'s' if one else ''} secure memory on the same device "
-                           f"({named}): closing {'it' if one else 'them'} frees it")
-        if not reasons:
-            raise
-        raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
-    except SecurityError as exc:
-        quietly(session.close)
-        if made is not None:
-            quietly(made.close)
-        if "another device" not in str(exc):  # the trusted app's words where the device may be the cause
-            raise
-        # Say which device this is: a mistyped SHADOWNET_HOME makes a new one, and the error blamed the file
-        # alone (a helper's probe).
-        chosen = "chosen by $SHADOWNET_HOME" if os.environ.get("SHADOWNET_HOME") else \
-            "the default; $SHADOWNET_HOME chooses another"
-        raise SecurityError(f"{exc} (this device's keys: {context.home}, {chosen})") from exc
-    except BaseException:
+    except BaseException as exc:
         quietly(session.close)
         if made is not None:  # the caller never had it (a review: its threads and pages left to the GC)
             quietly(made.close)
+        reasons = _memory_reasons(model, artifacts, context, verify, one_time_rounds) \
+            if isinstance(exc, SecureMemoryError) else []
+        if reasons:
+            raise SecureMemoryError(f"{exc} ({'; '.join(reasons)})") from exc
+        if isinstance(exc, SecurityError) and "another device" in str(exc):  # the trusted app's words where
+            # the device may be the cause: say which device this is (a mistyped SHADOWNET_HOME makes a new
+            # one, and the error blamed the file alone: a helper's probe)
+            chosen = "chosen by $SHADOWNET_HOME" if os.environ.get("SHADOWNET_HOME") else \
+                "the default; $SHADOWNET_HOME chooses another"
+            raise SecurityError(f"{exc} (this device's keys: {context.home}, {chosen})") from exc
         raise
     return Opened(session, context, accelerator, skipped, weak)
+
+
+def _memory_reasons(model: ProtectedModel, artifacts: Artifacts, context: Any, verify: bool,
+                    one_time_rounds: Sequence[int]) -> list[str]:
+    """What the user chose that a model which did not fit in secure memory needs the memory for."""
+    reasons = []
+    if verify:
+        reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
+                       "in secure memory: without it the model needs less")
+    carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
+    if len(one_time_rounds) > 1:
+        chosen = len(one_time_rounds) > len(carrying)
+        reasons.append(f"one-time masks on {len(one_time_rounds)} rounds keep a pool of masks "
+                       "with their unblinding terms, and what refilling it takes, in secure memory"
+                       + (": converted with --mask-rounds first the model needs less" if chosen else
+                          f" ({len(carrying)} rounds carry a user input, and take them whatever "
+                          "--mask-rounds says)"))
+    with _open_models_lock:
+        open_now = list(_open_models)
+    others = [m for m in open_now if m is not model and m.holds_session_on(context)]
+    if others:
+        one = len(others) == 1
+        named = ", ".join(str(m.artifacts.directory) for m in others[:3]) \
+            + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        reasons.append(f"{len(others)} other protected model{'' if one else 's'} open in this "
+                       f"process hold{'s' if one else ''} secure memory on the same device "
+                       f"({named}): closing {'it' if one else 'them'} frees it")
+    return reasons
 
 
 def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:

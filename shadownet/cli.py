@@ -53,10 +53,8 @@ def silence_litert_info() -> None:
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
     from models.zoo import export
-    from shadownet.files import check_destination
 
-    check_destination(args.output)  # before the model is built (and trained)
-    export(args.name, args.output, seed=args.seed, train=args.train)
+    export(args.name, args.output, seed=args.seed, train=args.train)  # which checks -o before building
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -368,3 +370,26 @@ def test_a_path_with_a_line_break_keeps_its_error_on_one_whole_line(tmp_path, ca
     missing = tmp_path / "no\nsuch"
     line = _one_line_error(capsys, main(["run", str(missing), "--input", str(tmp_path / "x.npy")]))
     assert f"{tmp_path}/no\\nsuch" in line and "does not exist" in line, line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_python_m_exits_143_or_130_when_the_interrupt_left_code_run_by_exec(tmp_path, sig):
+    """SIGTERM inside code that ``exec`` ran from a string (a dataclass's methods, built while a module is
+    imported mid-command) made ``python -m shadownet`` exit by SIGINT (-2) after printing "terminated" - the
+    flaky test_cli_convert_interrupted_at_random_times[15]: CPython's unhandled-interrupt flag stayed set."""
+    (tmp_path / "entry.py").write_text(textwrap.dedent(f"""
+        import runpy, sys
+        from shadownet import cli
+
+        def command(args):
+            exec("import signal; signal.raise_signal({int(sig)})")
+
+        cli._cmd_device_export = command
+        sys.argv = ["shadownet", "device", "export", "unused"]
+        runpy.run_module("shadownet", run_name="__main__")
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "entry"], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=tmp_path)
+    said = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[sig]
+    assert (result.returncode, result.stderr.strip()) == (said[0], f"shadownet: {said[1]}"), result.stderr

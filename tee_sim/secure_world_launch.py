@@ -58,34 +58,6 @@ def launch(home: Path, memory_cap: int, spin_us: float, hard_spin_us: float,
            startup_timeout: float) -> Launched:
     """A secure world (``python -m tee_sim.secure_world``) under ``home``, once it said it is ready (a
     fresh interpreter importing numpy and cryptography takes a while: up to ``startup_timeout`` s)."""
-    # Out of file descriptors part-way (a process at its limit): every one made so far is closed, and
-    # the error says what failed (a double close of the log had it say "Bad file descriptor").
-    made: list[Any] = []
-    try:
-        sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        made += [sock, child_sock]
-        block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
-        made.append(block_fd)
-        os.ftruncate(block_fd, ch.BLOCK_SIZE)
-        req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        made.append(req_efd)
-        resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        made.append(resp_efd)
-        log = _open_log(home)
-    except BaseException as exc:  # a KeyboardInterrupt too: nothing made is kept
-        raise _start_failed(exc, made) from None
-    config = {
-        "ctrl": child_sock.fileno(),
-        "block": block_fd,
-        "req": req_efd,
-        "resp": resp_efd,
-        "home": str(home),
-        "memory_cap": memory_cap,
-        "spin_us": spin_us,
-        "hard_spin_us": hard_spin_us,
-        "parent": os.getpid(),
-        "pdeathsig": threading.current_thread() is threading.main_thread(),
-    }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -93,48 +65,71 @@ def launch(home: Path, memory_cap: int, spin_us: float, hard_spin_us: float,
     # steal the core the accelerator needs (measured: ResNet-44 protected 21.6 ms -> 55 ms).
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
+    # One clean-up for every way the start can fail: out of file descriptors part-way (a process at its
+    # limit: the error says what failed; a double close of the log had it say "Bad file descriptor"), out
+    # of memory, a world that does not say it is ready, or a Ctrl-C anywhere - in the wait for the world's
+    # hello or between two statements (a window of a few statements once left the world running and
+    # three descriptors open). The world is stopped and every descriptor made is closed.
+    made: list[Any] = []  # this world's ends of the channel
+    spare: list[Any] = []  # the secure world's ends and its log: closed once it has them
+    proc: subprocess.Popen | None = None
     try:
-        # -P: the caller's working directory is not put first on the secure world's sys.path. A source
-        # checkout there (the README's main command runs in one) would shadow the installed package,
-        # which has the built kernels; and no directory of the normal world's choosing should supply
-        # the secure world's code.
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "tee_sim.secure_world", json.dumps(config)],
-            pass_fds=(child_sock.fileno(), block_fd, req_efd, resp_efd),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-            close_fds=True,
-            # Its own process group: Ctrl-C in a terminal reaches the foreground group only, so it
-            # cannot kill the secure world in its imports, before it ignores SIGINT (the normal world
-            # decides when it stops).
-            process_group=0,
-        )
-    except BaseException as exc:
-        raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
-    finally:
-        child_sock.close()
-        os.close(log)
-    try:
-        block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
-    except BaseException as exc:  # out of memory: the started world goes too
-        _stop(proc)
-        raise _start_failed(exc, [block_fd, req_efd, resp_efd, sock]) from None
-    os.close(block_fd)
-    try:
+        sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        made.append(sock)
+        spare.append(child_sock)
+        block_fd = os.memfd_create("tee_sim-control", os.MFD_CLOEXEC)
+        spare.append(block_fd)  # the mapping below holds its own
+        os.ftruncate(block_fd, ch.BLOCK_SIZE)
+        req_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        made.append(req_efd)
+        resp_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        made.append(resp_efd)
+        log = _open_log(home)
+        spare.append(log)
+        config = {
+            "ctrl": child_sock.fileno(),
+            "block": block_fd,
+            "req": req_efd,
+            "resp": resp_efd,
+            "home": str(home),
+            "memory_cap": memory_cap,
+            "spin_us": spin_us,
+            "hard_spin_us": hard_spin_us,
+            "parent": os.getpid(),
+            "pdeathsig": threading.current_thread() is threading.main_thread(),
+        }
+        try:
+            # -P: the caller's working directory is not put first on the secure world's sys.path. A source
+            # checkout there (the README's main command runs in one) would shadow the installed package,
+            # which has the built kernels; and no directory of the normal world's choosing should supply
+            # the secure world's code.
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "tee_sim.secure_world", json.dumps(config)],
+                pass_fds=(child_sock.fileno(), block_fd, req_efd, resp_efd),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                close_fds=True,
+                # Its own process group: Ctrl-C in a terminal reaches the foreground group only, so it
+                # cannot kill the secure world in its imports, before it ignores SIGINT (the normal world
+                # decides when it stops).
+                process_group=0,
+            )
+            block = mmap.mmap(block_fd, ch.BLOCK_SIZE)
+            made.append(block)
+        finally:
+            _close_each(spare)
         waiter = select.poll()
         waiter.register(sock.fileno(), select.POLLIN)
-        ready = bool(waiter.poll(startup_timeout * 1000)) and _hello(sock)
-    except BaseException:  # a Ctrl-C in the wait (up to startup_timeout): the world and its channel go too
-        _stop(proc)
-        _close([block, sock, req_efd, resp_efd])
-        raise
-    if not ready:
-        _stop(proc)
-        _close([block, sock, req_efd, resp_efd])
-        raise TEEError(TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS,
-                       f"the secure world did not start; see {log_path(home)}")
+        if not (waiter.poll(startup_timeout * 1000) and _hello(sock)):
+            raise TEEError(TEE_ERROR_COMMUNICATION, TEEC_ORIGIN_COMMS,
+                           f"the secure world did not start; see {log_path(home)}")
+    except BaseException as exc:
+        _close_each(spare)  # what an interrupt in the closes above left open
+        if proc is not None:
+            _stop(proc)
+        raise _start_failed(exc, made) from None
     return Launched(proc, sock, block, req_efd, resp_efd)
 
 
@@ -161,6 +156,13 @@ def _close(made: list[Any]) -> None:
             os.close(item)
         else:
             item.close()
+
+
+def _close_each(items: list[Any]) -> None:
+    """Close ``items``, each taken out of the list before it is closed: an interrupt leaves the ones not
+    reached in it (and may leak the one it hit; never closes one twice: its number may be another's)."""
+    while items:
+        _close([items.pop()])
 
 
 def _start_failed(exc: BaseException, made: list[Any]) -> BaseException:

@@ -418,6 +418,39 @@ def test_an_interrupted_start_stops_the_started_world_and_leaks_nothing(tmp_path
     assert _open_fds() <= before
 
 
+def test_an_interrupt_between_the_start_and_the_wait_stops_the_world(tmp_path, monkeypatch):
+    """Ctrl-C in the statements between the world's start and the wait for it (here: closing the world's
+    end of the control socket) left the control block's and the eventfds' descriptors open, and the world
+    running until the socket was collected: one clean-up now covers those statements too."""
+    import socket
+
+    import tee_sim.secure_world_launch as launch
+
+    started = []
+    real_popen, real_socketpair = subprocess.Popen, socket.socketpair
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    class InterruptedClose(socket.socket):
+        def close(self):
+            super().close()
+            raise KeyboardInterrupt
+
+    def socketpair(*args):
+        mine, worlds = real_socketpair(*args)
+        return mine, InterruptedClose(worlds.family, worlds.type, fileno=worlds.detach())
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch.socket, "socketpair", socketpair)
+    before = _open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        Context("process", home=tmp_path, timeout=30.0)
+    assert started and started[0].wait(timeout=10) is not None
+    assert _open_fds() <= before
+
+
 def test_a_bounce_buffer_that_cannot_grow_leaves_the_context_usable(tmp_path, monkeypatch):
     """Growing the bounce buffer for a large temporary memref fails (out of descriptors): the call fails,
     and the next ones, which fit, work (the released buffer was kept and failed them all: a review's)."""

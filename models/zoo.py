@@ -106,6 +106,8 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
     check_destination(path)  # before minutes of building and training, not after
+    if train is not None:  # the test split's file too: a bad one failed after the model was written
+        check_destination(testset_path(path))
     if train == "digits":
         from models.backend import require_tensorflow
         from models.digits import save_testset, tflite_accuracy, train_minivgg

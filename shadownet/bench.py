@@ -64,8 +64,8 @@ from typing import Any
 
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model, protected_dir
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
-from shadownet.cli import ZOO_NAMES
-from shadownet.exceptions import ShadowNetError
+from shadownet.cli import MAX_RUNS, ZOO_NAMES
+from shadownet.exceptions import InputError, ShadowNetError
 from shadownet.files import check_destination, json_default, working_directory, write_atomically
 
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
@@ -177,8 +177,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     from converters.per_inference import parse_mask_rounds
     from converters.schemes import get_scheme
 
-    if num_runs < 1 or warmup_runs < 0 or num_threads < 1:
-        raise ValueError("--num_runs and --num_threads must be >= 1, --warmup_runs >= 0")
+    if not (1 <= num_runs <= MAX_RUNS and 0 <= warmup_runs <= MAX_RUNS and num_threads >= 1):
+        raise ValueError(f"--num_runs must be 1..{MAX_RUNS}, --warmup_runs 0..{MAX_RUNS}, --num_threads >= 1")
     if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's
         try:
             parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
@@ -196,17 +196,21 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         # The all-in-TEE baseline gets a secure world of its own, without a cap.
         with tee_sim.Context(memory_cap=NO_CAP) as tee_context:
             for name, path in sources:
+                # which file each entry measured (a model given twice is measured twice, as "m" and "m-2")
+                source = "zoo" if temporary and path.parent == work else str(path)
                 try:
-                    entries.append(bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
-                                               num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
-                                               tee_context=tee_context, progress=bar, throughput=throughput,
-                                               verify=verify, mask_rounds=mask_rounds))
+                    entry = bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
+                                        num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
+                                        tee_context=tee_context, progress=bar, throughput=throughput,
+                                        verify=verify, mask_rounds=mask_rounds)
+                    entries.append({"model": name, "file": source} | entry)
                     bar.finish(f"{name}: done")
                 except (ShadowNetError, ValueError, RuntimeError) as exc:
                     # e.g. over the secure-memory cap, or LiteRT refusing the model: say so, bench the others
                     error = str(exc).replace(str(protected_dir(work, name)), "its protected copy") if \
                         temporary else str(exc)  # a temporary directory is gone when the report is read
-                    entries.append({"model": name, "error": " ".join(error.split()) or type(exc).__name__})
+                    entries.append({"model": name, "file": source,
+                                    "error": " ".join(error.split()) or type(exc).__name__})
                     bar.finish(f"{name}: failed")
     finally:
         bar.clear()
@@ -222,6 +226,18 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
             "models": entries}
 
 
+def _distinct_outputs(args: argparse.Namespace) -> None:
+    """``--json``, ``--markdown`` and ``--plot`` name three files: one given twice was written twice, the
+    last write kept, exit 0 (a helper's probe)."""
+    named: dict[str, str] = {}
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            key = os.path.realpath(path)
+            if key in named:
+                raise InputError(f"{named[key]} and {flag} name the same file {path}: give each its own")
+            named[key] = flag
+
+
 def bench_cli(args: argparse.Namespace) -> None:
     """``shadownet bench [FILE.tflite ...] [--models A,B] [--scheme] [--num_threads] [--num_runs]
     [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput] [--verify]
@@ -231,6 +247,7 @@ def bench_cli(args: argparse.Namespace) -> None:
         require_matplotlib(args.plot)
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
         check_destination(path, reads=args.files or ())
+    _distinct_outputs(args)
     models = list(args.files or [])
     if args.models is not None:
         named = [m.strip() for m in args.models.split(",") if m.strip()]

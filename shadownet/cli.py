@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ZOO_NAMES = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
+MAX_RUNS = 10_000  # bench's --num_runs and --warmup_runs (a billion ran until killed: a helper's probe)
 
 
 def silence_litert_info() -> None:
@@ -222,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters (README, Schemes)")
     p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=2,
                    help="accelerator / unprotected threads (default 2)")
-    p.add_argument("--num_runs", type=_at_least(1), default=20, help="timed runs per mode (default 20)")
-    p.add_argument("--warmup_runs", type=_at_least(0), default=3, help="untimed runs first (default 3)")
+    p.add_argument("--num_runs", type=_at_least(1, MAX_RUNS), default=20,
+                   help="timed runs per mode (default 20)")
+    p.add_argument("--warmup_runs", type=_at_least(0, MAX_RUNS), default=3,
+                   help="untimed runs first (default 3)")
     p.add_argument("--delegate", type=_library,
                    help="external delegate PATH.so for the accelerator and unprotected LiteRT")
     p.add_argument("--json", help="write the report as JSON")

@@ -229,6 +229,17 @@ def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_test_split_destination_is_refused_before_training_and_writes_nothing(tmp_path):
+    """``--train digits`` with a directory where the test split goes: the model file was replaced after 25 s
+    of training, then the split failed (a helper's probe). Both destinations are checked first."""
+    model = tmp_path / "t.tflite"
+    model.write_bytes(b"the user's earlier file")
+    (tmp_path / "t.testset.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match="t.testset.npz"):
+        zoo.export("minivgg", model, train="digits")
+    assert model.read_bytes() == b"the user's earlier file"
+
+
 def test_without_tensorflow_the_error_names_the_extra(monkeypatch):
     from models.backend import TensorFlowMissingError, require_tensorflow
     from shadownet.exceptions import ShadowNetError

@@ -8,7 +8,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
-from shadownet import bench, bench_measure, bench_report, bench_runners
+from shadownet import bench, bench_measure, bench_report, bench_runners, cli
 from shadownet.artifacts import random_input
 from shadownet.cli import main
 from shadownet.exceptions import ShadowNetError
@@ -356,3 +356,29 @@ def test_a_model_not_measured_leaves_no_empty_tables_nor_a_vanished_path(tmp_pat
     text, md = bench_report.table(report), bench_report.markdown(report)
     assert "median ms" not in text and "small: not measured: loading its protected copy" in text
     assert "| model |" not in md and "- small: not measured: loading its protected copy" in md
+
+
+def test_outputs_naming_one_file_and_runs_past_the_limit_are_refused_before_any_work(tmp_path, capsys):
+    """``--json F --markdown F`` exited 0 with the JSON gone, and ``--num_runs 1000000000`` ran until killed
+    (a helper's probe): both refused before anything is measured or written."""
+    same = tmp_path / "same.out"
+    assert main(["bench", "minivgg", "--json", str(same), "--markdown", str(same)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"shadownet: error: --json and --markdown name the same file {same}: give each its own"]
+    assert list(tmp_path.iterdir()) == []
+    for flag in ("--num_runs", "--warmup_runs"):
+        with pytest.raises(SystemExit) as caught:
+            main(["bench", "minivgg", flag, str(cli.MAX_RUNS + 1)])
+        assert caught.value.code == 2 and f"to {cli.MAX_RUNS}, not" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"--num_runs must be 1..{cli.MAX_RUNS}"):
+        bench.run_bench(["minivgg"], num_runs=cli.MAX_RUNS + 1, progress=False)
+
+
+def test_each_entry_names_the_file_it_measured(tmp_path):
+    """The same file given twice is measured twice, under two names; the report said which file neither
+    came from (a helper's probe)."""
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"not a model")
+    report = bench.run_bench([str(path), str(path)], num_runs=1, warmup_runs=0, progress=False)
+    assert [e["file"] for e in report["models"]] == [str(path)] * 2
+    assert len({e["model"] for e in report["models"]}) == 2

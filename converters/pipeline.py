@@ -105,9 +105,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
             raise ValueError(f"mask_rounds={mask_rounds!r}: scheme {chosen.name} uses static masks (one-time "
                              "masks are groupmix's), so it would be ignored")
     unmasked = not static and getattr(chosen, "mask_scale", None) == 0
-    if unmasked:
-        warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
-                      "measurements: the input's protection is gone)", stacklevel=2)
+    _warn_of_a_weak_input_mask(chosen, static)
     original = one_signature(tflite_bytes(model, signature), signature)
     read = read_model(original)
     check_interface(read)
@@ -265,3 +263,22 @@ def _version() -> str:
         return version("shadownet")
     except Exception:  # noqa: BLE001 - a source tree that was never installed
         return "(not installed)"
+
+
+def _warn_of_a_weak_input_mask(chosen: Scheme, static: bool) -> None:
+    """A mask of ``mask_scale`` times the input's spread leaves a correlation of about ``1 / sqrt(1 + s^2)``
+    between the input and what the accelerator receives. Warned of: none at all; a one-time mask whose
+    correlation is above the 0.1 the default (10) keeps; a static mask (the paper's, weak by design) that
+    hides nothing. ``mask_scale=1e-30`` sent the input as good as unmasked without a word (a helper's
+    probe)."""
+    scale = getattr(chosen, "mask_scale", None)
+    if scale is None:
+        return
+    correlation = 1 / math.sqrt(1 + scale**2)
+    if scale == 0:
+        warnings.warn(f"{chosen.name}:mask_scale=0 sends the user's input to the accelerator unmasked (for "
+                      "measurements: the input's protection is gone)", stacklevel=3)
+    elif correlation > (0.999 if static else 0.1):
+        warnings.warn(f"{chosen.name}:mask_scale={scale:g} hides the user's input from the accelerator only "
+                      f"to a correlation of about {correlation:.2f} (1: unmasked; groupmix's default, 10: "
+                      "0.1)", stacklevel=3)

@@ -332,6 +332,28 @@ def test_a_conversion_without_round_1s_mask_says_so_once(device, tmp_path):
     assert not [w for w in caught if "masked input crosses unsplit" in str(w.message)]
 
 
+@pytest.mark.parametrize(("scheme", "said"), [
+    ("groupmix:mask_scale=1e-30", "only to a correlation of about 1.00"),
+    ("groupmix:mask_scale=3", "only to a correlation of about 0.32"),
+    ("shadownet:mask_scale=0", "sends the user's input to the accelerator unmasked"),
+    ("shadownet:mask_scale=0.01", "only to a correlation of about 1.00"),
+    ("groupmix", None),  # 10: 0.0995
+    ("shadownet", None),  # the paper's static mask at the activations' scale: weak by design, documented
+])
+def test_a_mask_that_hides_the_input_less_than_its_scheme_should_is_warned_of(device, tmp_path, scheme, said):
+    """``groupmix:mask_scale=1e-30`` sent the user's input as good as unmasked (the audit: correlation 1.000)
+    without a word, as did ``shadownet:mask_scale=0``; only ``groupmix:mask_scale=0`` was warned of (a
+    helper's probe)."""
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(small_cnn(), tmp_path / "out", device=device, scheme=scheme, seed=1)
+    masks = [str(w.message) for w in caught if "user's input" in str(w.message)]
+    assert masks == ([] if said is None else [masks[0]]) and (said is None or said in masks[0]), masks
+    assert all(w.filename == __file__ for w in caught if "user's input" in str(w.message))
+
+
 def test_a_model_near_the_secure_memory_cap_is_warned_of(conv_model, device, tmp_path, monkeypatch):
     """EfficientNetB0 and ConvNeXtTiny at 224x224 converted without a word and then never loaded (66 and 114
     MiB; a helper's probe): the conversion adds up what the trusted app holds for certain at load - program,

@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> None:
 
     device_identity()  # the device's keys: an unusable SHADOWNET_HOME is said now, not after the training
     workdir = getattr(args, "workdir", None)
-    if workdir:
+    if workdir is not None:
         _report(Path(working_directory(workdir)))
     else:
         with tempfile.TemporaryDirectory(prefix="shadownet-demo-") as tmp:

@@ -60,8 +60,11 @@ def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.P
 
 def working_directory(path: str | os.PathLike) -> str:
     """``path`` made a directory if need be (``--workdir``); an ``OSError`` naming it when it is a file
-    (``mkdir`` said only "File exists")."""
+    (``mkdir`` said only "File exists"), a ``ValueError`` when it is empty (``demo --workdir ""`` worked in
+    a temporary directory instead, ``bench``'s said ": No such file or directory")."""
     target = os.fspath(path)
+    if not target:
+        raise ValueError("a working directory path is empty")
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), target)
     os.makedirs(target, exist_ok=True)

@@ -177,8 +177,9 @@ def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
     if weak.masked:
         its = "its" if len(weak.masked) == 1 else "their"
         warnings.warn(f"verify: {unsplit_masked(weak.masked)}, so {its} checks tolerate the rounding of the "
-                      "masked input (a one-time mask is ~10x the input): with one-time masks on every round, "
-                      "changes aimed within it moved a MiniVGG's outputs by ~18% (SECURITY.md). Converted "
+                      "masked input, not the input's (groupmix's one-time masks are ~10x the input): with "
+                      "them on every round, changes aimed within it moved a MiniVGG's outputs by ~18% "
+                      "(SECURITY.md). Converted "
                       "with --scheme groupmix:exact_split=all, their conv layers and dense layers on the "
                       "last axis (where the split fits) are checked against their unmasked inputs",
                       stacklevel=stacklevel)

@@ -134,3 +134,14 @@ def test_no_command_writes_over_its_input_or_into_a_protected_model(tmp_path, ca
     assert len(err) == 1 and ("lies in the protected model's directory" in err[0]
                               or "is a file this command reads" in err[0]), err
     assert model.read_bytes() == b"model" and {p.read_bytes() for p in protected.iterdir()} == {b"kept"}
+
+
+@pytest.mark.parametrize("command", [["demo"], ["bench", "minivgg", "--num_runs", "1"]])
+def test_an_empty_working_directory_is_refused(command, capsys):
+    """``demo --workdir ""`` exited 0 having worked in a temporary directory, kept nothing; ``bench``'s said
+    ": No such file or directory" (a helper's probe)."""
+    from shadownet.cli import main
+
+    assert main([*command, "--workdir", ""]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["shadownet: error: a working directory path is empty"]

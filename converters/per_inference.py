@@ -72,17 +72,33 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
                 low = max(a, rounds + 1)
                 beyond.append(str(low) if low == b else f"{low}-{b}")
     else:
-        if not isinstance(spec, Iterable):  # an int: "'int' object is not iterable" said nothing (a probe)
-            raise TypeError(f"mask rounds are a policy (\"first\", \"all\", \"1,3\", \"2-4\") or a list of "
-                            f"rounds, not {spec!r}")
-        named = list(spec)
-        if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
-            raise ValueError(f"mask rounds must be whole numbers, not {named!r}")
-        chosen.update(int(r) for r in named)
+        chosen.update(_named_rounds(spec))
         beyond = [str(r) for r in sorted(chosen) if not 1 <= r <= rounds]
     if beyond:
         raise ValueError(f"mask rounds [{', '.join(beyond)}] are outside the model's rounds 1..{rounds}")
     return sorted(chosen)
+
+
+def check_mask_rounds_form(spec: str | Iterable[int] | None) -> None:
+    """``parse_mask_rounds``'s checks that need no model, before the work: a malformed policy, a round below
+    1. Whether its rounds are the model's is for ``parse_mask_rounds`` (checked against 65536 rounds here,
+    "--mask-rounds 9223372036854775808" was said to be outside "the model's rounds 1..65536": a probe)."""
+    if isinstance(spec, str):
+        mask_round_ranges(spec)
+    elif spec is not None:
+        low = [str(r) for r in _named_rounds(spec) if r < 1]
+        if low:
+            raise ValueError(f"mask rounds [{', '.join(low)}]: rounds are numbered from 1")
+
+
+def _named_rounds(spec: Iterable[int]) -> list[int]:
+    if not isinstance(spec, Iterable):  # an int: "'int' object is not iterable" said nothing (a probe)
+        raise TypeError(f"mask rounds are a policy (\"first\", \"all\", \"1,3\", \"2-4\") or a list of "
+                        f"rounds, not {spec!r}")
+    named = list(spec)
+    if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
+        raise ValueError(f"mask rounds must be whole numbers, not {named!r}")
+    return [int(r) for r in named]
 
 
 def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:

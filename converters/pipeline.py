@@ -48,7 +48,7 @@ from converters.output_directory import (
     write_artifacts,
 )
 from converters.partition import input_rounds, partition
-from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
+from converters.per_inference import DEFAULT_MASK_ROUNDS, check_mask_rounds_form, parse_mask_rounds
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_tee
@@ -100,7 +100,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     chosen = get_scheme(scheme)
     static = getattr(chosen, "static_masks", True)
     if mask_rounds is not None:  # before the work: its form, and whether the scheme has one-time masks
-        parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
+        check_mask_rounds_form(mask_rounds)
         if static:  # it was warned of and ignored, where bench refused it (a helper's probe)
             raise ValueError(f"mask_rounds={mask_rounds!r}: scheme {chosen.name} uses static masks (one-time "
                              "masks are groupmix's), so it would be ignored")

@@ -174,14 +174,14 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     ``verify``: also run the ``shadownet-verify`` mode; ``mask_rounds``: the one-time-mask policy passed
     to the converter (None: its default)."""
     import tee_sim
-    from converters.per_inference import parse_mask_rounds
+    from converters.per_inference import check_mask_rounds_form
     from converters.schemes import get_scheme
 
     if not (1 <= num_runs <= MAX_RUNS and 0 <= warmup_runs <= MAX_RUNS and num_threads >= 1):
         raise ValueError(f"--num_runs must be 1..{MAX_RUNS}, --warmup_runs 0..{MAX_RUNS}, --num_threads >= 1")
     if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's
         try:
-            parse_mask_rounds(mask_rounds, 1 << 16)  # more rounds than any model has
+            check_mask_rounds_form(mask_rounds)
         except ValueError as exc:
             raise ValueError(f"--mask-rounds: {exc}") from None
         if getattr(get_scheme(scheme), "static_masks", True):  # as convert refuses it

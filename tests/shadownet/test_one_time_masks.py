@@ -226,6 +226,22 @@ def test_mask_round_policies_are_parsed_or_refused():
         parse_mask_rounds(2, 6)
 
 
+def test_a_round_past_the_model_is_said_against_the_models_rounds(tmp_path):
+    """``--mask-rounds 9223372036854775808`` was said to be outside "the model's rounds 1..65536" (the check
+    before the work used that as any model's count: a helper's probe); it is now checked against the
+    model's own, and the check before the work looks at the policy's form alone."""
+    from converters.per_inference import check_mask_rounds_form
+    from tests.shadownet.small_models import small_cnn
+
+    with pytest.raises(ValueError, match=r"\[9223372036854775808\] are outside the model's rounds 1\.\.4$"):
+        shadownet.convert(small_cnn(), str(tmp_path / "out"), seed=1, mask_rounds="9223372036854775808")
+    check_mask_rounds_form("9223372036854775808")  # its form is fine
+    for spec, reason in (("3-1", "runs backwards"), ("0", "numbered from 1"),
+                         ([0, 2], r"\[0\]: rounds are numbered"), ([1.5], "whole numbers")):
+        with pytest.raises(ValueError, match=reason):
+            check_mask_rounds_form(spec)
+
+
 def test_refill_masks_refuses_a_negative_count(first_round):
     with shadownet.load(first_round, background_refill=False) as model:
         for entries in (-1, 1.5, True):

@@ -128,11 +128,20 @@ def _fingerprint(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path, not empty ("" was taken as the current directory - "." has no manifest.json,
+    "." is not a SavedModel - or was loaded as a delegate: a helper's probe)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _library(text: str) -> str:
     """An argparse type: ``--delegate``, a path as the CLI's other paths are - a bare name that is a file
     here is that file ('--delegate mine.so' was looked up on the library path, as dlopen looks up a bare
     name, and said "No such file" of a file that was there); any other bare name is left to the loader's
     search. The Python API's ``delegate=`` is dlopen's, unchanged."""
+    text = _path(text)
     return os.path.abspath(text) if "/" not in text and os.path.isfile(text) else text
 
 
@@ -177,21 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="export a model of the paper's zoo to .tflite")
     p.add_argument("name", choices=ZOO_NAMES)
-    p.add_argument("-o", "--output", required=True, help="FILE.tflite to write")
+    p.add_argument("-o", "--output", required=True, type=_path, help="FILE.tflite to write")
     p.add_argument("--seed", type=_SEED, default=0, help="weight seed (default 0)")
     p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
     p.set_defaults(func=_cmd_zoo, command_parser=p)
 
     p = sub.add_parser("convert", help="protect a model (untrusted.tflite, secrets.sealed, manifest.json)")
-    p.add_argument("model", help="a float .tflite, a Keras file or a SavedModel directory")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("model", type=_path, help="a float .tflite, a Keras file or a SavedModel directory")
+    p.add_argument("-o", "--output", required=True, type=_path, help="artifact directory to create")
     p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
                    help="obfuscation scheme: groupmix (the default) or shadownet (the paper's), with its "
                         "parameters (README, Schemes)")
     p.add_argument("--seed", type=_SEED, default=None, help="INSECURE: reproducible secrets, for tests only")
-    p.add_argument("--calibration",
+    p.add_argument("--calibration", type=_path,
                    help="FILE.npz (.npy: one input) of representative inputs, for mask scales")
-    p.add_argument("--device", help="FILE from `shadownet device export` on the target device")
+    p.add_argument("--device", type=_path, help="FILE from `shadownet device export` on the target device")
     p.add_argument("--device-key", dest="device_key", metavar="FINGERPRINT", type=_fingerprint,
                    help="pin the --device FILE's key: the fingerprint `device export` printed on the device")
     p.add_argument("--force", action="store_true", help="replace an earlier conversion's output directory")
@@ -204,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert, command_parser=p)
 
     p = sub.add_parser("run", help="protected inference on an artifact directory")
-    p.add_argument("artifacts", help="directory written by `shadownet convert`")
-    p.add_argument("--input", required=True,
+    p.add_argument("artifacts", type=_path, help="directory written by `shadownet convert`")
+    p.add_argument("--input", required=True, type=_path,
                    help="X.npy, or X.npz keyed by input tensor (or signature input) names")
-    p.add_argument("--output", help="Y.npz to write, keyed by output tensor names")
+    p.add_argument("--output", type=_path, help="Y.npz to write, keyed by output tensor names")
     p.add_argument("--num_threads", type=_at_least(1, MAX_THREADS), default=None,
                    help="accelerator threads (default: LiteRT's)")
     p.add_argument("--delegate", type=_library, help="external delegate PATH.so for the accelerator")
@@ -215,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run, command_parser=p)
 
     p = sub.add_parser("bench", help="protected vs unprotected vs all-in-TEE latency, memory and breakdown")
-    p.add_argument("files", nargs="*", metavar="FILE.tflite", help="models to benchmark besides --models")
+    p.add_argument("files", nargs="*", type=_path, metavar="FILE.tflite",
+                   help="models to benchmark besides --models")
     p.add_argument("--models", help="comma-separated zoo names or .tflite files (default: all five zoo "
                                     "models when no FILE is given)")
     p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
@@ -229,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed runs first (default 3)")
     p.add_argument("--delegate", type=_library,
                    help="external delegate PATH.so for the accelerator and unprotected LiteRT")
-    p.add_argument("--json", help="write the report as JSON")
-    p.add_argument("--markdown", help="write the report as Markdown")
-    p.add_argument("--plot", help="write a PNG of the breakdown (needs matplotlib)")
+    p.add_argument("--json", type=_path, help="write the report as JSON")
+    p.add_argument("--markdown", type=_path, help="write the report as Markdown")
+    p.add_argument("--plot", type=_path, help="write a PNG of the breakdown (needs matplotlib)")
     p.add_argument("--throughput", action="store_true",
                    help="frames/s per mode (protected: two frames in flight, and one at a time)")
     p.add_argument("--verify", action="store_true",
@@ -239,31 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="convert with one-time masks on these rounds: 'first' (the converter's default), "
                         "'all', or round numbers such as 1,2,5 or 1-4")
-    p.add_argument("--workdir", help="keep exported zoo models here and reuse them (default: temporary)")
+    p.add_argument("--workdir", type=_path,
+                   help="keep exported zoo models here and reuse them (default: temporary)")
     p.set_defaults(func=_cmd_bench, command_parser=p)
 
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
-    p.add_argument("artifacts", help="directory written by `shadownet convert`")
-    p.add_argument("--reference", required=True, help="the original MODEL.tflite (the attacker's best guess)")
+    p.add_argument("artifacts", type=_path, help="directory written by `shadownet convert`")
+    p.add_argument("--reference", required=True, type=_path,
+                   help="the original MODEL.tflite (the attacker's best guess)")
     p.add_argument("--inferences", type=_at_least(0), default=None,
                    help="inferences to observe at the boundary (default: as many as the attacks on the "
                         "crossings want for every conv and depthwise layer, within bounds; the report lists "
                         "the layers that wanted more)")
-    p.add_argument("--public", metavar="PUBLIC.tflite",
+    p.add_argument("--public", type=_path, metavar="PUBLIC.tflite",
                    help="public weights of the same architecture that the protected model was fine-tuned "
                         "from: also report how much of the private change an attacker holding them learns")
-    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--json", type=_path, help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit, command_parser=p)
 
     p = sub.add_parser("demo", help="the README's main job: protect MiniVGG and MobileNet, compare them")
-    p.add_argument("--workdir", help="where to keep models and artifacts (default: a temporary directory); "
-                                     "its minivgg_digits.* and mobilenet.* files are replaced")
+    p.add_argument("--workdir", type=_path,
+                   help="where to keep models and artifacts (default: a temporary directory); "
+                        "its minivgg_digits.* and mobilenet.* files are replaced")
     p.set_defaults(func=_cmd_demo, command_parser=p)
 
     p = sub.add_parser("device", help="this device's attestation identity")
     dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     e = dsub.add_parser("export", help="write the attestation public key and a fresh report")
-    e.add_argument("file")
+    e.add_argument("file", type=_path)
     e.set_defaults(func=_cmd_device_export, command_parser=e)
     return parser
 

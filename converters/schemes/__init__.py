@@ -209,7 +209,8 @@ def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:
         if params:
             raise ValueError("parameters cannot be given with a scheme object")
         return spec
-    name, _, text = (spec or DEFAULT_SCHEME).partition(":")
+    # "" names no scheme: it was taken for the default (a helper's probe)
+    name, _, text = (DEFAULT_SCHEME if spec is None else spec).partition(":")
     name = name.strip()
     if name not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}; known schemes: {', '.join(sorted(SCHEMES))}")

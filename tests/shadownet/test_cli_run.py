@@ -137,8 +137,7 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, monkeypatch, case,
     assert message in line
 
 
-@pytest.mark.parametrize("target", ["secrets.sealed.npz", "manifest.json.npz", "new.npz", "", "input",
-                                    "y.npy"])
+@pytest.mark.parametrize("target", ["secrets.sealed.npz", "manifest.json.npz", "new.npz", "input", "y.npy"])
 def test_an_output_that_would_replace_what_the_run_reads_is_refused(small_cnn, tmp_path, capsys, target):
     """--output into the protected model's directory replaced its files (the model had to be converted again),
     over the input file replaced the user's input, and y.npy was written as a zip of arrays; all ran and
@@ -148,11 +147,11 @@ def test_an_output_that_would_replace_what_the_run_reads_is_refused(small_cnn, t
     given = tmp_path / ("x.npz" if target == "input" else "x.npy")
     np.savez(given, x=x) if target == "input" else np.save(given, x)
     before = {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), given]}
-    output = {"": "", "input": str(given), "y.npy": str(tmp_path / "y.npy")}.get(
-        target, str(tmp_path / "out" / target))
+    output = {"input": str(given), "y.npy": str(tmp_path / "y.npy")}.get(target,
+                                                                         str(tmp_path / "out" / target))
     line = _one_line_error(capsys, main(["run", str(tmp_path / "out"), "--input", str(given),
                                          "--output", output]))
-    said = {"": "an output path is empty", "input": "is a file this command reads", "y.npy": "name it .npz"}
+    said = {"input": "is a file this command reads", "y.npy": "name it .npz"}
     assert said.get(target, "lies in the protected model's directory") in line
     assert not (tmp_path / "y.npy").exists()
     assert {p.name: p.read_bytes() for p in [*(tmp_path / "out").iterdir(), given]} == before
@@ -298,8 +297,6 @@ def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["device", "export", "."], ".: Is a directory"),  # said "Device or resource busy"
-    (["device", "export", ""], "an output path is empty"),
-    (["zoo", "minivgg", "-o", ""], "an output path is empty"),  # after building the model, naming a temporary
     (["audit", ".", "--reference", "."], "reference model . is not a file"),  # said "does not exist"
     (["bench", "--models", ","], "--models ',' names no model"),  # ran all five zoo models
 ])
@@ -393,3 +390,35 @@ def test_python_m_exits_143_or_130_when_the_interrupt_left_code_run_by_exec(tmp_
                             env=env, cwd=tmp_path)
     said = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[sig]
     assert (result.returncode, result.stderr.strip()) == (said[0], f"shadownet: {said[1]}"), result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["zoo", "minivgg", "-o", ""], ["convert", "", "-o", "x"], ["convert", "m", "-o", ""],
+    ["convert", "m", "-o", "x", "--calibration", ""], ["convert", "m", "-o", "x", "--device", ""],
+    ["run", "", "--input", "x"], ["run", "a", "--input", ""], ["run", "a", "--input", "x", "--output", ""],
+    ["run", "a", "--input", "x", "--delegate", ""], ["bench", ""], ["bench", "m", "--json", ""],
+    ["bench", "m", "--markdown", ""], ["bench", "m", "--plot", ""], ["bench", "m", "--delegate", ""],
+    ["bench", "m", "--workdir", ""], ["audit", "", "--reference", "m"], ["audit", "a", "--reference", ""],
+    ["audit", "a", "--reference", "m", "--public", ""], ["audit", "a", "--reference", "m", "--json", ""],
+    ["demo", "--workdir", ""], ["device", "export", ""],
+])
+def test_every_path_argument_refuses_an_empty_path(argv, capsys):
+    """An empty path was the current directory to some commands ("." has no manifest.json, "." is not a
+    SavedModel, convert -o "" blamed the current directory), a delegate to load to others, and ignored by
+    demo --workdir (a helper's sweep): now a usage error naming the argument."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert ": an empty path (see shadownet " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_empty_scheme_is_no_scheme(capsys):
+    """``--scheme ""`` converted with the default scheme (a helper's sweep)."""
+    from converters.schemes import get_scheme
+
+    with pytest.raises(ValueError, match="unknown scheme ''"):
+        get_scheme("")
+    with pytest.raises(SystemExit) as caught:
+        main(["convert", "m", "-o", "x", "--scheme", ""])
+    assert caught.value.code == 2 and "unknown scheme ''" in capsys.readouterr().err
+

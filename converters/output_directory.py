@@ -37,13 +37,14 @@ def check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()
     if here is not None and (out == here or out in here.parents):
         raise ArtifactError(f"output directory {out} is the current directory or holds it: the conversion "
                             "renames its directory into place, so give the name of another directory")
+    if out.exists() and not out.is_dir():  # before the reads: -o the model itself was said to "hold" it
+        raise ArtifactError(f"output {out} is a file, not a directory: give the name of the directory to "
+                            "write (it must not exist, or be an earlier conversion's with --force)")
     for path in reads:
         real = Path(os.path.realpath(path))
         if real == out or out in real.parents:
             raise ArtifactError(f"output directory {out} holds {path}, which the conversion reads: replacing "
                                 "the directory would delete it, so give the name of another directory")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ArtifactError(f"output directory {out} is not empty (--force, or force=True, replaces an "
                             "earlier conversion's)")

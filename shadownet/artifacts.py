@@ -82,13 +82,19 @@ class Artifacts:
     secrets: bytes
 
 
-def read_artifacts(directory: str | os.PathLike) -> Artifacts:
-    """Read and validate an artifact directory; ArtifactError / SecurityError name what is wrong."""
+def artifact_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` as a ``Path``, once it is a directory: ``ArtifactError`` for a file or nothing there."""
     root = Path(directory)
     if not root.is_dir():
         if root.is_file():
             raise ArtifactError(f"{root} is a file, not an artifact directory (see `shadownet convert`)")
         raise ArtifactError(f"artifact directory {root} does not exist")
+    return root
+
+
+def read_artifacts(directory: str | os.PathLike) -> Artifacts:
+    """Read and validate an artifact directory; ArtifactError / SecurityError name what is wrong."""
+    root = artifact_directory(directory)
     path = root / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{root} has no {MANIFEST}: not a directory written by `shadownet convert`")

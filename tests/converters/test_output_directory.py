@@ -279,6 +279,10 @@ def test_convert_refuses_to_replace_a_directory_that_holds_what_it_reads(small, 
         with pytest.raises(ArtifactError, match=r"holds .*, which the conversion reads"):
             pipeline.convert(model if not kw else small.original, out, seed=SEED, force=True, **kw)
     assert sorted(p.name for p in work.iterdir()) == ["calibration.npy", "model.tflite"]
+    # -o the model itself: "output directory .../model.tflite holds .../model.tflite" (a helper's sweep)
+    with pytest.raises(ArtifactError, match=r"model.tflite is a file, not a directory: give the name of"):
+        pipeline.convert(model, model, seed=SEED)
+    assert model.read_bytes() == small.original
     if os.path.isdir("/proc/self"):  # /proc takes no new entry
         with pytest.raises(OSError) as caught:
             pipeline.convert(small.original, "/proc/shadownet-out", seed=SEED)

@@ -422,3 +422,12 @@ def test_an_empty_scheme_is_no_scheme(capsys):
         main(["convert", "m", "-o", "x", "--scheme", ""])
     assert caught.value.code == 2 and "unknown scheme ''" in capsys.readouterr().err
 
+
+
+def test_audit_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    """``audit MODEL.tflite --reference MODEL.tflite`` said "artifact directory ... does not exist" of the
+    file it was given (``run`` said it was a file; a helper's sweep)."""
+    model = tmp_path / "m.tflite"
+    model.write_bytes(b"a model")
+    line = _one_line_error(capsys, main(["audit", str(model), "--reference", str(model)]))
+    assert f"{model} is a file, not an artifact directory" in line

@@ -46,11 +46,15 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
     for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
         try:
             given, shape = np.asarray(data[name]), tuple(shape)
-            with np.errstate(invalid="ignore", over="ignore"):  # NaN or out of range for an integer input
-                a = given.astype(dtype)
         except (TypeError, ValueError) as exc:
             raise ModelFormatError(f"calibration {name!r} is not numbers: {exc}") from None
-        if dtype.kind != "f" and (given.dtype.kind not in "biuf" or not np.array_equal(a, given)):
+        if given.dtype.kind not in "biuf":  # complex was cast to real with a warning, and taken (a helper's
+            # sweep); text of digits was read as numbers
+            raise ModelFormatError(f"calibration {name!r} is not real numbers ({given.dtype.name}) but "
+                                   f"the input is {dtype.name}")
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN or out of range for an integer input
+            a = given.astype(dtype)
+        if dtype.kind != "f" and not np.array_equal(a, given):
             raise ModelFormatError(f"calibration {name!r} holds values a {dtype.name} input cannot take")
         if not shape and a.ndim <= 1 and a.size:  # a scalar input: one value, or k of them
             a = a.reshape(-1, 1)
@@ -120,10 +124,14 @@ def _by_input(graph: Graph, data: Any) -> dict[str, Any]:
         raise ModelFormatError(f"calibration data: unknown input name(s) {unknown}; the model's inputs are "
                                f"{names}")
     keyed = {aliases[key]: value for key, value in data.items()}
+    twice = sorted(name for name in keyed if sum(aliases[key] == name for key in data) > 1)
+    if twice:  # said "missing input(s) given twice under two names" (a helper's sweep)
+        given = [key for key in data if aliases[key] in twice]
+        raise ModelFormatError(f"calibration data: input(s) {twice} given twice, under the names {given}; "
+                               "give each once")
     missing = [name for name in names if name not in keyed]
-    if missing or len(keyed) != len(data):
-        what = missing or "given twice under two names"
-        raise ModelFormatError(f"calibration data: missing input(s) {what}; the model takes {names}")
+    if missing:
+        raise ModelFormatError(f"calibration data: missing input(s) {missing}; the model takes {names}")
     return keyed
 
 

@@ -22,6 +22,7 @@ from tee_sim import TEEError
 TEE_ERRORS: dict[int, type[ShadowNetError]] = {
     tee_sim.TEE_ERROR_SECURITY: SecurityError,
     tee_sim.TEE_ERROR_ACCESS_DENIED: SecurityError,
+    tee_sim.TEE_ERROR_CORRUPT_OBJECT: SecurityError,  # a device key damaged
     tee_sim.TEE_ERROR_OUT_OF_MEMORY: SecureMemoryError,
     tee_sim.TEE_ERROR_COMMUNICATION: TEECommunicationError,
     tee_sim.TEE_ERROR_TARGET_DEAD: TEECommunicationError,

@@ -23,6 +23,7 @@ TEE_ERROR_SECURITY = 0xFFFF000F
 TEE_ERROR_SHORT_BUFFER = 0xFFFF0010
 TEE_ERROR_TARGET_DEAD = 0xFFFF3024
 TEE_ERROR_MAC_INVALID = 0xFFFF3071  # Internal Core API: a check of data failed (ShadowNet: --verify)
+TEE_ERROR_CORRUPT_OBJECT = 0xF0100001  # Internal Core API: a persistent object (a device key) is damaged
 TEE_ERROR_STORAGE_NOT_AVAILABLE = 0xF0100003  # Internal Core API: the secure storage cannot be reached
 
 # Where an error was raised.

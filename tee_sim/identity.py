@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from tee_sim.errors import TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, TEEError
+from tee_sim.errors import TEE_ERROR_CORRUPT_OBJECT, TEEC_ORIGIN_TEE, TEEError
 
 ROOT_KEY_FILE = "root_sealing.key"
 ATTESTATION_KEY_FILE = "attestation_ed25519.key"
@@ -77,7 +77,10 @@ def _load_or_create(path: Path, make: bytes) -> bytes:
         write_new_file(path, make)
     data = path.read_bytes()
     if len(data) != 32:
-        raise TEEError(TEE_ERROR_SECURITY, TEEC_ORIGIN_TEE, f"device key {path.name} is corrupt")
+        # Not TEE_ERROR_SECURITY: the trusted app took that for a changed secrets.sealed (a helper's sweep)
+        raise TEEError(TEE_ERROR_CORRUPT_OBJECT, TEEC_ORIGIN_TEE,
+                       f"device key {path} is corrupt: this device's secure storage is damaged, and nothing "
+                       "sealed or provisioned with its keys can be opened")
     return data
 
 

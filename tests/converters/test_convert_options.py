@@ -202,12 +202,15 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
     (tmp_path / "crc.npz").write_bytes(damaged)
     np.savez(tmp_path / "positional.npz", data)  # key arr_0
     for given, reason in ((tmp_path / "positional.npz", r"unknown input name\(s\) \['arr_0'\]"),
-                          ({name: data, "pixels": data}, "given twice"),
+                          ({name: data, "pixels": data},  # said "missing input(s) given twice ..."
+                           rf"input\(s\) \['{name}'\] given twice, under the names \['{name}', 'pixels'\]"),
                           ({}, "missing input"),
                           (tmp_path / "junk.npy", r"calibration file .*junk.npy is not an .npy or .npz file"),
                           (tmp_path / "objects.npz", "cannot read calibration file"),
                           (tmp_path / "crc.npz", "cannot read calibration file"),
-                          ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not numbers")):
+                          ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not real numbers"),
+                          ({name: data.astype(np.complex64)}, r"not real numbers \(complex64\)"),  # was taken
+                          ({name: data.astype(str)}, r"not real numbers \(str")):  # digits were read
         with pytest.raises(ModelFormatError, match=reason):
             _calibration_inputs(graph, given)
     two = Graph()

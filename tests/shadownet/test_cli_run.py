@@ -431,3 +431,27 @@ def test_audit_of_a_file_says_it_is_a_file(tmp_path, capsys):
     model.write_bytes(b"a model")
     line = _one_line_error(capsys, main(["audit", str(model), "--reference", str(model)]))
     assert f"{model} is a file, not an artifact directory" in line
+
+
+def test_a_damaged_device_key_is_blamed_not_the_sealed_secrets(tmp_path):
+    """A truncated root_sealing.key was reported as "secrets.sealed was changed, or sealed by another device"
+    of an intact file (a helper's sweep): the damaged key is named, with what it costs."""
+    from tests.shadownet.small_models import small_cnn
+
+    (tmp_path / "m.tflite").write_bytes(small_cnn())
+    np.save(tmp_path / "x.npy", np.zeros((1, 16, 16, 3), np.float32))
+    env = {**os.environ, "SHADOWNET_HOME": str(tmp_path / "home")}
+
+    def shadownet(*argv):
+        return subprocess.run([sys.executable, "-m", "shadownet", *argv], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+
+    assert shadownet("convert", "m.tflite", "-o", "out", "--seed", "1").returncode == 0
+    assert shadownet("run", "out", "--input", "x.npy").returncode == 0
+    key = tmp_path / "home" / "device" / "root_sealing.key"
+    key.write_bytes(key.read_bytes()[:10])
+    result = shadownet("run", "out", "--input", "x.npy")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert f"device key {key} is corrupt: this device's secure storage is damaged" in lines[0]
+    assert "secrets.sealed was changed" not in lines[0]

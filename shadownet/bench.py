@@ -65,6 +65,7 @@ from typing import Any
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model, protected_dir
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.cli import MAX_RUNS, ZOO_NAMES
+from shadownet.delegates import check_delegate_library
 from shadownet.exceptions import InputError, ShadowNetError
 from shadownet.files import check_destination, json_default, working_directory, write_atomically
 
@@ -187,6 +188,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         if getattr(get_scheme(scheme), "static_masks", True):  # as convert refuses it
             raise ValueError(f"--mask-rounds {mask_rounds}: the scheme's masks are static (one-time masks "
                              "are groupmix's): it would be ignored")
+    if isinstance(delegate, str | os.PathLike):  # once, before the conversions (each model found it after
+        check_delegate_library(os.fspath(delegate))  # its own: a helper's sweep)
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     bar = _Progress(len(models), progress)
@@ -209,6 +212,9 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                     # e.g. over the secure-memory cap, or LiteRT refusing the model: say so, bench the others
                     error = str(exc).replace(str(protected_dir(work, name)), "its protected copy") if \
                         temporary else str(exc)  # a temporary directory is gone when the report is read
+                    if not temporary and source == str(work / f"{name}.tflite") and name in ZOO_NAMES:
+                        # a damaged export kept in --workdir was reported without its file (a helper's sweep)
+                        error += f" (the zoo export kept at {source}: delete it to export it again)"
                     entries.append({"model": name, "file": source,
                                     "error": " ".join(error.split()) or type(exc).__name__})
                     bar.finish(f"{name}: failed")

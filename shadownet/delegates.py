@@ -22,7 +22,7 @@ def load_delegates(delegate: Any) -> list[Any]:
     for d in items:
         if isinstance(d, str | os.PathLike):
             d = os.fspath(d)
-            _check_delegate_library(d)
+            check_delegate_library(d)
             try:
                 loaded.append(load_delegate(d))
             except (ValueError, OSError) as exc:
@@ -34,7 +34,7 @@ def load_delegates(delegate: Any) -> list[Any]:
     return loaded
 
 
-def _check_delegate_library(path: str) -> None:
+def check_delegate_library(path: str) -> None:
     """Open ``path`` as LiteRT's ``load_delegate`` would, first: a library that does not load or lacks the
     external-delegate entry points is an ``ArtifactError`` here. (LiteRT's ``Delegate`` half-built by such a
     library prints an ignored ``AttributeError`` when it is collected, or raises one.)"""

@@ -382,3 +382,25 @@ def test_each_entry_names_the_file_it_measured(tmp_path):
     report = bench.run_bench([str(path), str(path)], num_runs=1, warmup_runs=0, progress=False)
     assert [e["file"] for e in report["models"]] == [str(path)] * 2
     assert len({e["model"] for e in report["models"]}) == 2
+
+
+def test_a_bad_delegate_is_refused_before_any_model_is_exported_or_converted(tmp_path):
+    """Each model found a bad --delegate after its own conversion: five conversions to wait through for one
+    mistake the command line showed (a helper's sweep)."""
+    from shadownet.exceptions import ArtifactError
+
+    (tmp_path / "not_a_library.so").write_text("text")
+    with pytest.raises(ArtifactError, match="cannot load the accelerator delegate"):
+        bench.run_bench(["minivgg"], num_runs=1, delegate=str(tmp_path / "not_a_library.so"),
+                        workdir=tmp_path / "work", progress=False)
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_damaged_zoo_export_kept_in_the_workdir_is_named(tmp_path):
+    """A damaged minivgg.tflite in --workdir was reported as "minivgg (corrupt TFLite model ...)", without
+    the file to delete (a helper's sweep)."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "minivgg.tflite").write_bytes(b"damaged")
+    report = bench.run_bench(["minivgg"], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
+    (entry,) = report["models"]
+    assert f"(the zoo export kept at {tmp_path / 'work' / 'minivgg.tflite'}: delete it" in entry["error"]

@@ -81,6 +81,23 @@ class Artifacts:
     untrusted: bytes
     secrets: bytes
 
+    def input_positions(self) -> dict[str, int]:
+        """Each input's position by its tensor name, or by its signature name where that is no input's
+        tensor name (a signature may call tensor "b" "a" and tensor "a" "b": the tensor names win, as
+        ``set_tensor``'s details say)."""
+        by_tensor = {t.name: i for i, t in enumerate(self.inputs)}
+        return {k: by_tensor[v] for k, v in self.signature.inputs.items()} | by_tensor
+
+    def crossing_bytes(self) -> tuple[int, int]:
+        """Bytes that cross the boundary per inference through shared memory: into the TEE (the model's
+        inputs, every round's results) and out of it (every round's inputs, the model's outputs)."""
+        nbytes = {name: b.nbytes for name, b in self.buffers.items()}
+        to_tee = sum(nbytes[f"input/{i}"] for i in range(len(self.inputs))) + \
+            sum(nbytes[b] for r in self.rounds for _, b in r.outputs)
+        from_tee = sum(nbytes[f"output/{i}"] for i in range(len(self.outputs))) + \
+            sum(nbytes[b] for r in self.rounds for _, b in r.inputs)
+        return to_tee, from_tee
+
 
 def artifact_directory(directory: str | os.PathLike) -> Path:
     """``directory`` as a ``Path``, once it is a directory: ``ArtifactError`` for a file or nothing there."""
@@ -413,6 +430,23 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
                              f"got {list(x.shape)} {x.dtype}{batch}")
         arrays.append(x if x.dtype == spec.dtype else x.astype(spec.dtype))  # another byte order: as LiteRT
     return arrays
+
+
+def check_outputs(specs: tuple[TensorSpec, ...], outputs: Sequence[Any]) -> None:
+    """``run_into``'s buffers: one writable array per output, in order, of its exact shape and dtype;
+    InputError otherwise, before the inference (a helper's probe: a wrong one failed after it, its one-time
+    mask spent, or took the results cast - logits into int8 zeros - or broadcast)."""
+    if isinstance(outputs, np.ndarray | Mapping) or len(outputs) != len(specs):
+        given = "an array" if isinstance(outputs, np.ndarray) else f"{len(outputs)} buffer(s)"
+        raise InputError(f"the model has {len(specs)} output(s) {[t.name for t in specs]}: give a list of "
+                         f"as many arrays, not {given}")
+    for spec, out in zip(specs, outputs, strict=True):
+        if not isinstance(out, np.ndarray) or out.shape != spec.shape or out.dtype != spec.dtype \
+                or not out.flags.writeable:
+            got = f"{list(out.shape)} {out.dtype}{'' if out.flags.writeable else ', read-only'}" \
+                if isinstance(out, np.ndarray) else type(out).__name__
+            raise InputError(f"output {spec.name!r} needs a writable array of shape {list(spec.shape)} "
+                             f"{spec.dtype}, not {got}")
 
 
 def random_input(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:

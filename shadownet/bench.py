@@ -62,12 +62,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shadownet import MAX_THREADS
 from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model, protected_dir
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.cli import MAX_RUNS, ZOO_NAMES
 from shadownet.delegates import check_delegate_library
 from shadownet.exceptions import InputError, ShadowNetError
 from shadownet.files import check_destination, json_default, working_directory, write_atomically
+from shadownet.load_arguments import check_count, check_flags
 
 NO_CAP = 1 << 40  # the all-in-TEE baseline's secure world: memory is what it measures, not what it gets
 
@@ -178,8 +180,19 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     from converters.per_inference import check_mask_rounds_form
     from converters.schemes import get_scheme
 
-    if not (1 <= num_runs <= MAX_RUNS and 0 <= warmup_runs <= MAX_RUNS and num_threads >= 1):
-        raise ValueError(f"--num_runs must be 1..{MAX_RUNS}, --warmup_runs 0..{MAX_RUNS}, --num_threads >= 1")
+    # Before any work (a helper's sweep: a str was taken one character a model, num_threads=100000 built
+    # LiteRT interpreters of 100,000 threads - every process on the machine then failed to fork - and a
+    # flag "no" was true)
+    if isinstance(models, str | bytes | os.PathLike) or not isinstance(models, Sequence):
+        raise TypeError(f"models is a list of zoo names or .tflite paths, not {models!r}")
+    counts = (("num_threads", num_threads, 1, MAX_THREADS), ("num_runs", num_runs, 1, MAX_RUNS),
+              ("warmup_runs", warmup_runs, 0, MAX_RUNS))
+    for name, value, low, high in counts:
+        check_count(name, value, low, high)
+        if value is None:
+            raise ValueError(f"{name} must be an int from {low} to {high}, not None")
+    check_flags(progress=progress, throughput=throughput, verify=verify)
+    get_scheme(scheme)  # an unknown scheme was each model's error
     if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's
         try:
             check_mask_rounds_form(mask_rounds)
@@ -191,8 +204,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     if isinstance(delegate, str | os.PathLike):  # once, before the conversions (each model found it after
         check_delegate_library(os.fspath(delegate))  # its own: a helper's sweep)
     temporary = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     bar = _Progress(len(models), progress)
+    work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     try:
         sources = _sources(models, work)
         entries = []

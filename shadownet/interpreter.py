@@ -190,7 +190,7 @@ class Interpreter:
             # it refuses tensors used before (_require_allocated)
             raise RuntimeError("Invoke called on model that is not ready: call allocate_tensors() first")
         with self._lock:
-            self._model.run_into(self._input_values, self._output_values)
+            self._model._infer_into(self._input_values, self._output_values)
 
     def reset_all_variables(self) -> None:
         pass  # a protected model has no variable tensors
@@ -267,7 +267,7 @@ class SignatureRunner:
         with it._lock:  # the interpreter's own tensors, as LiteRT's runner uses its subgraph's
             for target, value in zip(it._input_values, arrays, strict=True):
                 np.copyto(target, value)
-            self._model.run_into(it._input_values, it._output_values)
+            self._model._infer_into(it._input_values, it._output_values)
             return {k: it._output_values[i].copy() for k, i in self._output_positions}
 
     def get_input_details(self) -> dict[str, dict[str, Any]]:

@@ -22,13 +22,18 @@ def check_load_arguments(num_threads: Any, verify: Any, mask_pool: Any, on_exhau
                      background_refill: Any) -> None:
     """``load``'s (and ``ProtectedModel``'s) arguments: ``TypeError`` for a flag that is not a boolean
     (``"no"`` would be true), ``ValueError`` for a count or a policy out of range."""
-    for name, flag in (("verify", verify), ("background_refill", background_refill)):
-        if not isinstance(flag, bool | np.bool_):
-            raise TypeError(f"{name} must be True or False, not {flag!r}")
+    check_flags(verify=verify, background_refill=background_refill)
     check_count("num_threads", num_threads, 1, MAX_THREADS)
     check_count("mask_pool", mask_pool, 1, MAX_POOL_CAPACITY)
     if on_exhausted not in ("refill", "fail"):
         raise ValueError(f"on_exhausted must be 'refill' or 'fail', not {on_exhausted!r}")
+
+
+def check_flags(**flags: Any) -> None:
+    """``TypeError`` for a flag that is not a boolean (``"no"`` would be true)."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, not {flag!r}")
 
 
 def check_count(name: str, value: Any, low: int, high: int) -> None:

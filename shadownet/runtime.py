@@ -18,7 +18,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from shadownet.artifacts import (
     TensorSpec,
     check_input_values,
     check_inputs,
+    check_outputs,
     read_artifacts,
 )
 from shadownet.delegates import load_delegates
@@ -113,16 +114,8 @@ class ProtectedModel:
         self._uuid = shadownet_ta(artifacts)
         self._run_step = int(commands.Command.RUN_STEP)
         self._steps: list[Callable[..., None]] = []  # RUN_STEP 0..R, prepared once per session
-        # Inputs by tensor name, or by signature name where that is no input's tensor name (a signature may
-        # call tensor "b" "a" and tensor "a" "b": the tensor names win, as set_tensor's details say).
-        by_tensor = {t.name: i for i, t in enumerate(self.inputs)}
-        sig = artifacts.signature
-        self._input_names = {k: by_tensor[v] for k, v in sig.inputs.items()} | by_tensor
-        nbytes = {name: b.nbytes for name, b in artifacts.buffers.items()}
-        self._bytes_to_tee = sum(nbytes[f"input/{i}"] for i in range(len(self.inputs))) + \
-            sum(nbytes[b] for r in artifacts.rounds for _, b in r.outputs)
-        self._bytes_from_tee = sum(nbytes[f"output/{i}"] for i in range(len(self.outputs))) + \
-            sum(nbytes[b] for r in artifacts.rounds for _, b in r.inputs)
+        self._input_names = artifacts.input_positions()
+        self._bytes_to_tee, self._bytes_from_tee = artifacts.crossing_bytes()
         self._accelerator_args = (num_threads, delegate, accelerator)
         self.accelerator: Accelerator | None = None
         self._last: dict[str, float] = {}
@@ -290,16 +283,24 @@ class ProtectedModel:
         (one entry per tensor: an output listed twice, or an input passed through, has one name)."""
         arrays = self.check_inputs(inputs)
         outputs = [np.empty(t.shape, t.dtype) for t in self.outputs]
-        self.run_into(arrays, outputs)
+        self._infer_into(arrays, outputs)
         if len(outputs) == 1:
             return outputs[0]
         return {t.name: o for t, o in zip(self.outputs, outputs, strict=True)}
 
     predict = __call__
 
-    def run_into(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
-        """One inference from checked ``inputs`` into preallocated ``outputs`` (model order, exact shapes and
-        dtypes; see ``check_inputs``): the allocation-free path under ``__call__`` and ``Interpreter``."""
+    def run_into(self, inputs: Sequence[Any] | Mapping[str, Any], outputs: Sequence[np.ndarray]) -> None:
+        """One inference into preallocated ``outputs`` (model order, each a writable array of its output's
+        exact shape and dtype); ``inputs`` as ``__call__`` takes them. Both are checked before the TEE is
+        entered (``InputError``)."""
+        arrays = self.check_inputs((inputs,) if isinstance(inputs, Mapping) else inputs)
+        check_outputs(self.outputs, outputs)
+        self._infer_into(arrays, outputs)
+
+    def _infer_into(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        """``run_into`` for arrays already checked: the allocation-free path under ``__call__`` and
+        ``Interpreter``."""
         self._not_reentered()  # before it counts as waiting (the background refill yields to that)
         with self._waiting_lock:
             self._waiting += 1

@@ -370,7 +370,7 @@ def test_outputs_naming_one_file_and_runs_past_the_limit_are_refused_before_any_
         with pytest.raises(SystemExit) as caught:
             main(["bench", "minivgg", flag, str(cli.MAX_RUNS + 1)])
         assert caught.value.code == 2 and f"to {cli.MAX_RUNS}, not" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=f"--num_runs must be 1..{cli.MAX_RUNS}"):
+    with pytest.raises(ValueError, match=f"num_runs must be an int from 1 to {cli.MAX_RUNS}"):
         bench.run_bench(["minivgg"], num_runs=cli.MAX_RUNS + 1, progress=False)
 
 
@@ -401,6 +401,34 @@ def test_a_damaged_zoo_export_kept_in_the_workdir_is_named(tmp_path):
     the file to delete (a helper's sweep)."""
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "minivgg.tflite").write_bytes(b"damaged")
-    report = bench.run_bench(["minivgg"], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
+    report = bench.run_bench(["minivgg"], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
+                             progress=False)
     (entry,) = report["models"]
     assert f"(the zoo export kept at {tmp_path / 'work' / 'minivgg.tflite'}: delete it" in entry["error"]
+
+
+def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
+    """A helper's sweep of the Python API: num_threads=100000 built LiteRT interpreters of 100,000 threads
+    (a segfault, and every process on the machine failed to fork meanwhile), a str was taken one character
+    a model, None left a temporary directory behind, a flag "no" was true, an unknown scheme was each
+    model's error. All refused before a directory is made."""
+    made = []
+    real = bench.tempfile.mkdtemp
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    for kwargs, error, said in (
+            ({"num_threads": 100_000}, ValueError, "num_threads must be an int from 1 to 256, not 100000"),
+            ({"num_threads": True}, ValueError, "num_threads must be an int"),
+            ({"num_threads": "2"}, ValueError, "num_threads must be an int"),
+            ({"num_threads": None}, ValueError, "num_threads must be an int from 1 to 256, not None"),
+            ({"num_runs": 1.5}, ValueError, "num_runs must be an int"),
+            ({"warmup_runs": -1}, ValueError, "warmup_runs must be an int from 0"),
+            ({"verify": "no"}, TypeError, "verify must be True or False, not 'no'"),
+            ({"throughput": "no"}, TypeError, "throughput must be True or False"),
+            ({"progress": 1}, TypeError, "progress must be True or False"),
+            ({"scheme": "nope"}, ValueError, "unknown scheme 'nope'")):
+        with pytest.raises(error, match=said):
+            bench.run_bench(["minivgg"], **{"progress": False, **kwargs})
+    for models in ("minivgg", None, 5, b"m.tflite"):
+        with pytest.raises(TypeError, match="models is a list of zoo names or .tflite paths"):
+            bench.run_bench(models, progress=False)
+    assert made == []

@@ -1,6 +1,7 @@
 """Wrong use of the public API: bad inputs, non-finite inputs, a closed model, the same artifacts loaded twice
 at once (threads of one process, two processes), artifacts of a newer format, stale TEE programs."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,47 @@ def test_wrong_inputs_are_input_errors_and_the_model_stays_usable(small, model, 
         model(*args)
     assert name in str(info.value) or case in ("count", "name")
     assert relative_error(model(x), small.reference(x)) <= TOLERANCE
+
+
+def test_run_into_checks_inputs_and_outputs_before_the_tee(small):
+    """``run_into`` took a scalar or a (1, 1, 1, 3) input by broadcasting (a wrong answer), cast the logits
+    into an int8 buffer (zeros), and failed on a wrong buffer only after the inference had spent its
+    one-time mask (a helper's probe of the Python API). Now ``InputError`` before the TEE, and the model
+    goes on."""
+    from shadownet.accelerator import AcceleratorWrapper
+
+    rounds = []
+
+    class Counting(AcceleratorWrapper):
+        def run_round(self, r):
+            rounds.append(r)
+            super().run_round(r)
+
+    with shadownet.load(small.out, accelerator=Counting) as model:
+        _check_run_into(model, small, rounds)
+
+
+def _check_run_into(model, small, rounds):
+    x = small.input()
+    (spec,) = model.outputs
+    good = [np.empty(spec.shape, spec.dtype)]
+    read_only = np.empty(spec.shape, spec.dtype)
+    read_only.flags.writeable = False
+    for inputs, outputs, said in (
+            ([np.float32(0.5)], good, "must be a numpy array"),
+            ([x[:, :1, :1, :]], good, "must be"),
+            ([x.astype(np.float64)], good, "must be"),
+            ([x], [np.empty(spec.shape, np.int8)], "needs a writable array of shape"),
+            ([x], [np.empty((2, *spec.shape[1:]), spec.dtype)], "needs a writable array of shape"),
+            ([x], [read_only], "read-only"),
+            ([x], [], "give a list of as many arrays, not 0 buffer(s)"),
+            ([x], good[0], "not an array"),
+            ([x], [good[0].tolist()], "not list")):
+        with pytest.raises(InputError, match=re.escape(said)):
+            model.run_into(inputs, outputs)
+    assert rounds == []  # no inference ran
+    model.run_into({model.inputs[0].name: x}, good)  # by name, as the model takes them
+    assert rounds and relative_error(good[0], small.reference(x)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

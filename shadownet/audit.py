@@ -53,6 +53,7 @@ from shadownet.input_leakage import (
     pooled_leakage,
     single_leakage,
 )
+from shadownet.load_arguments import check_flags, whole
 from shadownet.private_change import private_change, public_layers
 
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
@@ -366,6 +367,12 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     numpy is imported; the CLI sets it to 1) a helper measured it 9x slower.
     """
     started = time.perf_counter()
+    # Before any work (a helper's sweep: -1 ran as 0, True as 1, "5" was a raw TypeError, numpy's int64
+    # made the report no longer JSON, progress="no" printed progress)
+    if inferences is not None and (not whole(inferences) or inferences < 0):
+        raise ValueError(f"inferences must be a non-negative int or None, not {inferences!r}")
+    inferences = None if inferences is None else int(inferences)
+    check_flags(progress=progress)
     manifest = read_manifest(out_dir)
     if inferences:
         _check_memory(manifest, inferences)
@@ -380,7 +387,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     ref = reference_layers(reference, manifest, graph=graph)
     report: dict = {
         "artifacts": str(out_dir),
-        "reference": str(given),
+        "reference": f"({len(given)} bytes of a model)" if isinstance(given, bytes | bytearray) else
+        str(given),
         "scheme": (manifest.get("scheme") or {}).get("name"),
         "threshold": attacks.RECOVERY_COS,
     }

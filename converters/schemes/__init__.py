@@ -253,6 +253,15 @@ def flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    """A scheme's whole-number parameter in ``[low, high]``, else ``ValueError`` (``true`` was taken as 1: a
+    helper's sweep)."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if not (whole and low <= value <= high):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    return int(value)
+
+
 def number(name: str, value: Any, low: float, high: float, above_low: bool = False) -> float:
     """A scheme's numeric parameter, finite and in ``[low, high]`` (``(low, high]`` with ``above_low``),
     else ``ValueError``."""

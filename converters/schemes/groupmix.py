@@ -84,13 +84,23 @@ from typing import Any
 
 import numpy as np
 
-from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, flag, number
+from converters.schemes import (
+    ActivationStats,
+    LinearLayer,
+    MaskDistribution,
+    ObfuscatedLinear,
+    flag,
+    integer,
+    number,
+)
 from converters.secret_random import Random
 from tee_sim.program import mask_bands
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
 MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
+MAX_GROUP = 1 << 16  # group_size, input_group: past any layer's channels (one group)
+MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
 
 
 class GroupMixScheme:
@@ -116,15 +126,11 @@ class GroupMixScheme:
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
                  center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
                  depthwise: str = "tee") -> None:
-        if not (isinstance(group_size, int) and group_size >= 2):
-            raise ValueError(f"group_size must be an integer >= 2, not {group_size!r}")
-        if not (isinstance(min_group, int) and 1 <= min_group <= group_size):
-            raise ValueError(f"min_group must be an integer in [1, group_size], not {min_group!r}")
+        group_size = integer("group_size", group_size, 2, MAX_GROUP)
+        min_group = integer("min_group", min_group, 1, group_size)
         self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
-        if not (isinstance(tries, int) and tries >= 1):
-            raise ValueError(f"tries must be an integer >= 1, not {tries!r}")
-        if not (isinstance(input_group, int) and input_group >= 0):
-            raise ValueError(f"input_group must be an integer >= 0, not {input_group!r}")
+        tries = integer("tries", tries, 1, MAX_TRIES)
+        input_group = integer("input_group", input_group, 0, MAX_GROUP)
         # Masks in float32: at 1e4x its input, an input keeps about 3 of its digits under its mask.
         self.mask_scale = number("mask_scale", mask_scale, 0, MAX_MASK_SCALE)
         self.static_mask_scale = number("static_mask_scale", static_mask_scale, 0, MAX_MASK_SCALE)

@@ -70,6 +70,13 @@ def test_registry_default_and_parsing():
     ("shadownet:obf_ratio=true", "obf_ratio must be a number"),
     # the last of two values was silently taken
     ("groupmix:depthwise=offload,depthwise=tee", "scheme parameter 'depthwise' given twice"),
+    # true was taken for 1 (a helper's sweep); a billion draws per group ran for ever
+    ("groupmix:min_group=true", r"min_group must be an integer in \[1, 16\], not True"),
+    ("groupmix:tries=true", "tries must be an integer"),
+    ("groupmix:tries=1000000000", r"tries must be an integer in \[1, 10000\]"),
+    ("groupmix:group_size=1", r"group_size must be an integer in \[2, 65536\], not 1"),
+    ("groupmix:input_group=-1", "input_group must be an integer"),
+    ("groupmix:min_group=2.0", "min_group must be an integer"),
 ])
 def test_scheme_parameters_of_the_wrong_kind_or_size_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):

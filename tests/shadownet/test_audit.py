@@ -422,3 +422,18 @@ def test_the_reference_check_takes_a_scale_error_and_refuses_other_outputs(tmp_p
     other = rng.permutation(want_all.reshape(-1)).reshape(want_all.shape)  # the same values, elsewhere
     with pytest.raises(ArtifactError, match="does not compute the protected model's outputs"):
         audit_reference.check_outputs(reference, manifest, batches, {f"output/{o['name']}": other}, "ref")
+
+
+def test_audit_checks_its_arguments_before_any_work(simulated: dict[str, Path],
+                                                    paper_protected: tuple[Path, Path]) -> None:
+    """A helper's sweep of the Python API: inferences=-1 ran as 0, True as 1, "5" was a raw TypeError,
+    numpy's int64 left the report no longer JSON, and progress="no" printed progress."""
+    out, reference = simulated["paper"], simulated["reference"]
+    for inferences in (-1, True, "5", 1.5, [3]):
+        with pytest.raises(ValueError, match="inferences must be a non-negative int or None"):
+            audit.audit(out, reference, inferences=inferences)
+    with pytest.raises(TypeError, match="progress must be True or False, not 'no'"):
+        audit.audit(out, reference, progress="no")
+    original, protected = paper_protected
+    report = audit.audit(protected, original, inferences=np.int64(2))
+    assert '"inferences": 2' in json.dumps(report)  # numpy's int64 was not JSON

@@ -8,6 +8,7 @@ models real users hand us.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -101,6 +102,11 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
     ``TensorFlowMissingError`` without TensorFlow (both ``shadownet.exceptions``).
     """
     _check_name(name)
+    # Keras's own refusals named neither export nor the argument, took True, and refused numpy's integers
+    # (a helper's sweep)
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise InputError(f"seed must be an integer from 0 to 2**32 - 1, not {seed!r}")
+    seed = int(seed)
     if train is not None and (train not in TRAIN_SETS or name != "minivgg"):
         raise InputError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")

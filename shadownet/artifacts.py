@@ -101,10 +101,15 @@ class Artifacts:
 
 def artifact_directory(directory: str | os.PathLike) -> Path:
     """``directory`` as a ``Path``, once it is a directory: ``ArtifactError`` for a file or nothing there."""
+    if not os.fspath(directory):  # "" was the current directory: ". has no manifest.json" (a helper's sweep)
+        raise ArtifactError("the artifact directory's path is empty")
     root = Path(directory)
     if not root.is_dir():
         if root.is_file():
             raise ArtifactError(f"{root} is a file, not an artifact directory (see `shadownet convert`)")
+        if root.exists():  # /dev/null was said not to exist
+            raise ArtifactError(f"{root} is not a directory, so not an artifact directory (see `shadownet "
+                                "convert`)")
         raise ArtifactError(f"artifact directory {root} does not exist")
     return root
 
@@ -114,6 +119,9 @@ def read_artifacts(directory: str | os.PathLike) -> Artifacts:
     root = artifact_directory(directory)
     path = root / MANIFEST
     if not path.is_file():
+        if path.exists():  # a FIFO there was "has no manifest.json" (a helper's sweep)
+            raise ArtifactError(f"{path} is not a regular file: not a directory written by `shadownet "
+                                "convert`")
         raise ArtifactError(f"{root} has no {MANIFEST}: not a directory written by `shadownet convert`")
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -401,10 +409,11 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
         if unknown:
             raise InputError(f"unknown input name(s) {unknown}; the model's inputs are "
                              f"{_named(specs, names)}")
-        ordered: list[Any] = [None] * len(specs)
+        absent = object()  # not None: {"image": None} was said to miss 'image' (a helper's sweep)
+        ordered: list[Any] = [absent] * len(specs)
         for key, value in given.items():
             ordered[names[key]] = value
-        missing = [t.name for t, v in zip(specs, ordered, strict=True) if v is None]
+        missing = [t.name for t, v in zip(specs, ordered, strict=True) if v is absent]
         if missing:
             raise InputError(f"missing input(s) {missing}; the model takes {_named(specs, names)}")
         if len(given) != len(specs):  # one input under its tensor name and its signature name

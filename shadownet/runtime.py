@@ -497,7 +497,8 @@ def load(out_dir: Any, num_threads: int | None = None, delegate: Any = None,
     ``mask_pool``: entries of the pool of one-time masks / check projections, 1 to 64 (default: those that
     fit in 4 MiB of secure memory, 1 to 8). ``on_exhausted``: what an inference does when the pool is
     empty: ``"refill"`` (the TEE makes its masks then, on the inference's path) or ``"fail"``
-    (``MaskPoolExhaustedError``); a mask is never reused either way. ``background_refill``: refill the pool
+    (``MaskPoolExhaustedError``; the pool starts empty, so without the background refill call
+    ``refill_masks()`` first); a mask is never reused either way. ``background_refill``: refill the pool
     from a low-priority thread while the model is idle (else only ``refill_masks()`` and the policy do)."""
     check_load_arguments(num_threads, verify, mask_pool, on_exhausted, background_refill)  # before reading
     return ProtectedModel(read_artifacts(out_dir), num_threads=num_threads, delegate=delegate,

@@ -282,6 +282,9 @@ def test_convert_refuses_to_replace_a_directory_that_holds_what_it_reads(small, 
     # -o the model itself: "output directory .../model.tflite holds .../model.tflite" (a helper's sweep)
     with pytest.raises(ArtifactError, match=r"model.tflite is a file, not a directory: give the name of"):
         pipeline.convert(model, model, seed=SEED)
+    # below a file: a raw FileExistsError once the whole conversion was done (a helper's sweep)
+    with pytest.raises(ArtifactError, match=r"out cannot be made: .*model.tflite is a file"):
+        pipeline.convert(model, model / "out", seed=SEED)
     assert model.read_bytes() == small.original
     if os.path.isdir("/proc/self"):  # /proc takes no new entry
         with pytest.raises(OSError) as caught:

@@ -1,6 +1,7 @@
 """Wrong use of the public API: bad inputs, non-finite inputs, a closed model, the same artifacts loaded twice
 at once (threads of one process, two processes), artifacts of a newer format, stale TEE programs."""
 
+import os
 import re
 import subprocess
 import sys
@@ -295,3 +296,20 @@ def test_only_an_inference_step_s_generic_trusted_app_error_is_an_invoke_error()
     assert not isinstance(translate_tee_error(error, "refilling the one-time mask pool"), RuntimeError)
     from_the_os = tee_sim.TEEError(tee_sim.TEE_ERROR_GENERIC, tee_sim.TEEC_ORIGIN_TEE, "internal error")
     assert not isinstance(translate_tee_error(from_the_os, "inference step 2", step=True), RuntimeError)
+
+
+def test_paths_that_are_no_artifact_directory_say_what_they_are(small, tmp_path):
+    """A helper's sweep: load("") read the current directory (". has no manifest.json"), load("/dev/null")
+    said it did not exist, a manifest.json that is a FIFO was "has no manifest.json"; and {"image": None}
+    was said to miss 'image'."""
+    with pytest.raises(ArtifactError, match="the artifact directory's path is empty"):
+        shadownet.load("")
+    with pytest.raises(ArtifactError, match="/dev/null is not a directory, so not an artifact directory"):
+        shadownet.load("/dev/null")
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "manifest.json")
+    with pytest.raises(ArtifactError, match="manifest.json is not a regular file"):
+        shadownet.load(tmp_path / "out")
+    with shadownet.load(small.out) as model, pytest.raises(InputError, match="must be a numpy array") as info:
+        model({model.inputs[0].name: None})
+    assert "missing" not in str(info.value)

@@ -79,16 +79,22 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
     return sorted(chosen)
 
 
-def check_mask_rounds_form(spec: str | Iterable[int] | None) -> None:
-    """``parse_mask_rounds``'s checks that need no model, before the work: a malformed policy, a round below
-    1. Whether its rounds are the model's is for ``parse_mask_rounds`` (checked against 65536 rounds here,
-    "--mask-rounds 9223372036854775808" was said to be outside "the model's rounds 1..65536": a probe)."""
+def mask_rounds_form(spec: str | Iterable[int] | None) -> str | list[int] | None:
+    """``spec`` after ``parse_mask_rounds``'s checks that need no model, before the work (a malformed policy,
+    a round below 1), as a value that can be read again: rounds given as an iterator were used up by this
+    check, and the conversion then masked round 1 alone (a review). Whether its rounds are the model's is
+    for ``parse_mask_rounds`` (checked against 65536 rounds here, "--mask-rounds 9223372036854775808" was
+    said to be outside "the model's rounds 1..65536": a probe)."""
+    if spec is None:
+        return None
     if isinstance(spec, str):
         mask_round_ranges(spec)
-    elif spec is not None:
-        low = [str(r) for r in _named_rounds(spec) if r < 1]
-        if low:
-            raise ValueError(f"mask rounds [{', '.join(low)}]: rounds are numbered from 1")
+        return spec
+    named = _named_rounds(spec)
+    low = [str(r) for r in named if r < 1]
+    if low:
+        raise ValueError(f"mask rounds [{', '.join(low)}]: rounds are numbered from 1")
+    return named
 
 
 def _named_rounds(spec: Iterable[int]) -> list[int]:

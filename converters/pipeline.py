@@ -48,7 +48,7 @@ from converters.output_directory import (
     write_artifacts,
 )
 from converters.partition import input_rounds, partition
-from converters.per_inference import DEFAULT_MASK_ROUNDS, check_mask_rounds_form, parse_mask_rounds
+from converters.per_inference import DEFAULT_MASK_ROUNDS, mask_rounds_form, parse_mask_rounds
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_tee
@@ -100,7 +100,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     chosen = get_scheme(scheme)
     static = getattr(chosen, "static_masks", True)
     if mask_rounds is not None:  # before the work: its form, and whether the scheme has one-time masks
-        check_mask_rounds_form(mask_rounds)
+        mask_rounds = mask_rounds_form(mask_rounds)
         if static:  # it was warned of and ignored, where bench refused it (a helper's probe)
             raise ValueError(f"mask_rounds={mask_rounds!r}: scheme {chosen.name} uses static masks (one-time "
                              "masks are groupmix's), so it would be ignored")
@@ -280,5 +280,5 @@ def _warn_of_a_weak_input_mask(chosen: Scheme, static: bool) -> None:
                       "measurements: the input's protection is gone)", stacklevel=3)
     elif correlation > (0.999 if static else 0.1):
         warnings.warn(f"{chosen.name}:mask_scale={scale:g} hides the user's input from the accelerator only "
-                      f"to a correlation of about {correlation:.2f} (1: unmasked; groupmix's default, 10: "
-                      "0.1)", stacklevel=3)
+                      f"to a correlation of about {correlation:.3f} (1: unmasked; groupmix's default, 10: "
+                      "0.0995)", stacklevel=3)

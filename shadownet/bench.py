@@ -67,7 +67,7 @@ from shadownet.bench_measure import MODES, VERIFY_MODE, bench_model, protected_d
 from shadownet.bench_report import markdown, plot, require_matplotlib, table
 from shadownet.cli import MAX_RUNS, ZOO_NAMES
 from shadownet.delegates import check_delegate_library
-from shadownet.exceptions import InputError, ShadowNetError
+from shadownet.exceptions import InputError, ModelFormatError, ShadowNetError
 from shadownet.files import check_destination, json_default, working_directory, write_atomically
 from shadownet.load_arguments import check_count, check_flags
 
@@ -177,7 +177,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     ``verify``: also run the ``shadownet-verify`` mode; ``mask_rounds``: the one-time-mask policy passed
     to the converter (None: its default)."""
     import tee_sim
-    from converters.per_inference import check_mask_rounds_form
+    from converters.per_inference import mask_rounds_form
     from converters.schemes import get_scheme
 
     # Before any work (a helper's sweep: a str was taken one character a model, num_threads=100000 built
@@ -195,7 +195,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     get_scheme(scheme)  # an unknown scheme was each model's error
     if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's
         try:
-            check_mask_rounds_form(mask_rounds)
+            mask_rounds = mask_rounds_form(mask_rounds)
         except ValueError as exc:
             raise ValueError(f"--mask-rounds: {exc}") from None
         if getattr(get_scheme(scheme), "static_masks", True):  # as convert refuses it
@@ -225,8 +225,10 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                     # e.g. over the secure-memory cap, or LiteRT refusing the model: say so, bench the others
                     error = str(exc).replace(str(protected_dir(work, name)), "its protected copy") if \
                         temporary else str(exc)  # a temporary directory is gone when the report is read
-                    if not temporary and source == str(work / f"{name}.tflite") and name in ZOO_NAMES:
-                        # a damaged export kept in --workdir was reported without its file (a helper's sweep)
+                    if isinstance(exc, ModelFormatError) and not temporary and name in ZOO_NAMES and \
+                            source == str(work / f"{name}.tflite"):
+                        # a damaged export kept in --workdir was reported without its file (a helper's sweep);
+                        # not other failures of a model kept there (a review)
                         error += f" (the zoo export kept at {source}: delete it to export it again)"
                     entries.append({"model": name, "file": source,
                                     "error": " ".join(error.split()) or type(exc).__name__})

@@ -301,7 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _terminate_handler(terminated))
         func(args)
     except KeyboardInterrupt:
-        _forget_unhandled_interrupt()
         print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
@@ -311,15 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    if terminated:  # the interrupt became another error (inside an import), or was ignored (a callback)
+        # Every way out: an interrupt that became another error, or that a callback swallowed, exited by
+        # SIGINT too (a review). One that leaves main() sets the flag again on its way.
         _forget_unhandled_interrupt()
+    if terminated:  # the interrupt became another error (inside an import), or was ignored (a callback)
         print(f"shadownet: terminated{swallowed}", file=sys.stderr)
         return 143
     return 0
 
 
 def _forget_unhandled_interrupt() -> None:
-    """Undo a CPython flag that would make ``python -m shadownet`` die by SIGINT after returning 143 or 130.
+    """Undo a CPython flag that would make ``python -m shadownet`` die by SIGINT after main() returned.
 
     A KeyboardInterrupt that leaves code run by ``exec`` of a string (dataclasses and namedtuple make their
     methods so, in a module imported mid-command) sets CPython's "unhandled KeyboardInterrupt" flag, though

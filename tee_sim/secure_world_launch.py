@@ -67,9 +67,11 @@ def launch(home: Path, memory_cap: int, spin_us: float, hard_spin_us: float,
         env.setdefault(var, "1")
     # One clean-up for every way the start can fail: out of file descriptors part-way (a process at its
     # limit: the error says what failed; a double close of the log had it say "Bad file descriptor"), out
-    # of memory, a world that does not say it is ready, or a Ctrl-C anywhere - in the wait for the world's
-    # hello or between two statements (a window of a few statements once left the world running and
-    # three descriptors open). The world is stopped and every descriptor made is closed.
+    # of memory, a world that does not say it is ready, or a Ctrl-C - in the wait for the world's hello or
+    # between two statements (a window of a few statements once left the world running and three
+    # descriptors open). The world is stopped and every descriptor made is closed; what is left is the
+    # instant between a call's return and its result's assignment (a descriptor, or the world, which then
+    # dies when its socket closes or its parent does) and a second Ctrl-C during the clean-up.
     made: list[Any] = []  # this world's ends of the channel
     spare: list[Any] = []  # the secure world's ends and its log: closed once it has them
     proc: subprocess.Popen | None = None

@@ -336,10 +336,11 @@ def test_a_conversion_without_round_1s_mask_says_so_once(device, tmp_path):
 
 
 @pytest.mark.parametrize(("scheme", "said"), [
-    ("groupmix:mask_scale=1e-30", "only to a correlation of about 1.00"),
-    ("groupmix:mask_scale=3", "only to a correlation of about 0.32"),
+    ("groupmix:mask_scale=1e-30", "only to a correlation of about 1.000"),
+    ("groupmix:mask_scale=3", "only to a correlation of about 0.316"),
+    ("groupmix:mask_scale=9.9", "only to a correlation of about 0.100"),
     ("shadownet:mask_scale=0", "sends the user's input to the accelerator unmasked"),
-    ("shadownet:mask_scale=0.01", "only to a correlation of about 1.00"),
+    ("shadownet:mask_scale=0.01", "only to a correlation of about 1.000"),
     ("groupmix", None),  # 10: 0.0995
     ("shadownet", None),  # the paper's static mask at the activations' scale: weak by design, documented
 ])

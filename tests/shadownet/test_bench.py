@@ -405,6 +405,11 @@ def test_a_damaged_zoo_export_kept_in_the_workdir_is_named(tmp_path):
                              progress=False)
     (entry,) = report["models"]
     assert f"(the zoo export kept at {tmp_path / 'work' / 'minivgg.tflite'}: delete it" in entry["error"]
+    # A sound export that fails for another reason is not blamed (a review)
+    (tmp_path / "work" / "minivgg.tflite").write_bytes(_model())
+    (entry,) = bench.run_bench(["minivgg"], num_runs=1, warmup_runs=0, workdir=tmp_path / "work",
+                               mask_rounds="99", progress=False)["models"]
+    assert "outside the model's rounds" in entry["error"] and "delete it" not in entry["error"]
 
 
 def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):

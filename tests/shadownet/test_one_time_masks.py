@@ -230,16 +230,20 @@ def test_a_round_past_the_model_is_said_against_the_models_rounds(tmp_path):
     """``--mask-rounds 9223372036854775808`` was said to be outside "the model's rounds 1..65536" (the check
     before the work used that as any model's count: a helper's probe); it is now checked against the
     model's own, and the check before the work looks at the policy's form alone."""
-    from converters.per_inference import check_mask_rounds_form
+    from converters.per_inference import mask_rounds_form
     from tests.shadownet.small_models import small_cnn
 
     with pytest.raises(ValueError, match=r"\[9223372036854775808\] are outside the model's rounds 1\.\.4$"):
         shadownet.convert(small_cnn(), str(tmp_path / "out"), seed=1, mask_rounds="9223372036854775808")
-    check_mask_rounds_form("9223372036854775808")  # its form is fine
+    assert mask_rounds_form("9223372036854775808") == "9223372036854775808"  # its form is fine
+    # Rounds given as an iterator: the check before the work used it up, and round 1 alone was masked (a
+    # review)
+    manifest = shadownet.convert(small_cnn(), str(tmp_path / "iterated"), seed=1, mask_rounds=iter([1, 2]))
+    assert manifest["masks"]["one_time_rounds"] == [1, 2]
     for spec, reason in (("3-1", "runs backwards"), ("0", "numbered from 1"),
                          ([0, 2], r"\[0\]: rounds are numbered"), ([1.5], "whole numbers")):
         with pytest.raises(ValueError, match=reason):
-            check_mask_rounds_form(spec)
+            mask_rounds_form(spec)
 
 
 def test_refill_masks_refuses_a_negative_count(first_round):

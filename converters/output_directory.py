@@ -40,7 +40,7 @@ def check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()
     if out.exists() and not out.is_dir():  # before the reads: -o the model itself was said to "hold" it
         raise ArtifactError(f"output {out} is a file, not a directory: give the name of the directory to "
                             "write (it must not exist, or be an earlier conversion's with --force)")
-    above = next(p for p in out.parents if p.exists())  # "/": always there
+    above = next((p for p in out.parents if p.exists()), Path("/"))
     if not above.is_dir():  # "FILE/sub" was a raw FileExistsError after the whole conversion (a helper's)
         raise ArtifactError(f"output directory {out} cannot be made: {above} is a file")
     for path in reads:

@@ -445,8 +445,8 @@ def check_outputs(specs: tuple[TensorSpec, ...], outputs: Sequence[Any]) -> None
     """``run_into``'s buffers: one writable array per output, in order, of its exact shape and dtype;
     InputError otherwise, before the inference (a helper's probe: a wrong one failed after it, its one-time
     mask spent, or took the results cast - logits into int8 zeros - or broadcast)."""
-    if isinstance(outputs, np.ndarray | Mapping) or len(outputs) != len(specs):
-        given = "an array" if isinstance(outputs, np.ndarray) else f"{len(outputs)} buffer(s)"
+    if not isinstance(outputs, Sequence) or len(outputs) != len(specs):
+        given = f"{len(outputs)} buffer(s)" if isinstance(outputs, Sequence) else type(outputs).__name__
         raise InputError(f"the model has {len(specs)} output(s) {[t.name for t in specs]}: give a list of "
                          f"as many arrays, not {given}")
     for spec, out in zip(specs, outputs, strict=True):

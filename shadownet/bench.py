@@ -191,6 +191,8 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         check_count(name, value, low, high)
         if value is None:
             raise ValueError(f"{name} must be an int from {low} to {high}, not None")
+    # numpy's integers as Python's: LiteRT refused them for num_threads, and the report's JSON (a review)
+    num_threads, num_runs, warmup_runs = int(num_threads), int(num_runs), int(warmup_runs)
     check_flags(progress=progress, throughput=throughput, verify=verify)
     get_scheme(scheme)  # an unknown scheme was each model's error
     if mask_rounds is not None:  # a malformed policy is the whole run's error; a missing round, one model's

@@ -35,7 +35,7 @@ from shadownet.artifacts import (
     read_artifacts,
 )
 from shadownet.delegates import load_delegates
-from shadownet.exceptions import ClosedError, ShadowNetError
+from shadownet.exceptions import ClosedError, InputError, ShadowNetError
 from shadownet.load_arguments import check_load_arguments, whole
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.round_threads import RoundThreadsTrial
@@ -294,6 +294,10 @@ class ProtectedModel:
         """One inference into preallocated ``outputs`` (model order, each a writable array of its output's
         exact shape and dtype); ``inputs`` as ``__call__`` takes them. Both are checked before the TEE is
         entered (``InputError``)."""
+        if isinstance(inputs, np.ndarray) or not isinstance(inputs, Sequence | Mapping):  # an array was
+            # iterated along its batch axis (a review)
+            raise InputError(f"inputs is a list of arrays, one per input, or a mapping of names to arrays, "
+                             f"not {type(inputs).__name__}")
         arrays = self.check_inputs((inputs,) if isinstance(inputs, Mapping) else inputs)
         check_outputs(self.outputs, outputs)
         self._infer_into(arrays, outputs)

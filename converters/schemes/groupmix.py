@@ -99,7 +99,7 @@ from tee_sim.program import mask_bands
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
 MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
-MAX_GROUP = 1 << 16  # group_size, input_group: past any layer's channels (one group)
+MAX_GROUP = 1 << 16  # group_size, input_group: past the channels of any layer this project has met
 MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
 
 

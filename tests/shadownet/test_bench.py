@@ -437,3 +437,10 @@ def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(TypeError, match="models is a list of zoo names or .tflite paths"):
             bench.run_bench(models, progress=False)
     assert made == []
+    # numpy's counts: LiteRT refused them for num_threads, and the report's JSON (a review)
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    report = bench.run_bench([str(path)], num_threads=np.int64(1), num_runs=np.int64(1),
+                             warmup_runs=np.int64(0), progress=False)
+    assert "error" not in report["models"][0]
+    assert json.loads(json.dumps(report))["settings"]["num_runs"] == 1

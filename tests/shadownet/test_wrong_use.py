@@ -83,7 +83,12 @@ def _check_run_into(model, small, rounds):
             ([x], [np.empty((2, *spec.shape[1:]), spec.dtype)], "needs a writable array of shape"),
             ([x], [read_only], "read-only"),
             ([x], [], "give a list of as many arrays, not 0 buffer(s)"),
-            ([x], good[0], "not an array"),
+            ([x], good[0], "not ndarray"),
+            ([x], None, "not NoneType"),
+            (x, good, "inputs is a list of arrays, one per input, or a mapping of names to arrays, not "
+                      "ndarray"),
+            (None, good, "not NoneType"),
+            ((a for a in [x]), good, "not generator"),
             ([x], [good[0].tolist()], "not list")):
         with pytest.raises(InputError, match=re.escape(said)):
             model.run_into(inputs, outputs)

@@ -79,7 +79,7 @@ def calibration_inputs(graph: Graph, calibration: Any) -> list[list[np.ndarray]]
 
 def _read(path: str | os.PathLike) -> Any:
     """An ``.npy`` file's array, or an ``.npz`` file's arrays by name. The twin of ``shadownet.api.
-    read_inputs`` (and ``_by_input`` of ``shadownet.artifacts.check_inputs``'s names), kept apart on
+    read_inputs`` (and ``_by_input`` of ``shadownet.model_io.check_inputs``'s names), kept apart on
     purpose: the converter imports nothing of the runtime but its exceptions (``tests/test_packages.py``),
     and the runtime's on-device path nothing of the converter; change the two together."""
     if not os.path.exists(path):

@@ -17,10 +17,10 @@ import numpy as np
 
 from converters import linear
 from converters.fidelity import relative_error
-from shadownet.artifacts import random_input
 from shadownet.bench_runners import AllInTEE, Protected, Unprotected
 from shadownet.bench_throughput import MIB, frames_per_second, one_at_a_time_fps, pipelined_fps
 from shadownet.exceptions import SecureMemoryError, ShadowNetError
+from shadownet.model_io import random_input
 
 MODES = ("unprotected", "shadownet", "all-in-tee", "all-in-tee-builtin")
 VERIFY_MODE = "shadownet-verify"  # with ``--verify``: the same artifacts, every accelerator result checked

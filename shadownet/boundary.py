@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import crossing_fits
-from shadownet.artifacts import random_input
+from shadownet.model_io import random_input
 
 PROBE = 8  # follower channels tried first (``learn_restores``)
 MAX_PAD = 4  # a follower this many pixels larger each way is tried at every placement (``_crops``)

@@ -26,17 +26,11 @@ import numpy as np
 import tee_sim
 from shadownet import after_fork
 from shadownet.accelerator import Accelerator, LiteRTAccelerator, wrapped
-from shadownet.artifacts import (
-    Artifacts,
-    TensorSpec,
-    check_input_values,
-    check_inputs,
-    check_outputs,
-    read_artifacts,
-)
+from shadownet.artifacts import Artifacts, TensorSpec, read_artifacts
 from shadownet.delegates import load_delegates
-from shadownet.exceptions import ClosedError, InputError, ShadowNetError
+from shadownet.exceptions import ClosedError, ShadowNetError
 from shadownet.load_arguments import check_load_arguments, whole
+from shadownet.model_io import check_input_values, check_inputs, check_run_into
 from shadownet.refill import BackgroundRefill, pool_stats, refill_pool, secure_world_stats
 from shadownet.round_threads import RoundThreadsTrial
 from shadownet.secure_core import on_secure_core
@@ -66,7 +60,7 @@ class ProtectedModel:
     ``model(x)`` / ``model(x1, x2)`` / ``model({"name": x})`` / ``model.predict(...)`` returns the output
     array (a copy), or a dict keyed by output name when the model has several. Inputs must have exactly
     the original model's shapes and dtypes (``InputError`` otherwise), and floating-point inputs must be
-    finite and at most 2**40 in magnitude (``shadownet.artifacts.check_input_values``; SECURITY.md).
+    finite and at most 2**40 in magnitude (``shadownet.model_io.check_input_values``; SECURITY.md).
     ``stats()`` describes the last call. Calls are serialised by a per-model lock; several
     models may be open at once. ``close()`` (or leaving a ``with`` block) ends the TEE session; later calls
     raise ``ClosedError``.
@@ -294,12 +288,7 @@ class ProtectedModel:
         """One inference into preallocated ``outputs`` (model order, each a writable array of its output's
         exact shape and dtype); ``inputs`` as ``__call__`` takes them. Both are checked before the TEE is
         entered (``InputError``)."""
-        if isinstance(inputs, np.ndarray) or not isinstance(inputs, Sequence | Mapping):  # an array was
-            # iterated along its batch axis (a review)
-            raise InputError(f"inputs is a list of arrays, one per input, or a mapping of names to arrays, "
-                             f"not {type(inputs).__name__}")
-        arrays = self.check_inputs((inputs,) if isinstance(inputs, Mapping) else inputs)
-        check_outputs(self.outputs, outputs)
+        arrays = check_run_into(inputs, outputs, self.inputs, self._input_names, self.outputs)
         self._infer_into(arrays, outputs)
 
     def _infer_into(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:

@@ -105,7 +105,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 def _input(rng: np.random.Generator, spec: Any, scale: float) -> np.ndarray:
     """A float input uniform in [-1, 1] times ``scale``; another type's as the bench draws it (integers cast
     from those floats were all 0 or -1, the same input every time)."""
-    from shadownet.artifacts import random_input
+    from shadownet.model_io import random_input
 
     if np.dtype(spec.dtype).kind == "f":
         return (rng.uniform(-1, 1, spec.shape) * scale).astype(spec.dtype)

@@ -9,9 +9,9 @@ from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
 from shadownet import bench, bench_measure, bench_report, bench_runners, cli
-from shadownet.artifacts import random_input
 from shadownet.cli import main
 from shadownet.exceptions import ShadowNetError
+from shadownet.model_io import random_input
 
 
 def _model(bias: bool = True) -> bytes:

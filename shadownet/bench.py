@@ -214,7 +214,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
         # The all-in-TEE baseline gets a secure world of its own, without a cap.
         with tee_sim.Context(memory_cap=NO_CAP) as tee_context:
             for name, path in sources:
-                # which file each entry measured (a model given twice is measured twice, as "m" and "m-2")
+                # which file each entry measured (a model given twice is measured twice, under two names)
                 source = "zoo" if temporary and path.parent == work else str(path)
                 try:
                     entry = bench_model(name, path, work, scheme=scheme, num_threads=num_threads,

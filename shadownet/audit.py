@@ -448,9 +448,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 def audit_cli(args: Any) -> None:
     """``shadownet audit OUT/ --reference MODEL.tflite [--public PUBLIC.tflite] [--json F]
-    [--inferences N]``."""
-    if args.inferences is not None and args.inferences < 0:
-        raise ValueError("--inferences must be >= 0")
+    [--inferences N]`` (its count is checked by the parser and by ``audit``)."""
     public = getattr(args, "public", None)
     for what, path in (("reference", args.reference), ("public", public)):
         if path is not None and not Path(path).is_file():

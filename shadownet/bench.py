@@ -188,9 +188,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     counts = (("num_threads", num_threads, 1, MAX_THREADS), ("num_runs", num_runs, 1, MAX_RUNS),
               ("warmup_runs", warmup_runs, 0, MAX_RUNS))
     for name, value, low, high in counts:
-        check_count(name, value, low, high)
-        if value is None:
-            raise ValueError(f"{name} must be an int from {low} to {high}, not None")
+        check_count(name, value, low, high, optional=False)
     # numpy's integers as Python's: LiteRT refused them for num_threads, and the report's JSON (a review)
     num_threads, num_runs, warmup_runs = int(num_threads), int(num_runs), int(warmup_runs)
     check_flags(progress=progress, throughput=throughput, verify=verify)

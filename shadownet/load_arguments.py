@@ -36,7 +36,7 @@ def check_flags(**flags: Any) -> None:
             raise TypeError(f"{name} must be True or False, not {flag!r}")
 
 
-def check_count(name: str, value: Any, low: int, high: int) -> None:
-    """``ValueError`` unless ``value`` is None or an integer from ``low`` to ``high``."""
-    if value is not None and (not whole(value) or not low <= value <= high):
+def check_count(name: str, value: Any, low: int, high: int, optional: bool = True) -> None:
+    """``ValueError`` unless ``value`` is an integer from ``low`` to ``high`` (or None, when ``optional``)."""
+    if (value is not None or not optional) and (not whole(value) or not low <= value <= high):
         raise ValueError(f"{name} must be an int from {low} to {high}, not {value!r}")

@@ -275,6 +275,7 @@ class ProtectedModel:
     def __call__(self, *inputs: Any) -> np.ndarray | dict[str, np.ndarray]:
         """One inference: the output array, or a dict by output name when the model has several outputs
         (one entry per tensor: an output listed twice, or an input passed through, has one name)."""
+        self.check_not_closed()  # a closed model says so before it judges the arguments
         arrays = self.check_inputs(inputs)
         outputs = [np.empty(t.shape, t.dtype) for t in self.outputs]
         self._infer_into(arrays, outputs)
@@ -287,7 +288,8 @@ class ProtectedModel:
     def run_into(self, inputs: Sequence[Any] | Mapping[str, Any], outputs: Sequence[np.ndarray]) -> None:
         """One inference into preallocated ``outputs`` (model order, each a writable array of its output's
         exact shape and dtype); ``inputs`` as ``__call__`` takes them. Both are checked before the TEE is
-        entered (``InputError``)."""
+        entered (``InputError``; ``ClosedError`` first on a closed model)."""
+        self.check_not_closed()
         arrays = check_run_into(inputs, outputs, self.inputs, self._input_names, self.outputs)
         self._infer_into(arrays, outputs)
 

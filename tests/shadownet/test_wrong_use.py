@@ -167,7 +167,9 @@ def test_a_closed_model_raises_closed_error(small):
     model.close()
     model.close()  # idempotent
     assert model.closed
-    for call in (lambda: model(x), model.stats, lambda: model.run_into([x], [np.empty((1, 5), np.float32)])):
+    for call in (lambda: model(x), model.stats, lambda: model.run_into([x], [np.empty((1, 5), np.float32)]),
+                 # wrong arguments too: the model is closed, whatever they are
+                 lambda: model(x[..., :1]), lambda: model.run_into([x], [np.empty(3, np.float64)])):
         with pytest.raises(ClosedError):
             call()
     interpreter = shadownet.Interpreter(model_path=str(small.out))

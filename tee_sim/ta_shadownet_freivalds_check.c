@@ -11,7 +11,8 @@
 
 /* Positions p0 .. p0 + t of a check, the results y (pixel stride y_pix, `room` floats readable from y):
  * the largest |u . y_p - z_p| / tau_p so far in *worst (as the bits of a non-negative float, which
- * order like it: NaN's lie above infinity's), ||y||^2 so far in *norm2 when asked. */
+ * order like it: NaN's lie above infinity's; tau_p widened by s->coherent's term where set), ||y||^2 so
+ * far in *norm2 when asked. */
 INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
                        vli *worst, double *norm2, int32_t kp) {
     int32_t g = LANES / kp;
@@ -30,7 +31,10 @@ INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64
 #define COMPARE(p, w)                                                                                    \
     do {                                                                                                 \
         const float *zp = s->z + (p0 + (p)) * kp; /* z has 16 floats of slack */                         \
-        float tau = s->tau[p0 + (p)];                                                                    \
+        float tau = s->tau[p0 + (p)], yy = 0.0f;                                                         \
+        if (s->coherent > 0.0f || s->want_norm) yy = squared_norm(y + (p) * y_pix, s->m);                \
+        if (s->coherent > 0.0f) /* in double: tau^2 is past float32 from tau = 1.8e19 */                 \
+            tau = (float)sqrt((double)tau * tau + (double)s->coherent * yy);                             \
         tau = tau < INFINITY ? tau : 0.0f; /* overflowed (window norms past float32): fail, not pass */  \
         for (int32_t h = 0; h < PARTS; h++) {                                                            \
             vn z = __builtin_shuffle(loadn(zp + base[h]), spread[h]);                                    \
@@ -40,7 +44,7 @@ INLINE void check_rows(const fv_check_t *s, const float *y, int64_t y_pix, int64
             vni larger = ratio > worst->part[h];                                                         \
             worst->part[h] = (ratio & larger) | (worst->part[h] & ~larger);                              \
         }                                                                                                \
-        if (s->want_norm) *norm2 += squared_norm(y + (p) * y_pix, s->m);                                 \
+        *norm2 += yy;                                                                                    \
     } while (0)
     int64_t p = 0;
     /* TILE_SUMS / PARTS positions at a time, as prepare_tiled: each projection vector of u loaded once for

@@ -110,6 +110,8 @@ struct fv_check { /* one layer's check (tee_sim.freivalds.LayerCheck fills it) *
     double y_norm2;                     /* out, when asked (want_norm): ||y||^2 */
     int32_t want_norm;
     int32_t tiled;                      /* M a multiple of G, kp >= 4: positions a tile at a time */
+    float coherent;                     /* tau_p^2 + coherent * ||y_p||^2 is the tolerance squared: an
+                                           honest sum's rounding that grows with the result (0: none) */
 };
 int fv_check_tile(const fv_check_t *s, const float *y, int64_t y_pix, int64_t room, int64_t p0, int64_t t,
                   vli *worst, double *norm2);

@@ -323,12 +323,13 @@ def test_bound_is_met_by_the_worst_case_change():
     y = y64.astype(np.float32)
     check.draw(rng, u, f, w)
     check.prepare(x, u, f)
-    tau = check.tau.reshape(y.shape[:-1])
+    tau = check.tau.reshape(y.shape[:-1]).astype(np.float64)
+    tau = np.sqrt(tau ** 2 + check.coherent * (y.astype(np.float64) ** 2).sum(-1))  # with the long-sum term
     direction = rng.standard_normal(y.shape[-1])
     direction /= np.linalg.norm(direction)
     c = 3.0  # ||E|| = c ||tau||: missed when c |u . direction| <= 1, about a quarter of the time
     change = (c * tau[..., None] * direction).astype(np.float32)
-    beta = math.sqrt(2 / math.pi) * check.tau_norm / float(np.linalg.norm(change.astype(np.float64)))
+    beta = math.sqrt(2 / math.pi) * np.linalg.norm(tau) / np.linalg.norm(change.astype(np.float64))
     trials = 600
     missed = 0
     for _ in range(trials):
@@ -339,6 +340,40 @@ def test_bound_is_met_by_the_worst_case_change():
     sigma = math.sqrt(expected * (1 - expected) / trials)
     assert abs(missed / trials - expected) <= 4 * sigma
     assert missed / trials <= beta + 4 * sigma
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("inputs", ["blank", "varied"])
+def test_an_honest_long_sum_that_grows_with_its_result_passes(inputs, build, monkeypatch):
+    """A dense layer of 10 outputs on 131,072 inputs whose filters align with them (a trained head on a
+    flattened map; a blank image, every input the same), its results summed one term after the other in
+    float32 as an accelerator's GEMM loop does: rounding of about eps32 sqrt(D) |y|, past the window
+    tolerance (a red team's trained model failed 55% of blank images). The check's long-sum term lets it
+    pass, and a change of a thousandth is still caught."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    rng = np.random.default_rng(7)
+    d, m = 131_072, 10
+    x = np.full((1, d), 0.5) if inputs == "blank" else rng.uniform(0, 1, (1, d))
+    x = x.astype(np.float32)
+    w = (np.abs(rng.standard_normal((m, d))) * 1e-3).astype(np.float32)  # positive: partial sums grow
+    y = np.cumsum(w * x, axis=1, dtype=np.float32)[:, -1].reshape(1, m).copy()  # term by term, float32
+    y64 = (w.astype(np.float64) @ x[0].astype(np.float64)).reshape(1, m)
+    check = LayerCheck(_layer("FULLY_CONNECTED"), w, x.shape, y.shape, lambda s, t: np.zeros(s, t))
+    check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+    u, f = (np.zeros(shape, np.float32) for shape in check.projection_shapes())
+    worst, without = 0.0, 0.0
+    for _ in range(20):
+        check.draw(rng, u, f, w)
+        check.prepare(x, u, f)
+        worst = max(worst, check.check(y, u)[0])
+        wrong = y.copy()
+        wrong[0, rng.integers(m)] += np.float32(1e-3 * np.linalg.norm(y64))
+        assert check.check(wrong, u)[0] > 1
+        window_only = check.fused(u)  # the tolerance without the long-sum term, as before it
+        window_only.y, window_only.coherent = y.ctypes.data, 0.0
+        freivalds.LIBRARY.fv_check(ctypes.addressof(window_only))
+        without = max(without, window_only.worst)
+    assert worst < 0.5 < 2 < without, (worst, without)
 
 
 def test_the_chosen_projections_miss_no_change_of_a_thousandth():

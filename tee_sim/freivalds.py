@@ -9,7 +9,8 @@ one output channel per projection, ``k / M`` of the layer's work (a depthwise la
 much as the layer itself, is computed instead and projected, ``z_j = u_j . L(x', W')``: ``T + k`` rather
 than ``k T`` multiply-adds per output channel and position; with a depth multiplier of 1 the TA goes one
 step further and uses that result itself, unchecked, instead of the accelerator's:
-``LayerCheck.computing``, ``tee_sim.per_inference_kernels``) - and the window norms ``n_p`` (the
+``LayerCheck.computing``, ``tee_sim.per_inference_kernels``; so it does with a dense layer whose check
+would cost more than the layer, ``LayerCheck.cheaper_computed``) - and the window norms ``n_p`` (the
 norm of the input window output position ``p`` reads); when the results come back the restore copies
 them into secure memory a tile at a time (the normal world could change shared memory between the check
 and the use), checks the tile there and restores it from there, accepting it only if, at every position
@@ -244,13 +245,21 @@ class LayerCheck:
         # A depthwise layer with multiplier 1 is computed by the TEE and projected (fv_prepare's
         # prepare_dw): its weights [taps, M rounded up to 16], zero-padded, from the authenticated model.
         self.direct = direct(self.kind, w.shape, x_shape)
-        if computed and not self.direct:
-            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 is computed by the TEE")
+        # A dense layer whose check would cost more than the layer (``cheaper_computed``) is computed by the
+        # TEE when asked (``computed``): its weights [M, D], from the authenticated model.
+        self.dense = computed and self.kind == "FULLY_CONNECTED" and not popped
+        if computed and not (self.direct or self.dense):
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
+                             "computed by the TEE")
         width = -(-self.m_out // LANES) * LANES if self.direct else LANES
         self._dw: np.ndarray | None = None
         if self.direct:
             self._dw = alloc((geo.taps, width), np.float32)
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
+        self._w: np.ndarray | None = None
+        if self.dense:
+            self._w = alloc((self.m_out, c), np.float32)
+            self._w[...] = w.reshape(self.m_out, c)
         # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
         # prepare_tiled), a computed layer (compute_dw).
         self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
@@ -258,7 +267,7 @@ class LayerCheck:
         # one position's outputs or a row of zeros (direct), or a row of zeros and the input's last pixels,
         # padded (tiled: under 3 rows of G-channel groups).
         rest = width if self.direct else max(wo * (LANES + 1), 3 * (c + LANES))
-        self.scratch_elements = n * h * wd + rest
+        self.scratch_elements = 0 if self.dense else n * h * wd + rest
         self._prepare = _Prepare(None, n, h, wd, c, ho, wo, *geo.kernel, *geo.stride, *geo.dilation,
                                  *geo.before, None, k, self.kp, *self._addresses(),
                                  self.unit, None, 0.0, None if self._dw is None else self._dw.ctypes.data,
@@ -409,18 +418,37 @@ class LayerCheck:
         call.c_call = (ctypes.cast(run, ctypes.c_void_p).value, address)  # type: ignore[attr-defined]
         return call
 
+    def cheaper_computed(self) -> bool:
+        """Whether this dense layer's check costs more than the layer, or cannot reach the bound: ``k`` of
+        at least its ``M`` outputs (a projection's ``z`` costs as much as an output, and each inference's
+        projected filters ``k M D`` more than the layer, ``M D`` per row), or more projections than a
+        check takes (``capped``: a 10-output head on a flattened 32x32x128 map achieved 2^-1.6, a red
+        team's). The TEE then computes it (``computed``)."""
+        return (self.kind == "FULLY_CONNECTED" and not self.popped and not self.computed
+                and (self.k >= self.m_out or self.capped))
+
     def computing(self, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
         """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy
         ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
-        depthwise layer, which the TEE computes to check anyway (class docstring), and whose result it
-        then uses instead of the accelerator's (``tee_sim.per_inference_kernels``). The same kernel as
-        ``prepare`` without the projection, the window norms or ``z``: ``fv_prepare`` with ``y_out``."""
-        if not self.direct:
-            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 is computed by the TEE")
+        depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one
+        (``cheaper_computed``), whose result it then uses instead of the accelerator's
+        (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as ``prepare`` without the
+        projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``); dense: numpy's matrix
+        product."""
+        if not (self.direct or self.dense):
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
+                             "computed by the TEE")
         if (x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
                 or y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
                 or self._norms is None):
             raise ValueError(f"computing: {x.dtype} {x.shape} input, {y.dtype} {y.shape} result")
+        if self.dense:
+            rows, weights_t = x.reshape(self.rows_out, self.in_channels), self._w.T
+            results = y.reshape(self.rows_out, self.m_out)
+
+            def product(keep: tuple = (x, y)) -> None:
+                np.matmul(rows, weights_t, out=results)
+            return product
         made = _Prepare.from_buffer_copy(self._prepare)
         made.x, made.y_out, made.kp = x.ctypes.data, y.ctypes.data, 1
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)

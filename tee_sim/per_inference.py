@@ -110,8 +110,9 @@ class PerInference:
         if verify:
             needed |= {layer["weights"] for layer in layers.values()}
         # Checks: one per accelerator output, prepared from its input buffer. A depthwise layer with
-        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), is computed
-        # instead (``computed``): the TEE uses its own result, not the accelerator's. Each is made from its
+        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), and a dense layer
+        # whose check costs more than it (LayerCheck.cheaper_computed) are computed instead
+        # (``computed``): the TEE uses its own result, not the accelerator's. Each is made from its
         # layer's weights as the load reads them (its norms; a computed layer's weights, kept).
         # An exact split's layer has a second check, of its popped result (``POPPED``, LayerCheck's popped).
         made: dict[str, LayerCheck] = {}
@@ -126,6 +127,9 @@ class PerInference:
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
                                        self.account, computed=own, shared_results=True)
+                if out not in split and made[out].cheaper_computed():  # (it held no secure memory)
+                    made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
+                                           self.account, computed=True, shared_results=True)
                 if out in split:
                     made[out + POPPED] = LayerCheck(layer, weights, shm_shapes[layer["input"]],
                                                     shm_shapes[out], self.account, shared_results=True,

@@ -212,9 +212,11 @@ class PerInferenceKernels:
                  for slot in range(len(variants))]
         sending = [] if sent is None else None if send is None else [send.c_call]
         fetching = [] if fetched is None else None if fetch is None else [fetch.c_call]
+        prepare_calls = [[getattr(p, "c_call", None) for p in slot] for slot in prepares]  # None: numpy's
         wrapped.slot_calls = [  # type: ignore[attr-defined]
             None if kernel_calls(v) is None or first[slot] is None or sending is None or fetching is None
-            else [*fetching, *first[slot], *kernel_calls(v), *sending, *(p.c_call for p in prepares[slot])]
+            or None in prepare_calls[slot]
+            else [*fetching, *first[slot], *kernel_calls(v), *sending, *prepare_calls[slot]]
             for slot, v in enumerate(variants)]
         if reports:
             # Per slot, where among those calls the checked kernel is, and its report: a check that failed

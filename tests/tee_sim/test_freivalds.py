@@ -376,6 +376,29 @@ def test_an_honest_long_sum_that_grows_with_its_result_passes(inputs, build, mon
     assert worst < 0.5 < 2 < without, (worst, without)
 
 
+def test_a_dense_layer_whose_check_costs_more_than_it_is_computed_instead():
+    """``cheaper_computed``: 10 outputs on 32,768 inputs need about as many projections as outputs (each
+    costs what an output does); 200 outputs on 64 need a few. Computed, the layer is numpy's product of
+    the kept weights, as float64 computes it up to float32 rounding; a conv layer is not computed."""
+    rng = np.random.default_rng(3)
+    alloc = lambda shape, dtype: np.zeros(shape, dtype)  # noqa: E731
+    for (m, d), cheaper in (((10, 32_768), True), ((200, 64), False)):
+        w = rng.standard_normal((m, d)).astype(np.float32)
+        x = rng.standard_normal((2, d)).astype(np.float32)
+        check = LayerCheck(_layer("FULLY_CONNECTED"), w, x.shape, (2, m), alloc)
+        assert check.cheaper_computed() == cheaper, (check.k, check.capped)
+        computed = LayerCheck(_layer("FULLY_CONNECTED"), w, x.shape, (2, m), alloc, computed=True)
+        assert not computed.cheaper_computed() and computed.scratch_elements == 0
+        computed.bind_scratch(np.zeros(0, np.float32))
+        y = np.full((2, m), np.nan, np.float32)
+        computed.computing(x, y)()
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+        assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
+    conv_w = rng.standard_normal((24, 3, 3, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="only a depthwise layer with multiplier 1 or a dense layer"):
+        LayerCheck(_layer("CONV_2D"), conv_w, (1, 12, 12, 16), (1, 12, 12, 24), alloc, computed=True)
+
+
 def test_the_chosen_projections_miss_no_change_of_a_thousandth():
     for geometry in GEOMETRIES:
         check, x, w, y64, u, f, rng = _setup(geometry, seed=2)

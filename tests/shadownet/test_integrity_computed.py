@@ -1,0 +1,90 @@
+"""Verified models whose dense layers the TEE computes rather than checks (``LayerCheck.cheaper_computed``):
+a head whose check would cost more than the layer, or could not reach the bound. (A depthwise layer of
+multiplier 1, computed for the same reason: ``test_integrity.py``.)"""
+
+import warnings
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+import shadownet
+from converters.graph import Graph, write_model
+from shadownet.accelerator import AcceleratorWrapper
+from shadownet.exceptions import IntegrityError
+from tests.shadownet.small_models import conv_options, reference
+
+TOLERANCE = 1e-4
+
+
+IMAGE = (1, 32, 32, 3)
+
+
+def flattened_head(outputs: int) -> bytes:
+    """A ReLU conv on a 32x32 RGB image, flattened (8192 values) into a dense layer of ``outputs``."""
+    rng = np.random.default_rng(3)
+    g = Graph()
+    x = g.add_tensor("image", IMAGE, np.float32)
+    w = g.add_tensor("w", (8, 3, 3, 3), np.float32, rng.standard_normal((8, 3, 3, 3)) * 0.5)
+    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
+    y = g.add_tensor("y", (1, 32, 32, 8), np.float32)
+    g.add_op("CONV_2D", [x, w, b], [y],
+             conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+    shape = g.add_tensor("shape", (2,), np.int32, np.array([1, 8192]))
+    flat = g.add_tensor("flat", (1, 8192), np.float32)
+    g.add_op("RESHAPE", [y, shape], [flat], fb.ReshapeOptionsT())
+    fw = g.add_tensor("fc/w", (outputs, 8192), np.float32, rng.standard_normal((outputs, 8192)) * 0.015)
+    fc_b = g.add_tensor("fc/b", (outputs,), np.float32, rng.standard_normal(outputs))
+    out = g.add_tensor("logits", (1, outputs), np.float32)
+    g.add_op("FULLY_CONNECTED", [flat, fw, fc_b], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return write_model(g)
+
+
+class Changing(AcceleratorWrapper):
+    """Runs each round, then adds 1e-3 of its output's norm to one value of it when armed."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.armed, self.ran = False, []
+
+    def run_round(self, r):
+        self.inner.run_round(r)
+        self.ran.append(r)
+        if self.armed:
+            for name, y in self.buffers.items():
+                if name.startswith(f"round_{r}/out/"):
+                    y.reshape(-1)[0] += np.float32(1e-3 * np.linalg.norm(y))
+
+
+@pytest.mark.parametrize("outputs, computed", [(2, True), (40, False)])
+def test_a_dense_head_whose_check_costs_more_than_it_is_computed_by_the_tee(outputs, computed, tmp_path):
+    """2 outputs (8 as groupmix obfuscates them) on 8192 inputs: a check needs about 10 projections, each
+    costing what an output does, so the TEE computes the layer, its round is not run, and its result
+    matches LiteRT's; 40 outputs: checked. Either way a changed result of the conv's round is caught."""
+    model_bytes = flattened_head(outputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        shadownet.convert(model_bytes, tmp_path / "out", seed=2)
+    wrappers = []
+
+    def wrap(inner):
+        wrappers.append(Changing(inner))
+        return wrappers[-1]
+
+    rng = np.random.default_rng(4)
+    xs = [rng.uniform(0, 1, IMAGE).astype(np.float32) for _ in range(6)]
+    with shadownet.load(tmp_path / "out", accelerator=wrap, verify=True) as model:
+        assert model.num_rounds == 2
+        assert model.skipped_rounds == ({2} if computed else frozenset())
+        for x in xs[:4]:
+            want = reference(model_bytes, x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+        checks = model.stats()["verify"]
+        assert (checks["computed"], checks["layers"]) == ((1, 1) if computed else (0, 2))
+        changing = wrappers[0]
+        assert set(changing.ran) == ({1} if computed else {1, 2})
+        changing.armed = True
+        for x in xs[4:]:
+            with pytest.raises(IntegrityError, match="failed verification"):
+                model(x)

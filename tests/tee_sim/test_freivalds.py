@@ -169,6 +169,9 @@ GEOMETRIES = [  # kind, padding, stride, dilation, input shape, weights shape
     ("CONV_2D", "SAME", 1, 6, (1, 3, 3, 8), (12, 3, 3, 8)),  # dilated as far as the TA takes (2 x 3)
     ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 2, 3, 16), (1, 7, 7, 32)),  # multiplier 2: projected
     ("DEPTHWISE_CONV_2D", "SAME", 2, 1, (1, 2, 3, 16), (1, 7, 7, 16)),  # direct
+    # one input channel to 4096 outputs: the check's own sums over the outputs are the long ones (a helper's
+    # ASan probe: 38% of honest checks failed before the long-sum term counted them)
+    ("CONV_2D", "VALID", 1, 1, (1, 7, 7, 1), (4096, 1, 1, 1)),
 ]
 
 

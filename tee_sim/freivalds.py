@@ -114,10 +114,18 @@ MARGIN_LOG2, SMALL_MARGIN_LOG2, SMALL_OUTPUT = 6.0, 3.5, 1 << 14
 MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
 _DENSITY = math.sqrt(2 / math.pi)
 POPPED = "#popped"  # the key of a split layer's popped check, after its result's (tee_sim.per_inference)
+# The most taps a depthwise layer the TEE computes may have (fv_prepare's FV_MAX_DIRECT_TAPS): its kernels
+# keep a pointer or two per tap on the stack, which a 600x600 kernel overflowed (a helper's ASan run); a
+# larger one is checked with projected filters instead.
+MAX_DIRECT_TAPS = 4096
+
+
 def direct(kind: str, weights_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
-    """A depthwise layer with multiplier 1: the TEE computes it rather than project filters that read as
-    much (``LayerCheck``), and on a verified model uses that result (``LayerCheck.computing``)."""
-    return kind == "DEPTHWISE_CONV_2D" and weights_shape[-1] == x_shape[-1]
+    """A depthwise layer with multiplier 1 (of at most ``MAX_DIRECT_TAPS`` taps): the TEE computes it
+    rather than project filters that read as much (``LayerCheck``), and on a verified model uses that
+    result (``LayerCheck.computing``)."""
+    return (kind == "DEPTHWISE_CONV_2D" and weights_shape[-1] == x_shape[-1]
+            and math.prod(weights_shape[1:3]) <= MAX_DIRECT_TAPS)
 
 
 def _depthwise_taps(weights: np.ndarray, geo: Geometry) -> np.ndarray:

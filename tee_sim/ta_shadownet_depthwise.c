@@ -71,7 +71,7 @@ INLINE void windows(vn acc[Q], const float *x, int64_t row, int64_t pix, int64_t
 INLINE void inside(const sn_depthwise_params *s, int64_t y0, int64_t *first, int64_t *end) {
     *first = *end = 0;
     if (y0 >= 0 && y0 + s->kh <= s->h && s->w >= s->kw) {
-        *first = (s->left + s->sw - 1) / s->sw;
+        *first = ((int64_t)s->left + s->sw - 1) / s->sw; /* in 64 bits: stride and pad reach 2^31 - 1 */
         *end = (s->w - s->kw + s->left) / s->sw + 1;
         if (*end > s->ow) *end = s->ow;
         if (*first > *end) *first = *end;

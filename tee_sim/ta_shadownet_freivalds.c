@@ -306,6 +306,7 @@ INLINE void prepare_dw(fv_prepare_t *s, int32_t kp) {
  * alternated in one process (minima of 20 calls, AVX2): MobileNet's 13 depthwise layers 2.08 -> 1.56 ms
  * and 2.62 -> 1.85 ms per inference (112x112x32 1.7x, 14x14x512 1.1x). */
 #define DW_TILE 3
+#define FV_MAX_DIRECT_TAPS 4096 /* tee_sim.freivalds.MAX_DIRECT_TAPS: the most prepare_dw / compute_dw take */
 /* The tile's sums over its taps for `vectors` vectors of channels from v0: inlined with each constant count
  * the caller passes, so that every count's loops unroll and its sums stay in registers. A layer of 32
  * channels is two vectors on the AVX-512 build, which went through a loop over a variable count: MobileNet's
@@ -477,6 +478,9 @@ INLINE void prepare_tiled(fv_prepare_t *s, int32_t kp) {
 
 int fv_prepare(fv_prepare_t *s) {
     if (s->dw_weights) {
+        /* prepare_dw and compute_dw keep a pointer or two per tap on the stack: a kernel of 360,000 taps
+         * overflowed it (a helper's ASan run); tee_sim.freivalds.direct leaves larger ones to prepare_kp */
+        if ((int64_t)s->kh * s->kw > FV_MAX_DIRECT_TAPS) return -1;
         if (s->y_out && s->tiled && s->c % SN_VL == 0) {
             compute_dw(s);
             return 0;

@@ -162,3 +162,19 @@ def test_weights_that_are_not_constants_are_refused(weights):
     steps = [[{"op": "depthwise", "srcs": ["slot:t1", weights, "const:b"], "dsts": ["slot:t3"]}]]
     with pytest.raises(ValueError, match="not a constant"):
         prepare_depthwise(None, steps, {}, lambda nbytes: None)  # refused before anything is resolved
+
+
+def test_a_stride_and_pad_near_two_to_the_31_read_nothing_before_the_input():
+    """The first window wholly inside the input, ``(left + sw - 1) / sw``, was summed in 32 bits: with a
+    stride of 2^31 - 1 it wrapped negative, and a 3x3 window that starts in the padding read ``left``
+    pixels before the input (a helper's ASan run: the values there came out in the result)."""
+    c = 16
+    memory = np.zeros(11 * c, np.float32)
+    memory[:2 * c] = 1234.5  # what lies before the input
+    src = memory[2 * c:].reshape(1, 3, 3, c)
+    dst = np.full((1, 1, 1, c), np.nan, np.float32)
+    weights = np.zeros((1, 3, 3, c), np.float32)
+    weights[0, 0, 0] = 1.0  # the output is the window's top-left tap: in the padding, 0
+    instr = {"stride": [1, 2 ** 31 - 1], "pad": [[0, 0], [2, 0]], "activation": None}
+    dw.compile_depthwise(instr, src, weights, np.zeros(c, np.float32), dst)()
+    np.testing.assert_array_equal(dst, 0.0)

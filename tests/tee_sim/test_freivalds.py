@@ -188,7 +188,8 @@ def _setup(geometry, seed: int = 0, projections: int | None = None):
     else:
         y64 = linear.depthwise_conv2d(x, w, _options(layer))
     check = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), projections=projections)
-    assert check.direct == (kind == "DEPTHWISE_CONV_2D" and w_shape[-1] == x_shape[-1])
+    assert check.direct == (kind == "DEPTHWISE_CONV_2D" and w_shape[-1] == x_shape[-1]
+                            and w_shape[1] * w_shape[2] <= freivalds.MAX_DIRECT_TAPS)
     check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
     u_shape, f_shape = check.projection_shapes()
     u, f = np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32)
@@ -317,6 +318,32 @@ def test_a_direct_layer_is_computed_as_numpy_computes_it(geometry, build, monkey
         computed.prepare(x, u, f)
     with pytest.raises(ValueError, match="only computed"):
         computed.check(y, u)
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_a_depthwise_kernel_past_the_direct_taps_is_checked_and_the_kernel_refuses_it(build, monkeypatch):
+    """``MAX_DIRECT_TAPS``: a 65x65 depthwise kernel of multiplier 1 (4225 taps) is checked with projected
+    filters, not computed - the computing kernels keep pointers per tap on the stack, which a 600x600
+    kernel overflowed (a helper's ASan run) - and fv_prepare itself refuses such a kernel on that path."""
+    monkeypatch.setattr(freivalds, "LIBRARY", BUILDS[build])
+    geometry = ("DEPTHWISE_CONV_2D", "SAME", 1, 1, (1, 33, 33, 16), (1, 65, 65, 16))
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    assert not check.direct
+    y = y64.astype(np.float32)
+    check.draw(rng, u, f, w)
+    check.prepare(x, u, f)
+    assert check.check(y, u)[0] < 0.5
+    wrong = y.copy()
+    wrong[0, 16, 16, 3] += np.float32(1e-3 * np.linalg.norm(y64))
+    assert check.check(wrong, u)[0] > 1
+    side = int(math.isqrt(freivalds.MAX_DIRECT_TAPS))  # 64 x 64: the most taps computed
+    layer, small = _layer("DEPTHWISE_CONV_2D"), (1, 8, 8, 16)
+    computed = LayerCheck(layer, np.ones((1, side, side, 16), np.float32), small, small,
+                          lambda s, d: np.zeros(s, d), computed=True)
+    computed.bind_scratch(np.zeros(computed.scratch_elements, np.float32))
+    computed._prepare.kw = side + 1  # one column of taps past the most (the weights are not read)
+    with pytest.raises(ValueError, match="fv_prepare refused"):
+        computed.computing(np.ones(small, np.float32), np.zeros(small, np.float32))()
 
 
 def test_bound_is_met_by_the_worst_case_change():

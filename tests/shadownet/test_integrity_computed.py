@@ -15,8 +15,6 @@ from shadownet.exceptions import IntegrityError
 from tests.shadownet.small_models import conv_options, reference
 
 TOLERANCE = 1e-4
-
-
 IMAGE = (1, 32, 32, 3)
 
 

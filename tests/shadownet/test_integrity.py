@@ -365,6 +365,10 @@ def test_every_split_round_has_its_popped_check(tmp_path_factory):
         for x in images(6, seed=12):
             want = reference(model_bytes, x)
             assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+        # The honest rounding, read before the nudges: a nudge that passes (below: up to 2 of 24 may) is a
+        # passing result too, at 0.8-0.95 of the tolerance, and failed this in ~1% of runs (a helper's audit).
+        assert model.stats()["verify"]["worst_ratio"] < 0.5
+        for x in images(6, seed=12):
             for r in range(1, popped + 1):
                 nudge.share, nudge.round = 16.0, r
                 try:
@@ -373,7 +377,6 @@ def test_every_split_round_has_its_popped_check(tmp_path_factory):
                     assert re.search(f"round_{r}/out/.* once its mask was popped", str(error)), error
                     caught.append(r)
                 nudge.share = 0.0
-        assert model.stats()["verify"]["worst_ratio"] < 0.5
     # A small round's few positions can all pass such a change (the VALID conv's: 1 in 60 did), never the
     # first check's (0 in 240): this is the popped checks' doing
     assert len(caught) >= 22 and set(caught) == {1, 2, 3, 4}

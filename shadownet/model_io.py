@@ -122,4 +122,3 @@ def check_run_into(inputs: Any, outputs: Any, specs: tuple[TensorSpec, ...], nam
     arrays = check_inputs(specs, names, (inputs,) if isinstance(inputs, Mapping) else inputs)
     check_outputs(output_specs, outputs)
     return arrays
-

@@ -227,11 +227,9 @@ class LayerCheck:
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
-        # The check's term for rounding that grows with the result (module docstring, "Long sums"),
-        # tau_p^2 + coherent ||y'_p||^2: from the length of one output's sum (a depthwise output's: its
-        # taps), then (below, once k is known) also the check's own sums over the outputs.
+        # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
+        # (``_coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)
-        self.coherent = float(np.float32((COHERENT * EPS32) ** 2 * self.sum_length))
         # A layer only ever ``computing`` (``computed``) projects nothing: one lane layout suffices.
         self.capped = False  # whether the bound wanted more than MAX_PROJECTIONS (projections_needed)
         self.k = k = 1 if computed else projections or self.projections_needed(frobenius)
@@ -239,8 +237,7 @@ class LayerCheck:
             raise ValueError(f"{k} projections: 1 to {LANES} are supported")
         self.kp = 1 << (k - 1).bit_length()
         self.group = LANES // self.kp  # channels per vector
-        self.sum_length += -(-self.m_out // self.group)  # each lane of u . y' adds M / G products
-        self.coherent = float(np.float32((COHERENT * EPS32) ** 2 * self.sum_length))
+        self.coherent = float(np.float32(self._coherent(self.group)))
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
         # z and tau, kept from the push to the check (``results_elements`` floats; z with 16 floats of slack:
         # the kernels read it a vector at a time, the lanes past it unused), here or where ``bind_results``
@@ -328,6 +325,12 @@ class LayerCheck:
         self._norms = scratch
         self._prepare.norms = scratch.ctypes.data
 
+    def _coherent(self, group: int) -> float:
+        """The long sums' term (module docstring), ``tau_p^2 + coherent ||y'_p||^2``, with ``group`` output
+        channels to a vector: one output's sum of ``D`` terms, and each lane of the check's ``u . y'`` adding
+        ``M / G`` products."""
+        return (COHERENT * EPS32) ** 2 * (self.sum_length + -(-self.m_out // group))
+
     def projections_needed(self, frobenius: float) -> int:
         """``k`` with ``beta^k <= 2^(-20 - MARGIN_LOG2)`` for the isotropic estimate of ``||tau|| / ||y'||``
         (module docstring), times the layer's measured ``anisotropy``."""
@@ -344,8 +347,7 @@ class LayerCheck:
         # leave fewer output channels to it (G), and each lane of u . y' sums M / G products.
         for k in range(MIN_PROJECTIONS, MAX_PROJECTIONS + 1):
             group = LANES // (1 << (k - 1).bit_length())
-            coherent = (COHERENT * EPS32) ** 2 * (self.sum_length + -(-self.m_out // group))
-            beta = _DENSITY * math.sqrt(rho ** 2 + coherent) / RELATIVE_CHANGE
+            beta = _DENSITY * math.sqrt(rho ** 2 + self._coherent(group)) / RELATIVE_CHANGE
             if beta >= 0.5:  # and so for every larger k
                 break
             if k * math.log2(beta) <= TARGET_LOG2 - margin:

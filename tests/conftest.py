@@ -3,10 +3,18 @@ takes one to two minutes) and one prepared fuzzing work directory."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Started with SIGINT ignored (a background job of a non-interactive shell), every child the tests start
+# would ignore it too (an ignored signal stays so across exec), and the tests that interrupt a command
+# failed or passed without interrupting anything (a helper's audit). Python's own handler instead: a child
+# then starts with the default, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

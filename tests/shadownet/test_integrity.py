@@ -58,10 +58,14 @@ class Tamper(AcceleratorWrapper):
                 norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in honest.values()))
                 flat = y.reshape(-1)
                 flat[self.rng.integers(flat.size)] += np.float32(1e-3 * norm * self.rng.choice([-1, 1]))
-            elif self.kind == "channel":
-                y[..., self.rng.integers(y.shape[-1])] = 0
-            elif self.kind == "swap":
-                a, b = self.rng.choice(y.shape[-1], 2, replace=False)
+            elif self.kind == "channel":  # one that is not zero already (a change, which the check must see)
+                live = np.flatnonzero(np.any(y.reshape(-1, y.shape[-1]) != 0, axis=0))
+                y[..., live[self.rng.integers(live.size)]] = 0
+            elif self.kind == "swap":  # two that differ
+                a = self.rng.integers(y.shape[-1])
+                channels = y.reshape(-1, y.shape[-1])
+                others = np.flatnonzero(np.any(channels != channels[:, [a]], axis=0))
+                b = others[self.rng.integers(others.size)]
                 y[..., [a, b]] = y[..., [b, a]]
             elif self.kind == "replay":
                 for n, v in outputs.items():

@@ -52,7 +52,9 @@ def test_no_mask_is_shared_between_inferences(all_rounds, first_round, first_uns
                         repeats = int((difference == 0).sum())
                         assert repeats <= max(2, difference.size // 100), f"{name}: {j} and {i} share a mask"
                     else:  # the same static mask: equal up to the float32 rounding of the fresh earlier ones
-                        assert difference.max() <= 1e-4 * np.abs(values[i]).max(), name
+                        # (which reached 5e-4 of the largest value now and then, a helper's audit; another
+                        # mask would differ by about the values themselves)
+                        assert difference.max() <= 1e-3 * np.abs(values[i]).max(), name
 
 
 def test_fidelity_with_fresh_masks(all_rounds):

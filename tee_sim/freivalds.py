@@ -18,57 +18,8 @@ and the use), checks the tile there and restores it from there, accepting it onl
 
     |u_j . y'_p - z_jp| <= tau_p = TOLERANCE * eps32 * S * n_p
 
-``S`` is the layer's filter scale (conv / dense: ``||W'||_F``; depthwise: the largest norm of the filters
-that read one input channel), so ``tau`` bounds the float32 rounding of an honest accelerator (a dot
-product of a window with a filter of norm ``w`` is off by about ``eps32 * w * n_p``; projecting ``M`` such
-errors with a Gaussian ``u`` adds them in quadrature) and of the check itself. ``TOLERANCE`` is set from
-measurement: the largest ``|u . y' - z| / (eps32 S n_p)`` seen on clean inferences of the zoo models is
-1.4 (MiniVGG) to 2.6 (ResNet-404) (the bench's worst ratio, 0.085-0.164 of the tolerance), so 16 leaves a
-margin of 6x against false alarms; it assumes a float32 accelerator (a GPU delegate that computes in
-float16 would be reported as tampering).
-
-Long sums. ``tau_p`` bounds rounding that adds up like a random walk, about ``eps32 w n_p`` whatever the
-length ``D`` of each output's sum (``taps * C``). Where the partial sums grow with the result - a trained
-layer's filters aligned with their inputs, a blank image whose every window is the same - an honest sum's
-rounding grows as ``eps32 sqrt(D) |y|`` instead (each of ``D`` additions rounds a partial sum of about the
-result's size): a red team's trained model, a conv of 64-256 channels flattened into a dense layer of 10
-outputs (``D`` = 65,536 - 262,144), failed up to 55% of blank images and 22% of its test digits on honest
-XNNPACK results, at 1.0-1.4 tolerances. The check's own ``u . y'`` is such a sum too, of ``M / G`` products
-in each lane (``G`` output channels to a vector): a 1x1 conv from one channel to 4096 (``tau_p`` then just
-``16 eps32 |y_p|``) failed 38 of 100 honest checks (a helper's ASan probe). So a check's tolerance is
-``sqrt(tau_p^2 + coherent ||y'_p||^2)``, ``coherent = (COHERENT eps32)^2 (D + M / G)``, from the result as
-it came: a change moves that term by at most
-``COHERENT eps32 sqrt(D)`` of itself (1.7e-4 at ``D`` = 131,072), far below the 1e-3 the bound is stated
-for, which counts the term in ``||tau||``. ``COHERENT`` = 4 from measurement: ``||y' - y|| / (eps32 sqrt(D)
-||y||)`` on that model's dense layer (LiteRT against float64, blank images and 200 digits, ``D`` = 65,536
-and 131,072) was 0.06-0.25, and ``u . (y' - y)`` is Gaussian of that norm: 16x the worst, as
-``TOLERANCE``. On isotropic inputs (``||y'_p|| ~ S n_p / sqrt(D)``) the term is a quarter of the first
-(more where ``M / G`` is large against ``D``); its ``D`` part raises the estimate of ``||tau|| / ||y'||``
-below by 3%.
-
-The bound. Let the accelerator return ``y' + E``, ``E`` (``[P, M]``) chosen without knowing ``u`` (the
-projections are secret and fresh for every inference, so a rejected attempt teaches nothing about the
-next one). With ``D = E + delta`` (``delta``: the honest rounding, also independent of ``u``),
-``u_j . D_p ~ N(0, ||D_p||^2)``, so the check at one position misses with probability at most
-``2 tau_p / (sqrt(2 pi) ||D_p||)`` (the Gaussian density is at most ``1 / sqrt(2 pi)``; the TEE's own
-rounding is inside ``tau``). Some position has ``||D_p|| / tau_p >= ||D|| / ||tau||`` (else
-``||D||^2 = sum (||D_p|| / tau_p)^2 tau_p^2 < ||D||^2``), and missing every position implies missing
-that one, for each of the ``k`` independent projections::
-
-    P(miss) <= beta^k,   beta = sqrt(2 / pi) * ||tau|| / ||D||.
-
-For a change of norm ``||E|| >= RELATIVE_CHANGE * ||y'||`` (1e-3, the requirement), ``||D|| >=
-||E|| - ||delta||`` and ``beta <= sqrt(2 / pi) ||tau|| / ((1e-3 - ||delta|| / ||y'||) ||y'||)``. With
-inputs that look isotropic (the masks dominate them) ``||tau|| / ||y'|| ~ TOLERANCE eps32 S sqrt(T C) /
-||W'||_F`` (``T`` taps, ``C`` input channels), which picks ``k`` per layer at load so that ``beta^k <=
-2^-26`` (6 bits of margin for inputs less isotropic than the estimate assumes; 3.5 bits for conv and
-dense layers with at least ``SMALL_OUTPUT`` output values, whose norms concentrate; ``MIN_PROJECTIONS`` at
-least), the estimate first multiplied by the layer's ``anisotropy``: how far from isotropic the converter
-measured its inputs on calibration samples (``converters.anisotropy``; 1 when absent). A check can also
-compute the bound it actually achieved from ``||tau||`` and ``||y'||`` (``LayerCheck.check`` returns
-``log2 beta^k``); the tests assert it is at most -20 for every layer of every
-zoo model. A change is per round: if ``||E||^2 >= 1e-6 sum_l ||y'_l||^2`` over the round's layers, some
-layer has ``||E_l|| >= 1e-3 ||y'_l||``, so the per-layer bound holds for the round.
+The tolerance, its long sums' term and the bound (how many projections a layer takes, and how likely a
+changed result passes) are ``tee_sim.freivalds_bound``'s.
 
 The popped check. An exact split's layer (``converters.exact_split``: by default round 1's, where it can be
 split) returns ``[y_hi | y_lo]`` of the masked input ``v + r``, and the tolerance above follows that
@@ -95,24 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from tee_sim import freivalds_bound as bound
+from tee_sim.freivalds_bound import EPS32, SMALL_OUTPUT, TOLERANCE
 from tee_sim.layer_geometry import Geometry, geometry
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 
-EPS32 = float(np.finfo(np.float32).eps)
-TOLERANCE = 16.0
-COHERENT = 4.0  # the long sums' term (module docstring)
-RELATIVE_CHANGE = 1e-3
-TARGET_LOG2 = -20.0
-# k is picked for 2^(-20 - margin) on the isotropic estimate: real inputs vary around it, the more so
-# the fewer output values a layer has (a small dense layer's achieved bound was 2^-18 with no margin).
-# Large layers had 2 bits until a blank image (all zeros: every activation after the first round the same
-# at each position) left ResNet-404's 16-channel layers at 2^-19.7 with their k = 4 (0.84 bits per
-# projection under the estimate). With 3.5 those layers take k = 5 (2^-24.7 on a blank image): the zoo's
-# projections ResNet-44 226 -> 240, ResNet-404 2026 -> 2160, MobileNet 72 -> 74, yolov4-tiny 111 -> 115,
-# MiniVGG 33 as before.
-MARGIN_LOG2, SMALL_MARGIN_LOG2, SMALL_OUTPUT = 6.0, 3.5, 1 << 14
-MIN_PROJECTIONS, MAX_PROJECTIONS = 2, 16
-_DENSITY = math.sqrt(2 / math.pi)
 POPPED = "#popped"  # the key of a split layer's popped check, after its result's (tee_sim.per_inference)
 # The most taps a depthwise layer the TEE computes may have (fv_prepare's FV_MAX_DIRECT_TAPS): its kernels
 # keep a pointer or two per tap on the stack, which a 600x600 kernel overflowed (a helper's ASan run); a
@@ -228,7 +166,7 @@ class LayerCheck:
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
         # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
-        # (``_coherent``).
+        # (``freivalds_bound.coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)
         # A layer only ever ``computing`` (``computed``) projects nothing: one lane layout suffices.
         self.capped = False  # whether the bound wanted more than MAX_PROJECTIONS (projections_needed)
@@ -236,8 +174,8 @@ class LayerCheck:
         if not 1 <= k <= LANES:
             raise ValueError(f"{k} projections: 1 to {LANES} are supported")
         self.kp = 1 << (k - 1).bit_length()
-        self.group = LANES // self.kp  # channels per vector
-        self.coherent = float(np.float32(self._coherent(self.group)))
+        self.group = bound.lane_group(k)  # channels per vector
+        self.coherent = float(np.float32(bound.coherent(self.sum_length, self.m_out, self.group)))
         self.unit = np.float32(TOLERANCE * EPS32 * self.scale)
         # z and tau, kept from the push to the check (``results_elements`` floats; z with 16 floats of slack:
         # the kernels read it a vector at a time, the lanes past it unused), here or where ``bind_results``
@@ -325,35 +263,19 @@ class LayerCheck:
         self._norms = scratch
         self._prepare.norms = scratch.ctypes.data
 
-    def _coherent(self, group: int) -> float:
-        """The long sums' term (module docstring), ``tau_p^2 + coherent ||y'_p||^2``, with ``group`` output
-        channels to a vector: one output's sum of ``D`` terms, and each lane of the check's ``u . y'`` adding
-        ``M / G`` products."""
-        return (COHERENT * EPS32) ** 2 * (self.sum_length + -(-self.m_out // group))
-
     def projections_needed(self, frobenius: float) -> int:
-        """``k`` with ``beta^k <= 2^(-20 - MARGIN_LOG2)`` for the isotropic estimate of ``||tau|| / ||y'||``
-        (module docstring), times the layer's measured ``anisotropy``."""
+        """``k`` for this layer (``freivalds_bound.projections_needed``): the isotropic estimate of ``||tau||
+        / ||y'||``, times the layer's measured ``anisotropy``; ``capped`` when it wanted more."""
         if frobenius == 0:
-            return MIN_PROJECTIONS
+            return bound.MIN_PROJECTIONS
         rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius \
             * self.anisotropy
         # A depthwise layer's estimate is the least reliable (each output channel reads one input channel:
         # with batch norm folded in, the channels of large spread tend to have the small filters; MobileNet's
         # 14x14x512 ones achieved 2^-19.9 .. -20.6 with the small margin): the full margin.
         small = self.rows_out * self.m_out >= SMALL_OUTPUT and self.kind != "DEPTHWISE_CONV_2D"
-        margin = SMALL_MARGIN_LOG2 if small else MARGIN_LOG2
-        # The long sums' term, relative to ||y'|| as it is, grows with k: more projections to a vector
-        # leave fewer output channels to it (G), and each lane of u . y' sums M / G products.
-        for k in range(MIN_PROJECTIONS, MAX_PROJECTIONS + 1):
-            group = LANES // (1 << (k - 1).bit_length())
-            beta = _DENSITY * math.sqrt(rho ** 2 + self._coherent(group)) / RELATIVE_CHANGE
-            if beta >= 0.5:  # and so for every larger k
-                break
-            if k * math.log2(beta) <= TARGET_LOG2 - margin:
-                return k
-        self.capped = True
-        return MAX_PROJECTIONS
+        k, self.capped = bound.projections_needed(rho, self.sum_length, self.m_out, small)
+        return k
 
     # -- per inference -----------------------------------------------------------------------------------
     def projection_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
@@ -512,13 +434,5 @@ class LayerCheck:
         return self.outcome(made)
 
     def bound_log2(self, y_norm: float) -> float:
-        """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (module docstring)."""
-        if not (math.isfinite(y_norm) and math.isfinite(self.tau_norm)):
-            return 0.0  # a norm past float32's range: no bound is claimed (the check fails closed)
-        # ||tau|| with the long sums' term, and ||delta|| <= ||tau|| / TOLERANCE + that term / COHERENT
-        tau_norm = math.sqrt(self.tau_norm ** 2 + self.coherent * y_norm ** 2)
-        margin = (RELATIVE_CHANGE - math.sqrt(self.coherent) / COHERENT) * y_norm - self.tau_norm / TOLERANCE
-        if margin <= 0:
-            return 0.0
-        beta = _DENSITY * tau_norm / margin
-        return self.k * min(0.0, math.log2(beta)) if beta > 0 else -math.inf
+        """``log2 beta^k`` for a change of ``RELATIVE_CHANGE * y_norm`` (``freivalds_bound.bound_log2``)."""
+        return bound.bound_log2(self.k, self.tau_norm, self.coherent, y_norm)

@@ -12,7 +12,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from converters import linear
-from tee_sim import freivalds
+from tee_sim import freivalds, freivalds_bound
 from tee_sim.freivalds import LayerCheck
 from tee_sim.layer_geometry import geometry as layer_geometry
 from tee_sim.ta_shadownet_kernels import runnable
@@ -206,7 +206,7 @@ def test_check_accepts_the_layer_and_rejects_a_change(geometry, build, monkeypat
         check.draw(rng, u, f, w)
         check.prepare(x, u, f)
         worst, bound = check.check(y, u)
-        assert worst < 0.5 and bound <= freivalds.TARGET_LOG2  # the TEE's own rounding included
+        assert worst < 0.5 and bound <= freivalds_bound.TARGET_LOG2  # the TEE's own rounding included
         wrong = y.copy().reshape(-1)
         wrong[rng.integers(wrong.size)] += np.float32(1e-3 * np.linalg.norm(y64))
         assert check.check(wrong.reshape(y.shape), u)[0] > 1
@@ -267,7 +267,7 @@ def test_the_tiled_prepare_agrees_with_the_packed_one(geometry, k, build, monkey
     lanes = u.reshape(-1, check.kp, check.group)  # u as draw() packed it: lane j * G + r
     unpacked = lanes.transpose(0, 2, 1).reshape(-1, check.kp)[:y64.shape[-1], :k].astype(np.float64)
     exact = y64.reshape(-1, y64.shape[-1]) @ unpacked  # [P, k], the projected float64 layer
-    unit = tiled_tau.reshape(-1, 1).astype(np.float64) / freivalds.TOLERANCE  # eps32 S n_p
+    unit = tiled_tau.reshape(-1, 1).astype(np.float64) / freivalds_bound.TOLERANCE  # eps32 S n_p
     for z in (tiled_z, check.z):  # measured: at most 1.5 units each, 1.7 apart (the tolerance is 16)
         assert np.all(np.abs(z[:, :k] - exact) <= 4 * unit)
     assert np.all(np.abs(tiled_z[:, :k] - check.z[:, :k]) <= 4 * unit)
@@ -441,7 +441,7 @@ def test_the_chosen_projections_miss_no_change_of_a_thousandth():
             change = np.broadcast_to(change, y.shape) * (1e-3 * norm / np.linalg.norm(
                 np.broadcast_to(change, y.shape)))
             assert check.check(y + change.astype(np.float32), u)[0] > 1
-            assert check.bound_log2(norm) <= freivalds.TARGET_LOG2
+            assert check.bound_log2(norm) <= freivalds_bound.TARGET_LOG2
 
 
 def test_a_popped_check_is_prepared_from_the_input_and_what_was_sent():

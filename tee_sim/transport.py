@@ -36,7 +36,8 @@ Answer = tuple[int, int, tuple[int, int, int], Outcome | None]
 Prepared = Callable[[float], Answer]  # called with the timeout
 
 # A world that answers nothing for ``timeout`` seconds is hung unless it computed meanwhile: CPU time of at
-# least PROGRESS of the window (a stopped or deadlocked world has none). A fixed wall-clock limit failed
+# least PROGRESS of the window (a stopped or deadlocked world has none), or it is running or waiting for a
+# CPU as the window ends (``_cpu_state``). A fixed wall-clock limit failed
 # legitimate loads on a busy machine (a helper's probe: ResNet-404's LOAD_MODEL took 0.5 s idle, 5.5 s beside
 # 12 busy processes, and was killed at 5). One that computes is waited for up to BUSY_LIMIT timeouts.
 PROGRESS, BUSY_LIMIT = 0.01, 60
@@ -287,15 +288,16 @@ class ProcessTransport:
         seconds - or, ``patient``, computes for BUSY_LIMIT of them; not, only answers late - is stopped."""
         words = self.words
         start = time.monotonic()
-        deadline, computed = start + timeout, self._cpu_seconds()
+        deadline, computed = start + timeout, self._cpu_state()[0]
         words[ch.NW_SLEEPING] = 1
         try:
             wait_ms = 1  # see SecureWorld.wait_request: the first short wait covers a lost kick
             while words[ch.RESP_SEQ] != seq:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    now = self._cpu_seconds()
-                    busy = now is not None and computed is not None and now - computed >= PROGRESS * timeout
+                    now, runnable = self._cpu_state()
+                    busy = runnable or (now is not None and computed is not None
+                                        and now - computed >= PROGRESS * timeout)
                     if busy and patient and time.monotonic() - start < BUSY_LIMIT * timeout:
                         deadline, computed = time.monotonic() + timeout, now  # slow, not hung: wait on
                         continue
@@ -330,14 +332,18 @@ class ProcessTransport:
             if self.proc is not None:
                 words[ch.NW_SLEEPING] = 0
 
-    def _cpu_seconds(self) -> float | None:
-        """The secure world's CPU time so far (Linux's /proc; None where it cannot be read)."""
+    def _cpu_state(self) -> tuple[float | None, bool]:
+        """The secure world's CPU time so far (Linux's /proc; None where it cannot be read), and whether its
+        main thread is running or waiting for a CPU (state R): a world a busy machine starves of CPU for a
+        whole window is not hung (the CPU time counts in clock ticks, 10 ms, and a 0.1 s window beside three
+        busy processes saw none: a timing test's failure). A stopped world is T, one that waits for
+        something that never comes S."""
         try:
             with open(f"/proc/{self.proc.pid}/stat", "rb") as f:  # type: ignore[union-attr]
                 fields = f.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), fields[0] == b"R"
         except (OSError, AttributeError, IndexError, ValueError):
-            return None
+            return None, False
 
     def _exit_status(self) -> str:
         """How the secure world's process ended, reaped (its socket hangs up a moment before it exits)."""

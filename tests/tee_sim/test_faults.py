@@ -23,6 +23,7 @@ from tee_sim import (
     TEEError,
     TempMemRef,
     Value,
+    transport,
 )
 from tee_sim.registry import TEST_TA_UUID
 from tee_sim.secure_os import NO_PARAMS
@@ -139,6 +140,22 @@ def test_a_world_that_computes_past_the_timeout_is_waited_for_and_one_that_only_
             with pytest.raises(TEEError, match=r"computed for 6 s without answering"):
                 session.invoke_command(Cmd.SPIN, [Value(600_000)])
             assert 6.0 <= time.monotonic() - start < 6.0 + SLACK
+
+
+def test_a_world_starved_of_cpu_is_waited_for(tmp_path, monkeypatch):
+    """A world that got no clock tick of CPU time in a window (a busy machine: a 0.1 s window beside three
+    busy processes) but is running or waiting for a CPU is not hung. Its CPU time is held still here, as
+    such a window reads: the spin is waited for; stopped, it is declared hung all the same."""
+    real = transport.ProcessTransport._cpu_state
+    monkeypatch.setattr(transport.ProcessTransport, "_cpu_state", lambda self: (0.0, real(self)[1]))
+    with Context("process", home=tmp_path, timeout=0.1) as ctx:
+        with ctx.open_session(TEST_TA_UUID) as session:
+            session.invoke_command(Cmd.SPIN, [Value(1000)])  # 10 windows with no CPU time seen
+            pid = ctx.secure_world_pid
+            threading.Timer(0.3, os.kill, (pid, signal.SIGSTOP)).start()
+            with pytest.raises(TEEError, match="did not answer within 0.1 s, nor compute"):
+                session.invoke_command(Cmd.SPIN, [Value(60_000)])
+            assert _wait_gone(pid)
 
 
 def _run_script(body: str, home, timeout: float = 60.0) -> subprocess.CompletedProcess:

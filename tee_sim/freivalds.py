@@ -273,8 +273,8 @@ class LayerCheck:
         # A depthwise layer's estimate is the least reliable (each output channel reads one input channel:
         # with batch norm folded in, the channels of large spread tend to have the small filters; MobileNet's
         # 14x14x512 ones achieved 2^-19.9 .. -20.6 with the small margin): the full margin.
-        small = self.rows_out * self.m_out >= SMALL_OUTPUT and self.kind != "DEPTHWISE_CONV_2D"
-        k, self.capped = bound.projections_needed(rho, self.sum_length, self.m_out, small)
+        concentrated = self.rows_out * self.m_out >= SMALL_OUTPUT and self.kind != "DEPTHWISE_CONV_2D"
+        k, self.capped = bound.projections_needed(rho, self.sum_length, self.m_out, concentrated)
         return k
 
     # -- per inference -----------------------------------------------------------------------------------

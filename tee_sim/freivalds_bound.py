@@ -95,11 +95,11 @@ def coherent(sum_length: int, outputs: int, group: int) -> float:
     return (COHERENT * EPS32) ** 2 * (sum_length + -(-outputs // group))
 
 
-def projections_needed(rho: float, sum_length: int, outputs: int, small: bool) -> tuple[int, bool]:
+def projections_needed(rho: float, sum_length: int, outputs: int, concentrated: bool) -> tuple[int, bool]:
     """``(k, capped)``: the fewest projections with ``beta^k <= 2^(-20 - margin)`` for the estimate
-    ``rho`` of ``||tau|| / ||y'||`` (module docstring; the small margin for a layer of ``small`` concern),
-    and whether the bound wanted more than ``MAX_PROJECTIONS`` (then ``k`` is that)."""
-    margin = SMALL_MARGIN_LOG2 if small else MARGIN_LOG2
+    ``rho`` of ``||tau|| / ||y'||`` (module docstring; the small margin where the layer's norms
+    ``concentrated``), and whether the bound wanted more than ``MAX_PROJECTIONS`` (then ``k`` is that)."""
+    margin = SMALL_MARGIN_LOG2 if concentrated else MARGIN_LOG2
     # The long sums' term, relative to ||y'|| as it is, grows with k: more projections to a vector leave
     # fewer output channels to it (G), and each lane of u . y' sums M / G products.
     for k in range(MIN_PROJECTIONS, MAX_PROJECTIONS + 1):

@@ -45,6 +45,17 @@ def test_protected_inference_does_not_import_tensorflow(small_cnn, tmp_path):
     assert relative_error(np.load(tmp_path / "y.npy"), small_cnn.reference(x)[0]) <= TOLERANCE
 
 
+def test_the_api_submodules_are_attributes_of_the_package():
+    """``import shadownet`` alone, then ``shadownet.exceptions`` (the docs name it): an AttributeError
+    before, unless something else had imported it (a new user's). No other submodule is loaded so."""
+    script = ("import shadownet, sys; print(shadownet.exceptions.InputError.__name__, "
+              "shadownet.accelerator.Accelerator.__name__, hasattr(shadownet, 'cli'), "
+              "'shadownet.cli' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["InputError", "Accelerator", "False", "False"], result.stdout
+
+
 def test_a_process_that_leaves_models_open_exits(small_cnn, tmp_path):
     """LiteRT apps never close their interpreters. With two default-scheme models left open, a background
     refill frozen in a TEE call as the interpreter finalized kept its context's lock, and the models'

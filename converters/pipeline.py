@@ -248,8 +248,10 @@ def secret_rng(seed: int | None) -> SecretRandom:
     (INSECURE, tests only) from ``seed`` with a warning."""
     if seed is None:
         return SecretRandom()
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (or None), not {seed!r}")
+    whole = not isinstance(seed, bool) and isinstance(seed, int | np.integer)
+    if not whole or seed < 0:  # TypeError for another type, as Python's own
+        raise (ValueError if whole else TypeError)(
+            f"seed must be a non-negative integer (or None), not {seed!r}")
     warnings.warn(f"converting with seed={seed}: the secrets are reproducible by anyone who guesses the seed "
                   "(INSECURE, for tests only)", stacklevel=3)
     return SecretRandom.from_seed(int(seed))

@@ -21,7 +21,8 @@ def whole(value: Any) -> bool:
 def check_load_arguments(num_threads: Any, verify: Any, mask_pool: Any, on_exhausted: Any,
                      background_refill: Any) -> None:
     """``load``'s (and ``ProtectedModel``'s) arguments: ``TypeError`` for a flag that is not a boolean
-    (``"no"`` would be true), ``ValueError`` for a count or a policy out of range."""
+    (``"no"`` would be true) or a count that is not an integer, ``ValueError`` for a count or a policy out
+    of range."""
     check_flags(verify=verify, background_refill=background_refill)
     check_count("num_threads", num_threads, 1, MAX_THREADS)
     check_count("mask_pool", mask_pool, 1, MAX_POOL_CAPACITY)
@@ -37,6 +38,10 @@ def check_flags(**flags: Any) -> None:
 
 
 def check_count(name: str, value: Any, low: int, high: int, optional: bool = True) -> None:
-    """``ValueError`` unless ``value`` is an integer from ``low`` to ``high`` (or None, when ``optional``)."""
-    if (value is not None or not optional) and (not whole(value) or not low <= value <= high):
-        raise ValueError(f"{name} must be an int from {low} to {high}, not {value!r}")
+    """``value`` is an integer from ``low`` to ``high`` (or None, when ``optional``): ``TypeError`` for
+    another type (``"2"``, ``2.0``, a boolean), ``ValueError`` for one out of range."""
+    if value is None and optional:
+        return
+    if not whole(value) or not low <= value <= high:
+        raise (ValueError if whole(value) else TypeError)(
+            f"{name} must be an int from {low} to {high}, not {value!r}")

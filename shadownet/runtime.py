@@ -329,9 +329,12 @@ class ProtectedModel:
 
     def refill_masks(self, entries: int | None = None) -> int:
         """Fill the pool of one-time masks (and, with ``verify``, of check projections) now: until it is
-        full, or ``entries`` more are ready. Returns the number of ready entries (0: no pool)."""
+        full (``entries`` None or 0), or until ``entries`` more are ready. Returns the number of ready
+        entries (0: no pool). ``TypeError`` for ``entries`` that is not an integer, ``ValueError`` for a
+        negative one."""
         if entries is not None and (not whole(entries) or not 0 <= entries < 1 << 32):  # a TEE Value's
-            raise ValueError(f"entries must be a non-negative integer (or None), not {entries!r}")
+            raise (ValueError if whole(entries) else TypeError)(
+                f"entries must be a non-negative integer (or None), not {entries!r}")
         self._not_reentered()
         with self._lock:
             self._ensure_open()

@@ -422,10 +422,10 @@ def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     for kwargs, error, said in (
             ({"num_threads": 100_000}, ValueError, "num_threads must be an int from 1 to 256, not 100000"),
-            ({"num_threads": True}, ValueError, "num_threads must be an int"),
-            ({"num_threads": "2"}, ValueError, "num_threads must be an int"),
-            ({"num_threads": None}, ValueError, "num_threads must be an int from 1 to 256, not None"),
-            ({"num_runs": 1.5}, ValueError, "num_runs must be an int"),
+            ({"num_threads": True}, TypeError, "num_threads must be an int"),
+            ({"num_threads": "2"}, TypeError, "num_threads must be an int"),
+            ({"num_threads": None}, TypeError, "num_threads must be an int from 1 to 256, not None"),
+            ({"num_runs": 1.5}, TypeError, "num_runs must be an int"),
             ({"warmup_runs": -1}, ValueError, "warmup_runs must be an int from 0"),
             ({"verify": "no"}, TypeError, "verify must be True or False, not 'no'"),
             ({"throughput": "no"}, TypeError, "throughput must be True or False"),

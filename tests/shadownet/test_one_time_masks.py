@@ -250,8 +250,8 @@ def test_a_round_past_the_model_is_said_against_the_models_rounds(tmp_path):
 
 def test_refill_masks_refuses_a_negative_count(first_round):
     with shadownet.load(first_round, background_refill=False) as model:
-        for entries in (-1, 1.5, True):
-            with pytest.raises(ValueError, match="entries must be a non-negative integer"):
+        for entries, error in ((-1, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)):
+            with pytest.raises(error, match="entries must be a non-negative integer"):
                 model.refill_masks(entries)
         assert model.refill_masks(0) >= 1
 

@@ -128,7 +128,8 @@ class ProtectedModel:
         after_fork.track(self)
         add_open_model(self)
         # Said once (a session opened again is the same), at the user's line: load()'s caller, or this one's.
-        warn_of_weak_checks(self._weak_checks, 4 if sys._getframe(1).f_code is load.__code__ else 3)
+        warn_of_weak_checks(self._weak_checks, self.artifacts.scheme,
+                            4 if sys._getframe(1).f_code is load.__code__ else 3)
         if background_refill and (self.verify or self.one_time_rounds):
             self._refiller = BackgroundRefill(self)
             self._refiller.start()

@@ -165,9 +165,9 @@ def _memory_reasons(model: ProtectedModel, artifacts: Artifacts, context: Any, v
     return reasons
 
 
-def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
-    """The load's warnings of a verified model's weak checks (nothing when none); ``stacklevel`` as
-    ``warnings.warn``'s, from this function."""
+def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
+    """The load's warnings of a verified model's weak checks (nothing when none), with advice for its
+    ``scheme``; ``stacklevel`` as ``warnings.warn``'s, from this function."""
     if weak.capped:
         warnings.warn(f"verify: {weak.capped} of {weak.layers} checked layers would need more than 16 "
                       "projections for the 2^-20 bound and its margin on the calibration inputs (their "
@@ -176,13 +176,17 @@ def warn_of_weak_checks(weak: WeakChecks, stacklevel: int) -> None:
                       stacklevel=stacklevel)
     if weak.masked:
         its = "its" if len(weak.masked) == 1 else "their"
+        # The exact split is groupmix's: the paper's scheme has none, and masks every round.
+        advice = ("Converted with --scheme groupmix:exact_split=all, their conv layers and dense layers on "
+                  "the last axis (where the split fits) are checked against their unmasked inputs"
+                  if scheme == "groupmix" else
+                  f"Scheme {scheme} has no exact split (the paper's masks every round); the default scheme "
+                  "(groupmix) masks round 1 only, and splits it, and its exact_split=all splits every "
+                  "masked round")
         warnings.warn(f"verify: {unsplit_masked(weak.masked)}, so {its} checks tolerate the rounding of the "
-                      "masked input, not the input's (groupmix's one-time masks are ~10x the input): with "
-                      "them on every round, changes aimed within it moved a MiniVGG's outputs by ~18% "
-                      "(SECURITY.md). Converted "
-                      "with --scheme groupmix:exact_split=all, their conv layers and dense layers on the "
-                      "last axis (where the split fits) are checked against their unmasked inputs",
-                      stacklevel=stacklevel)
+                      "masked input, larger than the input's (groupmix's one-time masks are ~10x the input): "
+                      "with them on every round, changes aimed within it moved a MiniVGG's outputs by ~18% "
+                      f"(SECURITY.md). {advice}", stacklevel=stacklevel)
 
 
 def unsplit_masked(rounds: Sequence[int]) -> str:

@@ -386,14 +386,20 @@ def test_every_split_round_has_its_popped_check(tmp_path_factory):
     assert len(caught) >= 22 and set(caught) == {1, 2, 3, 4}
 
 
-def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory):
+def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory, paper):
     """Masked rounds without an exact split are checked against the masked input's rounding (~10x): the load
-    says which, and how to check them against their unmasked inputs; split, or unmasked, nothing is said."""
+    says which, and how to check them against their unmasked inputs - for the paper's scheme, which has no
+    split, not groupmix's option (its advice before: a helper's review); split, or unmasked, nothing is
+    said."""
     masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all")
     with pytest.warns(UserWarning, match=r"verify: rounds 2, 3, 4 cross masked without an exact split, so "
-                                         r"their checks.*exact_split=all") as record:
+                                         r"their checks.*groupmix:exact_split=all") as record:
         shadownet.load(masked, verify=True).close()
     assert record[0].filename == __file__  # at the user's line
+    with pytest.warns(UserWarning, match=r"verify: rounds 1, 2, 3, 4, 5 cross masked .*Scheme shadownet has "
+                                         r"no exact split") as record:
+        shadownet.load(paper, verify=True).close()
+    assert not any("--scheme groupmix:exact_split=all" in str(w.message) for w in record)
     for quiet in (masked, _convert(tmp_path_factory, "split_all", scheme="groupmix:exact_split=all",
                                    mask_rounds="all")):
         with warnings.catch_warnings():

@@ -447,12 +447,18 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 
 def audit_cli(args: Any) -> None:
-    """``shadownet audit OUT/ --reference MODEL.tflite [--public PUBLIC.tflite] [--json F]
+    """``shadownet audit OUT/ --reference MODEL [--public PUBLIC] [--json F]
     [--inferences N]`` (its count is checked by the parser and by ``audit``)."""
     public = getattr(args, "public", None)
     for what, path in (("reference", args.reference), ("public", public)):
-        if path is not None and not Path(path).is_file():
-            why = "is not a file" if Path(path).exists() else "does not exist"
+        if path is None:
+            continue
+        given = Path(path)
+        why = ("does not exist" if not given.exists() else
+               "is a directory but not a SavedModel (no saved_model.pb)" if given.is_dir()
+               and not any((given / n).exists() for n in ("saved_model.pb", "saved_model.pbtxt")) else
+               "is not a regular file" if not given.is_dir() and not given.is_file() else None)
+        if why:  # before any work (a SavedModel is a directory)
             raise ArtifactError(f"{what} model {path} {why}")
     check_destination(args.json, reads=[p for p in (args.artifacts, args.reference, public) if p is not None])
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True,

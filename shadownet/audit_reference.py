@@ -6,12 +6,13 @@ audit's inputs; ``protected_signature``: of a file of several signatures, the on
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shadownet.audit_layers import LinearLayer, match_layers, model_bytes
-from shadownet.exceptions import ArtifactError, ShadowNetError
+from shadownet.exceptions import ArtifactError, ModelFormatError, ShadowNetError
 
 
 def check_covers(reference: list[LinearLayer], obfuscated: list[LinearLayer], source: Any) -> None:
@@ -82,21 +83,29 @@ def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]
 
 
 def protected_signature(reference: Any, manifest: dict, what: str = "reference") -> bytes:
-    """The reference model's bytes, read once; of a reference of several signatures the one converted
-    (``convert --signature``; the manifest's key): the audit read subgraph 0 otherwise, another signature's
-    (a review: the right file refused, 'off by 0.5')."""
+    """The reference model's ``.tflite`` bytes, read once - from any form ``convert`` takes (bytes, a
+    ``.tflite``, a Keras model file or a SavedModel directory, converted as ``convert`` converts them: a
+    Keras file was "not a TFLite model", a helper's review); of a reference of several signatures the one
+    converted (``convert --signature``; the manifest's key): the audit read subgraph 0 otherwise, another
+    signature's (a review: the right file refused, 'off by 0.5')."""
     from ai_edge_litert import schema_py_generated as schema_fb
 
-    from converters.original_model import one_signature
+    from converters.original_model import one_signature, tflite_bytes
 
-    data = model_bytes(reference)
+    key = (manifest.get("signature") or {}).get("key")
+    if isinstance(reference, bytes | bytearray | memoryview):
+        data = bytes(reference)
+    else:
+        try:  # a SavedModel converted with --signature: that signature, as convert took it
+            data = tflite_bytes(reference, key if Path(reference).is_dir() else None)
+        except OSError as exc:
+            raise ModelFormatError(f"cannot read {what} {reference}: {exc.strerror or exc}") from None
     try:
         count = schema_fb.Model.GetRootAs(data, 0).SignatureDefsLength()
     except Exception:  # noqa: BLE001 - a damaged file: reference_graph says so
         return data
     if count <= 1:
         return data
-    key = (manifest.get("signature") or {}).get("key")
     try:
         return one_signature(data, key)
     except (ValueError, ShadowNetError) as exc:

@@ -256,12 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the attack suite against what the normal world sees")
     p.add_argument("artifacts", type=_path, help="directory written by `shadownet convert`")
     p.add_argument("--reference", required=True, type=_path,
-                   help="the original MODEL.tflite (the attacker's best guess)")
+                   help="the original model, as convert took it: .tflite, Keras file or SavedModel "
+                        "directory (the attacker's best guess)")
     p.add_argument("--inferences", type=_at_least(0), default=None,
                    help="inferences to observe at the boundary (default: as many as the attacks on the "
                         "crossings want for every conv and depthwise layer, within bounds; the report lists "
                         "the layers that wanted more)")
-    p.add_argument("--public", type=_path, metavar="PUBLIC.tflite",
+    p.add_argument("--public", type=_path, metavar="PUBLIC",
                    help="public weights of the same architecture that the protected model was fine-tuned "
                         "from: also report how much of the private change an attacker holding them learns")
     p.add_argument("--json", type=_path, help="also write the report as JSON to this file")

@@ -437,3 +437,33 @@ def test_audit_checks_its_arguments_before_any_work(simulated: dict[str, Path],
     original, protected = paper_protected
     report = audit.audit(protected, original, inferences=np.int64(2))
     assert '"inferences": 2' in json.dumps(report)  # numpy's int64 was not JSON
+
+
+@pytest.mark.parametrize("form", ["keras", "saved_model"])
+def test_a_model_converted_from_keras_or_a_saved_model_is_its_own_reference(tmp_path: Path, form: str):
+    """``convert`` takes a Keras file or a SavedModel, and the audit took only a ``.tflite`` ("not a TFLite
+    model": a helper's review): as reference either is read as ``convert`` reads it, from the CLI too."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+    from shadownet.cli import main
+
+    keras.utils.set_random_seed(2)
+    x = keras.Input((12, 12, 3), batch_size=1, name="image")
+    h = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    h = keras.layers.Conv2D(16, 3, activation="relu")(h)
+    model = keras.Model(x, keras.layers.Dense(4)(keras.layers.Flatten()(h)))
+    path = tmp_path / ("model.keras" if form == "keras" else "saved")
+    if form == "keras":
+        model.save(path)
+    else:
+        tf.saved_model.save(model, str(path))
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        shadownet.convert(str(path), str(out), scheme="shadownet", seed=5)
+    report = audit.audit(out, path, inferences=2)
+    assert report["summary"]["conv_dense"]["filters"] == 16 + 16 + 4
+    assert report["summary"]["conv_dense"]["fraction"]["any"] >= 0.9  # the paper's scheme, undone
+    assert main(["audit", str(out), "--reference", str(path), "--inferences", "0"]) == 0

@@ -297,7 +297,7 @@ def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["device", "export", "."], ".: Is a directory"),  # said "Device or resource busy"
-    (["audit", ".", "--reference", "."], "reference model . is not a file"),  # said "does not exist"
+    (["audit", ".", "--reference", "."], "reference model . is a directory but not a SavedModel"),
     (["bench", "--models", ","], "--models ',' names no model"),  # ran all five zoo models
 ])
 def test_paths_and_lists_that_name_nothing_are_one_line_before_any_work(argv, message, capsys):

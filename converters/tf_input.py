@@ -68,7 +68,7 @@ def _native_stderr() -> Iterator[None]:
 
 
 def _convert(path: Path, kind: str, signature: str | None) -> bytes:
-    what = kind.replace("_", " ")
+    what = {"keras": "Keras model", "saved_model": "SavedModel"}[kind]
     try:
         # (With LiteRT's library loaded first TensorFlow logs its oneDNN notice before it reads this. Turning
         # oneDNN off would silence it but change TensorFlow's numerics for the whole process: the zoo's

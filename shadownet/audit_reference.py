@@ -100,6 +100,8 @@ def protected_signature(reference: Any, manifest: dict, what: str = "reference")
             data = tflite_bytes(reference, key if Path(reference).is_dir() else None)
         except OSError as exc:
             raise ModelFormatError(f"cannot read {what} {reference}: {exc.strerror or exc}") from None
+        except ModelFormatError as exc:  # its message begins with the path, or "model PATH"
+            raise ModelFormatError(f"{what} {exc}") from None
     try:
         count = schema_fb.Model.GetRootAs(data, 0).SignatureDefsLength()
     except Exception:  # noqa: BLE001 - a damaged file: reference_graph says so

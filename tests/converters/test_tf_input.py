@@ -110,7 +110,7 @@ def test_tensorflows_diagnostics_stay_off_stderr_unless_debugging(tf, device, tm
     for debug, shown in ((None, False), ("1", True)):
         if debug:
             monkeypatch.setenv("SHADOWNET_DEBUG", debug)
-        with pytest.raises(ModelFormatError, match="convert the saved model: 'tf.Svd' op is neither a"):
+        with pytest.raises(ModelFormatError, match="convert the SavedModel: 'tf.Svd' op is neither a"):
             convert(tmp_path / "svd", tmp_path / "out", device=device)
         err = capfd.readouterr().err
         assert ("tf.Svd" in err) == shown, err[:300]

@@ -253,7 +253,7 @@ def test_a_reference_with_other_inputs_is_refused(paper_protected: tuple[Path, P
         audit.audit(out, other, inferences=2)
     junk = tmp_path / "x.npy"
     junk.write_bytes(b"\x93NUMPY not a model")
-    with pytest.raises(ModelFormatError, match=f"reference {junk}: "):
+    with pytest.raises(ModelFormatError, match=f"reference {junk} is neither a .tflite"):
         audit.audit(out, junk, inferences=1)
 
 

@@ -99,8 +99,8 @@ def machine() -> dict[str, Any]:
 
 
 def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
-    """(name, .tflite path) per requested model: zoo names are exported (TensorFlow) into ``workdir``
-    once and reused; anything else is a path to a ``.tflite``."""
+    """(name, path) per requested model: zoo names are exported (TensorFlow) into ``workdir`` once and
+    reused; anything else is a path to a model (a ``.tflite``, a Keras file, a SavedModel directory)."""
     sources = []
     for item in models:
         if item in ZOO_NAMES:
@@ -112,10 +112,9 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
             sources.append((item, path))
         else:
             path = Path(item)
-            if not path.is_file():
-                what = "does not exist" if not path.exists() else "is not a file"
-                raise ShadowNetError(f"{item} {what}: give a zoo model ({', '.join(ZOO_NAMES)}) or a "
-                                     ".tflite file")
+            if not path.exists():  # a SavedModel is a directory; what else a path holds, bench_model says
+                raise ShadowNetError(f"{item} does not exist: give a zoo model ({', '.join(ZOO_NAMES)}) or a "
+                                     "model file")
             sources.append((path.stem, path))
     # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
     # directory's name goes in front, then a count.
@@ -172,10 +171,11 @@ class _Progress:
 def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: int = 2, num_runs: int = 20,
               warmup_runs: int = 3, delegate: str | None = None, workdir: str | os.PathLike | None = None,
               progress: bool = True, throughput: bool = False, verify: bool = False,
-              mask_rounds: str | None = None) -> dict[str, Any]:
-    """Benchmark ``models`` (zoo names or ``.tflite`` paths); return the report (see ``bench_model``).
-    ``verify``: also run the ``shadownet-verify`` mode; ``mask_rounds``: the one-time-mask policy passed
-    to the converter (None: its default)."""
+              mask_rounds: str | None = None, signature: str | None = None) -> dict[str, Any]:
+    """Benchmark ``models`` (zoo names, or paths of models in any form ``convert`` takes: ``.tflite``, Keras
+    file, SavedModel directory); return the report (see ``bench_model``). ``verify``: also run the
+    ``shadownet-verify`` mode; ``mask_rounds``: the one-time-mask policy passed to the converter (None: its
+    default); ``signature``: the signature to measure of a file of several (as ``convert``'s)."""
     import tee_sim
     from converters.per_inference import mask_rounds_form
     from converters.schemes import get_scheme
@@ -218,7 +218,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
                     entry = bench_model(name, path, work, scheme=scheme, num_threads=num_threads,
                                         num_runs=num_runs, warmup_runs=warmup_runs, delegate=delegate,
                                         tee_context=tee_context, progress=bar, throughput=throughput,
-                                        verify=verify, mask_rounds=mask_rounds)
+                                        verify=verify, mask_rounds=mask_rounds, signature=signature)
                     entries.append({"model": name, "file": source} | entry)
                     bar.finish(f"{name}: done")
                 except (ShadowNetError, ValueError, RuntimeError) as exc:
@@ -262,8 +262,8 @@ def _distinct_outputs(args: argparse.Namespace) -> None:
 def bench_cli(args: argparse.Namespace) -> None:
     """``shadownet bench [FILE.tflite ...] [--models A,B] [--scheme] [--num_threads] [--num_runs]
     [--warmup_runs] [--delegate] [--json F] [--markdown F] [--plot F.png] [--throughput] [--verify]
-    [--mask-rounds POLICY] [--workdir DIR]``. The models that could not be measured are reported with the
-    rest, then make the command fail (one line naming them)."""
+    [--mask-rounds POLICY] [--signature KEY] [--workdir DIR]``. The models that could not be measured are
+    reported with the rest, then make the command fail (one line naming them)."""
     if args.plot:
         require_matplotlib(args.plot)
     for path in (args.json, args.markdown, args.plot):  # before minutes of measuring, not after
@@ -280,7 +280,7 @@ def bench_cli(args: argparse.Namespace) -> None:
     report = run_bench(models, scheme=args.scheme, num_threads=args.num_threads, num_runs=args.num_runs,
                        warmup_runs=args.warmup_runs, delegate=args.delegate, workdir=args.workdir,
                        progress=True, throughput=args.throughput, verify=args.verify,
-                       mask_rounds=args.mask_rounds)
+                       mask_rounds=args.mask_rounds, signature=args.signature)
     report["command"] = "shadownet bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else None
     print(table(report))
     if args.json:

@@ -188,23 +188,26 @@ def _pool(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | Non
 def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | None, num_threads: int,
                 num_runs: int, warmup_runs: int, delegate: str | None, tee_context: Any,
                 progress: Callable[[str, int, int], None], throughput: bool = False, verify: bool = False,
-                mask_rounds: str | None = None) -> dict[str, Any]:
-    """Benchmark one ``.tflite``: convert it (one-time masks on the rounds ``mask_rounds`` says; None: the
-    converter's default), run the modes interleaved (``verify``: also ``shadownet-verify``), return its
-    report entry. ``SecureMemoryError`` (a ``ShadowNetError``) when the protected model does not fit in
-    the secure world's cap; a verified copy that does not fit is reported in the entry instead."""
+                mask_rounds: str | None = None, signature: str | None = None) -> dict[str, Any]:
+    """Benchmark one model (a ``.tflite``, a Keras file or a SavedModel, at its signature ``signature``
+    when it has several, as ``convert`` reads it): convert it (one-time masks on the rounds ``mask_rounds``
+    says; None: the converter's default), run the modes interleaved (``verify``: also
+    ``shadownet-verify``), return its report entry. ``SecureMemoryError`` (a ``ShadowNetError``) when the
+    protected model does not fit in the secure world's cap; a verified copy that does not fit is reported
+    in the entry instead."""
     from ai_edge_litert.interpreter import Interpreter
 
     from converters import convert
     from converters.normalize import normalize
-    from converters.original_model import planning_graph
+    from converters.original_model import one_signature, planning_graph, tflite_bytes
     from converters.partition import partition
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
     from converters.schemes import get_scheme, group_min_channels, kept_in_tee
     from shadownet.delegates import load_delegates
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
-    model = model_path.read_bytes()
+    # The same .tflite for every mode (the unprotected one runs it as LiteRT would)
+    model = one_signature(tflite_bytes(model_path, signature if model_path.is_dir() else None), signature)
     chosen = get_scheme(scheme)
     graph = normalize(planning_graph(model), group_min_channels(chosen))
     macs = count_macs(graph)

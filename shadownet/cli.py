@@ -225,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="protected vs unprotected vs all-in-TEE latency, memory and breakdown")
     p.add_argument("files", nargs="*", type=_path, metavar="FILE.tflite",
-                   help="models to benchmark besides --models")
-    p.add_argument("--models", help="comma-separated zoo names or .tflite files (default: all five zoo "
+                   help="models to benchmark besides --models (also Keras files or SavedModel directories)")
+    p.add_argument("--models", help="comma-separated zoo names or model files (default: all five zoo "
                                     "models when no FILE is given)")
+    p.add_argument("--signature", metavar="KEY",
+                   help="the signature to measure, in a model that has several")
     p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
                    help="obfuscation scheme: groupmix (the default) or shadownet (the paper's), with its "
                         "parameters (README, Schemes)")

@@ -444,3 +444,24 @@ def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
                              warmup_runs=np.int64(0), progress=False)
     assert "error" not in report["models"][0]
     assert json.loads(json.dumps(report))["settings"]["num_runs"] == 1
+
+
+def test_bench_measures_one_signature_of_a_model_of_several(tmp_path, capsys):
+    """A model of two signatures was refused with "choose it with --signature KEY", a flag bench did not
+    have (a helper's review): bench takes it, as convert does."""
+    from converters.graph import Signature
+    from converters.tflite_reader import read_model
+
+    g = read_model(_model())
+    (x,), (y,) = g.inputs, g.outputs
+    path = tmp_path / "two.tflite"
+    path.write_bytes(write_model(g, [Signature("alpha", list(range(len(g.ops))), {"x": x}, {"y": y}),
+                                     Signature("beta", list(range(len(g.ops))), {"x": x}, {"y": y})]))
+    argv = ["bench", str(path), "--num_threads", "1", "--num_runs", "1", "--warmup_runs", "0"]
+    assert main(argv) == 1
+    assert "choose it with --signature KEY" in capsys.readouterr().err
+    assert main([*argv, "--signature", "beta", "--workdir", str(tmp_path / "work")]) == 0
+    assert "two" in capsys.readouterr().out
+    report = bench.run_bench([str(path)], num_threads=1, num_runs=1, warmup_runs=0, progress=False,
+                             signature="gamma")
+    assert "has no signature 'gamma'" in report["models"][0]["error"]

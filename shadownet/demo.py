@@ -71,13 +71,17 @@ def _protect(model: Path, out: Path, calibration: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+# The conversions' directories in the work directory: replaced by each run (checked before any work).
+DIGITS_OUT, MOBILENET_OUT = "minivgg_digits.protected", "mobilenet.protected"
+
+
 def digits_accuracy(workdir: Path) -> dict[str, Any]:
     from models.zoo import testset_path
     from shadownet.runtime import load
 
     path = workdir / "minivgg_digits.tflite"
     _export("minivgg", path, "training MiniVGG on scikit-learn's handwritten digits", train="digits")
-    out = workdir / "minivgg_digits.protected"
+    out = workdir / DIGITS_OUT
     _progress("protecting it (masks sized on 64 of the training images) ...")
     from models.digits import load_split
 
@@ -101,7 +105,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
 
     path = workdir / "mobilenet.tflite"
     _export("mobilenet", path, "exporting MobileNet (ImageNet shape, calibrated random weights)")
-    out = workdir / "mobilenet.protected"
+    out = workdir / MOBILENET_OUT
     _progress("protecting it (masks sized on inputs uniform in [-1, 1], as the demo feeds) ...")
     samples = np.random.default_rng(1).uniform(-1, 1, (4, *_input_shape(path)[1:])).astype(np.float32)
     seconds = _protect(path, out, samples)
@@ -153,7 +157,12 @@ def main(args: argparse.Namespace) -> None:
     device_identity()  # the device's keys: an unusable SHADOWNET_HOME is said now, not after the training
     workdir = getattr(args, "workdir", None)
     if workdir is not None:
-        _report(Path(working_directory(workdir)))
+        from converters.output_directory import check_output
+
+        kept = Path(working_directory(workdir))
+        for name in (DIGITS_OUT, MOBILENET_OUT):  # said now, not after the training (a helper's review)
+            check_output(kept / name, force=True)
+        _report(kept)
     else:
         with tempfile.TemporaryDirectory(prefix="shadownet-demo-") as tmp:
             print(f"working in {tmp}, removed at the end (shadownet demo --workdir DIR keeps the files)")

@@ -53,8 +53,12 @@ def silence_litert_info() -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
-    from models.zoo import export
+    from models.zoo import export, testset_path
+    from shadownet.files import check_destination
 
+    check_destination(args.output, replace=args.force)
+    if args.train:
+        check_destination(testset_path(args.output), replace=args.force)
     export(args.name, args.output, seed=args.seed, train=args.train)  # which checks -o before building
 
 
@@ -92,7 +96,7 @@ def _cmd_device_export(args: argparse.Namespace) -> None:
     from shadownet.device import export_identity
     from shadownet.files import check_destination
 
-    check_destination(args.file)
+    check_destination(args.file, replace=args.force)
     fingerprint = export_identity(args.file)
     print(f"device identity written to {args.file} (device key fingerprint {fingerprint}: give it to the "
           "vendor by a channel other than the file's, to convert with --device-key)")
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=_path, help="FILE.tflite to write")
     p.add_argument("--seed", type=_SEED, default=0, help="weight seed (default 0)")
     p.add_argument("--train", choices=("digits",), help="train on a data set that ships with a package")
+    p.add_argument("--force", action="store_true", help="replace FILE.tflite (and its test set) if it exists")
     p.set_defaults(func=_cmd_zoo, command_parser=p)
 
     p = sub.add_parser("convert", help="protect a model (untrusted.tflite, secrets.sealed, manifest.json)")
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     e = dsub.add_parser("export", help="write the attestation public key and a fresh report")
     e.add_argument("file", type=_path)
+    e.add_argument("--force", action="store_true", help="replace the file if it exists")
     e.set_defaults(func=_cmd_device_export, command_parser=e)
     return parser
 

@@ -16,14 +16,16 @@ from typing import Any
 from converters.output_directory import MANIFEST, SECRETS
 
 
-def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.PathLike] = ()) -> None:
+def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.PathLike] = (),
+                      replace: bool = True) -> None:
     """Before long work whose result goes to ``path`` (None: nothing to check): an ``OSError`` naming it
     now, rather than after the work, when its directory does not exist or is not one, cannot be written (a
     read-only file system, no permission), or it is a directory (a ``ValueError`` when it is empty). A
     ``ValueError`` too when writing it would destroy what the command reads, a protected model or a special
     file: ``path`` is one of ``reads`` (files) or inside one (directories), lies in a protected model's
     directory (one holding a conversion's manifest and sealed secrets), or exists and is not a regular file
-    (the result is renamed into place: ``write_atomically``)."""
+    (the result is renamed into place: ``write_atomically``), or exists at all unless ``replace`` (a command
+    whose output is the user's to keep: ``zoo -o``, ``device export`` without ``--force``)."""
     if path is None:
         return
     target = os.fspath(path)
@@ -52,6 +54,8 @@ def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.P
         if given in real.parents:
             raise ValueError(f"{target} lies in {os.fspath(read)}, which this command reads: writing it "
                              "would change it; give another place")
+    if not replace and os.path.lexists(target):  # zoo -o over the user's input array (a helper's review)
+        raise ValueError(f"{target} exists: --force replaces it")
     try:  # writable at all (os.access hides a read-only mount's reason): a nameless file, gone at close
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as exc:

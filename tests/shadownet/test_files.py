@@ -149,3 +149,22 @@ def test_an_empty_working_directory_is_refused(command, capsys):
     assert caught.value.code == 2 and "argument --workdir: an empty path" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a working directory path is empty"):
         bench.run_bench(["minivgg"], num_runs=1, workdir="", progress=False)
+
+
+@pytest.mark.parametrize("command", ["zoo", "device"])
+def test_zoo_and_device_export_replace_an_existing_file_only_with_force(tmp_path, capsys, command):
+    """``zoo -o x.npy`` wrote a model over the user's input array and ``device export`` over any file, exit 0
+    (a helper's review): what they write is the user's to keep, so an existing file needs --force."""
+    from shadownet.cli import main
+
+    if command == "zoo":
+        pytest.importorskip("tensorflow")
+    kept = tmp_path / "x.npy"
+    kept.write_bytes(b"the user's array")
+    argv = {"zoo": ["zoo", "minivgg", "-o", str(kept)], "device": ["device", "export", str(kept)]}[command]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"shadownet: error: {kept} exists: --force replaces it"], err
+    assert kept.read_bytes() == b"the user's array"
+    assert main([*argv, "--force"]) == 0
+    assert kept.read_bytes() != b"the user's array"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -62,6 +63,19 @@ _Copy = tuple[np.ndarray, np.ndarray]  # (destination, source)
 # which takes memory the kernel gives back (madvise) as zeroed - a shared page keeps its contents - and
 # whatever it allocates there next is corrupt (an abort in LiteRT's next model, seen in the tests).
 _KEPT: list[Any] = []
+
+
+def _keep_forever(entry: Any, _kept: list[Any] = _KEPT, _incref: Any = ctypes.pythonapi.Py_IncRef,
+                  _object: Any = ctypes.py_object) -> None:
+    """Keep ``entry`` (LiteRT's interpreters and their tensors) for the process's lifetime, interpreter exit
+    included: listed in ``_KEPT`` and given a reference nobody drops. The module's teardown at exit empties
+    ``_KEPT``, and the interpreters it held were freed then, their arenas still on pages of the shared
+    memory (several rounds' tensors map the same pages, so those arenas overlap one another), and malloc's
+    work later in the exit aborted the process ("corrupted double-linked list" after a passing test suite,
+    ~1 in 10-20 runs; a helper's probe: every run, with allocations made late in the exit). Everything it
+    uses is bound here, at import: it also runs while modules are torn down."""
+    _kept.append(entry)
+    _incref(_object(entry))
 
 
 class LiteRTAccelerator:
@@ -345,16 +359,24 @@ class LiteRTAccelerator:
         for dst, src in copy_out:
             np.copyto(dst, src)
 
-    def _unshare(self) -> None:
+    def _unshare(self, _keep: Callable[[Any], None] = _keep_forever) -> None:
+        """The tensors' pages private memory again, before LiteRT may free them. Where one may stay the
+        shared memory's - a failed unmapping, an interrupt, or at interpreter exit a module torn down
+        under ``SharedPages.release`` - the interpreters are never freed (``_keep_forever``)."""
         shared, self._shared = self._shared, []
         failed = False
-        for pages in shared:
-            try:
-                pages.release()
-            except OSError:  # the pages stay the shared memory's: still memory, and closing goes on
-                failed = True
-        if failed:  # never freed: their arenas hold pages of the shared memory (_KEPT)
-            _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
+        try:
+            for pages in shared:
+                try:
+                    pages.release()
+                except OSError:  # the pages stay the shared memory's: still memory, and closing goes on
+                    failed = True
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:  # never freed: their arenas hold pages of the shared memory (_KEPT)
+                _keep((list(self._interpreters), self.interpreter, self._main, self._single))
 
     def forget_after_fork(self) -> None:
         """In a forked child: the tensors' pages made the child's own (private, with their contents), so that
@@ -364,13 +386,14 @@ class LiteRTAccelerator:
         corruption in the child, wrong results in the parent (a helper's probe)."""
         self._plan = []
         self._unshare()  # this process's mappings only: the parent's stay as they are
-        _KEPT.append((list(self._interpreters), self.interpreter, self._main, self._single))
+        _keep_forever((list(self._interpreters), self.interpreter, self._main, self._single))
         self._tensors, self._rounds_run, self._interpreters = [], [], []
         self.interpreter = self._main = self._single = None
 
     def __del__(self) -> None:
         # Collected unclosed (a close interrupted half-way): the pages made private before LiteRT frees
-        # the tensors on them, which would otherwise hand the shared memory to malloc (_KEPT).
+        # the tensors on them, which would otherwise hand the shared memory to malloc (_KEPT; where that
+        # fails, at interpreter exit too, _unshare keeps the interpreters for ever).
         try:
             self._unshare()
         except Exception:  # noqa: BLE001 - at interpreter exit modules may already be torn down

@@ -3,6 +3,10 @@
 number of threads timed faster for it (``shadownet.round_threads``)."""
 
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -291,6 +295,62 @@ def test_close_completes_when_giving_the_pages_back_fails(tmp_path, monkeypatch)
     with shadownet.load(tmp_path / "next") as model:
         want = reference(original, x)
         assert np.abs(model(x) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("case", ["unmapping failed", "open at teardown"])
+def test_interpreters_on_shared_pages_stay_allocated_through_the_exit(tmp_path, case):
+    """LiteRT's arenas on pages still shared are never handed back to malloc, interpreter exit included
+    (malloc's work late in the exit is made here: an object that ``sys`` holds, freed after every
+    module). Two ways they were: the interpreters kept for a failed unmapping (``_KEPT``), freed when the
+    module's teardown emptied it - after the test above, the test suite's process aborted at exit
+    ("corrupted double-linked list") once in ~10-20 runs; and a model left open that is freed only after
+    the modules' teardown (here held by ``sys``), when ``SharedPages.release`` no longer finds its module's
+    globals. Each aborted every run of a helper's probe."""
+    import warnings
+
+    from tests.shadownet.small_models import small_cnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(small_cnn(side=48), str(tmp_path / "out"), seed=4)
+    script = textwrap.dedent(f"""
+        import ctypes, functools, sys, weakref
+        import numpy as np
+        import shadownet
+        from tee_sim.shared_pages import SharedPages
+
+        class LateWork:
+            def __del__(self):
+                blocks = []
+                for i in range(20000):
+                    blocks.append(bytearray(b"x") * (520 + i * 7919 % 8000))
+                    if len(blocks) > 1000:
+                        del blocks[i * 31 % len(blocks)]
+
+        sys.late_work = LateWork()
+        model = shadownet.load({str(tmp_path / "out")!r}, background_refill=False)
+        model(np.zeros((1, 48, 48, 3), np.float32))
+        assert model.accelerator._shared
+        if {case!r} == "unmapping failed":
+            def fail(self):
+                raise OSError(12, "mmap(MAP_FIXED) failed")
+
+            said = functools.partial(print, "a kept interpreter was freed", file=sys.__stderr__, flush=True)
+            watch = weakref.ref(model.accelerator.interpreter, said)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(watch))  # the watch outlives the exit's teardown
+            real, SharedPages.release = SharedPages.release, fail
+            model.close()
+            SharedPages.release = real
+            del model
+        else:  # left open, and freed once every module is torn down, before the late work (sys: "_" first)
+            sys._model = model
+            del model
+    """)
+    env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_="165")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-2000:]  # -6: glibc's abort
+    assert "a kept interpreter was freed" not in result.stderr, result.stderr[-2000:]
 
 
 def test_pages_are_shared_where_no_buffer_of_the_round_overlaps(tmp_path):

@@ -195,8 +195,9 @@ def read_checked(root: Path, name: str, hashes: dict[str, Any]) -> bytes:
     """``root / name``, refused unless its SHA-256 is the one ``hashes`` (the manifest's ``files``) records
     for it: ``ArtifactError`` when it is missing or unreadable, ``SecurityError`` when it differs."""
     path = root / name
-    if not path.is_file():
-        raise ArtifactError(f"{root} is incomplete: {name} is missing")
+    if not path.is_file():  # a FIFO or a directory there was "missing" too (a helper's review)
+        raise ArtifactError(f"{root} is incomplete: {name} is missing" if not path.exists() else
+                            f"{path} is not a regular file")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -49,7 +49,10 @@ def translate_tee_error(exc: TEEError, doing: str, step: bool = False) -> Shadow
     # OP-TEE's origins: the secure world (its OS or the trusted app) said it, or the communication stack
     # between the worlds did - a world that died, hung or would not start cannot say anything itself.
     speaker = "the communication stack" if exc.origin == tee_sim.TEEC_ORIGIN_COMMS else "the secure world"
-    return cls(f"{doing}: {speaker} said {exc.code_name}: {detail}")
+    # What the caller can do, in the API's words (the secure world speaks of its pool)
+    advice = " - call model.refill_masks() between inferences, or load with on_exhausted='refill'" \
+        if cls is MaskPoolExhaustedError else ""
+    return cls(f"{doing}: {speaker} said {exc.code_name}: {detail}{advice}")
 
 
 @contextmanager

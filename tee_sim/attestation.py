@@ -178,7 +178,8 @@ def verify_report(
         raise TEEError(
             TEE_ERROR_SECURITY,
             TEEC_ORIGIN_API,
-            "attestation report: measurement is not the expected trusted app's",
+            "attestation report: measurement is not the expected trusted app's (the device runs another "
+            "build or version of it than this converter's, or another app)",
         )
     if nonce is not None and parsed.nonce != nonce:
         raise TEEError(

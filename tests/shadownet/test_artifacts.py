@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def test_good_directory_reads(small_cnn):
     ("future_version", "unknown format_version 99"),
     ("no_secrets", "secrets.sealed is missing"),
     ("no_untrusted", "untrusted.tflite is missing"),
+    ("secrets_fifo", "secrets.sealed is not a regular file"),  # said "is missing" (a helper's review)
+    ("untrusted_dir", "untrusted.tflite is not a regular file"),
     ("overflow", "ends past shared_memory_size"),
     ("missing_field", "malformed"),
 ])
@@ -78,6 +81,12 @@ def test_broken_directory_raises_artifact_error(copy, damage, message):
             (copy / "secrets.sealed").unlink()
         elif damage == "no_untrusted":
             (copy / "untrusted.tflite").unlink()
+        elif damage == "secrets_fifo":
+            (copy / "secrets.sealed").unlink()
+            os.mkfifo(copy / "secrets.sealed")
+        elif damage == "untrusted_dir":
+            (copy / "untrusted.tflite").unlink()
+            (copy / "untrusted.tflite").mkdir()
         elif damage == "overflow":
             manifest["shared_memory_size"] = 64
         elif damage == "missing_field":

@@ -69,7 +69,7 @@ def test_fidelity_with_fresh_masks(all_rounds):
 def test_exhausted_pool_fails_when_the_policy_says_so(all_rounds):
     x = images(1)[0]
     with shadownet.load(all_rounds, mask_pool=2, on_exhausted="fail", background_refill=False) as model:
-        with pytest.raises(MaskPoolExhaustedError):
+        with pytest.raises(MaskPoolExhaustedError, match=r"call model.refill_masks\(\) between inferences"):
             model(x)  # nothing made yet
         assert model.refill_masks() == 2
         model(x)

@@ -192,7 +192,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     return manifest
 
 
-# Half of OP-TEE's default secure memory (tee_sim's default cap is 64 MiB).
+# Half of the simulated secure world's default cap, 64 MiB (OP-TEE's default on a HiKey960 is 16 MiB).
 LARGE_REFILL_LAYER = 32 << 20
 
 
@@ -213,23 +213,23 @@ def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
     if large:
         warnings.warn(f"one-time masks on layers with large obfuscated weights ({'; '.join(large)}): the "
                       "trusted app reads such a layer's weights into secure memory whole at every refill of "
-                      "its pool, beside what else it holds; under OP-TEE's default 64 MiB the model may not "
-                      "load",
+                      "its pool, beside what else it holds; under the secure world's default cap, 64 MiB, "
+                      "the model may not load",
                       stacklevel=3)
 
 
-# Where the TA's secure memory at load comes near OP-TEE's default 64 MiB: a second model, or the pool's
-# one-time masks and the kernels' scratch on top, then no longer fit.
+# Where the TA's secure memory at load comes near the secure world's default cap, 64 MiB: a second model, or
+# the pool's one-time masks and the kernels' scratch on top, then no longer fit.
 NEAR_THE_CAP = 56 << 20
 
 
 def _warn_of_secure_memory(program: dict[str, Any], program_bytes: int) -> None:
     """Warn when what the trusted app holds for certain at load - the decrypted program, the arenas of its
     LiteRT interpreter (one per unit of ops it runs through LiteRT) and the tensors it keeps between steps -
-    reaches NEAR_THE_CAP: it may not load under OP-TEE's default 64 MiB (a helper's probe: EfficientNetB0 and
-    ConvNeXtTiny at 224x224 converted without a word and never loaded, 66.3 and 114.2 MiB (105.5 by stop 47's
-    converter), LiteRT's arenas 47 and 89 of it; 29.1 and 31.5 since the TA runs their LOGISTICs, GELUs and
-    layer norms itself). One-time masks and the kernels' scratch come on top (MobileNet: 5.6 MiB)."""
+    reaches NEAR_THE_CAP: it may not load under the default cap of 64 MiB (a helper's probe: EfficientNetB0
+    and ConvNeXtTiny at 224x224 converted without a word and never loaded, 66.3 and 114.2 MiB (105.5 by stop
+    47's converter), LiteRT's arenas 47 and 89 of it; 29.1 and 31.5 since the TA runs their LOGISTICs, GELUs
+    and layer norms itself). One-time masks and the kernels' scratch come on top (MobileNet: 5.6 MiB)."""
     arenas, kept = int(program.get("tee_model_arena_bytes", 0)), int(program.get("arena_size", 0))
     total = program_bytes + arenas + kept
     if total < NEAR_THE_CAP:
@@ -239,8 +239,8 @@ def _warn_of_secure_memory(program: dict[str, Any], program_bytes: int) -> None:
     warnings.warn(f"the trusted app needs at least {total / mib:.1f} MiB of secure memory for this model "
                   f"(its program {program_bytes / mib:.1f}, the arenas of the {units} unit(s) of ops it runs "
                   f"through LiteRT {arenas / mib:.1f}, the tensors it keeps between steps {kept / mib:.1f}; "
-                  "one-time masks come on top): under OP-TEE's default 64 MiB it may not load "
-                  "(SecureMemoryError); a smaller input size needs less", stacklevel=3)
+                  "one-time masks come on top): under the secure world's default cap, 64 MiB, it may not "
+                  "load (SecureMemoryError); a smaller input size needs less", stacklevel=3)
 
 
 def secret_rng(seed: int | None) -> SecretRandom:

@@ -375,7 +375,7 @@ def test_a_model_near_the_secure_memory_cap_is_warned_of(conv_model, device, tmp
     monkeypatch.setattr(pipeline, "NEAR_THE_CAP", 1)
     (said,) = converted("near")
     needed = float(re.search(r"needs at least ([0-9.]+) MiB", said).group(1))
-    assert "under OP-TEE's default 64 MiB it may not load" in said and needed > 0
+    assert "under the secure world's default cap, 64 MiB, it may not load" in said and needed > 0
     from shadownet.refill import secure_world_stats
 
     with Driver(device, tmp_path / "near") as run:  # what the TA holds for this model: at least as said

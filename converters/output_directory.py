@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
             os.replace(tmp, out)
             swapped = True
             shutil.rmtree(old, ignore_errors=True)
+            if old.exists():  # the conversion is in place; the earlier one's copy stayed (a helper's probe)
+                warnings.warn(f"the replaced conversion could not be removed entirely: what is left of it is "
+                              f"in {old}", stacklevel=4)
         else:
             # One rename, onto nothing or an empty directory, which the OS refuses onto one that is not empty:
             # a directory filled during the conversion (by a user, or another conversion to the same name)

@@ -98,9 +98,11 @@ def machine() -> dict[str, Any]:
             "tee_kernels": VARIANT, "load_average": [round(x, 2) for x in load] if load else None}
 
 
-def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
+def _sources(models: Sequence[str], workdir: Path, progress: bool = False) -> list[tuple[str, Path]]:
     """(name, path) per requested model: zoo names are exported (TensorFlow) into ``workdir`` once and
-    reused; anything else is a path to a model (a ``.tflite``, a Keras file, a SavedModel directory)."""
+    reused (which ``progress`` says: any file of that name was measured as the zoo model without a word, a
+    helper's review); anything else is a path to a model (a ``.tflite``, a Keras file, a SavedModel
+    directory)."""
     sources = []
     for item in models:
         if item in ZOO_NAMES:
@@ -109,6 +111,8 @@ def _sources(models: Sequence[str], workdir: Path) -> list[tuple[str, Path]]:
                 from models.zoo import export
 
                 export(item, path, seed=0, verbose=False)
+            elif progress:
+                print(f"reusing {path} as {item} (delete it to export {item} again)", file=sys.stderr)
             sources.append((item, path))
         else:
             path = Path(item)
@@ -207,7 +211,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     bar = _Progress(len(models), progress)
     work = Path(tempfile.mkdtemp(prefix="shadownet-bench-") if temporary else working_directory(workdir))
     try:
-        sources = _sources(models, work)
+        sources = _sources(models, work, progress and not temporary)
         entries = []
         # The all-in-TEE baseline gets a secure world of its own, without a cap.
         with tee_sim.Context(memory_cap=NO_CAP) as tee_context:

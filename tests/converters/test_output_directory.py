@@ -87,6 +87,22 @@ def test_a_directory_filled_while_converting_is_kept_not_replaced(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
+def test_a_replaced_conversion_that_cannot_be_removed_is_said(tmp_path, monkeypatch):
+    """--force put the new conversion in place and left the earlier one, when it could not be removed (an
+    immutable file), in a hidden sibling without a word, exit 0 (a helper's probe): a warning names it."""
+    from converters import output_directory
+
+    out = tmp_path / "out"
+    write_artifacts(out, False, {"manifest.json": b"earlier"})
+    monkeypatch.setattr(output_directory.shutil, "rmtree", lambda path, **kw: None)  # nothing removed
+    with pytest.warns(UserWarning, match="the replaced conversion could not be removed entirely") as said:
+        write_artifacts(out, True, {"manifest.json": b"new"})
+    assert (out / "manifest.json").read_bytes() == b"new"
+    (left,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert str(left) in str(said[0].message)
+    assert (left / "replaced" / "manifest.json").read_bytes() == b"earlier"
+
+
 @pytest.mark.parametrize("when", ["between the renames", "in the second rename", "removing the earlier one"])
 def test_a_force_swap_interrupted_keeps_one_whole_conversion_and_no_leftover(tmp_path, monkeypatch, when):
     """--force moves the earlier conversion aside, renames the new one into place, then removes the earlier

@@ -145,6 +145,9 @@ def why_nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         narrow = group_min_channels(scheme)
         groups = "grouped convolutions" if narrow is None else \
             f"grouped convolutions of groups narrower than {narrow} input channels"
+        if hasattr(scheme, "input_group") and narrow is not None:  # what would offload them (a review)
+            groups += (" (--scheme groupmix:input_group=2K offloads groups of K input channels or more, "
+                       "each group's inputs mixed among themselves)")
         why.append(f"{groups}, matrix products, 3-D convolutions, convolutions dilated so far that their "
                    "taps lie more than twice their input apart and layers of computed weights run in the TEE")
     if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule

@@ -169,7 +169,7 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
     for model, why in ((depthwise, r"\(DEPTHWISE_CONV_2D\) all run in the TEE.*scheme groupmix keeps "
                                    r"DEPTHWISE_CONV_2D in the TEE \(--scheme groupmix:depthwise=offload"),
                        (grouped, r"\(CONV_2D\) all run in the TEE.*grouped convolutions of groups "
-                                 r"narrower than 8 input channels"),
+                                 r"narrower than 8 input channels \(--scheme groupmix:input_group=2K"),
                        (dilated, r"\(CONV_2D\) all run in the TEE.*convolutions dilated so far that their "
                                  r"taps lie more than twice their input apart")):
         data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
@@ -178,6 +178,9 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
         assert not (tmp_path / "out").exists()
     data = tf.lite.TFLiteConverter.from_keras_model(depthwise).convert()
     assert len(protect(data, tmp_path / "out", device, scheme="groupmix:depthwise=offload")["rounds"]) == 1
+    data = tf.lite.TFLiteConverter.from_keras_model(grouped).convert()  # groups of 2: input_group=4
+    summary = protect(data, tmp_path / "outg", device, scheme="groupmix:input_group=4")["summary"]
+    assert summary["offloaded_ops"] == 2  # a CONV_2D per group
     # A 3-D convolution runs in the TEE, weights and all: alone it is refused saying so (it was "no linear
     # op: nothing to protect"), beside a dense layer the conversion counts it among the TEE's linear ops.
     v = keras.Input((4, 6, 6, 3), batch_size=1)

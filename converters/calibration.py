@@ -120,9 +120,12 @@ def _by_input(graph: Graph, data: Any) -> dict[str, Any]:
                        if t in graph.inputs)
     aliases.update((name, name) for name in names)  # a tensor's name wins, as in the runtime's name table
     unknown = [key for key in data if key not in aliases]
-    if unknown:
+    if unknown:  # each input under every name it is taken by, as the runtime lists them (a helper's review)
+        listed = ", ".join(" or ".join(repr(k) for k in [name, *(k for k, n in aliases.items()
+                                                                 if n == name and k != name)])
+                           for name in names)
         raise ModelFormatError(f"calibration data: unknown input name(s) {unknown}; the model's inputs are "
-                               f"{names}")
+                               f"{listed}")
     keyed = {aliases[key]: value for key, value in data.items()}
     twice = sorted(name for name in keyed if sum(aliases[key] == name for key in data) > 1)
     if twice:  # said "missing input(s) given twice under two names" (a helper's sweep)

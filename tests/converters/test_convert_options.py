@@ -201,7 +201,10 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
     damaged[len(damaged) // 2] ^= 0xFF  # in the member's data: its CRC fails when it is read
     (tmp_path / "crc.npz").write_bytes(damaged)
     np.savez(tmp_path / "positional.npz", data)  # key arr_0
-    for given, reason in ((tmp_path / "positional.npz", r"unknown input name\(s\) \['arr_0'\]"),
+    # the inputs listed under every name they are taken by (the signature's too: a helper's review)
+    for given, reason in ((tmp_path / "positional.npz",
+                           rf"unknown input name\(s\) \['arr_0'\]; the model's inputs are '{name}' or "
+                           "'pixels'"),
                           ({name: data, "pixels": data},  # said "missing input(s) given twice ..."
                            rf"input\(s\) \['{name}'\] given twice, under the names \['{name}', 'pixels'\]"),
                           ({}, "missing input"),

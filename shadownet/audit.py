@@ -95,7 +95,7 @@ def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], 
     rows = []
     for k, (ref, obf) in enumerate(pairs):
         if progress:
-            _progress(f"layer {k + 1}/{len(pairs)} {ref.kind} {ref.name}")
+            _progress(f"layer {k + 1}/{len(pairs)} {ref.kind} {ref.label}")
         learnt = (restores or {}).get(obf.name)
         unmixing = (unmixed or {}).get(obf.name)
         from_crossings = {}

@@ -37,6 +37,18 @@ class LinearLayer:
         # Dense and 1x1 conv are the same linear map: a converter may turn one into the other.
         return ("depthwise" if self.kind == "depthwise" else "conv", self.kernel)
 
+    @property
+    def label(self) -> str:
+        """Its name as progress lines show it (``layer_label``)."""
+        return layer_label(self.name)
+
+
+def layer_label(name: str, width: int = 34) -> str:
+    """A layer's name for a table or a progress line: TensorFlow's fused names (``a;b;c``) by their first
+    part, the layer's own, and at most ``width`` characters (its end kept)."""
+    name = name.split(";")[0]
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
 
 def _layer(kind: str, weights: np.ndarray, name: str, where: str, source: str | None,
            positions: int = 0, channels: int = 0) -> LinearLayer:

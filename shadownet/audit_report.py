@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shadownet import attacks
+from shadownet.audit_layers import layer_label
 from shadownet.boundary import round_number
 from shadownet.files import json_default, write_atomically
 
@@ -31,8 +32,7 @@ def format_report(report: dict) -> str:
                      "attacks on the untrusted model")
     lines += [head, "-" * len(head)]
     for r in report["layers"]:
-        name = r["name"].split(";")[0]  # TensorFlow's fused names: the layer's own comes first
-        name = name if len(name) <= 34 else "..." + name[-31:]
+        name = layer_label(r["name"])
         lines.append(
             f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
             + " ".join(f"{r['recovered'][a] if observed or a not in attacks.CROSSING_ATTACKS else '-':>4}"
@@ -140,8 +140,7 @@ def _private_change_lines(change: dict) -> list[str]:
              f"  {'layer':<34} {'kind':<9} {'N':>5} {'D':>5} {'change':>7} {'attack':<15} {'error':>6} "
              f"{'found':>6}"]
     for r in change["layers"]:
-        name = r["name"].split(";")[0]
-        name = name if len(name) <= 34 else "..." + name[-31:]
+        name = layer_label(r["name"])
         if r.get("unchanged"):
             lines.append(f"  {name:<34} {r['kind']:<9} {r['filters']:>5} {'':>5} {'none':>7} unchanged")
             continue

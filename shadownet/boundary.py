@@ -117,7 +117,7 @@ def learn_restores(seen: dict[str, np.ndarray], layers: list[Any],
         if results is None or results.shape[-1] != m:
             continue  # not observed, or an exact split's halves (round 1's: masked)
         if progress:
-            progress(f"restore regression: layer {k + 1}/{len(layers)} ({layer.name})")
+            progress(f"restore regression: layer {k + 1}/{len(layers)} ({layer.label})")
         y = results.reshape(-1, m).astype(np.float64)
         r = round_number(signature)
         found, tried, most, follower_name = [], 0, 0, None
@@ -170,7 +170,7 @@ def unmix_inputs(seen: dict[str, np.ndarray], layers: list[Any], restores: dict[
         if mixed.shape[-1] != channels or not cuts:
             continue
         if progress:
-            progress(f"input unmixing: layer {k + 1}/{len(layers)} ({layer.name})")
+            progress(f"input unmixing: layer {k + 1}/{len(layers)} ({layer.label})")
         r = round_number(signature)
         earlier = sorted((name for name in seen if name.startswith("round_") and "/out/" in name
                           and round_number(name.split("/")[0]) < r and seen[name].shape[-1] == channels),

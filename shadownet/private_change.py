@@ -179,7 +179,7 @@ def private_change(public: object, layers: list, private: list, obfuscated: list
     rows = []
     for k, (ref, obf) in enumerate(pairs):
         if progress:
-            progress(f"private change: layer {k + 1}/{len(pairs)} {ref.kind} {ref.name}")
+            progress(f"private change: layer {k + 1}/{len(pairs)} {ref.kind} {ref.label}")
         pub = counterpart[id(ref)]
         row = {"name": ref.name, "kind": ref.kind, "obfuscated": obf.name, "round": obf.where}
         if np.array_equal(pub.filters, ref.filters):

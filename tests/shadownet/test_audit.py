@@ -467,3 +467,10 @@ def test_a_model_converted_from_keras_or_a_saved_model_is_its_own_reference(tmp_
     assert report["summary"]["conv_dense"]["filters"] == 16 + 16 + 4
     assert report["summary"]["conv_dense"]["fraction"]["any"] >= 0.9  # the paper's scheme, undone
     assert main(["audit", str(out), "--reference", str(path), "--inferences", "0"]) == 0
+
+
+def test_progress_lines_and_tables_name_a_fused_layer_by_its_own_name():
+    """TensorFlow's fused names ran to ~150 characters a progress line (a helper's review)."""
+    fused = "minivgg_1/conv1_1_relu_1/Relu;minivgg_1/conv1_1_1/BiasAdd;minivgg_1/conv1_1_1/convolution"
+    assert audit_layers.layer_label(fused) == "minivgg_1/conv1_1_relu_1/Relu"
+    assert audit_layers.layer_label("x" * 50) == "..." + "x" * 31

@@ -444,6 +444,7 @@ _contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for context in list(_contexts):
         context._lock._at_fork_reinit()
+        context._marshalling.forget_after_fork()  # the parent's bounce buffer: its secure world reads it
     _default_lock._at_fork_reinit()
 
 

@@ -47,6 +47,7 @@ class SharedMemory:
         self.address = base.ctypes.data  # where this process maps it (for shared_memory_of)
         del base
         self._generation = 0
+        self._pid = os.getpid()  # a forked child inherits the mapping, not the registration (marshalling)
         self.released = False
         _live_memories.add(self)
 
@@ -104,6 +105,21 @@ class SharedMemory:
                 self._mmap.close()
             except BufferError:  # numpy views still exist: the mapping goes when they do
                 pass
+
+    def forget_after_fork(self) -> None:
+        """In a forked child, memory the parent registered and the child must not hand to a secure world:
+        released here only (this process's descriptor and mapping), never unregistered, as the parent's
+        secure world holds it for the parent."""
+        if self.released:
+            return
+        self.released = True
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        try:
+            self._mmap.close()
+        except BufferError:  # numpy views still exist: the mapping goes when they do
+            pass
 
     def __enter__(self) -> SharedMemory:
         return self

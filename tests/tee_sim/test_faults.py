@@ -250,6 +250,85 @@ def test_forked_child_never_uses_the_parents_channel(tmp_path):
     assert result.stdout.split() == ["0", "42", "True"], result.stderr
 
 
+def test_forked_child_has_a_bounce_buffer_of_its_own(tmp_path):
+    """A child that goes on with its parent's context gets a bounce buffer of its own: the parent's is a memfd
+    both processes map shared, from which the parent's secure world reads the parent's temporary memrefs.
+    Kept in the child, each process's echoes came back with the other's bytes (thousands in a second)."""
+    result = _run_script(
+        """
+        import os, time
+        from tee_sim import Context, TempMemRef
+        from tee_sim.registry import TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+
+        def wrong_echoes(session, data):
+            wrong, end = 0, time.monotonic() + 1.0
+            while time.monotonic() < end:
+                out = session.invoke_command(Cmd.ECHO, [TempMemRef(data), TempMemRef(size=len(data),
+                                                                                     direction="out")])
+                wrong += out[1].data != data
+            return wrong
+
+        ctx = Context("process")
+        session = ctx.open_session(TEST_TA_UUID)
+        session.invoke_command(Cmd.ECHO, [TempMemRef(b"A"), TempMemRef(size=1, direction="out")])
+        parents = ctx._marshalling.bounce
+        pid = os.fork()
+        if pid == 0:
+            with ctx.open_session(TEST_TA_UUID) as own:
+                wrong = wrong_echoes(own, b"B" * 4000)
+                mine = ctx._marshalling.bounce is not parents
+            ctx.close()
+            os._exit(0 if wrong == 0 and mine else 3)
+        wrong = wrong_echoes(session, b"A" * 4000)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), wrong)
+        ctx.close()
+    """,
+        tmp_path,
+    )
+    assert result.stdout.split() == ["0", "0"], result.stdout + result.stderr
+
+
+def test_forked_child_cannot_hand_the_parents_shared_memory_to_its_secure_world(tmp_path):
+    """Memory the parent registered is the parent's in a forked child too (the same memfd, mapped shared): a
+    MemRef of it is refused there, rather than registered with the child's secure world, whose TA then wrote
+    into the parent's live buffer."""
+    result = _run_script(
+        """
+        import os
+        import numpy as np
+        from tee_sim import Context, MemRef, TEEError, Value
+        from tee_sim.registry import TEST_TA_UUID
+        from tee_sim.testing_ta import Cmd
+        ctx = Context("process")
+        session = ctx.open_session(TEST_TA_UUID)
+        shm = ctx.register_shared_memory(4096)
+        view = shm.ndarray(np.uint8, 4096)
+        view[:] = 0xAA
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            with ctx.open_session(TEST_TA_UUID) as own:
+                try:
+                    own.invoke_command(Cmd.FILL, [Value(0xBB), MemRef(shm, 0, 4096, "out")])
+                    code = 3
+                except TEEError as e:
+                    code = 0 if "parent" in e.message else 4
+                with ctx.register_shared_memory(4096) as mine:  # its own memory works
+                    own.invoke_command(Cmd.FILL, [Value(0xCC), MemRef(mine, 0, 4096, "out")])
+                    code = code or (0 if mine.ndarray(np.uint8, 1)[0] == 0xCC else 5)
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        session.invoke_command(Cmd.FILL, [Value(0xDD), MemRef(shm, 0, 8, "out")])  # the parent's still works
+        print(os.waitstatus_to_exitcode(status), hex(view[0]), hex(view[8]))
+        ctx.close()
+    """,
+        tmp_path,
+    )
+    assert result.stdout.split() == ["0", "0xdd", "0xaa"], result.stdout + result.stderr
+
+
 def test_secure_world_refuses_a_regular_file_as_shared_memory(tmp_path):
     """A hostile normal world passing another file (here: one it owns) gets it refused: only memfds."""
     import socket

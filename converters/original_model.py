@@ -30,14 +30,11 @@ def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
     if isinstance(model, bytes | bytearray | memoryview):
         return bytes(model)
     path = Path(model)
-    if not path.exists():
-        raise ModelFormatError(f"model {path} does not exist")
+    problem = model_path_problem(path)
+    if problem:
+        raise ModelFormatError(f"model {path} {problem}")
     if path.is_dir():
-        if not (path / "saved_model.pb").exists() and not (path / "saved_model.pbtxt").exists():
-            raise ModelFormatError(f"{path} is a directory but not a SavedModel (no saved_model.pb)")
         return tf_input.convert(path, "saved_model", signature)
-    if not path.is_file():  # a FIFO would hang the read, /dev/zero exhaust the memory (a helper's probe)
-        raise ModelFormatError(f"model {path} is not a regular file")
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data
@@ -53,6 +50,19 @@ def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
 
 
+def model_path_problem(path: Path) -> str | None:
+    """What makes ``path`` no model ``tflite_bytes`` can read, said of it before any work ("does not exist",
+    "is a directory but not a SavedModel ...", "is not a regular file"; None: it may be one, which reading
+    it tells). A FIFO would hang the read, /dev/zero exhaust the memory (a helper's probe); bench and the
+    audit found a wrong directory only when its turn came (reviews)."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        saved = any((path / name).exists() for name in ("saved_model.pb", "saved_model.pbtxt"))
+        return None if saved else "is a directory but not a SavedModel (no saved_model.pb)"
+    return None if path.is_file() else "is not a regular file"
+
+
 def _keras_zip(path: Path) -> bool:
     """Whether a zip archive is a Keras v3 model file (config.json at its top), not e.g. an .npz."""
     try:
@@ -62,16 +72,17 @@ def _keras_zip(path: Path) -> bool:
         return False
 
 
-def one_signature(original: bytes, key: str | None) -> bytes:
+def one_signature(original: bytes, key: str | None, several_only: bool = False) -> bytes:
     """``original`` as a model of the one signature to protect: itself when it has at most one (``key``, if
-    given, must name it), else the subgraph of signature ``key`` written as a model of its own, with that
+    given, must name it - unless ``several_only``: bench's ``--signature``, given for all its models, is for
+    those of several), else the subgraph of signature ``key`` written as a model of its own, with that
     signature (``read_model`` reads subgraph 0 only: without a key the others would be left out silently,
     so a model of several signatures needs one)."""
     try:  # a cheap look before the whole file is read and checked (read_model reports a damaged one)
         count = schema_fb.Model.GetRootAs(original, 0).SignatureDefsLength()
     except Exception:  # noqa: BLE001 - the flatbuffer reader fails however a bad offset leads it to
         count = 0
-    if count <= 1 and key is None:
+    if count <= 1 and (key is None or several_only):
         return original
     graphs = read_signatures(original)
     keys = [g.signature.key for g in graphs]
@@ -145,7 +156,10 @@ def why_nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
         narrow = group_min_channels(scheme)
         groups = "grouped convolutions" if narrow is None else \
             f"grouped convolutions of groups narrower than {narrow} input channels"
-        if hasattr(scheme, "input_group") and narrow is not None:  # what would offload them (a review)
+        grouped = any(op.kind == "CONV_2D" and len(op.inputs) > 1 and op.inputs[1] >= 0
+                      and graph.tensors[op.inputs[1]].shape[-1] != graph.tensors[op.inputs[0]].shape[-1]
+                      for op in graph.ops)
+        if grouped and hasattr(scheme, "input_group") and narrow is not None:  # what would offload them
             groups += (" (--scheme groupmix:input_group=2K offloads groups of K input channels or more, "
                        "each group's inputs mixed among themselves)")
         why.append(f"{groups}, matrix products, 3-D convolutions, convolutions dilated so far that their "

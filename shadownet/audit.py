@@ -450,14 +450,10 @@ def audit_cli(args: Any) -> None:
     """``shadownet audit OUT/ --reference MODEL [--public PUBLIC] [--json F]
     [--inferences N]`` (its count is checked by the parser and by ``audit``)."""
     public = getattr(args, "public", None)
+    from converters.original_model import model_path_problem
+
     for what, path in (("reference", args.reference), ("public", public)):
-        if path is None:
-            continue
-        given = Path(path)
-        why = ("does not exist" if not given.exists() else
-               "is a directory but not a SavedModel (no saved_model.pb)" if given.is_dir()
-               and not any((given / n).exists() for n in ("saved_model.pb", "saved_model.pbtxt")) else
-               "is not a regular file" if not given.is_dir() and not given.is_file() else None)
+        why = None if path is None else model_path_problem(Path(path))
         if why:  # before any work (a SavedModel is a directory)
             raise ArtifactError(f"{what} model {path} {why}")
     check_destination(args.json, reads=[p for p in (args.artifacts, args.reference, public) if p is not None])

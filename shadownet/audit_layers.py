@@ -112,7 +112,7 @@ def reference_layers(model: str | os.PathLike | bytes, manifest: dict | None = N
         want = [(list(t.get("shape", [])), str(t.get("dtype"))) for t in manifest.get("inputs", [])]
         if given != want:
             raise ArtifactError(f"the reference model takes {_specs(given)} but the protected model "
-                                f"{_specs(want)}: give the .tflite that was converted")
+                                f"{_specs(want)}: give the model that was converted")
     return _linear_layers(graph)
 
 

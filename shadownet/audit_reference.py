@@ -27,7 +27,7 @@ def check_covers(reference: list[LinearLayer], obfuscated: list[LinearLayer], so
     if 2 * len(pairs) < len(obfuscated) or 2 * len(pairs) < len(reference):
         raise ArtifactError(f"the reference {source} is not the protected model's architecture: "
                             f"{len(pairs)} of its {len(reference)} linear layers pair up with the "
-                            f"{len(obfuscated)} offloaded ones: give the .tflite that was converted")
+                            f"{len(obfuscated)} offloaded ones: give the model that was converted")
 
 
 # The reference computes the protected model's outputs when they are within REFERENCE_TOLERANCE of their
@@ -68,7 +68,7 @@ def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]
                 theirs.append(interpreter.get_tensor(d["index"]).reshape(-1))
     if len(outputs) != len(names) or [a.size for a in ours] != [b.size for b in theirs]:
         raise ArtifactError(f"the reference {given} has other outputs than the protected model: give the "
-                            ".tflite that was converted")
+                            "model that was converted")
     if not ours:
         return  # nothing to compare (integer outputs only)
     got, want = np.concatenate(ours).astype(np.float64), np.concatenate(theirs).astype(np.float64)
@@ -79,7 +79,7 @@ def check_outputs(reference: Any, manifest: dict, batches: list[list[np.ndarray]
     if off > REFERENCE_TOLERANCE and correlation < REFERENCE_CORRELATION:
         raise ArtifactError(f"the reference {given} does not compute the protected model's outputs on "
                             f"the audit's inputs (off by {off:.2g} of their largest, correlation "
-                            f"{correlation:.3f}): give the .tflite that was converted")
+                            f"{correlation:.3f}): give the model that was converted")
 
 
 def protected_signature(reference: Any, manifest: dict, what: str = "reference") -> bytes:

@@ -115,10 +115,13 @@ def _sources(models: Sequence[str], workdir: Path, progress: bool = False) -> li
                 print(f"reusing {path} as {item} (delete it to export {item} again)", file=sys.stderr)
             sources.append((item, path))
         else:
+            from converters.original_model import model_path_problem
+
             path = Path(item)
-            if not path.exists():  # a SavedModel is a directory; what else a path holds, bench_model says
-                raise ShadowNetError(f"{item} does not exist: give a zoo model ({', '.join(ZOO_NAMES)}) or a "
-                                     "model file")
+            why = model_path_problem(path)  # before any model is measured (a SavedModel is a directory)
+            if why:
+                raise ShadowNetError(f"{item} {why}: give a zoo model ({', '.join(ZOO_NAMES)}), a .tflite, a "
+                                     "Keras file or a SavedModel directory")
             sources.append((path.stem, path))
     # Files of one stem (two m.tflite) would share a name in the report and a work directory: the parent
     # directory's name goes in front, then a count.
@@ -188,7 +191,7 @@ def run_bench(models: Sequence[str], *, scheme: str | None = None, num_threads: 
     # LiteRT interpreters of 100,000 threads - every process on the machine then failed to fork - and a
     # flag "no" was true)
     if isinstance(models, str | bytes | os.PathLike) or not isinstance(models, Sequence):
-        raise TypeError(f"models is a list of zoo names or .tflite paths, not {models!r}")
+        raise TypeError(f"models is a list of zoo names or model paths, not {models!r}")
     counts = (("num_threads", num_threads, 1, MAX_THREADS), ("num_runs", num_runs, 1, MAX_RUNS),
               ("warmup_runs", warmup_runs, 0, MAX_RUNS))
     for name, value, low, high in counts:

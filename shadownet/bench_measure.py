@@ -190,11 +190,11 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
                 progress: Callable[[str, int, int], None], throughput: bool = False, verify: bool = False,
                 mask_rounds: str | None = None, signature: str | None = None) -> dict[str, Any]:
     """Benchmark one model (a ``.tflite``, a Keras file or a SavedModel, at its signature ``signature``
-    when it has several, as ``convert`` reads it): convert it (one-time masks on the rounds ``mask_rounds``
-    says; None: the converter's default), run the modes interleaved (``verify``: also
-    ``shadownet-verify``), return its report entry. ``SecureMemoryError`` (a ``ShadowNetError``) when the
-    protected model does not fit in the secure world's cap; a verified copy that does not fit is reported
-    in the entry instead."""
+    when it has several - a model of one ignores it -, as ``convert`` reads it): convert it (one-time
+    masks on the rounds ``mask_rounds`` says; None: the converter's default), run the modes interleaved
+    (``verify``: also ``shadownet-verify``), return its report entry. ``SecureMemoryError`` (a
+    ``ShadowNetError``) when the protected model does not fit in the secure world's cap; a verified copy
+    that does not fit is reported in the entry instead."""
     from ai_edge_litert.interpreter import Interpreter
 
     from converters import convert
@@ -207,7 +207,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     # The same .tflite for every mode (the unprotected one runs it as LiteRT would)
-    model = one_signature(tflite_bytes(model_path, signature if model_path.is_dir() else None), signature)
+    model = one_signature(tflite_bytes(model_path, signature if model_path.is_dir() else None), signature,
+                          several_only=True)
     chosen = get_scheme(scheme)
     graph = normalize(planning_graph(model), group_min_channels(chosen))
     macs = count_macs(graph)

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated zoo names or model files (default: all five zoo "
                                     "models when no FILE is given)")
     p.add_argument("--signature", metavar="KEY",
-                   help="the signature to measure, in a model that has several")
+                   help="the signature to measure in the models that have several (others ignore it)")
     p.add_argument("--scheme", type=_scheme, default=None, metavar="NAME[:key=value,...]",
                    help="obfuscation scheme: groupmix (the default) or shadownet (the paper's), with its "
                         "parameters (README, Schemes)")

@@ -52,10 +52,17 @@ def _litert(path: Path, num_threads: int = THREADS) -> Callable[[np.ndarray], np
     return run
 
 
-def _export(name: str, path: Path, what: str, train: str | None = None) -> None:
-    from models.zoo import export, testset_path
+def _reused(path: Path, train: str | None) -> bool:
+    """Whether an export kept at ``path`` (and its test set, when trained) is reused."""
+    from models.zoo import testset_path
 
-    if path.is_file() and (train is None or Path(testset_path(path)).is_file()):
+    return path.is_file() and (train is None or Path(testset_path(path)).is_file())
+
+
+def _export(name: str, path: Path, what: str, train: str | None = None) -> None:
+    from models.zoo import export
+
+    if _reused(path, train):
         _progress(f"reusing {path}")
         return
     _progress(f"{what} ...")
@@ -71,7 +78,9 @@ def _protect(model: Path, out: Path, calibration: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-# The conversions' directories in the work directory: replaced by each run (checked before any work).
+# What the demo writes in the work directory (checked before any work): the exports, reused when there, and
+# the conversions' directories, replaced by each run.
+DIGITS_MODEL, MOBILENET_MODEL = "minivgg_digits.tflite", "mobilenet.tflite"
 DIGITS_OUT, MOBILENET_OUT = "minivgg_digits.protected", "mobilenet.protected"
 
 
@@ -79,7 +88,7 @@ def digits_accuracy(workdir: Path) -> dict[str, Any]:
     from models.zoo import testset_path
     from shadownet.runtime import load
 
-    path = workdir / "minivgg_digits.tflite"
+    path = workdir / DIGITS_MODEL
     _export("minivgg", path, "training MiniVGG on scikit-learn's handwritten digits", train="digits")
     out = workdir / DIGITS_OUT
     _progress("protecting it (masks sized on 64 of the training images) ...")
@@ -103,7 +112,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
     from shadownet.bench_measure import steady_seconds
     from shadownet.runtime import load
 
-    path = workdir / "mobilenet.tflite"
+    path = workdir / MOBILENET_MODEL
     _export("mobilenet", path, "exporting MobileNet (ImageNet shape, calibrated random weights)")
     out = workdir / MOBILENET_OUT
     _progress("protecting it (masks sized on inputs uniform in [-1, 1], as the demo feeds) ...")
@@ -158,9 +167,18 @@ def main(args: argparse.Namespace) -> None:
     workdir = getattr(args, "workdir", None)
     if workdir is not None:
         from converters.output_directory import check_output
+        from models.zoo import testset_path
+        from shadownet.files import check_destination
 
         kept = Path(working_directory(workdir))
-        for name in (DIGITS_OUT, MOBILENET_OUT):  # said now, not after the training (a helper's review)
+        # Said now, not after the training (helpers' reviews: a user's file in mobilenet.protected, a
+        # directory named mobilenet.tflite)
+        for model, train in ((kept / DIGITS_MODEL, "digits"), (kept / MOBILENET_MODEL, None)):
+            if not _reused(model, train):
+                check_destination(model)
+                if train:
+                    check_destination(testset_path(model))
+        for name in (DIGITS_OUT, MOBILENET_OUT):
             check_output(kept / name, force=True)
         _report(kept)
     else:

@@ -2,7 +2,7 @@
 
 The suite's worst case (``shadownet.audit``) gives the attacker the protected model itself and counts the
 filters it finds; a vendor who fine-tunes public weights ``P`` into private ``W`` asks another question:
-how much of the private change ``W - P`` does the normal world learn? ``shadownet audit --public P.tflite``
+how much of the private change ``W - P`` does the normal world learn? ``shadownet audit --public P``
 answers it here, per layer, by scoring the attacker's best estimate ``E`` of each filter against ``W``:
 
 - ``ratio``: ``||E - W|| / ||W - P||`` over the layer: 1 when the attacker learnt nothing beyond ``P``

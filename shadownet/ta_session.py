@@ -176,17 +176,18 @@ def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
                       stacklevel=stacklevel)
     if weak.masked:
         its = "its" if len(weak.masked) == 1 else "their"
-        # The exact split is groupmix's: the paper's scheme has none, and masks every round.
-        advice = ("Converted with --scheme groupmix:exact_split=all, their conv layers and dense layers on "
-                  "the last axis (where the split fits) are checked against their unmasked inputs"
-                  if scheme == "groupmix" else
-                  f"Scheme {scheme} has no exact split (the paper's masks every round); the default scheme "
-                  "(groupmix) masks round 1 only, and splits it, and its exact_split=all splits every "
-                  "masked round")
-        warnings.warn(f"verify: {unsplit_masked(weak.masked)}, so {its} checks tolerate the rounding of the "
-                      "masked input, larger than the input's (groupmix's one-time masks are ~10x the input): "
-                      "with them on every round, changes aimed within it moved a MiniVGG's outputs by ~18% "
-                      f"(SECURITY.md). {advice}", stacklevel=stacklevel)
+        said = (f"verify: {unsplit_masked(weak.masked)}, so {its} checks tolerate the rounding of the "
+                "masked input, larger than the input's")
+        if scheme == "groupmix":
+            said += (" (its one-time masks are ~10x the input): with them on every round, changes aimed "
+                     "within it moved a MiniVGG's outputs by ~18% (SECURITY.md). Converted with --scheme "
+                     "groupmix:exact_split=all, their conv layers and dense layers on the last axis (where "
+                     "the split fits) are checked against their unmasked inputs")
+        else:  # the exact split is groupmix's; the paper's scheme masks every round (its figures unmeasured)
+            said += (": changes aimed within it pass (SECURITY.md, \"Changes within the rounding "
+                     f"tolerance\"). Scheme {scheme} has no exact split; the default scheme (groupmix) "
+                     "masks round 1 only, and splits it, and its exact_split=all splits every masked round")
+        warnings.warn(said, stacklevel=stacklevel)
 
 
 def unsplit_masked(rounds: Sequence[int]) -> str:

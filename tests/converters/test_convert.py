@@ -173,8 +173,10 @@ def test_a_model_whose_linear_ops_all_stay_in_the_tee_is_refused_saying_why(tf, 
                        (dilated, r"\(CONV_2D\) all run in the TEE.*convolutions dilated so far that their "
                                  r"taps lie more than twice their input apart")):
         data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-        with pytest.raises(UnsupportedOpError, match="nothing to offload: the model's linear ops " + why):
+        with pytest.raises(UnsupportedOpError, match="nothing to offload: the model's linear ops " + why) \
+                as refused:
             protect(data, tmp_path / "out", device)
+        assert ("input_group=2K" in str(refused.value)) == (model is grouped)  # where it applies (a review)
         assert not (tmp_path / "out").exists()
     data = tf.lite.TFLiteConverter.from_keras_model(depthwise).convert()
     assert len(protect(data, tmp_path / "out", device, scheme="groupmix:depthwise=offload")["rounds"]) == 1

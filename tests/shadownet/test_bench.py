@@ -180,6 +180,13 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
     err = capsys.readouterr().err
     assert "missing.tflite does not exist" in err and len(err.strip().splitlines()) == 1, err
+    # A directory that is no SavedModel, after a model: refused before that model is measured (a review)
+    model = tmp_path / "small.tflite"
+    model.write_bytes(_model())
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", str(model), str(tmp_path / "empty"), "--num_runs", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "empty is a directory but not a SavedModel" in captured.err and "small" not in captured.out
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"not a model")
     # The report is still written, then the command fails naming the model it could not measure.
@@ -434,7 +441,7 @@ def test_run_bench_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(error, match=said):
             bench.run_bench(["minivgg"], **{"progress": False, **kwargs})
     for models in ("minivgg", None, 5, b"m.tflite"):
-        with pytest.raises(TypeError, match="models is a list of zoo names or .tflite paths"):
+        with pytest.raises(TypeError, match="models is a list of zoo names or model paths"):
             bench.run_bench(models, progress=False)
     assert made == []
     # numpy's counts: LiteRT refused them for num_threads, and the report's JSON (a review)
@@ -462,6 +469,9 @@ def test_bench_measures_one_signature_of_a_model_of_several(tmp_path, capsys):
     assert "choose it with --signature KEY" in capsys.readouterr().err
     assert main([*argv, "--signature", "beta", "--workdir", str(tmp_path / "work")]) == 0
     assert "two" in capsys.readouterr().out
-    report = bench.run_bench([str(path)], num_threads=1, num_runs=1, warmup_runs=0, progress=False,
-                             signature="gamma")
+    single = tmp_path / "one.tflite"
+    single.write_bytes(_model())
+    report = bench.run_bench([str(path), str(single)], num_threads=1, num_runs=1, warmup_runs=0,
+                             progress=False, signature="gamma")
     assert "has no signature 'gamma'" in report["models"][0]["error"]
+    assert "error" not in report["models"][1]  # a model of one signature ignores it

@@ -280,8 +280,8 @@ def test_a_workdir_that_is_a_file_is_one_line_naming_it(command, tmp_path, capsy
 
 
 def test_demo_with_a_workdir_holding_what_it_would_replace_fails_before_any_work(tmp_path, capsys):
-    """A user's file in the work directory's mobilenet.protected was found after MiniVGG's 20 s of
-    training and MobileNet's export (a helper's review): now at once, naming it."""
+    """A user's file in the work directory's mobilenet.protected, or a directory named mobilenet.tflite,
+    was found after MiniVGG's 20 s of training and protection (helpers' reviews): now at once, naming it."""
     pytest.importorskip("tensorflow")
     kept = tmp_path / "work" / "mobilenet.protected"
     kept.mkdir(parents=True)
@@ -290,6 +290,12 @@ def test_demo_with_a_workdir_holding_what_it_would_replace_fails_before_any_work
     assert "mobilenet.protected holds what no conversion wrote (keep.txt)" in line, line
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["mobilenet.protected"]  # nothing made
     assert (kept / "keep.txt").read_text() == "mine"
+    (kept / "keep.txt").unlink()
+    (tmp_path / "work" / "mobilenet.tflite").mkdir()
+    line = _one_line_error(capsys, main(["demo", "--workdir", str(tmp_path / "work")]))
+    assert line.endswith("mobilenet.tflite: Is a directory"), line
+    made = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert made == ["mobilenet.protected", "mobilenet.tflite"], made
 
 
 def test_demo_with_an_unusable_home_fails_before_any_work(tmp_path):

@@ -6,7 +6,9 @@ on one key) and read only by the secure world.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,28 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def _remove_dead_temps(path: Path) -> None:
+    """Delete ``.NAME.PID.RANDOM.tmp`` siblings of ``path`` whose process is gone: what a process killed
+    between writing one and unlinking it left (after the link: a second name of the live key, which
+    deleting ``path`` would not remove)."""
+    for entry in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
+        owner = re.fullmatch(r"(\d+)\.[0-9a-f]{8}\.tmp", os.path.basename(entry)[len(path.name) + 2:])
+        if owner is None:
+            continue
+        try:
+            os.kill(int(owner[1]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(entry)
+            except FileNotFoundError:
+                pass
+        except (PermissionError, OverflowError):
+            pass
+
+
 def _write_private_temp(path: Path, data: bytes) -> Path:
     """Write ``data`` to a fresh mode-0600 sibling of ``path``, synced to disk; return its path."""
+    _remove_dead_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -59,7 +81,18 @@ def write_new_file(path: Path, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
+    _sync_directory(path.parent)
     return True
+
+
+def _sync_directory(directory: Path) -> None:
+    """The directory's entries on disk: a key's name lost in a power cut while the secrets sealed under it
+    survived would make a new key, and those secrets unreadable (a helper's reading)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -70,9 +103,11 @@ def replace_file(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
 
 
 def _load_or_create(path: Path, make: bytes) -> bytes:
+    _remove_dead_temps(path)
     if not path.exists():
         write_new_file(path, make)
     data = path.read_bytes()

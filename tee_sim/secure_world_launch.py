@@ -7,6 +7,7 @@ descriptor it made and stopped a world it had started.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -44,12 +45,34 @@ def log_path(home: Path) -> Path:
 
 
 def _open_log(home: Path) -> int:
+    """The log, opened for appending; one over ``LOG_MAX`` is first renamed to ``LOG_FILE.1``. Secure worlds
+    of several processes start at once on one home: the rename is done under an exclusive ``flock`` of the
+    big file and only while the log's name still is that file, so a second world neither renames the first
+    one's fresh log over the rotated one (the old log was lost) nor fails its rename (it logged to
+    /dev/null)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     try:
         logs = private_dir(home / "logs")
         path = logs / LOG_FILE
-        if path.exists() and path.stat().st_size > LOG_MAX:
-            path.replace(logs / (LOG_FILE + ".1"))
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if os.fstat(fd).st_size > LOG_MAX:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+                held = os.fstat(fd)
+                try:
+                    named = os.stat(path)
+                except FileNotFoundError:
+                    named = None
+                if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                    os.replace(path, logs / (LOG_FILE + ".1"))
+                os.close(fd)
+                fd = -1
+                fd = os.open(path, flags, 0o600)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd
     except OSError:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 

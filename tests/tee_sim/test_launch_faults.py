@@ -169,3 +169,50 @@ def test_a_bounce_buffer_that_cannot_grow_leaves_the_context_usable(tmp_path, mo
         out = TempMemRef(size=5, direction="out")
         s.invoke_command(Cmd.ECHO, [TempMemRef(b"again"), out])
         assert out.data == b"again"
+
+
+def test_log_rotated_by_two_worlds_at_once_keeps_the_old_log_and_both_logs(tmp_path, monkeypatch):
+    """Two secure worlds start on one home whose log is over LOG_MAX: the second rotates it between the
+    first's size check and its rename (a helper's probe: 4 processes at once, 14/200 runs had a world log to
+    /dev/null, 2/200 lost the old log, renamed over by a fresh one). The old log stays in ``.1`` and both
+    worlds write to the current log."""
+    import sys
+    import textwrap
+
+    from tee_sim import secure_world_launch as launch
+
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    (logs / launch.LOG_FILE).write_bytes(b"OLD LOG\n" + b"x" * (launch.LOG_MAX + 1))
+    other = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from tee_sim.secure_world_launch import _open_log
+        fd = _open_log(Path({str(tmp_path)!r}))
+        os.write(fd, b"world B\\n")
+        print(os.readlink(f"/proc/self/fd/{{fd}}"))
+    """)
+    real_replace, started = os.replace, []
+
+    def second_world_meanwhile(src, dst, *args, **kwargs):
+        if not started:  # the first rotation: let another world start now, and rotate first if it can
+            started.append(subprocess.Popen([sys.executable, "-c", other], stdout=subprocess.PIPE, text=True))
+            try:
+                started[0].wait(timeout=1.0)
+            except subprocess.TimeoutExpired:  # it waits for this rotation: fine
+                pass
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", second_world_meanwhile)
+    fd = launch._open_log(tmp_path)
+    try:
+        os.write(fd, b"world A\n")
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(logs / launch.LOG_FILE)
+    finally:
+        os.close(fd)
+    out, _ = started[0].communicate(timeout=30)
+    assert started[0].returncode == 0
+    assert out.strip() == str(logs / launch.LOG_FILE)  # not /dev/null, not the rotated file
+    assert (logs / (launch.LOG_FILE + ".1")).read_bytes().startswith(b"OLD LOG\n")
+    current = (logs / launch.LOG_FILE).read_bytes()
+    assert b"world A" in current and b"world B" in current

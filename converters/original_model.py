@@ -24,9 +24,9 @@ from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
 
-def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
+def tflite_bytes(model: Any, signature: str | None = None, several_only: bool = False) -> bytes:
     """The ``.tflite`` bytes of ``model`` (bytes, a ``.tflite``, a Keras file or a SavedModel directory, whose
-    signature ``signature`` TensorFlow converts)."""
+    signature ``signature`` TensorFlow converts - ``several_only``: if it has several functions)."""
     if isinstance(model, bytes | bytearray | memoryview):
         return bytes(model)
     path = Path(model)
@@ -34,7 +34,7 @@ def tflite_bytes(model: Any, signature: str | None = None) -> bytes:
     if problem:
         raise ModelFormatError(f"model {path} {problem}")
     if path.is_dir():
-        return tf_input.convert(path, "saved_model", signature)
+        return tf_input.convert(path, "saved_model", signature, several_only)
     data = path.read_bytes()
     if data[4:8] == b"TFL3":
         return data

@@ -34,12 +34,14 @@ _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called ar
             "oneDNN custom operations are on.")
 
 
-def convert(path: Path, kind: str, signature: str | None = None) -> bytes:
+def convert(path: Path, kind: str, signature: str | None = None, several_only: bool = False) -> bytes:
     """The ``.tflite`` bytes of the Keras file (``kind="keras"``) or SavedModel directory (``"saved_model"``)
     at ``path``: of a SavedModel, its signature ``signature`` (default "serving_default", else its first),
-    under that key. The outputs keep their names where the function returns a dict."""
+    under that key - unless ``several_only`` and the SavedModel has one function, which it then is (bench's
+    ``--signature``, given for all its models). The outputs keep their names where the function returns a
+    dict."""
     with _native_stderr():
-        return _convert(path, kind, signature)
+        return _convert(path, kind, signature, several_only)
 
 
 @contextmanager
@@ -67,7 +69,7 @@ def _native_stderr() -> Iterator[None]:
                     print(line, file=sys.stderr)
 
 
-def _convert(path: Path, kind: str, signature: str | None) -> bytes:
+def _convert(path: Path, kind: str, signature: str | None, several_only: bool = False) -> bytes:
     what = {"keras": "Keras model", "saved_model": "SavedModel"}[kind]
     try:
         # (With LiteRT's library loaded first TensorFlow logs its oneDNN notice before it reads this. Turning
@@ -83,7 +85,7 @@ def _convert(path: Path, kind: str, signature: str | None) -> bytes:
         if kind == "keras":
             (function, owner), key = _keras_function(tf, path), None
         else:
-            function, owner, key = _saved_model_function(tf, path, signature)
+            function, owner, key = _saved_model_function(tf, path, signature, several_only)
     except (ModelFormatError, _NoSuchSignature):
         raise
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds; the user needs one line
@@ -191,15 +193,21 @@ def _called(function: Any) -> tuple[Any, ...]:
     return repr(function.structured_input_signature), repr(function.structured_outputs), tuple(calls)
 
 
-def _saved_model_function(tf: Any, path: Path, key: str | None) -> tuple[Any, Any, str]:
+def _saved_model_function(tf: Any, path: Path, key: str | None,
+                          several_only: bool = False) -> tuple[Any, Any, str]:
     loaded = tf.saved_model.load(str(path))
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelFormatError(f"{path}: the SavedModel has no signature to convert")
-    # A wrong argument (converters.original_model.one_signature says the same).
+    # A wrong argument (converters.original_model.one_signature says the same), but for a SavedModel of one
+    # function when ``several_only`` (Keras's export writes its one function twice: "serve" and
+    # "serving_default").
     if key is not None and key not in signatures:
-        raise _NoSuchSignature(f"the SavedModel has no signature {key!r} (it has "
-                               f"{', '.join(map(repr, sorted(signatures)))})")
+        if several_only and len({_called(s) for s in signatures.values()}) == 1:
+            key = None
+        else:
+            raise _NoSuchSignature(f"the SavedModel has no signature {key!r} (it has "
+                                   f"{', '.join(map(repr, sorted(signatures)))})")
     chosen = key is not None
     key = key if chosen else "serving_default" if "serving_default" in signatures else next(iter(signatures))
     signature = signatures[key]

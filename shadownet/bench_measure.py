@@ -207,8 +207,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
     # The same .tflite for every mode (the unprotected one runs it as LiteRT would)
-    model = one_signature(tflite_bytes(model_path, signature if model_path.is_dir() else None), signature,
-                          several_only=True)
+    given = tflite_bytes(model_path, signature if model_path.is_dir() else None, several_only=True)
+    model = one_signature(given, signature, several_only=True)
     chosen = get_scheme(scheme)
     graph = normalize(planning_graph(model), group_min_channels(chosen))
     macs = count_macs(graph)

@@ -475,3 +475,17 @@ def test_bench_measures_one_signature_of_a_model_of_several(tmp_path, capsys):
                              progress=False, signature="gamma")
     assert "has no signature 'gamma'" in report["models"][0]["error"]
     assert "error" not in report["models"][1]  # a model of one signature ignores it
+
+
+def test_bench_signature_is_ignored_by_a_saved_model_of_one_function(tmp_path):
+    """``--signature`` failed a SavedModel of one function (a review): it ignores it, as a .tflite of one
+    signature does."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    x = keras.Input((8, 8, 3), batch_size=1)
+    saved = tmp_path / "saved"
+    tf.saved_model.save(keras.Model(x, keras.layers.Conv2D(4, 3)(x)), str(saved))
+    report = bench.run_bench([str(saved)], num_threads=1, num_runs=1, warmup_runs=0, progress=False,
+                             signature="beta")
+    assert "error" not in report["models"][0], report["models"][0]

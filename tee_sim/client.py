@@ -171,7 +171,6 @@ class Context:
         self.transport_name = transport
         self.timeout = timeout
         self._lock = threading.RLock()
-        _contexts.add(self)
         self._sessions: set[Session] = set()  # open sessions, of any generation of the secure world
         self._shms: dict[int, SharedMemory] = {}
         self._next_shm = 1
@@ -179,6 +178,7 @@ class Context:
         # then: released (again) before the next session, registration or release (``_tidy``).
         self._unreleased: dict[int, int] = {}
         self._marshalling = Marshalling(self)
+        _contexts.add(self)  # once what the fork hook resets exists (a fork in between: AttributeError there)
         self.closed = False
         home = os.fspath(home) if home is not None else None
         self.home = resolve_home(home)  # the device's state: its keys, sealed storage and logs
@@ -442,10 +442,10 @@ _contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    _default_lock._at_fork_reinit()  # first: default_context() waits on it (a failure below would skip it)
     for context in list(_contexts):
         context._lock._at_fork_reinit()
         context._marshalling.forget_after_fork()  # the parent's bounce buffer: its secure world reads it
-    _default_lock._at_fork_reinit()
 
 
 _default: Context | None = None

@@ -6,9 +6,13 @@ on one key) and read only by the secure world.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,81 +33,101 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` and any missing parent with mode 0700 (existing ones are left alone); return it."""
+    """Create ``path`` and any missing parent with mode 0700 (existing ones are left alone), each new one's
+    entry synced into its parent; return it."""
     if not path.is_dir():
         if not path.parent.exists():
             private_dir(path.parent)
         path.mkdir(mode=0o700, exist_ok=True)
+        _sync_directory(path.parent)
     return path
 
 
+# A temp file left by a writer that is gone (killed between writing it and unlinking it; after the link, a
+# second name of the live key) is removed by the next writer or reader, once it is this old and no process
+# holds its lock: a writer locks its temp from creation to unlinking. The age covers a writer between its
+# create and its lock, and file systems without flock; the lock, a live writer in another PID namespace
+# (a review: a process id alone took one for dead).
+STALE_TEMP_S = 60.0
+_TEMP = re.compile(r"[0-9]+\.[0-9a-f]{8}\.tmp")
+
+
 def _remove_dead_temps(path: Path) -> None:
-    """Delete ``.NAME.PID.RANDOM.tmp`` siblings of ``path`` whose process is gone: what a process killed
-    between writing one and unlinking it left (after the link: a second name of the live key, which
-    deleting ``path`` would not remove)."""
+    """Delete the stale ``.NAME.PID.RANDOM.tmp`` siblings of ``path``: best effort (a read-only home, a
+    directory of that name: nothing is removed, and the keys still load)."""
     for entry in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.*.tmp")):
-        owner = re.fullmatch(r"(\d+)\.[0-9a-f]{8}\.tmp", os.path.basename(entry)[len(path.name) + 2:])
-        if owner is None:
+        if not _TEMP.fullmatch(os.path.basename(entry)[len(path.name) + 2:]):
             continue
         try:
-            os.kill(int(owner[1]), 0)
-        except ProcessLookupError:
+            if time.time() - os.lstat(entry).st_mtime < STALE_TEMP_S:
+                continue
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its writer is alive
                 os.unlink(entry)
-            except FileNotFoundError:
-                pass
-        except (PermissionError, OverflowError):
-            pass
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
 
 
-def _write_private_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a fresh mode-0600 sibling of ``path``, synced to disk; return its path."""
+@contextmanager
+def _private_temp(path: Path, data: bytes) -> Iterator[Path]:
+    """A fresh mode-0600 sibling of ``path`` holding ``data``, synced to disk and locked (``flock``) until
+    it is unlinked, after the body (which links or renames it into place)."""
     _remove_dead_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system: the cleaner's age alone protects it
+            pass
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        yield tmp
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)  # renamed into place: gone already
+        finally:
+            os.close(fd)
 
 
 def write_new_file(path: Path, data: bytes) -> bool:
     """Create ``path`` with ``data`` (mode 0600) atomically unless it exists; False if someone else won."""
-    tmp = _write_private_temp(path, data)
-    try:
-        os.link(tmp, path)  # unlike rename, link never replaces an existing key
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
+    with _private_temp(path, data) as tmp:
+        try:
+            os.link(tmp, path)  # unlike rename, link never replaces an existing key
+        except FileExistsError:
+            return False
     _sync_directory(path.parent)
     return True
 
 
-def _sync_directory(directory: Path) -> None:
-    """The directory's entries on disk: a key's name lost in a power cut while the secrets sealed under it
-    survived would make a new key, and those secrets unreadable (a helper's reading)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_file(path: Path, data: bytes) -> None:
     """Write ``path`` atomically (temp file, fsync, rename), mode 0600."""
-    tmp = _write_private_temp(path, data)
-    try:
+    with _private_temp(path, data) as tmp:
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """The directory's entries on disk, as far as its file system can: a key's name lost in a power cut
+    while the secrets sealed under it survived would make a new key, and those secrets unreadable (a
+    helper's reading). A file system that cannot sync a directory leaves it to its own schedule (the write
+    itself succeeded: a review)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _load_or_create(path: Path, make: bytes) -> bytes:

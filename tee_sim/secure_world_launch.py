@@ -57,7 +57,10 @@ def _open_log(home: Path) -> int:
         fd = os.open(path, flags, 0o600)
         try:
             if os.fstat(fd).st_size > LOG_MAX:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+                except OSError:  # a file system without locks (a review): the name check alone, as before
+                    pass
                 held = os.fstat(fd)
                 try:
                     named = os.stat(path)
@@ -65,8 +68,8 @@ def _open_log(home: Path) -> int:
                     named = None
                 if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
                     os.replace(path, logs / (LOG_FILE + ".1"))
-                os.close(fd)
-                fd = -1
+                big, fd = fd, -1
+                os.close(big)
                 fd = os.open(path, flags, 0o600)
         except BaseException:
             if fd >= 0:

@@ -216,3 +216,25 @@ def test_log_rotated_by_two_worlds_at_once_keeps_the_old_log_and_both_logs(tmp_p
     assert (logs / (launch.LOG_FILE + ".1")).read_bytes().startswith(b"OLD LOG\n")
     current = (logs / launch.LOG_FILE).read_bytes()
     assert b"world A" in current and b"world B" in current
+
+
+def test_log_is_rotated_on_a_file_system_without_locks(tmp_path, monkeypatch):
+    """flock failing (ENOSYS on Lustre without -o flock, ENOLCK on NFS without lockd) sent every secure
+    world's log to /dev/null once it passed LOG_MAX (a review): it is rotated all the same."""
+    import errno
+
+    from tee_sim import secure_world_launch as launch
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(launch.fcntl, "flock", no_locks)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    (logs / launch.LOG_FILE).write_bytes(b"OLD LOG\n" + b"x" * (launch.LOG_MAX + 1))
+    fd = launch._open_log(tmp_path)
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(logs / launch.LOG_FILE)
+    finally:
+        os.close(fd)
+    assert (logs / (launch.LOG_FILE + ".1")).read_bytes().startswith(b"OLD LOG\n")

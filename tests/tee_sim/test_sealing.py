@@ -216,10 +216,16 @@ def test_concurrent_first_use_agrees_on_one_identity(tmp_path):
 def test_temp_key_files_of_killed_processes_are_removed(tmp_path):
     """A first use SIGKILLed between linking a key and unlinking its temp file left the temp file: a
     second name (hard link) of the live root key, never removed (a helper's probe; 1/20 random kills left
-    one). The next use removes a dead process's, never a running one's."""
+    one). The next use removes a stale one (STALE_TEMP_S old, its lock free), never one a live writer
+    holds locked - in another PID namespace too (a review) - nor a fresh one; what it cannot remove (a
+    directory of that name) does not stop the keys from loading."""
+    import fcntl
     import signal
     import subprocess
     import sys
+    import time
+
+    from tee_sim.identity import STALE_TEMP_S
 
     home = tmp_path / "home"
     code = (
@@ -232,10 +238,40 @@ def test_temp_key_files_of_killed_processes_are_removed(tmp_path):
     killed = subprocess.run([sys.executable, "-c", code, str(home)])
     assert killed.returncode == -signal.SIGKILL
     device = home / "device"
-    left = [p for p in device.iterdir() if p.name.endswith(".tmp")]
-    assert len(left) == 1 and left[0].read_bytes() == (device / ROOT_KEY_FILE).read_bytes()
-    running = device / f".{ROOT_KEY_FILE}.{os.getpid()}.0123abcd.tmp"  # a process still writing its own
-    running.write_bytes(b"")
-    keys = DeviceKeys.load_or_create(home)
+    (left,) = [p for p in device.iterdir() if p.name.endswith(".tmp")]
+    assert left.read_bytes() == (device / ROOT_KEY_FILE).read_bytes()
+    old = time.time() - 2 * STALE_TEMP_S
+    fresh = device / f".{ROOT_KEY_FILE}.999999.0123abcd.tmp"  # a writer between its create and its lock
+    fresh.write_bytes(b"")
+    locked = device / f".{ROOT_KEY_FILE}.999998.4567abcd.tmp"  # a slow writer, its pid not ours to see
+    locked.write_bytes(b"")
+    unremovable = device / f".{ROOT_KEY_FILE}.999997.89abcdef.tmp"
+    unremovable.mkdir()
+    for path in (left, locked, unremovable):
+        os.utime(path, (old, old))
+    with open(locked, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        keys = DeviceKeys.load_or_create(home)
     assert keys.root_key == (device / ROOT_KEY_FILE).read_bytes()
-    assert sorted(p.name for p in device.iterdir() if p.name.endswith(".tmp")) == [running.name]
+    assert sorted(p.name for p in device.iterdir() if p.name.endswith(".tmp")) == sorted(
+        p.name for p in (fresh, locked, unremovable))
+
+
+def test_keys_are_made_where_a_directory_cannot_be_synced(tmp_path, monkeypatch):
+    """A file system that cannot fsync a directory (EINVAL): the keys were written, and the first use
+    reported a failure for each (a review); syncing the directory is as far as it can go."""
+    import errno
+    import stat as stat_module
+
+    from tee_sim import identity
+
+    real = os.fsync
+
+    def fsync(fd):
+        if stat_module.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(identity.os, "fsync", fsync)
+    keys = DeviceKeys.load_or_create(tmp_path / "home")
+    assert keys.root_key == (tmp_path / "home" / "device" / ROOT_KEY_FILE).read_bytes()

@@ -445,7 +445,10 @@ def _after_fork_in_child() -> None:
     _default_lock._at_fork_reinit()  # first: default_context() waits on it (a failure below would skip it)
     for context in list(_contexts):
         context._lock._at_fork_reinit()
-        context._marshalling.forget_after_fork()  # the parent's bounce buffer: its secure world reads it
+        try:
+            context._marshalling.forget_after_fork()  # the parent's bounce buffer: its secure world reads it
+        except Exception:  # noqa: BLE001 - one context's failure must not leave the others' locks held
+            pass
 
 
 _default: Context | None = None

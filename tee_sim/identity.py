@@ -6,10 +6,12 @@ on one key) and read only by the secure world.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ def private_dir(path: Path) -> Path:
 # create and its lock, and file systems without flock; the lock, a live writer in another PID namespace
 # (a review: a process id alone took one for dead).
 STALE_TEMP_S = 60.0
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
 _TEMP = re.compile(r"[0-9]+\.[0-9a-f]{8}\.tmp")
 
 
@@ -59,11 +62,17 @@ def _remove_dead_temps(path: Path) -> None:
         if not _TEMP.fullmatch(os.path.basename(entry)[len(path.name) + 2:]):
             continue
         try:
-            if time.time() - os.lstat(entry).st_mtime < STALE_TEMP_S:
-                continue
-            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            found = os.lstat(entry)
+            if not stat.S_ISREG(found.st_mode) or time.time() - found.st_mtime < STALE_TEMP_S:
+                continue  # (a FIFO of that name would block the open: a review)
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its writer is alive
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in _NO_LOCKS:
+                        continue  # held: its writer is alive
+                    # no locks on this file system: its age alone
                 os.unlink(entry)
             finally:
                 os.close(fd)

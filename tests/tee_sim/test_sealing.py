@@ -247,14 +247,38 @@ def test_temp_key_files_of_killed_processes_are_removed(tmp_path):
     locked.write_bytes(b"")
     unremovable = device / f".{ROOT_KEY_FILE}.999997.89abcdef.tmp"
     unremovable.mkdir()
-    for path in (left, locked, unremovable):
+    fifo = device / f".{ROOT_KEY_FILE}.999996.89abcdef.tmp"  # opened, it blocked the load (a review)
+    os.mkfifo(fifo)
+    for path in (left, locked, unremovable, fifo):
         os.utime(path, (old, old))
     with open(locked, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         keys = DeviceKeys.load_or_create(home)
     assert keys.root_key == (device / ROOT_KEY_FILE).read_bytes()
     assert sorted(p.name for p in device.iterdir() if p.name.endswith(".tmp")) == sorted(
-        p.name for p in (fresh, locked, unremovable))
+        p.name for p in (fresh, locked, unremovable, fifo))
+
+
+def test_temp_key_files_are_removed_by_age_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    """Without flock (ENOLCK: NFS without lockd) a stale temp was never removed (a review): its age alone."""
+    import errno
+    import time
+
+    from tee_sim import identity
+
+    home = tmp_path / "home"
+    keys = DeviceKeys.load_or_create(home)
+    stale = home / "device" / f".{ROOT_KEY_FILE}.999999.0123abcd.tmp"
+    os.link(home / "device" / ROOT_KEY_FILE, stale)  # a writer killed after its link
+    old = time.time() - 2 * identity.STALE_TEMP_S
+    os.utime(stale, (old, old))
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(identity.fcntl, "flock", no_locks)
+    assert DeviceKeys.load_or_create(home).root_key == keys.root_key
+    assert not stale.exists() and os.stat(home / "device" / ROOT_KEY_FILE).st_nlink == 1
 
 
 def test_keys_are_made_where_a_directory_cannot_be_synced(tmp_path, monkeypatch):

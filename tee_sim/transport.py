@@ -171,7 +171,17 @@ class ProcessTransport:
         os.close(self.resp_efd)
 
     def _forget_after_fork(self) -> None:
-        """In a forked child: the secure world and its channel belong to the parent; never touch them."""
+        """In a forked child: the secure world and its channel belong to the parent; never talk on them. This
+        process's copies of the channel's descriptors and mapping are closed (the parent's stay open): kept,
+        they leaked one set per fork, and the child held the parent's control socket open (a helper's
+        reading). None to close when the parent's world was already gone (``_dead`` closed them)."""
+        if self.proc is not None:
+            for close in (self.words.release, self.block.close, self.sock.close,
+                          lambda: os.close(self.req_efd), lambda: os.close(self.resp_efd)):
+                try:
+                    close()
+                except (OSError, BufferError, ValueError):
+                    pass
         self.proc = None
         self._unanswered = 0
         self.orphaned_sessions = []

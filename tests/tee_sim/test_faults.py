@@ -227,8 +227,16 @@ def test_forked_child_never_uses_the_parents_channel(tmp_path):
         ctx = Context("process")
         session = ctx.open_session(TEST_TA_UUID)
         parent_world = ctx.secure_world_pid
+        t = ctx._transport
+        channel = [t.sock.fileno(), t.req_efd, t.resp_efd]
         pid = os.fork()
         if pid == 0:
+            for fd in channel:  # the child's copies closed (they leaked, holding the parent's socket open)
+                try:
+                    os.fstat(fd)
+                    os._exit(4)
+                except OSError:
+                    pass
             try:
                 session.invoke_command(Cmd.NOTHING)
                 os._exit(1)

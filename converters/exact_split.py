@@ -60,6 +60,7 @@ NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
 
 FLOAT32_BITS = 24
 MIN_BITS = 10  # below this many bits for b_x + b_w the split gains too little to pay for itself
+MAX_DOT_LENGTH = 1 << (FLOAT32_BITS - MIN_BITS)  # the longest sum per output a split layer may have
 TAIL = 4.4  # one-time masks are normal with tails cut at 4.3 standard deviations (tee_sim.one_time_masks)
 INPUT_SPREADS = 8.0  # the masked input itself is allowed this many of its spreads from its mean
 
@@ -79,9 +80,9 @@ def plan(mask_std: float, mask_mean: np.ndarray, spread: float, dot_length: int)
     beyond it only makes its outputs round as they did without the split."""
     if not (mask_std > 0 and math.isfinite(mask_std)) or dot_length < 1:
         return None
-    bits = FLOAT32_BITS - math.ceil(math.log2(dot_length))
-    if bits < MIN_BITS:
+    if dot_length > MAX_DOT_LENGTH:
         return None
+    bits = FLOAT32_BITS - math.ceil(math.log2(dot_length))
     x_bits = (bits - 1) // 2  # balances the two halves' rounding: g / 2 * |W'| against 2^-b_w |x| |W'|
     bound = TAIL * mask_std + INPUT_SPREADS * spread + float(np.max(np.abs(mask_mean), initial=0.0))
     return Split(grid=2.0 ** math.ceil(math.log2(bound / 2 ** x_bits)), weight_bits=bits - x_bits)

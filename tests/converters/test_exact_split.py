@@ -282,3 +282,29 @@ def test_a_padded_tensor_split_for_one_reader_and_not_another_converts(tmp_path,
     for detail in litert.get_output_details():
         want = litert.get_tensor(detail["index"])
         assert np.max(np.abs(got[detail["name"]] - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_a_round_1_layer_too_long_to_split_is_said_at_conversion(tmp_path):
+    """A 96x96x3 image flattened into a dense layer (27,648 terms per output) cannot be split: it crossed at
+    its mask's magnitude without a word about its precision (a helper's probe: 8.9e-4 off)."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    g = Graph()
+    x = g.add_tensor("image", (1, 96, 96, 3), np.float32)
+    flat = g.add_tensor("flat", (1, 27648), np.float32)
+    g.add_op("RESHAPE", [x, g.add_tensor("shape", (2,), np.int32, [1, 27648])], [flat], fb.ReshapeOptionsT())
+    w = g.add_tensor("w", (4, 27648), np.float32, np.random.default_rng(0).standard_normal((4, 27648)) * 0.01)
+    y = g.add_tensor("logits", (1, 4), np.float32)
+    g.add_op("FULLY_CONNECTED", [flat, w, -1], [y], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [y]
+    assert exact_split.plan(1.0, np.zeros(1), 1.0, exact_split.MAX_DOT_LENGTH) is not None
+    assert exact_split.plan(1.0, np.zeros(1), 1.0, exact_split.MAX_DOT_LENGTH + 1) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shadownet.convert(write_model(g), str(tmp_path / "out"), seed=1)
+    said = [str(w.message) for w in caught if "too many for the exact split" in str(w.message)]
+    assert len(said) == 1 and "sums 27648 terms per output" in said[0], [str(w.message) for w in caught]

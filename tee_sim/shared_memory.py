@@ -98,21 +98,18 @@ class SharedMemory:
             self._context._release_shm(self)
         finally:  # even if the unregistration fails (a KeyboardInterrupt in its round trip): released
             # here at least, or the descriptor and mapping stayed for the life of the process
-            if self._fd is not None:
-                fd, self._fd = self._fd, None
-                os.close(fd)
-            try:
-                self._mmap.close()
-            except BufferError:  # numpy views still exist: the mapping goes when they do
-                pass
+            self._unmap()
 
     def forget_after_fork(self) -> None:
         """In a forked child, memory the parent registered and the child must not hand to a secure world:
         released here only (this process's descriptor and mapping), never unregistered, as the parent's
         secure world holds it for the parent."""
-        if self.released:
-            return
-        self.released = True
+        if not self.released:
+            self.released = True
+            self._unmap()
+
+    def _unmap(self) -> None:
+        """This process's descriptor and mapping closed."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

@@ -164,11 +164,18 @@ class ProcessTransport:
             pass
         self.proc = None
         self._unanswered = 0  # its requests died with it
-        self.words.release()
-        self.block.close()
-        self.sock.close()
-        os.close(self.req_efd)
-        os.close(self.resp_efd)
+        self._close_channel()
+
+    def _close_channel(self, quietly: bool = False) -> None:
+        """Close this process's ends of the channel: the control block's mapping, the control socket, the two
+        eventfds - all of them ``quietly`` (whatever fails), else up to the first that fails, which raises."""
+        for close in (self.words.release, self.block.close, self.sock.close,
+                      lambda: os.close(self.req_efd), lambda: os.close(self.resp_efd)):
+            try:
+                close()
+            except (OSError, BufferError, ValueError):
+                if not quietly:
+                    raise
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the secure world and its channel belong to the parent; never talk on them. This
@@ -176,12 +183,7 @@ class ProcessTransport:
         they leaked one set per fork, and the child held the parent's control socket open (a helper's
         reading). None to close when the parent's world was already gone (``_dead`` closed them)."""
         if self.proc is not None:
-            for close in (self.words.release, self.block.close, self.sock.close,
-                          lambda: os.close(self.req_efd), lambda: os.close(self.resp_efd)):
-                try:
-                    close()
-                except (OSError, BufferError, ValueError):
-                    pass
+            self._close_channel(quietly=True)
         self.proc = None
         self._unanswered = 0
         self.orphaned_sessions = []

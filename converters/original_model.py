@@ -15,10 +15,11 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import tf_input
+from converters.exact_split import MAX_DOT_LENGTH
 from converters.graph import Graph, is_offloadable, write_model
 from converters.non_float import CARRIED
 from converters.plan import LINEAR_KINDS
-from converters.schemes import Scheme, group_min_channels, kept_in_tee
+from converters.schemes import Scheme, group_min_channels, kept_in_tee, partition_for
 from converters.shape_folding import DATA_SHAPED, SHAPE_INPUTS, fold_shapes
 from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
@@ -143,16 +144,16 @@ def why_nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
     """Why a model has no round, for the refusal: no linear op with constant weights, or only ones the TEE
     runs itself (which, and what would offload them)."""
     kept = kept_in_tee(scheme)
-    linear = [(op.kind, is_offloadable(graph, i)) for i, op in enumerate(graph.ops)
+    linear = [(i, op.kind, is_offloadable(graph, i)) for i, op in enumerate(graph.ops)
               if op.kind in LINEAR_KINDS]
     if not linear:
         return "the model has no linear op (CONV_2D, FULLY_CONNECTED, ...): nothing to protect"
-    kinds = ", ".join(sorted({kind for kind, _ in linear}))
+    kinds = ", ".join(sorted({kind for _, kind, _ in linear}))
     why = []
-    if any(kind in kept and offloadable for kind, offloadable in linear):
+    if any(kind in kept and offloadable for _, kind, offloadable in linear):
         why.append(f"scheme {scheme.name} keeps {', '.join(sorted(kept))} in the TEE (--scheme "
                    "groupmix:depthwise=offload offloads depthwise layers)")
-    if any(not offloadable for _, offloadable in linear):
+    if any(not offloadable for _, _, offloadable in linear):
         narrow = group_min_channels(scheme)
         groups = "grouped convolutions" if narrow is None else \
             f"grouped convolutions of groups narrower than {narrow} input channels"
@@ -164,7 +165,14 @@ def why_nothing_offloaded(graph: Graph, scheme: Scheme) -> str:
                        "each group's inputs mixed among themselves)")
         why.append(f"{groups}, matrix products, 3-D convolutions, convolutions dilated so far that their "
                    "taps lie more than twice their input apart and layers of computed weights run in the TEE")
-    if any(offloadable and kind not in kept for kind, offloadable in linear):  # partition.offloads' last rule
+    long_sums = partition_for(graph, scheme).long_sums
+    if long_sums:
+        why.append(f"{len(long_sums)} layer(s) on the user's input sum too many terms per output to cross "
+                   f"its one-time mask as an exact split (more than {MAX_DOT_LENGTH}: "
+                   "converters/partition.py, long sums; --scheme groupmix:exact_split=none offloads them "
+                   "unsplit, at the precision their masked sums keep)")
+    if any(offloadable and kind not in kept and i not in long_sums  # partition.offloads' last rule
+           for i, kind, offloadable in linear):
         why.append("a layer whose input is a constant is computed with it, in the TEE")
     return (f"nothing to offload: the model's linear ops ({kinds}) all run in the TEE, weights and all: "
             f"{'; '.join(why)}")

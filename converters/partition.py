@@ -7,12 +7,21 @@ ready when step ``r - 1`` ends, so one accelerator call runs them together (a Re
 conv and its first conv share a round). Every other op runs in the TEE, in step ``L`` = the highest
 level it depends on, i.e. right after the last round it needs. One inference is step 0, round 1,
 step 1, ..., round R, step R: R accelerator calls and R + 1 TEE entries.
+
+Long sums on the user's input. A conv or dense layer that reads the user's input (``carries_input``) with
+more than ``converters.exact_split.MAX_DOT_LENGTH`` terms per output cannot take that input as an exact
+split, so under one-time masks (~10x the input) its float32 sums would cancel: a helper measured outputs
+1-12% off and honest results failing ``--verify``'s check (31x31 convs of 512 channels; a 96x96x3 image
+flattened into a dense layer, 8.9e-4). With ``long_input_sums_in_tee`` (schemes whose one-time masks are
+split) such a layer runs in the TEE instead, and the layers after it are partitioned again: they now read
+what the TEE made from the input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converters import exact_split
 from converters.graph import Graph, is_offloadable
 
 
@@ -25,6 +34,7 @@ class Partition:
     rounds: list[list[int]]
     steps: list[list[int]]
     level: list[int]
+    long_sums: frozenset[int] = frozenset()  # offloadable layers kept in the TEE for their long sums
 
     @property
     def offloaded(self) -> set[int]:
@@ -70,15 +80,29 @@ def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) 
     return x >= 0 and graph.tensors[x].data is None
 
 
-def partition(graph: Graph, in_tee: frozenset[str] = frozenset()) -> Partition:
+def partition(graph: Graph, in_tee: frozenset[str] = frozenset(),
+              long_input_sums_in_tee: bool = False) -> Partition:
     """Levels, rounds and steps of a normalized graph (ops in execution order); ``in_tee``: the kinds of
-    offloadable op the scheme keeps in the TEE (``groupmix``'s ``depthwise="tee"``)."""
+    offloadable op the scheme keeps in the TEE (``groupmix``'s ``depthwise="tee"``);
+    ``long_input_sums_in_tee``: also the conv and dense layers on the user's input whose sums are too long
+    for an exact split (module docstring), as ``Partition.long_sums``."""
+    kept: frozenset[int] = frozenset()
+    while True:
+        part = _levels(graph, in_tee, kept)
+        more = _long_input_sums(part) if long_input_sums_in_tee else set()
+        if not more:
+            return part
+        kept |= more
+
+
+def _levels(graph: Graph, in_tee: frozenset[str], kept: frozenset[int]) -> Partition:
+    """The partition with the ops ``kept`` in the TEE besides the kinds ``in_tee``."""
     level = [0] * len(graph.tensors)
     rounds: dict[int, list[int]] = {}
     steps: dict[int, list[int]] = {}
     for i, op in enumerate(graph.ops):
         deps = max((level[t] for t in op.inputs if t >= 0), default=0)
-        if offloads(graph, i, in_tee):
+        if i not in kept and offloads(graph, i, in_tee):
             op_level = deps + 1
             rounds.setdefault(op_level, []).append(i)
         else:
@@ -88,4 +112,14 @@ def partition(graph: Graph, in_tee: frozenset[str] = frozenset()) -> Partition:
             level[t] = op_level
     count = max(rounds, default=0)
     return Partition(graph, [rounds.get(r, []) for r in range(1, count + 1)],
-                     [steps.get(k, []) for k in range(count + 1)], level)
+                     [steps.get(k, []) for k in range(count + 1)], level, kept)
+
+
+def _long_input_sums(part: Partition) -> set[int]:
+    """The offloaded conv and dense layers that read the user's input (``carries_input``) with more terms
+    per output than an exact split allows."""
+    graph, raw = part.graph, carries_input(part)
+    return {i for i in part.offloaded
+            if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED") and graph.ops[i].inputs[0] in raw
+            and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data)
+            > exact_split.MAX_DOT_LENGTH}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import exact_split
 from converters.calibration import activation_stats, calibration_inputs, split_needed
 from converters.normalize import normalize
 from converters.original_model import (
@@ -47,11 +48,11 @@ from converters.output_directory import (
     check_output,
     write_artifacts,
 )
-from converters.partition import input_rounds, partition
+from converters.partition import input_rounds
 from converters.per_inference import DEFAULT_MASK_ROUNDS, mask_rounds_form, parse_mask_rounds
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
-from converters.schemes import Scheme, get_scheme, group_min_channels, kept_in_tee
+from converters.schemes import Scheme, get_scheme, group_min_channels, partition_for
 from converters.secret_random import SecretRandom
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
@@ -113,9 +114,15 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     shape_as_litert(original, read, samples[0] if calibration is not None else None)
     graph = normalize(read, group_min_channels(chosen))
     check_static(graph)
-    part = partition(graph, kept_in_tee(chosen))
+    part = partition_for(graph, chosen)
     if not part.rounds:
         raise UnsupportedOpError(why_nothing_offloaded(graph, chosen))
+    if part.long_sums:
+        names = ", ".join(repr(graph.tensors[graph.ops[i].outputs[0]].name) for i in sorted(part.long_sums))
+        warnings.warn(f"{len(part.long_sums)} layer(s) on the user's input run in the TEE, not offloaded "
+                      f"({names}): each sums more than {exact_split.MAX_DOT_LENGTH} terms per output, too "
+                      "many to take the input's one-time mask as an exact split, and unsplit their results "
+                      "would lose precision to it (converters/partition.py, long sums)", stacklevel=2)
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}

@@ -200,9 +200,8 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     from converters import convert
     from converters.normalize import normalize
     from converters.original_model import one_signature, planning_graph, tflite_bytes
-    from converters.partition import partition
     from converters.per_inference import DEFAULT_MASK_ROUNDS, parse_mask_rounds
-    from converters.schemes import get_scheme, group_min_channels, kept_in_tee
+    from converters.schemes import get_scheme, group_min_channels, partition_for
     from shadownet.delegates import load_delegates
     from tee_sim.ta_all_in_tee_commands import KERNELS_BUILTIN, KERNELS_XNNPACK
 
@@ -212,7 +211,7 @@ def bench_model(name: str, model_path: Path, workdir: Path, *, scheme: str | Non
     chosen = get_scheme(scheme)
     graph = normalize(planning_graph(model), group_min_channels(chosen))
     macs = count_macs(graph)
-    part = partition(graph, kept_in_tee(chosen))
+    part = partition_for(graph, chosen)
     offloaded = part.offloaded
     policy = mask_rounds if mask_rounds is not None else DEFAULT_MASK_ROUNDS
     try:  # rounds this model does not have: this model's error, the others still run

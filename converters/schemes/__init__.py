@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from converters.graph import Graph
+from converters.partition import Partition, partition
 from converters.secret_random import Random
 
 
@@ -197,6 +199,16 @@ def kept_in_tee(scheme: Any) -> frozenset[str]:
     """The kinds of offloadable op ``scheme`` keeps in the TEE (its optional ``in_tee``: none when absent or
     for no scheme), as ``converters.partition`` takes them."""
     return frozenset(getattr(scheme, "in_tee", ()))
+
+
+def partition_for(graph: Graph, scheme: Any) -> Partition:
+    """The rounds and steps ``scheme`` runs ``graph`` in: the kinds it keeps in the TEE there, and, where
+    its one-time masks on the user's input cross as an exact split (groupmix unless ``exact_split=none``
+    or ``mask_scale=0``), the layers on that input whose sums are too long to split
+    (``converters.partition``'s long sums)."""
+    split = (not getattr(scheme, "static_masks", True) and getattr(scheme, "mask_scale", 0) > 0
+             and getattr(scheme, "exact_split", "none") != "none")
+    return partition(graph, kept_in_tee(scheme), long_input_sums_in_tee=split)
 
 
 def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:

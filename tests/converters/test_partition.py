@@ -96,3 +96,32 @@ def test_kinds_the_scheme_keeps_in_the_tee_run_in_the_step_between_rounds():
     assert partition(g).rounds == [[first], [depthwise], [second]]
     kept = partition(g, frozenset({"DEPTHWISE_CONV_2D"}))
     assert kept.rounds == [[first], [second]] and kept.steps == [[], [depthwise], []]
+
+
+def test_layers_on_the_input_too_long_to_split_run_in_the_tee_and_the_next_one_reads_the_input():
+    """With ``long_input_sums_in_tee``: a conv on the input of more than ``MAX_DOT_LENGTH`` terms per output,
+    and the next one on what the TEE made of it (still the user's input), run in the TEE; the short conv
+    after them is round 1, and a long conv after it, on a computed tensor, is offloaded."""
+    from converters.exact_split import MAX_DOT_LENGTH
+
+    def conv(x, kernel, c_out, name):  # SAME, on 8 channels: kernel^2 * 8 terms per output
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.SAME, 1, 1, 1, 1
+        w = g.add_tensor(f"{name}/w", (c_out, kernel, kernel, 8), np.float32,
+                         np.ones((c_out, kernel, kernel, 8), np.float32))
+        y = g.add_tensor(name, (1, 48, 48, c_out), np.float32)
+        return g.add_op("CONV_2D", [x, w, -1], [y], o), y
+
+    assert 46 * 46 * 8 > MAX_DOT_LENGTH >= 45 * 45 * 8
+    g = Graph()
+    x = g.add_tensor("x", (1, 48, 48, 8), np.float32)
+    long1, a = conv(x, 46, 8, "long1")
+    relu, a = _unary(g, "RELU", a, "a", (1, 48, 48, 8))
+    long2, b = conv(a, 46, 8, "long2")
+    short, c = conv(b, 45, 8, "short")
+    long3, d = conv(c, 46, 8, "long3")
+    g.inputs, g.outputs = [x], [d]
+    assert partition(g).rounds == [[long1], [long2], [short], [long3]]
+    p = partition(g, long_input_sums_in_tee=True)
+    assert p.rounds == [[short], [long3]] and p.steps == [[long1, relu, long2], [], []]
+    assert p.long_sums == {long1, long2} and partition(g).long_sums == frozenset()

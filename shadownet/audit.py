@@ -86,6 +86,14 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
+def _long_sums(graph: Any, scheme: Any | None) -> set[str]:
+    """The layers of the reference ``graph`` that ``scheme`` runs in the TEE for their long sums
+    (``converters.partition``), as ``LinearLayer.where`` names them; none for an unknown scheme."""
+    from converters.schemes import partition_for
+
+    return set() if scheme is None else {f"op {i}" for i in partition_for(graph, scheme).long_sums}
+
+
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
                    restores: dict[str, dict] | None = None, unmixed: dict[str, dict] | None = None) -> dict:
     """Every weight attack on every matched layer, and the totals; ``restores`` and ``unmixed``: what the
@@ -393,11 +401,13 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "threshold": attacks.RECOVERY_COS,
     }
     scheme = _manifest_scheme(manifest)
-    kept = _kept_in_tee(scheme)
-    # The scheme ran them in the TEE (groupmix:depthwise=tee): nothing of theirs crosses, nothing to pair.
-    # Always in the JSON, [] when none (it was missing under the paper's scheme: a helper's probe).
-    report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref if r.kind in kept]
-    ref = [r for r in ref if r.kind not in kept]
+    kinds, ops = _kept_in_tee(scheme), _long_sums(graph, scheme)
+    # The scheme ran them in the TEE (groupmix:depthwise=tee; layers on the input with sums too long to
+    # split): nothing of theirs crosses, nothing to pair. Always in the JSON, [] when none (it was missing
+    # under the paper's scheme: a helper's probe).
+    report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref
+                             if r.kind in kinds or r.where in ops]
+    ref = [r for r in ref if r.kind not in kinds and r.where not in ops]
     check_covers(ref, obf, given)
     if public is not None:  # before any other work: a wrong file is refused at once
         published = public_layers(public, manifest, scheme, ref)

@@ -184,3 +184,22 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
     assert leak["first_round"]["pooled_correlation"] <= 0.1
     header = [line for line in audit_report.format_report(report).splitlines() if "round buffer" in line]
     assert len(header) == 1 and header[0].split()[-3:] == ["single", "diff", "pooled"]
+
+
+def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp_path: Path) -> None:
+    """The converter runs a dense layer on a flattened 96x96x3 image in the TEE (its sums too long for an
+    exact split: ``converters.partition``): the audit lists it as kept, not as a reference layer that
+    pairs with nothing, and audits the layer after it, round 1."""
+    import shadownet
+    from tests.converters.test_exact_split import _flattened_image
+
+    original = tmp_path / "flat.tflite"
+    original.write_bytes(_flattened_image(head=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=2)
+    report = audit.audit(tmp_path / "out", original, inferences=4)
+    assert report["kept_in_tee"] == ["dense hidden [1, 1, 27648]"], report["kept_in_tee"]
+    assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
+    assert [layer["name"] for layer in report["layers"]] == ["logits"]
+    assert report["input_leakage"]["first_round"]["correlation"] <= 0.1

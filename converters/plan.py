@@ -88,5 +88,9 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
     summary = {"rounds": b.R, "offloaded_ops": sum(len(r) for r in part.rounds),
                "tee_linear_ops": len(in_tee), "tee_linear_kinds": sorted(set(in_tee)),
                "tee_litert_ops": sum(len(s) for s in b.step_ops), "tee_numpy_activations": len(b.fused),
-               "tee_numpy_ops": len(b.numpy_ops)}
+               "tee_numpy_ops": len(b.numpy_ops),
+               # Layers kept in the TEE for their long sums (converters.partition), by op index in the
+               # normalized graph: the audit reads them (a later rule would misjudge an older artifact).
+               "long_sums": [{"op": i, "layer": graph.tensors[graph.ops[i].outputs[0]].name}
+                             for i in sorted(part.long_sums)]}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary)

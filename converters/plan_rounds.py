@@ -305,17 +305,17 @@ class RoundsBuilder:
             return None
         readers = [g.ops[i] for i in ops]
         terms = max(exact_split.dot_length(g.tensors[op.inputs[1]].data) for op in readers)
-        if terms > exact_split.MAX_DOT_LENGTH:  # wanted, and impossible: said (a helper's probe)
+        if terms > exact_split.MAX_DOT_LENGTH and dist.std > 0:  # wanted, impossible: said (a probe)
             # (Such layers on the user's input run in the TEE: converters.partition's long sums. A deeper
             # round's are offloaded, its one-time masks being the user's choice of --mask-rounds.)
             warnings.warn(
                 f"{g.tensors[x].name!r} crosses with its one-time mask (~10x its values) unsplit: a layer "
                 f"reading it sums {terms} terms per output, too many for the exact split (at most "
-                f"{exact_split.MAX_DOT_LENGTH}), so its results lose precision by cancellation - on the "
-                "user's input, where such layers now run in the TEE, a helper measured 8.9e-4 relative "
-                "error on a 96x96x3 image flattened into a dense layer, and 1-12% on 31x31 convolutions of "
-                "512 positive channels, whose verified checks also failed honest results (SECURITY.md, "
-                "'Long sums')", stacklevel=2)
+                f"{exact_split.MAX_DOT_LENGTH}), so its results lose precision by cancellation (such "
+                "layers on the user's input, where a helper measured 8.9e-4 relative error on a 96x96x3 "
+                "image flattened into a dense layer and 1-12% on 31x31 convolutions of 512 positive "
+                "channels, whose verified checks also failed honest results, run in the TEE instead: "
+                "SECURITY.md, 'Long sums')", stacklevel=2)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
                                 max(stats.std, stats.rms), terms)
 

@@ -86,12 +86,16 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
-def _long_sums(graph: Any, scheme: Any | None) -> set[str]:
-    """The layers of the reference ``graph`` that ``scheme`` runs in the TEE for their long sums
-    (``converters.partition``), as ``LinearLayer.where`` names them; none for an unknown scheme."""
-    from converters.schemes import partition_for
-
-    return set() if scheme is None else {f"op {i}" for i in partition_for(graph, scheme).long_sums}
+def _long_sums(manifest: dict) -> set[str]:
+    """The layers the converter kept in the TEE for their long sums (``converters.partition``), as
+    ``LinearLayer.where`` names them, from the manifest's summary (an artifact converted before the rule
+    has none: its layers crossed)."""
+    entries = (manifest.get("summary") or {}).get("long_sums") or []
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("op"), int) and not isinstance(e.get("op"), bool)
+            for e in entries):
+        raise ArtifactError("manifest.json: summary.long_sums is not a list of {op, layer}")
+    return {f"op {e['op']}" for e in entries}
 
 
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
@@ -401,7 +405,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "threshold": attacks.RECOVERY_COS,
     }
     scheme = _manifest_scheme(manifest)
-    kinds, ops = _kept_in_tee(scheme), _long_sums(graph, scheme)
+    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest)
     # The scheme ran them in the TEE (groupmix:depthwise=tee; layers on the input with sums too long to
     # split): nothing of theirs crosses, nothing to pair. Always in the JSON, [] when none (it was missing
     # under the paper's scheme: a helper's probe).
@@ -410,7 +414,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     ref = [r for r in ref if r.kind not in kinds and r.where not in ops]
     check_covers(ref, obf, given)
     if public is not None:  # before any other work: a wrong file is refused at once
-        published = public_layers(public, manifest, scheme, ref)
+        published = public_layers(public, manifest, scheme, ref, ops)
     # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
     crossing = [layer for layer in obf if layer.name not in split]
     chosen = inferences is None

@@ -77,7 +77,8 @@ def format_report(report: dict) -> str:
                      f"; subspace energy {s['subspace']['energy_mean']:.3f} vs chance "
                      f"{s['subspace']['chance_mean']:.3f} (excess {s['subspace']['excess_mean']:.3f})")
     if report.get("kept_in_tee"):
-        lines.append(f"kept in the TEE by the scheme, not offloaded: {len(report['kept_in_tee'])} layers "
+        lines.append("kept in the TEE, not offloaded (by the scheme, or for sums too long to split): "
+                     f"{len(report['kept_in_tee'])} layers "
                      f"({', '.join(sorted({k.split()[0] for k in report['kept_in_tee']}))})")
     for key in ("unmatched_reference", "unmatched_obfuscated"):
         if report.get(key):

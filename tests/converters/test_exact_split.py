@@ -284,15 +284,15 @@ def test_a_padded_tensor_split_for_one_reader_and_not_another_converts(tmp_path,
         assert np.max(np.abs(got[detail["name"]] - want)) <= 1e-4 * np.max(np.abs(want))
 
 
-def _flattened_image(head: bool, first: str = "long") -> bytes:
+def _flattened_image(head: bool, first: str = "long", seed: int = 0) -> bytes:
     """A 96x96x3 image flattened (27,648 values) into a dense layer ``first`` of 16 outputs - or, with
     ``first="short"``, a 1x1 conv to 2 channels and then the long dense layer - then, with ``head``,
-    RELU and a dense layer of 4."""
+    RELU and a dense layer of 4; weights drawn with ``seed``."""
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     g = Graph()
     x = image = g.add_tensor("image", (1, 96, 96, 3), np.float32)
     if first == "short":
@@ -372,3 +372,16 @@ def test_a_deeper_masked_layer_too_long_to_split_is_said_at_conversion(tmp_path)
                           scheme="groupmix:exact_split=all", mask_rounds="all")
     said = [str(w.message) for w in caught if "too many for the exact split" in str(w.message)]
     assert len(said) == 1 and "sums 18432 terms per output" in said[0], [str(w.message) for w in caught]
+
+
+def test_a_long_layer_without_a_mask_is_offloaded_without_a_word(tmp_path):
+    """``groupmix:mask_scale=0``: nothing is masked, so nothing is kept in the TEE for its long sums, and no
+    warning speaks of a one-time mask (it did: a review)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = shadownet.convert(_flattened_image(head=True), str(tmp_path / "out"), seed=1,
+                                     scheme="groupmix:mask_scale=0")
+    assert manifest["summary"]["long_sums"] == [] and manifest["summary"]["offloaded_ops"] == 2
+    assert not [w for w in caught if "one-time mask" in str(w.message) or "run in the TEE" in str(w.message)]

@@ -188,18 +188,33 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
 
 def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp_path: Path) -> None:
     """The converter runs a dense layer on a flattened 96x96x3 image in the TEE (its sums too long for an
-    exact split: ``converters.partition``): the audit lists it as kept, not as a reference layer that
-    pairs with nothing, and audits the layer after it, round 1."""
+    exact split: ``converters.partition``) and says so in the manifest: the audit lists it as kept, not as
+    a reference layer that pairs with nothing, audits the layer after it (round 1, one-time masked), and
+    pairs public weights without it (``--public`` refused the model: a review). An artifact whose manifest
+    does not say (converted before the rule) had its layers cross: all are audited."""
     import shadownet
+    from shadownet.exceptions import ArtifactError
     from tests.converters.test_exact_split import _flattened_image
 
     original = tmp_path / "flat.tflite"
     original.write_bytes(_flattened_image(head=True))
+    out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shadownet.convert(str(original), str(tmp_path / "out"), seed=2)
-    report = audit.audit(tmp_path / "out", original, inferences=4)
+        manifest = shadownet.convert(str(original), str(out), seed=2)
+    assert manifest["summary"]["long_sums"] == [{"op": 1, "layer": "hidden"}]
+    assert manifest["masks"]["one_time_rounds"][:1] == [1]
+    public = tmp_path / "public.tflite"  # the same architecture, other weights
+    public.write_bytes(_flattened_image(head=True, seed=9))
+    report = audit.audit(out, original, inferences=4, public=public)
     assert report["kept_in_tee"] == ["dense hidden [1, 1, 27648]"], report["kept_in_tee"]
     assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
     assert [layer["name"] for layer in report["layers"]] == ["logits"]
-    assert report["input_leakage"]["first_round"]["correlation"] <= 0.1
+    assert [layer["name"] for layer in report["private_change"]["layers"]] == ["logits"]
+    assert "kept in the TEE, not offloaded" in audit_report.format_report(report)
+    assert audit._long_sums(manifest) == {"op 1"}
+    del manifest["summary"]["long_sums"]  # as before the rule: none kept
+    assert audit._long_sums(manifest) == set()
+    manifest["summary"]["long_sums"] = [{"op": "1"}]
+    with pytest.raises(ArtifactError, match="long_sums"):
+        audit._long_sums(manifest)

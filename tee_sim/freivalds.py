@@ -56,6 +56,9 @@ POPPED = "#popped"  # the key of a split layer's popped check, after its result'
 # keep a pointer or two per tap on the stack, which a 600x600 kernel overflowed (a helper's ASan run); a
 # larger one is checked with projected filters instead.
 MAX_DIRECT_TAPS = 4096
+# A dense layer whose results have fewer independent directions than this is computed by the TEE
+# (``LayerCheck._directions``): their norm varies between inputs by more than the check's margin.
+FEW_DIRECTIONS = 64
 
 
 def direct(kind: str, weights_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
@@ -165,6 +168,8 @@ class LayerCheck:
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
+        # How many independent directions a dense layer's results have (``few_directions``).
+        self.directions = self._directions(w) if self.kind == "FULLY_CONNECTED" and not popped else math.inf
         # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
         # (``freivalds_bound.coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)
@@ -364,11 +369,35 @@ class LayerCheck:
     def cheaper_computed(self) -> bool:
         """Whether this dense layer's check costs more than the layer, or cannot reach the bound: ``k`` of
         at least its ``M`` outputs (a projection's ``z`` costs as much as an output, and each inference's
-        projected filters ``k M D`` more than the layer, ``M D`` per row), or more projections than a
+        projected filters ``k M D`` more than the layer, ``M D`` per row), more projections than a
         check takes (``capped``: a 10-output head on a flattened 32x32x128 map achieved 2^-1.6, a red
-        team's). The TEE then computes it (``computed``)."""
+        team's), or results along fewer than ``FEW_DIRECTIONS`` directions (``_directions``). The TEE then
+        computes it (``computed``)."""
         return (self.kind == "FULLY_CONNECTED" and not self.popped and not self.computed
-                and (self.k >= self.m_out or self.capped))
+                and (self.k >= self.m_out or self.capped or self.directions < FEW_DIRECTIONS))
+
+    def _directions(self, w: np.ndarray) -> float:
+        """A dense layer's rows times the participation ratio of its weights' singular values,
+        ``(sum s^2)^2 / sum s^4``: how many independent directions its results ``y'`` have, so how many
+        squares ``||y'||^2`` sums (chi-square of that many degrees of freedom on isotropic inputs). The
+        number of projections is chosen for ``||y'||`` near its mean, with a margin of 6 bits over ``k``
+        projections: with 8, ``||y'||^2`` may fall to a third of its mean. With 64 degrees of freedom it
+        falls below once in 10^7 inputs, with 2 once in 4. Under the paper's scheme a dense layer's
+        weights put nearly all their energy in one to four rows (a fake over a scale near 0): the zoo
+        MiniVGG's 4096x614 and 512x12 layers had ratios of 1.0 to 3.7, and their checks achieved 2^-18
+        on 13 of 40 images and no bound at all on 2 of 40 (seeds 7 and 2), where groupmix's 4096x512
+        layer, at 293, held 2^-25 on every image. Any number above ``FEW_DIRECTIONS`` when it is clear
+        without the sum (``inf``)."""
+        rows, m, c = self.rows_out, self.m_out, self.in_channels
+        if rows * min(m, c) < FEW_DIRECTIONS:  # the ratio is at most min(m, c)
+            return float(rows * min(m, c))
+        if rows >= FEW_DIRECTIONS:
+            return math.inf
+        flat = w.reshape(m, c)
+        gram = flat @ flat.T if m <= c else flat.T @ flat  # its Frobenius norm squared is sum s^4
+        fourth = float(np.einsum("ij,ij->", gram, gram, dtype=np.float64))
+        second = float(np.trace(gram, dtype=np.float64))
+        return rows * second ** 2 / fourth if fourth > 0 else math.inf
 
     def computing(self, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
         """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy

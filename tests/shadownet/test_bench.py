@@ -14,7 +14,7 @@ from shadownet.exceptions import ShadowNetError
 from shadownet.model_io import random_input
 
 
-def _model(bias: bool = True) -> bytes:
+def _model(bias: bool = True, outputs: int = 4) -> bytes:
     rng = np.random.default_rng(0)
     g = Graph()
     x = g.add_tensor("input", (1, 12, 12, 3), np.float32)
@@ -33,8 +33,8 @@ def _model(bias: bool = True) -> bytes:
     g.add_op("MAX_POOL_2D", [y], [p], pool)
     flat = g.add_tensor("flat", (1, 288), np.float32)
     g.add_op("RESHAPE", [p, g.add_tensor("shape", (2,), np.int32, [1, 288])], [flat], fb.ReshapeOptionsT())
-    out = g.add_tensor("logits", (1, 4), np.float32)
-    fc = g.add_tensor("fc", (4, 288), np.float32, rng.standard_normal((4, 288)))
+    out = g.add_tensor("logits", (1, outputs), np.float32)
+    fc = g.add_tensor("fc", (outputs, 288), np.float32, rng.standard_normal((outputs, 288)))
     g.add_op("FULLY_CONNECTED", [flat, fc, -1], [out], fb.FullyConnectedOptionsT())
     g.inputs, g.outputs = [x], [out]
     return write_model(g)
@@ -205,7 +205,7 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
 
 def test_bench_verify_and_mask_policy(tmp_path, capsys):
     path = tmp_path / "small.tflite"
-    path.write_bytes(_model())
+    path.write_bytes(_model(outputs=256))  # a dense layer checked, not computed (LayerCheck._directions)
     report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
                              progress=False, verify=True, mask_rounds="all")
     s = report["settings"]

@@ -18,8 +18,9 @@ TOLERANCE = 1e-4
 IMAGE = (1, 32, 32, 3)
 
 
-def flattened_head(outputs: int) -> bytes:
-    """A ReLU conv on a 32x32 RGB image, flattened (8192 values) into a dense layer of ``outputs``."""
+def flattened_head(outputs: int, one_row: float = 1.0) -> bytes:
+    """A ReLU conv on a 32x32 RGB image, flattened (8192 values) into a dense layer of ``outputs``, its
+    first row ``one_row`` times the others' size."""
     rng = np.random.default_rng(3)
     g = Graph()
     x = g.add_tensor("image", IMAGE, np.float32)
@@ -31,7 +32,9 @@ def flattened_head(outputs: int) -> bytes:
     shape = g.add_tensor("shape", (2,), np.int32, np.array([1, 8192]))
     flat = g.add_tensor("flat", (1, 8192), np.float32)
     g.add_op("RESHAPE", [y, shape], [flat], fb.ReshapeOptionsT())
-    fw = g.add_tensor("fc/w", (outputs, 8192), np.float32, rng.standard_normal((outputs, 8192)) * 0.015)
+    dense = rng.standard_normal((outputs, 8192)) * 0.015
+    dense[0] *= one_row
+    fw = g.add_tensor("fc/w", (outputs, 8192), np.float32, dense)
     fc_b = g.add_tensor("fc/b", (outputs,), np.float32, rng.standard_normal(outputs))
     out = g.add_tensor("logits", (1, outputs), np.float32)
     g.add_op("FULLY_CONNECTED", [flat, fw, fc_b], [out], fb.FullyConnectedOptionsT())
@@ -55,12 +58,16 @@ class Changing(AcceleratorWrapper):
                     y.reshape(-1)[0] += np.float32(1e-3 * np.linalg.norm(y))
 
 
-@pytest.mark.parametrize("outputs, computed", [(2, True), (40, False)])
-def test_a_dense_head_whose_check_costs_more_than_it_is_computed_by_the_tee(outputs, computed, tmp_path):
+@pytest.mark.parametrize("outputs, one_row, computed", [(2, 1.0, True), (120, 1.0, False), (120, 30.0, True)])
+def test_a_dense_head_whose_check_costs_more_than_it_is_computed_by_the_tee(outputs, one_row, computed,
+                                                                            tmp_path):
     """2 outputs (8 as groupmix obfuscates them) on 8192 inputs: a check needs about 10 projections, each
     costing what an output does, so the TEE computes the layer, its round is not run, and its result
-    matches LiteRT's; 40 outputs: checked. Either way a changed result of the conv's round is caught."""
-    model_bytes = flattened_head(outputs)
+    matches LiteRT's; 120 outputs: checked (their weights' participation ratio 75, as groupmix mixes them);
+    120 whose first is 30x the others (results along about one direction, whose norm the check cannot
+    count on: ``LayerCheck._directions``): computed. Either way a
+    changed result of the conv's round is caught."""
+    model_bytes = flattened_head(outputs, one_row)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the seed's warning
         shadownet.convert(model_bytes, tmp_path / "out", seed=2)

@@ -469,3 +469,35 @@ def test_a_popped_check_is_prepared_from_the_input_and_what_was_sent():
     with pytest.raises(ValueError, match="not the weights of an exact split"):
         LayerCheck(_layer("CONV_2D"), w[:7], (1, 5, 5, 6), (1, 5, 5, 7), lambda s, d: np.zeros(s, d),
                    popped=True)
+
+
+def test_a_dense_layer_whose_results_have_few_directions_is_computed():
+    """``directions``: the rows times the weights' participation ratio ``(sum s^2)^2 / sum s^4``, from the
+    smaller Gram matrix, as numpy's SVD gives it; under ``FEW_DIRECTIONS`` the TEE computes the layer
+    (``cheaper_computed``), whatever its number of projections. Conv layers are never computed so."""
+    rng = np.random.default_rng(0)
+
+    def check(w: np.ndarray, rows: int = 1) -> LayerCheck:
+        return LayerCheck(_layer("FULLY_CONNECTED"), w.astype(np.float32), (rows, w.shape[1]),
+                          (rows, w.shape[0]), lambda s, d: np.zeros(s, d))
+
+    def ratio(w: np.ndarray) -> float:
+        s = np.linalg.svd(w.astype(np.float32).astype(np.float64), compute_uv=False)
+        return float((s ** 2).sum() ** 2 / (s ** 4).sum())
+
+    wide, tall = rng.standard_normal((200, 300)), rng.standard_normal((300, 200))
+    for w in (wide, tall):
+        made = check(w)
+        assert made.directions == pytest.approx(ratio(w), rel=1e-4)
+        assert made.directions > freivalds.FEW_DIRECTIONS
+        assert not made.cheaper_computed()
+    dominated = wide.copy()
+    dominated[0] *= 30  # a fake over a scale near 0, as the paper's scheme makes them
+    made = check(dominated)
+    assert made.directions == pytest.approx(ratio(dominated), rel=1e-4) and made.directions < 2
+    assert made.k < made.m_out and not made.capped and made.cheaper_computed()
+    assert check(dominated, rows=64).directions == math.inf  # many rows: no sum needed
+    assert check(dominated[:40]).directions == 40 and check(dominated[:40]).cheaper_computed()
+    conv = LayerCheck(_layer("CONV_2D"), rng.standard_normal((8, 3, 3, 4)).astype(np.float32), (1, 6, 6, 4),
+                      (1, 6, 6, 8), lambda s, d: np.zeros(s, d))
+    assert conv.directions == math.inf and not conv.cheaper_computed()

@@ -86,16 +86,29 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
-def _long_sums(manifest: dict) -> set[str]:
+def _long_sums(manifest: dict, graph: Any, scheme: Any | None) -> set[str]:
     """The layers the converter kept in the TEE for their long sums (``converters.partition``), as
-    ``LinearLayer.where`` names them, from the manifest's summary (an artifact converted before the rule
-    has none: its layers crossed)."""
-    entries = (manifest.get("summary") or {}).get("long_sums") or []
+    ``LinearLayer.where`` names them: the manifest's ``summary.long_sums``, which must be what the
+    converter's rule gives on the reference ``graph`` under ``scheme`` (the summary is not sealed: an edited
+    list made the audit skip an offloaded layer's attacks, a review's). An artifact converted before the
+    rule has no list: its layers crossed."""
+    from converters.schemes import partition_for
+
+    summary = manifest.get("summary") or {}
+    if "long_sums" not in summary:
+        return set()
+    entries = summary["long_sums"]
     if not isinstance(entries, list) or not all(
             isinstance(e, dict) and isinstance(e.get("op"), int) and not isinstance(e.get("op"), bool)
             for e in entries):
         raise ArtifactError("manifest.json: summary.long_sums is not a list of {op, layer}")
-    return {f"op {e['op']}" for e in entries}
+    listed = {e["op"] for e in entries}
+    rule = set(partition_for(graph, scheme).long_sums) if scheme is not None else set()
+    if listed != rule:
+        raise ArtifactError(f"manifest.json: summary.long_sums lists ops {sorted(listed)} kept in the TEE, "
+                            f"where the converter keeps {sorted(rule)} of this reference: the manifest was "
+                            "edited, or the reference is not the model that was converted")
+    return {f"op {i}" for i in listed}
 
 
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
@@ -405,7 +418,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "threshold": attacks.RECOVERY_COS,
     }
     scheme = _manifest_scheme(manifest)
-    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest)
+    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme)
     # The scheme ran them in the TEE (groupmix:depthwise=tee; layers on the input with sums too long to
     # split): nothing of theirs crosses, nothing to pair. Always in the JSON, [] when none (it was missing
     # under the paper's scheme: a helper's probe).

@@ -212,9 +212,17 @@ def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp
     assert [layer["name"] for layer in report["layers"]] == ["logits"]
     assert [layer["name"] for layer in report["private_change"]["layers"]] == ["logits"]
     assert "kept in the TEE, not offloaded" in audit_report.format_report(report)
-    assert audit._long_sums(manifest) == {"op 1"}
+    scheme = audit._manifest_scheme(manifest)
+    graph = audit.reference_graph(str(original), scheme)
+    assert audit._long_sums(manifest, graph, scheme) == {"op 1"}
     del manifest["summary"]["long_sums"]  # as before the rule: none kept
-    assert audit._long_sums(manifest) == set()
+    assert audit._long_sums(manifest, graph, scheme) == set()
     manifest["summary"]["long_sums"] = [{"op": "1"}]
-    with pytest.raises(ArtifactError, match="long_sums"):
-        audit._long_sums(manifest)
+    with pytest.raises(ArtifactError, match="long_sums is not a list"):
+        audit._long_sums(manifest, graph, scheme)
+    # The summary is not sealed: a list the rule does not give (an offloaded layer called kept, whose
+    # attacks the audit then skipped: a review) is refused.
+    for forged in ([{"op": 0, "layer": "x"}], [{"op": 1}, {"op": 99999}], []):
+        manifest["summary"]["long_sums"] = forged
+        with pytest.raises(ArtifactError, match="edited, or the reference is not"):
+            audit._long_sums(manifest, graph, scheme)

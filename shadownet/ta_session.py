@@ -170,9 +170,11 @@ def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
     ``scheme``; ``stacklevel`` as ``warnings.warn``'s, from this function."""
     if weak.capped:
         warnings.warn(f"verify: {weak.capped} of {weak.layers} checked layers would need more than 16 "
-                      "projections for the 2^-20 bound and its margin on the calibration inputs (their "
-                      "results concentrate in few directions: SECURITY.md); their checks may fall short of "
-                      "2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
+                      "projections for the 2^-20 bound and its margin on the calibration inputs, or are "
+                      "dense layers whose results have too few directions for any number of projections and "
+                      "whose weights are too large for the TEE to compute them (their results concentrate in "
+                      "few directions: SECURITY.md); their checks may fall short of 2^-20 - "
+                      "stats()['verify']['worst_bound_log2'] is what they achieve",
                       stacklevel=stacklevel)
     if weak.masked:
         its = "its" if len(weak.masked) == 1 else "their"

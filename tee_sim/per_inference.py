@@ -130,7 +130,8 @@ class PerInference:
                                        self.account, computed=own, shared_results=True)
                 if out not in split and made[out].cheaper_computed():  # (it held no secure memory)
                     made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
-                                           self.account, computed=True, shared_results=True)
+                                           self.account, computed=True, shared_results=True,
+                                           directions=made[out].directions)
                 if out in split:
                     made[out + POPPED] = LayerCheck(layer, weights, shm_shapes[layer["input"]],
                                                     shm_shapes[out], self.account, shared_results=True,
@@ -424,8 +425,8 @@ class PerInference:
                        "computed": len(self.computed), "popped": sum(c.popped for c in self.checks.values()),
                        "computed_rounds": sorted(self.computed_rounds),  # not run: skipped_rounds
                        "projections": sum(c.k for c in self.checks.values()), "checked": self.checked,
-                       # layers whose bound wanted more projections than a check takes (freivalds)
-                       "capped": sum(c.capped and not c.popped for c in self.checks.values()),
+                       # layers whose bound cannot be counted on (LayerCheck.weak)
+                       "capped": sum(c.weak and not c.popped for c in self.checks.values()),
                        "unsplit_masked_rounds": sorted(r for r in self.unsplit_masked if r is not None),
                        "worst_ratio": self.worst_ratio,
                        "worst_bound_log2": None if self.checked == 0 else self.worst_bound_log2},

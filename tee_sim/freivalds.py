@@ -50,6 +50,7 @@ from tee_sim import freivalds_bound as bound
 from tee_sim.freivalds_bound import EPS32, SMALL_OUTPUT, TOLERANCE
 from tee_sim.layer_geometry import Geometry, geometry
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
+from tee_sim.ta_shadownet_small_ops import compile_dense
 
 POPPED = "#popped"  # the key of a split layer's popped check, after its result's (tee_sim.per_inference)
 # The most taps a depthwise layer the TEE computes may have (fv_prepare's FV_MAX_DIRECT_TAPS): its kernels
@@ -442,8 +443,8 @@ class LayerCheck:
         depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one
         (``cheaper_computed``), whose result it then uses instead of the accelerator's
         (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as ``prepare`` without the
-        projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``); dense: numpy's matrix
-        product."""
+        projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``); dense: one C call
+        (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast path."""
         if not (self.direct or self.dense):
             raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
                              "computed by the TEE")
@@ -452,12 +453,8 @@ class LayerCheck:
                 or self._norms is None):
             raise ValueError(f"computing: {x.dtype} {x.shape} input, {y.dtype} {y.shape} result")
         if self.dense:
-            rows, weights_t = x.reshape(self.rows_out, self.in_channels), self._w.T
-            results = y.reshape(self.rows_out, self.m_out)
-
-            def product(keep: tuple = (x, y)) -> None:
-                np.matmul(rows, weights_t, out=results)
-            return product
+            return compile_dense(x.reshape(self.rows_out, self.in_channels), self._w,
+                                 y.reshape(self.rows_out, self.m_out))
         made = _Prepare.from_buffer_copy(self._prepare)
         made.x, made.y_out, made.kp = x.ctypes.data, y.ctypes.data, 1
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)

@@ -22,7 +22,10 @@
  *                 Recipes' erfcc (the formula's relative error below 1.2e-7; in float32 the result is
  *                 within 2.7e-7 of |x|, 2e-6 of itself above -5, 2e-5 in its tail near -12.6, as LiteRT's
  *                 builtin kernel's 1.2e-5 there) on vexp; with beta 1, LiteRT's approximate
- *                 GELU, Phi(x) = (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2.
+ *                 GELU, Phi(x) = (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2;
+ *     SN_DENSE    dst[r][j] = src[r] . weights[j], n rows of positions floats each against c rows of
+ *                 weights (a dense layer the TEE computes instead of checking it, tee_sim.freivalds'
+ *                 computing): float lanes across each dot product, added lane by lane at its end.
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,7 +34,7 @@
 #include "ta_shadownet_kernels.h"
 
 enum { SN_COPY = 0, SN_MEAN = 1, SN_SOFTMAX = 2, SN_ROWS = 3, SN_SPREAD = 4, SN_LOGISTIC = 5,
-       SN_HARD_SWISH = 6, SN_GELU = 7 };
+       SN_HARD_SWISH = 6, SN_GELU = 7, SN_DENSE = 8 };
 
 /* exp of each lane for x in [-88, 88] (the caller clamps): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
  * Taylor polynomial to r^7 (relative error below 2^-24 there), times 2^n built in the exponent's bits. */
@@ -118,6 +121,7 @@ typedef struct {
     int32_t kind;
     int64_t dst_stride, src_stride;  /* SN_ROWS's, in floats */
     double lo, hi;                   /* SN_SPREAD's band */
+    const float *weights;            /* SN_DENSE's, c rows of positions floats */
 } sn_small;
 
 INLINE vn smooth(int kind, int approximate, vn x) {
@@ -193,6 +197,23 @@ int sn_small_op(const sn_small *s) {
         }
         return 0;
     }
+    case SN_DENSE:
+        for (int64_t r = 0; r < n; r++) {
+            const float *x = s->src + r * positions;
+            float *o = s->dst + r * c;
+            for (int64_t j = 0; j < c; j++) {
+                const float *w = s->weights + j * positions;
+                vn acc = {0};
+                int64_t k = 0;
+                for (; k + SN_VL <= positions; k += SN_VL) acc += loadn(x + k) * loadn(w + k);
+                float lanes[SN_VL], sum = 0.0f;
+                memcpy(lanes, &acc, sizeof lanes);
+                for (int l = 0; l < SN_VL; l++) sum += lanes[l];
+                for (; k < positions; k++) sum += x[k] * w[k];
+                o[j] = sum;
+            }
+        }
+        return 0;
     default:
         return -1;
     }

@@ -211,3 +211,21 @@ def test_smooth_activations_of_strided_views_are_left_to_numpy():
     x = np.zeros((4, 6), np.float32)
     assert ops.compile_smooth_activation("LOGISTIC", x[:, :3], np.zeros((4, 3), np.float32)) is None
     assert ops.compile_smooth_activation("TANH", x, np.zeros((4, 6), np.float32)) is None
+
+
+@pytest.mark.parametrize("rows, d, m", [(1, 64, 10), (3, 37, 5), (2, 4096, 614), (1, 1, 1)])
+def test_dense_against_float64(rows, d, m):
+    """A dense layer the TEE computes (``LayerCheck.computing``): one kernel call, float32 lanes within the
+    rounding of a float32 dot product of its length of float64's."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    w = rng.standard_normal((m, d)).astype(np.float32)
+    y = np.full((rows, m), np.nan, np.float32)
+    kernel = ops.compile_dense(x, w, y)
+    assert kernel.c_call[1]
+    kernel()
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = 4 * d * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64))
+    assert np.all(np.abs(y - want) <= bound)
+    with pytest.raises(ValueError, match="dense"):
+        ops.compile_dense(x, w.T.copy() if m != d else w[:, :-1], y)

@@ -196,7 +196,8 @@ def table(report: dict[str, Any]) -> str:
                      "offline = TEE time to make one entry (one inference's); sync = entries made on an "
                      "inference's path in the timed runs, of those made then (each run's untimed and timed "
                      "call take one each); V/S-1 = shadownet-verify's overhead (target <= "
-                     "+10%; depthwise layers of multiplier 1 are computed by the TEE there, not checked); "
+                     "+10%; depthwise layers of multiplier 1 and small dense layers are computed by the "
+                     "TEE there, not checked); "
                      "bound = its weakest detection bound (chance a 1e-3 change of a result goes unnoticed).")
     lines.append("Errors: max |diff| / max |U's output| on the bench's input (target <= 1e-4); builtin vs "
                  "XNNPACK: the original model on LiteRT's two kernel sets, the float32 floor.")
@@ -249,7 +250,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
                 "entries made on an inference's path during the timed runs, of those made then (each run's "
                 "untimed and timed call take one each); verify overhead: median "
                 "shadownet-verify / median shadownet - 1, target <= +10%, its depthwise layers of multiplier "
-                "1 computed by the TEE instead of checked; detection bound: the weakest "
+                "1 and small dense layers computed by the TEE instead of checked; detection bound: the "
+                "weakest "
                 "achieved, the chance that a change of 1e-3 of a result's norm goes unnoticed):", "",
                 "| model | mask policy | rounds with one-time masks | pool entries | pool KiB | entry KiB "
                 "| offline ms / inference | synchronous | verify overhead | detection bound |",

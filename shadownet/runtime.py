@@ -456,7 +456,8 @@ class ProtectedModel:
         ``rescaled`` masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow
         the input's spread: the power of two of the last input's, per mask); ``verify``: ``enabled``,
         ``layers``, ``popped`` (split layers' second checks, in neither ``layers`` nor ``checked``),
-        ``computed``, ``computed_rounds``, ``capped``, ``projections`` (popped checks' too), ``checked``
+        ``computed``, ``computed_rounds``, ``capped`` (checked layers whose bound cannot be counted on:
+        SECURITY.md), ``projections`` (popped checks' too), ``checked``
         results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as
         a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of
         the probability that a change of 1e-3 of a result's norm goes unnoticed);

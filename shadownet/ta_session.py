@@ -61,8 +61,9 @@ def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
 
 class WeakChecks(NamedTuple):
     """A verified model's checks that say less than they could (the load warns of them): ``capped`` of its
-    ``layers`` got fewer projections than the bound wants; ``masked`` rounds cross masked without an exact
-    split, so their checks tolerate the mask's rounding."""
+    ``layers`` cannot count on the bound (``tee_sim.freivalds.LayerCheck.weak``: fewer projections than it
+    wants, or dense results of too few directions, too large for the TEE to compute); ``masked`` rounds
+    cross masked without an exact split, so their checks tolerate the mask's rounding."""
 
     capped: int = 0
     layers: int = 0
@@ -142,8 +143,8 @@ def _memory_reasons(model: ProtectedModel, artifacts: Artifacts, context: Any, v
     """What the user chose that a model which did not fit in secure memory needs the memory for."""
     reasons = []
     if verify:
-        reasons.append("verify=True keeps every layer's check and the depthwise layers it computes "
-                       "in secure memory: without it the model needs less")
+        reasons.append("verify=True keeps every layer's check, and the depthwise and dense layers it "
+                       "computes, in secure memory: without it the model needs less")
     carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
     if len(one_time_rounds) > 1:
         chosen = len(one_time_rounds) > len(carrying)

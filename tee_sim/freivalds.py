@@ -379,11 +379,12 @@ class LayerCheck:
         at least its ``M`` outputs (a projection's ``z`` costs as much as an output, and each inference's
         projected filters ``k M D`` more than the layer, ``M D`` per row), more projections than a
         check takes (``capped``: a 10-output head on a flattened 32x32x128 map achieved 2^-1.6, a red
-        team's), or results along fewer than ``FEW_DIRECTIONS`` directions (``_directions``) and weights
-        of at most ``COMPUTED_DENSE_BYTES``, which the TEE then keeps in secure memory. The TEE then
-        computes it (``computed``)."""
+        team's) or results along fewer than ``FEW_DIRECTIONS`` directions (``_directions``), either with
+        weights of at most ``COMPUTED_DENSE_BYTES``, which the TEE then keeps in secure memory. The TEE
+        then computes it (``computed``)."""
         return (self.kind == "FULLY_CONNECTED" and not self.popped and not self.computed
-                and (self.k >= self.m_out or self.capped or self._few_directions() and not self._too_large()))
+                and (self.k >= self.m_out  # its projected filters (k x D) then outweigh its weights (M x D)
+                     or (self.capped or self._few_directions()) and not self._too_large()))
 
     def _few_directions(self) -> bool:
         return self.directions < FEW_DIRECTIONS
@@ -396,10 +397,10 @@ class LayerCheck:
     @property
     def weak(self) -> bool:
         """Whether this check's bound cannot be counted on: it wanted more projections than a check takes
-        (``capped``), or its results have too few directions (``_directions``) and its weights are too
-        large to compute it. (An exact split's dense layer of few directions is checked on its masked
-        input, whose mask draws its results' directions afresh each inference: the 5-output head of the
-        tests' small CNN held 2^-24.9 or better on 40 images; not counted.)"""
+        (``capped``), or its results have too few directions (``_directions``), and its weights are too
+        large to compute it (``cheaper_computed``). (An exact split's dense layer of few directions is
+        checked on its masked input, whose mask draws its results' directions afresh each inference: the
+        5-output head of the tests' small CNN held 2^-24.9 or better on 40 images; not counted.)"""
         return not self.computed and (self.capped or self._few_directions() and self._too_large())
 
     def _directions(self, w: np.ndarray) -> float:

@@ -1,10 +1,11 @@
 """The ShadowNet trusted app's small ops as single C calls (``tee_sim/ta_shadownet_small_ops.c``): MEAN over
 an image's positions, SOFTMAX over its channels (``converters.plan_numpy``'s ``mean`` and ``softmax``),
-LOGISTIC, HARD_SWISH and GELU (its ``activation``s of those kinds) and whole-tensor copies (a ``copy``, a
-``reshape``). Through LiteRT or numpy each of them made its step Python's
-to run; as kernel calls with a ``c_call`` the step runs on the secure world's fast path
-(``ShadowNetTA.step_program``): a classifier's last two steps (MEAN, then SOFTMAX and the output's copy)
-each cost 80-140 us more than a fast step in the secure world's Python.
+LOGISTIC, HARD_SWISH and GELU (its ``activation``s of those kinds), whole-tensor copies (a ``copy``, a
+``reshape``) and a dense layer's product (one the TEE computes under ``--verify``: ``compile_dense``).
+Through LiteRT or numpy each of them made its step Python's to run; as kernel calls with a ``c_call`` the
+step runs on the secure world's fast path (``ShadowNetTA.step_program``): a classifier's last two steps
+(MEAN, then SOFTMAX and the output's copy) each cost 80-140 us more than a fast step in the secure world's
+Python.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class _Small(ctypes.Structure):
                 ("weights", ctypes.c_void_p)]
 
 
-def _dense(array: np.ndarray) -> bool:
+def _contiguous(array: np.ndarray) -> bool:
     return array.dtype == np.float32 and array.flags.c_contiguous
 
 
@@ -47,7 +48,7 @@ def _kernel(kind: int, src: np.ndarray, dst: np.ndarray, n: int, positions: int,
 def compile_copy(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any] | None:
     """``dst = src`` as one call, for two dense float32 arrays of the same size (shapes may differ: a
     reshape); None otherwise (the caller copies with numpy)."""
-    if not (_dense(src) and _dense(dst)) or src.size != dst.size:
+    if not (_contiguous(src) and _contiguous(dst)) or src.size != dst.size:
         return None
     return _kernel(_COPY, src, dst, 1, 1, src.size)
 
@@ -56,7 +57,7 @@ def compile_dense(x: np.ndarray, weights: np.ndarray, y: np.ndarray) -> Callable
     """``y = x weights^T`` as one call: ``x`` ``[rows, D]``, ``weights`` ``[M, D]``, ``y`` ``[rows, M]``,
     dense float32 (a dense layer the TEE computes: ``tee_sim.freivalds.LayerCheck.computing``; through
     numpy's matrix product its step was Python's, 0.1-0.2 ms more per inference on ResNet-44)."""
-    if not (_dense(x) and _dense(weights) and _dense(y)) or x.ndim != 2 or weights.ndim != 2 \
+    if not (_contiguous(x) and _contiguous(weights) and _contiguous(y)) or x.ndim != 2 or weights.ndim != 2 \
             or y.shape != (x.shape[0], weights.shape[0]) or x.shape[1] != weights.shape[1]:
         raise ValueError(f"dense: {x.dtype} {x.shape} by {weights.dtype} {weights.shape} into {y.shape}")
     op = _Small(x.ctypes.data, y.ctypes.data, x.shape[0], x.shape[1], weights.shape[0], 1.0, _DENSE,
@@ -114,14 +115,14 @@ def compile_smooth_activation(kind: str, src: np.ndarray, dst: np.ndarray,
     ``tee_sim.ta_shadownet_numpy_ops``). In numpy, four passes and a Python call each, EfficientNetB0's 65
     LOGISTICs at 128x128 cost the TA 5.4-5.8 ms an inference against 4.4-4.5 through LiteRT (which kept an
     arena per op: 31.4 MiB of secure memory against 19.0); in C, 3.9-4.3."""
-    if kind not in _SMOOTH or not (_dense(src) and _dense(dst)) or src.shape != dst.shape:
+    if kind not in _SMOOTH or not (_contiguous(src) and _contiguous(dst)) or src.shape != dst.shape:
         return None
     return _kernel(_SMOOTH[kind], src, dst, 1, 1, src.size, 1.0 if approximate else 0.0)
 
 
 def compile_mean(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
     """``dst = mean(src, axis=(1, 2))`` for a dense NHWC ``src``; ``dst`` [N, 1, 1, C] or [N, C]."""
-    if not (_dense(src) and _dense(dst)) or src.ndim != 4 or src.shape[1] * src.shape[2] < 1 \
+    if not (_contiguous(src) and _contiguous(dst)) or src.ndim != 4 or src.shape[1] * src.shape[2] < 1 \
             or dst.shape not in ((src.shape[0], 1, 1, src.shape[3]), (src.shape[0], src.shape[3])):
         raise ValueError(f"mean {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
     n, h, w, c = src.shape
@@ -130,7 +131,8 @@ def compile_mean(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
 
 def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> Callable[[], Any]:
     """``dst = softmax(beta * src)`` over the last axis, for dense arrays of one shape."""
-    if not (_dense(src) and _dense(dst)) or src.shape != dst.shape or src.ndim < 1 or src.shape[-1] < 1:
+    if not (_contiguous(src) and _contiguous(dst)) or src.shape != dst.shape or src.ndim < 1 \
+            or src.shape[-1] < 1:
         raise ValueError(f"softmax {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
     c = src.shape[-1]
     return _kernel(_SOFTMAX, src, dst, 1, src.size // c, c, float(instr["beta"]))
@@ -142,7 +144,7 @@ def compile_spread(src: np.ndarray, peak_weight: float = 0.0) -> Callable[[], An
     caller): it returns 0 if so, else 2 (``SPREAD_OUTSIDE``, as a restore's measure: 1 is a failed
     check's), which sends a step on the secure world's fast path back to the TA's Python; None when
     ``src`` is not dense (the caller uses numpy)."""
-    if not _dense(src) or src.size == 0:
+    if not _contiguous(src) or src.size == 0:
         return None
     op = _Small(src.ctypes.data, None, 1, 1, src.size, float(peak_weight), _SPREAD)
     op.lo, op.hi = math.inf, -math.inf  # nothing in the band until the caller sets it

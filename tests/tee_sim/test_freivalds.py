@@ -506,7 +506,7 @@ def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     assert check(huge).directions == math.inf
 
 
-def test_a_dense_layer_of_few_directions_too_large_to_keep_is_checked_and_said_weak(monkeypatch):
+def test_a_dense_layer_too_large_to_keep_is_checked_and_said_weak(monkeypatch):
     """Computed, a dense layer's weights stay in secure memory beside their authenticated read: past
     ``COMPUTED_DENSE_BYTES`` (a 2457x4096 layer, 38 MiB, failed the load in 64: a review) it is checked,
     and its check counted ``weak`` (the load's warning, ``stats()['verify']['capped']``)."""
@@ -522,6 +522,18 @@ def test_a_dense_layer_of_few_directions_too_large_to_keep_is_checked_and_said_w
     computed = LayerCheck(_layer("FULLY_CONNECTED"), w, (1, 300), (1, 200), lambda s, d: np.zeros(s, d),
                           computed=True, directions=made.directions)
     assert computed.directions == made.directions and not computed.weak
+    # A capped layer (more projections wanted than a check takes) likewise: a 2457x4096 one of the paper's
+    # scheme, often capped too, still failed the load (a review).
+    many = rng.standard_normal((200, 300)).astype(np.float32)
+    capped = LayerCheck({**_layer("FULLY_CONNECTED"), "anisotropy": 2.0 ** 20}, many, (1, 300), (1, 200),
+                        lambda s, d: np.zeros(s, d))
+    assert capped.capped and capped.directions > freivalds.FEW_DIRECTIONS and capped.cheaper_computed()
+    monkeypatch.setattr(freivalds, "COMPUTED_DENSE_BYTES", 4 * 200 * 300 - 1)
+    assert not capped.cheaper_computed() and capped.weak
+    # k of at least M outputs: its projected filters outweigh its weights, computed whatever their size.
+    few = LayerCheck(_layer("FULLY_CONNECTED"), many[:3], (1, 300), (1, 3), lambda s, d: np.zeros(s, d))
+    monkeypatch.setattr(freivalds, "COMPUTED_DENSE_BYTES", 0)
+    assert few.k >= few.m_out and few.cheaper_computed()
 
 
 def test_the_directions_of_a_large_dense_layer_are_estimated_from_probes(monkeypatch):

@@ -1,6 +1,6 @@
 """The TA's small ops (``tee_sim.ta_shadownet_small_ops`` and its C ``sn_small_op``) on every build of the
-kernels this CPU runs: MEAN over an image's positions and SOFTMAX over its channels against float64
-numpy, copies bit for bit, each a single kernel call for the fast path."""
+kernels this CPU runs: MEAN over an image's positions, SOFTMAX over its channels and a dense layer's
+product against float64 numpy, copies bit for bit, each a single kernel call for the fast path."""
 
 import math
 

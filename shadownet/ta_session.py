@@ -62,7 +62,7 @@ def load_options(verify: bool, mask_pool: int | None, on_exhausted: str,
 class WeakChecks(NamedTuple):
     """A verified model's checks that say less than they could (the load warns of them): ``capped`` of its
     ``layers`` cannot count on the bound (``tee_sim.freivalds.LayerCheck.weak``: fewer projections than it
-    wants, or dense results of too few directions, too large for the TEE to compute); ``masked`` rounds
+    wants, or results of too few directions, too large for the TEE to compute); ``masked`` rounds
     cross masked without an exact split, so their checks tolerate the mask's rounding."""
 
     capped: int = 0
@@ -143,8 +143,8 @@ def _memory_reasons(model: ProtectedModel, artifacts: Artifacts, context: Any, v
     """What the user chose that a model which did not fit in secure memory needs the memory for."""
     reasons = []
     if verify:
-        reasons.append("verify=True keeps every layer's check, and the depthwise and dense layers it "
-                       "computes, in secure memory: without it the model needs less")
+        reasons.append("verify=True keeps every layer's check, and the layers it computes, in secure "
+                       "memory: without it the model needs less")
     carrying = (artifacts.manifest.get("masks") or {}).get("input_rounds") or [1]
     if len(one_time_rounds) > 1:
         chosen = len(one_time_rounds) > len(carrying)
@@ -172,9 +172,9 @@ def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
     if weak.capped:
         warnings.warn(f"verify: {weak.capped} of {weak.layers} checked layers would need more than 16 "
                       "projections for the 2^-20 bound and its margin on the calibration inputs, or are "
-                      "dense layers whose results have too few directions for any number of projections and "
-                      "whose weights are too large for the TEE to compute them (their results concentrate in "
-                      "few directions: SECURITY.md); their checks may fall short of 2^-20 - "
+                      "layers whose results have too few directions for any number of projections and whose "
+                      "weights are too large for the TEE to compute them (their results concentrate in few "
+                      "directions: SECURITY.md); their checks may fall short of 2^-20 - "
                       "stats()['verify']['worst_bound_log2'] is what they achieve",
                       stacklevel=stacklevel)
     if weak.masked:

@@ -174,10 +174,10 @@ class LayerCheck:
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
-        # How many independent directions a dense layer's results have (``_directions``; ``directions``:
-        # as the check made before this computed one found them).
-        self.directions = math.inf if self.kind != "FULLY_CONNECTED" or popped else \
-            directions if directions is not None else self._directions(w)
+        # How many independent directions a dense or conv layer's results have (``_directions``;
+        # ``directions``: as the check made before this computed one found them).
+        self.directions = math.inf if self.kind == "DEPTHWISE_CONV_2D" or popped else \
+            directions if directions is not None else self._directions(w.reshape(self.m_out, -1))
         # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
         # (``freivalds_bound.coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)
@@ -208,12 +208,14 @@ class LayerCheck:
         # A depthwise layer with multiplier 1 is computed by the TEE and projected (fv_prepare's
         # prepare_dw): its weights [taps, M rounded up to 16], zero-padded, from the authenticated model.
         self.direct = direct(self.kind, w.shape, x_shape)
-        # A dense layer whose check would cost more than the layer (``cheaper_computed``) is computed by the
-        # TEE when asked (``computed``): its weights [M, D], from the authenticated model.
-        self.dense = computed and self.kind == "FULLY_CONNECTED" and not popped
+        # A dense layer whose check would cost more than the layer, or a dense or conv layer of few
+        # directions (``cheaper_computed``), is computed by the TEE when asked (``computed``) as a matrix
+        # product: its weights [M, D] from the authenticated model (a conv's as ``_as_dense`` lays them
+        # out, over its whole input).
+        self.dense = computed and self.kind in ("FULLY_CONNECTED", "CONV_2D") and not popped
         if computed and not (self.direct or self.dense):
-            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
-                             "computed by the TEE")
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1, a dense or a conv "
+                             "layer is computed by the TEE")
         width = -(-self.m_out // LANES) * LANES if self.direct else LANES
         self._dw: np.ndarray | None = None
         if self.direct:
@@ -221,8 +223,9 @@ class LayerCheck:
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
         self._w: np.ndarray | None = None
         if self.dense:
-            self._w = alloc((self.m_out, c), np.float32)
-            self._w[...] = w.reshape(self.m_out, c)
+            shape = (self.m_out, c) if self.kind == "FULLY_CONNECTED" else self._dense_shape()
+            self._w = alloc(shape, np.float32)
+            self._w[...] = w.reshape(shape) if self.kind == "FULLY_CONNECTED" else self._as_dense(w)
         # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
         # prepare_tiled), a computed layer (compute_dw).
         self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
@@ -381,8 +384,15 @@ class LayerCheck:
         check takes (``capped``: a 10-output head on a flattened 32x32x128 map achieved 2^-1.6, a red
         team's) or results along fewer than ``FEW_DIRECTIONS`` directions (``_directions``), either with
         weights of at most ``COMPUTED_DENSE_BYTES``, which the TEE then keeps in secure memory. The TEE
-        then computes it (``computed``)."""
-        return (self.kind == "FULLY_CONNECTED" and not self.popped and not self.computed
+        then computes it (``computed``). A conv layer likewise, for few directions alone (few output
+        positions: under the paper's scheme a one-position 3x3 conv of stride 2 on a 4x4 map reached
+        2^-4.9 on 20 of 40 inputs, a helper's probe), as the dense layer it is on each image's input
+        (``_as_dense``)."""
+        if self.popped or self.computed:
+            return False
+        if self.kind == "CONV_2D":  # few directions: few output positions of weights of few directions
+            return self._few_directions() and not self._too_large()
+        return (self.kind == "FULLY_CONNECTED"
                 and (self.k >= self.m_out  # its projected filters (k x D) then outweigh its weights (M x D)
                      or (self.capped or self._few_directions()) and not self._too_large()))
 
@@ -390,9 +400,40 @@ class LayerCheck:
         return self.directions < FEW_DIRECTIONS
 
     def _too_large(self) -> bool:
-        """Weights past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of the paper's scheme, 38 MiB, failed
-        the load in a 64 MiB TEE that holds their authenticated read besides (a review)."""
-        return 4 * self.m_out * self.in_channels > COMPUTED_DENSE_BYTES
+        """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of
+        the paper's scheme, 38 MiB, failed the load in a 64 MiB TEE that holds their authenticated read
+        besides (a review)."""
+        shape = (self.m_out, self.in_channels) if self.kind == "FULLY_CONNECTED" else self._dense_shape()
+        return 4 * math.prod(shape) > COMPUTED_DENSE_BYTES
+
+    def _dense_shape(self) -> tuple[int, int]:
+        """A conv layer as a dense one on each image: ``[positions x M, H x W x C]``."""
+        _, h, w, c = self.geo.x_shape
+        _, ho, wo, _ = self.geo.y_shape
+        return ho * wo * self.m_out, h * w * c
+
+    def _as_dense(self, weights: np.ndarray) -> np.ndarray:
+        """A conv layer's weights ``[M, kh, kw, C]`` as the dense layer it is on each image's whole input
+        (``_dense_shape``, rows in the output's order: position, then channel), zero where a window does
+        not read: for the few output positions of a layer ``_directions`` finds few (a one-position conv
+        is a dense layer on its window); taps in the zero padding dropped, as they read zeros."""
+        geo = self.geo
+        _, h, w, c = geo.x_shape
+        _, ho, wo, m = geo.y_shape
+        (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
+        taps = np.asarray(weights, np.float32).reshape(m, kh, kw, c)
+        dense = np.zeros((ho, wo, m, h, w, c), np.float32)
+        for py in range(ho):
+            for px in range(wo):
+                for i in range(kh):
+                    y = py * sh - top + i * dh
+                    if not 0 <= y < h:
+                        continue
+                    for j in range(kw):
+                        x = px * sw - left + j * dw
+                        if 0 <= x < w:
+                            dense[py, px, :, y, x, :] = taps[:, i, j, :]
+        return dense.reshape(ho * wo * m, h * w * c)
 
     @property
     def weak(self) -> bool:
@@ -404,7 +445,8 @@ class LayerCheck:
         return not self.computed and (self.capped or self._few_directions() and self._too_large())
 
     def _directions(self, w: np.ndarray) -> float:
-        """A dense layer's rows times the participation ratio of its weights' singular values,
+        """A dense layer's rows (a conv layer's output positions) times the participation ratio of its
+        weights' singular values (``w``: ``[M, D]``, a conv's filters as rows),
         ``(sum s^2)^2 / sum s^4``: how many independent directions its results ``y'`` have, so how many
         squares ``||y'||^2`` sums (chi-square of that many degrees of freedom on isotropic inputs). The
         number of projections is chosen for ``||y'||`` near its mean, with a margin of 6 bits over ``k``
@@ -419,12 +461,12 @@ class LayerCheck:
         (``2 M D`` each; relative error about ``sqrt(2 / (ratio x probes))``: 3% near 64). Any number
         above ``FEW_DIRECTIONS`` when it is clear without the sum, or the weights' squares overflow
         (``inf``)."""
-        rows, m, c = self.rows_out, self.m_out, self.in_channels
+        rows, (m, c) = self.rows_out, w.shape
         if rows * min(m, c) < FEW_DIRECTIONS:  # the ratio is at most min(m, c)
             return float(rows * min(m, c))
         if rows >= FEW_DIRECTIONS:
             return math.inf
-        flat = w.reshape(m, c)
+        flat = w
         with np.errstate(over="ignore", invalid="ignore"):  # weights past float32's square root: inf
             second = float(np.einsum("ij,ij->", flat, flat, dtype=np.float64))
             if min(m, c) ** 2 * max(m, c) <= EXACT_GRAM_MACS:
@@ -441,11 +483,12 @@ class LayerCheck:
     def computing(self, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
         """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy
         ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
-        depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one
-        (``cheaper_computed``), whose result it then uses instead of the accelerator's
-        (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as ``prepare`` without the
-        projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``); dense: one C call
-        (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast path."""
+        depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one (a
+        dense layer, or a conv as one: ``_as_dense``; ``cheaper_computed``), whose result it then uses
+        instead of the accelerator's (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as
+        ``prepare`` without the projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``);
+        dense: one C call (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast
+        path."""
         if not (self.direct or self.dense):
             raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
                              "computed by the TEE")
@@ -453,9 +496,9 @@ class LayerCheck:
                 or y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
                 or self._norms is None):
             raise ValueError(f"computing: {x.dtype} {x.shape} input, {y.dtype} {y.shape} result")
-        if self.dense:
-            return compile_dense(x.reshape(self.rows_out, self.in_channels), self._w,
-                                 y.reshape(self.rows_out, self.m_out))
+        if self.dense:  # a conv: each image's input against _as_dense's rows
+            rows = self.rows_out if self.kind == "FULLY_CONNECTED" else self.geo.x_shape[0]
+            return compile_dense(x.reshape(rows, -1), self._w, y.reshape(rows, -1))
         made = _Prepare.from_buffer_copy(self._prepare)
         made.x, made.y_out, made.kp = x.ctypes.data, y.ctypes.data, 1
         run, address = LIBRARY.fv_prepare, ctypes.addressof(made)

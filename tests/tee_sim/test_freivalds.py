@@ -409,7 +409,8 @@ def test_an_honest_long_sum_that_grows_with_its_result_passes(inputs, build, mon
 def test_a_dense_layer_whose_check_costs_more_than_it_is_computed_instead():
     """``cheaper_computed``: 10 outputs on 32,768 inputs need about as many projections as outputs (each
     costs what an output does); 200 outputs on 64 need a few. Computed, the layer is numpy's product of
-    the kept weights, as float64 computes it up to float32 rounding; a conv layer is not computed."""
+    the kept weights, as float64 computes it up to float32 rounding; a conv layer of many output
+    positions is not computed."""
     rng = np.random.default_rng(3)
     alloc = lambda shape, dtype: np.zeros(shape, dtype)  # noqa: E731
     for (m, d), cheaper in (((10, 32_768), True), ((200, 64), False)):
@@ -425,8 +426,35 @@ def test_a_dense_layer_whose_check_costs_more_than_it_is_computed_instead():
         want = x.astype(np.float64) @ w.T.astype(np.float64)
         assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
     conv_w = rng.standard_normal((24, 3, 3, 16)).astype(np.float32)
-    with pytest.raises(ValueError, match="only a depthwise layer with multiplier 1 or a dense layer"):
-        LayerCheck(_layer("CONV_2D"), conv_w, (1, 12, 12, 16), (1, 12, 12, 24), alloc, computed=True)
+    conv = LayerCheck(_layer("CONV_2D"), conv_w, (1, 12, 12, 16), (1, 12, 12, 24), alloc)
+    assert conv.directions == math.inf and not conv.cheaper_computed()
+
+
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[0] == "CONV_2D"],
+                         ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-x{g[4]}-w{g[5]}")
+def test_a_conv_layer_computed_as_a_dense_one_is_the_conv(geometry):
+    """A conv layer of few directions (few output positions) is computed as the dense layer it is on each
+    image's whole input (``LayerCheck._as_dense``: every position's window, strides, dilation, the zero
+    padding's taps dropped): as float64 computes the conv, up to float32 rounding, a batch of 2 included."""
+    kind, padding, stride, dilation, x_shape, w_shape = geometry
+    check, x, w, y64, u, f, rng = _setup(geometry)
+    layer = _layer(kind, padding, stride, dilation)
+    computed = LayerCheck(layer, w, x.shape, y64.shape, lambda s, d: np.zeros(s, d), computed=True)
+    assert not computed.cheaper_computed() and computed.scratch_elements == 0
+    computed.bind_scratch(np.zeros(0, np.float32))
+    y = np.full(y64.shape, np.nan, np.float32)
+    computed.computing(x, y)()
+    scale = np.abs(x).max() * np.abs(w).sum(axis=(1, 2, 3)).max()
+    np.testing.assert_allclose(y, y64, rtol=0, atol=4 * np.finfo(np.float32).eps * scale)
+    other = (10 * rng.standard_normal(x_shape)).astype(np.float32)  # a batch of two: each image's rows
+    pair, want = np.concatenate([x, other]), np.concatenate([y64, linear.conv2d(other, w, _options(layer))])
+    twice = LayerCheck(layer, w, pair.shape, want.shape, lambda s, d: np.zeros(s, d), computed=True)
+    twice.bind_scratch(np.zeros(0, np.float32))
+    both = np.full(want.shape, np.nan, np.float32)
+    twice.computing(pair, both)()
+    np.testing.assert_array_equal(both[:1], y)  # the first image: the same sums in the same order
+    scale = max(scale, np.abs(other).max() * np.abs(w).sum(axis=(1, 2, 3)).max())
+    np.testing.assert_allclose(both, want, rtol=0, atol=4 * np.finfo(np.float32).eps * scale)
 
 
 def test_the_chosen_projections_miss_no_change_of_a_thousandth():
@@ -474,7 +502,8 @@ def test_a_popped_check_is_prepared_from_the_input_and_what_was_sent():
 def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     """``directions``: the rows times the weights' participation ratio ``(sum s^2)^2 / sum s^4``, from the
     smaller Gram matrix, as numpy's SVD gives it; under ``FEW_DIRECTIONS`` the TEE computes the layer
-    (``cheaper_computed``), whatever its number of projections. Conv layers are never computed so."""
+    (``cheaper_computed``), whatever its number of projections; a conv layer's count is its output
+    positions times its filters' ratio."""
     rng = np.random.default_rng(0)
 
     def check(w: np.ndarray, rows: int = 1) -> LayerCheck:
@@ -499,9 +528,15 @@ def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     assert check(wide).weak is False
     assert check(dominated, rows=64).directions == math.inf  # many rows: no sum needed
     assert check(dominated[:40]).directions == 40 and check(dominated[:40]).cheaper_computed()
-    conv = LayerCheck(_layer("CONV_2D"), rng.standard_normal((8, 3, 3, 4)).astype(np.float32), (1, 6, 6, 4),
-                      (1, 6, 6, 8), lambda s, d: np.zeros(s, d))
-    assert conv.directions == math.inf and not conv.cheaper_computed()
+    # A conv layer: its output positions times its filters' ratio (filters as rows); 64 positions or more
+    # need no sum.
+    filters = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
+    conv = LayerCheck(_layer("CONV_2D"), filters, (1, 6, 6, 4), (1, 6, 6, 8), lambda s, d: np.zeros(s, d))
+    assert conv.directions == pytest.approx(36 * ratio(filters.reshape(8, -1)), rel=1e-4)
+    assert (conv.directions < freivalds.FEW_DIRECTIONS) == conv.cheaper_computed()
+    alloc = lambda s, d: np.zeros(s, d)  # noqa: E731
+    positions = LayerCheck(_layer("CONV_2D"), filters, (1, 8, 8, 4), (1, 8, 8, 8), alloc)
+    assert positions.directions == math.inf and not positions.cheaper_computed()
     huge = wide * 1e30  # squares past float32's range: no claim (the check fails closed, as before)
     assert check(huge).directions == math.inf
 

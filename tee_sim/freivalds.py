@@ -10,7 +10,8 @@ much as the layer itself, is computed instead and projected, ``z_j = u_j . L(x',
 than ``k T`` multiply-adds per output channel and position; with a depth multiplier of 1 the TA goes one
 step further and uses that result itself, unchecked, instead of the accelerator's:
 ``LayerCheck.computing``, ``tee_sim.per_inference_kernels``; so it does with a dense layer whose check
-would cost more than the layer, ``LayerCheck.cheaper_computed``) - and the window norms ``n_p`` (the
+would cost more than the layer, and with a dense or conv layer whose results have too few directions for
+a check, ``LayerCheck.cheaper_computed``) - and the window norms ``n_p`` (the
 norm of the input window output position ``p`` reads); when the results come back the restore copies
 them into secure memory a tile at a time (the normal world could change shared memory between the check
 and the use), checks the tile there and restores it from there, accepting it only if, at every position
@@ -58,9 +59,13 @@ POPPED = "#popped"  # the key of a split layer's popped check, after its result'
 # larger one is checked with projected filters instead.
 MAX_DIRECT_TAPS = 4096
 # A dense layer whose results have fewer independent directions than this is computed by the TEE
-# (``LayerCheck._directions``): their norm varies between inputs by more than the check's margin.
-FEW_DIRECTIONS = 64
-# The largest weights (bytes) of a dense layer computed for its few directions: a quarter of the simulated
+# (``LayerCheck._directions``): their norm varies between inputs by more than the check's margin. A conv
+# layer's count takes its output positions as independent, which neighbouring windows are not, so its
+# threshold is measured instead: the short layers of a helper's probe (192 conv layers) all counted 4.01
+# or less, MobileNet's 7x7 pointwise layers under the paper's scheme 48-60 and held 2^-23.3 (a review).
+FEW_DIRECTIONS, FEW_CONV_DIRECTIONS = 64, 16
+# The largest weights (bytes; a conv's laid out as ``LayerCheck._as_dense``) of a layer computed for its few
+# directions or its capped projections: a quarter of the simulated
 # secure world's 64 MiB cap (the rest: the weights' authenticated read, masks, checks, the TEE's model).
 COMPUTED_DENSE_BYTES = 16 << 20
 EXACT_GRAM_MACS, DIRECTION_PROBES = 1 << 27, 32  # LayerCheck._directions: exact up to that, then estimated
@@ -397,7 +402,10 @@ class LayerCheck:
                      or (self.capped or self._few_directions()) and not self._too_large()))
 
     def _few_directions(self) -> bool:
-        return self.directions < FEW_DIRECTIONS
+        return self.directions < self._threshold()
+
+    def _threshold(self) -> int:
+        return FEW_CONV_DIRECTIONS if self.kind == "CONV_2D" else FEW_DIRECTIONS
 
     def _too_large(self) -> bool:
         """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of
@@ -459,12 +467,13 @@ class LayerCheck:
         smaller Gram matrix, or, where that costs more than ``EXACT_GRAM_MACS`` (a 25088x4096 layer:
         4e11), its unbiased estimate from ``DIRECTION_PROBES`` Gaussian probes, ``E ||W^T W g||^2``
         (``2 M D`` each; relative error about ``sqrt(2 / (ratio x probes))``: 3% near 64). Any number
-        above ``FEW_DIRECTIONS`` when it is clear without the sum, or the weights' squares overflow
-        (``inf``)."""
+        above the threshold (``FEW_DIRECTIONS``, a conv's ``FEW_CONV_DIRECTIONS``) when it is clear without
+        the sum, or the weights' squares overflow (``inf``)."""
         rows, (m, c) = self.rows_out, w.shape
-        if rows * min(m, c) < FEW_DIRECTIONS:  # the ratio is at most min(m, c)
+        few = self._threshold()
+        if rows * min(m, c) < few:  # the ratio is at most min(m, c)
             return float(rows * min(m, c))
-        if rows >= FEW_DIRECTIONS:
+        if rows >= few:  # and at least 1
             return math.inf
         flat = w
         with np.errstate(over="ignore", invalid="ignore"):  # weights past float32's square root: inf
@@ -490,8 +499,8 @@ class LayerCheck:
         dense: one C call (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast
         path."""
         if not (self.direct or self.dense):
-            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1 or a dense layer is "
-                             "computed by the TEE")
+            raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1, a dense or a conv "
+                             "layer is computed by the TEE")
         if (x.dtype != np.float32 or x.size != self.x_elements or not x.flags.c_contiguous
                 or y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
                 or self._norms is None):

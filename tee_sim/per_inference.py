@@ -110,10 +110,10 @@ class PerInference:
         if verify:
             needed |= {layer["weights"] for layer in layers.values()}
         # Checks: one per accelerator output, prepared from its input buffer. A depthwise layer with
-        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), and a dense layer
-        # whose check costs more than it or whose results have too few directions for it
-        # (LayerCheck.cheaper_computed) are computed instead (``computed``): the TEE uses its own result,
-        # not the accelerator's. Each is made from its
+        # multiplier 1, which a check would compute in full anyway (LayerCheck's direct), a dense layer
+        # whose check costs more than it, and a dense or conv layer whose results have too few directions
+        # for a check (LayerCheck.cheaper_computed) are computed instead (``computed``): the TEE uses its
+        # own result, not the accelerator's. Each is made from its
         # layer's weights as the load reads them (its norms; a computed layer's weights, kept).
         # An exact split's layer has a second check, of its popped result (``POPPED``, LayerCheck's popped).
         made: dict[str, LayerCheck] = {}

@@ -528,14 +528,17 @@ def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     assert check(wide).weak is False
     assert check(dominated, rows=64).directions == math.inf  # many rows: no sum needed
     assert check(dominated[:40]).directions == 40 and check(dominated[:40]).cheaper_computed()
-    # A conv layer: its output positions times its filters' ratio (filters as rows); 64 positions or more
-    # need no sum.
-    filters = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
-    conv = LayerCheck(_layer("CONV_2D"), filters, (1, 6, 6, 4), (1, 6, 6, 8), lambda s, d: np.zeros(s, d))
-    assert conv.directions == pytest.approx(36 * ratio(filters.reshape(8, -1)), rel=1e-4)
-    assert (conv.directions < freivalds.FEW_DIRECTIONS) == conv.cheaper_computed()
+    # A conv layer: its output positions times its filters' ratio (filters as rows), against its own
+    # threshold; 16 positions or more need no sum.
     alloc = lambda s, d: np.zeros(s, d)  # noqa: E731
-    positions = LayerCheck(_layer("CONV_2D"), filters, (1, 8, 8, 4), (1, 8, 8, 8), alloc)
+    filters = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
+    conv = LayerCheck(_layer("CONV_2D", "VALID"), filters, (1, 4, 4, 4), (1, 2, 2, 8), alloc)
+    assert conv.directions == pytest.approx(4 * ratio(filters.reshape(8, -1)), rel=1e-4)
+    assert conv.directions > freivalds.FEW_CONV_DIRECTIONS and not conv.cheaper_computed()
+    filters[0] *= 30
+    conv = LayerCheck(_layer("CONV_2D", "VALID"), filters, (1, 4, 4, 4), (1, 2, 2, 8), alloc)
+    assert conv.directions < freivalds.FEW_CONV_DIRECTIONS and conv.cheaper_computed()
+    positions = LayerCheck(_layer("CONV_2D"), filters, (1, 4, 4, 4), (1, 4, 4, 8), alloc)
     assert positions.directions == math.inf and not positions.cheaper_computed()
     huge = wide * 1e30  # squares past float32's range: no claim (the check fails closed, as before)
     assert check(huge).directions == math.inf

@@ -20,7 +20,7 @@ input to input by more than the margin - under the paper's scheme, a small dense
 filters put nearly all their energy in one or two N(0, 1) fakes follows one random projection of its
 input (a review: 10-30x from input to input on the zoo MiniVGG's classifier, whose checks then reached
 2^-8 and worse; past about 20x the honest tolerance exceeds a 1e-3 change and no number of projections
-helps). The TA computes such dense layers instead (``tee_sim.freivalds.LayerCheck._directions``).
+helps). The TA computes such dense layers instead (``tee_sim.freivalds_directions``).
 """
 
 from __future__ import annotations

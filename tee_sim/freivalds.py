@@ -48,7 +48,9 @@ from typing import Any
 import numpy as np
 
 from tee_sim import freivalds_bound as bound
+from tee_sim import freivalds_directions as directions
 from tee_sim.freivalds_bound import EPS32, SMALL_OUTPUT, TOLERANCE
+from tee_sim.freivalds_directions import COMPUTED_DENSE_BYTES, FEW_CONV_DIRECTIONS, FEW_DIRECTIONS
 from tee_sim.layer_geometry import Geometry, geometry
 from tee_sim.ta_shadownet_kernels import LANES, LIBRARY
 from tee_sim.ta_shadownet_small_ops import compile_dense
@@ -58,17 +60,6 @@ POPPED = "#popped"  # the key of a split layer's popped check, after its result'
 # keep a pointer or two per tap on the stack, which a 600x600 kernel overflowed (a helper's ASan run); a
 # larger one is checked with projected filters instead.
 MAX_DIRECT_TAPS = 4096
-# A dense layer whose results have fewer independent directions than this is computed by the TEE
-# (``LayerCheck._directions``): their norm varies between inputs by more than the check's margin. A conv
-# layer's count takes its output positions as independent, which neighbouring windows are not, so its
-# threshold is measured instead: the short layers of a helper's probe (192 conv layers) all counted 4.01
-# or less, MobileNet's 7x7 pointwise layers under the paper's scheme 48-60 and held 2^-23.3 (a review).
-FEW_DIRECTIONS, FEW_CONV_DIRECTIONS = 64, 16
-# The largest weights (bytes; a conv's laid out as ``LayerCheck._as_dense``) of a layer computed for its few
-# directions or its capped projections: a quarter of the simulated
-# secure world's 64 MiB cap (the rest: the weights' authenticated read, masks, checks, the TEE's model).
-COMPUTED_DENSE_BYTES = 16 << 20
-EXACT_GRAM_MACS, DIRECTION_PROBES = 1 << 27, 32  # LayerCheck._directions: exact up to that, then estimated
 
 
 def direct(kind: str, weights_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
@@ -138,7 +129,7 @@ class LayerCheck:
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
                  y_shape: tuple[int, ...], alloc: Any, projections: int | None = None,
                  computed: bool = False, shared_results: bool = False, popped: bool = False,
-                 directions: float | None = None) -> None:
+                 known: float | None = None) -> None:
         # A popped check (module docstring): of an exact split's layer, whose weights, input and result
         # are given as the accelerator has them; it checks L(v, W') on v, W' their second blocks.
         self.popped, self.hi_weight = popped, 0.0
@@ -179,10 +170,11 @@ class LayerCheck:
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
-        # How many independent directions a dense or conv layer's results have (``_directions``;
-        # ``directions``: as the check made before this computed one found them).
+        # How many independent directions a dense or conv layer's results have (``freivalds_directions``;
+        # ``known``: as the check made before this computed one counted them).
         self.directions = math.inf if self.kind == "DEPTHWISE_CONV_2D" or popped else \
-            directions if directions is not None else self._directions(w.reshape(self.m_out, -1))
+            known if known is not None else \
+            directions.count(w.reshape(self.m_out, -1), self.rows_out, self._threshold())
         # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
         # (``freivalds_bound.coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)
@@ -215,8 +207,8 @@ class LayerCheck:
         self.direct = direct(self.kind, w.shape, x_shape)
         # A dense layer whose check would cost more than the layer, or a dense or conv layer of few
         # directions (``cheaper_computed``), is computed by the TEE when asked (``computed``) as a matrix
-        # product: its weights [M, D] from the authenticated model (a conv's as ``_as_dense`` lays them
-        # out, over its whole input).
+        # product: its weights [M, D] from the authenticated model (a conv's as ``freivalds_directions.
+        # as_dense`` lays them out, over its whole input).
         self.dense = computed and self.kind in ("FULLY_CONNECTED", "CONV_2D") and not popped
         if computed and not (self.direct or self.dense):
             raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1, a dense or a conv "
@@ -228,9 +220,10 @@ class LayerCheck:
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
         self._w: np.ndarray | None = None
         if self.dense:
-            shape = (self.m_out, c) if self.kind == "FULLY_CONNECTED" else self._dense_shape()
+            shape = (self.m_out, c) if self.kind == "FULLY_CONNECTED" else directions.dense_shape(geo)
             self._w = alloc(shape, np.float32)
-            self._w[...] = w.reshape(shape) if self.kind == "FULLY_CONNECTED" else self._as_dense(w)
+            self._w[...] = w.reshape(shape) if self.kind == "FULLY_CONNECTED" \
+                else directions.as_dense(w, geo)
         # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
         # prepare_tiled), a computed layer (compute_dw).
         self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
@@ -387,12 +380,12 @@ class LayerCheck:
         at least its ``M`` outputs (a projection's ``z`` costs as much as an output, and each inference's
         projected filters ``k M D`` more than the layer, ``M D`` per row), more projections than a
         check takes (``capped``: a 10-output head on a flattened 32x32x128 map achieved 2^-1.6, a red
-        team's) or results along fewer than ``FEW_DIRECTIONS`` directions (``_directions``), either with
-        weights of at most ``COMPUTED_DENSE_BYTES``, which the TEE then keeps in secure memory. The TEE
-        then computes it (``computed``). A conv layer likewise, for few directions alone (few output
-        positions: under the paper's scheme a one-position 3x3 conv of stride 2 on a 4x4 map reached
-        2^-4.9 on 20 of 40 inputs, a helper's probe), as the dense layer it is on each image's input
-        (``_as_dense``)."""
+        team's) or results along fewer than ``FEW_DIRECTIONS`` directions (``freivalds_directions``),
+        either with weights of at most ``COMPUTED_DENSE_BYTES``, which the TEE then keeps in secure
+        memory. The TEE then computes it (``computed``). A conv layer likewise, for few directions alone
+        (few output positions: under the paper's scheme a one-position 3x3 conv of stride 2 on a 4x4 map
+        reached 2^-4.9 on 20 of 40 inputs, a helper's probe), as the dense layer it is on each image's
+        input (``freivalds_directions.as_dense``)."""
         if self.popped or self.computed:
             return False
         if self.kind == "CONV_2D":  # few directions: few output positions of weights of few directions
@@ -411,89 +404,25 @@ class LayerCheck:
         """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of
         the paper's scheme, 38 MiB, failed the load in a 64 MiB TEE that holds their authenticated read
         besides (a review)."""
-        shape = (self.m_out, self.in_channels) if self.kind == "FULLY_CONNECTED" else self._dense_shape()
+        shape = (self.m_out, self.in_channels) if self.kind == "FULLY_CONNECTED" else \
+            directions.dense_shape(self.geo)
         return 4 * math.prod(shape) > COMPUTED_DENSE_BYTES
-
-    def _dense_shape(self) -> tuple[int, int]:
-        """A conv layer as a dense one on each image: ``[positions x M, H x W x C]``."""
-        _, h, w, c = self.geo.x_shape
-        _, ho, wo, _ = self.geo.y_shape
-        return ho * wo * self.m_out, h * w * c
-
-    def _as_dense(self, weights: np.ndarray) -> np.ndarray:
-        """A conv layer's weights ``[M, kh, kw, C]`` as the dense layer it is on each image's whole input
-        (``_dense_shape``, rows in the output's order: position, then channel), zero where a window does
-        not read: for the few output positions of a layer ``_directions`` finds few (a one-position conv
-        is a dense layer on its window); taps in the zero padding dropped, as they read zeros."""
-        geo = self.geo
-        _, h, w, c = geo.x_shape
-        _, ho, wo, m = geo.y_shape
-        (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
-        taps = np.asarray(weights, np.float32).reshape(m, kh, kw, c)
-        dense = np.zeros((ho, wo, m, h, w, c), np.float32)
-        for py in range(ho):
-            for px in range(wo):
-                for i in range(kh):
-                    y = py * sh - top + i * dh
-                    if not 0 <= y < h:
-                        continue
-                    for j in range(kw):
-                        x = px * sw - left + j * dw
-                        if 0 <= x < w:
-                            dense[py, px, :, y, x, :] = taps[:, i, j, :]
-        return dense.reshape(ho * wo * m, h * w * c)
 
     @property
     def weak(self) -> bool:
         """Whether this check's bound cannot be counted on: it wanted more projections than a check takes
-        (``capped``), or its results have too few directions (``_directions``), and its weights are too
-        large to compute it (``cheaper_computed``). (An exact split's dense layer of few directions is
+        (``capped``), or its results have too few directions (``freivalds_directions``), and its weights
+        are too large to compute it (``cheaper_computed``). (An exact split's dense layer of few directions is
         checked on its masked input, whose mask draws its results' directions afresh each inference: the
         5-output head of the tests' small CNN held 2^-24.9 or better on 40 images; not counted.)"""
         return not self.computed and (self.capped or self._few_directions() and self._too_large())
-
-    def _directions(self, w: np.ndarray) -> float:
-        """A dense layer's rows (a conv layer's output positions) times the participation ratio of its
-        weights' singular values (``w``: ``[M, D]``, a conv's filters as rows),
-        ``(sum s^2)^2 / sum s^4``: how many independent directions its results ``y'`` have, so how many
-        squares ``||y'||^2`` sums (chi-square of that many degrees of freedom on isotropic inputs). The
-        number of projections is chosen for ``||y'||`` near its mean, with a margin of 6 bits over ``k``
-        projections: with 8, ``||y'||^2`` may fall to a third of its mean. With 64 degrees of freedom it
-        falls below once in 10^7 inputs, with 2 once in 4. Under the paper's scheme a dense layer's
-        weights put nearly all their energy in one to four rows (a fake over a scale near 0): the zoo
-        MiniVGG's 4096x614 and 512x12 layers had ratios of 1.0 to 3.7, and their checks achieved 2^-18
-        on 13 of 40 images and no bound at all on 2 of 40 (seeds 7 and 2), where groupmix's 4096x512
-        layer, at 293, held 2^-25 on every image. ``sum s^4`` is the squared Frobenius norm of the
-        smaller Gram matrix, or, where that costs more than ``EXACT_GRAM_MACS`` (a 25088x4096 layer:
-        4e11), its unbiased estimate from ``DIRECTION_PROBES`` Gaussian probes, ``E ||W^T W g||^2``
-        (``2 M D`` each; relative error about ``sqrt(2 / (ratio x probes))``: 3% near 64). Any number
-        above the threshold (``FEW_DIRECTIONS``, a conv's ``FEW_CONV_DIRECTIONS``) when it is clear without
-        the sum, or the weights' squares overflow (``inf``)."""
-        rows, (m, c) = self.rows_out, w.shape
-        few = self._threshold()
-        if rows * min(m, c) < few:  # the ratio is at most min(m, c)
-            return float(rows * min(m, c))
-        if rows >= few:  # and at least 1
-            return math.inf
-        flat = w
-        with np.errstate(over="ignore", invalid="ignore"):  # weights past float32's square root: inf
-            second = float(np.einsum("ij,ij->", flat, flat, dtype=np.float64))
-            if min(m, c) ** 2 * max(m, c) <= EXACT_GRAM_MACS:
-                gram = flat @ flat.T if m <= c else flat.T @ flat  # its Frobenius norm squared: sum s^4
-                fourth = float(np.einsum("ij,ij->", gram, gram, dtype=np.float64))
-            else:
-                probes = np.random.default_rng(0).standard_normal((c, DIRECTION_PROBES)).astype(np.float32)
-                images = flat.T @ (flat @ probes)  # W^T W g, one column per probe
-                fourth = float(np.einsum("ij,ij->", images, images, dtype=np.float64)) / DIRECTION_PROBES
-        if not (math.isfinite(second) and math.isfinite(fourth)) or fourth <= 0:
-            return math.inf
-        return rows * second ** 2 / fourth
 
     def computing(self, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
         """A call without arguments that computes the layer itself, ``y = L(x, W')``, from the secure copy
         ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
         depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one (a
-        dense layer, or a conv as one: ``_as_dense``; ``cheaper_computed``), whose result it then uses
+        dense layer, or a conv as one: ``freivalds_directions.as_dense``; ``cheaper_computed``), whose
+        result it then uses
         instead of the accelerator's (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as
         ``prepare`` without the projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``);
         dense: one C call (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast
@@ -505,7 +434,7 @@ class LayerCheck:
                 or y.dtype != np.float32 or y.size != self.rows_out * self.m_out or not y.flags.c_contiguous
                 or self._norms is None):
             raise ValueError(f"computing: {x.dtype} {x.shape} input, {y.dtype} {y.shape} result")
-        if self.dense:  # a conv: each image's input against _as_dense's rows
+        if self.dense:  # a conv: each image's input against as_dense's rows
             rows = self.rows_out if self.kind == "FULLY_CONNECTED" else self.geo.x_shape[0]
             return compile_dense(x.reshape(rows, -1), self._w, y.reshape(rows, -1))
         made = _Prepare.from_buffer_copy(self._prepare)

@@ -131,7 +131,7 @@ class PerInference:
                 if out not in split and made[out].cheaper_computed():  # (it held no secure memory)
                     made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
                                            self.account, computed=True, shared_results=True,
-                                           directions=made[out].directions)
+                                           known=made[out].directions)
                 if out in split:
                     made[out + POPPED] = LayerCheck(layer, weights, shm_shapes[layer["input"]],
                                                     shm_shapes[out], self.account, shared_results=True,

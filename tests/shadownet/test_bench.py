@@ -205,7 +205,7 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
 
 def test_bench_verify_and_mask_policy(tmp_path, capsys):
     path = tmp_path / "small.tflite"
-    path.write_bytes(_model(outputs=256))  # a dense layer checked, not computed (LayerCheck._directions)
+    path.write_bytes(_model(outputs=256))  # a dense layer checked, not computed (freivalds_directions)
     report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
                              progress=False, verify=True, mask_rounds="all")
     s = report["settings"]

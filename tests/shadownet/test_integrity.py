@@ -90,7 +90,7 @@ def test_every_tampering_is_caught(tampered, kind):
     model, tamper = tampered
     xs = images(TRIALS + 1, seed=["element", "channel", "swap", "replay"].index(kind))
     model(xs[0])  # honest: gives the replay something to replay
-    # The head (5 outputs: fewer directions than a check needs, LayerCheck._directions) is computed by the
+    # The head (5 outputs: fewer directions than a check needs, freivalds_directions) is computed by the
     # TEE, its round not run: every other round is tampered with in turn.
     checked = [r for r in range(1, model.num_rounds + 1) if r not in model.skipped_rounds]
     assert model.skipped_rounds == {model.num_rounds} and len(checked) == 4
@@ -131,7 +131,7 @@ def test_a_depthwise_layer_of_multiplier_one_is_computed_by_the_tee(multiplier_o
     with shadownet.load(multiplier_one) as plain:
         assert plain.skipped_rounds == frozenset()
     with shadownet.load(multiplier_one, accelerator=wrap, verify=True) as model:
-        assert model.skipped_rounds == {computed, len(rounds)}  # and the head (LayerCheck._directions)
+        assert model.skipped_rounds == {computed, len(rounds)}  # and the head (freivalds_directions)
         tamper = wrappers[0]
         xs = images(2 * len(rounds) + 1, seed=11)
         # Nothing is sent for a round the accelerator does not run: the step before it leaves its inputs as
@@ -262,7 +262,7 @@ def test_no_false_alarm_over_many_clean_inferences(groupmix, paper):
                 want = reference(model_bytes, x)
                 assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
             checks = model.stats()["verify"]
-        assert checks["checked"] == 40 * 4  # the head computed by the TEE (LayerCheck._directions)
+        assert checks["checked"] == 40 * 4  # the head computed by the TEE (freivalds_directions)
         assert checks["worst_ratio"] < 0.5  # the honest rounding stays well inside the tolerance
         assert checks["worst_bound_log2"] <= -20  # the stated bound, as achieved on these results
 

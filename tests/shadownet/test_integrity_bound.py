@@ -164,7 +164,7 @@ def test_the_paper_schemes_dense_layers_reach_the_bound(seed, exported, zoo_devi
     """Under ``--scheme shadownet`` a dense layer's obfuscated weights put nearly all their energy in one to
     four rows, so its results' norm varies from input to input more than a check's margin: MiniVGG's
     4096x614 layer (seed 7) fell short of 2^-20 on 13 of 40 images, its 512x12 head (seed 2) reached no
-    bound at all on 2 of 40. The TEE computes such layers (``LayerCheck._directions``): 40 inferences, a
+    bound at all on 2 of 40. The TEE computes such layers (``freivalds_directions``): 40 inferences, a
     blank one first, all within the bound."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -65,7 +65,7 @@ def test_a_dense_head_whose_check_costs_more_than_it_is_computed_by_the_tee(outp
     costing what an output does, so the TEE computes the layer, its round is not run, and its result
     matches LiteRT's; 120 outputs: checked (their weights' participation ratio 75, as groupmix mixes them);
     120 whose first is 30x the others (results along about one direction, whose norm the check cannot
-    count on: ``LayerCheck._directions``): computed. Either way a
+    count on: ``freivalds_directions``): computed. Either way a
     changed result of the conv's round is caught."""
     model_bytes = flattened_head(outputs, one_row)
     with warnings.catch_warnings():

@@ -12,7 +12,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from converters import linear
-from tee_sim import freivalds, freivalds_bound
+from tee_sim import freivalds, freivalds_bound, freivalds_directions
 from tee_sim.freivalds import LayerCheck
 from tee_sim.layer_geometry import geometry as layer_geometry
 from tee_sim.ta_shadownet_kernels import runnable
@@ -434,8 +434,9 @@ def test_a_dense_layer_whose_check_costs_more_than_it_is_computed_instead():
                          ids=lambda g: f"{g[1]}-s{g[2]}-d{g[3]}-x{g[4]}-w{g[5]}")
 def test_a_conv_layer_computed_as_a_dense_one_is_the_conv(geometry):
     """A conv layer of few directions (few output positions) is computed as the dense layer it is on each
-    image's whole input (``LayerCheck._as_dense``: every position's window, strides, dilation, the zero
-    padding's taps dropped): as float64 computes the conv, up to float32 rounding, a batch of 2 included."""
+    image's whole input (``freivalds_directions.as_dense``: every position's window, strides, dilation,
+    the zero padding's taps dropped): as float64 computes the conv, up to float32 rounding, a batch of 2
+    included."""
     kind, padding, stride, dilation, x_shape, w_shape = geometry
     check, x, w, y64, u, f, rng = _setup(geometry)
     layer = _layer(kind, padding, stride, dilation)
@@ -558,7 +559,7 @@ def test_a_dense_layer_too_large_to_keep_is_checked_and_said_weak(monkeypatch):
     monkeypatch.setattr(freivalds, "COMPUTED_DENSE_BYTES", 4 * 200 * 300)
     assert made.cheaper_computed() and not made.weak
     computed = LayerCheck(_layer("FULLY_CONNECTED"), w, (1, 300), (1, 200), lambda s, d: np.zeros(s, d),
-                          computed=True, directions=made.directions)
+                          computed=True, known=made.directions)
     assert computed.directions == made.directions and not computed.weak
     # A capped layer (more projections wanted than a check takes) likewise: a 2457x4096 one of the paper's
     # scheme, often capped too, still failed the load (a review).
@@ -580,7 +581,7 @@ def test_the_directions_of_a_large_dense_layer_are_estimated_from_probes(monkeyp
     where the ratio is large, within a factor of 2 where one direction dominates (its square then a
     chi-square of 32 probes: a quarter of relative deviation, here 1.7x), on the right side of
     ``FEW_DIRECTIONS`` either way, and the same on every load."""
-    monkeypatch.setattr(freivalds, "EXACT_GRAM_MACS", 0)
+    monkeypatch.setattr(freivalds_directions, "EXACT_GRAM_MACS", 0)
     rng = np.random.default_rng(1)
     wide = rng.standard_normal((300, 1000)).astype(np.float32)
     dominated = wide.copy()
@@ -591,4 +592,4 @@ def test_the_directions_of_a_large_dense_layer_are_estimated_from_probes(monkeyp
         made = LayerCheck(_layer("FULLY_CONNECTED"), w, (1, 1000), (1, 300), lambda s, d: np.zeros(s, d))
         assert exact / factor <= made.directions <= exact * factor
         assert (made.directions < freivalds.FEW_DIRECTIONS) == (exact < freivalds.FEW_DIRECTIONS)
-        assert made._directions(w) == made.directions
+        assert freivalds_directions.count(w, 1, freivalds.FEW_DIRECTIONS) == made.directions

@@ -24,8 +24,9 @@
  *                 builtin kernel's 1.2e-5 there) on vexp; with beta 1, LiteRT's approximate
  *                 GELU, Phi(x) = (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2;
  *     SN_DENSE    dst[r][j] = src[r] . weights[j], n rows of positions floats each against c rows of
- *                 weights (a dense layer the TEE computes instead of checking it, tee_sim.freivalds'
- *                 computing): float lanes across each dot product, added lane by lane at its end.
+ *                 weights (a dense layer, or a conv laid out as one, that the TEE computes instead of
+ *                 checking it: tee_sim.freivalds' computing): float lanes across each dot product, added
+ *                 lane by lane at its end.
  */
 #include <math.h>
 #include <stdint.h>

@@ -55,7 +55,8 @@ def compile_copy(src: np.ndarray, dst: np.ndarray) -> Callable[[], Any] | None:
 
 def compile_dense(x: np.ndarray, weights: np.ndarray, y: np.ndarray) -> Callable[[], Any]:
     """``y = x weights^T`` as one call: ``x`` ``[rows, D]``, ``weights`` ``[M, D]``, ``y`` ``[rows, M]``,
-    dense float32 (a dense layer the TEE computes: ``tee_sim.freivalds.LayerCheck.computing``; through
+    dense float32 (a dense layer, or a conv laid out as one, that the TEE computes:
+    ``tee_sim.freivalds.LayerCheck.computing``; through
     numpy's matrix product its step was Python's, 0.1-0.2 ms more per inference on ResNet-44)."""
     if not (_contiguous(x) and _contiguous(weights) and _contiguous(y)) or x.ndim != 2 or weights.ndim != 2 \
             or y.shape != (x.shape[0], weights.shape[0]) or x.shape[1] != weights.shape[1]:

@@ -220,10 +220,11 @@ class LayerCheck:
             self._dw[:, :self.m_out] = w.reshape(geo.taps, self.m_out)
         self._w: np.ndarray | None = None
         if self.dense:
-            shape = (self.m_out, c) if self.kind == "FULLY_CONNECTED" else directions.dense_shape(geo)
-            self._w = alloc(shape, np.float32)
-            self._w[...] = w.reshape(shape) if self.kind == "FULLY_CONNECTED" \
-                else directions.as_dense(w, geo)
+            self._w = alloc(self._computed_shape(), np.float32)
+            if self.kind == "FULLY_CONNECTED":
+                self._w[...] = w.reshape(self._w.shape)
+            else:
+                directions.as_dense(w, geo, self._w)
         # A tile of output positions at a time: a conv layer's prepare as a matrix product (fv_prepare's
         # prepare_tiled), a computed layer (compute_dw).
         self.tiled = computed or (self.kind == "CONV_2D" and self.kp >= 4)
@@ -404,9 +405,14 @@ class LayerCheck:
         """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of
         the paper's scheme, 38 MiB, failed the load in a 64 MiB TEE that holds their authenticated read
         besides (a review)."""
-        shape = (self.m_out, self.in_channels) if self.kind == "FULLY_CONNECTED" else \
-            directions.dense_shape(self.geo)
-        return 4 * math.prod(shape) > COMPUTED_DENSE_BYTES
+        return 4 * math.prod(self._computed_shape()) > COMPUTED_DENSE_BYTES
+
+    def _computed_shape(self) -> tuple[int, int]:
+        """The weights the TEE computes the layer with: a dense layer's ``[M, C]``, a conv's laid out as
+        a dense one (``freivalds_directions.dense_shape``)."""
+        if self.kind == "FULLY_CONNECTED":
+            return self.m_out, self.in_channels
+        return directions.dense_shape(self.geo)
 
     @property
     def weak(self) -> bool:

@@ -72,16 +72,19 @@ def dense_shape(geo: Geometry) -> tuple[int, int]:
     return ho * wo * m, h * w * c
 
 
-def as_dense(weights: np.ndarray, geo: Geometry) -> np.ndarray:
-    """A conv layer's weights ``[M, kh, kw, C]`` as the dense layer it is on each image's whole input
-    (``dense_shape``, rows in the output's order: position, then channel), zero where a window does not
-    read, the taps in the zero padding dropped (they read zeros): for a layer of few output positions (a
-    one-position conv is a dense layer on its window)."""
+def as_dense(weights: np.ndarray, geo: Geometry, out: np.ndarray) -> None:
+    """A conv layer's weights ``[M, kh, kw, C]`` written into ``out`` (float32 of ``dense_shape``, secure
+    memory) as the dense layer they are on each image's whole input (rows in the output's order: position,
+    then channel), zero where a window does not read, the taps in the zero padding dropped (they read
+    zeros): for a layer of few output positions (a one-position conv is a dense layer on its window)."""
     _, h, w, c = geo.x_shape
     _, ho, wo, m = geo.y_shape
     (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before
+    if out.dtype != np.float32 or out.shape != dense_shape(geo) or not out.flags.c_contiguous:
+        raise ValueError(f"as_dense: {out.dtype} {out.shape} for {dense_shape(geo)}")
     taps = np.asarray(weights, np.float32).reshape(m, kh, kw, c)
-    dense = np.zeros((ho, wo, m, h, w, c), np.float32)
+    dense = out.reshape(ho, wo, m, h, w, c)  # contiguous: a view, written in place
+    dense[...] = 0.0
     for py in range(ho):
         for px in range(wo):
             for i in range(kh):
@@ -92,4 +95,3 @@ def as_dense(weights: np.ndarray, geo: Geometry) -> np.ndarray:
                     x = px * sw - left + j * dw
                     if 0 <= x < w:
                         dense[py, px, :, y, x, :] = taps[:, i, j, :]
-    return dense.reshape(ho * wo * m, h * w * c)

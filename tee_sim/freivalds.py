@@ -174,7 +174,8 @@ class LayerCheck:
         # ``known``: as the check made before this computed one counted them).
         self.directions = math.inf if self.kind == "DEPTHWISE_CONV_2D" or popped else \
             known if known is not None else \
-            directions.count(w.reshape(self.m_out, -1), self.rows_out, self._threshold())
+            directions.count(w.reshape(self.m_out, -1), directions.independent_rows(self.kind, y_shape),
+                             self._threshold())
         # The length of one output's sum (a depthwise output's: its taps), for the long sums' term
         # (``freivalds_bound.coherent``).
         self.sum_length = geo.taps * (1 if self.kind == "DEPTHWISE_CONV_2D" else self.in_channels)

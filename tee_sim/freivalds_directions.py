@@ -3,10 +3,11 @@
 
 The number of projections a check takes is chosen for a result ``y'`` whose norm is near its mean, with a
 margin of 6 bits over ``k`` projections: with 8, ``||y'||^2`` may fall to a third of its mean. How far it
-falls from input to input depends on how many independent directions the results have: a dense layer's
-rows (a conv layer's output positions) times the participation ratio of its weights' singular values,
-``(sum s^2)^2 / sum s^4`` (``count``; a chi-square of that many degrees of freedom for ``||y'||^2`` on
-isotropic inputs). With 64 it falls below a third of its mean once in 10^7 inputs, with 2 once in 4.
+falls from input to input depends on how many independent directions the results have: the participation
+ratio of the layer's weights' singular values, ``(sum s^2)^2 / sum s^4``, times a conv layer's output
+positions in one image (``count``, ``independent_rows``; a chi-square of that many degrees of freedom for
+``||y'||^2`` on isotropic inputs; a batch's images and a dense layer's rows are not counted: they may all
+be one input). With 64 it falls below a third of its mean once in 10^7 inputs, with 2 once in 4.
 Under the paper's scheme a dense layer's weights put nearly all their energy in one to four rows (a fake
 over a scale near 0): the zoo MiniVGG's 4096x614 and 512x12 layers had ratios of 1.0 to 3.7, and their
 checks achieved 2^-18 on 13 of 40 images and no bound at all on 2 of 40 (seeds 7 and 2), where groupmix's
@@ -39,13 +40,13 @@ EXACT_GRAM_MACS, DIRECTION_PROBES = 1 << 27, 32  # ``count``: exact up to that, 
 
 
 def count(weights: np.ndarray, rows: int, threshold: float) -> float:
-    """The directions of a layer's results: ``rows`` (a dense layer's rows, a conv's output positions)
-    times the participation ratio of ``weights`` (``[M, D]``, a conv's filters as rows). ``sum s^4`` is
-    the squared Frobenius norm of the smaller Gram matrix, or, where that costs more than
-    ``EXACT_GRAM_MACS`` (a 25088x4096 layer: 4e11, ~10 s at load), its unbiased estimate from
-    ``DIRECTION_PROBES`` Gaussian probes, ``E ||W^T W g||^2`` (``2 M D`` each; relative error about
-    ``sqrt(2 / (ratio x probes))``: 3% near 64; 0.4 s for that layer). Any number at or above
-    ``threshold`` when that is clear without the sum, or where the weights' squares overflow (``inf``)."""
+    """The directions of a layer's results: ``rows`` (``independent_rows``) times the participation
+    ratio of ``weights`` (``[M, D]``, a conv's filters as rows). ``sum s^4`` is the squared Frobenius
+    norm of the smaller Gram matrix, or, where that costs more than ``EXACT_GRAM_MACS`` (a 25088x4096
+    layer: 4e11, ~10 s at load), its unbiased estimate from ``DIRECTION_PROBES`` Gaussian probes,
+    ``E ||W^T W g||^2`` (``2 M D`` each; relative error about ``sqrt(2 / (ratio x probes))``: 3% near 64;
+    0.4 s for that layer). Any number at or above ``threshold`` when that is clear without the sum, or
+    where the weights' squares overflow (``inf``)."""
     m, c = weights.shape
     if rows * min(m, c) < threshold:  # the ratio is at most min(m, c)
         return float(rows * min(m, c))
@@ -63,6 +64,14 @@ def count(weights: np.ndarray, rows: int, threshold: float) -> float:
     if not (math.isfinite(second) and math.isfinite(fourth)) or fourth <= 0:
         return math.inf
     return rows * second ** 2 / fourth
+
+
+def independent_rows(kind: str, y_shape: tuple[int, ...]) -> int:
+    """The rows ``count`` takes as independent: a conv layer's output positions in one image, none of a
+    dense layer's rows. A batch may be one image several times (a burst of frames), and a dense layer's
+    rows one input each: 64 such rows of a paper-scheme layer counted for 64 directions and reached no
+    bound (a review's construction), where the rows of one are one direction's worth."""
+    return math.prod(y_shape[1:-1]) if kind == "CONV_2D" else 1
 
 
 def dense_shape(geo: Geometry) -> tuple[int, int]:

@@ -161,3 +161,42 @@ def test_a_conv_layer_of_few_directions_is_computed_by_the_tee(seed, tmp_path):
         wrappers[0].armed = True
         with pytest.raises(IntegrityError, match="failed verification"):
             model(rng.uniform(0, 1, (1, 16, 16, 3)).astype(np.float32))
+
+
+def batch_of_rows(rows: int, one_row: float) -> bytes:
+    """A batch of ``rows`` inputs of 64 values through a dense layer of 96 and one of 80, whose
+    first output is ``one_row`` times the others' size."""
+    rng = np.random.default_rng(6)
+    g = Graph()
+    x = g.add_tensor("rows", (rows, 64), np.float32)
+    w1 = g.add_tensor("fc1/w", (96, 64), np.float32, rng.standard_normal((96, 64)) / 8)
+    h = g.add_tensor("hidden", (rows, 96), np.float32)
+    g.add_op("FULLY_CONNECTED", [x, w1, -1], [h], fb.FullyConnectedOptionsT())
+    dense = rng.standard_normal((80, 96)) / 10
+    dense[0] *= one_row
+    w2 = g.add_tensor("fc2/w", (80, 96), np.float32, dense)
+    out = g.add_tensor("out", (rows, 80), np.float32)
+    g.add_op("FULLY_CONNECTED", [h, w2, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [out]
+    return write_model(g)
+
+
+def test_a_batch_of_one_input_counts_for_one_input(tmp_path):
+    """A batch's rows are not counted as independent directions (``freivalds_directions.
+    independent_rows``; a check of 64 copies of one input fell short: ``tests/tee_sim/test_freivalds.py``).
+    The second layer, whose weights put their energy along about one direction, counted for 64 rows and
+    was checked; it is computed by the TEE now, its round not run, and the model's results on 64 copies
+    of one input are LiteRT's within the bound."""
+    model_bytes = batch_of_rows(64, 30.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        shadownet.convert(model_bytes, tmp_path / "out", seed=2)
+    rng = np.random.default_rng(7)
+    with shadownet.load(tmp_path / "out", verify=True) as model:
+        for _ in range(16):
+            x = np.repeat(rng.uniform(0, 1, (1, 64)).astype(np.float32), 64, axis=0)
+            want = reference(model_bytes, x)
+            assert np.max(np.abs(model(x) - want)) <= TOLERANCE * np.max(np.abs(want))
+        checks = model.stats()["verify"]
+        assert checks["worst_bound_log2"] <= -20
+        assert checks["computed"] == 1 and model.skipped_rounds == {2}

@@ -408,12 +408,12 @@ def test_an_honest_long_sum_that_grows_with_its_result_passes(inputs, build, mon
 
 def test_a_dense_layer_whose_check_costs_more_than_it_is_computed_instead():
     """``cheaper_computed``: 10 outputs on 32,768 inputs need about as many projections as outputs (each
-    costs what an output does); 200 outputs on 64 need a few. Computed, the layer is numpy's product of
+    costs what an output does); 200 outputs on 256 need a few. Computed, the layer is numpy's product of
     the kept weights, as float64 computes it up to float32 rounding; a conv layer of many output
     positions is not computed."""
     rng = np.random.default_rng(3)
     alloc = lambda shape, dtype: np.zeros(shape, dtype)  # noqa: E731
-    for (m, d), cheaper in (((10, 32_768), True), ((200, 64), False)):
+    for (m, d), cheaper in (((10, 32_768), True), ((200, 256), False)):
         w = rng.standard_normal((m, d)).astype(np.float32)
         x = rng.standard_normal((2, d)).astype(np.float32)
         check = LayerCheck(_layer("FULLY_CONNECTED"), w, x.shape, (2, m), alloc)
@@ -527,7 +527,8 @@ def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     assert made.directions == pytest.approx(ratio(dominated), rel=1e-4) and made.directions < 2
     assert made.k < made.m_out and not made.capped and made.cheaper_computed() and not made.weak
     assert check(wide).weak is False
-    assert check(dominated, rows=64).directions == math.inf  # many rows: no sum needed
+    batch = check(dominated, rows=64)  # a batch's rows do not count (freivalds_directions.independent_rows)
+    assert batch.directions == made.directions and batch.cheaper_computed()
     assert check(dominated[:40]).directions == 40 and check(dominated[:40]).cheaper_computed()
     # A conv layer: its output positions times its filters' ratio (filters as rows), against its own
     # threshold; 16 positions or more need no sum.
@@ -543,6 +544,36 @@ def test_a_dense_layer_whose_results_have_few_directions_is_computed():
     assert positions.directions == math.inf and not positions.cheaper_computed()
     huge = wide * 1e30  # squares past float32's range: no claim (the check fails closed, as before)
     assert check(huge).directions == math.inf
+
+
+def test_a_batch_of_one_input_has_one_inputs_directions():
+    """64 copies of one input through a dense layer whose energy lies along one direction (a row 300x the
+    others): its results' norm varies as one row's would, and a check of them (the projections chosen as
+    for any layer) fell short of 2^-20 on about a fifth of inputs, where 64 different rows held it on every
+    one. So the count takes a batch for one row, and the TEE computes such a layer."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((200, 300))
+    w[0] *= 300
+    w = w.astype(np.float32)
+    short = {}
+    for same in (True, False):
+        check = LayerCheck(_layer("FULLY_CONNECTED"), w, (64, 300), (64, 200), lambda s, d: np.zeros(s, d))
+        assert check.directions < 1.01 and check.cheaper_computed()
+        check.bind_scratch(np.zeros(check.scratch_elements, np.float32))
+        u_shape, f_shape = check.projection_shapes()
+        u, f = np.zeros(u_shape, np.float32), np.zeros(f_shape, np.float32)
+        bounds = []
+        for _ in range(100):
+            x = rng.standard_normal((1, 300)).repeat(64, axis=0) if same else rng.standard_normal((64, 300))
+            x = x.astype(np.float32)
+            y = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+            check.draw(rng, u, f, w)
+            check.prepare(x, u, f)
+            worst, bound = check.check(y, u)
+            assert worst < 0.5  # honest
+            bounds.append(bound)
+        short[same] = sum(b > freivalds_bound.TARGET_LOG2 for b in bounds)
+    assert short[True] >= 5 and short[False] == 0, short
 
 
 def test_a_dense_layer_too_large_to_keep_is_checked_and_said_weak(monkeypatch):

@@ -199,8 +199,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     return manifest
 
 
-# Half of the simulated secure world's default cap, 64 MiB (OP-TEE's default on a HiKey960 is 16 MiB).
-LARGE_REFILL_LAYER = 32 << 20
+# The simulated secure world's default cap (OP-TEE's default on a HiKey960 is 16 MiB), and half of it.
+DEFAULT_CAP = 64 << 20
+LARGE_REFILL_LAYER = DEFAULT_CAP // 2
 
 
 def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
@@ -212,20 +213,23 @@ def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
     channels doubled; a helper's probe: a 16 MiB dense first layer converted without a warning, then did not
     load under the 64 MiB cap)."""
     layers = program.get("layers") or {}
-    large = []
+    large, largest = [], 0
     for name in sorted({o["layer"] for o in (program.get("one_time") or {}).get("offsets", {}).values()}):
         nbytes = 4 * math.prod(layers[name]["weights_at"][1])
         if nbytes >= LARGE_REFILL_LAYER:
             large.append(f"{layers[name].get('kind', 'layer')} {name}: {nbytes / (1 << 20):.0f} MiB")
+            largest = max(largest, nbytes)
     if large:
+        # A layer of the cap's size or more never fits beside anything (a helper's walkthrough: "may not").
+        outcome = "will not load" if largest >= DEFAULT_CAP else "may not load"
         warnings.warn(f"one-time masks on layers with large obfuscated weights ({'; '.join(large)}): the "
                       "trusted app reads such a layer's weights into secure memory whole at every refill of "
                       "its pool, beside what else it holds; under the secure world's default cap, 64 MiB, "
-                      "the model may not load",
+                      f"the model {outcome}",
                       stacklevel=3)
 
 
-# Where the TA's secure memory at load comes near the secure world's default cap, 64 MiB: a second model, or
+# Where the TA's secure memory at load comes near the secure world's default cap: a second model, or
 # the pool's one-time masks and the kernels' scratch on top, then no longer fit.
 NEAR_THE_CAP = 56 << 20
 

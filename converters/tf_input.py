@@ -165,7 +165,15 @@ def _batch_one(tf: Any, spec: Any, name: str, path: Path) -> Any:
 def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     import keras
 
-    model = keras.models.load_model(path, compile=False)
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        # Keras's advice (safe_mode=False) is not an option of convert: it runs the file's Python code.
+        raise ModelFormatError(f"{path}: Keras loads its Lambda layers' Python code only when told to run "
+                               "code from the file; export the model as a SavedModel (model.export(DIR)) and "
+                               "convert that directory") from None
     try:
         structure = model.input  # one tensor, a list of them, or a dict of them by name (as it was built)
     except (AttributeError, ValueError):  # a loaded Sequential: built with its inputs, never called

@@ -8,6 +8,7 @@ models real users hand us.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from collections import Counter
@@ -97,7 +98,8 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
     ``seed`` fixes every weight: the same seed gives a byte-identical file. ``train="digits"``
     (``minivgg`` only) trains the model on scikit-learn's handwritten digits instead of using
     calibrated random weights, and writes the held-out test split to ``testset_path(path)`` (see
-    ``models.digits.save_testset`` for its format). ``verbose`` prints one line per file written.
+    ``models.digits.save_testset`` for its format; an untrained export removes a test split left there
+    by the model it replaces). ``verbose`` prints one line per file written.
     Raises ``InputError`` (a ``ValueError``) for an unknown name or training set and
     ``TensorFlowMissingError`` without TensorFlow (both ``shadownet.exceptions``).
     """
@@ -130,6 +132,9 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
     else:
         data = to_tflite(build_keras(name, seed))
         write_atomically(path, data)
+        if os.path.isfile(testset_path(path)):  # the replaced model's test split, not this one's
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(testset_path(path))
     if verbose:
         ops = sum(op_counts(data).values())
         print(f"wrote {path} ({len(data) / 1e6:.1f} MB, {ops} ops)")

@@ -135,15 +135,16 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"{m['nproc']} CPUs ({m['cpu']}), the trusted app's kernels built for {kernels}", ""]
     if not _done(report):  # no model measured: no empty tables, the reasons
         return "\n".join([*lines, *_notes(report)])
-    head = f"{'model':<12} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
+    w = max(12, *(len(e["model"]) for e in _done(report)))  # a file's name may be longer: its columns stay
+    head = f"{'model':<{w}} {'mode':<19} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'secure MiB':>11}"
     lines += [head, "-" * len(head)]
     for e in _done(report):
         for mode in _modes(e):
             m = e["modes"][mode]
-            lines.append(f"{e['model']:<12} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
+            lines.append(f"{e['model']:<{w}} {mode:<19} {m['min_ms']:9.2f} {m['median_ms']:10.2f} "
                          f"{m['max_ms']:9.2f} {_memory(m):>11}")
     lines.append("")
-    head = (f"{'model':<12} {'S/U':>5} {'T/S':>5} {'accel':>7} {'b2b':>6} {'1core':>6} {'TEE':>7} "
+    head = (f"{'model':<{w}} {'S/U':>5} {'T/S':>5} {'accel':>7} {'b2b':>6} {'1core':>6} {'TEE':>7} "
             f"{'cross':>6} "
             f"{'other':>6} {'switch':>6} {'MB/inf':>7} {'MACs off':>8} {'conv s':>6} {'k*':>6} "
             + " ".join(f"{'S(k=' + str(k) + ')':>9}" for k in PROJECTED_K))
@@ -153,7 +154,7 @@ def table(report: dict[str, Any]) -> str:
         traffic = (s["bytes_to_tee"] + s["bytes_from_tee"]) / 1e6
         r = e["ratios"]
         lines.append(
-            f"{e['model']:<12} {r['S/U']:5.2f} {r['T/S']:5.2f} {b['accelerator_ms']:7.2f} "
+            f"{e['model']:<{w}} {r['S/U']:5.2f} {r['T/S']:5.2f} {b['accelerator_ms']:7.2f} "
             f"{s['accelerator_back_to_back_ms']:6.2f} {s['accelerator_one_core_ms']:6.2f} "
             f"{b['tee_compute_ms']:7.2f} "
             f"{b['crossing_ms']:6.2f} {b['other_ms']:6.2f} "
@@ -162,28 +163,28 @@ def table(report: dict[str, Any]) -> str:
             + " ".join(f"{e['projected_ms'][str(k)]:9.2f}" for k in PROJECTED_K))
     rows = _masks_rows(report)
     if rows:
-        head = (f"{'model':<12} {'mask policy':<12} {'OT rounds':>9} {'entries':>7} {'pool KiB':>9} "
+        head = (f"{'model':<{w}} {'mask policy':<12} {'OT rounds':>9} {'entries':>7} {'pool KiB':>9} "
                 f"{'entry KiB':>9} {'offline ms/inf':>14} {'sync':>7} {'V/S-1':>7} {'bound':>9}")
         lines += ["", head, "-" * len(head)]
         for r in rows:
-            lines.append(f"{r['model']:<12} {r['policy'][:12]:<12} {r['rounds']:>9} {r['entries']:>7} "
+            lines.append(f"{r['model']:<{w}} {r['policy'][:12]:<12} {r['rounds']:>9} {r['entries']:>7} "
                          f"{r['pool']:>9} {r['entry']:>9} {r['offline']:>14} {r['sync']:>7} "
                          f"{r['overhead']:>7} {r['bound']:>9}")
     streaming = [e for e in _done(report) if "throughput" in e]
     if streaming:
-        head = (f"{'model':<12} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
+        head = (f"{'model':<{w}} {'U fps':>8} {'S fps (2 in flight)':>20} {'T fps':>8} {'T builtin fps':>14} "
                 f"{'S/U':>5} {'S fps (1 at a time)':>20} {'S/U':>5}")
         lines += ["", head, "-" * len(head)]
         for e in streaming:
             x = e["throughput"]
-            lines.append(f"{e['model']:<12} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
+            lines.append(f"{e['model']:<{w}} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
                          f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
                          f"{_fps(x['S/U'], 5, 2)} {_fps(x['shadownet'].get('one_at_a_time_fps'), 20)} "
                          f"{_fps(x.get('S/U one at a time'), 5, 2)}")
-    head = (f"{'model':<12} {'S error':>8} {'S-verify error':>14} {'builtin vs XNNPACK':>18} "
+    head = (f"{'model':<{w}} {'S error':>8} {'S-verify error':>14} {'builtin vs XNNPACK':>18} "
             f"{'S spread: median / max':>23} {f'above {_TARGET}':>12} {'builtin, worst':>14}")
     lines += ["", head, "-" * len(head)]
-    lines += [f"{m:<12} {err:>8} {verr:>14} {floor:>18} {spread:>23} {above:>12} {worst:>14}"
+    lines += [f"{m:<{w}} {err:>8} {verr:>14} {floor:>18} {spread:>23} {above:>12} {worst:>14}"
               for m, err, verr, floor, spread, above, worst in _fidelity_rows(report)]
     lines += [""] + _notes(report)
     lines += ["", "S = shadownet, U = unprotected, T = all-in-tee (XNNPACK, one thread); times in ms "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 import threading
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's main job: protect MiniVGG and MobileNet, compare them")
     p.add_argument("--workdir", type=_path,
                    help="where to keep models and artifacts (default: a temporary directory); "
-                        "its minivgg_digits.* and mobilenet.* files are replaced")
+                        "its minivgg_digits.tflite and mobilenet.tflite (and test set) are reused if there, "
+                        "their .protected directories replaced")
     p.set_defaults(func=_cmd_demo, command_parser=p)
 
     p = sub.add_parser("device", help="this device's attestation identity")
@@ -312,6 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe's (none is expected): an error like any other
+            return _report(exc)
+        # The reader of our output left (``shadownet demo | head``): stop quietly, as tools do; stdout is
+        # pointed at /dev/null so that Python's flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
         if not terminated:
             return _report(exc)
@@ -326,6 +337,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shadownet: terminated{swallowed}", file=sys.stderr)
         return 143
     return 0
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (captured)
+        return False
 
 
 def _forget_unhandled_interrupt() -> None:

@@ -153,6 +153,7 @@ def mobilenet_latency(workdir: Path) -> dict[str, Any]:
         "boundary_mb": (stats["bytes_to_tee"] + stats["bytes_from_tee"]) / 1e6,
         "secure_mb": stats.get("model_secure_memory", stats.get("secure_memory_peak", 0)) / 2**20,
         "worst_rel_error": worst, "same_argmax": same_argmax, "inputs": AGREEMENT_INPUTS,
+        "shape": "x".join(str(d) for d in shape),
     }
 
 
@@ -198,7 +199,7 @@ def _report(workdir: Path) -> None:
     print(f"  MiniVGG on digits ({digits['n']} held-out images, {digits['rounds']} rounds):")
     print(f"    test accuracy     original {digits['original']:.2%}   protected {digits['protected']:.2%}   "
           f"(same prediction on {digits['same_predictions']}/{digits['n']})")
-    print(f"  MobileNet (1x224x224x3, {mobile['rounds']} rounds, {THREADS} threads, median of "
+    print(f"  MobileNet ({mobile['shape']}, {mobile['rounds']} rounds, {THREADS} threads, median of "
           f"{LATENCY_RUNS} interleaved runs):")
     m = mobile
     print(f"    latency           unprotected {m['plain_ms']:.1f} ms   protected {m['protected_ms']:.1f} ms"

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -73,14 +74,20 @@ def test_conversion_warns_of_one_time_layers_too_large_for_secure_memory(conv_mo
     from converters import pipeline
 
     original = 4 * 8 * 3 * 3 * 3  # the first conv's weights: 864 bytes
-    for threshold, warned in ((pipeline.LARGE_REFILL_LAYER, False), (2 * original, split == "first")):
+    for threshold, cap, warned in ((pipeline.LARGE_REFILL_LAYER, pipeline.DEFAULT_CAP, ""),
+                                   (2 * original, pipeline.DEFAULT_CAP, "may not load"),
+                                   (2 * original, 4 * original, "will not load")):  # past the cap
         monkeypatch.setattr(pipeline, "LARGE_REFILL_LAYER", threshold)
+        monkeypatch.setattr(pipeline, "DEFAULT_CAP", cap)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            convert(conv_model, tmp_path / f"out{threshold}", device=device, seed=7,
+            convert(conv_model, tmp_path / f"out{threshold}_{cap}", device=device, seed=7,
                     scheme=f"groupmix:exact_split={split}")
         said = [str(w.message) for w in caught if "large obfuscated weights" in str(w.message)]
-        assert len(said) == warned and all("CONV_2D round_1/" in s and "MiB" in s for s in said), said
+        expected = warned if split == "first" else ""
+        assert len(said) == bool(expected), said
+        assert all("CONV_2D round_1/" in s and "MiB" in s and s.endswith(f"the model {expected}")
+                   for s in said), said
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "3", True])
@@ -201,6 +208,8 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
     damaged[len(damaged) // 2] ^= 0xFF  # in the member's data: its CRC fails when it is read
     (tmp_path / "crc.npz").write_bytes(damaged)
     np.savez(tmp_path / "positional.npz", data)  # key arr_0
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as keras_file:  # read as an .npz of bytes, before
+        keras_file.writestr("config.json", "{}")
     # the inputs listed under every name they are taken by (the signature's too: a helper's review)
     for given, reason in ((tmp_path / "positional.npz",
                            rf"unknown input name\(s\) \['arr_0'\]; the model's inputs are '{name}' or "
@@ -209,6 +218,9 @@ def test_calibration_takes_the_files_and_names_run_takes(tmp_path):
                            rf"input\(s\) \['{name}'\] given twice, under the names \['{name}', 'pixels'\]"),
                           ({}, "missing input"),
                           (tmp_path / "junk.npy", r"calibration file .*junk.npy is not an .npy or .npz file"),
+                          (tmp_path / "model.keras",
+                           r"model.keras is a zip archive but not an .npz \(it holds config.json, not .npy "
+                           r"arrays\)"),
                           (tmp_path / "objects.npz", "cannot read calibration file"),
                           (tmp_path / "crc.npz", "cannot read calibration file"),
                           ({name: np.array(["a"] * data.size).reshape(data.shape)}, "not real numbers"),

@@ -79,6 +79,30 @@ def test_open_dimensions_besides_the_batch_are_refused(tf, device, tmp_path, for
     assert not (tmp_path / "out").exists()
 
 
+def test_a_keras_file_with_a_lambda_layer_points_to_a_saved_model(tf, device, tmp_path):
+    """Keras refuses a Lambda layer's Python code unless told ``safe_mode=False``, which ``convert`` has no
+    way to say (a helper's walkthrough): the error says how to convert the model instead, and that way
+    converts it."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.Conv2D(4, 3)(x))
+    model = keras.Model(x, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(ModelFormatError, match=r"model.keras: Keras loads its Lambda layers' Python code "
+                                               r"only when told .* export the model as a SavedModel"):
+        convert(tmp_path / "model.keras", tmp_path / "out", device=device)
+    assert not (tmp_path / "out").exists()
+    model.export(str(tmp_path / "saved"), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's warning
+        convert(tmp_path / "saved", tmp_path / "out", seed=1, device=device)
+    image = np.random.default_rng(2).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(image), [model(image).numpy()]) <= 1e-4
+
+
 def test_dict_inputs_are_fed_by_name(tf, device, tmp_path):
     import keras
 

@@ -144,6 +144,12 @@ def test_bench_report(tmp_path):
     assert "builtin vs XNNPACK" in text
     kernels = report["machine"]["tee_kernels"]
     assert f"kernels built for {kernels}" in text.splitlines()[0]  # the README says the bench names them
+    entry["model"] = "a_savedmodel_directory"  # a name past 12 characters pushed its row off the columns
+    lines = bench_report.table(report).splitlines()
+    head = next(line for line in lines if line.startswith("model") and " mode " in line)
+    row = next(line for line in lines if line.startswith("a_savedmodel_directory unprotected"))
+    assert row.index("unprotected") == head.index(" mode ") + 1 and len(row) == len(head)
+    entry["model"] = "small"
     md = bench_report.markdown(report, "shadownet bench small.tflite")
     assert "| small | shadownet |" in md
     assert (f"| {s['breakdown']['accelerator_ms']:.2f} | {s['accelerator_back_to_back_ms']:.2f} | "

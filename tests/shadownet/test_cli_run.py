@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -80,6 +81,7 @@ def small_cnn_input_name(model) -> str:
     ("no_artifacts", "does not exist"),
     ("no_input", "does not exist"),
     ("not_numpy", "is not an .npy or .npz file"),
+    ("keras_zip", "model.keras is a zip archive but not an .npz (it holds config.json, not .npy arrays)"),
     ("truncated_npy", "cannot read"),
     ("damaged_npz", "cannot read"),
     ("wrong_shape", "must be [1, 16, 16, 3] float32"),
@@ -102,6 +104,10 @@ def test_run_errors_are_one_line(small_cnn, tmp_path, capsys, monkeypatch, case,
     elif case == "not_numpy":
         (tmp_path / "junk.npy").write_bytes(b"\x00junk" * 10)
         data = str(tmp_path / "junk.npy")
+    elif case == "keras_zip":  # numpy read its members as bytes, taken for inputs' names
+        with zipfile.ZipFile(tmp_path / "model.keras", "w") as keras_file:
+            keras_file.writestr("config.json", "{}")
+        data = str(tmp_path / "model.keras")
     elif case == "truncated_npy":
         (tmp_path / "x.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:100])
     elif case == "damaged_npz":  # a member's CRC fails as it is read (an internal error before)
@@ -173,6 +179,23 @@ def test_a_bad_delegate_is_one_line_in_a_real_process(small_cnn, tmp_path, libra
     lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("shadownet: error:"), lines
     assert path in lines[0]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(small_cnn, tmp_path):
+    """``shadownet demo | head -1`` said "shadownet: error: [Errno 32] Broken pipe" and exited 1 (a helper's
+    walkthrough): a reader that stops early ends the command quietly, exit 141, as tools do."""
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "-m", "shadownet", "run", str(small_cnn.out), "--input",
+                                 str(tmp_path / "x.npy")], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=120)
+    finally:
+        os.close(write)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
+    assert (result.returncode, lines) == (141, [])
 
 
 def test_a_file_that_is_no_device_identity_is_one_line_without_a_tee_code(small_cnn, tmp_path, capsys):

@@ -44,8 +44,13 @@ def tflite_bytes(model: Any, signature: str | None = None, several_only: bool = 
         # Refused before TensorFlow is imported: it would log to stderr and say "File not found".
         raise ModelFormatError(f"{path} is not a Keras model file (a .keras file is a zip archive, an .h5 "
                                "file HDF5)")
-    if data[:4] == b"PK\x03\x04" and not _keras_zip(path):
-        raise ModelFormatError(f"{path} is a zip archive but not a Keras model file (no config.json in it)")
+    if data[:4] == b"PK\x03\x04":
+        listed = _zip_names(path)
+        if listed is None:  # a truncated or damaged .keras was called a zip archive without config.json
+            raise ModelFormatError(f"{path} is a damaged or truncated zip archive (a .keras file is one)")
+        if "config.json" not in listed:
+            raise ModelFormatError(f"{path} is a zip archive but not a Keras model file (no config.json "
+                                   "in it)")
     if keras_container:
         return tf_input.convert(path, "keras")
     raise ModelFormatError(f"{path} is neither a .tflite, a Keras model file nor a SavedModel directory")
@@ -64,13 +69,14 @@ def model_path_problem(path: Path) -> str | None:
     return None if path.is_file() else "is not a regular file"
 
 
-def _keras_zip(path: Path) -> bool:
-    """Whether a zip archive is a Keras v3 model file (config.json at its top), not e.g. an .npz."""
+def _zip_names(path: Path) -> list[str] | None:
+    """The members of a zip archive (a Keras v3 model file has config.json at its top, an .npz does not);
+    None when it cannot be read as one."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return "config.json" in archive.namelist()
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
 
 
 def one_signature(original: bytes, key: str | None, several_only: bool = False) -> bytes:

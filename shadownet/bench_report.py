@@ -177,8 +177,9 @@ def table(report: dict[str, Any]) -> str:
         lines += ["", head, "-" * len(head)]
         for e in streaming:
             x = e["throughput"]
-            lines.append(f"{e['model']:<{w}} {x['unprotected']['fps']:8.1f} {_fps(x['shadownet']['fps'], 20)} "
-                         f"{x['all-in-tee']['fps']:8.1f} {x['all-in-tee-builtin']['fps']:14.1f} "
+            lines.append(f"{e['model']:<{w}} {x['unprotected']['fps']:8.1f} "
+                         f"{_fps(x['shadownet']['fps'], 20)} {x['all-in-tee']['fps']:8.1f} "
+                         f"{x['all-in-tee-builtin']['fps']:14.1f} "
                          f"{_fps(x['S/U'], 5, 2)} {_fps(x['shadownet'].get('one_at_a_time_fps'), 20)} "
                          f"{_fps(x.get('S/U one at a time'), 5, 2)}")
     head = (f"{'model':<{w}} {'S error':>8} {'S-verify error':>14} {'builtin vs XNNPACK':>18} "

@@ -4,6 +4,7 @@ that run in the TEE, shapes folded at batch 1 - and those it refuses, saying why
 import dataclasses
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -41,6 +42,11 @@ def test_bad_models(device, tmp_path):
     np.savez(tmp_path / "data.npz", x=np.zeros(3))  # a zip, as a .keras file is: said so, TF untouched
     with pytest.raises(ModelFormatError, match="zip archive but not a Keras model file"):
         protect(tmp_path / "data.npz", tmp_path / "d", device)
+    with zipfile.ZipFile(tmp_path / "whole.keras", "w") as archive:  # cut short: not "no config.json in it"
+        archive.writestr("config.json", "{}" * 1000)
+    (tmp_path / "cut.keras").write_bytes((tmp_path / "whole.keras").read_bytes()[:-30])
+    with pytest.raises(ModelFormatError, match="cut.keras is a damaged or truncated zip archive"):
+        protect(tmp_path / "cut.keras", tmp_path / "d", device)
     with pytest.raises(UnsupportedOpError, match="nothing to protect"):
         protect(tiny_model_bytes(), tmp_path / "c", device)
     with pytest.raises(ValueError, match="unknown scheme"):

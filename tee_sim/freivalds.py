@@ -167,6 +167,9 @@ class LayerCheck:
         # How far the calibration inputs were from isotropic (converters.anisotropy): >= 1, the factor by
         # which the estimate of ||tau|| / ||y'|| grows.
         self.anisotropy = layer.get("anisotropy", 1.0)
+        # Secure memory left for the weights of layers computed for their few directions or capped
+        # projections (the TA's budget, ``freivalds_directions.COMPUTED_TOTAL_BYTES``; ``_too_large``).
+        self.room: float = math.inf
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
@@ -403,10 +406,10 @@ class LayerCheck:
         return FEW_CONV_DIRECTIONS if self.kind == "CONV_2D" else FEW_DIRECTIONS
 
     def _too_large(self) -> bool:
-        """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES``: a 2457x4096 layer of
+        """Weights, as the TEE would compute with them, past ``COMPUTED_DENSE_BYTES`` (a 2457x4096 layer of
         the paper's scheme, 38 MiB, failed the load in a 64 MiB TEE that holds their authenticated read
-        besides (a review)."""
-        return 4 * math.prod(self._computed_shape()) > COMPUTED_DENSE_BYTES
+        besides: a review), or past the ``room`` the load has left for them."""
+        return 4 * math.prod(self._computed_shape()) > min(COMPUTED_DENSE_BYTES, self.room)
 
     def _computed_shape(self) -> tuple[int, int]:
         """The weights the TEE computes the layer with: a dense layer's ``[M, C]``, a conv's laid out as
@@ -414,6 +417,11 @@ class LayerCheck:
         if self.kind == "FULLY_CONNECTED":
             return self.m_out, self.in_channels
         return directions.dense_shape(self.geo)
+
+    @property
+    def computed_bytes(self) -> int:
+        """The secure memory of the weights a computed dense layer (or conv as one) keeps."""
+        return 0 if self._w is None else self._w.nbytes
 
     @property
     def weak(self) -> bool:

@@ -589,6 +589,9 @@ def test_a_dense_layer_too_large_to_keep_is_checked_and_said_weak(monkeypatch):
     assert not made.cheaper_computed() and made.weak
     monkeypatch.setattr(freivalds, "COMPUTED_DENSE_BYTES", 4 * 200 * 300)
     assert made.cheaper_computed() and not made.weak
+    made.room = 4 * 200 * 300 - 1  # what the load has left of COMPUTED_TOTAL_BYTES
+    assert not made.cheaper_computed() and made.weak
+    made.room = math.inf
     computed = LayerCheck(_layer("FULLY_CONNECTED"), w, (1, 300), (1, 200), lambda s, d: np.zeros(s, d),
                           computed=True, known=made.directions)
     assert computed.directions == made.directions and not computed.weak

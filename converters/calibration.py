@@ -91,11 +91,11 @@ def _read(path: str | os.PathLike) -> Any:
         if isinstance(loaded, np.ndarray):
             return loaded
         with loaded:  # each member is read (and can fail) here
-            others = [name for name in loaded.zip.namelist() if not name.endswith(".npy")]
+            others = [name for name in loaded.zip.namelist() if not name.endswith((".npy", "/"))]
             if others:  # numpy reads them as bytes: a Keras model's config.json was taken for an input's name
                 raise ModelFormatError(f"calibration file {path} is a zip archive but not an .npz (it holds "
                                        f"{', '.join(others[:3])}, not .npy arrays)")
-            return {k: loaded[k] for k in loaded.files}
+            return {k: loaded[k] for k in loaded.files if not k.endswith("/")}  # a directory's entry: none
     except MemoryError:  # a header that claims an array larger than memory
         raise ModelFormatError(f"calibration file {path} claims an array too large to read") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:

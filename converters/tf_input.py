@@ -170,10 +170,11 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     except ValueError as exc:
         if "safe_mode" not in str(exc):
             raise
-        # Keras's advice (safe_mode=False) is not an option of convert: it runs the file's Python code.
-        raise ModelFormatError(f"{path}: Keras loads its Lambda layers' Python code only when told to run "
-                               "code from the file; export the model as a SavedModel (model.export(DIR)) and "
-                               "convert that directory") from None
+        # Keras's advice (safe_mode=False) is not an option of convert: it runs the file's Python code (a
+        # Lambda layer's) or reads files outside it.
+        raise ModelFormatError(f"{path}: Keras loads this file only outside its safe mode (it holds Python "
+                               "code, as Lambda layers do, or reads files outside it); export the model as a "
+                               "SavedModel (model.export(DIR)) and convert that directory") from None
     try:
         structure = model.input  # one tensor, a list of them, or a dict of them by name (as it was built)
     except (AttributeError, ValueError):  # a loaded Sequential: built with its inputs, never called

@@ -131,8 +131,9 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
                   f"{len(result.y_test)} held-out images stored in {testset_path(path)}")
     else:
         data = to_tflite(build_keras(name, seed))
+        replaced = os.path.isfile(path)
         write_atomically(path, data)
-        if os.path.isfile(testset_path(path)):  # the replaced model's test split, not this one's
+        if replaced and os.path.isfile(testset_path(path)):  # the replaced model's test split, not this one's
             with contextlib.suppress(FileNotFoundError):
                 os.remove(testset_path(path))
     if verbose:

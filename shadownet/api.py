@@ -103,11 +103,11 @@ def read_inputs(path: str, model: ProtectedModel) -> list[np.ndarray]:
         return model.check_inputs([loaded])
     try:
         with loaded:  # each member is read (and can fail) here
-            others = [name for name in loaded.zip.namelist() if not name.endswith(".npy")]
+            others = [name for name in loaded.zip.namelist() if not name.endswith((".npy", "/"))]
             if others:  # numpy reads them as bytes (converters.calibration._read's twin)
                 raise InputError(f"{path} is a zip archive but not an .npz (it holds "
                                  f"{', '.join(others[:3])}, not .npy arrays)")
-            arrays = {key: loaded[key] for key in loaded.files}
+            arrays = {key: loaded[key] for key in loaded.files if not key.endswith("/")}  # a directory's
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:

@@ -395,3 +395,17 @@ def test_a_model_near_the_secure_memory_cap_is_warned_of(conv_model, device, tmp
 
     with Driver(device, tmp_path / "near") as run:  # what the TA holds for this model: at least as said
         assert secure_world_stats(run.session)["model_secure_memory"] / (1 << 20) >= needed - 0.05
+
+
+def test_an_npz_with_a_directory_entry_is_read(tmp_path):
+    """Zip tools may list a member's directory as an entry of its own (``sub/``): not a reason to call the
+    archive no .npz (a review of the check that names a .keras file given as calibration data)."""
+    from converters.calibration import _read
+
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with zipfile.ZipFile(tmp_path / "cal.npz", "w") as archive:
+        archive.writestr("sub/", b"")
+        with archive.open("sub/x.npy", "w") as member:
+            np.lib.format.write_array(member, data)
+    (key, got), = _read(tmp_path / "cal.npz").items()
+    assert key == "sub/x" and np.array_equal(got, data)

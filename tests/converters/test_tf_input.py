@@ -90,8 +90,9 @@ def test_a_keras_file_with_a_lambda_layer_points_to_a_saved_model(tf, device, tm
     h = keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.Conv2D(4, 3)(x))
     model = keras.Model(x, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
     model.save(tmp_path / "model.keras")
-    with pytest.raises(ModelFormatError, match=r"model.keras: Keras loads its Lambda layers' Python code "
-                                               r"only when told .* export the model as a SavedModel"):
+    with pytest.raises(ModelFormatError, match=r"model.keras: Keras loads this file only outside its safe "
+                                               r"mode \(it holds Python code, as Lambda layers do.* export "
+                                               r"the model as a SavedModel"):
         convert(tmp_path / "model.keras", tmp_path / "out", device=device)
     assert not (tmp_path / "out").exists()
     model.export(str(tmp_path / "saved"), verbose=False)

@@ -264,9 +264,10 @@ def test_importing_the_zoo_and_yolo_helpers_does_not_import_tensorflow():
 def test_an_untrained_export_removes_the_test_split_of_the_model_it_replaces(tmp_path):
     """``zoo minivgg -o m.tflite --force`` over a model trained on digits left the old ``m.testset.npz``
     beside the new, untrained model (a helper's walkthrough), where the demo and users take it for that
-    model's: it is removed."""
+    model's: it is removed - not where no model was replaced (a review)."""
     model, split = tmp_path / "m.tflite", tmp_path / "m.testset.npz"
-    model.write_bytes(b"a model trained on digits")
-    split.write_bytes(b"its test split")
+    split.write_bytes(b"the user's file")
     zoo.export("minivgg", model, verbose=False)
+    assert split.read_bytes() == b"the user's file" and model.read_bytes()[4:8] == b"TFL3"
+    zoo.export("minivgg", model, verbose=False)  # over a model, as --force does
     assert not split.exists() and model.read_bytes()[4:8] == b"TFL3"

@@ -167,12 +167,12 @@ class LayerCheck:
         # How far the calibration inputs were from isotropic (converters.anisotropy): >= 1, the factor by
         # which the estimate of ||tau|| / ||y'|| grows.
         self.anisotropy = layer.get("anisotropy", 1.0)
-        # Secure memory left for the weights of layers computed for their few directions or capped
-        # projections (the TA's budget, ``freivalds_directions.COMPUTED_TOTAL_BYTES``; ``_too_large``).
-        self.room: float = math.inf
         if not (isinstance(self.anisotropy, (int, float)) and not isinstance(self.anisotropy, bool)
                 and 1.0 <= self.anisotropy <= 2.0 ** 20):
             raise ValueError(f"{self.kind}: anisotropy {self.anisotropy!r} is not a number in [1, 2^20]")
+        # Secure memory left for the weights of layers computed for their few directions or capped
+        # projections (the TA's budget, ``freivalds_directions.COMPUTED_TOTAL_BYTES``; ``_too_large``).
+        self.room: float = math.inf
         # How many independent directions a dense or conv layer's results have (``freivalds_directions``;
         # ``known``: as the check made before this computed one counted them).
         self.directions = math.inf if self.kind == "DEPTHWISE_CONV_2D" or popped else \

@@ -340,11 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stdout_closed() -> bool:
-    """Whether standard output is a pipe whose reader has closed it (poll says POLLERR)."""
+    """Whether standard output is a pipe or a socket whose reader has closed it (poll says POLLERR for a
+    pipe, POLLHUP for a socket)."""
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (captured)
         return False
 

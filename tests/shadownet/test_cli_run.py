@@ -186,16 +186,25 @@ def test_output_into_a_closed_pipe_ends_quietly(small_cnn, tmp_path):
     walkthrough): a reader that stops early ends the command quietly, exit 141, as tools do."""
     (x,) = small_cnn.random_inputs()
     np.save(tmp_path / "x.npy", x)
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before the first line
-    try:
-        result = subprocess.run([sys.executable, "-m", "shadownet", "run", str(small_cnn.out), "--input",
-                                 str(tmp_path / "x.npy")], stdout=write, stderr=subprocess.PIPE, text=True,
-                                timeout=120)
-    finally:
-        os.close(write)
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
-    assert (result.returncode, lines) == (141, [])
+    import socket
+
+    for kind in ("pipe", "socket"):  # a socket's peer gone too (a review; poll says POLLHUP there)
+        if kind == "pipe":
+            read, write = os.pipe()
+            os.close(read)  # the reader is gone before the first line
+        else:
+            ours, theirs = socket.socketpair()
+            theirs.close()
+            write = os.dup(ours.fileno())
+            ours.close()
+        try:
+            command = [sys.executable, "-m", "shadownet", "run", str(small_cnn.out), "--input",
+                       str(tmp_path / "x.npy")]
+            result = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
+        assert (result.returncode, lines) == (141, []), kind
 
 
 def test_a_file_that_is_no_device_identity_is_one_line_without_a_tee_code(small_cnn, tmp_path, capsys):

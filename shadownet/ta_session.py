@@ -174,9 +174,8 @@ def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
                       "projections for the 2^-20 bound and its margin on the calibration inputs, or are "
                       "layers whose results have too few directions for any number of projections and whose "
                       "weights are too large for the TEE to compute them, alone or beside the other layers "
-                      "it computes (their results concentrate in few "
-                      "directions: SECURITY.md); their checks may fall short of 2^-20 - "
-                      "stats()['verify']['worst_bound_log2'] is what they achieve",
+                      "it computes (their results concentrate in few directions: SECURITY.md); their checks "
+                      "may fall short of 2^-20 - stats()['verify']['worst_bound_log2'] is what they achieve",
                       stacklevel=stacklevel)
     if weak.masked:
         its = "its" if len(weak.masked) == 1 else "their"

@@ -437,11 +437,10 @@ class LayerCheck:
         ``x`` of what was sent into ``y`` (float32, the result's size, secure memory): a ``direct``
         depthwise layer, which the TEE computes to check anyway (class docstring), or a ``dense`` one (a
         dense layer, or a conv as one: ``freivalds_directions.as_dense``; ``cheaper_computed``), whose
-        result it then uses
-        instead of the accelerator's (``tee_sim.per_inference_kernels``). Depthwise: the same kernel as
-        ``prepare`` without the projection, the window norms or ``z`` (``fv_prepare`` with ``y_out``);
-        dense: one C call (``ta_shadownet_small_ops.compile_dense``), so that its step stays on the fast
-        path."""
+        result it then uses instead of the accelerator's (``tee_sim.per_inference_kernels``). Depthwise:
+        the same kernel as ``prepare`` without the projection, the window norms or ``z`` (``fv_prepare``
+        with ``y_out``); dense: one C call (``ta_shadownet_small_ops.compile_dense``), so that its step
+        stays on the fast path."""
         if not (self.direct or self.dense):
             raise ValueError(f"{self.kind}: only a depthwise layer with multiplier 1, a dense or a conv "
                              "layer is computed by the TEE")

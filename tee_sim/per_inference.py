@@ -123,20 +123,21 @@ class PerInference:
             readers.setdefault(layer["weights"], []).append(out)
         split = {spec["layer"] for spec in one_time["offsets"].values() if spec.get("split")}
 
-        kept = [0]  # bytes of computed dense layers' weights (a conv's as one), against COMPUTED_TOTAL_BYTES
+        kept = 0  # bytes of computed dense layers' weights (a conv's as one), against COMPUTED_TOTAL_BYTES
 
         def make_checks(name: str, weights: np.ndarray) -> None:
+            nonlocal kept
             for out in readers.get(name, ()):
                 layer = layers[out]
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
                                        self.account, computed=own, shared_results=True)
-                made[out].room = COMPUTED_TOTAL_BYTES - kept[0]
+                made[out].room = COMPUTED_TOTAL_BYTES - kept
                 if out not in split and made[out].cheaper_computed():  # (it held no secure memory)
                     made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
                                            self.account, computed=True, shared_results=True,
                                            known=made[out].directions)
-                    kept[0] += made[out].computed_bytes
+                    kept += made[out].computed_bytes
                 if out in split:
                     made[out + POPPED] = LayerCheck(layer, weights, shm_shapes[layer["input"]],
                                                     shm_shapes[out], self.account, shared_results=True,

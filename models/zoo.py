@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 NAMES: tuple[str, ...] = ("mobilenet", "resnet44", "resnet404", "minivgg", "yolov4-tiny")
 TRAIN_SETS: tuple[str, ...] = ("digits",)
+# a file named after another format got TFLite bytes under that name (a walkthrough's `-o m.onnx`)
+OTHER_FORMATS: tuple[str, ...] = (".onnx", ".h5", ".hdf5", ".keras", ".pb", ".pt", ".pth", ".npy", ".npz",
+                                   ".json", ".sealed")
 
 
 def _builders() -> dict[str, Callable[[int], keras.Model]]:
@@ -113,6 +116,9 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
         raise InputError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
+    suffix = os.path.splitext(path)[1]
+    if suffix.lower() in OTHER_FORMATS:
+        raise InputError(f"{path} names a {suffix} file, but the zoo exports TFLite: name it .tflite")
     check_destination(path)  # before minutes of building and training, not after
     if train is not None:  # the test split's file too: a bad one failed after the model was written
         check_destination(testset_path(path))

@@ -226,6 +226,9 @@ def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
     with pytest.raises(IsADirectoryError, match="dir.tflite"):  # it was refused after the build
         zoo.export("minivgg", tmp_path / "dir.tflite")
     (tmp_path / "dir.tflite").rmdir()
+    for other in ("m.onnx", "m.H5", "m.keras"):  # TFLite bytes were written under the name
+        with pytest.raises(InputError, match=rf"{other} names a \.\w+ file, but the zoo exports TFLite"):
+            zoo.export("minivgg", tmp_path / other)
     for seed in (-1, 2**32, True, 1.0, "1"):  # Keras's errors, or taken (a helper's sweep)
         with pytest.raises(InputError, match=r"seed must be an integer from 0 to 2\*\*32 - 1"):
             zoo.export("minivgg", tmp_path / "x.tflite", seed=seed)

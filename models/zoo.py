@@ -86,6 +86,15 @@ def to_tflite(model: keras.Model) -> bytes:
         return bytes(converter.convert())
 
 
+def check_output_name(path: str | os.PathLike) -> None:
+    """Raise ``InputError`` when ``path`` ends in another format's suffix (``.onnx``, ``.h5``, ...): the zoo
+    writes TFLite, and wrote it under such a name."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    if suffix.lower() in OTHER_FORMATS:
+        raise InputError(f"{os.fspath(path)} names a {suffix} file, but the zoo exports TFLite: "
+                         "name it .tflite")
+
+
 def testset_path(path: str | os.PathLike) -> str:
     """Where ``export(..., train=...)`` stores the held-out test split: ``FILE.testset.npz`` for
     ``FILE.tflite``."""
@@ -116,9 +125,7 @@ def export(name: str, path: str | os.PathLike, seed: int = 0, train: str | None 
         raise InputError(f"training on {train!r} is only available for minivgg "
                          f"(data sets: {', '.join(TRAIN_SETS)})")
     path = os.fspath(path)
-    suffix = os.path.splitext(path)[1]
-    if suffix.lower() in OTHER_FORMATS:
-        raise InputError(f"{path} names a {suffix} file, but the zoo exports TFLite: name it .tflite")
+    check_output_name(path)
     check_destination(path)  # before minutes of building and training, not after
     if train is not None:  # the test split's file too: a bad one failed after the model was written
         check_destination(testset_path(path))

@@ -54,9 +54,10 @@ def silence_litert_info() -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
-    from models.zoo import export, testset_path
+    from models.zoo import check_output_name, export, testset_path
     from shadownet.files import check_destination
 
+    check_output_name(args.output)
     check_destination(args.output, replace=args.force)
     if args.train:
         check_destination(testset_path(args.output), replace=args.force)

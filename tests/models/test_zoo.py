@@ -213,7 +213,7 @@ def test_batch_norm_statistics_are_calibrated_layer_by_layer_and_the_head_centre
     assert logits.std() == pytest.approx(3.0, rel=1e-3)
 
 
-def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
+def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(InputError, match="unknown zoo model 'vgg16'"):
         zoo.export("vgg16", tmp_path / "x.tflite")
     with pytest.raises(InputError, match="only available for minivgg"):
@@ -229,6 +229,13 @@ def test_unknown_names_and_training_sets_are_refused_before_any_work(tmp_path):
     for other in ("m.onnx", "m.H5", "m.keras"):  # TFLite bytes were written under the name
         with pytest.raises(InputError, match=rf"{other} names a \.\w+ file, but the zoo exports TFLite"):
             zoo.export("minivgg", tmp_path / other)
+    from shadownet.cli import main
+
+    (tmp_path / "x.npy").write_bytes(b"the user's array")  # named before "exists: --force replaces it"
+    assert main(["zoo", "minivgg", "-o", str(tmp_path / "x.npy"), "--force"]) == 1
+    assert capsys.readouterr().err.strip().endswith("x.npy names a .npy file, but the zoo exports TFLite: "
+                                                    "name it .tflite")
+    (tmp_path / "x.npy").unlink()
     for seed in (-1, 2**32, True, 1.0, "1"):  # Keras's errors, or taken (a helper's sweep)
         with pytest.raises(InputError, match=r"seed must be an integer from 0 to 2\*\*32 - 1"):
             zoo.export("minivgg", tmp_path / "x.tflite", seed=seed)

@@ -130,11 +130,6 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
     one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), carrying)
     deeper = [r for r in one_time if r not in carrying]  # what the policy adds, at its costs
-    if not static and len(carrying) > 1:
-        warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
-                      "offloaded layer between: they get one-time masks as round 1 does, each such layer "
-                      "computing at the mask's magnitude in float32 and taking secure memory in every pool "
-                      "entry", stacklevel=2)
     if deeper:
         warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those that carry the user's input: "
                       "each such layer "
@@ -148,6 +143,16 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
     _warn_of_large_refill_layers(plan.program)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
+    if not static and len(carrying) > 1:
+        unsplit = sorted({r for m in masks if "split" not in m
+                          and (r := round_of(m["buffer"], "in")) in carrying[1:]})
+        warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
+                      "offloaded layer between: they get one-time masks as round 1 does, taking secure "
+                      "memory in every pool entry" + (
+                          f"; round(s) {unsplit} cross unsplit (converters/exact_split.py), their layers "
+                          "computing at the mask's magnitude in float32 (a raw image concatenated to deeper "
+                          "features: outputs up to 2e-3 off)" if unsplit else
+                          ", each crossing as an exact split (converters/exact_split.py)"), stacklevel=2)
     # A one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do not: static
     # masks, and a one-time mask whose input had no spread on the calibration inputs (all zeros).
     unfollowed = sorted({round_of(m["buffer"], "in") for m in masks if "spread" not in m})

@@ -17,7 +17,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, linear
 from converters.graph import Graph, Signature
-from converters.partition import Partition, carries_input
+from converters.partition import Partition, carries_input, input_rounds
 from converters.plan_numpy import numpy_activation, numpy_form
 from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, Scheme
 from converters.secret_random import Random
@@ -89,6 +89,10 @@ class RoundsBuilder:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
         self.carrying = carries_input(part)  # tensors made from a model input: shaped one-time masks
+        # Round 1 and the rounds a user input joins later: their masks (shaped or not) are split by the
+        # first and auto policies. Round 1's alone left a raw image concatenated to deeper features (a
+        # U-Net's skip) computing at its mask's magnitude: outputs up to 2e-3 off (a helper's probe).
+        self.input_rounds = set(input_rounds(part))
         self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)
         self.untrusted = Graph()
@@ -269,7 +273,8 @@ class RoundsBuilder:
     def _may_split(self, r: int) -> bool:
         """Whether the scheme's split policy (``_splits``) may split a push of round ``r``."""
         policy = getattr(self.scheme, "exact_split", "none")
-        return r in self.one_time and (policy == "all" or (r == 1 and policy in ("first", "auto")))
+        return r in self.one_time and (policy == "all" or (r in self.input_rounds
+                                                            and policy in ("first", "auto")))
 
     def _splittable(self, i: int) -> bool:
         """Whether an exact split of its input can serve op ``i``: a conv, or a dense layer on the input's
@@ -280,15 +285,16 @@ class RoundsBuilder:
 
     def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
         """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
-        exact split, by the scheme's policy: every one-time round (``all``), round 1 (``first``), round 1
-        where its mask is shaped or its float32 rounding costs the outputs precision (``auto``:
-        ``needs_split``, True for a shaped mask, measured by calibration for a white one; a tensor it did
-        not measure, one the TEE computes, is split) or where the split -
-        3x more multiply-adds on its readers - is cheap (``exact_split.CHEAP_BELOW``), or none."""
+        exact split, by the scheme's policy: every one-time round (``all``), the rounds that carry a user
+        input (``first``: round 1 and those ``input_rounds`` adds), the same where the mask is shaped or its
+        float32 rounding costs the outputs precision (``auto``: ``needs_split``, True for a shaped mask,
+        measured by calibration for a white one on round 1; a tensor it did not measure - a later round's,
+        one the TEE computes - is split) or where the split - 3x more multiply-adds on its readers - is
+        cheap (``exact_split.CHEAP_BELOW``), or none."""
         policy = getattr(self.scheme, "exact_split", "none")
         if policy == "all":
             return True
-        if r != 1 or policy not in ("first", "auto"):
+        if r not in self.input_rounds or policy not in ("first", "auto"):
             return False
         if policy == "first" or self.needs_split.get(source, True):
             return True

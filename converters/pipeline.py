@@ -141,7 +141,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
     plan = build(graph, part, chosen, rng, stats, one_time, needs_split, samples)
-    _warn_of_large_refill_layers(plan.program)
+    _warn_of_large_refill_layers(plan.program, plan.layer_names)
     masks = plan.program.get("one_time", {}).get("masks", {}).values()
     if not static and len(carrying) > 1:
         unsplit = sorted({r for m in masks if "split" not in m
@@ -209,28 +209,34 @@ DEFAULT_CAP = 64 << 20
 LARGE_REFILL_LAYER = DEFAULT_CAP // 2
 
 
-def _warn_of_large_refill_layers(program: dict[str, Any]) -> None:
+def _warn_of_large_refill_layers(program: dict[str, Any], names: dict[str, str]) -> None:
     """Warn when a layer whose one-time masks' unblinding terms the trusted app makes holds
     LARGE_REFILL_LAYER bytes of obfuscated weights or more: the TA reads the layer's weights from
     ``untrusted.tflite`` into secure memory, whole, at every refill of its pool
     (``tee_sim.obfuscated_weights.Weights``), on top of everything else it holds. The obfuscated weights,
     as the TA reads them: an exactly split layer's are four times the original's (its input and output
     channels doubled; a helper's probe: a 16 MiB dense first layer converted without a warning, then did not
-    load under the 64 MiB cap)."""
+    load under the 64 MiB cap). ``names``: each result buffer's layer, as the model names it (a helper's
+    probe: the warning named only the buffer); the warning says how to make the layer smaller."""
     layers = program.get("layers") or {}
+    offsets = (program.get("one_time") or {}).get("offsets", {}).values()
+    split = {o["layer"] for o in offsets if o.get("split")}
     large, largest = [], 0
-    for name in sorted({o["layer"] for o in (program.get("one_time") or {}).get("offsets", {}).values()}):
+    for name in sorted({o["layer"] for o in offsets}):
         nbytes = 4 * math.prod(layers[name]["weights_at"][1])
         if nbytes >= LARGE_REFILL_LAYER:
-            large.append(f"{layers[name].get('kind', 'layer')} {name}: {nbytes / (1 << 20):.0f} MiB")
+            large.append(f"{names.get(name, layers[name].get('kind', 'layer'))}, {name}: "
+                         f"{nbytes / (1 << 20):.0f} MiB{' as an exact split' if name in split else ''}")
             largest = max(largest, nbytes)
     if large:
         # A layer of the cap's size or more never fits beside anything (a helper's walkthrough: "may not").
         outcome = "will not load" if largest >= DEFAULT_CAP else "may not load"
+        remedy = ("; groupmix:exact_split=none sends split layers unsplit, their weights a quarter the size, "
+                  "at the mask's cost in precision (README, 'The exact split')" if split else "")
         warnings.warn(f"one-time masks on layers with large obfuscated weights ({'; '.join(large)}): the "
                       "trusted app reads such a layer's weights into secure memory whole at every refill of "
                       "its pool, beside what else it holds; under the secure world's default cap, 64 MiB, "
-                      f"the model {outcome}",
+                      f"the model {outcome}{remedy}",
                       stacklevel=3)
 
 

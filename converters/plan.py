@@ -45,6 +45,9 @@ class Plan:
     buffers: list[dict[str, Any]]
     shared_memory_size: int
     summary: dict[str, Any] = field(default_factory=dict)
+    # Each offloaded layer's result buffer ("round_2/out/y0") -> the model's layer, for the conversion's
+    # messages (not written anywhere)
+    layer_names: dict[str, str] = field(default_factory=dict)
 
 
 def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
@@ -93,4 +96,6 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                # normalized graph: the audit reads them (a later rule would misjudge an older artifact).
                "long_sums": [{"op": i, "layer": graph.tensors[graph.ops[i].outputs[0]].name}
                              for i in sorted(part.long_sums)]}
-    return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary)
+    names = {f"round_{r}/out/{rest['name']}": graph.describe_op(rest["op"])
+             for r, rests in enumerate(b.restores, start=1) for rest in rests}
+    return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary, names)

@@ -461,7 +461,9 @@ class ProtectedModel:
         results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as
         a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of
         the probability that a change of 1e-3 of a result's norm goes unnoticed);
-        ``per_inference_secure_memory``: what both hold in the TEE."""
+        ``per_inference_secure_memory``: what both hold in the TEE. Without either (``--scheme shadownet``
+        loaded without ``verify``): ``one_time_rounds`` ``[]``, ``pool`` ``{}``, ``verify`` ``{"enabled":
+        False}``, ``per_inference_secure_memory`` 0."""
         self._not_reentered()
         with self._lock:
             self.check_not_closed()
@@ -479,6 +481,9 @@ class ProtectedModel:
                     result.update(secure_world_stats(self._session))
                     if self.verify or self.one_time_rounds:
                         result.update(one_time_rounds=list(self.one_time_rounds), **pool_stats(self._session))
+                    else:  # the same keys, without a TEE entry: stats()['verify'] was a KeyError (a probe)
+                        result.update(one_time_rounds=[], pool={}, verify={"enabled": False},
+                                      per_inference_secure_memory=0)
             return result
 
 

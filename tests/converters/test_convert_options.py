@@ -87,10 +87,10 @@ def test_conversion_warns_of_one_time_layers_too_large_for_secure_memory(conv_mo
         expected = warned if split == "first" else ""
         assert len(said) == bool(expected), said
         # the model's layer by name, and what makes it smaller (they named only the buffer: a helper's probe)
-        assert all(re.search(r"op \d+ CONV_2D \(output '[^']+'\), round_1/out/y0: \d+ MiB as an exact split", s)
-                   and s.endswith(f"the model {expected}; groupmix:exact_split=none sends split layers "
-                                  "unsplit, their weights a quarter the size, at the mask's cost in precision "
-                                  "(README, 'The exact split')") for s in said), said
+        named = r"op \d+ CONV_2D \(output '[^']+'\), round_1/out/y0: \d+ MiB as an exact split"
+        remedy = ("; groupmix:exact_split=none sends split layers unsplit, their weights a quarter the size, "
+                  "at the mask's cost in precision (README, 'The exact split')")
+        assert all(re.search(named, s) and s.endswith(f"the model {expected}{remedy}") for s in said), said
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "3", True])

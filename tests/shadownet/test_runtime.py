@@ -508,3 +508,27 @@ def test_inference_runs_on_the_secure_worlds_core(small_cnn):
                 assert recorder.cpus[3 * rounds:] == [allowed - {core}] * rounds
             finally:
                 os.sched_setaffinity(0, allowed)
+
+
+def test_stats_have_the_same_keys_under_every_scheme(small_cnn, tmp_path):
+    """The paper's scheme loaded without verify has no pool nor checks: its stats() lacked ``verify``,
+    ``pool`` and ``one_time_rounds``, so ``stats()['verify']`` was a KeyError (a helper's probe)."""
+    import warnings
+
+    paper = tmp_path / "paper"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        shadownet.convert(str(small_cnn.original), str(paper), scheme="shadownet", seed=1)
+    (x,) = small_cnn.random_inputs()
+    keys = []
+    for out in (small_cnn.out, paper):
+        with shadownet.load(out) as model:
+            model(x)
+            stats = model.stats()
+            keys.append(set(stats))
+            if out == paper:
+                assert stats["verify"] == {"enabled": False} and stats["pool"] == {}
+                assert stats["one_time_rounds"] == [] and stats["per_inference_secure_memory"] == 0
+            else:
+                assert stats["verify"]["enabled"] is False and stats["pool"]["capacity"] > 0
+    assert keys[0] == keys[1], keys[0] ^ keys[1]

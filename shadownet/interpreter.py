@@ -51,7 +51,9 @@ def _details(spec: TensorSpec) -> dict[str, Any]:
         "name": spec.name,
         "index": spec.index,
         "shape": np.array(spec.shape, dtype=np.int32),
-        "shape_signature": np.array(spec.shape_signature, dtype=np.int32),
+        # The shape it takes: a batch the original left open (-1) is fixed by the conversion, and an app that
+        # read -1 here resized to a batch resize_tensor_input refuses (a helper's probe)
+        "shape_signature": np.array(spec.shape, dtype=np.int32),
         "dtype": spec.dtype.type,
         "quantization": (0.0, 0),
         "quantization_parameters": {

@@ -297,3 +297,30 @@ def test_wrong_arguments_are_type_errors_as_litert_s(small_cnn, monkeypatch):
         CallsBack.interpreter = None
         interpreter.invoke()
     assert len(seen) == 1 and "from inside a call of its own" in seen[0], seen
+
+
+def test_an_open_batch_is_shown_fixed_as_the_protected_model_takes_it(keras, tmp_path):
+    """A Keras model exported with an open batch: LiteRT's details give shape_signature [-1, ...], which
+    the protected model's copied, so an app resized to a batch that resize_tensor_input then refused (a
+    helper's probe). The protected model takes batch 1: its details say so."""
+    import warnings
+
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    x = keras.Input((8, 8, 3))
+    original = tmp_path / "open.tflite"
+    original.write_bytes(tf.lite.TFLiteConverter.from_keras_model(
+        keras.Model(x, keras.layers.Conv2D(4, 3)(x))).convert())
+    litert = LiteRTInterpreter(model_path=str(original))
+    assert list(litert.get_input_details()[0]["shape_signature"]) == [-1, 8, 8, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=1)
+    interpreter = shadownet.Interpreter(model_path=str(tmp_path / "out"))
+    for protected, plain in ((interpreter.get_input_details(), litert.get_input_details()),
+                             (interpreter.get_output_details(), litert.get_output_details())):
+        assert [list(d["shape_signature"]) for d in protected] == [list(d["shape"]) for d in plain]
+        assert [list(d["shape"]) for d in protected] == [list(d["shape"]) for d in plain]
+    with pytest.raises(ValueError, match="fixed input shapes"):
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], [2, 8, 8, 3])

@@ -107,7 +107,9 @@ class PerInferenceKernels:
             outs = online.by_input[target[4:]]
             computing = [self._computing(out, secure_x) for out in outs if out in online.computed]
             checks = [out for out in outs if out in online.checks]
-            if checks and instr.get("mask") and not instr.get("split"):  # checked against the mask's rounding
+            stream = online.streams.get(instr.get("mask") or "")
+            masked = instr.get("mask") and (stream is None or not stream.noiseless)  # (mask_scale=0: a probe)
+            if checks and masked and not instr.get("split"):  # checked against the mask's rounding
                 online.unsplit_masked.add(round_of(target[4:], "in"))
             # An exact split's popped check is prepared from the input itself, which the push copies here.
             plain = None

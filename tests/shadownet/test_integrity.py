@@ -394,7 +394,7 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
     """Masked rounds without an exact split are checked against the masked input's rounding (~10x): the load
     says which, and how to check them against their unmasked inputs - for the paper's scheme, which has no
     split, not groupmix's option (its advice before: a helper's review); split, or unmasked, nothing is
-    said."""
+    said (with groupmix:mask_scale=0 round 1 was called masked, its masks being zeros: a helper's probe)."""
     masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all")
     with pytest.warns(UserWarning, match=r"verify: rounds 2, 3 cross masked without an exact split, so "
                                          r"their checks.*groupmix:exact_split=all") as record:
@@ -407,7 +407,8 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
     assert not any("--scheme groupmix:exact_split=all" in str(w.message) or "18%" in str(w.message)
                    for w in record)
     for quiet in (masked, _convert(tmp_path_factory, "split_all", scheme="groupmix:exact_split=all",
-                                   mask_rounds="all")):
+                                   mask_rounds="all"),
+                  _convert(tmp_path_factory, "unmasked", scheme="groupmix:mask_scale=0")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with shadownet.load(quiet, verify=quiet != masked) as model:

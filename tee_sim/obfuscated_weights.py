@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from tee_sim.errors import (
     TEE_ERROR_BAD_PARAMETERS,
     TEE_ERROR_BAD_STATE,
+    TEE_ERROR_OUT_OF_MEMORY,
     TEE_ERROR_SECURITY,
     TEEC_ORIGIN_TRUSTED_APP,
     TEEError,
@@ -90,7 +91,15 @@ class Weights:
         self._where: dict[str, tuple[int, int, bytes]] = {}
         if outside:
             self._key = random_bytes(32)
-            self._staging = alloc(max(largest, CHUNK), np.uint8)
+            try:
+                self._staging = alloc(max(largest, CHUNK), np.uint8)
+            except TEEError as exc:  # said what for (a helper's probe: the bytes alone, with no layer)
+                if exc.code != TEE_ERROR_OUT_OF_MEMORY:
+                    raise
+                why = ("for a copy of the largest layer whose obfuscated weights the trusted app reads "
+                       "whole, at each refill of its one-time masks or, verified, of its checks (README, "
+                       "'Secure memory')")
+                raise TEEError(exc.code, exc.origin, f"{exc.message}, {why}") from None
         else:
             self._resident = {name: alloc(shape, np.float32) for name, (_, shape) in regions.items()}
             self._staging = alloc(CHUNK, np.uint8)

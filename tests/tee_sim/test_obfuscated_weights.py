@@ -136,3 +136,23 @@ def test_the_program_says_where_the_weights_lie():
     untrusted = bytes(100)
     with pytest.raises(ValueError, match="past the untrusted model's end"):  # authentic, but a bad program
         _weights(untrusted, {"w": (96, (2,))})
+
+
+
+def test_weights_too_large_for_secure_memory_are_said_to_be_what_failed():
+    """A dense first layer of 64 MiB, split, failed its load with the bytes requested alone (a helper's
+    probe): the error says what they were for."""
+    from tee_sim.errors import TEE_ERROR_OUT_OF_MEMORY
+    from tee_sim.memory import Heap, SecureMemory
+
+    untrusted, regions, _, _ = _file()
+    memory = SecureMemory(1 << 10)  # less than the 64 KiB staging chunk
+    with pytest.raises(TEEError) as err:
+        Weights(untrusted, regions, hashlib.sha256(untrusted).hexdigest(), Heap(memory).alloc, True,
+                os.urandom)
+    assert err.value.code == TEE_ERROR_OUT_OF_MEMORY
+    assert err.value.message == (
+        "secure memory exhausted: requested 0.1 MiB (65536 bytes), used 0.0 MiB (0 bytes), cap 0.0 MiB (1024 "
+        "bytes), for a copy of the largest layer whose obfuscated weights the trusted app reads whole, at "
+        "each refill of its one-time masks or, verified, of its checks (README, 'Secure memory')")
+    assert memory.used == 0

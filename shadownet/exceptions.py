@@ -28,8 +28,10 @@ class ArtifactError(ShadowNetError, ValueError):
     ``load_delegate`` for a library it cannot load."""
 
 
-class SecurityError(ShadowNetError):
-    """Sealed secrets, an attestation report or a paired model failed authentication."""
+class SecurityError(ShadowNetError, ValueError):
+    """Sealed secrets, an attestation report or a paired model failed authentication: a ``ValueError``, as
+    LiteRT's ``Interpreter`` raises for a model it cannot open (an app's fallback for a damaged model caught
+    a truncated file but not a tampered one: a helper's probe)."""
 
 
 class IntegrityError(ShadowNetError):

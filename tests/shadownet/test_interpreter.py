@@ -324,3 +324,22 @@ def test_an_open_batch_is_shown_fixed_as_the_protected_model_takes_it(keras, tmp
         assert [list(d["shape"]) for d in protected] == [list(d["shape"]) for d in plain]
     with pytest.raises(ValueError, match="fixed input shapes"):
         interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], [2, 8, 8, 3])
+
+
+@pytest.mark.parametrize("damaged", ["secrets.sealed", "untrusted.tflite"])
+def test_a_tampered_model_is_a_value_error_as_litert_raises_for_a_model_it_cannot_open(small_cnn, tmp_path,
+                                                                                         damaged):
+    """An app's fallback for a model LiteRT cannot open (``except ValueError``) caught a missing file but not
+    a tampered one, a SecurityError (a helper's probe)."""
+    import shutil
+
+    from shadownet.exceptions import SecurityError
+
+    out = tmp_path / "out"
+    shutil.copytree(small_cnn.out, out)
+    data = bytearray((out / damaged).read_bytes())
+    data[len(data) // 2] ^= 1
+    (out / damaged).write_bytes(bytes(data))
+    with pytest.raises(ValueError) as caught:
+        shadownet.Interpreter(model_path=str(out))
+    assert isinstance(caught.value, SecurityError), caught.value

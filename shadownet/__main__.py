@@ -1,3 +1,3 @@
-from shadownet.cli import main
+from shadownet.cli import run
 
-raise SystemExit(main())
+run()

@@ -7,6 +7,7 @@ native log noise off the terminal and turns the errors a user can cause into one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -303,18 +304,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "device_key", None) and not args.device:
         command.error("argument --device-key: pins the key of a --device FILE, which is missing")
     func: Callable[[argparse.Namespace], None] = args.func
-    terminated: list[int] = []
+    received: list[int] = []  # SIGINT / SIGTERM while the command ran
     main_thread = threading.current_thread() is threading.main_thread()  # Python sets handlers there only
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     swallowed = ""
     try:
         silence_litert_info()  # numpy's and LiteRT's C extensions imported before SIGTERM may interrupt
-        if main_thread:
-            signal.signal(signal.SIGTERM, _terminate_handler(terminated))
+        for sig in previous:
+            signal.signal(sig, _interrupt_handler(received))
         func(args)
     except KeyboardInterrupt:
-        print(f"shadownet: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        return _stopped(received)
     except BrokenPipeError as exc:
         if not _stdout_closed():  # another pipe's (none is expected): an error like any other
             return _report(exc)
@@ -325,19 +325,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 141
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
-        if not terminated:
+        if not received:
             return _report(exc)
         swallowed = f" (and then {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:  # (None: a handler set outside Python, which cannot be put back)
+                signal.signal(sig, handler)
         # Every way out: an interrupt that became another error, or that a callback swallowed, exited by
         # SIGINT too (a review). One that leaves main() sets the flag again on its way.
         _forget_unhandled_interrupt()
-    if terminated:  # the interrupt became another error (inside an import), or was ignored (a callback)
-        print(f"shadownet: terminated{swallowed}", file=sys.stderr)
-        return 143
+    if received:  # the interrupt became another error (inside an import), or was ignored (a callback)
+        return _stopped(received, swallowed)
     return 0
+
+
+def run() -> None:
+    """The process's entry point (the ``shadownet`` script, ``python -m shadownet``): ``main()``, then exit
+    with its code. A Ctrl-C or SIGTERM once the command is done, during the interpreter's teardown (the
+    secure world's, TensorFlow's), exits with that code at once: it ended the process by the signal, with
+    no word and the output complete (a helper's probe)."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe (141), a closed stream
+                stream.flush()
+
+        def at_once(signum: int, frame: Any) -> None:
+            os._exit(code)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, at_once)
+    sys.exit(code)
 
 
 def _stdout_closed() -> bool:
@@ -361,14 +380,25 @@ def _forget_unhandled_interrupt() -> None:
     exec("")  # noqa: S102 - an empty string: nothing runs
 
 
-def _terminate_handler(terminated: list[int]) -> Callable[[int, Any], None]:
-    """SIGTERM (``kill``, a service manager) as Ctrl-C: the same clean-up (no half-written output, no
-    temporary directories; a helper's probe found both left by SIGTERM), then "terminated", exit 143."""
+def _interrupt_handler(received: list[int]) -> Callable[[int, Any], None]:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, a service manager): a KeyboardInterrupt, as Python's own
+    handler raises, recorded - the same clean-up (no half-written output, no temporary directories; a
+    helper's probe found both left by SIGTERM), then "interrupted", exit 130, or "terminated", 143, also when
+    the interrupt became another error on its way (raised inside a C extension: Keras's seed cast made one a
+    TypeError, exit 3, a helper's probe) or a callback swallowed it."""
     def handler(signum: int, frame: Any) -> None:
-        terminated.append(signum)
+        received.append(signum)
         raise KeyboardInterrupt
 
     return handler
+
+
+def _stopped(received: list[int], swallowed: str = "") -> int:
+    """The line and exit code of a command stopped by a signal (``received``: SIGTERM among them says
+    "terminated")."""
+    terminated = signal.SIGTERM in received
+    print(f"shadownet: {'terminated' if terminated else 'interrupted'}{swallowed}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def _report(exc: Exception) -> int:

@@ -34,7 +34,8 @@ Conv and dense layers only: a depthwise layer cannot read both halves of a chann
 the plain one-time mask. Where the mask's rounding costs the model little, the split is not worth its
 cost: ``groupmix``'s default policy (``exact_split=auto``) splits round 1 where its mask is shaped (the
 default's: ``converters.calibration.split_needed``), and a white mask only where calibration measured that
-cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``).
+cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``); a round a user input joins later where its
+split weights are small enough for secure memory (``LATE_SPLIT_BYTES``).
 This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
 """
 
@@ -57,6 +58,12 @@ import numpy as np
 # and 7.7e-6 with it). Round 1's shaped masks (sqrt(2 * bands) times as large per element) are always
 # split: this measure put MiniVGG's at 2.9e-6, and unsplit its outputs were up to 1.2e-4 off (a review).
 NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
+# A round that a user input joins after round 1 (a U-Net's skip from the image: a helper's probe measured its
+# outputs up to 2e-3 off unsplit) is split by ``auto`` where its readers' split weights, four times theirs,
+# total at most LATE_SPLIT_BYTES: the trusted app reads them whole into secure memory at each refill of its
+# one-time masks, and a dense head on a vector joined to flattened features (16 MiB, split 64 MiB) no longer
+# loaded under the default cap (a review). Past it the conversion warns of the precision the round loses.
+LATE_SPLIT_BYTES = 8 << 20
 
 FLOAT32_BITS = 24
 MIN_BITS = 10  # below this many bits for b_x + b_w the split gains too little to pay for itself

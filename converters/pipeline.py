@@ -146,13 +146,16 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     if not static and len(carrying) > 1:
         unsplit = sorted({r for m in masks if "split" not in m
                           and (r := round_of(m["buffer"], "in")) in carrying[1:]})
+        said = ("; their masks add no noise (mask_scale=0)" if unmasked else
+                f"; round(s) {unsplit} cross unsplit (converters/exact_split.py), their layers computing at "
+                "the mask's magnitude in float32 (a helper's U-Net, a raw image concatenated to deeper "
+                "features: outputs up to 2e-3 off; the default splits such a round where its split weights, "
+                f"4x its layers', fit {exact_split.LATE_SPLIT_BYTES >> 20} MiB of secure memory, and "
+                "--scheme groupmix:exact_split=first always)" if unsplit else
+                ", each crossing as an exact split (converters/exact_split.py)")
         warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
                       "offloaded layer between: they get one-time masks as round 1 does, taking secure "
-                      "memory in every pool entry" + (
-                          f"; round(s) {unsplit} cross unsplit (converters/exact_split.py), their layers "
-                          "computing at the mask's magnitude in float32 (a raw image concatenated to deeper "
-                          "features: outputs up to 2e-3 off)" if unsplit else
-                          ", each crossing as an exact split (converters/exact_split.py)"), stacklevel=2)
+                      f"memory in every pool entry{said}", stacklevel=2)
     # A one-time mask follows its input's spread in the TEE (tee_sim.mask_spread); these do not: static
     # masks, and a one-time mask whose input had no spread on the calibration inputs (all zeros).
     unfollowed = sorted({round_of(m["buffer"], "in") for m in masks if "spread" not in m})
@@ -221,18 +224,19 @@ def _warn_of_large_refill_layers(program: dict[str, Any], names: dict[str, str])
     layers = program.get("layers") or {}
     offsets = (program.get("one_time") or {}).get("offsets", {}).values()
     split = {o["layer"] for o in offsets if o.get("split")}
-    large, largest = [], 0
+    large, largest, large_split = [], 0, False
     for name in sorted({o["layer"] for o in offsets}):
         nbytes = 4 * math.prod(layers[name]["weights_at"][1])
         if nbytes >= LARGE_REFILL_LAYER:
             large.append(f"{names.get(name, layers[name].get('kind', 'layer'))}, {name}: "
                          f"{nbytes / (1 << 20):.0f} MiB{' as an exact split' if name in split else ''}")
             largest = max(largest, nbytes)
+            large_split |= name in split
     if large:
         # A layer of the cap's size or more never fits beside anything (a helper's walkthrough: "may not").
         outcome = "will not load" if largest >= DEFAULT_CAP else "may not load"
         remedy = ("; groupmix:exact_split=none sends split layers unsplit, their weights a quarter the size, "
-                  "at the mask's cost in precision (README, 'The exact split')" if split else "")
+                  "at the mask's cost in precision (README, 'The exact split')" if large_split else "")
         warnings.warn(f"one-time masks on layers with large obfuscated weights ({'; '.join(large)}): the "
                       "trusted app reads such a layer's weights into secure memory whole at every refill of "
                       "its pool, beside what else it holds; under the secure world's default cap, 64 MiB, "

@@ -286,16 +286,20 @@ class RoundsBuilder:
     def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
         """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
         exact split, by the scheme's policy: every one-time round (``all``), the rounds that carry a user
-        input (``first``: round 1 and those ``input_rounds`` adds), the same where the mask is shaped or its
-        float32 rounding costs the outputs precision (``auto``: ``needs_split``, True for a shaped mask,
-        measured by calibration for a white one on round 1; a tensor it did not measure - a later round's,
-        one the TEE computes - is split) or where the split - 3x more multiply-adds on its readers - is
-        cheap (``exact_split.CHEAP_BELOW``), or none."""
+        input (``first``: round 1 and those ``input_rounds`` adds), or (``auto``) round 1 where the mask is
+        shaped or its float32 rounding costs the outputs precision (``needs_split``, True for a shaped mask,
+        measured by calibration for a white one; a tensor it did not measure, one the TEE computes, is
+        split) or where the split - 3x more multiply-adds on its readers - is cheap
+        (``exact_split.CHEAP_BELOW``), and a later round that carries a user input where its readers' split
+        weights fit ``exact_split.LATE_SPLIT_BYTES``; or none."""
         policy = getattr(self.scheme, "exact_split", "none")
         if policy == "all":
             return True
         if r not in self.input_rounds or policy not in ("first", "auto"):
             return False
+        if policy == "auto" and r != 1:
+            split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
+            return split_bytes <= exact_split.LATE_SPLIT_BYTES
         if policy == "first" or self.needs_split.get(source, True):
             return True
         total = sum(_macs(self.g, i) for i in self.part.offloaded)

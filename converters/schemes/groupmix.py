@@ -64,10 +64,10 @@ precision per layer (the accelerator accumulates ``x + r``): MobileNet's worst r
 static masks on every round, 6e-4 with round 1's one-time mask alone. A one-time-masked conv or dense layer
 therefore receives its input as an exact split (``exact_split``, ``converters.exact_split``): the mask's
 magnitude is computed exactly and round 1's mask costs nothing (MobileNet: 3e-6 - 7e-5 over 12 inferences,
-against 6e-6 - 8e-5 with no mask at all). By default (``auto``) only the rounds that carry a user input
-(round 1, and a round an input joins later, e.g. a U-Net's skip from the image), and there only where its mask
-is shaped (always, by default) or calibration measured that a white mask's rounding costs the outputs
-precision or the split is cheap (``converters.exact_split``): the first layer is small (the split adds 5.7% to
+against 6e-6 - 8e-5 with no mask at all). By default (``auto``) only round 1's, where its mask is shaped
+(always, by default) or calibration measured that a white mask's rounding costs the outputs precision or the
+split is cheap, and a round's that a user input joins later (a U-Net's skip from the image) where its split
+weights fit ``converters.exact_split.LATE_SPLIT_BYTES``: the first layer is small (the split adds 5.7% to
 MobileNet's multiply-adds), the deeper one-time rounds of ``--mask-rounds all`` are not (``exact_split=all``
 pays it). Unmasked rounds show the accelerator their features through the input mixing only, which an attacker
 fitting an affine map (the audit's measure) undoes; they need only their bias in secure memory.
@@ -111,11 +111,11 @@ class GroupMixScheme:
     without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
     masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
     along the channels' common direction; False: white, at ``mask_scale`` per element), ``exact_split``
-    (``"auto"``: the one-time-masked conv and dense inputs of the rounds that carry a user input - round
-    1, and a round a user input joins later - cross in two exact halves where the mask is shaped, and a
-    white mask where calibration measured that its float32 rounding costs the outputs precision or the
-    split is cheap; ``"first"``: those rounds' always; ``"all"``: every one-time round's, at 4x those
-    layers' multiply-adds; ``"none"``),
+    (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two exact halves where the mask
+    is shaped, and a white mask where calibration measured that its float32 rounding costs the outputs
+    precision or the split is cheap, a later round's that a user input joins where its split weights fit
+    ``exact_split.LATE_SPLIT_BYTES``; ``"first"``: those rounds' always; ``"all"``: every one-time round's,
+    at 4x those layers' multiply-adds; ``"none"``),
     ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
     a depthwise round's input and results cross channel by channel, unmixed: with the rounds after the
     first unmasked, the audit then learns the restore of the layer before it and the input mixing of the

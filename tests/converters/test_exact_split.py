@@ -425,3 +425,32 @@ def test_a_user_input_joining_a_later_round_crosses_as_an_exact_split(tmp_path):
             errors[name] = max(float(np.abs(model(xi) - reference(original, xi)).max()
                                      / np.abs(reference(original, xi)).max()) for xi in x)
     assert errors["default"] <= 1e-4 and errors["unsplit"] >= 5 * errors["default"], errors
+
+
+def test_a_late_round_whose_split_weights_would_not_fit_crosses_unsplit(tmp_path, monkeypatch):
+    """A vector joined to flattened image features before a dense head: split, its weights (4x the layer's,
+    read whole into secure memory at every refill) stopped a 16 MiB head from loading (a review). The auto
+    policy splits such a round only up to LATE_SPLIT_BYTES, and says what the rest costs."""
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(1)
+    image, meta = keras.Input((16, 16, 3), batch_size=1), keras.Input((10,), batch_size=1)
+    h = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, padding="same", activation="relu")(image))
+    y = keras.layers.Dense(300)(keras.layers.Concatenate()([h, meta]))  # 2058 x 300: 9.9 MB split
+    original = bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model([image, meta], y)).convert())
+    for limit, split in ((exact_split.LATE_SPLIT_BYTES, False), (16 << 20, True)):
+        monkeypatch.setattr(exact_split, "LATE_SPLIT_BYTES", limit)
+        out = str(tmp_path / f"out{limit}")
+        with __import__("warnings").catch_warnings(record=True) as caught:
+            __import__("warnings").simplefilter("always")
+            manifest = shadownet.convert(original, out, seed=2)
+        assert manifest["masks"]["input_rounds"] == [1, 2]
+        assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, split]
+        said = [str(w.message) for w in caught if "round(s) [2] carry a user input" in str(w.message)]
+        assert len(said) == 1 and (("each crossing as an exact split" in said[0]) == split), said
+        if not split:
+            assert "round(s) [2] cross unsplit" in said[0] and "fit 8 MiB of secure memory" in said[0]
+        with shadownet.load(out) as model:
+            zeros = np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 10), np.float32)
+            assert np.all(np.isfinite(model(*zeros)))

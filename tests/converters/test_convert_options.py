@@ -91,6 +91,16 @@ def test_conversion_warns_of_one_time_layers_too_large_for_secure_memory(conv_mo
         remedy = ("; groupmix:exact_split=none sends split layers unsplit, their weights a quarter the size, "
                   "at the mask's cost in precision (README, 'The exact split')")
         assert all(re.search(named, s) and s.endswith(f"the model {expected}{remedy}") for s in said), said
+    # With every round masked, round 1 split and the 576 x 10 dense layer (23 KB) not: exact_split=none would
+    # not make the layer listed smaller, and is not suggested (a review: it was, whenever any layer was split)
+    monkeypatch.setattr(pipeline, "LARGE_REFILL_LAYER", 10_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(conv_model, tmp_path / f"unsplit_{split}", device=device, seed=7, mask_rounds="all",
+                scheme=f"groupmix:exact_split={split}")
+    said = [str(w.message) for w in caught if "large obfuscated weights" in str(w.message)]
+    assert len(said) == 1 and "FULLY_CONNECTED" in said[0] and "exact split" not in said[0], said
+    assert "exact_split=none" not in said[0], said
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "3", True])

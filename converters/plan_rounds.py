@@ -102,7 +102,6 @@ class RoundsBuilder:
         g, u = self.g, self.untrusted
         self.fused: dict[int, int] = {}  # offloaded op -> the activation op the restore applies
         self.pads: dict[int, int] = {}  # padded tensor -> the PAD op a push does instead
-        self.pads_in_tee: set[int] = set()  # padded tensors whose PAD runs in the TEE all the same
         self.result: dict[int, int] = {}  # offloaded op -> the tensor its restore produces
         self.pushes: list[list[dict[str, Any]]] = []  # per round: {tensor, name, permutation, mask}
         self.restores: list[list[dict[str, Any]]] = []  # per round: {op, name, tensor, ...arrays}
@@ -137,13 +136,6 @@ class RoundsBuilder:
                     source, pad = self._zero_pad(x)
                     split = self._split(x, readers[key], stats, dist) \
                         if one_time and self._splits(r, source, readers[key]) else None
-                    if split is not None and pad is not None and any(pad[-1]):
-                        # An exact split sends twice the channels, which a push cannot pad: the PAD of
-                        # channels runs in the TEE (the TA refused the program: a review), for every push of
-                        # its tensor (one that read the PAD's input would leave it uncomputed).
-                        del self.pads[x]
-                        self.pads_in_tee.add(x)
-                        source, pad = x, None
                     wire = shape if split is None else (*shape[:-1], 2 * shape[-1])
                     tid = u.add_tensor(f"round_{r}/x{j}", wire, np.float32)
                     sig_in[f"x{j}"] = tid
@@ -334,11 +326,16 @@ class RoundsBuilder:
         the PAD never runs in LiteRT, whose arenas would hold both the tensor and its padded copy."""
         g = self.g
         p = g.producer(x)
-        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs or x in self.pads_in_tee:
+        if p is None or g.ops[p].kind not in ("PAD", "PADV2") or x in g.outputs:
             return x, None
         op = g.ops[p]
         paddings = g.tensors[op.inputs[1]].data
         if paddings is None or paddings.shape != (len(g.tensors[x].shape), 2) or np.any(paddings < 0):
+            return x, None
+        if np.any(paddings[-1]):
+            # A PAD of channels runs in the TEE: a push's mixing and exact split are of the accelerator's
+            # channels, and the TA refused the program for both (reviews: a split, then groupmix's input
+            # mixing, which failed to load whenever such a push was not split).
             return x, None
         value = g.tensors[op.inputs[2]].data if op.kind == "PADV2" and len(op.inputs) > 2 else None
         if op.kind == "PADV2" and (value is None or np.any(value)):

@@ -233,6 +233,57 @@ def test_a_pad_of_channels_before_a_split_input_runs_in_the_tee(tmp_path, scheme
             assert np.max(np.abs(protected(x) - want)) <= 1e-4 * np.max(np.abs(want))
 
 
+def _channel_padded_features() -> bytes:
+    """A conv, then a PAD of rows, columns and channels (8 -> 12) of its ReLU'd features, then a 3x3 conv:
+    the padded tensor is pushed by the first conv's restore."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    rng = np.random.default_rng(1)
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    w = g.add_tensor("w", (8, 3, 3, 3), np.float32, rng.standard_normal((8, 3, 3, 3)) * 0.3)
+    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
+    y = g.add_tensor("y", (1, 8, 8, 8), np.float32)
+    g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
+                                                     fb.ActivationFunctionType.RELU))
+    pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 1], [1, 1], [0, 4]]))
+    yp = g.add_tensor("yp", (1, 10, 10, 12), np.float32)
+    g.add_op("PAD", [y, pads], [yp], fb.PadOptionsT())
+    w2 = g.add_tensor("w2", (4, 3, 3, 12), np.float32, rng.standard_normal((4, 3, 3, 12)) * 0.2)
+    b2 = g.add_tensor("b2", (4,), np.float32, rng.standard_normal(4) * 0.1)
+    z = g.add_tensor("z", (1, 8, 8, 4), np.float32)
+    g.add_op("CONV_2D", [yp, w2, b2], [z], conv_options("CONV_2D", fb.Padding.VALID, 1,
+                                                       fb.ActivationFunctionType.NONE))
+    g.inputs, g.outputs = [x], [z]
+    return write_model(g)
+
+
+@pytest.mark.parametrize("model,scheme", [("input", "groupmix:exact_split=none"), ("features", None),
+                                          ("features", "shadownet")])
+def test_a_pad_of_channels_runs_in_the_tee_before_any_push(tmp_path, model, scheme):
+    """Folded into the push that replaced it, a PAD of channels met groupmix's input mixing, which is of
+    the padded channels: the TA refused the program of a valid model at load, unsplit round 1 or a deeper
+    round's fused restore and push (a review). It runs in the TEE."""
+    import warnings
+
+    original = {"input": _channel_padded_conv, "features": _channel_padded_features}[model]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        shadownet.convert(original, str(tmp_path / "out"), seed=3, **({"scheme": scheme} if scheme else {}))
+    rng = np.random.default_rng(5)
+    shape = (1, 12, 12, 3) if model == "input" else (1, 8, 8, 3)
+    for verify in (False, True):
+        with shadownet.load(tmp_path / "out", verify=verify) as protected:
+            for _ in range(3):
+                x = rng.uniform(0, 1, shape).astype(np.float32)
+                want = reference(original, x)
+                tolerance = 1e-3 if scheme == "shadownet" else 1e-4
+                assert np.max(np.abs(protected(x) - want)) <= tolerance * np.max(np.abs(want))
+
+
 def test_a_padded_tensor_split_for_one_reader_and_not_another_converts(tmp_path, monkeypatch):
     """One PAD of channels, read by an offloaded depthwise layer (pushed first, cheap: split by policy but
     not splittable) and by a large conv (not split): its PAD runs where each push needs it (a review: a

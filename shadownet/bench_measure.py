@@ -176,7 +176,7 @@ def _pool(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | Non
     plus what the timed runs alone did: entries made (``made_timed``) and made on an inference's path
     (``synchronous_timed``), from the counters before the first timed run (``before``)."""
     pool = after.get("pool")
-    if not pool:
+    if not pool or not pool["capacity"]:  # none (the paper's scheme without verify: a capacity of 0)
         return None
     start = before.get("pool") or {}
     per_inference = pool.get("offline_s_per_inference")

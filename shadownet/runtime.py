@@ -450,7 +450,7 @@ class ProtectedModel:
         (the peak is the device's since its secure world started, other models' included) and
         ``model_secure_memory``, what the ShadowNet trusted app holds (this model's, and that of any other
         protected model open on the device; asked with one extra TEE entry, outside any inference).
-        With one-time masks or ``verify``, ``one_time_rounds`` and ``pool`` (one more TEE entry): ``capacity``
+        ``one_time_rounds`` and ``pool`` (one more TEE entry): ``capacity``
         / ``ready`` entries, ``entry_bytes`` and ``pool_bytes`` of secure memory, ``made`` entries in
         ``offline_s`` seconds (``offline_s_per_inference``), ``synchronous`` ones made on an inference's path,
         ``rescaled`` masks moved to another power of two on it and ``mask_exponents`` (round 1's masks follow
@@ -461,9 +461,9 @@ class ProtectedModel:
         results, ``unsplit_masked_rounds``, ``worst_ratio`` (the largest rounding seen on passing results, as
         a fraction of the tolerance) and ``worst_bound_log2`` (the weakest detection bound achieved: log2 of
         the probability that a change of 1e-3 of a result's norm goes unnoticed);
-        ``per_inference_secure_memory``: what both hold in the TEE. Without either (``--scheme shadownet``
-        loaded without ``verify``): ``one_time_rounds`` ``[]``, ``pool`` ``{}``, ``verify`` ``{"enabled":
-        False}``, ``per_inference_secure_memory`` 0."""
+        ``per_inference_secure_memory``: what both hold in the TEE. Without one-time masks nor ``verify``
+        (``--scheme shadownet`` loaded without it) the same keys, nothing counted: capacity 0, ``enabled``
+        False."""
         self._not_reentered()
         with self._lock:
             self.check_not_closed()
@@ -479,11 +479,9 @@ class ProtectedModel:
             if self._session is not None:
                 with self._losing_session():
                     result.update(secure_world_stats(self._session))
-                    if self.verify or self.one_time_rounds:
-                        result.update(one_time_rounds=list(self.one_time_rounds), **pool_stats(self._session))
-                    else:  # the same keys, without a TEE entry: stats()['verify'] was a KeyError (a probe)
-                        result.update(one_time_rounds=[], pool={}, verify={"enabled": False},
-                                      per_inference_secure_memory=0)
+                    # (also without either: the same keys, nothing counted - stats()['verify'] was a
+                    # KeyError under the paper's scheme, a probe)
+                    result.update(one_time_rounds=list(self.one_time_rounds), **pool_stats(self._session))
             return result
 
 

@@ -418,6 +418,21 @@ class PerInference:
             if bound is not None:
                 self.worst_bound_log2 = max(self.worst_bound_log2, bound)
 
+    @staticmethod
+    def idle_stats() -> dict[str, Any]:
+        """``stats`` of a model loaded without one-time masks or checks (the paper's scheme without
+        ``verify``): the same keys, nothing counted - ``stats()['verify']['checked']`` was a KeyError there
+        (a review). ``tests/shadownet/test_runtime.py`` holds the keys to ``stats``'."""
+        return {
+            "one_time_rounds": [],
+            "pool": {"capacity": 0, "ready": 0, "entry_bytes": 0, "pool_bytes": 0, "made": 0,
+                     "offline_s": 0.0, "synchronous": 0, "rescaled": 0, "mask_exponents": {}},
+            "verify": {"enabled": False, "layers": 0, "computed": 0, "popped": 0, "computed_rounds": [],
+                       "projections": 0, "checked": 0, "capped": 0, "unsplit_masked_rounds": [],
+                       "worst_ratio": 0.0, "worst_bound_log2": None},
+            "secure_bytes": 0,
+        }
+
     def stats(self, ahead: int = 0) -> dict[str, Any]:
         """The pool's and the checks' figures; ``ahead``: 1 when the current entry is the next inference's,
         taken ahead (``tee_sim.ta_shadownet_steps.take_ahead``), a ready one all the same."""

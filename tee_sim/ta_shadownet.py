@@ -201,7 +201,8 @@ class ShadowNetTA(TrustedApp):
         elif cmd_id == Command.GET_POOL_STATS:
             check_param_types(params, MEMREF_OUT)
             model = session.get("model")
-            stats = model.online.stats(ahead(model)) if model is not None and model.online is not None else {}
+            stats = model.online.stats(ahead(model)) if model is not None and model.online is not None \
+                else PerInference.idle_stats()
             write_output(params[0], json.dumps(stats).encode())
         elif cmd_id == Command.BIND_SHARED_MEMORY:
             if params.types == TEE_PARAM_TYPES(MEMREF_INOUT, MEMREF_IN):

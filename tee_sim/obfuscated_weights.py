@@ -89,19 +89,23 @@ class Weights:
         largest = max((n for _, n, _ in spans), default=0)
         self._resident: dict[str, np.ndarray] = {}
         self._where: dict[str, tuple[int, int, bytes]] = {}
-        if outside:
-            self._key = random_bytes(32)
+        def alloc_for(what: str, shape: Any, dtype: Any) -> np.ndarray:
             try:
-                self._staging = alloc(max(largest, CHUNK), np.uint8)
+                return alloc(shape, dtype)
             except TEEError as exc:  # said what for (a helper's probe: the bytes alone, with no layer)
                 if exc.code != TEE_ERROR_OUT_OF_MEMORY:
                     raise
-                why = ("for a copy of the largest layer whose obfuscated weights the trusted app reads "
-                       "whole, at each refill of its one-time masks or, verified, of its checks (README, "
-                       "'Secure memory')")
-                raise TEEError(exc.code, exc.origin, f"{exc.message}, {why}") from None
+                raise TEEError(exc.code, exc.origin, f"{exc.message}, for {what} (README, 'Secure memory')") \
+                    from None
+
+        if outside:
+            self._key = random_bytes(32)
+            self._staging = alloc_for("the copy through which the trusted app reads the obfuscated weights, "
+                                      "the largest layer's whole (at each refill of its one-time masks or, "
+                                      "verified, of its checks)", max(largest, CHUNK), np.uint8)
         else:
-            self._resident = {name: alloc(shape, np.float32) for name, (_, shape) in regions.items()}
+            self._resident = {name: alloc_for(f"the obfuscated weights of {name}, kept in secure memory",
+                                              shape, np.float32) for name, (_, shape) in regions.items()}
             self._staging = alloc(CHUNK, np.uint8)
         self._size = max((o + n for o, n, _ in spans), default=0)
         src = np.frombuffer(untrusted, np.uint8)

@@ -153,6 +153,12 @@ def test_weights_too_large_for_secure_memory_are_said_to_be_what_failed():
     assert err.value.code == TEE_ERROR_OUT_OF_MEMORY
     assert err.value.message == (
         "secure memory exhausted: requested 0.1 MiB (65536 bytes), used 0.0 MiB (0 bytes), cap 0.0 MiB (1024 "
-        "bytes), for a copy of the largest layer whose obfuscated weights the trusted app reads whole, at "
-        "each refill of its one-time masks or, verified, of its checks (README, 'Secure memory')")
+        "bytes), for the copy through which the trusted app reads the obfuscated weights, the largest "
+        "layer's whole (at each refill of its one-time masks or, verified, of its checks) (README, 'Secure "
+        "memory')")
     assert memory.used == 0
+    with pytest.raises(TEEError) as err:  # kept in secure memory: the first that does not fit is named
+        Weights(untrusted, regions, hashlib.sha256(untrusted).hexdigest(), Heap(SecureMemory(100)).alloc,
+                False, os.urandom)
+    assert err.value.message.endswith("for the obfuscated weights of b, kept in secure memory (README, "
+                                      "'Secure memory')"), err.value.message

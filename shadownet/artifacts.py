@@ -39,7 +39,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     index: int                      # the original model's LiteRT tensor index
-    shape_signature: tuple[int, ...]
+    shape_signature: tuple[int, ...]  # the original's (-1: a dimension it left open; this model's is fixed)
 
 
 @dataclass(frozen=True)

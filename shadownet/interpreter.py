@@ -2,7 +2,8 @@
 
 An app written for ``ai_edge_litert.interpreter.Interpreter`` switches by changing its import and pointing
 ``model_path`` at the artifact directory: input/output details are the ORIGINAL model's (names, order,
-indices, shapes, dtypes, quantization fields as LiteRT reports them for a float model), available before
+indices, shapes, dtypes, quantization fields as LiteRT reports them for a float model; ``shape_signature`` is
+the shape the protected model takes, an open batch fixed as conversion fixed it), available before
 ``allocate_tensors()``; ``get_tensor`` returns a copy the app may write to; the signature runner is keyed
 by the original signature's names. What a protected model cannot do (resize an input) fails clearly.
 """

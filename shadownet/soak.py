@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from converters.fidelity import relative_error
-from shadownet.exceptions import ArtifactError, ShadowNetError
+from shadownet.exceptions import ArtifactError, SecurityError, ShadowNetError
 from shadownet.files import check_destination, write_atomically
 
 TOLERANCE = 1e-3  # worst |protected - LiteRT| over max |LiteRT|: the paper scheme's float cancellation
@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m shadownet.soak: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
                   file=sys.stderr)
             # 2: a model the soak cannot feed (a usage error); 1: one it cannot read or convert
-            return 2 if isinstance(exc, ValueError) and not isinstance(exc, ArtifactError) else 1
+            # (SecurityError, a ValueError as LiteRT's unopenable model is: a tampered or foreign artifact)
+            usage = isinstance(exc, ValueError) and not isinstance(exc, ArtifactError | SecurityError)
+            return 2 if usage else 1
     if args.json:
         write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     growth, leaks = figures["rss_growth_after_warmup_pct"], figures["leaks"]

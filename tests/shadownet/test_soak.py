@@ -109,3 +109,23 @@ def test_a_model_it_cannot_read_is_one_line(tmp_path, capsys):
     assert main(["--model", "resnet45", "--inferences", "4", "--workdir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "neither a .tflite file nor a zoo model" in err.strip().splitlines()[-1]
+
+
+def test_a_tampered_artifact_is_an_error_not_a_usage_error(tmp_path, capsys):
+    """SecurityError became a ValueError (as LiteRT's error for a model it cannot open), and the soak took
+    a tampered artifact for a model it cannot feed: exit 2, a usage error (a review). It is 1."""
+    import warnings
+
+    import shadownet
+
+    original = tmp_path / "chain.tflite"
+    original.write_bytes(_chain())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=4)
+    sealed = tmp_path / "out" / "secrets.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 1
+    sealed.write_bytes(bytes(data))
+    assert main(["--model", str(original), "--artifacts", str(tmp_path / "out"), "--inferences", "4"]) == 1
+    assert "python -m shadownet.soak: error: " in capsys.readouterr().err.strip().splitlines()[-1]

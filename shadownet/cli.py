@@ -7,7 +7,6 @@ native log noise off the terminal and turns the errors a user can cause into one
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import select
 import signal
@@ -306,7 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     received: list[int] = []  # SIGINT / SIGTERM while the command ran
     main_thread = threading.current_thread() is threading.main_thread()  # Python sets handlers there only
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    # A signal the caller ignores stays ignored (a background job of a script: SIGINT is SIG_IGN, and a
+    # Ctrl-C aimed at the script stopped it - a review)
+    previous = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
+                if (handler := signal.getsignal(sig)) is not signal.SIG_IGN} if main_thread else {}
     swallowed = ""
     try:
         silence_litert_info()  # numpy's and LiteRT's C extensions imported before SIGTERM may interrupt
@@ -342,20 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """The process's entry point (the ``shadownet`` script, ``python -m shadownet``): ``main()``, then exit
-    with its code. A Ctrl-C or SIGTERM once the command is done, during the interpreter's teardown (the
-    secure world's, TensorFlow's), exits with that code at once: it ended the process by the signal, with
-    no word and the output complete (a helper's probe)."""
+    with its code. Once the command is done, Ctrl-C and SIGTERM are ignored while the interpreter tears
+    down (the secure world's sessions, TensorFlow's clean-up): they ended the process by the signal, with
+    no word and the output complete (a helper's probe), and cut TensorFlow's clean-up short (a review)."""
     code = main()
     if threading.current_thread() is threading.main_thread():
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):  # a closed pipe (141), a closed stream
-                stream.flush()
-
-        def at_once(signum: int, frame: Any) -> None:
-            os._exit(code)
-
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, at_once)
+            signal.signal(sig, signal.SIG_IGN)  # kept through finalization (a handler is not)
     sys.exit(code)
 
 

@@ -412,6 +412,27 @@ def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(small_cnn, tmp_p
     capsys.readouterr()
 
 
+def test_a_signal_the_caller_ignores_stays_ignored(monkeypatch, capsys):
+    """A background job of a script has SIGINT ignored; main() took it over, and a Ctrl-C aimed at the script
+    stopped the job, "interrupted" (a review). It runs to its end, and the caller's setting is kept."""
+    import shadownet.cli as cli
+
+    done = []
+
+    def command(args):
+        signal.raise_signal(signal.SIGINT)
+        done.append(True)
+
+    monkeypatch.setattr(cli, "_cmd_device_export", command)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["device", "export", "unused"]) == 0 and done == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_path_with_a_line_break_keeps_its_error_on_one_whole_line(tmp_path, capsys):
     """``run $'no\\nsuch'`` printed "artifact directory no": the first line, without its reason (a helper's
     probe). The break is shown escaped, and the reason follows."""

@@ -149,9 +149,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         said = ("; their masks add no noise (mask_scale=0)" if unmasked else
                 f"; round(s) {unsplit} cross unsplit (converters/exact_split.py), their layers computing at "
                 "the mask's magnitude in float32 (a helper's U-Net, a raw image concatenated to deeper "
-                "features: outputs up to 2e-3 off; the default splits such a round where its split weights, "
-                f"4x its layers', fit {exact_split.LATE_SPLIT_BYTES >> 20} MiB of secure memory, and "
-                "--scheme groupmix:exact_split=first always)" if unsplit else
+                "features: outputs up to 2e-3 off; where its readers can take a split - conv layers, dense "
+                "layers on the last axis - the default splits such a round if their split weights, 4x "
+                f"theirs, fit {exact_split.LATE_SPLIT_BYTES >> 20} MiB of secure memory, and --scheme "
+                "groupmix:exact_split=first whatever their size)" if unsplit else
                 ", each crossing as an exact split (converters/exact_split.py)")
         warnings.warn(f"round(s) {carrying[1:]} carry a user input that joins after round 1 with no "
                       "offloaded layer between: they get one-time masks as round 1 does, taking secure "

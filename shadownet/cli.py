@@ -306,9 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     received: list[int] = []  # SIGINT / SIGTERM while the command ran
     main_thread = threading.current_thread() is threading.main_thread()  # Python sets handlers there only
     # A signal the caller ignores stays ignored (a background job of a script: SIGINT is SIG_IGN, and a
-    # Ctrl-C aimed at the script stopped it - a review)
+    # Ctrl-C aimed at the script stopped it - a review), as does one whose handler was set outside Python
+    # (None: it could not be put back)
     previous = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
-                if (handler := signal.getsignal(sig)) is not signal.SIG_IGN} if main_thread else {}
+                if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)} if main_thread else {}
     swallowed = ""
     try:
         silence_litert_info()  # numpy's and LiteRT's C extensions imported before SIGTERM may interrupt
@@ -332,8 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         swallowed = f" (and then {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
     finally:
         for sig, handler in previous.items():
-            if handler is not None:  # (None: a handler set outside Python, which cannot be put back)
-                signal.signal(sig, handler)
+            signal.signal(sig, handler)
         # Every way out: an interrupt that became another error, or that a callback swallowed, exited by
         # SIGINT too (a review). One that leaves main() sets the flag again on its way.
         _forget_unhandled_interrupt()

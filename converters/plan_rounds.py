@@ -89,9 +89,10 @@ class RoundsBuilder:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
         self.carrying = carries_input(part)  # tensors made from a model input: shaped one-time masks
-        # Round 1 and the rounds a user input joins later: their masks (shaped or not) are split by the
-        # first and auto policies. Round 1's alone left a raw image concatenated to deeper features (a
-        # U-Net's skip) computing at its mask's magnitude: outputs up to 2e-3 off (a helper's probe).
+        # Round 1 and the rounds a user input joins later: the first policy splits them all, auto round 1
+        # and the others up to exact_split.LATE_SPLIT_BYTES. Round 1's alone left a raw image concatenated
+        # to deeper features (a U-Net's skip) computing at its mask's magnitude: outputs up to 2e-3 off (a
+        # helper's probe).
         self.input_rounds = set(input_rounds(part))
         self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)

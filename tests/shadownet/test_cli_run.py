@@ -449,23 +449,13 @@ def test_python_m_exits_as_main_said_when_the_interrupt_left_code_run_by_exec(tm
     flaky test_cli_convert_interrupted_at_random_times[15]: CPython's unhandled-interrupt flag stayed set.
     Also when the interrupt was swallowed by a callback or became another error (a review)."""
     handled = {"raised": "raise", "swallowed": "pass", "became_another_error": "raise RuntimeError('boom')"}
-    (tmp_path / "entry.py").write_text(textwrap.dedent(f"""
-        import runpy, sys
-        from shadownet import cli
-
+    result = _python_m_with_command(tmp_path, f"""
         def command(args):
             try:
                 exec("import signal; signal.raise_signal({int(sig)})")
             except KeyboardInterrupt:
                 {handled[then]}
-
-        cli._cmd_device_export = command
-        sys.argv = ["shadownet", "device", "export", "unused"]
-        runpy.run_module("shadownet", run_name="__main__")
-    """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "entry"], capture_output=True, text=True, timeout=120,
-                            env=env, cwd=tmp_path)
+    """)
     # Ctrl-C as SIGTERM: one that became another error was an internal error, exit 3 (inside Keras, a
     # helper's probe: "SystemError: ... bad argument to internal function"), and one swallowed exit 0
     said = (143, "shadownet: terminated") if sig == signal.SIGTERM else (130, "shadownet: interrupted")
@@ -478,22 +468,30 @@ def test_a_signal_once_the_command_is_done_exits_with_its_code(tmp_path, sig):
     """A Ctrl-C during the interpreter's teardown, the command's work done and its output complete, ended
     the process by the signal with no word (a helper's probe: ``zoo`` had printed "wrote ..."): the exit
     code is the command's."""
-    (tmp_path / "entry.py").write_text(textwrap.dedent(f"""
-        import atexit, runpy, signal, sys
-        from shadownet import cli
+    result = _python_m_with_command(tmp_path, f"""
+        import atexit, signal
 
         def command(args):
             print("wrote it")
             atexit.register(signal.raise_signal, {int(sig)})  # in the teardown
+    """)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "wrote it\n", "")
+
+
+def _python_m_with_command(tmp_path, command: str) -> subprocess.CompletedProcess:
+    """``python -m shadownet device export unused`` in a process of its own, its command replaced by the
+    ``command`` function that ``command``'s code defines."""
+    (tmp_path / "entry.py").write_text(textwrap.dedent(command) + textwrap.dedent("""
+        import runpy, sys
+        from shadownet import cli
 
         cli._cmd_device_export = command
         sys.argv = ["shadownet", "device", "export", "unused"]
         runpy.run_module("shadownet", run_name="__main__")
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "entry"], capture_output=True, text=True, timeout=120,
-                            env=env, cwd=tmp_path)
-    assert (result.returncode, result.stdout, result.stderr) == (0, "wrote it\n", "")
+    return subprocess.run([sys.executable, "-m", "entry"], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("argv", [

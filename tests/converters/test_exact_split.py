@@ -190,7 +190,6 @@ def _channel_padded_conv() -> bytes:
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
-    from tests.shadownet.small_models import conv_options
 
     rng = np.random.default_rng(0)
     g = Graph()
@@ -198,18 +197,25 @@ def _channel_padded_conv() -> bytes:
     pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 2], [2, 1], [0, 2]]))
     xp = g.add_tensor("xp", (1, 15, 15, 5), np.float32)
     g.add_op("PAD", [x, pads], [xp], fb.PadOptionsT())
-    w = g.add_tensor("w", (8, 3, 3, 5), np.float32, rng.standard_normal((8, 3, 3, 5)) * 0.3)
-    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
-    y = g.add_tensor("y", (1, 13, 13, 8), np.float32)
-    g.add_op("CONV_2D", [xp, w, b], [y], conv_options("CONV_2D", fb.Padding.VALID, 1,
-                                                      fb.ActivationFunctionType.RELU))
-    w2 = g.add_tensor("w2", (6, 3, 3, 8), np.float32, rng.standard_normal((6, 3, 3, 8)) * 0.2)
-    b2 = g.add_tensor("b2", (6,), np.float32, rng.standard_normal(6) * 0.1)
-    z = g.add_tensor("z", (1, 6, 6, 6), np.float32)
-    g.add_op("CONV_2D", [y, w2, b2], [z], conv_options("CONV_2D", fb.Padding.VALID, 2,
-                                                       fb.ActivationFunctionType.NONE))
+    act = fb.ActivationFunctionType
+    y = _random_conv(g, rng, xp, "y", (1, 13, 13, 8), 0.3, fb.Padding.VALID, 1, act.RELU)
+    z = _random_conv(g, rng, y, "z", (1, 6, 6, 6), 0.2, fb.Padding.VALID, 2, act.NONE)
     g.inputs, g.outputs = [x], [z]
     return write_model(g)
+
+
+def _random_conv(g, rng: np.random.Generator, x: int, name: str, out_shape: tuple[int, ...], scale: float,
+                 padding: int, stride: int, activation: int) -> int:
+    """A 3x3 CONV_2D from ``x`` into a new tensor ``name`` of ``out_shape``: weights N(0, ``scale``^2),
+    bias N(0, 0.01), drawn in that order; its output."""
+    from tests.shadownet.small_models import conv_options
+
+    m, c = out_shape[-1], g.tensors[x].shape[-1]
+    w = g.add_tensor(f"{name}/w", (m, 3, 3, c), np.float32, rng.standard_normal((m, 3, 3, c)) * scale)
+    b = g.add_tensor(f"{name}/b", (m,), np.float32, rng.standard_normal(m) * 0.1)
+    y = g.add_tensor(name, out_shape, np.float32)
+    g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", padding, stride, activation))
+    return y
 
 
 @pytest.mark.parametrize("scheme", [None, "groupmix:exact_split=all"])
@@ -239,24 +245,15 @@ def _channel_padded_features() -> bytes:
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
-    from tests.shadownet.small_models import conv_options
 
     rng = np.random.default_rng(1)
     g = Graph()
     x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
-    w = g.add_tensor("w", (8, 3, 3, 3), np.float32, rng.standard_normal((8, 3, 3, 3)) * 0.3)
-    b = g.add_tensor("b", (8,), np.float32, rng.standard_normal(8) * 0.1)
-    y = g.add_tensor("y", (1, 8, 8, 8), np.float32)
-    g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
-                                                     fb.ActivationFunctionType.RELU))
+    y = _random_conv(g, rng, x, "y", (1, 8, 8, 8), 0.3, fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU)
     pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 1], [1, 1], [0, 4]]))
     yp = g.add_tensor("yp", (1, 10, 10, 12), np.float32)
     g.add_op("PAD", [y, pads], [yp], fb.PadOptionsT())
-    w2 = g.add_tensor("w2", (4, 3, 3, 12), np.float32, rng.standard_normal((4, 3, 3, 12)) * 0.2)
-    b2 = g.add_tensor("b2", (4,), np.float32, rng.standard_normal(4) * 0.1)
-    z = g.add_tensor("z", (1, 8, 8, 4), np.float32)
-    g.add_op("CONV_2D", [yp, w2, b2], [z], conv_options("CONV_2D", fb.Padding.VALID, 1,
-                                                       fb.ActivationFunctionType.NONE))
+    z = _random_conv(g, rng, yp, "z", (1, 8, 8, 4), 0.2, fb.Padding.VALID, 1, fb.ActivationFunctionType.NONE)
     g.inputs, g.outputs = [x], [z]
     return write_model(g)
 

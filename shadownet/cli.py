@@ -321,11 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError as exc:
         if not _stdout_closed():  # another pipe's (none is expected): an error like any other
             return _report(exc)
-        # The reader of our output left (``shadownet demo | head``): stop quietly, as tools do; stdout is
-        # pointed at /dev/null so that Python's flush at exit does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # The reader of our output left (``shadownet demo | head``): stop quietly, as tools do
+        _discard_stdout()
         return 141
     except Exception as exc:  # noqa: BLE001 - the one place errors become a line on stderr
         if not received:
@@ -347,11 +344,49 @@ def run() -> None:
     with its code. Once the command is done, Ctrl-C and SIGTERM are ignored while the interpreter tears
     down (the secure world's sessions, TensorFlow's clean-up): they ended the process by the signal, with
     no word and the output complete (a helper's probe), and cut TensorFlow's clean-up short (a review)."""
+    _standard_descriptors()
     code = main()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # kept through finalization (a handler is not)
     sys.exit(code)
+
+
+def _standard_descriptors() -> None:
+    """Point a closed standard descriptor (``>&-``, ``2>&-``) at /dev/null. Python leaves ``sys.stdout`` or
+    ``sys.stderr`` None for one, and every command then failed at its first flush, exit 3 (a helper's
+    probe: ``run --output`` lost its result); and the next file opened would take the number, so that
+    what LiteRT's C++ writes to descriptor 2 would land in it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, the lower ones open
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's, for its whole life
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
+def _stdout_failed() -> bool:
+    """Whether writing standard output fails (``> /dev/full``: an ``OSError`` with no file's name, from a
+    ``print``); if so it is discarded."""
+    try:
+        os.write(sys.stdout.fileno(), b"")  # nothing where it works (a failed flush may drop its data)
+        return False
+    except OSError:
+        _discard_stdout()
+        return True
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _stdout_closed() -> bool:
@@ -399,23 +434,32 @@ def _stopped(received: list[int], swallowed: str = "") -> int:
 def _report(exc: Exception) -> int:
     from shadownet.debug import debugging
     from shadownet.exceptions import ShadowNetError
-    from tee_sim.errors import TEEC_ORIGIN_API, TEEError  # the secure world's own answer (e.g. its storage)
 
+    # The secure world's own answer (e.g. its storage), when its module was imported: importing it here
+    # imports numpy, and out of memory at start-up that failed again, a traceback (a helper's probe)
+    tee_errors = sys.modules.get("tee_sim.errors")
+    tee_error = tee_errors.TEEError if tee_errors is not None else ()
     if isinstance(exc, MemoryError):  # the user's machine, not a bug of ours
         print(f"shadownet: error: out of memory{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 1
-    if isinstance(exc, ShadowNetError | OSError | ValueError | TEEError):
+    if isinstance(exc, ShadowNetError | OSError | ValueError) or isinstance(exc, tee_error):
         message = str(exc) or type(exc).__name__
-        if isinstance(exc, TEEError) and exc.origin == TEEC_ORIGIN_API and exc.message:
+        if isinstance(exc, tee_error) and exc.origin == tee_errors.TEEC_ORIGIN_API and exc.message:
             message = exc.message  # the client library refused a setting: its code adds nothing
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
             message = f"{exc.filename}: {exc.strerror}"
+        elif isinstance(exc, OSError) and exc.strerror and _stdout_failed():  # "> /dev/full"
+            message = f"writing standard output: {exc.strerror}"
         # One line: a line break in the message (a path given with one: a helper's probe cut "no\nsuch"'s
         # error to "artifact directory no") is shown escaped, as Python writes it in a string.
         one_line = "\\n".join(message.strip().splitlines())
         print(f"shadownet: error: {one_line}", file=sys.stderr)
         return 1
-    first = (str(exc).splitlines() or [""])[0]
+    # The first line that says something (numpy's ImportError, out of memory at start-up, begins with a
+    # line break: "internal error (ImportError: )", a helper's probe), and what caused it
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if exc.__cause__ is not None and str(exc.__cause__).strip():
+        first += f" ({str(exc.__cause__).strip().splitlines()[0]})"
     if debugging():
         traceback.print_exception(exc)
     hint = "" if debugging() else "; set SHADOWNET_DEBUG=1 for a traceback"

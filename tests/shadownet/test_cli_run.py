@@ -207,6 +207,61 @@ def test_output_into_a_closed_pipe_ends_quietly(small_cnn, tmp_path):
         assert (result.returncode, lines) == (141, []), kind
 
 
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_standard_output_or_error_loses_nothing(small_cnn, tmp_path, closed):
+    """``run --output y.npz >&-`` ran the inference, then failed at its first flush (sys.stdout is None),
+    exit 3, and wrote no y.npz; with ``2>&-`` every command, valid or not, was an "internal error" printed
+    on stdout (a helper's probe). A closed descriptor is /dev/null now: the work is done, the exit code
+    the command's."""
+    (x,) = small_cnn.random_inputs()
+    np.save(tmp_path / "x.npy", x)
+    y = tmp_path / "y.npz"
+    command = [sys.executable, "-m", "shadownet", "run", str(small_cnn.out), "--input",
+               str(tmp_path / "x.npy"), "--output", str(y)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(closed))  # noqa: PLW1509 - the child's, before exec
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert (result.stdout != "") == (closed == 2) and result.stderr == ""
+    with np.load(y) as saved:
+        (got,) = [saved[name] for name in saved.files]
+    assert relative_error(got, small_cnn.reference(x)[0]) <= TOLERANCE
+    missing = [*command[:4], str(tmp_path / "nowhere"), *command[5:]]  # an error: its code, said nowhere
+    result = subprocess.run(missing, capture_output=True, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(closed))  # noqa: PLW1509
+    assert result.returncode == 1 and ("does not exist" in result.stderr) == (closed == 1)
+    assert "error" not in result.stdout
+
+
+def test_standard_output_on_a_full_device_is_said_to_be_that(small_cnn, tmp_path):
+    """``convert ... > /dev/full`` wrote the conversion, then said "[Errno 28] No space left on device" as if
+    the conversion had failed (a helper's probe)."""
+    out = tmp_path / "out"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "shadownet", "convert", str(small_cnn.original), "-o",
+                                 str(out)], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        "shadownet: error: writing standard output: No space left on device"
+    assert (out / "manifest.json").is_file()
+
+
+def test_an_internal_errors_line_says_something_when_its_message_starts_with_a_line_break(capsys):
+    """numpy's ImportError out of memory at start-up begins with a line break: the line said "internal error
+    (ImportError: )" (a helper's probe); its first line that says something, and its cause."""
+    from shadownet.cli import _report
+
+    try:
+        try:
+            raise OSError("libopenblas.so: failed to map segment from shared object")
+        except OSError as cause:
+            raise ImportError("\n\nImporting the numpy C-extensions failed.\nMore.") from cause
+    except ImportError as exc:
+        assert _report(exc) == 3
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("shadownet: internal error (ImportError: Importing the numpy C-extensions failed. "
+                           "(libopenblas.so: failed to map segment from shared object))")
+
+
 def test_a_file_that_is_no_device_identity_is_one_line_without_a_tee_code(small_cnn, tmp_path, capsys):
     (tmp_path / "junk.npy").write_text("junk")
     line = _one_line_error(capsys, main(["convert", str(small_cnn.original), "-o", str(tmp_path / "out"),

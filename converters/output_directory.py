@@ -5,11 +5,13 @@ it, and what a killed conversion left beside it is removed by the next.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -25,12 +27,34 @@ UNTRUSTED, SECRETS, MANIFEST = "untrusted.tflite", "secrets.sealed", "manifest.j
 ARTIFACTS = frozenset({UNTRUSTED, SECRETS, MANIFEST})
 
 
+# The longest name most file systems take (bytes): a temporary sibling's name must fit too.
+NAME_MAX = 255
+
+
+def sibling_stem(name: str, room: int = 32) -> str:
+    """``.NAME.PID.``, the start of a temporary sibling's name, with ``NAME`` cut to leave ``room`` of
+    ``NAME_MAX`` bytes for what follows: an output named with 234-255 bytes was refused "File name too
+    long" after the whole job (a helper's probe). A cut name's leftovers are not recognised as its own."""
+    stem = f".{name}.{os.getpid()}."
+    excess = len(os.fsencode(stem)) + room - NAME_MAX
+    if excess > 0:
+        cut = os.fsencode(name)[:-excess - 1]
+        stem = f".{os.fsdecode(cut)}~.{os.getpid()}."
+    return stem
+
+
 def check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()) -> None:
     """Refuse an output directory the conversion cannot write, or may not replace: the current directory
     or one above it, a file, a non-empty directory without ``force`` (with it, one that holds anything but
     a conversion's files), or one that holds a file or directory in ``reads`` (the model, calibration and
-    device files given by path), which replacing it would delete."""
+    device files given by path), which replacing it would delete; a directory inside a protected model's, a
+    mount point, a symbolic link that leads nowhere, or a place where it cannot be made (each found only
+    after the whole conversion before: a helper's probe)."""
+    given = out
     out = Path(os.path.realpath(out))
+    if out.is_symlink():  # realpath leaves a loop as it is
+        raise ArtifactError(f"output directory {given} is a symbolic link that leads to itself: give the "
+                            "name of another directory")
     try:
         here = Path(os.path.realpath(os.getcwd()))
     except OSError:  # the working directory was deleted: nothing to protect
@@ -44,6 +68,18 @@ def check_output(out: Path, force: bool, reads: Sequence[str | os.PathLike] = ()
     above = next((p for p in out.parents if p.exists()), Path("/"))
     if not above.is_dir():  # "FILE/sub" was a raw FileExistsError after the whole conversion (a helper's)
         raise ArtifactError(f"output directory {out} cannot be made: {above} is a file")
+    inside = next((p for p in out.parents if all((p / name).is_file() for name in (MANIFEST, SECRETS))), None)
+    if inside is not None:
+        raise ArtifactError(f"output directory {out} lies in the protected model's directory {inside}: "
+                            "writing it would add to the model's own files; give another place")
+    if out.is_dir() and os.path.ismount(out):
+        raise ArtifactError(f"output directory {out} is a mount point: the conversion renames a directory "
+                            "into its place, which a mount point cannot take; give the name of a directory "
+                            "inside it")
+    try:  # where the temporary sibling (and any missing parent) is made: writable at all
+        tempfile.TemporaryFile(dir=above).close()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(out)) from None
     for path in reads:
         real = Path(os.path.realpath(path))
         if real == out or out in real.parents:
@@ -71,7 +107,7 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(parent, out.name)
-    stem = f".{out.name}.{os.getpid()}."
+    stem = sibling_stem(out.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=stem, suffix=".tmp", dir=parent))
     except OSError as exc:  # the output's name, not the temporary one
@@ -87,14 +123,19 @@ def write_artifacts(out: Path, force: bool, files: dict[str, bytes]) -> None:
         os.chmod(tmp, 0o755)
         if force and out.exists() and any(out.iterdir()):
             check_output(out, force)  # still an earlier conversion: what it held at the start may change
-            old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
-            os.replace(out, old / "replaced")
-            os.replace(tmp, out)
-            swapped = True
-            shutil.rmtree(old, ignore_errors=True)
-            if old.exists():  # the conversion is in place; the earlier one's copy stayed (a helper's probe)
+            if _exchange(tmp, out):  # one step: OUT is never missing (killed between two renames, it was)
+                swapped = True
+                replaced = tmp
+            else:
+                old = Path(tempfile.mkdtemp(prefix=stem, suffix=".old", dir=parent))
+                os.replace(out, old / "replaced")
+                os.replace(tmp, out)
+                swapped = True
+                replaced = old
+            shutil.rmtree(replaced, ignore_errors=True)
+            if replaced.exists():  # the conversion is in place, not all of the earlier one's copy went
                 warnings.warn(f"the replaced conversion could not be removed entirely: what is left of it is "
-                              f"in {old}", stacklevel=4)
+                              f"in {replaced}", stacklevel=4)
         else:
             # One rename, onto nothing or an empty directory, which the OS refuses onto one that is not empty:
             # a directory filled during the conversion (by a user, or another conversion to the same name)
@@ -135,6 +176,24 @@ def _remove_leftovers(parent: Path, name: str) -> None:
         owner = re.fullmatch(r"(\d+)\.[a-z0-9_]+\.(?:tmp|old)", entry.name[len(name) + 2:])
         if owner is not None and not _alive(int(owner[1])):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``); False where the
+    system or the file system has no such call (the caller renames twice)."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28, musl
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converters.output_directory import MANIFEST, SECRETS
+from converters.output_directory import MANIFEST, SECRETS, sibling_stem
 
 
 def check_destination(path: str | os.PathLike | None, reads: Sequence[str | os.PathLike] = (),
@@ -82,7 +82,7 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     "x" mode respects the umask."""
     target = os.fspath(path)
     directory, base = os.path.split(target)  # not normalised: beside the target as the rename resolves it
-    tmp = os.path.join(directory or ".", f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory or ".", f"{sibling_stem(base)}{secrets.token_hex(4)}.tmp")
     raw = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "xb") as f:

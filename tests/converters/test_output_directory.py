@@ -87,7 +87,8 @@ def test_a_directory_filled_while_converting_is_kept_not_replaced(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
-def test_a_replaced_conversion_that_cannot_be_removed_is_said(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["one step", "two renames"])
+def test_a_replaced_conversion_that_cannot_be_removed_is_said(tmp_path, monkeypatch, swap):
     """--force put the new conversion in place and left the earlier one, when it could not be removed (an
     immutable file), in a hidden sibling without a word, exit 0 (a helper's probe): a warning names it."""
     from converters import output_directory
@@ -95,12 +96,15 @@ def test_a_replaced_conversion_that_cannot_be_removed_is_said(tmp_path, monkeypa
     out = tmp_path / "out"
     write_artifacts(out, False, {"manifest.json": b"earlier"})
     monkeypatch.setattr(output_directory.shutil, "rmtree", lambda path, **kw: None)  # nothing removed
+    if swap == "two renames":  # a system without renameat2's exchange
+        monkeypatch.setattr(output_directory, "_exchange", lambda a, b: False)
     with pytest.warns(UserWarning, match="the replaced conversion could not be removed entirely") as said:
         write_artifacts(out, True, {"manifest.json": b"new"})
     assert (out / "manifest.json").read_bytes() == b"new"
     (left,) = [p for p in tmp_path.iterdir() if p.name != "out"]
     assert str(left) in str(said[0].message)
-    assert (left / "replaced" / "manifest.json").read_bytes() == b"earlier"
+    assert (left / ("manifest.json" if swap == "one step" else "replaced/manifest.json")).read_bytes() \
+        == b"earlier"
 
 
 @pytest.mark.parametrize("when", ["between the renames", "in the second rename", "removing the earlier one"])
@@ -131,12 +135,48 @@ def test_a_force_swap_interrupted_keeps_one_whole_conversion_and_no_leftover(tmp
 
     monkeypatch.setattr(output_directory.os, "replace", replace)
     monkeypatch.setattr(output_directory.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(output_directory, "_exchange", lambda a, b: False)  # a system without the swap
     with pytest.raises(KeyboardInterrupt):
         write_artifacts(out, True, {"manifest.json": b"new"})
     assert interrupted
     expected = b"earlier" if when == "between the renames" else b"new"  # the new one in place: kept
     assert (out / "manifest.json").read_bytes() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_the_conversion_could_not_write_is_refused_before_the_work(tmp_path, monkeypatch):
+    """``convert -o`` into a protected model's directory, onto a mount point, through a symbolic link that
+    leads to itself, or where nothing can be made: each was found only after the whole conversion, or (the
+    first) not at all (a helper's probe)."""
+    import errno
+
+    from converters import output_directory
+
+    protected = tmp_path / "m.out"
+    protected.mkdir()
+    for name in ("manifest.json", "secrets.sealed", "untrusted.tflite"):
+        (protected / name).write_bytes(b"kept")
+    with pytest.raises(ArtifactError, match="lies in the protected model's directory"):
+        output_directory.check_output(protected / "sub" / "deeper", False)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ArtifactError, match="symbolic link that leads to itself"):
+        output_directory.check_output(tmp_path / "loop", False)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(output_directory.os.path, "ismount", lambda path: Path(path) == mount)
+    with pytest.raises(ArtifactError, match="is a mount point"):
+        output_directory.check_output(mount, False)
+
+    def read_only(*args, **kwargs):  # root writes anywhere: a read-only mount's answer
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(output_directory.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError) as caught:
+        output_directory.check_output(tmp_path / "new" / "out", False)
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "m.out", "mnt"]
+    assert sorted(p.name for p in protected.iterdir()) == ["manifest.json", "secrets.sealed",
+                                                           "untrusted.tflite"]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +190,21 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys, tempfile, warnings
     from converters import pipeline
 
+    from converters import output_directory
+
     model, out, point, force = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "force"
+    if point.startswith("two renames: "):  # where the system cannot swap two directories in one step
+        point = point.removeprefix("two renames: ")
+        output_directory._exchange = lambda a, b: False
+    real_exchange = output_directory._exchange
+
+    def exchange(a, b):
+        if armed and point == "before the exchange": die()
+        swapped = real_exchange(a, b)
+        if armed and point == "after the exchange": die()
+        return swapped
+
+    output_directory._exchange = exchange
     counts = {"fsync": 0, "replace": 0}
     armed = False
     real_fsync, real_replace, real_mkdtemp = os.fsync, os.replace, tempfile.mkdtemp
@@ -210,9 +264,13 @@ def _check_no_half_directory(small, out: Path) -> None:
 
 @pytest.mark.parametrize("point, force", [
     ("mkdtemp", False), ("fsync1", False), ("fsync2", False), ("fsync3", False), ("replace1", False),
-    ("replace1", True), ("replace2", True),
+    ("before the exchange", True), ("after the exchange", True),
+    ("two renames: replace1", True), ("two renames: replace2", True),
 ])
 def test_convert_killed_while_writing(small, tmp_path, point, force):
+    """Killed anywhere in the write, no half directory is left; a ``--force`` replace swaps the two
+    directories in one step where the system can (Linux), so that an earlier conversion is never missing
+    (killed between two renames, it was left in a sibling the next conversion deleted: a helper's probe)."""
     model = tmp_path / "model.tflite"
     model.write_bytes(small.original)
     out = tmp_path / "out"
@@ -225,6 +283,8 @@ def test_convert_killed_while_writing(small, tmp_path, point, force):
     _check_no_half_directory(small, out)
     if not force and point != "replace1":
         assert not out.exists()
+    if force and not point.startswith("two renames"):
+        assert out.exists()
     # The next conversion succeeds and removes what the killed one left.
     shadownet.convert(str(model), str(out), seed=SEED, force=True)
     assert not list(tmp_path.glob(".out.*"))
@@ -326,10 +386,11 @@ def test_convert_through_a_symlink_writes_where_it_points(small, tmp_path):
         shutil.rmtree(where, ignore_errors=True)
 
 
-def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["one step", "two renames"])
+def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, monkeypatch, swap):
     import errno
 
-    from converters import pipeline
+    from converters import output_directory, pipeline
 
     out = tmp_path / "out"
     pipeline.convert(small.original, out, seed=SEED)
@@ -342,7 +403,14 @@ def test_a_replacement_that_fails_puts_the_earlier_output_back(small, tmp_path, 
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(a, b)
 
-    monkeypatch.setattr(pipeline.os, "replace", replace)
+    def exchange(a, b):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    if swap == "one step":
+        monkeypatch.setattr(output_directory, "_exchange", exchange)
+    else:  # a system without renameat2's exchange
+        monkeypatch.setattr(output_directory, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(pipeline.os, "replace", replace)
     with pytest.raises(OSError, match="Input/output error"):
         pipeline.convert(small.original, out, seed=SEED + 1, force=True)
     monkeypatch.undo()

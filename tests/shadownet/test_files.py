@@ -103,6 +103,21 @@ def test_a_destination_that_would_destroy_what_is_read_or_a_protected_model_is_r
     assert model.read_bytes() == b"model" and {p.read_bytes() for p in protected.iterdir()} == {b"kept"}
 
 
+def test_a_name_of_up_to_255_bytes_is_written(tmp_path):
+    """A temporary sibling's name adds ~22 characters: an output named with 234-255 bytes was refused "File
+    name too long" after the whole job (a helper's probe). Its name is cut; the output keeps its own."""
+    from converters.output_directory import write_artifacts
+
+    for name in ("r" * 250 + ".json", "é" * 127):  # 255 bytes each, the second two bytes a character
+        files.write_atomically(tmp_path / name, "x")
+        assert (tmp_path / name).read_text() == "x"
+        write_artifacts(tmp_path / name[:-1], False, {"manifest.json": b"m"})
+        write_artifacts(tmp_path / name[:-1], True, {"manifest.json": b"n"})  # and the swap of --force
+        assert (tmp_path / name[:-1] / "manifest.json").read_bytes() == b"n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for name in ("r" * 250 + ".json", "é" * 127) for n in (name, name[:-1]))
+
+
 def test_a_directory_that_cannot_be_written_is_said_before_the_work(tmp_path, monkeypatch):
     """A read-only mount (a helper's probe: a report lost after 38 s of audit) is found by making a nameless
     file there; the error names the destination."""
@@ -115,7 +130,7 @@ def test_a_directory_that_cannot_be_written_is_said_before_the_work(tmp_path, mo
     assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp_path / "r.json")
 
 
-@pytest.mark.parametrize("command", ["zoo", "device", "audit", "bench"])
+@pytest.mark.parametrize("command", ["zoo", "device", "audit", "bench", "bench --models"])
 def test_no_command_writes_over_its_input_or_into_a_protected_model(tmp_path, capsys, command):
     """``audit --json`` over its reference model, ``bench --json`` over the model it measures, ``zoo -o`` and
     ``device export`` into a protected model's directory: each replaced the file and exited 0 (a helper's
@@ -128,7 +143,9 @@ def test_no_command_writes_over_its_input_or_into_a_protected_model(tmp_path, ca
     argv = {"zoo": ["zoo", "minivgg", "-o", str(protected / "untrusted.tflite")],
             "device": ["device", "export", str(protected / "manifest.json")],
             "audit": ["audit", str(protected), "--reference", str(model), "--json", str(model)],
-            "bench": ["bench", str(model), "--json", str(model)]}[command]
+            "bench": ["bench", str(model), "--json", str(model)],
+            # named in --models, it was measured, then replaced by the report (a helper's probe)
+            "bench --models": ["bench", "--models", f"minivgg,{model}", "--markdown", str(model)]}[command]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("lies in the protected model's directory" in err[0]

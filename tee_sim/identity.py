@@ -30,7 +30,13 @@ ATTESTATION_KEY_FILE = "attestation_ed25519.key"
 def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     """``home``, else ``$SHADOWNET_HOME``, else ``~/.shadownet``."""
     if home is None:
-        home = os.environ.get("SHADOWNET_HOME") or Path.home() / ".shadownet"
+        home = os.environ.get("SHADOWNET_HOME")
+    if not home:
+        try:
+            home = Path.home() / ".shadownet"
+        except RuntimeError:  # no $HOME, and a user without a passwd entry (a container's arbitrary uid)
+            raise ValueError("no home directory to keep the simulated device's keys in ($HOME is not set "
+                             "and this user has no passwd entry): set SHADOWNET_HOME") from None
     return Path(home).expanduser().absolute()
 
 

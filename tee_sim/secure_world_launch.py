@@ -7,12 +7,14 @@ descriptor it made and stopped a world it had started.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
 import os
 import select
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -50,12 +52,16 @@ def _open_log(home: Path) -> int:
     big file and only while the log's name still is that file, so a second world neither renames the first
     one's fresh log over the rotated one (the old log was lost) nor fails its rename (it logged to
     /dev/null)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    # Non-blocking: a FIFO in its place (with no reader, opening it for writing blocked every command that
+    # starts a secure world, for ever: a helper's probe) fails to open, or is refused below
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         logs = private_dir(home / "logs")
         path = logs / LOG_FILE
         fd = os.open(path, flags, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             if os.fstat(fd).st_size > LOG_MAX:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes

@@ -238,3 +238,42 @@ def test_log_is_rotated_on_a_file_system_without_locks(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert (logs / (launch.LOG_FILE + ".1")).read_bytes().startswith(b"OLD LOG\n")
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_a_log_that_is_not_a_file_is_not_written_and_does_not_block(tmp_path, reader):
+    """A FIFO in the log's place blocked every command that starts a secure world, for ever, in the open
+    for writing (a helper's probe); with a reader it took the world's output. The world logs nowhere then."""
+    from tee_sim import secure_world_launch as launch
+
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    os.mkfifo(logs / launch.LOG_FILE)
+    held = os.open(logs / launch.LOG_FILE, os.O_RDONLY | os.O_NONBLOCK) if reader else None
+    try:
+        fd = launch._open_log(tmp_path)
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == os.devnull
+        finally:
+            os.close(fd)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def test_no_home_directory_at_all_says_to_set_shadownet_home(monkeypatch):
+    """$HOME unset and a user without a passwd entry (a container's arbitrary uid): Path.home() raised
+    RuntimeError, and every command was an internal error, exit 3 (a helper's probe)."""
+    from pathlib import Path
+
+    from tee_sim.identity import resolve_home
+
+    def no_home(cls=None):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("SHADOWNET_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    with pytest.raises(ValueError, match=r"no home directory .*: set SHADOWNET_HOME"):
+        resolve_home()
+    monkeypatch.setenv("SHADOWNET_HOME", "/somewhere")
+    assert resolve_home() == Path("/somewhere")

@@ -105,6 +105,9 @@ def _sources(models: Sequence[str], workdir: Path, progress: bool = False) -> li
     directory)."""
     sources = []
     for item in models:
+        if item in ZOO_NAMES and os.path.lexists(item):  # measured as the zoo's, without a word (a probe)
+            raise ShadowNetError(f"{item} names a zoo model and a file or directory here: write ./{item} for "
+                                 "the file, or run elsewhere for the zoo model")
         if item in ZOO_NAMES:
             path = workdir / f"{item}.tflite"
             if not path.exists():

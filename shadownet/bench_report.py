@@ -122,6 +122,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
     notes += [f"{e['model']}: its output on the bench's input (uniform in [0, 1]) is one-hot or zero: the "
               "errors say little (a model made for another input range saturates on it)"
               for e in _done(report) if e["shadownet"].get("output_saturated")]
+    notes += [f"{e['model']}: the conversion warned: {warning}" for e in _done(report)
+              for warning in e["shadownet"].get("conversion_warnings", ())]
     notes += [f"{e['model']}: {VERIFY_MODE}: {unsplit_masked(rounds)}: its checks tolerate the masked "
               "input's rounding (SECURITY.md)" for e in _done(report)
               if (rounds := (e.get("verify") or {}).get("unsplit_masked_rounds"))]

@@ -182,6 +182,18 @@ def test_bench_report(tmp_path):
     assert bench_measure._saturated(np.array([[np.nan, 1.0, 0.0]], np.float32))
 
 
+def test_what_the_conversion_warned_is_in_the_notes(tmp_path):
+    """bench converted under a filter that dropped every warning: a user's model's diagnosis (here: the
+    input crossing unmasked, as the mask table's pool did not say) was never shown (a helper's probe)."""
+    path = tmp_path / "small.tflite"
+    path.write_bytes(_model())
+    report = bench.run_bench([str(path)], scheme="groupmix:mask_scale=0", num_threads=1, num_runs=1,
+                             warmup_runs=0, workdir=tmp_path / "work", progress=False)
+    (warned,) = report["models"][0]["shadownet"]["conversion_warnings"]
+    assert "sends the user's input to the accelerator unmasked" in warned
+    assert f"small: the conversion warned: {warned}" in bench_report.table(report).splitlines()
+
+
 def test_cli_refusals(tmp_path, capsys, monkeypatch):
     assert main(["bench", str(tmp_path / "missing.tflite"), "--num_runs", "1"]) == 1
     err = capsys.readouterr().err
@@ -204,6 +216,13 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     report = bench.run_bench([str(bad)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
     assert "error" in report["models"][0]  # reported, and the other models would still run
     assert "bad: not measured" in bench_report.table(report)
+    # A zoo model's name that also names a file here: it was measured as the zoo's, no word (a probe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minivgg").mkdir()
+    assert main(["bench", "minivgg", "--num_runs", "1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "shadownet: error: minivgg names a zoo model and a file or directory here: write ./minivgg for the "
+        "file, or run elsewhere for the zoo model"]
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
         bench_report.require_matplotlib(tmp_path / "plot.png")

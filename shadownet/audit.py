@@ -416,6 +416,9 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         str(given),
         "scheme": (manifest.get("scheme") or {}).get("name"),
         "threshold": attacks.RECOVERY_COS,
+        # Converted with --seed: whoever guesses it regenerates every secret; the attacks here assume
+        # secrets they cannot guess, and their figures said nothing of it (a helper's probe)
+        "seeded": bool(manifest.get("seeded", False)),
     }
     scheme = _manifest_scheme(manifest)
     kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme)
@@ -452,6 +455,9 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             report["input_leakage"] = {"inferences": inferences, "error": why, "cause": cause}
     if seen is not None:
         check_outputs(reference, manifest, batches, seen, given)
+    # Without an inference, no output to compare: a reference with other weights gave figures that mean
+    # nothing, without a word (a helper's probe); the report says it was not checked
+    report["reference_checked"] = seen is not None
     restores = unmixed = None
     told = _progress if progress else None
     if seen is not None:

@@ -25,6 +25,13 @@ def format_report(report: dict) -> str:
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack"]
+    if report.get("seeded"):
+        lines.append("INSECURE: converted with --seed: whoever guesses the seed regenerates every secret "
+                     "and recovers every filter exactly; the figures below are for secrets that cannot be "
+                     "guessed")
+    if not report.get("reference_checked", True):
+        lines.append("the reference was not checked against the protected model's outputs (no inference "
+                     "observed): were its weights other than the model's, the figures below mean nothing")
     observed = "observation" in report  # the attacks on the crossings ran
     leak = report.get("input_leakage")
     if not observed and leak and leak.get("error"):

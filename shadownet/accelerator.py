@@ -17,6 +17,7 @@ import tee_sim
 from shadownet.artifacts import RoundSpec
 from shadownet.exceptions import ArtifactError, DelegateError
 from tee_sim.shared_pages import MIN_SHARED_BYTES, PAGE, SharedPages, page_span
+from tee_sim.uninterrupted import uninterrupted
 
 
 class Accelerator(Protocol):
@@ -157,21 +158,22 @@ class LiteRTAccelerator:
 
     def _apply(self, choice: Sequence[int | None]) -> None:
         """Run round ``r`` on the interpreter with ``choice[r]`` threads (unbound until ``bind``)."""
-        self._unshare()  # the pages of the tensors the rounds ran on so far: they may move
-        self.round_threads: tuple[int | None, ...] = tuple(choice)
-        kept = {self.num_threads: self._main}
-        if 1 in choice and self.num_threads != 1:
-            assert self._single is not None
-            kept[1] = self._single
-        self.interpreter = self._main[0]  # the one with the most threads
-        self._interpreters = [entry[0] for entry in kept.values()]
-        self._rounds_run: list[tuple[Any, int]] = []  # per round: (wrapper, subgraph)
-        self._tensors: list[tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]] = []
-        for r, n in enumerate(choice):
-            _, wrapper, subgraphs, tensors = kept[n]
-            self._rounds_run.append((wrapper, subgraphs[r]))
-            self._tensors.append(tensors[r])
-        self._plan = []
+        with uninterrupted():  # as bind (below)
+            self._plan = []
+            self._unshare()  # the pages of the tensors the rounds ran on so far: they may move
+            self.round_threads: tuple[int | None, ...] = tuple(choice)
+            kept = {self.num_threads: self._main}
+            if 1 in choice and self.num_threads != 1:
+                assert self._single is not None
+                kept[1] = self._single
+            self.interpreter = self._main[0]  # the one with the most threads
+            self._interpreters = [entry[0] for entry in kept.values()]
+            self._rounds_run: list[tuple[Any, int]] = []  # per round: (wrapper, subgraph)
+            self._tensors: list[tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]] = []
+            for r, n in enumerate(choice):
+                _, wrapper, subgraphs, tensors = kept[n]
+                self._rounds_run.append((wrapper, subgraphs[r]))
+                self._tensors.append(tensors[r])
 
     def rounds_on_one_thread(self) -> Callable[[], None]:
         """A call that runs every round once, one after the other, on a one-thread interpreter of its own
@@ -303,25 +305,31 @@ class LiteRTAccelerator:
                 if tensor.nbytes >= MIN_SHARED_BYTES}
 
     def bind(self, buffers: Mapping[str, np.ndarray]) -> None:
-        self._unshare()
-        for ins, outs in self._tensors:
-            for name, tensor in ins + outs:
-                buf = buffers[name]
-                if buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-                    raise ArtifactError(f"buffer {name!r} is {buf.shape} {buf.dtype} but untrusted.tflite's "
-                                        f"tensor is {tensor.shape} {tensor.dtype}")
-        where = {name: tee_sim.shared_memory_of(view) for name, view in buffers.items()}
-        crowded = _crowded(where, buffers, [[n for n, _ in ins + outs] for ins, outs in self._tensors])
-        aliased = _aliased([t for ins, outs in self._tensors for _, t in ins + outs])
+        # Uninterrupted, and unbound first: a Ctrl-C between the pages' release and the new plan left the
+        # old one, which copies only around pages it takes for shared - every later inference wrong, no
+        # error (a helper's probe) - or pages shared that no plan noted, for ever (tee_sim.uninterrupted).
+        with uninterrupted():
+            self._plan = []
+            self._unshare()
+            for ins, outs in self._tensors:
+                for name, tensor in ins + outs:
+                    buf = buffers[name]
+                    if buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+                        raise ArtifactError(f"buffer {name!r} is {buf.shape} {buf.dtype} but "
+                                            f"untrusted.tflite's tensor is {tensor.shape} {tensor.dtype}")
+            where = {name: tee_sim.shared_memory_of(view) for name, view in buffers.items()}
+            crowded = _crowded(where, buffers,
+                               [[n for n, _ in ins + outs] for ins, outs in self._tensors])
+            aliased = _aliased([t for ins, outs in self._tensors for _, t in ins + outs])
 
-        def copies(pairs: list[tuple[str, np.ndarray]], to_tensor: bool) -> list[_Copy]:
-            return [c for n, t in pairs
-                    for c in self._copies(t, buffers[n], None if n in crowded else where[n], aliased,
-                                          to_tensor)]
+            def copies(pairs: list[tuple[str, np.ndarray]], to_tensor: bool) -> list[_Copy]:
+                return [c for n, t in pairs
+                        for c in self._copies(t, buffers[n], None if n in crowded else where[n], aliased,
+                                              to_tensor)]
 
-        self._plan = [(wrapper, subgraph, copies(ins, True), copies(outs, False))
-                      for (wrapper, subgraph), (ins, outs)
-                      in zip(self._rounds_run, self._tensors, strict=True)]
+            self._plan = [(wrapper, subgraph, copies(ins, True), copies(outs, False))
+                          for (wrapper, subgraph), (ins, outs)
+                          in zip(self._rounds_run, self._tensors, strict=True)]
 
     def _copies(self, tensor: np.ndarray, buf: np.ndarray, found: tuple[Any, int] | None,
                 aliased: set[int], to_tensor: bool) -> list[_Copy]:

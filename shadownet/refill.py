@@ -117,7 +117,7 @@ class BackgroundRefill(threading.Thread):
             return False
         if model._waiting:
             return False
-        with model._lock:
+        with model._lock:  # not _locked: the model's own thread never holds it
             if model._closed or model._session is None:
                 return False
             try:

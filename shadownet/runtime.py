@@ -46,6 +46,7 @@ from shadownet.ta_session import (
 from shadownet.tee_errors import LOST_SESSION, translate_tee_error
 from tee_sim import TEEError
 from tee_sim import ta_shadownet_commands as commands
+from tee_sim.uninterrupted import uninterrupted
 
 
 class _NotStarted(Exception):
@@ -93,13 +94,15 @@ class ProtectedModel:
         per_inference = self.verify or bool(self.one_time_rounds)
         self._load_options = load_options(self.verify, mask_pool, on_exhausted, per_inference)
         self._refiller: BackgroundRefill | None = None
-        self._waiting = 0  # callers waiting for the lock: the background refill yields to them
-        self._waiting_lock = threading.Lock()
+        # The threads waiting for the lock, whom the background refill yields to: a set, as a thread's own
+        # entry is added and discarded idempotently (a count that a Ctrl-C in the wait did not take back
+        # stopped the refills for good: a helper's probe)
+        self._waiting: set[int] = set()
         self.inputs: tuple[TensorSpec, ...] = artifacts.inputs
         self.outputs: tuple[TensorSpec, ...] = artifacts.outputs
         self.num_rounds = len(artifacts.rounds)
         self._lock = threading.Lock()
-        self._holder = 0  # the thread whose inference runs the accelerator (_not_reentered)
+        self._holder = 0  # the thread that holds the lock (_locked, _not_reentered)
         self._closed = False
         self._forked_from = 0  # in a forked child: the parent's pid (shadownet.after_fork)
         self._session: Any = None
@@ -135,11 +138,23 @@ class ProtectedModel:
             self._refiller.start()
 
     def _not_reentered(self) -> None:
-        """``RuntimeError`` when this thread is in this model's inference already: an accelerator whose
-        run_round called back into its own model waited for its lock for ever (a helper's probe)."""
+        """``RuntimeError`` when this thread holds this model's lock already: an accelerator whose run_round
+        called back into its own model, or a signal handler that closes it (SIGTERM's, for a clean exit)
+        run while the thread was in one of its calls, waited for the lock for ever (helpers' probes)."""
         if self._holder == threading.get_ident():
             raise RuntimeError("a protected model was called from inside a call of its own (its "
-                               "accelerator's run_round?): it would wait for itself")
+                               "accelerator's run_round, or a signal handler?): it would wait for itself")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The model's lock, noting its holder (``_not_reentered``)."""
+        self._not_reentered()
+        with self._lock:
+            try:
+                self._holder = threading.get_ident()
+                yield
+            finally:
+                self._holder = 0
 
     def holds_session_on(self, context: Any) -> bool:
         """Whether this model holds a session, and so secure memory, on the TEE of ``context``."""
@@ -177,21 +192,24 @@ class ProtectedModel:
         docstring), and the buffers placed again when the rounds moved. Lock held."""
         trial = self._trial
         assert trial is not None
-        moved = trial.record(self._last.get("accelerator_s"))
-        if trial.done:
-            self._trial = None
-        if moved:  # the buffers placed for the tensors of the rounds that moved, and bound
-            try:
-                self._buffers.register(self._buffers.context, self.accelerator)
-                self._buffers.bind(self._session)
-            except BaseException as exc:
-                # Until it is bound to buffers placed for them, the accelerator has no plan for the rounds
-                # that moved: released, the next call's session registers and binds them (kept, a secure
-                # world lost right here left every later call an IndexError: a probe).
-                self._buffers.release()
-                self._drop_session()
-                if not isinstance(exc, TEEError):
-                    raise
+        # Uninterrupted: a Ctrl-C between the rounds' move and the buffers' placement for it left the
+        # accelerator's tensors and the shared memory at odds, every later inference wrong (a helper's probe)
+        with uninterrupted():
+            moved = trial.record(self._last.get("accelerator_s"))
+            if trial.done:
+                self._trial = None
+            if moved:  # the buffers placed for the tensors of the rounds that moved, and bound
+                try:
+                    self._buffers.register(self._buffers.context, self.accelerator)
+                    self._buffers.bind(self._session)
+                except BaseException as exc:
+                    # Until it is bound to buffers placed for them, the accelerator has no plan for the
+                    # rounds that moved: released, the next call's session registers and binds them (kept,
+                    # a secure world lost right here left every later call an IndexError: a probe).
+                    self._buffers.release()
+                    self._drop_session()
+                    if not isinstance(exc, TEEError):
+                        raise
 
     @property
     def tuning(self) -> bool:
@@ -210,31 +228,36 @@ class ProtectedModel:
         refiller, self._refiller = self._refiller, None
         if refiller is not None:
             refiller.stop()
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            # Each step whatever interrupts the one before (a Ctrl-C while a hung secure world is waited
-            # for left the accelerator open and the memory registered, and a second close did nothing).
-            try:
-                self._drop_session()
-            finally:
+        try:
+            with self._locked():
+                if self._closed:
+                    return
+                self._closed = True
+                # Each step whatever interrupts the one before (a Ctrl-C while a hung secure world is waited
+                # for left the accelerator open and the memory registered, and a second close did nothing).
                 try:
-                    self._buffers.forget_views()
-                    # The accelerator first: it holds views of the shared memory, which then unmaps at once
-                    # (with views alive, the mapping and its descriptor stay until they are collected).
-                    if self.accelerator is not None:
-                        self.accelerator.close()
+                    self._drop_session()
                 finally:
-                    self._buffers.release()
+                    try:
+                        self._buffers.forget_views()
+                        # The accelerator first: it holds views of the shared memory, which then unmaps at
+                        # once (with views alive, the mapping and its descriptor stay until collected).
+                        if self.accelerator is not None:
+                            self.accelerator.close()
+                    finally:
+                        self._buffers.release()
+        except BaseException:  # before it closed (a Ctrl-C in the wait): still open, and refilled as before
+            if refiller is not None and not self._closed:
+                self._refiller = BackgroundRefill(self)
+                self._refiller.start()
+            raise
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,
         shared memory, accelerator threads or refill, nor the locks their threads may have held."""
         self._lock._at_fork_reinit()  # as the standard library's own locks are (threading, logging)
         self._holder = 0
-        self._waiting_lock._at_fork_reinit()
-        self._waiting, self._refiller = 0, None
+        self._waiting, self._refiller = set(), None
         if not self._closed:
             self._closed, self._forked_from = True, parent
             accelerator = self.accelerator  # LiteRT's, perhaps under wrappers (AcceleratorWrapper.inner)
@@ -298,12 +321,11 @@ class ProtectedModel:
         """``run_into`` for arrays already checked: the allocation-free path under ``__call__`` and
         ``Interpreter``."""
         self._not_reentered()  # before it counts as waiting (the background refill yields to that)
-        with self._waiting_lock:
-            self._waiting += 1
+        me = threading.get_ident()
         try:
-            with self._lock:
-                with self._waiting_lock:
-                    self._waiting -= 1
+            self._waiting.add(me)
+            with self._locked():
+                self._waiting.discard(me)
                 self._ensure_open()
                 for view, x in zip(self._buffers.input_views, inputs, strict=True):
                     np.copyto(view, x)
@@ -325,6 +347,7 @@ class ProtectedModel:
                 if self._trial is not None:
                     self._try_threads()
         finally:
+            self._waiting.discard(me)
             if self._refiller is not None:
                 self._refiller.wake()
 
@@ -336,8 +359,7 @@ class ProtectedModel:
         if entries is not None and (not whole(entries) or not 0 <= entries < 1 << 32):  # a TEE Value's
             raise (ValueError if whole(entries) else TypeError)(
                 f"entries must be a non-negative integer (or None), not {entries!r}")
-        self._not_reentered()
-        with self._lock:
+        with self._locked():
             self._ensure_open()
             return self._refill(0, entries or 0)[0]
 
@@ -412,7 +434,6 @@ class ProtectedModel:
         start = t = clock()
         step = 0
         try:
-            self._holder = threading.get_ident()  # while its accelerator runs: _not_reentered
             steps[0]()
             for r in range(1, self.num_rounds + 1):
                 t1 = clock()
@@ -432,8 +453,6 @@ class ProtectedModel:
             if retry and step == 0 and gone and not self._load_options[0] & commands.LOAD_FAIL_WHEN_EMPTY:
                 raise _NotStarted from None
             raise translate_tee_error(exc, f"inference step {step}", step=True) from exc
-        finally:
-            self._holder = 0
         end = clock()
         tee_s += end - t
         # stats() is of the last call that finished: a failed call's counts would pair its start with the
@@ -464,8 +483,7 @@ class ProtectedModel:
         ``per_inference_secure_memory``: what both hold in the TEE. Without one-time masks nor ``verify``
         (``--scheme shadownet`` loaded without it) the same keys, nothing counted: capacity 0, ``enabled``
         False."""
-        self._not_reentered()
-        with self._lock:
+        with self._locked():
             self.check_not_closed()
             before, after = self._session_before, self._session_after
             result: dict[str, Any] = {"rounds": self.num_rounds, "scheme": self.artifacts.scheme}

@@ -238,6 +238,7 @@ class Context:
                 self._register(shm)
             except BaseException:  # interrupted, or refused: the secure world may hold the mapping still
                 self._unreleased[shm._id] = generation
+                shm.forget_after_fork()  # this process's descriptor and mapping (left open: a probe)
                 raise
             self._shms[shm._id] = shm
             return shm

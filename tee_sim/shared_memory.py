@@ -101,9 +101,10 @@ class SharedMemory:
             self._unmap()
 
     def forget_after_fork(self) -> None:
-        """In a forked child, memory the parent registered and the child must not hand to a secure world:
-        released here only (this process's descriptor and mapping), never unregistered, as the parent's
-        secure world holds it for the parent."""
+        """In a forked child, memory the parent registered and the child must not hand to a secure world
+        (or memory whose registration failed, which the secure world may hold still, unregistered later by
+        its id): released here only (this process's descriptor and mapping), never unregistered, as the
+        parent's secure world holds it for the parent."""
         if not self.released:
             self.released = True
             self._unmap()

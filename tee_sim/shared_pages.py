@@ -86,12 +86,15 @@ class SharedPages:
         """Private, anonymous memory back under the array, with the contents it has now. Idempotent."""
         if self.released:
             return
-        self.released = True
         with _lock:
             window = np.frombuffer((ctypes.c_char * self.length).from_address(self.address), np.uint8)
             saved = window.copy()
             _map_fixed(self.address, self.length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
             window[:] = saved
+        # Released once done (set first, an interrupt before the remapping left the pages the shared
+        # memory's, marked released: a helper's probe); a caller that may be interrupted holds the signals
+        # back meanwhile (tee_sim.uninterrupted), as the contents are between the remapping and the copy
+        self.released = True
         self._target = None
 
     def __repr__(self) -> str:

@@ -1,0 +1,50 @@
+"""Sections that a Ctrl-C may not cut in half: state that two worlds, or a tensor's pages and its interpreter,
+must agree on, changed in several steps.
+
+Python runs a signal's handler - ``KeyboardInterrupt`` for SIGINT, the CLI's or an app's for SIGTERM -
+between any two bytecodes of the main thread. Cut between two steps, such state was left half changed:
+a tensor's pages made private again while the accelerator's plan still took them for shared memory (every
+later inference wrong, without an error), or a flag set before the change it stood for (helpers' probes).
+Blocking the signal (``pthread_sigmask``) does not help: the kernel hands a process's signal to another
+thread - LiteRT's, the refill's - and Python still runs the handler in the main thread at once. So the
+section swaps the Python handlers for one that only notes the signal, and calls the real ones after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM's Python handlers for the block; each signal that came meanwhile is
+    handled as it ends (``KeyboardInterrupt`` then, for a Ctrl-C). A no-op outside the main thread, where
+    Python runs no handler, and for a signal without a Python handler (ignored, the default, or set in C).
+    Not for the hot path: a few microseconds to swap the handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    saved: dict[int, Any] = {}
+    try:
+        for sig in SIGNALS:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                saved[sig] = handler  # before the swap: restored whatever interrupts the next line
+                signal.signal(sig, hold)
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            saved[sig](sig, None)

@@ -228,6 +228,26 @@ def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]])
     return sources
 
 
+# Layers whose weights stand between a model input and what they make of it: their output is no longer the
+# user's input, wherever they run (offloaded, or kept in the TEE)
+_WEIGHTED = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
+                       "CONV_3D"})
+
+
+def _raw_tensors(graph: Any, given: int) -> set[str]:
+    """The reference tensors made from model input ``given`` (a tensor id) with no layer of weights between
+    (padded, sliced, reshaped, concatenated, activated...): where a round carries the user's input itself.
+    A first layer kept in the TEE made round 1 carry its hidden activation, which was scored as the user's
+    input (a helper's probe)."""
+    raw = {given}
+    for op in graph.ops:
+        weighted = op.kind in _WEIGHTED and any(graph.tensors[t].data is not None for t in op.inputs[1:2]
+                                                if t >= 0)
+        if not weighted and any(t in raw for t in op.inputs if t >= 0):
+            raw.update(op.outputs)
+    return {graph.tensors[t].name for t in raw}
+
+
 def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], reference: Any,
                   manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]]) -> dict:
     """Leakage of the user's input and of every round's true activation through the accelerator's inputs
@@ -240,6 +260,9 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     truth = reference_activations(reference, batches, {s for s in sources.values() if s})
     user = [np.stack([b[i] for b in batches]) for i in range(len(manifest["inputs"]))]
     carrying = set((manifest.get("masks") or {}).get("input_rounds") or [1])  # rounds that push a user input
+    # (round 1 always, masked whatever it carries): each input measured only where what crosses is still
+    # that input (_raw_tensors)
+    raw = [_raw_tensors(reference, t) for t in reference.inputs]
     rows = []
     first: dict[str, float] = {}
 
@@ -258,6 +281,12 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
             # Likewise in a round a user input joins later (``input_rounds``), where the fits that match its
             # positions run (a vector beside pooled features: the pooled fit).
             for k, x in enumerate(user):
+                if tensor is not None and tensor not in raw[k]:
+                    continue
+                if x.ndim < 2:  # a scalar per inference (a temperature): no fit has values to score
+                    row[f"user_input_{k}"] = {fit: {} for fit in ("single", "difference", "pooled",
+                                                                  "averaged", "known_input")}
+                    continue
                 if r == 1 and x.shape != observed.shape and target is not None and len(user) == 1 and (
                         target.shape == observed.shape or (x.shape[:-1] != observed.shape[:-1]
                                                            and target.shape[:-1] == observed.shape[:-1])):
@@ -300,12 +329,16 @@ def input_leakage(seen: dict[str, np.ndarray], batches: list[list[np.ndarray]], 
     measured = {int(key.rsplit("_", 1)[1]) for row in rows for key, figs in row.items()
                 if key.startswith("user_input_") and any((figs.get(fit) or {}).get("correlation") is not None
                                                          for fit in ("single", "difference", "pooled"))}
+    crossed = {int(key.rsplit("_", 1)[1]) for row in rows for key in row if key.startswith("user_input_")}
     unmeasured = [f"{spec['name']} {list(spec['shape'])}" for k, spec in enumerate(manifest["inputs"])
-                  if k not in measured]
+                  if k in crossed and k not in measured]
+    kept = [f"{spec['name']} {list(spec['shape'])}" for k, spec in enumerate(manifest["inputs"])
+            if k not in crossed]
     return {
         "inferences": inferences,
         "first_round": first,
         "unmeasured_inputs": unmeasured,
+        "inputs_not_crossing": kept,
         "max_round_correlation": max(singles) if singles else None,
         "max_round_difference_correlation": max(diffs) if diffs else None,
         "max_round_pooled_correlation": max(pooled) if pooled else None,

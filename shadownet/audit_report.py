@@ -25,6 +25,11 @@ def format_report(report: dict) -> str:
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack"]
+    observed = "observation" in report  # the attacks on the crossings ran
+    leak = report.get("input_leakage")
+    if not observed and leak and leak.get("error"):
+        lines.append(f"NOT MEASURED: {leak['error']}; rreg and unmx show '-', and 'any' counts only the "
+                     "attacks on the untrusted model")
     if report.get("seeded"):
         lines.append("INSECURE: converted with --seed: whoever guesses the seed regenerates every secret "
                      "and recovers every filter exactly; the figures below are for secrets that cannot be "
@@ -32,11 +37,6 @@ def format_report(report: dict) -> str:
     if not report.get("reference_checked", True):
         lines.append("the reference was not checked against the protected model's outputs (no inference "
                      "observed): were its weights other than the model's, the figures below mean nothing")
-    observed = "observation" in report  # the attacks on the crossings ran
-    leak = report.get("input_leakage")
-    if not observed and leak and leak.get("error"):
-        lines.append(f"NOT MEASURED: {leak['error']}; rreg and unmx show '-', and 'any' counts only the "
-                     "attacks on the untrusted model")
     lines += [head, "-" * len(head)]
     for r in report["layers"]:
         name = layer_label(r["name"])
@@ -64,8 +64,11 @@ def format_report(report: dict) -> str:
     observation = report.get("observation")
     if observation and observation["under_observed"]:
         short = observation["under_observed"]
-        kinds = ", ".join(sorted({f"{r['where']} ({r['inferences_needed']})" for r in short},
-                                 key=lambda w: round_number(w.split()[0])))
+        wanted: dict[str, int] = {}  # per round, its most wanting layer's (a round was listed once a layer)
+        for r in short:
+            wanted[r["where"]] = max(wanted.get(r["where"], 0), r["inferences_needed"])
+        kinds = ", ".join(f"{where} ({n})" for where, n in sorted(wanted.items(),
+                                                                 key=lambda w: round_number(w[0])))
         layers = f"{len(short)} layer{'s' * (len(short) != 1)}"
         lines.append(f"crossings observed over {observation['inferences']} inferences: too few for the "
                      f"restore fits on {layers}, where an attacker who watches longer may learn more "
@@ -82,7 +85,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  chance: {100 * chance['any']:.3g}% (direction {100 * chance['direction']:.3g}%)"
                      f"; reference filters already matched by another: {100 * s['reference_self_match']:.1f}%"
                      f"; subspace energy {s['subspace']['energy_mean']:.3f} vs chance "
-                     f"{s['subspace']['chance_mean']:.3f} (excess {s['subspace']['excess_mean']:.3f})")
+                     f"{s['subspace']['chance_mean']:.3f} (their layers' mean excess "
+                     f"{s['subspace']['excess_mean']:.3f})")
     if report.get("kept_in_tee"):
         lines.append("kept in the TEE, not offloaded (by the scheme, or for sums too long to split): "
                      f"{len(report['kept_in_tee'])} layers "
@@ -117,6 +121,10 @@ def format_report(report: dict) -> str:
                          f"{leak['inferences']} inferences, too few values for the fits within one "
                          "inference, of two, or across them (give more with --inferences); the figures above "
                          "leave them out")
+        if leak.get("inputs_not_crossing"):
+            lines.append(f"  user input(s) {', '.join(leak['inputs_not_crossing'])}: never cross as such "
+                         "(only what layers of weights made of them, in the TEE: the rows below); the "
+                         "figures above leave them out")
         if unmeasured:  # the figure above is round 1's alone then (a probe took it for both)
             lines.append(f"  the user input that joins round(s) {', '.join(map(str, unmeasured))}: not "
                          f"measured over {leak['inferences']} inferences, too few positions for its fits "

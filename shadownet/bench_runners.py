@@ -26,15 +26,20 @@ class Unprotected:
         self.interpreter = Interpreter(model_content=model, num_threads=num_threads,
                                        experimental_delegates=delegates or None)
         self.interpreter.allocate_tensors()
-        self.inputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_input_details()]
+        self.inputs = [(d["index"], self.interpreter.tensor(d["index"]))
+                       for d in self.interpreter.get_input_details()]
         self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
         # Made at the first call: an output whose shape LiteRT computes at run time (a Keras model's open
         # batch before a transposed conv) has no data before an invoke (it stopped the bench: a probe).
         self.results: list[np.ndarray] = []
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> None:
-        for tensor, x in zip(self.inputs, inputs, strict=True):
-            np.copyto(tensor(), x)
+        for (index, tensor), x in zip(self.inputs, inputs, strict=True):
+            view = tensor()
+            if isinstance(view, np.ndarray):
+                np.copyto(view, x)
+            else:  # a rank-0 tensor, which LiteRT gives as a scalar, not a view (an internal error: a probe)
+                self.interpreter.set_tensor(index, x)
         self.interpreter.invoke()
         if not self.results:
             self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]

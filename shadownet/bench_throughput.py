@@ -81,7 +81,10 @@ def pipelined_fps(out_dir: Path, num_threads: int, delegate: str | None, inputs:
                                    mask_pool=burst, background_refill=False))
             break
         except SecureMemoryError as exc:  # the second frame's buffers do not fit under the cap
-            error = str(exc)
+            # Without the load's advice, which took the pair's first session for another model the user
+            # could close (a helper's probe)
+            error = ("two frames in flight hold two sessions of the model, which do not fit in the "
+                     f"secure-memory cap together: {exc.__cause__ or exc}")
             for m in models:
                 m.close()
             models = []

@@ -20,7 +20,11 @@ TOLERANCE = {"groupmix": 1e-4, "shadownet": 1e-3}  # the targets
 # (converters.exact_split), ResNet-404 measured 1e-5 - 1.6e-4, median 5e-5 (4 conversions x 3 inputs; 3-7e-5
 # with no mask at all: the scheme's float32 mixings over 404 layers); under the paper's scheme the fakes'
 # cancellation costs ~3e-3.
-TOLERANCES = {("groupmix", "resnet404"): 3e-4, ("shadownet", "resnet404"): 1e-2}
+# The paper's scheme on MobileNet misses 1e-3 in its tail (BENCHMARKS.md: median 8.2e-4, max 1.6e-3 of 32
+# inputs, run BR): this test's first input measured 1.58e-3 on an AMD EPYC host (the zoo's export, calibrated
+# by TensorFlow on this CPU, differs by machine), under 1e-3 on the hosts before.
+TOLERANCES = {("groupmix", "resnet404"): 3e-4, ("shadownet", "resnet404"): 1e-2,
+              ("shadownet", "mobilenet"): 2e-3}
 MEDIAN_OF = {("groupmix", "mobilenet"): 5}  # inferences per input whose median error is bounded
 # Against float64 arithmetic (tests.converters.float64_reference) the default scheme's error is float32 noise
 # of the same order as LiteRT's own: measured 0.2-2.6x the larger of its two engines' errors (4 conversions x

@@ -150,6 +150,13 @@ def test_report_table_and_atomic_json(simulated: dict[str, Path], tmp_path: Path
     # No inference, no output to compare the reference with: said (other weights gave figures that mean
     # nothing without a word, a helper's probe)
     assert report["reference_checked"] is False and "the reference was not checked" in table
+    # A round of two layers observed too briefly is listed once, with what its most wanting layer wants
+    # ("round_4 (88), round_4 (72)": a helper's probe)
+    short = [{"layer": name, "where": where, "positions": 1, "wanted": 2, "inferences_needed": n}
+             for name, where, n in (("a", "round_4", 88), ("b", "round_4", 72), ("c", "round_2", 10))]
+    observed = report | {"observation": {"inferences": 4, "under_observed": short}}
+    assert "(the inferences they want, by round: round_2 (10), round_4 (88))" in \
+        audit_report.format_report(observed)
     out = tmp_path / "report.json"
     audit_report.write_json(report, out)
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(report["summary"]))

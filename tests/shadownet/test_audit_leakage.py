@@ -226,3 +226,80 @@ def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp
         manifest["summary"]["long_sums"] = forged
         with pytest.raises(ArtifactError, match="edited, or the reference is not"):
             audit._long_sums(manifest, graph, scheme)
+
+
+def test_an_input_that_never_crosses_as_such_is_said_and_not_scored(tmp_path: Path) -> None:
+    """A first layer the TEE keeps (groupmix's depthwise layers) makes round 1 carry its hidden activation,
+    which was scored as the user's input; an input used only in the TEE was "not measured, too few values
+    (give more with --inferences)", true at any count (a helper's probe). Both are said to never cross."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(6)
+    image = keras.Input((8, 8, 3), batch_size=1, name="image")
+    scale = keras.Input((4,), batch_size=1, name="scale")
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(image)
+    h = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, activation="relu")(h))
+    y = keras.layers.Multiply()([keras.layers.Dense(4)(h), scale])
+    original = tmp_path / "kept.tflite"
+    model = keras.Model([image, scale], y)
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert()))
+    out = tmp_path / "kept.protected"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(out), seed=3)
+    report = audit.audit(out, original, inferences=4)
+    leak = report["input_leakage"]
+    kept = leak["inputs_not_crossing"]
+    assert len(kept) == 2 and {name.split(" ", 1)[1] for name in kept} == {"[1, 8, 8, 3]", "[1, 4]"}
+    assert leak["unmeasured_inputs"] == [] and leak["first_round"] == {}
+    assert not any(key.startswith("user_input_") for row in leak["rounds"] for key in row)
+    assert f"user input(s) {', '.join(kept)}: never cross as such" in audit_report.format_report(report)
+
+
+def _scalar_inputs_model(tf) -> bytes:
+    """An image, a gain applied to it before the first conv and a temperature dividing the logits: two
+    rank-0 inputs."""
+    import numpy as np
+
+    rs = np.random.RandomState(0)
+    k1 = tf.constant(rs.randn(3, 3, 3, 8).astype("f") * 0.3)
+    k2 = tf.constant(rs.randn(8 * 6 * 6, 5).astype("f") * 0.1)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 13, 13, 3], tf.float32), tf.TensorSpec([], tf.float32),
+                                  tf.TensorSpec([], tf.float32)])
+    def f(x, gain, temperature):
+        h = tf.nn.relu(tf.nn.conv2d(x * gain, k1, 2, "VALID"))
+        return tf.reshape(h, [1, -1]) @ k2 / temperature
+
+    return bytes(tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()]).convert())
+
+
+def test_rank_0_inputs_are_audited_and_taken_as_numpy_scalars(tmp_path: Path) -> None:
+    """A model with a scalar input converted and ran, but its audit was an internal error (IndexError), and
+    ``model(x, np.float32(0.5))`` was refused "must be a numpy array of shape [] float32, not float32"
+    (a helper's probe)."""
+    tf = pytest.importorskip("tensorflow")
+    import numpy as np
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    original = tmp_path / "scalars.tflite"
+    original.write_bytes(_scalar_inputs_model(tf))
+    out = tmp_path / "scalars.protected"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(out), seed=4)
+    leak = audit.audit(out, original, inferences=4)["input_leakage"]
+    assert len(leak["unmeasured_inputs"]) == 1 and leak["unmeasured_inputs"][0].endswith(" []")  # the gain
+    assert len(leak["inputs_not_crossing"]) == 1 and leak["inputs_not_crossing"][0].endswith(" []")
+    assert leak["first_round"]["correlation"] is not None  # the image, through the gain: measured
+    x = np.random.default_rng(0).uniform(0, 1, (1, 13, 13, 3)).astype(np.float32)
+    with shadownet.load(out) as model:
+        as_scalars = model(x, np.float32(2.0), np.float32(0.5))
+        as_arrays = model(x, np.array(2.0, np.float32), np.array(0.5, np.float32))
+        assert np.allclose(as_scalars, as_arrays, rtol=1e-4, atol=1e-5)  # fresh one-time masks each

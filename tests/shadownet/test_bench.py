@@ -514,3 +514,17 @@ def test_bench_signature_is_ignored_by_a_saved_model_of_one_function(tmp_path):
     report = bench.run_bench([str(saved)], num_threads=1, num_runs=1, warmup_runs=0, progress=False,
                              signature="beta")
     assert "error" not in report["models"][0], report["models"][0]
+
+
+def test_the_unprotected_runner_takes_a_rank_0_input():
+    """LiteRT gives a rank-0 tensor as a numpy scalar, not a view: the bench copied into it, an internal
+    error (a helper's probe)."""
+    g = Graph()
+    x = g.add_tensor("x", (1, 4), np.float32)
+    gain = g.add_tensor("gain", (), np.float32)
+    y = g.add_tensor("y", (1, 4), np.float32)
+    g.add_op("MUL", [x, gain], [y], fb.MulOptionsT())
+    g.inputs, g.outputs = [x, gain], [y]
+    runner = bench_runners.Unprotected(write_model(g), 1, [])
+    runner([np.arange(4, dtype=np.float32).reshape(1, 4), np.array(3.0, np.float32)])
+    assert np.array_equal(runner.results[0], [[0, 3, 6, 9]])

@@ -68,3 +68,33 @@ def test_all_in_tee_gives_its_shared_memory_back_when_its_set_up_fails():
     with pytest.raises(tee_sim.TEEError):
         runner.close()
     assert released == [True, True]
+
+
+def test_two_frames_that_do_not_fit_say_so_without_the_loads_advice(monkeypatch, tmp_path):
+    """The pair's second session did not fit: the report gave the load's advice, "1 other protected model
+    open in this process ... closing it frees it" - the pair's own first session, nothing the user could
+    close (a helper's probe)."""
+    from shadownet import bench_throughput, runtime
+    from shadownet.exceptions import SecureMemoryError
+
+    loads = []
+
+    class Opened:
+        def close(self):
+            pass
+
+    def load(*args, **kwargs):
+        loads.append(kwargs["mask_pool"])
+        if len(loads) % 2 == 0:
+            try:
+                raise SecureMemoryError("secure memory exhausted: requested 8.0 MiB")
+            except SecureMemoryError as cause:
+                raise SecureMemoryError(f"{cause} (1 other protected model open in this process ...: closing "
+                                        "it frees it)") from cause
+        return Opened()
+
+    monkeypatch.setattr(runtime, "load", load)
+    result = bench_throughput.pipelined_fps(tmp_path, 2, None, [], 10)
+    assert loads == [4, 4, 2, 2, 1, 1] and result["fps"] is None
+    assert result["error"] == ("two frames in flight hold two sessions of the model, which do not fit in the "
+                               "secure-memory cap together: secure memory exhausted: requested 8.0 MiB")

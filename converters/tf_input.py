@@ -18,6 +18,7 @@ it is written out without those notices, on failure dropped, since the error say
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -141,9 +142,20 @@ class _NoSuchSignature(ValueError):
 def _first_line(exc: BaseException) -> str:
     """The exception's type and first line; of TensorFlow's converter, its first diagnostic ("'tf.Svd' op is
     neither a custom op nor a flex op") rather than its summary glued to a source location."""
-    line = (str(exc).splitlines() or [""])[0]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Keras's bold
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    line = lines[0]
     if type(exc).__name__ == "ConverterError" and ": error: " in line:
         return line.split(": error: ", 1)[1]
+    # A traced function's error ("in user code:", then source lines) or a Keras layer's ("Exception
+    # encountered when calling ...", then the reason, then the arguments): the reason, not the heading,
+    # which said nothing to act on (a helper's probe)
+    for k, heading in enumerate(lines[:-1]):
+        if "Exception encountered when calling" in heading:
+            return lines[k + 1]
+    if line == "in user code:":
+        raised = [r for r in lines if re.match(r"\w+(Error|Exception): ", r)]
+        return raised[-1] if raised else lines[-1]
     return f"{type(exc).__name__}: {line}"
 
 
@@ -185,14 +197,36 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
     else:
         tensors = structure if isinstance(structure, list | tuple) else [structure]
         named = [((getattr(t, "name", None) or f"input_{i}").split(":")[0], t) for i, t in enumerate(tensors)]
-    specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), name, path) for name, t in named]
+    specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), node_name, path)
+             for node_name, (_, t) in zip(_node_names([name for name, _ in named]), named, strict=True)]
 
     def serve(*xs: Any) -> Any:
         if isinstance(structure, dict):
             return model({name: x for (name, _), x in zip(named, xs, strict=True)}, training=False)
         return model(list(xs) if isinstance(structure, list | tuple) else xs[0], training=False)
 
-    return tf.function(serve).get_concrete_function(*specs), model
+    try:
+        return tf.function(serve).get_concrete_function(*specs), model
+    except Exception as exc:  # noqa: BLE001 - the file loaded: its tracing failed (was "could not load")
+        raise ModelFormatError(f"{path}: TensorFlow could not trace the Keras model: {_first_line(exc)}") \
+            from None
+
+
+def _node_names(names: list[str]) -> list[str]:
+    """Keras's input names as TensorFlow's graph takes them (letters, digits, "_"; as Keras's own export
+    makes them), each once: one with a space or a colon ("a img", "in:0") was dropped for "Placeholder",
+    and the inputs could not be told apart (a helper's probe)."""
+    taken: set[str] = set()
+    made = []
+    for name in names:
+        node = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        node = node if node[:1].isalnum() else f"input{node}"
+        unique, n = node, 1
+        while unique in taken:
+            unique, n = f"{node}_{n}", n + 1
+        taken.add(unique)
+        made.append(unique)
+    return made
 
 
 def _called(function: Any) -> tuple[Any, ...]:

@@ -120,6 +120,43 @@ def test_dict_inputs_are_fed_by_name(tf, device, tmp_path):
         assert relative_error(run(*[feeds[k] for k in order]), [model(feeds).numpy()]) <= 1e-4
 
 
+def test_input_names_tensorflow_would_not_take_keep_their_inputs_apart(tf, device, tmp_path):
+    """Keras input names with a space or a colon ("a img", "in:0") are no TensorFlow node names: one became
+    "Placeholder", another lost its signature, and the inputs could not be told apart (a helper's probe).
+    They are made node names as Keras's own export makes them ("a_img")."""
+    import keras
+
+    keras.utils.set_random_seed(6)
+    first, second = keras.Input((8,), name="b_img"), keras.Input((8,), name="a img")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(6)(first), second])
+    model = keras.Model([first, second], keras.layers.Dense(3)(joined))
+    model.save(tmp_path / "model.keras")
+    manifest = convert(tmp_path / "model.keras", tmp_path / "out", device=device)
+    names = [i["name"] for i in manifest["inputs"]]
+    rng = np.random.default_rng(0)
+    feeds = {"b_img": rng.uniform(-1, 1, (1, 8)).astype(np.float32),
+             "a_img": rng.uniform(-1, 1, (1, 8)).astype(np.float32)}
+    order = [next(k for k in feeds if f"_{k}:" in name) for name in names]
+    assert sorted(order) == ["a_img", "b_img"], names
+    with Driver(device, tmp_path / "out") as run:
+        assert relative_error(run(*[feeds[k] for k in order]),
+                              [model([feeds["b_img"], feeds["a_img"]]).numpy()]) <= 1e-4
+
+
+def test_a_keras_model_whose_tracing_fails_says_why(tf, device, tmp_path):
+    """A layer named with a space builds, runs and saves in Keras, and fails in TensorFlow's tracing: the
+    refusal said "could not load the Keras model: ValueError: in user code:", nothing to act on (a helper's
+    probe). It says that tracing failed, and TensorFlow's reason."""
+    import keras
+
+    x = keras.Input((12, 12, 3))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu")(x))
+    keras.Model(x, keras.layers.Dense(3, name="dense out")(h)).save(tmp_path / "model.keras")
+    with pytest.raises(ModelFormatError, match="could not trace the Keras model: .*dense out") as caught:
+        convert(tmp_path / "model.keras", tmp_path / "out", device=device)
+    assert "in user code" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
 def test_tensorflows_diagnostics_stay_off_stderr_unless_debugging(tf, device, tmp_path, capfd, monkeypatch):
     """TensorFlow's converter writes pages of MLIR diagnostics to file descriptor 2 when it fails: the error
     says what failed in one line, and the pages appear only with SHADOWNET_DEBUG."""

@@ -26,7 +26,9 @@ class Unprotected:
         self.interpreter = Interpreter(model_content=model, num_threads=num_threads,
                                        experimental_delegates=delegates or None)
         self.interpreter.allocate_tensors()
-        self.inputs = [(d["index"], self.interpreter.tensor(d["index"]))
+        # (index, view, rank 0): LiteRT gives a rank-0 tensor as a scalar, not a view to copy into (an
+        # internal error: a probe); it is set
+        self.inputs = [(d["index"], self.interpreter.tensor(d["index"]), len(d["shape"]) == 0)
                        for d in self.interpreter.get_input_details()]
         self.outputs = [self.interpreter.tensor(d["index"]) for d in self.interpreter.get_output_details()]
         # Made at the first call: an output whose shape LiteRT computes at run time (a Keras model's open
@@ -34,12 +36,11 @@ class Unprotected:
         self.results: list[np.ndarray] = []
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> None:
-        for (index, tensor), x in zip(self.inputs, inputs, strict=True):
-            view = tensor()
-            if isinstance(view, np.ndarray):
-                np.copyto(view, x)
-            else:  # a rank-0 tensor, which LiteRT gives as a scalar, not a view (an internal error: a probe)
+        for (index, tensor, scalar), x in zip(self.inputs, inputs, strict=True):
+            if scalar:
                 self.interpreter.set_tensor(index, x)
+            else:
+                np.copyto(tensor(), x)  # no name holds the view: LiteRT refuses to invoke while one lives
         self.interpreter.invoke()
         if not self.results:
             self.results = [np.empty(t().shape, t().dtype) for t in self.outputs]

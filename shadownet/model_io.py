@@ -49,7 +49,7 @@ def check_inputs(specs: tuple[TensorSpec, ...], names: dict[str, int],
                          f"{[t.name for t in specs]}, {len(inputs)} given")
     arrays = []
     for spec, x in zip(specs, inputs, strict=True):
-        if isinstance(x, np.generic):  # a numpy scalar for a rank-0 input, as LiteRT's set_tensor takes it
+        if isinstance(x, np.generic) and spec.shape == ():  # a numpy scalar, as LiteRT's set_tensor takes it
             x = np.asarray(x)
         if not isinstance(x, np.ndarray):
             raise InputError(f"input {spec.name!r} must be a numpy array of shape {list(spec.shape)} "

@@ -216,13 +216,13 @@ def _node_names(names: list[str]) -> list[str]:
     """Keras's input names as TensorFlow's graph takes them (letters, digits, "_"; as Keras's own export
     makes them), each once: one with a space or a colon ("a img", "in:0") was dropped for "Placeholder",
     and the inputs could not be told apart (a helper's probe)."""
-    taken: set[str] = set()
-    made = []
-    for name in names:
-        node = re.sub(r"[^A-Za-z0-9_]", "_", name)
-        node = node if node[:1].isalnum() else f"input{node}"
+    nodes = [re.sub(r"[^A-Za-z0-9_]", "_", name) for name in names]
+    nodes = [node if node[:1].isalnum() else f"input{node}" for node in nodes]
+    taken = {node for name, node in zip(names, nodes, strict=True) if node == name}  # kept as they are: a
+    made = []  # made name took a valid one's first, and feeding by it gave the other input (a review)
+    for name, node in zip(names, nodes, strict=True):
         unique, n = node, 1
-        while unique in taken:
+        while node != name and unique in taken:
             unique, n = f"{node}_{n}", n + 1
         taken.add(unique)
         made.append(unique)

@@ -229,9 +229,9 @@ def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]])
 
 
 # Layers whose weights stand between a model input and what they make of it: their output is no longer the
-# user's input, wherever they run (offloaded, or kept in the TEE)
+# user's input, wherever they run (offloaded, or kept in the TEE); an embedding's table too (a review)
 _WEIGHTED = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
-                       "CONV_3D"})
+                       "CONV_3D", "GATHER", "GATHER_ND", "EMBEDDING_LOOKUP"})
 
 
 def _raw_tensors(graph: Any, given: int) -> set[str]:
@@ -241,8 +241,8 @@ def _raw_tensors(graph: Any, given: int) -> set[str]:
     input (a helper's probe)."""
     raw = {given}
     for op in graph.ops:
-        weighted = op.kind in _WEIGHTED and any(graph.tensors[t].data is not None for t in op.inputs[1:2]
-                                                if t >= 0)
+        weighted = op.kind in _WEIGHTED and any(graph.tensors[t].data is not None for t in op.inputs
+                                                if t >= 0 and t not in raw)
         if not weighted and any(t in raw for t in op.inputs if t >= 0):
             raw.update(op.outputs)
     return {graph.tensors[t].name for t in raw}

@@ -105,9 +105,6 @@ def _sources(models: Sequence[str], workdir: Path, progress: bool = False) -> li
     directory)."""
     sources = []
     for item in models:
-        if item in ZOO_NAMES and os.path.lexists(item):  # measured as the zoo's, without a word (a probe)
-            raise ShadowNetError(f"{item} names a zoo model and a file or directory here: write ./{item} for "
-                                 "the file, or run elsewhere for the zoo model")
         if item in ZOO_NAMES:
             path = workdir / f"{item}.tflite"
             if not path.exists():
@@ -282,6 +279,10 @@ def bench_cli(args: argparse.Namespace) -> None:
         if not named:
             raise ValueError(f"--models {args.models!r} names no model")
         models += named
+    for item in models:  # named by the user (the default five are the zoo's), before any export (a review)
+        if item in ZOO_NAMES and os.path.lexists(item):  # measured as the zoo's, without a word (a probe)
+            raise ShadowNetError(f"{item} names a zoo model and a file or directory here: write ./{item} for "
+                                 "the file, or run elsewhere for the zoo model")
     if not models:
         models = list(ZOO_NAMES)
     # Before minutes of measuring, not after; the files it reads, wherever they are named (a model named

@@ -371,13 +371,20 @@ def _standard_descriptors() -> None:
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
 
 
-def _stdout_failed() -> bool:
-    """Whether writing standard output fails (``> /dev/full``: an ``OSError`` with no file's name, from a
-    ``print``); if so it is discarded."""
+def _stdout_failed(exc: OSError) -> bool:
+    """Whether ``exc`` (an ``OSError`` with no file's name) is standard output's (``> /dev/full``: a ``print``
+    failed): writing it fails with the same error; if so it is discarded. Not for a stdout with no
+    descriptor (captured, redirected in Python: a review's traceback)."""
     try:
-        os.write(sys.stdout.fileno(), b"")  # nothing where it works (a failed flush may drop its data)
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
         return False
-    except OSError:
+    try:
+        os.write(fd, b"")  # nothing where it works (a failed flush may drop its data)
+        return False
+    except OSError as failed:
+        if failed.errno != exc.errno:
+            return False
         _discard_stdout()
         return True
 
@@ -448,7 +455,7 @@ def _report(exc: Exception) -> int:
             message = exc.message  # the client library refused a setting: its code adds nothing
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ..."
             message = f"{exc.filename}: {exc.strerror}"
-        elif isinstance(exc, OSError) and exc.strerror and _stdout_failed():  # "> /dev/full"
+        elif isinstance(exc, OSError) and exc.strerror and _stdout_failed(exc):  # "> /dev/full"
             message = f"writing standard output: {exc.strerror}"
         # One line: a line break in the message (a path given with one: a helper's probe cut "no\nsuch"'s
         # error to "artifact directory no") is shown escaped, as Python writes it in a string.

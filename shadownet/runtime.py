@@ -226,9 +226,9 @@ class ProtectedModel:
         """End the TEE session, release the shared memory and the accelerator. Idempotent."""
         self._not_reentered()  # before the refills stop
         refiller, self._refiller = self._refiller, None
-        if refiller is not None:
-            refiller.stop()
         try:
+            if refiller is not None:
+                refiller.stop()  # joins: a Ctrl-C there left the model open and never refilled (a review)
             with self._locked():
                 if self._closed:
                     return
@@ -246,7 +246,7 @@ class ProtectedModel:
                             self.accelerator.close()
                     finally:
                         self._buffers.release()
-        except BaseException:  # before it closed (a Ctrl-C in the wait): still open, and refilled as before
+        except BaseException:  # before it closed (a Ctrl-C in a wait): still open, and refilled as before
             if refiller is not None and not self._closed:
                 self._refiller = BackgroundRefill(self)
                 self._refiller.start()

@@ -24,16 +24,21 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
     """Hold back SIGINT and SIGTERM's Python handlers for the block; each signal that came meanwhile is
-    handled as it ends (``KeyboardInterrupt`` then, for a Ctrl-C). A no-op outside the main thread, where
-    Python runs no handler, and for a signal without a Python handler (ignored, the default, or set in C).
-    Not for the hot path: a few microseconds to swap the handlers."""
+    handled as it ends, every one of them (``KeyboardInterrupt`` then, for a Ctrl-C: the first exception a
+    handler raised, once all ran). A no-op outside the main thread, where Python runs no handler, and for a
+    signal without a Python handler (ignored, the default, or set in C). A handler the block sets itself is
+    kept. Not for the hot path: a few microseconds to swap the handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
+    ended = False
 
     def hold(signum: int, frame: Any) -> None:
-        held.append(signum)
+        if ended:  # after the block, its handler not yet put back (a signal cut the restore: a review)
+            saved[signum](signum, frame)
+        else:
+            held.append(signum)
 
     saved: dict[int, Any] = {}
     try:
@@ -44,7 +49,24 @@ def uninterrupted() -> Iterator[None]:
                 signal.signal(sig, hold)
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(held):
+        ended = True
+        try:
+            for sig, handler in saved.items():
+                if signal.getsignal(sig) is hold:  # not one the block set itself
+                    signal.signal(sig, handler)
+        finally:
+            _handle(held, saved)
+
+
+def _handle(held: list[int], saved: dict[int, Any]) -> None:
+    """Run the handler of each signal in ``held`` once, all of them, then raise the first exception one
+    raised (the CLI's raise KeyboardInterrupt: a SIGTERM after a SIGINT was lost, and 'terminated' said
+    'interrupted': a review)."""
+    first: BaseException | None = None
+    for sig in dict.fromkeys(held):
+        try:
             saved[sig](sig, None)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every handler ran
+            first = first or exc
+    if first is not None:
+        raise first

@@ -143,6 +143,16 @@ def test_input_names_tensorflow_would_not_take_keep_their_inputs_apart(tf, devic
                               [model([feeds["b_img"], feeds["a_img"]]).numpy()]) <= 1e-4
 
 
+def test_node_names_keep_the_valid_ones_and_are_each_once():
+    """A made name took a valid one's first ("a b" -> a_b, then "a_b" -> a_b_1), and feeding the model by
+    its own name a_b gave the other input (a review)."""
+    from converters.tf_input import _node_names
+
+    assert _node_names(["a b", "a_b"]) == ["a_b_1", "a_b"]
+    assert _node_names(["in:0", "x-y", "x y", "_x", "9lives"]) == \
+        ["in_0", "x_y", "x_y_1", "input_x", "9lives"]
+
+
 def test_a_keras_model_whose_tracing_fails_says_why(tf, device, tmp_path):
     """A layer named with a space builds, runs and saves in Keras, and fails in TensorFlow's tracing: the
     refusal said "could not load the Keras model: ValueError: in user code:", nothing to act on (a helper's

@@ -303,3 +303,25 @@ def test_rank_0_inputs_are_audited_and_taken_as_numpy_scalars(tmp_path: Path) ->
         as_scalars = model(x, np.float32(2.0), np.float32(0.5))
         as_arrays = model(x, np.array(2.0, np.float32), np.array(0.5, np.float32))
         assert np.allclose(as_scalars, as_arrays, rtol=1e-4, atol=1e-5)  # fresh one-time masks each
+
+
+def test_an_embeddings_ids_never_cross_as_such(tmp_path: Path) -> None:
+    """Round 1 carries the embedded ids (a table of weights between), which were scored as the user's input
+    (a review)."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    import shadownet
+
+    tf.get_logger().setLevel("ERROR")
+    keras.utils.set_random_seed(7)
+    ids = keras.Input((6,), batch_size=1, dtype="int32", name="ids")
+    y = keras.layers.Dense(4)(keras.layers.Flatten()(keras.layers.Embedding(20, 16)(ids)))
+    original = tmp_path / "embed.tflite"
+    original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(ids, y)).convert()))
+    out = tmp_path / "embed.protected"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(out), seed=5)
+    leak = audit.audit(out, original, inferences=4)["input_leakage"]
+    assert len(leak["inputs_not_crossing"]) == 1 and leak["first_round"] == {}

@@ -216,13 +216,21 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
     report = bench.run_bench([str(bad)], num_runs=1, warmup_runs=0, workdir=tmp_path / "work", progress=False)
     assert "error" in report["models"][0]  # reported, and the other models would still run
     assert "bad: not measured" in bench_report.table(report)
-    # A zoo model's name that also names a file here: it was measured as the zoo's, no word (a probe)
+    # A zoo model's name that also names a file here: it was measured as the zoo's, no word (a probe);
+    # refused before any model is measured or exported - and not when the user named no model (the default
+    # five are the zoo's: it failed after four exports, a review)
+    def measured(*args, **kwargs):
+        raise ShadowNetError("measured")
+
+    monkeypatch.setattr(bench, "run_bench", measured)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "minivgg").mkdir()
     assert main(["bench", "minivgg", "--num_runs", "1"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "shadownet: error: minivgg names a zoo model and a file or directory here: write ./minivgg for the "
         "file, or run elsewhere for the zoo model"]
+    assert main(["bench", "--num_runs", "1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["shadownet: error: measured"]
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(ShadowNetError, match="matplotlib"):
         bench_report.require_matplotlib(tmp_path / "plot.png")

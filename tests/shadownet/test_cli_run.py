@@ -245,6 +245,18 @@ def test_standard_output_on_a_full_device_is_said_to_be_that(small_cnn, tmp_path
     assert (out / "manifest.json").is_file()
 
 
+def test_an_error_without_a_file_is_one_line_when_stdout_has_no_descriptor(capsys):
+    """Under a captured stdout (an app's, pytest's) an OSError naming no file became a traceback
+    (io.UnsupportedOperation from the check of whether stdout failed: a review)."""
+    import errno
+
+    from shadownet.cli import _report
+
+    reason = os.strerror(errno.ENOMEM)
+    assert _report(OSError(errno.ENOMEM, reason)) == 1
+    assert capsys.readouterr().err == f"shadownet: error: [Errno {errno.ENOMEM}] {reason}\n"
+
+
 def test_an_internal_errors_line_says_something_when_its_message_starts_with_a_line_break(capsys):
     """numpy's ImportError out of memory at start-up begins with a line break: the line said "internal error
     (ImportError: )" (a helper's probe); its first line that says something, and its cause."""

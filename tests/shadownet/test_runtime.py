@@ -599,6 +599,27 @@ def test_a_ctrl_c_in_the_wait_for_the_model_leaves_its_refills_going(small_cnn):
         assert model.stats()["pool"]["ready"] == ready
 
 
+def test_a_ctrl_c_while_close_stops_the_refill_leaves_the_model_refilled(small_cnn, monkeypatch):
+    """close() stops the background refill (a join) before it takes the model's lock: a Ctrl-C in that
+    join left the model open and never refilled again (a review)."""
+    from shadownet import refill
+
+    (x,) = small_cnn.random_inputs()
+    with shadownet.load(small_cnn.out) as model:
+        real = refill.BackgroundRefill.stop
+
+        def interrupted(self):
+            real(self)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(refill.BackgroundRefill, "stop", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model.close()
+        monkeypatch.undo()
+        assert not model.closed and model._refiller is not None and model._refiller.is_alive()
+        model(x)
+
+
 def test_a_signal_handler_that_closes_the_model_mid_call_is_refused_not_a_hang(small_cnn):
     """SIGTERM's handler closing the model (a clean exit) while the main thread was in one of its calls
     waited for the model's lock for ever, and a second SIGTERM re-entered the wait (a helper's probe)."""

@@ -40,6 +40,66 @@ def test_an_apps_own_handler_runs_after_the_block_and_is_put_back():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_every_signal_held_is_handled_and_the_first_exception_raised():
+    """Two signals held in one section, each handler raising as the CLI's do: only the first one's ran
+    (the CLI said 'interrupted', not 'terminated'; an app's SIGTERM shutdown never ran: a review)."""
+    seen = []
+
+    def cli_style(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, cli_style) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt), uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_a_signal_that_cuts_the_restore_leaves_its_handlers_working(monkeypatch):
+    """A Ctrl-C right after SIGINT's handler was put back raised before SIGTERM's was: the section's own
+    handler stayed, and every later SIGTERM was swallowed (a review). It hands them on now."""
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    real_signal = signal.signal
+
+    def put_back(sig, handler):
+        old = real_signal(sig, handler)
+        if sig == signal.SIGINT and handler is signal.default_int_handler and not seen:
+            os.kill(os.getpid(), signal.SIGINT)  # raised at the next instruction: the restore is cut
+        return old
+
+    previous = real_signal(signal.SIGTERM, mine)
+    try:
+        monkeypatch.setattr(signal, "signal", put_back)
+        with pytest.raises(KeyboardInterrupt), uninterrupted():
+            pass
+        monkeypatch.undo()
+        os.kill(os.getpid(), signal.SIGTERM)  # the section's handler, if left, hands it to the app's
+        assert seen == [signal.SIGTERM]
+    finally:
+        real_signal(signal.SIGTERM, previous)
+
+
+def test_a_handler_the_block_sets_is_kept():
+    """An app's SIG_IGN set inside a section was overwritten with the handler saved at its start (a
+    review)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with uninterrupted():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the app's choice, inside the section
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_outside_the_main_thread_it_changes_nothing():
     errors = []
 

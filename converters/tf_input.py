@@ -196,7 +196,8 @@ def _keras_function(tf: Any, path: Path) -> tuple[Any, Any]:
         named = list(structure.items())
     else:
         tensors = structure if isinstance(structure, list | tuple) else [structure]
-        named = [((getattr(t, "name", None) or f"input_{i}").split(":")[0], t) for i, t in enumerate(tensors)]
+        # Keras's own names, whole: cut at ":" ("in:0" -> "in") one took another input's (a review)
+        named = [(getattr(t, "name", None) or f"input_{i}", t) for i, t in enumerate(tensors)]
     specs = [_batch_one(tf, tf.TensorSpec(t.shape, t.dtype), node_name, path)
              for node_name, (_, t) in zip(_node_names([name for name, _ in named]), named, strict=True)]
 

@@ -229,9 +229,12 @@ def _round_sources(manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]])
 
 
 # Layers whose weights stand between a model input and what they make of it: their output is no longer the
-# user's input, wherever they run (offloaded, or kept in the TEE); an embedding's table too (a review)
-_WEIGHTED = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
-                       "CONV_3D", "GATHER", "GATHER_ND", "EMBEDDING_LOOKUP"})
+# user's input, wherever they run (offloaded, or kept in the TEE). By kind, the input that holds the weights
+# when constant (None: either), an embedding's table too (a review) - not a gather's indices, which only
+# reorder the input (a review of that)
+_WEIGHTS_AT: dict[str, int | None] = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1,
+                                      "TRANSPOSE_CONV": 1, "CONV_3D": 1, "BATCH_MATMUL": None, "GATHER": 0,
+                                      "GATHER_ND": 0, "EMBEDDING_LOOKUP": 1}
 
 
 def _raw_tensors(graph: Any, given: int) -> set[str]:
@@ -241,8 +244,9 @@ def _raw_tensors(graph: Any, given: int) -> set[str]:
     input (a helper's probe)."""
     raw = {given}
     for op in graph.ops:
-        weighted = op.kind in _WEIGHTED and any(graph.tensors[t].data is not None for t in op.inputs
-                                                if t >= 0 and t not in raw)
+        at = _WEIGHTS_AT.get(op.kind, -1)
+        weights = [] if at == -1 else op.inputs if at is None else op.inputs[at:at + 1]
+        weighted = any(graph.tensors[t].data is not None for t in weights if t >= 0 and t not in raw)
         if not weighted and any(t in raw for t in op.inputs if t >= 0):
             raw.update(op.outputs)
     return {graph.tensors[t].name for t in raw}

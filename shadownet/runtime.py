@@ -251,6 +251,13 @@ class ProtectedModel:
                 self._refiller = BackgroundRefill(self)
                 self._refiller.start()
             raise
+        finally:
+            # Closed (here or by another thread): a refill that a close cut by a Ctrl-C restarted meanwhile
+            # is stopped too, not left waiting until the process exits (a review)
+            if self._closed:
+                late, self._refiller = self._refiller, None
+                if late is not None:
+                    late.stop()
 
     def _forget_after_fork(self, parent: int) -> None:
         """In a forked child (``shadownet.after_fork``): closed, without touching the parent's session,

@@ -24,10 +24,10 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
     """Hold back SIGINT and SIGTERM's Python handlers for the block; each signal that came meanwhile is
-    handled as it ends, every one of them (``KeyboardInterrupt`` then, for a Ctrl-C: the first exception a
-    handler raised, once all ran). A no-op outside the main thread, where Python runs no handler, and for a
-    signal without a Python handler (ignored, the default, or set in C). A handler the block sets itself is
-    kept. Not for the hot path: a few microseconds to swap the handlers."""
+    handled as it ends, every one of them (``KeyboardInterrupt`` then, for a Ctrl-C: the last exception a
+    handler raised, once all ran, the earlier as its context). A no-op outside the main thread, where
+    Python runs no handler, and for a signal without a Python handler (ignored, the default, or set in C).
+    A handler the block sets itself is kept. Not for the hot path: a few microseconds to swap handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -59,14 +59,17 @@ def uninterrupted() -> Iterator[None]:
 
 
 def _handle(held: list[int], saved: dict[int, Any]) -> None:
-    """Run the handler of each signal in ``held`` once, all of them, then raise the first exception one
-    raised (the CLI's raise KeyboardInterrupt: a SIGTERM after a SIGINT was lost, and 'terminated' said
-    'interrupted': a review)."""
-    first: BaseException | None = None
+    """Run the handler of each signal in ``held`` once, all of them, then raise the last exception one raised,
+    the earlier ones as its context - as Python would have, running the next handler while the first's
+    exception unwound (the CLI's raise KeyboardInterrupt: a SIGTERM after a SIGINT was lost, 'terminated'
+    said 'interrupted', a review; an app's SIGTERM SystemExit after a Ctrl-C was dropped, its review)."""
+    last: BaseException | None = None
     for sig in dict.fromkeys(held):
         try:
             saved[sig](sig, None)
         except BaseException as exc:  # noqa: BLE001 - raised below, once every handler ran
-            first = first or exc
-    if first is not None:
-        raise first
+            if last is not None and exc.__context__ is None:
+                exc.__context__ = last
+            last = exc
+    if last is not None:
+        raise last

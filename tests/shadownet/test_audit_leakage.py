@@ -325,3 +325,26 @@ def test_an_embeddings_ids_never_cross_as_such(tmp_path: Path) -> None:
         shadownet.convert(str(original), str(out), seed=5)
     leak = audit.audit(out, original, inferences=4)["input_leakage"]
     assert len(leak["inputs_not_crossing"]) == 1 and leak["first_round"] == {}
+
+
+def test_a_gather_by_constant_indices_keeps_the_input_and_a_constant_tables_does_not() -> None:
+    """A gather's constant indices (an image's channels reordered) were taken for a layer of weights, and
+    the image for never crossing (a review); an embedding's constant table is one."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph
+
+    g = Graph()
+    image = g.add_tensor("image", (1, 4, 4, 3), np.float32)
+    order = g.add_tensor("order", (3,), np.int32, [1, 2, 0])
+    reordered = g.add_tensor("reordered", (1, 4, 4, 3), np.float32)
+    options = fb.GatherOptionsT()
+    options.axis = 3
+    g.add_op("GATHER", [image, order], [reordered], options)
+    ids = g.add_tensor("ids", (1, 6), np.int32)
+    table = g.add_tensor("table", (20, 8), np.float32, np.zeros((20, 8)))
+    embedded = g.add_tensor("embedded", (1, 6, 8), np.float32)
+    g.add_op("GATHER", [table, ids], [embedded], fb.GatherOptionsT())
+    assert audit._raw_tensors(g, image) == {"image", "reordered"}
+    assert audit._raw_tensors(g, ids) == {"ids"}

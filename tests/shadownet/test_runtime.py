@@ -620,6 +620,30 @@ def test_a_ctrl_c_while_close_stops_the_refill_leaves_the_model_refilled(small_c
         model(x)
 
 
+def test_a_refill_restarted_while_another_close_waits_is_stopped_by_it(small_cnn):
+    """A close cut by a Ctrl-C restarts the refill; another thread's close, which took the refill (None)
+    before that and waited for the lock, closed the model and left the restarted refill waiting until the
+    process exited (a review)."""
+    from shadownet.refill import BackgroundRefill
+
+    model = shadownet.load(small_cnn.out)
+    first = model._refiller
+    model.refill_masks()  # the pool full: its refill idle, not in a chunk waiting for the lock below
+    time.sleep(0.2)
+    model._lock.acquire()  # an inference in progress
+    closer = threading.Thread(target=model.close)
+    closer.start()
+    deadline = time.monotonic() + 30
+    while model._refiller is not None or first.is_alive():  # the closer stopped it, and waits for the lock
+        assert time.monotonic() < deadline, "close() did not stop the refill"
+        time.sleep(0.01)
+    late = model._refiller = BackgroundRefill(model)  # as the cut close restarts it
+    late.start()
+    model._lock.release()
+    closer.join(30)
+    assert model.closed and not late.is_alive()
+
+
 def test_a_signal_handler_that_closes_the_model_mid_call_is_refused_not_a_hang(small_cnn):
     """SIGTERM's handler closing the model (a clean exit) while the main thread was in one of its calls
     waited for the model's lock for ever, and a second SIGTERM re-entered the wait (a helper's probe)."""

@@ -30,12 +30,14 @@ magnitude exact:
 
 It costs the masked layer 4x its multiply-adds (MobileNet's first layer, reading the user's 3-channel
 image: 5.7% more for the model) and the TEE a restore that reads twice the layer's output and pop mask.
-Conv and dense layers only: a depthwise layer cannot read both halves of a channel in one op, and keeps
-the plain one-time mask. Where the mask's rounding costs the model little, the split is not worth its
-cost: ``groupmix``'s default policy (``exact_split=auto``) splits round 1 where its mask is shaped (the
-default's: ``converters.calibration.split_needed``), and a white mask only where calibration measured that
-cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``); a round a user input joins later where its
-split weights are small enough for secure memory (``LATE_SPLIT_BYTES``).
+Conv and dense layers of at most ``MAX_DOT_LENGTH`` terms per output only (longer ones on the user's input
+are cut into chunks of their sum that are: ``converters.normalize.chunked``): a depthwise layer cannot read
+both halves of a channel in one op, and keeps the plain one-time mask. Where the mask's rounding costs the
+model little, the split is not worth its cost: ``groupmix``'s default policy (``exact_split=auto``) splits
+round 1 where its mask is shaped (the default's: ``converters.calibration.split_needed``), and a white mask
+only where calibration measured that cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``); a
+round a user input joins later where its split weights are small enough for secure memory
+(``LATE_SPLIT_BYTES``).
 This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
 """
 
@@ -66,7 +68,10 @@ NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
 LATE_SPLIT_BYTES = 8 << 20
 
 FLOAT32_BITS = 24
-MIN_BITS = 10  # below this many bits for b_x + b_w the split gains too little to pay for itself
+# The fewest bits for b_x + b_w: a sum of 8,193-16,384 terms left 10, and a dense layer of them on the user's
+# input measured 3-10x LiteRT's own error (up to 1.1e-4 of its outputs on 0-255 inputs); in chunks of at most
+# 8,192 (``converters.normalize.chunked``) 2.6e-5 at worst.
+MIN_BITS = 11
 MAX_DOT_LENGTH = 1 << (FLOAT32_BITS - MIN_BITS)  # the longest sum per output a split layer may have
 TAIL = 4.4  # one-time masks are normal with tails cut at 4.3 standard deviations (tee_sim.one_time_masks)
 INPUT_SPREADS = 8.0  # the masked input itself is allowed this many of its spreads from its mean

@@ -3,6 +3,8 @@
 Constants that only feed an op (a float16 constant behind DEQUANTIZE, a sparse constant behind DENSIFY) are
 folded into plain float constants, and fused activations become ops of their own, so that the partition
 sees every linear op bare and every non-linear op explicit. Works on the IR of :mod:`converters.graph`.
+``normalize_for`` adds what a scheme's plan needs: its grouped convolutions split where it splits them, and
+its long sums on the user's input cut into chunks (``chunked``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-from converters import transpose_conv
+from converters import exact_split, transpose_conv
 from converters.graph import Graph, Op, Signature, Tensor, fused_activation
-from converters.schemes import GROUP_MIN_CHANNELS
+from converters.schemes import GROUP_MIN_CHANNELS, group_min_channels, partition_for
 from converters.tflite_sparsity import densify
 from shadownet.exceptions import UnsupportedOpError
 
@@ -30,6 +33,11 @@ FUSED_ACTIVATION_OPS: frozenset[str] = frozenset({
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "DIV", "AVERAGE_POOL_2D",
     "MAX_POOL_2D", "L2_POOL_2D",
 })
+# ``chunked`` cuts a layer's sum into K chunks only while K times its output is at most this many values: each
+# chunk's result crosses back on its own, so the TEE pops and adds K results (their exact split's pop masks,
+# high and low halves, 8 MiB in each one-time pool entry at this bound). A dense layer's few outputs always
+# fit; a conv of large outputs that would need more chunks stays in the TEE, as before chunks.
+CHUNKED_RESULTS = 1 << 20
 
 
 def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS) -> Graph:
@@ -94,6 +102,108 @@ def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS)
             else:
                 ops.append(op)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
+
+
+def normalize_for(graph: Graph, scheme: object) -> Graph:
+    """``normalize`` as ``scheme`` plans the model (the converter's and the audit's graph): its grouped
+    convolutions split by group where it splits them (``converters.schemes.group_min_channels``), then the
+    conv and dense layers on the user's input that sum too many terms for its exact split
+    (``converters.partition``'s long sums) cut into chunks that it can split (``chunked``)."""
+    graph = normalize(graph, group_min_channels(scheme))
+    return chunked(graph, partition_for(graph, scheme).long_sums, group_min_channels(scheme))
+
+
+def chunked(graph: Graph, ops: Iterable[int], min_channels: int | None = GROUP_MIN_CHANNELS) -> Graph:
+    """``graph`` with each CONV_2D or FULLY_CONNECTED of ``ops`` that ``_chunks`` can cut computed as
+    chunks of its sum: a SPLIT of its input (a dense layer's flattened first) into ``K`` parts, a layer on
+    each part with its weights' matching slice (the bias on the first), and the ``K`` partial results added
+    into its output. Each chunk sums at most ``exact_split.MAX_DOT_LENGTH`` terms, so a one-time mask on
+    the input crosses as an exact split: one long sum of a mask ~10x the input, split at the few bits a
+    long sum leaves, measured 3-10x LiteRT's own error (a dense layer on 12,288-16,384 inputs: up to 1.1e-4
+    of the outputs, against 2.8e-5 in chunks of 8,192), and a longer one ran in the TEE, its weights
+    too (past the secure memory's cap from 16 MiB of them). The multiply-adds are the layer's; the TEE adds
+    ``K - 1`` partial results. Layers it cannot cut are left as they are (the partition keeps them in the
+    TEE): a window of more taps than a chunk's sum, chunks narrower than ``min_channels`` input channels (the
+    scheme's input mixing: ``converters.schemes.group_min_channels``), or more partial results than
+    ``CHUNKED_RESULTS``."""
+    cut = {i: k for i in ops if (k := _chunks(graph, graph.ops[i], min_channels)) > 1}
+    if not cut:
+        return graph
+    tensors, rewritten = list(graph.tensors), []
+    for i, op in enumerate(graph.ops):
+        rewritten.extend(_as_chunks(tensors, op, cut[i]) if i in cut else [op])
+    return _compact(Graph(tensors, rewritten, list(graph.inputs), list(graph.outputs), graph.signature))
+
+
+def _chunks(graph: Graph, op: Op, min_channels: int | None) -> int:
+    """Into how many chunks ``chunked`` cuts ``op``'s sum (along a dense layer's inputs, a conv's input
+    channels); 1 where it cannot."""
+    if op.kind not in ("CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
+        return 1
+    x, w = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]]
+    if w.data is None or not x.shape or (op.kind == "CONV_2D" and (len(w.shape) != 4 or len(x.shape) != 4
+                                                                   or w.shape[-1] != x.shape[-1])):
+        return 1
+    if op.kind == "FULLY_CONNECTED" and (len(w.shape) != 2 or int(np.prod(x.shape)) % w.shape[1]):
+        return 1
+    taps, channels = int(np.prod(w.shape[1:-1])), w.shape[-1]
+    per_chunk = exact_split.MAX_DOT_LENGTH // taps
+    count = -(-channels // per_chunk) if per_chunk else 0
+    narrowest = channels // count if count else 0
+    results = count * int(np.prod(graph.tensors[op.outputs[0]].shape))
+    return count if count > 1 and narrowest >= max(1, min_channels or 1) and results <= CHUNKED_RESULTS else 1
+
+
+def _as_chunks(tensors: list[Tensor], op: Op, count: int) -> list[Op]:
+    """``op`` (``chunked``) as ``count`` chunks of its sum, their results added in chunk order into its
+    output."""
+    x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+    bias = op.inputs[2] if len(op.inputs) > 2 else -1
+    added = Graph(tensors)  # appends to ``tensors``
+    channels, dense = w.shape[-1], op.kind == "FULLY_CONNECTED"
+
+    def add(name: str, shape: tuple[int, ...], dtype: Any = np.float32,
+            value: np.ndarray | None = None) -> int:
+        return added.add_tensor(f"{y.name}/chunk{name}", shape, dtype, value)
+
+    ops, source = [], op.inputs[0]
+    rows = int(np.prod(x.shape)) // channels if dense else 0
+    if dense and x.shape != (rows, channels):  # a dense layer reads its input as [rows, channels]
+        source = add("s/input", (rows, channels), x.dtype)
+        ops.append(Op("RESHAPE", (op.inputs[0], add("s/shape", (2,), np.int32, np.array([rows, channels]))),
+                      (source,), schema_fb.ReshapeOptionsT(newShape=[rows, channels])))
+    sizes = [channels // count + (k < channels % count) for k in range(count)]
+    part_shape = (rows,) if dense else tuple(x.shape[:3])
+    parts = tuple(add(f"{k}/input", (*part_shape, size), x.dtype) for k, size in enumerate(sizes))
+    axis = add("s/axis", (), np.int32, np.array(1 if dense else 3, np.int32))
+    if len(set(sizes)) == 1:
+        ops.append(Op("SPLIT", (axis, source), parts, schema_fb.SplitOptionsT(numSplits=count)))
+    else:
+        ops.append(Op("SPLIT_V", (source, add("s/sizes", (count,), np.int32, np.array(sizes)), axis), parts,
+                      schema_fb.SplitVOptionsT(numSplits=count)))
+    out_shape = (rows, w.shape[0]) if dense else tuple(y.shape)
+    start, total = 0, -1
+    for k, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+        weights = add(f"{k}/weights", (*w.shape[:-1], size), w.dtype,
+                      np.asarray(w.data)[..., start:start + size])
+        start += size
+        options = copy.copy(op.options)
+        if dense:
+            options.keepNumDims = False
+        result = add(f"{k}/output", out_shape, y.dtype)
+        ops.append(Op(op.kind, (part, weights, bias if k == 0 else -1), (result,), options,
+                      version=op.version))
+        if total < 0:
+            total = result
+            continue
+        last = k == count - 1 and out_shape == tuple(y.shape)
+        summed = op.outputs[0] if last else add(f"{k}/sum", out_shape, y.dtype)
+        ops.append(Op("ADD", (total, result), (summed,), schema_fb.AddOptionsT()))
+        total = summed
+    if total != op.outputs[0]:  # a dense layer that keeps its input's leading dimensions
+        ops.append(Op("RESHAPE", (total, add("s/output_shape", (len(y.shape),), np.int32, np.array(y.shape))),
+                      op.outputs, schema_fb.ReshapeOptionsT(newShape=list(y.shape))))
+    return ops
 
 
 def _depthwise_as_grouped(tensors: list[Tensor], op: Op) -> bool:

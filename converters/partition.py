@@ -12,9 +12,10 @@ Long sums on the user's input. A conv or dense layer that reads the user's input
 more than ``converters.exact_split.MAX_DOT_LENGTH`` terms per output cannot take that input as an exact
 split, so under one-time masks (~10x the input) its float32 sums would cancel: a helper measured outputs
 1-12% off and honest results failing ``--verify``'s check (31x31 convs of 512 channels; a 96x96x3 image
-flattened into a dense layer, 8.9e-4). With ``long_input_sums_in_tee`` (schemes whose one-time masks are
-split) such a layer runs in the TEE instead, and the layers after it are partitioned again: they now read
-what the TEE made from the input.
+flattened into a dense layer, 8.9e-4). ``converters.normalize.normalize_for`` cuts such a layer into chunks
+of its sum short enough to split where it can; with ``long_input_sums_in_tee`` (schemes whose one-time
+masks are split) one it cannot cut runs in the TEE instead, and the layers after it are partitioned again:
+they now read what the TEE made from the input.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import numpy as np
 
 from converters import exact_split
 from converters.calibration import activation_stats, calibration_inputs, split_needed
-from converters.normalize import normalize
+from converters.normalize import normalize_for
 from converters.original_model import (
     check_interface,
     check_static,
@@ -52,7 +52,7 @@ from converters.partition import input_rounds
 from converters.per_inference import DEFAULT_MASK_ROUNDS, mask_rounds_form, parse_mask_rounds
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
-from converters.schemes import Scheme, get_scheme, group_min_channels, partition_for
+from converters.schemes import Scheme, get_scheme, partition_for
 from converters.secret_random import SecretRandom
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
@@ -112,7 +112,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     check_interface(read)
     samples = calibration_inputs(read, calibration)
     shape_as_litert(original, read, samples[0] if calibration is not None else None)
-    graph = normalize(read, group_min_channels(chosen))
+    graph = normalize_for(read, chosen)
     check_static(graph)
     part = partition_for(graph, chosen)
     if not part.rounds:
@@ -121,8 +121,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         names = ", ".join(repr(graph.tensors[graph.ops[i].outputs[0]].name) for i in sorted(part.long_sums))
         warnings.warn(f"{len(part.long_sums)} layer(s) on the user's input run in the TEE, not offloaded "
                       f"({names}): each sums more than {exact_split.MAX_DOT_LENGTH} terms per output, too "
-                      "many to take the input's one-time mask as an exact split, and unsplit their results "
-                      "would lose precision to it (converters/partition.py, long sums)", stacklevel=2)
+                      "many to take the input's one-time mask as an exact split, and cannot be cut into "
+                      "chunks that are few enough (a window of more taps, or too many partial results), "
+                      "and unsplit their results would lose precision to it (converters/partition.py, "
+                      "long sums)", stacklevel=2)
     rng = secret_rng(seed)
     needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r}
     floats = {t for t in graph.inputs if graph.tensors[t].dtype == np.float32}

@@ -317,8 +317,8 @@ class RoundsBuilder:
                 f"{exact_split.MAX_DOT_LENGTH}), so its results lose precision by cancellation (such "
                 "layers on the user's input, where a helper measured 8.9e-4 relative error on a 96x96x3 "
                 "image flattened into a dense layer and 1-12% on 31x31 convolutions of 512 positive "
-                "channels, whose verified checks also failed honest results, run in the TEE instead: "
-                "SECURITY.md, 'Long sums')", stacklevel=2)
+                "channels, whose verified checks also failed honest results, are cut into chunks of their "
+                "sums, or run in the TEE: SECURITY.md, 'Long sums')", stacklevel=2)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
                                 max(stats.std, stats.rms), terms)
 

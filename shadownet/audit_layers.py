@@ -82,16 +82,16 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
 def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None,
                     what: str = "reference") -> Any:
     """The reference model as the converter planned and normalized it for ``scheme``, the protected
-    model's (``converters.original_model.planning_graph``; its grouped convolutions split by group where it
-    split them: ``converters.schemes.group_min_channels``; None: as for the default). A
+    model's (``converters.original_model.planning_graph``, then ``converters.normalize.normalize_for``: its
+    grouped convolutions split by group and its long sums on the user's input cut into chunks where it did;
+    None: no scheme's chunks, grouped convolutions as for the default). A
     ``ModelFormatError`` names it (``what`` and ``name``, else its path)."""
-    from converters.normalize import normalize
+    from converters.normalize import normalize_for
     from converters.original_model import planning_graph
-    from converters.schemes import group_min_channels
 
     label = name if name is not None else None if isinstance(model, bytes) else model
     try:
-        return normalize(planning_graph(model_bytes(model)), group_min_channels(scheme))
+        return normalize_for(planning_graph(model_bytes(model)), scheme)
     except ModelFormatError as exc:
         if label is None:
             raise

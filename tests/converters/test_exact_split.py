@@ -332,10 +332,12 @@ def test_a_padded_tensor_split_for_one_reader_and_not_another_converts(tmp_path,
         assert np.max(np.abs(got[detail["name"]] - want)) <= 1e-4 * np.max(np.abs(want))
 
 
-def _flattened_image(head: bool, first: str = "long", seed: int = 0) -> bytes:
+def _flattened_image(head: bool, first: str = "long", seed: int = 0, window: bool = False) -> bytes:
     """A 96x96x3 image flattened (27,648 values) into a dense layer ``first`` of 16 outputs - or, with
     ``first="short"``, a 1x1 conv to 2 channels and then the long dense layer - then, with ``head``,
-    RELU and a dense layer of 4; weights drawn with ``seed``."""
+    RELU and a dense layer of 4; weights drawn with ``seed``. With ``window``, the long layer is the same
+    sums as a conv over the whole image: a window of 9,216 taps, more than a chunk of an exact split may
+    sum (``converters.normalize.chunked``)."""
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
@@ -351,15 +353,25 @@ def _flattened_image(head: bool, first: str = "long", seed: int = 0) -> bytes:
         w = g.add_tensor("conv/w", (2, 1, 1, 3), np.float32, rng.standard_normal((2, 1, 1, 3)))
         g.add_op("CONV_2D", [x, w, g.add_tensor("conv/b", (2,), np.float32, np.zeros(2))], [c], o)
         x = c
-    n = int(np.prod(g.tensors[x].shape))
-    flat = g.add_tensor("flat", (1, n), np.float32)
-    g.add_op("RESHAPE", [x, g.add_tensor("shape", (2,), np.int32, [1, n])], [flat], fb.ReshapeOptionsT())
+    shape = g.tensors[x].shape
+    n = int(np.prod(shape))
     # Weights of one sign on a [0, 1] image: partial sums grow with the result, the case that cancels most.
-    w = g.add_tensor("w", (16, n), np.float32, rng.uniform(0, 2 / n, (16, n)))
-    y = g.add_tensor("hidden" if head else "logits", (1, 16), np.float32)
-    g.add_op("FULLY_CONNECTED", [flat, w, -1], [y], fb.FullyConnectedOptionsT())
+    weights = rng.uniform(0, 2 / n, (16, n))
+    name = "hidden" if head else "logits"
+    if window:
+        o = fb.Conv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor = fb.Padding.VALID, 1, 1, 1, 1
+        w = g.add_tensor("w", (16, *shape[1:]), np.float32, weights.reshape(16, *shape[1:]))
+        y = g.add_tensor(name, (1, 1, 1, 16), np.float32)
+        g.add_op("CONV_2D", [x, w, -1], [y], o)
+    else:
+        flat = g.add_tensor("flat", (1, n), np.float32)
+        g.add_op("RESHAPE", [x, g.add_tensor("shape", (2,), np.int32, [1, n])], [flat], fb.ReshapeOptionsT())
+        w = g.add_tensor("w", (16, n), np.float32, weights)
+        y = g.add_tensor(name, (1, 16), np.float32)
+        g.add_op("FULLY_CONNECTED", [flat, w, -1], [y], fb.FullyConnectedOptionsT())
     if head:
-        h = g.add_tensor("relu", (1, 16), np.float32)
+        h = g.add_tensor("relu", g.tensors[y].shape, np.float32)
         g.add_op("RELU", [y], [h])
         w2 = g.add_tensor("w2", (4, 16), np.float32, rng.standard_normal((4, 16)))
         y = g.add_tensor("logits", (1, 4), np.float32)
@@ -369,19 +381,20 @@ def _flattened_image(head: bool, first: str = "long", seed: int = 0) -> bytes:
 
 
 def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
-    """A 96x96x3 image flattened into a dense layer (27,648 terms per output) cannot take its one-time mask
-    as an exact split: offloaded, it crossed at the mask's magnitude, its outputs 1.3e-4 - 8.9e-4 off and its
-    honest checks failing on some models (a helper's probe). It runs in the TEE, said at conversion, and the
-    layer after it is round 1; the results are LiteRT's to float32's rounding (2.5e-7 measured; offloaded
-    with the mask, 4.7e-5 on this model), checked."""
+    """A conv over a whole 96x96x3 image (27,648 terms per output, a window of 9,216 taps: no chunk of it
+    sums few enough) cannot take its one-time mask as an exact split: offloaded, the same sums as a dense
+    layer crossed at the mask's magnitude, its outputs 1.3e-4 - 8.9e-4 off and its honest checks failing on
+    some models (a helper's probe). It runs in the TEE, said at conversion, and the layer after it is round
+    1; the results are LiteRT's to float32's rounding (2.5e-7 measured; offloaded with the mask, 4.7e-5 on
+    this model), checked."""
     import warnings
 
     from ai_edge_litert.interpreter import Interpreter
 
     from converters.exact_split import MAX_DOT_LENGTH
 
-    assert 96 * 96 * 3 > MAX_DOT_LENGTH
-    model = _flattened_image(head=True)
+    assert 96 * 96 > MAX_DOT_LENGTH
+    model = _flattened_image(head=True, window=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = shadownet.convert(model, str(tmp_path / "out"), seed=1)
@@ -402,11 +415,44 @@ def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
         assert protected.stats()["verify"]["checked"] == 4
 
 
+def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp_path):
+    """The 96x96x3 image flattened into a dense layer (27,648 terms per output) runs as four chunks of
+    6,912 terms (``converters.normalize.chunked``), each taking its part of the image's one-time mask as an
+    exact split: offloaded, not said to be kept in the TEE, and its results LiteRT's to float32's rounding,
+    checked. (Before, this layer ran in the TEE, its weights in secure memory; one of 12,289 - 16,384 terms
+    was split unchunked, at the two bits fewer a long sum leaves: up to 1.1e-4 off on such a model.)"""
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = _flattened_image(head=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = shadownet.convert(model, str(tmp_path / "out"), seed=1)
+    assert not [w for w in caught if "run in the TEE" in str(w.message)], [str(w.message) for w in caught]
+    summary = manifest["summary"]
+    assert summary["long_sums"] == [] and summary["tee_linear_ops"] == 0 and summary["offloaded_ops"] == 5
+    assert [i.get("split") for i in manifest["rounds"][0]["inputs"]] == [True] * 4
+    litert = Interpreter(model_content=model)
+    litert.allocate_tensors()
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    with shadownet.load(tmp_path / "out", verify=True) as protected:
+        for _ in range(6):
+            x = rng.uniform(0, 1, (1, 96, 96, 3)).astype(np.float32)
+            litert.set_tensor(litert.get_input_details()[0]["index"], x)
+            litert.invoke()
+            want = litert.get_tensor(litert.get_output_details()[0]["index"])
+            worst = max(worst, float(np.max(np.abs(protected(x) - want)) / np.max(np.abs(want))))
+        assert protected.stats()["verify"]["checked"] == 6 * 4  # each chunk, each inference
+    assert worst <= 2e-5, worst
+
+
 def test_a_model_of_only_layers_too_long_to_split_is_refused_saying_why(tmp_path):
     from shadownet.exceptions import UnsupportedOpError
 
     with pytest.raises(UnsupportedOpError, match="too many terms per output.*exact_split=none"):
-        shadownet.convert(_flattened_image(head=False), str(tmp_path / "out"), seed=1)
+        shadownet.convert(_flattened_image(head=False, window=True), str(tmp_path / "out"), seed=1)
 
 
 def test_a_deeper_masked_layer_too_long_to_split_is_said_at_conversion(tmp_path):

@@ -14,7 +14,7 @@ from converters.graph import (
     tiny_model_bytes,
     write_model,
 )
-from converters.normalize import normalize
+from converters.normalize import chunked, normalize
 from converters.tflite_reader import read_model, read_signatures
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 from tests.converters.litert import io_details, random_inputs, run
@@ -483,3 +483,80 @@ def test_zoo_round_trip_is_exact(name, exported):
     inputs = random_inputs(original, seed=3)
     for want, got in zip(run(original, inputs), run(rewritten, inputs), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------- chunked sums
+
+
+def _long_sums_graph() -> tuple[Graph, dict[str, int]]:
+    """A 3x3 conv on a [1, 6, 6, 10] input (90 terms per output), a dense layer of 6 outputs that keeps its
+    input's leading dimensions on it ([60, 10] rows, bias), and a 3x3 conv on 1 channel (9 taps)."""
+    rng = np.random.default_rng(4)
+    g = Graph()
+    x = g.add_tensor("x", (1, 6, 6, 10), np.float32)
+    one = g.add_tensor("one", (1, 6, 6, 1), np.float32)
+    ops = {}
+
+    def conv(src: int, channels: int, name: str) -> int:
+        o = schema_fb.Conv2DOptionsT(padding=schema_fb.Padding.SAME, strideH=1, strideW=1,
+                                     dilationHFactor=1, dilationWFactor=1)
+        w = g.add_tensor(f"{name}/w", (5, 3, 3, channels), np.float32,
+                         rng.standard_normal((5, 3, 3, channels)))
+        b = g.add_tensor(f"{name}/b", (5,), np.float32, rng.standard_normal(5))
+        y = g.add_tensor(name, (1, 6, 6, 5), np.float32)
+        ops[name] = g.add_op("CONV_2D", [src, w, b], [y], o)
+        return y
+
+    outputs = [conv(x, 10, "conv"), conv(one, 1, "narrow")]
+    w = g.add_tensor("dense/w", (6, 10), np.float32, rng.standard_normal((6, 10)))
+    b = g.add_tensor("dense/b", (6,), np.float32, rng.standard_normal(6))
+    outputs.append(g.add_tensor("dense", (1, 6, 6, 6), np.float32))
+    ops["dense"] = g.add_op("FULLY_CONNECTED", [x, w, b], [outputs[-1]],
+                            schema_fb.FullyConnectedOptionsT(keepNumDims=True))
+    g.inputs, g.outputs = [x, one], outputs
+    return g, ops
+
+
+@pytest.mark.parametrize("longest", [4, 40])
+def test_long_sums_cut_into_chunks_compute_the_same(monkeypatch, longest):
+    """``chunked`` with sums of at most ``longest`` terms per chunk: the conv's 10 input channels as chunks
+    of 4, 3 and 3 channels (a SPLIT_V; 36 and 27 terms) where 40 are allowed; where 4 are, the dense
+    layer's 10 inputs as 4, 3 and 3 and the convs left as they are (a 3x3 window is 9 terms); the results
+    LiteRT's on the original, to float32's rounding of the sums in another order."""
+    from converters import exact_split
+
+    monkeypatch.setattr(exact_split, "MAX_DOT_LENGTH", longest)
+    graph, ops = _long_sums_graph()
+    cut = chunked(graph, ops.values(), min_channels=None)
+    kinds = _kinds(cut)
+    if longest == 40:
+        assert kinds.count("CONV_2D") == 1 + 3 and kinds.count("FULLY_CONNECTED") == 1
+        conv_chunks = [op for op in cut.ops
+                       if op.kind == "CONV_2D" and cut.tensors[op.inputs[1]].shape[-1] != 1]
+        assert [cut.tensors[op.inputs[1]].shape for op in conv_chunks] == [(5, 3, 3, 4), (5, 3, 3, 3),
+                                                                              (5, 3, 3, 3)]
+        assert [op.inputs[2] >= 0 for op in conv_chunks] == [True, False, False]  # the bias once
+    else:
+        assert kinds.count("CONV_2D") == 2 and kinds.count("FULLY_CONNECTED") == 3
+        assert "RESHAPE" in kinds  # the dense layer's [1, 6, 6, 10] input read as [36, 10], its output back
+    assert kinds.count("SPLIT_V") == 1 and kinds.count("ADD") == 2
+    original, rewritten = write_model(graph), write_model(cut)
+    inputs = random_inputs(original, seed=5)
+    for want, got in zip(run(original, inputs), run(rewritten, inputs), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+
+
+def test_sums_that_cannot_be_cut_are_left_as_they_are(monkeypatch):
+    """A window of more taps than a chunk may sum, chunks narrower than the scheme mixes, or more partial
+    results than ``CHUNKED_RESULTS``: unchanged."""
+    from converters import exact_split
+    from converters import normalize as normalize_module
+
+    graph, ops = _long_sums_graph()
+    monkeypatch.setattr(exact_split, "MAX_DOT_LENGTH", 8)
+    assert chunked(graph, [ops["conv"], ops["narrow"]], min_channels=None) is graph  # windows of 9 taps
+    monkeypatch.setattr(exact_split, "MAX_DOT_LENGTH", 40)
+    assert chunked(graph, [ops["conv"]], min_channels=4) is graph  # chunks of 3 channels
+    monkeypatch.setattr(normalize_module, "CHUNKED_RESULTS", 3 * 6 * 6 * 5 - 1)
+    assert chunked(graph, [ops["conv"]], min_channels=None) is graph  # 3 partial results of 180 values

@@ -112,14 +112,14 @@ def test_layers_on_the_input_too_long_to_split_run_in_the_tee_and_the_next_one_r
         y = g.add_tensor(name, (1, 48, 48, c_out), np.float32)
         return g.add_op("CONV_2D", [x, w, -1], [y], o), y
 
-    assert 46 * 46 * 8 > MAX_DOT_LENGTH >= 45 * 45 * 8
+    assert 33 * 33 * 8 > MAX_DOT_LENGTH >= 32 * 32 * 8
     g = Graph()
     x = g.add_tensor("x", (1, 48, 48, 8), np.float32)
-    long1, a = conv(x, 46, 8, "long1")
+    long1, a = conv(x, 33, 8, "long1")
     relu, a = _unary(g, "RELU", a, "a", (1, 48, 48, 8))
-    long2, b = conv(a, 46, 8, "long2")
-    short, c = conv(b, 45, 8, "short")
-    long3, d = conv(c, 46, 8, "long3")
+    long2, b = conv(a, 33, 8, "long2")
+    short, c = conv(b, 32, 8, "short")
+    long3, d = conv(c, 33, 8, "long3")
     g.inputs, g.outputs = [x], [d]
     assert partition(g).rounds == [[long1], [long2], [short], [long3]]
     p = partition(g, long_input_sums_in_tee=True)

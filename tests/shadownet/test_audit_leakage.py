@@ -187,7 +187,7 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
 
 
 def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp_path: Path) -> None:
-    """The converter runs a dense layer on a flattened 96x96x3 image in the TEE (its sums too long for an
+    """The converter runs a conv over a whole 96x96x3 image in the TEE (its sums too long for an
     exact split: ``converters.partition``) and says so in the manifest: the audit lists it as kept, not as
     a reference layer that pairs with nothing, audits the layer after it (round 1, one-time masked), and
     pairs public weights without it (``--public`` refused the model: a review). An artifact whose manifest
@@ -197,24 +197,24 @@ def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp
     from tests.converters.test_exact_split import _flattened_image
 
     original = tmp_path / "flat.tflite"
-    original.write_bytes(_flattened_image(head=True))
+    original.write_bytes(_flattened_image(head=True, window=True))
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         manifest = shadownet.convert(str(original), str(out), seed=2)
-    assert manifest["summary"]["long_sums"] == [{"op": 1, "layer": "hidden"}]
+    assert manifest["summary"]["long_sums"] == [{"op": 0, "layer": "hidden"}]
     assert manifest["masks"]["one_time_rounds"][:1] == [1]
     public = tmp_path / "public.tflite"  # the same architecture, other weights
-    public.write_bytes(_flattened_image(head=True, seed=9))
+    public.write_bytes(_flattened_image(head=True, seed=9, window=True))
     report = audit.audit(out, original, inferences=4, public=public)
-    assert report["kept_in_tee"] == ["dense hidden [1, 1, 27648]"], report["kept_in_tee"]
+    assert report["kept_in_tee"] == ["conv hidden [96, 96, 3]"], report["kept_in_tee"]
     assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
     assert [layer["name"] for layer in report["layers"]] == ["logits"]
     assert [layer["name"] for layer in report["private_change"]["layers"]] == ["logits"]
     assert "kept in the TEE, not offloaded" in audit_report.format_report(report)
     scheme = audit._manifest_scheme(manifest)
     graph = audit.reference_graph(str(original), scheme)
-    assert audit._long_sums(manifest, graph, scheme) == {"op 1"}
+    assert audit._long_sums(manifest, graph, scheme) == {"op 0"}
     del manifest["summary"]["long_sums"]  # as before the rule: none kept
     assert audit._long_sums(manifest, graph, scheme) == set()
     manifest["summary"]["long_sums"] = [{"op": "1"}]
@@ -222,10 +222,34 @@ def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp
         audit._long_sums(manifest, graph, scheme)
     # The summary is not sealed: a list the rule does not give (an offloaded layer called kept, whose
     # attacks the audit then skipped: a review) is refused.
-    for forged in ([{"op": 0, "layer": "x"}], [{"op": 1}, {"op": 99999}], []):
+    for forged in ([{"op": 1, "layer": "x"}], [{"op": 0}, {"op": 99999}], []):
         manifest["summary"]["long_sums"] = forged
         with pytest.raises(ArtifactError, match="edited, or the reference is not"):
             audit._long_sums(manifest, graph, scheme)
+
+
+def test_a_layer_on_the_input_cut_into_chunks_is_audited_chunk_by_chunk(tmp_path: Path) -> None:
+    """A dense layer on a flattened 96x96x3 image crosses as four chunks of its sum
+    (``converters.normalize.chunked``): the audit plans the reference the same way, so each chunk pairs
+    with its slice of the reference's filters (none unmatched, none recovered), and the image's leakage is
+    scored on each chunk's part of it."""
+    import shadownet
+    from tests.converters.test_exact_split import _flattened_image
+
+    original = tmp_path / "flat.tflite"
+    original.write_bytes(_flattened_image(head=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shadownet.convert(str(original), str(tmp_path / "out"), seed=2)
+    report = audit.audit(tmp_path / "out", original, inferences=4)
+    assert not report["kept_in_tee"]
+    assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
+    assert [layer["name"] for layer in report["layers"]] == [f"hidden/chunk{k}/output" for k in range(4)] + [
+        "logits"]
+    assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
+    first = [r for r in report["input_leakage"]["rounds"] if r["round"] == 1]
+    assert [r["tensor"] for r in first] == [f"hidden/chunk{k}/input" for k in range(4)]
+    assert all(abs(r["user_input_0"]["single"]["overall"]) <= 0.1 for r in first)
 
 
 def test_an_input_that_never_crosses_as_such_is_said_and_not_scored(tmp_path: Path) -> None:

@@ -71,6 +71,54 @@ def carries_input(part: Partition) -> set[int]:
     return raw
 
 
+# Kinds of op that are layers of weights (with a constant second input): what stands between a tensor and
+# the user's input for ``after_input_rounds``.
+LAYER_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D",
+                         "BATCH_MATMUL"})
+
+
+def after_input_rounds(part: Partition) -> list[int]:
+    """The rounds, other than ``input_rounds``, whose offloaded layers read what one layer on the user's input
+    made, with no other layer of weights on any path between (its activation, a pool, a pad, a per-channel
+    scale, the input beside it): a normal world that chooses its inputs solves that layer, in real
+    coordinates, from such a round's input where it crosses unmasked (``shadownet.chosen_inputs``: every
+    first-layer filter of the zoo's MiniVGG and ResNet-44 from 21 inferences, a helper's probe). The default
+    mask policy masks them as it masks the rounds that carry the input."""
+    graph, raw = part.graph, carries_input(part)
+    made: set[int] = set()  # tensors one layer from the input
+    for i, op in enumerate(graph.ops):
+        computed = [t for t in op.inputs if t >= 0 and graph.tensors[t].data is None]
+        weights = len(op.inputs) > 1 and op.inputs[1] >= 0 and graph.tensors[op.inputs[1]].data is not None
+        if op.kind in LAYER_KINDS and (weights or i in part.offloaded):
+            if op.inputs[0] in raw and op.outputs[0] not in raw:  # (an offloaded depthwise layer: raw still)
+                made.update(op.outputs)
+        elif computed and all(t in made or t in raw for t in computed) and any(t in made for t in computed):
+            made.update(op.outputs)
+    carrying = set(input_rounds(part))
+    return sorted({part.round_of(i) for i in part.offloaded if graph.ops[i].inputs[0] in made} - carrying)
+
+
+def narrow_rounds(part: Partition, min_channels: int | None) -> list[int]:
+    """The rounds, other than ``input_rounds``, with an offloaded layer whose input has fewer channels than
+    the scheme mixes (``min_channels``: ``converters.schemes.group_min_channels``; None: it mixes none, and
+    no round counts): unmasked, such an input crosses as the TEE made it, channel by channel, and the
+    restore regression learns the restore of the layer that made it, then its filters (SECURITY.md, "narrow
+    layers' inputs"; a helper's model of 3-, 5- and 7-channel layers: 6 of its 17 filters, stop 56)."""
+    if min_channels is None:
+        return []
+    graph, carrying = part.graph, set(input_rounds(part))
+    narrow = {part.round_of(i) for i in part.offloaded
+              if (shape := graph.tensors[graph.ops[i].inputs[0]].shape) and shape[-1] < min_channels}
+    return sorted(narrow - carrying)
+
+
+def always_masked(part: Partition, min_channels: int | None) -> list[int]:
+    """The rounds one-time masks cover whatever the policy: those that carry a user input
+    (``input_rounds``), those one layer from it (``after_input_rounds``) and those whose input is too narrow
+    to mix (``narrow_rounds``)."""
+    return sorted({*input_rounds(part), *after_input_rounds(part), *narrow_rounds(part, min_channels)})
+
+
 def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) -> bool:
     """Whether the op goes to the accelerator: offloadable, not of a kind the scheme keeps in the TEE
     (``in_tee``), and its input is computed (an op on a constant input is constant folding, left to the

@@ -9,8 +9,14 @@ offline (Slalom's approach, ``tee_sim.per_inference``). The other rounds get the
 which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
 The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
-round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included. The default is ``first``, from what
-``shadownet audit`` measures and what the alternatives cost (groupmix, 4 inferences observed):
+round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included, and so are the rounds a user input
+joins later and, since stop 56, those that read what one layer made of it (from such a round's input
+crossing unmasked, a normal world that chooses its inputs solves that layer exactly,
+``shadownet.chosen_inputs``) and those whose input is too narrow to mix (``converters.partition``'s
+``always_masked``; ``groupmix:mask_floor=input`` leaves the round 1 and the rounds a user input joins alone,
+as before). The default is ``first``,
+from what ``shadownet audit`` measures and what the alternatives cost (groupmix, 4 inferences observed;
+the figures below are from before stop 56, round 2 then unmasked):
 
 - ResNet-44, ``first``: the user's input from round 1 at correlation 0.03 in one inference, 0.04 across
   two, 0.03 after a chosen input - the target is 0.1. The deeper rounds cross unmasked: the audit

@@ -17,9 +17,16 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, linear
 from converters.graph import Graph, Signature
-from converters.partition import Partition, carries_input, input_rounds
+from converters.partition import Partition, carries_input
 from converters.plan_numpy import numpy_activation, numpy_form
-from converters.schemes import ActivationStats, LinearLayer, MaskDistribution, ObfuscatedLinear, Scheme
+from converters.schemes import (
+    ActivationStats,
+    LinearLayer,
+    MaskDistribution,
+    ObfuscatedLinear,
+    Scheme,
+    always_masked_for,
+)
 from converters.secret_random import Random
 from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 
@@ -89,11 +96,13 @@ class RoundsBuilder:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
         self.carrying = carries_input(part)  # tensors made from a model input: shaped one-time masks
-        # Round 1 and the rounds a user input joins later: the first policy splits them all, auto round 1
-        # and the others up to exact_split.LATE_SPLIT_BYTES. Round 1's alone left a raw image concatenated
-        # to deeper features (a U-Net's skip) computing at its mask's magnitude: outputs up to 2e-3 off (a
-        # helper's probe).
-        self.input_rounds = set(input_rounds(part))
+        # Round 1 and the others every policy masks (a user input joins them, or they are one layer from it,
+        # or too narrow to mix): the first policy splits them all, auto round 1 and the others up to
+        # exact_split.LATE_SPLIT_BYTES.
+        # Round 1's alone left a raw image concatenated to deeper features (a U-Net's skip) computing at its
+        # mask's magnitude: outputs up to 2e-3 off (a helper's probe); round 2 of the zoo's MiniVGG and
+        # ResNet-44 unsplit, 4-6x their error split (stop 56).
+        self.always_masked = set(always_masked_for(part, scheme))
         self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)
         self.untrusted = Graph()
@@ -266,7 +275,7 @@ class RoundsBuilder:
     def _may_split(self, r: int) -> bool:
         """Whether the scheme's split policy (``_splits``) may split a push of round ``r``."""
         policy = getattr(self.scheme, "exact_split", "none")
-        return r in self.one_time and (policy == "all" or (r in self.input_rounds
+        return r in self.one_time and (policy == "all" or (r in self.always_masked
                                                             and policy in ("first", "auto")))
 
     def _splittable(self, i: int) -> bool:
@@ -279,16 +288,17 @@ class RoundsBuilder:
     def _splits(self, r: int, source: int, readers: Sequence[int]) -> bool:
         """Whether round ``r``'s one-time push of ``source`` (read by the ops ``readers``) crosses as an
         exact split, by the scheme's policy: every one-time round (``all``), the rounds that carry a user
-        input (``first``: round 1 and those ``input_rounds`` adds), or (``auto``) round 1 where the mask is
+        input, read what one layer made of it or are too narrow to mix (``first``: the rounds of
+        ``converters.schemes.always_masked_for``), or (``auto``) round 1 where the mask is
         shaped or its float32 rounding costs the outputs precision (``needs_split``, True for a shaped mask,
         measured by calibration for a white one; a tensor it did not measure, one the TEE computes, is
         split) or where the split - 3x more multiply-adds on its readers - is cheap
-        (``exact_split.CHEAP_BELOW``), and a later round that carries a user input where its readers' split
-        weights fit ``exact_split.LATE_SPLIT_BYTES``; or none."""
+        (``exact_split.CHEAP_BELOW``), and a later such round where its readers' split weights fit
+        ``exact_split.LATE_SPLIT_BYTES``; or none."""
         policy = getattr(self.scheme, "exact_split", "none")
         if policy == "all":
             return True
-        if r not in self.input_rounds or policy not in ("first", "auto"):
+        if r not in self.always_masked or policy not in ("first", "auto"):
             return False
         if policy == "auto" and r != 1:
             split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)

@@ -297,7 +297,8 @@ def chance_any(p: float, candidates: int) -> float:
 # One layer, every attack
 # ---------------------------------------------------------------------------------------------
 
-CROSSING_ATTACKS = ("restore_regression", "input_unmixing")  # estimates made from the crossings
+# estimates made from the crossings (``shadownet.boundary``; the chosen inputs': ``shadownet.chosen_inputs``)
+CROSSING_ATTACKS = ("restore_regression", "input_unmixing", "chosen_input")
 WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
                   *CROSSING_ATTACKS)
 

@@ -21,7 +21,8 @@ def format_report(report: dict) -> str:
     """The report as a table for a terminal."""
     names = [*attacks.WEIGHT_ATTACKS, "any"]
     short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
-             "cluster_variance": "cvar", "restore_regression": "rreg", "input_unmixing": "unmx", "any": "any"}
+             "cluster_variance": "cvar", "restore_regression": "rreg", "input_unmixing": "unmx",
+             "chosen_input": "chsn", "any": "any"}
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack"]

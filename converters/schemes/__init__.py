@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from converters.graph import Graph
-from converters.partition import Partition, partition
+from converters.partition import Partition, always_masked, input_rounds, partition
 from converters.secret_random import Random
 
 
@@ -209,6 +209,15 @@ def partition_for(graph: Graph, scheme: Any) -> Partition:
     split = (not getattr(scheme, "static_masks", True) and getattr(scheme, "mask_scale", 0) > 0
              and getattr(scheme, "exact_split", "none") != "none")
     return partition(graph, kept_in_tee(scheme), long_input_sums_in_tee=split)
+
+
+def always_masked_for(part: Partition, scheme: Any) -> list[int]:
+    """The rounds ``scheme``'s one-time masks cover whatever the mask policy (``groupmix``'s
+    ``mask_floor``): ``converters.partition.always_masked``, or with ``mask_floor="input"`` the rounds that
+    carry a user input alone (``input_rounds``)."""
+    if getattr(scheme, "mask_floor", "layers") == "input":
+        return input_rounds(part)
+    return always_masked(part, group_min_channels(scheme))
 
 
 def get_scheme(spec: str | Scheme | None = None, **params: Any) -> Scheme:

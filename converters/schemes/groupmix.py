@@ -99,6 +99,7 @@ from tee_sim.program import mask_bands
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
+MASK_FLOORS = ("layers", "input")
 MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
 MAX_GROUP = 1 << 16  # group_size, input_group: past the channels of any layer this project has met
 MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
@@ -119,7 +120,11 @@ class GroupMixScheme:
     ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
     a depthwise round's input and results cross channel by channel, unmixed: with the rounds after the
     first unmasked, the audit then learns the restore of the layer before it and the input mixing of the
-    layer after it, the real pointwise filters of a MobileNet - SECURITY.md)."""
+    layer after it, the real pointwise filters of a MobileNet - SECURITY.md), ``mask_floor`` (the rounds
+    one-time masks cover whatever ``--mask-rounds`` says: ``"layers"``, those that carry a user input, those
+    one layer from it and those too narrow to mix - ``converters.partition.always_masked``; ``"input"``,
+    those that carry a user input alone, as before stop 56, whose unmasked round 2 gave a first layer away
+    to chosen inputs: for measuring the attacks on unmasked crossings - SECURITY.md)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
@@ -127,7 +132,7 @@ class GroupMixScheme:
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
                  center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
-                 depthwise: str = "tee") -> None:
+                 depthwise: str = "tee", mask_floor: str = "layers") -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
         self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
@@ -146,6 +151,9 @@ class GroupMixScheme:
         if depthwise not in DEPTHWISE_PLACES:
             raise ValueError(f"depthwise must be one of {', '.join(DEPTHWISE_PLACES)}, not {depthwise!r}")
         self.depthwise = depthwise
+        if mask_floor not in MASK_FLOORS:
+            raise ValueError(f"mask_floor must be one of {', '.join(MASK_FLOORS)}, not {mask_floor!r}")
+        self.mask_floor = mask_floor
         # Kinds of offloadable op kept in the TEE (converters.partition).
         self.in_tee = frozenset({"DEPTHWISE_CONV_2D"}) if depthwise == "tee" else frozenset()
 
@@ -161,7 +169,7 @@ class GroupMixScheme:
                 "tries": self.tries, "input_group": self.input_group, "mask_scale": self.mask_scale,
                 "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
-                "depthwise": self.depthwise}
+                "depthwise": self.depthwise, "mask_floor": self.mask_floor}
 
     def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:

@@ -4,7 +4,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph
-from converters.partition import partition
+from converters.partition import after_input_rounds, always_masked, narrow_rounds, partition
 
 
 def _conv(g, x, c_in, c_out, name):
@@ -52,6 +52,48 @@ def test_shortcut_and_first_conv_share_a_round():
     assert p.steps == [[], [op["relu_a"]], [op["relu_h"]], [op["add"], op["relu_d"], op["reshape"]], []]
     assert len(p.steps) == len(p.rounds) + 1  # R rounds, R + 1 TEE entries
     assert p.round_of(op["sc"]) == 2 and p.offloaded == {op[k] for k in ("stem", "c1", "sc", "c2", "fc")}
+
+
+def _first_layer_then(kind: str):
+    """x -> stem conv -> relu -> ``kind`` (a TEE op without weights, or a depthwise layer) -> conv."""
+    g = Graph()
+    x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+    stem, a = _conv(g, x, 3, 4, "stem")
+    _, a = _unary(g, "RELU", a, "a")
+    if kind == "DEPTHWISE_CONV_2D":
+        o = fb.DepthwiseConv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.depthMultiplier = fb.Padding.SAME, 1, 1, 1
+        o.dilationHFactor = o.dilationWFactor = 1
+        w = g.add_tensor("dw/w", (1, 3, 3, 4), np.float32, np.ones((1, 3, 3, 4)))
+        m = g.add_tensor("dw", (1, 8, 8, 4), np.float32)
+        g.add_op(kind, [a, w, -1], [m], o)
+    else:
+        _, m = _unary(g, kind, a, "m")
+    last, y = _conv(g, m, 4, 4, "last")
+    g.inputs, g.outputs = [x], [y]
+    return g
+
+
+def test_the_rounds_one_layer_from_the_input_are_those_a_chosen_input_attack_solves_it_from():
+    """``after_input_rounds``: the rounds that read what one layer on the input made, through ops without
+    weights (an activation, a pool); not through a second layer (a ResNet block's second conv, the sum of
+    its two paths, a depthwise layer kept in the TEE); an offloaded depthwise layer's own round is one."""
+    g, op = resnet_block()
+    assert after_input_rounds(partition(g)) == [2]  # conv1 and the shortcut read relu(stem(x))
+    for kind in ("RELU6", "TANH"):
+        assert after_input_rounds(partition(_first_layer_then(kind))) == [2]
+    depthwise = _first_layer_then("DEPTHWISE_CONV_2D")
+    assert after_input_rounds(partition(depthwise, frozenset({"DEPTHWISE_CONV_2D"}))) == []
+    assert after_input_rounds(partition(depthwise)) == [2]  # the depthwise round; not the conv's, round 3
+
+
+def test_rounds_whose_input_is_too_narrow_to_mix_are_always_masked():
+    """The resnet block's 4-channel tensors: the rounds that read them (2: conv1 and the shortcut, 3: conv2),
+    not the dense layer on 256 values; none where the scheme mixes nothing (None)."""
+    g, op = resnet_block()
+    p = partition(g)
+    assert narrow_rounds(p, 8) == [2, 3] and narrow_rounds(p, 4) == [] and narrow_rounds(p, None) == []
+    assert always_masked(p, 8) == [1, 2, 3] and always_masked(p, None) == [1, 2]
 
 
 def test_back_to_back_convs_take_one_round_each():

@@ -13,8 +13,8 @@ from ai_edge_litert import schema_py_generated as fb
 
 import shadownet
 from converters.graph import Graph, write_model
-from shadownet import audit
 from shadownet.accelerator import AcceleratorWrapper
+from shadownet.audit_layers import join_halves, split_names
 
 INPUT_SHAPE = (1, 16, 16, 3)
 
@@ -153,5 +153,5 @@ def recording(out: str, **kw):
 def attacker_view(out: str, seen: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     """The recorded round inputs, stacked, each exactly split one's halves added back (what the attacker
     works on: ``x_hi`` alone sits on a coarse grid, where two masks' values meet by chance)."""
-    split = audit.split_names(json.loads((Path(out) / "manifest.json").read_text()))[1]
-    return audit.join_halves({name: np.stack(values) for name, values in seen.items()}, split)
+    split = split_names(json.loads((Path(out) / "manifest.json").read_text()))[1]
+    return join_halves({name: np.stack(values) for name, values in seen.items()}, split)

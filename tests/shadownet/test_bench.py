@@ -239,8 +239,10 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
 def test_bench_verify_and_mask_policy(tmp_path, capsys):
     path = tmp_path / "small.tflite"
     path.write_bytes(_model(outputs=256))  # a dense layer checked, not computed (freivalds_directions)
+    # (mask_floor=input: round 2, one layer from the input, would be masked and split whatever the policy)
     report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
-                             progress=False, verify=True, mask_rounds="all")
+                             progress=False, verify=True, mask_rounds="all",
+                             scheme="groupmix:mask_floor=input")
     s = report["settings"]
     assert s["verify"] is True and s["mask_rounds"] == "all"
     assert s["modes"] == [*bench_measure.MODES, bench_measure.VERIFY_MODE]
@@ -310,7 +312,8 @@ def test_bench_default_policy_without_verify(tmp_path):
     assert report["settings"]["mask_rounds"] == "default" and report["settings"]["verify"] is False
     assert bench_measure.VERIFY_MODE not in entry["modes"] and "verify" not in entry  # the mode is not run
     assert entry["scheme"] == "groupmix" and entry["masks"]["policy"] == "first"
-    assert entry["masks"]["one_time_rounds"] == [1] and entry["masks"]["pool"]["pool_bytes"] > 0
+    # round 2 too: one layer from the input (converters.partition.after_input_rounds)
+    assert entry["masks"]["one_time_rounds"] == [1, 2] and entry["masks"]["pool"]["pool_bytes"] > 0
     rows = [line.split()[:2] for line in bench_report.table(report).splitlines()]
     assert ["small", "shadownet"] in rows and ["small", bench_measure.VERIFY_MODE] not in rows
 

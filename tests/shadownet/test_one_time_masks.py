@@ -179,7 +179,7 @@ def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factor
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             shadownet.convert(small_cnn(), str(out), seed=3, mask_rounds=rounds)
-        costs = [str(w.message) for w in caught if "besides those that carry" in str(w.message)]
+        costs = [str(w.message) for w in caught if "besides those every policy masks" in str(w.message)]
         assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
 
 

@@ -179,8 +179,10 @@ def test_step_protocol(device, artifacts):
 def test_what_crosses_the_boundary_is_what_security_md_says(device, artifacts):
     """The input-leakage attack (the best affine fit) on what the accelerator receives over 32 inferences:
     round 1's input, the user's under a fresh one-time mask ~10x its spread per band, hides it (~0.1 by
-    construction: 1 / sqrt(1 + 10^2)), in one inference and across two; round 2's crosses unmasked under
-    the default policy, its channels only mixed, and the same fit recovers it - as SECURITY.md states."""
+    construction: 1 / sqrt(1 + 10^2)), in one inference and across two; round 2's - what the first layer
+    made, one layer from the input - crossed unmasked until stop 56, its channels only mixed, and the same
+    fit recovered it (0.99 and more); it is masked too now, as SECURITY.md states ("A first layer, from
+    inputs the normal world chooses"), and hides it as round 1 does."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from shadownet.input_leakage import affine_leakage, difference_leakage
@@ -195,7 +197,8 @@ def test_what_crosses_the_boundary_is_what_security_md_says(device, artifacts):
             run(x, record=True)
             wire = run.seen[0]["x0"]  # round 1's input: x + a one-time mask, as an exact split's two halves
             first.append(wire[..., :3].astype(np.float64) + wire[..., 3:])
-            second.append(run.seen[1]["x0"])  # round 2's: relu(conv(x)), channels mixed
+            wire = run.seen[1]["x0"]  # round 2's: relu(conv(x)), channels mixed, masked, split in two halves
+            second.append(wire[..., :8].astype(np.float64) + wire[..., 8:])
             interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
             interpreter.invoke()
             truth.append(next(interpreter.get_tensor(d["index"]) for d in interpreter.get_tensor_details()
@@ -203,7 +206,8 @@ def test_what_crosses_the_boundary_is_what_security_md_says(device, artifacts):
     assert first[0].shape == xs[0].shape and second[0].shape == truth[0].shape
     assert affine_leakage(np.concatenate(first), np.concatenate(xs))["correlation"] <= 0.2
     assert difference_leakage(np.stack(first), np.stack(xs))["correlation"] <= 0.2
-    assert affine_leakage(np.concatenate(second), np.concatenate(truth))["correlation"] >= 0.99
+    assert affine_leakage(np.concatenate(second), np.concatenate(truth))["correlation"] <= 0.2
+    assert difference_leakage(np.stack(second), np.stack(truth))["correlation"] <= 0.2
 
 
 def test_process_transport(artifacts, device, tmp_path):

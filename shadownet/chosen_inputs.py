@@ -1,0 +1,207 @@
+"""The chosen-input attack: the normal world runs inputs of its own and solves a first layer from what
+crosses after it.
+
+Rounds after the first cross unmasked by default (``--mask-rounds first``). Where a conv layer reads the
+user's input (through no other layer of weights) and its output, through a ReLU or ReLU6 alone, crosses as
+the input of such a round, that crossing is ``o = B act(w . patch + b)`` at every position: ``B`` the
+scheme's secret input mixing (``groupmix``: orthogonal blocks of a public size; none for a tensor too narrow
+to mix), the patches known to an attacker who chose the input. Two steps (a helper's probe, stop 56):
+
+1. ``B``'s columns. Inputs moved around one input ``x0`` by a small step leave every unit on or off as it
+   was at almost every position; there the changes of ``o`` span the columns of ``B`` of the units that are
+   on. ``B`` being orthogonal, the projectors onto those spans commute, and a random combination of them
+   has ``B``'s columns as its eigenvectors; a trimmed refit makes each exact (it annihilates every position
+   where its unit is off).
+2. The filters. ``u_j . o = act(w_j . patch + b_j)`` exactly; least squares over the positions where the
+   unit is on gives ``w_j`` (and ``b_j``) in the input's real coordinates.
+
+No secret and no reference weight is used: the reference only says which layer is whose (the architecture,
+which is public) and scores the estimates, as for every attack of the suite. One-time masks on the round
+stop it (each inference's fresh mask is in every change of ``o``, so no projector is of low rank).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
+
+STEPS = 20  # inputs moved around the base input, each by a fresh random direction
+STEP = 1e-3  # their step, relative to the base input's RMS: small enough that few units switch
+INFERENCES = STEPS + 1
+_ACTIVATIONS = {"RELU": math.inf, "RELU6": 6.0}  # an activation whose units are off at exactly zero: its top
+_MIN_POSITIONS = 4  # positions per unknown of a filter (and its bias) that the least squares want
+_TRIMMED = 0.3  # the share of positions a column's refit takes as those its unit is off at (half, for ReLU)
+
+
+def chosen_input_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, reference: list[LinearLayer],
+                        obfuscated: list[LinearLayer], scheme: Any,
+                        progress: Callable[[str], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the attack on the protected model in ``out_dir``: its estimates by reference layer name (rows like
+    its filters, for ``attacks.attack_layer``'s ``from_crossings``), and what ran, for the report. No
+    inference when no layer fits (``targets``)."""
+    from shadownet.audit_leakage import raw_tensors, reference_activations, round_sources
+    from shadownet.boundary import observe_boundary
+
+    pairs, _, _ = match_layers(reference, obfuscated)
+    raw = set().union(*(raw_tensors(graph, t) for t in graph.inputs))
+    found = targets(graph, raw, round_sources(manifest, pairs))
+    if not found:
+        return {}, {"inferences": 0, "layers": []}
+    if progress:
+        progress(f"chosen inputs: {INFERENCES} inferences of the attacker's own inputs, to solve "
+                 f"{len(found)} first layer{'s' * (len(found) != 1)} from the round after it")
+    inputs = batches(manifest["inputs"])
+    seen = join_halves(observe_boundary(out_dir, inputs), split_names(manifest)[1])
+    read = reference_activations(graph, inputs, {t["input"] for t in found})
+    blocks = getattr(scheme, "input_blocks", lambda channels: None)
+    estimates, rows = {}, []
+    for t in found:
+        crossing = seen[t["buffer"]]
+        found_rows = attack(t, graph, crossing, read[t["input"]], blocks(crossing.shape[-1]))
+        estimates[t["layer"]] = found_rows
+        rows.append({"layer": t["layer"], "buffer": t["buffer"], "estimates": len(found_rows)})
+    return estimates, {"inferences": INFERENCES, "layers": rows}
+
+
+def targets(graph: Any, raw: set[str], sources: dict[str, str | None]) -> list[dict]:
+    """The layers the attack applies to, in the reference ``graph`` (``audit_layers.reference_graph``):
+    a CONV_2D of constant weights reading a tensor of ``raw`` (made from a user input with no layer of
+    weights between: ``audit_leakage.raw_tensors``), whose output, through a RELU or RELU6 alone, is what a
+    round input buffer carries (``sources``: buffer -> reference tensor, ``audit_leakage.round_sources``)."""
+    by_tensor = {t: buffer for buffer, t in sources.items() if t}
+    found = []
+    for op in graph.ops:
+        if op.kind != "CONV_2D" or len(op.inputs) < 2 or graph.tensors[op.inputs[1]].data is None:
+            continue
+        if graph.tensors[op.inputs[0]].name not in raw:
+            continue
+        readers = [o for o in graph.ops if op.outputs[0] in o.inputs]
+        if len(readers) != 1 or readers[0].kind not in _ACTIVATIONS:
+            continue
+        activated = graph.tensors[readers[0].outputs[0]].name
+        if activated in by_tensor:
+            found.append({"layer": graph.tensors[op.outputs[0]].name, "op": op,
+                          "input": graph.tensors[op.inputs[0]].name, "top": _ACTIVATIONS[readers[0].kind],
+                          "buffer": by_tensor[activated]})
+    return found
+
+
+def batches(specs: list[dict], seed: int = 1) -> list[list[np.ndarray]]:
+    """The attacker's inputs: one random normal input per model input, then ``STEPS`` copies of it moved by
+    ``STEP`` times its RMS in random directions (float inputs only; others kept as they are)."""
+    rng = np.random.default_rng(seed)
+    base = []
+    for spec in specs:
+        shape, dtype = tuple(int(d) for d in spec["shape"]), np.dtype(spec.get("dtype", "float32"))
+        base.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    moved = [[(x + STEP * rng.standard_normal(x.shape)).astype(x.dtype) if x.dtype.kind == "f" else x
+              for x in base] for _ in range(STEPS)]
+    return [base, *moved]
+
+
+def attack(target: dict, graph: Any, crossing: np.ndarray, layer_input: np.ndarray,
+           blocks: list[tuple[int, int]] | None) -> np.ndarray:
+    """The estimates of ``target``'s filters (rows like ``LinearLayer.filters``: ``(kh, kw, cin)`` flattened)
+    from ``crossing`` (its round input buffer over the ``INFERENCES`` inferences of ``batches``, ``[K, 1,
+    h, w, C]``) and ``layer_input`` (the tensor the layer read in each, ``[K, 1, H, W, cin]``: made from the
+    attacker's own inputs with no weights); ``blocks``: the scheme's public input blocks of ``C`` channels
+    (None: not mixed). Empty when the geometry does not fit or too few positions are on."""
+    op = target["op"]
+    kernel = graph.tensors[op.inputs[1]].shape
+    patches = _patches(np.asarray(layer_input, np.float64)[:, 0], kernel, op.options)
+    o = np.asarray(crossing, np.float64)[:, 0]
+    if patches is None or patches.shape[:3] != o.shape[:3]:
+        return np.zeros((0, int(np.prod(kernel[1:]))))
+    count, channels = o.shape[0], o.shape[-1]
+    flat_o, flat_p = o.reshape(-1, channels), patches.reshape(-1, patches.shape[-1])
+    estimates = []
+    for a, b in blocks or [(c, c + 1) for c in range(channels)]:
+        for u, offset in _columns(o[..., a:b], count):
+            h = flat_o[:, a:b] @ u + offset
+            if (h < 0).sum() > (h > 0).sum():
+                h = -h
+            scale = np.max(np.abs(h), initial=0.0)
+            on = (h > 1e-6 * scale) & (h < target["top"] * (1 - 1e-6))
+            if on.sum() < _MIN_POSITIONS * (flat_p.shape[1] + 1):
+                continue
+            fit, *_ = np.linalg.lstsq(np.hstack([flat_p[on], np.ones((int(on.sum()), 1))]), h[on], rcond=None)
+            estimates.append(fit[:-1])
+    return np.array(estimates).reshape(-1, flat_p.shape[1])
+
+
+def _columns(o: np.ndarray, count: int) -> list[tuple[np.ndarray, float]]:
+    """One block's mixing columns, each a unit vector ``u`` with the offset ``t`` that makes ``u . o + t``
+    zero where its unit is off (a constant the TEE adds - a mask's mean - shifts that zero: step 1 of the
+    module's docstring, in affine form); ``o`` is the block's crossing, ``[K, h, w, m]``, the base input's
+    first."""
+    m = o.shape[-1]
+    rows = o.reshape(-1, m)
+    if m == 1:
+        return [(np.ones(1), -_mode(rows[:, 0]))]
+    base, moved = o[0].reshape(-1, m), o[1:count].reshape(count - 1, -1, m)
+    changes = moved - base
+    rng = np.random.default_rng(7)
+    combined = np.zeros((m, m))
+    for n in range(changes.shape[1]):
+        u, s, _ = np.linalg.svd(changes[:, n, :].T, full_matrices=False)
+        if s[0] == 0:
+            continue
+        r = int((s > 1e-2 * s[0]).sum())
+        combined += rng.standard_normal() * (u[:, :r] @ u[:, :r].T)
+    _, vectors = np.linalg.eigh(combined)
+    augmented = np.hstack([rows, np.ones((len(rows), 1))])
+    augmented /= np.linalg.norm(augmented, axis=1, keepdims=True)
+    columns = []
+    for j in range(m):
+        v = np.append(vectors[:, j], -_mode(rows @ vectors[:, j]))
+        for _ in range(10):  # the null vector of the positions it nearly annihilates
+            near = np.abs(augmented @ v)
+            v = np.linalg.svd(augmented[near <= np.quantile(near, _TRIMMED)], full_matrices=False)[2][-1]
+        scale = np.linalg.norm(v[:m])
+        if scale > 0:
+            columns.append((v[:m] / scale, float(v[m] / scale)))
+    return columns
+
+
+def _mode(values: np.ndarray) -> float:
+    """The value most of ``values`` share: the middle of the narrowest window holding ``_TRIMMED`` of them
+    (a unit's off positions, all at its offset)."""
+    ordered = np.sort(values)
+    width = max(int(len(ordered) * _TRIMMED), 1)
+    if len(ordered) <= width:
+        return float(np.median(ordered))
+    start = int(np.argmin(ordered[width:] - ordered[:-width]))
+    return float(np.median(ordered[start:start + width]))
+
+
+def _patches(x: np.ndarray, kernel: tuple[int, ...], options: Any) -> np.ndarray | None:
+    """Every output position's input window of a CONV_2D (``kernel`` ``[M, kh, kw, cin]``) over ``x``
+    (``[K, H, W, cin]``), as LiteRT pads and strides it: ``[K, h, w, kh * kw * cin]``; None for a geometry
+    it does not read."""
+    from ai_edge_litert import schema_py_generated as schema_fb
+
+    _, kh, kw, cin = kernel
+    if x.ndim != 4 or x.shape[-1] != cin:
+        return None
+    sh, sw = max(int(options.strideH), 1), max(int(options.strideW), 1)
+    dh, dw = max(int(options.dilationHFactor), 1), max(int(options.dilationWFactor), 1)
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    rows, cols = x.shape[1], x.shape[2]
+    if options.padding == schema_fb.Padding.SAME:
+        out_h, out_w = -(-rows // sh), -(-cols // sw)
+        pad_h = max((out_h - 1) * sh + span_h - rows, 0)
+        pad_w = max((out_w - 1) * sw + span_w - cols, 0)
+        x = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    else:
+        out_h, out_w = (rows - span_h) // sh + 1, (cols - span_w) // sw + 1
+    if out_h < 1 or out_w < 1:
+        return None
+    taps = [x[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+    return np.stack(taps, axis=3).reshape(x.shape[0], out_h, out_w, kh * kw * cin)

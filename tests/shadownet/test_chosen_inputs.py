@@ -1,0 +1,99 @@
+"""The chosen-input attack (``shadownet.chosen_inputs``) against what crosses, and the one-time masks that
+stop it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as fb
+
+from converters.graph import Graph, write_model
+from shadownet import audit, chosen_inputs
+from tests.converters.litert import run
+from tests.shadownet.small_models import conv_options
+
+
+def _two_convs(seed: int = 0) -> bytes:
+    """A 16x16x3 image, a 3x3 ReLU conv of 16 filters (round 1), another (round 2, on what the first made),
+    their mean over positions and a dense layer of 5 (round 3): a plain CNN's first layers."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    x = image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
+    for k, c_in in enumerate((3, 16)):
+        w = g.add_tensor(f"conv{k}/w", (16, 3, 3, c_in), np.float32,
+                         rng.standard_normal((16, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in)))
+        b = g.add_tensor(f"conv{k}/b", (16,), np.float32, rng.standard_normal(16) * 0.1)
+        y = g.add_tensor(f"conv{k}", (1, 16, 16, 16), np.float32)
+        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
+                                                         fb.ActivationFunctionType.RELU))
+        x = y
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    mean = g.add_tensor("mean", (1, 16), np.float32)
+    g.add_op("MEAN", [x, axes], [mean], fb.ReducerOptionsT())
+    w = g.add_tensor("fc/w", (5, 16), np.float32, rng.standard_normal((5, 16)) * 0.3)
+    out = g.add_tensor("logits", (1, 5), np.float32)
+    g.add_op("FULLY_CONNECTED", [mean, w, -1], [out], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [image], [out]
+    return write_model(g)
+
+
+def _audit(tmp_path: Path, **convert) -> tuple[dict, dict]:
+    import shadownet
+
+    original = tmp_path / "model.tflite"
+    original.write_bytes(_two_convs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded (insecure), mask_scale=0 (unmasked)
+        manifest = shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **convert)
+    return manifest, audit.audit(tmp_path / "out", original, inferences=4)
+
+
+def test_a_first_layer_whose_activated_output_crosses_unmasked_is_solved_from_chosen_inputs(tmp_path):
+    """``groupmix:mask_scale=0``: the one-time masks add nothing, so round 2 crosses as ``B relu(W x + b)``;
+    21 inferences of the attacker's own inputs give every filter of the first layer (in the input's real
+    coordinates: |cos| >= 0.9 with the reference's), none of the second's."""
+    manifest, report = _audit(tmp_path, scheme="groupmix:mask_scale=0")
+    assert report["chosen_inputs"]["inferences"] == chosen_inputs.INFERENCES
+    assert [row["buffer"] for row in report["chosen_inputs"]["layers"]] == ["round_2/in/x0"]
+    first, second = report["layers"][:2]
+    assert first["recovered"]["chosen_input"] == first["filters"] == 16
+    assert second["recovered"]["chosen_input"] == 0
+    assert "chsn" in audit.format_report(report)
+
+
+def test_the_round_after_the_first_layer_gets_one_time_masks_which_stop_the_attack(tmp_path):
+    """By default, and whatever ``--mask-rounds`` names, round 2 - what the first layer made, one layer
+    from the user's input - gets one-time masks as round 1 does (``converters.partition.after_input_rounds``),
+    split exactly; the attack then recovers nothing."""
+    manifest, report = _audit(tmp_path, mask_rounds="1")
+    assert manifest["masks"]["one_time_rounds"] == [1, 2] and manifest["masks"]["input_rounds"] == [1]
+    assert [i.get("split") for i in manifest["rounds"][1]["inputs"]] == [True]
+    assert report["summary"]["conv_dense"]["recovered"]["chosen_input"] == 0
+    assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
+
+
+@pytest.mark.parametrize(("padding", "stride", "dilation"),
+                         [(fb.Padding.SAME, 2, 1), (fb.Padding.VALID, 1, 2), (fb.Padding.SAME, 1, 2)])
+def test_the_attack_reads_each_position_s_window_as_litert_does(padding, stride, dilation):
+    """``_patches`` times the filters is LiteRT's conv, padding, strides and dilation included."""
+    rng = np.random.default_rng(1)
+    g = Graph()
+    x = g.add_tensor("x", (1, 11, 10, 3), np.float32)
+    weights = rng.standard_normal((4, 3, 3, 3))
+    w = g.add_tensor("w", weights.shape, np.float32, weights)
+    options = conv_options("CONV_2D", padding, stride, fb.ActivationFunctionType.NONE)
+    options.dilationHFactor = options.dilationWFactor = dilation
+    span = 2 * dilation + 1
+    out = (-(-11 // stride), -(-10 // stride)) if padding == fb.Padding.SAME else (
+        (11 - span) // stride + 1, (10 - span) // stride + 1)
+    y = g.add_tensor("y", (1, *out, 4), np.float32)
+    g.add_op("CONV_2D", [x, w, -1], [y], options)
+    g.inputs, g.outputs = [x], [y]
+    value = rng.standard_normal((1, 11, 10, 3)).astype(np.float32)
+    want = run(write_model(g), [value])[0]
+    patches = chosen_inputs._patches(value.astype(np.float64), weights.shape, options)
+    got = patches @ weights.reshape(4, -1).T.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, transpose_conv
 from converters.graph import Graph, Op, Signature, Tensor, fused_activation
-from converters.schemes import GROUP_MIN_CHANNELS, group_min_channels, partition_for
+from converters.schemes import GROUP_MIN_CHANNELS, group_min_channels, long_sums_after_input, partition_for
 from converters.tflite_sparsity import densify
 from shadownet.exceptions import UnsupportedOpError
 
@@ -104,13 +104,20 @@ def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
 
 
-def normalize_for(graph: Graph, scheme: object) -> Graph:
+def normalize_for(graph: Graph, scheme: object, chunks: bool = True) -> Graph:
     """``normalize`` as ``scheme`` plans the model (the converter's and the audit's graph): its grouped
     convolutions split by group where it splits them (``converters.schemes.group_min_channels``), then the
     conv and dense layers on the user's input that sum too many terms for its exact split
-    (``converters.partition``'s long sums) cut into chunks that it can split (``chunked``)."""
+    (``converters.partition``'s long sums), and those on what one layer made of it that it masks whatever
+    the policy (``converters.schemes.long_sums_after_input``), cut into chunks that it can split
+    (``chunked``; not with ``chunks=False``: an artifact converted before stop 56, which the audit reads as
+    it was planned)."""
     graph = normalize(graph, group_min_channels(scheme))
-    return chunked(graph, partition_for(graph, scheme).long_sums, group_min_channels(scheme))
+    if not chunks:
+        return graph
+    part = partition_for(graph, scheme)
+    long_sums = set(part.long_sums) | long_sums_after_input(part, scheme)
+    return chunked(graph, long_sums, group_min_channels(scheme))
 
 
 def chunked(graph: Graph, ops: Iterable[int], min_channels: int | None = GROUP_MIN_CHANNELS) -> Graph:

@@ -72,20 +72,27 @@ def carries_input(part: Partition) -> set[int]:
 
 
 # Kinds of op that are layers of weights (with a constant second input): what stands between a tensor and
-# the user's input for ``after_input_rounds``.
+# the user's input for ``one_layer_from_input``.
 LAYER_KINDS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D",
                          "BATCH_MATMUL"})
 
 
 def after_input_rounds(part: Partition) -> list[int]:
     """The rounds, other than ``input_rounds``, whose offloaded layers read what one layer on the user's input
-    made, with no other layer of weights on any path between (its activation, a pool, a pad, a per-channel
-    scale, the input beside it): a normal world that chooses its inputs solves that layer, in real
+    made (``one_layer_from_input``): a normal world that chooses its inputs solves that layer, in real
     coordinates, from such a round's input where it crosses unmasked (``shadownet.chosen_inputs``: every
     first-layer filter of the zoo's MiniVGG and ResNet-44 from 21 inferences, a helper's probe). The default
     mask policy masks them as it masks the rounds that carry the input."""
+    graph, made = part.graph, one_layer_from_input(part)
+    carrying = set(input_rounds(part))
+    return sorted({part.round_of(i) for i in part.offloaded if graph.ops[i].inputs[0] in made} - carrying)
+
+
+def one_layer_from_input(part: Partition) -> set[int]:
+    """The tensors one layer of weights from a user input, with no other layer on any path between (the
+    layer's activation, a pool, a pad, a per-channel scale, the input beside it)."""
     graph, raw = part.graph, carries_input(part)
-    made: set[int] = set()  # tensors one layer from the input
+    made: set[int] = set()
     for i, op in enumerate(graph.ops):
         computed = [t for t in op.inputs if t >= 0 and graph.tensors[t].data is None]
         weights = len(op.inputs) > 1 and op.inputs[1] >= 0 and graph.tensors[op.inputs[1]].data is not None
@@ -94,8 +101,7 @@ def after_input_rounds(part: Partition) -> list[int]:
                 made.update(op.outputs)
         elif computed and all(t in made or t in raw for t in computed) and any(t in made for t in computed):
             made.update(op.outputs)
-    carrying = set(input_rounds(part))
-    return sorted({part.round_of(i) for i in part.offloaded if graph.ops[i].inputs[0] in made} - carrying)
+    return made
 
 
 def narrow_rounds(part: Partition, min_channels: int | None) -> list[int]:
@@ -130,15 +136,17 @@ def offloads(graph: Graph, op_index: int, in_tee: frozenset[str] = frozenset()) 
 
 
 def partition(graph: Graph, in_tee: frozenset[str] = frozenset(),
-              long_input_sums_in_tee: bool = False) -> Partition:
+              long_input_sums_in_tee: bool = False, longest: int | None = None) -> Partition:
     """Levels, rounds and steps of a normalized graph (ops in execution order); ``in_tee``: the kinds of
     offloadable op the scheme keeps in the TEE (``groupmix``'s ``depthwise="tee"``);
     ``long_input_sums_in_tee``: also the conv and dense layers on the user's input whose sums are too long
-    for an exact split (module docstring), as ``Partition.long_sums``."""
+    for an exact split (module docstring), as ``Partition.long_sums``: more than ``longest`` terms per
+    output (None: ``exact_split.MAX_DOT_LENGTH``; the audit gives an older artifact's)."""
     kept: frozenset[int] = frozenset()
     while True:
         part = _levels(graph, in_tee, kept)
-        more = _long_input_sums(part) if long_input_sums_in_tee else set()
+        more = _long_input_sums(part, longest or exact_split.MAX_DOT_LENGTH) if long_input_sums_in_tee \
+            else set()
         if not more:
             return part
         kept |= more
@@ -164,11 +172,10 @@ def _levels(graph: Graph, in_tee: frozenset[str], kept: frozenset[int]) -> Parti
                      [steps.get(k, []) for k in range(count + 1)], level, kept)
 
 
-def _long_input_sums(part: Partition) -> set[int]:
+def _long_input_sums(part: Partition, longest: int) -> set[int]:
     """The offloaded conv and dense layers that read the user's input (``carries_input``) with more terms
-    per output than an exact split allows."""
+    per output than ``longest``, what an exact split allows."""
     graph, raw = part.graph, carries_input(part)
     return {i for i in part.offloaded
             if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED") and graph.ops[i].inputs[0] in raw
-            and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data)
-            > exact_split.MAX_DOT_LENGTH}
+            and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data) > longest}

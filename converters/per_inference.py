@@ -8,7 +8,8 @@ such restore's bias, and the TA draws a fresh mask per inference and precomputes
 offline (Slalom's approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks,
 which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
-The policy (``--mask-rounds``): ``first`` (round 1 only: the user's raw input), ``all``, or a list of
+The policy (``--mask-rounds``): ``first`` (round 1, the user's raw input, and the rounds every policy masks,
+below), ``all``, or a list of
 round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included, and so are the rounds a user input
 joins later and, since stop 56, those that read what one layer made of it (from such a round's input
 crossing unmasked, a normal world that chooses its inputs solves that layer exactly,
@@ -114,8 +115,8 @@ def _named_rounds(spec: Iterable[int]) -> list[int]:
 
 
 def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
-    """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond the rounds that carry a user
-    input, ``converters.partition.input_rounds``; ``None`` for ``"all"``); ``ValueError`` for a malformed
+    """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond the rounds every policy masks,
+    ``converters.schemes.always_masked_for``; ``None`` for ``"all"``); ``ValueError`` for a malformed
     one, a range that runs backwards or a round below 1."""
     text = spec.strip().lower()
     if text == "all":

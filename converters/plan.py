@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from converters import anisotropy
+from converters import anisotropy, exact_split
 from converters.graph import Graph, write_model
 from converters.partition import Partition
 from converters.per_inference import describe, locate_weights
@@ -95,7 +95,11 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                # Layers kept in the TEE for their long sums (converters.partition), by op index in the
                # normalized graph: the audit reads them (a later rule would misjudge an older artifact).
                "long_sums": [{"op": i, "layer": graph.tensors[graph.ops[i].outputs[0]].name}
-                             for i in sorted(part.long_sums)]}
+                             for i in sorted(part.long_sums)],
+               # The longest sum per output an exact split took (converters.exact_split): longer ones were
+               # cut into chunks (converters.normalize.chunked). Absent before stop 56, whose artifacts the
+               # audit plans as they were: no chunks, 16,384 terms (shadownet.audit_layers.planned_as).
+               "long_sum_terms": exact_split.MAX_DOT_LENGTH}
     names = {f"round_{r}/out/{rest['name']}": graph.describe_op(rest["op"])
              for r, rests in enumerate(b.restores, start=1) for rest in rests}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary, names)

@@ -319,8 +319,10 @@ class RoundsBuilder:
         readers = [g.ops[i] for i in ops]
         terms = max(exact_split.dot_length(g.tensors[op.inputs[1]].data) for op in readers)
         if terms > exact_split.MAX_DOT_LENGTH and dist.std > 0:  # wanted, impossible: said (a probe)
-            # (Such layers on the user's input run in the TEE: converters.partition's long sums. A deeper
-            # round's are offloaded, its one-time masks being the user's choice of --mask-rounds.)
+            # (Such layers on the user's input, or one layer from it, are cut into chunks of their sums
+            # where they can be, converters.normalize.chunked, and those on the input that cannot run in
+            # the TEE. A deeper round's are offloaded, its one-time masks being the user's choice of
+            # --mask-rounds.)
             warnings.warn(
                 f"{g.tensors[x].name!r} crosses with its one-time mask (~10x its values) unsplit: a layer "
                 f"reading it sums {terms} terms per output, too many for the exact split (at most "

@@ -25,6 +25,7 @@ from shadownet.audit_layers import (
     LAYER_KINDS,
     LinearLayer,
     match_layers,
+    planned_as,
     reference_graph,
     reference_layers,
     split_names,
@@ -78,7 +79,7 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
-def _long_sums(manifest: dict, graph: Any, scheme: Any | None) -> set[str]:
+def _long_sums(manifest: dict, graph: Any, scheme: Any | None, longest: int | None = None) -> set[str]:
     """The layers the converter kept in the TEE for their long sums (``converters.partition``), as
     ``LinearLayer.where`` names them: the manifest's ``summary.long_sums``, which must be what the
     converter's rule gives on the reference ``graph`` under ``scheme`` (the summary is not sealed: an edited
@@ -95,7 +96,7 @@ def _long_sums(manifest: dict, graph: Any, scheme: Any | None) -> set[str]:
             for e in entries):
         raise ArtifactError("manifest.json: summary.long_sums is not a list of {op, layer}")
     listed = {e["op"] for e in entries}
-    rule = set(partition_for(graph, scheme).long_sums) if scheme is not None else set()
+    rule = set(partition_for(graph, scheme, longest).long_sums) if scheme is not None else set()
     if listed != rule:
         raise ArtifactError(f"manifest.json: summary.long_sums lists ops {sorted(listed)} kept in the TEE, "
                             f"where the converter keeps {sorted(rule)} of this reference: the manifest was "
@@ -272,7 +273,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     # The reference read and planned once (planning runs LiteRT on it): its layers, its outputs and its
     # activations all come from these.
     given, reference = reference, protected_signature(reference, manifest)
-    graph = reference_graph(reference, _manifest_scheme(manifest), name=given)
+    longest = planned_as(manifest)  # an older converter's plan of long sums, or None
+    graph = reference_graph(reference, _manifest_scheme(manifest), name=given, longest=longest)
     ref = reference_layers(reference, manifest, graph=graph)
     report: dict = {
         "artifacts": str(out_dir),
@@ -285,7 +287,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         "seeded": bool(manifest.get("seeded", False)),
     }
     scheme = _manifest_scheme(manifest)
-    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme)
+    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, longest)
     # The scheme ran them in the TEE (groupmix:depthwise=tee; layers on the input with sums too long to
     # split): nothing of theirs crosses, nothing to pair. Always in the JSON, [] when none (it was missing
     # under the paper's scheme: a helper's probe).

@@ -79,19 +79,43 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
         raise ModelFormatError(f"cannot read {model}: {exc.strerror or exc}") from None
 
 
+# The longest sum per output an exact split took before stop 56, whose converter cut no long sum into chunks
+# (it kept the longer ones on the user's input in the TEE): its artifacts' summary has no ``long_sum_terms``.
+LEGACY_LONGEST = 1 << 14
+
+
+def planned_as(manifest: dict) -> int | None:
+    """How the converter of ``manifest`` planned long sums: None as this version does (sums of at most
+    ``exact_split.MAX_DOT_LENGTH`` terms, longer ones on the user's input cut into chunks), or the longest
+    sum it split without chunks, ``LEGACY_LONGEST`` for an artifact converted before stop 56 (a review: the
+    audit refused those, its plan of their reference another). ``ArtifactError`` for another version's."""
+    from converters import exact_split
+
+    summary = manifest.get("summary") or {}
+    if not isinstance(summary, dict) or "long_sum_terms" not in summary:
+        return LEGACY_LONGEST
+    terms = summary["long_sum_terms"]
+    if terms != exact_split.MAX_DOT_LENGTH or isinstance(terms, bool):
+        raise ArtifactError(f"manifest.json: summary.long_sum_terms {terms!r}: converted by a version of "
+                            f"shadownet whose exact split took sums of other lengths (this one's: "
+                            f"{exact_split.MAX_DOT_LENGTH}); audit it with that version")
+    return None
+
+
 def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None,
-                    what: str = "reference") -> Any:
+                    what: str = "reference", longest: int | None = None) -> Any:
     """The reference model as the converter planned and normalized it for ``scheme``, the protected
     model's (``converters.original_model.planning_graph``, then ``converters.normalize.normalize_for``: its
     grouped convolutions split by group and its long sums on the user's input cut into chunks where it did;
-    None: no scheme's chunks, grouped convolutions as for the default). A
-    ``ModelFormatError`` names it (``what`` and ``name``, else its path)."""
+    None: no scheme's chunks, grouped convolutions as for the default; ``longest``: an older converter's
+    plan, ``planned_as``, without chunks). A ``ModelFormatError`` names it (``what`` and ``name``, else its
+    path)."""
     from converters.normalize import normalize_for
     from converters.original_model import planning_graph
 
     label = name if name is not None else None if isinstance(model, bytes) else model
     try:
-        return normalize_for(planning_graph(model_bytes(model)), scheme)
+        return normalize_for(planning_graph(model_bytes(model)), scheme, chunks=longest is None)
     except ModelFormatError as exc:
         if label is None:
             raise

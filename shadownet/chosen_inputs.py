@@ -1,11 +1,14 @@
 """The chosen-input attack: the normal world runs inputs of its own and solves a first layer from what
 crosses after it.
 
-Rounds after the first cross unmasked by default (``--mask-rounds first``). Where a conv layer reads the
-user's input (through no other layer of weights) and its output, through a ReLU or ReLU6 alone, crosses as
-the input of such a round, that crossing is ``o = B act(w . patch + b)`` at every position: ``B`` the
-scheme's secret input mixing (``groupmix``: orthogonal blocks of a public size; none for a tensor too narrow
-to mix), the patches known to an attacker who chose the input. Two steps (a helper's probe, stop 56):
+Until stop 56 the rounds after the first crossed unmasked by default; since, those this attack reads get
+one-time masks whatever the policy (``converters.partition.always_masked``), and it finds nothing there: it
+measures ``groupmix:mask_floor=input``, older artifacts and any round the floor would miss. Where a conv
+layer reads the user's input (through no other layer of weights) and its output, through a ReLU or ReLU6
+alone, crosses as the input of a round without a one-time mask, that crossing is
+``o = B act(w . patch + b)`` at every position: ``B`` the scheme's secret input mixing (``groupmix``:
+orthogonal blocks of a public size; none for a tensor too narrow to mix), the patches known to an attacker
+who chose the input. Two steps (a helper's probe, stop 56):
 
 1. ``B``'s columns. Inputs moved around one input ``x0`` by a small step leave every unit on or off as it
    was at almost every position; there the changes of ``o`` span the columns of ``B`` of the units that are

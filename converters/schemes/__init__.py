@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from converters.graph import Graph
-from converters.partition import Partition, always_masked, input_rounds, partition
+from converters.partition import Partition, always_masked, input_rounds, one_layer_from_input, partition
 from converters.secret_random import Random
 
 
@@ -201,14 +201,36 @@ def kept_in_tee(scheme: Any) -> frozenset[str]:
     return frozenset(getattr(scheme, "in_tee", ()))
 
 
-def partition_for(graph: Graph, scheme: Any) -> Partition:
+def partition_for(graph: Graph, scheme: Any, longest: int | None = None) -> Partition:
     """The rounds and steps ``scheme`` runs ``graph`` in: the kinds it keeps in the TEE there, and, where
     its one-time masks on the user's input cross as an exact split (groupmix unless ``exact_split=none``
     or ``mask_scale=0``), the layers on that input whose sums are too long to split
     (``converters.partition``'s long sums)."""
-    split = (not getattr(scheme, "static_masks", True) and getattr(scheme, "mask_scale", 0) > 0
-             and getattr(scheme, "exact_split", "none") != "none")
-    return partition(graph, kept_in_tee(scheme), long_input_sums_in_tee=split)
+    return partition(graph, kept_in_tee(scheme), long_input_sums_in_tee=splits_masks(scheme), longest=longest)
+
+
+def splits_masks(scheme: Any) -> bool:
+    """Whether ``scheme``'s one-time masks cross as exact splits where they can (groupmix unless
+    ``exact_split=none`` or ``mask_scale=0``)."""
+    return (not getattr(scheme, "static_masks", True) and getattr(scheme, "mask_scale", 0) > 0
+            and getattr(scheme, "exact_split", "none") != "none")
+
+
+def long_sums_after_input(part: Partition, scheme: Any) -> set[int]:
+    """The offloaded conv and dense layers too long to split (more than ``exact_split.MAX_DOT_LENGTH`` terms
+    per output) on what one layer made of the user's input, where ``scheme`` masks those rounds whatever
+    the policy and splits its masks (``always_masked_for``): ``converters.normalize.chunked`` cuts them as
+    it cuts the long sums on the input itself (a review: a dense layer on a flattened 32x32x16 conv output
+    crossed masked and unsplit)."""
+    from converters import exact_split
+
+    if not splits_masks(scheme) or getattr(scheme, "mask_floor", "layers") == "input":
+        return set()
+    graph, made = part.graph, one_layer_from_input(part)
+    return {i for i in part.offloaded if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED")
+            and graph.ops[i].inputs[0] in made
+            and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data)
+            > exact_split.MAX_DOT_LENGTH}
 
 
 def always_masked_for(part: Partition, scheme: Any) -> list[int]:

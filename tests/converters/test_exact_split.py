@@ -449,6 +449,38 @@ def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp
     assert worst <= 2e-5, worst
 
 
+def test_a_long_layer_one_layer_from_the_input_is_cut_into_chunks_too(tmp_path):
+    """Round 2 - a dense layer on a flattened 32x32x16 conv output, 16,384 terms - is masked whatever the
+    policy since stop 56 (one layer from the input): it is cut into two chunks that take the mask as an
+    exact split, as a long layer on the input is, instead of crossing masked unsplit (a review)."""
+    import warnings
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.add_tensor("image", (1, 32, 32, 3), np.float32)
+    c = g.add_tensor("conv", (1, 32, 32, 16), np.float32)
+    g.add_op("CONV_2D", [x, g.add_tensor("cw", (16, 3, 3, 3), np.float32, rng.standard_normal((16, 3, 3, 3))),
+                         g.add_tensor("cb", (16,), np.float32, rng.uniform(0, 0.2, 16))], [c],
+             conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+    flat = g.add_tensor("flat", (1, 16384), np.float32)
+    g.add_op("RESHAPE", [c, g.add_tensor("s", (2,), np.int32, [1, 16384])], [flat], fb.ReshapeOptionsT())
+    y = g.add_tensor("logits", (1, 10), np.float32)
+    w = g.add_tensor("w", (10, 16384), np.float32, rng.uniform(0, 2 / 16384, (10, 16384)))
+    g.add_op("FULLY_CONNECTED", [flat, w, -1], [y], fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [y]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = shadownet.convert(write_model(g), str(tmp_path / "out"), seed=1)
+    assert not [w for w in caught if "unsplit" in str(w.message)], [str(w.message) for w in caught]
+    assert manifest["masks"]["one_time_rounds"] == [1, 2]
+    assert [i.get("split") for i in manifest["rounds"][1]["inputs"]] == [True, True]
+
+
 def test_a_model_of_only_layers_too_long_to_split_is_refused_saying_why(tmp_path):
     from shadownet.exceptions import UnsupportedOpError
 
@@ -458,13 +490,14 @@ def test_a_model_of_only_layers_too_long_to_split_is_refused_saying_why(tmp_path
 
 def test_a_deeper_masked_layer_too_long_to_split_is_said_at_conversion(tmp_path):
     """Past round 1 (--mask-rounds all, exact_split=all) such a layer stays offloaded, with its one-time
-    mask unsplit: said."""
+    mask unsplit: said. (``mask_floor=input``: one layer from the input, as here, it is cut into chunks by
+    default since stop 56.)"""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shadownet.convert(_flattened_image(head=False, first="short"), str(tmp_path / "out"), seed=1,
-                          scheme="groupmix:exact_split=all", mask_rounds="all")
+                          scheme="groupmix:exact_split=all,mask_floor=input", mask_rounds="all")
     said = [str(w.message) for w in caught if "too many for the exact split" in str(w.message)]
     assert len(said) == 1 and "sums 18432 terms per output" in said[0], [str(w.message) for w in caught]
 

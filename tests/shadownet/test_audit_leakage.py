@@ -229,6 +229,33 @@ def test_a_layer_on_the_input_too_long_to_split_is_listed_as_kept_in_the_tee(tmp
             audit._long_sums(manifest, graph, scheme)
 
 
+def test_an_artifact_converted_before_chunks_is_audited_as_it_was_planned(tmp_path: Path) -> None:
+    """Before stop 56 the converter kept a dense layer on a flattened 96x96x3 image (27,648 terms) in the TEE
+    and wrote no ``long_sum_terms``: its summary listed ``[{"op": 1, "layer": "hidden"}]``. The audit plans
+    such a reference as that converter did - no chunks, sums of up to 16,384 split (it refused those
+    artifacts as edited: a review); a manifest of this version's plan is read as this one's, another
+    version's is refused."""
+    from converters import exact_split
+    from shadownet.audit_layers import LEGACY_LONGEST, planned_as
+    from shadownet.exceptions import ArtifactError
+    from tests.converters.test_exact_split import _flattened_image
+
+    original = tmp_path / "flat.tflite"
+    original.write_bytes(_flattened_image(head=True))
+    old = {"summary": {"long_sums": [{"op": 1, "layer": "hidden"}]}}
+    assert planned_as(old) == LEGACY_LONGEST and planned_as({}) == LEGACY_LONGEST
+    scheme = audit._manifest_scheme({"scheme": {"name": "groupmix", "params": {}}})
+    graph = audit.reference_graph(str(original), scheme, longest=LEGACY_LONGEST)
+    assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2  # not cut
+    assert audit._long_sums(old, graph, scheme, LEGACY_LONGEST) == {"op 1"}
+    new = {"summary": {"long_sums": [], "long_sum_terms": exact_split.MAX_DOT_LENGTH}}
+    assert planned_as(new) is None
+    assert [op.kind for op in audit.reference_graph(str(original), scheme).ops].count("FULLY_CONNECTED") == 5
+    for other in (4096, True, "8192"):
+        with pytest.raises(ArtifactError, match="another|other lengths"):
+            planned_as({"summary": {"long_sum_terms": other}})
+
+
 def test_a_layer_on_the_input_cut_into_chunks_is_audited_chunk_by_chunk(tmp_path: Path) -> None:
     """A dense layer on a flattened 96x96x3 image crosses as four chunks of its sum
     (``converters.normalize.chunked``): the audit plans the reference the same way, so each chunk pairs

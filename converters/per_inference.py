@@ -199,6 +199,11 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
                 if dist.common is not None:
                     arrays[f"{name}/common"] = np.asarray(dist.common, np.float32)
                     masks[name]["common"] = f"{name}/common"
+            if p.get("scale") is not None:
+                # Its mask follows the spread of the input's channels scaled (ObfuscatedLinear.input_scale),
+                # the mixed input's: the input's own would size it for its largest channel alone.
+                arrays[f"{name}/scale"] = np.asarray(p["scale"], np.float32)
+                masks[name]["scale"] = f"{name}/scale"
             if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
                 masks[name]["split"] = {"grid": p["split"].grid}
             spread = max(p["stats"].std, p["stats"].rms)

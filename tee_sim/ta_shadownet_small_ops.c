@@ -12,7 +12,9 @@
  *                 their largest square lies in (lo, hi], else 2 (as sn_run's SPREAD_OUTSIDE, never 1, a
  *                 failed check's answer; the step goes back to the TA's Python):
  *                 whether a plain push's one-time mask may stay at its power of two for this input
- *                 (tee_sim.mask_spread); float lanes, each block's sums in double;
+ *                 (tee_sim.mask_spread); float lanes, each block's sums in double; with weights, of
+ *                 each value times its channel's weight, positions channels to a pixel (a raw input whose
+ *                 channels the mixing scales), a pixel's sum at a time in float, added in double;
  *     SN_LOGISTIC dst = 1 / (1 + exp(-src)), c contiguous floats (EfficientNet's swish and gates), exp
  *                 vectorized here (vexp): within 2 ulps of expf, where libm's is called a float at a time;
  *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula);
@@ -178,7 +180,19 @@ int sn_small_op(const sn_small *s) {
     case SN_SPREAD: { /* float lanes over blocks of 4096, each block's sums added in double */
         double sum = 0.0, spread;
         float top = 0.0f;
-        add_squares(s->src, c, &sum, &top);
+        if (s->weights && positions > 0) {
+            for (int64_t k = 0; k < c; k += positions) {
+                float pixel = 0.0f;
+                for (int64_t j = 0; j < positions && k + j < c; j++) {
+                    float u = s->src[k + j] * s->weights[j], uu = u * u;
+                    pixel += uu; /* a NaN reaches the sum, and the band's test fails on it */
+                    top = uu > top ? uu : top;
+                }
+                sum += (double)pixel;
+            }
+        } else {
+            add_squares(s->src, c, &sum, &top);
+        }
         return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
     }
     case SN_LOGISTIC:

@@ -28,8 +28,10 @@ when round 1's mask alone followed; MiniVGG with every round masked, times 255: 
 
 A mask on a user's raw input whose channels the converter scales before it mixes them (``scale``:
 ``converters.schemes.groupmix.input_scales``, features of 1e-3 beside ones of 1e3) follows the spread of the
-input scaled so - the mixed input's RMS, which the mask was sized for: the input's own spread is its largest
-channel's, and would have sized the mask for that channel alone.
+input scaled so, the RMS of its largest channel (or its peak over ``PEAK_RATIO``): the input's own spread
+is that of its largest raw channel, and would size the mask for it, hundreds of times the scaled input;
+and the RMS over all channels would hide a scaled channel that holds most of the power (one feature whose
+column outweighs the others') at a fraction of ``mask_scale`` times its own spread.
 
 A power of two keeps the mask and an exact split's pop mask and grid exact: times ``2**d`` bit for bit
 (``tee_sim.exact_split``). A plain restore's offset ``bias - L(r)`` is rounded at the larger of its two
@@ -91,8 +93,13 @@ PEAK_RATIO = 6.0
 def spread_of(x: np.ndarray, scale: np.ndarray | None = None) -> float:
     """An input's spread, which its mask follows: the larger of its RMS and its largest magnitude over
     ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it); with ``scale`` (float32 per channel, the
-    last axis), the spread of ``x * scale``."""
-    flat = (x if scale is None else x * scale).reshape(-1)
+    last axis), that of ``x * scale`` with the RMS of its largest channel."""
+    if scale is not None:
+        scaled = (x * scale).reshape(-1, scale.size).astype(np.float64)
+        squares = float(np.max(np.mean(scaled * scaled, axis=0), initial=0.0)) if scaled.size else 0.0
+        peak = float(np.max(np.abs(scaled), initial=0.0)) / PEAK_RATIO
+        return max(math.sqrt(squares), peak)  # a NaN reaches both
+    flat = x.reshape(-1)
     squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
     if squares == math.inf:  # over float32's range: again in float64
         squares = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))

@@ -146,12 +146,13 @@ def compile_spread(src: np.ndarray, peak_weight: float = 0.0,
     caller): it returns 0 if so, else 2 (``SPREAD_OUTSIDE``, as a restore's measure: 1 is a failed
     check's), which sends a step on the secure world's fast path back to the TA's Python; None when
     ``src`` is not dense (the caller uses numpy). With ``scale`` (float32, one per channel of the last
-    axis), of ``src * scale``."""
+    axis), of ``src * scale``, the mean square of its largest channel."""
     if not _contiguous(src) or src.size == 0:
         return None
     weights = None
     if scale is not None:
-        if scale.dtype != np.float32 or scale.ndim != 1 or src.ndim < 1 or scale.size != src.shape[-1]:
+        if scale.dtype != np.float32 or scale.ndim != 1 or src.ndim < 1 or scale.size != src.shape[-1] \
+                or src.size % scale.size:
             raise ValueError(f"spread of {src.shape} scaled by {scale.dtype} {scale.shape}")
         weights = np.ascontiguousarray(scale)
     op = _Small(src.ctypes.data, None, 1, 0 if weights is None else weights.size, src.size,

@@ -56,7 +56,8 @@ class ObfuscatedLinear:
     ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``.
     ``input_scale``: float32 ``[C]`` powers of two or None: the mixing is an orthogonal one of the input's
     channels each times its scale, ``x' = B diag(input_scale) x`` (folded into ``input_coef``): the TEE
-    measures the spread its one-time mask follows on ``diag(input_scale) x``, whose RMS is ``x'``'s.
+    measures the spread its one-time mask follows on ``diag(input_scale) x``, the RMS of its largest
+    channel (``tee_sim.mask_spread``).
     """
 
     weights: np.ndarray
@@ -123,19 +124,22 @@ class ActivationStats:
     def for_input_of(self, obf: ObfuscatedLinear) -> ActivationStats:
         """The statistics of ``obf``'s accelerator input: the means permuted or mixed as the input is;
         ``std`` and ``rms`` kept (exact for a permutation, and overall for an orthonormal mixing), or, for
-        a mixing of scaled channels (``input_scale``), those of the scaled input, which the orthogonal
-        mixing keeps (the per-channel squares are no longer the input's: not kept)."""
+        a mixing of scaled channels (``input_scale``), those of the scaled input's largest channel, as the
+        TEE measures it (the per-channel squares are no longer the input's: not kept)."""
         if obf.input_index is None:
             return self.permuted(obf.input_permutation)
         mean = ObfuscatedLinear(obf.weights, None, obf.restore_index, obf.restore_coef, obf.input_index,
                                 obf.input_coef).transform_input(self.mean)
         if obf.input_scale is None:
             return ActivationStats(mean, self.std, self.rms)
-        scale = obf.input_scale.astype(np.float64)
+        # Of the largest scaled channel, which the TEE's measure follows too (tee_sim.mask_spread): the
+        # scales move the input's power among its channels, and a mask sized on their mean would hide
+        # one that holds most of it at a fraction of mask_scale times its own spread.
+        scale = np.square(obf.input_scale.astype(np.float64))
         squares = self.squares if self.squares is not None else np.full(len(scale), self.rms ** 2)
-        ms = float(np.mean(scale ** 2 * squares))
-        std = math.sqrt(max(ms - float(np.mean(np.square(mean))), 0.0))
-        rms = math.sqrt(ms)
+        channel_mean = self.mean if len(self.mean) == len(scale) else np.zeros(len(scale))
+        rms = math.sqrt(float(np.max(scale * squares)))
+        std = math.sqrt(float(np.max(scale * np.maximum(squares - np.square(channel_mean), 0.0))))
         return ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
 
 

@@ -162,6 +162,7 @@ def test_a_scaled_raw_input_is_restored_exactly_and_mixed_orthogonally_after_its
     rng = np.random.default_rng(channels)
     sigma = 10.0 ** rng.uniform(-3, 3, channels)
     w = (rng.standard_normal((24, 3, 3, channels)) / sigma).astype(np.float32)
+    w[..., 1] = 0  # an unused channel: scaled by 2^-60
     layer = LinearLayer("CONV_2D", w, name="conv", input_channels=channels, raw_input=True)
     obf = GroupMixScheme().obfuscate(layer, np.random.default_rng(1))
     assert obf.input_scale is not None and obf.input_coef is not None
@@ -176,10 +177,22 @@ def test_a_scaled_raw_input_is_restored_exactly_and_mixed_orthogonally_after_its
     real = x.reshape(64, -1) @ w.reshape(24, -1).T.astype(np.float64)
     moved = obf.transform_input(x).reshape(64, -1) @ obf.weights.reshape(len(obf.weights), -1).T
     assert np.allclose(obf.restore(moved), real, rtol=1e-6, atol=1e-6 * np.abs(real).max())
+    # Another reader of the same input (a shortcut beside the first conv) shares its push: its filters are
+    # moved by the same scaled mixing, with the unused channel's scale of 2^-60 among them.
+    w2 = (rng.standard_normal((8, 1, 1, channels)) / sigma).astype(np.float32)
+    w2[..., 1] = 0
+    other = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", w2, name="shortcut", input_channels=channels,
+                                                   raw_input=True), np.random.default_rng(2), obf)
+    assert other.same_input_as(obf)
+    real2 = x[:, 1, 1].reshape(64, -1) @ w2.reshape(8, -1).T.astype(np.float64)
+    moved2 = obf.transform_input(x[:, 1, 1]) @ other.weights.reshape(len(other.weights), -1).T
+    assert np.allclose(other.restore(moved2), real2, rtol=1e-6, atol=1e-6 * np.abs(real2).max())
     # Round 1's statistics are the scaled input's largest channel's: the mask is sized for it.
     stats = ActivationStats(np.zeros(channels), 1.0, 1.0, sigma ** 2).for_input_of(obf)
     scaled = sigma * obf.input_scale
-    assert np.isclose(stats.rms, np.max(scaled)) and np.max(scaled) < 4 * np.min(scaled)
+    used = np.arange(channels) != 1
+    assert np.isclose(stats.rms, np.max(scaled)) and np.max(scaled) < 4 * np.min(scaled[used])
+    assert scaled[1] < 1e-12 * np.max(scaled)  # 2^-60
     # Not round 1's: not scaled.
     deeper = GroupMixScheme().obfuscate(LinearLayer("CONV_2D", w, name="conv", input_channels=channels),
                                         np.random.default_rng(1))

@@ -105,6 +105,7 @@ class MaskStream:
                 or (common is not None and (not self.bands or common.shape != mean.shape
                                             or not np.all(np.isfinite(common))))
                 or (scale is not None and (not self.spread or scale.shape != mean.shape
+                                           or scale.dtype != np.float32
                                            or not np.all((scale > 0) & (scale <= 1))))):
             raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape}, bands {self.bands!r}, common "
                              f"{None if common is None else common.shape}, scale "

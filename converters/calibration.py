@@ -151,7 +151,7 @@ def activation_stats(graph: Graph, tensors: set[int],
     probes = sorted(t for t in tensors if t not in graph.inputs)
     run = litert_runner(graph, probes)
     sums = {t: np.zeros(graph.tensors[t].shape[-1] if graph.tensors[t].shape else 1) for t in tensors}
-    squares = dict.fromkeys(tensors, 0.0)
+    squares = {t: np.zeros_like(sums[t]) for t in tensors}  # per channel
     count = 0
     for sample in samples:
         values = dict(zip(probes, run(sample)[len(graph.outputs):], strict=True))
@@ -163,16 +163,17 @@ def activation_stats(graph: Graph, tensors: set[int],
                                      f"{graph.tensors[t].shape}")
             flat = value.reshape(-1, value.shape[-1] if value.ndim else 1).astype(np.float64)  # (a scalar)
             sums[t] += flat.mean(axis=0)
-            squares[t] += float(np.mean(np.square(flat)))
+            squares[t] += np.mean(np.square(flat), axis=0)
         count += 1
     stats = {}
     for t in tensors:
         mean = sums[t] / count
-        rms = float(np.sqrt(squares[t] / count))
-        std = float(np.sqrt(max(squares[t] / count - float(np.mean(np.square(mean))), 0.0)))
-        if not (np.isfinite(rms) and np.all(np.isfinite(mean))):
-            mean, rms, std = np.zeros_like(mean), 1.0, 1.0
-        stats[t] = ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
+        channel_squares = squares[t] / count
+        rms = float(np.sqrt(np.mean(channel_squares)))
+        std = float(np.sqrt(max(float(np.mean(channel_squares)) - float(np.mean(np.square(mean))), 0.0)))
+        if not (np.isfinite(rms) and np.all(np.isfinite(mean)) and np.all(np.isfinite(channel_squares))):
+            mean, rms, std, channel_squares = np.zeros_like(mean), 1.0, 1.0, np.ones_like(mean)
+        stats[t] = ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms, channel_squares)
     return stats
 
 

@@ -213,6 +213,11 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
             # push, and as a restore's fused push makes it.
             if 0 < spread < math.inf:
                 masks[name]["spread"] = float(spread)
+                if p.get("scale") is not None:
+                    # It follows the spread of the input's channels scaled (ObfuscatedLinear.input_scale), as
+                    # mixed: the input's own would size it for its largest raw channel.
+                    arrays[f"{name}/scale"] = np.asarray(p["scale"], np.float32)
+                    masks[name]["scale"] = f"{name}/scale"
             by_push[p["name"]] = name
         for rest in builder.restores[r - 1]:
             buffer = f"round_{r}/out/{rest['name']}"

@@ -154,7 +154,8 @@ class RoundsBuilder:
                                    "one_time": one_time, "stats": stats, "dist": dist, "split": split,
                                    "wire_shape": wire,
                                    "mix": None if obf.input_index is None
-                                   else (obf.input_index, obf.input_coef)}
+                                   else (obf.input_index, obf.input_coef),
+                                   "scale": obf.input_scale}
                 push = pushes[key]
                 j = len(restores)
                 out_shape = g.tensors[y].shape
@@ -218,8 +219,13 @@ class RoundsBuilder:
             mixed = [k for k in readers if k[:2] == (x, split_class) and k[2] is not None]  # x's, transformed
             first = obfs[mixed[0][2]] if mixed else None
             try:
+                # Round 1 reads the user's input, its channels' scales the vendor's (raw features, a
+                # standardization folded into the layer), pushed plainly: its mask's spread measure may
+                # weigh the channels (``ObfuscatedLinear.input_scale``), which a restore's fused push's may
+                # not.
                 obf = obfs[i] = self.scheme.obfuscate(
-                    LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1]), self.rng, first)
+                    LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1], raw_input=r == 1),
+                    self.rng, first)
             except ValueError as exc:
                 raise UnsupportedOpError(f"{name}: {exc}") from None
             key = (x, split_class, None)

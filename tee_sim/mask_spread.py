@@ -26,6 +26,13 @@ leakage 0.01-0.03, against 0.99 before; a vector input joining a dense head, tim
 when round 1's mask alone followed; MiniVGG with every round masked, times 255: every round <= 0.06, against
 0.85-0.92 for rounds 2-4 then.
 
+A mask on a user's raw input whose channels the converter scales before it mixes them (``scale``:
+``converters.schemes.groupmix.input_scales``, features of 1e-3 beside ones of 1e3) follows the spread of the
+input scaled so, the RMS of its largest channel (or its peak over ``PEAK_RATIO``): the input's own spread
+is that of its largest raw channel, and would size the mask for it, hundreds of times the scaled input;
+and the RMS over all channels would hide a scaled channel that holds most of the power (one feature whose
+column outweighs the others') at a fraction of ``mask_scale`` times its own spread.
+
 A power of two keeps the mask and an exact split's pop mask and grid exact: times ``2**d`` bit for bit
 (``tee_sim.exact_split``). A plain restore's offset ``bias - L(r)`` is rounded at the larger of its two
 terms: moved down (``d < 0``) it becomes ``bias - 2**d L(r)`` by scaling (``PopMask.rescale``: its rounding
@@ -83,9 +90,15 @@ KEPT = 2  # a mask stays at its power of two while the input's spread is within 
 PEAK_RATIO = 6.0
 
 
-def spread_of(x: np.ndarray) -> float:
+def spread_of(x: np.ndarray, scale: np.ndarray | None = None) -> float:
     """An input's spread, which its mask follows: the larger of its RMS and its largest magnitude over
-    ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it)."""
+    ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it); with ``scale`` (float32 per channel, the
+    last axis), that of ``x * scale`` with the RMS of its largest channel."""
+    if scale is not None:
+        scaled = (x * scale).reshape(-1, scale.size).astype(np.float64)
+        squares = float(np.max(np.mean(scaled * scaled, axis=0), initial=0.0)) if scaled.size else 0.0
+        peak = float(np.max(np.abs(scaled), initial=0.0)) / PEAK_RATIO
+        return max(math.sqrt(squares), peak)  # a NaN reaches both
     flat = x.reshape(-1)
     squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
     if squares == math.inf:  # over float32's range: again in float64
@@ -166,7 +179,12 @@ class SpreadFollower:
         """The compiled push (its ``step``) of followed mask ``name`` in ``entry``'s slot, of input ``x``;
         returns the slot's spread check (None: ``x`` is not dense, numpy measures it in ``follow``). A
         restore's fused push gives its kernel's ``measure`` instead, and gets None."""
-        check = compile_spread(x, PEAK_RATIO ** -2) if measure is None else None
+        scale = self.streams[name].scale
+        if scale is not None and measure is not None:
+            # A restore's kernel measures what it restores unweighted: such a mask would be sized for the
+            # scaled input and follow the unscaled one's spread (the converter scales round 1's alone).
+            raise ValueError(f"mask {name}: a restore's push cannot follow its input's scaled spread")
+        check = compile_spread(x, PEAK_RATIO ** -2, scale) if measure is None else None
         self._bound[entry.slot][name] = (push.step, check.op if check is not None else measure)
         self._set(entry, name, entry.exponents.get(name, 0))
         return check
@@ -175,7 +193,7 @@ class SpreadFollower:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
         spread (``spread_of``) calls for (moved in place if need be), which the next entries are drawn at
         too."""
-        self._follow(entry, name, spread_of(x), remake)
+        self._follow(entry, name, spread_of(x, self.streams[name].scale), remake)
 
     def follow_measured(self, entry: Any, name: str, remake: Callable[[Any, str], None]) -> None:
         """After a restore's fused push with ``entry``'s mask ``name`` whose kernel found the restored

@@ -90,7 +90,7 @@ class MaskStream:
     """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
 
     def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray],
-                 common: np.ndarray | None = None) -> None:
+                 common: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
@@ -103,9 +103,16 @@ class MaskStream:
                 or not (self.spread == 0 or 0 < self.spread < math.inf)
                 or not isinstance(self.bands, int) or isinstance(self.bands, bool)
                 or (common is not None and (not self.bands or common.shape != mean.shape
-                                            or not np.all(np.isfinite(common))))):
+                                            or not np.all(np.isfinite(common))))
+                or (scale is not None and (not self.spread or scale.shape != mean.shape
+                                           or scale.dtype != np.float32
+                                           or not np.all((scale > 0) & (scale <= 1))))):
             raise ValueError(f"mask of {spec['buffer']}: mean {mean.shape}, bands {self.bands!r}, common "
-                             f"{None if common is None else common.shape} do not fit its shape {self.shape}")
+                             f"{None if common is None else common.shape}, scale "
+                             f"{None if scale is None else scale.shape} do not fit its shape {self.shape}")
+        # The input's channel scales (``converters.schemes.ObfuscatedLinear.input_scale``): its spread is
+        # measured on the input scaled so, whose RMS the mixed input has (``tee_sim.mask_spread``).
+        self.scale = scale
         self.mean = mean
         self.size = math.prod(self.shape)
         extra = 0

@@ -163,8 +163,12 @@ class PerInference:
             common = spec.get("common")  # a shaped mask's common direction (tee_sim.one_time_masks)
             if common is not None and (not isinstance(common, str) or common not in arrays):
                 raise ValueError(f"mask {name}: common direction {common!r} is not an array of the program")
+            scale = spec.get("scale")  # the input's channel scales its spread is measured with
+            if scale is not None and (not isinstance(scale, str) or scale not in arrays):
+                raise ValueError(f"mask {name}: channel scales {scale!r} are not an array of the program")
             self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self.account,
-                                            None if common is None else arrays[common])
+                                            None if common is None else arrays[common],
+                                            None if scale is None else arrays[scale])
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]

@@ -28,9 +28,11 @@ import numpy as np
 MAGIC = b"SNTP"
 # Written; 2: a restore may add an ``addend`` tensor; 3: a one-time mask may be shaped (``bands``,
 # ``common``: ``mask_bands``), and a checked layer carry its inputs' ``anisotropy`` (``tee_sim.freivalds``).
+# 4: a one-time mask may follow the spread of its input's channels scaled (``scale``: a user's raw input whose
+# channels differ in scale, ``converters.schemes.groupmix.input_scales``).
 # An older reader would skip them and compute, mask or check something else.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = frozenset({1, 2, 3})
+FORMAT_VERSION = 4
+READABLE_VERSIONS = frozenset({1, 2, 3, 4})
 PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside the container)
 
 # The largest input magnitude a protected model takes: round 1's mask is 10-40x its input's RMS (white;

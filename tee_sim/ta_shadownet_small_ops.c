@@ -12,7 +12,9 @@
  *                 their largest square lies in (lo, hi], else 2 (as sn_run's SPREAD_OUTSIDE, never 1, a
  *                 failed check's answer; the step goes back to the TA's Python):
  *                 whether a plain push's one-time mask may stay at its power of two for this input
- *                 (tee_sim.mask_spread); float lanes, each block's sums in double;
+ *                 (tee_sim.mask_spread); float lanes, each block's sums in double; with weights, of
+ *                 each value times its channel's weight, positions channels to a pixel (a raw input whose
+ *                 channels the mixing scales), the mean square that of the largest channel (in double);
  *     SN_LOGISTIC dst = 1 / (1 + exp(-src)), c contiguous floats (EfficientNet's swish and gates), exp
  *                 vectorized here (vexp): within 2 ulps of expf, where libm's is called a float at a time;
  *     SN_HARD_SWISH dst = src * clamp(src / 6 + 1/2, 0, 1), c contiguous floats (XNNPACK's formula);
@@ -178,8 +180,30 @@ int sn_small_op(const sn_small *s) {
     case SN_SPREAD: { /* float lanes over blocks of 4096, each block's sums added in double */
         double sum = 0.0, spread;
         float top = 0.0f;
-        add_squares(s->src, c, &sum, &top);
-        return in_band(sum, top, c, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
+        int64_t count = c;
+        if (s->weights && positions > 0 && c % positions == 0) {
+            count = c / positions; /* values per channel */
+            for (int64_t j0 = 0; j0 < positions; j0 += 256) { /* 256 channels' sums at a time */
+                int64_t width = positions - j0 < 256 ? positions - j0 : 256;
+                double acc[256] = {0};
+                float peak[256] = {0}; /* per channel: one chain through every value was 6x a plain check */
+                for (int64_t p = 0; p < count; p++) {
+                    const float *x = s->src + p * positions + j0;
+                    for (int64_t j = 0; j < width; j++) {
+                        float u = x[j] * s->weights[j0 + j], uu = u * u;
+                        acc[j] += (double)uu;
+                        peak[j] = uu > peak[j] ? uu : peak[j];
+                    }
+                }
+                for (int64_t j = 0; j < width; j++) { /* the largest; a NaN is kept: the band's test fails */
+                    if (sum == sum && (acc[j] > sum || acc[j] != acc[j])) sum = acc[j];
+                    top = peak[j] > top ? peak[j] : top;
+                }
+            }
+        } else {
+            add_squares(s->src, c, &sum, &top);
+        }
+        return in_band(sum, top, count, (double)s->beta, s->lo, s->hi, &spread) ? 0 : 2;
     }
     case SN_LOGISTIC:
     case SN_HARD_SWISH:

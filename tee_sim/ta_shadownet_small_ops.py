@@ -139,18 +139,27 @@ def compile_softmax(instr: dict[str, Any], src: np.ndarray, dst: np.ndarray) -> 
     return _kernel(_SOFTMAX, src, dst, 1, src.size // c, c, float(instr["beta"]))
 
 
-def compile_spread(src: np.ndarray, peak_weight: float = 0.0) -> Callable[[], Any] | None:
+def compile_spread(src: np.ndarray, peak_weight: float = 0.0,
+                   scale: np.ndarray | None = None) -> Callable[[], Any] | None:
     """A check, as one call, that the larger of the mean square of a dense float32 ``src`` and
     ``peak_weight`` times its largest square lies in ``(op.lo, op.hi]`` (the kernel's ``op``, set by the
     caller): it returns 0 if so, else 2 (``SPREAD_OUTSIDE``, as a restore's measure: 1 is a failed
     check's), which sends a step on the secure world's fast path back to the TA's Python; None when
-    ``src`` is not dense (the caller uses numpy)."""
+    ``src`` is not dense (the caller uses numpy). With ``scale`` (float32, one per channel of the last
+    axis), of ``src * scale``, the mean square of its largest channel."""
     if not _contiguous(src) or src.size == 0:
         return None
-    op = _Small(src.ctypes.data, None, 1, 1, src.size, float(peak_weight), _SPREAD)
+    weights = None
+    if scale is not None:
+        if scale.dtype != np.float32 or scale.ndim != 1 or src.ndim < 1 or scale.size != src.shape[-1] \
+                or src.size % scale.size:
+            raise ValueError(f"spread of {src.shape} scaled by {scale.dtype} {scale.shape}")
+        weights = np.ascontiguousarray(scale)
+    op = _Small(src.ctypes.data, None, 1, 0 if weights is None else weights.size, src.size,
+                float(peak_weight), _SPREAD, weights=None if weights is None else weights.ctypes.data)
     op.lo, op.hi = math.inf, -math.inf  # nothing in the band until the caller sets it
     address = ctypes.addressof(op)
-    kernel = lambda keep=(op, src): LIBRARY.sn_small_op(address)  # noqa: E731 - a function with an attribute
+    kernel = lambda keep=(op, src, weights): LIBRARY.sn_small_op(address)  # noqa: E731 - with an attribute
     kernel.c_call = (SN_SMALL_OP, address)
     kernel.op = op
     return kernel

@@ -30,13 +30,17 @@ class LinearLayer:
     """One offloadable op's weights, in LiteRT's layout: CONV_2D ``[N, kh, kw, C]``, FULLY_CONNECTED
     ``[N, K]``, DEPTHWISE_CONV_2D ``[1, kh, kw, C * depth_multiplier]``. ``name`` is for messages.
     ``input_channels``: the size of the op input's last axis, the axis an input transform acts on (None:
-    unknown; a FULLY_CONNECTED flattens its input, so its ``K`` may be a multiple of it)."""
+    unknown; a FULLY_CONNECTED flattens its input, so its ``K`` may be a multiple of it).
+    ``raw_input``: the op reads a user's input in round 1, whose channels may differ in scale by orders of
+    magnitude (a standardization folded into the layer): a scheme may scale its channels first
+    (``ObfuscatedLinear.input_scale``)."""
 
     kind: str
     weights: np.ndarray
     depth_multiplier: int = 1
     name: str = ""
     input_channels: int | None = None
+    raw_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class ObfuscatedLinear:
     ``input_index`` (int32) / ``input_coef`` (float32), both ``[k, C]``, or None: a mixing of the input
     channels instead of a permutation (``input_permutation`` is then None): the accelerator's input is
     ``x'[..., c] = sum_j input_coef[j, c] * x[..., input_index[j, c]]``.
+    ``input_scale``: float32 ``[C]`` powers of two or None: the mixing is an orthogonal one of the input's
+    channels each times its scale, ``x' = B diag(input_scale) x`` (folded into ``input_coef``): the TEE
+    measures the spread its one-time mask follows on ``diag(input_scale) x``, the RMS of its largest
+    channel (``tee_sim.mask_spread``).
     """
 
     weights: np.ndarray
@@ -58,6 +66,7 @@ class ObfuscatedLinear:
     restore_coef: np.ndarray
     input_index: np.ndarray | None = None
     input_coef: np.ndarray | None = None
+    input_scale: np.ndarray | None = None
 
     def transform_input(self, x: np.ndarray) -> np.ndarray:
         """The accelerator's input for the layer input ``x``, in float64 (offline: tests)."""
@@ -94,27 +103,44 @@ class ObfuscatedLinear:
 @dataclass(frozen=True)
 class ActivationStats:
     """What calibration measured of one offloaded input (in the accelerator's channel order): the
-    per-channel ``mean`` (float64 ``[C]``), the ``std`` around it and the ``rms``, over all elements."""
+    per-channel ``mean`` (float64 ``[C]``), the ``std`` around it and the ``rms``, over all elements;
+    ``squares``: the per-channel mean square (float64 ``[C]``; None: unknown, taken as ``rms ** 2``)."""
 
     mean: np.ndarray
     std: float
     rms: float
+    squares: np.ndarray | None = None
 
     @classmethod
     def unit(cls, channels: int) -> ActivationStats:
-        return cls(np.zeros(channels), 1.0, 1.0)
+        return cls(np.zeros(channels), 1.0, 1.0, np.ones(channels))
 
     def permuted(self, permutation: np.ndarray | None) -> ActivationStats:
-        return self if permutation is None else ActivationStats(self.mean[permutation], self.std, self.rms)
+        if permutation is None:
+            return self
+        return ActivationStats(self.mean[permutation], self.std, self.rms,
+                               None if self.squares is None else self.squares[permutation])
 
     def for_input_of(self, obf: ObfuscatedLinear) -> ActivationStats:
         """The statistics of ``obf``'s accelerator input: the means permuted or mixed as the input is;
-        ``std`` and ``rms`` kept (exact for a permutation, and overall for an orthonormal mixing)."""
+        ``std`` and ``rms`` kept (exact for a permutation, and overall for an orthonormal mixing), or, for
+        a mixing of scaled channels (``input_scale``), those of the scaled input's largest channel, as the
+        TEE measures it (the per-channel squares are no longer the input's: not kept)."""
         if obf.input_index is None:
             return self.permuted(obf.input_permutation)
         mean = ObfuscatedLinear(obf.weights, None, obf.restore_index, obf.restore_coef, obf.input_index,
                                 obf.input_coef).transform_input(self.mean)
-        return ActivationStats(mean, self.std, self.rms)
+        if obf.input_scale is None:
+            return ActivationStats(mean, self.std, self.rms)
+        # Of the largest scaled channel, which the TEE's measure follows too (tee_sim.mask_spread): the
+        # scales move the input's power among its channels, and a mask sized on their mean would hide
+        # one that holds most of it at a fraction of mask_scale times its own spread.
+        scale = np.square(obf.input_scale.astype(np.float64))
+        squares = self.squares if self.squares is not None else np.full(len(scale), self.rms ** 2)
+        channel_mean = self.mean if len(self.mean) == len(scale) else np.zeros(len(scale))
+        rms = math.sqrt(float(np.max(scale * squares)))
+        std = math.sqrt(float(np.max(scale * np.maximum(squares - np.square(channel_mean), 0.0))))
+        return ActivationStats(mean, std if std > 0 else max(rms, 1.0), rms)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
   output-side mixing apart when the real weights are heavy-tailed or sparse (trained, pruned), finds
   nothing (measured on 64 filters 3x3x32: Laplace weights 57 recovered with a permutation of the inputs
   instead, 0 with the mixing; 50%-sparse 64 -> 0; 70%-sparse 64 -> 7).
+- A user's raw input (round 1's layers) whose filters' columns differ in norm by more than 4x (a
+  standardization folded into the layer: features of 1e-3 beside ones of 1e3, an RGB-D image's depth in
+  millimetres) is scaled per channel first, by powers of two of those norms (``input_scales``): the TEE
+  mixes ``x' = B diag(s) x`` (an input of a few channels, otherwise left alone: ``x' = diag(s) x``), the
+  filters become ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact
+  split - sees channels of one scale instead of rounding the small ones at the grid of the largest.
 - The ``N`` output channels are cut into ``ceil(N / group_size)`` groups of consecutive channels, as
   equal as possible (15 or 16 for the default 16). Group ``g`` with real filters ``B_g`` ``[n_g, D]``
   gets an ``r_g``-dimensional subspace: ``span(B_g)``, plus random directions orthogonal to it when its
@@ -103,6 +109,10 @@ MASK_FLOORS = ("layers", "input")
 MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
 MAX_GROUP = 1 << 16  # group_size, input_group: past the channels of any layer this project has met
 MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
+# A user's raw input is scaled per channel before its mixing (``input_scales``) where its filters' columns
+# differ by more than SCALE_BITS powers of two (within them, 2 bits of float32 at most are lost in the
+# mixing: the zoo's first layers are left as they were); scales go down to 2 ** -MAX_SCALE_BITS.
+SCALE_BITS, MAX_SCALE_BITS = 2, 60
 
 
 class GroupMixScheme:
@@ -185,10 +195,10 @@ class GroupMixScheme:
         # The input side: channels on the last axis of the op's input (a dense layer's K may hold several
         # positions of them, flattened); unknown for a dense layer: left alone.
         channels = w.shape[-1] if layer.kind == "CONV_2D" else layer.input_channels
-        permutation = input_index = input_coef = None
+        permutation = input_index = input_coef = input_scale = None
         if self.input_group and channels and w.reshape(n, -1).shape[1] % channels == 0:
-            w, permutation, input_index, input_coef = self._mix_inputs(w.reshape(n, -1, channels), rng,
-                                                                       input_of)
+            w, permutation, input_index, input_coef, input_scale = self._mix_inputs(
+                w.reshape(n, -1, channels), rng, input_of, layer.raw_input)
             w = w.reshape(layer.weights.shape)
         rows = w.reshape(n, -1)
         d = rows.shape[1]
@@ -217,7 +227,7 @@ class GroupMixScheme:
             coef[:m, a:b] = c.T
         weights = np.concatenate([mixed[g] for g in order]).reshape(-1, *w.shape[1:])
         return ObfuscatedLinear(np.ascontiguousarray(weights), permutation, index, coef, input_index,
-                                input_coef)
+                                input_coef, input_scale)
 
     def input_blocks(self, channels: int) -> list[tuple[int, int]] | None:
         """The ``[a, b)`` blocks of consecutive input channels that a conv layer's input of ``channels`` is
@@ -226,47 +236,56 @@ class GroupMixScheme:
             return None
         return split_groups(channels, self.input_group)
 
-    def _mix_inputs(self, w: np.ndarray, rng: Random,
-                    input_of: ObfuscatedLinear | None = None) -> tuple[np.ndarray, ...]:
+    def _mix_inputs(self, w: np.ndarray, rng: Random, input_of: ObfuscatedLinear | None = None,
+                    raw_input: bool = False) -> tuple[np.ndarray | None, ...]:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
-        input transform: ``(permutation, None, None)`` or ``(None, index, coef)`` of a mixing), that of
-        ``input_of`` when it transforms ``C`` channels (another reader of the same tensor)."""
+        input transform: ``(permutation, None, None, None)`` or ``(None, index, coef, scale)`` of a
+        mixing), that of ``input_of`` when it transforms ``C`` channels (another reader of the same
+        tensor). A user's raw input (``raw_input``) whose filters' columns differ in scale is mixed
+        after its channels are scaled (``input_scales``)."""
         c = w.shape[-1]
         if input_of is not None and input_of.input_permutation is not None \
                 and len(input_of.input_permutation) == c:
             permutation = input_of.input_permutation
-            return w[..., permutation], permutation, None, None
+            return w[..., permutation], permutation, None, None, None
         if input_of is not None and input_of.input_index is not None and input_of.input_index.shape[1] == c:
             index, coef = input_of.input_index, input_of.input_coef
             moved = np.empty_like(w)
-            for a, b in self.input_blocks(c):
+            for a, b in self.input_blocks(c) or [(a, a + 1) for a in range(c)]:
                 block = coef[:b - a, a:b].T.astype(np.float64)
                 moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block)
-            return moved, None, index, coef
+            return moved, None, index, coef, input_of.input_scale
+        scale = input_scales(w) if raw_input and self.input_group >= 2 else None
         if c < max(2, self.input_group // 2):
             # A few channels (an RGB image): mixing them would Gaussianize little and costs a slow narrow
             # matmul on the largest tensor, permuting them hides little and costs a gather; ICA needs far
-            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone.
-            return w, None, None, None
+            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone, but for their
+            # scales (an RGB-D image's depth in millimetres beside colours in [0, 1]).
+            if scale is None:
+                return w, None, None, None, None
+            index = np.arange(c, dtype=np.int32)[None, :]
+            return w / scale.astype(np.float64), None, index, scale[None, :].copy(), scale
         if self.input_group == 1:
             permutation = rng.permutation(c)
-            return w[..., permutation], permutation.astype(np.int32), None, None
-        # x'_c = sum_j B[c, j] x_j over c's group of consecutive channels (B orthogonal blocks, stored
-        # float32); the filters W' = W B^-1, so W' x' = W x with the float32 B exactly. No permutation
-        # first: the push reads each group as a contiguous slice (one matmul, no gather), and the
-        # mixing already hides every channel.
+            return w[..., permutation], permutation.astype(np.int32), None, None, None
+        # x'_c = sum_j B[c, j] s_j x_j over c's group of consecutive channels (B orthogonal blocks, stored
+        # float32; s the channels' scales, powers of two, or ones); the filters W' = W diag(s)^-1 B^-1, so
+        # W' x' = W x with the float32 B exactly. No permutation first: the push reads each group as a
+        # contiguous slice (one matmul, no gather), and the mixing already hides every channel.
         groups = self.input_blocks(c)
         k = max(b - a for a, b in groups)
         index = np.zeros((k, c), np.int32)
         coef = np.zeros((k, c), np.float32)
         moved = np.empty_like(w)
+        unscaled = w if scale is None else w / scale.astype(np.float64)
         for a, b in groups:
             block = haar_orthogonal(b - a, rng).astype(np.float32)
             index[:, a:b] = a  # unused terms: coefficient 0
             index[:b - a, a:b] = np.arange(a, b)[:, None]
-            coef[:b - a, a:b] = block.T
-            moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block.astype(np.float64))
-        return moved, None, index, coef
+            # a power of two: the scaled block is the float32 block's, scaled exactly
+            coef[:b - a, a:b] = block.T if scale is None else block.T * scale[a:b, None]
+            moved[..., a:b] = unscaled[..., a:b] @ np.linalg.inv(block.astype(np.float64))
+        return moved, None, index, coef, scale
 
     def _basis(self, b: np.ndarray, d: int, rng: Random) -> np.ndarray:
         """``Q0``: an orthonormal basis ``[r, D]`` of the group's span, topped up with random orthogonal
@@ -344,6 +363,30 @@ class GroupMixScheme:
         if self.center_masks:
             noise -= stats.mean.astype(np.float32)
         return noise
+
+
+def input_scales(w: np.ndarray) -> np.ndarray | None:
+    """Per input channel of filters ``w`` ``[N, positions, C]``, the power of two nearest its column's norm
+    over the largest column's (float32, at most 1; None where they all lie within ``SCALE_BITS``
+    powers of two). A standardization folded into a layer (``W = A diag(1 / sigma)``) sets the columns'
+    norms to about ``1 / sigma``: the input scaled so, ``diag(s) x``, has channels of one scale whatever
+    the input's own (which calibration with random inputs does not know). The mixing, the basis of each
+    group's span (in the mixed coordinates) and the one-time mask (sized on the mixed input) then treat
+    every channel alike, where in the input's own coordinates a feature of 1e-3 was rounded at the grid of
+    one of 1e3 (a probe: outputs 2e-4 - 1e-2 off LiteRT's). Powers of two: the scaled input, and the
+    filters scaled back, are exact in float32. A column of zeros, or one ``MAX_SCALE_BITS`` under the
+    largest, is scaled by ``2 ** -MAX_SCALE_BITS``: it adds nothing to the outputs, and scaled by 1 a large
+    unused channel would bury the others in the mixing."""
+    norms = np.sqrt(np.sum(np.square(w.astype(np.float64)), axis=(0, 1)))
+    if w.shape[-1] < 2 or not np.any(norms > 0) or not np.all(np.isfinite(norms)):
+        return None
+    exponents = np.full(len(norms), -np.inf)
+    exponents[norms > 0] = np.rint(np.log2(norms[norms > 0]))
+    top = exponents.max()
+    exponents = np.clip(exponents - top, -MAX_SCALE_BITS, 0)
+    if -exponents.min() <= SCALE_BITS:
+        return None
+    return (2.0 ** exponents).astype(np.float32)
 
 
 def split_groups(n: int, size: int) -> list[tuple[int, int]]:

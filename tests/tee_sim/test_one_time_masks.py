@@ -120,3 +120,20 @@ def test_a_shaped_mask_that_does_not_fit_its_tensor_is_refused(spec, common, mes
         MaskStream({"buffer": "b", "shape": [1, 16, 16, 3], "std": 1.0, **spec}, np.zeros(3, np.float32),
                    _alloc, common=common)
 
+
+
+@pytest.mark.parametrize("spec,scale", [
+    ({}, np.ones(3, np.float32)),  # channel scales on a mask that does not follow its input
+    ({"spread": 1.0}, np.ones(2, np.float32)),
+    ({"spread": 1.0}, np.ones(3, np.float64)),
+    ({"spread": 1.0}, np.array([1.0, 0.0, 0.5], np.float32)),
+    ({"spread": 1.0}, np.array([1.0, 2.0, 0.5], np.float32)),  # the largest channel's scale is 1
+    ({"spread": 1.0}, np.array([1.0, np.nan, 0.5], np.float32)),
+])
+def test_channel_scales_that_do_not_fit_the_mask_are_refused(spec, scale):
+    """A raw input's channel scales, which its mask's spread is measured with (``tee_sim.mask_spread``)."""
+    with pytest.raises(ValueError, match="scale"):
+        MaskStream({"buffer": "b", "shape": [1, 16, 16, 3], "std": 1.0, **spec}, np.zeros(3, np.float32),
+                   _alloc, scale=scale)
+    MaskStream({"buffer": "b", "shape": [1, 16, 16, 3], "std": 1.0, "spread": 1.0}, np.zeros(3, np.float32),
+               _alloc, scale=np.array([1.0, 2.0 ** -20, 0.5], np.float32))

@@ -45,7 +45,7 @@ def _rewrite(data: bytes, edit) -> bytes:
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d[:10], "truncated"),
     (lambda d: b"XXXX" + d[4:], "magic"),
-    (lambda d: d[:4] + struct.pack("<H", 4) + d[6:], "version"),
+    (lambda d: d[:4] + struct.pack("<H", 5) + d[6:], "version"),
     (lambda d: d[:4] + struct.pack("<H", 0) + d[6:], "version"),
     (lambda d: d[:8] + struct.pack("<Q", len(d)) + d[16:], "overruns"),
     (lambda d: d[:-8], "past the end"),
@@ -67,11 +67,11 @@ def test_only_bytes_are_parsed():
         read_program(bytearray(blob()))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_programs_are_still_read(version):
-    """Versions 2 and 3 only added fields (a restore's addend, a shaped mask's bands): programs of the
-    older versions mean the same."""
+    """Versions 2, 3 and 4 only added fields (a restore's addend, a shaped mask's bands, a mask's channel
+    scales): programs of the older versions mean the same."""
     data = blob()
-    assert struct.unpack_from("<H", data, 4)[0] == 3
+    assert struct.unpack_from("<H", data, 4)[0] == 4
     program, arrays = read_program(data[:4] + struct.pack("<H", version) + data[6:])
     assert program == read_program(data)[0] and arrays.keys() == ARRAYS.keys()

@@ -143,6 +143,38 @@ def test_spread_check_follows_a_sparse_inputs_peak():
     assert spread_of(image) == pytest.approx(float(np.sqrt(np.mean(image.astype(np.float64) ** 2))), rel=1e-5)
 
 
+@pytest.mark.parametrize("channels", [4, 30, 300])  # RGB-D; tabular features; past the kernel's 256 at once
+def test_spread_check_of_a_scaled_input_follows_its_largest_scaled_channel(channels):
+    """A raw input whose channels the mixing scales (``converters.schemes.groupmix.input_scales``): its mask
+    follows the RMS of the largest channel of ``x * scale`` (or its peak over ``PEAK_RATIO``), in C as in
+    numpy - not the input's own spread, its largest raw channel's."""
+    from tee_sim.mask_spread import PEAK_RATIO, band, exponent, spread_of
+
+    rng = np.random.default_rng(channels)
+    sigma = 10.0 ** rng.uniform(-3, 3, channels)
+    scale = (2.0 ** -np.rint(np.log2(sigma / sigma.min()))).astype(np.float32)
+    x = (sigma * rng.standard_normal((1, 37, channels))).astype(np.float32)
+    x[..., 1] *= 30  # one scaled channel 30x the others: the one the mask must hide
+    scaled = x.astype(np.float64) * scale
+    largest = float(np.sqrt(np.max(np.mean(scaled ** 2, axis=(0, 1)))))
+    assert spread_of(x, scale) == pytest.approx(max(largest, np.abs(scaled).max() / PEAK_RATIO), rel=1e-6)
+    assert spread_of(x) > 30 * spread_of(x, scale)  # unscaled: sized for the largest raw channel
+    check = ops.compile_spread(x, PEAK_RATIO ** -2, scale)
+    mean = float(np.sqrt(np.mean(scaled ** 2)))  # over all the channels
+    answers = []
+    for measure in (spread_of(x, scale), spread_of(x), mean, largest / 3, largest * 3):
+        lo, hi = band(1.0, exponent(measure, 1.0, 0))
+        check.op.lo, check.op.hi = lo, hi
+        answers.append(check())
+        assert answers[-1] == (0 if lo < spread_of(x, scale) ** 2 <= hi else 2), measure
+    assert answers[:2] == [0, 2] and (channels < 30 or answers[2] == 2)  # 30: the mean 5.5x under
+    x[0, 5, channels - 1] = np.nan
+    check.op.lo, check.op.hi = -np.inf, np.inf
+    assert check() == 2
+    with pytest.raises(ValueError):
+        ops.compile_spread(x, PEAK_RATIO ** -2, scale[:-1])
+
+
 @pytest.mark.parametrize("kind", ["LOGISTIC", "HARD_SWISH", "GELU", "GELU approximate"])
 @pytest.mark.parametrize("size", [1, 15, 16, 17, 2019])
 def test_smooth_activations_in_c_against_float64(kind, size):

@@ -60,6 +60,15 @@ import numpy as np
 # and 7.7e-6 with it). Round 1's shaped masks (sqrt(2 * bands) times as large per element) are always
 # split: this measure put MiniVGG's at 2.9e-6, and unsplit its outputs were up to 1.2e-4 off (a review).
 NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
+# A round every policy masks for what one layer made of the user's input, or for its narrow input (stop 56:
+# ``converters.partition.always_masked``), is split by ``auto`` where that costs less than LATER_CHEAP_BELOW
+# of the offloaded multiply-adds or fewer than LATER_CHEAP_MACS (a small model's: a folded-standardization
+# MLP's second layer, unsplit, put some of its outputs 3.5e-4 off, 10x LiteRT's engines' distance):
+# ResNet-44's round 2 (+7%) then keeps the model at LiteRT's float32 floor
+# (unsplit, 9x its engines' distance from float64, 6.3e-6), and ResNet-404's (+0.8%); YOLOv4-tiny's (+17%,
+# and 25% of its latency and 11 MB in each pool entry, which put its verified model past the 64 MiB cap)
+# and MiniVGG's (+70%) cross unsplit (MiniVGG's outputs then at most 4.5e-5 off LiteRT's over 32 inputs).
+LATER_CHEAP_BELOW, LATER_CHEAP_MACS = 0.1, 1 << 20
 # A round that a user input joins after round 1 (a U-Net's skip from the image: a helper's probe measured its
 # outputs up to 2e-3 off unsplit) is split by ``auto`` where its readers' split weights, four times theirs,
 # total at most LATE_SPLIT_BYTES: the trusted app reads them whole into secure memory at each refill of its

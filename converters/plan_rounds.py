@@ -17,7 +17,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, linear
 from converters.graph import Graph, Signature
-from converters.partition import Partition, carries_input
+from converters.partition import Partition, carries_input, input_rounds
 from converters.plan_numpy import numpy_activation, numpy_form
 from converters.schemes import (
     ActivationStats,
@@ -103,6 +103,7 @@ class RoundsBuilder:
         # mask's magnitude: outputs up to 2e-3 off (a helper's probe); round 2 of the zoo's MiniVGG and
         # ResNet-44 unsplit, 4-6x their error split (stop 56).
         self.always_masked = set(always_masked_for(part, scheme))
+        self.input_rounds = set(input_rounds(part))
         self.needs_split = needs_split or {}  # model input -> whether its mask needs the split
         self.R = len(part.rounds)
         self.untrusted = Graph()
@@ -299,20 +300,27 @@ class RoundsBuilder:
         shaped or its float32 rounding costs the outputs precision (``needs_split``, True for a shaped mask,
         measured by calibration for a white one; a tensor it did not measure, one the TEE computes, is
         split) or where the split - 3x more multiply-adds on its readers - is cheap
-        (``exact_split.CHEAP_BELOW``), and a later such round where its readers' split weights fit
-        ``exact_split.LATE_SPLIT_BYTES``; or none."""
+        (``exact_split.CHEAP_BELOW``), a later round that carries a user input where its readers' split
+        weights fit ``exact_split.LATE_SPLIT_BYTES``, and one that reads what one layer made of it or is too
+        narrow to mix where the split costs little (``exact_split.LATER_CHEAP_BELOW``, ``LATER_CHEAP_MACS``);
+        or none."""
         policy = getattr(self.scheme, "exact_split", "none")
         if policy == "all":
             return True
         if r not in self.always_masked or policy not in ("first", "auto"):
             return False
+        total = sum(_macs(self.g, i) for i in self.part.offloaded)
+        extra = 3 * sum(_macs(self.g, i) for i in readers)  # the split's multiply-adds
+        if policy == "auto" and r != 1 and r not in self.input_rounds:
+            # A hidden activation under its mask loses less than a raw input does, and its split can cost
+            # much (exact_split.LATER_CHEAP_BELOW)
+            return extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
         if policy == "auto" and r != 1:
             split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
             return split_bytes <= exact_split.LATE_SPLIT_BYTES
         if policy == "first" or self.needs_split.get(source, True):
             return True
-        total = sum(_macs(self.g, i) for i in self.part.offloaded)
-        return 3 * sum(_macs(self.g, i) for i in readers) < exact_split.CHEAP_BELOW * total
+        return extra < exact_split.CHEAP_BELOW * total
 
     def _split(self, x: int, ops: Sequence[int], stats: ActivationStats,
                dist: MaskDistribution) -> exact_split.Split | None:

@@ -451,8 +451,8 @@ def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp
 
 def test_a_long_layer_one_layer_from_the_input_is_cut_into_chunks_too(tmp_path):
     """Round 2 - a dense layer on a flattened 32x32x16 conv output, 16,384 terms - is masked whatever the
-    policy since stop 56 (one layer from the input): it is cut into two chunks that take the mask as an
-    exact split, as a long layer on the input is, instead of crossing masked unsplit (a review)."""
+    policy since stop 56 (one layer from the input): it is cut into two chunks that can take the mask as an
+    exact split, as a long layer on the input is (a review: it crossed masked, too long to split)."""
     import warnings
 
     from ai_edge_litert import schema_py_generated as fb
@@ -476,7 +476,8 @@ def test_a_long_layer_one_layer_from_the_input_is_cut_into_chunks_too(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = shadownet.convert(write_model(g), str(tmp_path / "out"), seed=1)
-    assert not [w for w in caught if "unsplit" in str(w.message)], [str(w.message) for w in caught]
+    assert not [w for w in caught if "too many for the exact split" in str(w.message)], \
+        [str(w.message) for w in caught]
     assert manifest["masks"]["one_time_rounds"] == [1, 2]
     assert [i.get("split") for i in manifest["rounds"][1]["inputs"]] == [True, True]
 

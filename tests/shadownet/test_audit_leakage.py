@@ -354,7 +354,8 @@ def test_rank_0_inputs_are_audited_and_taken_as_numpy_scalars(tmp_path: Path) ->
     with shadownet.load(out) as model:
         as_scalars = model(x, np.float32(2.0), np.float32(0.5))
         as_arrays = model(x, np.array(2.0, np.float32), np.array(0.5, np.float32))
-        assert np.allclose(as_scalars, as_arrays, rtol=1e-4, atol=1e-5)  # fresh one-time masks each
+        # fresh one-time masks each (round 2's too since stop 56): the fidelity measure's room
+        assert np.max(np.abs(as_scalars - as_arrays)) <= 1e-5 * np.max(np.abs(as_arrays))
 
 
 def test_an_embeddings_ids_never_cross_as_such(tmp_path: Path) -> None:

@@ -145,8 +145,7 @@ def partition(graph: Graph, in_tee: frozenset[str] = frozenset(),
     kept: frozenset[int] = frozenset()
     while True:
         part = _levels(graph, in_tee, kept)
-        more = _long_input_sums(part, longest or exact_split.MAX_DOT_LENGTH) if long_input_sums_in_tee \
-            else set()
+        more = long_sums(part, carries_input(part), longest) if long_input_sums_in_tee else set()
         if not more:
             return part
         kept |= more
@@ -172,10 +171,11 @@ def _levels(graph: Graph, in_tee: frozenset[str], kept: frozenset[int]) -> Parti
                      [steps.get(k, []) for k in range(count + 1)], level, kept)
 
 
-def _long_input_sums(part: Partition, longest: int) -> set[int]:
-    """The offloaded conv and dense layers that read the user's input (``carries_input``) with more terms
-    per output than ``longest``, what an exact split allows."""
-    graph, raw = part.graph, carries_input(part)
+def long_sums(part: Partition, reading: set[int], longest: int | None = None) -> set[int]:
+    """The offloaded conv and dense layers that read a tensor of ``reading`` (the user's input:
+    ``carries_input``) with more terms per output than ``longest`` (None: ``exact_split.MAX_DOT_LENGTH``),
+    what an exact split allows."""
+    graph, longest = part.graph, longest or exact_split.MAX_DOT_LENGTH
     return {i for i in part.offloaded
-            if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED") and graph.ops[i].inputs[0] in raw
+            if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED") and graph.ops[i].inputs[0] in reading
             and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data) > longest}

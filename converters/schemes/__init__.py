@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from converters.graph import Graph
-from converters.partition import Partition, always_masked, input_rounds, one_layer_from_input, partition
+from converters.partition import (
+    Partition,
+    always_masked,
+    input_rounds,
+    long_sums,
+    one_layer_from_input,
+    partition,
+)
 from converters.secret_random import Random
 
 
@@ -248,15 +255,9 @@ def long_sums_after_input(part: Partition, scheme: Any) -> set[int]:
     the policy and splits its masks (``always_masked_for``): ``converters.normalize.chunked`` cuts them as
     it cuts the long sums on the input itself (a review: a dense layer on a flattened 32x32x16 conv output
     crossed masked and unsplit)."""
-    from converters import exact_split
-
     if not splits_masks(scheme) or getattr(scheme, "mask_floor", "layers") == "input":
         return set()
-    graph, made = part.graph, one_layer_from_input(part)
-    return {i for i in part.offloaded if graph.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED")
-            and graph.ops[i].inputs[0] in made
-            and exact_split.dot_length(graph.tensors[graph.ops[i].inputs[1]].data)
-            > exact_split.MAX_DOT_LENGTH}
+    return long_sums(part, one_layer_from_input(part))
 
 
 def always_masked_for(part: Partition, scheme: Any) -> list[int]:

@@ -13,6 +13,7 @@ import shadownet
 from converters import exact_split, linear
 from converters.tflite_reader import read_signatures
 from shadownet.accelerator import AcceleratorWrapper
+from tests.converters.litert import run
 from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
 
@@ -380,6 +381,18 @@ def _flattened_image(head: bool, first: str = "long", seed: int = 0, window: boo
     return write_model(g)
 
 
+def _worst_error(model: bytes, protected, count: int) -> float:
+    """The largest relative error (max |diff| / max |output|) of ``protected`` against LiteRT on the original
+    ``model`` over ``count`` random [0, 1] 96x96x3 images."""
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for _ in range(count):
+        x = rng.uniform(0, 1, (1, 96, 96, 3)).astype(np.float32)
+        want = run(model, [x])[0]
+        worst = max(worst, float(np.max(np.abs(protected(x) - want)) / np.max(np.abs(want))))
+    return worst
+
+
 def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
     """A conv over a whole 96x96x3 image (27,648 terms per output, a window of 9,216 taps: no chunk of it
     sums few enough) cannot take its one-time mask as an exact split: offloaded, the same sums as a dense
@@ -388,8 +401,6 @@ def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
     1; the results are LiteRT's to float32's rounding (2.5e-7 measured; offloaded with the mask, 4.7e-5 on
     this model), checked."""
     import warnings
-
-    from ai_edge_litert.interpreter import Interpreter
 
     from converters.exact_split import MAX_DOT_LENGTH
 
@@ -401,17 +412,8 @@ def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
     said = [str(w.message) for w in caught if "run in the TEE, not offloaded" in str(w.message)]
     assert len(said) == 1 and "'hidden'" in said[0], [str(w.message) for w in caught]
     assert manifest["summary"]["offloaded_ops"] == 1 and manifest["summary"]["tee_linear_ops"] == 1
-    litert = Interpreter(model_content=model)
-    litert.allocate_tensors()
-    rng = np.random.default_rng(3)
     with shadownet.load(tmp_path / "out", verify=True) as protected:
-        for _ in range(4):
-            x = rng.uniform(0, 1, (1, 96, 96, 3)).astype(np.float32)
-            litert.set_tensor(litert.get_input_details()[0]["index"], x)
-            litert.invoke()
-            want = litert.get_tensor(litert.get_output_details()[0]["index"])
-            got = protected(x)
-            assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+        assert _worst_error(model, protected, 4) <= 1e-5
         assert protected.stats()["verify"]["checked"] == 4
 
 
@@ -423,7 +425,6 @@ def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp
     was split unchunked, at the two bits fewer a long sum leaves: up to 1.1e-4 off on such a model.)"""
     import warnings
 
-    from ai_edge_litert.interpreter import Interpreter
 
     model = _flattened_image(head=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -433,17 +434,8 @@ def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp
     summary = manifest["summary"]
     assert summary["long_sums"] == [] and summary["tee_linear_ops"] == 0 and summary["offloaded_ops"] == 5
     assert [i.get("split") for i in manifest["rounds"][0]["inputs"]] == [True] * 4
-    litert = Interpreter(model_content=model)
-    litert.allocate_tensors()
-    rng = np.random.default_rng(3)
-    worst = 0.0
     with shadownet.load(tmp_path / "out", verify=True) as protected:
-        for _ in range(6):
-            x = rng.uniform(0, 1, (1, 96, 96, 3)).astype(np.float32)
-            litert.set_tensor(litert.get_input_details()[0]["index"], x)
-            litert.invoke()
-            want = litert.get_tensor(litert.get_output_details()[0]["index"])
-            worst = max(worst, float(np.max(np.abs(protected(x) - want)) / np.max(np.abs(want))))
+        worst = _worst_error(model, protected, 6)
         # each chunk and the head (round 2, one layer from the input: masked, split, so checked), each call
         assert protected.stats()["verify"]["checked"] == 6 * 5
     assert worst <= 2e-5, worst

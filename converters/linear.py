@@ -31,8 +31,9 @@ def padding(size: int, kernel: int, stride: int, dilation: int, same: bool) -> t
     return out, total // 2, total - total // 2
 
 
-def _windows(x: np.ndarray, kh: int, kw: int, options: Any) -> np.ndarray:
-    """[N, Ho, Wo, kh, kw, C] view of the zero-padded input, one window per output pixel."""
+def windows(x: np.ndarray, kh: int, kw: int, options: Any) -> np.ndarray:
+    """[N, Ho, Wo, kh, kw, C] view of the zero-padded input, one window per output pixel (a CONV_2D's or
+    DEPTHWISE_CONV_2D's ``options``: padding, strides, dilations)."""
     same = options.padding == schema_fb.Padding.SAME
     sh, sw = options.strideH, options.strideW
     dh, dw = getattr(options, "dilationHFactor", 1) or 1, getattr(options, "dilationWFactor", 1) or 1
@@ -50,7 +51,7 @@ def conv2d(x: np.ndarray, filters: np.ndarray, options: Any) -> np.ndarray:
     o, kh, kw, c = filters.shape
     if x.shape[-1] != c:
         raise ValueError(f"CONV_2D: input has {x.shape[-1]} channels, filters expect {c}")
-    win = _windows(np.asarray(x, np.float64), kh, kw, options)
+    win = windows(np.asarray(x, np.float64), kh, kw, options)
     n, ho, wo = win.shape[:3]
     cols = win.reshape(n * ho * wo, kh * kw * c)
     return (cols @ filters.reshape(o, -1).astype(np.float64).T).reshape(n, ho, wo, o)
@@ -63,7 +64,7 @@ def depthwise_conv2d(x: np.ndarray, filters: np.ndarray, options: Any) -> np.nda
     if cm % c:
         raise ValueError(f"DEPTHWISE_CONV_2D: {cm} filter channels for {c} input channels")
     m = cm // c
-    win = _windows(np.asarray(x, np.float64), kh, kw, options)
+    win = windows(np.asarray(x, np.float64), kh, kw, options)
     k = filters[0].astype(np.float64).reshape(kh, kw, c, m)
     # One multiply-add per kernel tap over the whole map (an einsum over the windows is ~5x slower).
     out = np.zeros((*win.shape[:3], c, m))

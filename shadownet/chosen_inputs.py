@@ -185,26 +185,19 @@ def _mode(values: np.ndarray) -> float:
 
 def _patches(x: np.ndarray, kernel: tuple[int, ...], options: Any) -> np.ndarray | None:
     """Every output position's input window of a CONV_2D (``kernel`` ``[M, kh, kw, cin]``) over ``x``
-    (``[K, H, W, cin]``), as LiteRT pads and strides it: ``[K, h, w, kh * kw * cin]``; None for a geometry
-    it does not read."""
+    (``[K, H, W, cin]``), as LiteRT pads and strides it (``converters.linear.windows``):
+    ``[K, h, w, kh * kw * cin]``; None for a geometry it does not read."""
     from ai_edge_litert import schema_py_generated as schema_fb
+
+    from converters import linear
 
     _, kh, kw, cin = kernel
     if x.ndim != 4 or x.shape[-1] != cin:
         return None
-    sh, sw = max(int(options.strideH), 1), max(int(options.strideW), 1)
-    dh, dw = max(int(options.dilationHFactor), 1), max(int(options.dilationWFactor), 1)
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    rows, cols = x.shape[1], x.shape[2]
-    if options.padding == schema_fb.Padding.SAME:
-        out_h, out_w = -(-rows // sh), -(-cols // sw)
-        pad_h = max((out_h - 1) * sh + span_h - rows, 0)
-        pad_w = max((out_w - 1) * sw + span_w - cols, 0)
-        x = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    else:
-        out_h, out_w = (rows - span_h) // sh + 1, (cols - span_w) // sw + 1
-    if out_h < 1 or out_w < 1:
+    same = options.padding == schema_fb.Padding.SAME
+    out = [linear.padding(size, k, stride, max(int(dilation), 1), same)[0] for size, k, stride, dilation in
+           ((x.shape[1], kh, options.strideH, options.dilationHFactor),
+            (x.shape[2], kw, options.strideW, options.dilationWFactor))]
+    if min(out) < 1:
         return None
-    taps = [x[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw, :]
-            for i in range(kh) for j in range(kw)]
-    return np.stack(taps, axis=3).reshape(x.shape[0], out_h, out_w, kh * kw * cin)
+    return np.ascontiguousarray(linear.windows(x, kh, kw, options)).reshape(x.shape[0], *out, kh * kw * cin)

@@ -67,6 +67,19 @@ def relu_conv_chain(g: Graph, x: int, count: int, shape: tuple[int, int, int, in
     return outputs
 
 
+def pooled_dense_head(g: Graph, x: int, rng: np.random.Generator, classes: int = 5) -> int:
+    """A classifier head on ``x`` [1, h, w, c]: the MEAN over its positions, then a FULLY_CONNECTED of
+    ``classes`` outputs without bias (weights drawn from ``rng``); returns the logits tensor."""
+    c = g.tensors[x].shape[-1]
+    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
+    mean = g.add_tensor("mean", (1, c), np.float32)
+    g.add_op("MEAN", [x, axes], [mean], fb.ReducerOptionsT())
+    w = g.add_tensor("fc/w", (classes, c), np.float32, rng.standard_normal((classes, c)) * 0.3)
+    out = g.add_tensor("logits", (1, classes), np.float32)
+    g.add_op("FULLY_CONNECTED", [mean, w, -1], [out], fb.FullyConnectedOptionsT())
+    return out
+
+
 def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2, bias_scale: float = 0.1) -> bytes:
     """The model on ``side`` x ``side`` images (16: ``INPUT_SHAPE``); its depthwise layer has depth
     ``multiplier`` (1 or 2; 16 output channels either way)."""
@@ -96,13 +109,7 @@ def small_cnn(seed: int = 0, side: int = 16, multiplier: int = 2, bias_scale: fl
     add.fusedActivationFunction = act.RELU
     g.add_op("ADD", [d, p], [s], add)
     v = conv(s, 16, 12, half - 2, padding=fb.Padding.VALID, activation=act.RELU)
-    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
-    m = g.add_tensor("mean", (1, 12), np.float32)
-    g.add_op("MEAN", [v, axes], [m], fb.ReducerOptionsT())
-    w = g.add_tensor("fc/w", (5, 12), np.float32, rng.standard_normal((5, 12)) * 0.3)
-    out = g.add_tensor("logits", (1, 5), np.float32)
-    g.add_op("FULLY_CONNECTED", [m, w, -1], [out], fb.FullyConnectedOptionsT())
-    g.inputs, g.outputs = [x], [out]
+    g.inputs, g.outputs = [x], [pooled_dense_head(g, v, rng)]
     return write_model(g)
 
 

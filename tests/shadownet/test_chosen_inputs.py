@@ -13,7 +13,7 @@ from ai_edge_litert import schema_py_generated as fb
 from converters.graph import Graph, write_model
 from shadownet import audit, chosen_inputs
 from tests.converters.litert import run
-from tests.shadownet.small_models import conv_options
+from tests.shadownet.small_models import conv_options, pooled_dense_head
 
 
 def _two_convs(seed: int = 0) -> bytes:
@@ -30,13 +30,7 @@ def _two_convs(seed: int = 0) -> bytes:
         g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
                                                          fb.ActivationFunctionType.RELU))
         x = y
-    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
-    mean = g.add_tensor("mean", (1, 16), np.float32)
-    g.add_op("MEAN", [x, axes], [mean], fb.ReducerOptionsT())
-    w = g.add_tensor("fc/w", (5, 16), np.float32, rng.standard_normal((5, 16)) * 0.3)
-    out = g.add_tensor("logits", (1, 5), np.float32)
-    g.add_op("FULLY_CONNECTED", [mean, w, -1], [out], fb.FullyConnectedOptionsT())
-    g.inputs, g.outputs = [image], [out]
+    g.inputs, g.outputs = [image], [pooled_dense_head(g, x, rng)]
     return write_model(g)
 
 

@@ -17,6 +17,7 @@ from converters.graph import Graph, write_model
 from shadownet.exceptions import ArtifactError, SecureMemoryError, SecurityError
 from tee_sim.ta_shadownet_commands import UUID, Command
 from tests.converters.driver import Driver, litert
+from tests.shadownet.small_models import pooled_dense_head
 
 
 def _model(seed: int) -> bytes:
@@ -47,13 +48,7 @@ def _model(seed: int) -> bytes:
     add.fusedActivationFunction = fb.ActivationFunctionType.RELU6
     g.add_op("ADD", [h, conv(a, 8, 8)], [s], add)
     d = conv(s, 8, 16, "DEPTHWISE_CONV_2D", fb.ActivationFunctionType.RELU)
-    axes = g.add_tensor("axes", (2,), np.int32, np.array([1, 2]))
-    m = g.add_tensor("mean", (1, 16), np.float32)
-    g.add_op("MEAN", [d, axes], [m], fb.ReducerOptionsT())
-    w = g.add_tensor("fc/w", (5, 16), np.float32, rng.standard_normal((5, 16)) * 0.3)
-    out = g.add_tensor("logits", (1, 5), np.float32)
-    g.add_op("FULLY_CONNECTED", [m, w, -1], [out], fb.FullyConnectedOptionsT())
-    g.inputs, g.outputs = [x], [out]
+    g.inputs, g.outputs = [x], [pooled_dense_head(g, d, rng)]
     return write_model(g)
 
 

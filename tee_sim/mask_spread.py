@@ -195,13 +195,17 @@ class SpreadFollower:
         too."""
         self._follow(entry, name, spread_of(x, self.streams[name].scale), remake)
 
-    def follow_measured(self, entry: Any, name: str, remake: Callable[[Any, str], None]) -> None:
+    def follow_measured(self, entry: Any, name: str, remake: Callable[[Any, str], None],
+                        redraw: Callable[[Any, str], None] | None = None) -> None:
         """After a restore's fused push with ``entry``'s mask ``name`` whose kernel found the restored
-        tensor's spread outside the mask's band: the mask moved there (the caller runs the step again)."""
+        tensor's spread outside the mask's band: the mask moved there (the caller runs the step again);
+        ``redraw``: the pass consumed the mask (it made what it sends in the mask's buffer), which is then
+        drawn anew at its new power of two instead (``PerInference.redraw``)."""
         measure = self._bound[entry.slot][name][1]
-        self._follow(entry, name, math.sqrt(measure[3]) if measure[3] >= 0 else math.nan, remake)
+        self._follow(entry, name, math.sqrt(measure[3]) if measure[3] >= 0 else math.nan, remake, redraw)
 
-    def _follow(self, entry: Any, name: str, spread: float, remake: Callable[[Any, str], None]) -> None:
+    def _follow(self, entry: Any, name: str, spread: float, remake: Callable[[Any, str], None],
+                redraw: Callable[[Any, str], None] | None = None) -> None:
         if math.isnan(spread):
             # A NaN among the values: no power of two follows them, and the mask it would keep may be far
             # smaller than the other values (a review: one NaN in the accelerator's results left a masked
@@ -212,7 +216,10 @@ class SpreadFollower:
         k = exponent(spread, self.streams[name].spread, now)
         self.target[name] = k
         if k != now:
-            self.rescale(entry, name, k - now, remake)
+            if redraw is None:
+                self.rescale(entry, name, k - now, remake)
+            else:
+                redraw(entry, name)  # drawn at the target, ``k``
             self.rescaled += 1
 
     def retarget(self, entry: Any, remake: Callable[[Any, str], None]) -> None:

@@ -251,6 +251,9 @@ class PerInference:
         self._batch: list[Entry] = []  # entries being made, ``_step`` work items done
         self._step = 0
         self.current: Entry | None = None
+        # While an instruction runs on in Python from the call where the secure world's fast path stopped
+        # it: what that call answered (``ta_shadownet_steps.run_step``); else None.
+        self.stopped_with: int | None = None
         if self.streams:
             gaussian_table()  # made once per process, at the first load that needs it
         self.made = 0
@@ -376,6 +379,16 @@ class PerInference:
     def remake(self, entry: Entry, name: str) -> None:
         """``entry``'s offset ``name`` made again from its mask, as a refill makes it (mask_spread)."""
         self._make([entry], "pop", name)
+
+    def redraw(self, entry: Entry, name: str) -> None:
+        """``entry``'s mask ``name`` drawn anew from a fresh key, at its target power of two, and the offsets
+        made from it made again: a restore's fused push that makes what it sends in the mask's own buffer
+        consumed the mask, and it must move (``tee_sim.per_inference_kernels``, ``mask_spread``)."""
+        self.streams[name].draw(self._random(32), entry.masks[name])
+        self.spread.drawn(entry, name)
+        for pop_name, pop in self.pops.items():
+            if pop.mask == name:
+                self.remake(entry, pop_name)
 
     def begin(self) -> None:
         """Step 0: the inference's entry (the previous one, finished or not, is discarded)."""

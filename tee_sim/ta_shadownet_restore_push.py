@@ -346,12 +346,16 @@ def _masked_destination(dst: np.ndarray, mask: np.ndarray | None, pad: Any) -> t
         np.ndarray, np.ndarray | None, list[tuple[np.ndarray, np.ndarray | None]]]:
     """For a push into ``dst`` (shared memory) of a tensor zero-padded by ``pad`` (or None): the interior
     that receives ``x + mask``, the mask's interior, and the border's (destination, mask) slices, where
-    the value is ``0 + mask`` (0 where there is no mask)."""
+    the value is ``0 + mask`` (0 where there is no mask); none when ``dst`` is the mask itself, whose
+    border holds it already (a fused push that makes what it sends in its mask's buffer:
+    ``tee_sim.per_inference_kernels``)."""
     if pad is None:
         return dst, mask, []
     if len(pad) != dst.ndim or any(len(p) != 2 or min(p) < 0 for p in pad):
         raise ValueError(f"bad padding {pad}")
     inner = interior(pad, dst.shape)
+    if mask is not None and mask.ctypes.data == dst.ctypes.data and mask.strides == dst.strides:
+        return dst[inner], mask[inner], []
     border = []
     for axis, (before, after) in enumerate(pad):
         # Slabs along each padded axis, within the interior of the axes before it: disjoint, and with

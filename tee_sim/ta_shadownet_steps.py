@@ -28,6 +28,7 @@ def run_step(model: Any, step: int) -> None:
     expected = int(model.cursor[0])
     online = model.online
     runs = model.steps[step] if 0 <= step < len(model.steps) else []
+    stopped_with = None  # what the call the fast path stopped at answered, when Python runs on from it
     if expected == STOPPED:  # the fast path stopped step cursor[1] at call cursor[2] (not a failed check:
         # settle reported that, whatever the request)
         stopped, place = int(model.cursor[1]), int(model.cursor[2])
@@ -35,6 +36,7 @@ def run_step(model: Any, step: int) -> None:
         at = None if found is None else found[0]
         if at is not None:  # run on from that call's instruction: the ones before it ran there
             runs = runs[at:]
+            stopped_with = int(model.cursor[3])
             expected = AHEAD if step == 0 else step  # (a step 0 there had its inference's entry taken)
         elif step == 0:
             expected = 0  # a new inference: the stopped one is abandoned, its entry spent
@@ -51,13 +53,18 @@ def run_step(model: Any, step: int) -> None:
     try:
         if step == 0 and online is not None and expected != AHEAD:
             online.begin()  # this inference's one-time masks and projections (the last one's are spent)
-        for run in runs:
+        for k, run in enumerate(runs):
+            if online is not None:  # the instruction the fast path stopped reads it (per_inference_kernels)
+                online.stopped_with = stopped_with if k == 0 else None
             run()
     except BaseException:
         model.cursor[0] = 0  # a failed step (e.g. a result that failed verification) ends the inference
         if online is not None:
             online.end()
         raise
+    finally:
+        if online is not None:
+            online.stopped_with = None
     model.cursor[0] = (0 if _settles(model) else AHEAD) if last else step + 1
     if last and online is not None:
         online.tally()

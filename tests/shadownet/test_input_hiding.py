@@ -287,21 +287,23 @@ def test_a_restore_that_measures_its_push_sends_it_only_once_it_fits_the_mask(al
     """A restore's fused push learns its input's spread only after its pass. A review found that pass
     written to shared memory under the old mask, then again under the same mask scaled: two writes that
     gave the input back to 5e-7. The pass now writes secure memory (the verified model's secure copy, else
-    a staging buffer), and the tensor is sent after it, once it fits the mask, by a call the fast path
-    never reaches when the pass says the mask must move."""
+    the mask's own buffer, which it consumes, or a staging buffer for a split push), and the tensor is sent
+    after it, once it fits the mask, by a call the fast path never reaches when the pass says the mask must
+    move (a consumed mask is then drawn anew: the outputs stay LiteRT's)."""
     import tee_sim
     import tee_sim.ta_shadownet_restore_push as rp
 
     context = tee_sim.Context("inprocess")  # the TA's objects in this process
     monkeypatch.setattr(tee_sim, "default_context", lambda: context)
-    measured = []
+    measured, in_place = [], []
     compile_ = rp._compile
 
     def compile_recorded(model, *args, spread=None, **kw):
         kernel = compile_(model, *args, spread=spread, **kw)
         if spread is not None:
-            out = args[7]  # where the pass writes
+            mask, out = args[6:8]  # the mask it adds, where the pass writes
             measured.append(any(np.shares_memory(out, shared) for shared in model.shm.values()))
+            in_place.append(mask is not None and np.shares_memory(out, mask))
         return kernel
 
     monkeypatch.setattr(rp, "_compile", compile_recorded)
@@ -317,6 +319,7 @@ def test_a_restore_that_measures_its_push_sends_it_only_once_it_fits_the_mask(al
     finally:
         context.close()
     assert measured and not any(measured)  # some restores measure; none writes shared memory
+    assert any(in_place) != verify  # unverified, in their masks' buffers; verified, in the secure copy
 
 
 def test_results_that_change_between_the_tees_reads_do_not_leave_under_a_small_mask(all_rounds, monkeypatch):
@@ -339,8 +342,8 @@ def test_results_that_change_between_the_tees_reads_do_not_leave_under_a_small_m
 
     follow = SpreadFollower.follow_measured
 
-    def rewriting(self, entry, name, remake):
-        follow(self, entry, name, remake)
+    def rewriting(self, entry, name, remake, redraw=None):
+        follow(self, entry, name, remake, redraw)
         for buffer_name, view in wrappers[0].buffers.items():  # the normal world, between the two reads
             if "/out/" in buffer_name:
                 view *= np.float32(64.0)  # 6 powers of two: the mask stays within its range

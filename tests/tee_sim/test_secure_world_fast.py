@@ -247,6 +247,51 @@ def test_padded_pushes_are_answered_in_c(tmp_path, monkeypatch):
     context.close()
 
 
+def test_a_push_made_in_its_masks_buffer_is_not_run_again_on_the_spent_mask(tmp_path, monkeypatch):
+    """Unverified, a restore's fused push whose mask follows its input makes what it sends in the mask's own
+    buffer (no staging buffer: yolov4-tiny's 5.3 MiB), so its pass spends the mask. Stopped on the fast path
+    for the mask to move, the TA's Python draws a fresh mask where it belongs and runs the pass once, on it:
+    run first as it was, on the spent mask, the pass added round 1's results to themselves under the old
+    mask, and results rewritten in between that passed its measure would have gone out so."""
+    import tee_sim.ta_shadownet_restore_push as rp
+
+    original = _padded_stem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded: insecure, tests only
+        shadownet.convert(original, str(tmp_path / "out"), seed=6, scheme="groupmix:exact_split=none")
+    passes: list[int] = []  # the measured passes the TA's Python ran (the fast path's are C calls)
+    compile_ = rp._compile
+
+    def compile_counted(model, *args, spread=None, **kw):
+        kernel = compile_(model, *args, spread=spread, **kw)
+        if spread is None:
+            return kernel
+
+        def counted():
+            passes.append(1)
+            return kernel()
+        counted.__dict__.update(vars(kernel))  # its C calls, for the fast path
+        return counted
+
+    monkeypatch.setattr(rp, "_compile", compile_counted)
+    context = _in_this_process(monkeypatch)
+    _through_fast_path(context, monkeypatch)
+    rng = np.random.default_rng(5)
+    with shadownet.load(tmp_path / "out", background_refill=False) as model:
+        (loaded,) = [s.context["model"] for s in context._transport._os._sessions.values()]
+        for scale, python, moved in ((1, 0, False), (1, 0, False), (255, 1, True), (255, 0, False),
+                                     (1, 1, True)):
+            model.refill_masks()
+            passes.clear()
+            before = model.stats()["pool"]["mask_exponents"]["r2/x0/mask"]
+            x = (scale * rng.uniform(0, 1, (1, 24, 24, 3))).astype(np.float32)
+            assert relative_error(model(x), reference(original, x)) <= 1e-4
+            after = model.stats()["pool"]["mask_exponents"]["r2/x0/mask"]
+            assert (len(passes), abs(after - before) >= 6) == (python, moved), (scale, passes, before, after)
+        assert loaded.online.kernels._staging is None  # made in the mask's buffer: no staging buffer
+    context.close()
+
+
 class _Tamper(AcceleratorWrapper):
     """Adds 1e-3 of the round's output norm to one result of round ``round`` while ``armed``;
     ``put_back()`` restores the honest value."""

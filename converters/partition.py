@@ -88,9 +88,17 @@ def after_input_rounds(part: Partition) -> list[int]:
     return sorted({part.round_of(i) for i in part.offloaded if graph.ops[i].inputs[0] in made} - carrying)
 
 
+# Ops that carry each of their inputs into their output unchanged, as a part of it: a tensor that holds
+# what one layer made of the input, beside anything else, holds it still (a DenseNet block's concatenation
+# of the first layer's output with a deeper one's gave the chosen-input attack all 16 of the first layer's
+# filters from the round that read it, unmasked: a review).
+CARRY_THROUGH = frozenset({"CONCATENATION", "PACK"})
+
+
 def one_layer_from_input(part: Partition) -> set[int]:
-    """The tensors one layer of weights from a user input, with no other layer on any path between (the
-    layer's activation, a pool, a pad, a per-channel scale, the input beside it)."""
+    """The tensors that hold what one layer of weights made of a user input with no other layer on any path
+    between (the layer's activation, a pool, a pad, a per-channel scale, the input beside it), or that
+    carry such a tensor unchanged as a part of theirs (``CARRY_THROUGH``: a concatenation)."""
     graph, raw = part.graph, carries_input(part)
     made: set[int] = set()
     for i, op in enumerate(graph.ops):
@@ -99,7 +107,8 @@ def one_layer_from_input(part: Partition) -> set[int]:
         if op.kind in LAYER_KINDS and (weights or i in part.offloaded):
             if op.inputs[0] in raw and op.outputs[0] not in raw:  # (an offloaded depthwise layer: raw still)
                 made.update(op.outputs)
-        elif computed and all(t in made or t in raw for t in computed) and any(t in made for t in computed):
+        elif any(t in made for t in computed) and (
+                op.kind in CARRY_THROUGH or all(t in made or t in raw for t in computed)):
             made.update(op.outputs)
     return made
 

@@ -57,8 +57,9 @@ def chosen_input_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, 
     if not found:
         return {}, {"inferences": 0, "layers": []}
     if progress:
+        layers = len({t["layer"] for t in found})
         progress(f"chosen inputs: {INFERENCES} inferences of the attacker's own inputs, to solve "
-                 f"{len(found)} first layer{'s' * (len(found) != 1)} from the round after it")
+                 f"{layers} first layer{'s' * (layers != 1)} from the rounds that carry it")
     inputs = batches(manifest["inputs"])
     seen = join_halves(observe_boundary(out_dir, inputs), split_names(manifest)[1])
     read = reference_activations(graph, inputs, {t["input"] for t in found})
@@ -66,9 +67,16 @@ def chosen_input_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, 
     estimates, rows = {}, []
     for t in found:
         crossing = seen[t["buffer"]]
-        found_rows = attack(t, graph, crossing, read[t["input"]], blocks(crossing.shape[-1]))
-        estimates[t["layer"]] = found_rows
+        a, b = t["channels"]
+        # The scheme's mixing blocks within those channels (one that straddles them mixes in others)
+        within = [(lo - a, hi - a) for lo, hi in (blocks(crossing.shape[-1]) or
+                                                   [(c, c + 1) for c in range(crossing.shape[-1])])
+                  if a <= lo and hi <= b]
+        found_rows = attack(t, graph, crossing[..., a:b], read[t["input"]], within)
         rows.append({"layer": t["layer"], "buffer": t["buffer"], "estimates": len(found_rows)})
+        if t["layer"] in estimates:  # another crossing that carries it
+            found_rows = np.vstack([estimates[t["layer"]], found_rows])
+        estimates[t["layer"]] = found_rows
     return estimates, {"inferences": INFERENCES, "layers": rows}
 
 
@@ -76,7 +84,8 @@ def targets(graph: Any, raw: set[str], sources: dict[str, str | None]) -> list[d
     """The layers the attack applies to, in the reference ``graph`` (``audit_layers.reference_graph``):
     a CONV_2D of constant weights reading a tensor of ``raw`` (made from a user input with no layer of
     weights between: ``audit_leakage.raw_tensors``), whose output, through a RELU or RELU6 alone, is what a
-    round input buffer carries (``sources``: buffer -> reference tensor, ``audit_leakage.round_sources``)."""
+    round input buffer carries, whole or as channels of a concatenation (``sources``: buffer -> reference
+    tensor, ``audit_leakage.round_sources``)."""
     by_tensor = {t: buffer for buffer, t in sources.items() if t}
     found = []
     for op in graph.ops:
@@ -87,11 +96,25 @@ def targets(graph: Any, raw: set[str], sources: dict[str, str | None]) -> list[d
         readers = [o for o in graph.ops if op.outputs[0] in o.inputs]
         if len(readers) != 1 or readers[0].kind not in _ACTIVATIONS:
             continue
-        activated = graph.tensors[readers[0].outputs[0]].name
-        if activated in by_tensor:
+        for buffer, channels in _carriers(graph, readers[0].outputs[0], by_tensor):
             found.append({"layer": graph.tensors[op.outputs[0]].name, "op": op,
                           "input": graph.tensors[op.inputs[0]].name, "top": _ACTIVATIONS[readers[0].kind],
-                          "buffer": by_tensor[activated]})
+                          "buffer": buffer, "channels": channels})
+    return found
+
+
+def _carriers(graph: Any, tensor: int, by_tensor: dict[str, str]) -> list[tuple[str, tuple[int, int]]]:
+    """The round input buffers that carry ``tensor`` unchanged, itself or as the channels ``(a, b)`` of a
+    concatenation on the last axis (a DenseNet block's: ``converters.partition.CARRY_THROUGH``), each with
+    those channels."""
+    name, channels = graph.tensors[tensor].name, graph.tensors[tensor].shape[-1]
+    found = [(by_tensor[name], (0, channels))] if name in by_tensor else []
+    for op in graph.ops:
+        out = graph.tensors[op.outputs[0]]
+        if (op.kind == "CONCATENATION" and tensor in op.inputs and out.name in by_tensor
+                and op.options.axis in (-1, len(out.shape) - 1)):
+            start = sum(graph.tensors[t].shape[-1] for t in op.inputs[:op.inputs.index(tensor)])
+            found.append((by_tensor[out.name], (start, start + channels)))
     return found
 
 
@@ -111,10 +134,11 @@ def batches(specs: list[dict], seed: int = 1) -> list[list[np.ndarray]]:
 def attack(target: dict, graph: Any, crossing: np.ndarray, layer_input: np.ndarray,
            blocks: list[tuple[int, int]] | None) -> np.ndarray:
     """The estimates of ``target``'s filters (rows like ``LinearLayer.filters``: ``(kh, kw, cin)`` flattened)
-    from ``crossing`` (its round input buffer over the ``INFERENCES`` inferences of ``batches``, ``[K, 1,
-    h, w, C]``) and ``layer_input`` (the tensor the layer read in each, ``[K, 1, H, W, cin]``: made from the
-    attacker's own inputs with no weights); ``blocks``: the scheme's public input blocks of ``C`` channels
-    (None: not mixed). Empty when the geometry does not fit or too few positions are on."""
+    from ``crossing`` (the ``C`` channels of its round input buffer that carry the layer's output, over the
+    ``INFERENCES`` inferences of ``batches``, ``[K, 1, h, w, C]``) and ``layer_input`` (the tensor the layer
+    read in each, ``[K, 1, H, W, cin]``: made from the attacker's own inputs with no weights); ``blocks``: the
+    scheme's public input blocks within those channels (None: not mixed; none: nothing to solve). Empty when
+    the geometry does not fit or too few positions are on."""
     op = target["op"]
     kernel = graph.tensors[op.inputs[1]].shape
     patches = _patches(np.asarray(layer_input, np.float64)[:, 0], kernel, op.options)
@@ -124,7 +148,7 @@ def attack(target: dict, graph: Any, crossing: np.ndarray, layer_input: np.ndarr
     count, channels = o.shape[0], o.shape[-1]
     flat_o, flat_p = o.reshape(-1, channels), patches.reshape(-1, patches.shape[-1])
     estimates = []
-    for a, b in blocks or [(c, c + 1) for c in range(channels)]:
+    for a, b in blocks if blocks is not None else [(c, c + 1) for c in range(channels)]:
         for u, offset in _columns(o[..., a:b], count):
             h = flat_o[:, a:b] @ u + offset
             if (h < 0).sum() > (h > 0).sum():

@@ -87,6 +87,27 @@ def test_the_rounds_one_layer_from_the_input_are_those_a_chosen_input_attack_sol
     assert after_input_rounds(partition(depthwise)) == [2]  # the depthwise round; not the conv's, round 3
 
 
+def test_a_round_that_reads_the_first_layers_output_beside_a_deeper_ones_is_one_layer_from_the_input():
+    """A DenseNet block: ``concat(relu(stem(x)), relu(conv1(relu(stem(x)))))`` carries the stem's output
+    unchanged in its first channels, so the round that reads it counts as one layer from the input (a
+    review: unmasked, it gave the chosen-input attack every stem filter); the sum of the two does not."""
+    for kind, rounds in (("CONCATENATION", [2, 3]), ("ADD", [2])):
+        g = Graph()
+        x = g.add_tensor("x", (1, 8, 8, 3), np.float32)
+        _, a = _conv(g, x, 3, 4, "stem")
+        _, a = _unary(g, "RELU", a, "a")
+        _, h = _conv(g, a, 4, 4, "conv1")
+        _, h = _unary(g, "RELU", h, "h")
+        joined = g.add_tensor("joined", (1, 8, 8, 8 if kind == "CONCATENATION" else 4), np.float32)
+        options = fb.ConcatenationOptionsT() if kind == "CONCATENATION" else fb.AddOptionsT()
+        if kind == "CONCATENATION":
+            options.axis = 3
+        g.add_op(kind, [a, h], [joined], options)
+        _, y = _conv(g, joined, g.tensors[joined].shape[-1], 4, "last")
+        g.inputs, g.outputs = [x], [y]
+        assert after_input_rounds(partition(g)) == rounds, kind
+
+
 def test_rounds_whose_input_is_too_narrow_to_mix_are_always_masked():
     """The resnet block's 4-channel tensors: the rounds that read them (2: conv1 and the shortcut, 3: conv2),
     not the dense layer on 256 values; none where the scheme mixes nothing (None)."""

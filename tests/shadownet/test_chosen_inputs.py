@@ -16,29 +16,41 @@ from tests.converters.litert import run
 from tests.shadownet.small_models import conv_options, pooled_dense_head
 
 
-def _two_convs(seed: int = 0) -> bytes:
+def _two_convs(seed: int = 0, dense_block: bool = False) -> bytes:
     """A 16x16x3 image, a 3x3 ReLU conv of 16 filters (round 1), another (round 2, on what the first made),
-    their mean over positions and a dense layer of 5 (round 3): a plain CNN's first layers."""
+    their mean over positions and a dense layer of 5 (round 3): a plain CNN's first layers. ``dense_block``:
+    a third conv reads the two convs' outputs concatenated (a DenseNet block; round 3), before the head."""
     rng = np.random.default_rng(seed)
     g = Graph()
-    x = image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
-    for k, c_in in enumerate((3, 16)):
-        w = g.add_tensor(f"conv{k}/w", (16, 3, 3, c_in), np.float32,
+
+    def conv(x: int, c_in: int, name: str) -> int:
+        w = g.add_tensor(f"{name}/w", (16, 3, 3, c_in), np.float32,
                          rng.standard_normal((16, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in)))
-        b = g.add_tensor(f"conv{k}/b", (16,), np.float32, rng.standard_normal(16) * 0.1)
-        y = g.add_tensor(f"conv{k}", (1, 16, 16, 16), np.float32)
+        b = g.add_tensor(f"{name}/b", (16,), np.float32, rng.standard_normal(16) * 0.1)
+        y = g.add_tensor(name, (1, 16, 16, 16), np.float32)
         g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
                                                          fb.ActivationFunctionType.RELU))
-        x = y
+        return y
+
+    image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
+    first = conv(image, 3, "conv0")
+    x = conv(first, 16, "conv1")
+    if dense_block:
+        joined = g.add_tensor("joined", (1, 16, 16, 32), np.float32)
+        options = fb.ConcatenationOptionsT()
+        options.axis = 3
+        g.add_op("CONCATENATION", [first, x], [joined], options)
+        x = conv(joined, 32, "conv2")
     g.inputs, g.outputs = [image], [pooled_dense_head(g, x, rng)]
     return write_model(g)
 
 
-def _audit(tmp_path: Path, **convert) -> tuple[dict, dict]:
+def _audit(tmp_path: Path, model: bytes | None = None, **convert) -> tuple[dict, dict]:
     import shadownet
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     original = tmp_path / "model.tflite"
-    original.write_bytes(_two_convs())
+    original.write_bytes(model or _two_convs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded (insecure), mask_scale=0 (unmasked)
         manifest = shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **convert)
@@ -67,6 +79,20 @@ def test_the_round_after_the_first_layer_gets_one_time_masks_which_stop_the_atta
     assert manifest["masks"]["one_time_rounds"] == [1, 2] and manifest["masks"]["input_rounds"] == [1]
     assert [i.get("split") for i in manifest["rounds"][1]["inputs"]] == [None]
     assert report["summary"]["conv_dense"]["recovered"]["chosen_input"] == 0
+    assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
+
+
+def test_a_first_layer_carried_through_a_concatenation_is_solved_and_masked(tmp_path):
+    """A DenseNet block: round 3 reads ``concat(relu(conv0 x), relu(conv1(...)))``. Unmasked
+    (``mask_scale=0``), its first 16 channels are ``B relu(W x + b)`` and the attack solves conv0 from them
+    as from round 2; by default round 3 gets one-time masks as round 2 does (a review found it crossing
+    unmasked, conv0 given away: ``converters.partition.CARRY_THROUGH``), and nothing is recovered."""
+    model = _two_convs(dense_block=True)
+    _, report = _audit(tmp_path / "unmasked", model, scheme="groupmix:mask_scale=0")
+    assert [row["buffer"] for row in report["chosen_inputs"]["layers"]] == ["round_2/in/x0", "round_3/in/x0"]
+    assert report["layers"][0]["recovered"]["chosen_input"] == 16
+    manifest, report = _audit(tmp_path / "default", model)
+    assert manifest["masks"]["one_time_rounds"] == [1, 2, 3]
     assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
 
 

@@ -311,16 +311,35 @@ class RoundsBuilder:
             return False
         total = sum(_macs(self.g, i) for i in self.part.offloaded)
         extra = 3 * sum(_macs(self.g, i) for i in readers)  # the split's multiply-adds
+        split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
         if policy == "auto" and r != 1 and r not in self.input_rounds:
             # A hidden activation under its mask loses less than a raw input does, and its split can cost
-            # much (exact_split.LATER_CHEAP_BELOW)
-            return extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
+            # much (exact_split.LATER_CHEAP_BELOW), but not over long sums (LATER_LONG_TERMS)
+            terms = max(exact_split.dot_length(self.g.tensors[self.g.ops[i].inputs[1]].data) for i in readers)
+            if terms > exact_split.LATER_LONG_TERMS and self._unsplit_long(source, terms, split_bytes):
+                return False
+            return (extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
+                    or terms > exact_split.LATER_LONG_TERMS)
         if policy == "auto" and r != 1:
-            split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
             return split_bytes <= exact_split.LATE_SPLIT_BYTES
         if policy == "first" or self.needs_split.get(source, True):
             return True
         return extra < exact_split.CHEAP_BELOW * total
+
+    def _unsplit_long(self, x: int, terms: int, split_bytes: int) -> bool:
+        """Whether the one-time push of ``x``, whose readers sum ``terms`` terms, stays unsplit for its split
+        weights' ``split_bytes`` (past ``exact_split.LATER_SPLIT_BYTES``): warned of."""
+        if split_bytes <= exact_split.LATER_SPLIT_BYTES:
+            return False
+        warnings.warn(
+            f"{self.g.tensors[x].name!r} crosses with its one-time mask (~10x its values) unsplit: its "
+            f"readers sum {terms} terms per output, whose float32 rounding at the mask's magnitude costs the "
+            "outputs precision (a 4,096-term dense layer: up to 2.3e-4 of them), and their exact split would "
+            f"take {split_bytes / (1 << 20):.0f} MiB of weights (at most "
+            f"{exact_split.LATER_SPLIT_BYTES >> 20} split by default; --scheme groupmix:exact_split=first "
+            "splits it whatever its size)",
+            stacklevel=2)
+        return True
 
     def _split(self, x: int, ops: Sequence[int], stats: ActivationStats,
                dist: MaskDistribution) -> exact_split.Split | None:

@@ -508,6 +508,54 @@ def test_a_long_layer_without_a_mask_is_offloaded_without_a_word(tmp_path):
     assert not [w for w in caught if "one-time mask" in str(w.message) or "run in the TEE" in str(w.message)]
 
 
+def _wide_mlp(hidden: int = 4096) -> tuple[bytes, list[np.ndarray]]:
+    """Features of scales 1e-2 to 1e2, standardized in a first dense ReLU layer of ``hidden`` units (the
+    standardization folded into it), then a dense ReLU layer of 256 that sums all of them (round 2, one
+    layer from the input) and a head of 4; and 40 inputs."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    rng = np.random.default_rng(5)
+    sigma = 10.0 ** rng.uniform(-2, 2, 30)
+    g = Graph()
+    h = x = g.add_tensor("features", (1, 30), np.float32)
+    for i, (n_in, n_out) in enumerate(((30, hidden), (hidden, 256), (256, 4))):
+        w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in) / (sigma if i == 0 else 1)
+        options = fb.FullyConnectedOptionsT()
+        options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i < 2 else 0
+        y = g.add_tensor(f"y{i}", (1, n_out), np.float32)
+        b = rng.standard_normal(n_out) * 0.1
+        g.add_op("FULLY_CONNECTED", [h, g.add_tensor(f"w{i}", w.shape, np.float32, w),
+                                     g.add_tensor(f"b{i}", (n_out,), np.float32, b)], [y], options)
+        h = y
+    g.inputs, g.outputs = [x], [h]
+    return write_model(g), [(sigma * rng.standard_normal(30))[None].astype(np.float32) for _ in range(40)]
+
+
+def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path, monkeypatch):
+    """Round 2 of a wide MLP reads what one layer made of the input (masked whatever the policy) and sums
+    4,096 terms per output: unsplit for its cost until now, a review measured 5-8 of 200 rows over the
+    1e-4 target (up to 2.3e-4). ``auto`` splits such a round past ``LATER_LONG_TERMS`` terms where its split
+    weights fit ``LATER_SPLIT_BYTES``; past them it crosses unsplit, said at conversion."""
+    original, xs = _wide_mlp()
+    for limit, split in ((exact_split.LATER_SPLIT_BYTES, True), (1 << 20, False)):
+        monkeypatch.setattr(exact_split, "LATER_SPLIT_BYTES", limit)
+        out = str(tmp_path / f"out{limit}")
+        with __import__("warnings").catch_warnings(record=True) as caught:
+            __import__("warnings").simplefilter("always")
+            manifest = shadownet.convert(original, out, seed=2)
+        assert manifest["masks"]["one_time_rounds"] == [1, 2]
+        assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, split, False]
+        said = [str(w.message) for w in caught if "its readers sum 4096 terms per output" in str(w.message)]
+        assert len(said) == (not split), [str(w.message) for w in caught]
+        if split:
+            with shadownet.load(out) as model:
+                worst = max(float(np.abs(model(x) - run(original, [x])[0]).max()
+                                  / np.abs(run(original, [x])[0]).max()) for x in xs)
+            assert worst <= 3e-5, worst
+
+
 def _image_joining_deeper_features() -> bytes:
     """A U-Net's skip from the raw image: conv, pool, upsampling (TEE ops, so the image joins round 2),
     then the features concatenated to the image into a second conv."""

@@ -79,6 +79,30 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
     return frozenset(LAYER_KINDS[k] for k in kept_in_tee(scheme) if k in LAYER_KINDS)
 
 
+def _planned(reference: bytes, given: Any, manifest: dict, scheme: Any | None,
+             obfuscated: list) -> tuple[Any, list, set[str], int | None]:
+    """The reference as the protected model's converter planned it (``audit_layers.reference_graph``), its
+    linear layers, those it kept in the TEE for their long sums (``_long_sums``) and the plan's
+    ``longest`` (``planned_as``). A manifest without the plan's marker is of a converter before stop 56,
+    which cut no long sum into chunks, or of that stop's first commits, which did: the plan whose layers
+    pair with the untrusted model's and whose long sums are the manifest's (a review: the second's artifacts
+    were refused). ``ArtifactError`` when none does (``check_covers``, ``_long_sums``: the last plan's)."""
+    first = planned_as(manifest)
+    plans = [first] if first is None else [first, None]
+    for k, longest in enumerate(plans):
+        graph = reference_graph(reference, scheme, name=given, longest=longest)
+        ref = reference_layers(reference, manifest, graph=graph)
+        try:
+            kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, longest)
+            check_covers([r for r in ref if r.kind not in kinds and r.where not in ops], obfuscated, given)
+        except ArtifactError:
+            if k + 1 == len(plans):
+                raise
+            continue
+        return graph, ref, ops, longest
+    raise AssertionError("unreachable")
+
+
 def _long_sums(manifest: dict, graph: Any, scheme: Any | None, longest: int | None = None) -> set[str]:
     """The layers the converter kept in the TEE for their long sums (``converters.partition``), as
     ``LinearLayer.where`` names them: the manifest's ``summary.long_sums``, which must be what the
@@ -273,9 +297,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     # The reference read and planned once (planning runs LiteRT on it): its layers, its outputs and its
     # activations all come from these.
     given, reference = reference, protected_signature(reference, manifest)
-    longest = planned_as(manifest)  # an older converter's plan of long sums, or None
-    graph = reference_graph(reference, _manifest_scheme(manifest), name=given, longest=longest)
-    ref = reference_layers(reference, manifest, graph=graph)
+    scheme = _manifest_scheme(manifest)
+    graph, ref, ops, longest = _planned(reference, given, manifest, scheme, obf)
     report: dict = {
         "artifacts": str(out_dir),
         "reference": f"({len(given)} bytes of a model)" if isinstance(given, bytes | bytearray) else
@@ -286,17 +309,15 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
         # secrets they cannot guess, and their figures said nothing of it (a helper's probe)
         "seeded": bool(manifest.get("seeded", False)),
     }
-    scheme = _manifest_scheme(manifest)
-    kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, longest)
+    kinds = _kept_in_tee(scheme)
     # The scheme ran them in the TEE (groupmix:depthwise=tee; layers on the input with sums too long to
     # split): nothing of theirs crosses, nothing to pair. Always in the JSON, [] when none (it was missing
     # under the paper's scheme: a helper's probe).
     report["kept_in_tee"] = [f"{r.kind} {r.name} {list(r.kernel)}" for r in ref
                              if r.kind in kinds or r.where in ops]
     ref = [r for r in ref if r.kind not in kinds and r.where not in ops]
-    check_covers(ref, obf, given)
     if public is not None:  # before any other work: a wrong file is refused at once
-        published = public_layers(public, manifest, scheme, ref, ops)
+        published = public_layers(public, manifest, scheme, ref, ops, longest)
     # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
     crossing = [layer for layer in obf if layer.name not in split]
     chosen = inferences is None

@@ -3,6 +3,8 @@ against, on padded, grouped and several inputs, across copies and inferences."""
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -278,6 +280,14 @@ def test_a_layer_on_the_input_cut_into_chunks_is_audited_chunk_by_chunk(tmp_path
     first = [r for r in report["input_leakage"]["rounds"] if r["round"] == 1]
     assert [r["tensor"] for r in first] == [f"hidden/chunk{k}/input" for k in range(4)]
     assert all(abs(r["user_input_0"]["single"]["overall"]) <= 0.1 for r in first)
+    # The first commits of stop 56 cut it so but wrote no ``long_sum_terms``, the marker of this plan: their
+    # artifacts were refused as another architecture (a review). The plan whose layers pair is taken.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["summary"]["long_sum_terms"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    report = audit.audit(tmp_path / "out", original, inferences=0)
+    assert [layer["name"] for layer in report["layers"]] == [f"hidden/chunk{k}/output" for k in range(4)] + [
+        "logits"]
 
 
 def test_an_input_that_never_crosses_as_such_is_said_and_not_scored(tmp_path: Path) -> None:

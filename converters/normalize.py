@@ -19,7 +19,13 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, transpose_conv
 from converters.graph import Graph, Op, Signature, Tensor, fused_activation
-from converters.schemes import GROUP_MIN_CHANNELS, group_min_channels, long_sums_after_input, partition_for
+from converters.schemes import (
+    GROUP_MIN_CHANNELS,
+    group_min_channels,
+    long_sums_after_input,
+    partition_for,
+    splits_masks,
+)
 from converters.tflite_sparsity import densify
 from shadownet.exceptions import UnsupportedOpError
 
@@ -104,20 +110,77 @@ def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
 
 
-def normalize_for(graph: Graph, scheme: object, chunks: bool = True) -> Graph:
+def normalize_for(graph: Graph, scheme: object, chunks: bool = True, dense_as_conv: bool = True) -> Graph:
     """``normalize`` as ``scheme`` plans the model (the converter's and the audit's graph): its grouped
-    convolutions split by group where it splits them (``converters.schemes.group_min_channels``), then the
+    convolutions split by group where it splits them (``converters.schemes.group_min_channels``), its dense
+    layers on a 4-D tensor computed as the convolution they are where it splits masks (``as_convolutions``;
+    not with ``dense_as_conv=False``: an artifact converted before stop 57), then the
     conv and dense layers on the user's input that sum too many terms for its exact split
     (``converters.partition``'s long sums), and those on what one layer made of it that it masks whatever
     the policy (``converters.schemes.long_sums_after_input``), cut into chunks that it can split
     (``chunked``; not with ``chunks=False``: an artifact converted before stop 56, which the audit reads as
     it was planned)."""
     graph = normalize(graph, group_min_channels(scheme))
+    if dense_as_conv and splits_masks(scheme):
+        graph = as_convolutions(graph)
     if not chunks:
         return graph
     part = partition_for(graph, scheme)
     long_sums = set(part.long_sums) | long_sums_after_input(part, scheme)
     return chunked(graph, long_sums, group_min_channels(scheme))
+
+
+def as_convolutions(graph: Graph) -> Graph:
+    """``graph`` with each FULLY_CONNECTED that reads a 4-D tensor ``[N, H, W, C]`` whole (``H W C`` terms,
+    at most ``exact_split.MAX_DOT_LENGTH``) computed as the CONV_2D it is - an ``H x W`` VALID window of
+    ``C`` channels, the weights ``[M, H W C]`` read as ``[M, H, W, C]`` (NHWC order) - and a RESHAPE of its
+    ``[N, 1, 1, M]`` result: its one-time mask then crosses as an exact split (``converters.plan_rounds``
+    splits a conv, not a dense layer on a flattened tensor, whose weights it would have to reorder) and, on
+    the user's image, keeps the image's shape, which a shaped mask needs. A review measured such a first
+    layer unsplit at 1-2.5e-4 of its outputs (a 52x52x3 image into 64 units; split, ~1e-5). The
+    multiply-adds are the layer's, in the same order of terms."""
+    tensors, rewritten, changed = list(graph.tensors), [], False
+    for op in graph.ops:
+        if _dense_on_image(tensors, op):
+            rewritten.extend(_as_convolution(tensors, op))
+            changed = True
+        else:
+            rewritten.append(op)
+    if not changed:
+        return graph
+    return _compact(Graph(tensors, rewritten, list(graph.inputs), list(graph.outputs), graph.signature))
+
+
+def _dense_on_image(tensors: list[Tensor], op: Op) -> bool:
+    """A FULLY_CONNECTED of constant ``[M, K]`` weights on a float32 ``[N, H, W, C]`` tensor of more than one
+    position, ``K = H W C`` (each of the ``N`` rows whole) at most ``exact_split.MAX_DOT_LENGTH``, its output
+    ``[N, M]``. (On one position it reads the last axis, which an exact split serves as it is.)"""
+    if op.kind != "FULLY_CONNECTED" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
+        return False
+    x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+    return (w.data is not None and w.sparsity is None and len(w.shape) == 2 and len(x.shape) == 4
+            and x.dtype == np.float32 and tuple(y.shape) == (x.shape[0], w.shape[0])
+            and x.shape[-1] < int(np.prod(x.shape[1:])) == w.shape[1] <= exact_split.MAX_DOT_LENGTH)
+
+
+def _as_convolution(tensors: list[Tensor], op: Op) -> list[Op]:
+    """``op`` (``_dense_on_image``) as a CONV_2D and a RESHAPE into its output (``as_convolutions``)."""
+    x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
+    n, h, width, c = x.shape
+    m = w.shape[0]
+    added = Graph(tensors)  # appends to ``tensors``
+    weights = np.ascontiguousarray(np.asarray(w.data).reshape(m, h, width, c))
+    weights.flags.writeable = False
+    kernel = added.add_tensor(f"{w.name}/conv", (m, h, width, c), w.dtype, weights)
+    result = added.add_tensor(f"{y.name}/conv", (n, 1, 1, m), y.dtype)
+    shape = added.add_tensor(f"{y.name}/conv/shape", (2,), np.int32, np.array(y.shape, np.int32))
+    options = schema_fb.Conv2DOptionsT()
+    options.padding, options.strideH, options.strideW = schema_fb.Padding.VALID, 1, 1
+    options.dilationHFactor = options.dilationWFactor = 1
+    options.fusedActivationFunction = schema_fb.ActivationFunctionType.NONE
+    bias = op.inputs[2] if len(op.inputs) > 2 else -1
+    return [Op("CONV_2D", (op.inputs[0], kernel, bias), (result,), options),
+            Op("RESHAPE", (result, shape), op.outputs, schema_fb.ReshapeOptionsT(newShape=list(y.shape)))]
 
 
 def chunked(graph: Graph, ops: Iterable[int], min_channels: int | None = GROUP_MIN_CHANNELS) -> Graph:

@@ -99,7 +99,10 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                # The longest sum per output an exact split took (converters.exact_split): longer ones were
                # cut into chunks (converters.normalize.chunked). Absent before stop 56, whose artifacts the
                # audit plans as they were: no chunks, 16,384 terms (shadownet.audit_layers.planned_as).
-               "long_sum_terms": exact_split.MAX_DOT_LENGTH}
+               "long_sum_terms": exact_split.MAX_DOT_LENGTH,
+               # Dense layers on 4-D tensors computed as convolutions (converters.normalize.as_convolutions)
+               # where the scheme splits masks. Absent before stop 57 (shadownet.audit_layers.planned_as).
+               "dense_as_conv": True}
     names = {f"round_{r}/out/{rest['name']}": graph.describe_op(rest["op"])
              for r, rests in enumerate(b.restores, start=1) for rest in rests}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary, names)

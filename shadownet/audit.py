@@ -24,6 +24,7 @@ from shadownet.artifacts import MANIFEST, UNTRUSTED, artifact_directory, read_ch
 from shadownet.audit_layers import (
     LAYER_KINDS,
     LinearLayer,
+    Planning,
     match_layers,
     planned_as,
     reference_graph,
@@ -80,26 +81,26 @@ def _kept_in_tee(scheme: Any | None) -> frozenset[str]:
 
 
 def _planned(reference: bytes, given: Any, manifest: dict, scheme: Any | None,
-             obfuscated: list) -> tuple[Any, list, set[str], int | None]:
+             obfuscated: list) -> tuple[Any, list, set[str], Planning]:
     """The reference as the protected model's converter planned it (``audit_layers.reference_graph``), its
-    linear layers, those it kept in the TEE for their long sums (``_long_sums``) and the plan's
-    ``longest`` (``planned_as``). A manifest without the plan's marker is of a converter before stop 56,
-    which cut no long sum into chunks, or of that stop's first commits, which did: the plan whose layers
-    pair with the untrusted model's and whose long sums are the manifest's (a review: the second's artifacts
-    were refused). ``ArtifactError`` when none does (``check_covers``, ``_long_sums``: the last plan's)."""
+    linear layers, those it kept in the TEE for their long sums (``_long_sums``) and the ``Planning``
+    (``planned_as``). A manifest without the chunks' marker is of a converter before stop 56, which cut no
+    long sum into chunks, or of that stop's first commits, which did: the plan whose layers pair with the
+    untrusted model's and whose long sums are the manifest's (a review: the second's artifacts were
+    refused). ``ArtifactError`` when none does (``check_covers``, ``_long_sums``: the last plan's)."""
     first = planned_as(manifest)
-    plans = [first] if first is None else [first, None]
-    for k, longest in enumerate(plans):
-        graph = reference_graph(reference, scheme, name=given, longest=longest)
+    plans = [first] if first.longest is None else [first, first._replace(longest=None)]
+    for k, planning in enumerate(plans):
+        graph = reference_graph(reference, scheme, name=given, planning=planning)
         ref = reference_layers(reference, manifest, graph=graph)
         try:
-            kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, longest)
+            kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, planning.longest)
             check_covers([r for r in ref if r.kind not in kinds and r.where not in ops], obfuscated, given)
         except ArtifactError:
             if k + 1 == len(plans):
                 raise
             continue
-        return graph, ref, ops, longest
+        return graph, ref, ops, planning
     raise AssertionError("unreachable")
 
 
@@ -298,7 +299,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     # activations all come from these.
     given, reference = reference, protected_signature(reference, manifest)
     scheme = _manifest_scheme(manifest)
-    graph, ref, ops, longest = _planned(reference, given, manifest, scheme, obf)
+    graph, ref, ops, planning = _planned(reference, given, manifest, scheme, obf)
     report: dict = {
         "artifacts": str(out_dir),
         "reference": f"({len(given)} bytes of a model)" if isinstance(given, bytes | bytearray) else
@@ -317,7 +318,7 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
                              if r.kind in kinds or r.where in ops]
     ref = [r for r in ref if r.kind not in kinds and r.where not in ops]
     if public is not None:  # before any other work: a wrong file is refused at once
-        published = public_layers(public, manifest, scheme, ref, ops, longest)
+        published = public_layers(public, manifest, scheme, ref, ops, planning)
     # An exactly split layer's results cross in two halves, which no fit reads (``learn_restores``).
     crossing = [layer for layer in obf if layer.name not in split]
     chosen = inferences is None

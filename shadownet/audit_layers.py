@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,38 +84,55 @@ def model_bytes(model: str | os.PathLike | bytes) -> bytes:
 LEGACY_LONGEST = 1 << 14
 
 
-def planned_as(manifest: dict) -> int | None:
-    """How the converter of ``manifest`` planned long sums: None as this version does (sums of at most
-    ``exact_split.MAX_DOT_LENGTH`` terms, longer ones on the user's input cut into chunks), or the longest
-    sum it split without chunks, ``LEGACY_LONGEST`` for an artifact converted before stop 56 (a review: the
-    audit refused those, its plan of their reference another). ``ArtifactError`` for another version's."""
+class Planning(NamedTuple):
+    """How a converter planned a model (``converters.normalize.normalize_for``), as its manifest's summary
+    says: ``longest``, None when it cut sums longer than ``exact_split.MAX_DOT_LENGTH`` into chunks (since
+    stop 56; ``summary.long_sum_terms``), else the longest sum it split without chunks (``LEGACY_LONGEST``);
+    ``dense_as_conv``, whether it computed dense layers on 4-D tensors as convolutions (since stop 57;
+    ``summary.dense_as_conv``)."""
+
+    longest: int | None = None
+    dense_as_conv: bool = True
+
+
+CURRENT = Planning()  # this version's
+
+
+def planned_as(manifest: dict) -> Planning:
+    """How the converter of ``manifest`` planned its model (``Planning``): an artifact converted before
+    stop 56 (a review: the audit refused those, its plan of their reference another) or 57 is audited as
+    it was planned. ``ArtifactError`` for another version's."""
     from converters import exact_split
 
     summary = manifest.get("summary") or {}
-    if not isinstance(summary, dict) or "long_sum_terms" not in summary:
-        return LEGACY_LONGEST
+    if not isinstance(summary, dict):
+        summary = {}
+    dense_as_conv = summary.get("dense_as_conv", False) is True
+    if "long_sum_terms" not in summary:
+        return Planning(LEGACY_LONGEST, dense_as_conv)
     terms = summary["long_sum_terms"]
     if terms != exact_split.MAX_DOT_LENGTH or isinstance(terms, bool):
         raise ArtifactError(f"manifest.json: summary.long_sum_terms {terms!r}: converted by a version of "
                             f"shadownet whose exact split took sums of other lengths (this one's: "
                             f"{exact_split.MAX_DOT_LENGTH}); audit it with that version")
-    return None
+    return Planning(None, dense_as_conv)
 
 
 def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None,
-                    what: str = "reference", longest: int | None = None) -> Any:
+                    what: str = "reference", planning: Planning = CURRENT) -> Any:
     """The reference model as the converter planned and normalized it for ``scheme``, the protected
     model's (``converters.original_model.planning_graph``, then ``converters.normalize.normalize_for``: its
-    grouped convolutions split by group and its long sums on the user's input cut into chunks where it did;
-    None: no scheme's chunks, grouped convolutions as for the default; ``longest``: an older converter's
-    plan, ``planned_as``, without chunks). A ``ModelFormatError`` names it (``what`` and ``name``, else its
-    path)."""
+    grouped convolutions split by group, its dense layers on 4-D tensors computed as convolutions and its
+    long sums on the user's input cut into chunks where it did; None: no scheme's, grouped convolutions as
+    for the default; ``planning``: an older converter's plan, ``planned_as``). A ``ModelFormatError`` names
+    it (``what`` and ``name``, else its path)."""
     from converters.normalize import normalize_for
     from converters.original_model import planning_graph
 
     label = name if name is not None else None if isinstance(model, bytes) else model
     try:
-        return normalize_for(planning_graph(model_bytes(model)), scheme, chunks=longest is None)
+        return normalize_for(planning_graph(model_bytes(model)), scheme, chunks=planning.longest is None,
+                             dense_as_conv=planning.dense_as_conv)
     except ModelFormatError as exc:
         if label is None:
             raise

@@ -33,6 +33,8 @@ nothing learnt.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from shadownet import attacks
@@ -152,18 +154,18 @@ def check_public(public: list, private: list, name: object) -> None:
 
 
 def public_layers(public: object, manifest: dict, scheme: object | None, private: list,
-                  kept: set[str] = frozenset(), longest: int | None = None) -> list:
+                  kept: set[str] = frozenset(), planning: Any = None) -> list:
     """The public model's linear layers, read as the audit reads the reference (``audit_layers``, planned
-    as the audit found the reference planned: ``longest``) and paired with the protected model's
+    as the audit found the reference planned: ``planning``) and paired with the protected model's
     ``private`` ones (``check_public``), but those ``kept`` in the TEE (``LinearLayer.where``: the
     converter's long sums): read before any other work, so that a wrong file is refused at once. Its inputs
     may differ (the attack reads only weights)."""
-    from shadownet.audit_layers import reference_graph, reference_layers
+    from shadownet.audit_layers import CURRENT, reference_graph, reference_layers
     from shadownet.audit_reference import protected_signature
 
     data = protected_signature(public, manifest, what="public model")
     kinds = {layer.kind for layer in private}
-    graph = reference_graph(data, scheme, public, what="public model", longest=longest)
+    graph = reference_graph(data, scheme, public, what="public model", planning=planning or CURRENT)
     layers = [layer for layer in reference_layers(data, graph=graph)
               if layer.kind in kinds and layer.where not in kept]
     check_public(layers, private, public)

@@ -556,6 +556,101 @@ def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path,
             assert worst <= 3e-5, worst
 
 
+def _dense_on_image(side: int = 32) -> bytes:
+    """A ``side`` x ``side`` RGB image read whole by a dense ReLU layer of 128 (FULLY_CONNECTED on the 4-D
+    tensor, no RESHAPE), then a dense head of 10."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+
+    rng = np.random.default_rng(7)
+    g = Graph()
+    h = x = g.add_tensor("image", (1, side, side, 3), np.float32)
+    for i, (n_in, n_out) in enumerate(((side * side * 3, 128), (128, 10))):
+        options = fb.FullyConnectedOptionsT()
+        options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i == 0 else 0
+        w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)
+        b = rng.standard_normal(n_out) * 0.1
+        y = g.add_tensor(f"y{i}", (1, n_out), np.float32)
+        g.add_op("FULLY_CONNECTED", [h, g.add_tensor(f"w{i}", w.shape, np.float32, w),
+                                     g.add_tensor(f"b{i}", (n_out,), np.float32, b)], [y], options)
+        h = y
+    g.inputs, g.outputs = [x], [h]
+    return write_model(g)
+
+
+def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
+    """A dense layer reading the image whole, no flattening op before it: its weights are for the flattened
+    tensor, which the exact split (on the channel axis) does not serve, so round 1 crossed under its shaped
+    mask (~35-42x the image) unsplit, up to 1.1e-4 of the outputs off (a review; 2.5e-4 on 52x52). It is
+    planned as the convolution it is (``converters.normalize.as_convolutions``): split, at LiteRT's floor;
+    the audit plans the reference alike, and an older artifact's (no ``dense_as_conv``) as it was."""
+    from shadownet import audit
+    from shadownet.audit_layers import planned_as
+
+    original = _dense_on_image()
+    out = tmp_path / "out"
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        manifest = shadownet.convert(original, str(out), seed=3)
+    assert manifest["summary"]["dense_as_conv"] is True
+    assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][0]
+    rng = np.random.default_rng(2)
+    with shadownet.load(out) as model:
+        worst = 0.0
+        for _ in range(20):
+            x = rng.uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+            want = run(original, [x])[0]
+            worst = max(worst, float(np.abs(model(x) - want).max() / np.abs(want).max()))
+    assert worst <= 3e-5, worst
+    (tmp_path / "model.tflite").write_bytes(original)
+    report = audit.audit(out, tmp_path / "model.tflite", inferences=0)
+    assert [layer["name"] for layer in report["layers"]] == ["y0/pre_activation/conv", "y1"]
+    assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
+    del manifest["summary"]["dense_as_conv"]
+    graph = audit.reference_graph(original, audit._manifest_scheme(manifest), planning=planned_as(manifest))
+    assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2
+
+
+def test_a_long_dense_layer_on_a_narrow_map_is_cut_into_chunks(tmp_path):
+    """A 48x48 map of 4 channels (too narrow to mix, so its round is masked whatever the policy) read whole
+    by a dense layer: 9,216 terms per output, too many for the exact split, so it crossed under its mask
+    unsplit, up to 1.1e-4 of the outputs off (a review). Such a layer is cut into chunks of its sum as on
+    the user's input (``converters.schemes.long_sums_after_input``); each chunk's input, the flattened map's
+    part, is wide enough to mix."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
+
+    rng = np.random.default_rng(8)
+    g = Graph()
+    h = x = g.add_tensor("image", (1, 48, 48, 3), np.float32)
+    for i, (k, c_in, c_out) in enumerate(((3, 3, 16), (1, 16, 4))):
+        w = rng.standard_normal((c_out, k, k, c_in)) * np.sqrt(2 / (k * k * c_in))
+        y = g.add_tensor(f"conv{i}", (1, 48, 48, c_out), np.float32)
+        g.add_op("CONV_2D", [h, g.add_tensor(f"conv{i}/w", w.shape, np.float32, w),
+                             g.add_tensor(f"conv{i}/b", (c_out,), np.float32, np.full(c_out, 0.1))], [y],
+                 conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+        h = y
+    w = rng.uniform(0, 2 / 9216, (8, 9216))
+    y = g.add_tensor("dense", (1, 8), np.float32)
+    g.add_op("FULLY_CONNECTED", [h, g.add_tensor("dense/w", w.shape, np.float32, w), -1], [y],
+             fb.FullyConnectedOptionsT())
+    g.inputs, g.outputs = [x], [y]
+    original = write_model(g)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        manifest = shadownet.convert(original, str(tmp_path / "out"), seed=4)
+    assert [len(r["inputs"]) for r in manifest["rounds"]] == [1, 1, 2]  # the dense layer in two chunks
+    xs = [np.random.default_rng(k).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32) for k in range(8)]
+    with shadownet.load(tmp_path / "out") as model:
+        wants = [run(original, [x])[0] for x in xs]
+        worst = max(float(np.abs(model(x) - want).max() / np.abs(want).max())
+                    for x, want in zip(xs, wants, strict=True))
+    assert worst <= 3e-5, worst
+
+
 def _image_joining_deeper_features() -> bytes:
     """A U-Net's skip from the raw image: conv, pool, upsampling (TEE ops, so the image joins round 2),
     then the features concatenated to the image into a second conv."""

@@ -4,7 +4,6 @@ against, on padded, grouped and several inputs, across copies and inferences."""
 from __future__ import annotations
 
 import json
-
 import warnings
 from pathlib import Path
 
@@ -238,20 +237,20 @@ def test_an_artifact_converted_before_chunks_is_audited_as_it_was_planned(tmp_pa
     artifacts as edited: a review); a manifest of this version's plan is read as this one's, another
     version's is refused."""
     from converters import exact_split
-    from shadownet.audit_layers import LEGACY_LONGEST, planned_as
+    from shadownet.audit_layers import LEGACY_LONGEST, Planning, planned_as
     from shadownet.exceptions import ArtifactError
     from tests.converters.test_exact_split import _flattened_image
 
     original = tmp_path / "flat.tflite"
     original.write_bytes(_flattened_image(head=True))
     old = {"summary": {"long_sums": [{"op": 1, "layer": "hidden"}]}}
-    assert planned_as(old) == LEGACY_LONGEST and planned_as({}) == LEGACY_LONGEST
+    assert planned_as(old) == planned_as({}) == Planning(LEGACY_LONGEST, False)
     scheme = audit._manifest_scheme({"scheme": {"name": "groupmix", "params": {}}})
-    graph = audit.reference_graph(str(original), scheme, longest=LEGACY_LONGEST)
+    graph = audit.reference_graph(str(original), scheme, planning=planned_as(old))
     assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2  # not cut
     assert audit._long_sums(old, graph, scheme, LEGACY_LONGEST) == {"op 1"}
-    new = {"summary": {"long_sums": [], "long_sum_terms": exact_split.MAX_DOT_LENGTH}}
-    assert planned_as(new) is None
+    new = {"summary": {"long_sums": [], "long_sum_terms": exact_split.MAX_DOT_LENGTH, "dense_as_conv": True}}
+    assert planned_as(new) == Planning(None, True)
     assert [op.kind for op in audit.reference_graph(str(original), scheme).ops].count("FULLY_CONNECTED") == 5
     for other in (4096, True, "8192"):
         with pytest.raises(ArtifactError, match="another|other lengths"):

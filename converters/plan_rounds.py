@@ -208,12 +208,13 @@ class RoundsBuilder:
         # (tensor, split class, first reader or None when untransformed) -> readers
         readers: dict[Any, list[int]] = {}
         may_split = self._may_split(r)
-        # Round 1 reads the user's input, its channels' scales the vendor's (raw features, a standardization
-        # folded into the layer), pushed plainly: a scheme may scale them by the columns of every conv and
-        # dense layer that reads them (``LinearLayer.peers``), one transform serving them all, and its
-        # mask's spread measure may weigh the channels (``ObfuscatedLinear.input_scale``), which a
-        # restore's fused push's may not.
-        raw = {g.ops[i].inputs[0] for i in ops if r == 1}
+        # Round 1 reads the user's input, and a later round the tensors it joins (a vector concatenated to
+        # pooled features): their channels' scales are the vendor's (raw features, a standardization folded
+        # into the layer), and a scheme may scale them by the columns of every conv and dense layer that
+        # reads them here (``LinearLayer.peers``), one transform serving them all. Such a push is a plain
+        # one (``plan_tee``: not a restore's fused push), whose mask's spread measure may weigh the
+        # channels (``ObfuscatedLinear.input_scale``).
+        raw = {g.ops[i].inputs[0] for i in ops if r == 1 or g.ops[i].inputs[0] in self.carrying}
         mixable = [i for i in ops if g.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED")]
         for i in ops:
             _check_linear(g, i)

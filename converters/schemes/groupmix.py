@@ -10,13 +10,16 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
   output-side mixing apart when the real weights are heavy-tailed or sparse (trained, pruned), finds
   nothing (measured on 64 filters 3x3x32: Laplace weights 57 recovered with a permutation of the inputs
   instead, 0 with the mixing; 50%-sparse 64 -> 0; 70%-sparse 64 -> 7).
-- A user's raw input (round 1's layers) whose filters' columns - of every layer its push serves -
-  differ in norm by more than 4x
+- A user's raw input (round 1's layers, and those of a later round that a user input joins, where it is
+  pushed plainly) whose filters' columns - of every layer its push serves - differ in norm by more than 4x
   (a standardization folded into the layer: features of 1e-3 beside ones of 1e3, an RGB-D image's depth in
   millimetres) is scaled per channel first, by powers of two of those norms (``input_scales``): the TEE
   mixes ``x' = B diag(s) x`` (an input of a few channels, otherwise left alone: ``x' = diag(s) x``), the
   filters become ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact
-  split - sees channels of one scale instead of rounding the small ones at the grid of the largest.
+  split - sees channels of one scale instead of rounding the small ones at the grid of the largest. A push
+  that carries a user input beside other features (a vector concatenated to pooled ones) is scaled whole,
+  each channel by its columns: exact in float32, the scales only even out each channel's share of the
+  rounding.
 - The ``N`` output channels are cut into ``ceil(N / group_size)`` groups of consecutive channels, as
   equal as possible (15 or 16 for the default 16). Group ``g`` with real filters ``B_g`` ``[n_g, D]``
   gets an ``r_g``-dimensional subspace: ``span(B_g)``, plus random directions orthogonal to it when its

@@ -14,12 +14,12 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
   pushed plainly) whose filters' columns - of every layer its push serves - differ in norm by more than 4x
   (a standardization folded into the layer: features of 1e-3 beside ones of 1e3, an RGB-D image's depth in
   millimetres) is scaled per channel first, by powers of two of those norms (``input_scales``): the TEE
-  mixes ``x' = B diag(s) x`` (an input of a few channels, otherwise left alone: ``x' = diag(s) x``), the
-  filters become ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact
-  split - sees channels of one scale instead of rounding the small ones at the grid of the largest. A push
-  that carries a user input beside other features (a vector concatenated to pooled ones) is scaled whole,
-  each channel by its columns: exact in float32, the scales only even out each channel's share of the
-  rounding.
+  mixes ``x' = B diag(s) x`` (an input of a few channels, or any under ``input_group`` 0, otherwise left
+  alone: ``x' = diag(s) x``; under ``input_group`` 1, permuted after), the filters become
+  ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact split - sees
+  channels of one scale instead of rounding the small ones at the grid of the largest. A push that carries
+  a user input beside other features (a vector concatenated to pooled ones) is scaled whole, each channel
+  by its columns: exact in float32, the scales only even out each channel's share of the rounding.
 - The ``N`` output channels are cut into ``ceil(N / group_size)`` groups of consecutive channels, as
   equal as possible (15 or 16 for the default 16). Group ``g`` with real filters ``B_g`` ``[n_g, D]``
   gets an ``r_g``-dimensional subspace: ``span(B_g)``, plus random directions orthogonal to it when its
@@ -121,7 +121,8 @@ SCALE_BITS, MAX_SCALE_BITS = 2, 60
 
 class GroupMixScheme:
     """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
-    ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them),
+    ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them;
+    a raw input's channels are scaled still),
     ``mask_scale`` (10.0, times the activations' RMS, one-time masks), ``static_mask_scale`` (0.0: rounds
     without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
     masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
@@ -200,7 +201,7 @@ class GroupMixScheme:
         # positions of them, flattened); unknown for a dense layer: left alone.
         channels = w.shape[-1] if layer.kind == "CONV_2D" else layer.input_channels
         permutation = input_index = input_coef = input_scale = None
-        if self.input_group and channels and w.reshape(n, -1).shape[1] % channels == 0:
+        if (self.input_group or layer.raw_input) and channels and w.reshape(n, -1).shape[1] % channels == 0:
             peers = None  # a raw input's: the other filters its channels' scales weigh
             if layer.raw_input:
                 peers = [np.asarray(p, np.float64).reshape(len(p), -1, channels) for p in layer.peers
@@ -251,7 +252,8 @@ class GroupMixScheme:
         mixing), that of ``input_of`` when it transforms ``C`` channels (another reader of the same
         tensor). A user's raw input (``peers`` not None: the filters ``[N', positions', C]`` of the other
         layers its push serves) whose filters' columns differ in scale, its own's or its peers', is mixed
-        after its channels are scaled (``input_scales``)."""
+        after its channels are scaled (``input_scales``); with ``input_group`` 0 or 1, scaled only
+        (and permuted)."""
         c = w.shape[-1]
         if input_of is not None and input_of.input_permutation is not None \
                 and len(input_of.input_permutation) == c:
@@ -261,22 +263,27 @@ class GroupMixScheme:
             index, coef = input_of.input_index, input_of.input_coef
             moved = np.empty_like(w)
             for a, b in self.input_blocks(c) or [(a, a + 1) for a in range(c)]:
+                # the block's input channels: a..b mixed, or one channel scaled (and permuted)
                 block = coef[:b - a, a:b].T.astype(np.float64)
-                moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block)
+                moved[..., a:b] = w[..., index[:b - a, a]] @ np.linalg.inv(block)
             return moved, None, index, coef, input_of.input_scale
-        scale = input_scales(w, *peers) if peers is not None and self.input_group >= 2 else None
-        if c < max(2, self.input_group // 2):
+        scale = input_scales(w, *peers) if peers is not None else None
+        if self.input_group == 0 or c < max(2, self.input_group // 2):
             # A few channels (an RGB image): mixing them would Gaussianize little and costs a slow narrow
             # matmul on the largest tensor, permuting them hides little and costs a gather; ICA needs far
-            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone, but for their
-            # scales (an RGB-D image's depth in millimetres beside colours in [0, 1]).
+            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone (any input under
+            # input_group 0), but for their scales (an RGB-D image's depth in millimetres beside colours).
             if scale is None:
                 return w, None, None, None, None
             index = np.arange(c, dtype=np.int32)[None, :]
             return w / scale.astype(np.float64), None, index, scale[None, :].copy(), scale
         if self.input_group == 1:
             permutation = rng.permutation(c)
-            return w[..., permutation], permutation.astype(np.int32), None, None, None
+            if scale is None:
+                return w[..., permutation], permutation.astype(np.int32), None, None, None
+            # x'_c = s_p x_p, p = permutation[c]: a gather of one term
+            moved = (w / scale.astype(np.float64))[..., permutation]
+            return moved, None, permutation.astype(np.int32)[None, :], scale[None, permutation], scale
         # x'_c = sum_j B[c, j] s_j x_j over c's group of consecutive channels (B orthogonal blocks, stored
         # float32; s the channels' scales, powers of two, or ones); the filters W' = W diag(s)^-1 B^-1, so
         # W' x' = W x with the float32 B exactly. No permutation first: the push reads each group as a

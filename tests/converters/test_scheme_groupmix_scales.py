@@ -5,7 +5,8 @@ Mixed, masked and split at the scale of their largest channel, the small ones lo
 outputs 2e-4 - 1e-2 off LiteRT's, the float32 floor ~1e-7); scaled first by the layer's column norms
 (``converters.schemes.groupmix.input_scales``), they keep them. So too where two layers read the input
 (scaled by the first's columns alone: 8e-3), where it joins a later round (a vector concatenated to pooled
-features, an input added to a layer's output: unscaled, 3e-2 and 2e-2)."""
+features, an input added to a layer's output: unscaled, 3e-2 and 2e-2), and under ``input_group`` 0 or 1
+(unscaled: 2-3e-4)."""
 
 import warnings
 
@@ -260,7 +261,7 @@ def two_readers() -> bytes:
     return write_model(g)
 
 
-@pytest.mark.parametrize("scheme", [None])
+@pytest.mark.parametrize("scheme", [None, "groupmix:input_group=1"])
 def test_readers_of_one_raw_input_scale_it_by_all_their_columns(device, tmp_path, scheme):
     # One push serves both (the second takes the first's input transform); its scales were the first's
     # columns alone, of one scale: none, and the standardization lost the small features' digits (8e-3).
@@ -340,3 +341,13 @@ def test_a_raw_input_added_to_a_restored_tensor_is_scaled_and_pushed_plainly(dev
     bound = 1e-4 if scheme else max(SCALED_FIDELITY, 10 * floor)
     assert max(errors) <= bound, (max(errors), floor)
 
+
+@pytest.mark.parametrize("input_group", [0, 1])
+def test_an_rgbd_image_is_scaled_without_its_mixing(device, tmp_path, input_group):
+    # input_group 0 leaves the input's channels as they are, 1 permutes them: scaled still (2-3e-4 before).
+    model = rgbd()
+    images = rgbd_images(8)
+    errors, _ = protected_errors(model, images, tmp_path / "out", device,
+                                 scheme=f"groupmix:input_group={input_group}")
+    floor = float32_floor(model, images)
+    assert max(errors) <= max(SCALED_FIDELITY, 10 * floor), (max(errors), floor)

@@ -208,6 +208,14 @@ class RoundsBuilder:
         # (tensor, split class, first reader or None when untransformed) -> readers
         readers: dict[Any, list[int]] = {}
         may_split = self._may_split(r)
+        # Round 1 reads the user's input, and a later round the tensors it joins (a vector concatenated to
+        # pooled features): their channels' scales are the vendor's (raw features, a standardization folded
+        # into the layer), and a scheme may scale them by the columns of every conv and dense layer that
+        # reads them here (``LinearLayer.peers``), one transform serving them all. Such a push is a plain
+        # one (``plan_tee``: not a restore's fused push), whose mask's spread measure may weigh the
+        # channels (``ObfuscatedLinear.input_scale``).
+        raw = {g.ops[i].inputs[0] for i in ops if r == 1 or g.ops[i].inputs[0] in self.carrying}
+        mixable = [i for i in ops if g.ops[i].kind in ("CONV_2D", "FULLY_CONNECTED")]
         for i in ops:
             _check_linear(g, i)
             op = g.ops[i]
@@ -219,13 +227,11 @@ class RoundsBuilder:
             split_class = self._splittable(i) if may_split else None
             mixed = [k for k in readers if k[:2] == (x, split_class) and k[2] is not None]  # x's, transformed
             first = obfs[mixed[0][2]] if mixed else None
+            peers = tuple(g.tensors[g.ops[j].inputs[1]].data for j in mixable
+                          if j != i and g.ops[j].inputs[0] == x) if x in raw else ()
             try:
-                # Round 1 reads the user's input, its channels' scales the vendor's (raw features, a
-                # standardization folded into the layer), pushed plainly: its mask's spread measure may
-                # weigh the channels (``ObfuscatedLinear.input_scale``), which a restore's fused push's may
-                # not.
                 obf = obfs[i] = self.scheme.obfuscate(
-                    LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1], raw_input=r == 1),
+                    LinearLayer(op.kind, weights, mult, name, g.tensors[x].shape[-1], x in raw, peers),
                     self.rng, first)
             except ValueError as exc:
                 raise UnsupportedOpError(f"{name}: {exc}") from None

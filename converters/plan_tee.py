@@ -197,9 +197,12 @@ class TeeProgramBuilder(RoundsBuilder):
                     if addend is not None:
                         instr["addend"] = ref(addend)
                     pushes = [p for p in self.pushes[k] if p["tensor"] == t] if k < R else []
-                    # (A push's permutation would reorder the restored channels, not the addend's.)
+                    # (A push's permutation would reorder the restored channels, not the addend's. A push
+                    # whose mask follows its input's channels scaled, a user input's, is a plain one: a
+                    # restore's kernel measures what it makes unscaled, tee_sim.mask_spread.)
                     if len(pushes) == 1 and self.uses.get(t) == {(k, "push")} and pushes[0]["split"] is None \
-                            and (addend is None or pushes[0]["permutation"] is None):
+                            and (addend is None or pushes[0]["permutation"] is None) \
+                            and pushes[0].get("scale") is None:
                         # Its one use is the next round's push: restore, permute or mix, mask and pad on the
                         # way into shared memory, a chunk at a time (the tensor never fills a slot).
                         p = pushes[0]

@@ -182,7 +182,7 @@ class SpreadFollower:
         scale = self.streams[name].scale
         if scale is not None and measure is not None:
             # A restore's kernel measures what it restores unweighted: such a mask would be sized for the
-            # scaled input and follow the unscaled one's spread (the converter scales round 1's alone).
+            # scaled input and follow the unscaled one's spread (the converter pushes a scaled input plainly).
             raise ValueError(f"mask {name}: a restore's push cannot follow its input's scaled spread")
         check = compile_spread(x, PEAK_RATIO ** -2, scale) if measure is None else None
         self._bound[entry.slot][name] = (push.step, check.op if check is not None else measure)

@@ -39,9 +39,11 @@ class LinearLayer:
     ``[N, K]``, DEPTHWISE_CONV_2D ``[1, kh, kw, C * depth_multiplier]``. ``name`` is for messages.
     ``input_channels``: the size of the op input's last axis, the axis an input transform acts on (None:
     unknown; a FULLY_CONNECTED flattens its input, so its ``K`` may be a multiple of it).
-    ``raw_input``: the op reads a user's input in round 1, whose channels may differ in scale by orders of
-    magnitude (a standardization folded into the layer): a scheme may scale its channels first
-    (``ObfuscatedLinear.input_scale``)."""
+    ``raw_input``: the op reads a user's input (round 1's, or one that joins a later round), pushed plainly,
+    whose channels may differ in scale by orders of magnitude (a standardization folded into the layer): a
+    scheme may scale its channels first (``ObfuscatedLinear.input_scale``). ``peers``: then, the weights of
+    the round's other conv and dense layers that read the same input (same layout): one push, one input
+    transform, serves them all, so its channels' scales weigh their columns too."""
 
     kind: str
     weights: np.ndarray
@@ -49,6 +51,7 @@ class LinearLayer:
     name: str = ""
     input_channels: int | None = None
     raw_input: bool = False
+    peers: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)

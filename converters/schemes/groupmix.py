@@ -10,12 +10,16 @@ Conv / dense (dense is a 1x1 conv), real filters ``W`` as rows ``[N, D]`` (``D =
   output-side mixing apart when the real weights are heavy-tailed or sparse (trained, pruned), finds
   nothing (measured on 64 filters 3x3x32: Laplace weights 57 recovered with a permutation of the inputs
   instead, 0 with the mixing; 50%-sparse 64 -> 0; 70%-sparse 64 -> 7).
-- A user's raw input (round 1's layers) whose filters' columns differ in norm by more than 4x (a
-  standardization folded into the layer: features of 1e-3 beside ones of 1e3, an RGB-D image's depth in
+- A user's raw input (round 1's layers, and those of a later round that a user input joins, where it is
+  pushed plainly) whose filters' columns - of every layer its push serves - differ in norm by more than 4x
+  (a standardization folded into the layer: features of 1e-3 beside ones of 1e3, an RGB-D image's depth in
   millimetres) is scaled per channel first, by powers of two of those norms (``input_scales``): the TEE
-  mixes ``x' = B diag(s) x`` (an input of a few channels, otherwise left alone: ``x' = diag(s) x``), the
-  filters become ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact
-  split - sees channels of one scale instead of rounding the small ones at the grid of the largest.
+  mixes ``x' = B diag(s) x`` (an input of a few channels, or any under ``input_group`` 0, otherwise left
+  alone: ``x' = diag(s) x``; under ``input_group`` 1, permuted after), the filters become
+  ``W diag(s)^-1 B^-1``, and everything below - each group's basis, the mask, the exact split - sees
+  channels of one scale instead of rounding the small ones at the grid of the largest. A push that carries
+  a user input beside other features (a vector concatenated to pooled ones) is scaled whole, each channel
+  by its columns: exact in float32, the scales only even out each channel's share of the rounding.
 - The ``N`` output channels are cut into ``ceil(N / group_size)`` groups of consecutive channels, as
   equal as possible (15 or 16 for the default 16). Group ``g`` with real filters ``B_g`` ``[n_g, D]``
   gets an ``r_g``-dimensional subspace: ``span(B_g)``, plus random directions orthogonal to it when its
@@ -117,7 +121,8 @@ SCALE_BITS, MAX_SCALE_BITS = 2, 60
 
 class GroupMixScheme:
     """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
-    ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them),
+    ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them;
+    a raw input's channels are scaled still),
     ``mask_scale`` (10.0, times the activations' RMS, one-time masks), ``static_mask_scale`` (0.0: rounds
     without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
     masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
@@ -196,9 +201,13 @@ class GroupMixScheme:
         # positions of them, flattened); unknown for a dense layer: left alone.
         channels = w.shape[-1] if layer.kind == "CONV_2D" else layer.input_channels
         permutation = input_index = input_coef = input_scale = None
-        if self.input_group and channels and w.reshape(n, -1).shape[1] % channels == 0:
+        if (self.input_group or layer.raw_input) and channels and w.reshape(n, -1).shape[1] % channels == 0:
+            peers = None  # a raw input's: the other filters its channels' scales weigh
+            if layer.raw_input:
+                peers = [np.asarray(p, np.float64).reshape(len(p), -1, channels) for p in layer.peers
+                         if p.ndim >= 2 and p.size % (len(p) * channels) == 0]
             w, permutation, input_index, input_coef, input_scale = self._mix_inputs(
-                w.reshape(n, -1, channels), rng, input_of, layer.raw_input)
+                w.reshape(n, -1, channels), rng, input_of, peers)
             w = w.reshape(layer.weights.shape)
         rows = w.reshape(n, -1)
         d = rows.shape[1]
@@ -237,12 +246,14 @@ class GroupMixScheme:
         return split_groups(channels, self.input_group)
 
     def _mix_inputs(self, w: np.ndarray, rng: Random, input_of: ObfuscatedLinear | None = None,
-                    raw_input: bool = False) -> tuple[np.ndarray | None, ...]:
+                    peers: list[np.ndarray] | None = None) -> tuple[np.ndarray | None, ...]:
         """``w`` ``[N, positions, C]`` -> (the filters in the accelerator's input coordinates, and the
         input transform: ``(permutation, None, None, None)`` or ``(None, index, coef, scale)`` of a
         mixing), that of ``input_of`` when it transforms ``C`` channels (another reader of the same
-        tensor). A user's raw input (``raw_input``) whose filters' columns differ in scale is mixed
-        after its channels are scaled (``input_scales``)."""
+        tensor). A user's raw input (``peers`` not None: the filters ``[N', positions', C]`` of the other
+        layers its push serves) whose filters' columns differ in scale, its own's or its peers', is mixed
+        after its channels are scaled (``input_scales``); with ``input_group`` 0 or 1, scaled only
+        (and permuted)."""
         c = w.shape[-1]
         if input_of is not None and input_of.input_permutation is not None \
                 and len(input_of.input_permutation) == c:
@@ -252,22 +263,27 @@ class GroupMixScheme:
             index, coef = input_of.input_index, input_of.input_coef
             moved = np.empty_like(w)
             for a, b in self.input_blocks(c) or [(a, a + 1) for a in range(c)]:
+                # the block's input channels: a..b mixed, or one channel scaled (and permuted)
                 block = coef[:b - a, a:b].T.astype(np.float64)
-                moved[..., a:b] = w[..., a:b] @ np.linalg.inv(block)
+                moved[..., a:b] = w[..., index[:b - a, a]] @ np.linalg.inv(block)
             return moved, None, index, coef, input_of.input_scale
-        scale = input_scales(w) if raw_input and self.input_group >= 2 else None
-        if c < max(2, self.input_group // 2):
+        scale = input_scales(w, *peers) if peers is not None else None
+        if self.input_group == 0 or c < max(2, self.input_group // 2):
             # A few channels (an RGB image): mixing them would Gaussianize little and costs a slow narrow
             # matmul on the largest tensor, permuting them hides little and costs a gather; ICA needs far
-            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone, but for their
-            # scales (an RGB-D image's depth in millimetres beside colours in [0, 1]).
+            # more samples than such filters (kh * kw * C numbers) hold anyway. Left alone (any input under
+            # input_group 0), but for their scales (an RGB-D image's depth in millimetres beside colours).
             if scale is None:
                 return w, None, None, None, None
             index = np.arange(c, dtype=np.int32)[None, :]
             return w / scale.astype(np.float64), None, index, scale[None, :].copy(), scale
         if self.input_group == 1:
             permutation = rng.permutation(c)
-            return w[..., permutation], permutation.astype(np.int32), None, None, None
+            if scale is None:
+                return w[..., permutation], permutation.astype(np.int32), None, None, None
+            # x'_c = s_p x_p, p = permutation[c]: a gather of one term
+            moved = (w / scale.astype(np.float64))[..., permutation]
+            return moved, None, permutation.astype(np.int32)[None, :], scale[None, permutation], scale
         # x'_c = sum_j B[c, j] s_j x_j over c's group of consecutive channels (B orthogonal blocks, stored
         # float32; s the channels' scales, powers of two, or ones); the filters W' = W diag(s)^-1 B^-1, so
         # W' x' = W x with the float32 B exactly. No permutation first: the push reads each group as a
@@ -365,20 +381,23 @@ class GroupMixScheme:
         return noise
 
 
-def input_scales(w: np.ndarray) -> np.ndarray | None:
-    """Per input channel of filters ``w`` ``[N, positions, C]``, the power of two nearest its column's norm
-    over the largest column's (float32, at most 1; None where they all lie within ``SCALE_BITS``
-    powers of two). A standardization folded into a layer (``W = A diag(1 / sigma)``) sets the columns'
-    norms to about ``1 / sigma``: the input scaled so, ``diag(s) x``, has channels of one scale whatever
-    the input's own (which calibration with random inputs does not know). The mixing, the basis of each
-    group's span (in the mixed coordinates) and the one-time mask (sized on the mixed input) then treat
-    every channel alike, where in the input's own coordinates a feature of 1e-3 was rounded at the grid of
-    one of 1e3 (a probe: outputs 2e-4 - 1e-2 off LiteRT's). Powers of two: the scaled input, and the
-    filters scaled back, are exact in float32. A column of zeros, or one ``MAX_SCALE_BITS`` under the
+def input_scales(*filters: np.ndarray) -> np.ndarray | None:
+    """Per input channel of ``filters`` ``[N, positions, C]`` (each layer that reads the input), the power
+    of two nearest its largest column's norm over the layers, over the largest column's (float32, at most 1;
+    None where they all lie within ``SCALE_BITS`` powers of two): a channel that any of the layers weighs
+    as a large one is kept large (a folded standardization beside a layer of uniform columns that read
+    its input first shared that layer's unscaled push, its outputs 8e-3 off LiteRT's, when only the first
+    layer's columns counted). A standardization folded into a layer (``W = A diag(1 / sigma)``) sets the
+    columns' norms to about ``1 / sigma``: the input scaled so, ``diag(s) x``, has channels of one scale
+    whatever the input's own (which calibration with random inputs does not know). The mixing, the basis of
+    each group's span (in the mixed coordinates) and the one-time mask (sized on the mixed input) then
+    treat every channel alike, where in the input's own coordinates a feature of 1e-3 was rounded at the
+    grid of one of 1e3 (a probe: outputs 2e-4 - 1e-2 off LiteRT's). Powers of two: the scaled input, and
+    the filters scaled back, are exact in float32. A column of zeros, or one ``MAX_SCALE_BITS`` under the
     largest, is scaled by ``2 ** -MAX_SCALE_BITS``: it adds nothing to the outputs, and scaled by 1 a large
     unused channel would bury the others in the mixing."""
-    norms = np.sqrt(np.sum(np.square(w.astype(np.float64)), axis=(0, 1)))
-    if w.shape[-1] < 2 or not np.any(norms > 0) or not np.all(np.isfinite(norms)):
+    norms = np.max([np.sqrt(np.sum(np.square(w.astype(np.float64)), axis=(0, 1))) for w in filters], axis=0)
+    if len(norms) < 2 or not np.any(norms > 0) or not np.all(np.isfinite(norms)):
         return None
     exponents = np.full(len(norms), -np.inf)
     exponents[norms > 0] = np.rint(np.log2(norms[norms > 0]))

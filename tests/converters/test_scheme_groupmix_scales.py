@@ -175,7 +175,10 @@ def test_folded_standardization_of_tabular_features_keeps_float32_precision(devi
 
 def test_an_rgbd_image_with_depth_in_millimetres_keeps_float32_precision(device, tmp_path):
     model = rgbd()
-    images = rgbd_images(12)
+    # 48 images: the depth's per-image offset is most of its variance, so the leakage fit has about as many
+    # samples of it as images; over 12 its held-out correlation came out at 0.10-0.15 in 2 of 8 conversions
+    # (0.034-0.065 over 48; SECURITY.md's 400: 0.035), and the test failed now and then.
+    images = rgbd_images(48)
     floor = max(relative_error(litert(model, x, builtin=True), litert(model, x)) for x in images)
     errors, seen = protected_errors(model, images, tmp_path / "out", device)
     assert max(errors) <= max(SCALED_FIDELITY, 10 * floor), (max(errors), floor)

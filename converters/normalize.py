@@ -110,23 +110,28 @@ def normalize(graph: Graph, group_min_channels: int | None = GROUP_MIN_CHANNELS)
     return _compact(Graph(tensors, ops, list(graph.inputs), list(graph.outputs), graph.signature))
 
 
-def normalize_for(graph: Graph, scheme: object, chunks: bool = True, dense_as_conv: bool = True) -> Graph:
+# What ``normalize_for`` does beyond stop 56's plan (``summary.plan_revision`` in a manifest; the audit plans
+# an older artifact's reference as its converter did): 1 (stop 57), dense layers on 4-D tensors computed as
+# convolutions and long sums on maps too narrow to mix cut into chunks.
+PLAN_REVISION = 1
+
+
+def normalize_for(graph: Graph, scheme: object, chunks: bool = True, revision: int = PLAN_REVISION) -> Graph:
     """``normalize`` as ``scheme`` plans the model (the converter's and the audit's graph): its grouped
     convolutions split by group where it splits them (``converters.schemes.group_min_channels``), its dense
-    layers on a 4-D tensor computed as the convolution they are where it splits masks (``as_convolutions``;
-    not with ``dense_as_conv=False``: an artifact converted before stop 57), then the
-    conv and dense layers on the user's input that sum too many terms for its exact split
-    (``converters.partition``'s long sums), and those on what one layer made of it that it masks whatever
-    the policy (``converters.schemes.long_sums_after_input``), cut into chunks that it can split
-    (``chunked``; not with ``chunks=False``: an artifact converted before stop 56, which the audit reads as
-    it was planned)."""
+    layers on a 4-D tensor computed as the convolution they are where it splits masks (``as_convolutions``),
+    then the conv and dense layers on the user's input that sum too many terms for its exact split
+    (``converters.partition``'s long sums), and those on what one layer made of it or on a map too narrow to
+    mix, which it masks whatever the policy (``converters.schemes.long_sums_after_input``), cut into chunks
+    that it can split (``chunked``). An older converter's plan: ``chunks=False``, before stop 56 (no chunks);
+    ``revision`` 0, before stop 57 (``PLAN_REVISION``)."""
     graph = normalize(graph, group_min_channels(scheme))
-    if dense_as_conv and splits_masks(scheme):
+    if revision >= 1 and splits_masks(scheme):
         graph = as_convolutions(graph)
     if not chunks:
         return graph
     part = partition_for(graph, scheme)
-    long_sums = set(part.long_sums) | long_sums_after_input(part, scheme)
+    long_sums = set(part.long_sums) | long_sums_after_input(part, scheme, narrow=revision >= 1)
     return chunked(graph, long_sums, group_min_channels(scheme))
 
 
@@ -154,13 +159,17 @@ def as_convolutions(graph: Graph) -> Graph:
 def _dense_on_image(tensors: list[Tensor], op: Op) -> bool:
     """A FULLY_CONNECTED of constant ``[M, K]`` weights on a float32 ``[N, H, W, C]`` tensor of more than one
     position, ``K = H W C`` (each of the ``N`` rows whole) at most ``exact_split.MAX_DOT_LENGTH``, its output
-    ``[N, M]``. (On one position it reads the last axis, which an exact split serves as it is.)"""
+    ``[N, M]``, whose split weights (4x its own) fit ``exact_split.LATER_SPLIT_BYTES``: the trusted app reads
+    them into secure memory at each refill of its one-time masks, and a 32x32x3 image read by 1,280 units
+    (63 MB split) no longer loaded under the 64 MiB cap (a review). (On one position it reads the last axis,
+    which an exact split serves as it is.)"""
     if op.kind != "FULLY_CONNECTED" or len(op.inputs) < 2 or min(op.inputs[:2]) < 0:
         return False
     x, w, y = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
     return (w.data is not None and w.sparsity is None and len(w.shape) == 2 and len(x.shape) == 4
             and x.dtype == np.float32 and tuple(y.shape) == (x.shape[0], w.shape[0])
-            and x.shape[-1] < int(np.prod(x.shape[1:])) == w.shape[1] <= exact_split.MAX_DOT_LENGTH)
+            and x.shape[-1] < int(np.prod(x.shape[1:])) == w.shape[1] <= exact_split.MAX_DOT_LENGTH
+            and 4 * np.asarray(w.data).nbytes <= exact_split.LATER_SPLIT_BYTES)
 
 
 def _as_convolution(tensors: list[Tensor], op: Op) -> list[Op]:
@@ -177,7 +186,8 @@ def _as_convolution(tensors: list[Tensor], op: Op) -> list[Op]:
     options = schema_fb.Conv2DOptionsT()
     options.padding, options.strideH, options.strideW = schema_fb.Padding.VALID, 1, 1
     options.dilationHFactor = options.dilationWFactor = 1
-    options.fusedActivationFunction = schema_fb.ActivationFunctionType.NONE
+    # (normalize has split it off already; a graph that was not normalized keeps it on the conv)
+    options.fusedActivationFunction = getattr(op.options, "fusedActivationFunction", 0) or 0
     bias = op.inputs[2] if len(op.inputs) > 2 else -1
     return [Op("CONV_2D", (op.inputs[0], kernel, bias), (result,), options),
             Op("RESHAPE", (result, shape), op.outputs, schema_fb.ReshapeOptionsT(newShape=list(y.shape)))]

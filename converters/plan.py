@@ -19,6 +19,7 @@ import numpy as np
 
 from converters import anisotropy, exact_split
 from converters.graph import Graph, write_model
+from converters.normalize import PLAN_REVISION
 from converters.partition import Partition
 from converters.per_inference import describe, locate_weights
 from converters.plan_tee import TeeProgramBuilder
@@ -100,9 +101,9 @@ def build(graph: Graph, part: Partition, scheme: Scheme, rng: Random,
                # cut into chunks (converters.normalize.chunked). Absent before stop 56, whose artifacts the
                # audit plans as they were: no chunks, 16,384 terms (shadownet.audit_layers.planned_as).
                "long_sum_terms": exact_split.MAX_DOT_LENGTH,
-               # Dense layers on 4-D tensors computed as convolutions (converters.normalize.as_convolutions)
-               # where the scheme splits masks. Absent before stop 57 (shadownet.audit_layers.planned_as).
-               "dense_as_conv": True}
+               # What the normalization did beyond stop 56's plan (converters.normalize.PLAN_REVISION).
+               # Absent before stop 57 (shadownet.audit_layers.planned_as).
+               "plan_revision": PLAN_REVISION}
     names = {f"round_{r}/out/{rest['name']}": graph.describe_op(rest["op"])
              for r, rests in enumerate(b.restores, start=1) for rest in rests}
     return Plan(untrusted, program, arrays, b.rounds, b.buffers, b.shared_memory_size, summary, names)

@@ -320,12 +320,14 @@ class RoundsBuilder:
         split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
         if policy == "auto" and r != 1 and r not in self.input_rounds:
             # A hidden activation under its mask loses less than a raw input does, and its split can cost
-            # much (exact_split.LATER_CHEAP_BELOW), but not over long sums (LATER_LONG_TERMS)
+            # much (exact_split.LATER_CHEAP_BELOW), but not a dense layer's long sums (LATER_LONG_TERMS),
+            # whose split costs a pool entry little (its input and its outputs: one position each)
             terms = max(exact_split.dot_length(self.g.tensors[self.g.ops[i].inputs[1]].data) for i in readers)
-            if terms > exact_split.LATER_LONG_TERMS and self._unsplit_long(source, terms, split_bytes):
+            long = terms > exact_split.LATER_LONG_TERMS and all(
+                self.g.ops[i].kind == "FULLY_CONNECTED" for i in readers)
+            if long and self._unsplit_long(source, terms, split_bytes):
                 return False
-            return (extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
-                    or terms > exact_split.LATER_LONG_TERMS)
+            return long or extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
         if policy == "auto" and r != 1:
             return split_bytes <= exact_split.LATE_SPLIT_BYTES
         if policy == "first" or self.needs_split.get(source, True):

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from converters.normalize import PLAN_REVISION
 from shadownet.artifacts import UNTRUSTED
 from shadownet.boundary import round_number
 from shadownet.exceptions import ArtifactError, ModelFormatError, UnsupportedOpError
@@ -88,11 +89,11 @@ class Planning(NamedTuple):
     """How a converter planned a model (``converters.normalize.normalize_for``), as its manifest's summary
     says: ``longest``, None when it cut sums longer than ``exact_split.MAX_DOT_LENGTH`` into chunks (since
     stop 56; ``summary.long_sum_terms``), else the longest sum it split without chunks (``LEGACY_LONGEST``);
-    ``dense_as_conv``, whether it computed dense layers on 4-D tensors as convolutions (since stop 57;
-    ``summary.dense_as_conv``)."""
+    ``revision``, what its normalization did beyond stop 56's (``converters.normalize.PLAN_REVISION``, since
+    stop 57; ``summary.plan_revision``, 0 when absent)."""
 
     longest: int | None = None
-    dense_as_conv: bool = True
+    revision: int = PLAN_REVISION
 
 
 CURRENT = Planning()  # this version's
@@ -107,15 +108,19 @@ def planned_as(manifest: dict) -> Planning:
     summary = manifest.get("summary") or {}
     if not isinstance(summary, dict):
         summary = {}
-    dense_as_conv = summary.get("dense_as_conv", False) is True
+    revision = summary.get("plan_revision", 0)
+    if not isinstance(revision, int) or isinstance(revision, bool) or not 0 <= revision <= PLAN_REVISION:
+        raise ArtifactError(f"manifest.json: summary.plan_revision {revision!r}: converted by another "
+                            f"version of shadownet (this one plans revision {PLAN_REVISION}); audit it with "
+                            "that version")
     if "long_sum_terms" not in summary:
-        return Planning(LEGACY_LONGEST, dense_as_conv)
+        return Planning(LEGACY_LONGEST, revision)
     terms = summary["long_sum_terms"]
     if terms != exact_split.MAX_DOT_LENGTH or isinstance(terms, bool):
         raise ArtifactError(f"manifest.json: summary.long_sum_terms {terms!r}: converted by a version of "
                             f"shadownet whose exact split took sums of other lengths (this one's: "
                             f"{exact_split.MAX_DOT_LENGTH}); audit it with that version")
-    return Planning(None, dense_as_conv)
+    return Planning(None, revision)
 
 
 def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: Any = None,
@@ -132,7 +137,7 @@ def reference_graph(model: str | os.PathLike | bytes, scheme: Any = None, name: 
     label = name if name is not None else None if isinstance(model, bytes) else model
     try:
         return normalize_for(planning_graph(model_bytes(model)), scheme, chunks=planning.longest is None,
-                             dense_as_conv=planning.dense_as_conv)
+                             revision=planning.revision)
     except ModelFormatError as exc:
         if label is None:
             raise

@@ -253,18 +253,18 @@ def splits_masks(scheme: Any) -> bool:
             and getattr(scheme, "exact_split", "none") != "none")
 
 
-def long_sums_after_input(part: Partition, scheme: Any) -> set[int]:
+def long_sums_after_input(part: Partition, scheme: Any, narrow: bool = True) -> set[int]:
     """The offloaded conv and dense layers too long to split (more than ``exact_split.MAX_DOT_LENGTH`` terms
     per output) on what one layer made of the user's input, or on an input too narrow to mix, where
     ``scheme`` masks those rounds whatever the policy and splits its masks (``always_masked_for``):
     ``converters.normalize.chunked`` cuts them as it cuts the long sums on the input itself (a review: a
     dense layer on a flattened 32x32x16 conv output crossed masked and unsplit; another's on a flattened
-    48x48x4 map, up to 1.1e-4 of the outputs off)."""
+    48x48x4 map, up to 1.1e-4 of the outputs off; not with ``narrow=False``, a plan before stop 57's)."""
     if not splits_masks(scheme) or getattr(scheme, "mask_floor", "layers") == "input":
         return set()
-    narrow = narrow_rounds(part, group_min_channels(scheme))
+    rounds = narrow_rounds(part, group_min_channels(scheme)) if narrow else []
     reading = one_layer_from_input(part) | {part.graph.ops[i].inputs[0] for i in part.offloaded
-                                             if part.round_of(i) in narrow}
+                                             if part.round_of(i) in rounds}
     return long_sums(part, reading)
 
 

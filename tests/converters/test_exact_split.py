@@ -556,9 +556,36 @@ def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path,
             assert worst <= 3e-5, worst
 
 
-def _dense_on_image(side: int = 32) -> bytes:
-    """A ``side`` x ``side`` RGB image read whole by a dense ReLU layer of 128 (FULLY_CONNECTED on the 4-D
-    tensor, no RESHAPE), then a dense head of 10."""
+def test_a_masked_conv_round_of_long_sums_is_split_only_where_cheap(tmp_path):
+    """The long-sum rule is a dense layer's: a 3x3 conv of 64 channels (576 terms) one layer from the input
+    loses little unsplit (6.5e-7 on a review's 192x192 map), and split it took 9.5 MiB more in each pool
+    entry there, and its verified model no longer loaded; it crosses unsplit unless cheap, as before."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options, pooled_dense_head
+
+    rng = np.random.default_rng(3)
+    g = Graph()
+    h = x = g.add_tensor("image", (1, 16, 16, 3), np.float32)
+    for i, c_in in enumerate((3, 64)):
+        w = rng.standard_normal((64, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in))
+        y = g.add_tensor(f"y{i}", (1, 16, 16, 64), np.float32)
+        g.add_op("CONV_2D", [h, g.add_tensor(f"w{i}", w.shape, np.float32, w),
+                             g.add_tensor(f"b{i}", (64,), np.float32, np.full(64, 0.1))], [y],
+                 conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+        h = y
+    g.inputs, g.outputs = [x], [pooled_dense_head(g, h, rng)]
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        manifest = shadownet.convert(write_model(g), str(tmp_path / "out"), seed=2)
+    assert manifest["masks"]["one_time_rounds"] == [1, 2]
+    assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][:2] == [True, False]
+
+
+def _dense_on_image(side: int = 32, units: int = 128) -> bytes:
+    """A ``side`` x ``side`` RGB image read whole by a dense ReLU layer of ``units`` (FULLY_CONNECTED on the
+    4-D tensor, no RESHAPE), then a dense head of 10."""
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
@@ -566,7 +593,7 @@ def _dense_on_image(side: int = 32) -> bytes:
     rng = np.random.default_rng(7)
     g = Graph()
     h = x = g.add_tensor("image", (1, side, side, 3), np.float32)
-    for i, (n_in, n_out) in enumerate(((side * side * 3, 128), (128, 10))):
+    for i, (n_in, n_out) in enumerate(((side * side * 3, units), (units, 10))):
         options = fb.FullyConnectedOptionsT()
         options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i == 0 else 0
         w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)
@@ -584,7 +611,7 @@ def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
     tensor, which the exact split (on the channel axis) does not serve, so round 1 crossed under its shaped
     mask (~35-42x the image) unsplit, up to 1.1e-4 of the outputs off (a review; 2.5e-4 on 52x52). It is
     planned as the convolution it is (``converters.normalize.as_convolutions``): split, at LiteRT's floor;
-    the audit plans the reference alike, and an older artifact's (no ``dense_as_conv``) as it was."""
+    the audit plans the reference alike, and an older artifact's (no ``plan_revision``) as it was."""
     from shadownet import audit
     from shadownet.audit_layers import planned_as
 
@@ -593,7 +620,7 @@ def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("ignore")
         manifest = shadownet.convert(original, str(out), seed=3)
-    assert manifest["summary"]["dense_as_conv"] is True
+    assert manifest["summary"]["plan_revision"] == 1
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][0]
     rng = np.random.default_rng(2)
     with shadownet.load(out) as model:
@@ -607,7 +634,7 @@ def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
     report = audit.audit(out, tmp_path / "model.tflite", inferences=0)
     assert [layer["name"] for layer in report["layers"]] == ["y0/pre_activation/conv", "y1"]
     assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
-    del manifest["summary"]["dense_as_conv"]
+    del manifest["summary"]["plan_revision"]
     graph = audit.reference_graph(original, audit._manifest_scheme(manifest), planning=planned_as(manifest))
     assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2
 
@@ -649,6 +676,29 @@ def test_a_long_dense_layer_on_a_narrow_map_is_cut_into_chunks(tmp_path):
         worst = max(float(np.abs(model(x) - want).max() / np.abs(want).max())
                     for x, want in zip(xs, wants, strict=True))
     assert worst <= 3e-5, worst
+    # The audit plans an artifact of the plan before (no ``plan_revision``) without these chunks (a review:
+    # it planned them, and the layer paired with nothing)
+    from shadownet import audit
+    from shadownet.audit_layers import Planning
+
+    scheme = audit._manifest_scheme(manifest)
+    for revision, layers in ((1, 2), (0, 1)):
+        graph = audit.reference_graph(original, scheme, planning=Planning(None, revision))
+        assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == layers
+
+
+def test_a_dense_layer_on_the_image_whose_split_would_not_fit_stays_a_dense_layer():
+    """Planned as a convolution, such a layer on the user's image is split, and the trusted app reads its
+    split weights (4x its own) into secure memory at every refill: 1,280 units on a 32x32x3 image (63 MB
+    split) no longer loaded under the 64 MiB cap (a review). Past ``exact_split.LATER_SPLIT_BYTES`` it
+    stays a dense layer, unsplit, as before (the conversion says what its precision costs)."""
+    from converters.normalize import as_convolutions
+    from converters.tflite_reader import read_model
+
+    for units, kinds in ((512, ["CONV_2D", "RESHAPE", "FULLY_CONNECTED"]),
+                         (1280, ["FULLY_CONNECTED", "FULLY_CONNECTED"])):
+        graph = as_convolutions(read_model(_dense_on_image(units=units)))
+        assert [op.kind for op in graph.ops] == kinds, units
 
 
 def _image_joining_deeper_features() -> bytes:

@@ -244,17 +244,20 @@ def test_an_artifact_converted_before_chunks_is_audited_as_it_was_planned(tmp_pa
     original = tmp_path / "flat.tflite"
     original.write_bytes(_flattened_image(head=True))
     old = {"summary": {"long_sums": [{"op": 1, "layer": "hidden"}]}}
-    assert planned_as(old) == planned_as({}) == Planning(LEGACY_LONGEST, False)
+    assert planned_as(old) == planned_as({}) == Planning(LEGACY_LONGEST, 0)
     scheme = audit._manifest_scheme({"scheme": {"name": "groupmix", "params": {}}})
     graph = audit.reference_graph(str(original), scheme, planning=planned_as(old))
     assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2  # not cut
     assert audit._long_sums(old, graph, scheme, LEGACY_LONGEST) == {"op 1"}
-    new = {"summary": {"long_sums": [], "long_sum_terms": exact_split.MAX_DOT_LENGTH, "dense_as_conv": True}}
-    assert planned_as(new) == Planning(None, True)
+    new = {"summary": {"long_sums": [], "long_sum_terms": exact_split.MAX_DOT_LENGTH, "plan_revision": 1}}
+    assert planned_as(new) == Planning(None, 1)
     assert [op.kind for op in audit.reference_graph(str(original), scheme).ops].count("FULLY_CONNECTED") == 5
     for other in (4096, True, "8192"):
         with pytest.raises(ArtifactError, match="another|other lengths"):
             planned_as({"summary": {"long_sum_terms": other}})
+    for other in (2, -1, True, "1"):
+        with pytest.raises(ArtifactError, match="another version"):
+            planned_as({"summary": {"long_sum_terms": exact_split.MAX_DOT_LENGTH, "plan_revision": other}})
 
 
 def test_a_layer_on_the_input_cut_into_chunks_is_audited_chunk_by_chunk(tmp_path: Path) -> None:

@@ -17,6 +17,17 @@ from tests.converters.litert import run
 from tests.shadownet.small_models import images, protect_small_cnn, reference, small_cnn
 
 
+def _converted(model: bytes, out, **kw) -> tuple[dict, list[str]]:
+    """``shadownet.convert`` with every warning it gives kept (a seeded conversion's among them): the
+    manifest and the warnings' messages."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = shadownet.convert(model, str(out), **kw)
+    return manifest, [str(w.message) for w in caught]
+
+
 def test_split_weights_hold_w_whole_and_its_rounding_on_a_coarse_grid():
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 3, 3, 5)) * np.logspace(-3, 1, 8)[:, None, None, None]).astype(np.float32)
@@ -400,17 +411,14 @@ def test_a_layer_on_the_input_too_long_to_split_runs_in_the_tee(tmp_path):
     some models (a helper's probe). It runs in the TEE, said at conversion, and the layer after it is round
     1; the results are LiteRT's to float32's rounding (2.5e-7 measured; offloaded with the mask, 4.7e-5 on
     this model), checked."""
-    import warnings
 
     from converters.exact_split import MAX_DOT_LENGTH
 
     assert 96 * 96 > MAX_DOT_LENGTH
     model = _flattened_image(head=True, window=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        manifest = shadownet.convert(model, str(tmp_path / "out"), seed=1)
-    said = [str(w.message) for w in caught if "run in the TEE, not offloaded" in str(w.message)]
-    assert len(said) == 1 and "'hidden'" in said[0], [str(w.message) for w in caught]
+    manifest, messages = _converted(model, tmp_path / "out", seed=1)
+    said = [m for m in messages if "run in the TEE, not offloaded" in m]
+    assert len(said) == 1 and "'hidden'" in said[0], messages
     assert manifest["summary"]["offloaded_ops"] == 1 and manifest["summary"]["tee_linear_ops"] == 1
     with shadownet.load(tmp_path / "out", verify=True) as protected:
         assert _worst_error(model, protected, 4) <= 1e-5
@@ -423,14 +431,11 @@ def test_a_dense_layer_on_the_input_too_long_to_split_is_offloaded_in_chunks(tmp
     exact split: offloaded, not said to be kept in the TEE, and its results LiteRT's to float32's rounding,
     checked. (Before, this layer ran in the TEE, its weights in secure memory; one of 12,289 - 16,384 terms
     was split unchunked, at the two bits fewer a long sum leaves: up to 1.1e-4 off on such a model.)"""
-    import warnings
 
 
     model = _flattened_image(head=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        manifest = shadownet.convert(model, str(tmp_path / "out"), seed=1)
-    assert not [w for w in caught if "run in the TEE" in str(w.message)], [str(w.message) for w in caught]
+    manifest, messages = _converted(model, tmp_path / "out", seed=1)
+    assert not [m for m in messages if "run in the TEE" in m], messages
     summary = manifest["summary"]
     assert summary["long_sums"] == [] and summary["tee_linear_ops"] == 0 and summary["offloaded_ops"] == 5
     assert [i.get("split") for i in manifest["rounds"][0]["inputs"]] == [True] * 4
@@ -445,7 +450,6 @@ def test_a_long_layer_one_layer_from_the_input_is_cut_into_chunks_too(tmp_path):
     """Round 2 - a dense layer on a flattened 32x32x16 conv output, 16,384 terms - is masked whatever the
     policy since stop 56 (one layer from the input): it is cut into two chunks that can take the mask as an
     exact split, as a long layer on the input is (a review: it crossed masked, too long to split)."""
-    import warnings
 
     from ai_edge_litert import schema_py_generated as fb
 
@@ -465,11 +469,8 @@ def test_a_long_layer_one_layer_from_the_input_is_cut_into_chunks_too(tmp_path):
     w = g.add_tensor("w", (10, 16384), np.float32, rng.uniform(0, 2 / 16384, (10, 16384)))
     g.add_op("FULLY_CONNECTED", [flat, w, -1], [y], fb.FullyConnectedOptionsT())
     g.inputs, g.outputs = [x], [y]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        manifest = shadownet.convert(write_model(g), str(tmp_path / "out"), seed=1)
-    assert not [w for w in caught if "too many for the exact split" in str(w.message)], \
-        [str(w.message) for w in caught]
+    manifest, messages = _converted(write_model(g), tmp_path / "out", seed=1)
+    assert not [m for m in messages if "too many for the exact split" in m], messages
     assert manifest["masks"]["one_time_rounds"] == [1, 2]
     assert [i.get("split") for i in manifest["rounds"][1]["inputs"]] == [True, True]
 
@@ -485,27 +486,19 @@ def test_a_deeper_masked_layer_too_long_to_split_is_said_at_conversion(tmp_path)
     """Past round 1 (--mask-rounds all, exact_split=all) such a layer stays offloaded, with its one-time
     mask unsplit: said. (``mask_floor=input``: one layer from the input, as here, it is cut into chunks by
     default since stop 56.)"""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        shadownet.convert(_flattened_image(head=False, first="short"), str(tmp_path / "out"), seed=1,
-                          scheme="groupmix:exact_split=all,mask_floor=input", mask_rounds="all")
-    said = [str(w.message) for w in caught if "too many for the exact split" in str(w.message)]
-    assert len(said) == 1 and "sums 18432 terms per output" in said[0], [str(w.message) for w in caught]
+    _, messages = _converted(_flattened_image(head=False, first="short"), tmp_path / "out", seed=1,
+                             scheme="groupmix:exact_split=all,mask_floor=input", mask_rounds="all")
+    said = [m for m in messages if "too many for the exact split" in m]
+    assert len(said) == 1 and "sums 18432 terms per output" in said[0], messages
 
 
 def test_a_long_layer_without_a_mask_is_offloaded_without_a_word(tmp_path):
     """``groupmix:mask_scale=0``: nothing is masked, so nothing is kept in the TEE for its long sums, and no
     warning speaks of a one-time mask (it did: a review)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        manifest = shadownet.convert(_flattened_image(head=True), str(tmp_path / "out"), seed=1,
-                                     scheme="groupmix:mask_scale=0")
+    manifest, messages = _converted(_flattened_image(head=True), tmp_path / "out", seed=1,
+                                    scheme="groupmix:mask_scale=0")
     assert manifest["summary"]["long_sums"] == [] and manifest["summary"]["offloaded_ops"] == 2
-    assert not [w for w in caught if "one-time mask" in str(w.message) or "run in the TEE" in str(w.message)]
+    assert not [m for m in messages if "one-time mask" in m or "run in the TEE" in m]
 
 
 def _wide_mlp(hidden: int = 4096) -> tuple[bytes, list[np.ndarray]]:
@@ -542,13 +535,11 @@ def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path,
     for limit, split in ((exact_split.LATER_SPLIT_BYTES, True), (1 << 20, False)):
         monkeypatch.setattr(exact_split, "LATER_SPLIT_BYTES", limit)
         out = str(tmp_path / f"out{limit}")
-        with __import__("warnings").catch_warnings(record=True) as caught:
-            __import__("warnings").simplefilter("always")
-            manifest = shadownet.convert(original, out, seed=2)
+        manifest, messages = _converted(original, out, seed=2)
         assert manifest["masks"]["one_time_rounds"] == [1, 2]
         assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, split, False]
-        said = [str(w.message) for w in caught if "its readers sum 4096 terms per output" in str(w.message)]
-        assert len(said) == (not split), [str(w.message) for w in caught]
+        said = [m for m in messages if "its readers sum 4096 terms per output" in m]
+        assert len(said) == (not split), messages
         if split:
             with shadownet.load(out) as model:
                 worst = max(float(np.abs(model(x) - run(original, [x])[0]).max()
@@ -576,9 +567,7 @@ def test_a_masked_conv_round_of_long_sums_is_split_only_where_cheap(tmp_path):
                  conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
         h = y
     g.inputs, g.outputs = [x], [pooled_dense_head(g, h, rng)]
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
-        manifest = shadownet.convert(write_model(g), str(tmp_path / "out"), seed=2)
+    manifest, _ = _converted(write_model(g), tmp_path / "out", seed=2)
     assert manifest["masks"]["one_time_rounds"] == [1, 2]
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][:2] == [True, False]
 
@@ -617,9 +606,7 @@ def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
 
     original = _dense_on_image()
     out = tmp_path / "out"
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
-        manifest = shadownet.convert(original, str(out), seed=3)
+    manifest, _ = _converted(original, out, seed=3)
     assert manifest["summary"]["plan_revision"] == 1
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][0]
     rng = np.random.default_rng(2)
@@ -666,9 +653,7 @@ def test_a_long_dense_layer_on_a_narrow_map_is_cut_into_chunks(tmp_path):
              fb.FullyConnectedOptionsT())
     g.inputs, g.outputs = [x], [y]
     original = write_model(g)
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
-        manifest = shadownet.convert(original, str(tmp_path / "out"), seed=4)
+    manifest, _ = _converted(original, tmp_path / "out", seed=4)
     assert [len(r["inputs"]) for r in manifest["rounds"]] == [1, 1, 2]  # the dense layer in two chunks
     xs = [np.random.default_rng(k).uniform(0, 1, (1, 48, 48, 3)).astype(np.float32) for k in range(8)]
     with shadownet.load(tmp_path / "out") as model:
@@ -725,12 +710,10 @@ def test_a_user_input_joining_a_later_round_crosses_as_an_exact_split(tmp_path):
     errors = {}
     for name, scheme in (("default", None), ("unsplit", "groupmix:exact_split=none")):
         out = str(tmp_path / name)
-        with __import__("warnings").catch_warnings(record=True) as caught:
-            __import__("warnings").simplefilter("always")
-            manifest = shadownet.convert(original, out, scheme=scheme, seed=2)
+        manifest, messages = _converted(original, out, scheme=scheme, seed=2)
         assert manifest["masks"]["input_rounds"] == [1, 2]
         split = [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]]
-        said = [str(w.message) for w in caught if "round(s) [2] carry a user input" in str(w.message)]
+        said = [m for m in messages if "round(s) [2] carry a user input" in m]
         if name == "default":
             assert split == [True, True] and "each crossing as an exact split" in said[0]
         else:
@@ -756,12 +739,10 @@ def test_a_late_round_whose_split_weights_would_not_fit_crosses_unsplit(tmp_path
     for limit, split in ((exact_split.LATE_SPLIT_BYTES, False), (16 << 20, True)):
         monkeypatch.setattr(exact_split, "LATE_SPLIT_BYTES", limit)
         out = str(tmp_path / f"out{limit}")
-        with __import__("warnings").catch_warnings(record=True) as caught:
-            __import__("warnings").simplefilter("always")
-            manifest = shadownet.convert(original, out, seed=2)
+        manifest, messages = _converted(original, out, seed=2)
         assert manifest["masks"]["input_rounds"] == [1, 2]
         assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, split]
-        said = [str(w.message) for w in caught if "round(s) [2] carry a user input" in str(w.message)]
+        said = [m for m in messages if "round(s) [2] carry a user input" in m]
         assert len(said) == 1 and (("each crossing as an exact split" in said[0]) == split), said
         if not split:
             assert "round(s) [2] cross unsplit" in said[0] and "fit 8 MiB of secure memory" in said[0]

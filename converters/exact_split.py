@@ -69,11 +69,12 @@ NEEDED_ABOVE, CHEAP_BELOW = 1e-5, 0.02
 # and 25% of its latency and 11 MB in each pool entry, which put its verified model past the 64 MiB cap)
 # and MiniVGG's (+70%) cross unsplit (MiniVGG's outputs then at most 4.5e-5 off LiteRT's over 32 inputs).
 LATER_CHEAP_BELOW, LATER_CHEAP_MACS = 0.1, 1 << 20
-# Such a round of dense layers is split by ``auto`` whatever it costs where they sum more than
+# Such a round whose layers compute one output position (dense layers, convs of a 1x1 output: a dense layer
+# on a 4-D tensor as planned) is split by ``auto`` whatever it costs where they sum more than
 # LATER_LONG_TERMS terms per output and their split weights total at most LATER_SPLIT_BYTES: the mask's
 # rounding grows with the sum's length (a review: a folded-standardization MLP's second layer, 4,096 terms,
-# unsplit, had 5-8 of 200 rows over the 1e-4 target, up to 2.3e-4; split, 1.2e-5), and a dense layer's split
-# costs a pool entry little. Not a conv's: MiniVGG's and YOLOv4-tiny's round 2 (288 terms) stay within the
+# unsplit, had 5-8 of 200 rows over the 1e-4 target, up to 2.3e-4; split, 1.2e-5), and such a split costs a
+# pool entry little. Not a conv's over a map: MiniVGG's and YOLOv4-tiny's round 2 (288 terms) stay within the
 # target unsplit, and the split of a 3x3 conv of 64 channels on a 192x192 map (576 terms, 6.5e-7 unsplit)
 # took 9.5 MiB more in each pool entry, and its verified model no longer loaded (a review). Past the bytes,
 # the conversion warns of the precision the round loses.

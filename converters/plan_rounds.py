@@ -320,11 +320,11 @@ class RoundsBuilder:
         split_bytes = sum(4 * self.g.tensors[self.g.ops[i].inputs[1]].data.nbytes for i in readers)
         if policy == "auto" and r != 1 and r not in self.input_rounds:
             # A hidden activation under its mask loses less than a raw input does, and its split can cost
-            # much (exact_split.LATER_CHEAP_BELOW), but not a dense layer's long sums (LATER_LONG_TERMS),
-            # whose split costs a pool entry little (its input and its outputs: one position each)
+            # much (exact_split.LATER_CHEAP_BELOW), but not the long sums of layers of one output position (a
+            # dense layer's, a dense layer on a 4-D tensor planned as a conv, a 1x1 conv on one position:
+            # LATER_LONG_TERMS), whose split costs a pool entry little
             terms = max(exact_split.dot_length(self.g.tensors[self.g.ops[i].inputs[1]].data) for i in readers)
-            long = terms > exact_split.LATER_LONG_TERMS and all(
-                self.g.ops[i].kind == "FULLY_CONNECTED" for i in readers)
+            long = terms > exact_split.LATER_LONG_TERMS and all(self._one_position(i) for i in readers)
             if long and self._unsplit_long(source, terms, split_bytes):
                 return False
             return long or extra < max(exact_split.LATER_CHEAP_BELOW * total, exact_split.LATER_CHEAP_MACS)
@@ -333,6 +333,14 @@ class RoundsBuilder:
         if policy == "first" or self.needs_split.get(source, True):
             return True
         return extra < exact_split.CHEAP_BELOW * total
+
+    def _one_position(self, i: int) -> bool:
+        """Whether op ``i`` computes one output position per row: a dense layer, or a conv whose output is
+        1x1 (a dense layer on a 4-D tensor as ``converters.normalize.as_convolutions`` plans it)."""
+        op = self.g.ops[i]
+        shape = self.g.tensors[op.outputs[0]].shape
+        return op.kind == "FULLY_CONNECTED" or (
+            op.kind == "CONV_2D" and len(shape) == 4 and tuple(shape[1:3]) == (1, 1))
 
     def _unsplit_long(self, x: int, terms: int, split_bytes: int) -> bool:
         """Whether the one-time push of ``x``, whose readers sum ``terms`` terms, stays unsplit for its split

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.normalize import PLAN_REVISION
 from shadownet import attacks
 from shadownet.artifacts import MANIFEST, UNTRUSTED, artifact_directory, read_checked
 from shadownet.audit_layers import (
@@ -84,24 +85,35 @@ def _planned(reference: bytes, given: Any, manifest: dict, scheme: Any | None,
              obfuscated: list) -> tuple[Any, list, set[str], Planning]:
     """The reference as the protected model's converter planned it (``audit_layers.reference_graph``), its
     linear layers, those it kept in the TEE for their long sums (``_long_sums``) and the ``Planning``
-    (``planned_as``). A manifest without the chunks' marker is of a converter before stop 56, which cut no
-    long sum into chunks, or of that stop's first commits, which did: the plan whose layers pair with the
-    untrusted model's and whose long sums are the manifest's (a review: the second's artifacts were
-    refused). ``ArtifactError`` when none does (``check_covers``, ``_long_sums``: the last plan's)."""
+    (``planned_as``): the manifest's, where it names it; else - an artifact of a converter between two
+    markers (stop 56's first commits chunked long sums before ``long_sum_terms``; stop 57's rewrote dense
+    layers before ``plan_revision``) - of the plans whose long sums are the manifest's, the one whose layers
+    pair best with the untrusted model's, the manifest's on a tie (a review: such artifacts were refused, or
+    their first layer went unaudited, unmatched). ``ArtifactError`` when none pairs (``check_covers``,
+    ``_long_sums``: the last plan's)."""
     first = planned_as(manifest)
-    plans = [first] if first.longest is None else [first, first._replace(longest=None)]
-    for k, planning in enumerate(plans):
+    summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+    plans = [first]
+    if not {"long_sum_terms", "plan_revision"} <= set(summary):
+        plans += [Planning(longest, revision) for longest in (first.longest, None)
+                  for revision in (first.revision, PLAN_REVISION, 0)]
+    best, error = None, None
+    for planning in dict.fromkeys(plans):
         graph = reference_graph(reference, scheme, name=given, planning=planning)
         ref = reference_layers(reference, manifest, graph=graph)
         try:
             kinds, ops = _kept_in_tee(scheme), _long_sums(manifest, graph, scheme, planning.longest)
-            check_covers([r for r in ref if r.kind not in kinds and r.where not in ops], obfuscated, given)
-        except ArtifactError:
-            if k + 1 == len(plans):
-                raise
+            crossing = [r for r in ref if r.kind not in kinds and r.where not in ops]
+            check_covers(crossing, obfuscated, given)
+        except ArtifactError as exc:
+            error = exc
             continue
-        return graph, ref, ops, planning
-    raise AssertionError("unreachable")
+        pairs = len(match_layers(crossing, obfuscated)[0])
+        if best is None or pairs > best[0]:
+            best = (pairs, graph, ref, ops, planning)
+    if best is None:
+        raise error
+    return best[1:]
 
 
 def _long_sums(manifest: dict, graph: Any, scheme: Any | None, longest: int | None = None) -> set[str]:

@@ -108,7 +108,8 @@ def planned_as(manifest: dict) -> Planning:
     summary = manifest.get("summary") or {}
     if not isinstance(summary, dict):
         summary = {}
-    revision = summary.get("plan_revision", 0)
+    # (the commits of stop 57 before ``plan_revision`` wrote ``dense_as_conv``)
+    revision = summary.get("plan_revision", 1 if summary.get("dense_as_conv") is True else 0)
     if not isinstance(revision, int) or isinstance(revision, bool) or not 0 <= revision <= PLAN_REVISION:
         raise ArtifactError(f"manifest.json: summary.plan_revision {revision!r}: converted by another "
                             f"version of shadownet (this one plans revision {PLAN_REVISION}); audit it with "

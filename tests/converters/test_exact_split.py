@@ -572,17 +572,27 @@ def test_a_masked_conv_round_of_long_sums_is_split_only_where_cheap(tmp_path):
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][:2] == [True, False]
 
 
-def _dense_on_image(side: int = 32, units: int = 128) -> bytes:
+def _dense_on_image(side: int = 32, units: int = 128, conv: int = 0) -> bytes:
     """A ``side`` x ``side`` RGB image read whole by a dense ReLU layer of ``units`` (FULLY_CONNECTED on the
-    4-D tensor, no RESHAPE), then a dense head of 10."""
+    4-D tensor, no RESHAPE), then a dense head of 10; with ``conv``, the dense layer reads what a 3x3 ReLU
+    conv of ``conv`` channels, stride 2, made of the image instead (round 2, one layer from the input)."""
     from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
+    from tests.shadownet.small_models import conv_options
 
     rng = np.random.default_rng(7)
     g = Graph()
     h = x = g.add_tensor("image", (1, side, side, 3), np.float32)
-    for i, (n_in, n_out) in enumerate(((side * side * 3, units), (units, 10))):
+    size = side * side * 3
+    if conv:
+        w = rng.standard_normal((conv, 3, 3, 3)) * np.sqrt(2 / 27)
+        h = g.add_tensor("c0", (1, side // 2, side // 2, conv), np.float32)
+        g.add_op("CONV_2D", [x, g.add_tensor("c0/w", w.shape, np.float32, w),
+                             g.add_tensor("c0/b", (conv,), np.float32, np.full(conv, 0.1))], [h],
+                 conv_options("CONV_2D", fb.Padding.SAME, 2, fb.ActivationFunctionType.RELU))
+        size = (side // 2) ** 2 * conv
+    for i, (n_in, n_out) in enumerate(((size, units), (units, 10))):
         options = fb.FullyConnectedOptionsT()
         options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i == 0 else 0
         w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)
@@ -624,6 +634,14 @@ def test_a_dense_layer_on_the_users_image_crosses_as_an_exact_split(tmp_path):
     del manifest["summary"]["plan_revision"]
     graph = audit.reference_graph(original, audit._manifest_scheme(manifest), planning=planned_as(manifest))
     assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == 2
+    # This stop's first commits rewrote the layer and wrote ``dense_as_conv``, not ``plan_revision``: planned
+    # by the marker they wrote, or, with none, by the plan whose layers pair (a review: unmatched, unaudited).
+    for marker in ({"dense_as_conv": True}, {}):
+        summary = {**manifest["summary"], **marker}
+        (out / "manifest.json").write_text(json.dumps({**manifest, "summary": summary}))
+        report = audit.audit(out, tmp_path / "model.tflite", inferences=0)
+        assert [layer["name"] for layer in report["layers"]] == ["y0/pre_activation/conv", "y1"], marker
+        assert not report["unmatched_reference"] and not report["unmatched_obfuscated"]
 
 
 def test_a_long_dense_layer_on_a_narrow_map_is_cut_into_chunks(tmp_path):
@@ -670,6 +688,16 @@ def test_a_long_dense_layer_on_a_narrow_map_is_cut_into_chunks(tmp_path):
     for revision, layers in ((1, 2), (0, 1)):
         graph = audit.reference_graph(original, scheme, planning=Planning(None, revision))
         assert [op.kind for op in graph.ops].count("FULLY_CONNECTED") == layers
+
+
+def test_a_dense_layer_on_a_map_one_layer_from_the_input_is_split_as_a_dense_layer_is(tmp_path):
+    """Planned as a conv, a dense layer on the 8x8x64 map a first conv made (4,096 terms, round 2) is still a
+    layer of one output position, which the long-sum rule splits (``plan_rounds._one_position``; a review:
+    the rule asked for FULLY_CONNECTED, and it crossed unsplit, 10x further from LiteRT)."""
+    original = _dense_on_image(side=16, units=256, conv=64)
+    manifest, _ = _converted(original, tmp_path / "out", seed=3)
+    assert manifest["masks"]["one_time_rounds"] == [1, 2]
+    assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, True, False]
 
 
 def test_a_dense_layer_on_the_image_whose_split_would_not_fit_stays_a_dense_layer():

@@ -17,6 +17,8 @@ import numpy as np
 from tee_sim.layer_geometry import Geometry
 from tee_sim.one_time_masks import conv_pop
 
+DENSE_SLICE = 1 << 20  # bytes of a dense layer's weights SplitPop.compute widens to float64 at a time
+
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
     """``(r_hi, r_lo)`` of a mask ``r``: ``r_hi = g * rint(r / g)``, ``r_lo = r - r_hi``, both exact (``g``
@@ -41,11 +43,16 @@ class SplitPop:
 
     def prepare(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What ``compute`` needs of the weights, the same for every mask: the two blocks as
-        [taps * C, M] float64, rows tap-major then channel (a window's order). A refill prepares them once
-        for all the entries it makes."""
+        [taps * C, M], rows tap-major then channel (a window's order) - a conv's in float64 (its C kernel's),
+        a dense layer's as views of ``weights``, which ``compute`` widens a slice at a time: whole in
+        float64 they took 4x the layer's weights of memory the secure world does not count (a dense layer of
+        8 MiB split: 32 MiB at each refill; a review). A refill prepares them once for all the entries it
+        makes."""
         m, c = weights.shape[0] // 2, weights.shape[-1] // 2
-        return (np.ascontiguousarray(weights[:m, ..., :c].reshape(m, -1).T, np.float64),
-                np.ascontiguousarray(weights[m:, ..., c:].reshape(m, -1).T, np.float64))
+        blocks = (weights[:m, ..., :c].reshape(m, -1).T, weights[m:, ..., c:].reshape(m, -1).T)
+        if self.geometry.kind != "CONV_2D":
+            return blocks
+        return tuple(np.ascontiguousarray(b, np.float64) for b in blocks)  # type: ignore[return-value]
 
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
                 prepared: tuple[np.ndarray, np.ndarray] | None = None, grid: float = 0.0) -> None:
@@ -60,7 +67,12 @@ class SplitPop:
             conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=grid)
             return
         rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
+        high = split_mask(rows, grid)[0]
+        pop_hi, full = np.zeros((len(rows), m)), np.zeros((len(rows), m))
+        step = max(1, DENSE_SLICE // (8 * m))  # the weights' rows widened to float64 at a time
+        for a in range(0, w.shape[0], step):
+            pop_hi += high[:, a:a + step] @ w_hi[a:a + step].astype(np.float64)
+            full += rows[:, a:a + step] @ w[a:a + step].astype(np.float64)
         dst = out.reshape(-1, 2 * m)
-        pop_hi = split_mask(rows, grid)[0] @ w_hi
         dst[:, :m] = pop_hi
-        dst[:, m:] = rows @ w - pop_hi
+        dst[:, m:] = full - pop_hi

@@ -239,6 +239,28 @@ def test_the_tees_float64_layers_agree_with_the_converters(kind, x_shape, w_shap
         linear64(geo, x[..., :-1], w)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_pop_mask_of_a_split_dense_layer_a_slice_of_its_weights_at_a_time(rows, monkeypatch):
+    """A dense layer's pop mask is made widening its weights to float64 a slice at a time (whole, they took
+    4x the layer's weights of uncounted memory at each refill): pop_hi = L(r_hi, W'_hi) bit for bit,
+    pop_lo = L(r, W') - pop_hi rounded once to float32, in one slice or in many."""
+    k, m = 1000, 24
+    rng = np.random.default_rng(rows)
+    w = (rng.standard_normal((m, k)) * 0.05).astype(np.float32)
+    r = (10 * rng.standard_normal((rows, k))).astype(np.float32)
+    w2 = converter_split.split_weights("FULLY_CONNECTED", w, converter_split.Split(GRID, 10))
+    hi, _ = exact_split.split_mask(r, GRID)
+    want_hi = hi.astype(np.float64) @ w2[:m, :k].T.astype(np.float64)
+    want_lo = (r.astype(np.float64) @ w.T.astype(np.float64) - want_hi).astype(np.float32)
+    geo = _geometry("FULLY_CONNECTED", (rows, 2 * k), w2.shape)
+    for slice_bytes in (exact_split.DENSE_SLICE, 8 * m * 7):  # one slice; slices of 7 rows of the weights
+        monkeypatch.setattr(exact_split, "DENSE_SLICE", slice_bytes)
+        pop = np.full((rows, 2 * m), np.nan, np.float32)
+        exact_split.SplitPop("w", geo, "m", GRID).compute(r, w2, pop)
+        np.testing.assert_array_equal(pop[:, :m], want_hi)
+        np.testing.assert_allclose(pop[:, m:], want_lo, rtol=0, atol=2 * np.spacing(np.abs(want_lo).max()))
+
+
 @pytest.mark.parametrize("delta", [7, -3])
 def test_a_split_pop_mask_scales_bit_for_bit_with_its_mask_and_grid(delta):
     """Round 1's mask follows its input's spread by a power of two (``tee_sim.per_inference``), scaling an

@@ -121,3 +121,40 @@ class Heap:
     def _release(self, key: int) -> None:
         nbytes, _, _ = self._live.pop(key)
         self._memory.uncharge(nbytes)
+
+
+class SharedScratch:
+    """Secure memory the sessions of one trusted app share for what lives within one of its calls (a step's
+    staging, a refill's drawing buffers): a TA runs one call at a time - the secure world serves one
+    request at a time, the in-process transport holds its context's lock - so a buffer that a call fills and
+    uses before it returns serves every session. By purpose: a session takes the largest buffer of its
+    purpose when it is large enough, else one of its own size; each is charged once (``alloc``) and freed
+    (``free``) when its last user is (``release``). Two frames in flight of yolov4-tiny, two sessions of
+    one model, share 4 MiB of such buffers."""
+
+    def __init__(self, alloc: Any, free: Any) -> None:
+        self._alloc, self._free = alloc, free
+        self._buffers: dict[str, list[list[Any]]] = {}  # purpose -> [[uint8 array, users]]
+
+    def take(self, purpose: str, shape: Any, dtype: Any = np.float32) -> tuple[np.ndarray, list[Any]]:
+        """An array of ``shape`` and ``dtype`` for ``purpose``, and the handle that ``release`` gives back."""
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        held = self._buffers.setdefault(purpose, [])
+        fits = [entry for entry in held if entry[0].size >= nbytes]
+        if fits:
+            entry = max(fits, key=lambda e: e[0].size)
+        else:
+            entry = [self._alloc(max(nbytes, 1), np.uint8), 0]
+            held.append(entry)
+        entry[1] += 1
+        return entry[0][:nbytes].view(dtype).reshape(shape), entry
+
+    def release(self, handle: list[Any]) -> None:
+        """One user of ``handle``'s buffer gone: freed with its last."""
+        handle[1] -= 1
+        if handle[1] == 0:
+            for held in self._buffers.values():
+                held[:] = [entry for entry in held if entry is not handle]
+            self._free(handle[0])

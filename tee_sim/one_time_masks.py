@@ -87,10 +87,14 @@ def normal_quantiles(p: np.ndarray) -> np.ndarray:
 
 
 class MaskStream:
-    """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc)."""
+    """One one-time push's masks: ``draw(key, out)`` writes the mask of ``key`` (see the module doc).
+    ``alloc(shape, dtype)``: secure memory; ``scratch(purpose, shape, dtype)``: secure memory used within
+    one call (a draw), which the trusted app may share between its sessions (None: ``alloc``'s)."""
 
     def __init__(self, spec: dict[str, Any], mean: np.ndarray, alloc: Callable[..., np.ndarray],
-                 common: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
+                 common: np.ndarray | None = None, scale: np.ndarray | None = None,
+                 scratch: Callable[..., np.ndarray] | None = None) -> None:
+        scratch = scratch or (lambda purpose, shape, dtype: alloc(shape, dtype))
         self.shape = tuple(int(d) for d in spec["shape"])
         self.std = np.float32(spec["std"])
         self.split = float((spec.get("split") or {}).get("grid", 0.0))  # the exact split's grid; 0: none
@@ -136,14 +140,15 @@ class MaskStream:
             # white field's transform has E|X|^2 = P (P positions): sqrt(P / 2) more. The zero and Nyquist
             # columns count their bins' Hermitian parts only (irfftn drops their imaginary parts; a pair
             # (j, -j) becomes (X_j + conj X_-j) / 2): sqrt(2) more again, as ``twice`` is 1 there.
-            self._gain = alloc(index.shape, np.float32)
+            # (the same for every mask of these positions: one, whoever draws them)
+            self._gain = scratch(f"the band gains of {positions}", index.shape, np.float32)
             p = math.prod(positions)
             self._gain[...] = np.sqrt(p / (count * per_band[index])) * np.sqrt(p / twice)
             # One channel's spectrum at a time (and the common field's): half a MobileNet input's 1.1 MB.
-            self._spectrum = alloc((self.shape[0], *index.shape), np.complex64)
+            self._spectrum = scratch("a mask's spectrum", (self.shape[0], *index.shape), np.complex64)
             if common is not None:
                 extra = math.prod(self.shape[:-1])
-                self._common = alloc(self.shape[:-1], np.float32)
+                self._common = scratch("a mask's common field", self.shape[:-1], np.float32)
                 # Each channel's own field plus the common one times its entry of the direction, scaled so
                 # that no channel's variance exceeds 1 (the exact split's bound on the mask holds).
                 scale = 1.0 / math.sqrt(1.0 + float(np.max(np.square(common))))
@@ -157,10 +162,10 @@ class MaskStream:
             longest = 2 * self._spectrum.size
         self._chunk = min(longest, MASK_CHUNK)
         self._zeros = bytes(4 * self._chunk)  # the plaintext encrypted into the keystream
-        self._stream = alloc(4 * self._chunk + 15, np.uint8)  # update_into wants a block of slack
+        self._stream = scratch("a mask's keystream", 4 * self._chunk + 15, np.uint8)  # update_into's slack
         words = self._stream[:4 * self._chunk].view(np.uint16)
         self._index, self._place = words[0::2], words[1::2]  # each element's cell, and where in it
-        self._dither = alloc((2, self._chunk), np.float32)
+        self._dither = scratch("a mask's dither", (2, self._chunk), np.float32)
 
     @property
     def noiseless(self) -> bool:

@@ -68,7 +68,7 @@ from tee_sim.program import round_of
 
 DEFAULT_POOL_BYTES = 4 << 20  # default capacity: entries that fit in 4 MiB, at least 1 and at most 8
 MIN_POOL, MAX_POOL = 1, 8
-BLOCK = 1 << 20  # secure memory for small arrays comes in blocks of 1 MiB
+BLOCK = 1 << 18  # secure memory for small arrays comes in blocks of 256 KiB
 BOUND_EVERY = 8  # the achieved detection bound is measured on the first 8 inferences, then 1 in 8
 
 
@@ -89,19 +89,23 @@ class PerInference:
 
     ``program``/``arrays``: the TEE program; ``shm_shapes``: shared buffer name -> shape; ``untrusted``:
     the normal world's ``untrusted.tflite`` (authenticated as it is read: ``Weights``);
-    ``alloc(shape, dtype)``: accounted secure memory;
+    ``alloc(shape, dtype)``: accounted secure memory; ``scratch(purpose, shape, dtype)``: secure memory used
+    within one call only, which the trusted app may share between its sessions (``tee_sim.memory.
+    SharedScratch``; None: ``alloc``'s);
     ``random_bytes(n)``: the TEE's CSPRNG.
     """
 
     def __init__(self, program: dict[str, Any], arrays: dict[str, np.ndarray],
                  shm_shapes: dict[str, tuple[int, ...]], untrusted: Any, alloc: Callable[..., np.ndarray],
                  random_bytes: Callable[[int], bytes], verify: bool = False, capacity: int = 0,
-                 fail_when_empty: bool = False, weights_outside: bool = False) -> None:
+                 fail_when_empty: bool = False, weights_outside: bool = False,
+                 scratch: Callable[..., np.ndarray] | None = None) -> None:
         one_time = program.get("one_time") or {"rounds": [], "masks": {}, "offsets": {}}
         layers: dict[str, dict[str, Any]] = program.get("layers") or {}
         self.rounds = [int(r) for r in one_time["rounds"]]
         self.verify, self.fail_when_empty = bool(verify), bool(fail_when_empty)
         self._alloc, self._random = alloc, random_bytes
+        self.scratch = scratch or (lambda purpose, shape, dtype: self.account(shape, dtype))
         self.secure_bytes = 0
         self._block: np.ndarray | None = None
         self._block_used = 0
@@ -168,7 +172,7 @@ class PerInference:
                 raise ValueError(f"mask {name}: channel scales {scale!r} are not an array of the program")
             self.streams[name] = MaskStream(spec, arrays[spec["mean"]], self.account,
                                             None if common is None else arrays[common],
-                                            None if scale is None else arrays[scale])
+                                            None if scale is None else arrays[scale], self.scratch)
         self.pops: dict[str, PopMask | SplitPop] = {}
         for name, spec in one_time["offsets"].items():
             layer = layers[spec["layer"]]

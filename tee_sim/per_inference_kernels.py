@@ -262,7 +262,8 @@ class PerInferenceKernels:
         """Secure memory shaped as ``given``, a user's input in shared memory, for a push to read it into once
         (the default policy's only staging: MobileNet 0.6 MiB, where a restore's would take 1.2)."""
         if self._input_copy is None:
-            self._input_copy = self.online.account((self._input_size,), np.float32)
+            self._input_copy = self.online.scratch("a user input's secure copy", (self._input_size,),
+                                                   np.float32)
         if given.size > self._input_copy.size:
             raise ValueError(f"a push of {given.shape} from an input its program does not name")
         return self._input_copy[:given.size].reshape(given.shape)
@@ -270,7 +271,7 @@ class PerInferenceKernels:
     def _staged(self, sent: np.ndarray) -> np.ndarray:
         """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""
         if self._staging is None:
-            self._staging = self.online.account((self._staging_size,), np.float32)
+            self._staging = self.online.scratch("a fused push's staging", (self._staging_size,), np.float32)
         if sent.size > self._staging.size:
             raise ValueError(f"a push of {sent.shape} into a buffer its mask does not name")
         return self._staging[:sent.size].reshape(sent.shape)

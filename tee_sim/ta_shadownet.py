@@ -39,6 +39,7 @@ from tee_sim.errors import (
     TEE_ERROR_SECURITY,
     TEEError,
 )
+from tee_sim.memory import SharedScratch
 from tee_sim.obfuscated_weights import check_untrusted
 from tee_sim.params import (
     TEE_PARAM_TYPE_MEMREF_INOUT,
@@ -120,6 +121,7 @@ class _Model:
     fast: dict[int, StepProgram] | None = None  # step_program's, for these steps, by pool slot
     online: PerInference | None = None  # one-time masks and integrity checks (tee_sim.per_inference)
     shared: bytes | None = None  # key of the program it shares with other sessions (ShadowNetTA._programs)
+    scratches: list[Any] = field(default_factory=list)  # its handles of the TA's SharedScratch
 
 
 @dataclass
@@ -155,6 +157,8 @@ class ShadowNetTA(TrustedApp):
         # Sessions that load the same secrets (e.g. two frames in flight) share the read-only program:
         # a second copy of the masks and offsets would double the secure memory for nothing.
         self._programs: dict[bytes, _SharedProgram] = {}
+        # ... and the buffers that live within one call (tee_sim.memory.SharedScratch)
+        self._scratch = SharedScratch(self.tee.alloc, self.tee.free)
 
     def open_session(self, params: TAParams) -> dict[str, Any]:
         check_param_types(params)
@@ -325,7 +329,8 @@ class ShadowNetTA(TrustedApp):
             online = PerInference(p, model.arrays, shapes, untrusted, lambda s, d: self._alloc(model, s, d),
                                   self.tee.random_bytes, verify=bool(flags & LOAD_VERIFY), capacity=capacity,
                                   fail_when_empty=bool(flags & LOAD_FAIL_WHEN_EMPTY),
-                                  weights_outside=bool(flags & LOAD_WEIGHTS_OUTSIDE))
+                                  weights_outside=bool(flags & LOAD_WEIGHTS_OUTSIDE),
+                                  scratch=lambda what, s, d: self._share(model, what, s, d))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_format(f"per-inference material: {type(exc).__name__}: {exc}") from None
         model.arrays = {**model.arrays, **online.live}
@@ -366,6 +371,9 @@ class ShadowNetTA(TrustedApp):
         for array in model.held:
             self.tee.free(array)
         model.held.clear()
+        for handle in model.scratches:
+            self._scratch.release(handle)
+        model.scratches.clear()
         self.tee.unreserve(model.reserved)
         model.reserved = 0
         key, model.shared = model.shared, None
@@ -379,6 +387,13 @@ class ShadowNetTA(TrustedApp):
     def _alloc(self, model: _Model, shape: Any, dtype: Any = np.float32) -> np.ndarray:
         array = self.tee.alloc(shape, dtype)
         model.held.append(array)
+        return array
+
+    def _share(self, model: _Model, purpose: str, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        """Secure memory for ``purpose`` that ``model`` uses within one call only, shared with the other
+        sessions' (``tee_sim.memory.SharedScratch``)."""
+        array, handle = self._scratch.take(purpose, shape, dtype)
+        model.scratches.append(handle)
         return array
 
     def _build(self, model: _Model) -> None:
@@ -395,7 +410,7 @@ class ShadowNetTA(TrustedApp):
                 self._build_litert(model, p)
             model.stride, model.tile, scratch = scratch_size(p["steps"], model.arrays,
                                                              lambda ref: shape_of(model, ref))
-            model.scratch = self._alloc(model, scratch, np.float32)
+            model.scratch = self._share(model, "the kernels' tiles", scratch, np.float32)
             prepare_linears(model, p["steps"], p["shared_buffers"], lambda s, d: self._alloc(model, s, d))
             shared = self._programs[model.shared]
 

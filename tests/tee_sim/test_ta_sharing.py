@@ -59,3 +59,55 @@ def test_sessions_share_the_packed_depthwise_weights(tmp_path):
         assert second.memory()[0] == alone  # the program and its packed weights stay for the second one
         second.close()
         assert device.memory_stats()["used"] == 0
+
+
+def test_sessions_share_what_lives_within_one_call(tmp_path, monkeypatch):
+    """What a call fills and uses before it returns - a user input's secure copy, a mask's drawing buffers,
+    the kernels' tiles - is one buffer for every session of the trusted app (``tee_sim.memory.
+    SharedScratch``; a TA runs one call at a time): a second session of the model costs that much less
+    (two frames of yolov4-tiny in flight fit the 64 MiB cap so), sessions running at once on two threads
+    (their calls interleaved) get LiteRT's outputs, and the last to close frees it."""
+    import threading
+
+    import shadownet
+    from tests.shadownet.small_models import reference
+
+    with tee_sim.Context("inprocess", home=tmp_path / "device") as device:
+        monkeypatch.setattr(tee_sim, "default_context", lambda: device)
+        original = small_cnn(seed=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert(original, tmp_path / "out", seed=0, device=device)
+        secure_os = device._transport._os
+        first = shadownet.load(tmp_path / "out", background_refill=False)
+        alone = device.memory_stats()["used"]
+        (model,) = [s.context["model"] for s in secure_os._sessions.values()]
+        scratch = sum(handle[0].nbytes for handle in {id(h): h for h in model.scratches}.values())
+        assert scratch > 0
+        second = shadownet.load(tmp_path / "out", background_refill=False)
+        both = device.memory_stats()["used"]
+        (app,) = [instance.app for instance in secure_os._instances.values()]
+        program = app._programs[model.shared].nbytes  # shared since stop 34
+        assert both - alone == alone - program - scratch  # the second session's buffers, its scratch shared
+        models = [s.context["model"] for s in secure_os._sessions.values()]
+        assert {id(h) for h in models[0].scratches} == {id(h) for h in models[1].scratches}
+        xs = images(12, seed=3)
+        got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+        def run(k: int, session) -> None:
+            for x in xs[k::2]:
+                got[k].append(session(x))
+
+        threads = [threading.Thread(target=run, args=(k, s)) for k, s in enumerate((first, second))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k in (0, 1):
+            for x, y in zip(xs[k::2], got[k], strict=True):
+                want = reference(original, x)
+                assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
+        first.close()
+        assert device.memory_stats()["used"] == alone  # the second keeps the shared ones
+        second.close()
+        assert device.memory_stats()["used"] == 0

@@ -105,7 +105,7 @@ class PerInference:
         self.rounds = [int(r) for r in one_time["rounds"]]
         self.verify, self.fail_when_empty = bool(verify), bool(fail_when_empty)
         self._alloc, self._random = alloc, random_bytes
-        self.scratch = scratch or (lambda purpose, shape, dtype: self.account(shape, dtype))
+        self._take = scratch
         self.secure_bytes = 0
         self._block: np.ndarray | None = None
         self._block_used = 0
@@ -291,6 +291,17 @@ class PerInference:
         for out, (parity, offset) in placed.items():
             check = self.checks[out]
             check.bind_results(banks[parity][offset:offset + check.results_elements])
+
+    def scratch(self, purpose: str, shape: Any, dtype: Any) -> np.ndarray:
+        """Secure memory for ``purpose`` used within one call: the trusted app's shared buffer (``scratch``),
+        else ``account``'s; counted in ``secure_bytes`` either way (this model's view, ``stats``'
+        ``per_inference_secure_memory``). (A method: a closure kept on the object made a cycle that kept a
+        closed session's material until a collection.)"""
+        if self._take is None:
+            return self.account(shape, dtype)
+        array = self._take(purpose, shape, dtype)
+        self.secure_bytes += array.nbytes
+        return array
 
     def account(self, shape: Any, dtype: Any) -> np.ndarray:
         """Zeroed secure memory; small arrays are carved out of shared blocks (a deep model has thousands

@@ -368,7 +368,9 @@ def test_bench_measures_a_verified_copy_alone_when_the_pair_does_not_fit(tmp_pat
     v = entry["verify"]
     assert v["sequential"] is True and np.isfinite(v["overhead"]) and v["checked"] > 0
     figures = entry["modes"][bench_measure.VERIFY_MODE]
-    assert figures["runs"] == 2 and figures["secure_memory_mib"] == pytest.approx(alone[1], rel=0.05)
+    # Alone it holds what the pair shared too (the program; since stop 57 the TA's per-call scratch): more
+    # than what it added beside shadownet, less than that and a whole shadownet session
+    assert figures["runs"] == 2 and alone[1] <= figures["secure_memory_mib"] <= alone[1] + alone[0]
     assert "measured alone after the other modes" in bench_report.table(report)
 
 

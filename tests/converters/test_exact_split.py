@@ -505,25 +505,37 @@ def _wide_mlp(hidden: int = 4096) -> tuple[bytes, list[np.ndarray]]:
     """Features of scales 1e-2 to 1e2, standardized in a first dense ReLU layer of ``hidden`` units (the
     standardization folded into it), then a dense ReLU layer of 256 that sums all of them (round 2, one
     layer from the input) and a head of 4; and 40 inputs."""
-    from ai_edge_litert import schema_py_generated as fb
 
     from converters.graph import Graph, write_model
 
     rng = np.random.default_rng(5)
     sigma = 10.0 ** rng.uniform(-2, 2, 30)
     g = Graph()
-    h = x = g.add_tensor("features", (1, 30), np.float32)
-    for i, (n_in, n_out) in enumerate(((30, hidden), (hidden, 256), (256, 4))):
-        w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in) / (sigma if i == 0 else 1)
-        options = fb.FullyConnectedOptionsT()
-        options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i < 2 else 0
-        y = g.add_tensor(f"y{i}", (1, n_out), np.float32)
+    x = g.add_tensor("features", (1, 30), np.float32)
+    g.inputs, g.outputs = [x], [_dense_layers(g, x, (30, hidden, 256, 4), rng, first_scale=sigma)]
+    return write_model(g), [(sigma * rng.standard_normal(30))[None].astype(np.float32) for _ in range(40)]
+
+
+def _dense_layers(g, x: int, widths: tuple[int, ...], rng: np.random.Generator,
+                  first_scale: np.ndarray | None = None) -> int:
+    """Dense layers of ``widths`` (``widths[0]`` the terms the first reads of ``x``) on ``x`` in ``g``, ReLU
+    but the last, He weights and biases of 0.1 from ``rng`` (the first layer's columns divided by
+    ``first_scale``: a folded standardization); returns the last one's output."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    h = x
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)
+        if i == 0 and first_scale is not None:
+            w = w / first_scale
         b = rng.standard_normal(n_out) * 0.1
+        options = fb.FullyConnectedOptionsT()
+        options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i < len(widths) - 2 else 0
+        y = g.add_tensor(f"y{i}", (1, n_out), np.float32)
         g.add_op("FULLY_CONNECTED", [h, g.add_tensor(f"w{i}", w.shape, np.float32, w),
                                      g.add_tensor(f"b{i}", (n_out,), np.float32, b)], [y], options)
         h = y
-    g.inputs, g.outputs = [x], [h]
-    return write_model(g), [(sigma * rng.standard_normal(30))[None].astype(np.float32) for _ in range(40)]
+    return h
 
 
 def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path, monkeypatch):
@@ -592,16 +604,7 @@ def _dense_on_image(side: int = 32, units: int = 128, conv: int = 0) -> bytes:
                              g.add_tensor("c0/b", (conv,), np.float32, np.full(conv, 0.1))], [h],
                  conv_options("CONV_2D", fb.Padding.SAME, 2, fb.ActivationFunctionType.RELU))
         size = (side // 2) ** 2 * conv
-    for i, (n_in, n_out) in enumerate(((size, units), (units, 10))):
-        options = fb.FullyConnectedOptionsT()
-        options.fusedActivationFunction = fb.ActivationFunctionType.RELU if i == 0 else 0
-        w = rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)
-        b = rng.standard_normal(n_out) * 0.1
-        y = g.add_tensor(f"y{i}", (1, n_out), np.float32)
-        g.add_op("FULLY_CONNECTED", [h, g.add_tensor(f"w{i}", w.shape, np.float32, w),
-                                     g.add_tensor(f"b{i}", (n_out,), np.float32, b)], [y], options)
-        h = y
-    g.inputs, g.outputs = [x], [h]
+    g.inputs, g.outputs = [x], [_dense_layers(g, h, (size, units, 10), rng)]
     return write_model(g)
 
 

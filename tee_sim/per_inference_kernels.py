@@ -67,7 +67,7 @@ class PerInferenceKernels:
         # Secure memory for what a followed mask's push sends, made there first (a restore's result), and
         # for a user's input, read there once (``wrap``); one instruction's at a time, each made when needed.
         self._staging_size = max((math.prod(shm_shapes[s["buffer"]]) for s in masks.values()
-                                  if s.get("spread")), default=0)
+                                  if s.get("spread") and s.get("split")), default=0)  # the others: in place
         self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
                                 if name.startswith("input/")), default=0)
         self._input_copy: np.ndarray | None = None

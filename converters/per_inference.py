@@ -50,24 +50,38 @@ for convenience.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema_fb
 
-DEFAULT_MASK_ROUNDS = "first"
+from converters.partition import Partition
+
+DEFAULT_MASK_ROUNDS = "auto"
+# The "auto" policy masks every round of a model whose every round's masks take at most this much of a pool
+# entry (``mask_entry_bytes``), and the rounds every policy masks of any other: the zoo's MiniVGG (0.63
+# MiB estimated) gets every round, ResNet-44 (3.2), MobileNet (20), ResNet-404 and YOLOv4-tiny the floor.
+# All or nothing: a prefix of rounds past the floor would leave a later crossing for the critical-point
+# attack to take the first layer from, through a ResNet's shortcuts as easily as before (SECURITY.md).
+AUTO_MASK_BYTES = 1 << 20
 
 
-def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
-                      inputs: Iterable[int] = (1,)) -> list[int]:
-    """The rounds (1-based, sorted) that get one-time masks: ``None`` (the default policy), ``"first"``,
-    ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. The rounds that carry the user's input (``inputs``:
-    ``converters.partition.input_rounds``; round 1 at least) are always in; ``ValueError`` for a round
-    outside ``1..rounds`` or a malformed spec."""
+def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int, inputs: Iterable[int] = (1,),
+                      entry_bytes: Sequence[int] | None = None) -> list[int]:
+    """The rounds (1-based, sorted) that get one-time masks: ``None`` (the default policy), ``"auto"``,
+    ``"first"``, ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. The rounds every policy masks (``inputs``:
+    ``converters.schemes.always_masked_for``; round 1 at least) are always in; ``"auto"`` is ``"all"``
+    where every round's masks together take at most ``AUTO_MASK_BYTES`` of a pool entry (``entry_bytes``,
+    per round: ``mask_entry_bytes``; None: not known, ``"first"``), ``"first"`` elsewhere. ``ValueError``
+    for a round outside ``1..rounds`` or a malformed spec."""
     if spec is None:
         spec = DEFAULT_MASK_ROUNDS
     chosen: set[int] = {1, *inputs}
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        if entry_bytes is not None and sum(entry_bytes) <= AUTO_MASK_BYTES:
+            return list(range(1, rounds + 1))
+        return sorted(chosen)
     beyond: list[str] = []  # what the policy names past the last round, as it named it
     if isinstance(spec, str):
         ranges = mask_round_ranges(spec)
@@ -84,6 +98,20 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int,
     if beyond:
         raise ValueError(f"mask rounds [{', '.join(beyond)}] are outside the model's rounds 1..{rounds}")
     return sorted(chosen)
+
+
+def mask_entry_bytes(part: Partition) -> list[int]:
+    """Per round, what its one-time masks would add to a pool entry, estimated from the graph's shapes: a
+    float32 mask per input it reads and an unblinding term per layer's output (a scheme's fakes and an
+    exact split make the TA's a little larger: MiniVGG's whole entry 0.8 MiB against 0.63 estimated)."""
+    graph = part.graph
+    sizes = []
+    for ops in part.rounds:
+        inputs = {graph.ops[i].inputs[0] for i in ops}
+        elements = sum(math.prod(graph.tensors[t].shape) for t in inputs)
+        elements += sum(math.prod(graph.tensors[graph.ops[i].outputs[0]].shape) for i in ops)
+        sizes.append(4 * elements)
+    return sizes
 
 
 def mask_rounds_form(spec: str | Iterable[int] | None) -> str | list[int] | None:
@@ -106,7 +134,7 @@ def mask_rounds_form(spec: str | Iterable[int] | None) -> str | list[int] | None
 
 def _named_rounds(spec: Iterable[int]) -> list[int]:
     if not isinstance(spec, Iterable):  # an int: "'int' object is not iterable" said nothing (a probe)
-        raise TypeError(f"mask rounds are a policy (\"first\", \"all\", \"1,3\", \"2-4\") or a list of "
+        raise TypeError(f"mask rounds are a policy (\"auto\", \"first\", \"all\", \"1,3\", \"2-4\") or a list of "
                         f"rounds, not {spec!r}")
     named = list(spec)
     if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
@@ -116,12 +144,13 @@ def _named_rounds(spec: Iterable[int]) -> list[int]:
 
 def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
     """A ``--mask-rounds`` text as ranges of rounds (``"first"``: none beyond the rounds every policy masks,
-    ``converters.schemes.always_masked_for``; ``None`` for ``"all"``); ``ValueError`` for a malformed
-    one, a range that runs backwards or a round below 1."""
+    ``converters.schemes.always_masked_for``, and ``"auto"`` before ``parse_mask_rounds`` sizes it;
+    ``None`` for ``"all"``); ``ValueError`` for a malformed one, a range that runs backwards or a round
+    below 1."""
     text = spec.strip().lower()
     if text == "all":
         return None
-    if text == "first":
+    if text in ("first", "auto"):
         return []
     ranges = []
     for part in (p.strip() for p in text.split(",")):
@@ -129,7 +158,7 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
         try:
             a, b = int(low), int(high) if dash else int(low)
         except ValueError:
-            raise ValueError(f"mask rounds {spec!r}: expected 'first', 'all' or round numbers such as "
+            raise ValueError(f"mask rounds {spec!r}: expected 'auto', 'first', 'all' or round numbers such as "
                              "'1,2,5' or '1-4'") from None
         if a > b:
             raise ValueError(f"mask rounds {spec!r}: the range {part!r} runs backwards")

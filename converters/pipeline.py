@@ -49,7 +49,13 @@ from converters.output_directory import (
     write_artifacts,
 )
 from converters.partition import input_rounds
-from converters.per_inference import DEFAULT_MASK_ROUNDS, mask_rounds_form, parse_mask_rounds
+from converters.per_inference import (
+    AUTO_MASK_BYTES,
+    DEFAULT_MASK_ROUNDS,
+    mask_entry_bytes,
+    mask_rounds_form,
+    parse_mask_rounds,
+)
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
 from converters.schemes import Scheme, always_masked_for, get_scheme, partition_for
@@ -81,8 +87,8 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     ``device_key``: with a device file, the fingerprint its device key must have (``shadownet device export``
     prints it on the device); without, the file's key is trusted as it is, with a warning naming it.
     ``force``: replace a non-empty ``out_dir``.
-    ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"first"``,
-    ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always, every
+    ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"auto"``,
+    ``"first"``, ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always, every
     round a user input joins later, one layer from it or too narrow to mix: ``converters.partition``'s
     ``always_masked``).
     ``signature``: the key of the signature to protect, in a model that has several (one protected model
@@ -133,16 +139,16 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
     # and the rounds one layer from it or too narrow to mix, whose crossings unmasked give layers away
     floor = always_masked_for(part, chosen)
-    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), floor)
+    entry_bytes = mask_entry_bytes(part)
+    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), floor, entry_bytes)
     deeper = [r for r in one_time if r not in floor]  # what the policy adds, at its costs
-    if deeper:
+    added = sum(entry_bytes[r - 1] for r in deeper)
+    if deeper and sum(entry_bytes[r - 1] for r in one_time) > AUTO_MASK_BYTES:  # what "auto" would not take
         warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those every policy masks (those "
                       "that carry the user's input, read what one layer made of it or are too narrow to "
-                      "mix): each such layer computes at the mask's magnitude (by default 10x its input's) "
-                      "in float32, and each takes secure memory in every pool entry (with 'all', MobileNet's "
-                      "outputs measured "
-                      "7e-4 relative error at the median, up to 3e-3, against 5e-5 and 1.7e-4 with "
-                      "'first'; see SECURITY.md)", stacklevel=2)
+                      f"mix): they add about {added / 2**20:.1f} MiB to every pool entry, and the TEE redoes "
+                      "their layers on each entry's masks, offline (with 'all', MobileNet's entry is 40 MiB "
+                      "and its pool holds one; see SECURITY.md)", stacklevel=2)
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}

@@ -142,7 +142,8 @@ class RoundsBuilder:
                         carries = x in self.carrying
                         dist = self.scheme.mask_distribution(
                             stats, shape if carries else None,
-                            obf.transform_input(np.ones(shape[-1])) if carries else None)
+                            obf.transform_input(np.ones(shape[-1])) if carries else None,
+                            deep=r not in self.always_masked)
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
                     split = self._split(x, readers[key], stats, dist) \

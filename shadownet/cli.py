@@ -212,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the --device FILE's key: the fingerprint `device export` printed on the device")
     p.add_argument("--force", action="store_true", help="replace an earlier conversion's output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
-                   help="rounds with one-time masks (schemes without static masks): 'first' (default), "
-                        "'all' or round numbers such as 1,2,5 or 1-4; round 1 always, any round a user "
-                        "input joins later, and any round that reads what one layer made of it or whose "
-                        "input is too narrow to mix")
+                   help="rounds with one-time masks (schemes without static masks): 'auto' (default: "
+                        "'first' and the rounds after it while their masks take at most 1 MiB of a pool "
+                        "entry), 'first', 'all' or round numbers such as 1,2,5 or 1-4; round 1 always, any "
+                        "round a user input joins later, and any round that reads what one layer made of it "
+                        "or whose input is too narrow to mix")
     p.add_argument("--signature", metavar="KEY",
                    help="the signature to protect, in a model that has several")
     p.set_defaults(func=_cmd_convert, command_parser=p)
@@ -257,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="add the mode shadownet-verify (every accelerator result checked): its overhead")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
-                   help="convert with one-time masks on these rounds: 'first' (the converter's default), "
-                        "'all', or round numbers such as 1,2,5 or 1-4")
+                   help="convert with one-time masks on these rounds: 'auto' (the converter's default), "
+                        "'first', 'all', or round numbers such as 1,2,5 or 1-4")
     p.add_argument("--workdir", type=_path,
                    help="keep exported zoo models here and reuse them (default: temporary)")
     p.set_defaults(func=_cmd_bench, command_parser=p)

@@ -200,11 +200,12 @@ class Scheme(Protocol):
         ...
 
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
-                          common: np.ndarray | None = None) -> MaskDistribution:
+                          common: np.ndarray | None = None, deep: bool = False) -> MaskDistribution:
         """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE. ``shape`` and
         ``common`` are given for a push that carries a user input (``converters.partition.carries_input``):
         its shape, and the direction in the accelerator's channels of the input's channels all alike (ones,
-        permuted or mixed as the input is), for a scheme that shapes such masks."""
+        permuted or mixed as the input is), for a scheme that shapes such masks. ``deep``: a round the mask
+        policy adds past those every policy masks (``always_masked_for``), which a scheme may mask less."""
         ...
 
 

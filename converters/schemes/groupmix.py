@@ -110,7 +110,7 @@ from tee_sim.program import mask_bands
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
 MASK_FLOORS = ("layers", "input")
-MAX_MASK_SCALE = 1e4  # mask_scale, static_mask_scale
+MAX_MASK_SCALE = 1e4  # mask_scale, deep_mask_scale, static_mask_scale
 MAX_GROUP = 1 << 16  # group_size, input_group: past the channels of any layer this project has met
 MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
 # A user's raw input is scaled per channel before its mixing (``input_scales``) where its filters' columns
@@ -123,7 +123,9 @@ class GroupMixScheme:
     """Orthonormal group mixing (module docstring). Parameters: ``group_size`` (16), ``min_group`` (8),
     ``max_cos`` (0.75), ``tries`` (64), ``input_group`` (16; 1: permute the inputs only, 0: leave them;
     a raw input's channels are scaled still),
-    ``mask_scale`` (10.0, times the activations' RMS, one-time masks), ``static_mask_scale`` (0.0: rounds
+    ``mask_scale`` (10.0, times the activations' RMS, one-time masks on the rounds every policy masks),
+    ``deep_mask_scale`` (1.0, the same for the one-time masks the policy adds past those: they drown a
+    chosen-input attacker's probes, not the activations' values - SECURITY.md), ``static_mask_scale`` (0.0: rounds
     without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
     masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
     along the channels' common direction; False: white, at ``mask_scale`` per element), ``exact_split``
@@ -145,8 +147,8 @@ class GroupMixScheme:
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
-                 input_group: int = 16, mask_scale: float = 10.0, static_mask_scale: float = 0.0,
-                 center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
+                 input_group: int = 16, mask_scale: float = 10.0, deep_mask_scale: float = 1.0,
+                 static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
                  depthwise: str = "tee", mask_floor: str = "layers") -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
@@ -155,6 +157,7 @@ class GroupMixScheme:
         input_group = integer("input_group", input_group, 0, MAX_GROUP)
         # Masks in float32: at 1e4x its input, an input keeps about 3 of its digits under its mask.
         self.mask_scale = number("mask_scale", mask_scale, 0, MAX_MASK_SCALE)
+        self.deep_mask_scale = number("deep_mask_scale", deep_mask_scale, 0, MAX_MASK_SCALE)
         self.static_mask_scale = number("static_mask_scale", static_mask_scale, 0, MAX_MASK_SCALE)
         self.group_size, self.min_group, self.tries = group_size, min_group, tries
         self.input_group = input_group
@@ -182,7 +185,7 @@ class GroupMixScheme:
         # Sizes and distribution parameters; the secrets are the draws.
         return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
                 "tries": self.tries, "input_group": self.input_group, "mask_scale": self.mask_scale,
-                "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
+                "deep_mask_scale": self.deep_mask_scale, "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
                 "depthwise": self.depthwise, "mask_floor": self.mask_floor}
 
@@ -350,11 +353,11 @@ class GroupMixScheme:
 
     # -- masks -------------------------------------------------------------------------------------------
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
-                          common: np.ndarray | None = None) -> MaskDistribution:
+                          common: np.ndarray | None = None, deep: bool = False) -> MaskDistribution:
         # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a
         # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
         # pooled features, correlation 0.36 at 10x the std).
-        spread = self.mask_scale * max(stats.std, stats.rms)
+        spread = (self.deep_mask_scale if deep else self.mask_scale) * max(stats.std, stats.rms)
         mean = -stats.mean if self.center_masks else np.zeros_like(stats.mean)
         if not self.shaped_masks or shape is None or len(shape) < 2:
             return MaskDistribution(spread, mean)

@@ -8,16 +8,23 @@ such restore's bias, and the TA draws a fresh mask per inference and precomputes
 offline (Slalom's approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks,
 which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
-The policy (``--mask-rounds``): ``first`` (round 1, the user's raw input, and the rounds every policy masks,
-below), ``all``, or a list of
+The policy (``--mask-rounds``): ``auto`` (the default, below), ``first`` (round 1, the user's raw input, and
+the rounds every policy masks, below), ``all``, or a list of
 round numbers (``"1,2,5"``, ``"1-4"``); round 1 is always included, and so are the rounds a user input
 joins later and, since stop 56, those that read what one layer made of it (from such a round's input
 crossing unmasked, a normal world that chooses its inputs solves that layer exactly,
 ``shadownet.chosen_inputs``) and those whose input is too narrow to mix (``converters.partition``'s
 ``always_masked``; ``groupmix:mask_floor=input`` leaves the round 1 and the rounds a user input joins alone,
-as before). The default is ``first``,
-from what ``shadownet audit`` measures and what the alternatives cost (groupmix, 4 inferences observed;
-the figures below are from before stop 56, round 2 then unmasked):
+as before). The default, ``auto`` (since stop 58), is ``all`` for a model whose every round's masks take
+at most ``AUTO_MASK_BYTES`` (1 MiB) of a pool entry, ``first`` for any other: the zoo's MiniVGG gets
+every round (its first layer, 4.5% of its filters, fell to a critical-point attack on its unmasked round 3:
+SECURITY.md), the other four the floor. The rounds past the floor take masks at ``groupmix``'s
+``deep_mask_scale`` (1x their input's spread), which need only drown that attack's probes; their cost is
+offline TEE work (the layers redone on each entry's masks: MiniVGG 4.3 -> 11.7 ms per inference) and
+secure memory (5.3 -> 13.4 MiB, its dense layer's weights read at each refill). ``first`` and ``all``
+against each other, from what ``shadownet audit`` measures and what they cost (groupmix, 4 inferences
+observed; the figures below are from before stop 56, round 2 then unmasked, and before stop 58, deeper
+rounds' masks then at ``mask_scale``, 10x):
 
 - ResNet-44, ``first``: the user's input from round 1 at correlation 0.03 in one inference, 0.04 across
   two, 0.03 after a chosen input - the target is 0.1. The deeper rounds cross unmasked: the audit
@@ -37,9 +44,9 @@ the figures below are from before stop 56, round 2 then unmasked):
   depthwise layers cannot be split), MiniVGG up to 2-3e-4, ResNet-44 up to 0.6-1.5e-4; YOLOv4-tiny with it
   does not fit the default 64 MiB cap (the conversion warns of the cost; ``BENCHMARKS.md``).
 
-So the default meets the input target everywhere at the smallest cost (offline 0.75 - 37 ms per inference
+So ``first`` meets the input target everywhere at the smallest cost (offline 0.75 - 37 ms per inference
 across the zoo, run CV); ``all`` or a list closes the difference attack on deeper rounds where its cost is
-acceptable.
+acceptable, as ``auto`` does for a small model.
 
 Layers (for ``verify`` and for pop masks): per accelerator output buffer, the offloaded layer's kind, the
 name of its obfuscated weights in ``untrusted.tflite`` (public: the TA reads them from the file it
@@ -134,8 +141,8 @@ def mask_rounds_form(spec: str | Iterable[int] | None) -> str | list[int] | None
 
 def _named_rounds(spec: Iterable[int]) -> list[int]:
     if not isinstance(spec, Iterable):  # an int: "'int' object is not iterable" said nothing (a probe)
-        raise TypeError(f"mask rounds are a policy (\"auto\", \"first\", \"all\", \"1,3\", \"2-4\") or a list of "
-                        f"rounds, not {spec!r}")
+        raise TypeError(f"mask rounds are a policy (\"auto\", \"first\", \"all\", \"1,3\", \"2-4\") or a "
+                        f"list of rounds, not {spec!r}")
     named = list(spec)
     if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in named):
         raise ValueError(f"mask rounds must be whole numbers, not {named!r}")
@@ -158,7 +165,8 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
         try:
             a, b = int(low), int(high) if dash else int(low)
         except ValueError:
-            raise ValueError(f"mask rounds {spec!r}: expected 'auto', 'first', 'all' or round numbers such as "
+            raise ValueError(f"mask rounds {spec!r}: expected 'auto', 'first', 'all' or round numbers such "
+                             "as "
                              "'1,2,5' or '1-4'") from None
         if a > b:
             raise ValueError(f"mask rounds {spec!r}: the range {part!r} runs backwards")

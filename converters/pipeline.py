@@ -88,9 +88,9 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     prints it on the device); without, the file's key is trusted as it is, with a warning naming it.
     ``force``: replace a non-empty ``out_dir``.
     ``mask_rounds``: the rounds that get one-time masks when the scheme's masks are not static (``"auto"``,
-    ``"first"``, ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1 always, every
-    round a user input joins later, one layer from it or too narrow to mix: ``converters.partition``'s
-    ``always_masked``).
+    ``"first"``, ``"all"``, ``"1,2,5"``; default ``converters.per_inference.DEFAULT_MASK_ROUNDS``; round 1
+    always, every round a user input joins later, one layer from it or too narrow to mix:
+    ``converters.partition``'s ``always_masked``).
     ``signature``: the key of the signature to protect, in a model that has several (one protected model
     runs one signature); a model of one signature is protected whole.
     Raises ``ModelFormatError``, ``UnsupportedOpError``, ``ArtifactError``, ``SecurityError``.

@@ -46,7 +46,7 @@ def convert(model: Any, out_dir: Any, scheme: str | None = None, seed: int | Non
 # --- CLI ----------------------------------------------------------------------------------------------------
 def convert_cli(args: argparse.Namespace) -> None:
     """``shadownet convert MODEL -o OUT [--scheme] [--seed] [--calibration] [--device [--device-key]]
-    [--force] [--mask-rounds first|all|1,2,5] [--signature KEY]``."""
+    [--force] [--mask-rounds auto|first|all|1,2,5] [--signature KEY]``."""
     import json
 
     start = time.perf_counter()
@@ -66,6 +66,11 @@ def convert_cli(args: argparse.Namespace) -> None:
              f"{_count(rounds, 'round')} ({rounds + 1} TEE entries per inference)"]
     if "offloaded_ops" in summary:
         parts.append(f"{_count(summary['offloaded_ops'], 'linear op')} offloaded to the accelerator")
+    masks = manifest.get("masks") or {}
+    if not masks.get("static", True):  # which rounds the policy masked: "auto" decides per model
+        masked = masks.get("one_time_rounds") or []
+        which = "every round" if len(masked) == rounds else _count(len(masked), "round")
+        parts.append(f"one-time masks on {which} (--mask-rounds {masks.get('policy')})")
     if summary.get("tee_linear_ops"):  # heavy work the TEE does itself: the user should know
         parts.append(f"{summary['tee_linear_ops']} run in the TEE ({', '.join(summary['tee_linear_kinds'])})")
     print(f"protected {args.model} -> {args.output}: {', '.join(parts)}, {elapsed:.1f} s")

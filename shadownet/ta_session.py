@@ -63,7 +63,9 @@ class WeakChecks(NamedTuple):
     """A verified model's checks that say less than they could (the load warns of them): ``capped`` of its
     ``layers`` cannot count on the bound (``tee_sim.freivalds.LayerCheck.weak``: fewer projections than it
     wants, or results of too few directions, too large for the TEE to compute); ``masked`` rounds
-    cross masked without an exact split, so their checks tolerate the mask's rounding."""
+    cross masked without an exact split under masks many times their input (not the ~1x ones of the
+    rounds a policy adds past the floor: ``tee_sim.one_time_masks.MaskStream.small``), so their checks
+    tolerate the mask's rounding."""
 
     capped: int = 0
     layers: int = 0

@@ -42,6 +42,7 @@ from tee_sim.ta_shadownet_kernels import LIBRARY
 TABLE_BITS = 16
 MASK_CHUNK = 1 << 14  # mask elements drawn per keystream block (64 KiB of AES-CTR output)
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
+SMALL_MASK = 2.0  # MaskStream.small: a mask of at most this many times its input's spread
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -172,6 +173,13 @@ class MaskStream:
         """Whether the masks add no noise (``groupmix:mask_scale=0``): at most the constant shift that centres
         the input, whose rounding is about the input's own."""
         return self.std == 0
+
+    @property
+    def small(self) -> bool:
+        """Whether the masks are at most ``SMALL_MASK`` times the spread of the input they were sized for
+        (``groupmix``'s ``deep_mask_scale``, 1x, on the rounds a policy adds past the floor): its rounding
+        is then within a few times the input's own, which a check of its layer may tolerate unweakened."""
+        return self.spread > 0 and float(self.std) <= SMALL_MASK * self.spread
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()

@@ -125,15 +125,15 @@ class GroupMixScheme:
     a raw input's channels are scaled still),
     ``mask_scale`` (10.0, times the activations' RMS, one-time masks on the rounds every policy masks),
     ``deep_mask_scale`` (1.0, the same for the one-time masks the policy adds past those: they drown a
-    chosen-input attacker's probes, not the activations' values - SECURITY.md), ``static_mask_scale`` (0.0: rounds
-    without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True: the one-time
-    masks of pushes that carry a user input have ``mask_scale`` times its RMS in every frequency band and
-    along the channels' common direction; False: white, at ``mask_scale`` per element), ``exact_split``
-    (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two exact halves where the mask
-    is shaped, and a white mask where calibration measured that its float32 rounding costs the outputs
-    precision or the split is cheap, a later round's that a user input joins where its split weights fit
-    ``exact_split.LATE_SPLIT_BYTES``; ``"first"``: those rounds' always; ``"all"``: every one-time round's,
-    at 4x those layers' multiply-adds; ``"none"``),
+    chosen-input attacker's probes, not the activations' values - SECURITY.md), ``static_mask_scale``
+    (0.0: rounds without one-time masks go unmasked), ``center_masks`` (True), ``shaped_masks`` (True:
+    the one-time masks of pushes that carry a user input have ``mask_scale`` times its RMS in every
+    frequency band and along the channels' common direction; False: white, at ``mask_scale`` per
+    element), ``exact_split`` (``"auto"``: round 1's one-time-masked conv and dense inputs cross in two
+    exact halves where the mask is shaped, and a white mask where calibration measured that its float32
+    rounding costs the outputs precision or the split is cheap, a later round's that a user input joins
+    where its split weights fit ``exact_split.LATE_SPLIT_BYTES``; ``"first"``: those rounds' always;
+    ``"all"``: every one-time round's, at 4x those layers' multiply-adds; ``"none"``),
     ``depthwise`` (``"tee"``: depthwise layers run in the TEE; ``"offload"``: on the accelerator, where
     a depthwise round's input and results cross channel by channel, unmixed: with the rounds after the
     first unmasked, the audit then learns the restore of the layer before it and the input mixing of the
@@ -148,7 +148,8 @@ class GroupMixScheme:
 
     def __init__(self, group_size: int = 16, min_group: int = 8, max_cos: float = 0.75, tries: int = 64,
                  input_group: int = 16, mask_scale: float = 10.0, deep_mask_scale: float = 1.0,
-                 static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True, exact_split: str = "auto",
+                 static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True,
+                 exact_split: str = "auto",
                  depthwise: str = "tee", mask_floor: str = "layers") -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
@@ -185,7 +186,8 @@ class GroupMixScheme:
         # Sizes and distribution parameters; the secrets are the draws.
         return {"group_size": self.group_size, "min_group": self.min_group, "max_cos": self.max_cos,
                 "tries": self.tries, "input_group": self.input_group, "mask_scale": self.mask_scale,
-                "deep_mask_scale": self.deep_mask_scale, "static_mask_scale": self.static_mask_scale, "center_masks": self.center_masks,
+                "deep_mask_scale": self.deep_mask_scale, "static_mask_scale": self.static_mask_scale,
+                "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
                 "depthwise": self.depthwise, "mask_floor": self.mask_floor}
 

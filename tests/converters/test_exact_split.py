@@ -547,7 +547,7 @@ def test_a_masked_round_that_sums_many_terms_crosses_as_an_exact_split(tmp_path,
     for limit, split in ((exact_split.LATER_SPLIT_BYTES, True), (1 << 20, False)):
         monkeypatch.setattr(exact_split, "LATER_SPLIT_BYTES", limit)
         out = str(tmp_path / f"out{limit}")
-        manifest, messages = _converted(original, out, seed=2)
+        manifest, messages = _converted(original, out, seed=2, mask_rounds="first")  # auto: every round
         assert manifest["masks"]["one_time_rounds"] == [1, 2]
         assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, split, False]
         said = [m for m in messages if "its readers sum 4096 terms per output" in m]
@@ -579,7 +579,7 @@ def test_a_masked_conv_round_of_long_sums_is_split_only_where_cheap(tmp_path):
                  conv_options("CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
         h = y
     g.inputs, g.outputs = [x], [pooled_dense_head(g, h, rng)]
-    manifest, _ = _converted(write_model(g), tmp_path / "out", seed=2)
+    manifest, _ = _converted(write_model(g), tmp_path / "out", seed=2, mask_rounds="first")
     assert manifest["masks"]["one_time_rounds"] == [1, 2]
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]][:2] == [True, False]
 
@@ -698,7 +698,7 @@ def test_a_dense_layer_on_a_map_one_layer_from_the_input_is_split_as_a_dense_lay
     layer of one output position, which the long-sum rule splits (``plan_rounds._one_position``; a review:
     the rule asked for FULLY_CONNECTED, and it crossed unsplit, 10x further from LiteRT)."""
     original = _dense_on_image(side=16, units=256, conv=64)
-    manifest, _ = _converted(original, tmp_path / "out", seed=3)
+    manifest, _ = _converted(original, tmp_path / "out", seed=3, mask_rounds="first")
     assert manifest["masks"]["one_time_rounds"] == [1, 2]
     assert [bool(r["inputs"][0].get("split")) for r in manifest["rounds"]] == [True, True, False]
 

@@ -218,7 +218,7 @@ def test_rounds_of_the_same_shapes_are_timed_through_a_few_and_choose_together(t
         # Round 1 split: its input a shape of its own (auto would not split a layer of a sixth of the work).
         # (mask_floor=input: round 2, one layer from the input, masked and split, would not be like the rest)
         shadownet.convert(original, str(tmp_path / "out"), seed=9,
-                          scheme="groupmix:exact_split=first,mask_floor=input")
+                          scheme="groupmix:exact_split=first,mask_floor=input", mask_rounds="first")
     timed = []
 
     def timing(self, loaded, rounds, repeats):

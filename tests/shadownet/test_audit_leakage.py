@@ -94,7 +94,7 @@ def test_leakage_is_measured_on_a_tensor_the_converter_made(tmp_path: Path) -> N
     original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
     out = tmp_path / "up.protected"
     # (mask_floor=input: round 2, one layer from the input, is masked by default since stop 56)
-    shadownet.convert(str(original), str(out), scheme="groupmix:mask_floor=input")
+    shadownet.convert(str(original), str(out), scheme="groupmix:mask_floor=input", mask_rounds="first")
     rows = audit.audit(out, original, inferences=4)["input_leakage"]["rounds"]
     second = next(r for r in rows if r["round"] == 2)
     assert second["tensor"].endswith("/as_conv/padded")
@@ -176,7 +176,7 @@ def test_a_deeper_rounds_mixing_is_fitted_across_inferences(tmp_path: Path) -> N
     original = tmp_path / "wide.tflite"
     original.write_bytes(bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(x, y)).convert()))
     out = tmp_path / "wide.protected"
-    shadownet.convert(str(original), str(out), scheme="groupmix:mask_floor=input")  # (as above)
+    shadownet.convert(str(original), str(out), scheme="groupmix:mask_floor=input", mask_rounds="first")
     report = audit.audit(out, original, inferences=24)
     leak = report["input_leakage"]
     second = next(r for r in leak["rounds"] if r["round"] == 2)

@@ -311,9 +311,10 @@ def test_bench_default_policy_without_verify(tmp_path):
     (entry,) = report["models"]
     assert report["settings"]["mask_rounds"] == "default" and report["settings"]["verify"] is False
     assert bench_measure.VERIFY_MODE not in entry["modes"] and "verify" not in entry  # the mode is not run
-    assert entry["scheme"] == "groupmix" and entry["masks"]["policy"] == "first"
-    # round 2 too: one layer from the input (converters.partition.after_input_rounds)
-    assert entry["masks"]["one_time_rounds"] == [1, 2] and entry["masks"]["pool"]["pool_bytes"] > 0
+    assert entry["scheme"] == "groupmix" and entry["masks"]["policy"] == "auto"
+    # every round of a model this small (converters.per_inference.AUTO_MASK_BYTES)
+    assert entry["masks"]["one_time_rounds"] == list(range(1, entry["rounds"] + 1))
+    assert entry["masks"]["pool"]["pool_bytes"] > 0
     rows = [line.split()[:2] for line in bench_report.table(report).splitlines()]
     assert ["small", "shadownet"] in rows and ["small", bench_measure.VERIFY_MODE] not in rows
 

@@ -68,14 +68,16 @@ def narrow_then_wide(tmp_path_factory) -> Path:
 
 
 # Depthwise layers offloaded, and the rounds past round 1 unmasked as before stop 56 (``mask_floor=input``:
-# since, rounds one layer from the input or too narrow to mix are masked whatever the policy): the crossings
-# these attacks read.
+# since, rounds one layer from the input or too narrow to mix are masked whatever the policy; and the policy
+# "first", since stop 58: "auto" masks every round of a model this small): the crossings these attacks read.
 UNMASKED = f"{DEPTHWISE_OFFLOADED},mask_floor=input"
 
 
 def _audit(directory: Path, name: str, **kw) -> dict:
-    """The audit of ``directory``'s model converted with ``kw`` (``UNMASKED`` unless a scheme is given)."""
-    kw.setdefault("scheme", UNMASKED)
+    """The audit of ``directory``'s model converted with ``kw`` (``UNMASKED`` and ``--mask-rounds first``
+    unless a scheme is given)."""
+    if "scheme" not in kw:
+        kw.update(scheme=UNMASKED, mask_rounds=kw.get("mask_rounds", "first"))
     out = directory / name
     if out.exists():
         return _report(out, directory)
@@ -94,7 +96,7 @@ def rows_of(report: dict) -> dict:
 
 
 def test_unmasked_crossings_give_the_restore_away(narrow_then_wide):
-    """Depthwise layers offloaded, the default mask policy (round 1 masked only): each pointwise layer's
+    """Depthwise layers offloaded, the mask policy ``first`` (round 1 masked only): each pointwise layer's
     restore is learnt from the next
     round's input; the layer whose input is too narrow to mix is then recovered outright, the other one
     stands in its input's mixed coordinates, which the regression does not undo."""
@@ -270,7 +272,7 @@ def depthwise_separable(tmp_path_factory) -> Path:
 
 
 def test_the_input_mixing_of_a_pointwise_layer_is_undone_from_the_depthwise_results(depthwise_separable):
-    """Depthwise layers offloaded, the default mask policy: each pointwise layer's restore rows come from
+    """Depthwise layers offloaded, the mask policy ``first``: each pointwise layer's restore rows come from
     the next depthwise round's input, then its input mixing from the previous depthwise round's results,
     both crossing unmixed and unmasked: the real filters, with no reference weight used (SECURITY.md)."""
     rows = _audit(depthwise_separable, "offloaded")

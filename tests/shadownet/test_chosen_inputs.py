@@ -85,13 +85,14 @@ def test_the_round_after_the_first_layer_gets_one_time_masks_which_stop_the_atta
 def test_a_first_layer_carried_through_a_concatenation_is_solved_and_masked(tmp_path):
     """A DenseNet block: round 3 reads ``concat(relu(conv0 x), relu(conv1(...)))``. Unmasked
     (``mask_scale=0``), its first 16 channels are ``B relu(W x + b)`` and the attack solves conv0 from them
-    as from round 2; by default round 3 gets one-time masks as round 2 does (a review found it crossing
-    unmasked, conv0 given away: ``converters.partition.CARRY_THROUGH``), and nothing is recovered."""
+    as from round 2; under every policy round 3 gets one-time masks as round 2 does (a review found it
+    crossing unmasked, conv0 given away: ``converters.partition.CARRY_THROUGH``), and nothing is recovered
+    (``first``: the floor alone; ``auto`` masks every round of a model this small)."""
     model = _two_convs(dense_block=True)
     _, report = _audit(tmp_path / "unmasked", model, scheme="groupmix:mask_scale=0")
     assert [row["buffer"] for row in report["chosen_inputs"]["layers"]] == ["round_2/in/x0", "round_3/in/x0"]
     assert report["layers"][0]["recovered"]["chosen_input"] == 16
-    manifest, report = _audit(tmp_path / "default", model)
+    manifest, report = _audit(tmp_path / "floor", model, mask_rounds="first")
     assert manifest["masks"]["one_time_rounds"] == [1, 2, 3]
     assert report["summary"]["conv_dense"]["recovered"]["any"] == 0
 

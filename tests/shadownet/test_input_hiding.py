@@ -158,7 +158,7 @@ def test_a_user_input_that_joins_after_round_1_is_masked_where_it_crosses(tmp_pa
         manifest = shadownet.convert(original, out, seed=3)
     assert any("round(s) [2] carry a user input" in str(w.message) for w in caught)
     assert manifest["masks"]["one_time_rounds"] == manifest["masks"]["input_rounds"] == [1, 2]
-    assert manifest["masks"]["policy"] == "first"
+    assert manifest["masks"]["policy"] == "auto"
     truth, observed, _ = _run_image_and_vector(original, out, seed=8, meta_scale=1.0)
     assert observed.shape[-1] == 8 + 6
     assert input_leakage.pooled_leakage(observed, truth)["correlation"] <= 0.1  # was 1.000 unmasked
@@ -259,8 +259,10 @@ def test_every_rounds_mask_follows_its_inputs_spread(all_rounds, tmp_path, monke
     """Every round masked, converted without calibration, fed images 255x the scale the masks were sized
     for: each round's mask moves with its input, a restore's fused push's too (measured by the restore
     kernel as it makes the tensor), so no round's input shows through. The audit's single-inference fit
-    read rounds 2 and 4 (a restore's pushes) at 0.996 and 0.293 when only plain pushes followed. In one
-    load, inputs of other scales and a blank one in turn come out as LiteRT's."""
+    read rounds 2 and 4 (a restore's pushes) at 0.996 and 0.293 when only plain pushes followed. Rounds 3 and
+    4, past the floor, have masks of 1x their input's spread (``groupmix:deep_mask_scale``), which drown a
+    chosen-input attack's probes without hiding the values: about 1/sqrt(2) at most followed (measured
+    0.34-0.35), ~1 not. In one load, inputs of other scales and a blank one in turn come out as LiteRT's."""
     model_bytes = small_cnn()
     reference_path = tmp_path / "small.tflite"
     reference_path.write_bytes(model_bytes)
@@ -270,7 +272,8 @@ def test_every_rounds_mask_follows_its_inputs_spread(all_rounds, tmp_path, monke
     rows = audit.audit(all_rounds, reference_path, inferences=24)["input_leakage"]["rounds"]
     fits = {row["round"]: row["single"]["correlation"] for row in rows
             if "correlation" in row.get("single", {})}
-    assert sorted(fits) == [1, 2, 3, 4] and max(fits.values()) <= 0.1, fits  # round 5's vector: no fit
+    assert sorted(fits) == [1, 2, 3, 4], fits  # round 5's vector: no fit
+    assert max(fits[1], fits[2]) <= 0.1 and max(fits[3], fits[4]) <= 0.5, fits
     xs = images(8, seed=4)
     with shadownet.load(all_rounds, background_refill=False) as model:
         for x in (xs[0] * np.float32(255), xs[1], np.zeros_like(xs[2]), xs[3] * np.float32(1e-3),

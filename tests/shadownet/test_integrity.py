@@ -29,8 +29,10 @@ def _convert(tmp_path_factory, name: str, **kw) -> str:
 @pytest.fixture(scope="module")
 def groupmix(tmp_path_factory) -> str:
     # Its depthwise checks included; round 2, the depthwise layer on what the first conv made, unmasked as
-    # before stop 56 (masked, it cannot be split, and verify warns of its checks' tolerance: below)
-    return _convert(tmp_path_factory, "groupmix", scheme=f"{DEPTHWISE_OFFLOADED},mask_floor=input")
+    # before stop 56 (masked, it cannot be split, and verify warns of its checks' tolerance: below), and the
+    # deeper rounds unmasked ("first": "auto" masks every round of a model this small)
+    return _convert(tmp_path_factory, "groupmix", scheme=f"{DEPTHWISE_OFFLOADED},mask_floor=input",
+                    mask_rounds="first")
 
 
 @pytest.fixture(scope="module")
@@ -358,8 +360,11 @@ def test_a_failed_first_check_is_reported_as_such_after_a_popped_one(groupmix):
 def test_every_split_round_has_its_popped_check(tmp_path_factory):
     """Every one-time-masked round split (``exact_split=all``, ``mask_rounds="all"``): the deeper rounds'
     splits are pushed by the restore before them (their input never whole in secure memory but in the copy
-    the push makes); each is checked once popped, honest results pass and a nudge of any of them is caught."""
-    out = _convert(tmp_path_factory, "all_split", scheme="groupmix:exact_split=all", mask_rounds="all")
+    the push makes); each is checked once popped, honest results pass and a nudge of any of them is caught.
+    (The deeper rounds' masks at 10x, as round 1's: the nudge is a share of the first check's tolerance,
+    which follows the masked input, and the popped check is what catches it where that is large.)"""
+    out = _convert(tmp_path_factory, "all_split", scheme="groupmix:exact_split=all,deep_mask_scale=10",
+                   mask_rounds="all")
     wrappers = []
 
     def wrap(inner):
@@ -395,9 +400,11 @@ def test_every_split_round_has_its_popped_check(tmp_path_factory):
 def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory, paper):
     """Masked rounds without an exact split are checked against the masked input's rounding (~10x): the load
     says which, and how to check them against their unmasked inputs - for the paper's scheme, which has no
-    split, not groupmix's option (its advice before: a helper's review); split, or unmasked, nothing is
-    said (with groupmix:mask_scale=0 round 1 was called masked, its masks being zeros: a helper's probe)."""
-    masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all")
+    split, not groupmix's option (its advice before: a helper's review); split, or unmasked, or masked at
+    ~1x their input (the deeper rounds' default, ``deep_mask_scale``: their rounding about 1.4x the input's),
+    nothing is said (with groupmix:mask_scale=0 round 1 was called masked, its masks being zeros: a helper's
+    probe)."""
+    masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all", scheme="groupmix:deep_mask_scale=10")
     with pytest.warns(UserWarning, match=r"verify: rounds 2, 3 cross masked without an exact split, so "
                                          r"their checks.*groupmix:exact_split=all") as record:
         shadownet.load(masked, verify=True).close()
@@ -410,7 +417,8 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
                    for w in record)
     for quiet in (masked, _convert(tmp_path_factory, "split_all", scheme="groupmix:exact_split=all",
                                    mask_rounds="all"),
-                  _convert(tmp_path_factory, "unmasked", scheme="groupmix:mask_scale=0")):
+                  _convert(tmp_path_factory, "unmasked", scheme="groupmix:mask_scale=0"),
+                  _convert(tmp_path_factory, "masked_all_1x", mask_rounds="all")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with shadownet.load(quiet, verify=quiet != masked) as model:
@@ -472,7 +480,8 @@ def test_run_verify_prints_what_was_checked(groupmix, tmp_path, tmp_path_factory
     assert "verified: 4 accelerator results passed" in captured.out and "2^-" in captured.out
     assert captured.err == ""
     # The load's warning of weak checks, one line on stderr (it was Python's two, pointing into the package)
-    masked = _convert(tmp_path_factory, "run_masked_all", mask_rounds="all")
+    masked = _convert(tmp_path_factory, "run_masked_all", mask_rounds="all",
+                      scheme="groupmix:deep_mask_scale=10")
     assert main(["run", masked, "--input", str(tmp_path / "x.npy"), "--verify"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: verify: rounds 2, 3 cross masked") and err.count("\n") == 1

@@ -126,7 +126,7 @@ def test_projections_follow_the_calibration_inputs_where_they_are_far_from_isotr
             # (mask_floor=input: the second layer's round unmasked, its check on its input as it crosses;
             # masked since stop 56, one layer from the input, it would be split and checked exactly)
             shadownet.convert(nearly_orthogonal(closeness), str(out), seed=5,
-                              scheme="groupmix:mask_floor=input")
+                              scheme="groupmix:mask_floor=input", mask_rounds="first")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             protected = shadownet.load(out, verify=True)

@@ -72,7 +72,8 @@ def test_a_dense_head_whose_check_costs_more_than_it_is_computed_by_the_tee(outp
         warnings.simplefilter("ignore")  # the seed's warning
         # (mask_floor=input: the head's round unmasked; one layer from the input, it is masked and split by
         # default since stop 56, and a split layer is checked on its masked input, not computed)
-        shadownet.convert(model_bytes, tmp_path / "out", seed=2, scheme="groupmix:mask_floor=input")
+        shadownet.convert(model_bytes, tmp_path / "out", seed=2, scheme="groupmix:mask_floor=input",
+                          mask_rounds="first")
     wrappers = []
 
     def wrap(inner):
@@ -194,7 +195,8 @@ def test_a_batch_of_one_input_counts_for_one_input(tmp_path):
         warnings.simplefilter("ignore")  # the seed's warning
         # (mask_floor=input: the head's round unmasked; one layer from the input, it is masked and split by
         # default since stop 56, and a split layer is checked on its masked input, not computed)
-        shadownet.convert(model_bytes, tmp_path / "out", seed=2, scheme="groupmix:mask_floor=input")
+        shadownet.convert(model_bytes, tmp_path / "out", seed=2, scheme="groupmix:mask_floor=input",
+                          mask_rounds="first")
     rng = np.random.default_rng(7)
     with shadownet.load(tmp_path / "out", verify=True) as model:
         for _ in range(16):

@@ -153,7 +153,7 @@ def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_
     """groupmix's default: one-time masks on round 1, none on the deeper rounds (a static mask there
     cancels in the difference of two inferences, and costs a mask and an unblinding term per input)."""
     static = protect_small_cnn(tmp_path_factory, "static_deeper", seed=3,
-                               scheme="groupmix:static_mask_scale=10")
+                               scheme="groupmix:static_mask_scale=10", mask_rounds="first")
     x = images(1)[0]
     rms, memory = {}, {}
     for name, out in (("unmasked", first_round), ("static", static)):
@@ -170,17 +170,22 @@ def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_
     assert memory["unmasked"] < memory["static"], memory
 
 
-def test_masking_deeper_rounds_warns_of_its_precision_and_memory(tmp_path_factory):
-    """A policy beyond round 1 says what it costs; the default says nothing of it."""
+def test_masking_deeper_rounds_warns_of_its_memory_past_what_auto_takes_on(tmp_path_factory):
+    """A policy that masks deeper rounds whose masks take more of a pool entry than ``auto`` would give says
+    what it costs; ``auto`` and ``first`` say nothing of it, nor a policy that auto would choose."""
     import warnings
 
-    for rounds, warned in (("1,3", 1), ("first", 0)):
+    # (every round's masks: 0.1 MiB at 32 px, 1.6 at 128; rounds 1 and 3's 1.1 at 128)
+    for side, rounds, warned in ((128, "3", 1), (128, "auto", 0), (128, "first", 0), (32, "all", 0)):
         out = tmp_path_factory.mktemp("policy") / "out"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            shadownet.convert(small_cnn(), str(out), seed=3, mask_rounds=rounds)
+            manifest = shadownet.convert(small_cnn(side=side), str(out), seed=3, mask_rounds=rounds)
         costs = [str(w.message) for w in caught if "besides those every policy masks" in str(w.message)]
-        assert len(costs) == warned and all("1 round(s)" in c and "float32" in c for c in costs), costs
+        assert len(costs) == warned and all("1 round(s)" in c and "MiB to every pool entry" in c
+                                            for c in costs), (side, rounds, costs)
+        if rounds == "auto":  # this model's masks would take more than 1 MiB: the floor alone
+            assert 3 not in manifest["masks"]["one_time_rounds"]
 
 
 def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, monkeypatch):
@@ -213,15 +218,21 @@ def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, mon
 
 
 def test_mask_round_policies_are_parsed_or_refused():
-    from converters.per_inference import parse_mask_rounds
+    from converters.per_inference import AUTO_MASK_BYTES, parse_mask_rounds
 
     assert parse_mask_rounds("first", 6) == [1] and parse_mask_rounds("all", 3) == [1, 2, 3]
     assert parse_mask_rounds("2-4", 6) == [1, 2, 3, 4] and parse_mask_rounds(" 3, 5 ", 6) == [1, 3, 5]
-    assert parse_mask_rounds([4], 6) == [1, 4] and parse_mask_rounds(None, 6) == [1]
+    assert parse_mask_rounds([4], 6) == [1, 4] and parse_mask_rounds(None, 6) == [1]  # sizes unknown
+    # auto: every round where all their masks take at most AUTO_MASK_BYTES of an entry, else the floor
+    fits, over = [AUTO_MASK_BYTES // 4] * 4, [AUTO_MASK_BYTES // 4] * 4 + [1]
+    assert parse_mask_rounds("auto", 4, (1, 2), fits) == [1, 2, 3, 4]
+    assert parse_mask_rounds(None, 4, (1,), fits) == [1, 2, 3, 4]  # the default
+    assert parse_mask_rounds(" Auto", 5, (1, 2), over) == [1, 2]
+    assert parse_mask_rounds("auto", 5, (1,), None) == [1]  # sizes unknown: the floor
     for spec, reason in (("3-1", "runs backwards"), ("99", r"\[99\] are outside"),
                          ("2-9", r"\[7-9\] are outside"), ("0", "numbered from 1"),
-                         ("xx", "expected 'first'"), ("", "expected 'first'"),
-                         ("1,,2", "expected 'first'"), ("1,2,", "expected 'first'")):  # were 1,2
+                         ("xx", "expected 'auto', 'first'"), ("", "expected 'auto'"),
+                         ("1,,2", "expected 'auto'"), ("1,2,", "expected 'auto'")):  # were 1,2
         with pytest.raises(ValueError, match=reason):  # "3-1" was taken as round 1 alone, silently
             parse_mask_rounds(spec, 6)
     with pytest.raises(TypeError, match="mask rounds are a policy"):  # "'int' object is not iterable"

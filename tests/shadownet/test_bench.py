@@ -239,10 +239,11 @@ def test_cli_refusals(tmp_path, capsys, monkeypatch):
 def test_bench_verify_and_mask_policy(tmp_path, capsys):
     path = tmp_path / "small.tflite"
     path.write_bytes(_model(outputs=256))  # a dense layer checked, not computed (freivalds_directions)
-    # (mask_floor=input: round 2, one layer from the input, would be masked and split whatever the policy)
+    # (mask_floor=input: round 2, one layer from the input, would be masked and split whatever the policy;
+    # masked by "all" instead, at 10x, where the deeper rounds' ~1x masks would not make its checks weak)
     report = bench.run_bench([str(path)], num_threads=1, num_runs=2, warmup_runs=1, workdir=tmp_path / "work",
                              progress=False, verify=True, mask_rounds="all",
-                             scheme="groupmix:mask_floor=input")
+                             scheme="groupmix:mask_floor=input,deep_mask_scale=10")
     s = report["settings"]
     assert s["verify"] is True and s["mask_rounds"] == "all"
     assert s["modes"] == [*bench_measure.MODES, bench_measure.VERIFY_MODE]

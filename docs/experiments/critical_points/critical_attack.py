@@ -54,9 +54,12 @@ def configure(round_no: int) -> None:
 class Oracle:
     """The normal world's view: run the protected model on chosen inputs, keep one round's input."""
 
-    def __init__(self, out_dir: str, round_no: int = 3, buffer: str = "round_3/in/x0"):
+    def __init__(self, out_dir: str, round_no: int = 3, buffer: str = "round_3/in/x0", avg: int = 1,
+                 synth: float = 0.0, noise_seed: int = 12345):
         import shadownet
         self.count = 0
+        self.avg, self.synth = avg, synth
+        self.noise_rng = np.random.default_rng(noise_seed)
         me = self
 
         class Rec:
@@ -81,9 +84,16 @@ class Oracle:
     def __call__(self, xs: np.ndarray) -> np.ndarray:
         out = []
         for x in xs:
-            self.model(np.asarray(x, np.float32)[None])
-            out.append(self.last[0].astype(np.float64))
-            self.count += 1
+            acc = None
+            for _ in range(self.avg):  # the averaging attacker: n inferences of each input
+                self.model(np.asarray(x, np.float32)[None])
+                v = self.last[0].astype(np.float64)
+                acc = v if acc is None else acc + v
+                self.count += 1
+            o = acc / self.avg
+            if self.synth:  # simulated residual noise (what averaging leaves), on an unmasked crossing
+                o = o + self.synth * self.noise_rng.standard_normal(o.shape)
+            out.append(o)
         return np.array(out)
 
     def close(self):
@@ -272,6 +282,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=20, help="repeated inferences of x0 to measure noise")
     ap.add_argument("--min-events", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--avg", type=int, default=1, help="inferences averaged per probe input (an attacker against fresh masks)")
+    ap.add_argument("--synth", type=float, default=0.0, help="add N(0, synth^2) to every (averaged) output: what averaging would leave")
     ap.add_argument("--round", type=int, default=3, choices=[3, 4], help="the unmasked crossing attacked")
     ap.add_argument("--stop", action="store_true",
                     help="stop once as many clusters (min-events or more, aliases pruned) as the layer has "
@@ -301,11 +313,12 @@ def main():
                 pass
         oracle = oracle_cls()
     else:
-        oracle = Oracle(cfg.out, cfg.round, f"round_{cfg.round}/in/x0")
+        oracle = Oracle(cfg.out, cfg.round, f"round_{cfg.round}/in/x0", cfg.avg, cfg.synth)
     W = truth(cfg.model)
     cands, stats = [], dict(quiet=0, events=0, invalid=0, weak=0, wide_or_multi=0, edge=0, local=0)
 
     history = []
+    sigmas = []
     for line in range(cfg.lines):
         # line 0 about zero; the later ones about a random colour, so that units with a large bias
         # switch somewhere too
@@ -318,6 +331,7 @@ def main():
         # the output noise (other rounds' one-time masks leave float32 error in o_3): measured at x0
         rep = oracle(np.repeat(x0[None], cfg.repeats, 0).astype(np.float32))
         sigma = float(np.sqrt(np.mean(rep.var(0, ddof=1))))
+        sigmas.append(sigma)
         cfg.sigma_d = sigma * np.sqrt(2) / (2 * eps) * np.sqrt(2)  # per entry of a Jacobian difference
         tol = cfg.tol if cfg.tol is not None else 8 * sigma * np.sqrt(6)
         print(f"line {line}: input rms {rms:.3g}, output noise {sigma:.3g}, J-difference noise "
@@ -347,7 +361,8 @@ def main():
     top = prune_aliases(clusters, 1)[:32]
     top_cos = (np.abs(np.array([c["dir"] for c in top]) @ (W / np.linalg.norm(W, axis=1, keepdims=True)).T)
                if top else np.zeros((0, 32)))
-    result = {"recovered": rec, "false_clusters": false, "min_events": cfg.min_events,
+    result = {"avg": cfg.avg, "synth": cfg.synth, "eps": cfg.eps, "spacing": cfg.spacing, "sigmas": sigmas,
+              "recovered": rec, "false_clusters": false, "min_events": cfg.min_events,
               "top32_true": int((top_cos.max(1) >= 0.9).sum()) if top else 0,
               "top32_distinct_filters": len(set(top_cos.argmax(1)[top_cos.max(1) >= 0.9])) if top else 0,
               "recovered_any_cluster": rec1, "false_any_cluster": false1,

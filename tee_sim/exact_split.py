@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tee_sim.layer_geometry import Geometry
-from tee_sim.one_time_masks import conv_pop
-
-DENSE_SLICE = 1 << 20  # bytes of a dense layer's weights SplitPop.compute widens to float64 at a time
+from tee_sim.one_time_masks import DENSE_SLICE, conv_pop
 
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ TABLE_BITS = 16
 MASK_CHUNK = 1 << 14  # mask elements drawn per keystream block (64 KiB of AES-CTR output)
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 SMALL_MASK = 2.0  # MaskStream.small: a mask of at most this many times its input's spread
+DENSE_SLICE = 1 << 20  # bytes of a dense layer's weights a pop mask widens to float64 at a time
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -333,12 +334,20 @@ def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[
 
 def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """A depthwise or dense layer of geometry ``geo`` (no bias) on ``x``, in float64: the TEE's own
-    reference for the pop masks of those layers (a conv's is ``conv_pop``, in C)."""
-    w = np.asarray(weights, np.float64)
+    reference for the pop masks of those layers (a conv's is ``conv_pop``, in C). A dense layer's weights
+    are widened ``DENSE_SLICE`` bytes at a time: whole, MiniVGG's 4096 x 512 took 16 MB of memory outside the
+    secure world's account at each pop mask (stop 58, since its default masks that layer)."""
     if x.shape != geo.x_shape:
         raise ValueError(f"{geo.kind}: input {x.shape}, the layer takes {geo.x_shape}")
     if geo.kind == "FULLY_CONNECTED":
-        return (np.asarray(x, np.float64).reshape(-1, w.shape[1]) @ w.T).reshape(geo.y_shape)
+        m, k = weights.shape
+        rows = np.asarray(x, np.float64).reshape(-1, k)
+        y = np.zeros((len(rows), m))
+        step = max(1, DENSE_SLICE // (8 * m))  # columns of the weights widened at a time
+        for a in range(0, k, step):
+            y += rows[:, a:a + step] @ weights[:, a:a + step].astype(np.float64).T
+        return y.reshape(geo.y_shape)
+    w = np.asarray(weights, np.float64)
     if geo.kind != "DEPTHWISE_CONV_2D":
         raise ValueError(f"linear64 computes depthwise and dense layers, not {geo.kind}")
     (kh, kw), (sh, sw), (dh, dw), (top, left) = geo.kernel, geo.stride, geo.dilation, geo.before

@@ -44,6 +44,7 @@ MASK_CHUNK = 1 << 14  # mask elements drawn per keystream block (64 KiB of AES-C
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
 SMALL_MASK = 2.0  # MaskStream.small: a mask of at most this many times its input's spread
 DENSE_SLICE = 1 << 20  # bytes of a dense layer's weights a pop mask widens to float64 at a time
+POP_P = 4  # output positions sn_pop sums at once (ta_shadownet_pool.c's POP_P): its window scratch holds them
 _NONCE = bytes(16)  # every key is used for one mask only
 _table: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -390,7 +391,7 @@ def conv_pop(mask: np.ndarray, geo: Geometry, w_full: np.ndarray, out: np.ndarra
     for array in (mask, w_full, w_hi, bias):
         if array is not None and not array.flags.c_contiguous:
             raise ValueError("conv_pop's arrays must be contiguous")
-    window = np.empty(2 * w_full.shape[0])
+    window = np.empty(2 * POP_P * w_full.shape[0])  # POP_P positions' windows, twice
     call = _Pop(mask.ctypes.data, n, h, wd, c, ho, wo, *kernel, *geo.stride, *geo.dilation, top, left,
                 w_hi.ctypes.data if split else None, w_full.ctypes.data, m, grid,
                 bias.ctypes.data if not split else None, out.ctypes.data, window.ctypes.data)

@@ -123,8 +123,10 @@ int fv_draw(const fv_draw_t *s) {
  *
  * Why C: numpy made a strided copy of every position's window, split it, and multiplied two float64
  * matrices of 27 columns: 8 of a MobileNet entry's 9 ms, 13 of yolov4-tiny's 15 (the plain kind, yolov4-
- * tiny's round 1 unsplit: 25 ms a refill). Here each window is gathered (and split) once and 4 DW outputs'
- * sums stay in registers over it (eight chains of multiply-adds).
+ * tiny's round 1 unsplit: 25 ms a refill). Here each window is gathered (and split) once, and the sums of
+ * POP_P output positions (2 of a split) by 2 vectors of outputs stay in registers over their windows: each
+ * weight vector loaded serves that many positions (one position at a time, 4 vectors of outputs, the
+ * kernel was bound by its loads: 6-8 GMAC/s on an AVX2 core).
  */
 typedef struct {
     const float *r;
@@ -135,8 +137,10 @@ typedef struct {
     double grid;          /* > 0: an exact split's pop; 0: a plain one, with bias */
     const double *bias;   /* [m], a plain pop's */
     float *out;
-    double *window;       /* scratch [2 * kh * kw * c]: one position's r_hi, then its r */
+    double *window;       /* scratch [2 * POP_P * kh * kw * c]: POP_P positions' r, then their r_hi */
 } sn_pop_t;
+
+#define POP_P 4 /* output positions a plain pop sums at once (a split one, 2): tee_sim.one_time_masks.POP_P */
 
 /* rint(x), ties to even, without libm's call (which the baseline build made for every value): below 2^51
  * in magnitude, adding and subtracting 1.5 * 2^52 rounds x to an integer as rint does. */
@@ -147,71 +151,103 @@ static inline double round_even(double x) {
 
 static inline vd load_vd(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
 
+/* One output position's window of r into full (and, split, its r_hi into hi); zero outside the input. */
+static inline void pop_window(const sn_pop_t *s, int64_t b, int64_t oy, int64_t ox, int split, double inv,
+                              double *full, double *hi) {
+    int64_t c = s->c;
+    for (int32_t i = 0; i < s->kh; i++) {
+        int64_t y = oy * s->sh - s->top + (int64_t)i * s->dh;
+        for (int32_t j = 0; j < s->kw; j++) {
+            int64_t x = ox * s->sw - s->left + (int64_t)j * s->dw, e = ((int64_t)i * s->kw + j) * c;
+            int inside = y >= 0 && y < s->h && x >= 0 && x < s->w;
+            const float *px = inside ? s->r + ((b * s->h + y) * s->w + x) * c : NULL;
+            for (int64_t ch = 0; ch < c; ch++) {
+                double v = px ? px[ch] : 0.0;
+                full[e + ch] = v;
+                if (split) hi[e + ch] = round_even(v * inv) * s->grid;
+            }
+        }
+    }
+}
+
+/* The sums of P positions (windows at full + p * d, hi + p * d) for Q vectors of outputs from o0, kept in
+ * registers over d, then stored to o[p]: P, Q and split are constants where it is called, so that the
+ * compiler unrolls its loops. */
+static inline __attribute__((always_inline)) void pop_block(const sn_pop_t *s, int P, int Q, int split,
+                                                             const double *full, const double *hi,
+                                                             int64_t d, int64_t o0, float *const *o) {
+    int64_t m = s->m;
+    vd sh[POP_P][2], sf[POP_P][2];
+    memset(sh, 0, sizeof sh);
+    memset(sf, 0, sizeof sf);
+    for (int64_t e = 0; e < d; e++) {
+        const double *f = s->w_full + e * m + o0, *a = split ? s->w_hi + e * m + o0 : NULL;
+        for (int q = 0; q < Q; q++) {
+            vd wf = load_vd(f + q * DW);
+            for (int p = 0; p < P; p++) sf[p][q] += full[p * d + e] * wf;
+            if (split) {
+                vd wh = load_vd(a + q * DW);
+                for (int p = 0; p < P; p++) sh[p][q] += hi[p * d + e] * wh;
+            }
+        }
+    }
+    for (int p = 0; p < P; p++)
+        for (int q = 0; q < Q; q++) { /* rounded to float a vector at a time: lane by lane */
+            vf low;                   /* the stores took a quarter of yolov4-tiny's split pop */
+            if (split) {
+                vf high = __builtin_convertvector(sh[p][q], vf);
+                memcpy(o[p] + o0 + q * DW, &high, sizeof high);
+                low = __builtin_convertvector(sf[p][q] - sh[p][q], vf);
+                memcpy(o[p] + m + o0 + q * DW, &low, sizeof low);
+            } else {
+                low = __builtin_convertvector(load_vd(s->bias + o0 + q * DW) - sf[p][q], vf);
+                memcpy(o[p] + o0 + q * DW, &low, sizeof low);
+            }
+        }
+}
+
 int sn_pop(const sn_pop_t *s) {
-    int64_t m = s->m, c = s->c, d = (int64_t)s->kh * s->kw * c;
-    int split = s->grid > 0;
-    double inv = split ? 1.0 / s->grid : 0.0, *hi = s->window, *full = s->window + d;
+    int64_t m = s->m, d = (int64_t)s->kh * s->kw * s->c;
+    int split = s->grid > 0, P = split ? 2 : POP_P;
+    double inv = split ? 1.0 / s->grid : 0.0, *full = s->window, *hi = s->window + POP_P * d;
     for (int64_t b = 0; b < s->n; b++)
         for (int64_t oy = 0; oy < s->ho; oy++)
-            for (int64_t ox = 0; ox < s->wo; ox++) {
-                for (int32_t i = 0; i < s->kh; i++) { /* the window (split once); zero outside the input */
-                    int64_t y = oy * s->sh - s->top + (int64_t)i * s->dh;
-                    for (int32_t j = 0; j < s->kw; j++) {
-                        int64_t x = ox * s->sw - s->left + (int64_t)j * s->dw, e = ((int64_t)i * s->kw + j) * c;
-                        int inside = y >= 0 && y < s->h && x >= 0 && x < s->w;
-                        const float *px = inside ? s->r + ((b * s->h + y) * s->w + x) * c : NULL;
-                        for (int64_t ch = 0; ch < c; ch++) {
-                            double v = px ? px[ch] : 0.0;
-                            full[e + ch] = v;
-                            hi[e + ch] = split ? round_even(v * inv) * s->grid : 0.0;
-                        }
-                    }
+            for (int64_t ox = 0; ox < s->wo; ox += P) {
+                int np = s->wo - ox < P ? (int)(s->wo - ox) : P;
+                float *o[POP_P];
+                for (int p = 0; p < np; p++) {
+                    pop_window(s, b, oy, ox + p, split, inv, full + p * d, hi + p * d);
+                    o[p] = s->out + ((b * s->ho + oy) * s->wo + ox + p) * (split ? 2 * m : m);
                 }
-                float *o = s->out + ((b * s->ho + oy) * s->wo + ox) * (split ? 2 * m : m);
                 int64_t o0 = 0;
-                for (; o0 + 4 * DW <= m; o0 += 4 * DW) {
-                    vd sh[4], sf[4];
-                    memset(sh, 0, sizeof sh);
-                    memset(sf, 0, sizeof sf);
-                    if (split)
-                        for (int64_t e = 0; e < d; e++) {
-                            const double *a = s->w_hi + e * m + o0, *f = s->w_full + e * m + o0;
-                            for (int q = 0; q < 4; q++) {
-                                sh[q] += hi[e] * load_vd(a + q * DW);
-                                sf[q] += full[e] * load_vd(f + q * DW);
-                            }
-                        }
+                for (; o0 + 2 * DW <= m; o0 += 2 * DW) {
+                    if (np == P && split) pop_block(s, 2, 2, 1, full, hi, d, o0, o);
+                    else if (np == P) pop_block(s, POP_P, 2, 0, full, hi, d, o0, o);
                     else
+                        for (int p = 0; p < np; p++) {
+                            if (split) pop_block(s, 1, 2, 1, full + p * d, hi + p * d, d, o0, o + p);
+                            else pop_block(s, 1, 2, 0, full + p * d, hi + p * d, d, o0, o + p);
+                        }
+                }
+                for (; o0 + DW <= m; o0 += DW)
+                    for (int p = 0; p < np; p++) {
+                        if (split) pop_block(s, 1, 1, 1, full + p * d, hi + p * d, d, o0, o + p);
+                        else pop_block(s, 1, 1, 0, full + p * d, hi + p * d, d, o0, o + p);
+                    }
+                for (int p = 0; p < np; p++)
+                    for (int64_t k = o0; k < m; k++) {
+                        double h = 0.0, f = 0.0;
                         for (int64_t e = 0; e < d; e++) {
-                            const double *f = s->w_full + e * m + o0;
-                            for (int q = 0; q < 4; q++) sf[q] += full[e] * load_vd(f + q * DW);
+                            if (split) h += hi[p * d + e] * s->w_hi[e * m + k];
+                            f += full[p * d + e] * s->w_full[e * m + k];
                         }
-                    for (int q = 0; q < 4; q++) { /* rounded to float a vector at a time: lane by lane */
-                        vf low;                 /* the stores took a quarter of yolov4-tiny's split pop */
                         if (split) {
-                            vf high = __builtin_convertvector(sh[q], vf);
-                            memcpy(o + o0 + q * DW, &high, sizeof high);
-                            low = __builtin_convertvector(sf[q] - sh[q], vf);
-                            memcpy(o + m + o0 + q * DW, &low, sizeof low);
+                            o[p][k] = (float)h;
+                            o[p][m + k] = (float)(f - h);
                         } else {
-                            low = __builtin_convertvector(load_vd(s->bias + o0 + q * DW) - sf[q], vf);
-                            memcpy(o + o0 + q * DW, &low, sizeof low);
+                            o[p][k] = (float)(s->bias[k] - f);
                         }
                     }
-                }
-                for (; o0 < m; o0++) {
-                    double h = 0.0, f = 0.0;
-                    for (int64_t e = 0; e < d; e++) {
-                        if (split) h += hi[e] * s->w_hi[e * m + o0];
-                        f += full[e] * s->w_full[e * m + o0];
-                    }
-                    if (split) {
-                        o[o0] = (float)h;
-                        o[m + o0] = (float)(f - h);
-                    } else {
-                        o[o0] = (float)(s->bias[o0] - f);
-                    }
-                }
             }
     return 0;
 }

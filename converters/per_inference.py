@@ -20,7 +20,7 @@ at most ``AUTO_MASK_BYTES`` (1 MiB) of a pool entry, ``first`` for any other: th
 every round (its first layer, 4.5% of its filters, fell to a critical-point attack on its unmasked round 3:
 SECURITY.md), the other four the floor. The rounds past the floor take masks at ``groupmix``'s
 ``deep_mask_scale`` (1x their input's spread), which need only drown that attack's probes; their cost is
-offline TEE work (the layers redone on each entry's masks: MiniVGG 4.3 -> 11.7 ms per inference) and
+offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 5.5-9.3 ms per inference) and
 secure memory (5.3 -> 13.4 MiB, its dense layer's weights read at each refill). ``first`` and ``all``
 against each other, from what ``shadownet audit`` measures and what they cost (groupmix, 4 inferences
 observed; the figures below are from before stop 56, round 2 then unmasked, and before stop 58, deeper

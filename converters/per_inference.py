@@ -16,10 +16,12 @@ crossing unmasked, a normal world that chooses its inputs solves that layer exac
 ``shadownet.chosen_inputs``) and those whose input is too narrow to mix (``converters.partition``'s
 ``always_masked``; ``groupmix:mask_floor=input`` leaves the round 1 and the rounds a user input joins alone,
 as before). The default, ``auto`` (since stop 58), is ``all`` for a model whose every round's masks take
-at most ``AUTO_MASK_BYTES`` (1 MiB) of a pool entry, ``first`` for any other: the zoo's MiniVGG gets
+at most ``AUTO_MASK_BYTES`` (1 MiB) of a pool entry and whose largest layer's weights at most
+``AUTO_LAYER_BYTES`` (16 MiB), ``first`` for any other: the zoo's MiniVGG gets
 every round (its first layer, 4.5% of its filters, fell to a critical-point attack on its unmasked round 3:
 SECURITY.md), the other four the floor. The rounds past the floor take masks at ``groupmix``'s
-``deep_mask_scale`` (1x their input's spread), which need only drown that attack's probes; their cost is
+``deep_mask_scale`` (1x their input's spread, under ``all`` and a list too), which drown that attack's
+probes and do not hide the values (MiniVGG's rounds 3-4 at 0.16-0.31 in the audit); their cost is
 offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 5.5-9.3 ms per inference) and
 secure memory (5.3 -> 13.4 MiB, its dense layer's weights read at each refill). ``first`` and ``all``
 against each other, from what ``shadownet audit`` measures and what they cost (groupmix, 4 inferences
@@ -45,8 +47,9 @@ rounds' masks then at ``mask_scale``, 10x):
   does not fit the default 64 MiB cap (the conversion warns of the cost; ``BENCHMARKS.md``).
 
 So ``first`` meets the input target everywhere at the smallest cost (offline 0.75 - 37 ms per inference
-across the zoo, run CV); ``all`` or a list closes the difference attack on deeper rounds where its cost is
-acceptable, as ``auto`` does for a small model.
+across the zoo, run CV); ``all`` or a list with ``groupmix:deep_mask_scale=10`` closes the difference
+attack on deeper rounds where its cost is acceptable (at the default 1x it closes the critical-point
+attack, as ``auto`` does for a small model, not that one).
 
 Layers (for ``verify`` and for pop masks): per accelerator output buffer, the offloaded layer's kind, the
 name of its obfuscated weights in ``untrusted.tflite`` (public: the TA reads them from the file it
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,27 +70,44 @@ from ai_edge_litert import schema_py_generated as schema_fb
 from converters.partition import Partition
 
 DEFAULT_MASK_ROUNDS = "auto"
-# The "auto" policy masks every round of a model whose every round's masks take at most this much of a pool
-# entry (``mask_entry_bytes``), and the rounds every policy masks of any other: the zoo's MiniVGG (0.63
-# MiB estimated) gets every round, ResNet-44 (3.2), MobileNet (20), ResNet-404 and YOLOv4-tiny the floor.
+# The "auto" policy masks every round of a model whose every round's masks take at most AUTO_MASK_BYTES of
+# a pool entry and whose largest layer's weights, which the trusted app reads back at every refill of a
+# masked layer, take at most AUTO_LAYER_BYTES (``RoundCost``), and the rounds every policy masks of any
+# other: the zoo's MiniVGG (0.63 MiB estimated, its dense layer's weights 8 MiB) gets every round,
+# ResNet-44 (3.2 MiB), MobileNet (20), ResNet-404 and YOLOv4-tiny the floor; so does an MLP of small
+# activations and a 4096 x 4096 layer (64 MiB: masked, it did not load under the 64 MiB cap, a review).
 # All or nothing: a prefix of rounds past the floor would leave a later crossing for the critical-point
 # attack to take the first layer from, through a ResNet's shortcuts as easily as before (SECURITY.md).
 AUTO_MASK_BYTES = 1 << 20
+AUTO_LAYER_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """What one-time masks on a round would cost, estimated from the graph's shapes (``round_costs``):
+    ``entry``, the bytes they add to a pool entry (a float32 mask per input its layers read and an
+    unblinding term per layer's output; a scheme's fakes and an exact split make the TA's a little larger:
+    MiniVGG's whole entry 0.75 MiB against 0.63 estimated); ``weights``, its largest layer's float32
+    weights, which the TA reads into secure memory at every refill (an exact split's are 4x)."""
+
+    entry: int
+    weights: int
 
 
 def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int, inputs: Iterable[int] = (1,),
-                      entry_bytes: Sequence[int] | None = None) -> list[int]:
+                      costs: Sequence[RoundCost] | None = None) -> list[int]:
     """The rounds (1-based, sorted) that get one-time masks: ``None`` (the default policy), ``"auto"``,
     ``"first"``, ``"all"``, ``"1,3,5"`` / ``"2-4"`` or integers. The rounds every policy masks (``inputs``:
     ``converters.schemes.always_masked_for``; round 1 at least) are always in; ``"auto"`` is ``"all"``
-    where every round's masks together take at most ``AUTO_MASK_BYTES`` of a pool entry (``entry_bytes``,
-    per round: ``mask_entry_bytes``; None: not known, ``"first"``), ``"first"`` elsewhere. ``ValueError``
-    for a round outside ``1..rounds`` or a malformed spec."""
+    where every round's masks together take at most ``AUTO_MASK_BYTES`` of a pool entry and no layer's
+    weights more than ``AUTO_LAYER_BYTES`` (``costs``, per round: ``round_costs``; None: not known,
+    ``"first"``), ``"first"`` elsewhere. ``ValueError`` for a round outside ``1..rounds`` or a malformed
+    spec."""
     if spec is None:
         spec = DEFAULT_MASK_ROUNDS
     chosen: set[int] = {1, *inputs}
     if isinstance(spec, str) and spec.strip().lower() == "auto":
-        if entry_bytes is not None and sum(entry_bytes) <= AUTO_MASK_BYTES:
+        if costs is not None and auto_masks_all(costs):
             return list(range(1, rounds + 1))
         return sorted(chosen)
     beyond: list[str] = []  # what the policy names past the last round, as it named it
@@ -107,18 +128,24 @@ def parse_mask_rounds(spec: str | Iterable[int] | None, rounds: int, inputs: Ite
     return sorted(chosen)
 
 
-def mask_entry_bytes(part: Partition) -> list[int]:
-    """Per round, what its one-time masks would add to a pool entry, estimated from the graph's shapes: a
-    float32 mask per input it reads and an unblinding term per layer's output (a scheme's fakes and an
-    exact split make the TA's a little larger: MiniVGG's whole entry 0.8 MiB against 0.63 estimated)."""
+def auto_masks_all(costs: Sequence[RoundCost]) -> bool:
+    """Whether ``"auto"`` masks every round of a model of these ``costs`` (``AUTO_MASK_BYTES``,
+    ``AUTO_LAYER_BYTES``)."""
+    return (sum(c.entry for c in costs) <= AUTO_MASK_BYTES
+            and max((c.weights for c in costs), default=0) <= AUTO_LAYER_BYTES)
+
+
+def round_costs(part: Partition) -> list[RoundCost]:
+    """Per round, what one-time masks on it would cost (``RoundCost``), from the graph's shapes."""
     graph = part.graph
-    sizes = []
+    costs = []
     for ops in part.rounds:
         inputs = {graph.ops[i].inputs[0] for i in ops}
         elements = sum(math.prod(graph.tensors[t].shape) for t in inputs)
         elements += sum(math.prod(graph.tensors[graph.ops[i].outputs[0]].shape) for i in ops)
-        sizes.append(4 * elements)
-    return sizes
+        weights = max(4 * math.prod(graph.tensors[graph.ops[i].inputs[1]].shape) for i in ops)
+        costs.append(RoundCost(4 * elements, weights))
+    return costs
 
 
 def mask_rounds_form(spec: str | Iterable[int] | None) -> str | list[int] | None:

@@ -50,11 +50,12 @@ from converters.output_directory import (
 )
 from converters.partition import input_rounds
 from converters.per_inference import (
-    AUTO_MASK_BYTES,
     DEFAULT_MASK_ROUNDS,
-    mask_entry_bytes,
+    RoundCost,
+    auto_masks_all,
     mask_rounds_form,
     parse_mask_rounds,
+    round_costs,
 )
 from converters.plan import build
 from converters.provisioning import device_file, fingerprint_of, manifest_digest, provision, ta_uuid
@@ -62,6 +63,7 @@ from converters.schemes import Scheme, always_masked_for, get_scheme, partition_
 from converters.secret_random import SecretRandom
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
+from tee_sim.one_time_masks import SMALL_MASK
 from tee_sim.program import round_of, write_program
 
 
@@ -139,16 +141,10 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     carrying = input_rounds(part)  # round 1, and any round a user input joins later: always masked
     # and the rounds one layer from it or too narrow to mix, whose crossings unmasked give layers away
     floor = always_masked_for(part, chosen)
-    entry_bytes = mask_entry_bytes(part)
-    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), floor, entry_bytes)
+    costs = round_costs(part)
+    one_time = [] if static else parse_mask_rounds(mask_rounds, len(part.rounds), floor, costs)
     deeper = [r for r in one_time if r not in floor]  # what the policy adds, at its costs
-    added = sum(entry_bytes[r - 1] for r in deeper)
-    if deeper and sum(entry_bytes[r - 1] for r in one_time) > AUTO_MASK_BYTES:  # what "auto" would not take
-        warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those every policy masks (those "
-                      "that carry the user's input, read what one layer made of it or are too narrow to "
-                      f"mix): they add about {added / 2**20:.1f} MiB to every pool entry, and the TEE redoes "
-                      "their layers on each entry's masks, offline (with 'all', MobileNet's entry is 40 MiB "
-                      "and its pool holds one; see SECURITY.md)", stacklevel=2)
+    _warn_of_deeper_rounds(chosen, deeper, [costs[r - 1] for r in one_time], [costs[r - 1] for r in deeper])
     # Where round 1's exact split is worth its cost (converters.exact_split): measured, for the auto policy.
     needs_split = split_needed(graph, samples, stats, chosen) \
         if one_time and getattr(chosen, "exact_split", None) == "auto" else {}
@@ -203,7 +199,7 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
         "summary": plan.summary,
         "created_by": f"shadownet {_version()}",
         "masks": {"one_time_rounds": one_time, "static": static, "input_rounds": carrying,
-                  "policy": None if static else str(mask_rounds or DEFAULT_MASK_ROUNDS)},
+                  "policy": None if static else _policy_name(mask_rounds)},
     }
     # The manifest's fields the runtime acts on are sealed with the program: the TA refuses, at LOAD_MODEL,
     # a manifest edited or damaged after conversion instead of running with the wrong layout.
@@ -218,6 +214,43 @@ def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None 
     write_artifacts(out, force, {UNTRUSTED: plan.untrusted, SECRETS: sealed,
                                  MANIFEST: (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()})
     return manifest
+
+
+def _policy_name(spec: str | list[int] | None) -> str:
+    """The mask policy as the manifest records it: the default's name, a policy's in lower case, or the
+    rounds a list named (an empty list masks the floor alone, and was recorded as the default, "auto": a
+    review)."""
+    if spec is None:
+        return DEFAULT_MASK_ROUNDS
+    if isinstance(spec, str):
+        return spec.strip().lower()
+    return ",".join(map(str, spec)) or "first"
+
+
+def _warn_of_deeper_rounds(scheme: Any, deeper: list[int], masked: list[RoundCost],
+                           added: list[RoundCost]) -> None:
+    """Warn of what one-time masks on the ``deeper`` rounds, past those every policy masks, cost where
+    ``"auto"`` would not have taken it on: secure memory past ``auto_masks_all``'s budget (``masked``: the
+    costs of every masked round; ``added``: of the deeper ones), and precision where their masks are more
+    than a few times their input's spread (``deep_mask_scale``; MiniVGG at 10x, unsplit: 8 of 32 inputs past
+    the 1e-4 target, up to 2.4e-4, a review) and no exact split carries them."""
+    if not deeper:
+        return
+    if not auto_masks_all(masked):
+        warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those every policy masks (those "
+                      "that carry the user's input, read what one layer made of it or are too narrow to "
+                      f"mix): they add about {sum(c.entry for c in added) / 2**20:.1f} MiB to every pool "
+                      "entry, and the TEE reads their layers' weights back (the largest "
+                      f"{max(c.weights for c in added) / 2**20:.1f} MiB) and redoes them on each entry's "
+                      "masks, offline (with 'all', MobileNet's entry is 40 MiB and its pool holds one; see "
+                      "SECURITY.md)", stacklevel=3)
+    scale = getattr(scheme, "deep_mask_scale", 0.0)
+    if scale > SMALL_MASK and getattr(scheme, "exact_split", None) != "all":
+        warnings.warn(f"one-time masks of {scale:g}x their input's spread on {len(deeper)} round(s) past "
+                      "those every policy masks, unsplit: each such layer computes at the mask's magnitude "
+                      "in float32 (MiniVGG with every round at 10x: up to 2.4e-4 of its outputs off, against "
+                      "the 1e-4 target; groupmix:exact_split=all splits them, at 4x their multiply-adds)",
+                      stacklevel=3)
 
 
 # The simulated secure world's default cap (OP-TEE's default on a HiKey960 is 16 MiB), and half of it.

@@ -191,7 +191,8 @@ def warn_of_weak_checks(weak: WeakChecks, scheme: str, stacklevel: int) -> None:
         else:  # the exact split is groupmix's; the paper's scheme masks every round (its figures unmeasured)
             said += (": changes aimed within it pass (SECURITY.md, \"Changes within the rounding "
                      f"tolerance\"). Scheme {scheme} has no exact split; the default scheme (groupmix) "
-                     "masks round 1 only, and splits it, and its exact_split=all splits every masked round")
+                     "splits round 1's mask (10x its input), masks the rounds past those every policy "
+                     "masks at 1x theirs, and its exact_split=all splits every masked round")
         warnings.warn(said, stacklevel=stacklevel)
 
 

@@ -180,8 +180,9 @@ class MaskStream:
     def small(self) -> bool:
         """Whether the masks are at most ``SMALL_MASK`` times the spread of the input they were sized for
         (``groupmix``'s ``deep_mask_scale``, 1x, on the rounds a policy adds past the floor): its rounding
-        is then within a few times the input's own, which a check of its layer may tolerate unweakened."""
-        return self.spread > 0 and float(self.std) <= SMALL_MASK * self.spread
+        is then within a few times the input's own, which a check of its layer may tolerate unweakened. (Its
+        std is float32: at exactly ``SMALL_MASK`` times, half of them rounded past it - a review.)"""
+        return self.spread > 0 and float(self.std) <= SMALL_MASK * self.spread * (1 + 2.0 ** -20)
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()

@@ -228,8 +228,9 @@ def group_min_channels(scheme: Any) -> int | None:
     CONV_2D per group (``converters.normalize``): ``scheme``'s ``group_min_channels`` when it has one
     (groupmix: the fewest it mixes; None: it mixes none, every grouped conv stays in the TEE), else
     ``GROUP_MIN_CHANNELS``. Narrower groups stay one grouped CONV_2D, in the TEE: their inputs would cross
-    unmixed, and with the rounds after the first unmasked (the default) an unmixed input gives away the
-    restore of the layer that made it (SECURITY.md, "narrow layers' inputs")."""
+    unmixed, and where the rounds after the first cross unmasked (``--mask-rounds first``, the default on
+    all but small models) an unmixed input gives away the restore of the layer that made it (SECURITY.md,
+    "narrow layers' inputs")."""
     return getattr(scheme, "group_min_channels", GROUP_MIN_CHANNELS)
 
 

@@ -403,7 +403,8 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
     split, not groupmix's option (its advice before: a helper's review); split, or unmasked, or masked at
     ~1x their input (the deeper rounds' default, ``deep_mask_scale``: their rounding about 1.4x the input's),
     nothing is said (with groupmix:mask_scale=0 round 1 was called masked, its masks being zeros: a helper's
-    probe)."""
+    probe), up to 2x (``SMALL_MASK``: at exactly 2x, masks whose float32 std rounded up were called large, a
+    review)."""
     masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all", scheme="groupmix:deep_mask_scale=10")
     with pytest.warns(UserWarning, match=r"verify: rounds 2, 3 cross masked without an exact split, so "
                                          r"their checks.*groupmix:exact_split=all") as record:
@@ -418,7 +419,9 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
     for quiet in (masked, _convert(tmp_path_factory, "split_all", scheme="groupmix:exact_split=all",
                                    mask_rounds="all"),
                   _convert(tmp_path_factory, "unmasked", scheme="groupmix:mask_scale=0"),
-                  _convert(tmp_path_factory, "masked_all_1x", mask_rounds="all")):
+                  _convert(tmp_path_factory, "masked_all_1x", mask_rounds="all"),
+                  _convert(tmp_path_factory, "masked_all_2x", mask_rounds="all",
+                           scheme="groupmix:deep_mask_scale=2")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with shadownet.load(quiet, verify=quiet != masked) as model:

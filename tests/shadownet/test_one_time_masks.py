@@ -150,7 +150,7 @@ def test_a_model_dropped_without_close_is_collected_with_its_refill_thread(first
 
 
 def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_round, tmp_path_factory):
-    """groupmix's default: one-time masks on round 1, none on the deeper rounds (a static mask there
+    """groupmix under ``first``: one-time masks on round 1, none on the deeper rounds (a static mask there
     cancels in the difference of two inferences, and costs a mask and an unblinding term per input)."""
     static = protect_small_cnn(tmp_path_factory, "static_deeper", seed=3,
                                scheme="groupmix:static_mask_scale=10", mask_rounds="first")
@@ -188,6 +188,42 @@ def test_masking_deeper_rounds_warns_of_its_memory_past_what_auto_takes_on(tmp_p
             assert 3 not in manifest["masks"]["one_time_rounds"]
 
 
+def test_auto_keeps_the_floor_where_a_layer_is_too_large_to_read_back_at_every_refill(tmp_path, monkeypatch):
+    """``auto`` weighs the layers' weights too, which the trusted app reads into secure memory at every
+    refill of a masked layer: an MLP of small activations and a 4096 x 4096 layer (64 MiB) got every round
+    masked and then did not load under the 64 MiB cap (a review). Here the budget is lowered under the small
+    CNN's largest layer. The manifest records the policy as given, normalized (an empty list, which masks the
+    floor alone, was recorded as "auto")."""
+    import warnings
+
+    from converters import per_inference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded
+        every = shadownet.convert(small_cnn(), str(tmp_path / "every"), seed=3, mask_rounds=" Auto ")
+        monkeypatch.setattr(per_inference, "AUTO_LAYER_BYTES", 1024)
+        floor = shadownet.convert(small_cnn(), str(tmp_path / "floor"), seed=3)
+        empty = shadownet.convert(small_cnn(), str(tmp_path / "empty"), seed=3, mask_rounds=[])
+    assert every["masks"]["one_time_rounds"] == [1, 2, 3, 4] and every["masks"]["policy"] == "auto"
+    assert floor["masks"]["one_time_rounds"] == [1] and floor["masks"]["policy"] == "auto"
+    assert empty["masks"]["one_time_rounds"] == [1] and empty["masks"]["policy"] == "first"
+
+
+def test_deeper_masks_many_times_their_input_warn_of_their_precision(tmp_path):
+    """At ``deep_mask_scale=10`` the deeper rounds' layers compute at 10x their input in float32 (MiniVGG:
+    up to 2.4e-4 of its outputs off, a review): said, unless they are split; at 1x, nothing."""
+    import warnings
+
+    for scheme, warned in (("groupmix:deep_mask_scale=10", 1), ("groupmix", 0),
+                           ("groupmix:deep_mask_scale=10,exact_split=all", 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shadownet.convert(small_cnn(), str(tmp_path / str(len(scheme))), seed=3, scheme=scheme,
+                              mask_rounds="all")
+        said = [str(w.message) for w in caught if "computes at the mask's magnitude" in str(w.message)]
+        assert len(said) == warned and all("10x their input's spread on 3 round(s)" in s for s in said), said
+
+
 def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, monkeypatch):
     """A model converted with --mask-rounds all that does not fit says why (it said only that the secure
     world ran out: a helper's 32768x512 dense layer did so under the 64 MiB cap)."""
@@ -218,16 +254,19 @@ def test_a_load_over_the_cap_says_the_mask_policy_needs_the_memory(tmp_path, mon
 
 
 def test_mask_round_policies_are_parsed_or_refused():
-    from converters.per_inference import AUTO_MASK_BYTES, parse_mask_rounds
+    from converters.per_inference import AUTO_LAYER_BYTES, AUTO_MASK_BYTES, RoundCost, parse_mask_rounds
 
     assert parse_mask_rounds("first", 6) == [1] and parse_mask_rounds("all", 3) == [1, 2, 3]
     assert parse_mask_rounds("2-4", 6) == [1, 2, 3, 4] and parse_mask_rounds(" 3, 5 ", 6) == [1, 3, 5]
     assert parse_mask_rounds([4], 6) == [1, 4] and parse_mask_rounds(None, 6) == [1]  # sizes unknown
-    # auto: every round where all their masks take at most AUTO_MASK_BYTES of an entry, else the floor
-    fits, over = [AUTO_MASK_BYTES // 4] * 4, [AUTO_MASK_BYTES // 4] * 4 + [1]
+    # auto: every round where all their masks take at most AUTO_MASK_BYTES of an entry and no layer's weights
+    # more than AUTO_LAYER_BYTES, else the floor
+    fits = [RoundCost(AUTO_MASK_BYTES // 4, AUTO_LAYER_BYTES)] * 4
     assert parse_mask_rounds("auto", 4, (1, 2), fits) == [1, 2, 3, 4]
     assert parse_mask_rounds(None, 4, (1,), fits) == [1, 2, 3, 4]  # the default
-    assert parse_mask_rounds(" Auto", 5, (1, 2), over) == [1, 2]
+    assert parse_mask_rounds(" Auto", 5, (1, 2), [*fits, RoundCost(1, 0)]) == [1, 2]  # the masks' bytes
+    too_large = RoundCost(0, AUTO_LAYER_BYTES + 1)  # a layer's weights
+    assert parse_mask_rounds("auto", 4, (1,), [*fits[:3], too_large]) == [1]
     assert parse_mask_rounds("auto", 5, (1,), None) == [1]  # sizes unknown: the floor
     for spec, reason in (("3-1", "runs backwards"), ("99", r"\[99\] are outside"),
                          ("2-9", r"\[7-9\] are outside"), ("0", "numbered from 1"),

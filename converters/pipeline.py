@@ -63,8 +63,7 @@ from converters.schemes import Scheme, always_masked_for, get_scheme, partition_
 from converters.secret_random import SecretRandom
 from converters.tflite_reader import read_model
 from shadownet.exceptions import UnsupportedOpError
-from tee_sim.one_time_masks import SMALL_MASK
-from tee_sim.program import round_of, write_program
+from tee_sim.program import SMALL_MASK, round_of, write_program
 
 
 def convert(model: Any, out_dir: str | os.PathLike, scheme: str | Scheme | None = None,

@@ -36,13 +36,12 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tee_sim.layer_geometry import Geometry, geometry
-from tee_sim.program import mask_bands
+from tee_sim.program import SMALL_MASK, mask_bands
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
 MASK_CHUNK = 1 << 14  # mask elements drawn per keystream block (64 KiB of AES-CTR output)
 DENSE_RESTORE = 1 << 16  # pop masks restore with a dense float64 matrix up to this many entries (512 KiB)
-SMALL_MASK = 2.0  # MaskStream.small: a mask of at most this many times its input's spread
 DENSE_SLICE = 1 << 20  # bytes of a dense layer's weights a pop mask widens to float64 at a time
 POP_P = 4  # output positions sn_pop sums at once (ta_shadownet_pool.c's POP_P): its window scratch holds them
 _NONCE = bytes(16)  # every key is used for one mask only

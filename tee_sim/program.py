@@ -44,6 +44,11 @@ PROGRAM_FORMAT = "shadownet-tee-program"  # the program dict's "format" (inside 
 # magnitude for the model's own gain, and is far beyond any input a float32 model is given.
 MAX_INPUT = float(2 ** 40)  # the runtime refuses larger inputs, the converter larger calibration
 
+# A one-time mask of at most this many times the spread of the input it was sized for is "small": its
+# rounding within a few times the input's own, which the converter need not warn of and the TA's checks
+# tolerate unweakened (tee_sim.one_time_masks.MaskStream.small; groupmix's deep_mask_scale, 1x by default).
+SMALL_MASK = 2.0
+
 ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
 DTYPES = frozenset({"float32", "int32", "uint8"})

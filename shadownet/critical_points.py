@@ -49,6 +49,7 @@ SNR = 4.0  # a candidate's top singular value over the noise's
 CHI = 1.6  # the most a change outside its window, and its remainder in it, may exceed the noise (chi^2 ratio)
 CLUSTER_COS = 0.9
 MIN_EVENTS = 2  # distinct switches (line, unit) a cluster needs to count as an estimate
+SURE_EVENTS = 3  # the attack stops when as many clusters as the layer has filters have this many
 NOISE_FLOOR = 3.0  # a Jacobian below this many times its noise is not measured: the crossing is masked
 
 
@@ -325,7 +326,8 @@ def _windows(found: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
 def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Generator,
             progress: Callable[[str], None] | None) -> dict:
     """Lines of grid points within ``budget`` inferences (``crossing.count``); stops when as many estimates
-    as the layer has filters are in (its size is public), or at the first grid point when the probes are
+    as the layer has filters (its size is public) were each seen ``SURE_EVENTS`` times (a false one is
+    seldom seen that often: the best supported are kept), or at the first grid point when the probes are
     lost in the noise (one-time masks)."""
     h_img, w_img, channels = found["image"]
     fy, fx = found["field"]
@@ -375,8 +377,8 @@ def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Genera
                 # as many switches as the positions tell apart: few, and the budget is spent on quiet steps
                 step *= float(np.clip(SWITCHING / max(share, 1e-9), 0.5, 2.0))
                 kept = _prune_aliases(_cluster(candidates), found["kernel"], channels)
-                if len(kept) >= filters:
-                    stopped = "as many estimates as filters"
+                if sum(cl["events"] >= SURE_EVENTS for cl in kept) >= filters:
+                    stopped = f"as many estimates as filters, each seen {SURE_EVENTS} times"
                     break
             previous = (jacobian, valid, noise)
             along += step

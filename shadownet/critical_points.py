@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shadownet.attacks import RECOVERY_COS
-from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
+from shadownet.audit_layers import LinearLayer, join_halves, layer_label, match_layers, split_names
 from shadownet.boundary import RecordingAccelerator, round_number
 
 # The default budget: inferences the attack may run. MiniVGG's round 3 (6x6 fields, 217 inferences a grid
@@ -108,7 +108,7 @@ def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict
     if progress:
         state = "masked" if found["masked"] else "unmasked"
         progress(f"critical points: up to {budget} inferences of the attacker's own inputs, to solve "
-                 f"{found['layer']} from {found['buffer']} ({state})")
+                 f"{layer_label(found['layer'])} from {found['buffer']} ({state})")
     with _Crossing(out_dir, found["buffer"], split_names(manifest)[1]) as crossing:
         result = _attack(found, crossing, budget, np.random.default_rng(seed), progress)
         result["inferences"] = crossing.count

@@ -44,6 +44,7 @@ from shadownet.boundary import (
     unmix_inputs,
 )
 from shadownet.chosen_inputs import chosen_input_attack
+from shadownet.critical_points import BUDGET, critical_point_attack
 from shadownet.crossing_fits import restore_positions
 from shadownet.exceptions import ArtifactError, InputError, ShadowNetError
 from shadownet.files import check_destination
@@ -281,7 +282,8 @@ def under_observed(layers: list[LinearLayer], inferences: int) -> list[dict]:
 
 
 def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: int | None = None,
-          progress: bool = False, public: str | os.PathLike | None = None) -> dict:
+          progress: bool = False, public: str | os.PathLike | None = None,
+          critical_points: bool | int = False) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
     ``inferences`` protected inferences are observed at the boundary for the attacks on the crossings (the
@@ -290,6 +292,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     in the report's ``observation`` (``under_observed``). ``public``: public weights of the same
     architecture that the protected model was made from (fine-tuned); the report's ``private_change`` then
     says how much of the change an attacker holding them learns (``shadownet.private_change``).
+    ``critical_points``: also run the critical-point attack on the first layer (``shadownet.critical_points``,
+    the report's ``critical_points``) within its default budget of inferences (True) or this many (an int).
     Its numpy work is many small matrices: with OpenBLAS's threads on (``OPENBLAS_NUM_THREADS`` unset when
     numpy is imported; the CLI sets it to 1) a helper measured it 9x slower.
     """
@@ -298,6 +302,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     # made the report no longer JSON, progress="no" printed progress)
     if inferences is not None and (not whole(inferences) or inferences < 0):
         raise ValueError(f"inferences must be a non-negative int or None, not {inferences!r}")
+    if not isinstance(critical_points, bool) and not (whole(critical_points) and critical_points > 0):
+        raise ValueError(f"critical_points must be a bool or a positive int, not {critical_points!r}")
     inferences = None if inferences is None else int(inferences)
     check_flags(progress=progress)
     manifest = read_manifest(out_dir)
@@ -366,6 +372,13 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks, told)
         estimates, report["chosen_inputs"] = chosen_input_attack(out_dir, graph, manifest, ref, obf, scheme,
                                                                  told)
+    if critical_points:
+        budget = BUDGET if critical_points is True else int(critical_points)
+        try:
+            report["critical_points"] = critical_point_attack(out_dir, graph, manifest, ref, obf, budget,
+                                                              told)
+        except ShadowNetError as exc:
+            report["critical_points"] = {"error": str(exc).splitlines()[0], "inferences": 0, "recovered": 0}
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed,
                              chosen=estimates)
     if public is not None:
@@ -384,7 +397,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 def audit_cli(args: Any) -> None:
     """``shadownet audit OUT/ --reference MODEL [--public PUBLIC] [--json F]
-    [--inferences N]`` (its count is checked by the parser and by ``audit``)."""
+    [--inferences N] [--critical-points [BUDGET]]`` (its counts are checked by the parser and by
+    ``audit``)."""
     public = getattr(args, "public", None)
     from converters.original_model import model_path_problem
 
@@ -394,7 +408,7 @@ def audit_cli(args: Any) -> None:
             raise ArtifactError(f"{what} model {path} {why}")
     check_destination(args.json, reads=[p for p in (args.artifacts, args.reference, public) if p is not None])
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True,
-                   public=public)
+                   public=public, critical_points=getattr(args, "critical_points", False))
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

@@ -62,6 +62,8 @@ def format_report(report: dict) -> str:
         lines.append(f"input unmixing (unmx): the input mixing of {blocks} of {of} blocks of {len(unmixed)} "
                      "of those layers learnt from an earlier round's results (activated and mixed by the TEE "
                      "into the layer's input, where they crossed unmixed and unmasked): the real filters")
+    if report.get("critical_points"):
+        lines.append(_critical_points_line(report["critical_points"]))
     observation = report.get("observation")
     if observation and observation["under_observed"]:
         short = observation["under_observed"]
@@ -145,6 +147,22 @@ def format_report(report: dict) -> str:
     if report.get("private_change"):
         lines += ["", *_private_change_lines(report["private_change"])]
     return "\n".join(lines)
+
+
+def _critical_points_line(found: dict) -> str:
+    """The ``--critical-points`` line: what the attack on the first layer got, or why it did not run."""
+    if "error" in found or "skipped" in found:
+        return f"critical points: not run ({found.get('error') or found['skipped']})"
+    state = "one-time masks" if found["masked"] else "no one-time masks"
+    sigma = "-" if found["sigma"] is None else f"{found['sigma']:.2g}"
+    line = (f"critical points: {found['recovered']} of {found['filters']} first-layer filters "
+            f"({layer_label(found['layer'])}) recovered from {found['buffer']} ({state}, noise sigma "
+            f"{sigma}) in {found['inferences']} inferences of a budget of {found['budget']}")
+    if found.get("false_estimates"):
+        line += f"; {found['false_estimates']} estimates matched no filter"
+    if found["stopped"].startswith(("masked", "a budget")):
+        line += f"; stopped: {found['stopped']}"
+    return line
 
 
 def _private_change_lines(change: dict) -> list[str]:

@@ -1,0 +1,560 @@
+"""The critical-point attack: a first conv layer's filters from a deeper round input that crosses without
+one-time masks, from inputs the normal world chooses (Carlini, Jagielski and Mironov, 2020, as a helper ran
+it on MiniVGG: ``docs/experiments/critical_points``; this is that script made general and budgeted).
+
+The crossing is ``o = B f(x)`` at each of its positions: ``B`` the scheme's secret orthogonal input mixing,
+``f`` piecewise linear in that position's receptive field of the input (convolutions, pools, ReLUs, sums,
+paddings: ``_GEOMETRY``). Along lines ``x0 + t d`` of inputs the attacker picks, at each grid point, the
+local Jacobian of every position comes from ``1 + 2 F_h F_w C`` inferences at once (the input perturbed on
+a lattice of the fields' period, so each field holds one perturbed coordinate per inference; central
+differences; a column is dropped where its two sides disagree: a unit switched inside the probe). Between
+two grid points each ReLU or pool switch changes a position's Jacobian by a rank-1 term, and a first-layer
+unit's switch by that unit's filter placed on its window (the first conv's geometry says where). A change
+that sits in one window, rank 1 there and at the noise level elsewhere, is a candidate; candidates are
+clustered at ``|cos| >= CLUSTER_COS`` and a cluster seen ``MIN_EVENTS`` times is an estimate. The noise is
+measured by the attacker (``REPEATS`` runs of one input) and every test is calibrated to it: unmasked, it is
+the float error other rounds' masks leave (~1e-6 of the crossing); under one-time masks it is the mask
+itself, every probe is lost in it, and the attack stops after its first grid point with nothing.
+
+No secret is used. The reference model is the attacker's public weights: its graph gives the geometry
+(which crossing carries what, each position's receptive field, the first layer's windows) and its
+first-layer weights score the estimates, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shadownet.attacks import RECOVERY_COS
+from shadownet.audit_layers import LinearLayer, join_halves, layer_label, match_layers, split_names
+from shadownet.boundary import RecordingAccelerator, round_number
+
+# The default budget: inferences the attack may run. MiniVGG's round 3 (6x6 fields, 217 inferences a grid
+# point) recovered its 32 first-layer filters in ~3,000 (a helper's run); on the 6 ms this machine takes
+# per MiniVGG inference, the budget is under half a minute.
+BUDGET = 4000
+REPEATS = 20  # inferences of the base input that measure the crossing's noise
+POINTS = 14  # grid points per line
+SPACING = 2e-3  # the first grid step along a line, relative to the base input's RMS (then ``SWITCHING``)
+SWITCHING = 0.25  # the share of positions the steps aim to see a switch at: fewer, the next step is longer
+PROBE = 2e-3  # the Jacobian probes' step, relative to the base input's RMS
+SCALE = 0.5  # the base inputs' spread: N(mean, SCALE^2), the mean 0 on the first line, a random colour after
+QUIET = 1.5  # a window's change over its noise below which nothing switched there
+SNR = 4.0  # a candidate's top singular value over the noise's
+CHI = 1.6  # the most a change outside its window, and its remainder in it, may exceed the noise (chi^2 ratio)
+CLUSTER_COS = 0.9
+MIN_EVENTS = 2  # distinct switches (line, unit) a cluster needs to count as an estimate
+SURE_EVENTS = 3  # the attack stops when as many clusters as the layer has filters have this many
+NOISE_FLOOR = 3.0  # a Jacobian below this many times its noise is not measured: the crossing is masked
+
+
+class Axis(NamedTuple):
+    """One spatial axis of a tensor's receptive fields in the model input: position ``i`` reads input
+    rows (or columns) ``i * stride - start`` to ``i * stride - start + span - 1``."""
+
+    stride: int
+    start: int
+    span: int
+
+    def window(self, kernel: int, stride: int, dilation: int, before: int) -> Axis:
+        """The axis after a window op (conv, pool) of this geometry, padded by ``before``."""
+        return Axis(self.stride * stride, self.start + before * self.stride,
+                    self.span + dilation * (kernel - 1) * self.stride)
+
+    def union(self, other: Axis) -> Axis | None:
+        """Both fields at once (an elementwise op of two tensors); None for other strides."""
+        if self.stride != other.stride:
+            return None
+        start = max(self.start, other.start)
+        end = max(self.span - self.start, other.span - other.start)
+        return Axis(self.stride, start, start + end)
+
+
+class Geometry(NamedTuple):
+    """A tensor's receptive fields in the model input (``rows``, ``cols``) and whether the first layer's
+    output is in it (``after_first``)."""
+
+    rows: Axis
+    cols: Axis
+    after_first: bool
+
+
+# Elementwise ops that keep a crossing piecewise linear in the input (MUL: by a constant only).
+_ELEMENTWISE = {"RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU", "PRELU", "ABS", "ADD", "SUB", "MAXIMUM",
+                "MINIMUM", "MUL", "CONCATENATION"}
+_WINDOWED = {"CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D"}
+_PIECEWISE_FUSED = {0, 1, 2, 3}  # ActivationFunctionType NONE, RELU, RELU_N1_TO_1, RELU6
+
+
+def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict,
+                          reference: list[LinearLayer], obfuscated: list[LinearLayer], budget: int = BUDGET,
+                          progress: Callable[[str], None] | None = None, seed: int = 0) -> dict:
+    """Run the attack on the protected model in ``out_dir`` within ``budget`` inferences: what ran and what
+    it found, for the report. ``graph`` is the reference as the audit planned it
+    (``audit_layers.reference_graph``), ``reference`` and ``obfuscated`` the layers the audit paired (they
+    say which reference tensor each round input carries). The crossing attacked is the first round input
+    that the manifest leaves without one-time masks and that carries, through ops ``_GEOMETRY`` follows,
+    what the first layer made; none unmasked: the first masked one (the attack then measures its noise and
+    says so). ``{"skipped": why}`` when the model has no such first layer or crossing."""
+    found = target(graph, manifest, match_layers(reference, obfuscated)[0])
+    if isinstance(found, str):
+        return {"skipped": found, "inferences": 0, "recovered": 0}
+    started = time.perf_counter()
+    if progress:
+        state = "masked" if found["masked"] else "unmasked"
+        progress(f"critical points: up to {budget} inferences of the attacker's own inputs, to solve "
+                 f"{layer_label(found['layer'])} from {found['buffer']} ({state})")
+    with _Crossing(out_dir, found["buffer"], split_names(manifest)[1]) as crossing:
+        result = _attack(found, crossing, budget, np.random.default_rng(seed), progress)
+        result["inferences"] = crossing.count
+    weights = found["weights"]
+    picked = result.pop("estimates")
+    cosines = (np.abs(_unit(picked) @ _unit(weights).T) if len(picked)
+               else np.zeros((0, len(weights))))
+    best = cosines.max(0) if len(picked) else np.zeros(len(weights))
+    return {"layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
+            "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
+        "recovered": int((best >= RECOVERY_COS).sum()),
+        "false_estimates": int((cosines.max(1) < RECOVERY_COS).sum()) if len(picked) else 0,
+        "best_cos": [round(float(b), 4) for b in best],
+        "seconds": round(time.perf_counter() - started, 1)}
+
+
+def target(graph: Any, manifest: dict, pairs: list[tuple[LinearLayer, LinearLayer]]) -> dict | str:
+    """The first layer and the crossing the attack reads, with their geometry; a string that says why
+    not when the model does not fit."""
+    from shadownet.audit_leakage import round_sources
+
+    if len(graph.inputs) != 1:
+        return f"the model has {len(graph.inputs)} inputs: the attack reads one image"
+    image = graph.tensors[graph.inputs[0]]
+    if len(image.shape) != 4 or image.shape[0] != 1 or np.dtype(image.dtype).kind != "f":
+        return f"the model input {image.name} is not a float image [1, H, W, C] ({list(image.shape)})"
+    first, geometry = _geometry(graph)
+    if isinstance(first, str):
+        return first
+    weights = graph.tensors[first.inputs[1]].data
+    units = geometry[first.outputs[0]]
+    sources = round_sources(manifest, pairs)
+    masked = set((manifest.get("masks") or {}).get("one_time_rounds") or [])
+    shapes = {b.get("name"): b.get("shape") for b in manifest.get("buffers", []) if isinstance(b, dict)}
+    by_name = {graph.tensors[t].name: t for t in geometry}
+    skipped = {}
+    candidates = []
+    for r in sorted(manifest.get("rounds", []), key=lambda r: round_number(r.get("signature", ""))):
+        for entry in r.get("inputs", []):
+            buffer = entry.get("buffer")
+            name = sources.get(buffer)
+            tensor = by_name.get(name)
+            if tensor is None:
+                continue
+            if isinstance(geometry[tensor], str):
+                skipped[buffer] = geometry[tensor]
+                continue
+            if not geometry[tensor].after_first:
+                continue
+            shape = graph.tensors[tensor].shape
+            if len(shape) != 4 or list(shapes.get(buffer) or [])[:3] != list(shape)[:3]:
+                skipped[buffer] = f"carries {name} {list(shape)} as {shapes.get(buffer)}"
+                continue
+            candidates.append((round_number(r["signature"]) in masked, buffer, tensor))
+    if not candidates:
+        why = "; ".join(f"{b}: {w}" for b, w in skipped.items()) or "none carries what it made"
+        return f"no round input carries the first layer's output through ops the attack follows ({why})"
+    is_masked, buffer, tensor = min(candidates, key=lambda c: c[0])  # the first unmasked, else the first
+    rows, cols = geometry[tensor].rows, geometry[tensor].cols
+    kernel = weights.shape[1:3]
+    dilation = (int(getattr(first.options, "dilationHFactor", 1) or 1),
+                int(getattr(first.options, "dilationWFactor", 1) or 1))
+    return {"layer": graph.tensors[first.outputs[0]].name, "buffer": buffer, "masked": is_masked,
+            "weights": np.asarray(weights, np.float64).reshape(len(weights), -1),
+            "image": tuple(image.shape[1:]), "crossing": tuple(graph.tensors[tensor].shape[1:3]),
+            "rows": rows, "cols": cols, "field": (rows.span, cols.span),
+            "units": (units.rows, units.cols),
+            "unit_counts": tuple(graph.tensors[first.outputs[0]].shape[1:3]),
+            "kernel": tuple(int(k) for k in kernel), "dilation": dilation}
+
+
+def _geometry(graph: Any) -> tuple[Any, dict[int, Geometry | str]]:
+    """The first layer's op (a CONV_2D of constant weights on the image, or on a zero padding of it) and
+    every tensor's receptive fields in the image (``Geometry``), or why the attack does not follow it (a
+    string); the first element is a string when there is no such first layer."""
+    image = graph.inputs[0]
+    geometry: dict[int, Geometry | str] = {image: Geometry(Axis(1, 0, 1), Axis(1, 0, 1), False)}
+    first = None
+    for op in graph.ops:
+        reached = [t for t in op.inputs if t in geometry]
+        if not reached:
+            continue
+        if first is None and op.kind not in ("PAD", "PADV2"):  # the first layer: on the image itself
+            source = geometry.get(op.inputs[0])
+            if (op.kind != "CONV_2D" or reached != [op.inputs[0]] or graph.tensors[op.inputs[1]].data is None
+                    or not isinstance(source, Geometry) or (source.rows.span, source.cols.span) != (1, 1)):
+                return (f"the first op on the image is {op.kind}, not a conv (the attack solves a CONV_2D "
+                        "that reads the model input, or a zero padding of it)"), geometry
+            first = op
+        broken = [geometry[t] for t in reached if isinstance(geometry[t], str)]
+        found = broken[0] if broken else _follow(graph, op, reached, geometry, op is first)
+        for t in op.outputs:
+            geometry[t] = found
+    if first is None:
+        return "no conv reads the model input", geometry
+    return first, geometry
+
+
+def _follow(graph: Any, op: Any, reached: list[int], geometry: dict, is_first: bool) -> Geometry | str:
+    """The output geometry of ``op`` from its reached inputs' (all ``Geometry``), or why not followed."""
+    from ai_edge_litert import schema_py_generated as schema_fb
+
+    from converters import linear
+
+    fields = [geometry[t] for t in reached]
+    after = is_first or any(g.after_first for g in fields)
+    options = op.options
+    if getattr(options, "fusedActivationFunction", 0) not in _PIECEWISE_FUSED:
+        return f"{op.kind} with a fused activation that is not piecewise linear"
+    if op.kind in _WINDOWED:
+        if reached != [op.inputs[0]]:
+            return f"{op.kind} of variable weights"
+        g, shape = fields[0], graph.tensors[op.inputs[0]].shape
+        if op.kind.endswith("POOL_2D"):
+            kh, kw, dh, dw = options.filterHeight, options.filterWidth, 1, 1
+        else:
+            _, kh, kw, _ = graph.tensors[op.inputs[1]].shape
+            dh = int(getattr(options, "dilationHFactor", 1) or 1)
+            dw = int(getattr(options, "dilationWFactor", 1) or 1)
+        same = options.padding == schema_fb.Padding.SAME
+        top = linear.padding(shape[1], kh, options.strideH, dh, same)[1]
+        left = linear.padding(shape[2], kw, options.strideW, dw, same)[1]
+        return Geometry(g.rows.window(kh, options.strideH, dh, top),
+                        g.cols.window(kw, options.strideW, dw, left), after)
+    if op.kind in ("PAD", "PADV2"):
+        pads = graph.tensors[op.inputs[1]].data if len(op.inputs) > 1 else None
+        if pads is None or reached != [op.inputs[0]] or np.size(pads) != 8:
+            return f"{op.kind} of variable paddings"
+        pads = np.asarray(pads).reshape(-1, 2)
+        g = fields[0]
+        return Geometry(g.rows.window(1, 1, 1, int(pads[1, 0])), g.cols.window(1, 1, 1, int(pads[2, 0])),
+                        after)
+    if op.kind in _ELEMENTWISE:
+        if op.kind == "CONCATENATION":
+            rank = len(graph.tensors[op.outputs[0]].shape)
+            if options.axis not in (-1, rank - 1):
+                return "CONCATENATION along a spatial axis"
+        elif op.kind == "MUL" and len(reached) > 1:
+            return "MUL of two tensors (not piecewise linear)"
+        for t in op.inputs:
+            if t >= 0 and t not in geometry and graph.tensors[t].data is None:
+                return f"{op.kind} of a tensor made from no input"
+        rows, cols = fields[0].rows, fields[0].cols
+        for g in fields[1:]:
+            rows, cols = rows.union(g.rows), cols.union(g.cols)
+            if rows is None or cols is None:
+                return f"{op.kind} of tensors of other strides"
+        return Geometry(rows, cols, after)
+    return f"{op.kind} (the attack follows convolutions, pools, piecewise-linear activations, sums and pads)"
+
+
+class _Crossing:
+    """The normal world's view: the protected model run on chosen inputs, one round input kept as the
+    audit's recording accelerator (``boundary.RecordingAccelerator``) sees it, an exactly split one's halves
+    added back (``audit_layers.join_halves``)."""
+
+    def __init__(self, out_dir: str | os.PathLike, buffer: str, split: set[str]) -> None:
+        self.out_dir, self.buffer, self.split, self.count = out_dir, buffer, split, 0
+        self.recorders: list[RecordingAccelerator] = []
+
+    def __enter__(self) -> _Crossing:
+        import shadownet
+
+        buffer = self.buffer
+
+        class Recording(RecordingAccelerator):
+            def _keep(self, prefix: str) -> None:  # this buffer alone: thousands of inferences are observed
+                if buffer.startswith(prefix):
+                    self.seen.setdefault(buffer, []).append(np.array(self.buffers[buffer]))
+
+        def wrap(inner: Any) -> RecordingAccelerator:
+            self.recorders.append(Recording(inner))
+            return self.recorders[-1]
+
+        self._context = shadownet.load(self.out_dir, accelerator=wrap)
+        self.model = self._context.__enter__()
+        return self
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """The crossing for each input, ``[K, h, w, channels]`` in float64."""
+        seen = self.recorders[-1].seen
+        seen.clear()
+        for x in inputs:
+            self.model(np.asarray(x, np.float32)[None])
+            self.count += 1
+        joined = join_halves({self.buffer: np.stack(seen.pop(self.buffer))}, self.split)[self.buffer]
+        return np.asarray(joined, np.float64)[:, 0]
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+
+
+def _windows(found: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Each first-layer unit window that lies in a crossing position's field, the same for every position
+    (the geometry is affine): its offset in the field and its mask over the field's columns, in the order
+    of the filters' ``(kh, kw, cin)``."""
+    fy, fx = found["field"]
+    channels = found["image"][-1]
+    offsets = []
+    for crossing, unit, kernel, dilation in zip(
+            (found["rows"], found["cols"]), found["units"], found["kernel"], found["dilation"], strict=True):
+        # unit u starts at u * s1 - p1; position i's field at i * S - P; S is a multiple of s1
+        phase = (crossing.start - unit.start) % unit.stride
+        offsets.append(list(range(phase, crossing.span - dilation * (kernel - 1), unit.stride)))
+    windows = []
+    (kh, kw), (dh, dw) = found["kernel"], found["dilation"]
+    for r in offsets[0]:
+        for s in offsets[1]:
+            columns = [((r + dh * a) * fx + s + dw * b) * channels + c
+                       for a in range(kh) for b in range(kw) for c in range(channels)]
+            windows.append(((r, s), np.array(columns)))
+    return windows
+
+
+def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Generator,
+            progress: Callable[[str], None] | None) -> dict:
+    """Lines of grid points within ``budget`` inferences (``crossing.count``); stops when as many estimates
+    as the layer has filters (its size is public) were each seen ``SURE_EVENTS`` times (a false one is
+    seldom seen that often: the best supported are kept), or at the first grid point when the probes are
+    lost in the noise (one-time masks)."""
+    h_img, w_img, channels = found["image"]
+    fy, fx = found["field"]
+    per_point = 1 + 2 * fy * fx * channels
+    if REPEATS + 2 * per_point > budget:
+        return {"stopped": f"a budget of {budget} inferences is under the {REPEATS + 2 * per_point} of one "
+                           f"step ({fy}x{fx} fields)", "sigma": None, "lines": 0,
+                "estimates": np.zeros((0, len(found["weights"][0]))), "events": {}}
+    windows = _windows(found)
+    candidates: list[dict] = []
+    stats = dict(quiet=0, events=0, invalid=0, weak=0, wide_or_multi=0, edge=0, local=0)
+    sigmas, lines, stopped = [], 0, "budget"
+    filters = len(found["weights"])
+    while crossing.count + REPEATS + 2 * per_point <= budget:
+        mean = 0.0 if lines == 0 else SCALE * rng.standard_normal(channels)
+        x0 = mean + SCALE * rng.standard_normal((h_img, w_img, channels))
+        rms = float(np.sqrt(np.mean(x0 ** 2)))
+        direction = rms * rng.standard_normal(x0.shape)
+        eps = PROBE * rms
+        spread = crossing(np.repeat(x0[None], REPEATS, 0)).var(0, ddof=1)  # [h, w, channels]
+        sigma = float(np.sqrt(np.mean(spread)))
+        sigmas.append(sigma)
+        lines += 1
+        previous, along, step = None, 0.0, SPACING
+        for g in range(POINTS):
+            if crossing.count + per_point > budget:
+                break
+            jacobian, valid, floor = _jacobians(found, crossing, x0 + along * direction, eps,
+                                                np.sqrt(spread.mean(-1)))
+            noise = np.maximum(floor, 1e-30) / eps  # per position, of an entry of a Jacobian's change
+            if g == 0 and lines == 1:
+                size = float(np.sqrt(((jacobian ** 2).sum(2) * valid).sum()
+                                     / max(valid.sum() * jacobian.shape[2], 1)))
+                level = float(np.sqrt(np.mean(noise ** 2) / 2))  # of a Jacobian's entry
+                if size < NOISE_FLOOR * level:
+                    return {"stopped": f"masked: the crossing's noise (sigma {sigma:.3g}) drowns what the "
+                                       f"probes move it by (Jacobian entries {size:.3g} against noise "
+                                       f"{level:.3g})", "sigma": sigma, "sigmas": sigmas,
+                            "lines": lines, "estimates": np.zeros((0, len(found["weights"][0]))),
+                            "events": stats}
+            if previous is not None:
+                seen = stats["events"] + stats["quiet"]
+                events = stats["events"]
+                _analyse(found, windows, previous[:2], (jacobian, valid), (lines, g),
+                         np.maximum(noise, previous[2]), candidates, stats)
+                share = (stats["events"] - events) / max(stats["events"] + stats["quiet"] - seen, 1)
+                # as many switches as the positions tell apart: few, and the budget is spent on quiet steps
+                step *= float(np.clip(SWITCHING / max(share, 1e-9), 0.5, 2.0))
+                kept = _prune_aliases(_cluster(candidates), found["kernel"], channels)
+                if sum(cl["events"] >= SURE_EVENTS for cl in kept) >= filters:
+                    stopped = f"as many estimates as filters, each seen {SURE_EVENTS} times"
+                    break
+            previous = (jacobian, valid, noise)
+            along += step
+        if progress:
+            progress(f"critical points: line {lines}, {crossing.count} inferences, {len(candidates)} "
+                     f"candidates (noise sigma {sigma:.3g})")
+        if stopped != "budget":
+            break
+    kept = _prune_aliases(_cluster(candidates), found["kernel"], channels)[:filters]
+    estimates = np.array([c["dir"] for c in kept]) if kept else np.zeros((0, len(found["weights"][0])))
+    return {"stopped": stopped, "sigma": float(np.median(sigmas)), "sigmas": sigmas, "lines": lines,
+            "candidates": len(candidates), "estimates": estimates, "events": stats}
+
+
+def _jacobians(found: dict, crossing: _Crossing, x: np.ndarray, eps: float,
+               sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every crossing position's Jacobian on its field at ``x``, ``[h, w, channels, Fy * Fx * C]`` (columns
+    in (row, col, channel) order), which columns are valid, ``[h, w, Fy * Fx * C]``, and the crossing's
+    noise at each position, ``[h, w]``: ``sigma`` (what varies between runs of one input, measured), or the
+    float error of its computation where that is larger (it varies between inputs: the spread of the forward
+    differences less the backward ones, zero but for it where no unit switches). A column whose two sides
+    disagree by 8 of those (a unit switched inside the probe) is not valid."""
+    fy, fx = found["field"]
+    h_img, w_img, channels = found["image"]
+    h, w = found["crossing"]
+    rows, cols = found["rows"], found["cols"]
+    shifts = [(a, b, c) for a in range(fy) for b in range(fx) for c in range(channels)]
+    lattice = np.zeros((len(shifts), h_img, w_img, channels))
+    for n, (a, b, c) in enumerate(shifts):
+        lattice[n, a::fy, b::fx, c] = eps
+    inputs = np.concatenate([x[None], x[None] + lattice, x[None] - lattice]).astype(np.float32)
+    # the perturbation as applied, after the input's rounding to float32
+    delta = inputs[1:1 + len(shifts)].astype(np.float64) - inputs[1 + len(shifts):]
+    out = crossing(inputs)
+    base, plus, minus = out[0], out[1:1 + len(shifts)], out[1 + len(shifts):]
+    forward, backward = plus - base, base - minus
+    # robust: the columns where a unit switched are few
+    spread = np.abs(forward - backward).transpose(1, 2, 0, 3).reshape(*forward.shape[1:3], -1)
+    floor = np.maximum(sigma, 1.4826 * np.median(spread, axis=-1) / np.sqrt(6))
+    tol = 8 * floor * np.sqrt(6)
+    jacobian = np.zeros((h, w, fy, fx, channels, out.shape[-1]))
+    valid = np.ones((h, w, fy, fx, channels), bool)
+    py, px = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    oy, ox = py * rows.stride - rows.start, px * cols.stride - cols.start  # each field's first pixel
+    for n, (a, b, c) in enumerate(shifts):
+        r, s = (a - oy) % fy, (b - ox) % fx  # the field row/col the lattice pixel falls on
+        yy, xx = oy + r, ox + s
+        inside = (yy >= 0) & (yy < h_img) & (xx >= 0) & (xx < w_img)
+        step = np.where(inside, delta[n][np.clip(yy, 0, h_img - 1), np.clip(xx, 0, w_img - 1), c], 1.0)
+        valid[py, px, r, s, c] = np.abs(forward[n] - backward[n]).max(-1) <= tol
+        difference = (forward[n] + backward[n]) / step[..., None]
+        jacobian[py, px, r, s, c] = np.where(inside[..., None], difference, 0.0)
+    return (jacobian.transpose(0, 1, 5, 2, 3, 4).reshape(h, w, out.shape[-1], fy * fx * channels),
+            valid.reshape(h, w, fy * fx * channels), floor)
+
+
+def _analyse(found: dict, windows: list, before: tuple, after: tuple, key: tuple[int, int], noise: np.ndarray,
+             candidates: list[dict], stats: dict) -> None:
+    """The switches between two grid points: per crossing position, is its Jacobian's change one
+    first-layer unit's? It is when, for some unit window, the change there is rank 1 and well above the
+    noise, and the change outside it and the remainder inside are at the noise level (chi-square ratios)."""
+    (ja, va), (jb, vb) = before, after
+    change, valid = jb - ja, va & vb
+    h, w, outputs, columns = change.shape
+    h_img, w_img, _ = found["image"]
+    rows, cols = found["rows"], found["cols"]
+    (kh, kw), (dh, dw) = found["kernel"], found["dilation"]
+    units, counts = found["units"], found["unit_counts"]
+    width = len(windows[0][1])
+    masks = np.zeros((columns, len(windows)))
+    for j, (_, m) in enumerate(windows):
+        masks[m, j] = 1.0
+    energy = ((change ** 2).sum(2) * valid) @ masks / (noise[..., None] ** 2 * outputs * width)
+    whole = ((~valid).astype(float) @ masks) == 0
+    energy = np.where(whole, energy, -1.0)
+    for py in range(h):
+        for px in range(w):
+            d, v, sd = change[py, px], valid[py, px], noise[py, px]
+            if not whole[py, px].any():
+                stats["invalid"] += 1
+                continue
+            order = np.argsort(-energy[py, px])
+            if energy[py, px, order[0]] < QUIET:
+                stats["quiet"] += 1
+                continue
+            stats["events"] += 1
+            best = None
+            for j in order[:3]:  # of the windows of most energy, the one of largest top singular value
+                if energy[py, px, j] < 0:
+                    continue
+                m = windows[j][1]
+                sv = np.linalg.svd(d[:, m], compute_uv=False)
+                if best is None or sv[0] > best[0]:
+                    best = (sv[0], windows[j][0], m, sv)
+            top, (r, s), m, sv = best
+            outside = v.copy()
+            outside[m] = False
+            chi_out = float((d[:, outside] ** 2).sum()) / (sd ** 2 * outputs * max(outside.sum(), 1))
+            rest = max(outputs * width - (outputs + width - 1), 1)  # the remainder's degrees of freedom
+            chi_rest = float((sv[1:] ** 2).sum()) / (sd ** 2 * rest)
+            snr = top / (sd * (np.sqrt(outputs) + np.sqrt(width)))
+            if snr < SNR:
+                stats["weak"] += 1
+                continue
+            if chi_out > CHI or chi_rest > CHI:
+                stats["wide_or_multi"] += 1
+                continue
+            y0, x0 = py * rows.stride - rows.start + r, px * cols.stride - cols.start + s
+            # a unit whose window reaches into the padding shows only its cropped filter, which fits the
+            # window one tap further in: windows that close to a padded border are skipped
+            reach = (units[0].start > 0 and y0 < dh) or (units[1].start > 0 and x0 < dw) or y0 < 0 or x0 < 0
+            far = (y0 + dh * (kh - 1) > h_img - 1 - dh * _pads_after(units[0], counts[0], h_img)
+                   or x0 + dw * (kw - 1) > w_img - 1 - dw * _pads_after(units[1], counts[1], w_img))
+            if reach or far:
+                stats["edge"] += 1
+                continue
+            estimate = np.linalg.svd(d[:, m], full_matrices=False)[2][0]
+            estimate *= np.sign(estimate[np.argmax(np.abs(estimate))])
+            stats["local"] += 1
+            candidates.append({"w": estimate, "unit": (key[0], y0, x0), "snr": snr})
+
+
+def _pads_after(units: Axis, count: int, size: int) -> int:
+    """1 when the last of ``count`` first-layer units reaches past the image's end on this axis."""
+    return int((count - 1) * units.stride - units.start + units.span > size)
+
+
+def _cluster(candidates: list[dict]) -> list[dict]:
+    """Greedy ``|cos|`` clustering; a cluster's direction is its members' top singular vector (weighted by
+    their SNR); its events, the distinct (line, unit) switches in it (a unit switches once per line and is
+    seen from up to several positions)."""
+    clusters: list[dict] = []
+    for c in candidates:
+        for cl in clusters:
+            if abs(cl["dir"] @ c["w"]) >= CLUSTER_COS:
+                cl["members"].append(c)
+                rows = np.array([m["w"] * np.sign(m["w"] @ cl["dir"]) * m["snr"] for m in cl["members"]])
+                cl["dir"] = np.linalg.svd(rows, full_matrices=False)[2][0]
+                break
+        else:
+            clusters.append({"dir": c["w"].copy(), "members": [c]})
+    for cl in clusters:
+        cl["events"] = len({m["unit"] for m in cl["members"]})
+    return clusters
+
+
+def _shifted(w: np.ndarray, dy: int, dx: int, kernel: tuple[int, int], channels: int) -> np.ndarray:
+    """Filter ``w`` moved by ``(dy, dx)`` taps inside its window, zero filled."""
+    kh, kw = kernel
+    a, out = w.reshape(kh, kw, channels), np.zeros((kh, kw, channels))
+    out[max(dy, 0):kh + min(dy, 0), max(dx, 0):kw + min(dx, 0)] = \
+        a[max(-dy, 0):kh - max(dy, 0), max(-dx, 0):kw - max(dx, 0)]
+    return out.reshape(-1)
+
+
+def _prune_aliases(clusters: list[dict], kernel: tuple[int, int], channels: int) -> list[dict]:
+    """Clusters of ``MIN_EVENTS`` or more, best supported first, without the one-tap shifts of better
+    supported ones (a filter with a weak edge row or column is also seen one window over)."""
+    kept: list[dict] = []
+    for cl in sorted(clusters, key=lambda c: -c["events"]):
+        if cl["events"] < MIN_EVENTS:
+            continue
+        alias = False
+        for big in kept:
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    if dy or dx:
+                        s = _shifted(big["dir"], dy, dx, kernel, channels)
+                        norm = np.linalg.norm(s)
+                        alias = alias or (norm > 0 and abs(s @ cl["dir"]) / norm >= RECOVERY_COS)
+        if not alias:
+            kept.append(cl)
+    return kept
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.where(norms > 0, norms, 1.0)

@@ -1,0 +1,139 @@
+"""The critical-point attack (``shadownet.critical_points``) against a deeper round input that crosses
+without one-time masks, and the masks that stop it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from converters.graph import Graph, write_model
+from shadownet import audit, critical_points
+from tests.converters.litert import run
+from tests.shadownet.small_models import conv_options, pooled_dense_head
+
+FIRST = 10  # the first layer's filters
+
+
+def _mini_vgg(seed: int = 0) -> bytes:
+    """MiniVGG's first block on a 32x32x3 image: two 3x3 ReLU convs (``FIRST`` then 8 filters), a 2x2 max
+    pool, a third conv of 16 (round 3 reads the pool: ``B maxpool(relu(conv(relu(conv x))))``, 6x6 fields
+    of the image), then the mean over positions and a dense layer."""
+    rng = np.random.default_rng(seed)
+    g = Graph()
+
+    def conv(x: int, c_in: int, c_out: int, side: int, name: str) -> int:
+        w = g.add_tensor(f"{name}/w", (c_out, 3, 3, c_in), np.float32,
+                         rng.standard_normal((c_out, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in)))
+        b = g.add_tensor(f"{name}/b", (c_out,), np.float32, rng.standard_normal(c_out) * 0.1)
+        y = g.add_tensor(name, (1, side, side, c_out), np.float32)
+        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
+                                                         fb.ActivationFunctionType.RELU))
+        return y
+
+    image = g.add_tensor("image", (1, 32, 32, 3), np.float32)
+    x = conv(conv(image, 3, FIRST, 32, "conv0"), FIRST, 8, 32, "conv1")
+    pooled = g.add_tensor("pool", (1, 16, 16, 8), np.float32)
+    options = fb.Pool2DOptionsT()
+    options.padding, options.strideH, options.strideW = fb.Padding.VALID, 2, 2
+    options.filterHeight = options.filterWidth = 2
+    g.add_op("MAX_POOL_2D", [x], [pooled], options)
+    g.inputs, g.outputs = [image], [pooled_dense_head(g, conv(pooled, 8, 16, 16, "conv2"), rng)]
+    return write_model(g)
+
+
+def _attack(tmp_path: Path, **convert) -> tuple[dict, dict]:
+    import shadownet
+
+    original = tmp_path / "model.tflite"
+    original.write_bytes(_mini_vgg())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seeded (insecure)
+        manifest = shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **convert)
+    report = audit.audit(tmp_path / "out", original, inferences=0, critical_points=True)
+    return manifest, report
+
+
+def test_a_deeper_unmasked_crossing_gives_the_first_layer_s_filters(tmp_path):
+    """``mask_rounds="first"``: rounds 1-2 are masked, round 3 crosses as ``B maxpool(relu(conv1(relu(conv0
+    x))))``; within the default budget the attack recovers most of conv0's filters from it."""
+    manifest, report = _attack(tmp_path, mask_rounds="first")
+    assert 3 not in manifest["masks"]["one_time_rounds"]
+    found = report["critical_points"]
+    assert found["buffer"] == "round_3/in/x0" and not found["masked"]
+    assert found["field"] == [6, 6] and found["filters"] == FIRST
+    assert found["inferences"] <= critical_points.BUDGET
+    assert found["recovered"] >= 0.9 * FIRST, found
+    assert found["sigma"] < 1e-3
+    assert "critical points" in audit.format_report(report)
+
+
+def test_one_time_masks_leave_the_attack_nothing(tmp_path):
+    """The default policy masks every round of a model this small: the attack reads the first crossing
+    after the first layer anyway, measures the masks as noise and stops with nothing."""
+    manifest, report = _attack(tmp_path)
+    found = report["critical_points"]
+    assert found["masked"] and found["recovered"] == 0
+    assert found["sigma"] > 1e-2 and found["stopped"].startswith("masked")
+
+
+def test_each_position_s_receptive_field_is_the_graph_s():
+    """``_geometry`` follows a strided SAME first conv, a zero padding, a dilated VALID depthwise conv and
+    a pool: each position of what they make depends on exactly the input rows and columns its ``Axis``
+    says (clipped to the image), as LiteRT computes it (linear ops only: every dependency shows)."""
+    rng = np.random.default_rng(2)
+    g = Graph()
+    image = g.add_tensor("image", (1, 13, 12, 3), np.float32)
+    w = g.add_tensor("w", (4, 3, 3, 3), np.float32, rng.standard_normal((4, 3, 3, 3)))
+    first = g.add_tensor("first", (1, 7, 6, 4), np.float32)
+    g.add_op("CONV_2D", [image, w, -1], [first],
+             conv_options("CONV_2D", fb.Padding.SAME, 2, fb.ActivationFunctionType.NONE))
+    pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 0], [0, 2], [0, 0]]))
+    padded = g.add_tensor("padded", (1, 8, 8, 4), np.float32)
+    g.add_op("PAD", [first, pads], [padded], fb.PadOptionsT())
+    options = conv_options("DEPTHWISE_CONV_2D", fb.Padding.VALID, 1, fb.ActivationFunctionType.NONE)
+    options.dilationHFactor = options.dilationWFactor = 2
+    dw = g.add_tensor("dw", (1, 3, 3, 4), np.float32, rng.standard_normal((1, 3, 3, 4)))
+    deep = g.add_tensor("deep", (1, 4, 4, 4), np.float32)
+    g.add_op("DEPTHWISE_CONV_2D", [padded, dw, -1], [deep], options)
+    pool = fb.Pool2DOptionsT()
+    pool.padding, pool.strideH, pool.strideW = fb.Padding.VALID, 1, 1
+    pool.filterHeight = pool.filterWidth = 2
+    out = g.add_tensor("out", (1, 3, 3, 4), np.float32)
+    g.add_op("AVERAGE_POOL_2D", [deep], [out], pool)
+    g.inputs, g.outputs = [image], [out]
+
+    op, geometry = critical_points._geometry(g)
+    assert op is g.ops[0]
+    assert geometry[first][:2] == (critical_points.Axis(2, 1, 3), critical_points.Axis(2, 0, 3))
+    rows, cols, after = geometry[out]
+    assert after
+    base = rng.standard_normal((1, 13, 12, 3)).astype(np.float32)
+    model = write_model(g)
+    y0 = run(model, [base])[0][0]
+    depends = np.zeros((3, 3, 13, 12), bool)
+    for y in range(13):
+        for x in range(12):
+            moved = base.copy()
+            moved[0, y, x] += 1.0
+            depends[:, :, y, x] = np.abs(run(model, [moved])[0][0] - y0).max(-1) > 1e-4
+    for i in range(3):
+        for j in range(3):
+            ys, xs = np.nonzero(depends[i, j])
+            top, left = i * rows.stride - rows.start, j * cols.stride - cols.start
+            assert (ys.min(), ys.max()) == (max(top, 0), min(top + rows.span - 1, 12))
+            assert (xs.min(), xs.max()) == (max(left, 0), min(left + cols.span - 1, 11))
+
+
+def test_a_model_whose_first_layer_is_not_a_conv_is_skipped_with_its_reason():
+    g = Graph()
+    image = g.add_tensor("image", (1, 8, 8, 3), np.float32)
+    w = g.add_tensor("w", (1, 3, 3, 3), np.float32, np.ones((1, 3, 3, 3)))
+    y = g.add_tensor("y", (1, 8, 8, 3), np.float32)
+    g.add_op("DEPTHWISE_CONV_2D", [image, w, -1], [y],
+             conv_options("DEPTHWISE_CONV_2D", fb.Padding.SAME, 1, fb.ActivationFunctionType.RELU))
+    g.inputs, g.outputs = [image], [y]
+    why = critical_points.target(g, {}, [])
+    assert why.startswith("the first op on the image is DEPTHWISE_CONV_2D, not a conv")

@@ -22,8 +22,8 @@ every round (its first layer, 4.5% of its filters, fell to a critical-point atta
 SECURITY.md), the other four the floor. The rounds past the floor take masks at ``groupmix``'s
 ``deep_mask_scale`` (1x their input's spread, under ``all`` and a list too), which drown that attack's
 probes and do not hide the values (MiniVGG's rounds 3-4 at 0.16-0.31 in the audit); their cost is
-offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 5.5-9.3 ms per inference) and
-secure memory (5.3 -> 13.4 MiB, its dense layer's weights read at each refill). ``first`` and ``all``
+offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 5.5-8.4 ms per inference) and
+secure memory (5.3 -> 13.7 MiB, its dense layer's weights kept for the refills). ``first`` and ``all``
 against each other, from what ``shadownet audit`` measures and what they cost (groupmix, 4 inferences
 observed; the figures below are from before stop 56, round 2 then unmasked, and before stop 58, deeper
 rounds' masks then at ``mask_scale``, 10x):

@@ -88,7 +88,8 @@ class RoundCost:
     ``entry``, the bytes they add to a pool entry (a float32 mask per input its layers read and an
     unblinding term per layer's output; a scheme's fakes and an exact split make the TA's a little larger:
     MiniVGG's whole entry 0.75 MiB against 0.63 estimated); ``weights``, its largest layer's float32
-    weights, which the TA reads into secure memory at every refill (an exact split's are 4x)."""
+    weights as the graph holds them, which the TA holds in secure memory for its refills (an exactly split
+    layer's, as the TA reads them, are 4x)."""
 
     entry: int
     weights: int
@@ -193,8 +194,7 @@ def mask_round_ranges(spec: str) -> list[tuple[int, int]] | None:
             a, b = int(low), int(high) if dash else int(low)
         except ValueError:
             raise ValueError(f"mask rounds {spec!r}: expected 'auto', 'first', 'all' or round numbers such "
-                             "as "
-                             "'1,2,5' or '1-4'") from None
+                             "as '1,2,5' or '1-4'") from None
         if a > b:
             raise ValueError(f"mask rounds {spec!r}: the range {part!r} runs backwards")
         if a < 1:

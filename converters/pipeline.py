@@ -239,7 +239,7 @@ def _warn_of_deeper_rounds(scheme: Any, deeper: list[int], masked: list[RoundCos
         warnings.warn(f"one-time masks on {len(deeper)} round(s) besides those every policy masks (those "
                       "that carry the user's input, read what one layer made of it or are too narrow to "
                       f"mix): they add about {sum(c.entry for c in added) / 2**20:.1f} MiB to every pool "
-                      "entry, and the TEE reads their layers' weights back (the largest "
+                      "entry, and the TEE holds their layers' weights for its refills (the largest "
                       f"{max(c.weights for c in added) / 2**20:.1f} MiB) and redoes them on each entry's "
                       "masks, offline (with 'all', MobileNet's entry is 40 MiB and its pool holds one; see "
                       "SECURITY.md)", stacklevel=3)

@@ -124,9 +124,10 @@ int fv_draw(const fv_draw_t *s) {
  * Why C: numpy made a strided copy of every position's window, split it, and multiplied two float64
  * matrices of 27 columns: 8 of a MobileNet entry's 9 ms, 13 of yolov4-tiny's 15 (the plain kind, yolov4-
  * tiny's round 1 unsplit: 25 ms a refill). Here each window is gathered (and split) once, and the sums of
- * POP_P output positions (2 of a split) by 2 vectors of outputs stay in registers over their windows: each
- * weight vector loaded serves that many positions (one position at a time, 4 vectors of outputs, the
- * kernel was bound by its loads: 6-8 GMAC/s on an AVX2 core).
+ * POP_P output positions by 2 vectors of outputs (a split's, with its two sums each, by 1) stay in registers
+ * over their windows: each weight vector loaded serves POP_P positions. One position at a time, 4 vectors of
+ * outputs, the kernel was bound by its loads: on an AVX2 core a plain pop 5-6 -> 13-28 GMAC/s, a split one
+ * 12 -> 14-16 (old and new builds alternated, minimum of 9 runs; 6 positions spilled).
  */
 typedef struct {
     const float *r;
@@ -208,7 +209,7 @@ static inline __attribute__((always_inline)) void pop_block(const sn_pop_t *s, i
 
 int sn_pop(const sn_pop_t *s) {
     int64_t m = s->m, d = (int64_t)s->kh * s->kw * s->c;
-    int split = s->grid > 0, P = split ? 2 : POP_P;
+    int split = s->grid > 0, P = POP_P;  /* positions a block sums; a split's, one vector of outputs each */
     double inv = split ? 1.0 / s->grid : 0.0, *full = s->window, *hi = s->window + POP_P * d;
     for (int64_t b = 0; b < s->n; b++)
         for (int64_t oy = 0; oy < s->ho; oy++)
@@ -221,7 +222,10 @@ int sn_pop(const sn_pop_t *s) {
                 }
                 int64_t o0 = 0;
                 for (; o0 + 2 * DW <= m; o0 += 2 * DW) {
-                    if (np == P && split) pop_block(s, 2, 2, 1, full, hi, d, o0, o);
+                    if (np == P && split) { /* two chains a position: one vector of outputs at a time */
+                        pop_block(s, POP_P, 1, 1, full, hi, d, o0, o);
+                        pop_block(s, POP_P, 1, 1, full, hi, d, o0 + DW, o);
+                    }
                     else if (np == P) pop_block(s, POP_P, 2, 0, full, hi, d, o0, o);
                     else
                         for (int p = 0; p < np; p++) {
@@ -230,7 +234,9 @@ int sn_pop(const sn_pop_t *s) {
                         }
                 }
                 for (; o0 + DW <= m; o0 += DW)
-                    for (int p = 0; p < np; p++) {
+                    if (np == P && split) pop_block(s, POP_P, 1, 1, full, hi, d, o0, o);
+                    else if (np == P) pop_block(s, POP_P, 1, 0, full, hi, d, o0, o);
+                    else for (int p = 0; p < np; p++) {
                         if (split) pop_block(s, 1, 1, 1, full + p * d, hi + p * d, d, o0, o + p);
                         else pop_block(s, 1, 1, 0, full + p * d, hi + p * d, d, o0, o + p);
                     }

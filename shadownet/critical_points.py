@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shadownet.attacks import RECOVERY_COS
+from shadownet.attacks import RECOVERY_COS, abs_cosines, best_cosines
 from shadownet.audit_layers import LinearLayer, join_halves, layer_label, match_layers, split_names
 from shadownet.boundary import RecordingAccelerator, round_number
 from shadownet.receptive_fields import Axis, receptive_fields
@@ -78,9 +78,8 @@ def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict
         result["inferences"] = crossing.count
     weights = found["weights"]
     picked = result.pop("estimates")
-    cosines = (np.abs(_unit(picked) @ _unit(weights).T) if len(picked)
-               else np.zeros((0, len(weights))))
-    best = cosines.max(0) if len(picked) else np.zeros(len(weights))
+    cosines = abs_cosines(picked, weights) if len(picked) else np.zeros((0, len(weights)))
+    best = best_cosines(picked, weights)
     return {"layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
             "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
         "recovered": int((best >= RECOVERY_COS).sum()),
@@ -189,7 +188,7 @@ def _windows(found: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Each first-layer unit window that lies in a crossing position's field, the same for every position
     (the geometry is affine): its offset in the field and its mask over the field's columns, in the order
     of the filters' ``(kh, kw, cin)``."""
-    fy, fx = found["field"]
+    fx = found["field"][1]
     channels = found["image"][-1]
     offsets = []
     for crossing, unit, kernel, dilation in zip(
@@ -436,9 +435,3 @@ def _prune_aliases(clusters: list[dict], kernel: tuple[int, int], channels: int)
         if not alias:
             kept.append(cl)
     return kept
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return a / np.where(norms > 0, norms, 1.0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tee_sim.layer_geometry import Geometry
-from tee_sim.one_time_masks import DENSE_SLICE, conv_pop
+from tee_sim.one_time_masks import conv_pop, widened_product
 
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +65,8 @@ class SplitPop:
             conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=grid)
             return
         rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
-        high = split_mask(rows, grid)[0]
-        pop_hi, full = np.zeros((len(rows), m)), np.zeros((len(rows), m))
-        step = max(1, DENSE_SLICE // (8 * m))  # the weights' rows widened to float64 at a time
-        for a in range(0, w.shape[0], step):
-            pop_hi += high[:, a:a + step] @ w_hi[a:a + step].astype(np.float64)
-            full += rows[:, a:a + step] @ w[a:a + step].astype(np.float64)
+        pop_hi = widened_product(split_mask(rows, grid)[0], w_hi)
+        full = widened_product(rows, w)
         dst = out.reshape(-1, 2 * m)
         dst[:, :m] = pop_hi
         dst[:, m:] = full - pop_hi

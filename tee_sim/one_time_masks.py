@@ -341,13 +341,8 @@ def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if x.shape != geo.x_shape:
         raise ValueError(f"{geo.kind}: input {x.shape}, the layer takes {geo.x_shape}")
     if geo.kind == "FULLY_CONNECTED":
-        m, k = weights.shape
-        rows = np.asarray(x, np.float64).reshape(-1, k)
-        y = np.zeros((len(rows), m))
-        step = max(1, DENSE_SLICE // (8 * m))  # columns of the weights widened at a time
-        for a in range(0, k, step):
-            y += rows[:, a:a + step] @ weights[:, a:a + step].astype(np.float64).T
-        return y.reshape(geo.y_shape)
+        rows = np.asarray(x, np.float64).reshape(-1, weights.shape[1])
+        return widened_product(rows, weights.T).reshape(geo.y_shape)
     w = np.asarray(weights, np.float64)
     if geo.kind != "DEPTHWISE_CONV_2D":
         raise ValueError(f"linear64 computes depthwise and dense layers, not {geo.kind}")
@@ -365,6 +360,16 @@ def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         for j in range(kw):
             y += padded[:, i * dh:i * dh + height:sh, j * dw:j * dw + width:sw] * taps[i, j]
     return y
+
+
+def widened_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``rows @ w`` in float64 for float32 weights ``w`` [K, M] (a view, transposed or a block of a layer's),
+    widened ``DENSE_SLICE`` bytes of their rows at a time: the dense pop masks' product, split or not."""
+    out = np.zeros((len(rows), w.shape[1]))
+    step = max(1, DENSE_SLICE // (8 * w.shape[1]))
+    for a in range(0, w.shape[0], step):
+        out += rows[:, a:a + step] @ w[a:a + step].astype(np.float64)
+    return out
 
 
 def conv_pop(mask: np.ndarray, geo: Geometry, w_full: np.ndarray, out: np.ndarray,

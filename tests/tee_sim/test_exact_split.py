@@ -280,8 +280,8 @@ def test_pop_mask_of_a_split_dense_layer_a_slice_of_its_weights_at_a_time(rows, 
     want_hi = hi.astype(np.float64) @ w2[:m, :k].T.astype(np.float64)
     want_lo = (r.astype(np.float64) @ w.T.astype(np.float64) - want_hi).astype(np.float32)
     geo = _geometry("FULLY_CONNECTED", (rows, 2 * k), w2.shape)
-    for slice_bytes in (exact_split.DENSE_SLICE, 8 * m * 7):  # one slice; slices of 7 rows of the weights
-        monkeypatch.setattr(exact_split, "DENSE_SLICE", slice_bytes)
+    for slice_bytes in (one_time_masks.DENSE_SLICE, 8 * m * 7):  # one slice; slices of 7 rows of the weights
+        monkeypatch.setattr(one_time_masks, "DENSE_SLICE", slice_bytes)
         pop = np.full((rows, 2 * m), np.nan, np.float32)
         exact_split.SplitPop("w", geo, "m", GRID).compute(r, w2, pop)
         np.testing.assert_array_equal(pop[:, :m], want_hi)

@@ -10,12 +10,13 @@ restores it as usual, its offset the bias. The pool keeps ``r`` and the pop mask
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from tee_sim.layer_geometry import Geometry
-from tee_sim.one_time_masks import conv_pop, widened_product
+from tee_sim.one_time_masks import conv_pop, dense_batches, stacked_rows, widened_product
 
 
 def split_mask(mask: np.ndarray, grid: float) -> tuple[np.ndarray, np.ndarray]:
@@ -59,14 +60,40 @@ class SplitPop:
         grid = grid or self.grid
         if not out.flags.c_contiguous:
             raise ValueError("a pop mask is written in place: it must be contiguous")
-        m = weights.shape[0] // 2
         w_hi, w = prepared if prepared is not None else self.prepare(weights)
         if self.geometry.kind == "CONV_2D":
             conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, w, out, w_hi=w_hi, grid=grid)
             return
-        rows = np.asarray(mask, np.float64).reshape(-1, w.shape[0])  # FULLY_CONNECTED
-        pop_hi = widened_product(split_mask(rows, grid)[0], w_hi)
+        self.compute_many([mask], weights, [out], (w_hi, w), [grid])
+
+    def compute_many(self, masks: Sequence[np.ndarray], weights: np.ndarray, outs: Sequence[np.ndarray],
+                     prepared: tuple[np.ndarray, np.ndarray] | None = None,
+                     grids: Sequence[float] | None = None) -> None:
+        """``compute`` for each of ``masks`` into ``outs`` (``grids``: each one's, as ``compute`` takes it),
+        a refill's batch: a dense layer's two blocks widened once for all of them (as ``PopMask``'s)."""
+        grids = list(grids) if grids is not None else [0.0] * len(masks)
+        if self.geometry.kind == "CONV_2D":
+            for mask, out, grid in zip(masks, outs, grids, strict=True):
+                self.compute(mask, weights, out, prepared, grid)
+            return
+        for out in outs:
+            if not out.flags.c_contiguous:
+                raise ValueError("a pop mask is written in place: it must be contiguous")
+        m = weights.shape[0] // 2
+        w_hi, w = prepared if prepared is not None else self.prepare(weights)
+        batches = dense_batches(masks)  # FULLY_CONNECTED
+        if len(batches) > 1:
+            for part in batches:
+                self.compute_many(masks[part], weights, outs[part], (w_hi, w), grids[part])
+            return
+        rows = stacked_rows(masks, w.shape[0])
+        per_mask = len(rows) // len(masks)
+        high = np.concatenate([split_mask(rows[i * per_mask:(i + 1) * per_mask], grid or self.grid)[0]
+                               for i, grid in enumerate(grids)])
+        pop_hi = widened_product(high, w_hi)
         full = widened_product(rows, w)
-        dst = out.reshape(-1, 2 * m)
-        dst[:, :m] = pop_hi
-        dst[:, m:] = full - pop_hi
+        for i, out in enumerate(outs):
+            part = slice(i * per_mask, (i + 1) * per_mask)
+            dst = out.reshape(-1, 2 * m)
+            dst[:, :m] = pop_hi[part]
+            dst[:, m:] = full[part] - pop_hi[part]

@@ -379,12 +379,12 @@ class PerInference:
             pop = self.pops[name]
             weights = self.weights.get(pop.weights)
             prepared = pop.prepare(weights)  # once for the batch: the same weights for every entry
-            for entry in batch:
-                if isinstance(pop, SplitPop):  # on the grid of its mask's power of two
-                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared,
-                                grid=self.spread.grid(entry, pop))
-                else:
-                    pop.compute(entry.masks[pop.mask], weights, entry.offsets[name], prepared)
+            masks = [entry.masks[pop.mask] for entry in batch]
+            offsets = [entry.offsets[name] for entry in batch]
+            if isinstance(pop, SplitPop):  # on the grid of its mask's power of two
+                pop.compute_many(masks, weights, offsets, prepared, [self.spread.grid(e, pop) for e in batch])
+            else:
+                pop.compute_many(masks, weights, offsets, prepared)
         else:
             weights = self.weights.get(self._layer_weights[name])
             for entry in batch:

@@ -336,3 +336,59 @@ def test_a_plain_offset_rescaled_in_place_is_the_scaled_masks(kind, x_shape, w_s
     np.testing.assert_allclose(offset, want, rtol=0, atol=2 * np.spacing(np.abs(want).max()))
     with pytest.raises(ValueError, match="down only"):
         pop.rescale(offset, 2.0)
+
+
+@pytest.mark.parametrize("runs", [1, 2])
+@pytest.mark.parametrize("split", [False, True])
+def test_a_refills_batch_of_dense_pop_masks_is_each_masks_own(split, runs, monkeypatch):
+    """``compute_many``: a refill makes a dense layer's pop masks for its whole batch of entries in one pass
+    over the weights (each widened once, not once per entry: MiniVGG's 4096 x 512 layer). Each entry's pop
+    mask as numpy's float64 and ``compute`` alone make it - a split's ``pop_hi`` bit for bit on each entry's
+    own grid (its mask's power of two), the rest within two ulps - and a mask of the wrong shape refused;
+    in one product per block of weights, or in runs of masks where they would stack past ``DENSE_SLICE``."""
+    from tee_sim import one_time_masks
+
+    k, m, n = 300, 24, 22
+    products = []
+    widened = one_time_masks.widened_product
+    monkeypatch.setattr(exact_split, "widened_product", lambda *a: products.append(1) or widened(*a))
+    monkeypatch.setattr(one_time_masks, "widened_product", lambda *a: products.append(1) or widened(*a))
+    if runs > 1:
+        monkeypatch.setattr(one_time_masks, "DENSE_SLICE", 2 * 8 * k)  # two masks' rows a run
+    rng = np.random.default_rng(11 + split)
+    w = (rng.standard_normal((m, k)) * 0.05).astype(np.float32)
+    exponents = [0, 3, -2]
+    masks = [(10 * 2.0 ** e * rng.standard_normal((1, k))).astype(np.float32) for e in exponents]
+    if split:
+        w2 = converter_split.split_weights("FULLY_CONNECTED", w, converter_split.Split(GRID, 10))
+        pop = exact_split.SplitPop("w", _geometry("FULLY_CONNECTED", (1, 2 * k), w2.shape), "m", GRID)
+        grids = [GRID * 2.0 ** e for e in exponents]
+        together = [np.full((1, 2 * m), np.nan, np.float32) for _ in masks]
+        pop.compute_many(masks, w2, together, pop.prepare(w2), grids)
+        assert len(products) == 2 * runs  # W'_hi's and W''s, once a run
+        for r, many, grid in zip(masks, together, grids, strict=True):
+            want_hi = exact_split.split_mask(r, grid)[0].astype(np.float64) @ w2[:m, :k].T.astype(np.float64)
+            want_lo = (r.astype(np.float64) @ w.T.astype(np.float64) - want_hi).astype(np.float32)
+            np.testing.assert_array_equal(many[:, :m], want_hi)
+            np.testing.assert_allclose(many[:, m:], want_lo, rtol=0,
+                                       atol=2 * np.spacing(np.abs(want_lo).max()))
+            alone = np.empty((1, 2 * m), np.float32)
+            pop.compute(r, w2, alone, grid=grid)
+            np.testing.assert_array_equal(alone[:, :m], many[:, :m])
+        return
+    index = np.stack([rng.permutation(m)[:n], rng.permutation(m)[:n]]).astype(np.int32)
+    coef = rng.standard_normal((2, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    pop = PopMask("w", _geometry("FULLY_CONNECTED", (1, k), w.shape), "m", bias, index, coef,
+                  rng.permutation(n).astype(np.int32))
+    alone = [np.empty((1, n), np.float32) for _ in masks]
+    for r, out in zip(masks, alone, strict=True):
+        pop.compute(r, w, out)
+    together = [np.full((1, n), np.nan, np.float32) for _ in masks]
+    products.clear()
+    pop.compute_many(masks, w, together)
+    assert len(products) == runs
+    for one, many in zip(alone, together, strict=True):
+        np.testing.assert_allclose(many, one, rtol=0, atol=2 * np.spacing(np.abs(one).max()))
+    with pytest.raises(ValueError, match="FULLY_CONNECTED: input"):
+        pop.compute_many([masks[0], masks[1][:, :-1]], w, together)

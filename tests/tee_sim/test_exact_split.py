@@ -175,11 +175,13 @@ def test_pop_mask_of_a_split_conv_is_exact_on_every_build(x_shape, w_shape, same
     ((1, 6, 6, 1), (40, 1, 1, 1), True, 1, 1, True),
     ((1, 3, 3, 4), (8, 3, 3, 4), True, 1, 6, False),  # dilated as far as the TA takes (2 x 3)
 ])
+@pytest.mark.parametrize("dense", [False, True])
 def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, dilation, permuted, build,
-                                                monkeypatch):
+                                                dense, monkeypatch):
     """A plain (unsplit) one-time round's offset, ``bias - restore(L(r, W'))``, by ``sn_pop`` on the filters
-    composed with the restore, against numpy's float64 (the path dense and depthwise layers take): both
-    rounded once to float32 from double sums, so within two ulps of the largest offset."""
+    composed with the restore (term by term, or by the dense restore matrix a small layer has), against
+    numpy's float64 (the path dense and depthwise layers take): both rounded once to float32 from double
+    sums, so within two ulps of the largest offset."""
     from types import SimpleNamespace
 
     from ai_edge_litert import schema_py_generated as fb
@@ -203,6 +205,9 @@ def test_pop_mask_of_a_plain_one_time_conv_in_c(x_shape, w_shape, same, stride, 
     want = bias.astype(np.float64) - restored
     if permuted:
         want = want[..., permutation]
+    if dense:
+        pop.dense(m, np.empty)
+        assert pop.matrix is not None
     got = np.full((*y.shape[:-1], n), np.nan, np.float32)
     pop.compute(r, w, got)
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=0,

@@ -16,14 +16,15 @@ crossing unmasked, a normal world that chooses its inputs solves that layer exac
 ``shadownet.chosen_inputs``) and those whose input is too narrow to mix (``converters.partition``'s
 ``always_masked``; ``groupmix:mask_floor=input`` leaves the round 1 and the rounds a user input joins alone,
 as before). The default, ``auto`` (since stop 58), is ``all`` for a model whose every round's masks take
-at most ``AUTO_MASK_BYTES`` (1 MiB) of a pool entry and whose largest layer's weights at most
-``AUTO_LAYER_BYTES`` (16 MiB), ``first`` for any other: the zoo's MiniVGG gets
-every round (its first layer, 4.5% of its filters, fell to a critical-point attack on its unmasked round 3:
-SECURITY.md), the other four the floor. The rounds past the floor take masks at ``groupmix``'s
-``deep_mask_scale`` (1x their input's spread, under ``all`` and a list too), which drown that attack's
-probes and do not hide the values (MiniVGG's rounds 3-4 at 0.16-0.31 in the audit); their cost is
-offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 5.5-8.4 ms per inference) and
-secure memory (5.3 -> 13.7 MiB, its dense layer's weights kept for the refills). ``first`` and ``all``
+at most ``AUTO_MASK_BYTES`` (4 MiB since stop 59; 1 before) of a pool entry and whose largest layer's
+weights at most ``AUTO_LAYER_BYTES`` (16 MiB), ``first`` for any other: the zoo's MiniVGG and ResNet-44 get
+every round (a critical-point attack on their unmasked round 3 took MiniVGG's first layer, 4.5% of its
+filters, and ResNet-44's first two, 1.9%: SECURITY.md), the other three the floor. The rounds past the
+floor take masks at ``groupmix``'s ``deep_mask_scale`` (1x their input's spread, under ``all`` and a list
+too), which drown that attack's probes and do not hide the values (MiniVGG's rounds 3-4 at 0.16-0.31 in
+the audit); their cost is offline TEE work (the layers redone on each entry's masks: MiniVGG 2.0 -> 4.4-5.1
+ms per inference, ResNet-44 ~2 -> 16-21, in batches of 4) and secure memory (MiniVGG 5.3 -> 13.7 MiB, its
+dense layer's weights kept for the refills; ResNet-44's entry 0.3 -> 3.4 MiB). ``first`` and ``all``
 against each other, from what ``shadownet audit`` measures and what they cost (groupmix, 4 inferences
 observed; the figures below are from before stop 56, round 2 then unmasked, and before stop 58, deeper
 rounds' masks then at ``mask_scale``, 10x):
@@ -73,12 +74,14 @@ DEFAULT_MASK_ROUNDS = "auto"
 # The "auto" policy masks every round of a model whose every round's masks take at most AUTO_MASK_BYTES of
 # a pool entry and whose largest layer's weights, which the trusted app reads back at every refill of a
 # masked layer, take at most AUTO_LAYER_BYTES (``RoundCost``), and the rounds every policy masks of any
-# other: the zoo's MiniVGG (0.63 MiB estimated, its dense layer's weights 8 MiB) gets every round,
-# ResNet-44 (3.2 MiB), MobileNet (20), ResNet-404 and YOLOv4-tiny the floor; so does an MLP of small
-# activations and a 4096 x 4096 layer (64 MiB: masked, it did not load under the 64 MiB cap, a review).
-# All or nothing: a prefix of rounds past the floor would leave a later crossing for the critical-point
-# attack to take the first layer from, through a ResNet's shortcuts as easily as before (SECURITY.md).
-AUTO_MASK_BYTES = 1 << 20
+# other: the zoo's MiniVGG (0.63 MiB estimated, its dense layer's weights 8 MiB) and, since stop 59,
+# ResNet-44 (3.2 MiB: the critical-point attack took its first two layers, 1.9% of its filters, from its
+# unmasked round 3) get every round; MobileNet (20), ResNet-404 and YOLOv4-tiny the floor, which leaves
+# them open to that attack (SECURITY.md); so does an MLP of small activations and a 4096 x 4096 layer
+# (64 MiB: masked, it did not load under the 64 MiB cap, a review). All or nothing: a prefix of rounds
+# past the floor leaves a later crossing for the attack (ResNet-44 under rounds 1-10: round 11, 21x21
+# fields, 2,647 inferences a grid point; slower, not stopped), reached through a ResNet's shortcuts.
+AUTO_MASK_BYTES = 4 << 20
 AUTO_LAYER_BYTES = 16 << 20
 
 

@@ -170,11 +170,15 @@ def test_rounds_outside_the_policy_cross_unmasked_and_cost_no_mask_memory(first_
     assert memory["unmasked"] < memory["static"], memory
 
 
-def test_masking_deeper_rounds_warns_of_its_memory_past_what_auto_takes_on(tmp_path_factory):
+def test_masking_deeper_rounds_warns_of_its_memory_past_what_auto_takes_on(tmp_path_factory, monkeypatch):
     """A policy that masks deeper rounds whose masks take more of a pool entry than ``auto`` would give says
-    what it costs; ``auto`` and ``first`` say nothing of it, nor a policy that auto would choose."""
+    what it costs; ``auto`` and ``first`` say nothing of it, nor a policy that auto would choose. (Its
+    budget lowered to 1 MiB, as before stop 59: at 4 MiB the small CNN would take 512 px.)"""
     import warnings
 
+    from converters import per_inference
+
+    monkeypatch.setattr(per_inference, "AUTO_MASK_BYTES", 1 << 20)
     # (every round's masks: 0.1 MiB at 32 px, 1.6 at 128; rounds 1 and 3's 1.1 at 128)
     for side, rounds, warned in ((128, "3", 1), (128, "auto", 0), (128, "first", 0), (32, "all", 0)):
         out = tmp_path_factory.mktemp("policy") / "out"

@@ -124,12 +124,18 @@ class LayerCheck:
     and no projected filters to draw per inference.
     ``alloc(shape, dtype)`` gives (accounted) secure memory for what lives from the push to the check;
     the input pixels' norms go in scratch shared with the other layers (``bind_scratch``).
+    ``input_mask``: the most a small one-time mask on the layer's input, unsplit, may be against the input's
+    RMS (``per_inference.small_mask_ratio``; 0: none): the tolerance follows the masked input, so ``k`` is
+    sized for ``sqrt(1 + input_mask^2)`` times the estimate, and the bound holds against a change of the
+    round's own output, not of the larger masked one (a helper, stop 59: sized as unmasked, MiniVGG's
+    rounds 3-5 reached 2^-17.1 / -15.4 on dense inputs and 2^0 on sparse ones, against that output).
     """
 
     def __init__(self, layer: dict[str, Any], weights: np.ndarray, x_shape: tuple[int, ...],
                  y_shape: tuple[int, ...], alloc: Any, projections: int | None = None,
                  computed: bool = False, shared_results: bool = False, popped: bool = False,
-                 known: float | None = None) -> None:
+                 known: float | None = None, input_mask: float = 0.0) -> None:
+        self.input_mask = float(input_mask)
         # A popped check (module docstring): of an exact split's layer, whose weights, input and result
         # are given as the accelerator has them; it checks L(v, W') on v, W' their second blocks.
         self.popped, self.hi_weight = popped, 0.0
@@ -288,7 +294,7 @@ class LayerCheck:
         if frobenius == 0:
             return bound.MIN_PROJECTIONS
         rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius \
-            * self.anisotropy
+            * self.anisotropy * math.sqrt(1.0 + self.input_mask ** 2)
         # A depthwise layer's estimate is the least reliable (each output channel reads one input channel:
         # with batch norm folded in, the channels of large spread tend to have the small filters; MobileNet's
         # 14x14x512 ones achieved 2^-19.9 .. -20.6 with the small margin): the full margin.

@@ -73,6 +73,7 @@ import numpy as np
 
 from tee_sim.errors import TEE_ERROR_GENERIC, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.exact_split import SplitPop
+from tee_sim.one_time_masks import small_mask
 from tee_sim.ta_shadownet_small_ops import compile_spread
 
 # Round 1's mask moves from 2**MIN_EXPONENT to 2**MAX_EXPONENT of calibration's size. Down: at 2**-40 a
@@ -87,24 +88,48 @@ KEPT = 2  # a mask stays at its power of two while the input's spread is within 
 # few lit elements among many) stands sqrt(N / K) times above its RMS, and a mask sized to the RMS left
 # them to a matched filter (a review: 61% of 4 lit elements of a 64x64x3 input found, a single one
 # always). An image's peak is 1.7-3x its RMS, normal noise's 4-5x over 150,000 values: either kept.
+# A small mask (``MaskStream.small``: ``groupmix``'s ``deep_mask_scale``, 1x, on the rounds a policy adds
+# past the floor) drowns a chosen-input attacker's probes, not the values: it follows the RMS alone
+# (``peak_weight``). Following the peak, on sparse activations (a digit's, a lone pixel's: peaks up to
+# 37x their RMS) it rose to 26x the input's RMS, and a verified round's tolerance, which follows the
+# masked input, with it: a change of 1e-3 of the round's own output then passed its check 16-31% of the
+# time on MiniVGG's rounds 3-4 (a helper, stop 59).
 PEAK_RATIO = 6.0
 
 
-def spread_of(x: np.ndarray, scale: np.ndarray | None = None) -> float:
+def peak_weight(stream: Any) -> float:
+    """What a followed mask's spread weighs its input's largest square by (``spread_of``, ``SN_SPREAD``):
+    ``PEAK_RATIO ** -2``, or 0 for a small mask (its RMS alone: the comment above)."""
+    return 0.0 if getattr(stream, "small", False) else PEAK_RATIO ** -2
+
+
+def small_mask_ratio(spec: dict[str, Any]) -> float:
+    """The most a small mask of ``spec`` (``MaskStream.small``) may be against its input's RMS as it follows
+    it - ``2**KEPT`` times its std over the spread it was sized for (``band``) - or 0 for any other mask (not
+    small: a load calls its check weak) or a spec that is not numbers (``MaskStream`` refuses it)."""
+    std, spread = spec.get("std"), spec.get("spread", 0.0)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in (std, spread)):
+        return 0.0
+    return 2.0 ** KEPT * float(std) / float(spread) if small_mask(float(std), float(spread)) else 0.0
+
+
+def spread_of(x: np.ndarray, scale: np.ndarray | None = None, peak: float = PEAK_RATIO ** -2) -> float:
     """An input's spread, which its mask follows: the larger of its RMS and its largest magnitude over
-    ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it); with ``scale`` (float32 per channel, the
-    last axis), that of ``x * scale`` with the RMS of its largest channel."""
+    ``PEAK_RATIO`` (as the fast path's ``SN_SPREAD`` measures it; ``peak``: the weight of its largest
+    square, ``peak_weight``, 0 for the RMS alone); with ``scale`` (float32 per channel, the last axis), that
+    of ``x * scale`` with the RMS of its largest channel."""
     if scale is not None:
         scaled = (x * scale).reshape(-1, scale.size).astype(np.float64)
         squares = float(np.max(np.mean(scaled * scaled, axis=0), initial=0.0)) if scaled.size else 0.0
-        peak = float(np.max(np.abs(scaled), initial=0.0)) / PEAK_RATIO
-        return max(math.sqrt(squares), peak)  # a NaN reaches both
+        top = float(np.max(np.abs(scaled), initial=0.0)) * math.sqrt(peak)
+        return max(math.sqrt(squares), top) if peak else math.sqrt(squares)  # a NaN reaches both
     flat = x.reshape(-1)
     squares = float(np.dot(flat, flat))  # float32 lanes: 1e-6 relative, enough to choose a band
     if squares == math.inf:  # over float32's range: again in float64
         squares = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
-    peak = float(np.max(np.abs(flat), initial=0.0)) / PEAK_RATIO
-    return max(math.sqrt(squares / max(flat.size, 1)), peak)
+    rms = math.sqrt(squares / max(flat.size, 1))  # a NaN reaches the sum of squares too
+    return max(rms, float(np.max(np.abs(flat), initial=0.0)) * math.sqrt(peak)) if peak else rms
 
 
 def exponent(rms: float, spread: float, current: int) -> int:
@@ -147,6 +172,7 @@ class SpreadFollower:
     def __init__(self, streams: dict[str, Any], pops: dict[str, Any], slots: int) -> None:
         self.streams, self.pops = streams, pops
         self.target = {name: 0 for name, stream in streams.items() if stream.spread}  # the last input's
+        self.peak = {name: peak_weight(stream) for name, stream in streams.items()}
         self.rescaled = 0  # masks moved on an inference's path
         # Per slot, by followed mask: its push's kernel structure (a split's grid) and its spread check.
         self._bound: list[dict[str, tuple[Any, Any]]] = [{} for _ in range(slots)]
@@ -156,12 +182,12 @@ class SpreadFollower:
         mask = instr.get("mask")
         return mask if mask in self.target and instr["op"] in ("push", "restore") else None
 
-    @staticmethod
-    def measure(alloc: Callable[..., np.ndarray]) -> np.ndarray:
-        """A restore's spread measure, ``[lo, hi, peak_weight, measured]`` (``sn_run``'s ``spread``): what
-        its kernel measures the restored tensor against, its band empty until ``bind`` sets it."""
+    def measure(self, alloc: Callable[..., np.ndarray], name: str) -> np.ndarray:
+        """A restore's spread measure for followed mask ``name``, ``[lo, hi, peak_weight, measured]``
+        (``sn_run``'s ``spread``): what its kernel measures the restored tensor against, its band empty until
+        ``bind`` sets it."""
         measure = alloc((4,), np.float64)
-        measure[:] = (math.inf, -math.inf, PEAK_RATIO ** -2, 0.0)
+        measure[:] = (math.inf, -math.inf, self.peak[name], 0.0)
         return measure
 
     def drawn(self, entry: Any, name: str) -> None:
@@ -184,7 +210,7 @@ class SpreadFollower:
             # A restore's kernel measures what it restores unweighted: such a mask would be sized for the
             # scaled input and follow the unscaled one's spread (the converter pushes a scaled input plainly).
             raise ValueError(f"mask {name}: a restore's push cannot follow its input's scaled spread")
-        check = compile_spread(x, PEAK_RATIO ** -2, scale) if measure is None else None
+        check = compile_spread(x, self.peak[name], scale) if measure is None else None
         self._bound[entry.slot][name] = (push.step, check.op if check is not None else measure)
         self._set(entry, name, entry.exponents.get(name, 0))
         return check
@@ -193,7 +219,7 @@ class SpreadFollower:
         """Before the push of ``x`` with ``entry``'s mask ``name``: the mask at the power of two ``x``'s
         spread (``spread_of``) calls for (moved in place if need be), which the next entries are drawn at
         too."""
-        self._follow(entry, name, spread_of(x, self.streams[name].scale), remake)
+        self._follow(entry, name, spread_of(x, self.streams[name].scale, self.peak[name]), remake)
 
     def follow_measured(self, entry: Any, name: str, remake: Callable[[Any, str], None],
                         redraw: Callable[[Any, str], None] | None = None) -> None:

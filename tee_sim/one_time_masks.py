@@ -181,7 +181,7 @@ class MaskStream:
         (``groupmix``'s ``deep_mask_scale``, 1x, on the rounds a policy adds past the floor): its rounding
         is then within a few times the input's own, which a check of its layer may tolerate unweakened. (Its
         std is float32: at exactly ``SMALL_MASK`` times, half of them rounded past it - a review.)"""
-        return self.spread > 0 and float(self.std) <= SMALL_MASK * self.spread * (1 + 2.0 ** -20)
+        return small_mask(float(self.std), self.spread)
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
@@ -335,6 +335,11 @@ class PopMask:
             np.add.at(self.matrix, (self.index[j], np.arange(n)), self.coef[j].astype(np.float64))
         if self.permutation is not None:
             self.matrix[...] = self.matrix[:, self.permutation]
+
+
+def small_mask(std: float, spread: float) -> bool:
+    """``MaskStream.small`` of a mask spec's ``std`` and ``spread``."""
+    return spread > 0 and std <= SMALL_MASK * spread * (1 + 2.0 ** -20)
 
 
 def check_pop(spec: dict[str, Any], layer: dict[str, Any], weights_shape: tuple[int, ...],

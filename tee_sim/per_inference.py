@@ -60,7 +60,7 @@ from tee_sim.errors import TEE_ERROR_NO_DATA, TEEC_ORIGIN_TRUSTED_APP, TEEError
 from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import POPPED, LayerCheck, direct
 from tee_sim.freivalds_directions import COMPUTED_TOTAL_BYTES
-from tee_sim.mask_spread import SpreadFollower
+from tee_sim.mask_spread import SpreadFollower, small_mask_ratio
 from tee_sim.obfuscated_weights import Weights, weight_regions
 from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
 from tee_sim.per_inference_kernels import PerInferenceKernels
@@ -126,6 +126,8 @@ class PerInference:
         for out, layer in layers.items() if verify else ():
             readers.setdefault(layer["weights"], []).append(out)
         split = {spec["layer"] for spec in one_time["offsets"].values() if spec.get("split")}
+        small = {spec.get("buffer"): small_mask_ratio(spec) for spec in one_time["masks"].values()
+                 if not spec.get("split")}
 
         kept = 0  # bytes of computed dense layers' weights (a conv's as one), against COMPUTED_TOTAL_BYTES
 
@@ -135,7 +137,8 @@ class PerInference:
                 layer = layers[out]
                 own = direct(layer["kind"], weights.shape, shm_shapes[layer["input"]])
                 made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],
-                                       self.account, computed=own, shared_results=True)
+                                       self.account, computed=own, shared_results=True,
+                                       input_mask=small.get(layer["input"], 0.0))
                 made[out].room = COMPUTED_TOTAL_BYTES - kept
                 if out not in split and made[out].cheaper_computed():  # (it held no secure memory)
                     made[out] = LayerCheck(layer, weights, shm_shapes[layer["input"]], shm_shapes[out],

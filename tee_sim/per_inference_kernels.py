@@ -176,7 +176,7 @@ class PerInferenceKernels:
                     if popped:
                         verified["popped"] = made[1][1]
                     reports.append(lambda made=made: self._failure(made))
-                measure = online.spread.measure(online.account) if measured else None
+                measure = online.spread.measure(online.account, followed) if measured else None
                 made_in = entry.masks[mask] if in_place else dst
                 spread = {"spread": measure} if measured else {}
                 variants.append(compile_(src, made_in, **verified, **spread))

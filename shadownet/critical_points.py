@@ -56,18 +56,21 @@ NOISE_FLOOR = 3.0  # a Jacobian below this many times its noise is not measured:
 
 def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict,
                           reference: list[LinearLayer], obfuscated: list[LinearLayer], budget: int = BUDGET,
-                          progress: Callable[[str], None] | None = None, seed: int = 0) -> dict:
-    """Run the attack on the protected model in ``out_dir`` within ``budget`` inferences: what ran and what it
-    found, for the report. ``graph`` is the reference as the audit planned it
-    (``audit_layers.reference_graph``), ``reference`` and ``obfuscated`` the layers the audit paired (they
-    say which reference tensor each round input carries). The crossing attacked is the first round input
+                          progress: Callable[[str], None] | None = None,
+                          seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the attack on the protected model in ``out_dir`` within ``budget`` inferences: its estimates by
+    reference layer name (the first layer's, rows like its filters, for ``attacks.attack_layer``'s
+    ``from_crossings``; empty when it made none), and what ran and what it found, for the report.
+    ``graph`` is the reference as the audit planned it (``audit_layers.reference_graph``), ``reference``
+    and ``obfuscated`` the layers the audit paired (they say which reference tensor each round input
+    carries). The crossing attacked is the first round input
     that the manifest leaves without one-time masks and that carries, through ops
     ``shadownet.receptive_fields`` follows, what the first layer made; none unmasked: the first masked one
     (the attack then measures its noise and says so). ``{"skipped": why}`` when the model has no such
     first layer or crossing."""
     found = target(graph, manifest, match_layers(reference, obfuscated)[0])
     if isinstance(found, str):
-        return {"skipped": found, "inferences": 0, "recovered": 0}
+        return {}, {"skipped": found, "inferences": 0, "recovered": 0}
     started = time.perf_counter()
     if progress:
         state = "masked" if found["masked"] else "unmasked"
@@ -80,8 +83,9 @@ def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict
     picked = result.pop("estimates")
     cosines = abs_cosines(picked, weights) if len(picked) else np.zeros((0, len(weights)))
     best = best_cosines(picked, weights)
-    return {"layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
-            "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
+    return ({found["layer"]: picked} if len(picked) else {}), {
+        "layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
+        "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
         "recovered": int((best >= RECOVERY_COS).sum()),
         "false_estimates": int((cosines.max(1) < RECOVERY_COS).sum()) if len(picked) else 0,
         "best_cos": [round(float(b), 4) for b in best],

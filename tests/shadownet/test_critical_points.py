@@ -11,6 +11,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph, write_model
 from shadownet import audit, critical_points
+from shadownet.audit_layers import LinearLayer
 from tests.shadownet.small_models import conv_options, pooled_dense_head
 
 FIRST = 10  # the first layer's filters
@@ -55,6 +56,10 @@ def _attack(tmp_path: Path, **convert) -> tuple[dict, dict]:
     return manifest, report
 
 
+def _first_row(report: dict) -> dict:
+    return next(r for r in report["layers"] if r["name"] == report["critical_points"]["layer"])
+
+
 def test_a_deeper_unmasked_crossing_gives_the_first_layer_s_filters(tmp_path):
     """``mask_rounds="first"``: rounds 1-2 are masked, round 3 crosses as ``B maxpool(relu(conv1(relu(conv0
     x))))``; within the default budget the attack recovers most of conv0's filters from it."""
@@ -66,7 +71,10 @@ def test_a_deeper_unmasked_crossing_gives_the_first_layer_s_filters(tmp_path):
     assert found["inferences"] <= critical_points.BUDGET
     assert found["recovered"] >= 0.9 * FIRST, found
     assert found["sigma"] < 1e-3
-    assert "critical points" in audit.format_report(report)
+    # counted with the other attacks' in the first layer's row, and in its ``any``
+    recovered = _first_row(report)["recovered"]
+    assert recovered["critical_point"] == found["recovered"] <= recovered["any"]
+    assert "critical points (crit)" in audit.format_report(report)
 
 
 def test_one_time_masks_leave_the_attack_nothing(tmp_path):
@@ -76,6 +84,27 @@ def test_one_time_masks_leave_the_attack_nothing(tmp_path):
     found = report["critical_points"]
     assert found["masked"] and found["recovered"] == 0
     assert found["sigma"] > 1e-2 and found["stopped"].startswith("masked")
+    assert _first_row(report)["recovered"]["critical_point"] == 0
+
+
+def test_any_counts_a_filter_once_whichever_attacks_found_it():
+    """The first layer's ``any`` is the union of the filters each attack found: one the chosen-input and
+    the critical-point attacks both found counts once; the table shows ``-`` for an attack that did not
+    run."""
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((8, 27))
+    first = LinearLayer("conv0", "conv", (3, 3, 3), real, "op 0")
+    obfuscated = LinearLayer("conv0'", "conv", (3, 3, 3), rng.standard_normal((10, 27)), "round_1")
+    scale = rng.uniform(-2, 2, (8, 1))
+    report = audit.weight_attacks([first], [obfuscated], chosen={"conv0": real[:3]},
+                                  critical={"conv0": scale[2:6] * real[2:6]})
+    recovered = report["layers"][0]["recovered"]
+    assert (recovered["chosen_input"], recovered["critical_point"], recovered["any"]) == (3, 4, 6)
+    assert report["summary"]["conv_dense"]["recovered"]["any"] == 6
+    report |= {"threshold": 0.9, "observation": {"inferences": 21, "under_observed": []},
+               "critical_points": {"skipped": "the first op on the image is ..."}}
+    row = audit.format_report(report).splitlines()[3]
+    assert row.split()[-5:-2] == ["3", "-", "6"]  # chsn, crit (not run: '-'), any
 
 
 def test_a_model_whose_first_layer_is_not_a_conv_is_skipped_with_its_reason():

@@ -297,8 +297,9 @@ def chance_any(p: float, candidates: int) -> float:
 # One layer, every attack
 # ---------------------------------------------------------------------------------------------
 
-# estimates made from the crossings (``shadownet.boundary``; the chosen inputs': ``shadownet.chosen_inputs``)
-CROSSING_ATTACKS = ("restore_regression", "input_unmixing", "chosen_input")
+# estimates made from the crossings (``shadownet.boundary``; the chosen inputs': ``shadownet.chosen_inputs``;
+# the critical points': ``shadownet.critical_points``, a first layer's, when the audit is asked to run it)
+CROSSING_ATTACKS = ("restore_regression", "input_unmixing", "chosen_input", "critical_point")
 WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
                   *CROSSING_ATTACKS)
 

@@ -144,11 +144,14 @@ def _long_sums(manifest: dict, graph: Any, scheme: Any | None, longest: int | No
 
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
                    restores: dict[str, dict] | None = None, unmixed: dict[str, dict] | None = None,
-                   chosen: dict[str, np.ndarray] | None = None) -> dict:
+                   chosen: dict[str, np.ndarray] | None = None,
+                   critical: dict[str, np.ndarray] | None = None) -> dict:
     """Every weight attack on every matched layer, and the totals; ``restores`` and ``unmixed``: what the
     crossings gave away of each layer's restore and input mixing (``boundary.learn_restores``,
-    ``boundary.unmix_inputs``), for the restore regression and the input unmixing; ``chosen``: the
-    chosen-input attack's estimates by reference layer name (``chosen_inputs.chosen_input_attack``)."""
+    ``boundary.unmix_inputs``), for the restore regression and the input unmixing; ``chosen`` and
+    ``critical``: the chosen-input and the critical-point attacks' estimates by reference layer name
+    (``chosen_inputs.chosen_input_attack``, ``critical_points.critical_point_attack``). A layer's ``any``
+    counts a filter once, whichever attacks found it."""
     pairs, missing, extra = match_layers(reference, obfuscated)
     rows = []
     for k, (ref, obf) in enumerate(pairs):
@@ -163,6 +166,8 @@ def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], 
             from_crossings["input_unmixing"] = unmixing["filters"]
         if ref.name in (chosen or {}):
             from_crossings["chosen_input"] = chosen[ref.name]
+        if ref.name in (critical or {}):
+            from_crossings["critical_point"] = critical[ref.name]
         figures = attacks.attack_layer(obf.filters, ref.filters, from_crossings=from_crossings)
         row = {"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
                "obfuscated": obf.name, "round": obf.where} | figures
@@ -293,7 +298,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     architecture that the protected model was made from (fine-tuned); the report's ``private_change`` then
     says how much of the change an attacker holding them learns (``shadownet.private_change``).
     ``critical_points``: also run the critical-point attack on the first layer (``shadownet.critical_points``,
-    the report's ``critical_points``) within its default budget of inferences (True) or this many (an int).
+    the report's ``critical_points``) within its default budget of inferences (True) or this many (an int);
+    its estimates count in that layer's ``critical_point`` and ``any`` figures, as the other attacks' do.
     Its numpy work is many small matrices: with OpenBLAS's threads on (``OPENBLAS_NUM_THREADS`` unset when
     numpy is imported; the CLI sets it to 1) a helper measured it 9x slower.
     """
@@ -372,15 +378,16 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
             unmixed = unmix_inputs(seen, obf, restores, scheme.input_blocks, told)
         estimates, report["chosen_inputs"] = chosen_input_attack(out_dir, graph, manifest, ref, obf, scheme,
                                                                  told)
+    critical = None
     if critical_points:
         budget = BUDGET if critical_points is True else int(critical_points)
         try:
-            report["critical_points"] = critical_point_attack(out_dir, graph, manifest, ref, obf, budget,
-                                                              told)
+            critical, report["critical_points"] = critical_point_attack(out_dir, graph, manifest, ref, obf,
+                                                                        budget, told)
         except ShadowNetError as exc:
             report["critical_points"] = {"error": str(exc).splitlines()[0], "inferences": 0, "recovered": 0}
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed,
-                             chosen=estimates)
+                             chosen=estimates, critical=critical)
     if public is not None:
         report["private_change"] = private_change(public, published, ref, obf, scheme, told)
     if seen is not None:

@@ -22,15 +22,23 @@ def format_report(report: dict) -> str:
     names = [*attacks.WEIGHT_ATTACKS, "any"]
     short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
              "cluster_variance": "cvar", "restore_regression": "rreg", "input_unmixing": "unmx",
-             "chosen_input": "chsn", "any": "any"}
+             "chosen_input": "chsn", "critical_point": "crit", "any": "any"}
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack"]
     observed = "observation" in report  # the attacks on the crossings ran
+    critical = "layer" in (report.get("critical_points") or {})  # the critical-point attack ran
+
+    def measured(attack: str) -> bool:
+        if attack == "critical_point":
+            return critical
+        return observed or attack not in attacks.CROSSING_ATTACKS
+
     leak = report.get("input_leakage")
     if not observed and leak and leak.get("error"):
-        lines.append(f"NOT MEASURED: {leak['error']}; rreg and unmx show '-', and 'any' counts only the "
-                     "attacks on the untrusted model")
+        also = " and the critical-point attack's (crit)" if critical else ""
+        lines.append(f"NOT MEASURED: {leak['error']}; rreg, unmx and chsn show '-', and 'any' counts only "
+                     f"the attacks on the untrusted model{also}")
     if report.get("seeded"):
         lines.append("INSECURE: converted with --seed: whoever guesses the seed regenerates every secret "
                      "and recovers every filter exactly; the figures below are for secrets that cannot be "
@@ -43,8 +51,7 @@ def format_report(report: dict) -> str:
         name = layer_label(r["name"])
         lines.append(
             f"{name:<34} {r['kind']:<9} {r['filters']:>5} {r['obfuscated_filters']:>5} {r['dim']:>5} "
-            + " ".join(f"{r['recovered'][a] if observed or a not in attacks.CROSSING_ATTACKS else '-':>4}"
-                       for a in names)
+            + " ".join(f"{r['recovered'][a] if measured(a) else '-':>4}" for a in names)
             + f" {r['subspace']['excess']:>6.2f} {r['chance']['any']:>6.0e}")
     learnt = [r for r in report["layers"] if r.get("restore", {}).get("rank")]
     if "input_leakage" not in report:
@@ -81,8 +88,7 @@ def format_report(report: dict) -> str:
         s = report["summary"][group]
         if not s["filters"]:
             continue
-        per = ", ".join(f"{a} {100 * s['fraction'][a]:.1f}%" if observed or a not in attacks.CROSSING_ATTACKS
-                        else f"{a} -" for a in names)
+        per = ", ".join(f"{a} {100 * s['fraction'][a]:.1f}%" if measured(a) else f"{a} -" for a in names)
         lines.append(f"{label}: {s['filters']} filters in {s['layers']} layers; recovered: {per}")
         chance = s["chance"]
         lines.append(f"  chance: {100 * chance['any']:.3g}% (direction {100 * chance['direction']:.3g}%)"
@@ -155,9 +161,10 @@ def _critical_points_line(found: dict) -> str:
         return f"critical points: not run ({found.get('error') or found['skipped']})"
     state = "one-time masks" if found["masked"] else "no one-time masks"
     sigma = "-" if found["sigma"] is None else f"{found['sigma']:.2g}"
-    line = (f"critical points: {found['recovered']} of {found['filters']} first-layer filters "
+    line = (f"critical points (crit): {found['recovered']} of {found['filters']} first-layer filters "
             f"({layer_label(found['layer'])}) recovered from {found['buffer']} ({state}, noise sigma "
-            f"{sigma}) in {found['inferences']} inferences of a budget of {found['budget']}")
+            f"{sigma}) in {found['inferences']} inferences of a budget of {found['budget']} "
+            f"({found['seconds']} s), counted in 'any'")
     if found.get("false_estimates"):
         line += f"; {found['false_estimates']} estimates matched no filter"
     if found["stopped"].startswith(("masked", "a budget")):

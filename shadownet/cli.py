@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--critical-points", dest="critical_points", nargs="?", const=True, default=False,
                    type=_at_least(1), metavar="BUDGET",
                    help="also run the critical-point attack on the first layer from the first deeper round "
-                        "that crosses without one-time masks, within BUDGET inferences (default 4000)")
+                        "that crosses without one-time masks, within BUDGET inferences (default 4000); what "
+                        "it recovers counts in the table (crit, and any)")
     p.add_argument("--json", type=_path, help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit, command_parser=p)
 

@@ -56,18 +56,21 @@ NOISE_FLOOR = 3.0  # a Jacobian below this many times its noise is not measured:
 
 def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict,
                           reference: list[LinearLayer], obfuscated: list[LinearLayer], budget: int = BUDGET,
-                          progress: Callable[[str], None] | None = None, seed: int = 0) -> dict:
-    """Run the attack on the protected model in ``out_dir`` within ``budget`` inferences: what ran and what it
-    found, for the report. ``graph`` is the reference as the audit planned it
-    (``audit_layers.reference_graph``), ``reference`` and ``obfuscated`` the layers the audit paired (they
-    say which reference tensor each round input carries). The crossing attacked is the first round input
+                          progress: Callable[[str], None] | None = None,
+                          seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the attack on the protected model in ``out_dir`` within ``budget`` inferences: its estimates by
+    reference layer name (the first layer's, rows like its filters, for ``attacks.attack_layer``'s
+    ``from_crossings``; empty when it made none), and what ran and what it found, for the report.
+    ``graph`` is the reference as the audit planned it (``audit_layers.reference_graph``), ``reference``
+    and ``obfuscated`` the layers the audit paired (they say which reference tensor each round input
+    carries). The crossing attacked is the first round input
     that the manifest leaves without one-time masks and that carries, through ops
     ``shadownet.receptive_fields`` follows, what the first layer made; none unmasked: the first masked one
     (the attack then measures its noise and says so). ``{"skipped": why}`` when the model has no such
     first layer or crossing."""
     found = target(graph, manifest, match_layers(reference, obfuscated)[0])
     if isinstance(found, str):
-        return {"skipped": found, "inferences": 0, "recovered": 0}
+        return {}, {"skipped": found, "inferences": 0, "recovered": 0}
     started = time.perf_counter()
     if progress:
         state = "masked" if found["masked"] else "unmasked"
@@ -80,8 +83,9 @@ def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict
     picked = result.pop("estimates")
     cosines = abs_cosines(picked, weights) if len(picked) else np.zeros((0, len(weights)))
     best = best_cosines(picked, weights)
-    return {"layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
-            "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
+    return ({found["layer"]: picked} if len(picked) else {}), {
+        "layer": found["layer"], "buffer": found["buffer"], "masked": found["masked"],
+        "field": list(found["field"]), "filters": len(weights), "budget": int(budget)} | result | {
         "recovered": int((best >= RECOVERY_COS).sum()),
         "false_estimates": int((cosines.max(1) < RECOVERY_COS).sum()) if len(picked) else 0,
         "best_cos": [round(float(b), 4) for b in best],
@@ -171,14 +175,17 @@ class _Crossing:
         return self
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        """The crossing for each input, ``[K, h, w, channels]`` in float64."""
+        """The crossing for each input, ``[K, h, w, channels]``, as it crossed: float32, or float64 where an
+        exactly split buffer's halves were added back. (In float64 YOLOv4-tiny's grid points, 295 crossings
+        of 104x104x64, their differences and Jacobians, took the attack to 7.8 GB; 3.2 GB as they cross, and
+        the difference of two close crossings is exact in float32.)"""
         seen = self.recorders[-1].seen
         seen.clear()
         for x in inputs:
             self.model(np.asarray(x, np.float32)[None])
             self.count += 1
         joined = join_halves({self.buffer: np.stack(seen.pop(self.buffer))}, self.split)[self.buffer]
-        return np.asarray(joined, np.float64)[:, 0]
+        return joined[:, 0]
 
     def __exit__(self, *exc: Any) -> None:
         self._context.__exit__(*exc)
@@ -230,7 +237,8 @@ def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Genera
         rms = float(np.sqrt(np.mean(x0 ** 2)))
         direction = rms * rng.standard_normal(x0.shape)
         eps = PROBE * rms
-        spread = crossing(np.repeat(x0[None], REPEATS, 0)).var(0, ddof=1)  # [h, w, channels]
+        # [h, w, channels]; in float64: a float32 mean of 20 values ~1 errs by about the noise itself
+        spread = crossing(np.repeat(x0[None], REPEATS, 0)).var(0, ddof=1, dtype=np.float64)
         sigma = float(np.sqrt(np.mean(spread)))
         sigmas.append(sigma)
         lines += 1
@@ -289,20 +297,25 @@ def _jacobians(found: dict, crossing: _Crossing, x: np.ndarray, eps: float,
     h, w = found["crossing"]
     rows, cols = found["rows"], found["cols"]
     shifts = [(a, b, c) for a in range(fy) for b in range(fx) for c in range(channels)]
-    lattice = np.zeros((len(shifts), h_img, w_img, channels))
+    # built in float32 as the model takes them (in float64 the lattice and the inputs took 2.4 GB of
+    # YOLOv4-tiny's 416x416 images); ``delta``: each perturbation as applied, after the rounding to float32,
+    # on its lattice's pixels
+    inputs = np.repeat(np.asarray(x, np.float32)[None], 1 + 2 * len(shifts), 0)
+    delta = []
     for n, (a, b, c) in enumerate(shifts):
-        lattice[n, a::fy, b::fx, c] = eps
-    inputs = np.concatenate([x[None], x[None] + lattice, x[None] - lattice]).astype(np.float32)
-    # the perturbation as applied, after the input's rounding to float32
-    delta = inputs[1:1 + len(shifts)].astype(np.float64) - inputs[1 + len(shifts):]
+        inputs[1 + n, a::fy, b::fx, c] = x[a::fy, b::fx, c] + eps
+        inputs[1 + len(shifts) + n, a::fy, b::fx, c] = x[a::fy, b::fx, c] - eps
+        delta.append(inputs[1 + n, a::fy, b::fx, c].astype(np.float64)
+                     - inputs[1 + len(shifts) + n, a::fy, b::fx, c])
     out = crossing(inputs)
+    del inputs
     base, plus, minus = out[0], out[1:1 + len(shifts)], out[1 + len(shifts):]
     forward, backward = plus - base, base - minus
     # robust: the columns where a unit switched are few
     spread = np.abs(forward - backward).transpose(1, 2, 0, 3).reshape(*forward.shape[1:3], -1)
     floor = np.maximum(sigma, 1.4826 * np.median(spread, axis=-1) / np.sqrt(6))
     tol = 8 * floor * np.sqrt(6)
-    jacobian = np.zeros((h, w, fy, fx, channels, out.shape[-1]))
+    jacobian = np.zeros((h, w, fy, fx, channels, out.shape[-1]), np.float32)  # its noise: far over float32's
     valid = np.ones((h, w, fy, fx, channels), bool)
     py, px = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     oy, ox = py * rows.stride - rows.start, px * cols.stride - cols.start  # each field's first pixel
@@ -310,7 +323,9 @@ def _jacobians(found: dict, crossing: _Crossing, x: np.ndarray, eps: float,
         r, s = (a - oy) % fy, (b - ox) % fx  # the field row/col the lattice pixel falls on
         yy, xx = oy + r, ox + s
         inside = (yy >= 0) & (yy < h_img) & (xx >= 0) & (xx < w_img)
-        step = np.where(inside, delta[n][np.clip(yy, 0, h_img - 1), np.clip(xx, 0, w_img - 1), c], 1.0)
+        rows_n, cols_n = delta[n].shape
+        on = (np.clip((yy - a) // fy, 0, rows_n - 1), np.clip((xx - b) // fx, 0, cols_n - 1))
+        step = np.where(inside, delta[n][on], 1.0)  # (yy, xx) is (a, b) modulo the field: on the lattice
         valid[py, px, r, s, c] = np.abs(forward[n] - backward[n]).max(-1) <= tol
         difference = (forward[n] + backward[n]) / step[..., None]
         jacobian[py, px, r, s, c] = np.where(inside[..., None], difference, 0.0)

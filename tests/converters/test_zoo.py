@@ -34,6 +34,11 @@ MEDIAN_OF = {("groupmix", "mobilenet"): 5}  # inferences per input whose median 
 # (groupmix:exact_split=none) gave MobileNet 7-47x and ResNet-404 2.2-5.6x (2 conversions x 3 inputs): the
 # bound catches the first always, the second about half of the time.
 FLOAT32_NOISE = 4.0
+# ResNet-44 under the default since stop 59, every round masked (1x masks past the floor, unsplit): each
+# layer computes at up to a few times its input's magnitude, and the protected error from float64 doubled
+# (5 inputs x 3 masks, one conversion: per input 0.8-7.9x LiteRT's engines, median 2.2; under
+# --mask-rounds first 0.4-2.1x, median 1.2), against LiteRT still 1e-6 - 2e-5, under the 1e-4 target.
+FLOAT32_NOISE_OF = {"resnet44": 8.0}
 EXACT_REFERENCE = {"mobilenet", "resnet44", "resnet404"}  # the models float64_reference runs
 
 
@@ -97,5 +102,5 @@ def _assert_float32_noise(name, model, details, run, rng, inputs=3, masks=3):
         mine.append(float(np.median([relative_error(run(*xs), exact) for _ in range(masks)])))
     mine_typical, engines_typical = float(np.median(mine)), float(np.median(engines))
     print(f"{name}: against float64 protected {np.array(mine)}, LiteRT's engines up to {np.array(engines)}")
-    assert mine_typical <= FLOAT32_NOISE * engines_typical, \
+    assert mine_typical <= FLOAT32_NOISE_OF.get(name, FLOAT32_NOISE) * engines_typical, \
         f"{name}: {mine_typical:.2e} from float64, LiteRT's engines {engines_typical:.2e} (input medians)"

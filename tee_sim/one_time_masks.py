@@ -273,9 +273,6 @@ class PopMask:
             composed, bias = prepared if prepared is not None else self.prepare(weights)
             conv_pop(np.ascontiguousarray(mask, np.float32), self.geometry, composed, out, bias=bias)
             return
-        if self.geometry.kind == "FULLY_CONNECTED":
-            self.compute_many([mask], weights, [out])
-            return
         self._restore(linear64(self.geometry, mask, weights), out)
 
     def compute_many(self, masks: Sequence[np.ndarray], weights: np.ndarray, outs: Sequence[np.ndarray],
@@ -287,18 +284,9 @@ class PopMask:
             for mask, out in zip(masks, outs, strict=True):
                 self.compute(mask, weights, out, prepared)
             return
-        for mask in masks:
-            if mask.shape != self.geometry.x_shape:
-                raise ValueError(f"FULLY_CONNECTED: input {mask.shape}, the layer takes "
-                                 f"{self.geometry.x_shape}")
-        batches = dense_batches(masks)
-        if len(batches) > 1:
-            for part in batches:
-                self.compute_many(masks[part], weights, outs[part])
-            return
-        products = widened_product(stacked_rows(masks, weights.shape[1]), weights.T)
-        for y, out in zip(np.split(products, len(masks)), outs, strict=True):
-            self._restore(y.reshape(self.geometry.y_shape), out)
+        for part in dense_batches(masks):
+            for y, out in zip(dense64(self.geometry, masks[part], weights), outs[part], strict=True):
+                self._restore(y, out)
 
     def _restore(self, y: np.ndarray, out: np.ndarray) -> None:
         """``bias - restore(y)`` into ``out``, ``y`` the layer's float64 output on a mask."""
@@ -376,11 +364,10 @@ def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     reference for the pop masks of those layers (a conv's is ``conv_pop``, in C). A dense layer's weights
     are widened ``DENSE_SLICE`` bytes at a time: whole, MiniVGG's 4096 x 512 took 16 MB of memory outside the
     secure world's account at each pop mask (stop 58, since its default masks that layer)."""
+    if geo.kind == "FULLY_CONNECTED":
+        return dense64(geo, [x], weights)[0]
     if x.shape != geo.x_shape:
         raise ValueError(f"{geo.kind}: input {x.shape}, the layer takes {geo.x_shape}")
-    if geo.kind == "FULLY_CONNECTED":
-        rows = np.asarray(x, np.float64).reshape(-1, weights.shape[1])
-        return widened_product(rows, weights.T).reshape(geo.y_shape)
     w = np.asarray(weights, np.float64)
     if geo.kind != "DEPTHWISE_CONV_2D":
         raise ValueError(f"linear64 computes depthwise and dense layers, not {geo.kind}")
@@ -398,6 +385,16 @@ def linear64(geo: Geometry, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         for j in range(kw):
             y += padded[:, i * dh:i * dh + height:sh, j * dw:j * dw + width:sw] * taps[i, j]
     return y
+
+
+def dense64(geo: Geometry, xs: Sequence[np.ndarray], weights: np.ndarray) -> list[np.ndarray]:
+    """``linear64`` of a dense layer on each of ``xs`` at once: their rows stacked, the weights widened once
+    for all of them (``widened_product``; a refill's batch, ``PopMask.compute_many``)."""
+    for x in xs:
+        if x.shape != geo.x_shape:
+            raise ValueError(f"{geo.kind}: input {x.shape}, the layer takes {geo.x_shape}")
+    products = widened_product(stacked_rows(xs, weights.shape[1]), weights.T)
+    return [y.reshape(geo.y_shape) for y in np.split(products, len(xs))]
 
 
 def stacked_rows(masks: Sequence[np.ndarray], width: int) -> np.ndarray:

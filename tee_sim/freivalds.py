@@ -125,9 +125,11 @@ class LayerCheck:
     ``alloc(shape, dtype)`` gives (accounted) secure memory for what lives from the push to the check;
     the input pixels' norms go in scratch shared with the other layers (``bind_scratch``).
     ``input_mask``: the most a small one-time mask on the layer's input, unsplit, may be against the input's
-    RMS (``per_inference.small_mask_ratio``; 0: none): the tolerance follows the masked input, so ``k`` is
-    sized for ``sqrt(1 + input_mask^2)`` times the estimate, and the bound holds against a change of the
-    round's own output, not of the larger masked one (a helper, stop 59: sized as unmasked, MiniVGG's
+    RMS (``mask_spread.small_mask_ratio``; 0: none): the tolerance follows the masked input, so ``k`` is
+    sized for ``1 + input_mask`` times the estimate - ``||x + r|| <= ||x|| + ||r||`` whatever the input: a
+    centred mask's per-channel mean is not independent of it, so ``sqrt(1 + input_mask^2)`` would be a
+    guess (ResNet-44: 383 -> 440 projections, MiniVGG 30 -> 33) - and the bound holds against a change of
+    the round's own output, not of the larger masked one (a helper, stop 59: sized as unmasked, MiniVGG's
     rounds 3-5 reached 2^-17.1 / -15.4 on dense inputs and 2^0 on sparse ones, against that output).
     """
 
@@ -294,7 +296,7 @@ class LayerCheck:
         if frobenius == 0:
             return bound.MIN_PROJECTIONS
         rho = TOLERANCE * EPS32 * self.scale * math.sqrt(self.geo.taps * self.in_channels) / frobenius \
-            * self.anisotropy * math.sqrt(1.0 + self.input_mask ** 2)
+            * self.anisotropy * (1.0 + self.input_mask)
         # A depthwise layer's estimate is the least reliable (each output channel reads one input channel:
         # with batch norm folded in, the channels of large spread tend to have the small filters; MobileNet's
         # 14x14x512 ones achieved 2^-19.9 .. -20.6 with the small margin): the full margin.

@@ -126,8 +126,8 @@ class PerInference:
         for out, layer in layers.items() if verify else ():
             readers.setdefault(layer["weights"], []).append(out)
         split = {spec["layer"] for spec in one_time["offsets"].values() if spec.get("split")}
-        small = {spec.get("buffer"): small_mask_ratio(spec) for spec in one_time["masks"].values()
-                 if not spec.get("split")}
+        small = {spec.get("buffer"): small_mask_ratio(spec, arrays[spec["mean"]])
+                 for spec in one_time["masks"].values() if not spec.get("split")}
 
         kept = 0  # bytes of computed dense layers' weights (a conv's as one), against COMPUTED_TOTAL_BYTES
 

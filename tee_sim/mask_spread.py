@@ -107,7 +107,8 @@ def small_mask_ratio(spec: dict[str, Any], mean: np.ndarray) -> float:
     """The most a small mask of ``spec`` (``MaskStream.small``) may be against its input's RMS as it follows
     it - ``2**KEPT`` times its RMS over the spread it was sized for (``band``): the RMS of its std and of its
     per-channel ``mean``, which moves with its power of two too (centred masks: minus calibration's means;
-    left out, masks reached 4.7-5.0x their input's RMS where this said 4x, a helper, stop 59) - or 0 for any
+    left out, masks reached 4.7-5.0x their input's RMS where this said 4x, a helper, stop 59; a draw's RMS
+    strays ~1% from its distribution's, within the slack of ``LayerCheck``'s ``1 + q``) - or 0 for any
     other mask (not small: a load calls its check weak) or a spec that is not numbers (``MaskStream``
     refuses it)."""
     std, spread = spec.get("std"), spec.get("spread", 0.0)

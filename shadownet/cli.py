@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier conversion's output directory")
     p.add_argument("--mask-rounds", dest="mask_rounds", type=_mask_rounds, default=None, metavar="POLICY",
                    help="rounds with one-time masks (schemes without static masks): 'auto' (default: "
-                        "'all' where every round's masks take at most 1 MiB of a pool entry and no layer's "
+                        "'all' where every round's masks take at most 4 MiB of a pool entry and no layer's "
                         "weights 16 MiB, else 'first'), 'first', 'all' or round numbers such as 1,2,5 or "
                         "1-4; round 1 always, any round a user input joins later, and any round that reads "
                         "what one layer made of it or whose input is too narrow to mix")

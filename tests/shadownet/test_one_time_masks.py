@@ -280,6 +280,13 @@ def test_mask_round_policies_are_parsed_or_refused():
             parse_mask_rounds(spec, 6)
     with pytest.raises(TypeError, match="mask rounds are a policy"):  # "'int' object is not iterable"
         parse_mask_rounds(2, 6)
+    # `shadownet convert --help` states auto's limits (it said 1 MiB after they moved to 4: a review)
+    from shadownet.cli import build_parser
+
+    convert = build_parser()._subparsers._group_actions[0].choices["convert"]
+    said = " ".join(next(a.help for a in convert._actions if a.dest == "mask_rounds").split())
+    assert (f"at most {AUTO_MASK_BYTES >> 20} MiB of a pool entry and no layer's weights "
+            f"{AUTO_LAYER_BYTES >> 20} MiB") in said, said
 
 
 def test_a_round_past_the_model_is_said_against_the_models_rounds(tmp_path):

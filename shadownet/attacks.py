@@ -298,8 +298,9 @@ def chance_any(p: float, candidates: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 # estimates made from the crossings (``shadownet.boundary``; the chosen inputs': ``shadownet.chosen_inputs``;
-# the critical points': ``shadownet.critical_points``, a first layer's, when the audit is asked to run it)
-CROSSING_ATTACKS = ("restore_regression", "input_unmixing", "chosen_input", "critical_point")
+# the critical points': ``shadownet.critical_points``, and the mask fit's: ``shadownet.mask_fit``, a first
+# layer's each, when the audit is asked to run them)
+CROSSING_ATTACKS = ("restore_regression", "input_unmixing", "chosen_input", "critical_point", "mask_fit")
 WEIGHT_ATTACKS = ("direction", "fake_partner", "fake_partner_top3", "variance_paired", "cluster_variance",
                   *CROSSING_ATTACKS)
 

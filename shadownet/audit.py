@@ -49,6 +49,8 @@ from shadownet.crossing_fits import restore_positions
 from shadownet.exceptions import ArtifactError, InputError, ShadowNetError
 from shadownet.files import check_destination
 from shadownet.load_arguments import check_flags, whole
+from shadownet.mask_fit import BUDGET as FIT_BUDGET
+from shadownet.mask_fit import mask_fit_attack
 from shadownet.private_change import private_change, public_layers
 
 # The fewest and the most inferences observed by default (``default_inferences``): every crossing of each
@@ -145,12 +147,14 @@ def _long_sums(manifest: dict, graph: Any, scheme: Any | None, longest: int | No
 def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], progress: bool = False,
                    restores: dict[str, dict] | None = None, unmixed: dict[str, dict] | None = None,
                    chosen: dict[str, np.ndarray] | None = None,
-                   critical: dict[str, np.ndarray] | None = None) -> dict:
+                   critical: dict[str, np.ndarray] | None = None,
+                   fitted: dict[str, np.ndarray] | None = None) -> dict:
     """Every weight attack on every matched layer, and the totals; ``restores`` and ``unmixed``: what the
     crossings gave away of each layer's restore and input mixing (``boundary.learn_restores``,
     ``boundary.unmix_inputs``), for the restore regression and the input unmixing; ``chosen`` and
-    ``critical``: the chosen-input and the critical-point attacks' estimates by reference layer name
-    (``chosen_inputs.chosen_input_attack``, ``critical_points.critical_point_attack``). A layer's ``any``
+    ``critical``, ``fitted``: the chosen-input, the critical-point and the mask-fit attacks' estimates by
+    reference layer name (``chosen_inputs.chosen_input_attack``, ``critical_points.critical_point_attack``,
+    ``mask_fit.mask_fit_attack``). A layer's ``any``
     counts a filter once, whichever attacks found it."""
     pairs, missing, extra = match_layers(reference, obfuscated)
     rows = []
@@ -168,6 +172,8 @@ def weight_attacks(reference: list[LinearLayer], obfuscated: list[LinearLayer], 
             from_crossings["chosen_input"] = chosen[ref.name]
         if ref.name in (critical or {}):
             from_crossings["critical_point"] = critical[ref.name]
+        if ref.name in (fitted or {}):
+            from_crossings["mask_fit"] = fitted[ref.name]
         figures = attacks.attack_layer(obf.filters, ref.filters, from_crossings=from_crossings)
         row = {"name": ref.name, "kind": ref.kind, "kernel": list(ref.kernel), "where": ref.where,
                "obfuscated": obf.name, "round": obf.where} | figures
@@ -288,7 +294,7 @@ def under_observed(layers: list[LinearLayer], inferences: int) -> list[dict]:
 
 def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: int | None = None,
           progress: bool = False, public: str | os.PathLike | None = None,
-          critical_points: bool | int = False) -> dict:
+          critical_points: bool | int = False, mask_fit: bool | int = False) -> dict:
     """Run the attack suite on an artifact directory against the reference model; a JSON-ready report.
 
     ``inferences`` protected inferences are observed at the boundary for the attacks on the crossings (the
@@ -300,6 +306,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     ``critical_points``: also run the critical-point attack on the first layer (``shadownet.critical_points``,
     the report's ``critical_points``) within its default budget of inferences (True) or this many (an int);
     its estimates count in that layer's ``critical_point`` and ``any`` figures, as the other attacks' do.
+    ``mask_fit``: likewise the mask-fit attack (``shadownet.mask_fit``, the report's ``mask_fit``) with its
+    default budget of inferences (True) or this many, counted in ``mask_fit`` and ``any``.
     Its numpy work is many small matrices: with OpenBLAS's threads on (``OPENBLAS_NUM_THREADS`` unset when
     numpy is imported; the CLI sets it to 1) a helper measured it 9x slower.
     """
@@ -308,8 +316,9 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
     # made the report no longer JSON, progress="no" printed progress)
     if inferences is not None and (not whole(inferences) or inferences < 0):
         raise ValueError(f"inferences must be a non-negative int or None, not {inferences!r}")
-    if not isinstance(critical_points, bool) and not (whole(critical_points) and critical_points > 0):
-        raise ValueError(f"critical_points must be a bool or a positive int, not {critical_points!r}")
+    for name, value in (("critical_points", critical_points), ("mask_fit", mask_fit)):
+        if not isinstance(value, bool) and not (whole(value) and value > 0):
+            raise ValueError(f"{name} must be a bool or a positive int, not {value!r}")
     inferences = None if inferences is None else int(inferences)
     check_flags(progress=progress)
     manifest = read_manifest(out_dir)
@@ -386,8 +395,15 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
                                                                         budget, told)
         except ShadowNetError as exc:
             report["critical_points"] = {"error": str(exc).splitlines()[0], "inferences": 0, "recovered": 0}
+    fitted = None
+    if mask_fit:
+        budget = FIT_BUDGET if mask_fit is True else int(mask_fit)
+        try:
+            fitted, report["mask_fit"] = mask_fit_attack(out_dir, graph, manifest, ref, obf, budget, told)
+        except ShadowNetError as exc:
+            report["mask_fit"] = {"error": str(exc).splitlines()[0], "inferences": 0, "recovered": 0}
     report |= weight_attacks(ref, obf, progress=progress, restores=restores, unmixed=unmixed,
-                             chosen=estimates, critical=critical)
+                             chosen=estimates, critical=critical, fitted=fitted)
     if public is not None:
         report["private_change"] = private_change(public, published, ref, obf, scheme, told)
     if seen is not None:
@@ -404,8 +420,8 @@ def audit(out_dir: str | os.PathLike, reference: str | os.PathLike, inferences: 
 
 def audit_cli(args: Any) -> None:
     """``shadownet audit OUT/ --reference MODEL [--public PUBLIC] [--json F]
-    [--inferences N] [--critical-points [BUDGET]]`` (its counts are checked by the parser and by
-    ``audit``)."""
+    [--inferences N] [--critical-points [BUDGET]] [--mask-fit [BUDGET]]`` (its counts are checked by the
+    parser and by ``audit``)."""
     public = getattr(args, "public", None)
     from converters.original_model import model_path_problem
 
@@ -415,7 +431,8 @@ def audit_cli(args: Any) -> None:
             raise ArtifactError(f"{what} model {path} {why}")
     check_destination(args.json, reads=[p for p in (args.artifacts, args.reference, public) if p is not None])
     report = audit(args.artifacts, args.reference, inferences=args.inferences, progress=True,
-                   public=public, critical_points=getattr(args, "critical_points", False))
+                   public=public, critical_points=getattr(args, "critical_points", False),
+                   mask_fit=getattr(args, "mask_fit", False))
     print(format_report(report))
     if args.json:
         write_json(report, args.json)

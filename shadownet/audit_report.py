@@ -22,16 +22,19 @@ def format_report(report: dict) -> str:
     names = [*attacks.WEIGHT_ATTACKS, "any"]
     short = {"direction": "dir", "fake_partner": "fp", "fake_partner_top3": "fp3", "variance_paired": "var",
              "cluster_variance": "cvar", "restore_regression": "rreg", "input_unmixing": "unmx",
-             "chosen_input": "chsn", "critical_point": "crit", "any": "any"}
+             "chosen_input": "chsn", "critical_point": "crit", "mask_fit": "fit", "any": "any"}
     head = (f"{'layer':<34} {'kind':<9} {'N':>5} {'M':>5} {'D':>5} "
             + " ".join(f"{short[a]:>4}" for a in names) + f" {'subsp':>6} {'chance':>6}")
     lines = [f"scheme {report.get('scheme')}: filters recovered (|cos| >= {report['threshold']}) per attack"]
     observed = "observation" in report  # the attacks on the crossings ran
     critical = "layer" in (report.get("critical_points") or {})  # the critical-point attack ran
+    fitted = "layer" in (report.get("mask_fit") or {})  # the mask-fit attack ran
 
     def measured(attack: str) -> bool:
         if attack == "critical_point":
             return critical
+        if attack == "mask_fit":
+            return fitted
         return observed or attack not in attacks.CROSSING_ATTACKS
 
     leak = report.get("input_leakage")
@@ -71,6 +74,8 @@ def format_report(report: dict) -> str:
                      "into the layer's input, where they crossed unmixed and unmasked): the real filters")
     if report.get("critical_points"):
         lines.append(_critical_points_line(report["critical_points"]))
+    if report.get("mask_fit"):
+        lines.append(_mask_fit_line(report["mask_fit"]))
     observation = report.get("observation")
     if observation and observation["under_observed"]:
         short = observation["under_observed"]
@@ -170,6 +175,17 @@ def _critical_points_line(found: dict) -> str:
     if found["stopped"].startswith(("masked", "a budget")):
         line += f"; stopped: {found['stopped']}"
     return line
+
+
+def _mask_fit_line(found: dict) -> str:
+    """The ``--mask-fit`` line: what the fit of the first layer got, or why it did not run."""
+    if "error" in found or "skipped" in found:
+        return f"mask fit: not run ({found.get('error') or found['skipped']})"
+    state = "one-time masks" if found["masked"] else "no one-time masks"
+    return (f"mask fit (fit): {found['recovered']} of {found['filters']} first-layer filters "
+            f"({layer_label(found['layer'])}) fitted through {found['buffer']} ({state}) from "
+            f"{found['inferences']} inferences ({found['positions']} positions each; {found['seconds']} s), "
+            "counted in 'any'")
 
 
 def _private_change_lines(change: dict) -> list[str]:

@@ -281,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the critical-point attack on the first layer from the first deeper round "
                         "that crosses without one-time masks, within BUDGET inferences (default 4000); what "
                         "it recovers counts in the table (crit, and any)")
+    p.add_argument("--mask-fit", dest="mask_fit", nargs="?", const=True, default=False,
+                   type=_at_least(1), metavar="BUDGET",
+                   help="also fit the first layer through the one-time mask of the round that carries its "
+                        "activated output, from BUDGET inferences of random inputs (default 1600); what it "
+                        "recovers counts in the table (fit, and any)")
     p.add_argument("--json", type=_path, help="also write the report as JSON to this file")
     p.set_defaults(func=_cmd_audit, command_parser=p)
 

@@ -185,7 +185,8 @@ def test_an_artifact_that_does_not_load_is_still_attacked_on_its_weights(narrow_
     lines = audit.format_report(report).splitlines()
     assert lines[1].startswith("NOT MEASURED: no crossing observed") and "'any' counts only" in lines[1]
     rows = lines[lines.index(next(line for line in lines if line.startswith("-"))) + 1:][:6]
-    assert all(row.split()[-5:-3] == ["-", "-"] for row in rows)  # rreg, unmx (then any, subsp, chance)
+    # rreg, unmx, chsn, crit, fit (then any, subsp, chance)
+    assert all(row.split()[-8:-3] == ["-"] * 5 for row in rows), rows
     assert "restore_regression -, input_unmixing -" in audit.format_report(report)
     # The command's last line: why the model did not run, first (it ended a long line: a helper's probe).
     from types import SimpleNamespace

@@ -163,7 +163,7 @@ def test_any_counts_a_filter_once_whichever_attacks_found_it():
     report |= {"threshold": 0.9, "observation": {"inferences": 21, "under_observed": []},
                "critical_points": {"skipped": "the first op on the image is ..."}}
     row = audit.format_report(report).splitlines()[3]
-    assert row.split()[-5:-2] == ["3", "-", "6"]  # chsn, crit (not run: '-'), any
+    assert row.split()[-6:-2] == ["3", "-", "-", "6"]  # chsn, crit and fit (not run: '-'), any
 
 
 def test_a_model_whose_first_layer_is_not_a_conv_is_skipped_with_its_reason():

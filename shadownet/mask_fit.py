@@ -1,0 +1,142 @@
+"""The mask-fit attack: a first conv layer's filters fitted through the one-time mask of the round that
+carries its output (stop 60; a helper ran it with Keras on MiniVGG first: ``docs/experiments/mask_fit``).
+
+Where a conv layer reads the user's input (with no layer of weights between) and its output, through a ReLU
+or ReLU6 alone, crosses as a round's input (``chosen_inputs.targets``), each position of that crossing is
+``o = B act(W p + b) + r``: ``p`` the position's input window, known to an attacker who chose the input,
+``B`` the scheme's input mixing, ``r`` the round's one-time mask - fresh every inference but independent of
+the input, of a public distribution and zero-mean but for a constant per channel. Fitting
+``o ~ A relu(W p + b) + c`` by least squares (Adam on random positions of many inferences; ``A`` a free
+linear map, which takes ``B`` and the ReLU's scale, ``c`` the masks' mean) averages the mask out: the
+estimate's variance goes as (mask / signal)^2 over the samples, and every inference gives one sample per
+position. Unlike the chosen-input attack (exact relations, which any mask breaks) and the critical-point
+attack (probe steps far under the noise), nothing here needs the crossing exact.
+
+Measured (the helper's Keras fit, the same model): the zoo MiniVGG under the default, its round-2 mask
+18-25x the activations, 30 of its 32 first-layer filters from 1,600 inferences, as many as from the
+unmasked crossing. No secret is used; the reference model gives the geometry and scores the estimates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shadownet.attacks import RECOVERY_COS, best_cosines
+from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
+from shadownet.chosen_inputs import _patches, targets
+
+BUDGET = 1600  # inferences: MiniVGG's 30 of 32 (the helper's fit), ~30 s of inferences on this machine
+CHUNK = 100  # inferences observed at once
+MAX_SAMPLES = 1 << 22  # positions kept in all (a large image's are drawn at random from each inference)
+STEPS = 6000  # Adam steps, the learning rate on a cosine from LEARNING_RATE to 0
+LEARNING_RATE = 3e-3
+BATCH = 16384  # positions a step
+
+
+def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, reference: list[LinearLayer],
+                    obfuscated: list[LinearLayer], budget: int = BUDGET,
+                    progress: Callable[[str], None] | None = None,
+                    seed: int = 0, steps: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the attack on the protected model in ``out_dir`` with ``budget`` inferences of the attacker's
+    own random inputs: its estimates by reference layer name (for ``attacks.attack_layer``'s
+    ``from_crossings``) and what ran, for the report (``skipped`` when no layer fits ``targets``)."""
+    from shadownet.audit_leakage import raw_tensors, reference_activations, round_sources
+    from shadownet.boundary import observe_boundary, round_number
+
+    started = time.perf_counter()
+    pairs, _, _ = match_layers(reference, obfuscated)
+    raw = set().union(*(raw_tensors(graph, t) for t in graph.inputs))
+    found = targets(graph, raw, round_sources(manifest, pairs))
+    if not found:
+        return {}, {"skipped": "no conv layer on the user's input whose activated output a round carries",
+                    "inferences": 0}
+    target = found[0]
+    op, (a, b) = target["op"], target["channels"]
+    kernel = graph.tensors[op.inputs[1]].shape
+    rng = np.random.default_rng(seed)
+    positions, windows, crossings = None, [], []
+    for start in range(0, budget, CHUNK):
+        count = min(CHUNK, budget - start)
+        if progress:
+            progress(f"mask fit: inferences {start + 1}-{start + count} of {budget} of the attacker's own "
+                     f"inputs, for {target['layer']} from {target['buffer']}")
+        inputs = [_inputs(manifest["inputs"], rng) for _ in range(count)]
+        seen = join_halves(observe_boundary(out_dir, inputs), split_names(manifest)[1])
+        read = reference_activations(graph, inputs, {target["input"]})
+        p = _patches(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
+        o = np.asarray(seen[target["buffer"]], np.float32)[:, 0, ..., a:b]
+        if p is None or p.shape[:3] != o.shape[:3]:
+            return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s windows",
+                        "inferences": 0}
+        p, o = p.reshape(count, -1, p.shape[-1]), o.reshape(count, -1, o.shape[-1])
+        if positions is None:
+            positions = min(p.shape[1], max(MAX_SAMPLES // budget, 1))
+        for i in range(count):
+            kept = rng.choice(p.shape[1], positions, replace=False) if positions < p.shape[1] else slice(None)
+            windows.append(p[i, kept])
+            crossings.append(o[i, kept])
+    if progress:
+        progress(f"mask fit: fitting {kernel[0]} filters to {budget * positions} positions")
+    # Twice the layer's units: with as many, the fit left the filters of smallest norm out, with or without
+    # the mask (a helper: ResNet-44's 12 of 16 against 16 of 16 from 1,600 inferences)
+    estimates = fit(np.concatenate(windows), np.concatenate(crossings), 2 * int(kernel[0]), rng,
+                    steps or STEPS, taps=int(kernel[1]) * int(kernel[2]))
+    ref = next((r for r, _ in pairs if r.name == target["layer"]), None)
+    recovered = 0 if ref is None else int(np.sum(best_cosines(estimates, ref.filters) >= RECOVERY_COS))
+    return {target["layer"]: estimates}, {
+        "layer": target["layer"], "buffer": target["buffer"], "inferences": budget, "positions": positions,
+        "filters": int(kernel[0]), "recovered": recovered,
+        "masked": round_number(target["buffer"].split("/")[0]) in set(
+            (manifest.get("masks") or {}).get("one_time_rounds") or ()),
+        "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
+    """One inference's inputs: random normal float inputs, zeros for others."""
+    made = []
+    for spec in specs:
+        shape, dtype = tuple(int(d) for d in spec["shape"]), np.dtype(spec.get("dtype", "float32"))
+        made.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    return made
+
+
+def fit(windows: np.ndarray, crossings: np.ndarray, units: int, rng: np.random.Generator,
+        steps: int = STEPS, taps: int = 1) -> np.ndarray:
+    """The filters (``[units, window]``) of ``crossings ~ A relu(windows @ W + b) + c`` fitted by least
+    squares (Adam on random batches of rows, the learning rate on a cosine to 0; Glorot-uniform starts as
+    Keras makes them for a conv of ``taps`` taps and a 1x1 one, with which the helper measured it)."""
+    p = np.ascontiguousarray(windows, np.float32)
+    o = np.asarray(crossings, np.float32)
+    o = np.ascontiguousarray(o / (float(o.std()) or 1.0))
+    n, k = p.shape
+    c = o.shape[1]
+    params = [rng.uniform(-1, 1, (k, units)) * math.sqrt(6 / (k + taps * units)), np.zeros(units),
+              rng.uniform(-1, 1, (units, c)) * math.sqrt(6 / (units + c)), np.zeros(c)]
+    # The parameters and Adam's moments in float64 (small), the products over the batch in float32: in
+    # float32 the second moments of a unit's vanishing gradients sank into subnormal numbers, 40x slower.
+    first, second = [np.zeros_like(x) for x in params], [np.zeros_like(x) for x in params]
+    batch = min(BATCH, n)
+    for step in range(1, steps + 1):
+        rows = rng.integers(0, n, batch)
+        x, y = p[rows], o[rows]
+        w, bias, mix, offset = (v.astype(np.float32) for v in params)
+        z = x @ w + bias
+        h = np.maximum(z, 0)
+        r = (h @ mix + offset - y) * np.float32(2 / (batch * c))
+        dh = (r @ mix.T) * (z > 0)
+        grads = [x.T @ dh, dh.sum(0), h.T @ r, r.sum(0)]
+        rate = LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        correction = math.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step)
+        for x_, g, m, v in zip(params, grads, first, second, strict=True):
+            m *= 0.9
+            m += 0.1 * g
+            v *= 0.999
+            v += 0.001 * np.square(g, dtype=np.float64)
+            x_ -= rate * correction * m / (np.sqrt(v) + 1e-7)
+    return params[0].T

@@ -122,13 +122,19 @@ def batches(specs: list[dict], seed: int = 1) -> list[list[np.ndarray]]:
     """The attacker's inputs: one random normal input per model input, then ``STEPS`` copies of it moved by
     ``STEP`` times its RMS in random directions (float inputs only; others kept as they are)."""
     rng = np.random.default_rng(seed)
-    base = []
-    for spec in specs:
-        shape, dtype = tuple(int(d) for d in spec["shape"]), np.dtype(spec.get("dtype", "float32"))
-        base.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    base = random_inputs(specs, rng)
     moved = [[(x + STEP * rng.standard_normal(x.shape)).astype(x.dtype) if x.dtype.kind == "f" else x
               for x in base] for _ in range(STEPS)]
     return [base, *moved]
+
+
+def random_inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
+    """One inference's inputs (the manifest's ``inputs``): random normal float inputs, zeros for others."""
+    made = []
+    for spec in specs:
+        shape, dtype = tuple(int(d) for d in spec["shape"]), np.dtype(spec.get("dtype", "float32"))
+        made.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    return made
 
 
 def attack(target: dict, graph: Any, crossing: np.ndarray, layer_input: np.ndarray,
@@ -141,7 +147,7 @@ def attack(target: dict, graph: Any, crossing: np.ndarray, layer_input: np.ndarr
     the geometry does not fit or too few positions are on."""
     op = target["op"]
     kernel = graph.tensors[op.inputs[1]].shape
-    patches = _patches(np.asarray(layer_input, np.float64)[:, 0], kernel, op.options)
+    patches = windows_of(np.asarray(layer_input, np.float64)[:, 0], kernel, op.options)
     o = np.asarray(crossing, np.float64)[:, 0]
     if patches is None or patches.shape[:3] != o.shape[:3]:
         return np.zeros((0, int(np.prod(kernel[1:]))))
@@ -207,7 +213,7 @@ def _mode(values: np.ndarray) -> float:
     return float(np.median(ordered[start:start + width]))
 
 
-def _patches(x: np.ndarray, kernel: tuple[int, ...], options: Any) -> np.ndarray | None:
+def windows_of(x: np.ndarray, kernel: tuple[int, ...], options: Any) -> np.ndarray | None:
     """Every output position's input window of a CONV_2D (``kernel`` ``[M, kh, kw, cin]``) over ``x``
     (``[K, H, W, cin]``), as LiteRT pads and strides it (``converters.linear.windows``):
     ``[K, h, w, kh * kw * cin]``; None for a geometry it does not read."""

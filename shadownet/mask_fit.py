@@ -29,10 +29,10 @@ import numpy as np
 
 from shadownet.attacks import RECOVERY_COS, best_cosines
 from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
-from shadownet.chosen_inputs import _patches, targets
+from shadownet.chosen_inputs import random_inputs, targets, windows_of
 
 BUDGET = 1600  # inferences: MiniVGG's 30 of 32 (the helper's fit), ~30 s of inferences on this machine
-CHUNK = 100  # inferences observed at once
+CHUNK = 25  # inferences observed at once (every round's buffers are kept: ResNet-404's 26 MB each)
 MAX_SAMPLES = 1 << 22  # positions kept in all (a large image's are drawn at random from each inference)
 STEPS = 6000  # Adam steps, the learning rate on a cosine from LEARNING_RATE to 0
 LEARNING_RATE = 3e-3
@@ -66,10 +66,10 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
         if progress:
             progress(f"mask fit: inferences {start + 1}-{start + count} of {budget} of the attacker's own "
                      f"inputs, for {target['layer']} from {target['buffer']}")
-        inputs = [_inputs(manifest["inputs"], rng) for _ in range(count)]
+        inputs = [random_inputs(manifest["inputs"], rng) for _ in range(count)]
         seen = join_halves(observe_boundary(out_dir, inputs), split_names(manifest)[1])
         read = reference_activations(graph, inputs, {target["input"]})
-        p = _patches(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
+        p = windows_of(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
         o = np.asarray(seen[target["buffer"]], np.float32)[:, 0, ..., a:b]
         if p is None or p.shape[:3] != o.shape[:3]:
             return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s windows",
@@ -82,7 +82,8 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
             windows.append(p[i, kept])
             crossings.append(o[i, kept])
     if progress:
-        progress(f"mask fit: fitting {kernel[0]} filters to {budget * positions} positions")
+        progress(f"mask fit: fitting {2 * kernel[0]} units for {kernel[0]} filters to {budget * positions} "
+                 "positions")
     # Twice the layer's units: with as many, the fit left the filters of smallest norm out, with or without
     # the mask (a helper: ResNet-44's 12 of 16 against 16 of 16 from 1,600 inferences)
     estimates = fit(np.concatenate(windows), np.concatenate(crossings), 2 * int(kernel[0]), rng,
@@ -95,15 +96,6 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
         "masked": round_number(target["buffer"].split("/")[0]) in set(
             (manifest.get("masks") or {}).get("one_time_rounds") or ()),
         "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _inputs(specs: list[dict], rng: np.random.Generator) -> list[np.ndarray]:
-    """One inference's inputs: random normal float inputs, zeros for others."""
-    made = []
-    for spec in specs:
-        shape, dtype = tuple(int(d) for d in spec["shape"]), np.dtype(spec.get("dtype", "float32"))
-        made.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
-    return made
 
 
 def fit(windows: np.ndarray, crossings: np.ndarray, units: int, rng: np.random.Generator,

@@ -100,7 +100,7 @@ def test_a_first_layer_carried_through_a_concatenation_is_solved_and_masked(tmp_
 @pytest.mark.parametrize(("padding", "stride", "dilation"),
                          [(fb.Padding.SAME, 2, 1), (fb.Padding.VALID, 1, 2), (fb.Padding.SAME, 1, 2)])
 def test_the_attack_reads_each_position_s_window_as_litert_does(padding, stride, dilation):
-    """``_patches`` times the filters is LiteRT's conv, padding, strides and dilation included."""
+    """``windows_of`` times the filters is LiteRT's conv, padding, strides and dilation included."""
     rng = np.random.default_rng(1)
     g = Graph()
     x = g.add_tensor("x", (1, 11, 10, 3), np.float32)
@@ -116,6 +116,6 @@ def test_the_attack_reads_each_position_s_window_as_litert_does(padding, stride,
     g.inputs, g.outputs = [x], [y]
     value = rng.standard_normal((1, 11, 10, 3)).astype(np.float32)
     want = run(write_model(g), [value])[0]
-    patches = chosen_inputs._patches(value.astype(np.float64), weights.shape, options)
+    patches = chosen_inputs.windows_of(value.astype(np.float64), weights.shape, options)
     got = patches @ weights.reshape(4, -1).T.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ offloaded layer's secrets: the rows of its restore (``learn_restores``), then it
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -23,10 +23,12 @@ MAX_PAD = 4  # a follower this many pixels larger each way is tried at every pla
 class RecordingAccelerator:
     """An accelerator wrapper that keeps a copy of every round's inputs before running the round and of
     its results after: exactly what a compromised driver sees (``shadownet.load(OUT,
-    accelerator=RecordingAccelerator)``)."""
+    accelerator=RecordingAccelerator)``). ``names``: keep only those buffers (None: every one; thousands of
+    inferences of one round input are kept in the memory of that one)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, names: Collection[str] | None = None) -> None:
         self.inner = inner
+        self.names = None if names is None else frozenset(names)
         self.buffers: dict[str, np.ndarray] = {}
         self.seen: dict[str, list[np.ndarray]] = {}
 
@@ -36,7 +38,7 @@ class RecordingAccelerator:
 
     def _keep(self, prefix: str) -> None:
         for name, view in self.buffers.items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) and (self.names is None or name in self.names):
                 self.seen.setdefault(name, []).append(np.array(view))
 
     def run_round(self, r: int) -> None:
@@ -72,16 +74,18 @@ def sample_inputs(specs: list[dict], count: int, seed: int = 0) -> list[list[np.
     return batches
 
 
-def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+def observe_boundary(out_dir: str | os.PathLike, batches: list[list[np.ndarray]],
+                     names: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Run protected inferences and return, stacked per name, every round input the accelerator received
     (``"round_1/in/x0"``), every round result it returned (``"round_1/out/y0"``) and every model output
-    the app got (``"output/NAME"``): ``array (K, *shape)`` for K inferences."""
+    the app got (``"output/NAME"``): ``array (K, *shape)`` for K inferences. ``names``: of the round
+    buffers, only those (None: every one)."""
     import shadownet
 
     recorders: list[RecordingAccelerator] = []
 
     def wrap(inner: Any) -> RecordingAccelerator:
-        recorders.append(RecordingAccelerator(inner))
+        recorders.append(RecordingAccelerator(inner, names))
         return recorders[-1]
 
     outputs: dict[str, list[np.ndarray]] = {}

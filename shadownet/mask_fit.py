@@ -32,7 +32,7 @@ from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split
 from shadownet.chosen_inputs import random_inputs, targets, windows_of
 
 BUDGET = 1600  # inferences: MiniVGG's 30 of 32 (the helper's fit), ~30 s of inferences on this machine
-CHUNK = 25  # inferences observed at once (every round's buffers are kept: ResNet-404's 26 MB each)
+CHUNK = 100  # inferences whose windows are made at once
 MAX_SAMPLES = 1 << 22  # positions kept in all (a large image's are drawn at random from each inference)
 STEPS = 6000  # Adam steps, the learning rate on a cosine from LEARNING_RATE to 0
 LEARNING_RATE = 3e-3
@@ -59,18 +59,22 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
     target = found[0]
     op, (a, b) = target["op"], target["channels"]
     kernel = graph.tensors[op.inputs[1]].shape
+    carrier = round_number(target["buffer"].split("/")[0])
     rng = np.random.default_rng(seed)
+    if progress:
+        progress(f"mask fit: {budget} inferences of the attacker's own inputs, for {target['layer']} from "
+                 f"{target['buffer']}")
+    everything = [random_inputs(manifest["inputs"], rng) for _ in range(budget)]
+    # One load of the protected model, its target buffer alone recorded
+    seen = join_halves(observe_boundary(out_dir, everything, {target["buffer"]}),
+                       split_names(manifest)[1])[target["buffer"]]
     positions, windows, crossings = None, [], []
     for start in range(0, budget, CHUNK):
         count = min(CHUNK, budget - start)
-        if progress:
-            progress(f"mask fit: inferences {start + 1}-{start + count} of {budget} of the attacker's own "
-                     f"inputs, for {target['layer']} from {target['buffer']}")
-        inputs = [random_inputs(manifest["inputs"], rng) for _ in range(count)]
-        seen = join_halves(observe_boundary(out_dir, inputs), split_names(manifest)[1])
+        inputs = everything[start:start + count]
         read = reference_activations(graph, inputs, {target["input"]})
         p = windows_of(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
-        o = np.asarray(seen[target["buffer"]], np.float32)[:, 0, ..., a:b]
+        o = np.asarray(seen[start:start + count], np.float32)[:, 0, ..., a:b]
         if p is None or p.shape[:3] != o.shape[:3]:
             return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s windows",
                         "inferences": 0}
@@ -93,8 +97,7 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
     return {target["layer"]: estimates}, {
         "layer": target["layer"], "buffer": target["buffer"], "inferences": budget, "positions": positions,
         "filters": int(kernel[0]), "recovered": recovered,
-        "masked": round_number(target["buffer"].split("/")[0]) in set(
-            (manifest.get("masks") or {}).get("one_time_rounds") or ()),
+        "masked": carrier in set((manifest.get("masks") or {}).get("one_time_rounds") or ()),
         "seconds": round(time.perf_counter() - started, 1)}
 
 

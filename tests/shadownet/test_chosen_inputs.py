@@ -45,7 +45,9 @@ def _two_convs(seed: int = 0, dense_block: bool = False) -> bytes:
     return write_model(g)
 
 
-def _audit(tmp_path: Path, model: bytes | None = None, **convert) -> tuple[dict, dict]:
+def convert(tmp_path: Path, model: bytes | None = None, **options) -> dict:
+    """``model`` (the two convs by default) as ``tmp_path / "model.tflite"``, converted into ``tmp_path /
+    "out"`` with ``options``; its manifest."""
     import shadownet
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -53,8 +55,12 @@ def _audit(tmp_path: Path, model: bytes | None = None, **convert) -> tuple[dict,
     original.write_bytes(model or _two_convs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded (insecure), mask_scale=0 (unmasked)
-        manifest = shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **convert)
-    return manifest, audit.audit(tmp_path / "out", original, inferences=4)
+        return shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **options)
+
+
+def _audit(tmp_path: Path, model: bytes | None = None, **options) -> tuple[dict, dict]:
+    manifest = convert(tmp_path, model, **options)
+    return manifest, audit.audit(tmp_path / "out", tmp_path / "model.tflite", inferences=4)
 
 
 def test_a_first_layer_whose_activated_output_crosses_unmasked_is_solved_from_chosen_inputs(tmp_path):

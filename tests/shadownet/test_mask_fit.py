@@ -4,7 +4,7 @@ that carries its output - what the default's masks do not stop."""
 from __future__ import annotations
 
 from shadownet import audit, mask_fit
-from tests.shadownet.test_chosen_inputs import _audit
+from tests.shadownet.test_chosen_inputs import convert
 
 
 def test_a_first_layer_is_fitted_through_the_one_time_mask_that_stops_the_chosen_input_attack(tmp_path,
@@ -15,12 +15,12 @@ def test_a_first_layer_is_fitted_through_the_one_time_mask_that_stops_the_chosen
     median best |cos| 0.92; 5 and 0.77 from 800); unmasked (``mask_scale=0``) 100 inferences give 14-16."""
     monkeypatch.setattr(mask_fit, "STEPS", 3000)
     original = tmp_path / "unmasked"
-    manifest, report = _audit(original, scheme="groupmix:mask_scale=0")
+    convert(original, scheme="groupmix:mask_scale=0")
     report = audit.audit(original / "out", original / "model.tflite", inferences=4, mask_fit=100)
     assert report["mask_fit"]["buffer"] == "round_2/in/x0" and report["mask_fit"]["inferences"] == 100
     assert report["layers"][0]["recovered"]["mask_fit"] >= 12
     masked = tmp_path / "default"
-    manifest, _ = _audit(masked)
+    manifest = convert(masked)
     assert 2 in manifest["masks"]["one_time_rounds"]
     report = audit.audit(masked / "out", masked / "model.tflite", inferences=4, mask_fit=1600)
     first = report["layers"][0]

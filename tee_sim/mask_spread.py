@@ -281,6 +281,8 @@ class SpreadFollower:
         push, limits = self._bound[entry.slot].get(name, (None, None))  # a check's op, or a measure
         if push is not None and self.streams[name].split:
             push.grid = self.streams[name].split * 2.0 ** k
+        if self.streams[name].modular:  # its period (tee_sim.modular_masks), which its push reads
+            entry.periods[name][0] = self.streams[name].period * np.float32(2.0 ** k)
         if isinstance(limits, np.ndarray):
             limits[:2] = band(self.streams[name].spread, k)
         elif limits is not None:

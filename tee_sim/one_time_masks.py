@@ -19,6 +19,8 @@ MobileNet's 225x225x3: 2.1 against 3.0). On the mask's own grid: made on a faste
 is 3 x 139) and cropped, a field's band shares blur, and some sizes lost half of one band's (a review).
 Its variance per element is at most 1, so ``std`` bounds it as it bounds a white mask (the exact split's
 grid); values cut at the table's tails (about 2e-5 of a shaped mask's).
+A modular mask (the spec's ``modular``, ``tee_sim.modular_masks``) is 24 bits of the keystream per element,
+uniform over its power-of-two period, no table.
 The unblinding term of a one-time round's restore is its offset ``bias - restore(L(mask))`` (``PopMask``,
 the pop mask of Slalom and of the paper: the mask pushed through the layer's obfuscated weights and the
 restore, in float64), made offline when the pool is refilled.
@@ -36,7 +38,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tee_sim.layer_geometry import Geometry, geometry
-from tee_sim.program import SMALL_MASK, mask_bands
+from tee_sim.program import SMALL_MASK, mask_bands, modular_period
 from tee_sim.ta_shadownet_kernels import LIBRARY
 
 TABLE_BITS = 16
@@ -104,6 +106,16 @@ class MaskStream:
         # power of two to follow the input's own (``tee_sim.mask_spread``); 0: never.
         self.spread = float(spec.get("spread", 0.0))
         self.bands = spec.get("bands", 0)  # shaped: the number of frequency bands; 0: white
+        # Modular (tee_sim.modular_masks): uniform over a power-of-two period, sent modulo it (an exact
+        # split's high half: its grid then divides the period); white, with no mean.
+        self.modular = spec.get("modular", False)
+        self.period = modular_period(float(self.std)) if self.modular is True and self.std > 0 else 0.0
+        if self.modular is not False and (self.modular is not True or self.bands or common is not None
+                                          or np.any(mean != 0) or not 0 < float(self.std) < math.inf
+                                          or self.split and not (self.period / self.split).is_integer()):
+            raise ValueError(f"mask of {spec['buffer']}: modular {self.modular!r} with split {self.split}, "
+                             f"bands {self.bands!r}, a common direction or a mean")
+        self.period = np.float32(self.period)
         if (mean.shape != self.shape[-1:] or not math.isfinite(float(self.std))
                 or not (self.split == 0 or 0 < self.split < math.inf)
                 or not (self.spread == 0 or 0 < self.spread < math.inf)
@@ -185,6 +197,9 @@ class MaskStream:
 
     def draw(self, key: bytes, out: np.ndarray) -> None:
         encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
+        if self.modular:
+            self._uniform(encryptor, out.reshape(-1))
+            return
         centres = gaussian_table()[0]
         if self.bands and self.shape[1:-1]:
             for c in range(self.shape[-1]):
@@ -224,6 +239,21 @@ class MaskStream:
             np.multiply(offset[:n], width[:n], out=offset[:n])
             np.add(flat[a:a + n], offset[:n], out=flat[a:a + n])
 
+    def _uniform(self, encryptor: Any, flat: np.ndarray) -> None:
+        """A modular mask into the contiguous float32 ``flat``: 24 bits of the keystream per element, uniform
+        over ``[-period/2, period/2)`` on a grid of ``period * 2**-24`` (all exact: the period is a power of
+        two)."""
+        words = self._stream[:4 * self._chunk].view(np.uint32)
+        for a in range(0, flat.size, self._chunk):
+            n = min(self._chunk, flat.size - a)
+            encryptor.update_into(self._zeros[:4 * n], self._stream)
+            part = flat[a:a + n]
+            np.right_shift(words[:n], 8, out=words[:n])
+            part[...] = words[:n]  # < 2**24: exact in float32
+            np.multiply(part, np.float32(2.0 ** -24), out=part)
+            np.subtract(part, np.float32(0.5), out=part)
+            np.multiply(part, self.period, out=part)
+
     def _field(self, encryptor: Any, plane: np.ndarray) -> None:
         """One shaped field of unit variance into ``plane`` [N, *positions]: its spectrum drawn white and
         scaled by the bands' gains, then transformed back."""
@@ -252,19 +282,18 @@ class PopMask:
         [taps * C, N] (rows tap-major, then channel) and the bias, both permuted; None otherwise."""
         if self.geometry.kind != "CONV_2D":
             return None
-        w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
         bias = self.bias.astype(np.float64)
         if self.permutation is not None:
             bias = bias[self.permutation]
+        return self.composed(weights), np.ascontiguousarray(bias)
+
+    def composed(self, weights: np.ndarray) -> np.ndarray:
+        """``composed_weights`` of this restore: what ``prepare`` gives a conv's pop masks."""
+        w = weights.reshape(weights.shape[0], -1).T.astype(np.float64)  # [taps * C, M]
         if self.matrix is not None:  # one product (columns permuted): a gather per term took ResNet-44's
             # refill 0.5 ms a layer, under every-round masks a fifth of it
-            return w @ self.matrix, np.ascontiguousarray(bias)
-        composed = w[:, self.index[0]] * self.coef[0].astype(np.float64)
-        for j in range(1, len(self.index)):
-            composed += w[:, self.index[j]] * self.coef[j].astype(np.float64)
-        if self.permutation is not None:
-            composed = composed[:, self.permutation]
-        return np.ascontiguousarray(composed), np.ascontiguousarray(bias)
+            return w @ self.matrix
+        return composed_weights(weights, self.index, self.coef, self.permutation)
 
     def compute(self, mask: np.ndarray, weights: np.ndarray, out: np.ndarray,
                 prepared: tuple[np.ndarray, np.ndarray] | None = None) -> None:
@@ -323,6 +352,26 @@ class PopMask:
             np.add.at(self.matrix, (self.index[j], np.arange(n)), self.coef[j].astype(np.float64))
         if self.permutation is not None:
             self.matrix[...] = self.matrix[:, self.permutation]
+
+
+def composed_weights(weights: np.ndarray, index: np.ndarray, coef: np.ndarray,
+                     permutation: np.ndarray | None) -> np.ndarray:
+    """A layer's obfuscated weights (``[M, ...]``) composed with its restore (``index`` / ``coef`` ``[k, N]``,
+    then ``permutation``, the offset's channel order): float64 ``[taps * C, N]``, rows tap-major then channel
+    (a dense layer's ``[C, N]``); a conv's pop masks (``PopMask.prepare``) and a modular mask's unwrap
+    (``tee_sim.modular_masks``) read it."""
+    m = weights.shape[0]
+    if (index.ndim != 2 or coef.shape != index.shape or not np.issubdtype(index.dtype, np.integer)
+            or index.size and not 0 <= int(index.min()) <= int(index.max()) < m
+            or permutation is not None and sorted(permutation.tolist()) != list(range(index.shape[1]))):
+        raise ValueError(f"a restore {index.shape} / {coef.shape} for weights of {m} outputs")
+    w = weights.reshape(m, -1).T.astype(np.float64)  # [taps * C, M]
+    composed = w[:, index[0]] * coef[0].astype(np.float64)
+    for j in range(1, len(index)):
+        composed += w[:, index[j]] * coef[j].astype(np.float64)
+    if permutation is not None:
+        composed = composed[:, permutation]
+    return np.ascontiguousarray(composed)
 
 
 def small_mask(std: float, spread: float) -> bool:

@@ -7,7 +7,9 @@ fresh 256-bit key of the TEE's CSPRNG (``tee_sim.one_time_masks``; the key is th
 each restore of a one-time round its offset ``bias - L(mask)`` (the pop mask of Slalom and of the paper:
 the mask pushed through the layer's obfuscated weights and the restore, in float64; an exact split's is
 its pop mask before the restore, ``tee_sim.exact_split``); round 1's masks at the power of two the last
-input's spread called for, moved when an input calls for another (``tee_sim.mask_spread``). The mask is drawn
+input's spread called for, moved when an input calls for another (``tee_sim.mask_spread``); for a modular
+mask (``tee_sim.modular_masks``), where its push keeps the periods it takes off, which its restores'
+offsets (a split's pop mask) get back before they are read (the unwrap). The mask is drawn
 once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
 yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then; 512 KiB since the
 table holds its cells' widths too) against 2 MB of
@@ -51,7 +53,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -61,8 +63,9 @@ from tee_sim.exact_split import SplitPop
 from tee_sim.freivalds import POPPED, LayerCheck, direct
 from tee_sim.freivalds_directions import COMPUTED_TOTAL_BYTES
 from tee_sim.mask_spread import SpreadFollower, small_mask_ratio
+from tee_sim.modular_masks import Unwrap
 from tee_sim.obfuscated_weights import Weights, weight_regions
-from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, gaussian_table
+from tee_sim.one_time_masks import MaskStream, PopMask, check_pop, composed_weights, gaussian_table
 from tee_sim.per_inference_kernels import PerInferenceKernels
 from tee_sim.program import round_of
 
@@ -81,6 +84,10 @@ class Entry:
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     exponents: dict[str, int] = field(default_factory=dict)  # per followed mask: its power of two
+    # Per modular mask (tee_sim.modular_masks): the periods its push took off each element, and its period
+    # now (float32 [1]: its power of two moves it).
+    wraps: dict[str, np.ndarray] = field(default_factory=dict)
+    periods: dict[str, np.ndarray] = field(default_factory=dict)
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
 
@@ -150,9 +157,33 @@ class PerInference:
                                                     shm_shapes[out], self.account, shared_results=True,
                                                     popped=True)
 
+        # A modular mask's restores (tee_sim.modular_masks) keep their layers' weights composed with the
+        # restore in secure memory, made as the load reads the weights.
+        # An exact split's (its pop mask before the restore) keep -[W'_hi | W'_lo], the blocks its high half
+        # meets: the periods come off both halves of the pop mask.
+        modular = {name: spec for name, spec in one_time["offsets"].items()
+                   if (one_time["masks"].get(spec.get("mask")) or {}).get("modular") is True}
+        composed: dict[str, np.ndarray] = {}
+
+        def visit(name: str, weights: np.ndarray) -> None:
+            make_checks(name, weights)
+            for offset, spec in modular.items():
+                if layers[spec["layer"]]["weights"] != name:
+                    continue
+                if spec.get("split"):
+                    m, c = weights.shape[0] // 2, weights.shape[-1] // 2
+                    blocks = [weights[:m, ..., :c], weights[m:, ..., :c]]  # W'_hi, W'_lo
+                    made = np.concatenate([-b.reshape(m, -1).T for b in blocks], axis=1)
+                else:
+                    perm = spec.get("permutation")
+                    made = composed_weights(weights, arrays[spec["index"]], arrays[spec["coef"]],
+                                            None if perm is None else arrays[perm].astype(np.intp))
+                composed[offset] = self.account(made.shape, np.float32)
+                composed[offset][...] = made
+
         # Read from the normal world's untrusted.tflite once, with its SHA-256 checked on the same bytes.
         self.weights = Weights(untrusted, weight_regions(layers, needed), program.get("untrusted_sha256"),
-                               self.account, weights_outside, random_bytes, make_checks)
+                               self.account, weights_outside, random_bytes, visit)
         # One-time masks: the buffers the instructions read under the program's mask / offset names, so the
         # ordinary push and restore code runs on them unchanged, on the masks and offsets of the pool slot
         # in use (one compiled push / restore per slot).
@@ -190,6 +221,14 @@ class PerInference:
             self.pops[name] = PopMask(layer["weights"], geo, mask, arrays[spec["bias"]],
                                       arrays[spec["index"]], arrays[spec["coef"]], permutation)
             self.pops[name].dense(geo.y_shape[-1], self.account)
+        # A modular mask's restores unwrap what its push took off (tee_sim.modular_masks).
+        self.unwraps: dict[str, dict[str, Unwrap]] = {}  # by mask, by offset
+        for name, pop in self.pops.items():
+            if name in composed:
+                geo = pop.geometry  # a split layer's reads 2C channels, [x_hi | x_lo]; the wraps are x_hi's
+                if isinstance(pop, SplitPop):
+                    geo = replace(geo, x_shape=(*geo.x_shape[:-1], geo.x_shape[-1] // 2))
+                self.unwraps.setdefault(pop.mask, {})[name] = Unwrap(geo, composed[name])
         self._offset_shapes = {name: shm_shapes[spec["layer"]] if spec.get("split") else
                                (*shm_shapes[spec["layer"]][:-1], arrays[spec["bias"]].shape[0])
                                for name, spec in one_time["offsets"].items()}
@@ -233,7 +272,7 @@ class PerInference:
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
         self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
-        self.entry_bytes += sum(stream.size * 4 for stream in self.streams.values())
+        self.entry_bytes += sum(s.size * (5 if s.modular else 4) for s in self.streams.values())  # (+ wraps)
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -327,6 +366,10 @@ class PerInference:
         entry = Entry(slot)
         for name, stream in self.streams.items():
             entry.masks[name] = self.account(stream.shape, np.float32)
+            if stream.modular:
+                entry.wraps[name] = self.account(stream.shape, np.int8)
+                entry.periods[name] = self.account((1,), np.float32)
+                entry.periods[name][0] = stream.period
         for name, shape in self._offset_shapes.items():
             entry.offsets[name] = self.account(shape, np.float32)
         for out, check in self.checks.items():

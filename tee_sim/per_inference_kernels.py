@@ -161,9 +161,18 @@ class PerInferenceKernels:
             fetch = compile_copy(fetched, src)  # None: numpy copies it
         spreads: list[Any] = []  # per slot, a plain push's spread check (None: numpy's, in follow)
         reports: list[Callable[[], TEEError]] = []  # per slot, a checked restore's failed check's error
+        # A modular mask's push (tee_sim.modular_masks) keeps the periods it takes off, and its readers'
+        # offsets are unwrapped once it is sent: per slot, those C calls.
+        modular = mask in online.streams and online.streams[mask].modular
+        unwraps: list[list[Any]] = [[] for _ in online.entries]
         if mask in online.streams or offset in online.pops or checked:
             variants = []
             for entry in online.entries:
+                wrapped_mod = {}
+                if modular:
+                    wrapped_mod = {"wraps": entry.wraps[mask], "period": entry.periods[mask]}
+                    unwraps[entry.slot] = [u.compile(entry.wraps[mask], entry.periods[mask], entry.offsets[o])
+                                           for o, u in online.unwraps.get(mask, {}).items()]
                 if mask in online.streams:
                     online.arrays[mask] = entry.masks[mask]
                 if offset in online.pops:
@@ -179,7 +188,7 @@ class PerInferenceKernels:
                 measure = online.spread.measure(online.account, followed) if measured else None
                 made_in = entry.masks[mask] if in_place else dst
                 spread = {"spread": measure} if measured else {}
-                variants.append(compile_(src, made_in, **verified, **spread))
+                variants.append(compile_(src, made_in, **verified, **spread, **wrapped_mod))
                 if sent is not None:
                     sends.append((compile_copy(made_in, sent), made_in))  # None: numpy copies it
                 if followed:
@@ -214,6 +223,8 @@ class PerInferenceKernels:
                 if sent is not None:
                     send, made = sends[online.current.slot]
                     send() if send is not None else np.copyto(sent, made)
+                for unwrap in unwraps[online.current.slot]:
+                    unwrap()
         else:
             run = compile_(src, dst, **verified)
             if not prepares:
@@ -239,7 +250,8 @@ class PerInferenceKernels:
         wrapped.slot_calls = [  # type: ignore[attr-defined]
             None if kernel_calls(v) is None or first[slot] is None or sending[slot] is None
             or fetching is None or None in prepare_calls[slot]
-            else [*fetching, *first[slot], *kernel_calls(v), *sending[slot], *prepare_calls[slot]]
+            else [*fetching, *first[slot], *kernel_calls(v), *sending[slot],
+                  *(u.c_call for u in unwraps[slot]), *prepare_calls[slot]]
             for slot, v in enumerate(variants)]
         if reports:
             # Per slot, where among those calls the checked kernel is, and its report: a check that failed

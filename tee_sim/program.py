@@ -20,6 +20,7 @@ the converter imports it to write programs. It imports only numpy and the standa
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -48,6 +49,7 @@ MAX_INPUT = float(2 ** 40)  # the runtime refuses larger inputs, the converter l
 # rounding within a few times the input's own, which the converter need not warn of and the TA's checks
 # tolerate unweakened (tee_sim.one_time_masks.MaskStream.small; groupmix's deep_mask_scale, 1x by default).
 SMALL_MASK = 2.0
+MODULAR_RMS = math.sqrt(12.0)  # a uniform's RMS over one period is period / MODULAR_RMS
 
 ALIGN = 64  # arrays in the container, and every buffer of the program's arena and shared-memory layout
 _HEAD = struct.Struct("<4sHHQ")
@@ -91,6 +93,18 @@ def wire_dtype(dtype: Any) -> np.dtype:
     4- and 8-byte types, a CAST to float32 for the narrower ones, which the runtime casts back exactly."""
     dtype = np.dtype(dtype)
     return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
+
+
+def modular_std(spread: float) -> float:
+    """The ``std`` of a modular one-time mask (``tee_sim.modular_masks``) of about ``spread`` (its RMS): that
+    of the power-of-two period nearest ``sqrt(12) * spread`` in log scale (the RMS within ``2**(+-1/2)`` of
+    ``spread``). The program carries the ``std``; ``modular_period`` reads the period back."""
+    return 2.0 ** round(math.log2(MODULAR_RMS * spread)) / MODULAR_RMS
+
+
+def modular_period(std: float) -> float:
+    """The period of a modular mask of ``std`` (``modular_std``'s): the power of two ``sqrt(12) * std``."""
+    return 2.0 ** round(math.log2(MODULAR_RMS * std))
 
 
 def mask_bands(positions: tuple[int, ...]) -> tuple[np.ndarray, int]:

@@ -142,7 +142,7 @@ class ShadowNetTA(TrustedApp):
     VERSION = 1
     SIGNER = "shadownet"
     CODE_MODULES = ("tee_sim.program", "tee_sim.per_inference", "tee_sim.per_inference_kernels",
-                    "tee_sim.mask_spread", "tee_sim.exact_split",
+                    "tee_sim.mask_spread", "tee_sim.exact_split", "tee_sim.modular_masks",
                     "tee_sim.obfuscated_weights", "tee_sim.one_time_masks", "tee_sim.freivalds",
                     "tee_sim.freivalds_bound", "tee_sim.freivalds_directions", "tee_sim.layer_geometry",
                     "tee_sim.ta_shadownet_commands", "tee_sim.ta_shadownet_numpy_ops",

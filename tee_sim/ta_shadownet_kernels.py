@@ -10,7 +10,8 @@ Plain C without the Python API, called through ``ctypes`` with one structure per
 (``tee_sim.ta_shadownet_max_pool``), ``sn_depthwise`` (``tee_sim.ta_shadownet_depthwise``), ``sn_small_op``
 (``tee_sim.ta_shadownet_small_ops``), ``fv_prepare``,
 ``fv_check`` and ``fv_draw`` (Freivalds' check and the projections its pool draws, ``tee_sim.freivalds``),
-``sn_pop`` (a one-time-masked conv's pop mask, ``tee_sim.one_time_masks.conv_pop``). The C files say why C
+``sn_pop`` (a one-time-masked conv's pop mask, ``tee_sim.one_time_masks.conv_pop``), ``sn_unwrap`` (a modular
+mask's correction, ``tee_sim.modular_masks``). The C files say why C
 and how each kernel works.
 
 On x86-64 the library is built for three targets (``setup.py``); ``VARIANT`` names the one loaded: the best
@@ -78,7 +79,7 @@ def _find(suffix: str) -> str | None:
 def _open(path: str) -> ctypes.CDLL:
     library = ctypes.CDLL(path)
     for name in ("sn_run", "sn_max_pool", "sn_depthwise", "sn_small_op", "fv_prepare", "fv_check", "fv_draw",
-                 "sn_pop"):
+                 "sn_pop", "sn_unwrap"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p]
         function.restype = ctypes.c_int

@@ -257,3 +257,97 @@ int sn_pop(const sn_pop_t *s) {
             }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * A modular mask's unwrap (tee_sim.modular_masks): the push sent x + r - period * k, k the periods it took
+ * off each element (int8, mostly 0), and the restore's offset bias - restore(L(r)) is made right for it
+ * here, on the inference's path between the push and the restore: out += period * restore(L(k)), summed
+ * only where k is not 0 - for each such input element, every output position whose window reads it gets
+ * its tap's row of the layer's weights composed with the restore (e: [kh * kw * c][m], rows tap-major, then
+ * channel), times period * k. A conv's geometry as sn_pop's; a dense layer is a 1x1 conv on h = w = 1.
+ */
+typedef struct {
+    const int8_t *k;      /* [n][h][w][c], as the push wrote it */
+    int64_t n, h, w, c, ho, wo;
+    int32_t kh, kw, sh, sw, dh, dw, top, left;
+    const float *e;       /* [kh * kw * c][m] */
+    int64_t m;
+    const float *period;  /* the push's period now (its mask's power of two moves it) */
+    float *out;           /* [n][ho][wo][m], the restore's offset */
+} sn_unwrap_t;
+
+/* Whether any of the c bytes at p is not 0: eight at a time. */
+static inline int any_set(const int8_t *p, int64_t c) {
+    int64_t i = 0;
+    uint64_t acc = 0;
+    for (; i + 8 <= c; i += 8) {
+        uint64_t v;
+        memcpy(&v, p + i, sizeof v);
+        acc |= v;
+    }
+    for (; i < c; i++) acc |= (uint8_t)p[i];
+    return acc != 0;
+}
+
+/* The taps of a kernel along one axis that read input index `at`, and the outputs they make: (tap, output)
+ * pairs into `pairs`, their count returned. */
+static inline int32_t reached(int64_t at, int32_t before, int32_t taps, int32_t stride, int32_t dilation,
+                              int64_t outputs, int32_t *pairs) {
+    int32_t count = 0;
+    for (int32_t i = 0; i < taps; i++) {
+        int64_t num = at + before - (int64_t)i * dilation;
+        if (num < 0 || num % stride) continue;
+        int64_t o = num / stride;
+        if (o >= outputs) continue;
+        pairs[2 * count] = i;
+        pairs[2 * count + 1] = (int32_t)o;
+        count++;
+    }
+    return count;
+}
+
+/* out[0..m) += f * e[0..m): a vector at a time. */
+static inline void axpy(float *restrict out, const float *restrict e, float f, int64_t m) {
+    int64_t q = 0;
+    for (; q + SN_VL <= m; q += SN_VL) storen(out + q, loadn(out + q) + f * loadn(e + q));
+    for (; q < m; q++) out[q] += f * e[q];
+}
+
+#define MAX_COLUMN_PAIRS 8192 /* (tap, output) pairs of every input column, on the stack */
+
+int sn_unwrap(const sn_unwrap_t *s) {
+    float period = *s->period;
+    int64_t m = s->m;
+    /* Which taps an input row and column reach: the columns' worked out once per call (for up to
+     * MAX_COLUMN_PAIRS pairs; past them per wrapped pixel), a row's once per row that wraps (a division per
+     * tap per wrapped element took most of the time: 81 ns a wrap on yolov4-tiny's round 2, 2.5% of it
+     * wrapping). */
+    int32_t rows[2 * s->kh];
+    int table = s->w * s->kw <= MAX_COLUMN_PAIRS;
+    int32_t counts[table ? s->w : 1], pairs[table ? 2 * s->w * s->kw : 2 * s->kw];
+    if (table)
+        for (int64_t ix = 0; ix < s->w; ix++)
+            counts[ix] = reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, pairs + 2 * ix * s->kw);
+    for (int64_t b = 0; b < s->n; b++)
+        for (int64_t iy = 0; iy < s->h; iy++) {
+            int32_t ny = -1;
+            for (int64_t ix = 0; ix < s->w; ix++) {
+                const int8_t *k = s->k + ((b * s->h + iy) * s->w + ix) * s->c;
+                if (!any_set(k, s->c)) continue;
+                if (ny < 0) ny = reached(iy, s->top, s->kh, s->sh, s->dh, s->ho, rows);
+                const int32_t *cols = table ? pairs + 2 * ix * s->kw : pairs;
+                int32_t nx = table ? counts[ix] : reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, pairs);
+                for (int64_t ch = 0; ch < s->c; ch++) {
+                    if (!k[ch]) continue;
+                    float f = period * (float)k[ch];
+                    for (int32_t a = 0; a < ny; a++)
+                        for (int32_t c2 = 0; c2 < nx; c2++) {
+                            int32_t i = rows[2 * a], oy = rows[2 * a + 1], j = cols[2 * c2], ox = cols[2 * c2 + 1];
+                            axpy(s->out + ((b * s->ho + oy) * s->wo + ox) * m,
+                                 s->e + (((int64_t)i * s->kw + j) * s->c + ch) * m, f, m);
+                        }
+                }
+            }
+        }
+    return 0;
+}

@@ -59,7 +59,7 @@ class _Step(ctypes.Structure):
                 ("copy", ctypes.c_void_p), ("copy_row", ctypes.c_int64), ("copy_pix", ctypes.c_int64),
                 ("addend", _Tensor), ("pop", _Tensor), ("grid", ctypes.c_float), ("spread", ctypes.c_void_p),
                 ("popped", ctypes.c_void_p), ("plain", ctypes.c_void_p), ("plain_row", ctypes.c_int64),
-                ("plain_pix", ctypes.c_int64)]
+                ("plain_pix", ctypes.c_int64), ("wraps", ctypes.c_void_p), ("period", ctypes.c_void_p)]
 
 # sn_run's answers: done; a check failed (the verified model's ``on_fail`` says which); the restored
 # tensor's spread left its followed mask's band (``spread``: the mask must move, and the step run again).
@@ -154,7 +154,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
              secure_dst: np.ndarray | None = None, addend: np.ndarray | None = None,
              pop: np.ndarray | None = None, split_grid: float = 0.0,
              spread: np.ndarray | None = None, popped: Any = None,
-             plain: np.ndarray | None = None) -> Callable[[], Any]:
+             plain: np.ndarray | None = None, wraps: np.ndarray | None = None,
+             period: np.ndarray | None = None) -> Callable[[], Any]:
     """One ``sn_run`` call over ``out``'s pixels (and the padded border's mask, written by numpy).
 
     On a verified model (``tee_sim.per_inference_kernels``' ``wrap``): ``check``, the ``fv_check_t`` of
@@ -168,7 +169,10 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     the popped result ``(y_hi - pop_hi) + (y_lo - pop_lo)`` (``tee_sim.freivalds``), made on it tile by tile
     after ``check``; ``plain`` (with ``split_grid``): a secure array shaped as the destination with half its
     channels, whose interior receives the input itself (the popped check's prepare reads it; its border
-    stays 0). The compiled function returns the kernel's answer (``DONE``,
+    stays 0). ``wraps`` and ``period`` (a modular mask's, ``tee_sim.modular_masks``): int8 shaped as the
+    mask (padding included), where the push stores the periods it takes off each element, and the float32
+    ``[1]`` holding the period now (with ``split_grid``: the high half is taken modulo it). The compiled
+    function returns the kernel's answer (``DONE``,
     ``SPREAD_OUTSIDE``; ``CHECK_FAILED`` after ``on_fail``, if that returns); its ``step`` is the kernel's
     structure: a mask scaled by a power of two moves its grid there (``grid``)."""
     rows, cols, src_row, src_pix = _grid(src)
@@ -220,6 +224,14 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
     if pop is not None:
         step.pop = _tensor(pop, grid)
     step.grid = split_grid
+    if wraps is not None:
+        inner = wraps[interior(pad, wraps.shape)] if pad is not None else wraps
+        if (mask is None or period is None or period.shape != (1,) or period.dtype != np.float32
+                or wraps.dtype != np.int8 or inner.shape != mask.shape
+                or any(n > 1 and a != b // 4 for n, a, b in zip(mask.shape, inner.strides, mask.strides,
+                                                                       strict=True))):
+            raise ValueError(f"a modular push's wraps {wraps.dtype} {wraps.shape} for its mask")
+        step.wraps, step.period = inner.ctypes.data, period.ctypes.data
     if spread is not None:
         if restore is None or spread.dtype != np.float64 or spread.shape != (4,):
             raise ValueError(f"a spread measure {spread.dtype} {spread.shape} for {src.shape}")
@@ -241,7 +253,8 @@ def _compile(model: LoadedModel, src: np.ndarray, restore: Linear | None, offset
         _, _, step.plain_row, step.plain_pix = _grid(plain)
         step.plain = plain.ctypes.data
     # The arrays the structure points into, kept alive with it.
-    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, spread, popped, plain)
+    keep = (step, src, out, offset, mask, restore, transform, check, copy, addend, pop, spread, popped, plain,
+            wraps, period)
     run, address = LIBRARY.sn_run, ctypes.addressof(step)
     # The border's mask (or zeros), into the secure copy too.
     borders = border if copy is None else \

@@ -38,6 +38,10 @@ round 1 where its mask is shaped (the default's: ``converters.calibration.split_
 only where calibration measured that cost or the split is cheap (``NEEDED_ABOVE``, ``CHEAP_BELOW``); a
 round a user input joins later where its split weights are small enough for secure memory
 (``LATE_SPLIT_BYTES``).
+A modular mask's split (``tee_sim.modular_masks``) sends its high half modulo the mask's period ``P`` (a
+multiple of the grid ``P / 2^(x_bits - 1)``: exact), and the TEE takes ``P k`` through ``[W'_hi | W'_lo]``
+off the pop mask where it wrapped; ``x_lo`` is uniform over a cell and ``x_hi`` over the period, whatever
+``v``.
 This module is the converter's side; the TEE's is ``tee_sim.exact_split``.
 """
 
@@ -47,6 +51,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from tee_sim.program import modular_period
 
 # The ``auto`` policy splits round 1 where the mask's float32 rounding alone costs the outputs more than
 # NEEDED_ABOVE (``converters.calibration.split_needed``; a tenth of the 1e-4 fidelity target: the protected
@@ -104,17 +110,23 @@ class Split:
     weight_bits: int
 
 
-def plan(mask_std: float, mask_mean: np.ndarray, spread: float, dot_length: int) -> Split | None:
+def plan(mask_std: float, mask_mean: np.ndarray, spread: float, dot_length: int,
+         modular: bool = False) -> Split | None:
     """The split of an input masked by ``mask_std * N(0, 1) + mask_mean`` whose own values lie around
     ``-mask_mean`` with ``spread``, read by layers of ``dot_length`` terms per output; ``None`` when there
     is no mask or too few bits are left. The grid is sized for the worst magnitude expected: a value
-    beyond it only makes its outputs round as they did without the split."""
+    beyond it only makes its outputs round as they did without the split. ``modular``: a modular mask's
+    (``tee_sim.modular_masks``; its period ``P`` from ``mask_std``), whose high half crosses modulo ``P``
+    (within ``P / 2``) and whose pop mask takes ``P k`` off it where it wrapped (within ``1.5 P`` for
+    ``|k| <= 1``): the grid ``P / 2^(x_bits - 1)``, which keeps both exact."""
     if not (mask_std > 0 and math.isfinite(mask_std)) or dot_length < 1:
         return None
     if dot_length > MAX_DOT_LENGTH:
         return None
     bits = FLOAT32_BITS - math.ceil(math.log2(dot_length))
     x_bits = (bits - 1) // 2  # balances the two halves' rounding: g / 2 * |W'| against 2^-b_w |x| |W'|
+    if modular:
+        return Split(grid=modular_period(mask_std) / 2.0 ** (x_bits - 1), weight_bits=bits - x_bits)
     bound = TAIL * mask_std + INPUT_SPREADS * spread + float(np.max(np.abs(mask_mean), initial=0.0))
     return Split(grid=2.0 ** math.ceil(math.log2(bound / 2 ** x_bits)), weight_bits=bits - x_bits)
 

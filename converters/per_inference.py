@@ -5,7 +5,9 @@ inferences share a mask. The converter then draws no mask and computes no pop ma
 each such push's mask distribution (``std * N(0, 1) + mean``, from the scheme; shaped across frequency
 bands and channels where the push carries a user input: ``converters.schemes.MaskDistribution``) and each
 such restore's bias, and the TA draws a fresh mask per inference and precomputes its unblinding term
-offline (Slalom's approach, ``tee_sim.per_inference``). The other rounds get the scheme's static masks,
+offline (Slalom's approach, ``tee_sim.per_inference``); a modular mask's spec says so (``modular``:
+uniform, the input sent modulo its period, ``tee_sim.modular_masks``). The other rounds get the scheme's
+static masks,
 which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
 The policy (``--mask-rounds``): ``auto`` (the default, below), ``first`` (round 1, the user's raw input, and
@@ -273,6 +275,8 @@ def describe(builder: Any, one_time_rounds: Iterable[int]) -> dict[str, Any]:
                 if dist.common is not None:
                     arrays[f"{name}/common"] = np.asarray(dist.common, np.float32)
                     masks[name]["common"] = f"{name}/common"
+            if dist.modular:  # uniform, sent modulo its period (tee_sim.modular_masks)
+                masks[name]["modular"] = True
             if p["split"] is not None:  # sent as [x_hi | x_lo] (converters.exact_split)
                 masks[name]["split"] = {"grid": p["split"].grid}
             spread = max(p["stats"].std, p["stats"].rms)

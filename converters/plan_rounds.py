@@ -33,6 +33,7 @@ from shadownet.exceptions import ModelFormatError, UnsupportedOpError
 # Offloaded weights beyond this magnitude are no trained model's (a damaged file): added masks of the
 # activations' scale times such a weight leave float32 too few digits for the layer's other outputs.
 MAX_ABS_WEIGHT = 1e8
+MODULAR_READERS = ("CONV_2D", "FULLY_CONNECTED")  # the layers a modular mask's unwrap serves (tee_sim)
 
 
 def _check_linear(graph: Graph, i: int) -> None:
@@ -143,7 +144,8 @@ class RoundsBuilder:
                         dist = self.scheme.mask_distribution(
                             stats, shape if carries else None,
                             obf.transform_input(np.ones(shape[-1])) if carries else None,
-                            deep=r not in self.always_masked)
+                            deep=r not in self.always_masked,
+                            modular=all(g.ops[k].kind in MODULAR_READERS for k in readers[key]))
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)
                     split = self._split(x, readers[key], stats, dist) \
@@ -382,7 +384,7 @@ class RoundsBuilder:
                 "channels, whose verified checks also failed honest results, are cut into chunks of their "
                 "sums, or run in the TEE: SECURITY.md, 'Long sums')", stacklevel=2)
         return exact_split.plan(float(dist.std), np.asarray(dist.mean, np.float64),
-                                max(stats.std, stats.rms), terms)
+                                max(stats.std, stats.rms), terms, modular=dist.modular)
 
     def _zero_pad(self, x: int) -> tuple[int, list[list[int]] | None]:
         """If ``x`` is a zero PAD feeding only offloaded ops, the push pads (the mask fills the border) and

@@ -160,12 +160,15 @@ class MaskDistribution:
     ``[C]``, in the accelerator's channel order). One-time masks are drawn from it by the TEE at run time.
     Shaped (``bands`` > 0): the ``N(0, 1)`` is a field of unit variance per element whose power is shared
     equally by the ``bands`` frequency bands of ``tee_sim.program.mask_bands``, plus, along ``common``
-    (float64 ``[C]``), a second such field shared by the channels (``tee_sim.one_time_masks``)."""
+    (float64 ``[C]``), a second such field shared by the channels (``tee_sim.one_time_masks``). Modular
+    (``modular``): uniform over a power-of-two period ``sqrt(12) * std``, no mean, and the input sent modulo
+    that period (``tee_sim.modular_masks``)."""
 
     std: float
     mean: np.ndarray
     bands: int = 0
     common: np.ndarray | None = None
+    modular: bool = False
 
 
 class Scheme(Protocol):
@@ -200,12 +203,15 @@ class Scheme(Protocol):
         ...
 
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
-                          common: np.ndarray | None = None, deep: bool = False) -> MaskDistribution:
+                          common: np.ndarray | None = None, deep: bool = False,
+                          modular: bool = False) -> MaskDistribution:
         """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE. ``shape`` and
         ``common`` are given for a push that carries a user input (``converters.partition.carries_input``):
         its shape, and the direction in the accelerator's channels of the input's channels all alike (ones,
         permuted or mixed as the input is), for a scheme that shapes such masks. ``deep``: a round the mask
-        policy adds past those every policy masks (``always_masked_for``), which a scheme may mask less."""
+        policy adds past those every policy masks (``always_masked_for``), which a scheme may mask less.
+        ``modular``: a push a modular mask can serve (read by conv and dense layers only), which a scheme
+        may give one (``MaskDistribution.modular``; the push is then not split)."""
         ...
 
 

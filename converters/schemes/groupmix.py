@@ -65,7 +65,13 @@ along the direction in which all the input's channels agree, so its spread per e
 ``sqrt(2 * bands)`` times a white mask's (35-42x the input's RMS on the zoo's RGB images): an input whose
 power fills any one band, in each channel or repeated over all of them, stays at 0.1 whatever the filter
 an attacker applies first (not one whose power sits in a few frequencies within an octave: SECURITY.md).
-Its magnitude costs no precision where the exact split carries it (below).
+Its magnitude costs no precision where the exact split carries it (below). Where the push carries no user
+input and every policy masks it (round 2 of a plain CNN: what one layer made of the input) and conv and dense
+layers read it, the mask is modular (``modular_masks``, since stop 61; ``tee_sim.modular_masks``): uniform
+over a power-of-two period about ``sqrt(12) * mask_scale`` times the RMS, the input sent modulo it, so that
+what crosses is uniform whatever the input. A Gaussian mask's fixed mean is what a fit over many chosen
+inferences sees through (``shadownet.mask_fit``: MiniVGG's first layer, 30 of 32 filters from 1,600); a
+modular one gives it nothing to average.
 The other rounds get static masks at ``static_mask_scale`` times the RMS, by default 0: none. A static mask
 hides one inference's features but cancels in the difference of two (the attack suite recovers them whole),
 while it costs what one-time masks cost in secure memory (the mask and its unblinding term, full tensors: 44
@@ -105,7 +111,7 @@ from converters.schemes import (
     number,
 )
 from converters.secret_random import Random
-from tee_sim.program import mask_bands
+from tee_sim.program import mask_bands, modular_std
 
 SPLIT_POLICIES = ("auto", "first", "all", "none")
 DEPTHWISE_PLACES = ("offload", "tee")
@@ -141,7 +147,12 @@ class GroupMixScheme:
     one-time masks cover whatever ``--mask-rounds`` says: ``"layers"``, those that carry a user input, those
     one layer from it and those too narrow to mix - ``converters.partition.always_masked``; ``"input"``,
     those that carry a user input alone, as before stop 56, whose unmasked round 2 gave a first layer away
-    to chosen inputs: for measuring the attacks on unmasked crossings - SECURITY.md)."""
+    to chosen inputs: for measuring the attacks on unmasked crossings - SECURITY.md), ``modular_masks``
+    (True: the one-time masks at ``mask_scale`` of pushes that carry no user input and are read by conv and
+    dense layers only are uniform over a power-of-two period, RMS within ``2**(+-1/2)`` of ``mask_scale``
+    times the input's, and the input crosses modulo that period, unsplit - ``tee_sim.modular_masks``; a
+    Gaussian mask's mean is what a fit over many inferences sees, and it gave a first layer away through
+    round 2: SECURITY.md; False: Gaussian, as before stop 61)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
@@ -150,7 +161,7 @@ class GroupMixScheme:
                  input_group: int = 16, mask_scale: float = 10.0, deep_mask_scale: float = 1.0,
                  static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True,
                  exact_split: str = "auto",
-                 depthwise: str = "tee", mask_floor: str = "layers") -> None:
+                 depthwise: str = "tee", mask_floor: str = "layers", modular_masks: bool = True) -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
         self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
@@ -164,6 +175,7 @@ class GroupMixScheme:
         self.input_group = input_group
         self.center_masks = flag("center_masks", center_masks)
         self.shaped_masks = flag("shaped_masks", shaped_masks)
+        self.modular_masks = flag("modular_masks", modular_masks)
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split
@@ -189,7 +201,8 @@ class GroupMixScheme:
                 "deep_mask_scale": self.deep_mask_scale, "static_mask_scale": self.static_mask_scale,
                 "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
-                "depthwise": self.depthwise, "mask_floor": self.mask_floor}
+                "depthwise": self.depthwise, "mask_floor": self.mask_floor,
+                "modular_masks": self.modular_masks}
 
     def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
@@ -355,11 +368,16 @@ class GroupMixScheme:
 
     # -- masks -------------------------------------------------------------------------------------------
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
-                          common: np.ndarray | None = None, deep: bool = False) -> MaskDistribution:
+                          common: np.ndarray | None = None, deep: bool = False,
+                          modular: bool = False) -> MaskDistribution:
         # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a
         # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
         # pooled features, correlation 0.36 at 10x the std).
         spread = (self.deep_mask_scale if deep else self.mask_scale) * max(stats.std, stats.rms)
+        if modular and self.modular_masks and shape is None and not deep and 0 < spread < math.inf:
+            # Modular (tee_sim.modular_masks): uniform, sent modulo its period, so that no number of
+            # inferences averages it out (a first layer's fit through round 2: SECURITY.md)
+            return MaskDistribution(modular_std(spread), np.zeros_like(stats.mean), modular=True)
         mean = -stats.mean if self.center_masks else np.zeros_like(stats.mean)
         if not self.shaped_masks or shape is None or len(shape) < 2:
             return MaskDistribution(spread, mean)

@@ -122,7 +122,8 @@ class ShadowNetScheme:
         return ObfuscatedLinear(weights, perm.astype(np.int32), index, coef)
 
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
-                          common: np.ndarray | None = None, deep: bool = False) -> MaskDistribution:
+                          common: np.ndarray | None = None, deep: bool = False,
+                          modular: bool = False) -> MaskDistribution:
         return MaskDistribution(self.mask_scale * stats.std,
                                 -stats.mean if self.center_masks else np.zeros_like(stats.mean))
 

@@ -84,22 +84,23 @@ def layer_case(request):
 
 def test_registry_and_parameters():
     s = get_scheme("groupmix:group_size=8,max_cos=0.7,input_group=1,exact_split=none,depthwise=offload,"
-                   "mask_floor=input,deep_mask_scale=2.5")
+                   "mask_floor=input,deep_mask_scale=2.5,modular_masks=false")
     assert isinstance(s, GroupMixScheme) and s.name == "groupmix"
     assert s.public_params() == {"group_size": 8, "min_group": 8, "max_cos": 0.7, "tries": 64,
                                  "input_group": 1, "mask_scale": 10.0, "deep_mask_scale": 2.5,
                                  "static_mask_scale": 0.0,
                                  "center_masks": True, "shaped_masks": True, "exact_split": "none",
-                                 "depthwise": "offload", "mask_floor": "input"}
+                                 "depthwise": "offload", "mask_floor": "input", "modular_masks": False}
     assert not s.in_tee
     default = get_scheme("groupmix")
     assert default.public_params()["exact_split"] == "auto"
     assert default.public_params()["depthwise"] == "tee" and default.in_tee == {"DEPTHWISE_CONV_2D"}
     assert default.public_params()["mask_floor"] == "layers"
     assert default.public_params()["deep_mask_scale"] == 1.0
+    assert default.public_params()["modular_masks"] is True
     for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "input_group=-1", "mask_scale=-1",
                 "deep_mask_scale=-1", "static_mask_scale=-1", "exact_split=true", "depthwise=cpu",
-                "mask_floor=none", "bogus=1"):
+                "mask_floor=none", "modular_masks=2", "bogus=1"):
         with pytest.raises(ValueError):
             get_scheme(f"groupmix:{bad}")
 

@@ -1,5 +1,6 @@
 """The mask-fit attack (``shadownet.mask_fit``): a first layer fitted through the one-time mask of the round
-that carries its output - what the default's masks do not stop."""
+that carries its output - what a Gaussian one-time mask does not stop, and the default's modular mask does
+(``tee_sim.modular_masks``)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,33 @@ from shadownet import audit, mask_fit
 from tests.shadownet.test_chosen_inputs import convert
 
 
-def test_a_first_layer_is_fitted_through_the_one_time_mask_that_stops_the_chosen_input_attack(tmp_path,
-                                                                                               monkeypatch):
-    """Under the default round 2 - ``relu(conv0 x)`` mixed - crosses under a fresh mask ~20x its values every
-    inference: the chosen-input attack gets nothing from it, but a least-squares fit over 1,600 inferences of
-    random inputs averages the mask out and gets most of conv0's 16 filters (measured 10 at |cos| >= 0.9,
-    median best |cos| 0.92; 5 and 0.77 from 800); unmasked (``mask_scale=0``) 100 inferences give 14-16."""
+def test_a_first_layer_is_fitted_through_a_gaussian_one_time_mask_and_not_through_a_modular_one(tmp_path,
+                                                                                                monkeypatch):
+    """Round 2 - ``relu(conv0 x)`` mixed - crosses under a fresh mask ~10-20x its values every inference: the
+    chosen-input attack gets nothing from either kind. A Gaussian mask (``modular_masks=false``, the default
+    before stop 61) adds noise of a fixed mean, and a least-squares fit over 1,600 inferences of random
+    inputs averages it out and gets most of conv0's 16 filters (measured 10 at |cos| >= 0.9, median best
+    |cos| 0.92; 5 and 0.77 from 800); unmasked (``mask_scale=0``) 100 inferences give 14-16. The default's
+    modular mask sends the input modulo its period, uniform whatever the input: the same fit gets none."""
     monkeypatch.setattr(mask_fit, "STEPS", 3000)
     original = tmp_path / "unmasked"
     convert(original, scheme="groupmix:mask_scale=0")
     report = audit.audit(original / "out", original / "model.tflite", inferences=4, mask_fit=100)
     assert report["mask_fit"]["buffer"] == "round_2/in/x0" and report["mask_fit"]["inferences"] == 100
     assert report["layers"][0]["recovered"]["mask_fit"] >= 12
-    masked = tmp_path / "default"
-    manifest = convert(masked)
-    assert 2 in manifest["masks"]["one_time_rounds"]
-    report = audit.audit(masked / "out", masked / "model.tflite", inferences=4, mask_fit=1600)
-    first = report["layers"][0]
-    assert report["mask_fit"]["masked"] and report["mask_fit"]["recovered"] == first["recovered"]["mask_fit"]
-    assert first["recovered"]["chosen_input"] == 0
-    assert first["recovered"]["mask_fit"] >= 6 and first["median_best_cos"]["mask_fit"] >= 0.8, first
-    assert first["recovered"]["any"] >= first["recovered"]["mask_fit"]
-    assert report["layers"][1]["recovered"]["mask_fit"] == 0  # conv1: not the attack's
-    assert "mask fit (fit): " in audit.format_report(report)
+    fitted = {}
+    for name, scheme in (("gaussian", "groupmix:modular_masks=false"), ("default", None)):
+        converted = tmp_path / name
+        manifest = convert(converted, **({"scheme": scheme} if scheme else {}))
+        assert 2 in manifest["masks"]["one_time_rounds"]
+        report = audit.audit(converted / "out", converted / "model.tflite", inferences=4, mask_fit=1600)
+        first = fitted[name] = report["layers"][0]
+        assert report["mask_fit"]["masked"]
+        assert report["mask_fit"]["recovered"] == first["recovered"]["mask_fit"]
+        assert first["recovered"]["chosen_input"] == 0
+        assert first["recovered"]["any"] >= first["recovered"]["mask_fit"]
+        assert report["layers"][1]["recovered"]["mask_fit"] == 0  # conv1: not the attack's
+        assert "mask fit (fit): " in audit.format_report(report)
+    gaussian, default = fitted["gaussian"], fitted["default"]
+    assert gaussian["recovered"]["mask_fit"] >= 6 and gaussian["median_best_cos"]["mask_fit"] >= 0.8, gaussian
+    assert default["recovered"]["mask_fit"] == 0 and default["median_best_cos"]["mask_fit"] < 0.6, default

@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,8 @@ SN_UNWRAP = ctypes.cast(LIBRARY.sn_unwrap, ctypes.c_void_p).value  # for the sec
 
 class _Unwrap(ctypes.Structure):  # sn_unwrap_t
     _fields_ = [("k", ctypes.c_void_p),
-                *((name, ctypes.c_int64) for name in ("n", "h", "w", "c", "ho", "wo")),
+                *((name, ctypes.c_int64)
+                  for name in ("n", "h", "w", "c", "ho", "wo", "y0", "y1", "x0", "x1")),
                 *((name, ctypes.c_int32) for name in ("kh", "kw", "sh", "sw", "dh", "dw", "top", "left")),
                 ("e", ctypes.c_void_p), ("m", ctypes.c_int64), ("period", ctypes.c_void_p),
                 ("out", ctypes.c_void_p)]
@@ -72,9 +74,12 @@ class Unwrap:
             raise ValueError(f"composed weights {composed.dtype} {composed.shape} for {geometry}")
         self.geometry, self.composed = geometry, composed
 
-    def compile(self, wraps: np.ndarray, period_now: np.ndarray, offset: np.ndarray) -> Callable[[], int]:
-        """The unwrap of ``wraps`` (int8, the mask's shape) at ``period_now`` (float32 ``[1]``) into
-        ``offset`` (the restore's per-element offset, float32); its ``c_call`` for the fast path."""
+    def compile(self, wraps: np.ndarray, period_now: np.ndarray, offset: np.ndarray,
+                pad: Any = None) -> Callable[[], int]:
+        """The unwrap of ``wraps`` (int8, the mask's shape; of a push padded by ``pad``, only its interior is
+        read: the push writes nothing else, and the wraps live in memory other calls share) at
+        ``period_now`` (float32 ``[1]``) into ``offset`` (the restore's per-element offset, float32); its
+        ``c_call`` for the fast path."""
         geo = self.geometry
         m = self.composed.shape[1]
         if geo.spatial:
@@ -92,7 +97,14 @@ class Unwrap:
                 or period_now.dtype != np.float32 or period_now.shape != (1,)):
             raise ValueError(f"an unwrap of {wraps.dtype} {wraps.shape} into {offset.dtype} {offset.shape} "
                              f"for {geo}")
-        call = _Unwrap(wraps.ctypes.data, n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, top, left,
+        y0, y1, x0, x1 = 0, h, 0, w
+        if pad is not None and geo.spatial:
+            if len(pad) != 4 or any(pad[0]) or any(pad[3]):
+                raise ValueError(f"an unwrap of a push padded by {pad}")
+            (y0, below), (x0, right) = pad[1], pad[2]
+            y1, x1 = h - below, w - right
+        call = _Unwrap(wraps.ctypes.data, n, h, w, c, ho, wo, y0, y1, x0, x1, kh, kw, sh, sw, dh, dw, top,
+                       left,
                        self.composed.ctypes.data, m, period_now.ctypes.data, offset.ctypes.data)
         run, address = LIBRARY.sn_unwrap, ctypes.addressof(call)
 

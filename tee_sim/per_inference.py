@@ -8,9 +8,9 @@ each restore of a one-time round its offset ``bias - L(mask)`` (the pop mask of 
 the mask pushed through the layer's obfuscated weights and the restore, in float64; an exact split's is
 its pop mask before the restore, ``tee_sim.exact_split``); round 1's masks at the power of two the last
 input's spread called for, moved when an input calls for another (``tee_sim.mask_spread``); for a modular
-mask (``tee_sim.modular_masks``), where its push keeps the periods it takes off, which its restores'
-offsets (a split's pop mask) get back before they are read (the unwrap). The mask is drawn
-once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
+mask (``tee_sim.modular_masks``), its period, and its restores' offsets (a split's pop mask) get back
+the periods its push takes off before they are read (the unwrap, in the same call as the push). The mask
+is drawn once, offline, for its pop mask, and kept for the push: drawing it again at the push cost 6.4 ms of
 yolov4-tiny's inference (a 2 MB mask, its 256 KiB quantile table out of cache by then; 512 KiB since the
 table holds its cells' widths too) against 2 MB of
 secure memory. Each push and restore that uses a slot's mask or offsets is compiled once per pool slot,
@@ -84,9 +84,7 @@ class Entry:
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # of a split restore: its pop mask
     projections: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     exponents: dict[str, int] = field(default_factory=dict)  # per followed mask: its power of two
-    # Per modular mask (tee_sim.modular_masks): the periods its push took off each element, and its period
-    # now (float32 [1]: its power of two moves it).
-    wraps: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per modular mask (tee_sim.modular_masks): its period now (float32 [1]: its power of two moves it).
     periods: dict[str, np.ndarray] = field(default_factory=dict)
     rng: np.random.Generator | None = None  # while it is made: its projections' generator, freshly seeded
 
@@ -272,7 +270,7 @@ class PerInference:
         self._items: list[tuple[str, str]] = [("masks", "")] + [("pop", n) for n in self.pops]
         self._items += [("check", o) for o in self.checks]
         self.entry_bytes = sum(math.prod(shape) * 4 for shape in self._offset_shapes.values())
-        self.entry_bytes += sum(s.size * (5 if s.modular else 4) for s in self.streams.values())  # (+ wraps)
+        self.entry_bytes += sum(stream.size * 4 for stream in self.streams.values())
         for check in self.checks.values():
             u, f = check.projection_shapes()
             self.entry_bytes += 4 * (math.prod(u) + math.prod(f))
@@ -367,7 +365,6 @@ class PerInference:
         for name, stream in self.streams.items():
             entry.masks[name] = self.account(stream.shape, np.float32)
             if stream.modular:
-                entry.wraps[name] = self.account(stream.shape, np.int8)
                 entry.periods[name] = self.account((1,), np.float32)
                 entry.periods[name][0] = stream.period
         for name, shape in self._offset_shapes.items():

@@ -70,13 +70,19 @@ class PerInferenceKernels:
                                   if s.get("spread") and s.get("split")), default=0)  # the others: in place
         self._input_size = max((math.prod(shape) for name, shape in shm_shapes.items()
                                 if name.startswith("input/")), default=0)
-        self._input_copy: np.ndarray | None = None
         # An exact split push's input itself, for its popped checks' prepares, which read it right after the
         # push (wrap): a padded one's in a buffer of its own, zero on the border the push never writes; the
         # others' in one shared buffer, which each writes whole (MobileNet split everywhere: 8.3 -> 2.2 MB).
         self._plain: dict[str, np.ndarray] = {}
         self._plain_size = max((math.prod(shm_shapes[s["buffer"]]) // 2 for s in masks.values()
                                 if s.get("split")), default=0)
+        # A modular mask's wraps (tee_sim.modular_masks): the periods its push takes off each element, which
+        # the unwraps read in the same call. They share one buffer with the user's input read once (a push of
+        # a user input has no modular mask), and it is shared with the other sessions: yolov4-tiny's 1.4 MB in
+        # each pool entry, then a buffer of its own, put its two frames in flight past the 64 MiB cap.
+        self._wraps_size = max((online.streams[name].size for name in masks if online.streams[name].modular),
+                               default=0)
+        self._transient: np.ndarray | None = None
 
     @property
     def online(self) -> PerInference:
@@ -170,9 +176,12 @@ class PerInferenceKernels:
             for entry in online.entries:
                 wrapped_mod = {}
                 if modular:
-                    wrapped_mod = {"wraps": entry.wraps[mask], "period": entry.periods[mask]}
-                    unwraps[entry.slot] = [u.compile(entry.wraps[mask], entry.periods[mask], entry.offsets[o])
-                                           for o, u in online.unwraps.get(mask, {}).items()]
+                    stream = online.streams[mask]
+                    wraps = self._transient_buffer()[:stream.size].view(np.int8).reshape(stream.shape)
+                    wrapped_mod = {"wraps": wraps, "period": entry.periods[mask]}
+                    unwraps[entry.slot] = [
+                        u.compile(wraps, entry.periods[mask], entry.offsets[o], instr.get("pad"))
+                        for o, u in online.unwraps.get(mask, {}).items()]
                 if mask in online.streams:
                     online.arrays[mask] = entry.masks[mask]
                 if offset in online.pops:
@@ -199,9 +208,12 @@ class PerInferenceKernels:
                     fetch() if fetch is not None else np.copyto(src, fetched)
                 if followed and not measured:
                     online.spread.follow(online.current, followed, src, online.remake)
+                # A pass the fast path ran (stopped before its send) is kept where the mask need not move; a
+                # modular mask's wraps, in memory the sessions share, may be another's by now (``stale``).
+                stale = False
                 if in_place and online.stopped_with == SPREAD_OUTSIDE:
                     # The fast path ran this pass, which consumed the mask and measured: not again on it
-                    answer = SPREAD_OUTSIDE
+                    answer, stale = SPREAD_OUTSIDE, modular
                 else:
                     answer = variants[online.current.slot]()
                 for moves in range(MAX_MASK_MOVES + 1):
@@ -215,6 +227,9 @@ class PerInferenceKernels:
                     online.spread.follow_measured(online.current, followed, online.remake,
                                                   online.redraw if in_place else None)
                     if online.current.exponents.get(followed, 0) == before:
+                        if stale:  # drawn anew where it is, and the pass run again on it, once
+                            online.redraw(online.current, followed)
+                            variants[online.current.slot]()
                         break
                     if moves == MAX_MASK_MOVES:
                         raise integrity_error(f"the accelerator's results {result or source!r} changed while "
@@ -275,12 +290,17 @@ class PerInferenceKernels:
     def _read_once(self, given: np.ndarray) -> np.ndarray:
         """Secure memory shaped as ``given``, a user's input in shared memory, for a push to read it into once
         (the default policy's only staging: MobileNet 0.6 MiB, where a restore's would take 1.2)."""
-        if self._input_copy is None:
-            self._input_copy = self.online.scratch("a user input's secure copy", (self._input_size,),
-                                                   np.float32)
-        if given.size > self._input_copy.size:
+        if given.size > self._input_size:
             raise ValueError(f"a push of {given.shape} from an input its program does not name")
-        return self._input_copy[:given.size].reshape(given.shape)
+        return self._transient_buffer()[:4 * given.size].view(np.float32).reshape(given.shape)
+
+    def _transient_buffer(self) -> np.ndarray:
+        """The secure bytes a push uses within its call for the user's input read once (``_read_once``) or
+        for a modular mask's wraps (``__init__``): made when first needed, as large as either wants."""
+        if self._transient is None:
+            self._transient = self.online.scratch("a user input's secure copy, or a modular mask's wraps",
+                                                  (max(4 * self._input_size, self._wraps_size),), np.uint8)
+        return self._transient
 
     def _staged(self, sent: np.ndarray) -> np.ndarray:
         """Secure memory shaped as ``sent``, a followed mask's push buffer, for a restore to make it in."""

@@ -267,8 +267,10 @@ int sn_pop(const sn_pop_t *s) {
  * channel), times period * k. A conv's geometry as sn_pop's; a dense layer is a 1x1 conv on h = w = 1.
  */
 typedef struct {
-    const int8_t *k;      /* [n][h][w][c], as the push wrote it */
+    const int8_t *k;      /* [n][h][w][c], as the push wrote it: rows y0..y1-1, columns x0..x1-1 (a padded
+                             push's interior; what lies outside is not read) */
     int64_t n, h, w, c, ho, wo;
+    int64_t y0, y1, x0, x1;
     int32_t kh, kw, sh, sw, dh, dw, top, left;
     const float *e;       /* [kh * kw * c][m] */
     int64_t m;
@@ -329,9 +331,9 @@ int sn_unwrap(const sn_unwrap_t *s) {
         for (int64_t ix = 0; ix < s->w; ix++)
             counts[ix] = reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, pairs + 2 * ix * s->kw);
     for (int64_t b = 0; b < s->n; b++)
-        for (int64_t iy = 0; iy < s->h; iy++) {
+        for (int64_t iy = s->y0; iy < s->y1; iy++) {
             int32_t ny = -1;
-            for (int64_t ix = 0; ix < s->w; ix++) {
+            for (int64_t ix = s->x0; ix < s->x1; ix++) {
                 const int8_t *k = s->k + ((b * s->h + iy) * s->w + ix) * s->c;
                 if (!any_set(k, s->c)) continue;
                 if (ny < 0) ny = reached(iy, s->top, s->kh, s->sh, s->dh, s->ho, rows);

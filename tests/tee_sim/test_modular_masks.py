@@ -203,3 +203,20 @@ def test_a_modular_push_sends_within_a_half_open_period():
     rp.compile_push(model, instr, src, dst, wraps=wraps, period=np.array([p], np.float32))()
     assert dst.ravel()[:8].tolist() == [-4.0, -4.0, -4.0, -4.0, np.float32(3.99), 0.0, -4.0, -4.0]
     assert np.array_equal(dst + p * wraps, src)
+
+
+def test_the_unwrap_of_a_padded_push_reads_its_interior_only():
+    """The wraps live in memory other calls share: outside a padded push's interior they hold anything."""
+    geo = Geometry("CONV_2D", (1, 8, 8, 4), (1, 6, 6, 5), (3, 3), (1, 1), (1, 1), (0, 0))
+    rng = np.random.default_rng(9)
+    k = np.zeros((1, 8, 8, 4), np.int8)
+    k[:, 1:7, 1:7] = (rng.random((1, 6, 6, 4)) < 0.2) * rng.choice([-1, 1], (1, 6, 6, 4))
+    composed = rng.standard_normal((36, 5)).astype(np.float32)
+    want = 2.0 * _reference(k, geo, composed)
+    k[:, 0], k[:, 7], k[:, :, 0], k[:, :, 7] = 5, -3, 7, 1  # stale: another call's
+    offset = np.zeros((1, 6, 6, 5), np.float32)
+    Unwrap(geo, composed).compile(k, np.array([2.0], np.float32), offset, [[0, 0], [1, 1], [1, 1], [0, 0]])()
+    assert np.allclose(offset, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padded"):
+        Unwrap(geo, composed).compile(k, np.array([2.0], np.float32), offset,
+                                      [[0, 0], [1, 1], [1, 1], [0, 1]])

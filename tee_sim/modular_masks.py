@@ -15,10 +15,11 @@ the smaller the mask is against ``v``. Sent modulo a period ``P`` with ``r`` uni
   scaling the mask by a power of two (``tee_sim.mask_spread``) scales its period with it.
 - The push (``sn_run``'s ``send_modular``): ``w = v + r``, ``k = floor(w / P + 1/2)``, sends ``w - k P``,
   within the half-open ``[-P/2, P/2)`` (a value on the boundary sent as either end would tell which side
-  the input lay on), and keeps ``k`` (int8, the wraps, in secure memory; almost all 0: about ``E|v| / P``
-  of the elements, 0.3-0.8% on the zoo's round 2). An exact split's (``send_split_modular``) takes its high
-  half ``r_hi + q`` modulo ``P`` so, on a grid that divides ``P`` (``converters.exact_split.plan``), and its
-  low half ``x_lo`` within ``[-g/2, g/2)``: both halves uniform whatever ``v``.
+  the input lay on), and keeps ``k`` (int8, the wraps, in secure memory the sessions share: the unwraps
+  read them in the same call; almost all 0: about ``E|v| / P`` of the elements, 0.3-0.8% on the zoo's round
+  2). An exact split's (``send_split_modular``) takes its high half ``r_hi + q`` modulo ``P`` so, on a grid
+  that divides ``P`` (``converters.exact_split.plan``), and its low half ``x_lo`` within ``[-g/2, g/2)``:
+  both halves uniform whatever ``v``.
 - The unwrap (``sn_unwrap``, this module's ``Unwrap``): the accelerator computes ``L(v + r - k P)``, so the
   restore's offset ``bias - restore(L(r))`` (made offline, ``PopMask``) gets ``+ P restore(L(k))`` before the
   restore reads it, summed where ``k`` is not 0 only, from the layer's weights composed with the restore

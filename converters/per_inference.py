@@ -7,8 +7,7 @@ bands and channels where the push carries a user input: ``converters.schemes.Mas
 such restore's bias, and the TA draws a fresh mask per inference and precomputes its unblinding term
 offline (Slalom's approach, ``tee_sim.per_inference``); a modular mask's spec says so (``modular``:
 uniform, the input sent modulo its period, ``tee_sim.modular_masks``). The other rounds get the scheme's
-static masks,
-which for ``groupmix`` means none by default (``static_mask_scale = 0``).
+static masks, which for ``groupmix`` means none by default (``static_mask_scale = 0``).
 
 The policy (``--mask-rounds``): ``auto`` (the default, below), ``first`` (round 1, the user's raw input, and
 the rounds every policy masks, below), ``all``, or a list of

@@ -90,7 +90,7 @@ typedef struct {
                            grid, its channels), for the popped check's prepare; NULL: nowhere */
     int64_t plain_row, plain_pix;
     int8_t *wraps;      /* a push's modular mask (tee_sim.modular_masks): x + r is sent modulo *period,
-                           into [-period / 2, period / 2], and how many periods came off each element is
+                           into [-period / 2, period / 2), and how many periods came off each element is
                            stored here (the mask's grid: its row and pixel strides); NULL: none */
     const float *period;
 } sn_step;
@@ -120,7 +120,7 @@ INLINE void send(float *dst, int64_t dst_pix, const float *x, int64_t x_pix, con
     }
 }
 
-/* A modular mask's send (tee_sim.modular_masks): w = x + r, k = floor(w / period + 1/2), dst = w - k * period
+/* A modular mask's send (tee_sim.modular_masks): w = x + r, k = floor(w / period + 1/2), dst = w - k period
  * (exact: period is a power of two) within [-period / 2, period / 2), k into wraps, saturated at +-127
  * (beyond ~127 periods, which the followed mask's band keeps the input far from, the restore would be off;
  * NaN: 0, the step fails on it). The interval is half-open: with both ends sent, which end a value on the

@@ -211,7 +211,8 @@ class Scheme(Protocol):
         permuted or mixed as the input is), for a scheme that shapes such masks. ``deep``: a round the mask
         policy adds past those every policy masks (``always_masked_for``), which a scheme may mask less.
         ``modular``: a push a modular mask can serve (read by conv and dense layers only), which a scheme
-        may give one (``MaskDistribution.modular``; the push is then not split)."""
+        may give one (``MaskDistribution.modular``; where the push is split, its high half goes modulo the
+        period: ``converters.exact_split.plan``)."""
         ...
 
 

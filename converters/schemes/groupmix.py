@@ -150,7 +150,8 @@ class GroupMixScheme:
     to chosen inputs: for measuring the attacks on unmasked crossings - SECURITY.md), ``modular_masks``
     (True: the one-time masks at ``mask_scale`` of pushes that carry no user input and are read by conv and
     dense layers only are uniform over a power-of-two period, RMS within ``2**(+-1/2)`` of ``mask_scale``
-    times the input's, and the input crosses modulo that period, unsplit - ``tee_sim.modular_masks``; a
+    times the input's, and the input crosses modulo that period (an exact split's high half, where the
+    ``exact_split`` policy splits it) - ``tee_sim.modular_masks``; a
     Gaussian mask's mean is what a fit over many inferences sees, and it gave a first layer away through
     round 2: SECURITY.md; False: Gaussian, as before stop 61)."""
 

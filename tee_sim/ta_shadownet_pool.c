@@ -315,21 +315,14 @@ static inline void axpy(float *restrict out, const float *restrict e, float f, i
     for (; q < m; q++) out[q] += f * e[q];
 }
 
-#define MAX_COLUMN_PAIRS 8192 /* (tap, output) pairs of every input column, on the stack */
-
 int sn_unwrap(const sn_unwrap_t *s) {
     float period = *s->period;
     int64_t m = s->m;
-    /* Which taps an input row and column reach: the columns' worked out once per call (for up to
-     * MAX_COLUMN_PAIRS pairs; past them per wrapped pixel), a row's once per row that wraps (a division per
-     * tap per wrapped element took most of the time: 81 ns a wrap on yolov4-tiny's round 2, 2.5% of it
-     * wrapping). */
-    int32_t rows[2 * s->kh];
-    int table = s->w * s->kw <= MAX_COLUMN_PAIRS;
-    int32_t counts[table ? s->w : 1], pairs[table ? 2 * s->w * s->kw : 2 * s->kw];
-    if (table)
-        for (int64_t ix = 0; ix < s->w; ix++)
-            counts[ix] = reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, pairs + 2 * ix * s->kw);
+    /* Which taps an input row and column reach: a row's once per row that wraps, a column's once per pixel
+     * that wraps (not per tap and wrapped element). The unwrap's time is in its scattered read-modify-writes
+     * of the offset (perf: the stores): ~100 ns a wrapped element on yolov4-tiny's round-2 shapes alone, ~250 ns
+     * in its inference, where the offset comes from a refill out of cache. */
+    int32_t rows[2 * s->kh], cols[2 * s->kw];
     for (int64_t b = 0; b < s->n; b++)
         for (int64_t iy = s->y0; iy < s->y1; iy++) {
             int32_t ny = -1;
@@ -337,8 +330,7 @@ int sn_unwrap(const sn_unwrap_t *s) {
                 const int8_t *k = s->k + ((b * s->h + iy) * s->w + ix) * s->c;
                 if (!any_set(k, s->c)) continue;
                 if (ny < 0) ny = reached(iy, s->top, s->kh, s->sh, s->dh, s->ho, rows);
-                const int32_t *cols = table ? pairs + 2 * ix * s->kw : pairs;
-                int32_t nx = table ? counts[ix] : reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, pairs);
+                int32_t nx = reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, cols);
                 for (int64_t ch = 0; ch < s->c; ch++) {
                     if (!k[ch]) continue;
                     float f = period * (float)k[ch];

@@ -72,7 +72,7 @@ def chosen_input_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, 
         within = [(lo - a, hi - a) for lo, hi in (blocks(crossing.shape[-1]) or
                                                    [(c, c + 1) for c in range(crossing.shape[-1])])
                   if a <= lo and hi <= b]
-        found_rows = attack(t, graph, crossing[..., a:b], read[t["input"]], within)
+        found_rows = attack(t, graph, carried(t, crossing), read[t["input"]], within)
         rows.append({"layer": t["layer"], "buffer": t["buffer"], "estimates": len(found_rows)})
         if t["layer"] in estimates:  # another crossing that carries it
             found_rows = np.vstack([estimates[t["layer"]], found_rows])
@@ -80,12 +80,14 @@ def chosen_input_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, 
     return estimates, {"inferences": INFERENCES, "layers": rows}
 
 
-def targets(graph: Any, raw: set[str], sources: dict[str, str | None]) -> list[dict]:
+def targets(graph: Any, raw: set[str], sources: dict[str, str | None], leaky: bool = False) -> list[dict]:
     """The layers the attack applies to, in the reference ``graph`` (``audit_layers.reference_graph``):
     a CONV_2D of constant weights reading a tensor of ``raw`` (made from a user input with no layer of
-    weights between: ``audit_leakage.raw_tensors``), whose output, through a RELU or RELU6 alone, is what a
-    round input buffer carries, whole or as channels of a concatenation (``sources``: buffer -> reference
-    tensor, ``audit_leakage.round_sources``)."""
+    weights between: ``audit_leakage.raw_tensors``), whose output, through a RELU or RELU6 alone (or a
+    LEAKY_RELU of slope in [0, 1), with ``leaky``: the mask-fit attack's, which needs no unit off), is what
+    a round input buffer carries, whole, as channels of a concatenation or padded (``_carriers``;
+    ``sources``: buffer -> reference tensor, ``audit_leakage.round_sources``). Each with its activation's
+    ``top`` and ``slope`` below 0, and where in the buffer it is (``carried``)."""
     by_tensor = {t: buffer for buffer, t in sources.items() if t}
     found = []
     for op in graph.ops:
@@ -94,28 +96,52 @@ def targets(graph: Any, raw: set[str], sources: dict[str, str | None]) -> list[d
         if graph.tensors[op.inputs[0]].name not in raw:
             continue
         readers = [o for o in graph.ops if op.outputs[0] in o.inputs]
-        if len(readers) != 1 or readers[0].kind not in _ACTIVATIONS:
+        if len(readers) != 1:
             continue
-        for buffer, channels in _carriers(graph, readers[0].outputs[0], by_tensor):
+        kind, slope = readers[0].kind, 0.0
+        if leaky and kind == "LEAKY_RELU":
+            slope = float(np.float32(readers[0].options.alpha))
+            if not 0 <= slope < 1:
+                continue
+        elif kind not in _ACTIVATIONS:
+            continue
+        for buffer, channels, offset in _carriers(graph, readers[0].outputs[0], by_tensor):
             found.append({"layer": graph.tensors[op.outputs[0]].name, "op": op,
-                          "input": graph.tensors[op.inputs[0]].name, "top": _ACTIVATIONS[readers[0].kind],
-                          "buffer": buffer, "channels": channels})
+                          "input": graph.tensors[op.inputs[0]].name, "top": _ACTIVATIONS.get(kind, math.inf),
+                          "slope": slope, "buffer": buffer, "channels": channels, "offset": offset,
+                          "shape": graph.tensors[op.outputs[0]].shape})
     return found
 
 
-def _carriers(graph: Any, tensor: int, by_tensor: dict[str, str]) -> list[tuple[str, tuple[int, int]]]:
-    """The round input buffers that carry ``tensor`` unchanged, itself or as the channels ``(a, b)`` of a
-    concatenation on the last axis (a DenseNet block's: ``converters.partition.CARRY_THROUGH``), each with
-    those channels."""
-    name, channels = graph.tensors[tensor].name, graph.tensors[tensor].shape[-1]
-    found = [(by_tensor[name], (0, channels))] if name in by_tensor else []
+def _carriers(graph: Any, tensor: int, by_tensor: dict[str, str]) -> list[tuple[str, tuple[int, int], tuple]]:
+    """The round input buffers that carry ``tensor`` unchanged, itself, as the channels ``(a, b)`` of a
+    concatenation on the last axis (a DenseNet block's: ``converters.partition.CARRY_THROUGH``) or inside a
+    zero PAD of its rows and columns (YOLOv4-tiny's before a stride-2 conv), each with those channels and the
+    ``(top, left)`` at which the tensor starts in the buffer."""
+    name, shape = graph.tensors[tensor].name, graph.tensors[tensor].shape
+    found = [(by_tensor[name], (0, shape[-1]), (0, 0))] if name in by_tensor else []
     for op in graph.ops:
         out = graph.tensors[op.outputs[0]]
-        if (op.kind == "CONCATENATION" and tensor in op.inputs and out.name in by_tensor
-                and op.options.axis in (-1, len(out.shape) - 1)):
+        if tensor not in op.inputs or out.name not in by_tensor:
+            continue
+        if op.kind == "CONCATENATION" and op.options.axis in (-1, len(out.shape) - 1):
             start = sum(graph.tensors[t].shape[-1] for t in op.inputs[:op.inputs.index(tensor)])
-            found.append((by_tensor[out.name], (start, start + channels)))
+            found.append((by_tensor[out.name], (start, start + shape[-1]), (0, 0)))
+        elif op.kind in ("PAD", "PADV2") and op.inputs[0] == tensor and len(shape) == 4:
+            pads = graph.tensors[op.inputs[1]].data
+            value = graph.tensors[op.inputs[2]].data if len(op.inputs) > 2 else None
+            if (pads is not None and np.shape(pads) == (4, 2) and not np.any(np.asarray(pads)[[0, 3]])
+                    and (value is None or not np.any(value))):
+                found.append((by_tensor[out.name], (0, shape[-1]), (int(pads[1][0]), int(pads[2][0]))))
     return found
+
+
+def carried(target: dict, crossing: np.ndarray) -> np.ndarray:
+    """The part of ``crossing`` (``target``'s buffer over inferences, ``[K, 1, h, w, C]``) that carries the
+    layer's activated output: its channels, within a PAD's border (``_carriers``)."""
+    (a, b), (top, left) = target["channels"], target["offset"]
+    height, width = target["shape"][1:3]
+    return crossing[:, :, top:top + height, left:left + width, a:b]
 
 
 def batches(specs: list[dict], seed: int = 1) -> list[list[np.ndarray]]:

@@ -1,20 +1,22 @@
 """The mask-fit attack: a first conv layer's filters fitted through the one-time mask of the round that
 carries its output (stop 60; a helper ran it with Keras on MiniVGG first: ``docs/experiments/mask_fit``).
 
-Where a conv layer reads the user's input (with no layer of weights between) and its output, through a ReLU
-or ReLU6 alone, crosses as a round's input (``chosen_inputs.targets``), each position of that crossing is
-``o = B act(W p + b) + r``: ``p`` the position's input window, known to an attacker who chose the input,
-``B`` the scheme's input mixing, ``r`` the round's one-time mask - fresh every inference but independent of
-the input, of a public distribution and zero-mean but for a constant per channel. Fitting
-``o ~ A relu(W p + b) + c`` by least squares (Adam on random positions of many inferences; ``A`` a free
-linear map, which takes ``B`` and the ReLU's scale, ``c`` the masks' mean) averages the mask out: the
-estimate's variance goes as (mask / signal)^2 over the samples, and every inference gives one sample per
-position. Unlike the chosen-input attack (exact relations, which any mask breaks) and the critical-point
-attack (probe steps far under the noise), nothing here needs the crossing exact.
+Where a conv layer reads the user's input (with no layer of weights between) and its output, through a ReLU,
+ReLU6 or leaky ReLU alone, crosses as a round's input (``chosen_inputs.targets``), each position of that
+crossing is ``o = B act(W p + b) + r``: ``p`` the position's input window, known to an attacker who chose the
+input, ``B`` the scheme's input mixing, ``r`` the round's one-time mask - fresh every inference and
+independent of the input. Fitting ``o ~ A act(W p + b) + c`` by least squares (Adam on random positions of
+many inferences; ``A`` a free linear map, which takes ``B`` and the activation's scale, ``c`` the masks'
+mean) averages an additive mask out: the estimate's variance goes as (mask / signal)^2 over the samples, and
+every inference gives one sample per position. Unlike the chosen-input attack (exact relations, which any
+mask breaks) and the critical-point attack (probe steps far under the noise), nothing here needs the
+crossing exact.
 
-Measured (the helper's Keras fit, the same model): the zoo MiniVGG under the default, its round-2 mask
-18-25x the activations, 30 of its 32 first-layer filters from 1,600 inferences, as many as from the
-unmasked crossing. No secret is used; the reference model gives the geometry and scores the estimates.
+Measured: through a Gaussian one-time mask 18-25x the activations (the default until stop 61, now
+``groupmix:modular_masks=false``) the zoo MiniVGG gave 30 of its 32 first-layer filters from 1,600
+inferences, as many as from the unmasked crossing. A modular mask (``tee_sim.modular_masks``: what crosses is
+uniform over the period whatever the input) leaves nothing to fit: 0 of 32. No secret is used; the
+reference model gives the geometry and scores the estimates.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from shadownet.attacks import RECOVERY_COS, best_cosines
 from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
-from shadownet.chosen_inputs import random_inputs, targets, windows_of
+from shadownet.chosen_inputs import carried, random_inputs, targets, windows_of
 
 BUDGET = 1600  # inferences: MiniVGG's 30 of 32 (the helper's fit), ~30 s of inferences on this machine
 CHUNK = 100  # inferences whose windows are made at once
@@ -47,34 +49,31 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
     own random inputs: its estimates by reference layer name (for ``attacks.attack_layer``'s
     ``from_crossings``) and what ran, for the report (``skipped`` when no layer fits ``targets``)."""
     from shadownet.audit_leakage import raw_tensors, reference_activations, round_sources
-    from shadownet.boundary import observe_boundary, round_number
+    from shadownet.boundary import round_number
 
     started = time.perf_counter()
     pairs, _, _ = match_layers(reference, obfuscated)
     raw = set().union(*(raw_tensors(graph, t) for t in graph.inputs))
-    found = targets(graph, raw, round_sources(manifest, pairs))
+    found = targets(graph, raw, round_sources(manifest, pairs), leaky=True)
     if not found:
         return {}, {"skipped": "no conv layer on the user's input whose activated output a round carries",
                     "inferences": 0}
     target = found[0]
-    op, (a, b) = target["op"], target["channels"]
+    op = target["op"]
     kernel = graph.tensors[op.inputs[1]].shape
     carrier = round_number(target["buffer"].split("/")[0])
     rng = np.random.default_rng(seed)
     if progress:
         progress(f"mask fit: {budget} inferences of the attacker's own inputs, for {target['layer']} from "
                  f"{target['buffer']}")
-    everything = [random_inputs(manifest["inputs"], rng) for _ in range(budget)]
-    # One load of the protected model, its target buffer alone recorded
-    seen = join_halves(observe_boundary(out_dir, everything, {target["buffer"]}),
-                       split_names(manifest)[1])[target["buffer"]]
     positions, windows, crossings = None, [], []
-    for start in range(0, budget, CHUNK):
-        count = min(CHUNK, budget - start)
-        inputs = everything[start:start + count]
+    # One load of the protected model, its target buffer alone recorded and emptied chunk by chunk: only
+    # the sampled positions are kept (YOLOv4-tiny's round 2 is 5.5 MB an inference, 8.8 GB for 1,600)
+    for start, inputs, seen in _observed(out_dir, manifest, target["buffer"], budget, rng):
+        count = len(inputs)
         read = reference_activations(graph, inputs, {target["input"]})
         p = windows_of(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
-        o = np.asarray(seen[start:start + count], np.float32)[:, 0, ..., a:b]
+        o = np.asarray(carried(target, seen), np.float32)[:, 0]
         if p is None or p.shape[:3] != o.shape[:3]:
             return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s windows",
                         "inferences": 0}
@@ -85,27 +84,54 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
             kept = rng.choice(p.shape[1], positions, replace=False) if positions < p.shape[1] else slice(None)
             windows.append(p[i, kept])
             crossings.append(o[i, kept])
+        if progress and start + count < budget:
+            progress(f"mask fit: {start + count} of {budget} inferences")
     if progress:
         progress(f"mask fit: fitting {2 * kernel[0]} units for {kernel[0]} filters to {budget * positions} "
                  "positions")
     # Twice the layer's units: with as many, the fit left the filters of smallest norm out, with or without
     # the mask (a helper: ResNet-44's 12 of 16 against 16 of 16 from 1,600 inferences)
     estimates = fit(np.concatenate(windows), np.concatenate(crossings), 2 * int(kernel[0]), rng,
-                    steps or STEPS, taps=int(kernel[1]) * int(kernel[2]))
+                    steps or STEPS, taps=int(kernel[1]) * int(kernel[2]), slope=target["slope"])
     ref = next((r for r, _ in pairs if r.name == target["layer"]), None)
     recovered = 0 if ref is None else int(np.sum(best_cosines(estimates, ref.filters) >= RECOVERY_COS))
     return {target["layer"]: estimates}, {
         "layer": target["layer"], "buffer": target["buffer"], "inferences": budget, "positions": positions,
-        "filters": int(kernel[0]), "recovered": recovered,
+        "filters": int(kernel[0]), "slope": target["slope"], "recovered": recovered,
         "masked": carrier in set((manifest.get("masks") or {}).get("one_time_rounds") or ()),
         "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _observed(out_dir: str | os.PathLike, manifest: dict, buffer: str, budget: int,
+              rng: np.random.Generator) -> Iterator[tuple[int, list[list[np.ndarray]], np.ndarray]]:
+    """``budget`` protected inferences of random inputs in one session, ``CHUNK`` at a time: each chunk's
+    first index, its inputs and what the accelerator received in ``buffer`` (``(count, *shape)``, an exact
+    split's halves joined)."""
+    import shadownet
+    from shadownet.boundary import RecordingAccelerator
+
+    recorders: list[RecordingAccelerator] = []
+
+    def wrap(inner: Any) -> RecordingAccelerator:
+        recorders.append(RecordingAccelerator(inner, {buffer}))
+        return recorders[-1]
+
+    split = split_names(manifest)[1]
+    with shadownet.load(out_dir, accelerator=wrap) as model:
+        for start in range(0, budget, CHUNK):
+            inputs = [random_inputs(manifest["inputs"], rng) for _ in range(min(CHUNK, budget - start))]
+            for arrays in inputs:
+                model(*arrays)
+            seen = recorders[-1].seen.pop(buffer)
+            yield start, inputs, join_halves({buffer: np.stack(seen)}, split)[buffer]
+
+
 def fit(windows: np.ndarray, crossings: np.ndarray, units: int, rng: np.random.Generator,
-        steps: int = STEPS, taps: int = 1) -> np.ndarray:
-    """The filters (``[units, window]``) of ``crossings ~ A relu(windows @ W + b) + c`` fitted by least
-    squares (Adam on random batches of rows, the learning rate on a cosine to 0; Glorot-uniform starts as
-    Keras makes them for a conv of ``taps`` taps and a 1x1 one, with which the helper measured it)."""
+        steps: int = STEPS, taps: int = 1, slope: float = 0.0) -> np.ndarray:
+    """The filters (``[units, window]``) of ``crossings ~ A act(windows @ W + b) + c`` fitted by least
+    squares, ``act(z) = max(z, slope z)`` (ReLU, or a leaky ReLU's known slope; Adam on random batches of
+    rows, the learning rate on a cosine to 0; Glorot-uniform starts as Keras makes them for a conv of
+    ``taps`` taps and a 1x1 one, with which the helper measured it)."""
     p = np.ascontiguousarray(windows, np.float32)
     o = np.asarray(crossings, np.float32)
     o = np.ascontiguousarray(o / (float(o.std()) or 1.0))
@@ -122,9 +148,10 @@ def fit(windows: np.ndarray, crossings: np.ndarray, units: int, rng: np.random.G
         x, y = p[rows], o[rows]
         w, bias, mix, offset = (v.astype(np.float32) for v in params)
         z = x @ w + bias
-        h = np.maximum(z, 0)
+        on = z > 0
+        h = np.where(on, z, np.float32(slope) * z)
         r = (h @ mix + offset - y) * np.float32(2 / (batch * c))
-        dh = (r @ mix.T) * (z > 0)
+        dh = (r @ mix.T) * np.where(on, np.float32(1), np.float32(slope))
         grads = [x.T @ dh, dh.sum(0), h.T @ r, r.sum(0)]
         rate = LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         correction = math.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step)

@@ -16,24 +16,31 @@ from tests.converters.litert import run
 from tests.shadownet.small_models import conv_options, pooled_dense_head
 
 
-def _two_convs(seed: int = 0, dense_block: bool = False) -> bytes:
+def two_convs(seed: int = 0, dense_block: bool = False, leaky: float | None = None) -> bytes:
     """A 16x16x3 image, a 3x3 ReLU conv of 16 filters (round 1), another (round 2, on what the first made),
     their mean over positions and a dense layer of 5 (round 3): a plain CNN's first layers. ``dense_block``:
-    a third conv reads the two convs' outputs concatenated (a DenseNet block; round 3), before the head."""
+    a third conv reads the two convs' outputs concatenated (a DenseNet block; round 3), before the head.
+    ``leaky``: the first conv's activation a LEAKY_RELU op of this slope instead (as YOLOv4-tiny's)."""
     rng = np.random.default_rng(seed)
     g = Graph()
 
-    def conv(x: int, c_in: int, name: str) -> int:
+    def conv(x: int, c_in: int, name: str, slope: float | None = None) -> int:
         w = g.add_tensor(f"{name}/w", (16, 3, 3, c_in), np.float32,
                          rng.standard_normal((16, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in)))
         b = g.add_tensor(f"{name}/b", (16,), np.float32, rng.standard_normal(16) * 0.1)
         y = g.add_tensor(name, (1, 16, 16, 16), np.float32)
-        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1,
-                                                         fb.ActivationFunctionType.RELU))
-        return y
+        fused = fb.ActivationFunctionType.RELU if slope is None else fb.ActivationFunctionType.NONE
+        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1, fused))
+        if slope is None:
+            return y
+        options = fb.LeakyReluOptionsT()
+        options.alpha = slope
+        activated = g.add_tensor(f"{name}/leaky", (1, 16, 16, 16), np.float32)
+        g.add_op("LEAKY_RELU", [y], [activated], options)
+        return activated
 
     image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
-    first = conv(image, 3, "conv0")
+    first = conv(image, 3, "conv0", leaky)
     x = conv(first, 16, "conv1")
     if dense_block:
         joined = g.add_tensor("joined", (1, 16, 16, 32), np.float32)
@@ -52,7 +59,7 @@ def convert(tmp_path: Path, model: bytes | None = None, **options) -> dict:
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     original = tmp_path / "model.tflite"
-    original.write_bytes(model or _two_convs())
+    original.write_bytes(model or two_convs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seeded (insecure), mask_scale=0 (unmasked)
         return shadownet.convert(str(original), str(tmp_path / "out"), seed=3, **options)
@@ -94,7 +101,7 @@ def test_a_first_layer_carried_through_a_concatenation_is_solved_and_masked(tmp_
     as from round 2; under every policy round 3 gets one-time masks as round 2 does (a review found it
     crossing unmasked, conv0 given away: ``converters.partition.CARRY_THROUGH``), and nothing is recovered
     (``first``: the floor alone; ``auto`` masks every round of a model this small)."""
-    model = _two_convs(dense_block=True)
+    model = two_convs(dense_block=True)
     _, report = _audit(tmp_path / "unmasked", model, scheme="groupmix:mask_scale=0")
     assert [row["buffer"] for row in report["chosen_inputs"]["layers"]] == ["round_2/in/x0", "round_3/in/x0"]
     assert report["layers"][0]["recovered"]["chosen_input"] == 16

@@ -16,21 +16,24 @@ from tests.converters.litert import run
 from tests.shadownet.small_models import conv_options, pooled_dense_head
 
 
-def two_convs(seed: int = 0, dense_block: bool = False, leaky: float | None = None) -> bytes:
+def two_convs(seed: int = 0, dense_block: bool = False, leaky: float | None = None,
+              padded: bool = False) -> bytes:
     """A 16x16x3 image, a 3x3 ReLU conv of 16 filters (round 1), another (round 2, on what the first made),
     their mean over positions and a dense layer of 5 (round 3): a plain CNN's first layers. ``dense_block``:
     a third conv reads the two convs' outputs concatenated (a DenseNet block; round 3), before the head.
-    ``leaky``: the first conv's activation a LEAKY_RELU op of this slope instead (as YOLOv4-tiny's)."""
+    ``leaky``: the first conv's activation a LEAKY_RELU op of this slope instead; ``padded``: its output
+    zero-padded by a PAD op and read by a VALID conv (both as YOLOv4-tiny's first layer)."""
     rng = np.random.default_rng(seed)
     g = Graph()
 
-    def conv(x: int, c_in: int, name: str, slope: float | None = None) -> int:
+    def conv(x: int, c_in: int, name: str, slope: float | None = None, valid: bool = False) -> int:
         w = g.add_tensor(f"{name}/w", (16, 3, 3, c_in), np.float32,
                          rng.standard_normal((16, 3, 3, c_in)) * np.sqrt(2 / (9 * c_in)))
         b = g.add_tensor(f"{name}/b", (16,), np.float32, rng.standard_normal(16) * 0.1)
         y = g.add_tensor(name, (1, 16, 16, 16), np.float32)
         fused = fb.ActivationFunctionType.RELU if slope is None else fb.ActivationFunctionType.NONE
-        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", fb.Padding.SAME, 1, fused))
+        padding = fb.Padding.VALID if valid else fb.Padding.SAME
+        g.add_op("CONV_2D", [x, w, b], [y], conv_options("CONV_2D", padding, 1, fused))
         if slope is None:
             return y
         options = fb.LeakyReluOptionsT()
@@ -41,7 +44,11 @@ def two_convs(seed: int = 0, dense_block: bool = False, leaky: float | None = No
 
     image = g.add_tensor("image", (1, 16, 16, 3), np.float32)
     first = conv(image, 3, "conv0", leaky)
-    x = conv(first, 16, "conv1")
+    if padded:
+        pads = g.add_tensor("pads", (4, 2), np.int32, np.array([[0, 0], [1, 1], [1, 1], [0, 0]], np.int32))
+        bordered = g.add_tensor("conv0/padded", (1, 18, 18, 16), np.float32)
+        g.add_op("PAD", [first, pads], [bordered])
+    x = conv(bordered if padded else first, 16, "conv1", valid=padded)
     if dense_block:
         joined = g.add_tensor("joined", (1, 16, 16, 32), np.float32)
         options = fb.ConcatenationOptionsT()

@@ -153,7 +153,11 @@ class GroupMixScheme:
     times the input's, and the input crosses modulo that period (an exact split's high half, where the
     ``exact_split`` policy splits it) - ``tee_sim.modular_masks``; a
     Gaussian mask's mean is what a fit over many inferences sees, and it gave a first layer away through
-    round 2: SECURITY.md; False: Gaussian, as before stop 61)."""
+    round 2: SECURITY.md; False: Gaussian, as before stop 61), ``deep_modular`` (True: the deeper rounds'
+    small masks, at ``deep_mask_scale``, modular too, where ``modular_masks`` would make them so at
+    ``mask_scale``; an experiment of stop 62: a two-layer fit through round 3's Gaussian 1x mask took
+    MiniVGG's first two layers - SECURITY.md - and a modular mask of about its input's spread wraps a large
+    share of its elements, each a read-modify-write of its layer's outputs in the TEE)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
@@ -162,7 +166,8 @@ class GroupMixScheme:
                  input_group: int = 16, mask_scale: float = 10.0, deep_mask_scale: float = 1.0,
                  static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True,
                  exact_split: str = "auto",
-                 depthwise: str = "tee", mask_floor: str = "layers", modular_masks: bool = True) -> None:
+                 depthwise: str = "tee", mask_floor: str = "layers", modular_masks: bool = True,
+                 deep_modular: bool = False) -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
         self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
@@ -177,6 +182,7 @@ class GroupMixScheme:
         self.center_masks = flag("center_masks", center_masks)
         self.shaped_masks = flag("shaped_masks", shaped_masks)
         self.modular_masks = flag("modular_masks", modular_masks)
+        self.deep_modular = flag("deep_modular", deep_modular)
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split
@@ -203,7 +209,7 @@ class GroupMixScheme:
                 "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
                 "depthwise": self.depthwise, "mask_floor": self.mask_floor,
-                "modular_masks": self.modular_masks}
+                "modular_masks": self.modular_masks, "deep_modular": self.deep_modular}
 
     def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
@@ -375,7 +381,8 @@ class GroupMixScheme:
         # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
         # pooled features, correlation 0.36 at 10x the std).
         spread = (self.deep_mask_scale if deep else self.mask_scale) * max(stats.std, stats.rms)
-        if modular and self.modular_masks and shape is None and not deep and 0 < spread < math.inf:
+        if (modular and self.modular_masks and shape is None and (self.deep_modular or not deep)
+                and 0 < spread < math.inf):
             # Modular (tee_sim.modular_masks): uniform, sent modulo its period, so that no number of
             # inferences averages it out (a first layer's fit through round 2: SECURITY.md)
             return MaskDistribution(modular_std(spread), np.zeros_like(stats.mean), modular=True)

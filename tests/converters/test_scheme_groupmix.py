@@ -90,7 +90,8 @@ def test_registry_and_parameters():
                                  "input_group": 1, "mask_scale": 10.0, "deep_mask_scale": 2.5,
                                  "static_mask_scale": 0.0,
                                  "center_masks": True, "shaped_masks": True, "exact_split": "none",
-                                 "depthwise": "offload", "mask_floor": "input", "modular_masks": False}
+                                 "depthwise": "offload", "mask_floor": "input", "modular_masks": False,
+                                 "deep_modular": False}
     assert not s.in_tee
     default = get_scheme("groupmix")
     assert default.public_params()["exact_split"] == "auto"
@@ -98,9 +99,10 @@ def test_registry_and_parameters():
     assert default.public_params()["mask_floor"] == "layers"
     assert default.public_params()["deep_mask_scale"] == 1.0
     assert default.public_params()["modular_masks"] is True
+    assert default.public_params()["deep_modular"] is False
     for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "input_group=-1", "mask_scale=-1",
                 "deep_mask_scale=-1", "static_mask_scale=-1", "exact_split=true", "depthwise=cpu",
-                "mask_floor=none", "modular_masks=2", "bogus=1"):
+                "mask_floor=none", "modular_masks=2", "deep_modular=2", "bogus=1"):
         with pytest.raises(ValueError):
             get_scheme(f"groupmix:{bad}")
 
@@ -252,6 +254,21 @@ def test_masks_are_centered_at_ten_times_the_rms():
     assert mask.dtype == np.float32
     assert np.allclose(mask.reshape(-1, 4).mean(axis=0), -stats.mean, atol=0.3)
     assert abs(np.std(mask - mask.reshape(-1, 4).mean(axis=0)) - 20.0) < 0.2
+
+
+def test_which_masks_are_modular():
+    """A push conv and dense layers alone read, carrying no user input, gets a modular mask at
+    ``mask_scale`` (uniform, no mean; its RMS within 2^(+-1/2) of the spread asked); the deeper rounds' small
+    masks only with ``deep_modular``; ``modular_masks=false`` none."""
+    stats = ActivationStats(np.array([3.0, -1.0, 0.0, 2.0]), 0.5, 2.0)
+    floor = GroupMixScheme().mask_distribution(stats, modular=True)
+    assert floor.modular and not floor.mean.any() and 20.0 / 2 ** 0.5 <= floor.std <= 20.0 * 2 ** 0.5
+    assert not GroupMixScheme().mask_distribution(stats, deep=True, modular=True).modular
+    assert not GroupMixScheme().mask_distribution(stats, modular=False).modular  # read by another kind
+    deep = GroupMixScheme(deep_modular=True).mask_distribution(stats, deep=True, modular=True)
+    assert deep.modular and 2.0 / 2 ** 0.5 <= deep.std <= 2.0 * 2 ** 0.5
+    assert not GroupMixScheme(modular_masks=False, deep_modular=True).mask_distribution(
+        stats, deep=True, modular=True).modular
 
 
 def test_same_generator_state_same_secrets():

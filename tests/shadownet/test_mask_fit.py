@@ -67,3 +67,22 @@ def test_a_first_layer_through_a_leaky_relu_is_fitted_with_its_slope(tmp_path, m
         assert report["chosen_inputs"]["layers"] == []  # not the chosen-input attack's
         counts[name] = report["layers"][0]["recovered"]["mask_fit"]
     assert counts["unmasked"] >= 12 and counts["default"] == 0, counts
+
+
+def test_deeper_rounds_modular_masks_keep_the_outputs(tmp_path):
+    """``groupmix:deep_modular=true``: the deeper rounds' small masks modular too (an experiment: a two-layer
+    fit through round 3's Gaussian mask - SECURITY.md); at about its input's spread a modular mask wraps many
+    of its elements, each unwrapped through its layer in the TEE: the outputs stay LiteRT's to 1e-4."""
+    import shadownet
+    from tests.converters.litert import run
+
+    model = two_convs(dense_block=True)
+    manifest = convert(tmp_path, model, scheme="groupmix:deep_modular=true", mask_rounds="all")
+    assert manifest["masks"]["one_time_rounds"] == [1, 2, 3, 4]
+    rng = np.random.default_rng(5)
+    with shadownet.load(tmp_path / "out") as protected:
+        for _ in range(4):
+            x = rng.standard_normal((1, 16, 16, 3)).astype(np.float32)
+            want = run(model, [x])[0]
+            got = protected(x)
+            assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from shadownet.attacks import RECOVERY_COS, abs_cosines, best_cosines
-from shadownet.audit_layers import LinearLayer, join_halves, layer_label, match_layers, split_names
-from shadownet.boundary import RecordingAccelerator, round_number
+from shadownet.audit_layers import LinearLayer, layer_label, match_layers, split_names
+from shadownet.boundary import Crossing, round_number
 from shadownet.receptive_fields import Axis, receptive_fields
 
 # The default budget: inferences the attack may run. MiniVGG's round 3 (6x6 fields, 217 inferences a grid
@@ -76,7 +76,7 @@ def critical_point_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict
         state = "masked" if found["masked"] else "unmasked"
         progress(f"critical points: up to {budget} inferences of the attacker's own inputs, to solve "
                  f"{layer_label(found['layer'])} from {found['buffer']} ({state})")
-    with _Crossing(out_dir, found["buffer"], split_names(manifest)[1]) as crossing:
+    with Crossing(out_dir, found["buffer"], split_names(manifest)[1]) as crossing:
         result = _attack(found, crossing, budget, np.random.default_rng(seed), progress)
         result["inferences"] = crossing.count
     weights = found["weights"]
@@ -147,44 +147,6 @@ def target(graph: Any, manifest: dict, pairs: list[tuple[LinearLayer, LinearLaye
             "kernel": tuple(int(k) for k in kernel), "dilation": dilation}
 
 
-class _Crossing:
-    """The normal world's view: the protected model run on chosen inputs, one round input kept as the
-    audit's recording accelerator (``boundary.RecordingAccelerator``) sees it, an exactly split one's halves
-    added back (``audit_layers.join_halves``)."""
-
-    def __init__(self, out_dir: str | os.PathLike, buffer: str, split: set[str]) -> None:
-        self.out_dir, self.buffer, self.split, self.count = out_dir, buffer, split, 0
-        self.recorders: list[RecordingAccelerator] = []
-
-    def __enter__(self) -> _Crossing:
-        import shadownet
-
-        def wrap(inner: Any) -> RecordingAccelerator:
-            # this buffer alone: thousands of inferences are observed
-            self.recorders.append(RecordingAccelerator(inner, {self.buffer}))
-            return self.recorders[-1]
-
-        self._context = shadownet.load(self.out_dir, accelerator=wrap)
-        self.model = self._context.__enter__()
-        return self
-
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        """The crossing for each input, ``[K, h, w, channels]``, as it crossed: float32, or float64 where an
-        exactly split buffer's halves were added back. (In float64 YOLOv4-tiny's grid points, 295 crossings
-        of 104x104x64, their differences and Jacobians, took the attack to 7.8 GB; 3.2 GB as they cross, and
-        the difference of two close crossings is exact in float32.)"""
-        seen = self.recorders[-1].seen
-        seen.clear()
-        for x in inputs:
-            self.model(np.asarray(x, np.float32)[None])
-            self.count += 1
-        joined = join_halves({self.buffer: np.stack(seen.pop(self.buffer))}, self.split)[self.buffer]
-        return joined[:, 0]
-
-    def __exit__(self, *exc: Any) -> None:
-        self._context.__exit__(*exc)
-
-
 def _windows(found: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Each first-layer unit window that lies in a crossing position's field, the same for every position
     (the geometry is affine): its offset in the field and its mask over the field's columns, in the order
@@ -207,7 +169,7 @@ def _windows(found: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
     return windows
 
 
-def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Generator,
+def _attack(found: dict, crossing: Crossing, budget: int, rng: np.random.Generator,
             progress: Callable[[str], None] | None) -> dict:
     """Lines of grid points within ``budget`` inferences (``crossing.count``); stops when as many estimates
     as the layer has filters (its size is public) were each seen ``SURE_EVENTS`` times (a false one is
@@ -278,7 +240,7 @@ def _attack(found: dict, crossing: _Crossing, budget: int, rng: np.random.Genera
             "candidates": len(candidates), "estimates": estimates, "events": stats}
 
 
-def _jacobians(found: dict, crossing: _Crossing, x: np.ndarray, eps: float,
+def _jacobians(found: dict, crossing: Crossing, x: np.ndarray, eps: float,
                sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every crossing position's Jacobian on its field at ``x``, ``[h, w, channels, Fy * Fx * C]`` (columns
     in (row, col, channel) order), which columns are valid, ``[h, w, Fy * Fx * C]``, and the crossing's

@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from shadownet.attacks import RECOVERY_COS, best_cosines
-from shadownet.audit_layers import LinearLayer, join_halves, match_layers, split_names
+from shadownet.audit_layers import LinearLayer, match_layers, split_names
 from shadownet.chosen_inputs import carried, random_inputs, targets, windows_of
 
 BUDGET = 1600  # inferences: MiniVGG's 30 of 32 (the helper's fit), ~30 s of inferences on this machine
@@ -49,7 +49,7 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
     own random inputs: its estimates by reference layer name (for ``attacks.attack_layer``'s
     ``from_crossings``) and what ran, for the report (``skipped`` when no layer fits ``targets``)."""
     from shadownet.audit_leakage import raw_tensors, reference_activations, round_sources
-    from shadownet.boundary import round_number
+    from shadownet.boundary import Crossing, round_number
 
     started = time.perf_counter()
     pairs, _, _ = match_layers(reference, obfuscated)
@@ -69,23 +69,27 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
     positions, windows, crossings = None, [], []
     # One load of the protected model, its target buffer alone recorded and emptied chunk by chunk: only
     # the sampled positions are kept (YOLOv4-tiny's round 2 is 5.5 MB an inference, 8.8 GB for 1,600)
-    for start, inputs, seen in _observed(out_dir, manifest, target["buffer"], budget, rng):
-        count = len(inputs)
-        read = reference_activations(graph, inputs, {target["input"]})
-        p = windows_of(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
-        o = np.asarray(carried(target, seen), np.float32)[:, 0]
-        if p is None or p.shape[:3] != o.shape[:3]:
-            return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s windows",
-                        "inferences": 0}
-        p, o = p.reshape(count, -1, p.shape[-1]), o.reshape(count, -1, o.shape[-1])
-        if positions is None:
-            positions = min(p.shape[1], max(MAX_SAMPLES // budget, 1))
-        for i in range(count):
-            kept = rng.choice(p.shape[1], positions, replace=False) if positions < p.shape[1] else slice(None)
-            windows.append(p[i, kept])
-            crossings.append(o[i, kept])
-        if progress and start + count < budget:
-            progress(f"mask fit: {start + count} of {budget} inferences")
+    with Crossing(out_dir, target["buffer"], split_names(manifest)[1]) as crossing:
+        for start in range(0, budget, CHUNK):
+            count = min(CHUNK, budget - start)
+            inputs = [random_inputs(manifest["inputs"], rng) for _ in range(count)]
+            seen = crossing.observe(inputs)
+            read = reference_activations(graph, inputs, {target["input"]})
+            p = windows_of(np.asarray(read[target["input"]], np.float32)[:, 0], kernel, op.options)
+            o = np.asarray(carried(target, seen), np.float32)[:, 0]
+            if p is None or p.shape[:3] != o.shape[:3]:
+                return {}, {"skipped": f"{target['buffer']}'s positions do not match {target['layer']}'s "
+                            "windows", "inferences": 0}
+            p, o = p.reshape(count, -1, p.shape[-1]), o.reshape(count, -1, o.shape[-1])
+            if positions is None:
+                positions = min(p.shape[1], max(MAX_SAMPLES // budget, 1))
+            for i in range(count):
+                kept = (rng.choice(p.shape[1], positions, replace=False) if positions < p.shape[1]
+                        else slice(None))
+                windows.append(p[i, kept])
+                crossings.append(o[i, kept])
+            if progress and start + count < budget:
+                progress(f"mask fit: {start + count} of {budget} inferences")
     if progress:
         progress(f"mask fit: fitting {2 * kernel[0]} units for {kernel[0]} filters to {budget * positions} "
                  "positions")
@@ -100,30 +104,6 @@ def mask_fit_attack(out_dir: str | os.PathLike, graph: Any, manifest: dict, refe
         "filters": int(kernel[0]), "slope": target["slope"], "recovered": recovered,
         "masked": carrier in set((manifest.get("masks") or {}).get("one_time_rounds") or ()),
         "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _observed(out_dir: str | os.PathLike, manifest: dict, buffer: str, budget: int,
-              rng: np.random.Generator) -> Iterator[tuple[int, list[list[np.ndarray]], np.ndarray]]:
-    """``budget`` protected inferences of random inputs in one session, ``CHUNK`` at a time: each chunk's
-    first index, its inputs and what the accelerator received in ``buffer`` (``(count, *shape)``, an exact
-    split's halves joined)."""
-    import shadownet
-    from shadownet.boundary import RecordingAccelerator
-
-    recorders: list[RecordingAccelerator] = []
-
-    def wrap(inner: Any) -> RecordingAccelerator:
-        recorders.append(RecordingAccelerator(inner, {buffer}))
-        return recorders[-1]
-
-    split = split_names(manifest)[1]
-    with shadownet.load(out_dir, accelerator=wrap) as model:
-        for start in range(0, budget, CHUNK):
-            inputs = [random_inputs(manifest["inputs"], rng) for _ in range(min(CHUNK, budget - start))]
-            for arrays in inputs:
-                model(*arrays)
-            seen = recorders[-1].seen.pop(buffer)
-            yield start, inputs, join_halves({buffer: np.stack(seen)}, split)[buffer]
 
 
 def fit(windows: np.ndarray, crossings: np.ndarray, units: int, rng: np.random.Generator,

@@ -308,37 +308,70 @@ static inline int32_t reached(int64_t at, int32_t before, int32_t taps, int32_t 
     return count;
 }
 
-/* out[0..m) += f * e[0..m): a vector at a time. */
-static inline void axpy(float *restrict out, const float *restrict e, float f, int64_t m) {
+/* Vectors of an output row the unwrap sums in registers at a time: 64 floats with AVX2. */
+#define UNWRAP_BLOCK 8
+/* Wrapped channels of a pixel it gathers at a time (a dense layer's "pixel" is its whole input). */
+#define UNWRAP_CHANNELS 512
+
+/* out[0..m) += sum over n of f[n] * e[chans[n] * m + 0..m): one input pixel's wrapped channels at one tap,
+ * summed in registers and added to the output row once (a read-modify-write per wrapped element and tap
+ * was a chain of dependent stores into the same row: 1.3-2.2x slower with a fifth of ResNet-44's round
+ * shapes' elements wrapped, alike with a twentieth - a microbenchmark on a busy machine). */
+static inline void unwrap_row(float *restrict out, const float *restrict e, const int32_t *chans,
+                              const float *f, int64_t nz, int64_t m) {
     int64_t q = 0;
-    for (; q + SN_VL <= m; q += SN_VL) storen(out + q, loadn(out + q) + f * loadn(e + q));
-    for (; q < m; q++) out[q] += f * e[q];
+    for (; q + UNWRAP_BLOCK * SN_VL <= m; q += UNWRAP_BLOCK * SN_VL) {
+        vn acc[UNWRAP_BLOCK] = {0};
+        for (int64_t n = 0; n < nz; n++) {
+            const float *row = e + (int64_t)chans[n] * m + q;
+            for (int u = 0; u < UNWRAP_BLOCK; u++) acc[u] += f[n] * loadn(row + u * SN_VL);
+        }
+        for (int u = 0; u < UNWRAP_BLOCK; u++)
+            storen(out + q + u * SN_VL, loadn(out + q + u * SN_VL) + acc[u]);
+    }
+    for (; q + SN_VL <= m; q += SN_VL) {
+        vn acc = {0};
+        for (int64_t n = 0; n < nz; n++) acc += f[n] * loadn(e + (int64_t)chans[n] * m + q);
+        storen(out + q, loadn(out + q) + acc);
+    }
+    for (; q < m; q++) {
+        float acc = 0.0f;
+        for (int64_t n = 0; n < nz; n++) acc += f[n] * e[(int64_t)chans[n] * m + q];
+        out[q] += acc;
+    }
 }
 
 int sn_unwrap(const sn_unwrap_t *s) {
     float period = *s->period;
-    int64_t m = s->m;
+    int64_t m = s->m, c = s->c;
     /* Which taps an input row and column reach: a row's once per row that wraps, a column's once per pixel
-     * that wraps (not per tap and wrapped element). The unwrap's time is in its scattered read-modify-writes
-     * of the offset (perf: the stores): ~100 ns a wrapped element on yolov4-tiny's round-2 shapes alone, ~250 ns
-     * in its inference, where the offset comes from a refill out of cache. */
+     * that wraps (not per tap and wrapped element); a pixel's wrapped channels once per pixel. The unwrap's
+     * time is in its scattered read-modify-writes of the offset (perf: the stores): ~100 ns a wrapped
+     * element on yolov4-tiny's round-2 shapes alone, ~250 ns in its inference, where the offset comes from
+     * a refill out of cache, before the channels were summed per pixel and tap (unwrap_row). */
     int32_t rows[2 * s->kh], cols[2 * s->kw];
+    int32_t chans[UNWRAP_CHANNELS];
+    float factor[UNWRAP_CHANNELS];
     for (int64_t b = 0; b < s->n; b++)
         for (int64_t iy = s->y0; iy < s->y1; iy++) {
             int32_t ny = -1;
             for (int64_t ix = s->x0; ix < s->x1; ix++) {
-                const int8_t *k = s->k + ((b * s->h + iy) * s->w + ix) * s->c;
-                if (!any_set(k, s->c)) continue;
+                const int8_t *k = s->k + ((b * s->h + iy) * s->w + ix) * c;
+                if (!any_set(k, c)) continue;
                 if (ny < 0) ny = reached(iy, s->top, s->kh, s->sh, s->dh, s->ho, rows);
                 int32_t nx = reached(ix, s->left, s->kw, s->sw, s->dw, s->wo, cols);
-                for (int64_t ch = 0; ch < s->c; ch++) {
-                    if (!k[ch]) continue;
-                    float f = period * (float)k[ch];
-                    for (int32_t a = 0; a < ny; a++)
+                for (int64_t ch0 = 0; ch0 < c; ch0 += UNWRAP_CHANNELS) {
+                    int64_t nz = 0, end = ch0 + UNWRAP_CHANNELS < c ? ch0 + UNWRAP_CHANNELS : c;
+                    for (int64_t ch = ch0; ch < end; ch++)
+                        if (k[ch]) {
+                            chans[nz] = (int32_t)ch;
+                            factor[nz++] = period * (float)k[ch];
+                        }
+                    for (int32_t a = 0; nz && a < ny; a++)
                         for (int32_t c2 = 0; c2 < nx; c2++) {
                             int32_t i = rows[2 * a], oy = rows[2 * a + 1], j = cols[2 * c2], ox = cols[2 * c2 + 1];
-                            axpy(s->out + ((b * s->ho + oy) * s->wo + ox) * m,
-                                 s->e + (((int64_t)i * s->kw + j) * s->c + ch) * m, f, m);
+                            unwrap_row(s->out + ((b * s->ho + oy) * s->wo + ox) * m,
+                                       s->e + ((int64_t)i * s->kw + j) * c * m, chans, factor, nz, m);
                         }
                 }
             }

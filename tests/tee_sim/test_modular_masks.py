@@ -132,6 +132,8 @@ GEOMETRIES = {  # x_shape, y_shape, kernel, stride, dilation, before
     "3x3 stride 2": ((2, 10, 9, 8), (2, 5, 5, 16), (3, 3), (2, 2), (1, 1), (0, 1)),
     "dilated valid": ((1, 12, 12, 5), (1, 8, 6, 7), (3, 2), (1, 2), (2, 3), (0, 0)),
     "1x1": ((1, 6, 6, 33), (1, 6, 6, 40), (1, 1), (1, 1), (1, 1), (0, 0)),
+    # more channels than the kernel gathers a pixel's wraps of at a time, more outputs than it sums at once
+    "wide": ((1, 3, 4, 1100), (1, 3, 4, 75), (3, 3), (1, 1), (1, 1), (1, 1)),
 }
 
 
@@ -151,13 +153,16 @@ def test_the_unwrap_adds_the_periods_through_the_layer(name):
 
 
 def test_a_dense_layers_unwrap_reads_its_flattened_input():
-    geo = Geometry("FULLY_CONNECTED", (1, 4, 4, 6), (1, 10))
     rng = np.random.default_rng(8)
-    k = ((rng.random((1, 4, 4, 6)) < 0.2) * rng.choice([-1, 1], (1, 4, 4, 6))).astype(np.int8)
-    composed = rng.standard_normal((96, 10)).astype(np.float32)
-    offset = np.zeros((1, 10), np.float32)
-    Unwrap(geo, composed).compile(k, np.array([0.5], np.float32), offset)()
-    assert np.allclose(offset, 0.5 * k.reshape(1, 96).astype(np.float64) @ composed, rtol=1e-5, atol=1e-5)
+    for shape, outputs in (((1, 4, 4, 6), 10), ((1, 1, 1, 1300), 70)):  # the second: 3 gathers of its wraps
+        geo = Geometry("FULLY_CONNECTED", shape, (1, outputs))
+        k = ((rng.random(shape) < 0.2) * rng.choice([-1, 1], shape)).astype(np.int8)
+        rows = int(np.prod(shape))
+        composed = rng.standard_normal((rows, outputs)).astype(np.float32)
+        offset = np.zeros((1, outputs), np.float32)
+        Unwrap(geo, composed).compile(k, np.array([0.5], np.float32), offset)()
+        want = 0.5 * k.reshape(1, rows).astype(np.float64) @ composed
+        assert np.allclose(offset, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="DEPTHWISE"):
         Unwrap(Geometry("DEPTHWISE_CONV_2D", (1, 4, 4, 6), (1, 4, 4, 6), (3, 3)), composed)
     with pytest.raises(ValueError, match="unwrap"):

@@ -113,6 +113,25 @@ def one_layer_from_input(part: Partition) -> set[int]:
     return made
 
 
+def layers_from_input(part: Partition) -> dict[int, int]:
+    """The tensors computed from a user input, each with the most layers of weights on any path from one
+    (0: the inputs and what the TEE made of them with no layer between; a residual sum counts its deeper
+    path): the depth of the network a normal world that chooses its inputs must fit to explain the tensor
+    where it crosses (two layers fitted through round 3's Gaussian mask took MiniVGG's first two:
+    SECURITY.md). A depthwise layer counts, offloaded or not."""
+    graph = part.graph
+    depth = {t: 0 for t in graph.inputs}
+    for i, op in enumerate(graph.ops):
+        reached = [depth[t] for t in op.inputs if t in depth]
+        if not reached:
+            continue
+        weights = len(op.inputs) > 1 and op.inputs[1] >= 0 and graph.tensors[op.inputs[1]].data is not None
+        layer = op.kind in LAYER_KINDS and (weights or i in part.offloaded)
+        for t in op.outputs:
+            depth[t] = max(reached) + layer
+    return depth
+
+
 def narrow_rounds(part: Partition, min_channels: int | None) -> list[int]:
     """The rounds, other than ``input_rounds``, with an offloaded layer whose input has fewer channels than
     the scheme mixes (``min_channels``: ``converters.schemes.group_min_channels``; None: it mixes none, and

@@ -17,7 +17,7 @@ from ai_edge_litert import schema_py_generated as schema_fb
 
 from converters import exact_split, linear
 from converters.graph import Graph, Signature
-from converters.partition import Partition, carries_input, input_rounds
+from converters.partition import Partition, carries_input, input_rounds, layers_from_input
 from converters.plan_numpy import numpy_activation, numpy_form
 from converters.schemes import (
     ActivationStats,
@@ -97,6 +97,7 @@ class RoundsBuilder:
         self.g, self.part, self.scheme, self.rng, self.stats = graph, part, scheme, rng, stats
         self.one_time = set(one_time_rounds)
         self.carrying = carries_input(part)  # tensors made from a model input: shaped one-time masks
+        self.depth = layers_from_input(part)  # how many layers from a model input: modular deeper masks
         # Round 1 and the others every policy masks (a user input joins them, or they are one layer from it,
         # or too narrow to mix): the first policy splits them all, auto round 1 and the others up to
         # exact_split.LATE_SPLIT_BYTES.
@@ -144,7 +145,7 @@ class RoundsBuilder:
                         dist = self.scheme.mask_distribution(
                             stats, shape if carries else None,
                             obf.transform_input(np.ones(shape[-1])) if carries else None,
-                            deep=r not in self.always_masked,
+                            deep=r not in self.always_masked, depth=self.depth.get(x, 0),
                             modular=all(g.ops[k].kind in MODULAR_READERS for k in readers[key]))
                     mask = None if one_time else self.scheme.push_mask(shape, stats, self.rng)
                     source, pad = self._zero_pad(x)

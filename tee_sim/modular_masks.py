@@ -16,15 +16,16 @@ the smaller the mask is against ``v``. Sent modulo a period ``P`` with ``r`` uni
 - The push (``sn_run``'s ``send_modular``): ``w = v + r``, ``k = floor(w / P + 1/2)``, sends ``w - k P``,
   within the half-open ``[-P/2, P/2)`` (a value on the boundary sent as either end would tell which side
   the input lay on), and keeps ``k`` (int8, the wraps, in secure memory the sessions share: the unwraps
-  read them in the same call; almost all 0: about ``E|v| / P`` of the elements, 0.3-0.8% on the zoo's round
-  2). An exact split's (``send_split_modular``) takes its high half ``r_hi + q`` modulo ``P`` so, on a grid
-  that divides ``P`` (``converters.exact_split.plan``), and its low half ``x_lo`` within ``[-g/2, g/2)``:
-  both halves uniform whatever ``v``.
+  read them in the same call; about ``E|v| / P`` of the elements: 0.3-0.8% on the zoo's round 2 at
+  10x its spread; about a fifth, by that estimate, on the deeper rounds at 1x). An exact split's
+  (``send_split_modular``) takes its high half ``r_hi + q`` modulo ``P`` so, on a grid that divides ``P``
+  (``converters.exact_split.plan``), and its low half ``x_lo`` within ``[-g/2, g/2)``: both halves uniform
+  whatever ``v``.
 - The unwrap (``sn_unwrap``, this module's ``Unwrap``): the accelerator computes ``L(v + r - k P)``, so the
   restore's offset ``bias - restore(L(r))`` (made offline, ``PopMask``) gets ``+ P restore(L(k))`` before the
   restore reads it, summed where ``k`` is not 0 only, from the layer's weights composed with the restore
   (``PopMask.composed``, kept in secure memory at load); an exact split's pop mask gets ``- P L(k)`` through
-  the blocks ``[W'_hi | W'_lo]`` its high half meets, both halves exact. It costs the TEE ``E|v| / P`` of
+  the blocks ``[W'_hi | W'_lo]`` its high half meets, both halves exact. It costs the TEE that share of
   the layer's multiply-adds and secure memory for those weights and the wraps.
 
 What it does not change: the precision the mask costs (``P / sqrt(12)`` within 2^+-0.5 of the Gaussian
@@ -33,7 +34,8 @@ the round is split); the
 accelerator learns nothing from ``k`` (it never leaves the TEE), but the unwrap's time grows with how many
 elements wrapped, a side channel of ``sum |v| / P`` per round that an attacker timing the TEE could read
 (one number per inference; the layer's whole correction computed every time would close it, at the
-layer's cost). Which masks are modular: ``converters.schemes.groupmix``'s ``modular_masks``.
+layer's cost). Which masks are modular: ``converters.schemes.groupmix``'s ``modular_masks`` and
+``modular_depth``.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ class Scheme(Protocol):
 
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
                           common: np.ndarray | None = None, deep: bool = False,
-                          modular: bool = False) -> MaskDistribution:
+                          modular: bool = False, depth: int = 0) -> MaskDistribution:
         """The distribution ``push_mask`` draws from, for one-time masks drawn in the TEE. ``shape`` and
         ``common`` are given for a push that carries a user input (``converters.partition.carries_input``):
         its shape, and the direction in the accelerator's channels of the input's channels all alike (ones,
@@ -212,7 +212,8 @@ class Scheme(Protocol):
         policy adds past those every policy masks (``always_masked_for``), which a scheme may mask less.
         ``modular``: a push a modular mask can serve (read by conv and dense layers only), which a scheme
         may give one (``MaskDistribution.modular``; where the push is split, its high half goes modulo the
-        period: ``converters.exact_split.plan``)."""
+        period: ``converters.exact_split.plan``). ``depth``: the most layers of weights between a user input
+        and the push (``converters.partition.layers_from_input``)."""
         ...
 
 

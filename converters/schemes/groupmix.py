@@ -119,6 +119,11 @@ MASK_FLOORS = ("layers", "input")
 MAX_MASK_SCALE = 1e4  # mask_scale, deep_mask_scale, static_mask_scale
 MAX_GROUP = 1 << 16  # group_size, input_group: past the channels of any layer this project has met
 MAX_TRIES = 10_000  # draws of a group's mixing before the best is kept
+MAX_DEPTH = 1 << 16  # modular_depth: past the layers of any model ("all" is unbounded)
+# The default modular_depth: every deeper round's. A fit of two layers through round 3's Gaussian 1x mask took
+# MiniVGG's first two, and with round 3's mask modular one of three layers through round 4's took them again
+# and 28 of the third's 64 (SECURITY.md): a Gaussian mask on any round leaves the layers before it to a fit.
+MODULAR_DEPTH = "all"
 # A user's raw input is scaled per channel before its mixing (``input_scales``) where its filters' columns
 # differ by more than SCALE_BITS powers of two (within them, 2 bits of float32 at most are lost in the
 # mixing: the zoo's first layers are left as they were); scales go down to 2 ** -MAX_SCALE_BITS.
@@ -153,11 +158,13 @@ class GroupMixScheme:
     times the input's, and the input crosses modulo that period (an exact split's high half, where the
     ``exact_split`` policy splits it) - ``tee_sim.modular_masks``; a
     Gaussian mask's mean is what a fit over many inferences sees, and it gave a first layer away through
-    round 2: SECURITY.md; False: Gaussian, as before stop 61), ``deep_modular`` (True: the deeper rounds'
-    small masks, at ``deep_mask_scale``, modular too, where ``modular_masks`` would make them so at
-    ``mask_scale``; an experiment of stop 62: a two-layer fit through round 3's Gaussian 1x mask took
-    MiniVGG's first two layers - SECURITY.md - and a modular mask of about its input's spread wraps a large
-    share of its elements, each a read-modify-write of its layer's outputs in the TEE)."""
+    round 2: SECURITY.md; False: Gaussian, as before stop 61), ``modular_depth`` (``"all"``: the
+    deeper rounds' small masks, at ``deep_mask_scale``, modular too where ``modular_masks`` would make them
+    so at ``mask_scale`` and the round's input is at most this many layers of weights from a user input,
+    ``converters.partition.layers_from_input``; 0: none, as before stop 63. A fit of the layers before a round
+    through its Gaussian 1x mask took MiniVGG's first two through round 3 and again through round 4 -
+    SECURITY.md; a modular mask of about its input's spread wraps a large share of its elements, each a
+    read-modify-write of its layer's outputs in the TEE: ResNet-44's TA 2 -> 6-8 ms)."""
 
     name = "groupmix"
     static_masks = False  # one-time masks, drawn by the TEE per inference (converters.per_inference)
@@ -167,7 +174,7 @@ class GroupMixScheme:
                  static_mask_scale: float = 0.0, center_masks: bool = True, shaped_masks: bool = True,
                  exact_split: str = "auto",
                  depthwise: str = "tee", mask_floor: str = "layers", modular_masks: bool = True,
-                 deep_modular: bool = False) -> None:
+                 modular_depth: int | str = MODULAR_DEPTH) -> None:
         group_size = integer("group_size", group_size, 2, MAX_GROUP)
         min_group = integer("min_group", min_group, 1, group_size)
         self.max_cos = number("max_cos", max_cos, 0, 1, above_low=True)
@@ -182,7 +189,8 @@ class GroupMixScheme:
         self.center_masks = flag("center_masks", center_masks)
         self.shaped_masks = flag("shaped_masks", shaped_masks)
         self.modular_masks = flag("modular_masks", modular_masks)
-        self.deep_modular = flag("deep_modular", deep_modular)
+        self.modular_depth = (math.inf if modular_depth == "all"
+                              else integer("modular_depth", modular_depth, 0, MAX_DEPTH))
         if exact_split not in SPLIT_POLICIES:
             raise ValueError(f"exact_split must be one of {', '.join(SPLIT_POLICIES)}, not {exact_split!r}")
         self.exact_split = exact_split
@@ -209,7 +217,8 @@ class GroupMixScheme:
                 "center_masks": self.center_masks,
                 "shaped_masks": self.shaped_masks, "exact_split": self.exact_split,
                 "depthwise": self.depthwise, "mask_floor": self.mask_floor,
-                "modular_masks": self.modular_masks, "deep_modular": self.deep_modular}
+                "modular_masks": self.modular_masks,
+                "modular_depth": "all" if self.modular_depth == math.inf else self.modular_depth}
 
     def obfuscate(self, layer: LinearLayer, rng: Random,
                   input_of: ObfuscatedLinear | None = None) -> ObfuscatedLinear:
@@ -376,15 +385,17 @@ class GroupMixScheme:
     # -- masks -------------------------------------------------------------------------------------------
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
                           common: np.ndarray | None = None, deep: bool = False,
-                          modular: bool = False) -> MaskDistribution:
+                          modular: bool = False, depth: int = 0) -> MaskDistribution:
         # The RMS (>= the std): calibration inputs unlike the real ones shift the per-channel means, and a
         # mask at the std of the calibration alone then leaves that shift visible (measured: ResNet-44's
         # pooled features, correlation 0.36 at 10x the std).
         spread = (self.deep_mask_scale if deep else self.mask_scale) * max(stats.std, stats.rms)
-        if (modular and self.modular_masks and shape is None and (self.deep_modular or not deep)
+        if (modular and self.modular_masks and shape is None and (not deep or depth <= self.modular_depth)
                 and 0 < spread < math.inf):
             # Modular (tee_sim.modular_masks): uniform, sent modulo its period, so that no number of
-            # inferences averages it out (a first layer's fit through round 2: SECURITY.md)
+            # inferences averages it out (a first layer's fit through round 2: SECURITY.md). Centred on the
+            # calibration's mean it wrapped no fewer elements (stop 63: MiniVGG's TA slower, ResNet-44's
+            # alike).
             return MaskDistribution(modular_std(spread), np.zeros_like(stats.mean), modular=True)
         mean = -stats.mean if self.center_masks else np.zeros_like(stats.mean)
         if not self.shaped_masks or shape is None or len(shape) < 2:

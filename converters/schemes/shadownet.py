@@ -123,7 +123,7 @@ class ShadowNetScheme:
 
     def mask_distribution(self, stats: ActivationStats, shape: tuple[int, ...] | None = None,
                           common: np.ndarray | None = None, deep: bool = False,
-                          modular: bool = False) -> MaskDistribution:
+                          modular: bool = False, depth: int = 0) -> MaskDistribution:
         return MaskDistribution(self.mask_scale * stats.std,
                                 -stats.mean if self.center_masks else np.zeros_like(stats.mean))
 

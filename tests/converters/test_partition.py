@@ -4,7 +4,13 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from converters.graph import Graph
-from converters.partition import after_input_rounds, always_masked, narrow_rounds, partition
+from converters.partition import (
+    after_input_rounds,
+    always_masked,
+    layers_from_input,
+    narrow_rounds,
+    partition,
+)
 
 
 def _conv(g, x, c_in, c_out, name):
@@ -106,6 +112,21 @@ def test_a_round_that_reads_the_first_layers_output_beside_a_deeper_ones_is_one_
         _, y = _conv(g, joined, g.tensors[joined].shape[-1], 4, "last")
         g.inputs, g.outputs = [x], [y]
         assert after_input_rounds(partition(g)) == rounds, kind
+
+
+def test_layers_from_input_count_the_deepest_path_through_layers_of_weights():
+    """What a fit of the crossing must go through: the resnet block's sum holds the stem alone on its
+    shortcut path and three layers on the other, and counts three; ops without weights add none; a depthwise
+    layer adds one whether the TEE runs it or the accelerator."""
+    g, op = resnet_block()
+    depth = layers_from_input(partition(g))
+    tensor = {name: g.ops[op[name]].outputs[0] for name in op}
+    assert depth[g.inputs[0]] == 0 and depth[tensor["stem"]] == depth[tensor["relu_a"]] == 1
+    assert depth[tensor["c1"]] == depth[tensor["sc"]] == 2 and depth[tensor["c2"]] == 3
+    assert depth[tensor["add"]] == depth[tensor["reshape"]] == 3 and depth[tensor["fc"]] == 4
+    for in_tee in (frozenset(), frozenset({"DEPTHWISE_CONV_2D"})):
+        g = _first_layer_then("DEPTHWISE_CONV_2D")
+        assert layers_from_input(partition(g, in_tee))[g.outputs[0]] == 3, in_tee
 
 
 def test_rounds_whose_input_is_too_narrow_to_mix_are_always_masked():

@@ -91,7 +91,7 @@ def test_registry_and_parameters():
                                  "static_mask_scale": 0.0,
                                  "center_masks": True, "shaped_masks": True, "exact_split": "none",
                                  "depthwise": "offload", "mask_floor": "input", "modular_masks": False,
-                                 "deep_modular": False}
+                                 "modular_depth": "all"}
     assert not s.in_tee
     default = get_scheme("groupmix")
     assert default.public_params()["exact_split"] == "auto"
@@ -99,10 +99,12 @@ def test_registry_and_parameters():
     assert default.public_params()["mask_floor"] == "layers"
     assert default.public_params()["deep_mask_scale"] == 1.0
     assert default.public_params()["modular_masks"] is True
-    assert default.public_params()["deep_modular"] is False
+    assert default.public_params()["modular_depth"] == "all"
+    assert get_scheme("groupmix:modular_depth=2").public_params()["modular_depth"] == 2
     for bad in ("group_size=1", "min_group=32", "max_cos=0", "tries=0", "input_group=-1", "mask_scale=-1",
                 "deep_mask_scale=-1", "static_mask_scale=-1", "exact_split=true", "depthwise=cpu",
-                "mask_floor=none", "modular_masks=2", "deep_modular=2", "bogus=1"):
+                "mask_floor=none", "modular_masks=2", "modular_depth=-1",
+                "modular_depth=true", "modular_depth=2.5", "modular_depth=every", "bogus=1"):
         with pytest.raises(ValueError):
             get_scheme(f"groupmix:{bad}")
 
@@ -259,16 +261,20 @@ def test_masks_are_centered_at_ten_times_the_rms():
 def test_which_masks_are_modular():
     """A push conv and dense layers alone read, carrying no user input, gets a modular mask at
     ``mask_scale`` (uniform, no mean; its RMS within 2^(+-1/2) of the spread asked); the deeper rounds' small
-    masks only with ``deep_modular``; ``modular_masks=false`` none."""
+    masks up to ``modular_depth`` layers from the input (all by default); ``modular_masks=false`` none."""
     stats = ActivationStats(np.array([3.0, -1.0, 0.0, 2.0]), 0.5, 2.0)
     floor = GroupMixScheme().mask_distribution(stats, modular=True)
     assert floor.modular and not floor.mean.any() and 20.0 / 2 ** 0.5 <= floor.std <= 20.0 * 2 ** 0.5
-    assert not GroupMixScheme().mask_distribution(stats, deep=True, modular=True).modular
     assert not GroupMixScheme().mask_distribution(stats, modular=False).modular  # read by another kind
-    deep = GroupMixScheme(deep_modular=True).mask_distribution(stats, deep=True, modular=True)
+    deeper = {"deep": True, "modular": True}
+    deep = GroupMixScheme().mask_distribution(stats, depth=99, **deeper)
     assert deep.modular and 2.0 / 2 ** 0.5 <= deep.std <= 2.0 * 2 ** 0.5
-    assert not GroupMixScheme(modular_masks=False, deep_modular=True).mask_distribution(
-        stats, deep=True, modular=True).modular
+    assert GroupMixScheme(modular_depth=2).mask_distribution(stats, depth=2, **deeper).modular
+    assert not GroupMixScheme(modular_depth=2).mask_distribution(stats, depth=3, **deeper).modular
+    assert not GroupMixScheme(modular_depth=0).mask_distribution(stats, depth=1, **deeper).modular
+    assert GroupMixScheme(modular_depth=0).mask_distribution(stats, modular=True, depth=1).modular  # round 2
+    assert not GroupMixScheme(modular_masks=False, modular_depth="all").mask_distribution(
+        stats, depth=2, **deeper).modular
 
 
 def test_same_generator_state_same_secrets():
@@ -466,3 +472,25 @@ def test_ica_undoes_the_input_mixing_once_the_restore_is_known(distribution, lea
         corr[s, :], corr[:, c] = -1, -1
     found = attacks.best_cosines(recovered, real)
     assert least * n <= (found >= 0.9).sum() <= most * n, np.median(found)
+
+
+@pytest.mark.parametrize("depth, modular", [(2, [2, 3]), (0, [2]), ("all", [2, 3, 4])])
+def test_the_deeper_rounds_masks_are_modular_up_to_modular_depth(depth, modular):
+    """A stem, a ResNet block and a dense layer, every round masked: round 2 (one layer from the input) gets
+    its modular mask whatever ``modular_depth``; round 3 (two layers: conv2's input) and round 4 (three:
+    the dense layer's input, the block's sum, counted by its deeper path) as ``modular_depth`` says."""
+    from converters.calibration import activation_stats, calibration_inputs
+    from converters.partition import partition
+    from converters.plan import build
+    from tests.converters.test_partition import resnet_block
+
+    graph, _ = resnet_block()
+    scheme = GroupMixScheme(input_group=4, modular_depth=depth)  # mixes 2 channels and more: none narrow
+    part = partition(graph, scheme.in_tee)
+    needed = {graph.ops[i].inputs[0] for r in part.rounds for i in r} | set(graph.inputs)
+    stats = activation_stats(graph, needed, calibration_inputs(graph, None))
+    plan = build(graph, part, scheme, np.random.default_rng(0), stats, [1, 2, 3, 4])
+    masks = plan.program["one_time"]["masks"]
+    rounds = {int(spec["buffer"].split("/")[0].removeprefix("round_")): bool(spec.get("modular"))
+              for spec in masks.values()}
+    assert sorted(rounds) == [1, 2, 3, 4] and [r for r, m in sorted(rounds.items()) if m] == modular

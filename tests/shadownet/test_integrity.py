@@ -404,7 +404,7 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
     ~1x their input (the deeper rounds' default, ``deep_mask_scale``: their rounding about 1.4x the input's),
     nothing is said (with groupmix:mask_scale=0 round 1 was called masked, its masks being zeros: a helper's
     probe), up to 2x (``SMALL_MASK``: at exactly 2x, masks whose float32 std rounded up were called large, a
-    review)."""
+    review; Gaussian: a modular mask's power-of-two period puts its std up to 2^0.5 past the scale asked)."""
     masked = _convert(tmp_path_factory, "masked_all", mask_rounds="all", scheme="groupmix:deep_mask_scale=10")
     with pytest.warns(UserWarning, match=r"verify: rounds 2, 3 cross masked without an exact split, so "
                                          r"their checks.*groupmix:exact_split=all") as record:
@@ -421,7 +421,7 @@ def test_a_verified_load_warns_of_rounds_masked_without_a_split(tmp_path_factory
                   _convert(tmp_path_factory, "unmasked", scheme="groupmix:mask_scale=0"),
                   _convert(tmp_path_factory, "masked_all_1x", mask_rounds="all"),
                   _convert(tmp_path_factory, "masked_all_2x", mask_rounds="all",
-                           scheme="groupmix:deep_mask_scale=2")):
+                           scheme="groupmix:deep_mask_scale=2,modular_depth=0")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with shadownet.load(quiet, verify=quiet != masked) as model:

@@ -70,14 +70,15 @@ def test_a_first_layer_through_a_leaky_relu_is_fitted_with_its_slope(tmp_path, m
 
 
 def test_deeper_rounds_modular_masks_keep_the_outputs(tmp_path):
-    """``groupmix:deep_modular=true``: the deeper rounds' small masks modular too (an experiment: a two-layer
-    fit through round 3's Gaussian mask - SECURITY.md); at about its input's spread a modular mask wraps many
-    of its elements, each unwrapped through its layer in the TEE: the outputs stay LiteRT's to 1e-4."""
+    """``groupmix:modular_depth=all``: every deeper round's small mask modular (by default those up to two
+    layers from the input: a two-layer fit went through round 3's Gaussian mask - SECURITY.md); at about
+    its input's spread a modular mask wraps many of its elements, each unwrapped through its layer in the
+    TEE: the outputs stay LiteRT's to 1e-4."""
     import shadownet
     from tests.converters.litert import run
 
     model = two_convs(dense_block=True)
-    manifest = convert(tmp_path, model, scheme="groupmix:deep_modular=true", mask_rounds="all")
+    manifest = convert(tmp_path, model, scheme="groupmix:modular_depth=all", mask_rounds="all")
     assert manifest["masks"]["one_time_rounds"] == [1, 2, 3, 4]
     rng = np.random.default_rng(5)
     with shadownet.load(tmp_path / "out") as protected:

@@ -316,7 +316,7 @@ static inline int32_t reached(int64_t at, int32_t before, int32_t taps, int32_t 
 /* out[0..m) += sum over n of f[n] * e[chans[n] * m + 0..m): one input pixel's wrapped channels at one tap,
  * summed in registers and added to the output row once (a read-modify-write per wrapped element and tap
  * was a chain of dependent stores into the same row: 1.3-2.2x slower with a fifth of ResNet-44's round
- * shapes' elements wrapped, alike with a twentieth - a microbenchmark on a busy machine). */
+ * shapes' elements wrapped, about as fast with a twentieth - a microbenchmark on a busy machine). */
 static inline void unwrap_row(float *restrict out, const float *restrict e, const int32_t *chans,
                               const float *f, int64_t nz, int64_t m) {
     int64_t q = 0;

@@ -393,9 +393,9 @@ class GroupMixScheme:
         if (modular and self.modular_masks and shape is None and (not deep or depth <= self.modular_depth)
                 and 0 < spread < math.inf):
             # Modular (tee_sim.modular_masks): uniform, sent modulo its period, so that no number of
-            # inferences averages it out (a first layer's fit through round 2: SECURITY.md). Centred on the
-            # calibration's mean it wrapped no fewer elements (stop 63: MiniVGG's TA slower, ResNet-44's
-            # alike).
+            # inferences averages it out (a first layer's fit through round 2: SECURITY.md). No mean: centred
+            # on the calibration's, to wrap fewer elements, it made the TA no faster (stop 63: MiniVGG's
+            # slower, ResNet-44's the same; the wraps themselves not counted).
             return MaskDistribution(modular_std(spread), np.zeros_like(stats.mean), modular=True)
         mean = -stats.mean if self.center_masks else np.zeros_like(stats.mean)
         if not self.shaped_masks or shape is None or len(shape) < 2:
